@@ -1,0 +1,53 @@
+"""`nanoseek <command>`: a thin front door. Each module in `nanoseek.commands` registers one subcommand.
+
+Commands import their heavy dependencies inside `run`, so `nanoseek --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import nanoseek.commands as _commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nanoseek import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="nanoseek",
+        description="DeepSeek's recipe end to end: V3 model, pretraining, R1 reasoning RL, serving.",
+    )
+    parser.add_argument("--version", action="version", version=f"nanoseek {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for info in sorted(pkgutil.iter_modules(_commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"nanoseek.commands.{info.name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        # Bad input: one clear line, no traceback.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"nanoseek {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `nanoseek` subcommand; each defines `register(subparsers)` that sets `func`."""

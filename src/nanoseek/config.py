@@ -1,0 +1,420 @@
+"""`ModelConfig`: DeepSeek's own config.json fields and meanings, plus named presets.
+
+Field names follow DeepSeek's published `config.json` (and transformers' `DeepseekV3Config`), so a
+reader can hold this file next to the papers and the checkpoints:
+
+- MLA (DeepSeek-V2 §2.1): `q_lora_rank` (None = full-rank query), `kv_lora_rank`, `qk_nope_head_dim`,
+  `qk_rope_head_dim` (decoupled RoPE key, shared by all heads), `v_head_dim`.
+- DeepSeekMoE (V2 §2.2, V3 §2.1.2): `n_routed_experts`, `n_shared_experts`, `num_experts_per_tok`,
+  `n_group`/`topk_group` (group-limited routing), `routed_scaling_factor`, `scoring_func`
+  ("sigmoid" in V3, "softmax" in V2), `topk_method` ("noaux_tc" in V3, "greedy" or
+  "group_limited_greedy" in V2), `norm_topk_prob`, `first_k_dense_replace`.
+- MTP (V3 §2.2): `num_nextn_predict_layers`.
+- RoPE: `rope_theta`, `rope_scaling` (YaRN, DeepSeek's files) which transformers 5 calls
+  `rope_parameters`; `rope_interleave` says the checkpoint's RoPE dims are pairwise interleaved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Fields that config.json carries but that do not change the computation; kept for round trips.
+_PASSTHROUGH_DEFAULTS: dict[str, Any] = {
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "moe_layer_freq": 1,
+    "ep_size": 1,
+    "use_cache": True,
+}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    num_key_value_heads: int | None = None  # MLA has no KV-head grouping; kept for transformers
+    # Multi-head Latent Attention
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # DeepSeekMoE
+    n_routed_experts: int | None = 256
+    n_shared_experts: int | None = 1
+    num_experts_per_tok: int | None = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 3
+    # Multi-token prediction
+    num_nextn_predict_layers: int = 0
+    # Positions and norms
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rope_interleave: bool = True
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    # Token ids
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = None
+    # Balancing knobs from the V2/V3 papers, used by training only
+    aux_loss_alpha: float = 0.0001
+    seq_aux: bool = True
+    model_type: str = "deepseek_v3"
+    torch_dtype: str = "bfloat16"
+    # Anything else found in a config.json, written back unchanged.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self.validate()
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.n_routed_experts)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Layers before `first_k_dense_replace` use a dense MLP (V3 §4.2: the first three layers)."""
+        return (
+            self.is_moe
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % max(1, int(_get(self, "moe_layer_freq", 1))) == 0
+        )
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(d) times YaRN's mscale² (DeepSeek-V2 appendix on YaRN; `mscale_all_dim`)."""
+        scale = self.qk_head_dim**-0.5
+        rs = self.rope_scaling
+        if rs and rs.get("type", rs.get("rope_type")) == "yarn":
+            mscale_all_dim = rs.get("mscale_all_dim", 0) or 0
+            factor = rs["factor"]
+            if mscale_all_dim:
+                m = yarn_get_mscale(factor, mscale_all_dim)
+                scale = scale * m * m
+        return scale
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"invalid ModelConfig: {msg}")
+
+        need(self.hidden_size > 0 and self.num_hidden_layers > 0, "hidden_size and num_hidden_layers > 0")
+        need(self.num_attention_heads > 0, "num_attention_heads must be > 0")
+        need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        need(
+            self.scoring_func in ("sigmoid", "softmax"),
+            f"scoring_func {self.scoring_func!r} not in sigmoid/softmax",
+        )
+        need(
+            self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"),
+            f"topk_method {self.topk_method!r} not in noaux_tc/greedy/group_limited_greedy",
+        )
+        if self.is_moe:
+            e, k = self.n_routed_experts or 0, self.num_experts_per_tok or 0
+            need(0 < k <= e, f"num_experts_per_tok ({k}) must be in 1..n_routed_experts ({e})")
+            need(
+                e % self.n_group == 0, f"n_routed_experts ({e}) must be divisible by n_group ({self.n_group})"
+            )
+            need(
+                1 <= self.topk_group <= self.n_group, f"topk_group ({self.topk_group}) must be in 1..n_group"
+            )
+            need(
+                self.topk_group * (e // self.n_group) >= k,
+                "topk_group groups must hold at least num_experts_per_tok experts",
+            )
+        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+
+    # ------------------------------------------------------------- config.json
+    def to_dict(self) -> dict[str, Any]:
+        """A config.json dict in DeepSeek's / transformers' layout."""
+        d: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            d[f.name] = getattr(self, f.name)
+        for k, v in _PASSTHROUGH_DEFAULTS.items():
+            d.setdefault(k, v)
+        d.update(self.extra)
+        arch = "DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
+        d.setdefault("architectures", [arch])
+        if self.rope_scaling is not None:
+            rs = dict(self.rope_scaling)
+            rs.setdefault("type", rs.get("rope_type", "yarn"))
+            rs.setdefault("rope_type", rs["type"])
+            d["rope_scaling"] = rs
+        # transformers 5 reads rope settings from `rope_parameters`; DeepSeek's files use `rope_scaling`.
+        rp = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rp.update({k: v for k, v in self.rope_scaling.items() if k != "type"})
+            rp["rope_type"] = self.rope_scaling.get("type", self.rope_scaling.get("rope_type", "yarn"))
+        d["rope_parameters"] = rp
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        # rope_parameters (transformers 5) -> rope_theta + rope_scaling
+        rp = d.pop("rope_parameters", None)
+        if rp:
+            if "rope_theta" in rp and "rope_theta" not in d:
+                d["rope_theta"] = rp["rope_theta"]
+            rtype = rp.get("rope_type", rp.get("type", "default"))
+            if rtype not in (None, "default") and not d.get("rope_scaling"):
+                d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+        rs = d.get("rope_scaling")
+        if rs:
+            rs = dict(rs)
+            rtype = rs.get("type", rs.get("rope_type"))
+            if rtype in (None, "default"):
+                d["rope_scaling"] = None
+            else:
+                if rtype not in ("yarn",):
+                    raise ValueError(f"unsupported rope scaling type {rtype!r} (nanoseek supports yarn)")
+                rs["type"] = rtype
+                rs.pop("rope_type", None)
+                d["rope_scaling"] = rs
+        mt = d.get("model_type", "deepseek_v3")
+        if mt not in ("deepseek_v3", "deepseek_v2"):
+            raise ValueError(f"unsupported model_type {mt!r}: nanoseek reads deepseek_v3 and deepseek_v2")
+        if mt == "deepseek_v2":
+            # V2 files: softmax scores, greedy or group-limited-greedy, no MTP.
+            d.setdefault("scoring_func", "softmax")
+            d.setdefault("topk_method", "greedy")
+            d.setdefault("norm_topk_prob", False)
+            d.setdefault("routed_scaling_factor", 1.0)
+            d.setdefault("rope_interleave", True)
+            d.setdefault("n_group", d.get("n_group") or 1)
+            d.setdefault("topk_group", d.get("topk_group") or 1)
+            if d.get("n_group") is None:
+                d["n_group"] = 1
+            if d.get("topk_group") is None:
+                d["topk_group"] = 1
+        kwargs = {k: v for k, v in d.items() if k in known}
+        extra = {k: v for k, v in d.items() if k not in known}
+        for k in ("architectures", "transformers_version", "auto_map", "dtype"):
+            extra.pop(k, None)
+        if "dtype" in d and "torch_dtype" not in d:
+            kwargs["torch_dtype"] = d["dtype"]
+        for k, v in _PASSTHROUGH_DEFAULTS.items():
+            if extra.get(k) == v:
+                extra.pop(k)
+        return cls(**kwargs, extra=extra)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ModelConfig:
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.exists():
+            raise FileNotFoundError(f"no config.json at {p}")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} is not valid JSON: {e}") from e
+        return cls.from_dict(d)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _get(cfg: ModelConfig, key: str, default: Any) -> Any:
+    return cfg.extra.get(key, default)
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    import math
+
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+# ------------------------------------------------------------------ presets
+_YARN_V3 = {
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+_YARN_V2 = {**_YARN_V3, "mscale": 0.707, "mscale_all_dim": 0.707}
+
+
+def _presets() -> dict[str, ModelConfig]:
+    return {
+        # A few million parameters: trains in minutes on 2 CPU cores, yet has every DeepSeek part
+        # (low-rank query, latent KV, decoupled RoPE, shared + fine-grained routed experts with group
+        # limits, a dense first layer, and an MTP module).
+        "tiny": ModelConfig(
+            vocab_size=4096,
+            hidden_size=256,
+            intermediate_size=768,
+            moe_intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            q_lora_rank=128,
+            kv_lora_rank=64,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            n_routed_experts=16,
+            n_shared_experts=1,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            first_k_dense_replace=1,
+            num_nextn_predict_layers=1,
+            max_position_embeddings=1024,
+            torch_dtype="float32",
+        ),
+        # ~100M total, for a single GPU or a patient CPU.
+        "small": ModelConfig(
+            vocab_size=32768,
+            hidden_size=768,
+            intermediate_size=2048,
+            moe_intermediate_size=256,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            q_lora_rank=384,
+            kv_lora_rank=256,
+            qk_nope_head_dim=64,
+            qk_rope_head_dim=32,
+            v_head_dim=64,
+            n_routed_experts=64,
+            n_shared_experts=1,
+            num_experts_per_tok=6,
+            n_group=8,
+            topk_group=4,
+            routed_scaling_factor=2.5,
+            first_k_dense_replace=1,
+            num_nextn_predict_layers=1,
+            max_position_embeddings=4096,
+        ),
+        "deepseek-v2-lite": ModelConfig(
+            model_type="deepseek_v2",
+            vocab_size=102400,
+            hidden_size=2048,
+            intermediate_size=10944,
+            moe_intermediate_size=1408,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            q_lora_rank=None,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            n_routed_experts=64,
+            n_shared_experts=2,
+            num_experts_per_tok=6,
+            n_group=1,
+            topk_group=1,
+            routed_scaling_factor=1.0,
+            scoring_func="softmax",
+            topk_method="greedy",
+            norm_topk_prob=False,
+            first_k_dense_replace=1,
+            max_position_embeddings=163840,
+            rope_scaling=dict(_YARN_V2),
+            bos_token_id=100000,
+            eos_token_id=100001,
+            aux_loss_alpha=0.001,
+        ),
+        "deepseek-v2": ModelConfig(
+            model_type="deepseek_v2",
+            vocab_size=102400,
+            hidden_size=5120,
+            intermediate_size=12288,
+            moe_intermediate_size=1536,
+            num_hidden_layers=60,
+            num_attention_heads=128,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            n_routed_experts=160,
+            n_shared_experts=2,
+            num_experts_per_tok=6,
+            n_group=8,
+            topk_group=3,
+            routed_scaling_factor=16.0,
+            scoring_func="softmax",
+            topk_method="group_limited_greedy",
+            norm_topk_prob=False,
+            first_k_dense_replace=1,
+            max_position_embeddings=163840,
+            rope_scaling=dict(_YARN_V2),
+            bos_token_id=100000,
+            eos_token_id=100001,
+            aux_loss_alpha=0.003,
+        ),
+        # DeepSeek-V3 and DeepSeek-R1 share this shape.
+        "deepseek-v3": ModelConfig(
+            num_nextn_predict_layers=1,
+            max_position_embeddings=163840,
+            rope_scaling=dict(_YARN_V3),
+        ),
+    }
+
+
+PRESETS: tuple[str, ...] = ("tiny", "small", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3")
+
+
+def get_preset(name: str) -> ModelConfig:
+    presets = _presets()
+    key = name.lower().replace("_", "-")
+    if key in ("deepseek-r1",):
+        key = "deepseek-v3"
+    if key not in presets:
+        raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return presets[key]
+
+
+def resolve_config(preset_or_dir: str | os.PathLike) -> ModelConfig:
+    """A preset name or a directory / config.json path."""
+    p = Path(preset_or_dir)
+    if p.exists():
+        return ModelConfig.load(p)
+    try:
+        return get_preset(str(preset_or_dir))
+    except KeyError:
+        raise ValueError(
+            f"{str(preset_or_dir)!r} is neither a directory with config.json nor a preset "
+            f"({', '.join(PRESETS)})"
+        ) from None

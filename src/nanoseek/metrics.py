@@ -1,0 +1,68 @@
+"""The metrics log: each stage appends JSON lines `{"stage": ..., "step": ..., ...}` to RUN/metrics.jsonl.
+
+Stages talk to the report only through this file, so it is append-only and every line stands alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep the fact visible
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsLog:
+    """Appends one JSON object per call; safe to share between stages of one run directory."""
+
+    def __init__(self, run_dir: str | os.PathLike, stage: str, enabled: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.stage = stage
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, step: int | None = None, **fields: Any) -> dict[str, Any]:
+        record = {"stage": self.stage, "step": step, "time": round(time.time(), 3), **fields}
+        record = _clean(record)
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return record
+
+
+def read_metrics(path: str | os.PathLike, stage: str | None = None) -> Iterator[dict[str, Any]]:
+    """Records of a metrics.jsonl (or a run directory holding one), optionally of one stage.
+
+    A torn last line (a kill mid-write) is skipped rather than failing the reader.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    if not p.exists():
+        return
+    with open(p) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if stage is None or rec.get("stage") == stage:
+                yield rec

@@ -1,0 +1,262 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1).
+
+What is notable here:
+- Low-rank joint KV compression: each token keeps one latent c_kv (kv_lora_rank) plus one RoPE key
+  shared by all heads (qk_rope_head_dim). That pair is all a cache has to store.
+- Optional low-rank query (q_lora_rank); None means a full-rank `q_proj` as in V2-Lite.
+- Decoupled RoPE: only the qk_rope_head_dim part of q/k carries position; checkpoints lay those dims
+  out in interleaved pairs (`rope_interleave`).
+- YaRN context extension with DeepSeek's mscale folded into the softmax scale.
+- Two paths side by side: `naive` decompresses K/V with kv_b_proj (training, prefill); `absorbed`
+  folds kv_b_proj's key half into the query and its value half into the output so attention runs
+  against the cached latent directly (decode). Tests hold them equal.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig, yarn_get_mscale
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back, as DeepSeek and transformers do."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the decoupled RoPE dims, with YaRN frequency correction when configured."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.dim = config.qk_rope_head_dim
+        self.interleave = config.rope_interleave
+        inv_freq, self.attention_factor = rope_inverse_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cache_len = 0
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
+
+    def _tables(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos is None or self._cache_len < n or self._cos.device != device:
+            size = max(n, 2 * self._cache_len, 256)
+            t = torch.arange(size, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
+            self._cos = freqs.cos() * self.attention_factor
+            self._sin = freqs.sin() * self.attention_factor
+            self._cache_len = size
+        assert self._sin is not None
+        return self._cos, self._sin
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [*positions.shape, dim/2] (fp32)."""
+        n = int(positions.max().item()) + 1 if positions.numel() else 1
+        cos, sin = self._tables(n, positions.device)
+        return cos[positions], sin[positions]
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """RoPE inverse frequencies; YaRN blends interpolated and extrapolated ones by a ramp over dims."""
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_freq = 1.0 / pos_freqs
+    rs = config.rope_scaling
+    if not rs:
+        return inv_freq, 1.0
+    factor = rs.get("factor") or config.max_position_embeddings / rs["original_max_position_embeddings"]
+    original = rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+    mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_get_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp  # 1 where wavelengths are short: keep the original frequency
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + inv_freq * extrapolate
+    return inv_freq, float(attention_factor)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate x [..., S, (H,) D] by cos/sin [..., S, D/2]; pairs are (2i, 2i+1) when interleaved.
+
+    The output keeps the input's layout, so q·k is the same as in DeepSeek's complex-number form.
+    """
+    if x.dim() == cos.dim() + 1:  # head axis present
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    dtype = x.dtype
+    xf = x.float()
+    if interleave:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        half = xf.shape[-1] // 2
+        x1, x2 = xf[..., :half], xf[..., half:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(dtype)
+
+
+class LatentCache(Protocol):
+    """What the attention needs from a KV cache: store this step's latents, return all visible ones.
+
+    `update` receives the new normalized latent c_kv [B, S, kv_lora_rank] and RoPE'd key k_pe
+    [B, S, qk_rope_head_dim] for `layer_idx`, and returns the latents every query may see
+    ([B, T, ...], T >= S) with a boolean mask [B, S, T] (True = may attend), or None for plain causal.
+    """
+
+    def update(
+        self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.softmax_scale = config.softmax_scale
+        self.interleave = config.rope_interleave
+        h = config.hidden_size
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, h, bias=False)
+
+    # ------------------------------------------------------------ projections
+    def project_query(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_nope [B,S,H,nope], q_pe [B,S,H,rope] with RoPE applied."""
+        b, s, _ = x.shape
+        q = (
+            self.q_proj(x)
+            if self.q_lora_rank is None
+            else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        )
+        q = q.view(b, s, self.num_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin, self.interleave)
+
+    def project_latent(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache stores per token: normalized c_kv [B,S,kv_lora_rank] and k_pe [B,S,rope]."""
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.interleave)
+
+    # -------------------------------------------------------------- two paths
+    def attend_naive(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Decompress K/V from the latent and run standard attention. Returns [B,S,H*v]."""
+        b, s, h, _ = q_nope.shape
+        t = c_kv.shape[1]
+        kv = self.kv_b_proj(c_kv).view(b, t, h, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(b, t, h, self.qk_rope_head_dim)), dim=-1).transpose(
+            1, 2
+        )
+        v = v.transpose(1, 2)
+        if mask is None and t != s:
+            mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s).expand(b, s, t)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask.unsqueeze(1), scale=self.softmax_scale
+            )
+        return out.transpose(1, 2).reshape(b, s, h * self.v_head_dim)
+
+    def attend_absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention against the latent itself (V2 §2.1.3): W_UK folded into q, W_UV into the output.
+
+        Scores are q_nope·W_UK·c + q_pe·k_pe, so K is never materialized per head; the cost per cached
+        token is kv_lora_rank + qk_rope_head_dim regardless of the number of heads.
+        """
+        b, s, h, _ = q_nope.shape
+        t = c_kv.shape[1]
+        w = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk.to(q_nope.dtype))
+        scores = torch.einsum("bshc,btc->bsht", q_latent, c_kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
+        scores = scores.float() * self.softmax_scale
+        if mask is None:
+            mask = torch.ones(s, t, dtype=torch.bool, device=scores.device).tril(t - s).expand(b, s, t)
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+        probs = scores.softmax(dim=-1).to(c_kv.dtype)
+        out_latent = torch.einsum("bsht,btc->bshc", probs, c_kv)
+        out = torch.einsum("bshc,hdc->bshd", out_latent, w_uv.to(out_latent.dtype))
+        return out.reshape(b, s, h * self.v_head_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None = None,
+        mask: torch.Tensor | None = None,
+        absorb: bool | None = None,
+    ) -> torch.Tensor:
+        """x [B,S,hidden]; cos/sin for these positions. With a cache the absorbed path is the default."""
+        q_nope, q_pe = self.project_query(x, cos, sin)
+        c_kv, k_pe = self.project_latent(x, cos, sin)
+        if cache is not None:
+            c_kv, k_pe, mask = cache.update(self.layer_idx, c_kv, k_pe)
+        if absorb is None:
+            absorb = cache is not None
+        attend = self.attend_absorbed if absorb else self.attend_naive
+        return self.o_proj(attend(q_nope, q_pe, c_kv, k_pe, mask))

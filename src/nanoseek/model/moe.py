@@ -1,0 +1,157 @@
+"""DeepSeekMoE (DeepSeek-V2 §2.2, V3 §2.1.2).
+
+What is notable here:
+- Shared experts (always on) plus many fine-grained routed experts, of which each token uses top-k.
+- Scores: sigmoid (V3) or softmax (V2). Group-limited routing: only the best `topk_group` of `n_group`
+  expert groups are eligible (V3 ranks a group by the sum of its top-2 scores, V2 by its max).
+- Auxiliary-loss-free balancing (V3 §2.1.2): `e_score_correction_bias` is added to the scores only to
+  *choose* experts; the gating weights come from the unbiased scores. Training nudges the bias by
+  γ·sign(mean load − load) after each step, from the load statistics recorded here.
+- The small complementary sequence-wise balance loss (V3 eq. 17-20) is computed when α > 0.
+- Experts run on tokens grouped by expert (argsort + contiguous slices), so compute follows the
+  active parameters, not the total: 64 experts cost what 8 do at the same top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Used dense and as the shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Chooses top-k experts per token and their gating weights."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.n_routed_experts and config.num_experts_per_tok
+        self.n_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.scoring_func = config.scoring_func
+        self.topk_method = config.topk_method
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        # Selection-only bias (aux-loss-free balancing); a buffer, not a parameter: no gradient moves it.
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts), persistent=True)
+        self.aux_loss_alpha = 0.0  # sequence-wise balance loss weight; set by training
+        self.aux_loss: torch.Tensor | None = None
+        # Tokens routed to each expert during the last forward(s); training resets and reads it.
+        self.register_buffer("expert_load", torch.zeros(self.n_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B,S,H] -> (indices [B*S,k], weights [B*S,k] in fp32)."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        logits = F.linear(flat.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach()
+        if self.topk_method == "noaux_tc":
+            choice = choice + self.e_score_correction_bias.float()
+        if self.n_group > 1 and self.topk_method in ("noaux_tc", "group_limited_greedy"):
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.routed_scaling_factor
+        with torch.no_grad():
+            self.expert_load += torch.bincount(indices.flatten(), minlength=self.n_experts).to(
+                self.expert_load
+            )
+        if self.training and self.aux_loss_alpha > 0:
+            self.aux_loss = self._sequence_balance_loss(scores, indices, shape[0])
+        else:
+            self.aux_loss = None
+        return indices, weights
+
+    def _sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, batch: int) -> torch.Tensor:
+        """V3 eq. 17-20: α Σ_i f_i P_i per sequence, averaged over the batch."""
+        e, k = self.n_experts, self.top_k
+        s = scores.view(batch, -1, e)
+        t = s.shape[1]
+        normalized = s / s.sum(dim=-1, keepdim=True)
+        chosen = torch.zeros(batch, t * k, e, device=s.device).scatter_(2, indices.view(batch, t * k, 1), 1.0)
+        f = chosen.sum(dim=1) * e / (k * t)  # [B, E]
+        p = normalized.mean(dim=1)  # [B, E]
+        return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts' SwiGLU weights stacked, so tokens can be processed grouped by expert."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.n_experts = n_experts
+        self.intermediate_size = intermediate_size
+        # gate and up fused along the output dim: [E, 2I, H]; down: [E, H, I] (nn.Linear layout).
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T,H], indices/weights [T,k] -> [T,H] = Σ_k weight · expert_k(x)."""
+        t, k = indices.shape
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        token_of = order // k
+        xs = x[token_of]
+        outs = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            h = F.linear(xs[start : start + n], self.gate_up_proj[e])
+            gate, up = h.chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            start += n
+        ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[-1])
+        ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
+        return torch.zeros_like(x, dtype=ys.dtype).index_add_(0, token_of, ys)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.n_routed_experts
+        self.gate = Router(config)
+        self.experts = RoutedExperts(
+            config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        )
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        indices, weights = self.gate(x)
+        y = self.experts(x.reshape(-1, shape[-1]), indices, weights).view(shape).to(x.dtype)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y

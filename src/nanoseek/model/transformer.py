@@ -1,0 +1,265 @@
+"""The DeepSeek-V3 transformer: MLA + DeepSeekMoE blocks, dense-first layers, multi-token prediction.
+
+What is notable here:
+- Pre-norm blocks (RMSNorm) with Multi-head Latent Attention and, past `first_k_dense_replace`,
+  DeepSeekMoE instead of a dense SwiGLU MLP (V3 §4.2: the first three layers stay dense).
+- Multi-token prediction (V3 §2.2): module k combines the depth-(k-1) hidden state h_i with the
+  embedding of token i+k (`enorm`, `hnorm`, `eh_proj` over their concatenation), runs one block, and
+  predicts token i+k+1 through the *shared* embedding and output head. Sequential, so the causal chain
+  is kept at every depth. At inference the modules can be dropped or used as speculative drafters.
+- Parameter names follow DeepSeek's / transformers' checkpoint keys, so HF import/export is a rename
+  of the routed experts only (see `nanoseek.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.attention import LatentCache, MultiHeadLatentAttention, RMSNorm, RotaryEmbedding
+from nanoseek.model.moe import MLP, MoE, RoutedExperts, Router
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = MultiHeadLatentAttention(config, layer_idx)
+        self.mlp: nn.Module = (
+            MoE(config)
+            if config.is_moe_layer(layer_idx)
+            else MLP(config.hidden_size, config.intermediate_size)
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None = None,
+        mask: torch.Tensor | None = None,
+        absorb: bool | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask, absorb)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    """The MTP module's output norm; the projection is the main model's lm_head (shared, V3 §2.2)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MultiTokenPredictionLayer(DecoderBlock):
+    """One MTP depth: stored at checkpoint index num_hidden_layers + depth, like DeepSeek's files."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.shared_head = SharedHead(config)
+
+    def combine(self, hidden: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
+        """M_k [RMSNorm(h_i); RMSNorm(Emb(t_{i+k}))] (V3 eq. 21)."""
+        return self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
+
+
+class DeepSeekBackbone(nn.Module):
+    """`model.*` in checkpoint keys: embeddings, blocks, final norm, MTP layers after the main ones."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        n = config.num_hidden_layers
+        self.layers = nn.ModuleList([DecoderBlock(config, i) for i in range(n)])
+        self.mtp_layers = nn.ModuleList(
+            [MultiTokenPredictionLayer(config, n + d) for d in range(config.num_nextn_predict_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class DeepSeekV3(nn.Module):
+    """DeepSeek-V3 for causal LM. `model(input_ids)` returns logits [batch, seq, vocab]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DeepSeekBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> DeepSeekV3:
+        """Normal(0, initializer_range) weights, unit norms, zero balancing bias; output projections
+        scaled by 1/sqrt(2·layers) so the residual stream's variance does not grow with depth."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = float(self.config.extra.get("initializer_range", 0.02))
+        out_std = std / (2 * self.config.num_hidden_layers) ** 0.5
+
+        def normal_(t: torch.Tensor, s: float) -> None:
+            t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).mul_(s).to(t.dtype))
+
+        for name, module in self.named_modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, nn.Linear):
+                normal_(module.weight, out_std if name.endswith(("o_proj", "down_proj")) else std)
+            elif isinstance(module, nn.Embedding):
+                normal_(module.weight, std)
+            elif isinstance(module, Router):
+                normal_(module.weight, std)
+                module.e_score_correction_bias.zero_()
+            elif isinstance(module, RoutedExperts):
+                normal_(module.gate_up_proj, std)
+                normal_(module.down_proj, out_std)
+        return self
+
+    # --------------------------------------------------------------- forward
+    def positions_for(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        b, s = input_ids.shape
+        return torch.arange(start, start + s, device=input_ids.device).unsqueeze(0).expand(b, s)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        mask: torch.Tensor | None = None,
+        absorb: bool | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B,S,V]; with `return_hidden`, (logits, final-normed hidden [B,S,H]).
+
+        positions [B,S] default to 0..S-1. With a `cache`, attention uses the absorbed latent path.
+        """
+        hidden = self.hidden_states(input_ids, positions, cache, mask, absorb)
+        logits = self.lm_head(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        mask: torch.Tensor | None = None,
+        absorb: bool | None = None,
+    ) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if positions is None:
+            positions = self.positions_for(input_ids)
+        cos, sin = self.model.rotary_emb(positions)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, mask, absorb)
+        return self.model.norm(x)
+
+    def mtp_step(
+        self,
+        depth: int,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: LatentCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP depth: hidden h_i [B,S,H] and token ids t_{i+depth+1} [B,S] at positions i.
+
+        Returns (logits for t_{i+depth+2} [B,S,V], this depth's hidden state for the next depth).
+        """
+        layer = self.model.mtp_layers[depth]
+        cos, sin = self.model.rotary_emb(positions)
+        h = layer.combine(hidden, self.model.embed_tokens(next_ids))
+        h = layer(h, cos, sin, cache, mask)
+        return self.lm_head(layer.shared_head.norm(h)), h
+
+    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Training-time MTP: depth k (0-based) gives logits [B, S-k-1, V] at positions 0..S-k-2,
+        predicting input_ids[:, i+k+2]; i.e. target the labels shifted k+1 further than the main head."""
+        out = []
+        h = hidden
+        s = input_ids.shape[1]
+        for k in range(len(self.model.mtp_layers)):
+            n = s - k - 1
+            if n <= 0:
+                break
+            h = h[:, :n]
+            positions = self.positions_for(input_ids[:, :n])
+            logits, h = self.mtp_step(k, h, input_ids[:, k + 1 : k + 1 + n], positions)
+            out.append(logits)
+        return out
+
+    # ------------------------------------------------------------- balancing
+    def routers(self) -> Iterator[tuple[int, Router]]:
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                yield layer.layer_idx, layer.mlp.gate
+
+    def balance_loss(self) -> torch.Tensor | None:
+        """Sum of the sequence-wise balance losses from the last forward (None when α = 0)."""
+        losses = [r.aux_loss for _, r in self.routers() if r.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def set_balance_alpha(self, alpha: float) -> None:
+        for _, r in self.routers():
+            r.aux_loss_alpha = alpha
+
+    @torch.no_grad()
+    def take_expert_load(self) -> dict[int, torch.Tensor]:
+        """Tokens per expert per MoE layer since the last call; resets the counters."""
+        out = {}
+        for idx, r in self.routers():
+            out[idx] = r.expert_load.clone()
+            r.expert_load.zero_()
+        return out
+
+    # -------------------------------------------------------------- counting
+    def num_parameters(self, include_mtp: bool = False) -> int:
+        seen: set[int] = set()
+        total = 0
+        for name, p in self.named_parameters():
+            if not include_mtp and name.startswith("model.mtp_layers."):
+                continue
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    # ----------------------------------------------------------- checkpoints
+    def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
+        from nanoseek.checkpoint import save_model
+
+        save_model(self, directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path_or_preset: str | os.PathLike, **kwargs) -> DeepSeekV3:
+        from nanoseek.checkpoint import load_model
+
+        return load_model(path_or_preset, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean token cross-entropy in fp32 over non-ignored targets."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
