@@ -1,0 +1,20 @@
+"""`nanoseek report RUN`: rebuild RUN/report.md and its plots from RUN/metrics.jsonl."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="build RUN/report.md and plots from RUN/metrics.jsonl")
+    p.add_argument("run", help="run directory holding metrics.jsonl")
+    p.add_argument("--usd-per-hour", type=float, default=0.10, help="machine price for the cost column")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nanoseek.report import build_report
+
+    path = build_report(args.run, usd_per_hour=args.usd_per_hour)
+    print(f"report written to {path}")
+    return 0

@@ -1,0 +1,263 @@
+"""The report card: RUN/report.md and PNG plots, built only from RUN/metrics.jsonl.
+
+Stages log what they measure (see `nanoseek.metrics`); this module reads that log and nothing else,
+so a report can be rebuilt at any time with `nanoseek report RUN`.
+
+Records it understands (all optional; missing figures show as "–"):
+- any stage: `{"event": "end", "wall_time_s", "tokens", ...}` written when the stage finishes
+- pretrain / sft / distill steps: `loss`, `val_loss`, `expert_load` ({layer: [tokens per expert]})
+- grpo steps: `reward`, `accuracy`, `format`, `response_length`, `kl`, `entropy`
+- eval: `evaluated` (which checkpoint / stage), `pass@1`, `cons@k`, `format_rate`, `language_consistency`,
+  `mean_length`, `k`, `task`
+- speedrun: `{"event": "model", "total_params", "active_params", "kv_cache_bytes_per_token",
+  "mha_kv_cache_bytes_per_token", "decode_tokens_per_s"}`
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from nanoseek.metrics import read_metrics
+
+STAGES = ("tokenizer", "pretrain", "sft", "grpo", "control", "distill", "eval")
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if abs(v) >= 1e4:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _human(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+class RunMetrics:
+    """The run's metrics grouped by stage, with helpers for the figures the report needs."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.records = list(read_metrics(self.run_dir))
+        self.by_stage: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in self.records:
+            self.by_stage[str(r.get("stage"))].append(r)
+
+    def events(self, stage: str, event: str) -> list[dict[str, Any]]:
+        return [r for r in self.by_stage.get(stage, []) if r.get("event") == event]
+
+    def last_event(self, stage: str, event: str) -> dict[str, Any]:
+        ev = self.events(stage, event)
+        return ev[-1] if ev else {}
+
+    def steps(self, stage: str, key: str) -> tuple[list[float], list[float]]:
+        xs, ys = [], []
+        for r in self.by_stage.get(stage, []):
+            ok = r.get("event") in (None, "step", "train", "val")
+            if ok and isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), (int, float)):
+                xs.append(r["step"])
+                ys.append(float(r[key]))
+        return xs, ys
+
+    def last_value(self, stage: str, key: str) -> Any:
+        for r in reversed(self.by_stage.get(stage, [])):
+            if r.get(key) is not None:
+                return r[key]
+        return None
+
+    def evals(self) -> dict[str, dict[str, Any]]:
+        """The latest eval record per evaluated checkpoint/stage name."""
+        out: dict[str, dict[str, Any]] = {}
+        for r in self.by_stage.get("eval", []):
+            name = r.get("evaluated") or r.get("checkpoint")
+            if name and ("pass@1" in r or "accuracy" in r):
+                out[str(name)] = r
+        return out
+
+    def model_info(self) -> dict[str, Any]:
+        for stage in ("speedrun", "pretrain"):
+            info = self.last_event(stage, "model")
+            if info:
+                return info
+        return {}
+
+
+def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path:
+    """Write RUN/report.md and RUN/plots/*.png; returns the report path."""
+    m = RunMetrics(run_dir)
+    if not m.records:
+        raise FileNotFoundError(
+            f"no metrics.jsonl records in {run_dir}: run a stage (or `nanoseek speedrun`) first"
+        )
+    plots = _plots(m)
+    lines: list[str] = [f"# nanoseek report: {m.run_dir.name}", ""]
+    info = m.model_info()
+    lines += ["## Model", ""]
+    lines += ["| figure | value |", "|---|---|"]
+    lines.append(f"| parameters, total | {_human(info.get('total_params'))} |")
+    lines.append(f"| parameters, active per token | {_human(info.get('active_params'))} |")
+    kv, mha = info.get("kv_cache_bytes_per_token"), info.get("mha_kv_cache_bytes_per_token")
+    ratio = f" ({mha / kv:.1f}x smaller than MHA's {_fmt(mha)} B)" if kv and mha else ""
+    lines.append(f"| KV-cache bytes per token (MLA, BF16) | {_fmt(kv)}{ratio} |")
+    lines.append(f"| decode tokens/s (batch 1) | {_fmt(info.get('decode_tokens_per_s'))} |")
+    lines.append("")
+
+    lines += ["## Stages", ""]
+    lines += [
+        "| stage | wall time | tokens | est. cost | final loss | val loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    total_s = 0.0
+    for stage in STAGES:
+        end = m.last_event(stage, "end")
+        if not end and not m.by_stage.get(stage):
+            continue
+        wall = end.get("wall_time_s")
+        total_s += wall or 0.0
+        cost = f"${(wall or 0) / 3600 * usd_per_hour:.4f}" if wall is not None else "–"
+        lines.append(
+            f"| {stage} | {_fmt(wall and round(wall, 1))} s | {_human(end.get('tokens'))} | {cost} | "
+            f"{_fmt(m.last_value(stage, 'loss'))} | {_fmt(m.last_value(stage, 'val_loss'))} |"
+        )
+    lines.append(f"| **total** | {total_s:.1f} s | | ${total_s / 3600 * usd_per_hour:.4f} | | |")
+    lines += ["", f"Cost is estimated at ${usd_per_hour:.2f} per machine-hour.", ""]
+
+    evals = m.evals()
+    if evals:
+        lines += ["## Held-out evaluation", ""]
+        lines += [
+            "| checkpoint | task | k | pass@1 | cons@k | format rate | language consistency | mean length |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in evals.items():
+            lines.append(
+                f"| {name} | {_fmt(r.get('task'))} | {_fmt(r.get('k'))} | {_pct(r.get('pass@1', r.get('accuracy')))} | "
+                f"{_pct(r.get('cons@k'))} | {_pct(r.get('format_rate'))} | {_pct(r.get('language_consistency'))} | "
+                f"{_fmt(r.get('mean_length'))} |"
+            )
+        lines.append("")
+        before, after = evals.get("sft") or evals.get("pretrain"), evals.get("grpo")
+        if before and after:
+            b, a = before.get("pass@1"), after.get("pass@1")
+            if b is not None and a is not None:
+                lines.append(
+                    f"GRPO changed held-out pass@1 by **{100 * (a - b):+.1f} points** ({_pct(b)} → {_pct(a)})."
+                )
+        control = evals.get("control")
+        if control and after:
+            lines.append(
+                f"Control (the same wall time spent on more supervised training instead of GRPO): pass@1 "
+                f"{_pct(control.get('pass@1'))}, cons@k {_pct(control.get('cons@k'))}; GRPO: "
+                f"{_pct(after.get('pass@1'))}, cons@k {_pct(after.get('cons@k'))}."
+            )
+        lines.append("")
+
+    if plots:
+        lines += ["## Plots", ""]
+        for title, rel in plots:
+            lines += [f"### {title}", "", f"![{title}]({rel})", ""]
+    out = m.run_dir / "report.md"
+    tmp = out.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def _plots(m: RunMetrics) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = m.run_dir / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made: list[tuple[str, str]] = []
+
+    def save(fig: Any, name: str, title: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        made.append((title, f"plots/{name}"))
+
+    # Loss curves of the supervised stages.
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for stage in ("pretrain", "sft", "control", "distill"):
+        for key, style in (("loss", "-"), ("val_loss", "--")):
+            xs, ys = m.steps(stage, key)
+            if xs:
+                ax.plot(xs, ys, style, label=f"{stage} {key.replace('_', ' ')}")
+                drawn = True
+    if drawn:
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_title("Loss")
+        ax.legend()
+        save(fig, "loss.png", "Loss curves")
+    else:
+        plt.close(fig)
+
+    # GRPO reward and accuracy; response length.
+    xs_r, ys_r = m.steps("grpo", "reward")
+    xs_a, ys_a = m.steps("grpo", "accuracy")
+    if xs_r or xs_a:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if xs_r:
+            ax.plot(xs_r, ys_r, label="mean reward")
+        if xs_a:
+            ax.plot(xs_a, ys_a, label="accuracy (train rollouts)")
+        ax.set_xlabel("GRPO step")
+        ax.set_title("GRPO reward and accuracy")
+        ax.legend()
+        save(fig, "grpo_reward.png", "Reward and accuracy over GRPO steps")
+    xs_l, ys_l = m.steps("grpo", "response_length")
+    if xs_l:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(xs_l, ys_l)
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel("tokens")
+        ax.set_title("Mean response length")
+        save(fig, "grpo_length.png", "Response length over GRPO steps")
+
+    # Expert load per layer over pretraining: max/mean imbalance, one line per layer.
+    series: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    for r in m.by_stage.get("pretrain", []):
+        load = r.get("expert_load")
+        if isinstance(load, dict) and isinstance(r.get("step"), (int, float)):
+            for layer, counts in load.items():
+                if counts and sum(counts) > 0:
+                    mean = sum(counts) / len(counts)
+                    series[layer][0].append(r["step"])
+                    series[layer][1].append(max(counts) / mean)
+    if series:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for layer, (xs, ys) in sorted(
+            series.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0
+        ):
+            ax.plot(xs, ys, label=f"layer {layer}")
+        ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel("pretrain step")
+        ax.set_ylabel("max / mean tokens per expert")
+        ax.set_title("Expert load imbalance per MoE layer")
+        ax.legend()
+        save(fig, "expert_load.png", "Expert load per layer over training")
+    return made

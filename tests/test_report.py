@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from nanoseek.cli import main
+from nanoseek.metrics import MetricsLog, read_metrics
+from nanoseek.report import build_report
+
+
+def _fake_run(run):
+    pre = MetricsLog(run, "pretrain")
+    pre.log(
+        event="model",
+        total_params=8_000_000,
+        active_params=3_000_000,
+        kv_cache_bytes_per_token=640,
+        mha_kv_cache_bytes_per_token=7168,
+        decode_tokens_per_s=55.0,
+    )
+    for s in range(1, 21):
+        pre.log(step=s, loss=5.0 - 0.1 * s, expert_load={"1": [10 + s, 10, 10, 10], "2": [40 - s, 5, 5, 5]})
+    pre.log(step=20, val_loss=3.2)
+    pre.log(event="end", wall_time_s=120.0, tokens=1_000_000)
+    grpo = MetricsLog(run, "grpo")
+    for s in range(1, 11):
+        grpo.log(step=s, reward=0.1 * s, accuracy=0.05 * s, response_length=40 + s)
+    grpo.log(event="end", wall_time_s=300.0, tokens=200_000)
+    ev = MetricsLog(run, "eval")
+    ev.log(evaluated="sft", task="arithmetic", k=4, **{"pass@1": 0.20, "cons@k": 0.25}, format_rate=0.9)
+    ev.log(evaluated="grpo", task="arithmetic", k=4, **{"pass@1": 0.35, "cons@k": 0.40}, format_rate=0.95)
+
+
+def test_report_has_tables_and_plots(tmp_path):
+    _fake_run(tmp_path)
+    path = build_report(tmp_path)
+    text = path.read_text()
+    assert "| pretrain | 120 s | 1.00M |" in text
+    assert "8.00M" in text and "3.00M" in text
+    assert "+15.0 points" in text and "20.0% → 35.0%" in text
+    assert "11.2x smaller than MHA" in text
+    for png in ("loss.png", "grpo_reward.png", "grpo_length.png", "expert_load.png"):
+        assert (tmp_path / "plots" / png).stat().st_size > 1000
+        assert f"plots/{png}" in text
+
+
+def test_report_command_and_missing_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    _fake_run(tmp_path)
+    assert main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").exists()
+
+
+def test_torn_last_line_is_skipped(tmp_path):
+    MetricsLog(tmp_path, "pretrain").log(step=1, loss=1.0)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "pretrain", "step": 2, "lo')
+    recs = list(read_metrics(tmp_path))
+    assert len(recs) == 1 and recs[0]["loss"] == 1.0
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["stage"] == "pretrain"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_values_stay_valid_json(tmp_path, value):
+    MetricsLog(tmp_path, "pretrain").log(step=1, loss=value)
+    (rec,) = read_metrics(tmp_path)
+    assert rec["loss"] in ("nan", "inf")
