@@ -1,0 +1,133 @@
+"""GRPO math against hand-worked numbers (docs/r1.md works the same example), then the trainer end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nanoseek.train.grpo import collapse_warnings, group_advantages, grpo_loss, kl_k3, token_logprobs
+
+
+# ------------------------------------------------------------------------------------- advantages
+def test_group_advantages_hand_worked() -> None:
+    # group of 4 with rewards 1,0,0,1: mean 0.5, sample std sqrt(1/3) -> A = ±0.5·sqrt(3) = ±0.866
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.3, 0.3, 0.3, 0.3])
+    a = group_advantages(r, 4, eps=0.0)
+    s3 = math.sqrt(3) / 2
+    assert torch.allclose(a[:4], torch.tensor([s3, -s3, -s3, s3]), atol=1e-6)
+    assert torch.equal(a[4:], torch.zeros(4))  # identical rewards carry no signal
+    dr = group_advantages(r, 4, scale_by_std=False)
+    assert torch.allclose(dr[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    assert group_advantages(r.view(2, 4), 4).shape == (2, 4)
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(r, 3)
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(r, 1)
+
+
+# ------------------------------------------------------------------------------------------- loss
+def _example() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # two completions of length 2 (third slot padding) and 3; ratios chosen to hit both clip sides
+    ratios = torch.tensor([[1.5, 0.9, 1.0], [1.1, 0.7, 1.0]])
+    old = torch.log(torch.tensor([[0.2, 0.5, 0.3], [0.4, 0.6, 0.1]]))
+    logp = (old + ratios.log()).requires_grad_(True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([1.0, -1.0])
+    return logp, old, mask, adv
+
+
+def test_clipped_loss_hand_worked_all_normalizations() -> None:
+    logp, old, mask, adv = _example()
+    kw = dict(eps_low=0.2, eps_high=0.3)
+    # per token (negated objective): seq0 (A=+1): -min(1.5, 1.3) = -1.3, -min(0.9, 0.9) = -0.9
+    #                                seq1 (A=-1): -min(-1.1,-1.1) = 1.1, -min(-0.7,-0.8) = 0.8, 1.0
+    out = grpo_loss(logp, old, adv, mask, loss_type="grpo", **kw)
+    assert out.loss.item() == pytest.approx(((-2.2 / 2) + (2.9 / 3)) / 2, abs=1e-6)
+    assert out.stats["clip_frac"] == pytest.approx(2 / 5)  # 1.5 clipped high, 0.7 clipped low
+    assert out.stats["clip_frac_high"] == pytest.approx(1 / 5)
+    out.loss.backward()
+    # clipped tokens get no gradient; seq0 token1: d(-r·A)/dlogp = -0.9, / 2 tokens / 2 sequences
+    expected = torch.tensor([[0.0, -0.9 / 4, 0.0], [1.1 / 6, 0.0, 1.0 / 6]])
+    assert torch.allclose(logp.grad, expected, atol=1e-6)
+
+    logp, old, mask, adv = _example()
+    dapo = grpo_loss(logp, old, adv, mask, loss_type="dapo", **kw)
+    assert dapo.loss.item() == pytest.approx(0.7 / 5, abs=1e-6)
+    dr = grpo_loss(logp, old, adv, mask, loss_type="dr_grpo", max_completion_len=3, **kw)
+    assert dr.loss.item() == pytest.approx(0.7 / 6, abs=1e-6)
+    with pytest.raises(ValueError, match="max_completion_len"):
+        grpo_loss(logp, old, adv, mask, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        grpo_loss(logp, old, adv, mask, loss_type="ppo")
+
+
+def test_loss_is_zero_at_mu1_beta0_but_gradient_is_not() -> None:
+    # μ = 1: the sampling policy is the current one, ratio = 1, loss = -mean(A) = 0 for normalized A
+    torch.manual_seed(0)
+    logp = torch.randn(4, 5).log_softmax(-1).requires_grad_(True)
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4)
+    mask = torch.ones(4, 5)
+    out = grpo_loss(logp, None, adv, mask, loss_type="grpo")
+    assert abs(out.loss.item()) < 1e-6
+    out.loss.backward()
+    # d/dlogp = -A_i / (tokens · sequences): policy gradient flows although the value is 0
+    assert torch.allclose(logp.grad, (-adv / 20).unsqueeze(1).expand(4, 5), atol=1e-6)
+
+
+def test_kl_k3_hand_worked_and_beta() -> None:
+    logp = torch.log(torch.tensor([[0.5, 0.25]]))
+    ref = torch.log(torch.tensor([[0.25, 0.25]]))
+    kl = kl_k3(logp, ref)
+    assert kl[0, 0].item() == pytest.approx(0.5 - math.log(0.5) - 1)
+    assert kl[0, 1].item() == 0.0
+    assert torch.isfinite(kl_k3(torch.tensor([0.0]), torch.tensor([-1e4]))).all()  # no overflow
+    # β adds β·KL per token: here mean over the 2 tokens of the single sequence
+    out0 = grpo_loss(logp, None, torch.zeros(1), torch.ones(1, 2), beta=0.0)
+    out1 = grpo_loss(logp, None, torch.zeros(1), torch.ones(1, 2), beta=0.1, ref_logp=ref)
+    assert out1.loss.item() - out0.loss.item() == pytest.approx(0.1 * kl.mean().item(), abs=1e-6)
+    assert out1.stats["kl"] == pytest.approx(kl.mean().item())
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo_loss(logp, None, torch.zeros(1), torch.ones(1, 2), beta=0.1)
+
+
+# ---------------------------------------------------------------------------------- log-probs
+class _Toy(torch.nn.Module):
+    """A small causal model (embedding + GRU + head) to check log-prob alignment on ragged batches."""
+
+    def __init__(self, vocab: int = 11) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, 8)
+        self.rnn = torch.nn.GRU(8, 8, batch_first=True)
+        self.head = torch.nn.Linear(8, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.emb(ids))[0])
+
+
+def test_token_logprobs_align_with_per_sequence_reference() -> None:
+    torch.manual_seed(0)
+    model = _Toy()
+    seqs = [([3, 4, 5], [6, 7]), ([2, 9], [1, 5, 8, 10])]  # (prompt, completion) of different lengths
+    s = max(len(p) + len(c) for p, c in seqs)
+    ids = torch.zeros(2, s, dtype=torch.long)
+    for i, (p, c) in enumerate(seqs):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+    starts = torch.tensor([len(p) for p, _ in seqs])
+    logp, ent = token_logprobs(model, ids, starts, 4, temperature=0.7, with_entropy=True)
+    assert logp.shape == ent.shape == (2, 4)
+    for i, (p, c) in enumerate(seqs):
+        full = torch.tensor([p + c])
+        ref = (model(full)[0, :-1].float() / 0.7).log_softmax(-1)
+        for t, tok in enumerate(c):
+            assert logp[i, t].item() == pytest.approx(ref[len(p) - 1 + t, tok].item(), abs=1e-5)
+            probs = ref[len(p) - 1 + t].exp()
+            assert ent[i, t].item() == pytest.approx(-(probs * ref[len(p) - 1 + t]).sum().item(), abs=1e-5)
+
+
+def test_collapse_warnings() -> None:
+    assert collapse_warnings(1.2, 40, initial_entropy=1.5, initial_length=50) == []
+    assert "entropy collapsed" in collapse_warnings(0.01, 40, initial_entropy=1.5, initial_length=50)[0]
+    assert "length collapsed" in collapse_warnings(1.0, 5, initial_entropy=1.5, initial_length=50)[0]
+    assert collapse_warnings(float("nan"), 5, initial_entropy=None, initial_length=None)
