@@ -1,0 +1,356 @@
+"""Evaluation the way R1 reports it, for a nanoseek checkpoint or any OpenAI-compatible endpoint.
+
+What is notable here:
+- pass@1 is the mean correctness over k samples per problem at temperature 0.6 (R1 §3, "pass@1
+  estimated from k samples"), not one greedy sample: greedy decoding of reasoning models repeats itself
+  and has high variance across problems.
+- cons@k is the majority vote over the *extracted answers* of the k samples (self-consistency);
+  samples with no parseable answer do not vote.
+- Format rate and language consistency come from the same reward functions GRPO trains with
+  (`nanoseek.data.rewards`), so a model is scored by the rules it was trained on.
+- An endpoint is scored identically: its `reasoning_content` + `content` are put back together as
+  "<think>reasoning</think>content" before scoring.
+- Samples go through the batched Engine all at once (P·k requests in one queue), never one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+EVAL_PARTS = "accuracy:1,format:1,language:1"
+
+
+@dataclass
+class Sample:
+    """One sampled answer: the text scored (reasoning included) and its length in tokens."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    model: str  # checkpoint directory or http(s) URL of an OpenAI-compatible server
+    task: str
+    k: int = 4
+    n: int = 64
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    split: str = "test"
+    seed: int = 0
+    language: str | None = None
+    out: str | None = None  # JSON path; default next to the checkpoint (or ./eval_<task>.json)
+    run_dir: str | None = None  # where metrics.jsonl lives; default the checkpoint's parent
+    endpoint_model: str | None = None  # model name on the endpoint (default: the first it lists)
+    api_key: str | None = None
+    max_batch_size: int = 64
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ scoring
+_THINK_END = "</think>"
+
+
+def final_answer(text: str) -> str | None:
+    """The answer part of a completion: what follows the last </think>, normalized; None if absent."""
+    if _THINK_END not in text:
+        return None
+    ans = text.rsplit(_THINK_END, 1)[1].strip()
+    ans = re.sub(r"\s+", " ", ans)
+    return ans or None
+
+
+def score_samples(
+    task: Any,
+    reward: Callable[[Any, str], tuple[float, dict[str, float]]],
+    problems: Sequence[Any],
+    samples: Sequence[Sequence[Sample]],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Aggregate metrics and per-problem records from k samples per problem."""
+    if len(problems) != len(samples):
+        raise ValueError(f"{len(problems)} problems but {len(samples)} sample lists")
+    extract = getattr(task, "extract_answer", None)
+    per_problem = []
+    tot = Counter()
+    n_samples = 0
+    for prob, outs in zip(problems, samples, strict=True):
+        if not outs:
+            raise ValueError(f"problem {prob.id} has no samples")
+        scores, fmt, lang = [], [], []
+        answers: list[str | None] = []
+        for s in outs:
+            _, parts = reward(prob, s.text)
+            scores.append(float(task.score(prob, s.text)))
+            fmt.append(float(parts.get("format", 0.0)))
+            lang.append(float(parts.get("language", 0.0)))
+            a = extract(s.text) if callable(extract) else final_answer(s.text)
+            answers.append(None if a is None else str(a).strip())
+        votes = Counter(a for a in answers if a)
+        if votes:
+            top = votes.most_common(1)[0][0]
+            # the majority answer is correct iff a sample that gave it scores as correct
+            cons = max(sc for sc, a in zip(scores, answers, strict=True) if a == top) >= 0.5
+        else:
+            top, cons = None, False
+        k = len(outs)
+        rec = {
+            "id": prob.id,
+            "language": getattr(prob, "language", None),
+            "answer": prob.answer,
+            "pass@1": sum(scores) / k,
+            "cons": bool(cons),
+            "majority_answer": top,
+            "format": sum(fmt) / k,
+            "language_consistency": sum(lang) / k,
+            "mean_tokens": sum(s.num_tokens for s in outs) / k,
+            "truncated": sum(s.finish_reason == "length" for s in outs) / k,
+            "sample": outs[0].text[:500],
+        }
+        per_problem.append(rec)
+        for key in ("pass@1", "format", "language_consistency", "mean_tokens", "truncated"):
+            tot[key] += rec[key]
+        tot["cons"] += float(cons)
+        n_samples += k
+    n = len(problems)
+    k_used = n_samples // max(n, 1)
+    metrics = {
+        "pass@1": tot["pass@1"] / n,
+        f"cons@{k_used}": tot["cons"] / n,
+        "format_rate": tot["format"] / n,
+        "language_consistency": tot["language_consistency"] / n,
+        "mean_response_tokens": tot["mean_tokens"] / n,
+        "truncated_rate": tot["truncated"] / n,
+        "problems": n,
+        "k": k_used,
+    }
+    return metrics, per_problem
+
+
+# --------------------------------------------------------------------------- sample sources
+def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The token ids the model sees for a one-turn question (R1 template, think block opened)."""
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+    )
+
+
+def engine_generate(
+    engine: Any,
+    prompt_ids: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    stop_token_ids: Sequence[int] = (),
+    seed: int | None = None,
+    logprobs: bool = False,
+) -> list[Any]:
+    """All prompts in one engine queue (continuous batching), each with its own sampling seed.
+
+    Returns the engine's Completion objects in prompt order. A distinct seed per request keeps repeated
+    prompts (k samples of one problem, G of one GRPO group) from drawing identical samples.
+    """
+    from nanoseek.engine import SamplingParams
+
+    ids: list[str] = []
+    for i, p in enumerate(prompt_ids):
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_token_ids=list(stop_token_ids),
+            seed=None if seed is None else seed * 1_000_003 + i,
+            logprobs=0 if logprobs else None,
+        )
+        ids.append(engine.add_request(list(p), params, request_id=f"r{i}"))
+    index = {rid: i for i, rid in enumerate(ids)}
+    tokens: list[list[int]] = [[] for _ in ids]
+    lps: list[list[float]] = [[] for _ in ids]
+    reasons: list[str | None] = [None] * len(ids)
+    while engine.has_unfinished():
+        for ev in engine.step():
+            i = index[ev.request_id]
+            tokens[i].extend(ev.new_token_ids)
+            if ev.logprobs:
+                lps[i].extend(t.logprob for t in ev.logprobs)
+            if ev.finished:
+                reasons[i] = ev.finish_reason
+    return [
+        _Completion(token_ids=t, logprobs=lp if logprobs else None, finish_reason=r)
+        for t, lp, r in zip(tokens, lps, reasons, strict=True)
+    ]
+
+
+@dataclass
+class _Completion:
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str | None
+
+
+def strip_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:
+    return ids[:-1] if ids and ids[-1] in stop_ids else ids
+
+
+def checkpoint_sampler(cfg: EvalConfig) -> tuple[Callable[[Sequence[Any]], list[list[Sample]]], str]:
+    import torch
+
+    from nanoseek.checkpoint import load_model
+    from nanoseek.engine import Engine
+    from nanoseek.tokenizer import load_tokenizer
+
+    path = Path(cfg.model)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+    tok = load_tokenizer(path)
+    model = load_model(path).eval()
+    engine = Engine(model, max_batch_size=cfg.max_batch_size)
+    stop = [tok.eos_token_id]
+
+    def sample(problems: Sequence[Any]) -> list[list[Sample]]:
+        prompts = [chat_prompt_ids(tok, p.prompt) for p in problems for _ in range(cfg.k)]
+        with torch.no_grad():
+            outs = engine_generate(
+                engine,
+                prompts,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                stop_token_ids=stop,
+                seed=cfg.seed,
+            )
+        flat = [
+            Sample(
+                text=tok.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True),
+                num_tokens=len(o.token_ids),
+                finish_reason=o.finish_reason,
+            )
+            for o in outs
+        ]
+        return [flat[i * cfg.k : (i + 1) * cfg.k] for i in range(len(problems))]
+
+    return sample, str(path)
+
+
+def endpoint_sampler(
+    cfg: EvalConfig, http_client: Any = None
+) -> tuple[Callable[[Sequence[Any]], list[list[Sample]]], str]:
+    """Samples from an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, nanoseek serve, ...)."""
+    from openai import OpenAI
+
+    base = cfg.model.rstrip("/")
+    if not base.endswith("/v1"):
+        base += "/v1"
+    client = OpenAI(
+        base_url=base,
+        api_key=cfg.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
+        http_client=http_client,
+        max_retries=2,
+    )
+    model_name = cfg.endpoint_model or client.models.list().data[0].id
+
+    def one(problem: Any) -> list[Sample]:
+        resp = client.chat.completions.create(
+            model=model_name,
+            messages=[{"role": "user", "content": problem.prompt}],
+            n=cfg.k,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_tokens=cfg.max_new_tokens,
+            seed=cfg.seed,
+        )
+        per = (resp.usage.completion_tokens / max(len(resp.choices), 1)) if resp.usage else 0
+        out = []
+        for ch in resp.choices:
+            msg = ch.message
+            reasoning = getattr(msg, "reasoning_content", None) or (msg.model_extra or {}).get(
+                "reasoning_content"
+            )
+            content = msg.content or ""
+            text = f"<think>{reasoning}</think>{content}" if reasoning else content
+            out.append(Sample(text=text, num_tokens=int(round(per)), finish_reason=ch.finish_reason))
+        if len(out) != cfg.k:
+            raise ValueError(f"endpoint returned {len(out)} choices for n={cfg.k} (does it support n?)")
+        return out
+
+    def sample(problems: Sequence[Any]) -> list[list[Sample]]:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(one, problems))
+
+    return sample, f"{base} ({model_name})"
+
+
+# ------------------------------------------------------------------------------------ driver
+def evaluate(cfg: EvalConfig, sampler: Callable[[Sequence[Any]], list[list[Sample]]] | None = None) -> dict:
+    """Score a checkpoint or endpoint on a task's held-out split; writes JSON and appends metrics.jsonl."""
+    from nanoseek.data.rewards import build_reward
+    from nanoseek.data.tasks import get_task
+    from nanoseek.metrics import MetricsLog
+
+    if cfg.k < 1 or cfg.n < 1:
+        raise ValueError(f"k and n must be >= 1 (got k={cfg.k}, n={cfg.n})")
+    if cfg.split not in ("train", "test"):
+        raise ValueError(f"split must be train or test, got {cfg.split!r}")
+    is_url = cfg.model.startswith(("http://", "https://"))
+    task = get_task(cfg.task)
+    problems = task.problems(cfg.split, cfg.n, seed=cfg.seed, language=cfg.language)
+    reward = build_reward(EVAL_PARTS)
+    if sampler is None:
+        sampler, source = endpoint_sampler(cfg) if is_url else checkpoint_sampler(cfg)
+    else:
+        source = cfg.model
+    t0 = time.perf_counter()
+    samples = sampler(problems)
+    gen_time = time.perf_counter() - t0
+    metrics, per_problem = score_samples(task, reward, problems, samples)
+    metrics.update(
+        task=cfg.task,
+        split=cfg.split,
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        source=source,
+        wall_time_s=round(time.perf_counter() - t0, 2),
+        generation_time_s=round(gen_time, 2),
+    )
+    if is_url:
+        evaluated, run_dir, default_out = cfg.model, cfg.run_dir, Path(f"eval_{_slug(cfg.task)}.json")
+    else:
+        ck = Path(cfg.model)
+        evaluated = ck.name
+        run_dir = cfg.run_dir or str(ck.parent)
+        default_out = ck / f"eval_{_slug(cfg.task)}.json"
+    metrics["evaluated"] = evaluated
+    out = Path(cfg.out) if cfg.out else default_out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"config": asdict(cfg), "metrics": metrics, "problems": per_problem}, indent=2, ensure_ascii=False
+        )
+    )
+    metrics["json"] = str(out)
+    if run_dir:
+        MetricsLog(run_dir, "eval").log(
+            step=None,
+            checkpoint=source,
+            evaluated_stage=evaluated,
+            **{k: v for k, v in metrics.items() if k != "json"},
+        )
+    return metrics
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

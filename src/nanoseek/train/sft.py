@@ -1,0 +1,195 @@
+"""Supervised fine-tuning on chat data: R1's cold start, and the second half of distillation.
+
+What is notable here:
+- Each assistant turn becomes one example rendered exactly as the model will see it at inference:
+  the chat template with `add_generation_prompt=True` up to that turn (so earlier assistant turns have
+  their reasoning removed, as R1's template does), then the turn's own text + EOS. Loss is on those
+  assistant tokens only: the model is never trained to produce the user's words or the template.
+- The generation prompt of R1's template already opens "<think>\\n", so an assistant message's leading
+  "<think>" is not repeated; a `reasoning_content` field is put back inside the think block.
+- Packing: examples are packed into fixed rows; positions restart at each example and attention is
+  block-diagonal causal, so packed examples never see each other (no cross-contamination).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.model.transformer import cross_entropy
+
+IGNORE = -100
+
+
+# -------------------------------------------------------------------------------- rendering
+def assistant_target_text(
+    message: dict[str, Any],
+    prompt_opened_think: bool,
+    think_start: str = "<think>",
+    think_end: str = "</think>",
+) -> str:
+    """The text the model must produce for one assistant message, after the generation prompt."""
+    content = str(message.get("content") or "")
+    reasoning = message.get("reasoning_content")
+    if reasoning:
+        body = f"{think_start}\n{str(reasoning).strip()}\n{think_end}\n{content.lstrip()}"
+    elif content.lstrip().startswith(think_start):
+        body = content.lstrip()
+    else:
+        # no reasoning given: an empty think block, the shape R1 uses for non-reasoning data
+        body = f"{think_start}\n\n{think_end}\n{content}"
+    if prompt_opened_think:
+        body = body[len(think_start) :].lstrip(" ")
+        body = body[1:] if body.startswith("\n") else body
+    return body
+
+
+def tokenize_conversation(
+    tokenizer: Any, messages: Sequence[dict[str, Any]]
+) -> list[tuple[list[int], list[int]]]:
+    """One (input_ids, labels) example per assistant turn; labels are IGNORE outside that turn."""
+    if not messages:
+        raise ValueError("conversation has no messages")
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"each message needs a 'role' (and 'content'), got {m!r}")
+        if m["role"] not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"unknown role {m['role']!r}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("conversation has no assistant message to train on")
+    think_start = getattr(tokenizer, "think_start", "<think>")
+    think_end = getattr(tokenizer, "think_end", "</think>")
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt_text = tokenizer.apply_chat_template(
+            list(messages[:i]), add_generation_prompt=True, tokenize=False
+        )
+        prompt_ids = list(
+            tokenizer.apply_chat_template(list(messages[:i]), add_generation_prompt=True, tokenize=True)
+        )
+        opened = prompt_text.rstrip(" \n").endswith(think_start)
+        target = tokenizer.encode(assistant_target_text(m, opened, think_start, think_end))
+        target = target + [tokenizer.eos_token_id]
+        out.append((prompt_ids + target, [IGNORE] * len(prompt_ids) + target))
+    return out
+
+
+def completion_example(
+    prompt_ids: list[int], completion_ids: list[int], eos_token_id: int
+) -> tuple[list[int], list[int]]:
+    """An (input_ids, labels) example from a prompt and a sampled completion (distillation)."""
+    target = list(completion_ids)
+    if not target or target[-1] != eos_token_id:
+        target.append(eos_token_id)
+    return list(prompt_ids) + target, [IGNORE] * len(prompt_ids) + target
+
+
+def read_chat_jsonl(path: str | os.PathLike) -> Iterator[list[dict[str, Any]]]:
+    """Conversations from a JSONL file whose lines are {"messages": [...]}; errors name the line."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"chat data {p} does not exist")
+    with open(p) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+            msgs = rec.get("messages") if isinstance(rec, dict) else None
+            if not isinstance(msgs, list):
+                raise ValueError(f"{p}:{n}: expected an object with a 'messages' list")
+            yield msgs
+
+
+# ---------------------------------------------------------------------------------- packing
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [B, S]
+    labels: torch.Tensor  # [B, S], IGNORE where no loss
+    positions: torch.Tensor  # [B, S], restart at each packed example
+    doc_ids: torch.Tensor  # [B, S], which example each token belongs to (padding is its own)
+
+    def attention_mask(self) -> torch.Tensor:
+        """[B, S, S] bool: causal within one example, nothing across examples."""
+        s = self.input_ids.shape[1]
+        causal = torch.ones(s, s, dtype=torch.bool, device=self.input_ids.device).tril()
+        same = self.doc_ids.unsqueeze(2) == self.doc_ids.unsqueeze(1)
+        return same & causal
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+
+def pack_examples(
+    examples: Iterable[tuple[list[int], list[int]]], seq_len: int, pad_id: int = 0
+) -> list[tuple[list[int], list[int], list[int], list[int]]]:
+    """Greedy first-fit packing (longest first) of examples into rows of exactly `seq_len` tokens.
+
+    An example longer than seq_len is cut to seq_len (keeping the prompt and the start of the answer).
+    Returns rows of (ids, labels, positions, doc_ids).
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    exs = [(ids[:seq_len], labels[:seq_len]) for ids, labels in examples if len(ids) >= 2]
+    exs.sort(key=lambda e: -len(e[0]))
+    rows: list[list[tuple[list[int], list[int]]]] = []
+    free: list[int] = []
+    for ex in exs:
+        for r, space in enumerate(free):
+            if len(ex[0]) <= space:
+                rows[r].append(ex)
+                free[r] -= len(ex[0])
+                break
+        else:
+            rows.append([ex])
+            free.append(seq_len - len(ex[0]))
+    out = []
+    for row in rows:
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        docs: list[int] = []
+        for d, (i, lab) in enumerate(row):
+            ids += i
+            labels += lab
+            pos += list(range(len(i)))
+            docs += [d] * len(i)
+        pad = seq_len - len(ids)
+        ids += [pad_id] * pad
+        labels += [IGNORE] * pad
+        pos += list(range(pad))
+        docs += [len(row)] * pad
+        out.append((ids, labels, pos, docs))
+    return out
+
+
+def iter_batches(
+    rows: Sequence[tuple[list[int], list[int], list[int], list[int]]],
+    batch_size: int,
+    seed: int,
+    epoch: int = 0,
+) -> Iterator[PackedBatch]:
+    """Shuffled (deterministically by seed and epoch) batches of packed rows."""
+    order = list(range(len(rows)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    for i in range(0, len(order), batch_size):
+        chunk = [rows[j] for j in order[i : i + batch_size]]
+        yield PackedBatch(*(torch.tensor([r[k] for r in chunk], dtype=torch.long) for k in range(4)))
+
+
+def sft_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """Mean next-token cross-entropy over assistant tokens, with per-example positions and masking."""
+    logits = model(batch.input_ids, positions=batch.positions, mask=batch.attention_mask())
+    return cross_entropy(logits[:, :-1], batch.labels[:, 1:], ignore_index=IGNORE)

@@ -1,0 +1,133 @@
+"""SFT data: loss only on assistant tokens through the chat template, and packing without leaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek.train.sft import (
+    IGNORE,
+    PackedBatch,
+    assistant_target_text,
+    iter_batches,
+    pack_examples,
+    sft_loss,
+    tokenize_conversation,
+)
+
+
+class CharTokenizer:
+    """One id per character plus the R1 special tokens, rendering the R1 chat template by the interface."""
+
+    bos_token, eos_token = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+    think_start, think_end = "<think>", "</think>"
+    specials = [bos_token, eos_token, "<｜User｜>", "<｜Assistant｜>"]
+
+    def __init__(self) -> None:
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = 0, 1, 1
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        out = [self.bos_token_id] if add_bos else []
+        i = 0
+        while i < len(text):
+            for j, s in enumerate(self.specials):
+                if text.startswith(s, i):
+                    out.append(j)
+                    i += len(s)
+                    break
+            else:
+                out.append(10 + ord(text[i]) % 200)
+                i += 1
+        return out
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        text = self.bos_token
+        for m in messages:
+            if m["role"] == "user":
+                text += "<｜User｜>" + m["content"]
+            elif m["role"] == "assistant":
+                content = m["content"].split(self.think_end)[-1]  # R1 drops history reasoning
+                text += "<｜Assistant｜>" + content + self.eos_token
+        if add_generation_prompt:
+            text += "<｜Assistant｜><think>\n"
+        return self.encode(text) if tokenize else text
+
+
+def test_assistant_target_text_shapes() -> None:
+    msg = {"role": "assistant", "content": "<think>\n2+2=4\n</think>\n4"}
+    assert assistant_target_text(msg, prompt_opened_think=True) == "2+2=4\n</think>\n4"
+    assert assistant_target_text(msg, prompt_opened_think=False) == msg["content"]
+    rc = {"role": "assistant", "content": "4", "reasoning_content": "2+2=4"}
+    assert assistant_target_text(rc, True) == "2+2=4\n</think>\n4"
+    assert assistant_target_text({"role": "assistant", "content": "hi"}, True) == "\n</think>\nhi"
+
+
+def test_loss_mask_covers_exactly_the_assistant_turns() -> None:
+    tok = CharTokenizer()
+    msgs = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "<think>\nr1\n</think>\na1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "<think>\nr2\n</think>\na2"},
+    ]
+    exs = tokenize_conversation(tok, msgs)
+    assert len(exs) == 2  # one example per assistant turn
+    for (ids, labels), reasoning, answer in zip(exs, ["r1", "r2"], ["a1", "a2"], strict=True):
+        trained = [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE]
+        prompt = [t for t, lab in zip(ids, labels, strict=True) if lab == IGNORE]
+        assert trained == tok.encode(f"{reasoning}\n</think>\na{answer[-1]}") + [tok.eos_token_id]
+        assert prompt == tok.apply_chat_template(
+            msgs[: msgs.index(next(m for m in msgs if answer in m["content"]))], tokenize=True
+        )
+        assert all(lab in (IGNORE, t) for t, lab in zip(ids, labels, strict=True))
+    # the second turn's prompt holds the first answer without its reasoning
+    assert tok.encode("r1") not in [exs[1][0][i : i + 2] for i in range(len(exs[1][0]))]
+    with pytest.raises(ValueError, match="no assistant"):
+        tokenize_conversation(tok, [{"role": "user", "content": "q"}])
+    with pytest.raises(ValueError, match="role"):
+        tokenize_conversation(tok, [{"content": "q"}])
+
+
+def test_packing_blocks_attention_and_restarts_positions() -> None:
+    exs = [([5, 6, 7], [IGNORE, 6, 7]), ([8, 9], [IGNORE, 9]), ([3, 4, 5, 6, 7, 8], [IGNORE] * 3 + [6, 7, 8])]
+    rows = pack_examples(exs, seq_len=6, pad_id=0)
+    assert len(rows) == 2  # 6 | 3+2 (+1 pad)
+    ids, labels, pos, docs = rows[1]
+    assert ids == [5, 6, 7, 8, 9, 0] and pos == [0, 1, 2, 0, 1, 0] and docs == [0, 0, 0, 1, 1, 2]
+    assert labels[-1] == IGNORE
+    batch = next(iter_batches(rows, 2, seed=0))
+    mask = batch.attention_mask()
+    assert mask.shape == (2, 6, 6)
+    b = 0 if batch.input_ids[0, 0] == 5 else 1
+    assert mask[b, 4, 3] and not mask[b, 4, 2] and not mask[b, 2, 3]  # no attention across examples
+    assert batch.num_target_tokens == 3 + 3
+
+
+def test_packed_loss_equals_unpacked_loss() -> None:
+    """Packing must not change what the model computes for each example."""
+    from nanoseek.checkpoint import load_model
+
+    model = load_model("tiny", seed=0).eval()
+    model.set_balance_alpha(0.0)
+    g = torch.Generator().manual_seed(0)
+    exs = []
+    for n in (9, 7, 12):
+        ids = torch.randint(2, 4000, (n,), generator=g).tolist()
+        exs.append((ids, [IGNORE] * 4 + ids[4:]))
+    rows = pack_examples(exs, seq_len=16)
+    with torch.no_grad():
+        packed_sum, count = 0.0, 0
+        for batch in iter_batches(rows, 4, seed=0):
+            n = batch.num_target_tokens
+            packed_sum += sft_loss(model, batch).item() * n
+            count += n
+        single_sum = 0.0
+        for ids, labels in exs:
+            one = PackedBatch(
+                torch.tensor([ids]),
+                torch.tensor([labels]),
+                torch.arange(len(ids))[None],
+                torch.zeros(1, len(ids)),
+            )
+            single_sum += sft_loss(model, one).item() * one.num_target_tokens
+    assert packed_sum / count == pytest.approx(single_sum / count, rel=1e-4)
