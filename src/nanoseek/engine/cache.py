@@ -1,0 +1,184 @@
+"""Paged latent KV cache: MLA's compressed cache in fixed-size blocks, with block tables and prefix reuse.
+
+What is notable here:
+- Per token and layer only the normalized latent c_kv (kv_lora_rank) and the RoPE key k_pe
+  (qk_rope_head_dim) are stored, side by side in one row of width kv_lora_rank + qk_rope_head_dim:
+  bytes per token = layers x (kv_lora_rank + qk_rope_head_dim) x element size, whatever the head count.
+- Storage is one tensor [layers, num_blocks * block_size, width]; a sequence owns a block table (list of
+  block ids), so sequences grow and leave without moving anyone else's data (vLLM's PagedAttention idea).
+- Block 0 is a scratch block: padding tokens write there and padded reads come from there, so batches
+  of ragged sequences need no special cases in the model.
+- Prefix reuse: a full block is named by a hash chained over all tokens up to its end; a new request
+  whose prompt starts with cached full blocks shares them (reference counted) and skips their prefill.
+  Freed blocks keep their contents and hash until reallocated (least recently freed first).
+- `StepView` implements the model's `LatentCache` protocol for one forward: it writes the step's latents
+  into their slots and returns each row's whole context gathered in logical order, plus the causal mask
+  by position. The slot indices are computed once per step and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+class EngineCapacityError(RuntimeError):
+    """A request can never fit in the engine's cache (or batch), whatever else finishes first."""
+
+
+def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((parent, tokens))
+
+
+@dataclass
+class BlockInfo:
+    ref_count: int = 0
+    hash: int | None = None
+
+
+class PagedLatentCache:
+    """Latent cache storage plus the block allocator. `num_layers` includes MTP layers when drafting."""
+
+    SCRATCH_BLOCK = 0
+
+    def __init__(
+        self,
+        num_layers: int,
+        kv_lora_rank: int,
+        qk_rope_head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2 (block 0 is scratch), got {num_blocks}")
+        self.num_layers = num_layers
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.width = kv_lora_rank + qk_rope_head_dim
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv = torch.zeros(num_layers, num_blocks * block_size, self.width, dtype=dtype, device=device)
+        self.blocks = [BlockInfo() for _ in range(num_blocks)]
+        # Free blocks in the order they were freed; cached ones keep their hash until reused.
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
+        self.cached: dict[int, int] = {}  # hash -> block id
+        self.prefix_hits = 0  # blocks reused
+        self.prefix_queries = 0  # full prompt blocks looked up
+
+    # ------------------------------------------------------------- accounting
+    @property
+    def usable_blocks(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return self.usable_blocks - self.num_free
+
+    def bytes_per_token(self) -> int:
+        return self.num_layers * self.width * self.kv.element_size()
+
+    # -------------------------------------------------------------- allocator
+    def allocate(self) -> int:
+        if not self.free:
+            raise EngineCapacityError("latent cache is out of blocks")
+        block, _ = self.free.popitem(last=False)
+        info = self.blocks[block]
+        if info.hash is not None and self.cached.get(info.hash) == block:
+            del self.cached[info.hash]
+        info.hash = None
+        info.ref_count = 1
+        return block
+
+    def release(self, block_table: list[int]) -> None:
+        for block in block_table:
+            info = self.blocks[block]
+            info.ref_count -= 1
+            if info.ref_count == 0:
+                self.free[block] = None
+
+    def register_full_block(self, block: int, h: int) -> None:
+        """A block just became full with the tokens hashed to h: later prompts may share it."""
+        info = self.blocks[block]
+        if info.hash is None and h not in self.cached:
+            info.hash = h
+            self.cached[h] = block
+
+    def match_prefix(self, tokens: list[int], max_blocks: int) -> tuple[list[int], list[int]]:
+        """Longest run of cached full blocks at the start of `tokens` (at most max_blocks).
+
+        Returns (block ids, their chained hashes); the blocks are taken (ref counted) for the caller.
+        """
+        bs = self.block_size
+        found: list[int] = []
+        hashes: list[int] = []
+        parent: int | None = None
+        for i in range(min(max_blocks, len(tokens) // bs)):
+            h = block_hash(parent, tuple(tokens[i * bs : (i + 1) * bs]))
+            self.prefix_queries += 1
+            block = self.cached.get(h)
+            if block is None:
+                break
+            found.append(block)
+            hashes.append(h)
+            parent = h
+        for block in found:
+            info = self.blocks[block]
+            if info.ref_count == 0:
+                del self.free[block]
+            info.ref_count += 1
+        self.prefix_hits += len(found)
+        return found, hashes
+
+    def reset_prefix_cache(self) -> None:
+        """Forget all cached prefixes (e.g. after the model's weights changed)."""
+        for h, block in list(self.cached.items()):
+            self.blocks[block].hash = None
+        self.cached.clear()
+
+    # ---------------------------------------------------------------- slots
+    def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        """Flat slot indices of logical positions start..end-1 of a sequence."""
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+
+class StepView:
+    """The model-facing `LatentCache` for one forward over a batch of rows.
+
+    write_slots [B*S]: where each new token's latent goes (scratch slot for padding).
+    read_slots [B*T]: the slots of every row's context positions 0..T-1 (scratch past its length).
+    positions [B,S]: each new token's position; a query at position p sees context positions <= p.
+    """
+
+    def __init__(
+        self,
+        cache: PagedLatentCache,
+        write_slots: torch.Tensor,
+        read_slots: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        self.cache = cache
+        self.write_slots = write_slots
+        self.read_slots = read_slots
+        self.batch, self.seq = positions.shape
+        self.ctx = read_slots.numel() // self.batch
+        t = torch.arange(self.ctx, device=positions.device)
+        self.mask = t.view(1, 1, -1) <= positions.unsqueeze(-1)  # [B,S,T]
+
+    def update(
+        self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        store = self.cache.kv[layer_idx]
+        new = torch.cat((c_kv, k_pe), dim=-1).reshape(-1, self.cache.width).to(store.dtype)
+        store.index_copy_(0, self.write_slots, new)
+        ctx = store.index_select(0, self.read_slots).view(self.batch, self.ctx, self.cache.width)
+        r = self.cache.kv_lora_rank
+        return ctx[..., :r].to(c_kv.dtype), ctx[..., r:].to(k_pe.dtype), self.mask

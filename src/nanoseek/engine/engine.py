@@ -1,0 +1,457 @@
+"""The inference engine: token ids in, token ids out, many requests at once over a paged latent cache.
+
+What is notable here:
+- Each `step()` runs at most two batched forwards: one decode forward over every running sequence
+  (one token each, or [token, MTP draft] when speculating) and one prefill forward over this step's
+  prompt chunks (padded into one batch). New requests join and finished ones leave between steps.
+- Attention reads the paged MLA cache through the model's `LatentCache` protocol, so the model's
+  absorbed path (W_UK folded into the query, W_UV into the output) runs directly on the latents.
+- Only the positions whose logits are needed go through the LM head (the last prompt token, unless
+  prompt log-probabilities are asked for).
+- The model is left as found: training mode, and the routers' expert-load statistics (which training
+  uses to balance experts), are restored after each step, so GRPO can roll out with the model it trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.engine.cache import EngineCapacityError, PagedLatentCache, StepView
+from nanoseek.engine.sampling import SamplerState, SamplingParams, TokenLogprob, sample, token_logprobs
+from nanoseek.engine.scheduler import Scheduler, Sequence
+from nanoseek.engine.speculative import draft_tokens, mtp_hidden, verify
+from nanoseek.model.transformer import DeepSeekV3
+
+DEFAULT_CACHE_BYTES = 512 * 1024**2
+
+
+@dataclass
+class StepEvent:
+    request_id: str
+    new_token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    prompt_logprobs: list[float | None] | None = None  # first event of a request only
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    prompt_logprobs: list[float | None] | None
+
+
+class Engine:
+    """Continuous-batching generation over a DeepSeekV3 model. Single-threaded: call from one thread.
+
+    max_seq_len: prompt + completion cap (default: the model's max_position_embeddings).
+    num_blocks: cache blocks of `block_size` tokens (default: enough for max_batch_size full-length
+    sequences, capped at 512 MiB of cache). quantize: None | "int8" | "fp8" (weight-only, applied to
+    the model in place). speculative: draft one token per step with the model's MTP module.
+    prefill_chunk: prompt tokens computed per step at most (chunked prefill).
+    """
+
+    def __init__(
+        self,
+        model: DeepSeekV3,
+        *,
+        max_batch_size: int = 32,
+        max_seq_len: int | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        quantize: str | None = None,
+        speculative: bool = False,
+        prefill_chunk: int = 512,
+    ) -> None:
+        cfg = model.config
+        if speculative and cfg.num_nextn_predict_layers < 1:
+            raise ValueError("speculative=True needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        if max_batch_size < 1 or block_size < 1 or prefill_chunk < 1:
+            raise ValueError("max_batch_size, block_size and prefill_chunk must be >= 1")
+        self.model = model
+        self.config = cfg
+        self.dtype = model.dtype
+        self.device = model.device
+        if quantize is not None:
+            from nanoseek.engine.quantize import quantize_model
+
+            quantize_model(model, quantize)
+        self.quantize = quantize
+        self.speculative = speculative
+        self.max_seq_len = max_seq_len or cfg.max_position_embeddings
+        num_layers = cfg.num_hidden_layers + (1 if speculative else 0)
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        if num_blocks is None:
+            per_block = num_layers * width * block_size * torch.empty(0, dtype=self.dtype).element_size()
+            want = max_batch_size * math.ceil((self.max_seq_len + 1) / block_size) + 1
+            num_blocks = max(2, min(want, DEFAULT_CACHE_BYTES // per_block))
+        self.cache = PagedLatentCache(
+            num_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim, num_blocks, block_size, self.dtype, self.device
+        )
+        self.scheduler = Scheduler(self.cache, max_batch_size, prefill_chunk, extra_slots=1 if speculative else 0)
+        eos = cfg.eos_token_id
+        self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._requests: dict[str, Sequence] = {}
+        self._aborted: list[StepEvent] = []
+        self._stats = {
+            "steps": 0,
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+            "decode_forwards": 0,
+            "prefill_forwards": 0,
+            "spec_drafted": 0,
+            "spec_accepted": 0,
+            "forward_seconds": 0.0,
+        }
+
+    # ------------------------------------------------------------- requests
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        params = params or SamplingParams()
+        params.validate()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt is empty: give at least one token id (e.g. BOS)")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(
+                f"prompt has {len(prompt)} tokens; max_seq_len is {self.max_seq_len}, which must leave room "
+                "for at least one generated token"
+            )
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        seq = Sequence(
+            request_id=rid,
+            prompt_ids=prompt,
+            params=params,
+            sampler=SamplerState(params, prompt, self.config.vocab_size),
+            max_len=min(len(prompt) + params.max_new_tokens, self.max_seq_len),
+            arrival=next(self._arrivals),
+            tokens=list(prompt),
+            prompt_logprobs=[None] if params.prompt_logprobs else None,
+        )
+        self.scheduler.add(seq)  # raises EngineCapacityError if it can never fit
+        self._requests[rid] = seq
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        seq = self._requests.pop(request_id, None)
+        if seq is None:
+            return
+        self.scheduler.finish(seq)
+        seq.finish_reason = "abort"
+        self._aborted.append(self._event(seq))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ----------------------------------------------------------------- step
+    def step(self) -> list[StepEvent]:
+        """Advance every running request by one token (or more, speculating); returns what changed."""
+        events, self._aborted = self._aborted, []
+        plan = self.scheduler.plan()
+        if not plan.decode and not plan.prefill:
+            return events
+        touched: list[Sequence] = []
+        t0 = time.perf_counter()
+        with torch.no_grad(), self._model_untouched():
+            if plan.decode:
+                if self.speculative:
+                    self._decode_speculative(plan.decode)
+                else:
+                    self._decode(plan.decode)
+                touched += plan.decode
+            if plan.prefill:
+                self._prefill(plan.prefill)
+                touched += [s for s, _ in plan.prefill]
+        self._stats["forward_seconds"] += time.perf_counter() - t0
+        self._stats["steps"] += 1
+        for seq in touched:
+            self.scheduler.register_blocks(seq)
+            if seq.finished:
+                self.scheduler.finish(seq)
+                self._requests.pop(seq.request_id, None)
+            if seq.finished or len(seq.tokens) - seq.prompt_len > seq.sent_tokens:
+                events.append(self._event(seq))
+        return events
+
+    # -------------------------------------------------------- batch helpers
+    def _view(self, rows: list[Sequence], starts: list[int], lengths: list[int], width: int) -> tuple[StepView, torch.Tensor]:
+        """Slots, context and mask for a batch whose row b computes positions starts[b]..+lengths[b]."""
+        bs = self.cache.block_size
+        end = max(s + n for s, n in zip(starts, lengths))
+        nb = math.ceil(end / bs)
+        table = torch.tensor([(r.block_table + [0] * nb)[:nb] for r in rows], dtype=torch.long)
+        start_t = torch.tensor(starts, dtype=torch.long).unsqueeze(1)
+        len_t = torch.tensor(lengths, dtype=torch.long).unsqueeze(1)
+        s_idx = torch.arange(width).unsqueeze(0)
+        real = s_idx < len_t
+        positions = torch.where(real, start_t + s_idx, 0)
+        write = table.gather(1, positions // bs) * bs + positions % bs
+        write = torch.where(real, write, 0)  # padding writes land in the scratch block
+        t = torch.arange(end).unsqueeze(0)
+        read = table[:, t[0] // bs] * bs + t % bs
+        read = torch.where(t < start_t + len_t, read, 0)
+        view = StepView(self.cache, write.flatten().to(self.device), read.flatten().to(self.device), positions.to(self.device))
+        return view, positions.to(self.device)
+
+    def _ids_tensor(self, rows: list[list[int]], width: int) -> torch.Tensor:
+        return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=self.device)
+
+    def _emit(self, seq: Sequence, token: int, lp: TokenLogprob | None = None) -> None:
+        """Append one generated token and decide whether the sequence is done."""
+        if seq.finished:
+            return
+        seq.tokens.append(token)
+        seq.sampler.observe(token)
+        if lp is not None:
+            seq.logprobs.append(lp)
+        n_out = len(seq.tokens) - seq.prompt_len
+        self._stats["generated_tokens"] += 1
+        if token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.eos_ids):
+            seq.finish_reason = "stop"
+        elif n_out >= seq.params.max_new_tokens or len(seq.tokens) >= seq.max_len:
+            seq.finish_reason = "length"
+
+    def _logprobs(self, rows: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
+        want = [r.params.logprobs for r in rows]
+        if all(w is None for w in want):
+            return [None] * len(rows)
+        lps = token_logprobs(logits, tokens, [w or 0 for w in want])
+        return [lp if w is not None else None for lp, w in zip(lps, want)]
+
+    # --------------------------------------------------------------- decode
+    def _decode(self, rows: list[Sequence]) -> None:
+        starts = [r.num_computed for r in rows]
+        view, positions = self._view(rows, starts, [1] * len(rows), 1)
+        ids = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long, device=self.device)
+        hidden = self.model.hidden_states(ids, positions, cache=view)
+        logits = self.model.lm_head(hidden[:, 0])
+        tokens = sample(logits, [r.sampler for r in rows])
+        lps = self._logprobs(rows, logits, tokens)
+        self._stats["decode_forwards"] += 1
+        for r, tok, lp in zip(rows, tokens.tolist(), lps):
+            r.num_computed += 1
+            self._emit(r, tok, lp=lp)
+
+    def _decode_speculative(self, rows: list[Sequence]) -> None:
+        """Verify each row's MTP draft in one main-model step over [last token, draft], then redraft."""
+        starts = [r.num_computed for r in rows]
+        view, positions = self._view(rows, starts, [2] * len(rows), 2)
+        drafts = torch.tensor([r.draft for r in rows], dtype=torch.long, device=self.device)
+        ids = torch.stack((torch.tensor([r.tokens[-1] for r in rows], device=self.device), drafts), dim=1)
+        hidden = self.model.hidden_states(ids, positions, cache=view)
+        logits = self.model.lm_head(hidden)  # [B,2,V]
+        states = [r.sampler for r in rows]
+        accepted, first = verify(logits[:, 0], drafts, states)
+        lps_first = self._logprobs(rows, logits[:, 0], first)
+        acc = accepted.tolist()
+        self._stats["decode_forwards"] += 1
+        self._stats["spec_drafted"] += len(rows)
+        self._stats["spec_accepted"] += sum(acc)
+        for r, tok, lp, a in zip(rows, first.tolist(), lps_first, acc):
+            r.num_computed += 2 if a else 1
+            self._emit(r, tok, lp=lp)
+        # Accepted rows get a bonus token from the logits at the draft position.
+        bonus_rows = [i for i, a in enumerate(acc) if a and not rows[i].finished]
+        if bonus_rows:
+            idx = torch.tensor(bonus_rows, dtype=torch.long, device=self.device)
+            sub = [rows[i] for i in bonus_rows]
+            bl = logits[idx, 1]
+            bonus = sample(bl, [r.sampler for r in sub])
+            for r, tok, lp in zip(sub, bonus.tolist(), self._logprobs(sub, bl, bonus)):
+                self._emit(r, tok, lp=lp)
+        # Redraft: MTP at positions p+1 (and p+2 when accepted) with the tokens that now follow them.
+        live = [i for i, r in enumerate(rows) if not r.finished]
+        if not live:
+            return
+        nxt = []
+        for r, a in zip(rows, acc):
+            t = r.tokens
+            nxt.append([t[-2], t[-1]] if a and not r.finished else [t[-1], t[-1]])
+        mh = mtp_hidden(self.model, hidden, torch.tensor(nxt, dtype=torch.long, device=self.device), positions, view)
+        pick = torch.tensor([1 if acc[i] else 0 for i in live], dtype=torch.long, device=self.device)
+        live_t = torch.tensor(live, dtype=torch.long, device=self.device)
+        new = draft_tokens(self.model, mh[live_t, pick]).tolist()
+        for i, d in zip(live, new):
+            rows[i].draft = d
+
+    # -------------------------------------------------------------- prefill
+    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> None:
+        rows = [s for s, _ in chunks]
+        starts = [s.num_computed for s in rows]
+        lengths = [n for _, n in chunks]
+        width = max(lengths)
+        view, positions = self._view(rows, starts, lengths, width)
+        ids = self._ids_tensor([s.tokens[a : a + n] for s, a, n in zip(rows, starts, lengths)], width)
+        hidden = self.model.hidden_states(ids, positions, cache=view)
+        self._stats["prefill_forwards"] += 1
+        self._stats["prompt_tokens"] += sum(lengths)
+        for b, (s, a, n) in enumerate(zip(rows, starts, lengths)):
+            if s.params.prompt_logprobs:
+                logp = self.model.lm_head(hidden[b, :n]).float().log_softmax(dim=-1)
+                targets = s.prompt_ids[a + 1 : a + n + 1]
+                got = logp[torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)]
+                s.prompt_logprobs.extend(got.tolist())  # type: ignore[union-attr]
+            s.num_computed = a + n
+        done = [b for b, s in enumerate(rows) if not s.prefilling]
+        if done:
+            idx = torch.tensor(done, dtype=torch.long, device=self.device)
+            last = torch.tensor([lengths[b] - 1 for b in done], dtype=torch.long, device=self.device)
+            sub = [rows[b] for b in done]
+            logits = self.model.lm_head(hidden[idx, last])
+            tokens = sample(logits, [r.sampler for r in sub])
+            for r, tok, lp in zip(sub, tokens.tolist(), self._logprobs(sub, logits, tokens)):
+                self._emit(r, tok, lp=lp)
+        if self.speculative:
+            # Fill the MTP layer's cache over the chunk; finished prompts also get their first draft.
+            nxt = [s.tokens[a + 1 : a + n + 1] for s, a, n in zip(rows, starts, lengths)]
+            nxt = [x + [0] * (n - len(x)) for x, n in zip(nxt, lengths)]
+            mh = mtp_hidden(self.model, hidden, self._ids_tensor(nxt, width), positions, view)
+            want = [b for b in done if not rows[b].finished]
+            if want:
+                idx = torch.tensor(want, dtype=torch.long, device=self.device)
+                last = torch.tensor([lengths[b] - 1 for b in want], dtype=torch.long, device=self.device)
+                for b, d in zip(want, draft_tokens(self.model, mh[idx, last]).tolist()):
+                    rows[b].draft = d
+
+    # ---------------------------------------------------------------- model
+    @contextlib.contextmanager
+    def _model_untouched(self) -> Iterator[None]:
+        was_training = self.model.training
+        routers = [r for _, r in self.model.routers()]
+        loads = [r.expert_load.clone() for r in routers]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for r, load in zip(routers, loads):
+                r.expert_load.copy_(load)
+            self.model.train(was_training)
+
+    # --------------------------------------------------------------- events
+    def _event(self, seq: Sequence) -> StepEvent:
+        out = seq.tokens[seq.prompt_len :]
+        new = out[seq.sent_tokens :]
+        lps = seq.logprobs[seq.sent_tokens :] if seq.params.logprobs is not None else None
+        seq.sent_tokens = len(out)
+        plp = None
+        if not seq.sent_prompt_logprobs:
+            plp = seq.prompt_logprobs
+            seq.sent_prompt_logprobs = True
+        return StepEvent(seq.request_id, new, lps, seq.finished, seq.finish_reason, plp)
+
+    # ----------------------------------------------------------- front ends
+    def _params(self, params: SamplingParams | None, overrides: dict) -> SamplingParams:
+        params = params or SamplingParams()
+        return dataclasses.replace(params, **overrides) if overrides else params
+
+    def _submit(self, prompts: list[list[int]], p: SamplingParams) -> list[str]:
+        if prompts and isinstance(prompts[0], int):
+            raise ValueError("prompts must be a list of token-id lists (got a flat list of ints)")
+        ids: list[str] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                pi = dataclasses.replace(p, seed=p.seed + i) if p.seed is not None else p
+                ids.append(self.add_request(prompt, pi))
+        except Exception:
+            for rid in ids:
+                self.abort(rid)
+            self._aborted = [e for e in self._aborted if e.request_id not in ids]
+            raise
+        return ids
+
+    def _drive(self, ids: list[str]) -> Iterator[StepEvent]:
+        mine = set(ids)
+        pending = set(ids)
+        try:
+            while pending:
+                for ev in self.step():
+                    if ev.request_id in mine:
+                        if ev.finished:
+                            pending.discard(ev.request_id)
+                        yield ev
+        finally:
+            for rid in pending:
+                self.abort(rid)
+
+    def stream(
+        self, prompts: list[list[int]], params: SamplingParams | None = None, **overrides
+    ) -> Iterator[StepEvent]:
+        """Add the prompts and yield their events until all finish. Drives the engine itself: do not
+        mix with another caller's requests (their events would be consumed here).
+
+        With a seed, prompt i gets seed + i, so repeated prompts in one call still differ."""
+        return self._drive(self._submit(prompts, self._params(params, overrides)))
+
+    def generate_detailed(
+        self, prompts: list[list[int]], params: SamplingParams | None = None, **overrides
+    ) -> list[Completion]:
+        """Completion ids, finish reasons and (if asked) logprobs per prompt, in prompt order."""
+        p = self._params(params, overrides)
+        ids = self._submit(prompts, p)
+        index = {rid: i for i, rid in enumerate(ids)}
+        results = [Completion([], [] if p.logprobs is not None else None, None, None) for _ in prompts]
+        for ev in self._drive(ids):
+            c = results[index[ev.request_id]]
+            c.token_ids.extend(ev.new_token_ids)
+            if ev.logprobs is not None and c.logprobs is not None:
+                c.logprobs.extend(ev.logprobs)
+            if ev.prompt_logprobs is not None:
+                c.prompt_logprobs = ev.prompt_logprobs
+            if ev.finished:
+                c.finish_reason = ev.finish_reason
+        return results
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | None = None, **overrides
+    ) -> list[list[int]]:
+        """Completion token ids per prompt (greedy unless temperature > 0)."""
+        return [c.token_ids for c in self.generate_detailed(prompts, params, **overrides)]
+
+    # ---------------------------------------------------------------- stats
+    def reset_prefix_cache(self) -> None:
+        """Call after changing the model's weights (e.g. between GRPO steps): cached prefixes are stale."""
+        self.cache.reset_prefix_cache()
+
+    def stats(self) -> dict:
+        s = dict(self._stats)
+        s["cache_blocks_used"] = self.cache.num_used
+        s["cache_blocks_total"] = self.cache.usable_blocks
+        s["cache_block_size"] = self.cache.block_size
+        s["cache_bytes_per_token"] = self.cache.bytes_per_token()
+        s["prefix_cache_hit_blocks"] = self.cache.prefix_hits
+        s["prefix_cache_queries"] = self.cache.prefix_queries
+        s["prefix_cache_hit_rate"] = self.cache.prefix_hits / self.cache.prefix_queries if self.cache.prefix_queries else 0.0
+        s["spec_acceptance_rate"] = s["spec_accepted"] / s["spec_drafted"] if s["spec_drafted"] else None
+        s["prompt_tokens_reused"] = self.cache.prefix_hits * self.cache.block_size
+        s["running"] = self.num_running
+        s["waiting"] = self.num_waiting
+        return s
+
+
+__all__ = ["Completion", "Engine", "EngineCapacityError", "StepEvent"]

@@ -1,0 +1,174 @@
+"""The one sampler: every caller (engine, server, GRPO rollouts, eval) turns logits into tokens here.
+
+What is notable here:
+- Batched over rows with per-row parameters: penalties, temperature, top-k, top-p and min-p are tensor
+  ops over the whole batch; only the uniform draw is per row (one float from the request's own RNG).
+- Per-request seed: each request owns a `random.Random`; a token is drawn by inverse CDF over the
+  processed distribution, so a seeded request gives the same tokens whatever else shares its batch.
+- Penalties follow vLLM / OpenAI: repetition (divide positive logits, multiply negative ones) over
+  prompt + output tokens; presence / frequency (subtract) over output tokens only.
+- Reported log-probabilities are those of the raw model distribution (log_softmax of the logits,
+  before penalties and temperature), as vLLM reports them by default.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request. Defaults are greedy with no stop other than EOS."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None  # None = off, 0 = chosen token only, k = also the top-k alternatives
+    prompt_logprobs: bool = False  # log p of each prompt token given its prefix (first one: None)
+    ignore_eos: bool = False  # keep going past the model's EOS token (benchmarks)
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"invalid SamplingParams: {msg}")
+
+        need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        need(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        need(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        need(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
+        need(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        need(self.logprobs is None or self.logprobs >= 0, f"logprobs must be None or >= 0, got {self.logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class SamplerState:
+    """What the sampler keeps per request: its RNG and, when penalties are on, token statistics."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int) -> None:
+        self.params = params
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.rng = random.Random(seed)
+        self.output_counts: torch.Tensor | None = None
+        self.prompt_mask: torch.Tensor | None = None
+        if params.has_penalties:
+            self.output_counts = torch.zeros(vocab_size, dtype=torch.float32)
+            self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool)
+            self.prompt_mask[torch.tensor(prompt_ids, dtype=torch.long)] = True
+
+    def observe(self, token_id: int) -> None:
+        if self.output_counts is not None:
+            self.output_counts[token_id] += 1
+
+
+def apply_penalties(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
+    """Repetition / presence / frequency penalties for the rows that ask for them. logits [B,V] fp32."""
+    rows = [i for i, s in enumerate(states) if s.output_counts is not None]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    idx = torch.tensor(rows, dtype=torch.long)
+    counts = torch.stack([states[i].output_counts for i in rows]).to(logits.device)  # type: ignore[misc]
+    seen = torch.stack([states[i].prompt_mask for i in rows]).to(logits.device) | (counts > 0)  # type: ignore[misc]
+    rep = torch.tensor([states[i].params.repetition_penalty for i in rows], device=logits.device).unsqueeze(1)
+    pres = torch.tensor([states[i].params.presence_penalty for i in rows], device=logits.device).unsqueeze(1)
+    freq = torch.tensor([states[i].params.frequency_penalty for i in rows], device=logits.device).unsqueeze(1)
+    sub = logits[idx]
+    penalized = torch.where(sub > 0, sub / rep, sub * rep)
+    sub = torch.where(seen, penalized, sub)
+    sub = sub - freq * counts - pres * (counts > 0).float()
+    logits[idx] = sub
+    return logits
+
+
+def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p for sampled rows (temperature > 0). logits [B,V] -> probs [B,V]."""
+    device = logits.device
+    temp = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+    logits = logits / temp
+    v = logits.shape[-1]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < v else v for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    min_p = torch.tensor([p.min_p for p in params], device=device)
+    need_sort = bool((top_k < v).any()) or bool((top_p < 1.0).any())
+    if need_sort:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(v, device=device).unsqueeze(0)
+        remove = rank >= top_k.unsqueeze(1)
+        sorted_probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it already does.
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        remove |= before >= top_p.unsqueeze(1)
+        remove[:, 0] = False
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    if bool((min_p > 0).any()):
+        keep = probs >= min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+        probs = probs * keep
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def draw(probs: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
+    """One token per row by inverse CDF with the row's own uniform draw: batch-independent."""
+    u = torch.tensor([s.rng.random() for s in states], dtype=torch.float64, device=probs.device)
+    cdf = probs.double().cumsum(dim=-1)
+    u = u * cdf[:, -1]
+    idx = torch.searchsorted(cdf, u.unsqueeze(1)).squeeze(1)
+    # Never land on a zero-probability token through rounding at the edges.
+    idx = idx.clamp_(max=probs.shape[-1] - 1)
+    bad = probs.gather(1, idx.unsqueeze(1)).squeeze(1) <= 0
+    if bool(bad.any()):
+        idx = torch.where(bad, probs.argmax(dim=-1), idx)
+    return idx
+
+
+def sample(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
+    """Pick one token per row of logits [B,V] under each row's SamplingParams. Returns [B] long."""
+    logits = apply_penalties(logits.float(), states)
+    out = logits.argmax(dim=-1)
+    rows = [i for i, s in enumerate(states) if not s.params.greedy]
+    if rows:
+        idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        probs = processed_probs(logits[idx], [states[i].params for i in rows])
+        out[idx] = draw(probs, [states[i] for i in rows])
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]) -> list[TokenLogprob]:
+    """Raw-model log-probabilities of the chosen tokens, with top-k alternatives per row."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    k = max(top) if top else 0
+    if k > 0:
+        vals, ids = logp.topk(k, dim=-1)
+        vals_l, ids_l = vals.tolist(), ids.tolist()
+    out = []
+    for i, t in enumerate(tokens.tolist()):
+        alts = list(zip(ids_l[i][: top[i]], vals_l[i][: top[i]])) if k > 0 and top[i] > 0 else []
+        out.append(TokenLogprob(token_id=t, logprob=chosen[i], top=alts))
+    return out
