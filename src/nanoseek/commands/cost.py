@@ -1,0 +1,101 @@
+"""`nanoseek cost PRESET_OR_DIR --tokens 14.8T`: training cost in GPU-hours, days and dollars.
+
+Either assume a model FLOPs utilization (`--mfu`) to estimate the GPU-hours, or give a known bill
+(`--gpu-hours`) to get the MFU it implies. DeepSeek-V3 is the worked example in docs/cost.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cost",
+        help="training cost (GPU-hours, days, dollars) of a model for a token budget, or the implied MFU",
+        description=(
+            "Training FLOPs = tokens x 3 x forward FLOPs per token (incl. MTP modules unless --no-mtp). "
+            "Give --mfu to estimate GPU-hours, or --gpu-hours to get the MFU they imply."
+        ),
+    )
+    p.add_argument("model", help="preset name or directory with config.json")
+    p.add_argument("--tokens", required=True, help="training tokens: 14.8T, 300B, 1e9, ...")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="dense peak TFLOP/s per GPU (default 989: H800 BF16; H800 FP8 is 1979)",
+    )
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--mfu", type=float, default=None, help="assumed model FLOPs utilization, 0-1 (default 0.4)"
+    )
+    how.add_argument(
+        "--gpu-hours",
+        "--gpu-hours-known",
+        dest="gpu_hours",
+        default=None,
+        help="known GPU-hours (e.g. 2.788M): report the MFU they imply",
+    )
+    p.add_argument(
+        "--gpus", type=int, default=2048, help="GPUs in the cluster, for wall-clock days (default 2048)"
+    )
+    p.add_argument(
+        "--usd-per-gpu-hour", type=float, default=2.0, help="rental price (default $2, as in V3's report)"
+    )
+    p.add_argument("--seq-len", type=int, default=4096, help="training sequence length (attention FLOPs)")
+    p.add_argument("--no-mtp", action="store_true", help="leave the multi-token-prediction modules out")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from nanoseek.accounting import human, parse_count, si, training_cost
+    from nanoseek.config import resolve_config
+
+    config = resolve_config(args.model)
+    tokens = parse_count(args.tokens, "--tokens")
+    gpu_hours = parse_count(args.gpu_hours, "--gpu-hours") if args.gpu_hours is not None else None
+    mfu = args.mfu if args.mfu is not None or gpu_hours is not None else 0.4
+    if args.peak_tflops <= 0:
+        raise ValueError(f"--peak-tflops must be positive, got {args.peak_tflops}")
+    cost = training_cost(
+        config,
+        tokens,
+        peak_flops=args.peak_tflops * 1e12,
+        mfu=None if gpu_hours is not None else mfu,
+        gpu_hours=gpu_hours,
+        gpus=args.gpus,
+        usd_per_gpu_hour=args.usd_per_gpu_hour,
+        seq_len=args.seq_len,
+        include_mtp=not args.no_mtp,
+    )
+    if args.json:
+        print(json.dumps({"model": str(args.model), **cost.to_dict()}, indent=2))
+        return 0
+    mtp = " incl. MTP" if config.num_nextn_predict_layers and not args.no_mtp else ""
+    print(f"model             {args.model}")
+    print(f"tokens            {human(cost.tokens)}")
+    print(
+        f"FLOPs / token     {si(cost.flops_per_token, 'FLOP')} (training = 3 x forward{mtp}, seq {args.seq_len})"
+    )
+    print(f"total FLOPs       {cost.total_flops:.3e}")
+    print(f"peak / GPU        {args.peak_tflops:g} TFLOP/s")
+    label = "implied MFU" if cost.mfu_implied else "assumed MFU"
+    print(f"{label:<17} {cost.mfu:.1%}  ({cost.mfu * args.peak_tflops:.3g} TFLOP/s sustained per GPU)")
+    print(f"GPU-hours         {human(cost.gpu_hours)}")
+    print(f"wall clock        {_duration(cost.days)} on {cost.gpus} GPUs")
+    print(
+        f"cost: {human(cost.gpu_hours)} GPU-hours x ${cost.usd_per_gpu_hour:g} = ${human(cost.usd)}, "
+        f"{_duration(cost.days)} on {cost.gpus} GPUs at {cost.mfu:.1%} MFU"
+    )
+    return 0
+
+
+def _duration(days: float) -> str:
+    if days >= 1:
+        return f"{days:.1f} days"
+    hours = days * 24
+    return f"{hours:.1f} hours" if hours >= 1 else f"{hours * 60:.1f} minutes"

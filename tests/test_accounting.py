@@ -1,0 +1,206 @@
+"""Accounting: exact counts equal the formulas, published figures come out, the CLI works."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nanoseek.accounting import (
+    account,
+    analytic_parameters,
+    count_parameters,
+    flops_per_token,
+    kv_cache_bytes_per_token,
+    mha_kv_cache_bytes_per_token,
+    parse_count,
+    training_cost,
+)
+from nanoseek.cli import main
+from nanoseek.config import PRESETS, get_preset
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_meta_count_equals_formula(name: str) -> None:
+    cfg = get_preset(name)
+    assert count_parameters(cfg) == analytic_parameters(cfg)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(q_lora_rank=None),
+        dict(tie_word_embeddings=True),
+        dict(n_shared_experts=None),
+        dict(n_routed_experts=None, num_experts_per_tok=None),  # dense
+        dict(first_k_dense_replace=0, num_nextn_predict_layers=2),
+    ],
+)
+def test_meta_count_equals_formula_variants(changes: dict) -> None:
+    cfg = get_preset("tiny").replace(**changes)
+    exact = count_parameters(cfg)
+    assert exact == analytic_parameters(cfg)
+
+
+def test_counts_match_a_real_model() -> None:
+    from nanoseek.model.transformer import DeepSeekV3
+
+    cfg = get_preset("tiny")
+    model = DeepSeekV3(cfg)
+    counts = count_parameters(cfg)
+    assert counts.total == model.num_parameters(include_mtp=False)
+    assert counts.total + counts.mtp == model.num_parameters(include_mtp=True)
+
+
+def test_tied_embedding_counted_once_and_active_as_head() -> None:
+    cfg = get_preset("tiny").replace(tie_word_embeddings=True)
+    untied = count_parameters(get_preset("tiny"))
+    tied = count_parameters(cfg)
+    emb = cfg.vocab_size * cfg.hidden_size
+    assert untied.total - tied.total == emb
+    assert tied.active == untied.active  # the head matmul still runs
+
+
+def test_active_params_follow_top_k_not_expert_count() -> None:
+    base = get_preset("tiny")
+    a8 = count_parameters(base.replace(n_routed_experts=8, n_group=4, topk_group=2))
+    a64 = count_parameters(base.replace(n_routed_experts=64, n_group=4, topk_group=2))
+    assert a64.total > a8.total
+    # Only the router grows with the expert count (one score per expert); expert compute does not.
+    assert a64.active - a64.active_by_component["router"] == a8.active - a8.active_by_component["router"]
+    assert a64.active_by_component["routed_experts"] == a8.active_by_component["routed_experts"]
+
+
+# Published figures (V3 report Table/abstract, V2 paper abstract and §4 for V2-Lite). Active counts
+# leave out the input embedding; see docs/cost.md for why V2-Lite lands at 2.45B ("2.4B").
+@pytest.mark.parametrize(
+    "name,total,active,tol_total,tol_active",
+    [
+        ("deepseek-v3", 671e9, 37e9, 0.005, 0.015),
+        ("deepseek-v2", 236e9, 21e9, 0.005, 0.01),
+        ("deepseek-v2-lite", 15.7e9, 2.4e9, 0.005, 0.025),
+    ],
+)
+def test_published_figures(
+    name: str, total: float, active: float, tol_total: float, tol_active: float
+) -> None:
+    acc = account(name)
+    assert acc.total_params == pytest.approx(total, rel=tol_total)
+    assert acc.active_params == pytest.approx(active, rel=tol_active)
+
+
+def test_v3_mtp_and_checkpoint_total() -> None:
+    acc = account("deepseek-v3")
+    # V3 README: 685B on disk = 671B main + 14B MTP, the MTP layer carrying embedding + head copies.
+    assert acc.mtp_params_with_shared == pytest.approx(14e9, rel=0.04)
+    assert acc.total_params + acc.mtp_params_with_shared == pytest.approx(685e9, rel=0.002)
+    assert acc.mtp_params == acc.mtp_params_with_shared - 2 * 129280 * 7168
+
+
+def test_kv_cache_v3() -> None:
+    cfg = get_preset("deepseek-v3")
+    assert kv_cache_bytes_per_token(cfg) == 61 * (512 + 64) * 2
+    assert mha_kv_cache_bytes_per_token(cfg) == 61 * 128 * (192 + 128) * 2
+    assert account(cfg).kv_cache_ratio == pytest.approx(128 * 320 / 576)
+
+
+def test_flops_per_token_formula() -> None:
+    cfg = get_preset("tiny")
+    counts = count_parameters(cfg)
+    s = 256
+    attn = (
+        2 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (s + 1) / 2
+    )
+    fwd = flops_per_token(cfg, s)
+    assert fwd == pytest.approx(2 * counts.matmul_active + attn)
+    assert flops_per_token(cfg, s, training=True) == pytest.approx(3 * fwd)
+    assert flops_per_token(cfg, s, include_mtp=True) > fwd
+
+
+def test_flops_per_token_matches_measured_matmuls() -> None:
+    """Count the matmul FLOPs of a real forward with torch's FLOP counter and compare."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nanoseek.model.transformer import DeepSeekV3
+
+    cfg = get_preset("tiny").replace(num_hidden_layers=2, num_nextn_predict_layers=0)
+    model = DeepSeekV3(cfg).init_weights(0)
+    b, s = 2, 64
+    ids = torch.randint(0, cfg.vocab_size, (b, s))
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(ids)
+    measured = fc.get_total_flops()
+    # The counter charges SDPA the full S x S (no causal skipping): use S keys per token for it.
+    attn_full = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * s
+    counts = count_parameters(cfg)
+    expected = b * s * (2 * counts.matmul_active + attn_full)
+    assert measured == pytest.approx(expected, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [("14.8T", 14.8e12), ("300B", 300e9), ("1e9", 1e9), ("2.788M", 2.788e6), ("1,000,000", 1e6), ("5k", 5e3)],
+)
+def test_parse_count(text: str, value: float) -> None:
+    assert parse_count(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "14.8X", "-5B", "0", "1.2.3T"])
+def test_parse_count_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_count(bad, "--tokens")
+
+
+def test_v3_worked_example() -> None:
+    cfg = get_preset("deepseek-v3")
+    cost = training_cost(cfg, 14.8e12, gpu_hours=2.788e6, usd_per_gpu_hour=2.0, gpus=2048)
+    assert cost.usd == pytest.approx(5.576e6)
+    assert cost.days == pytest.approx(2.788e6 / 2048 / 24)
+    assert cost.mfu_implied
+    # 14.8T x ~261 GFLOP over 2.788M H800-hours at 989 TFLOP/s BF16: ~39% implied MFU.
+    assert 0.36 < cost.mfu < 0.42
+    # Round trip: that MFU gives back the same GPU-hours.
+    again = training_cost(cfg, 14.8e12, mfu=cost.mfu)
+    assert again.gpu_hours == pytest.approx(2.788e6)
+    assert not again.mfu_implied
+    with pytest.raises(ValueError):
+        training_cost(cfg, 14.8e12)
+    with pytest.raises(ValueError):
+        training_cost(cfg, 14.8e12, mfu=1.5)
+
+
+def test_inspect_json_on_config_only_dir(tmp_path, capsys) -> None:
+    get_preset("deepseek-v3").save(tmp_path)
+    assert main(["inspect", str(tmp_path), "--json", "--context", "4096"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in (
+        "total_params",
+        "active_params",
+        "mtp_params",
+        "flops_per_token",
+        "kv_cache_bytes_per_token",
+        "mha_kv_cache_bytes_per_token",
+    ):
+        assert key in out
+    assert out["kv_cache_bytes_per_token"] == 61 * 576 * 2
+    assert out["total_params"] == account("deepseek-v3").total_params
+
+
+def test_inspect_table_and_errors(capsys) -> None:
+    assert main(["inspect", "tiny"]) == 0
+    assert "KV cache" in capsys.readouterr().out
+    assert main(["inspect", "no-such-model"]) == 2
+    assert "neither a directory" in capsys.readouterr().err
+
+
+def test_cost_cli(capsys) -> None:
+    assert main(["cost", "deepseek-v3", "--tokens", "14.8T", "--gpu-hours", "2.788M", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["usd"] == pytest.approx(5.576e6)
+    assert 0.36 < out["mfu"] < 0.42
+    assert main(["cost", "deepseek-v3", "--tokens", "14.8T", "--gpu-hours", "2.788M"]) == 0
+    text = capsys.readouterr().out
+    assert "implied MFU" in text and "$5.576M" in text
+    assert main(["cost", "tiny", "--tokens", "lots"]) == 2
+    assert "--tokens" in capsys.readouterr().err
