@@ -1,0 +1,752 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one shared engine (continuous batching).
+
+Notable:
+- `/v1/chat/completions` renders messages with the checkpoint's R1 chat template and returns DeepSeek's
+  split: `reasoning_content` (inside <think>…</think>) apart from `content`, also when the prompt already
+  opened <think>. `reasoning_content` sent back in messages is dropped, as R1's template requires.
+- `/v1/completions` takes strings or token ids (single or batched), with `echo` and prompt log-probs:
+  what lm-evaluation-harness's `local-completions` sends for loglikelihood works unchanged.
+- Stop strings are matched on text here, above the token layer; text that might begin a stop string is
+  held back until disambiguated, then the engine request is aborted.
+- A client that disconnects (stream or not) has its engine requests aborted at once.
+- Errors are OpenAI's shape and statuses: 400 naming the parameter (also for malformed JSON),
+  400 `context_length_exceeded`, 401, 404 `model_not_found`, 429 with Retry-After.
+- Auth (`api_key`) and request metrics are plain ASGI middleware, so streaming and disconnect
+  detection are untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanoseek.serve.async_engine import AsyncEngine, QueueFullError, RequestGroup
+from nanoseek.serve.metrics import ServerMetrics
+from nanoseek.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    validation_error,
+)
+from nanoseek.serve.textstream import ReasoningSplitter, StopStringMatcher
+
+STATIC_DIR = Path(__file__).parent / "static"
+OPEN_PATHS = ("/health", "/", "/favicon.ico")  # the page's static files hold no model data
+
+
+@dataclass
+class ServeConfig:
+    model_name: str
+    api_key: str | None = None
+    max_pending: int = 256  # engine requests in flight before 429
+    max_context: int | None = None  # default: engine.max_seq_len or the model's max_position_embeddings
+    retry_after: int = 1  # seconds, sent with 429
+
+
+# ------------------------------------------------------------------ helpers
+async def _parse(request: Request, schema: type[BaseModel]) -> Any:
+    raw = await request.body()
+    try:
+        data = json.loads(raw or b"")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(
+            f"We could not parse the JSON body of your request ({e}). The body must be valid JSON.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise APIError("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def _token_str(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+@dataclass
+class _Choice:
+    """Text state of one generated sequence: detokenizer -> stop strings -> (chat) reasoning split."""
+
+    detok: Any  # nanoseek.tokenizer.IncrementalDecoder: push(ids) -> str, flush() -> str
+    stops: StopStringMatcher
+    splitter: ReasoningSplitter | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str = ""
+    reasoning: str = ""
+    content: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def feed(self, ev: Any) -> tuple[str, str, str]:
+        """One engine event -> (text, reasoning, content) deltas; sets finish_reason when done."""
+        self.token_ids += ev.new_token_ids
+        if ev.logprobs:
+            self.logprobs += ev.logprobs
+        text = self.stops.push(self.detok.push(ev.new_token_ids))
+        if self.stops.stopped:
+            self.finish_reason = "stop"
+        elif ev.finished:
+            text += self.stops.push(self.detok.flush())
+            text += self.stops.flush()
+            self.finish_reason = "stop" if self.stops.stopped else (ev.finish_reason or "stop")
+        return self._split(text)
+
+    def _split(self, text: str) -> tuple[str, str, str]:
+        self.text += text
+        if self.splitter is None:
+            return text, "", ""
+        r, c = self.splitter.push(text)
+        if self.done:
+            r2, c2 = self.splitter.flush()
+            r, c = r + r2, c + c2
+        self.reasoning += r
+        self.content += c
+        return text, r, c
+
+
+class Server:
+    """Routes and state; `create_app` wires it into FastAPI."""
+
+    def __init__(self, engine: Any, tokenizer: Any, config: ServeConfig, model: Any = None) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.metrics = ServerMetrics(lambda: self.engine.stats())
+        self.engine = AsyncEngine(engine, model=model, metrics=self.metrics, max_pending=config.max_pending)
+        mcfg = getattr(model if model is not None else getattr(engine, "model", None), "config", None)
+        self.max_context = (
+            config.max_context
+            or getattr(engine, "max_seq_len", None)
+            or getattr(mcfg, "max_position_embeddings", None)
+            or 4096
+        )
+        self.created = int(time.time())
+        self.vocab_size = int(getattr(tokenizer, "vocab_size", 0) or 0)
+        self.fingerprint = "fp_nanoseek"
+        self.think_start = getattr(tokenizer, "think_start", "<think>")
+        self.think_end = getattr(tokenizer, "think_end", "</think>")
+
+    # ---------------------------------------------------------- validation
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.config.model_name:
+            raise APIError(
+                f"The model `{name}` does not exist. This server serves `{self.config.model_name}`.",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+
+    def budget(self, prompt_len: int, max_tokens: int | None, param: str) -> int:
+        ctx = self.max_context
+        if prompt_len >= ctx or (max_tokens is not None and prompt_len + max_tokens > ctx):
+            asked = prompt_len + (max_tokens or 0)
+            raise APIError(
+                f"This model's maximum context length is {ctx} tokens. However, you requested {asked} tokens "
+                f"({prompt_len} in the prompt, {max_tokens or 0} in the completion). Please reduce the length "
+                "of the prompt or the completion.",
+                param=param
+                if prompt_len < ctx
+                else "messages"
+                if param == "max_completion_tokens"
+                else "prompt",
+                code="context_length_exceeded",
+            )
+        return max_tokens if max_tokens is not None else ctx - prompt_len
+
+    def sampling_params(self, req: Any, max_new: int, logprobs: int | None, choice: int) -> Any:
+        try:
+            from nanoseek.engine import SamplingParams
+        except ImportError:
+            from nanoseek.engine.sampling import SamplingParams
+
+        seed = None if req.seed is None else req.seed + choice  # n choices: distinct, reproducible
+        return SamplingParams(
+            max_new_tokens=max_new,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=max(0, req.top_k or 0),
+            min_p=req.min_p or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            seed=seed,
+            stop_token_ids=[self.tokenizer.eos_token_id],
+            logprobs=logprobs,
+        )
+
+    def new_choice(self, stops: list[str] | None, started_in_think: bool | None) -> _Choice:
+        splitter = (
+            None
+            if started_in_think is None
+            else ReasoningSplitter(started_in_think, self.think_start, self.think_end)
+        )
+        return _Choice(
+            self.tokenizer.incremental_decoder(skip_special_tokens=True),
+            StopStringMatcher(stops or []),
+            splitter,
+        )
+
+    def submit(self, jobs: list[tuple[list[int], Any]]) -> RequestGroup:
+        try:
+            return self.engine.submit(jobs)
+        except QueueFullError as e:
+            raise APIError(
+                f"{e}. Retry after {self.config.retry_after} s.",
+                status=429,
+                type="rate_limit_exceeded",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(self.config.retry_after)},
+            ) from None
+
+    async def events(
+        self, group: RequestGroup, choices: list[_Choice], request: Request | None
+    ) -> AsyncIterator[tuple[int, Any]]:
+        """(index, event) until every choice is done; a choice that hit a stop string is aborted."""
+        while not all(c.done for c in choices):
+            try:
+                index, ev = await asyncio.wait_for(group.queue.get(), timeout=1.0)
+            except TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    raise asyncio.CancelledError from None
+                continue
+            if isinstance(ev, BaseException):
+                raise _engine_error(ev)
+            if choices[index].done:
+                continue
+            yield index, ev
+            if choices[index].done and not ev.finished:
+                self.engine.abort_ids([group.request_ids[index]])
+
+    # ------------------------------------------------------------------ chat
+    async def chat(self, request: Request) -> Response:
+        req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+        self.check_model(req.model)
+        if req.top_logprobs and not req.logprobs:
+            raise APIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
+        messages = []
+        for i, m in enumerate(req.messages):
+            if m.role == "tool":
+                raise APIError("tool messages are not supported by this server.", param=f"messages.{i}.role")
+            # reasoning_content is deliberately not passed: R1's template drops reasoning from history.
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": m.text()})
+        prompt_text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt_ids = list(
+            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        )
+        started_in_think = prompt_text.rstrip().endswith(self.think_start)
+        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_new = self.budget(len(prompt_ids), asked, param)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        jobs = [(prompt_ids, self.sampling_params(req, max_new, k, j)) for j in range(req.n)]
+        choices = [self.new_choice(req.stop, started_in_think) for _ in range(req.n)]
+        group = self.submit(jobs)
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(
+                self._chat_stream(req, group, choices, cid, len(prompt_ids), include_usage), self, group
+            )
+        try:
+            async for index, ev in self.events(group, choices, request):
+                choices[index].feed(ev)
+        finally:
+            self.engine.abort(group)
+        out = []
+        for i, c in enumerate(choices):
+            message = {"role": "assistant", "content": c.content, "reasoning_content": c.reasoning or None}
+            out.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "logprobs": {"content": self.chat_logprobs(c.logprobs, k)} if k is not None else None,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+        return JSONResponse(
+            {
+                "id": cid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.config.model_name,
+                "system_fingerprint": self.fingerprint,
+                "choices": out,
+                "usage": _usage(len(prompt_ids) * req.n, choices),
+            }
+        )
+
+    async def _chat_stream(
+        self,
+        req: ChatCompletionRequest,
+        group: RequestGroup,
+        choices: list[_Choice],
+        cid: str,
+        prompt_len: int,
+        include_usage: bool,
+    ) -> AsyncIterator[dict]:
+        created = int(time.time())
+        k = (req.top_logprobs or 0) if req.logprobs else None
+
+        def chunk(choice_list: list[dict], usage: dict | None = None) -> dict:
+            out = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.config.model_name,
+                "system_fingerprint": self.fingerprint,
+                "choices": choice_list,
+            }
+            if include_usage:
+                out["usage"] = usage
+            return out
+
+        for i in range(len(choices)):
+            yield chunk(
+                [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            )
+        sent_lp = [0] * len(choices)
+        async for index, ev in self.events(group, choices, None):
+            c = choices[index]
+            _, r, t = c.feed(ev)
+            delta: dict = {}
+            if r:
+                delta["reasoning_content"] = r
+            if t:
+                delta["content"] = t
+            lp = None
+            if k is not None and (delta or c.done) and len(c.logprobs) > sent_lp[index]:
+                lp = {"content": self.chat_logprobs(c.logprobs[sent_lp[index] :], k)}
+                sent_lp[index] = len(c.logprobs)
+            if delta or lp is not None:
+                yield chunk([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": None}])
+            if c.done:
+                yield chunk(
+                    [{"index": index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}]
+                )
+        if include_usage:
+            yield chunk([], _usage(prompt_len * len(choices), choices))
+
+    def chat_logprobs(self, entries: list[Any], k: int | None) -> list[dict]:
+        out = []
+        for e in entries:
+            s = _token_str(self.tokenizer, e.token_id)
+            top = [
+                {"token": (t := _token_str(self.tokenizer, tid)), "logprob": lp, "bytes": list(t.encode())}
+                for tid, lp in (e.top or [])[: k or 0]
+            ]
+            out.append({"token": s, "logprob": e.logprob, "bytes": list(s.encode()), "top_logprobs": top})
+        return out
+
+    # ----------------------------------------------------------- completions
+    def prompts(self, prompt: Any) -> list[tuple[list[int], str]]:
+        """Normalize OpenAI's four prompt forms to (token ids, echo text) pairs."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if isinstance(prompt[0], int):
+            prompt = [prompt]
+        out = []
+        for i, p in enumerate(prompt):
+            if isinstance(p, str):
+                if not p:
+                    raise APIError("prompt must not be empty.", param="prompt")
+                out.append((self.tokenizer.encode(p, add_bos=True), p))
+            else:
+                bad = [t for t in p if not 0 <= t < self.vocab_size] if self.vocab_size else []
+                if bad:
+                    raise APIError(
+                        f"Token id {bad[0]} in prompt {i} is out of range [0, {self.vocab_size}).",
+                        param="prompt",
+                    )
+                out.append((list(p), self.tokenizer.decode(p)))
+        return out
+
+    async def completions(self, request: Request) -> Response:
+        req: CompletionRequest = await _parse(request, CompletionRequest)
+        self.check_model(req.model)
+        if req.suffix:
+            raise APIError("suffix is not supported by this model.", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError("best_of must equal n (no server-side ranking).", param="best_of")
+        prompts = self.prompts(req.prompt)
+        budgets = [self.budget(len(ids), req.max_tokens, "max_tokens") for ids, _ in prompts]
+        n = req.n
+        scores: list[Any] = [None] * len(prompts)
+        if req.echo and req.logprobs is not None:
+            scores = [await self.engine.score_prompt(ids, req.logprobs) for ids, _ in prompts]
+        generate = req.max_tokens is None or req.max_tokens > 0
+        choices = [self.new_choice(req.stop, None) for _ in range(len(prompts) * n)]
+        jobs = [
+            (ids, self.sampling_params(req, budgets[p], req.logprobs, j))
+            for p, (ids, _) in enumerate(prompts)
+            for j in range(n)
+        ]
+        group = None
+        if generate:
+            group = self.submit(jobs)
+        else:
+            for c in choices:
+                c.finish_reason = "length"
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        prompt_tokens = sum(len(ids) for ids, _ in prompts) * n
+        if req.stream:
+            gen = self._completion_stream(req, group, choices, prompts, scores, cid, prompt_tokens)
+            return _sse(gen, self, group)
+        if group is not None:
+            try:
+                async for index, ev in self.events(group, choices, request):
+                    choices[index].feed(ev)
+            finally:
+                self.engine.abort(group)
+        out = []
+        for i, c in enumerate(choices):
+            ids, text = prompts[i // n]
+            lp = None
+            if req.logprobs is not None:
+                lp = self.legacy_logprobs(ids if req.echo else [], scores[i // n], c.logprobs, req.logprobs)
+            out.append(
+                {
+                    "index": i,
+                    "text": (text if req.echo else "") + c.text,
+                    "logprobs": lp,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+        return JSONResponse(
+            {
+                "id": cid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.config.model_name,
+                "system_fingerprint": self.fingerprint,
+                "choices": out,
+                "usage": _usage(prompt_tokens, choices),
+            }
+        )
+
+    async def _completion_stream(
+        self,
+        req: CompletionRequest,
+        group: RequestGroup | None,
+        choices: list[_Choice],
+        prompts: list[tuple[list[int], str]],
+        scores: list[Any],
+        cid: str,
+        prompt_tokens: int,
+    ) -> AsyncIterator[dict]:
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        n = req.n
+
+        def chunk(index: int, text: str, lp: dict | None, finish: str | None) -> dict:
+            out = {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.config.model_name,
+                "system_fingerprint": self.fingerprint,
+                "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}],
+            }
+            if include_usage:
+                out["usage"] = None
+            return out
+
+        if req.echo:
+            for i in range(len(choices)):
+                ids, text = prompts[i // n]
+                lp = None
+                if req.logprobs is not None:
+                    lp = self.legacy_logprobs(ids, scores[i // n], [], req.logprobs)
+                yield chunk(i, text, lp, None)
+        sent_lp = [0] * len(choices)
+        if group is not None:
+            async for index, ev in self.events(group, choices, None):
+                c = choices[index]
+                text, _, _ = c.feed(ev)
+                lp = None
+                if req.logprobs is not None and (text or c.done) and len(c.logprobs) > sent_lp[index]:
+                    lp = self.legacy_logprobs([], None, c.logprobs[sent_lp[index] :], req.logprobs)
+                    sent_lp[index] = len(c.logprobs)
+                if text or lp is not None:
+                    yield chunk(index, text, lp, None)
+                if c.done:
+                    yield chunk(index, "", None, c.finish_reason)
+        else:
+            for i, c in enumerate(choices):
+                yield chunk(i, "", None, c.finish_reason)
+        if include_usage:
+            final = chunk(0, "", None, None)
+            final["choices"], final["usage"] = [], _usage(prompt_tokens, choices)
+            yield final
+
+    def legacy_logprobs(self, prompt_ids: list[int], score: Any, generated: list[Any], k: int) -> dict:
+        """OpenAI's legacy completions logprobs: parallel lists tokens / token_logprobs / top_logprobs."""
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top_logprobs: list[dict[str, float] | None] = []
+        text_offset: list[int] = []
+        offset = 0
+
+        def add(tid: int, lp: float | None, top: list[tuple[int, float]] | None) -> None:
+            nonlocal offset
+            s = _token_str(self.tokenizer, tid)
+            tokens.append(s)
+            token_logprobs.append(lp)
+            text_offset.append(offset)
+            offset += len(s)
+            if lp is None:
+                top_logprobs.append(None)
+                return
+            # The chosen token is always listed (as OpenAI and vLLM do), so a reader can compare it with the
+            # best alternative: lm-evaluation-harness's is_greedy check relies on that.
+            d = {_token_str(self.tokenizer, t): v for t, v in (top or [])[:k]}
+            d.setdefault(s, lp)
+            top_logprobs.append(d)
+
+        for i, tid in enumerate(prompt_ids):
+            add(tid, score.logprobs[i] if score else None, score.top[i] if score else None)
+        for e in generated:
+            add(e.token_id, e.logprob, e.top)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": text_offset,
+        }
+
+    # ------------------------------------------------------------ tokenizer
+    async def tokenize(self, request: Request) -> Response:
+        req: TokenizeRequest = await _parse(request, TokenizeRequest)
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError("Give exactly one of 'prompt' or 'messages'.", param="prompt")
+        if req.messages is not None:
+            msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+            ids = list(
+                self.tokenizer.apply_chat_template(
+                    msgs, add_generation_prompt=req.add_generation_prompt, tokenize=True
+                )
+            )
+        else:
+            ids = self.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
+        return JSONResponse({"count": len(ids), "max_model_len": self.max_context, "tokens": ids})
+
+    async def detokenize(self, request: Request) -> Response:
+        req: DetokenizeRequest = await _parse(request, DetokenizeRequest)
+        self.check_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < self.vocab_size] if self.vocab_size else []
+        if bad:
+            raise APIError(f"Token id {bad[0]} is out of range [0, {self.vocab_size}).", param="tokens")
+        return JSONResponse({"prompt": self.tokenizer.decode(req.tokens)})
+
+    def tokenizer_info(self) -> dict:
+        t = self.tokenizer
+        return {
+            "tokenizer_class": type(t).__name__,
+            "vocab_size": self.vocab_size,
+            "model_max_length": self.max_context,
+            "bos_token": getattr(t, "bos_token", None),
+            "eos_token": getattr(t, "eos_token", None),
+            "pad_token": getattr(t, "pad_token", None) or getattr(t, "eos_token", None),
+            "bos_token_id": t.bos_token_id,
+            "eos_token_id": t.eos_token_id,
+            "pad_token_id": t.pad_token_id,
+            "think_start": self.think_start,
+            "think_end": self.think_end,
+            "chat_template": getattr(t, "chat_template", None),
+        }
+
+    def models(self) -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.config.model_name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "nanoseek",
+                    "max_model_len": self.max_context,
+                }
+            ],
+        }
+
+
+def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
+    completion = sum(len(c.token_ids) for c in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+
+
+def _engine_error(e: BaseException) -> APIError:
+    if isinstance(e, ValueError):
+        return APIError(str(e), param="prompt")
+    if type(e).__name__ == "EngineCapacityError":
+        return APIError(str(e), param="max_tokens", code="context_length_exceeded")
+    return APIError(f"engine failure: {e}", status=500, type="server_error")
+
+
+def _sse(chunks: AsyncIterator[dict], server: Server, group: RequestGroup | None) -> StreamingResponse:
+    """Server-sent events ending with [DONE]; on disconnect Starlette cancels us and we abort the group."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+        except APIError as e:  # after the 200 status line: report in-band, as OpenAI does
+            yield f"data: {json.dumps(e.body())}\n\n"
+        finally:
+            if group is not None:
+                server.engine.abort(group)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+class _AuthAndMetrics:
+    """ASGI middleware: bearer-key check (all routes but /health and the page) and a request counter."""
+
+    def __init__(self, app: Any, server: Server) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        key = self.server.config.api_key
+        if (
+            key
+            and path not in OPEN_PATHS
+            and not path.startswith("/static/")
+            and scope.get("method") != "OPTIONS"
+        ):
+            headers = dict(scope.get("headers") or [])
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                err = APIError(
+                    "Incorrect API key provided."
+                    if given
+                    else "Missing API key: send 'Authorization: Bearer <key>'.",
+                    status=401,
+                    code="invalid_api_key",
+                )
+                self.server.metrics.requests.inc(route=path, status="401")
+                return await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if path != "/metrics":
+                self.server.metrics.requests.inc(route=path, status=str(status["code"]))
+
+
+def create_app(engine: Any, tokenizer: Any, config: ServeConfig, model: Any = None) -> FastAPI:
+    """The FastAPI app for one engine + tokenizer. The engine thread starts with the app's lifespan."""
+    server = Server(engine, tokenizer, config, model=model)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.engine.start()
+        try:
+            yield
+        finally:
+            server.engine.shutdown()
+
+    app = FastAPI(title="nanoseek", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+        msg = f"Unknown route {request.method} {request.url.path}." if e.status_code == 404 else str(e.detail)
+        return JSONResponse(APIError(msg, status=e.status_code, type=kind).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, e: Exception) -> JSONResponse:
+        err = APIError(
+            f"The server had an error while processing your request: {type(e).__name__}: {e}",
+            500,
+            "server_error",
+        )
+        return JSONResponse(err.body(), status_code=500)
+
+    app.post("/v1/chat/completions")(server.chat)
+    app.post("/v1/completions")(server.completions)
+    app.post("/tokenize")(server.tokenize)
+    app.post("/detokenize")(server.detokenize)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        return JSONResponse(server.tokenizer_info())
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse(server.models())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        server.check_model(model_id)
+        return JSONResponse(server.models()["data"][0])
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = server.engine.alive
+        return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(
+            server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    @app.get("/")
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(_AuthAndMetrics, server=server)
+    return app

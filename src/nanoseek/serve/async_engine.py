@@ -1,0 +1,273 @@
+"""One engine, many HTTP requests: the engine runs in a single background thread; asyncio talks to it
+through thread-safe queues.
+
+The engine is single-threaded by design (nanoseek.engine), so every call into it happens on the
+engine thread: requests are added and aborted by posting commands that the thread drains between
+`step()`s. Step events go back to the event loop with `call_soon_threadsafe`, one asyncio queue per
+HTTP request (which may hold several engine requests: `n` choices, a list of prompts). While there is
+no work the thread blocks on its command queue, so an idle server burns no CPU.
+
+Also on the engine thread: prompt scoring (log-probabilities of every prompt token and its top-k
+alternatives, for `/v1/completions` with `echo` + `logprobs`), one forward pass of the model between
+engine steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanoseek.serve.metrics import ServerMetrics
+
+
+class QueueFullError(RuntimeError):
+    """More requests are in flight than the server accepts; the client should retry later."""
+
+
+@dataclass
+class _Entry:
+    index: int
+    group: RequestGroup
+    arrival: float
+    first_token: float | None = None
+    last_token: float | None = None
+    done: bool = False
+
+
+@dataclass
+class RequestGroup:
+    """The engine requests behind one HTTP request; events arrive on `queue` as (index, StepEvent)."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    request_ids: list[str] = field(default_factory=list)
+    unfinished: int = 0
+
+
+@dataclass
+class PromptScore:
+    """log p(token_i | tokens_<i) for each prompt token (None for the first) and the top-k there."""
+
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None]
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        engine: Any,
+        model: Any = None,
+        metrics: ServerMetrics | None = None,
+        max_pending: int = 256,
+        stats_interval: float = 0.25,
+    ) -> None:
+        self.engine = engine
+        self.model = model if model is not None else getattr(engine, "model", None)
+        self.metrics = metrics
+        self.max_pending = max_pending
+        self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._entries: dict[str, _Entry] = {}
+        self._pending = 0  # engine requests submitted and not yet finished (event-loop side count)
+        self._ids = itertools.count()
+        self._stats: dict = {"num_running": 0, "num_waiting": 0}
+        self._stats_at = 0.0
+        self._stats_interval = stats_interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake",))
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    # ------------------------------------------------------- event-loop API
+    def submit(self, jobs: list[tuple[list[int], Any]]) -> RequestGroup:
+        """Queue engine requests (prompt ids, SamplingParams); raises QueueFullError when over capacity."""
+        if self._pending + len(jobs) > self.max_pending:
+            if self.metrics:
+                self.metrics.rejected.inc()
+            raise QueueFullError(
+                f"the server is at capacity ({self._pending} requests in flight, limit {self.max_pending})"
+            )
+        loop = asyncio.get_running_loop()
+        group = RequestGroup(loop=loop, queue=asyncio.Queue())
+        now = time.perf_counter()
+        for i, (prompt_ids, params) in enumerate(jobs):
+            rid = f"req-{next(self._ids)}"
+            group.request_ids.append(rid)
+            self._commands.put(("add", rid, prompt_ids, params, _Entry(i, group, now)))
+            if self.metrics:
+                self.metrics.prompt_tokens.inc(len(prompt_ids))
+        group.unfinished = len(jobs)
+        self._pending += len(jobs)
+        return group
+
+    def abort(self, group: RequestGroup) -> None:
+        """Free every unfinished request of the group (a client went away)."""
+        for rid in group.request_ids:
+            self._commands.put(("abort", rid))
+
+    def abort_ids(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self._commands.put(("abort", rid))
+
+    def _release(self, n: int) -> None:
+        self._pending -= n
+
+    async def score_prompt(self, prompt_ids: list[int], top_k: int) -> PromptScore:
+        fut = asyncio.get_running_loop().create_future()
+        self._commands.put(("score", prompt_ids, top_k, fut))
+        return await fut
+
+    # --------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                busy = self.engine.has_unfinished()
+                try:
+                    cmd = self._commands.get(block=not busy)
+                except queue.Empty:
+                    cmd = None
+                while cmd is not None:
+                    self._handle(cmd)
+                    try:
+                        cmd = self._commands.get_nowait()
+                    except queue.Empty:
+                        cmd = None
+                if self._stop.is_set():
+                    break
+                if self.engine.has_unfinished():
+                    events = self.engine.step()
+                    self._dispatch(events)
+                self._refresh_stats()
+        except BaseException as e:  # the engine broke: fail every open request instead of hanging them
+            self._error = e
+            for rid, entry in list(self._entries.items()):
+                self._post(entry.group, (entry.index, e))
+                self._entries.pop(rid, None)
+
+    def _handle(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, rid, prompt_ids, params, entry = cmd
+            try:
+                self.engine.add_request(prompt_ids, params, request_id=rid)
+            except Exception as e:  # ValueError / EngineCapacityError: report to that request only
+                self._post(entry.group, (entry.index, e), release=1)
+                return
+            self._entries[rid] = entry
+        elif kind == "abort":
+            rid = cmd[1]
+            entry = self._entries.pop(rid, None)
+            if entry is not None:
+                self.engine.abort(rid)
+                self._finish_metrics(entry, "abort")
+                self._post(entry.group, None, release=1)
+        elif kind == "score":
+            _, prompt_ids, top_k, fut = cmd
+            try:
+                result: Any = self._score(prompt_ids, top_k)
+            except Exception as e:
+                result = e
+            fut.get_loop().call_soon_threadsafe(_resolve, fut, result)
+
+    def _dispatch(self, events: list) -> None:
+        now = time.perf_counter()
+        for ev in events:
+            entry = self._entries.get(ev.request_id)
+            if entry is None:
+                continue  # aborted meanwhile
+            n = len(ev.new_token_ids)
+            if n and self.metrics:
+                self.metrics.generation_tokens.inc(n)
+                if entry.first_token is None:
+                    self.metrics.ttft.observe(now - entry.arrival)
+                elif entry.last_token is not None:
+                    for _ in range(n):
+                        self.metrics.tpot.observe((now - entry.last_token) / n)
+            if n:
+                entry.first_token = entry.first_token or now
+                entry.last_token = now
+            release = 0
+            if ev.finished:
+                self._entries.pop(ev.request_id, None)
+                self._finish_metrics(entry, ev.finish_reason or "stop")
+                release = 1
+            self._post(entry.group, (entry.index, ev), release=release)
+
+    def _finish_metrics(self, entry: _Entry, reason: str) -> None:
+        if self.metrics:
+            self.metrics.finished.inc(finished_reason=reason)
+            self.metrics.e2e.observe(time.perf_counter() - entry.arrival)
+
+    def _post(self, group: RequestGroup, item: Any, release: int = 0) -> None:
+        def put() -> None:
+            if release:
+                self._release(release)
+            if item is not None:
+                group.queue.put_nowait(item)
+
+        with contextlib.suppress(RuntimeError):  # event loop closed (server shutting down)
+            group.loop.call_soon_threadsafe(put)
+
+    def _refresh_stats(self) -> None:
+        now = time.perf_counter()
+        if now - self._stats_at < self._stats_interval and self.engine.has_unfinished():
+            return
+        self._stats_at = now
+        stats: dict = {}
+        with contextlib.suppress(Exception):  # stats are best-effort; never kill the engine thread
+            stats.update(self.engine.stats())
+        stats["num_running"] = getattr(self.engine, "num_running", 0)
+        stats["num_waiting"] = getattr(self.engine, "num_waiting", 0)
+        self._stats = stats
+
+    def _score(self, prompt_ids: list[int], top_k: int) -> PromptScore:
+        import torch
+
+        if self.model is None:
+            raise RuntimeError("prompt scoring needs the model")
+        first_param = next(self.model.parameters())
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=first_param.device)
+        with torch.inference_mode():
+            logits = self.model(ids)[0].float()
+        logp = torch.log_softmax(logits[:-1], dim=-1)  # position t predicts token t+1
+        chosen = logp.gather(1, ids[0, 1:, None])[:, 0].tolist()
+        top: list[list[tuple[int, float]] | None] = [None]
+        if top_k > 0:
+            vals, idx = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+            top += [list(zip(i, v, strict=True)) for i, v in zip(idx.tolist(), vals.tolist(), strict=True)]
+        else:
+            top += [[] for _ in chosen]
+        return PromptScore(logprobs=[None, *chosen], top=top)
+
+
+def _resolve(fut: asyncio.Future, result: Any) -> None:
+    if fut.done():
+        return
+    if isinstance(result, BaseException):
+        fut.set_exception(result)
+    else:
+        fut.set_result(result)

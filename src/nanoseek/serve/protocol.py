@@ -1,0 +1,150 @@
+"""Request schemas of the OpenAI API subset nanoseek serves, and OpenAI-shaped errors.
+
+Requests are validated with pydantic, but a failure is reported the way OpenAI reports it: status 400,
+`{"error": {"message", "type": "invalid_request_error", "param": <the field>, "code"}}`, never
+FastAPI's 422. Unknown fields are accepted and ignored (clients such as lm-evaluation-harness send
+extras), as vLLM does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class APIError(Exception):
+    """An error the client caused or must handle; rendered as OpenAI's error object."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def validation_error(e: ValidationError) -> APIError:
+    """The first pydantic problem as a 400 naming the parameter (dotted path, e.g. messages.0.role)."""
+    err = e.errors()[0]
+    loc = [str(x) for x in err.get("loc", ()) if not str(x).startswith("function-")]
+    # pydantic reports which union member failed ("str", "list[int]"); the client only needs the field.
+    loc = [x for x in loc if x not in ("str", "int", "list[str]", "list[int]", "list[list[int]]")]
+    param = ".".join(loc) or None
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "missing":
+        return APIError(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
+    return APIError(f"Invalid value for '{param}': {msg}.", param=param, code="invalid_value")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ContentPart(_Request):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    # DeepSeek's API returns the reasoning apart; clients may send it back. R1's template drops it.
+    reasoning_content: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for p in self.content:
+            if p.type != "text":
+                raise APIError(
+                    f"content part type {p.type!r} is not supported (text only)", param="messages.content"
+                )
+            parts.append(p.text or "")
+        return "".join(parts)
+
+
+class _Sampling(_Request):
+    model: str | None = None
+    n: int = Field(1, ge=1, le=64)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > 16:
+            raise ValueError("at most 16 stop sequences")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(v) == 0:
+            raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and isinstance(v[0], list) and any(len(p) == 0 for p in v):
+            raise ValueError("a token-id prompt must not be empty")
+        return v
+
+
+class TokenizeRequest(_Request):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = False
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]

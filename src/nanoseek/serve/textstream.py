@@ -1,0 +1,130 @@
+"""Text-level streaming above the engine's token ids: detokenizing, stop strings, the reasoning split.
+
+Each piece is a small pure state machine fed one delta at a time, so streaming and non-streaming
+responses share one code path and a test can drive them without a model.
+
+(Token ids -> text deltas is the tokenizer's `IncrementalDecoder`, which never splits a UTF-8 character.)
+- `StopStringMatcher`: OpenAI `stop` strings work on text, not tokens. Text that could still be the start
+  of a stop string is withheld until the next delta settles it, so a client never sees a partial stop.
+- `ReasoningSplitter`: DeepSeek's API split of R1 output into `reasoning_content` (inside
+  `<think>`…`</think>`) and `content`. The R1 template ends the prompt with "<think>\n", so the model
+  usually never emits the opening tag: the splitter can start inside the think block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def _partial_suffix_len(text: str, needles: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of `needles`."""
+    best = 0
+    for needle in needles:
+        for k in range(min(len(needle) - 1, len(text)), best, -1):
+            if text.endswith(needle[:k]):
+                best = k
+                break
+    return best
+
+
+class StopStringMatcher:
+    """Find the first stop string in streamed text; emit only text that cannot be part of one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._pending = ""
+        self.stopped = False
+        self.matched: str | None = None
+
+    def push(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return delta
+        self._pending += delta
+        hits = [(self._pending.find(s), s) for s in self.stops]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            i, s = min(hits)
+            self.stopped, self.matched = True, s
+            out, self._pending = self._pending[:i], ""
+            return out
+        hold = _partial_suffix_len(self._pending, self.stops)
+        out = self._pending[: len(self._pending) - hold]
+        self._pending = self._pending[len(out) :]
+        return out
+
+    def flush(self) -> str:
+        out, self._pending = ("" if self.stopped else self._pending), ""
+        return out
+
+
+class ReasoningSplitter:
+    """Split streamed text into (reasoning, content) deltas at `<think>` / `</think>`.
+
+    `started_in_think=True` when the prompt already opened the block (the R1 generation prompt). One
+    think block per answer, as R1 emits: after `</think>` everything is content, tags included. The
+    newline after `<think>` and the blank line after `</think>` are layout, not text, and are dropped.
+    """
+
+    def __init__(self, started_in_think: bool, think_start: str = "<think>", think_end: str = "</think>"):
+        self.start_tag, self.end_tag = think_start, think_end
+        self.state = "think" if started_in_think else "before"  # before -> think -> answer
+        self._pending = ""
+        self._strip_newlines = started_in_think
+
+    def push(self, delta: str) -> tuple[str, str]:
+        self._pending += delta
+        reasoning, content = [], []
+        while self._pending:
+            if self.state == "answer":
+                content.append(self._take_all())
+                break
+            if self.state == "before":
+                # Only a leading <think> opens a reasoning block; anything else is a plain answer.
+                head = self._pending.lstrip()
+                if head.startswith(self.start_tag):
+                    self._pending = head[len(self.start_tag) :]
+                    self.state, self._strip_newlines = "think", True
+                    continue
+                if self.start_tag.startswith(head):
+                    break  # only whitespace or a prefix of "<think>" so far: wait
+                self.state = "answer"
+                continue
+            i = self._pending.find(self.end_tag)
+            if i >= 0:
+                before, self._pending = self._pending[:i], self._pending[i + len(self.end_tag) :]
+                self._emit(before, reasoning)
+                self.state, self._strip_newlines = "answer", True
+                continue
+            hold = _partial_suffix_len(self._pending, [self.end_tag])
+            text = self._pending[: len(self._pending) - hold]
+            self._pending = self._pending[len(text) :]
+            self._emit(text, reasoning)
+            break
+        return "".join(reasoning), "".join(content)
+
+    def _take_all(self) -> str:
+        text, self._pending = self._pending, ""
+        if self._strip_newlines:
+            stripped = text.lstrip("\n")
+            if stripped:
+                self._strip_newlines = False
+            return stripped
+        return text
+
+    def _emit(self, text: str, into: list[str]) -> None:
+        if self._strip_newlines:
+            text = text.lstrip("\n")
+            if text:
+                self._strip_newlines = False
+        if text:
+            into.append(text)
+
+    def flush(self) -> tuple[str, str]:
+        text, self._pending = self._pending, ""
+        if not text:
+            return "", ""
+        if self.state == "think":
+            return text, ""
+        return "", text.lstrip("\n") if self._strip_newlines else text
