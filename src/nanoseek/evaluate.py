@@ -59,6 +59,30 @@ class EvalConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def split_task_list(spec: str | Sequence[str]) -> list[str]:
+    """ "arithmetic?ops=add,sub,countdown" -> ["arithmetic?ops=add,sub", "countdown"].
+
+    Task options may hold commas, so a comma starts a new task only when what follows names a task
+    (a built-in family, rg:..., jsonl:...).
+    """
+    from nanoseek.data.tasks import TASKS
+
+    items = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in items:
+        for piece in item.split(","):
+            piece = piece.strip()
+            base = piece.partition("?")[0]
+            if not out or base in TASKS or base.startswith(("rg:", "jsonl:")) or "?" in piece:
+                out.append(piece)
+            else:
+                out[-1] += "," + piece
+    out = [t for t in out if t]
+    if not out:
+        raise ValueError("no task given")
+    return out
+
+
 # ------------------------------------------------------------------------------------ scoring
 _THINK_END = "</think>"
 
@@ -81,7 +105,13 @@ def score_samples(
     """Aggregate metrics and per-problem records from k samples per problem."""
     if len(problems) != len(samples):
         raise ValueError(f"{len(problems)} problems but {len(samples)} sample lists")
-    extract = getattr(task, "extract_answer", None)
+    try:
+        from nanoseek.data.tasks import extract_answer as _extract
+    except ImportError:  # pragma: no cover - tasks module always present in a full install
+        _extract = None
+    extract = getattr(task, "extract_answer", None) or (
+        (lambda t: _extract(t, require_think=True)) if _extract else None
+    )
     per_problem = []
     tot = Counter()
     n_samples = 0
@@ -157,49 +187,22 @@ def engine_generate(
     top_p: float = 1.0,
     stop_token_ids: Sequence[int] = (),
     seed: int | None = None,
-    logprobs: bool = False,
 ) -> list[Any]:
-    """All prompts in one engine queue (continuous batching), each with its own sampling seed.
+    """All prompts in one engine queue (continuous batching); returns Completions in prompt order.
 
-    Returns the engine's Completion objects in prompt order. A distinct seed per request keeps repeated
-    prompts (k samples of one problem, G of one GRPO group) from drawing identical samples.
+    With a seed, request i samples with seed + i (the engine's rule), so repeated prompts (k samples of
+    one problem, G of one GRPO group) draw different samples, reproducibly.
     """
     from nanoseek.engine import SamplingParams
 
-    ids: list[str] = []
-    for i, p in enumerate(prompt_ids):
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop_token_ids=list(stop_token_ids),
-            seed=None if seed is None else seed * 1_000_003 + i,
-            logprobs=0 if logprobs else None,
-        )
-        ids.append(engine.add_request(list(p), params, request_id=f"r{i}"))
-    index = {rid: i for i, rid in enumerate(ids)}
-    tokens: list[list[int]] = [[] for _ in ids]
-    lps: list[list[float]] = [[] for _ in ids]
-    reasons: list[str | None] = [None] * len(ids)
-    while engine.has_unfinished():
-        for ev in engine.step():
-            i = index[ev.request_id]
-            tokens[i].extend(ev.new_token_ids)
-            if ev.logprobs:
-                lps[i].extend(t.logprob for t in ev.logprobs)
-            if ev.finished:
-                reasons[i] = ev.finish_reason
-    return [
-        _Completion(token_ids=t, logprobs=lp if logprobs else None, finish_reason=r)
-        for t, lp, r in zip(tokens, lps, reasons, strict=True)
-    ]
-
-
-@dataclass
-class _Completion:
-    token_ids: list[int]
-    logprobs: list[float] | None
-    finish_reason: str | None
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop_token_ids=list(stop_token_ids),
+        seed=seed,
+    )
+    return engine.generate_detailed([list(p) for p in prompt_ids], params)
 
 
 def strip_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:

@@ -21,7 +21,9 @@ What is notable here:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -130,6 +132,7 @@ def grpo_loss(
     loss_type: str = "grpo",
     max_completion_len: int | None = None,
     num_sequences: int | None = None,
+    num_tokens: int | None = None,
 ) -> LossOutput:
     """The clipped surrogate loss (negated objective) for one batch of completions.
 
@@ -141,7 +144,8 @@ def grpo_loss(
       grpo    — mean over each sequence's own tokens, then mean over sequences (DeepSeekMath eq. 3).
       dapo    — sum over all tokens of the batch / number of those tokens (token-level, DAPO §3.4).
       dr_grpo — sum over all tokens / (num_sequences · max_completion_len), a constant (Dr. GRPO).
-    `num_sequences` lets micro-batches share the full batch's constant; it defaults to B.
+    `num_sequences` / `num_tokens` let micro-batches share the full batch's denominators (so the
+    micro-batch losses add up to the batch loss); they default to this batch's own counts.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
@@ -169,7 +173,7 @@ def grpo_loss(
         denom = has_tokens.sum().clamp(min=1.0) if num_sequences is None else float(num_sequences)
         loss = (per_seq * has_tokens).sum() / denom
     elif loss_type == "dapo":
-        loss = (per_token * mask).sum() / n_tok
+        loss = (per_token * mask).sum() / (n_tok if num_tokens is None else max(num_tokens, 1))
     else:  # dr_grpo
         if max_completion_len is None:
             raise ValueError("dr_grpo needs max_completion_len (the constant it normalizes by)")
@@ -221,3 +225,407 @@ def collapse_warnings(
             f"(< {min_length_ratio:.0%} of the initial {initial_length:.1f})"
         )
     return out
+
+
+# -------------------------------------------------------------------------------------- driver
+@dataclass
+class GRPOConfig:
+    init: str  # checkpoint directory of the starting policy (with tokenizer files)
+    tasks: list[str]
+    reward: str = "accuracy:1,format:0.2"
+    out: str = "runs/grpo"  # run directory: writes RUN/grpo/ and RUN/metrics.jsonl
+    group_size: int = 8  # G samples per prompt
+    batch_prompts: int = 8  # P prompts per step
+    steps: int = 50
+    mu: int = 1  # inner policy updates per batch of rollouts
+    beta: float = 0.0  # KL coefficient; 0 skips the reference model
+    eps_low: float = 0.2
+    eps_high: float = 0.28  # DAPO clip-higher
+    loss: str = "grpo"
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    micro_batch: int = 16  # sequences per forward/backward
+    mask_truncated: bool = False  # DAPO overlong filtering
+    language: str | None = None  # restrict prompts to one language (None = all)
+    train_pool: int = 2048  # training problems drawn per task
+    seed: int = 0
+    checkpoint_every: int = 0  # GRPO steps between checkpoints (0 = only at the end)
+    resume: bool = False
+    precision: str = "fp32"
+    max_batch_size: int = 64  # engine: sequences decoded together
+    stop_on_collapse: bool = False
+    collapse_patience: int = 3
+    min_entropy: float = 0.05
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.loss not in LOSS_TYPES:
+            raise ValueError(f"--loss {self.loss!r} not in {', '.join(LOSS_TYPES)}")
+        if self.group_size < 2:
+            raise ValueError(
+                f"--group-size must be >= 2 (advantages are relative to the group), got {self.group_size}"
+            )
+        for name in ("batch_prompts", "steps", "mu", "max_new_tokens", "micro_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.beta < 0:
+            raise ValueError(f"--beta must be >= 0, got {self.beta}")
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+        if self.temperature <= 0:
+            raise ValueError("--temperature must be > 0: GRPO needs diverse samples within a group")
+        if not self.tasks:
+            raise ValueError("--task needs at least one task name")
+
+
+@dataclass
+class Rollout:
+    """One batch of P·G sampled completions with everything the update needs."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    finish_reasons: list[str | None]
+    rewards: torch.Tensor  # [B]
+    advantages: torch.Tensor  # [B]
+    loss_mask_keep: torch.Tensor  # [B] bool: sequence counts in the loss
+    metrics: dict[str, float]
+
+
+def _micro_batches(ro: Rollout, size: int, pad_id: int, skip_zero_adv: bool) -> list[dict[str, torch.Tensor]]:
+    """Pack sequences (prompt + completion, right-padded) into micro-batches.
+
+    With β = 0 a zero-advantage sequence contributes exactly nothing to the gradient, so it is left out
+    of the forward/backward (the denominators still count it, so the loss is unchanged).
+    """
+    idx = [
+        i
+        for i in range(len(ro.prompt_ids))
+        if ro.loss_mask_keep[i] and ro.completion_ids[i] and not (skip_zero_adv and ro.advantages[i] == 0)
+    ]
+    # similar lengths together -> less padding
+    idx.sort(key=lambda i: len(ro.prompt_ids[i]) + len(ro.completion_ids[i]))
+    out = []
+    for j in range(0, len(idx), size):
+        chunk = idx[j : j + size]
+        lmax = max(len(ro.completion_ids[i]) for i in chunk)
+        smax = max(len(ro.prompt_ids[i]) + len(ro.completion_ids[i]) for i in chunk)
+        ids = torch.full((len(chunk), smax), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), lmax)
+        starts = torch.zeros(len(chunk), dtype=torch.long)
+        for r, i in enumerate(chunk):
+            p, c = ro.prompt_ids[i], ro.completion_ids[i]
+            ids[r, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[r, : len(c)] = 1.0
+            starts[r] = len(p)
+        out.append(
+            {
+                "ids": ids,
+                "starts": starts,
+                "mask": mask,
+                "adv": ro.advantages[chunk].clone(),
+                "tokens": torch.tensor(
+                    int(sum(len(ro.prompt_ids[i]) + len(ro.completion_ids[i]) for i in chunk))
+                ),
+            }
+        )
+    return out
+
+
+def grpo(cfg: GRPOConfig) -> Path:
+    """Run GRPO from `cfg.init`; returns the checkpoint directory RUN/grpo/."""
+    import random
+    import time
+
+    from nanoseek.data.rewards import build_reward
+    from tqdm.auto import tqdm
+
+    from nanoseek.checkpoint import load_model
+    from nanoseek.data.tasks import get_task
+    from nanoseek.engine import Engine
+    from nanoseek.evaluate import chat_prompt_ids, engine_generate
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.loop import OptimConfig, Trainer
+
+    cfg.validate()
+    init = Path(cfg.init)
+    if not (init / "config.json").exists():
+        raise FileNotFoundError(f"--init {init} is not a checkpoint directory (no config.json)")
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer(init)
+    model = load_model(init)
+    reward_fn = build_reward(cfg.reward)
+    tasks = [get_task(name) for name in cfg.tasks]
+    pool = []
+    for t in tasks:
+        pool.extend((t, p) for p in t.problems("train", cfg.train_pool, seed=cfg.seed, language=cfg.language))
+    if len(pool) < cfg.batch_prompts:
+        raise ValueError(f"only {len(pool)} training problems for --batch-prompts {cfg.batch_prompts}")
+
+    run = Path(cfg.out)
+    total_updates = cfg.steps * cfg.mu
+    trainer = Trainer(
+        model,
+        run,
+        "grpo",
+        OptimConfig(
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            betas=(0.9, 0.99),
+            warmup_steps=cfg.warmup_steps,
+            schedule="constant",
+            grad_clip=cfg.grad_clip,
+        ),
+        total_steps=total_updates,
+        precision=cfg.precision,
+        tokenizer=tok,
+        balance_alpha=0.0,  # the RL objective alone; routing stays balanced by the bias (V3 §2.1.2)
+        spike_factor=0.0,  # a policy-gradient loss is ~0 and changes sign: a loss-spike guard is meaningless
+        log_every=10**9,  # GRPO logs its own per-step record (rewards, KL, ...) below
+        progress=False,
+        config_extra={"grpo": {k: v for k, v in vars(cfg).items()}},
+    )
+    policy = trainer.model
+    start = 0
+    history: dict = {}
+    if cfg.resume:
+        extra = trainer.resume()
+        if extra is not None:
+            start = int(extra.get("grpo_step", trainer.global_step // cfg.mu))
+            history = extra.get("history", {})
+    ref_model = None
+    if cfg.beta > 0:
+        # the reference is the starting policy, frozen (re-read from --init, so resuming gets the same one)
+        ref_model = load_model(init).eval().requires_grad_(False)
+    # The engine shares the policy's nn.Module: every rollout samples from the current weights.
+    engine = Engine(model, max_batch_size=cfg.max_batch_size)
+    stop = [tok.eos_token_id]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    metrics_log = trainer.metrics
+    init_entropy = history.get("init_entropy")
+    init_length = history.get("init_length")
+    bad_steps = 0
+    bar = tqdm(total=cfg.steps, initial=start, desc="grpo", dynamic_ncols=True, disable=not cfg.progress)
+    t_run = time.perf_counter()
+    last: dict = {}
+    for step in range(start, cfg.steps):
+        # ------------------------------------------------------------------ rollouts
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        batch = [pool[i] for i in rng.sample(range(len(pool)), cfg.batch_prompts)]
+        prompts = [chat_prompt_ids(tok, p.prompt) for _, p in batch]
+        flat_prompts = [ids for ids in prompts for _ in range(cfg.group_size)]
+        # the weights changed since the last rollout: prefix-cache entries computed with old weights are stale
+        engine.reset_prefix_cache()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            outs = engine_generate(
+                engine,
+                flat_prompts,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                stop_token_ids=stop,
+                seed=cfg.seed * 7919 + step,
+            )
+        rollout_time = time.perf_counter() - t0
+        ro = _score_rollout(cfg, batch, flat_prompts, outs, tok, reward_fn, stop)
+        ro.metrics["rollout_tok_s"] = sum(len(o.token_ids) for o in outs) / max(rollout_time, 1e-9)
+        ro.metrics["rollout_time_s"] = rollout_time
+
+        # ------------------------------------------------------------------- update
+        n_seq = int(ro.loss_mask_keep.sum())
+        n_tok = sum(len(c) for c, k in zip(ro.completion_ids, ro.loss_mask_keep.tolist(), strict=True) if k)
+        micro = _micro_batches(ro, cfg.micro_batch, pad_id, skip_zero_adv=cfg.beta == 0)
+        t1 = time.perf_counter()
+        upd: dict[str, float] = {}
+        if micro:
+            with torch.no_grad(), trainer.autocast():
+                for mb in micro:
+                    if cfg.mu > 1:  # π_old, once per batch: the policy that sampled
+                        mb["old"] = token_logprobs(
+                            policy, mb["ids"], mb["starts"], mb["mask"].shape[1], cfg.temperature
+                        )[0]
+                    if ref_model is not None:
+                        mb["ref"] = token_logprobs(
+                            ref_model, mb["ids"], mb["starts"], mb["mask"].shape[1], cfg.temperature
+                        )[0]
+            entropies: list[float] = []
+            for u in range(cfg.mu):
+                loss_fn = _loss_fn(
+                    cfg, policy, iter(micro), len(micro), n_seq, n_tok, entropies if u == 0 else None
+                )
+                m = trainer.step(loss_fn, accumulation=len(micro))
+                for k in (
+                    "loss",
+                    "grad_norm",
+                    "lr",
+                    "clip_frac",
+                    "clip_frac_low",
+                    "clip_frac_high",
+                    "kl",
+                    "ratio_mean",
+                ):
+                    if k in m:
+                        upd[k] = float(m[k])
+                upd["skipped"] = bool(upd.get("skipped", False) or "skipped" in m)
+            upd["entropy"] = sum(entropies) / len(entropies)
+        else:
+            # no group carried signal (all rewards equal): nothing to learn from this batch
+            for _ in range(cfg.mu):
+                trainer.global_step += 1
+            upd.update(loss=0.0, entropy=float("nan"), no_signal=True)
+        update_time = time.perf_counter() - t1
+        upd_tokens = sum(int(mb["tokens"]) for mb in micro) * cfg.mu
+        upd["update_tok_s"] = upd_tokens / max(update_time, 1e-9)
+        upd["update_time_s"] = update_time
+
+        # ----------------------------------------------------------------- logging
+        rec = {**ro.metrics, **upd, "wall_time_s": time.perf_counter() - t_run}
+        ent = rec.get("entropy", float("nan"))
+        if init_entropy is None and math.isfinite(ent):
+            init_entropy, init_length = ent, rec["response_length"]
+        warnings = (
+            collapse_warnings(
+                ent,
+                rec["response_length"],
+                initial_entropy=init_entropy,
+                initial_length=init_length,
+                min_entropy=cfg.min_entropy,
+            )
+            if math.isfinite(ent)
+            else []
+        )
+        if warnings:
+            rec["collapse_warning"] = "; ".join(warnings)
+            bar.write(f"grpo step {step + 1}: WARNING possible collapse: {rec['collapse_warning']}")
+            bad_steps += 1
+        else:
+            bad_steps = 0
+        metrics_log.log(step=step + 1, **rec)
+        last = rec
+        bar.set_postfix(
+            {
+                "reward": f"{rec['reward']:.3f}",
+                "acc": f"{rec['accuracy']:.3f}",
+                "len": f"{rec['response_length']:.0f}",
+                "ent": f"{ent:.2f}",
+            },
+            refresh=False,
+        )
+        bar.update(1)
+        extra = {
+            "grpo_step": step + 1,
+            "history": {"init_entropy": init_entropy, "init_length": init_length},
+        }
+        stop_now = cfg.stop_on_collapse and bad_steps >= cfg.collapse_patience
+        if (
+            (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
+            or step + 1 == cfg.steps
+            or stop_now
+        ):
+            trainer.save(extra)
+        if stop_now:
+            bar.write(
+                f"grpo: stopping at step {step + 1}: collapse for {bad_steps} steps ({rec['collapse_warning']})"
+            )
+            break
+    else:
+        if start >= cfg.steps and not (trainer.checkpoint_dir / "config.json").exists():
+            trainer.save({"grpo_step": start, "history": {}})
+    bar.close()
+    trainer.close()
+    if last:
+        print(
+            f"grpo: {cfg.steps - start} steps in {time.perf_counter() - t_run:.0f}s; last reward "
+            f"{last['reward']:.3f}, accuracy {last['accuracy']:.3f}, length {last['response_length']:.0f}; "
+            f"checkpoint {trainer.checkpoint_dir}"
+        )
+    return trainer.checkpoint_dir
+
+
+def _loss_fn(
+    cfg: GRPOConfig,
+    policy: torch.nn.Module,
+    micro: Iterator[dict[str, torch.Tensor]],
+    n_micro: int,
+    n_seq: int,
+    n_tok: int,
+    entropies: list[float] | None,
+) -> Callable[[], tuple[torch.Tensor, dict]]:
+    """The Trainer's objective: each call takes the next micro-batch; their losses sum to the batch loss."""
+
+    def loss_fn() -> tuple[torch.Tensor, dict]:
+        mb = next(micro)
+        logp, ent = token_logprobs(
+            policy,
+            mb["ids"],
+            mb["starts"],
+            mb["mask"].shape[1],
+            cfg.temperature,
+            with_entropy=entropies is not None,
+        )
+        out = grpo_loss(
+            logp,
+            mb.get("old"),
+            mb["adv"],
+            mb["mask"],
+            eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high,
+            beta=cfg.beta,
+            ref_logp=mb.get("ref"),
+            loss_type=cfg.loss,
+            max_completion_len=cfg.max_new_tokens,
+            num_sequences=n_seq,
+            num_tokens=n_tok,
+        )
+        if ent is not None and entropies is not None:
+            entropies.append(float((ent * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)))
+        # Trainer divides each micro-batch's loss by n_micro; ours already sum to the batch loss
+        return out.loss * n_micro, {**out.stats, "tokens": mb["tokens"]}
+
+    return loss_fn
+
+
+def _score_rollout(
+    cfg: GRPOConfig, batch: list, flat_prompts: list[list[int]], outs: list, tok, reward_fn, stop: list[int]
+) -> Rollout:
+    """Rewards, accuracy, format and length statistics, and group advantages for one batch."""
+    from nanoseek.evaluate import strip_stop
+
+    g = cfg.group_size
+    rewards, parts_sum, acc, lengths, truncated = [], {}, [], [], []
+    completions = []
+    for j, o in enumerate(outs):
+        task, prob = batch[j // g]
+        text = tok.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True)
+        total, parts = reward_fn(prob, text)
+        rewards.append(float(total))
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+        acc.append(float(task.score(prob, text)))
+        lengths.append(len(o.token_ids))
+        truncated.append(o.finish_reason == "length")
+        completions.append(list(o.token_ids))
+    r = torch.tensor(rewards)
+    adv = group_advantages(r, g, scale_by_std=cfg.loss != "dr_grpo")
+    keep = torch.ones(len(outs), dtype=torch.bool)
+    if cfg.mask_truncated:
+        keep &= ~torch.tensor(truncated)
+    n = len(outs)
+    grouped = r.view(-1, g)
+    metrics = {
+        "reward": r.mean().item(),
+        "reward_std": r.std().item() if n > 1 else 0.0,
+        **{f"reward_{k}": v / n for k, v in parts_sum.items()},
+        "accuracy": sum(acc) / n,
+        "format_rate": parts_sum.get("format", float("nan")) / n if "format" in parts_sum else float("nan"),
+        "response_length": sum(lengths) / n,
+        "response_length_max": max(lengths),
+        "truncated_rate": sum(truncated) / n,
+        "groups_with_signal": float((grouped.std(dim=1) > 1e-6).float().mean()),
+    }
+    return Rollout(flat_prompts, completions, [o.finish_reason for o in outs], r, adv, keep, metrics)

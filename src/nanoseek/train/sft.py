@@ -193,3 +193,157 @@ def sft_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     """Mean next-token cross-entropy over assistant tokens, with per-example positions and masking."""
     logits = model(batch.input_ids, positions=batch.positions, mask=batch.attention_mask())
     return cross_entropy(logits[:, :-1], batch.labels[:, 1:], ignore_index=IGNORE)
+
+
+# ----------------------------------------------------------------------------------- driver
+@dataclass
+class SFTConfig:
+    init: str  # checkpoint directory (with tokenizer files)
+    data: str | None = None  # chat JSONL ({"messages": [...]} per line)
+    task: str | None = None  # or: build cold-start data from a built-in task's worked solutions
+    task_examples: int = 2000
+    out: str = "runs/sft"
+    steps: int | None = None  # default: `epochs` passes over the packed rows
+    epochs: int = 2
+    batch_size: int = 8  # packed rows per step
+    seq_len: int = 512
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    precision: str = "fp32"
+    checkpoint_every: int = 0
+    resume: bool = False
+    seed: int = 0
+    language: str | None = None
+    progress: bool = True
+
+
+def task_conversations(
+    task_names: str, n: int, seed: int = 0, language: str | None = None
+) -> list[list[dict]]:
+    """Cold-start chats from built-in tasks' worked solutions (R1 §2.3.1: a few thousand long-CoT samples)."""
+    from nanoseek.data.tasks import get_task
+
+    convs = []
+    names = [t for t in task_names.split(",") if t]
+    for name in names:
+        task = get_task(name)
+        if not hasattr(task, "worked_solution"):
+            raise ValueError(f"task {name!r} has no worked solutions to build SFT data from")
+        for p in task.problems("train", max(1, n // len(names)), seed=seed, language=language):
+            convs.append(
+                [
+                    {"role": "user", "content": p.prompt},
+                    {"role": "assistant", "content": task.worked_solution(p)},
+                ]
+            )
+    return convs
+
+
+def train_on_examples(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: list[tuple[list[int], list[int]]],
+    run_dir: str | os.PathLike,
+    stage: str,
+    cfg: SFTConfig,
+    config_extra: dict[str, Any] | None = None,
+) -> Path:
+    """The SFT loop on (input_ids, labels) examples through the shared Trainer; returns RUN/<stage>/."""
+    import math
+    import time
+
+    from nanoseek.train.loop import OptimConfig, Trainer
+
+    if not examples:
+        raise ValueError("no training examples")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = pack_examples(examples, cfg.seq_len, pad)
+    per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    total = cfg.steps or max(1, cfg.epochs * per_epoch)
+    n_target = sum(sum(lab != IGNORE for lab in labels) for _, labels in examples)
+    print(
+        f"{stage}: {len(examples)} examples ({n_target} assistant tokens) packed into {len(rows)} rows of "
+        f"{cfg.seq_len}; {total} steps of {cfg.batch_size} rows"
+    )
+    trainer = Trainer(
+        model,
+        run_dir,
+        stage,
+        OptimConfig(
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=min(cfg.warmup_steps, total // 2),
+            schedule="cosine",
+            min_lr_ratio=cfg.min_lr_ratio,
+        ),
+        total_steps=total,
+        precision=cfg.precision,
+        tokenizer=tokenizer,
+        seq_len=cfg.seq_len,
+        progress=cfg.progress,
+        config_extra=config_extra or {},
+    )
+    if cfg.resume:
+        trainer.resume()
+
+    def batch_at(step: int) -> PackedBatch:
+        # the batch is a pure function of the step: resuming needs nothing but the step count
+        epoch, i = divmod(step, per_epoch)
+        order = list(range(len(rows)))
+        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+        chunk = [rows[j] for j in order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
+        return PackedBatch(*(torch.tensor([r[k] for r in chunk], dtype=torch.long) for k in range(4)))
+
+    t0 = time.perf_counter()
+    last: dict[str, Any] = {}
+    while trainer.global_step < total:
+        batch = batch_at(trainer.global_step)
+
+        def loss_fn(batch: PackedBatch = batch) -> tuple[torch.Tensor, dict[str, Any]]:
+            loss = sft_loss(trainer.model, batch)
+            metrics: dict[str, Any] = {"sft_loss": loss.detach(), "tokens": batch.input_ids.numel()}
+            balance = model.balance_loss() if hasattr(model, "balance_loss") else None
+            if balance is not None:
+                loss = loss + balance
+            return loss, metrics
+
+        last = trainer.step(loss_fn)
+        if trainer.checkpoint_due():
+            trainer.save()
+    path = trainer.save()
+    trainer.close()
+    if last:
+        print(
+            f"{stage}: {total} steps in {time.perf_counter() - t0:.0f}s, final loss {last['loss']:.4f}; "
+            f"checkpoint {path}"
+        )
+    return path
+
+
+def sft(cfg: SFTConfig) -> Path:
+    """SFT a checkpoint on chat JSONL and/or a task's worked solutions; returns RUN/sft/."""
+    from nanoseek.checkpoint import load_model
+    from nanoseek.tokenizer import load_tokenizer
+
+    init = Path(cfg.init)
+    if not (init / "config.json").exists():
+        raise FileNotFoundError(f"--init {init} is not a checkpoint directory (no config.json)")
+    if not cfg.data and not cfg.task:
+        raise ValueError("give --data chat.jsonl and/or --task NAME")
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer(init)
+    model = load_model(init)
+    convs: list[list[dict[str, Any]]] = []
+    if cfg.data:
+        convs.extend(read_chat_jsonl(cfg.data))
+    if cfg.task:
+        convs.extend(task_conversations(cfg.task, cfg.task_examples, cfg.seed, cfg.language))
+    examples = []
+    for n, conv in enumerate(convs, 1):
+        try:
+            examples.extend(tokenize_conversation(tok, conv))
+        except ValueError as e:
+            raise ValueError(f"conversation {n}: {e}") from None
+    return train_on_examples(model, tok, examples, cfg.out, "sft", cfg, {"sft": vars(cfg)})

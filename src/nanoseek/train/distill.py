@@ -1,0 +1,176 @@
+"""Distillation the R1 way: sample reasoning traces from a teacher, keep the correct ones, SFT a student.
+
+What is notable here:
+- Rejection sampling (R1 §2.3.3): k samples per prompt from the teacher through the batched Engine
+  (all prompts × k in one queue), scored by the task's own verifier; only correct traces are kept, at
+  most `keep_per_prompt` distinct ones per prompt.
+- The kept traces are trained on token for token as the teacher produced them (no decode/re-encode
+  round trip), and written to RUN/distill_data.jsonl as chat messages so they can be inspected or reused
+  with `nanoseek sft --data`.
+- A student built from a preset takes the teacher's tokenizer (vocab size, BOS/EOS ids from it): a
+  distilled model must speak the same tokens as its teacher.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.train.sft import SFTConfig, completion_example, train_on_examples
+
+
+@dataclass
+class DistillConfig:
+    teacher: str  # checkpoint directory (with tokenizer files)
+    student: str  # checkpoint directory or preset name
+    tasks: list[str]
+    k: int = 4  # samples per prompt
+    prompts: int = 256  # training prompts per task
+    keep_per_prompt: int = 2
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    out: str = "runs/distill"
+    seed: int = 0
+    language: str | None = None
+    max_batch_size: int = 64
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(init=""))
+
+
+def build_student(student: str, tokenizer: Any, seed: int = 0) -> torch.nn.Module:
+    """A student from a checkpoint (must share the tokenizer's vocabulary) or a preset sized to it."""
+    from nanoseek.checkpoint import build_model, load_model
+    from nanoseek.config import get_preset
+
+    p = Path(student)
+    if (p / "config.json").exists():
+        model = load_model(p)
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(
+                f"student {p} has vocab_size {model.config.vocab_size} < the teacher tokenizer's "
+                f"{tokenizer.vocab_size}: it cannot read the teacher's tokens"
+            )
+        return model
+    if p.exists():
+        raise FileNotFoundError(f"student {p} is a path without config.json")
+    cfg = get_preset(student).replace(
+        vocab_size=tokenizer.vocab_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    return build_model(cfg).init_weights(seed)
+
+
+def sample_correct_traces(
+    engine: Any, tokenizer: Any, tasks: list[Any], problems: list[Any], cfg: DistillConfig
+) -> tuple[list[tuple[Any, list[int], list[int]]], dict[str, float]]:
+    """(problem, prompt_ids, completion_ids) for the correct samples, and acceptance statistics."""
+    from nanoseek.evaluate import chat_prompt_ids, engine_generate, strip_stop
+
+    stop = [tokenizer.eos_token_id]
+    prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in problems]
+    flat = [ids for ids in prompts for _ in range(cfg.k)]
+    with torch.no_grad():
+        outs = engine_generate(
+            engine,
+            flat,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            stop_token_ids=stop,
+            seed=cfg.seed,
+        )
+    kept: list[tuple[Any, list[int], list[int]]] = []
+    correct = 0
+    prompts_with_any = 0
+    for i, (task, prob) in enumerate(zip(tasks, problems, strict=True)):
+        seen: set[tuple[int, ...]] = set()
+        n_kept = 0
+        for o in outs[i * cfg.k : (i + 1) * cfg.k]:
+            if o.finish_reason != "stop":
+                continue  # a truncated trace is not a finished demonstration, whatever it contains
+            text = tokenizer.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True)
+            if task.score(prob, text) < 1.0:
+                continue
+            correct += 1
+            key = tuple(o.token_ids)
+            if key in seen or n_kept >= cfg.keep_per_prompt:
+                continue
+            seen.add(key)
+            n_kept += 1
+            kept.append((prob, prompts[i], list(o.token_ids)))
+        prompts_with_any += n_kept > 0
+    n = max(len(problems), 1)
+    stats = {
+        "teacher_accuracy": correct / (n * cfg.k),
+        "prompts_with_correct": prompts_with_any / n,
+        "kept_traces": float(len(kept)),
+    }
+    return kept, stats
+
+
+def distill(cfg: DistillConfig) -> Path:
+    """Rejection-sample the teacher, then SFT the student on the kept traces; returns RUN/distill/."""
+    import time
+
+    from nanoseek.checkpoint import load_model
+    from nanoseek.data.tasks import get_task
+    from nanoseek.engine import Engine
+    from nanoseek.metrics import MetricsLog
+    from nanoseek.tokenizer import load_tokenizer
+
+    teacher_dir = Path(cfg.teacher)
+    if not (teacher_dir / "config.json").exists():
+        raise FileNotFoundError(f"--teacher {teacher_dir} is not a checkpoint directory (no config.json)")
+    if cfg.k < 1 or cfg.prompts < 1:
+        raise ValueError("-k and --prompts must be >= 1")
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer(teacher_dir)
+    teacher = load_model(teacher_dir).eval()
+    tasks, problems = [], []
+    for name in cfg.tasks:
+        task = get_task(name)
+        for p in task.problems("train", cfg.prompts, seed=cfg.seed, language=cfg.language):
+            tasks.append(task)
+            problems.append(p)
+    t0 = time.perf_counter()
+    engine = Engine(teacher, max_batch_size=cfg.max_batch_size)
+    kept, stats = sample_correct_traces(engine, tok, tasks, problems, cfg)
+    stats["sampling_time_s"] = time.perf_counter() - t0
+    print(
+        f"distill: teacher solved {stats['teacher_accuracy']:.1%} of {len(problems) * cfg.k} samples; "
+        f"kept {len(kept)} traces ({stats['prompts_with_correct']:.0%} of prompts) in {stats['sampling_time_s']:.0f}s"
+    )
+    if not kept:
+        raise ValueError(
+            "the teacher produced no correct trace: nothing to distill (raise -k, the temperature or max tokens)"
+        )
+    del engine, teacher
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "distill_data.jsonl", "w") as f:
+        for prob, _, comp in kept:
+            text = tok.decode(comp, skip_special_tokens=True)
+            msg = {"role": "assistant", "content": f"{tok.think_start}\n{text}"}
+            f.write(
+                json.dumps({"messages": [{"role": "user", "content": prob.prompt}, msg]}, ensure_ascii=False)
+            )
+            f.write("\n")
+    MetricsLog(run, "distill").log(step=0, teacher=str(teacher_dir), **stats)
+    student = build_student(cfg.student, tok, cfg.seed)
+    examples = [completion_example(p, c, tok.eos_token_id) for _, p, c in kept]
+    return train_on_examples(
+        student,
+        tok,
+        examples,
+        run,
+        "distill",
+        cfg.sft,
+        {"distill": {"teacher": str(teacher_dir), "student": cfg.student, "tasks": cfg.tasks, **stats}},
+    )
