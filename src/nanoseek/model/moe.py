@@ -50,7 +50,12 @@ class Router(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
         # Selection-only bias (aux-loss-free balancing); a buffer, not a parameter: no gradient moves it.
-        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts), persistent=True)
+        # Only V3's noaux_tc uses it, so only V3 checkpoints carry it.
+        self.register_buffer(
+            "e_score_correction_bias",
+            torch.zeros(self.n_experts),
+            persistent=self.topk_method == "noaux_tc",
+        )
         self.aux_loss_alpha = 0.0  # sequence-wise balance loss weight; set by training
         self.aux_loss: torch.Tensor | None = None
         # Tokens routed to each expert during the last forward(s); training resets and reads it.
@@ -78,7 +83,11 @@ class Router(nn.Module):
         weights = scores.gather(1, indices)
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        weights = weights * self.routed_scaling_factor
+            # DeepSeek's V2 gate normalizes *instead of* scaling; V3 normalizes, then scales.
+            if self.topk_method == "noaux_tc":
+                weights = weights * self.routed_scaling_factor
+        else:
+            weights = weights * self.routed_scaling_factor
         with torch.no_grad():
             self.expert_load += torch.bincount(indices.flatten(), minlength=self.n_experts).to(
                 self.expert_load
