@@ -1,0 +1,251 @@
+"""Rule-based rewards for R1-style RL, composable by a spec string: ``"accuracy:1,format:0.2,language:0.1"``.
+
+Notable:
+- accuracy: the task's own strict verifier on the text after the last ``</think>`` (exact, numeric with
+  tolerance, math-verify for LaTeX/\\boxed, countdown expressions, code run in the sandbox). When the gold
+  answer cannot be parsed the sample is *skipped* (``result.skipped``), never rewarded.
+- format (R1's template): the completion starts inside the think block (the generation prompt opened
+  ``<think>``), so it may or may not repeat ``<think>`` once at the very start; exactly one ``</think>``,
+  non-empty thinking, a non-empty answer after it, and no stray ``<think>``, chat or end-of-sentence tags.
+  Binary: a loose regex that accepts repeated closing tags gets hacked (open-r1).
+- language (R1 §2.3.4): the share of the chain of thought's letters written in the prompt's script:
+  Latin for en, kana + kanji for ja, Han for zh. Digits and symbols do not count; a CoT with no letters
+  at all scores 0.
+- code: the share of tests the answer's code passes in the sandbox (partial credit; accuracy on a code
+  problem is the binary all-pass version).
+- math-verify times out with SIGALRM, which fails outside the main thread: ``check_math`` runs it with
+  its timeout disabled there, so rewards can be computed from worker threads (``RewardFn.batch``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from nanoseek.data.tasks import (
+    EOS_TEXT,
+    THINK_END,
+    THINK_START,
+    Problem,
+    Task,
+    check_code,
+    extract_answer,
+    get_task,
+)
+
+_CHAT_TAGS = ("<｜User｜>", "<｜Assistant｜>", "<｜begin▁of▁sentence｜>")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pieces of a completion
+# ----------------------------------------------------------------------------------------------------
+
+
+def _strip_eos(completion: str) -> str:
+    text = completion.rstrip()
+    return text[: -len(EOS_TEXT)] if text.endswith(EOS_TEXT) else text
+
+
+def split_completion(completion: str, prompt_opened_think: bool = True) -> tuple[str, str | None]:
+    """(thinking, answer): answer is None when the think block never closed."""
+    text = _strip_eos(completion).lstrip()
+    if text.startswith(THINK_START):
+        text = text[len(THINK_START) :]
+    elif not prompt_opened_think and THINK_END not in text:
+        return "", text  # a plain answer, no thinking
+    thinking, sep, answer = text.partition(THINK_END)
+    return thinking, (answer if sep else None)
+
+
+def format_reward(completion: str, prompt_opened_think: bool = True) -> float:
+    """1.0 iff ``[<think>] thinking </think> answer`` with exactly one of each tag and both parts non-empty."""
+    text = _strip_eos(completion)
+    if EOS_TEXT in text or any(tag in text for tag in _CHAT_TAGS):
+        return 0.0
+    body = text.lstrip()
+    if body.startswith(THINK_START):
+        body = body[len(THINK_START) :]
+    elif not prompt_opened_think:
+        return 0.0
+    if THINK_START in body or body.count(THINK_END) != 1:
+        return 0.0
+    thinking, answer = body.split(THINK_END)
+    return float(bool(thinking.strip()) and bool(answer.strip()))
+
+
+def script_counts(text: str) -> dict[str, int]:
+    """Letters per script: latin (incl. accented), kana (hiragana, katakana), han (CJK ideographs).
+
+    A lone Latin letter is a symbol, not a word (the ``x`` of ``3x = 15``, the letters a counting trace
+    spells out), so Latin letters count only in runs of two or more.
+    """
+    latin = kana = han = run = 0
+    for ch in text + " ":
+        o = ord(ch)
+        if (o < 0x80 and ch.isalpha()) or (0xC0 <= o <= 0x24F and ch.isalpha()):
+            run += 1
+            continue
+        if run >= 2:
+            latin += run
+        run = 0
+        if 0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF or 0xFF66 <= o <= 0xFF9F:
+            kana += 1
+        elif (
+            0x4E00 <= o <= 0x9FFF
+            or 0x3400 <= o <= 0x4DBF
+            or 0xF900 <= o <= 0xFAFF
+            or o >= 0x20000
+            or o == 0x3005
+        ):
+            han += 1
+    return {"latin": latin, "kana": kana, "han": han}
+
+
+def language_consistency(text: str, language: str) -> float:
+    """Share of ``text``'s letters written in ``language``'s script (en / ja / zh)."""
+    c = script_counts(text)
+    total = c["latin"] + c["kana"] + c["han"]
+    if total == 0:
+        return 0.0
+    if language == "en":
+        return c["latin"] / total
+    if language == "ja":
+        return (c["kana"] + c["han"]) / total
+    if language == "zh":
+        return c["han"] / total
+    raise ValueError(f"language consistency knows en, ja, zh; got {language!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reward components: fn(problem, completion, ctx) -> float, or None (accuracy: skip; others: n/a)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardContext:
+    task: Task | None
+    prompt_opened_think: bool
+
+    def task_for(self, problem: Problem) -> Task:
+        return self.task if self.task is not None else get_task(problem.task)
+
+
+def _accuracy(problem: Problem, completion: str, ctx: RewardContext) -> float | None:
+    # with the think block opened by the prompt, an answer exists only after </think>
+    return ctx.task_for(problem).verify(problem, completion, require_think=ctx.prompt_opened_think)
+
+
+def _format(problem: Problem, completion: str, ctx: RewardContext) -> float | None:
+    return format_reward(completion, ctx.prompt_opened_think)
+
+
+def _language(problem: Problem, completion: str, ctx: RewardContext) -> float | None:
+    thinking, _ = split_completion(completion, ctx.prompt_opened_think)
+    return language_consistency(thinking, problem.language)
+
+
+def _code(problem: Problem, completion: str, ctx: RewardContext) -> float | None:
+    tests = problem.meta.get("tests")
+    if not tests:
+        return None
+    return check_code(tests, extract_answer(completion, ctx.prompt_opened_think), partial=True)
+
+
+RewardComponent = Callable[[Problem, str, RewardContext], "float | None"]
+REWARDS: dict[str, RewardComponent] = {
+    "accuracy": _accuracy,
+    "format": _format,
+    "language": _language,
+    "code": _code,
+}
+
+
+class RewardResult(tuple):
+    """``(total, parts)`` that also carries ``skipped``: True when the gold answer could not be parsed.
+
+    Unpacks as a pair (``total, parts = reward(p, c)``). A skipped sample has total 0.0 and must be
+    left out of advantages and accuracy means.
+    """
+
+    skipped: bool
+
+    def __new__(cls, total: float, parts: dict[str, float], skipped: bool = False) -> RewardResult:
+        obj = super().__new__(cls, (total, parts))
+        obj.skipped = skipped
+        return obj
+
+    @property
+    def total(self) -> float:
+        return self[0]
+
+    @property
+    def parts(self) -> dict[str, float]:
+        return self[1]
+
+
+class RewardFn:
+    """A weighted sum of reward components; call it as ``reward(problem, completion_text)``."""
+
+    def __init__(
+        self, weights: dict[str, float], task: Task | None = None, prompt_opened_think: bool = True
+    ) -> None:
+        unknown = [k for k in weights if k not in REWARDS]
+        if unknown or not weights:
+            raise ValueError(f"unknown reward(s) {unknown}; available: {', '.join(REWARDS)}")
+        self.weights = dict(weights)
+        self.ctx = RewardContext(task, prompt_opened_think)
+
+    def __call__(self, problem: Problem, completion: str) -> RewardResult:
+        parts: dict[str, float] = {}
+        for name in self.weights:
+            value = REWARDS[name](problem, completion, self.ctx)
+            if value is None:
+                if name == "accuracy":  # unparseable gold: never reward this sample
+                    return RewardResult(0.0, {}, skipped=True)
+                continue  # not applicable (e.g. code reward on a non-code problem)
+            parts[name] = float(value)
+        total = sum(self.weights[k] * v for k, v in parts.items())
+        return RewardResult(total, parts)
+
+    def batch(
+        self, problems: Sequence[Problem], completions: Sequence[str], workers: int = 1
+    ) -> list[RewardResult]:
+        """Score many pairs; ``workers > 1`` overlaps sandbox subprocesses (safe for math-verify too)."""
+        if len(problems) != len(completions):
+            raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+        if workers <= 1:
+            return [self(p, c) for p, c in zip(problems, completions, strict=True)]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(self, problems, completions))
+
+    def __repr__(self) -> str:
+        return f"RewardFn({','.join(f'{k}:{v:g}' for k, v in self.weights.items())})"
+
+
+def parse_reward_spec(spec: str) -> dict[str, float]:
+    """``"accuracy:1,format:0.2"`` -> {"accuracy": 1.0, "format": 0.2}; a bare name has weight 1."""
+    weights: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, w = part.partition(":")
+        name = name.strip()
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward {name!r} in {spec!r}; available: {', '.join(REWARDS)}")
+        if name in weights:
+            raise ValueError(f"reward {name!r} appears twice in {spec!r}")
+        try:
+            weights[name] = float(w) if w.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"bad weight {w!r} for reward {name!r} in {spec!r}") from None
+    if not weights:
+        raise ValueError(f"empty reward spec {spec!r}")
+    return weights
+
+
+def build_reward(
+    spec: str = "accuracy:1,format:0.2", task: Task | str | None = None, prompt_opened_think: bool = True
+) -> RewardFn:
+    """The RewardFn for ``spec``; ``task`` defaults to ``get_task(problem.task)`` per problem."""
+    if isinstance(task, str):
+        task = get_task(task)
+    return RewardFn(parse_reward_spec(spec), task, prompt_opened_think)

@@ -1,0 +1,261 @@
+"""Run untrusted Python (a model's code answer) against tests in a locked-down subprocess.
+
+Notable, layered so that one failing wall does not open the sandbox:
+- ``python -I`` (no user site, no PYTHON* env, no script dir on sys.path), a stripped environment, and a
+  throwaway temporary directory as the working directory, deleted afterwards.
+- Kernel limits set in the child before the code runs: RLIMIT_CPU (busy loops), RLIMIT_AS (memory
+  hogs), RLIMIT_FSIZE (disk and output floods), RLIMIT_NPROC = 0 (fork bombs, thread bombs),
+  RLIMIT_CORE = 0. RLIMIT_NPROC does not bind root, so a root parent drops the child to ``nobody``
+  (when ``nobody`` can read the interpreter; otherwise the audit hook is what stops forks).
+- No network: a fresh network namespace (``unshare --net``) when the kernel allows it, and always a
+  PEP 578 audit hook that refuses sockets, process creation (fork/exec/spawn/subprocess/system),
+  signals to other processes, ctypes, and writes/deletes outside the working directory. (An audit hook
+  alone is not a security boundary, hence the namespaces and limits.)
+- A wall-clock timeout kills the whole process group (``start_new_session``), so children and
+  sleeping code die too; stdout/stderr go to files capped by RLIMIT_FSIZE, never to parent memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+NOBODY = 65534
+
+# The trusted prologue, run with `python -I -c`. argv: code path, memory bytes, cpu s, fsize bytes, drop(0/1).
+_RUNNER = r"""
+import os, resource, sys
+
+def _install(code_path, mem, cpu, fsize, drop):
+    with open(code_path, encoding="utf-8") as f:
+        src = f.read()
+    for lim, val in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_CORE, 0),
+                     (resource.RLIMIT_NPROC, 0)):
+        resource.setrlimit(lim, (val, val))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    if drop:
+        os.setgroups([])
+        os.setgid(NOBODY_UID)
+        os.setuid(NOBODY_UID)
+    root = os.path.realpath(os.getcwd())
+    blocked = {
+        "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
+        "os.kill", "os.killpg", "signal.pthread_kill", "pty.spawn", "_posixsubprocess.fork_exec",
+        "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname",
+        "socket.sendto", "socket.sendmsg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function",
+        "ctypes.addressof", "ctypes.cdata", "os.setuid", "os.chroot", "sys.remote_exec",
+    }
+    path_events = {"os.remove", "os.rmdir", "os.rename", "shutil.rmtree", "os.chmod", "os.chown", "os.link",
+                   "os.symlink", "os.truncate", "os.mkdir", "os.utime", "shutil.move", "shutil.copyfile"}
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    realpath, fspath = os.path.realpath, os.fspath
+
+    def inside(p):
+        if isinstance(p, int):
+            return True
+        p = realpath(fspath(p))
+        if isinstance(p, bytes):
+            p = p.decode(errors="replace")
+        return p == root or p.startswith(root + os.sep)
+
+    def hook(event, args):
+        if event in blocked:
+            raise PermissionError("sandbox: " + event + " is not allowed")
+        if event == "open":
+            path, mode, flags = args
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & write_flags)
+            if writing and path is not None and not inside(path):
+                raise PermissionError("sandbox: writing outside the working directory is not allowed")
+        elif event in path_events:
+            for a in args:
+                if isinstance(a, (str, bytes, os.PathLike)) and not inside(a):
+                    raise PermissionError("sandbox: " + event + " outside the working directory")
+
+    sys.addaudithook(hook)
+    return src
+
+_src = _install(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")
+sys.argv = ["solution.py"]
+_g = {"__name__": "__main__", "__builtins__": __builtins__, "__file__": "solution.py"}
+del _install
+exec(compile(_src, "solution.py", "exec"), _g)
+""".replace("NOBODY_UID", str(NOBODY))
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    timeout: float = 2.0  # wall clock, seconds
+    memory_mb: int = 512  # address space (RLIMIT_AS); Python alone maps ~30 MB
+    cpu_seconds: int | None = None  # RLIMIT_CPU; default ceil(timeout)
+    max_output_bytes: int = 1 << 20  # RLIMIT_FSIZE: caps files written and captured stdout/stderr
+    isolate_network: bool = (
+        True  # use a network namespace when available (the audit hook blocks sockets anyway)
+    )
+
+
+@dataclass
+class SandboxResult:
+    returncode: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool  # wall clock or CPU limit hit
+    duration: float
+    signal: str | None = None  # the signal that killed the process, if any
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+
+@functools.lru_cache(maxsize=1)
+def _network_prefix() -> tuple[tuple[str, ...], bool]:
+    """(command prefix for a fresh network namespace, whether the child can drop to nobody)."""
+    root = os.geteuid() == 0
+    candidates = [("unshare", "--net", "--")] if root else []
+    candidates.append(("unshare", "--net", "--map-root-user", "--"))
+    for prefix in candidates:
+        try:
+            r = subprocess.run([*prefix, "true"], capture_output=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if r.returncode == 0:
+            # inside a user namespace only our own uid is mapped: setuid(nobody) would fail there
+            return prefix, root and "--map-root-user" not in prefix and _stdlib_readable_by_others()
+    return (), root and _stdlib_readable_by_others()
+
+
+def _stdlib_readable_by_others() -> bool:
+    """Whether ``nobody`` could run this interpreter (it cannot when Python lives under a 0700 /root)."""
+    for target in (Path(sys.executable).resolve(), Path(os.__file__).resolve().parent):
+        for d in [target, *target.parents]:
+            mode = d.stat().st_mode
+            need = stat.S_IROTH if d.is_file() else stat.S_IXOTH | (stat.S_IROTH if d == target else 0)
+            if mode & need != need:
+                return False
+    return True
+
+
+def network_isolation_available() -> bool:
+    return bool(_network_prefix()[0])
+
+
+def run_python(
+    code: str, stdin: str = "", config: SandboxConfig | None = None, **overrides: Any
+) -> SandboxResult:
+    """Run ``code`` as a script in the sandbox; ``overrides`` replace fields of ``config``."""
+    cfg = replace(config or SandboxConfig(), **overrides)
+    if cfg.timeout <= 0 or cfg.memory_mb <= 0:
+        raise ValueError(
+            f"sandbox timeout and memory must be positive, got {cfg.timeout}s / {cfg.memory_mb} MB"
+        )
+    prefix, drop = (
+        _network_prefix() if cfg.isolate_network else ((), os.geteuid() == 0 and _stdlib_readable_by_others())
+    )
+    cpu = cfg.cpu_seconds if cfg.cpu_seconds is not None else max(1, math.ceil(cfg.timeout))
+    with tempfile.TemporaryDirectory(prefix="nanoseek-sandbox-", ignore_cleanup_errors=True) as tmp:
+        base = Path(tmp)
+        work = base / "work"
+        work.mkdir()
+        code_path = base / "solution.py"
+        code_path.write_text(code, encoding="utf-8")
+        (base / "stdin").write_text(stdin, encoding="utf-8")
+        if drop:
+            os.chown(work, NOBODY, NOBODY)
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "HOME": str(work),
+            "TMPDIR": str(work),
+        }
+        cmd = [
+            *prefix, sys.executable, "-I", "-c", _RUNNER, str(code_path),
+            str(cfg.memory_mb << 20), str(cpu), str(cfg.max_output_bytes), "1" if drop else "0",
+        ]  # fmt: skip
+        t0 = time.perf_counter()
+        with (
+            open(base / "stdin", "rb") as fin,
+            open(base / "stdout", "wb") as fout,
+            open(base / "stderr", "wb") as ferr,
+        ):
+            proc = subprocess.Popen(
+                cmd,
+                cwd=work,
+                env=env,
+                stdin=fin,
+                stdout=fout,
+                stderr=ferr,
+                start_new_session=True,
+                close_fds=True,
+            )
+            timed_out = False
+            try:
+                proc.wait(timeout=cfg.timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                # the whole group: anything the code managed to start dies with it
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        duration = time.perf_counter() - t0
+        rc = proc.returncode
+        sig = signal.Signals(-rc).name if rc is not None and rc < 0 else None
+        if sig == "SIGXCPU":
+            timed_out = True
+        return SandboxResult(
+            returncode=None if timed_out else rc,
+            stdout=_read_capped(base / "stdout", cfg.max_output_bytes),
+            stderr=_read_capped(base / "stderr", cfg.max_output_bytes),
+            timed_out=timed_out,
+            duration=duration,
+            signal=None if timed_out and sig == "SIGKILL" else sig,
+        )
+
+
+def _read_capped(path: Path, limit: int) -> str:
+    with open(path, "rb") as f:
+        return f.read(limit).decode("utf-8", errors="replace")
+
+
+def _same_output(expected: str, got: str) -> bool:
+    # trailing whitespace per line and trailing blank lines do not count (as in most judges)
+    norm = lambda s: "\n".join(line.rstrip() for line in s.strip().splitlines())  # noqa: E731
+    return norm(expected) == norm(got)
+
+
+def run_tests(
+    code: str, tests: str | list[dict[str, str]], config: SandboxConfig | None = None
+) -> tuple[int, int, list[SandboxResult]]:
+    """(passed, total, results) for ``code`` against ``tests``.
+
+    ``tests`` is either Python source (asserts) run after the code in the same process: one test, passed
+    iff the program exits 0; or a list of ``{"input": stdin, "output": expected stdout}`` cases, each run
+    separately. After a case times out the remaining cases are counted as failed without running them
+    (a looping program would only burn the same timeout again).
+    """
+    if isinstance(tests, str):
+        r = run_python(f"{code}\n\n{tests}\n", config=config)
+        return int(r.ok), 1, [r]
+    if not isinstance(tests, list) or not tests:
+        raise ValueError("tests must be Python source or a non-empty list of {'input', 'output'} cases")
+    passed, results = 0, []
+    for case in tests:
+        r = run_python(code, stdin=str(case.get("input", "")), config=config)
+        results.append(r)
+        passed += int(r.ok and _same_output(str(case["output"]), r.stdout))
+        if r.timed_out:
+            break
+    return passed, len(tests), results

@@ -1,0 +1,153 @@
+"""The embedded pretraining corpus: an endless, seeded stream of worked problems in English, Japanese, Chinese.
+
+Notable:
+- Built from the *train* split of the task families in ``nanoseek.data.tasks`` (the split is a hash of
+  the canonical problem), so a model pretrained on it can be tested on held-out problems of the same
+  families that it has never seen.
+- Several document shapes, so the model learns both the text and the chat format: a problem and its
+  worked solution in plain form; the same already in DeepSeek-R1's chat template (``<｜User｜>…
+  <｜Assistant｜><think>\\n…\\n</think>\\n answer<｜end▁of▁sentence｜>``) so a tiny model answers
+  chat-formatted prompts with ``<think>`` after pretraining alone; several problems in a row; a short
+  explanation of the method followed by a worked problem; a textbook "Question / Solution / Answer" form.
+- Mostly default difficulty (what a tiny model can learn), some one level harder for breadth.
+- Reproducible from the seed alone and fast (pure Python string building, tens of thousands of docs/s).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+from nanoseek.data.tasks import BUILTIN_TASKS, LANGUAGES, BuiltinTask, Problem, get_task
+
+USER, ASSISTANT, EOS = "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"
+
+# Share of each document shape (the rest is the plain problem + worked solution).
+CHAT_FRACTION = 0.35
+SERIES_FRACTION = 0.15
+EXPLAINED_FRACTION = 0.10
+TEXTBOOK_FRACTION = 0.10
+HARDER_FRACTION = 0.15  # problems one difficulty level up
+
+EXPLANATIONS: dict[str, dict[str, str]] = {
+    "arithmetic": {
+        "en": "To add or subtract, work column by column from the ones place, carrying or borrowing 1 when needed. To multiply, split a number into tens and ones and add the parts.",
+        "ja": "足し算と引き算は一の位から順に計算し、必要なら繰り上がりや繰り下がりをする。掛け算は数を十の位と一の位に分けて、部分ごとの積を足す。",
+        "zh": "加法和减法从个位开始逐位计算，需要时进位或借位。乘法把一个数拆成十位和个位，再把各部分的积相加。",
+    },
+    "countdown": {
+        "en": "In the numbers game you combine the given numbers with + - * / to reach the target. Each number is used exactly once, one step at a time.",
+        "ja": "数のゲームでは、与えられた数を + - * / で組み合わせて目標の数を作る。どの数もちょうど1回ずつ使う。",
+        "zh": "数字游戏里，用 + - * / 组合给定的数得到目标数。每个数恰好用一次，一步一步地算。",
+    },
+    "linear_equation": {
+        "en": "To solve an equation, do the same thing to both sides. First move the constant, then divide by the coefficient of x.",
+        "ja": "方程式を解くには、両辺に同じ操作をする。まず定数を移し、次に x の係数で割る。",
+        "zh": "解方程时，两边做同样的运算。先移走常数，再除以 x 的系数。",
+    },
+    "sorting": {
+        "en": "To sort numbers from smallest to largest, repeatedly take the smallest number that is left.",
+        "ja": "数を小さい順に並べるには、残っている中で一番小さい数を順に取り出す。",
+        "zh": "要把数从小到大排序，就反复取出剩下的数中最小的一个。",
+    },
+    "comparison": {
+        "en": "To compare two numbers, a number with more digits is larger; with the same number of digits, compare from the highest place down.",
+        "ja": "二つの数を比べるとき、桁数が多い方が大きい。桁数が同じなら、上の位から順に比べる。",
+        "zh": "比较两个数时，位数多的数更大；位数相同时，从最高位开始依次比较。",
+    },
+    "counting": {
+        "en": "To count a letter, read the text one letter at a time and add one each time the letter appears.",
+        "ja": "文字を数えるには、一文字ずつ読み、その文字が出るたびに1を足す。",
+        "zh": "数一个字母时，逐个读字母，每出现一次就加一。",
+    },
+    "modular": {
+        "en": "The remainder is what is left after taking away the largest multiple of the divisor that fits.",
+        "ja": "余りとは、割る数の倍数のうち入る最大のものを引いた残りである。",
+        "zh": "余数就是减去不超过被除数的最大倍数之后剩下的数。",
+    },
+    "word_problem": {
+        "en": "In a word problem, first decide the operation: getting more means adding, giving away means subtracting, equal groups mean multiplying.",
+        "ja": "文章題では、まず計算の種類を決める。もらうなら足し算、あげるなら引き算、同じ数ずつなら掛け算。",
+        "zh": "应用题先确定运算：得到更多用加法，送出用减法，每份一样多用乘法。",
+    },
+}
+_TEXTBOOK = {
+    "en": ("Question", "Solution", "Answer"),
+    "ja": ("問題", "解き方", "答え"),
+    "zh": ("问题", "解法", "答案"),
+}
+_SERIES_HEADER = {"en": "Practice problems.", "ja": "練習問題。", "zh": "练习题。"}
+
+
+def chat_document(problem: Problem, worked: str) -> str:
+    """One R1 chat turn: the text after BOS that the tokenizer's template yields for this exchange."""
+    return f"{USER}{problem.prompt}{ASSISTANT}{worked}{EOS}"
+
+
+def plain_document(problem: Problem, worked: str) -> str:
+    return f"{problem.prompt}\n{worked}"
+
+
+def textbook_document(task: BuiltinTask, problem: Problem) -> str:
+    q, s, a = _TEXTBOOK[problem.language]
+    return f"{q}: {problem.prompt}\n{s}:\n{task.steps(problem.meta, problem.language)}\n{a}: {problem.answer}"
+
+
+def iter_documents(
+    seed: int = 0,
+    split: str = "train",
+    languages: Sequence[str] = LANGUAGES,
+    tasks: Sequence[str] | None = None,
+) -> Iterator[str]:
+    """Endless reproducible stream of documents built from ``split`` problems of the built-in families.
+
+    ``split="train"`` is what pretraining uses; ``"test"`` exists only to measure a language-model loss
+    on held-out problems and must never be trained on.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    languages = tuple(languages)
+    bad = [x for x in languages if x not in LANGUAGES]
+    if bad or not languages:
+        raise ValueError(f"languages must be a non-empty subset of {LANGUAGES}, got {languages}")
+    names = tuple(tasks) if tasks is not None else BUILTIN_TASKS
+    families: list[tuple[BuiltinTask, Iterator[Problem], BuiltinTask, Iterator[Problem]]] = []
+    for i, name in enumerate(names):
+        base, hard = get_task(name), get_task(f"{name}{'&' if '?' in name else '?'}difficulty=2")
+        if not isinstance(base, BuiltinTask) or not isinstance(hard, BuiltinTask):
+            raise ValueError(f"the synthetic corpus is built from built-in tasks, got {name!r}")
+        families.append(
+            (
+                base,
+                base.iter_problems(split, seed=seed * 1000 + i, language=languages),
+                hard,
+                hard.iter_problems(split, seed=seed * 1000 + i, language=languages),
+            )
+        )
+    rng = random.Random(f"synthetic|{seed}|{split}")
+
+    def draw(fam: tuple) -> tuple[BuiltinTask, Problem]:
+        base, it, hard, hard_it = fam
+        return (hard, next(hard_it)) if rng.random() < HARDER_FRACTION else (base, next(it))
+
+    while True:
+        fam = rng.choice(families)
+        task, p = draw(fam)
+        r = rng.random()
+        if r < CHAT_FRACTION:
+            yield chat_document(p, task.worked_solution(p))
+        elif r < CHAT_FRACTION + SERIES_FRACTION:
+            # several problems of one family in one language, like a worksheet
+            parts = [_SERIES_HEADER[p.language], plain_document(p, task.worked_solution(p))]
+            for _ in range(rng.randint(1, 3)):
+                t2, p2 = draw(fam)
+                while p2.language != p.language:
+                    t2, p2 = draw(fam)
+                parts.append(plain_document(p2, t2.worked_solution(p2)))
+            yield "\n\n".join(parts)
+        elif r < CHAT_FRACTION + SERIES_FRACTION + EXPLAINED_FRACTION:
+            yield f"{EXPLANATIONS[task.family][p.language]}\n\n{plain_document(p, task.worked_solution(p))}"
+        elif r < CHAT_FRACTION + SERIES_FRACTION + EXPLAINED_FRACTION + TEXTBOOK_FRACTION:
+            yield textbook_document(task, p)
+        else:
+            yield plain_document(p, task.worked_solution(p))

@@ -1,0 +1,1231 @@
+"""Verifiable tasks for R1-style reasoning RL: built-in families, reasoning-gym and JSONL adapters.
+
+Notable:
+- Train and held-out ("test") splits never overlap, whatever the seed: a problem's split is decided by a hash
+  of its *canonical* form (the math, not the wording: ``47 + 38`` and ``38 + 47`` are one problem, and the
+  language or the names in a word problem do not matter), 1 in ``HELDOUT_EVERY`` problems is held out.
+- Every built-in family is sized for a tiny model by default (2-digit numbers, short prompts) with a
+  ``difficulty`` knob, and writes its prompts in English, Japanese and Chinese.
+- Answers come after the last ``</think>``; scoring is strict (one number, one list, one expression):
+  an answer stuffed with candidates ("1 2 3 ... 42") is wrong. ``worked_solution`` gives the short
+  ``<think>`` trace in the prompt's language used for the corpus, SFT and cold start.
+- ``verify`` returns None when the *gold* answer cannot be parsed, so callers skip the sample instead of
+  rewarding it (a failure mode of open-r1/TRL setups).
+- Task names take options as a query string: ``arithmetic?digits=3&ops=add``, ``rg:countdown?partial=1``.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import json
+import math
+import random
+import re
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BUILTIN_TASKS",
+    "HELDOUT_EVERY",
+    "LANGUAGES",
+    "TASKS",
+    "ArithmeticTask",
+    "BuiltinTask",
+    "ComparisonTask",
+    "CountdownTask",
+    "CountingTask",
+    "JsonlTask",
+    "LinearEquationTask",
+    "ModularTask",
+    "Problem",
+    "ReasoningGymTask",
+    "SortingTask",
+    "Task",
+    "WordProblemTask",
+    "check_countdown",
+    "check_exact",
+    "check_math",
+    "check_numeric",
+    "extract_answer",
+    "get_task",
+    "parse_number",
+    "parse_task_spec",
+    "register_task",
+    "split_of",
+]
+
+LANGUAGES: tuple[str, ...] = ("en", "ja", "zh")
+SPLITS: tuple[str, ...] = ("train", "test")
+HELDOUT_EVERY = 5  # 1 in 5 canonical problems is held out
+THINK_START = "<think>"
+THINK_END = "</think>"
+EOS_TEXT = "<｜end▁of▁sentence｜>"
+VERIFIERS: tuple[str, ...] = ("exact", "numeric", "math", "code")
+
+
+@dataclass
+class Problem:
+    id: str
+    prompt: str
+    answer: str
+    language: str
+    task: str  # the task spec: get_task(problem.task) rebuilds the task that scores it
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def split_of(key: str) -> str:
+    """The split a canonical problem key belongs to (fixed forever: a hash, not a seed)."""
+    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
+    return "test" if h % HELDOUT_EVERY == 0 else "train"
+
+
+def _problem_id(task: str, key: str) -> str:
+    return f"{task}/{hashlib.blake2b(key.encode('utf-8'), digest_size=6).hexdigest()}"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+def _check_language(language: str | None, allowed: Sequence[str]) -> None:
+    if language is not None and language not in allowed:
+        raise ValueError(f"unsupported language {language!r}; this task has {tuple(allowed)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Answer extraction and verifiers (shared by tasks and rewards)
+# ----------------------------------------------------------------------------------------------------
+
+
+def extract_answer(completion: str, require_think: bool = False) -> str | None:
+    """The text after the last ``</think>``; without one, the whole completion unless ``require_think``."""
+    text = completion.replace(EOS_TEXT, "")
+    if THINK_END in text:
+        return text.rsplit(THINK_END, 1)[1].strip()
+    return None if require_think else text.strip()
+
+
+def unbox(text: str) -> str:
+    r"""The content of the last ``\boxed{...}`` (brace-matched), else the text itself."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return text
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return text
+
+
+_NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_FRACTION_RE = re.compile(r"([+-]?\d+)\s*/\s*(\d+)")
+
+
+def parse_number(text: str | None) -> Fraction | None:
+    """One number and nothing else (``42``, ``-3.5``, ``7/2``, ``1,234``, ``$42$``, ``\\boxed{42}``)."""
+    if text is None:
+        return None
+    s = unbox(text.strip()).strip().strip("$").strip()
+    s = s.rstrip("。.").strip()
+    s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)  # thousands separators
+    if len(s) > 64:
+        return None
+    if _NUMBER_RE.fullmatch(s):
+        try:
+            return Fraction(s)
+        except (ValueError, ZeroDivisionError):
+            return None
+    m = _FRACTION_RE.fullmatch(s)
+    if m and int(m.group(2)) != 0:
+        return Fraction(int(m.group(1)), int(m.group(2)))
+    return None
+
+
+def numbers_equal(gold: Fraction, pred: Fraction, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> bool:
+    if gold.denominator == 1 and pred.denominator == 1:
+        return gold == pred
+    return math.isclose(float(gold), float(pred), rel_tol=rel_tol, abs_tol=abs_tol)
+
+
+def check_numeric(gold: str, answer: str | None) -> float | None:
+    g = parse_number(gold)
+    if g is None:
+        return None  # unparseable gold: skip, never reward
+    p = parse_number(answer)
+    return float(p is not None and numbers_equal(g, p))
+
+
+def _normalize_exact(s: str) -> str:
+    return " ".join(unbox(s.strip()).strip().strip("$").split()).rstrip("。.").strip()
+
+
+def check_exact(gold: str, answer: str | None) -> float | None:
+    if not gold.strip():
+        return None
+    return float(answer is not None and _normalize_exact(answer) == _normalize_exact(gold))
+
+
+def check_math(gold: str, answer: str | None) -> float | None:
+    """math-verify equivalence (LaTeX, \\boxed, fractions, sets, ...).
+
+    math-verify times its parsing with SIGALRM, which only works in the main thread; elsewhere (reward
+    worker threads, a server) we run it with its timeouts disabled and bound the input size instead.
+    """
+    from math_verify import parse, verify
+
+    main = threading.current_thread() is threading.main_thread()
+    timeout = 5 if main else None
+    gold_text = gold if "$" in gold or "\\boxed" in gold else f"${gold}$"
+    try:
+        g = parse(gold_text, parsing_timeout=timeout)
+    except Exception:
+        g = []
+    if not g:
+        return None
+    if answer is None or len(answer) > 2000:
+        return 0.0
+    try:
+        p = parse(answer if "$" in answer or "\\boxed" in answer else f"${answer}$", parsing_timeout=timeout)
+        return float(bool(p) and verify(g, p, timeout_seconds=timeout))
+    except Exception:
+        return 0.0
+
+
+_CODE_BLOCK_RE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def extract_code(answer: str) -> str:
+    """The last fenced code block of the answer, else the whole answer."""
+    blocks = _CODE_BLOCK_RE.findall(answer)
+    return blocks[-1] if blocks else answer
+
+
+def run_code_tests(code: str, tests: str | list[dict[str, str]], timeout: float = 2.0) -> tuple[int, int]:
+    """(passed, total) for ``code`` against ``tests`` in the sandbox (see sandbox.run_tests)."""
+    from nanoseek.data.sandbox import SandboxConfig, run_tests
+
+    return run_tests(code, tests, SandboxConfig(timeout=timeout))[:2]
+
+
+def check_code(tests: Any, answer: str | None, partial: bool = False) -> float | None:
+    if not tests:
+        return None
+    if answer is None or not answer.strip():
+        return 0.0
+    passed, total = _cached_code_run(extract_code(answer), json.dumps(tests, sort_keys=True))
+    return passed / total if partial else float(passed == total)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_code_run(code: str, tests_json: str) -> tuple[int, int]:
+    # accuracy and code rewards both run the same program: run it once
+    return run_code_tests(code, json.loads(tests_json))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Task base
+# ----------------------------------------------------------------------------------------------------
+
+
+class Task:
+    """A source of verifiable problems with disjoint train/test splits."""
+
+    name: str = ""
+    languages: tuple[str, ...] = LANGUAGES
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    def iter_problems(
+        self, split: str, seed: int = 0, language: str | Sequence[str] | None = None
+    ) -> Iterator[Problem]:
+        """Endless stream of problems of ``split`` (may repeat; ``problems`` de-duplicates)."""
+        raise NotImplementedError
+
+    def problems(self, split: str, n: int, seed: int = 0, language: str | None = None) -> list[Problem]:
+        """``n`` distinct problems of ``split``, reproducible from ``seed``."""
+        _check_split(split)
+        _check_language(language, self.languages)
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        out: list[Problem] = []
+        seen: set[str] = set()
+        misses = 0
+        for p in self.iter_problems(split, seed, language):
+            if p.id in seen:
+                misses += 1
+                # a small problem space (or split) runs dry: say so instead of spinning forever
+                if misses > 50 * (n + 100):
+                    raise ValueError(
+                        f"task {self.name!r} has only {len(out)} distinct {split} problems at this size; "
+                        f"asked for {n} (raise the difficulty / size)"
+                    )
+                continue
+            seen.add(p.id)
+            out.append(p)
+            if len(out) >= n:
+                break
+        return out
+
+    def verify(self, problem: Problem, completion: str, require_think: bool = False) -> float | None:
+        """Correctness in [0, 1], or None if the gold answer cannot be parsed (skip the sample)."""
+        raise NotImplementedError
+
+    def score(self, problem: Problem, completion: str, require_think: bool = False) -> float:
+        """Correctness in [0, 1] (0 for a sample whose gold is unparseable; use ``verify`` to tell)."""
+        s = self.verify(problem, completion, require_think)
+        return 0.0 if s is None else s
+
+    def worked_solution(self, problem: Problem) -> str:
+        raise NotImplementedError(f"task {self.name!r} has no worked solutions (built-in tasks only)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Built-in families
+# ----------------------------------------------------------------------------------------------------
+
+_PLACES = {
+    "en": ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands"],
+    "ja": ["一の位", "十の位", "百の位", "千の位", "万の位", "十万の位"],
+    "zh": ["个位", "十位", "百位", "千位", "万位", "十万位"],
+}
+
+
+def _place(lang: str, i: int) -> str:
+    names = _PLACES[lang]
+    return (
+        names[i]
+        if i < len(names)
+        else {"en": f"digit {i + 1}", "ja": f"{i + 1}桁目", "zh": f"第{i + 1}位"}[lang]
+    )
+
+
+def _rand_digits(rng: random.Random, digits: int) -> int:
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+
+class BuiltinTask(Task):
+    """A procedurally generated family: subclasses define generate/key/prompt/answer/steps."""
+
+    family: str = ""
+    kind: str = "numeric"  # how the answer is checked
+
+    def __init__(self, spec: str, difficulty: int = 1) -> None:
+        if difficulty < 1:
+            raise ValueError(f"difficulty must be >= 1, got {difficulty}")
+        self.name = spec
+        self.difficulty = difficulty
+
+    # --- to implement -----------------------------------------------------------------------------
+    def generate(self, rng: random.Random) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def key(self, d: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def prompt(self, d: dict[str, Any], lang: str) -> str:
+        raise NotImplementedError
+
+    def answer(self, d: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def steps(self, d: dict[str, Any], lang: str) -> str:
+        raise NotImplementedError
+
+    def check(self, problem: Problem, answer: str | None) -> float | None:
+        return check_numeric(problem.answer, answer)
+
+    # --- shared -----------------------------------------------------------------------------------
+    def make(self, d: dict[str, Any], lang: str) -> Problem:
+        key = f"{self.family}|{self.key(d)}"
+        return Problem(
+            id=_problem_id(self.family, key),
+            prompt=self.prompt(d, lang),
+            answer=self.answer(d),
+            language=lang,
+            task=self.name,
+            meta={"family": self.family, "split": split_of(key), **d},
+        )
+
+    def iter_problems(
+        self, split: str, seed: int = 0, language: str | Sequence[str] | None = None
+    ) -> Iterator[Problem]:
+        _check_split(split)
+        langs = (
+            tuple(self.languages)
+            if language is None
+            else (language,)
+            if isinstance(language, str)
+            else tuple(language)
+        )
+        for lang in langs:
+            _check_language(lang, self.languages)
+        rng = random.Random(f"{self.name}|{split}|{seed}")
+        while True:
+            d = self.generate(rng)
+            if d is None or split_of(f"{self.family}|{self.key(d)}") != split:
+                continue
+            yield self.make(d, langs[0] if len(langs) == 1 else rng.choice(langs))
+
+    def verify(self, problem: Problem, completion: str, require_think: bool = False) -> float | None:
+        return self.check(problem, extract_answer(completion, require_think))
+
+    def worked_solution(self, problem: Problem) -> str:
+        return f"{THINK_START}\n{self.steps(problem.meta, problem.language)}\n{THINK_END}\n{problem.answer}"
+
+
+def _as_tuple(v: Any) -> tuple[str, ...]:
+    return tuple(x for x in (v.split(",") if isinstance(v, str) else v) if x)
+
+
+class ArithmeticTask(BuiltinTask):
+    """``a + b``, ``a - b``, ``a × b``; ``digits`` sets the size (default difficulty + 1 = 2 digits)."""
+
+    family = "arithmetic"
+    OPS = ("add", "sub", "mul")
+    SYMBOL = {"add": "+", "sub": "-", "mul": "×"}
+
+    def __init__(
+        self,
+        spec: str = "arithmetic",
+        difficulty: int = 1,
+        digits: int | None = None,
+        ops: str | Sequence[str] = OPS,
+        allow_negative: bool = False,
+    ) -> None:
+        super().__init__(spec, difficulty)
+        self.digits = digits if digits is not None else difficulty + 1
+        self.ops = _as_tuple(ops)
+        bad = [o for o in self.ops if o not in self.OPS]
+        if bad or not self.ops:
+            raise ValueError(f"arithmetic ops must be from {self.OPS}, got {self.ops}")
+        if self.digits < 1:
+            raise ValueError(f"digits must be >= 1, got {self.digits}")
+        self.allow_negative = bool(allow_negative)
+
+    def generate(self, rng: random.Random) -> dict[str, Any]:
+        op = rng.choice(self.ops)
+        a = _rand_digits(rng, self.digits)
+        b = _rand_digits(rng, self.digits if op != "mul" else max(1, self.digits - 1))
+        if op == "sub" and a < b and not self.allow_negative:
+            a, b = b, a
+        return {"op": op, "a": a, "b": b}
+
+    def key(self, d: dict[str, Any]) -> str:
+        a, b = d["a"], d["b"]
+        if d["op"] in ("add", "mul"):  # commutative: one problem either way round
+            a, b = sorted((a, b))
+        return f"{d['op']}|{a}|{b}"
+
+    def prompt(self, d: dict[str, Any], lang: str) -> str:
+        expr = f"{d['a']} {self.SYMBOL[d['op']]} {d['b']}"
+        return {"en": f"What is {expr}?", "ja": f"{expr} はいくつですか？", "zh": f"{expr} 等于多少？"}[lang]
+
+    def answer(self, d: dict[str, Any]) -> str:
+        a, b = d["a"], d["b"]
+        return str({"add": a + b, "sub": a - b, "mul": a * b}[d["op"]])
+
+    def steps(self, d: dict[str, Any], lang: str) -> str:
+        a, b, op = d["a"], d["b"], d["op"]
+        so = {"en": "So", "ja": "よって", "zh": "所以"}[lang]
+        end = "。" if lang != "en" else "."
+        if op == "add":
+            lines = _column_add(a, b, lang)
+        elif op == "sub":
+            if a < b:
+                lines = [f"{a} - {b} = -({b} - {a})", *_column_sub(b, a, lang)]
+            else:
+                lines = _column_sub(a, b, lang)
+        else:
+            lines = _mul_lines(a, b)
+        return "\n".join([*lines, f"{so} {a} {self.SYMBOL[op]} {b} = {self.answer(d)}{end}"])
+
+
+def _digits_rev(n: int) -> list[int]:
+    return [int(c) for c in reversed(str(n))]
+
+
+def _column_add(a: int, b: int, lang: str) -> list[str]:
+    da, db = _digits_rev(a), _digits_rev(b)
+    carry, lines = 0, []
+    word = {"en": ("write", "carry"), "ja": ("", "を書き1繰り上がる"), "zh": ("写", "进1")}[lang]
+    for i in range(max(len(da), len(db))):
+        terms = [x[i] for x in (da, db) if i < len(x)] + ([carry] if carry else [])
+        s = sum(terms)
+        line = f"{_place(lang, i)}: {' + '.join(map(str, terms))} = {s}"
+        carry = s // 10
+        if carry and i < max(len(da), len(db)) - 1:
+            sep = ", " if lang == "en" else "，" if lang == "zh" else "、"
+            line += f"{sep}write {s % 10} carry 1" if lang == "en" else f"{sep}{word[0]}{s % 10}{word[1]}"
+        lines.append(line)
+    return lines
+
+
+def _column_sub(a: int, b: int, lang: str) -> list[str]:
+    """Column subtraction with borrows; requires a >= b."""
+    da, db = _digits_rev(a), _digits_rev(b)
+    borrow, lines = 0, []
+    borrow_word = {"en": ", borrow 1", "ja": "、1借りる", "zh": "，借1"}[lang]
+    for i in range(len(da)):
+        top = da[i] - borrow
+        sub = db[i] if i < len(db) else 0
+        if i >= len(db) and borrow == 0:
+            lines.append(f"{_place(lang, i)}: {da[i]}")
+            continue
+        need = top < sub
+        left = f"{da[i] + 10 if need else da[i]}" + (" - 1" if borrow else "")
+        line = f"{_place(lang, i)}: {left} - {sub} = {top + 10 * need - sub}"
+        if need:
+            line += borrow_word
+        lines.append(line)
+        borrow = int(need)
+    return lines
+
+
+def _mul_lines(a: int, b: int) -> list[str]:
+    # split the multi-digit factor by place value: 47 × 36 = 47 × 30 + 47 × 6
+    if b >= 10:
+        parts = [int(c) * 10**i for i, c in enumerate(reversed(str(b))) if c != "0"][::-1]
+        terms = [f"{a} × {p}" for p in parts]
+        values = [a * p for p in parts]
+    elif a >= 10:
+        parts = [int(c) * 10**i for i, c in enumerate(reversed(str(a))) if c != "0"][::-1]
+        terms = [f"{p} × {b}" for p in parts]
+        values = [p * b for p in parts]
+    else:
+        return [f"{a} × {b} = {a * b}"]
+    if len(values) == 1:
+        return [f"{a} × {b} = {terms[0]} = {values[0]}"]
+    return [f"{a} × {b} = {' + '.join(terms)}", f"= {' + '.join(map(str, values))} = {sum(values)}"]
+
+
+class CountdownTask(BuiltinTask):
+    """Reach a target from given numbers with + - * /, each number used exactly once (TinyZero's game)."""
+
+    family = "countdown"
+    kind = "expression"
+
+    def __init__(
+        self,
+        spec: str = "countdown",
+        difficulty: int = 1,
+        count: int | None = None,
+        max_number: int | None = None,
+        max_target: int | None = None,
+    ) -> None:
+        super().__init__(spec, difficulty)
+        self.count = count if count is not None else difficulty + 2
+        self.max_number = max_number if max_number is not None else 10 * difficulty
+        self.max_target = max_target if max_target is not None else 100 * difficulty
+        if self.count < 2 or self.max_number < 2 or self.max_target < 1:
+            raise ValueError("countdown needs count >= 2, max_number >= 2, max_target >= 1")
+
+    def generate(self, rng: random.Random) -> dict[str, Any] | None:
+        nums = [rng.randint(1, self.max_number) for _ in range(self.count)]
+        order = nums[:]
+        rng.shuffle(order)
+        cur, expr, prev_op, ops = order[0], str(order[0]), "", []
+        for x in order[1:]:
+            valid = ["+"]
+            if cur - x > 0:
+                valid.append("-")
+            if cur * x <= self.max_target and x > 1:
+                valid.append("*")
+            if x > 1 and cur % x == 0:
+                valid.append("/")
+            op = rng.choice(valid)
+            new = {"+": cur + x, "-": cur - x, "*": cur * x, "/": cur // x}[op]
+            # left-fold: parenthesize the running expression only when precedence requires it
+            if op in "*/" and prev_op in ("+", "-"):
+                expr = f"({expr})"
+            expr = f"{expr}{op}{x}"
+            ops.append([cur, op, x, new])
+            cur, prev_op = new, op
+        if not 1 <= cur <= self.max_target:
+            return None
+        return {"numbers": nums, "target": cur, "expression": expr, "ops": ops}
+
+    def key(self, d: dict[str, Any]) -> str:
+        return f"{sorted(d['numbers'])}|{d['target']}"
+
+    def prompt(self, d: dict[str, Any], lang: str) -> str:
+        nums, t = ", ".join(map(str, d["numbers"])), d["target"]
+        return {
+            "en": f"Use {nums} to make {t}. Use each number once, with + - * /.",
+            "ja": f"{nums} を1回ずつ使い、+ - * / で {t} を作ってください。",
+            "zh": f"用 {nums} 各一次，通过 + - * / 得到 {t}。",
+        }[lang]
+
+    def answer(self, d: dict[str, Any]) -> str:
+        return d["expression"]
+
+    def steps(self, d: dict[str, Any], lang: str) -> str:
+        lines = [f"{a} {op} {b} = {r}" for a, op, b, r in d["ops"]]
+        t = d["target"]
+        lines.append({"en": f"That makes {t}.", "ja": f"これで {t} になる。", "zh": f"这样得到 {t}。"}[lang])
+        return "\n".join(lines)
+
+    def check(self, problem: Problem, answer: str | None) -> float | None:
+        return float(check_countdown(answer, problem.meta["numbers"], problem.meta["target"]))
+
+
+def check_countdown(expression: str | None, numbers: Sequence[int], target: int) -> bool:
+    """True iff ``expression`` uses exactly ``numbers`` (each once) with + - * / ( ) and equals ``target``."""
+    if expression is None:
+        return False
+    s = unbox(expression.strip()).strip().strip("$").replace("×", "*").replace("÷", "/").replace("−", "-")
+    if "=" in s:  # accept "expr = target", nothing else after it
+        s, _, rhs = s.partition("=")
+        if parse_number(rhs) != target:
+            return False
+    if len(s) > 200 or not re.fullmatch(r"[\d\s+\-*/().]+", s):
+        return False
+    try:
+        tree = ast.parse(s, mode="eval")
+    except SyntaxError:
+        return False
+    used: list[int] = []
+
+    def ev(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            used.append(node.value)
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Sub | ast.Mult | ast.Div):
+            left, right = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Add):
+                return left + right
+            if isinstance(node.op, ast.Sub):
+                return left - right
+            if isinstance(node.op, ast.Mult):
+                return left * right
+            return left / right  # ZeroDivisionError -> wrong
+        raise ValueError("disallowed syntax")
+
+    try:
+        value = ev(tree)
+    except (ValueError, ZeroDivisionError):
+        return False
+    return Counter(used) == Counter(numbers) and value == target
+
+
+class LinearEquationTask(BuiltinTask):
+    """Solve ``a x + b = c`` for an integer x (difficulty 2: negatives; 3: x on both sides)."""
+
+    family = "linear_equation"
+
+    def generate(self, rng: random.Random) -> dict[str, Any] | None:
+        k = self.difficulty
+        a = rng.randint(2, 9 if k < 3 else 12)
+        x = rng.randint(1, 12) if k == 1 else rng.randint(-12 * k, 12 * k)
+        b = rng.randint(1, 20) if k == 1 else rng.choice([i for i in range(-20 * k, 20 * k + 1) if i])
+        d = rng.randint(1, a - 1) if k >= 3 else 0
+        # a x + b = d x + e
+        e = a * x + b - d * x
+        return {"a": a, "b": b, "d": d, "e": e, "x": x}
+
+    def key(self, d: dict[str, Any]) -> str:
+        return f"{d['a']}|{d['b']}|{d['d']}|{d['e']}"
+
+    @staticmethod
+    def _side(coef: int, const: int | None) -> str:
+        s = "x" if coef == 1 else f"{coef}x"
+        if const is None or const == 0:
+            return s
+        return f"{s} + {const}" if const > 0 else f"{s} - {-const}"
+
+    def equation(self, d: dict[str, Any]) -> str:
+        right = str(d["e"]) if not d["d"] else self._side(d["d"], d["e"])
+        return f"{self._side(d['a'], d['b'])} = {right}"
+
+    def prompt(self, d: dict[str, Any], lang: str) -> str:
+        eq = self.equation(d)
+        return {"en": f"Solve for x: {eq}", "ja": f"x を求めなさい: {eq}", "zh": f"解方程，求 x: {eq}"}[lang]
+
+    def answer(self, d: dict[str, Any]) -> str:
+        return str(d["x"])
+
+    def steps(self, d: dict[str, Any], lang: str) -> str:
+        a, b, dd, e = d["a"], d["b"], d["d"], d["e"]
+        lines = []
+        if dd:
+            a -= dd
+            sub = {
+                "en": f"Subtract {dd}x from both sides",
+                "ja": f"両辺から {dd}x を引く",
+                "zh": f"两边减去 {dd}x",
+            }
+            lines.append(f"{sub[lang]}: {self._side(a, b)} = {e}")
+        if b > 0:
+            move = {
+                "en": f"Subtract {b} from both sides",
+                "ja": f"両辺から {b} を引く",
+                "zh": f"两边减去 {b}",
+            }
+        else:
+            move = {"en": f"Add {-b} to both sides", "ja": f"両辺に {-b} を足す", "zh": f"两边加上 {-b}"}
+        lines.append(f"{move[lang]}: {a}x = {e - b}")
+        div = {"en": f"Divide both sides by {a}", "ja": f"両辺を {a} で割る", "zh": f"两边除以 {a}"}
+        lines.append(f"{div[lang]}: x = {d['x']}")
+        return "\n".join(lines)
+
+    def check(self, problem: Problem, answer: str | None) -> float | None:
+        if answer is not None:  # "x = 5" is the same answer as "5"
+            answer = re.sub(r"^\s*x\s*=\s*", "", answer)
+        return check_numeric(problem.answer, answer)
+
+
+class SortingTask(BuiltinTask):
+    """Sort distinct numbers ascending; ``count`` (default difficulty + 3) numbers below ``max_value``."""
+
+    family = "sorting"
+    kind = "list"
+
+    def __init__(
+        self,
+        spec: str = "sorting",
+        difficulty: int = 1,
+        count: int | None = None,
+        max_value: int | None = None,
+    ) -> None:
+        super().__init__(spec, difficulty)
+        self.count = count if count is not None else difficulty + 3
+        self.max_value = max_value if max_value is not None else 10 ** (difficulty + 1)
+        if self.count < 2 or self.max_value < self.count:
+            raise ValueError(
+                f"sorting needs 2 <= count <= max_value, got count={self.count} max_value={self.max_value}"
+            )
+
+    def generate(self, rng: random.Random) -> dict[str, Any]:
+        return {"numbers": rng.sample(range(self.max_value), self.count)}
+
+    def key(self, d: dict[str, Any]) -> str:
+        return ",".join(map(str, sorted(d["numbers"])))  # the multiset, not its order
+
+    def prompt(self, d: dict[str, Any], lang: str) -> str:
+        nums = ", ".join(map(str, d["numbers"]))
+        return {
+            "en": f"Sort from smallest to largest: {nums}",
+            "ja": f"小さい順に並べてください: {nums}",
+            "zh": f"按从小到大排序: {nums}",
+        }[lang]
+
+    def answer(self, d: dict[str, Any]) -> str:
+        return ", ".join(map(str, sorted(d["numbers"])))
+
+    def steps(self, d: dict[str, Any], lang: str) -> str:
+        rest, lines = list(d["numbers"]), []
+        while len(rest) > 1:
+            m = min(rest)
+            shown = ", ".join(map(str, rest))
+            lines.append(
+                {
+                    "en": f"smallest of {shown}: {m}",
+                    "ja": f"{shown} の最小: {m}",
+                    "zh": f"{shown} 中最小: {m}",
+                }[lang]
+            )
+            rest.remove(m)
+        lines.append({"en": f"last: {rest[0]}", "ja": f"残り: {rest[0]}", "zh": f"剩下: {rest[0]}"}[lang])
+        return "\n".join(lines)
+
+    def check(self, problem: Problem, answer: str | None) -> float | None:
+        gold = parse_int_list(problem.answer)
+        if gold is None:
+            return None
+        return float(parse_int_list(answer) == gold)
+
+
+def parse_int_list(text: str | None) -> list[int] | None:
+    """``1, 2, 3`` / ``[1, 2, 3]`` / ``1 2 3`` / ``1、2、3`` -> [1, 2, 3]; anything else -> None."""
+    if text is None:
+        return None
+    s = unbox(text.strip()).strip().strip("$").strip().rstrip("。.").strip()
+    if s.startswith("[") and s.endswith("]"):
+        s = s[1:-1]
+    if len(s) > 500 or not re.fullmatch(r"\s*-?\d+(?:\s*[,、，\s]\s*-?\d+)*\s*", s):
+        return None
+    return [int(x) for x in re.findall(r"-?\d+", s)]
+
+
+class ComparisonTask(BuiltinTask):
+    """Which of two numbers is larger (or smaller); ``digits`` default difficulty + 1."""
+
+    family = "comparison"
+
+    def __init__(self, spec: str = "comparison", difficulty: int = 1, digits: int | None = None) -> None:
+        super().__init__(spec, difficulty)
+        self.digits = digits if digits is not None else difficulty + 1
+
+    def generate(self, rng: random.Random) -> dict[str, Any] | None:
+        # mostly same-length numbers (the interesting case), sometimes one digit shorter
+        a = _rand_digits(rng, self.digits)
+        b = _rand_digits(rng, self.digits if rng.random() < 0.8 or self.digits == 1 else self.digits - 1)
+        if a == b:
+            return None
+        return {"a": a, "b": b, "which": rng.choice(["larger", "smaller"])}
+
+    def key(self, d: dict[str, Any]) -> str:
+        return f"{min(d['a'], d['b'])}|{max(d['a'], d['b'])}|{d['which']}"
+
+    def prompt(self, d: dict[str, Any], lang: str) -> str:
+        a, b, big = d["a"], d["b"], d["which"] == "larger"
+        return {
+            "en": f"Which is {'larger' if big else 'smaller'}, {a} or {b}?",
+            "ja": f"{a} と {b} では、どちらが{'大きい' if big else '小さい'}ですか？",
+            "zh": f"{a} 和 {b} 哪个更{'大' if big else '小'}？",
+        }[lang]
+
+    def answer(self, d: dict[str, Any]) -> str:
+        return str(max(d["a"], d["b"]) if d["which"] == "larger" else min(d["a"], d["b"]))
+
+    def steps(self, d: dict[str, Any], lang: str) -> str:
+        a, b, ans = d["a"], d["b"], self.answer(d)
+        word = {
+            "en": "larger" if d["which"] == "larger" else "smaller",
+            "ja": "大きい" if d["which"] == "larger" else "小さい",
+            "zh": "大" if d["which"] == "larger" else "小",
+        }[lang]
+        sa, sb = str(a), str(b)
+        if len(sa) != len(sb):
+            first = {
+                "en": f"{a} has {len(sa)} digits and {b} has {len(sb)} digits",
+                "ja": f"{a} は{len(sa)}桁、{b} は{len(sb)}桁",
+                "zh": f"{a} 是{len(sa)}位数，{b} 是{len(sb)}位数",
+            }[lang]
+        else:
+            i = next(i for i in range(len(sa)) if sa[i] != sb[i])
+            rel = "<" if sa[i] < sb[i] else ">"
+            place = _place(lang, len(sa) - 1 - i)
+            first = {
+                "en": f"Compare the {place}: {sa[i]} {rel} {sb[i]}",
+                "ja": f"{place}を比べる: {sa[i]} {rel} {sb[i]}",
+                "zh": f"比较{place}: {sa[i]} {rel} {sb[i]}",
+            }[lang]
+        last = {
+            "en": f"So {ans} is {word}.",
+            "ja": f"よって {ans} の方が{word}。",
+            "zh": f"所以 {ans} 更{word}。",
+        }[lang]
+        return f"{first}\n{last}"
+
+
+class CountingTask(BuiltinTask):
+    """How many times a letter occurs in a string (the "strawberry" problem, made learnable)."""
+
+    family = "counting"
+
+    def __init__(
+        self,
+        spec: str = "counting",
+        difficulty: int = 1,
+        length: int | None = None,
+        alphabet: str | None = None,
+    ) -> None:
+        super().__init__(spec, difficulty)
+        self.length = length if length is not None else 4 + 3 * difficulty
+        self.alphabet = alphabet if alphabet is not None else "abcdefgh"[: 2 + 2 * difficulty]
+        if self.length < 1 or len(set(self.alphabet)) < 2:
+            raise ValueError("counting needs length >= 1 and an alphabet of >= 2 letters")
+
+    def generate(self, rng: random.Random) -> dict[str, Any]:
+        return {
+            "text": "".join(rng.choice(self.alphabet) for _ in range(self.length)),
+            "letter": rng.choice(self.alphabet),
+        }
+
+    def key(self, d: dict[str, Any]) -> str:
+        return f"{d['text']}|{d['letter']}"
+
+    def prompt(self, d: dict[str, Any], lang: str) -> str:
+        t, c = d["text"], d["letter"]
+        return {
+            "en": f'How many times does "{c}" appear in "{t}"?',
+            "ja": f"「{t}」に「{c}」は何回出てきますか？",
+            "zh": f"“{t}”中有几个“{c}”？",
+        }[lang]
+
+    def answer(self, d: dict[str, Any]) -> str:
+        return str(d["text"].count(d["letter"]))
+
+    def steps(self, d: dict[str, Any], lang: str) -> str:
+        n, marks = 0, []
+        for ch in d["text"]:
+            if ch == d["letter"]:
+                n += 1
+                marks.append(f"{ch}({n})")
+            else:
+                marks.append(ch)
+        last = {
+            "en": f"So {d['letter']} appears {n} times.",
+            "ja": f"よって {n} 回。",
+            "zh": f"所以有 {n} 个。",
+        }[lang]
+        return f"{' '.join(marks)}\n{last}"
+
+
+class ModularTask(BuiltinTask):
+    """The remainder of ``a`` divided by ``m``."""
+
+    family = "modular"
+
+    def generate(self, rng: random.Random) -> dict[str, Any]:
+        k = self.difficulty
+        return {"a": rng.randint(10, 10 ** (k + 1) - 1), "m": rng.randint(2, 9 if k == 1 else 10 * k)}
+
+    def key(self, d: dict[str, Any]) -> str:
+        return f"{d['a']}|{d['m']}"
+
+    def prompt(self, d: dict[str, Any], lang: str) -> str:
+        a, m = d["a"], d["m"]
+        return {
+            "en": f"What is the remainder when {a} is divided by {m}?",
+            "ja": f"{a} を {m} で割った余りはいくつですか？",
+            "zh": f"{a} 除以 {m} 的余数是多少？",
+        }[lang]
+
+    def answer(self, d: dict[str, Any]) -> str:
+        return str(d["a"] % d["m"])
+
+    def steps(self, d: dict[str, Any], lang: str) -> str:
+        a, m = d["a"], d["m"]
+        q, r = divmod(a, m)
+        last = {"en": f"So the remainder is {r}.", "ja": f"よって余りは {r}。", "zh": f"所以余数是 {r}。"}[
+            lang
+        ]
+        return f"{m} × {q} = {m * q}\n{a} - {m * q} = {r}\n{last}"
+
+
+_NAMES = {
+    "en": ["Tom", "Anna", "Ken", "Mia"],
+    "ja": ["さくら", "ゆうき", "はると", "あおい"],
+    "zh": ["小明", "小红", "小华", "小丽"],
+}
+_OBJECTS = {
+    "en": ["apples", "books", "coins", "cards"],
+    "ja": ["りんご", "本", "コイン", "カード"],
+    "zh": ["苹果", "本子", "硬币", "卡片"],
+}
+
+
+class WordProblemTask(BuiltinTask):
+    """One-step word problems (gain, give away, boxes of items) with names and objects per language."""
+
+    family = "word_problem"
+    KINDS = ("add", "sub", "mul")
+
+    def generate(self, rng: random.Random) -> dict[str, Any]:
+        kind, hi = rng.choice(self.KINDS), 20 * self.difficulty
+        if kind == "mul":
+            a, b = rng.randint(2, 9 * self.difficulty), rng.randint(2, 9)
+        else:
+            a, b = rng.randint(2, hi), rng.randint(1, hi)
+            if kind == "sub":
+                a, b = max(a, b) + 1, min(a, b)
+        return {"kind": kind, "a": a, "b": b, "name": rng.randrange(4), "object": rng.randrange(4)}
+
+    def key(self, d: dict[str, Any]) -> str:
+        return f"{d['kind']}|{d['a']}|{d['b']}"  # names and objects do not make a new problem
+
+    def prompt(self, d: dict[str, Any], lang: str) -> str:
+        n, o, a, b = _NAMES[lang][d["name"]], _OBJECTS[lang][d["object"]], d["a"], d["b"]
+        return {
+            ("add", "en"): f"{n} has {a} {o} and gets {b} more. How many {o} does {n} have now?",
+            ("sub", "en"): f"{n} has {a} {o} and gives away {b}. How many {o} are left?",
+            ("mul", "en"): f"{n} has {a} boxes with {b} {o} in each. How many {o} are there in all?",
+            ("add", "ja"): f"{n}さんは{o}を{a}個持っていて、{b}個もらいました。{o}は全部で何個ですか？",
+            ("sub", "ja"): f"{n}さんは{o}を{a}個持っていて、{b}個あげました。残りは何個ですか？",
+            (
+                "mul",
+                "ja",
+            ): f"{n}さんは箱を{a}個持っていて、どの箱にも{o}が{b}個あります。{o}は全部で何個ですか？",
+            ("add", "zh"): f"{n}有{a}个{o}，又得到{b}个。{n}现在有多少个{o}？",
+            ("sub", "zh"): f"{n}有{a}个{o}，送出了{b}个。还剩多少个？",
+            ("mul", "zh"): f"{n}有{a}个盒子，每个盒子里有{b}个{o}。一共有多少个{o}？",
+        }[d["kind"], lang]
+
+    def answer(self, d: dict[str, Any]) -> str:
+        a, b = d["a"], d["b"]
+        return str({"add": a + b, "sub": a - b, "mul": a * b}[d["kind"]])
+
+    def steps(self, d: dict[str, Any], lang: str) -> str:
+        a, b, r = d["a"], d["b"], self.answer(d)
+        o = _OBJECTS[lang][d["object"]]
+        expr = {"add": f"{a} + {b} = {r}", "sub": f"{a} - {b} = {r}", "mul": f"{a} × {b} = {r}"}[d["kind"]]
+        why = {
+            ("add", "en"): "Gaining more means adding",
+            ("sub", "en"): "Giving away means subtracting",
+            ("mul", "en"): "Equal boxes means multiplying",
+            ("add", "ja"): "もらうので足し算",
+            ("sub", "ja"): "あげるので引き算",
+            ("mul", "ja"): "同じ数ずつなので掛け算",
+            ("add", "zh"): "得到更多，用加法",
+            ("sub", "zh"): "送出，用减法",
+            ("mul", "zh"): "每盒一样多，用乘法",
+        }[d["kind"], lang]
+        last = {"en": f"So there are {r} {o}.", "ja": f"よって{o}は{r}個。", "zh": f"所以有{r}个{o}。"}[lang]
+        return f"{why}: {expr}\n{last}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# reasoning-gym adapter
+# ----------------------------------------------------------------------------------------------------
+
+
+class ReasoningGymTask(Task):
+    """Any reasoning-gym dataset (``rg:<name>``), scored by the dataset's own ``score_answer``.
+
+    reasoning-gym's scorers give partial credit (its default gives 0.01-0.05 for a wrong but present
+    answer, countdown scores near misses); this adapter returns 1.0 only when the scorer says 1.0,
+    unless ``partial=True``. Prompts are English only.
+    """
+
+    languages = ("en",)
+
+    def __init__(self, spec: str, dataset: str, partial: bool = False, **config: Any) -> None:
+        import reasoning_gym
+
+        self.name, self.dataset, self.partial, self.config = spec, dataset, bool(partial), config
+        try:
+            # the scorer: score_answer reads only the entry (and the dataset config)
+            self._scorer = reasoning_gym.create_dataset(dataset, seed=0, size=1, **config)
+        except Exception as e:
+            raise ValueError(f"cannot create reasoning-gym dataset {dataset!r} with {config}: {e}") from e
+        self._create = reasoning_gym.create_dataset
+
+    def iter_problems(
+        self, split: str, seed: int = 0, language: str | Sequence[str] | None = None
+    ) -> Iterator[Problem]:
+        _check_split(split)
+        if language not in (None, "en") and tuple(language) != ("en",):
+            raise ValueError(f"reasoning-gym tasks are English only, got language={language!r}")
+        chunk = 0
+        while True:
+            # fresh seeds per chunk; the split is decided by the question's hash, as for built-ins
+            ds_seed = int.from_bytes(
+                hashlib.blake2b(f"{self.name}|{seed}|{chunk}".encode(), digest_size=4).digest(), "big"
+            )
+            ds = self._create(self.dataset, seed=ds_seed, size=256, **self.config)
+            for i in range(len(ds)):
+                entry = ds[i]
+                key = f"rg:{self.dataset}|{entry['question']}"
+                if split_of(key) != split:
+                    continue
+                gold = entry.get("answer")
+                yield Problem(
+                    id=_problem_id(f"rg:{self.dataset}", key),
+                    prompt=entry["question"],
+                    answer="" if gold is None else str(gold),
+                    language="en",
+                    task=self.name,
+                    meta={"entry": entry, "split": split},
+                )
+            chunk += 1
+
+    def verify(self, problem: Problem, completion: str, require_think: bool = False) -> float | None:
+        entry = problem.meta.get("entry")
+        if entry is None or entry.get("answer") is None:
+            return None
+        answer = extract_answer(completion, require_think)
+        if answer is None:
+            return 0.0
+        try:
+            s = float(self._scorer.score_answer(answer, entry))
+        except Exception:
+            return 0.0
+        if self.partial:
+            return min(max(s, 0.0), 1.0)
+        return 1.0 if s >= 1.0 - 1e-9 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# JSONL user tasks
+# ----------------------------------------------------------------------------------------------------
+
+
+def detect_language(text: str) -> str:
+    """'ja' if the text has kana, 'zh' if it has Han but no kana, else 'en'."""
+    from nanoseek.data.rewards import script_counts
+
+    c = script_counts(text)
+    if c["kana"]:
+        return "ja"
+    return "zh" if c["han"] else "en"
+
+
+class JsonlTask(Task):
+    """User tasks from JSON lines: ``{"prompt", "answer", "verifier"?, "tests"?, "language"?, "split"?, "reasoning"?}``.
+
+    verifier: "exact" (default when the answer is not a number), "numeric" (default for numbers), "math"
+    (math-verify), "code" (the answer's last fenced block run against ``tests``: a string of Python asserts,
+    or a list of {"input", "output"} stdin/stdout cases). A line's "split" overrides the hash split.
+    """
+
+    def __init__(self, spec: str, path: str, partial: bool = False) -> None:
+        self.name, self.path, self.partial = spec, Path(path), bool(partial)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"jsonl task file not found: {self.path}")
+        self.items: list[Problem] = []
+        with self.path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    self.items.append(self._parse(line, lineno))
+        if not self.items:
+            raise ValueError(f"{self.path}: no problems")
+        self.languages = tuple(sorted({p.language for p in self.items}))
+
+    def _parse(self, line: str, lineno: int) -> Problem:
+        where = f"{self.path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e})") from e
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f'{where}: each line needs a non-empty string "prompt"')
+        verifier = row.get("verifier")
+        tests = row.get("tests")
+        if "answer" not in row and verifier != "code":
+            raise ValueError(f'{where}: missing "answer"')
+        answer = "" if row.get("answer") is None else str(row["answer"])
+        if verifier is None:
+            verifier = "code" if tests else "numeric" if parse_number(answer) is not None else "exact"
+        if verifier not in VERIFIERS:
+            raise ValueError(f"{where}: verifier {verifier!r} is not one of {VERIFIERS}")
+        if verifier == "code" and not (isinstance(tests, str) or (isinstance(tests, list) and tests)):
+            raise ValueError(
+                f'{where}: verifier "code" needs "tests" (Python asserts or [{{"input", "output"}}])'
+            )
+        if isinstance(tests, list) and not all(isinstance(t, dict) and "output" in t for t in tests):
+            raise ValueError(f'{where}: each test case needs "output" (and optionally "input")')
+        language = row.get("language") or detect_language(row["prompt"])
+        split = row.get("split") or split_of(f"jsonl|{row['prompt']}")
+        if split not in SPLITS:
+            raise ValueError(f"{where}: split {split!r} is not one of {SPLITS}")
+        key = f"jsonl|{row['prompt']}"
+        return Problem(
+            id=row.get("id") or _problem_id(self.path.stem, key),
+            prompt=row["prompt"],
+            answer=answer,
+            language=language,
+            task=self.name,
+            meta={
+                "verifier": verifier,
+                "tests": tests,
+                "split": split,
+                "reasoning": row.get("reasoning"),
+                "line": lineno,
+            },
+        )
+
+    def iter_problems(
+        self, split: str, seed: int = 0, language: str | Sequence[str] | None = None
+    ) -> Iterator[Problem]:
+        _check_split(split)
+        langs = None if language is None else {language} if isinstance(language, str) else set(language)
+        pool = [p for p in self.items if p.meta["split"] == split and (langs is None or p.language in langs)]
+        if not pool:
+            raise ValueError(f"{self.path}: no {split} problems" + (f" in {sorted(langs)}" if langs else ""))
+        rng = random.Random(f"{self.name}|{split}|{seed}")
+        while True:
+            rng.shuffle(pool)
+            yield from pool
+
+    def problems(self, split: str, n: int, seed: int = 0, language: str | None = None) -> list[Problem]:
+        _check_split(split)
+        pool = [
+            p for p in self.items if p.meta["split"] == split and (language is None or p.language == language)
+        ]
+        if n > len(pool):
+            warnings.warn(
+                f"{self.path}: asked for {n} {split} problems, only {len(pool)} exist", stacklevel=2
+            )
+        return super().problems(split, min(n, len(pool)), seed, language) if pool else []
+
+    def verify(self, problem: Problem, completion: str, require_think: bool = False) -> float | None:
+        answer = extract_answer(completion, require_think)
+        kind = problem.meta.get("verifier", "exact")
+        if kind == "code":
+            return check_code(problem.meta.get("tests"), answer, partial=self.partial)
+        return {"exact": check_exact, "numeric": check_numeric, "math": check_math}[kind](
+            problem.answer, answer
+        )
+
+    def worked_solution(self, problem: Problem) -> str:
+        reasoning = problem.meta.get("reasoning")
+        if not reasoning:
+            raise NotImplementedError(
+                f'{self.path}: problem {problem.id} has no "reasoning" to build a worked solution'
+            )
+        return f"{THINK_START}\n{reasoning}\n{THINK_END}\n{problem.answer}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "arithmetic": ArithmeticTask,
+    "countdown": CountdownTask,
+    "linear_equation": LinearEquationTask,
+    "sorting": SortingTask,
+    "comparison": ComparisonTask,
+    "counting": CountingTask,
+    "modular": ModularTask,
+    "word_problem": WordProblemTask,
+}
+BUILTIN_TASKS: tuple[str, ...] = tuple(TASKS)
+
+
+def register_task(name: str, factory: Callable[..., Task]) -> None:
+    """Add a task family: ``factory(spec=..., **options)`` must return a Task."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"task names are lowercase identifiers, got {name!r}")
+    TASKS[name] = factory
+    get_task.cache_clear()
+
+
+def _parse_value(v: str) -> Any:
+    if re.fullmatch(r"-?\d+", v):
+        return int(v)
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v
+
+
+def parse_task_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"arithmetic?digits=3&ops=add,sub"`` -> ("arithmetic", {"digits": 3, "ops": "add,sub"})."""
+    base, _, query = spec.partition("?")
+    options: dict[str, Any] = {}
+    for part in filter(None, query.split("&")):
+        k, eq, v = part.partition("=")
+        if not eq or not k:
+            raise ValueError(f"bad task option {part!r} in {spec!r}; expected key=value")
+        options[k] = _parse_value(v)
+    return base, options
+
+
+@functools.lru_cache(maxsize=64)
+def get_task(name: str) -> Task:
+    """A task by spec: a built-in name, ``rg:<dataset>``, or ``jsonl:<path>``, options after ``?``."""
+    base, options = parse_task_spec(name.strip())
+    if base.startswith("rg:"):
+        return ReasoningGymTask(name, base[3:], **options)
+    if base.startswith("jsonl:"):
+        return JsonlTask(name, base[6:], **options)
+    if base not in TASKS:
+        raise ValueError(f"unknown task {base!r}; built-in: {', '.join(TASKS)}; or rg:<name>, jsonl:<path>")
+    try:
+        return TASKS[base](spec=name, **options)
+    except TypeError as e:
+        raise ValueError(f"bad options for task {base!r}: {e}") from e
