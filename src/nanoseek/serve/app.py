@@ -175,13 +175,10 @@ class Server:
         return max_tokens if max_tokens is not None else ctx - prompt_len
 
     def sampling_params(self, req: Any, max_new: int, logprobs: int | None, choice: int) -> Any:
-        try:
-            from nanoseek.engine import SamplingParams
-        except ImportError:
-            from nanoseek.engine.sampling import SamplingParams
+        from nanoseek.engine import SamplingParams
 
         seed = None if req.seed is None else req.seed + choice  # n choices: distinct, reproducible
-        return SamplingParams(
+        params = SamplingParams(
             max_new_tokens=max_new,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
@@ -194,6 +191,11 @@ class Server:
             stop_token_ids=[self.tokenizer.eos_token_id],
             logprobs=logprobs,
         )
+        try:
+            params.validate()
+        except ValueError as e:
+            raise APIError(str(e)) from None
+        return params
 
     def new_choice(self, stops: list[str] | None, started_in_think: bool | None) -> _Choice:
         splitter = (
@@ -403,13 +405,13 @@ class Server:
             scores = [await self.engine.score_prompt(ids, req.logprobs) for ids, _ in prompts]
         generate = req.max_tokens is None or req.max_tokens > 0
         choices = [self.new_choice(req.stop, None) for _ in range(len(prompts) * n)]
-        jobs = [
-            (ids, self.sampling_params(req, budgets[p], req.logprobs, j))
-            for p, (ids, _) in enumerate(prompts)
-            for j in range(n)
-        ]
         group = None
         if generate:
+            jobs = [
+                (ids, self.sampling_params(req, budgets[p], req.logprobs, j))
+                for p, (ids, _) in enumerate(prompts)
+                for j in range(n)
+            ]
             group = self.submit(jobs)
         else:
             for c in choices:

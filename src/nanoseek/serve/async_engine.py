@@ -251,8 +251,15 @@ class AsyncEngine:
             raise RuntimeError("prompt scoring needs the model")
         first_param = next(self.model.parameters())
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=first_param.device)
-        with torch.inference_mode():
-            logits = self.model(ids)[0].float()
+        # Scoring must not count as routing traffic: keep the MoE load statistics as they were.
+        routers = [r for _, r in self.model.routers()] if hasattr(self.model, "routers") else []
+        loads = [r.expert_load.clone() for r in routers]
+        try:
+            with torch.inference_mode():
+                logits = self.model(ids)[0].float()
+        finally:
+            for r, load in zip(routers, loads, strict=True):
+                r.expert_load.copy_(load)
         logp = torch.log_softmax(logits[:-1], dim=-1)  # position t predicts token t+1
         chosen = logp.gather(1, ids[0, 1:, None])[:, 0].tolist()
         top: list[list[tuple[int, float]] | None] = [None]

@@ -133,11 +133,8 @@ class ServerMetrics:
 
         def cache_usage() -> float:
             s = self.engine_stats()
-            used = s.get("cache_blocks_used", s.get("blocks_used"))
-            total = s.get("cache_blocks_total", s.get("blocks_total"))
-            if used is None or not total:
-                return float(s.get("cache_usage", 0.0) or 0.0)
-            return float(used) / float(total)
+            used, total = s.get("cache_blocks_used"), s.get("cache_blocks_total")
+            return float(used) / float(total) if used is not None and total else 0.0
 
         self.gauges = [
             Gauge(p + "num_requests_running", "Requests in the running batch.", stat("num_running")),
@@ -146,14 +143,19 @@ class ServerMetrics:
                 p + "kv_cache_usage_perc", "Fraction of latent KV-cache blocks in use (0..1).", cache_usage
             ),
             Gauge(
-                p + "prefix_cache_hits",
-                "Prompt tokens served from the prefix cache since start (engine counter).",
-                stat("prefix_cache_hit_tokens", "prefix_cache_hits", "prefix_hits"),
+                p + "prefix_cache_hit_blocks",
+                "Cache blocks reused from the prefix cache since start (prompt prefixes computed once).",
+                stat("prefix_cache_hit_blocks"),
+            ),
+            Gauge(
+                p + "prefix_cache_hit_rate",
+                "Prefix-cache hits per block looked up.",
+                stat("prefix_cache_hit_rate"),
             ),
             Gauge(
                 p + "spec_decode_acceptance_rate",
                 "Fraction of MTP draft tokens accepted (speculative decoding).",
-                stat("spec_acceptance_rate", "acceptance_rate"),
+                stat("spec_acceptance_rate"),
             ),
         ]
 

@@ -1,0 +1,94 @@
+"""`nanoseek serve DIR`: the OpenAI-compatible server (and web chat page) for a checkpoint directory.
+
+One engine behind all requests (continuous batching), bound to loopback unless `--host` says otherwise.
+With `--api-key` (or NANOSEEK_API_KEY) every route but /health and the page needs `Authorization: Bearer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (chat with reasoning_content, completions) and a web chat page",
+        description=(
+            "Serve a checkpoint directory (config.json, safetensors, tokenizer files) over the OpenAI API: "
+            "/v1/chat/completions, /v1/completions, /v1/models, /tokenize, /health, /metrics, and a chat "
+            "page at /."
+        ),
+    )
+    p.add_argument("model", metavar="DIR", help="checkpoint directory with tokenizer files")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("NANOSEEK_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $NANOSEEK_API_KEY; none = open)",
+    )
+    p.add_argument("--model-name", default=None, help="name clients use in 'model' (default: DIR's name)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests in flight before 429 Too Many Requests (default 256)",
+    )
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weights dtype")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda if available, else cpu)")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    import uvicorn
+
+    from nanoseek import load_model, load_tokenizer
+    from nanoseek.engine import Engine
+    from nanoseek.serve import ServeConfig, create_app
+
+    directory = Path(args.model)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory} is not a checkpoint directory (no config.json)")
+    if not (directory / "tokenizer.json").exists():
+        raise FileNotFoundError(
+            f"{directory} has no tokenizer.json: serving needs the checkpoint's tokenizer"
+        )
+    if args.port < 0 or args.port > 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = (
+        getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    )
+    model = load_model(directory, dtype=dtype, device=device).eval()
+    tokenizer = load_tokenizer(directory)
+    engine = Engine(
+        model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, speculative=args.speculative
+    )
+    name = args.model_name or directory.resolve().name
+    app = create_app(
+        engine,
+        tokenizer,
+        ServeConfig(model_name=name, api_key=args.api_key or None, max_pending=args.max_queue),
+        model=model,
+    )
+    server = app.state.server
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"nanoseek serve: model {name!r} ({directory}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        f"params, context {server.max_context}, {device}/{str(dtype).removeprefix('torch.')})"
+    )
+    print(
+        f"nanoseek serve: listening on http://{shown_host}:{args.port}  (OpenAI base_url "
+        f"http://{shown_host}:{args.port}/v1, chat page at /, auth {'on' if args.api_key else 'off'})",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    print("nanoseek serve: stopped")
+    return 0

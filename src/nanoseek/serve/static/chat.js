@@ -1,0 +1,171 @@
+// The chat page: keeps the conversation, streams replies from /v1/chat/completions over SSE, and shows
+// DeepSeek's reasoning_content in a collapsible block apart from the answer. No build step, no deps.
+"use strict";
+(function () {
+  const $ = function (id) { return document.getElementById(id); };
+  const messagesEl = $("messages"), input = $("input"), sendBtn = $("send"), stopBtn = $("stop");
+  const history = []; // {role, content}: reasoning is never sent back (R1's template drops it anyway)
+  let model = null, controller = null;
+
+  for (const id of ["temperature", "max-tokens", "api-key"]) {
+    const saved = localStorage.getItem("nanoseek:" + id);
+    if (saved !== null) $(id).value = saved;
+    $(id).addEventListener("change", function () { localStorage.setItem("nanoseek:" + id, $(id).value); });
+  }
+
+  function headers() {
+    const h = { "Content-Type": "application/json" };
+    const key = $("api-key").value.trim();
+    if (key) h["Authorization"] = "Bearer " + key;
+    return h;
+  }
+
+  async function loadModel() {
+    try {
+      const r = await fetch("/v1/models", { headers: headers() });
+      const body = await r.json();
+      if (!r.ok) throw new Error(body.error ? body.error.message : r.statusText);
+      model = body.data[0].id;
+      $("model").textContent = "model: " + model;
+    } catch (e) {
+      $("model").textContent = "model: ? (" + e.message + ")";
+    }
+  }
+
+  function addMessage(role) {
+    const div = document.createElement("div");
+    div.className = "msg " + role;
+    const label = document.createElement("div");
+    label.className = "role";
+    label.textContent = role;
+    div.appendChild(label);
+    messagesEl.appendChild(div);
+    return div;
+  }
+
+  function scroll() { messagesEl.scrollTop = messagesEl.scrollHeight; }
+
+  function assistantView(div) {
+    const details = document.createElement("details");
+    details.className = "thinking";
+    details.open = true;
+    details.hidden = true;
+    const summary = document.createElement("summary");
+    summary.textContent = "Thinking…";
+    const reasoning = document.createElement("div");
+    reasoning.className = "reasoning";
+    details.append(summary, reasoning);
+    const answer = document.createElement("div");
+    answer.className = "answer";
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    div.append(details, answer, meta);
+    return { details: details, summary: summary, reasoning: reasoning, answer: answer, meta: meta };
+  }
+
+  // Parse an SSE byte stream into JSON payloads; yields until "data: [DONE]".
+  async function* sse(response) {
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buf += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const event = buf.slice(0, cut);
+        buf = buf.slice(cut + 2);
+        for (const line of event.split("\n")) {
+          if (!line.startsWith("data:")) continue;
+          const data = line.slice(5).trim();
+          if (data === "[DONE]") return;
+          yield JSON.parse(data);
+        }
+      }
+    }
+  }
+
+  async function send(text) {
+    history.push({ role: "user", content: text });
+    addMessage("user").appendChild(document.createTextNode(text));
+    const div = addMessage("assistant");
+    div.dataset.state = "streaming";
+    const view = assistantView(div);
+    let reasoning = "", content = "", usage = null, finish = null;
+    const started = performance.now();
+    controller = new AbortController();
+    sendBtn.disabled = true; stopBtn.disabled = false;
+    try {
+      const body = {
+        messages: history,
+        stream: true,
+        stream_options: { include_usage: true },
+        temperature: parseFloat($("temperature").value),
+        max_tokens: parseInt($("max-tokens").value, 10),
+      };
+      if (model) body.model = model;
+      const r = await fetch("/v1/chat/completions", {
+        method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
+      });
+      if (!r.ok) {
+        const err = await r.json().catch(function () { return {}; });
+        throw new Error(err.error ? err.error.message : r.status + " " + r.statusText);
+      }
+      for await (const chunk of sse(r)) {
+        if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.usage) usage = chunk.usage;
+        for (const choice of chunk.choices || []) {
+          const d = choice.delta || {};
+          if (d.reasoning_content) {
+            reasoning += d.reasoning_content;
+            view.details.hidden = false;
+            view.reasoning.textContent = reasoning;
+          }
+          if (d.content) {
+            content += d.content;
+            view.answer.innerHTML = window.renderMarkdown(content);
+          }
+          if (choice.finish_reason) finish = choice.finish_reason;
+        }
+        scroll();
+      }
+    } catch (e) {
+      const p = document.createElement("p");
+      p.className = "error";
+      p.textContent = e.name === "AbortError" ? "(stopped)" : "Error: " + e.message;
+      view.answer.appendChild(p);
+    } finally {
+      const secs = (performance.now() - started) / 1000;
+      if (reasoning) { view.summary.textContent = "Thought for " + secs.toFixed(1) + " s"; view.details.open = false; }
+      const parts = [];
+      if (usage) parts.push(usage.completion_tokens + " tokens", (usage.completion_tokens / secs).toFixed(1) + " tok/s");
+      if (finish) parts.push("finish: " + finish);
+      view.meta.textContent = parts.join(" · ");
+      history.push({ role: "assistant", content: content });
+      div.dataset.state = "done";
+      sendBtn.disabled = false; stopBtn.disabled = true;
+      controller = null;
+      scroll();
+    }
+  }
+
+  $("composer").addEventListener("submit", function (e) {
+    e.preventDefault();
+    const text = input.value.trim();
+    if (!text || controller) return;
+    input.value = "";
+    send(text);
+  });
+  input.addEventListener("keydown", function (e) {
+    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
+  });
+  stopBtn.addEventListener("click", function () { if (controller) controller.abort(); });
+  $("clear").addEventListener("click", function () {
+    if (controller) controller.abort();
+    history.length = 0;
+    messagesEl.textContent = "";
+  });
+  $("api-key").addEventListener("change", loadModel);
+  loadModel();
+})();

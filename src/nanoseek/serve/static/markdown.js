@@ -1,0 +1,66 @@
+// A small, safe markdown renderer: HTML is escaped FIRST, then a few constructs are turned into tags,
+// so model output can never inject markup or script. Handles fenced code, inline code, headings,
+// bold/italic, lists, block quotes, links (http/https/mailto only) and paragraphs.
+"use strict";
+(function (global) {
+  function escapeHtml(s) {
+    return s.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;")
+            .replace(/"/g, "&quot;").replace(/'/g, "&#39;");
+  }
+
+  // Inline spans on already-escaped text; code spans are cut out first so nothing inside them changes.
+  function inline(text) {
+    const codes = [];
+    text = text.replace(/`([^`\n]+)`/g, function (_, c) { codes.push(c); return "\u0000" + (codes.length - 1) + "\u0000"; });
+    text = text.replace(/\[([^\]\n]+)\]\(([^)\s]+)\)/g, function (m, label, url) {
+      const raw = url.replace(/&amp;/g, "&");
+      if (!/^(https?:\/\/|mailto:)/i.test(raw)) return m;
+      return '<a href="' + url + '" target="_blank" rel="noopener noreferrer">' + label + "</a>";
+    });
+    text = text.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>").replace(/__([^_\n]+)__/g, "<strong>$1</strong>");
+    text = text.replace(/(^|[^*])\*([^*\n]+)\*/g, "$1<em>$2</em>").replace(/(^|\W)_([^_\n]+)_(?=\W|$)/g, "$1<em>$2</em>");
+    return text.replace(/\u0000(\d+)\u0000/g, function (_, i) { return "<code>" + codes[+i] + "</code>"; });
+  }
+
+  function render(src) {
+    const lines = escapeHtml(src).split("\n");
+    const out = [];
+    let para = [], list = null, i = 0;
+    function flushPara() { if (para.length) { out.push("<p>" + inline(para.join("<br>")) + "</p>"); para = []; } }
+    function flushList() { if (list) { out.push("<" + list.tag + ">" + list.items.map(function (x) { return "<li>" + inline(x) + "</li>"; }).join("") + "</" + list.tag + ">"); list = null; } }
+    while (i < lines.length) {
+      const line = lines[i];
+      const fence = line.match(/^\s*```\s*([\w+-]*)\s*$/);
+      if (fence) {
+        flushPara(); flushList();
+        const body = [];
+        i++;
+        while (i < lines.length && !/^\s*```\s*$/.test(lines[i])) body.push(lines[i++]);
+        i++; // closing fence (or end of a still-streaming block)
+        const cls = fence[1] ? ' class="language-' + fence[1] + '"' : "";
+        out.push("<pre><code" + cls + ">" + body.join("\n") + "</code></pre>");
+        continue;
+      }
+      const h = line.match(/^(#{1,6})\s+(.*)$/);
+      const ul = line.match(/^\s*[-*+]\s+(.*)$/);
+      const ol = line.match(/^\s*\d+[.)]\s+(.*)$/);
+      const quote = line.match(/^&gt;\s?(.*)$/);
+      if (h) { flushPara(); flushList(); out.push("<h" + h[1].length + ">" + inline(h[2]) + "</h" + h[1].length + ">"); }
+      else if (ul || ol) {
+        flushPara();
+        const tag = ul ? "ul" : "ol";
+        if (!list || list.tag !== tag) { flushList(); list = { tag: tag, items: [] }; }
+        list.items.push((ul || ol)[1]);
+      }
+      else if (quote) { flushPara(); flushList(); out.push("<blockquote>" + inline(quote[1]) + "</blockquote>"); }
+      else if (/^\s*$/.test(line)) { flushPara(); flushList(); }
+      else { flushList(); para.push(line); }
+      i++;
+    }
+    flushPara(); flushList();
+    return out.join("\n");
+  }
+
+  global.renderMarkdown = render;
+  global.escapeHtml = escapeHtml;
+})(window);

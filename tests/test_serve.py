@@ -1,0 +1,416 @@
+"""`nanoseek serve` end to end: a real uvicorn server on a loopback port, driven by the official `openai`
+client (and raw httpx where the wire format itself is the point).
+
+The protocol tests run the REAL engine over a tiny random-weight model and a real (tiny) BPE tokenizer:
+its output is gibberish, which is fine for checking the protocol. The reasoning split, stop strings,
+back-pressure and disconnects use `ScriptedEngine` (tests/serve_fakes.py), which emits the R1-shaped
+text chosen by the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from nanoseek.config import get_preset
+from nanoseek.engine import Engine
+from nanoseek.model.transformer import DeepSeekV3
+from nanoseek.serve import ServeConfig, create_app
+from serve_fakes import LiveServer, ScriptedEngine, tiny_tokenizer
+
+MODEL = "nanoseek-test"
+REASONING = "I add 2 and 2.\nThat makes 4."
+ANSWER = "The answer is **4**."
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    cfg = get_preset("tiny").replace(
+        vocab_size=tok.vocab_size,
+        num_hidden_layers=2,
+        hidden_size=128,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return DeepSeekV3(cfg).init_weights(0).eval()
+
+
+@pytest.fixture(scope="module")
+def real(tok, model):
+    engine = Engine(model, max_batch_size=32, max_seq_len=256)
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL), model=model)) as srv:
+        srv.client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def scripted(tok):
+    def reply(prompt, params):
+        return tok.encode(f"{REASONING}\n</think>\n\n{ANSWER}")
+
+    engine = ScriptedEngine(tok, reply, step_delay=0.01)  # slow enough that a stop string aborts mid-way
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL))) as srv:
+        srv.engine = engine
+        srv.client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        yield srv
+
+
+USER = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+# ------------------------------------------------------------------- real engine
+def test_models_health_metrics(real):
+    models = real.client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert httpx.get(real.url + "/health").json() == {"status": "ok"}
+    real.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, temperature=0)
+    text = httpx.get(real.url + "/metrics").text
+    for name in (
+        "nanoseek:num_requests_running",
+        "nanoseek:num_requests_waiting",
+        "nanoseek:prompt_tokens_total",
+        "nanoseek:generation_tokens_total",
+        "nanoseek:time_to_first_token_seconds_bucket",
+        "nanoseek:time_per_output_token_seconds_count",
+        "nanoseek:kv_cache_usage_perc",
+        "nanoseek:prefix_cache_hit_blocks",
+    ):
+        assert name in text, name
+    gen = next(line for line in text.splitlines() if line.startswith("nanoseek:generation_tokens_total"))
+    assert float(gen.split()[-1]) >= 2
+
+
+def test_chat_greedy_stream_equals_non_stream(real):
+    kw = dict(model=MODEL, messages=USER, max_tokens=8, temperature=0)
+    full = real.client.chat.completions.create(**kw)
+    choice = full.choices[0]
+    assert choice.finish_reason in ("length", "stop")
+    assert full.usage.completion_tokens == 8 or choice.finish_reason == "stop"
+    text = (getattr(choice.message, "reasoning_content", None) or "") + (choice.message.content or "")
+    assert text, "the model produced no text"
+
+    chunks = list(
+        real.client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    streamed = "".join(
+        (getattr(c.choices[0].delta, "reasoning_content", None) or "") + (c.choices[0].delta.content or "")
+        for c in chunks
+        if c.choices
+    )
+    assert streamed == text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        choice.finish_reason
+    ]
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.model_dump() == full.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_chat_sampling_n_seed_and_max_completion_tokens(real):
+    kw = dict(model=MODEL, messages=USER, temperature=1.0, top_p=0.9, seed=7, n=2, max_completion_tokens=5)
+    a = real.client.chat.completions.create(**kw, presence_penalty=0.5, frequency_penalty=0.5)
+    b = real.client.chat.completions.create(**kw, presence_penalty=0.5, frequency_penalty=0.5)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert a.usage.completion_tokens <= 10 and a.usage.prompt_tokens == b.usage.prompt_tokens
+    texts = [(c.message.reasoning_content or "") + (c.message.content or "") for c in a.choices]
+    assert texts == [(c.message.reasoning_content or "") + (c.message.content or "") for c in b.choices]
+
+
+def test_chat_logprobs(real):
+    r = real.client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for item in content:
+        assert len(item.top_logprobs) == 3
+        assert item.logprob <= 0.0
+        # greedy: the chosen token is the most likely one
+        assert item.logprob == pytest.approx(max(t.logprob for t in item.top_logprobs), abs=1e-5)
+
+
+def test_concurrent_clients_all_answered(real):
+    async def main():
+        client = openai.AsyncOpenAI(base_url=real.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        tasks = [
+            client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": f"question {i}"}],
+                max_tokens=3,
+                temperature=0.7,
+                seed=i,
+                stream=i % 2 == 0,
+            )
+            for i in range(32)
+        ]
+        results = await asyncio.gather(*tasks)
+        done = 0
+        for i, res in enumerate(results):
+            if i % 2 == 0:
+                chunks = [c async for c in res]
+                assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+            else:
+                assert res.choices[0].finish_reason in ("length", "stop")
+            done += 1
+        await client.close()
+        return done
+
+    assert asyncio.run(main()) == 32
+
+
+def test_completions_lm_eval_loglikelihood(real, tok, model):
+    """Exactly the body lm-evaluation-harness local-completions sends for loglikelihood."""
+    ctx = tok.encode("First, 2 + 2", add_bos=True)
+    cont = tok.encode(" = 4")
+    body = {
+        "model": MODEL,
+        "prompt": [ctx + cont],
+        "temperature": 0,
+        "max_tokens": 1,
+        "logprobs": 1,
+        "echo": True,
+        "seed": 1234,
+    }
+    out = httpx.post(real.url + "/v1/completions", json=body, timeout=60).json()
+    choice = out["choices"][0]
+    lp = choice["logprobs"]
+    n = len(ctx) + len(cont)
+    assert len(lp["token_logprobs"]) == n + 1 and lp["token_logprobs"][0] is None
+    assert lp["top_logprobs"][0] is None and len(lp["tokens"]) == n + 1
+    # Reference: the model's own log-softmax over the same ids.
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids)[0].float(), -1)
+    for i in range(1, n):
+        assert lp["token_logprobs"][i] == pytest.approx(ref[i - 1, ids[0, i]].item(), abs=1e-4)
+    # lm-eval's parse: sum over the continuation, greedy check against the top alternatives.
+    ctxlen = len(ctx)
+    cont_lps = lp["token_logprobs"][ctxlen:-1]
+    assert sum(cont_lps) == pytest.approx(
+        ref[ctxlen - 1 : n - 1].gather(1, ids[0, ctxlen:, None]).sum().item(), abs=1e-3
+    )
+    for i, (tok_lp, top) in enumerate(zip(cont_lps, lp["top_logprobs"][ctxlen:-1], strict=True)):
+        is_greedy = ref[ctxlen - 1 + i].argmax().item() == ids[0, ctxlen + i].item()
+        assert (tok_lp == max(top.values())) == is_greedy
+    assert choice["text"].startswith(tok.decode(ctx + cont))
+    assert out["usage"]["completion_tokens"] == 1
+
+
+def test_completions_prompt_forms_echo_and_max_tokens(real, tok):
+    c = real.client
+    one = c.completions.create(model=MODEL, prompt="Hello world", max_tokens=1, temperature=0)
+    assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
+    batch = c.completions.create(
+        model=MODEL, prompt=["Hello", "The answer"], max_tokens=2, temperature=0, n=2
+    )
+    assert [ch.index for ch in batch.choices] == [0, 1, 2, 3]
+    ids = tok.encode("Hello world", add_bos=True)
+    by_ids = c.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0)
+    assert by_ids.choices[0].text == one.choices[0].text
+    zero = c.completions.create(model=MODEL, prompt="Hello world", max_tokens=0, echo=True, logprobs=2)
+    assert zero.choices[0].text == "Hello world" and zero.usage.completion_tokens == 0
+    assert len(zero.choices[0].logprobs.token_logprobs) == len(ids)
+    plain = c.completions.create(model=MODEL, prompt="Hello world", max_tokens=0)
+    assert plain.choices[0].text == ""
+    # stream == non-stream (greedy), echo included
+    full = c.completions.create(model=MODEL, prompt="Hello world", max_tokens=5, temperature=0, echo=True)
+    chunks = list(
+        c.completions.create(
+            model=MODEL, prompt="Hello world", max_tokens=5, temperature=0, echo=True, stream=True
+        )
+    )
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == full.choices[0].text
+
+
+def test_tokenizer_routes(real, tok):
+    info = httpx.get(real.url + "/tokenizer_info").json()
+    assert info["eos_token"] == tok.eos_token and info["bos_token"] == tok.bos_token and info["chat_template"]
+    r = httpx.post(real.url + "/tokenize", json={"prompt": "Hello world", "add_special_tokens": False}).json()
+    assert (
+        r["tokens"] == tok.encode("Hello world")
+        and r["count"] == len(r["tokens"])
+        and r["max_model_len"] == 256
+    )
+    back = httpx.post(real.url + "/detokenize", json={"tokens": r["tokens"]}).json()
+    assert back["prompt"] == "Hello world"
+    chat = httpx.post(real.url + "/tokenize", json={"messages": USER}).json()
+    assert chat["tokens"] == tok.apply_chat_template(USER, tokenize=True)
+
+
+# ----------------------------------------------------------------------- errors
+def _err(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+def test_errors_400(real):
+    url = real.url + "/v1/chat/completions"
+    err = _err(
+        httpx.post(
+            url, content=b'{"model": "x", "messages": [', headers={"content-type": "application/json"}
+        ),
+        400,
+    )
+    assert "JSON" in err["message"]
+    assert (
+        _err(httpx.post(url, json={"model": MODEL, "messages": USER, "temperature": 3}), 400)["param"]
+        == "temperature"
+    )
+    assert _err(httpx.post(url, json={"model": MODEL}), 400)["param"] == "messages"
+    assert (
+        _err(httpx.post(url, json={"messages": [{"role": "robot", "content": "x"}]}), 400)["param"]
+        == "messages.0.role"
+    )
+    assert _err(httpx.post(url, json={"messages": USER, "n": 0}), 400)["param"] == "n"
+    assert _err(httpx.post(url, json={"messages": USER, "stop": 5}), 400)["param"] == "stop"
+    curl = real.url + "/v1/completions"
+    assert _err(httpx.post(curl, json={"prompt": [[999999]]}), 400)["param"] == "prompt"
+    assert _err(httpx.post(curl, json={"prompt": "x", "max_tokens": -1}), 400)["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        real.client.chat.completions.create(model=MODEL, messages=USER, top_p=0)
+    assert e.value.body["param"] == "top_p"
+
+
+def test_errors_context_length_and_404(real):
+    with pytest.raises(openai.BadRequestError) as e:
+        real.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hello " * 400}]
+        )
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        real.client.completions.create(model=MODEL, prompt="Hello", max_tokens=1000)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError) as e:
+        real.client.chat.completions.create(model="gpt-9", messages=USER)
+    assert e.value.code == "model_not_found"
+    assert _err(httpx.get(real.url + "/v1/nothing"), 404)["type"] == "not_found"
+    # ... and the server is still up and answering
+    assert real.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1).choices
+
+
+def test_api_key(tok):
+    engine = ScriptedEngine(tok)
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL, api_key="s3cret"))
+    with LiveServer(app) as srv:
+        assert httpx.get(srv.url + "/health").status_code == 200
+        assert _err(httpx.get(srv.url + "/v1/models"), 401)["code"] == "invalid_api_key"
+        bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.chat.completions.create(model=MODEL, messages=USER, max_tokens=2)
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert (
+            good.chat.completions.create(model=MODEL, messages=USER, max_tokens=2).choices[0].finish_reason
+            == "length"
+        )
+        assert (
+            httpx.get(srv.url + "/").status_code == 200
+        )  # the page itself is static; its calls carry the key
+
+
+def test_queue_full_429_and_disconnect_aborts(tok):
+    engine = ScriptedEngine(tok, step_delay=0.05)
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL, max_pending=2, retry_after=3))
+    with LiveServer(app) as srv:
+        server = app.state.server
+        body = {"model": MODEL, "messages": USER, "max_tokens": 30, "stream": True}
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            with (
+                c.stream("POST", "/v1/chat/completions", json=body) as s1,
+                c.stream("POST", "/v1/chat/completions", json=body) as s2,
+            ):
+                lines = s1.iter_lines()
+                assert next(line for line in lines if line.startswith("data:"))
+                assert s2.status_code == 200
+                r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": False})
+                assert _err(r, 429)["code"] == "rate_limit_exceeded"
+                assert r.headers["retry-after"] == "3"
+            # both clients hung up mid-stream: their requests must be aborted at once
+            deadline = time.time() + 5
+            while (server.engine.pending or engine.has_unfinished()) and time.time() < deadline:
+                time.sleep(0.02)
+            assert server.engine.pending == 0 and not engine.has_unfinished()
+            assert len(engine.aborted) == 2
+            ok = c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3})
+            assert ok.status_code == 200
+
+
+# ------------------------------------------------------------ reasoning + stop
+def test_reasoning_split_non_stream_and_stream(scripted):
+    r = scripted.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=100)
+    msg = r.choices[0].message
+    assert msg.reasoning_content == REASONING + "\n"
+    assert msg.content == ANSWER
+    chunks = list(
+        scripted.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=100, stream=True)
+    )
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert (reasoning, content) == (msg.reasoning_content, msg.content)
+    assert all("think>" not in (c.choices[0].delta.content or "") for c in chunks)
+    # the generation prompt opened <think>: the model never emitted it, the split still works
+    prompt_ids, _ = scripted.engine.added[-1]
+    assert scripted.client and prompt_ids[-2:] == scripted.engine.tokenizer.encode("<think>\n")[-2:]
+
+
+def test_reasoning_content_in_request_is_dropped(scripted, tok):
+    history = [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "SECRET REASONING"},
+        {"role": "user", "content": "And 3 + 3?"},
+    ]
+    scripted.client.chat.completions.create(model=MODEL, messages=history, max_tokens=1)
+    prompt_ids, _ = scripted.engine.added[-1]
+    assert "SECRET" not in tok.decode(prompt_ids)
+    expected = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in history]
+    assert prompt_ids == tok.apply_chat_template(expected, tokenize=True)
+
+
+def test_stop_strings(scripted):
+    r = scripted.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=100, stop=["is **"])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == "The answer "
+    chunks = list(
+        scripted.client.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=100, stop="is **", stream=True
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == "The answer "  # nothing of the stop string ever reached the client
+    assert scripted.engine.aborted  # generation past the stop string was cut off in the engine
+    stopped = scripted.client.completions.create(model=MODEL, prompt="x", max_tokens=100, stop=["\n"])
+    assert stopped.choices[0].text == REASONING.split("\n")[0]
+
+
+def test_web_page_served(scripted):
+    page = httpx.get(scripted.url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for asset in ("/static/chat.js", "/static/markdown.js"):
+        assert httpx.get(scripted.url + asset).status_code == 200
+
+
+def test_sse_wire_format(scripted):
+    with httpx.stream(
+        "POST",
+        scripted.url + "/v1/chat/completions",
+        json={"messages": USER, "stream": True, "max_tokens": 4},
+    ) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
