@@ -1,0 +1,177 @@
+"""Checkpoint files: DeepSeek FP8 block dequantization, atomic replacement, no pickle, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nanoseek
+from nanoseek.checkpoint import atomic_directory, build_model, dequantize_fp8_blocks, read_safetensors
+from nanoseek.config import ModelConfig
+
+
+def config(**changes) -> ModelConfig:
+    base = dict(
+        vocab_size=64,
+        hidden_size=144,  # > 128 and not a multiple: partial FP8 blocks on both axes
+        intermediate_size=200,
+        moe_intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        num_nextn_predict_layers=0,
+        torch_dtype="float32",
+    )
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+def direct_dequant(w8: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
+    out = torch.empty(w8.shape)
+    for i in range(scale_inv.shape[0]):
+        for j in range(scale_inv.shape[1]):
+            tile = w8[i * block : (i + 1) * block, j * block : (j + 1) * block].float()
+            out[i * block : (i + 1) * block, j * block : (j + 1) * block] = tile * scale_inv[i, j]
+    return out
+
+
+def quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block absmax quantization to float8_e4m3fn, as DeepSeek's checkpoints are made."""
+    rows, cols = w.shape
+    nb_r, nb_c = -(-rows // block), -(-cols // block)
+    scale_inv = torch.empty(nb_r, nb_c)
+    w8 = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    for i in range(nb_r):
+        for j in range(nb_c):
+            tile = w[i * block : (i + 1) * block, j * block : (j + 1) * block]
+            s = tile.abs().max().clamp(min=1e-12) / 448.0
+            scale_inv[i, j] = s
+            w8[i * block : (i + 1) * block, j * block : (j + 1) * block] = (tile / s).to(torch.float8_e4m3fn)
+    return w8, scale_inv
+
+
+def test_dequantize_fp8_blocks_matches_direct_computation():
+    w = torch.randn(200, 300)
+    w8, s = quantize(w)
+    assert s.shape == (2, 3)
+    got = dequantize_fp8_blocks(w8, s)
+    torch.testing.assert_close(got, direct_dequant(w8, s), rtol=0, atol=0)
+    assert (got - w).abs().max() < 0.1 * w.abs().max()  # and it is a quantization of w
+
+
+def test_fp8_checkpoint_loads_dequantized(tmp_path):
+    cfg = config()
+    model = build_model(cfg).init_weights(0)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    expected = {}
+    for key in [
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.1.mlp.experts.3.up_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+    ]:
+        w = tensors[key] * 50  # a spread of magnitudes across blocks
+        w8, s = quantize(w)
+        tensors[key] = w8
+        tensors[key.removesuffix(".weight") + ".weight_scale_inv"] = s
+        expected[key] = direct_dequant(w8, s)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    loaded = nanoseek.load_model(tmp_path)
+    sd = loaded.state_dict()
+    torch.testing.assert_close(
+        sd["model.layers.0.mlp.gate_proj.weight"], expected["model.layers.0.mlp.gate_proj.weight"]
+    )
+    torch.testing.assert_close(
+        sd["model.layers.0.mlp.down_proj.weight"], expected["model.layers.0.mlp.down_proj.weight"]
+    )
+    torch.testing.assert_close(
+        sd["model.layers.1.self_attn.q_proj.weight"], expected["model.layers.1.self_attn.q_proj.weight"]
+    )
+    up3 = sd["model.layers.1.mlp.experts.gate_up_proj"][3, cfg.moe_intermediate_size :]
+    torch.testing.assert_close(up3, expected["model.layers.1.mlp.experts.3.up_proj.weight"])
+    assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
+
+
+def test_fp8_weight_without_scale_is_refused(tmp_path):
+    model = build_model(config()).init_weights(0)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    key = "model.layers.0.mlp.gate_proj.weight"
+    tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="weight_scale_inv"):
+        nanoseek.load_model(tmp_path)
+
+
+def test_atomic_directory_keeps_old_checkpoint_on_failure(tmp_path):
+    target = tmp_path / "run" / "pretrain"
+    model = build_model(config()).init_weights(0)
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    other = build_model(config()).init_weights(1)
+    with pytest.raises(RuntimeError, match="injected"), atomic_directory(target) as tmp:
+        other.save_pretrained(tmp)
+        assert (tmp / "model.safetensors").exists()
+        raise RuntimeError("injected failure mid-checkpoint")
+    after = {p.name: p.read_bytes() for p in target.iterdir()}
+    assert after == before
+    assert [p.name for p in target.parent.iterdir()] == ["pretrain"], "scratch dirs are cleaned up"
+    # A successful write does replace it.
+    with atomic_directory(target) as tmp:
+        other.save_pretrained(tmp)
+    assert (target / "model.safetensors").read_bytes() != before["model.safetensors"]
+
+
+def test_pickle_files_are_refused_with_a_clear_message(tmp_path):
+    config().save(tmp_path)
+    torch.save({"lm_head.weight": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"pytorch_model\.bin.*pickle"):
+        nanoseek.load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="pickle"):
+        read_safetensors(tmp_path)
+
+
+def test_mismatched_shapes_give_a_clear_error(tmp_path):
+    build_model(config()).init_weights(0).save_pretrained(tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    d["intermediate_size"] = 160
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.\w+_proj\.weight.*shape"):
+        nanoseek.load_model(tmp_path)
+
+
+def test_missing_tensors_give_a_clear_error(tmp_path):
+    build_model(config()).init_weights(0).save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['model\.norm\.weight'\]"):
+        nanoseek.load_model(tmp_path)
+
+
+def test_save_load_round_trip_is_exact_and_bf16_save(tmp_path):
+    model = build_model(config(num_nextn_predict_layers=1)).init_weights(0)
+    model.save_pretrained(tmp_path / "fp32")
+    again = nanoseek.load_model(tmp_path / "fp32")
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    t = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert t["model.layers.0.mlp.gate_proj.weight"].dtype == torch.bfloat16
+    assert t["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
