@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek.engine.cache import EngineCapacityError, PagedLatentCache, StepView
+from nanoseek.engine.fast import FastForward
 from nanoseek.engine.sampling import SamplerState, SamplingParams, TokenLogprob, sample, token_logprobs
 from nanoseek.engine.scheduler import Scheduler, Sequence
 from nanoseek.engine.speculative import draft_tokens, mtp_hidden, verify
@@ -72,6 +73,7 @@ class Engine:
         quantize: str | None = None,
         speculative: bool = False,
         prefill_chunk: int = 512,
+        use_fast_path: bool = True,
     ) -> None:
         cfg = model.config
         if speculative and cfg.num_nextn_predict_layers < 1:
@@ -87,6 +89,8 @@ class Engine:
 
             quantize_model(model, quantize)
         self.quantize = quantize
+        # The lean forward reads plain weight tensors; quantized layers go through the model's modules.
+        self.fast: FastForward | None = FastForward(model) if quantize is None and use_fast_path else None
         self.speculative = speculative
         self.max_seq_len = max_seq_len or cfg.max_position_embeddings
         num_layers = cfg.num_hidden_layers + (1 if speculative else 0)
@@ -179,6 +183,8 @@ class Engine:
         touched: list[Sequence] = []
         t0 = time.perf_counter()
         with torch.no_grad(), self._model_untouched():
+            if self.fast is not None:
+                self.fast.refresh()
             if plan.decode:
                 if self.speculative:
                     self._decode_speculative(plan.decode)
@@ -249,7 +255,7 @@ class Engine:
         starts = [r.num_computed for r in rows]
         view, positions = self._view(rows, starts, [1] * len(rows), 1)
         ids = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long, device=self.device)
-        hidden = self.model.hidden_states(ids, positions, cache=view)
+        hidden = self._hidden(ids, positions, view)
         logits = self.model.lm_head(hidden[:, 0])
         tokens = sample(logits, [r.sampler for r in rows])
         lps = self._logprobs(rows, logits, tokens)
@@ -264,7 +270,7 @@ class Engine:
         view, positions = self._view(rows, starts, [2] * len(rows), 2)
         drafts = torch.tensor([r.draft for r in rows], dtype=torch.long, device=self.device)
         ids = torch.stack((torch.tensor([r.tokens[-1] for r in rows], device=self.device), drafts), dim=1)
-        hidden = self.model.hidden_states(ids, positions, cache=view)
+        hidden = self._hidden(ids, positions, view)
         logits = self.model.lm_head(hidden)  # [B,2,V]
         states = [r.sampler for r in rows]
         accepted, first = verify(logits[:, 0], drafts, states)
@@ -293,7 +299,7 @@ class Engine:
         for r, a in zip(rows, acc):
             t = r.tokens
             nxt.append([t[-2], t[-1]] if a and not r.finished else [t[-1], t[-1]])
-        mh = mtp_hidden(self.model, hidden, torch.tensor(nxt, dtype=torch.long, device=self.device), positions, view)
+        mh = self._mtp_hidden(hidden, torch.tensor(nxt, dtype=torch.long, device=self.device), positions, view)
         pick = torch.tensor([1 if acc[i] else 0 for i in live], dtype=torch.long, device=self.device)
         live_t = torch.tensor(live, dtype=torch.long, device=self.device)
         new = draft_tokens(self.model, mh[live_t, pick]).tolist()
@@ -308,7 +314,7 @@ class Engine:
         width = max(lengths)
         view, positions = self._view(rows, starts, lengths, width)
         ids = self._ids_tensor([s.tokens[a : a + n] for s, a, n in zip(rows, starts, lengths)], width)
-        hidden = self.model.hidden_states(ids, positions, cache=view)
+        hidden = self._hidden(ids, positions, view)
         self._stats["prefill_forwards"] += 1
         self._stats["prompt_tokens"] += sum(lengths)
         for b, (s, a, n) in enumerate(zip(rows, starts, lengths)):
@@ -331,7 +337,7 @@ class Engine:
             # Fill the MTP layer's cache over the chunk; finished prompts also get their first draft.
             nxt = [s.tokens[a + 1 : a + n + 1] for s, a, n in zip(rows, starts, lengths)]
             nxt = [x + [0] * (n - len(x)) for x, n in zip(nxt, lengths)]
-            mh = mtp_hidden(self.model, hidden, self._ids_tensor(nxt, width), positions, view)
+            mh = self._mtp_hidden(hidden, self._ids_tensor(nxt, width), positions, view)
             want = [b for b in done if not rows[b].finished]
             if want:
                 idx = torch.tensor(want, dtype=torch.long, device=self.device)
@@ -340,18 +346,30 @@ class Engine:
                     rows[b].draft = d
 
     # ---------------------------------------------------------------- model
+    def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, view: StepView) -> torch.Tensor:
+        if self.fast is not None:
+            return self.fast.hidden_states(ids, positions, view)
+        return self.model.hidden_states(ids, positions, cache=view)
+
+    def _mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, view: StepView) -> torch.Tensor:
+        if self.fast is not None:
+            return self.fast.mtp_hidden(hidden, next_ids, positions, view)
+        return mtp_hidden(self.model, hidden, next_ids, positions, view)
+
     @contextlib.contextmanager
     def _model_untouched(self) -> Iterator[None]:
         was_training = self.model.training
         routers = [r for _, r in self.model.routers()]
         loads = [r.expert_load.clone() for r in routers]
-        self.model.eval()
+        if was_training:
+            self.model.eval()
         try:
             yield
         finally:
             for r, load in zip(routers, loads):
                 r.expert_load.copy_(load)
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()
 
     # --------------------------------------------------------------- events
     def _event(self, seq: Sequence) -> StepEvent:

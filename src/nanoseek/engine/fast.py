@@ -1,0 +1,213 @@
+"""A lean forward for serving: the model's math with fewer, larger ops and weights prepared once.
+
+What is notable here (the model's own forward stays the reference; tests hold the two equal):
+- Absorbed MLA with the up-projections folded ahead of time (V2 §2.1.3): W_UK is multiplied into the
+  query projection (q_b_proj, or q_proj without a query LoRA) and the softmax scale with it, so one
+  matmul yields per-head queries in latent space [H, kv_lora_rank + rope]. The cache row is exactly
+  [c_kv ; k_pe], so scores for all heads are ONE batched matmul against the gathered cache rows. W_UV is
+  folded into o_proj the same way. When a folded matrix would be much larger than the factors (big
+  models), the per-head einsum is used instead.
+- The query and latent down-projections share their input: one fused matmul.
+- RoPE for the whole step is computed once (complex multiply for interleaved pairs), not per layer.
+- Routed experts run as two grouped GEMMs (`torch._grouped_mm`) over tokens sorted by expert, instead
+  of a Python loop over experts; routing itself reuses the model's Router (group limits, bias).
+- Derived weights are rebuilt when any source parameter changes in place (tensor version counters),
+  so GRPO can keep one engine across optimizer steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.engine.cache import StepView
+from nanoseek.model.attention import MultiHeadLatentAttention, apply_rope
+from nanoseek.model.moe import MoE
+from nanoseek.model.transformer import DeepSeekV3, DecoderBlock
+
+FOLD_LIMIT = 1 << 22  # elements per folded matrix; beyond this keep the factors (per-head einsum)
+
+
+def has_grouped_mm() -> bool:
+    try:
+        x = torch.zeros(2, 8)
+        w = torch.zeros(2, 8, 8)
+        torch._grouped_mm(x, w, offs=torch.tensor([1, 2], dtype=torch.int32))
+        return True
+    except Exception:
+        return False
+
+
+class _Attn:
+    """Prepared weights of one MLA layer."""
+
+    def __init__(self, attn: MultiHeadLatentAttention) -> None:
+        self.m = attn
+        h, nope, rope, c, v = (
+            attn.num_heads,
+            attn.qk_nope_head_dim,
+            attn.qk_rope_head_dim,
+            attn.kv_lora_rank,
+            attn.v_head_dim,
+        )
+        self.h, self.c, self.r, self.v = h, c, rope, v
+        dtype = attn.kv_a_proj_with_mqa.weight.dtype
+        wkv = attn.kv_b_proj.weight.detach().float().view(h, nope + v, c)
+        w_uk, w_uv = wkv[:, :nope], wkv[:, nope:]  # [H,nope,C], [H,v,C]
+        q_w = (attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj).weight.detach().float()
+        q_in = q_w.shape[1]
+        q_w = q_w.view(h, nope + rope, q_in)
+        scale = attn.softmax_scale
+        self.fold_q = h * (c + rope) * q_in <= FOLD_LIMIT
+        if self.fold_q:
+            q_lat = torch.einsum("hdc,hdi->hci", w_uk, q_w[:, :nope])  # [H,C,in]
+            self.wq = (torch.cat((q_lat, q_w[:, nope:]), dim=1) * scale).reshape(h * (c + rope), q_in).to(dtype)
+        else:
+            self.wq = (q_w * scale).reshape(h * (nope + rope), q_in).to(dtype)
+            self.w_uk = w_uk.to(dtype)
+        self.nope = nope
+        wo = attn.o_proj.weight.detach().float()  # [hidden, H*v]
+        hidden = wo.shape[0]
+        self.fold_o = hidden * h * c <= FOLD_LIMIT
+        if self.fold_o:
+            self.wo = torch.einsum("ohv,hvc->ohc", wo.view(hidden, h, v), w_uv).reshape(hidden, h * c).to(dtype)
+        else:
+            self.wo = wo.to(dtype)
+            self.w_uv = w_uv.to(dtype)
+        # Fused down-projection: [q_a (or full q) ; c_kv ; k_pe] from the same normed input.
+        if attn.q_lora_rank is None:
+            self.wa = attn.kv_a_proj_with_mqa.weight.detach()
+            self.q_from_x = True
+        else:
+            self.wa = torch.cat((attn.q_a_proj.weight.detach(), attn.kv_a_proj_with_mqa.weight.detach()), dim=0)
+            self.q_from_x = False
+        self.q_lora = attn.q_lora_rank or 0
+
+
+class FastForward:
+    """Runs DeepSeekV3's decoder stack (and MTP blocks) over a `StepView` of the paged cache."""
+
+    def __init__(self, model: DeepSeekV3) -> None:
+        self.model = model
+        self.grouped_mm = has_grouped_mm()
+        self._versions: list[int] = []
+        self._attn: dict[int, _Attn] = {}
+        self._experts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.refresh()
+
+    def _source_versions(self) -> list[int]:
+        return [p._version for p in self.model.parameters()]
+
+    def refresh(self) -> None:
+        """(Re)build derived weights; cheap to call, a no-op unless a parameter changed."""
+        versions = self._source_versions()
+        if versions == self._versions:
+            return
+        blocks: list[DecoderBlock] = list(self.model.model.layers) + list(self.model.model.mtp_layers)
+        with torch.no_grad():
+            for b in blocks:
+                self._attn[b.layer_idx] = _Attn(b.self_attn)
+                if isinstance(b.mlp, MoE):
+                    ex = b.mlp.experts
+                    # grouped_mm wants [E, K, N] with the output dim contiguous.
+                    self._experts[b.layer_idx] = (
+                        ex.gate_up_proj.detach().transpose(1, 2).contiguous(),
+                        ex.down_proj.detach().transpose(1, 2).contiguous(),
+                    )
+        self._versions = versions
+
+    # ------------------------------------------------------------------ rope
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        cos, sin = self.model.model.rotary_emb(positions)
+        freqs = torch.complex(cos, sin) if self.model.config.rope_interleave else None
+        return cos, sin, freqs
+
+    def _rope(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        cos, sin, freqs = rope
+        if freqs is None:
+            return apply_rope(x, cos, sin, False)
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        f = freqs.unsqueeze(-2) if x.dim() == freqs.dim() + 1 else freqs
+        return torch.view_as_real(xc * f).flatten(-2).to(x.dtype)
+
+    # ------------------------------------------------------------- attention
+    def attention(self, a: _Attn, x: torch.Tensor, rope, view: StepView) -> torch.Tensor:
+        m = a.m
+        b, s, _ = x.shape
+        h, c, r = a.h, a.c, a.r
+        down = F.linear(x, a.wa)
+        if a.q_from_x:
+            q_in, kv = x, down
+        else:
+            q_in, kv = down[..., : a.q_lora], down[..., a.q_lora :]
+            q_in = F.rms_norm(q_in, (a.q_lora,), m.q_a_layernorm.weight, m.q_a_layernorm.eps)
+        c_kv = F.rms_norm(kv[..., :c], (c,), m.kv_a_layernorm.weight, m.kv_a_layernorm.eps)
+        k_pe = self._rope(kv[..., c:], rope)
+        store = view.cache.kv[m.layer_idx]
+        store.index_copy_(0, view.write_slots, torch.cat((c_kv, k_pe), dim=-1).view(-1, c + r).to(store.dtype))
+        ctx = store.index_select(0, view.read_slots).view(b, view.ctx, c + r).to(x.dtype)
+        q = F.linear(q_in, a.wq)
+        if a.fold_q:
+            q = q.view(b, s, h, c + r)
+            q = torch.cat((q[..., :c], self._rope(q[..., c:], rope)), dim=-1)
+        else:
+            q = q.view(b, s, h, a.nope + r)
+            q_lat = torch.einsum("bshd,hdc->bshc", q[..., : a.nope], a.w_uk)
+            q = torch.cat((q_lat, self._rope(q[..., a.nope :], rope)), dim=-1)
+        scores = torch.bmm(q.view(b, s * h, c + r), ctx.transpose(1, 2)).view(b, s, h, -1).float()
+        scores = scores.masked_fill_(~view.mask.unsqueeze(2), float("-inf"))
+        probs = scores.softmax(dim=-1).to(x.dtype).view(b, s * h, -1)
+        lat = torch.bmm(probs, ctx[..., :c])  # [B, S*H, C]
+        if a.fold_o:
+            return F.linear(lat.view(b, s, h * c), a.wo)
+        out = torch.einsum("bshc,hvc->bshv", lat.view(b, s, h, c), a.w_uv)
+        return F.linear(out.reshape(b, s, h * a.v), a.wo)
+
+    # ------------------------------------------------------------------- moe
+    def moe(self, layer_idx: int, mlp: MoE, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        indices, weights = mlp.gate(x)
+        t, k = indices.shape
+        if self.grouped_mm:
+            gate_up, down = self._experts[layer_idx]
+            e = gate_up.shape[0]
+            order = indices.flatten().argsort(stable=True)
+            offs = torch.bincount(indices.flatten(), minlength=e).cumsum(0).to(torch.int32)
+            token_of = order // k
+            xs = flat[token_of]
+            hg = torch._grouped_mm(xs, gate_up, offs=offs)
+            g, u = hg.chunk(2, dim=-1)
+            ys = torch._grouped_mm(F.silu(g) * u, down, offs=offs)
+            ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
+            y = torch.zeros_like(flat).index_add_(0, token_of, ys)
+        else:
+            y = mlp.experts(flat, indices, weights).to(x.dtype)
+        y = y.view(shape)
+        if mlp.shared_experts is not None:
+            y = y + mlp.shared_experts(x)
+        return y
+
+    # ----------------------------------------------------------------- block
+    def block(self, layer: DecoderBlock, x: torch.Tensor, rope, view: StepView) -> torch.Tensor:
+        n1 = layer.input_layernorm
+        x = x + self.attention(self._attn[layer.layer_idx], F.rms_norm(x, (x.shape[-1],), n1.weight, n1.eps), rope, view)
+        n2 = layer.post_attention_layernorm
+        y = F.rms_norm(x, (x.shape[-1],), n2.weight, n2.eps)
+        if isinstance(layer.mlp, MoE):
+            return x + self.moe(layer.layer_idx, layer.mlp, y)
+        mlp: nn.Module = layer.mlp
+        return x + mlp(y)
+
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, view: StepView) -> torch.Tensor:
+        rope = self.rope_tables(positions)
+        x = self.model.model.embed_tokens(ids)
+        for layer in self.model.model.layers:
+            x = self.block(layer, x, rope, view)
+        return self.model.model.norm(x)
+
+    def mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, view: StepView) -> torch.Tensor:
+        layer = self.model.model.mtp_layers[0]
+        h = layer.combine(hidden, self.model.model.embed_tokens(next_ids))
+        return self.block(layer, h, self.rope_tables(positions), view)
