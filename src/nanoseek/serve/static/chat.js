@@ -92,7 +92,7 @@
     const div = addMessage("assistant");
     div.dataset.state = "streaming";
     const view = assistantView(div);
-    let reasoning = "", content = "", usage = null, finish = null;
+    let reasoning = "", content = "", usage = null, finish = null, failed = false;
     const started = performance.now();
     controller = new AbortController();
     sendBtn.disabled = true; stopBtn.disabled = false;
@@ -131,6 +131,7 @@
         scroll();
       }
     } catch (e) {
+      failed = e.name !== "AbortError";
       const p = document.createElement("p");
       p.className = "error";
       p.textContent = e.name === "AbortError" ? "(stopped)" : "Error: " + e.message;
@@ -142,7 +143,9 @@
       if (usage) parts.push(usage.completion_tokens + " tokens", (usage.completion_tokens / secs).toFixed(1) + " tok/s");
       if (finish) parts.push("finish: " + finish);
       view.meta.textContent = parts.join(" · ");
-      history.push({ role: "assistant", content: content });
+      // A failed turn leaves the history as it was, so the next message is not sent after a broken one.
+      if (failed) history.pop();
+      else history.push({ role: "assistant", content: content });
       div.dataset.state = "done";
       sendBtn.disabled = false; stopBtn.disabled = true;
       controller = null;
