@@ -1,0 +1,242 @@
+"""Verifiable tasks: splits never overlap, prompts per language, strict scoring, adapters."""
+
+import json
+
+import pytest
+
+from nanoseek.data.rewards import format_reward, language_consistency, script_counts, split_completion
+from nanoseek.data.tasks import (
+    BUILTIN_TASKS,
+    HELDOUT_EVERY,
+    ArithmeticTask,
+    Problem,
+    check_countdown,
+    extract_answer,
+    get_task,
+    parse_number,
+    split_of,
+)
+
+
+def _canonical(task, p: Problem) -> str:
+    return f"{task.family}|{task.key(p.meta)}"
+
+
+@pytest.mark.parametrize("name", BUILTIN_TASKS)
+def test_splits_never_overlap_and_are_reproducible(name):
+    task = get_task(name)
+    train = task.problems("train", 300, seed=0) + task.problems("train", 100, seed=7)
+    test = task.problems("test", 150, seed=0) + task.problems("test", 50, seed=7)
+    train_keys = {_canonical(task, p) for p in train}
+    test_keys = {_canonical(task, p) for p in test}
+    assert not train_keys & test_keys
+    assert not {p.id for p in train} & {p.id for p in test}
+    assert all(split_of(k) == "train" for k in train_keys) and all(split_of(k) == "test" for k in test_keys)
+    assert len({p.id for p in task.problems("test", 150, seed=0)}) == 150  # distinct
+    again = task.problems("test", 150, seed=0)
+    assert [(p.id, p.prompt, p.language) for p in again] == [(p.id, p.prompt, p.language) for p in test[:150]]
+    assert [p.id for p in task.problems("train", 20, seed=1)] != [p.id for p in train[:20]]
+
+
+def test_heldout_fraction_is_about_one_in_five():
+    task = get_task("arithmetic")
+    import random
+
+    rng = random.Random(0)
+    keys = {f"arithmetic|{task.key(task.generate(rng))}" for _ in range(5000)}
+    frac = sum(split_of(k) == "test" for k in keys) / len(keys)
+    assert abs(frac - 1 / HELDOUT_EVERY) < 0.03
+
+
+def test_commutative_problems_share_one_identity():
+    task = get_task("arithmetic")
+    a = task.make({"op": "add", "a": 47, "b": 38}, "en")
+    b = task.make({"op": "add", "a": 38, "b": 47}, "zh")
+    assert a.id == b.id and a.meta["split"] == b.meta["split"]
+    c = task.make({"op": "sub", "a": 47, "b": 38}, "en")
+    assert c.id != a.id
+
+
+@pytest.mark.parametrize("name", BUILTIN_TASKS)
+@pytest.mark.parametrize("lang", ["en", "ja", "zh"])
+def test_prompts_in_language_and_worked_solutions_score(name, lang):
+    task = get_task(name)
+    for p in task.problems("test", 20, seed=2, language=lang):
+        assert p.language == lang and p.task == name
+        counts = script_counts(p.prompt)
+        if lang == "ja":
+            assert counts["kana"] > 0
+        elif lang == "zh":
+            assert counts["han"] > 0 and counts["kana"] == 0
+        else:
+            assert counts["kana"] == counts["han"] == 0
+        worked = task.worked_solution(p)
+        assert worked.startswith("<think>\n") and worked.endswith(f"</think>\n{p.answer}")
+        assert len(worked) < 200  # short enough for a tiny model (< ~80 tokens with a 4k BPE)
+        completion = worked[len("<think>") :]  # the prompt opened the think block
+        assert task.score(p, completion, require_think=True) == 1.0
+        assert format_reward(completion) == 1.0
+        thinking, _ = split_completion(completion)
+        assert language_consistency(thinking, lang) == 1.0
+        # the rebuilt task scores the same problem the same way
+        assert get_task(p.task).score(p, worked) == 1.0
+
+
+@pytest.mark.parametrize("name", BUILTIN_TASKS)
+def test_wrong_and_stuffed_answers_score_zero(name):
+    task = get_task(name)
+    for p in task.problems("train", 10, seed=3):
+        stuffed = " ".join(str(i) for i in range(200)) + " " + p.answer
+        assert task.score(p, f"x</think>\n{stuffed}") == 0.0
+        assert task.score(p, f"x</think>\n{p.answer} or 7") == 0.0
+        assert task.score(p, "x</think>\n") == 0.0
+        # the answer is read after the LAST </think>
+        assert task.score(p, f"{p.answer}</think>\n-123456") == 0.0
+
+
+def test_answer_extraction():
+    assert extract_answer("thinking</think>\n42") == "42"
+    assert extract_answer("a</think>b</think> 7 <｜end▁of▁sentence｜>") == "7"
+    assert extract_answer("42") == "42"
+    assert extract_answer("42", require_think=True) is None
+    p = get_task("arithmetic").make({"op": "add", "a": 40, "b": 2}, "en")
+    assert get_task("arithmetic").score(p, "42") == 1.0  # no think tag, not required
+    assert get_task("arithmetic").score(p, "42", require_think=True) == 0.0
+    for text, value in [
+        ("42", 42),
+        ("-3.5", -3.5),
+        ("\\boxed{12}", 12),
+        ("$7$", 7),
+        ("1,234", 1234),
+        ("7/2", 3.5),
+    ]:
+        assert parse_number(text) == value
+    for text in ["1 2 42", "42 apples", "", "x", "4 2"]:
+        assert parse_number(text) is None
+
+
+def test_countdown_checker():
+    nums, target = [3, 5, 6], 33
+    assert check_countdown("6*5+3", nums, target)
+    assert check_countdown("3 + 5 × 6", nums, target)
+    assert check_countdown("(6*5)+3 = 33", nums, target)
+    assert not check_countdown("(6*5)+3 = 34", nums, target)
+    assert not check_countdown("6*5+3+0", nums, target)  # 0 is not an allowed number
+    assert not check_countdown("6*6-3", nums, target)  # 6 twice, 5 never
+    assert not check_countdown("6*5", nums, 30)  # must use every number
+    assert not check_countdown("5*6+3-3+3", nums, target)
+    assert not check_countdown("6**2-3", nums, target)
+    assert not check_countdown("__import__('os')", nums, target)
+    assert not check_countdown("3/(5-5)*6", [3, 5, 5, 6], 0)
+    assert check_countdown("(6-3)*5/5", [3, 5, 5, 6], 3)  # exact rational arithmetic
+
+
+def test_linear_equation_accepts_x_equals():
+    task = get_task("linear_equation")
+    p = task.problems("test", 1, seed=0)[0]
+    assert task.score(p, f"t</think>x = {p.answer}") == 1.0
+    assert task.score(p, f"t</think>y = {p.answer}") == 0.0
+
+
+def test_sorting_list_formats():
+    task = get_task("sorting")
+    p = task.make({"numbers": [42, 7, 19, 88]}, "ja")
+    assert p.answer == "7, 19, 42, 88"
+    for ok in ["7, 19, 42, 88", "[7, 19, 42, 88]", "7、19、42、88", "7 19 42 88"]:
+        assert task.score(p, f"t</think>{ok}") == 1.0
+    for bad in ["7, 19, 88, 42", "7, 19, 42", "7, 19, 42, 88, 88", "sorted: 7, 19, 42, 88"]:
+        assert task.score(p, f"t</think>{bad}") == 0.0
+
+
+def test_difficulty_and_options():
+    three = get_task("arithmetic?digits=3&ops=add")
+    for p in three.problems("train", 50):
+        assert p.meta["op"] == "add" and 100 <= p.meta["a"] <= 999 and 100 <= p.meta["b"] <= 999
+    hard = get_task("countdown?difficulty=2")
+    assert all(len(p.meta["numbers"]) == 4 for p in hard.problems("train", 20))
+    assert isinstance(get_task("arithmetic"), ArithmeticTask)
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("nope")
+    with pytest.raises(ValueError, match="bad options"):
+        get_task("arithmetic?colour=red")
+    with pytest.raises(ValueError, match="ops"):
+        get_task("arithmetic?ops=pow")
+    with pytest.raises(ValueError, match="split"):
+        get_task("arithmetic").problems("val", 3)
+    with pytest.raises(ValueError, match="language"):
+        get_task("arithmetic").problems("train", 3, language="fr")
+
+
+def test_small_problem_space_runs_dry_with_a_clear_error():
+    task = get_task("arithmetic?digits=1&ops=add")  # 55 unordered pairs, ~11 held out
+    with pytest.raises(ValueError, match="distinct test problems"):
+        task.problems("test", 500)
+
+
+def test_reasoning_gym_adapter_is_binary_by_default():
+    task = get_task("rg:basic_arithmetic")
+    train, test = task.problems("train", 30, seed=0), task.problems("test", 10, seed=0)
+    assert not {p.prompt for p in train} & {p.prompt for p in test}
+    p = train[0]
+    assert task.score(p, f"t</think>{p.answer}") == 1.0
+    assert task.score(p, "t</think>not it") == 0.0
+    with pytest.raises(ValueError, match="unsupported language"):
+        task.problems("train", 1, language="ja")
+    with pytest.raises(ValueError, match="English"):
+        next(task.iter_problems("train", language=("en", "zh")))
+    # reasoning-gym's countdown scorer gives partial credit for a wrong expression; ours does not
+    cd = get_task("rg:countdown")
+    q = cd.problems("train", 1, seed=0)[0]
+    raw = cd._scorer.score_answer("1+2", q.meta["entry"])
+    assert 0.0 < raw < 1.0
+    assert cd.score(q, "t</think>1+2") == 0.0
+    assert get_task("rg:countdown?partial=true").score(q, "t</think>1+2") == pytest.approx(raw)
+
+
+def test_jsonl_tasks(tmp_path):
+    rows = [
+        {"prompt": "What is 1/2 + 1/4?", "answer": "\\frac{3}{4}", "verifier": "math"},
+        {"prompt": "Capital of France?", "answer": "Paris"},
+        {"prompt": "2+2?", "answer": 4, "split": "test"},
+        {"prompt": "Double the input.", "tests": [{"input": "3", "output": "6"}], "split": "test"},
+        {"prompt": "bad gold", "answer": "n/a", "verifier": "numeric", "split": "test"},
+        {"prompt": "日本の首都は？", "answer": "東京", "split": "train", "reasoning": "日本の首都は東京。"},
+    ]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    task = get_task(f"jsonl:{path}")
+    by = {p.prompt: p for p in task.items}
+    assert by["2+2?"].meta["verifier"] == "numeric" and by["Capital of France?"].meta["verifier"] == "exact"
+    assert by["Double the input."].meta["verifier"] == "code"
+    assert by["日本の首都は？"].language == "ja"
+    assert task.score(by["What is 1/2 + 1/4?"], "t</think>\\boxed{0.75}") == 1.0
+    assert task.score(by["What is 1/2 + 1/4?"], "t</think>\\boxed{1/3}") == 0.0
+    assert task.score(by["Capital of France?"], "t</think> Paris.") == 1.0
+    assert task.score(by["Capital of France?"], "t</think> Paris or Rome") == 0.0
+    assert task.score(by["2+2?"], "t</think>4") == 1.0
+    assert task.verify(by["bad gold"], "t</think>4") is None  # unparseable gold: skip, not reward
+    assert task.score(by["Double the input."], "t</think>```python\nprint(int(input())*2)\n```") == 1.0
+    assert task.worked_solution(by["日本の首都は？"]) == "<think>\n日本の首都は東京。\n</think>\n東京"
+    with pytest.warns(UserWarning, match="only 3 exist"):
+        test_prompts = {p.prompt for p in task.problems("test", 10)}
+    assert {"2+2?", "Double the input.", "bad gold"} <= test_prompts
+    assert "日本の首都は？" not in test_prompts
+
+    for bad, msg in [
+        ({"answer": "1"}, "prompt"),
+        ({"prompt": "p", "answer": "1", "verifier": "regex"}, "verifier"),
+        ({"prompt": "p", "verifier": "code"}, "tests"),
+        ({"prompt": "p"}, "answer"),
+    ]:
+        bad_path = tmp_path / f"bad_{msg}.jsonl"
+        bad_path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=msg):
+            get_task(f"jsonl:{bad_path}")
+    with pytest.raises(FileNotFoundError):
+        get_task(f"jsonl:{tmp_path / 'missing.jsonl'}")
+
+
+def test_nanoseek_tasks_reexports():
+    import nanoseek.tasks as t
+
+    assert t.get_task is get_task and t.Problem is Problem
