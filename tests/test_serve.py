@@ -414,3 +414,52 @@ def test_sse_wire_format(scripted):
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+@pytest.mark.slow
+def test_cli_serve(tmp_path, tok, model):
+    """`nanoseek serve DIR` prints where it listens and what it serves, then answers over HTTP."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from nanoseek.checkpoint import save_model
+
+    ckpt = tmp_path / "tiny-ckpt"
+    save_model(model, ckpt)
+    tok.save(ckpt)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "NANOSEEK_API_KEY": "k", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanoseek", "serve", str(ckpt), "--port", str(port), "--max-seq-len", "128"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        lines = []
+        deadline = time.time() + 90
+        while not any("listening on" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "".join(lines)
+            lines.append(line)
+            assert time.time() < deadline, "".join(lines)
+        out = "".join(lines)
+        assert f"http://127.0.0.1:{port}" in out and "'tiny-ckpt'" in out and "auth on" in out
+        for _ in range(100):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        r = client.chat.completions.create(model="tiny-ckpt", messages=USER, max_tokens=2, temperature=0)
+        assert r.usage.completion_tokens >= 1
+        assert client.models.list().data[0].max_model_len == 128
+    finally:
+        proc.terminate()
+        proc.wait(20)

@@ -1,0 +1,101 @@
+"""The server's text state machines, without a server: stop strings and the reasoning split must give
+the same result however the text is chunked (streaming vs one piece), and never leak a partial tag or
+a partial stop string."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from nanoseek.serve.metrics import Histogram, ServerMetrics
+from nanoseek.serve.textstream import ReasoningSplitter, StopStringMatcher
+
+
+def _chunked(text: str, rng: random.Random) -> list[str]:
+    out, i = [], 0
+    while i < len(text):
+        k = rng.randint(1, 5)
+        out.append(text[i : i + k])
+        i += k
+    return out
+
+
+def _split(
+    text: str, started: bool, chunks: list[str] | None = None
+) -> tuple[str, str, list[tuple[str, str]]]:
+    s = ReasoningSplitter(started)
+    deltas = [s.push(c) for c in (chunks or [text])]
+    deltas.append(s.flush())
+    return "".join(r for r, _ in deltas), "".join(c for _, c in deltas), deltas
+
+
+CASES = [
+    # (generated text, prompt opened <think>?, expected reasoning, expected content)
+    ("\nLet me think.\n</think>\n\nThe answer is 4.", True, "Let me think.\n", "The answer is 4."),
+    ("<think>\nhmm\n</think>\n\n42", False, "hmm\n", "42"),
+    ("  <think>a</think>b", False, "a", "b"),
+    ("plain answer, no thinking", False, "", "plain answer, no thinking"),
+    ("still thinking when max_tokens hit", True, "still thinking when max_tokens hit", ""),
+    ("a</think>b</think>c<think>d", True, "a", "b</think>c<think>d"),  # one block per answer, as R1
+    ("x < y and </thin is not a tag</think>ok", True, "x < y and </thin is not a tag", "ok"),
+    ("<thinking is not a tag>", False, "", "<thinking is not a tag>"),
+]
+
+
+@pytest.mark.parametrize(("text", "started", "reasoning", "content"), CASES)
+def test_reasoning_split_any_chunking(text, started, reasoning, content):
+    r, c, _ = _split(text, started)
+    assert (r, c) == (reasoning, content)
+    rng = random.Random(0)
+    for _ in range(30):
+        r2, c2, deltas = _split(text, started, _chunked(text, rng))
+        assert (r2, c2) == (reasoning, content)
+        assert not any("</think>" in d for _, d in deltas if "</think>" not in content)
+
+
+def test_reasoning_split_holds_partial_tag():
+    s = ReasoningSplitter(True)
+    assert s.push("abc</th") == ("abc", "")  # "</th" might be the end tag: held back
+    assert s.push("ink>\n\nok") == ("", "ok")
+
+
+STOP_CASES = [
+    ("Hello world. STOP here", ["STOP"], "Hello world. ", "STOP"),
+    ("no stop at all", ["zzz"], "no stop at all", None),
+    ("abcSTxSTOP", ["STOP", "xS"], "abcST", "xS"),  # the earliest match wins
+    ("ends with a partial ST", ["STOP"], "ends with a partial ST", None),  # flushed at the end
+]
+
+
+@pytest.mark.parametrize(("text", "stops", "expected", "matched"), STOP_CASES)
+def test_stop_strings_any_chunking(text, stops, expected, matched):
+    rng = random.Random(1)
+    for chunks in [[text]] + [_chunked(text, rng) for _ in range(30)]:
+        m = StopStringMatcher(stops)
+        out = [m.push(c) for c in chunks]
+        out.append(m.flush())
+        assert "".join(out) == expected
+        assert m.matched == matched
+        # no emitted prefix ever contains a stop string or goes past the final text
+        assert expected.startswith("".join(out[:-1]))
+
+
+def test_stop_matcher_withholds_possible_prefix():
+    m = StopStringMatcher(["</answer>"])
+    assert m.push("42</ans") == "42"
+    assert m.push("wer>") == "" and m.stopped
+
+
+def test_prometheus_exposition():
+    h = Histogram("x_seconds", "help", [0.1, 1.0])
+    for v in (0.05, 0.5, 2.0):
+        h.observe(v)
+    lines = h.render()
+    assert 'x_seconds_bucket{le="0.1"} 1' in lines and 'x_seconds_bucket{le="+Inf"} 3' in lines
+    assert "x_seconds_count 3" in lines
+    m = ServerMetrics(lambda: {"num_running": 3, "cache_blocks_used": 5, "cache_blocks_total": 20})
+    m.requests.inc(route="/v1/models", status="200")
+    text = m.render()
+    assert 'nanoseek:requests_total{route="/v1/models",status="200"} 1' in text
+    assert "nanoseek:num_requests_running 3" in text and "nanoseek:kv_cache_usage_perc 0.25" in text
