@@ -26,8 +26,8 @@ def _fake_run(run):
         grpo.log(step=s, reward=0.1 * s, accuracy=0.05 * s, response_length=40 + s)
     grpo.log(event="end", wall_time_s=300.0, tokens=200_000)
     ev = MetricsLog(run, "eval")
-    ev.log(evaluated="sft", task="arithmetic", k=4, **{"pass@1": 0.20, "cons@k": 0.25}, format_rate=0.9)
-    ev.log(evaluated="grpo", task="arithmetic", k=4, **{"pass@1": 0.35, "cons@k": 0.40}, format_rate=0.95)
+    ev.log(evaluated="sft", task="arithmetic", k=4, **{"pass@1": 0.20, "cons@4": 0.25}, format_rate=0.9)
+    ev.log(evaluated="grpo", task="arithmetic", k=4, **{"pass@1": 0.35, "cons@4": 0.40}, format_rate=0.95)
 
 
 def test_report_has_tables_and_plots(tmp_path):
@@ -36,7 +36,8 @@ def test_report_has_tables_and_plots(tmp_path):
     text = path.read_text()
     assert "| pretrain | 120 s | 1.00M |" in text
     assert "8.00M" in text and "3.00M" in text
-    assert "+15.0 points" in text and "20.0% → 35.0%" in text
+    assert "+15.0 points" in text and "20.0% → 35.0%" in text and "format rate 90.0% → 95.0%" in text
+    assert "| grpo | arithmetic | 4 | 35.0% | 40.0% |" in text
     assert "11.2x smaller than MHA" in text
     for png in ("loss.png", "grpo_reward.png", "grpo_length.png", "expert_load.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 1000

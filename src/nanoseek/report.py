@@ -84,13 +84,18 @@ class RunMetrics:
                 return r[key]
         return None
 
-    def evals(self) -> dict[str, dict[str, Any]]:
-        """The latest eval record per evaluated checkpoint/stage name."""
-        out: dict[str, dict[str, Any]] = {}
+    def evals(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """The latest eval record per (evaluated checkpoint/stage name, task)."""
+        out: dict[tuple[str, str], dict[str, Any]] = {}
         for r in self.by_stage.get("eval", []):
             name = r.get("evaluated") or r.get("checkpoint")
             if name and ("pass@1" in r or "accuracy" in r):
-                out[str(name)] = r
+                cons = next((v for k, v in r.items() if k.startswith("cons@")), None)
+                out[(str(name), str(r.get("task")))] = {
+                    **r,
+                    "cons": cons,
+                    "length": r.get("mean_length", r.get("mean_tokens")),
+                }
         return out
 
     def model_info(self) -> dict[str, Any]:
