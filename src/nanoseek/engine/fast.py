@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from nanoseek.engine.cache import StepView
 from nanoseek.model.attention import MultiHeadLatentAttention, apply_rope
@@ -91,13 +90,15 @@ class FastForward:
     def __init__(self, model: DeepSeekV3) -> None:
         self.model = model
         self.grouped_mm = has_grouped_mm()
+        self._params = list(model.parameters())
         self._versions: list[int] = []
+        self._mlp: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._attn: dict[int, _Attn] = {}
         self._experts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.refresh()
 
     def _source_versions(self) -> list[int]:
-        return [p._version for p in self.model.parameters()]
+        return [p._version for p in self._params]
 
     def refresh(self) -> None:
         """(Re)build derived weights; cheap to call, a no-op unless a parameter changed."""
@@ -108,6 +109,10 @@ class FastForward:
         with torch.no_grad():
             for b in blocks:
                 self._attn[b.layer_idx] = _Attn(b.self_attn)
+                dense = b.mlp.shared_experts if isinstance(b.mlp, MoE) else b.mlp
+                if dense is not None:  # SwiGLU with gate and up fused into one matmul
+                    gu = torch.cat((dense.gate_proj.weight.detach(), dense.up_proj.weight.detach()), dim=0)
+                    self._mlp[b.layer_idx] = (gu, dense.down_proj.weight.detach())
                 if isinstance(b.mlp, MoE):
                     ex = b.mlp.experts
                     # grouped_mm wants [E, K, N] with the output dim contiguous.
@@ -186,8 +191,13 @@ class FastForward:
             y = mlp.experts(flat, indices, weights).to(x.dtype)
         y = y.view(shape)
         if mlp.shared_experts is not None:
-            y = y + mlp.shared_experts(x)
+            y = y + self.swiglu(layer_idx, x)
         return y
+
+    def swiglu(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self._mlp[layer_idx]
+        g, u = F.linear(x, gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(g) * u, down)
 
     # ----------------------------------------------------------------- block
     def block(self, layer: DecoderBlock, x: torch.Tensor, rope, view: StepView) -> torch.Tensor:
@@ -197,8 +207,7 @@ class FastForward:
         y = F.rms_norm(x, (x.shape[-1],), n2.weight, n2.eps)
         if isinstance(layer.mlp, MoE):
             return x + self.moe(layer.layer_idx, layer.mlp, y)
-        mlp: nn.Module = layer.mlp
-        return x + mlp(y)
+        return x + self.swiglu(layer.layer_idx, y)
 
     def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, view: StepView) -> torch.Tensor:
         rope = self.rope_tables(positions)
