@@ -115,9 +115,12 @@ def extract_answer(completion: str, require_think: bool = False) -> str | None:
 
 
 def unbox(text: str) -> str:
-    r"""The content of the last ``\boxed{...}`` (brace-matched), else the text itself."""
+    r"""The content of the one ``\boxed{...}`` (brace-matched), else the text itself.
+
+    Two or more boxes are left as they are (and then fail to parse): boxing many candidates is a hack.
+    """
     start = text.rfind("\\boxed{")
-    if start < 0:
+    if start < 0 or text.count("\\boxed{") > 1:
         return text
     i, depth = start + len("\\boxed{"), 1
     for j in range(i, len(text)):
@@ -185,6 +188,8 @@ def check_math(gold: str, answer: str | None) -> float | None:
 
     main = threading.current_thread() is threading.main_thread()
     timeout = 5 if main else None
+    if not main:
+        _quiet_math_verify_timeout_warning()
     gold_text = gold if "$" in gold or "\\boxed" in gold else f"${gold}$"
     try:
         g = parse(gold_text, parsing_timeout=timeout)
@@ -199,6 +204,15 @@ def check_math(gold: str, answer: str | None) -> float | None:
         return float(bool(p) and verify(g, p, timeout_seconds=timeout))
     except Exception:
         return 0.0
+
+
+@functools.cache
+def _quiet_math_verify_timeout_warning() -> None:
+    # math-verify warns on every call made with its timeout disabled; once is enough (documented above)
+    import logging
+
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).addFilter(lambda r: "Timeout is disabled" not in r.getMessage())
 
 
 _CODE_BLOCK_RE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)

@@ -1,0 +1,240 @@
+"""Rewards on hand-made completions, including reward-hacking attempts."""
+
+import json
+import threading
+import time
+
+import pytest
+
+from nanoseek.data.rewards import (
+    build_reward,
+    format_reward,
+    language_consistency,
+    parse_reward_spec,
+    script_counts,
+    split_completion,
+)
+from nanoseek.data.tasks import check_math, get_task
+
+EOS = "<｜end▁of▁sentence｜>"
+
+
+@pytest.fixture
+def add_en():
+    return get_task("arithmetic").make({"op": "add", "a": 40, "b": 2}, "en")
+
+
+@pytest.fixture
+def add_ja():
+    return get_task("arithmetic").make({"op": "add", "a": 40, "b": 2}, "ja")
+
+
+def test_spec_parsing():
+    assert parse_reward_spec("accuracy:1,format:0.2,language:0.1,code:1") == {
+        "accuracy": 1.0,
+        "format": 0.2,
+        "language": 0.1,
+        "code": 1.0,
+    }
+    assert parse_reward_spec("accuracy, format:0.5") == {"accuracy": 1.0, "format": 0.5}
+    for bad, msg in [
+        ("accuracy:1,speed:2", "unknown reward"),
+        ("format:x", "bad weight"),
+        ("format,format", "twice"),
+        ("", "empty"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            parse_reward_spec(bad)
+
+
+def test_weighted_total(add_en):
+    reward = build_reward("accuracy:1,format:0.2,language:0.1")
+    total, parts = reward(add_en, "ones: 0 + 2 = 2\ntens: 4 + 0 = 4\nSo it is 42.\n</think>\n42" + EOS)
+    assert parts == {"accuracy": 1.0, "format": 1.0, "language": 1.0}
+    assert total == pytest.approx(1.3)
+    total, parts = reward(add_en, "So it is 41.\n</think>\n41")
+    assert parts["accuracy"] == 0.0 and total == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    ("completion", "opened", "expected"),
+    [
+        ("steps\n</think>\n42", True, 1.0),
+        ("<think>\nsteps\n</think>\n42", True, 1.0),  # the model repeated the opening tag once: fine
+        ("<think>\nsteps\n</think>\n42", False, 1.0),
+        ("steps\n</think>\n42", False, 0.0),  # prompt did not open the block: the tag is required
+        (f"steps\n</think>\n42{EOS}", True, 1.0),
+        ("42", True, 0.0),  # answer without thinking
+        ("</think>\n42", True, 0.0),  # empty thinking
+        ("<think></think>42", True, 0.0),
+        ("   \n</think>\n42", True, 0.0),
+        ("steps\n</think>\n", True, 0.0),  # no answer
+        ("steps\n</think>\n42</think>", True, 0.0),  # repeated closing tags
+        ("steps</think></think></think>42", True, 0.0),
+        ("steps\n<think>more</think>42", True, 0.0),  # a second opening tag mid-way
+        ("<think><think>steps</think>42", True, 0.0),
+        ("steps</think>42<｜User｜>and now?", True, 0.0),  # runs on into a new turn
+        (f"steps</think>42{EOS}more{EOS}", True, 0.0),
+        ("steps never closed", True, 0.0),
+    ],
+)
+def test_format_reward(completion, opened, expected):
+    assert format_reward(completion, prompt_opened_think=opened) == expected
+
+
+def test_split_completion():
+    assert split_completion("a</think>b") == ("a", "b")
+    assert split_completion("<think>a</think>b") == ("a", "b")
+    assert split_completion("never closed") == ("never closed", None)
+    assert split_completion("plain answer", prompt_opened_think=False) == ("", "plain answer")
+
+
+def test_language_consistency():
+    assert language_consistency("Add the ones, then the tens.", "en") == 1.0
+    assert language_consistency("一の位を足す。次に十の位。", "ja") == 1.0
+    assert language_consistency("先加个位，再加十位。", "zh") == 1.0
+    assert language_consistency("Add the ones, then the tens.", "ja") == 0.0
+    assert language_consistency("Add the ones, then the tens.", "zh") == 0.0
+    # Japanese kana in a Chinese chain of thought count against it; kanji count for both
+    assert 0.0 < language_consistency("一の位を足す", "zh") < 1.0
+    mixed = language_consistency("First add 個位 digits", "en")
+    assert 0.5 < mixed < 1.0
+    # lone letters are symbols (x, a counting trace), not English words
+    assert language_consistency("両辺を 3 で割る: x = 5", "ja") == 1.0
+    assert script_counts("3x = 15 so x is 5")["latin"] == 4  # "so", "is"
+    assert language_consistency("7 + 8 = 15", "en") == 0.0  # no words at all: no credit
+    with pytest.raises(ValueError):
+        language_consistency("hello", "fr")
+
+
+def test_hack_answer_without_thinking(add_en):
+    reward = build_reward("accuracy:1,format:0.2,language:0.1")
+    total, parts = reward(add_en, "42")  # the prompt opened <think>: the model never left it
+    assert parts["accuracy"] == 0.0 and parts["format"] == 0.0
+    total_empty, parts = reward(add_en, "</think>\n42")
+    assert parts["format"] == 0.0 and parts["language"] == 0.0
+    full, _ = reward(add_en, "Add the ones and the tens.\n</think>\n42")
+    assert full > total_empty > total
+
+
+def test_hack_thinking_in_wrong_language(add_ja):
+    reward = build_reward("accuracy:1,format:0.2,language:0.1")
+    english, parts_en = reward(add_ja, "Add the ones, then the tens.\n</think>\n42")
+    japanese, parts_ja = reward(add_ja, "一の位を足して、十の位を足す。\n</think>\n42")
+    assert parts_en["language"] == 0.0 and parts_ja["language"] == 1.0
+    assert japanese > english
+
+
+def test_hack_stuffed_and_repeated(add_en):
+    reward = build_reward("accuracy:1,format:0.2")
+    stuffed = " ".join(str(i) for i in range(100))
+    assert reward(add_en, f"Many guesses.\n</think>\n{stuffed}")[1]["accuracy"] == 0.0
+    assert reward(add_en, "guess\n</think>\n41\n42\n43")[1]["accuracy"] == 0.0
+    assert reward(add_en, "guess\n</think>\n\\boxed{41} \\boxed{42}")[1]["accuracy"] == 0.0
+    total, parts = reward(add_en, "Adding.</think>42</think>42</think>42")
+    assert parts["format"] == 0.0  # the last answer is right, the format is not
+    # a correct answer inside the thinking does not count if the final answer is wrong
+    assert reward(add_en, "It is 42.\n</think>\n41")[1]["accuracy"] == 0.0
+
+
+def test_unparseable_gold_is_skipped(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "answer": "unknown", "verifier": "numeric"}) + "\n")
+    task = get_task(f"jsonl:{path}")
+    reward = build_reward("accuracy:1,format:0.2", task=task)
+    result = reward(task.items[0], "thinking</think>unknown")
+    assert result.skipped and result.total == 0.0 and result.parts == {}
+    total, parts = result  # still unpacks as a pair
+    assert total == 0.0
+    ok = build_reward("accuracy:1")(
+        get_task("arithmetic").make({"op": "add", "a": 1, "b": 1}, "en"), "t</think>2"
+    )
+    assert not ok.skipped and ok.total == 1.0
+
+
+def test_math_verify_works_off_the_main_thread():
+    assert check_math("\\frac{3}{4}", "\\boxed{0.75}") == 1.0
+    assert check_math("\\frac{3}{4}", "\\boxed{\\frac{6}{8}}") == 1.0
+    assert check_math("\\frac{3}{4}", "\\boxed{\\frac{2}{3}}") == 0.0
+    assert check_math("", "\\boxed{1}") is None  # unparseable gold
+    results: dict[int, list] = {0: [], 1: []}
+    errors = []
+
+    def work(i):
+        try:
+            results[i].append(check_math("\\frac{3}{4}", "The answer is $\\boxed{\\frac{6}{8}}$"))
+            results[i].append(check_math("x^2 + 2x", "$x(x+2)$"))
+            results[i].append(check_math("\\sqrt{2}", "\\boxed{1.5}"))
+        except Exception as e:  # the signal-based timeout raises ValueError off the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == {0: [1.0, 1.0, 0.0], 1: [1.0, 1.0, 0.0]}
+
+
+@pytest.fixture
+def code_task(tmp_path):
+    rows = [
+        {
+            "prompt": "Read n, print 2n.",
+            "tests": [{"input": "3", "output": "6"}, {"input": "10", "output": "20"}],
+        },
+        {"prompt": "Define sq(x).", "tests": "assert sq(3) == 9\nassert sq(-2) == 4"},
+    ]
+    path = tmp_path / "code.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = get_task(f"jsonl:{path}")
+    return task, {p.prompt: p for p in task.items}
+
+
+def _code(src: str) -> str:
+    return f"I will write it.\n</think>\n```python\n{src}\n```"
+
+
+def test_code_reward_correct_partial_wrong(code_task):
+    task, by = code_task
+    reward = build_reward("accuracy:1,format:0.1,code:1", task=task)
+    io = by["Read n, print 2n."]
+    assert reward(io, _code("print(int(input()) * 2)")).parts == {"accuracy": 1.0, "format": 1.0, "code": 1.0}
+    partial = reward(io, _code("n = int(input())\nprint(6 if n == 3 else 0)"))
+    assert partial.parts["accuracy"] == 0.0 and partial.parts["code"] == 0.5
+    fn = by["Define sq(x)."]
+    assert reward(fn, _code("def sq(x):\n    return x * x")).parts["accuracy"] == 1.0
+    assert reward(fn, _code("def sq(x):\n    return x + x")).parts["accuracy"] == 0.0
+    # the code reward is not applicable to a non-code problem: no part, no crash
+    add = get_task("arithmetic").make({"op": "add", "a": 1, "b": 1}, "en")
+    assert "code" not in build_reward("accuracy:1,code:1")(add, "t</think>2").parts
+
+
+@pytest.mark.parametrize(
+    "src",
+    [
+        "while True:\n    pass",  # loops
+        "import os\nwhile True:\n    os.fork()",  # forks
+        "import subprocess\nsubprocess.run(['sh', '-c', 'echo 6'])",  # spawns
+        "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=0.5)\nprint(6)",  # network
+        "x = [bytearray(64 << 20) for _ in range(64)]\nprint(6)",  # fills memory
+    ],
+)
+def test_code_reward_adversarial(code_task, src):
+    task, by = code_task
+    reward = build_reward("accuracy:1,code:1", task=task)
+    t0 = time.perf_counter()
+    result = reward(by["Read n, print 2n."], _code(src))
+    assert result.parts == {"accuracy": 0.0, "code": 0.0}
+    assert time.perf_counter() - t0 < 10
+
+
+def test_batch_matches_sequential(add_en, add_ja):
+    reward = build_reward("accuracy:1,format:0.2,language:0.1")
+    problems = [add_en, add_ja, add_en]
+    completions = ["Add.\n</think>\n42", "足す。\n</think>\n42", "no"]
+    assert reward.batch(problems, completions, workers=2) == [
+        reward(p, c) for p, c in zip(problems, completions, strict=True)
+    ]
+    with pytest.raises(ValueError):
+        reward.batch(problems, completions[:2])
