@@ -190,7 +190,10 @@ class Server:
             seed=seed,
             stop_token_ids=[self.tokenizer.eos_token_id],
             logprobs=logprobs,
+            ignore_eos=req.ignore_eos,
         )
+        if req.ignore_eos:
+            params.stop_token_ids = []
         try:
             params.validate()
         except ValueError as e:

@@ -97,6 +97,7 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (load benchmarks)
 
     @field_validator("stop")
     @classmethod
