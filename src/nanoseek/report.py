@@ -153,27 +153,33 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
             "| checkpoint | task | k | pass@1 | cons@k | format rate | language consistency | mean length |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for name, r in evals.items():
+        for (name, task), r in evals.items():
             lines.append(
-                f"| {name} | {_fmt(r.get('task'))} | {_fmt(r.get('k'))} | {_pct(r.get('pass@1', r.get('accuracy')))} | "
-                f"{_pct(r.get('cons@k'))} | {_pct(r.get('format_rate'))} | {_pct(r.get('language_consistency'))} | "
-                f"{_fmt(r.get('mean_length'))} |"
+                f"| {name} | {task} | {_fmt(r.get('k'))} | {_pct(r.get('pass@1', r.get('accuracy')))} | "
+                f"{_pct(r.get('cons'))} | {_pct(r.get('format_rate'))} | {_pct(r.get('language_consistency'))} | "
+                f"{_fmt(r.get('length'))} |"
             )
         lines.append("")
-        before, after = evals.get("sft") or evals.get("pretrain"), evals.get("grpo")
-        if before and after:
-            b, a = before.get("pass@1"), after.get("pass@1")
-            if b is not None and a is not None:
+        for task in sorted({t for _, t in evals}):
+            before = evals.get(("sft", task)) or evals.get(("pretrain", task))
+            after = evals.get(("grpo", task))
+            if before and after and before.get("pass@1") is not None and after.get("pass@1") is not None:
+                b, a = before["pass@1"], after["pass@1"]
                 lines.append(
-                    f"GRPO changed held-out pass@1 by **{100 * (a - b):+.1f} points** ({_pct(b)} → {_pct(a)})."
+                    f"- {task}: GRPO changed held-out pass@1 by **{100 * (a - b):+.1f} points** "
+                    f"({_pct(b)} → {_pct(a)}); format rate {_pct(before.get('format_rate'))} → "
+                    f"{_pct(after.get('format_rate'))}."
                 )
-        control = evals.get("control")
-        if control and after:
-            lines.append(
-                f"Control (the same wall time spent on more supervised training instead of GRPO): pass@1 "
-                f"{_pct(control.get('pass@1'))}, cons@k {_pct(control.get('cons@k'))}; GRPO: "
-                f"{_pct(after.get('pass@1'))}, cons@k {_pct(after.get('cons@k'))}."
-            )
+            control = evals.get(("control", task))
+            if control and after:
+                lines.append(
+                    f"- {task}, control (the same wall time spent on more supervised training instead of GRPO): "
+                    f"pass@1 {_pct(control.get('pass@1'))}, cons@k {_pct(control.get('cons'))}; GRPO: "
+                    f"{_pct(after.get('pass@1'))}, cons@k {_pct(after.get('cons'))}."
+                )
+            student = evals.get(("distill", task))
+            if student:
+                lines.append(f"- {task}, distilled dense student: pass@1 {_pct(student.get('pass@1'))}.")
         lines.append("")
 
     if plots:
