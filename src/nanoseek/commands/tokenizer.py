@@ -1,0 +1,120 @@
+"""`nanoseek tokenizer train|encode|decode`: byte-level BPE with DeepSeek's special tokens."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EMBEDDED_DEFAULT_DOCS = 20_000
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "tokenizer",
+        help="train a byte-level BPE tokenizer, or encode / decode with one",
+        description="Byte-level BPE (HF tokenizers) with DeepSeek's special tokens and the R1 chat template.",
+    )
+    sub = p.add_subparsers(dest="action", metavar="<action>", required=True)
+
+    t = sub.add_parser("train", help="train on a corpus and save tokenizer.json + tokenizer_config.json")
+    t.add_argument(
+        "--data",
+        nargs="+",
+        default=["embedded"],
+        help="'embedded' (default), or .txt/.jsonl/.parquet files, globs or directories",
+    )
+    t.add_argument("--vocab-size", type=int, default=4096, help="total ids, special tokens included")
+    t.add_argument("--out", required=True, help="directory to write")
+    t.add_argument(
+        "--max-docs",
+        type=int,
+        default=None,
+        help=f"documents to train on (default: {EMBEDDED_DEFAULT_DOCS:,} for the embedded corpus, all otherwise)",
+    )
+    t.add_argument("--min-frequency", type=int, default=2, help="pairs seen fewer times are never merged")
+    t.add_argument("--text-field", default="text", help="JSON key / parquet column holding the text")
+    t.add_argument("--seed", type=int, default=0, help="seed of the embedded corpus")
+    t.set_defaults(func=run_train)
+
+    e = sub.add_parser("encode", help="print the token ids of a text")
+    e.add_argument("tokenizer", help="tokenizer directory or tokenizer.json")
+    e.add_argument("text", nargs="?", help="text to encode (default: read stdin)")
+    e.add_argument("--bos", action="store_true", help="prepend the begin-of-sentence token")
+    e.add_argument("--tokens", action="store_true", help="print id<TAB>token-text lines instead")
+    e.set_defaults(func=run_encode)
+
+    d = sub.add_parser("decode", help="print the text of token ids")
+    d.add_argument("tokenizer", help="tokenizer directory or tokenizer.json")
+    d.add_argument("ids", nargs="+", help="token ids")
+    d.add_argument("--skip-special-tokens", action="store_true", help="drop BOS/EOS/PAD")
+    d.set_defaults(func=run_decode)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import itertools
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from nanoseek.data.corpus import iter_documents
+    from nanoseek.tokenizer import tokenizer_summary, train_tokenizer
+
+    source = args.data[0] if args.data == ["embedded"] else args.data
+    max_docs = args.max_docs
+    if max_docs is None and source == "embedded":
+        max_docs = EMBEDDED_DEFAULT_DOCS  # the embedded corpus is endless
+    if max_docs is not None and max_docs < 1:
+        raise ValueError(f"--max-docs must be positive, got {max_docs}")
+    docs = iter_documents(source, text_field=args.text_field, seed=args.seed)
+    chars = 0
+    held_out: list[str] = []
+
+    def counted():
+        nonlocal chars
+        for doc in tqdm(itertools.islice(docs, max_docs), total=max_docs, desc="tokenizer", unit="doc"):
+            chars += len(doc)
+            if len(held_out) < 200:
+                held_out.append(doc)
+            yield doc
+
+    start = time.perf_counter()
+    tok = train_tokenizer(counted(), vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    elapsed = time.perf_counter() - start
+    out = tok.save(Path(args.out))
+    print(
+        f"trained on {chars:,} chars in {elapsed:.1f}s: {tokenizer_summary(tok, held_out)}; "
+        f"saved tokenizer.json + tokenizer_config.json to {out}"
+    )
+    return 0
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    text = sys.stdin.read() if args.text is None else args.text
+    ids = tok.encode(text, add_bos=args.bos)
+    if args.tokens:
+        for i in ids:
+            print(f"{i}\t{tok.decode([i])!r}")
+    else:
+        print(" ".join(map(str, ids)))
+    return 0
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    ids = []
+    for raw in args.ids:
+        for piece in raw.replace(",", " ").split():
+            if not piece.lstrip("-").isdigit():
+                raise ValueError(f"not a token id: {piece!r}")
+            i = int(piece)
+            if not 0 <= i < tok.vocab_size:
+                raise ValueError(f"token id {i} is outside the vocabulary (size {tok.vocab_size})")
+            ids.append(i)
+    print(tok.decode(ids, skip_special_tokens=args.skip_special_tokens))
+    return 0

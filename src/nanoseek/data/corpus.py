@@ -1,0 +1,467 @@
+"""Text corpora, streamed, and the packed pretraining dataset built on them.
+
+What is notable:
+- Sources: `.txt`/`.md`, `.jsonl` (one JSON object per line, text in `text_field`), `.parquet` (read by
+  record batches, never whole), any of them gzipped (`.txt.gz`, `.jsonl.gz`), globs, directories
+  (recursive, sorted) and lists of these; "embedded" (or None) is the built-in synthetic corpus.
+- A `.txt` file is one document, unless it holds separator lines: a line that is exactly
+  `<|endoftext|>` or `<｜end▁of▁sentence｜>` ends a document (the TinyStories convention). A document
+  longer than `max_doc_chars` is cut at a line boundary, so memory stays bounded on huge files.
+- `PackedDataset`: documents are tokenized in batches, each prefixed with BOS, concatenated and cut into
+  windows of seq_len+1 tokens (no token dropped or repeated except the tail at the very end), shuffled
+  through a seeded buffer, and batched as (inputs, targets = inputs shifted by one).
+- Validation split by document hash (blake2b of the text): a document is in exactly one split whatever
+  the file order, shuffling or duplicates, so train and validation never overlap.
+- An exact data position: `state_dict()` holds the cursor into the sources (file, byte offset or row),
+  the tokens not yet packed and the shuffle buffer, so `load_state_dict` continues with exactly the batch
+  an uninterrupted run would have produced next, without re-reading or re-tokenizing what came before.
+- Data parallel: every rank walks the same window stream and takes its own slice of each global batch,
+  so N ranks see exactly the batches one process with an N-times larger batch would see.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from nanoseek.tokenizer import Tokenizer
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl",)
+PARQUET_SUFFIXES = (".parquet",)
+DOC_SEPARATORS = frozenset({"<|endoftext|>", "<｜end▁of▁sentence｜>"})
+EMBEDDED = "embedded"
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    for kind, suffixes in (("txt", TEXT_SUFFIXES), ("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES)):
+        if name.endswith(suffixes):
+            return None if kind == "parquet" and path.name.lower().endswith(".gz") else kind
+    return None
+
+
+def resolve_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files, globs and directories (recursively) into a sorted, de-duplicated file list."""
+    items = [source] if isinstance(source, str | os.PathLike) else list(source)
+    files: list[Path] = []
+    for item in items:
+        text = str(item)
+        if any(c in text for c in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True)) if Path(m).is_file()]
+            if not matches:
+                raise FileNotFoundError(f"no files match {text}")
+            bad = [m for m in matches if _kind(m) is None]
+            if bad:
+                raise ValueError(f"unsupported file type: {bad[0]} (use .txt, .md, .jsonl, .parquet, or .gz)")
+            files.extend(matches)
+        elif Path(text).is_dir():
+            found = sorted(
+                p
+                for p in Path(text).rglob("*")
+                if p.is_file() and _kind(p) and not any(part.startswith(".") for part in p.parts[-1:])
+            )
+            if not found:
+                raise FileNotFoundError(f"no .txt/.md/.jsonl/.parquet files under {text}")
+            files.extend(found)
+        elif Path(text).is_file():
+            if _kind(Path(text)) is None:
+                raise ValueError(f"unsupported file type: {text} (use .txt, .md, .jsonl, .parquet, or .gz)")
+            files.append(Path(text))
+        else:
+            raise FileNotFoundError(f"data source not found: {text}")
+    seen: set[Path] = set()
+    return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+
+
+def _is_embedded(source: Any) -> bool:
+    return source is None or (isinstance(source, str) and source == EMBEDDED)
+
+
+# ------------------------------------------------------------------ readers
+# Each reader yields (document, offset just after it); restarting at that offset resumes the file.
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")  # noqa: SIM115
+
+
+def _read_txt(path: Path, offset: int, max_doc_chars: int) -> Iterator[tuple[str, int]]:
+    with _open_binary(path) as f:
+        f.seek(offset)
+        lines: list[str] = []
+        size = 0
+        while True:
+            raw = f.readline()
+            if not raw:
+                break
+            line = raw.decode("utf-8", errors="replace")
+            if line.rstrip("\r\n") in DOC_SEPARATORS:
+                if lines:
+                    yield "".join(lines), f.tell()
+                lines, size = [], 0
+                continue
+            lines.append(line)
+            size += len(line)
+            if size >= max_doc_chars:  # bounded memory: cut a huge document at a line boundary
+                yield "".join(lines), f.tell()
+                lines, size = [], 0
+        if lines:
+            yield "".join(lines), f.tell()
+
+
+def _read_jsonl(path: Path, offset: int, text_field: str) -> Iterator[tuple[str, int]]:
+    with _open_binary(path) as f:
+        f.seek(offset)
+        while True:
+            at = f.tell()
+            raw = f.readline()
+            if not raw:
+                break
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON in the line at byte {at}: {e}") from e
+            if not isinstance(obj, dict) or text_field not in obj:
+                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise ValueError(f"{path}: line at byte {at} has no field {text_field!r} (has {keys})")
+            text = obj[text_field]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"{path}: field {text_field!r} at byte {at} is {type(text).__name__}, not text"
+                )
+            yield text, f.tell()
+
+
+def _read_parquet(path: Path, offset: int, text_field: str) -> Iterator[tuple[str, int]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(names)})")
+    # Offsets are row numbers; start at the row group that holds `offset` and skip inside it.
+    first, row = 0, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if row + n > offset:
+            break
+        row += n
+        first = g + 1
+    if first >= pf.metadata.num_row_groups:
+        return
+    groups = list(range(first, pf.metadata.num_row_groups))
+    for batch in pf.iter_batches(batch_size=1024, row_groups=groups, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if row <= offset or text is None:
+                continue
+            yield text, row
+
+
+def _read_embedded(offset: int, seed: int) -> Iterator[tuple[str, int]]:
+    try:
+        from nanoseek.data.synthetic import iter_documents as synthetic_documents
+    except ImportError as e:
+        raise ValueError(f"the embedded corpus is unavailable (nanoseek.data.synthetic: {e})") from e
+    docs = synthetic_documents(seed=seed, split="train")
+    for i, doc in enumerate(itertools.islice(docs, offset, None), start=offset + 1):
+        yield doc, i
+
+
+def iter_documents(
+    source: str | os.PathLike | Sequence[str | os.PathLike] | None = EMBEDDED,
+    text_field: str = "text",
+    *,
+    seed: int = 0,
+    max_doc_chars: int = 1_000_000,
+) -> Iterator[str]:
+    """Stream the documents of `source` in order; "embedded"/None is the endless synthetic corpus."""
+    stream = _DocumentStream(source, text_field, seed=seed, max_doc_chars=max_doc_chars, shuffle_files=False)
+    for doc, _ in stream.iter_from(_Cursor(), repeat=False):
+        if doc.strip():
+            yield doc
+
+
+# ------------------------------------------------------------------ positions
+@dataclass(frozen=True)
+class _Cursor:
+    """Where the next document comes from: epoch, index into that epoch's file order, offset in the file."""
+
+    epoch: int = 0
+    file: int = 0
+    offset: int = 0
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(seed: int, counter: int) -> int:
+    """splitmix64 of (seed, counter): a stateless, portable random stream (the state is the counter)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (counter + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class _DocumentStream:
+    def __init__(
+        self,
+        source: Any,
+        text_field: str,
+        *,
+        seed: int,
+        max_doc_chars: int,
+        shuffle_files: bool,
+    ) -> None:
+        self.embedded = _is_embedded(source)
+        self.files = [] if self.embedded else resolve_files(source)
+        self.text_field = text_field
+        self.seed = seed
+        self.max_doc_chars = max_doc_chars
+        self.shuffle_files = shuffle_files
+
+    def file_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.files)))
+        if self.shuffle_files:  # Fisher-Yates with the portable generator, new order every epoch
+            for i in range(len(order) - 1, 0, -1):
+                j = _mix(self.seed ^ 0x5EED, epoch * 1_000_003 + i) % (i + 1)
+                order[i], order[j] = order[j], order[i]
+        return order
+
+    def _read(self, path: Path, offset: int) -> Iterator[tuple[str, int]]:
+        kind = _kind(path)
+        if kind == "txt":
+            return _read_txt(path, offset, self.max_doc_chars)
+        if kind == "jsonl":
+            return _read_jsonl(path, offset, self.text_field)
+        return _read_parquet(path, offset, self.text_field)
+
+    def iter_from(self, cursor: _Cursor, repeat: bool) -> Iterator[tuple[str, _Cursor]]:
+        """Documents from `cursor` on, each with the cursor just after it; `repeat` runs epochs forever."""
+        if self.embedded:
+            for doc, offset in _read_embedded(cursor.offset, self.seed):
+                yield doc, _Cursor(0, 0, offset)
+            return
+        epoch, index, offset = astuple(cursor)
+        while True:
+            order = self.file_order(epoch)
+            for k in range(index, len(order)):
+                for doc, after in self._read(self.files[order[k]], offset):
+                    yield doc, _Cursor(epoch, k, after)
+                offset = 0
+                # Mark the file as finished so a resume does not reopen it.
+                yield "", _Cursor(epoch, k + 1, 0)
+            if not repeat:
+                return
+            epoch, index, offset = epoch + 1, 0, 0
+
+
+# ------------------------------------------------------------------ packing
+def in_validation_split(text: str, val_fraction: float) -> bool:
+    """Whether a document belongs to the validation split: a property of its text alone."""
+    if val_fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return h < val_fraction * 2.0**64
+
+
+class PackedDataset:
+    """Batches of packed token windows: iterate for `(inputs [B,S], targets [B,S])` long tensors.
+
+    The dataset holds its data position: iterating continues from it, `state_dict()` saves it and
+    `load_state_dict()` restores it (then iterate again). `reset()` goes back to the start.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike | Sequence[str | os.PathLike] | None,
+        tokenizer: Tokenizer | str | os.PathLike,
+        seq_len: int,
+        batch_size: int,
+        *,
+        split: str = "train",
+        val_fraction: float = 0.01,
+        seed: int = 0,
+        shuffle: bool | None = None,
+        shuffle_buffer: int = 512,
+        repeat: bool | None = None,
+        text_field: str = "text",
+        rank: int = 0,
+        world_size: int = 1,
+        tokenize_batch: int = 128,
+        max_doc_chars: int = 1_000_000,
+    ) -> None:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be positive (got {seq_len}, {batch_size})")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if split == "val" and val_fraction == 0:
+            raise ValueError("split='val' needs val_fraction > 0")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if isinstance(tokenizer, str | os.PathLike):
+            from nanoseek.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+        self.source = source
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.split, self.val_fraction, self.seed = split, val_fraction, seed
+        self.shuffle = (split == "train") if shuffle is None else shuffle
+        self.shuffle_buffer = shuffle_buffer if self.shuffle else 0
+        self.repeat = (split == "train") if repeat is None else repeat
+        self.rank, self.world_size = rank, world_size
+        self.tokenize_batch = tokenize_batch
+        self.stream = _DocumentStream(
+            source, text_field, seed=seed, max_doc_chars=max_doc_chars, shuffle_files=self.shuffle
+        )
+        self._fingerprint = {
+            "source": EMBEDDED if self.stream.embedded else [str(f) for f in self.stream.files],
+            "text_field": text_field,
+            "seq_len": seq_len,
+            "split": split,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "shuffle_buffer": self.shuffle_buffer,
+            "bos_token_id": tokenizer.bos_token_id,
+            "vocab_size": tokenizer.vocab_size,
+        }
+        self.reset()
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def reset(self) -> None:
+        self._cursor = _Cursor()
+        self._pending: list[int] = []  # tokenized; pending[_start:] is not yet in a window
+        self._start = 0
+        self._buffer: list[list[int]] = []  # shuffle buffer of windows
+        self._draws = 0  # random draws made from the shuffle buffer
+        self._batches = 0
+        self._docs = 0  # documents of this split consumed
+        self._exhausted = False
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        import torch
+
+        width = self.seq_len + 1
+        buffer = torch.tensor(self._buffer, dtype=torch.int32) if self._buffer else torch.zeros(0, width)
+        return {
+            "version": 1,
+            "fingerprint": dict(self._fingerprint),
+            "cursor": list(astuple(self._cursor)),
+            "pending": torch.tensor(self._pending[self._start :], dtype=torch.int32),
+            "buffer": buffer.to(torch.int32),
+            "draws": self._draws,
+            "batches": self._batches,
+            "documents": self._docs,
+            "exhausted": self._exhausted,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != 1:
+            raise ValueError(f"unknown data-position format (version {state.get('version')!r})")
+        saved = state["fingerprint"]
+        changed = [k for k in self._fingerprint if saved.get(k) != self._fingerprint[k]]
+        if changed:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {self._fingerprint[k]!r}" for k in changed)
+            raise ValueError(f"cannot resume the data position, the data settings changed ({detail})")
+        self._cursor = _Cursor(*(int(x) for x in state["cursor"]))
+        self._pending, self._start = state["pending"].tolist(), 0
+        self._buffer = state["buffer"].tolist()
+        self._draws = int(state["draws"])
+        self._batches = int(state["batches"])
+        self._docs = int(state["documents"])
+        self._exhausted = bool(state["exhausted"])
+
+    # ---------------------------------------------------------------- iteration
+    def _windows(self) -> Iterator[list[int]]:
+        """Packed windows of seq_len+1 tokens; the instance state is always exactly 'after this window'."""
+        width = self.seq_len + 1
+        want_val = self.split == "val"
+        bos = self.tokenizer.bos_token_id
+        docs = self.stream.iter_from(self._cursor, repeat=self.repeat)
+        epoch_docs, epoch = 0, self._cursor.epoch
+        while True:
+            while len(self._pending) - self._start < width and not self._exhausted:
+                del self._pending[: self._start]  # compact only when refilling: O(1) per window
+                self._start = 0
+                batch: list[str] = []
+                for doc, cursor in docs:
+                    self._cursor = cursor
+                    if cursor.epoch != epoch:
+                        if epoch_docs == 0 and self._docs == 0:
+                            raise ValueError(f"no documents in the {self.split} split of {self.source!r}")
+                        epoch, epoch_docs = cursor.epoch, 0
+                    if doc.strip() and in_validation_split(doc, self.val_fraction) == want_val:
+                        batch.append(doc)
+                        if len(batch) >= self.tokenize_batch:
+                            break
+                else:
+                    self._exhausted = True
+                if batch:
+                    for ids in self.tokenizer.encode_batch(batch):
+                        self._pending.append(bos)
+                        self._pending.extend(ids)
+                    self._docs += len(batch)
+                    epoch_docs += len(batch)
+            if len(self._pending) - self._start < width:
+                if self._docs == 0:
+                    raise ValueError(f"no documents in the {self.split} split of {self.source!r}")
+                return  # the end of a non-repeating stream; the last partial window is dropped
+            window = self._pending[self._start : self._start + width]
+            self._start += width
+            yield window
+
+    def _shuffled(self) -> Iterator[list[int]]:
+        for window in self._windows():
+            if len(self._buffer) < self.shuffle_buffer:
+                self._buffer.append(window)
+                continue
+            if not self.shuffle_buffer:
+                yield window
+                continue
+            j = _mix(self.seed, self._draws) % len(self._buffer)
+            self._draws += 1
+            out, self._buffer[j] = self._buffer[j], window
+            yield out
+        while self._buffer:  # stream ended: drain the buffer in random order
+            j = _mix(self.seed, self._draws) % len(self._buffer)
+            self._draws += 1
+            self._buffer[j], self._buffer[-1] = self._buffer[-1], self._buffer[j]
+            yield self._buffer.pop()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        import torch
+
+        per_step = self.batch_size * self.world_size
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        windows = self._shuffled()
+        while True:
+            rows = list(itertools.islice(windows, per_step))
+            if len(rows) < per_step:
+                return  # never a ragged batch: every rank stops at the same step
+            x = torch.tensor(rows[lo:hi], dtype=torch.long)
+            self._batches += 1
+            yield x[:, :-1].contiguous(), x[:, 1:].contiguous()

@@ -1,0 +1,346 @@
+"""Tokenizer: lossless round trips, DeepSeek special tokens, R1 chat template (ours == transformers'),
+HF loading, incremental decoding, CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from nanoseek.tokenizer import (
+    ASSISTANT,
+    BOS,
+    EOS,
+    PAD,
+    R1_CHAT_TEMPLATE,
+    THINK_END,
+    THINK_START,
+    USER,
+    IncrementalDecoder,
+    Tokenizer,
+    load_tokenizer,
+    render_r1_chat,
+    train_tokenizer,
+)
+
+SAMPLES = {
+    "english": "The quick brown fox jumps over the lazy dog. It's 12:45, and x = 3.14159!\n\n\tIndented  twice.",
+    "japanese": "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。カタカナもＯＫ、全角数字１２３。",
+    "chinese": "我们的答案是四十二。先计算 17 × 3 = 51，再减去 9 得到 42。",
+    "emoji": "👩‍👩‍👧‍👦 family, 🇯🇵 flag, skin 👍🏽, ✨ sparkles ✨ and 😀😀😀",
+    "mixed": "<think>\n計算: 2+2=4</think> The answer is 4.<｜end▁of▁sentence｜>  trailing spaces   \r\n",
+}
+
+
+def _corpus(n: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    base = list(SAMPLES.values())
+    out = []
+    for i in range(n):
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        out.append(f"{rng.choice(base)} Problem {i}: {a} + {b} = {a + b}. 答えは{a + b}です。")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer(_corpus(), vocab_size=600)
+
+
+def _random_text(rng: random.Random, n: int) -> str:
+    chars = []
+    for _ in range(n):
+        plane = rng.random()
+        if plane < 0.4:
+            cp = rng.randint(0x20, 0x7E)
+        elif plane < 0.7:
+            cp = rng.randint(0x80, 0xFFFF)
+        else:
+            cp = rng.randint(0x10000, 0x10FFFF)
+        if 0xD800 <= cp <= 0xDFFF:  # surrogates are not characters
+            cp = 0x20
+        chars.append(chr(cp))
+    return "".join(chars)
+
+
+# ------------------------------------------------------------------ round trips
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_round_trip_scripts(tok: Tokenizer, name: str) -> None:
+    text = SAMPLES[name]
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    # Byte-level: the tokens' bytes are exactly the text's UTF-8 bytes, in order.
+    table = tok.token_bytes()
+    assert b"".join(table[i] for i in ids) == text.encode("utf-8")
+
+
+def test_round_trip_random_code_points_and_bytes(tok: Tokenizer) -> None:
+    rng = random.Random(1)
+    for _ in range(50):
+        text = _random_text(rng, rng.randint(1, 80))
+        assert tok.decode(tok.encode(text)) == text
+    for _ in range(50):  # arbitrary bytes, as text arrives from a file read with errors="replace"
+        raw = bytes(rng.randrange(256) for _ in range(rng.randint(1, 120)))
+        text = raw.decode("utf-8", errors="replace")
+        assert tok.decode(tok.encode(text)) == text
+    for text in ["", " ", "\n", "\x00\x01\x7f", "\ufeffBOM", "a\u0301 e\u0301", "ﬁ ligature", "Ⅻ"]:
+        assert tok.decode(tok.encode(text)) == text  # no normalizer: NFC/NFKC forms are left alone
+
+
+def test_digits_are_single_tokens(tok: Tokenizer) -> None:
+    for text in ["1234567890", "x=31415", " 2026年11月23日 +1000"]:
+        ids = tok.encode(text)
+        digits = [c for c in text if c.isdigit()]
+        pieces = [tok.decode([i]) for i in ids]
+        assert [p for p in pieces if any(c.isdigit() for c in p)] == digits
+    # Non-ASCII digits are isolated too (then spelled in bytes unless the corpus had them).
+    pre = tok.backend.pre_tokenizer.pre_tokenize_str("١٢٣")
+    assert len(pre) == 3
+
+
+def test_special_tokens_are_single_ids(tok: Tokenizer) -> None:
+    for t in (BOS, EOS, PAD, USER, ASSISTANT, THINK_START, THINK_END):
+        assert len(tok.encode(t)) == 1, t
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (BOS, EOS, PAD)
+    assert tok.encode("hi", add_bos=True) == [tok.bos_token_id, *tok.encode("hi")]
+    assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}) == 3
+    assert tok.vocab_size <= 600
+    text = f"{BOS}<think>\nr</think>a{EOS}{PAD}"
+    # Special tokens vanish under skip_special_tokens; the chat / think tags stay (as in DeepSeek-R1).
+    assert tok.decode(tok.encode(text), skip_special_tokens=True) == "<think>\nr</think>a"
+    assert tok.encode_batch(["a b", "日本"], add_bos=True) == [
+        tok.encode("a b", add_bos=True),
+        tok.encode("日本", add_bos=True),
+    ]
+
+
+def test_vocab_size_is_exact() -> None:
+    rng = random.Random(3)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))) for _ in range(300)]
+    texts = [" ".join(rng.choice(words) for _ in range(50)) for _ in range(200)]
+    tok = train_tokenizer(texts, vocab_size=700)
+    assert tok.vocab_size == 700 and max(tok.backend.get_vocab().values()) == 699
+
+
+def test_train_rejects_tiny_vocab() -> None:
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(["abc"], vocab_size=100)
+
+
+# ------------------------------------------------------------------ chat template
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "日本の首都は？"},
+        {"role": "assistant", "content": "<think>\nTokyo is the capital.\n</think>\n東京です。"},
+        {"role": "user", "content": "And China's?"},
+    ],
+    [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "no think tags", "reasoning_content": "ignored"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": None},
+    ],
+    [{"role": "system", "content": "only a system prompt"}],
+]
+
+
+def test_r1_chat_format(tok: Tokenizer) -> None:
+    text = tok.apply_chat_template(CONVERSATIONS[1])
+    assert text == (
+        f"{BOS}You are helpful.\n\nAnswer briefly.{USER}日本の首都は？{ASSISTANT}\n東京です。{EOS}"
+        f"{USER}And China's?{ASSISTANT}<think>\n"
+    )
+    no_prompt = tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=False)
+    assert no_prompt == f"{BOS}{USER}What is 2+2?"
+    ids = tok.apply_chat_template(CONVERSATIONS[0], tokenize=True)
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert ids[-2:] == [tok.think_start_id, tok.encode("\n")[0]]
+    with pytest.raises(ValueError, match="role"):
+        render_r1_chat([{"role": "tool", "content": "x"}])
+    with pytest.raises(ValueError, match="content"):
+        render_r1_chat([{"role": "user", "content": ["parts"]}])
+
+
+def test_saved_tokenizer_works_in_transformers(tok: Tokenizer, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == R1_CHAT_TEMPLATE and config["bos_token"] == BOS
+    assert config["add_bos_token"] is True
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id,
+    )
+    for messages in CONVERSATIONS:
+        for gen in (True, False):
+            ours = tok.apply_chat_template(messages, add_generation_prompt=gen)
+            theirs = hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
+            assert ours == theirs
+    for text in SAMPLES.values():
+        assert hf(text)["input_ids"] == tok.encode(text, add_bos=True)  # HF adds BOS like DeepSeek's
+        assert hf.decode(tok.encode(text)) == text
+
+    again = load_tokenizer(tmp_path)
+    assert again.encode(SAMPLES["mixed"]) == tok.encode(SAMPLES["mixed"])
+    assert again.chat_template == R1_CHAT_TEMPLATE
+    assert load_tokenizer(tmp_path / "tokenizer.json").vocab_size == tok.vocab_size
+
+
+def test_load_hf_saved_and_deepseek_style_config(tok: Tokenizer, tmp_path: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok.backend, bos_token=BOS, eos_token=EOS)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    loaded = load_tokenizer(tmp_path / "hf")
+    assert loaded.bos_token_id == tok.bos_token_id and loaded.encode("日本") == tok.encode("日本")
+
+    # DeepSeek's tokenizer_config.json: special tokens as AddedToken dicts, LlamaTokenizerFast class.
+    ds = tmp_path / "deepseek"
+    ds.mkdir()
+    (ds / "tokenizer.json").write_text(tok.backend.to_str())
+    added = {"__type": "AddedToken", "lstrip": False, "normalized": True, "rstrip": False}
+    (ds / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "bos_token": {"content": BOS, **added},
+                "eos_token": {"content": EOS, **added},
+                "pad_token": {"content": EOS, **added},
+                "legacy": True,
+                "tokenizer_class": "LlamaTokenizerFast",
+                "chat_template": R1_CHAT_TEMPLATE,
+            }
+        )
+    )
+    loaded = load_tokenizer(ds)
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == (BOS, EOS, EOS)
+    assert loaded.apply_chat_template(CONVERSATIONS[0]) == tok.apply_chat_template(CONVERSATIONS[0])
+
+
+def test_load_foreign_tokenizer_and_template(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    backend = Backend(models.WordLevel({**vocab, "hello": 3, "world": 4, "[UNK]": 5}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece()
+    backend.add_special_tokens(list(vocab))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    # No config: a vocabulary without BOS separates documents with its end-of-text token.
+    bare = load_tokenizer(tmp_path)
+    assert bare.eos_token == "<|endoftext|>" and bare.bos_token_id == bare.eos_token_id == 0
+    chatml = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": chatml})
+    )
+    t = load_tokenizer(tmp_path)
+    assert t.eos_token_id == 2 and t.pad_token_id == 0
+    msgs = [{"role": "user", "content": "hello world"}]
+    assert t.apply_chat_template(msgs) == "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_tokenizer(tmp_path / "missing")
+    (tmp_path / "tokenizer.model").write_bytes(b"sentencepiece")
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer.json .*tokenizer.model"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+# ------------------------------------------------------------------ streaming decode
+def test_incremental_decoder_never_splits_characters(tok: Tokenizer) -> None:
+    # Characters the tokenizer never saw are spelled in bytes, several tokens per character.
+    text = SAMPLES["emoji"] + "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 🦀 Ωμέγα " + SAMPLES["japanese"] + SAMPLES["mixed"]
+    ids = tok.encode(text)
+    dec = tok.incremental_decoder()
+    deltas = [dec.push(i) for i in ids]
+    assert "".join(deltas) + dec.flush() == text == dec.text
+    assert all("\ufffd" not in d for d in deltas)
+    assert "" in deltas  # some character spans several tokens and was held back
+    # Batches of ids and skip_special_tokens behave like decode().
+    ids = tok.encode(f"{BOS}答え<think>x</think>{EOS}")
+    dec = IncrementalDecoder(tok, skip_special_tokens=True)
+    out = dec.push(ids[:3]) + dec.push(ids[3:]) + dec.flush()
+    assert out == tok.decode(ids, skip_special_tokens=True) == "答え<think>x</think>"
+    # An unfinished character at the end of the stream becomes U+FFFD, as decode() does.
+    cut = IncrementalDecoder(tok)
+    partial = [i for i in tok.encode("😀") if tok.token_bytes()[i] != "😀".encode()][:1]
+    if partial:
+        assert cut.push(partial) == "" and cut.flush() == "\ufffd"
+
+
+def test_incremental_decoder_fallback_for_non_byte_level(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models
+
+    # Llama-2 style: characters outside the vocabulary fall back to <0xNN> byte tokens.
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for c in "abc ":
+        vocab[c] = len(vocab)
+    backend = Backend(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    backend.add_special_tokens(["<s>", "</s>"])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    t = load_tokenizer(tmp_path)
+    assert not t.is_byte_level and t.bos_token == "<s>"
+    text = "ab 日本 c😀"
+    ids = t.encode(text)
+    assert t.decode(ids) == text
+    dec = t.incremental_decoder()
+    deltas = [dec.push(i) for i in ids]
+    assert "".join(deltas) + dec.flush() == text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_train_encode_decode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nanoseek.cli import main
+
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n<|endoftext|>\n".join(_corpus(200)))
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--data", str(data), "--vocab-size", "500", "--out", str(out)]) == 0
+    assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
+    assert str(out) in capsys.readouterr().out
+    assert main(["tokenizer", "encode", str(out), "東京 42"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert [int(i) for i in ids] == load_tokenizer(out).encode("東京 42")
+    assert main(["tokenizer", "decode", str(out), *ids]) == 0
+    assert capsys.readouterr().out == "東京 42\n"
+    assert main(["tokenizer", "decode", str(out), "12x"]) == 2  # bad input: clear error, no traceback
+    assert "12x" in capsys.readouterr().err
+    assert main(["tokenizer", "encode", str(tmp_path / "nope"), "x"]) == 2
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("nanoseek.data.synthetic") is None, reason="embedded corpus not built yet"
+)
+def test_train_on_embedded_corpus_is_fast() -> None:
+    import itertools
+
+    from nanoseek.data.corpus import iter_documents
+
+    start = time.perf_counter()
+    tok = train_tokenizer(itertools.islice(iter_documents("embedded"), 3000), vocab_size=2048)
+    assert time.perf_counter() - start < 60
+    assert tok.vocab_size <= 2048
+    sample = next(iter(iter_documents("embedded", seed=1)))
+    assert tok.decode(tok.encode(sample)) == sample
