@@ -348,6 +348,13 @@ def test_queue_full_429_and_disconnect_aborts(tok):
             assert len(engine.aborted) == 2
             ok = c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3})
             assert ok.status_code == 200
+            # a non-streaming client that gives up (timeout) is noticed too
+            with pytest.raises(httpx.ReadTimeout):
+                c.post("/v1/chat/completions", json={**body, "stream": False}, timeout=0.3)
+            deadline = time.time() + 5
+            while engine.has_unfinished() and time.time() < deadline:
+                time.sleep(0.02)
+            assert not engine.has_unfinished() and len(engine.aborted) == 3
 
 
 # ------------------------------------------------------------ reasoning + stop

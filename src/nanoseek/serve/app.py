@@ -126,6 +126,10 @@ class _Choice:
         return text, r, c
 
 
+class ClientDisconnected(Exception):
+    """The client hung up before its (non-streaming) answer was ready; its requests are aborted."""
+
+
 class Server:
     """Routes and state; `create_app` wires it into FastAPI."""
 
@@ -228,12 +232,19 @@ class Server:
         self, group: RequestGroup, choices: list[_Choice], request: Request | None
     ) -> AsyncIterator[tuple[int, Any]]:
         """(index, event) until every choice is done; a choice that hit a stop string is aborted."""
+        checked = time.monotonic()
         while not all(c.done for c in choices):
             try:
-                index, ev = await asyncio.wait_for(group.queue.get(), timeout=1.0)
+                index, ev = await asyncio.wait_for(group.queue.get(), timeout=0.5)
             except TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    raise asyncio.CancelledError from None
+                index, ev = -1, None
+            # Non-streaming clients: nothing is written until the end, so poll for a hang-up (streams are
+            # cancelled by Starlette itself when the client goes away).
+            if request is not None and time.monotonic() - checked > 0.5:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    raise ClientDisconnected
+            if ev is None:
                 continue
             if isinstance(ev, BaseException):
                 raise _engine_error(ev)
@@ -709,6 +720,10 @@ def create_app(engine: Any, tokenizer: Any, config: ServeConfig, model: Any = No
         kind = "not_found" if e.status_code == 404 else "invalid_request_error"
         msg = f"Unknown route {request.method} {request.url.path}." if e.status_code == 404 else str(e.detail)
         return JSONResponse(APIError(msg, status=e.status_code, type=kind).body(), status_code=e.status_code)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, e: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody is listening
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, e: Exception) -> JSONResponse:
