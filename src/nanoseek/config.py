@@ -303,6 +303,29 @@ def _presets() -> dict[str, ModelConfig]:
             max_position_embeddings=1024,
             torch_dtype="float32",
         ),
+        # A small dense student for distillation (R1 §2.4 distils into dense models): no routed
+        # experts, no MTP, narrower and shallower than `tiny`.
+        "tiny-dense": ModelConfig(
+            vocab_size=4096,
+            hidden_size=192,
+            intermediate_size=512,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            q_lora_rank=None,
+            kv_lora_rank=48,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            n_routed_experts=None,
+            n_shared_experts=None,
+            num_experts_per_tok=None,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=3,  # all layers dense, also for transformers' DeepseekV3 loader
+            num_nextn_predict_layers=0,
+            max_position_embeddings=1024,
+            torch_dtype="float32",
+        ),
         # ~100M total, for a single GPU or a patient CPU.
         "small": ModelConfig(
             vocab_size=32768,
@@ -393,7 +416,7 @@ def _presets() -> dict[str, ModelConfig]:
     }
 
 
-PRESETS: tuple[str, ...] = ("tiny", "small", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3")
+PRESETS: tuple[str, ...] = ("tiny", "tiny-dense", "small", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3")
 
 
 def get_preset(name: str) -> ModelConfig:
