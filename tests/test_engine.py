@@ -71,6 +71,7 @@ def greedy_reference(model: DeepSeekV3, prompt: list[int], n: int) -> tuple[list
 PROMPTS = [[3, 17, 99, 4, 250, 8, 61], [400, 2, 9], list(range(20, 61)), [7]]
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers_generate(model, tmp_path):
     transformers = pytest.importorskip("transformers")
     model.save_pretrained(tmp_path)
@@ -79,7 +80,9 @@ def test_greedy_matches_transformers_generate(model, tmp_path):
     ours = engine.generate(PROMPTS, max_new_tokens=12)
     for prompt, got in zip(PROMPTS, ours):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+            ref = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
         assert got == ref[0, len(prompt) :].tolist()
 
 

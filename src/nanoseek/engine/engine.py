@@ -77,20 +77,24 @@ class Engine:
     ) -> None:
         cfg = model.config
         if speculative and cfg.num_nextn_predict_layers < 1:
-            raise ValueError("speculative=True needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+            raise ValueError(
+                "speculative=True needs a model with an MTP module (num_nextn_predict_layers >= 1)"
+            )
         if max_batch_size < 1 or block_size < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_size, block_size and prefill_chunk must be >= 1")
         self.model = model
         self.config = cfg
         self.dtype = model.dtype
         self.device = model.device
-        if quantize is not None:
-            from nanoseek.engine.quantize import quantize_model
+        from nanoseek.engine.quantize import is_quantized, quantize_model
 
+        if quantize is not None:
             quantize_model(model, quantize)
         self.quantize = quantize
         # The lean forward reads plain weight tensors; quantized layers go through the model's modules.
-        self.fast: FastForward | None = FastForward(model) if quantize is None and use_fast_path else None
+        self.fast: FastForward | None = (
+            FastForward(model) if use_fast_path and not is_quantized(model) else None
+        )
         self.speculative = speculative
         self.max_seq_len = max_seq_len or cfg.max_position_embeddings
         num_layers = cfg.num_hidden_layers + (1 if speculative else 0)
@@ -100,9 +104,17 @@ class Engine:
             want = max_batch_size * math.ceil((self.max_seq_len + 1) / block_size) + 1
             num_blocks = max(2, min(want, DEFAULT_CACHE_BYTES // per_block))
         self.cache = PagedLatentCache(
-            num_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim, num_blocks, block_size, self.dtype, self.device
+            num_layers,
+            cfg.kv_lora_rank,
+            cfg.qk_rope_head_dim,
+            num_blocks,
+            block_size,
+            self.dtype,
+            self.device,
         )
-        self.scheduler = Scheduler(self.cache, max_batch_size, prefill_chunk, extra_slots=1 if speculative else 0)
+        self.scheduler = Scheduler(
+            self.cache, max_batch_size, prefill_chunk, extra_slots=1 if speculative else 0
+        )
         eos = cfg.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._ids = itertools.count()
@@ -136,7 +148,9 @@ class Engine:
             )
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
+            raise ValueError(
+                f"prompt has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}"
+            )
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -206,7 +220,9 @@ class Engine:
         return events
 
     # -------------------------------------------------------- batch helpers
-    def _view(self, rows: list[Sequence], starts: list[int], lengths: list[int], width: int) -> tuple[StepView, torch.Tensor]:
+    def _view(
+        self, rows: list[Sequence], starts: list[int], lengths: list[int], width: int
+    ) -> tuple[StepView, torch.Tensor]:
         """Slots, context and mask for a batch whose row b computes positions starts[b]..+lengths[b]."""
         bs = self.cache.block_size
         end = max(s + n for s, n in zip(starts, lengths))
@@ -222,7 +238,12 @@ class Engine:
         t = torch.arange(end).unsqueeze(0)
         read = table[:, t[0] // bs] * bs + t % bs
         read = torch.where(t < start_t + len_t, read, 0)
-        view = StepView(self.cache, write.flatten().to(self.device), read.flatten().to(self.device), positions.to(self.device))
+        view = StepView(
+            self.cache,
+            write.flatten().to(self.device),
+            read.flatten().to(self.device),
+            positions.to(self.device),
+        )
         return view, positions.to(self.device)
 
     def _ids_tensor(self, rows: list[list[int]], width: int) -> torch.Tensor:
@@ -243,7 +264,9 @@ class Engine:
         elif n_out >= seq.params.max_new_tokens or len(seq.tokens) >= seq.max_len:
             seq.finish_reason = "length"
 
-    def _logprobs(self, rows: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
+    def _logprobs(
+        self, rows: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor
+    ) -> list[TokenLogprob | None]:
         want = [r.params.logprobs for r in rows]
         if all(w is None for w in want):
             return [None] * len(rows)
@@ -299,7 +322,9 @@ class Engine:
         for r, a in zip(rows, acc):
             t = r.tokens
             nxt.append([t[-2], t[-1]] if a and not r.finished else [t[-1], t[-1]])
-        mh = self._mtp_hidden(hidden, torch.tensor(nxt, dtype=torch.long, device=self.device), positions, view)
+        mh = self._mtp_hidden(
+            hidden, torch.tensor(nxt, dtype=torch.long, device=self.device), positions, view
+        )
         pick = torch.tensor([1 if acc[i] else 0 for i in live], dtype=torch.long, device=self.device)
         live_t = torch.tensor(live, dtype=torch.long, device=self.device)
         new = draft_tokens(self.model, mh[live_t, pick]).tolist()
@@ -351,7 +376,9 @@ class Engine:
             return self.fast.hidden_states(ids, positions, view)
         return self.model.hidden_states(ids, positions, cache=view)
 
-    def _mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, view: StepView) -> torch.Tensor:
+    def _mtp_hidden(
+        self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, view: StepView
+    ) -> torch.Tensor:
         if self.fast is not None:
             return self.fast.mtp_hidden(hidden, next_ids, positions, view)
         return mtp_hidden(self.model, hidden, next_ids, positions, view)
@@ -464,7 +491,9 @@ class Engine:
         s["cache_bytes_per_token"] = self.cache.bytes_per_token()
         s["prefix_cache_hit_blocks"] = self.cache.prefix_hits
         s["prefix_cache_queries"] = self.cache.prefix_queries
-        s["prefix_cache_hit_rate"] = self.cache.prefix_hits / self.cache.prefix_queries if self.cache.prefix_queries else 0.0
+        s["prefix_cache_hit_rate"] = (
+            self.cache.prefix_hits / self.cache.prefix_queries if self.cache.prefix_queries else 0.0
+        )
         s["spec_acceptance_rate"] = s["spec_accepted"] / s["spec_drafted"] if s["spec_drafted"] else None
         s["prompt_tokens_reused"] = self.cache.prefix_hits * self.cache.block_size
         s["running"] = self.num_running

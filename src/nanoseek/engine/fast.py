@@ -61,7 +61,9 @@ class _Attn:
         self.fold_q = h * (c + rope) * q_in <= FOLD_LIMIT
         if self.fold_q:
             q_lat = torch.einsum("hdc,hdi->hci", w_uk, q_w[:, :nope])  # [H,C,in]
-            self.wq = (torch.cat((q_lat, q_w[:, nope:]), dim=1) * scale).reshape(h * (c + rope), q_in).to(dtype)
+            self.wq = (
+                (torch.cat((q_lat, q_w[:, nope:]), dim=1) * scale).reshape(h * (c + rope), q_in).to(dtype)
+            )
         else:
             self.wq = (q_w * scale).reshape(h * (nope + rope), q_in).to(dtype)
             self.w_uk = w_uk.to(dtype)
@@ -70,7 +72,9 @@ class _Attn:
         hidden = wo.shape[0]
         self.fold_o = hidden * h * c <= FOLD_LIMIT
         if self.fold_o:
-            self.wo = torch.einsum("ohv,hvc->ohc", wo.view(hidden, h, v), w_uv).reshape(hidden, h * c).to(dtype)
+            self.wo = (
+                torch.einsum("ohv,hvc->ohc", wo.view(hidden, h, v), w_uv).reshape(hidden, h * c).to(dtype)
+            )
         else:
             self.wo = wo.to(dtype)
             self.w_uv = w_uv.to(dtype)
@@ -79,7 +83,9 @@ class _Attn:
             self.wa = attn.kv_a_proj_with_mqa.weight.detach()
             self.q_from_x = True
         else:
-            self.wa = torch.cat((attn.q_a_proj.weight.detach(), attn.kv_a_proj_with_mqa.weight.detach()), dim=0)
+            self.wa = torch.cat(
+                (attn.q_a_proj.weight.detach(), attn.kv_a_proj_with_mqa.weight.detach()), dim=0
+            )
             self.q_from_x = False
         self.q_lora = attn.q_lora_rank or 0
 
@@ -128,7 +134,9 @@ class FastForward:
         freqs = torch.complex(cos, sin) if self.model.config.rope_interleave else None
         return cos, sin, freqs
 
-    def _rope(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    def _rope(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+    ) -> torch.Tensor:
         cos, sin, freqs = rope
         if freqs is None:
             return apply_rope(x, cos, sin, False)
@@ -150,7 +158,9 @@ class FastForward:
         c_kv = F.rms_norm(kv[..., :c], (c,), m.kv_a_layernorm.weight, m.kv_a_layernorm.eps)
         k_pe = self._rope(kv[..., c:], rope)
         store = view.cache.kv[m.layer_idx]
-        store.index_copy_(0, view.write_slots, torch.cat((c_kv, k_pe), dim=-1).view(-1, c + r).to(store.dtype))
+        store.index_copy_(
+            0, view.write_slots, torch.cat((c_kv, k_pe), dim=-1).view(-1, c + r).to(store.dtype)
+        )
         ctx = store.index_select(0, view.read_slots).view(b, view.ctx, c + r).to(x.dtype)
         q = F.linear(q_in, a.wq)
         if a.fold_q:
@@ -202,7 +212,9 @@ class FastForward:
     # ----------------------------------------------------------------- block
     def block(self, layer: DecoderBlock, x: torch.Tensor, rope, view: StepView) -> torch.Tensor:
         n1 = layer.input_layernorm
-        x = x + self.attention(self._attn[layer.layer_idx], F.rms_norm(x, (x.shape[-1],), n1.weight, n1.eps), rope, view)
+        x = x + self.attention(
+            self._attn[layer.layer_idx], F.rms_norm(x, (x.shape[-1],), n1.weight, n1.eps), rope, view
+        )
         n2 = layer.post_attention_layernorm
         y = F.rms_norm(x, (x.shape[-1],), n2.weight, n2.eps)
         if isinstance(layer.mlp, MoE):
@@ -216,7 +228,9 @@ class FastForward:
             x = self.block(layer, x, rope, view)
         return self.model.model.norm(x)
 
-    def mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, view: StepView) -> torch.Tensor:
+    def mtp_hidden(
+        self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, view: StepView
+    ) -> torch.Tensor:
         layer = self.model.model.mtp_layers[0]
         h = layer.combine(hidden, self.model.model.embed_tokens(next_ids))
         return self.block(layer, h, self.rope_tables(positions), view)

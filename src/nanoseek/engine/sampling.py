@@ -48,7 +48,9 @@ class SamplingParams:
         need(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
         need(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
         need(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        need(self.logprobs is None or self.logprobs >= 0, f"logprobs must be None or >= 0, got {self.logprobs}")
+        need(
+            self.logprobs is None or self.logprobs >= 0, f"logprobs must be None or >= 0, got {self.logprobs}"
+        )
 
     @property
     def greedy(self) -> bool:

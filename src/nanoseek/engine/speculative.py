@@ -37,7 +37,9 @@ def draft_tokens(model: DeepSeekV3, mtp_h: torch.Tensor) -> torch.Tensor:
     return model.lm_head(layer.shared_head.norm(mtp_h)).argmax(dim=-1)
 
 
-def verify(logits: torch.Tensor, drafts: torch.Tensor, states: list[SamplerState]) -> tuple[torch.Tensor, torch.Tensor]:
+def verify(
+    logits: torch.Tensor, drafts: torch.Tensor, states: list[SamplerState]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decide each row's draft given the main model's logits at the preceding token.
 
     Returns (accepted [B] bool, token [B]): the token to emit, i.e. the draft when accepted, else the

@@ -1,0 +1,126 @@
+"""The sampler (filters, penalties, seeds, stops, logprobs) and weight-only quantization."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine.quantize import QuantLinear, is_quantized, quantize_model, weight_bytes
+from nanoseek.engine.sampling import SamplerState, apply_penalties, processed_probs, sample
+from nanoseek.model.transformer import DeepSeekV3
+from tests.test_engine import PROMPTS, small_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model() -> DeepSeekV3:
+    cfg = small_config()
+    cfg.extra["initializer_range"] = 0.1
+    return DeepSeekV3(cfg).init_weights(seed=1).eval()
+
+
+def test_filters_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]]))
+    p = processed_probs(logits, [SamplingParams(temperature=1.0, top_k=2)])
+    assert torch.allclose(p, torch.tensor([[2 / 3, 1 / 3, 0, 0, 0]]))
+    p = processed_probs(logits, [SamplingParams(temperature=1.0, top_p=0.7)])  # 0.5 + 0.25 reaches 0.7
+    assert torch.allclose(p, torch.tensor([[2 / 3, 1 / 3, 0, 0, 0]]))
+    p = processed_probs(logits, [SamplingParams(temperature=1.0, min_p=0.2)])  # keep p >= 0.1
+    assert torch.allclose(p, torch.tensor([[0.5, 0.25, 0.15, 0, 0]]) / 0.9)
+    p = processed_probs(logits, [SamplingParams(temperature=0.5)])
+    want = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]) ** 2
+    assert torch.allclose(p[0], want / want.sum())
+
+
+def test_penalties():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    st = SamplerState(SamplingParams(repetition_penalty=2.0), prompt_ids=[0], vocab_size=4)
+    st.observe(1)
+    assert torch.allclose(apply_penalties(logits, [st]), torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
+    st = SamplerState(
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), prompt_ids=[0], vocab_size=4
+    )
+    for t in (3, 3, 2):
+        st.observe(t)
+    # Prompt tokens are not penalized by presence/frequency; output counts are.
+    assert torch.allclose(apply_penalties(logits, [st]), torch.tensor([[2.0, -1.0, -0.25, 2.0]]))
+
+
+def test_sampling_matches_distribution():
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1])).repeat(4000, 1)
+    st = SamplerState(SamplingParams(temperature=1.0, seed=0), [0], 3)
+    counts = torch.bincount(sample(logits, [st] * 4000), minlength=3).float() / 4000
+    assert torch.allclose(counts, torch.tensor([0.6, 0.3, 0.1]), atol=0.03)
+
+
+def test_seed_is_reproducible_and_batch_independent(model):
+    p = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=123)
+    alone = Engine(model).generate_detailed([PROMPTS[0]], p)[0].token_ids
+    engine = Engine(model, max_batch_size=4)
+    others = [
+        engine.add_request(x, SamplingParams(max_new_tokens=7, temperature=1.3, seed=i))
+        for i, x in enumerate(PROMPTS[1:])
+    ]
+    rid = engine.add_request(PROMPTS[0], p)
+    got: dict[str, list[int]] = {r: [] for r in others + [rid]}
+    while engine.has_unfinished():
+        for ev in engine.step():
+            got[ev.request_id].extend(ev.new_token_ids)
+    assert got[rid] == alone
+    different = Engine(model).generate([PROMPTS[0]], p, seed=124)[0]
+    assert different != alone
+    greedy = Engine(model).generate([PROMPTS[0]], max_new_tokens=10)[0]
+    assert (
+        Engine(model).generate([PROMPTS[0]], max_new_tokens=10, temperature=1.0, top_k=1, seed=7)[0] == greedy
+    )
+
+
+def test_stop_tokens_logprobs_and_stream(model):
+    engine = Engine(model)
+    greedy = engine.generate([PROMPTS[0]], max_new_tokens=10)[0]
+    stop = greedy[3]
+    first = greedy.index(stop)
+    (c,) = engine.generate_detailed([PROMPTS[0]], max_new_tokens=10, stop_token_ids=[stop], logprobs=3)
+    assert c.token_ids == greedy[: first + 1] and c.finish_reason == "stop"
+    for lp in c.logprobs:
+        assert len(lp.top) == 3 and lp.top[0][0] == lp.token_id  # greedy picks the top alternative
+        assert all(a[1] >= b[1] for a, b in zip(lp.top, lp.top[1:]))
+        assert lp.logprob <= 0 and math.isclose(lp.logprob, lp.top[0][1], abs_tol=1e-6)
+    # EOS from the model config stops generation unless ignore_eos.
+    eos_model = copy.deepcopy(model)
+    eos_model.config = eos_model.config.replace(eos_token_id=stop)
+    assert Engine(eos_model).generate([PROMPTS[0]], max_new_tokens=10)[0] == greedy[: first + 1]
+    assert Engine(eos_model).generate([PROMPTS[0]], max_new_tokens=10, ignore_eos=True)[0] == greedy
+    events = list(engine.stream([PROMPTS[0], PROMPTS[1]], max_new_tokens=4))
+    assert all(len(e.new_token_ids) == 1 for e in events)
+    assert sum(e.finished for e in events) == 2 and all(e.logprobs is None for e in events)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_weight_only_quantization(model, fmt):
+    q = quantize_model(copy.deepcopy(model), fmt)
+    assert is_quantized(q) and any(isinstance(m, QuantLinear) for m in q.modules())
+    assert weight_bytes(q) < 0.5 * weight_bytes(model)
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        ref, got = model(ids).log_softmax(-1), q(ids).log_softmax(-1)
+    # Per-channel 8-bit weights: next-token distributions stay close.
+    kl = (ref.exp() * (ref - got)).sum(-1).mean()
+    assert kl < 0.05
+    engine = Engine(copy.deepcopy(model), quantize=fmt)
+    assert engine.fast is None
+    out = engine.generate([PROMPTS[0]], max_new_tokens=6)[0]
+    assert len(out) == 6
+    with pytest.raises(ValueError, match="unknown quantization"):
+        quantize_model(copy.deepcopy(model), "int4")
