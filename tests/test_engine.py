@@ -78,7 +78,7 @@ def test_greedy_matches_transformers_generate(model, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     engine = Engine(model, max_batch_size=4)
     ours = engine.generate(PROMPTS, max_new_tokens=12)
-    for prompt, got in zip(PROMPTS, ours):
+    for prompt, got in zip(PROMPTS, ours, strict=False):
         with torch.no_grad():
             ref = hf.generate(
                 torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
@@ -92,13 +92,13 @@ def test_logprobs_equal_full_recompute_every_step(model, fast, speculative):
     engine = Engine(model, max_batch_size=4, use_fast_path=fast, speculative=speculative, prefill_chunk=16)
     n = 10
     res = engine.generate_detailed(PROMPTS, max_new_tokens=n, logprobs=5, prompt_logprobs=True)
-    for prompt, c in zip(PROMPTS, res):
+    for prompt, c in zip(PROMPTS, res, strict=False):
         ref_tokens, ref_lps = greedy_reference(model, prompt, n)
         assert c.token_ids == ref_tokens
         assert c.finish_reason == "length"
-        for step, (lp, ref) in enumerate(zip(c.logprobs, ref_lps)):
+        for step, (lp, ref) in enumerate(zip(c.logprobs, ref_lps, strict=False)):
             assert abs(lp.logprob - float(ref[lp.token_id])) < 1e-4, step
-            top_ids, top_vals = zip(*lp.top)
+            top_ids, top_vals = zip(*lp.top, strict=False)
             ref_vals, ref_ids = ref.topk(5)
             assert list(top_ids) == ref_ids.tolist()
             assert torch.allclose(torch.tensor(top_vals), ref_vals, atol=1e-4)

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from tests.test_engine import PROMPTS, small_config
 
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.quantize import QuantLinear, is_quantized, quantize_model, weight_bytes
 from nanoseek.engine.sampling import SamplerState, apply_penalties, processed_probs, sample
 from nanoseek.model.transformer import DeepSeekV3
-from tests.test_engine import PROMPTS, small_config
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +95,7 @@ def test_stop_tokens_logprobs_and_stream(model):
     assert c.token_ids == greedy[: first + 1] and c.finish_reason == "stop"
     for lp in c.logprobs:
         assert len(lp.top) == 3 and lp.top[0][0] == lp.token_id  # greedy picks the top alternative
-        assert all(a[1] >= b[1] for a, b in zip(lp.top, lp.top[1:]))
+        assert all(a[1] >= b[1] for a, b in zip(lp.top, lp.top[1:], strict=False))
         assert lp.logprob <= 0 and math.isclose(lp.logprob, lp.top[0][1], abs_tol=1e-6)
     # EOS from the model config stops generation unless ignore_eos.
     eos_model = copy.deepcopy(model)

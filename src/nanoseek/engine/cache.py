@@ -139,7 +139,7 @@ class PagedLatentCache:
 
     def reset_prefix_cache(self) -> None:
         """Forget all cached prefixes (e.g. after the model's weights changed)."""
-        for h, block in list(self.cached.items()):
+        for _h, block in list(self.cached.items()):
             self.blocks[block].hash = None
         self.cached.clear()
 

@@ -225,7 +225,7 @@ class Engine:
     ) -> tuple[StepView, torch.Tensor]:
         """Slots, context and mask for a batch whose row b computes positions starts[b]..+lengths[b]."""
         bs = self.cache.block_size
-        end = max(s + n for s, n in zip(starts, lengths))
+        end = max(s + n for s, n in zip(starts, lengths, strict=False))
         nb = math.ceil(end / bs)
         table = torch.tensor([(r.block_table + [0] * nb)[:nb] for r in rows], dtype=torch.long)
         start_t = torch.tensor(starts, dtype=torch.long).unsqueeze(1)
@@ -271,7 +271,7 @@ class Engine:
         if all(w is None for w in want):
             return [None] * len(rows)
         lps = token_logprobs(logits, tokens, [w or 0 for w in want])
-        return [lp if w is not None else None for lp, w in zip(lps, want)]
+        return [lp if w is not None else None for lp, w in zip(lps, want, strict=False)]
 
     # --------------------------------------------------------------- decode
     def _decode(self, rows: list[Sequence]) -> None:
@@ -283,7 +283,7 @@ class Engine:
         tokens = sample(logits, [r.sampler for r in rows])
         lps = self._logprobs(rows, logits, tokens)
         self._stats["decode_forwards"] += 1
-        for r, tok, lp in zip(rows, tokens.tolist(), lps):
+        for r, tok, lp in zip(rows, tokens.tolist(), lps, strict=False):
             r.num_computed += 1
             self._emit(r, tok, lp=lp)
 
@@ -302,7 +302,7 @@ class Engine:
         self._stats["decode_forwards"] += 1
         self._stats["spec_drafted"] += len(rows)
         self._stats["spec_accepted"] += sum(acc)
-        for r, tok, lp, a in zip(rows, first.tolist(), lps_first, acc):
+        for r, tok, lp, a in zip(rows, first.tolist(), lps_first, acc, strict=False):
             r.num_computed += 2 if a else 1
             self._emit(r, tok, lp=lp)
         # Accepted rows get a bonus token from the logits at the draft position.
@@ -312,14 +312,14 @@ class Engine:
             sub = [rows[i] for i in bonus_rows]
             bl = logits[idx, 1]
             bonus = sample(bl, [r.sampler for r in sub])
-            for r, tok, lp in zip(sub, bonus.tolist(), self._logprobs(sub, bl, bonus)):
+            for r, tok, lp in zip(sub, bonus.tolist(), self._logprobs(sub, bl, bonus), strict=False):
                 self._emit(r, tok, lp=lp)
         # Redraft: MTP at positions p+1 (and p+2 when accepted) with the tokens that now follow them.
         live = [i for i, r in enumerate(rows) if not r.finished]
         if not live:
             return
         nxt = []
-        for r, a in zip(rows, acc):
+        for r, a in zip(rows, acc, strict=False):
             t = r.tokens
             nxt.append([t[-2], t[-1]] if a and not r.finished else [t[-1], t[-1]])
         mh = self._mtp_hidden(
@@ -328,7 +328,7 @@ class Engine:
         pick = torch.tensor([1 if acc[i] else 0 for i in live], dtype=torch.long, device=self.device)
         live_t = torch.tensor(live, dtype=torch.long, device=self.device)
         new = draft_tokens(self.model, mh[live_t, pick]).tolist()
-        for i, d in zip(live, new):
+        for i, d in zip(live, new, strict=False):
             rows[i].draft = d
 
     # -------------------------------------------------------------- prefill
@@ -338,11 +338,13 @@ class Engine:
         lengths = [n for _, n in chunks]
         width = max(lengths)
         view, positions = self._view(rows, starts, lengths, width)
-        ids = self._ids_tensor([s.tokens[a : a + n] for s, a, n in zip(rows, starts, lengths)], width)
+        ids = self._ids_tensor(
+            [s.tokens[a : a + n] for s, a, n in zip(rows, starts, lengths, strict=False)], width
+        )
         hidden = self._hidden(ids, positions, view)
         self._stats["prefill_forwards"] += 1
         self._stats["prompt_tokens"] += sum(lengths)
-        for b, (s, a, n) in enumerate(zip(rows, starts, lengths)):
+        for b, (s, a, n) in enumerate(zip(rows, starts, lengths, strict=False)):
             if s.params.prompt_logprobs:
                 logp = self.model.lm_head(hidden[b, :n]).float().log_softmax(dim=-1)
                 targets = s.prompt_ids[a + 1 : a + n + 1]
@@ -356,18 +358,18 @@ class Engine:
             sub = [rows[b] for b in done]
             logits = self.model.lm_head(hidden[idx, last])
             tokens = sample(logits, [r.sampler for r in sub])
-            for r, tok, lp in zip(sub, tokens.tolist(), self._logprobs(sub, logits, tokens)):
+            for r, tok, lp in zip(sub, tokens.tolist(), self._logprobs(sub, logits, tokens), strict=False):
                 self._emit(r, tok, lp=lp)
         if self.speculative:
             # Fill the MTP layer's cache over the chunk; finished prompts also get their first draft.
-            nxt = [s.tokens[a + 1 : a + n + 1] for s, a, n in zip(rows, starts, lengths)]
-            nxt = [x + [0] * (n - len(x)) for x, n in zip(nxt, lengths)]
+            nxt = [s.tokens[a + 1 : a + n + 1] for s, a, n in zip(rows, starts, lengths, strict=False)]
+            nxt = [x + [0] * (n - len(x)) for x, n in zip(nxt, lengths, strict=False)]
             mh = self._mtp_hidden(hidden, self._ids_tensor(nxt, width), positions, view)
             want = [b for b in done if not rows[b].finished]
             if want:
                 idx = torch.tensor(want, dtype=torch.long, device=self.device)
                 last = torch.tensor([lengths[b] - 1 for b in want], dtype=torch.long, device=self.device)
-                for b, d in zip(want, draft_tokens(self.model, mh[idx, last]).tolist()):
+                for b, d in zip(want, draft_tokens(self.model, mh[idx, last]).tolist(), strict=False):
                     rows[b].draft = d
 
     # ---------------------------------------------------------------- model
@@ -393,7 +395,7 @@ class Engine:
         try:
             yield
         finally:
-            for r, load in zip(routers, loads):
+            for r, load in zip(routers, loads, strict=False):
                 r.expert_load.copy_(load)
             if was_training:
                 self.model.train()

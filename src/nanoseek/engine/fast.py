@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from nanoseek.engine.cache import StepView
 from nanoseek.model.attention import MultiHeadLatentAttention, apply_rope
 from nanoseek.model.moe import MoE
-from nanoseek.model.transformer import DeepSeekV3, DecoderBlock
+from nanoseek.model.transformer import DecoderBlock, DeepSeekV3
 
 FOLD_LIMIT = 1 << 22  # elements per folded matrix; beyond this keep the factors (per-head einsum)
 

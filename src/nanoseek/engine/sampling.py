@@ -171,6 +171,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]) -
         vals_l, ids_l = vals.tolist(), ids.tolist()
     out = []
     for i, t in enumerate(tokens.tolist()):
-        alts = list(zip(ids_l[i][: top[i]], vals_l[i][: top[i]])) if k > 0 and top[i] > 0 else []
+        alts = (
+            list(zip(ids_l[i][: top[i]], vals_l[i][: top[i]], strict=False)) if k > 0 and top[i] > 0 else []
+        )
         out.append(TokenLogprob(token_id=t, logprob=chosen[i], top=alts))
     return out
