@@ -316,9 +316,9 @@ def _presets() -> dict[str, ModelConfig]:
             qk_nope_head_dim=32,
             qk_rope_head_dim=16,
             v_head_dim=32,
-            n_routed_experts=None,
-            n_shared_experts=None,
-            num_experts_per_tok=None,
+            n_routed_experts=0,
+            n_shared_experts=0,
+            num_experts_per_tok=0,
             n_group=1,
             topk_group=1,
             first_k_dense_replace=3,  # all layers dense, also for transformers' DeepseekV3 loader
