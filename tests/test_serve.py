@@ -292,7 +292,10 @@ def test_errors_context_length_and_404(real):
         real.client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hello " * 400}]
         )
-    assert e.value.code == "context_length_exceeded"
+    assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        real.client.chat.completions.create(model=MODEL, messages=USER, max_completion_tokens=300)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "max_completion_tokens"
     with pytest.raises(openai.BadRequestError) as e:
         real.client.completions.create(model=MODEL, prompt="Hello", max_tokens=1000)
     assert e.value.code == "context_length_exceeded"

@@ -161,19 +161,15 @@ class Server:
                 code="model_not_found",
             )
 
-    def budget(self, prompt_len: int, max_tokens: int | None, param: str) -> int:
+    def budget(self, prompt_len: int, max_tokens: int | None, param: str, prompt_param: str) -> int:
+        """Tokens this request may generate; 400 context_length_exceeded if it cannot fit."""
         ctx = self.max_context
         if prompt_len >= ctx or (max_tokens is not None and prompt_len + max_tokens > ctx):
-            asked = prompt_len + (max_tokens or 0)
             raise APIError(
-                f"This model's maximum context length is {ctx} tokens. However, you requested {asked} tokens "
-                f"({prompt_len} in the prompt, {max_tokens or 0} in the completion). Please reduce the length "
-                "of the prompt or the completion.",
-                param=param
-                if prompt_len < ctx
-                else "messages"
-                if param == "max_completion_tokens"
-                else "prompt",
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{prompt_len + (max_tokens or 0)} tokens ({prompt_len} in the prompt, {max_tokens or 0} in the "
+                "completion). Please reduce the length of the prompt or the completion.",
+                param=param if prompt_len < ctx else prompt_param,
                 code="context_length_exceeded",
             )
         return max_tokens if max_tokens is not None else ctx - prompt_len
@@ -273,7 +269,7 @@ class Server:
         started_in_think = prompt_text.rstrip().endswith(self.think_start)
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        max_new = self.budget(len(prompt_ids), asked, param)
+        max_new = self.budget(len(prompt_ids), asked, param, "messages")
         k = (req.top_logprobs or 0) if req.logprobs else None
         jobs = [(prompt_ids, self.sampling_params(req, max_new, k, j)) for j in range(req.n)]
         choices = [self.new_choice(req.stop, started_in_think) for _ in range(req.n)]
@@ -412,7 +408,7 @@ class Server:
         if req.best_of is not None and req.best_of != req.n:
             raise APIError("best_of must equal n (no server-side ranking).", param="best_of")
         prompts = self.prompts(req.prompt)
-        budgets = [self.budget(len(ids), req.max_tokens, "max_tokens") for ids, _ in prompts]
+        budgets = [self.budget(len(ids), req.max_tokens, "max_tokens", "prompt") for ids, _ in prompts]
         n = req.n
         scores: list[Any] = [None] * len(prompts)
         if req.echo and req.logprobs is not None:
