@@ -21,6 +21,7 @@ import contextlib
 import functools
 import math
 import os
+import secrets
 import signal
 import stat
 import subprocess
@@ -33,7 +34,9 @@ from typing import Any
 
 NOBODY = 65534
 
-# The trusted prologue, run with `python -I -c`. argv: code path, memory bytes, cpu s, fsize bytes, drop(0/1).
+# The trusted prologue, run with `python -I -c`.
+# argv: code path, memory bytes, cpu s, fsize bytes, drop to nobody (0/1), tests path ("" = none).
+# With tests, stdin's first line is a nonce printed only after the tests ran to the end.
 _RUNNER = r"""
 import os, resource, sys
 
@@ -54,7 +57,8 @@ def _install(code_path, mem, cpu, fsize, drop):
         "os.kill", "os.killpg", "signal.pthread_kill", "pty.spawn", "_posixsubprocess.fork_exec",
         "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname",
         "socket.sendto", "socket.sendmsg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function",
-        "ctypes.addressof", "ctypes.cdata", "os.setuid", "os.chroot", "sys.remote_exec",
+        "ctypes.addressof", "ctypes.cdata", "os.setuid", "os.chroot", "sys.remote_exec", "sys._getframe",
+        "sys._current_frames",
     }
     path_events = {"os.remove", "os.rmdir", "os.rename", "shutil.rmtree", "os.chmod", "os.chown", "os.link",
                    "os.symlink", "os.truncate", "os.mkdir", "os.utime", "shutil.move", "shutil.copyfile"}
@@ -84,13 +88,48 @@ def _install(code_path, mem, cpu, fsize, drop):
                     raise PermissionError("sandbox: " + event + " outside the working directory")
 
     sys.addaudithook(hook)
+    # Threads have no audit event; RLIMIT_NPROC = 0 stops them for a non-root child, this for a root one.
+    import _thread
+
+    def no_threads(*args, **kwargs):
+        raise RuntimeError("sandbox: can't start new thread")
+
+    import threading
+
+    for mod in (_thread, threading):
+        for name in ("start_new_thread", "start_new", "start_joinable_thread", "_start_new_thread",
+                     "_start_joinable_thread"):
+            if hasattr(mod, name):
+                setattr(mod, name, no_threads)
     return src
 
-_src = _install(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")
-sys.argv = ["solution.py"]
-_g = {"__name__": "__main__", "__builtins__": __builtins__, "__file__": "solution.py"}
-del _install
-exec(compile(_src, "solution.py", "exec"), _g)
+def _main():
+    # Locals, not module globals: the exec'd code gets its own namespace and cannot read the nonce there.
+    tests_path = sys.argv[6]
+    nonce = sys.stdin.readline().strip() if tests_path else ""
+    tests = None
+    if tests_path:
+        with open(tests_path, encoding="utf-8") as f:
+            tests = f.read()
+    src = _install(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")
+    sys.argv = ["solution.py"]
+    sys.orig_argv = []
+    g = {"__name__": "__main__", "__builtins__": __builtins__, "__file__": "solution.py"}
+    try:
+        exec(compile(src, "solution.py", "exec"), g)
+    except SystemExit:
+        if tests is None:
+            raise
+        # exiting early must not skip the tests (a reward hack)
+        sys.stderr.write("sandbox: the code exited before the tests ran\n")
+        raise SystemExit(3) from None
+    if tests is not None:
+        exec(compile(tests, "tests.py", "exec"), g)
+        # the success marker: os._exit(0) or a fake exit code cannot produce it
+        sys.stdout.write("\n" + nonce + "\n")
+        sys.stdout.flush()
+
+_main()
 """.replace("NOBODY_UID", str(NOBODY))
 
 
@@ -113,10 +152,11 @@ class SandboxResult:
     timed_out: bool  # wall clock or CPU limit hit
     duration: float
     signal: str | None = None  # the signal that killed the process, if any
+    tests_passed: bool | None = None  # with ``tests``: they ran to the end without an error
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out
+        return self.returncode == 0 and not self.timed_out and self.tests_passed is not False
 
 
 @functools.lru_cache(maxsize=1)
@@ -152,9 +192,18 @@ def network_isolation_available() -> bool:
 
 
 def run_python(
-    code: str, stdin: str = "", config: SandboxConfig | None = None, **overrides: Any
+    code: str,
+    stdin: str = "",
+    config: SandboxConfig | None = None,
+    tests: str | None = None,
+    **overrides: Any,
 ) -> SandboxResult:
-    """Run ``code`` as a script in the sandbox; ``overrides`` replace fields of ``config``."""
+    """Run ``code`` as a script in the sandbox; ``overrides`` replace fields of ``config``.
+
+    With ``tests`` (Python source, e.g. asserts), they run after the code in its namespace, and
+    ``tests_passed`` is True only if they ran to the end: exiting early (``sys.exit(0)``,
+    ``os._exit(0)``) fails them. The code gets no stdin in that mode.
+    """
     cfg = replace(config or SandboxConfig(), **overrides)
     if cfg.timeout <= 0 or cfg.memory_mb <= 0:
         raise ValueError(
@@ -170,6 +219,10 @@ def run_python(
         work.mkdir()
         code_path = base / "solution.py"
         code_path.write_text(code, encoding="utf-8")
+        nonce = secrets.token_hex(16)
+        if tests is not None:
+            (base / "tests.py").write_text(tests, encoding="utf-8")
+            stdin = nonce + "\n"
         (base / "stdin").write_text(stdin, encoding="utf-8")
         if drop:
             os.chown(work, NOBODY, NOBODY)
@@ -183,6 +236,7 @@ def run_python(
         cmd = [
             *prefix, sys.executable, "-I", "-c", _RUNNER, str(code_path),
             str(cfg.memory_mb << 20), str(cpu), str(cfg.max_output_bytes), "1" if drop else "0",
+            str(base / "tests.py") if tests is not None else "",
         ]  # fmt: skip
         t0 = time.perf_counter()
         with (
@@ -215,13 +269,20 @@ def run_python(
         sig = signal.Signals(-rc).name if rc is not None and rc < 0 else None
         if sig == "SIGXCPU":
             timed_out = True
+        stdout = _read_capped(base / "stdout", cfg.max_output_bytes)
+        tests_passed = None
+        if tests is not None:
+            body, _, last = stdout.rstrip("\n").rpartition("\n")
+            tests_passed = not timed_out and rc == 0 and last == nonce
+            stdout = body if last == nonce else stdout
         return SandboxResult(
             returncode=None if timed_out else rc,
-            stdout=_read_capped(base / "stdout", cfg.max_output_bytes),
+            stdout=stdout,
             stderr=_read_capped(base / "stderr", cfg.max_output_bytes),
             timed_out=timed_out,
             duration=duration,
             signal=None if timed_out and sig == "SIGKILL" else sig,
+            tests_passed=tests_passed,
         )
 
 
@@ -242,12 +303,12 @@ def run_tests(
     """(passed, total, results) for ``code`` against ``tests``.
 
     ``tests`` is either Python source (asserts) run after the code in the same process: one test, passed
-    iff the program exits 0; or a list of ``{"input": stdin, "output": expected stdout}`` cases, each run
+    iff the tests run to the end (see ``run_python``); or a list of ``{"input": stdin, "output": expected stdout}`` cases, each run
     separately. After a case times out the remaining cases are counted as failed without running them
     (a looping program would only burn the same timeout again).
     """
     if isinstance(tests, str):
-        r = run_python(f"{code}\n\n{tests}\n", config=config)
+        r = run_python(code, config=config, tests=tests)
         return int(r.ok), 1, [r]
     if not isinstance(tests, list) or not tests:
         raise ValueError("tests must be Python source or a non-empty list of {'input', 'output'} cases")
