@@ -1,0 +1,129 @@
+"""`nanoseek generate DIR --prompt TEXT`: complete a prompt with a checkpoint, streaming to stdout.
+
+The generation flags defined here are shared with `nanoseek chat`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_generation_flags(
+    p: argparse.ArgumentParser, max_new_tokens: int = 256, temperature: float = 0.0
+) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same output)")
+    g.add_argument("--quantize", choices=["int8", "fp8"], default=None, help="weight-only quantization")
+    g.add_argument("--speculative", action="store_true", help="draft tokens with the model's MTP module")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: checkpoint's")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def sampling_params(args: argparse.Namespace, stop_token_ids: list[int]) -> Any:
+    from nanoseek.engine import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop_token_ids=stop_token_ids,
+    )
+
+
+def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tuple[Any, Any, Any]:
+    """(engine, tokenizer, model) from a checkpoint directory, with a clear error if parts are missing."""
+    import torch
+
+    from nanoseek.checkpoint import load_model
+    from nanoseek.engine import Engine
+    from nanoseek.tokenizer import load_tokenizer
+
+    directory = Path(args.dir)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory} is not a checkpoint directory (no config.json)")
+    if not (directory / "tokenizer.json").exists():
+        raise FileNotFoundError(
+            f"{directory} has no tokenizer.json: generation needs the checkpoint's tokenizer"
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kwargs = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
+    model = load_model(directory, **kwargs).eval()
+    tokenizer = load_tokenizer(directory)
+    speculative = args.speculative and model.config.num_nextn_predict_layers > 0
+    if args.speculative and not speculative:
+        print("nanoseek: this checkpoint has no MTP module; decoding without speculation", file=sys.stderr)
+    engine = Engine(model, max_batch_size=max_batch_size, quantize=args.quantize, speculative=speculative)
+    return engine, tokenizer, model
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="complete a prompt with a checkpoint (streams to stdout)")
+    p.add_argument("dir", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("--prompt", required=True, help="text to complete ('-' reads stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    p.add_argument("--num-samples", type=int, default=1, help="completions to draw (batched)")
+    add_generation_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nanoseek.tokenizer import IncrementalDecoder
+
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    engine, tok, _ = load_for_generation(args, max_batch_size=args.num_samples)
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.chat:
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+    else:
+        ids = tok.encode(text, add_bos=True)
+    params = sampling_params(args, [tok.eos_token_id])
+    t0 = time.perf_counter()
+    n_tokens = 0
+    if args.num_samples == 1:
+        decoder = IncrementalDecoder(tok, skip_special_tokens=True)
+        if not args.chat:
+            sys.stdout.write(text)
+        for ev in engine.stream([ids], params):
+            n_tokens += len(ev.new_token_ids)
+            sys.stdout.write(decoder.push(ev.new_token_ids))
+            sys.stdout.flush()
+        sys.stdout.write(decoder.flush() + "\n")
+    else:
+        outs = engine.generate([ids] * args.num_samples, params)
+        for i, out in enumerate(outs):
+            n_tokens += len(out)
+            print(f"--- sample {i + 1}/{len(outs)}")
+            print(("" if args.chat else text) + tok.decode(out, skip_special_tokens=True))
+    dt = time.perf_counter() - t0
+    s = engine.stats()
+    spec = (
+        f", MTP acceptance {s['spec_acceptance_rate']:.0%}" if s["spec_acceptance_rate"] is not None else ""
+    )
+    print(
+        f"nanoseek generate: {n_tokens} tokens from a {len(ids)}-token prompt in {dt:.2f}s "
+        f"({n_tokens / max(dt, 1e-9):.1f} tok/s{spec})",
+        file=sys.stderr,
+    )
+    return 0

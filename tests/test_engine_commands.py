@@ -1,0 +1,92 @@
+"""`nanoseek generate` and `nanoseek chat` on a tiny random checkpoint with a freshly trained tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import io
+
+import pytest
+import torch
+from tests.test_engine import small_config
+
+from nanoseek.commands.chat import ThinkSplitter
+from nanoseek.model.transformer import DeepSeekV3
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from nanoseek.tokenizer import train_tokenizer
+
+    texts = [
+        "the quick brown fox jumps over the lazy dog " * 3,
+        "two plus two is four, three times three is nine",
+    ] * 20
+    tok = train_tokenizer(texts, vocab_size=400)
+    cfg = small_config(
+        vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id
+    )
+    d = tmp_path_factory.mktemp("ckpt")
+    DeepSeekV3(cfg).init_weights(seed=0).save_pretrained(d)
+    tok.save(d)
+    return d
+
+
+def cli_args(command: str, *argv: str) -> argparse.Namespace:
+    from nanoseek.commands import chat, generate
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    (generate if command == "generate" else chat).register(sub)
+    return parser.parse_args([command, *argv])
+
+
+def test_generate_command(checkpoint, capsys):
+    args = cli_args(
+        "generate", str(checkpoint), "--prompt", "the quick", "--max-new-tokens", "8", "--threads", "1"
+    )
+    assert args.func(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("the quick")
+    assert "nanoseek generate:" in captured.err and "tok/s" in captured.err
+    args = cli_args("generate", str(checkpoint), "--prompt", "two", "--chat", "--num-samples", "2")
+    args.temperature, args.seed, args.max_new_tokens, args.speculative = 1.0, 3, 5, True
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.count("--- sample") == 2
+
+
+def test_generate_command_errors(tmp_path):
+    args = cli_args("generate", str(tmp_path), "--prompt", "x")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        args.func(args)
+
+
+def test_chat_command_history_and_commands(checkpoint):
+    from nanoseek.commands import chat
+
+    args = cli_args(
+        "chat", str(checkpoint), "--max-new-tokens", "6", "--temperature", "0", "--system", "be brief"
+    )
+    stdin = io.StringIO("hello\n/system new rules\n/bogus\nsecond question\n/reset\n/exit\n")
+    out = io.StringIO()
+    assert chat.run(args, stdin=stdin, stdout=out) == 0
+    text = out.getvalue()
+    assert "history cleared" in text and "unknown command '/bogus'" in text
+    assert "2 turns" in text
+
+
+def test_think_splitter_handles_split_tags():
+    s = ThinkSplitter("</think>", in_think=True)
+    parts = []
+    for chunk in ["let me ", "think</th", "ink>\n", "The answer", " is 4"]:
+        parts += s.push(chunk)
+    parts += s.flush()
+    assert s.think == "let me think" and s.answer == "The answer is 4"
+    assert ("end_think", "") in parts
+    assert "".join(t for k, t in parts if k == "think") == "let me think"
