@@ -1,0 +1,32 @@
+"""`nanoseek speedrun`: tokenizer → pretrain → SFT → GRPO → distill → eval → report, in one command."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "speedrun",
+        help="the whole DeepSeek recipe on the embedded data (the main job)",
+        description="Run every stage of the recipe into RUN/. Rerunning with the same --out resumes: finished "
+        "stages are skipped, an interrupted one continues from its last checkpoint.",
+    )
+    p.add_argument(
+        "--preset", default="cpu", choices=["smoke", "cpu", "gpu"], help="size of the run (default cpu)"
+    )
+    p.add_argument("--out", default="runs/speedrun", help="run directory (default runs/speedrun)")
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nanoseek.speedrun import run_speedrun
+
+    overrides = {"seed": args.seed}
+    if args.tasks:
+        overrides["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    run_speedrun(args.out, args.preset, progress=not args.no_progress, **overrides)
+    return 0

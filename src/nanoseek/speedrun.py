@@ -1,0 +1,376 @@
+"""`nanoseek speedrun`: the whole DeepSeek recipe in one command, on the embedded data.
+
+tokenizer → pretrain (`tiny`: MLA + MoE + MTP) → cold-start SFT → GRPO (R1's RL with rule-based
+rewards) → [control: the same wall time as GRPO spent on more SFT] → distillation into a small dense
+student → evaluation of every stage on held-out problems (English, Japanese, Chinese) → report.
+
+Every stage writes RUN/<stage>/ and appends to RUN/metrics.jsonl. A finished stage leaves a
+`RUN/<stage>/.done` marker, so rerunning with the same --out skips it; an interrupted training stage
+resumes from its last checkpoint. RUN/final is the checkpoint to chat with, serve, or load with
+transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoseek.metrics import MetricsLog, read_metrics
+
+DONE = ".done"
+
+
+@dataclass
+class SpeedrunPreset:
+    """One dial per stage; the defaults are the `cpu` preset (about 20 minutes on 2 CPU cores)."""
+
+    name: str = "cpu"
+    model: str = "tiny"
+    student: str = "tiny-dense"
+    tasks: tuple[str, ...] = ("arithmetic",)
+    # tokenizer
+    vocab_size: int = 4096
+    tokenizer_docs: int = 20000
+    # pretrain
+    pretrain_steps: int = 600
+    pretrain_batch: int = 16
+    seq_len: int = 256
+    pretrain_lr: float = 3e-3
+    # cold-start SFT
+    sft_steps: int = 60
+    sft_examples: int = 2000
+    sft_lr: float = 1e-3
+    # GRPO
+    grpo_steps: int = 30
+    group_size: int = 8
+    batch_prompts: int = 8
+    grpo_lr: float = 2e-5
+    max_new_tokens: int = 64
+    # control (cpu only): SFT for GRPO's wall time
+    control: bool = True
+    # distillation
+    distill_prompts: int = 256
+    distill_k: int = 4
+    distill_steps: int = 150
+    # evaluation
+    eval_n: int = 64
+    eval_k: int = 4
+    precision: str = "bf16"
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, SpeedrunPreset] = {
+    # Every stage for a few steps: the CI end-to-end check, under 3 minutes.
+    "smoke": SpeedrunPreset(
+        name="smoke",
+        vocab_size=1024,
+        tokenizer_docs=3000,
+        pretrain_steps=30,
+        pretrain_batch=8,
+        seq_len=128,
+        sft_steps=10,
+        sft_examples=200,
+        grpo_steps=3,
+        group_size=4,
+        batch_prompts=4,
+        max_new_tokens=32,
+        control=False,
+        distill_prompts=16,
+        distill_k=2,
+        distill_steps=5,
+        eval_n=8,
+        eval_k=2,
+    ),
+    "cpu": SpeedrunPreset(),
+    # Sized for one modern GPU: a bigger model, longer everything.
+    "gpu": SpeedrunPreset(
+        name="gpu",
+        model="small",
+        tasks=("arithmetic", "countdown", "linear_equation"),
+        vocab_size=32768,
+        tokenizer_docs=200000,
+        pretrain_steps=5000,
+        pretrain_batch=64,
+        seq_len=1024,
+        pretrain_lr=1.5e-3,
+        sft_steps=500,
+        sft_examples=20000,
+        grpo_steps=300,
+        group_size=16,
+        batch_prompts=32,
+        max_new_tokens=256,
+        control=False,
+        distill_prompts=2000,
+        distill_k=8,
+        distill_steps=1000,
+        eval_n=256,
+        eval_k=8,
+    ),
+}
+
+
+class Speedrun:
+    def __init__(self, out: str | Path, preset: SpeedrunPreset, progress: bool = True) -> None:
+        self.run = Path(out)
+        self.p = preset
+        self.progress = progress
+        self.run.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+
+    # -------------------------------------------------------------- plumbing
+    def _done(self, stage: str) -> bool:
+        return (self.run / stage / DONE).exists()
+
+    def _mark_done(self, stage: str, wall: float, **fields: Any) -> None:
+        MetricsLog(self.run, stage).log(event="end", wall_time_s=round(wall, 2), **fields)
+        (self.run / stage).mkdir(parents=True, exist_ok=True)
+        (self.run / stage / DONE).write_text(json.dumps({"wall_time_s": wall, **fields}) + "\n")
+
+    def _stage(self, index: int, total: int, stage: str, fn: Callable[[], dict[str, Any] | None]) -> None:
+        if self._done(stage):
+            print(f"[{index}/{total}] {stage}: done already, skipped")
+            return
+        print(f"[{index}/{total}] {stage} ...", flush=True)
+        t0 = time.perf_counter()
+        fields = fn() or {}
+        wall = time.perf_counter() - t0
+        self.timings[stage] = wall
+        self._mark_done(stage, wall, **fields)
+        print(f"[{index}/{total}] {stage}: finished in {wall:.0f}s", flush=True)
+
+    # ---------------------------------------------------------------- stages
+    def tokenizer(self) -> dict[str, Any]:
+        from itertools import islice
+
+        from nanoseek.data.synthetic import iter_documents
+        from nanoseek.tokenizer import train_tokenizer
+
+        docs = list(islice(iter_documents(seed=self.p.seed, split="train"), self.p.tokenizer_docs))
+        tok = train_tokenizer(docs, vocab_size=self.p.vocab_size)
+        tok.save(self.run / "tokenizer")
+        return {"vocab_size": tok.vocab_size, "documents": len(docs)}
+
+    def pretrain(self) -> dict[str, Any]:
+        from nanoseek.train.pretrain import PretrainConfig, pretrain
+
+        cfg = PretrainConfig(
+            out=str(self.run),
+            tokenizer=str(self.run / "tokenizer"),
+            preset=self.p.model,
+            steps=self.p.pretrain_steps,
+            batch_size=self.p.pretrain_batch,
+            seq_len=self.p.seq_len,
+            lr=self.p.pretrain_lr,
+            precision=self.p.precision,
+            seed=self.p.seed,
+            resume=True,
+        )
+        pretrain(cfg)
+        return {"tokens": self.p.pretrain_steps * self.p.pretrain_batch * self.p.seq_len}
+
+    def sft(self, stage: str = "sft", steps: int | None = None, init: str = "pretrain") -> dict[str, Any]:
+        from nanoseek.train.sft import SFTConfig, sft
+
+        # The control run is an SFT run under another name: train it in a side directory, then adopt it.
+        sub = self.run if stage == "sft" else self.run / f".{stage}"
+        path = sft(
+            SFTConfig(
+                init=str(self.run / init),
+                task=",".join(self.p.tasks),
+                task_examples=self.p.sft_examples,
+                out=str(sub),
+                steps=steps or self.p.sft_steps,
+                seq_len=self.p.seq_len,
+                lr=self.p.sft_lr,
+                precision=self.p.precision,
+                seed=self.p.seed,
+                resume=True,
+                progress=self.progress,
+            )
+        )
+        if stage != "sft":
+            self._adopt(sub, Path(path), stage)
+        return {}
+
+    def grpo(self) -> dict[str, Any]:
+        from nanoseek.train.grpo import GRPOConfig, grpo
+
+        grpo(
+            GRPOConfig(
+                init=str(self.run / "sft"),
+                tasks=list(self.p.tasks),
+                out=str(self.run),
+                steps=self.p.grpo_steps,
+                group_size=self.p.group_size,
+                batch_prompts=self.p.batch_prompts,
+                lr=self.p.grpo_lr,
+                max_new_tokens=self.p.max_new_tokens,
+                seed=self.p.seed,
+                resume=True,
+            )
+        )
+        return {}
+
+    def control(self) -> dict[str, Any]:
+        """More SFT from the SFT checkpoint for the wall time GRPO took: what RL bought, honestly."""
+        grpo_time = self._wall_time("grpo")
+        sft_time = self._wall_time("sft")
+        per_step = (sft_time or 1.0) / max(1, self.p.sft_steps)
+        steps = max(1, int((grpo_time or 0.0) / per_step))
+        return self.sft(stage="control", steps=steps, init="sft") | {"matched_wall_time_s": grpo_time}
+
+    def distill(self) -> dict[str, Any]:
+        from nanoseek.train.distill import DistillConfig, distill
+        from nanoseek.train.sft import SFTConfig
+
+        distill(
+            DistillConfig(
+                teacher=str(self.run / "grpo"),
+                student=self.p.student,
+                tasks=list(self.p.tasks),
+                k=self.p.distill_k,
+                prompts=self.p.distill_prompts,
+                max_new_tokens=self.p.max_new_tokens,
+                out=str(self.run),
+                seed=self.p.seed,
+                sft=SFTConfig(
+                    init="",
+                    steps=self.p.distill_steps,
+                    seq_len=self.p.seq_len,
+                    lr=self.p.sft_lr,
+                    precision=self.p.precision,
+                    seed=self.p.seed,
+                    progress=self.progress,
+                ),
+            )
+        )
+        return {}
+
+    def evaluate(self) -> dict[str, Any]:
+        from nanoseek.evaluate import EvalConfig, evaluate
+
+        results = {}
+        for stage in ("pretrain", "sft", "grpo", "control", "distill"):
+            ck = self.run / stage
+            if not (ck / "config.json").exists():
+                continue
+            for task in self.p.tasks:
+                m = evaluate(
+                    EvalConfig(
+                        model=str(ck),
+                        task=task,
+                        k=self.p.eval_k,
+                        n=self.p.eval_n,
+                        max_new_tokens=self.p.max_new_tokens,
+                        seed=self.p.seed,
+                        out=str(self.run / "eval" / f"{stage}_{task}.json"),
+                        run_dir=str(self.run),
+                        progress=self.progress,
+                    )
+                )
+                results[f"{stage}/{task}"] = m["pass@1"]
+                print(f"  eval {stage:8s} {task}: pass@1 {m['pass@1']:.1%}, format {m['format_rate']:.1%}")
+        return {"pass@1": results}
+
+    # -------------------------------------------------------------- helpers
+    def _adopt(self, sub_run: Path, checkpoint: Path, stage: str) -> None:
+        """Stages that write their own run dir: move the checkpoint to RUN/<stage>, merge metrics."""
+        dest = self.run / stage
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.move(str(checkpoint), dest)
+        records = list(read_metrics(sub_run))
+        if records:
+            with open(self.run / "metrics.jsonl", "a") as f:
+                for r in records:
+                    if r.get("stage") == "sft":
+                        r["stage"] = stage
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        shutil.rmtree(sub_run, ignore_errors=True)
+
+    def _wall_time(self, stage: str) -> float | None:
+        if stage in self.timings:
+            return self.timings[stage]
+        marker = self.run / stage / DONE
+        if marker.exists():
+            return json.loads(marker.read_text()).get("wall_time_s")
+        return None
+
+    def model_facts(self) -> None:
+        """Accounting and decode speed of the final model, for the report's summary table."""
+        from nanoseek.accounting import account
+        from nanoseek.config import ModelConfig
+
+        cfg = ModelConfig.load(self.run / "grpo")
+        acc = account(cfg).to_dict()
+        tok_s = self._decode_speed()
+        MetricsLog(self.run, "speedrun").log(
+            event="model",
+            total_params=acc["total_params"],
+            active_params=acc["active_params"],
+            kv_cache_bytes_per_token=acc["kv_cache_bytes_per_token"],
+            mha_kv_cache_bytes_per_token=acc["mha_kv_cache_bytes_per_token"],
+            decode_tokens_per_s=tok_s,
+        )
+
+    def _decode_speed(self, tokens: int = 64) -> float:
+        from nanoseek.checkpoint import load_model
+        from nanoseek.engine import Engine, SamplingParams
+
+        model = load_model(self.run / "grpo").eval()
+        engine = Engine(model, max_batch_size=1)
+        engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=8))  # warm-up
+        t0 = time.perf_counter()
+        out = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=tokens, stop_token_ids=[]))
+        return round(len(out[0]) / (time.perf_counter() - t0), 1)
+
+    def finalize(self) -> Path:
+        """RUN/final: the GRPO checkpoint (model + tokenizer), without training state."""
+        final = self.run / "final"
+        src = self.run / "grpo"
+        tmp = self.run / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("train_state", DONE, "eval_*.json"))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return final
+
+    # ------------------------------------------------------------------ run
+    def __call__(self) -> Path:
+        t0 = time.perf_counter()
+        stages: list[tuple[str, Callable[[], dict[str, Any] | None]]] = [
+            ("tokenizer", self.tokenizer),
+            ("pretrain", self.pretrain),
+            ("sft", self.sft),
+            ("grpo", self.grpo),
+        ]
+        if self.p.control:
+            stages.append(("control", self.control))
+        stages += [("distill", self.distill), ("eval", self.evaluate)]
+        for i, (name, fn) in enumerate(stages, 1):
+            self._stage(i, len(stages), name, fn)
+        final = self.finalize()
+        self.model_facts()
+        from nanoseek.report import build_report
+
+        report = build_report(self.run)
+        wall = time.perf_counter() - t0
+        print(
+            f"speedrun ({self.p.name}) finished in {wall / 60:.1f} min: chat with `nanoseek chat {final}`, "
+            f"report at {report}"
+        )
+        return final
+
+
+def run_speedrun(out: str | Path, preset: str = "cpu", progress: bool = True, **overrides: Any) -> Path:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown speedrun preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    p = dataclasses.replace(PRESETS[preset], **overrides)
+    return Speedrun(out, p, progress=progress)()
