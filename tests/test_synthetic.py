@@ -1,0 +1,108 @@
+"""The embedded corpus: reproducible, multilingual, chat-formatted in part, fast, never a held-out problem."""
+
+import itertools
+import re
+import time
+
+import pytest
+
+from nanoseek.data import synthetic
+from nanoseek.data.rewards import script_counts
+from nanoseek.data.tasks import BUILTIN_TASKS, BuiltinTask, get_task, split_of
+
+USER, ASSISTANT, EOS = "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"
+
+
+def _docs(n, **kw):
+    return list(itertools.islice(synthetic.iter_documents(**kw), n))
+
+
+def test_reproducible_and_seeded():
+    a, b, c = _docs(200, seed=0), _docs(200, seed=0), _docs(200, seed=1)
+    assert a == b and a != c
+    assert len(set(a)) > 190
+
+
+def test_shapes_and_chat_template():
+    docs = _docs(2000, seed=3)
+    chat = [d for d in docs if d.startswith(USER)]
+    assert 0.25 < len(chat) / len(docs) < 0.45
+    for d in chat:
+        # exactly the R1 template the tokenizer renders, with the think block the generation prompt opens
+        assert re.fullmatch(rf"{USER}[^\n]+{ASSISTANT}<think>\n.+\n</think>\n[^\n]+{EOS}", d, re.DOTALL), d
+        assert d.count("<think>") == d.count("</think>") == 1
+    plain = [d for d in docs if not d.startswith(USER)]
+    assert all(USER not in d and EOS not in d for d in plain)
+    assert any(d.count("</think>") >= 2 for d in plain)  # several problems in a row
+    assert any(d.startswith(("Question:", "問題:", "问题:")) for d in plain)  # textbook form
+    assert any(d.startswith(synthetic.EXPLANATIONS["arithmetic"]["en"]) for d in plain)
+    for family in ("arithmetic", "countdown", "linear_equation", "sorting", "word_problem"):
+        assert any(
+            family in synthetic.EXPLANATIONS and d.startswith(synthetic.EXPLANATIONS[family][lang])
+            for d in plain
+            for lang in ("en", "ja", "zh")
+        )
+
+
+def test_languages():
+    docs = _docs(600, seed=0)
+    counts = [script_counts(d) for d in docs]
+    assert sum(c["kana"] > 0 for c in counts) > 100  # Japanese
+    assert sum(c["han"] > 0 and c["kana"] == 0 for c in counts) > 100  # Chinese
+    assert sum(c["han"] == c["kana"] == 0 for c in counts) > 100  # English
+    ja = _docs(200, seed=0, languages=("ja",))
+    assert all(script_counts(d)["kana"] > 0 for d in ja)
+    with pytest.raises(ValueError, match="languages"):
+        _docs(1, languages=("fr",))
+    with pytest.raises(ValueError, match="split"):
+        _docs(1, split="val")
+
+
+def test_never_a_heldout_problem(monkeypatch):
+    # 1) every problem that goes into a document is of the train split
+    seen = []
+    original = BuiltinTask.make
+
+    def spy(self, d, lang):
+        p = original(self, d, lang)
+        seen.append((self.family, self.key(d)))
+        return p
+
+    monkeypatch.setattr(BuiltinTask, "make", spy)
+    docs = _docs(4000, seed=5)
+    monkeypatch.setattr(BuiltinTask, "make", original)
+    assert len({f for f, _ in seen}) == len(BUILTIN_TASKS)
+    assert all(split_of(f"{family}|{key}") == "train" for family, key in seen)
+
+    # 2) independently of the generator: read the problems back out of the text
+    corpus = "\n".join(docs)
+    sums = re.findall(r"What is (\d+) ([+×-]) (\d+)\?", corpus)
+    eqs = re.findall(r"Solve for x: (\d+)x ([+-]) (\d+) = (-?\d+)\n", corpus)
+    assert len(sums) > 100 and len(eqs) > 30
+    arith = get_task("arithmetic")
+    for a, op, b in sums:
+        d = {"op": {"+": "add", "-": "sub", "×": "mul"}[op], "a": int(a), "b": int(b)}
+        assert split_of(f"arithmetic|{arith.key(d)}") == "train"
+    for a, sign, b, c in eqs:
+        key = f"{a}|{int(b) if sign == '+' else -int(b)}|0|{c}"
+        assert split_of(f"linear_equation|{key}") == "train"
+
+    # 3) no held-out prompt of any family appears as a question anywhere in the corpus
+    questions = set()
+    for line in corpus.splitlines():
+        line = line.removeprefix(USER).split(ASSISTANT)[0]
+        questions.add(re.sub(r"^(Question|問題|问题): ", "", line))
+    assert sum(p.prompt in questions for p in get_task("modular").problems("train", 300, seed=0)) > 10
+    for name in BUILTIN_TASKS:
+        for p in get_task(name).problems("test", 100, seed=0):
+            assert p.prompt not in questions, p.prompt
+
+
+def test_fast_enough():
+    best = 0.0
+    for _ in range(2):  # a shared CI machine: take the better of two
+        it = synthetic.iter_documents(seed=11)
+        t0 = time.perf_counter()
+        n = sum(1 for _ in itertools.islice(it, 3000))
+        best = max(best, n / (time.perf_counter() - t0))
+    assert best > 2000, f"{best:.0f} docs/s"
