@@ -279,6 +279,8 @@ def test_errors_400(real):
     )
     assert _err(httpx.post(url, json={"messages": USER, "n": 0}), 400)["param"] == "n"
     assert _err(httpx.post(url, json={"messages": USER, "stop": 5}), 400)["param"] == "stop"
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    assert _err(httpx.post(url, json={"messages": USER, "tools": [tool]}), 400)["param"] == "tools"
     curl = real.url + "/v1/completions"
     assert _err(httpx.post(curl, json={"prompt": [[999999]]}), 400)["param"] == "prompt"
     assert _err(httpx.post(curl, json={"prompt": "x", "max_tokens": -1}), 400)["param"] == "max_tokens"

@@ -34,7 +34,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanoseek.serve.async_engine import AsyncEngine, QueueFullError, RequestGroup
+from nanoseek.serve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestGroup
 from nanoseek.serve.metrics import ServerMetrics
 from nanoseek.serve.protocol import (
     APIError,
@@ -48,6 +48,17 @@ from nanoseek.serve.textstream import ReasoningSplitter, StopStringMatcher
 
 STATIC_DIR = Path(__file__).parent / "static"
 OPEN_PATHS = ("/health", "/", "/favicon.ico")  # the page's static files hold no model data
+ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/tokenize",
+    "/detokenize",
+    "/tokenizer_info",
+    "/health",
+    "/metrics",
+    "/",
+)
 
 
 @dataclass
@@ -223,6 +234,8 @@ class Server:
                 code="rate_limit_exceeded",
                 headers={"Retry-After": str(self.config.retry_after)},
             ) from None
+        except EngineDeadError as e:
+            raise APIError(str(e), status=503, type="server_error", code="engine_unavailable") from None
 
     async def events(
         self, group: RequestGroup, choices: list[_Choice], request: Request | None
@@ -256,6 +269,12 @@ class Server:
         self.check_model(req.model)
         if req.top_logprobs and not req.logprobs:
             raise APIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
+        for name in ("tools", "functions"):
+            if (req.model_extra or {}).get(name):
+                raise APIError(f"'{name}' (function calling) is not supported by this server.", param=name)
+        fmt = (req.model_extra or {}).get("response_format")
+        if fmt and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise APIError("only response_format {'type': 'text'} is supported.", param="response_format")
         messages = []
         for i, m in enumerate(req.messages):
             if m.role == "tool":
@@ -648,6 +667,19 @@ def _sse(chunks: AsyncIterator[dict], server: Server, group: RequestGroup | None
     )
 
 
+def _route(path: str) -> str:
+    """Metric label for a path: known routes by name, everything else pooled (bounded label set)."""
+    if path in ROUTES:
+        return path
+    return (
+        "/v1/models/{id}"
+        if path.startswith("/v1/models/")
+        else "/static"
+        if path.startswith("/static/")
+        else "other"
+    )
+
+
 class _AuthAndMetrics:
     """ASGI middleware: bearer-key check (all routes but /health and the page) and a request counter."""
 
@@ -676,7 +708,7 @@ class _AuthAndMetrics:
                     status=401,
                     code="invalid_api_key",
                 )
-                self.server.metrics.requests.inc(route=path, status="401")
+                self.server.metrics.requests.inc(route=_route(path), status="401")
                 return await JSONResponse(err.body(), status_code=401)(scope, receive, send)
         status = {"code": 500}
 
@@ -689,7 +721,7 @@ class _AuthAndMetrics:
             await self.app(scope, receive, send_wrapper)
         finally:
             if path != "/metrics":
-                self.server.metrics.requests.inc(route=path, status=str(status["code"]))
+                self.server.metrics.requests.inc(route=_route(path), status=str(status["code"]))
 
 
 def create_app(engine: Any, tokenizer: Any, config: ServeConfig, model: Any = None) -> FastAPI:

@@ -30,6 +30,10 @@ class QueueFullError(RuntimeError):
     """More requests are in flight than the server accepts; the client should retry later."""
 
 
+class EngineDeadError(RuntimeError):
+    """The engine thread died (a bug or an out-of-memory); the server answers 503 until restarted."""
+
+
 @dataclass
 class _Entry:
     index: int
@@ -105,6 +109,8 @@ class AsyncEngine:
     # ------------------------------------------------------- event-loop API
     def submit(self, jobs: list[tuple[list[int], Any]]) -> RequestGroup:
         """Queue engine requests (prompt ids, SamplingParams); raises QueueFullError when over capacity."""
+        if not self.alive:
+            raise EngineDeadError(f"the engine thread has stopped: {self._error!r}")
         if self._pending + len(jobs) > self.max_pending:
             if self.metrics:
                 self.metrics.rejected.inc()
