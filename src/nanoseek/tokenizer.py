@@ -43,12 +43,12 @@ THINK_END = "</think>"
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD)
 CHAT_TOKENS: tuple[str, ...] = (USER, ASSISTANT, THINK_START, THINK_END)
 
-# Digits one per token; CJK runs isolated; then a GPT-4-style word split for everything else.
-_DIGITS = r"\p{N}"
-_CJK = r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}ー々〆]+"
-_WORDS = (
-    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*"
-    r"|\s*[\r\n]|\s+(?!\S)|\s+"
+# One split regex (GPT-4's, adapted): a run of CJK characters is one piece (merges are learned inside
+# Chinese/Japanese without gluing them to Latin words or spaces); every digit is its own piece.
+_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}ー々〆"
+SPLIT_PATTERN = (
+    r"'(?i:[sdmt]|ll|ve|re)|[" + _CJK + r"]+|[^\r\n\p{L}\p{N}]?+[\p{L}&&[^" + _CJK + r"]]+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"
 )
 
 # DeepSeek-R1's chat template (system / user / assistant turns), same output as the reference
@@ -372,9 +372,7 @@ def _build_backend() -> _Backend:
     backend.normalizer = None  # lossless: no NFC/NFKC, no lowercasing
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(_DIGITS), behavior="isolated"),
-            pre_tokenizers.Split(Regex(_CJK), behavior="isolated"),
-            pre_tokenizers.Split(Regex(_WORDS), behavior="isolated"),
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

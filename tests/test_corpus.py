@@ -1,0 +1,269 @@
+"""Corpora and packing: file formats, globs and directories, packing boundaries, validation split,
+deterministic shuffling, exact resume, data-parallel slicing."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek.data.corpus import PackedDataset, in_validation_split, iter_documents, resolve_files
+from nanoseek.tokenizer import Tokenizer, train_tokenizer
+
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "and",
+    "猫",
+    "が",
+    "座った",
+    "。",
+    "我们",
+    "计算",
+    "12",
+    "345",
+    "+",
+    "=",
+    "😀",
+    "answer",
+]
+
+
+def _docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"doc {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 40))) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer(_docs(300, seed=99), vocab_size=400)
+
+
+@pytest.fixture()
+def corpus(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A directory with every supported format; returns it and its documents in reading order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = _docs(500)
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    with open(root / "a.jsonl", "w") as f:
+        for d in docs[:150]:
+            f.write(json.dumps({"text": d, "meta": 1}, ensure_ascii=False) + "\n\n")  # blank lines skipped
+    # Separator lines split a .txt into documents.
+    (root / "b.txt").write_text(
+        "\n<|endoftext|>\n".join(d + "\n" for d in docs[150:250]).replace("\n\n", "\n")
+    )
+    pq.write_table(
+        pa.table({"text": docs[250:450], "id": list(range(200))}), root / "c.parquet", row_group_size=33
+    )
+    with gzip.open(root / "sub" / "d.jsonl.gz", "wt") as f:
+        for d in docs[450:499]:
+            f.write(json.dumps({"text": d}) + "\n")
+    (root / "sub" / "e.txt").write_text(docs[499])  # no separator: the whole file is one document
+    (root / "notes.csv").write_text("ignored,by,directory,scan")
+    return root, docs
+
+
+def _norm(texts: list[str]) -> list[str]:
+    return [t.strip() for t in texts]
+
+
+# ------------------------------------------------------------------ documents
+def test_iter_documents_all_formats(corpus: tuple[Path, list[str]]) -> None:
+    root, docs = corpus
+    assert _norm(list(iter_documents(root))) == docs  # directory: recursive, sorted by path
+    assert _norm(list(iter_documents(str(root / "*.parquet")))) == docs[250:450]
+    assert _norm(list(iter_documents([root / "sub" / "e.txt", root / "a.jsonl"]))) == [docs[499], *docs[:150]]
+    assert list(iter_documents(str(root / "**" / "*.gz"))) == docs[450:499]
+    assert [p.name for p in resolve_files(root)] == ["a.jsonl", "b.txt", "c.parquet", "d.jsonl.gz", "e.txt"]
+
+
+def test_iter_documents_is_streamed(tmp_path: Path) -> None:
+    # A huge single-document .txt is cut at line boundaries instead of being read whole.
+    big = tmp_path / "big.txt"
+    big.write_text("".join(f"line {i}\n" for i in range(5000)))
+    chunks = list(iter_documents(big, max_doc_chars=1000))
+    assert "".join(chunks) == big.read_text() and max(len(c) for c in chunks) < 1100
+
+
+def test_iter_documents_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not found"):
+        list(iter_documents(tmp_path / "missing.jsonl"))
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        list(iter_documents(str(tmp_path / "*.jsonl")))
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        list(iter_documents(tmp_path / "x.csv"))
+    (tmp_path / "bad.jsonl").write_text('{"content": "hi"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl.*no field 'text'.*content"):
+        list(iter_documents(tmp_path / "bad.jsonl"))
+    assert list(iter_documents(tmp_path / "bad.jsonl", text_field="content")) == ["hi"]
+    (tmp_path / "broken.jsonl").write_text("{oops\n")
+    with pytest.raises(ValueError, match="invalid JSON"):
+        list(iter_documents(tmp_path / "broken.jsonl"))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
+    with pytest.raises(ValueError, match="no column 'text'.*body"):
+        list(iter_documents(tmp_path / "p.parquet"))
+
+
+# ------------------------------------------------------------------ packing
+def test_packing_boundaries_no_token_lost_or_duplicated(
+    corpus: tuple[Path, list[str]], tok: Tokenizer
+) -> None:
+    root, _ = corpus
+    seq_len, bsz = 16, 3
+    ds = PackedDataset(root, tok, seq_len, bsz, split="train", val_fraction=0.0, shuffle=False, repeat=False)
+    batches = list(ds)
+    stream: list[int] = []
+    for doc in iter_documents(root):
+        stream += [tok.bos_token_id, *tok.encode(doc)]
+    windows = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y in batches])  # rebuild [N, S+1]
+    assert windows.shape[1] == seq_len + 1
+    for x, y in batches:
+        assert x.dtype == torch.long and x.shape == y.shape == (bsz, seq_len)
+        assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+    flat = windows.flatten().tolist()
+    # Windows tile the BOS-separated stream exactly; only the tail that fills no full batch is dropped.
+    assert flat == stream[: len(flat)]
+    assert len(stream) - len(flat) < bsz * (seq_len + 1)
+    assert flat[0] == tok.bos_token_id and flat.count(tok.bos_token_id) == stream[: len(flat)].count(
+        tok.bos_token_id
+    )
+
+
+def test_validation_split_is_disjoint_and_stable(corpus: tuple[Path, list[str]], tok: Tokenizer) -> None:
+    root, _ = corpus
+    docs = list(iter_documents(root))  # the split is decided on the text exactly as read
+    val_docs = [d for d in docs if in_validation_split(d, 0.1)]
+    assert 20 <= len(val_docs) <= 80  # about 1 in 10
+
+    def split_docs(split: str) -> list[str]:
+        ds = PackedDataset(root, tok, 32, 1, split=split, val_fraction=0.1, shuffle=False, repeat=False)
+        ids = [t for x, y in ds for t in x[0].tolist() + y[0, -1:].tolist()]
+        return tok.decode(ids).split(tok.bos_token)[1:]
+
+    val, train = split_docs("val"), split_docs("train")
+    expected_train = [d for d in docs if d not in val_docs]
+    # Every document lands in exactly one split; only the last, partly filled window is dropped.
+    assert val[:-1] == val_docs[: len(val) - 1] and len(val) >= len(val_docs) - 2
+    assert train[:-1] == expected_train[: len(train) - 1]
+    assert len(train) >= len(expected_train) - 2
+    with pytest.raises(ValueError, match="no documents in the val split"):
+        list(PackedDataset(root / "sub" / "e.txt", tok, 8, 1, split="val", val_fraction=1e-9))
+
+
+def test_shuffle_is_deterministic_by_seed(corpus: tuple[Path, list[str]], tok: Tokenizer) -> None:
+    root, _ = corpus
+
+    def first(seed: int) -> list[torch.Tensor]:
+        ds = PackedDataset(root, tok, 16, 4, seed=seed, shuffle_buffer=32)
+        return [x for x, _ in itertools.islice(ds, 6)]
+
+    a, b, c = first(0), first(0), first(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+    plain = PackedDataset(root, tok, 16, 4, shuffle=False)
+    assert not all(torch.equal(x, y) for x, (y, _) in zip(a, plain, strict=False))
+
+
+# Mid-file in a big corpus; and in a small one, after several epochs (each with its own file order).
+@pytest.mark.parametrize(("sub", "skip"), [("", 3), ("sub", 40)])
+def test_resume_continues_exactly(
+    corpus: tuple[Path, list[str]], tok: Tokenizer, sub: str, skip: int
+) -> None:
+    root, _ = corpus
+
+    def make() -> PackedDataset:
+        return PackedDataset(
+            root / sub, tok, 24, 4, seed=7, shuffle_buffer=16, val_fraction=0.05, tokenize_batch=8
+        )
+
+    reference = list(itertools.islice(make(), skip + 12))
+    ds = make()
+    it = iter(ds)
+    for _ in range(skip):
+        next(it)
+    # The state survives torch.save / torch.load(weights_only=True), as in a checkpoint's train_state/.
+    buf = io.BytesIO()
+    torch.save(ds.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    resumed = make()
+    resumed.load_state_dict(state)
+    after = list(itertools.islice(resumed, 12))
+    for (x, y), (rx, ry) in zip(reference[skip:], after, strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    assert state["cursor"][0] >= (2 if sub else 0)  # the small corpus was read several times
+
+
+def test_resume_rejects_changed_settings(corpus: tuple[Path, list[str]], tok: Tokenizer) -> None:
+    root, _ = corpus
+    ds = PackedDataset(root, tok, 16, 2)
+    next(iter(ds))
+    other = PackedDataset(root, tok, 32, 2)
+    with pytest.raises(ValueError, match="seq_len"):
+        other.load_state_dict(ds.state_dict())
+
+
+def test_ranks_split_the_global_batch(corpus: tuple[Path, list[str]], tok: Tokenizer) -> None:
+    root, _ = corpus
+    whole = list(itertools.islice(PackedDataset(root, tok, 16, 4, seed=3, shuffle_buffer=8), 5))
+    r0 = list(itertools.islice(PackedDataset(root, tok, 16, 2, seed=3, shuffle_buffer=8, world_size=2), 5))
+    r1 = list(
+        itertools.islice(PackedDataset(root, tok, 16, 2, seed=3, shuffle_buffer=8, rank=1, world_size=2), 5)
+    )
+    for (x, _), (a, _), (b, _) in zip(whole, r0, r1, strict=True):
+        assert torch.equal(x, torch.cat([a, b]))
+
+
+def test_bad_arguments(corpus: tuple[Path, list[str]], tok: Tokenizer) -> None:
+    root, _ = corpus
+    with pytest.raises(ValueError, match="split"):
+        PackedDataset(root, tok, 16, 2, split="test")
+    with pytest.raises(ValueError, match="rank"):
+        PackedDataset(root, tok, 16, 2, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="val_fraction"):
+        PackedDataset(root, tok, 16, 2, split="val", val_fraction=0)
+
+
+# ------------------------------------------------------------------ embedded corpus
+@pytest.mark.skipif(
+    importlib.util.find_spec("nanoseek.data.synthetic") is None, reason="embedded corpus not built yet"
+)
+def test_embedded_corpus(tok: Tokenizer) -> None:
+    docs = list(itertools.islice(iter_documents("embedded"), 50))
+    assert len(docs) == 50 and all(isinstance(d, str) and d.strip() for d in docs)
+    assert docs == list(itertools.islice(iter_documents(None), 50))  # reproducible; None = embedded
+    assert docs != list(itertools.islice(iter_documents("embedded", seed=1), 50))
+
+    def make(split: str = "train") -> PackedDataset:
+        return PackedDataset("embedded", tok, 32, 2, split=split, shuffle_buffer=8, val_fraction=0.05)
+
+    ds = make()
+    it = iter(ds)
+    for _ in range(3):
+        next(it)
+    state = ds.state_dict()
+    expected = [next(it) for _ in range(3)]
+    resumed = make()
+    resumed.load_state_dict(state)
+    for (x, _), (rx, _) in zip(expected, itertools.islice(resumed, 3), strict=True):
+        assert torch.equal(x, rx)
+    val_x, _ = next(iter(make("val")))
+    assert val_x.shape == (2, 32)
