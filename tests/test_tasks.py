@@ -180,6 +180,7 @@ def test_reasoning_gym_adapter_is_binary_by_default():
     p = train[0]
     assert task.score(p, f"t</think>{p.answer}") == 1.0
     assert task.score(p, "t</think>not it") == 0.0
+    assert not hasattr(task, "worked_solution")  # nothing to build SFT data from
     with pytest.raises(ValueError, match="unsupported language"):
         task.problems("train", 1, language="ja")
     with pytest.raises(ValueError, match="English"):

@@ -301,8 +301,8 @@ class Task:
         s = self.verify(problem, completion, require_think)
         return 0.0 if s is None else s
 
-    def worked_solution(self, problem: Problem) -> str:
-        raise NotImplementedError(f"task {self.name!r} has no worked solutions (built-in tasks only)")
+    # worked_solution(problem) -> str exists only on tasks that can write one (built-ins, JSONL lines
+    # with "reasoning"), so `hasattr(task, "worked_solution")` tells callers whether SFT data can be built.
 
 
 # ----------------------------------------------------------------------------------------------------
