@@ -1,0 +1,1 @@
+"""Training stages (pretrain, sft, grpo, distill) over one shared loop (`nanoseek.train.loop`)."""

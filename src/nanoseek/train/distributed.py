@@ -1,0 +1,161 @@
+"""Data-parallel training on PyTorch's own runtime: torchrun + FSDP2 (`fully_shard`).
+
+What is notable here:
+- `init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); gloo on CPU, NCCL on
+  GPU. Without torchrun it returns a one-process `DistInfo` and nothing else changes.
+- `shard_model()` applies FSDP2 per decoder block, then to the root. The root group holds the embedding,
+  final norm, head and the MTP modules: MTP runs outside `forward` (`model.mtp_logits`), and FSDP2 keeps
+  the root's parameters gathered from forward through backward, so those calls see full weights.
+- Data sharding is by slicing the *global* batch: every rank reads the same stream and keeps its
+  rows, so N processes see exactly the batch one process would, the data position is the same on
+  every rank, and resuming needs nothing rank-specific.
+- Checkpoints gather the full (unsharded) state dict; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> DistInfo:
+    """Join torchrun's process group if there is one (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **({"device_id": dev} if use_cuda else {}),
+        )
+    if dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_model(model: nn.Module, info: DistInfo) -> nn.Module:
+    """FSDP2 over the data-parallel ranks: one unit per decoder block, the rest in the root unit."""
+    if not info.enabled:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    for block in model.model.layers:  # type: ignore[union-attr]
+        fully_shard(block, mesh=mesh)
+    # The root is never resharded between forward and backward, so MTP (called after forward) and the
+    # shared head see gathered weights.
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def shard_batch(batch: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """This rank's rows of a global batch (dim 0 must divide by the world size)."""
+    if not info.enabled:
+        return batch
+    n = batch.shape[0]
+    if n % info.world_size:
+        raise ValueError(f"global batch size {n} is not divisible by world size {info.world_size}")
+    per = n // info.world_size
+    return batch[info.rank * per : (info.rank + 1) * per]
+
+
+def all_reduce_(tensor: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce ("sum" | "mean" | "max"); a no-op in one process."""
+    if not info.enabled:
+        return tensor
+    reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    moved = tensor.to(info.device)
+    dist.all_reduce(moved, op=reduce_op)
+    if op == "mean":
+        moved /= info.world_size
+    if moved is not tensor:
+        tensor.copy_(moved)
+    return tensor
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def full_model_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on CPU (gathered across ranks when sharded; every rank must call)."""
+    if not info.enabled:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor], info: DistInfo) -> None:
+    if not info.enabled:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        _check_load(missing, unexpected)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _check_load(missing: list[str], unexpected: list[str]) -> None:
+    # Non-persistent buffers and a tied head are legitimately absent from a checkpoint.
+    missing = [k for k in missing if not k.endswith(("expert_load", "inv_freq", "lm_head.weight"))]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> dict:
+    if not info.enabled:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def load_full_optimizer_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo
+) -> None:
+    if not info.enabled:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
