@@ -691,12 +691,7 @@ class _AuthAndMetrics:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         key = self.server.config.api_key
-        if (
-            key
-            and path not in OPEN_PATHS
-            and not path.startswith("/static/")
-            and scope.get("method") != "OPTIONS"
-        ):
+        if key and path not in OPEN_PATHS and not path.startswith("/static/"):
             headers = dict(scope.get("headers") or [])
             auth = headers.get(b"authorization", b"").decode("latin-1")
             given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""

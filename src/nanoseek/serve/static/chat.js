@@ -5,7 +5,7 @@
   const $ = function (id) { return document.getElementById(id); };
   const messagesEl = $("messages"), input = $("input"), sendBtn = $("send"), stopBtn = $("stop");
   const history = []; // {role, content}: reasoning is never sent back (R1's template drops it anyway)
-  let model = null, controller = null;
+  let model = null, maxModelLen = null, controller = null;
 
   for (const id of ["temperature", "max-tokens", "api-key"]) {
     const saved = localStorage.getItem("nanoseek:" + id);
@@ -26,7 +26,8 @@
       const body = await r.json();
       if (!r.ok) throw new Error(body.error ? body.error.message : r.statusText);
       model = body.data[0].id;
-      $("model").textContent = "model: " + model;
+      maxModelLen = body.data[0].max_model_len || null;
+      $("model").textContent = "model: " + model + (maxModelLen ? " (context " + maxModelLen + ")" : "");
     } catch (e) {
       $("model").textContent = "model: ? (" + e.message + ")";
     }
@@ -97,12 +98,22 @@
     controller = new AbortController();
     sendBtn.disabled = true; stopBtn.disabled = false;
     try {
+      let maxTokens = parseInt($("max-tokens").value, 10);
+      if (maxModelLen) {
+        // Fit the reply into the context: the server refuses (400) a request that cannot fit.
+        const t = await fetch("/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ messages: history }) });
+        if (t.ok) {
+          const room = maxModelLen - (await t.json()).count;
+          if (room < 1) throw new Error("the conversation fills the model's context: start a new chat");
+          maxTokens = Math.min(maxTokens, room);
+        }
+      }
       const body = {
         messages: history,
         stream: true,
         stream_options: { include_usage: true },
         temperature: parseFloat($("temperature").value),
-        max_tokens: parseInt($("max-tokens").value, 10),
+        max_tokens: maxTokens,
       };
       if (model) body.model = model;
       const r = await fetch("/v1/chat/completions", {
