@@ -68,6 +68,7 @@ def test_weighted_total(add_en):
         ("</think>\n42", True, 0.0),  # empty thinking
         ("<think></think>42", True, 0.0),
         ("   \n</think>\n42", True, 0.0),
+        ("...\n</think>\n42", True, 0.0),
         ("steps\n</think>\n", True, 0.0),  # no answer
         ("steps\n</think>\n42</think>", True, 0.0),  # repeated closing tags
         ("steps</think></think></think>42", True, 0.0),

@@ -71,7 +71,8 @@ def format_reward(completion: str, prompt_opened_think: bool = True) -> float:
     if THINK_START in body or body.count(THINK_END) != 1:
         return 0.0
     thinking, answer = body.split(THINK_END)
-    return float(bool(thinking.strip()) and bool(answer.strip()))
+    # thinking made only of punctuation ("...") is empty thinking
+    return float(any(ch.isalnum() for ch in thinking) and bool(answer.strip()))
 
 
 def script_counts(text: str) -> dict[str, int]:
