@@ -172,6 +172,8 @@ class StepView:
         self.ctx = read_slots.numel() // self.batch
         t = torch.arange(self.ctx, device=positions.device)
         self.mask = t.view(1, 1, -1) <= positions.unsqueeze(-1)  # [B,S,T]
+        # One query per row that sees the whole context (decode, equal lengths): nothing to mask.
+        self.needs_mask = not (self.seq == 1 and bool(self.mask.all()))
 
     def update(
         self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor

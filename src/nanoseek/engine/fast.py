@@ -100,7 +100,7 @@ class FastForward:
         self._versions: list[int] = []
         self._mlp: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._attn: dict[int, _Attn] = {}
-        self._experts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._experts: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
         self.refresh()
 
     def _source_versions(self) -> list[int]:
@@ -121,10 +121,17 @@ class FastForward:
                     self._mlp[b.layer_idx] = (gu, dense.down_proj.weight.detach())
                 if isinstance(b.mlp, MoE):
                     ex = b.mlp.experts
-                    # grouped_mm wants [E, K, N] with the output dim contiguous.
+                    gate_up, down = ex.gate_up_proj.detach(), ex.down_proj.detach()
+                    sh = b.mlp.shared_experts
+                    merged = sh is not None and sh.gate_proj.weight.shape[0] == ex.intermediate_size
+                    if merged:  # the shared expert is one more expert that every token uses, weight 1
+                        gate_up = torch.cat((gate_up, self._mlp[b.layer_idx][0].unsqueeze(0)), dim=0)
+                        down = torch.cat((down, sh.down_proj.weight.detach().unsqueeze(0)), dim=0)
+                    # grouped_mm / bmm want [E, K, N] with the output dim contiguous.
                     self._experts[b.layer_idx] = (
-                        ex.gate_up_proj.detach().transpose(1, 2).contiguous(),
-                        ex.down_proj.detach().transpose(1, 2).contiguous(),
+                        gate_up.transpose(1, 2).contiguous(),
+                        down.transpose(1, 2).contiguous(),
+                        merged,
                     )
         self._versions = versions
 
@@ -171,7 +178,8 @@ class FastForward:
             q_lat = torch.einsum("bshd,hdc->bshc", q[..., : a.nope], a.w_uk)
             q = torch.cat((q_lat, self._rope(q[..., a.nope :], rope)), dim=-1)
         scores = torch.bmm(q.view(b, s * h, c + r), ctx.transpose(1, 2)).view(b, s, h, -1).float()
-        scores = scores.masked_fill_(~view.mask.unsqueeze(2), float("-inf"))
+        if view.needs_mask:
+            scores = scores.masked_fill_(~view.mask.unsqueeze(2), float("-inf"))
         probs = scores.softmax(dim=-1).to(x.dtype).view(b, s * h, -1)
         lat = torch.bmm(probs, ctx[..., :c])  # [B, S*H, C]
         if a.fold_o:
@@ -180,13 +188,41 @@ class FastForward:
         return F.linear(out.reshape(b, s, h * a.v), a.wo)
 
     # ------------------------------------------------------------------- moe
+    def route(self, mlp: MoE, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Router's choice without its training bookkeeping, for V3's sigmoid + noaux_tc routing."""
+        r = mlp.gate
+        if r.scoring_func != "sigmoid" or r.topk_method != "noaux_tc":
+            return r(flat)
+        scores = F.linear(flat.float(), r.weight.float()).sigmoid()
+        choice = scores + r.e_score_correction_bias.float()
+        if r.n_group > 1:
+            grouped = choice.view(-1, r.n_group, r.n_experts // r.n_group)
+            keep = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(r.topk_group, dim=-1).indices
+            drop = torch.ones(grouped.shape[:2], dtype=torch.bool, device=flat.device).scatter_(1, keep, False)
+            choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(r.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if r.norm_topk_prob and r.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return indices, weights * r.routed_scaling_factor
+
     def moe(self, layer_idx: int, mlp: MoE, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        indices, weights = mlp.gate(x)
+        indices, weights = self.route(mlp, flat)
+        gate_up, down, merged = self._experts[layer_idx]
+        if merged:
+            t = indices.shape[0]
+            indices = torch.cat((indices, indices.new_full((t, 1), gate_up.shape[0] - 1)), dim=1)
+            weights = torch.cat((weights, weights.new_ones(t, 1)), dim=1)
         t, k = indices.shape
-        if self.grouped_mm:
-            gate_up, down = self._experts[layer_idx]
+        if t * k <= 32:
+            # Few assignments (decode at small batch): gather the chosen experts' weights, two bmm.
+            xs = flat.unsqueeze(1).expand(t, k, shape[-1]).reshape(t * k, 1, shape[-1])
+            g, u = torch.bmm(xs, gate_up[indices.flatten()]).chunk(2, dim=-1)
+            ys = torch.bmm(F.silu(g) * u, down[indices.flatten()]).view(t, k, shape[-1])
+            y = (ys * weights.unsqueeze(-1).to(ys.dtype)).sum(dim=1)
+        elif self.grouped_mm:
             e = gate_up.shape[0]
             order = indices.flatten().argsort(stable=True)
             offs = torch.bincount(indices.flatten(), minlength=e).cumsum(0).to(torch.int32)
@@ -198,9 +234,13 @@ class FastForward:
             ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
             y = torch.zeros_like(flat).index_add_(0, token_of, ys)
         else:
-            y = mlp.experts(flat, indices, weights).to(x.dtype)
+            n = mlp.experts.n_experts
+            routed = indices < n  # the merged shared expert is added below instead
+            y = mlp.experts(flat, indices.clamp(max=n - 1), weights * routed).to(x.dtype)
+            if merged:
+                y = y + self.swiglu(layer_idx, flat)
         y = y.view(shape)
-        if mlp.shared_experts is not None:
+        if mlp.shared_experts is not None and not merged:
             y = y + self.swiglu(layer_idx, x)
         return y
 
