@@ -126,6 +126,8 @@ def test_chat_sampling_n_seed_and_max_completion_tokens(real):
     b = real.client.chat.completions.create(**kw, presence_penalty=0.5, frequency_penalty=0.5)
     assert [c.index for c in a.choices] == [0, 1]
     assert a.usage.completion_tokens <= 10 and a.usage.prompt_tokens == b.usage.prompt_tokens
+    one = real.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1)
+    assert a.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once, whatever n is
     texts = [(c.message.reasoning_content or "") + (c.message.content or "") for c in a.choices]
     assert texts == [(c.message.reasoning_content or "") + (c.message.content or "") for c in b.choices]
 

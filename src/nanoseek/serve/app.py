@@ -323,7 +323,7 @@ class Server:
                 "model": self.config.model_name,
                 "system_fingerprint": self.fingerprint,
                 "choices": out,
-                "usage": _usage(len(prompt_ids) * req.n, choices),
+                "usage": _usage(len(prompt_ids), choices),
             }
         )
 
@@ -383,7 +383,7 @@ class Server:
                     [{"index": index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}]
                 )
         if include_usage:
-            yield chunk([], _usage(prompt_len * len(choices), choices))
+            yield chunk([], _usage(prompt_len, choices))
 
     def chat_logprobs(self, entries: list[Any], k: int | None) -> list[dict]:
         out = []
@@ -446,7 +446,7 @@ class Server:
             for c in choices:
                 c.finish_reason = "length"
         cid = f"cmpl-{uuid.uuid4().hex}"
-        prompt_tokens = sum(len(ids) for ids, _ in prompts) * n
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
         if req.stream:
             gen = self._completion_stream(req, group, choices, prompts, scores, cid, prompt_tokens)
             return _sse(gen, self, group)
@@ -630,6 +630,7 @@ class Server:
 
 
 def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
+    """As OpenAI counts: each prompt once (however many choices `n` makes), completion tokens summed."""
     completion = sum(len(c.token_ids) for c in choices)
     return {
         "prompt_tokens": prompt_tokens,
