@@ -265,5 +265,10 @@ def test_embedded_corpus(tok: Tokenizer) -> None:
     resumed.load_state_dict(state)
     for (x, _), (rx, _) in zip(expected, itertools.islice(resumed, 3), strict=True):
         assert torch.equal(x, rx)
+    # Validation reads the corpus's held-out problems (its "test" stream), never the training stream.
+    from nanoseek.data.synthetic import iter_documents as synthetic_documents
+
     val_x, _ = next(iter(make("val")))
-    assert val_x.shape == (2, 32)
+    assert val_x.shape == (2, 32) and val_x[0, 0] == tok.bos_token_id
+    held_out = next(synthetic_documents(seed=0, split="test"))
+    assert val_x[0, 1:].tolist() == tok.encode(held_out)[:31]

@@ -188,6 +188,9 @@ class Tokenizer:
         self._byte_table: list[bytes] | None = None
         self._byte_level: bool | None = None
 
+    def __len__(self) -> int:
+        return self.vocab_size
+
     # ---------------------------------------------------------------- encode / decode
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         # add_special_tokens=False: BOS is ours to add, whatever post-processor the file carries.

@@ -11,7 +11,8 @@ What is notable:
   windows of seq_len+1 tokens (no token dropped or repeated except the tail at the very end), shuffled
   through a seeded buffer, and batched as (inputs, targets = inputs shifted by one).
 - Validation split by document hash (blake2b of the text): a document is in exactly one split whatever
-  the file order, shuffling or duplicates, so train and validation never overlap.
+  the file order, shuffling or duplicates, so train and validation never overlap. The embedded corpus
+  splits by problem instead: validation reads its held-out stream (`synthetic`, split "test").
 - An exact data position: `state_dict()` holds the cursor into the sources (file, byte offset or row),
   the tokens not yet packed and the shuffle buffer, so `load_state_dict` continues with exactly the batch
   an uninterrupted run would have produced next, without re-reading or re-tokenizing what came before.
@@ -175,12 +176,12 @@ def _read_parquet(path: Path, offset: int, text_field: str) -> Iterator[tuple[st
             yield text, row
 
 
-def _read_embedded(offset: int, seed: int) -> Iterator[tuple[str, int]]:
+def _read_embedded(offset: int, seed: int, split: str) -> Iterator[tuple[str, int]]:
     try:
         from nanoseek.data.synthetic import iter_documents as synthetic_documents
     except ImportError as e:
         raise ValueError(f"the embedded corpus is unavailable (nanoseek.data.synthetic: {e})") from e
-    docs = synthetic_documents(seed=seed, split="train")
+    docs = synthetic_documents(seed=seed, split=split)
     for i, doc in enumerate(itertools.islice(docs, offset, None), start=offset + 1):
         yield doc, i
 
@@ -229,8 +230,10 @@ class _DocumentStream:
         seed: int,
         max_doc_chars: int,
         shuffle_files: bool,
+        embedded_split: str = "train",
     ) -> None:
         self.embedded = _is_embedded(source)
+        self.embedded_split = embedded_split
         self.files = [] if self.embedded else resolve_files(source)
         self.text_field = text_field
         self.seed = seed
@@ -256,7 +259,7 @@ class _DocumentStream:
     def iter_from(self, cursor: _Cursor, repeat: bool) -> Iterator[tuple[str, _Cursor]]:
         """Documents from `cursor` on, each with the cursor just after it; `repeat` runs epochs forever."""
         if self.embedded:
-            for doc, offset in _read_embedded(cursor.offset, self.seed):
+            for doc, offset in _read_embedded(cursor.offset, self.seed, self.embedded_split):
                 yield doc, _Cursor(0, 0, offset)
             return
         epoch, index, offset = astuple(cursor)
@@ -314,7 +317,7 @@ class PackedDataset:
             raise ValueError(f"seq_len and batch_size must be positive (got {seq_len}, {batch_size})")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if split == "val" and val_fraction == 0:
+        if split == "val" and val_fraction == 0 and not _is_embedded(source):
             raise ValueError("split='val' needs val_fraction > 0")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -331,9 +334,17 @@ class PackedDataset:
         self.repeat = (split == "train") if repeat is None else repeat
         self.rank, self.world_size = rank, world_size
         self.tokenize_batch = tokenize_batch
+        # The embedded corpus has its own held-out split (problems never trained on): validation reads
+        # that stream directly instead of filtering 1 document in 100 out of the training stream.
         self.stream = _DocumentStream(
-            source, text_field, seed=seed, max_doc_chars=max_doc_chars, shuffle_files=self.shuffle
+            source,
+            text_field,
+            seed=seed,
+            max_doc_chars=max_doc_chars,
+            shuffle_files=self.shuffle,
+            embedded_split="test" if split == "val" else "train",
         )
+        self._hash_split = not self.stream.embedded
         self._fingerprint = {
             "source": EMBEDDED if self.stream.embedded else [str(f) for f in self.stream.files],
             "text_field": text_field,
@@ -414,7 +425,9 @@ class PackedDataset:
                         if epoch_docs == 0 and self._docs == 0:
                             raise ValueError(f"no documents in the {self.split} split of {self.source!r}")
                         epoch, epoch_docs = cursor.epoch, 0
-                    if doc.strip() and in_validation_split(doc, self.val_fraction) == want_val:
+                    if doc.strip() and (
+                        not self._hash_split or in_validation_split(doc, self.val_fraction) == want_val
+                    ):
                         batch.append(doc)
                         if len(batch) >= self.tokenize_batch:
                             break
