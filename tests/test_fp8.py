@@ -1,0 +1,271 @@
+"""Fine-grained FP8: quantization bounds per tile/block, GEMMs against float64, gradients, training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nanoseek.config import get_preset
+from nanoseek.model.fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    TILE,
+    FP8Linear,
+    FP8Recipe,
+    FP8TrainingLinear,
+    convert_from_fp8_training,
+    convert_to_fp8_training,
+    dequantize_blocks,
+    dequantize_tiles,
+    fp8_gemm,
+    fp8_linear,
+    is_fp8_training,
+    quantize_blocks,
+    quantize_linears_fp8,
+    quantize_tiles,
+    resolve_backend,
+)
+from nanoseek.model.transformer import DeepSeekV3, cross_entropy
+
+# E4M3: 3 mantissa bits -> round-to-nearest relative error <= 2^-4 for normal numbers; below the
+# smallest normal (2^-6) the spacing is 2^-9, so the absolute error is <= 2^-10 in scaled units.
+REL = 2.0**-4
+SUBNORMAL_ABS = 2.0**-10
+BACKENDS = (
+    ["emulate", "scaled_mm"]
+    if resolve_backend(FP8Recipe(), torch.device("cpu")) == "scaled_mm"
+    else ["emulate"]
+)
+
+
+def _element_bound(x: torch.Tensor, scale_per_element: torch.Tensor) -> torch.Tensor:
+    return torch.maximum(REL * x.abs(), SUBNORMAL_ABS * scale_per_element) * 1.0001 + 1e-30
+
+
+def _spiky(rows: int, cols: int) -> torch.Tensor:
+    """Gaussian values over six orders of magnitude per row, plus outliers: what per-tensor scaling fails."""
+    x = torch.randn(rows, cols) * torch.logspace(-3, 3, rows).unsqueeze(1)
+    x[torch.rand(rows, cols) < 0.01] *= 100.0
+    return x
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("cols", [128, 300])
+def test_tile_quantization_error_bound(pow2: bool, cols: int) -> None:
+    x = _spiky(64, cols)
+    q, s = quantize_tiles(x, pow2=pow2)
+    assert q.dtype == FP8_DTYPE and q.shape == (64, (cols + TILE - 1) // TILE * TILE)
+    assert s.shape == (64, q.shape[1] // TILE)
+    y = dequantize_tiles(q, s)[:, :cols]
+    s_el = s.repeat_interleave(TILE, 1)[:, :cols]
+    assert ((y - x).abs() <= _element_bound(x, s_el)).all()
+    # Every tile uses the E4M3 range: its largest element lands at (or, rounded up to 2^k, near) 448.
+    amax_q = q.float().abs().view(64, -1, TILE).amax(-1)[:, : cols // TILE]
+    assert (amax_q <= FP8_MAX).all()
+    assert (amax_q >= (FP8_MAX / 2 if pow2 else FP8_MAX * 0.999)).all()
+    if pow2:
+        assert torch.equal(s, torch.exp2(torch.log2(s).round()))
+    # Fine-grained beats per-tensor scaling on such data: the small rows fall into subnormals there.
+    per_tensor = x.abs().max() / FP8_MAX
+    coarse = (x / per_tensor).to(FP8_DTYPE).float() * per_tensor
+    small = slice(0, 8)
+    assert (y - x)[small].abs().mean() < 0.1 * (coarse - x)[small].abs().mean()
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_block_quantization_error_bound(pow2: bool) -> None:
+    w = _spiky(300, 200).t().contiguous()  # [200, 300]: partial blocks on both edges
+    q, s = quantize_blocks(w, pow2=pow2)
+    assert q.shape == w.shape and s.shape == (2, 3)
+    y = dequantize_blocks(q, s)
+    s_el = s.repeat_interleave(TILE, 0)[:200].repeat_interleave(TILE, 1)[:, :300]
+    assert ((y - w).abs() <= _element_bound(w, s_el)).all()
+    # Same as the checkpoint loader's dequantization of DeepSeek's FP8 files.
+    from nanoseek.checkpoint import dequantize_fp8_blocks
+
+    assert torch.equal(y, dequantize_fp8_blocks(q, s))
+    # Blocks are transpose-invariant: quantizing Wᵀ gives the same FP8 values and transposed scales.
+    qt, st = quantize_blocks(w.t(), pow2=pow2)
+    assert torch.equal(qt.float(), q.float().t()) and torch.equal(st, s.t())
+
+
+def test_zero_tiles_stay_zero() -> None:
+    x = torch.zeros(4, 256)
+    x[0, 200] = 3.0
+    q, s = quantize_tiles(x)
+    y = dequantize_tiles(q, s)
+    assert torch.equal(y, x) and torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_blocks", [True, False])
+def test_fp8_gemm_against_float64(backend: str, weight_blocks: bool) -> None:
+    m, k, n = 96, 384, 160
+    a = torch.randn(m, k) * torch.logspace(-2, 2, m).unsqueeze(1)
+    b = torch.randn(n, k) * 0.05
+    aq, sa = quantize_tiles(a)
+    bq, sb = quantize_blocks(b) if weight_blocks else quantize_tiles(b)
+    out = fp8_gemm(aq, sa, bq, sb, backend)
+    ref = a.double() @ b.double().t()
+    # Rigorous elementwise bound: |Σ a·b − Σ â·b̂| <= Σ |a|eb + ea|b| + ea·eb (+ fp32 summation).
+    sa_el = sa.repeat_interleave(TILE, 1).double()
+    sb_el = (sb.repeat_interleave(TILE, 0)[:n] if weight_blocks else sb).repeat_interleave(TILE, 1).double()
+    ea = torch.maximum(REL * a.double().abs(), SUBNORMAL_ABS * sa_el)
+    eb = torch.maximum(REL * b.double().abs(), SUBNORMAL_ABS * sb_el)
+    bound = a.double().abs() @ eb.t() + ea @ b.double().abs().t() + ea @ eb.t()
+    bound += k * 2.0**-23 * ((a.double().abs() + ea) @ (b.double().abs() + eb).t())
+    assert ((out.double() - ref).abs() <= bound).all()
+    # Typical error: a few percent relative (the bound is the worst case, errors mostly cancel).
+    rel = (out.double() - ref).norm() / ref.norm()
+    assert rel < 0.05
+
+
+def test_backends_agree() -> None:
+    if len(BACKENDS) < 2:
+        pytest.skip("torch._scaled_mm does not run on this CPU build")
+    a, b = torch.randn(40, 256), torch.randn(70, 256)
+    aq, sa = quantize_tiles(a)
+    bq, sb = quantize_blocks(b)
+    e = fp8_gemm(aq, sa, bq, sb, "emulate")
+    s = fp8_gemm(aq, sa, bq, sb, "scaled_mm")
+    # Same exact products; only the fp32 summation order differs.
+    torch.testing.assert_close(s, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_fp8_linear_gradients_close_to_bf16(pow2: bool) -> None:
+    x = torch.randn(2, 100, 320)  # 200 tokens (a partial 128-token tile for Wgrad), 320 = 2.5 tiles
+    w = torch.randn(192, 320) * 0.05
+    g = torch.randn(2, 100, 192)
+
+    def grads(fn):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xx, ww)
+        dx, dw = torch.autograd.grad(y, (xx, ww), g.to(y.dtype))
+        return y.float(), dx.float(), dw.float()
+
+    ref = grads(lambda a, b: a.double() @ b.double().t())
+    bf16 = grads(lambda a, b: a.bfloat16() @ b.bfloat16().t())
+    fp8 = grads(lambda a, b: fp8_linear(a, b, FP8Recipe(pow2_scales=pow2)))
+    for name, r, b16, f8 in zip(("y", "dx", "dW"), ref, bf16, fp8, strict=True):
+        assert f8.shape == r.shape and f8.dtype == torch.float32, name
+        assert _rel(b16, r) < 0.01, name
+        assert _rel(f8, r) < 0.06, name  # E4M3 rounding of both operands: ~2^-4 / sqrt(3) each
+        assert _cos(f8, b16) > 0.995, name
+
+
+def test_fp8_linear_under_autocast_returns_autocast_dtype() -> None:
+    x = torch.randn(4, 256, requires_grad=True)
+    w = (torch.randn(128, 256) * 0.05).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fp8_linear(x, w)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+
+
+def _mini_config():
+    return get_preset("tiny").replace(vocab_size=512, num_hidden_layers=2)
+
+
+def test_convert_is_in_place_and_reversible(tmp_path) -> None:
+    model = DeepSeekV3(_mini_config()).init_weights(0)
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        ref = model(ids)
+    n = convert_to_fp8_training(model)
+    assert is_fp8_training(model)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert n == len(linears) - 1 + 2  # all linears but lm_head, plus the routed experts of 2 MoE layers
+    assert not isinstance(model.lm_head, FP8TrainingLinear)
+    assert type(model.model.layers[1].mlp.experts).__name__ == "FP8RoutedExperts"
+    assert [id(p) for p in model.parameters()] == params  # the optimizer's parameters are untouched
+    assert model.state_dict().keys() == keys.keys()
+    with torch.no_grad():
+        out = model(ids)
+    assert _rel(out, ref) < 0.1 and not torch.equal(out, ref)
+    model.save_pretrained(tmp_path)  # saving an FP8-training model writes the plain checkpoint
+    from nanoseek.checkpoint import load_model
+
+    reloaded = load_model(tmp_path)
+    assert not is_fp8_training(reloaded)
+    assert convert_from_fp8_training(model) == n and not is_fp8_training(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ref)
+        torch.testing.assert_close(reloaded(ids), ref)
+
+
+def test_fp8_training_lowers_the_loss_like_fp32() -> None:
+    cfg = _mini_config()
+    base = DeepSeekV3(cfg).init_weights(0)
+    # A learnable stream: each token has 2 likely successors.
+    gen = torch.Generator().manual_seed(0)
+    succ = torch.randint(0, cfg.vocab_size, (cfg.vocab_size, 2), generator=gen)
+    seq = torch.empty(4, 33, dtype=torch.long)
+    seq[:, 0] = torch.randint(0, cfg.vocab_size, (4,), generator=gen)
+    for t in range(32):
+        seq[:, t + 1] = succ[seq[:, t], torch.randint(0, 2, (4,), generator=gen)]
+
+    def train(model: DeepSeekV3, steps: int = 6) -> list[float]:
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(steps):
+            logits, hidden = model(seq[:, :-1], return_hidden=True)
+            loss = cross_entropy(logits, seq[:, 1:])
+            mtp = model.mtp_logits(hidden, seq[:, :-1])
+            loss = loss + 0.3 * cross_entropy(mtp[0], seq[:, 2 : 2 + mtp[0].shape[1]])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    ref = train(copy.deepcopy(base))
+    fp8_model = copy.deepcopy(base)
+    convert_to_fp8_training(fp8_model)
+    fp8 = train(fp8_model)
+    assert all(p.dtype == torch.float32 for p in fp8_model.parameters())  # FP32 master weights
+    assert fp8[-1] < fp8[0] - 1.0
+    assert abs(fp8[-1] - ref[-1]) / ref[-1] < 0.1
+
+
+def test_fp8_linear_storage() -> None:
+    lin = nn.Linear(300, 200, bias=False)
+    fp8 = FP8Linear.from_linear(lin)
+    assert fp8.weight.dtype == FP8_DTYPE and fp8.weight_scale_inv.shape == (2, 3)
+    assert set(fp8.state_dict()) == {"weight", "weight_scale_inv"}  # DeepSeek's checkpoint keys
+    x = torch.randn(5, 300)
+    with torch.no_grad():
+        ref = lin(x)
+        assert _rel(fp8(x), ref) < 0.05
+        fp8.act_quant = True
+        assert _rel(fp8(x), ref) < 0.06
+    with pytest.raises(ValueError, match="weight_scale_inv shape"):
+        fp8.load_fp8(fp8.weight.data, torch.ones(1, 1))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8.load_fp8(torch.zeros(200, 300), fp8.weight_scale_inv.data)
+
+
+def test_quantize_model_weights_for_inference() -> None:
+    model = DeepSeekV3(_mini_config()).init_weights(0).eval()
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        ref = model(ids)
+        n = quantize_linears_fp8(model)
+        out = model(ids)
+    assert n > 0 and isinstance(model.model.layers[0].self_attn.o_proj, FP8Linear)
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, FP8Linear)
+    assert _rel(out, ref) < 0.1
