@@ -72,6 +72,8 @@ def split_task_list(spec: str | Sequence[str]) -> list[str]:
     for item in items:
         for piece in item.split(","):
             piece = piece.strip()
+            if not piece:
+                continue
             base = piece.partition("?")[0]
             if not out or base in TASKS or base.startswith(("rg:", "jsonl:")) or "?" in piece:
                 out.append(piece)
@@ -84,49 +86,42 @@ def split_task_list(spec: str | Sequence[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ scoring
-_THINK_END = "</think>"
-
-
-def final_answer(text: str) -> str | None:
-    """The answer part of a completion: what follows the last </think>, normalized; None if absent."""
-    if _THINK_END not in text:
-        return None
-    ans = text.rsplit(_THINK_END, 1)[1].strip()
-    ans = re.sub(r"\s+", " ", ans)
-    return ans or None
-
-
 def score_samples(
     task: Any,
     reward: Callable[[Any, str], tuple[float, dict[str, float]]],
     problems: Sequence[Any],
     samples: Sequence[Sequence[Sample]],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Aggregate metrics and per-problem records from k samples per problem."""
+    """Aggregate metrics and per-problem records from k samples per problem.
+
+    Correctness is the reward's "accuracy" part (the task's strict verifier on the text after
+    </think>). A problem whose gold answer cannot be parsed (the reward says `skipped`) is reported
+    and left out of every mean rather than counted as wrong or right.
+    """
     if len(problems) != len(samples):
         raise ValueError(f"{len(problems)} problems but {len(samples)} sample lists")
-    try:
-        from nanoseek.data.tasks import extract_answer as _extract
-    except ImportError:  # pragma: no cover - tasks module always present in a full install
-        _extract = None
-    extract = getattr(task, "extract_answer", None) or (
-        (lambda t: _extract(t, require_think=True)) if _extract else None
-    )
+    from nanoseek.data.tasks import extract_answer
+
+    extract = getattr(task, "extract_answer", None) or (lambda t: extract_answer(t, require_think=True))
     per_problem = []
-    tot = Counter()
-    n_samples = 0
+    tot: Counter[str] = Counter()
+    n_samples = n = skipped = 0
     for prob, outs in zip(problems, samples, strict=True):
         if not outs:
             raise ValueError(f"problem {prob.id} has no samples")
         scores, fmt, lang = [], [], []
         answers: list[str | None] = []
-        for s in outs:
-            _, parts = reward(prob, s.text)
-            scores.append(float(task.score(prob, s.text)))
+        results = [reward(prob, s.text) for s in outs]
+        if any(getattr(r, "skipped", False) for r in results):
+            skipped += 1
+            per_problem.append({"id": prob.id, "answer": prob.answer, "skipped": "gold answer unparseable"})
+            continue
+        for s, (_, parts) in zip(outs, results, strict=True):
+            scores.append(float(parts.get("accuracy", 0.0)))
             fmt.append(float(parts.get("format", 0.0)))
             lang.append(float(parts.get("language", 0.0)))
-            a = extract(s.text) if callable(extract) else final_answer(s.text)
-            answers.append(None if a is None else str(a).strip())
+            a = extract(s.text)
+            answers.append(None if a is None else re.sub(r"\s+", " ", str(a).strip()) or None)
         votes = Counter(a for a in answers if a)
         if votes:
             top = votes.most_common(1)[0][0]
@@ -153,8 +148,10 @@ def score_samples(
             tot[key] += rec[key]
         tot["cons"] += float(cons)
         n_samples += k
-    n = len(problems)
-    k_used = n_samples // max(n, 1)
+        n += 1
+    if n == 0:
+        raise ValueError(f"all {len(problems)} problems have unparseable gold answers: nothing to score")
+    k_used = n_samples // n
     metrics = {
         "pass@1": tot["pass@1"] / n,
         f"cons@{k_used}": tot["cons"] / n,
@@ -163,6 +160,7 @@ def score_samples(
         "mean_response_tokens": tot["mean_tokens"] / n,
         "truncated_rate": tot["truncated"] / n,
         "problems": n,
+        "skipped_problems": skipped,
         "k": k_used,
     }
     return metrics, per_problem
@@ -311,7 +309,7 @@ def evaluate(cfg: EvalConfig, sampler: Callable[[Sequence[Any]], list[list[Sampl
     is_url = cfg.model.startswith(("http://", "https://"))
     task = get_task(cfg.task)
     problems = task.problems(cfg.split, cfg.n, seed=cfg.seed, language=cfg.language)
-    reward = build_reward(EVAL_PARTS)
+    reward = build_reward(EVAL_PARTS, task=task, prompt_opened_think=True)
     if sampler is None:
         sampler, source = endpoint_sampler(cfg) if is_url else checkpoint_sampler(cfg)
     else:

@@ -96,7 +96,7 @@ def sample_correct_traces(
             if o.finish_reason != "stop":
                 continue  # a truncated trace is not a finished demonstration, whatever it contains
             text = tokenizer.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True)
-            if task.score(prob, text) < 1.0:
+            if task.score(prob, text, require_think=True) < 1.0:
                 continue
             correct += 1
             key = tuple(o.token_ids)

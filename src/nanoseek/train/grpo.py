@@ -341,10 +341,10 @@ def grpo(cfg: GRPOConfig) -> Path:
     import random
     import time
 
-    from nanoseek.data.rewards import build_reward
     from tqdm.auto import tqdm
 
     from nanoseek.checkpoint import load_model
+    from nanoseek.data.rewards import build_reward
     from nanoseek.data.tasks import get_task
     from nanoseek.engine import Engine
     from nanoseek.evaluate import chat_prompt_ids, engine_generate
@@ -358,7 +358,7 @@ def grpo(cfg: GRPOConfig) -> Path:
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(init)
     model = load_model(init)
-    reward_fn = build_reward(cfg.reward)
+    reward_fn = build_reward(cfg.reward, prompt_opened_think=True)
     tasks = [get_task(name) for name in cfg.tasks]
     pool = []
     for t in tasks:
@@ -593,39 +593,53 @@ def _loss_fn(
 def _score_rollout(
     cfg: GRPOConfig, batch: list, flat_prompts: list[list[int]], outs: list, tok, reward_fn, stop: list[int]
 ) -> Rollout:
-    """Rewards, accuracy, format and length statistics, and group advantages for one batch."""
+    """Rewards, accuracy, format and length statistics, and group advantages for one batch.
+
+    Accuracy and format are measured whatever the reward spec weighs (the task's strict verifier and
+    R1's format rule). A group whose gold answer cannot be parsed is dropped: never rewarded, no advantage.
+    """
+    from nanoseek.data.rewards import format_reward
     from nanoseek.evaluate import strip_stop
 
     g = cfg.group_size
-    rewards, parts_sum, acc, lengths, truncated = [], {}, [], [], []
+    rewards, parts_sum, acc, fmt, lengths, truncated, skipped = [], {}, [], [], [], [], []
     completions = []
     for j, o in enumerate(outs):
         task, prob = batch[j // g]
         text = tok.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True)
-        total, parts = reward_fn(prob, text)
-        rewards.append(float(total))
-        for k, v in parts.items():
-            parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
-        acc.append(float(task.score(prob, text)))
+        res = reward_fn(prob, text)
+        total, parts = res
+        verdict = task.verify(prob, text, require_think=True)
+        skip = bool(getattr(res, "skipped", False)) or verdict is None
+        skipped.append(skip)
+        rewards.append(0.0 if skip else float(total))
         lengths.append(len(o.token_ids))
         truncated.append(o.finish_reason == "length")
         completions.append(list(o.token_ids))
+        if skip:
+            continue
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+        acc.append(float(verdict))
+        fmt.append(format_reward(text, prompt_opened_think=True))
     r = torch.tensor(rewards)
     adv = group_advantages(r, g, scale_by_std=cfg.loss != "dr_grpo")
-    keep = torch.ones(len(outs), dtype=torch.bool)
+    keep = ~torch.tensor(skipped)
+    adv = torch.where(keep, adv, torch.zeros_like(adv))
     if cfg.mask_truncated:
         keep &= ~torch.tensor(truncated)
     n = len(outs)
+    scored = max(len(acc), 1)
     grouped = r.view(-1, g)
     metrics = {
-        "reward": r.mean().item(),
-        "reward_std": r.std().item() if n > 1 else 0.0,
-        **{f"reward_{k}": v / n for k, v in parts_sum.items()},
-        "accuracy": sum(acc) / n,
-        "format_rate": parts_sum.get("format", float("nan")) / n if "format" in parts_sum else float("nan"),
+        "reward": r[~torch.tensor(skipped)].mean().item() if len(acc) else float("nan"),
+        **{f"reward_{k}": v / scored for k, v in parts_sum.items()},
+        "accuracy": sum(acc) / scored,
+        "format_rate": sum(fmt) / scored,
         "response_length": sum(lengths) / n,
         "response_length_max": max(lengths),
         "truncated_rate": sum(truncated) / n,
         "groups_with_signal": float((grouped.std(dim=1) > 1e-6).float().mean()),
+        "skipped_samples": float(sum(skipped)),
     }
     return Rollout(flat_prompts, completions, [o.finish_reason for o in outs], r, adv, keep, metrics)

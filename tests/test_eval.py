@@ -1,0 +1,108 @@
+"""Evaluation: pass@1 over k samples, cons@k, format and length, from a stub sampler and a stub endpoint."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from nanoseek.data.tasks import get_task
+from nanoseek.evaluate import EvalConfig, Sample, endpoint_sampler, evaluate, split_task_list
+from nanoseek.metrics import read_metrics
+
+
+def _problems(n: int = 3):
+    return get_task("arithmetic").problems("test", n, seed=0, language="en")
+
+
+def test_split_task_list_keeps_option_commas() -> None:
+    assert split_task_list("arithmetic?ops=add,sub,countdown") == ["arithmetic?ops=add,sub", "countdown"]
+    assert split_task_list("rg:leg_counting,jsonl:/x.jsonl") == ["rg:leg_counting", "jsonl:/x.jsonl"]
+    with pytest.raises(ValueError):
+        split_task_list(" , ")
+
+
+def test_metrics_from_stub_sampler(tmp_path) -> None:
+    probs = _problems(3)
+
+    def sampler(problems):
+        assert [p.id for p in problems] == [p.id for p in probs]
+        out = []
+        for i, p in enumerate(problems):
+            right = f"\nwork\n</think>\n{p.answer}"
+            wrong = f"\nwork\n</think>\n{int(p.answer) + 1}"
+            if i == 0:  # 3 of 4 right: pass@1 .75, majority right
+                s = [right, right, right, wrong]
+            elif i == 1:  # 1 of 4 right, wrong answer wins the vote
+                s = [right, wrong, wrong, "no think block " + p.answer]
+            else:  # never right, never well-formed
+                s = ["just text", "just text", "</think></think>1", "x"]
+            out.append([Sample(text=t, num_tokens=10 * (i + 1), finish_reason="stop") for t in s])
+        return out
+
+    ck = tmp_path / "run" / "grpo"
+    ck.mkdir(parents=True)
+    cfg = EvalConfig(model=str(ck), task="arithmetic", k=4, n=3, language="en", progress=False)
+    m = evaluate(cfg, sampler=sampler)
+    assert m["pass@1"] == pytest.approx((0.75 + 0.25 + 0.0) / 3)
+    assert m["cons@4"] == pytest.approx(1 / 3)
+    assert m["format_rate"] == pytest.approx((1.0 + 0.75 + 0.0) / 3)
+    assert m["mean_response_tokens"] == pytest.approx(20.0)
+    assert m["problems"] == 3 and m["k"] == 4
+    report = json.loads((ck / "eval_arithmetic.json").read_text())
+    assert report["metrics"]["pass@1"] == m["pass@1"] and len(report["problems"]) == 3
+    (rec,) = list(read_metrics(tmp_path / "run", stage="eval"))
+    assert rec["evaluated_stage"] == "grpo" and rec["pass@1"] == pytest.approx(m["pass@1"])
+
+
+def test_endpoint_rebuilds_reasoning_and_scores_it(tmp_path) -> None:
+    probs = {p.prompt: p for p in _problems(2)}
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "stub", "object": "model"}]})
+        body = json.loads(request.content)
+        seen.append(body)
+        p = probs[body["messages"][0]["content"]]
+        choices = [
+            {
+                "index": i,
+                "finish_reason": "stop",
+                "message": {
+                    "role": "assistant",
+                    "content": f"\n{p.answer}",
+                    "reasoning_content": "add the digits",
+                },
+            }
+            for i in range(body["n"])
+        ]
+        return httpx.Response(
+            200,
+            json={
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "stub",
+                "choices": choices,
+                "usage": {"prompt_tokens": 5, "completion_tokens": 8 * body["n"], "total_tokens": 0},
+            },
+        )
+
+    cfg = EvalConfig(model="http://stub:8000", task="arithmetic", k=2, n=2, language="en", temperature=0.6)
+    sampler, source = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    assert "stub" in source
+    cfg.out = str(tmp_path / "e.json")
+    cfg.run_dir = str(tmp_path)
+    m = evaluate(cfg, sampler=sampler)
+    assert m["pass@1"] == 1.0 and m["format_rate"] == 1.0 and m["mean_response_tokens"] == 8
+    assert all(b["temperature"] == 0.6 and b["n"] == 2 for b in seen)
+    assert next(read_metrics(tmp_path, "eval"))["evaluated_stage"] == "http://stub:8000"
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="k and n"):
+        evaluate(EvalConfig(model="x", task="arithmetic", k=0), sampler=lambda ps: [])
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate(EvalConfig(model="x", task="nope"), sampler=lambda ps: [])
