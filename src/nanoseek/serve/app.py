@@ -88,8 +88,17 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
         raise validation_error(e) from None
 
 
+def _token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The exact bytes of one token: a byte-level token can hold part of a UTF-8 character."""
+    if getattr(tokenizer, "is_byte_level", False):
+        table = tokenizer.token_bytes()
+        if 0 <= token_id < len(table):
+            return table[token_id]
+    return tokenizer.decode([token_id]).encode()
+
+
 def _token_str(tokenizer: Any, token_id: int) -> str:
-    return tokenizer.decode([token_id])
+    return _token_bytes(tokenizer, token_id).decode("utf-8", errors="replace")
 
 
 @dataclass
@@ -388,12 +397,22 @@ class Server:
     def chat_logprobs(self, entries: list[Any], k: int | None) -> list[dict]:
         out = []
         for e in entries:
-            s = _token_str(self.tokenizer, e.token_id)
             top = [
-                {"token": (t := _token_str(self.tokenizer, tid)), "logprob": lp, "bytes": list(t.encode())}
+                {
+                    "token": _token_str(self.tokenizer, tid),
+                    "logprob": lp,
+                    "bytes": list(_token_bytes(self.tokenizer, tid)),
+                }
                 for tid, lp in (e.top or [])[: k or 0]
             ]
-            out.append({"token": s, "logprob": e.logprob, "bytes": list(s.encode()), "top_logprobs": top})
+            out.append(
+                {
+                    "token": _token_str(self.tokenizer, e.token_id),
+                    "logprob": e.logprob,
+                    "bytes": list(_token_bytes(self.tokenizer, e.token_id)),
+                    "top_logprobs": top,
+                }
+            )
         return out
 
     # ----------------------------------------------------------- completions
