@@ -280,6 +280,10 @@ def test_incremental_decoder_never_splits_characters(tok: Tokenizer) -> None:
     dec = IncrementalDecoder(tok, skip_special_tokens=True)
     out = dec.push(ids[:3]) + dec.push(ids[3:]) + dec.flush()
     assert out == tok.decode(ids, skip_special_tokens=True) == "答え<think>x</think>"
+    import torch
+
+    assert tok.decode(torch.tensor(ids)) == tok.decode(ids)  # tensors and numpy arrays work too
+    assert IncrementalDecoder(tok).push(torch.tensor(ids[0])) == tok.decode(ids[:1])
     # An unfinished character at the end of the stream becomes U+FFFD, as decode() does.
     cut = IncrementalDecoder(tok)
     partial = [i for i in tok.encode("😀") if tok.token_bytes()[i] != "😀".encode()][:1]

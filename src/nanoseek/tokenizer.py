@@ -198,13 +198,15 @@ class Tokenizer:
         return [self.bos_token_id, *ids] if add_bos else ids
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
-        out = self.backend.encode_batch_fast(list(texts), add_special_tokens=False)
+        # encode_batch_fast skips offset tracking (tokenizers >= 0.21); same ids.
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        out = encode(list(texts), add_special_tokens=False)
         if add_bos:
             return [[self.bos_token_id, *e.ids] for e in out]
         return [e.ids for e in out]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self.backend.decode(_as_ids(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -318,7 +320,7 @@ class IncrementalDecoder:
             self._read = 0  # text of ids[_prefix:_read] has been emitted
 
     def push(self, ids: int | Iterable[int]) -> str:
-        new = [ids] if isinstance(ids, int) else list(ids)
+        new = _as_ids(ids)
         if self._table is not None:
             skip = self.tokenizer.special_token_ids if self.skip_special_tokens else frozenset()
             n = len(self._table)
@@ -348,6 +350,13 @@ class IncrementalDecoder:
         self._read = len(self._ids)
         self._prefix = max(self._prefix, self._read - self._CONTEXT)
         return delta
+
+
+def _as_ids(ids: Any) -> list[int]:
+    """Token ids from an int, a list, a numpy array or a torch tensor."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    return [ids] if isinstance(ids, int) else [int(i) for i in ids]
 
 
 def _render_jinja(template: str, **context: Any) -> str:
