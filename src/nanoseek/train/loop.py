@@ -161,12 +161,12 @@ def training_flops_per_token(model: nn.Module, seq_len: int, include_mtp: bool =
     """Model FLOPs per trained token: nanoseek.accounting if it offers them, else 6·N_active plus
     causal attention (3 passes × L × heads × S × (d_qk + d_v), the score and value matmuls)."""
     cfg = model.config
-    with contextlib.suppress(Exception):
-        from nanoseek import accounting
-
-        fn = getattr(accounting, "training_flops_per_token", None)
-        if fn is not None:
-            return float(fn(cfg, seq_len=seq_len, include_mtp=include_mtp))
+    try:
+        from nanoseek.accounting import flops_per_token
+    except ImportError:
+        flops_per_token = None
+    if flops_per_token is not None:
+        return float(flops_per_token(cfg, seq_len=seq_len, training=True, include_mtp=include_mtp))
     active = 0
     for name, p in model.named_parameters():
         if "embed_tokens" in name or (not include_mtp and "mtp_layers" in name):

@@ -1,0 +1,279 @@
+"""Pretraining: a DeepSeek-V3-style model on packed text, the V3 recipe at whatever scale fits.
+
+What is notable:
+- Data: any corpus `nanoseek.data.corpus` reads (txt / jsonl / parquet, globs, dirs), default the
+  embedded multilingual worked-problem corpus; documents BOS-separated and packed, a held-out
+  validation split by document hash, and the data position saved in every checkpoint.
+- No tokenizer given: one is trained on the data (byte-level BPE) into RUN/tokenizer/ and the model's
+  vocabulary is sized to it.
+- The objective is next-token cross-entropy + λ·MTP (V3 §2.2; V3 used λ = 0.3 then 0.1) + the small
+  sequence-wise balance loss α; routing is balanced mainly by the aux-loss-free bias (γ), see
+  `nanoseek.train.loop`.
+- `precision="auto"`: bf16 autocast on GPUs and on CPUs with bf16 matmul units (AVX512-BF16 / AMX),
+  fp32 elsewhere: on a CPU without them bf16 matmuls are emulated and ~10x slower than fp32.
+- Data parallel under torchrun: each rank packs the same stream and keeps its slice of the global
+  batch, so the loss curve matches one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch loads inside the functions, so `nanoseek --help` stays fast
+    import torch
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "runs/nanoseek"
+    data: str | list[str] | None = "embedded"
+    text_field: str = "text"
+    tokenizer: str | None = None  # dir or tokenizer.json; None: train one into RUN/tokenizer/
+    vocab_size: int | None = None  # for a trained tokenizer; default: the preset's
+    tokenizer_docs: int = 20000
+    preset: str = "tiny"  # preset name or a directory with config.json (random init)
+    steps: int = 600
+    batch_size: int = 16  # global, split across ranks
+    seq_len: int = 256
+    accumulation: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    bias_update_speed: float = 0.001  # γ (V3 §2.1.2)
+    balance_alpha: float = 0.0001  # α (V3 §4.2)
+    mtp_weight: float = 0.3  # λ (V3 §4.2)
+    val_every: int = 100
+    val_batches: int = 8
+    val_fraction: float = 0.01
+    checkpoint_every: int = 200
+    expert_load_every: int = 50
+    log_every: int = 1
+    seed: int = 0
+    resume: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+    threads: int | None = None
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "accumulation", "tokenizer_docs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in ("auto", "bf16", "fp32", "fp8"):
+            raise ValueError(f"precision {self.precision!r} not in auto, bf16, fp32, fp8")
+        if self.mtp_weight < 0 or self.val_batches < 0 or self.val_every < 0 or self.checkpoint_every < 0:
+            raise ValueError("mtp_weight, val_every, val_batches and checkpoint_every must be >= 0")
+
+
+def cpu_has_bf16() -> bool:
+    """True if this CPU multiplies bf16 natively (AVX512-BF16 or AMX); else autocast emulates it."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    import torch
+
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def _tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int, is_main: bool, dist: Any) -> Any:
+    """The given tokenizer, or one trained on the data (reused from RUN/tokenizer/ when resuming)."""
+    from nanoseek.tokenizer import load_tokenizer, train_tokenizer
+    from nanoseek.train.distributed import barrier
+
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    tok_dir = run / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists() and is_main:
+        from nanoseek.data.corpus import iter_documents
+        from nanoseek.metrics import MetricsLog
+
+        t0 = time.perf_counter()
+        docs = list(islice(iter_documents(cfg.data, cfg.text_field, seed=cfg.seed), cfg.tokenizer_docs))
+        if not docs:
+            raise ValueError(f"no documents in {cfg.data!r} to train a tokenizer on")
+        tok = train_tokenizer(docs, vocab_size=vocab_size)
+        tok.save(tok_dir)
+        MetricsLog(run, "tokenizer").log(step=None, vocab_size=tok.vocab_size, documents=len(docs))
+        print(
+            f"tokenizer: {tok.vocab_size} tokens from {len(docs)} documents in "
+            f"{time.perf_counter() - t0:.1f}s -> {tok_dir}"
+        )
+    barrier(dist)
+    return load_tokenizer(tok_dir)
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Train `cfg.preset` on `cfg.data`; returns the checkpoint directory RUN/pretrain/."""
+    import torch
+
+    from nanoseek.checkpoint import build_model
+    from nanoseek.config import resolve_config
+    from nanoseek.data.corpus import PackedDataset
+    from nanoseek.train.distributed import destroy_distributed, init_distributed
+    from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist = init_distributed()
+    run = Path(cfg.out)
+    config = resolve_config(cfg.preset)
+    if cfg.seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
+        )
+    if cfg.batch_size % dist.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {dist.world_size} ranks")
+    tok = _tokenizer(cfg, run, cfg.vocab_size or config.vocab_size, dist.is_main, dist)
+    config = config.replace(
+        vocab_size=tok.vocab_size,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        aux_loss_alpha=cfg.balance_alpha,
+    )
+    precision = resolve_precision(cfg.precision, dist.device)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(config, device=dist.device).init_weights(cfg.seed)
+    trainer = Trainer(
+        model,
+        run,
+        "pretrain",
+        OptimConfig(
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=min(cfg.warmup_steps, cfg.steps // 2),
+            schedule=cfg.schedule,
+            min_lr_ratio=cfg.min_lr_ratio,
+            grad_clip=cfg.grad_clip,
+        ),
+        total_steps=cfg.steps,
+        precision=precision,
+        checkpoint_every=cfg.checkpoint_every,
+        tokenizer=tok,
+        bias_update_speed=cfg.bias_update_speed,
+        balance_alpha=cfg.balance_alpha,
+        expert_load_every=cfg.expert_load_every,
+        log_every=cfg.log_every,
+        tensorboard=cfg.tensorboard,
+        progress=cfg.progress,
+        seq_len=cfg.seq_len,
+        dist=dist,
+        config_extra={"pretrain": {**asdict(cfg), "precision": precision}},
+    )
+    per_rank = cfg.batch_size // dist.world_size
+    data_kw: dict[str, Any] = dict(
+        text_field=cfg.text_field,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+    train_data = PackedDataset(cfg.data, tok, cfg.seq_len, per_rank, split="train", **data_kw)
+    extra = trainer.resume() if cfg.resume else None
+    if extra:
+        train_data.load_state_dict(extra["data"])
+    if trainer.global_step == 0 and dist.is_main:
+        n_total = model.num_parameters(include_mtp=True)
+        trainer.log(
+            0,
+            event="start",
+            params=n_total,
+            preset=str(cfg.preset),
+            precision=precision,
+            world_size=dist.world_size,
+            tokens_per_step=cfg.batch_size * cfg.seq_len * cfg.accumulation,
+        )
+        print(
+            f"pretrain: {cfg.preset} ({n_total / 1e6:.2f}M params, vocab {config.vocab_size}) on "
+            f"{cfg.data or 'embedded'}, {cfg.steps} steps x {cfg.batch_size}x{cfg.seq_len} tokens"
+            f"{f' x {cfg.accumulation} micro' if cfg.accumulation > 1 else ''}, {precision}, "
+            f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}"
+        )
+
+    val_set = _validation_batches(cfg, tok, data_kw, per_rank) if cfg.val_every and cfg.val_batches else []
+    batches = iter(train_data)
+
+    def loss_fn() -> tuple[torch.Tensor, dict[str, Any]]:
+        x, y = next(batches)
+        return language_model_loss(
+            trainer.model, x.to(dist.device), y.to(dist.device), mtp_weight=cfg.mtp_weight
+        )
+
+    def validate() -> float:
+        it = iter(val_set)
+        return trainer.validate(
+            lambda: language_model_loss(trainer.model, *(t.to(dist.device) for t in next(it))),
+            len(val_set),
+        )
+
+    t0 = time.perf_counter()
+    start_step, start_tokens = trainer.global_step, trainer.tokens_seen
+    last: dict[str, Any] = {}
+    val_loss = None
+    try:
+        while trainer.global_step < cfg.steps:
+            last = trainer.step(loss_fn, cfg.accumulation)
+            step = trainer.global_step
+            if val_set and (step % cfg.val_every == 0 or step == cfg.steps):
+                val_loss = validate()
+            if trainer.checkpoint_due():
+                trainer.save({"data": train_data.state_dict()})
+        if val_set and val_loss is None:
+            val_loss = validate()
+        path = trainer.save({"data": train_data.state_dict()})
+    finally:
+        trainer.close()
+    wall = time.perf_counter() - t0
+    done = trainer.global_step - start_step
+    tokens = trainer.tokens_seen - start_tokens
+    if dist.is_main:
+        parts = [
+            f"pretrain: {done} steps, {tokens / 1e6:.2f}M tokens in {wall:.0f}s ({tokens / max(wall, 1e-9):.0f} tok/s)"
+        ]
+        if last:
+            parts.append(f"loss {last['loss']:.3f}")
+            if "expert_imbalance_max" in last:
+                parts.append(f"expert imbalance {last['expert_imbalance_max']:.2f}")
+        if val_loss is not None:
+            parts.append(f"val loss {val_loss:.3f}")
+        if trainer.skipped_steps:
+            parts.append(f"{trainer.skipped_steps} steps skipped")
+        print(", ".join(parts) + f"; checkpoint {path}")
+        trainer.log(
+            trainer.global_step, event="end", wall_s=wall, val_loss=val_loss, skipped=trainer.skipped_steps
+        )
+    destroy_distributed()
+    return path
+
+
+def _validation_batches(cfg: PretrainConfig, tok: Any, data_kw: dict[str, Any], per_rank: int) -> list:
+    """A fixed held-out set (the same batches at every evaluation), up to `val_batches` batches."""
+    from nanoseek.data.corpus import PackedDataset
+
+    val = PackedDataset(cfg.data, tok, cfg.seq_len, per_rank, split="val", repeat=False, **data_kw)
+    try:
+        out = list(islice(iter(val), cfg.val_batches))
+    except ValueError as e:  # a corpus so small its validation split is empty
+        print(f"pretrain: no validation ({e})")
+        return []
+    if not out:
+        print("pretrain: validation split smaller than one batch; no validation loss")
+    return out
