@@ -186,6 +186,9 @@ def test_saved_tokenizer_works_in_transformers(tok: Tokenizer, tmp_path: Path) -
             ours = tok.apply_chat_template(messages, add_generation_prompt=gen)
             theirs = hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
             assert ours == theirs
+        ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids if isinstance(ids, list) else ids["input_ids"]  # transformers 5 returns a BatchEncoding
+        assert ids == tok.apply_chat_template(messages, tokenize=True)
     for text in SAMPLES.values():
         assert hf(text)["input_ids"] == tok.encode(text, add_bos=True)  # HF adds BOS like DeepSeek's
         assert hf.decode(tok.encode(text)) == text
