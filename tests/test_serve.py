@@ -313,7 +313,8 @@ def test_errors_context_length_and_404(real):
 
 def test_api_key(tok):
     engine = ScriptedEngine(tok)
-    app = create_app(engine, tok, ServeConfig(model_name=MODEL, api_key="s3cret"))
+    defaults = {"temperature": 0.6, "top_p": 0.95}  # as nanoseek serve reads them from generation_config.json
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL, api_key="s3cret", sampling_defaults=defaults))
     with LiveServer(app) as srv:
         assert httpx.get(srv.url + "/health").status_code == 200
         assert _err(httpx.get(srv.url + "/v1/models"), 401)["code"] == "invalid_api_key"
@@ -325,9 +326,12 @@ def test_api_key(tok):
             good.chat.completions.create(model=MODEL, messages=USER, max_tokens=2).choices[0].finish_reason
             == "length"
         )
-        assert (
-            httpx.get(srv.url + "/").status_code == 200
-        )  # the page itself is static; its calls carry the key
+        # the page itself is static; its calls carry the key
+        assert httpx.get(srv.url + "/").status_code == 200
+        params = engine.added[-1][1]
+        assert (params.temperature, params.top_p) == (0.6, 0.95)  # defaults fill what the request left out
+        good.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, temperature=0)
+        assert engine.added[-1][1].temperature == 0.0
 
 
 def test_queue_full_429_and_disconnect_aborts(tok):
@@ -443,6 +447,7 @@ def test_cli_serve(tmp_path, tok, model):
     ckpt = tmp_path / "tiny-ckpt"
     save_model(model, ckpt)
     tok.save(ckpt)
+    (ckpt / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95}))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -464,6 +469,7 @@ def test_cli_serve(tmp_path, tok, model):
             assert time.time() < deadline, "".join(lines)
         out = "".join(lines)
         assert f"http://127.0.0.1:{port}" in out and "'tiny-ckpt'" in out and "auth on" in out
+        assert "temperature=0.6, top_p=0.95" in out
         for _ in range(100):
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:

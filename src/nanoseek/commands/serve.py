@@ -72,10 +72,16 @@ def run(args: argparse.Namespace) -> int:
         model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, speculative=args.speculative
     )
     name = args.model_name or directory.resolve().name
+    defaults = _generation_defaults(directory)
     app = create_app(
         engine,
         tokenizer,
-        ServeConfig(model_name=name, api_key=args.api_key or None, max_pending=args.max_queue),
+        ServeConfig(
+            model_name=name,
+            api_key=args.api_key or None,
+            max_pending=args.max_queue,
+            sampling_defaults=defaults,
+        ),
         model=model,
     )
     server = app.state.server
@@ -84,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
         f"nanoseek serve: model {name!r} ({directory}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
         f"params, context {server.max_context}, {device}/{str(dtype).removeprefix('torch.')})"
     )
+    if defaults:
+        print(
+            "nanoseek serve: sampling defaults from generation_config.json: "
+            + ", ".join(f"{k}={v}" for k, v in defaults.items())
+        )
     print(
         f"nanoseek serve: listening on http://{shown_host}:{args.port}  (OpenAI base_url "
         f"http://{shown_host}:{args.port}/v1, chat page at /, auth {'on' if args.api_key else 'off'})",
@@ -92,3 +103,22 @@ def run(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     print("nanoseek serve: stopped")
     return 0
+
+
+def _generation_defaults(directory) -> dict[str, float]:  # noqa: ANN001
+    """Sampling fields of the checkpoint's generation_config.json that requests may leave out."""
+    import json
+
+    path = directory / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not cfg.get("do_sample", True):
+        return {"temperature": 0.0}
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    return {
+        k: cfg[k] for k in keys if isinstance(cfg.get(k), int | float) and not isinstance(cfg.get(k), bool)
+    }

@@ -68,6 +68,9 @@ class ServeConfig:
     max_pending: int = 256  # engine requests in flight before 429
     max_context: int | None = None  # default: engine.max_seq_len or the model's max_position_embeddings
     retry_after: int = 1  # seconds, sent with 429
+    # Sampling defaults for fields a request leaves out (from the checkpoint's generation_config.json,
+    # e.g. R1's temperature 0.6 / top_p 0.95); otherwise OpenAI's defaults (temperature 1, top_p 1).
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ helpers
@@ -198,13 +201,19 @@ class Server:
         from nanoseek.engine import SamplingParams
 
         seed = None if req.seed is None else req.seed + choice  # n choices: distinct, reproducible
+        defaults = self.config.sampling_defaults
+
+        def pick(name: str, openai_default: float) -> Any:
+            value = getattr(req, name)
+            return value if value is not None else defaults.get(name, openai_default)
+
         params = SamplingParams(
             max_new_tokens=max_new,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=max(0, req.top_k or 0),
-            min_p=req.min_p or 0.0,
-            repetition_penalty=req.repetition_penalty or 1.0,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=max(0, int(pick("top_k", 0))),
+            min_p=pick("min_p", 0.0),
+            repetition_penalty=pick("repetition_penalty", 1.0),
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             seed=seed,
