@@ -174,3 +174,21 @@ def test_chat_page_streams_answer(browser):
         assert "What is 2 + 2?" in text and "And 3 + 3?" in text and "The answer is" in text
         assert reasoning not in text  # reasoning is not sent back
         assert params.max_new_tokens == 100
+        # the conversation survives a reload, and "New chat" clears it
+        browser.call("Page.reload")
+        deadline = time.time() + 30
+        while (
+            browser.js("document.readyState") != "complete"
+            or browser.js("document.querySelectorAll('.msg').length") < 4
+        ):
+            assert time.time() < deadline, "conversation not restored after reload"
+            time.sleep(0.1)
+        assert "<strong>4</strong>" in browser.js(
+            "document.querySelector('.msg.assistant .answer').innerHTML"
+        )
+        assert (
+            browser.js("document.querySelector('.msg.assistant .reasoning').textContent").strip() == reasoning
+        )
+        browser.js("document.getElementById('clear').click()")
+        assert browser.js("document.querySelectorAll('.msg').length") == 0
+        assert browser.js("localStorage.getItem('nanoseek:conversation')") == "[]"

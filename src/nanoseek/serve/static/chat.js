@@ -4,7 +4,12 @@
 (function () {
   const $ = function (id) { return document.getElementById(id); };
   const messagesEl = $("messages"), input = $("input"), sendBtn = $("send"), stopBtn = $("stop");
-  const history = []; // {role, content}: reasoning is never sent back (R1's template drops it anyway)
+  // The conversation, kept across reloads in localStorage: {role, content, reasoning?}. Only role and
+  // content are sent back; reasoning stays on the page (R1's template drops it from history anyway).
+  const STORE = "nanoseek:conversation";
+  const history = [];
+  function save() { try { localStorage.setItem(STORE, JSON.stringify(history)); } catch (e) { /* full */ } }
+  function wire() { return history.map(function (m) { return { role: m.role, content: m.content }; }); }
   let model = null, maxModelLen = null, controller = null;
 
   for (const id of ["temperature", "max-tokens", "api-key"]) {
@@ -101,7 +106,7 @@
       let maxTokens = parseInt($("max-tokens").value, 10);
       if (maxModelLen) {
         // Fit the reply into the context: the server refuses (400) a request that cannot fit.
-        const t = await fetch("/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ messages: history }) });
+        const t = await fetch("/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ messages: wire() }) });
         if (t.ok) {
           const room = maxModelLen - (await t.json()).count;
           if (room < 1) throw new Error("the conversation fills the model's context: start a new chat");
@@ -109,7 +114,7 @@
         }
       }
       const body = {
-        messages: history,
+        messages: wire(),
         stream: true,
         stream_options: { include_usage: true },
         temperature: parseFloat($("temperature").value),
@@ -156,7 +161,8 @@
       view.meta.textContent = parts.join(" · ");
       // A failed turn leaves the history as it was, so the next message is not sent after a broken one.
       if (failed) history.pop();
-      else history.push({ role: "assistant", content: content });
+      else history.push({ role: "assistant", content: content, reasoning: reasoning });
+      save();
       div.dataset.state = "done";
       sendBtn.disabled = false; stopBtn.disabled = true;
       controller = null;
@@ -178,8 +184,27 @@
   $("clear").addEventListener("click", function () {
     if (controller) controller.abort();
     history.length = 0;
+    save();
     messagesEl.textContent = "";
   });
   $("api-key").addEventListener("change", loadModel);
+
+  // Restore the kept conversation.
+  try {
+    for (const m of JSON.parse(localStorage.getItem(STORE) || "[]")) {
+      if (!m || (m.role !== "user" && m.role !== "assistant") || typeof m.content !== "string") continue;
+      history.push(m);
+      const div = addMessage(m.role);
+      if (m.role === "user") { div.appendChild(document.createTextNode(m.content)); continue; }
+      div.dataset.state = "done";
+      const view = assistantView(div);
+      if (m.reasoning) {
+        view.details.hidden = false; view.details.open = false;
+        view.summary.textContent = "Thinking"; view.reasoning.textContent = m.reasoning;
+      }
+      view.answer.innerHTML = window.renderMarkdown(m.content);
+    }
+  } catch (e) { localStorage.removeItem(STORE); }
+  scroll();
   loadModel();
 })();
