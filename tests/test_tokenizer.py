@@ -193,6 +193,14 @@ def test_saved_tokenizer_works_in_transformers(tok: Tokenizer, tmp_path: Path) -
         assert hf(text)["input_ids"] == tok.encode(text, add_bos=True)  # HF adds BOS like DeepSeek's
         assert hf.decode(tok.encode(text)) == text
 
+    hf.save_pretrained(str(tmp_path / "resaved"))  # transformers 5 writes chat_template.jinja
+    resaved = load_tokenizer(tmp_path / "resaved")
+    assert resaved.chat_template == R1_CHAT_TEMPLATE and resaved.bos_token_id == tok.bos_token_id
+    resaved.save(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "tokenizer_config.json").read_text())["tokenizer_class"] == (
+        "PreTrainedTokenizerFast"
+    )
+
     again = load_tokenizer(tmp_path)
     assert again.encode(SAMPLES["mixed"]) == tok.encode(SAMPLES["mixed"])
     assert again.chat_template == R1_CHAT_TEMPLATE

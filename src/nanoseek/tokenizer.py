@@ -283,9 +283,15 @@ class Tokenizer:
                 "model_max_length": config.get("model_max_length", 1 << 20),
             }
         )
-        config.pop("added_tokens_decoder", None)  # tokenizer.json is the source of truth
+        if config["tokenizer_class"] == "TokenizersBackend":  # transformers 5's name; 4.x knows this one
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        for key in ("added_tokens_decoder", "is_local", "local_files_only", "backend"):
+            config.pop(key, None)  # tokenizer.json is the source of truth; the rest is load-time state
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
+            jinja = out / "chat_template.jinja"  # transformers 5 prefers this file: keep it in step
+            if jinja.exists():
+                jinja.write_text(self.chat_template)
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return out
 
