@@ -210,6 +210,14 @@ def test_completions_lm_eval_loglikelihood(real, tok, model):
         assert (tok_lp == max(top.values())) == is_greedy
     assert choice["text"].startswith(tok.decode(ctx + cont))
     assert out["usage"]["completion_tokens"] == 1
+    # a batch of prompts of different lengths (scored together, right-padded) gives the same numbers
+    other = tok.encode("We check the sum again: one plus one is two", add_bos=True)
+    batch = httpx.post(
+        real.url + "/v1/completions", json={**body, "prompt": [other, ctx + cont]}, timeout=60
+    ).json()
+    again = batch["choices"][1]["logprobs"]["token_logprobs"][:n]
+    assert again == pytest.approx(lp["token_logprobs"][:n], abs=1e-4)
+    assert len(batch["choices"][0]["logprobs"]["token_logprobs"]) == len(other) + 1
 
 
 def test_completions_prompt_forms_echo_and_max_tokens(real, tok):

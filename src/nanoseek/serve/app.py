@@ -459,7 +459,7 @@ class Server:
         n = req.n
         scores: list[Any] = [None] * len(prompts)
         if req.echo and req.logprobs is not None:
-            scores = [await self.engine.score_prompt(ids, req.logprobs) for ids, _ in prompts]
+            scores = await self.engine.score_prompts([ids for ids, _ in prompts], req.logprobs)
         generate = req.max_tokens is None or req.max_tokens > 0
         choices = [self.new_choice(req.stop, None) for _ in range(len(prompts) * n)]
         group = None

@@ -142,9 +142,10 @@ class AsyncEngine:
     def _release(self, n: int) -> None:
         self._pending -= n
 
-    async def score_prompt(self, prompt_ids: list[int], top_k: int) -> PromptScore:
+    async def score_prompts(self, prompts: list[list[int]], top_k: int) -> list[PromptScore]:
+        """Log-probabilities of every prompt token (and the top-k there), computed on the engine thread."""
         fut = asyncio.get_running_loop().create_future()
-        self._commands.put(("score", prompt_ids, top_k, fut))
+        self._commands.put(("score", prompts, top_k, fut))
         return await fut
 
     # --------------------------------------------------------- engine thread
@@ -192,9 +193,9 @@ class AsyncEngine:
                 self._finish_metrics(entry, "abort")
                 self._post(entry.group, None, release=1)
         elif kind == "score":
-            _, prompt_ids, top_k, fut = cmd
+            _, prompts, top_k, fut = cmd
             try:
-                result: Any = self._score(prompt_ids, top_k)
+                result: Any = self._score(prompts, top_k)
             except Exception as e:
                 result = e
             fut.get_loop().call_soon_threadsafe(_resolve, fut, result)
@@ -250,31 +251,55 @@ class AsyncEngine:
         stats["num_waiting"] = getattr(self.engine, "num_waiting", 0)
         self._stats = stats
 
-    def _score(self, prompt_ids: list[int], top_k: int) -> PromptScore:
+    def _score(self, prompts: list[list[int]], top_k: int, max_batch_tokens: int = 8192) -> list[PromptScore]:
+        """One forward per batch of prompts, right-padded: under the causal mask padding after a prompt
+        cannot change its logits, so batching gives each prompt the scores it would get alone."""
         import torch
 
         if self.model is None:
             raise RuntimeError("prompt scoring needs the model")
-        first_param = next(self.model.parameters())
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=first_param.device)
+        device = next(self.model.parameters()).device
         # Scoring must not count as routing traffic: keep the MoE load statistics as they were.
         routers = [r for _, r in self.model.routers()] if hasattr(self.model, "routers") else []
         loads = [r.expert_load.clone() for r in routers]
+        was_training = self.model.training
+        self.model.eval()
+        scores: list[PromptScore | None] = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
         try:
-            with torch.inference_mode():
-                logits = self.model(ids)[0].float()
+            while order:
+                batch = [order.pop(0)]
+                while order and len(prompts[order[0]]) * (len(batch) + 1) <= max_batch_tokens:
+                    batch.append(order.pop(0))
+                width = max(len(prompts[i]) for i in batch)
+                ids = torch.tensor(
+                    [prompts[i] + [0] * (width - len(prompts[i])) for i in batch],
+                    dtype=torch.long,
+                    device=device,
+                )
+                with torch.inference_mode():
+                    logp = torch.log_softmax(self.model(ids)[:, :-1].float(), dim=-1)  # t predicts t+1
+                chosen = logp.gather(2, ids[:, 1:, None])[..., 0]
+                if top_k > 0:
+                    vals, idx = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+                for row, i in enumerate(batch):
+                    n = len(prompts[i])
+                    top: list[list[tuple[int, float]] | None] = [None]
+                    if top_k > 0:
+                        top += [
+                            list(zip(a, b, strict=True))
+                            for a, b in zip(
+                                idx[row, : n - 1].tolist(), vals[row, : n - 1].tolist(), strict=True
+                            )
+                        ]
+                    else:
+                        top += [[] for _ in range(n - 1)]
+                    scores[i] = PromptScore(logprobs=[None, *chosen[row, : n - 1].tolist()], top=top)
         finally:
             for r, load in zip(routers, loads, strict=True):
                 r.expert_load.copy_(load)
-        logp = torch.log_softmax(logits[:-1], dim=-1)  # position t predicts token t+1
-        chosen = logp.gather(1, ids[0, 1:, None])[:, 0].tolist()
-        top: list[list[tuple[int, float]] | None] = [None]
-        if top_k > 0:
-            vals, idx = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
-            top += [list(zip(i, v, strict=True)) for i, v in zip(idx.tolist(), vals.tolist(), strict=True)]
-        else:
-            top += [[] for _ in chosen]
-        return PromptScore(logprobs=[None, *chosen], top=top)
+            self.model.train(was_training)
+        return scores  # type: ignore[return-value]
 
 
 def _resolve(fut: asyncio.Future, result: Any) -> None:
