@@ -8,8 +8,9 @@ HTTP request (which may hold several engine requests: `n` choices, a list of pro
 no work the thread blocks on its command queue, so an idle server burns no CPU.
 
 Also on the engine thread: prompt scoring (log-probabilities of every prompt token and its top-k
-alternatives, for `/v1/completions` with `echo` + `logprobs`), one forward pass of the model between
-engine steps.
+alternatives, for `/v1/completions` with `echo` + `logprobs`), a batched forward pass of the model
+between engine steps. The engine's own `prompt_logprobs` gives only the chosen token's value, and
+lm-evaluation-harness's greedy check needs the top alternatives at every prompt position too.
 """
 
 from __future__ import annotations
