@@ -141,8 +141,8 @@ def _check_load(missing: list[str], unexpected: list[str]) -> None:
 
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> dict:
-    if not info.enabled:
-        return optimizer.state_dict()
+    """Optimizer state keyed by parameter name (not position), unsharded, on CPU: the same format
+    whatever the world size, so a run can resume on a different number of ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(
@@ -153,9 +153,9 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
 def load_full_optimizer_state_dict(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo
 ) -> None:
-    if not info.enabled:
-        optimizer.load_state_dict(state)
-        return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    # strict=False: parameters that never received a gradient (e.g. MTP with λ = 0) have no state.
+    set_optimizer_state_dict(
+        model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False)
+    )

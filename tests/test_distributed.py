@@ -1,0 +1,106 @@
+"""Data parallel with FSDP2 on gloo: 2 CPU processes match 1 process on the same global batch.
+
+Tolerance: per-step losses within 1e-4 relative. The two runs differ only in fp32 summation order
+(each rank's mean over half the rows, then gradients averaged by reduce-scatter), so they agree to
+~1e-6 over a few steps; routing is discrete, and a near-tie flipped by rounding could move a loss by
+more, which 1e-4 still catches as a real bug (wrong sharding, a missing all-reduce, a bias that drifts
+between ranks) while tolerating float noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train_loop import batch_at, micro_model  # noqa: E402
+
+STEPS = 6
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(run_dir: str, world: int = 1, rank: int = 0, port: int = 0) -> dict:
+    from nanoseek.train.distributed import destroy_distributed, init_distributed, shard_batch
+    from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
+
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+        )
+    info = init_distributed(device="cpu")
+    model = micro_model()
+    tr = Trainer(
+        model,
+        run_dir,
+        "pretrain",
+        OptimConfig(lr=1e-2, warmup_steps=2),
+        total_steps=STEPS,
+        precision="fp32",
+        progress=False,
+        bias_update_speed=0.01,
+        dist=info,
+    )
+    losses = []
+    for step in range(STEPS):
+        x, y = (shard_batch(t, info) for t in batch_at(step))
+        losses.append(tr.step(lambda x=x, y=y: language_model_loss(tr.model, x, y, mtp_weight=0.3))["loss"])
+    tr.save({"pos": STEPS})
+    bias = model.model.layers[1].mlp.gate.e_score_correction_bias.tolist()
+    out = {"losses": losses, "bias": bias, "world": info.world_size}
+    destroy_distributed()
+    return out
+
+
+def _worker(rank: int, world: int, port: int, run_dir: str, result: str) -> None:
+    out = _train(run_dir, world, rank, port)
+    Path(f"{result}.{rank}").write_text(json.dumps(out))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(tmp_path) -> None:
+    single = _train(str(tmp_path / "one"))
+    result = str(tmp_path / "result")
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), result), nprocs=2, join=True)
+    ranks = [json.loads(Path(f"{result}.{r}").read_text()) for r in range(2)]
+    assert ranks[0]["world"] == 2
+    # every rank sees the same all-reduced loss and holds the same balancing bias
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    assert ranks[0]["bias"] == ranks[1]["bias"]
+    for a, b in zip(single["losses"], ranks[0]["losses"], strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+    assert ranks[0]["bias"] == pytest.approx(single["bias"], abs=1e-6)
+    assert single["losses"][-1] < single["losses"][0]
+
+    # rank 0 wrote one full (unsharded) checkpoint that loads as a plain model and matches 1 process
+    from nanoseek.checkpoint import load_model
+
+    one = load_model(tmp_path / "one" / "pretrain").state_dict()
+    two = load_model(tmp_path / "two" / "pretrain").state_dict()
+    for k, v in one.items():
+        assert torch.allclose(v, two[k], atol=1e-4), k
+
+    # and a 1-process run resumes from the 2-process checkpoint (optimizer state is keyed by name)
+    from nanoseek.train.loop import OptimConfig, Trainer
+
+    model = micro_model(seed=9)
+    tr = Trainer(model, tmp_path / "two", "pretrain", OptimConfig(), total_steps=STEPS + 2, progress=False)
+    assert tr.resume() == {"pos": STEPS} and tr.global_step == STEPS
+    assert len(tr.optimizer.state) == sum(1 for p in model.parameters() if p.requires_grad)
