@@ -73,12 +73,16 @@ def shard_model(model: nn.Module, info: DistInfo) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from nanoseek.train.expert_parallel import expert_parallel_parameters
+
     mesh = init_device_mesh(info.device.type, (info.world_size,))
+    # Routed experts already sharded by expert parallelism stay out of FSDP.
+    ignored = expert_parallel_parameters(model) or None
     for block in model.model.layers:  # type: ignore[union-attr]
-        fully_shard(block, mesh=mesh)
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
     # The root is never resharded between forward and backward, so MTP (called after forward) and the
     # shared head see gathered weights.
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params=ignored)
     return model
 
 
