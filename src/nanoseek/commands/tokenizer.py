@@ -82,6 +82,12 @@ def run_train(args: argparse.Namespace) -> int:
     tok = train_tokenizer(counted(), vocab_size=args.vocab_size, min_frequency=args.min_frequency)
     elapsed = time.perf_counter() - start
     out = tok.save(Path(args.out))
+    if tok.vocab_size < args.vocab_size:
+        # BPE stops when no pair is seen min_frequency times: the corpus, not the trainer, is the limit.
+        print(
+            f"note: the corpus supports only {tok.vocab_size} tokens at --min-frequency {args.min_frequency}; "
+            f"use more documents (--max-docs) to reach {args.vocab_size}"
+        )
     print(
         f"trained on {chars:,} chars in {elapsed:.1f}s: {tokenizer_summary(tok, held_out)}; "
         f"saved tokenizer.json + tokenizer_config.json to {out}"
