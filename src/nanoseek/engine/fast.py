@@ -198,7 +198,9 @@ class FastForward:
         if r.n_group > 1:
             grouped = choice.view(-1, r.n_group, r.n_experts // r.n_group)
             keep = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(r.topk_group, dim=-1).indices
-            drop = torch.ones(grouped.shape[:2], dtype=torch.bool, device=flat.device).scatter_(1, keep, False)
+            drop = torch.ones(grouped.shape[:2], dtype=torch.bool, device=flat.device).scatter_(
+                1, keep, False
+            )
             choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)
         indices = choice.topk(r.top_k, dim=-1).indices
         weights = scores.gather(1, indices)
@@ -216,12 +218,20 @@ class FastForward:
             indices = torch.cat((indices, indices.new_full((t, 1), gate_up.shape[0] - 1)), dim=1)
             weights = torch.cat((weights, weights.new_ones(t, 1)), dim=1)
         t, k = indices.shape
-        if t * k <= 32:
-            # Few assignments (decode at small batch): gather the chosen experts' weights, two bmm.
-            xs = flat.unsqueeze(1).expand(t, k, shape[-1]).reshape(t * k, 1, shape[-1])
-            g, u = torch.bmm(xs, gate_up[indices.flatten()]).chunk(2, dim=-1)
-            ys = torch.bmm(F.silu(g) * u, down[indices.flatten()]).view(t, k, shape[-1])
-            y = (ys * weights.unsqueeze(-1).to(ys.dtype)).sum(dim=1)
+        if t * k <= 16:
+            # Few assignments (decode at small batch): a short loop of matmuls on weight views beats
+            # copying the chosen experts' weights or a grouped GEMM over mostly empty groups.
+            toks = torch.arange(t).repeat_interleave(k).tolist() if t > 1 else [0] * k
+            rows = [flat[i : i + 1] for i in range(t)] if t > 1 else [flat]
+            acc: list[torch.Tensor | None] = [None] * t
+            for tok, e, wt in zip(toks, indices.flatten().tolist(), weights.flatten().tolist(), strict=True):
+                g, u = torch.mm(rows[tok], gate_up[e]).chunk(2, dim=-1)
+                prev = acc[tok]
+                h = F.silu(g) * u
+                acc[tok] = (
+                    torch.mm(h, down[e]).mul_(wt) if prev is None else torch.addmm(prev, h, down[e], alpha=wt)
+                )
+            y = torch.cat(acc) if t > 1 else acc[0]  # type: ignore[arg-type]
         elif self.grouped_mm:
             e = gate_up.shape[0]
             order = indices.flatten().argsort(stable=True)
