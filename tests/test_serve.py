@@ -57,10 +57,14 @@ def real(tok, model):
 
 @pytest.fixture(scope="module")
 def scripted(tok):
-    def reply(prompt, params):
-        return tok.encode(f"{REASONING}\n</think>\n\n{ANSWER}")
+    filler = tok.encode(" and so on") * 100
 
-    engine = ScriptedEngine(tok, reply, step_delay=0.01)  # slow enough that a stop string aborts mid-way
+    def reply(prompt, params):
+        text = tok.encode(f"{REASONING}\n</think>\n\n{ANSWER}")
+        # "LONG" prompts keep going for ~300 tokens (3 s): time for a stop string's abort to land mid-way.
+        return text + filler if "LONG" in tok.decode(prompt) else text
+
+    engine = ScriptedEngine(tok, reply, step_delay=0.01)
     with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL))) as srv:
         srv.engine = engine
         srv.client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
@@ -343,11 +347,12 @@ def test_api_key(tok):
 
 
 def test_queue_full_429_and_disconnect_aborts(tok):
-    engine = ScriptedEngine(tok, step_delay=0.05)
+    # 10 s of tokens per request unless aborted: the test's clients hang up long before that.
+    engine = ScriptedEngine(tok, lambda prompt, params: [100 + i % 50 for i in range(200)], step_delay=0.05)
     app = create_app(engine, tok, ServeConfig(model_name=MODEL, max_pending=2, retry_after=3))
     with LiveServer(app) as srv:
         server = app.state.server
-        body = {"model": MODEL, "messages": USER, "max_tokens": 30, "stream": True}
+        body = {"model": MODEL, "messages": USER, "max_tokens": 200, "stream": True}
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             with (
                 c.stream("POST", "/v1/chat/completions", json=body) as s1,
@@ -418,9 +423,13 @@ def test_stop_strings(scripted):
     )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == "The answer "  # nothing of the stop string ever reached the client
-    assert scripted.engine.aborted  # generation past the stop string was cut off in the engine
     stopped = scripted.client.completions.create(model=MODEL, prompt="x", max_tokens=100, stop=["\n"])
     assert stopped.choices[0].text == REASONING.split("\n")[0]
+    # generation past the stop string is cut off in the engine, not run to max_tokens
+    before = len(scripted.engine.aborted)
+    long = scripted.client.completions.create(model=MODEL, prompt="LONG", max_tokens=240, stop=["That"])
+    assert long.choices[0].text == "I add 2 and 2.\n" and long.choices[0].finish_reason == "stop"
+    assert len(scripted.engine.aborted) == before + 1 and long.usage.completion_tokens < 100
 
 
 def test_web_page_served(scripted):

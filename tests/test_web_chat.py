@@ -117,7 +117,7 @@ def test_chat_page_streams_answer(browser):
     def reply(prompt, params):
         return tok.encode(f"{reasoning}\n</think>\n\n{answer}")
 
-    engine = ScriptedEngine(tok, reply, step_delay=0.03)  # ~1 s of streaming: partial states are visible
+    engine = ScriptedEngine(tok, reply, step_delay=0.05)  # ~2 s of streaming: partial states are visible
     with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
         browser.call("Page.enable")
         browser.call("Runtime.enable")
