@@ -1,0 +1,133 @@
+"""`nanoseek pretrain` end to end on the embedded corpus with a micro model: checkpoint layout with a
+trained tokenizer, metrics, validation, exact resume through PackedDataset's data position, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from nanoseek.cli import main  # noqa: E402
+from nanoseek.metrics import read_metrics  # noqa: E402
+from nanoseek.train.pretrain import PretrainConfig, pretrain, resolve_precision  # noqa: E402
+from test_train_loop import micro_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A micro model config and a tokenizer trained once for the module."""
+    from nanoseek.data.corpus import iter_documents
+    from nanoseek.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("pretrain")
+    cfg = micro_model().config.replace(max_position_embeddings=64)
+    docs = [doc for _, doc in zip(range(400), iter_documents("embedded"), strict=False)]
+    tok = train_tokenizer(docs, vocab_size=320)
+    tok.save(d / "tok")
+    cfg.replace(vocab_size=tok.vocab_size).save(d / "micro")
+    return d
+
+
+def config(workdir: Path, out: Path, **kw) -> PretrainConfig:
+    base = dict(
+        out=str(out),
+        preset=str(workdir / "micro"),
+        tokenizer=str(workdir / "tok"),
+        steps=6,
+        batch_size=4,
+        seq_len=32,
+        lr=1e-2,
+        warmup_steps=2,
+        val_every=3,
+        val_batches=2,
+        checkpoint_every=0,
+        precision="fp32",
+        progress=False,
+    )
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def test_pretrain_writes_checkpoint_metrics_and_summary(workdir, tmp_path, capsys) -> None:
+    path = pretrain(config(workdir, tmp_path / "run"))
+    assert path == tmp_path / "run" / "pretrain"
+    names = {p.name for p in path.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "train_state",
+    } <= names
+    cfg = json.loads((path / "config.json").read_text())
+    tok = json.loads((path / "tokenizer.json").read_text())
+    assert cfg["model_type"] == "deepseek_v3"
+    assert cfg["vocab_size"] == len(tok["model"]["vocab"]) + len(
+        [t for t in tok["added_tokens"] if t["content"] not in tok["model"]["vocab"]]
+    )
+    records = list(read_metrics(tmp_path / "run", stage="pretrain"))
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "val_loss" in r and "event" not in r] == [3, 6]
+    assert all("mtp_loss" in r and "expert_imbalance_max" in r for r in steps)
+    out = capsys.readouterr().out
+    assert "pretrain: 6 steps" in out and "val loss" in out and str(path) in out
+
+    from nanoseek.checkpoint import load_model
+
+    model = load_model(path)
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, cfg["vocab_size"])
+
+
+def test_pretrain_resume_matches_uninterrupted(workdir, tmp_path) -> None:
+    kw = dict(schedule="constant", warmup_steps=0, val_every=0)
+    pretrain(config(workdir, tmp_path / "a", steps=6, **kw))
+    pretrain(config(workdir, tmp_path / "b", steps=3, **kw))
+    pretrain(config(workdir, tmp_path / "b", steps=6, resume=True, **kw))
+
+    def losses(run: Path) -> list[float]:
+        return [r["loss"] for r in read_metrics(run, stage="pretrain") if "loss" in r]
+
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")  # bitwise, through the data position
+
+
+def test_pretrain_trains_its_own_tokenizer(workdir, tmp_path) -> None:
+    run = tmp_path / "run"
+    pretrain(config(workdir, run, tokenizer=None, vocab_size=300, tokenizer_docs=300, steps=2, val_every=0))
+    tok = json.loads((run / "tokenizer" / "tokenizer.json").read_text())
+    assert tok["model"]["type"] == "BPE"
+    assert json.loads((run / "pretrain" / "config.json").read_text())["vocab_size"] <= 300
+    assert any(r.get("stage") == "tokenizer" for r in read_metrics(run))
+
+
+def test_cli_rejects_bad_arguments(workdir, tmp_path, capsys) -> None:
+    code = main(
+        ["pretrain", "--out", str(tmp_path), "--preset", str(workdir / "micro"), "--tokenizer",
+         str(workdir / "tok"), "--seq-len", "4096", "--no-progress"]
+    )  # fmt: skip
+    assert code == 2
+    assert "max_position_embeddings" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="steps"):
+        pretrain(config(workdir, tmp_path, steps=0))
+
+
+def test_auto_precision_is_fp32_on_cpus_without_bf16(monkeypatch) -> None:
+    import nanoseek.train.pretrain as pt
+
+    monkeypatch.setattr(pt, "cpu_has_bf16", lambda: False)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(pt, "cpu_has_bf16", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
