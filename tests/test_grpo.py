@@ -131,3 +131,125 @@ def test_collapse_warnings() -> None:
     assert "entropy collapsed" in collapse_warnings(0.01, 40, initial_entropy=1.5, initial_length=50)[0]
     assert "length collapsed" in collapse_warnings(1.0, 5, initial_entropy=1.5, initial_length=50)[0]
     assert collapse_warnings(float("nan"), 5, initial_entropy=None, initial_length=None)
+
+
+# ------------------------------------------------------------------------------ end to end (tiny)
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are so small that a second thread only adds synchronization (and, on a shared
+    2-core machine, oversubscription)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def micro_checkpoint(tmp_path_factory) -> str:
+    """A very small DeepSeek-V3 (MLA + MoE) with a BPE tokenizer trained on task texts."""
+    from nanoseek.checkpoint import build_model, save_model
+    from nanoseek.config import get_preset
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import train_tokenizer
+
+    task = get_task("arithmetic")
+    texts = [p.prompt + task.worked_solution(p) for p in task.problems("train", 200, seed=3)]
+    tok = train_tokenizer(texts, vocab_size=400)
+    cfg = get_preset("tiny").replace(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        num_nextn_predict_layers=0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        torch_dtype="float32",
+    )
+    d = tmp_path_factory.mktemp("micro") / "init"
+    save_model(build_model(cfg).init_weights(0), d)
+    tok.save(d)
+    return str(d)
+
+
+def _cfg(init: str, out, **kw):
+    from nanoseek.train.grpo import GRPOConfig
+
+    base = dict(
+        init=init,
+        tasks=["arithmetic"],
+        out=str(out),
+        group_size=4,
+        batch_prompts=2,
+        steps=2,
+        max_new_tokens=8,
+        lr=1e-3,
+        micro_batch=4,
+        progress=False,
+        train_pool=64,
+        # a random model never answers right; the language reward (share of Latin letters in the thinking
+        # of an English prompt) varies across its samples, so every group carries signal
+        reward="language:1",
+        language="en",
+    )
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def _weights(ckpt) -> dict[str, torch.Tensor]:
+    from nanoseek.checkpoint import read_safetensors
+
+    return read_safetensors(ckpt)
+
+
+def test_grpo_resume_is_exact(micro_checkpoint, tmp_path) -> None:
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train.grpo import grpo
+
+    straight = grpo(_cfg(micro_checkpoint, tmp_path / "a", steps=2, mu=2))
+    grpo(_cfg(micro_checkpoint, tmp_path / "b", steps=1, mu=2))
+    resumed = grpo(_cfg(micro_checkpoint, tmp_path / "b", steps=2, mu=2, resume=True))
+    wa, wb = _weights(straight), _weights(resumed)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    init = _weights(micro_checkpoint)
+    assert any(not torch.equal(init[k], wa[k]) for k in wa)  # training did move the weights
+    ra = [r for r in read_metrics(tmp_path / "a", "grpo") if "reward" in r]
+    rb = [r for r in read_metrics(tmp_path / "b", "grpo") if "reward" in r]
+    assert [r["step"] for r in rb] == [1, 2]
+    for key in ("reward", "response_length", "accuracy", "format_rate"):
+        assert ra[1][key] == rb[1][key]
+    for key in ("entropy", "clip_frac", "rollout_tok_s", "update_tok_s", "loss", "groups_with_signal"):
+        assert key in ra[1]
+
+
+def test_grpo_with_kl_penalty_stays_finite(micro_checkpoint, tmp_path) -> None:
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train.grpo import grpo
+
+    grpo(_cfg(micro_checkpoint, tmp_path, steps=3, beta=0.1, mu=2, lr=3e-3))
+    recs = [r for r in read_metrics(tmp_path, "grpo") if "reward" in r]
+    assert len(recs) == 3
+    kls = [r["kl"] for r in recs if "kl" in r]
+    assert kls and all(isinstance(k, float) and math.isfinite(k) and k >= 0 for k in kls)
+
+
+def test_config_errors(micro_checkpoint, tmp_path) -> None:
+    from nanoseek.train.grpo import grpo
+
+    with pytest.raises(ValueError, match="group-size"):
+        grpo(_cfg(micro_checkpoint, tmp_path, group_size=1))
+    with pytest.raises(ValueError, match="loss"):
+        grpo(_cfg(micro_checkpoint, tmp_path, loss="ppo"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        grpo(_cfg(str(tmp_path / "nowhere"), tmp_path))
