@@ -197,7 +197,8 @@ def expert_mesh(ep_size: int | None = None, device_type: str | None = None) -> D
         )
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    return init_device_mesh(device_type, (ep_size,), mesh_dim_names=("ep",))
+    # Unnamed, like FSDP2's mesh in `shard_model`: DTensors on equal meshes combine (one gradient norm).
+    return init_device_mesh(device_type, (ep_size,))
 
 
 def parallelize_experts(model: nn.Module, mesh: DeviceMesh | None = None) -> nn.Module:
