@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         f"http://{shown_host}:{args.port}/v1, chat page at /, auth {'on' if args.api_key else 'off'})",
         flush=True,
     )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print("nanoseek serve: warning: reachable beyond this machine and no --api-key set", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     print("nanoseek serve: stopped")
     return 0
