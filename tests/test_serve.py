@@ -238,6 +238,10 @@ def test_completions_prompt_forms_echo_and_max_tokens(real, tok):
     zero = c.completions.create(model=MODEL, prompt="Hello world", max_tokens=0, echo=True, logprobs=2)
     assert zero.choices[0].text == "Hello world" and zero.usage.completion_tokens == 0
     assert len(zero.choices[0].logprobs.token_logprobs) == len(ids)
+    sampled = [
+        c.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=1.0, seed=3) for _ in "ab"
+    ]
+    assert sampled[0].choices[0].text == sampled[1].choices[0].text  # a seed makes sampling reproducible
     plain = c.completions.create(model=MODEL, prompt="Hello world", max_tokens=0)
     assert plain.choices[0].text == ""
     # stream == non-stream (greedy), echo included
