@@ -1,0 +1,138 @@
+"""Distillation: rejection sampling keeps only finished, correct, distinct traces; a preset student takes
+the teacher's tokenizer; the whole command runs end to end with a scripted teacher engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nanoseek.engine import Completion
+from nanoseek.train.distill import DistillConfig, build_student, distill, sample_correct_traces
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> str:
+    from nanoseek.checkpoint import build_model, save_model
+    from nanoseek.config import get_preset
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import train_tokenizer
+
+    task = get_task("arithmetic")
+    texts = [p.prompt + task.worked_solution(p) for p in task.problems("train", 200, seed=3)]
+    tok = train_tokenizer(texts, vocab_size=400)
+    cfg = get_preset("tiny").replace(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        num_nextn_predict_layers=0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        torch_dtype="float32",
+    )
+    d = tmp_path_factory.mktemp("teacher") / "ckpt"
+    save_model(build_model(cfg).init_weights(0), d)
+    tok.save(d)
+    return str(d)
+
+
+class ScriptedEngine:
+    """Answers problem i's k samples as: right, right (duplicate), wrong, right but truncated."""
+
+    def __init__(self, tok, problems) -> None:
+        self.tok, self.problems = tok, problems
+
+    def generate_detailed(self, prompts, params):
+        k = len(prompts) // len(self.problems)
+        out = []
+        for j in range(len(prompts)):
+            p = self.problems[j // k]
+            kind = ["right", "right", "wrong", "cut"][j % k]
+            ans = p.answer if kind != "wrong" else str(int(p.answer) + 1)
+            ids = self.tok.encode(f"add\n</think>\n{ans}")
+            if kind != "cut":
+                ids.append(self.tok.eos_token_id)
+            out.append(Completion(ids, None, "length" if kind == "cut" else "stop", None))
+        return out
+
+
+def test_rejection_sampling_keeps_correct_distinct_finished(teacher_dir) -> None:
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(teacher_dir)
+    task = get_task("arithmetic")
+    probs = task.problems("train", 3, seed=0)
+    cfg = DistillConfig(teacher=teacher_dir, student="tiny", tasks=["arithmetic"], k=4, keep_per_prompt=2)
+    kept, stats = sample_correct_traces(ScriptedEngine(tok, probs), tok, [task] * 3, probs, cfg)
+    # per prompt: 2 right (identical -> 1 kept), 1 wrong, 1 truncated
+    assert len(kept) == 3
+    assert stats["teacher_accuracy"] == pytest.approx(2 / 4)
+    assert stats["prompts_with_correct"] == 1.0
+    for prob, prompt_ids, comp in kept:
+        assert comp[-1] == tok.eos_token_id
+        assert tok.decode(comp, skip_special_tokens=True).endswith(prob.answer)
+        assert tok.decode(prompt_ids).endswith("<think>\n")
+
+
+def test_preset_student_takes_teacher_vocab(teacher_dir) -> None:
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(teacher_dir)
+    student = build_student("tiny", tok)
+    assert student.config.vocab_size == tok.vocab_size
+    assert student.config.eos_token_id == tok.eos_token_id
+    with pytest.raises(KeyError):
+        build_student("no-such-preset", tok)
+
+
+def test_distill_end_to_end(teacher_dir, tmp_path, monkeypatch) -> None:
+    import nanoseek.engine
+    from nanoseek.checkpoint import load_model
+    from nanoseek.data.tasks import get_task
+    from nanoseek.metrics import read_metrics
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.sft import SFTConfig
+
+    tok = load_tokenizer(teacher_dir)
+    probs = get_task("arithmetic").problems("train", 4, seed=0)
+    monkeypatch.setattr(nanoseek.engine, "Engine", lambda model, **kw: ScriptedEngine(tok, probs))
+    cfg = DistillConfig(
+        teacher=teacher_dir,
+        student=teacher_dir,  # a checkpoint student (same tokenizer)
+        tasks=["arithmetic"],
+        k=4,
+        prompts=4,
+        out=str(tmp_path),
+        sft=SFTConfig(init="", steps=2, batch_size=2, seq_len=64, lr=1e-3, progress=False),
+    )
+    out = distill(cfg)
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    lines = (tmp_path / "distill_data.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    msgs = json.loads(lines[0])["messages"]
+    assert msgs[0]["role"] == "user" and msgs[1]["content"].startswith("<think>\n")
+    assert [r["step"] for r in read_metrics(tmp_path, "distill") if "loss" in r][-1] == 2
+    before, after = load_model(teacher_dir), load_model(out)
+    assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters(), strict=True))
