@@ -332,3 +332,13 @@ def test_bad_arguments(tmp_path) -> None:
         make_trainer(micro_model(), tmp_path, precision="fp16")
     with pytest.raises(ValueError, match="total_steps"):
         make_trainer(micro_model(), tmp_path, steps=0)
+
+
+def test_fp8_precision_converts_and_trains(tmp_path) -> None:
+    fp8 = pytest.importorskip("nanoseek.model.fp8")
+    model = micro_model()
+    stream = Stream()
+    tr = Trainer(model, tmp_path, "pretrain", OptimConfig(), total_steps=2, precision="fp8", progress=False)
+    assert any(isinstance(m, fp8.FP8TrainingLinear) for m in model.modules())
+    for _ in range(2):
+        assert math.isfinite(tr.step(lambda: language_model_loss(model, *stream()))["loss"])

@@ -271,7 +271,7 @@ class Trainer:
                 raise ValueError(
                     f"--precision fp8 needs nanoseek.model.fp8.convert_to_fp8_training ({e})"
                 ) from e
-            model = convert_to_fp8_training(model) or model
+            convert_to_fp8_training(model)  # in place: same parameters, FP8 GEMMs
         model.set_balance_alpha(balance_alpha)
         self.model = shard_model(model, self.dist)
         self.optimizer = torch.optim.AdamW(
