@@ -1,0 +1,193 @@
+"""Distributed checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own shards,
+any world size reads them back, and `export_hf` turns one into the usual HF-layout directory.
+
+What is notable here:
+- `save_dcp` writes the sharded state dict as it lives on the ranks (FSDP2 shards, expert-parallel
+  slices, replicated tensors written once) plus `config.json`; no rank ever holds the full model,
+  which is what makes it the checkpoint format past one machine's memory. The optimizer state can go
+  in the same checkpoint (keyed by parameter name, so it also reshards).
+- `load_dcp` reads into whatever layout the model has now: DCP's planner maps the saved chunks onto
+  the requested local shards, so a save at world size 2 (EP = 2 + FSDP2) loads in one process into
+  a plain model, and a single-process save loads into a sharded one. With a model built on the meta
+  device and parallelized, `to_empty` + `load_dcp` is the memory-light way to start a large run.
+- The directory is written under a scratch name and renamed by rank 0 once DCP's metadata is
+  complete, so a crash mid-save never leaves a half checkpoint under the final name.
+- `export_hf(dcp_dir, out_dir)` runs in one process (no process group needed) and writes the single
+  HF-layout directory `nanoseek.load_model` and `transformers` read; tokenizer files saved beside the
+  DCP checkpoint are copied along.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from nanoseek.config import ModelConfig
+
+METADATA = ".metadata"  # DCP's index file; its presence marks a complete checkpoint
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it assumes one process when none is initialized: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def is_dcp_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / METADATA).is_file()
+
+
+def save_dcp(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
+    """Save `model` (and `optimizer`) as a DCP checkpoint; every rank must call. Returns the path."""
+    final = Path(directory)
+    tmp = final.parent / f".{final.name}.tmp-dcp"
+    if _rank() == 0:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
+    _barrier()  # every rank's shard files and rank 0's metadata are on disk
+    if _rank() == 0:
+        config: ModelConfig = model.config  # type: ignore[assignment]
+        config.save(tmp)
+        old = final.parent / f".{final.name}.old-dcp"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_dcp(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    """Load a DCP checkpoint into `model` (and `optimizer`) in its current layout; every rank calls.
+
+    The model may be plain, FSDP2-sharded, expert-parallel, or materialized from the meta device with
+    `to_empty`; buffers that are not saved (RoPE tables, load counters) are rebuilt.
+    """
+    path = Path(directory)
+    if not is_dcp_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a torch.distributed.checkpoint directory (no {METADATA})")
+    _check_config(model, path)
+    _reset_buffers(model)
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+    except Exception as e:  # DCP raises a CheckpointException that wraps the per-rank errors
+        raise ValueError(f"could not load DCP checkpoint {path} into this model: {e}") from e
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+def _check_config(model: nn.Module, path: Path) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not (path / "config.json").exists():
+        return
+    saved = ModelConfig.load(path)
+    mine, theirs = config.to_dict(), saved.to_dict()
+    shape_keys = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "n_routed_experts",
+        "num_nextn_predict_layers",
+    )
+    diff = {k: (theirs.get(k), mine.get(k)) for k in shape_keys if theirs.get(k) != mine.get(k)}
+    if diff:
+        raise ValueError(f"DCP checkpoint {path} was saved from another model shape: (saved, model) {diff}")
+
+
+def _reset_buffers(model: nn.Module) -> None:
+    from nanoseek.checkpoint import _reset_buffers as reset
+    from nanoseek.model.transformer import DeepSeekV3
+
+    if isinstance(model, DeepSeekV3):
+        with torch.no_grad():
+            reset(model)
+
+
+def export_hf(
+    dcp_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write the HF-layout directory (config.json + safetensors) of a DCP checkpoint; one process.
+
+    Reads `config.json` saved beside the shards, gathers every shard into a plain model on the CPU and
+    writes it atomically with `nanoseek.checkpoint.save_model`; tokenizer files found in `dcp_dir`
+    are copied along.
+    """
+    from nanoseek.checkpoint import atomic_directory, build_model, save_model
+
+    src = Path(dcp_dir)
+    if not is_dcp_checkpoint(src):
+        raise FileNotFoundError(f"{src} is not a torch.distributed.checkpoint directory (no {METADATA})")
+    if not (src / "config.json").exists():
+        raise FileNotFoundError(f"{src} has no config.json: it was not written by nanoseek's save_dcp")
+    config = ModelConfig.load(src)
+    model = build_model(config, device="cpu", dtype=torch.float32)
+    state = model.state_dict()
+    with _single_process_quiet():
+        dcp.load({"model": state}, checkpoint_id=str(src), no_dist=True)
+    model.load_state_dict(state)
+    with atomic_directory(out_dir) as tmp:
+        save_model(model, tmp, dtype=dtype)
+        for name in TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, tmp / name)
+    return Path(out_dir)

@@ -1,0 +1,135 @@
+"""Distributed checkpoints across world sizes: 1 -> 2 (EP + FSDP2) -> 1 -> HF export.
+
+One process saves a DCP checkpoint; two gloo processes build the model on the meta device, shard
+experts (EP = 2) and the rest (FSDP2), load it (equal to the original, exactly), take an optimizer
+step and save at world size 2 with the optimizer state; one process loads that into a plain model
+(equal weights and Adam moments, exactly: DCP only moves bytes) and exports it to the HF layout,
+which `nanoseek.load_model` and `transformers` both read.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train_loop import batch_at, micro_model  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, src: str, dst: str, out: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from nanoseek.checkpoint import build_model
+    from nanoseek.train.dcp import load_dcp, save_dcp
+    from nanoseek.train.distributed import (
+        destroy_distributed,
+        full_model_state_dict,
+        init_distributed,
+        shard_batch,
+        shard_model,
+    )
+    from nanoseek.train.expert_parallel import parallelize_experts
+    from nanoseek.train.loop import language_model_loss
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    info = init_distributed(device="cpu")
+    reference = micro_model(seed=7)
+    model = build_model(reference.config, device="meta")
+    parallelize_experts(model)
+    shard_model(model, info)
+    model.to_empty(device="cpu")
+    load_dcp(model, src)
+    loaded = full_model_state_dict(model, info)  # gathered on rank 0 only
+    for k, v in reference.state_dict().items():
+        if rank == 0 and not k.endswith("expert_load"):
+            assert torch.equal(loaded[k], v), k
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = (shard_batch(t, info) for t in batch_at(0))
+    loss, _ = language_model_loss(model, x, y, mtp_weight=0.3)
+    loss.backward()
+    optimizer.step()
+    save_dcp(model, dst, optimizer)
+    full = full_model_state_dict(model, info)
+    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    if rank == 0:
+        torch.save({"model": full, "optim": optim["state"]}, out)
+    destroy_distributed()
+
+
+@pytest.mark.slow
+def test_save_world_1_load_world_2_save_load_world_1_export(tmp_path) -> None:
+    import nanoseek
+    from nanoseek.train.dcp import export_hf, is_dcp_checkpoint, load_dcp, save_dcp
+
+    original = micro_model(seed=7)
+    save_dcp(original, tmp_path / "ws1")
+    assert is_dcp_checkpoint(tmp_path / "ws1") and (tmp_path / "ws1" / "config.json").exists()
+
+    out = tmp_path / "ws2_state.pt"
+    args = (2, _free_port(), str(tmp_path / "ws1"), str(tmp_path / "ws2"), str(out))
+    mp.spawn(_worker, args=args, nprocs=2, join=True)
+    assert sorted(p.name for p in (tmp_path / "ws2").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    ranks = torch.load(out, weights_only=True)
+
+    # world size 2 -> 1: weights and optimizer state as the two ranks held them
+    plain = micro_model(seed=123)
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    load_dcp(plain, tmp_path / "ws2", optimizer)
+    state = plain.state_dict()
+    changed = 0
+    for k, v in ranks["model"].items():
+        assert torch.equal(state[k], v), k
+        changed += not torch.equal(v, original.state_dict()[k])
+    assert changed > 10  # the step at world size 2 moved the weights, so the check has teeth
+    names = dict(plain.named_parameters())
+    expert = "model.layers.1.mlp.experts.gate_up_proj"
+    moments = optimizer.state[names[expert]]
+    assert torch.equal(moments["exp_avg"], ranks["optim"][expert]["exp_avg"])
+    assert torch.equal(moments["exp_avg_sq"], ranks["optim"][expert]["exp_avg_sq"])
+    embed = optimizer.state[names["model.embed_tokens.weight"]]["exp_avg"]
+    assert torch.equal(embed, ranks["optim"]["model.embed_tokens.weight"]["exp_avg"])  # an FSDP2 shard pair
+    assert float(moments["step"]) == 1.0
+
+    # HF export: nanoseek and transformers both read it, same logits
+    export_hf(tmp_path / "ws2", tmp_path / "hf")
+    again = nanoseek.load_model(tmp_path / "hf").eval()
+    for k, v in plain.state_dict().items():
+        if not k.endswith("expert_load"):
+            assert torch.equal(again.state_dict()[k], v), k
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = batch_at(5)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, plain.eval()(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_dcp_errors_name_the_problem(tmp_path) -> None:
+    from nanoseek.train.dcp import export_hf, load_dcp, save_dcp
+
+    with pytest.raises(FileNotFoundError, match="not a torch.distributed.checkpoint"):
+        export_hf(tmp_path, tmp_path / "out")
+    save_dcp(micro_model(), tmp_path / "ckpt")
+    other = micro_model(mtp=0)
+    with pytest.raises(ValueError, match="num_nextn_predict_layers"):
+        load_dcp(other, tmp_path / "ckpt")
