@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -243,3 +245,17 @@ def test_training_state_untouched(model):
             assert torch.equal(r.expert_load, loads[i])
     finally:
         model.eval()
+
+
+def test_weight_updates_are_picked_up(model):
+    """GRPO keeps one engine across optimizer steps: in-place weight changes must take effect."""
+    m = copy.deepcopy(model)
+    engine = Engine(m, block_size=4)
+    prompt = list(range(30, 50))
+    before = engine.generate([prompt], max_new_tokens=6)[0]
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    after = engine.generate([prompt], max_new_tokens=6)[0]
+    assert after == Engine(m).generate([prompt], max_new_tokens=6)[0]
+    assert after != before

@@ -122,7 +122,6 @@ class PagedLatentCache:
         parent: int | None = None
         for i in range(min(max_blocks, len(tokens) // bs)):
             h = block_hash(parent, tuple(tokens[i * bs : (i + 1) * bs]))
-            self.prefix_queries += 1
             block = self.cached.get(h)
             if block is None:
                 break
@@ -134,7 +133,6 @@ class PagedLatentCache:
             if info.ref_count == 0:
                 del self.free[block]
             info.ref_count += 1
-        self.prefix_hits += len(found)
         return found, hashes
 
     def reset_prefix_cache(self) -> None:

@@ -117,6 +117,8 @@ class Engine:
         )
         eos = cfg.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._weights = list(model.parameters())
+        self._versions: list[int] = []
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._requests: dict[str, Sequence] = {}
@@ -191,14 +193,13 @@ class Engine:
     def step(self) -> list[StepEvent]:
         """Advance every running request by one token (or more, speculating); returns what changed."""
         events, self._aborted = self._aborted, []
+        self._check_weights()  # before admission: a stale prefix must not be matched
         plan = self.scheduler.plan()
         if not plan.decode and not plan.prefill:
             return events
         touched: list[Sequence] = []
         t0 = time.perf_counter()
         with torch.no_grad(), self._model_untouched():
-            if self.fast is not None:
-                self.fast.refresh()
             if plan.decode:
                 if self.speculative:
                     self._decode_speculative(plan.decode)
@@ -373,6 +374,16 @@ class Engine:
                     rows[b].draft = d
 
     # ---------------------------------------------------------------- model
+    def _check_weights(self) -> None:
+        """New weights (e.g. a GRPO optimizer step) make cached prefixes and derived weights stale."""
+        versions = [p._version for p in self._weights]
+        if versions != self._versions:
+            if self._versions:
+                self.cache.reset_prefix_cache()
+            self._versions = versions
+            if self.fast is not None:
+                self.fast.refresh()
+
     def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, view: StepView) -> torch.Tensor:
         if self.fast is not None:
             return self.fast.hidden_states(ids, positions, view)

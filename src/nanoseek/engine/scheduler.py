@@ -101,6 +101,8 @@ class Scheduler:
                 self.cache.release(shared)
                 break  # FCFS: wait for blocks rather than let later requests overtake
             self.waiting.popleft()
+            self.cache.prefix_queries += seq.prompt_len // self.cache.block_size
+            self.cache.prefix_hits += len(shared)
             seq.block_table = shared + [self.cache.allocate() for _ in range(fresh)]
             seq.block_hashes = hashes
             seq.num_computed = len(shared) * self.cache.block_size
