@@ -225,13 +225,14 @@ def dense_reference(experts: RoutedExperts, x, idx, w) -> torch.Tensor:
     return out
 
 
-def test_grouped_experts_equal_dense_per_token_reference():
+@pytest.mark.parametrize("hidden,inter", [(16, 12), (10, 5)])  # grouped GEMM, and the aligned-less loop
+def test_grouped_experts_equal_dense_per_token_reference(hidden, inter):
     torch.manual_seed(0)
-    experts = RoutedExperts(8, 16, 12)
+    experts = RoutedExperts(8, hidden, inter)
     with torch.no_grad():
         experts.gate_up_proj.normal_(0, 0.3)
         experts.down_proj.normal_(0, 0.3)
-    x = torch.randn(20, 16, requires_grad=True)
+    x = torch.randn(20, hidden, requires_grad=True)
     idx = torch.stack([torch.randperm(8)[:3] for _ in range(20)])
     idx[:, 0] = 7  # a crowded expert; some experts may get no token at all
     w = torch.rand(20, 3, requires_grad=True)
@@ -243,6 +244,25 @@ def test_grouped_experts_equal_dense_per_token_reference():
     ref_grads = torch.autograd.grad(ref, (x, w, experts.gate_up_proj, experts.down_proj), g)
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_experts_follow_autocast():
+    experts = RoutedExperts(8, 64, 32)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.2)
+        experts.down_proj.normal_(0, 0.2)
+    x = torch.randn(40, 64, requires_grad=True)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(40)])
+    w = torch.rand(40, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = experts(x, idx, w)
+    assert got.dtype == torch.bfloat16
+    ref = dense_reference(experts, x, idx, w)
+    torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05)
+    got.float().sum().backward()
+    assert experts.gate_up_proj.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    (g_ref,) = torch.autograd.grad(ref.sum(), experts.gate_up_proj)
+    assert (experts.gate_up_proj.grad - g_ref).norm() < 0.02 * g_ref.norm()  # bf16 rounding only
 
 
 def test_experts_with_no_tokens_and_empty_batch():
