@@ -185,6 +185,7 @@ def engine_generate(
     top_p: float = 1.0,
     stop_token_ids: Sequence[int] = (),
     seed: int | None = None,
+    progress: bool | str = False,
 ) -> list[Any]:
     """All prompts in one engine queue (continuous batching); returns Completions in prompt order.
 
@@ -200,7 +201,32 @@ def engine_generate(
         stop_token_ids=list(stop_token_ids),
         seed=seed,
     )
-    return engine.generate_detailed([list(p) for p in prompt_ids], params)
+    prompts = [list(p) for p in prompt_ids]
+    if not progress:
+        return engine.generate_detailed(prompts, params)
+    # the same single queue, driven step by step so a progress bar can count finished samples
+    import dataclasses
+
+    from tqdm.auto import tqdm
+
+    from nanoseek.engine import Completion
+
+    results = [Completion([], None, None, None) for _ in prompts]
+    index = {}
+    for i, p in enumerate(prompts):
+        pi = dataclasses.replace(params, seed=seed + i) if seed is not None else params
+        index[engine.add_request(p, pi)] = i
+    with tqdm(
+        total=len(prompts), desc=progress if isinstance(progress, str) else "sampling", leave=False
+    ) as bar:
+        while engine.has_unfinished():
+            for ev in engine.step():
+                c = results[index[ev.request_id]]
+                c.token_ids.extend(ev.new_token_ids)
+                if ev.finished:
+                    c.finish_reason = ev.finish_reason
+                    bar.update(1)
+    return results
 
 
 def strip_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:
@@ -233,6 +259,7 @@ def checkpoint_sampler(cfg: EvalConfig) -> tuple[Callable[[Sequence[Any]], list[
                 top_p=cfg.top_p,
                 stop_token_ids=stop,
                 seed=cfg.seed,
+                progress="eval samples" if cfg.progress else False,
             )
         flat = [
             Sample(
