@@ -61,7 +61,7 @@ class SpeedrunPreset:
     # evaluation
     eval_n: int = 64
     eval_k: int = 4
-    precision: str = "bf16"
+    precision: str = "auto"  # pretraining: bf16 autocast where the CPU has native bf16, else fp32
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -171,6 +171,7 @@ class Speedrun:
             precision=self.p.precision,
             seed=self.p.seed,
             resume=True,
+            progress=self.progress,
         )
         pretrain(cfg)
         return {"tokens": self.p.pretrain_steps * self.p.pretrain_batch * self.p.seq_len}
@@ -189,7 +190,6 @@ class Speedrun:
                 steps=steps or self.p.sft_steps,
                 seq_len=self.p.seq_len,
                 lr=self.p.sft_lr,
-                precision=self.p.precision,
                 seed=self.p.seed,
                 resume=True,
                 progress=self.progress,
@@ -245,7 +245,6 @@ class Speedrun:
                     steps=self.p.distill_steps,
                     seq_len=self.p.seq_len,
                     lr=self.p.sft_lr,
-                    precision=self.p.precision,
                     seed=self.p.seed,
                     progress=self.progress,
                 ),

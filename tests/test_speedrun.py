@@ -1,0 +1,62 @@
+"""End to end: `nanoseek speedrun --preset smoke` produces every artifact, and a rerun resumes."""
+
+import json
+
+import pytest
+import torch
+
+from nanoseek.cli import main
+from nanoseek.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("speedrun")
+    assert main(["speedrun", "--preset", "smoke", "--out", str(run), "--no-progress"]) == 0
+    return run
+
+
+def test_every_stage_writes_its_checkpoint_and_metrics(smoke_run):
+    for stage in ("pretrain", "sft", "grpo", "distill", "final"):
+        assert (smoke_run / stage / "config.json").exists(), stage
+        assert (smoke_run / stage / "model.safetensors").exists(), stage
+        assert (smoke_run / stage / "tokenizer.json").exists(), stage
+    assert (smoke_run / "tokenizer" / "tokenizer.json").exists()
+    stages = {r["stage"] for r in read_metrics(smoke_run)}
+    assert {"tokenizer", "pretrain", "sft", "grpo", "distill", "eval"} <= stages
+    evaluated = {r.get("evaluated") for r in read_metrics(smoke_run, "eval")}
+    assert {"pretrain", "sft", "grpo", "distill"} <= evaluated
+    assert not (smoke_run / "final" / "train_state").exists()
+
+
+def test_report_has_summary_and_plots(smoke_run):
+    text = (smoke_run / "report.md").read_text()
+    for needle in ("## Model", "## Stages", "## Held-out evaluation", "KV-cache bytes per token", "pass@1"):
+        assert needle in text
+    for png in ("loss.png", "grpo_reward.png", "grpo_length.png", "expert_load.png"):
+        assert (smoke_run / "plots" / png).stat().st_size > 1000, png
+
+
+def test_final_checkpoint_loads_in_transformers_and_nanoseek(smoke_run):
+    from transformers import AutoModelForCausalLM
+
+    import nanoseek
+
+    ours = nanoseek.load_model(smoke_run / "final").eval()
+    theirs = AutoModelForCausalLM.from_pretrained(smoke_run / "final").eval()
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), theirs(ids).logits, atol=1e-4)
+    tok = nanoseek.load_tokenizer(smoke_run / "final")
+    assert tok.decode(tok.encode("12 + 30 = 42")) == "12 + 30 = 42"
+
+
+def test_rerun_skips_finished_stages(smoke_run, capsys):
+    before = len(list(read_metrics(smoke_run)))
+    assert main(["speedrun", "--preset", "smoke", "--out", str(smoke_run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done already, skipped") >= 6
+    new = list(read_metrics(smoke_run))[before:]
+    assert all(r["stage"] == "speedrun" for r in new), json.dumps(new)[:500]
