@@ -87,7 +87,7 @@ def main() -> None:
     p.add_argument("--tokens", type=parse_tokens, default=parse_tokens("400k"), help="token budget per run")
     p.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.001], help="bias update speeds γ")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--precision", default="auto")

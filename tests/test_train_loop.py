@@ -342,3 +342,46 @@ def test_fp8_precision_converts_and_trains(tmp_path) -> None:
     assert any(isinstance(m, fp8.FP8TrainingLinear) for m in model.modules())
     for _ in range(2):
         assert math.isfinite(tr.step(lambda: language_model_loss(model, *stream()))["loss"])
+
+
+@pytest.mark.slow  # a fresh Python process importing torch: ~5 s alone, much more on a loaded machine
+def test_kill_mid_checkpoint_keeps_previous(tmp_path) -> None:
+    """SIGKILL a process while it writes its second checkpoint: the first stays whole and resumable."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    child = f"""
+import sys, time, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+torch.set_num_threads(1)
+import nanoseek.checkpoint as ck
+from test_train_loop import Stream, make_trainer, micro_model
+from nanoseek.train.loop import language_model_loss
+model, stream = micro_model(), Stream()
+tr = make_trainer(model, {str(tmp_path)!r}, steps=4)
+tr.step(lambda: language_model_loss(model, *stream()))
+tr.save(stream.state_dict())
+real = ck.save_model
+def slow(*a, **k):
+    real(*a, **k)
+    print("WRITING", flush=True)
+    time.sleep(120)
+ck.save_model = slow
+tr.step(lambda: language_model_loss(model, *stream()))
+tr.save(stream.state_dict())
+"""
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "WRITING"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert [p.name.startswith(".pretrain.tmp-") for p in tmp_path.iterdir()].count(True) == 1
+    meta = json.loads((tmp_path / "pretrain" / "train_state" / "trainer.json").read_text())
+    assert meta["step"] == 1
+    tr = make_trainer(micro_model(seed=3), tmp_path, steps=4)
+    assert tr.resume() == {"pos": 1} and tr.global_step == 1
+    tr.save({"pos": 1})  # the next write clears the dead one's scratch directory
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pretrain.tmp-")]
