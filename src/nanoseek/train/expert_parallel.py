@@ -139,7 +139,7 @@ class ExpertParallelExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T,H], indices/weights [T,k] (global expert ids) -> [T,H] = Σ_k weight · expert_k(x)."""
-        t, k = indices.shape
+        k = indices.shape[1]
         ep, n_local = self.ep_size, self.n_local
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # grouped by expert, hence by destination rank
@@ -151,24 +151,23 @@ class ExpertParallelExperts(nn.Module):
         recv_counts = recv_counts.view(ep, n_local)
         input_splits = send_counts.view(ep, n_local).sum(1).tolist()
         output_splits = recv_counts.sum(1).tolist()
-        # 2. dispatch
-        received = all_to_all(x[token_of], output_splits, input_splits, self.group)
+        # 2. dispatch, already in the experts' compute dtype (bf16 under autocast halves the bytes)
+        dtype = (
+            torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        )
+        received = all_to_all(x[token_of].to(dtype), output_splits, input_splits, self.group)
         # 3. local experts on rows grouped by expert
         regroup = _regroup_index(recv_counts)
-        ys = self._compute(received[regroup], recv_counts.sum(0).tolist())
+        ys = self._compute(received[regroup], recv_counts.sum(0).tolist(), dtype)
         ys = torch.empty_like(ys).index_copy(0, regroup, ys)  # back to arrival order
         # 4. combine, then weight and sum on the token's home rank (as RoutedExperts does)
         ys = all_to_all(ys, input_splits, output_splits, self.group)
         ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
         return torch.zeros_like(x, dtype=ys.dtype).index_add_(0, token_of, ys)
 
-    def _compute(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _compute(self, xs: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
         gate_up = _ScaleGrad.apply(self.gate_up_proj.to_local(), self.grad_scale)
         down = _ScaleGrad.apply(self.down_proj.to_local(), self.grad_scale)
-        if torch.is_autocast_enabled(xs.device.type):
-            dtype = torch.get_autocast_dtype(xs.device.type)
-        else:
-            dtype = xs.dtype
         xs = xs.to(dtype)
         outs = []
         start = 0
