@@ -65,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.evaluate import split_task_list
     from nanoseek.train.grpo import GRPOConfig, grpo
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
     cfg = GRPOConfig(
         init=args.init,
         tasks=split_task_list(args.task),
@@ -92,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         precision=args.precision,
         stop_on_collapse=args.stop_on_collapse,
+        min_entropy=args.min_entropy,
         progress=not args.no_progress,
     )
     grpo(cfg)
