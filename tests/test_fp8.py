@@ -23,8 +23,10 @@ from nanoseek.model.fp8 import (
     fp8_gemm,
     fp8_linear,
     is_fp8_training,
+    load_model_fp8,
     quantize_blocks,
     quantize_linears_fp8,
+    quantize_state_dict_fp8,
     quantize_tiles,
     resolve_backend,
 )
@@ -280,3 +282,34 @@ def test_quantize_model_weights_for_inference() -> None:
     assert n > 0 and isinstance(model.model.layers[0].self_attn.o_proj, FP8Linear)
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, FP8Linear)
     assert _rel(out, ref) < 0.1
+
+
+def test_deepseek_fp8_checkpoint_loads_kept_fp8(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from nanoseek.checkpoint import load_model, to_hf_state_dict
+
+    cfg = _mini_config()
+    model = DeepSeekV3(cfg).init_weights(0)
+    cfg.save(tmp_path)
+    # A checkpoint in DeepSeek-V3's FP8 layout: linear weights float8_e4m3fn + weight_scale_inv.
+    tensors = quantize_state_dict_fp8(to_hf_state_dict(model))
+    assert tensors["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"].dtype == FP8_DTYPE
+    assert tensors["model.layers.1.mlp.experts.3.down_proj.weight"].dtype == FP8_DTYPE
+    assert tensors["lm_head.weight"].dtype == torch.float32
+    assert tensors["model.layers.1.mlp.gate.weight"].dtype == torch.float32
+    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+
+    kept = load_model_fp8(str(tmp_path), dtype=torch.float32)
+    dequantized = load_model(tmp_path)  # the checkpoint module's dequantize-on-load path
+    q_a = kept.model.layers[0].self_attn.q_a_proj
+    assert isinstance(q_a, FP8Linear) and q_a.weight.dtype == FP8_DTYPE
+    # The file's FP8 bytes are kept as they are: no dequantize/requantize round trip.
+    assert torch.equal(
+        q_a.weight.view(torch.uint8), tensors["model.layers.0.self_attn.q_a_proj.weight"].view(torch.uint8)
+    )
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(kept(ids), dequantized(ids), rtol=1e-5, atol=1e-5)
+        # Original (pre-quantization) weights: FP8 storage costs only the rounding of the weights.
+        assert _rel(kept(ids), model(ids)) < 0.1
