@@ -83,7 +83,7 @@ def test_pretrain_writes_checkpoint_metrics_and_summary(workdir, tmp_path, capsy
     assert [r["step"] for r in records if "val_loss" in r and "event" not in r] == [3, 6]
     assert all("mtp_loss" in r and "expert_imbalance_max" in r for r in steps)
     out = capsys.readouterr().out
-    assert "pretrain: 6 steps" in out and "val loss" in out and str(path) in out
+    assert "pretrain: 6 steps" in out and "train loss" in out and "val loss" in out and str(path) in out
 
     from nanoseek.checkpoint import load_model
 

@@ -241,8 +241,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if val_set and val_loss is None:
             val_loss = validate()
         path = trainer.save({"data": train_data.state_dict()})
-    finally:
+    except BaseException:
         trainer.close()
+        destroy_distributed()
+        raise
+    trainer.close()
     wall = time.perf_counter() - t0
     done = trainer.global_step - start_step
     tokens = trainer.tokens_seen - start_tokens
@@ -251,7 +254,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             f"pretrain: {done} steps, {tokens / 1e6:.2f}M tokens in {wall:.0f}s ({tokens / max(wall, 1e-9):.0f} tok/s)"
         ]
         if last:
-            parts.append(f"loss {last['loss']:.3f}")
+            parts.append(f"train loss {last.get('lm_loss', last['loss']):.3f}")
             if "expert_imbalance_max" in last:
                 parts.append(f"expert imbalance {last['expert_imbalance_max']:.2f}")
         if val_loss is not None:
