@@ -18,12 +18,14 @@ What is notable here:
   and `convert_from_fp8_training` undoes it. The output head, router, embedding, norms and the
   attention core stay in higher precision (V3 §3.3.1).
 - One code path for every device: each 128-chunk GEMM is `torch._scaled_mm` with row-wise scales
-  (supported by torch's CPU and CUDA backends). Where `_scaled_mm` is unavailable the same GEMM is
-  emulated exactly: FP8 values dequantized per tile into fp32 and multiplied in fp32 (the products
-  of E4M3 values are exact in fp32; only the fp32 summation order differs).
+  (torch 2.13 runs it on CPU, where its 1x128/128x128 block-scaled modes are not implemented).
+  Where `_scaled_mm` is unavailable the same GEMM is emulated: the FP8 values dequantized per tile
+  into fp32 and multiplied in fp32, equal to the scaled GEMM up to fp32 rounding (exactly, with
+  power-of-two scales, but for the summation order).
 - Optional power-of-two scales (UE8M0, DeepSeek-V3.1): scales rounded up to 2^k, so scaling is exact.
 - FP8 weight storage (`FP8Linear`): float8_e4m3fn `weight` plus `weight_scale_inv` per 128x128
-  block, DeepSeek's checkpoint layout, for inference on DeepSeek's FP8 checkpoints kept FP8.
+  block, DeepSeek's checkpoint layout; `load_model_fp8(dir)` loads DeepSeek's FP8 checkpoints with
+  those bytes kept as they are.
 """
 
 from __future__ import annotations
