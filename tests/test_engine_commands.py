@@ -71,7 +71,16 @@ def test_chat_command_history_and_commands(checkpoint):
     from nanoseek.commands import chat
 
     args = cli_args(
-        "chat", str(checkpoint), "--max-new-tokens", "6", "--temperature", "0", "--system", "be brief"
+        "chat",
+        str(checkpoint),
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--system",
+        "be brief",
+        "--threads",
+        "1",
     )
     stdin = io.StringIO("hello\n/system new rules\n/bogus\nsecond question\n/reset\n/exit\n")
     out = io.StringIO()
