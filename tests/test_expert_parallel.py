@@ -101,6 +101,30 @@ def _train(run_dir: str, world: int = 1, rank: int = 0, port: int = 0) -> dict:
 
     state = {k: v.tolist() for k, v in full_model_state_dict(tr.model, info).items()}
     bias = model.model.layers[1].mlp.gate.e_score_correction_bias.tolist()
+    if world > 1:
+        # Trainer's gathered HF checkpoint resumes into a fresh expert-parallel model, exactly.
+        tr.save({"pos": STEPS})
+        fresh = build_model(reference.config, device="meta")
+        parallelize_experts(fresh)
+        fresh.to_empty(device="cpu")
+        load_full_state_dict(fresh, micro_model(seed=5).state_dict())
+        tr2 = Trainer(
+            fresh,
+            run_dir,
+            "pretrain",
+            tr.optim_config,
+            total_steps=STEPS + 1,
+            precision="fp32",
+            progress=False,
+            bias_update_speed=0.01,
+            dist=info,
+        )
+        assert tr2.resume() == {"pos": STEPS}
+        tr.total_steps = STEPS + 1
+        x, y = (shard_batch(t, info) for t in batch_at(STEPS))
+        a = tr.step(lambda: language_model_loss(tr.model, x, y, mtp_weight=0.3))["loss"]
+        b = tr2.step(lambda: language_model_loss(tr2.model, x, y, mtp_weight=0.3))["loss"]
+        assert a == b, (a, b)
     out = {"losses": losses, "bias": bias, "world": info.world_size, "state": state}
     destroy_distributed()
     return out
