@@ -204,6 +204,12 @@ class MultiHeadLatentAttention(nn.Module):
             1, 2
         )
         v = v.transpose(1, 2)
+        # PyTorch's fused (flash) CPU kernel wants one head size for q, k and v; otherwise SDPA falls
+        # back to the unfused math path (materialized scores, slower backward). Zero-padding v to the
+        # q/k size keeps the result exact (the extra output columns are 0 and dropped).
+        pad = self.qk_head_dim - self.v_head_dim
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         if mask is None and t != s:
             mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s).expand(b, s, t)
         if mask is None:
@@ -212,6 +218,8 @@ class MultiHeadLatentAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask.unsqueeze(1), scale=self.softmax_scale
             )
+        if pad > 0:
+            out = out[..., : self.v_head_dim]
         return out.transpose(1, 2).reshape(b, s, h * self.v_head_dim)
 
     def attend_absorbed(

@@ -200,11 +200,15 @@ class RoutedExperts(nn.Module):
         order = flat.argsort(stable=True)
         # Group ends as a tensor: no host sync, empty experts cost nothing.
         offs = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
-        token_of = order // k
-        xs = x[token_of]
+        # index_select (not x[idx]): its backward is a fast index_add, not an accumulating index_put.
+        xs = x.index_select(0, order // k)
         ys = _GroupedSwiGLU.apply(xs, self.gate_up_proj, self.down_proj, offs, _compute_dtype(x))
-        ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
-        return torch.zeros_like(x, dtype=ys.dtype).index_add_(0, token_of, ys)
+        # Back to [token, k] order, then weight-and-sum the k outputs of each token in one bmm
+        # (no scatter-add, deterministic).
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        per_token = ys.index_select(0, inverse).view(t, k, ys.shape[-1])
+        return torch.bmm(weights.to(ys.dtype).unsqueeze(1), per_token).squeeze(1)
 
 
 class MoE(nn.Module):
