@@ -57,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--stop-on-collapse", action="store_true", help="stop when entropy/length collapse persists"
     )
+    p.add_argument("--min-entropy", type=float, default=0.05, help="entropy below this is a collapse warning")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -97,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         precision=args.precision,
         stop_on_collapse=args.stop_on_collapse,
+        min_entropy=args.min_entropy,
         min_entropy=args.min_entropy,
         progress=not args.no_progress,
     )
