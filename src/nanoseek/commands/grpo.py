@@ -100,7 +100,6 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         stop_on_collapse=args.stop_on_collapse,
         min_entropy=args.min_entropy,
-        min_entropy=args.min_entropy,
         progress=not args.no_progress,
     )
     grpo(cfg)
