@@ -3,6 +3,7 @@
     python benchmarks/bench_alltoall.py                       # small preset + deepseek-v3, the docs' figures
     python benchmarks/bench_alltoall.py --preset small --batch 64 --seq-len 1024 --ep 8
     python benchmarks/bench_alltoall.py --json
+    python benchmarks/bench_alltoall.py --preset small --measure   # + count the bytes a real EP=2 step moves
 
 Volume (docs/scale-plan.md explains each term). Per MoE layer (MTP layers included) and training step
 every token sends one copy of its hidden state to each of its top-k experts and gets one back:
@@ -11,6 +12,7 @@ every token sends one copy of its hidden state to each of its top-k experts and 
   backward           the same two again, reversed: the gradient w.r.t. the expert outputs travels the
                      dispatch way, the gradient w.r.t. the expert inputs the combine way.
 V3 (§3.3.3) dispatches activations and the activation gradient in FP8 and keeps both combines in BF16.
+The MTP module's MoE sees seq_len - 1 positions per sequence (its last position has no target).
 `total` is the cluster-wide sum of rows moved (the upper bound: a copy for an expert on the sending
 rank itself does not cross a link); `off-rank` assumes uniform routing, so (EP-1)/EP of the copies
 leave the rank. With V3's node-limited routing (each token's experts on at most 4 nodes) and
@@ -31,6 +33,7 @@ import argparse
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from nanoseek.config import ModelConfig, get_preset
 
@@ -77,28 +80,40 @@ def moe_layer_count(cfg: ModelConfig, include_mtp: bool = True) -> int:
 
 
 def all_to_all_volume(
-    preset: str,
-    tokens: int,
+    preset: str | ModelConfig,
+    batch: int,
+    seq_len: int,
     ep: int,
     dispatch: str = "bf16",
     combine: str = "bf16",
     max_nodes: int | None = None,
     gpus: int | None = None,
 ) -> AllToAllVolume:
-    cfg = get_preset(preset)
+    cfg = get_preset(preset) if isinstance(preset, str) else preset
+    preset = preset if isinstance(preset, str) else "custom"
     if not cfg.n_routed_experts:
         raise ValueError(f"preset {preset!r} has no routed experts")
     if ep < 1 or cfg.n_routed_experts % ep:
         raise ValueError(f"ep={ep} must divide n_routed_experts={cfg.n_routed_experts}")
     k, h = cfg.num_experts_per_tok or 0, cfg.hidden_size
+    tokens = batch * seq_len
     layers = moe_layer_count(cfg)
+    # Token-layers through MoE: main layers see every token; MTP depth d sees seq_len - d - 1 per
+    # sequence (its last positions have no target), as `DeepSeekV3.mtp_logits` computes them.
+    n = cfg.num_hidden_layers
+    token_layers = sum(cfg.is_moe_layer(i) for i in range(n)) * tokens + sum(
+        batch * max(0, seq_len - d - 1)
+        for d in range(cfg.num_nextn_predict_layers)
+        if cfg.is_moe_layer(n + d)
+    )
     fwd = tokens * k * (_bytes(dispatch, h) + _bytes(combine, h))
-    total = 2 * fwd * layers  # backward moves the same rows the other way, same formats (V3 §3.3.3)
+    # backward moves the same rows the other way, same formats (V3 §3.3.3)
+    total = 2 * token_layers * k * (_bytes(dispatch, h) + _bytes(combine, h))
     off = total * (ep - 1) / ep
     ib = None
     if max_nodes:
         # At most max_nodes remote copies per token cross IB in dispatch (deduplicated per node).
-        ib = 2 * layers * tokens * max_nodes * _bytes(dispatch, h)
+        ib = 2 * token_layers * max_nodes * _bytes(dispatch, h)
     gpus = gpus or ep  # every GPU of the job carries an equal share (PP stages hold disjoint layers)
     return AllToAllVolume(
         preset, tokens, layers, k, h, ep, dispatch, combine, fwd, total, off, gpus, off / gpus, ib
@@ -226,6 +241,69 @@ def v3_memory(pp: int = 16, ep: int = 64, gpus: int = 2048, hbm_gb: float = 80.0
     return rows
 
 
+# ------------------------------------------------------------ measurement
+def _measure_worker(
+    rank: int, world: int, port: int, cfg: ModelConfig, batch: int, seq: int, out: str
+) -> None:
+    """One forward + backward of an expert-parallel model on gloo, counting the all-to-all bytes."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from nanoseek.checkpoint import build_model
+    from nanoseek.train import expert_parallel
+    from nanoseek.train.loop import language_model_loss
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    sent = [0]
+    real = dist.all_to_all_single
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None):
+        if input.dim() == 2:  # hidden-state rows (the 1-D count exchange is not part of the volume)
+            sent[0] += input.numel() * input.element_size()
+        return real(output, input, output_split_sizes, input_split_sizes, group=group)
+
+    expert_parallel.dist.all_to_all_single = counting  # type: ignore[attr-defined]
+    model = build_model(cfg).init_weights(0)
+    expert_parallel.parallelize_experts(model)
+    g = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, cfg.vocab_size, (batch // world, seq + 1), generator=g)
+    loss, _ = language_model_loss(model, ids[:, :-1], ids[:, 1:], mtp_weight=0.3)
+    loss.backward()
+    total = torch.tensor([float(sent[0])])
+    dist.all_reduce(total)
+    if rank == 0:
+        with open(out, "w") as f:
+            f.write(str(int(total.item())))
+    dist.destroy_process_group()
+
+
+def measure(preset: str, batch: int, seq: int, layers: int, vocab: int) -> tuple[int, AllToAllVolume]:
+    """Bytes the EP=2 implementation really moves in one fp32 step on 2 gloo processes (a shrunk
+    copy of `preset`: `layers` decoder layers, `vocab` tokens) and the formula's figure for it."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    cfg = get_preset(preset).replace(
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        max_position_embeddings=max(seq, 64),
+        torch_dtype="float32",
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.NamedTemporaryFile() as tmp:
+        mp.spawn(_measure_worker, args=(2, port, cfg, batch, seq, tmp.name), nprocs=2, join=True)
+        measured = int(Path(tmp.name).read_text())
+    return measured, all_to_all_volume(cfg, batch, seq, 2, "fp32", "fp32")
+
+
 # ------------------------------------------------------------------ main
 def _fmt(b: float) -> str:
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
@@ -243,6 +321,12 @@ def main() -> None:
     ap.add_argument("--dispatch", default=None, choices=["fp8", "bf16", "fp32"])
     ap.add_argument("--combine", default=None, choices=["bf16", "fp32"])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--measure",
+        action="store_true",
+        help="also run one EP=2 step on 2 gloo processes (a 3-layer copy of the preset) and check the "
+        "bytes it moves against the formula",
+    )
     args = ap.parse_args()
 
     # The stated batches: small at nanoseek pretrain's scale on 8 ranks; V3 at its final batch
@@ -263,7 +347,7 @@ def main() -> None:
             if getattr(args, key) is not None:
                 c[key] = getattr(args, key)
         v = all_to_all_volume(
-            preset, c["batch"] * c["seq_len"], c["ep"], c["dispatch"], c["combine"], c["max_nodes"], c["gpus"]
+            preset, c["batch"], c["seq_len"], c["ep"], c["dispatch"], c["combine"], c["max_nodes"], c["gpus"]
         )
         results.append(v)
     memory = v3_memory() if not args.preset or args.preset == "deepseek-v3" else []
@@ -304,6 +388,13 @@ def main() -> None:
                 f"{m.states_gb:7.2f} {m.activation_mb_per_token:10.2f} {m.tokens_in_flight_at_80gb:>11,} "
                 f"{m.dualpipe_states_gb:15.2f} {m.dualpipe_tokens_at_80gb:>7,}"
             )
+    if args.measure:
+        preset = args.preset or "small"
+        measured, expected = measure(preset, batch=4, seq=64, layers=3, vocab=4096)
+        print(
+            f"\nmeasured ({preset}, 3 layers, 256 tokens, EP=2, fp32): {measured:,} B moved by the all-to-alls; "
+            f"formula {int(expected.total_bytes):,} B ({measured / expected.total_bytes:.4f}x)"
+        )
     summary = "; ".join(
         f"{v.preset}: {_fmt(v.total_bytes)}/step ({_fmt(v.per_rank_bytes)} per rank)" for v in results
     )
