@@ -154,3 +154,13 @@ def test_expert_parallel_two_gloo_processes_match_one(tmp_path) -> None:
         torch.testing.assert_close(
             torch.tensor(ranks[0]["state"][key]), torch.tensor(value), rtol=0, atol=1e-5, msg=key
         )
+
+
+def test_single_process_is_a_no_op_and_errors_are_clear() -> None:
+    from nanoseek.train.expert_parallel import expert_mesh, expert_parallel_parameters, parallelize_experts
+
+    model = micro_model()
+    assert parallelize_experts(model) is model  # no process group: nothing to shard
+    assert expert_parallel_parameters(model) == set()
+    with pytest.raises(RuntimeError, match="torchrun"):
+        expert_mesh()
