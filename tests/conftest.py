@@ -1,4 +1,8 @@
-"""Shared test setup: deterministic, two threads (the CI machine has two cores)."""
+"""Shared test setup: deterministic, one intra-op thread.
+
+Test models are tiny: a second thread buys little, and with several processes (the 2-rank distributed
+tests, the server in its own process) spinning OpenMP threads on 2 cores it costs 10-50x.
+"""
 
 import os
 
@@ -7,7 +11,8 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
