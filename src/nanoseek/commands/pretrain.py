@@ -75,6 +75,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tensorboard", action="store_true", help="also write TensorBoard events to RUN/tensorboard/"
     )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument(
+        "--ep",
+        action="store_true",
+        help="expert parallelism under torchrun: routed experts sharded over all ranks (docs/multinode.md)",
+    )
     g.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -115,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
             tensorboard=args.tensorboard,
             threads=args.threads,
             progress=not args.no_progress,
+            expert_parallel=args.ep,
         )
     )
     return 0

@@ -63,6 +63,7 @@ class PretrainConfig:
     tensorboard: bool = False
     progress: bool = True
     threads: int | None = None
+    expert_parallel: bool = False  # shard routed experts over the ranks (EP = DP); docs/multinode.md
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "accumulation", "tokenizer_docs"):
@@ -72,6 +73,8 @@ class PretrainConfig:
             raise ValueError(f"precision {self.precision!r} not in auto, bf16, fp32, fp8")
         if self.mtp_weight < 0 or self.val_batches < 0 or self.val_every < 0 or self.checkpoint_every < 0:
             raise ValueError("mtp_weight, val_every, val_batches and checkpoint_every must be >= 0")
+        if self.expert_parallel and self.precision == "fp8":
+            raise ValueError("expert parallelism with precision fp8 is not supported yet (docs/multinode.md)")
 
 
 def cpu_has_bf16() -> bool:
@@ -154,6 +157,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     model = build_model(config, device=dist.device).init_weights(cfg.seed)
+    if cfg.expert_parallel:
+        from nanoseek.train.expert_parallel import parallelize_experts
+
+        # Same init on every rank: each keeps its slice of the experts; the Trainer's FSDP2 skips them.
+        parallelize_experts(model)
     trainer = Trainer(
         model,
         run,
