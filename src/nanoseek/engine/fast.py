@@ -218,20 +218,17 @@ class FastForward:
             indices = torch.cat((indices, indices.new_full((t, 1), gate_up.shape[0] - 1)), dim=1)
             weights = torch.cat((weights, weights.new_ones(t, 1)), dim=1)
         t, k = indices.shape
-        if t * k <= 16:
-            # Few assignments (decode at small batch): a short loop of matmuls on weight views beats
-            # copying the chosen experts' weights or a grouped GEMM over mostly empty groups.
-            toks = torch.arange(t).repeat_interleave(k).tolist() if t > 1 else [0] * k
-            rows = [flat[i : i + 1] for i in range(t)] if t > 1 else [flat]
-            acc: list[torch.Tensor | None] = [None] * t
-            for tok, e, wt in zip(toks, indices.flatten().tolist(), weights.flatten().tolist(), strict=True):
-                g, u = torch.mm(rows[tok], gate_up[e]).chunk(2, dim=-1)
-                prev = acc[tok]
-                h = F.silu(g) * u
-                acc[tok] = (
-                    torch.mm(h, down[e]).mul_(wt) if prev is None else torch.addmm(prev, h, down[e], alpha=wt)
-                )
-            y = torch.cat(acc) if t > 1 else acc[0]  # type: ignore[arg-type]
+        if t <= 4:
+            # Decode at small batch: gather the chosen experts' weights and run two bmm's over the
+            # t*k (token, expert) pairs, then combine with one weighted bmm. Copying ~k experts'
+            # weights costs less than the ~5 small ops per pair a Python loop would issue, and a
+            # grouped GEMM over mostly empty groups (measured: ~2x faster at t=1..2, on par at 4).
+            sel = indices.flatten()
+            hid = flat.shape[-1]
+            xs = (flat.expand(k, hid) if t == 1 else flat.repeat_interleave(k, dim=0)).unsqueeze(1)
+            g, u = torch.bmm(xs, gate_up.index_select(0, sel)).chunk(2, dim=-1)
+            ys = torch.bmm(F.silu(g) * u, down.index_select(0, sel)).view(t, k, hid)
+            y = torch.bmm(weights.view(t, 1, k).to(ys.dtype), ys).view(t, hid)
         elif self.grouped_mm:
             e = gate_up.shape[0]
             order = indices.flatten().argsort(stable=True)
