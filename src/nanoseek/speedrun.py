@@ -240,6 +240,7 @@ class Speedrun:
                 max_new_tokens=self.p.max_new_tokens,
                 out=str(self.run),
                 seed=self.p.seed,
+                fallback_reference=True,
                 sft=SFTConfig(
                     init="",
                     steps=self.p.distill_steps,

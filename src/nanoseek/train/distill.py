@@ -31,6 +31,9 @@ class DistillConfig:
     k: int = 4  # samples per prompt
     prompts: int = 256  # training prompts per task
     keep_per_prompt: int = 2
+    # When the teacher solves nothing (e.g. a smoke-sized run), train on the tasks' reference worked
+    # solutions instead of failing; the switch is printed and logged as `fallback`.
+    fallback_reference: bool = False
     max_new_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 0.95
@@ -115,6 +118,12 @@ def sample_correct_traces(
     return kept, stats
 
 
+def _reference_completion(tok: Any, task: Any, problem: Any) -> list[int]:
+    """A task's worked solution as completion ids after the generation prompt's opening <think>."""
+    text = task.worked_solution(problem).removeprefix(tok.think_start).lstrip("\n")
+    return tok.encode(text) + [tok.eos_token_id]
+
+
 def distill(cfg: DistillConfig) -> Path:
     """Rejection-sample the teacher, then SFT the student on the kept traces; returns RUN/distill/."""
     import time
@@ -122,6 +131,7 @@ def distill(cfg: DistillConfig) -> Path:
     from nanoseek.checkpoint import load_model
     from nanoseek.data.tasks import get_task
     from nanoseek.engine import Engine
+    from nanoseek.evaluate import chat_prompt_ids
     from nanoseek.metrics import MetricsLog
     from nanoseek.tokenizer import load_tokenizer
 
@@ -147,6 +157,16 @@ def distill(cfg: DistillConfig) -> Path:
         f"distill: teacher solved {stats['teacher_accuracy']:.1%} of {len(problems) * cfg.k} samples; "
         f"kept {len(kept)} traces ({stats['prompts_with_correct']:.0%} of prompts) in {stats['sampling_time_s']:.0f}s"
     )
+    if not kept and cfg.fallback_reference:
+        kept = [
+            (p, chat_prompt_ids(tok, p.prompt), _reference_completion(tok, t, p))
+            for t, p in zip(tasks, problems, strict=True)
+            if hasattr(t, "worked_solution")
+        ]
+        stats["fallback"] = "reference worked solutions (teacher solved nothing)"
+        print(
+            f"distill: WARNING the teacher solved nothing; training the student on {len(kept)} reference solutions"
+        )
     if not kept:
         raise ValueError(
             "the teacher produced no correct trace: nothing to distill (raise -k, the temperature or max tokens)"
