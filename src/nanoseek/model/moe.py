@@ -8,8 +8,11 @@ What is notable here:
   *choose* experts; the gating weights come from the unbiased scores. Training nudges the bias by
   γ·sign(mean load − load) after each step, from the load statistics recorded here.
 - The small complementary sequence-wise balance loss (V3 eq. 17-20) is computed when α > 0.
-- Experts run on tokens grouped by expert (argsort + contiguous slices), so compute follows the
-  active parameters, not the total: 64 experts cost what 8 do at the same top-k.
+- Experts run on tokens grouped by expert (argsort, then grouped GEMMs in one custom autograd
+  function), so compute follows the active parameters, not the total: 64 experts cost what 8 do at
+  the same top-k. The k outputs of a token are weighted and summed in one bmm.
+- V2 gates (softmax, greedy / group_limited_greedy) follow DeepSeek's code: with norm_topk_prob
+  the top-k weights are normalized instead of scaled by routed_scaling_factor.
 """
 
 from __future__ import annotations
