@@ -199,7 +199,7 @@ class Engine:
             return events
         touched: list[Sequence] = []
         t0 = time.perf_counter()
-        with torch.no_grad(), self._model_untouched():
+        with torch.inference_mode(), self._model_untouched():
             if plan.decode:
                 if self.speculative:
                     self._decode_speculative(plan.decode)

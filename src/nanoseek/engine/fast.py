@@ -88,6 +88,27 @@ class _Attn:
             )
             self.q_from_x = False
         self.q_lora = attn.q_lora_rank or 0
+        # Plain attributes: nn.Module attribute lookups cost ~1 us each, dozens per layer per step.
+        self.layer_idx = attn.layer_idx
+        self.kv_norm = (attn.kv_a_layernorm.weight.detach(), attn.kv_a_layernorm.eps)
+        qn = attn.q_a_layernorm if attn.q_lora_rank is not None else None
+        self.q_norm = (qn.weight.detach(), qn.eps) if qn is not None else None
+
+
+class _Route:
+    """V3 sigmoid + noaux_tc routing parameters, read once (None: use the model's Router)."""
+
+    def __init__(self, mlp: MoE) -> None:
+        r = mlp.gate
+        self.router = r
+        self.fast = r.scoring_func == "sigmoid" and r.topk_method == "noaux_tc"
+        if self.fast:
+            self.weight = r.weight.detach().float()
+            self.bias = r.e_score_correction_bias.detach().float()
+        self.n_group, self.topk_group, self.top_k = r.n_group, r.topk_group, r.top_k
+        self.group_size = r.n_experts // max(1, r.n_group)
+        self.norm = r.norm_topk_prob and r.top_k > 1
+        self.scale = r.routed_scaling_factor
 
 
 class FastForward:
@@ -101,6 +122,9 @@ class FastForward:
         self._mlp: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._attn: dict[int, _Attn] = {}
         self._experts: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+        self._route: dict[int, _Route] = {}
+        # Per block, what its forward reads: (block, attn, norm1 (w, eps), norm2 (w, eps), moe or None).
+        self._plan: dict[int, tuple] = {}
         self.refresh()
 
     def _source_versions(self) -> list[int]:
@@ -115,6 +139,16 @@ class FastForward:
         with torch.no_grad():
             for b in blocks:
                 self._attn[b.layer_idx] = _Attn(b.self_attn)
+                n1, n2 = b.input_layernorm, b.post_attention_layernorm
+                moe = b.mlp if isinstance(b.mlp, MoE) else None
+                if moe is not None:
+                    self._route[b.layer_idx] = _Route(moe)
+                self._plan[b.layer_idx] = (
+                    self._attn[b.layer_idx],
+                    (n1.weight.detach(), n1.eps),
+                    (n2.weight.detach(), n2.eps),
+                    moe,
+                )
                 dense = b.mlp.shared_experts if isinstance(b.mlp, MoE) else b.mlp
                 if dense is not None:  # SwiGLU with gate and up fused into one matmul
                     gu = torch.cat((dense.gate_proj.weight.detach(), dense.up_proj.weight.detach()), dim=0)
@@ -133,6 +167,10 @@ class FastForward:
                         down.transpose(1, 2).contiguous(),
                         merged,
                     )
+            m = self.model.model
+            self._embed = m.embed_tokens.weight.detach()
+            self._final_norm = (m.norm.weight.detach(), m.norm.eps)
+            self._main = [b.layer_idx for b in m.layers]
         self._versions = versions
 
     # ------------------------------------------------------------------ rope
@@ -153,7 +191,6 @@ class FastForward:
 
     # ------------------------------------------------------------- attention
     def attention(self, a: _Attn, x: torch.Tensor, rope, view: StepView) -> torch.Tensor:
-        m = a.m
         b, s, _ = x.shape
         h, c, r = a.h, a.c, a.r
         down = F.linear(x, a.wa)
@@ -161,10 +198,10 @@ class FastForward:
             q_in, kv = x, down
         else:
             q_in, kv = down[..., : a.q_lora], down[..., a.q_lora :]
-            q_in = F.rms_norm(q_in, (a.q_lora,), m.q_a_layernorm.weight, m.q_a_layernorm.eps)
-        c_kv = F.rms_norm(kv[..., :c], (c,), m.kv_a_layernorm.weight, m.kv_a_layernorm.eps)
+            q_in = F.rms_norm(q_in, (a.q_lora,), a.q_norm[0], a.q_norm[1])  # type: ignore[index]
+        c_kv = F.rms_norm(kv[..., :c], (c,), a.kv_norm[0], a.kv_norm[1])
         k_pe = self._rope(kv[..., c:], rope)
-        store = view.cache.kv[m.layer_idx]
+        store = view.cache.kv[a.layer_idx]
         store.index_copy_(
             0, view.write_slots, torch.cat((c_kv, k_pe), dim=-1).view(-1, c + r).to(store.dtype)
         )
@@ -188,15 +225,15 @@ class FastForward:
         return F.linear(out.reshape(b, s, h * a.v), a.wo)
 
     # ------------------------------------------------------------------- moe
-    def route(self, mlp: MoE, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, layer_idx: int, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The Router's choice without its training bookkeeping, for V3's sigmoid + noaux_tc routing."""
-        r = mlp.gate
-        if r.scoring_func != "sigmoid" or r.topk_method != "noaux_tc":
-            return r(flat)
-        scores = F.linear(flat.float(), r.weight.float()).sigmoid()
-        choice = scores + r.e_score_correction_bias.float()
+        r = self._route[layer_idx]
+        if not r.fast:
+            return r.router(flat)
+        scores = F.linear(flat.float(), r.weight).sigmoid()
+        choice = scores + r.bias
         if r.n_group > 1:
-            grouped = choice.view(-1, r.n_group, r.n_experts // r.n_group)
+            grouped = choice.view(-1, r.n_group, r.group_size)
             keep = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(r.topk_group, dim=-1).indices
             drop = torch.ones(grouped.shape[:2], dtype=torch.bool, device=flat.device).scatter_(
                 1, keep, False
@@ -204,14 +241,14 @@ class FastForward:
             choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)
         indices = choice.topk(r.top_k, dim=-1).indices
         weights = scores.gather(1, indices)
-        if r.norm_topk_prob and r.top_k > 1:
+        if r.norm:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return indices, weights * r.routed_scaling_factor
+        return indices, weights * r.scale
 
     def moe(self, layer_idx: int, mlp: MoE, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        indices, weights = self.route(mlp, flat)
+        indices, weights = self.route(layer_idx, flat)
         gate_up, down, merged = self._experts[layer_idx]
         if merged:
             t = indices.shape[0]
@@ -258,22 +295,24 @@ class FastForward:
 
     # ----------------------------------------------------------------- block
     def block(self, layer: DecoderBlock, x: torch.Tensor, rope, view: StepView) -> torch.Tensor:
-        n1 = layer.input_layernorm
-        x = x + self.attention(
-            self._attn[layer.layer_idx], F.rms_norm(x, (x.shape[-1],), n1.weight, n1.eps), rope, view
-        )
-        n2 = layer.post_attention_layernorm
-        y = F.rms_norm(x, (x.shape[-1],), n2.weight, n2.eps)
-        if isinstance(layer.mlp, MoE):
-            return x + self.moe(layer.layer_idx, layer.mlp, y)
-        return x + self.swiglu(layer.layer_idx, y)
+        return self._block(layer.layer_idx, x, rope, view)
+
+    def _block(self, layer_idx: int, x: torch.Tensor, rope, view: StepView) -> torch.Tensor:
+        attn, (w1, eps1), (w2, eps2), moe = self._plan[layer_idx]
+        d = (x.shape[-1],)
+        x = x + self.attention(attn, F.rms_norm(x, d, w1, eps1), rope, view)
+        y = F.rms_norm(x, d, w2, eps2)
+        if moe is not None:
+            return x + self.moe(layer_idx, moe, y)
+        return x + self.swiglu(layer_idx, y)
 
     def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, view: StepView) -> torch.Tensor:
         rope = self.rope_tables(positions)
-        x = self.model.model.embed_tokens(ids)
-        for layer in self.model.model.layers:
-            x = self.block(layer, x, rope, view)
-        return self.model.model.norm(x)
+        x = F.embedding(ids, self._embed)
+        for idx in self._main:
+            x = self._block(idx, x, rope, view)
+        w, eps = self._final_norm
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
 
     def mtp_hidden(
         self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, view: StepView
