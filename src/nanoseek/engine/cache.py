@@ -142,6 +142,12 @@ class PagedLatentCache:
         self.cached.clear()
 
     # ---------------------------------------------------------------- slots
+    def slot_map(self, block_table: list[int]) -> torch.Tensor:
+        """Flat slot index of every logical position a block table covers, [len(block_table) * block_size]."""
+        bs = self.block_size
+        base = torch.tensor(block_table, dtype=torch.long).mul_(bs).repeat_interleave(bs)
+        return base + torch.arange(bs).repeat(len(block_table))
+
     def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         """Flat slot indices of logical positions start..end-1 of a sequence."""
         bs = self.block_size
@@ -162,16 +168,27 @@ class StepView:
         write_slots: torch.Tensor,
         read_slots: torch.Tensor,
         positions: torch.Tensor,
+        needs_mask: bool | None = None,
     ) -> None:
         self.cache = cache
         self.write_slots = write_slots
         self.read_slots = read_slots
+        self.positions = positions
         self.batch, self.seq = positions.shape
         self.ctx = read_slots.numel() // self.batch
-        t = torch.arange(self.ctx, device=positions.device)
-        self.mask = t.view(1, 1, -1) <= positions.unsqueeze(-1)  # [B,S,T]
-        # One query per row that sees the whole context (decode, equal lengths): nothing to mask.
-        self.needs_mask = not (self.seq == 1 and bool(self.mask.all()))
+        self._mask: torch.Tensor | None = None
+        if needs_mask is None:
+            # One query per row that sees the whole context (decode, equal lengths): nothing to mask.
+            needs_mask = not (self.seq == 1 and bool(self.mask.all()))
+        self.needs_mask = needs_mask
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[B,S,T] bool: query s of row b may see context position t (t <= its position)."""
+        if self._mask is None:
+            t = torch.arange(self.ctx, device=self.positions.device)
+            self._mask = t.view(1, 1, -1) <= self.positions.unsqueeze(-1)
+        return self._mask
 
     def update(
         self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor

@@ -122,6 +122,8 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._requests: dict[str, Sequence] = {}
+        self._batch_key: tuple[int, ...] = ()  # the decode batch whose slot maps are cached
+        self._batch_slots = torch.zeros(0, 0, dtype=torch.long)
         self._aborted: list[StepEvent] = []
         self._stats = {
             "steps": 0,
@@ -247,6 +249,36 @@ class Engine:
         )
         return view, positions.to(self.device)
 
+    def _decode_view(self, rows: list[Sequence]) -> tuple[StepView, torch.Tensor]:
+        """`_view` for one new token per row, from slot maps cached across steps.
+
+        The batch's padded slot maps [B, L] are rebuilt only when its membership changes (sequences
+        join or leave), so a steady decode step costs a handful of small tensor ops."""
+        starts = [r.num_computed for r in rows]
+        end = max(starts) + 1
+        key = tuple(r.arrival for r in rows)  # unique per request, unlike id() or request ids
+        if key != self._batch_key:
+            maps = [self.cache.slot_map(r.block_table) for r in rows]
+            width = max(m.numel() for m in maps)
+            table = torch.zeros(len(rows), width, dtype=torch.long)
+            for b, m in enumerate(maps):
+                table[b, : m.numel()] = m
+            self._batch_key, self._batch_slots = key, table.to(self.device)
+        table = self._batch_slots
+        if len(rows) == 1:
+            s = starts[0]
+            read, write = table[0, :end], table[0, s : s + 1]
+            positions = torch.tensor([[s]], dtype=torch.long, device=self.device)
+            return StepView(self.cache, write, read, positions, needs_mask=False), positions
+        positions = torch.tensor(starts, dtype=torch.long, device=self.device).unsqueeze(1)
+        write = table.gather(1, positions).flatten()
+        read = table[:, :end]
+        ragged = min(starts) + 1 != end
+        if ragged:  # positions past a row's own length read the scratch slot
+            read = torch.where(torch.arange(end, device=self.device) <= positions, read, 0)
+        view = StepView(self.cache, write, read.flatten(), positions, needs_mask=ragged)
+        return view, positions
+
     def _ids_tensor(self, rows: list[list[int]], width: int) -> torch.Tensor:
         return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=self.device)
 
@@ -276,8 +308,7 @@ class Engine:
 
     # --------------------------------------------------------------- decode
     def _decode(self, rows: list[Sequence]) -> None:
-        starts = [r.num_computed for r in rows]
-        view, positions = self._view(rows, starts, [1] * len(rows), 1)
+        view, positions = self._decode_view(rows)
         ids = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long, device=self.device)
         hidden = self._hidden(ids, positions, view)
         logits = self.model.lm_head(hidden[:, 0])
