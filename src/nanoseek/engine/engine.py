@@ -118,6 +118,7 @@ class Engine:
         eos = cfg.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._weights = list(model.parameters())
+        self._routers = [r for _, r in model.routers()]
         self._versions: list[int] = []
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -430,7 +431,8 @@ class Engine:
     @contextlib.contextmanager
     def _model_untouched(self) -> Iterator[None]:
         was_training = self.model.training
-        routers = [r for _, r in self.model.routers()]
+        # The fast path's own routing never touches the routers' load counters: nothing to restore.
+        routers = [] if self.fast is not None and self.fast.routes_own else self._routers
         loads = [r.expert_load.clone() for r in routers]
         if was_training:
             self.model.eval()

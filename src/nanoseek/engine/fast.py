@@ -173,6 +173,11 @@ class FastForward:
             self._main = [b.layer_idx for b in m.layers]
         self._versions = versions
 
+    @property
+    def routes_own(self) -> bool:
+        """True when every MoE layer is routed here, never through the model's Router (no bookkeeping)."""
+        return all(r.fast for r in self._route.values())
+
     # ------------------------------------------------------------------ rope
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         cos, sin = self.model.model.rotary_emb(positions)
@@ -200,20 +205,23 @@ class FastForward:
             q_in, kv = down[..., : a.q_lora], down[..., a.q_lora :]
             q_in = F.rms_norm(q_in, (a.q_lora,), a.q_norm[0], a.q_norm[1])  # type: ignore[index]
         c_kv = F.rms_norm(kv[..., :c], (c,), a.kv_norm[0], a.kv_norm[1])
-        k_pe = self._rope(kv[..., c:], rope)
+        q = F.linear(q_in, a.wq)
+        if a.fold_q:
+            # RoPE the query heads and the shared key as one [B,S,H+1,R] tensor: one rotation per layer.
+            q = q.view(b, s, h, c + r)
+            pe = self._rope(torch.cat((q[..., c:], kv[..., c:].unsqueeze(2)), dim=2), rope)
+            q = torch.cat((q[..., :c], pe[:, :, :h]), dim=-1)
+            k_pe = pe[:, :, h]
+        else:
+            q = q.view(b, s, h, a.nope + r)
+            q_lat = torch.einsum("bshd,hdc->bshc", q[..., : a.nope], a.w_uk)
+            q = torch.cat((q_lat, self._rope(q[..., a.nope :], rope)), dim=-1)
+            k_pe = self._rope(kv[..., c:], rope)
         store = view.cache.kv[a.layer_idx]
         store.index_copy_(
             0, view.write_slots, torch.cat((c_kv, k_pe), dim=-1).view(-1, c + r).to(store.dtype)
         )
         ctx = store.index_select(0, view.read_slots).view(b, view.ctx, c + r).to(x.dtype)
-        q = F.linear(q_in, a.wq)
-        if a.fold_q:
-            q = q.view(b, s, h, c + r)
-            q = torch.cat((q[..., :c], self._rope(q[..., c:], rope)), dim=-1)
-        else:
-            q = q.view(b, s, h, a.nope + r)
-            q_lat = torch.einsum("bshd,hdc->bshc", q[..., : a.nope], a.w_uk)
-            q = torch.cat((q_lat, self._rope(q[..., a.nope :], rope)), dim=-1)
         scores = torch.bmm(q.view(b, s * h, c + r), ctx.transpose(1, 2)).view(b, s, h, -1).float()
         if view.needs_mask:
             scores = scores.masked_fill_(~view.mask.unsqueeze(2), float("-inf"))
