@@ -6,12 +6,14 @@ tests, the server in its own process) spinning OpenMP threads on 2 cores it cost
 
 import os
 
-import pytest
-import torch
-
+# Before torch loads OpenMP: idle threads sleep instead of spinning on the shared cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(1)
 
 
