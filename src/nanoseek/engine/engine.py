@@ -93,7 +93,9 @@ class Engine:
         self.quantize = quantize
         # The lean forward reads plain weight tensors; quantized layers go through the model's modules.
         self.fast: FastForward | None = (
-            FastForward(model) if use_fast_path and not is_quantized(model) else None
+            FastForward(model, (max_seq_len or cfg.max_position_embeddings) + 2)
+            if use_fast_path and not is_quantized(model)
+            else None
         )
         self.speculative = speculative
         self.max_seq_len = max_seq_len or cfg.max_position_embeddings

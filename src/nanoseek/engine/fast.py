@@ -114,8 +114,15 @@ class _Route:
 class FastForward:
     """Runs DeepSeekV3's decoder stack (and MTP blocks) over a `StepView` of the paged cache."""
 
-    def __init__(self, model: DeepSeekV3) -> None:
+    def __init__(self, model: DeepSeekV3, max_positions: int | None = None) -> None:
         self.model = model
+        # RoPE for every position the engine can reach, built once: a step just indexes it (the
+        # module's own call costs a .item() sync and three ops per step).
+        n = max_positions or model.config.max_position_embeddings
+        with torch.no_grad():
+            cos, sin = model.model.rotary_emb._tables(n, model.device)
+            self._cos, self._sin = cos[:n].clone(), sin[:n].clone()
+            self._freqs = torch.complex(self._cos, self._sin) if model.config.rope_interleave else None
         self.grouped_mm = has_grouped_mm()
         self._params = list(model.parameters())
         self._versions: list[int] = []
@@ -180,9 +187,9 @@ class FastForward:
 
     # ------------------------------------------------------------------ rope
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        cos, sin = self.model.model.rotary_emb(positions)
-        freqs = torch.complex(cos, sin) if self.model.config.rope_interleave else None
-        return cos, sin, freqs
+        if self._freqs is not None:  # interleaved pairs rotate by a complex multiply: cos/sin unused
+            return self._cos, self._sin, self._freqs[positions]
+        return self._cos[positions], self._sin[positions], None
 
     def _rope(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
