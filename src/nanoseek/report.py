@@ -78,6 +78,10 @@ class RunMetrics:
                 ys.append(float(r[key]))
         return xs, ys
 
+    def total(self, stage: str, key: str) -> float:
+        """Sum of a per-step figure (e.g. tokens) over a stage's step records."""
+        return sum(float(v) for _, v in zip(*self.steps(stage, key), strict=True))
+
     def last_value(self, stage: str, key: str) -> Any:
         for r in reversed(self.by_stage.get(stage, [])):
             if r.get(key) is not None:
@@ -94,7 +98,7 @@ class RunMetrics:
                 out[(str(name), str(r.get("task")))] = {
                     **r,
                     "cons": cons,
-                    "length": r.get("mean_length", r.get("mean_tokens")),
+                    "length": r.get("mean_length", r.get("mean_response_tokens", r.get("mean_tokens"))),
                 }
         return out
 
@@ -138,9 +142,10 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
             continue
         wall = end.get("wall_time_s")
         total_s += wall or 0.0
+        tokens = end.get("tokens") or m.total(stage, "tokens") or None
         cost = f"${(wall or 0) / 3600 * usd_per_hour:.4f}" if wall is not None else "–"
         lines.append(
-            f"| {stage} | {_fmt(wall and round(wall, 1))} s | {_human(end.get('tokens'))} | {cost} | "
+            f"| {stage} | {_fmt(wall and round(wall, 1))} s | {_human(tokens)} | {cost} | "
             f"{_fmt(m.last_value(stage, 'loss'))} | {_fmt(m.last_value(stage, 'val_loss'))} |"
         )
     lines.append(f"| **total** | {total_s:.1f} s | | ${total_s / 3600 * usd_per_hour:.4f} | | |")
@@ -249,21 +254,27 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
         ax.set_title("Mean response length")
         save(fig, "grpo_length.png", "Response length over GRPO steps")
 
-    # Expert load per layer over pretraining: max/mean imbalance, one line per layer.
+    # Expert load per layer over pretraining: max/mean imbalance, one line per layer. The trainer logs
+    # the ratio each step (`expert_imbalance`) and the raw per-expert counts every few steps.
     series: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
     for r in m.by_stage.get("pretrain", []):
-        load = r.get("expert_load")
-        if isinstance(load, dict) and isinstance(r.get("step"), (int, float)):
-            for layer, counts in load.items():
-                if counts and sum(counts) > 0:
-                    mean = sum(counts) / len(counts)
-                    series[layer][0].append(r["step"])
-                    series[layer][1].append(max(counts) / mean)
+        if not isinstance(r.get("step"), (int, float)):
+            continue
+        ratios = r.get("expert_imbalance")
+        if not isinstance(ratios, dict):
+            load = r.get("expert_load")
+            ratios = {}
+            if isinstance(load, dict):
+                for layer, counts in load.items():
+                    if counts and sum(counts) > 0:
+                        ratios[layer] = max(counts) / (sum(counts) / len(counts))
+        for layer, ratio in ratios.items():
+            if isinstance(ratio, (int, float)):
+                series[str(layer)][0].append(r["step"])
+                series[str(layer)][1].append(float(ratio))
     if series:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for layer, (xs, ys) in sorted(
-            series.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0
-        ):
+        for layer, (xs, ys) in sorted(series.items(), key=lambda kv: (not kv[0].isdigit(), kv[0].zfill(4))):
             ax.plot(xs, ys, label=f"layer {layer}")
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
         ax.set_xlabel("pretrain step")
