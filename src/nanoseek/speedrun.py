@@ -42,6 +42,9 @@ class SpeedrunPreset:
     pretrain_batch: int = 16
     seq_len: int = 256
     pretrain_lr: float = 3e-3
+    # γ of aux-loss-free balancing: V3's 0.001 is for ~10^5 steps; a few hundred need a bigger step to
+    # balance within the run (measured in benchmarks/bench_pretrain.py).
+    bias_update_speed: float = 0.01
     # cold-start SFT
     sft_steps: int = 60
     sft_examples: int = 2000
@@ -168,6 +171,7 @@ class Speedrun:
             batch_size=self.p.pretrain_batch,
             seq_len=self.p.seq_len,
             lr=self.p.pretrain_lr,
+            bias_update_speed=self.p.bias_update_speed,
             precision=self.p.precision,
             seed=self.p.seed,
             resume=True,
