@@ -130,6 +130,7 @@ class FastForward:
         self._attn: dict[int, _Attn] = {}
         self._experts: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
         self._route: dict[int, _Route] = {}
+        self._shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Per block, what its forward reads: (block, attn, norm1 (w, eps), norm2 (w, eps), moe or None).
         self._plan: dict[int, tuple] = {}
         self.refresh()
@@ -267,8 +268,9 @@ class FastForward:
         gate_up, down, merged = self._experts[layer_idx]
         if merged:
             t = indices.shape[0]
-            indices = torch.cat((indices, indices.new_full((t, 1), gate_up.shape[0] - 1)), dim=1)
-            weights = torch.cat((weights, weights.new_ones(t, 1)), dim=1)
+            shared_idx, shared_w = self._shared_columns(t, gate_up.shape[0] - 1, weights.dtype)
+            indices = torch.cat((indices, shared_idx[:t]), dim=1)
+            weights = torch.cat((weights, shared_w[:t]), dim=1)
         t, k = indices.shape
         if t <= 4:
             # Decode at small batch: gather the chosen experts' weights and run two bmm's over the
@@ -302,6 +304,19 @@ class FastForward:
         if mlp.shared_experts is not None and not merged:
             y = y + self.swiglu(layer_idx, x)
         return y
+
+    def _shared_columns(self, t: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n,1] columns (shared expert id, weight 1) kept across steps: one cat per step, not two ops."""
+        cols = self._shared.get(expert)
+        if cols is None or cols[0].shape[0] < t or cols[1].dtype != dtype:
+            n = max(t, 64)
+            device = self._embed.device
+            cols = (
+                torch.full((n, 1), expert, dtype=torch.long, device=device),
+                torch.ones(n, 1, dtype=dtype, device=device),
+            )
+            self._shared[expert] = cols
+        return cols
 
     def swiglu(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
         gate_up, down = self._mlp[layer_idx]
