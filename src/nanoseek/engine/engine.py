@@ -8,6 +8,9 @@ What is notable here:
   absorbed path (W_UK folded into the query, W_UV into the output) runs directly on the latents.
 - Only the positions whose logits are needed go through the LM head (the last prompt token, unless
   prompt log-probabilities are asked for).
+- Decode steps are cheap to set up: each request's slot map (its block table expanded to cache slots)
+  is built once when the batch changes, a step only slices it; rows at equal length need no mask;
+  the whole step runs under `torch.inference_mode()` (no autograd or version-counter bookkeeping).
 - The model is left as found: training mode, and the routers' expert-load statistics (which training
   uses to balance experts), are restored after each step, so GRPO can roll out with the model it trains.
 """

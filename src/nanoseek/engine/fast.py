@@ -8,9 +8,15 @@ What is notable here (the model's own forward stays the reference; tests hold th
   folded into o_proj the same way. When a folded matrix would be much larger than the factors (big
   models), the per-head einsum is used instead.
 - The query and latent down-projections share their input: one fused matmul.
-- RoPE for the whole step is computed once (complex multiply for interleaved pairs), not per layer.
-- Routed experts run as two grouped GEMMs (`torch._grouped_mm`) over tokens sorted by expert, instead
-  of a Python loop over experts; routing itself reuses the model's Router (group limits, bias).
+- RoPE for the whole step is looked up once (complex multiply for interleaved pairs); per layer the
+  query heads and the shared key are rotated together as one [B,S,H+1,R] tensor.
+- Routed experts: at decode sizes (<= 4 tokens) the chosen experts' weights are gathered and run as
+  two bmm's plus one weighted-combine bmm; larger batches use two grouped GEMMs (`torch._grouped_mm`)
+  over tokens sorted by expert, instead of a Python loop over experts. A shared expert of the routed
+  width is merged in as one more expert every token picks with weight 1. V3's routing (sigmoid,
+  group limits, bias) is inlined; other routers go through the model's Router.
+- RoPE for every reachable position is tabulated once; per-layer weights, norm weights and routing
+  parameters are read into plain attributes once (nn.Module attribute lookups add up per step).
 - Derived weights are rebuilt when any source parameter changes in place (tensor version counters),
   so GRPO can keep one engine across optimizer steps.
 """
