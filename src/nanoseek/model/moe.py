@@ -10,7 +10,7 @@ What is notable here:
 - The small complementary sequence-wise balance loss (V3 eq. 17-20) is computed when α > 0.
 - Experts run on tokens grouped by expert (argsort, then grouped GEMMs in one custom autograd
   function), so compute follows the active parameters, not the total: 64 experts cost what 8 do at
-  the same top-k. The k outputs of a token are weighted and summed in one bmm.
+  the same top-k.
 - V2 gates (softmax, greedy / group_limited_greedy) follow DeepSeek's code: with norm_topk_prob
   the top-k weights are normalized instead of scaled by routed_scaling_factor.
 """
@@ -206,12 +206,12 @@ class RoutedExperts(nn.Module):
         # index_select (not x[idx]): its backward is a fast index_add, not an accumulating index_put.
         xs = x.index_select(0, order // k)
         ys = _GroupedSwiGLU.apply(xs, self.gate_up_proj, self.down_proj, offs, _compute_dtype(x))
-        # Back to [token, k] order, then weight-and-sum the k outputs of each token in one bmm
-        # (no scatter-add, deterministic).
+        # Back to [token, k] order, then weight and sum each token's k outputs (no scatter-add,
+        # deterministic; measured faster on CPU than index_add_ and than a [T,1,k]@[T,k,H] bmm).
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         per_token = ys.index_select(0, inverse).view(t, k, ys.shape[-1])
-        return torch.bmm(weights.to(ys.dtype).unsqueeze(1), per_token).squeeze(1)
+        return (per_token * weights.to(ys.dtype).unsqueeze(-1)).sum(dim=1)
 
 
 class MoE(nn.Module):
