@@ -474,9 +474,7 @@ def grpo(cfg: GRPOConfig) -> Path:
                 upd["skipped"] = bool(upd.get("skipped", False) or "skipped" in m)
             upd["entropy"] = sum(entropies) / len(entropies)
         else:
-            # no group carried signal (all rewards equal): nothing to learn from this batch
-            for _ in range(cfg.mu):
-                trainer.global_step += 1
+            # no group carried signal (all rewards equal): nothing to learn from this batch, no update
             upd.update(loss=0.0, entropy=float("nan"), no_signal=True)
         update_time = time.perf_counter() - t1
         upd_tokens = sum(int(mb["tokens"]) for mb in micro) * cfg.mu
