@@ -33,12 +33,12 @@ class SpeedrunPreset:
     name: str = "cpu"
     model: str = "tiny"
     student: str = "tiny-dense"
-    tasks: tuple[str, ...] = ("arithmetic",)
+    tasks: tuple[str, ...] = ("counting",)
     # tokenizer
     vocab_size: int = 4096
     tokenizer_docs: int = 20000
     # pretrain
-    pretrain_steps: int = 600
+    pretrain_steps: int = 350
     pretrain_batch: int = 16
     seq_len: int = 256
     pretrain_lr: float = 3e-3
@@ -50,10 +50,10 @@ class SpeedrunPreset:
     sft_examples: int = 2000
     sft_lr: float = 1e-3
     # GRPO
-    grpo_steps: int = 30
+    grpo_steps: int = 40
     group_size: int = 8
     batch_prompts: int = 8
-    grpo_lr: float = 2e-5
+    grpo_lr: float = 2e-4
     max_new_tokens: int = 64
     # control (cpu only): SFT for GRPO's wall time
     control: bool = True
@@ -62,7 +62,7 @@ class SpeedrunPreset:
     distill_k: int = 4
     distill_steps: int = 150
     # evaluation
-    eval_n: int = 64
+    eval_n: int = 48
     eval_k: int = 4
     precision: str = "auto"  # pretraining: bf16 autocast where the CPU has native bf16, else fp32
     seed: int = 0
