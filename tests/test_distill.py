@@ -12,49 +12,9 @@ from nanoseek.engine import Completion
 from nanoseek.train.distill import DistillConfig, build_student, distill, sample_correct_traces
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> str:
-    from nanoseek.checkpoint import build_model, save_model
-    from nanoseek.config import get_preset
-    from nanoseek.data.tasks import get_task
-    from nanoseek.tokenizer import train_tokenizer
-
-    task = get_task("arithmetic")
-    texts = [p.prompt + task.worked_solution(p) for p in task.problems("train", 200, seed=3)]
-    tok = train_tokenizer(texts, vocab_size=400)
-    cfg = get_preset("tiny").replace(
-        vocab_size=tok.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        q_lora_rank=32,
-        kv_lora_rank=16,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        num_nextn_predict_layers=0,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        torch_dtype="float32",
-    )
-    d = tmp_path_factory.mktemp("teacher") / "ckpt"
-    save_model(build_model(cfg).init_weights(0), d)
-    tok.save(d)
-    return str(d)
+@pytest.fixture
+def teacher_dir(micro_checkpoint) -> str:
+    return micro_checkpoint
 
 
 class ScriptedEngine:
