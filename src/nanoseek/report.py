@@ -79,8 +79,12 @@ class RunMetrics:
         return xs, ys
 
     def total(self, stage: str, key: str) -> float:
-        """Sum of a per-step figure (e.g. tokens) over a stage's step records."""
-        return sum(float(v) for _, v in zip(*self.steps(stage, key), strict=True))
+        """A stage's total of a per-step figure such as tokens: stages log either a per-step count
+        (summed here) or a running total (strictly increasing: its last value is the total)."""
+        _, values = self.steps(stage, key)
+        if len(values) > 1 and all(b > a for a, b in zip(values, values[1:], strict=False)):
+            return values[-1]
+        return sum(values)
 
     def last_value(self, stage: str, key: str) -> Any:
         for r in reversed(self.by_stage.get(stage, [])):
