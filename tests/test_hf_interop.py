@@ -25,36 +25,14 @@ from nanoseek.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
 
+from model_configs import small_config as shared_small_config  # noqa: E402
+
 VOCAB = 96
 TOL = 1e-4
 
 
 def small_config(**changes) -> ModelConfig:
-    base = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        q_lora_rank=48,
-        kv_lora_rank=32,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=2.5,
-        first_k_dense_replace=1,
-        num_nextn_predict_layers=0,
-        max_position_embeddings=256,
-        torch_dtype="float32",
-    )
-    base.update(changes)
-    return ModelConfig(**base)
+    return shared_small_config(**{"vocab_size": VOCAB, **changes})
 
 
 V3_CONFIGS = {

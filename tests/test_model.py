@@ -6,37 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_configs import small_config
 from nanoseek.checkpoint import build_model
 from nanoseek.config import ModelConfig
 from nanoseek.model.moe import MoE, RoutedExperts, Router
 
 
 def config(**changes) -> ModelConfig:
-    base = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        q_lora_rank=48,
-        kv_lora_rank=32,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=2.5,
-        first_k_dense_replace=1,
-        num_nextn_predict_layers=2,
-        max_position_embeddings=256,
-        torch_dtype="float32",
-    )
-    base.update(changes)
-    return ModelConfig(**base)
+    return small_config(**{"num_nextn_predict_layers": 2, **changes})
 
 
 def model_for(cfg: ModelConfig, seed: int = 0):
