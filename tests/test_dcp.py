@@ -10,7 +10,6 @@ which `nanoseek.load_model` and `transformers` both read.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -19,15 +18,10 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
+from gloo import free_port  # noqa: E402
 from test_train_loop import batch_at, micro_model  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, src: str, dst: str, out: str) -> None:
@@ -87,7 +81,7 @@ def test_save_world_1_load_world_2_save_load_world_1_export(tmp_path) -> None:
     assert is_dcp_checkpoint(tmp_path / "ws1") and (tmp_path / "ws1" / "config.json").exists()
 
     out = tmp_path / "ws2_state.pt"
-    args = (2, _free_port(), str(tmp_path / "ws1"), str(tmp_path / "ws2"), str(out))
+    args = (2, free_port(), str(tmp_path / "ws1"), str(tmp_path / "ws2"), str(out))
     mp.spawn(_worker, args=args, nprocs=2, join=True)
     assert sorted(p.name for p in (tmp_path / "ws2").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     ranks = torch.load(out, weights_only=True)

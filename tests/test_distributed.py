@@ -9,27 +9,19 @@ between ranks) while tolerating float noise.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
+from gloo import run_ranks  # noqa: E402
 from test_train_loop import batch_at, micro_model  # noqa: E402
 
 STEPS = 6
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(run_dir: str, world: int = 1, rank: int = 0, port: int = 0) -> dict:
@@ -69,17 +61,10 @@ def _train(run_dir: str, world: int = 1, rank: int = 0, port: int = 0) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, run_dir: str, result: str) -> None:
-    out = _train(run_dir, world, rank, port)
-    Path(f"{result}.{rank}").write_text(json.dumps(out))
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path) -> None:
     single = _train(str(tmp_path / "one"))
-    result = str(tmp_path / "result")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), result), nprocs=2, join=True)
-    ranks = [json.loads(Path(f"{result}.{r}").read_text()) for r in range(2)]
+    ranks = run_ranks(_train, 2, str(tmp_path / "two"), str(tmp_path / "result"))
     assert ranks[0]["world"] == 2
     # every rank sees the same all-reduced loss and holds the same balancing bias
     assert ranks[0]["losses"] == ranks[1]["losses"]
