@@ -265,11 +265,12 @@ def build_model(
     if str(device) == "meta":
         return model
     model = model.to_empty(device=device).to(dtype)
-    _reset_buffers(model)
+    reset_buffers(model)
     return model
 
 
-def _reset_buffers(model: DeepSeekV3) -> None:
+def reset_buffers(model: DeepSeekV3) -> None:
+    """Recompute the non-persistent buffers (RoPE tables, fp32 balancing state) after `to_empty`."""
     from nanoseek.model.attention import RotaryEmbedding, rope_inverse_frequencies
     from nanoseek.model.moe import Router
 

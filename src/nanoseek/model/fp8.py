@@ -481,7 +481,7 @@ def load_model_fp8(
     norms, router, and the routed experts, which nanoseek stacks for grouped compute) loads in `dtype`
     through `nanoseek.checkpoint`, dequantized where the file holds FP8.
     """
-    from nanoseek.checkpoint import _reset_buffers, build_model, from_hf_state_dict, read_safetensors
+    from nanoseek.checkpoint import build_model, from_hf_state_dict, read_safetensors, reset_buffers
     from nanoseek.config import resolve_config
 
     config = resolve_config(path)
@@ -493,7 +493,7 @@ def load_model_fp8(
     for p in model.parameters():
         if id(p) not in fp8_params:
             p.data = p.data.to(dtype)
-    _reset_buffers(model)
+    reset_buffers(model)
 
     tensors = read_safetensors(path)
     n = config.num_hidden_layers

@@ -153,7 +153,7 @@ def _check_config(model: nn.Module, path: Path) -> None:
 
 
 def _reset_buffers(model: nn.Module) -> None:
-    from nanoseek.checkpoint import _reset_buffers as reset
+    from nanoseek.checkpoint import reset_buffers as reset
     from nanoseek.model.transformer import DeepSeekV3
 
     if isinstance(model, DeepSeekV3):

@@ -237,9 +237,9 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     For a model materialized from the meta device (`model.to_empty(device=...)`); buffers that are
     not in `state` (RoPE tables, expert-load counters) are rebuilt.
     """
-    from nanoseek.checkpoint import _reset_buffers
+    from nanoseek.checkpoint import reset_buffers
 
-    _reset_buffers(model)  # type: ignore[arg-type]
+    reset_buffers(model)  # type: ignore[arg-type]
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith(("expert_load", "inv_freq"))]
     if missing:
