@@ -185,6 +185,14 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return dx.to(x_dtype), d_gate_up.to(gu_dtype), d_down.to(d_dtype), None, None
 
 
+def grouped_swiglu(
+    xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The routed experts' FFN over rows sorted by expert (group e ends at offs[e]); used by
+    `RoutedExperts` and by the expert-parallel wrapper on each rank's local experts."""
+    return _GroupedSwiGLU.apply(xs, gate_up, down, offs, dtype)
+
+
 class RoutedExperts(nn.Module):
     """All routed experts' SwiGLU weights stacked, so tokens can be processed grouped by expert."""
 
@@ -205,7 +213,7 @@ class RoutedExperts(nn.Module):
         offs = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
         # index_select (not x[idx]): its backward is a fast index_add, not an accumulating index_put.
         xs = x.index_select(0, order // k)
-        ys = _GroupedSwiGLU.apply(xs, self.gate_up_proj, self.down_proj, offs, _compute_dtype(x))
+        ys = grouped_swiglu(xs, self.gate_up_proj, self.down_proj, offs, _compute_dtype(x))
         # Back to [token, k] order, then weight and sum each token's k outputs (no scatter-add,
         # deterministic; measured faster on CPU than index_add_ and than a [T,1,k]@[T,k,H] bmm).
         inverse = torch.empty_like(order)

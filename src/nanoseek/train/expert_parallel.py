@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
-from nanoseek.model.moe import MoE, RoutedExperts
+from nanoseek.model.moe import MoE, RoutedExperts, grouped_swiglu
 
 
 # ------------------------------------------------------------- autograd ops
@@ -168,18 +167,11 @@ class ExpertParallelExperts(nn.Module):
     def _compute(self, xs: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
         gate_up = _ScaleGrad.apply(self.gate_up_proj.to_local(), self.grad_scale)
         down = _ScaleGrad.apply(self.down_proj.to_local(), self.grad_scale)
-        xs = xs.to(dtype)
-        outs = []
-        start = 0
-        # unbind: one view per expert, whose gradients autograd stacks once (no E x full-size zeros).
-        # Experts that received no rows still run (an empty matmul) so every rank's backward takes
-        # the same path through the collectives and every expert has a gradient.
-        for e, (gu, dn) in enumerate(zip(gate_up.to(dtype).unbind(0), down.to(dtype).unbind(0), strict=True)):
-            n = counts[e]
-            gate, up = F.linear(xs[start : start + n], gu).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, dn))
-            start += n
-        return torch.cat(outs)
+        # The same grouped kernel as the single-process RoutedExperts: one call per layer, so every rank
+        # takes the same path through the collectives, and experts that received no rows still get a
+        # (zero) gradient.
+        offs = torch.tensor(counts, device=xs.device).cumsum(0).to(torch.int32)
+        return grouped_swiglu(xs, gate_up, down, offs, dtype)
 
 
 # ------------------------------------------------------------- public API
