@@ -4,7 +4,10 @@
     python benchmarks/bench_model.py --precision fp32 --steps 8
 
 A step is forward + cross-entropy + backward + AdamW, timed for both models alternately in one process
-(so a noisy machine slows both alike). Reported per precision: tokens/s of each, the ratio, and MFU =
+(so a noisy machine slows both alike). Each side computes its loss the way its library trains:
+nanoseek's `model(inputs, labels=targets)` (cross-entropy fused with the head), transformers' logits
+upcast to fp32 and `F.cross_entropy` (what its `ForCausalLMLoss` does); both use fused AdamW (the
+`Trainer` default of transformers on torch >= 2.8, and nanoseek's Trainer's). Reported per precision: tokens/s of each, the ratio, and MFU =
 model FLOP/s / the machine's measured matmul peak for that dtype (`nanoseek.perf.matmul_peak_flops`).
 
 Model FLOPs per token for training = 6 x active matmul parameters (attention projections, the dense MLP,
@@ -100,7 +103,7 @@ class Runner:
 
     def __init__(self, name: str, model: torch.nn.Module, hf: bool, precision: str) -> None:
         self.name, self.model, self.hf = name, model.train(), hf
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
         self.precision = precision
         self.times: list[float] = []
         self.losses: list[float] = []
@@ -113,9 +116,10 @@ class Runner:
         )
         t0 = time.perf_counter()
         with ctx:
-            out = self.model(inputs)
-            logits = out.logits if self.hf else out
-            loss = loss_of(logits, targets)
+            if self.hf:
+                loss = loss_of(self.model(inputs).logits, targets)
+            else:
+                loss = self.model(inputs, labels=targets)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

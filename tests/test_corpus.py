@@ -275,3 +275,17 @@ def test_embedded_corpus(tok: Tokenizer) -> None:
     assert val_x.shape == (2, 32) and val_x[0, 0] == tok.bos_token_id
     held_out = next(synthetic_documents(seed=0, split="test"))
     assert val_x[0, 1:].tolist() == tok.encode(held_out)[:31]
+
+
+def test_embedded_corpus_of_chosen_families(tok: Tokenizer) -> None:
+    from nanoseek.data.synthetic import iter_documents as synthetic_documents
+
+    docs = list(itertools.islice(iter_documents("embedded:counting,comparison"), 40))
+    assert docs == list(itertools.islice(synthetic_documents(seed=0, tasks=["counting", "comparison"]), 40))
+    assert docs != list(itertools.islice(iter_documents("embedded"), 40))
+    ds = PackedDataset("embedded:counting,comparison", tok, 32, 2, split="train", shuffle_buffer=4)
+    assert ds.state_dict()["fingerprint"]["source"] == "embedded:counting,comparison"
+    with pytest.raises(ValueError, match="no task"):
+        list(itertools.islice(iter_documents("embedded:"), 1))
+    with pytest.raises(ValueError, match="unknown task"):
+        list(itertools.islice(iter_documents("embedded:nonsense"), 1))

@@ -20,7 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("data and model")
     g.add_argument(
-        "--data", nargs="+", default=["embedded"], help="txt/jsonl/parquet files, globs, dirs, or 'embedded'"
+        "--data",
+        nargs="+",
+        default=["embedded"],
+        help="txt/jsonl/parquet files, globs, dirs, 'embedded', or 'embedded:TASKS' (the embedded corpus of those task families only)",
     )
     g.add_argument("--text-field", default=d.text_field, help="JSON/parquet field holding the text")
     g.add_argument(

@@ -3,7 +3,8 @@
 What is notable:
 - Sources: `.txt`/`.md`, `.jsonl` (one JSON object per line, text in `text_field`), `.parquet` (read by
   record batches, never whole), any of them gzipped (`.txt.gz`, `.jsonl.gz`), globs, directories
-  (recursive, sorted) and lists of these; "embedded" (or None) is the built-in synthetic corpus.
+  (recursive, sorted) and lists of these; "embedded" (or None) is the built-in synthetic corpus, and
+  "embedded:arithmetic,comparison" the same corpus restricted to those task families.
 - A `.txt` file is one document, unless it holds separator lines: a line that is exactly
   `<|endoftext|>` or `<｜end▁of▁sentence｜>` ends a document (the TinyStories convention). A document
   longer than `max_doc_chars` is cut at a line boundary, so memory stays bounded on huge files.
@@ -90,7 +91,18 @@ def resolve_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> li
 
 
 def _is_embedded(source: Any) -> bool:
-    return source is None or (isinstance(source, str) and source == EMBEDDED)
+    return source is None or (
+        isinstance(source, str) and (source == EMBEDDED or source.startswith(EMBEDDED + ":"))
+    )
+
+
+def embedded_tasks(source: Any) -> list[str] | None:
+    """The task families of an "embedded:arithmetic,comparison" source (None: every built-in family)."""
+    if not isinstance(source, str) or ":" not in source:
+        return None
+    from nanoseek.evaluate import split_task_list
+
+    return split_task_list(source.partition(":")[2])
 
 
 # ------------------------------------------------------------------ readers
@@ -176,12 +188,14 @@ def _read_parquet(path: Path, offset: int, text_field: str) -> Iterator[tuple[st
             yield text, row
 
 
-def _read_embedded(offset: int, seed: int, split: str) -> Iterator[tuple[str, int]]:
+def _read_embedded(
+    offset: int, seed: int, split: str, tasks: list[str] | None = None
+) -> Iterator[tuple[str, int]]:
     try:
         from nanoseek.data.synthetic import iter_documents as synthetic_documents
     except ImportError as e:
         raise ValueError(f"the embedded corpus is unavailable (nanoseek.data.synthetic: {e})") from e
-    docs = synthetic_documents(seed=seed, split=split)
+    docs = synthetic_documents(seed=seed, split=split, tasks=tasks)
     for i, doc in enumerate(itertools.islice(docs, offset, None), start=offset + 1):
         yield doc, i
 
@@ -233,6 +247,7 @@ class _DocumentStream:
         embedded_split: str = "train",
     ) -> None:
         self.embedded = _is_embedded(source)
+        self.embedded_tasks = embedded_tasks(source) if self.embedded else None
         self.embedded_split = embedded_split
         self.files = [] if self.embedded else resolve_files(source)
         self.text_field = text_field
@@ -259,7 +274,9 @@ class _DocumentStream:
     def iter_from(self, cursor: _Cursor, repeat: bool) -> Iterator[tuple[str, _Cursor]]:
         """Documents from `cursor` on, each with the cursor just after it; `repeat` runs epochs forever."""
         if self.embedded:
-            for doc, offset in _read_embedded(cursor.offset, self.seed, self.embedded_split):
+            for doc, offset in _read_embedded(
+                cursor.offset, self.seed, self.embedded_split, self.embedded_tasks
+            ):
                 yield doc, _Cursor(0, 0, offset)
             return
         epoch, index, offset = astuple(cursor)
@@ -346,7 +363,7 @@ class PackedDataset:
         )
         self._hash_split = not self.stream.embedded
         self._fingerprint = {
-            "source": EMBEDDED if self.stream.embedded else [str(f) for f in self.stream.files],
+            "source": (source or EMBEDDED) if self.stream.embedded else [str(f) for f in self.stream.files],
             "text_field": text_field,
             "seq_len": seq_len,
             "split": split,

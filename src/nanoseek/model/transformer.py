@@ -22,6 +22,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import LatentCache, MultiHeadLatentAttention, RMSNorm, RotaryEmbedding
+from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.moe import MLP, MoE, RoutedExperts, Router
 
 
@@ -140,14 +141,22 @@ class DeepSeekV3(nn.Module):
         mask: torch.Tensor | None = None,
         absorb: bool | None = None,
         return_hidden: bool = False,
+        labels: torch.Tensor | None = None,
+        ignore_index: int = -100,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B,S,V]; with `return_hidden`, (logits, final-normed hidden [B,S,H]).
 
         positions [B,S] default to 0..S-1. With a `cache`, attention uses the absorbed latent path.
+        With `labels` [B,S] (the token that follows each position; `ignore_index` where nothing counts)
+        the result is the mean next-token cross-entropy instead of logits, computed with the head
+        chunk by chunk so the [B,S,V] logits never exist at once (`nanoseek.model.loss`).
         """
         hidden = self.hidden_states(input_ids, positions, cache, mask, absorb)
-        logits = self.lm_head(hidden)
-        return (logits, hidden) if return_hidden else logits
+        if labels is not None:
+            out = linear_cross_entropy(hidden, self.lm_head.weight, labels, ignore_index)
+        else:
+            out = self.lm_head(hidden)
+        return (out, hidden) if return_hidden else out
 
     def hidden_states(
         self,
@@ -180,27 +189,61 @@ class DeepSeekV3(nn.Module):
 
         Returns (logits for t_{i+depth+2} [B,S,V], this depth's hidden state for the next depth).
         """
+        h = self._mtp_block(depth, hidden, next_ids, positions, cache, mask)
+        return self.lm_head(self.model.mtp_layers[depth].shared_head.norm(h)), h
+
+    def _mtp_block(
+        self,
+        depth: int,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: LatentCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         layer = self.model.mtp_layers[depth]
         cos, sin = self.model.rotary_emb(positions)
         h = layer.combine(hidden, self.model.embed_tokens(next_ids))
-        h = layer(h, cos, sin, cache, mask)
-        return self.lm_head(layer.shared_head.norm(h)), h
+        return layer(h, cos, sin, cache, mask)
 
-    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        """Training-time MTP: depth k (0-based) gives logits [B, S-k-1, V] at positions 0..S-k-2,
-        predicting input_ids[:, i+k+2]; i.e. target the labels shifted k+1 further than the main head."""
-        out = []
+    def _mtp_depths(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Training-time MTP: (k, depth k's block output [B, S-k-1, H]) at positions 0..S-k-2."""
         h = hidden
         s = input_ids.shape[1]
         for k in range(len(self.model.mtp_layers)):
             n = s - k - 1
             if n <= 0:
                 break
-            h = h[:, :n]
             positions = self.positions_for(input_ids[:, :n])
-            logits, h = self.mtp_step(k, h, input_ids[:, k + 1 : k + 1 + n], positions)
-            out.append(logits)
-        return out
+            h = self._mtp_block(k, h[:, :n], input_ids[:, k + 1 : k + 1 + n], positions)
+            yield k, h
+
+    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Training-time MTP: depth k (0-based) gives logits [B, S-k-1, V] at positions 0..S-k-2,
+        predicting input_ids[:, i+k+2]; i.e. target the labels shifted k+1 further than the main head."""
+        return [
+            self.lm_head(self.model.mtp_layers[k].shared_head.norm(h))
+            for k, h in self._mtp_depths(hidden, input_ids)
+        ]
+
+    def mtp_losses(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    ) -> list[torch.Tensor]:
+        """The cross-entropy of each MTP depth, fused with the head like `forward(labels=...)`.
+
+        labels [B,S] are the main head's (the token after each position); depth k predicts the token
+        k+1 further on, so its targets are labels[:, k+1:] (V3 eq. 24-25)."""
+        return [
+            linear_cross_entropy(
+                self.model.mtp_layers[k].shared_head.norm(h),
+                self.lm_head.weight,
+                labels[:, k + 1 : k + 1 + h.shape[1]],
+                ignore_index,
+            )
+            for k, h in self._mtp_depths(hidden, input_ids)
+        ]
 
     # ------------------------------------------------------------- balancing
     def routers(self) -> Iterator[tuple[int, Router]]:

@@ -103,6 +103,16 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _fused_adamw_ok(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return bool(params) and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor)
+        for p in params
+    )
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Matrices decay; norms, biases, embeddings do not (see the module docstring)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -132,17 +142,11 @@ def language_model_loss(
     predicts the token k+1 further on, so its targets are targets shifted by k+1 (V3 eq. 24-25:
     L_MTP = λ/D Σ_k L_k).
     """
-    from nanoseek.model.transformer import cross_entropy
-
-    logits, hidden = model(input_ids, return_hidden=True)
-    lm = cross_entropy(logits, targets, ignore_index)
+    lm, hidden = model(input_ids, return_hidden=True, labels=targets, ignore_index=ignore_index)
     loss = lm
     metrics: dict[str, Any] = {"lm_loss": lm.detach(), "tokens": input_ids.numel()}
     if mtp_weight > 0:
-        per_depth = []
-        for k, mtp in enumerate(model.mtp_logits(hidden, input_ids)):
-            t = targets[:, k + 1 : k + 1 + mtp.shape[1]]
-            per_depth.append(cross_entropy(mtp, t, ignore_index))
+        per_depth = model.mtp_losses(hidden, input_ids, targets, ignore_index)
         if per_depth:
             mtp_loss = torch.stack(per_depth).mean()
             # A batch whose shifted targets are all masked gives NaN: it has nothing to learn.
@@ -279,6 +283,9 @@ class Trainer:
             lr=optim.lr,
             betas=optim.betas,
             eps=optim.eps,
+            # One fused kernel per parameter instead of ~10 elementwise passes: 2-4x faster steps on
+            # CPU. Sharded (DTensor) parameters keep the default implementation.
+            fused=_fused_adamw_ok(self.model),
         )
         self.global_step = 0
         self.tokens_seen = 0

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from nanoseek.model.transformer import cross_entropy
+import torch.nn.functional as F
 
 IGNORE = -100
 
@@ -191,8 +190,15 @@ def iter_batches(
 
 def sft_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     """Mean next-token cross-entropy over assistant tokens, with per-example positions and masking."""
-    logits = model(batch.input_ids, positions=batch.positions, mask=batch.attention_mask())
-    return cross_entropy(logits[:, :-1], batch.labels[:, 1:], ignore_index=IGNORE)
+    # labels[:, i] is token i's own label; the loss at position i predicts labels[:, i + 1]
+    targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE)
+    return model(
+        batch.input_ids,
+        positions=batch.positions,
+        mask=batch.attention_mask(),
+        labels=targets,
+        ignore_index=IGNORE,
+    )
 
 
 # ----------------------------------------------------------------------------------- driver

@@ -1,0 +1,53 @@
+"""The head-fused cross-entropy equals the plain logits path in value and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.model import loss as loss_mod
+from nanoseek.model.loss import linear_cross_entropy
+
+
+def _reference(h, w, t, ignore_index=-100):
+    return F.cross_entropy((h @ w.t()).float().flatten(0, -2), t.flatten(), ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 20, 7 * 50])  # one chunk; ragged chunks of 7 rows
+def test_value_and_gradients_match_plain_cross_entropy(monkeypatch, chunk_elements):
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", chunk_elements)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 11, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (3, 11), generator=g)
+    t[0, :4] = -100  # ignored positions contribute nothing and do not count in the mean
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ours = linear_cross_entropy(h, w, t)
+    ref = _reference(h2, w2, t)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    (ours * 2.5).backward()
+    (ref * 2.5).backward()
+    assert torch.allclose(h.grad, h2.grad, atol=1e-5)
+    assert torch.allclose(w.grad, w2.grad, atol=1e-5)
+
+
+def test_no_grad_and_all_ignored():
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    t = torch.tensor([1, 2, 3, 4])
+    with torch.no_grad():
+        assert torch.allclose(linear_cross_entropy(h, w, t), _reference(h, w, t), atol=1e-6)
+    assert torch.isnan(linear_cross_entropy(h, w, torch.full((4,), -100)))
+    with pytest.raises(ValueError, match="do not match"):
+        linear_cross_entropy(h, w, t[:3])
+
+
+def test_bf16_autocast_close_to_plain():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(64, 32, generator=g, requires_grad=True)
+    w = torch.randn(40, 32, generator=g, requires_grad=True)
+    t = torch.randint(0, 40, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(h, w, t)
+    ours.backward()
+    ref = _reference(h.detach(), w.detach(), t)
+    assert abs(ours.item() - ref.item()) < 0.05 * ref.item()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
