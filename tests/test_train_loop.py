@@ -385,3 +385,26 @@ tr.save(stream.state_dict())
     assert tr.resume() == {"pos": 1} and tr.global_step == 1
     tr.save({"pos": 1})  # the next write clears the dead one's scratch directory
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pretrain.tmp-")]
+
+
+def test_optimizer_step_is_visible_to_an_engine_sharing_the_model(tmp_path) -> None:
+    """Fused AdamW writes weights without bumping version counters; the Trainer bumps them, or an
+    Engine rolling out with this model (GRPO) would keep sampling from stale derived weights."""
+    from nanoseek.engine import Engine, SamplingParams
+
+    model = micro_model(mtp=0)
+    tr = make_trainer(model, tmp_path, optim=OptimConfig(lr=0.5, warmup_steps=0))
+    engine = Engine(model, max_batch_size=2)
+    prompt = [[1, 2, 3, 4]]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    engine.generate(prompt, params)
+    before = [p._version for p in model.parameters()]
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
+    tr.step(lambda: language_model_loss(model, ids[:, :-1], ids[:, 1:]))
+    assert all(p._version > v for p, v in zip(model.parameters(), before, strict=True) if p.requires_grad)
+    got = engine.generate(prompt, params)[0]
+    with torch.no_grad():  # greedy decoding by full recomputation with the updated weights
+        seq = list(prompt[0])
+        for _ in range(6):
+            seq.append(int(model.eval()(torch.tensor([seq]))[0, -1].argmax()))
+    assert got == seq[4:]

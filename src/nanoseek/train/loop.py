@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd.graph import increment_version
 from torch import nn
 
 from nanoseek.metrics import MetricsLog
@@ -381,6 +382,10 @@ class Trainer:
         loads = self._take_loads()
         if reason is None:
             self.optimizer.step()
+            if self.optimizer.defaults.get("fused"):
+                # The fused kernel writes the weights without bumping their version counters, which is
+                # how an Engine sharing this model (GRPO rollouts) sees that its derived weights are stale.
+                increment_version([p for g in self.optimizer.param_groups for p in g["params"]])
             self._update_bias(loads)
             self._consecutive_skips = 0
             self._good_steps += 1
