@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.autograd.graph import increment_version
 from torch import nn
+from torch.autograd.graph import increment_version
 
 from nanoseek.metrics import MetricsLog
 from nanoseek.train.distributed import (
