@@ -408,3 +408,17 @@ def test_optimizer_step_is_visible_to_an_engine_sharing_the_model(tmp_path) -> N
         for _ in range(6):
             seq.append(int(model.eval()(torch.tensor([seq]))[0, -1].argmax()))
     assert got == seq[4:]
+
+
+def test_peak_is_measured_again_when_a_step_beats_it(tmp_path, monkeypatch) -> None:
+    """A peak measured while the machine was busy must not turn MFU into 160%."""
+    from nanoseek import perf
+
+    readings = iter([50.0, 400.0])
+    fake = lambda *a, **k: next(readings)  # noqa: E731
+    fake.cache_clear = lambda: None
+    monkeypatch.setattr(perf, "matmul_peak_flops", fake)
+    tr = make_trainer(micro_model(), tmp_path)
+    assert tr._peak_flops() == 50.0
+    assert tr._peak_flops(achieved=80.0) == 400.0  # re-measured, the higher reading kept
+    assert tr._peak_flops(achieved=100.0) == 400.0  # below the peak: no new measurement

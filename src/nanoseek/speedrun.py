@@ -33,13 +33,14 @@ class SpeedrunPreset:
     name: str = "cpu"
     model: str = "tiny"
     student: str = "tiny-dense"
-    tasks: tuple[str, ...] = ("counting",)
+    tasks: tuple[str, ...] = ("comparison",)
     # tokenizer
     vocab_size: int = 4096
     tokenizer_docs: int = 20000
-    # pretrain
-    pretrain_steps: int = 350
-    pretrain_batch: int = 16
+    # pretrain: the embedded corpus of these families ("tasks" = the run's own, "all" = every family)
+    pretrain_corpus: str = "tasks"
+    pretrain_steps: int = 1100
+    pretrain_batch: int = 8
     seq_len: int = 256
     pretrain_lr: float = 3e-3
     # γ of aux-loss-free balancing: V3's 0.001 is for ~10^5 steps; a few hundred need a bigger step to
@@ -165,6 +166,7 @@ class Speedrun:
 
         cfg = PretrainConfig(
             out=str(self.run),
+            data=self.pretrain_data(),
             tokenizer=str(self.run / "tokenizer"),
             preset=self.p.model,
             steps=self.p.pretrain_steps,
@@ -178,7 +180,18 @@ class Speedrun:
             progress=self.progress,
         )
         pretrain(cfg)
-        return {"tokens": self.p.pretrain_steps * self.p.pretrain_batch * self.p.seq_len}
+        return {
+            "tokens": self.p.pretrain_steps * self.p.pretrain_batch * self.p.seq_len,
+            "corpus": cfg.data,
+        }
+
+    def pretrain_data(self) -> str:
+        """The pretraining corpus: the embedded documents of the run's task families by default (a tiny
+        model learns what it sees often, and a few minutes of CPU buy ~1M tokens), or of all families."""
+        c = self.p.pretrain_corpus
+        if c == "tasks":
+            return "embedded:" + ",".join(self.p.tasks)
+        return "embedded" if c == "all" else c
 
     def sft(self, stage: str = "sft", steps: int | None = None, init: str = "pretrain") -> dict[str, Any]:
         from nanoseek.train.sft import SFTConfig, sft

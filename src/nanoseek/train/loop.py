@@ -325,13 +325,18 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         return self.optim_config.lr * lr_multiplier(step, self.total_steps, self.optim_config)
 
-    def _peak_flops(self) -> float:
-        if self._peak is None:
+    def _peak_flops(self, achieved: float = 0.0) -> float:
+        """The machine's measured matmul peak; measured again if a step beat it (the first measurement
+        ran while other work shared the machine), keeping the highest, so MFU stays a fraction."""
+        if self._peak is None or achieved > self._peak:
             from nanoseek.perf import matmul_peak_flops
 
             dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
             device = "cuda" if self.dist.device.type == "cuda" else "cpu"
-            self._peak = matmul_peak_flops(dtype, device) * self.dist.world_size
+            if self._peak is not None:
+                matmul_peak_flops.cache_clear()
+            measured = matmul_peak_flops(dtype, device) * self.dist.world_size
+            self._peak = max(self._peak or 0.0, measured, achieved)
         return self._peak
 
     # --------------------------------------------------------------- step
@@ -497,7 +502,8 @@ class Trainer:
         self._t_last, self._tokens_since = now, 0
         metrics["tok_per_s"] = tok_s
         if self._flops_per_token:
-            metrics["mfu"] = tok_s * self._flops_per_token / self._peak_flops()
+            achieved = tok_s * self._flops_per_token
+            metrics["mfu"] = achieved / self._peak_flops(achieved)
 
     def _update_bar(self, metrics: dict[str, Any]) -> None:
         if not self._progress:
