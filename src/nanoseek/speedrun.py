@@ -39,23 +39,23 @@ class SpeedrunPreset:
     tokenizer_docs: int = 20000
     # pretrain: the embedded corpus of these families ("tasks" = the run's own, "all" = every family)
     pretrain_corpus: str = "tasks"
-    pretrain_steps: int = 1100
+    pretrain_steps: int = 1000
     pretrain_batch: int = 8
     seq_len: int = 256
     pretrain_lr: float = 3e-3
     # γ of aux-loss-free balancing: V3's 0.001 is for ~10^5 steps; a few hundred need a bigger step to
     # balance within the run (measured in benchmarks/bench_pretrain.py).
     bias_update_speed: float = 0.01
-    # cold-start SFT
-    sft_steps: int = 60
-    sft_examples: int = 2000
+    # cold-start SFT: small, as R1's (it fixes the format and readability; RL does the rest)
+    sft_steps: int = 10
+    sft_examples: int = 300
     sft_lr: float = 1e-3
     # GRPO
-    grpo_steps: int = 40
+    grpo_steps: int = 120
     group_size: int = 8
     batch_prompts: int = 8
-    grpo_lr: float = 2e-4
-    max_new_tokens: int = 64
+    grpo_lr: float = 1e-4
+    max_new_tokens: int = 48
     # control (cpu only): SFT for GRPO's wall time
     control: bool = True
     # distillation
@@ -63,7 +63,7 @@ class SpeedrunPreset:
     distill_k: int = 4
     distill_steps: int = 150
     # evaluation
-    eval_n: int = 48
+    eval_n: int = 100
     eval_k: int = 4
     precision: str = "auto"  # pretraining: bf16 autocast where the CPU has native bf16, else fp32
     seed: int = 0
@@ -193,7 +193,13 @@ class Speedrun:
             return "embedded:" + ",".join(self.p.tasks)
         return "embedded" if c == "all" else c
 
-    def sft(self, stage: str = "sft", steps: int | None = None, init: str = "pretrain") -> dict[str, Any]:
+    def sft(
+        self,
+        stage: str = "sft",
+        steps: int | None = None,
+        init: str = "pretrain",
+        examples: int | None = None,
+    ) -> dict[str, Any]:
         from nanoseek.train.sft import SFTConfig, sft
 
         # The control run is an SFT run under another name: train it in a side directory, then adopt it.
@@ -202,7 +208,7 @@ class Speedrun:
             SFTConfig(
                 init=str(self.run / init),
                 task=",".join(self.p.tasks),
-                task_examples=self.p.sft_examples,
+                task_examples=examples or self.p.sft_examples,
                 out=str(sub),
                 steps=steps or self.p.sft_steps,
                 seq_len=self.p.seq_len,
@@ -237,11 +243,26 @@ class Speedrun:
 
     def control(self) -> dict[str, Any]:
         """More SFT from the SFT checkpoint for the wall time GRPO took: what RL bought, honestly."""
-        grpo_time = self._wall_time("grpo")
-        sft_time = self._wall_time("sft")
-        per_step = (sft_time or 1.0) / max(1, self.p.sft_steps)
-        steps = max(1, int((grpo_time or 0.0) / per_step))
-        return self.sft(stage="control", steps=steps, init="sft") | {"matched_wall_time_s": grpo_time}
+        grpo_time = self._wall_time("grpo") or 0.0
+        sft_time = self._wall_time("sft") or 1.0
+        # Per-step time from the SFT stage's own step records; the rest of its wall time (loading,
+        # packing, saving) is overhead the control pays once too.
+        per_step = self._step_seconds("sft") or sft_time / max(1, self.p.sft_steps)
+        overhead = max(0.0, sft_time - per_step * self.p.sft_steps)
+        steps = max(1, int((grpo_time - overhead) / per_step))
+        # fresh worked solutions at the cold start's rate per step, not epochs over the same few hundred
+        examples = max(self.p.sft_examples, steps * self.p.sft_examples // max(1, self.p.sft_steps))
+        return self.sft(stage="control", steps=steps, init="sft", examples=examples) | {
+            "matched_wall_time_s": grpo_time
+        }
+
+    def _step_seconds(self, stage: str) -> float | None:
+        """Median seconds between consecutive step records of `stage` in metrics.jsonl."""
+        import statistics
+
+        times = [r["time"] for r in read_metrics(self.run) if r.get("stage") == stage and r.get("step")]
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False) if b > a]
+        return statistics.median(gaps) if gaps else None
 
     def distill(self) -> dict[str, Any]:
         from nanoseek.train.distill import DistillConfig, distill
