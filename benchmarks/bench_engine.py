@@ -28,6 +28,7 @@ from nanoseek.config import get_preset
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.quantize import quantize_model, weight_bytes
 from nanoseek.model.transformer import DeepSeekV3
+from nanoseek.perf import tune_malloc
 
 
 def bench_config(mtp: int = 1):
@@ -229,6 +230,9 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=200)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
+    # nanoseek's commands run with freed memory kept for reuse (nanoseek.perf.tune_malloc); it is a
+    # process-wide setting, so both sides of the comparison run with it.
+    tune_malloc()
     torch.set_num_threads(args.threads)
     import transformers
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from nanoseek.checkpoint import build_model
 from nanoseek.config import ModelConfig
-from nanoseek.perf import matmul_peak_flops
+from nanoseek.perf import matmul_peak_flops, tune_malloc
 
 
 def bench_config(**changes) -> ModelConfig:
@@ -225,6 +225,9 @@ def main() -> None:
     p.add_argument("--no-scaling", action="store_true", help="skip the 8-vs-64-experts figure")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = p.parse_args()
+    # nanoseek's commands run with freed memory kept for reuse (nanoseek.perf.tune_malloc); it is a
+    # process-wide setting, so both sides of the comparison run with it.
+    tune_malloc()
     torch.set_num_threads(args.threads)
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     results: dict = {

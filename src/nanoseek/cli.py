@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from nanoseek.perf import tune_malloc
+
+    tune_malloc()  # every command that trains or generates allocates multi-MB tensors per step
     try:
         result = args.func(args)
     except KeyboardInterrupt:

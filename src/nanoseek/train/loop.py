@@ -279,6 +279,9 @@ class Trainer:
             convert_to_fp8_training(model)  # in place: same parameters, FP8 GEMMs
         model.set_balance_alpha(balance_alpha)
         self.model = shard_model(model, self.dist)
+        from nanoseek.perf import tune_malloc
+
+        tune_malloc()  # reuse freed activation memory instead of page-faulting it in every step
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, optim.weight_decay),
             lr=optim.lr,
