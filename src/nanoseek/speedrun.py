@@ -39,7 +39,7 @@ class SpeedrunPreset:
     tokenizer_docs: int = 20000
     # pretrain: the embedded corpus of these families ("tasks" = the run's own, "all" = every family)
     pretrain_corpus: str = "tasks"
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 1100
     pretrain_batch: int = 8
     seq_len: int = 256
     pretrain_lr: float = 3e-3
@@ -51,17 +51,17 @@ class SpeedrunPreset:
     sft_examples: int = 300
     sft_lr: float = 1e-3
     # GRPO
-    grpo_steps: int = 120
+    grpo_steps: int = 100
     group_size: int = 8
     batch_prompts: int = 8
-    grpo_lr: float = 1e-4
+    grpo_lr: float = 2e-4
     max_new_tokens: int = 48
     # control (cpu only): SFT for GRPO's wall time
     control: bool = True
     # distillation
     distill_prompts: int = 256
     distill_k: int = 4
-    distill_steps: int = 150
+    distill_steps: int = 80
     # evaluation
     eval_n: int = 100
     eval_k: int = 4

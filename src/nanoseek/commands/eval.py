@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model-name", default=None, help="endpoint model name (default: the first it lists)")
     p.add_argument("--api-key", default=None, help="endpoint API key (default $OPENAI_API_KEY)")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             run_dir=args.run_dir,
             endpoint_model=args.model_name,
             api_key=args.api_key,
+            progress=not args.no_progress,
         )
         m = evaluate(cfg)
         k = m["k"]

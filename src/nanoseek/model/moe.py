@@ -161,7 +161,7 @@ def _swiglu_rows(
     h = _grouped_mm(xs, gate_up.transpose(-2, -1), offs)  # [N, 2I]
     act = F.silu(h[:, :inter]) * h[:, inter:]
     if row_w is not None:
-        act = act * row_w.unsqueeze(-1)
+        act.mul_(row_w.unsqueeze(-1))  # act is this function's own temporary
     return _grouped_mm(act, down.transpose(-2, -1), offs), h  # [N, H]
 
 
@@ -177,8 +177,9 @@ def _swiglu_rows_backward(
     """Gradients of `_swiglu_rows` for rows, gate_up, down and the row weights: four grouped GEMMs."""
     inter = down.shape[-1]
     gate, up = h[:, :inter], h[:, inter:]
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
+    # Elementwise work here is memory-bound (rows x I per pass), so it is written as few passes:
+    # silu's own backward kernel, and both halves of dh written in place instead of concatenated.
+    silu = F.silu(gate)
     act = silu * up
     d_scaled = _grouped_mm(dy, down, offs)  # [N, I]
     if row_w is None:
@@ -187,9 +188,11 @@ def _swiglu_rows_backward(
     else:
         w = row_w.unsqueeze(-1)
         d_down = _grouped_mm(dy.t(), act * w, offs)
-        d_row_w = (d_scaled * act).sum(dim=-1)
+        d_row_w = torch.linalg.vecdot(d_scaled, act)
         d_act = d_scaled * w
-    dh = torch.cat((d_act * up * sig * (1 + gate * (1 - sig)), d_act * silu), dim=-1)
+    dh = torch.empty_like(h)
+    torch.mul(d_act, silu, out=dh[:, inter:])
+    dh[:, :inter] = torch.ops.aten.silu_backward(d_act * up, gate)
     dxs = _grouped_mm(dh, gate_up, offs)  # [N, H]
     d_gate_up = _grouped_mm(dh.t(), xs, offs)  # [E, 2I, H]
     return dxs, d_gate_up, d_down, d_row_w
