@@ -4,7 +4,7 @@ import pytest
 
 from nanoseek.cli import main
 from nanoseek.metrics import MetricsLog, read_metrics
-from nanoseek.report import build_report
+from nanoseek.report import build_report, moving_average
 
 
 def _fake_run(run):
@@ -66,3 +66,8 @@ def test_non_finite_values_stay_valid_json(tmp_path, value):
     MetricsLog(tmp_path, "pretrain").log(step=1, loss=value)
     (rec,) = read_metrics(tmp_path)
     assert rec["loss"] in ("nan", "inf")
+
+
+def test_moving_average_is_a_trailing_mean():
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([2.0, 4.0], 5) == [2.0, 3.0]

@@ -202,6 +202,33 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
     return out
 
 
+def moving_average(ys: list[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` points: per-step RL metrics are noisy (few prompts a step)."""
+    out, total = [], 0.0
+    for i, y in enumerate(ys):
+        total += y
+        if i >= window:
+            total -= ys[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _plot_with_trend(ax: Any, xs: list[float], ys: list[float], label: str | None) -> None:
+    """The raw per-step series faint, its moving average over ~1/15 of the run on top."""
+    window = max(1, len(ys) // 15)
+    if window < 3:
+        ax.plot(xs, ys, label=label)
+        return
+    (raw,) = ax.plot(xs, ys, alpha=0.3, lw=0.8)
+    ax.plot(
+        xs,
+        moving_average(ys, window),
+        color=raw.get_color(),
+        lw=2,
+        label=f"{label or ''} ({window}-step mean)".strip(),
+    )
+
+
 def _plots(m: RunMetrics) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -242,9 +269,9 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
     if xs_r or xs_a:
         fig, ax = plt.subplots(figsize=(7, 4))
         if xs_r:
-            ax.plot(xs_r, ys_r, label="mean reward")
+            _plot_with_trend(ax, xs_r, ys_r, "mean reward")
         if xs_a:
-            ax.plot(xs_a, ys_a, label="accuracy (train rollouts)")
+            _plot_with_trend(ax, xs_a, ys_a, "accuracy (train rollouts)")
         ax.set_xlabel("GRPO step")
         ax.set_title("GRPO reward and accuracy")
         ax.legend()
@@ -252,7 +279,8 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
     xs_l, ys_l = m.steps("grpo", "response_length")
     if xs_l:
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(xs_l, ys_l)
+        _plot_with_trend(ax, xs_l, ys_l, "mean response length")
+        ax.legend()
         ax.set_xlabel("GRPO step")
         ax.set_ylabel("tokens")
         ax.set_title("Mean response length")
