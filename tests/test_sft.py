@@ -146,3 +146,26 @@ def _check_packed_vs_single(load_model) -> None:
             )
             single_sum += sft_loss(model, one).item() * one.num_target_tokens
     assert packed_sum / count == pytest.approx(single_sum / count, rel=1e-4)
+
+
+@pytest.mark.parametrize("budget_spent", [True, False])
+def test_time_budget_stops_early_and_still_saves(tmp_path, budget_spent) -> None:
+    import time
+
+    from model_configs import small_config
+
+    from nanoseek.checkpoint import build_model
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train.sft import SFTConfig, train_on_examples
+
+    model = build_model(small_config()).init_weights(0)
+    ids = list(range(2, 30))
+    examples = [(ids, [IGNORE] * 10 + ids[10:])] * 8
+    cfg = SFTConfig(init="", steps=4, batch_size=2, seq_len=32, progress=False, max_seconds=60.0)
+    started = time.perf_counter() - (120.0 if budget_spent else 0.0)
+    tok = CharTokenizer()
+    tok.save = lambda directory: None  # type: ignore[attr-defined]  # the checkpoint needs no tokenizer files here
+    path = train_on_examples(model, tok, examples, tmp_path, "control", cfg, None, started)
+    assert (path / "config.json").exists()
+    steps = [r["step"] for r in read_metrics(tmp_path, "control") if "loss" in r]
+    assert steps == ([] if budget_spent else [1, 2, 3, 4])

@@ -199,6 +199,7 @@ class Speedrun:
         steps: int | None = None,
         init: str = "pretrain",
         examples: int | None = None,
+        max_seconds: float | None = None,
     ) -> dict[str, Any]:
         from nanoseek.train.sft import SFTConfig, sft
 
@@ -216,6 +217,7 @@ class Speedrun:
                 seed=self.p.seed,
                 resume=True,
                 progress=self.progress,
+                max_seconds=max_seconds,
             )
         )
         if stage != "sft":
@@ -252,9 +254,11 @@ class Speedrun:
         steps = max(1, int((grpo_time - overhead) / per_step))
         # fresh worked solutions at the cold start's rate per step, not epochs over the same few hundred
         examples = max(self.p.sft_examples, steps * self.p.sft_examples // max(1, self.p.sft_steps))
-        return self.sft(stage="control", steps=steps, init="sft", examples=examples) | {
-            "matched_wall_time_s": grpo_time
-        }
+        # The step estimate sets the schedule; the budget guarantees the wall time (data building for
+        # more examples and per-step time can differ from the short SFT stage's).
+        return self.sft(
+            stage="control", steps=steps, init="sft", examples=examples, max_seconds=grpo_time
+        ) | {"matched_wall_time_s": grpo_time}
 
     def _step_seconds(self, stage: str) -> float | None:
         """Median seconds between consecutive step records of `stage` in metrics.jsonl."""

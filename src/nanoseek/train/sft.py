@@ -223,6 +223,8 @@ class SFTConfig:
     seed: int = 0
     language: str | None = None
     progress: bool = True
+    # wall-clock budget from the start of sft(): stop and save once spent (a time-matched control run)
+    max_seconds: float | None = None
 
 
 def task_conversations(
@@ -255,8 +257,11 @@ def train_on_examples(
     stage: str,
     cfg: SFTConfig,
     config_extra: dict[str, Any] | None = None,
+    started: float | None = None,
 ) -> Path:
-    """The SFT loop on (input_ids, labels) examples through the shared Trainer; returns RUN/<stage>/."""
+    """The SFT loop on (input_ids, labels) examples through the shared Trainer; returns RUN/<stage>/.
+
+    `cfg.max_seconds` counts from `started` (perf_counter; default: now)."""
     import math
     import time
 
@@ -303,8 +308,14 @@ def train_on_examples(
         return PackedBatch(*(torch.tensor([r[k] for r in chunk], dtype=torch.long) for k in range(4)))
 
     t0 = time.perf_counter()
+    deadline = (started or t0) + cfg.max_seconds if cfg.max_seconds else math.inf
     last: dict[str, Any] = {}
     while trainer.global_step < total:
+        if time.perf_counter() >= deadline:
+            print(
+                f"{stage}: time budget of {cfg.max_seconds:.0f}s spent at step {trainer.global_step}/{total}"
+            )
+            break
         batch = batch_at(trainer.global_step)
 
         def loss_fn(batch: PackedBatch = batch) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -322,7 +333,7 @@ def train_on_examples(
     trainer.close()
     if last:
         print(
-            f"{stage}: {total} steps in {time.perf_counter() - t0:.0f}s, final loss {last['loss']:.4f}; "
+            f"{stage}: {trainer.global_step} steps in {time.perf_counter() - t0:.0f}s, final loss {last['loss']:.4f}; "
             f"checkpoint {path}"
         )
     return path
@@ -330,7 +341,11 @@ def train_on_examples(
 
 def sft(cfg: SFTConfig) -> Path:
     """SFT a checkpoint on chat JSONL and/or a task's worked solutions; returns RUN/sft/."""
+    import time
+
     from nanoseek.checkpoint import load_model
+
+    started = time.perf_counter()
     from nanoseek.tokenizer import load_tokenizer
 
     init = Path(cfg.init)
@@ -352,4 +367,4 @@ def sft(cfg: SFTConfig) -> Path:
             examples.extend(tokenize_conversation(tok, conv))
         except ValueError as e:
             raise ValueError(f"conversation {n}: {e}") from None
-    return train_on_examples(model, tok, examples, cfg.out, "sft", cfg, {"sft": vars(cfg)})
+    return train_on_examples(model, tok, examples, cfg.out, "sft", cfg, {"sft": vars(cfg)}, started)
