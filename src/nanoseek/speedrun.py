@@ -59,9 +59,9 @@ class SpeedrunPreset:
     # control (cpu only): SFT for GRPO's wall time
     control: bool = True
     # distillation
-    distill_prompts: int = 256
+    distill_prompts: int = 128
     distill_k: int = 4
-    distill_steps: int = 80
+    distill_steps: int = 60
     # evaluation
     eval_n: int = 100
     eval_k: int = 4
