@@ -153,7 +153,6 @@ def test_time_budget_stops_early_and_still_saves(tmp_path, budget_spent) -> None
     import time
 
     from model_configs import small_config
-
     from nanoseek.checkpoint import build_model
     from nanoseek.metrics import read_metrics
     from nanoseek.train.sft import SFTConfig, train_on_examples

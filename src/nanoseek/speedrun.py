@@ -346,10 +346,13 @@ class Speedrun:
         return None
 
     def model_facts(self) -> None:
-        """Accounting and decode speed of the final model, for the report's summary table."""
+        """Accounting and decode speed of the final model, for the report's summary table. Measured
+        once: rerunning a finished run must not replace the figure with one taken on a busier machine."""
         from nanoseek.accounting import account
         from nanoseek.config import ModelConfig
 
+        if any(r.get("event") == "model" for r in read_metrics(self.run, "speedrun")):
+            return
         cfg = ModelConfig.load(self.run / "grpo")
         acc = account(cfg).to_dict()
         tok_s = self._decode_speed()
@@ -409,6 +412,10 @@ class Speedrun:
             f"report at {report}"
         )
         return final
+
+
+# every stage a speedrun may run, in order (the control only in presets that have it)
+STAGES: tuple[str, ...] = ("tokenizer", "pretrain", "sft", "grpo", "control", "distill", "eval")
 
 
 def run_speedrun(out: str | Path, preset: str = "cpu", progress: bool = True, **overrides: Any) -> Path:
