@@ -256,7 +256,8 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
                 drawn = True
     if drawn:
         ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_ylabel("cross-entropy (nats/token, log scale)")
+        ax.set_yscale("log")  # the first steps (~ln vocab) would otherwise flatten the rest of the curve
         ax.set_title("Loss")
         ax.legend()
         save(fig, "loss.png", "Loss curves")
