@@ -103,6 +103,22 @@ def test_pretrain_resume_matches_uninterrupted(workdir, tmp_path) -> None:
     assert losses(tmp_path / "b") == losses(tmp_path / "a")  # bitwise, through the data position
 
 
+def test_validation_leaves_training_bitwise_unchanged(workdir, tmp_path) -> None:
+    """How often validation runs is a cost dial only: it must not move weights, data or the balancing bias."""
+    pretrain(config(workdir, tmp_path / "often", val_every=1))
+    pretrain(config(workdir, tmp_path / "never", val_every=0))
+
+    def losses(run: Path) -> list[float]:
+        return [r["loss"] for r in read_metrics(run, stage="pretrain") if "loss" in r]
+
+    assert losses(tmp_path / "often") == losses(tmp_path / "never")
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "often" / "pretrain" / "model.safetensors")
+    b = load_file(tmp_path / "never" / "pretrain" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_pretrain_trains_its_own_tokenizer(workdir, tmp_path) -> None:
     run = tmp_path / "run"
     pretrain(config(workdir, run, tokenizer=None, vocab_size=300, tokenizer_docs=300, steps=2, val_every=0))
