@@ -168,3 +168,30 @@ def test_time_budget_stops_early_and_still_saves(tmp_path, budget_spent) -> None
     assert (path / "config.json").exists()
     steps = [r["step"] for r in read_metrics(tmp_path, "control") if "loss" in r]
     assert steps == ([] if budget_spent else [1, 2, 3, 4])
+
+
+def test_time_budget_refits_the_schedule_to_anneal_by_the_deadline(tmp_path, monkeypatch) -> None:
+    import itertools
+    import time
+
+    from model_configs import small_config
+    from nanoseek.checkpoint import build_model
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train.sft import SFTConfig, train_on_examples
+
+    clock = itertools.count(0.0, 0.01)  # a clock that advances with every reading: pace is deterministic
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    model = build_model(small_config()).init_weights(0)
+    ids = list(range(2, 30))
+    examples = [(ids, [IGNORE] * 10 + ids[10:])] * 8
+    # the first estimate (10 steps) is far too low for the 1.5 s budget: the run must take more steps
+    cfg = SFTConfig(
+        init="", steps=10, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=0, progress=False, max_seconds=1.5
+    )
+    tok = CharTokenizer()
+    tok.save = lambda directory: None  # type: ignore[attr-defined]
+    train_on_examples(model, tok, examples, tmp_path, "control", cfg, None, time.perf_counter())
+    records = [r for r in read_metrics(tmp_path, "control") if "loss" in r]
+    assert len(records) > 10, len(records)
+    # annealed: the last step's learning rate is the schedule's floor, not a cut-off mid-decay value
+    assert records[-1]["lr"] <= 1e-3 * (cfg.min_lr_ratio + 0.05)

@@ -520,6 +520,7 @@ class Trainer:
                 desc=self.stage,
                 dynamic_ncols=True,
             )
+        self._bar.total = self.total_steps  # a time-budgeted run refits its step count as it goes
         post = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tok_per_s']:.0f}"}
         if "mfu" in metrics:
             post["mfu"] = f"{100 * metrics['mfu']:.1f}%"

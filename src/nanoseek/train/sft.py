@@ -249,6 +249,9 @@ def task_conversations(
     return convs
 
 
+REFIT_EVERY = 5  # steps between refits of a time-budgeted run's step count
+
+
 def train_on_examples(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -261,7 +264,9 @@ def train_on_examples(
 ) -> Path:
     """The SFT loop on (input_ids, labels) examples through the shared Trainer; returns RUN/<stage>/.
 
-    `cfg.max_seconds` counts from `started` (perf_counter; default: now)."""
+    `cfg.max_seconds` counts from `started` (perf_counter; default: now). With a budget, `cfg.steps`
+    is only the first estimate: every few steps the step count is refitted to the time left at the
+    measured pace (the cosine schedule follows it), and the deadline stops the run in any case."""
     import math
     import time
 
@@ -309,6 +314,7 @@ def train_on_examples(
 
     t0 = time.perf_counter()
     deadline = (started or t0) + cfg.max_seconds if cfg.max_seconds else math.inf
+    first_step = trainer.global_step
     last: dict[str, Any] = {}
     while trainer.global_step < total:
         if time.perf_counter() >= deadline:
@@ -329,6 +335,13 @@ def train_on_examples(
         last = trainer.step(loss_fn)
         if trainer.checkpoint_due():
             trainer.save()
+        done = trainer.global_step - first_step
+        if deadline < math.inf and done % REFIT_EVERY == 0:
+            # Fit the step count to the time left at the measured pace, so that the schedule still
+            # anneals by the deadline instead of being cut off mid-decay (or ending early).
+            per_step = (time.perf_counter() - t0) / done
+            total = trainer.global_step + max(1, int((deadline - time.perf_counter()) / per_step))
+            trainer.total_steps = total
     path = trainer.save()
     trainer.close()
     if last:
