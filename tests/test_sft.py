@@ -52,6 +52,24 @@ class CharTokenizer:
             text += "<｜Assistant｜><think>\n"
         return self.encode(text) if tokenize else text
 
+    def save(self, directory) -> None:
+        """Checkpoints made with this tokenizer carry no tokenizer files."""
+
+
+def _train_with_budget(tmp_path, cfg, started: float) -> list[dict]:
+    """train_on_examples on a small model and 8 copies of one example; the step records it logged."""
+    from model_configs import small_config
+    from nanoseek.checkpoint import build_model
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train.sft import train_on_examples
+
+    model = build_model(small_config()).init_weights(0)
+    ids = list(range(2, 30))
+    examples = [(ids, [IGNORE] * 10 + ids[10:])] * 8
+    path = train_on_examples(model, CharTokenizer(), examples, tmp_path, "control", cfg, None, started)
+    assert (path / "config.json").exists()
+    return [r for r in read_metrics(tmp_path, "control") if "loss" in r]
+
 
 def test_assistant_target_text_shapes() -> None:
     msg = {"role": "assistant", "content": "<think>\n2+2=4\n</think>\n4"}
@@ -152,21 +170,11 @@ def _check_packed_vs_single(load_model) -> None:
 def test_time_budget_stops_early_and_still_saves(tmp_path, budget_spent) -> None:
     import time
 
-    from model_configs import small_config
-    from nanoseek.checkpoint import build_model
-    from nanoseek.metrics import read_metrics
-    from nanoseek.train.sft import SFTConfig, train_on_examples
+    from nanoseek.train.sft import SFTConfig
 
-    model = build_model(small_config()).init_weights(0)
-    ids = list(range(2, 30))
-    examples = [(ids, [IGNORE] * 10 + ids[10:])] * 8
     cfg = SFTConfig(init="", steps=4, batch_size=2, seq_len=32, progress=False, max_seconds=60.0)
     started = time.perf_counter() - (120.0 if budget_spent else 0.0)
-    tok = CharTokenizer()
-    tok.save = lambda directory: None  # type: ignore[attr-defined]  # the checkpoint needs no tokenizer files here
-    path = train_on_examples(model, tok, examples, tmp_path, "control", cfg, None, started)
-    assert (path / "config.json").exists()
-    steps = [r["step"] for r in read_metrics(tmp_path, "control") if "loss" in r]
+    steps = [r["step"] for r in _train_with_budget(tmp_path, cfg, started)]
     assert steps == ([] if budget_spent else [1, 2, 3, 4])
 
 
@@ -174,24 +182,15 @@ def test_time_budget_refits_the_schedule_to_anneal_by_the_deadline(tmp_path, mon
     import itertools
     import time
 
-    from model_configs import small_config
-    from nanoseek.checkpoint import build_model
-    from nanoseek.metrics import read_metrics
-    from nanoseek.train.sft import SFTConfig, train_on_examples
+    from nanoseek.train.sft import SFTConfig
 
     clock = itertools.count(0.0, 0.01)  # a clock that advances with every reading: pace is deterministic
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
-    model = build_model(small_config()).init_weights(0)
-    ids = list(range(2, 30))
-    examples = [(ids, [IGNORE] * 10 + ids[10:])] * 8
     # the first estimate (10 steps) is far too low for the 1.5 s budget: the run must take more steps
     cfg = SFTConfig(
         init="", steps=10, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=0, progress=False, max_seconds=1.5
     )
-    tok = CharTokenizer()
-    tok.save = lambda directory: None  # type: ignore[attr-defined]
-    train_on_examples(model, tok, examples, tmp_path, "control", cfg, None, time.perf_counter())
-    records = [r for r in read_metrics(tmp_path, "control") if "loss" in r]
+    records = _train_with_budget(tmp_path, cfg, time.perf_counter())
     assert len(records) > 10, len(records)
     # annealed: the last step's learning rate is the schedule's floor, not a cut-off mid-decay value
     assert records[-1]["lr"] <= 1e-3 * (cfg.min_lr_ratio + 0.05)

@@ -357,9 +357,9 @@ def sft(cfg: SFTConfig) -> Path:
     import time
 
     from nanoseek.checkpoint import load_model
-
-    started = time.perf_counter()
     from nanoseek.tokenizer import load_tokenizer
+
+    started = time.perf_counter()  # a time budget covers data building too, as the control pays it
 
     init = Path(cfg.init)
     if not (init / "config.json").exists():
