@@ -87,14 +87,17 @@ def _install(code_path, mem, cpu, fsize, drop):
                 if isinstance(a, (str, bytes, os.PathLike)) and not inside(a):
                     raise PermissionError("sandbox: " + event + " outside the working directory")
 
-    sys.addaudithook(hook)
-    # Threads have no audit event; RLIMIT_NPROC = 0 stops them for a non-root child, this for a root one.
+    # Imported before the hook: threading's own imports (functools -> namedtuple) call sys._getframe,
+    # which the hook blocks; whether they are loaded already depends on the interpreter's startup
+    # (a venv's site imports less than a system Python's).
     import _thread
+    import threading
 
+    sys.addaudithook(hook)
+
+    # Threads have no audit event; RLIMIT_NPROC = 0 stops them for a non-root child, this for a root one.
     def no_threads(*args, **kwargs):
         raise RuntimeError("sandbox: can't start new thread")
-
-    import threading
 
     for mod in (_thread, threading):
         for name in ("start_new_thread", "start_new", "start_joinable_thread", "_start_new_thread",
