@@ -39,12 +39,12 @@ class SpeedrunPreset:
     tokenizer_docs: int = 20000
     # pretrain: the embedded corpus of these families ("tasks" = the run's own, "all" = every family)
     pretrain_corpus: str = "tasks"
-    pretrain_steps: int = 1100
+    pretrain_steps: int = 1000
     pretrain_batch: int = 8
     seq_len: int = 256
     pretrain_lr: float = 3e-3
     # held-out loss every this many steps (each costs ~1.5 s on 2 cores; it never touches training)
-    val_every: int = 275
+    val_every: int = 250
     # γ of aux-loss-free balancing: V3's 0.001 is for ~10^5 steps; a few hundred need a bigger step to
     # balance within the run (measured in benchmarks/bench_pretrain.py).
     bias_update_speed: float = 0.01
