@@ -28,7 +28,7 @@ DONE = ".done"
 
 @dataclass
 class SpeedrunPreset:
-    """One dial per stage; the defaults are the `cpu` preset (about 20 minutes on 2 CPU cores)."""
+    """One dial per stage; the defaults are the `cpu` preset (17-19 minutes on 2 CPU cores)."""
 
     name: str = "cpu"
     model: str = "tiny"
