@@ -68,10 +68,13 @@ def main() -> None:
     for task, gain in f.get("grpo_gain_points", {}).items():
         p = f["pass@1"][task]
         ctrl = f" (control {100 * p['control']:.1f}%)" if p.get("control") is not None else ""
-        ok = "meets" if gain >= MIN_GRPO_GAIN else "BELOW"
+        # The gain goal is the cpu preset's; smoke's few GRPO steps only prove the stage runs.
+        goal = ""
+        if args.preset == "cpu":
+            goal = f", {'meets' if gain >= MIN_GRPO_GAIN else 'BELOW'} the {MIN_GRPO_GAIN:.0f}-point goal"
         print(
             f"  {task}: held-out pass@1 {100 * p['sft']:.1f}% -> {100 * p['grpo']:.1f}% after GRPO "
-            f"({gain:+.1f} points, {ok} the {MIN_GRPO_GAIN:.0f}-point goal){ctrl}"
+            f"({gain:+.1f} points{goal}){ctrl}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(f, indent=2))
