@@ -175,3 +175,21 @@ def test_save_load_round_trip_is_exact_and_bf16_save(tmp_path):
     assert t["model.layers.0.mlp.gate_proj.weight"].dtype == torch.bfloat16
     assert t["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_building_a_model_leaves_torch_dynamo_unimported():
+    """Constructing on the meta device must not run ops through Python reference kernels, which import
+    torch._dynamo: ~2 s added to every `nanoseek chat/generate/serve` start."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from nanoseek.checkpoint import build_model\n"
+        "from nanoseek.config import get_preset\n"
+        "build_model(get_preset('tiny'))\n"
+        "build_model(get_preset('deepseek-v3'), device='meta')\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -45,8 +45,10 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.dim = config.qk_rope_head_dim
         self.interleave = config.rope_interleave
+        # Computed on the CPU even while build_model constructs on the meta device, where these small
+        # ops would run through Python reference kernels that import torch._dynamo (~2 s a process).
         inv_freq, self.attention_factor = rope_inverse_frequencies(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
         self._cache_len = 0
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
@@ -70,9 +72,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
-    """RoPE inverse frequencies; YaRN blends interpolated and extrapolated ones by a ramp over dims."""
+    """RoPE inverse frequencies (on the CPU: a few dozen numbers); YaRN blends interpolated and
+    extrapolated ones by a ramp over dims."""
     dim, base = config.qk_rope_head_dim, config.rope_theta
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     inv_freq = 1.0 / pos_freqs
     rs = config.rope_scaling
     if not rs:
@@ -97,7 +100,7 @@ def rope_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1 where wavelengths are short: keep the original frequency
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + inv_freq * extrapolate
     return inv_freq, float(attention_factor)

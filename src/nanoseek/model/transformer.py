@@ -80,7 +80,10 @@ class DeepSeekBackbone(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Left uninitialized like every other weight (init_weights or a checkpoint fills it): nn.Embedding's
+        # own normal_ init, run on the meta device by build_model, imports torch._dynamo (~2 s per process).
+        embed = torch.empty(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=embed)
         n = config.num_hidden_layers
         self.layers = nn.ModuleList([DecoderBlock(config, i) for i in range(n)])
         self.mtp_layers = nn.ModuleList(
