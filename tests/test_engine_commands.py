@@ -67,6 +67,16 @@ def test_generate_command_errors(tmp_path):
         args.func(args)
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_bad_sampling_flags_fail_before_loading_or_echoing(tmp_path, capsys, command):
+    # tmp_path holds no checkpoint: reaching the loader would raise FileNotFoundError instead
+    extra = ["--prompt", "the quick"] if command == "generate" else []
+    args = cli_args(command, str(tmp_path), *extra, "--temperature", "-1")
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        args.func(args)
+    assert capsys.readouterr().out == ""
+
+
 def test_chat_command_history_and_commands(checkpoint):
     from nanoseek.commands import chat
 

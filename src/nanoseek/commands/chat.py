@@ -113,6 +113,7 @@ def chat_turn(
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
+    sampling_params(args, [])  # bad flags fail before the model loads
     engine, tok, model = load_for_generation(args)
     stops = [tok.eos_token_id]
     user_id = tok.token_to_id("<｜User｜>")

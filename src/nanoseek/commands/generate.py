@@ -34,7 +34,7 @@ def add_generation_flags(
 def sampling_params(args: argparse.Namespace, stop_token_ids: list[int]) -> Any:
     from nanoseek.engine import SamplingParams
 
-    return SamplingParams(
+    params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -46,6 +46,8 @@ def sampling_params(args: argparse.Namespace, stop_token_ids: list[int]) -> Any:
         seed=args.seed,
         stop_token_ids=stop_token_ids,
     )
+    params.validate()
+    return params
 
 
 def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tuple[Any, Any, Any]:
@@ -90,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    sampling_params(args, [])  # bad flags fail before the model loads and the prompt is echoed
     engine, tok, _ = load_for_generation(args, max_batch_size=args.num_samples)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.chat:
