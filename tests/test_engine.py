@@ -247,6 +247,21 @@ def test_training_state_untouched(model):
         model.eval()
 
 
+def test_generate_holds_eval_mode_for_the_whole_call(model, monkeypatch):
+    # A training model (GRPO's policy) is switched to eval once per call, not around every step:
+    # each switch walks every module.
+    modes = []
+    real_train = type(model).train
+    monkeypatch.setattr(model, "train", lambda mode=True: modes.append(mode) or real_train(model, mode))
+    model.train()
+    try:
+        modes.clear()
+        Engine(model).generate([[1, 2, 3]], max_new_tokens=6)
+        assert modes == [False, True] and model.training
+    finally:
+        model.eval()
+
+
 def test_weight_updates_are_picked_up(model):
     """GRPO keeps one engine across optimizer steps: in-place weight changes must take effect."""
     m = copy.deepcopy(model)

@@ -420,9 +420,6 @@ def grpo(cfg: GRPOConfig) -> Path:
         flat_prompts = [ids for ids in prompts for _ in range(cfg.group_size)]
         # the weights changed since the last rollout: prefix-cache entries computed with old weights are stale
         engine.reset_prefix_cache()
-        # Eval mode once per rollout (Trainer.step turns training back on): left in training mode, the
-        # engine would flip ~100 modules to eval and back around each of its ~40 decode steps.
-        model.eval()
         t0 = time.perf_counter()
         with torch.no_grad():
             outs = engine_generate(
