@@ -8,7 +8,8 @@ the total against the budget, and for `cpu` the GRPO gain and the control.
     python benchmarks/bench_speedrun.py [--preset cpu|smoke] [--out RUN] [--json out.json]
 
 Without --out the run goes to a temporary directory; with it, a finished run is only re-read (the
-speedrun skips finished stages), so the figures of an earlier run can be printed again.
+speedrun skips finished stages), so the figures of an earlier run can be printed again. The preset
+defaults to the one the run recorded in RUN/speedrun.json, else `cpu`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 from nanoseek.report import RunMetrics
-from nanoseek.speedrun import STAGES, run_speedrun
+from nanoseek.speedrun import SETTINGS, STAGES, run_speedrun
 
 BUDGET_S = {"smoke": 3 * 60, "cpu": 20 * 60}
 MIN_GRPO_GAIN = 10.0  # points of held-out pass@1, cpu preset
@@ -46,10 +47,15 @@ def figures(run: Path, preset: str, wall: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="cpu", choices=sorted(BUDGET_S))
+    ap.add_argument(
+        "--preset", default=None, choices=sorted(BUDGET_S), help="default: the run's own, else cpu"
+    )
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
+    if args.preset is None:
+        recorded = Path(args.out or "") / SETTINGS
+        args.preset = json.loads(recorded.read_text())["name"] if args.out and recorded.exists() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.out or Path(tmp) / "run")
         finished_before = (run / "report.md").exists()

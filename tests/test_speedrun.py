@@ -62,3 +62,13 @@ def test_rerun_skips_finished_stages(smoke_run, capsys):
     # nothing new: not even the decode-speed figure is measured again on a finished run
     assert new == [], json.dumps(new)[:500]
     assert sum(r.get("event") == "model" for r in read_metrics(smoke_run, "speedrun")) == 1
+
+
+def test_resuming_with_other_settings_is_refused(smoke_run, capsys):
+    assert json.loads((smoke_run / "speedrun.json").read_text())["name"] == "smoke"
+    before = (smoke_run / "metrics.jsonl").read_bytes()
+    for flags in (["--preset", "cpu"], ["--preset", "smoke", "--seed", "1"]):
+        assert main(["speedrun", *flags, "--out", str(smoke_run), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "started with preset 'smoke'" in err and "choose a new --out" in err, err
+    assert (smoke_run / "metrics.jsonl").read_bytes() == before  # nothing of the refused run was written

@@ -6,8 +6,9 @@ student → evaluation of every stage on held-out problems (English, Japanese, C
 
 Every stage writes RUN/<stage>/ and appends to RUN/metrics.jsonl. A finished stage leaves a
 `RUN/<stage>/.done` marker, so rerunning with the same --out skips it; an interrupted training stage
-resumes from its last checkpoint. RUN/final is the checkpoint to chat with, serve, or load with
-transformers.
+resumes from its last checkpoint. RUN/speedrun.json records the preset's settings; resuming with
+other settings is refused, since it would mix two runs' stages in one report. RUN/final is the
+checkpoint to chat with, serve, or load with transformers.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 from nanoseek.metrics import MetricsLog, read_metrics
 
 DONE = ".done"
+SETTINGS = "speedrun.json"
 
 
 @dataclass
@@ -131,6 +133,24 @@ class Speedrun:
         self.timings: dict[str, float] = {}
 
     # -------------------------------------------------------------- plumbing
+    def _claim_directory(self) -> None:
+        """Record this run's settings, or refuse to resume a run that was started with others."""
+        from nanoseek.checkpoint import atomic_write_text
+
+        path = self.run / SETTINGS
+        mine = json.loads(json.dumps(dataclasses.asdict(self.p)))  # tuples as lists, as stored
+        if not path.exists():
+            atomic_write_text(path, json.dumps(mine, indent=2) + "\n")
+            return
+        stored = json.loads(path.read_text())
+        changed = [k for k in sorted(set(stored) | set(mine)) if stored.get(k) != mine.get(k)]
+        if changed:
+            shown = ", ".join(f"{k} {stored.get(k)!r} -> {mine.get(k)!r}" for k in changed[:4])
+            raise ValueError(
+                f"{self.run} holds a speedrun started with preset {stored.get('name')!r} and other settings "
+                f"({shown}); resume it with the same --preset and flags, or choose a new --out"
+            )
+
     def _done(self, stage: str) -> bool:
         return (self.run / stage / DONE).exists()
 
@@ -393,6 +413,7 @@ class Speedrun:
     # ------------------------------------------------------------------ run
     def __call__(self) -> Path:
         t0 = time.perf_counter()
+        self._claim_directory()
         stages: list[tuple[str, Callable[[], dict[str, Any] | None]]] = [
             ("tokenizer", self.tokenizer),
             ("pretrain", self.pretrain),
