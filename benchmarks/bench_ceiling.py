@@ -24,14 +24,13 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from bench_engine import bench_config as engine_config
-from bench_engine import decode_speed
+from bench_engine import best_of, decode_speed
 from bench_model import Runner, load_transformers, training_flops_per_token
 from bench_model import bench_config as model_config
 from nanoseek.checkpoint import build_model
@@ -42,12 +41,7 @@ from nanoseek.perf import matmul_peak_flops, tune_malloc
 
 def best_seconds(fn, repeats: int = 5) -> float:
     fn()  # warm-up: allocation and BLAS packing buffers
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return best_of(fn, repeats)[0]
 
 
 # ---------------------------------------------------------------- training

@@ -53,9 +53,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
-    if args.preset is None:
-        recorded = Path(args.out or "") / SETTINGS
-        args.preset = json.loads(recorded.read_text())["name"] if args.out and recorded.exists() else "cpu"
+    if args.preset is None:  # a run re-read keeps the preset it was started with
+        recorded = Path(args.out) / SETTINGS if args.out else None
+        args.preset = json.loads(recorded.read_text())["name"] if recorded and recorded.exists() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.out or Path(tmp) / "run")
         finished_before = (run / "report.md").exists()

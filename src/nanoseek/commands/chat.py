@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from typing import Any, TextIO
@@ -113,13 +114,13 @@ def chat_turn(
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
-    sampling_params(args, [])  # bad flags fail before the model loads
+    params = sampling_params(args)  # bad flags fail before the model loads
     engine, tok, model = load_for_generation(args)
     stops = [tok.eos_token_id]
     user_id = tok.token_to_id("<｜User｜>")
     if user_id is not None:
         stops.append(user_id)  # a model that starts the next user turn has finished its own
-    params = sampling_params(args, stops)
+    params = dataclasses.replace(params, stop_token_ids=stops)
     color = not args.no_color and out.isatty()
     system = args.system
     messages: list[dict] = []

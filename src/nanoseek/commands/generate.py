@@ -6,6 +6,7 @@ The generation flags defined here are shared with `nanoseek chat`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,9 @@ def add_generation_flags(
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def sampling_params(args: argparse.Namespace, stop_token_ids: list[int]) -> Any:
+def sampling_params(args: argparse.Namespace, stop_token_ids: list[int] | None = None) -> Any:
+    """The generation flags as validated SamplingParams: built before the model loads, so bad flags
+    fail first; the tokenizer's stop ids are attached later with `dataclasses.replace`."""
     from nanoseek.engine import SamplingParams
 
     params = SamplingParams(
@@ -44,7 +47,7 @@ def sampling_params(args: argparse.Namespace, stop_token_ids: list[int]) -> Any:
         presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty,
         seed=args.seed,
-        stop_token_ids=stop_token_ids,
+        stop_token_ids=stop_token_ids or [],
     )
     params.validate()
     return params
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    sampling_params(args, [])  # bad flags fail before the model loads and the prompt is echoed
+    params = sampling_params(args)  # bad flags fail before the model loads and the prompt is echoed
     engine, tok, _ = load_for_generation(args, max_batch_size=args.num_samples)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.chat:
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         ids = tok.encode(text, add_bos=True)
-    params = sampling_params(args, [tok.eos_token_id])
+    params = dataclasses.replace(params, stop_token_ids=[tok.eos_token_id])
     t0 = time.perf_counter()
     n_tokens = 0
     if args.num_samples == 1:
