@@ -324,3 +324,41 @@ def test_model_balance_loss_and_expert_load_counters():
     model(x)
     assert all(c.sum() == 2 * 2 * 6 * 2 for c in model.take_expert_load().values()), "counts accumulate"
     assert isinstance(model.model.layers[1].mlp, MoE)
+
+
+# ------------------------------------------------------------ packed documents
+def test_document_mask_makes_packed_documents_independent():
+    """A packed row with the document mask gives each document the logits (and MTP logits) it gets
+    alone, positions counted from its BOS: nothing leaks from the document before it."""
+    from nanoseek.model.attention import document_causal_mask, documents_from_bos
+
+    cfg = config(num_nextn_predict_layers=1, bos_token_id=0)
+    model = model_for(cfg)
+    a, b = ids(1, 7, seed=1).clamp_min(1), ids(1, 6, seed=2).clamp_min(1)
+    a[0, 0] = b[0, 0] = 0  # each document opens with BOS
+    row = torch.cat((a, b), dim=1)
+    doc_ids, positions = documents_from_bos(row, 0)
+    assert doc_ids.tolist() == [[1] * 7 + [2] * 6]
+    assert positions.tolist() == [list(range(7)) + list(range(6))]
+    mask = document_causal_mask(doc_ids)
+    with torch.no_grad():
+        packed, hidden = model(row, positions, mask=mask, return_hidden=True)
+        alone_b, hidden_b = model(b, return_hidden=True)
+        torch.testing.assert_close(packed[:, 7:], alone_b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed[:, :7], model(a), atol=1e-5, rtol=1e-5)
+        mtp_packed = model.mtp_logits(hidden, row, positions, mask)[0]
+        mtp_b = model.mtp_logits(hidden_b, b)[0]
+        # depth 0 at the last position of a sees b's first token (BOS) as "the next token": compare b
+        torch.testing.assert_close(mtp_packed[:, 7:], mtp_b, atol=1e-5, rtol=1e-5)
+        # without the mask b's logits depend on a
+        unmasked = model(row)
+        assert (unmasked[:, 7:] - alone_b).abs().max() > 1e-3
+
+
+def test_window_that_starts_inside_a_document():
+    from nanoseek.model.attention import documents_from_bos
+
+    row = torch.tensor([[5, 6, 0, 7, 8, 0, 9]])
+    doc_ids, positions = documents_from_bos(row, 0)
+    assert doc_ids.tolist() == [[0, 0, 1, 1, 1, 2, 2]]
+    assert positions.tolist() == [[0, 1, 0, 1, 2, 0, 1]]

@@ -1,6 +1,7 @@
 """Verifiable tasks: splits never overlap, prompts per language, strict scoring, adapters."""
 
 import json
+import re
 
 import pytest
 
@@ -241,3 +242,25 @@ def test_nanoseek_tasks_reexports():
     import nanoseek.tasks as t
 
     assert t.get_task is get_task and t.Problem is Problem
+
+
+def test_long_multiplication_steps_are_right():
+    """Every line of a multiplication's worked solution is one true fact (a digit times a digit plus a
+    carry, a partial product, a column sum), and the steps end at the answer, in every language."""
+    task = get_task("arithmetic?ops=mul&digits=3")
+    for lang in ("en", "ja", "zh"):
+        for p in task.problems("train", 40, seed=1, language=lang):
+            a, b = p.meta["a"], p.meta["b"]
+            steps = task.steps(p.meta, lang)
+            for m in re.finditer(r"^(\d) × (\d)(?: \+ (\d))? = (\d+)", steps, re.M):
+                x, d, c, v = (int(g or 0) for g in m.groups())
+                assert x * d + c == v, m.group()
+            for m in re.finditer(r"^(\d{2,}) × (\d+) = (\d+)$", steps, re.M):
+                assert int(m[1]) * int(m[2]) == int(m[3]), m.group()
+            partials = [int(m[3]) for m in re.finditer(r"^(\d{2,}) × (\d+) = (\d+)$", steps, re.M)]
+            assert sum(partials) == a * b and len(partials) == len(str(b))
+            assert steps.rstrip("。.").endswith(f"{a} × {b} = {a * b}")
+            assert task.score(p, task.worked_solution(p)) == 1.0
+    one = get_task("arithmetic?ops=mul")  # 2-digit x 1-digit: one partial product, no column sum
+    p = one.problems("train", 1, seed=0, language="en")[0]
+    assert "+ " not in one.steps(p.meta, "en").split("\n")[0] and "ones:" not in one.steps(p.meta, "en")

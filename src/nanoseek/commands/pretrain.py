@@ -62,6 +62,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--balance-alpha", type=float, default=d.balance_alpha, help="α of the sequence-wise balance loss"
     )
     g.add_argument("--mtp-weight", type=float, default=d.mtp_weight, help="λ of the MTP loss (0 = off)")
+    g.add_argument(
+        "--no-document-mask",
+        action="store_true",
+        help="let packed documents attend to the documents before them (default: each only to itself)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--val-every", type=int, default=d.val_every, help="steps between validation (0 = off)")
     g.add_argument("--val-batches", type=int, default=d.val_batches)
@@ -114,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             bias_update_speed=args.bias_update_speed,
             balance_alpha=args.balance_alpha,
             mtp_weight=args.mtp_weight,
+            document_mask=not args.no_document_mask,
             val_every=args.val_every,
             val_batches=args.val_batches,
             checkpoint_every=args.checkpoint_every,

@@ -90,7 +90,7 @@ def resolve_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
 
 
-def _is_embedded(source: Any) -> bool:
+def is_embedded(source: Any) -> bool:
     return source is None or (
         isinstance(source, str) and (source == EMBEDDED or source.startswith(EMBEDDED + ":"))
     )
@@ -246,7 +246,7 @@ class _DocumentStream:
         shuffle_files: bool,
         embedded_split: str = "train",
     ) -> None:
-        self.embedded = _is_embedded(source)
+        self.embedded = is_embedded(source)
         self.embedded_tasks = embedded_tasks(source) if self.embedded else None
         self.embedded_split = embedded_split
         self.files = [] if self.embedded else resolve_files(source)
@@ -334,7 +334,7 @@ class PackedDataset:
             raise ValueError(f"seq_len and batch_size must be positive (got {seq_len}, {batch_size})")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if split == "val" and val_fraction == 0 and not _is_embedded(source):
+        if split == "val" and val_fraction == 0 and not is_embedded(source):
             raise ValueError("split='val' needs val_fraction > 0")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")

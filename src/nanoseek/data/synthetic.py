@@ -15,18 +15,23 @@ Notable:
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from nanoseek.data.tasks import BUILTIN_TASKS, LANGUAGES, BuiltinTask, Problem, get_task
 
 USER, ASSISTANT, EOS = "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"
 
 # Share of each document shape (the rest is the plain problem + worked solution).
-CHAT_FRACTION = 0.35
-SERIES_FRACTION = 0.15
-EXPLAINED_FRACTION = 0.10
-TEXTBOOK_FRACTION = 0.10
+SHAPES: dict[str, float] = {"chat": 0.35, "series": 0.15, "explained": 0.10, "textbook": 0.10, "plain": 0.30}
+# Not in the default mix: a random sequence of numbers and letters written out again ("copy" drills),
+# the setting in which induction heads form fastest (Olsson et al. 2022, "In-context learning and
+# induction heads"); `shapes={..., "copy": w}` mixes them in.
+EXTRA_SHAPES: tuple[str, ...] = ("copy",)
+_COPY_HEADER = {"en": "Copy:", "ja": "写す:", "zh": "抄写:"}
+_COPY_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 HARDER_FRACTION = 0.15  # problems one difficulty level up
 
 EXPLANATIONS: dict[str, dict[str, str]] = {
@@ -93,19 +98,43 @@ def textbook_document(task: BuiltinTask, problem: Problem) -> str:
     return f"{q}: {problem.prompt}\n{s}:\n{task.steps(problem.meta, problem.language)}\n{a}: {problem.answer}"
 
 
+def copy_document(rng: random.Random, language: str) -> str:
+    """A random sequence of 2-digit numbers or letter groups, then the same sequence again."""
+    if rng.random() < 0.5:
+        items = [str(rng.randint(10, 99)) for _ in range(rng.randint(4, 12))]
+    else:
+        items = [
+            "".join(rng.choices(_COPY_ALPHABET[10:], k=rng.randint(1, 4))) for _ in range(rng.randint(4, 10))
+        ]
+    seq = ", ".join(items)
+    return f"{_COPY_HEADER[language]} {seq}\n{seq}"
+
+
 def iter_documents(
     seed: int = 0,
     split: str = "train",
     languages: Sequence[str] = LANGUAGES,
     tasks: Sequence[str] | None = None,
+    shapes: Mapping[str, float] | None = None,
+    harder_fraction: float = HARDER_FRACTION,
 ) -> Iterator[str]:
     """Endless reproducible stream of documents built from ``split`` problems of the built-in families.
 
     ``split="train"`` is what pretraining uses; ``"test"`` exists only to measure a language-model loss
-    on held-out problems and must never be trained on.
+    on held-out problems and must never be trained on. ``shapes`` weighs the document shapes (keys of
+    ``SHAPES``; default ``SHAPES``), ``harder_fraction`` is the share of problems one level harder.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    weights = dict(SHAPES if shapes is None else shapes)
+    known = sorted((*SHAPES, *EXTRA_SHAPES))
+    unknown = sorted(set(weights) - set(known))
+    if unknown or not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
+        raise ValueError(f"shapes must weigh some of {known} with non-negative weights, got {weights}")
+    if not 0.0 <= harder_fraction <= 1.0:
+        raise ValueError(f"harder_fraction must be in [0, 1], got {harder_fraction}")
+    shape_names = list(weights)
+    shape_cum = list(itertools.accumulate(weights[k] for k in shape_names))
     languages = tuple(languages)
     bad = [x for x in languages if x not in LANGUAGES]
     if bad or not languages:
@@ -128,15 +157,17 @@ def iter_documents(
 
     def draw(fam: tuple) -> tuple[BuiltinTask, Problem]:
         base, it, hard, hard_it = fam
-        return (hard, next(hard_it)) if rng.random() < HARDER_FRACTION else (base, next(it))
+        return (hard, next(hard_it)) if rng.random() < harder_fraction else (base, next(it))
 
     while True:
         fam = rng.choice(families)
         task, p = draw(fam)
-        r = rng.random()
-        if r < CHAT_FRACTION:
+        shape = shape_names[bisect.bisect_right(shape_cum, rng.random() * shape_cum[-1])]
+        if shape == "chat":
             yield chat_document(p, task.worked_solution(p))
-        elif r < CHAT_FRACTION + SERIES_FRACTION:
+        elif shape == "copy":
+            yield copy_document(rng, p.language)
+        elif shape == "series":
             # several problems of one family in one language, like a worksheet
             parts = [_SERIES_HEADER[p.language], plain_document(p, task.worked_solution(p))]
             for _ in range(rng.randint(1, 3)):
@@ -145,9 +176,9 @@ def iter_documents(
                     t2, p2 = draw(fam)
                 parts.append(plain_document(p2, t2.worked_solution(p2)))
             yield "\n\n".join(parts)
-        elif r < CHAT_FRACTION + SERIES_FRACTION + EXPLAINED_FRACTION:
+        elif shape == "explained":
             yield f"{EXPLANATIONS[task.family][p.language]}\n\n{plain_document(p, task.worked_solution(p))}"
-        elif r < CHAT_FRACTION + SERIES_FRACTION + EXPLAINED_FRACTION + TEXTBOOK_FRACTION:
+        elif shape == "textbook":
             yield textbook_document(task, p)
         else:
             yield plain_document(p, task.worked_solution(p))

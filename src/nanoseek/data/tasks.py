@@ -462,7 +462,7 @@ class ArithmeticTask(BuiltinTask):
             else:
                 lines = _column_sub(a, b, lang)
         else:
-            lines = _mul_lines(a, b)
+            lines = _mul_lines(a, b, lang)
         return "\n".join([*lines, f"{so} {a} {self.SYMBOL[op]} {b} = {self.answer(d)}{end}"])
 
 
@@ -507,21 +507,44 @@ def _column_sub(a: int, b: int, lang: str) -> list[str]:
     return lines
 
 
-def _mul_lines(a: int, b: int) -> list[str]:
-    # split the multi-digit factor by place value: 47 × 36 = 47 × 30 + 47 × 6
-    if b >= 10:
-        parts = [int(c) * 10**i for i, c in enumerate(reversed(str(b))) if c != "0"][::-1]
-        terms = [f"{a} × {p}" for p in parts]
-        values = [a * p for p in parts]
-    elif a >= 10:
-        parts = [int(c) * 10**i for i, c in enumerate(reversed(str(a))) if c != "0"][::-1]
-        terms = [f"{p} × {b}" for p in parts]
-        values = [p * b for p in parts]
-    else:
+def _mul_by_digit(a: int, d: int, lang: str) -> list[str]:
+    """a × d for one digit d, one line per digit of a from the ones place, carrying the tens."""
+    write = {"en": ", write {w} carry {c}", "ja": "、{w}を書き{c}繰り上がる", "zh": "，写{w}进{c}"}[lang]
+    lines, carry = [], 0
+    da = _digits_rev(a)
+    for i, x in enumerate(da):
+        v = x * d + carry
+        line = f"{x} × {d}" + (f" + {carry}" if carry else "") + f" = {v}"
+        carry = v // 10
+        if carry and i < len(da) - 1:
+            line += write.format(w=v % 10, c=carry)
+        lines.append(line)
+    return lines
+
+
+def _mul_lines(a: int, b: int, lang: str) -> list[str]:
+    """Long multiplication: a times each digit of b (digit by digit, with carries), shifted by its
+    place, then the partial products added column by column. Every line is one table fact plus a
+    carry, so a small model can learn the procedure instead of memorizing products."""
+    if a < 10 and b < 10:
         return [f"{a} × {b} = {a * b}"]
-    if len(values) == 1:
-        return [f"{a} × {b} = {terms[0]} = {values[0]}"]
-    return [f"{a} × {b} = {' + '.join(terms)}", f"= {' + '.join(map(str, values))} = {sum(values)}"]
+    if a < b and b >= 10 and a < 10:  # 7 × 46: multiply the long number by the digit
+        a, b = b, a
+    if b < 10:
+        return _mul_by_digit(a, b, lang)
+    lines, partials = [], []
+    for place, d in enumerate(_digits_rev(b)):
+        shift = 10**place
+        lines.append(f"{a} × {d}:")
+        lines += _mul_by_digit(a, d, lang)
+        lines.append(f"{a} × {d * shift} = {a * d * shift}")
+        partials.append(a * d * shift)
+    total = partials[0]
+    for p in partials[1:]:
+        lines.append(f"{total} + {p}:")
+        lines += _column_add(total, p, lang)
+        total += p
+    return lines
 
 
 class CountdownTask(BuiltinTask):

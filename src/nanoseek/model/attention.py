@@ -125,6 +125,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return out.to(dtype)
 
 
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S, S] bool for packed rows: causal within one document, nothing across documents.
+
+    doc_ids [B, S] says which packed document each token belongs to. Without it a packed row lets
+    every token attend to the unrelated documents before it, which drowns the one lookup a copy
+    needs (the current prompt) in look-alike text from other documents.
+    """
+    s = doc_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)) & causal
+
+
+def documents_from_bos(input_ids: torch.Tensor, bos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(doc_ids, positions) [B, S] of a packed row whose documents each start with BOS; positions
+    restart at 0 on every BOS (a window that starts inside a document counts from its first token)."""
+    is_bos = input_ids == bos_token_id
+    doc_ids = is_bos.long().cumsum(dim=1)
+    idx = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    start = torch.where(is_bos, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return doc_ids, idx - start
+
+
 class LatentCache(Protocol):
     """What the attention needs from a KV cache: store this step's latents, return all visible ones.
 

@@ -210,29 +210,49 @@ class DeepSeekV3(nn.Module):
         return layer(h, cos, sin, cache, mask)
 
     def _mtp_depths(
-        self, hidden: torch.Tensor, input_ids: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Training-time MTP: (k, depth k's block output [B, S-k-1, H]) at positions 0..S-k-2."""
+        """Training-time MTP: (k, depth k's block output [B, S-k-1, H]) at positions 0..S-k-2.
+
+        `positions` [B,S] and `mask` [B,S,S] are the main forward's (packed documents); each depth
+        uses their leading n x n part."""
         h = hidden
         s = input_ids.shape[1]
         for k in range(len(self.model.mtp_layers)):
             n = s - k - 1
             if n <= 0:
                 break
-            positions = self.positions_for(input_ids[:, :n])
-            h = self._mtp_block(k, h[:, :n], input_ids[:, k + 1 : k + 1 + n], positions)
+            pos = self.positions_for(input_ids[:, :n]) if positions is None else positions[:, :n]
+            m = None if mask is None else mask[:, :n, :n]
+            h = self._mtp_block(k, h[:, :n], input_ids[:, k + 1 : k + 1 + n], pos, mask=m)
             yield k, h
 
-    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_logits(
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
         """Training-time MTP: depth k (0-based) gives logits [B, S-k-1, V] at positions 0..S-k-2,
         predicting input_ids[:, i+k+2]; i.e. target the labels shifted k+1 further than the main head."""
         return [
             self.lm_head(self.model.mtp_layers[k].shared_head.norm(h))
-            for k, h in self._mtp_depths(hidden, input_ids)
+            for k, h in self._mtp_depths(hidden, input_ids, positions, mask)
         ]
 
     def mtp_losses(
-        self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        ignore_index: int = -100,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """The cross-entropy of each MTP depth, fused with the head like `forward(labels=...)`.
 
@@ -245,7 +265,7 @@ class DeepSeekV3(nn.Module):
                 labels[:, k + 1 : k + 1 + h.shape[1]],
                 ignore_index,
             )
-            for k, h in self._mtp_depths(hidden, input_ids)
+            for k, h in self._mtp_depths(hidden, input_ids, positions, mask)
         ]
 
     # ------------------------------------------------------------- balancing

@@ -136,18 +136,30 @@ def language_model_loss(
     targets: torch.Tensor,
     mtp_weight: float = 0.0,
     ignore_index: int = -100,
+    document_mask: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Next-token cross-entropy + λ·MTP loss + the routers' sequence-wise balance loss.
 
     targets[:, i] is the token after input_ids[:, i] (ignore_index masks a position). MTP depth k
     predicts the token k+1 further on, so its targets are targets shifted by k+1 (V3 eq. 24-25:
-    L_MTP = λ/D Σ_k L_k).
+    L_MTP = λ/D Σ_k L_k). With `document_mask`, a packed row's documents (each opened by the model's
+    BOS) attend only within themselves and count positions from their own start, as they will when
+    they are prompts; V3 §3.4 packs the same way ("document packing", no cross-sample mask there, but
+    its documents are long and unrelated, ours are short and look alike).
     """
-    lm, hidden = model(input_ids, return_hidden=True, labels=targets, ignore_index=ignore_index)
+    positions = mask = None
+    if document_mask:
+        from nanoseek.model.attention import document_causal_mask, documents_from_bos
+
+        doc_ids, positions = documents_from_bos(input_ids, model.config.bos_token_id)
+        mask = document_causal_mask(doc_ids)
+    lm, hidden = model(
+        input_ids, positions, mask=mask, return_hidden=True, labels=targets, ignore_index=ignore_index
+    )
     loss = lm
     metrics: dict[str, Any] = {"lm_loss": lm.detach(), "tokens": input_ids.numel()}
     if mtp_weight > 0:
-        per_depth = model.mtp_losses(hidden, input_ids, targets, ignore_index)
+        per_depth = model.mtp_losses(hidden, input_ids, targets, ignore_index, positions, mask)
         if per_depth:
             mtp_loss = torch.stack(per_depth).mean()
             # A batch whose shifted targets are all masked gives NaN: it has nothing to learn.
@@ -483,7 +495,7 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64)
         for _ in range(num_batches):
-            with self.autocast():
+            with torch.no_grad(), self.autocast():
                 loss, m = loss_fn()
             value = _scalar(m.get("lm_loss", loss))
             total[0] += float(value)

@@ -52,6 +52,11 @@ class PretrainConfig:
     bias_update_speed: float = 0.001  # γ (V3 §2.1.2)
     balance_alpha: float = 0.0001  # α (V3 §4.2)
     mtp_weight: float = 0.3  # λ (V3 §4.2)
+    # Each packed document attends only to itself, positions counted from its BOS (Llama 3 §3.1.1
+    # does the same); without it short look-alike documents drown the prompt a copy must look back at.
+    document_mask: bool = True
+    # held-out problems per task family for the copy probe at each validation (embedded corpus only)
+    probe_problems: int = 16
     val_every: int = 100
     val_batches: int = 8
     val_fraction: float = 0.01
@@ -130,6 +135,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from nanoseek.checkpoint import build_model
     from nanoseek.config import resolve_config
     from nanoseek.data.corpus import PackedDataset
+    from nanoseek.probe import KINDS
     from nanoseek.train.distributed import destroy_distributed, init_distributed
     from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
 
@@ -224,15 +230,30 @@ def pretrain(cfg: PretrainConfig) -> Path:
     def loss_fn() -> tuple[torch.Tensor, dict[str, Any]]:
         x, y = next(batches)
         return language_model_loss(
-            trainer.model, x.to(dist.device), y.to(dist.device), mtp_weight=cfg.mtp_weight
+            trainer.model,
+            x.to(dist.device),
+            y.to(dist.device),
+            mtp_weight=cfg.mtp_weight,
+            document_mask=cfg.document_mask,
         )
+
+    probe = _probe(cfg, tok) if dist.is_main else []
 
     def validate() -> float:
         it = iter(val_set)
-        return trainer.validate(
-            lambda: language_model_loss(trainer.model, *(t.to(dist.device) for t in next(it))),
+        loss = trainer.validate(
+            lambda: language_model_loss(
+                trainer.model, *(t.to(dist.device) for t in next(it)), document_mask=cfg.document_mask
+            ),
             len(val_set),
         )
+        if probe:
+            from nanoseek.probe import probe_losses
+
+            with trainer.autocast():
+                losses = probe_losses(model, probe)
+            trainer.log(trainer.global_step, **{f"probe_{k}_loss": losses[k] for k in KINDS if k in losses})
+        return loss
 
     t0 = time.perf_counter()
     start_step, start_tokens = trainer.global_step, trainer.tokens_seen
@@ -275,6 +296,19 @@ def pretrain(cfg: PretrainConfig) -> Path:
         )
     destroy_distributed()
     return path
+
+
+def _probe(cfg: PretrainConfig, tok: Any) -> list:
+    """Held-out worked problems of the embedded corpus's families, scored by kind of token
+    (`nanoseek.probe`); none for other corpora, whose documents are not built from tasks."""
+    from nanoseek.data.corpus import embedded_tasks, is_embedded
+    from nanoseek.data.tasks import BUILTIN_TASKS
+    from nanoseek.probe import probe_documents
+
+    if not cfg.probe_problems or not is_embedded(cfg.data):
+        return []
+    tasks = embedded_tasks(cfg.data) or list(BUILTIN_TASKS)
+    return probe_documents(tok, tasks, cfg.probe_problems, seed=cfg.seed)
 
 
 def _validation_batches(cfg: PretrainConfig, tok: Any, data_kw: dict[str, Any], per_rank: int) -> list:

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nanoseek.model.attention import document_causal_mask
+
 IGNORE = -100
 
 
@@ -121,10 +123,7 @@ class PackedBatch:
 
     def attention_mask(self) -> torch.Tensor:
         """[B, S, S] bool: causal within one example, nothing across examples."""
-        s = self.input_ids.shape[1]
-        causal = torch.ones(s, s, dtype=torch.bool, device=self.input_ids.device).tril()
-        same = self.doc_ids.unsqueeze(2) == self.doc_ids.unsqueeze(1)
-        return same & causal
+        return document_causal_mask(self.doc_ids)
 
     @property
     def num_target_tokens(self) -> int:

@@ -1,0 +1,419 @@
+"""What makes a small DeepSeek-style model learn fast on a CPU: controlled pretraining experiments.
+
+    python benchmarks/bench_learning.py --list                       # the variants and what each changes
+    python benchmarks/bench_learning.py baseline recipe --steps 300  # two variants, 300 steps each
+    python benchmarks/bench_learning.py recipe --seeds 0 1 2 --json out.json
+
+Every variant trains from the same seed on the same kind of data with nanoseek's own trainer
+(`nanoseek.train.loop.Trainer`: AdamW, schedule, precision, aux-loss-free balancing, MTP loss) and
+differs from the `base` settings in the fields it names, nothing else. Every `--eval-every` steps it
+records, on held-out problems (`nanoseek.probe`):
+- the loss on the response's *copied* tokens (digits of numbers the document already wrote: what a
+  model that cannot look back at its prompt never learns), on the other digits, on the template text
+  and on the final answer;
+- greedy accuracy on held-out prompts of each task family, scored by the task's verifier;
+- the training wall time so far (evaluation excluded) and the tokens seen.
+The summary gives tokens-to-copy and seconds-to-copy: the first evaluation at which the copied-token
+loss is at or below `--copy-threshold` (0.1 nats, the `cpu` preset's goal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+FAMILIES = (
+    "arithmetic?ops=add",
+    "arithmetic?ops=sub",
+    "arithmetic?ops=mul&digits=3",
+    "comparison",
+    "sorting",
+    "counting",
+    "linear_equation",
+)
+
+
+@dataclass
+class Variant:
+    """One experiment's settings; each named variant changes a few of these from `base`."""
+
+    name: str = "base"
+    about: str = ""
+    # data
+    tasks: tuple[str, ...] = FAMILIES
+    languages: tuple[str, ...] = ("en", "ja", "zh")
+    shapes: dict[str, float] | None = None  # None: nanoseek.data.synthetic.SHAPES
+    harder_fraction: float = 0.15
+    vocab_size: int = 4096
+    # model
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides
+    init_std: float | None = None  # None: the preset's initializer_range
+    fan_in_init: bool = False  # every matrix N(0, 1/fan_in) (output projections / sqrt(2 layers))
+    # training
+    document_mask: bool = False
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    mtp_weight: float = 0.3
+    bias_update_speed: float = 0.01
+    precision: str = "auto"
+
+
+def _v(name: str, about: str, **changes: Any) -> Variant:
+    return replace(Variant(), name=name, about=about, **changes)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        _v("baseline", "the old cpu preset's settings: init std 0.02, packed rows attend across documents"),
+        _v(
+            "docmask", "attention (and RoPE positions) restricted to each packed document", document_mask=True
+        ),
+        _v("init0625", "weights N(0, 0.0625 = 1/sqrt(hidden)) instead of 0.02", init_std=0.0625),
+        _v("recipe", "init 1/sqrt(hidden) + document mask", init_std=0.0625, document_mask=True),
+        _v(
+            "recipe-fanin",
+            "document mask + every matrix N(0, 1/fan_in)",
+            fan_in_init=True,
+            document_mask=True,
+        ),
+        _v("recipe-init04", "init 0.04 + document mask", init_std=0.04, document_mask=True),
+        _v("recipe-init09", "init 0.09 + document mask", init_std=0.09, document_mask=True),
+        _v(
+            "recipe-chat",
+            "recipe, documents only in the chat shape (what is evaluated)",
+            init_std=0.0625,
+            document_mask=True,
+            shapes={"chat": 1.0},
+        ),
+        _v(
+            "recipe-copy",
+            "recipe + 15% copy drills (random sequences written twice)",
+            init_std=0.0625,
+            document_mask=True,
+            shapes={
+                "chat": 0.35,
+                "series": 0.15,
+                "explained": 0.10,
+                "textbook": 0.10,
+                "plain": 0.30,
+                "copy": 0.15,
+            },
+        ),
+        _v(
+            "recipe-chatcopy",
+            "recipe, chat documents + 15% copy drills",
+            init_std=0.0625,
+            document_mask=True,
+            shapes={"chat": 0.85, "copy": 0.15},
+        ),
+        _v(
+            "recipe-en",
+            "recipe, English only",
+            init_std=0.0625,
+            document_mask=True,
+            languages=("en",),
+        ),
+        _v("recipe-v1024", "recipe, vocabulary 1024", init_std=0.0625, document_mask=True, vocab_size=1024),
+        _v("recipe-v2048", "recipe, vocabulary 2048", init_std=0.0625, document_mask=True, vocab_size=2048),
+        _v(
+            "recipe-nomtp", "recipe without the MTP loss", init_std=0.0625, document_mask=True, mtp_weight=0.0
+        ),
+        _v("recipe-lr1e3", "recipe at lr 1e-3", init_std=0.0625, document_mask=True, lr=1e-3),
+        _v("recipe-lr6e3", "recipe at lr 6e-3", init_std=0.0625, document_mask=True, lr=6e-3),
+        _v("recipe-fp32", "recipe in fp32", init_std=0.0625, document_mask=True, precision="fp32"),
+        _v("recipe-bf16", "recipe in bf16 autocast", init_std=0.0625, document_mask=True, precision="bf16"),
+        _v(
+            "recipe-dense",
+            "recipe on a dense model of the same active size (no routed experts)",
+            init_std=0.0625,
+            document_mask=True,
+            model={
+                "n_routed_experts": 0,
+                "n_shared_experts": 0,
+                "num_experts_per_tok": 0,
+                "n_group": 1,
+                "topk_group": 1,
+                "first_k_dense_replace": 4,
+                "intermediate_size": 640,
+            },
+        ),
+    ]
+}
+
+
+# ------------------------------------------------------------------------------------------- runs
+def _documents(v: Variant, seed: int) -> Any:
+    from nanoseek.data.synthetic import iter_documents
+
+    return iter_documents(
+        seed=seed,
+        split="train",
+        languages=v.languages,
+        tasks=v.tasks,
+        shapes=v.shapes,
+        harder_fraction=v.harder_fraction,
+    )
+
+
+def _corpus(v: Variant, seed: int, cache: Path) -> tuple[Path, Path]:
+    """(jsonl of training documents, tokenizer dir) for the variant's data settings, cached by them."""
+    import nanoseek.data.synthetic
+    import nanoseek.data.tasks
+    from nanoseek.tokenizer import load_tokenizer, train_tokenizer
+
+    # the generators' source is part of the key: a changed worked-solution format is a new corpus
+    code = "".join(Path(m.__file__).read_text() for m in (nanoseek.data.synthetic, nanoseek.data.tasks))
+    key = json.dumps([v.tasks, v.languages, v.shapes, v.harder_fraction, seed, code], sort_keys=True)
+    tag = hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
+    data = cache / f"docs-{tag}.jsonl"
+    if not data.exists():
+        # enough documents for the longest run; PackedDataset repeats the file if a run outgrows it
+        docs = islice(_documents(v, seed), 120_000)
+        tmp = data.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            for d in docs:
+                f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+        tmp.rename(data)
+    tok_dir = cache / f"tok-{tag}-{v.vocab_size}"
+    if not (tok_dir / "tokenizer.json").exists():
+        tok = train_tokenizer(list(islice(_documents(v, seed), 20_000)), vocab_size=v.vocab_size)
+        tok.save(tok_dir)
+    load_tokenizer(tok_dir)
+    return data, tok_dir
+
+
+def run_variant(
+    v: Variant,
+    seed: int,
+    eval_every: int,
+    probe_n: int,
+    acc_n: int,
+    cache: Path,
+    max_new_tokens: int,
+    acc_every: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    import torch
+
+    from nanoseek.checkpoint import build_model
+    from nanoseek.config import resolve_config
+    from nanoseek.data.corpus import PackedDataset
+    from nanoseek.probe import greedy_accuracy, probe_documents, probe_losses
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
+    from nanoseek.train.pretrain import resolve_precision
+
+    data, tok_dir = _corpus(v, seed, cache)
+    tok = load_tokenizer(tok_dir)
+    config = resolve_config(v.preset).replace(
+        vocab_size=tok.vocab_size,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **v.model,
+    )
+    if v.init_std is not None:
+        config.extra["initializer_range"] = v.init_std
+    precision = resolve_precision(v.precision, torch.device("cpu"))
+    torch.manual_seed(seed)
+    model = build_model(config).init_weights(seed)
+    if v.fan_in_init:
+        _fan_in_init(model, seed)
+    with tempfile.TemporaryDirectory() as run:
+        trainer = Trainer(
+            model,
+            run,
+            "pretrain",
+            OptimConfig(lr=v.lr, weight_decay=v.weight_decay, warmup_steps=min(v.warmup_steps, v.steps // 2)),
+            total_steps=v.steps,
+            precision=precision,
+            bias_update_speed=v.bias_update_speed,
+            progress=False,
+            seq_len=v.seq_len,
+        )
+        batches = iter(
+            PackedDataset(str(data), tok, v.seq_len, v.batch_size, split="train", val_fraction=0.0, seed=seed)
+        )
+        probe = probe_documents(tok, v.tasks, probe_n, seed=seed)
+        curve: list[dict[str, Any]] = []
+        train_s = 0.0
+
+        def evaluate(step: int) -> None:
+            with trainer.autocast():
+                losses = probe_losses(model, probe)
+            acc = {}
+            if acc_n and (step == v.steps or (acc_every and step % acc_every == 0)):
+                acc = greedy_accuracy(model, tok, v.tasks, acc_n, max_new_tokens=max_new_tokens)
+            row = {
+                "step": step,
+                "tokens": step * v.batch_size * v.seq_len,
+                "train_s": round(train_s, 1),
+                **{k: round(losses[k], 4) for k in ("copy", "digit", "text", "answer") if k in losses},
+                "per_task_loss": {k: round(x, 3) for k, x in losses.items() if "/" in k},
+                "accuracy": {k: round(a, 3) for k, a in acc.items()},
+                "mean_accuracy": round(sum(acc.values()) / len(acc), 3) if acc else None,
+            }
+            curve.append(row)
+            if progress:
+                accs = " ".join(f"{k.split('?')[0][:6]}:{a:.2f}" for k, a in acc.items())
+                print(
+                    f"  {v.name} step {step:5d} {train_s:6.0f}s copy {row['copy']:.3f} digit "
+                    f"{row['digit']:.3f} text {row['text']:.3f} answer {row['answer']:.3f} | {accs}",
+                    flush=True,
+                )
+
+        last: dict[str, Any] = {}
+        while trainer.global_step < v.steps:
+            t0 = time.perf_counter()
+            last = trainer.step(
+                lambda: language_model_loss(
+                    trainer.model, *next(batches), mtp_weight=v.mtp_weight, document_mask=v.document_mask
+                )
+            )
+            train_s += time.perf_counter() - t0
+            if trainer.global_step % eval_every == 0 or trainer.global_step == v.steps:
+                evaluate(trainer.global_step)
+        trainer.close()
+    return {
+        "variant": asdict(v),
+        "seed": seed,
+        "precision": precision,
+        "params": model.num_parameters(include_mtp=True),
+        "final_train_loss": last.get("lm_loss", last.get("loss")),
+        "curve": curve,
+    }
+
+
+def _fan_in_init(model: Any, seed: int) -> None:
+    import torch
+
+    from nanoseek.model.moe import RoutedExperts
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    depth = (2 * model.config.num_hidden_layers) ** -0.5
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            ws = []
+            if isinstance(m, torch.nn.Linear):
+                ws = [(m.weight, m.weight.shape[1], name.endswith(("o_proj", "down_proj")))]
+            elif isinstance(m, RoutedExperts):
+                ws = [
+                    (m.gate_up_proj, m.gate_up_proj.shape[2], False),
+                    (m.down_proj, m.down_proj.shape[2], True),
+                ]
+            for w, fan_in, out in ws:
+                std = fan_in**-0.5 * (depth if out else 1.0)
+                w.copy_(torch.randn(w.shape, generator=gen) * std)
+
+
+def summarize(result: dict[str, Any], threshold: float) -> dict[str, Any]:
+    curve = result["curve"]
+    hit = next((r for r in curve if r.get("copy", 9e9) <= threshold), None)
+    end = curve[-1]
+    return {
+        "variant": result["variant"]["name"],
+        "seed": result["seed"],
+        "copy": end.get("copy"),
+        "digit": end.get("digit"),
+        "text": end.get("text"),
+        "answer": end.get("answer"),
+        "tokens_to_copy": hit["tokens"] if hit else None,
+        "seconds_to_copy": hit["train_s"] if hit else None,
+        "train_s": end["train_s"],
+        "mean_accuracy": end.get("mean_accuracy"),
+        "accuracy": end.get("accuracy"),
+    }
+
+
+def cpu_description() -> str:
+    from nanoseek.train.pretrain import cpu_has_bf16
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}; native bf16: {'yes' if cpu_has_bf16() else 'no (fp32 is the fast path)'}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="*", default=["baseline", "recipe"])
+    ap.add_argument("--list", action="store_true", help="list the variants and exit")
+    ap.add_argument("--steps", type=int, default=None, help="override every variant's step count")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--probe-n", type=int, default=24, help="held-out documents per task for the loss probe")
+    ap.add_argument("--acc-n", type=int, default=24, help="held-out prompts per task for greedy accuracy")
+    ap.add_argument("--acc-every", type=int, default=0, help="greedy accuracy every N steps (0: at the end)")
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--copy-threshold", type=float, default=0.1)
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "nanoseek-bench-learning"))
+    ap.add_argument("--json", default=None, help="write every curve and the summary here")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.list:
+        for v in VARIANTS.values():
+            print(f"{v.name:16s} {v.about}")
+        return 0
+    unknown = [n for n in args.variants if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; see --list")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    print(f"cpu: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    results, rows = [], []
+    for name in args.variants:
+        v = VARIANTS[name]
+        if args.steps:
+            v = replace(v, steps=args.steps)
+        for seed in args.seeds:
+            print(f"{name} (seed {seed}): {v.about}", flush=True)
+            r = run_variant(
+                v, seed, args.eval_every, args.probe_n, args.acc_n, cache, args.max_new_tokens, args.acc_every
+            )
+            results.append(r)
+            rows.append(summarize(r, args.copy_threshold))
+            if args.json:
+                Path(args.json).write_text(json.dumps({"results": results, "summary": rows}, indent=1))
+    print()
+    print(
+        f"{'variant':16s} {'seed':>4s} {'copy':>6s} {'digit':>6s} {'text':>6s} {'answer':>6s} "
+        f"{'tok→copy':>9s} {'s→copy':>7s} {'train s':>7s} {'greedy acc':>10s}"
+    )
+    for r in rows:
+        ttc = f"{r['tokens_to_copy'] / 1e6:.2f}M" if r["tokens_to_copy"] else "-"
+        stc = f"{r['seconds_to_copy']:.0f}" if r["seconds_to_copy"] else "-"
+        acc = f"{r['mean_accuracy']:.1%}" if r["mean_accuracy"] is not None else "-"
+        print(
+            f"{r['variant']:16s} {r['seed']:4d} {r['copy']:6.3f} {r['digit']:6.3f} {r['text']:6.3f} "
+            f"{r['answer']:6.3f} {ttc:>9s} {stc:>7s} {r['train_s']:7.0f} {acc:>10s}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    raise SystemExit(main())

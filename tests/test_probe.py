@@ -1,0 +1,86 @@
+"""The learning probe: which response tokens count as copies, and losses that track what a model knows."""
+
+from __future__ import annotations
+
+import torch
+
+from nanoseek.probe import probe_documents, probe_losses, response_char_kinds
+
+
+def test_copy_digit_text_kinds():
+    text = "Which is larger, 47 or 29?|Compare the tens: 4 > 2\nSo 47 is larger.\n</think>\n47"
+    start = text.index("|") + 1
+    kinds = response_char_kinds(text, start)
+    assert kinds[:start] == [None] * start
+
+    def kind_of(sub: str, nth: int = 0) -> set:
+        i = -1
+        for _ in range(nth + 1):
+            i = text.index(sub, i + 1)
+        return set(kinds[i : i + len(sub)])
+
+    assert kind_of("4", 1) == {"digit"}  # one digit is never a copy: it coincides too easily
+    assert kind_of("47", 1) == {"copy"} and kind_of("47", 2) == {"copy"}
+    assert kind_of("Compare") == {"text"}
+    # a number first written in the response is computed, its repetition is a copy
+    text2 = "What is 3 + 9?|ones: 3 + 9 = 12\nSo 12"
+    k2 = response_char_kinds(text2, text2.index("|") + 1)
+    first, second = text2.index("12"), text2.rindex("12")
+    assert set(k2[first : first + 2]) == {"digit"} and set(k2[second : second + 2]) == {"copy"}
+
+
+class _Tok:
+    """A character-level tokenizer with the backend interface the probe reads (ids and offsets)."""
+
+    bos_token_id = 0
+
+    def __init__(self) -> None:
+        self.backend = self
+
+    def encode(self, text: str, add_special_tokens: bool = False):
+        class Enc:
+            ids = [min(ord(c), 255) + 1 for c in text]
+            offsets = [(i, i + 1) for i in range(len(text))]
+
+        return Enc()
+
+
+def test_probe_documents_mark_only_the_response():
+    docs = probe_documents(_Tok(), ["comparison", "arithmetic?ops=add"], 3)
+    assert len(docs) == 6 and {d.task for d in docs} == {"comparison", "arithmetic?ops=add"}
+    for d in docs:
+        assert len(d.ids) == len(d.kinds) == len(d.answer)
+        assert d.kinds[0] is None and d.kinds[1] is None  # BOS and the prompt are not scored
+        assert "copy" in d.kinds and "text" in d.kinds
+        assert any(d.answer) and d.answer[-1]  # the tail is the final answer
+
+
+def test_probe_losses_per_kind_and_task():
+    """A model that predicts every next character perfectly scores ~0; a uniform one ln(vocab)."""
+    docs = probe_documents(_Tok(), ["comparison"], 2)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, docs, vocab=257) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.docs, self.vocab = docs, vocab
+            self.config = type("C", (), {"pad_token_id": 0})()
+
+        def forward(self, ids):
+            out = torch.zeros(*ids.shape, self.vocab)
+            for r, row in enumerate(ids.tolist()):
+                d = next(d for d in self.docs if row[: len(d.ids) - 1] == d.ids[:-1])
+                for t in range(len(d.ids) - 1):
+                    out[r, t, d.ids[t + 1]] = 50.0
+            return out
+
+    losses = probe_losses(Oracle(docs), docs)
+    assert set(losses) >= {"copy", "digit", "text", "answer", "comparison/copy"}
+    assert max(losses.values()) < 1e-3
+
+    class Uniform(Oracle):
+        def forward(self, ids):
+            return torch.zeros(*ids.shape, self.vocab)
+
+    uniform = probe_losses(Uniform(docs), docs)
+    assert abs(uniform["copy"] - torch.log(torch.tensor(257.0)).item()) < 1e-4
