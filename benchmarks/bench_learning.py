@@ -61,6 +61,8 @@ class Variant:
     fan_in_init: bool = False  # every matrix N(0, 1/fan_in) (output projections / sqrt(2 layers))
     # training
     document_mask: bool = False
+    whole_documents: bool = False
+    response_loss_only: bool = False  # no loss on chat prompts (random numbers nothing can predict)
     steps: int = 300
     batch_size: int = 8
     seq_len: int = 256
@@ -101,6 +103,113 @@ VARIANTS: dict[str, Variant] = {
             shapes={"chat": 1.0},
         ),
         _v(
+            "recipe-whole",
+            "recipe, whole documents per window (padded) instead of contiguous cuts",
+            init_std=0.0625,
+            document_mask=True,
+            whole_documents=True,
+        ),
+        _v(
+            "lean",
+            "recipe + whole documents, chat documents only, vocabulary 1024, no MTP loss (cheaper steps)",
+            init_std=0.0625,
+            document_mask=True,
+            whole_documents=True,
+            shapes={"chat": 1.0},
+            vocab_size=1024,
+            mtp_weight=0.0,
+        ),
+        _v(
+            "lean-mtp",
+            "lean with the MTP loss",
+            init_std=0.0625,
+            document_mask=True,
+            whole_documents=True,
+            shapes={"chat": 1.0},
+            vocab_size=1024,
+        ),
+        _v(
+            "lean-lr6e3",
+            "lean at lr 6e-3",
+            init_std=0.0625,
+            document_mask=True,
+            whole_documents=True,
+            shapes={"chat": 1.0},
+            vocab_size=1024,
+            mtp_weight=0.0,
+            lr=6e-3,
+        ),
+        _v(
+            "lean-respond",
+            "lean with no loss on the prompts",
+            init_std=0.0625,
+            document_mask=True,
+            whole_documents=True,
+            shapes={"chat": 1.0},
+            vocab_size=1024,
+            mtp_weight=0.0,
+            response_loss_only=True,
+        ),
+        _v(
+            "lean-easy",
+            "lean without the one-level-harder problems",
+            init_std=0.0625,
+            document_mask=True,
+            whole_documents=True,
+            shapes={"chat": 1.0},
+            vocab_size=1024,
+            mtp_weight=0.0,
+            harder_fraction=0.0,
+        ),
+        _v(
+            "lean-h128",
+            "lean on a narrower model: hidden 128, 8 experts of 64, latent ranks halved",
+            init_std=128**-0.5,
+            document_mask=True,
+            whole_documents=True,
+            shapes={"chat": 1.0},
+            vocab_size=1024,
+            mtp_weight=0.0,
+            model={
+                "hidden_size": 128,
+                "intermediate_size": 384,
+                "moe_intermediate_size": 64,
+                "q_lora_rank": 64,
+                "kv_lora_rank": 32,
+                "qk_nope_head_dim": 24,
+                "qk_rope_head_dim": 8,
+                "v_head_dim": 24,
+                "n_routed_experts": 8,
+                "num_experts_per_tok": 2,
+                "n_group": 2,
+                "topk_group": 1,
+            },
+        ),
+        _v(
+            "lean-h192",
+            "lean on hidden 192, 12 experts of 96",
+            init_std=192**-0.5,
+            document_mask=True,
+            whole_documents=True,
+            shapes={"chat": 1.0},
+            vocab_size=1024,
+            mtp_weight=0.0,
+            model={
+                "hidden_size": 192,
+                "intermediate_size": 576,
+                "moe_intermediate_size": 96,
+                "q_lora_rank": 96,
+                "kv_lora_rank": 48,
+                "qk_nope_head_dim": 32,
+                "qk_rope_head_dim": 16,
+                "v_head_dim": 32,
+                "n_routed_experts": 12,
+                "num_experts_per_tok": 3,
+                "n_group": 3,
+                "topk_group": 2,
+            },
+        ),
+        _v(
             "recipe-copy",
             "recipe + 15% copy drills (random sequences written twice)",
             init_std=0.0625,
@@ -120,6 +229,13 @@ VARIANTS: dict[str, Variant] = {
             init_std=0.0625,
             document_mask=True,
             shapes={"chat": 0.85, "copy": 0.15},
+        ),
+        _v(
+            "recipe-comparison",
+            "recipe on comparison problems only (the old cpu preset's corpus)",
+            init_std=0.0625,
+            document_mask=True,
+            tasks=("comparison",),
         ),
         _v(
             "recipe-en",
@@ -247,7 +363,16 @@ def run_variant(
             seq_len=v.seq_len,
         )
         batches = iter(
-            PackedDataset(str(data), tok, v.seq_len, v.batch_size, split="train", val_fraction=0.0, seed=seed)
+            PackedDataset(
+                str(data),
+                tok,
+                v.seq_len,
+                v.batch_size,
+                split="train",
+                val_fraction=0.0,
+                seed=seed,
+                whole_documents=v.whole_documents,
+            )
         )
         probe = probe_documents(tok, v.tasks, probe_n, seed=seed)
         curve: list[dict[str, Any]] = []
@@ -278,11 +403,24 @@ def run_variant(
                 )
 
         last: dict[str, Any] = {}
+        assistant = tok.token_to_id("<｜Assistant｜>")
+
+        def batch() -> tuple[Any, Any]:
+            x, y = next(batches)
+            if v.response_loss_only:
+                idx = torch.arange(x.shape[1]).expand_as(x)
+                last_bos = torch.where(x == tok.bos_token_id, idx, -1).cummax(1).values
+                last_asst = torch.where(x == assistant, idx, -1).cummax(1).values
+                # the target of position i is token i+1: ignore it while i is still inside a prompt
+                in_prompt = (last_bos > last_asst) & (y != assistant)
+                y = y.masked_fill(in_prompt, -100)
+            return x, y
+
         while trainer.global_step < v.steps:
             t0 = time.perf_counter()
             last = trainer.step(
                 lambda: language_model_loss(
-                    trainer.model, *next(batches), mtp_weight=v.mtp_weight, document_mask=v.document_mask
+                    trainer.model, *batch(), mtp_weight=v.mtp_weight, document_mask=v.document_mask
                 )
             )
             train_s += time.perf_counter() - t0

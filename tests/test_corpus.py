@@ -289,3 +289,45 @@ def test_embedded_corpus_of_chosen_families(tok: Tokenizer) -> None:
         list(itertools.islice(iter_documents("embedded:"), 1))
     with pytest.raises(ValueError, match="unknown task"):
         list(itertools.islice(iter_documents("embedded:nonsense"), 1))
+
+
+def test_whole_document_packing(corpus: tuple[Path, list[str]], tok: Tokenizer) -> None:
+    """Each document lands whole in one window (unless longer than a window), every token exactly once,
+    the rest of a window padded with nothing to predict; resume stays exact."""
+    root, _ = corpus
+    seq = 48
+    ds = PackedDataset(
+        root, tok, seq, 1, val_fraction=0.0, shuffle=False, repeat=False, whole_documents=True, lookahead=8
+    )
+    bos, pad = tok.bos_token_id, tok.pad_token_id
+    pieces: list[tuple[int, ...]] = []
+    for x, y in ds:
+        x, y = x[0].tolist(), y[0].tolist()
+        n = sum(t != -100 for t in y)  # real tokens: n + 1, then padding
+        assert all(t != -100 for t in y[:n]) and all(t == pad for t in x[n + 1 :])
+        real = x[: n + 1] if n < seq else x + [y[-1]]
+        starts = [i for i, t in enumerate(real) if t == bos] or [0]
+        if starts[0] != 0:
+            starts.insert(0, 0)  # the rest of a document longer than a window
+        pieces += [tuple(real[a:b]) for a, b in zip(starts, [*starts[1:], len(real)], strict=True)]
+    encoded = [(bos, *ids) for ids in tok.encode_batch(list(iter_documents(root)))]
+    short = [e for e in encoded if len(e) <= seq + 1]
+    assert sorted(p for p in pieces if p[0] == bos and len(p) <= seq + 1 and p in set(short)) == sorted(short)
+    assert sum(map(len, pieces)) == sum(map(len, encoded))  # nothing dropped, nothing repeated
+    # only documents longer than a window are cut, each into as few pieces as possible
+    assert len(pieces) == sum(-(-len(e) // (seq + 1)) for e in encoded)
+
+    def make() -> PackedDataset:
+        return PackedDataset(
+            root, tok, 24, 4, seed=7, shuffle_buffer=16, val_fraction=0.05, whole_documents=True, lookahead=6
+        )
+
+    reference = list(itertools.islice(make(), 20))
+    partial = make()
+    it = iter(partial)
+    for _ in range(8):
+        next(it)
+    resumed = make()
+    resumed.load_state_dict(partial.state_dict())
+    for (x, y), (rx, ry) in zip(reference[8:], itertools.islice(resumed, 12), strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)

@@ -106,3 +106,34 @@ def test_bad_arguments() -> None:
         evaluate(EvalConfig(model="x", task="arithmetic", k=0), sampler=lambda ps: [])
     with pytest.raises(ValueError, match="unknown task"):
         evaluate(EvalConfig(model="x", task="nope"), sampler=lambda ps: [])
+
+
+def test_pass_at_1_per_language(tmp_path) -> None:
+    """Problems in several languages: pass@1 is also reported per language (the report's table)."""
+    probs = get_task("comparison").problems("test", 30, seed=0)
+    assert {p.language for p in probs} == {"en", "ja", "zh"}
+
+    def sampler(problems):
+        # right in English only
+        return [
+            [Sample(f"x\n</think>\n{p.answer if p.language == 'en' else 0}", 5, "stop")] * 2 for p in problems
+        ]
+
+    cfg = EvalConfig(model=str(tmp_path / "ck"), task="comparison", k=2, n=30, progress=False)
+    m = evaluate(cfg, sampler=sampler)
+    assert m["pass@1_by_language"] == {"en": 1.0, "ja": 0.0, "zh": 0.0}
+    share = sum(p.language == "en" for p in probs) / len(probs)
+    assert m["pass@1"] == pytest.approx(share)
+
+
+def test_task_aliases_name_a_setting_of_a_family() -> None:
+    add = get_task("addition")
+    assert add.name == "addition" and add.ops == ("add",)
+    assert get_task("multiplication").digits == 3 and get_task("multiplication?digits=2").digits == 2
+    p = add.problems("test", 1, seed=0)[0]
+    assert p.task == "addition" and "+" in p.prompt
+    assert split_task_list("addition,multiplication?digits=2,comparison") == [
+        "addition",
+        "multiplication?digits=2",
+        "comparison",
+    ]

@@ -71,3 +71,34 @@ def test_non_finite_values_stay_valid_json(tmp_path, value):
 def test_moving_average_is_a_trailing_mean():
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert moving_average([2.0, 4.0], 5) == [2.0, 3.0]
+
+
+def test_pass_at_1_by_family_and_language(tmp_path):
+    """The speedrun's tables: pass@1 per family and per language across stages, GRPO's gain on the
+    families in range, the verifier-only family and the student against its teacher."""
+    MetricsLog(tmp_path, "speedrun").log(event="plan", verifier_only_tasks=["countdown"])
+    pre = MetricsLog(tmp_path, "pretrain")
+    for step, copy in ((100, 2.0), (200, 0.5)):
+        pre.log(
+            step=step, probe_copy_loss=copy, probe_digit_loss=1.0, probe_text_loss=0.1, probe_answer_loss=0.2
+        )
+    ev = MetricsLog(tmp_path, "eval")
+    figures = {
+        "addition": {"sft": 0.5, "grpo": 0.7, "distill": 0.4},
+        "comparison": {"sft": 0.9, "grpo": 0.95, "distill": 0.9},
+        "countdown": {"sft": 0.1, "grpo": 0.4, "distill": 0.1},
+    }
+    for task, by_stage in figures.items():
+        for stage, v in by_stage.items():
+            ev.log(
+                evaluated=stage, task=task, k=4, **{"pass@1": v, "pass@1_by_language": {"en": v, "ja": v / 2}}
+            )
+    text = build_report(tmp_path).read_text()
+    assert "| family | sft | grpo | distill |" in text
+    assert "| addition | 50.0% | 70.0% | 40.0% |" in text
+    assert "| **mean** | **50.0%** | **68.3%** | **46.7%** |" in text
+    assert "| ja | 25.0% | 34.2% | 23.3% |" in text
+    assert "+20.0 points** on average (addition +20.0)" in text  # comparison starts above 80%
+    assert "countdown 10.0% → 40.0%, **+30.0 points**" in text
+    assert "68% of its teacher's 68.3%" in text
+    assert "| 0.5 | 1 | 0.1 | 0.2 |" in text and "plots/probe.png" in text

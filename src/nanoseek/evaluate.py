@@ -65,7 +65,7 @@ def split_task_list(spec: str | Sequence[str]) -> list[str]:
     Task options may hold commas, so a comma starts a new task only when what follows names a task
     (a built-in family, rg:..., jsonl:...).
     """
-    from nanoseek.data.tasks import TASKS
+    from nanoseek.data.tasks import TASK_ALIASES, TASKS
 
     items = [spec] if isinstance(spec, str) else list(spec)
     out: list[str] = []
@@ -75,7 +75,8 @@ def split_task_list(spec: str | Sequence[str]) -> list[str]:
             if not piece:
                 continue
             base = piece.partition("?")[0]
-            if not out or base in TASKS or base.startswith(("rg:", "jsonl:")) or "?" in piece:
+            named = base in TASKS or base in TASK_ALIASES
+            if not out or named or base.startswith(("rg:", "jsonl:")) or "?" in piece:
                 out.append(piece)
             else:
                 out[-1] += "," + piece
@@ -163,6 +164,12 @@ def score_samples(
         "skipped_problems": skipped,
         "k": k_used,
     }
+    by_language: dict[str, list[float]] = {}
+    for rec in per_problem:
+        if "pass@1" in rec and rec.get("language"):
+            by_language.setdefault(rec["language"], []).append(rec["pass@1"])
+    if len(by_language) > 1:
+        metrics["pass@1_by_language"] = {k: sum(v) / len(v) for k, v in sorted(by_language.items())}
     return metrics, per_problem
 
 

@@ -155,9 +155,26 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
     lines.append(f"| **total** | {total_s:.1f} s | | ${total_s / 3600 * usd_per_hour:.4f} | | |")
     lines += ["", f"Cost is estimated at ${usd_per_hour:.2f} per machine-hour.", ""]
 
+    probe = {k: m.last_value("pretrain", f"probe_{k}_loss") for k in ("copy", "digit", "text", "answer")}
+    if any(v is not None for v in probe.values()):
+        lines += [
+            "## What pretraining learned",
+            "",
+            "Held-out loss (nats per token) at the end of pretraining, on the responses of held-out "
+            "problems, by kind of token: digits of a number the document already wrote (copied), the "
+            "other digits (computed), the rest (template), and the final answer. ln 10 ≈ 2.3 is a guess "
+            "among ten digits.",
+            "",
+            "| copied | computed | template | final answer |",
+            "|---|---|---|---|",
+            "| " + " | ".join(_fmt(probe[k]) for k in ("copy", "digit", "text", "answer")) + " |",
+            "",
+        ]
+
     evals = m.evals()
     if evals:
-        lines += ["## Held-out evaluation", ""]
+        lines += _pass_at_1_tables(m, evals)
+        lines += ["## Held-out evaluation, every figure", ""]
         lines += [
             "| checkpoint | task | k | pass@1 | cons@k | format rate | language consistency | mean length |",
             "|---|---|---|---|---|---|---|---|",
@@ -199,6 +216,78 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
     tmp = out.with_name(".report.md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, out)
+    return out
+
+
+EVAL_STAGES = ("pretrain", "sft", "grpo", "control", "distill")
+
+
+def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """pass@1 per family and per language before and after each stage, and the R1 summary lines."""
+    stages = [s for s in EVAL_STAGES if any(name == s for name, _ in evals)]
+    tasks = list(dict.fromkeys(t for name, t in evals if name in stages))
+    if not stages or not tasks:
+        return []
+    k = next((r.get("k") for r in evals.values() if r.get("k")), None)
+    out = [f"## Held-out pass@1 (k = {_fmt(k)}, R1's sampling)", ""]
+    out += ["| family | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+
+    def value(stage: str, task: str) -> float | None:
+        r = evals.get((stage, task))
+        return None if r is None else r.get("pass@1", r.get("accuracy"))
+
+    def mean(values: list[float | None]) -> float | None:
+        vs = [v for v in values if v is not None]
+        return sum(vs) / len(vs) if len(vs) == len(values) and vs else None
+
+    for task in tasks:
+        out.append(f"| {task} | " + " | ".join(_pct(value(s, task)) for s in stages) + " |")
+    means = {s: mean([value(s, t) for t in tasks]) for s in stages}
+    out.append("| **mean** | " + " | ".join(f"**{_pct(means[s])}**" for s in stages) + " |")
+    languages = sorted(
+        {lang for r in evals.values() for lang in (r.get("pass@1_by_language") or {})},
+        key=lambda x: ("en", "ja", "zh").index(x) if x in ("en", "ja", "zh") else 9,
+    )
+    if languages:
+        out += ["", "| language (mean over families) | " + " | ".join(stages) + " |"]
+        out.append("|---|" + "---|" * len(stages))
+        for lang in languages:
+            cells = [
+                mean([(evals.get((s, t)) or {}).get("pass@1_by_language", {}).get(lang) for t in tasks])
+                for s in stages
+            ]
+            out.append(f"| {lang} | " + " | ".join(_pct(c) for c in cells) + " |")
+    out.append("")
+    plan = m.last_event("speedrun", "plan")
+    zero = [t for t in plan.get("verifier_only_tasks", []) if t in tasks]
+    start = "sft" if "sft" in stages else "pretrain"
+    if "grpo" in stages and start in stages:
+        mid = [
+            t
+            for t in tasks
+            if t not in zero and value(start, t) is not None and 0.2 <= value(start, t) <= 0.8
+        ]
+        if mid:
+            gains = {t: value("grpo", t) - value(start, t) for t in mid if value("grpo", t) is not None}
+            avg = sum(gains.values()) / max(1, len(gains))
+            each = ", ".join(f"{t} {100 * g:+.1f}" for t, g in gains.items())
+            out.append(
+                f"- GRPO's gain over its starting checkpoint ({start}) on the families that start between "
+                f"20% and 80%: **{100 * avg:+.1f} points** on average ({each})."
+            )
+        for t in zero:
+            b, a = value(start, t), value("grpo", t)
+            if b is not None and a is not None:
+                out.append(
+                    f"- Learned from its verifier alone (no worked solution of {t} in pretraining or SFT): "
+                    f"{t} {_pct(b)} → {_pct(a)}, **{100 * (a - b):+.1f} points**."
+                )
+    if means.get("distill") is not None and means.get("grpo"):
+        out.append(
+            f"- Distilled dense student: mean pass@1 {_pct(means['distill'])}, "
+            f"{means['distill'] / means['grpo']:.0%} of its teacher's {_pct(means['grpo'])}."
+        )
+    out.append("")
     return out
 
 
@@ -263,6 +352,27 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
         save(fig, "loss.png", "Loss curves")
     else:
         plt.close(fig)
+
+    # What pretraining learned: held-out loss by kind of token.
+    kinds = [
+        ("copy", "copied digits"),
+        ("digit", "computed digits"),
+        ("text", "template"),
+        ("answer", "answer"),
+    ]
+    curves = [(label, m.steps("pretrain", f"probe_{k}_loss")) for k, label in kinds]
+    if any(xs for _, (xs, _) in curves):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, (xs, ys) in curves:
+            if xs:
+                ax.plot(xs, ys, marker="o", label=label)
+        ax.axhline(2.303, color="gray", lw=0.8, ls=":", label="uniform guess of a digit")
+        ax.set_xlabel("pretrain step")
+        ax.set_ylabel("held-out loss (nats/token, log scale)")
+        ax.set_yscale("log")
+        ax.set_title("Held-out loss by kind of token")
+        ax.legend()
+        save(fig, "probe.png", "What pretraining learned: held-out loss by kind of token")
 
     # GRPO reward and accuracy; response length.
     xs_r, ys_r = m.steps("grpo", "reward")

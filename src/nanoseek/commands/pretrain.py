@@ -67,6 +67,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="let packed documents attend to the documents before them (default: each only to itself)",
     )
+    g.add_argument(
+        "--cut-documents",
+        action="store_true",
+        help="fill every window to the brim, cutting documents at window edges (default: whole documents, padded)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--val-every", type=int, default=d.val_every, help="steps between validation (0 = off)")
     g.add_argument("--val-batches", type=int, default=d.val_batches)
@@ -120,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             balance_alpha=args.balance_alpha,
             mtp_weight=args.mtp_weight,
             document_mask=not args.no_document_mask,
+            whole_documents=not args.cut_documents,
             val_every=args.val_every,
             val_batches=args.val_batches,
             checkpoint_every=args.checkpoint_every,

@@ -327,6 +327,8 @@ class PackedDataset:
         world_size: int = 1,
         tokenize_batch: int = 128,
         max_doc_chars: int = 1_000_000,
+        whole_documents: bool = False,
+        lookahead: int = 32,
     ) -> None:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -351,6 +353,7 @@ class PackedDataset:
         self.repeat = (split == "train") if repeat is None else repeat
         self.rank, self.world_size = rank, world_size
         self.tokenize_batch = tokenize_batch
+        self.whole_documents, self.lookahead = whole_documents, max(1, lookahead)
         # The embedded corpus has its own held-out split (problems never trained on): validation reads
         # that stream directly instead of filtering 1 document in 100 out of the training stream.
         self.stream = _DocumentStream(
@@ -373,6 +376,8 @@ class PackedDataset:
             "bos_token_id": tokenizer.bos_token_id,
             "vocab_size": tokenizer.vocab_size,
         }
+        if whole_documents:  # (absent from older states: they were all cut contiguously)
+            self._fingerprint.update(whole_documents=True, lookahead=self.lookahead)
         self.reset()
 
     @property
@@ -424,44 +429,95 @@ class PackedDataset:
         self._exhausted = bool(state["exhausted"])
 
     # ---------------------------------------------------------------- iteration
-    def _windows(self) -> Iterator[list[int]]:
-        """Packed windows of seq_len+1 tokens; the instance state is always exactly 'after this window'."""
-        width = self.seq_len + 1
+    def _segments(self, limit: int) -> list[tuple[int, int]]:
+        """(start, end) in _pending of the next `limit` pieces: the head (maybe a document's rest,
+        without BOS), then whole BOS-opened documents."""
+        bos, out, i = self.tokenizer.bos_token_id, [], self._start
+        n = len(self._pending)
+        while i < n and len(out) < limit:
+            j = i + 1
+            while j < n and self._pending[j] != bos:
+                j += 1
+            out.append((i, j))
+            i = j
+        return out
+
+    def _take_whole(self, width: int) -> list[int] | None:
+        """A window of whole documents: the head piece, then the first-fitting of the next `lookahead`
+        documents, padded with -1 (no target). A piece longer than the window is cut contiguously, as
+        without whole-document packing. None while _pending needs more documents first."""
+        pieces = self._segments(self.lookahead + 1)
+        if not pieces or (len(pieces) <= self.lookahead and not self._exhausted):
+            return None
+        a, b = pieces[0]
+        if b - a >= width:
+            self._start += width
+            return self._pending[a : a + width]
+        window, taken = self._pending[a:b], [(a, b)]
+        for a2, b2 in pieces[1:]:
+            if len(window) + (b2 - a2) <= width:
+                window += self._pending[a2:b2]
+                taken.append((a2, b2))
+        rest, prev = [], self._start  # _pending without the taken pieces
+        for a2, b2 in taken:
+            rest += self._pending[prev:a2]
+            prev = b2
+        self._pending[self._start :] = rest + self._pending[prev:]
+        return window + [-1] * (width - len(window))
+
+    def _refill(self, docs: Iterator[tuple[str, _Cursor]]) -> None:
+        """Tokenize the next batch of this split's documents onto _pending (BOS before each)."""
+        del self._pending[: self._start]  # compact only when refilling: O(1) per window
+        self._start = 0
+        batch: list[str] = []
         want_val = self.split == "val"
-        bos = self.tokenizer.bos_token_id
+        for doc, cursor in docs:
+            self._cursor = cursor
+            if cursor.epoch != self._epoch:
+                if self._epoch_docs == 0 and self._docs == 0:
+                    raise ValueError(f"no documents in the {self.split} split of {self.source!r}")
+                self._epoch, self._epoch_docs = cursor.epoch, 0
+            if doc.strip() and (
+                not self._hash_split or in_validation_split(doc, self.val_fraction) == want_val
+            ):
+                batch.append(doc)
+                if len(batch) >= self.tokenize_batch:
+                    break
+        else:
+            self._exhausted = True
+        if batch:
+            bos = self.tokenizer.bos_token_id
+            for ids in self.tokenizer.encode_batch(batch):
+                self._pending.append(bos)
+                self._pending.extend(ids)
+            self._docs += len(batch)
+            self._epoch_docs += len(batch)
+
+    def _windows(self) -> Iterator[list[int]]:
+        """Packed windows of seq_len+1 tokens; the instance state is always exactly 'after this window'.
+
+        Contiguous cuts by default (a document may end in the next window, without its start);
+        `whole_documents` packs whole documents and pads the rest of a window instead."""
+        width = self.seq_len + 1
         docs = self.stream.iter_from(self._cursor, repeat=self.repeat)
-        epoch_docs, epoch = 0, self._cursor.epoch
+        self._epoch_docs, self._epoch = 0, self._cursor.epoch
         while True:
-            while len(self._pending) - self._start < width and not self._exhausted:
-                del self._pending[: self._start]  # compact only when refilling: O(1) per window
-                self._start = 0
-                batch: list[str] = []
-                for doc, cursor in docs:
-                    self._cursor = cursor
-                    if cursor.epoch != epoch:
-                        if epoch_docs == 0 and self._docs == 0:
-                            raise ValueError(f"no documents in the {self.split} split of {self.source!r}")
-                        epoch, epoch_docs = cursor.epoch, 0
-                    if doc.strip() and (
-                        not self._hash_split or in_validation_split(doc, self.val_fraction) == want_val
-                    ):
-                        batch.append(doc)
-                        if len(batch) >= self.tokenize_batch:
-                            break
-                else:
-                    self._exhausted = True
-                if batch:
-                    for ids in self.tokenizer.encode_batch(batch):
-                        self._pending.append(bos)
-                        self._pending.extend(ids)
-                    self._docs += len(batch)
-                    epoch_docs += len(batch)
-            if len(self._pending) - self._start < width:
+            if self.whole_documents:
+                window = self._take_whole(width)
+                while window is None and not self._exhausted:
+                    self._refill(docs)
+                    window = self._take_whole(width)
+            else:
+                while len(self._pending) - self._start < width and not self._exhausted:
+                    self._refill(docs)
+                window = None
+                if len(self._pending) - self._start >= width:
+                    window = self._pending[self._start : self._start + width]
+                    self._start += width
+            if window is None:
                 if self._docs == 0:
                     raise ValueError(f"no documents in the {self.split} split of {self.source!r}")
                 return  # the end of a non-repeating stream; the last partial window is dropped
-            window = self._pending[self._start : self._start + width]
-            self._start += width
             yield window
 
     def _shuffled(self) -> Iterator[list[int]]:
@@ -494,4 +550,8 @@ class PackedDataset:
                 return  # never a ragged batch: every rank stops at the same step
             x = torch.tensor(rows[lo:hi], dtype=torch.long)
             self._batches += 1
-            yield x[:, :-1].contiguous(), x[:, 1:].contiguous()
+            inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+            if self.whole_documents:  # padding (-1): the pad token in, nothing to predict
+                inputs = inputs.masked_fill(inputs < 0, self.tokenizer.pad_token_id)
+                targets = targets.masked_fill(targets < 0, -100)
+            yield inputs, targets

@@ -37,6 +37,7 @@ __all__ = [
     "HELDOUT_EVERY",
     "LANGUAGES",
     "TASKS",
+    "TASK_ALIASES",
     "ArithmeticTask",
     "BuiltinTask",
     "ComparisonTask",
@@ -1228,6 +1229,12 @@ TASKS: dict[str, Callable[..., Task]] = {
     "word_problem": WordProblemTask,
 }
 BUILTIN_TASKS: tuple[str, ...] = tuple(TASKS)
+# Named settings of a family, for reports and presets: "addition" is arithmetic restricted to +.
+TASK_ALIASES: dict[str, str] = {
+    "addition": "arithmetic?ops=add",
+    "subtraction": "arithmetic?ops=sub",
+    "multiplication": "arithmetic?ops=mul&digits=3",  # 3-digit x 2-digit, long multiplication
+}
 
 
 def register_task(name: str, factory: Callable[..., Task]) -> None:
@@ -1266,8 +1273,13 @@ def get_task(name: str) -> Task:
         return ReasoningGymTask(name, base[3:], **options)
     if base.startswith("jsonl:"):
         return JsonlTask(name, base[6:], **options)
+    if base in TASK_ALIASES:
+        base, defaults = parse_task_spec(TASK_ALIASES[base])
+        options = {**defaults, **options}
     if base not in TASKS:
-        raise ValueError(f"unknown task {base!r}; built-in: {', '.join(TASKS)}; or rg:<name>, jsonl:<path>")
+        raise ValueError(
+            f"unknown task {base!r}; built-in: {', '.join([*TASKS, *TASK_ALIASES])}; or rg:<name>, jsonl:<path>"
+        )
     try:
         return TASKS[base](spec=name, **options)
     except TypeError as e:

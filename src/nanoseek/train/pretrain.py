@@ -55,6 +55,10 @@ class PretrainConfig:
     # Each packed document attends only to itself, positions counted from its BOS (Llama 3 §3.1.1
     # does the same); without it short look-alike documents drown the prompt a copy must look back at.
     document_mask: bool = True
+    # Whole documents per window (the rest padded) instead of contiguous cuts that start the next
+    # window mid-document, without the prompt its copies refer to (Ding et al. 2024, "Fewer
+    # Truncations Improve Language Modeling"); documents longer than a window are still cut.
+    whole_documents: bool = True
     # held-out problems per task family for the copy probe at each validation (embedded corpus only)
     probe_problems: int = 16
     val_every: int = 100
@@ -196,6 +200,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     )
     per_rank = cfg.batch_size // dist.world_size
     data_kw: dict[str, Any] = dict(
+        whole_documents=cfg.whole_documents,
         text_field=cfg.text_field,
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
