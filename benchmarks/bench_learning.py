@@ -162,6 +162,46 @@ VARIANTS: dict[str, Variant] = {
             harder_fraction=0.0,
         ),
         _v(
+            "lean2",
+            "lean + no harder problems + no loss on prompts",
+            init_std=0.0625,
+            document_mask=True,
+            whole_documents=True,
+            shapes={"chat": 1.0},
+            vocab_size=1024,
+            mtp_weight=0.0,
+            harder_fraction=0.0,
+            response_loss_only=True,
+        ),
+        *[
+            _v(
+                f"lean2-{tag}",
+                f"lean2 with {about}",
+                init_std=0.0625,
+                document_mask=True,
+                whole_documents=True,
+                shapes={"chat": 1.0},
+                vocab_size=1024,
+                mtp_weight=0.0,
+                harder_fraction=0.0,
+                response_loss_only=True,
+                model=model,
+            )
+            for tag, about, model in [
+                (
+                    "theta200",
+                    "RoPE base 200 instead of 10000 (more short wavelengths)",
+                    {"rope_theta": 200.0},
+                ),
+                ("rope32", "32 RoPE dims instead of 16", {"qk_rope_head_dim": 32, "qk_nope_head_dim": 16}),
+                (
+                    "heads8",
+                    "8 heads of 16+16 dims instead of 4 of 32+16",
+                    {"num_attention_heads": 8, "qk_nope_head_dim": 16, "v_head_dim": 16},
+                ),
+            ]
+        ],
+        _v(
             "lean-h128",
             "lean on a narrower model: hidden 128, 8 experts of 64, latent ranks halved",
             init_std=128**-0.5,

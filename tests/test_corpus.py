@@ -331,3 +331,30 @@ def test_whole_document_packing(corpus: tuple[Path, list[str]], tok: Tokenizer) 
     resumed.load_state_dict(partial.state_dict())
     for (x, y), (rx, ry) in zip(reference[8:], itertools.islice(resumed, 12), strict=True):
         assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_prompt_tokens_carry_no_loss(tok: Tokenizer, tmp_path: Path) -> None:
+    """mask_prompts: in chat documents the user turn predicts nothing; the response and plain text do."""
+    from nanoseek.data.synthetic import ASSISTANT, EOS, USER
+
+    docs = [f"{USER}What is 2 + 3?{ASSISTANT}<think>\n2 + 3 = 5\n</think>\n5{EOS}", "plain text 12 + 30 = 42"]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    ds = PackedDataset(
+        tmp_path / "c.jsonl",
+        tok,
+        64,
+        1,
+        val_fraction=0.0,
+        shuffle=False,
+        repeat=False,
+        whole_documents=True,
+        mask_prompts=True,
+    )
+    x, y = next(iter(ds))
+    x, y = x[0].tolist(), y[0].tolist()
+    user, asst = tok.token_to_id(USER), tok.token_to_id(ASSISTANT)
+    i_user, i_asst = x.index(user), x.index(asst)
+    assert all(t == -100 for t in y[i_user : i_asst - 1])  # the prompt's tokens are never targets
+    assert y[i_asst - 1] == asst and y[i_asst] == tok.token_to_id("<think>")  # the response is
+    second = x.index(tok.bos_token_id, 1)
+    assert all(t != -100 for t in y[second : second + 5])  # plain documents keep their loss

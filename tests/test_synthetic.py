@@ -23,8 +23,20 @@ def test_reproducible_and_seeded():
     assert len(set(a)) > 190
 
 
+def test_default_is_chat_turns_and_shapes_can_be_weighed():
+    assert all(d.startswith(USER) for d in _docs(300, seed=1))
+    copies = _docs(50, seed=1, shapes={"copy": 1.0})
+    for d in copies:
+        first, second = d.split("\n")
+        assert first.split(" ", 1)[1] == second  # written out again, after a header per language
+    with pytest.raises(ValueError, match="shapes"):
+        _docs(1, shapes={"poem": 1.0})
+    with pytest.raises(ValueError, match="harder_fraction"):
+        _docs(1, harder_fraction=1.5)
+
+
 def test_shapes_and_chat_template():
-    docs = _docs(2000, seed=3)
+    docs = _docs(2000, seed=3, shapes=synthetic.MIXED_SHAPES)
     chat = [d for d in docs if d.startswith(USER)]
     assert 0.25 < len(chat) / len(docs) < 0.45
     for d in chat:
@@ -77,7 +89,7 @@ def test_never_a_heldout_problem(monkeypatch):
     # 2) independently of the generator: read the problems back out of the text
     corpus = "\n".join(docs)
     sums = re.findall(r"What is (\d+) ([+×-]) (\d+)\?", corpus)
-    eqs = re.findall(r"Solve for x: (\d+)x ([+-]) (\d+) = (-?\d+)\n", corpus)
+    eqs = re.findall(rf"Solve for x: (\d+)x ([+-]) (\d+) = (-?\d+)(?:\n|{ASSISTANT})", corpus)
     assert len(sums) > 100 and len(eqs) > 30
     arith = get_task("arithmetic")
     for a, op, b in sums:

@@ -302,6 +302,9 @@ def _presets() -> dict[str, ModelConfig]:
             num_nextn_predict_layers=1,
             max_position_embeddings=1024,
             torch_dtype="float32",
+            # N(0, 1/hidden): with transformers' 0.02 the attention logits of a narrow model start near
+            # 0 and it learns to look back at its prompt much later (benchmarks/bench_learning.py)
+            extra={"initializer_range": 256**-0.5},
         ),
         # A small dense student for distillation (R1 §2.4 distils into dense models): no routed
         # experts, no MTP, narrower and shallower than `tiny`.
@@ -325,6 +328,7 @@ def _presets() -> dict[str, ModelConfig]:
             num_nextn_predict_layers=0,
             max_position_embeddings=1024,
             torch_dtype="float32",
+            extra={"initializer_range": 192**-0.5},
         ),
         # ~100M total, for a single GPU or a patient CPU.
         "small": ModelConfig(
@@ -348,6 +352,7 @@ def _presets() -> dict[str, ModelConfig]:
             first_k_dense_replace=1,
             num_nextn_predict_layers=1,
             max_position_embeddings=4096,
+            extra={"initializer_range": 768**-0.5},
         ),
         "deepseek-v2-lite": ModelConfig(
             model_type="deepseek_v2",

@@ -22,7 +22,7 @@ from typing import Any
 
 from nanoseek.metrics import read_metrics
 
-STAGES = ("tokenizer", "pretrain", "sft", "grpo", "control", "distill", "eval")
+STAGES = ("tokenizer", "pretrain", "student", "sft", "grpo", "control", "distill", "eval")
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -337,7 +337,7 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
     # Loss curves of the supervised stages.
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
-    for stage in ("pretrain", "sft", "control", "distill"):
+    for stage in ("pretrain", "student", "sft", "control", "distill"):
         for key, style in (("loss", "-"), ("val_loss", "--")):
             xs, ys = m.steps(stage, key)
             if xs:

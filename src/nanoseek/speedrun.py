@@ -28,46 +28,69 @@ DONE = ".done"
 SETTINGS = "speedrun.json"
 
 
+# The families the `cpu` and `gpu` runs teach from worked solutions, and the one they leave to GRPO.
+FAMILIES: tuple[str, ...] = (
+    "addition",
+    "subtraction",
+    "multiplication",
+    "comparison",
+    "sorting",
+    "counting",
+    "linear_equation",
+)
+# Word problems compose the arithmetic above with reading which operation the story asks for; no
+# worked solution of them is ever shown, so what GRPO gains there comes from the verifier alone.
+VERIFIER_ONLY: tuple[str, ...] = ("word_problem",)
+
+
 @dataclass
 class SpeedrunPreset:
-    """One dial per stage; the defaults are the `cpu` preset (17-19 minutes on 2 CPU cores)."""
+    """One dial per stage; the defaults are the `cpu` preset (about 18 minutes on 2 CPU cores)."""
 
     name: str = "cpu"
     model: str = "tiny"
     student: str = "tiny-dense"
-    tasks: tuple[str, ...] = ("comparison",)
-    # tokenizer
-    vocab_size: int = 4096
+    # families with worked solutions: the corpus, the cold start, GRPO and the evaluation
+    tasks: tuple[str, ...] = FAMILIES
+    # families learned from their verifier alone (R1-Zero): never a worked solution of them in the
+    # corpus or the SFT data; GRPO trains on them with the others and every stage is evaluated on them
+    verifier_only_tasks: tuple[str, ...] = VERIFIER_ONLY
+    # tokenizer: the corpus needs ~1000 merges (4096 gave the same tokens per document, a 4x larger
+    # embedding and head, and 2x slower steps)
+    vocab_size: int = 1024
     tokenizer_docs: int = 20000
     # pretrain: the embedded corpus of these families ("tasks" = the run's own, "all" = every family)
     pretrain_corpus: str = "tasks"
     pretrain_steps: int = 1000
     pretrain_batch: int = 8
-    seq_len: int = 256
+    seq_len: int = 320  # a whole multiplication (prompt + ~280 response tokens) fits one window
     pretrain_lr: float = 3e-3
-    # held-out loss every this many steps (each costs ~1.5 s on 2 cores; it never touches training)
+    # held-out loss and copy probe every this many steps (it never touches training)
     val_every: int = 250
     # γ of aux-loss-free balancing: V3's 0.001 is for ~10^5 steps; a few hundred need a bigger step to
     # balance within the run (measured in benchmarks/bench_pretrain.py).
     bias_update_speed: float = 0.01
+    mtp_weight: float = 0.3  # λ of the MTP loss (V3 §2.2)
+    # the dense student's own pretraining on the same corpus (0: distil into random weights)
+    student_steps: int = 400
     # cold-start SFT: small, as R1's (it fixes the format and readability; RL does the rest)
     sft_steps: int = 10
     sft_examples: int = 300
     sft_lr: float = 1e-3
     # GRPO
-    grpo_steps: int = 100
+    grpo_steps: int = 40
     group_size: int = 8
     batch_prompts: int = 8
     grpo_lr: float = 2e-4
-    max_new_tokens: int = 48
+    max_new_tokens: int = 300  # a 3-digit x 2-digit long multiplication takes ~280
     # control (cpu only): SFT for GRPO's wall time
     control: bool = True
     # distillation
-    distill_prompts: int = 128
+    distill_prompts: int = 24
     distill_k: int = 4
-    distill_steps: int = 60
-    # evaluation
-    eval_n: int = 100
+    distill_steps: int = 40
+    # evaluation: per family, problems spread over the three languages
+    eval_n: int = 24
     eval_k: int = 4
     precision: str = "auto"  # pretraining: bf16 autocast where the CPU has native bf16, else fp32
     seed: int = 0
@@ -78,11 +101,13 @@ PRESETS: dict[str, SpeedrunPreset] = {
     # Every stage for a few steps: the CI end-to-end check, under 3 minutes.
     "smoke": SpeedrunPreset(
         name="smoke",
-        vocab_size=1024,
+        tasks=("addition", "comparison"),
+        vocab_size=600,
         tokenizer_docs=3000,
         pretrain_steps=30,
         pretrain_batch=8,
         seq_len=128,
+        student_steps=10,
         sft_steps=10,
         sft_examples=200,
         grpo_steps=3,
@@ -90,36 +115,38 @@ PRESETS: dict[str, SpeedrunPreset] = {
         batch_prompts=4,
         max_new_tokens=32,
         control=False,
-        distill_prompts=16,
+        distill_prompts=8,
         distill_k=2,
         distill_steps=5,
-        eval_n=8,
+        eval_n=6,
         eval_k=2,
     ),
     "cpu": SpeedrunPreset(),
-    # Sized for one modern GPU: a bigger model, longer everything.
+    # Sized for one modern GPU (a few minutes on an H100/H200): a bigger model, longer everything.
     "gpu": SpeedrunPreset(
         name="gpu",
         model="small",
-        tasks=("arithmetic", "countdown", "linear_equation"),
-        vocab_size=32768,
-        tokenizer_docs=200000,
-        pretrain_steps=5000,
+        student="tiny",
+        vocab_size=2048,
+        tokenizer_docs=50000,
+        pretrain_steps=3000,
         pretrain_batch=64,
-        seq_len=1024,
+        seq_len=320,
         pretrain_lr=1.5e-3,
-        sft_steps=500,
-        sft_examples=20000,
-        grpo_steps=300,
+        val_every=500,
+        student_steps=2000,
+        sft_steps=50,
+        sft_examples=5000,
+        grpo_steps=150,
         group_size=16,
         batch_prompts=32,
-        max_new_tokens=256,
+        grpo_lr=1e-4,
         control=False,
-        distill_prompts=2000,
+        distill_prompts=256,
         distill_k=8,
-        distill_steps=1000,
-        eval_n=256,
-        eval_k=8,
+        distill_steps=500,
+        eval_n=192,
+        eval_k=4,
     ),
 }
 
@@ -178,35 +205,45 @@ class Speedrun:
         from nanoseek.data.synthetic import iter_documents
         from nanoseek.tokenizer import train_tokenizer
 
-        docs = list(islice(iter_documents(seed=self.p.seed, split="train"), self.p.tokenizer_docs))
+        # the corpus the model will read: never a document of a verifier-only family
+        docs = list(
+            islice(iter_documents(seed=self.p.seed, split="train", tasks=self.p.tasks), self.p.tokenizer_docs)
+        )
         tok = train_tokenizer(docs, vocab_size=self.p.vocab_size)
         tok.save(self.run / "tokenizer")
         return {"vocab_size": tok.vocab_size, "documents": len(docs)}
 
-    def pretrain(self) -> dict[str, Any]:
+    def pretrain(self, student: bool = False) -> dict[str, Any]:
+        """The model's pretraining; with `student`, the dense student's, on the same corpus and tokens
+        (R1 distils into pretrained bases, §2.4), in a side directory adopted as RUN/student."""
         from nanoseek.train.pretrain import PretrainConfig, pretrain
 
+        steps = self.p.student_steps if student else self.p.pretrain_steps
+        out = self.run / ".student" if student else self.run
         cfg = PretrainConfig(
-            out=str(self.run),
+            out=str(out),
             data=self.pretrain_data(),
             tokenizer=str(self.run / "tokenizer"),
-            preset=self.p.model,
-            steps=self.p.pretrain_steps,
+            preset=self.p.student if student else self.p.model,
+            steps=steps,
             batch_size=self.p.pretrain_batch,
             seq_len=self.p.seq_len,
             lr=self.p.pretrain_lr,
             bias_update_speed=self.p.bias_update_speed,
+            mtp_weight=self.p.mtp_weight,
             val_every=self.p.val_every,
             precision=self.p.precision,
             seed=self.p.seed,
             resume=True,
             progress=self.progress,
         )
-        pretrain(cfg)
-        return {
-            "tokens": self.p.pretrain_steps * self.p.pretrain_batch * self.p.seq_len,
-            "corpus": cfg.data,
-        }
+        path = pretrain(cfg)
+        if student:
+            self._adopt(out, Path(path), "student", renamed="pretrain")
+        return {"tokens": steps * self.p.pretrain_batch * self.p.seq_len, "corpus": cfg.data}
+
+    def student(self) -> dict[str, Any]:
+        return self.pretrain(student=True)
 
     def pretrain_data(self) -> str:
         """The pretraining corpus: the embedded documents of the run's task families by default (a tiny
@@ -244,8 +281,12 @@ class Speedrun:
             )
         )
         if stage != "sft":
-            self._adopt(sub, Path(path), stage)
+            self._adopt(sub, Path(path), stage, renamed="sft")
         return {}
+
+    @property
+    def all_tasks(self) -> list[str]:
+        return [*self.p.tasks, *self.p.verifier_only_tasks]
 
     def grpo(self) -> dict[str, Any]:
         from nanoseek.train.grpo import GRPOConfig, grpo
@@ -253,7 +294,7 @@ class Speedrun:
         grpo(
             GRPOConfig(
                 init=str(self.run / "sft"),
-                tasks=list(self.p.tasks),
+                tasks=self.all_tasks,
                 out=str(self.run),
                 steps=self.p.grpo_steps,
                 group_size=self.p.group_size,
@@ -298,8 +339,8 @@ class Speedrun:
         distill(
             DistillConfig(
                 teacher=str(self.run / "grpo"),
-                student=self.p.student,
-                tasks=list(self.p.tasks),
+                student=str(self.run / "student") if self.p.student_steps else self.p.student,
+                tasks=self.all_tasks,
                 k=self.p.distill_k,
                 prompts=self.p.distill_prompts,
                 max_new_tokens=self.p.max_new_tokens,
@@ -326,7 +367,7 @@ class Speedrun:
             ck = self.run / stage
             if not (ck / "config.json").exists():
                 continue
-            for task in self.p.tasks:
+            for task in self.all_tasks:
                 m = evaluate(
                     EvalConfig(
                         model=str(ck),
@@ -345,8 +386,9 @@ class Speedrun:
         return {"pass@1": results}
 
     # -------------------------------------------------------------- helpers
-    def _adopt(self, sub_run: Path, checkpoint: Path, stage: str) -> None:
-        """Stages that write their own run dir: move the checkpoint to RUN/<stage>, merge metrics."""
+    def _adopt(self, sub_run: Path, checkpoint: Path, stage: str, renamed: str) -> None:
+        """Stages that write their own run dir: move the checkpoint to RUN/<stage>, merge metrics
+        (their `renamed` stage records become `stage`'s)."""
         dest = self.run / stage
         if dest.exists():
             shutil.rmtree(dest)
@@ -355,7 +397,7 @@ class Speedrun:
         if records:
             with open(self.run / "metrics.jsonl", "a") as f:
                 for r in records:
-                    if r.get("stage") == "sft":
+                    if r.get("stage") == renamed:
                         r["stage"] = stage
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
         shutil.rmtree(sub_run, ignore_errors=True)
@@ -414,12 +456,20 @@ class Speedrun:
     def __call__(self) -> Path:
         t0 = time.perf_counter()
         self._claim_directory()
+        if not any(r.get("event") == "plan" for r in read_metrics(self.run, "speedrun")):
+            MetricsLog(self.run, "speedrun").log(
+                event="plan",
+                preset=self.p.name,
+                tasks=list(self.p.tasks),
+                verifier_only_tasks=list(self.p.verifier_only_tasks),
+            )
         stages: list[tuple[str, Callable[[], dict[str, Any] | None]]] = [
             ("tokenizer", self.tokenizer),
             ("pretrain", self.pretrain),
-            ("sft", self.sft),
-            ("grpo", self.grpo),
         ]
+        if self.p.student_steps:
+            stages.append(("student", self.student))
+        stages += [("sft", self.sft), ("grpo", self.grpo)]
         if self.p.control:
             stages.append(("control", self.control))
         stages += [("distill", self.distill), ("eval", self.evaluate)]
@@ -439,7 +489,7 @@ class Speedrun:
 
 
 # every stage a speedrun may run, in order (the control only in presets that have it)
-STAGES: tuple[str, ...] = ("tokenizer", "pretrain", "sft", "grpo", "control", "distill", "eval")
+STAGES: tuple[str, ...] = ("tokenizer", "pretrain", "student", "sft", "grpo", "control", "distill", "eval")
 
 
 def run_speedrun(out: str | Path, preset: str = "cpu", progress: bool = True, **overrides: Any) -> Path:

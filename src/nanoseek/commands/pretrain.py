@@ -68,6 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="let packed documents attend to the documents before them (default: each only to itself)",
     )
     g.add_argument(
+        "--prompt-loss",
+        action="store_true",
+        help="train on the user turns of chat documents too (default: loss on the responses only)",
+    )
+    g.add_argument(
         "--cut-documents",
         action="store_true",
         help="fill every window to the brim, cutting documents at window edges (default: whole documents, padded)",
@@ -126,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             mtp_weight=args.mtp_weight,
             document_mask=not args.no_document_mask,
             whole_documents=not args.cut_documents,
+            mask_prompts=not args.prompt_loss,
             val_every=args.val_every,
             val_batches=args.val_batches,
             checkpoint_every=args.checkpoint_every,

@@ -18,6 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/speedrun", help="run directory (default runs/speedrun)")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="pretraining precision; auto: bf16 where the CPU multiplies bf16 natively, else fp32",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.set_defaults(func=run)
 
@@ -25,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from nanoseek.speedrun import run_speedrun
 
-    overrides = {"seed": args.seed}
+    overrides = {"seed": args.seed, "precision": args.precision}
     if args.tasks:
         overrides["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     run_speedrun(args.out, args.preset, progress=not args.no_progress, **overrides)

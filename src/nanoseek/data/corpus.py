@@ -302,6 +302,22 @@ def in_validation_split(text: str, val_fraction: float) -> bool:
     return h < val_fraction * 2.0**64
 
 
+USER_TOKEN, ASSISTANT_TOKEN = "<｜User｜>", "<｜Assistant｜>"
+
+
+def in_chat_prompt(inputs: torch.Tensor, user_id: int, assistant_id: int) -> torch.Tensor:
+    """[B, S] bool: position i is inside a user turn (from <｜User｜> up to the token before
+    <｜Assistant｜>), so the token after it is prompt text. A prompt's numbers are random: nothing can
+    predict them, and their loss only adds noise to the gradient of the response that can be learned."""
+    import torch
+
+    idx = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+    last_user = torch.where(inputs == user_id, idx, -1).cummax(dim=1).values
+    last_assistant = torch.where(inputs == assistant_id, idx, -1).cummax(dim=1).values
+    nxt = torch.nn.functional.pad(inputs[:, 1:], (0, 1), value=-1)
+    return (last_user > last_assistant) & (nxt != assistant_id)
+
+
 class PackedDataset:
     """Batches of packed token windows: iterate for `(inputs [B,S], targets [B,S])` long tensors.
 
@@ -329,6 +345,7 @@ class PackedDataset:
         max_doc_chars: int = 1_000_000,
         whole_documents: bool = False,
         lookahead: int = 32,
+        mask_prompts: bool = False,
     ) -> None:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -354,6 +371,10 @@ class PackedDataset:
         self.rank, self.world_size = rank, world_size
         self.tokenize_batch = tokenize_batch
         self.whole_documents, self.lookahead = whole_documents, max(1, lookahead)
+        user, assistant = tokenizer.token_to_id(USER_TOKEN), tokenizer.token_to_id(ASSISTANT_TOKEN)
+        # a tokenizer without DeepSeek's chat tokens cannot have encoded a user turn: nothing to mask
+        self.mask_prompts = mask_prompts and user is not None and assistant is not None
+        self._chat_ids = (user, assistant)
         # The embedded corpus has its own held-out split (problems never trained on): validation reads
         # that stream directly instead of filtering 1 document in 100 out of the training stream.
         self.stream = _DocumentStream(
@@ -554,4 +575,6 @@ class PackedDataset:
             if self.whole_documents:  # padding (-1): the pad token in, nothing to predict
                 inputs = inputs.masked_fill(inputs < 0, self.tokenizer.pad_token_id)
                 targets = targets.masked_fill(targets < 0, -100)
+            if self.mask_prompts:
+                targets = targets.masked_fill(in_chat_prompt(inputs, *self._chat_ids), -100)
             yield inputs, targets

@@ -4,12 +4,11 @@ Notable:
 - Built from the *train* split of the task families in ``nanoseek.data.tasks`` (the split is a hash of
   the canonical problem), so a model pretrained on it can be tested on held-out problems of the same
   families that it has never seen.
-- Several document shapes, so the model learns both the text and the chat format: a problem and its
-  worked solution in plain form; the same already in DeepSeek-R1's chat template (``<｜User｜>…
-  <｜Assistant｜><think>\\n…\\n</think>\\n answer<｜end▁of▁sentence｜>``) so a tiny model answers
-  chat-formatted prompts with ``<think>`` after pretraining alone; several problems in a row; a short
-  explanation of the method followed by a worked problem; a textbook "Question / Solution / Answer" form.
-- Mostly default difficulty (what a tiny model can learn), some one level harder for breadth.
+- By default every document is a problem and its worked solution in DeepSeek-R1's chat template
+  (``<｜User｜>…<｜Assistant｜><think>\\n…\\n</think>\\n answer<｜end▁of▁sentence｜>``), so a tiny
+  model answers chat-formatted prompts with ``<think>`` after pretraining alone. Other shapes (plain,
+  worksheets, a method explained, textbook form, copy drills) can be mixed in with ``shapes``.
+- Default difficulty (what a tiny model can learn); ``harder_fraction`` adds problems one level up.
 - Reproducible from the seed alone and fast (pure Python string building, tens of thousands of docs/s).
 """
 
@@ -24,12 +23,25 @@ from nanoseek.data.tasks import BUILTIN_TASKS, LANGUAGES, BuiltinTask, Problem, 
 
 USER, ASSISTANT, EOS = "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"
 
-# Share of each document shape (the rest is the plain problem + worked solution).
-SHAPES: dict[str, float] = {"chat": 0.35, "series": 0.15, "explained": 0.10, "textbook": 0.10, "plain": 0.30}
-# Not in the default mix: a random sequence of numbers and letters written out again ("copy" drills),
-# the setting in which induction heads form fastest (Olsson et al. 2022, "In-context learning and
-# induction heads"); `shapes={..., "copy": w}` mixes them in.
-EXTRA_SHAPES: tuple[str, ...] = ("copy",)
+# Document shapes: "chat" (an R1 chat turn), "series" (a worksheet of problems), "explained" (the
+# method, then a worked problem), "textbook" (Question / Solution / Answer), "plain" (problem and
+# worked solution), "copy" (a random sequence of numbers or letters written out again: the setting in
+# which induction heads form fastest, Olsson et al. 2022).
+SHAPE_NAMES: tuple[str, ...] = ("chat", "series", "explained", "textbook", "plain", "copy")
+# The default is chat turns only: in controlled runs (benchmarks/bench_learning.py) the held-out loss
+# on the skill-bearing tokens fell faster with them than with the mixed shapes, at equal tokens and
+# seconds; the other shapes teach the same skills in wrappers that are never asked for.
+SHAPES: dict[str, float] = {"chat": 1.0}
+MIXED_SHAPES: dict[str, float] = {
+    "chat": 0.35,
+    "series": 0.15,
+    "explained": 0.10,
+    "textbook": 0.10,
+    "plain": 0.30,
+}
+# Problems one difficulty level up: none by default (the same runs learned the default level faster
+# without them); raise it for breadth.
+HARDER_FRACTION = 0.0
 _COPY_HEADER = {"en": "Copy:", "ja": "写す:", "zh": "抄写:"}
 _COPY_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 HARDER_FRACTION = 0.15  # problems one difficulty level up
@@ -121,13 +133,14 @@ def iter_documents(
     """Endless reproducible stream of documents built from ``split`` problems of the built-in families.
 
     ``split="train"`` is what pretraining uses; ``"test"`` exists only to measure a language-model loss
-    on held-out problems and must never be trained on. ``shapes`` weighs the document shapes (keys of
-    ``SHAPES``; default ``SHAPES``), ``harder_fraction`` is the share of problems one level harder.
+    on held-out problems and must never be trained on. ``shapes`` weighs the document shapes (from
+    ``SHAPE_NAMES``; default ``SHAPES``, chat turns only; ``MIXED_SHAPES`` is the old mix),
+    ``harder_fraction`` is the share of problems one level harder.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     weights = dict(SHAPES if shapes is None else shapes)
-    known = sorted((*SHAPES, *EXTRA_SHAPES))
+    known = sorted(SHAPE_NAMES)
     unknown = sorted(set(weights) - set(known))
     if unknown or not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
         raise ValueError(f"shapes must weigh some of {known} with non-negative weights, got {weights}")

@@ -267,8 +267,11 @@ class Task:
         """Endless stream of problems of ``split`` (may repeat; ``problems`` de-duplicates)."""
         raise NotImplementedError
 
-    def problems(self, split: str, n: int, seed: int = 0, language: str | None = None) -> list[Problem]:
-        """``n`` distinct problems of ``split``, reproducible from ``seed``."""
+    def problems(
+        self, split: str, n: int, seed: int = 0, language: str | None = None, strict: bool = True
+    ) -> list[Problem]:
+        """``n`` distinct problems of ``split``, reproducible from ``seed``; with ``strict=False``, as
+        many as the split holds when that is fewer (a training pool), instead of an error."""
         _check_split(split)
         _check_language(language, self.languages)
         if n < 0:
@@ -281,6 +284,8 @@ class Task:
                 misses += 1
                 # a small problem space (or split) runs dry: say so instead of spinning forever
                 if misses > 1000 + 20 * len(out):
+                    if not strict:
+                        return out
                     raise ValueError(
                         f"task {self.name!r} has only {len(out)} distinct {split} problems at this size; "
                         f"asked for {n} (raise the difficulty / size)"
@@ -1185,7 +1190,9 @@ class JsonlTask(Task):
             rng.shuffle(pool)
             yield from pool
 
-    def problems(self, split: str, n: int, seed: int = 0, language: str | None = None) -> list[Problem]:
+    def problems(
+        self, split: str, n: int, seed: int = 0, language: str | None = None, strict: bool = True
+    ) -> list[Problem]:
         _check_split(split)
         pool = [
             p for p in self.items if p.meta["split"] == split and (language is None or p.language == language)

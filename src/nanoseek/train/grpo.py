@@ -362,7 +362,9 @@ def grpo(cfg: GRPOConfig) -> Path:
     tasks = [get_task(name) for name in cfg.tasks]
     pool = []
     for t in tasks:
-        pool.extend((t, p) for p in t.problems("train", cfg.train_pool, seed=cfg.seed, language=cfg.language))
+        # up to train_pool each: a family with fewer distinct problems contributes all it has
+        problems = t.problems("train", cfg.train_pool, seed=cfg.seed, language=cfg.language, strict=False)
+        pool.extend((t, p) for p in problems)
     if len(pool) < cfg.batch_prompts:
         raise ValueError(f"only {len(pool)} training problems for --batch-prompts {cfg.batch_prompts}")
 

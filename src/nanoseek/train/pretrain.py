@@ -59,6 +59,8 @@ class PretrainConfig:
     # window mid-document, without the prompt its copies refer to (Ding et al. 2024, "Fewer
     # Truncations Improve Language Modeling"); documents longer than a window are still cut.
     whole_documents: bool = True
+    # No loss on the user turns of chat documents (their numbers are random); the response's is kept.
+    mask_prompts: bool = True
     # held-out problems per task family for the copy probe at each validation (embedded corpus only)
     probe_problems: int = 16
     val_every: int = 100
@@ -201,6 +203,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     per_rank = cfg.batch_size // dist.world_size
     data_kw: dict[str, Any] = dict(
         whole_documents=cfg.whole_documents,
+        mask_prompts=cfg.mask_prompts,
         text_field=cfg.text_field,
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
