@@ -24,8 +24,8 @@ from nanoseek.config import ModelConfig
 from nanoseek.metrics import read_metrics
 
 GOLDEN = Path(__file__).parent / "golden" / "learning_curve.json"
-STEPS = 240
-VAL_EVERY = 60
+STEPS = 320
+VAL_EVERY = 80
 # Losses may differ by CPU (BLAS kernels, vector width) by a little; learning slower by more fails.
 LOSS_SLACK = 0.05  # relative, on the training loss (mean of 10 steps) at each recorded step
 PROBE_SLACK = 0.15  # absolute nats, on the held-out copy probe
@@ -127,7 +127,7 @@ def test_slower_learning_is_caught() -> None:
     stuck = {**golden, "probe_copy": [2.3] * len(golden["probe_copy"])}
     assert slower_than(stuck, golden)
     # what the golden run shows: copying learned, well below a guess among ten digits
-    assert golden["probe_copy"][-1] < 0.5 < 2.0 < golden["probe_copy"][0]
+    assert golden["probe_copy"][-1] < 0.5 < 1.5 < golden["probe_copy"][0]
 
 
 @pytest.mark.slow
