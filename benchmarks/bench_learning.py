@@ -199,6 +199,20 @@ VARIANTS: dict[str, Variant] = {
                     "8 heads of 16+16 dims instead of 4 of 32+16",
                     {"num_attention_heads": 8, "qk_nope_head_dim": 16, "v_head_dim": 16},
                 ),
+                (
+                    "dense",
+                    "a dense SwiGLU in every layer of the MoE layers' active width "
+                    "(shared + 4 routed experts of 128 = 640)",
+                    {
+                        "n_routed_experts": 0,
+                        "n_shared_experts": 0,
+                        "num_experts_per_tok": 0,
+                        "n_group": 1,
+                        "topk_group": 1,
+                        "first_k_dense_replace": 4,
+                        "intermediate_size": 640,
+                    },
+                ),
             ]
         ],
         _v(

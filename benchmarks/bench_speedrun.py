@@ -27,7 +27,7 @@ from pathlib import Path
 from nanoseek.report import RunMetrics
 from nanoseek.speedrun import SETTINGS, STAGES, run_speedrun
 
-BUDGET_S = {"smoke": 3 * 60, "cpu": 20 * 60}
+BUDGET_S = {"smoke": 3 * 60, "cpu": 20 * 60, "gpu": 15 * 60}
 PASS_GOALS = {"comparison": 0.95, "addition": 0.90, "multiplication": 0.70}
 MEAN_GOAL = 0.75
 GRPO_GAIN_GOAL = 10.0  # points, mean over families starting in [20%, 80%]
@@ -81,7 +81,9 @@ def verdicts(f: dict) -> list[tuple[str, str, bool | None]]:
         v = final.get(task)
         rows.append((f"{task} pass@1 {pct(v)}", f">= {goal:.0%}", None if v is None else v >= goal))
     mean = f.get("final_mean")
-    rows.append((f"mean pass@1 {pct(mean)}", f">= {MEAN_GOAL:.0%}", None if mean is None else mean >= MEAN_GOAL))
+    rows.append(
+        (f"mean pass@1 {pct(mean)}", f">= {MEAN_GOAL:.0%}", None if mean is None else mean >= MEAN_GOAL)
+    )
     gain = f.get("grpo_gain_mid")
     fams = ", ".join(f["grpo_gain_mid_families"]) or "none in range"
     rows.append(

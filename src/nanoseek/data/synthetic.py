@@ -72,6 +72,11 @@ EXPLANATIONS: dict[str, dict[str, str]] = {
         "ja": "二つの数を比べるとき、桁数が多い方が大きい。桁数が同じなら、上の位から順に比べる。",
         "zh": "比较两个数时，位数多的数更大；位数相同时，从最高位开始依次比较。",
     },
+    "largest": {
+        "en": "To find the largest of several numbers, compare two of them, then compare the larger with the next.",
+        "ja": "いくつかの数の中で一番大きい数を見つけるには、二つを比べ、大きい方を次の数と比べる。",
+        "zh": "要找出几个数中最大的数，先比较两个数，再把较大的与下一个数比较。",
+    },
     "counting": {
         "en": "To count a letter, read the text one letter at a time and add one each time the letter appears.",
         "ja": "文字を数えるには、一文字ずつ読み、その文字が出るたびに1を足す。",

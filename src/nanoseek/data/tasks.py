@@ -44,6 +44,7 @@ __all__ = [
     "CountdownTask",
     "CountingTask",
     "JsonlTask",
+    "LargestTask",
     "LinearEquationTask",
     "ModularTask",
     "Problem",
@@ -865,6 +866,51 @@ class ComparisonTask(BuiltinTask):
         return f"{first}\n{last}"
 
 
+class LargestTask(BuiltinTask):
+    """The largest of three numbers: comparison composed twice (``digits`` default difficulty + 1).
+
+    The speedrun leaves it to GRPO's verifier alone (R1-Zero): its corpus and cold start only ever
+    compare two numbers."""
+
+    family = "largest"
+
+    def __init__(self, spec: str = "largest", difficulty: int = 1, digits: int | None = None) -> None:
+        super().__init__(spec, difficulty)
+        self.digits = digits if digits is not None else difficulty + 1
+
+    def generate(self, rng: random.Random) -> dict[str, Any] | None:
+        nums = [_rand_digits(rng, self.digits) for _ in range(3)]
+        return {"numbers": nums} if len(set(nums)) == 3 else None
+
+    def key(self, d: dict[str, Any]) -> str:
+        return ",".join(map(str, sorted(d["numbers"])))  # the set, not its order
+
+    def prompt(self, d: dict[str, Any], lang: str) -> str:
+        a, b, c = d["numbers"]
+        return {
+            "en": f"Which is the largest, {a}, {b} or {c}?",
+            "ja": f"{a}、{b}、{c} の中で一番大きいのはどれですか？",
+            "zh": f"{a}、{b}、{c} 中哪个最大？",
+        }[lang]
+
+    def answer(self, d: dict[str, Any]) -> str:
+        return str(max(d["numbers"]))
+
+    def steps(self, d: dict[str, Any], lang: str) -> str:
+        a, b, c = d["numbers"]
+        pair = ComparisonTask(difficulty=self.difficulty)
+        first = pair.steps({"a": a, "b": b, "which": "larger"}, lang).split("\n")
+        m = max(a, b)
+        second = pair.steps({"a": m, "b": c, "which": "larger"}, lang).split("\n")
+        top = max(m, c)
+        last = {
+            "en": f"So {top} is the largest.",
+            "ja": f"よって {top} が一番大きい。",
+            "zh": f"所以 {top} 最大。",
+        }[lang]
+        return "\n".join([first[0], first[1], second[0], second[1], last])
+
+
 class CountingTask(BuiltinTask):
     """How many times a letter occurs in a string (the "strawberry" problem, made learnable)."""
 
@@ -1232,6 +1278,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "sorting": SortingTask,
     "comparison": ComparisonTask,
     "counting": CountingTask,
+    "largest": LargestTask,
     "modular": ModularTask,
     "word_problem": WordProblemTask,
 }

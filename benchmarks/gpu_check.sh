@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The `gpu` speedrun preset on one GPU, in a few minutes, with its figures printed at the end.
+#
+#   bash benchmarks/gpu_check.sh [RUN_DIR]
+#
+# Installs the project if needed (the regular torch build, CUDA on Linux x86_64), checks that a GPU is
+# visible, runs `nanoseek speedrun --preset gpu` through benchmarks/bench_speedrun.py (wall time per
+# stage, held-out pass@1 per family before and after each stage, the goals of the main job), and prints
+# the first lines of the report. A rerun with the same RUN_DIR re-reads a finished run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run="${1:-runs/gpu_check}"
+python -c "import nanoseek" 2>/dev/null || pip install -q -e .
+python - <<'EOF'
+import torch
+if not torch.cuda.is_available():
+    raise SystemExit("gpu_check: no CUDA device visible to torch; this script is for a GPU machine")
+p = torch.cuda.get_device_properties(0)
+print(f"gpu_check: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, "
+      f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+EOF
+start=$(date +%s)
+python benchmarks/bench_speedrun.py --preset gpu --out "$run" --json "$run.json"
+echo "gpu_check: $(( $(date +%s) - start )) s in all; report: $run/report.md, figures: $run.json"
+sed -n '1,60p' "$run/report.md"
