@@ -131,7 +131,6 @@ PRESETS: dict[str, SpeedrunPreset] = {
     "gpu": SpeedrunPreset(
         name="gpu",
         model="small",
-        student="tiny",
         vocab_size=2048,
         tokenizer_docs=50000,
         pretrain_steps=3000,
