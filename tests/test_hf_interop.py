@@ -208,3 +208,77 @@ def test_v2_norm_topk_prob_differs_from_transformers(tmp_path):
     torch.testing.assert_close(idx.sort(-1).values, ref_idx.sort(-1).values)
     torch.testing.assert_close(w.sum(-1), torch.ones(5))  # DeepSeek: normalized, no scaling
     assert (ref_w.sum(-1) < 1.0 * cfg.routed_scaling_factor).all()  # transformers: scaled softmax mass
+
+
+def test_transformers_checkpoint_without_mtp_weights_loads(tmp_path):
+    """transformers' DeepseekV3Config keeps its default num_nextn_predict_layers (1), and its
+    save_pretrained writes no MTP weights: nanoseek loads the main model whole, without MTP, says so,
+    and writes back a config that matches its weights. A checkpoint missing main weights is refused."""
+    import warnings
+
+    hc = transformers.DeepseekV3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=48,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+    )
+    assert hc.num_nextn_predict_layers == 1  # transformers' own default
+    torch.manual_seed(0)
+    theirs = transformers.DeepseekV3ForCausalLM(hc).eval()
+    theirs.save_pretrained(tmp_path / "hf")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = nanoseek.load_model(tmp_path / "hf").eval()
+    assert any("no MTP weights" in str(w.message) for w in caught)
+    assert ours.config.num_nextn_predict_layers == 0 and len(ours.model.mtp_layers) == 0
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), theirs(ids).logits, atol=TOL)
+    ours.save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    nanoseek.load_model(tmp_path / "ours")
+    # really broken: a main-model weight missing is refused, naming it and why it matters
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tmp_path / "ours" / "model.safetensors")
+    del state["model.layers.1.self_attn.o_proj.weight"]
+    save_file(state, tmp_path / "ours" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"o_proj.*uninitialised memory"):
+        nanoseek.load_model(tmp_path / "ours")
+
+
+@pytest.mark.parametrize("mtp", [0, 1])
+def test_tied_embeddings_stay_tied_through_training_save_and_load(tmp_path, mtp):
+    from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
+
+    cfg = small_config(tie_word_embeddings=True, num_nextn_predict_layers=mtp)
+    model = build_model(cfg).init_weights(0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    trainer = Trainer(
+        model, tmp_path / "run", "pretrain", OptimConfig(lr=1e-2), 3, precision="fp32", progress=False
+    )
+    ids = torch.randint(0, VOCAB, (2, 12))
+    for _ in range(3):
+        trainer.step(lambda: language_model_loss(trainer.model, ids[:, :-1], ids[:, 1:], mtp_weight=0.3))
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    trainer.close()
+    model.save_pretrained(tmp_path / "ck")
+    loaded = nanoseek.load_model(tmp_path / "ck")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(ids), theirs(ids).logits, atol=TOL)

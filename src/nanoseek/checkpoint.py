@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -265,6 +266,7 @@ def build_model(
     if str(device) == "meta":
         return model
     model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()  # to_empty gives the head and the embedding separate storage again
     reset_buffers(model)
     return model
 
@@ -296,19 +298,41 @@ def load_model(
     """A checkpoint directory in HF layout, or a preset name (random weights from `seed`)."""
     p = Path(path_or_preset)
     config = resolve_config(path_or_preset)
-    model = build_model(config, device=device, dtype=dtype)
     if not p.exists():
-        return model.init_weights(seed)
+        return build_model(config, device=device, dtype=dtype).init_weights(seed)
     tensors = from_hf_state_dict(read_safetensors(p), config, dtype)
+    if config.num_nextn_predict_layers and not any(k.startswith("model.mtp_layers.") for k in tensors):
+        # transformers' DeepseekV3Config defaults to one MTP layer but its save_pretrained writes none:
+        # every checkpoint it makes says MTP and holds no MTP weight. The main model is whole; load it
+        # without the module (it predicts nothing the main head needs; only speculative decoding uses it).
+        _say_once(
+            f"{p}: config.json asks for {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint "
+            "holds no MTP weights (transformers writes none); loading without the MTP module, so "
+            "speculative decoding is off for this model"
+        )
+        config = config.replace(num_nextn_predict_layers=0)
+    model = build_model(config, device=device, dtype=dtype)
     missing, unexpected = _check_keys(model, tensors)
     if strict and (missing or unexpected):
         raise ValueError(
             f"checkpoint {p} does not match its config.json: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)} in all), "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all). "
+            "A missing weight would be left as uninitialised memory; the files are incomplete or were "
+            "written for another config.json"
         )
     model.load_state_dict(tensors, strict=False)
+    model.tie_weights()
     return model
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _check_keys(model: DeepSeekV3, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:

@@ -101,7 +101,12 @@ class DeepSeekV3(nn.Module):
         self.config = config
         self.model = DeepSeekBackbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """With `tie_word_embeddings`, the head *is* the embedding: one Parameter, trained, saved
+        (as the embedding only, like transformers) and loaded once."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     # ------------------------------------------------------------------ init
