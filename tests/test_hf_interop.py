@@ -216,25 +216,9 @@ def test_transformers_checkpoint_without_mtp_weights_loads(tmp_path):
     and writes back a config that matches its weights. A checkpoint missing main weights is refused."""
     import warnings
 
-    hc = transformers.DeepseekV3Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        q_lora_rank=48,
-        kv_lora_rank=32,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-    )
+    # the shared small shape, with every MTP field left to transformers' own default
+    fields = {k: v for k, v in small_config().to_dict().items() if k != "num_nextn_predict_layers"}
+    hc = transformers.DeepseekV3Config(**fields)
     assert hc.num_nextn_predict_layers == 1  # transformers' own default
     torch.manual_seed(0)
     theirs = transformers.DeepseekV3ForCausalLM(hc).eval()
