@@ -303,6 +303,7 @@ def run_variant(
                 val_fraction=0.0,
                 seed=seed,
                 whole_documents=v.whole_documents,
+                mask_prompts=v.response_loss_only,
             )
         )
         probe = probe_documents(tok, v.tasks, probe_n, seed=seed)
@@ -334,24 +335,11 @@ def run_variant(
                 )
 
         last: dict[str, Any] = {}
-        assistant = tok.token_to_id("<｜Assistant｜>")
-
-        def batch() -> tuple[Any, Any]:
-            x, y = next(batches)
-            if v.response_loss_only:
-                idx = torch.arange(x.shape[1]).expand_as(x)
-                last_bos = torch.where(x == tok.bos_token_id, idx, -1).cummax(1).values
-                last_asst = torch.where(x == assistant, idx, -1).cummax(1).values
-                # the target of position i is token i+1: ignore it while i is still inside a prompt
-                in_prompt = (last_bos > last_asst) & (y != assistant)
-                y = y.masked_fill(in_prompt, -100)
-            return x, y
-
         while trainer.global_step < v.steps:
             t0 = time.perf_counter()
             last = trainer.step(
                 lambda: language_model_loss(
-                    trainer.model, *batch(), mtp_weight=v.mtp_weight, document_mask=v.document_mask
+                    trainer.model, *next(batches), mtp_weight=v.mtp_weight, document_mask=v.document_mask
                 )
             )
             train_s += time.perf_counter() - t0
