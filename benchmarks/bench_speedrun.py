@@ -44,27 +44,23 @@ def figures(run: Path, preset: str, wall: float) -> dict:
     if preset in BUDGET_S:
         out["budget_s"] = BUDGET_S[preset]
         out["within_budget"] = wall < BUDGET_S[preset]
+    sm = m.pass_at_1_summary()
     pass1: dict[str, dict[str, float]] = {}
-    for (stage, task), r in sorted(m.evals().items()):
-        pass1.setdefault(task, {})[stage] = r.get("pass@1")
+    for (stage, task), v in sm["pass@1"].items():
+        pass1.setdefault(task, {})[stage] = v
+    for (stage, task), r in m.evals().items():
         if r.get("pass@1_by_language"):
             out.setdefault("pass@1_by_language", {}).setdefault(task, {})[stage] = r["pass@1_by_language"]
     out["pass@1"] = pass1
-    zero = m.last_event("speedrun", "plan").get("verifier_only_tasks", [])
-    final = {t: v.get("grpo") for t, v in pass1.items() if v.get("grpo") is not None}
-    if final:
-        out["final_mean"] = sum(final.values()) / len(final)
-    start = {t: v.get("sft", v.get("pretrain")) for t, v in pass1.items()}
-    mid = [t for t in final if t not in zero and start.get(t) is not None and 0.2 <= start[t] <= 0.8]
-    out["grpo_gain_points"] = {t: 100 * (final[t] - start[t]) for t in final if start.get(t) is not None}
-    out["grpo_gain_mid_families"] = mid
-    if mid:
-        out["grpo_gain_mid"] = sum(out["grpo_gain_points"][t] for t in mid) / len(mid)
-    out["verifier_only"] = {t: out["grpo_gain_points"].get(t) for t in zero}
+    out["final_mean"] = sm["means"].get("grpo")
+    out["grpo_gain_points"] = {t: 100 * g for t, g in sm["gains"].items()}
+    out["grpo_gain_mid_families"] = sm["mid"]
+    if sm["mid_gain"] is not None:
+        out["grpo_gain_mid"] = 100 * sm["mid_gain"]
+    out["verifier_only"] = {t: out["grpo_gain_points"].get(t) for t in sm["verifier_only"]}
     out["copy_loss"] = m.last_value("pretrain", "probe_copy_loss")
-    student = {t: v.get("distill") for t, v in pass1.items() if v.get("distill") is not None}
-    if student and out.get("final_mean"):
-        out["student_mean"] = sum(student.values()) / len(student)
+    if sm["means"].get("distill") is not None and out.get("final_mean"):
+        out["student_mean"] = sm["means"]["distill"]
         out["student_ratio"] = out["student_mean"] / out["final_mean"]
     return out
 

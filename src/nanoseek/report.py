@@ -23,6 +23,7 @@ from typing import Any
 from nanoseek.metrics import read_metrics
 
 STAGES = ("tokenizer", "pretrain", "student", "sft", "grpo", "control", "distill", "eval")
+EVAL_STAGES = ("pretrain", "sft", "grpo", "control", "distill")  # the checkpoints evaluated
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -105,6 +106,38 @@ class RunMetrics:
                     "length": r.get("mean_length", r.get("mean_response_tokens", r.get("mean_tokens"))),
                 }
         return out
+
+    def pass_at_1_summary(self) -> dict[str, Any]:
+        """What the main job's goals are judged on: pass@1 per (stage, task), each stage's mean over
+        the tasks, GRPO's gain on the families whose start lies in [20%, 80%] and on the
+        verifier-only families, measured from GRPO's starting checkpoint (SFT, else pretraining)."""
+        evals = self.evals()
+        stages = [s for s in EVAL_STAGES if any(name == s for name, _ in evals)]
+        tasks = list(dict.fromkeys(t for name, t in evals if name in stages))
+        value = {(s, t): r.get("pass@1", r.get("accuracy")) for (s, t), r in evals.items() if s in stages}
+        means = {}
+        for s in stages:
+            vs = [value.get((s, t)) for t in tasks]
+            means[s] = sum(vs) / len(vs) if vs and all(v is not None for v in vs) else None
+        zero = [t for t in self.last_event("speedrun", "plan").get("verifier_only_tasks", []) if t in tasks]
+        start = "sft" if "sft" in stages else "pretrain"
+        gains: dict[str, float] = {}
+        for t in tasks:
+            b, a = value.get((start, t)), value.get(("grpo", t))
+            if b is not None and a is not None:
+                gains[t] = a - b
+        mid = [t for t in gains if t not in zero and 0.2 <= value[(start, t)] <= 0.8]
+        return {
+            "stages": stages,
+            "tasks": tasks,
+            "pass@1": value,
+            "means": means,
+            "start": start,
+            "gains": gains,
+            "mid": mid,
+            "mid_gain": sum(gains[t] for t in mid) / len(mid) if mid else None,
+            "verifier_only": zero,
+        }
 
     def model_info(self) -> dict[str, Any]:
         for stage in ("speedrun", "pretrain"):
@@ -219,30 +252,17 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
     return out
 
 
-EVAL_STAGES = ("pretrain", "sft", "grpo", "control", "distill")
-
-
 def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     """pass@1 per family and per language before and after each stage, and the R1 summary lines."""
-    stages = [s for s in EVAL_STAGES if any(name == s for name, _ in evals)]
-    tasks = list(dict.fromkeys(t for name, t in evals if name in stages))
+    sm = m.pass_at_1_summary()
+    stages, tasks, value, means = sm["stages"], sm["tasks"], sm["pass@1"], sm["means"]
     if not stages or not tasks:
         return []
     k = next((r.get("k") for r in evals.values() if r.get("k")), None)
     out = [f"## Held-out pass@1 (k = {_fmt(k)}, R1's sampling)", ""]
     out += ["| family | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
-
-    def value(stage: str, task: str) -> float | None:
-        r = evals.get((stage, task))
-        return None if r is None else r.get("pass@1", r.get("accuracy"))
-
-    def mean(values: list[float | None]) -> float | None:
-        vs = [v for v in values if v is not None]
-        return sum(vs) / len(vs) if len(vs) == len(values) and vs else None
-
     for task in tasks:
-        out.append(f"| {task} | " + " | ".join(_pct(value(s, task)) for s in stages) + " |")
-    means = {s: mean([value(s, t) for t in tasks]) for s in stages}
+        out.append(f"| {task} | " + " | ".join(_pct(value.get((s, task))) for s in stages) + " |")
     out.append("| **mean** | " + " | ".join(f"**{_pct(means[s])}**" for s in stages) + " |")
     languages = sorted(
         {lang for r in evals.values() for lang in (r.get("pass@1_by_language") or {})},
@@ -252,36 +272,25 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
         out += ["", "| language (mean over families) | " + " | ".join(stages) + " |"]
         out.append("|---|" + "---|" * len(stages))
         for lang in languages:
-            cells = [
-                mean([(evals.get((s, t)) or {}).get("pass@1_by_language", {}).get(lang) for t in tasks])
-                for s in stages
-            ]
+            cells = []
+            for s in stages:
+                vs = [(evals.get((s, t)) or {}).get("pass@1_by_language", {}).get(lang) for t in tasks]
+                cells.append(sum(vs) / len(vs) if all(v is not None for v in vs) else None)
             out.append(f"| {lang} | " + " | ".join(_pct(c) for c in cells) + " |")
     out.append("")
-    plan = m.last_event("speedrun", "plan")
-    zero = [t for t in plan.get("verifier_only_tasks", []) if t in tasks]
-    start = "sft" if "sft" in stages else "pretrain"
-    if "grpo" in stages and start in stages:
-        mid = [
-            t
-            for t in tasks
-            if t not in zero and value(start, t) is not None and 0.2 <= value(start, t) <= 0.8
-        ]
-        if mid:
-            gains = {t: value("grpo", t) - value(start, t) for t in mid if value("grpo", t) is not None}
-            avg = sum(gains.values()) / max(1, len(gains))
-            each = ", ".join(f"{t} {100 * g:+.1f}" for t, g in gains.items())
+    start, gains = sm["start"], sm["gains"]
+    if sm["mid"]:
+        each = ", ".join(f"{t} {100 * gains[t]:+.1f}" for t in sm["mid"])
+        out.append(
+            f"- GRPO's gain over its starting checkpoint ({start}) on the families that start between "
+            f"20% and 80%: **{100 * sm['mid_gain']:+.1f} points** on average ({each})."
+        )
+    for t in sm["verifier_only"]:
+        if t in gains:
             out.append(
-                f"- GRPO's gain over its starting checkpoint ({start}) on the families that start between "
-                f"20% and 80%: **{100 * avg:+.1f} points** on average ({each})."
+                f"- Learned from its verifier alone (no worked solution of {t} in pretraining or SFT): "
+                f"{t} {_pct(value[(start, t)])} → {_pct(value[('grpo', t)])}, **{100 * gains[t]:+.1f} points**."
             )
-        for t in zero:
-            b, a = value(start, t), value("grpo", t)
-            if b is not None and a is not None:
-                out.append(
-                    f"- Learned from its verifier alone (no worked solution of {t} in pretraining or SFT): "
-                    f"{t} {_pct(b)} → {_pct(a)}, **{100 * (a - b):+.1f} points**."
-                )
     if means.get("distill") is not None and means.get("grpo"):
         out.append(
             f"- Distilled dense student: mean pass@1 {_pct(means['distill'])}, "

@@ -302,9 +302,6 @@ def in_validation_split(text: str, val_fraction: float) -> bool:
     return h < val_fraction * 2.0**64
 
 
-USER_TOKEN, ASSISTANT_TOKEN = "<｜User｜>", "<｜Assistant｜>"
-
-
 def in_chat_prompt(inputs: torch.Tensor, user_id: int, assistant_id: int) -> torch.Tensor:
     """[B, S] bool: position i is inside a user turn (from <｜User｜> up to the token before
     <｜Assistant｜>), so the token after it is prompt text. A prompt's numbers are random: nothing can
@@ -371,7 +368,9 @@ class PackedDataset:
         self.rank, self.world_size = rank, world_size
         self.tokenize_batch = tokenize_batch
         self.whole_documents, self.lookahead = whole_documents, max(1, lookahead)
-        user, assistant = tokenizer.token_to_id(USER_TOKEN), tokenizer.token_to_id(ASSISTANT_TOKEN)
+        from nanoseek.tokenizer import ASSISTANT, USER
+
+        user, assistant = tokenizer.token_to_id(USER), tokenizer.token_to_id(ASSISTANT)
         # a tokenizer without DeepSeek's chat tokens cannot have encoded a user turn: nothing to mask
         self.mask_prompts = mask_prompts and user is not None and assistant is not None
         self._chat_ids = (user, assistant)
