@@ -28,7 +28,9 @@ def add_generation_flags(
     g.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same output)")
     g.add_argument("--quantize", choices=["int8", "fp8"], default=None, help="weight-only quantization")
     g.add_argument("--speculative", action="store_true", help="draft tokens with the model's MTP module")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: checkpoint's")
+    g.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype (default float32)"
+    )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -70,8 +72,7 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
         )
     if args.threads:
         torch.set_num_threads(args.threads)
-    kwargs = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
-    model = load_model(directory, **kwargs).eval()
+    model = load_model(directory, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = load_tokenizer(directory)
     speculative = args.speculative and model.config.num_nextn_predict_layers > 0
     if args.speculative and not speculative:
