@@ -9,7 +9,6 @@ import pytest
 import torch
 from tests.test_engine import small_config
 
-from nanoseek.commands.chat import ThinkSplitter
 from nanoseek.model.transformer import DeepSeekV3
 
 
@@ -100,12 +99,24 @@ def test_chat_command_history_and_commands(checkpoint):
     assert "2 turns" in text
 
 
-def test_think_splitter_handles_split_tags():
-    s = ThinkSplitter("</think>", in_think=True)
-    parts = []
-    for chunk in ["let me ", "think</th", "ink>\n", "The answer", " is 4"]:
-        parts += s.push(chunk)
-    parts += s.flush()
-    assert s.think == "let me think" and s.answer == "The answer is 4"
-    assert ("end_think", "") in parts
-    assert "".join(t for k, t in parts if k == "think") == "let me think"
+def test_chat_turn_splits_reasoning_across_split_tags(checkpoint):
+    """`nanoseek chat` streams through the server's ReasoningSplitter: a tag cut across deltas still
+    separates the reasoning from the answer, and history keeps both in R1's shape."""
+    from types import SimpleNamespace
+
+    from nanoseek.commands.chat import chat_turn
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    chunks = ["let me ", "think</th", "ink>\n", "The answer", " is 4"]
+
+    class Engine:  # streams the chunks' token ids, one chunk per step
+        def stream(self, prompts, params):
+            return [SimpleNamespace(new_token_ids=tok.encode(c)) for c in chunks]
+
+    out = io.StringIO()
+    messages = [{"role": "user", "content": "q"}]
+    reply, n = chat_turn(Engine(), tok, messages, None, out, color=False)
+    assert n == sum(len(tok.encode(c)) for c in chunks)
+    assert out.getvalue() == "let me think\n\nThe answer is 4\n"
+    assert reply == "<think>\nlet me think\n</think>\n\nThe answer is 4"

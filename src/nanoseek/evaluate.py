@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.tokenizer import THINK_END, THINK_START
+
 EVAL_PARTS = "accuracy:1,format:1,language:1"
 
 
@@ -316,7 +318,7 @@ def endpoint_sampler(
                 "reasoning_content"
             )
             content = msg.content or ""
-            text = f"<think>{reasoning}</think>{content}" if reasoning else content
+            text = f"{THINK_START}{reasoning}{THINK_END}{content}" if reasoning else content
             out.append(Sample(text=text, num_tokens=int(round(per)), finish_reason=ch.finish_reason))
         if len(out) != cfg.k:
             raise ValueError(f"endpoint returned {len(out)} choices for n={cfg.k} (does it support n?)")

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nanoseek.tokenizer import THINK_END
+
 KINDS: tuple[str, ...] = ("copy", "digit", "text", "answer")
 _DIGITS = re.compile(r"\d+")
 
@@ -66,8 +68,8 @@ def probe_documents(
         for p in task.problems(split, n_per_task, seed=seed):
             text = chat_document(p, task.worked_solution(p))
             start = text.index(p.prompt) + len(p.prompt)
-            think_end = text.rfind("</think>")
-            answer_start = think_end + len("</think>") if think_end >= 0 else len(text)
+            think_end = text.rfind(THINK_END)
+            answer_start = think_end + len(THINK_END) if think_end >= 0 else len(text)
             char_kinds = response_char_kinds(text, start)
             enc = tokenizer.backend.encode(text, add_special_tokens=False)
             kinds: list[str | None] = [None]  # BOS

@@ -30,94 +30,52 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-class ThinkSplitter:
-    """Routes streamed text to 'think' or 'answer', holding back a possible partial '</think>'."""
-
-    def __init__(self, end_tag: str, in_think: bool) -> None:
-        self.end_tag = end_tag
-        self.in_think = in_think
-        self.pending = ""
-        self.think = ""
-        self.answer = ""
-
-    def push(self, text: str) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
-        if not self.in_think:
-            self.answer += text
-            return [("answer", text)] if text else []
-        buf = self.pending + text
-        i = buf.find(self.end_tag)
-        if i >= 0:
-            self.in_think = False
-            self.pending = ""
-            out.append(("think", buf[:i]))
-            self.think += buf[:i]
-            rest = buf[i + len(self.end_tag) :].lstrip("\n")
-            self.answer += rest
-            out.append(("end_think", ""))
-            if rest:
-                out.append(("answer", rest))
-            return out
-        # Keep the longest tail that could still be the start of the end tag.
-        keep = 0
-        for k in range(min(len(self.end_tag) - 1, len(buf)), 0, -1):
-            if self.end_tag.startswith(buf[-k:]):
-                keep = k
-                break
-        emit, self.pending = buf[: len(buf) - keep], buf[len(buf) - keep :]
-        self.think += emit
-        return [("think", emit)] if emit else []
-
-    def flush(self) -> list[tuple[str, str]]:
-        rest, self.pending = self.pending, ""
-        if not rest:
-            return []
-        if self.in_think:
-            self.think += rest
-            return [("think", rest)]
-        self.answer += rest
-        return [("answer", rest)]
-
-
 def chat_turn(
     engine: Any, tok: Any, messages: list[dict], params: Any, out: TextIO, color: bool
 ) -> tuple[str, int]:
     """Stream one assistant reply to `out`; returns (the reply as stored in history, tokens generated)."""
+    from nanoseek.serve.textstream import ReasoningSplitter
     from nanoseek.tokenizer import IncrementalDecoder
 
     prompt_text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tok.encode(prompt_text)
-    splitter = ThinkSplitter(tok.think_end, in_think=prompt_text.rstrip().endswith(tok.think_start))
+    splitter = ReasoningSplitter(started_in_think=prompt_text.rstrip().endswith(tok.think_start))
     decoder = IncrementalDecoder(tok, skip_special_tokens=True)
     dim, reset = (DIM, RESET) if color else ("", "")
+    think: list[str] = []
+    answer: list[str] = []
     n = 0
 
-    def show(parts: list[tuple[str, str]]) -> None:
-        for kind, text in parts:
-            if kind == "think":
-                out.write(f"{dim}{text}{reset}")
-            elif kind == "end_think":
-                out.write("\n\n")
-            else:
-                out.write(text)
+    def show(reasoning: str, content: str) -> None:
+        if reasoning:
+            out.write(f"{dim}{reasoning}{reset}")
+            think.append(reasoning)
+        if content:
+            if think and not answer:
+                out.write("\n\n")  # the think block has closed: set the answer apart
+            out.write(content)
+            answer.append(content)
         out.flush()
 
     for ev in engine.stream([ids], params):
         n += len(ev.new_token_ids)
-        show(splitter.push(decoder.push(ev.new_token_ids)))
-    show(splitter.push(decoder.flush()) + splitter.flush())
+        show(*splitter.push(decoder.push(ev.new_token_ids)))
+    show(*splitter.push(decoder.flush()))
+    show(*splitter.flush())
     out.write("\n")
-    reply = f"{tok.think_start}\n{splitter.think.strip()}\n{tok.think_end}\n\n{splitter.answer.strip()}"
+    reply = f"{tok.think_start}\n{''.join(think).strip()}\n{tok.think_end}\n\n{''.join(answer).strip()}"
     return reply, n
 
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
+    from nanoseek.tokenizer import USER
+
     params = sampling_params(args)  # bad flags fail before the model loads
     engine, tok, model = load_for_generation(args)
     stops = [tok.eos_token_id]
-    user_id = tok.token_to_id("<｜User｜>")
+    user_id = tok.token_to_id(USER)
     if user_id is not None:
         stops.append(user_id)  # a model that starts the next user turn has finished its own
     params = dataclasses.replace(params, stop_token_ids=stops)

@@ -35,6 +35,8 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nanoseek.tokenizer import ASSISTANT, EOS, USER
+
 if TYPE_CHECKING:
     import torch
 
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 PARQUET_SUFFIXES = (".parquet",)
-DOC_SEPARATORS = frozenset({"<|endoftext|>", "<｜end▁of▁sentence｜>"})
+DOC_SEPARATORS = frozenset({"<|endoftext|>", EOS})
 EMBEDDED = "embedded"
 
 
@@ -368,8 +370,6 @@ class PackedDataset:
         self.rank, self.world_size = rank, world_size
         self.tokenize_batch = tokenize_batch
         self.whole_documents, self.lookahead = whole_documents, max(1, lookahead)
-        from nanoseek.tokenizer import ASSISTANT, USER
-
         user, assistant = tokenizer.token_to_id(USER), tokenizer.token_to_id(ASSISTANT)
         # a tokenizer without DeepSeek's chat tokens cannot have encoded a user turn: nothing to mask
         self.mask_prompts = mask_prompts and user is not None and assistant is not None

@@ -33,8 +33,9 @@ from nanoseek.data.tasks import (
     extract_answer,
     get_task,
 )
+from nanoseek.tokenizer import ASSISTANT, BOS, USER
 
-_CHAT_TAGS = ("<｜User｜>", "<｜Assistant｜>", "<｜begin▁of▁sentence｜>")
+_CHAT_TAGS = (USER, ASSISTANT, BOS)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -20,8 +20,7 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 
 from nanoseek.data.tasks import BUILTIN_TASKS, LANGUAGES, BuiltinTask, Problem, get_task
-
-USER, ASSISTANT, EOS = "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"
+from nanoseek.tokenizer import ASSISTANT, EOS, USER
 
 # Document shapes: "chat" (an R1 chat turn), "series" (a worksheet of problems), "explained" (the
 # method, then a worked problem), "textbook" (Question / Solution / Answer), "plain" (problem and

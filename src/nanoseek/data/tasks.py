@@ -32,6 +32,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from nanoseek.tokenizer import EOS as EOS_TEXT
+from nanoseek.tokenizer import THINK_END, THINK_START
+
 __all__ = [
     "BUILTIN_TASKS",
     "HELDOUT_EVERY",
@@ -67,9 +70,6 @@ __all__ = [
 LANGUAGES: tuple[str, ...] = ("en", "ja", "zh")
 SPLITS: tuple[str, ...] = ("train", "test")
 HELDOUT_EVERY = 5  # 1 in 5 canonical problems is held out
-THINK_START = "<think>"
-THINK_END = "</think>"
-EOS_TEXT = "<｜end▁of▁sentence｜>"
 VERIFIERS: tuple[str, ...] = ("exact", "numeric", "math", "code")
 
 

@@ -45,6 +45,7 @@ from nanoseek.serve.protocol import (
     validation_error,
 )
 from nanoseek.serve.textstream import ReasoningSplitter, StopStringMatcher
+from nanoseek.tokenizer import THINK_END, THINK_START
 
 STATIC_DIR = Path(__file__).parent / "static"
 OPEN_PATHS = ("/health", "/", "/favicon.ico")  # the page's static files hold no model data
@@ -171,8 +172,8 @@ class Server:
         self.created = int(time.time())
         self.vocab_size = int(getattr(tokenizer, "vocab_size", 0) or 0)
         self.fingerprint = "fp_nanoseek"
-        self.think_start = getattr(tokenizer, "think_start", "<think>")
-        self.think_end = getattr(tokenizer, "think_end", "</think>")
+        self.think_start = getattr(tokenizer, "think_start", THINK_START)
+        self.think_end = getattr(tokenizer, "think_end", THINK_END)
 
     # ---------------------------------------------------------- validation
     def check_model(self, name: str | None) -> None:

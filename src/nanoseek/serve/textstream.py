@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from nanoseek.tokenizer import THINK_END, THINK_START
+
 
 def _partial_suffix_len(text: str, needles: Sequence[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of one of `needles`."""
@@ -67,7 +69,7 @@ class ReasoningSplitter:
     newline after `<think>` and the blank line after `</think>` are layout, not text, and are dropped.
     """
 
-    def __init__(self, started_in_think: bool, think_start: str = "<think>", think_end: str = "</think>"):
+    def __init__(self, started_in_think: bool, think_start: str = THINK_START, think_end: str = THINK_END):
         self.start_tag, self.end_tag = think_start, think_end
         self.state = "think" if started_in_think else "before"  # before -> think -> answer
         self._pending = ""

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.model.attention import document_causal_mask
+from nanoseek.tokenizer import THINK_END, THINK_START
 
 IGNORE = -100
 
@@ -33,8 +34,8 @@ IGNORE = -100
 def assistant_target_text(
     message: dict[str, Any],
     prompt_opened_think: bool,
-    think_start: str = "<think>",
-    think_end: str = "</think>",
+    think_start: str = THINK_START,
+    think_end: str = THINK_END,
 ) -> str:
     """The text the model must produce for one assistant message, after the generation prompt."""
     content = str(message.get("content") or "")
@@ -65,8 +66,8 @@ def tokenize_conversation(
             raise ValueError(f"unknown role {m['role']!r}")
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("conversation has no assistant message to train on")
-    think_start = getattr(tokenizer, "think_start", "<think>")
-    think_end = getattr(tokenizer, "think_end", "</think>")
+    think_start = getattr(tokenizer, "think_start", THINK_START)
+    think_end = getattr(tokenizer, "think_end", THINK_END)
     out = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
