@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from nanoseek.model.loss import target_logprobs
 from nanoseek.tokenizer import THINK_END
 
 KINDS: tuple[str, ...] = ("copy", "digit", "text", "answer")
@@ -102,9 +102,7 @@ def probe_losses(
             width = max(len(d.ids) for d in chunk)
             pad = model.config.pad_token_id or 0
             ids = torch.tensor([d.ids + [pad] * (width - len(d.ids)) for d in chunk], device=device)
-            logits = model(ids[:, :-1]).float()
-            nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-            nll = nll.view(len(chunk), width - 1).cpu()
+            nll = -target_logprobs(model(ids[:, :-1]), ids[:, 1:])[0].cpu()
             for row, d in enumerate(chunk):
                 for t in range(1, len(d.ids)):
                     kind = d.kinds[t]

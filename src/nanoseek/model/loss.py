@@ -84,3 +84,13 @@ def linear_cross_entropy(
     flat_t = targets.reshape(-1)
     want = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(flat_h, weight, flat_t, ignore_index, want, _matmul_dtype(hidden))
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each target token, all log-probs): fp32 log-softmax over the vocabulary, gathered.
+
+    logits [..., V], targets [...] of token ids. The full [..., V] log-probs are returned too, for the
+    callers that also want the entropy (GRPO) or the top alternatives (the server's prompt logprobs).
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), logp

@@ -257,6 +257,8 @@ class AsyncEngine:
         cannot change its logits, so batching gives each prompt the scores it would get alone."""
         import torch
 
+        from nanoseek.model.loss import target_logprobs
+
         if self.model is None:
             raise RuntimeError("prompt scoring needs the model")
         device = next(self.model.parameters()).device
@@ -279,8 +281,7 @@ class AsyncEngine:
                     device=device,
                 )
                 with torch.inference_mode():
-                    logp = torch.log_softmax(self.model(ids)[:, :-1].float(), dim=-1)  # t predicts t+1
-                chosen = logp.gather(2, ids[:, 1:, None])[..., 0]
+                    chosen, logp = target_logprobs(self.model(ids)[:, :-1], ids[:, 1:])  # t predicts t+1
                 if top_k > 0:
                     vals, idx = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
                 for row, i in enumerate(batch):

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+
+from nanoseek.model.loss import target_logprobs
 
 LossType = Literal["grpo", "dr_grpo", "dapo"]
 LOSS_TYPES: tuple[str, ...] = ("grpo", "dr_grpo", "dapo")
@@ -103,9 +104,7 @@ def token_logprobs(
         sel = logits[batch_idx, rows].float()
     if temperature != 1.0:
         sel = sel / temperature
-    logp_all = F.log_softmax(sel, dim=-1)
-    targets = input_ids.gather(1, rows + 1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp, logp_all = target_logprobs(sel, input_ids.gather(1, rows + 1))
     entropy = None
     if with_entropy:
         with torch.no_grad():
