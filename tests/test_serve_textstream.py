@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from nanoseek.serve.metrics import Histogram, ServerMetrics
+from nanoseek.serve.metrics import ServerMetrics
 from nanoseek.serve.textstream import ReasoningSplitter, StopStringMatcher
 
 
@@ -88,14 +88,13 @@ def test_stop_matcher_withholds_possible_prefix():
 
 
 def test_prometheus_exposition():
-    h = Histogram("x_seconds", "help", [0.1, 1.0])
-    for v in (0.05, 0.5, 2.0):
-        h.observe(v)
-    lines = h.render()
-    assert 'x_seconds_bucket{le="0.1"} 1' in lines and 'x_seconds_bucket{le="+Inf"} 3' in lines
-    assert "x_seconds_count 3" in lines
     m = ServerMetrics(lambda: {"num_running": 3, "cache_blocks_used": 5, "cache_blocks_total": 20})
-    m.requests.inc(route="/v1/models", status="200")
+    for v in (0.003, 0.5, 100.0):
+        m.ttft.observe(v)
+    m.requests.labels(route="/v1/models", status="200").inc()
     text = m.render()
+    h = "nanoseek:time_to_first_token_seconds"
+    assert f'{h}_bucket{{le="0.005"}} 1' in text and f'{h}_bucket{{le="+Inf"}} 3' in text
+    assert f"{h}_count 3" in text
     assert 'nanoseek:requests_total{route="/v1/models",status="200"} 1' in text
     assert "nanoseek:num_requests_running 3" in text and "nanoseek:kv_cache_usage_perc 0.25" in text

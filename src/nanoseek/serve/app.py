@@ -31,6 +31,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -733,7 +734,7 @@ class _AuthAndMetrics:
                     status=401,
                     code="invalid_api_key",
                 )
-                self.server.metrics.requests.inc(route=_route(path), status="401")
+                self.server.metrics.requests.labels(route=_route(path), status="401").inc()
                 return await JSONResponse(err.body(), status_code=401)(scope, receive, send)
         status = {"code": 500}
 
@@ -746,7 +747,7 @@ class _AuthAndMetrics:
             await self.app(scope, receive, send_wrapper)
         finally:
             if path != "/metrics":
-                self.server.metrics.requests.inc(route=_route(path), status=str(status["code"]))
+                self.server.metrics.requests.labels(route=_route(path), status=str(status["code"])).inc()
 
 
 def create_app(engine: Any, tokenizer: Any, config: ServeConfig, model: Any = None) -> FastAPI:
@@ -812,9 +813,7 @@ def create_app(engine: Any, tokenizer: Any, config: ServeConfig, model: Any = No
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(
-            server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        return PlainTextResponse(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/")
     async def index() -> FileResponse:

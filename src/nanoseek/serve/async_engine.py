@@ -227,7 +227,7 @@ class AsyncEngine:
 
     def _finish_metrics(self, entry: _Entry, reason: str) -> None:
         if self.metrics:
-            self.metrics.finished.inc(finished_reason=reason)
+            self.metrics.finished.labels(finished_reason=reason).inc()
             self.metrics.e2e.observe(time.perf_counter() - entry.arrival)
 
     def _post(self, group: RequestGroup, item: Any, release: int = 0) -> None:
