@@ -224,7 +224,11 @@ def _corpus(v: Variant, seed: int, cache: Path) -> tuple[Path, Path]:
     from nanoseek.tokenizer import load_tokenizer, train_tokenizer
 
     # the generators' source is part of the key: a changed worked-solution format is a new corpus
-    code = "".join(Path(m.__file__).read_text() for m in (nanoseek.data.synthetic, nanoseek.data.tasks))
+    sources = [
+        Path(nanoseek.data.synthetic.__file__),
+        *sorted(Path(nanoseek.data.tasks.__file__).parent.glob("*.py")),
+    ]
+    code = "".join(p.read_text() for p in sources)
     key = json.dumps([v.tasks, v.languages, v.shapes, v.harder_fraction, seed, code], sort_keys=True)
     tag = hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
     data = cache / f"docs-{tag}.jsonl"

@@ -1,0 +1,217 @@
+"""Tasks from outside: reasoning-gym datasets (``rg:<name>``) and user JSONL files (``jsonl:<path>``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from nanoseek.data.tasks.answers import (
+    check_code,
+    check_exact,
+    check_math,
+    check_numeric,
+    extract_answer,
+    parse_number,
+)
+from nanoseek.data.tasks.base import SPLITS, VERIFIERS, Problem, Task, _check_split, _problem_id, split_of
+from nanoseek.tokenizer import THINK_END, THINK_START
+
+# ----------------------------------------------------------------------------------------------------
+# reasoning-gym adapter
+# ----------------------------------------------------------------------------------------------------
+
+
+class ReasoningGymTask(Task):
+    """Any reasoning-gym dataset (``rg:<name>``), scored by the dataset's own ``score_answer``.
+
+    reasoning-gym's scorers give partial credit (its default gives 0.01-0.05 for a wrong but present
+    answer, countdown scores near misses); this adapter returns 1.0 only when the scorer says 1.0,
+    unless ``partial=True``. Prompts are English only.
+    """
+
+    languages = ("en",)
+
+    def __init__(self, spec: str, dataset: str, partial: bool = False, **config: Any) -> None:
+        import reasoning_gym
+
+        self.name, self.dataset, self.partial, self.config = spec, dataset, bool(partial), config
+        try:
+            # the scorer: score_answer reads only the entry (and the dataset config)
+            self._scorer = reasoning_gym.create_dataset(dataset, seed=0, size=1, **config)
+        except Exception as e:
+            raise ValueError(f"cannot create reasoning-gym dataset {dataset!r} with {config}: {e}") from e
+        self._create = reasoning_gym.create_dataset
+
+    def iter_problems(
+        self, split: str, seed: int = 0, language: str | Sequence[str] | None = None
+    ) -> Iterator[Problem]:
+        _check_split(split)
+        langs = () if language is None else (language,) if isinstance(language, str) else tuple(language)
+        if any(x != "en" for x in langs):
+            raise ValueError(f"reasoning-gym tasks are English only, got language={language!r}")
+        chunk = 0
+        while True:
+            # fresh seeds per chunk; the split is decided by the question's hash, as for built-ins
+            ds_seed = int.from_bytes(
+                hashlib.blake2b(f"{self.name}|{seed}|{chunk}".encode(), digest_size=4).digest(), "big"
+            )
+            # small chunks first: some datasets (countdown) take ~0.1 s per item to generate
+            ds = self._create(self.dataset, seed=ds_seed, size=min(128, 8 << chunk), **self.config)
+            for i in range(len(ds)):
+                entry = ds[i]
+                key = f"rg:{self.dataset}|{entry['question']}"
+                if split_of(key) != split:
+                    continue
+                gold = entry.get("answer")
+                yield Problem(
+                    id=_problem_id(f"rg:{self.dataset}", key),
+                    prompt=entry["question"],
+                    answer="" if gold is None else str(gold),
+                    language="en",
+                    task=self.name,
+                    meta={"entry": entry, "split": split},
+                )
+            chunk += 1
+
+    def verify(self, problem: Problem, completion: str, require_think: bool = False) -> float | None:
+        entry = problem.meta.get("entry")
+        if entry is None or entry.get("answer") is None:
+            return None
+        answer = extract_answer(completion, require_think)
+        if answer is None:
+            return 0.0
+        try:
+            s = float(self._scorer.score_answer(answer, entry))
+        except Exception:
+            return 0.0
+        if self.partial:
+            return min(max(s, 0.0), 1.0)
+        return 1.0 if s >= 1.0 - 1e-9 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# JSONL user tasks
+# ----------------------------------------------------------------------------------------------------
+
+
+def detect_language(text: str) -> str:
+    """'ja' if the text has kana, 'zh' if it has Han but no kana, else 'en'."""
+    from nanoseek.data.rewards import script_counts
+
+    c = script_counts(text)
+    if c["kana"]:
+        return "ja"
+    return "zh" if c["han"] else "en"
+
+
+class JsonlTask(Task):
+    """User tasks from JSON lines: ``{"prompt", "answer", "verifier"?, "tests"?, "language"?, "split"?, "reasoning"?}``.
+
+    verifier: "exact" (default when the answer is not a number), "numeric" (default for numbers), "math"
+    (math-verify), "code" (the answer's last fenced block run against ``tests``: a string of Python asserts,
+    or a list of {"input", "output"} stdin/stdout cases). A line's "split" overrides the hash split.
+    """
+
+    def __init__(self, spec: str, path: str, partial: bool = False) -> None:
+        self.name, self.path, self.partial = spec, Path(path), bool(partial)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"jsonl task file not found: {self.path}")
+        self.items: list[Problem] = []
+        with self.path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    self.items.append(self._parse(line, lineno))
+        if not self.items:
+            raise ValueError(f"{self.path}: no problems")
+        self.languages = tuple(sorted({p.language for p in self.items}))
+
+    def _parse(self, line: str, lineno: int) -> Problem:
+        where = f"{self.path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e})") from e
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f'{where}: each line needs a non-empty string "prompt"')
+        verifier = row.get("verifier")
+        tests = row.get("tests")
+        answer = "" if row.get("answer") is None else str(row["answer"])
+        if verifier is None:
+            verifier = "code" if tests else "numeric" if parse_number(answer) is not None else "exact"
+        if "answer" not in row and verifier != "code":
+            raise ValueError(f'{where}: missing "answer"')
+        if verifier not in VERIFIERS:
+            raise ValueError(f"{where}: verifier {verifier!r} is not one of {VERIFIERS}")
+        if verifier == "code" and not (isinstance(tests, str) or (isinstance(tests, list) and tests)):
+            raise ValueError(
+                f'{where}: verifier "code" needs "tests" (Python asserts or [{{"input", "output"}}])'
+            )
+        if isinstance(tests, list) and not all(isinstance(t, dict) and "output" in t for t in tests):
+            raise ValueError(f'{where}: each test case needs "output" (and optionally "input")')
+        language = row.get("language") or detect_language(row["prompt"])
+        split = row.get("split") or split_of(f"jsonl|{row['prompt']}")
+        if split not in SPLITS:
+            raise ValueError(f"{where}: split {split!r} is not one of {SPLITS}")
+        key = f"jsonl|{row['prompt']}"
+        return Problem(
+            id=row.get("id") or _problem_id(self.path.stem, key),
+            prompt=row["prompt"],
+            answer=answer,
+            language=language,
+            task=self.name,
+            meta={
+                "verifier": verifier,
+                "tests": tests,
+                "split": split,
+                "reasoning": row.get("reasoning"),
+                "line": lineno,
+            },
+        )
+
+    def iter_problems(
+        self, split: str, seed: int = 0, language: str | Sequence[str] | None = None
+    ) -> Iterator[Problem]:
+        _check_split(split)
+        langs = None if language is None else {language} if isinstance(language, str) else set(language)
+        pool = [p for p in self.items if p.meta["split"] == split and (langs is None or p.language in langs)]
+        if not pool:
+            raise ValueError(f"{self.path}: no {split} problems" + (f" in {sorted(langs)}" if langs else ""))
+        rng = random.Random(f"{self.name}|{split}|{seed}")
+        while True:
+            rng.shuffle(pool)
+            yield from pool
+
+    def problems(
+        self, split: str, n: int, seed: int = 0, language: str | None = None, strict: bool = True
+    ) -> list[Problem]:
+        _check_split(split)
+        pool = [
+            p for p in self.items if p.meta["split"] == split and (language is None or p.language == language)
+        ]
+        if n > len(pool):
+            warnings.warn(
+                f"{self.path}: asked for {n} {split} problems, only {len(pool)} exist", stacklevel=2
+            )
+        return super().problems(split, min(n, len(pool)), seed, language) if pool else []
+
+    def verify(self, problem: Problem, completion: str, require_think: bool = False) -> float | None:
+        answer = extract_answer(completion, require_think)
+        kind = problem.meta.get("verifier", "exact")
+        if kind == "code":
+            return check_code(problem.meta.get("tests"), answer, partial=self.partial)
+        return {"exact": check_exact, "numeric": check_numeric, "math": check_math}[kind](
+            problem.answer, answer
+        )
+
+    def worked_solution(self, problem: Problem) -> str:
+        reasoning = problem.meta.get("reasoning")
+        if not reasoning:
+            raise NotImplementedError(
+                f'{self.path}: problem {problem.id} has no "reasoning" to build a worked solution'
+            )
+        return f"{THINK_START}\n{reasoning}\n{THINK_END}\n{problem.answer}"

@@ -1,0 +1,155 @@
+"""Answer extraction and the verifiers shared by tasks and rewards: the text after the last ``</think>``,
+scored strictly (exact, numeric, math-verify, code run against tests)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+import threading
+from fractions import Fraction
+from typing import Any
+
+from nanoseek.tokenizer import EOS as EOS_TEXT
+from nanoseek.tokenizer import THINK_END
+
+
+def extract_answer(completion: str, require_think: bool = False) -> str | None:
+    """The text after the last ``</think>``; without one, the whole completion unless ``require_think``."""
+    text = completion.replace(EOS_TEXT, "")
+    if THINK_END in text:
+        return text.rsplit(THINK_END, 1)[1].strip()
+    return None if require_think else text.strip()
+
+
+def unbox(text: str) -> str:
+    r"""The content of the one ``\boxed{...}`` (brace-matched), else the text itself.
+
+    Two or more boxes are left as they are (and then fail to parse): boxing many candidates is a hack.
+    """
+    start = text.rfind("\\boxed{")
+    if start < 0 or text.count("\\boxed{") > 1:
+        return text
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return text
+
+
+_NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_FRACTION_RE = re.compile(r"([+-]?\d+)\s*/\s*(\d+)")
+
+
+def parse_number(text: str | None) -> Fraction | None:
+    """One number and nothing else (``42``, ``-3.5``, ``7/2``, ``1,234``, ``$42$``, ``\\boxed{42}``)."""
+    if text is None:
+        return None
+    s = unbox(text.strip()).strip().strip("$").strip()
+    s = s.rstrip("。.").strip()
+    s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)  # thousands separators
+    if len(s) > 64:
+        return None
+    if _NUMBER_RE.fullmatch(s):
+        try:
+            return Fraction(s)
+        except (ValueError, ZeroDivisionError):
+            return None
+    m = _FRACTION_RE.fullmatch(s)
+    if m and int(m.group(2)) != 0:
+        return Fraction(int(m.group(1)), int(m.group(2)))
+    return None
+
+
+def numbers_equal(gold: Fraction, pred: Fraction, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> bool:
+    if gold.denominator == 1 and pred.denominator == 1:
+        return gold == pred
+    return math.isclose(float(gold), float(pred), rel_tol=rel_tol, abs_tol=abs_tol)
+
+
+def check_numeric(gold: str, answer: str | None) -> float | None:
+    g = parse_number(gold)
+    if g is None:
+        return None  # unparseable gold: skip, never reward
+    p = parse_number(answer)
+    return float(p is not None and numbers_equal(g, p))
+
+
+def _normalize_exact(s: str) -> str:
+    return " ".join(unbox(s.strip()).strip().strip("$").split()).rstrip("。.").strip()
+
+
+def check_exact(gold: str, answer: str | None) -> float | None:
+    if not gold.strip():
+        return None
+    return float(answer is not None and _normalize_exact(answer) == _normalize_exact(gold))
+
+
+def check_math(gold: str, answer: str | None) -> float | None:
+    """math-verify equivalence (LaTeX, \\boxed, fractions, sets, ...).
+
+    math-verify times its parsing with SIGALRM, which only works in the main thread; elsewhere (reward
+    worker threads, a server) we run it with its timeouts disabled and bound the input size instead.
+    """
+    from math_verify import parse, verify
+
+    main = threading.current_thread() is threading.main_thread()
+    timeout = 5 if main else None
+    if not main:
+        _quiet_math_verify_timeout_warning()
+    gold_text = gold if "$" in gold or "\\boxed" in gold else f"${gold}$"
+    try:
+        g = parse(gold_text, parsing_timeout=timeout)
+    except Exception:
+        g = []
+    if not g:
+        return None
+    if answer is None or len(answer) > 2000:
+        return 0.0
+    try:
+        p = parse(answer if "$" in answer or "\\boxed" in answer else f"${answer}$", parsing_timeout=timeout)
+        return float(bool(p) and verify(g, p, timeout_seconds=timeout))
+    except Exception:
+        return 0.0
+
+
+@functools.cache
+def _quiet_math_verify_timeout_warning() -> None:
+    # math-verify warns on every call made with its timeout disabled; once is enough (documented above)
+    import logging
+
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).addFilter(lambda r: "Timeout is disabled" not in r.getMessage())
+
+
+_CODE_BLOCK_RE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def extract_code(answer: str) -> str:
+    """The last fenced code block of the answer, else the whole answer."""
+    blocks = _CODE_BLOCK_RE.findall(answer)
+    return blocks[-1] if blocks else answer
+
+
+def run_code_tests(code: str, tests: str | list[dict[str, str]], timeout: float = 2.0) -> tuple[int, int]:
+    """(passed, total) for ``code`` against ``tests`` in the sandbox (see sandbox.run_tests)."""
+    from nanoseek.data.sandbox import SandboxConfig, run_tests
+
+    return run_tests(code, tests, SandboxConfig(timeout=timeout))[:2]
+
+
+def check_code(tests: Any, answer: str | None, partial: bool = False) -> float | None:
+    if not tests:
+        return None
+    if answer is None or not answer.strip():
+        return 0.0
+    passed, total = _cached_code_run(extract_code(answer), json.dumps(tests, sort_keys=True))
+    return passed / total if partial else float(passed == total)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_code_run(code: str, tests_json: str) -> tuple[int, int]:
+    # accuracy and code rewards both run the same program: run it once
+    return run_code_tests(code, json.loads(tests_json))

@@ -1,0 +1,102 @@
+"""What every task is: a `Problem`, the hash split that keeps train and test apart, the `Task` interface."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+LANGUAGES: tuple[str, ...] = ("en", "ja", "zh")
+SPLITS: tuple[str, ...] = ("train", "test")
+HELDOUT_EVERY = 5  # 1 in 5 canonical problems is held out
+VERIFIERS: tuple[str, ...] = ("exact", "numeric", "math", "code")
+
+
+@dataclass
+class Problem:
+    id: str
+    prompt: str
+    answer: str
+    language: str
+    task: str  # the task spec: get_task(problem.task) rebuilds the task that scores it
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def split_of(key: str) -> str:
+    """The split a canonical problem key belongs to (fixed forever: a hash, not a seed)."""
+    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
+    return "test" if h % HELDOUT_EVERY == 0 else "train"
+
+
+def _problem_id(task: str, key: str) -> str:
+    return f"{task}/{hashlib.blake2b(key.encode('utf-8'), digest_size=6).hexdigest()}"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+def _check_language(language: str | None, allowed: Sequence[str]) -> None:
+    if language is not None and language not in allowed:
+        raise ValueError(f"unsupported language {language!r}; this task has {tuple(allowed)}")
+
+
+class Task:
+    """A source of verifiable problems with disjoint train/test splits."""
+
+    name: str = ""
+    languages: tuple[str, ...] = LANGUAGES
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    def iter_problems(
+        self, split: str, seed: int = 0, language: str | Sequence[str] | None = None
+    ) -> Iterator[Problem]:
+        """Endless stream of problems of ``split`` (may repeat; ``problems`` de-duplicates)."""
+        raise NotImplementedError
+
+    def problems(
+        self, split: str, n: int, seed: int = 0, language: str | None = None, strict: bool = True
+    ) -> list[Problem]:
+        """``n`` distinct problems of ``split``, reproducible from ``seed``; with ``strict=False``, as
+        many as the split holds when that is fewer (a training pool), instead of an error."""
+        _check_split(split)
+        _check_language(language, self.languages)
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        out: list[Problem] = []
+        seen: set[str] = set()
+        misses = 0  # draws in a row that found nothing new
+        for p in self.iter_problems(split, seed, language):
+            if p.id in seen:
+                misses += 1
+                # a small problem space (or split) runs dry: say so instead of spinning forever
+                if misses > 1000 + 20 * len(out):
+                    if not strict:
+                        return out
+                    raise ValueError(
+                        f"task {self.name!r} has only {len(out)} distinct {split} problems at this size; "
+                        f"asked for {n} (raise the difficulty / size)"
+                    )
+                continue
+            seen.add(p.id)
+            out.append(p)
+            misses = 0
+            if len(out) >= n:
+                break
+        return out
+
+    def verify(self, problem: Problem, completion: str, require_think: bool = False) -> float | None:
+        """Correctness in [0, 1], or None if the gold answer cannot be parsed (skip the sample)."""
+        raise NotImplementedError
+
+    def score(self, problem: Problem, completion: str, require_think: bool = False) -> float:
+        """Correctness in [0, 1] (0 for a sample whose gold is unparseable; use ``verify`` to tell)."""
+        s = self.verify(problem, completion, require_think)
+        return 0.0 if s is None else s
+
+    # worked_solution(problem) -> str exists only on tasks that can write one (built-ins, JSONL lines
+    # with "reasoning"), so `hasattr(task, "worked_solution")` tells callers whether SFT data can be built.
