@@ -400,10 +400,6 @@ class PackedDataset:
             self._fingerprint.update(whole_documents=True, lookahead=self.lookahead)
         self.reset()
 
-    @property
-    def tokens_per_batch(self) -> int:
-        return self.batch_size * self.seq_len
-
     def reset(self) -> None:
         self._cursor = _Cursor()
         self._pending: list[int] = []  # tokenized; pending[_start:] is not yet in a window

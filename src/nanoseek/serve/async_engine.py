@@ -52,7 +52,6 @@ class RequestGroup:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     request_ids: list[str] = field(default_factory=list)
-    unfinished: int = 0
 
 
 @dataclass
@@ -127,7 +126,6 @@ class AsyncEngine:
             self._commands.put(("add", rid, prompt_ids, params, _Entry(i, group, now)))
             if self.metrics:
                 self.metrics.prompt_tokens.inc(len(prompt_ids))
-        group.unfinished = len(jobs)
         self._pending += len(jobs)
         return group
 

@@ -24,13 +24,11 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from nanoseek.model.loss import target_logprobs
 
-LossType = Literal["grpo", "dr_grpo", "dapo"]
 LOSS_TYPES: tuple[str, ...] = ("grpo", "dr_grpo", "dapo")
 
 
@@ -288,7 +286,6 @@ class Rollout:
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
-    finish_reasons: list[str | None]
     rewards: torch.Tensor  # [B]
     advantages: torch.Tensor  # [B]
     loss_mask_keep: torch.Tensor  # [B] bool: sequence counts in the loss
@@ -641,4 +638,4 @@ def _score_rollout(
         "groups_with_signal": float((grouped.std(dim=1) > 1e-6).float().mean()),
         "skipped_samples": float(sum(skipped)),
     }
-    return Rollout(flat_prompts, completions, [o.finish_reason for o in outs], r, adv, keep, metrics)
+    return Rollout(flat_prompts, completions, r, adv, keep, metrics)
