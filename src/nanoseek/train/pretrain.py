@@ -23,65 +23,105 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nanoseek.options import check_choices, option
+
 if TYPE_CHECKING:  # torch loads inside the functions, so `nanoseek --help` stays fast
     import torch
 
 
+DATA = "data and model"
+OPTIM = "optimization"
+V3 = "DeepSeek-V3 losses and balancing"
+RUN = "run"
+
+
 @dataclass
 class PretrainConfig:
-    out: str = "runs/nanoseek"
-    data: str | list[str] | None = "embedded"
-    text_field: str = "text"
-    tokenizer: str | None = None  # dir or tokenizer.json; None: train one into RUN/tokenizer/
-    vocab_size: int | None = None  # for a trained tokenizer; default: the preset's
-    tokenizer_docs: int = 20000
-    preset: str = "tiny"  # preset name or a directory with config.json (random init)
-    # 614k tokens. Measured for `tiny` in fp32 on an oversubscribed 2-core machine: ~200 tok/s on about a
-    # quarter of one core (so ~800 tok/s per free core), val loss 7.9 -> 2.13 in the first 96k tokens.
-    steps: int = 300
-    batch_size: int = 8  # global, split across ranks
-    seq_len: int = 256
-    accumulation: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    schedule: str = "cosine"
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    precision: str = "auto"
-    bias_update_speed: float = 0.001  # γ (V3 §2.1.2)
-    balance_alpha: float = 0.0001  # α (V3 §4.2)
-    mtp_weight: float = 0.3  # λ (V3 §4.2)
+    out: str = option("runs/nanoseek", "run directory", group=DATA)
+    data: str | list[str] | None = option(
+        "embedded",
+        "txt/jsonl/parquet files, globs, dirs, 'embedded', or 'embedded:TASKS' (the embedded corpus "
+        "of those task families only)",
+        nargs="+",
+        group=DATA,
+    )
+    text_field: str = option("text", "JSON/parquet field holding the text", group=DATA)
+    tokenizer: str | None = option(
+        None, "tokenizer dir or tokenizer.json (default: train one into RUN/tokenizer/)", group=DATA
+    )
+    vocab_size: int | None = option(None, "vocabulary of a trained tokenizer (default: preset's)", group=DATA)
+    tokenizer_docs: int = option(20000, "documents to train the tokenizer on", group=DATA)
+    preset: str = option("tiny", "model preset or directory with config.json (random init)", group=DATA)
+    steps: int = option(300, group=OPTIM)
+    batch_size: int = option(8, "sequences per micro-batch, global (split across ranks)", group=OPTIM)
+    seq_len: int = option(256, group=OPTIM)
+    accumulation: int = option(1, "micro-batches per step", group=OPTIM)
+    lr: float = option(3e-3, group=OPTIM)
+    min_lr_ratio: float = option(0.1, group=OPTIM)
+    warmup_steps: int = option(20, group=OPTIM)
+    schedule: str = option("cosine", choices=("cosine", "wsd", "constant"), group=OPTIM)
+    weight_decay: float = option(0.1, group=OPTIM)
+    grad_clip: float = option(1.0, group=OPTIM)
+    precision: str = option(
+        "auto",
+        "auto: bf16 where the hardware multiplies bf16 natively, else fp32",
+        choices=("auto", "bf16", "fp32", "fp8"),
+        group=OPTIM,
+    )
+    bias_update_speed: float = option(0.001, "γ of aux-loss-free balancing (V3 §2.1.2)", group=V3)
+    balance_alpha: float = option(0.0001, "α of the sequence-wise balance loss (V3 §4.2)", group=V3)
+    mtp_weight: float = option(0.3, "λ of the MTP loss (V3 §4.2; 0 = off)", group=V3)
     # Each packed document attends only to itself, positions counted from its BOS (Llama 3 §3.1.1
     # does the same); without it short look-alike documents drown the prompt a copy must look back at.
-    document_mask: bool = True
+    document_mask: bool = option(
+        True,
+        "let packed documents attend to the documents before them (default: each only to itself)",
+        group=V3,
+    )
     # Whole documents per window (the rest padded) instead of contiguous cuts that start the next
     # window mid-document, without the prompt its copies refer to (Ding et al. 2024, "Fewer
     # Truncations Improve Language Modeling"); documents longer than a window are still cut.
-    whole_documents: bool = True
+    whole_documents: bool = option(
+        True,
+        "fill every window to the brim, cutting documents at window edges (default: whole documents, padded)",
+        flag="--cut-documents",
+        group=V3,
+    )
     # No loss on the user turns of chat documents (their numbers are random); the response's is kept.
-    mask_prompts: bool = True
-    # held-out problems per task family for the copy probe at each validation (embedded corpus only)
-    probe_problems: int = 16
-    val_every: int = 100
-    val_batches: int = 8
-    val_fraction: float = 0.01
-    checkpoint_every: int = 200
-    expert_load_every: int = 50
-    log_every: int = 1
-    seed: int = 0
-    resume: bool = False
-    tensorboard: bool = False
-    progress: bool = True
-    threads: int | None = None
-    expert_parallel: bool = False  # shard routed experts over the ranks (EP = DP); docs/multinode.md
+    mask_prompts: bool = option(
+        True,
+        "train on the user turns of chat documents too (default: loss on the responses only)",
+        flag="--prompt-loss",
+        group=V3,
+    )
+    probe_problems: int = option(
+        16,
+        "held-out problems per task family for the copy probe at each validation (embedded corpus)",
+        group=RUN,
+    )
+    val_every: int = option(100, "steps between validation (0 = off)", group=RUN)
+    val_batches: int = option(8, group=RUN)
+    val_fraction: float = option(0.01, "share of documents held out for validation", group=RUN)
+    checkpoint_every: int = option(200, "0 = only at the end", group=RUN)
+    expert_load_every: int = option(50, "log per-expert loads every K steps", group=RUN)
+    log_every: int = option(1, group=RUN)
+    seed: int = option(0, group=RUN)
+    resume: bool = option(False, "continue from RUN/pretrain/ if it exists", group=RUN)
+    tensorboard: bool = option(False, "also write TensorBoard events to RUN/tensorboard/", group=RUN)
+    progress: bool = option(True, group=RUN)
+    threads: int | None = option(None, "torch CPU threads", group=RUN)
+    expert_parallel: bool = option(
+        False,
+        "expert parallelism under torchrun: routed experts sharded over all ranks, EP = DP (docs/multinode.md)",
+        flag="--ep",
+        group=RUN,
+    )
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "accumulation", "tokenizer_docs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.precision not in ("auto", "bf16", "fp32", "fp8"):
-            raise ValueError(f"precision {self.precision!r} not in auto, bf16, fp32, fp8")
+        check_choices(self)
         if self.mtp_weight < 0 or self.val_batches < 0 or self.val_every < 0 or self.checkpoint_every < 0:
             raise ValueError("mtp_weight, val_every, val_batches and checkpoint_every must be >= 0")
         if self.expert_parallel and self.precision == "fp8":

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.model.attention import document_causal_mask
+from nanoseek.options import option
 
 IGNORE = -100
 
@@ -203,27 +204,27 @@ def sft_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
 # ----------------------------------------------------------------------------------- driver
 @dataclass
 class SFTConfig:
-    init: str  # checkpoint directory (with tokenizer files)
-    data: str | None = None  # chat JSONL ({"messages": [...]} per line)
-    task: str | None = None  # or: build cold-start data from a built-in task's worked solutions
-    task_examples: int = 2000
-    out: str = "runs/sft"
-    steps: int | None = None  # default: `epochs` passes over the packed rows
-    epochs: int = 2
-    batch_size: int = 8  # packed rows per step
-    seq_len: int = 512
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    precision: str = "fp32"
-    checkpoint_every: int = 0
-    resume: bool = False
-    seed: int = 0
-    language: str | None = None
-    progress: bool = True
-    # wall-clock budget from the start of sft(): stop and save once spent (a time-matched control run)
-    max_seconds: float | None = None
+    init: str = option(help="checkpoint directory (with tokenizer files)")
+    data: str | None = option(None, "chat JSONL: one {'messages': [...]} per line")
+    task: str | None = option(None, "build cold-start data from task(s)' worked solutions (comma-separated)")
+    task_examples: int = option(2000, "examples drawn from --task")
+    out: str = option("runs/sft", "run directory")
+    steps: int | None = option(None, "optimizer steps (default: --epochs passes over the packed rows)")
+    epochs: int = option(2)
+    batch_size: int = option(8, "packed rows per step")
+    seq_len: int = option(512, "packed row length")
+    lr: float = option(3e-4)
+    weight_decay: float = option(0.0)
+    warmup_steps: int = option(10)
+    min_lr_ratio: float = option(0.1)
+    precision: str = option("fp32", choices=("fp32", "bf16"))
+    checkpoint_every: int = option(0, "steps between checkpoints (0 = only at the end)")
+    resume: bool = option(False, "continue from RUN/sft/ if it holds a checkpoint")
+    seed: int = option(0)
+    language: str | None = option(None, "only prompts in this language (en, ja, zh)")
+    progress: bool = option(True)
+    # a time-matched control run: stop and save once this budget from the start of sft() is spent
+    max_seconds: float | None = option(None, "wall-clock budget: stop and save once spent")
 
 
 def task_conversations(
