@@ -355,6 +355,7 @@ def grpo(cfg: GRPOConfig) -> Path:
     from nanoseek.data.tasks import get_task
     from nanoseek.engine import Engine
     from nanoseek.evaluate import chat_prompt_ids, engine_generate
+    from nanoseek.metrics import MetricsLog
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.loop import OptimConfig, Trainer
 
@@ -394,12 +395,11 @@ def grpo(cfg: GRPOConfig) -> Path:
         total_steps=total_updates,
         precision=cfg.precision,
         tokenizer=tok,
-        balance_alpha=0.0,  # the RL objective alone; routing stays balanced by the bias (V3 §2.1.2)
         spike_factor=0.0,  # a policy-gradient loss is ~0 and changes sign: a loss-spike guard is meaningless
-        log_every=10**9,  # GRPO logs its own per-step record (rewards, KL, ...) below
-        progress=False,
         config_extra={"grpo": {k: v for k, v in vars(cfg).items()}},
     )
+    # the RL objective alone: routing stays balanced by the bias (V3 §2.1.2), not a balance loss
+    model.set_balance_alpha(0.0)
     policy = trainer.model
     start = 0
     history: dict = {}
@@ -416,7 +416,7 @@ def grpo(cfg: GRPOConfig) -> Path:
     engine = Engine(model, max_batch_size=cfg.max_batch_size)
     stop = [tok.eos_token_id]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    metrics_log = trainer.metrics
+    metrics_log = MetricsLog(run, "grpo")
     init_entropy = history.get("init_entropy")
     init_length = history.get("init_length")
     bad_steps = 0
@@ -466,9 +466,7 @@ def grpo(cfg: GRPOConfig) -> Path:
                         )[0]
             entropies: list[float] = []
             for u in range(cfg.mu):
-                loss_fn = _loss_fn(
-                    cfg, policy, iter(micro), len(micro), n_seq, n_tok, entropies if u == 0 else None
-                )
+                loss_fn = _loss_fn(cfg, policy, iter(micro), n_seq, n_tok, entropies if u == 0 else None)
                 m = trainer.step(loss_fn, accumulation=len(micro))
                 for k in (
                     "loss",
@@ -546,7 +544,6 @@ def grpo(cfg: GRPOConfig) -> Path:
         if start >= cfg.steps and not (trainer.checkpoint_dir / "config.json").exists():
             trainer.save({"grpo_step": start, "history": {}})
     bar.close()
-    trainer.close()
     if last:
         print(
             f"grpo: {cfg.steps - start} steps in {time.perf_counter() - t_run:.0f}s; last reward "
@@ -560,7 +557,6 @@ def _loss_fn(
     cfg: GRPOConfig,
     policy: torch.nn.Module,
     micro: Iterator[dict[str, torch.Tensor]],
-    n_micro: int,
     n_seq: int,
     n_tok: int,
     entropies: list[float] | None,
@@ -593,8 +589,8 @@ def _loss_fn(
         )
         if ent is not None and entropies is not None:
             entropies.append(float((ent * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)))
-        # Trainer divides each micro-batch's loss by n_micro; ours already sum to the batch loss
-        return out.loss * n_micro, {**out.stats, "tokens": mb["tokens"]}
+        # the micro-batch losses share the batch's denominators, so they sum to the batch loss
+        return out.loss, {**out.stats, "tokens": mb["tokens"]}
 
     return loss_fn
 

@@ -183,7 +183,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from nanoseek.data.corpus import PackedDataset
     from nanoseek.probe import KINDS
     from nanoseek.train.distributed import destroy_distributed, init_distributed
-    from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
+    from nanoseek.train.loop import OptimConfig, StepLog, Trainer, language_model_loss
 
     cfg.validate()
     if cfg.threads:
@@ -209,6 +209,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     model = build_model(config, device=dist.device).init_weights(cfg.seed)
+    model.set_balance_alpha(cfg.balance_alpha)  # the sequence-wise balance loss α (V3 eq. 17-20)
     if cfg.expert_parallel:
         from nanoseek.train.expert_parallel import parallelize_experts
 
@@ -231,14 +232,16 @@ def pretrain(cfg: PretrainConfig) -> Path:
         checkpoint_every=cfg.checkpoint_every,
         tokenizer=tok,
         bias_update_speed=cfg.bias_update_speed,
-        balance_alpha=cfg.balance_alpha,
-        expert_load_every=cfg.expert_load_every,
-        log_every=cfg.log_every,
-        tensorboard=cfg.tensorboard,
-        progress=cfg.progress,
-        seq_len=cfg.seq_len,
         dist=dist,
         config_extra={"pretrain": {**asdict(cfg), "precision": precision}},
+    )
+    log = StepLog.for_trainer(
+        trainer,
+        seq_len=cfg.seq_len,
+        log_every=cfg.log_every,
+        expert_load_every=cfg.expert_load_every,
+        tensorboard=cfg.tensorboard,
+        progress=cfg.progress,
     )
     per_rank = cfg.batch_size // dist.world_size
     data_kw: dict[str, Any] = dict(
@@ -256,7 +259,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         train_data.load_state_dict(extra["data"])
     if trainer.global_step == 0 and dist.is_main:
         n_total = model.num_parameters(include_mtp=True)
-        trainer.log(
+        log.log(
             0,
             event="start",
             params=n_total,
@@ -277,13 +280,14 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     def loss_fn() -> tuple[torch.Tensor, dict[str, Any]]:
         x, y = next(batches)
-        return language_model_loss(
+        loss, metrics = language_model_loss(
             trainer.model,
             x.to(dist.device),
             y.to(dist.device),
             mtp_weight=cfg.mtp_weight,
             document_mask=cfg.document_mask,
         )
+        return loss / cfg.accumulation, metrics  # the step's loss: the mean over its micro-batches
 
     probe = _probe(cfg, tok) if dist.is_main else []
 
@@ -295,12 +299,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
             ),
             len(val_set),
         )
+        log.log(trainer.global_step, val_loss=loss)
+        if cfg.progress:
+            log.write(f"step {trainer.global_step}: val_loss {loss:.4f}")
         if probe:
             from nanoseek.probe import probe_losses
 
             with trainer.autocast():
                 losses = probe_losses(model, probe)
-            trainer.log(trainer.global_step, **{f"probe_{k}_loss": losses[k] for k in KINDS if k in losses})
+            log.log(trainer.global_step, **{f"probe_{k}_loss": losses[k] for k in KINDS if k in losses})
         return loss
 
     t0 = time.perf_counter()
@@ -310,6 +317,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     try:
         while trainer.global_step < cfg.steps:
             last = trainer.step(loss_fn, cfg.accumulation)
+            log.step(last)
             step = trainer.global_step
             if val_set and (step % cfg.val_every == 0 or step == cfg.steps):
                 val_loss = validate()
@@ -319,10 +327,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
             val_loss = validate()
         path = trainer.save({"data": train_data.state_dict()})
     except BaseException:
-        trainer.close()
+        log.close()
         destroy_distributed()
         raise
-    trainer.close()
+    log.close()
     wall = time.perf_counter() - t0
     done = trainer.global_step - start_step
     tokens = trainer.tokens_seen - start_tokens
@@ -339,7 +347,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if trainer.skipped_steps:
             parts.append(f"{trainer.skipped_steps} steps skipped")
         print(", ".join(parts) + f"; checkpoint {path}")
-        trainer.log(
+        log.log(
             trainer.global_step, event="end", wall_s=wall, val_loss=val_loss, skipped=trainer.skipped_steps
         )
     destroy_distributed()
