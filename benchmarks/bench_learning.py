@@ -285,6 +285,7 @@ def run_variant(
     model = build_model(config).init_weights(seed)
     if v.fan_in_init:
         _fan_in_init(model, seed)
+    model.set_balance_alpha(1e-4)  # α of `nanoseek pretrain`'s default (V3 §4.2)
     with tempfile.TemporaryDirectory() as run:
         trainer = Trainer(
             model,
@@ -294,8 +295,6 @@ def run_variant(
             total_steps=v.steps,
             precision=precision,
             bias_update_speed=v.bias_update_speed,
-            progress=False,
-            seq_len=v.seq_len,
         )
         batches = iter(
             PackedDataset(
@@ -349,7 +348,7 @@ def run_variant(
             train_s += time.perf_counter() - t0
             if trainer.global_step % eval_every == 0 or trainer.global_step == v.steps:
                 evaluate(trainer.global_step)
-        trainer.close()
+
     return {
         "variant": asdict(v),
         "seed": seed,

@@ -46,7 +46,6 @@ def _train(run_dir: str, world: int = 1, rank: int = 0, port: int = 0) -> dict:
         OptimConfig(lr=1e-2, warmup_steps=2),
         total_steps=STEPS,
         precision="fp32",
-        progress=False,
         bias_update_speed=0.01,
         dist=info,
     )
@@ -86,6 +85,6 @@ def test_two_gloo_processes_match_one(tmp_path) -> None:
     from nanoseek.train.loop import OptimConfig, Trainer
 
     model = micro_model(seed=9)
-    tr = Trainer(model, tmp_path / "two", "pretrain", OptimConfig(), total_steps=STEPS + 2, progress=False)
+    tr = Trainer(model, tmp_path / "two", "pretrain", OptimConfig(), total_steps=STEPS + 2)
     assert tr.resume() == {"pos": STEPS} and tr.global_step == STEPS
     assert len(tr.optimizer.state) == sum(1 for p in model.parameters() if p.requires_grad)

@@ -79,7 +79,6 @@ def _train(run_dir: str, world: int = 1, rank: int = 0, port: int = 0) -> dict:
         OptimConfig(lr=1e-2, warmup_steps=2),
         total_steps=STEPS,
         precision="fp32",
-        progress=False,
         bias_update_speed=0.01,
         dist=info,
     )
@@ -107,7 +106,6 @@ def _train(run_dir: str, world: int = 1, rank: int = 0, port: int = 0) -> dict:
             tr.optim_config,
             total_steps=STEPS + 1,
             precision="fp32",
-            progress=False,
             bias_update_speed=0.01,
             dist=info,
         )

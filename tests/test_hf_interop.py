@@ -251,14 +251,11 @@ def test_tied_embeddings_stay_tied_through_training_save_and_load(tmp_path, mtp)
     cfg = small_config(tie_word_embeddings=True, num_nextn_predict_layers=mtp)
     model = build_model(cfg).init_weights(0)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    trainer = Trainer(
-        model, tmp_path / "run", "pretrain", OptimConfig(lr=1e-2), 3, precision="fp32", progress=False
-    )
+    trainer = Trainer(model, tmp_path / "run", "pretrain", OptimConfig(lr=1e-2), 3, precision="fp32")
     ids = torch.randint(0, VOCAB, (2, 12))
     for _ in range(3):
         trainer.step(lambda: language_model_loss(trainer.model, ids[:, :-1], ids[:, 1:], mtp_weight=0.3))
         assert model.lm_head.weight is model.model.embed_tokens.weight
-    trainer.close()
     model.save_pretrained(tmp_path / "ck")
     loaded = nanoseek.load_model(tmp_path / "ck")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight

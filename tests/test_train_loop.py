@@ -15,6 +15,7 @@ from nanoseek.metrics import read_metrics
 from nanoseek.model.transformer import cross_entropy
 from nanoseek.train.loop import (
     OptimConfig,
+    StepLog,
     Trainer,
     language_model_loss,
     lr_multiplier,
@@ -86,9 +87,9 @@ class Stream:
 
 def make_trainer(model, tmp_path, steps=10, **kw) -> Trainer:
     kw.setdefault("precision", "fp32")
-    kw.setdefault("progress", False)
     optim = kw.pop("optim", OptimConfig(lr=1e-2, warmup_steps=2))
-    return Trainer(model, tmp_path, "pretrain", optim, total_steps=steps, seq_len=16, **kw)
+    model.set_balance_alpha(1e-4)
+    return Trainer(model, tmp_path, "pretrain", optim, total_steps=steps, **kw)
 
 
 # --------------------------------------------------------------- schedule
@@ -143,13 +144,14 @@ def test_mtp_loss_targets_are_shifted_one_further() -> None:
 def test_training_learns_and_logs(tmp_path) -> None:
     model = micro_model()
     stream = Stream()
-    tr = make_trainer(
-        model, tmp_path, steps=40, optim=OptimConfig(lr=2e-2, warmup_steps=4), expert_load_every=10
-    )
-    losses = [
-        tr.step(lambda: language_model_loss(model, *stream(), mtp_weight=0.3))["loss"] for _ in range(40)
-    ]
-    tr.close()
+    tr = make_trainer(model, tmp_path, steps=40, optim=OptimConfig(lr=2e-2, warmup_steps=4))
+    log = StepLog.for_trainer(tr, seq_len=16, expert_load_every=10, progress=False)
+    losses = []
+    for _ in range(40):
+        m = tr.step(lambda: language_model_loss(model, *stream(), mtp_weight=0.3))
+        log.step(m)
+        losses.append(m["loss"])
+    log.close()
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
     records = list(read_metrics(tmp_path, stage="pretrain"))
     assert len(records) == 40 and records[-1]["step"] == 40
@@ -163,14 +165,20 @@ def test_training_learns_and_logs(tmp_path) -> None:
 
 
 def test_gradient_accumulation_matches_big_batch(tmp_path) -> None:
-    """Two micro-batches of 2 rows == one batch of 4 rows (the loss is a mean over equal-size parts)."""
+    """Two micro-batches of 2 rows, each weighted 1/2 by the caller == one batch of 4 rows."""
     x, y = batch_at(0)
     a, b = micro_model(), micro_model()
     ta = make_trainer(a, tmp_path / "a", steps=1, bias_update_speed=0.0)
     tb = make_trainer(b, tmp_path / "b", steps=1, bias_update_speed=0.0)
-    ta.step(lambda: language_model_loss(a, x, y), accumulation=1)
+    big = ta.step(lambda: language_model_loss(a, x, y), accumulation=1)
     halves = iter([(x[:2], y[:2]), (x[2:], y[2:])])
-    tb.step(lambda: language_model_loss(b, *next(halves)), accumulation=2)
+
+    def half() -> tuple[torch.Tensor, dict]:
+        loss, m = language_model_loss(b, *next(halves))
+        return loss / 2, m
+
+    two = tb.step(half, accumulation=2)
+    assert two["loss"] == pytest.approx(big["loss"], rel=1e-5)
     for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), n
 
@@ -179,12 +187,13 @@ def test_nan_and_spike_steps_are_skipped(tmp_path, capsys) -> None:
     model = micro_model()
     stream = Stream()
     tr = make_trainer(model, tmp_path, steps=30, spike_warmup=5, spike_factor=3.0)
+    log = StepLog.for_trainer(tr, progress=False)
 
     def ok():
         return language_model_loss(model, *stream())
 
     for _ in range(6):
-        tr.step(ok)
+        log.step(tr.step(ok))
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     def nan_loss():
@@ -196,7 +205,9 @@ def test_nan_and_spike_steps_are_skipped(tmp_path, capsys) -> None:
         return loss * 10.0, m
 
     m1 = tr.step(nan_loss)
+    log.step(m1)
     m2 = tr.step(spike)
+    log.step(m2)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step changed the model"
     assert "non-finite" in m1["skipped"] and "spike" in m2["skipped"]
@@ -318,8 +329,7 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path) -> None:
 def test_bf16_autocast_trains(tmp_path) -> None:
     model = micro_model()
     stream = Stream()
-    # seq_len=None: no MFU, so no bf16 peak measurement (slow on CPUs without bf16 units)
-    tr = Trainer(model, tmp_path, "pretrain", OptimConfig(), total_steps=5, precision="bf16", progress=False)
+    tr = Trainer(model, tmp_path, "pretrain", OptimConfig(), total_steps=5, precision="bf16")
     losses = [
         tr.step(lambda: language_model_loss(model, *stream(), mtp_weight=0.3))["loss"] for _ in range(5)
     ]
@@ -338,7 +348,7 @@ def test_fp8_precision_converts_and_trains(tmp_path) -> None:
     fp8 = pytest.importorskip("nanoseek.model.fp8")
     model = micro_model()
     stream = Stream()
-    tr = Trainer(model, tmp_path, "pretrain", OptimConfig(), total_steps=2, precision="fp8", progress=False)
+    tr = Trainer(model, tmp_path, "pretrain", OptimConfig(), total_steps=2, precision="fp8")
     assert any(isinstance(m, fp8.FP8TrainingLinear) for m in model.modules())
     for _ in range(2):
         assert math.isfinite(tr.step(lambda: language_model_loss(model, *stream()))["loss"])
@@ -418,7 +428,23 @@ def test_peak_is_measured_again_when_a_step_beats_it(tmp_path, monkeypatch) -> N
     fake = lambda *a, **k: next(readings)  # noqa: E731
     fake.cache_clear = lambda: None
     monkeypatch.setattr(perf, "matmul_peak_flops", fake)
-    tr = make_trainer(micro_model(), tmp_path)
-    assert tr._peak_flops() == 50.0
-    assert tr._peak_flops(achieved=80.0) == 400.0  # re-measured, the higher reading kept
-    assert tr._peak_flops(achieved=100.0) == 400.0  # below the peak: no new measurement
+    log = StepLog.for_trainer(make_trainer(micro_model(), tmp_path), seq_len=16, progress=False)
+    assert log._peak_flops() == 50.0
+    assert log._peak_flops(achieved=80.0) == 400.0  # re-measured, the higher reading kept
+    assert log._peak_flops(achieved=100.0) == 400.0  # below the peak: no new measurement
+
+
+def test_a_deadline_refits_the_schedule_and_stops(tmp_path, monkeypatch) -> None:
+    """A time-budgeted stage anneals by its deadline: the step count follows the measured pace."""
+    import nanoseek.train.loop as loop
+
+    clock = iter(range(0, 1000, 2))  # each reading of the clock advances 2 "seconds" (about one a step)
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
+    model = micro_model(mtp=0)
+    stream = Stream()
+    tr = make_trainer(model, tmp_path, steps=100, deadline=40.0)
+    while not tr.done:
+        tr.step(lambda: language_model_loss(model, *stream()))
+    assert tr.total_steps < 100  # refit to the pace: about 20 steps fit in 40 seconds
+    assert 15 <= tr.global_step <= 21
+    assert tr.lr_at(tr.total_steps) == pytest.approx(tr.optim_config.lr * tr.optim_config.min_lr_ratio)

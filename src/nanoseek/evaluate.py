@@ -22,10 +22,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from nanoseek.options import option
 from nanoseek.tokenizer import THINK_END, THINK_START
 
 EVAL_PARTS = "accuracy:1,format:1,language:1"
@@ -42,23 +43,29 @@ class Sample:
 
 @dataclass
 class EvalConfig:
-    model: str  # checkpoint directory or http(s) URL of an OpenAI-compatible server
-    task: str
-    k: int = 4
-    n: int = 64
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    split: str = "test"
-    seed: int = 0
-    language: str | None = None
-    out: str | None = None  # JSON path; default next to the checkpoint (or ./eval_<task>.json)
-    run_dir: str | None = None  # where metrics.jsonl lives; default the checkpoint's parent
-    endpoint_model: str | None = None  # model name on the endpoint (default: the first it lists)
-    api_key: str | None = None
-    max_batch_size: int = 64
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    model: str = option(
+        help="checkpoint directory, or http(s) URL of an OpenAI-compatible server", positional=True
+    )
+    task: str = option(help="task name(s), comma-separated: each is scored separately")
+    k: int = option(4, "samples per problem", flag="-k")
+    n: int = option(64, "problems")
+    temperature: float = option(0.6)
+    top_p: float = option(0.95)
+    max_new_tokens: int = option(256)
+    split: str = option("test", choices=("test", "train"))
+    seed: int = option(0)
+    language: str | None = option(None, "only problems in this language (en, ja, zh)")
+    out: str | None = option(
+        None, "JSON report path (default: next to the checkpoint, or ./eval_<task>.json)"
+    )
+    run_dir: str | None = option(None, "run directory for metrics.jsonl (default: the checkpoint's parent)")
+    endpoint_model: str | None = option(
+        None, "model name on the endpoint (default: the first it lists)", flag="--model-name"
+    )
+    api_key: str | None = option(None, "endpoint API key (default: $OPENAI_API_KEY)")
+    max_batch_size: int = option(64, "engine: sequences decoded together")
+    progress: bool = option(True)
+    extra: dict[str, Any] = option(factory=dict, cli=False)
 
 
 def split_task_list(spec: str | Sequence[str]) -> list[str]:

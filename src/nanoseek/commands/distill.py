@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+# The student's fine-tuning takes its data from the teacher and its run directory from distill.
+_SFT_DATA = ("init", "data", "task", "task_examples")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from nanoseek.commands.sft import add_sft_arguments
+    from nanoseek.options import add_options
+    from nanoseek.train.distill import DistillConfig
+    from nanoseek.train.sft import SFTConfig
 
     p = sub.add_parser(
         "distill",
@@ -15,38 +20,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "student's SFT data (also written to RUN/distill_data.jsonl). A preset student takes the "
         "teacher's tokenizer. Writes RUN/distill/.",
     )
-    p.add_argument("--teacher", required=True, help="teacher checkpoint directory")
-    p.add_argument(
-        "--student", required=True, help="student checkpoint directory or preset (tiny, small, ...)"
-    )
-    p.add_argument("--task", required=True, help="task name(s), comma-separated")
-    p.add_argument("-k", type=int, default=4, help="samples per prompt (default %(default)s)")
-    p.add_argument("--prompts", type=int, default=256, help="training prompts per task (default %(default)s)")
-    p.add_argument("--keep-per-prompt", type=int, default=2, help="distinct correct traces kept per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
-    add_sft_arguments(p, "runs/distill")
+    add_options(p, DistillConfig)
+    add_options(p.add_argument_group("the student's fine-tuning"), SFTConfig, skip=_SFT_DATA)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.commands.sft import sft_config
-    from nanoseek.evaluate import split_task_list
+    from nanoseek.options import from_options
     from nanoseek.train.distill import DistillConfig, distill
+    from nanoseek.train.sft import SFTConfig
 
-    cfg = DistillConfig(
-        teacher=args.teacher,
-        student=args.student,
-        tasks=split_task_list(args.task),
-        k=args.k,
-        prompts=args.prompts,
-        keep_per_prompt=args.keep_per_prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        out=args.out,
-        seed=args.seed,
-        language=args.language,
-        sft=sft_config(args, args.student),
-    )
-    distill(cfg)
+    sft = from_options(SFTConfig, args, init=args.student, data=None, task=None)
+    distill(from_options(DistillConfig, args, sft=sft))
     return 0

@@ -16,16 +16,11 @@ from typing import Any
 def add_generation_flags(
     p: argparse.ArgumentParser, max_new_tokens: int = 256, temperature: float = 0.0
 ) -> None:
+    from nanoseek.engine import SamplingParams
+    from nanoseek.options import add_options
+
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
-    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same output)")
+    add_options(g, SamplingParams, defaults={"max_new_tokens": max_new_tokens, "temperature": temperature})
     g.add_argument("--quantize", choices=["int8", "fp8"], default=None, help="weight-only quantization")
     g.add_argument("--speculative", action="store_true", help="draft tokens with the model's MTP module")
     g.add_argument(
@@ -38,19 +33,9 @@ def sampling_params(args: argparse.Namespace, stop_token_ids: list[int] | None =
     """The generation flags as validated SamplingParams: built before the model loads, so bad flags
     fail first; the tokenizer's stop ids are attached later with `dataclasses.replace`."""
     from nanoseek.engine import SamplingParams
+    from nanoseek.options import from_options
 
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        seed=args.seed,
-        stop_token_ids=stop_token_ids or [],
-    )
+    params = from_options(SamplingParams, args, stop_token_ids=stop_token_ids or [])
     params.validate()
     return params
 

@@ -14,28 +14,31 @@ What is notable here:
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+
+from nanoseek.options import option
 
 
 @dataclass
 class SamplingParams:
     """How to pick tokens for one request. Defaults are greedy with no stop other than EOS."""
 
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop_token_ids: list[int] = field(default_factory=list)
-    logprobs: int | None = None  # None = off, 0 = chosen token only, k = also the top-k alternatives
-    prompt_logprobs: bool = False  # log p of each prompt token given its prefix (first one: None)
-    ignore_eos: bool = False  # keep going past the model's EOS token (benchmarks)
+    max_new_tokens: int = option(128, "tokens to generate at most")
+    temperature: float = option(0.0, "0 = greedy")
+    top_p: float = option(1.0, "nucleus sampling mass")
+    top_k: int = option(0, "sample among the k most likely tokens (0 = off)")
+    min_p: float = option(0.0, "drop tokens below min_p x the top probability")
+    repetition_penalty: float = option(1.0)
+    presence_penalty: float = option(0.0)
+    frequency_penalty: float = option(0.0)
+    seed: int | None = option(None, "sampling seed (same seed, same output)")
+    stop_token_ids: list[int] = option(factory=list, cli=False)
+    # None = off, 0 = chosen token only, k = also the top-k alternatives
+    logprobs: int | None = option(None, cli=False)
+    prompt_logprobs: bool = option(False, cli=False)  # log p of each prompt token given its prefix
+    ignore_eos: bool = option(False, cli=False)  # keep going past the model's EOS token (benchmarks)
 
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:

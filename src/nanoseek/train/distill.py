@@ -14,34 +14,38 @@ What is notable here:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nanoseek.evaluate import split_task_list
+from nanoseek.options import option
 from nanoseek.train.sft import SFTConfig, completion_example, train_on_examples
 
 
 @dataclass
 class DistillConfig:
-    teacher: str  # checkpoint directory (with tokenizer files)
-    student: str  # checkpoint directory or preset name
-    tasks: list[str]
-    k: int = 4  # samples per prompt
-    prompts: int = 256  # training prompts per task
-    keep_per_prompt: int = 2
+    teacher: str = option(help="teacher checkpoint directory (with tokenizer files)")
+    student: str = option(help="student checkpoint directory or preset (tiny-dense, small, ...)")
+    tasks: list[str] = option(help="task name(s), comma-separated", flag="--task", parse=split_task_list)
+    k: int = option(4, "samples per prompt", flag="-k")
+    prompts: int = option(256, "training prompts per task")
+    keep_per_prompt: int = option(2, "distinct correct traces kept per prompt")
     # When the teacher solves nothing (e.g. a smoke-sized run), train on the tasks' reference worked
     # solutions instead of failing; the switch is printed and logged as `fallback`.
-    fallback_reference: bool = False
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.95
-    out: str = "runs/distill"
-    seed: int = 0
-    language: str | None = None
-    max_batch_size: int = 64
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(init=""))
+    fallback_reference: bool = option(
+        False, "train on the tasks' reference solutions when the teacher solves nothing"
+    )
+    max_new_tokens: int = option(256)
+    temperature: float = option(0.7)
+    top_p: float = option(0.95)
+    out: str = option("runs/distill", "run directory")
+    seed: int = option(0)
+    language: str | None = option(None, "only prompts in this language (en, ja, zh)")
+    max_batch_size: int = option(64, "engine: sequences decoded together")
+    sft: SFTConfig = option(factory=lambda: SFTConfig(init=""), cli=False)
 
 
 def build_student(student: str, tokenizer: Any, seed: int = 0) -> torch.nn.Module:

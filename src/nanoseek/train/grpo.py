@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.evaluate import split_task_list
 from nanoseek.model.loss import target_logprobs
+from nanoseek.options import check_choices, option
 
 LOSS_TYPES: tuple[str, ...] = ("grpo", "dr_grpo", "dapo")
 
@@ -227,42 +229,46 @@ def collapse_warnings(
 # -------------------------------------------------------------------------------------- driver
 @dataclass
 class GRPOConfig:
-    init: str  # checkpoint directory of the starting policy (with tokenizer files)
-    tasks: list[str]
-    reward: str = "accuracy:1,format:0.2"
-    out: str = "runs/grpo"  # run directory: writes RUN/grpo/ and RUN/metrics.jsonl
-    group_size: int = 8  # G samples per prompt
-    batch_prompts: int = 8  # P prompts per step
-    steps: int = 50
-    mu: int = 1  # inner policy updates per batch of rollouts
-    beta: float = 0.0  # KL coefficient; 0 skips the reference model
-    eps_low: float = 0.2
-    eps_high: float = 0.28  # DAPO clip-higher
-    loss: str = "grpo"
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    micro_batch: int = 16  # sequences per forward/backward
-    mask_truncated: bool = False  # DAPO overlong filtering
-    language: str | None = None  # restrict prompts to one language (None = all)
-    train_pool: int = 2048  # training problems drawn per task
-    seed: int = 0
-    checkpoint_every: int = 0  # GRPO steps between checkpoints (0 = only at the end)
-    resume: bool = False
-    precision: str = "fp32"
-    max_batch_size: int = 64  # engine: sequences decoded together
-    stop_on_collapse: bool = False
-    collapse_patience: int = 3
-    min_entropy: float = 0.05
-    progress: bool = True
+    init: str = option(help="checkpoint directory to start from (with tokenizer files)")
+    tasks: list[str] = option(
+        help="task name(s), comma-separated (e.g. arithmetic,countdown)", flag="--task", parse=split_task_list
+    )
+    reward: str = option("accuracy:1,format:0.2", "weighted reward parts")
+    out: str = option("runs/grpo", "run directory: writes RUN/grpo/ and RUN/metrics.jsonl")
+    group_size: int = option(8, "G: samples per prompt", short="-G")
+    batch_prompts: int = option(8, "P: prompts per step", short="-P")
+    steps: int = option(50, "GRPO steps")
+    mu: int = option(1, "policy updates per batch of rollouts")
+    beta: float = option(0.0, "KL coefficient; 0 skips the reference model")
+    eps_low: float = option(0.2, "lower clip ε")
+    eps_high: float = option(0.28, "upper clip ε, DAPO clip-higher")
+    loss: str = option("grpo", "loss normalization (docs/r1.md)", choices=LOSS_TYPES)
+    max_new_tokens: int = option(128, "completion length cap")
+    temperature: float = option(1.0, "rollout temperature")
+    top_p: float = option(1.0)
+    lr: float = option(1e-5, "learning rate")
+    weight_decay: float = option(0.0)
+    warmup_steps: int = option(0)
+    grad_clip: float = option(1.0)
+    micro_batch: int = option(16, "sequences per forward/backward")
+    mask_truncated: bool = option(
+        False, "leave truncated completions out of the loss (DAPO overlong filtering)"
+    )
+    language: str | None = option(None, "only prompts in this language (en, ja, zh)")
+    train_pool: int = option(2048, "training problems drawn per task")
+    seed: int = option(0)
+    checkpoint_every: int = option(0, "GRPO steps between checkpoints (0 = only at the end)")
+    resume: bool = option(False, "continue from RUN/grpo/ if it holds a checkpoint")
+    precision: str = option("fp32", choices=("fp32", "bf16"))
+    max_batch_size: int = option(64, "engine: sequences decoded together")
+    stop_on_collapse: bool = option(False, "stop when entropy/length collapse persists")
+    collapse_patience: int = option(3, "consecutive collapsed steps before --stop-on-collapse stops")
+    min_entropy: float = option(0.05, "entropy below this is a collapse warning")
+    progress: bool = option(True)
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
 
     def validate(self) -> None:
-        if self.loss not in LOSS_TYPES:
-            raise ValueError(f"--loss {self.loss!r} not in {', '.join(LOSS_TYPES)}")
+        check_choices(self)
         if self.group_size < 2:
             raise ValueError(
                 f"--group-size must be >= 2 (advantages are relative to the group), got {self.group_size}"
@@ -344,6 +350,7 @@ def grpo(cfg: GRPOConfig) -> Path:
     from nanoseek.data.tasks import get_task
     from nanoseek.engine import Engine
     from nanoseek.evaluate import chat_prompt_ids, engine_generate
+    from nanoseek.metrics import MetricsLog
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.loop import OptimConfig, Trainer
 
@@ -351,6 +358,8 @@ def grpo(cfg: GRPOConfig) -> Path:
     init = Path(cfg.init)
     if not (init / "config.json").exists():
         raise FileNotFoundError(f"--init {init} is not a checkpoint directory (no config.json)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(init)
     model = load_model(init)
@@ -381,12 +390,11 @@ def grpo(cfg: GRPOConfig) -> Path:
         total_steps=total_updates,
         precision=cfg.precision,
         tokenizer=tok,
-        balance_alpha=0.0,  # the RL objective alone; routing stays balanced by the bias (V3 §2.1.2)
         spike_factor=0.0,  # a policy-gradient loss is ~0 and changes sign: a loss-spike guard is meaningless
-        log_every=10**9,  # GRPO logs its own per-step record (rewards, KL, ...) below
-        progress=False,
         config_extra={"grpo": {k: v for k, v in vars(cfg).items()}},
     )
+    # the RL objective alone: routing stays balanced by the bias (V3 §2.1.2), not a balance loss
+    model.set_balance_alpha(0.0)
     policy = trainer.model
     start = 0
     history: dict = {}
@@ -403,7 +411,7 @@ def grpo(cfg: GRPOConfig) -> Path:
     engine = Engine(model, max_batch_size=cfg.max_batch_size)
     stop = [tok.eos_token_id]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    metrics_log = trainer.metrics
+    metrics_log = MetricsLog(run, "grpo")
     init_entropy = history.get("init_entropy")
     init_length = history.get("init_length")
     bad_steps = 0
@@ -453,9 +461,7 @@ def grpo(cfg: GRPOConfig) -> Path:
                         )[0]
             entropies: list[float] = []
             for u in range(cfg.mu):
-                loss_fn = _loss_fn(
-                    cfg, policy, iter(micro), len(micro), n_seq, n_tok, entropies if u == 0 else None
-                )
+                loss_fn = _loss_fn(cfg, policy, iter(micro), n_seq, n_tok, entropies if u == 0 else None)
                 m = trainer.step(loss_fn, accumulation=len(micro))
                 for k in (
                     "loss",
@@ -533,7 +539,6 @@ def grpo(cfg: GRPOConfig) -> Path:
         if start >= cfg.steps and not (trainer.checkpoint_dir / "config.json").exists():
             trainer.save({"grpo_step": start, "history": {}})
     bar.close()
-    trainer.close()
     if last:
         print(
             f"grpo: {cfg.steps - start} steps in {time.perf_counter() - t_run:.0f}s; last reward "
@@ -547,7 +552,6 @@ def _loss_fn(
     cfg: GRPOConfig,
     policy: torch.nn.Module,
     micro: Iterator[dict[str, torch.Tensor]],
-    n_micro: int,
     n_seq: int,
     n_tok: int,
     entropies: list[float] | None,
@@ -580,8 +584,8 @@ def _loss_fn(
         )
         if ent is not None and entropies is not None:
             entropies.append(float((ent * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)))
-        # Trainer divides each micro-batch's loss by n_micro; ours already sum to the batch loss
-        return out.loss * n_micro, {**out.stats, "tokens": mb["tokens"]}
+        # the micro-batch losses share the batch's denominators, so they sum to the batch loss
+        return out.loss, {**out.stats, "tokens": mb["tokens"]}
 
     return loss_fn
 

@@ -1,8 +1,8 @@
 """The one training loop shared by pretrain, SFT, GRPO and distillation.
 
 What is notable here:
-- The objective is a callable returning (loss, metrics) for one micro-batch; `Trainer.step` runs it
-  `accumulation` times, then clips, guards, steps AdamW and the schedule. `language_model_loss` is the
+- The objective is a callable returning (loss, metrics) for one micro-batch, weighted by the caller;
+  `Trainer.step` runs it `accumulation` times, sums, then clips, guards, steps AdamW and the schedule. `language_model_loss` is the
   next-token objective with DeepSeek-V3's extras: the MTP loss weighted by λ (V3 §2.2, eq. 25) and the
   sequence-wise balance loss α (V3 eq. 17-20).
 - AdamW with decoupled weight decay applied to matrices only: norms, biases and the token embedding
@@ -17,8 +17,9 @@ What is notable here:
   `spike_factor` × the running mean, is skipped (no update, no bias move) and logged as such.
 - Checkpoints are HF-layout directories written atomically (`RUN/<stage>/`, with tokenizer files and
   `train_state/`: optimizer, step, RNG, guard and data position), so `resume()` continues bit-exactly.
-- Progress bar with loss, tokens/s and MFU (model FLOPs against the measured matmul peak of the
-  precision in use); metrics.jsonl via `MetricsLog`; optional TensorBoard.
+- `StepLog`, composed beside the Trainer by the stages that want it: progress bar with loss, tokens/s
+  and MFU (model FLOPs against the measured matmul peak of the precision in use); metrics.jsonl via
+  `MetricsLog`; optional TensorBoard. GRPO keeps its own per-step record instead.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ LossFn = Callable[[], tuple[torch.Tensor, dict[str, Any]]]
 TRAIN_STATE = "train_state"
 PRECISIONS = ("bf16", "fp32", "fp8")
 SCHEDULES = ("cosine", "wsd", "constant")
+REFIT_EVERY = 5  # steps between refits of a time-budgeted run's step count
 
 
 # ------------------------------------------------------------------ config
@@ -220,17 +222,22 @@ def _scalar(v: Any) -> Any:
 
 # ------------------------------------------------------------------- trainer
 class Trainer:
-    """Owns the optimizer, schedule, precision, balancing, guard, checkpoints and logging of a stage.
+    """The optimizer step of a stage: AdamW and its schedule, precision, the aux-loss-free bias, the
+    NaN/spike guard and checkpoints. What the stage optimizes (and how its micro-batch losses are
+    weighted) is the caller's loss function; what it shows and records per step is `StepLog`'s.
 
     Typical use::
 
         trainer = Trainer(model, run, "pretrain", OptimConfig(lr=3e-3), total_steps=500)
+        log = StepLog.for_trainer(trainer, seq_len=512)
         trainer.resume()
-        while trainer.global_step < trainer.total_steps:
-            trainer.step(lambda: language_model_loss(model, *next(batches)), accumulation=2)
-        trainer.save(); trainer.close()
+        while not trainer.done:
+            log.step(trainer.step(lambda: language_model_loss(model, *next(batches)), accumulation=2))
+        trainer.save(); log.close()
 
     `model` is the unwrapped module; the trainer applies fp8 conversion and FSDP2 itself (`trainer.model`).
+    With a `deadline` (a time.perf_counter() value) the schedule's length is refit to the pace measured,
+    so a time-budgeted run still anneals by the deadline instead of being cut off mid-decay.
     """
 
     def __init__(
@@ -245,15 +252,10 @@ class Trainer:
         *,
         tokenizer: Any = None,
         bias_update_speed: float = 0.001,
-        balance_alpha: float = 0.0001,
-        expert_load_every: int = 50,
-        log_every: int = 1,
         spike_factor: float = 3.0,
         spike_warmup: int = 20,
         max_consecutive_skips: int = 10,
-        tensorboard: bool = False,
-        progress: bool = True,
-        seq_len: int | None = None,
+        deadline: float | None = None,
         dist: DistInfo | None = None,
         config_extra: dict[str, Any] | None = None,
     ) -> None:
@@ -261,8 +263,8 @@ class Trainer:
             raise ValueError(f"precision {precision!r} not in {', '.join(PRECISIONS)}")
         if total_steps <= 0:
             raise ValueError(f"total_steps must be > 0, got {total_steps}")
-        if bias_update_speed < 0 or balance_alpha < 0:
-            raise ValueError("bias_update_speed (γ) and balance_alpha (α) must be >= 0")
+        if bias_update_speed < 0:
+            raise ValueError("bias_update_speed (γ) must be >= 0")
         self.dist = dist or DistInfo()
         self.run_dir = Path(run_dir)
         self.stage = stage
@@ -272,11 +274,10 @@ class Trainer:
         self.checkpoint_every = checkpoint_every
         self.tokenizer = tokenizer
         self.bias_update_speed = bias_update_speed
-        self.expert_load_every = expert_load_every
-        self.log_every = max(1, log_every)
         self.spike_factor = spike_factor
         self.spike_warmup = spike_warmup
         self.max_consecutive_skips = max_consecutive_skips
+        self.deadline = deadline
         self.config_extra = config_extra or {}
         self.base_model = model
         self.config = model.config
@@ -289,7 +290,6 @@ class Trainer:
                     f"--precision fp8 needs nanoseek.model.fp8.convert_to_fp8_training ({e})"
                 ) from e
             convert_to_fp8_training(model)  # in place: same parameters, FP8 GEMMs
-        model.set_balance_alpha(balance_alpha)
         self.model = shard_model(model, self.dist)
         from nanoseek.perf import tune_malloc
 
@@ -309,22 +309,7 @@ class Trainer:
         self._consecutive_skips = 0
         self._loss_mean: float | None = None  # running mean of accepted losses (spike guard)
         self._good_steps = 0
-        self._flops_per_token = training_flops_per_token(model, seq_len or 1) if seq_len else None
-        self._peak: float | None = None
-        self._t_last = time.perf_counter()
-        self._tokens_since = 0
-        self._bar = None
-        self._progress = progress and self.dist.is_main
-        self.metrics = MetricsLog(self.run_dir, stage, enabled=self.dist.is_main)
-        self._tb = None
-        if tensorboard and self.dist.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ValueError(
-                    "--tensorboard needs the tensorboard package: pip install tensorboard"
-                ) from e
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard" / stage))
+        self._paced_from: tuple[int, float] | None = None  # (step, time) the deadline's pace counts from
 
     # ------------------------------------------------------------ helpers
     @property
@@ -340,25 +325,34 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         return self.optim_config.lr * lr_multiplier(step, self.total_steps, self.optim_config)
 
-    def _peak_flops(self, achieved: float = 0.0) -> float:
-        """The machine's measured matmul peak; measured again if a step beat it (the first measurement
-        ran while other work shared the machine), keeping the highest, so MFU stays a fraction."""
-        if self._peak is None or achieved > self._peak:
-            from nanoseek.perf import matmul_peak_flops
+    @property
+    def done(self) -> bool:
+        """The schedule is complete, or the deadline has passed."""
+        out_of_time = self.deadline is not None and time.perf_counter() >= self.deadline
+        return self.global_step >= self.total_steps or out_of_time
 
-            dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
-            device = "cuda" if self.dist.device.type == "cuda" else "cpu"
-            if self._peak is not None:
-                matmul_peak_flops.cache_clear()
-            measured = matmul_peak_flops(dtype, device) * self.dist.world_size
-            self._peak = max(self._peak or 0.0, measured, achieved)
-        return self._peak
+    def _fit_to_deadline(self) -> None:
+        """Refit the step count to the time left at the pace measured since the first step."""
+        if self.deadline is None or self._paced_from is None:
+            return
+        done = self.global_step - self._paced_from[0]
+        if done % REFIT_EVERY == 0:
+            now = time.perf_counter()
+            per_step = (now - self._paced_from[1]) / done
+            self.total_steps = self.global_step + max(1, int((self.deadline - now) / per_step))
 
     # --------------------------------------------------------------- step
     def step(self, loss_fn: LossFn, accumulation: int = 1) -> dict[str, Any]:
-        """One optimizer step over `accumulation` micro-batches; returns this step's metrics."""
+        """One optimizer step over `accumulation` calls of loss_fn; returns this step's metrics.
+
+        The micro-batch losses are summed as given: the caller weights them (a mean over equal-size
+        micro-batches divides each by `accumulation`; GRPO's already sum to the batch loss). Metrics
+        other than the loss are averaged over the micro-batches.
+        """
         if accumulation < 1:
             raise ValueError(f"accumulation must be >= 1, got {accumulation}")
+        if self.deadline is not None and self._paced_from is None:
+            self._paced_from = (self.global_step, time.perf_counter())
         model = self.model
         model.train()
         step = self.global_step
@@ -375,14 +369,14 @@ class Trainer:
                 model.set_requires_gradient_sync(micro == accumulation - 1)
             with self.autocast():
                 loss, m = loss_fn()
-            (loss / accumulation).backward()
+            loss.backward()
             loss_sum += loss.detach().double().cpu()
             tokens += int(_scalar(m.pop("tokens", 0)))
             for k, v in m.items():
                 v = _scalar(v)
                 if isinstance(v, (int, float)):
                     sums[k] = sums.get(k, 0.0) + float(v)
-        stats = torch.tensor([loss_sum.item() / accumulation, float(tokens)], dtype=torch.float64)
+        stats = torch.tensor([loss_sum.item(), float(tokens)], dtype=torch.float64)
         all_reduce_(stats, self.dist, "sum")
         loss_value = stats[0].item() / self.dist.world_size
         tokens = int(stats[1].item())
@@ -419,35 +413,29 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         self.tokens_seen += tokens
-        self._tokens_since += tokens
 
         metrics: dict[str, Any] = {
+            "step": self.global_step,
             "loss": loss_value,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": self.tokens_seen,
+            "step_tokens": tokens,
         }
         metrics.update({k: v / accumulation for k, v in sums.items()})
         if loads:
             imb = {layer: (ld.max() / ld.mean().clamp_min(1e-9)).item() for layer, ld in loads.items()}
             metrics["expert_imbalance"] = imb
             metrics["expert_imbalance_max"] = max(imb.values())
-            if self.expert_load_every and (step + 1) % self.expert_load_every == 0:
-                metrics["expert_load"] = {layer: ld.tolist() for layer, ld in loads.items()}
+            metrics["expert_load"] = {layer: ld.tolist() for layer, ld in loads.items()}
         if reason is not None:
             metrics["skipped"] = reason
-            if self.dist.is_main:
-                msg = f"step {step + 1}: skipped ({reason}); no update"
-                (self._bar.write if self._bar is not None else print)(msg)
-        self._throughput(metrics)
-        if reason is not None or (step + 1) % self.log_every == 0 or step + 1 == self.total_steps:
-            self.log(step + 1, **metrics)
-        self._update_bar(metrics)
         if reason is not None and self._consecutive_skips >= self.max_consecutive_skips:
             raise RuntimeError(
                 f"{self._consecutive_skips} consecutive steps skipped (last: {reason}); training diverged. "
                 f"Lower the learning rate or resume from the last checkpoint in {self.checkpoint_dir}."
             )
+        self._fit_to_deadline()
         if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0 and step + 1 < self.total_steps:
             self._pending_save = True
         return metrics
@@ -489,7 +477,7 @@ class Trainer:
     # ----------------------------------------------------------- validate
     @torch.no_grad()
     def validate(self, loss_fn: LossFn, num_batches: int) -> float:
-        """Mean loss over `num_batches` calls of loss_fn (averaged across ranks), logged as val_loss."""
+        """Mean loss over `num_batches` calls of loss_fn (averaged across ranks)."""
         self._take_loads()
         was_training = self.model.training
         self.model.eval()
@@ -503,56 +491,7 @@ class Trainer:
         self._take_loads()  # evaluation traffic must not move the balancing bias
         self.model.train(was_training)
         all_reduce_(total, self.dist, "sum")
-        val = total[0].item() / max(1.0, total[1].item())
-        self.log(self.global_step, val_loss=val)
-        if self._bar is not None:
-            self._bar.write(f"step {self.global_step}: val_loss {val:.4f}")
-        return val
-
-    # ------------------------------------------------------------ logging
-    def _throughput(self, metrics: dict[str, Any]) -> None:
-        now = time.perf_counter()
-        dt = max(now - self._t_last, 1e-9)
-        tok_s = self._tokens_since / dt
-        self._t_last, self._tokens_since = now, 0
-        metrics["tok_per_s"] = tok_s
-        if self._flops_per_token:
-            achieved = tok_s * self._flops_per_token
-            metrics["mfu"] = achieved / self._peak_flops(achieved)
-
-    def _update_bar(self, metrics: dict[str, Any]) -> None:
-        if not self._progress:
-            return
-        if self._bar is None:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(
-                total=self.total_steps,
-                initial=self.global_step - 1,
-                desc=self.stage,
-                dynamic_ncols=True,
-            )
-        self._bar.total = self.total_steps  # a time-budgeted run refits its step count as it goes
-        post = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tok_per_s']:.0f}"}
-        if "mfu" in metrics:
-            post["mfu"] = f"{100 * metrics['mfu']:.1f}%"
-        if "expert_imbalance_max" in metrics:
-            post["imb"] = f"{metrics['expert_imbalance_max']:.2f}"
-        self._bar.set_postfix(post, refresh=False)
-        self._bar.update(1)
-
-    def log(self, step: int | None, **metrics: Any) -> dict[str, Any]:
-        """Append to RUN/metrics.jsonl (rank 0) and TensorBoard if enabled."""
-        record = self.metrics.log(step=step, **metrics)
-        if self._tb is not None and step is not None:
-            for k, v in metrics.items():
-                v = _scalar(v)
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"{self.stage}/{k}", v, step)
-                elif isinstance(v, dict) and k == "expert_imbalance":
-                    for layer, x in v.items():
-                        self._tb.add_scalar(f"{self.stage}/expert_imbalance/{layer}", x, step)
-        return record
+        return total[0].item() / max(1.0, total[1].item())
 
     # -------------------------------------------------------- checkpoints
     _pending_save = False
@@ -653,6 +592,141 @@ class Trainer:
         if self.global_step >= self.total_steps and self.dist.is_main:
             print(f"{self.stage}: checkpoint already at step {self.global_step} of {self.total_steps}")
         return state["extra"]
+
+
+# ------------------------------------------------------------------ step log
+class StepLog:
+    """What a stage shows and records per step: RUN/metrics.jsonl (rank 0), optional TensorBoard, and a
+    progress bar with loss, tokens/s and MFU (model FLOPs against the measured matmul peak of the
+    precision in use). Per-expert loads are kept every `expert_load_every` steps, the imbalance always.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        stage: str,
+        total_steps: int,
+        *,
+        precision: str = "fp32",
+        flops_per_token: float | None = None,
+        device: str = "cpu",
+        world_size: int = 1,
+        is_main: bool = True,
+        log_every: int = 1,
+        expert_load_every: int = 50,
+        tensorboard: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.stage = stage
+        self.total_steps = total_steps
+        self.precision = precision
+        self.flops_per_token = flops_per_token
+        self.device = device
+        self.world_size = world_size
+        self.log_every = max(1, log_every)
+        self.expert_load_every = expert_load_every
+        self.metrics = MetricsLog(run_dir, stage, enabled=is_main)
+        self._progress = progress and is_main
+        self._bar = None
+        self._peak: float | None = None
+        self._t_last = time.perf_counter()
+        self._tb = None
+        if tensorboard and is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ValueError(
+                    "--tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from e
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / stage))
+
+    @classmethod
+    def for_trainer(cls, trainer: Trainer, *, seq_len: int | None = None, **kwargs: Any) -> StepLog:
+        """A log for `trainer`'s stage; with `seq_len` it reports MFU."""
+        flops = training_flops_per_token(trainer.base_model, seq_len) if seq_len else None
+        return cls(
+            trainer.run_dir,
+            trainer.stage,
+            trainer.total_steps,
+            precision=trainer.precision,
+            flops_per_token=flops,
+            device="cuda" if trainer.dist.device.type == "cuda" else "cpu",
+            world_size=trainer.dist.world_size,
+            is_main=trainer.dist.is_main,
+            **kwargs,
+        )
+
+    def step(self, metrics: dict[str, Any], total_steps: int | None = None) -> None:
+        """Record one `Trainer.step`'s metrics (throughput and MFU added); `total_steps` refits the bar."""
+        metrics = dict(metrics)
+        step = metrics.pop("step")
+        if total_steps is not None:
+            self.total_steps = total_steps
+        if "expert_load" in metrics and not (self.expert_load_every and step % self.expert_load_every == 0):
+            del metrics["expert_load"]
+        self._throughput(metrics)
+        if "skipped" in metrics:
+            self.write(f"step {step}: skipped ({metrics['skipped']}); no update")
+        if "skipped" in metrics or step % self.log_every == 0 or step == self.total_steps:
+            self.log(step, **metrics)
+        self._update_bar(step, metrics)
+
+    def _throughput(self, metrics: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        tok_s = metrics.pop("step_tokens") / max(now - self._t_last, 1e-9)
+        self._t_last = now
+        metrics["tok_per_s"] = tok_s
+        if self.flops_per_token:
+            achieved = tok_s * self.flops_per_token
+            metrics["mfu"] = achieved / self._peak_flops(achieved)
+
+    def _peak_flops(self, achieved: float = 0.0) -> float:
+        """The machine's measured matmul peak; measured again if a step beat it (the first measurement
+        ran while other work shared the machine), keeping the highest, so MFU stays a fraction."""
+        if self._peak is None or achieved > self._peak:
+            from nanoseek.perf import matmul_peak_flops
+
+            dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
+            if self._peak is not None:
+                matmul_peak_flops.cache_clear()
+            measured = matmul_peak_flops(dtype, self.device) * self.world_size
+            self._peak = max(self._peak or 0.0, measured, achieved)
+        return self._peak
+
+    def _update_bar(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self._progress:
+            return
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total_steps, initial=step - 1, desc=self.stage, dynamic_ncols=True)
+        self._bar.total = self.total_steps
+        post = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tok_per_s']:.0f}"}
+        if "mfu" in metrics:
+            post["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+        if "expert_imbalance_max" in metrics:
+            post["imb"] = f"{metrics['expert_imbalance_max']:.2f}"
+        self._bar.set_postfix(post, refresh=False)
+        self._bar.update(1)
+
+    def write(self, message: str) -> None:
+        """A line that does not break the progress bar (rank 0 only)."""
+        if not self.metrics.enabled:
+            return
+        (self._bar.write if self._bar is not None else print)(message)
+
+    def log(self, step: int | None, **metrics: Any) -> dict[str, Any]:
+        """Append to RUN/metrics.jsonl (rank 0) and TensorBoard if enabled."""
+        record = self.metrics.log(step=step, **metrics)
+        if self._tb is not None and step is not None:
+            for k, v in metrics.items():
+                v = _scalar(v)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"{self.stage}/{k}", v, step)
+                elif isinstance(v, dict) and k == "expert_imbalance":
+                    for layer, x in v.items():
+                        self._tb.add_scalar(f"{self.stage}/expert_imbalance/{layer}", x, step)
+        return record
 
     def close(self) -> None:
         if self._bar is not None:

@@ -23,65 +23,105 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nanoseek.options import check_choices, option
+
 if TYPE_CHECKING:  # torch loads inside the functions, so `nanoseek --help` stays fast
     import torch
 
 
+DATA = "data and model"
+OPTIM = "optimization"
+V3 = "DeepSeek-V3 losses and balancing"
+RUN = "run"
+
+
 @dataclass
 class PretrainConfig:
-    out: str = "runs/nanoseek"
-    data: str | list[str] | None = "embedded"
-    text_field: str = "text"
-    tokenizer: str | None = None  # dir or tokenizer.json; None: train one into RUN/tokenizer/
-    vocab_size: int | None = None  # for a trained tokenizer; default: the preset's
-    tokenizer_docs: int = 20000
-    preset: str = "tiny"  # preset name or a directory with config.json (random init)
-    # 614k tokens. Measured for `tiny` in fp32 on an oversubscribed 2-core machine: ~200 tok/s on about a
-    # quarter of one core (so ~800 tok/s per free core), val loss 7.9 -> 2.13 in the first 96k tokens.
-    steps: int = 300
-    batch_size: int = 8  # global, split across ranks
-    seq_len: int = 256
-    accumulation: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    schedule: str = "cosine"
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    precision: str = "auto"
-    bias_update_speed: float = 0.001  # γ (V3 §2.1.2)
-    balance_alpha: float = 0.0001  # α (V3 §4.2)
-    mtp_weight: float = 0.3  # λ (V3 §4.2)
+    out: str = option("runs/nanoseek", "run directory", group=DATA)
+    data: str | list[str] | None = option(
+        "embedded",
+        "txt/jsonl/parquet files, globs, dirs, 'embedded', or 'embedded:TASKS' (the embedded corpus "
+        "of those task families only)",
+        nargs="+",
+        group=DATA,
+    )
+    text_field: str = option("text", "JSON/parquet field holding the text", group=DATA)
+    tokenizer: str | None = option(
+        None, "tokenizer dir or tokenizer.json (default: train one into RUN/tokenizer/)", group=DATA
+    )
+    vocab_size: int | None = option(None, "vocabulary of a trained tokenizer (default: preset's)", group=DATA)
+    tokenizer_docs: int = option(20000, "documents to train the tokenizer on", group=DATA)
+    preset: str = option("tiny", "model preset or directory with config.json (random init)", group=DATA)
+    steps: int = option(300, group=OPTIM)
+    batch_size: int = option(8, "sequences per micro-batch, global (split across ranks)", group=OPTIM)
+    seq_len: int = option(256, group=OPTIM)
+    accumulation: int = option(1, "micro-batches per step", group=OPTIM)
+    lr: float = option(3e-3, group=OPTIM)
+    min_lr_ratio: float = option(0.1, group=OPTIM)
+    warmup_steps: int = option(20, group=OPTIM)
+    schedule: str = option("cosine", choices=("cosine", "wsd", "constant"), group=OPTIM)
+    weight_decay: float = option(0.1, group=OPTIM)
+    grad_clip: float = option(1.0, group=OPTIM)
+    precision: str = option(
+        "auto",
+        "auto: bf16 where the hardware multiplies bf16 natively, else fp32",
+        choices=("auto", "bf16", "fp32", "fp8"),
+        group=OPTIM,
+    )
+    bias_update_speed: float = option(0.001, "γ of aux-loss-free balancing (V3 §2.1.2)", group=V3)
+    balance_alpha: float = option(0.0001, "α of the sequence-wise balance loss (V3 §4.2)", group=V3)
+    mtp_weight: float = option(0.3, "λ of the MTP loss (V3 §4.2; 0 = off)", group=V3)
     # Each packed document attends only to itself, positions counted from its BOS (Llama 3 §3.1.1
     # does the same); without it short look-alike documents drown the prompt a copy must look back at.
-    document_mask: bool = True
+    document_mask: bool = option(
+        True,
+        "let packed documents attend to the documents before them (default: each only to itself)",
+        group=V3,
+    )
     # Whole documents per window (the rest padded) instead of contiguous cuts that start the next
     # window mid-document, without the prompt its copies refer to (Ding et al. 2024, "Fewer
     # Truncations Improve Language Modeling"); documents longer than a window are still cut.
-    whole_documents: bool = True
+    whole_documents: bool = option(
+        True,
+        "fill every window to the brim, cutting documents at window edges (default: whole documents, padded)",
+        flag="--cut-documents",
+        group=V3,
+    )
     # No loss on the user turns of chat documents (their numbers are random); the response's is kept.
-    mask_prompts: bool = True
-    # held-out problems per task family for the copy probe at each validation (embedded corpus only)
-    probe_problems: int = 16
-    val_every: int = 100
-    val_batches: int = 8
-    val_fraction: float = 0.01
-    checkpoint_every: int = 200
-    expert_load_every: int = 50
-    log_every: int = 1
-    seed: int = 0
-    resume: bool = False
-    tensorboard: bool = False
-    progress: bool = True
-    threads: int | None = None
-    expert_parallel: bool = False  # shard routed experts over the ranks (EP = DP); docs/multinode.md
+    mask_prompts: bool = option(
+        True,
+        "train on the user turns of chat documents too (default: loss on the responses only)",
+        flag="--prompt-loss",
+        group=V3,
+    )
+    probe_problems: int = option(
+        16,
+        "held-out problems per task family for the copy probe at each validation (embedded corpus)",
+        group=RUN,
+    )
+    val_every: int = option(100, "steps between validation (0 = off)", group=RUN)
+    val_batches: int = option(8, group=RUN)
+    val_fraction: float = option(0.01, "share of documents held out for validation", group=RUN)
+    checkpoint_every: int = option(200, "0 = only at the end", group=RUN)
+    expert_load_every: int = option(50, "log per-expert loads every K steps", group=RUN)
+    log_every: int = option(1, group=RUN)
+    seed: int = option(0, group=RUN)
+    resume: bool = option(False, "continue from RUN/pretrain/ if it exists", group=RUN)
+    tensorboard: bool = option(False, "also write TensorBoard events to RUN/tensorboard/", group=RUN)
+    progress: bool = option(True, group=RUN)
+    threads: int | None = option(None, "torch CPU threads", group=RUN)
+    expert_parallel: bool = option(
+        False,
+        "expert parallelism under torchrun: routed experts sharded over all ranks, EP = DP (docs/multinode.md)",
+        flag="--ep",
+        group=RUN,
+    )
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "accumulation", "tokenizer_docs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.precision not in ("auto", "bf16", "fp32", "fp8"):
-            raise ValueError(f"precision {self.precision!r} not in auto, bf16, fp32, fp8")
+        check_choices(self)
         if self.mtp_weight < 0 or self.val_batches < 0 or self.val_every < 0 or self.checkpoint_every < 0:
             raise ValueError("mtp_weight, val_every, val_batches and checkpoint_every must be >= 0")
         if self.expert_parallel and self.precision == "fp8":
@@ -143,7 +183,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from nanoseek.data.corpus import PackedDataset
     from nanoseek.probe import KINDS
     from nanoseek.train.distributed import destroy_distributed, init_distributed
-    from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
+    from nanoseek.train.loop import OptimConfig, StepLog, Trainer, language_model_loss
 
     cfg.validate()
     if cfg.threads:
@@ -169,6 +209,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     model = build_model(config, device=dist.device).init_weights(cfg.seed)
+    model.set_balance_alpha(cfg.balance_alpha)  # the sequence-wise balance loss α (V3 eq. 17-20)
     if cfg.expert_parallel:
         from nanoseek.train.expert_parallel import parallelize_experts
 
@@ -191,14 +232,16 @@ def pretrain(cfg: PretrainConfig) -> Path:
         checkpoint_every=cfg.checkpoint_every,
         tokenizer=tok,
         bias_update_speed=cfg.bias_update_speed,
-        balance_alpha=cfg.balance_alpha,
-        expert_load_every=cfg.expert_load_every,
-        log_every=cfg.log_every,
-        tensorboard=cfg.tensorboard,
-        progress=cfg.progress,
-        seq_len=cfg.seq_len,
         dist=dist,
         config_extra={"pretrain": {**asdict(cfg), "precision": precision}},
+    )
+    log = StepLog.for_trainer(
+        trainer,
+        seq_len=cfg.seq_len,
+        log_every=cfg.log_every,
+        expert_load_every=cfg.expert_load_every,
+        tensorboard=cfg.tensorboard,
+        progress=cfg.progress,
     )
     per_rank = cfg.batch_size // dist.world_size
     data_kw: dict[str, Any] = dict(
@@ -216,7 +259,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         train_data.load_state_dict(extra["data"])
     if trainer.global_step == 0 and dist.is_main:
         n_total = model.num_parameters(include_mtp=True)
-        trainer.log(
+        log.log(
             0,
             event="start",
             params=n_total,
@@ -237,13 +280,14 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     def loss_fn() -> tuple[torch.Tensor, dict[str, Any]]:
         x, y = next(batches)
-        return language_model_loss(
+        loss, metrics = language_model_loss(
             trainer.model,
             x.to(dist.device),
             y.to(dist.device),
             mtp_weight=cfg.mtp_weight,
             document_mask=cfg.document_mask,
         )
+        return loss / cfg.accumulation, metrics  # the step's loss: the mean over its micro-batches
 
     probe = _probe(cfg, tok) if dist.is_main else []
 
@@ -255,12 +299,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
             ),
             len(val_set),
         )
+        log.log(trainer.global_step, val_loss=loss)
+        if cfg.progress:
+            log.write(f"step {trainer.global_step}: val_loss {loss:.4f}")
         if probe:
             from nanoseek.probe import probe_losses
 
             with trainer.autocast():
                 losses = probe_losses(model, probe)
-            trainer.log(trainer.global_step, **{f"probe_{k}_loss": losses[k] for k in KINDS if k in losses})
+            log.log(trainer.global_step, **{f"probe_{k}_loss": losses[k] for k in KINDS if k in losses})
         return loss
 
     t0 = time.perf_counter()
@@ -270,6 +317,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     try:
         while trainer.global_step < cfg.steps:
             last = trainer.step(loss_fn, cfg.accumulation)
+            log.step(last)
             step = trainer.global_step
             if val_set and (step % cfg.val_every == 0 or step == cfg.steps):
                 val_loss = validate()
@@ -279,10 +327,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
             val_loss = validate()
         path = trainer.save({"data": train_data.state_dict()})
     except BaseException:
-        trainer.close()
+        log.close()
         destroy_distributed()
         raise
-    trainer.close()
+    log.close()
     wall = time.perf_counter() - t0
     done = trainer.global_step - start_step
     tokens = trainer.tokens_seen - start_tokens
@@ -299,7 +347,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if trainer.skipped_steps:
             parts.append(f"{trainer.skipped_steps} steps skipped")
         print(", ".join(parts) + f"; checkpoint {path}")
-        trainer.log(
+        log.log(
             trainer.global_step, event="end", wall_s=wall, val_loss=val_loss, skipped=trainer.skipped_steps
         )
     destroy_distributed()

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.model.attention import document_causal_mask
+from nanoseek.options import option
 from nanoseek.tokenizer import THINK_END, THINK_START
 
 IGNORE = -100
@@ -204,27 +205,27 @@ def sft_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
 # ----------------------------------------------------------------------------------- driver
 @dataclass
 class SFTConfig:
-    init: str  # checkpoint directory (with tokenizer files)
-    data: str | None = None  # chat JSONL ({"messages": [...]} per line)
-    task: str | None = None  # or: build cold-start data from a built-in task's worked solutions
-    task_examples: int = 2000
-    out: str = "runs/sft"
-    steps: int | None = None  # default: `epochs` passes over the packed rows
-    epochs: int = 2
-    batch_size: int = 8  # packed rows per step
-    seq_len: int = 512
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    precision: str = "fp32"
-    checkpoint_every: int = 0
-    resume: bool = False
-    seed: int = 0
-    language: str | None = None
-    progress: bool = True
-    # wall-clock budget from the start of sft(): stop and save once spent (a time-matched control run)
-    max_seconds: float | None = None
+    init: str = option(help="checkpoint directory (with tokenizer files)")
+    data: str | None = option(None, "chat JSONL: one {'messages': [...]} per line")
+    task: str | None = option(None, "build cold-start data from task(s)' worked solutions (comma-separated)")
+    task_examples: int = option(2000, "examples drawn from --task")
+    out: str = option("runs/sft", "run directory")
+    steps: int | None = option(None, "optimizer steps (default: --epochs passes over the packed rows)")
+    epochs: int = option(2)
+    batch_size: int = option(8, "packed rows per step")
+    seq_len: int = option(512, "packed row length")
+    lr: float = option(3e-4)
+    weight_decay: float = option(0.0)
+    warmup_steps: int = option(10)
+    min_lr_ratio: float = option(0.1)
+    precision: str = option("fp32", choices=("fp32", "bf16"))
+    checkpoint_every: int = option(0, "steps between checkpoints (0 = only at the end)")
+    resume: bool = option(False, "continue from RUN/sft/ if it holds a checkpoint")
+    seed: int = option(0)
+    language: str | None = option(None, "only prompts in this language (en, ja, zh)")
+    progress: bool = option(True)
+    # a time-matched control run: stop and save once this budget from the start of sft() is spent
+    max_seconds: float | None = option(None, "wall-clock budget: stop and save once spent")
 
 
 def task_conversations(
@@ -249,7 +250,8 @@ def task_conversations(
     return convs
 
 
-REFIT_EVERY = 5  # steps between refits of a time-budgeted run's step count
+# The sequence-wise balance loss weight α of V3's pretraining (§4.2), kept through fine-tuning.
+BALANCE_ALPHA = 1e-4
 
 
 def train_on_examples(
@@ -270,7 +272,7 @@ def train_on_examples(
     import math
     import time
 
-    from nanoseek.train.loop import OptimConfig, Trainer
+    from nanoseek.train.loop import OptimConfig, StepLog, Trainer
 
     if not examples:
         raise ValueError("no training examples")
@@ -283,6 +285,9 @@ def train_on_examples(
         f"{stage}: {len(examples)} examples ({n_target} assistant tokens) packed into {len(rows)} rows of "
         f"{cfg.seq_len}; {total} steps of {cfg.batch_size} rows"
     )
+    if hasattr(model, "set_balance_alpha"):
+        model.set_balance_alpha(BALANCE_ALPHA)
+    t0 = time.perf_counter()
     trainer = Trainer(
         model,
         run_dir,
@@ -297,10 +302,10 @@ def train_on_examples(
         total_steps=total,
         precision=cfg.precision,
         tokenizer=tokenizer,
-        seq_len=cfg.seq_len,
-        progress=cfg.progress,
+        deadline=(started or t0) + cfg.max_seconds if cfg.max_seconds else None,
         config_extra=config_extra or {},
     )
+    log = StepLog.for_trainer(trainer, seq_len=cfg.seq_len, progress=cfg.progress)
     if cfg.resume:
         trainer.resume()
 
@@ -312,16 +317,8 @@ def train_on_examples(
         chunk = [rows[j] for j in order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
         return PackedBatch(*(torch.tensor([r[k] for r in chunk], dtype=torch.long) for k in range(4)))
 
-    t0 = time.perf_counter()
-    deadline = (started or t0) + cfg.max_seconds if cfg.max_seconds else math.inf
-    first_step = trainer.global_step
     last: dict[str, Any] = {}
-    while trainer.global_step < total:
-        if time.perf_counter() >= deadline:
-            print(
-                f"{stage}: time budget of {cfg.max_seconds:.0f}s spent at step {trainer.global_step}/{total}"
-            )
-            break
+    while not trainer.done:
         batch = batch_at(trainer.global_step)
 
         def loss_fn(batch: PackedBatch = batch) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -333,17 +330,15 @@ def train_on_examples(
             return loss, metrics
 
         last = trainer.step(loss_fn)
+        log.step(last, total_steps=trainer.total_steps)
         if trainer.checkpoint_due():
             trainer.save()
-        done = trainer.global_step - first_step
-        if deadline < math.inf and done % REFIT_EVERY == 0:
-            # Fit the step count to the time left at the measured pace, so that the schedule still
-            # anneals by the deadline instead of being cut off mid-decay (or ending early).
-            per_step = (time.perf_counter() - t0) / done
-            total = trainer.global_step + max(1, int((deadline - time.perf_counter()) / per_step))
-            trainer.total_steps = total
+    if trainer.global_step < trainer.total_steps:
+        print(
+            f"{stage}: time budget of {cfg.max_seconds:.0f}s spent at step {trainer.global_step}/{trainer.total_steps}"
+        )
     path = trainer.save()
-    trainer.close()
+    log.close()
     if last:
         print(
             f"{stage}: {trainer.global_step} steps in {time.perf_counter() - t0:.0f}s, final loss {last['loss']:.4f}; "

@@ -1,0 +1,142 @@
+"""Command-line flags generated from the stages' config dataclasses.
+
+A field's default, choices and help are written once, on the field (`option(...)`); `add_options`
+turns the fields into argparse flags and `from_options` builds the config back from the parsed
+namespace. Our own few dozen lines instead of tyro or simple-parsing: argparse's help layout and
+flag names stay as users know them, bool fields keep their `--no-x` spelling, and no dependency
+is pulled into `nanoseek --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    short: str | None = None,
+    choices: Iterable[Any] | None = None,
+    parse: Callable[[str], Any] | None = None,
+    nargs: str | None = None,
+    group: str | None = None,
+    positional: bool = False,
+    factory: Callable[[], Any] | None = None,
+    cli: bool = True,
+) -> Any:
+    """A dataclass field that knows its flag.
+
+    flag: the long flag when it differs from the field name (bool fields default to `--name` when
+    False, `--no-name` when True; the flag always flips the default). parse: converts the flag's
+    string (e.g. a comma-separated task list). cli=False keeps the field out of the command line.
+    """
+    meta = {
+        "help": help,
+        "flag": flag,
+        "short": short,
+        "choices": tuple(choices) if choices is not None else None,
+        "parse": parse,
+        "nargs": nargs,
+        "group": group,
+        "positional": positional,
+        "cli": cli,
+    }
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _scalar_type(annotation: Any) -> Any:
+    """int | None -> int; str | list[str] | None -> str; list[str] -> str."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _scalar_type(args[0])
+    if typing.get_origin(annotation) in (list, tuple):
+        return typing.get_args(annotation)[0]
+    return annotation
+
+
+def add_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    skip: Iterable[str] = (),
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """One flag per field of the dataclass `cls` (those with cli=True and not in `skip`).
+
+    A field whose name already has a flag on `parser` (added for an earlier config) shares it.
+    `defaults` overrides a field's default for this command only.
+    """
+    hints = typing.get_type_hints(cls)
+    skip = set(skip)
+    defaults = defaults or {}
+    taken = {a.dest for a in parser._actions}
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if f.name in skip or f.name in taken or not meta.get("cli", True):
+            continue
+        if not f.init:
+            continue
+        target = parser
+        if meta.get("group"):
+            target = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name in defaults:
+            default, required = defaults[f.name], False
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None if required else f.default
+        kind = _scalar_type(hints[f.name])
+        help_text = meta.get("help") or ""
+        if kind is not bool and default is not None and "%(default)" not in help_text:
+            help_text = f"{help_text} (default: %(default)s)".strip()
+        kwargs: dict[str, Any] = {"help": help_text or None}
+        if kind is bool:
+            flag = meta.get("flag") or ("--no-" if default else "--") + f.name.replace("_", "-")
+            kwargs.update(action="store_false" if default else "store_true", default=bool(default))
+        else:
+            flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+            kwargs.update(default=default, type=meta.get("parse") or kind)
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+            if meta.get("nargs"):
+                kwargs["nargs"] = meta["nargs"]
+        if meta.get("positional"):
+            target.add_argument(f.name, **{k: v for k, v in kwargs.items() if k != "default"})
+            continue
+        names = [flag] + ([meta["short"]] if meta.get("short") else [])
+        if required:
+            kwargs["required"] = True
+        target.add_argument(*names, dest=f.name, **kwargs)
+
+
+def from_options(cls: type[T], args: argparse.Namespace, **given: Any) -> T:
+    """The config `cls` from the parsed flags; `given` wins over them (derived or shared values)."""
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if f.init and f.name not in given and hasattr(args, f.name)
+    }
+    return cls(**values, **given)
+
+
+def check_choices(config: Any) -> None:
+    """Raise a clear error for a field set outside its choices (configs built in Python skip argparse)."""
+    for f in dataclasses.fields(config):
+        allowed = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if allowed and value not in allowed:
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            raise ValueError(f"{flag} {value!r} is not one of {', '.join(map(str, allowed))}")

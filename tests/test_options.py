@@ -1,0 +1,90 @@
+"""Flags generated from the config dataclasses: defaults, names and parsing come from the fields."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from nanoseek.cli import build_parser
+from nanoseek.evaluate import EvalConfig
+from nanoseek.options import check_choices, from_options
+from nanoseek.train.distill import DistillConfig
+from nanoseek.train.grpo import GRPOConfig
+from nanoseek.train.pretrain import PretrainConfig
+from nanoseek.train.sft import SFTConfig
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(list(argv))
+
+
+def test_no_flag_means_the_dataclass_default() -> None:
+    assert from_options(PretrainConfig, parse("pretrain"), data="embedded") == PretrainConfig()
+    assert from_options(SFTConfig, parse("sft", "--init", "ck")) == SFTConfig(init="ck")
+    assert from_options(GRPOConfig, parse("grpo", "--init", "ck", "--task", "addition")) == GRPOConfig(
+        init="ck", tasks=["addition"]
+    )
+    assert from_options(EvalConfig, parse("eval", "ck", "--task", "addition")) == EvalConfig(
+        model="ck", task="addition"
+    )
+
+
+def test_flags_reach_their_fields() -> None:
+    args = parse(
+        "pretrain", "--steps", "7", "--lr", "1e-3", "--no-document-mask", "--cut-documents",
+        "--prompt-loss", "--ep", "--no-progress", "--schedule", "wsd", "--data", "a.txt", "b.txt",
+    )  # fmt: skip
+    cfg = from_options(PretrainConfig, args, data=args.data)
+    assert (cfg.steps, cfg.lr, cfg.schedule, cfg.data) == (7, 1e-3, "wsd", ["a.txt", "b.txt"])
+    assert not (cfg.document_mask or cfg.whole_documents or cfg.mask_prompts or cfg.progress)
+    assert cfg.expert_parallel
+    g = from_options(GRPOConfig, parse("grpo", "--init", "ck", "--task", "addition,comparison", "-G", "4"))
+    assert (g.tasks, g.group_size) == (["addition", "comparison"], 4)
+    e = from_options(EvalConfig, parse("eval", "http://x", "--task", "t", "--model-name", "m", "-k", "2"))
+    assert (e.model, e.endpoint_model, e.k) == ("http://x", "m", 2)
+
+
+def test_distill_shares_run_flags_with_the_students_fine_tuning() -> None:
+    args = parse(
+        "distill", "--teacher", "t", "--student", "tiny-dense", "--task", "addition",
+        "--out", "runs/d", "--seed", "3", "--lr", "1e-4", "--steps", "5",
+    )  # fmt: skip
+    sft = from_options(SFTConfig, args, init=args.student, data=None, task=None)
+    cfg = from_options(DistillConfig, args, sft=sft)
+    assert (cfg.out, cfg.seed, cfg.tasks) == ("runs/d", 3, ["addition"])
+    assert (sft.init, sft.out, sft.seed, sft.lr, sft.steps) == ("tiny-dense", "runs/d", 3, 1e-4, 5)
+
+
+@pytest.mark.parametrize("argv", [("grpo", "--init", "ck"), ("sft",), ("eval",)])
+def test_required_fields_are_required_flags(argv, capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse(*argv)
+    assert "required" in capsys.readouterr().err
+
+
+def test_choices_are_checked_for_configs_built_in_python() -> None:
+    with pytest.raises(SystemExit):
+        parse("grpo", "--init", "ck", "--task", "t", "--loss", "ppo")
+    with pytest.raises(ValueError, match="--loss 'ppo' is not one of grpo"):
+        check_choices(GRPOConfig(init="ck", tasks=["t"], loss="ppo"))
+    with pytest.raises(ValueError, match="--precision"):
+        PretrainConfig(precision="fp16").validate()
+
+
+def test_every_field_has_a_flag_or_says_why_not() -> None:
+    """A new config field gets a flag unless it opts out (cli=False): no third copy to forget."""
+    parser_dests = {
+        cmd: {a.dest for a in build_parser()._subparsers._group_actions[0].choices[cmd]._actions}
+        for cmd in ("pretrain", "sft", "grpo", "distill", "eval")
+    }
+    for cmd, cls in (
+        ("pretrain", PretrainConfig),
+        ("sft", SFTConfig),
+        ("grpo", GRPOConfig),
+        ("distill", DistillConfig),
+        ("eval", EvalConfig),
+    ):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli", True):
+                assert f.name in parser_dests[cmd], f"{cls.__name__}.{f.name} has no flag on `{cmd}`"
