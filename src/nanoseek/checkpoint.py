@@ -43,7 +43,7 @@ _EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_p
 
 
 # ------------------------------------------------------------- conversion
-def to_hf_state_dict(model: DeepSeekV3, include_mtp: bool = True) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
     """nanoseek parameter names -> DeepSeek/HF checkpoint keys (per-expert weights, MTP at index n)."""
     cfg = model.config
     n = cfg.num_hidden_layers
@@ -52,8 +52,6 @@ def to_hf_state_dict(model: DeepSeekV3, include_mtp: bool = True) -> dict[str, t
         if cfg.tie_word_embeddings and key == "lm_head.weight":
             continue
         if key.startswith(_MTP):
-            if not include_mtp:
-                continue
             depth, rest = key.removeprefix(_MTP).split(".", 1)
             key = f"model.layers.{n + int(depth)}.{rest}"
         if key.endswith("mlp.experts.gate_up_proj"):
@@ -68,10 +66,9 @@ def to_hf_state_dict(model: DeepSeekV3, include_mtp: bool = True) -> dict[str, t
                 out[f"{prefix}.{j}.down_proj.weight"] = value[j]
         else:
             out[key] = value
-    if include_mtp:
-        for d in range(len(model.model.mtp_layers)):
-            out[f"model.layers.{n + d}.{_MTP_SHARED[0]}"] = model.model.embed_tokens.weight
-            out[f"model.layers.{n + d}.{_MTP_SHARED[1]}"] = model.lm_head.weight
+    for d in range(len(model.model.mtp_layers)):
+        out[f"model.layers.{n + d}.{_MTP_SHARED[0]}"] = model.model.embed_tokens.weight
+        out[f"model.layers.{n + d}.{_MTP_SHARED[1]}"] = model.lm_head.weight
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
@@ -257,10 +254,11 @@ def load_model(
             # transformers' DeepseekV3Config defaults to one MTP layer but its save_pretrained writes
             # none: the main model is whole; load it without the module (only speculative decoding
             # uses it).
-            _say_once(
+            warnings.warn(  # the default filter says it once per place
                 f"{p}: config.json asks for {config.num_nextn_predict_layers} MTP layer(s) but the "
                 "checkpoint holds no MTP weights (transformers writes none); loading without the MTP "
-                "module, so speculative decoding is off for this model"
+                "module, so speculative decoding is off for this model",
+                stacklevel=2,
             )
             config = config.replace(num_nextn_predict_layers=0)
     model = build_model(config, device=device, dtype=dtype)
@@ -275,15 +273,6 @@ def load_model(
         model.load_state_dict(state, strict=False)
         model.tie_weights()
     return model
-
-
-_SAID: set[str] = set()
-
-
-def _say_once(message: str) -> None:
-    if message not in _SAID:
-        _SAID.add(message)
-        warnings.warn(message, stacklevel=3)
 
 
 # ----------------------------------------------------------- train state

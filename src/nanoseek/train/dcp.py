@@ -133,16 +133,9 @@ def _check_config(model: nn.Module, path: Path) -> None:
     config = getattr(model, "config", None)
     if config is None or not (path / "config.json").exists():
         return
-    saved = ModelConfig.load(path)
-    mine, theirs = config.to_dict(), saved.to_dict()
-    shape_keys = (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "n_routed_experts",
-        "num_nextn_predict_layers",
-    )
-    diff = {k: (theirs.get(k), mine.get(k)) for k in shape_keys if theirs.get(k) != mine.get(k)}
+    mine, theirs = config.to_dict(), ModelConfig.load(path).to_dict()
+    shape = ("vocab_size", "hidden_size", "num_hidden_layers", "n_routed_experts", "num_nextn_predict_layers")
+    diff = {k: (theirs.get(k), mine.get(k)) for k in shape if theirs.get(k) != mine.get(k)}
     if diff:
         raise ValueError(f"DCP checkpoint {path} was saved from another model shape: (saved, model) {diff}")
 
