@@ -200,13 +200,13 @@ def test_building_a_model_leaves_torch_dynamo_unimported():
 def test_a_crash_mid_swap_loses_no_checkpoint(tmp_path):
     """Killed between moving the old directory aside and renaming the new one in: the next write
     puts the old one back before anything else, so it is never lost."""
-    from nanoseek.atomic import restore_directory
+    from nanoseek.checkpoint import load_train_state
 
     target = tmp_path / "pretrain"
     with atomic_directory(target) as tmp:
         (tmp / "weights").write_text("old")
     target.rename(tmp_path / ".pretrain.tmp-old")  # where the swap had put it
-    restore_directory(target)
+    assert load_train_state(target) is None  # resuming looks for it, and so puts it back
     assert (target / "weights").read_text() == "old"
     with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
         raise RuntimeError("a failed write afterwards leaves it too")

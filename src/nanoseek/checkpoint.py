@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from nanoseek.atomic import atomic_file, atomic_write
+from nanoseek.atomic import atomic_file, atomic_write, restore_directory
 from nanoseek.config import ModelConfig, resolve_config
 from nanoseek.model.fp8 import FP8_DTYPE, FP8Linear, dequantize_blocks, quantize_blocks, quantize_linears_fp8
 from nanoseek.model.transformer import DeepSeekV3
@@ -291,6 +291,7 @@ def save_train_state(
 
 def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(optimizer state, trainer state) from DIR/train_state/, or None when there is none."""
+    restore_directory(directory)  # a crash mid-swap left the last checkpoint aside
     ts = Path(directory) / TRAIN_STATE
     if not (ts / "trainer.pt").exists():
         return None

@@ -186,8 +186,8 @@ class Speedrun:
 
     def _mark_done(self, stage: str, wall: float, **fields: Any) -> None:
         MetricsLog(self.run, stage).log(event="end", wall_time_s=round(wall, 2), **fields)
-        (self.run / stage).mkdir(parents=True, exist_ok=True)
-        (self.run / stage / DONE).write_text(json.dumps({"wall_time_s": wall, **fields}) + "\n")
+        # Its presence says the stage is done, so it must never be seen half written.
+        atomic_write(self.run / stage / DONE, json.dumps({"wall_time_s": wall, **fields}) + "\n")
 
     def _stage(self, index: int, total: int, stage: str, fn: Callable[[], dict[str, Any] | None]) -> None:
         if self._done(stage):
