@@ -194,8 +194,9 @@ def save_model(
         size += nbytes
     for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)
-    names = ["model.safetensors"] if len(shards) == 1 else []
-    names = names or [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    if len(shards) == 1:
+        names = ["model.safetensors"]
     for name, shard in zip(names, shards, strict=True):
         with atomic_file(out / name) as tmp:
             save_file(shard, str(tmp), metadata={"format": "pt"})
