@@ -229,18 +229,11 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     For a model materialized from the meta device (`model.to_empty(device=...)`); buffers that are
     not in `state` (RoPE tables, expert-load counters) are rebuilt.
     """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     from nanoseek.checkpoint import check_keys
 
     model.reset_buffers()  # type: ignore[operator]
     check_keys(model, state, "state dict")
-    for key, target in model.state_dict().items():
-        if key not in state:
-            continue  # a tied head
-        full = state[key]
-        if isinstance(target, DTensor):
-            local = target.to_local()
-            (shard_dim,) = (p.dim for p in target.placements if isinstance(p, Shard))
-            n = local.shape[shard_dim]
-            local.copy_(full.narrow(shard_dim, target.device_mesh.get_local_rank() * n, n))
-        else:
-            target.copy_(full)
+    # strict=False: a tied head is the embedding, absent from `state`.
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
