@@ -1,14 +1,11 @@
-"""Atomic writes: a reader, or the next run after a crash, finds the old file or directory or the new
-one, never half of one. The one writer every module uses (checkpoints, config.json, train_state,
-the report); it imports nothing heavy, so torch-free modules can use it too.
+"""Atomic writes, the one writer every module uses: a reader, or the next run after a crash, finds the
+old file or directory or the new one, never half of one. Torch-free, so light modules can use it.
 
-- A file is written under a temporary name in its own directory (a rename is atomic only within one
-  filesystem), flushed to disk (fsync: else a power cut can leave the new name over empty data) and
-  renamed over the target with `os.replace`.
-- A directory is written whole under a scratch name, flushed, and swapped in: the old one is moved
-  aside, the new one renamed into place, the old one removed. Linux cannot rename over a non-empty
-  directory, so there is an instant with neither under the final name; a crash there leaves the old
-  one aside, and the next write (or `restore_directory`) puts it back rather than losing it.
+- A file is written under a temporary name beside it (rename is atomic within one filesystem),
+  fsynced (else a power cut can leave the new name over empty data) and renamed with `os.replace`.
+- A directory is written whole under a scratch name and swapped in: the old one moved aside, the new
+  one renamed into place, the old one removed. Linux cannot rename over a non-empty directory; a
+  crash between the two renames leaves the old one aside, and the next write (or resume) puts it back.
 """
 
 from __future__ import annotations
@@ -21,11 +18,9 @@ from pathlib import Path
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fd = os.open(path, os.O_RDONLY)  # directories too: a rename is durable once its directory is
+    os.fsync(fd)
+    os.close(fd)
 
 
 @contextlib.contextmanager
@@ -38,7 +33,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _fsync(tmp)
         os.replace(tmp, final)
-        _fsync(final.parent)  # the rename itself is durable only once the directory is
+        _fsync(final.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
