@@ -33,7 +33,7 @@ from bench_engine import bench_config as engine_config
 from bench_engine import best_of, decode_speed
 from bench_model import Runner, load_transformers, training_flops_per_token
 from bench_model import bench_config as model_config
-from nanoseek.checkpoint import build_model
+from nanoseek.checkpoint import build_model, save_model
 from nanoseek.config import ModelConfig
 from nanoseek.engine import Engine
 from nanoseek.perf import matmul_peak_flops, tune_malloc
@@ -164,7 +164,7 @@ def training_ceiling(args: argparse.Namespace) -> dict:
 
     ours = build_model(cfg).init_weights(0)
     with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
+        save_model(ours, d)
         ref = load_transformers(d, None)
     batch = torch.randint(
         0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0)
@@ -229,7 +229,7 @@ def decode_ceiling(args: argparse.Namespace) -> dict:
     cfg = engine_config(0)
     model = build_model(cfg).init_weights(0).eval()
     with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
+        save_model(model, d)
         hf = load_transformers(d, None).eval()
     out = {}
     for batch, goal in ((1, 3.0), (16, 5.0)):

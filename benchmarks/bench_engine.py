@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nanoseek.checkpoint import save_model
 from nanoseek.config import get_preset
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.quantize import quantize_model, weight_bytes
@@ -245,7 +246,7 @@ def main() -> None:
     cfg = bench_config(mtp=0)
     model = DeepSeekV3(cfg).init_weights(seed=0).eval()
     with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
+        save_model(model, d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
 
     print(

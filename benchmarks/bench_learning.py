@@ -221,6 +221,7 @@ def _corpus(v: Variant, seed: int, cache: Path) -> tuple[Path, Path]:
     """(jsonl of training documents, tokenizer dir) for the variant's data settings, cached by them."""
     import nanoseek.data.synthetic
     import nanoseek.data.tasks
+    from nanoseek.atomic import atomic_file
     from nanoseek.tokenizer import load_tokenizer, train_tokenizer
 
     # the generators' source is part of the key: a changed worked-solution format is a new corpus
@@ -235,11 +236,9 @@ def _corpus(v: Variant, seed: int, cache: Path) -> tuple[Path, Path]:
     if not data.exists():
         # enough documents for the longest run; PackedDataset repeats the file if a run outgrows it
         docs = islice(_documents(v, seed), 120_000)
-        tmp = data.with_suffix(".tmp")
-        with open(tmp, "w") as f:
+        with atomic_file(data) as tmp, open(tmp, "w") as f:
             for d in docs:
                 f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
-        tmp.rename(data)
     tok_dir = cache / f"tok-{tag}-{v.vocab_size}"
     if not (tok_dir / "tokenizer.json").exists():
         tok = train_tokenizer(list(islice(_documents(v, seed), 20_000)), vocab_size=v.vocab_size)

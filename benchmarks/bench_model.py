@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanoseek.checkpoint import build_model
+from nanoseek.checkpoint import build_model, save_model
 from nanoseek.config import ModelConfig
 from nanoseek.perf import matmul_peak_flops, tune_malloc
 
@@ -140,7 +140,7 @@ def compare(args: argparse.Namespace, precision: str) -> dict:
     cfg = bench_config()
     ours = build_model(cfg).init_weights(args.seed)
     with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
+        save_model(ours, d)
         ref = load_transformers(d, args.hf_experts)
     gen = torch.Generator().manual_seed(args.seed)
     batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen)

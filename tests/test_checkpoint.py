@@ -9,8 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nanoseek
-from nanoseek.checkpoint import atomic_directory, build_model, dequantize_fp8_blocks, read_safetensors
+from nanoseek.atomic import atomic_directory
+from nanoseek.checkpoint import build_model, read_safetensors, save_model
 from nanoseek.config import ModelConfig
+from nanoseek.model.fp8 import dequantize_blocks
 
 
 def config(**changes) -> ModelConfig:
@@ -63,11 +65,11 @@ def quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Ten
     return w8, scale_inv
 
 
-def test_dequantize_fp8_blocks_matches_direct_computation():
+def test_dequantize_blocks_matches_direct_computation():
     w = torch.randn(200, 300)
     w8, s = quantize(w)
     assert s.shape == (2, 3)
-    got = dequantize_fp8_blocks(w8, s)
+    got = dequantize_blocks(w8, s)
     torch.testing.assert_close(got, direct_dequant(w8, s), rtol=0, atol=0)
     assert (got - w).abs().max() < 0.1 * w.abs().max()  # and it is a quantization of w
 
@@ -75,7 +77,7 @@ def test_dequantize_fp8_blocks_matches_direct_computation():
 def test_fp8_checkpoint_loads_dequantized(tmp_path):
     cfg = config()
     model = build_model(cfg).init_weights(0)
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path)
     tensors = load_file(str(tmp_path / "model.safetensors"))
     expected = {}
     for key in [
@@ -108,7 +110,7 @@ def test_fp8_checkpoint_loads_dequantized(tmp_path):
 
 def test_fp8_weight_without_scale_is_refused(tmp_path):
     model = build_model(config()).init_weights(0)
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path)
     tensors = load_file(str(tmp_path / "model.safetensors"))
     key = "model.layers.0.mlp.gate_proj.weight"
     tensors[key] = tensors[key].to(torch.float8_e4m3fn)
@@ -121,11 +123,11 @@ def test_atomic_directory_keeps_old_checkpoint_on_failure(tmp_path):
     target = tmp_path / "run" / "pretrain"
     model = build_model(config()).init_weights(0)
     with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp)
+        save_model(model, tmp)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     other = build_model(config()).init_weights(1)
     with pytest.raises(RuntimeError, match="injected"), atomic_directory(target) as tmp:
-        other.save_pretrained(tmp)
+        save_model(other, tmp)
         assert (tmp / "model.safetensors").exists()
         raise RuntimeError("injected failure mid-checkpoint")
     after = {p.name: p.read_bytes() for p in target.iterdir()}
@@ -133,7 +135,7 @@ def test_atomic_directory_keeps_old_checkpoint_on_failure(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["pretrain"], "scratch dirs are cleaned up"
     # A successful write does replace it.
     with atomic_directory(target) as tmp:
-        other.save_pretrained(tmp)
+        save_model(other, tmp)
     assert (target / "model.safetensors").read_bytes() != before["model.safetensors"]
 
 
@@ -147,7 +149,7 @@ def test_pickle_files_are_refused_with_a_clear_message(tmp_path):
 
 
 def test_mismatched_shapes_give_a_clear_error(tmp_path):
-    build_model(config()).init_weights(0).save_pretrained(tmp_path)
+    save_model(build_model(config()).init_weights(0), tmp_path)
     d = json.loads((tmp_path / "config.json").read_text())
     d["intermediate_size"] = 160
     (tmp_path / "config.json").write_text(json.dumps(d))
@@ -156,7 +158,7 @@ def test_mismatched_shapes_give_a_clear_error(tmp_path):
 
 
 def test_missing_tensors_give_a_clear_error(tmp_path):
-    build_model(config()).init_weights(0).save_pretrained(tmp_path)
+    save_model(build_model(config()).init_weights(0), tmp_path)
     tensors = load_file(str(tmp_path / "model.safetensors"))
     del tensors["model.norm.weight"]
     save_file(tensors, str(tmp_path / "model.safetensors"))
@@ -166,11 +168,11 @@ def test_missing_tensors_give_a_clear_error(tmp_path):
 
 def test_save_load_round_trip_is_exact_and_bf16_save(tmp_path):
     model = build_model(config(num_nextn_predict_layers=1)).init_weights(0)
-    model.save_pretrained(tmp_path / "fp32")
+    save_model(model, tmp_path / "fp32")
     again = nanoseek.load_model(tmp_path / "fp32")
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
-    model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    save_model(model, tmp_path / "bf16", dtype=torch.bfloat16)
     t = load_file(str(tmp_path / "bf16" / "model.safetensors"))
     assert t["model.layers.0.mlp.gate_proj.weight"].dtype == torch.bfloat16
     assert t["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
@@ -193,3 +195,19 @@ def test_building_a_model_leaves_torch_dynamo_unimported():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_crash_mid_swap_loses_no_checkpoint(tmp_path):
+    """Killed between moving the old directory aside and renaming the new one in: the next write
+    puts the old one back before anything else, so it is never lost."""
+    from nanoseek.checkpoint import load_train_state
+
+    target = tmp_path / "pretrain"
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("old")
+    target.rename(tmp_path / ".pretrain.tmp-old")  # where the swap had put it
+    assert load_train_state(target) is None  # resuming looks for it, and so puts it back
+    assert (target / "weights").read_text() == "old"
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        raise RuntimeError("a failed write afterwards leaves it too")
+    assert (target / "weights").read_text() == "old"

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from nanoseek.checkpoint import save_model
 from nanoseek.config import get_preset
 from nanoseek.engine import Engine, EngineCapacityError, SamplingParams
 from nanoseek.model.transformer import DeepSeekV3
@@ -76,7 +77,7 @@ PROMPTS = [[3, 17, 99, 4, 250, 8, 61], [400, 2, 9], list(range(20, 61)), [7]]
 @pytest.mark.slow
 def test_greedy_matches_transformers_generate(model, tmp_path):
     transformers = pytest.importorskip("transformers")
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     engine = Engine(model, max_batch_size=4)
     ours = engine.generate(PROMPTS, max_new_tokens=12)

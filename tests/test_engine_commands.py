@@ -9,6 +9,7 @@ import pytest
 import torch
 from tests.test_engine import small_config
 
+from nanoseek.checkpoint import save_model
 from nanoseek.model.transformer import DeepSeekV3
 
 
@@ -32,7 +33,7 @@ def checkpoint(tmp_path_factory):
         vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id
     )
     d = tmp_path_factory.mktemp("ckpt")
-    DeepSeekV3(cfg).init_weights(seed=0).save_pretrained(d)
+    save_model(DeepSeekV3(cfg).init_weights(seed=0), d)
     tok.save(d)
     return d
 

@@ -23,7 +23,6 @@ from nanoseek.model.fp8 import (
     fp8_gemm,
     fp8_linear,
     is_fp8_training,
-    load_model_fp8,
     quantize_blocks,
     quantize_linears_fp8,
     quantize_state_dict_fp8,
@@ -95,10 +94,6 @@ def test_block_quantization_error_bound(pow2: bool) -> None:
     y = dequantize_blocks(q, s)
     s_el = s.repeat_interleave(TILE, 0)[:200].repeat_interleave(TILE, 1)[:, :300]
     assert ((y - w).abs() <= _element_bound(w, s_el)).all()
-    # Same as the checkpoint loader's dequantization of DeepSeek's FP8 files.
-    from nanoseek.checkpoint import dequantize_fp8_blocks
-
-    assert torch.equal(y, dequantize_fp8_blocks(q, s))
     # Blocks are transpose-invariant: quantizing Wᵀ gives the same FP8 values and transposed scales.
     qt, st = quantize_blocks(w.t(), pow2=pow2)
     assert torch.equal(qt.float(), q.float().t()) and torch.equal(st, s.t())
@@ -214,9 +209,9 @@ def test_convert_is_in_place_and_reversible(tmp_path) -> None:
     with torch.no_grad():
         out = model(ids)
     assert _rel(out, ref) < 0.1 and not torch.equal(out, ref)
-    model.save_pretrained(tmp_path)  # saving an FP8-training model writes the plain checkpoint
-    from nanoseek.checkpoint import load_model
+    from nanoseek.checkpoint import load_model, save_model
 
+    save_model(model, tmp_path)  # saving an FP8-training model writes the plain checkpoint
     reloaded = load_model(tmp_path)
     assert not is_fp8_training(reloaded)
     assert convert_from_fp8_training(model) == n and not is_fp8_training(model)
@@ -304,7 +299,7 @@ def test_deepseek_fp8_checkpoint_loads_kept_fp8(tmp_path) -> None:
     assert tensors["model.layers.1.mlp.gate.weight"].dtype == torch.float32
     save_file({k: v.clone() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
 
-    kept = load_model_fp8(str(tmp_path), dtype=torch.float32)
+    kept = load_model(tmp_path, fp8=True)
     dequantized = load_model(tmp_path)  # the checkpoint module's dequantize-on-load path
     q_a = kept.model.layers[0].self_attn.q_a_proj
     assert isinstance(q_a, FP8Linear) and q_a.weight.dtype == FP8_DTYPE

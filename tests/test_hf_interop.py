@@ -2,7 +2,7 @@
 
 Random-weight transformers models are built from `ModelConfig.to_dict()`, saved with
 `save_pretrained`, loaded with `nanoseek.load_model`, and compared on the same ids; then nanoseek
-models are saved with `save_pretrained` and read back by `AutoModelForCausalLM.from_pretrained`.
+models are saved with `save_model` and read back by `AutoModelForCausalLM.from_pretrained`.
 
 DeepSeek-V2 semantics (model_type deepseek_v2, softmax scores):
 - transformers' `DeepseekV2TopkRouter` ignores `norm_topk_prob` and always multiplies by
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import nanoseek
-from nanoseek.checkpoint import build_model
+from nanoseek.checkpoint import build_model, save_model
 from nanoseek.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
@@ -131,7 +131,7 @@ def test_nanoseek_to_transformers_with_mtp(tmp_path, name):
     cfg = V3_CONFIGS[name].replace(num_nextn_predict_layers=1)
     ours = build_model(cfg).init_weights(seed=2).eval()
     randomize_(ours, seed=3)
-    ours.save_pretrained(tmp_path / "ckpt")
+    save_model(ours, tmp_path / "ckpt")
     keys = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert keys["num_nextn_predict_layers"] == 1
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
@@ -150,7 +150,7 @@ def test_sharded_save_and_load(tmp_path):
     cfg = V3_CONFIGS["qlora_groups_dense_first"].replace(num_nextn_predict_layers=1)
     ours = build_model(cfg).init_weights(seed=2).eval()
     randomize_(ours, seed=5)
-    ours.save_pretrained(tmp_path / "ckpt", max_shard_bytes=64 * 1024)
+    save_model(ours, tmp_path / "ckpt", max_shard_bytes=64 * 1024)
     index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 3 and all((tmp_path / "ckpt" / s).exists() for s in shards)
@@ -163,7 +163,7 @@ def test_sharded_save_and_load(tmp_path):
         torch.testing.assert_close(again(ids), expected, rtol=0, atol=0)
         assert_close(ref(ids).logits, expected)
     # Saving again unsharded removes the stale shards and index.
-    again.save_pretrained(tmp_path / "ckpt")
+    save_model(again, tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "model.safetensors").exists()
     assert not (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
     assert not list((tmp_path / "ckpt").glob("model-*.safetensors"))
@@ -187,7 +187,7 @@ def test_transformers_v2_to_nanoseek_and_back(tmp_path, topk_method, n_group, to
     ids = ids_for()
     with torch.no_grad():
         assert_close(ours(ids), ref(ids).logits)
-    ours.save_pretrained(tmp_path / "ns")
+    save_model(ours, tmp_path / "ns")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ns").eval()
     assert type(back).__name__ == "DeepseekV2ForCausalLM"
     with torch.no_grad():
@@ -231,7 +231,7 @@ def test_transformers_checkpoint_without_mtp_weights_loads(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 10))
     with torch.no_grad():
         assert torch.allclose(ours(ids), theirs(ids).logits, atol=TOL)
-    ours.save_pretrained(tmp_path / "ours")
+    save_model(ours, tmp_path / "ours")
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["num_nextn_predict_layers"] == 0
     nanoseek.load_model(tmp_path / "ours")
     # really broken: a main-model weight missing is refused, naming it and why it matters
@@ -256,7 +256,7 @@ def test_tied_embeddings_stay_tied_through_training_save_and_load(tmp_path, mtp)
     for _ in range(3):
         trainer.step(lambda: language_model_loss(trainer.model, ids[:, :-1], ids[:, 1:], mtp_weight=0.3))
         assert model.lm_head.weight is model.model.embed_tokens.weight
-    model.save_pretrained(tmp_path / "ck")
+    save_model(model, tmp_path / "ck")
     loaded = nanoseek.load_model(tmp_path / "ck")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)

@@ -1,77 +1,49 @@
-"""Checkpoints in Hugging Face's layout: safetensors only, DeepSeek's key names, atomic writes.
+"""Checkpoints: the one reader and writer of model weights and training state.
 
-A checkpoint directory holds config.json, model.safetensors (or shards + model.safetensors.index.json),
-and whatever the stage adds (tokenizer files, generation_config.json, train_state/). The only
-renaming between nanoseek and the files is for routed experts: the files keep DeepSeek's per-expert
-`experts.{j}.{gate,up,down}_proj.weight`, nanoseek stacks them for grouped compute; the MTP modules
-live at index num_hidden_layers + depth, with copies of the shared embedding and head as DeepSeek
-ships them. DeepSeek's FP8 checkpoints (float8_e4m3fn + `weight_scale_inv` per 128x128 block) are
-dequantized on load. No pickle is ever loaded.
+A checkpoint directory is in Hugging Face's layout: config.json, model.safetensors (or shards +
+model.safetensors.index.json), whatever the stage adds (tokenizer files, generation_config.json) and,
+from training, train_state/ (optimizer, step, RNG, data position). What is notable here:
+- The only renaming between nanoseek and the files is for routed experts and MTP: the files keep
+  DeepSeek's per-expert `experts.{j}.{gate,up,down}_proj.weight`, nanoseek stacks them for grouped
+  compute; the MTP modules live at index num_hidden_layers + depth, with copies of the shared
+  embedding and head as DeepSeek ships them.
+- DeepSeek's FP8 checkpoints (float8_e4m3fn + `weight_scale_inv` per 128x128 block) are dequantized
+  on load, or, with `load_model(..., fp8=True)`, kept as they are in `FP8Linear` storage.
+- One key check (`check_keys`) for every load: missing, unexpected and mis-shaped tensors are named.
+- Every write is atomic (`nanoseek.atomic`), and no pickle is ever loaded but train_state's own
+  (`weights_only=True`). Sharded training's DCP checkpoints are `nanoseek.train.dcp`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
+from nanoseek.atomic import atomic_file, atomic_write, restore_directory
 from nanoseek.config import ModelConfig, resolve_config
+from nanoseek.model.fp8 import FP8_DTYPE, FP8Linear, dequantize_blocks, quantize_blocks, quantize_linears_fp8
 from nanoseek.model.transformer import DeepSeekV3
 
-FP8_BLOCK = 128
-_EXPERT_KEY = re.compile(
-    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"
-)
+build_model = DeepSeekV3.build  # construction lives with the model; the name stays for its callers
+TRAIN_STATE = "train_state"
+_MTP = "model.mtp_layers."
+_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # DeepSeek's copies of the main ones
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
-
-
-# ------------------------------------------------------------------ atomic
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a scratch directory that replaces `path` only once the block finishes without error.
-
-    A crash or kill mid-write leaves the previous `path` as it was (plus a stray scratch dir that the
-    next write removes).
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        old = final.parent / f".{final.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, p)
+_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 # ------------------------------------------------------------- conversion
-def to_hf_state_dict(model: DeepSeekV3, include_mtp: bool = True) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
     """nanoseek parameter names -> DeepSeek/HF checkpoint keys (per-expert weights, MTP at index n)."""
     cfg = model.config
     n = cfg.num_hidden_layers
@@ -79,89 +51,114 @@ def to_hf_state_dict(model: DeepSeekV3, include_mtp: bool = True) -> dict[str, t
     for key, value in model.state_dict().items():
         if cfg.tie_word_embeddings and key == "lm_head.weight":
             continue
-        if key.startswith("model.mtp_layers."):
-            if not include_mtp:
-                continue
-            depth, rest = key[len("model.mtp_layers.") :].split(".", 1)
+        if key.startswith(_MTP):
+            depth, rest = key.removeprefix(_MTP).split(".", 1)
             key = f"model.layers.{n + int(depth)}.{rest}"
         if key.endswith("mlp.experts.gate_up_proj"):
-            prefix = key[: -len(".gate_up_proj")]
+            prefix = key.removesuffix(".gate_up_proj")
             inter = value.shape[1] // 2
             for j in range(value.shape[0]):
                 out[f"{prefix}.{j}.gate_proj.weight"] = value[j, :inter]
                 out[f"{prefix}.{j}.up_proj.weight"] = value[j, inter:]
-            continue
-        if key.endswith("mlp.experts.down_proj"):
-            prefix = key[: -len(".down_proj")]
+        elif key.endswith("mlp.experts.down_proj"):
+            prefix = key.removesuffix(".down_proj")
             for j in range(value.shape[0]):
                 out[f"{prefix}.{j}.down_proj.weight"] = value[j]
-            continue
-        out[key] = value
-    if include_mtp:
-        # DeepSeek's files carry the shared embedding and head in each MTP layer too.
-        for d in range(len(model.model.mtp_layers)):
-            out[f"model.layers.{n + d}.embed_tokens.weight"] = model.model.embed_tokens.weight
-            out[f"model.layers.{n + d}.shared_head.head.weight"] = model.lm_head.weight
+        else:
+            out[key] = value
+    for d in range(len(model.model.mtp_layers)):
+        out[f"model.layers.{n + d}.{_MTP_SHARED[0]}"] = model.model.embed_tokens.weight
+        out[f"model.layers.{n + d}.{_MTP_SHARED[1]}"] = model.lm_head.weight
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
 def from_hf_state_dict(
-    tensors: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype
+    tensors: Mapping[str, torch.Tensor],
+    config: ModelConfig,
+    dtype: torch.dtype,
+    fp8_modules: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
-    """DeepSeek/HF checkpoint keys -> nanoseek parameter names; dequantizes FP8 blocks."""
-    n = config.num_hidden_layers
-    n_mtp = config.num_nextn_predict_layers
+    """DeepSeek/HF checkpoint keys -> nanoseek parameter names, in `dtype`.
+
+    FP8 weights are dequantized, except those of `fp8_modules` (nanoseek names of `FP8Linear`
+    layers), which keep the file's bytes and scales; a higher-precision weight of one is quantized.
+    """
+    n, n_mtp = config.num_hidden_layers, config.num_nextn_predict_layers
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for key, value in tensors.items():
         if key.endswith("_scale_inv"):
             continue
-        if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            scale = tensors.get(
-                key + "_scale_inv", tensors.get(key.removesuffix(".weight") + ".weight_scale_inv")
-            )
-            if scale is None:
-                raise ValueError(f"FP8 tensor {key} has no weight_scale_inv beside it")
-            value = dequantize_fp8_blocks(value, scale)
         m = _LAYER_KEY.match(key)
         if m and int(m.group(1)) >= n:
-            depth = int(m.group(1)) - n
-            rest = m.group(2)
-            if depth >= n_mtp or rest in ("embed_tokens.weight", "shared_head.head.weight"):
+            depth, rest = int(m.group(1)) - n, m.group(2)
+            if depth >= n_mtp or rest in _MTP_SHARED:
                 continue  # MTP layers this config does not use; shared tensors live in the main model
-            key = f"model.mtp_layers.{depth}.{rest}"
-        em = _EXPERT_KEY.match(key) or re.match(
-            r"^(model\.mtp_layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", key
-        )
-        if em:
+            name = f"{_MTP}{depth}.{rest}"
+        else:
+            name = key
+        module = name.removesuffix(".weight")
+        if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale = tensors.get(key + "_scale_inv")
+            if scale is None:
+                raise ValueError(f"FP8 tensor {key} has no weight_scale_inv beside it")
+            if module in fp8_modules and value.dtype == FP8_DTYPE:
+                out[name], out[f"{module}.weight_scale_inv"] = value, scale.float()
+                continue
+            value = dequantize_blocks(value, scale)
+        if module in fp8_modules:
+            out[name], out[f"{module}.weight_scale_inv"] = quantize_blocks(value)
+        elif em := _EXPERT_KEY.match(name):
             experts.setdefault(em.group(1), {}).setdefault(int(em.group(2)), {})[em.group(3)] = value
-            continue
-        out[key] = (
-            value.to(dtype) if value.is_floating_point() and "e_score_correction_bias" not in key else value
-        )
+        else:
+            out[name] = _cast(name, value, dtype)
     for prefix, per_expert in experts.items():
         count = len(per_expert)
         if sorted(per_expert) != list(range(count)):
             raise ValueError(f"{prefix}: expert indices are not 0..{count - 1}")
-        out[f"{prefix}.gate_up_proj"] = torch.stack(
-            [torch.cat((per_expert[j]["gate_proj"], per_expert[j]["up_proj"]), dim=0) for j in range(count)]
-        ).to(dtype)
-        out[f"{prefix}.down_proj"] = torch.stack([per_expert[j]["down_proj"] for j in range(count)]).to(dtype)
+        e = [per_expert[j] for j in range(count)]
+        gate_up = [torch.cat((x["gate_proj"], x["up_proj"])) for x in e]
+        out[f"{prefix}.gate_up_proj"] = torch.stack(gate_up).to(dtype)
+        out[f"{prefix}.down_proj"] = torch.stack([x["down_proj"] for x in e]).to(dtype)
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
 
 
-def dequantize_fp8_blocks(
-    weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK
-) -> torch.Tensor:
-    """W = W_fp8 · s for each block x block tile (DeepSeek-V3's `weight_dequant`), in fp32."""
-    rows, cols = weight.shape
-    s = scale_inv.float().repeat_interleave(block, dim=0)[:rows].repeat_interleave(block, dim=1)[:, :cols]
-    return weight.float() * s
+def _cast(key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # The balancing bias stays fp32 in any dtype: its steps (γ = 0.001) vanish in bf16.
+    keep = not value.is_floating_point() or "e_score_correction_bias" in key
+    return value if keep else value.to(dtype)
 
 
-# -------------------------------------------------------------- save/load
+def check_keys(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: Any) -> None:
+    """The one check that `tensors` fill `model` exactly; raises naming what does not fit.
+
+    A tied head is the embedding: it is neither needed nor in the way."""
+    expected = model.state_dict()
+    config = getattr(model, "config", None)
+    optional = {"lm_head.weight"} if config is not None and config.tie_word_embeddings else set()
+    missing = sorted(set(expected) - set(tensors) - optional)
+    unexpected = sorted(set(tensors) - set(expected) - optional)
+    for k in sorted(set(expected) & set(tensors)):
+        if tuple(expected[k].shape) != tuple(tensors[k].shape):
+            raise ValueError(
+                f"{k}: shape {tuple(tensors[k].shape)} in {source} != {tuple(expected[k].shape)} in the "
+                "model: it was written for another config.json"
+            )
+    if missing or unexpected:
+
+        def show(keys: list[str]) -> str:
+            return f"{keys[:5]}{'...' if len(keys) > 5 else ''} ({len(keys)} in all)"
+
+        raise ValueError(
+            f"{source} does not match the model's config.json: missing {show(missing)}, unexpected "
+            f"{show(unexpected)}. A missing weight would be left as uninitialised memory; the files are "
+            "incomplete or were written for another config.json"
+        )
+
+
+# --------------------------------------------------------------- weights
 def save_model(
     model: DeepSeekV3,
     directory: str | os.PathLike,
@@ -170,17 +167,14 @@ def save_model(
 ) -> Path:
     """Write config.json and safetensors (sharded past max_shard_bytes) into `directory`.
 
-    Each file is written under a temporary name and renamed, so readers never see a half file. To
-    replace a whole checkpoint atomically, write into `atomic_directory(...)`.
+    Each file is replaced atomically, so readers never see a half file; to replace a whole
+    checkpoint atomically, write into `nanoseek.atomic.atomic_directory(...)`.
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = to_hf_state_dict(model)
     if dtype is not None:
-        state = {
-            k: v.to(dtype) if v.is_floating_point() and "e_score_correction_bias" not in k else v
-            for k, v in state.items()
-        }
+        state = {k: _cast(k, v, dtype) for k, v in state.items()}
     # Shared tensors (tied or MTP copies) must be separate storages for safetensors.
     seen: set[int] = set()
     for k, v in state.items():
@@ -188,50 +182,30 @@ def save_model(
         if ptr in seen:
             state[k] = v.clone()
         seen.add(ptr)
-    cfg = model.config
-    if dtype is not None:
-        cfg = cfg.replace(torch_dtype=str(dtype).removeprefix("torch."))
-    else:
-        cfg = cfg.replace(torch_dtype=str(model.dtype).removeprefix("torch."))
-    cfg.save(out)
-    shards = _shard(state, max_shard_bytes)
-    for old in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
-        if old.exists():
-            old.unlink()
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        _atomic_save_file(shards[0], out / "model.safetensors", metadata)
-    else:
-        weight_map = {}
-        total = 0
-        for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_save_file(shard, out / name, metadata)
-            for k, v in shard.items():
-                weight_map[k] = name
-                total += v.numel() * v.element_size()
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2))
-    return out
-
-
-def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    model.config.replace(torch_dtype=str(dtype or model.dtype).removeprefix("torch.")).save(out)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in state.items():
         nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
+        if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][k] = v
         size += nbytes
-    return shards
+    for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
+    names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    for name, shard in zip(names, shards, strict=True):
+        with atomic_file(out / name) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards, strict=True) for k in shard}
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        atomic_write(out / "model.safetensors.index.json", json.dumps(index, indent=2))
+    return out
 
 
 def read_safetensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -243,12 +217,11 @@ def read_safetensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     elif (d / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
-        found = sorted(p.name for p in d.glob("*.safetensors"))
-        if not found:
+        files = sorted(p.name for p in d.glob("*.safetensors"))
+        if not files:
             pickles = [p.name for p in d.glob("*.bin")] + [p.name for p in d.glob("*.pt")]
             hint = f" (found {', '.join(pickles)}: pickle files are never loaded)" if pickles else ""
             raise FileNotFoundError(f"no safetensors weights in {d}{hint}")
-        files = found
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         with safe_open(str(d / name), framework="pt") as f:
@@ -257,93 +230,72 @@ def read_safetensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def build_model(
-    config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> DeepSeekV3:
-    """An uninitialized model (meta device when device='meta'); buffers are valid on real devices."""
-    with torch.device("meta"):
-        model = DeepSeekV3(config)
-    if str(device) == "meta":
-        return model
-    model = model.to_empty(device=device).to(dtype)
-    model.tie_weights()  # to_empty gives the head and the embedding separate storage again
-    reset_buffers(model)
-    return model
-
-
-def reset_buffers(model: DeepSeekV3) -> None:
-    """Recompute the non-persistent buffers (RoPE tables, fp32 balancing state) after `to_empty`."""
-    from nanoseek.model.attention import RotaryEmbedding, rope_inverse_frequencies
-    from nanoseek.model.moe import Router
-
-    for m in model.modules():
-        if isinstance(m, RotaryEmbedding):
-            inv, m.attention_factor = rope_inverse_frequencies(model.config)
-            m.inv_freq = inv.to(m.inv_freq.device)
-            m._cos = m._sin = None
-            m._cache_len = 0
-        elif isinstance(m, Router):
-            # Balancing state stays fp32 whatever the weights' dtype: bias steps are tiny.
-            m.expert_load = torch.zeros_like(m.expert_load, dtype=torch.float32)
-            m.e_score_correction_bias = torch.zeros_like(m.e_score_correction_bias, dtype=torch.float32)
-
-
 def load_model(
     path_or_preset: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
-    strict: bool = True,
+    fp8: bool = False,
+    act_quant: bool = False,
 ) -> DeepSeekV3:
-    """A checkpoint directory in HF layout, or a preset name (random weights from `seed`)."""
+    """A checkpoint directory in HF layout, or a preset name (random weights from `seed`).
+
+    fp8=True keeps the linear layers in FP8 (`FP8Linear`, for inference; `act_quant` also quantizes
+    their inputs): DeepSeek's FP8 weights are taken as they are (no dequantize/requantize round
+    trip), higher-precision ones block-quantized. The embedding, head, norms, router and routed
+    experts (stacked for grouped compute) load in `dtype`, dequantized where the file holds FP8.
+    """
     p = Path(path_or_preset)
     config = resolve_config(path_or_preset)
-    if not p.exists():
-        return build_model(config, device=device, dtype=dtype).init_weights(seed)
-    tensors = from_hf_state_dict(read_safetensors(p), config, dtype)
-    if config.num_nextn_predict_layers and not any(k.startswith("model.mtp_layers.") for k in tensors):
-        # transformers' DeepseekV3Config defaults to one MTP layer but its save_pretrained writes none:
-        # every checkpoint it makes says MTP and holds no MTP weight. The main model is whole; load it
-        # without the module (it predicts nothing the main head needs; only speculative decoding uses it).
-        _say_once(
-            f"{p}: config.json asks for {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint "
-            "holds no MTP weights (transformers writes none); loading without the MTP module, so "
-            "speculative decoding is off for this model"
-        )
-        config = config.replace(num_nextn_predict_layers=0)
+    tensors = read_safetensors(p) if p.exists() else None
+    n = config.num_hidden_layers
+    if tensors is not None and config.num_nextn_predict_layers:
+        layers = (_LAYER_KEY.match(k) for k in tensors)
+        if not any(m and int(m.group(1)) >= n and m.group(2) not in _MTP_SHARED for m in layers):
+            # transformers' DeepseekV3Config defaults to one MTP layer but its save_pretrained writes
+            # none: the main model is whole; load it without the module (only speculative decoding
+            # uses it).
+            warnings.warn(  # the default filter says it once per place
+                f"{p}: config.json asks for {config.num_nextn_predict_layers} MTP layer(s) but the "
+                "checkpoint holds no MTP weights (transformers writes none); loading without the MTP "
+                "module, so speculative decoding is off for this model",
+                stacklevel=2,
+            )
+            config = config.replace(num_nextn_predict_layers=0)
     model = build_model(config, device=device, dtype=dtype)
-    missing, unexpected = _check_keys(model, tensors)
-    if strict and (missing or unexpected):
-        raise ValueError(
-            f"checkpoint {p} does not match its config.json: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)} in all), "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all). "
-            "A missing weight would be left as uninitialised memory; the files are incomplete or were "
-            "written for another config.json"
-        )
-    model.load_state_dict(tensors, strict=False)
-    model.tie_weights()
+    if tensors is None:
+        model.init_weights(seed)
+    if fp8:  # quantizes the preset's weights, or placeholders the checkpoint's then replace
+        quantize_linears_fp8(model, act_quant=act_quant)
+    if tensors is not None:
+        fp8_modules = {name for name, m in model.named_modules() if isinstance(m, FP8Linear)}
+        state = from_hf_state_dict(tensors, config, dtype, fp8_modules)
+        check_keys(model, state, f"checkpoint {p}")
+        model.load_state_dict(state, strict=False)
+        model.tie_weights()
     return model
 
 
-_SAID: set[str] = set()
+# ----------------------------------------------------------- train state
+def save_train_state(
+    directory: str | os.PathLike, optimizer: dict[str, Any], trainer: dict[str, Any], meta: dict[str, Any]
+) -> None:
+    """DIR/train_state/: optimizer state and the trainer's (step, RNG, data position), as tensors and
+    plain values (loadable with weights_only=True), and `meta` as readable JSON."""
+    ts = Path(directory) / TRAIN_STATE
+    ts.mkdir(parents=True, exist_ok=True)
+    for name, state in (("optimizer.pt", optimizer), ("trainer.pt", trainer)):
+        with atomic_file(ts / name) as tmp:
+            torch.save(state, tmp)
+    atomic_write(ts / "trainer.json", json.dumps(meta, indent=2) + "\n")
 
 
-def _say_once(message: str) -> None:
-    if message not in _SAID:
-        _SAID.add(message)
-        warnings.warn(message, stacklevel=3)
-
-
-def _check_keys(model: DeepSeekV3, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    expected = {k: v for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    for k in set(expected) & set(tensors):
-        if tuple(expected[k].shape) != tuple(tensors[k].shape):
-            raise ValueError(
-                f"{k}: checkpoint shape {tuple(tensors[k].shape)} != model shape {tuple(expected[k].shape)}"
-            )
-    return missing, unexpected
+def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(optimizer state, trainer state) from DIR/train_state/, or None when there is none."""
+    restore_directory(directory)  # a crash mid-swap left the last checkpoint aside
+    ts = Path(directory) / TRAIN_STATE
+    if not (ts / "trainer.pt").exists():
+        return None
+    return tuple(
+        torch.load(ts / n, map_location="cpu", weights_only=True) for n in ("optimizer.pt", "trainer.pt")
+    )  # type: ignore[return-value]

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.atomic import atomic_write
+
 # Fields that config.json carries but that do not change the computation; kept for round trips.
 _PASSTHROUGH_DEFAULTS: dict[str, Any] = {
     "hidden_act": "silu",
@@ -226,12 +228,7 @@ class ModelConfig:
         return cls(**kwargs, extra=extra)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / "config.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write(Path(directory) / "config.json", json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelConfig:

@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from nanoseek.atomic import atomic_write
 from nanoseek.metrics import read_metrics
 
 STAGES = ("tokenizer", "pretrain", "student", "sft", "grpo", "control", "distill", "eval")
@@ -245,11 +246,7 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
         lines += ["## Plots", ""]
         for title, rel in plots:
             lines += [f"### {title}", "", f"![{title}]({rel})", ""]
-    out = m.run_dir / "report.md"
-    tmp = out.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(m.run_dir / "report.md", "\n".join(lines) + "\n")
 
 
 def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]]) -> list[str]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.atomic import atomic_directory, atomic_write
 from nanoseek.metrics import MetricsLog, read_metrics
 
 DONE = ".done"
@@ -166,12 +167,10 @@ class Speedrun:
     # -------------------------------------------------------------- plumbing
     def _claim_directory(self) -> None:
         """Record this run's settings, or refuse to resume a run that was started with others."""
-        from nanoseek.checkpoint import atomic_write_text
-
         path = self.run / SETTINGS
         mine = json.loads(json.dumps(dataclasses.asdict(self.p)))  # tuples as lists, as stored
         if not path.exists():
-            atomic_write_text(path, json.dumps(mine, indent=2) + "\n")
+            atomic_write(path, json.dumps(mine, indent=2) + "\n")
             return
         stored = json.loads(path.read_text())
         changed = [k for k in sorted(set(stored) | set(mine)) if stored.get(k) != mine.get(k)]
@@ -187,8 +186,8 @@ class Speedrun:
 
     def _mark_done(self, stage: str, wall: float, **fields: Any) -> None:
         MetricsLog(self.run, stage).log(event="end", wall_time_s=round(wall, 2), **fields)
-        (self.run / stage).mkdir(parents=True, exist_ok=True)
-        (self.run / stage / DONE).write_text(json.dumps({"wall_time_s": wall, **fields}) + "\n")
+        # Its presence says the stage is done, so it must never be seen half written.
+        atomic_write(self.run / stage / DONE, json.dumps({"wall_time_s": wall, **fields}) + "\n")
 
     def _stage(self, index: int, total: int, stage: str, fn: Callable[[], dict[str, Any] | None]) -> None:
         if self._done(stage):
@@ -393,10 +392,9 @@ class Speedrun:
     def _adopt(self, sub_run: Path, checkpoint: Path, stage: str, renamed: str) -> None:
         """Stages that write their own run dir: move the checkpoint to RUN/<stage>, merge metrics
         (their `renamed` stage records become `stage`'s)."""
-        dest = self.run / stage
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.move(str(checkpoint), dest)
+        with atomic_directory(self.run / stage) as tmp:
+            tmp.rmdir()
+            shutil.move(str(checkpoint), tmp)
         records = list(read_metrics(sub_run))
         if records:
             with open(self.run / "metrics.jsonl", "a") as f:
@@ -447,14 +445,10 @@ class Speedrun:
 
     def finalize(self) -> Path:
         """RUN/final: the GRPO checkpoint (model + tokenizer), without training state."""
-        final = self.run / "final"
-        src = self.run / "grpo"
-        tmp = self.run / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("train_state", DONE, "eval_*.json"))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        return final
+        ignore = shutil.ignore_patterns("train_state", DONE, "eval_*.json")
+        with atomic_directory(self.run / "final") as tmp:
+            shutil.copytree(self.run / "grpo", tmp, ignore=ignore, dirs_exist_ok=True)
+        return self.run / "final"
 
     # ------------------------------------------------------------------ run
     def __call__(self) -> Path:

@@ -32,6 +32,7 @@ from nanoseek.data.tasks import (
     check_code,
     extract_answer,
     get_task,
+    script_counts,
 )
 from nanoseek.tokenizer import ASSISTANT, BOS, USER
 
@@ -74,34 +75,6 @@ def format_reward(completion: str, prompt_opened_think: bool = True) -> float:
     thinking, answer = body.split(THINK_END)
     # thinking made only of punctuation ("...") is empty thinking
     return float(any(ch.isalnum() for ch in thinking) and bool(answer.strip()))
-
-
-def script_counts(text: str) -> dict[str, int]:
-    """Letters per script: latin (incl. accented), kana (hiragana, katakana), han (CJK ideographs).
-
-    A lone Latin letter is a symbol, not a word (the ``x`` of ``3x = 15``, the letters a counting trace
-    spells out), so Latin letters count only in runs of two or more.
-    """
-    latin = kana = han = run = 0
-    for ch in text + " ":
-        o = ord(ch)
-        if (o < 0x80 and ch.isalpha()) or (0xC0 <= o <= 0x24F and ch.isalpha()):
-            run += 1
-            continue
-        if run >= 2:
-            latin += run
-        run = 0
-        if 0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF or 0xFF66 <= o <= 0xFF9F:
-            kana += 1
-        elif (
-            0x4E00 <= o <= 0x9FFF
-            or 0x3400 <= o <= 0x4DBF
-            or 0xF900 <= o <= 0xFAFF
-            or o >= 0x20000
-            or o == 0x3005
-        ):
-            han += 1
-    return {"latin": latin, "kana": kana, "han": han}
 
 
 def language_consistency(text: str, language: str) -> float:

@@ -53,6 +53,13 @@ class RotaryEmbedding(nn.Module):
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
 
+    def reset_tables(self, config: ModelConfig) -> None:
+        """Recompute the frequencies and drop the cached tables (after `to_empty` left them garbage)."""
+        inv_freq, self.attention_factor = rope_inverse_frequencies(config)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        self._cos = self._sin = None
+        self._cache_len = 0
+
     def _tables(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cos is None or self._cache_len < n or self._cos.device != device:
             size = max(n, 2 * self._cache_len, 256)

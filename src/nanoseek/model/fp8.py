@@ -24,8 +24,8 @@ What is notable here:
   power-of-two scales, but for the summation order).
 - Optional power-of-two scales (UE8M0, DeepSeek-V3.1): scales rounded up to 2^k, so scaling is exact.
 - FP8 weight storage (`FP8Linear`): float8_e4m3fn `weight` plus `weight_scale_inv` per 128x128
-  block, DeepSeek's checkpoint layout; `load_model_fp8(dir)` loads DeepSeek's FP8 checkpoints with
-  those bytes kept as they are.
+  block, DeepSeek's checkpoint layout; `nanoseek.load_model(dir, fp8=True)` loads DeepSeek's FP8
+  checkpoints with those bytes kept as they are.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Inverse of `quantize_blocks`: W = q · s per block (DeepSeek's `weight_dequant`), fp32."""
+    """Inverse of `quantize_blocks`: W = q · s per block (DeepSeek's `weight_dequant`), fp32; also
+    how DeepSeek's FP8 checkpoint files are read."""
     n, k = q.shape
     s = scale.float().repeat_interleave(TILE, 0)[:n].repeat_interleave(TILE, 1)[:, :k]
     return q.float() * s
@@ -466,61 +467,3 @@ def quantize_state_dict_fp8(tensors: dict[str, torch.Tensor], pow2: bool = False
         else:
             out[key] = value
     return out
-
-
-def load_model_fp8(
-    path: str,
-    dtype: torch.dtype = torch.bfloat16,
-    act_quant: bool = False,
-    device: str | torch.device = "cpu",
-) -> nn.Module:
-    """A checkpoint directory loaded with its linear layers *kept* in FP8 (`FP8Linear`).
-
-    FP8 tensors of DeepSeek's checkpoints are taken as they are (no dequantize/requantize round trip);
-    higher-precision linear weights are block-quantized on load. Everything else (embedding, head,
-    norms, router, and the routed experts, which nanoseek stacks for grouped compute) loads in `dtype`
-    through `nanoseek.checkpoint`, dequantized where the file holds FP8.
-    """
-    from nanoseek.checkpoint import build_model, from_hf_state_dict, read_safetensors, reset_buffers
-    from nanoseek.config import resolve_config
-
-    config = resolve_config(path)
-    model = build_model(config, device="meta")
-    quantize_linears_fp8(model, act_quant=act_quant)
-    model = model.to_empty(device=device)
-    fp8_modules = {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
-    fp8_params = {id(p) for m in fp8_modules.values() for p in m.parameters()}
-    for p in model.parameters():
-        if id(p) not in fp8_params:
-            p.data = p.data.to(dtype)
-    reset_buffers(model)
-
-    tensors = read_safetensors(path)
-    n = config.num_hidden_layers
-    for name, module in fp8_modules.items():
-        key = name
-        if name.startswith("model.mtp_layers."):
-            depth, rest = name[len("model.mtp_layers.") :].split(".", 1)
-            key = f"model.layers.{n + int(depth)}.{rest}"
-        weight = tensors.pop(f"{key}.weight", None)
-        if weight is None:
-            raise ValueError(f"checkpoint {path} has no {key}.weight")
-        scale = tensors.pop(f"{key}.weight_scale_inv", None)
-        if weight.dtype == FP8_DTYPE:
-            if scale is None:
-                raise ValueError(f"FP8 tensor {key}.weight has no weight_scale_inv beside it")
-            module.load_fp8(weight.to(device), scale.to(device))
-        else:
-            module.load_fp8(*quantize_blocks(weight.to(device)))
-    rest = from_hf_state_dict(tensors, config, dtype)
-    expected = {k for k in model.state_dict() if k.rsplit(".", 1)[0] not in fp8_modules}
-    if config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-    missing, unexpected = expected - set(rest), set(rest) - expected
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match its config.json: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
-    model.load_state_dict(rest, strict=False)
-    return model

@@ -13,7 +13,6 @@ What is notable here:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import torch
@@ -310,17 +309,31 @@ class DeepSeekV3(nn.Module):
             total += p.numel()
         return total
 
-    # ----------------------------------------------------------- checkpoints
-    def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
-        from nanoseek.checkpoint import save_model
-
-        save_model(self, directory, **kwargs)
-
+    # ---------------------------------------------------------- construction
     @classmethod
-    def from_pretrained(cls, path_or_preset: str | os.PathLike, **kwargs) -> DeepSeekV3:
-        from nanoseek.checkpoint import load_model
+    def build(
+        cls, config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> DeepSeekV3:
+        """An uninitialized model: constructed on the meta device (no memory, no init kernels), then
+        materialized on `device` in `dtype` with valid buffers; device='meta' stops before that."""
+        with torch.device("meta"):
+            model = cls(config)
+        if str(device) == "meta":
+            return model
+        model = model.to_empty(device=device).to(dtype)
+        model.tie_weights()  # to_empty gives the head and the embedding separate storage again
+        model.reset_buffers()
+        return model
 
-        return load_model(path_or_preset, **kwargs)
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute what `to_empty` leaves as garbage and no checkpoint holds (RoPE tables); the
+        balancing state restarts at zero in fp32 whatever the weights' dtype, as bias steps are tiny."""
+        self.model.rotary_emb.reset_tables(self.config)
+        for r in self.modules():
+            if isinstance(r, Router):  # MTP layers' too
+                r.expert_load = torch.zeros_like(r.expert_load, dtype=torch.float32)
+                r.e_score_correction_bias = torch.zeros_like(r.e_score_correction_bias, dtype=torch.float32)
 
     @property
     def device(self) -> torch.device:

@@ -38,7 +38,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from nanoseek.atomic import atomic_directory, scratch_dir
+from nanoseek.checkpoint import save_model
 from nanoseek.config import ModelConfig
+from nanoseek.model.transformer import DeepSeekV3
 
 METADATA = ".metadata"  # DCP's index file; its presence marks a complete checkpoint
 TOKENIZER_FILES = (
@@ -81,27 +84,18 @@ def save_dcp(
 ) -> Path:
     """Save `model` (and `optimizer`) as a DCP checkpoint; every rank must call. Returns the path."""
     final = Path(directory)
-    tmp = final.parent / f".{final.name}.tmp-dcp"
-    if _rank() == 0:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
-    with _single_process_quiet():
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
-    _barrier()  # every rank's shard files and rank 0's metadata are on disk
-    if _rank() == 0:
-        config: ModelConfig = model.config  # type: ignore[assignment]
-        config.save(tmp)
-        old = final.parent / f".{final.name}.old-dcp"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+    # Rank 0 owns the swap; every rank writes its shards into the same scratch directory first.
+    swap = atomic_directory(final) if _rank() == 0 else contextlib.nullcontext(scratch_dir(final))
+    with swap as tmp:
+        _barrier()  # the scratch directory exists
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
+        if optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(model, optimizer)
+        with _single_process_quiet():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
+        _barrier()  # every rank's shard files and rank 0's metadata are on disk
+        if _rank() == 0:
+            model.config.save(tmp)  # type: ignore[operator]
     _barrier()
     return final
 
@@ -120,7 +114,8 @@ def load_dcp(
     if not is_dcp_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a torch.distributed.checkpoint directory (no {METADATA})")
     _check_config(model, path)
-    _reset_buffers(model)
+    if isinstance(model, DeepSeekV3):
+        model.reset_buffers()  # not saved: RoPE tables, load counters
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
@@ -138,27 +133,11 @@ def _check_config(model: nn.Module, path: Path) -> None:
     config = getattr(model, "config", None)
     if config is None or not (path / "config.json").exists():
         return
-    saved = ModelConfig.load(path)
-    mine, theirs = config.to_dict(), saved.to_dict()
-    shape_keys = (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "n_routed_experts",
-        "num_nextn_predict_layers",
-    )
-    diff = {k: (theirs.get(k), mine.get(k)) for k in shape_keys if theirs.get(k) != mine.get(k)}
+    mine, theirs = config.to_dict(), ModelConfig.load(path).to_dict()
+    shape = ("vocab_size", "hidden_size", "num_hidden_layers", "n_routed_experts", "num_nextn_predict_layers")
+    diff = {k: (theirs.get(k), mine.get(k)) for k in shape if theirs.get(k) != mine.get(k)}
     if diff:
         raise ValueError(f"DCP checkpoint {path} was saved from another model shape: (saved, model) {diff}")
-
-
-def _reset_buffers(model: nn.Module) -> None:
-    from nanoseek.checkpoint import reset_buffers as reset
-    from nanoseek.model.transformer import DeepSeekV3
-
-    if isinstance(model, DeepSeekV3):
-        with torch.no_grad():
-            reset(model)
 
 
 def export_hf(
@@ -172,15 +151,13 @@ def export_hf(
     writes it atomically with `nanoseek.checkpoint.save_model`; tokenizer files found in `dcp_dir`
     are copied along.
     """
-    from nanoseek.checkpoint import atomic_directory, build_model, save_model
-
     src = Path(dcp_dir)
     if not is_dcp_checkpoint(src):
         raise FileNotFoundError(f"{src} is not a torch.distributed.checkpoint directory (no {METADATA})")
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"{src} has no config.json: it was not written by nanoseek's save_dcp")
     config = ModelConfig.load(src)
-    model = build_model(config, device="cpu", dtype=torch.float32)
+    model = DeepSeekV3.build(config)
     state = model.state_dict()
     with _single_process_quiet():
         dcp.load({"model": state}, checkpoint_id=str(src), no_dist=True)

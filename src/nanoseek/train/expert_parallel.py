@@ -229,30 +229,11 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     For a model materialized from the meta device (`model.to_empty(device=...)`); buffers that are
     not in `state` (RoPE tables, expert-load counters) are rebuilt.
     """
-    from nanoseek.checkpoint import reset_buffers
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    reset_buffers(model)  # type: ignore[arg-type]
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith(("expert_load", "inv_freq"))]
-    if missing:
-        raise ValueError(f"state dict lacks {len(missing)} of the model's tensors, e.g. {missing[:3]}")
-    for key, target in own.items():
-        if key not in state:
-            continue
-        full = state[key]
-        if isinstance(target, DTensor):
-            local = target.to_local()
-            if tuple(full.shape) != tuple(target.shape):
-                raise ValueError(
-                    f"{key}: state shape {tuple(full.shape)} != model shape {tuple(target.shape)}"
-                )
-            (shard_dim,) = (p.dim for p in target.placements if isinstance(p, Shard))
-            rank = target.device_mesh.get_local_rank()
-            n = local.shape[shard_dim]
-            local.copy_(full.narrow(shard_dim, rank * n, n))
-        else:
-            if tuple(full.shape) != tuple(target.shape):
-                raise ValueError(
-                    f"{key}: state shape {tuple(full.shape)} != model shape {tuple(target.shape)}"
-                )
-            target.copy_(full)
+    from nanoseek.checkpoint import check_keys
+
+    model.reset_buffers()  # type: ignore[operator]
+    check_keys(model, state, "state dict")
+    # strict=False: a tied head is the embedding, absent from `state`.
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))

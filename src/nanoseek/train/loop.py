@@ -52,7 +52,6 @@ from nanoseek.train.distributed import (
 )
 
 LossFn = Callable[[], tuple[torch.Tensor, dict[str, Any]]]
-TRAIN_STATE = "train_state"
 PRECISIONS = ("bf16", "fp32", "fp8")
 SCHEDULES = ("cosine", "wsd", "constant")
 REFIT_EVERY = 5  # steps between refits of a time-budgeted run's step count
@@ -524,7 +523,8 @@ class Trainer:
 
         Every rank must call (the full state dict is gathered); only rank 0 writes.
         """
-        from nanoseek.checkpoint import atomic_directory, build_model, save_model
+        from nanoseek.atomic import atomic_directory
+        from nanoseek.checkpoint import build_model, save_model, save_train_state
 
         model_state = full_model_state_dict(self.model, self.dist)
         optim_state = full_optimizer_state_dict(self.model, self.optimizer, self.dist)
@@ -539,10 +539,6 @@ class Trainer:
                 if self.tokenizer is not None:
                     self.tokenizer.save(tmp)
                 self._write_generation_config(tmp)
-                ts = tmp / TRAIN_STATE
-                ts.mkdir()
-                torch.save(optim_state, ts / "optimizer.pt")
-                torch.save(self._train_state(extra_state), ts / "trainer.pt")
                 meta = {
                     "stage": self.stage,
                     "step": self.global_step,
@@ -552,7 +548,7 @@ class Trainer:
                     "optim": asdict(self.optim_config),
                     **self.config_extra,
                 }
-                (ts / "trainer.json").write_text(json.dumps(meta, indent=2) + "\n")
+                save_train_state(tmp, optim_state, self._train_state(extra_state), meta)
         barrier(self.dist)
         return self.checkpoint_dir
 
@@ -568,17 +564,17 @@ class Trainer:
     def resume(self) -> dict[str, Any] | None:
         """Restore weights, optimizer, step, RNG and guard from RUN/<stage>/; returns the extra state
         saved with it (e.g. the data position), or None when there is nothing to resume."""
-        from nanoseek.checkpoint import from_hf_state_dict, read_safetensors
+        from nanoseek.checkpoint import check_keys, from_hf_state_dict, load_train_state, read_safetensors
 
         ckpt = self.checkpoint_dir
-        ts = ckpt / TRAIN_STATE
-        if not (ts / "trainer.pt").exists():
+        saved = load_train_state(ckpt)
+        if saved is None:
             return None
+        optim_state, state = saved
         tensors = from_hf_state_dict(read_safetensors(ckpt), self.config, torch.float32)
+        check_keys(self.model, tensors, f"checkpoint {ckpt}")
         load_full_model_state_dict(self.model, tensors, self.dist)
-        optim_state = torch.load(ts / "optimizer.pt", map_location="cpu", weights_only=True)
         load_full_optimizer_state_dict(self.model, self.optimizer, optim_state, self.dist)
-        state = torch.load(ts / "trainer.pt", map_location="cpu", weights_only=True)
         self.global_step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.skipped_steps = int(state["skipped_steps"])

@@ -19,7 +19,11 @@ built-in families), ``adapters`` (reasoning-gym, JSONL), ``registry`` (``get_tas
 
 from __future__ import annotations
 
-from nanoseek.data.tasks.adapters import JsonlTask, ReasoningGymTask
+from nanoseek.data.tasks.adapters import (
+    JsonlTask,
+    ReasoningGymTask,
+    script_counts,  # noqa: F401  (data.rewards imports it from here)
+)
 from nanoseek.data.tasks.answers import (
     check_code,  # noqa: F401  (data.rewards imports it from here)
     check_exact,

@@ -1,0 +1,88 @@
+"""Atomic writes, the one writer every module uses: a reader, or the next run after a crash, finds the
+old file or directory or the new one, never half of one. Torch-free, so light modules can use it.
+
+- A file is written under a temporary name beside it (rename is atomic within one filesystem),
+  fsynced (else a power cut can leave the new name over empty data) and renamed with `os.replace`.
+- A directory is written whole under a scratch name and swapped in: the old one moved aside, the new
+  one renamed into place, the old one removed. Linux cannot rename over a non-empty directory; a
+  crash between the two renames leaves the old one aside, and the next write (or resume) puts it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # directories too: a rename is durable once its directory is
+    os.fsync(fd)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; once the block finishes without error it replaces `path`."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, final)
+        _fsync(final.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write text (UTF-8) or bytes to `path` atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+def scratch_dir(path: str | os.PathLike) -> Path:
+    """Where `atomic_directory(path)` writes before the swap (ranks of one save all write there)."""
+    final = Path(path)
+    return final.parent / f".{final.name}.tmp-new"
+
+
+def restore_directory(path: str | os.PathLike) -> None:
+    """Put back a directory that a crash mid-swap left aside (a no-op when there is none)."""
+    final = Path(path)
+    aside = final.parent / f".{final.name}.tmp-old"
+    if aside.exists():
+        if final.exists():
+            shutil.rmtree(aside)  # the swap had finished; only the clean-up was cut short
+        else:
+            os.replace(aside, final)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty scratch directory that replaces `path` only once the block finishes without
+    error; until then (and after a failure) an existing `path` is left as it was."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    restore_directory(final)
+    tmp = scratch_dir(final)
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed write's leftovers
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            _fsync(f)
+        _fsync(tmp)
+        aside = final.parent / f".{final.name}.tmp-old"
+        if final.exists():
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        _fsync(final.parent)
+        shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
