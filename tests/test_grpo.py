@@ -205,3 +205,39 @@ def test_config_errors(micro_checkpoint, tmp_path) -> None:
         grpo(_cfg(micro_checkpoint, tmp_path, loss="ppo"))
     with pytest.raises(FileNotFoundError, match="config.json"):
         grpo(_cfg(str(tmp_path / "nowhere"), tmp_path))
+
+
+def test_prompt_sampler_uniform_draws_distinct_problems_from_the_pool() -> None:
+    import random
+
+    from nanoseek.train.grpo import PromptSampler
+
+    pools = {"a": [("a", i) for i in range(5)], "b": [("b", i) for i in range(3)]}
+    flat = pools["a"] + pools["b"]
+    got = PromptSampler(pools, "uniform").draw(random.Random(7), 6)
+    assert got == [flat[i] for i in random.Random(7).sample(range(8), 6)]  # the pooled draw, unchanged
+    assert len(set(got)) == 6
+
+
+def test_prompt_sampler_draws_tasks_without_signal_less_and_keeps_its_state() -> None:
+    """A task whose groups all had equal rewards (zero advantage) fades to the floor, not to zero."""
+    import random
+
+    from nanoseek.train.grpo import PromptSampler
+
+    pools = {"easy": [("easy", i) for i in range(100)], "hard": [("hard", i) for i in range(100)]}
+    sampler = PromptSampler(pools, "signal")
+    rng = random.Random(0)
+    for _ in range(20):
+        batch = sampler.draw(rng, 8)
+        adv = torch.zeros(len(batch), 4)
+        for row, (name, _) in zip(adv, batch, strict=True):
+            if name == "easy":
+                row[:2], row[2:] = 1.0, -1.0  # mixed rewards: signal
+        sampler.observe([name for name, _ in batch], adv.flatten(), group_size=4)
+    assert sampler.signal["hard"] < 0.05 < 0.95 < sampler.signal["easy"]
+    drawn = [name for name, _ in sampler.draw(random.Random(1), 400 // 4)]
+    share_hard = drawn.count("hard") / len(drawn)
+    assert 0.02 < share_hard < 0.2  # ≈ floor / (floor + 1 + floor), never zero
+    resumed = PromptSampler(pools, "signal", dict(sampler.signal))
+    assert resumed.draw(random.Random(2), 8) == sampler.draw(random.Random(2), 8)

@@ -21,6 +21,7 @@ What is notable here:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from nanoseek.model.loss import target_logprobs
 from nanoseek.options import check_choices, option
 
 LOSS_TYPES: tuple[str, ...] = ("grpo", "dr_grpo", "dapo")
+TASK_SAMPLING: tuple[str, ...] = ("uniform", "signal")
 
 
 # ---------------------------------------------------------------------------------------------- math
@@ -256,6 +258,12 @@ class GRPOConfig:
     )
     language: str | None = option(None, "only prompts in this language (en, ja, zh)")
     train_pool: int = option(2048, "training problems drawn per task")
+    task_sampling: str = option(
+        "uniform",
+        "how each step's prompts are drawn: uniformly from all tasks' problems, or per task in proportion "
+        "to how often its groups carried a learning signal lately (signal)",
+        choices=TASK_SAMPLING,
+    )
     seed: int = option(0)
     checkpoint_every: int = option(0, "GRPO steps between checkpoints (0 = only at the end)")
     resume: bool = option(False, "continue from RUN/grpo/ if it holds a checkpoint")
@@ -338,9 +346,50 @@ def _micro_batches(ro: Rollout, size: int, pad_id: int, skip_zero_adv: bool) -> 
     return out
 
 
+class PromptSampler:
+    """Draws each step's prompts from the tasks' training problems.
+
+    "uniform": P distinct problems from the pooled problems of all tasks. "signal": each prompt's task
+    is drawn in proportion to a floor plus the running share of that task's groups whose rewards were
+    not all equal. A group of equal rewards has zero advantage and teaches nothing; DAPO's dynamic
+    sampling (§3.2) discards such groups after generating them, but on a CPU generating them is the
+    cost, so here a task that yields none (too hard, or already solved) is simply drawn less. The floor
+    keeps every task in play, so one that starts yielding signal is noticed.
+    """
+
+    FLOOR = 0.1
+    DECAY = 0.8  # per observed group
+
+    def __init__(self, pools: dict[str, list], mode: str, state: dict[str, float] | None = None) -> None:
+        self.pools = {name: problems for name, problems in pools.items() if problems}
+        self.mode = mode
+        self.signal = {name: 1.0 for name in self.pools} | (state or {})
+
+    def draw(self, rng: random.Random, n: int) -> list:
+        if self.mode == "uniform":
+            flat = [item for problems in self.pools.values() for item in problems]
+            return [flat[i] for i in rng.sample(range(len(flat)), n)]
+        names = list(self.pools)
+        weights = [self.FLOOR + self.signal[name] for name in names]
+        counts = dict.fromkeys(names, 0)
+        for name in rng.choices(names, weights=weights, k=n):
+            counts[name] += 1
+        batch = []
+        for name, k in counts.items():
+            problems = self.pools[name]
+            batch.extend(problems[i] for i in rng.sample(range(len(problems)), min(k, len(problems))))
+        return batch
+
+    def observe(self, task_names: list[str], advantages: torch.Tensor, group_size: int) -> None:
+        """Update each task's signal share from this step's groups (prompt-major advantages)."""
+        groups = advantages.view(-1, group_size)
+        for name, adv in zip(task_names, groups, strict=True):
+            informative = float(bool((adv != 0).any()))
+            self.signal[name] = self.DECAY * self.signal[name] + (1 - self.DECAY) * informative
+
+
 def grpo(cfg: GRPOConfig) -> Path:
     """Run GRPO from `cfg.init`; returns the checkpoint directory RUN/grpo/."""
-    import random
     import time
 
     from tqdm.auto import tqdm
@@ -365,13 +414,14 @@ def grpo(cfg: GRPOConfig) -> Path:
     model = load_model(init)
     reward_fn = build_reward(cfg.reward, prompt_opened_think=True)
     tasks = [get_task(name) for name in cfg.tasks]
-    pool = []
+    pools = {}
     for t in tasks:
         # up to train_pool each: a family with fewer distinct problems contributes all it has
         problems = t.problems("train", cfg.train_pool, seed=cfg.seed, language=cfg.language, strict=False)
-        pool.extend((t, p) for p in problems)
-    if len(pool) < cfg.batch_prompts:
-        raise ValueError(f"only {len(pool)} training problems for --batch-prompts {cfg.batch_prompts}")
+        pools.setdefault(t.name, []).extend((t, p) for p in problems)
+    n_problems = sum(len(v) for v in pools.values())
+    if n_problems < cfg.batch_prompts:
+        raise ValueError(f"only {n_problems} training problems for --batch-prompts {cfg.batch_prompts}")
 
     run = Path(cfg.out)
     total_updates = cfg.steps * cfg.mu
@@ -412,6 +462,7 @@ def grpo(cfg: GRPOConfig) -> Path:
     stop = [tok.eos_token_id]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     metrics_log = MetricsLog(run, "grpo")
+    sampler = PromptSampler(pools, cfg.task_sampling, history.get("task_signal"))
     init_entropy = history.get("init_entropy")
     init_length = history.get("init_length")
     bad_steps = 0
@@ -421,7 +472,7 @@ def grpo(cfg: GRPOConfig) -> Path:
     for step in range(start, cfg.steps):
         # ------------------------------------------------------------------ rollouts
         rng = random.Random(cfg.seed * 1_000_003 + step)
-        batch = [pool[i] for i in rng.sample(range(len(pool)), cfg.batch_prompts)]
+        batch = sampler.draw(rng, cfg.batch_prompts)
         prompts = [chat_prompt_ids(tok, p.prompt) for _, p in batch]
         flat_prompts = [ids for ids in prompts for _ in range(cfg.group_size)]
         # the weights changed since the last rollout: prefix-cache entries computed with old weights are stale
@@ -439,6 +490,7 @@ def grpo(cfg: GRPOConfig) -> Path:
             )
         rollout_time = time.perf_counter() - t0
         ro = _score_rollout(cfg, batch, flat_prompts, outs, tok, reward_fn, stop)
+        sampler.observe([t.name for t, _ in batch], ro.advantages, cfg.group_size)
         ro.metrics["rollout_tok_s"] = sum(len(o.token_ids) for o in outs) / max(rollout_time, 1e-9)
         ro.metrics["rollout_time_s"] = rollout_time
 
@@ -521,7 +573,11 @@ def grpo(cfg: GRPOConfig) -> Path:
         bar.update(1)
         extra = {
             "grpo_step": step + 1,
-            "history": {"init_entropy": init_entropy, "init_length": init_length},
+            "history": {
+                "init_entropy": init_entropy,
+                "init_length": init_length,
+                "task_signal": dict(sampler.signal),
+            },
         }
         stop_now = cfg.stop_on_collapse and bad_steps >= cfg.collapse_patience
         if (
