@@ -313,17 +313,33 @@ def test_model_balance_loss_and_expert_load_counters():
     loss = model.balance_loss()
     assert loss is not None and loss.ndim == 0 and loss > 0
     load = model.take_expert_load()
-    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
-    assert sorted(load) == moe_layers
-    for counts in load.values():
-        assert counts.shape == (8,) and counts.sum() == 2 * 6 * 2  # tokens x top-k
+    moe_layers = [str(i) for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    assert sorted(load) == sorted(moe_layers + ["mtp0", "mtp1"]), "one enumeration, MTP routers included"
+    for name, counts in load.items():  # the main forward does not run the MTP layers
+        assert counts.shape == (8,) and counts.sum() == (0 if name.startswith("mtp") else 2 * 6 * 2)
     again = model.take_expert_load()
     assert all(c.sum() == 0 for c in again.values()), "take_expert_load resets the counters"
+    model(x)
+    model(x)
+    load = model.take_expert_load()
+    assert all(load[n].sum() == 2 * 2 * 6 * 2 for n in moe_layers), "counts accumulate"
     model.eval()
     model(x)
-    model(x)
-    assert all(c.sum() == 2 * 2 * 6 * 2 for c in model.take_expert_load().values()), "counts accumulate"
+    assert all(c.sum() == 0 for c in model.take_expert_load().values()), "inference counts no load"
     assert isinstance(model.model.layers[1].mlp, MoE)
+
+
+def test_mtp_routers_get_the_balance_loss():
+    model = model_for(config()).train()
+    model.set_balance_alpha(0.001)
+    x = ids(batch=2, seq=6)
+    hidden = model.hidden_states(x)
+    main = model.balance_loss()
+    model.mtp_losses(hidden, x, x)
+    both = model.balance_loss()
+    assert both is not None and main is not None and both > main
+    mtp = [r for name, r in model.routers() if name.startswith("mtp")]
+    assert mtp and all(r.aux_loss is not None and r.aux_loss.requires_grad for r in mtp)
 
 
 # ------------------------------------------------------------ packed documents

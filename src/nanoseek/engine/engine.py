@@ -11,8 +11,8 @@ What is notable here:
 - Decode steps are cheap to set up: each request's slot map (its block table expanded to cache slots)
   is built once when the batch changes, a step only slices it; rows at equal length need no mask;
   the whole step runs under `torch.inference_mode()` (no autograd or version-counter bookkeeping).
-- The model is left as found: training mode, and the routers' expert-load statistics (which training
-  uses to balance experts), are restored after each step, so GRPO can roll out with the model it trains.
+- The model is left as found: it runs in eval mode (where routers count no expert load) and its
+  training mode is restored after each step, so GRPO can roll out with the model it trains.
 """
 
 from __future__ import annotations
@@ -123,7 +123,6 @@ class Engine:
         eos = cfg.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._weights = list(model.parameters())
-        self._routers = [r for _, r in model.routers()]
         self._versions: list[int] = []
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -207,7 +206,7 @@ class Engine:
             return events
         touched: list[Sequence] = []
         t0 = time.perf_counter()
-        with torch.inference_mode(), self._model_untouched():
+        with torch.inference_mode(), self._eval_mode():
             if plan.decode:
                 if self.speculative:
                     self._decode_speculative(plan.decode)
@@ -443,18 +442,6 @@ class Engine:
         finally:
             if was_training:
                 self.model.train()
-
-    @contextlib.contextmanager
-    def _model_untouched(self) -> Iterator[None]:
-        # The fast path's own routing never touches the routers' load counters: nothing to restore.
-        routers = [] if self.fast is not None and self.fast.routes_own else self._routers
-        loads = [r.expert_load.clone() for r in routers]
-        try:
-            with self._eval_mode():
-                yield
-        finally:
-            for r, load in zip(routers, loads, strict=False):
-                r.expert_load.copy_(load)
 
     # --------------------------------------------------------------- events
     def _event(self, seq: Sequence) -> StepEvent:

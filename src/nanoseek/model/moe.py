@@ -61,7 +61,8 @@ class Router(nn.Module):
         )
         self.aux_loss_alpha = 0.0  # sequence-wise balance loss weight; set by training
         self.aux_loss: torch.Tensor | None = None
-        # Tokens routed to each expert during the last forward(s); training resets and reads it.
+        # Tokens routed to each expert by training forwards; the trainer reads and resets it for the bias
+        # update. Inference (eval mode) leaves it alone, so serving and rollouts never disturb it.
         self.register_buffer("expert_load", torch.zeros(self.n_experts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,10 +92,11 @@ class Router(nn.Module):
                 weights = weights * self.routed_scaling_factor
         else:
             weights = weights * self.routed_scaling_factor
-        with torch.no_grad():
-            self.expert_load += torch.bincount(indices.flatten(), minlength=self.n_experts).to(
-                self.expert_load
-            )
+        if self.training:
+            with torch.no_grad():
+                self.expert_load += torch.bincount(indices.flatten(), minlength=self.n_experts).to(
+                    self.expert_load
+                )
         if self.training and self.aux_loss_alpha > 0:
             self.aux_loss = self._sequence_balance_loss(scores, indices, shape[0])
         else:

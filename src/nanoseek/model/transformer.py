@@ -274,10 +274,15 @@ class DeepSeekV3(nn.Module):
         ]
 
     # ------------------------------------------------------------- balancing
-    def routers(self) -> Iterator[tuple[int, Router]]:
+    def routers(self) -> Iterator[tuple[str, Router]]:
+        """Every MoE router, main and MTP layers alike, named '3' (layer 3) or 'mtp0' (MTP depth 0):
+        the one list the balance loss, the bias update and the load metrics all walk."""
         for layer in self.model.layers:
             if isinstance(layer.mlp, MoE):
-                yield layer.layer_idx, layer.mlp.gate
+                yield str(layer.layer_idx), layer.mlp.gate
+        for depth, layer in enumerate(self.model.mtp_layers):
+            if isinstance(layer.mlp, MoE):
+                yield f"mtp{depth}", layer.mlp.gate
 
     def balance_loss(self) -> torch.Tensor | None:
         """Sum of the sequence-wise balance losses from the last forward (None when α = 0)."""
@@ -289,8 +294,8 @@ class DeepSeekV3(nn.Module):
             r.aux_loss_alpha = alpha
 
     @torch.no_grad()
-    def take_expert_load(self) -> dict[int, torch.Tensor]:
-        """Tokens per expert per MoE layer since the last call; resets the counters."""
+    def take_expert_load(self) -> dict[str, torch.Tensor]:
+        """Tokens per expert per MoE router (training forwards) since the last call; resets the counters."""
         out = {}
         for idx, r in self.routers():
             out[idx] = r.expert_load.clone()
