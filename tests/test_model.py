@@ -30,15 +30,13 @@ class SimpleLatentCache:
     """A LatentCache: per layer, the concatenation of everything seen so far (plain causal mask)."""
 
     def __init__(self) -> None:
-        self.c_kv: dict[int, torch.Tensor] = {}
-        self.k_pe: dict[int, torch.Tensor] = {}
+        self.rows: dict[int, torch.Tensor] = {}
 
-    def update(self, layer_idx, c_kv, k_pe):
-        if layer_idx in self.c_kv:
-            c_kv = torch.cat((self.c_kv[layer_idx], c_kv), dim=1)
-            k_pe = torch.cat((self.k_pe[layer_idx], k_pe), dim=1)
-        self.c_kv[layer_idx], self.k_pe[layer_idx] = c_kv, k_pe
-        return c_kv, k_pe, None
+    def update(self, layer_idx, latent):
+        if layer_idx in self.rows:
+            latent = torch.cat((self.rows[layer_idx], latent), dim=1)
+        self.rows[layer_idx] = latent
+        return latent, None
 
 
 def ids(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 0) -> torch.Tensor:
@@ -67,7 +65,7 @@ def test_prefill_with_cache_in_chunks_equals_full_forward(absorb):
         first = model(x[:, :9], positions=model.positions_for(x[:, :9]), cache=cache, absorb=absorb)
         second = model(x[:, 9:], positions=model.positions_for(x[:, 9:], start=9), cache=cache, absorb=absorb)
     torch.testing.assert_close(torch.cat((first, second), dim=1), full, rtol=0, atol=1e-4)
-    assert cache.c_kv[0].shape == (2, 14, 32) and cache.k_pe[0].shape == (2, 14, 8)
+    assert cache.rows[0].shape == (2, 14, 32 + 8)  # c_kv and k_pe: all a cache stores
 
 
 def test_step_by_step_decode_equals_full_forward():

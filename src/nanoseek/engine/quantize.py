@@ -59,13 +59,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", s.to(self.compute_dtype))
         self._kernel: bool | None = None if fmt == "int8" else False
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantize(self) -> torch.Tensor:
         return (self.qweight.to(self.compute_dtype) * self.scale.unsqueeze(-1)).to(self.compute_dtype)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight, for code that reads it directly (MLA's absorbed path reads kv_b_proj)."""
-        return self.dequantized()
+        return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is None:
@@ -76,7 +76,7 @@ class QuantLinear(nn.Module):
                 x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.scale
             )
             return y.view(*shape[:-1], self.out_features)
-        return F.linear(x, self.dequantized())
+        return F.linear(x, self.dequantize())
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}"

@@ -295,6 +295,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T,H], indices/weights [T,k] -> [T,H] = Σ_k weight · expert_k(x)."""
+        if indices.shape[0] <= 4 and not torch.is_grad_enabled():
+            return self._decode(x, indices, weights)
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         # Group ends as a tensor: no host sync, empty experts cost nothing.
@@ -302,6 +304,19 @@ class RoutedExperts(nn.Module):
         return _RoutedExpertsFunction.apply(
             x, weights, self.gate_up_proj, self.down_proj, order, offs, _compute_dtype(x)
         )
+
+    def _decode(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """A few tokens (decode): gather the chosen experts' weights and run the t·k (token, expert)
+        pairs as two batched matmuls and one weighted-sum bmm; copying k experts' weights costs less
+        than sorting rows into groups that are nearly all empty."""
+        t, k = indices.shape
+        sel = indices.flatten()
+        dtype = _compute_dtype(x)
+        xs = x.to(dtype).repeat_interleave(k, dim=0).unsqueeze(1)  # [t·k, 1, H]
+        h = torch.bmm(xs, self.gate_up_proj.index_select(0, sel).to(dtype).transpose(1, 2))
+        act = F.silu(h[..., : self.intermediate_size]) * h[..., self.intermediate_size :]
+        ys = torch.bmm(act, self.down_proj.index_select(0, sel).to(dtype).transpose(1, 2)).view(t, k, -1)
+        return torch.bmm(weights.view(t, 1, k).to(dtype), ys).view(t, -1)
 
 
 class MoE(nn.Module):
