@@ -408,8 +408,8 @@ class MultiHeadLatentAttention(nn.Module):
 
 def _storage(linear: nn.Module) -> torch.Tensor:
     """The tensor that holds a linear layer's weight (int8 layers of engine/quantize.py: `qweight`)."""
-    q = getattr(linear, "qweight", None)
-    return linear.weight if q is None else q
+    q = linear._buffers.get("qweight")  # dict lookups: this runs per layer per decode step
+    return linear._parameters["weight"] if q is None else q
 
 
 def _dense(linear: nn.Module) -> torch.Tensor:
