@@ -17,6 +17,8 @@ What is notable here:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -148,23 +150,27 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return out
 
 
+GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def _swiglu_rows(
     xs: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
     offs: torch.Tensor,
     row_w: torch.Tensor | None,
+    mm: GroupedMM = _grouped_mm,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows sorted by expert -> (down_e(silu(gate_e x) * up_e x) [* row weight], pre-activation h).
 
     The row weight (the token's gate weight for this expert) scales the activation before the down
     projection: the same result as scaling the output, on rows 1/4 as wide or narrower."""
     inter = down.shape[-1]
-    h = _grouped_mm(xs, gate_up.transpose(-2, -1), offs)  # [N, 2I]
+    h = mm(xs, gate_up.transpose(-2, -1), offs)  # [N, 2I]
     act = F.silu(h[:, :inter]) * h[:, inter:]
     if row_w is not None:
         act.mul_(row_w.unsqueeze(-1))  # act is this function's own temporary
-    return _grouped_mm(act, down.transpose(-2, -1), offs), h  # [N, H]
+    return mm(act, down.transpose(-2, -1), offs), h  # [N, H]
 
 
 def _swiglu_rows_backward(
@@ -175,6 +181,7 @@ def _swiglu_rows_backward(
     down: torch.Tensor,
     offs: torch.Tensor,
     row_w: torch.Tensor | None,
+    mm: GroupedMM = _grouped_mm,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `_swiglu_rows` for rows, gate_up, down and the row weights: four grouped GEMMs."""
     inter = down.shape[-1]
@@ -183,20 +190,20 @@ def _swiglu_rows_backward(
     # silu's own backward kernel, and both halves of dh written in place instead of concatenated.
     silu = F.silu(gate)
     act = silu * up
-    d_scaled = _grouped_mm(dy, down, offs)  # [N, I]
+    d_scaled = mm(dy, down, offs)  # [N, I]
     if row_w is None:
-        d_down = _grouped_mm(dy.t(), act, offs)  # [E, H, I]
+        d_down = mm(dy.t(), act, offs)  # [E, H, I]
         d_act, d_row_w = d_scaled, None
     else:
         w = row_w.unsqueeze(-1)
-        d_down = _grouped_mm(dy.t(), act * w, offs)
+        d_down = mm(dy.t(), act * w, offs)
         d_row_w = torch.linalg.vecdot(d_scaled, act)
         d_act = d_scaled * w
     dh = torch.empty_like(h)
     torch.mul(d_act, silu, out=dh[:, inter:])
     dh[:, :inter] = torch.ops.aten.silu_backward(d_act * up, gate)
-    dxs = _grouped_mm(dh, gate_up, offs)  # [N, H]
-    d_gate_up = _grouped_mm(dh.t(), xs, offs)  # [E, 2I, H]
+    dxs = mm(dh, gate_up, offs)  # [N, H]
+    d_gate_up = mm(dh.t(), xs, offs)  # [E, 2I, H]
     return dxs, d_gate_up, d_down, d_row_w
 
 
@@ -212,11 +219,12 @@ class _GroupedSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, offs, dtype: torch.dtype):  # type: ignore[override]
+    def forward(ctx, x, gate_up, down, offs, dtype: torch.dtype, mm: GroupedMM):  # type: ignore[override]
         x_c, gu_c, d_c = x.to(dtype), gate_up.to(dtype), down.to(dtype)
-        y, h = _swiglu_rows(x_c, gu_c, d_c, offs, None)
+        y, h = _swiglu_rows(x_c, gu_c, d_c, offs, None, mm)
         ctx.save_for_backward(x_c, h, gu_c, d_c, offs)
         ctx.dtypes = (x.dtype, gate_up.dtype, down.dtype)
+        ctx.mm = mm
         return y
 
     @staticmethod
@@ -224,17 +232,22 @@ class _GroupedSwiGLU(torch.autograd.Function):
         x_c, h, gu_c, d_c, offs = ctx.saved_tensors
         x_dtype, gu_dtype, d_dtype = ctx.dtypes
         dx, d_gu, d_down, _ = _swiglu_rows_backward(
-            dy.to(h.dtype).contiguous(), x_c, h, gu_c, d_c, offs, None
+            dy.to(h.dtype).contiguous(), x_c, h, gu_c, d_c, offs, None, ctx.mm
         )
-        return dx.to(x_dtype), d_gu.to(gu_dtype), d_down.to(d_dtype), None, None
+        return dx.to(x_dtype), d_gu.to(gu_dtype), d_down.to(d_dtype), None, None, None
 
 
 def grouped_swiglu(
-    xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor, dtype: torch.dtype
+    xs: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    offs: torch.Tensor,
+    dtype: torch.dtype,
+    mm: GroupedMM = _grouped_mm,
 ) -> torch.Tensor:
     """The routed experts' FFN over rows sorted by expert (group e ends at offs[e]), unweighted; the
     expert-parallel wrapper runs each rank's local experts through it."""
-    return _GroupedSwiGLU.apply(xs, gate_up, down, offs, dtype)
+    return _GroupedSwiGLU.apply(xs, gate_up, down, offs, dtype, mm)
 
 
 class _RoutedExpertsFunction(torch.autograd.Function):
@@ -247,15 +260,16 @@ class _RoutedExpertsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weights, gate_up, down, order, offs, dtype: torch.dtype):  # type: ignore[override]
+    def forward(ctx, x, weights, gate_up, down, order, offs, dtype: torch.dtype, mm: GroupedMM):  # type: ignore[override]
         k = weights.shape[1]
         token_of = order // k
         x_c, gu_c, d_c = x.to(dtype), gate_up.to(dtype), down.to(dtype)
         row_w = weights.reshape(-1).index_select(0, order).to(dtype)
-        ys, h = _swiglu_rows(x_c.index_select(0, token_of), gu_c, d_c, offs, row_w)
+        ys, h = _swiglu_rows(x_c.index_select(0, token_of), gu_c, d_c, offs, row_w, mm)
         y = torch.zeros_like(x_c).index_add_(0, token_of, ys)
         ctx.save_for_backward(x_c, h, gu_c, d_c, offs, order, row_w)
         ctx.meta = (k, x.dtype, weights.dtype, gate_up.dtype, down.dtype)
+        ctx.mm = mm
         return y
 
     @staticmethod
@@ -265,7 +279,7 @@ class _RoutedExpertsFunction(torch.autograd.Function):
         token_of = order // k
         dys = dy.to(h.dtype).index_select(0, token_of)
         dxs, d_gu, d_down, d_row_w = _swiglu_rows_backward(
-            dys, x_c.index_select(0, token_of), h, gu_c, d_c, offs, row_w
+            dys, x_c.index_select(0, token_of), h, gu_c, d_c, offs, row_w, ctx.mm
         )
         dx = torch.zeros_like(x_c).index_add_(0, token_of, dxs)
         assert d_row_w is not None
@@ -279,11 +293,19 @@ class _RoutedExpertsFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
 class RoutedExperts(nn.Module):
-    """All routed experts' SwiGLU weights stacked, so tokens can be processed grouped by expert."""
+    """All routed experts' SwiGLU weights stacked, so tokens can be processed grouped by expert.
+
+    The one expert path of the package: dispatch (sort rows by expert), the grouped SwiGLU, combine
+    (weight and sum back onto tokens). Two seams let other storage and arithmetic reuse it:
+    `expert_weights` (int8/FP8 weight storage dequantizes there, engine/quantize.py) and
+    `grouped_mm` (FP8 training GEMMs, model/fp8.py). Expert parallelism runs its all-to-all around
+    the same grouped SwiGLU (train/expert_parallel.py).
+    """
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -293,30 +315,41 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
 
+    def expert_weights(self, sel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [E,2I,H], down [E,H,I]) of all experts, or of the experts listed in `sel`."""
+        if sel is None:
+            return self.gate_up_proj, self.down_proj
+        return self.gate_up_proj.index_select(0, sel), self.down_proj.index_select(0, sel)
+
+    def grouped_mm(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """The GEMM over row groups (see `_grouped_mm`) every expert matmul, forward and backward, runs."""
+        return _grouped_mm(a, b, offs)
+
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T,H], indices/weights [T,k] -> [T,H] = Σ_k weight · expert_k(x)."""
-        if indices.shape[0] <= 4 and not torch.is_grad_enabled():
+        plain_mm = type(self).grouped_mm is RoutedExperts.grouped_mm
+        if indices.shape[0] <= 4 and plain_mm and not torch.is_grad_enabled():
             return self._decode(x, indices, weights)
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         # Group ends as a tensor: no host sync, empty experts cost nothing.
         offs = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
-        return _RoutedExpertsFunction.apply(
-            x, weights, self.gate_up_proj, self.down_proj, order, offs, _compute_dtype(x)
-        )
+        gate_up, down = self.expert_weights()
+        mm = _grouped_mm if plain_mm else self.grouped_mm
+        return _RoutedExpertsFunction.apply(x, weights, gate_up, down, order, offs, _compute_dtype(x), mm)
 
     def _decode(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """A few tokens (decode): gather the chosen experts' weights and run the t·k (token, expert)
         pairs as two batched matmuls and one weighted-sum bmm; copying k experts' weights costs less
         than sorting rows into groups that are nearly all empty."""
         t, k = indices.shape
-        sel = indices.flatten()
         dtype = _compute_dtype(x)
+        gate_up, down = self.expert_weights(indices.flatten())
         # Rows times transposed weights: BLAS runs [1,H]·[H,2I] far faster than [2I,H]·[H,1] here.
         xs = x.to(dtype).repeat_interleave(k, dim=0).unsqueeze(1)  # [t·k, 1, H]
-        h = torch.bmm(xs, self.gate_up_proj.index_select(0, sel).to(dtype).transpose(1, 2))
+        h = torch.bmm(xs, gate_up.to(dtype).transpose(1, 2))
         act = F.silu(h[..., : self.intermediate_size]) * h[..., self.intermediate_size :]
-        ys = torch.bmm(act, self.down_proj.index_select(0, sel).to(dtype).transpose(1, 2)).view(t, k, -1)
+        ys = torch.bmm(act, down.to(dtype).transpose(1, 2)).view(t, k, -1)
         return torch.bmm(weights.view(t, 1, k).to(dtype), ys).view(t, -1)
 
 
