@@ -40,14 +40,6 @@ def matmul_peak_flops(
     return 2 * n**3 / best
 
 
-def autocast_dtype(precision: str) -> torch.dtype:
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(
-        precision, torch.float32
-    )
-
-
 _MALLOC_TUNED = False
 
 
