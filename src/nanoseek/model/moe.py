@@ -325,26 +325,44 @@ class RoutedExperts(nn.Module):
         """The GEMM over row groups (see `_grouped_mm`) every expert matmul, forward and backward, runs."""
         return _grouped_mm(a, b, offs)
 
+    def decodes(self, indices: torch.Tensor) -> bool:
+        """Whether `forward` takes the gathered-weights decode path for these routing choices."""
+        return (
+            indices.shape[0] <= 4
+            and type(self).grouped_mm is RoutedExperts.grouped_mm
+            and not torch.is_grad_enabled()
+        )
+
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T,H], indices/weights [T,k] -> [T,H] = Σ_k weight · expert_k(x)."""
-        plain_mm = type(self).grouped_mm is RoutedExperts.grouped_mm
-        if indices.shape[0] <= 4 and plain_mm and not torch.is_grad_enabled():
-            return self._decode(x, indices, weights)
+        if self.decodes(indices):
+            return self.decode(x, indices, weights)
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         # Group ends as a tensor: no host sync, empty experts cost nothing.
         offs = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
         gate_up, down = self.expert_weights()
-        mm = _grouped_mm if plain_mm else self.grouped_mm
+        mm = _grouped_mm if type(self).grouped_mm is RoutedExperts.grouped_mm else self.grouped_mm
         return _RoutedExpertsFunction.apply(x, weights, gate_up, down, order, offs, _compute_dtype(x), mm)
 
-    def _decode(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self,
+        x: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        stacked: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """A few tokens (decode): gather the chosen experts' weights and run the t·k (token, expert)
         pairs as two batched matmuls and one weighted-sum bmm; copying k experts' weights costs less
-        than sorting rows into groups that are nearly all empty."""
+        than sorting rows into groups that are nearly all empty. `stacked`: (gate_up, down) to gather
+        from instead of this module's own (MoE's, with the shared expert appended)."""
         t, k = indices.shape
         dtype = _compute_dtype(x)
-        gate_up, down = self.expert_weights(indices.flatten())
+        sel = indices.flatten()
+        if stacked is None:
+            gate_up, down = self.expert_weights(sel)
+        else:
+            gate_up, down = (w.index_select(0, sel) for w in stacked)
         # Rows times transposed weights: BLAS runs [1,H]·[H,2I] far faster than [2I,H]·[H,1] here.
         xs = x.to(dtype).repeat_interleave(k, dim=0).unsqueeze(1)  # [t·k, 1, H]
         h = torch.bmm(xs, gate_up.to(dtype).transpose(1, 2))
@@ -367,10 +385,40 @@ class MoE(nn.Module):
             else None
         )
 
+        self._stacked: tuple[list, tuple[torch.Tensor, torch.Tensor]] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        flat = x.reshape(-1, shape[-1])
         indices, weights = self.gate(x)
-        y = self.experts(x.reshape(-1, shape[-1]), indices, weights).view(shape).to(x.dtype)
+        stacked = self._with_shared_expert() if self.experts.decodes(indices) else None
+        if stacked is not None:
+            # Decode: the shared expert is expert E, which every token also picks, with weight 1.
+            t, e = indices.shape[0], self.experts.n_experts
+            indices = torch.cat((indices, indices.new_full((t, 1), e)), dim=1)
+            weights = torch.cat((weights, weights.new_ones(t, 1)), dim=1)
+            return self.experts.decode(flat, indices, weights, stacked).view(shape).to(x.dtype)
+        y = self.experts(flat, indices, weights).view(shape).to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
+
+    def _with_shared_expert(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The routed experts' stacked weights with the shared expert appended (when it has their
+        width), so decode runs both in one gathered bmm. Built once, rebuilt when a weight changes in
+        place (GRPO); None for quantized or expert-parallel experts, which decode on their own."""
+        ex, sh = self.experts, self.shared_experts
+        if sh is None or type(ex) is not RoutedExperts or type(sh.gate_proj) is not nn.Linear:
+            return None
+        if sh.gate_proj.out_features != ex.intermediate_size:
+            return None
+        sources = (ex.gate_up_proj, ex.down_proj, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
+        key = [(t._version, t.data_ptr(), t.dtype) for t in sources]
+        if self._stacked is None or self._stacked[0] != key:
+            shared_gate_up = torch.cat((sh.gate_proj.weight, sh.up_proj.weight)).unsqueeze(0)
+            stacked = (
+                torch.cat((ex.gate_up_proj.detach(), shared_gate_up.detach())),
+                torch.cat((ex.down_proj.detach(), sh.down_proj.weight.detach().unsqueeze(0))),
+            )
+            self._stacked = (key, stacked)
+        return self._stacked[1]
