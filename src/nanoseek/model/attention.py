@@ -8,8 +8,10 @@ What is notable here:
   out in interleaved pairs (`rope_interleave`).
 - YaRN context extension with DeepSeek's mscale folded into the softmax scale.
 - Two paths side by side: `naive` decompresses K/V with kv_b_proj (training, prefill); `absorbed`
-  folds kv_b_proj's key half into the query and its value half into the output so attention runs
-  against the cached latent directly (decode). Tests hold them equal.
+  folds kv_b_proj's key half into the query projection and its value half into o_proj
+  (`absorbed_weights`, derived once per weight change) so attention runs against the cached latent
+  rows directly, all heads in one batched matmul (`attend_latent`). The engine decodes through it.
+  Tests hold the two paths equal.
 """
 
 from __future__ import annotations

@@ -391,7 +391,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         indices, weights = self.gate(x)
-        stacked = self._with_shared_expert() if self.experts.decodes(indices) else None
+        stacked = self._with_shared_expert(indices)
         if stacked is not None:
             # Decode: the shared expert is expert E, which every token also picks, with weight 1.
             t, e = indices.shape[0], self.experts.n_experts
@@ -403,12 +403,14 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x)
         return y
 
-    def _with_shared_expert(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The routed experts' stacked weights with the shared expert appended (when it has their
-        width), so decode runs both in one gathered bmm. Built once, rebuilt when a weight changes in
-        place (GRPO); None for quantized or expert-parallel experts, which decode on their own."""
+    def _with_shared_expert(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """At decode, the routed experts' stacked weights with the shared expert appended (when it
+        has their width), so one gathered bmm runs both. Built once, rebuilt when a weight changes in
+        place (GRPO); None otherwise, and for quantized or expert-parallel experts."""
         ex, sh = self.experts, self.shared_experts
         if sh is None or type(ex) is not RoutedExperts or type(sh.gate_proj) is not nn.Linear:
+            return None
+        if not ex.decodes(indices):
             return None
         if sh.gate_proj.out_features != ex.intermediate_size:
             return None
