@@ -11,6 +11,10 @@ What is notable here:
 - Experts run on tokens grouped by expert (argsort, then grouped GEMMs in one custom autograd
   function), so compute follows the active parameters, not the total: 64 experts cost what 8 do at
   the same top-k.
+- One expert path for every caller: int8/FP8 weight storage (engine/quantize.py) and FP8 training
+  GEMMs (model/fp8.py) plug into `RoutedExperts.expert_weights` / `grouped_mm`; expert parallelism
+  wraps the same grouped SwiGLU in its all-to-all. At decode sizes the chosen experts' weights are
+  gathered instead (two bmm's), with the shared expert riding along as one more expert.
 - V2 gates (softmax, greedy / group_limited_greedy) follow DeepSeek's code: with norm_topk_prob
   the top-k weights are normalized instead of scaled by routed_scaling_factor.
 """
@@ -250,6 +254,24 @@ def grouped_swiglu(
     return _GroupedSwiGLU.apply(xs, gate_up, down, offs, dtype, mm)
 
 
+def _routed_rows(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    order: torch.Tensor,
+    offs: torch.Tensor,
+    mm: GroupedMM,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dispatch, grouped SwiGLU, combine: (Σ_k weight_k · expert_k(x) [T,H], pre-activations, row
+    weights). Rows are gathered in expert order and added back onto their tokens with index_add (no
+    [T, k, H] intermediate, no zero-filled scatter target per layer)."""
+    token_of = order // weights.shape[1]
+    row_w = weights.reshape(-1).index_select(0, order).to(x.dtype)
+    ys, h = _swiglu_rows(x.index_select(0, token_of), gate_up, down, offs, row_w, mm)
+    return torch.zeros_like(x).index_add_(0, token_of, ys), h, row_w
+
+
 class _RoutedExpertsFunction(torch.autograd.Function):
     """Σ_k weight_k · expert_k(x) for every token, as one autograd node.
 
@@ -261,13 +283,10 @@ class _RoutedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, gate_up, down, order, offs, dtype: torch.dtype, mm: GroupedMM):  # type: ignore[override]
-        k = weights.shape[1]
-        token_of = order // k
         x_c, gu_c, d_c = x.to(dtype), gate_up.to(dtype), down.to(dtype)
-        row_w = weights.reshape(-1).index_select(0, order).to(dtype)
-        ys, h = _swiglu_rows(x_c.index_select(0, token_of), gu_c, d_c, offs, row_w, mm)
-        y = torch.zeros_like(x_c).index_add_(0, token_of, ys)
+        y, h, row_w = _routed_rows(x_c, weights, gu_c, d_c, order, offs, mm)
         ctx.save_for_backward(x_c, h, gu_c, d_c, offs, order, row_w)
+        k = weights.shape[1]
         ctx.meta = (k, x.dtype, weights.dtype, gate_up.dtype, down.dtype)
         ctx.mm = mm
         return y
@@ -333,17 +352,28 @@ class RoutedExperts(nn.Module):
             and not torch.is_grad_enabled()
         )
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T,H], indices/weights [T,k] -> [T,H] = Σ_k weight · expert_k(x)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        stacked: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x [T,H], indices/weights [T,k] -> [T,H] = Σ_k weight · expert_k(x). `stacked`: (gate_up,
+        down) to use instead of this module's own, without gradients (MoE's, shared expert appended)."""
         if self.decodes(indices):
-            return self.decode(x, indices, weights)
+            return self.decode(x, indices, weights, stacked)
+        gate_up, down = self.expert_weights() if stacked is None else stacked
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         # Group ends as a tensor: no host sync, empty experts cost nothing.
-        offs = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
-        gate_up, down = self.expert_weights()
-        mm = _grouped_mm if type(self).grouped_mm is RoutedExperts.grouped_mm else self.grouped_mm
-        return _RoutedExpertsFunction.apply(x, weights, gate_up, down, order, offs, _compute_dtype(x), mm)
+        offs = torch.bincount(flat, minlength=gate_up.shape[0]).cumsum(0).to(torch.int32)
+        dtype = _compute_dtype(x)
+        if not torch.is_grad_enabled():  # inference: the autograd node's forward, without the node
+            return _routed_rows(
+                x.to(dtype), weights, gate_up.to(dtype), down.to(dtype), order, offs, self.grouped_mm
+            )[0]
+        return _RoutedExpertsFunction.apply(x, weights, gate_up, down, order, offs, dtype, self.grouped_mm)
 
     def decode(
         self,
@@ -384,33 +414,33 @@ class MoE(nn.Module):
             if config.n_shared_experts
             else None
         )
-
         self._stacked: tuple[list, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         indices, weights = self.gate(x)
-        stacked = self._with_shared_expert(indices)
+        stacked = self._with_shared_expert()
         if stacked is not None:
-            # Decode: the shared expert is expert E, which every token also picks, with weight 1.
+            # Serving: the shared expert is expert E, which every token also picks, with weight 1.
             t, e = indices.shape[0], self.experts.n_experts
             indices = torch.cat((indices, indices.new_full((t, 1), e)), dim=1)
             weights = torch.cat((weights, weights.new_ones(t, 1)), dim=1)
-            return self.experts.decode(flat, indices, weights, stacked).view(shape).to(x.dtype)
+            return self.experts(flat, indices, weights, stacked).view(shape).to(x.dtype)
         y = self.experts(flat, indices, weights).view(shape).to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
 
-    def _with_shared_expert(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """At decode, the routed experts' stacked weights with the shared expert appended (when it
-        has their width), so one gathered bmm runs both. Built once, rebuilt when a weight changes in
-        place (GRPO); None otherwise, and for quantized or expert-parallel experts."""
+    def _with_shared_expert(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Under inference mode (the engine), the routed experts' stacked weights with the shared
+        expert appended (when it has their width), so the routed path runs both. Built once, rebuilt
+        when a weight changes in place (GRPO); None otherwise, and for quantized or expert-parallel
+        experts. Training and validation (no_grad) never build this copy."""
         ex, sh = self.experts, self.shared_experts
         if sh is None or type(ex) is not RoutedExperts or type(sh.gate_proj) is not nn.Linear:
             return None
-        if not ex.decodes(indices):
+        if not torch.is_inference_mode_enabled():
             return None
         if sh.gate_proj.out_features != ex.intermediate_size:
             return None
