@@ -89,27 +89,52 @@ def test_greedy_matches_transformers_generate(model, tmp_path):
         assert got == ref[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("fast", [True, False])
+# The engine in both dtypes it serves in: fp32 (exact up to float rounding) and bf16 (what `serve`
+# runs on CUDA; its rounding differs between the absorbed and the naive path, so a tolerance).
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+
+
+@pytest.fixture(scope="module")
+def models(model) -> dict[torch.dtype, DeepSeekV3]:
+    return {torch.float32: model, torch.bfloat16: copy.deepcopy(model).to(torch.bfloat16)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("speculative", [False, True])
-def test_logprobs_equal_full_recompute_every_step(model, fast, speculative):
-    engine = Engine(model, max_batch_size=4, use_fast_path=fast, speculative=speculative, prefill_chunk=16)
+def test_logprobs_equal_full_recompute_every_step(models, dtype, speculative):
+    model, tol = models[dtype], TOL[dtype]
+    engine = Engine(model, max_batch_size=4, speculative=speculative, prefill_chunk=16)
     n = 10
     res = engine.generate_detailed(PROMPTS, max_new_tokens=n, logprobs=5, prompt_logprobs=True)
+    errors = []  # |engine - recompute| of every log-prob checked
     for prompt, c in zip(PROMPTS, res, strict=False):
-        ref_tokens, ref_lps = greedy_reference(model, prompt, n)
-        assert c.token_ids == ref_tokens
+        if dtype == torch.float32:
+            ref_tokens, ref_lps = greedy_reference(model, prompt, n)
+            assert c.token_ids == ref_tokens
+        else:  # bf16 greedy can flip at a near tie: check each step against the engine's own prefix
+            with torch.no_grad():
+                full = model(torch.tensor([prompt + c.token_ids[:-1]]))[0].float().log_softmax(-1)
+            ref_lps = list(full[len(prompt) - 1 :])
         assert c.finish_reason == "length"
-        for step, (lp, ref) in enumerate(zip(c.logprobs, ref_lps, strict=False)):
-            assert abs(lp.logprob - float(ref[lp.token_id])) < 1e-4, step
+        for lp, ref in zip(c.logprobs, ref_lps, strict=False):
+            errors.append(abs(lp.logprob - float(ref[lp.token_id])))
             top_ids, top_vals = zip(*lp.top, strict=False)
             ref_vals, ref_ids = ref.topk(5)
-            assert list(top_ids) == ref_ids.tolist()
-            assert torch.allclose(torch.tensor(top_vals), ref_vals, atol=1e-4)
+            if dtype == torch.float32:  # bf16 rounding may swap near-equal runners-up
+                assert list(top_ids) == ref_ids.tolist()
+                assert torch.allclose(torch.tensor(top_vals), ref_vals, atol=tol)
         with torch.no_grad():
             full = model(torch.tensor([prompt]))[0].float().log_softmax(-1)
         assert c.prompt_logprobs[0] is None and len(c.prompt_logprobs) == len(prompt)
-        for i in range(1, len(prompt)):
-            assert abs(c.prompt_logprobs[i] - float(full[i - 1, prompt[i]])) < 1e-4
+        errors += [abs(c.prompt_logprobs[i] - float(full[i - 1, prompt[i]])) for i in range(1, len(prompt))]
+    errors_t = torch.tensor(errors)
+    if dtype == torch.float32:
+        assert errors_t.max() < tol
+    else:
+        # In bf16 a rounding difference can flip one router's top-k choice, which moves that token's
+        # log-prob far: most must agree closely, none wildly.
+        assert (errors_t < tol).float().mean() > 0.9 and errors_t.max() < 1.0, errors_t.max()
 
 
 def test_continuous_batching_matches_one_at_a_time(model):
@@ -160,14 +185,16 @@ def bigram_model() -> DeepSeekV3:
     return m
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_speculative_greedy_equals_plain_greedy(model, fast):
-    plain = Engine(model, use_fast_path=fast).generate(PROMPTS, max_new_tokens=12)
-    spec = Engine(model, speculative=True, use_fast_path=fast)
-    assert spec.generate(PROMPTS, max_new_tokens=12) == plain  # random MTP: drafts mostly rejected
-    bigram = bigram_model()
-    plain = Engine(bigram, use_fast_path=fast).generate(PROMPTS, max_new_tokens=12)
-    spec = Engine(bigram, speculative=True, use_fast_path=fast)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_speculative_greedy_equals_plain_greedy(models, dtype):
+    model = models[dtype]
+    plain = Engine(model).generate(PROMPTS, max_new_tokens=12)
+    spec = Engine(model, speculative=True)
+    if dtype == torch.float32:  # in bf16 a verify step's other shapes round differently: near ties flip
+        assert spec.generate(PROMPTS, max_new_tokens=12) == plain  # random MTP: drafts mostly rejected
+    bigram = bigram_model().to(dtype)
+    plain = Engine(bigram).generate(PROMPTS, max_new_tokens=12)
+    spec = Engine(bigram, speculative=True)
     assert spec.generate(PROMPTS, max_new_tokens=12) == plain
     stats = spec.stats()
     assert stats["spec_acceptance_rate"] == 1.0

@@ -30,15 +30,13 @@ class SimpleLatentCache:
     """A LatentCache: per layer, the concatenation of everything seen so far (plain causal mask)."""
 
     def __init__(self) -> None:
-        self.c_kv: dict[int, torch.Tensor] = {}
-        self.k_pe: dict[int, torch.Tensor] = {}
+        self.rows: dict[int, torch.Tensor] = {}
 
-    def update(self, layer_idx, c_kv, k_pe):
-        if layer_idx in self.c_kv:
-            c_kv = torch.cat((self.c_kv[layer_idx], c_kv), dim=1)
-            k_pe = torch.cat((self.k_pe[layer_idx], k_pe), dim=1)
-        self.c_kv[layer_idx], self.k_pe[layer_idx] = c_kv, k_pe
-        return c_kv, k_pe, None
+    def update(self, layer_idx, latent):
+        if layer_idx in self.rows:
+            latent = torch.cat((self.rows[layer_idx], latent), dim=1)
+        self.rows[layer_idx] = latent
+        return latent, None
 
 
 def ids(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 0) -> torch.Tensor:
@@ -67,7 +65,7 @@ def test_prefill_with_cache_in_chunks_equals_full_forward(absorb):
         first = model(x[:, :9], positions=model.positions_for(x[:, :9]), cache=cache, absorb=absorb)
         second = model(x[:, 9:], positions=model.positions_for(x[:, 9:], start=9), cache=cache, absorb=absorb)
     torch.testing.assert_close(torch.cat((first, second), dim=1), full, rtol=0, atol=1e-4)
-    assert cache.c_kv[0].shape == (2, 14, 32) and cache.k_pe[0].shape == (2, 14, 8)
+    assert cache.rows[0].shape == (2, 14, 32 + 8)  # c_kv and k_pe: all a cache stores
 
 
 def test_step_by_step_decode_equals_full_forward():
@@ -313,17 +311,33 @@ def test_model_balance_loss_and_expert_load_counters():
     loss = model.balance_loss()
     assert loss is not None and loss.ndim == 0 and loss > 0
     load = model.take_expert_load()
-    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
-    assert sorted(load) == moe_layers
-    for counts in load.values():
-        assert counts.shape == (8,) and counts.sum() == 2 * 6 * 2  # tokens x top-k
+    moe_layers = [str(i) for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    assert sorted(load) == sorted(moe_layers + ["mtp0", "mtp1"]), "one enumeration, MTP routers included"
+    for name, counts in load.items():  # the main forward does not run the MTP layers
+        assert counts.shape == (8,) and counts.sum() == (0 if name.startswith("mtp") else 2 * 6 * 2)
     again = model.take_expert_load()
     assert all(c.sum() == 0 for c in again.values()), "take_expert_load resets the counters"
+    model(x)
+    model(x)
+    load = model.take_expert_load()
+    assert all(load[n].sum() == 2 * 2 * 6 * 2 for n in moe_layers), "counts accumulate"
     model.eval()
     model(x)
-    model(x)
-    assert all(c.sum() == 2 * 2 * 6 * 2 for c in model.take_expert_load().values()), "counts accumulate"
+    assert all(c.sum() == 0 for c in model.take_expert_load().values()), "inference counts no load"
     assert isinstance(model.model.layers[1].mlp, MoE)
+
+
+def test_mtp_routers_get_the_balance_loss():
+    model = model_for(config()).train()
+    model.set_balance_alpha(0.001)
+    x = ids(batch=2, seq=6)
+    hidden = model.hidden_states(x)
+    main = model.balance_loss()
+    model.mtp_losses(hidden, x, x)
+    both = model.balance_loss()
+    assert both is not None and main is not None and both > main
+    mtp = [r for name, r in model.routers() if name.startswith("mtp")]
+    assert mtp and all(r.aux_loss is not None and r.aux_loss.requires_grad for r in mtp)
 
 
 # ------------------------------------------------------------ packed documents

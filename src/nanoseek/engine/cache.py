@@ -13,7 +13,7 @@ What is notable here:
   Freed blocks keep their contents and hash until reallocated (least recently freed first).
 - `StepView` implements the model's `LatentCache` protocol for one forward: it writes the step's latents
   into their slots and returns each row's whole context gathered in logical order, plus the causal mask
-  by position. The slot indices are computed once per step and shared by all layers.
+  by position (none when every row is one query that sees its whole context). The slot indices are computed once per step and shared by all layers.
 """
 
 from __future__ import annotations
@@ -148,11 +148,6 @@ class PagedLatentCache:
         base = torch.tensor(block_table, dtype=torch.long).mul_(bs).repeat_interleave(bs)
         return base + torch.arange(bs).repeat(len(block_table))
 
-    def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
-        """Flat slot indices of logical positions start..end-1 of a sequence."""
-        bs = self.block_size
-        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
-
 
 class StepView:
     """The model-facing `LatentCache` for one forward over a batch of rows.
@@ -190,12 +185,8 @@ class StepView:
             self._mask = t.view(1, 1, -1) <= self.positions.unsqueeze(-1)
         return self._mask
 
-    def update(
-        self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def update(self, layer_idx: int, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         store = self.cache.kv[layer_idx]
-        new = torch.cat((c_kv, k_pe), dim=-1).reshape(-1, self.cache.width).to(store.dtype)
-        store.index_copy_(0, self.write_slots, new)
-        ctx = store.index_select(0, self.read_slots).view(self.batch, self.ctx, self.cache.width)
-        r = self.cache.kv_lora_rank
-        return ctx[..., :r].to(c_kv.dtype), ctx[..., r:].to(k_pe.dtype), self.mask
+        store.index_copy_(0, self.write_slots, latent.reshape(-1, self.cache.width).to(store.dtype))
+        rows = store.index_select(0, self.read_slots).view(self.batch, self.ctx, self.cache.width)
+        return rows.to(latent.dtype), self.mask if self.needs_mask else None

@@ -11,8 +11,8 @@ What is notable here:
 - Decode steps are cheap to set up: each request's slot map (its block table expanded to cache slots)
   is built once when the batch changes, a step only slices it; rows at equal length need no mask;
   the whole step runs under `torch.inference_mode()` (no autograd or version-counter bookkeeping).
-- The model is left as found: training mode, and the routers' expert-load statistics (which training
-  uses to balance experts), are restored after each step, so GRPO can roll out with the model it trains.
+- The model is left as found: it runs in eval mode (where routers count no expert load) and its
+  training mode is restored after each step, so GRPO can roll out with the model it trains.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek.engine.cache import EngineCapacityError, PagedLatentCache, StepView
-from nanoseek.engine.fast import FastForward
 from nanoseek.engine.sampling import SamplerState, SamplingParams, TokenLogprob, sample, token_logprobs
 from nanoseek.engine.scheduler import Scheduler, Sequence
-from nanoseek.engine.speculative import draft_tokens, mtp_hidden, verify
+from nanoseek.engine.speculative import verify
 from nanoseek.model.transformer import DeepSeekV3
 
 DEFAULT_CACHE_BYTES = 512 * 1024**2
@@ -76,7 +75,6 @@ class Engine:
         quantize: str | None = None,
         speculative: bool = False,
         prefill_chunk: int = 512,
-        use_fast_path: bool = True,
     ) -> None:
         cfg = model.config
         if speculative and cfg.num_nextn_predict_layers < 1:
@@ -89,17 +87,11 @@ class Engine:
         self.config = cfg
         self.dtype = model.dtype
         self.device = model.device
-        from nanoseek.engine.quantize import is_quantized, quantize_model
+        from nanoseek.engine.quantize import quantize_model
 
         if quantize is not None:
             quantize_model(model, quantize)
         self.quantize = quantize
-        # The lean forward reads plain weight tensors; quantized layers go through the model's modules.
-        self.fast: FastForward | None = (
-            FastForward(model, (max_seq_len or cfg.max_position_embeddings) + 2)
-            if use_fast_path and not is_quantized(model)
-            else None
-        )
         self.speculative = speculative
         self.max_seq_len = max_seq_len or cfg.max_position_embeddings
         num_layers = cfg.num_hidden_layers + (1 if speculative else 0)
@@ -123,7 +115,6 @@ class Engine:
         eos = cfg.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._weights = list(model.parameters())
-        self._routers = [r for _, r in model.routers()]
         self._versions: list[int] = []
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -207,7 +198,7 @@ class Engine:
             return events
         touched: list[Sequence] = []
         t0 = time.perf_counter()
-        with torch.inference_mode(), self._model_untouched():
+        with torch.inference_mode(), self._eval_mode():
             if plan.decode:
                 if self.speculative:
                     self._decode_speculative(plan.decode)
@@ -365,7 +356,7 @@ class Engine:
         )
         pick = torch.tensor([1 if acc[i] else 0 for i in live], dtype=torch.long, device=self.device)
         live_t = torch.tensor(live, dtype=torch.long, device=self.device)
-        new = draft_tokens(self.model, mh[live_t, pick]).tolist()
+        new = self._drafts(mh[live_t, pick])
         for i, d in zip(live, new, strict=False):
             rows[i].draft = d
 
@@ -407,31 +398,31 @@ class Engine:
             if want:
                 idx = torch.tensor(want, dtype=torch.long, device=self.device)
                 last = torch.tensor([lengths[b] - 1 for b in want], dtype=torch.long, device=self.device)
-                for b, d in zip(want, draft_tokens(self.model, mh[idx, last]).tolist(), strict=False):
+                for b, d in zip(want, self._drafts(mh[idx, last]), strict=False):
                     rows[b].draft = d
 
     # ---------------------------------------------------------------- model
     def _check_weights(self) -> None:
-        """New weights (e.g. a GRPO optimizer step) make cached prefixes and derived weights stale."""
+        """New weights (e.g. a GRPO optimizer step) make cached prefixes stale (the attention's folded
+        weights follow on their own: `MultiHeadLatentAttention.absorbed_weights`)."""
         versions = [p._version for p in self._weights]
         if versions != self._versions:
             if self._versions:
                 self.cache.reset_prefix_cache()
             self._versions = versions
-            if self.fast is not None:
-                self.fast.refresh()
 
     def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, view: StepView) -> torch.Tensor:
-        if self.fast is not None:
-            return self.fast.hidden_states(ids, positions, view)
         return self.model.hidden_states(ids, positions, cache=view)
 
     def _mtp_hidden(
         self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, view: StepView
     ) -> torch.Tensor:
-        if self.fast is not None:
-            return self.fast.mtp_hidden(hidden, next_ids, positions, view)
-        return mtp_hidden(self.model, hidden, next_ids, positions, view)
+        """MTP depth 0 over a whole step (it fills its own cache layer); the pre-norm hidden [B,S,H]."""
+        return self.model.mtp_block(0, hidden, next_ids, positions, cache=view)
+
+    def _drafts(self, mtp_h: torch.Tensor) -> list[int]:
+        """Greedy drafts from selected MTP hidden rows [N,H]."""
+        return self.model.mtp_head(0, mtp_h).argmax(dim=-1).tolist()
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -443,18 +434,6 @@ class Engine:
         finally:
             if was_training:
                 self.model.train()
-
-    @contextlib.contextmanager
-    def _model_untouched(self) -> Iterator[None]:
-        # The fast path's own routing never touches the routers' load counters: nothing to restore.
-        routers = [] if self.fast is not None and self.fast.routes_own else self._routers
-        loads = [r.expert_load.clone() for r in routers]
-        try:
-            with self._eval_mode():
-                yield
-        finally:
-            for r, load in zip(routers, loads, strict=False):
-                r.expert_load.copy_(load)
 
     # --------------------------------------------------------------- events
     def _event(self, seq: Sequence) -> StepEvent:

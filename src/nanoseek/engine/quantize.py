@@ -8,8 +8,9 @@ What is notable here:
 - Every linear of the attention and the MLPs is quantized, and the stacked routed experts too (their
   scales are per expert and output channel). Embeddings, norms, the router and the LM head stay in
   full precision: they are small, and the router and head are the most sensitive to error.
-- Applied in place (the point is to free memory). The engine's lean forward reads plain weights, so a
-  quantized model runs through the model's own modules.
+- Applied in place (the point is to free memory). The model's modules run as they are: routed
+  experts through their one grouped path (`RoutedExperts.expert_weights` is where storage is widened),
+  MLA's absorbed path from the weights it folds once (`MultiHeadLatentAttention.absorbed_weights`).
 """
 
 from __future__ import annotations
@@ -59,13 +60,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", s.to(self.compute_dtype))
         self._kernel: bool | None = None if fmt == "int8" else False
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantize(self) -> torch.Tensor:
         return (self.qweight.to(self.compute_dtype) * self.scale.unsqueeze(-1)).to(self.compute_dtype)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight, for code that reads it directly (MLA's absorbed path reads kv_b_proj)."""
-        return self.dequantized()
+        return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is None:
@@ -76,14 +77,15 @@ class QuantLinear(nn.Module):
                 x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.scale
             )
             return y.view(*shape[:-1], self.out_features)
-        return F.linear(x, self.dequantized())
+        return F.linear(x, self.dequantize())
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}"
 
 
 class QuantRoutedExperts(RoutedExperts):
-    """RoutedExperts with quantized stacked weights; the same grouped forward, per-expert dequant."""
+    """RoutedExperts with quantized stacked weights: the same dispatch and grouped SwiGLU, on weights
+    dequantized per call (only the chosen experts' at decode)."""
 
     def __init__(self, experts: RoutedExperts, fmt: str) -> None:
         nn.Module.__init__(self)
@@ -99,27 +101,13 @@ class QuantRoutedExperts(RoutedExperts):
         self.register_buffer("q_down", q2)
         self.register_buffer("s_down", s2.to(dtype))
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        t, k = indices.shape
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        token_of = order // k
-        xs = x[token_of]
-        outs = []
-        start = 0
+    def expert_weights(self, sel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized (gate_up, down) of all experts, or of those in `sel` (decode: only k of them)."""
+        q1, s1, q2, s2 = self.q_gate_up, self.s_gate_up, self.q_down, self.s_down
+        if sel is not None:
+            q1, s1, q2, s2 = (t.index_select(0, sel) for t in (q1, s1, q2, s2))
         dt = self.compute_dtype
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            w1 = self.q_gate_up[e].to(dt) * self.s_gate_up[e].unsqueeze(-1)
-            w2 = self.q_down[e].to(dt) * self.s_down[e].unsqueeze(-1)
-            gate, up = F.linear(xs[start : start + n], w1).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, w2))
-            start += n
-        ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[-1])
-        ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
-        return torch.zeros_like(x, dtype=ys.dtype).index_add_(0, token_of, ys)
+        return q1.to(dt) * s1.unsqueeze(-1), q2.to(dt) * s2.unsqueeze(-1)
 
 
 def quantize_model(model: nn.Module, fmt: str) -> nn.Module:

@@ -16,25 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.engine.cache import StepView
 from nanoseek.engine.sampling import SamplerState, apply_penalties, processed_probs
-from nanoseek.model.transformer import DeepSeekV3
-
-
-def mtp_hidden(
-    model: DeepSeekV3, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, view: StepView
-) -> torch.Tensor:
-    """MTP depth 0 over a whole step (fills its cache); returns the pre-norm hidden [B,S,H]."""
-    layer = model.model.mtp_layers[0]
-    cos, sin = model.model.rotary_emb(positions)
-    h = layer.combine(hidden, model.model.embed_tokens(next_ids))
-    return layer(h, cos, sin, view)
-
-
-def draft_tokens(model: DeepSeekV3, mtp_h: torch.Tensor) -> torch.Tensor:
-    """Greedy draft from selected MTP hidden rows [N,H] -> [N] token ids."""
-    layer = model.model.mtp_layers[0]
-    return model.lm_head(layer.shared_head.norm(mtp_h)).argmax(dim=-1)
 
 
 def verify(

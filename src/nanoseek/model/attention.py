@@ -8,13 +8,16 @@ What is notable here:
   out in interleaved pairs (`rope_interleave`).
 - YaRN context extension with DeepSeek's mscale folded into the softmax scale.
 - Two paths side by side: `naive` decompresses K/V with kv_b_proj (training, prefill); `absorbed`
-  folds kv_b_proj's key half into the query and its value half into the output so attention runs
-  against the cached latent directly (decode). Tests hold them equal.
+  folds kv_b_proj's key half into the query projection and its value half into o_proj
+  (`absorbed_weights`, derived once per weight change) so attention runs against the cached latent
+  rows directly, all heads in one batched matmul (`attend_latent`). The engine decodes through it.
+  Tests hold the two paths equal.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -33,9 +36,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the same math, one op
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * y.to(dtype)
+        return self.weight * y.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -60,7 +64,7 @@ class RotaryEmbedding(nn.Module):
         self._cos = self._sin = None
         self._cache_len = 0
 
-    def _tables(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cos is None or self._cache_len < n or self._cos.device != device:
             size = max(n, 2 * self._cache_len, 256)
             t = torch.arange(size, device=device, dtype=torch.float32)
@@ -74,7 +78,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [*positions.shape, dim/2] (fp32)."""
         n = int(positions.max().item()) + 1 if positions.numel() else 1
-        cos, sin = self._tables(n, positions.device)
+        cos, sin = self.tables(n, positions.device)
         return cos[positions], sin[positions]
 
 
@@ -157,14 +161,33 @@ def documents_from_bos(input_ids: torch.Tensor, bos_token_id: int) -> tuple[torc
 class LatentCache(Protocol):
     """What the attention needs from a KV cache: store this step's latents, return all visible ones.
 
-    `update` receives the new normalized latent c_kv [B, S, kv_lora_rank] and RoPE'd key k_pe
-    [B, S, qk_rope_head_dim] for `layer_idx`, and returns the latents every query may see
-    ([B, T, ...], T >= S) with a boolean mask [B, S, T] (True = may attend), or None for plain causal.
+    `update` receives the rows [B, S, kv_lora_rank + qk_rope_head_dim] of this step for `layer_idx`
+    (the normalized latent c_kv, then the RoPE'd key k_pe: what a cache stores per token) and returns
+    the rows every query may see ([B, T, ...], T >= S) with a boolean mask [B, S, T] (True = may
+    attend), or None for plain causal.
     """
 
-    def update(
-        self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+    def update(self, layer_idx: int, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+@dataclass
+class AbsorbedWeights:
+    """MLA's weights folded for attention over the latent (V2 §2.1.3), derived from the module's own.
+
+    wa: [q_a_proj ; kv_a_proj_with_mqa] stacked (both read the same input: one matmul), or kv_a alone
+    without a query LoRA. wq: the query projection with W_UK folded in and the softmax scale applied,
+    giving per-head [latent ; rope] queries; None when that product would be much larger than its
+    factors (then w_uk is applied per head). wo: W_UV folded into o_proj, or o_proj alone (w_uv apart).
+    """
+
+    wa: torch.Tensor
+    wq: torch.Tensor | None
+    w_uk: torch.Tensor
+    wo: torch.Tensor
+    w_uv: torch.Tensor | None
+
+
+FOLD_LIMIT = 1 << 22  # elements per folded matrix; beyond this keep the factors (per-head einsum)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -193,6 +216,7 @@ class MultiHeadLatentAttention(nn.Module):
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, h, bias=False)
+        self._absorbed: tuple[list, AbsorbedWeights] | None = None  # see absorbed_weights()
 
     # ------------------------------------------------------------ projections
     def project_query(
@@ -254,6 +278,20 @@ class MultiHeadLatentAttention(nn.Module):
             out = out[..., : self.v_head_dim]
         return out.transpose(1, 2).reshape(b, s, h * self.v_head_dim)
 
+    def attend_latent(self, q: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The absorbed attention core: queries q [B,S,H,C+R] already in latent space (W_UK folded in,
+        softmax scale applied) against cache rows [B,T,C+R] = [c_kv ; k_pe]. Scores for all heads are
+        one batched matmul, because q·row = q_nope·W_UK·c_kv + q_pe·k_pe. Returns Σ p·c_kv [B,S,H,C]."""
+        b, s, h, _ = q.shape
+        t = rows.shape[1]
+        scores = torch.bmm(q.reshape(b, s * h, -1), rows.transpose(1, 2)).view(b, s, h, t).float()
+        if mask is None and s > 1:
+            mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s).expand(b, s, t)
+        if mask is not None:
+            scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+        probs = scores.softmax(dim=-1).to(rows.dtype).view(b, s * h, t)
+        return torch.bmm(probs, rows[..., : self.kv_lora_rank]).view(b, s, h, self.kv_lora_rank)
+
     def attend_absorbed(
         self,
         q_nope: torch.Tensor,
@@ -265,22 +303,97 @@ class MultiHeadLatentAttention(nn.Module):
         """Attention against the latent itself (V2 §2.1.3): W_UK folded into q, W_UV into the output.
 
         Scores are q_nope·W_UK·c + q_pe·k_pe, so K is never materialized per head; the cost per cached
-        token is kv_lora_rank + qk_rope_head_dim regardless of the number of heads.
+        token is kv_lora_rank + qk_rope_head_dim regardless of the number of heads. Returns [B,S,H*v].
         """
         b, s, h, _ = q_nope.shape
-        t = c_kv.shape[1]
         w = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk.to(q_nope.dtype))
-        scores = torch.einsum("bshc,btc->bsht", q_latent, c_kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
-        scores = scores.float() * self.softmax_scale
-        if mask is None:
-            mask = torch.ones(s, t, dtype=torch.bool, device=scores.device).tril(t - s).expand(b, s, t)
-        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)
-        out_latent = torch.einsum("bsht,btc->bshc", probs, c_kv)
-        out = torch.einsum("bshc,hdc->bshd", out_latent, w_uv.to(out_latent.dtype))
+        q = torch.cat((q_latent, q_pe), dim=-1) * self.softmax_scale
+        out = self.attend_latent(q, torch.cat((c_kv, k_pe), dim=-1), mask)
+        out = torch.einsum("bshc,hdc->bshd", out, w_uv.to(out.dtype))
         return out.reshape(b, s, h * self.v_head_dim)
+
+    # ------------------------------------------------------- absorbed weights
+    def _fold_sources(self) -> list[nn.Module]:
+        q = [self.q_proj] if self.q_lora_rank is None else [self.q_a_proj, self.q_b_proj]
+        return [*q, self.kv_a_proj_with_mqa, self.kv_b_proj, self.o_proj]
+
+    def absorbed_weights(self) -> AbsorbedWeights:
+        """This layer's `AbsorbedWeights`: derived once and reused until a source weight changes in
+        place (GRPO trains the model an engine serves), or freshly with autograd when it is on."""
+        sources = self._fold_sources()
+        if torch.is_grad_enabled() and any(p.requires_grad for m in sources for p in m.parameters()):
+            return self._fold()
+        key = [(t._version, t.data_ptr(), t.dtype) for t in map(_storage, sources)]
+        if self._absorbed is None or self._absorbed[0] != key:
+            with torch.no_grad():
+                self._absorbed = (key, self._fold())
+        return self._absorbed[1]
+
+    def _fold(self) -> AbsorbedWeights:
+        h, nope, rope, c, v = (
+            self.num_heads,
+            self.qk_nope_head_dim,
+            self.qk_rope_head_dim,
+            self.kv_lora_rank,
+            self.v_head_dim,
+        )
+        dtype = self.kv_a_layernorm.weight.dtype  # the model's dtype, whatever the linears' storage
+        wkv = _dense(self.kv_b_proj).float().view(h, nope + v, c)
+        w_uk, w_uv = wkv[:, :nope], wkv[:, nope:]  # [H,nope,C], [H,v,C]
+        q_w = _dense(self.q_proj if self.q_lora_rank is None else self.q_b_proj).float()
+        q_in = q_w.shape[1]
+        q_w = q_w.view(h, nope + rope, q_in)
+        wq = None
+        if h * (c + rope) * q_in <= FOLD_LIMIT:
+            q_lat = torch.einsum("hdc,hdi->hci", w_uk, q_w[:, :nope])  # [H,C,in]
+            wq = (torch.cat((q_lat, q_w[:, nope:]), dim=1) * self.softmax_scale).reshape(-1, q_in).to(dtype)
+        wo = _dense(self.o_proj).float()  # [hidden, H*v]
+        hidden = wo.shape[0]
+        w_uv_apart: torch.Tensor | None = w_uv.to(dtype)
+        if hidden * h * c <= FOLD_LIMIT:
+            wo = torch.einsum("ohv,hvc->ohc", wo.view(hidden, h, v), w_uv).reshape(hidden, h * c)
+            w_uv_apart = None
+        down = [_dense(self.kv_a_proj_with_mqa)]
+        if self.q_lora_rank is not None:
+            down.insert(0, _dense(self.q_a_proj))
+        wa = torch.cat(down, dim=0) if len(down) > 1 else down[0]
+        return AbsorbedWeights(wa.to(dtype), wq, w_uk.to(dtype), wo.to(dtype), w_uv_apart)
+
+    def _forward_absorbed(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The decode path: the projections with the folded weights, then `attend_latent` over the
+        cache rows. The query heads and the shared RoPE key rotate together as one [B,S,H+1,R]."""
+        b, s, _ = x.shape
+        h, c = self.num_heads, self.kv_lora_rank
+        w = self.absorbed_weights()
+        down = F.linear(x, w.wa)
+        if self.q_lora_rank is None:
+            q_in, kv = x, down
+        else:
+            q_in, kv = self.q_a_layernorm(down[..., : self.q_lora_rank]), down[..., self.q_lora_rank :]
+        if w.wq is not None:
+            q = F.linear(q_in, w.wq).view(b, s, h, c + self.qk_rope_head_dim)
+            q_lat, q_pe = q[..., :c], q[..., c:]
+        else:
+            q_proj = self.q_proj if self.q_lora_rank is None else self.q_b_proj
+            q = q_proj(q_in).view(b, s, h, self.qk_head_dim) * self.softmax_scale
+            q_lat = torch.einsum("bshd,hdc->bshc", q[..., : self.qk_nope_head_dim], w.w_uk)
+            q_pe = q[..., self.qk_nope_head_dim :]
+        pe = apply_rope(torch.cat((q_pe, kv[..., c:].unsqueeze(2)), dim=2), cos, sin, self.interleave)
+        latent = torch.cat((self.kv_a_layernorm(kv[..., :c]), pe[:, :, h]), dim=-1)
+        rows, mask = cache.update(self.layer_idx, latent) if cache is not None else (latent, mask)
+        out = self.attend_latent(torch.cat((q_lat, pe[:, :, :h]), dim=-1), rows, mask)
+        if w.w_uv is not None:
+            out = torch.einsum("bshc,hvc->bshv", out, w.w_uv)
+        return F.linear(out.reshape(b, s, -1), w.wo)
 
     def forward(
         self,
@@ -292,11 +405,23 @@ class MultiHeadLatentAttention(nn.Module):
         absorb: bool | None = None,
     ) -> torch.Tensor:
         """x [B,S,hidden]; cos/sin for these positions. With a cache the absorbed path is the default."""
+        if absorb if absorb is not None else cache is not None:
+            return self._forward_absorbed(x, cos, sin, cache, mask)
         q_nope, q_pe = self.project_query(x, cos, sin)
         c_kv, k_pe = self.project_latent(x, cos, sin)
         if cache is not None:
-            c_kv, k_pe, mask = cache.update(self.layer_idx, c_kv, k_pe)
-        if absorb is None:
-            absorb = cache is not None
-        attend = self.attend_absorbed if absorb else self.attend_naive
-        return self.o_proj(attend(q_nope, q_pe, c_kv, k_pe, mask))
+            rows, mask = cache.update(self.layer_idx, torch.cat((c_kv, k_pe), dim=-1))
+            c_kv, k_pe = rows.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return self.o_proj(self.attend_naive(q_nope, q_pe, c_kv, k_pe, mask))
+
+
+def _storage(linear: nn.Module) -> torch.Tensor:
+    """The tensor that holds a linear layer's weight (int8 layers of engine/quantize.py: `qweight`)."""
+    q = linear._buffers.get("qweight")  # dict lookups: this runs per layer per decode step
+    return linear._parameters["weight"] if q is None else q
+
+
+def _dense(linear: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as a dense tensor, whatever its storage (fp8 blocks, int8 rows)."""
+    dequantize = getattr(linear, "dequantize", None)
+    return dequantize() if dequantize is not None else linear.weight

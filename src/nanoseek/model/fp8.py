@@ -265,34 +265,49 @@ class FP8TrainingLinear(nn.Linear):
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
 
+def _fp8_rounded_tiles(x: torch.Tensor, pow2: bool) -> torch.Tensor:
+    """x [R, C] as the FP8 GEMM sees it: quantized per 1x128 tile along C, dequantized to fp32."""
+    return dequantize_tiles(*quantize_tiles(x, pow2))[:, : x.shape[1]]
+
+
+def _fp8_rounded_blocks(w: torch.Tensor, pow2: bool) -> torch.Tensor:
+    """Stacked weights w [E, K, M] quantized per 128x128 block of each expert's own slice (as
+    DeepSeek's per-expert checkpoint tensors are), dequantized to fp32."""
+    e, k, m = w.shape
+    wp = _pad_to(_pad_to(w.float(), 1, TILE), 2, TILE)
+    blocks = wp.view(e, wp.shape[1] // TILE, TILE, wp.shape[2] // TILE, TILE)
+    scale = _scale_from_amax(blocks.abs().amax(dim=(2, 4), keepdim=True), pow2)
+    q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return (q.float() * scale).view_as(wp)[:, :k, :m]
+
+
+def fp8_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, pow2: bool = False) -> torch.Tensor:
+    """The routed experts' grouped GEMM (`moe._grouped_mm`'s two forms) on fine-grained FP8 operands.
+
+    a [N,K] @ b [E,K,M] (Fprop, Dgrad): rows in 1x128 tiles along K, each expert's weight in 128x128
+    blocks. a [K,N] @ b [N,M] -> [E,K,M] (Wgrad, contraction over tokens): both in tiles along the
+    tokens (a tile may span two experts' rows: one scale for both, never a wider range than E4M3).
+    The FP8 values are multiplied in fp32 (the "emulate" backend of `fp8_gemm`: equal to the scaled
+    GEMM up to fp32 rounding), so all experts stay one grouped GEMM with no host sync.
+    """
+    from nanoseek.model.moe import _grouped_mm
+
+    with torch.autocast(a.device.type, enabled=False):
+        a8 = _fp8_rounded_tiles(a, pow2)
+        b8 = _fp8_rounded_blocks(b, pow2) if b.dim() == 3 else _fp8_rounded_tiles(b.t(), pow2).t()
+        return _grouped_mm(a8.contiguous(), b8.contiguous(), offs).to(a.dtype)
+
+
 def _fp8_routed_experts_class() -> type[nn.Module]:
     from nanoseek.model.moe import RoutedExperts
 
     class FP8RoutedExperts(RoutedExperts):
-        """Routed experts with each expert's GEMMs in FP8; weights of expert e are quantized in
-        128x128 blocks of its own slice, as DeepSeek's per-expert checkpoint tensors are."""
+        """Routed experts whose grouped GEMMs (forward and backward) run on FP8 operands."""
 
         fp8_recipe: FP8Recipe
 
-        def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-            t, k = indices.shape
-            flat = indices.flatten()
-            order = flat.argsort(stable=True)
-            counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-            token_of = order // k
-            xs = x[token_of]
-            outs = []
-            start = 0
-            for e, n in enumerate(counts):
-                if n == 0:
-                    continue
-                h = fp8_linear(xs[start : start + n], self.gate_up_proj[e], self.fp8_recipe)
-                gate, up = h.chunk(2, dim=-1)
-                outs.append(fp8_linear(F.silu(gate) * up, self.down_proj[e], self.fp8_recipe))
-                start += n
-            ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[-1])
-            ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
-            return torch.zeros_like(x, dtype=ys.dtype).index_add_(0, token_of, ys)
+        def grouped_mm(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+            return fp8_grouped_mm(a, b, offs, self.fp8_recipe.pow2_scales)
 
     return FP8RoutedExperts
 

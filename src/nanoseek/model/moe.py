@@ -11,11 +11,17 @@ What is notable here:
 - Experts run on tokens grouped by expert (argsort, then grouped GEMMs in one custom autograd
   function), so compute follows the active parameters, not the total: 64 experts cost what 8 do at
   the same top-k.
+- One expert path for every caller: int8/FP8 weight storage (engine/quantize.py) and FP8 training
+  GEMMs (model/fp8.py) plug into `RoutedExperts.expert_weights` / `grouped_mm`; expert parallelism
+  wraps the same grouped SwiGLU in its all-to-all. At decode sizes the chosen experts' weights are
+  gathered instead (two bmm's), with the shared expert riding along as one more expert.
 - V2 gates (softmax, greedy / group_limited_greedy) follow DeepSeek's code: with norm_topk_prob
   the top-k weights are normalized instead of scaled by routed_scaling_factor.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +67,8 @@ class Router(nn.Module):
         )
         self.aux_loss_alpha = 0.0  # sequence-wise balance loss weight; set by training
         self.aux_loss: torch.Tensor | None = None
-        # Tokens routed to each expert during the last forward(s); training resets and reads it.
+        # Tokens routed to each expert by training forwards; the trainer reads and resets it for the bias
+        # update. Inference (eval mode) leaves it alone, so serving and rollouts never disturb it.
         self.register_buffer("expert_load", torch.zeros(self.n_experts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +87,8 @@ class Router(nn.Module):
             else:
                 group_scores = grouped.amax(dim=-1)
             keep = group_scores.topk(self.topk_group, dim=-1).indices
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
+            drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)
         indices = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, indices)
         if self.norm_topk_prob and self.top_k > 1:
@@ -91,10 +98,11 @@ class Router(nn.Module):
                 weights = weights * self.routed_scaling_factor
         else:
             weights = weights * self.routed_scaling_factor
-        with torch.no_grad():
-            self.expert_load += torch.bincount(indices.flatten(), minlength=self.n_experts).to(
-                self.expert_load
-            )
+        if self.training:
+            with torch.no_grad():
+                self.expert_load += torch.bincount(indices.flatten(), minlength=self.n_experts).to(
+                    self.expert_load
+                )
         if self.training and self.aux_loss_alpha > 0:
             self.aux_loss = self._sequence_balance_loss(scores, indices, shape[0])
         else:
@@ -146,23 +154,27 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return out
 
 
+GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def _swiglu_rows(
     xs: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
     offs: torch.Tensor,
     row_w: torch.Tensor | None,
+    mm: GroupedMM = _grouped_mm,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows sorted by expert -> (down_e(silu(gate_e x) * up_e x) [* row weight], pre-activation h).
 
     The row weight (the token's gate weight for this expert) scales the activation before the down
     projection: the same result as scaling the output, on rows 1/4 as wide or narrower."""
     inter = down.shape[-1]
-    h = _grouped_mm(xs, gate_up.transpose(-2, -1), offs)  # [N, 2I]
+    h = mm(xs, gate_up.transpose(-2, -1), offs)  # [N, 2I]
     act = F.silu(h[:, :inter]) * h[:, inter:]
     if row_w is not None:
         act.mul_(row_w.unsqueeze(-1))  # act is this function's own temporary
-    return _grouped_mm(act, down.transpose(-2, -1), offs), h  # [N, H]
+    return mm(act, down.transpose(-2, -1), offs), h  # [N, H]
 
 
 def _swiglu_rows_backward(
@@ -173,6 +185,7 @@ def _swiglu_rows_backward(
     down: torch.Tensor,
     offs: torch.Tensor,
     row_w: torch.Tensor | None,
+    mm: GroupedMM = _grouped_mm,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `_swiglu_rows` for rows, gate_up, down and the row weights: four grouped GEMMs."""
     inter = down.shape[-1]
@@ -181,20 +194,20 @@ def _swiglu_rows_backward(
     # silu's own backward kernel, and both halves of dh written in place instead of concatenated.
     silu = F.silu(gate)
     act = silu * up
-    d_scaled = _grouped_mm(dy, down, offs)  # [N, I]
+    d_scaled = mm(dy, down, offs)  # [N, I]
     if row_w is None:
-        d_down = _grouped_mm(dy.t(), act, offs)  # [E, H, I]
+        d_down = mm(dy.t(), act, offs)  # [E, H, I]
         d_act, d_row_w = d_scaled, None
     else:
         w = row_w.unsqueeze(-1)
-        d_down = _grouped_mm(dy.t(), act * w, offs)
+        d_down = mm(dy.t(), act * w, offs)
         d_row_w = torch.linalg.vecdot(d_scaled, act)
         d_act = d_scaled * w
     dh = torch.empty_like(h)
     torch.mul(d_act, silu, out=dh[:, inter:])
     dh[:, :inter] = torch.ops.aten.silu_backward(d_act * up, gate)
-    dxs = _grouped_mm(dh, gate_up, offs)  # [N, H]
-    d_gate_up = _grouped_mm(dh.t(), xs, offs)  # [E, 2I, H]
+    dxs = mm(dh, gate_up, offs)  # [N, H]
+    d_gate_up = mm(dh.t(), xs, offs)  # [E, 2I, H]
     return dxs, d_gate_up, d_down, d_row_w
 
 
@@ -210,11 +223,12 @@ class _GroupedSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, offs, dtype: torch.dtype):  # type: ignore[override]
+    def forward(ctx, x, gate_up, down, offs, dtype: torch.dtype, mm: GroupedMM):  # type: ignore[override]
         x_c, gu_c, d_c = x.to(dtype), gate_up.to(dtype), down.to(dtype)
-        y, h = _swiglu_rows(x_c, gu_c, d_c, offs, None)
+        y, h = _swiglu_rows(x_c, gu_c, d_c, offs, None, mm)
         ctx.save_for_backward(x_c, h, gu_c, d_c, offs)
         ctx.dtypes = (x.dtype, gate_up.dtype, down.dtype)
+        ctx.mm = mm
         return y
 
     @staticmethod
@@ -222,17 +236,40 @@ class _GroupedSwiGLU(torch.autograd.Function):
         x_c, h, gu_c, d_c, offs = ctx.saved_tensors
         x_dtype, gu_dtype, d_dtype = ctx.dtypes
         dx, d_gu, d_down, _ = _swiglu_rows_backward(
-            dy.to(h.dtype).contiguous(), x_c, h, gu_c, d_c, offs, None
+            dy.to(h.dtype).contiguous(), x_c, h, gu_c, d_c, offs, None, ctx.mm
         )
-        return dx.to(x_dtype), d_gu.to(gu_dtype), d_down.to(d_dtype), None, None
+        return dx.to(x_dtype), d_gu.to(gu_dtype), d_down.to(d_dtype), None, None, None
 
 
 def grouped_swiglu(
-    xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor, dtype: torch.dtype
+    xs: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    offs: torch.Tensor,
+    dtype: torch.dtype,
+    mm: GroupedMM = _grouped_mm,
 ) -> torch.Tensor:
     """The routed experts' FFN over rows sorted by expert (group e ends at offs[e]), unweighted; the
     expert-parallel wrapper runs each rank's local experts through it."""
-    return _GroupedSwiGLU.apply(xs, gate_up, down, offs, dtype)
+    return _GroupedSwiGLU.apply(xs, gate_up, down, offs, dtype, mm)
+
+
+def _routed_rows(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    order: torch.Tensor,
+    offs: torch.Tensor,
+    mm: GroupedMM,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dispatch, grouped SwiGLU, combine: (Σ_k weight_k · expert_k(x) [T,H], pre-activations, row
+    weights). Rows are gathered in expert order and added back onto their tokens with index_add (no
+    [T, k, H] intermediate, no zero-filled scatter target per layer)."""
+    token_of = order // weights.shape[1]
+    row_w = weights.reshape(-1).index_select(0, order).to(x.dtype)
+    ys, h = _swiglu_rows(x.index_select(0, token_of), gate_up, down, offs, row_w, mm)
+    return torch.zeros_like(x).index_add_(0, token_of, ys), h, row_w
 
 
 class _RoutedExpertsFunction(torch.autograd.Function):
@@ -245,15 +282,13 @@ class _RoutedExpertsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weights, gate_up, down, order, offs, dtype: torch.dtype):  # type: ignore[override]
-        k = weights.shape[1]
-        token_of = order // k
+    def forward(ctx, x, weights, gate_up, down, order, offs, dtype: torch.dtype, mm: GroupedMM):  # type: ignore[override]
         x_c, gu_c, d_c = x.to(dtype), gate_up.to(dtype), down.to(dtype)
-        row_w = weights.reshape(-1).index_select(0, order).to(dtype)
-        ys, h = _swiglu_rows(x_c.index_select(0, token_of), gu_c, d_c, offs, row_w)
-        y = torch.zeros_like(x_c).index_add_(0, token_of, ys)
+        y, h, row_w = _routed_rows(x_c, weights, gu_c, d_c, order, offs, mm)
         ctx.save_for_backward(x_c, h, gu_c, d_c, offs, order, row_w)
+        k = weights.shape[1]
         ctx.meta = (k, x.dtype, weights.dtype, gate_up.dtype, down.dtype)
+        ctx.mm = mm
         return y
 
     @staticmethod
@@ -263,7 +298,7 @@ class _RoutedExpertsFunction(torch.autograd.Function):
         token_of = order // k
         dys = dy.to(h.dtype).index_select(0, token_of)
         dxs, d_gu, d_down, d_row_w = _swiglu_rows_backward(
-            dys, x_c.index_select(0, token_of), h, gu_c, d_c, offs, row_w
+            dys, x_c.index_select(0, token_of), h, gu_c, d_c, offs, row_w, ctx.mm
         )
         dx = torch.zeros_like(x_c).index_add_(0, token_of, dxs)
         assert d_row_w is not None
@@ -277,11 +312,19 @@ class _RoutedExpertsFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
 class RoutedExperts(nn.Module):
-    """All routed experts' SwiGLU weights stacked, so tokens can be processed grouped by expert."""
+    """All routed experts' SwiGLU weights stacked, so tokens can be processed grouped by expert.
+
+    The one expert path of the package: dispatch (sort rows by expert), the grouped SwiGLU, combine
+    (weight and sum back onto tokens). Two seams let other storage and arithmetic reuse it:
+    `expert_weights` (int8/FP8 weight storage dequantizes there, engine/quantize.py) and
+    `grouped_mm` (FP8 training GEMMs, model/fp8.py). Expert parallelism runs its all-to-all around
+    the same grouped SwiGLU (train/expert_parallel.py).
+    """
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -291,15 +334,71 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T,H], indices/weights [T,k] -> [T,H] = Σ_k weight · expert_k(x)."""
+    def expert_weights(self, sel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [E,2I,H], down [E,H,I]) of all experts, or of the experts listed in `sel`."""
+        if sel is None:
+            return self.gate_up_proj, self.down_proj
+        return self.gate_up_proj.index_select(0, sel), self.down_proj.index_select(0, sel)
+
+    def grouped_mm(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """The GEMM over row groups (see `_grouped_mm`) every expert matmul, forward and backward, runs."""
+        return _grouped_mm(a, b, offs)
+
+    def decodes(self, indices: torch.Tensor) -> bool:
+        """Whether `forward` takes the gathered-weights decode path for these routing choices."""
+        return (
+            indices.shape[0] <= 4
+            and type(self).grouped_mm is RoutedExperts.grouped_mm
+            and not torch.is_grad_enabled()
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        stacked: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x [T,H], indices/weights [T,k] -> [T,H] = Σ_k weight · expert_k(x). `stacked`: (gate_up,
+        down) to use instead of this module's own, without gradients (MoE's, shared expert appended)."""
+        if self.decodes(indices):
+            return self.decode(x, indices, weights, stacked)
+        gate_up, down = self.expert_weights() if stacked is None else stacked
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         # Group ends as a tensor: no host sync, empty experts cost nothing.
-        offs = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
-        return _RoutedExpertsFunction.apply(
-            x, weights, self.gate_up_proj, self.down_proj, order, offs, _compute_dtype(x)
-        )
+        offs = torch.bincount(flat, minlength=gate_up.shape[0]).cumsum(0).to(torch.int32)
+        dtype = _compute_dtype(x)
+        if not torch.is_grad_enabled():  # inference: the autograd node's forward, without the node
+            return _routed_rows(
+                x.to(dtype), weights, gate_up.to(dtype), down.to(dtype), order, offs, self.grouped_mm
+            )[0]
+        return _RoutedExpertsFunction.apply(x, weights, gate_up, down, order, offs, dtype, self.grouped_mm)
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        stacked: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """A few tokens (decode): gather the chosen experts' weights and run the t·k (token, expert)
+        pairs as two batched matmuls and one weighted-sum bmm; copying k experts' weights costs less
+        than sorting rows into groups that are nearly all empty. `stacked`: (gate_up, down) to gather
+        from instead of this module's own (MoE's, with the shared expert appended)."""
+        t, k = indices.shape
+        dtype = _compute_dtype(x)
+        sel = indices.flatten()
+        if stacked is None:
+            gate_up, down = self.expert_weights(sel)
+        else:
+            gate_up, down = (w.index_select(0, sel) for w in stacked)
+        # Rows times transposed weights: BLAS runs [1,H]·[H,2I] far faster than [2I,H]·[H,1] here.
+        xs = x.to(dtype).repeat_interleave(k, dim=0).unsqueeze(1)  # [t·k, 1, H]
+        h = torch.bmm(xs, gate_up.to(dtype).transpose(1, 2))
+        act = F.silu(h[..., : self.intermediate_size]) * h[..., self.intermediate_size :]
+        ys = torch.bmm(act, down.to(dtype).transpose(1, 2)).view(t, k, -1)
+        return torch.bmm(weights.view(t, 1, k).to(dtype), ys).view(t, -1)
 
 
 class MoE(nn.Module):
@@ -315,11 +414,43 @@ class MoE(nn.Module):
             if config.n_shared_experts
             else None
         )
+        self._stacked: tuple[list, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        flat = x.reshape(-1, shape[-1])
         indices, weights = self.gate(x)
-        y = self.experts(x.reshape(-1, shape[-1]), indices, weights).view(shape).to(x.dtype)
+        stacked = self._with_shared_expert()
+        if stacked is not None:
+            # Serving: the shared expert is expert E, which every token also picks, with weight 1.
+            t, e = indices.shape[0], self.experts.n_experts
+            indices = torch.cat((indices, indices.new_full((t, 1), e)), dim=1)
+            weights = torch.cat((weights, weights.new_ones(t, 1)), dim=1)
+            return self.experts(flat, indices, weights, stacked).view(shape).to(x.dtype)
+        y = self.experts(flat, indices, weights).view(shape).to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
+
+    def _with_shared_expert(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Under inference mode (the engine), the routed experts' stacked weights with the shared
+        expert appended (when it has their width), so the routed path runs both. Built once, rebuilt
+        when a weight changes in place (GRPO); None otherwise, and for quantized or expert-parallel
+        experts. Training and validation (no_grad) never build this copy."""
+        ex, sh = self.experts, self.shared_experts
+        if sh is None or type(ex) is not RoutedExperts or type(sh.gate_proj) is not nn.Linear:
+            return None
+        if not torch.is_inference_mode_enabled():
+            return None
+        if sh.gate_proj.out_features != ex.intermediate_size:
+            return None
+        sources = (ex.gate_up_proj, ex.down_proj, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
+        key = [(t._version, t.data_ptr(), t.dtype) for t in sources]
+        if self._stacked is None or self._stacked[0] != key:
+            shared_gate_up = torch.cat((sh.gate_proj.weight, sh.up_proj.weight)).unsqueeze(0)
+            stacked = (
+                torch.cat((ex.gate_up_proj.detach(), shared_gate_up.detach())),
+                torch.cat((ex.down_proj.detach(), sh.down_proj.weight.detach().unsqueeze(0))),
+            )
+            self._stacked = (key, stacked)
+        return self._stacked[1]

@@ -183,23 +183,7 @@ class DeepSeekV3(nn.Module):
             x = layer(x, cos, sin, cache, mask, absorb)
         return self.model.norm(x)
 
-    def mtp_step(
-        self,
-        depth: int,
-        hidden: torch.Tensor,
-        next_ids: torch.Tensor,
-        positions: torch.Tensor,
-        cache: LatentCache | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One MTP depth: hidden h_i [B,S,H] and token ids t_{i+depth+1} [B,S] at positions i.
-
-        Returns (logits for t_{i+depth+2} [B,S,V], this depth's hidden state for the next depth).
-        """
-        h = self._mtp_block(depth, hidden, next_ids, positions, cache, mask)
-        return self.lm_head(self.model.mtp_layers[depth].shared_head.norm(h)), h
-
-    def _mtp_block(
+    def mtp_block(
         self,
         depth: int,
         hidden: torch.Tensor,
@@ -208,10 +192,17 @@ class DeepSeekV3(nn.Module):
         cache: LatentCache | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """One MTP depth (V3 eq. 21-22): the depth-1 hidden h_i [B,S,H] combined with the embedding of
+        token t_{i+depth+1} [B,S] at positions i, through this depth's block. Training and the engine's
+        drafts both run it; `mtp_head` turns its output into logits for t_{i+depth+2}."""
         layer = self.model.mtp_layers[depth]
         cos, sin = self.model.rotary_emb(positions)
         h = layer.combine(hidden, self.model.embed_tokens(next_ids))
         return layer(h, cos, sin, cache, mask)
+
+    def mtp_head(self, depth: int, h: torch.Tensor) -> torch.Tensor:
+        """Logits of MTP depth `depth` from its block output: its own norm, the shared head (V3 eq. 23)."""
+        return self.lm_head(self.model.mtp_layers[depth].shared_head.norm(h))
 
     def _mtp_depths(
         self,
@@ -232,7 +223,7 @@ class DeepSeekV3(nn.Module):
                 break
             pos = self.positions_for(input_ids[:, :n]) if positions is None else positions[:, :n]
             m = None if mask is None else mask[:, :n, :n]
-            h = self._mtp_block(k, h[:, :n], input_ids[:, k + 1 : k + 1 + n], pos, mask=m)
+            h = self.mtp_block(k, h[:, :n], input_ids[:, k + 1 : k + 1 + n], pos, mask=m)
             yield k, h
 
     def mtp_logits(
@@ -244,10 +235,7 @@ class DeepSeekV3(nn.Module):
     ) -> list[torch.Tensor]:
         """Training-time MTP: depth k (0-based) gives logits [B, S-k-1, V] at positions 0..S-k-2,
         predicting input_ids[:, i+k+2]; i.e. target the labels shifted k+1 further than the main head."""
-        return [
-            self.lm_head(self.model.mtp_layers[k].shared_head.norm(h))
-            for k, h in self._mtp_depths(hidden, input_ids, positions, mask)
-        ]
+        return [self.mtp_head(k, h) for k, h in self._mtp_depths(hidden, input_ids, positions, mask)]
 
     def mtp_losses(
         self,
@@ -273,10 +261,15 @@ class DeepSeekV3(nn.Module):
         ]
 
     # ------------------------------------------------------------- balancing
-    def routers(self) -> Iterator[tuple[int, Router]]:
+    def routers(self) -> Iterator[tuple[str, Router]]:
+        """Every MoE router, main and MTP layers alike, named '3' (layer 3) or 'mtp0' (MTP depth 0):
+        the one list the balance loss, the bias update and the load metrics all walk."""
         for layer in self.model.layers:
             if isinstance(layer.mlp, MoE):
-                yield layer.layer_idx, layer.mlp.gate
+                yield str(layer.layer_idx), layer.mlp.gate
+        for depth, layer in enumerate(self.model.mtp_layers):
+            if isinstance(layer.mlp, MoE):
+                yield f"mtp{depth}", layer.mlp.gate
 
     def balance_loss(self) -> torch.Tensor | None:
         """Sum of the sequence-wise balance losses from the last forward (None when α = 0)."""
@@ -288,8 +281,8 @@ class DeepSeekV3(nn.Module):
             r.aux_loss_alpha = alpha
 
     @torch.no_grad()
-    def take_expert_load(self) -> dict[int, torch.Tensor]:
-        """Tokens per expert per MoE layer since the last call; resets the counters."""
+    def take_expert_load(self) -> dict[str, torch.Tensor]:
+        """Tokens per expert per MoE router (training forwards) since the last call; resets the counters."""
         out = {}
         for idx, r in self.routers():
             out[idx] = r.expert_load.clone()

@@ -260,9 +260,7 @@ class AsyncEngine:
         if self.model is None:
             raise RuntimeError("prompt scoring needs the model")
         device = next(self.model.parameters()).device
-        # Scoring must not count as routing traffic: keep the MoE load statistics as they were.
-        routers = [r for _, r in self.model.routers()] if hasattr(self.model, "routers") else []
-        loads = [r.expert_load.clone() for r in routers]
+        # Eval mode: routers count expert load only in training, so scoring is not routing traffic.
         was_training = self.model.training
         self.model.eval()
         scores: list[PromptScore | None] = [None] * len(prompts)
@@ -296,8 +294,6 @@ class AsyncEngine:
                         top += [[] for _ in range(n - 1)]
                     scores[i] = PromptScore(logprobs=[None, *chosen[row, : n - 1].tolist()], top=top)
         finally:
-            for r, load in zip(routers, loads, strict=True):
-                r.expert_load.copy_(load)
             self.model.train(was_training)
         return scores  # type: ignore[return-value]
 

@@ -200,17 +200,7 @@ def training_flops_per_token(model: nn.Module, seq_len: int, include_mtp: bool =
 
 def _routers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every MoE router with a readable layer name ('3', or 'mtp0' for MTP depth 0)."""
-    from nanoseek.model.moe import Router
-
-    for name, m in model.named_modules():
-        if isinstance(m, Router):
-            parts = name.split(".")
-            if "mtp_layers" in parts:
-                yield f"mtp{parts[parts.index('mtp_layers') + 1]}", m
-            elif "layers" in parts:
-                yield parts[parts.index("layers") + 1], m
-            else:
-                yield name, m
+    return model.routers()  # type: ignore[operator]
 
 
 def _scalar(v: Any) -> Any:
