@@ -64,12 +64,29 @@ class PromptResult:
     max_logit_diff: float
 
 
-def make_checkpoint(directory: Path, seed: int = 0, vocab_size: int = 640) -> tuple[DeepSeekV3, Tokenizer]:
-    """A tiny-shaped model (every DeepSeek part, one MTP layer) and its tokenizer, saved to `directory`."""
+# DeepSeek-V3's YaRN settings at a small scale: 4x the context the RoPE frequencies were made for.
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 256,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+
+
+def make_checkpoint(
+    directory: Path, seed: int = 0, vocab_size: int = 640, yarn: bool = False
+) -> tuple[DeepSeekV3, Tokenizer]:
+    """A tiny-shaped model (every DeepSeek part, one MTP layer) and its tokenizer, saved to `directory`;
+    with `yarn`, YaRN-extended RoPE as DeepSeek-V3 ships it."""
     corpus = [f"{d} ({i})" for i in range(40) for d in DOCUMENTS]
     tok = train_tokenizer(corpus, vocab_size=vocab_size - 40, min_frequency=1)
     # The model's vocabulary is a little larger than the tokenizer's, as a padded embedding is.
-    config = get_preset("tiny").replace(vocab_size=vocab_size, bos_token_id=tok.bos_token_id)
+    config = get_preset("tiny").replace(
+        vocab_size=vocab_size, bos_token_id=tok.bos_token_id, rope_scaling=dict(YARN) if yarn else None
+    )
     torch.manual_seed(seed)
     model = build_model(config).init_weights(seed)
     with torch.no_grad():
@@ -103,7 +120,12 @@ def nanoseek_greedy(model: DeepSeekV3, ids: list[int], n: int) -> tuple[list[int
 def llamacpp_model(path: Path, n_ctx: int = 512):  # noqa: ANN201 - llama_cpp is optional
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False)
+    # An f32 KV cache (llama.cpp's default is f16): the comparison is about the exported weights, and
+    # an f16 latent would add its own rounding to every attention score.
+    f32 = 0  # GGML_TYPE_F32
+    return Llama(
+        model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, type_k=f32, type_v=f32, verbose=False
+    )
 
 
 def llamacpp_tokenize(llm, text: str) -> list[int]:  # noqa: ANN001
@@ -160,7 +182,9 @@ def compare(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--types", default="f32,bf16,q8_0")
+    ap.add_argument(
+        "--types", default="f32,bf16,q8_0,f32+yarn", help="f32, bf16, q8_0; +yarn: a YaRN-extended model"
+    )
     ap.add_argument("--keep", type=Path, default=None, help="write checkpoint and GGUF files here")
     ap.add_argument("--json", action="store_true", help="print the per-prompt results as JSON lines")
     args = ap.parse_args(argv)
@@ -173,10 +197,17 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
-        model, tok = make_checkpoint(root / "ckpt")
+        models = {False: make_checkpoint(root / "ckpt")}
+        model, tok = models[False]
         print(f"checkpoint: tiny shape, vocab {model.config.vocab_size} (tokenizer {tok.vocab_size})")
         for t in args.types.split(","):
-            path = export_gguf(root / "ckpt", root / f"tiny-{t}.gguf", type=t).path
+            kind, _, variant = t.partition("+")
+            yarn = variant == "yarn"
+            if yarn not in models:
+                models[yarn] = make_checkpoint(root / "ckpt-yarn", yarn=True)
+            model, tok = models[yarn]
+            ckpt = root / ("ckpt-yarn" if yarn else "ckpt")
+            path = export_gguf(ckpt, root / f"tiny-{t}.gguf", type=kind).path
             results = compare(model, tok, path, t, args.new_tokens)
             for r in results:
                 if args.json:

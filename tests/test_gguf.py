@@ -208,23 +208,31 @@ def test_full_rank_query_and_half_split_rope_are_written_for_llama_cpp(checkpoin
 
 
 # ------------------------------------------------------------------ llama.cpp itself
+@pytest.fixture(scope="module")
+def yarn_checkpoint(tmp_path_factory, check):
+    root = tmp_path_factory.mktemp("gguf-yarn")
+    model, tok = check.make_checkpoint(root / "ckpt", yarn=True)
+    return root / "ckpt", model, tok
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0"])
-def test_llama_cpp_greedy_tokens_equal_nanoseek(checkpoint, check, tmp_path, kind) -> None:
+@pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0", "f32+yarn"])
+def test_llama_cpp_greedy_tokens_equal_nanoseek(request, check, tmp_path, kind) -> None:
     """llama.cpp (llama-cpp-python, built from source) loads the export and decodes as nanoseek does.
 
-    f32: all 16 greedy tokens equal on all 8 prompts. bf16/q8_0 round the weights (and llama.cpp its
-    activations to match), so a near-tie can flip one greedy choice and the rest of that continuation
-    with it: there the first token must agree on every prompt and, teacher-forced on nanoseek's
-    continuation, llama.cpp's top-1 must agree on at least 90% of positions.
+    f32 (also with YaRN-extended RoPE): all 16 greedy tokens equal on all 8 prompts. bf16/q8_0 round
+    the weights (and llama.cpp its activations to match), so a near-tie can flip one greedy choice and
+    the rest of that continuation with it: there the first token must agree on every prompt and,
+    teacher-forced on nanoseek's continuation, llama.cpp's top-1 must agree on at least 90% of positions.
     """
     pytest.importorskip("llama_cpp")
-    ckpt, model, tok = checkpoint
-    out = export_gguf(ckpt, tmp_path / f"tiny-{kind}.gguf", type=kind).path
+    weights, _, variant = kind.partition("+")
+    ckpt, model, tok = request.getfixturevalue("yarn_checkpoint" if variant else "checkpoint")
+    out = export_gguf(ckpt, tmp_path / f"tiny-{kind}.gguf", type=weights).path
     results = check.compare(model, tok, out, kind, new_tokens=16)
     assert len(results) == 8
     assert all(r.same_tokenization for r in results), [r.prompt for r in results if not r.same_tokenization]
-    if kind == "f32":
+    if weights == "f32":
         assert all(r.greedy_prefix == r.new_tokens for r in results), [
             (r.prompt, r.greedy_prefix) for r in results
         ]

@@ -179,9 +179,12 @@ def export_gguf(
         say(f"writing {n_tensors} tensors ({type}) to {path}")
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-    finally:
+        writer.write_tensors_to_file(progress=progress is not None)  # a tqdm bar
+    except BaseException:
         writer.close()
+        tmp.unlink(missing_ok=True)  # a half-written file must not look like an export
+        raise
+    writer.close()
     os.replace(tmp, path)
     return ExportSummary(path, type, n_tensors, path.stat().st_size, config.vocab_size, pre)
 
