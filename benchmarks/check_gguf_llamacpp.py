@@ -30,7 +30,7 @@ import torch
 
 from nanoseek.checkpoint import build_model, save_model
 from nanoseek.config import get_preset
-from nanoseek.model.transformer import DeepSeekV3
+from nanoseek.model.transformer import DeepSeekV3, cross_entropy
 from nanoseek.tokenizer import BOS, Tokenizer, render_r1_chat, train_tokenizer
 
 DOCUMENTS = [
@@ -77,10 +77,14 @@ YARN = {
 
 
 def make_checkpoint(
-    directory: Path, seed: int = 0, vocab_size: int = 640, yarn: bool = False
+    directory: Path, seed: int = 0, vocab_size: int = 640, yarn: bool = False, train_steps: int = 0
 ) -> tuple[DeepSeekV3, Tokenizer]:
     """A tiny-shaped model (every DeepSeek part, one MTP layer) and its tokenizer, saved to `directory`;
-    with `yarn`, YaRN-extended RoPE as DeepSeek-V3 ships it."""
+    with `yarn`, YaRN-extended RoPE as DeepSeek-V3 ships it; `train_steps` of AdamW on DOCUMENTS.
+
+    Random weights give flat next-token distributions whose near-ties any rounding flips (nanoseek
+    itself, with its weights rounded to bf16, leaves its own f32 greedy path on some prompts): f32
+    exactness is tested on them, the rounded types on a briefly trained model, as a user exports."""
     corpus = [f"{d} ({i})" for i in range(40) for d in DOCUMENTS]
     tok = train_tokenizer(corpus, vocab_size=vocab_size - 40, min_frequency=1)
     # The model's vocabulary is a little larger than the tokenizer's, as a padded embedding is.
@@ -95,6 +99,19 @@ def make_checkpoint(
                 p.uniform_(0.5, 1.5)
         for _, router in model.routers():
             router.e_score_correction_bias.uniform_(-0.1, 0.1)
+    if train_steps:
+        rows = [tok.encode(d, add_bos=True) + [tok.eos_token_id] for d in DOCUMENTS]
+        x = torch.full((len(rows), max(map(len, rows))), tok.pad_token_id)
+        for i, row in enumerate(rows):
+            x[i, : len(row)] = torch.tensor(row)
+        targets = x[:, 1:].masked_fill(x[:, 1:] == tok.pad_token_id, -100)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(train_steps):
+            loss = cross_entropy(model(x[:, :-1]), targets)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     model.eval()
     save_model(model, directory)
     tok.save(directory)
@@ -185,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--types", default="f32,bf16,q8_0,f32+yarn", help="f32, bf16, q8_0; +yarn: a YaRN-extended model"
     )
+    ap.add_argument(
+        "--train-steps", type=int, default=20, help="AdamW steps on the documents (0: random weights)"
+    )
     ap.add_argument("--keep", type=Path, default=None, help="write checkpoint and GGUF files here")
     ap.add_argument("--json", action="store_true", help="print the per-prompt results as JSON lines")
     args = ap.parse_args(argv)
@@ -197,14 +217,18 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
-        models = {False: make_checkpoint(root / "ckpt")}
+        steps = args.train_steps
+        models = {False: make_checkpoint(root / "ckpt", train_steps=steps)}
         model, tok = models[False]
-        print(f"checkpoint: tiny shape, vocab {model.config.vocab_size} (tokenizer {tok.vocab_size})")
+        print(
+            f"checkpoint: tiny shape, vocab {model.config.vocab_size} (tokenizer {tok.vocab_size}), "
+            + (f"{steps} training steps" if steps else "random weights")
+        )
         for t in args.types.split(","):
             kind, _, variant = t.partition("+")
             yarn = variant == "yarn"
             if yarn not in models:
-                models[yarn] = make_checkpoint(root / "ckpt-yarn", yarn=True)
+                models[yarn] = make_checkpoint(root / "ckpt-yarn", yarn=True, train_steps=steps)
             model, tok = models[yarn]
             ckpt = root / ("ckpt-yarn" if yarn else "ckpt")
             path = export_gguf(ckpt, root / f"tiny-{t}.gguf", type=kind).path
