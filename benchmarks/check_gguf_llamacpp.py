@@ -76,11 +76,21 @@ YARN = {
 }
 
 
+# Shapes beside `tiny` that take other paths through the export: YaRN-extended RoPE as DeepSeek-V3
+# ships it; a dense model with a full-rank query (written as q_lora_rank 0, which llama.cpp otherwise
+# only accepts at V2-Lite's 26/27 layers) and half-split RoPE dims (reordered into pairs).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "": ("tiny", {}),
+    "yarn": ("tiny", {"rope_scaling": YARN}),
+    "dense": ("tiny-dense", {"rope_interleave": False}),
+}
+
+
 def make_checkpoint(
-    directory: Path, seed: int = 0, vocab_size: int = 640, yarn: bool = False, train_steps: int = 0
+    directory: Path, seed: int = 0, vocab_size: int = 640, variant: str = "", train_steps: int = 0
 ) -> tuple[DeepSeekV3, Tokenizer]:
     """A tiny-shaped model (every DeepSeek part, one MTP layer) and its tokenizer, saved to `directory`;
-    with `yarn`, YaRN-extended RoPE as DeepSeek-V3 ships it; `train_steps` of AdamW on DOCUMENTS.
+    `variant` picks one of VARIANTS; `train_steps` of AdamW on DOCUMENTS.
 
     Random weights give flat next-token distributions whose near-ties any rounding flips (nanoseek
     itself, with its weights rounded to bf16, leaves its own f32 greedy path on some prompts): f32
@@ -88,9 +98,8 @@ def make_checkpoint(
     corpus = [f"{d} ({i})" for i in range(40) for d in DOCUMENTS]
     tok = train_tokenizer(corpus, vocab_size=vocab_size - 40, min_frequency=1)
     # The model's vocabulary is a little larger than the tokenizer's, as a padded embedding is.
-    config = get_preset("tiny").replace(
-        vocab_size=vocab_size, bos_token_id=tok.bos_token_id, rope_scaling=dict(YARN) if yarn else None
-    )
+    preset, changes = VARIANTS[variant]
+    config = get_preset(preset).replace(vocab_size=vocab_size, bos_token_id=tok.bos_token_id, **changes)
     torch.manual_seed(seed)
     model = build_model(config).init_weights(seed)
     with torch.no_grad():
@@ -200,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument(
-        "--types", default="f32,bf16,q8_0,f32+yarn", help="f32, bf16, q8_0; +yarn: a YaRN-extended model"
+        "--types",
+        default="f32,bf16,q8_0,f32+yarn,f32+dense",
+        help="f32, bf16 or q8_0, each optionally +yarn or +dense (VARIANTS)",
     )
     ap.add_argument(
         "--train-steps", type=int, default=20, help="AdamW steps on the documents (0: random weights)"
@@ -218,19 +229,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         steps = args.train_steps
-        models = {False: make_checkpoint(root / "ckpt", train_steps=steps)}
-        model, tok = models[False]
+        models = {"": make_checkpoint(root / "ckpt", train_steps=steps)}
+        model, tok = models[""]
         print(
             f"checkpoint: tiny shape, vocab {model.config.vocab_size} (tokenizer {tok.vocab_size}), "
             + (f"{steps} training steps" if steps else "random weights")
         )
         for t in args.types.split(","):
             kind, _, variant = t.partition("+")
-            yarn = variant == "yarn"
-            if yarn not in models:
-                models[yarn] = make_checkpoint(root / "ckpt-yarn", yarn=True, train_steps=steps)
-            model, tok = models[yarn]
-            ckpt = root / ("ckpt-yarn" if yarn else "ckpt")
+            ckpt = root / f"ckpt-{variant}" if variant else root / "ckpt"
+            if variant not in models:
+                models[variant] = make_checkpoint(ckpt, variant=variant, train_steps=steps)
+            model, tok = models[variant]
             path = export_gguf(ckpt, root / f"tiny-{t}.gguf", type=kind).path
             results = compare(model, tok, path, t, args.new_tokens)
             for r in results:
@@ -238,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(asdict(r), ensure_ascii=False))
                 else:
                     print(
-                        f"{t:5s} {r.prompt[:28]!r:34s} tokens {'same' if r.same_tokenization else 'DIFFER'}  "
+                        f"{t:9s} {r.prompt[:28]!r:34s} tokens {'same' if r.same_tokenization else 'DIFFER'}  "
                         f"greedy {r.greedy_prefix:2d}/{r.new_tokens}  top-1 {r.teacher_forced_top1:6.1%}  "
                         f"max |dlogit| {r.max_logit_diff:.2e}"
                     )

@@ -217,27 +217,24 @@ def trained_checkpoint(tmp_path_factory, check):
     return root / "ckpt", model, tok
 
 
-@pytest.fixture(scope="module")
-def yarn_checkpoint(tmp_path_factory, check):
-    root = tmp_path_factory.mktemp("gguf-yarn")
-    model, tok = check.make_checkpoint(root / "ckpt", yarn=True)
-    return root / "ckpt", model, tok
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0", "f32+yarn"])
+@pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0", "f32+yarn", "f32+dense"])
 def test_llama_cpp_greedy_tokens_equal_nanoseek(request, check, tmp_path, kind) -> None:
     """llama.cpp (llama-cpp-python, built from source) loads the export and decodes as nanoseek does.
 
-    f32 (briefly trained, and random weights with YaRN-extended RoPE): all 16 greedy tokens equal on
-    all 8 prompts. bf16/q8_0 round the weights (and llama.cpp its activations to match), so a near-tie
+    f32 (briefly trained; random weights with YaRN-extended RoPE; a random dense model with a full-rank
+    query and half-split RoPE): all 16 greedy tokens equal on all 8 prompts. bf16/q8_0 round the weights (and llama.cpp its activations to match), so a near-tie
     can flip one greedy choice and the rest of that continuation with it: there the first token must
     agree on every prompt and, teacher-forced on nanoseek's continuation, llama.cpp's top-1 must agree
     on at least 90% of positions (measured: bf16 100%, q8_0 99.2%, benchmarks/README.md).
     """
     pytest.importorskip("llama_cpp")
     weights, _, variant = kind.partition("+")
-    ckpt, model, tok = request.getfixturevalue("yarn_checkpoint" if variant else "trained_checkpoint")
+    if variant:
+        ckpt = tmp_path / "ckpt"
+        model, tok = check.make_checkpoint(ckpt, variant=variant)
+    else:
+        ckpt, model, tok = request.getfixturevalue("trained_checkpoint")
     out = export_gguf(ckpt, tmp_path / f"tiny-{kind}.gguf", type=weights).path
     results = check.compare(model, tok, out, kind, new_tokens=16)
     assert len(results) == 8
