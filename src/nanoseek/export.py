@@ -2,7 +2,7 @@
 
 What is notable here:
 - llama.cpp runs DeepSeek-V2/V3 as one architecture, "deepseek2". Its MLA runs the absorbed path
-  (DeepSeek-V2 §2.1.3): `kv_b_proj` is split per head into the key half, transposed so it folds into
+  (DeepSeek-V2 §2.1.2): `kv_b_proj` is split per head into the key half, transposed so it folds into
   the query (`attn_k_b`), and the value half that folds into the output (`attn_v_b`); the latent and
   the RoPE key are the one-"head" cache (head_count_kv = 1, key length kv_lora_rank + rope dims).
 - Routed experts are written stacked (`ffn_{gate,up,down}_exps`), as nanoseek already holds them.
@@ -38,11 +38,14 @@ if TYPE_CHECKING:  # torch and tokenizers load on use: `nanoseek --help` imports
 ARCH = "deepseek2"
 GGUF_TYPES: tuple[str, ...] = ("f32", "bf16", "q8_0")
 
+
 # llama.cpp 0.3.x reads the layer count as a model identity: 26 or 27 layers (or 48 with a 128256
 # vocabulary) is taken for DeepSeek-V2-Lite and its kin, whose query is full rank; the loader then never
 # reads q_lora_rank and asks for a full-rank `attn_q`. Any other layer count must state q_lora_rank,
 # which we write as 0 for a full-rank query (the loader then looks for `attn_q` itself).
-_LITE_LAYER_COUNTS = (26, 27)
+def _llama_cpp_takes_for_lite(config: ModelConfig) -> bool:
+    n = config.num_hidden_layers
+    return n in (26, 27) or (n == 48 and config.vocab_size == 128256)
 
 
 @dataclass
@@ -70,11 +73,12 @@ def check_exportable(config: ModelConfig) -> list[str]:
     runs differently from nanoseek."""
     notes: list[str] = []
     n = config.num_hidden_layers
-    if n in _LITE_LAYER_COUNTS and config.q_lora_rank is not None:
+    if _llama_cpp_takes_for_lite(config) and config.q_lora_rank is not None:
         raise ValueError(
-            f"llama.cpp cannot load this model: with {n} layers its deepseek2 loader assumes "
-            "DeepSeek-V2-Lite's full-rank query and ignores q_lora_rank, but this config has "
-            f"q_lora_rank={config.q_lora_rank}. Use a layer count other than 26 or 27 (or q_lora_rank=None)"
+            f"llama.cpp cannot load this model: with {n} layers (as with 26 or 27, or 48 and a "
+            "128256-token vocabulary) its deepseek2 loader assumes DeepSeek-V2-Lite's full-rank query "
+            f"and ignores q_lora_rank, but this config has q_lora_rank={config.q_lora_rank}. Use another "
+            "layer count, or q_lora_rank=None"
         )
     if config.is_moe:
         if not config.n_shared_experts:
