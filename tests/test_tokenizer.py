@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from nanoseek.tokenizer import (
+    _UNICODE_TO_BYTE,
     ASSISTANT,
     BOS,
     EOS,
@@ -22,6 +23,7 @@ from nanoseek.tokenizer import (
     USER,
     IncrementalDecoder,
     Tokenizer,
+    llama_cpp_pre_tokenizer,
     load_tokenizer,
     render_r1_chat,
     train_tokenizer,
@@ -100,6 +102,26 @@ def test_digits_are_single_tokens(tok: Tokenizer) -> None:
     # Non-ASCII digits are isolated too (then spelled in bytes unless the corpus had them).
     pre = tok.backend.pre_tokenizer.pre_tokenize_str("١٢٣")
     assert len(pre) == 3
+
+
+def test_pre_tokenizer_is_one_llama_cpp_knows(tok: Tokenizer, tmp_path: Path) -> None:
+    """The split is Qwen2's, which llama.cpp applies by name: a GGUF export tokenizes the same there."""
+    assert llama_cpp_pre_tokenizer(tok) == "qwen2"
+    tok.save(tmp_path / "new")
+    assert llama_cpp_pre_tokenizer(load_tokenizer(tmp_path / "new")) == "qwen2"
+    pieces = [p for p, _ in tok.backend.pre_tokenizer.pre_tokenize_str("答えは42です。Hello世界 x+1")]
+    # Letters of any script stay together (one mark or space may lead them, as in GPT-4's regex);
+    # every digit is its own piece.
+    decoded = [bytes(_UNICODE_TO_BYTE[c] for c in p).decode() for p in pieces]
+    assert decoded == ["答えは", "4", "2", "です", "。Hello世界", " x", "+", "1"]
+    # A tokenizer trained before the switch (its own CJK-run regex) is not one llama.cpp knows.
+    spec = json.loads(tok.backend.to_str())
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"[\p{Han}]+|\p{N}|\s+"
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "tokenizer.json").write_text(json.dumps(spec))
+    old = load_tokenizer(tmp_path / "old")
+    assert llama_cpp_pre_tokenizer(old) is None
+    assert old.decode(old.encode("日本 42")) == "日本 42"  # still loads and works as before
 
 
 def test_special_tokens_are_single_ids(tok: Tokenizer) -> None:

@@ -3,9 +3,10 @@
 What is notable:
 - Byte-level BPE (Hugging Face `tokenizers`), no normalizer: every string round-trips exactly,
   whatever script or emoji it holds, and no input can be out of vocabulary (all 256 bytes are tokens).
-- Pre-tokenization splits every digit into its own token (arithmetic then sees place value the same
-  way in every number) and isolates runs of CJK characters, so merges are learned inside Chinese and
-  Japanese text without gluing it to neighbouring Latin words or spaces.
+- Pre-tokenization is Qwen2's split regex (GPT-4's with one token per digit): arithmetic sees place
+  value the same way in every number, and a run of letters of any script (Chinese and Japanese
+  included) is one piece. It is one of llama.cpp's known pre-tokenizers ("qwen2"), so a GGUF export
+  tokenizes in llama.cpp exactly as here (`LLAMA_CPP_PRE`, `llama_cpp_pre_tokenizer`).
 - DeepSeek's token strings: `<｜begin▁of▁sentence｜>`, `<｜end▁of▁sentence｜>`, `<｜▁pad▁｜>` are special
   (dropped by `skip_special_tokens`); `<｜User｜>`, `<｜Assistant｜>`, `<think>`, `</think>` are single-id
   added tokens that stay in decoded text, as in DeepSeek-R1's own tokenizer.
@@ -43,13 +44,17 @@ THINK_END = "</think>"
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD)
 CHAT_TOKENS: tuple[str, ...] = (USER, ASSISTANT, THINK_START, THINK_END)
 
-# One split regex (GPT-4's, adapted): a run of CJK characters is one piece (merges are learned inside
-# Chinese/Japanese without gluing them to Latin words or spaces); every digit is its own piece.
-_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}ー々〆"
+# The split regex: Qwen2's (GPT-4's with `\p{N}` instead of `\p{N}{1,3}`), one of the pre-tokenizers
+# llama.cpp knows by name. DeepSeek-V3's own ("deepseek-v3") groups up to three digits and
+# "deepseek-coder" leaves symbols such as `+` and `=` to fall between its pieces; Qwen2's keeps one
+# token per digit and is the GPT-4 shape this tokenizer used before, without the CJK-run rule (a run
+# of Han/kana is a run of letters here too, so merges still stay inside Chinese and Japanese words).
+# llama.cpp applies its own copy of this regex to any GGUF whose `tokenizer.ggml.pre` is "qwen2".
 SPLIT_PATTERN = (
-    r"'(?i:[sdmt]|ll|ve|re)|[" + _CJK + r"]+|[^\r\n\p{L}\p{N}]?+[\p{L}&&[^" + _CJK + r"]]+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
 )
+LLAMA_CPP_PRE = "qwen2"
 
 # DeepSeek-R1's chat template (system / user / assistant turns), same output as the reference
 # template on those roles. `render_r1_chat` below is the Python twin; keep the two in step.
@@ -396,6 +401,33 @@ def _build_backend() -> _Backend:
     )
     backend.decoder = decoders.ByteLevel()
     return backend
+
+
+def llama_cpp_pre_tokenizer(tok: Tokenizer) -> str | None:
+    """The name llama.cpp knows this tokenizer's pre-tokenization by (`tokenizer.ggml.pre`), or None.
+
+    llama.cpp does not read the regex from the file: it applies its own copy for a known name. So the
+    name is only right when the file's pre-tokenizer is exactly what `_build_backend` writes (tokenizers
+    trained before the switch to Qwen2's regex carry another one and must be retrained).
+    """
+    spec = json.loads(tok.backend.to_str())
+    if spec.get("normalizer") is not None or (spec.get("model") or {}).get("type") != "BPE":
+        return None
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if not steps or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    ok = (
+        split.get("type") == "Split"
+        and split.get("pattern") == {"Regex": SPLIT_PATTERN}
+        and split.get("behavior") == "Isolated"
+        and not split.get("invert")
+        and byte_level.get("type") == "ByteLevel"
+        and not byte_level.get("add_prefix_space")
+        and not byte_level.get("use_regex")
+    )
+    return LLAMA_CPP_PRE if ok else None
 
 
 def train_tokenizer(
