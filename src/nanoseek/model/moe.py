@@ -75,11 +75,13 @@ class Router(nn.Module):
         """x [B,S,H] -> (indices [B*S,k], weights [B*S,k] in fp32)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        logits = F.linear(flat.float(), self.weight.float())
+        fp32 = torch.float32
+        w = self.weight if self.weight.dtype == fp32 else self.weight.float()
+        logits = F.linear(flat if flat.dtype == fp32 else flat.float(), w)
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores.detach()
+        choice = scores.detach() if scores.requires_grad else scores
         if self.topk_method == "noaux_tc":
-            choice = choice + self.e_score_correction_bias.float()
+            choice = choice + self.e_score_correction_bias
         if self.n_group > 1 and self.topk_method in ("noaux_tc", "group_limited_greedy"):
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
             if self.topk_method == "noaux_tc":
@@ -394,7 +396,8 @@ class RoutedExperts(nn.Module):
         else:
             gate_up, down = (w.index_select(0, sel) for w in stacked)
         # Rows times transposed weights: BLAS runs [1,H]·[H,2I] far faster than [2I,H]·[H,1] here.
-        xs = x.to(dtype).repeat_interleave(k, dim=0).unsqueeze(1)  # [t·k, 1, H]
+        x = x.to(dtype)
+        xs = (x.expand(k, -1) if t == 1 else x.repeat_interleave(k, dim=0)).unsqueeze(1)  # [t·k, 1, H]
         h = torch.bmm(xs, gate_up.to(dtype).transpose(1, 2))
         act = F.silu(h[..., : self.intermediate_size]) * h[..., self.intermediate_size :]
         ys = torch.bmm(act, down.to(dtype).transpose(1, 2)).view(t, k, -1)
@@ -415,6 +418,7 @@ class MoE(nn.Module):
             else None
         )
         self._stacked: tuple[list, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._shared_cols: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -423,14 +427,28 @@ class MoE(nn.Module):
         stacked = self._with_shared_expert()
         if stacked is not None:
             # Serving: the shared expert is expert E, which every token also picks, with weight 1.
-            t, e = indices.shape[0], self.experts.n_experts
-            indices = torch.cat((indices, indices.new_full((t, 1), e)), dim=1)
-            weights = torch.cat((weights, weights.new_ones(t, 1)), dim=1)
+            shared_index, shared_weight = self._shared_columns(indices.shape[0], weights.dtype)
+            indices = torch.cat((indices, shared_index), dim=1)
+            weights = torch.cat((weights, shared_weight), dim=1)
             return self.experts(flat, indices, weights, stacked).view(shape).to(x.dtype)
         y = self.experts(flat, indices, weights).view(shape).to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
+
+    def _shared_columns(self, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[t,1] columns (the shared expert's index E, weight 1), sliced from ones kept across decode
+        steps: two fewer allocations per layer and step than building them."""
+        cols = self._shared_cols
+        if cols is None or cols[0].shape[0] < t or cols[1].dtype != dtype:
+            n = max(t, 64)
+            device = self.gate.weight.device
+            cols = (
+                torch.full((n, 1), self.experts.n_experts, dtype=torch.long, device=device),
+                torch.ones(n, 1, dtype=dtype, device=device),
+            )
+            self._shared_cols = cols
+        return cols[0][:t], cols[1][:t]
 
     def _with_shared_expert(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Under inference mode (the engine), the routed experts' stacked weights with the shared
