@@ -302,3 +302,16 @@ def test_weight_updates_are_picked_up(model):
     after = engine.generate([prompt], max_new_tokens=6)[0]
     assert after == Engine(m).generate([prompt], max_new_tokens=6)[0]
     assert after != before
+
+
+def test_generate_detailed_reports_each_finished_prompt() -> None:
+    """`on_finish(i)` fires once per prompt as it finishes (eval's progress bar counts these), and
+    watching does not change what is generated."""
+    model = DeepSeekV3.build(small_config()).init_weights(0).eval()
+    engine = Engine(model, max_batch_size=2)  # three prompts, two slots: they finish at different steps
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    finished: list[int] = []
+    watched = engine.generate_detailed(prompts, params, on_finish=finished.append)
+    assert sorted(finished) == [0, 1, 2]
+    assert [c.token_ids for c in watched] == engine.generate(prompts, params)

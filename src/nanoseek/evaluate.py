@@ -220,29 +220,11 @@ def engine_generate(
     prompts = [list(p) for p in prompt_ids]
     if not progress:
         return engine.generate_detailed(prompts, params)
-    # the same single queue, driven step by step so a progress bar can count finished samples
-    import dataclasses
-
     from tqdm.auto import tqdm
 
-    from nanoseek.engine import Completion
-
-    results = [Completion([], None, None, None) for _ in prompts]
-    index = {}
-    for i, p in enumerate(prompts):
-        pi = dataclasses.replace(params, seed=seed + i) if seed is not None else params
-        index[engine.add_request(p, pi)] = i
-    with tqdm(
-        total=len(prompts), desc=progress if isinstance(progress, str) else "sampling", leave=False
-    ) as bar:
-        while engine.has_unfinished():
-            for ev in engine.step():
-                c = results[index[ev.request_id]]
-                c.token_ids.extend(ev.new_token_ids)
-                if ev.finished:
-                    c.finish_reason = ev.finish_reason
-                    bar.update(1)
-    return results
+    desc = progress if isinstance(progress, str) else "sampling"
+    with tqdm(total=len(prompts), desc=desc, leave=False) as bar:
+        return engine.generate_detailed(prompts, params, on_finish=lambda _: bar.update(1))
 
 
 def strip_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:

@@ -22,7 +22,7 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -491,9 +491,14 @@ class Engine:
         return self._drive(self._submit(prompts, self._params(params, overrides)))
 
     def generate_detailed(
-        self, prompts: list[list[int]], params: SamplingParams | None = None, **overrides
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | None = None,
+        on_finish: Callable[[int], None] | None = None,
+        **overrides,
     ) -> list[Completion]:
-        """Completion ids, finish reasons and (if asked) logprobs per prompt, in prompt order."""
+        """Completion ids, finish reasons and (if asked) logprobs per prompt, in prompt order.
+        `on_finish(i)` is called as prompt i's completion finishes (a progress bar counts them)."""
         p = self._params(params, overrides)
         ids = self._submit(prompts, p)
         index = {rid: i for i, rid in enumerate(ids)}
@@ -510,6 +515,8 @@ class Engine:
                     c.prompt_logprobs = ev.prompt_logprobs
                 if ev.finished:
                     c.finish_reason = ev.finish_reason
+                    if on_finish is not None:
+                        on_finish(index[ev.request_id])
         return results
 
     def generate(
