@@ -8,8 +8,10 @@ Writes a synthetic checkpoint at DeepSeek-V2-Lite's width (hidden 2048, vocab 10
 experts of 1408 + 2 shared, kv_lora_rank 512, first layer dense) with `--layers` layers, in bf16,
 sharded (1 GiB shards + index) as published checkpoints are, shard by shard so writing it never
 holds the whole model. Then, for each format, loads it in a fresh Python process and reads that
-process's peak RSS (`ru_maxrss`): the loaded weights (parameters and buffers, quantized storage for
-int8) against the peak. The goal: peak <= 1.2 x weights + 1 GB. The checkpoint is deleted afterwards.
+process's peak RSS (`ru_maxrss`, and the kernel's VmHWM beside it): the loaded weights (parameters
+and buffers, quantized storage for int8) against the peak. The goal: peak <= 1.2 x weights + 1 GB.
+The checkpoint is written by a child process too: Linux carries the parent's RSS at fork into the
+child's ru_maxrss, so the parent must stay small. The checkpoint is deleted afterwards.
 """
 
 from __future__ import annotations
@@ -22,13 +24,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
-from tqdm import tqdm
-
-from nanoseek.checkpoint import build_model, to_hf_state_dict
-from nanoseek.config import get_preset
 
 GB = 1024**3
 SHARD_BYTES = GB
@@ -50,13 +45,21 @@ else:
     model = quantize_model(load_model(path, dtype=torch.bfloat16), q)
 seconds = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"format": fmt, "weight_bytes": weight_bytes(model), "peak_rss": peak,
+hwm = next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM"))
+print(json.dumps({"format": fmt, "weight_bytes": weight_bytes(model), "peak_rss": peak, "vm_hwm": hwm,
                   "start_rss": start_rss, "seconds": seconds}))
 """
 
 
 def write_checkpoint(directory: Path, layers: int) -> int:
     """A random bf16 checkpoint in HF layout, written shard by shard; returns its bytes on disk."""
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from nanoseek.checkpoint import build_model, to_hf_state_dict
+    from nanoseek.config import get_preset
+
     config = get_preset("deepseek-v2-lite").replace(num_hidden_layers=layers, torch_dtype="bfloat16")
     skeleton = to_hf_state_dict(build_model(config, device="meta"))  # names and shapes, no memory
     config.save(directory)
@@ -104,13 +107,18 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)  # the writing child
     args = ap.parse_args()
+    if args.write_only:
+        print(write_checkpoint(Path(args.dir), args.layers))
+        return
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_loading_"))
     root.mkdir(parents=True, exist_ok=True)
     results = []
     try:
         t = time.perf_counter()
-        disk = write_checkpoint(root, args.layers)
+        cmd = [sys.executable, __file__, "--write-only", "--dir", str(root), "--layers", str(args.layers)]
+        disk = int(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.split()[-1])
         print(f"checkpoint: {disk / GB:.2f} GB in {time.perf_counter() - t:.0f} s at {root}", file=sys.stderr)
         for fmt in args.formats:
             r = measure(root, fmt)
@@ -121,7 +129,7 @@ def main() -> None:
                 f"{fmt}: weights {r['weight_bytes'] / GB:.2f} GB, peak RSS {r['peak_rss'] / GB:.2f} GB "
                 f"({r['ratio']:.2f}x; goal <= {r['goal'] / GB:.2f} GB: "
                 f"{'met' if r['peak_rss'] <= r['goal'] else 'MISSED'}), process before loading "
-                f"{r['start_rss'] / GB:.2f} GB, {r['seconds']:.0f} s",
+                f"{r['start_rss'] / GB:.2f} GB, VmHWM {r['vm_hwm'] / GB:.2f} GB, {r['seconds']:.0f} s",
                 file=sys.stderr,
             )
     finally:
