@@ -259,3 +259,18 @@ def test_check_keys_names_the_file():
     bad = {k: torch.empty(1, device="meta") for k in model.state_dict()}
     with pytest.raises(ValueError, match="in shard-7.safetensors"):
         check_keys(model, bad, "x", dict.fromkeys(bad, "shard-7.safetensors"))
+
+
+def test_an_expert_missing_a_projection(saved):
+    from safetensors.torch import load_file, save_file
+
+    d, _ = saved
+    key = "model.layers.1.mlp.experts.2.up_proj.weight"
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = d / index["weight_map"].pop(key)
+    tensors = load_file(str(shard))
+    del tensors[key]
+    save_file(tensors, str(shard))
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"experts\.2: its gate/up/down projections .* incomplete"):
+        nanoseek.load_model(d)

@@ -503,11 +503,12 @@ def _stream(
         count = len(per_expert)
         if sorted(per_expert) != list(range(count)):
             raise ValueError(f"{prefix}: expert indices in {p} are not 0..{count - 1}")
-        for j, parts in per_expert.items():
-            if len(parts) < 3 or len({parts["gate_proj"], parts["up_proj"], per_expert[0]["gate_proj"]}) > 1:
+        for j in range(count):
+            parts = per_expert[j]
+            if len(parts) < 3 or parts != per_expert[0] or parts["gate_proj"] != parts["up_proj"]:
                 raise ValueError(
-                    f"{prefix}.{j}: its gate/up/down projections in {p} are missing or differ in shape "
-                    f"from expert 0's ({sorted(parts.items())})"
+                    f"{prefix}.{j}: its gate/up/down projections in {p} are incomplete or differ in "
+                    f"shape from expert 0's: {parts} vs {per_expert[0]}"
                 )
         rows, cols = per_expert[0]["gate_proj"]
         shapes[f"{prefix}.gate_up_proj"] = (count, 2 * rows, cols)
