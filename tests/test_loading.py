@@ -274,3 +274,19 @@ def test_an_expert_missing_a_projection(saved):
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"experts\.2: its gate/up/down projections .* incomplete"):
         nanoseek.load_model(d)
+
+
+def test_quantized_loading_leaves_torch_dynamo_unimported(saved):
+    """Placeholders on the meta device are made without meta reductions, which would import
+    torch._dynamo (~2 s more for every `nanoseek generate --quantize`)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from nanoseek.checkpoint import load_model\n"
+        f"load_model({str(saved[0])!r}, dtype=torch.bfloat16, quantize='int8')\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

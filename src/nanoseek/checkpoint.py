@@ -261,21 +261,19 @@ def _weight_files(d: Path) -> dict[str, Path]:
             pickles = [p.name for p in d.glob("*.bin")] + [p.name for p in d.glob("*.pt")]
             hint = f" (found {', '.join(pickles)}: pickle files are never loaded)" if pickles else ""
             raise FileNotFoundError(f"no safetensors weights in {d}{hint}")
-    where: dict[str, Path] = {}
+    where: dict[str, Path] = {}  # file by file, each in its own (sorted) order: the same on every rank
     for name in files:
         with _open_safetensors(d / name) as f:
-            held = set(f.keys())
-        if weight_map is None:
-            where.update(dict.fromkeys(held, d / name))
-            continue
-        listed = [k for k, v in weight_map.items() if v == name]
-        lost = [k for k in listed if k not in held]
-        if lost:
-            raise ValueError(
-                f"{d / name} lacks {len(lost)} tensor(s) that {index.name} says it holds ({lost[0]}, ...): "
-                "the file does not belong to this checkpoint"
-            )
-        where.update(dict.fromkeys(listed, d / name))
+            held = list(f.keys())
+        if weight_map is not None:
+            lost = {k for k, v in weight_map.items() if v == name} - set(held)
+            if lost:
+                raise ValueError(
+                    f"{d / name} lacks {len(lost)} tensor(s) that {index.name} says it holds "
+                    f"({min(lost)}, ...): the file does not belong to this checkpoint"
+                )
+            held = [k for k in held if weight_map.get(k) == name]
+        where.update(dict.fromkeys(held, d / name))
     return where
 
 
@@ -433,7 +431,6 @@ def load_model(
     p = resolve_checkpoint(path_or_preset)
     config = resolve_config(p)
     where = _weight_files(p)
-    where = {k: where[k] for k in sorted(where, key=lambda k: str(where[k]))}  # file by file
     reader = _ShardReader(where)
     try:
         return _stream(p, config, where, reader, dtype, torch.device(device), fp8, act_quant, quantize)
