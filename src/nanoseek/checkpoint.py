@@ -356,7 +356,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, tokenizer: bool = False,
         p = _download(str(name_or_path), label)
     if not p.is_dir():
         raise FileNotFoundError(
-            f"{label} is not a checkpoint directory: "
+            f"{label} is not a checkpoint directory (no config.json): "
             + ("it is a file" if p.exists() else "no such directory, nor a Hub name (owner/name)")
         )
     if not (p / "config.json").exists():
