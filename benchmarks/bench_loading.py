@@ -36,6 +36,9 @@ import torch
 from nanoseek.checkpoint import load_model
 from nanoseek.engine.quantize import quantize_model, weight_bytes
 path, fmt = sys.argv[1], sys.argv[2]
+if sys.argv[3] == "cli":  # as the `nanoseek` command runs: large freed blocks kept for reuse
+    from nanoseek.perf import tune_malloc
+    tune_malloc()
 start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t = time.perf_counter()
 q = None if fmt == "bf16" else fmt
@@ -91,9 +94,12 @@ def write_checkpoint(directory: Path, layers: int) -> int:
     return total
 
 
-def measure(directory: Path, fmt: str) -> dict[str, float]:
+def measure(directory: Path, fmt: str, malloc: str) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(directory), fmt], capture_output=True, text=True, check=False
+        [sys.executable, "-c", CHILD, str(directory), fmt, malloc],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if out.returncode != 0:
         raise RuntimeError(f"loading {fmt} failed:\n{out.stderr[-3000:]}")
@@ -106,6 +112,13 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8", "fp8"])
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
+    ap.add_argument("--reuse", action="store_true", help="load the checkpoint already in --dir")
+    ap.add_argument(
+        "--malloc",
+        choices=["default", "cli"],
+        default="default",
+        help="glibc's default thresholds, or those the nanoseek command sets (nanoseek.perf.tune_malloc)",
+    )
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)  # the writing child
     args = ap.parse_args()
@@ -118,10 +131,13 @@ def main() -> None:
     try:
         t = time.perf_counter()
         cmd = [sys.executable, __file__, "--write-only", "--dir", str(root), "--layers", str(args.layers)]
-        disk = int(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.split()[-1])
+        if args.reuse:
+            disk = sum(p.stat().st_size for p in root.glob("*.safetensors"))
+        else:
+            disk = int(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.split()[-1])
         print(f"checkpoint: {disk / GB:.2f} GB in {time.perf_counter() - t:.0f} s at {root}", file=sys.stderr)
         for fmt in args.formats:
-            r = measure(root, fmt)
+            r = measure(root, fmt, args.malloc)
             r["goal"] = 1.2 * r["weight_bytes"] + GB
             r["ratio"] = r["peak_rss"] / r["weight_bytes"]
             results.append(r)
