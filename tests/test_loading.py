@@ -290,3 +290,26 @@ def test_quantized_loading_leaves_torch_dynamo_unimported(saved):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["chat", "deepseek-ai/X"],
+        ["serve", "deepseek-ai/X"],
+        ["eval", "deepseek-ai/X", "--task", "arithmetic"],
+        ["sft", "--init", "deepseek-ai/X", "--task", "arithmetic"],
+        ["grpo", "--init", "deepseek-ai/X", "--task", "arithmetic"],
+        ["distill", "--teacher", "deepseek-ai/X", "--student", "tiny", "--task", "arithmetic"],
+    ],
+)
+def test_every_command_resolves_hub_names(argv, monkeypatch, tmp_path, capsys):
+    """Each command that reads a checkpoint goes through resolve_checkpoint: offline, the same line."""
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    out = ["--out", str(tmp_path / "run")] if argv[0] in ("sft", "grpo", "distill") else []
+    assert cli(argv + out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"nanoseek {argv[0]}: error: ") and "\n" not in err
+    assert "deepseek-ai/X is not a local directory" in err and "hf download" in err
