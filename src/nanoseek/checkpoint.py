@@ -9,7 +9,12 @@ from training, train_state/ (optimizer, step, RNG, data position). What is notab
   embedding and head as DeepSeek ships them.
 - DeepSeek's FP8 checkpoints (float8_e4m3fn + `weight_scale_inv` per 128x128 block) are dequantized
   on load, or, with `load_model(..., fp8=True)`, kept as they are in `FP8Linear` storage.
-- One key check (`check_keys`) for every load: missing, unexpected and mis-shaped tensors are named.
+- One key check (`check_keys`) for every load: missing, unexpected and mis-shaped tensors are named
+  (with the file they are in), from the files' headers before any data is read.
+- `load_model` streams the files tensor by tensor into a model built on the meta device: each weight
+  is materialised once, in its final dtype or quantized storage (memory: docs/checkpoints.md).
+- A Hugging Face Hub name resolves through `huggingface_hub` (`resolve_checkpoint`, used by every
+  command); a broken directory (a missing shard, a truncated file) gets one error naming the file.
 - Every write is atomic (`nanoseek.atomic`), and no pickle is ever loaded but train_state's own
   (`weights_only=True`). Sharded training's DCP checkpoints are `nanoseek.train.dcp`.
 """

@@ -71,9 +71,7 @@ def run(args: argparse.Namespace) -> int:
         model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, speculative=args.speculative
     )
     # A Hub name names the model better than its snapshot directory (a commit hash) would.
-    name = args.model_name or (
-        args.model if directory.name != Path(args.model).name else directory.resolve().name
-    )
+    name = args.model_name or (directory.resolve().name if Path(args.model).exists() else args.model)
     defaults = _generation_defaults(directory)
     app = create_app(
         engine,
