@@ -9,7 +9,12 @@ from training, train_state/ (optimizer, step, RNG, data position). What is notab
   embedding and head as DeepSeek ships them.
 - DeepSeek's FP8 checkpoints (float8_e4m3fn + `weight_scale_inv` per 128x128 block) are dequantized
   on load, or, with `load_model(..., fp8=True)`, kept as they are in `FP8Linear` storage.
-- One key check (`check_keys`) for every load: missing, unexpected and mis-shaped tensors are named.
+- One key check (`check_keys`) for every load: missing, unexpected and mis-shaped tensors are named
+  (with the file they are in), from the files' headers before any data is read.
+- `load_model` streams the files tensor by tensor into a model built on the meta device: each weight
+  is materialised once, in its final dtype or quantized storage (memory: docs/checkpoints.md).
+- A Hugging Face Hub name resolves through `huggingface_hub` (`resolve_checkpoint`, used by every
+  command); a broken directory (a missing shard, a truncated file) gets one error naming the file.
 - Every write is atomic (`nanoseek.atomic`), and no pickle is ever loaded but train_state's own
   (`weights_only=True`). Sharded training's DCP checkpoints are `nanoseek.train.dcp`.
 """
@@ -25,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -72,46 +77,67 @@ def to_hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
+def _model_name(key: str, config: ModelConfig) -> str | None:
+    """The nanoseek name of checkpoint key `key` (routed experts still per expert), or None for what
+    the model does not hold: FP8 scales (read beside their weight), MTP layers the config does not
+    use, and the MTP modules' copies of the shared embedding and head."""
+    if key.endswith("_scale_inv"):
+        return None
+    m = _LAYER_KEY.match(key)
+    if m and int(m.group(1)) >= config.num_hidden_layers:
+        depth, rest = int(m.group(1)) - config.num_hidden_layers, m.group(2)
+        if depth >= config.num_nextn_predict_layers or rest in _MTP_SHARED:
+            return None
+        return f"{_MTP}{depth}.{rest}"
+    return key
+
+
+def _convert(
+    key: str,
+    name: str,
+    value: torch.Tensor,
+    scale: torch.Tensor | None,
+    dtype: torch.dtype,
+    fp8_modules: Collection[str],
+) -> dict[str, torch.Tensor]:
+    """One checkpoint tensor -> the model's tensor(s) of it, in `dtype` (or FP8 + block scales for an
+    `FP8Linear`); a routed expert's stays under its per-expert name, for the caller to stack."""
+    module = name.removesuffix(".weight")
+    if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if scale is None:
+            raise ValueError(f"FP8 tensor {key} has no weight_scale_inv beside it")
+        if module in fp8_modules and value.dtype == FP8_DTYPE:
+            return {name: value, f"{module}.weight_scale_inv": scale.float()}
+        value = dequantize_blocks(value, scale)
+    if module in fp8_modules:
+        q, s = quantize_blocks(value)
+        return {name: q, f"{module}.weight_scale_inv": s}
+    return {name: _cast(name, value, dtype)}
+
+
 def from_hf_state_dict(
     tensors: Mapping[str, torch.Tensor],
     config: ModelConfig,
     dtype: torch.dtype,
     fp8_modules: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
-    """DeepSeek/HF checkpoint keys -> nanoseek parameter names, in `dtype`.
+    """DeepSeek/HF checkpoint keys -> nanoseek parameter names, in `dtype`, all in memory at once
+    (for tensors already there; `load_model` streams files instead).
 
     FP8 weights are dequantized, except those of `fp8_modules` (nanoseek names of `FP8Linear`
     layers), which keep the file's bytes and scales; a higher-precision weight of one is quantized.
     """
-    n, n_mtp = config.num_hidden_layers, config.num_nextn_predict_layers
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for key, value in tensors.items():
-        if key.endswith("_scale_inv"):
+        name = _model_name(key, config)
+        if name is None:
             continue
-        m = _LAYER_KEY.match(key)
-        if m and int(m.group(1)) >= n:
-            depth, rest = int(m.group(1)) - n, m.group(2)
-            if depth >= n_mtp or rest in _MTP_SHARED:
-                continue  # MTP layers this config does not use; shared tensors live in the main model
-            name = f"{_MTP}{depth}.{rest}"
-        else:
-            name = key
-        module = name.removesuffix(".weight")
-        if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            scale = tensors.get(key + "_scale_inv")
-            if scale is None:
-                raise ValueError(f"FP8 tensor {key} has no weight_scale_inv beside it")
-            if module in fp8_modules and value.dtype == FP8_DTYPE:
-                out[name], out[f"{module}.weight_scale_inv"] = value, scale.float()
-                continue
-            value = dequantize_blocks(value, scale)
-        if module in fp8_modules:
-            out[name], out[f"{module}.weight_scale_inv"] = quantize_blocks(value)
-        elif em := _EXPERT_KEY.match(name):
-            experts.setdefault(em.group(1), {}).setdefault(int(em.group(2)), {})[em.group(3)] = value
-        else:
-            out[name] = _cast(name, value, dtype)
+        for k, v in _convert(key, name, value, tensors.get(key + "_scale_inv"), dtype, fp8_modules).items():
+            if em := _EXPERT_KEY.match(k):
+                experts.setdefault(em.group(1), {}).setdefault(int(em.group(2)), {})[em.group(3)] = v
+            else:
+                out[k] = v
     for prefix, per_expert in experts.items():
         count = len(per_expert)
         if sorted(per_expert) != list(range(count)):
@@ -131,8 +157,14 @@ def _cast(key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return value if keep else value.to(dtype)
 
 
-def check_keys(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: Any) -> None:
-    """The one check that `tensors` fill `model` exactly; raises naming what does not fit.
+def check_keys(
+    model: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    source: Any,
+    files: Mapping[str, Any] | None = None,
+) -> None:
+    """The one check that `tensors` fill `model` exactly; raises naming what does not fit (and, with
+    `files`, which file each tensor came from).
 
     A tied head is the embedding: it is neither needed nor in the way."""
     expected = model.state_dict()
@@ -142,8 +174,9 @@ def check_keys(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: An
     unexpected = sorted(set(tensors) - set(expected) - optional)
     for k in sorted(set(expected) & set(tensors)):
         if tuple(expected[k].shape) != tuple(tensors[k].shape):
+            where = files.get(k, source) if files else source
             raise ValueError(
-                f"{k}: shape {tuple(tensors[k].shape)} in {source} != {tuple(expected[k].shape)} in the "
+                f"{k}: shape {tuple(tensors[k].shape)} in {where} != {tuple(expected[k].shape)} in the "
                 "model: it was written for another config.json"
             )
     if missing or unexpected:
@@ -208,28 +241,165 @@ def save_model(
     return out
 
 
-def read_safetensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory (single file or sharded with an index)."""
-    d = Path(directory)
+def _weight_files(d: Path) -> dict[str, Path]:
+    """Which file holds each tensor of checkpoint directory `d` (from its index, or the files' own
+    headers), with one clear error for a missing shard or a file that is not whole."""
     index = d / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (no readable weight_map): {e}") from e
+        files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not (d / f).is_file()]
+        if absent:
+            raise FileNotFoundError(
+                f"{index} names {len(absent)} shard(s) that {d} does not hold: {', '.join(absent[:3])}"
+                f"{'...' if len(absent) > 3 else ''}. The download or copy is incomplete; fetch the "
+                "missing files again"
+            )
     elif (d / "model.safetensors").exists():
-        files = ["model.safetensors"]
+        files, weight_map = ["model.safetensors"], None
     else:
-        files = sorted(p.name for p in d.glob("*.safetensors"))
+        files, weight_map = sorted(p.name for p in d.glob("*.safetensors")), None
         if not files:
             pickles = [p.name for p in d.glob("*.bin")] + [p.name for p in d.glob("*.pt")]
             hint = f" (found {', '.join(pickles)}: pickle files are never loaded)" if pickles else ""
             raise FileNotFoundError(f"no safetensors weights in {d}{hint}")
-    tensors: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}  # file by file, each in its own (sorted) order: the same on every rank
     for name in files:
-        with safe_open(str(d / name), framework="pt") as f:
-            for k in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                tensors[k] = f.get_tensor(k)
+        with _open_safetensors(d / name) as f:
+            held = list(f.keys())
+        if weight_map is not None:
+            lost = {k for k, v in weight_map.items() if v == name} - set(held)
+            if lost:
+                raise ValueError(
+                    f"{d / name} lacks {len(lost)} tensor(s) that {index.name} says it holds "
+                    f"({min(lost)}, ...): the file does not belong to this checkpoint"
+                )
+            held = [k for k in held if weight_map.get(k) == name]
+        where.update(dict.fromkeys(held, d / name))
+    return where
+
+
+def _open_safetensors(path: Path) -> Any:
+    """safe_open, with a damaged file (most often truncated by an interrupted download or copy)
+    reported by name and size rather than as safetensors' own header error."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}; {path.stat().st_size} bytes on disk): it "
+            "is truncated or damaged, most likely by an interrupted download or copy; fetch it again"
+        ) from None
+
+
+class _ShardReader:
+    """Tensors by key from a checkpoint's files, one at a time.
+
+    safe_open's tensors are views of the file's memory map, whose pages stay resident (and count in
+    the process's RSS) until the file is closed, so each file is reopened after `remap_bytes` read:
+    at most that much of the files is resident besides the weights already copied out."""
+
+    def __init__(self, where: Mapping[str, Path], remap_bytes: int = 256 * 1024**2) -> None:
+        self.where, self.remap_bytes = where, remap_bytes
+        self._path: Path | None = None
+        self._file: Any = None
+        self._read = 0
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def is_fp8(self, key: str) -> bool:
+        return self._handle(key).get_slice(key).get_dtype().startswith("F8")
+
+    def get(self, key: str) -> torch.Tensor:
+        t = self._handle(key).get_tensor(key)
+        self._read += t.numel() * t.element_size()
+        return t
+
+    def _handle(self, key: str) -> Any:
+        path = self.where[key]
+        if path != self._path or self._read > self.remap_bytes:
+            self.close()
+            self._file = _open_safetensors(path).__enter__()
+            self._path, self._read = path, 0
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.__exit__(None, None, None)
+        self._path = self._file = None
+
+
+def read_safetensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (single file or sharded with an index), as views of the
+    files' memory maps (`load_model` streams them instead)."""
+    by_file: dict[Path, list[str]] = {}
+    for key, path in _weight_files(Path(directory)).items():
+        by_file.setdefault(path, []).append(key)
+    tensors: dict[str, torch.Tensor] = {}
+    for path, keys in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            tensors.update((k, f.get_tensor(k)) for k in keys)
     return tensors
 
 
+# ------------------------------------------------------------------ hub names
+HUB_FILES = ("*.json", "*.safetensors", "tokenizer*")  # config, weights, tokenizer: all a load reads
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, tokenizer: bool = False, flag: str = "") -> Path:
+    """A checkpoint directory: `name_or_path` itself when it is a local path, else a Hugging Face Hub
+    name (`deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B`) fetched with `huggingface_hub.snapshot_download`
+    into its cache (its progress bars; only the files a load reads). `tokenizer=True` also requires
+    tokenizer.json; `flag` ("--init") prefixes the error messages."""
+    p = Path(name_or_path).expanduser()
+    label = f"{flag} {name_or_path}" if flag else str(name_or_path)
+    if not p.exists() and _HUB_NAME.fullmatch(str(name_or_path)):
+        p = _download(str(name_or_path), label)
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"{label} is not a checkpoint directory (no config.json): "
+            + ("it is a file" if p.exists() else "no such directory, nor a Hub name (owner/name)")
+        )
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"{label} is not a checkpoint directory (no config.json)")
+    if tokenizer and not (p / "tokenizer.json").exists():
+        raise FileNotFoundError(
+            f"{label} has no tokenizer.json: this command needs the checkpoint's tokenizer"
+        )
+    return p
+
+
+def _download(repo_id: str, label: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    local = "pass a local checkpoint directory instead (on a machine with a network: `hf download "
+    local += f"{repo_id} --local-dir DIR`, then copy DIR here)"
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(HUB_FILES)))
+    except LocalEntryNotFoundError:
+        # Raised offline (HF_HUB_OFFLINE, no network, the Hub unreachable) when the cache lacks it.
+        raise FileNotFoundError(
+            f"{label} is not a local directory and cannot be downloaded from the Hugging Face Hub: "
+            f"offline (no network, the Hub unreachable, or HF_HUB_OFFLINE set) and not in the Hub's "
+            f"cache; {local}"
+        ) from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"{label} is not a local directory, nor a model on the Hugging Face Hub (or it is private: "
+            "log in with `hf auth login`)"
+        ) from None
+    except HfHubHTTPError as e:
+        raise FileNotFoundError(
+            f"{label}: downloading from the Hugging Face Hub failed ({e}); {local}"
+        ) from None
+
+
+# --------------------------------------------------------------- loading
 def load_model(
     path_or_preset: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
@@ -237,20 +407,57 @@ def load_model(
     seed: int = 0,
     fp8: bool = False,
     act_quant: bool = False,
+    quantize: str | None = None,
 ) -> DeepSeekV3:
-    """A checkpoint directory in HF layout, or a preset name (random weights from `seed`).
+    """A checkpoint directory in HF layout, a Hugging Face Hub name (see `resolve_checkpoint`), or a
+    preset name (random weights from `seed`).
 
+    The files are streamed tensor by tensor into a model built on the meta device: each weight is
+    materialised once, in its final dtype and storage, so memory peaks near the weights' own size.
     fp8=True keeps the linear layers in FP8 (`FP8Linear`, for inference; `act_quant` also quantizes
     their inputs): DeepSeek's FP8 weights are taken as they are (no dequantize/requantize round
     trip), higher-precision ones block-quantized. The embedding, head, norms, router and routed
     experts (stacked for grouped compute) load in `dtype`, dequantized where the file holds FP8.
+    quantize="int8"|"fp8" gives the engine's weight-only storage (`nanoseek.engine.quantize`), each
+    weight quantized from `dtype` as it arrives, as `Engine(quantize=...)` would after loading.
     """
-    p = Path(path_or_preset)
-    config = resolve_config(path_or_preset)
-    tensors = read_safetensors(p) if p.exists() else None
+    if fp8 and quantize:
+        raise ValueError(f"fp8=True and quantize={quantize!r} are two weight storages: choose one")
+    if not Path(path_or_preset).exists() and not _HUB_NAME.fullmatch(str(path_or_preset)):
+        # A preset (no preset name has a slash); resolve_config names the choices for anything else.
+        model = build_model(resolve_config(path_or_preset), device=device, dtype=dtype).init_weights(seed)
+        if fp8:
+            quantize_linears_fp8(model, act_quant=act_quant)
+        if quantize:
+            from nanoseek.engine.quantize import quantize_model
+
+            quantize_model(model, quantize)
+        return model
+    p = resolve_checkpoint(path_or_preset)
+    config = resolve_config(p)
+    where = _weight_files(p)
+    reader = _ShardReader(where)
+    try:
+        return _stream(p, config, where, reader, dtype, torch.device(device), fp8, act_quant, quantize)
+    finally:
+        reader.close()
+
+
+@torch.no_grad()
+def _stream(
+    p: Path,
+    config: ModelConfig,
+    where: Mapping[str, Path],
+    reader: _ShardReader,
+    dtype: torch.dtype,
+    device: torch.device,
+    fp8: bool,
+    act_quant: bool,
+    quantize: str | None,
+) -> DeepSeekV3:
     n = config.num_hidden_layers
-    if tensors is not None and config.num_nextn_predict_layers:
-        layers = (_LAYER_KEY.match(k) for k in tensors)
+    if config.num_nextn_predict_layers:
+        layers = (_LAYER_KEY.match(k) for k in where)
         if not any(m and int(m.group(1)) >= n and m.group(2) not in _MTP_SHARED for m in layers):
             # transformers' DeepseekV3Config defaults to one MTP layer but its save_pretrained writes
             # none: the main model is whole; load it without the module (only speculative decoding
@@ -259,21 +466,124 @@ def load_model(
                 f"{p}: config.json asks for {config.num_nextn_predict_layers} MTP layer(s) but the "
                 "checkpoint holds no MTP weights (transformers writes none); loading without the MTP "
                 "module, so speculative decoding is off for this model",
-                stacklevel=2,
+                stacklevel=3,
             )
             config = config.replace(num_nextn_predict_layers=0)
-    model = build_model(config, device=device, dtype=dtype)
-    if tensors is None:
-        model.init_weights(seed)
-    if fp8:  # quantizes the preset's weights, or placeholders the checkpoint's then replace
+    model = build_model(config, device="meta").to(dtype)
+    # Buffers are small and none but the balancing bias is in the files: make them real now, so that
+    # reset_buffers computes RoPE tables and zeroes router state, before the bias is streamed over.
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = torch.empty_like(buf, device=device)
+    model.reset_buffers()
+    if fp8:  # FP8Linear placeholders on the meta device; the stream fills them
         quantize_linears_fp8(model, act_quant=act_quant)
-    if tensors is not None:
-        fp8_modules = {name for name, m in model.named_modules() if isinstance(m, FP8Linear)}
-        state = from_hf_state_dict(tensors, config, dtype, fp8_modules)
-        check_keys(model, state, f"checkpoint {p}")
-        model.load_state_dict(state, strict=False)
-        model.tie_weights()
+    fp8_modules = {name for name, m in model.named_modules() if isinstance(m, FP8Linear)}
+
+    # The one key check, on shapes from the files' headers, before any data is read.
+    shapes: dict[str, tuple[int, ...]] = {}
+    files: dict[str, Path] = {}
+    experts: dict[str, dict[int, dict[str, tuple[int, ...]]]] = {}
+    for key, path in where.items():
+        name = _model_name(key, config)
+        if name is None:
+            continue
+        shape = reader.shape(key)
+        if reader.is_fp8(key) and key + "_scale_inv" not in where:
+            raise ValueError(f"FP8 tensor {key} in {path} has no weight_scale_inv beside it")
+        module = name.removesuffix(".weight")
+        if module in fp8_modules:
+            scale = key + "_scale_inv"
+            blocks = tuple(-(-d // 128) for d in shape)
+            shapes[f"{module}.weight_scale_inv"] = reader.shape(scale) if scale in where else blocks
+        if em := _EXPERT_KEY.match(name):
+            experts.setdefault(em.group(1), {}).setdefault(int(em.group(2)), {})[em.group(3)] = shape
+            files[f"{em.group(1)}.{'down_proj' if em.group(3) == 'down_proj' else 'gate_up_proj'}"] = path
+        else:
+            shapes[name], files[name] = shape, path
+    for prefix, per_expert in experts.items():
+        count = len(per_expert)
+        if sorted(per_expert) != list(range(count)):
+            raise ValueError(f"{prefix}: expert indices in {p} are not 0..{count - 1}")
+        for j in range(count):
+            parts = per_expert[j]
+            if len(parts) < 3 or parts != per_expert[0] or parts["gate_proj"] != parts["up_proj"]:
+                raise ValueError(
+                    f"{prefix}.{j}: its gate/up/down projections in {p} are incomplete or differ in "
+                    f"shape from expert 0's: {parts} vs {per_expert[0]}"
+                )
+        rows, cols = per_expert[0]["gate_proj"]
+        shapes[f"{prefix}.gate_up_proj"] = (count, 2 * rows, cols)
+        shapes[f"{prefix}.down_proj"] = (count, *per_expert[0]["down_proj"])
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    check_keys(model, meta, f"checkpoint {p}", files)
+
+    if quantize:  # the engine's storage, as meta placeholders; the stream quantizes into them
+        from nanoseek.engine.quantize import quantize_model
+
+        quantize_model(model, quantize)
+    for key in where:
+        name = _model_name(key, config)
+        if name is None or (config.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        value = reader.get(key).to(device)
+        scale = reader.get(key + "_scale_inv").to(device) if key + "_scale_inv" in where else None
+        for k, v in _convert(key, name, value, scale, dtype, fp8_modules).items():
+            _place(model, k, v, (value, scale))
+    model.tie_weights()
     return model
+
+
+def _place(model: nn.Module, name: str, value: torch.Tensor, read: tuple[torch.Tensor | None, ...]) -> None:
+    """Put one converted tensor into the model: a routed expert's into its slice of the stacked
+    weights (allocated at the first expert), a weight of an engine-quantized layer quantized."""
+    from nanoseek.engine.quantize import QuantLinear, QuantRoutedExperts, quantize_tensor
+
+    if em := _EXPERT_KEY.match(name):
+        experts = model.get_submodule(em.group(1))
+        j, part = int(em.group(2)), em.group(3)
+        rows = slice(0, value.shape[0]) if part == "gate_proj" else slice(value.shape[0], None)
+        if part == "down_proj":
+            rows = slice(None)
+        if isinstance(experts, QuantRoutedExperts):
+            q, s = quantize_tensor(value, experts.fmt)
+            qn, sn = ("q_down", "s_down") if part == "down_proj" else ("q_gate_up", "s_gate_up")
+            _fill(experts, qn, j, rows, q)
+            _fill(experts, sn, j, rows, s)
+        else:
+            _fill(experts, "down_proj" if part == "down_proj" else "gate_up_proj", j, rows, value)
+        return
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(module, QuantLinear) and leaf == "weight":
+        q, s = quantize_tensor(value, module.fmt)
+        module.qweight, module.scale = q, s.to(module.compute_dtype)
+        return
+    if any(
+        r is not None and value.untyped_storage().data_ptr() == r.untyped_storage().data_ptr() for r in read
+    ):
+        value = value.clone()  # memory of its own, not a view of the file's map
+    old = module._parameters.get(leaf)
+    if old is not None:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        module._buffers[leaf] = value
+
+
+def _fill(module: nn.Module, attr: str, j: int, rows: slice, value: torch.Tensor) -> None:
+    """Copy one expert's tensor into `module.attr[j, rows]`, materialising the stack at the first."""
+    stack = getattr(module, attr)
+    if stack.is_meta:
+        dtype = value.dtype if attr.startswith("q_") else stack.dtype
+        real = torch.empty(stack.shape, dtype=dtype, device=value.device)
+        if isinstance(stack, nn.Parameter):
+            module._parameters[attr] = nn.Parameter(real, requires_grad=stack.requires_grad)
+        else:
+            module._buffers[attr] = real
+        stack = real
+    stack[j, rows] = value
 
 
 # ----------------------------------------------------------- train state

@@ -44,7 +44,8 @@ class Sample:
 @dataclass
 class EvalConfig:
     model: str = option(
-        help="checkpoint directory, or http(s) URL of an OpenAI-compatible server", positional=True
+        help="checkpoint directory, Hub name (owner/name), or http(s) URL of an OpenAI-compatible server",
+        positional=True,
     )
     task: str = option(help="task name(s), comma-separated: each is scored separately")
     k: int = option(4, "samples per problem", flag="-k")
@@ -234,13 +235,11 @@ def strip_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:
 def checkpoint_sampler(cfg: EvalConfig) -> tuple[Callable[[Sequence[Any]], list[list[Sample]]], str]:
     import torch
 
-    from nanoseek.checkpoint import load_model
+    from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.engine import Engine
     from nanoseek.tokenizer import load_tokenizer
 
-    path = Path(cfg.model)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+    path = resolve_checkpoint(cfg.model)
     tok = load_tokenizer(path)
     model = load_model(path).eval()
     engine = Engine(model, max_batch_size=cfg.max_batch_size)

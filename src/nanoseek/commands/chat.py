@@ -23,7 +23,10 @@ HELP = "commands: /reset  /system TEXT  /exit"
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="interactive chat with a checkpoint in the terminal")
-    p.add_argument("dir", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument(
+        "dir",
+        help="checkpoint directory (config.json, model.safetensors, tokenizer.json) or Hub name (owner/name)",
+    )
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--no-color", action="store_true", help="no ANSI dimming of the <think> part")
     add_generation_flags(p, max_new_tokens=1024, temperature=0.6)

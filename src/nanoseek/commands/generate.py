@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 
@@ -44,20 +43,15 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
     """(engine, tokenizer, model) from a checkpoint directory, with a clear error if parts are missing."""
     import torch
 
-    from nanoseek.checkpoint import load_model
+    from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.engine import Engine
     from nanoseek.tokenizer import load_tokenizer
 
-    directory = Path(args.dir)
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"{directory} is not a checkpoint directory (no config.json)")
-    if not (directory / "tokenizer.json").exists():
-        raise FileNotFoundError(
-            f"{directory} has no tokenizer.json: generation needs the checkpoint's tokenizer"
-        )
+    directory = resolve_checkpoint(args.dir, tokenizer=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(directory, dtype=getattr(torch, args.dtype)).eval()
+    # Quantized as the weights stream in: memory never holds the whole model in args.dtype.
+    model = load_model(directory, dtype=getattr(torch, args.dtype), quantize=args.quantize).eval()
     tokenizer = load_tokenizer(directory)
     speculative = args.speculative and model.config.num_nextn_predict_layers > 0
     if args.speculative and not speculative:
@@ -68,7 +62,10 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="complete a prompt with a checkpoint (streams to stdout)")
-    p.add_argument("dir", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument(
+        "dir",
+        help="checkpoint directory (config.json, model.safetensors, tokenizer.json) or Hub name (owner/name)",
+    )
     p.add_argument("--prompt", required=True, help="text to complete ('-' reads stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
     p.add_argument("--num-samples", type=int, default=1, help="completions to draw (batched)")

@@ -20,7 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "page at /."
         ),
     )
-    p.add_argument("model", metavar="DIR", help="checkpoint directory with tokenizer files")
+    p.add_argument(
+        "model",
+        metavar="DIR",
+        help="checkpoint directory with tokenizer files, or a Hugging Face Hub name (owner/name)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument(
@@ -50,16 +54,11 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from nanoseek import load_model, load_tokenizer
+    from nanoseek.checkpoint import resolve_checkpoint
     from nanoseek.engine import Engine
     from nanoseek.serve import ServeConfig, create_app
 
-    directory = Path(args.model)
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"{directory} is not a checkpoint directory (no config.json)")
-    if not (directory / "tokenizer.json").exists():
-        raise FileNotFoundError(
-            f"{directory} has no tokenizer.json: serving needs the checkpoint's tokenizer"
-        )
+    directory = resolve_checkpoint(args.model, tokenizer=True)
     if args.port < 0 or args.port > 65535:
         raise ValueError(f"--port {args.port} is not a TCP port")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(
         model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, speculative=args.speculative
     )
-    name = args.model_name or directory.resolve().name
+    # A Hub name names the model better than its snapshot directory (a commit hash) would.
+    name = args.model_name or (directory.resolve().name if Path(args.model).exists() else args.model)
     defaults = _generation_defaults(directory)
     app = create_app(
         engine,

@@ -27,6 +27,10 @@ _QMAX = {"int8": 127.0, "fp8": 448.0}
 
 def quantize_tensor(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (last dim reduced) symmetric quantization. Returns (q, scale) with w ≈ q * scale[..., None]."""
+    if w.is_meta:  # placeholders for `load_model(quantize=...)` to stream into; meta reductions would
+        # run Python reference kernels, which import torch._dynamo (~2 s)
+        q = torch.empty(w.shape, dtype=torch.int8 if fmt == "int8" else torch.float8_e4m3fn, device="meta")
+        return q, torch.empty(w.shape[:-1], device="meta")
     wf = w.detach().float()
     scale = wf.abs().amax(dim=-1).clamp(min=1e-12) / _QMAX[fmt]
     x = wf / scale.unsqueeze(-1)

@@ -27,7 +27,7 @@ from nanoseek.train.sft import SFTConfig, completion_example, train_on_examples
 
 @dataclass
 class DistillConfig:
-    teacher: str = option(help="teacher checkpoint directory (with tokenizer files)")
+    teacher: str = option(help="teacher checkpoint directory (with tokenizer files) or Hub name (owner/name)")
     student: str = option(help="student checkpoint directory or preset (tiny-dense, small, ...)")
     tasks: list[str] = option(help="task name(s), comma-separated", flag="--task", parse=split_task_list)
     k: int = option(4, "samples per prompt", flag="-k")
@@ -132,16 +132,14 @@ def distill(cfg: DistillConfig) -> Path:
     """Rejection-sample the teacher, then SFT the student on the kept traces; returns RUN/distill/."""
     import time
 
-    from nanoseek.checkpoint import load_model
+    from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.data.tasks import get_task
     from nanoseek.engine import Engine
     from nanoseek.evaluate import chat_prompt_ids
     from nanoseek.metrics import MetricsLog
     from nanoseek.tokenizer import load_tokenizer
 
-    teacher_dir = Path(cfg.teacher)
-    if not (teacher_dir / "config.json").exists():
-        raise FileNotFoundError(f"--teacher {teacher_dir} is not a checkpoint directory (no config.json)")
+    teacher_dir = resolve_checkpoint(cfg.teacher, flag="--teacher")
     if cfg.k < 1 or cfg.prompts < 1:
         raise ValueError("-k and --prompts must be >= 1")
     torch.manual_seed(cfg.seed)

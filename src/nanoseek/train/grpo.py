@@ -231,7 +231,7 @@ def collapse_warnings(
 # -------------------------------------------------------------------------------------- driver
 @dataclass
 class GRPOConfig:
-    init: str = option(help="checkpoint directory to start from (with tokenizer files)")
+    init: str = option(help="checkpoint directory to start from (with tokenizer files) or Hub name")
     tasks: list[str] = option(
         help="task name(s), comma-separated (e.g. arithmetic,countdown)", flag="--task", parse=split_task_list
     )
@@ -394,7 +394,7 @@ def grpo(cfg: GRPOConfig) -> Path:
 
     from tqdm.auto import tqdm
 
-    from nanoseek.checkpoint import load_model
+    from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.data.rewards import build_reward
     from nanoseek.data.tasks import get_task
     from nanoseek.engine import Engine
@@ -404,9 +404,7 @@ def grpo(cfg: GRPOConfig) -> Path:
     from nanoseek.train.loop import OptimConfig, Trainer
 
     cfg.validate()
-    init = Path(cfg.init)
-    if not (init / "config.json").exists():
-        raise FileNotFoundError(f"--init {init} is not a checkpoint directory (no config.json)")
+    init = resolve_checkpoint(cfg.init, flag="--init")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

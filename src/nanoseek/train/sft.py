@@ -205,7 +205,7 @@ def sft_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
 # ----------------------------------------------------------------------------------- driver
 @dataclass
 class SFTConfig:
-    init: str = option(help="checkpoint directory (with tokenizer files)")
+    init: str = option(help="checkpoint directory (with tokenizer files) or Hub name (owner/name)")
     data: str | None = option(None, "chat JSONL: one {'messages': [...]} per line")
     task: str | None = option(None, "build cold-start data from task(s)' worked solutions (comma-separated)")
     task_examples: int = option(2000, "examples drawn from --task")
@@ -351,14 +351,12 @@ def sft(cfg: SFTConfig) -> Path:
     """SFT a checkpoint on chat JSONL and/or a task's worked solutions; returns RUN/sft/."""
     import time
 
-    from nanoseek.checkpoint import load_model
+    from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.tokenizer import load_tokenizer
 
     started = time.perf_counter()  # a time budget covers data building too, as the control pays it
 
-    init = Path(cfg.init)
-    if not (init / "config.json").exists():
-        raise FileNotFoundError(f"--init {init} is not a checkpoint directory (no config.json)")
+    init = resolve_checkpoint(cfg.init, flag="--init")
     if not cfg.data and not cfg.task:
         raise ValueError("give --data chat.jsonl and/or --task NAME")
     torch.manual_seed(cfg.seed)

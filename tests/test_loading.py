@@ -1,0 +1,315 @@
+"""Loading real checkpoints: streamed into their final dtype/storage, Hub names, and one clear error
+for each kind of broken directory."""
+
+from __future__ import annotations
+
+import json
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import constants as hub_constants
+
+import nanoseek
+from nanoseek.checkpoint import (
+    HUB_FILES,
+    build_model,
+    check_keys,
+    from_hf_state_dict,
+    read_safetensors,
+    resolve_checkpoint,
+    save_model,
+)
+from nanoseek.cli import main as cli
+from nanoseek.config import ModelConfig
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine.quantize import QuantLinear, QuantRoutedExperts, quantize_model
+
+
+def config(**changes) -> ModelConfig:
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        num_nextn_predict_layers=1,
+        torch_dtype="float32",
+    )
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A tiny MTP model saved in several shards, and the model."""
+    model = build_model(config()).init_weights(0)
+    with torch.no_grad():  # a nonzero balancing bias, so that streaming it over the reset one shows
+        for _, router in model.routers():
+            router.e_score_correction_bias.uniform_(-1, 1)
+    d = save_model(model, tmp_path / "ckpt", max_shard_bytes=20_000)
+    assert len(list(d.glob("model-*.safetensors"))) > 2
+    return d, model
+
+
+# ------------------------------------------------------------- streaming
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_load_equals_the_in_memory_conversion(saved, dtype):
+    d, model = saved
+    loaded = nanoseek.load_model(d, dtype=dtype)
+    cfg = loaded.config
+    want = from_hf_state_dict(read_safetensors(d), cfg, dtype)
+    got = loaded.state_dict()
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    for (name, a), b in zip(model.named_buffers(), loaded.buffers(), strict=True):  # RoPE, router state
+        assert torch.equal(a.to(b.dtype), b), name
+    ids = torch.randint(0, 64, (2, 10))
+    if dtype == torch.float32:
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_quantized_as_it_streams_equals_the_engine_quantizing_after_loading(saved, fmt):
+    d, _ = saved
+    streamed = nanoseek.load_model(d, dtype=torch.bfloat16, quantize=fmt)
+    after = quantize_model(nanoseek.load_model(d, dtype=torch.bfloat16), fmt)
+    assert any(isinstance(m, QuantRoutedExperts) for m in streamed.modules())
+    assert sum(isinstance(m, QuantLinear) for m in streamed.modules()) == sum(
+        isinstance(m, QuantLinear) for m in after.modules()
+    )
+    a, b = streamed.state_dict(), after.state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k].float(), b[k].float()), k
+    # The engine takes the quantized model as it is (quantizing again is a no-op).
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    outs = [
+        Engine(m, max_batch_size=1, quantize=fmt).generate([[1, 2, 3]], params)[0] for m in (streamed, after)
+    ]
+    assert outs[0] == outs[1]
+
+
+def test_fp8_storage_streams_too(saved):
+    d, _ = saved
+    from nanoseek.model.fp8 import FP8Linear
+
+    m = nanoseek.load_model(d, fp8=True)
+    assert any(isinstance(x, FP8Linear) for x in m.modules())
+    assert not any(t.is_meta for t in m.parameters())
+
+
+def test_fp8_and_quantize_are_one_or_the_other(saved):
+    with pytest.raises(ValueError, match="choose one"):
+        nanoseek.load_model(saved[0], fp8=True, quantize="int8")
+
+
+# ------------------------------------------------------------- hub names
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path, saved):
+    """snapshot_download mocked: records its calls and returns the saved tiny checkpoint."""
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(saved[0])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_a_hub_name_is_downloaded_through_huggingface_hub(fake_hub, saved):
+    model = nanoseek.load_model("deepseek-ai/DeepSeek-R1-Distill-Tiny")
+    assert fake_hub == [("deepseek-ai/DeepSeek-R1-Distill-Tiny", {"allow_patterns": list(HUB_FILES)})]
+    for (k, a), b in zip(saved[1].state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    # A local directory is never looked up on the Hub, nor is a preset.
+    nanoseek.load_model(saved[0])
+    nanoseek.load_model("tiny")
+    assert len(fake_hub) == 1
+
+
+def test_cli_commands_take_hub_names(fake_hub, monkeypatch, micro_checkpoint, capsys):
+    def snapshot_download(repo_id, **kwargs):
+        fake_hub.append(repo_id)
+        return micro_checkpoint
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    rc = cli(["generate", "someone/micro", "--prompt", "1+1", "--max-new-tokens", "3", "--quantize", "int8"])
+    assert rc == 0, capsys.readouterr().err
+    assert fake_hub == ["someone/micro"]
+
+
+def test_offline_hub_name_is_one_clear_error(monkeypatch, tmp_path, capsys):
+    """For real: HF_HUB_OFFLINE (the tests' setting) with an empty cache, then the Hub unreachable."""
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"offline.*local checkpoint directory"):
+        resolve_checkpoint("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: unreachable
+    with pytest.raises(FileNotFoundError, match=r"offline.*hf download deepseek-ai/X --local-dir"):
+        nanoseek.load_model("deepseek-ai/X")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    assert cli(["generate", "deepseek-ai/X", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("nanoseek generate: error: deepseek-ai/X is not a local directory") and "\n" not in err
+    )
+
+
+def test_not_a_checkpoint_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="--init .* no such directory"):
+        resolve_checkpoint(tmp_path / "a" / "b" / "c", flag="--init")
+
+
+# ------------------------------------------------------------- bad input
+def one_line_error(capsys, directory) -> str:
+    """What `nanoseek generate DIR` prints: one line, no traceback."""
+    assert cli(["generate", str(directory), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nanoseek generate: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def with_tokenizer(d, micro_checkpoint) -> None:
+    """The CLI checks for a tokenizer before reading weights: give the broken directory one."""
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        src = f"{micro_checkpoint}/{name}"
+        shutil.copy(src, d / name)
+
+
+def test_missing_shard(saved, capsys, micro_checkpoint):
+    d, _ = saved
+    shard = sorted(d.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(
+        FileNotFoundError, match=rf"model\.safetensors\.index\.json names .*{shard.name}.*incomplete"
+    ):
+        nanoseek.load_model(d)
+    with_tokenizer(d, micro_checkpoint)
+    assert shard.name in one_line_error(capsys, d)
+
+
+def test_truncated_safetensors(saved, capsys, micro_checkpoint):
+    d, _ = saved
+    shard = sorted(d.glob("model-*.safetensors"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{shard.name} is not a readable safetensors file.*truncated"):
+        nanoseek.load_model(d)
+    with_tokenizer(d, micro_checkpoint)
+    assert "truncated" in one_line_error(capsys, d)
+
+
+def test_unknown_model_type(saved, capsys, micro_checkpoint):
+    d, _ = saved
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json: unsupported model_type 'mamba'"):
+        nanoseek.load_model(d)
+    with_tokenizer(d, micro_checkpoint)
+    assert "model_type 'mamba'" in one_line_error(capsys, d)
+
+
+def test_config_and_weights_disagree_on_a_shape(saved, capsys, micro_checkpoint):
+    d, _ = saved
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["kv_lora_rank"] = 24
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ValueError, match=r"self_attn\.kv_a_\w+\.weight: shape .* in .*model-\d+-of-\d+\.safetensors != "
+    ):
+        nanoseek.load_model(d)
+    with_tokenizer(d, micro_checkpoint)
+    assert "another config.json" in one_line_error(capsys, d)
+
+
+def test_a_shard_from_another_checkpoint(saved):
+    d, _ = saved
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = sorted(set(index["weight_map"].values()) - {index["weight_map"][key]})[0]
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="does not belong to this checkpoint"):
+        nanoseek.load_model(d)
+
+
+def test_check_keys_names_the_file():
+    model = build_model(config(), device="meta")
+    bad = {k: torch.empty(1, device="meta") for k in model.state_dict()}
+    with pytest.raises(ValueError, match="in shard-7.safetensors"):
+        check_keys(model, bad, "x", dict.fromkeys(bad, "shard-7.safetensors"))
+
+
+def test_an_expert_missing_a_projection(saved):
+    from safetensors.torch import load_file, save_file
+
+    d, _ = saved
+    key = "model.layers.1.mlp.experts.2.up_proj.weight"
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = d / index["weight_map"].pop(key)
+    tensors = load_file(str(shard))
+    del tensors[key]
+    save_file(tensors, str(shard))
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"experts\.2: its gate/up/down projections .* incomplete"):
+        nanoseek.load_model(d)
+
+
+def test_quantized_loading_leaves_torch_dynamo_unimported(saved):
+    """Placeholders on the meta device are made without meta reductions, which would import
+    torch._dynamo (~2 s more for every `nanoseek generate --quantize`)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from nanoseek.checkpoint import load_model\n"
+        f"load_model({str(saved[0])!r}, dtype=torch.bfloat16, quantize='int8')\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["chat", "deepseek-ai/X"],
+        ["serve", "deepseek-ai/X"],
+        ["eval", "deepseek-ai/X", "--task", "arithmetic"],
+        ["sft", "--init", "deepseek-ai/X", "--task", "arithmetic"],
+        ["grpo", "--init", "deepseek-ai/X", "--task", "arithmetic"],
+        ["distill", "--teacher", "deepseek-ai/X", "--student", "tiny", "--task", "arithmetic"],
+    ],
+)
+def test_every_command_resolves_hub_names(argv, monkeypatch, tmp_path, capsys):
+    """Each command that reads a checkpoint goes through resolve_checkpoint: offline, the same line."""
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    out = ["--out", str(tmp_path / "run")] if argv[0] in ("sft", "grpo", "distill") else []
+    assert cli(argv + out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"nanoseek {argv[0]}: error: ") and "\n" not in err
+    assert "deepseek-ai/X is not a local directory" in err and "hf download" in err
