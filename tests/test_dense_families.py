@@ -1,0 +1,143 @@
+"""The dense families R1 distils into (Qwen2, Llama), as configurations of nanoseek's own blocks.
+
+Same weights, same logits as transformers' Qwen2ForCausalLM / LlamaForCausalLM (fp32, 1e-4), both
+ways: random transformers models saved with `save_pretrained` and loaded by `nanoseek.load_model`,
+and nanoseek models saved with `save_model` and read by `AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.checkpoint import build_model, save_model
+from nanoseek.config import ModelConfig, get_preset
+from nanoseek.model.gqa import GroupedQueryAttention
+
+transformers = pytest.importorskip("transformers")
+
+from test_hf_interop import assert_close, ids_for, randomize_  # noqa: E402
+
+VOCAB = 96
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+
+def hf_kwargs(**changes) -> dict:
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return {**base, **changes}
+
+
+# name -> (transformers config class name, its kwargs); GQA ratios 1, 2 and 4 among them.
+CONFIGS = {
+    "qwen2_untied_gqa2": ("Qwen2Config", hf_kwargs()),
+    "qwen2_tied_gqa4": ("Qwen2Config", hf_kwargs(num_key_value_heads=1, tie_word_embeddings=True)),
+    "qwen2_tied_mha": ("Qwen2Config", hf_kwargs(num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama_nobias_gqa2": ("LlamaConfig", hf_kwargs()),
+    "llama_bias_llama3_gqa4": (
+        "LlamaConfig",
+        hf_kwargs(num_attention_heads=8, head_dim=16, attention_bias=True, rope_scaling=LLAMA3),
+    ),
+    "llama_tied_llama3_mha": (
+        "LlamaConfig",
+        hf_kwargs(num_key_value_heads=4, tie_word_embeddings=True, rope_scaling=LLAMA3),
+    ),
+}
+
+
+def hf_model(name: str, seed: int = 0):
+    cls_name, kw = CONFIGS[name]
+    hc = getattr(transformers, cls_name)(**kw)
+    model = transformers.AutoModelForCausalLM.from_config(hc)
+    randomize_(model, seed)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_transformers_to_nanoseek(tmp_path, name):
+    ref = hf_model(name)
+    ref.save_pretrained(tmp_path)
+    ours = nanoseek.load_model(tmp_path).eval()
+    cfg = ours.config
+    assert cfg.attention_variant == "gqa" and not cfg.is_moe and cfg.num_nextn_predict_layers == 0
+    assert all(isinstance(layer.self_attn, GroupedQueryAttention) for layer in ours.model.layers)
+    if cfg.tie_word_embeddings:
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    ids = ids_for(40)  # past llama3's original_max_position_embeddings
+    with torch.no_grad():
+        assert_close(ours(ids), ref(ids).logits)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_nanoseek_to_transformers(tmp_path, name):
+    cfg = ModelConfig.from_dict(getattr(transformers, CONFIGS[name][0])(**CONFIGS[name][1]).to_dict())
+    ours = build_model(cfg).init_weights(seed=2).eval()
+    randomize_(ours, seed=3)
+    save_model(ours, tmp_path / "ckpt")
+    written = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert "kv_lora_rank" not in written and "n_routed_experts" not in written  # its own family's keys
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    family = "Qwen2ForCausalLM" if cfg.model_type == "qwen2" else "LlamaForCausalLM"
+    assert type(ref).__name__ == family
+    ids = ids_for(40)
+    with torch.no_grad():
+        assert_close(ours(ids), ref(ids).logits)
+        again = nanoseek.load_model(tmp_path / "ckpt").eval()
+        torch.testing.assert_close(again(ids), ours(ids), rtol=0, atol=0)
+
+
+def test_llama3_scaling_is_in_the_comparison():
+    """Guard: the llama3 configs would fail if the scaling were ignored (the frequencies differ)."""
+    cfg = ModelConfig.from_dict(transformers.LlamaConfig(**CONFIGS["llama_tied_llama3_mha"][1]).to_dict())
+    assert cfg.rope_scaling and cfg.rope_scaling["type"] == "llama3"
+    plain = build_model(cfg.replace(rope_scaling=None)).init_weights(seed=1).eval()
+    scaled = build_model(cfg).init_weights(seed=1).eval()
+    ids = ids_for(40)
+    with torch.no_grad():
+        assert (plain(ids) - scaled(ids)).abs().max() > 1e-3
+
+
+def test_dense_config_fields_and_errors():
+    qwen = ModelConfig.from_dict(transformers.Qwen2Config(**hf_kwargs()).to_dict())
+    assert (qwen.qkv_bias, qwen.o_bias, qwen.head_dim, qwen.rope_interleave) == (True, False, 16, False)
+    assert qwen.bos_token_id is None and qwen.eos_token_id is None  # not DeepSeek's 0 / 1
+    llama = ModelConfig.from_dict(transformers.LlamaConfig(**hf_kwargs(attention_bias=True)).to_dict())
+    assert (llama.qkv_bias, llama.o_bias) == (True, True)
+    # A round trip through nanoseek's config.json keeps the family and its fields.
+    again = ModelConfig.from_dict(llama.to_dict())
+    assert again == llama
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        ModelConfig.from_dict({**qwen.to_dict(), "num_key_value_heads": 3})
+    with pytest.raises(ValueError, match="sliding_window"):
+        ModelConfig.from_dict({**qwen.to_dict(), "use_sliding_window": True})
+    with pytest.raises(ValueError, match="mlp_bias"):
+        ModelConfig.from_dict({**llama.to_dict(), "mlp_bias": True})
+
+
+def test_tiny_qwen2_preset_is_a_qwen2_checkpoint(tmp_path):
+    """The distillation student preset: transformers loads what nanoseek saves as Qwen2ForCausalLM."""
+    cfg = get_preset("tiny-qwen2")
+    assert cfg.model_type == "qwen2" and cfg.tie_word_embeddings and cfg.num_key_value_heads == 2
+    ours = build_model(cfg).init_weights(seed=0).eval()
+    save_model(ours, tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(ref).__name__ == "Qwen2ForCausalLM"
+    ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, rtol=0, atol=1e-4)
