@@ -141,3 +141,89 @@ def test_tiny_qwen2_preset_is_a_qwen2_checkpoint(tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), ref(ids).logits, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------- engine
+ENGINE_PROMPTS = [[3, 17, 50, 4, 90, 8, 61], [40, 2, 9], list(range(20, 61)), [7]]
+
+
+def engine_model(name: str, tmp_path):
+    """A transformers model and nanoseek's load of it, with weights peaked enough for greedy."""
+    ref = hf_model(name, seed=4)
+    ref.save_pretrained(tmp_path)
+    return ref, nanoseek.load_model(tmp_path).eval()
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied_gqa4", "llama_bias_llama3_gqa4"])
+def test_engine_greedy_matches_transformers_generate(tmp_path, name):
+    from nanoseek.engine import Engine
+    from nanoseek.engine.cache import PagedKVCache
+
+    ref, ours = engine_model(name, tmp_path)
+    # Small blocks and prefill chunks: prompts prefill over several steps while others decode.
+    engine = Engine(ours, max_batch_size=4, block_size=4, prefill_chunk=8)
+    assert isinstance(engine.cache, PagedKVCache)
+    cfg = ours.config
+    assert (
+        engine.stats()["cache_bytes_per_token"]
+        == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * 16 * 4
+    )
+    got = engine.generate(ENGINE_PROMPTS, max_new_tokens=12, ignore_eos=True)
+    for prompt, out in zip(ENGINE_PROMPTS, got, strict=True):
+        with torch.no_grad():
+            want = ref.generate(
+                torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+        assert out == want[0, len(prompt) :].tolist()
+
+
+def test_engine_logprobs_batching_and_prefix_reuse(tmp_path):
+    from nanoseek.engine import Engine, SamplingParams
+
+    _, ours = engine_model("qwen2_untied_gqa2", tmp_path)
+    engine = Engine(ours, max_batch_size=4, block_size=4, prefill_chunk=8)
+    res = engine.generate_detailed(ENGINE_PROMPTS, max_new_tokens=6, logprobs=3, ignore_eos=True)
+    worst = 0.0
+    for prompt, c in zip(ENGINE_PROMPTS, res, strict=True):
+        with torch.no_grad():
+            full = ours(torch.tensor([prompt + c.token_ids[:-1]]))[0].log_softmax(-1)
+        for i, lp in enumerate(c.logprobs):
+            ref = full[len(prompt) - 1 + i]
+            assert lp.token_id == int(ref.argmax())
+            worst = max(worst, abs(lp.logprob - float(ref[lp.token_id])))
+    assert worst < 1e-4
+    # Continuous batching: requests joining mid-way get what they get alone.
+    solo = [Engine(ours).generate([p], max_new_tokens=6, ignore_eos=True)[0] for p in ENGINE_PROMPTS]
+    engine = Engine(ours, max_batch_size=2, block_size=4, prefill_chunk=5)
+    ids, got, steps = [], {}, 0
+    while engine.has_unfinished() or len(ids) < len(ENGINE_PROMPTS):
+        if len(ids) < len(ENGINE_PROMPTS) and steps % 2 == 0:
+            rid = engine.add_request(
+                ENGINE_PROMPTS[len(ids)], SamplingParams(max_new_tokens=6, ignore_eos=True)
+            )
+            ids.append(rid)
+            got[rid] = []
+        for ev in engine.step():
+            got[ev.request_id].extend(ev.new_token_ids)
+        steps += 1
+    assert [got[r] for r in ids] == solo
+    # The prefix cache shares K/V blocks as it shares MLA's latent blocks.
+    system = list(range(10, 50))
+    prompts = [system + [5, 6], system + [7, 8, 9]]
+    fresh = [Engine(ours, block_size=16).generate([p], max_new_tokens=5, ignore_eos=True)[0] for p in prompts]
+    engine = Engine(ours, block_size=16)
+    again = [engine.generate([p], max_new_tokens=5, ignore_eos=True)[0] for p in prompts]
+    assert again == fresh and engine.stats()["prefix_cache_hit_blocks"] == 2
+
+
+def test_engine_int8_and_no_speculation(tmp_path):
+    from nanoseek.engine import Engine
+
+    _, ours = engine_model("qwen2_tied_gqa4", tmp_path)
+    with pytest.raises(ValueError, match="not available"):
+        Engine(ours, speculative=True)
+    # int8 weights, the q/k/v biases kept beside them in the model's dtype.
+    q = Engine(nanoseek.load_model(tmp_path).eval(), quantize="int8")
+    layer = q.model.model.layers[0].self_attn
+    assert layer.q_proj.qweight.dtype == torch.int8 and layer.q_proj.bias is not None
+    assert [len(x) for x in q.generate(ENGINE_PROMPTS[:2], max_new_tokens=4, ignore_eos=True)] == [4, 4]
