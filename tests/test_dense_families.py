@@ -227,3 +227,41 @@ def test_engine_int8_and_no_speculation(tmp_path):
     layer = q.model.model.layers[0].self_attn
     assert layer.q_proj.qweight.dtype == torch.int8 and layer.q_proj.bias is not None
     assert [len(x) for x in q.generate(ENGINE_PROMPTS[:2], max_new_tokens=4, ignore_eos=True)] == [4, 4]
+
+
+def test_inspect_r1_distill_qwen_1_5b_shape(tmp_path, capsys):
+    """`nanoseek inspect` on DeepSeek-R1-Distill-Qwen-1.5B's config.json (only the config is read)."""
+    from nanoseek.cli import main
+
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": 151936,
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 131072,
+        "max_window_layers": 21,
+        "rope_theta": 10000,
+        "rms_norm_eps": 1e-06,
+        "sliding_window": 4096,
+        "use_sliding_window": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
+        "torch_dtype": "bfloat16",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    h, layers, v, d = 1536, 28, 151936, 128
+    per_layer = h * (12 + 2 * 2) * d + (12 + 2 * 2) * d + 12 * d * h + 3 * h * 8960 + 2 * h
+    assert out["total_params"] == 2 * v * h + layers * per_layer + h  # ~1.78B, untied
+    assert out["attention_variant"] == "gqa"
+    assert out["kv_cache_bytes_per_token"] == layers * 2 * 2 * d * 2  # 28 KiB in bf16
+    assert out["mla_kv_cache_bytes_per_token"] == layers * (4 * d + d // 2) * 2
+    assert out["mha_kv_cache_bytes_per_token"] == layers * 12 * 2 * d * 2
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "MLA would need" in capsys.readouterr().out

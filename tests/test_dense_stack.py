@@ -133,3 +133,110 @@ def test_gguf_export_refuses_a_dense_family_with_the_way_out(qwen2_dir):
 
     with pytest.raises(ValueError, match="convert_hf_to_gguf"):
         check_exportable(load_model(qwen2_dir).config)
+
+
+# R1-Distill's tokenizer_config.json chat template as DeepSeek ships it (one line in their file; split
+# here for reading, the concatenation is the same string): system prompt first, tool turns, past
+# reasoning dropped from assistant history, and the generation prompt that opens the think block.
+R1_DISTILL_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
+    "{{bos_token}}{{ns.system_prompt}}{%- for message in messages %}{%- if message['role'] == 'user' %}"
+    "{%- set ns.is_tool = false -%}{{'<｜User｜>' + message['content']}}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['content'] is none %}{%- set ns.is_tool = false -%}"
+    "{%- for tool in message['tool_calls']%}{%- if not ns.is_first %}"
+    "{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + "
+    "tool['function']['name'] + '\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n' + '```' + "
+    "'<｜tool▁call▁end｜>'}}{%- set ns.is_first = true -%}{%- else %}{{'\\n' + '<｜tool▁call▁begin｜>' + "
+    "tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\\n' + '```json' + '\\n' + "
+    "tool['function']['arguments'] + '\\n' + '```' + '<｜tool▁call▁end｜>'}}"
+    "{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}{%- endif %}{%- endfor %}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['content'] is not none %}{%- if ns.is_tool %}"
+    "{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}{%- set ns.is_tool = false -%}"
+    "{%- else %}{% set content = message['content'] %}{% if '</think>' in content %}"
+    "{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}"
+    "{%- if message['role'] == 'tool' %}{%- set ns.is_tool = true -%}{%- if ns.is_output_first %}"
+    "{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}"
+    "{%- set ns.is_output_first = false %}{%- else %}{{'\\n<｜tool▁output▁begin｜>' + message['content'] + "
+    "'<｜tool▁output▁end｜>'}}{%- endif %}{%- endif %}{%- endfor -%}{% if ns.is_tool %}"
+    "{{'<｜tool▁outputs▁end｜>'}}{% endif %}{% if add_generation_prompt and not ns.is_tool %}"
+    "{{'<｜Assistant｜><think>\\n'}}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def r1_distill_dir(qwen2_dir, tmp_path_factory) -> Path:
+    """The tiny Qwen2 with a tokenizer_config.json shaped like R1-Distill-Qwen's (its template,
+    special tokens as {"content": ...} dicts, LlamaTokenizerFast, BOS added)."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("r1distill") / "ckpt"
+    shutil.copytree(qwen2_dir, d)
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+
+    def special(s: str) -> dict:
+        return {"__type": "AddedToken", "content": s, "lstrip": False, "normalized": True, "rstrip": False}
+
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": special("<｜begin▁of▁sentence｜>"),
+        "eos_token": special("<｜end▁of▁sentence｜>"),
+        "pad_token": special("<｜end▁of▁sentence｜>"),
+        "clean_up_tokenization_spaces": False,
+        "legacy": True,
+        "model_max_length": 16384,
+        "sp_model_kwargs": {},
+        "unk_token": None,
+        "tokenizer_class": "LlamaTokenizerFast",
+        "use_default_system_prompt": False,
+        "chat_template": R1_DISTILL_TEMPLATE,
+    }
+    (d / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
+    return d
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "1 + 2?"},
+    {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n3"},
+    {"role": "user", "content": "and 2 + 2?"},
+]
+
+
+def test_r1_distill_chat_template_used_as_shipped(r1_distill_dir):
+    from nanoseek.evaluate import chat_prompt_ids
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(r1_distill_dir)
+    assert tok.chat_template == R1_DISTILL_TEMPLATE
+    ours = tok.apply_chat_template(CONVERSATION, add_generation_prompt=True)
+    ref = transformers.AutoTokenizer.from_pretrained(r1_distill_dir)
+    theirs = ref.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+    assert ours == theirs
+    assert ours.endswith("<｜Assistant｜><think>\n") and "add them" not in ours  # past reasoning dropped
+    assert tok.encode(ours) == ref(theirs, add_special_tokens=False)["input_ids"]
+    ids = chat_prompt_ids(tok, "1 + 2?")
+    assert ids[0] == tok.bos_token_id and ids[-2:] == tok.encode("<think>\n")
+
+
+def test_r1_distill_serve_starts_in_reasoning(r1_distill_dir):
+    """With the template's <think>\\n prefill the server reads the reply as reasoning until </think>."""
+    import openai
+
+    from nanoseek.serve import ServeConfig, create_app
+    from nanoseek.tokenizer import load_tokenizer
+    from serve_fakes import LiveServer, ScriptedEngine
+
+    tok = load_tokenizer(r1_distill_dir)
+    engine = ScriptedEngine(
+        tok, lambda prompt, params: tok.encode("add them\n</think>\n\n3") + [tok.eos_token_id]
+    )
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="d"))) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="d", messages=CONVERSATION, max_tokens=20)
+        msg = r.choices[0].message
+        assert msg.content.strip() == "3" and msg.model_extra["reasoning_content"].strip() == "add them"
