@@ -265,3 +265,22 @@ def test_inspect_r1_distill_qwen_1_5b_shape(tmp_path, capsys):
     assert out["mha_kv_cache_bytes_per_token"] == layers * 12 * 2 * d * 2
     assert main(["inspect", str(tmp_path)]) == 0
     assert "MLA would need" in capsys.readouterr().out
+
+
+def test_engine_bf16_logprobs_near_full_recompute(tmp_path):
+    """bf16, as `serve` runs on a GPU: each step's log-prob near a full recompute on the same prefix."""
+    from nanoseek.engine import Engine
+
+    _, ours = engine_model("llama_bias_llama3_gqa4", tmp_path)
+    ours = ours.to(torch.bfloat16)
+    res = Engine(ours, block_size=4, prefill_chunk=8).generate_detailed(
+        ENGINE_PROMPTS, max_new_tokens=6, logprobs=0, ignore_eos=True
+    )
+    errors = []
+    for prompt, c in zip(ENGINE_PROMPTS, res, strict=True):
+        with torch.no_grad():
+            full = ours(torch.tensor([prompt + c.token_ids[:-1]]))[0].float().log_softmax(-1)
+        errors += [
+            abs(lp.logprob - float(full[len(prompt) - 1 + i, lp.token_id])) for i, lp in enumerate(c.logprobs)
+        ]
+    assert max(errors) < 5e-2, max(errors)
