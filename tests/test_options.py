@@ -20,7 +20,9 @@ def parse(*argv: str):
 
 
 def test_no_flag_means_the_dataclass_default() -> None:
-    assert from_options(PretrainConfig, parse("pretrain"), data="embedded") == PretrainConfig()
+    args = parse("pretrain")
+    assert args.data == ["embedded"]  # not the string, which a list flag would take apart letter by letter
+    assert from_options(PretrainConfig, args, data="embedded") == PretrainConfig()
     assert from_options(SFTConfig, parse("sft", "--init", "ck")) == SFTConfig(init="ck")
     assert from_options(GRPOConfig, parse("grpo", "--init", "ck", "--task", "addition")) == GRPOConfig(
         init="ck", tasks=["addition"]

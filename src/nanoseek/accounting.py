@@ -18,6 +18,9 @@ What is notable here:
   left out, as in the Kaplan/Chinchilla/PaLM convention.
 - KV cache per token in BF16: MLA stores num_layers x (kv_lora_rank + qk_rope_head_dim) elements;
   the MHA of the same shape would store num_layers x heads x (qk_head_dim + v_head_dim).
+- The dense families (Qwen2, Llama: grouped-query attention) cache num_layers x 2 x kv_heads x
+  head_dim; "MLA at the same width" is V2's own choice for their heads (V2 §2.1.4: d_c = 4 d_h,
+  d_h^R = d_h / 2, i.e. 4.5 d_h per layer), what the same model would cache had it MLA.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ def count_parameters(config: ModelConfig) -> ParamCounts:
 
     from nanoseek.checkpoint import build_model
     from nanoseek.model.attention import MultiHeadLatentAttention, RMSNorm
+    from nanoseek.model.gqa import GroupedQueryAttention
     from nanoseek.model.moe import MLP, MoE, RoutedExperts, Router
 
     model = build_model(config, device="meta")
@@ -106,7 +110,7 @@ def count_parameters(config: ModelConfig) -> ParamCounts:
         if path == "lm_head":
             return "lm_head"
         parent = parent_of(path)
-        if isinstance(parent, MultiHeadLatentAttention):
+        if isinstance(parent, MultiHeadLatentAttention | GroupedQueryAttention):
             return "attention"
         if isinstance(parent, MLP):
             return "shared_experts" if isinstance(parent_of(path, 2), MoE) else "dense_mlp"
@@ -135,8 +139,12 @@ def count_parameters(config: ModelConfig) -> ParamCounts:
 
 # ------------------------------------------------------- closed-form counts
 def _attention_params(c: ModelConfig) -> tuple[int, int]:
-    """(linear weights, norm weights) of one MLA layer (V2 §2.1)."""
+    """(linear weights and biases, norm weights) of one attention layer: MLA (V2 §2.1) or GQA."""
     h, heads = c.hidden_size, c.num_attention_heads
+    if c.attention_variant == "gqa":
+        d, kv = int(c.head_dim or 0), int(c.num_key_value_heads or heads)
+        qkv = h * (heads + 2 * kv) * d + (heads + 2 * kv) * d * c.qkv_bias
+        return qkv + heads * d * h + h * c.o_bias, 0
     if c.q_lora_rank is None:
         q = h * heads * c.qk_head_dim
         q_norm = 0
@@ -205,6 +213,8 @@ def analytic_parameters(c: ModelConfig) -> ParamCounts:
 def attention_flops_per_token(config: ModelConfig, keys: float) -> float:
     """Forward FLOPs of QK^T and AV for one query over `keys` visible keys, all layers (naive MLA)."""
     c = config
+    if c.attention_variant == "gqa":
+        return 2.0 * c.num_hidden_layers * c.num_attention_heads * 2 * int(c.head_dim or 0) * keys
     return 2.0 * c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * keys
 
 
@@ -251,14 +261,29 @@ def mtp_flops_per_token(config: ModelConfig, seq_len: int, counts: ParamCounts |
 
 # --------------------------------------------------------------- KV cache
 def kv_cache_bytes_per_token(config: ModelConfig, bytes_per_element: int = BF16_BYTES) -> int:
-    """MLA: one latent c_kv plus one shared RoPE key per layer (V2 §2.1.2)."""
+    """MLA: one latent c_kv plus one shared RoPE key per layer (V2 §2.1.2); GQA: K and V per KV head."""
+    if config.attention_variant == "gqa":
+        kv = int(config.num_key_value_heads or config.num_attention_heads)
+        return config.num_hidden_layers * 2 * kv * int(config.head_dim or 0) * bytes_per_element
     return config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * bytes_per_element
 
 
 def mha_kv_cache_bytes_per_token(config: ModelConfig, bytes_per_element: int = BF16_BYTES) -> int:
     """What standard multi-head attention of the same shape would cache: full K and V per head."""
     c = config
+    if c.attention_variant == "gqa":
+        return c.num_hidden_layers * c.num_attention_heads * 2 * int(c.head_dim or 0) * bytes_per_element
     return c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * bytes_per_element
+
+
+def mla_kv_cache_bytes_per_token(config: ModelConfig, bytes_per_element: int = BF16_BYTES) -> int:
+    """What MLA would cache at this width: the model's own for MLA; for GQA, V2's proportions for
+    its head size (d_c = 4 d_h, d_h^R = d_h / 2: V2 §2.1.4), i.e. 4.5 head_dim per layer."""
+    c = config
+    if c.attention_variant == "mla":
+        return kv_cache_bytes_per_token(c, bytes_per_element)
+    d = int(c.head_dim or 0)
+    return c.num_hidden_layers * (4 * d + d // 2) * bytes_per_element
 
 
 # ------------------------------------------------------------ the account
@@ -277,6 +302,8 @@ class ModelAccount:
     mtp_flops_per_token: float
     kv_cache_bytes_per_token: int
     mha_kv_cache_bytes_per_token: int
+    mla_kv_cache_bytes_per_token: int
+    attention_variant: str
 
     @property
     def kv_cache_ratio(self) -> float:
@@ -311,6 +338,8 @@ def account(
         mtp_flops_per_token=mtp_flops_per_token(c, seq_len, counts),
         kv_cache_bytes_per_token=kv_cache_bytes_per_token(c),
         mha_kv_cache_bytes_per_token=mha_kv_cache_bytes_per_token(c),
+        mla_kv_cache_bytes_per_token=mla_kv_cache_bytes_per_token(c),
+        attention_variant=c.attention_variant,
     )
 
 

@@ -12,6 +12,10 @@ reader can hold this file next to the papers and the checkpoints:
 - MTP (V3 §2.2): `num_nextn_predict_layers`.
 - RoPE: `rope_theta`, `rope_scaling` (YaRN, DeepSeek's files) which transformers 5 calls
   `rope_parameters`; `rope_interleave` says the checkpoint's RoPE dims are pairwise interleaved.
+- The dense families R1 distils into (R1 §2.4) read from their own config.json: `model_type` "qwen2"
+  or "llama" selects grouped-query attention (`attention_variant` "gqa": `num_key_value_heads`,
+  `head_dim`, QKV bias for Qwen2, `attention_bias` for Llama, Llama 3 `rope_scaling`) and a dense
+  SwiGLU MLP in every layer (no experts, no MTP). The MLA and MoE fields are then unused.
 """
 
 from __future__ import annotations
@@ -35,6 +39,34 @@ _PASSTHROUGH_DEFAULTS: dict[str, Any] = {
     "ep_size": 1,
     "use_cache": True,
 }
+# Dense families (grouped-query attention, dense SwiGLU MLP) and their transformers classes.
+DENSE_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+# What the dense families' config.json carries besides the computation's fields, with defaults.
+_DENSE_PASSTHROUGH = {
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "attention_dropout": 0.0,
+    "use_cache": True,
+}
+# ModelConfig fields a dense family's config.json holds (the MLA / MoE / MTP ones are not its own).
+_DENSE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rope_theta",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "model_type",
+    "torch_dtype",
+)
 
 
 @dataclass
@@ -46,6 +78,7 @@ class ModelConfig:
     num_hidden_layers: int = 61
     num_attention_heads: int = 128
     num_key_value_heads: int | None = None  # MLA has no KV-head grouping; kept for transformers
+    head_dim: int | None = None  # GQA's per-head width (default hidden/heads); unused by MLA
     # Multi-head Latent Attention
     q_lora_rank: int | None = 1536
     kv_lora_rank: int = 512
@@ -87,9 +120,35 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.attention_variant == "gqa":
+            # A dense family: no experts, no MTP, half-split RoPE over the whole head (Qwen2 / Llama).
+            self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+            self.n_routed_experts = self.n_shared_experts = self.num_experts_per_tok = None
+            self.num_nextn_predict_layers = 0
+            self.rope_interleave = False
         self.validate()
 
     # ----------------------------------------------------------------- derived
+    @property
+    def attention_variant(self) -> str:
+        """ "mla" (DeepSeek) or "gqa" (grouped-query attention: the Qwen2 / Llama families)."""
+        return "gqa" if self.model_type in DENSE_ARCHITECTURES else "mla"
+
+    @property
+    def qkv_bias(self) -> bool:
+        """GQA's q/k/v projections carry a bias: always in Qwen2, with `attention_bias` in Llama."""
+        return self.model_type == "qwen2" or bool(_get(self, "attention_bias", False))
+
+    @property
+    def o_bias(self) -> bool:
+        """Llama's `attention_bias` also covers o_proj; Qwen2's o_proj never has one."""
+        return self.model_type == "llama" and bool(_get(self, "attention_bias", False))
+
+    @property
+    def rope_head_dim(self) -> int:
+        """The dims RoPE rotates: MLA's decoupled key part, or GQA's whole head."""
+        return self.qk_rope_head_dim if self.attention_variant == "mla" else int(self.head_dim or 0)
+
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -109,6 +168,8 @@ class ModelConfig:
     @property
     def softmax_scale(self) -> float:
         """1/sqrt(d) times YaRN's mscale² (DeepSeek-V2 appendix on YaRN; `mscale_all_dim`)."""
+        if self.attention_variant == "gqa":
+            return float(self.head_dim or 0) ** -0.5
         scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling
         if rs and rs.get("type", rs.get("rope_type")) == "yarn":
@@ -149,19 +210,40 @@ class ModelConfig:
                 "topk_group groups must hold at least num_experts_per_tok experts",
             )
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+        if self.attention_variant == "gqa":
+            kv = int(self.num_key_value_heads or 0)
+            need(
+                kv > 0 and self.num_attention_heads % kv == 0,
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({kv})",
+            )
+            need(int(self.head_dim or 0) % 2 == 0, f"head_dim must be even, got {self.head_dim}")
+            need(not _get(self, "mlp_bias", False), "mlp_bias (Llama) is not supported")
+            need(
+                not _get(self, "use_sliding_window", False),
+                "use_sliding_window (Qwen2) is not supported: every layer attends to the full context",
+            )
 
     # ------------------------------------------------------------- config.json
     def to_dict(self) -> dict[str, Any]:
-        """A config.json dict in DeepSeek's / transformers' layout."""
+        """A config.json dict in DeepSeek's / transformers' layout (Qwen2's / Llama's for those)."""
         d: dict[str, Any] = {}
+        dense = self.attention_variant == "gqa"
         for f in dataclasses.fields(self):
-            if f.name == "extra":
+            if f.name == "extra" or (dense and f.name not in _DENSE_FIELDS):
+                continue
+            if f.name == "head_dim" and self.head_dim is None:
                 continue
             d[f.name] = getattr(self, f.name)
-        for k, v in _PASSTHROUGH_DEFAULTS.items():
+        for k, v in (_DENSE_PASSTHROUGH if dense else _PASSTHROUGH_DEFAULTS).items():
             d.setdefault(k, v)
         d.update(self.extra)
-        arch = "DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
+        if dense:
+            arch = DENSE_ARCHITECTURES[self.model_type]
+        elif self.model_type == "deepseek_v3":
+            arch = "DeepseekV3ForCausalLM"
+        else:
+            arch = "DeepseekV2ForCausalLM"
         d.setdefault("architectures", [arch])
         if self.rope_scaling is not None:
             rs = dict(self.rope_scaling)
@@ -195,14 +277,30 @@ class ModelConfig:
             if rtype in (None, "default"):
                 d["rope_scaling"] = None
             else:
-                if rtype not in ("yarn",):
-                    raise ValueError(f"unsupported rope scaling type {rtype!r} (nanoseek supports yarn)")
+                if rtype not in ("yarn", "llama3"):
+                    raise ValueError(
+                        f"unsupported rope scaling type {rtype!r} (nanoseek supports yarn and llama3)"
+                    )
                 rs["type"] = rtype
                 rs.pop("rope_type", None)
                 d["rope_scaling"] = rs
         mt = d.get("model_type", "deepseek_v3")
-        if mt not in ("deepseek_v3", "deepseek_v2"):
-            raise ValueError(f"unsupported model_type {mt!r}: nanoseek reads deepseek_v3 and deepseek_v2")
+        if mt not in ("deepseek_v3", "deepseek_v2", *DENSE_ARCHITECTURES):
+            raise ValueError(
+                f"unsupported model_type {mt!r}: nanoseek reads deepseek_v3, deepseek_v2, qwen2 and llama"
+            )
+        if mt in DENSE_ARCHITECTURES:
+            # Only the dense family's own fields; the MLA / MoE defaults stay out of the way.
+            known = {*_DENSE_FIELDS, "rope_scaling"}
+            passthrough = _DENSE_PASSTHROUGH
+            # transformers 5 writes layer_types for Qwen2 (all full attention unless sliding windows).
+            if set(d.get("layer_types") or ()) <= {"full_attention"}:
+                d.pop("layer_types", None)
+            # Qwen2/Llama configs may omit token ids; DeepSeek's defaults (0, 1) would be wrong ones.
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                d.setdefault(k, None)
+        else:
+            passthrough = _PASSTHROUGH_DEFAULTS
         if mt == "deepseek_v2":
             # V2 files: softmax scores, greedy or group-limited-greedy, no MTP.
             d.setdefault("scoring_func", "softmax")
@@ -222,7 +320,7 @@ class ModelConfig:
             extra.pop(k, None)
         if "dtype" in d and "torch_dtype" not in d:
             kwargs["torch_dtype"] = d["dtype"]
-        for k, v in _PASSTHROUGH_DEFAULTS.items():
+        for k, v in passthrough.items():
             if extra.get(k) == v:
                 extra.pop(k)
         return cls(**kwargs, extra=extra)
@@ -330,6 +428,24 @@ def _presets() -> dict[str, ModelConfig]:
             torch_dtype="float32",
             extra={"initializer_range": 192**-0.5},
         ),
+        # R1's distillation recipe (R1 §2.4) in miniature: a Qwen2-layout dense student (grouped-query
+        # attention with QKV bias, tied embeddings as Qwen2.5's small models) that transformers loads
+        # as Qwen2ForCausalLM; nanoseek's tokenizer ids, so it pairs with `tiny` as its teacher.
+        "tiny-qwen2": ModelConfig(
+            model_type="qwen2",
+            vocab_size=4096,
+            hidden_size=192,
+            intermediate_size=512,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=1,
+            torch_dtype="float32",
+            extra={"initializer_range": 192**-0.5},
+        ),
         # ~100M total, for a single GPU or a patient CPU.
         "small": ModelConfig(
             vocab_size=32768,
@@ -421,7 +537,15 @@ def _presets() -> dict[str, ModelConfig]:
     }
 
 
-PRESETS: tuple[str, ...] = ("tiny", "tiny-dense", "small", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3")
+PRESETS: tuple[str, ...] = (
+    "tiny",
+    "tiny-dense",
+    "tiny-qwen2",
+    "small",
+    "deepseek-v2-lite",
+    "deepseek-v2",
+    "deepseek-v3",
+)
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -73,6 +73,12 @@ def check_exportable(config: ModelConfig) -> list[str]:
     runs differently from nanoseek."""
     notes: list[str] = []
     n = config.num_hidden_layers
+    if config.attention_variant != "mla":
+        raise ValueError(
+            f"--gguf writes llama.cpp's deepseek2 (MLA) layout; this is a {config.model_type} model "
+            "(grouped-query attention): its directory is already in Hugging Face's layout, which "
+            "llama.cpp's own convert_hf_to_gguf.py reads"
+        )
     if _llama_cpp_takes_for_lite(config) and config.q_lora_rank is not None:
         raise ValueError(
             f"llama.cpp cannot load this model: with {n} layers (as with 26 or 27, or 48 and a "

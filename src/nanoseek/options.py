@@ -113,6 +113,8 @@ def add_options(
                 kwargs["choices"] = meta["choices"]
             if meta.get("nargs"):
                 kwargs["nargs"] = meta["nargs"]
+                if isinstance(default, str):  # a list flag's default is a list, as its parsed values are
+                    kwargs["default"] = [default]
         if meta.get("positional"):
             target.add_argument(f.name, **{k: v for k, v in kwargs.items() if k != "default"})
             continue

@@ -71,9 +71,22 @@ def run(args: argparse.Namespace) -> int:
         f"(2 x active matmul params + attention at causal seq len {acc.seq_len})",
         f"training FLOPs / token {si(acc.training_flops_per_token, 'FLOP')}  (3 x forward"
         + (f"; MTP adds {si(3 * acc.mtp_flops_per_token, 'FLOP')})" if acc.mtp_params else ")"),
-        f"KV cache / token       {acc.kv_cache_bytes_per_token:,} B (MLA, BF16: {config.num_hidden_layers} x "
-        f"({config.kv_lora_rank}+{config.qk_rope_head_dim}) elements)",
-        f"MHA would need         {acc.mha_kv_cache_bytes_per_token:,} B  ({ratio:.1f}x more)",
     ]
+    if acc.attention_variant == "gqa":
+        kv = acc.kv_cache_bytes_per_token
+        lines += [
+            f"KV cache / token       {kv:,} B (GQA, BF16: {config.num_hidden_layers} x 2 x "
+            f"{config.num_key_value_heads} KV heads x {config.head_dim})",
+            f"MHA would need         {acc.mha_kv_cache_bytes_per_token:,} B  ({ratio:.1f}x more)",
+            f"MLA would need         {acc.mla_kv_cache_bytes_per_token:,} B  "
+            f"(GQA caches {kv / acc.mla_kv_cache_bytes_per_token:.2f}x that; V2's d_c = 4 x head_dim, "
+            "rope = head_dim / 2)",
+        ]
+    else:
+        lines += [
+            f"KV cache / token       {acc.kv_cache_bytes_per_token:,} B (MLA, BF16: {config.num_hidden_layers}"
+            f" x ({config.kv_lora_rank}+{config.qk_rope_head_dim}) elements)",
+            f"MHA would need         {acc.mha_kv_cache_bytes_per_token:,} B  ({ratio:.1f}x more)",
+        ]
     print("\n".join(lines))
     return 0

@@ -11,6 +11,10 @@ What is notable here:
 - Prefix reuse: a full block is named by a hash chained over all tokens up to its end; a new request
   whose prompt starts with cached full blocks shares them (reference counted) and skips their prefill.
   Freed blocks keep their contents and hash until reallocated (least recently freed first).
+- Grouped-query attention (the Qwen2 / Llama families) caches K and V of every KV head instead:
+  `PagedKVCache` is the same storage and allocator with a row of 2 x num_key_value_heads x head_dim
+  ([K heads ; V heads], `GroupedQueryAttention`'s layout); `paged_cache_for` picks one by the
+  config's attention variant.
 - `StepView` implements the model's `LatentCache` protocol for one forward: it writes the step's latents
   into their slots and returns each row's whole context gathered in logical order, plus the causal mask
   by position (none when every row is one query that sees its whole context). The slot indices are computed once per step and shared by all layers.
@@ -22,6 +26,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from nanoseek.config import ModelConfig
 
 
 class EngineCapacityError(RuntimeError):
@@ -53,12 +59,24 @@ class PagedLatentCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> None:
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self._init_storage(num_layers, kv_lora_rank + qk_rope_head_dim, num_blocks, block_size, dtype, device)
+
+    def _init_storage(
+        self,
+        num_layers: int,
+        width: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        """Rows of `width` elements per token and layer, in blocks; every block free but scratch."""
         if num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2 (block 0 is scratch), got {num_blocks}")
         self.num_layers = num_layers
-        self.kv_lora_rank = kv_lora_rank
-        self.qk_rope_head_dim = qk_rope_head_dim
-        self.width = kv_lora_rank + qk_rope_head_dim
+        self.width = width
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv = torch.zeros(num_layers, num_blocks * block_size, self.width, dtype=dtype, device=device)
@@ -88,7 +106,7 @@ class PagedLatentCache:
     # -------------------------------------------------------------- allocator
     def allocate(self) -> int:
         if not self.free:
-            raise EngineCapacityError("latent cache is out of blocks")
+            raise EngineCapacityError("KV cache is out of blocks")
         block, _ = self.free.popitem(last=False)
         info = self.blocks[block]
         if info.hash is not None and self.cached.get(info.hash) == block:
@@ -147,6 +165,54 @@ class PagedLatentCache:
         bs = self.block_size
         base = torch.tensor(block_table, dtype=torch.long).mul_(bs).repeat_interleave(bs)
         return base + torch.arange(bs).repeat(len(block_table))
+
+
+class PagedKVCache(PagedLatentCache):
+    """Grouped-query attention's paged cache: per token and layer, K and V of every KV head.
+
+    The blocks, allocator and prefix reuse are the latent cache's; only the row differs:
+    [K heads ; V heads], 2 x num_key_value_heads x head_dim elements (MLA's row is kv_lora_rank +
+    qk_rope_head_dim whatever the head count)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_key_value_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self._init_storage(
+            num_layers, 2 * num_key_value_heads * head_dim, num_blocks, block_size, dtype, device
+        )
+
+
+def cache_row_width(config: ModelConfig) -> int:
+    """Elements a cache row holds per token and layer for this model's attention variant."""
+    if config.attention_variant == "gqa":
+        return 2 * int(config.num_key_value_heads or config.num_attention_heads) * int(config.head_dim or 0)
+    return config.kv_lora_rank + config.qk_rope_head_dim
+
+
+def paged_cache_for(
+    config: ModelConfig,
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> PagedLatentCache:
+    """The paged cache the model's attention variant reads: latent rows (MLA) or K/V heads (GQA)."""
+    if config.attention_variant == "gqa":
+        kv = int(config.num_key_value_heads or config.num_attention_heads)
+        return PagedKVCache(num_layers, kv, int(config.head_dim or 0), num_blocks, block_size, dtype, device)
+    return PagedLatentCache(
+        num_layers, config.kv_lora_rank, config.qk_rope_head_dim, num_blocks, block_size, dtype, device
+    )
 
 
 class StepView:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoseek.engine.cache import EngineCapacityError, PagedLatentCache, StepView
+from nanoseek.engine.cache import EngineCapacityError, StepView, cache_row_width, paged_cache_for
 from nanoseek.engine.sampling import SamplerState, SamplingParams, TokenLogprob, sample, token_logprobs
 from nanoseek.engine.scheduler import Scheduler, Sequence
 from nanoseek.engine.speculative import verify
@@ -78,8 +78,13 @@ class Engine:
     ) -> None:
         cfg = model.config
         if speculative and cfg.num_nextn_predict_layers < 1:
+            family = (
+                f" ({cfg.model_type} models have none: speculative decoding is not available for them)"
+                if cfg.attention_variant == "gqa"
+                else ""
+            )
             raise ValueError(
-                "speculative=True needs a model with an MTP module (num_nextn_predict_layers >= 1)"
+                f"speculative=True needs a model with an MTP module (num_nextn_predict_layers >= 1){family}"
             )
         if max_batch_size < 1 or block_size < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_size, block_size and prefill_chunk must be >= 1")
@@ -95,20 +100,12 @@ class Engine:
         self.speculative = speculative
         self.max_seq_len = max_seq_len or cfg.max_position_embeddings
         num_layers = cfg.num_hidden_layers + (1 if speculative else 0)
-        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        width = cache_row_width(cfg)  # MLA's latent row, or GQA's K/V heads (`paged_cache_for`)
         if num_blocks is None:
             per_block = num_layers * width * block_size * torch.empty(0, dtype=self.dtype).element_size()
             want = max_batch_size * math.ceil((self.max_seq_len + 1) / block_size) + 1
             num_blocks = max(2, min(want, DEFAULT_CACHE_BYTES // per_block))
-        self.cache = PagedLatentCache(
-            num_layers,
-            cfg.kv_lora_rank,
-            cfg.qk_rope_head_dim,
-            num_blocks,
-            block_size,
-            self.dtype,
-            self.device,
-        )
+        self.cache = paged_cache_for(cfg, num_layers, num_blocks, block_size, self.dtype, self.device)
         self.scheduler = Scheduler(
             self.cache, max_batch_size, prefill_chunk, extra_slots=1 if speculative else 0
         )

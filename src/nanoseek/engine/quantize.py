@@ -50,12 +50,11 @@ def _int8_kernel_ok(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bo
 
 
 class QuantLinear(nn.Module):
-    """A bias-free nn.Linear with quantized weight storage."""
+    """An nn.Linear with quantized weight storage; a bias (Qwen2's q/k/v) stays in the model's dtype."""
 
     def __init__(self, linear: nn.Linear, fmt: str) -> None:
         super().__init__()
-        if linear.bias is not None:
-            raise ValueError("QuantLinear supports bias-free linears only (all of DeepSeek's are)")
+        self.bias = linear.bias  # None for all of DeepSeek's linears
         self.fmt = fmt
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = linear.weight.dtype
@@ -80,8 +79,9 @@ class QuantLinear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.scale
             )
-            return y.view(*shape[:-1], self.out_features)
-        return F.linear(x, self.dequantize())
+            y = y.view(*shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.dequantize(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}"

@@ -43,11 +43,12 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for the decoupled RoPE dims, with YaRN frequency correction when configured."""
+    """cos/sin tables for the RoPE dims (MLA's decoupled key part, or a GQA head), with YaRN or
+    Llama 3 frequency scaling when configured."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.dim = config.qk_rope_head_dim
+        self.dim = config.rope_head_dim
         self.interleave = config.rope_interleave
         # Computed on the CPU even while build_model constructs on the meta device, where these small
         # ops would run through Python reference kernels that import torch._dynamo (~2 s a process).
@@ -84,13 +85,15 @@ class RotaryEmbedding(nn.Module):
 
 def rope_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """RoPE inverse frequencies (on the CPU: a few dozen numbers); YaRN blends interpolated and
-    extrapolated ones by a ramp over dims."""
-    dim, base = config.qk_rope_head_dim, config.rope_theta
+    extrapolated ones by a ramp over dims, Llama 3 by a ramp over wavelengths."""
+    dim, base = config.rope_head_dim, config.rope_theta
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     inv_freq = 1.0 / pos_freqs
     rs = config.rope_scaling
     if not rs:
         return inv_freq, 1.0
+    if rs.get("type", rs.get("rope_type")) == "llama3":
+        return llama3_inverse_frequencies(inv_freq, rs), 1.0
     factor = rs.get("factor") or config.max_position_embeddings / rs["original_max_position_embeddings"]
     original = rs["original_max_position_embeddings"]
     beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
@@ -115,6 +118,18 @@ def rope_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     extrapolate = 1 - ramp  # 1 where wavelengths are short: keep the original frequency
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + inv_freq * extrapolate
     return inv_freq, float(attention_factor)
+
+
+def llama3_inverse_frequencies(inv_freq: torch.Tensor, rs: dict) -> torch.Tensor:
+    """Llama 3's context extension: wavelengths shorter than original/high_freq_factor keep their
+    frequency, those longer than original/low_freq_factor are slowed by `factor`, and the band
+    between interpolates linearly in original/wavelength (no attention scaling)."""
+    factor, original = rs["factor"], rs["original_max_position_embeddings"]
+    low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+    ratio = original * inv_freq / (2 * math.pi)  # original context / wavelength
+    # 0 where the wavelength is long (scale fully), 1 where short (keep), linear in between.
+    keep = ((ratio - low) / (high - low)).clamp(0, 1)
+    return inv_freq / factor * (1 - keep) + inv_freq * keep
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:

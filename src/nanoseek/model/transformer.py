@@ -9,6 +9,9 @@ What is notable here:
   is kept at every depth. At inference the modules can be dropped or used as speculative drafters.
 - Parameter names follow DeepSeek's / transformers' checkpoint keys, so HF import/export is a rename
   of the routed experts only (see `nanoseek.checkpoint`).
+- The dense families R1 distils into (Qwen2, Llama) are configurations of the same blocks: the
+  attention variant is grouped-query attention (`nanoseek.model.gqa`) and every MLP is dense SwiGLU;
+  their checkpoint keys are these same names.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import LatentCache, MultiHeadLatentAttention, RMSNorm, RotaryEmbedding
+from nanoseek.model.gqa import GroupedQueryAttention
 from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.moe import MLP, MoE, RoutedExperts, Router
 
@@ -29,7 +33,11 @@ class DecoderBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.self_attn = MultiHeadLatentAttention(config, layer_idx)
+        self.self_attn: nn.Module = (
+            GroupedQueryAttention(config, layer_idx)
+            if config.attention_variant == "gqa"
+            else MultiHeadLatentAttention(config, layer_idx)
+        )
         self.mlp: nn.Module = (
             MoE(config)
             if config.is_moe_layer(layer_idx)
@@ -125,6 +133,8 @@ class DeepSeekV3(nn.Module):
                 module.weight.fill_(1.0)
             elif isinstance(module, nn.Linear):
                 normal_(module.weight, out_std if name.endswith(("o_proj", "down_proj")) else std)
+                if module.bias is not None:  # GQA's q/k/v (Qwen2) and o (Llama's attention_bias)
+                    module.bias.zero_()
             elif isinstance(module, nn.Embedding):
                 normal_(module.weight, std)
             elif isinstance(module, Router):
