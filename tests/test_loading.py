@@ -9,6 +9,7 @@ import huggingface_hub
 import pytest
 import torch
 from huggingface_hub import constants as hub_constants
+from tests.model_configs import small_config
 
 import nanoseek
 from nanoseek.checkpoint import (
@@ -27,29 +28,8 @@ from nanoseek.engine.quantize import QuantLinear, QuantRoutedExperts, quantize_m
 
 
 def config(**changes) -> ModelConfig:
-    base = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        q_lora_rank=16,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=4,
-        v_head_dim=8,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        num_nextn_predict_layers=1,
-        torch_dtype="float32",
-    )
-    base.update(changes)
-    return ModelConfig(**base)
+    """The shared small shape, with an MTP layer (its weights stream too)."""
+    return small_config(**{"num_nextn_predict_layers": 1, **changes})
 
 
 @pytest.fixture
