@@ -433,6 +433,10 @@ def test_stop_strings(scripted):
     before = len(scripted.engine.aborted)
     long = scripted.client.completions.create(model=MODEL, prompt="LONG", max_tokens=240, stop=["That"])
     assert long.choices[0].text == "I add 2 and 2.\n" and long.choices[0].finish_reason == "stop"
+    # the abort is a command the engine thread drains between steps: it may land just after the reply
+    deadline = time.monotonic() + 10
+    while len(scripted.engine.aborted) < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert len(scripted.engine.aborted) == before + 1 and long.usage.completion_tokens < 100
 
 
