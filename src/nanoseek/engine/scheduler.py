@@ -44,10 +44,6 @@ class Sequence:
         return len(self.prompt_ids)
 
     @property
-    def output_ids(self) -> list[int]:
-        return self.tokens[self.prompt_len :]
-
-    @property
     def prefilling(self) -> bool:
         return self.num_computed < self.prompt_len
 
