@@ -75,7 +75,6 @@ def make_checkpoint(size: str, root: Path, layers: int) -> Path:
         return ckpt
     from check_gguf_llamacpp import DOCUMENTS
     from check_gguf_llamacpp import make_checkpoint as make_tiny
-
     from nanoseek.checkpoint import build_model, save_model
     from nanoseek.tokenizer import train_tokenizer
 
@@ -251,7 +250,7 @@ def format_table(rows: list[dict], threads: int) -> str:
         "b16": f"decode, {BATCH} concurrent",
     }
     lines = [
-        f"| model | precision | figure | threads | nanoseek tok/s | llama.cpp tok/s | ratio |",
+        "| model | precision | figure | threads | nanoseek tok/s | llama.cpp tok/s | ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
