@@ -1,0 +1,341 @@
+"""Decode speed against llama.cpp: the same checkpoint in nanoseek's Engine and in llama.cpp, same threads.
+
+Two sizes: `tiny` (the speedrun's shape, vocab 1024) and `lite` (DeepSeek-V2-Lite's width: hidden 2048,
+16 heads, kv_lora_rank 512, full-rank query, 64 routed experts of 1408 + 2 shared, top-6, a dense first
+layer of 10944, vocab 102400; few layers). Random weights, a tokenizer trained on a few documents (as
+check_gguf_llamacpp.py builds them). At equal bits per weight: nanoseek bf16 vs GGUF bf16, nanoseek's
+weight-only int8 (bf16 activations) vs GGUF Q8_0. Figures, greedy with fixed lengths (EOS ignored):
+- pp: prompt processing tok/s (one 256-token prompt, first token included);
+- b1: batch-1 decode tok/s (after the prompt's first token);
+- b16: aggregate decode tok/s of 16 concurrent sequences (nanoseek: 16 prompts in one `generate`;
+  llama.cpp: one `llama_decode` per step over all 16 sequences, through its C batch API, n_seq_max 16).
+Each engine runs in its own process (the `lite` weights are GBs), alternating nanoseek, llama.cpp,
+nanoseek, ...; the table holds the median of the repeats and the ratio nanoseek / llama.cpp.
+
+    python benchmarks/bench_llamacpp.py [--sizes tiny,lite] [--precisions bf16,int8] [--figures pp,b1,b16]
+        [--threads 2] [--repeats 3] [--lite-layers 4] [--new-tokens 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SIZES = ("tiny", "lite")
+GGUF_TYPE = {"bf16": "bf16", "int8": "q8_0", "f32": "f32"}
+FIGURES = ("pp", "b1", "b16")
+BATCH = 16
+PROMPT_LEN = 16  # the decode runs' prompts
+PP_LEN = 256
+
+
+def lite_config(layers: int, tok_bos: int):  # noqa: ANN201
+    from nanoseek.config import get_preset
+
+    # DeepSeek-V2-Lite's widths (its config.json), V3's router (sigmoid, noaux_tc) on one group.
+    return get_preset("tiny").replace(
+        vocab_size=102400,
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        first_k_dense_replace=1,
+        num_nextn_predict_layers=0,
+        max_position_embeddings=4096,
+        torch_dtype="bfloat16",
+        bos_token_id=tok_bos,
+        extra={},
+    )
+
+
+def make_checkpoint(size: str, root: Path, layers: int) -> Path:
+    """The size's checkpoint directory under root (built once, then reused)."""
+    ckpt = root / (size if size == "tiny" else f"lite-{layers}")
+    if (ckpt / "config.json").exists():
+        return ckpt
+    from check_gguf_llamacpp import DOCUMENTS
+    from check_gguf_llamacpp import make_checkpoint as make_tiny
+    from nanoseek.checkpoint import build_model, save_model
+    from nanoseek.tokenizer import train_tokenizer
+
+    if size == "tiny":
+        make_tiny(ckpt, vocab_size=1024)
+        return ckpt
+    corpus = [f"{d} ({i})" for i in range(40) for d in DOCUMENTS]
+    tok = train_tokenizer(corpus, vocab_size=600, min_frequency=1)
+    model = build_model(lite_config(layers, tok.bos_token_id), dtype=torch.bfloat16).init_weights(0)
+    save_model(model, ckpt)
+    tok.save(ckpt)
+    return ckpt
+
+
+def gguf_file(ckpt: Path, precision: str) -> Path:
+    from nanoseek.export import export_gguf
+
+    out = ckpt.parent / f"{ckpt.name}-{GGUF_TYPE[precision]}.gguf"
+    if not out.exists():
+        export_gguf(ckpt, out, type=GGUF_TYPE[precision])
+    return out
+
+
+def prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, min(vocab, 600), (n, length), generator=g).tolist()
+
+
+# ------------------------------------------------------------------ nanoseek
+def run_nanoseek(ckpt: Path, precision: str, figures: list[str], new: int, seed: int) -> dict[str, float]:
+    from nanoseek.checkpoint import load_model
+    from nanoseek.engine import Engine, SamplingParams
+
+    dtype = torch.float32 if precision == "f32" else torch.bfloat16
+    model = load_model(ckpt, dtype=dtype, quantize="int8" if precision == "int8" else None).eval()
+    vocab = model.config.vocab_size
+    engine = Engine(model, max_batch_size=BATCH, max_seq_len=PP_LEN + new + 8)
+    one = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    engine.generate(prompts(vocab, 1, 8, seed + 99), SamplingParams(max_new_tokens=4, ignore_eos=True))
+
+    def decode(batch: int) -> float:
+        started: set[str] = set()
+        t0, n = 0.0, 0
+        params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+        for ev in engine.stream(prompts(vocab, batch, PROMPT_LEN, seed + batch), params):
+            if len(started) < batch:
+                if ev.new_token_ids:
+                    started.add(ev.request_id)
+                    if len(started) == batch:  # every sequence has its first token: decode from here
+                        t0 = time.perf_counter()
+            else:
+                n += len(ev.new_token_ids)
+        return n / (time.perf_counter() - t0)
+
+    out = {}
+    with torch.no_grad():
+        for f in figures:
+            engine.reset_prefix_cache()
+            if f == "pp":
+                t = time.perf_counter()
+                engine.generate(prompts(vocab, 1, PP_LEN, seed), one)
+                out[f] = PP_LEN / (time.perf_counter() - t)
+            else:
+                out[f] = decode(1 if f == "b1" else BATCH)
+    return out
+
+
+# ----------------------------------------------------------------- llama.cpp
+def run_llamacpp(gguf: Path, threads: int, figures: list[str], new: int, seed: int) -> dict[str, float]:
+    import llama_cpp as L
+
+    L.llama_backend_init()
+    quiet = L.llama_log_callback(lambda *_: None)  # held: llama.cpp calls it until the process ends
+    L.llama_log_set(quiet, None)
+    model = L.llama_model_load_from_file(str(gguf).encode(), L.llama_model_default_params())
+    cp = L.llama_context_default_params()
+    n_tokens_max = max(PP_LEN, BATCH * PROMPT_LEN)
+    cp.n_ctx = PP_LEN + new + 64
+    cp.n_batch = cp.n_ubatch = n_tokens_max
+    cp.n_seq_max = BATCH
+    cp.kv_unified = True  # one cache of n_ctx shared by the sequences (else n_ctx is split 16 ways)
+    cp.n_ctx = max(cp.n_ctx, BATCH * (PROMPT_LEN + new + 8))
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = L.llama_init_from_model(model, cp)
+    vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    batch = L.llama_batch_init(n_tokens_max, 0, BATCH)
+    memory = L.llama_get_memory(ctx)
+
+    def submit(tokens: list[tuple[int, int, int, bool]]) -> list[int]:
+        """(token, pos, seq, wants logits) into one llama_decode; the argmax for each that wants logits."""
+        for i, (t, p, s, lg) in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, p, 1, lg
+            batch.seq_id[i][0] = s
+        batch.n_tokens = len(tokens)
+        if L.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        return [
+            int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(vocab,)).argmax())
+            for i, (*_, lg) in enumerate(tokens)
+            if lg
+        ]
+
+    def prefill(rows: list[list[int]]) -> list[int]:
+        return submit([(t, p, s, p == len(r) - 1) for s, r in enumerate(rows) for p, t in enumerate(r)])
+
+    def decode(n_seq: int) -> float:
+        L.llama_memory_clear(memory, True)
+        last = prefill(prompts(vocab, n_seq, PROMPT_LEN, seed + n_seq))
+        t0 = time.perf_counter()
+        for step in range(new - 1):
+            last = submit([(t, PROMPT_LEN + step, s, True) for s, t in enumerate(last)])
+        return n_seq * (new - 1) / (time.perf_counter() - t0)
+
+    prefill(prompts(vocab, 1, 8, seed + 99))  # warm up
+    out = {}
+    for f in figures:
+        L.llama_memory_clear(memory, True)
+        if f == "pp":
+            t = time.perf_counter()
+            prefill(prompts(vocab, 1, PP_LEN, seed))
+            out[f] = PP_LEN / (time.perf_counter() - t)
+        else:
+            out[f] = decode(1 if f == "b1" else BATCH)
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    return out
+
+
+# ------------------------------------------------------------------- driver
+def cpu_info() -> dict[str, str]:
+    text = Path("/proc/cpuinfo").read_text()
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+    return {"cpu": name, "flags": " ".join(f for f in wanted if f in flags) or "none of " + ",".join(wanted)}
+
+
+def worker(args: argparse.Namespace) -> dict[str, float]:
+    torch.set_num_threads(args.threads)
+    figures = args.figures.split(",")
+    if args.worker == "nanoseek":
+        return run_nanoseek(Path(args.ckpt), args.precision, figures, args.new_tokens, args.seed)
+    return run_llamacpp(Path(args.ckpt), args.threads, figures, args.new_tokens, args.seed)
+
+
+def spawn(engine: str, path: Path, precision: str, figures: list[str], args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, "--ckpt", str(path), "--precision", precision]
+    cmd += [
+        "--figures",
+        ",".join(figures),
+        "--threads",
+        str(args.threads),
+        "--new-tokens",
+        str(args.new_tokens),
+    ]
+    cmd += ["--seed", str(args.seed)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def format_table(rows: list[dict], threads: int) -> str:
+    """Markdown table of {size, precision, figure, nanoseek, llamacpp} rows (None: not measured)."""
+
+    def num(v: float | None) -> str:
+        return "—" if v is None else f"{v:,.1f}" if v < 100 else f"{v:,.0f}"
+
+    names = {
+        "pp": f"prompt processing ({PP_LEN} tokens)",
+        "b1": "decode, batch 1",
+        "b16": f"decode, {BATCH} concurrent",
+    }
+    lines = [
+        "| model | precision | figure | threads | nanoseek tok/s | llama.cpp tok/s | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ns, ll = r.get("nanoseek"), r.get("llamacpp")
+        ratio = f"{ns / ll:.2f}x" if ns and ll else "—"
+        prec = "int8 vs Q8_0" if r["precision"] == "int8" else r["precision"]
+        lines.append(
+            f"| {r['size']} | {prec} | {names[r['figure']]} | {threads} | {num(ns)} | {num(ll)} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="tiny,lite")
+    ap.add_argument("--precisions", default="bf16,int8", help="bf16, int8 (vs Q8_0), f32")
+    ap.add_argument("--figures", default="pp,b1,b16", help="pp, b1, b16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each engine, alternating; median")
+    ap.add_argument("--lite-layers", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/nanoseek-bench-llamacpp"))
+    ap.add_argument("--json", type=Path, default=None, help="save the figures and every run here")
+    ap.add_argument("--worker", choices=("nanoseek", "llamacpp"), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama_cpp is not installed: pip install --no-binary llama-cpp-python llama-cpp-python")
+        return 1
+    info = cpu_info()
+    print(f"CPU: {info['cpu']}; flags: {info['flags']}; threads {args.threads}; torch {torch.__version__}")
+    figures = args.figures.split(",")
+    rows: list[dict] = []
+    runs: list[dict] = []
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    for size in args.sizes.split(","):
+        t = time.perf_counter()
+        ckpt = make_checkpoint(size, args.workdir, args.lite_layers)
+        print(f"{size}: checkpoint {ckpt} ({time.perf_counter() - t:.0f} s)", flush=True)
+        for precision in args.precisions.split(","):
+            gguf = gguf_file(ckpt, precision)
+            got: dict[str, dict[str, list[float]]] = {"nanoseek": {}, "llamacpp": {}}
+            errors: dict[str, str] = {}
+            for rep in range(args.repeats):
+                for engine, path in (("nanoseek", ckpt), ("llamacpp", gguf)):
+                    if engine in errors:
+                        continue
+                    r = spawn(engine, path, precision, figures, args)
+                    runs.append({"size": size, "precision": precision, "engine": engine, "repeat": rep, **r})
+                    if "error" in r:
+                        errors[engine] = r["error"]
+                        print(f"  {size} {precision} {engine}: FAILED: {r['error']}", flush=True)
+                        continue
+                    for f, v in r.items():
+                        got[engine].setdefault(f, []).append(v)
+                    shown = "  ".join(f"{f} {v:,.1f}" for f, v in r.items())
+                    print(
+                        f"  {size} {precision} {engine} run {rep + 1}/{args.repeats}: {shown} tok/s",
+                        flush=True,
+                    )
+            for f in figures:
+                row = {"size": size, "precision": precision, "figure": f}
+                for engine, by in got.items():
+                    row[engine] = statistics.median(by[f]) if by.get(f) else None
+                row["errors"] = errors
+                rows.append(row)
+    table = format_table(rows, args.threads)
+    print(table)
+    if args.json:
+        args.json.write_text(
+            json.dumps({**info, "threads": args.threads, "rows": rows, "runs": runs}, indent=1)
+        )
+    print(
+        f"{len(rows)} figures over {args.repeats} alternating runs each"
+        + (f"; saved to {args.json}" if args.json else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
