@@ -508,3 +508,26 @@ def test_cli_serve(tmp_path, tok, model):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch):
+    """`nanoseek serve DIR --quantize int8` serves int8 weights (quantized while the checkpoint streams)."""
+    import uvicorn
+
+    from nanoseek.checkpoint import save_model
+    from nanoseek.cli import main
+    from nanoseek.engine.quantize import QuantLinear
+
+    ckpt = tmp_path / "ck"
+    save_model(model, ckpt)
+    tok.save(ckpt)
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app))
+
+    def served_int8(*flags: str) -> bool:
+        assert main(["serve", str(ckpt), "--port", "0", *flags]) == 0
+        return any(
+            isinstance(m, QuantLinear) for m in served["app"].state.server.engine.engine.model.modules()
+        )
+
+    assert served_int8("--quantize", "int8") and not served_int8()

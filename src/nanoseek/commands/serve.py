@@ -44,6 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weights dtype")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda if available, else cpu)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "fp8"],
+        default=None,
+        help="weight-only quantization, applied as the checkpoint streams in",
+    )
     p.set_defaults(func=run)
 
 
@@ -65,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = (
         getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     )
-    model = load_model(directory, dtype=dtype, device=device).eval()
+    model = load_model(directory, dtype=dtype, device=device, quantize=args.quantize).eval()
     tokenizer = load_tokenizer(directory)
     engine = Engine(
         model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, speculative=args.speculative
