@@ -40,31 +40,19 @@ PP_LEN = 256
 def lite_config(layers: int, tok_bos: int):  # noqa: ANN201
     from nanoseek.config import get_preset
 
-    # DeepSeek-V2-Lite's widths (its config.json), V3's router (sigmoid, noaux_tc) on one group.
-    return get_preset("tiny").replace(
-        vocab_size=102400,
-        hidden_size=2048,
-        intermediate_size=10944,
-        moe_intermediate_size=1408,
+    # DeepSeek-V2-Lite's widths (the preset is its config.json) with V3's router (sigmoid, noaux_tc)
+    # on one group, plain RoPE at a 4K context, and the benchmark tokenizer's special ids.
+    return get_preset("deepseek-v2-lite").replace(
+        model_type="deepseek_v3",
         num_hidden_layers=layers,
-        num_attention_heads=16,
-        q_lora_rank=None,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        n_routed_experts=64,
-        n_shared_experts=2,
-        num_experts_per_tok=6,
-        n_group=1,
-        topk_group=1,
-        routed_scaling_factor=1.0,
-        first_k_dense_replace=1,
-        num_nextn_predict_layers=0,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        norm_topk_prob=True,
+        rope_scaling=None,
         max_position_embeddings=4096,
-        torch_dtype="bfloat16",
+        aux_loss_alpha=0.0001,
         bos_token_id=tok_bos,
-        extra={},
+        eos_token_id=1,
     )
 
 
