@@ -364,11 +364,11 @@ class PromptSampler:
         self.pools = {name: problems for name, problems in pools.items() if problems}
         self.mode = mode
         self.signal = {name: 1.0 for name in self.pools} | (state or {})
+        self._pooled = [item for problems in self.pools.values() for item in problems]
 
     def draw(self, rng: random.Random, n: int) -> list:
         if self.mode == "uniform":
-            flat = [item for problems in self.pools.values() for item in problems]
-            return [flat[i] for i in rng.sample(range(len(flat)), n)]
+            return [self._pooled[i] for i in rng.sample(range(len(self._pooled)), n)]
         names = list(self.pools)
         weights = [self.FLOOR + self.signal[name] for name in names]
         counts = dict.fromkeys(names, 0)

@@ -416,7 +416,7 @@ class Trainer:
             imb = {layer: (ld.max() / ld.mean().clamp_min(1e-9)).item() for layer, ld in loads.items()}
             metrics["expert_imbalance"] = imb
             metrics["expert_imbalance_max"] = max(imb.values())
-            metrics["expert_load"] = {layer: ld.tolist() for layer, ld in loads.items()}
+            metrics["expert_load"] = loads  # tensors: a log that keeps them turns them into lists
         if reason is not None:
             metrics["skipped"] = reason
         if reason is not None and self._consecutive_skips >= self.max_consecutive_skips:
@@ -648,8 +648,9 @@ class StepLog:
         step = metrics.pop("step")
         if total_steps is not None:
             self.total_steps = total_steps
-        if "expert_load" in metrics and not (self.expert_load_every and step % self.expert_load_every == 0):
-            del metrics["expert_load"]
+        loads = metrics.pop("expert_load", None)
+        if loads is not None and self.expert_load_every and step % self.expert_load_every == 0:
+            metrics["expert_load"] = {layer: ld.tolist() for layer, ld in loads.items()}
         self._throughput(metrics)
         if "skipped" in metrics:
             self.write(f"step {step}: skipped ({metrics['skipped']}); no update")
