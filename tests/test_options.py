@@ -8,7 +8,7 @@ import pytest
 
 from nanoseek.cli import build_parser
 from nanoseek.evaluate import EvalConfig
-from nanoseek.options import check_choices, from_options
+from nanoseek.options import check_choices, complete, from_options
 from nanoseek.train.distill import DistillConfig
 from nanoseek.train.grpo import GRPOConfig
 from nanoseek.train.pretrain import PretrainConfig
@@ -77,7 +77,7 @@ def test_choices_are_checked_for_configs_built_in_python() -> None:
 def test_every_field_has_a_flag_or_says_why_not() -> None:
     """A new config field gets a flag unless it opts out (cli=False): no third copy to forget."""
     parser_dests = {
-        cmd: {a.dest for a in build_parser()._subparsers._group_actions[0].choices[cmd]._actions}
+        cmd: {a.dest for a in complete(build_parser()._subparsers._group_actions[0].choices[cmd])._actions}
         for cmd in ("pretrain", "sft", "grpo", "distill", "eval")
     }
     for cmd, cls in (
@@ -90,3 +90,14 @@ def test_every_field_has_a_flag_or_says_why_not() -> None:
         for f in dataclasses.fields(cls):
             if f.metadata.get("cli", True):
                 assert f.name in parser_dests[cmd], f"{cls.__name__}.{f.name} has no flag on `{cmd}`"
+
+
+def test_the_command_list_does_not_import_torch() -> None:
+    """`nanoseek --help` stays fast: a command's generated flags (whose configs import torch) are added
+    only when that command is parsed."""
+    import subprocess
+    import sys
+
+    code = "import sys; from nanoseek.cli import build_parser; build_parser().format_help(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -142,3 +142,27 @@ def check_choices(config: Any) -> None:
         if allowed and value not in allowed:
             flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
             raise ValueError(f"{flag} {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def defer(parser: argparse.ArgumentParser, fill: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add a command's generated flags only when that command is parsed: its config's module, and
+    torch with it, then load only for it, so `nanoseek --help` stays fast. The parser completes itself
+    on its first parse (argparse parses a subcommand with its own `parse_known_args`)."""
+    pending = parser.__dict__.setdefault("_deferred_options", [])
+    pending.append(fill)
+    if len(pending) > 1:
+        return
+    parse = parser.parse_known_args
+
+    def parse_known_args(*args: Any, **kwargs: Any) -> Any:
+        complete(parser)
+        return parse(*args, **kwargs)
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def complete(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Run the fills `defer` recorded for this parser (once)."""
+    for fill in parser.__dict__.pop("_deferred_options", []):
+        fill(parser)
+    return parser

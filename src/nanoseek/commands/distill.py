@@ -9,9 +9,7 @@ _SFT_DATA = ("init", "data", "task", "task_examples")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from nanoseek.options import add_options
-    from nanoseek.train.distill import DistillConfig
-    from nanoseek.train.sft import SFTConfig
+    from nanoseek.options import defer
 
     p = sub.add_parser(
         "distill",
@@ -20,9 +18,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "student's SFT data (also written to RUN/distill_data.jsonl). A preset student takes the "
         "teacher's tokenizer. Writes RUN/distill/.",
     )
+    defer(p, _flags)
+    p.set_defaults(func=run)
+
+
+def _flags(p: argparse.ArgumentParser) -> None:
+    from nanoseek.options import add_options
+    from nanoseek.train.distill import DistillConfig
+    from nanoseek.train.sft import SFTConfig
+
     add_options(p, DistillConfig)
     add_options(p.add_argument_group("the student's fine-tuning"), SFTConfig, skip=_SFT_DATA)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

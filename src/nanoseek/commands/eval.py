@@ -6,8 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from nanoseek.evaluate import EvalConfig
-    from nanoseek.options import add_options
+    from nanoseek.options import defer
 
     p = sub.add_parser(
         "eval",
@@ -16,8 +15,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(majority vote over extracted answers), format rate, language consistency, mean response "
         "length. Writes a JSON report and appends to metrics.jsonl (stage eval).",
     )
-    add_options(p, EvalConfig)
+    defer(p, _flags)
     p.set_defaults(func=run)
+
+
+def _flags(p: argparse.ArgumentParser) -> None:
+    from nanoseek.evaluate import EvalConfig
+    from nanoseek.options import add_options
+
+    add_options(p, EvalConfig)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,11 +15,17 @@ from typing import Any
 def add_generation_flags(
     p: argparse.ArgumentParser, max_new_tokens: int = 256, temperature: float = 0.0
 ) -> None:
-    from nanoseek.engine import SamplingParams
-    from nanoseek.options import add_options
+    from nanoseek.options import add_options, defer
 
     g = p.add_argument_group("generation")
-    add_options(g, SamplingParams, defaults={"max_new_tokens": max_new_tokens, "temperature": temperature})
+
+    def sampling_flags(_: argparse.ArgumentParser) -> None:
+        from nanoseek.engine import SamplingParams
+
+        defaults = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+        add_options(g, SamplingParams, defaults=defaults)
+
+    defer(p, sampling_flags)
     g.add_argument("--quantize", choices=["int8", "fp8"], default=None, help="weight-only quantization")
     g.add_argument("--speculative", action="store_true", help="draft tokens with the model's MTP module")
     g.add_argument(

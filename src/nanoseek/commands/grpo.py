@@ -6,8 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from nanoseek.options import add_options
-    from nanoseek.train.grpo import GRPOConfig
+    from nanoseek.options import defer
 
     p = sub.add_parser(
         "grpo",
@@ -16,8 +15,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "advantages, clipped ratio objective, optional k3 KL to the starting policy. Writes RUN/grpo/ and "
         "RUN/metrics.jsonl (stage grpo). See docs/r1.md.",
     )
-    add_options(p, GRPOConfig)
+    defer(p, _flags)
     p.set_defaults(func=run)
+
+
+def _flags(p: argparse.ArgumentParser) -> None:
+    from nanoseek.options import add_options
+    from nanoseek.train.grpo import GRPOConfig
+
+    add_options(p, GRPOConfig)
 
 
 def run(args: argparse.Namespace) -> int:

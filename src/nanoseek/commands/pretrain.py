@@ -6,8 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from nanoseek.options import add_options
-    from nanoseek.train.pretrain import PretrainConfig
+    from nanoseek.options import defer
 
     p = sub.add_parser(
         "pretrain",
@@ -17,8 +16,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Writes RUN/pretrain/ (HF layout, with tokenizer) and RUN/metrics.jsonl. Data-parallel with "
         "`torchrun --nproc-per-node N -m nanoseek pretrain ...`.",
     )
-    add_options(p, PretrainConfig)
+    defer(p, _flags)
     p.set_defaults(func=run)
+
+
+def _flags(p: argparse.ArgumentParser) -> None:
+    from nanoseek.options import add_options
+    from nanoseek.train.pretrain import PretrainConfig
+
+    add_options(p, PretrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:

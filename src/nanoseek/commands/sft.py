@@ -6,8 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from nanoseek.options import add_options
-    from nanoseek.train.sft import SFTConfig
+    from nanoseek.options import defer
 
     p = sub.add_parser(
         "sft",
@@ -16,8 +15,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with block-diagonal attention. Data: a chat JSONL ({'messages': [...]}) and/or a built-in "
         "task's worked solutions (R1's cold start). Writes RUN/sft/.",
     )
-    add_options(p, SFTConfig)
+    defer(p, _flags)
     p.set_defaults(func=run)
+
+
+def _flags(p: argparse.ArgumentParser) -> None:
+    from nanoseek.options import add_options
+    from nanoseek.train.sft import SFTConfig
+
+    add_options(p, SFTConfig)
 
 
 def run(args: argparse.Namespace) -> int:
