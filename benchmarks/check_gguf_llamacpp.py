@@ -31,7 +31,7 @@ import torch
 from nanoseek.checkpoint import build_model, save_model
 from nanoseek.config import get_preset
 from nanoseek.model.transformer import DeepSeekV3, cross_entropy
-from nanoseek.tokenizer import BOS, Tokenizer, render_r1_chat, train_tokenizer
+from nanoseek.tokenizer import BOS, Tokenizer, render_chat, train_tokenizer
 
 DOCUMENTS = [
     "The quick brown fox jumps over the lazy dog. It's 12:45, and x = 3.14159!",
@@ -48,8 +48,8 @@ PROMPTS = [
     "吾輩は猫である。",
     "我们的答案是",
     "def add(a, b):\n    return",
-    render_r1_chat([{"role": "user", "content": "What is 12 + 30?"}]),
-    render_r1_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "東京は？"}]),
+    render_chat([{"role": "user", "content": "What is 12 + 30?"}]),
+    render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "東京は？"}]),
 ]
 
 

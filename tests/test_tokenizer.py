@@ -25,7 +25,7 @@ from nanoseek.tokenizer import (
     Tokenizer,
     llama_cpp_pre_tokenizer,
     load_tokenizer,
-    render_r1_chat,
+    render_chat,
     train_tokenizer,
 )
 
@@ -185,9 +185,9 @@ def test_r1_chat_format(tok: Tokenizer) -> None:
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert ids[-2:] == [tok.think_start_id, tok.encode("\n")[0]]
     with pytest.raises(ValueError, match="role"):
-        render_r1_chat([{"role": "tool", "content": "x"}])
+        render_chat([{"role": "robot", "content": "x"}])
     with pytest.raises(ValueError, match="content"):
-        render_r1_chat([{"role": "user", "content": ["parts"]}])
+        render_chat([{"role": "user", "content": ["parts"]}])
 
 
 def test_saved_tokenizer_works_in_transformers(tok: Tokenizer, tmp_path: Path) -> None:

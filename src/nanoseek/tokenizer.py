@@ -8,9 +8,16 @@ What is notable:
   included) is one piece. It is one of llama.cpp's known pre-tokenizers ("qwen2"), so a GGUF export
   tokenizes in llama.cpp exactly as here (`LLAMA_CPP_PRE`, `llama_cpp_pre_tokenizer`).
 - DeepSeek's token strings: `<｜begin▁of▁sentence｜>`, `<｜end▁of▁sentence｜>`, `<｜▁pad▁｜>` are special
-  (dropped by `skip_special_tokens`); `<｜User｜>`, `<｜Assistant｜>`, `<think>`, `</think>` are single-id
-  added tokens that stay in decoded text, as in DeepSeek-R1's own tokenizer.
-- The R1 chat template is implemented twice: in Python (`render_r1_chat`, what nanoseek runs) and as the
+  (dropped by `skip_special_tokens`); `<｜User｜>`, `<｜Assistant｜>`, `<think>`, `</think>` and the tool-call
+  tokens (`<｜tool▁calls▁begin｜>` ...) are single-id added tokens that stay in decoded text, as in
+  DeepSeek's own tokenizer. Tokenizers trained before the tool tokens existed still load and chat;
+  only tool use asks for them (`Tokenizer.require_tool_tokens`).
+- The chat template is R1-0528's (system text first, then `<｜User｜>q<｜Assistant｜>a<｜end▁of▁sentence｜>`)
+  with DeepSeek-V3.1's additions: a non-thinking generation prompt (`<｜Assistant｜></think>`), tool
+  descriptions appended to the system prompt, assistant tool calls
+  (`<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS_JSON<｜tool▁call▁end｜><｜tool▁calls▁end｜>`) and
+  tool results (`<｜tool▁output▁begin｜>...<｜tool▁output▁end｜>`). It is implemented twice: in Python
+  (`render_chat`, what nanoseek runs; `parse_tool_calls` is its inverse for generated calls) and as the
   Jinja `chat_template` saved to `tokenizer_config.json` (what `transformers` runs); tests check they agree.
   Assistant turns in history lose their `<think>...</think>` part, as R1 does.
 - `IncrementalDecoder` turns a stream of token ids into text deltas that never split a UTF-8 character:
@@ -21,6 +28,7 @@ What is notable:
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import os
 import time
@@ -38,11 +46,28 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK_START = "<think>"
 THINK_END = "</think>"
+# DeepSeek-V3.1's tool-call tokens (the same strings as DeepSeek's vocabulary).
+TOOL_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
+TOOL_CALLS_END = "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN = "<｜tool▁call▁begin｜>"
+TOOL_CALL_END = "<｜tool▁call▁end｜>"
+TOOL_SEP = "<｜tool▁sep｜>"
+TOOL_OUTPUT_BEGIN = "<｜tool▁output▁begin｜>"
+TOOL_OUTPUT_END = "<｜tool▁output▁end｜>"
 # Special tokens are control-only and vanish under skip_special_tokens; the chat-structure tokens are
 # single ids too but are kept in decoded text (DeepSeek marks them special=false), so a completion's
 # "<think>...</think>" survives decoding for the reward functions.
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD)
 CHAT_TOKENS: tuple[str, ...] = (USER, ASSISTANT, THINK_START, THINK_END)
+TOOL_TOKENS: tuple[str, ...] = (
+    TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_SEP,
+    TOOL_OUTPUT_BEGIN,
+    TOOL_OUTPUT_END,
+)
 
 # The split regex: Qwen2's (GPT-4's with `\p{N}` instead of `\p{N}{1,3}`), one of the pre-tokenizers
 # llama.cpp knows by name. DeepSeek-V3's own ("deepseek-v3") groups up to three digits and
@@ -56,44 +81,100 @@ SPLIT_PATTERN = (
 )
 LLAMA_CPP_PRE = "qwen2"
 
-# DeepSeek-R1's chat template (system / user / assistant turns), same output as the reference
-# template on those roles. `render_r1_chat` below is the Python twin; keep the two in step.
+# The tool description appended to the system prompt, in the layout of DeepSeek-V3.1's model card
+# ("## Tools", one "### name" section per tool with its JSON-Schema parameters, then the call format).
+TOOLS_HEADER = "## Tools\nYou can call the following tools:\n"
+TOOLS_FOOTER = (
+    "\nTo call tools, answer in exactly this format:\n"
+    f"{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}tool_name{TOOL_SEP}arguments_json{TOOL_CALL_END}"
+    f"{{more_tool_calls}}{TOOL_CALLS_END}\n\n"
+    "- tool_name is exactly one of the tools above\n"
+    "- arguments_json is one valid JSON object that follows the tool's Parameters schema\n"
+    "- several calls follow each other directly, with nothing between them\n"
+)
+
+
+def _jinja_str(text: str) -> str:
+    """`text` as a single-quoted Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+# The chat template as Jinja (what transformers runs). `render_chat` below is the Python twin; keep the
+# two in step. `thinking` (or vLLM's `enable_thinking`) picks the generation prompt; default on.
 R1_CHAT_TEMPLATE = (
     "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{% set ns = namespace(system_prompt='', is_first_sp=true) %}"
+    "{% if thinking is not defined %}{% set thinking = enable_thinking if enable_thinking is defined "
+    "else true %}{% endif %}"
+    "{% set ns = namespace(system_prompt='', is_first_sp=true, after_tool=false) %}"
     "{%- for message in messages %}{%- if message['role'] == 'system' %}"
     "{%- if ns.is_first_sp %}{% set ns.system_prompt = ns.system_prompt + message['content'] %}"
     "{% set ns.is_first_sp = false %}"
     "{%- else %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}"
     "{%- endif %}{%- endif %}{%- endfor %}"
+    "{%- if tools %}{% set tns = namespace(text=" + _jinja_str(TOOLS_HEADER) + ") %}"
+    "{%- for tool in tools %}{% set f = tool['function'] %}"
+    "{% set tns.text = tns.text + '\\n### ' + f['name'] + '\\nDescription: ' + (f['description'] or '')"
+    " + '\\n\\nParameters: ' + ((f['parameters'] or {}) | tojson) + '\\n' %}{%- endfor %}"
+    "{% set tns.text = tns.text + " + _jinja_str(TOOLS_FOOTER) + " %}"
+    "{%- if ns.is_first_sp %}{% set ns.system_prompt = tns.text %}"
+    "{%- else %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + tns.text %}{%- endif %}"
+    "{%- endif %}"
     "{{ bos_token }}{{ ns.system_prompt }}"
     "{%- for message in messages %}"
-    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{% set ns.after_tool = false %}"
     "{%- elif message['role'] == 'assistant' %}"
     "{%- set content = message['content'] or '' %}"
     "{%- if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
-    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
+    "{%- if not ns.after_tool %}{{ '<｜Assistant｜>' }}{% endif %}{{ content }}"
+    "{%- if message['tool_calls'] %}{{ '<｜tool▁calls▁begin｜>' }}"
+    "{%- for call in message['tool_calls'] %}{% set args = call['function']['arguments'] %}"
+    "{{ '<｜tool▁call▁begin｜>' + call['function']['name'] + '<｜tool▁sep｜>' }}"
+    "{{ args if args is string else (args | tojson) }}{{ '<｜tool▁call▁end｜>' }}"
+    "{%- endfor %}{{ '<｜tool▁calls▁end｜>' }}{%- endif %}"
+    "{{ '<｜end▁of▁sentence｜>' }}{% set ns.after_tool = false %}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{ '<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>' }}{% set ns.after_tool = true %}"
     "{%- elif message['role'] != 'system' %}"
     "{{ raise_exception('unsupported chat role: ' + message['role']) }}"
     "{%- endif %}{%- endfor %}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+    "{% if add_generation_prompt and not ns.after_tool %}"
+    "{{ '<｜Assistant｜>' + ('<think>\\n' if thinking else '</think>') }}{% endif %}"
 )
-
 # Fallbacks for tokenizer.json files that come without a tokenizer_config.json.
 _BOS_CANDIDATES = (BOS, "<s>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>")
 _EOS_CANDIDATES = (EOS, "</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
 
 
-def render_r1_chat(
-    messages: Sequence[dict[str, Any]], bos_token: str = BOS, add_generation_prompt: bool = True
-) -> str:
-    """DeepSeek-R1's prompt format: BOS + system text, then `<｜User｜>q` / `<｜Assistant｜>a<｜end▁of▁sentence｜>`.
+# sha256 of earlier versions of R1_CHAT_TEMPLATE, as saved in tokenizer_config.json by older nanoseek:
+# such a tokenizer is ours, so it renders with `render_chat` (and is saved with the current template).
+_OLDER_TEMPLATES = frozenset({"8263e33f086dd932fe1c3e51c6eed33c7f7f4161a4107fec84ecd4637c9dcf9c"})
 
-    Assistant history keeps only what follows `</think>` (R1 drops past reasoning; `reasoning_content`
-    is ignored). The generation prompt opens the think block: `<｜Assistant｜><think>\\n`.
+
+def _is_ours(template: str | None) -> bool:
+    if template is None or template == R1_CHAT_TEMPLATE:
+        return True
+    return hashlib.sha256(template.encode()).hexdigest() in _OLDER_TEMPLATES
+
+
+def render_chat(
+    messages: Sequence[dict[str, Any]],
+    bos_token: str = BOS,
+    add_generation_prompt: bool = True,
+    *,
+    thinking: bool = True,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> str:
+    """The prompt: BOS + system text (+ tool descriptions), then the turns, then the generation prompt.
+
+    Turns: `<｜User｜>q`, `<｜Assistant｜>a[tool calls]<｜end▁of▁sentence｜>`, `<｜tool▁output▁begin｜>r<｜tool▁output▁end｜>`.
+    Assistant history keeps only what follows `</think>` (R1 drops past reasoning; `reasoning_content` is
+    ignored). The generation prompt is `<｜Assistant｜><think>\\n` (thinking, R1's) or `<｜Assistant｜></think>`
+    (V3.1's non-thinking mode). After tool results there is none: the model goes on with the same turn
+    (V3.1), so the assistant message that follows a tool result has no `<｜Assistant｜>` of its own.
     """
     system: list[str] = []
     turns: list[str] = []
+    after_tool = False
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             raise ValueError(f"chat message {i} must be a dict with a 'role', got {message!r}")
@@ -108,16 +189,88 @@ def render_r1_chat(
             system.append(content)
         elif role == "user":
             turns.append(USER + content)
+            after_tool = False
         elif role == "assistant":
             if THINK_END in content:
                 content = content.split(THINK_END)[-1]
-            turns.append(ASSISTANT + content + EOS)
+            calls = message.get("tool_calls")
+            head = "" if after_tool else ASSISTANT
+            turns.append(head + content + (render_tool_calls(calls, i) if calls else "") + EOS)
+            after_tool = False
+        elif role == "tool":
+            turns.append(TOOL_OUTPUT_BEGIN + content + TOOL_OUTPUT_END)
+            after_tool = True
         else:
-            raise ValueError(f"unsupported chat role: {role} (use system, user or assistant)")
+            raise ValueError(f"unsupported chat role: {role} (use system, user, assistant or tool)")
+    if tools:
+        system.append(render_tools(tools))
     text = bos_token + "\n\n".join(system) + "".join(turns)
-    if add_generation_prompt:
-        text += ASSISTANT + THINK_START + "\n"
+    if add_generation_prompt and not after_tool:
+        text += ASSISTANT + (THINK_START + "\n" if thinking else THINK_END)
     return text
+
+
+def render_tools(tools: Sequence[dict[str, Any]]) -> str:
+    """OpenAI `tools` ([{"type": "function", "function": {name, description, parameters}}]) as the
+    system prompt's tool section."""
+    parts = [TOOLS_HEADER]
+    for i, tool in enumerate(tools):
+        f = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(f, dict) or tool.get("type", "function") != "function" or not f.get("name"):
+            raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
+        params = json.dumps(f.get("parameters") or {}, ensure_ascii=False)
+        parts.append(
+            f"\n### {f['name']}\nDescription: {f.get('description') or ''}\n\nParameters: {params}\n"
+        )
+    parts.append(TOOLS_FOOTER)
+    return "".join(parts)
+
+
+def render_tool_calls(calls: Sequence[dict[str, Any]], message_index: int = 0) -> str:
+    """An assistant's OpenAI `tool_calls` in DeepSeek's format (arguments as the JSON text given)."""
+    out = [TOOL_CALLS_BEGIN]
+    for j, call in enumerate(calls):
+        f = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(f, dict) or not f.get("name"):
+            raise ValueError(f"chat message {message_index}: tool_calls[{j}] needs function.name")
+        args = f.get("arguments", "{}")
+        args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        out.append(f"{TOOL_CALL_BEGIN}{f['name']}{TOOL_SEP}{args}{TOOL_CALL_END}")
+    out.append(TOOL_CALLS_END)
+    return "".join(out)
+
+
+def parse_tool_calls(text: str, names: Iterable[str] | None = None) -> tuple[str, list[dict]] | None:
+    """Generated text -> (content before the calls, [{"type": "function", "function": {name, arguments}}]).
+
+    The inverse of `render_tool_calls`. None when the text holds no tool-call block or a malformed one
+    (unclosed, arguments that are not one JSON object, a name not in `names`, text after the block): the
+    caller then treats the whole text as a plain answer.
+    """
+    start = text.find(TOOL_CALLS_BEGIN)
+    if start < 0:
+        return None
+    body, end_tag, rest = text[start + len(TOOL_CALLS_BEGIN) :].partition(TOOL_CALLS_END)
+    if not end_tag or rest.strip():
+        return None
+    allowed = set(names) if names is not None else None
+    calls = []
+    if not body.endswith(TOOL_CALL_END):
+        return None
+    for piece in body.split(TOOL_CALL_END)[:-1]:  # calls follow each other with nothing between
+        if not piece.startswith(TOOL_CALL_BEGIN):
+            return None
+        name, sep, args = piece[len(TOOL_CALL_BEGIN) :].partition(TOOL_SEP)
+        name, args = name.strip(), args.strip()
+        if not sep or not name or (allowed is not None and name not in allowed):
+            return None
+        try:
+            if not isinstance(json.loads(args), dict):
+                return None
+        except json.JSONDecodeError:
+            return None
+        calls.append({"type": "function", "function": {"name": name, "arguments": args}})
+    return (text[:start], calls) if calls else None
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -186,6 +339,8 @@ class Tokenizer:
         self.think_start, self.think_end = THINK_START, THINK_END
         self.think_start_id: int | None = vocab.get(THINK_START)
         self.think_end_id: int | None = vocab.get(THINK_END)
+        # Tokenizers trained before the tool tokens existed lack them: fine until a request uses tools.
+        self.missing_tool_tokens: tuple[str, ...] = tuple(t for t in TOOL_TOKENS if t not in vocab)
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self.special_token_ids: frozenset[int] = frozenset(
             i for i, tok in backend.get_added_tokens_decoder().items() if tok.special
@@ -253,10 +408,23 @@ class Tokenizer:
         messages: Sequence[dict[str, Any]],
         add_generation_prompt: bool = True,
         tokenize: bool = False,
+        *,
+        thinking: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> str | list[int]:
-        """Render a conversation as the model's prompt (the template already holds BOS)."""
-        if self.chat_template is None or self.chat_template == R1_CHAT_TEMPLATE:
-            text = render_r1_chat(messages, self.bos_token, add_generation_prompt)
+        """Render a conversation as the model's prompt (the template already holds BOS).
+
+        `thinking=False` is V3.1's non-thinking mode; `tools` are OpenAI function tools. Tool use (tools,
+        assistant `tool_calls`, `tool` messages) needs the tool-call tokens in the vocabulary.
+        """
+        if tools or any(
+            m.get("tool_calls") or m.get("role") == "tool" for m in messages if isinstance(m, dict)
+        ):
+            self.require_tool_tokens()
+        if _is_ours(self.chat_template):
+            text = render_chat(
+                messages, self.bos_token, add_generation_prompt, thinking=thinking, tools=tools
+            )
         else:  # a template shipped with someone else's tokenizer: run it the way transformers does
             text = _render_jinja(
                 self.chat_template,
@@ -265,8 +433,21 @@ class Tokenizer:
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
                 pad_token=self.pad_token,
+                tools=list(tools) if tools else None,
+                # DeepSeek-V3.1's template reads `thinking`, vLLM users' templates `enable_thinking`.
+                thinking=thinking,
+                enable_thinking=thinking,
             )
         return self.encode(text) if tokenize else text
+
+    def require_tool_tokens(self) -> None:
+        """A clear error instead of tool-call markup spelled out byte by byte by a vocabulary without it."""
+        if self.missing_tool_tokens:
+            raise ValueError(
+                f"this tokenizer has no tool-call tokens ({', '.join(self.missing_tool_tokens)}): it was trained "
+                "before nanoseek added them, so the model cannot use tools. Retrain the tokenizer "
+                "(nanoseek tokenizer) to get them."
+            )
 
     # ---------------------------------------------------------------- save
     def save(self, directory: str | os.PathLike) -> Path:
@@ -440,12 +621,12 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a byte-level BPE on `texts`; the result has exactly `vocab_size` ids (specials included,
     unless the corpus is too small to learn that many merges)."""
-    reserved = len(SPECIAL_TOKENS) + len(CHAT_TOKENS)
+    reserved = len(SPECIAL_TOKENS) + len(CHAT_TOKENS) + len(TOOL_TOKENS)
     if vocab_size < 256 + reserved + 1:
         raise ValueError(f"vocab_size must be at least {256 + reserved + 1} (256 bytes + special tokens)")
     backend = _build_backend()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(TOOL_TOKENS),  # the tool tokens go last, below
         min_frequency=min_frequency,
         special_tokens=[AddedToken(t, normalized=False) for t in (*SPECIAL_TOKENS, *CHAT_TOKENS)],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -458,6 +639,9 @@ def train_tokenizer(
     for entry in spec["added_tokens"]:
         entry["special"] = entry["content"] in SPECIAL_TOKENS
     backend = _Backend.from_str(json.dumps(spec))
+    # Appended after the merges, as DeepSeek's own vocabulary holds them: the ids of everything else
+    # stay where tokenizers trained before the tool tokens had them.
+    backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in TOOL_TOKENS])
     bos_id = backend.token_to_id(BOS)
     # `AutoTokenizer(text)` adds BOS like DeepSeek's tokenizer; nanoseek's own encode never relies on it.
     backend.post_processor = processors.TemplateProcessing(
@@ -502,6 +686,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         template = jinja_file.read_text()
     if template is None and backend.token_to_id(USER) is not None:
         template = R1_CHAT_TEMPLATE  # DeepSeek vocabulary without a config: R1 format
+    elif template is not None and _is_ours(template):
+        template = R1_CHAT_TEMPLATE  # an older nanoseek template: the current one renders it the same
     return Tokenizer(
         backend,
         bos_token=_token_content(config.get("bos_token")),
