@@ -22,6 +22,14 @@ from nanoseek.config import get_preset
 from nanoseek.engine import Engine
 from nanoseek.model.transformer import DeepSeekV3
 from nanoseek.serve import ServeConfig, create_app
+from nanoseek.tokenizer import (
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
+    TOOL_OUTPUT_END,
+    TOOL_SEP,
+)
 from serve_fakes import LiveServer, ScriptedEngine, tiny_tokenizer
 
 MODEL = "nanoseek-test"
@@ -297,8 +305,10 @@ def test_errors_400(real):
     )
     assert _err(httpx.post(url, json={"messages": USER, "n": 0}), 400)["param"] == "n"
     assert _err(httpx.post(url, json={"messages": USER, "stop": 5}), 400)["param"] == "stop"
-    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
-    assert _err(httpx.post(url, json={"messages": USER, "tools": [tool]}), 400)["param"] == "tools"
+    tool = {"type": "function", "function": {"parameters": {}}}  # no name
+    assert _err(httpx.post(url, json={"messages": USER, "tools": [tool]}), 400)["param"] == (
+        "tools.0.function.name"
+    )
     curl = real.url + "/v1/completions"
     assert _err(httpx.post(curl, json={"prompt": [[999999]]}), 400)["param"] == "prompt"
     assert _err(httpx.post(curl, json={"prompt": "x", "max_tokens": -1}), 400)["param"] == "max_tokens"
@@ -457,6 +467,205 @@ def test_sse_wire_format(scripted):
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+# ------------------------------------------------------------ thinking off, tool calls
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TOOL_REASONING = "I should look the weather up."
+
+
+def _call(name: str, args: str) -> str:
+    return f"{TOOL_CALL_BEGIN}{name}{TOOL_SEP}{args}{TOOL_CALL_END}"
+
+
+@pytest.fixture(scope="module")
+def tooling(tok):
+    """A scripted model that calls get_weather (twice), answers after the tool results, and writes bad JSON
+    when the user says BAD; it reasons first whenever the prompt opened <think>."""
+
+    def reply(prompt, params):
+        text = tok.decode(prompt)
+        if text.endswith(TOOL_OUTPUT_END):
+            out = "It is 21 degrees in Paris."
+        elif text.endswith(TOOL_SEP):  # tool_choice named the function: only the arguments are left
+            out = '{"city": "Lyon"}' + TOOL_CALL_END + TOOL_CALLS_END
+        elif text.endswith(TOOL_CALL_BEGIN):  # tool_choice "required"
+            out = "get_weather" + TOOL_SEP + '{"city": "Nice"}' + TOOL_CALL_END + TOOL_CALLS_END
+        elif "BAD" in text:
+            out = (
+                "Let me check." + TOOL_CALLS_BEGIN + _call("get_weather", '{"city": Paris}') + TOOL_CALLS_END
+            )
+        else:
+            calls = _call("get_weather", '{"city": "Paris"}') + _call("get_weather", '{"city": "東京"}')
+            out = "Checking." + TOOL_CALLS_BEGIN + calls + TOOL_CALLS_END
+        if text.endswith("<think>\n"):
+            out = f"{TOOL_REASONING}\n</think>\n\n{out}"
+        return tok.encode(out)
+
+    engine = ScriptedEngine(tok, reply, max_seq_len=4096)
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL))) as srv:
+        srv.engine = engine
+        srv.client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        yield srv
+
+
+def test_thinking_off(scripted, tok):
+    kw = dict(model=MODEL, messages=USER, max_tokens=100)
+    for key in ("thinking", "enable_thinking"):
+        r = scripted.client.chat.completions.create(**kw, extra_body={"chat_template_kwargs": {key: False}})
+        prompt_ids, _ = scripted.engine.added[-1]
+        assert tok.decode(prompt_ids).endswith("<｜Assistant｜></think>")
+        msg = r.choices[0].message
+        # everything generated is the answer, whatever it looks like; no reasoning_content at all
+        assert msg.content == f"{REASONING}\n</think>\n\n{ANSWER}"
+        assert "reasoning_content" not in (msg.model_extra or {}) and r.choices[0].finish_reason == "stop"
+    chunks = list(
+        scripted.client.chat.completions.create(
+            **kw, stream=True, extra_body={"chat_template_kwargs": {"thinking": False}}
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
+    assert not any(getattr(c.choices[0].delta, "reasoning_content", None) for c in chunks)
+    on = scripted.client.chat.completions.create(
+        **kw, extra_body={"chat_template_kwargs": {"thinking": True}}
+    )
+    assert on.choices[0].message.reasoning_content == REASONING + "\n"  # the default, said explicitly
+    url = scripted.url + "/v1/chat/completions"
+    bad = {"messages": USER, "chat_template_kwargs": {"thinking": "no"}}
+    assert _err(httpx.post(url, json=bad), 400)["param"] == "chat_template_kwargs.thinking"
+
+
+def test_tool_call_then_result_then_answer(tooling, tok):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris and Tokyo?"},
+    ]
+    r = tooling.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
+    prompt = tok.decode(tooling.engine.added[-1][0])
+    assert prompt.startswith("<｜begin▁of▁sentence｜>Be brief.\n\n## Tools\n") and "### get_weather" in prompt
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.reasoning_content == TOOL_REASONING + "\n" and choice.message.content == "Checking."
+    calls = choice.message.tool_calls
+    assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("function", "get_weather", {"city": "Paris"}),
+        ("function", "get_weather", {"city": "東京"}),
+    ]
+    assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
+
+    # the client sends the calls back with their results; the model answers from them
+    messages.append(choice.message.model_dump(exclude_none=True))
+    messages += [
+        {"role": "tool", "tool_call_id": calls[0].id, "content": '{"temp": 21}'},
+        {"role": "tool", "tool_call_id": calls[1].id, "content": '{"temp": 25}'},
+    ]
+    final = tooling.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
+    assert final.choices[0].finish_reason == "stop" and not final.choices[0].message.tool_calls
+    assert final.choices[0].message.content == "It is 21 degrees in Paris."
+    prompt_ids, _ = tooling.engine.added[-1]
+    expected = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]
+    assert prompt_ids == tok.apply_chat_template(expected, tokenize=True, tools=[WEATHER])
+    assert tok.decode(prompt_ids).endswith(
+        f"Checking.{TOOL_CALLS_BEGIN}{_call('get_weather', calls[0].function.arguments)}"
+        f"{_call('get_weather', calls[1].function.arguments)}{TOOL_CALLS_END}<｜end▁of▁sentence｜>"
+        '<｜tool▁output▁begin｜>{"temp": 21}<｜tool▁output▁end｜><｜tool▁output▁begin｜>{"temp": 25}<｜tool▁output▁end｜>'
+    )
+
+
+def test_tool_calls_streamed(tooling):
+    messages = [{"role": "user", "content": "Weather?"}]
+    chunks = list(
+        tooling.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], stream=True)
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        for tc in d.tool_calls or []:
+            entry = calls.setdefault(tc.index, {"id": tc.id, "name": "", "arguments": ""})
+            entry["name"] += tc.function.name or ""
+            entry["arguments"] += tc.function.arguments or ""
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_weather", {"city": "東京"}),
+    ]
+    assert all(c["id"].startswith("call_") for c in calls.values())
+    assert "".join(d.content or "" for d in deltas) == "Checking."  # no tool markup leaks into content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "tool_calls"
+    ]
+    off = tooling.client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        tools=[WEATHER],
+        extra_body={"chat_template_kwargs": {"thinking": False}},
+    )
+    assert off.choices[0].message.content == "Checking." and len(off.choices[0].message.tool_calls) == 2
+
+
+def test_bad_tool_json_is_text(tooling):
+    messages = [{"role": "user", "content": "BAD request"}]
+    raw = "Let me check." + TOOL_CALLS_BEGIN + _call("get_weather", '{"city": Paris}') + TOOL_CALLS_END
+    r = tooling.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
+    assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
+    assert r.choices[0].message.content == raw
+    chunks = list(
+        tooling.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], stream=True)
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == raw
+    assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "stop"
+    ]
+
+
+def test_tool_choice(tooling, tok):
+    messages = [{"role": "user", "content": "Weather?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = tooling.client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], tool_choice=named
+    )
+    assert tok.decode(tooling.engine.added[-1][0]).endswith(
+        f"<｜Assistant｜></think>{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}get_weather{TOOL_SEP}"
+    )  # the call is started in the prompt, after a closed think block
+    call = r.choices[0].message.tool_calls[0].function
+    assert (call.name, json.loads(call.arguments), r.choices[0].finish_reason) == (
+        "get_weather",
+        {"city": "Lyon"},
+        "tool_calls",
+    )
+    r = tooling.client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required"
+    )
+    assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Nice"}
+    # "none": the tools are not shown to the model and its output is not parsed
+    r = tooling.client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], tool_choice="none"
+    )
+    assert "## Tools" not in tok.decode(tooling.engine.added[-1][0])
+    assert not r.choices[0].message.tool_calls and TOOL_CALLS_BEGIN in r.choices[0].message.content
+    url = tooling.url + "/v1/chat/completions"
+    for body in (
+        {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        {"tool_choice": "required"},
+        {"tools": [WEATHER], "tool_choice": "sometimes"},
+    ):
+        assert _err(httpx.post(url, json={"messages": messages, **body}), 400)["param"] == "tool_choice"
+    for tool, param in (
+        ({"type": "retrieval", "function": WEATHER["function"]}, "tools.0.type"),
+        ({"type": "function", "function": {"name": "bad name!"}}, "tools.0.function.name"),
+        ({"type": "function"}, "tools.0.function"),
+    ):
+        assert _err(httpx.post(url, json={"messages": messages, "tools": [tool]}), 400)["param"] == param
+    with pytest.raises(openai.BadRequestError) as e:
+        tooling.client.chat.completions.create(model=MODEL, messages=messages, tools=[{"type": "function"}])
+    assert e.value.body["param"] == "tools.0.function"
 
 
 @pytest.mark.slow

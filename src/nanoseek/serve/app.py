@@ -4,6 +4,12 @@ Notable:
 - `/v1/chat/completions` renders messages with the checkpoint's R1 chat template and returns DeepSeek's
   split: `reasoning_content` (inside <think>…</think>) apart from `content`, also when the prompt already
   opened <think>. `reasoning_content` sent back in messages is dropped, as R1's template requires.
+  `chat_template_kwargs: {"thinking": false}` (or vLLM's `enable_thinking`) is DeepSeek-V3.1's
+  non-thinking mode: the prompt closes the think block and everything generated is `content`.
+- Function calling: `tools` go into the prompt in DeepSeek-V3.1's format; generated calls come back as
+  OpenAI `tool_calls` (streamed as `delta.tool_calls`), finish_reason "tool_calls". A call block that
+  does not parse is returned as plain content with finish_reason "stop". `tool_choice` "required" or a
+  named function is enforced by writing the start of the call into the prompt (prefill).
 - `/v1/completions` takes strings or token ids (single or batched), with `echo` and prompt log-probs:
   what lm-evaluation-harness's `local-completions` sends for loglikelihood works unchanged.
 - Stop strings are matched on text here, above the token layer; text that might begin a stop string is
@@ -45,8 +51,8 @@ from nanoseek.serve.protocol import (
     TokenizeRequest,
     validation_error,
 )
-from nanoseek.serve.textstream import ReasoningSplitter, StopStringMatcher
-from nanoseek.tokenizer import THINK_END, THINK_START
+from nanoseek.serve.textstream import ReasoningSplitter, StopStringMatcher, ToolCallSplitter
+from nanoseek.tokenizer import THINK_END, THINK_START, TOOL_CALL_BEGIN, TOOL_CALLS_BEGIN, TOOL_SEP
 
 STATIC_DIR = Path(__file__).parent / "static"
 OPEN_PATHS = ("/health", "/", "/favicon.ico")  # the page's static files hold no model data
@@ -108,11 +114,14 @@ def _token_str(tokenizer: Any, token_id: int) -> str:
 
 @dataclass
 class _Choice:
-    """Text state of one generated sequence: detokenizer -> stop strings -> (chat) reasoning split."""
+    """Text state of one generated sequence: detokenizer -> stop strings -> (chat) reasoning split ->
+    (chat with tools) tool-call split."""
 
     detok: Any  # nanoseek.tokenizer.IncrementalDecoder: push(ids) -> str, flush() -> str
     stops: StopStringMatcher
-    splitter: ReasoningSplitter | None
+    splitter: ReasoningSplitter | None  # None: no reasoning split, all text is content
+    tools: ToolCallSplitter | None = None
+    tool_calls: list[dict] | None = None  # OpenAI's shape, with ids, once parsed
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
     finish_reason: str | None = None
@@ -141,11 +150,20 @@ class _Choice:
     def _split(self, text: str) -> tuple[str, str, str]:
         self.text += text
         if self.splitter is None:
-            return text, "", ""
-        r, c = self.splitter.push(text)
-        if self.done:
-            r2, c2 = self.splitter.flush()
-            r, c = r + r2, c + c2
+            r, c = "", text
+        else:
+            r, c = self.splitter.push(text)
+            if self.done:
+                r2, c2 = self.splitter.flush()
+                r, c = r + r2, c + c2
+        if self.tools is not None:
+            c = self.tools.push(c)
+            if self.done:
+                c2, calls = self.tools.flush()
+                c += c2
+                if calls:
+                    self.tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", **call} for call in calls]
+                    self.finish_reason = "tool_calls"
         self.reasoning += r
         self.content += c
         return text, r, c
@@ -231,16 +249,24 @@ class Server:
             raise APIError(str(e)) from None
         return params
 
-    def new_choice(self, stops: list[str] | None, started_in_think: bool | None) -> _Choice:
+    def new_choice(
+        self,
+        stops: list[str] | None,
+        started_in_think: bool | None,
+        tools: list[dict] | None = None,
+        prefill: str = "",
+    ) -> _Choice:
         splitter = (
             None
             if started_in_think is None
             else ReasoningSplitter(started_in_think, self.think_start, self.think_end)
         )
+        names = [t["function"]["name"] for t in tools or []]
         return _Choice(
             self.tokenizer.incremental_decoder(skip_special_tokens=True),
             StopStringMatcher(stops or []),
             splitter,
+            ToolCallSplitter(names, prefill) if tools else None,
         )
 
     def submit(self, jobs: list[tuple[list[int], Any]]) -> RequestGroup:
@@ -284,40 +310,100 @@ class Server:
                 self.engine.abort_ids([group.request_ids[index]])
 
     # ------------------------------------------------------------------ chat
+    @staticmethod
+    def chat_messages(messages: list[Any]) -> list[dict]:
+        """Request messages as the template's dicts. reasoning_content is deliberately not passed: R1's
+        template drops reasoning from history."""
+        out = []
+        for m in messages:
+            d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.tool_calls:
+                d["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
+            out.append(d)
+        return out
+
+    @staticmethod
+    def thinking(req: ChatCompletionRequest) -> bool:
+        """`chat_template_kwargs.thinking` (DeepSeek-V3.1's name) or `.enable_thinking`; on by default."""
+        kwargs = req.chat_template_kwargs or {}
+        for key in ("thinking", "enable_thinking"):
+            if key in kwargs:
+                if not isinstance(kwargs[key], bool):
+                    raise APIError(f"'{key}' must be true or false.", param=f"chat_template_kwargs.{key}")
+                return kwargs[key]
+        return True
+
+    @staticmethod
+    def tool_setup(req: ChatCompletionRequest) -> tuple[list[dict] | None, str]:
+        """(the tools to render and parse, or None; text that forces a call, written after the prompt).
+
+        Generation cannot be constrained to a schema here, but a forced call can be started: the prompt
+        ends with `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>` ("required") plus `NAME<｜tool▁sep｜>` (a named one).
+        """
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        choice = req.tool_choice
+        if choice is None or choice == "auto":
+            return tools, ""
+        if choice == "none":
+            return None, ""
+        names = [t["function"]["name"] for t in tools or []]
+        if choice == "required" or isinstance(choice, dict):
+            if not tools:
+                raise APIError("tool_choice requires 'tools' to be given.", param="tool_choice")
+            if choice == "required":
+                return tools, TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN
+            f = choice.get("function") if choice.get("type") == "function" else None
+            name = f.get("name") if isinstance(f, dict) else None
+            if name in names:
+                return tools, TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + name + TOOL_SEP
+            if name is not None:
+                raise APIError(
+                    f"tool_choice names '{name}', which is not one of the tools.", param="tool_choice"
+                )
+        raise APIError(
+            "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}.",
+            param="tool_choice",
+        )
+
     async def chat(self, request: Request) -> Response:
         req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
         self.check_model(req.model)
         if req.top_logprobs and not req.logprobs:
             raise APIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
-        for name in ("tools", "functions"):
-            if (req.model_extra or {}).get(name):
-                raise APIError(f"'{name}' (function calling) is not supported by this server.", param=name)
+        if (req.model_extra or {}).get("functions"):
+            raise APIError("'functions' is deprecated and not supported: use 'tools'.", param="functions")
         fmt = (req.model_extra or {}).get("response_format")
         if fmt and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise APIError("only response_format {'type': 'text'} is supported.", param="response_format")
-        messages = []
-        for i, m in enumerate(req.messages):
-            if m.role == "tool":
-                raise APIError("tool messages are not supported by this server.", param=f"messages.{i}.role")
-            # reasoning_content is deliberately not passed: R1's template drops reasoning from history.
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": m.text()})
-        prompt_text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt_ids = list(
-            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        )
-        started_in_think = prompt_text.rstrip().endswith(self.think_start)
+        thinking = self.thinking(req)
+        tools, prefill = self.tool_setup(req)
+        messages = self.chat_messages(req.messages)
+        split = thinking and not prefill  # a forced call skips the reasoning, as V3.1 calls tools
+        try:
+            prompt_text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, thinking=split, tools=tools
+            )
+        except ValueError as e:  # a malformed message, or tool use with a tokenizer that has no tool tokens
+            raise APIError(str(e), param="tools" if tools else "messages") from None
+        prompt_text += prefill
+        prompt_ids = self.tokenizer.encode(prompt_text)
+        started_in_think = prompt_text.rstrip().endswith(self.think_start) if split else None
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_new = self.budget(len(prompt_ids), asked, param, "messages")
         k = (req.top_logprobs or 0) if req.logprobs else None
         jobs = [(prompt_ids, self.sampling_params(req, max_new, k, j)) for j in range(req.n)]
-        choices = [self.new_choice(req.stop, started_in_think) for _ in range(req.n)]
+        choices = [self.new_choice(req.stop, started_in_think, tools, prefill) for _ in range(req.n)]
         group = self.submit(jobs)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(
-                self._chat_stream(req, group, choices, cid, len(prompt_ids), include_usage), self, group
+                self._chat_stream(req, group, choices, cid, len(prompt_ids), include_usage),
+                self,
+                group,
             )
         try:
             async for index, ev in self.events(group, choices, request):
@@ -326,7 +412,11 @@ class Server:
             self.engine.abort(group)
         out = []
         for i, c in enumerate(choices):
-            message = {"role": "assistant", "content": c.content, "reasoning_content": c.reasoning or None}
+            message: dict[str, Any] = {"role": "assistant", "content": c.content}
+            if split:  # non-thinking mode has no reasoning to report
+                message["reasoning_content"] = c.reasoning or None
+            if c.tool_calls:
+                message["content"], message["tool_calls"] = c.content or None, c.tool_calls
             out.append(
                 {
                     "index": i,
@@ -398,6 +488,9 @@ class Server:
                 sent_lp[index] = len(c.logprobs)
             if delta or lp is not None:
                 yield chunk([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": None}])
+            for j, call in enumerate(c.tool_calls or []):  # set only once the choice is done
+                tool_delta = {"tool_calls": [{"index": j, **call}]}
+                yield chunk([{"index": index, "delta": tool_delta, "logprobs": None, "finish_reason": None}])
             if c.done:
                 yield chunk(
                     [{"index": index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}]
@@ -609,7 +702,7 @@ class Server:
         if (req.prompt is None) == (req.messages is None):
             raise APIError("Give exactly one of 'prompt' or 'messages'.", param="prompt")
         if req.messages is not None:
-            msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+            msgs = self.chat_messages(req.messages)
             ids = list(
                 self.tokenizer.apply_chat_template(
                     msgs, add_generation_prompt=req.add_generation_prompt, tokenize=True

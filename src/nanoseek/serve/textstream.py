@@ -9,13 +9,16 @@ responses share one code path and a test can drive them without a model.
 - `ReasoningSplitter`: DeepSeek's API split of R1 output into `reasoning_content` (inside
   `<think>`…`</think>`) and `content`. The R1 template ends the prompt with "<think>\n", so the model
   usually never emits the opening tag: the splitter can start inside the think block.
+- `ToolCallSplitter`: the answer's text passes through until DeepSeek's `<｜tool▁calls▁begin｜>`; the call
+  block is held and parsed whole when the answer ends (`nanoseek.tokenizer.parse_tool_calls`). A block
+  that does not parse is handed back as plain text, so bad JSON from the model is an answer, not an error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from nanoseek.tokenizer import THINK_END, THINK_START
+from nanoseek.tokenizer import THINK_END, THINK_START, TOOL_CALLS_BEGIN, parse_tool_calls
 
 
 def _partial_suffix_len(text: str, needles: Sequence[str]) -> int:
@@ -130,3 +133,41 @@ class ReasoningSplitter:
         if self.state == "think":
             return text, ""
         return "", text.lstrip("\n") if self._strip_newlines else text
+
+
+class ToolCallSplitter:
+    """Split an answer's streamed text into content deltas and, at the end, the parsed tool calls.
+
+    `prefix` is tool-call text the prompt already holds (a forced `tool_choice`): the block starts there.
+    `names` are the tools offered; a call of any other name makes the block plain text.
+    """
+
+    def __init__(self, names: Sequence[str], prefix: str = "", begin: str = TOOL_CALLS_BEGIN) -> None:
+        self.names, self.begin, self.prefix = list(names), begin, prefix
+        self._pending = ""  # content that could still be the start of `begin`
+        self._block: str | None = prefix or None  # the held call block, once it has begun
+
+    def push(self, delta: str) -> str:
+        if self._block is not None:
+            self._block += delta
+            return ""
+        self._pending += delta
+        i = self._pending.find(self.begin)
+        if i >= 0:
+            out, self._block, self._pending = self._pending[:i], self._pending[i:], ""
+            return out
+        hold = _partial_suffix_len(self._pending, [self.begin])
+        out = self._pending[: len(self._pending) - hold]
+        self._pending = self._pending[len(out) :]
+        return out
+
+    def flush(self) -> tuple[str, list[dict] | None]:
+        """The content still held and the calls ([{"type": "function", "function": {...}}]) or None."""
+        block, self._block = self._block, None
+        pending, self._pending = self._pending, ""
+        if block is None:
+            return pending, None
+        parsed = parse_tool_calls(block, self.names)
+        if parsed is None:
+            return block, None  # not a well-formed call: the model's text, as it wrote it
+        return parsed[0], parsed[1]
