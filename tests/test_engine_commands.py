@@ -121,3 +121,32 @@ def test_chat_turn_splits_reasoning_across_split_tags(checkpoint):
     assert n == sum(len(tok.encode(c)) for c in chunks)
     assert out.getvalue() == "let me think\n\nThe answer is 4\n"
     assert reply == "<think>\nlet me think\n</think>\n\nThe answer is 4"
+
+
+def test_chat_no_think(checkpoint):
+    """`--no-think`: the prompt closes the think block (DeepSeek-V3.1's non-thinking mode) and the whole
+    reply is the answer, stray tags included; history keeps it as it is."""
+    from types import SimpleNamespace
+
+    from nanoseek.commands import chat
+    from nanoseek.commands.chat import chat_turn
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    prompts = []
+
+    class Engine:
+        def stream(self, prompts_, params):
+            prompts.append(prompts_[0])
+            return [SimpleNamespace(new_token_ids=tok.encode(c)) for c in ("The answer", " is 4</think>")]
+
+    out = io.StringIO()
+    reply, _ = chat_turn(Engine(), tok, [{"role": "user", "content": "q"}], None, out, False, thinking=False)
+    assert tok.decode(prompts[0]).endswith("<｜Assistant｜></think>")
+    assert out.getvalue() == "The answer is 4</think>\n" and reply == "The answer is 4</think>"
+
+    args = cli_args("chat", str(checkpoint), "--no-think", "--max-new-tokens", "4", "--threads", "1")
+    assert args.think is False and cli_args("chat", str(checkpoint)).think is True
+    out = io.StringIO()
+    assert chat.run(args, stdin=io.StringIO("hello\n"), stdout=out) == 0
+    assert "1 turns" in out.getvalue()

@@ -1,7 +1,8 @@
 """`nanoseek chat DIR`: an interactive terminal chat that streams, with the reasoning shown dimmed.
 
 - The R1 template opens the assistant turn with "<think>\\n", so a reply starts inside its reasoning;
-  everything up to "</think>" is printed dimmed, the answer after it in normal text.
+  everything up to "</think>" is printed dimmed, the answer after it in normal text. `--no-think` is
+  DeepSeek-V3.1's non-thinking mode: the prompt closes the think block and the reply is all answer.
 - History is kept as chat messages; the template drops past reasoning (R1 does), and the engine's
   prefix cache reuses the latents of the unchanged history, so later turns do not re-read it.
 - Commands: /reset (clear history), /system TEXT (set the system prompt and reset), /exit (or Ctrl-D).
@@ -29,20 +30,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--no-color", action="store_true", help="no ANSI dimming of the <think> part")
+    p.add_argument(
+        "--no-think",
+        dest="think",
+        action="store_false",
+        help="non-thinking mode (DeepSeek-V3.1): the prompt ends with </think>, the reply is only the answer",
+    )
     add_generation_flags(p, max_new_tokens=1024, temperature=0.6)
     p.set_defaults(func=run)
 
 
 def chat_turn(
-    engine: Any, tok: Any, messages: list[dict], params: Any, out: TextIO, color: bool
+    engine: Any,
+    tok: Any,
+    messages: list[dict],
+    params: Any,
+    out: TextIO,
+    color: bool,
+    thinking: bool = True,
 ) -> tuple[str, int]:
     """Stream one assistant reply to `out`; returns (the reply as stored in history, tokens generated)."""
     from nanoseek.serve.textstream import ReasoningSplitter
     from nanoseek.tokenizer import IncrementalDecoder
 
-    prompt_text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_text = tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False, thinking=thinking
+    )
     ids = tok.encode(prompt_text)
-    splitter = ReasoningSplitter(started_in_think=prompt_text.rstrip().endswith(tok.think_start))
+    opened = thinking and prompt_text.rstrip().endswith(tok.think_start)
+    # Non-thinking: no split at all, so a stray "<think>" is shown as the answer it is (as the server does).
+    splitter = ReasoningSplitter(started_in_think=opened) if thinking else None
     decoder = IncrementalDecoder(tok, skip_special_tokens=True)
     dim, reset = (DIM, RESET) if color else ("", "")
     think: list[str] = []
@@ -60,13 +77,19 @@ def chat_turn(
             answer.append(content)
         out.flush()
 
+    def split(text: str) -> tuple[str, str]:
+        return splitter.push(text) if splitter is not None else ("", text)
+
     for ev in engine.stream([ids], params):
         n += len(ev.new_token_ids)
-        show(*splitter.push(decoder.push(ev.new_token_ids)))
-    show(*splitter.push(decoder.flush()))
-    show(*splitter.flush())
+        show(*split(decoder.push(ev.new_token_ids)))
+    show(*split(decoder.flush()))
+    if splitter is not None:
+        show(*splitter.flush())
     out.write("\n")
-    reply = f"{tok.think_start}\n{''.join(think).strip()}\n{tok.think_end}\n\n{''.join(answer).strip()}"
+    reply = "".join(answer).strip()
+    if thinking:
+        reply = f"{tok.think_start}\n{''.join(think).strip()}\n{tok.think_end}\n\n{reply}"
     return reply, n
 
 
@@ -123,7 +146,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
         messages.append({"role": "user", "content": line})
         t0 = time.perf_counter()
         try:
-            reply, n = chat_turn(engine, tok, messages, params, out, color)
+            reply, n = chat_turn(engine, tok, messages, params, out, color, thinking=args.think)
         except ValueError as e:  # prompt longer than the context: start over rather than crash
             messages.pop()
             out.write(f"(cannot continue this conversation: {e}; use /reset)\n")
