@@ -137,3 +137,51 @@ def test_task_aliases_name_a_setting_of_a_family() -> None:
         "multiplication?digits=2",
         "comparison",
     ]
+
+
+def test_no_thinking_prompts_and_scoring(tmp_path) -> None:
+    """--no-thinking: the prompt closes the think block (V3.1), an endpoint is asked for its non-thinking
+    mode, and a plain answer counts as right (no think block required)."""
+    from nanoseek.evaluate import chat_prompt_ids
+    from serve_fakes import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    assert tok.decode(chat_prompt_ids(tok, "q", thinking=False)).endswith("<｜Assistant｜></think>")
+    assert tok.decode(chat_prompt_ids(tok, "q")).endswith("<｜Assistant｜><think>\n")
+
+    probs = {p.prompt: p for p in _problems(2)}
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        p = probs[body["messages"][0]["content"]]
+        message = {"role": "assistant", "content": f"\n{p.answer}"}
+        choices = [{"index": i, "finish_reason": "stop", "message": message} for i in range(body["n"])]
+        usage = {"prompt_tokens": 5, "completion_tokens": 4 * body["n"], "total_tokens": 0}
+        return httpx.Response(
+            200,
+            json={
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "stub",
+                "choices": choices,
+                "usage": usage,
+            },
+        )
+
+    cfg = EvalConfig(
+        model="http://stub:8000",
+        task="arithmetic",
+        k=2,
+        n=2,
+        language="en",
+        thinking=False,
+        endpoint_model="stub",
+    )
+    sampler, _ = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    cfg.out, cfg.run_dir = str(tmp_path / "e.json"), str(tmp_path)
+    m = evaluate(cfg, sampler=sampler)
+    assert m["pass@1"] == 1.0 and m["thinking"] is False
+    assert all(b["chat_template_kwargs"] == {"thinking": False} for b in seen)

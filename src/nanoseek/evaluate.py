@@ -53,6 +53,11 @@ class EvalConfig:
     temperature: float = option(0.6)
     top_p: float = option(0.95)
     max_new_tokens: int = option(256)
+    thinking: bool = option(
+        True,
+        "prompt with the think block opened (R1); --no-thinking: DeepSeek-V3.1's non-thinking mode, the answer "
+        "is scored without a think block (format_rate then counts think blocks the model wrote anyway)",
+    )
     split: str = option("test", choices=("test", "train"))
     seed: int = option(0)
     language: str | None = option(None, "only problems in this language (en, ja, zh)")
@@ -102,6 +107,7 @@ def score_samples(
     reward: Callable[[Any, str], tuple[float, dict[str, float]]],
     problems: Sequence[Any],
     samples: Sequence[Sequence[Sample]],
+    require_think: bool = True,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Aggregate metrics and per-problem records from k samples per problem.
 
@@ -113,7 +119,9 @@ def score_samples(
         raise ValueError(f"{len(problems)} problems but {len(samples)} sample lists")
     from nanoseek.data.tasks import extract_answer
 
-    extract = getattr(task, "extract_answer", None) or (lambda t: extract_answer(t, require_think=True))
+    extract = getattr(task, "extract_answer", None) or (
+        lambda t: extract_answer(t, require_think=require_think)
+    )
     per_problem = []
     tot: Counter[str] = Counter()
     n_samples = n = skipped = 0
@@ -184,11 +192,14 @@ def score_samples(
 
 
 # --------------------------------------------------------------------------- sample sources
-def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """The token ids the model sees for a one-turn question (R1 template, think block opened)."""
+def chat_prompt_ids(tokenizer: Any, prompt: str, thinking: bool = True) -> list[int]:
+    """The token ids the model sees for a one-turn question (think block opened, or closed: V3.1)."""
     return list(
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            tokenize=True,
+            thinking=thinking,
         )
     )
 
@@ -246,7 +257,7 @@ def checkpoint_sampler(cfg: EvalConfig) -> tuple[Callable[[Sequence[Any]], list[
     stop = [tok.eos_token_id]
 
     def sample(problems: Sequence[Any]) -> list[list[Sample]]:
-        prompts = [chat_prompt_ids(tok, p.prompt) for p in problems for _ in range(cfg.k)]
+        prompts = [chat_prompt_ids(tok, p.prompt, cfg.thinking) for p in problems for _ in range(cfg.k)]
         with torch.no_grad():
             outs = engine_generate(
                 engine,
@@ -297,6 +308,8 @@ def endpoint_sampler(
             top_p=cfg.top_p,
             max_tokens=cfg.max_new_tokens,
             seed=cfg.seed,
+            # only said when off, so servers that know no chat_template_kwargs are sent nothing new
+            extra_body=None if cfg.thinking else {"chat_template_kwargs": {"thinking": False}},
         )
         per = (resp.usage.completion_tokens / max(len(resp.choices), 1)) if resp.usage else 0
         out = []
@@ -333,7 +346,7 @@ def evaluate(cfg: EvalConfig, sampler: Callable[[Sequence[Any]], list[list[Sampl
     is_url = cfg.model.startswith(("http://", "https://"))
     task = get_task(cfg.task)
     problems = task.problems(cfg.split, cfg.n, seed=cfg.seed, language=cfg.language)
-    reward = build_reward(EVAL_PARTS, task=task, prompt_opened_think=True)
+    reward = build_reward(EVAL_PARTS, task=task, prompt_opened_think=cfg.thinking)
     if sampler is None:
         sampler, source = endpoint_sampler(cfg) if is_url else checkpoint_sampler(cfg)
     else:
@@ -341,12 +354,13 @@ def evaluate(cfg: EvalConfig, sampler: Callable[[Sequence[Any]], list[list[Sampl
     t0 = time.perf_counter()
     samples = sampler(problems)
     gen_time = time.perf_counter() - t0
-    metrics, per_problem = score_samples(task, reward, problems, samples)
+    metrics, per_problem = score_samples(task, reward, problems, samples, cfg.thinking)
     metrics.update(
         task=cfg.task,
         split=cfg.split,
         temperature=cfg.temperature,
         max_new_tokens=cfg.max_new_tokens,
+        thinking=cfg.thinking,
         source=source,
         wall_time_s=round(time.perf_counter() - t0, 2),
         generation_time_s=round(gen_time, 2),
