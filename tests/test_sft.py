@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -194,3 +196,38 @@ def test_time_budget_refits_the_schedule_to_anneal_by_the_deadline(tmp_path, mon
     assert len(records) > 10, len(records)
     # annealed: the last step's learning rate is the schedule's floor, not a cut-off mid-decay value
     assert records[-1]["lr"] <= 1e-3 * (cfg.min_lr_ratio + 0.05)
+
+
+def test_tool_use_conversation(tmp_path) -> None:
+    """Tool calls are trained on (the same template as the server renders them), tool results are
+    prompt only, and the answer after a tool result continues the turn without a think block."""
+    from nanoseek.tokenizer import TOOL_CALLS_BEGIN, TOOL_OUTPUT_END, render_tool_calls
+    from serve_fakes import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    calls = [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}]
+    msgs = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "", "reasoning_content": "use the tool", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "c1", "content": "4"},
+        {"role": "assistant", "content": "It is 4."},
+    ]
+    (ids1, labels1), (ids2, labels2) = tokenize_conversation(tok, msgs, tools)
+    trained1 = tok.decode([t for t, lab in zip(ids1, labels1, strict=True) if lab != IGNORE])
+    assert trained1 == "use the tool\n</think>\n" + render_tool_calls(calls) + "<｜end▁of▁sentence｜>"
+    prompt1 = tok.decode([t for t, lab in zip(ids1, labels1, strict=True) if lab == IGNORE])
+    assert "### add" in prompt1 and prompt1.endswith("<｜Assistant｜><think>\n")
+    prompt2 = tok.decode([t for t, lab in zip(ids2, labels2, strict=True) if lab == IGNORE])
+    trained2 = tok.decode([t for t, lab in zip(ids2, labels2, strict=True) if lab != IGNORE])
+    assert prompt2.endswith(TOOL_OUTPUT_END) and TOOL_CALLS_BEGIN in prompt2
+    assert trained2 == "It is 4.<｜end▁of▁sentence｜>"
+    assert ids2 == tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=True, tools=tools)
+
+    from nanoseek.train.sft import read_chat_jsonl
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(
+        json.dumps({"messages": msgs, "tools": tools}) + "\n" + json.dumps({"messages": msgs[:2]}) + "\n"
+    )
+    assert list(read_chat_jsonl(data)) == [(msgs, tools), (msgs[:2], None)]

@@ -7,6 +7,10 @@ What is notable here:
   assistant tokens only: the model is never trained to produce the user's words or the template.
 - The generation prompt of R1's template already opens "<think>\\n", so an assistant message's leading
   "<think>" is not repeated; a `reasoning_content` field is put back inside the think block.
+- Tool use (DeepSeek-V3.1's format, the same template the server renders): a line may carry OpenAI
+  `tools`, assistant messages `tool_calls` (trained on, after the message's text) and `role: "tool"`
+  results (prompt only). The turn after a tool result continues the assistant's answer, so it gets no
+  think block of its own unless the data gives one.
 - Packing: examples are packed into fixed rows; positions restart at each example and attention is
   block-diagonal causal, so packed examples never see each other (no cross-contamination).
 """
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 
 from nanoseek.model.attention import document_causal_mask
 from nanoseek.options import option
-from nanoseek.tokenizer import THINK_END, THINK_START
+from nanoseek.tokenizer import THINK_END, THINK_START, render_tool_calls
 
 IGNORE = -100
 
@@ -37,12 +41,16 @@ def assistant_target_text(
     prompt_opened_think: bool,
     think_start: str = THINK_START,
     think_end: str = THINK_END,
+    after_tool: bool = False,
 ) -> str:
-    """The text the model must produce for one assistant message, after the generation prompt."""
+    """The text the model must produce for one assistant message, after the generation prompt
+    (or after a tool result, `after_tool`), tool calls included."""
     content = str(message.get("content") or "")
     reasoning = message.get("reasoning_content")
     if reasoning:
         body = f"{think_start}\n{str(reasoning).strip()}\n{think_end}\n{content.lstrip()}"
+    elif after_tool:
+        body = content  # the answer goes on after the tool's result (V3.1): no think block is invented
     elif content.lstrip().startswith(think_start):
         body = content.lstrip()
     else:
@@ -51,11 +59,13 @@ def assistant_target_text(
     if prompt_opened_think:
         body = body[len(think_start) :].lstrip(" ")
         body = body[1:] if body.startswith("\n") else body
+    if message.get("tool_calls"):
+        body += render_tool_calls(message["tool_calls"])
     return body
 
 
 def tokenize_conversation(
-    tokenizer: Any, messages: Sequence[dict[str, Any]]
+    tokenizer: Any, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
 ) -> list[tuple[list[int], list[int]]]:
     """One (input_ids, labels) example per assistant turn; labels are IGNORE outside that turn."""
     if not messages:
@@ -69,18 +79,20 @@ def tokenize_conversation(
         raise ValueError("conversation has no assistant message to train on")
     think_start = getattr(tokenizer, "think_start", THINK_START)
     think_end = getattr(tokenizer, "think_end", THINK_END)
+    kw = {"tools": list(tools)} if tools else {}  # only then, so any apply_chat_template will do
     out = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         prompt_text = tokenizer.apply_chat_template(
-            list(messages[:i]), add_generation_prompt=True, tokenize=False
+            list(messages[:i]), add_generation_prompt=True, tokenize=False, **kw
         )
         prompt_ids = list(
-            tokenizer.apply_chat_template(list(messages[:i]), add_generation_prompt=True, tokenize=True)
+            tokenizer.apply_chat_template(list(messages[:i]), add_generation_prompt=True, tokenize=True, **kw)
         )
         opened = prompt_text.rstrip(" \n").endswith(think_start)
-        target = tokenizer.encode(assistant_target_text(m, opened, think_start, think_end))
+        after_tool = i > 0 and messages[i - 1]["role"] == "tool"
+        target = tokenizer.encode(assistant_target_text(m, opened, think_start, think_end, after_tool))
         target = target + [tokenizer.eos_token_id]
         out.append((prompt_ids + target, [IGNORE] * len(prompt_ids) + target))
     return out
@@ -96,8 +108,9 @@ def completion_example(
     return list(prompt_ids) + target, [IGNORE] * len(prompt_ids) + target
 
 
-def read_chat_jsonl(path: str | os.PathLike) -> Iterator[list[dict[str, Any]]]:
-    """Conversations from a JSONL file whose lines are {"messages": [...]}; errors name the line."""
+def read_chat_jsonl(path: str | os.PathLike) -> Iterator[tuple[list[dict[str, Any]], list[dict] | None]]:
+    """(messages, tools) from a JSONL file whose lines are {"messages": [...], "tools": [...]?};
+    errors name the line."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"chat data {p} does not exist")
@@ -112,7 +125,10 @@ def read_chat_jsonl(path: str | os.PathLike) -> Iterator[list[dict[str, Any]]]:
             msgs = rec.get("messages") if isinstance(rec, dict) else None
             if not isinstance(msgs, list):
                 raise ValueError(f"{p}:{n}: expected an object with a 'messages' list")
-            yield msgs
+            tools = rec.get("tools")
+            if tools is not None and not isinstance(tools, list):
+                raise ValueError(f"{p}:{n}: 'tools' must be a list of OpenAI function tools")
+            yield msgs, tools
 
 
 # ---------------------------------------------------------------------------------- packing
@@ -206,7 +222,9 @@ def sft_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
 @dataclass
 class SFTConfig:
     init: str = option(help="checkpoint directory (with tokenizer files) or Hub name (owner/name)")
-    data: str | None = option(None, "chat JSONL: one {'messages': [...]} per line")
+    data: str | None = option(
+        None, "chat JSONL: one {'messages': [...]} per line (optionally with 'tools': [...])"
+    )
     task: str | None = option(None, "build cold-start data from task(s)' worked solutions (comma-separated)")
     task_examples: int = option(2000, "examples drawn from --task")
     out: str = option("runs/sft", "run directory")
@@ -362,15 +380,17 @@ def sft(cfg: SFTConfig) -> Path:
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(init)
     model = load_model(init)
-    convs: list[list[dict[str, Any]]] = []
+    convs: list[tuple[list[dict[str, Any]], list[dict] | None]] = []
     if cfg.data:
         convs.extend(read_chat_jsonl(cfg.data))
     if cfg.task:
-        convs.extend(task_conversations(cfg.task, cfg.task_examples, cfg.seed, cfg.language))
+        convs.extend(
+            (c, None) for c in task_conversations(cfg.task, cfg.task_examples, cfg.seed, cfg.language)
+        )
     examples = []
-    for n, conv in enumerate(convs, 1):
+    for n, (conv, tools) in enumerate(convs, 1):
         try:
-            examples.extend(tokenize_conversation(tok, conv))
+            examples.extend(tokenize_conversation(tok, conv, tools))
         except ValueError as e:
             raise ValueError(f"conversation {n}: {e}") from None
     return train_on_examples(model, tok, examples, cfg.out, "sft", cfg, {"sft": vars(cfg)}, started)
