@@ -9,7 +9,8 @@ import random
 import pytest
 
 from nanoseek.serve.metrics import ServerMetrics
-from nanoseek.serve.textstream import ReasoningSplitter, StopStringMatcher
+from nanoseek.serve.textstream import ReasoningSplitter, StopStringMatcher, ToolCallSplitter
+from nanoseek.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
 
 
 def _chunked(text: str, rng: random.Random) -> list[str]:
@@ -98,3 +99,46 @@ def test_prometheus_exposition():
     assert f"{h}_count 3" in text
     assert 'nanoseek:requests_total{route="/v1/models",status="200"} 1' in text
     assert "nanoseek:num_requests_running 3" in text and "nanoseek:kv_cache_usage_perc 0.25" in text
+
+
+def _tool_split(text: str, chunks: list[str], prefix: str = "") -> tuple[str, list[dict] | None, list[str]]:
+    s = ToolCallSplitter(["get_weather"], prefix)
+    deltas = [s.push(c) for c in chunks]
+    rest, calls = s.flush()
+    return "".join(deltas) + rest, calls, deltas
+
+
+CALL = f'{TOOL_CALL_BEGIN}get_weather{TOOL_SEP}{{"city": "Paris"}}{TOOL_CALL_END}'
+
+
+@pytest.mark.parametrize(
+    "text, content, n_calls",
+    [
+        ("Sure." + TOOL_CALLS_BEGIN + CALL + CALL + TOOL_CALLS_END, "Sure.", 2),
+        ("no tools here, < and <｜ too", "no tools here, < and <｜ too", 0),
+        # bad JSON, an unknown tool, an unclosed block: the text as the model wrote it
+        ("x" + TOOL_CALLS_BEGIN + CALL.replace('"Paris"', "Paris") + TOOL_CALLS_END, None, 0),
+        ("x" + TOOL_CALLS_BEGIN + CALL.replace("get_weather", "rm_rf") + TOOL_CALLS_END, None, 0),
+        ("x" + TOOL_CALLS_BEGIN + CALL, None, 0),
+    ],
+)
+def test_tool_call_split_any_chunking(text, content, n_calls):
+    rng = random.Random(0)
+    whole = _tool_split(text, [text])
+    for _ in range(20):
+        assert _tool_split(text, _chunked(text, rng))[:2] == whole[:2]
+    got, calls, deltas = whole
+    assert got == (text if content is None else content)
+    assert len(calls or []) == n_calls
+    if n_calls:  # nothing of the call markup was ever streamed as content
+        chunked = _tool_split(text, _chunked(text, rng))[2]
+        assert TOOL_CALLS_BEGIN[:2] not in "".join(chunked)
+
+
+def test_tool_call_split_with_prefilled_call():
+    prefix = TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "get_weather" + TOOL_SEP
+    text, calls, deltas = _tool_split("", ['{"city": ', '"Lyon"}', TOOL_CALL_END + TOOL_CALLS_END], prefix)
+    assert (text, deltas) == ("", ["", "", ""])
+    assert calls == [
+        {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lyon"}'}}
+    ]

@@ -381,3 +381,172 @@ def test_train_on_embedded_corpus_is_fast() -> None:
     assert tok.vocab_size <= 2048
     sample = next(iter(iter_documents("embedded", seed=1)))
     assert tok.decode(tok.encode(sample)) == sample
+
+
+# ------------------------------------------------------------------ V3.1: thinking off, tools
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "都市"}}},
+    },
+}
+CALLS = [
+    {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+    {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "東京"}}},
+]
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris and Tokyo?"},
+    {"role": "assistant", "content": "<think>\nlook it up\n</think>\nChecking.", "tool_calls": CALLS},
+    {"role": "tool", "tool_call_id": "a", "content": '{"temp": 21}'},
+    {"role": "tool", "tool_call_id": "b", "content": '{"temp": 25}'},
+    {"role": "assistant", "content": "21 and 25."},
+    {"role": "user", "content": "Thanks"},
+]
+
+
+def test_thinking_on_off_and_system_prompt_first(tok: Tokenizer) -> None:
+    msgs = [{"role": "user", "content": "q"}, {"role": "system", "content": "Be brief."}]
+    on = tok.apply_chat_template(msgs)
+    off = tok.apply_chat_template(msgs, thinking=False)
+    # R1-0528: the system text comes first, right after BOS, before the first <｜User｜>, wherever it was
+    assert on == f"{BOS}Be brief.{USER}q{ASSISTANT}{THINK_START}\n"
+    assert off == f"{BOS}Be brief.{USER}q{ASSISTANT}{THINK_END}"
+    assert tok.apply_chat_template(msgs, tokenize=True, thinking=False)[-2:] == [
+        tok.token_to_id(ASSISTANT),
+        tok.think_end_id,
+    ]
+
+
+def test_tools_and_tool_calls_render(tok: Tokenizer) -> None:
+    from nanoseek.tokenizer import TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, render_tool_calls
+
+    text = tok.apply_chat_template(TOOL_CONVERSATION, tools=[WEATHER])
+    system, _, turns = text.partition(USER)
+    assert system.startswith(f"{BOS}Be brief.\n\n## Tools\n")
+    assert '### get_weather\nDescription: Current weather\n\nParameters: {"type": "object"' in system
+    assert "都市" in system  # parameters as JSON, not ASCII-escaped
+    calls = render_tool_calls(CALLS)
+    assert '<｜tool▁sep｜>{"city": "東京"}<｜tool▁call▁end｜>' in calls  # dict arguments become JSON
+    assert turns.startswith(
+        f"Weather in Paris and Tokyo?{ASSISTANT}\nChecking.{calls}{EOS}"
+        f'{TOOL_OUTPUT_BEGIN}{{"temp": 21}}{TOOL_OUTPUT_END}{TOOL_OUTPUT_BEGIN}{{"temp": 25}}{TOOL_OUTPUT_END}'
+        f"21 and 25.{EOS}{USER}Thanks{ASSISTANT}{THINK_START}\n"
+    )  # the answer after the tool results continues the turn: no <｜Assistant｜> of its own
+    # right after tool results there is no generation prompt: the model goes on with its turn
+    assert tok.apply_chat_template(TOOL_CONVERSATION[:5], thinking=False).endswith(TOOL_OUTPUT_END)
+    ids = tok.apply_chat_template(TOOL_CONVERSATION, tokenize=True, tools=[WEATHER])
+    assert all(
+        tok.token_to_id(t) in ids for t in ("<｜tool▁calls▁begin｜>", "<｜tool▁sep｜>", TOOL_OUTPUT_END)
+    )
+    with pytest.raises(ValueError, match="tools\\[0\\]"):
+        tok.apply_chat_template(TOOL_CONVERSATION, tools=[{"type": "function", "function": {}}])
+    with pytest.raises(ValueError, match="tool_calls\\[0\\]"):
+        tok.apply_chat_template([{"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}])
+
+
+def test_tool_call_parse_and_round_trip() -> None:
+    from nanoseek.tokenizer import (
+        TOOL_CALL_BEGIN,
+        TOOL_CALL_END,
+        TOOL_CALLS_BEGIN,
+        TOOL_CALLS_END,
+        TOOL_SEP,
+        parse_tool_calls,
+        render_tool_calls,
+    )
+
+    calls = [
+        {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": [2, 3]}'}},
+    ]
+    text = "Let me check." + render_tool_calls(calls)
+    assert parse_tool_calls(text) == ("Let me check.", calls)
+    assert parse_tool_calls(text + "\n", names=["get_weather", "add"]) == ("Let me check.", calls)
+    assert parse_tool_calls(render_tool_calls(calls[:1])) == ("", calls[:1])
+
+    def one(name: str, args: str) -> str:
+        return f"{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}{name}{TOOL_SEP}{args}{TOOL_CALL_END}{TOOL_CALLS_END}"
+
+    for bad in (
+        "no calls at all",
+        one("get_weather", '{"city": Paris}'),  # not JSON
+        one("get_weather", "[1, 2]"),  # JSON, but not an object
+        one("", "{}"),  # no name
+        one("get_weather", "{}")[: -len(TOOL_CALLS_END)],  # unclosed
+        one("get_weather", "{}") + " and more text",
+        f"{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}get_weather{{}}{TOOL_CALL_END}{TOOL_CALLS_END}",  # no separator
+        f"{TOOL_CALLS_BEGIN}{TOOL_CALLS_END}",  # no call
+    ):
+        assert parse_tool_calls(bad) is None, bad
+    assert parse_tool_calls(one("rm", "{}"), names=["get_weather"]) is None
+
+
+def test_tool_templates_agree_with_transformers(tok: Tokenizer, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok.save(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    for messages, tools in (
+        (TOOL_CONVERSATION, [WEATHER]),
+        (TOOL_CONVERSATION[:5], [WEATHER]),
+        (CONVERSATIONS[1], None),
+    ):
+        for thinking in (True, False):
+            ours = tok.apply_chat_template(messages, thinking=thinking, tools=tools)
+            theirs = hf.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=True, tokenize=False, thinking=thinking
+            )
+            assert ours == theirs
+    vllm_style = hf.apply_chat_template(
+        CONVERSATIONS[0], add_generation_prompt=True, tokenize=False, enable_thinking=False
+    )
+    assert vllm_style == tok.apply_chat_template(CONVERSATIONS[0], thinking=False)
+
+
+# nanoseek's template before tool calls and the non-thinking mode, as older tokenizer_config.json files hold it
+TEMPLATE_BEFORE_TOOLS = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(system_prompt='', is_first_sp=true) %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{%- if ns.is_first_sp %}{% set ns.system_prompt = ns.system_prompt + message['content'] %}"
+    "{% set ns.is_first_sp = false %}"
+    "{%- else %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}"
+    "{%- endif %}{%- endif %}{%- endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{%- set content = message['content'] or '' %}"
+    "{%- if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
+    "{%- elif message['role'] != 'system' %}"
+    "{{ raise_exception('unsupported chat role: ' + message['role']) }}"
+    "{%- endif %}{%- endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+
+
+def test_tokenizer_without_tool_tokens(tok: Tokenizer, tmp_path: Path) -> None:
+    """A tokenizer trained before the tool tokens (and its older saved template) still chats; tool use
+    is refused with an error that says why."""
+
+    from nanoseek.tokenizer import TOOL_TOKENS
+
+    spec = json.loads(tok.backend.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in TOOL_TOKENS]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE_BEFORE_TOOLS}))
+    old = load_tokenizer(tmp_path)
+    assert old.chat_template == R1_CHAT_TEMPLATE  # recognised as ours, upgraded
+    assert old.missing_tool_tokens == TOOL_TOKENS
+    for messages in CONVERSATIONS:
+        assert old.apply_chat_template(messages) == tok.apply_chat_template(messages)
+    assert old.apply_chat_template(CONVERSATIONS[0], thinking=False).endswith(THINK_END)
+    with pytest.raises(ValueError, match="no tool-call tokens"):
+        old.apply_chat_template(CONVERSATIONS[0], tools=[WEATHER])
+    with pytest.raises(ValueError, match="no tool-call tokens"):
+        old.apply_chat_template(TOOL_CONVERSATION)
+    assert tok.missing_tool_tokens == ()
