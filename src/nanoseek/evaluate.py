@@ -194,14 +194,9 @@ def score_samples(
 # --------------------------------------------------------------------------- sample sources
 def chat_prompt_ids(tokenizer: Any, prompt: str, thinking: bool = True) -> list[int]:
     """The token ids the model sees for a one-turn question (think block opened, or closed: V3.1)."""
-    return list(
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            tokenize=True,
-            thinking=thinking,
-        )
-    )
+    kw = {} if thinking else {"thinking": False}  # only then, so any apply_chat_template will do
+    messages = [{"role": "user", "content": prompt}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw))
 
 
 def engine_generate(
