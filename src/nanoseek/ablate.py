@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,19 +94,18 @@ class Budget:
         return f"{self.value / 1e3:g}k tokens per run ({self.steps()} steps of {TOKENS_PER_STEP})"
 
 
-_BUDGET = re.compile(r"^\s*([0-9][0-9.,_eE+-]*\s*[kKmMbBgGtT]?)\s*([a-zA-Z]*)\s*$")
 _SECONDS = {
-    "s": 1,
-    "sec": 1,
-    "secs": 1,
-    "second": 1,
     "seconds": 1,
-    "min": 60,
-    "mins": 60,
+    "second": 1,
+    "secs": 1,
+    "sec": 1,
+    "s": 1,
     "minutes": 60,
+    "mins": 60,
+    "min": 60,
     "h": 3600,
 }
-_TOKENS = ("", "tok", "tokens", "token")
+_TOKENS = ("tokens", "token", "tok")
 
 
 def parse_budget(text: str | Budget) -> Budget:
@@ -116,17 +114,17 @@ def parse_budget(text: str | Budget) -> Budget:
 
     if isinstance(text, Budget):
         return text
-    m = _BUDGET.match(str(text))
-    if not m:
-        raise ValueError(f"cannot parse --budget {text!r}: use tokens (384k, 1M, 2e6) or seconds (90s, 5min)")
-    number, unit = m.group(1).replace(" ", ""), m.group(2).lower()
-    if unit in _SECONDS:
-        if number[-1:].isalpha():
-            raise ValueError(f"--budget {text!r}: a time takes no K/M suffix (write 90s or 5min)")
-        return Budget("seconds", parse_count(number, "--budget") * _SECONDS[unit])
-    if unit not in _TOKENS:
-        raise ValueError(f"--budget {text!r}: unknown unit {unit!r} (use tokens, s or min)")
-    return Budget("tokens", parse_count(number, "--budget"))
+    raw = str(text).strip()
+    number, scale = raw, None
+    for unit in sorted([*_SECONDS, *_TOKENS], key=len, reverse=True):
+        if raw.lower().endswith(unit):
+            number, scale = raw[: -len(unit)].strip(), _SECONDS.get(unit)
+            break
+    if scale is None:
+        return Budget("tokens", parse_count(number, "--budget"))
+    if number[-1:].isalpha():
+        raise ValueError(f"--budget {text!r}: a time takes no K/M suffix (write 90s or 5min)")
+    return Budget("seconds", parse_count(number, "--budget") * scale)
 
 
 @dataclass(frozen=True)
@@ -173,6 +171,9 @@ class Claim:
     at: str = "curve"
     lo: float | None = None
     hi: float | None = None
+    # "flops": training FLOPs (what the run paid); "main_flops": the main model's only, the MTP module's
+    # left out (V3 compares MTP at equal main-model compute)
+    flops_axis: str = "flops"
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,7 @@ def _moe_study(c: ModelConfig, preset: str) -> Study:
         variants,
         claims,
         MLP_FIELDS,
-        Budget("tokens", 150 * TOKENS_PER_STEP),
+        Budget("tokens", 100 * TOKENS_PER_STEP),
     )
 
 
@@ -392,7 +393,7 @@ def _mla_study(c: ModelConfig, preset: str) -> Study:
         variants,
         claims,
         ATTENTION_FIELDS,
-        Budget("tokens", 300 * TOKENS_PER_STEP),
+        Budget("tokens", 140 * TOKENS_PER_STEP),
     )
 
 
@@ -443,7 +444,7 @@ def _balance_study(c: ModelConfig, preset: str) -> Study:
         variants,
         claims,
         frozenset({"bias_update_speed", "balance_alpha"}),
-        Budget("tokens", 300 * TOKENS_PER_STEP),
+        Budget("tokens", 180 * TOKENS_PER_STEP),
     )
 
 
@@ -458,9 +459,11 @@ def _mtp_study(c: ModelConfig, preset: str) -> Study:
         Claim(
             "MTP improves the main model at equal main-model compute",
             "V3 §2.2, §4.5.1 (Table 4)",
-            "better on most benchmarks; the MTP module is dropped at inference",
+            "better on most benchmarks; the MTP module is dropped at inference (per FLOP here: the main "
+            "model's FLOPs; the module's own training cost shows per wall second)",
             "mtp",
             "no-mtp",
+            flops_axis="main_flops",
         ),
         Claim(
             "MTP improves held-out task accuracy",
@@ -493,7 +496,7 @@ def _mtp_study(c: ModelConfig, preset: str) -> Study:
         variants,
         claims,
         frozenset({"num_nextn_predict_layers", "mtp_weight"}),
-        Budget("tokens", 300 * TOKENS_PER_STEP),
+        Budget("tokens", 160 * TOKENS_PER_STEP),
     )
 
 
@@ -531,7 +534,7 @@ def _fp8_study(c: ModelConfig, preset: str) -> Study:
         variants,
         claims,
         frozenset({"precision"}),
-        Budget("tokens", 150 * TOKENS_PER_STEP),
+        Budget("tokens", 75 * TOKENS_PER_STEP),
     )
 
 
@@ -569,10 +572,11 @@ class Run:
         model = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "extra"}
         return {**model, **self.config.extra, **dataclasses.asdict(self.train)}
 
-    def flops_per_token(self) -> float:
+    def flops_per_token(self, main_only: bool = False) -> float:
+        """Training FLOPs per token; the MTP module's count where it trains, unless `main_only`."""
         from nanoseek.accounting import flops_per_token
 
-        mtp = bool(self.config.num_nextn_predict_layers) and self.train.mtp_weight > 0
+        mtp = bool(self.config.num_nextn_predict_layers) and self.train.mtp_weight > 0 and not main_only
         return flops_per_token(self.config, self.train.seq_len, training=True, include_mtp=mtp)
 
 
@@ -616,7 +620,7 @@ def plan_record(study: Study, runs: list[Run], preset: str) -> dict[str, Any]:
         "study": study.name,
         "about": study.about,
         "preset": preset,
-        "budget": dataclasses.asdict(runs[0].budget),
+        "budget": {**dataclasses.asdict(runs[0].budget), "steps": runs[0].budget.steps()},
         "variants": variants,
         "claims": [dataclasses.asdict(c) for c in study.claims],
     }
@@ -734,7 +738,7 @@ def train_run(
     )
     run = dataclasses.replace(run, config=config)
     precision = resolve_precision(t.precision, torch.device("cpu"))
-    fpt = run.flops_per_token()
+    fpt, main_fpt = run.flops_per_token(), run.flops_per_token(main_only=True)
     torch.manual_seed(run.seed)
     model = build_model(config).init_weights(run.seed)
     model.set_balance_alpha(t.balance_alpha)
@@ -785,6 +789,7 @@ def train_run(
                 **ident,
                 "tokens": trainer.tokens_seen,
                 "flops": trainer.tokens_seen * fpt,
+                "main_flops": trainer.tokens_seen * main_fpt,
                 "train_s": round(train_s, 3),
                 "val_loss": val,
             }

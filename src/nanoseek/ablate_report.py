@@ -10,7 +10,11 @@ How a claim is judged:
 - "final" claims compare the last evaluation's value, paired by seed; "fixed" ones are exact
   (accounting), "value" ones hold one variant's value against the paper's range.
 - Verdict: "yes" when every seed agrees with the claim, "no" when every seed contradicts it,
-  "inconclusive" when seeds disagree; with one seed, the verdict says so. The spread shown is the
+  "inconclusive" when seeds disagree (or tie); with one seed, the verdict says so.
+- Every run anneals its own schedule over its own budget, so at a point short of a run's end that run
+  is mid-schedule: with a token budget the per-second comparison (and the per-FLOP one where FLOPs per
+  token differ) sets the slower/costlier run's end against the other's middle; with a seconds budget the
+  per-FLOP comparison does. The report says which axis its budget makes the fair one. The spread shown is the
   standard deviation of the per-seed differences (n >= 2).
 """
 
@@ -90,15 +94,20 @@ def _mean_std(xs: list[float]) -> tuple[float, float | None]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
-def _verdict(good: list[bool]) -> str:
-    if not good:
+def _verdict(signs: list[int]) -> str:
+    """signs per seed: +1 agrees with the claim, -1 contradicts it, 0 a tie."""
+    if not signs:
         return "not run"
-    one = " (1 seed)" if len(good) == 1 else ""
-    if all(good):
+    one = " (1 seed)" if len(signs) == 1 else ""
+    if all(s > 0 for s in signs):
         return "yes" + one
-    if not any(good):
+    if all(s < 0 for s in signs):
         return "no" + one
-    return "inconclusive (seeds disagree)"
+    return "inconclusive (tie)" if all(s == 0 for s in signs) else "inconclusive (seeds disagree)"
+
+
+def _sign(ok: bool, tie: bool = False) -> int:
+    return 0 if tie else (1 if ok else -1)
 
 
 def judge(m: StudyMetrics, claim: dict[str, Any], axis: str | None) -> tuple[str, str]:
@@ -114,11 +123,14 @@ def judge(m: StudyMetrics, claim: dict[str, Any], axis: str | None) -> tuple[str
         return "–", "not run"
     where = ""
     if claim["at"] == "curve" and axis is not None:
+        if axis == "flops":
+            axis = claim.get("flops_axis", "flops")
         x = m.common_point([a, b], axis)
         if x is None:
             return "–", "not run"
         va, vb = m.at(a, axis, x, metric), m.at(b, axis, x, metric)
-        where = f" at {x:.3g} FLOPs" if axis == "flops" else f" at {x:.3g} s"
+        unit = {"flops": "FLOPs", "main_flops": "main-model FLOPs", "train_s": "s"}[axis]
+        where = f" at {x:.3g} {unit}"
     else:
         va = m.final(a, metric)
         vb = m.final(b, metric) if b is not None else {}
@@ -129,8 +141,8 @@ def judge(m: StudyMetrics, claim: dict[str, Any], axis: str | None) -> tuple[str
             return "–", "not run"
         mean, sd = _mean_std(vals)
         spread = f" ± {sd:.3f}" if sd is not None else ""
-        good = [claim["lo"] <= v for v in vals]
-        return f"{a}: {mean:.3f}{spread}{where}", _verdict(good)
+        signs = [_sign(claim["lo"] <= v) for v in vals]
+        return f"{a}: {mean:.3f}{spread}{where}", _verdict(signs)
     seeds = sorted(set(va) & set(vb))
     if not seeds:
         return "–", "not run"
@@ -140,16 +152,16 @@ def judge(m: StudyMetrics, claim: dict[str, Any], axis: str | None) -> tuple[str
         rel = [(va[s] - vb[s]) / abs(vb[s]) for s in seeds]
         mean, sd = _mean_std(rel)
         spread = f" ± {100 * sd:.2f}%" if sd is not None else ""
-        good = [abs(r) <= claim["tol"] if kind == "match" else r <= claim["tol"] for r in rel]
+        signs = [_sign(abs(r) <= claim["tol"] if kind == "match" else r <= claim["tol"]) for r in rel]
         return (
             f"{a} {mean_a:.4f} vs {b} {mean_b:.4f}: {100 * mean:+.2f}%{spread}{where}",
-            _verdict(good),
+            _verdict(signs),
         )
     diffs = [va[s] - vb[s] for s in seeds]
     mean, sd = _mean_std(diffs)
     spread = f" ± {sd:.4f}" if sd is not None else ""
-    good = [d < 0 if kind == "lower" else d > 0 for d in diffs]
-    return f"{a} {mean_a:.4f} vs {b} {mean_b:.4f}: Δ {mean:+.4f}{spread}{where}", _verdict(good)
+    signs = [_sign(d < 0 if kind == "lower" else d > 0, tie=d == 0) for d in diffs]
+    return f"{a} {mean_a:.4f} vs {b} {mean_b:.4f}: Δ {mean:+.4f}{spread}{where}", _verdict(signs)
 
 
 def summary_rows(m: StudyMetrics) -> list[dict[str, str]]:
@@ -321,7 +333,7 @@ def build_study_report(directory: str | os.PathLike) -> Path:
     budget = (
         f"{b['value']:g} s of training"
         if b["kind"] == "seconds"
-        else f"{b['value']:,.0f} tokens ({math.ceil(b['value'] / 2560)} steps of 8 x 320)"
+        else f"{b['value']:,.0f} tokens ({b.get('steps')} steps)"
     )
     seeds = sorted({s for v in m.done.values() for s in v})
     wall = sum(d["train_s"] for v in m.done.values() for d in v.values())
@@ -338,11 +350,20 @@ def build_study_report(directory: str | os.PathLike) -> Path:
     plain = _plain_words(m)
     if plain:
         lines += plain + [""]
+    fair = (
+        "This study had a seconds budget: every run ends (its schedule annealed) at the same wall time, so "
+        "the per-second column is the like-for-like one; per FLOP, a faster run is read mid-schedule, "
+        "before its learning rate has decayed."
+        if b["kind"] == "seconds"
+        else "This study had a token budget: runs of equal FLOPs per token end together, so the per-FLOP "
+        "column is the like-for-like one; per second (and per FLOP where FLOPs per token differ), the "
+        "cheaper run is read mid-schedule, before its learning rate has decayed."
+    )
     lines += [
         "Per FLOP: validation loss at the largest training FLOP count both variants reached (FLOPs from "
         "`nanoseek.accounting`, 3 x forward, MTP included where it trains). Per wall second: at the largest "
         "training time both reached, on this machine (evaluation excluded). A claim is reproduced when every "
-        "seed agrees with it, not reproduced when every seed contradicts it.",
+        "seed agrees with it, not reproduced when every seed contradicts it. " + fair,
         "",
         "## Variants",
         "",
