@@ -726,6 +726,7 @@ def train_run(
     from nanoseek.accounting import analytic_parameters, kv_cache_bytes_per_token
     from nanoseek.checkpoint import build_model
     from nanoseek.data.corpus import PackedDataset
+    from nanoseek.train.distributed import DistInfo
     from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
     from nanoseek.train.pretrain import resolve_precision
 
@@ -737,10 +738,11 @@ def train_run(
         pad_token_id=tok.pad_token_id,
     )
     run = dataclasses.replace(run, config=config)
-    precision = resolve_precision(t.precision, torch.device("cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the same command on a GPU
+    precision = resolve_precision(t.precision, device)
     fpt, main_fpt = run.flops_per_token(), run.flops_per_token(main_only=True)
     torch.manual_seed(run.seed)
-    model = build_model(config).init_weights(run.seed)
+    model = build_model(config, device=device).init_weights(run.seed)
     model.set_balance_alpha(t.balance_alpha)
     steps = run.budget.steps()
     seconds = run.budget.value if run.budget.kind == "seconds" else None
@@ -756,7 +758,7 @@ def train_run(
             total_steps=steps or 10**6,  # a seconds budget refits the schedule to its deadline
             precision=precision,
             bias_update_speed=t.bias_update_speed,
-            deadline=None,
+            dist=DistInfo(device=device),
         )
         batches = iter(
             PackedDataset(
@@ -772,9 +774,8 @@ def train_run(
         )
 
         def loss_fn() -> Any:
-            return language_model_loss(
-                trainer.model, *next(batches), mtp_weight=t.mtp_weight, document_mask=True
-            )
+            x, y = (b.to(device) for b in next(batches))
+            return language_model_loss(trainer.model, x, y, mtp_weight=t.mtp_weight, document_mask=True)
 
         train_s = 0.0
         violations: dict[str, list[float]] = {}
@@ -783,7 +784,10 @@ def train_run(
         def evaluate(final: bool = False) -> dict[str, Any]:
             it = iter(val_set)
             val = trainer.validate(
-                lambda: language_model_loss(trainer.model, *next(it), document_mask=True), len(val_set)
+                lambda: language_model_loss(
+                    trainer.model, *(b.to(device) for b in next(it)), document_mask=True
+                ),
+                len(val_set),
             )
             row: dict[str, Any] = {
                 **ident,
