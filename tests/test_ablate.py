@@ -325,3 +325,45 @@ def test_tiny_study_end_to_end(tmp_path) -> None:
     assert len(table) == len(get_study("mla").claims)
     for name in ("val_loss_tokens.png", "val_loss_flops.png", "val_loss_train_s.png"):
         assert (directory / "plots" / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_tiny_mtp_study_measures_accuracy_and_draft_acceptance(tmp_path) -> None:
+    from nanoseek.ablate import ablate
+
+    cfg = AblateConfig(
+        study="mtp",
+        budget="5k",
+        seeds=1,
+        out=str(tmp_path),
+        tokenizer_docs=300,
+        val_batches=1,
+        acc_n=1,
+        max_new_tokens=16,
+        progress=False,
+    )
+    (report,) = ablate(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "ablate" / "mtp" / "metrics.jsonl").read_text().splitlines()]
+    last = {r["variant"]: r for r in rows if r.get("event") is None}
+    assert 0.0 <= last["mtp"]["acceptance_rate"] <= 1.0  # the MTP head drafted while decoding greedily
+    assert "acceptance_rate" not in last["no-mtp"]
+    assert 0.0 <= last["no-mtp"]["accuracy"] <= 1.0
+    assert last["mtp"]["main_flops"] < last["mtp"]["flops"]  # the MTP module's FLOPs count in `flops` only
+    assert len(_summary_rows(report.read_text())) == len(get_study("mtp").claims)
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_studies_scale_to_the_small_preset(study: str) -> None:
+    """The same command at GPU scale: the plan derives its widths from the preset."""
+    runs = plan(study, seeds=1, preset="small")
+    assert all(r.config.max_position_embeddings == 4096 for r in runs)
+    base = runs[0]
+    for r in runs[1:]:
+        assert settings_diff(base.settings(), r.settings()) == EXPECTED_DIFFS[study][r.variant]
+    if study == "moe":
+        v = {r.variant: analytic_parameters(r.config) for r in runs}
+        assert _rel(v["dense-active"].active, v["moe"].active) <= TOL
+        assert _rel(v["dense-total"].total, v["moe"].total) <= TOL
+    if study == "mla":
+        totals = [analytic_parameters(r.config).total for r in runs]
+        assert max(totals) / min(totals) <= 1 + TOL

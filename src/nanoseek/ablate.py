@@ -584,7 +584,10 @@ def plan(study: str, budget: str | Budget | None = None, seeds: int = 3, preset:
     """Every run of `study`: each variant x seeds 0..seeds-1, with its full config and settings."""
     s = get_study(study, preset)
     b = parse_budget(budget) if budget is not None else s.default_budget
-    base = resolve_config(preset).replace(vocab_size=1024, max_position_embeddings=max(1024, SEQ_LEN))
+    preset_config = resolve_config(preset)
+    base = preset_config.replace(
+        vocab_size=1024, max_position_embeddings=max(preset_config.max_position_embeddings, SEQ_LEN)
+    )
     runs = []
     for v in s.variants:
         config = base.replace(**{**s.base_model, **v.model})
