@@ -252,6 +252,11 @@ def test_resume_skips_finished_runs_and_drops_an_interrupted_one(tmp_path, monke
     rows = [json.loads(x) for x in (directory / "metrics.jsonl").read_text().splitlines()]
     assert sum(1 for r in rows if (r["variant"], r["seed"]) == ("mqa", 1)) == 4  # 3 evals + done, once
     assert drop_unfinished(directory) == 0
+    # a run killed while writing its very first row leaves only a torn line: it goes too
+    text = (directory / "metrics.jsonl").read_text()
+    (directory / "metrics.jsonl").write_text(text + '{"stage": "abl')
+    assert drop_unfinished(directory) == 0
+    assert (directory / "metrics.jsonl").read_text() == text
     # a third run has nothing to do
     calls.clear()
     run_study(cfg, "mla")

@@ -651,7 +651,9 @@ def drop_unfinished(directory: Path) -> int:
     done = finished_runs(directory)
     rows = list(read_metrics(path))
     keep = [r for r in rows if (r.get("variant"), r.get("seed")) in done]
-    if len(keep) < len(rows) or path.read_text().count("\n") != len(rows):
+    text = path.read_text()
+    # a torn last line (killed mid-write) must go too, or the next row would be appended onto it
+    if len(keep) < len(rows) or text.count("\n") != len(rows) or not text.endswith("\n"):
         atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
     return len(rows) - len(keep)
 
@@ -669,9 +671,6 @@ def _check_plan(directory: Path, record: dict[str, Any]) -> None:
                 f"{directory} holds runs of this study with other settings ({key} differs); resuming would "
                 "mix two plans in one report: use another --out, or delete it to start over"
             )
-
-
-_CORPUS_CACHE: dict[str, Any] = {}
 
 
 def _tokenizer(out: Path, docs: int) -> Any:
