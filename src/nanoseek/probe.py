@@ -126,13 +126,16 @@ def greedy_accuracy(
     max_new_tokens: int = 128,
     seed: int = 0,
     max_batch_size: int = 64,
+    engine: Any = None,
 ) -> dict[str, float]:
-    """Share of `n_per_task` held-out problems per task that greedy decoding answers correctly."""
+    """Share of `n_per_task` held-out problems per task that greedy decoding answers correctly.
+
+    `engine`: decode with this one (e.g. a speculative engine whose stats the caller reads after)."""
     from nanoseek.data.tasks import get_task
     from nanoseek.engine import Engine
     from nanoseek.evaluate import chat_prompt_ids, engine_generate, strip_stop
 
-    engine = Engine(model, max_batch_size=max_batch_size)
+    engine = engine or Engine(model, max_batch_size=max_batch_size)
     stop = [tokenizer.eos_token_id]
     out = {}
     for name in tasks:
