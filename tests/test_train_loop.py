@@ -259,9 +259,10 @@ def test_balancing_bias_moves_load_toward_uniform(tmp_path) -> None:
 
 
 # ------------------------------------------------------- checkpoints/resume
-def _run(model, tmp_path, steps_total, steps_now, resume=False, save_at=None):
+def _run(model, tmp_path, steps_total, steps_now, resume=False, save_at=None, optimizer="adamw"):
     stream = Stream()
-    tr = make_trainer(model, tmp_path, steps=steps_total, optim=OptimConfig(lr=1e-2, warmup_steps=3))
+    optim = OptimConfig(lr=1e-2, warmup_steps=3, optimizer=optimizer)
+    tr = make_trainer(model, tmp_path, steps=steps_total, optim=optim)
     if resume:
         stream.load_state_dict(tr.resume())
     losses = []
@@ -272,11 +273,12 @@ def _run(model, tmp_path, steps_total, steps_now, resume=False, save_at=None):
     return losses, tr
 
 
-def test_resume_is_bitwise_exact_in_fp32(tmp_path) -> None:
-    straight, _ = _run(micro_model(), tmp_path / "a", 8, 8)
-    first, _ = _run(micro_model(), tmp_path / "b", 8, 4, save_at=4)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bitwise_exact_in_fp32(tmp_path, optimizer) -> None:
+    straight, _ = _run(micro_model(), tmp_path / "a", 8, 8, optimizer=optimizer)
+    first, _ = _run(micro_model(), tmp_path / "b", 8, 4, save_at=4, optimizer=optimizer)
     # a fresh process would build the model from scratch: different init seed proves weights are loaded
-    second, tr = _run(micro_model(seed=123), tmp_path / "b", 8, 8, resume=True)
+    second, tr = _run(micro_model(seed=123), tmp_path / "b", 8, 8, resume=True, optimizer=optimizer)
     assert tr.global_step == 8
     assert first + second == straight  # bitwise: == on Python floats
 

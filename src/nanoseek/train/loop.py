@@ -54,6 +54,7 @@ from nanoseek.train.distributed import (
 LossFn = Callable[[], tuple[torch.Tensor, dict[str, Any]]]
 PRECISIONS = ("bf16", "fp32", "fp8")
 SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZERS = ("adamw", "muon")
 REFIT_EVERY = 5  # steps between refits of a time-budgeted run's step count
 
 
@@ -69,6 +70,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2  # WSD: share of steps in the final decay
     grad_clip: float = 1.0  # 0 = no clipping (the norm is still measured and guarded)
+    # "muon": Muon on the hidden matrices, AdamW on the rest, one lr for both (train/muon.py)
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
@@ -76,6 +79,8 @@ class OptimConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} not in {', '.join(SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} not in {', '.join(OPTIMIZERS)}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("warmup_steps, weight_decay and grad_clip must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -255,6 +260,9 @@ class Trainer:
         if bias_update_speed < 0:
             raise ValueError("bias_update_speed (γ) must be >= 0")
         self.dist = dist or DistInfo()
+        if optim.optimizer == "muon" and self.dist.world_size > 1:
+            # each rank holds a shard of a matrix; its orthogonalization needs the whole matrix
+            raise ValueError("optimizer 'muon' runs in one process only; use 'adamw' with several ranks")
         self.run_dir = Path(run_dir)
         self.stage = stage
         self.optim_config = optim
@@ -283,15 +291,7 @@ class Trainer:
         from nanoseek.perf import tune_malloc
 
         tune_malloc()  # reuse freed activation memory instead of page-faulting it in every step
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, optim.weight_decay),
-            lr=optim.lr,
-            betas=optim.betas,
-            eps=optim.eps,
-            # One fused kernel per parameter instead of ~10 elementwise passes: 2-4x faster steps on
-            # CPU. Sharded (DTensor) parameters keep the default implementation.
-            fused=_fused_adamw_ok(self.model),
-        )
+        self.optimizer = self._optimizer(optim)
         self.global_step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0
@@ -310,6 +310,23 @@ class Trainer:
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+
+    def _optimizer(self, optim: OptimConfig) -> torch.optim.Optimizer:
+        adamw = dict(
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
+            # One fused kernel per parameter instead of ~10 elementwise passes: 2-4x faster steps on
+            # CPU. Sharded (DTensor) parameters keep the default implementation.
+            fused=_fused_adamw_ok(self.model),
+        )
+        if optim.optimizer == "adamw":
+            return torch.optim.AdamW(param_groups(self.model, optim.weight_decay), **adamw)
+        from nanoseek.train.muon import Muon, muon_param_groups
+
+        # Newton-Schulz in the precision the step multiplies in: bf16 where the CPU has it natively
+        ns_dtype = torch.bfloat16 if self.precision in ("bf16", "fp8") else torch.float32
+        return Muon(muon_param_groups(self.model, optim.weight_decay), ns_dtype=ns_dtype, **adamw)
 
     def lr_at(self, step: int) -> float:
         return self.optim_config.lr * lr_multiplier(step, self.total_steps, self.optim_config)

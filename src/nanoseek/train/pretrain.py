@@ -60,6 +60,12 @@ class PretrainConfig:
     min_lr_ratio: float = option(0.1, group=OPTIM)
     warmup_steps: int = option(20, group=OPTIM)
     schedule: str = option("cosine", choices=("cosine", "wsd", "constant"), group=OPTIM)
+    optimizer: str = option(
+        "adamw",
+        "adamw, or muon: Muon on the hidden matrices, AdamW on the rest, one lr (train/muon.py)",
+        choices=("adamw", "muon"),
+        group=OPTIM,
+    )
     weight_decay: float = option(0.1, group=OPTIM)
     grad_clip: float = option(1.0, group=OPTIM)
     precision: str = option(
@@ -226,6 +232,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             schedule=cfg.schedule,
             min_lr_ratio=cfg.min_lr_ratio,
             grad_clip=cfg.grad_clip,
+            optimizer=cfg.optimizer,
         ),
         total_steps=cfg.steps,
         precision=precision,

@@ -1,0 +1,120 @@
+"""Muon for the hidden matrices, AdamW for everything else: one optimizer the Trainer can hold.
+
+Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers") replaces each matrix's momentum
+update by its nearest semi-orthogonal matrix, computed with a few Newton-Schulz iterations: every
+direction of the update moves at the same rate, where Adam's update is dominated by a few. Moonlight
+(Liu et al. 2025, "Muon is Scalable for LLM Training") trained a DeepSeek-V3-style MoE with it at
+about half the compute of AdamW, by adding decoupled weight decay and scaling each update to AdamW's
+RMS (0.2·sqrt(max(rows, cols))), so the same learning rate, schedule and decay serve both halves.
+
+Here, on a model of a few million parameters, it is what makes in-context copying appear within the
+CPU budget (benchmarks/bench_learning.py, variant `lean2-muon`): the attention matrices learn to
+look back at the prompt several times sooner than under AdamW.
+
+Which parameters: the matrices of the blocks (attention projections, dense and expert MLPs, the MTP
+projection). The token embedding and the output head are lookups and a classifier, not hidden
+transforms (Muon's authors keep them on AdamW); router gates stay on AdamW too, their rows are
+affinities compared through a sigmoid, not a transform. Norms and biases are vectors. Stacked expert
+weights are a batch of matrices (one orthogonalization each); a fused gate/up weight is two.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+# Quintic Newton-Schulz coefficients chosen (Jordan et al.) to push singular values into ~[0.7, 1.2]
+# in 5 steps; exact orthogonality is not needed.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# Parameter-name suffixes of weights that hold several matrices side by side along the output dim.
+FUSED_BLOCKS = {"gate_up_proj": 2}
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """≈ U Vᵀ of each matrix in g [..., m, n] (its SVD's orthogonal factor), by Newton-Schulz."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(dtype)
+    wide = x.shape[-2] <= x.shape[-1]
+    if not wide:  # iterate on the smaller Gram matrix
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.mT
+
+
+def muon_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Param groups for `Muon`: hidden matrices flagged `muon`, the rest as `param_groups` splits them."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    muon, decay, no_decay, seen = [], [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.ndim < 2 or id(p) in embeddings:
+            no_decay.append(p)
+        elif name.startswith("lm_head") or name.endswith("mlp.gate.weight"):
+            decay.append(p)
+        else:
+            blocks = next((k for s, k in FUSED_BLOCKS.items() if name.endswith(s)), 1)
+            muon.append((p, blocks))
+    groups: list[dict[str, Any]] = []
+    for k in sorted({k for _, k in muon}):
+        params = [p for p, blocks in muon if blocks == k]
+        groups.append({"params": params, "weight_decay": weight_decay, "muon": True, "blocks": k})
+    return groups + [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class Muon(torch.optim.AdamW):
+    """AdamW whose groups flagged `muon` take Muon steps instead (see the module docstring).
+
+    Being an AdamW, it keeps AdamW's fused kernel, state layout and schedule handling for the other
+    groups; a Muon parameter's state is its momentum buffer. `ns_dtype`: the Newton-Schulz
+    arithmetic (bf16 where the CPU multiplies it natively: the iteration is robust to its rounding).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        *,
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype = torch.float32,
+        **adamw: Any,
+    ) -> None:
+        super().__init__(params, **adamw)
+        for g in self.param_groups:
+            g.setdefault("muon", False)
+            g.setdefault("blocks", 1)
+            g.setdefault("momentum", momentum)
+        self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        for group in self.param_groups:
+            if not group["muon"]:
+                continue
+            lr, wd, mu, k = group["lr"], group["weight_decay"], group["momentum"], group["blocks"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                    state["step"] = torch.tensor(0.0)  # AdamW's state loader expects every entry to count
+                state["step"] += 1
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)
+                update = p.grad.lerp(buf, mu)  # Nesterov
+                rows, cols = p.shape[-2] // k, p.shape[-1]
+                update = orthogonalize(update.reshape(-1, rows, cols), self.ns_steps, self.ns_dtype)
+                p.mul_(1 - lr * wd)
+                p.add_(update.reshape(p.shape).to(p.dtype), alpha=-lr * 0.2 * max(rows, cols) ** 0.5)
+                p.grad = None  # consumed: AdamW's step below skips parameters without gradients
+        return super().step(closure)

@@ -1,0 +1,99 @@
+"""Muon on the hidden matrices, AdamW on the rest (nanoseek.train.muon)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek.config import get_preset
+from nanoseek.model.transformer import DeepSeekV3
+from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
+from nanoseek.train.muon import Muon, muon_param_groups, orthogonalize
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (3, 16, 16), (2, 5, 8, 12)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_orthogonalize_flattens_the_spectrum(shape, dtype) -> None:
+    torch.manual_seed(0)
+    # a badly conditioned input: U diag(s) Vᵀ with singular values over two orders of magnitude
+    k = min(shape[-2:])
+    u, _ = torch.linalg.qr(torch.randn(*shape[:-1], k))
+    v, _ = torch.linalg.qr(torch.randn(*shape[:-2], shape[-1], k))
+    g = u @ torch.diag_embed(torch.logspace(-2, 0, k).expand(*shape[:-2], k)) @ v.mT
+    o = orthogonalize(g, dtype=dtype).float()
+    assert o.shape == g.shape
+    s = torch.linalg.svdvals(o)
+    assert s.min() > 0.3 and s.max() < 1.3, (s.min(), s.max())
+    # the same singular directions: o ≈ U Vᵀ of g
+    assert torch.nn.functional.cosine_similarity(o.flatten(), (u @ v.mT).flatten(), dim=0) > 0.9
+
+
+def tiny_model() -> DeepSeekV3:
+    cfg = get_preset("tiny").replace(
+        vocab_size=64, hidden_size=32, moe_intermediate_size=16, intermediate_size=48, num_hidden_layers=2
+    )
+    cfg = cfg.replace(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    return DeepSeekV3(cfg).init_weights(0)
+
+
+def test_param_groups_put_hidden_matrices_on_muon() -> None:
+    model = tiny_model()
+    groups = muon_param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(names.values())  # every parameter exactly once
+    muon = {names[id(p)]: g["blocks"] for g in groups if g.get("muon") for p in g["params"]}
+    assert muon["model.layers.1.mlp.experts.gate_up_proj"] == 2  # gate and up: two matrices
+    assert muon["model.layers.1.mlp.experts.down_proj"] == 1
+    assert "model.layers.0.self_attn.o_proj.weight" in muon
+    for name in ("lm_head.weight", "model.embed_tokens.weight", "model.layers.1.mlp.gate.weight"):
+        assert name not in muon
+    assert all(p.ndim >= 2 for g in groups if g.get("muon") for p in g["params"])
+    no_decay = [g for g in groups if g["weight_decay"] == 0.0][0]
+    assert all(p.ndim < 2 or "embed" in names[id(p)] for p in no_decay["params"])
+
+
+def test_a_muon_step_moves_each_matrix_at_adamws_rms() -> None:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, 32, 16) * 0.1)
+    b = torch.nn.Parameter(torch.zeros(16))
+    opt = Muon(
+        [{"params": [w], "muon": True, "weight_decay": 0.0}, {"params": [b], "weight_decay": 0.0}],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+    before = w.detach().clone()
+    w.grad = torch.randn_like(w) * torch.logspace(-3, 0, 16)
+    b.grad = torch.ones_like(b)
+    opt.step()
+    step = (w.detach() - before) / 1e-2
+    # Moonlight's scale 0.2·sqrt(max(m, n)) times an orthogonal update's RMS 1/sqrt(max(m, n)) ≈ 0.2
+    rms = step.pow(2).mean(dim=(-2, -1)).sqrt()
+    assert torch.all((rms > 0.12) & (rms < 0.25)), rms
+    assert torch.allclose(b.detach(), torch.full_like(b, -1e-2), atol=1e-4)  # AdamW's first step: -lr·sign
+    assert "momentum_buffer" in opt.state[w] and "exp_avg" in opt.state[b]
+
+
+def test_trainer_builds_muon_and_refuses_several_ranks(tmp_path) -> None:
+    from nanoseek.train.distributed import DistInfo
+
+    model = tiny_model()
+    tr = Trainer(model, tmp_path, "pretrain", OptimConfig(optimizer="muon"), total_steps=4, precision="fp32")
+    assert isinstance(tr.optimizer, Muon)
+    x = torch.randint(0, 64, (2, 16))
+    before = model.model.layers[0].self_attn.o_proj.weight.detach().clone()
+    tr.step(lambda: language_model_loss(model, x, x.roll(-1, 1)))
+    assert not torch.equal(before, model.model.layers[0].self_attn.o_proj.weight)
+    with pytest.raises(ValueError, match="optimizer 'nadam' not in adamw, muon"):
+        OptimConfig(optimizer="nadam")
+    with pytest.raises(ValueError, match="one process only"):
+        Trainer(
+            tiny_model(),
+            tmp_path,
+            "pretrain",
+            OptimConfig(optimizer="muon"),
+            total_steps=4,
+            precision="fp32",
+            dist=DistInfo(world_size=2),
+        )
