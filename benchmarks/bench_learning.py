@@ -67,6 +67,7 @@ class Variant:
     batch_size: int = 8
     seq_len: int = 256
     lr: float = 3e-3
+    optimizer: str = "adamw"
     warmup_steps: int = 20
     weight_decay: float = 0.1
     mtp_weight: float = 0.3
@@ -199,6 +200,25 @@ VARIANTS: dict[str, Variant] = {
             model={"num_attention_heads": 8, "qk_nope_head_dim": 16, "v_head_dim": 16},
         ),
         _v("lean2-dense", "lean2 on a dense model of the MoE layers' active width", **LEAN2, model=DENSE),
+        _v(
+            "lean2-muon",
+            "lean2 with Muon on the hidden matrices (AdamW on the rest)",
+            **LEAN2,
+            optimizer="muon",
+        ),
+        _v(
+            "lean2-mtp-muon",
+            "the cpu preset's pretraining: lean2 with the MTP loss, windows of 320, Muon",
+            **{**LEAN2, "mtp_weight": 0.3},
+            seq_len=320,
+            optimizer="muon",
+        ),
+        _v(
+            "lean2-mtp-adamw",
+            "the cpu preset's pretraining before Muon: lean2 with the MTP loss, windows of 320",
+            **{**LEAN2, "mtp_weight": 0.3},
+            seq_len=320,
+        ),
     ]
 }
 
@@ -290,7 +310,12 @@ def run_variant(
             model,
             run,
             "pretrain",
-            OptimConfig(lr=v.lr, weight_decay=v.weight_decay, warmup_steps=min(v.warmup_steps, v.steps // 2)),
+            OptimConfig(
+                lr=v.lr,
+                weight_decay=v.weight_decay,
+                warmup_steps=min(v.warmup_steps, v.steps // 2),
+                optimizer=v.optimizer,
+            ),
             total_steps=v.steps,
             precision=precision,
             bias_update_speed=v.bias_update_speed,

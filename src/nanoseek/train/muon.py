@@ -97,10 +97,13 @@ class Muon(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        # Momentum first, then one batched Newton-Schulz per matrix shape: the attention and MLP
+        # matrices of every layer share a handful of shapes, and a batch of them costs one op chain.
+        todo: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]] = {}
         for group in self.param_groups:
             if not group["muon"]:
                 continue
-            lr, wd, mu, k = group["lr"], group["weight_decay"], group["momentum"], group["blocks"]
+            mu, k = group["momentum"], group["blocks"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -112,9 +115,13 @@ class Muon(torch.optim.AdamW):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)
                 update = p.grad.lerp(buf, mu)  # Nesterov
-                rows, cols = p.shape[-2] // k, p.shape[-1]
-                update = orthogonalize(update.reshape(-1, rows, cols), self.ns_steps, self.ns_dtype)
-                p.mul_(1 - lr * wd)
-                p.add_(update.reshape(p.shape).to(p.dtype), alpha=-lr * 0.2 * max(rows, cols) ** 0.5)
+                shape = (p.shape[-2] // k, p.shape[-1])
+                todo.setdefault(shape, []).append((p, update.reshape(-1, *shape), group))
                 p.grad = None  # consumed: AdamW's step below skips parameters without gradients
+        for (rows, cols), items in todo.items():
+            stacked = orthogonalize(torch.cat([u for _, u, _ in items]), self.ns_steps, self.ns_dtype)
+            scale = 0.2 * max(rows, cols) ** 0.5
+            for (p, _, group), o in zip(items, stacked.split([u.shape[0] for _, u, _ in items]), strict=True):
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(o.reshape(p.shape).to(p.dtype), alpha=-group["lr"] * scale)
         return super().step(closure)
