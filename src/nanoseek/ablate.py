@@ -4,7 +4,7 @@ What is notable here:
 - A study is a few variants of one base recipe that differ in one technique only (`Study.fields` names
   the settings that technique owns; tests check every variant's diff against it without training).
   The base recipe is the `cpu` speedrun preset's pretraining: the embedded chat corpus of its task
-  families, vocabulary 1024, whole documents with a document mask, loss on responses only, lr 3e-3,
+  families, vocabulary 1024, whole documents with a document mask, loss on responses only, Muon + AdamW at lr 3e-3,
   batch 8 x 320, γ = 0.01; the model is `--preset` (tiny) with what the study needs switched off
   (MTP outside the MTP study, experts where attention is compared against dense-only GQA).
 - Each run (variant x seed) is nanoseek's own pretraining pieces (`Trainer`, `PackedDataset`,
@@ -132,6 +132,7 @@ class TrainSettings:
     """What a run's training does besides the model; the `cpu` speedrun preset's pretraining."""
 
     lr: float = 3e-3
+    optimizer: str = "muon"  # Muon on the hidden matrices, AdamW on the rest (train/muon.py)
     warmup_steps: int = 20
     weight_decay: float = 0.1
     batch_size: int = BATCH
@@ -755,7 +756,10 @@ def train_run(
             scratch,
             "ablate",
             OptimConfig(
-                lr=t.lr, weight_decay=t.weight_decay, warmup_steps=min(t.warmup_steps, (steps or 40) // 2)
+                lr=t.lr,
+                weight_decay=t.weight_decay,
+                warmup_steps=min(t.warmup_steps, (steps or 40) // 2),
+                optimizer=t.optimizer,
             ),
             total_steps=steps or 10**6,  # a seconds budget refits the schedule to its deadline
             precision=precision,
