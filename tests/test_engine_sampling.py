@@ -111,6 +111,7 @@ def test_stop_tokens_logprobs_and_stream(model):
 def test_weight_only_quantization(model, fmt):
     q = quantize_model(copy.deepcopy(model), fmt)
     assert is_quantized(q) and any(isinstance(m, QuantLinear) for m in q.modules())
+    assert isinstance(q.lm_head, QuantLinear) == (fmt == "int8")  # as llama.cpp's Q8_0; FP8 widens per call
     assert weight_bytes(q) < 0.5 * weight_bytes(model)
     ids = torch.tensor([PROMPTS[2]])
     with torch.no_grad():
