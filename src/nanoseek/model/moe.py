@@ -137,10 +137,15 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 
     a [N,K] @ b [E,K,M] -> [N,M] (rows of group e use b[e]); or a [K,N] @ b [N,M] -> [E,K,M] (the
     weight-gradient form: group e contracts over its own rows). `torch._grouped_mm` does either in
-    one call on CPU and GPU; its kernel needs 16-byte aligned strides, so odd sizes take a loop.
+    one call on CPU and GPU; its kernel needs 16-byte aligned strides, so odd sizes take a loop. So
+    do CPU calls with fewer rows than groups (decode): the loop skips the empty groups, where the
+    CPU kernel runs a select, a slice and an empty mm for each of them.
     """
-    if all(t.data_ptr() % 16 == 0 and (t.stride(-1) == 1 or t.stride(-2) == 1) for t in (a, b)) and all(
-        (st * t.element_size()) % 16 == 0 for t in (a, b) for st in t.stride() if st != 1
+    few_rows = a.device.type == "cpu" and b.dim() == 3 and a.shape[0] < b.shape[0]
+    if (
+        not few_rows
+        and all(t.data_ptr() % 16 == 0 and (t.stride(-1) == 1 or t.stride(-2) == 1) for t in (a, b))
+        and all((st * t.element_size()) % 16 == 0 for t in (a, b) for st in t.stride() if st != 1)
     ):
         return torch._grouped_mm(a, b, offs=offs)
     ends = offs.tolist()
