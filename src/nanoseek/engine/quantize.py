@@ -50,10 +50,15 @@ INT8PACK_ROWS = 8  # rows up to which `_weight_int8pack_mm` beats widening the w
 
 def _quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: bool) -> torch.Tensor:
     """x [N,in] @ (q·scale)ᵀ [in,out] for one stored weight: the int8 kernel for a few rows, else the
-    weight widened to x's dtype once and x's own GEMM."""
+    weight widened to x's dtype once (exactly: int8 and e4m3 values are bf16 values), x's own GEMM,
+    and the per-channel scale applied to the output columns (N·out multiplies, not out·in); fp16
+    could overflow on the unscaled sums, so it scales the weight."""
+    scale = scale.to(x.dtype)
     if kernel and x.shape[0] <= INT8PACK_ROWS:
-        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale.to(x.dtype))
-    return F.linear(x, (q.to(x.dtype) * scale.to(x.dtype).unsqueeze(-1)))
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale)
+    if x.dtype == torch.float16:
+        return F.linear(x, q.to(x.dtype) * scale.unsqueeze(-1))
+    return F.linear(x, q.to(x.dtype)) * scale
 
 
 def _int8_kernel_ok(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
