@@ -45,8 +45,16 @@ def ids(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 0) -> torch
 
 # ------------------------------------------------------------------ attention
 @pytest.mark.parametrize("q_lora_rank", [48, None])
-def test_absorbed_equals_naive_prefill(q_lora_rank):
+@pytest.mark.parametrize("fold", [True, False])  # False: W_UK/W_UV applied per head (V2-Lite's widths)
+def test_absorbed_equals_naive_prefill(q_lora_rank, fold, monkeypatch):
+    from nanoseek.model import attention
+
+    if not fold:
+        monkeypatch.setattr(attention, "FOLD_LIMIT", 0)
     model = model_for(config(q_lora_rank=q_lora_rank))
+    with torch.no_grad():
+        folded = model.model.layers[0].self_attn.absorbed_weights()
+    assert (folded.wq is not None, folded.w_uv is None) == (fold, fold)
     x = ids()
     with torch.no_grad():
         naive = model(x, absorb=False)
