@@ -136,16 +136,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     """Rotate x [..., S, (H,) D] by cos/sin [..., S, D/2]; pairs are (2i, 2i+1) when interleaved.
 
     The output keeps the input's layout, so q·k is the same as in DeepSeek's complex-number form.
-    Interleaved pairs are rotated in that form (one complex multiply: a decode step of a small model
-    is bound by its number of ops, and this is half of the real form's).
     """
     if x.dim() == cos.dim() + 1:  # head axis present
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     dtype = x.dtype
     xf = x.float()
     if interleave:
-        pairs = torch.view_as_complex(xf.unflatten(-1, (-1, 2)).contiguous())
-        out = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     else:
         half = xf.shape[-1] // 2
         x1, x2 = xf[..., :half], xf[..., half:]
