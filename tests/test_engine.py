@@ -315,3 +315,52 @@ def test_generate_detailed_reports_each_finished_prompt() -> None:
     watched = engine.generate_detailed(prompts, params, on_finish=finished.append)
     assert sorted(finished) == [0, 1, 2]
     assert [c.token_ids for c in watched] == engine.generate(prompts, params)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_experts_run_in_place_equal_gathered_decode(models, dtype, monkeypatch):
+    """Large experts decode through the grouped path on their stored weights (no gathered copy);
+    small ones gather. fp32: both give the full recompute's greedy tokens; bf16 (rounding differs,
+    so a near tie may flip): each step's log-prob agrees with a recompute of the engine's own prefix."""
+    from nanoseek.model import moe
+
+    model = models[dtype]
+    monkeypatch.setattr(moe, "GATHER_LIMIT", 0)
+    assert not any(m.experts.gathers() for m in model.modules() if isinstance(m, moe.MoE))
+    res = Engine(model, max_batch_size=4).generate_detailed(PROMPTS, max_new_tokens=8, logprobs=1)
+    errors = []
+    for prompt, c in zip(PROMPTS, res, strict=True):
+        if dtype == torch.float32:
+            assert c.token_ids == greedy_reference(model, prompt, 8)[0]
+        with torch.no_grad():
+            full = model(torch.tensor([prompt + c.token_ids[:-1]]))[0].float().log_softmax(-1)
+        errors += [
+            abs(lp.logprob - float(ref[lp.token_id]))
+            for lp, ref in zip(c.logprobs, full[len(prompt) - 1 :], strict=True)
+        ]
+    errors_t = torch.tensor(errors)
+    assert (errors_t < TOL[dtype]).float().mean() > 0.9 and errors_t.max() < 1.0, errors_t.max()
+
+
+def test_one_row_bf16_decode_runs_gemv_kernels_and_stays_correct(models, monkeypatch):
+    """Batch-1 bf16 decode turns oneDNN off for its forward (PyTorch's GEMV streams weights faster),
+    restores it after, and its log-probs agree with a recompute of the engine's own prefix."""
+    model = models[torch.bfloat16]
+    seen = []
+    hidden_states = model.hidden_states
+
+    def spy(*a, **kw):
+        seen.append((a[0].shape[0], torch.backends.mkldnn.enabled))
+        return hidden_states(*a, **kw)
+
+    monkeypatch.setattr(model, "hidden_states", spy)
+    res = Engine(model, max_batch_size=4).generate_detailed([PROMPTS[0]], max_new_tokens=6, logprobs=1)
+    assert seen[0][1] and all(not on for rows, on in seen[1:])  # prefill keeps oneDNN, decode not
+    assert torch.backends.mkldnn.enabled
+    Engine(model, max_batch_size=4).generate(PROMPTS[:2], max_new_tokens=3)
+    assert all(on for rows, on in seen if rows > 1)
+    c = res[0]
+    with torch.no_grad():
+        full = model(torch.tensor([PROMPTS[0] + c.token_ids[:-1]]))[0].float().log_softmax(-1)
+    errors = [abs(lp.logprob - float(ref[lp.token_id])) for lp, ref in zip(c.logprobs, full[6:], strict=True)]
+    assert max(errors) < 0.1, errors

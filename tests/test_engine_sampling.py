@@ -111,6 +111,7 @@ def test_stop_tokens_logprobs_and_stream(model):
 def test_weight_only_quantization(model, fmt):
     q = quantize_model(copy.deepcopy(model), fmt)
     assert is_quantized(q) and any(isinstance(m, QuantLinear) for m in q.modules())
+    assert isinstance(q.lm_head, QuantLinear) == (fmt == "int8")  # as llama.cpp's Q8_0; FP8 widens per call
     assert weight_bytes(q) < 0.5 * weight_bytes(model)
     ids = torch.tensor([PROMPTS[2]])
     with torch.no_grad():
@@ -123,3 +124,44 @@ def test_weight_only_quantization(model, fmt):
     assert len(out) == 6
     with pytest.raises(ValueError, match="unknown quantization"):
         quantize_model(copy.deepcopy(model), "int4")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # the int8 kernel's few rows, and widening per expert
+def test_quantized_experts_run_on_their_storage(fmt, tokens, monkeypatch):
+    """Quantized routed experts equal the same experts dequantized (a plain RoutedExperts), without
+    ever widening every expert: the grouped GEMM reads each used expert's stored rows."""
+    from nanoseek.engine.quantize import QuantRoutedExperts
+    from nanoseek.model.moe import RoutedExperts
+
+    torch.manual_seed(0)
+    dense = RoutedExperts(8, 64, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        dense.gate_up_proj.normal_(0, 0.2)
+        dense.down_proj.normal_(0, 0.2)
+    q = QuantRoutedExperts(dense, fmt)
+    ref = RoutedExperts(8, 64, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        gu, d = q.expert_weights()
+        ref.gate_up_proj.copy_(gu)
+        ref.down_proj.copy_(d)
+    monkeypatch.setattr(QuantRoutedExperts, "expert_weights", lambda *a: pytest.fail("widened all"))
+    x = torch.randn(tokens, 64).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(tokens)])
+    w = torch.rand(tokens, 2)
+    with torch.inference_mode():
+        got, want = q(x, idx, w).float(), ref(x, idx, w).float()
+    assert (got - want).norm() < 0.02 * want.norm()
+
+
+@pytest.mark.parametrize("rows", [1, 16])  # the int8 kernel, and the weight widened once
+def test_quant_linear_equals_its_dequantized_weight(rows):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96, bias=False).to(torch.bfloat16)
+    q = QuantLinear(lin, "int8")
+    x = torch.randn(2, rows, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = q(x).float()
+        want = torch.nn.functional.linear(x, q.dequantize()).float()
+    assert got.shape == (2, rows, 96)
+    assert (got - want).norm() < 0.01 * want.norm()

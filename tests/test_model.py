@@ -45,8 +45,16 @@ def ids(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 0) -> torch
 
 # ------------------------------------------------------------------ attention
 @pytest.mark.parametrize("q_lora_rank", [48, None])
-def test_absorbed_equals_naive_prefill(q_lora_rank):
+@pytest.mark.parametrize("fold", [True, False])  # False: W_UK/W_UV applied per head (V2-Lite's widths)
+def test_absorbed_equals_naive_prefill(q_lora_rank, fold, monkeypatch):
+    from nanoseek.model import attention
+
+    if not fold:
+        monkeypatch.setattr(attention, "FOLD_LIMIT", 0)
     model = model_for(config(q_lora_rank=q_lora_rank))
+    with torch.no_grad():
+        folded = model.model.layers[0].self_attn.absorbed_weights()
+    assert (folded.wq is not None, folded.w_uv is None) == (fold, fold)
     x = ids()
     with torch.no_grad():
         naive = model(x, absorb=False)
@@ -376,3 +384,31 @@ def test_window_that_starts_inside_a_document():
     doc_ids, positions = documents_from_bos(row, 0)
     assert doc_ids.tolist() == [[0, 0, 1, 1, 1, 2, 2]]
     assert positions.tolist() == [[0, 1, 0, 1, 2, 0, 1]]
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_decode_gathered_and_in_place_equal_reference(tokens, monkeypatch):
+    """At decode sizes small experts gather the chosen weights (two bmm's); large ones run grouped on
+    their stored weights. Both equal the per-token reference."""
+    from nanoseek.model import moe
+
+    torch.manual_seed(0)
+    experts = RoutedExperts(8, 16, 12)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.3)
+        experts.down_proj.normal_(0, 0.3)
+    x = torch.randn(tokens, 16)
+    idx = torch.stack([torch.randperm(8)[:3] for _ in range(tokens)])
+    w = torch.rand(tokens, 3)
+    ref = dense_reference(experts, x, idx, w)
+    with torch.inference_mode():
+        assert experts.decodes(idx)
+        gathered = experts(x, idx, w)
+        monkeypatch.setattr(moe, "GATHER_LIMIT", 0)
+        assert not experts.decodes(idx)
+        in_place = experts(x, idx, w)
+    torch.testing.assert_close(gathered, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(in_place, ref, rtol=1e-5, atol=1e-5)
+    # V2-Lite's experts (8.7 M weights each) are past the limit: a gathered copy would double traffic.
+    monkeypatch.undo()
+    assert not RoutedExperts(64, 2048, 1408).to("meta").gathers()

@@ -11,6 +11,8 @@ What is notable here:
 - Decode steps are cheap to set up: each request's slot map (its block table expanded to cache slots)
   is built once when the batch changes, a step only slices it; rows at equal length need no mask;
   the whole step runs under `torch.inference_mode()` (no autograd or version-counter bookkeeping).
+- A bf16 decode of one sequence on a CPU runs its one-row matmuls on PyTorch's own GEMV, not oneDNN
+  (`_gemv_kernels`): weight streaming is what bounds it.
 - The model is left as found: it runs in eval mode (where routers count no expert load) and its
   training mode is restored after each step, so GRPO can roll out with the model it trains.
 """
@@ -304,8 +306,9 @@ class Engine:
     def _decode(self, rows: list[Sequence]) -> None:
         view, positions = self._decode_view(rows)
         ids = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long, device=self.device)
-        hidden = self._hidden(ids, positions, view)
-        logits = self.model.lm_head(hidden[:, 0])
+        with self._gemv_kernels(len(rows) == 1):
+            hidden = self._hidden(ids, positions, view)
+            logits = self.model.lm_head(hidden[:, 0])
         tokens = sample(logits, [r.sampler for r in rows])
         lps = self._logprobs(rows, logits, tokens)
         self._stats["decode_forwards"] += 1
@@ -420,6 +423,21 @@ class Engine:
     def _drafts(self, mtp_h: torch.Tensor) -> list[int]:
         """Greedy drafts from selected MTP hidden rows [N,H]."""
         return self.model.mtp_head(0, mtp_h).argmax(dim=-1).tolist()
+
+    @contextlib.contextmanager
+    def _gemv_kernels(self, one_row: bool) -> Iterator[None]:
+        """bf16 matmuls of one row on a CPU (batch-1 decode) run PyTorch's own GEMV instead of oneDNN's
+        GEMM, which streams the weights ~1.7x slower there and wins from a few rows on (figures in
+        benchmarks/README.md, bench_llamacpp.py). A process-wide switch, restored after the forward."""
+        if not (one_row and self.device.type == "cpu" and self.dtype == torch.bfloat16):
+            yield
+            return
+        was = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        try:
+            yield
+        finally:
+            torch.backends.mkldnn.enabled = was
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:

@@ -3,14 +3,21 @@
 What is notable here:
 - Symmetric per-output-channel scales: w ≈ q · s with s = max|w_row| / 127 (int8) or / 448 (e4m3).
   Activations stay in the model's dtype; only weights shrink (4x vs fp32, 2x vs bf16).
-- int8 matmuls use PyTorch's CPU weight-only kernel (`_weight_int8pack_mm`) when it accepts the
-  shapes, else dequantize on the fly. FP8 is storage only: weights are widened per call.
+- int8 matmuls of a few rows (decode) use PyTorch's CPU weight-only kernel (`_weight_int8pack_mm`)
+  when it accepts the shapes; its cost grows with the rows (it widens the weight again for each), so
+  past `INT8PACK_ROWS` rows (prefill, wide batches) the weight is widened once and the model dtype's
+  GEMM runs. FP8 is storage only: weights are widened per call.
 - Every linear of the attention and the MLPs is quantized, and the stacked routed experts too (their
-  scales are per expert and output channel). Embeddings, norms, the router and the LM head stay in
-  full precision: they are small, and the router and head are the most sensitive to error.
-- Applied in place (the point is to free memory). The model's modules run as they are: routed
-  experts through their one grouped path (`RoutedExperts.expert_weights` is where storage is widened),
-  MLA's absorbed path from the weights it folds once (`MultiHeadLatentAttention.absorbed_weights`).
+  scales are per expert and output channel). With int8 the LM head too (per vocabulary row, as
+  llama.cpp's Q8_0 does): at V2-Lite's width it is 40% of the bytes a bf16 decode step reads. It
+  stays in full precision with FP8 storage (widened per call) and when tied to the embedding.
+  Embeddings, norms and the router stay in full precision: small, and the router is the most
+  sensitive to error.
+- Applied in place (the point is to free memory). The model's modules run as they are: MLA's
+  absorbed path from the weights it folds once (`MultiHeadLatentAttention.absorbed_weights`); routed
+  experts through their one grouped path, which hands this storage (`grouped_weights`) to
+  `QuantRoutedExperts.grouped_mm`: each expert a step uses runs on its own stored rows, so a step
+  reads only the experts it uses, once, and no bf16 copy of all experts is ever made.
 """
 
 from __future__ import annotations
@@ -36,6 +43,22 @@ def quantize_tensor(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tens
     x = wf / scale.unsqueeze(-1)
     q = x.round().clamp(-127, 127).to(torch.int8) if fmt == "int8" else x.to(torch.float8_e4m3fn)
     return q, scale
+
+
+INT8PACK_ROWS = 8  # rows up to which `_weight_int8pack_mm` beats widening the weight once
+
+
+def _quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: bool) -> torch.Tensor:
+    """x [N,in] @ (q·scale)ᵀ [in,out] for one stored weight: the int8 kernel for a few rows, else the
+    weight widened to x's dtype once (exactly: int8 and e4m3 values are bf16 values), x's own GEMM,
+    and the per-channel scale applied to the output columns (N·out multiplies, not out·in); fp16
+    could overflow on the unscaled sums, so it scales the weight."""
+    scale = scale.to(x.dtype)
+    if kernel and x.shape[0] <= INT8PACK_ROWS:
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale)
+    if x.dtype == torch.float16:
+        return F.linear(x, q.to(x.dtype) * scale.unsqueeze(-1))
+    return F.linear(x, q.to(x.dtype)) * scale
 
 
 def _int8_kernel_ok(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -74,26 +97,25 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is None:
             self._kernel = _int8_kernel_ok(x, self.qweight, self.scale)
-        if self._kernel:
-            shape = x.shape
-            y = torch.ops.aten._weight_int8pack_mm(
-                x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.scale
-            )
-            y = y.view(*shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.dequantize(), self.bias)
+        if x.dtype != self.compute_dtype:
+            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        shape = x.shape
+        y = _quant_linear(x.reshape(-1, shape[-1]), self.qweight, self.scale, self._kernel)
+        y = y.view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}"
 
 
 class QuantRoutedExperts(RoutedExperts):
-    """RoutedExperts with quantized stacked weights: the same dispatch and grouped SwiGLU, on weights
-    dequantized per call (only the chosen experts' at decode)."""
+    """RoutedExperts with quantized stacked weights: the same dispatch and grouped SwiGLU, its grouped
+    GEMM running each used expert on that expert's stored rows (`_quant_linear`)."""
 
     def __init__(self, experts: RoutedExperts, fmt: str) -> None:
         nn.Module.__init__(self)
         self.n_experts = experts.n_experts
+        self.hidden_size = experts.hidden_size
         self.intermediate_size = experts.intermediate_size
         self.fmt = fmt
         dtype = experts.gate_up_proj.dtype
@@ -104,25 +126,53 @@ class QuantRoutedExperts(RoutedExperts):
         self.register_buffer("s_gate_up", s1.to(dtype))
         self.register_buffer("q_down", q2)
         self.register_buffer("s_down", s2.to(dtype))
+        self._kernel: bool | None = None if fmt == "int8" else False
 
     def expert_weights(self, sel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized (gate_up, down) of all experts, or of those in `sel` (decode: only k of them)."""
+        """Dequantized (gate_up, down) of all experts, or of those in `sel`: the dense reference (the
+        serving path never calls it, see `grouped_mm`)."""
         q1, s1, q2, s2 = self.q_gate_up, self.s_gate_up, self.q_down, self.s_down
         if sel is not None:
             q1, s1, q2, s2 = (t.index_select(0, sel) for t in (q1, s1, q2, s2))
         dt = self.compute_dtype
         return q1.to(dt) * s1.unsqueeze(-1), q2.to(dt) * s2.unsqueeze(-1)
 
+    def grouped_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored int8/FP8 stacks themselves: `grouped_mm` widens what it uses."""
+        return self.q_gate_up, self.q_down
+
+    def grouped_mm(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by expert [N,K] @ stored weights, b = q_gate_up or q_down transposed [E,K,M]:
+        a loop over the experts that have rows (host-side group ends: CPU serving), each one
+        `_quant_linear` on that expert's own int8/FP8 rows and scales."""
+        q, s = (
+            (self.q_gate_up, self.s_gate_up)
+            if b.data_ptr() == self.q_gate_up.data_ptr()
+            else (self.q_down, self.s_down)
+        )
+        assert b.shape == q.transpose(-2, -1).shape, "grouped_mm takes this module's own storage"
+        if self._kernel is None:
+            self._kernel = _int8_kernel_ok(a, q[0], s[0])
+        out = a.new_empty(a.shape[0], q.shape[1])
+        start = 0
+        for e, end in enumerate(offs.tolist()):
+            if end > start:
+                out[start:end] = _quant_linear(a[start:end], q[e], s[e], self._kernel)
+            start = end
+        return out
+
 
 def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
-    """Replace the model's linears (not lm_head, not the router) and routed experts in place."""
+    """Replace the model's linears (lm_head only for int8 and untied) and routed experts in place."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown quantization {fmt!r}; choose one of {FORMATS}")
+    config = getattr(model, "config", None)
+    quantize_head = fmt == "int8" and not getattr(config, "tie_word_embeddings", False)
     targets: list[tuple[nn.Module, str, nn.Module]] = []
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
-            if full == "lm_head":
+            if full == "lm_head" and not quantize_head:
                 continue
             if isinstance(child, nn.Linear):
                 targets.append((module, child_name, QuantLinear(child, fmt)))

@@ -192,7 +192,9 @@ class AbsorbedWeights:
     wa: [q_a_proj ; kv_a_proj_with_mqa] stacked (both read the same input: one matmul), or kv_a alone
     without a query LoRA. wq: the query projection with W_UK folded in and the softmax scale applied,
     giving per-head [latent ; rope] queries; None when that product would be much larger than its
-    factors (then w_uk is applied per head). wo: W_UV folded into o_proj, or o_proj alone (w_uv apart).
+    factors (then w_uk, stored [H, C, nope] so both W_UK and W_UV reduce over their contiguous last
+    dim, as one-row GEMV kernels want, is applied per head). wo: W_UV folded into o_proj, or o_proj
+    alone (w_uv apart).
     """
 
     wa: torch.Tensor
@@ -374,7 +376,8 @@ class MultiHeadLatentAttention(nn.Module):
         if self.q_lora_rank is not None:
             down.insert(0, _dense(self.q_a_proj))
         wa = torch.cat(down, dim=0) if len(down) > 1 else down[0]
-        return AbsorbedWeights(wa.to(dtype), wq, w_uk.to(dtype), wo.to(dtype), w_uv_apart)
+        w_uk_t = w_uk.transpose(1, 2).to(dtype).contiguous()  # [H,C,nope]
+        return AbsorbedWeights(wa.to(dtype), wq, w_uk_t, wo.to(dtype), w_uv_apart)
 
     def _forward_absorbed(
         self,
@@ -400,7 +403,7 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             q_proj = self.q_proj if self.q_lora_rank is None else self.q_b_proj
             q = q_proj(q_in).view(b, s, h, self.qk_head_dim) * self.softmax_scale
-            q_lat = torch.einsum("bshd,hdc->bshc", q[..., : self.qk_nope_head_dim], w.w_uk)
+            q_lat = torch.einsum("bshd,hcd->bshc", q[..., : self.qk_nope_head_dim], w.w_uk)
             q_pe = q[..., self.qk_nope_head_dim :]
         pe = apply_rope(torch.cat((q_pe, kv[..., c:].unsqueeze(2)), dim=2), cos, sin, self.interleave)
         latent = torch.cat((self.kv_a_layernorm(kv[..., :c]), pe[:, :, h]), dim=-1)

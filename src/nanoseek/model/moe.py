@@ -12,9 +12,11 @@ What is notable here:
   function), so compute follows the active parameters, not the total: 64 experts cost what 8 do at
   the same top-k.
 - One expert path for every caller: int8/FP8 weight storage (engine/quantize.py) and FP8 training
-  GEMMs (model/fp8.py) plug into `RoutedExperts.expert_weights` / `grouped_mm`; expert parallelism
-  wraps the same grouped SwiGLU in its all-to-all. At decode sizes the chosen experts' weights are
-  gathered instead (two bmm's), with the shared expert riding along as one more expert.
+  GEMMs (model/fp8.py) plug into `RoutedExperts.grouped_weights` / `grouped_mm`; expert parallelism
+  wraps the same grouped SwiGLU in its all-to-all. At decode sizes, when experts are small (the
+  speedrun's), the chosen experts' weights are gathered instead (two bmm's: fewer ops per step), with
+  the shared expert riding along as one more expert; large experts always run grouped, each chosen
+  expert's matmul reading its stored weights directly (a gathered copy would double the traffic).
 - V2 gates (softmax, greedy / group_limited_greedy) follow DeepSeek's code: with norm_topk_prob
   the top-k weights are normalized instead of scaled by routed_scaling_factor.
 """
@@ -135,10 +137,15 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 
     a [N,K] @ b [E,K,M] -> [N,M] (rows of group e use b[e]); or a [K,N] @ b [N,M] -> [E,K,M] (the
     weight-gradient form: group e contracts over its own rows). `torch._grouped_mm` does either in
-    one call on CPU and GPU; its kernel needs 16-byte aligned strides, so odd sizes take a loop.
+    one call on CPU and GPU; its kernel needs 16-byte aligned strides, so odd sizes take a loop. So
+    do CPU calls with fewer rows than groups (decode): the loop skips the empty groups, where the
+    CPU kernel runs a select, a slice and an empty mm for each of them.
     """
-    if all(t.data_ptr() % 16 == 0 and (t.stride(-1) == 1 or t.stride(-2) == 1) for t in (a, b)) and all(
-        (st * t.element_size()) % 16 == 0 for t in (a, b) for st in t.stride() if st != 1
+    few_rows = a.device.type == "cpu" and b.dim() == 3 and a.shape[0] < b.shape[0]
+    if (
+        not few_rows
+        and all(t.data_ptr() % 16 == 0 and (t.stride(-1) == 1 or t.stride(-2) == 1) for t in (a, b))
+        and all((st * t.element_size()) % 16 == 0 for t in (a, b) for st in t.stride() if st != 1)
     ):
         return torch._grouped_mm(a, b, offs=offs)
     ends = offs.tolist()
@@ -157,6 +164,11 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 
 
 GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Decode gathers the chosen experts' weights (and appends the shared expert to the stack) only while
+# one expert holds at most this many weights (3·hidden·moe_intermediate). Below it a step is bound by
+# the number of ops, and the copy is cheap; above it (V2-Lite: 8.7 M) the copy is pure extra traffic.
+GATHER_LIMIT = 1 << 18
 
 
 def _swiglu_rows(
@@ -322,15 +334,17 @@ class RoutedExperts(nn.Module):
     """All routed experts' SwiGLU weights stacked, so tokens can be processed grouped by expert.
 
     The one expert path of the package: dispatch (sort rows by expert), the grouped SwiGLU, combine
-    (weight and sum back onto tokens). Two seams let other storage and arithmetic reuse it:
-    `expert_weights` (int8/FP8 weight storage dequantizes there, engine/quantize.py) and
-    `grouped_mm` (FP8 training GEMMs, model/fp8.py). Expert parallelism runs its all-to-all around
+    (weight and sum back onto tokens). Seams let other storage and arithmetic reuse it:
+    `expert_weights` (dense weights, as training and the gathered decode read them),
+    `grouped_weights` + `grouped_mm` (int8/FP8 storage runs each used expert on its stored rows,
+    engine/quantize.py; FP8 training GEMMs, model/fp8.py). Expert parallelism runs its all-to-all around
     the same grouped SwiGLU (train/expert_parallel.py).
     """
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.n_experts = n_experts
+        self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         # gate and up fused along the output dim: [E, 2I, H]; down: [E, H, I] (nn.Linear layout).
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
@@ -342,9 +356,19 @@ class RoutedExperts(nn.Module):
             return self.gate_up_proj, self.down_proj
         return self.gate_up_proj.index_select(0, sel), self.down_proj.index_select(0, sel)
 
+    def grouped_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) as the inference forward hands them to `grouped_mm`: here the stacked
+        weights in the compute dtype; quantized storage hands over its own int8/FP8 stacks, which its
+        `grouped_mm` widens one used expert at a time (never all of them)."""
+        return tuple(w.to(dtype) for w in self.expert_weights())  # type: ignore[return-value]
+
     def grouped_mm(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """The GEMM over row groups (see `_grouped_mm`) every expert matmul, forward and backward, runs."""
         return _grouped_mm(a, b, offs)
+
+    def gathers(self) -> bool:
+        """Whether this module's experts are small enough to copy per decode step (`GATHER_LIMIT`)."""
+        return 3 * self.hidden_size * self.intermediate_size <= GATHER_LIMIT
 
     def decodes(self, indices: torch.Tensor) -> bool:
         """Whether `forward` takes the gathered-weights decode path for these routing choices."""
@@ -352,6 +376,7 @@ class RoutedExperts(nn.Module):
             indices.shape[0] <= 4
             and type(self).grouped_mm is RoutedExperts.grouped_mm
             and not torch.is_grad_enabled()
+            and self.gathers()
         )
 
     def forward(
@@ -365,16 +390,16 @@ class RoutedExperts(nn.Module):
         down) to use instead of this module's own, without gradients (MoE's, shared expert appended)."""
         if self.decodes(indices):
             return self.decode(x, indices, weights, stacked)
-        gate_up, down = self.expert_weights() if stacked is None else stacked
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         # Group ends as a tensor: no host sync, empty experts cost nothing.
-        offs = torch.bincount(flat, minlength=gate_up.shape[0]).cumsum(0).to(torch.int32)
+        n = self.n_experts if stacked is None else stacked[0].shape[0]
+        offs = torch.bincount(flat, minlength=n).cumsum(0).to(torch.int32)
         dtype = _compute_dtype(x)
         if not torch.is_grad_enabled():  # inference: the autograd node's forward, without the node
-            return _routed_rows(
-                x.to(dtype), weights, gate_up.to(dtype), down.to(dtype), order, offs, self.grouped_mm
-            )[0]
+            gate_up, down = self.grouped_weights(dtype) if stacked is None else (w.to(dtype) for w in stacked)
+            return _routed_rows(x.to(dtype), weights, gate_up, down, order, offs, self.grouped_mm)[0]
+        gate_up, down = self.expert_weights() if stacked is None else stacked
         return _RoutedExpertsFunction.apply(x, weights, gate_up, down, order, offs, dtype, self.grouped_mm)
 
     def decode(
@@ -452,7 +477,8 @@ class MoE(nn.Module):
 
     def _with_shared_expert(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Under inference mode (the engine), the routed experts' stacked weights with the shared
-        expert appended (when it has their width), so the routed path runs both. Built once, rebuilt
+        expert appended (when it has their width and experts are small enough to gather: a copy of
+        every expert is not worth it for large ones), so the routed path runs both. Built once, rebuilt
         when a weight changes in place (GRPO); None otherwise, and for quantized or expert-parallel
         experts. Training and validation (no_grad) never build this copy."""
         ex, sh = self.experts, self.shared_experts
@@ -460,7 +486,7 @@ class MoE(nn.Module):
             return None
         if not torch.is_inference_mode_enabled():
             return None
-        if sh.gate_proj.out_features != ex.intermediate_size:
+        if sh.gate_proj.out_features != ex.intermediate_size or not ex.gathers():
             return None
         sources = (ex.gate_up_proj, ex.down_proj, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
         key = [(t._version, t.data_ptr(), t.dtype) for t in sources]
