@@ -47,7 +47,7 @@ VERIFIER_ONLY: tuple[str, ...] = ("largest",)
 
 @dataclass
 class SpeedrunPreset:
-    """One dial per stage; the defaults are the `cpu` preset (about 19 minutes on 2 CPU cores)."""
+    """One dial per stage; the defaults are the `cpu` preset (about 20 minutes on 2 CPU cores)."""
 
     name: str = "cpu"
     model: str = "tiny"
