@@ -307,7 +307,7 @@ def _moe_study(c: ModelConfig, preset: str) -> Study:
         Claim(
             "the shared expert helps (one more routed expert instead is worse)",
             "DeepSeekMoE §4.5",
-            "lower loss with the shared expert (Pile loss 1.808 without → 2.414 with it disabled)",
+            "lower loss with the shared expert (DeepSeekMoE §4.5: Pile loss 1.808 with it, 2.414 with it disabled)",
             "moe",
             "no-shared",
         ),
