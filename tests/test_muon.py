@@ -7,7 +7,7 @@ import torch
 
 from nanoseek.config import get_preset
 from nanoseek.model.transformer import DeepSeekV3
-from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
+from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss, param_groups
 from nanoseek.train.muon import Muon, muon_param_groups, orthogonalize
 
 
@@ -38,7 +38,7 @@ def tiny_model() -> DeepSeekV3:
 
 def test_param_groups_put_hidden_matrices_on_muon() -> None:
     model = tiny_model()
-    groups = muon_param_groups(model, 0.1)
+    groups = muon_param_groups(model, param_groups(model, 0.1))
     names = {id(p): n for n, p in model.named_parameters()}
     seen = [names[id(p)] for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(names.values())  # every parameter exactly once

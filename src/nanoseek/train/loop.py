@@ -326,7 +326,8 @@ class Trainer:
 
         # Newton-Schulz in the precision the step multiplies in: bf16 where the CPU has it natively
         ns_dtype = torch.bfloat16 if self.precision in ("bf16", "fp8") else torch.float32
-        return Muon(muon_param_groups(self.model, optim.weight_decay), ns_dtype=ns_dtype, **adamw)
+        groups = muon_param_groups(self.model, param_groups(self.model, optim.weight_decay))
+        return Muon(groups, ns_dtype=ns_dtype, **adamw)
 
     def lr_at(self, step: int) -> float:
         return self.optim_config.lr * lr_multiplier(step, self.total_steps, self.optim_config)

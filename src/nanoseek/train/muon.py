@@ -46,29 +46,22 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     return x if wide else x.mT
 
 
-def muon_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Param groups for `Muon`: hidden matrices flagged `muon`, the rest as `param_groups` splits them."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    muon, decay, no_decay, seen = [], [], [], set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
+def muon_param_groups(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """AdamW's param groups (`train.loop.param_groups`) with the hidden matrices of its decayed group
+    moved to groups flagged `muon`, one per number of fused blocks."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, *rest = groups
+    muon: dict[int, list[nn.Parameter]] = {}
+    adamw = []
+    for p in decay["params"]:
+        name = names[id(p)]
+        if name.startswith("lm_head") or name.endswith("mlp.gate.weight"):
+            adamw.append(p)
             continue
-        seen.add(id(p))
-        if p.ndim < 2 or id(p) in embeddings:
-            no_decay.append(p)
-        elif name.startswith("lm_head") or name.endswith("mlp.gate.weight"):
-            decay.append(p)
-        else:
-            blocks = next((k for s, k in FUSED_BLOCKS.items() if name.endswith(s)), 1)
-            muon.append((p, blocks))
-    groups: list[dict[str, Any]] = []
-    for k in sorted({k for _, k in muon}):
-        params = [p for p, blocks in muon if blocks == k]
-        groups.append({"params": params, "weight_decay": weight_decay, "muon": True, "blocks": k})
-    return groups + [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        blocks = next((k for s, k in FUSED_BLOCKS.items() if name.endswith(s)), 1)
+        muon.setdefault(blocks, []).append(p)
+    moved = [{**decay, "params": ps, "muon": True, "blocks": k} for k, ps in sorted(muon.items())]
+    return [*moved, {**decay, "params": adamw}, *rest]
 
 
 class Muon(torch.optim.AdamW):
