@@ -180,6 +180,21 @@ def test_time_budget_stops_early_and_still_saves(tmp_path, budget_spent) -> None
     assert steps == ([] if budget_spent else [1, 2, 3, 4])
 
 
+def test_sft_steps_with_the_optimizer_it_is_given(tmp_path, monkeypatch) -> None:
+    """--optimizer muon reaches the trainer: a Muon-pretrained model is fine-tuned in its own geometry."""
+    import time
+
+    from nanoseek.train import muon
+    from nanoseek.train.sft import SFTConfig
+
+    steps = []
+    muon_step = muon.Muon.step
+    monkeypatch.setattr(muon.Muon, "step", lambda self, *a, **k: steps.append(1) or muon_step(self, *a, **k))
+    cfg = SFTConfig(init="", steps=3, batch_size=2, seq_len=32, progress=False, optimizer="muon")
+    assert [r["step"] for r in _train_with_budget(tmp_path, cfg, time.perf_counter())] == [1, 2, 3]
+    assert len(steps) == 3
+
+
 def test_time_budget_refits_the_schedule_to_anneal_by_the_deadline(tmp_path, monkeypatch) -> None:
     import itertools
     import time

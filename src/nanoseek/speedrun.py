@@ -76,15 +76,20 @@ class SpeedrunPreset:
     # balance within the run (measured in benchmarks/bench_pretrain.py).
     bias_update_speed: float = 0.01
     mtp_weight: float = 0.3  # λ of the MTP loss (V3 §2.2)
-    # the dense student's own pretraining on the same corpus (0: distil into random weights)
-    student_steps: int = 400
+    # the dense student's own pretraining on the same corpus (0: distil into random weights); as many
+    # steps as the teacher's, at a quarter of the cost each: copying appears at the same step in both,
+    # and at 400 steps the student had not got there (14.5% mean pass@1 against 48% at 800)
+    student_steps: int = 800
     # cold-start SFT: small, as R1's (it fixes the format and readability; RL does the rest)
     sft_steps: int = 10
     sft_examples: int = 300
     # where pretraining's schedule ended: 1e-3 undid part of what pretraining had learned
     sft_lr: float = 3e-4
+    # SFT, the control and distillation take the optimizer pretraining used: a fresh AdamW at 3e-4 moves
+    # every weight of a Muon-trained model by ~lr at once (sign-like first steps), and its 10 steps cost
+    # 4 points of held-out pass@1 that Muon at the same lr, or AdamW at 5e-5, keep (benchmarks/README.md, bench_speedrun.py)
     # GRPO
-    grpo_steps: int = 40
+    grpo_steps: int = 30
     group_size: int = 8
     batch_prompts: int = 8
     # 2e-4 cost 15 points of held-out pass@1 across seven families in 40 steps; 3e-5 was neutral
@@ -281,6 +286,7 @@ class Speedrun:
                 steps=steps or self.p.sft_steps,
                 seq_len=self.p.seq_len,
                 lr=self.p.sft_lr,
+                optimizer=self.p.pretrain_optimizer,
                 seed=self.p.seed,
                 resume=True,
                 progress=self.progress,
@@ -359,6 +365,7 @@ class Speedrun:
                     steps=self.p.distill_steps,
                     seq_len=self.p.seq_len,
                     lr=self.p.distill_lr,
+                    optimizer=self.p.pretrain_optimizer,
                     seed=self.p.seed,
                     progress=self.progress,
                 ),
@@ -386,6 +393,9 @@ class Speedrun:
                         out=str(self.run / "eval" / f"{stage}_{task}.json"),
                         run_dir=str(self.run),
                         progress=self.progress,
+                        # every sample of a family in one decode batch: a second, half-empty wave of
+                        # the longest family costs a quarter of its time
+                        max_batch_size=min(256, max(64, self.p.eval_n * self.p.eval_k)),
                     )
                 )
                 results[f"{stage}/{task}"] = m["pass@1"]

@@ -43,7 +43,6 @@ MIXED_SHAPES: dict[str, float] = {
 HARDER_FRACTION = 0.0
 _COPY_HEADER = {"en": "Copy:", "ja": "写す:", "zh": "抄写:"}
 _COPY_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
-HARDER_FRACTION = 0.15  # problems one difficulty level up
 
 EXPLANATIONS: dict[str, dict[str, str]] = {
     "arithmetic": {

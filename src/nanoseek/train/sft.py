@@ -233,6 +233,11 @@ class SFTConfig:
     batch_size: int = option(8, "packed rows per step")
     seq_len: int = option(512, "packed row length")
     lr: float = option(3e-4)
+    optimizer: str = option(
+        "adamw",
+        "adamw, or muon (train/muon.py): a model pretrained with Muon keeps its update geometry",
+        choices=("adamw", "muon"),
+    )
     weight_decay: float = option(0.0)
     warmup_steps: int = option(10)
     min_lr_ratio: float = option(0.1)
@@ -316,6 +321,7 @@ def train_on_examples(
             warmup_steps=min(cfg.warmup_steps, total // 2),
             schedule="cosine",
             min_lr_ratio=cfg.min_lr_ratio,
+            optimizer=cfg.optimizer,
         ),
         total_steps=total,
         precision=cfg.precision,
