@@ -39,6 +39,19 @@ def test_splits_never_overlap_and_are_reproducible(name):
     assert [p.id for p in task.problems("train", 20, seed=1)] != [p.id for p in train[:20]]
 
 
+@pytest.mark.parametrize("n", [48, 50])
+def test_problems_give_each_language_an_equal_share(n):
+    """A held-out score must not move with the draw's language mix."""
+    from collections import Counter
+
+    for name in ("largest", "addition"):
+        problems = get_task(name).problems("test", n, seed=1)
+        counts = Counter(p.language for p in problems)
+        assert len(problems) == n and max(counts.values()) - min(counts.values()) <= 1, counts
+        assert len({p.id for p in problems}) == n
+    assert {p.language for p in get_task("addition").problems("test", 9, language="ja")} == {"ja"}
+
+
 def test_heldout_fraction_is_about_one_in_five():
     task = get_task("arithmetic")
     import random

@@ -48,6 +48,10 @@ class Task:
 
     name: str = ""
     languages: tuple[str, ...] = LANGUAGES
+    # `problems(language=None)` gives each language an equal share: a held-out score over a random
+    # language mix moves with the mix (a family solved in one language and not another swung 20 points
+    # between two draws of 48). Tasks whose files hold uneven languages keep the file's mix.
+    balance_languages: bool = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -62,16 +66,21 @@ class Task:
         self, split: str, n: int, seed: int = 0, language: str | None = None, strict: bool = True
     ) -> list[Problem]:
         """``n`` distinct problems of ``split``, reproducible from ``seed``; with ``strict=False``, as
-        many as the split holds when that is fewer (a training pool), instead of an error."""
+        many as the split holds when that is fewer (a training pool), instead of an error. Without a
+        ``language``, a task with ``balance_languages`` gives each of its languages n/L of them."""
         _check_split(split)
         _check_language(language, self.languages)
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         out: list[Problem] = []
         seen: set[str] = set()
+        quota = None
+        if language is None and self.balance_languages and len(self.languages) > 1:
+            per, extra = divmod(n, len(self.languages))
+            quota = {lang: per + (i < extra) for i, lang in enumerate(self.languages)}
         misses = 0  # draws in a row that found nothing new
         for p in self.iter_problems(split, seed, language):
-            if p.id in seen:
+            if p.id in seen or (quota is not None and quota.get(p.language, 0) <= 0):
                 misses += 1
                 # a small problem space (or split) runs dry: say so instead of spinning forever
                 if misses > 1000 + 20 * len(out):
@@ -84,6 +93,8 @@ class Task:
                 continue
             seen.add(p.id)
             out.append(p)
+            if quota is not None:
+                quota[p.language] -= 1
             misses = 0
             if len(out) >= n:
                 break

@@ -51,6 +51,7 @@ class BuiltinTask(Task):
 
     family: str = ""
     kind: str = "numeric"  # how the answer is checked
+    balance_languages = True
 
     def __init__(self, spec: str, difficulty: int = 1) -> None:
         if difficulty < 1:
