@@ -1,4 +1,5 @@
-"""Machine matmul peak, measured, so MFU figures mean something on any CPU or GPU."""
+"""Machine matmul peak, measured, so MFU figures mean something on any CPU or GPU; the dtype a matmul
+runs in under autocast."""
 
 from __future__ import annotations
 
@@ -72,3 +73,12 @@ def tune_malloc(threshold_bytes: int = 256 << 20) -> bool:
     )
     _MALLOC_TUNED = ok
     return ok
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: the autocast dtype when autocast is on, else x's own (what a
+    hand-written kernel or autograd.Function must cast to, since autocast does not reach inside it)."""
+    import torch
+
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.perf import compute_dtype
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
 TILE = 128  # V3's tile / block edge and FP32 promotion interval
@@ -202,13 +204,6 @@ def _fp8_gemm(
 
 
 # --------------------------------------------------------------- autograd
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
-
-
 class _FP8LinearFunction(torch.autograd.Function):
     """y = x·Wᵀ with Fprop, Dgrad and Wgrad on FP8 operands (V3 Figure 6)."""
 
@@ -225,7 +220,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         # The activation is cached in FP8 (V3 §3.3.3): memory of one byte per element plus scales.
         ctx.save_for_backward(xq, xs, wq, ws)
         ctx.meta = (shape, x.dtype, weight.dtype, backend, recipe.pow2_scales, n, k)
-        return y.to(_out_dtype(x)).view(*shape[:-1], n)
+        return y.to(compute_dtype(x)).view(*shape[:-1], n)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:

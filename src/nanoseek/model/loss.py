@@ -14,15 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanoseek.perf import compute_dtype
+
 # Rows per chunk: large enough that the matmuls stay efficient, small enough that a chunk of fp32
 # logits (rows x vocab) stays near the cache (measured on a 2-core CPU: 256 rows x 4k vocab).
 CHUNK_ELEMENTS = 1 << 20
-
-
-def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -83,7 +79,7 @@ def linear_cross_entropy(
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_t = targets.reshape(-1)
     want = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(flat_h, weight, flat_t, ignore_index, want, _matmul_dtype(hidden))
+    return _LinearCrossEntropy.apply(flat_h, weight, flat_t, ignore_index, want, compute_dtype(hidden))
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.perf import compute_dtype
 
 
 class MLP(nn.Module):
@@ -123,13 +124,6 @@ class Router(nn.Module):
         f = chosen.sum(dim=1) * e / (k * t)  # [B, E]
         p = normalized.mean(dim=1)  # [B, E]
         return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on x runs in: the autocast dtype when autocast is on, else x's own."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -395,7 +389,7 @@ class RoutedExperts(nn.Module):
         # Group ends as a tensor: no host sync, empty experts cost nothing.
         n = self.n_experts if stacked is None else stacked[0].shape[0]
         offs = torch.bincount(flat, minlength=n).cumsum(0).to(torch.int32)
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         if not torch.is_grad_enabled():  # inference: the autograd node's forward, without the node
             gate_up, down = self.grouped_weights(dtype) if stacked is None else (w.to(dtype) for w in stacked)
             return _routed_rows(x.to(dtype), weights, gate_up, down, order, offs, self.grouped_mm)[0]
@@ -414,7 +408,7 @@ class RoutedExperts(nn.Module):
         than sorting rows into groups that are nearly all empty. `stacked`: (gate_up, down) to gather
         from instead of this module's own (MoE's, with the shared expert appended)."""
         t, k = indices.shape
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         sel = indices.flatten()
         if stacked is None:
             gate_up, down = self.expert_weights(sel)

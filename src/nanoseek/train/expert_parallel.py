@@ -39,6 +39,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 from nanoseek.model.moe import MoE, RoutedExperts, grouped_swiglu
+from nanoseek.perf import compute_dtype
 
 
 # ------------------------------------------------------------- autograd ops
@@ -151,9 +152,7 @@ class ExpertParallelExperts(nn.Module):
         input_splits = send_counts.view(ep, n_local).sum(1).tolist()
         output_splits = recv_counts.sum(1).tolist()
         # 2. dispatch, already in the experts' compute dtype (bf16 under autocast halves the bytes)
-        dtype = (
-            torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        )
+        dtype = compute_dtype(x)
         received = all_to_all(x[token_of].to(dtype), output_splits, input_splits, self.group)
         # 3. local experts on rows grouped by expert
         regroup = _regroup_index(recv_counts)
