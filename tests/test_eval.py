@@ -185,3 +185,25 @@ def test_no_thinking_prompts_and_scoring(tmp_path) -> None:
     m = evaluate(cfg, sampler=sampler)
     assert m["pass@1"] == 1.0 and m["thinking"] is False
     assert all(b["chat_template_kwargs"] == {"thinking": False} for b in seen)
+
+
+def test_a_checkpoint_decodes_every_sample_of_a_task_in_one_batch(
+    micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    import nanoseek.engine as engine_module
+    from nanoseek.evaluate import DEFAULT_MAX_BATCH
+
+    widths = []
+    real = engine_module.Engine
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __init__(self, model, *args, **kwargs) -> None:
+            widths.append(kwargs.get("max_batch_size"))
+            super().__init__(model, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "Engine", Recording)
+    common = dict(model=micro_checkpoint, task="arithmetic", max_new_tokens=4, progress=False)
+    evaluate(EvalConfig(n=6, k=3, out=str(tmp_path / "a.json"), **common))
+    evaluate(EvalConfig(n=100, k=4, out=str(tmp_path / "b.json"), **common))
+    evaluate(EvalConfig(n=2, k=2, max_batch_size=3, out=str(tmp_path / "c.json"), **common))
+    assert widths == [18, DEFAULT_MAX_BATCH, 3]

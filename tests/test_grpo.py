@@ -185,6 +185,20 @@ def test_grpo_resume_is_exact(micro_checkpoint, tmp_path) -> None:
         assert key in ra[1]
 
 
+def test_grpo_keeps_the_routing_bias_unless_asked(micro_checkpoint, tmp_path) -> None:
+    from nanoseek.train.grpo import grpo
+
+    def biases(ckpt) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in _weights(ckpt).items() if k.endswith("e_score_correction_bias")}
+
+    init = biases(micro_checkpoint)
+    assert init
+    frozen = biases(grpo(_cfg(micro_checkpoint, tmp_path / "frozen", steps=2)))
+    assert all(torch.equal(init[k], frozen[k]) for k in init)
+    moved = biases(grpo(_cfg(micro_checkpoint, tmp_path / "moved", steps=2, bias_update_speed=0.01)))
+    assert any(not torch.equal(init[k], moved[k]) for k in init)
+
+
 def test_grpo_with_kl_penalty_stays_finite(micro_checkpoint, tmp_path) -> None:
     from nanoseek.metrics import read_metrics
     from nanoseek.train.grpo import grpo

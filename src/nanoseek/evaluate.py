@@ -41,6 +41,11 @@ class Sample:
     finish_reason: str | None = None
 
 
+# Widest default decode batch; the engine admits only what its cache holds, so this bounds time per
+# step, not memory.
+DEFAULT_MAX_BATCH = 256
+
+
 @dataclass
 class EvalConfig:
     model: str = option(
@@ -69,7 +74,11 @@ class EvalConfig:
         None, "model name on the endpoint (default: the first it lists)", flag="--model-name"
     )
     api_key: str | None = option(None, "endpoint API key (default: $OPENAI_API_KEY)")
-    max_batch_size: int = option(64, "engine: sequences decoded together")
+    max_batch_size: int | None = option(
+        None,
+        "engine: sequences decoded together (default: every sample of a task, n x k, at most "
+        f"{DEFAULT_MAX_BATCH}: a second, part-empty wave of the longest answers costs more than a wider batch)",
+    )
     progress: bool = option(True)
     extra: dict[str, Any] = option(factory=dict, cli=False)
 
@@ -248,7 +257,7 @@ def checkpoint_sampler(cfg: EvalConfig) -> tuple[Callable[[Sequence[Any]], list[
     path = resolve_checkpoint(cfg.model)
     tok = load_tokenizer(path)
     model = load_model(path).eval()
-    engine = Engine(model, max_batch_size=cfg.max_batch_size)
+    engine = Engine(model, max_batch_size=cfg.max_batch_size or min(DEFAULT_MAX_BATCH, cfg.n * cfg.k))
     stop = [tok.eos_token_id]
 
     def sample(problems: Sequence[Any]) -> list[list[Sample]]:

@@ -394,9 +394,6 @@ class Speedrun:
                         out=str(self.run / "eval" / f"{stage}_{task}.json"),
                         run_dir=str(self.run),
                         progress=self.progress,
-                        # every sample of a family in one decode batch: a second, half-empty wave of
-                        # the longest family costs a quarter of its time
-                        max_batch_size=min(256, max(64, self.p.eval_n * self.p.eval_k)),
                     )
                 )
                 results[f"{stage}/{task}"] = m["pass@1"]

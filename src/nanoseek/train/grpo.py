@@ -252,6 +252,11 @@ class GRPOConfig:
     weight_decay: float = option(0.0)
     warmup_steps: int = option(0)
     grad_clip: float = option(1.0)
+    bias_update_speed: float = option(
+        0.0,
+        "γ of aux-loss-free balancing during RL (0: the routing bias stays where pretraining left it, as V3 "
+        "froze it for its last 500B tokens, §4.2; a few dozen RL steps move too few tokens to rebalance)",
+    )
     micro_batch: int = option(16, "sequences per forward/backward")
     mask_truncated: bool = option(
         False, "leave truncated completions out of the loss (DAPO overlong filtering)"
@@ -284,6 +289,8 @@ class GRPOConfig:
         for name in ("batch_prompts", "steps", "mu", "max_new_tokens", "micro_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.bias_update_speed < 0:
+            raise ValueError(f"--bias-update-speed must be >= 0, got {self.bias_update_speed}")
         if self.beta < 0:
             raise ValueError(f"--beta must be >= 0, got {self.beta}")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
@@ -439,6 +446,7 @@ def grpo(cfg: GRPOConfig) -> Path:
         precision=cfg.precision,
         tokenizer=tok,
         spike_factor=0.0,  # a policy-gradient loss is ~0 and changes sign: a loss-spike guard is meaningless
+        bias_update_speed=cfg.bias_update_speed,
         config_extra={"grpo": {k: v for k, v in vars(cfg).items()}},
     )
     # the RL objective alone: routing stays balanced by the bias (V3 §2.1.2), not a balance loss
