@@ -25,7 +25,6 @@ import json
 import platform
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
@@ -287,16 +286,11 @@ def run_variant(
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
     from nanoseek.train.pretrain import resolve_precision
+    from nanoseek.train.study import sized_to, train_evaluating
 
     data, tok_dir = _corpus(v, seed, cache)
     tok = load_tokenizer(tok_dir)
-    config = resolve_config(v.preset).replace(
-        vocab_size=tok.vocab_size,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        **v.model,
-    )
+    config = sized_to(resolve_config(v.preset), tok).replace(**v.model)
     if v.init_std is not None:
         config.extra["initializer_range"] = v.init_std
     precision = resolve_precision(v.precision, torch.device("cpu"))
@@ -335,9 +329,10 @@ def run_variant(
         )
         probe = probe_documents(tok, v.tasks, probe_n, seed=seed)
         curve: list[dict[str, Any]] = []
-        train_s = 0.0
+        last: dict[str, Any] = {}
 
-        def evaluate(step: int) -> None:
+        def evaluate(train_s: float, final: bool) -> None:
+            step = trainer.global_step
             with trainer.autocast():
                 losses = probe_losses(model, probe)
             acc = {}
@@ -361,17 +356,15 @@ def run_variant(
                     flush=True,
                 )
 
-        last: dict[str, Any] = {}
-        while trainer.global_step < v.steps:
-            t0 = time.perf_counter()
-            last = trainer.step(
-                lambda: language_model_loss(
-                    trainer.model, *next(batches), mtp_weight=v.mtp_weight, document_mask=v.document_mask
-                )
-            )
-            train_s += time.perf_counter() - t0
-            if trainer.global_step % eval_every == 0 or trainer.global_step == v.steps:
-                evaluate(trainer.global_step)
+        train_evaluating(
+            trainer,
+            lambda: language_model_loss(
+                trainer.model, *next(batches), mtp_weight=v.mtp_weight, document_mask=v.document_mask
+            ),
+            evaluate,
+            every=eval_every,
+            on_step=last.update,
+        )
 
     return {
         "variant": asdict(v),

@@ -732,14 +732,10 @@ def train_run(
     from nanoseek.train.distributed import DistInfo
     from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
     from nanoseek.train.pretrain import resolve_precision
+    from nanoseek.train.study import sized_to, train_evaluating
 
     t = run.train
-    config = run.config.replace(
-        vocab_size=tok.vocab_size,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    config = sized_to(run.config, tok)
     run = dataclasses.replace(run, config=config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the same command on a GPU
     precision = resolve_precision(t.precision, device)
@@ -783,11 +779,11 @@ def train_run(
             x, y = (b.to(device) for b in next(batches))
             return language_model_loss(trainer.model, x, y, mtp_weight=t.mtp_weight, document_mask=True)
 
-        train_s = 0.0
         violations: dict[str, list[float]] = {}
         train_losses: list[float] = []
+        rows: list[dict[str, Any]] = []
 
-        def evaluate(final: bool = False) -> dict[str, Any]:
+        def evaluate(train_s: float, final: bool = False) -> None:
             it = iter(val_set)
             val = trainer.validate(
                 lambda: language_model_loss(
@@ -818,30 +814,24 @@ def train_run(
             log.log(trainer.global_step, **row)
             if progress:
                 progress(f"{run.variant} seed {run.seed} step {trainer.global_step}: val {val:.4f}")
-            return row
+            rows.append(row)
 
-        evaluate()
-        every = max(1, (steps or 0) // EVALS_PER_RUN)
-        next_eval_s = (seconds or 0) / EVALS_PER_RUN
-        if seconds is not None:
-            trainer.deadline = time.perf_counter() + seconds
-        while not trainer.done:
-            t0 = time.perf_counter()
-            m = trainer.step(loss_fn)
-            train_s += time.perf_counter() - t0
+        def on_step(m: dict[str, Any]) -> None:
             train_losses.append(float(m.get("lm_loss", m["loss"])))
             for layer, ratio in (m.get("expert_imbalance") or {}).items():
                 violations.setdefault(layer, []).append(ratio)
-            if trainer.done:
-                break
-            due = trainer.global_step % every == 0 if seconds is None else train_s >= next_eval_s
-            if due:
-                e0 = time.perf_counter()
-                evaluate()
-                next_eval_s += (seconds or 0) / EVALS_PER_RUN
-                if trainer.deadline is not None:  # evaluation time is not training time
-                    trainer.deadline += time.perf_counter() - e0
-        last = evaluate(final=True)
+
+        evaluate(0.0)
+        train_s = train_evaluating(
+            trainer,
+            loss_fn,
+            evaluate,
+            every=None if seconds is not None else max(1, (steps or 0) // EVALS_PER_RUN),
+            seconds=seconds,
+            evaluations=EVALS_PER_RUN,
+            on_step=on_step,
+        )
+        last = rows[-1]
     counts = analytic_parameters(config)
     return log.log(
         trainer.global_step,

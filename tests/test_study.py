@@ -1,0 +1,83 @@
+"""The short-run loop `nanoseek ablate` and the learning benchmark share: when it evaluates, and that
+evaluation time is neither training time nor taken from a time budget."""
+
+from __future__ import annotations
+
+import pytest
+
+import nanoseek.train.study as study
+from nanoseek.train.study import train_evaluating
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeTrainer:
+    """Trainer's surface the loop uses: step, done, global_step, deadline; each step takes 1 s."""
+
+    def __init__(self, clock: Clock, total_steps: int) -> None:
+        self.clock, self.total_steps = clock, total_steps
+        self.global_step, self.deadline = 0, None
+
+    @property
+    def done(self) -> bool:
+        late = self.deadline is not None and self.clock.now >= self.deadline
+        return self.global_step >= self.total_steps or late
+
+    def step(self, loss_fn) -> dict:
+        self.clock.now += 1.0
+        self.global_step += 1
+        return {"loss": 1.0 / self.global_step}
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(study.time, "perf_counter", c)
+    return c
+
+
+@pytest.mark.parametrize(
+    ("total", "at"), [(5, [(2, False), (4, False), (5, True)]), (4, [(2, False), (4, True)])]
+)
+def test_a_step_budget_evaluates_every_n_steps_and_once_at_the_end(clock, total, at) -> None:
+    trainer = FakeTrainer(clock, total)
+    calls, seen = [], []
+    train_s = train_evaluating(
+        trainer,
+        lambda: None,
+        lambda s, final: calls.append((trainer.global_step, final)),
+        every=2,
+        on_step=seen.append,
+    )
+    assert calls == at
+    assert train_s == total
+    assert len(seen) == total
+
+
+def test_a_seconds_budget_does_not_count_evaluation_time(clock) -> None:
+    trainer = FakeTrainer(clock, total_steps=10**6)
+    calls = []
+
+    def evaluate(train_s: float, final: bool) -> None:
+        calls.append((trainer.global_step, train_s, final))
+        clock.now += 0.5  # evaluating takes time; the deadline moves on by as much
+
+    train_s = train_evaluating(trainer, lambda: None, evaluate, seconds=8.0, evaluations=4)
+    assert train_s == 8.0 and trainer.global_step == 8
+    assert calls == [(2, 2.0, False), (4, 4.0, False), (6, 6.0, False), (8, 8.0, True)]
+
+
+def test_exactly_one_cadence_is_given(clock) -> None:
+    trainer = FakeTrainer(clock, 3)
+    with pytest.raises(ValueError, match="either every"):
+        train_evaluating(trainer, lambda: None, lambda s, f: None)
+    with pytest.raises(ValueError, match="either every"):
+        train_evaluating(trainer, lambda: None, lambda s, f: None, every=2, seconds=3.0)
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        train_evaluating(trainer, lambda: None, lambda s, f: None, every=0)
