@@ -101,3 +101,27 @@ def test_the_command_list_does_not_import_torch() -> None:
     code = "import sys; from nanoseek.cli import build_parser; build_parser().format_help(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("argv", "module", "entry", "cls"),
+    [
+        (("sft", "--init", "ck", "--steps", "3"), "nanoseek.train.sft", "sft", "SFTConfig"),
+        (("grpo", "--init", "ck", "--task", "addition"), "nanoseek.train.grpo", "grpo", "GRPOConfig"),
+        (("ablate", "mtp", "--seeds", "2"), "nanoseek.ablate", "ablate", "AblateConfig"),
+    ],
+)
+def test_a_config_command_runs_its_entry_with_the_config_of_its_flags(
+    monkeypatch, argv, module, entry, cls
+) -> None:
+    import importlib
+
+    from nanoseek.cli import main
+
+    mod = importlib.import_module(module)
+    got = []
+    monkeypatch.setattr(mod, entry, got.append)
+    assert main(list(argv)) == 0
+    (config,) = got
+    assert type(config).__name__ == cls
+    assert config == from_options(getattr(mod, cls), parse(*argv))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -166,3 +167,34 @@ def complete(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for fill in parser.__dict__.pop("_deferred_options", []):
         fill(parser)
     return parser
+
+
+def _load(spec: str) -> Any:
+    """ "package.module:name" -> that object (imported now, not when the CLI is built)."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def config_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    config: str,
+    run: str | Callable[[argparse.Namespace], int],
+    *,
+    help: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """A subcommand whose flags are the fields of `config` ("module:Class", imported only when the
+    command is parsed, see `defer`). `run`: "module:function", called with the config built from the
+    flags, or a function of the parsed namespace that returns the exit code."""
+    p = sub.add_parser(name, help=help, description=description)
+    defer(p, lambda parser: add_options(parser, _load(config)))
+    if isinstance(run, str):
+        entry = run
+
+        def run(args: argparse.Namespace) -> int:
+            _load(entry)(from_options(_load(config), args))
+            return 0
+
+    p.set_defaults(func=run)
+    return p

@@ -6,30 +6,16 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from nanoseek.options import defer
+    from nanoseek.options import config_command
 
-    p = sub.add_parser(
+    config_command(
+        sub,
         "ablate",
+        "nanoseek.ablate:AblateConfig",
+        "nanoseek.ablate:ablate",
         help="DeepSeek's efficiency claims (MoE, MLA, balancing, MTP, FP8), each switched on and off",
         description="Short pretraining runs on the same data and schedule that differ in one technique, "
         "several seeds each; writes RUN/ablate/<study>/metrics.jsonl, report.md and plots (validation "
         "loss over tokens, FLOPs and wall seconds) with a table of the paper's claims, judged per FLOP "
         "and per wall second. Rerunning with the same --out skips finished runs.",
     )
-    defer(p, _flags)
-    p.set_defaults(func=run)
-
-
-def _flags(p: argparse.ArgumentParser) -> None:
-    from nanoseek.ablate import AblateConfig
-    from nanoseek.options import add_options
-
-    add_options(p, AblateConfig)
-
-
-def run(args: argparse.Namespace) -> int:
-    from nanoseek.ablate import AblateConfig, ablate
-    from nanoseek.options import from_options
-
-    ablate(from_options(AblateConfig, args))
-    return 0

@@ -6,24 +6,18 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from nanoseek.options import defer
+    from nanoseek.options import config_command
 
-    p = sub.add_parser(
+    config_command(
+        sub,
         "eval",
+        "nanoseek.evaluate:EvalConfig",
+        run,
         help="score a checkpoint or an OpenAI-compatible endpoint on a task's held-out split",
         description="R1-style evaluation: pass@1 averaged over k samples (temperature 0.6), cons@k "
         "(majority vote over extracted answers), format rate, language consistency, mean response "
         "length. Writes a JSON report and appends to metrics.jsonl (stage eval).",
     )
-    defer(p, _flags)
-    p.set_defaults(func=run)
-
-
-def _flags(p: argparse.ArgumentParser) -> None:
-    from nanoseek.evaluate import EvalConfig
-    from nanoseek.options import add_options
-
-    add_options(p, EvalConfig)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,25 +6,19 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from nanoseek.options import defer
+    from nanoseek.options import config_command
 
-    p = sub.add_parser(
+    config_command(
+        sub,
         "pretrain",
+        "nanoseek.train.pretrain:PretrainConfig",
+        run,
         help="pretrain a model (default: `tiny` on the embedded corpus)",
         description="Pretrain with DeepSeek-V3's recipe: AdamW, warmup + cosine/WSD, MTP loss, "
         "aux-loss-free expert balancing, NaN/spike guard, atomic checkpoints, exact --resume. "
         "Writes RUN/pretrain/ (HF layout, with tokenizer) and RUN/metrics.jsonl. Data-parallel with "
         "`torchrun --nproc-per-node N -m nanoseek pretrain ...`.",
     )
-    defer(p, _flags)
-    p.set_defaults(func=run)
-
-
-def _flags(p: argparse.ArgumentParser) -> None:
-    from nanoseek.options import add_options
-    from nanoseek.train.pretrain import PretrainConfig
-
-    add_options(p, PretrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
