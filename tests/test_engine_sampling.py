@@ -43,6 +43,47 @@ def test_filters_keep_the_right_tokens():
     assert torch.allclose(p[0], want / want.sum())
 
 
+def _reference_filter(logits, top_k, top_p):
+    """Top-k then top-p over the fully sorted vocabulary, row by row: what the filter must equal."""
+    out = torch.full_like(logits, float("-inf"))
+    for r in range(logits.shape[0]):
+        vals, order = logits[r].sort(descending=True)
+        k = min(int(top_k[r]), logits.shape[1])
+        probs = vals[:k].softmax(-1)
+        before = probs.cumsum(-1) - probs
+        keep = k if top_p[r] >= 1 else max(1, int((before < top_p[r]).sum()))
+        out[r, order[:keep]] = vals[:keep]
+    return out
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.5])  # peaked rows (kept set in the head), flat ones (fallback)
+def test_the_ranked_head_filters_as_a_full_sort_does(scale, monkeypatch):
+    import nanoseek.engine.sampling as sampling
+    from nanoseek.engine.sampling import SORT_HEAD
+
+    heads = []
+    real = sampling._top_k_top_p
+
+    def _top_k_top_p(logits, top_k, top_p, head=SORT_HEAD):
+        heads.append(head)
+        return real(logits, top_k, top_p, head)
+
+    monkeypatch.setattr(sampling, "_top_k_top_p", _top_k_top_p)
+    torch.manual_seed(0)
+    v = 4 * SORT_HEAD
+    logits = torch.randn(6, v) * scale
+    top_k = torch.tensor([v, v, 5, SORT_HEAD, v, 2 * SORT_HEAD])
+    top_p = torch.tensor([0.95, 1.0, 0.9, 0.5, 0.3, 1.0])
+    for rows in ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5]):  # the last row's top-k reaches past the head
+        got = _top_k_top_p(logits[rows], top_k[rows], top_p[rows])
+        want = _reference_filter(logits[rows], top_k[rows], top_p[rows])
+        assert torch.equal(got.isfinite(), want.isfinite())
+        assert torch.equal(got[got.isfinite()], want[want.isfinite()])
+    # peaked rows are filtered from their head alone; a long top-k or a flat row takes the full sort
+    full = 4 * SORT_HEAD
+    assert heads == ([SORT_HEAD, SORT_HEAD, full] if scale > 1 else [SORT_HEAD, full, SORT_HEAD, full])
+
+
 def test_penalties():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     st = SamplerState(SamplingParams(repetition_penalty=2.0), prompt_ids=[0], vocab_size=4)

@@ -110,6 +110,41 @@ def apply_penalties(logits: torch.Tensor, states: list[SamplerState]) -> torch.T
     return logits
 
 
+# Top-k / top-p rank only the head of each row: with R1's T = 0.6 and top-p 0.95 a trained model's
+# kept set is a handful of tokens, and a top-k of this many costs a fraction of sorting the vocabulary.
+# Rows whose kept set might reach past it fall back to the full sort.
+SORT_HEAD = 32
+
+
+def _top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, head: int = SORT_HEAD
+) -> torch.Tensor:
+    """logits [B,V] with the tokens outside each row's top-k and top-p set to -inf."""
+    v = logits.shape[-1]
+    head = min(v, head)
+    within = top_k <= head  # the row's top-k lies in the head: its normalizer too
+    if head < v and not bool((within | (top_k >= v)).all()):
+        return _top_k_top_p(logits, top_k, top_p, head=v)
+    if head == v:
+        within = torch.ones_like(within)
+    ranked, order = logits.topk(head, dim=-1)  # descending, the first `head` entries of a sort
+    rank = torch.arange(head, device=logits.device).unsqueeze(0)
+    remove = rank >= top_k.unsqueeze(1)
+    masked = ranked.masked_fill(remove, float("-inf"))
+    norm = torch.where(within, masked.logsumexp(dim=-1), logits.logsumexp(dim=-1)).unsqueeze(1)
+    probs = (masked - norm).exp()
+    # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it already does.
+    mass = probs.cumsum(dim=-1)
+    untouched = (top_k >= v) & (top_p >= 1.0)  # rows batched with others that filter: keep them whole
+    if head < v and not bool((within | (mass[:, -1] >= top_p) | untouched).all()):
+        return _top_k_top_p(logits, top_k, top_p, head=v)  # a row's kept set may reach past the head
+    # (top_p = 1 keeps every token: the tail's mass can round up to 1 before the vocabulary ends)
+    remove |= ((mass - probs) >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    remove[:, 0] = False
+    kept = torch.full_like(logits, float("-inf")).scatter(1, order, ranked.masked_fill(remove, float("-inf")))
+    return torch.where(untouched.unsqueeze(1), logits, kept)
+
+
 def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p for sampled rows (temperature > 0). logits [B,V] -> probs [B,V]."""
     device = logits.device
@@ -121,15 +156,7 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     min_p = torch.tensor([p.min_p for p in params], device=device)
     need_sort = bool((top_k < v).any()) or bool((top_p < 1.0).any())
     if need_sort:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(v, device=device).unsqueeze(0)
-        remove = rank >= top_k.unsqueeze(1)
-        sorted_probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it already does.
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        remove |= before >= top_p.unsqueeze(1)
-        remove[:, 0] = False
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+        logits = _top_k_top_p(logits, top_k, top_p)
     probs = logits.softmax(dim=-1)
     if bool((min_p > 0).any()):
         keep = probs >= min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
