@@ -39,8 +39,9 @@ STUDENT_GOAL = 0.70  # of the teacher's mean pass@1
 def figures(run: Path, preset: str, wall: float) -> dict:
     m = RunMetrics(run)
     stages = {s: m.last_event(s, "end").get("wall_time_s") for s in STAGES}
+    beside = {s: m.last_event(s, "end")["beside"] for s in STAGES if m.last_event(s, "end").get("beside")}
     stages = {s: t for s, t in stages.items() if t is not None}
-    out: dict = {"preset": preset, "wall_time_s": wall, "stages_s": stages}
+    out: dict = {"preset": preset, "wall_time_s": wall, "stages_s": stages, "beside": beside}
     if preset in BUDGET_S:
         out["budget_s"] = BUDGET_S[preset]
         out["within_budget"] = wall < BUDGET_S[preset]
@@ -139,11 +140,14 @@ def main() -> None:
         run_speedrun(run, args.preset, precision=args.precision)
         wall = time.perf_counter() - t0
         if finished_before:  # a finished run re-read: its own stage times are the measurement
-            wall = sum(RunMetrics(run).last_event(s, "end").get("wall_time_s") or 0.0 for s in STAGES)
+            ends = [RunMetrics(run).last_event(s, "end") for s in STAGES]
+            wall = sum(e.get("wall_time_s") or 0.0 for e in ends if not e.get("beside"))  # not twice
         f = figures(run, args.preset, wall)
     print()
     for stage, t in f["stages_s"].items():
-        print(f"  {stage:10s} {t:8.1f} s")
+        if t is not None:
+            note = f" (beside {f['beside'][stage]})" if stage in f["beside"] else ""
+            print(f"  {stage:10s} {t:8.1f} s{note}")
     budget = f.get("budget_s")
     verdict = ("within" if f.get("within_budget") else "OVER") if budget else "no"
     print(f"speedrun {args.preset}: {wall / 60:.1f} min, {verdict} budget ({budget / 60:.0f} min)")

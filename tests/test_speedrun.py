@@ -14,7 +14,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("speedrun")
-    assert main(["speedrun", "--preset", "smoke", "--out", str(run), "--no-progress"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # as a 2-core user has it (the suite runs on one): CPU stages side by side
+    try:
+        assert main(["speedrun", "--preset", "smoke", "--out", str(run), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return run
 
 
@@ -29,6 +34,26 @@ def test_every_stage_writes_its_checkpoint_and_metrics(smoke_run):
     evaluated = {r.get("evaluated") for r in read_metrics(smoke_run, "eval")}
     assert {"pretrain", "sft", "grpo", "distill"} <= evaluated
     assert not (smoke_run / "final" / "train_state").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="side by side on CPU threads only")
+def test_cpu_stages_run_side_by_side_and_count_once(smoke_run):
+    from nanoseek.report import RunMetrics
+
+    m = RunMetrics(smoke_run)
+    student, pretrain = m.last_event("student", "end"), m.last_event("pretrain", "end")
+    assert student["beside"] == "pretrain" and student["threads"] >= 1
+    stages = (smoke_run / "report.md").read_text().split("## Stages")[1]
+    assert "(beside pretrain)" in stages
+    counted = [e["wall_time_s"] for s in ("tokenizer", "pretrain", "sft", "grpo", "distill", "eval")
+               if (e := m.last_event(s, "end"))]
+    assert f"| **total** | {sum(counted):.1f} s |" in stages  # the student's time is inside pretrain's
+    # evaluation ran in two processes; its records are in job order, its side logs gone
+    assert m.last_event("eval", "end")["workers"] == 2
+    order = [(r["evaluated_stage"], r["task"]) for r in read_metrics(smoke_run, "eval") if "task" in r]
+    jobs = [(s, t) for s in ("pretrain", "sft", "grpo", "distill") for t in ("addition", "comparison", "largest")]
+    assert order == jobs, order
+    assert not (smoke_run / "eval" / ".logs").exists()
 
 
 def test_report_has_summary_and_plots(smoke_run):

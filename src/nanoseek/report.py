@@ -179,11 +179,16 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
         if not end and not m.by_stage.get(stage):
             continue
         wall = end.get("wall_time_s")
-        total_s += wall or 0.0
         tokens = end.get("tokens") or m.total(stage, "tokens") or None
         cost = f"${(wall or 0) / 3600 * usd_per_hour:.4f}" if wall is not None else "–"
+        shown = f"{_fmt(wall and round(wall, 1))} s"
+        if end.get("beside"):  # ran in a second process during another stage: inside that one's time
+            shown += f" (beside {end['beside']})"
+            cost = f"in {end['beside']}'s"
+        else:
+            total_s += wall or 0.0
         lines.append(
-            f"| {stage} | {_fmt(wall and round(wall, 1))} s | {_human(tokens)} | {cost} | "
+            f"| {stage} | {shown} | {_human(tokens)} | {cost} | "
             f"{_fmt(m.last_value(stage, 'loss'))} | {_fmt(m.last_value(stage, 'val_loss'))} |"
         )
     lines.append(f"| **total** | {total_s:.1f} s | | ${total_s / 3600 * usd_per_hour:.4f} | | |")

@@ -18,6 +18,7 @@ What is notable:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -180,8 +181,9 @@ def _tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int, is_main: bool, d
     return load_tokenizer(tok_dir)
 
 
-def pretrain(cfg: PretrainConfig) -> Path:
-    """Train `cfg.preset` on `cfg.data`; returns the checkpoint directory RUN/pretrain/."""
+def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
+    """Train `cfg.preset` on `cfg.data`; returns the checkpoint directory RUN/pretrain/. `on_step(step)`
+    runs in the training thread after every step (e.g. to take back CPU threads another job freed)."""
     import torch
 
     from nanoseek.checkpoint import build_model
@@ -326,6 +328,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
             last = trainer.step(loss_fn, cfg.accumulation)
             log.step(last)
             step = trainer.global_step
+            if on_step is not None:
+                on_step(step)
             if val_set and (step % cfg.val_every == 0 or step == cfg.steps):
                 val_loss = validate()
             if trainer.checkpoint_due():
