@@ -41,17 +41,22 @@ def test_cpu_stages_run_side_by_side_and_count_once(smoke_run):
     from nanoseek.report import RunMetrics
 
     m = RunMetrics(smoke_run)
-    student, pretrain = m.last_event("student", "end"), m.last_event("pretrain", "end")
+    student = m.last_event("student", "end")
     assert student["beside"] == "pretrain" and student["threads"] >= 1
     stages = (smoke_run / "report.md").read_text().split("## Stages")[1]
     assert "(beside pretrain)" in stages
-    counted = [e["wall_time_s"] for s in ("tokenizer", "pretrain", "sft", "grpo", "distill", "eval")
-               if (e := m.last_event(s, "end"))]
+    counted = [
+        e["wall_time_s"]
+        for s in ("tokenizer", "pretrain", "sft", "grpo", "distill", "eval")
+        if (e := m.last_event(s, "end"))
+    ]
     assert f"| **total** | {sum(counted):.1f} s |" in stages  # the student's time is inside pretrain's
     # evaluation ran in two processes; its records are in job order, its side logs gone
     assert m.last_event("eval", "end")["workers"] == 2
     order = [(r["evaluated_stage"], r["task"]) for r in read_metrics(smoke_run, "eval") if "task" in r]
-    jobs = [(s, t) for s in ("pretrain", "sft", "grpo", "distill") for t in ("addition", "comparison", "largest")]
+    jobs = [
+        (s, t) for s in ("pretrain", "sft", "grpo", "distill") for t in ("addition", "comparison", "largest")
+    ]
     assert order == jobs, order
     assert not (smoke_run / "eval" / ".logs").exists()
 
