@@ -270,11 +270,10 @@ class Speedrun:
         """The teacher's pretraining with the student's in a second process, each on half the CPU
         threads; the teacher takes all of them back when the student is done.
 
-        On a small CPU one training step cannot use two cores well (the `cpu` preset's steps ran 1.36x
-        faster on 2 threads than on 1, and evaluation's decode 1.12x), so two jobs side by side finish
-        sooner than one after the other (benchmarks/README.md). Results do not depend on it: a step's
-        numbers are bit-identical on 1 and 2 threads. Should the student fail here, its own stage
-        runs it again, alone, where its error shows."""
+        One step of a model this small cannot keep two cores busy, so two jobs side by side finish
+        sooner than one after the other (thread scaling measured in benchmarks/README.md). Results do
+        not depend on it: a step's numbers are bit-identical on 1 and 2 threads. Should the student fail
+        here, its own stage runs it again, alone, where its error shows."""
         import multiprocessing
 
         import torch
@@ -431,8 +430,8 @@ class Speedrun:
 
     def evaluate(self) -> dict[str, Any]:
         """Every stage's checkpoint on every family's held-out problems. On a CPU two processes of half
-        the threads each share the jobs (decode ran 1.12x faster on 2 threads than on 1, so two at once
-        finish ~1.5x sooner); each job's records go to RUN/metrics.jsonl in the order of the jobs."""
+        the threads each share the jobs (small-batch decode gains little from a second thread:
+        benchmarks/README.md); each job's records go to RUN/metrics.jsonl in the order of the jobs."""
         jobs = [
             (stage, task)
             for stage in ("pretrain", "sft", "grpo", "control", "distill")
