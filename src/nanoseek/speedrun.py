@@ -172,8 +172,6 @@ class Speedrun:
         self.progress = progress
         self.run.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
-        # stages already done when this process started (a resumed run), as opposed to done beside another
-        self._skipped_before = {stage for stage in STAGES if self._done(stage)}
 
     # -------------------------------------------------------------- plumbing
     def _claim_directory(self) -> None:
@@ -203,7 +201,7 @@ class Speedrun:
     def _stage(self, index: int, total: int, stage: str, fn: Callable[[], dict[str, Any] | None]) -> None:
         if self._done(stage):
             marker = json.loads((self.run / stage / DONE).read_text())
-            if marker.get("beside") and stage not in self._skipped_before:
+            if marker.get("beside"):
                 print(
                     f"[{index}/{total}] {stage}: trained beside {marker['beside']} in {marker['wall_time_s']:.0f}s"
                 )
