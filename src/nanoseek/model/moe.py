@@ -262,6 +262,21 @@ def grouped_swiglu(
     return _GroupedSwiGLU.apply(xs, gate_up, down, offs, dtype, mm)
 
 
+def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dispatch: the (token, choice) rows of `indices` [T,k] in expert order (stable), the token each
+    row comes from, and how many rows each expert gets. Tensors only, no host sync; training, the
+    engine and expert parallelism (whose rows go to ranks in this order) all sort this way."""
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)
+    return order, order // indices.shape[1], torch.bincount(flat, minlength=n_experts)
+
+
+def combine_rows(x: torch.Tensor, ys: torch.Tensor, token_of: torch.Tensor) -> torch.Tensor:
+    """Combine: expert output rows (already weighted) added back onto their tokens, shaped like `x`
+    (index_add: no [T, k, H] intermediate, no zero-filled scatter target per layer)."""
+    return torch.zeros_like(x, dtype=ys.dtype).index_add_(0, token_of, ys)
+
+
 def _routed_rows(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -272,12 +287,12 @@ def _routed_rows(
     mm: GroupedMM,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dispatch, grouped SwiGLU, combine: (Σ_k weight_k · expert_k(x) [T,H], pre-activations, row
-    weights). Rows are gathered in expert order and added back onto their tokens with index_add (no
-    [T, k, H] intermediate, no zero-filled scatter target per layer)."""
+    weights), rows gathered in expert `order` (`sort_by_expert`), each row's gate weight folded into
+    its activation."""
     token_of = order // weights.shape[1]
     row_w = weights.reshape(-1).index_select(0, order).to(x.dtype)
     ys, h = _swiglu_rows(x.index_select(0, token_of), gate_up, down, offs, row_w, mm)
-    return torch.zeros_like(x).index_add_(0, token_of, ys), h, row_w
+    return combine_rows(x, ys, token_of), h, row_w
 
 
 class _RoutedExpertsFunction(torch.autograd.Function):
@@ -384,11 +399,10 @@ class RoutedExperts(nn.Module):
         down) to use instead of this module's own, without gradients (MoE's, shared expert appended)."""
         if self.decodes(indices):
             return self.decode(x, indices, weights, stacked)
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
         # Group ends as a tensor: no host sync, empty experts cost nothing.
         n = self.n_experts if stacked is None else stacked[0].shape[0]
-        offs = torch.bincount(flat, minlength=n).cumsum(0).to(torch.int32)
+        order, _, counts = sort_by_expert(indices, n)
+        offs = counts.cumsum(0).to(torch.int32)
         dtype = compute_dtype(x)
         if not torch.is_grad_enabled():  # inference: the autograd node's forward, without the node
             gate_up, down = self.grouped_weights(dtype) if stacked is None else (w.to(dtype) for w in stacked)

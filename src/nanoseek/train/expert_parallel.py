@@ -38,7 +38,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
-from nanoseek.model.moe import MoE, RoutedExperts, grouped_swiglu
+from nanoseek.model.moe import MoE, RoutedExperts, combine_rows, grouped_swiglu, sort_by_expert
 from nanoseek.perf import compute_dtype
 
 
@@ -139,12 +139,9 @@ class ExpertParallelExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T,H], indices/weights [T,k] (global expert ids) -> [T,H] = Σ_k weight · expert_k(x)."""
-        k = indices.shape[1]
         ep, n_local = self.ep_size, self.n_local
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)  # grouped by expert, hence by destination rank
-        token_of = order // k
-        send_counts = torch.bincount(flat, minlength=self.n_experts)
+        # grouped by expert, hence by destination rank
+        order, token_of, send_counts = sort_by_expert(indices, self.n_experts)
         # 1. counts: recv_counts[r, j] = rows rank r sends to our local expert j.
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
@@ -161,7 +158,7 @@ class ExpertParallelExperts(nn.Module):
         # 4. combine, then weight and sum on the token's home rank (as RoutedExperts does)
         ys = all_to_all(ys, input_splits, output_splits, self.group)
         ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
-        return torch.zeros_like(x, dtype=ys.dtype).index_add_(0, token_of, ys)
+        return combine_rows(x, ys, token_of)
 
     def _compute(self, xs: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
         gate_up = _ScaleGrad.apply(self.gate_up_proj.to_local(), self.grad_scale)
