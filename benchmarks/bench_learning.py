@@ -223,7 +223,9 @@ VARIANTS: dict[str, Variant] = {
 
 
 # ------------------------------------------------------------------------------------------- runs
-def _documents(v: Variant, seed: int) -> Any:
+def _documents(v: Variant, seed: int, for_tokenizer: bool = False) -> Any:
+    """The variant's corpus; `for_tokenizer`: without the strings its problems spell letter by letter,
+    as every nanoseek tokenizer trained on the embedded corpus (`corpus.tokenizer_documents`)."""
     from nanoseek.data.synthetic import iter_documents
 
     return iter_documents(
@@ -233,6 +235,7 @@ def _documents(v: Variant, seed: int) -> Any:
         tasks=v.tasks,
         shapes=v.shapes,
         harder_fraction=v.harder_fraction,
+        blank_spelled=for_tokenizer,
     )
 
 
@@ -260,7 +263,7 @@ def _corpus(v: Variant, seed: int, cache: Path) -> tuple[Path, Path]:
                 f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
     tok_dir = cache / f"tok-{tag}-{v.vocab_size}"
     if not (tok_dir / "tokenizer.json").exists():
-        tok = train_tokenizer(list(islice(_documents(v, seed), 20_000)), vocab_size=v.vocab_size)
+        tok = train_tokenizer(list(islice(_documents(v, seed, True), 20_000)), vocab_size=v.vocab_size)
         tok.save(tok_dir)
     load_tokenizer(tok_dir)
     return data, tok_dir

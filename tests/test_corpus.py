@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoseek.data.corpus import PackedDataset, in_validation_split, iter_documents, resolve_files
+from nanoseek.data.corpus import (
+    PackedDataset,
+    in_validation_split,
+    iter_documents,
+    resolve_files,
+    tokenizer_documents,
+)
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
 
 WORDS = [
@@ -289,6 +295,26 @@ def test_embedded_corpus_of_chosen_families(tok: Tokenizer) -> None:
         list(itertools.islice(iter_documents("embedded:"), 1))
     with pytest.raises(ValueError, match="unknown task"):
         list(itertools.islice(iter_documents("embedded:nonsense"), 1))
+
+
+def test_tokenizer_documents_leave_out_spelled_strings(corpus: tuple[Path, list[str]]) -> None:
+    """A tokenizer trained on the embedded corpus learns no merges from a counting problem's random
+    letters, so the model reads them letter by letter, as it reads digits."""
+    from nanoseek.data.synthetic import iter_documents as synthetic_documents
+
+    root, docs = corpus
+    assert list(itertools.islice(tokenizer_documents(root), 50)) == docs[:50]  # files: as they are
+    source = "embedded:counting,comparison"
+    plain = list(itertools.islice(iter_documents(source), 300))
+    blanked = list(itertools.islice(tokenizer_documents(source), 300))
+    assert blanked == list(
+        itertools.islice(synthetic_documents(tasks=["counting", "comparison"], blank_spelled=True), 300)
+    )
+    assert [a == b for a, b in zip(plain, blanked, strict=True)].count(False) > 100
+    tok = train_tokenizer(blanked, vocab_size=400)
+    merged = train_tokenizer(plain, vocab_size=400)
+    text = "cabbadcdbacd"
+    assert len(tok.encode(text)) > len(merged.encode(text)) and len(tok.encode(text)) >= 10
 
 
 def test_whole_document_packing(corpus: tuple[Path, list[str]], tok: Tokenizer) -> None:

@@ -118,3 +118,18 @@ def test_fast_enough():
         n = sum(1 for _ in itertools.islice(it, 3000))
         best = max(best, n / (time.perf_counter() - t0))
     assert best > 2000, f"{best:.0f} docs/s"
+
+
+def test_blank_spelled_drops_only_the_strings_read_letter_by_letter():
+    kw = dict(seed=4, tasks=["counting", "sorting"], shapes=synthetic.MIXED_SHAPES)
+    docs, blanked = _docs(400, **kw), _docs(400, blank_spelled=True, **kw)
+    changed = [(a, b) for a, b in zip(docs, blanked, strict=True) if a != b]
+    assert changed and len(changed) < len(docs)  # every counting document, no sorting one
+    for a, b in changed:
+        texts = re.findall(r'"([a-h]+)"|「([a-h]+)」|“([a-h]+)”', a)
+        texts = [t for group in texts for t in group if len(t) > 1]
+        assert texts and all(t not in b for t in texts)
+        assert a.count("\n") == b.count("\n")  # the worked solution, spelled out, stays
+    # a series holds several problems: none of their texts is left
+    series = _docs(300, blank_spelled=True, seed=5, tasks=["counting"], shapes={"series": 1.0})
+    assert all(not re.search(r"「[a-h]{2,}」|“[a-h]{2,}”|\"[a-h]{2,}\"", d) for d in series)

@@ -152,6 +152,25 @@ def test_linear_equation_accepts_x_equals():
     assert task.score(p, f"t</think>y = {p.answer}") == 0.0
 
 
+def test_linear_equation_works_the_new_constant_in_columns():
+    task = get_task("linear_equation")
+    steps = task.steps({"a": 4, "b": 6, "d": 0, "e": 14, "x": 2}, "en").split("\n")
+    assert steps == [
+        "Subtract 6 from both sides: 4x = 14 - 6",
+        "ones: 14 - 6 = 8, borrow 1",
+        "tens: 1 - 1 - 0 = 0",
+        "4x = 8",
+        "Divide both sides by 4: x = 8 ÷ 4 = 2",
+    ]
+    # x on both sides, a negative constant (difficulty 3); every problem's steps end at its answer
+    steps = task.steps({"a": 5, "b": -44, "d": 3, "e": 22, "x": 33}, "zh").split("\n")
+    assert steps[1:3] == ["两边加上 44: 2x = 22 + 44", "个位: 2 + 4 = 6"]
+    for k in (1, 2, 3):
+        hard = get_task(f"linear_equation?difficulty={k}")
+        for p in hard.problems("train", 30, seed=k):
+            assert hard.steps(p.meta, p.language).split("\n")[-1].endswith(f"= {p.answer}")
+
+
 def test_sorting_list_formats():
     task = get_task("sorting")
     p = task.make({"numbers": [42, 7, 19, 88]}, "ja")

@@ -678,13 +678,13 @@ def _tokenizer(out: Path, docs: int) -> Any:
     """One tokenizer for every study in RUN/ablate/tokenizer: the cpu preset's (vocabulary 1024)."""
     from itertools import islice
 
-    from nanoseek.data.synthetic import iter_documents
+    from nanoseek.data.corpus import tokenizer_documents
     from nanoseek.speedrun import FAMILIES
     from nanoseek.tokenizer import load_tokenizer, train_tokenizer
 
     tok_dir = out / "ablate" / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
-        texts = list(islice(iter_documents(seed=0, split="train", tasks=FAMILIES), docs))
+        texts = list(islice(tokenizer_documents("embedded:" + ",".join(FAMILIES)), docs))
         train_tokenizer(texts, vocab_size=1024).save(tok_dir)
     return load_tokenizer(tok_dir)
 

@@ -220,13 +220,12 @@ class Speedrun:
     def tokenizer(self) -> dict[str, Any]:
         from itertools import islice
 
-        from nanoseek.data.synthetic import iter_documents
+        from nanoseek.data.corpus import tokenizer_documents
         from nanoseek.tokenizer import train_tokenizer
 
         # the corpus the model will read: never a document of a verifier-only family
-        docs = list(
-            islice(iter_documents(seed=self.p.seed, split="train", tasks=self.p.tasks), self.p.tokenizer_docs)
-        )
+        source = "embedded:" + ",".join(self.p.tasks)
+        docs = list(islice(tokenizer_documents(source, seed=self.p.seed), self.p.tokenizer_docs))
         tok = train_tokenizer(docs, vocab_size=self.p.vocab_size)
         tok.save(self.run / "tokenizer")
         return {"vocab_size": tok.vocab_size, "documents": len(docs)}

@@ -57,7 +57,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from nanoseek.data.corpus import iter_documents
+    from nanoseek.data.corpus import tokenizer_documents
     from nanoseek.tokenizer import tokenizer_summary, train_tokenizer
 
     source = args.data[0] if args.data == ["embedded"] else args.data
@@ -66,7 +66,7 @@ def run_train(args: argparse.Namespace) -> int:
         max_docs = EMBEDDED_DEFAULT_DOCS  # the embedded corpus is endless
     if max_docs is not None and max_docs < 1:
         raise ValueError(f"--max-docs must be positive, got {max_docs}")
-    docs = iter_documents(source, text_field=args.text_field, seed=args.seed)
+    docs = tokenizer_documents(source, text_field=args.text_field, seed=args.seed)
     chars = 0
     held_out: list[str] = []
 

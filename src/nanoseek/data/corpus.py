@@ -216,6 +216,27 @@ def iter_documents(
             yield doc
 
 
+def tokenizer_documents(
+    source: str | os.PathLike | Sequence[str | os.PathLike] | None = EMBEDDED,
+    text_field: str = "text",
+    *,
+    seed: int = 0,
+) -> Iterator[str]:
+    """The documents a tokenizer learns its merges from: those of `source`, except that the embedded
+    corpus leaves out the strings its problems spell letter by letter (a counting problem's text).
+    Merged, each random chunk of letters would be one more spelling for the model to memorize."""
+    if not is_embedded(source):
+        yield from iter_documents(source, text_field, seed=seed)
+        return
+    from nanoseek.data.synthetic import iter_documents as synthetic_documents
+
+    for doc in synthetic_documents(
+        seed=seed, split="train", tasks=embedded_tasks(source), blank_spelled=True
+    ):
+        if doc.strip():
+            yield doc
+
+
 # ------------------------------------------------------------------ positions
 @dataclass(frozen=True)
 class _Cursor:

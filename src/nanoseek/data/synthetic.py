@@ -132,13 +132,16 @@ def iter_documents(
     tasks: Sequence[str] | None = None,
     shapes: Mapping[str, float] | None = None,
     harder_fraction: float = HARDER_FRACTION,
+    blank_spelled: bool = False,
 ) -> Iterator[str]:
     """Endless reproducible stream of documents built from ``split`` problems of the built-in families.
 
     ``split="train"`` is what pretraining uses; ``"test"`` exists only to measure a language-model loss
     on held-out problems and must never be trained on. ``shapes`` weighs the document shapes (from
     ``SHAPE_NAMES``; default ``SHAPES``, chat turns only; ``MIXED_SHAPES`` is the old mix),
-    ``harder_fraction`` is the share of problems one level harder.
+    ``harder_fraction`` is the share of problems one level harder. ``blank_spelled`` drops the strings
+    a problem spells letter by letter (`BuiltinTask.spelled`: the text of a counting problem) from the
+    same stream: the documents to train a tokenizer on, so that it learns no merges from random letters.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -175,26 +178,37 @@ def iter_documents(
         base, it, hard, hard_it = fam
         return (hard, next(hard_it)) if rng.random() < harder_fraction else (base, next(it))
 
-    while True:
-        fam = rng.choice(families)
-        task, p = draw(fam)
-        shape = shape_names[bisect.bisect_right(shape_cum, rng.random() * shape_cum[-1])]
-        if shape == "chat":
-            yield chat_document(p, task.worked_solution(p))
-        elif shape == "copy":
-            yield copy_document(rng, p.language)
-        elif shape == "series":
-            # several problems of one family in one language, like a worksheet
-            parts = [_SERIES_HEADER[p.language], plain_document(p, task.worked_solution(p))]
-            for _ in range(rng.randint(1, 3)):
-                t2, p2 = draw(fam)
-                while p2.language != p.language:
+    def documents() -> Iterator[tuple[str, list[tuple[BuiltinTask, Problem]]]]:
+        """Each document with the problems it holds."""
+        while True:
+            fam = rng.choice(families)
+            task, p = draw(fam)
+            shape = shape_names[bisect.bisect_right(shape_cum, rng.random() * shape_cum[-1])]
+            if shape == "chat":
+                yield chat_document(p, task.worked_solution(p)), [(task, p)]
+            elif shape == "copy":
+                yield copy_document(rng, p.language), []
+            elif shape == "series":
+                # several problems of one family in one language, like a worksheet
+                held = [(task, p)]
+                for _ in range(rng.randint(1, 3)):
                     t2, p2 = draw(fam)
-                parts.append(plain_document(p2, t2.worked_solution(p2)))
-            yield "\n\n".join(parts)
-        elif shape == "explained":
-            yield f"{EXPLANATIONS[task.family][p.language]}\n\n{plain_document(p, task.worked_solution(p))}"
-        elif shape == "textbook":
-            yield textbook_document(task, p)
-        else:
-            yield plain_document(p, task.worked_solution(p))
+                    while p2.language != p.language:
+                        t2, p2 = draw(fam)
+                    held.append((t2, p2))
+                parts = [plain_document(q, t.worked_solution(q)) for t, q in held]
+                yield "\n\n".join([_SERIES_HEADER[p.language], *parts]), held
+            elif shape == "explained":
+                worked = plain_document(p, task.worked_solution(p))
+                yield f"{EXPLANATIONS[task.family][p.language]}\n\n{worked}", [(task, p)]
+            elif shape == "textbook":
+                yield textbook_document(task, p), [(task, p)]
+            else:
+                yield plain_document(p, task.worked_solution(p)), [(task, p)]
+
+    for doc, held in documents():
+        if blank_spelled:
+            for task, p in held:
+                for text in task.spelled(p.meta):
+                    doc = doc.replace(text, "")
+        yield doc

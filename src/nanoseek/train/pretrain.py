@@ -163,11 +163,11 @@ def _tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int, is_main: bool, d
         return load_tokenizer(cfg.tokenizer)
     tok_dir = run / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists() and is_main:
-        from nanoseek.data.corpus import iter_documents
+        from nanoseek.data.corpus import tokenizer_documents
         from nanoseek.metrics import MetricsLog
 
         t0 = time.perf_counter()
-        docs = list(islice(iter_documents(cfg.data, cfg.text_field, seed=cfg.seed), cfg.tokenizer_docs))
+        docs = list(islice(tokenizer_documents(cfg.data, cfg.text_field, seed=cfg.seed), cfg.tokenizer_docs))
         if not docs:
             raise ValueError(f"no documents in {cfg.data!r} to train a tokenizer on")
         tok = train_tokenizer(docs, vocab_size=vocab_size)

@@ -78,6 +78,12 @@ class BuiltinTask(Task):
     def check(self, problem: Problem, answer: str | None) -> float | None:
         return check_numeric(problem.answer, answer)
 
+    def spelled(self, d: dict[str, Any]) -> tuple[str, ...]:
+        """Strings of the problem that are read letter by letter, not words: a tokenizer learns no merges
+        from them (`iter_documents(blank_spelled=True)`), or the model would have to memorize the
+        spelling of every merged chunk to read them (the "strawberry" problem)."""
+        return ()
+
     # --- shared -----------------------------------------------------------------------------------
     def make(self, d: dict[str, Any], lang: str) -> Problem:
         key = f"{self.family}|{self.key(d)}"
@@ -431,9 +437,18 @@ class LinearEquationTask(BuiltinTask):
             }
         else:
             move = {"en": f"Add {-b} to both sides", "ja": f"両辺に {-b} を足す", "zh": f"两边加上 {-b}"}
-        lines.append(f"{move[lang]}: {a}x = {e - b}")
-        div = {"en": f"Divide both sides by {a}", "ja": f"両辺を {a} で割る", "zh": f"两边除以 {a}"}
-        lines.append(f"{div[lang]}: x = {d['x']}")
+        # The new constant is worked out column by column, as the subtraction family teaches it:
+        # written as one fact (`4x = 8` from `4x + 6 = 14`) it was the step a small model got wrong.
+        rest, ax = e - b, self._side(a, None)
+        lines.append(f"{move[lang]}: {ax} = {e} {'-' if b > 0 else '+'} {abs(b)}")
+        if e >= 0 and b > 0 and rest >= 0:
+            lines += _column_sub(e, b, lang)
+        elif e >= 0 and b < 0:
+            lines += _column_add(e, -b, lang)
+        lines.append(f"{ax} = {rest}")
+        if a != 1:
+            div = {"en": f"Divide both sides by {a}", "ja": f"両辺を {a} で割る", "zh": f"两边除以 {a}"}
+            lines.append(f"{div[lang]}: x = {rest} ÷ {a} = {d['x']}")
         return "\n".join(lines)
 
     def check(self, problem: Problem, answer: str | None) -> float | None:
@@ -659,6 +674,9 @@ class CountingTask(BuiltinTask):
 
     def answer(self, d: dict[str, Any]) -> str:
         return str(d["text"].count(d["letter"]))
+
+    def spelled(self, d: dict[str, Any]) -> tuple[str, ...]:
+        return (d["text"],)
 
     def steps(self, d: dict[str, Any], lang: str) -> str:
         n, marks = 0, []
