@@ -57,8 +57,9 @@ class SpeedrunPreset:
     # families learned from their verifier alone (R1-Zero): never a worked solution of them in the
     # corpus or the SFT data; GRPO trains on them with the others and every stage is evaluated on them
     verifier_only_tasks: tuple[str, ...] = VERIFIER_ONLY
-    # tokenizer: the corpus needs ~1000 merges (4096 gave the same tokens per document, a 4x larger
-    # embedding and head, and 2x slower steps)
+    # tokenizer: at most this many ids. The corpus, without the letters counting problems spell, has
+    # ~440 merges seen twice (709 ids); 4096 gave the same tokens per document, a 4x larger
+    # embedding and head, and 2x slower steps
     vocab_size: int = 1024
     tokenizer_docs: int = 20000
     # pretrain: the embedded corpus of these families ("tasks" = the run's own, "all" = every family)
