@@ -262,13 +262,12 @@ def grouped_swiglu(
     return _GroupedSwiGLU.apply(xs, gate_up, down, offs, dtype, mm)
 
 
-def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dispatch: the (token, choice) rows of `indices` [T,k] in expert order (stable), the token each
-    row comes from, and how many rows each expert gets. Tensors only, no host sync; training, the
+def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch: the (token, choice) rows of `indices` [T,k] in expert order (stable; row r comes from
+    token r // k), and how many rows each expert gets. Tensors only, no host sync; training, the
     engine and expert parallelism (whose rows go to ranks in this order) all sort this way."""
     flat = indices.flatten()
-    order = flat.argsort(stable=True)
-    return order, order // indices.shape[1], torch.bincount(flat, minlength=n_experts)
+    return flat.argsort(stable=True), torch.bincount(flat, minlength=n_experts)
 
 
 def combine_rows(x: torch.Tensor, ys: torch.Tensor, token_of: torch.Tensor) -> torch.Tensor:
@@ -401,7 +400,7 @@ class RoutedExperts(nn.Module):
             return self.decode(x, indices, weights, stacked)
         # Group ends as a tensor: no host sync, empty experts cost nothing.
         n = self.n_experts if stacked is None else stacked[0].shape[0]
-        order, _, counts = sort_by_expert(indices, n)
+        order, counts = sort_by_expert(indices, n)
         offs = counts.cumsum(0).to(torch.int32)
         dtype = compute_dtype(x)
         if not torch.is_grad_enabled():  # inference: the autograd node's forward, without the node

@@ -141,7 +141,8 @@ class ExpertParallelExperts(nn.Module):
         """x [T,H], indices/weights [T,k] (global expert ids) -> [T,H] = Σ_k weight · expert_k(x)."""
         ep, n_local = self.ep_size, self.n_local
         # grouped by expert, hence by destination rank
-        order, token_of, send_counts = sort_by_expert(indices, self.n_experts)
+        order, send_counts = sort_by_expert(indices, self.n_experts)
+        token_of = order // indices.shape[1]
         # 1. counts: recv_counts[r, j] = rows rank r sends to our local expert j.
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
