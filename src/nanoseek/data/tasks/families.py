@@ -439,6 +439,7 @@ class LinearEquationTask(BuiltinTask):
             move = {"en": f"Add {-b} to both sides", "ja": f"両辺に {-b} を足す", "zh": f"两边加上 {-b}"}
         # The new constant is worked out column by column, as the subtraction family teaches it:
         # written as one fact (`4x = 8` from `4x + 6 = 14`) it was the step a small model got wrong.
+        # Negative numbers (difficulty >= 2) have no column method here and keep the one-line step.
         rest, ax = e - b, self._side(a, None)
         lines.append(f"{move[lang]}: {ax} = {e} {'-' if b > 0 else '+'} {abs(b)}")
         if e >= 0 and b > 0 and rest >= 0:
