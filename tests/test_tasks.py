@@ -279,16 +279,18 @@ def test_nanoseek_tasks_reexports():
 
 
 def test_long_multiplication_steps_are_right():
-    """Every line of a multiplication's worked solution is one true fact (a digit times a digit plus a
-    carry, a partial product, a column sum), and the steps end at the answer, in every language."""
+    """Every line of a multiplication's worked solution is one true fact (a digit times a digit, then
+    plus a carry, a partial product, a column sum), and the steps end at the answer, in every language."""
     task = get_task("arithmetic?ops=mul&digits=3")
     for lang in ("en", "ja", "zh"):
         for p in task.problems("train", 40, seed=1, language=lang):
             a, b = p.meta["a"], p.meta["b"]
             steps = task.steps(p.meta, lang)
-            for m in re.finditer(r"^(\d) × (\d)(?: \+ (\d))? = (\d+)", steps, re.M):
-                x, d, c, v = (int(g or 0) for g in m.groups())
-                assert x * d + c == v, m.group()
+            for m in re.finditer(r"^(\d) × (\d)(?: \+ (\d) = (\d+) \+ (\d))? = (\d+)", steps, re.M):
+                x, d, c, product, c_again, v = (int(g or 0) for g in m.groups())
+                assert x * d + c == v and c == c_again, m.group()
+                # a carry is added to the table fact written out, never inside one step
+                assert (product == x * d) if c else m.group(4) is None, m.group()
             for m in re.finditer(r"^(\d{2,}) × (\d+) = (\d+)$", steps, re.M):
                 assert int(m[1]) * int(m[2]) == int(m[3]), m.group()
             partials = [int(m[3]) for m in re.finditer(r"^(\d{2,}) × (\d+) = (\d+)$", steps, re.M)]
