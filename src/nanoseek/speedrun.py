@@ -66,7 +66,7 @@ class SpeedrunPreset:
     pretrain_corpus: str = "tasks"
     pretrain_steps: int = 720
     pretrain_batch: int = 8
-    seq_len: int = 320  # a whole multiplication (prompt + ~280 response tokens) fits one window
+    seq_len: int = 320  # a whole multiplication (prompt + up to ~300 response tokens) fits one window
     pretrain_lr: float = 3e-3
     # Muon on the hidden matrices: in-context copying appears ~4x sooner than under AdamW
     # (benchmarks/bench_learning.py), the difference between a model that copies and one that guesses
@@ -95,7 +95,7 @@ class SpeedrunPreset:
     batch_prompts: int = 8
     # 2e-4 cost 15 points of held-out pass@1 across seven families in 40 steps; 3e-5 was neutral
     grpo_lr: float = 5e-5
-    max_new_tokens: int = 300  # a 3-digit x 2-digit long multiplication takes ~280
+    max_new_tokens: int = 320  # a 3-digit x 2-digit long multiplication, worked out, takes up to ~300
     # control (cpu only): SFT for GRPO's wall time
     control: bool = True
     # distillation

@@ -199,9 +199,16 @@ def _column_add(a: int, b: int, lang: str) -> list[str]:
     carry, lines = 0, []
     word = {"en": ("write", "carry"), "ja": ("", "を書き1繰り上がる"), "zh": ("写", "进1")}[lang]
     for i in range(max(len(da), len(db))):
-        terms = [x[i] for x in (da, db) if i < len(x)] + ([carry] if carry else [])
-        s = sum(terms)
-        line = f"{_place(lang, i)}: {' + '.join(map(str, terms))} = {s}"
+        digits = [x[i] for x in (da, db) if i < len(x)]
+        s = sum(digits) + carry
+        line = f"{_place(lang, i)}: {' + '.join(map(str, digits))}"
+        # two digits and a carry: their sum first, then the carry, one small sum per step (as the
+        # multiplication's carry lines; three terms at once were 8-22% wrong, two terms ~0%)
+        if carry and len(digits) > 1:
+            line += f" + {carry} = {sum(digits)} + {carry}"
+        elif carry:
+            line += f" + {carry}"
+        line += f" = {s}"
         carry = s // 10
         if carry and i < max(len(da), len(db)) - 1:
             sep = ", " if lang == "en" else "，" if lang == "zh" else "、"
@@ -263,6 +270,9 @@ def _mul_lines(a: int, b: int, lang: str) -> list[str]:
     lines, partials = [], []
     for place, d in enumerate(_digits_rev(b)):
         shift = 10**place
+        if d == 0:  # nothing to work out, and nothing to add: "0 + 69760" was a column of copies
+            lines.append(f"{a} × 0 = 0")
+            continue
         lines.append(f"{a} × {d}:")
         lines += _mul_by_digit(a, d, lang)
         lines.append(f"{a} × {d * shift} = {a * d * shift}")
@@ -696,7 +706,9 @@ class CountingTask(BuiltinTask):
             "ja": f"よって {n} 回。",
             "zh": f"所以有 {n} 个。",
         }[lang]
-        return f"{' '.join(marks)}\n{last}"
+        # the letter sought heads the scan: the cpu preset's models marked letters other than the one
+        # asked about ("c(1) c d" for b) when it stood only in the prompt, after the string in ja/zh
+        return f"{d['letter']}: {' '.join(marks)}\n{last}"
 
 
 class ModularTask(BuiltinTask):
