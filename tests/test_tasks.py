@@ -152,6 +152,26 @@ def test_linear_equation_accepts_x_equals():
     assert task.score(p, f"t</think>y = {p.answer}") == 0.0
 
 
+def test_every_column_step_is_one_small_sum():
+    """Column addition adds a carry after the digits' own sum (`1 + 6 + 1 = 7 + 1 = 8`), never three
+    terms in one step; the lines are right in every language, and in multiplication's final sum too."""
+    steps = get_task("addition").steps({"op": "add", "a": 19, "b": 38}, "en").split("\n")
+    assert steps[:2] == ["ones: 9 + 8 = 17, write 7 carry 1", "tens: 1 + 3 + 1 = 4 + 1 = 5"]
+    seen = 0
+    for spec in ("addition", "multiplication", "arithmetic?ops=add&digits=4"):
+        task = get_task(spec)
+        for p in task.problems("train", 60, seed=2):
+            for line in task.steps(p.meta, p.language).split("\n"):
+                if not re.search(r": \d \+ \d \+ \d = ", line):
+                    continue
+                m = re.search(r": (\d) \+ (\d) \+ (\d) = (\d+) \+ (\d) = (\d+)", line)
+                assert m, line
+                x, y, c, s, c_again, total = map(int, m.groups())
+                assert (s, c_again, total) == (x + y, c, x + y + c), line
+                seen += 1
+    assert seen > 50
+
+
 def test_linear_equation_works_the_new_constant_in_columns():
     task = get_task("linear_equation")
     steps = task.steps({"a": 4, "b": 6, "d": 0, "e": 14, "x": 2}, "en").split("\n")
@@ -169,6 +189,12 @@ def test_linear_equation_works_the_new_constant_in_columns():
         hard = get_task(f"linear_equation?difficulty={k}")
         for p in hard.problems("train", 30, seed=k):
             assert hard.steps(p.meta, p.language).split("\n")[-1].endswith(f"= {p.answer}")
+
+
+def test_counting_scans_letter_by_letter_under_the_letter_sought():
+    task = get_task("counting")
+    steps = task.steps({"text": "dadcdcc", "letter": "d"}, "zh").split("\n")
+    assert steps == ["d: d(1) a d(2) c d(3) c c", "所以有 3 个。"]
 
 
 def test_sorting_list_formats():
