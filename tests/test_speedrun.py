@@ -43,8 +43,12 @@ def test_cpu_stages_run_side_by_side_and_count_once(smoke_run):
     m = RunMetrics(smoke_run)
     student = m.last_event("student", "end")
     assert student["beside"] == "pretrain" and student["threads"] >= 1
+    # the control trained beside GRPO until GRPO was done, into its own checkpoint
+    control = m.last_event("control", "end")
+    assert control["beside"] == "grpo" and control["threads"] >= 1
+    assert (smoke_run / "control" / "model.safetensors").exists()
     stages = (smoke_run / "report.md").read_text().split("## Stages")[1]
-    assert "(beside pretrain)" in stages
+    assert "(beside pretrain)" in stages and "(beside grpo)" in stages
     counted = [
         e["wall_time_s"]
         for s in ("tokenizer", "pretrain", "sft", "grpo", "distill", "eval")
@@ -55,7 +59,9 @@ def test_cpu_stages_run_side_by_side_and_count_once(smoke_run):
     assert m.last_event("eval", "end")["workers"] == 2
     order = [(r["evaluated_stage"], r["task"]) for r in read_metrics(smoke_run, "eval") if "task" in r]
     jobs = [
-        (s, t) for s in ("pretrain", "sft", "grpo", "distill") for t in ("addition", "comparison", "largest")
+        (s, t)
+        for s in ("pretrain", "sft", "grpo", "control", "distill")
+        for t in ("addition", "comparison", "largest")
     ]
     assert order == jobs, order
     assert not (smoke_run / "eval" / ".logs").exists()

@@ -96,7 +96,7 @@ class SpeedrunPreset:
     # 2e-4 cost 15 points of held-out pass@1 across seven families in 40 steps; 3e-5 was neutral
     grpo_lr: float = 5e-5
     max_new_tokens: int = 320  # a 3-digit x 2-digit long multiplication, worked out, takes up to ~300
-    # control (cpu only): SFT for GRPO's wall time
+    # control: SFT for GRPO's wall time (beside it where the CPU runs two stages at once; off on the gpu preset)
     control: bool = True
     # distillation
     distill_prompts: int = 24
@@ -130,7 +130,6 @@ PRESETS: dict[str, SpeedrunPreset] = {
         group_size=4,
         batch_prompts=4,
         max_new_tokens=32,
-        control=False,
         distill_prompts=8,
         distill_k=2,
         distill_steps=5,
@@ -325,6 +324,7 @@ class Speedrun:
         init: str = "pretrain",
         examples: int | None = None,
         max_seconds: float | None = None,
+        deadline_fn: Callable[[], float | None] | None = None,
     ) -> dict[str, Any]:
         from nanoseek.train.sft import SFTConfig, sft
 
@@ -344,7 +344,8 @@ class Speedrun:
                 resume=True,
                 progress=self.progress,
                 max_seconds=max_seconds,
-            )
+            ),
+            deadline_fn=deadline_fn,
         )
         if stage != "sft":
             self._adopt(sub, Path(path), stage, renamed="sft")
@@ -354,7 +355,7 @@ class Speedrun:
     def all_tasks(self) -> list[str]:
         return [*self.p.tasks, *self.p.verifier_only_tasks]
 
-    def grpo(self) -> dict[str, Any]:
+    def grpo(self, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         from nanoseek.train.grpo import GRPOConfig, grpo
 
         grpo(
@@ -369,12 +370,69 @@ class Speedrun:
                 max_new_tokens=self.p.max_new_tokens,
                 seed=self.p.seed,
                 resume=True,
-            )
+            ),
+            on_step=on_step,
         )
         return {}
 
-    def control(self) -> dict[str, Any]:
-        """More SFT from the SFT checkpoint for the wall time GRPO took: what RL bought, honestly."""
+    def grpo_beside_control(self) -> dict[str, Any]:
+        """GRPO with its control in a second process, each on half the CPU threads, the control
+        training until GRPO is done: both get the same wall time and the same share of the machine,
+        and the control's time no longer adds to the run's.
+
+        Neither step keeps two cores busy (as in `pretrain_beside_student`). GRPO's pace after each
+        step tells the control when GRPO will end, so the control's cosine schedule is refitted to it
+        and ends with it. Should the control fail here, its own stage runs it again, alone."""
+        import multiprocessing
+
+        import torch
+
+        threads = torch.get_num_threads()
+        ctx = multiprocessing.get_context("spawn")
+        end = ctx.Value("d", 0.0)  # when GRPO will be done (time.time()); 0 until its first step
+        child = ctx.Process(
+            target=_control_beside_grpo, args=(str(self.run), self.p, threads // 2, end), name="control"
+        )
+        child.start()
+        torch.set_num_threads(threads - threads // 2)
+        print(
+            f"  control: SFT beside it on {threads // 2} of {threads} threads, until it is done", flush=True
+        )
+        t0, first_step = time.time(), []
+
+        def pace(done: int, total: int) -> None:
+            if not first_step:  # a resumed GRPO starts past step 0
+                first_step.append(done - 1)
+            now = time.time()
+            end.value = now + (now - t0) / (done - first_step[0]) * (total - done)
+
+        try:
+            fields = self.grpo(on_step=pace)
+        except BaseException:
+            child.terminate()
+            raise
+        finally:
+            end.value = time.time()  # done (or failed): the control stops at its next step
+            torch.set_num_threads(threads)
+            child.join()
+        if child.exitcode != 0:
+            print(f"  control: its run beside grpo failed (exit code {child.exitcode}); it runs alone next")
+        return fields
+
+    def control(self, deadline_fn: Callable[[], float | None] | None = None) -> dict[str, Any]:
+        """More SFT from the SFT checkpoint for the wall time GRPO took: what RL bought, honestly.
+        With `deadline_fn` it runs beside GRPO, until GRPO is done (`grpo_beside_control`)."""
+        if deadline_fn is not None:
+            # a first plan of 10x the cold start, refitted to GRPO's pace once its first step is done;
+            # fresh worked solutions at the cold start's rate per step for that plan
+            steps = 10 * self.p.sft_steps
+            return self.sft(
+                stage="control",
+                steps=steps,
+                init="sft",
+                examples=10 * self.p.sft_examples,
+                deadline_fn=deadline_fn,
+            )
         grpo_time = self._wall_time("grpo") or 0.0
         sft_time = self._wall_time("sft") or 1.0
         # Per-step time from the SFT stage's own step records; the rest of its wall time (loading,
@@ -556,7 +614,8 @@ class Speedrun:
         ]
         if self.p.student_steps:
             stages.append(("student", self.student))
-        stages += [("sft", self.sft), ("grpo", self.grpo)]
+        control_beside = self.p.control and not self._done("control") and self.overlaps()
+        stages += [("sft", self.sft), ("grpo", self.grpo_beside_control if control_beside else self.grpo)]
         if self.p.control:
             stages.append(("control", self.control))
         stages += [("distill", self.distill), ("eval", self.evaluate)]
@@ -588,6 +647,20 @@ def _run_stage(out: str, preset: SpeedrunPreset, stage: str, threads: int, besid
     t0 = time.perf_counter()
     fields = getattr(run, stage)() or {}
     run._mark_done(stage, time.perf_counter() - t0, beside=beside, threads=threads, **fields)
+
+
+def _control_beside_grpo(out: str, preset: SpeedrunPreset, threads: int, end: Any) -> None:
+    """The control stage in its own process (spawned) until GRPO's end, which the main process keeps
+    in `end` (a shared time.time(); 0 while not yet known)."""
+    _set_threads(threads)
+    run = Speedrun(out, preset, progress=False)
+    t0 = time.perf_counter()
+
+    def deadline() -> float | None:
+        return time.perf_counter() + (end.value - time.time()) if end.value else None
+
+    fields = run.control(deadline_fn=deadline) or {}
+    run._mark_done("control", time.perf_counter() - t0, beside="grpo", threads=threads, **fields)
 
 
 def _evaluate_job(out: str, preset: SpeedrunPreset, stage: str, task: str, progress: bool) -> dict[str, Any]:

@@ -395,8 +395,9 @@ class PromptSampler:
             self.signal[name] = self.DECAY * self.signal[name] + (1 - self.DECAY) * informative
 
 
-def grpo(cfg: GRPOConfig) -> Path:
-    """Run GRPO from `cfg.init`; returns the checkpoint directory RUN/grpo/."""
+def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> Path:
+    """Run GRPO from `cfg.init`; returns the checkpoint directory RUN/grpo/. `on_step(done, total)` is
+    called after every step (the speedrun paces the control run beside it by it)."""
     import time
 
     from tqdm.auto import tqdm
@@ -592,6 +593,8 @@ def grpo(cfg: GRPOConfig) -> Path:
             or stop_now
         ):
             trainer.save(extra)
+        if on_step is not None:
+            on_step(step + 1, cfg.steps)
         if stop_now:
             bar.write(
                 f"grpo: stopping at step {step + 1}: collapse for {bad_steps} steps ({rec['collapse_warning']})"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,12 +286,15 @@ def train_on_examples(
     cfg: SFTConfig,
     config_extra: dict[str, Any] | None = None,
     started: float | None = None,
+    deadline_fn: Callable[[], float | None] | None = None,
 ) -> Path:
     """The SFT loop on (input_ids, labels) examples through the shared Trainer; returns RUN/<stage>/.
 
     `cfg.max_seconds` counts from `started` (perf_counter; default: now). With a budget, `cfg.steps`
     is only the first estimate: every few steps the step count is refitted to the time left at the
-    measured pace (the cosine schedule follows it), and the deadline stops the run in any case."""
+    measured pace (the cosine schedule follows it), and the deadline stops the run in any case.
+    `deadline_fn`, when given, is asked before every step for the deadline (perf_counter; None: not
+    known yet), for a budget that is only known as it goes (the speedrun's control beside GRPO)."""
     import math
     import time
 
@@ -342,7 +345,11 @@ def train_on_examples(
         return PackedBatch(*(torch.tensor([r[k] for r in chunk], dtype=torch.long) for k in range(4)))
 
     last: dict[str, Any] = {}
-    while not trainer.done:
+    while True:
+        if deadline_fn is not None:
+            trainer.deadline = deadline_fn() or trainer.deadline
+        if trainer.done:
+            break
         batch = batch_at(trainer.global_step)
 
         def loss_fn(batch: PackedBatch = batch) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -358,9 +365,8 @@ def train_on_examples(
         if trainer.checkpoint_due():
             trainer.save()
     if trainer.global_step < trainer.total_steps:
-        print(
-            f"{stage}: time budget of {cfg.max_seconds:.0f}s spent at step {trainer.global_step}/{trainer.total_steps}"
-        )
+        budget = f"of {cfg.max_seconds:.0f}s " if cfg.max_seconds else ""
+        print(f"{stage}: time budget {budget}spent at step {trainer.global_step}/{trainer.total_steps}")
     path = trainer.save()
     log.close()
     if last:
@@ -371,8 +377,9 @@ def train_on_examples(
     return path
 
 
-def sft(cfg: SFTConfig) -> Path:
-    """SFT a checkpoint on chat JSONL and/or a task's worked solutions; returns RUN/sft/."""
+def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -> Path:
+    """SFT a checkpoint on chat JSONL and/or a task's worked solutions; returns RUN/sft/
+    (`deadline_fn`: see `train_on_examples`)."""
     import time
 
     from nanoseek.checkpoint import load_model, resolve_checkpoint
@@ -399,4 +406,6 @@ def sft(cfg: SFTConfig) -> Path:
             examples.extend(tokenize_conversation(tok, conv, tools))
         except ValueError as e:
             raise ValueError(f"conversation {n}: {e}") from None
-    return train_on_examples(model, tok, examples, cfg.out, "sft", cfg, {"sft": vars(cfg)}, started)
+    return train_on_examples(
+        model, tok, examples, cfg.out, "sft", cfg, {"sft": vars(cfg)}, started, deadline_fn=deadline_fn
+    )
