@@ -8,7 +8,7 @@ from nanoseek.probe import probe_documents, probe_losses, response_char_kinds
 
 
 def test_copy_digit_text_kinds():
-    text = "Which is larger, 47 or 29?|Compare the tens: 4 > 2\nSo 47 is larger.\n</think>\n47"
+    text = "Which is larger, 47 or 29?|Compare the tens: 4 and 2: 4 > 2\nSo 47 is larger.\n</think>\n47"
     start = text.index("|") + 1
     kinds = response_char_kinds(text, start)
     assert kinds[:start] == [None] * start

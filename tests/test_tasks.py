@@ -197,6 +197,25 @@ def test_counting_scans_letter_by_letter_under_the_letter_sought():
     assert steps == ["d: d(1) a d(2) c d(3) c c", "所以有 3 个。"]
 
 
+def test_comparison_writes_both_digits_before_their_relation():
+    task = get_task("comparison")
+    steps = task.steps({"a": 76, "b": 79, "which": "larger"}, "en").split("\n")
+    assert steps == [
+        "Compare the tens: 7 and 7: 7 = 7",
+        "Compare the ones: 6 and 9: 6 < 9",
+        "So 79 is larger.",
+    ]
+    assert (
+        task.steps({"a": 47, "b": 29, "which": "smaller"}, "ja").split("\n")[0]
+        == "十の位を比べる: 4 と 2: 4 > 2"
+    )
+    assert task.steps({"a": 7, "b": 79, "which": "larger"}, "en").startswith(
+        "7 has 1 digit and 79 has 2 digits"
+    )
+    for p in task.problems("train", 60, seed=4):
+        assert task.score(p, task.worked_solution(p)) == 1.0
+
+
 def test_sorting_list_formats():
     task = get_task("sorting")
     p = task.make({"numbers": [42, 7, 19, 88]}, "ja")

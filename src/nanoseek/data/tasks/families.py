@@ -190,6 +190,10 @@ class ArithmeticTask(BuiltinTask):
         return "\n".join([*lines, f"{so} {a} {self.SYMBOL[op]} {b} = {self.answer(d)}{end}"])
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _digits_rev(n: int) -> list[int]:
     return [int(c) for c in reversed(str(n))]
 
@@ -586,19 +590,29 @@ class ComparisonTask(BuiltinTask):
         sa, sb = str(a), str(b)
         if len(sa) != len(sb):
             first = {
-                "en": f"{a} has {len(sa)} digits and {b} has {len(sb)} digits",
+                "en": f"{a} has {_count(len(sa), 'digit')} and {b} has {_count(len(sb), 'digit')}",
                 "ja": f"{a} は{len(sa)}桁、{b} は{len(sb)}桁",
                 "zh": f"{a} 是{len(sa)}位数，{b} 是{len(sb)}位数",
             }[lang]
         else:
-            i = next(i for i in range(len(sa)) if sa[i] != sb[i])
-            rel = "<" if sa[i] < sb[i] else ">"
-            place = _place(lang, len(sa) - 1 - i)
-            first = {
-                "en": f"Compare the {place}: {sa[i]} {rel} {sb[i]}",
-                "ja": f"{place}を比べる: {sa[i]} {rel} {sb[i]}",
-                "zh": f"比较{place}: {sa[i]} {rel} {sb[i]}",
-            }[lang]
+            # place by place from the top, equal ones included: both digits are written before their
+            # relation, which then reads two digits on the page (written after the first digit only,
+            # the relation was the step the cpu preset's models got wrong: "Compare the tens: 4 < 2")
+            lines = []
+            for i in range(len(sa)):
+                x, y = sa[i], sb[i]
+                rel = "<" if x < y else ">" if x > y else "="
+                place = _place(lang, len(sa) - 1 - i)
+                lines.append(
+                    {
+                        "en": f"Compare the {place}: {x} and {y}: {x} {rel} {y}",
+                        "ja": f"{place}を比べる: {x} と {y}: {x} {rel} {y}",
+                        "zh": f"比较{place}: {x} 和 {y}: {x} {rel} {y}",
+                    }[lang]
+                )
+                if x != y:
+                    break
+            first = "\n".join(lines)
         last = {
             "en": f"So {ans} is {word}.",
             "ja": f"よって {ans} の方が{word}。",
@@ -702,7 +716,7 @@ class CountingTask(BuiltinTask):
             else:
                 marks.append(ch)
         last = {
-            "en": f"So {d['letter']} appears {n} times.",
+            "en": f"So {d['letter']} appears {_count(n, 'time')}.",
             "ja": f"よって {n} 回。",
             "zh": f"所以有 {n} 个。",
         }[lang]
