@@ -405,12 +405,13 @@ def _presets() -> dict[str, ModelConfig]:
             extra={"initializer_range": 256**-0.5},
         ),
         # A small dense student for distillation (R1 §2.4 distils into dense models): no routed
-        # experts, no MTP, narrower and shallower than `tiny`.
+        # experts, no MTP, narrower than `tiny` and as deep: at 3 layers, pretrained on the speedrun's
+        # corpus, it reached 45% mean pass@1 against 62% at 4 (long multiplication 8% against 54%)
         "tiny-dense": ModelConfig(
             vocab_size=4096,
             hidden_size=192,
             intermediate_size=512,
-            num_hidden_layers=3,
+            num_hidden_layers=4,
             num_attention_heads=4,
             q_lora_rank=None,
             kv_lora_rank=48,
@@ -422,7 +423,7 @@ def _presets() -> dict[str, ModelConfig]:
             num_experts_per_tok=0,
             n_group=1,
             topk_group=1,
-            first_k_dense_replace=3,  # all layers dense, also for transformers' DeepseekV3 loader
+            first_k_dense_replace=4,  # all layers dense, also for transformers' DeepseekV3 loader
             num_nextn_predict_layers=0,
             max_position_embeddings=1024,
             torch_dtype="float32",
