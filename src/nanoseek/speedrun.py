@@ -78,7 +78,7 @@ class SpeedrunPreset:
     bias_update_speed: float = 0.01
     mtp_weight: float = 0.3  # λ of the MTP loss (V3 §2.2)
     # the dense student's own pretraining on the same corpus (0: distil into random weights); as many
-    # steps as the teacher's, at a quarter of the cost each: copying appears at the same step in both,
+    # steps as the teacher's, at ~40% of the cost each: copying appears at the same step in both,
     # and at 400 steps the student had not got there (14.5% mean pass@1 against 48% at 800)
     student_steps: int = 720
     # cold-start SFT: small, as R1's (it fixes the format and readability; RL does the rest)
