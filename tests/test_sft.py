@@ -58,7 +58,7 @@ class CharTokenizer:
         """Checkpoints made with this tokenizer carry no tokenizer files."""
 
 
-def _train_with_budget(tmp_path, cfg, started: float) -> list[dict]:
+def _train_with_budget(tmp_path, cfg, started: float, deadline_fn=None) -> list[dict]:
     """train_on_examples on a small model and 8 copies of one example; the step records it logged."""
     from model_configs import small_config
     from nanoseek.checkpoint import build_model
@@ -68,7 +68,9 @@ def _train_with_budget(tmp_path, cfg, started: float) -> list[dict]:
     model = build_model(small_config()).init_weights(0)
     ids = list(range(2, 30))
     examples = [(ids, [IGNORE] * 10 + ids[10:])] * 8
-    path = train_on_examples(model, CharTokenizer(), examples, tmp_path, "control", cfg, None, started)
+    path = train_on_examples(
+        model, CharTokenizer(), examples, tmp_path, "control", cfg, None, started, deadline_fn=deadline_fn
+    )
     assert (path / "config.json").exists()
     return [r for r in read_metrics(tmp_path, "control") if "loss" in r]
 
@@ -211,6 +213,28 @@ def test_time_budget_refits_the_schedule_to_anneal_by_the_deadline(tmp_path, mon
     assert len(records) > 10, len(records)
     # annealed: the last step's learning rate is the schedule's floor, not a cut-off mid-decay value
     assert records[-1]["lr"] <= 1e-3 * (cfg.min_lr_ratio + 0.05)
+
+
+def test_a_deadline_known_only_as_it_goes_stops_the_run(tmp_path, monkeypatch) -> None:
+    """The control beside GRPO: no deadline until GRPO's pace is known, then one that moves; the run
+    stops at the first step that finds it passed, its schedule refitted to it, and still saves."""
+    import itertools
+    import time
+
+    from nanoseek.train.sft import SFTConfig
+
+    clock = itertools.count(0.0, 0.01)
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    asked = []
+
+    def deadline() -> float | None:
+        asked.append(1)
+        return None if len(asked) < 3 else 0.6  # unknown for two steps, then 0.6 s on the clock
+
+    cfg = SFTConfig(init="", steps=1000, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=0, progress=False)
+    records = _train_with_budget(tmp_path, cfg, time.perf_counter(), deadline_fn=deadline)
+    assert 2 < len(records) < 1000, len(records)
+    assert records[-1]["lr"] <= 1e-3 * (cfg.min_lr_ratio + 0.05)  # annealed by the deadline
 
 
 def test_tool_use_conversation(tmp_path) -> None:
