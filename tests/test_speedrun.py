@@ -47,6 +47,7 @@ def test_cpu_stages_run_side_by_side_and_count_once(smoke_run):
     control = m.last_event("control", "end")
     assert control["beside"] == "grpo" and control["threads"] >= 1
     assert (smoke_run / "control" / "model.safetensors").exists()
+    assert any(r.get("step") for r in read_metrics(smoke_run, "control"))  # it trained, at least a step
     stages = (smoke_run / "report.md").read_text().split("## Stages")[1]
     assert "(beside pretrain)" in stages and "(beside grpo)" in stages
     counted = [

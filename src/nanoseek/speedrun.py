@@ -656,8 +656,14 @@ def _control_beside_grpo(out: str, preset: SpeedrunPreset, threads: int, end: An
     run = Speedrun(out, preset, progress=False)
     t0 = time.perf_counter()
 
+    asked = [0]
+
     def deadline() -> float | None:
-        return time.perf_counter() + (end.value - time.time()) if end.value else None
+        # asked before every step; the first always runs: a control that trained nothing compares nothing
+        asked[0] += 1
+        if asked[0] == 1 or not end.value:
+            return None
+        return time.perf_counter() + (end.value - time.time())
 
     fields = run.control(deadline_fn=deadline) or {}
     run._mark_done("control", time.perf_counter() - t0, beside="grpo", threads=threads, **fields)
