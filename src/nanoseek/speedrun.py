@@ -13,11 +13,12 @@ checkpoint to chat with, serve, or load with transformers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,34 +264,24 @@ class Speedrun:
     def student(self) -> dict[str, Any]:
         return self.pretrain(student=True)
 
-    def pretrain_beside_student(self) -> dict[str, Any]:
-        """The teacher's pretraining with the student's in a second process, each on half the CPU
-        threads; the teacher takes all of them back when the student is done.
-
-        One step of a model this small cannot keep two cores busy, so two jobs side by side finish
-        sooner than one after the other (thread scaling measured in benchmarks/README.md). Results do
-        not depend on it: a step's numbers are bit-identical on 1 and 2 threads. Should the student fail
-        here, its own stage runs it again, alone, where its error shows."""
+    @contextlib.contextmanager
+    def _beside(self, stage: str, during: str, target: Callable[..., None], args: tuple) -> Iterator[Any]:
+        """Runs `target(*args, threads)` (stage `stage`) in a spawned process on half the CPU threads
+        while the body (stage `during`) runs here on the rest; yields the process. On an error it is
+        terminated; should it fail, its own stage runs it again later, alone."""
         import multiprocessing
 
         import torch
 
         threads = torch.get_num_threads()
         child = multiprocessing.get_context("spawn").Process(
-            target=_run_stage,
-            args=(str(self.run), self.p, "student", threads // 2, "pretrain"),
-            name="student",
+            target=target, args=(*args, threads // 2), name=stage
         )
         child.start()
         torch.set_num_threads(threads - threads // 2)
-        print(f"  student: pretraining beside it on {threads // 2} of {threads} threads", flush=True)
-
-        def take_back(step: int) -> None:
-            if torch.get_num_threads() < threads and not child.is_alive():
-                torch.set_num_threads(threads)
-
+        print(f"  {stage}: beside {during} on {threads // 2} of {threads} threads", flush=True)
         try:
-            fields = self.pretrain(on_step=take_back)
+            yield child
         except BaseException:
             child.terminate()
             raise
@@ -299,9 +290,29 @@ class Speedrun:
             child.join()
         if child.exitcode != 0:
             print(
-                f"  student: its pretraining beside pretrain failed (exit code {child.exitcode}); it runs alone next"
+                f"  {stage}: its run beside {during} failed (exit code {child.exitcode}); it runs alone next"
             )
-        return fields
+
+    def pretrain_beside_student(self) -> dict[str, Any]:
+        """The teacher's pretraining with the student's in a second process, each on half the CPU
+        threads; the teacher takes all of them back when the student is done.
+
+        One step of a model this small cannot keep two cores busy, so two jobs side by side finish
+        sooner than one after the other (thread scaling measured in benchmarks/README.md). Results do
+        not depend on it: a step's numbers are bit-identical on 1 and 2 threads. Should the student fail
+        here, its own stage runs it again, alone, where its error shows."""
+        import torch
+
+        threads = torch.get_num_threads()
+        with self._beside(
+            "student", "pretrain", _run_stage, (str(self.run), self.p, "student", "pretrain")
+        ) as child:
+
+            def take_back(step: int) -> None:
+                if torch.get_num_threads() < threads and not child.is_alive():
+                    torch.set_num_threads(threads)
+
+            return self.pretrain(on_step=take_back)
 
     def overlaps(self) -> bool:
         """Whether CPU stages run side by side (two processes): on a CPU with at least 2 threads."""
@@ -385,19 +396,7 @@ class Speedrun:
         and ends with it. Should the control fail here, its own stage runs it again, alone."""
         import multiprocessing
 
-        import torch
-
-        threads = torch.get_num_threads()
-        ctx = multiprocessing.get_context("spawn")
-        end = ctx.Value("d", 0.0)  # when GRPO will be done (time.time()); 0 until its first step
-        child = ctx.Process(
-            target=_control_beside_grpo, args=(str(self.run), self.p, threads // 2, end), name="control"
-        )
-        child.start()
-        torch.set_num_threads(threads - threads // 2)
-        print(
-            f"  control: SFT beside it on {threads // 2} of {threads} threads, until it is done", flush=True
-        )
+        end = multiprocessing.get_context("spawn").Value("d", 0.0)  # GRPO's end (time.time()); 0: not known
         t0, first_step = time.time(), []
 
         def pace(done: int, total: int) -> None:
@@ -406,18 +405,11 @@ class Speedrun:
             now = time.time()
             end.value = now + (now - t0) / (done - first_step[0]) * (total - done)
 
-        try:
-            fields = self.grpo(on_step=pace)
-        except BaseException:
-            child.terminate()
-            raise
-        finally:
-            end.value = time.time()  # done (or failed): the control stops at its next step
-            torch.set_num_threads(threads)
-            child.join()
-        if child.exitcode != 0:
-            print(f"  control: its run beside grpo failed (exit code {child.exitcode}); it runs alone next")
-        return fields
+        with self._beside("control", "grpo", _control_beside_grpo, (str(self.run), self.p, end)):
+            try:
+                return self.grpo(on_step=pace)
+            finally:
+                end.value = time.time()  # done (or failed): the control stops at its next step
 
     def control(self, deadline_fn: Callable[[], float | None] | None = None) -> dict[str, Any]:
         """More SFT from the SFT checkpoint for the wall time GRPO took: what RL bought, honestly.
@@ -640,7 +632,7 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_stage(out: str, preset: SpeedrunPreset, stage: str, threads: int, beside: str) -> None:
+def _run_stage(out: str, preset: SpeedrunPreset, stage: str, beside: str, threads: int) -> None:
     """A stage in its own process (spawned), marked done as the main process would mark it."""
     _set_threads(threads)
     run = Speedrun(out, preset, progress=False)
@@ -649,7 +641,7 @@ def _run_stage(out: str, preset: SpeedrunPreset, stage: str, threads: int, besid
     run._mark_done(stage, time.perf_counter() - t0, beside=beside, threads=threads, **fields)
 
 
-def _control_beside_grpo(out: str, preset: SpeedrunPreset, threads: int, end: Any) -> None:
+def _control_beside_grpo(out: str, preset: SpeedrunPreset, end: Any, threads: int) -> None:
     """The control stage in its own process (spawned) until GRPO's end, which the main process keeps
     in `end` (a shared time.time(); 0 while not yet known)."""
     _set_threads(threads)
