@@ -9,7 +9,7 @@ at the end of pretraining <= 0.1 nats; the distilled student >= 70% of its teach
 `smoke` under 3 minutes. Prints each figure with its goal and whether it is met, and the wall time
 per stage (from RUN/metrics.jsonl, the records the report uses).
 
-    python benchmarks/bench_speedrun.py [--preset cpu|smoke] [--precision auto|bf16|fp32] [--out RUN] [--json F]
+    python benchmarks/bench_speedrun.py [--preset cpu|smoke] [--precision auto|bf16|fp32] [--seed N] [--out RUN] [--json F]
 
 Without --out the run goes to a temporary directory; with it, a finished run is only re-read (the
 speedrun skips finished stages), so the figures of an earlier run can be printed again. The preset
@@ -123,13 +123,20 @@ def main() -> None:
     ap.add_argument(
         "--preset", default=None, choices=sorted(BUDGET_S), help="default: the run's own, else cpu"
     )
-    ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    ap.add_argument(
+        "--precision", default=None, choices=("auto", "bf16", "fp32"), help="default: the run's own, else auto"
+    )
+    ap.add_argument("--seed", type=int, default=None, help="default: the run's own, else the preset's")
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
-    if args.preset is None:  # a run re-read keeps the preset it was started with
-        recorded = Path(args.out) / SETTINGS if args.out else None
-        args.preset = json.loads(recorded.read_text())["name"] if recorded and recorded.exists() else "cpu"
+    # a run re-read keeps the preset and seed it was started with
+    path = Path(args.out) / SETTINGS if args.out else None
+    recorded = json.loads(path.read_text()) if path and path.exists() else {}
+    args.preset = args.preset or recorded.get("name", "cpu")
+    args.precision = args.precision or recorded.get("precision", "auto")
+    if args.seed is None and "seed" in recorded:
+        args.seed = recorded["seed"]
     from nanoseek.train.pretrain import cpu_has_bf16
 
     print(f"cpu: native bf16 {'yes' if cpu_has_bf16() else 'no'}; precision {args.precision}")
@@ -137,7 +144,8 @@ def main() -> None:
         run = Path(args.out or Path(tmp) / "run")
         finished_before = (run / "report.md").exists()
         t0 = time.perf_counter()
-        run_speedrun(run, args.preset, precision=args.precision)
+        seed = {} if args.seed is None else {"seed": args.seed}
+        run_speedrun(run, args.preset, precision=args.precision, **seed)
         wall = time.perf_counter() - t0
         if finished_before:  # a finished run re-read: its own stage times are the measurement
             ends = [RunMetrics(run).last_event(s, "end") for s in STAGES]

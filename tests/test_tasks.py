@@ -86,7 +86,8 @@ def test_prompts_in_language_and_worked_solutions_score(name, lang):
             assert counts["kana"] == counts["han"] == 0
         worked = task.worked_solution(p)
         assert worked.startswith("<think>\n") and worked.endswith(f"</think>\n{p.answer}")
-        assert len(worked) < 200  # short enough for a tiny model (< ~80 tokens with a 4k BPE)
+        # short enough for a tiny model (< ~80 tokens with a 4k BPE); a division walks up to 12 table rows
+        assert len(worked) < (420 if name == "linear_equation" else 200)
         completion = worked[len("<think>") :]  # the prompt opened the think block
         assert task.score(p, completion, require_think=True) == 1.0
         assert format_reward(completion) == 1.0
@@ -180,7 +181,10 @@ def test_linear_equation_works_the_new_constant_in_columns():
         "ones: 14 - 6 = 8, borrow 1",
         "tens: 1 - 1 - 0 = 0",
         "4x = 8",
-        "Divide both sides by 4: x = 8 ÷ 4 = 2",
+        "Divide both sides by 4: x = 8 ÷ 4",
+        "4 × 1 = 4 < 8",
+        "4 × 2 = 8",
+        "x = 2",
     ]
     # x on both sides, a negative constant (difficulty 3); every problem's steps end at its answer
     steps = task.steps({"a": 5, "b": -44, "d": 3, "e": 22, "x": 33}, "zh").split("\n")
@@ -189,6 +193,28 @@ def test_linear_equation_works_the_new_constant_in_columns():
         hard = get_task(f"linear_equation?difficulty={k}")
         for p in hard.problems("train", 30, seed=k):
             assert hard.steps(p.meta, p.language).split("\n")[-1].endswith(f"= {p.answer}")
+
+
+def test_division_walks_up_the_times_table_one_fact_per_line():
+    """x = n ÷ a is found as a's table row, each product beside n until one equals it; every fact right."""
+    task = get_task("linear_equation")
+    steps = task.steps({"a": 6, "b": 1, "d": 0, "e": 73, "x": 12}, "ja").split("\n")
+    assert steps[4:7] == ["両辺を 6 で割る: x = 72 ÷ 6", "6 × 1 = 6 < 72", "6 × 2 = 12 < 72"]
+    assert steps[-2:] == ["6 × 12 = 72", "x = 12"]
+    for p in task.problems("train", 40, seed=3):
+        rows = [
+            tuple(int(g) for g in m.groups() if g)
+            for m in (
+                re.match(r"^(\d+) × (\d+) = (\d+)(?: < (\d+))?$", s)
+                for s in task.steps(p.meta, "en").split("\n")
+            )
+            if m
+        ]
+        a, x = p.meta["a"], int(p.answer)
+        assert [(r[0], r[1], r[2]) for r in rows] == [(a, k, a * k) for k in range(1, x + 1)]
+    # a quotient outside the table (difficulty 2's negatives) stays one step
+    hard = task.steps({"a": 4, "b": 30, "d": 0, "e": 6, "x": -6}, "en").split("\n")
+    assert hard[-1] == "Divide both sides by 4: x = -24 ÷ 4 = -6"
 
 
 def test_counting_scans_letter_by_letter_under_the_letter_sought():

@@ -56,9 +56,9 @@ EXPLANATIONS: dict[str, dict[str, str]] = {
         "zh": "数字游戏里，用 + - * / 组合给定的数得到目标数。每个数恰好用一次，一步一步地算。",
     },
     "linear_equation": {
-        "en": "To solve an equation, do the same thing to both sides. First move the constant, then divide by the coefficient of x.",
-        "ja": "方程式を解くには、両辺に同じ操作をする。まず定数を移し、次に x の係数で割る。",
-        "zh": "解方程时，两边做同样的运算。先移走常数，再除以 x 的系数。",
+        "en": "To solve an equation, do the same thing to both sides. First move the constant, then divide by the coefficient of x: go up its times table until the product is the constant.",
+        "ja": "方程式を解くには、両辺に同じ操作をする。まず定数を移し、次に x の係数で割る。係数の九九を順に進め、積が定数になったところが答え。",
+        "zh": "解方程时，两边做同样的运算。先移走常数，再除以 x 的系数：顺着系数的乘法表往上数，直到积等于常数。",
     },
     "sorting": {
         "en": "To sort numbers from smallest to largest, repeatedly take the smallest number that is left.",
