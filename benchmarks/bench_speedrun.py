@@ -124,7 +124,10 @@ def main() -> None:
         "--preset", default=None, choices=sorted(BUDGET_S), help="default: the run's own, else cpu"
     )
     ap.add_argument(
-        "--precision", default=None, choices=("auto", "bf16", "fp32"), help="default: the run's own, else auto"
+        "--precision",
+        default=None,
+        choices=("auto", "bf16", "fp32"),
+        help="default: the run's own, else auto",
     )
     ap.add_argument("--seed", type=int, default=None, help="default: the run's own, else the preset's")
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
