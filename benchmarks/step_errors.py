@@ -56,6 +56,10 @@ def line_checks(thinking: str) -> Iterator[tuple[str, bool]]:
                 row = (a, b)
             yield kind, a * b == p
             continue
+        if m := re.search(r"x = (-?\d+) ÷ (\d+) = (-?\d+)$", line):  # before the times-table walk
+            n, a, q = map(int, m.groups())
+            yield "division in one step", a * q == n
+            continue
         if (m := re.match(r"^x = (\d+)$", line)) and row:
             yield "division: x = last k", int(m.group(1)) == row[1]
             row = None

@@ -61,6 +61,7 @@ def test_a_wrong_step_is_counted_under_its_kind(tmp_path):
             "6 × 2 = 12 < 18",
             "6 × 3 = 18",
             "x = 2",  # not the last row's k
+            "Divide both sides by 4: x = 8 ÷ 4 = 3",  # the former one-step division, wrong
             "</think>",
             "2",
         ]
@@ -69,3 +70,4 @@ def test_a_wrong_step_is_counted_under_its_kind(tmp_path):
     assert rows["times-table fact"] == (1, 2)
     assert rows["sorting: list left"] == (1, 1) and rows["sorting: smallest"] == (0, 2)
     assert rows["division row"] == (0, 3) and rows["division: x = last k"] == (1, 1)
+    assert rows["division in one step"] == (1, 1)
