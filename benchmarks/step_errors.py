@@ -72,6 +72,11 @@ def line_checks(thinking: str) -> Iterator[tuple[str, bool]]:
         if m := re.match(PLACE + r"(\d+(?: \+ \d+)*) = (\d+)", line):
             yield "column sum", sum(int(t) for t in m.group(1).split(" + ")) == int(m.group(2))
             continue
+        if m := re.match(PLACE + r"(\d+) - 1 - (\d) = (\d+) - (\d) = (\d+)", line):
+            top, sub, less, sub2, d = map(int, m.groups())
+            yield "column: borrow taken", less == top - 1
+            yield "column: - digit below", less - sub2 == d and sub == sub2
+            continue
         if m := re.match(PLACE + r"(\d+)( - 1)? - (\d+) = (\d+)", line):
             top, borrow, sub, d = int(m.group(1)), bool(m.group(2)), int(m.group(3)), int(m.group(4))
             yield "column difference", top - borrow - sub == d

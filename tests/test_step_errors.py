@@ -45,7 +45,8 @@ def test_worked_solutions_have_no_wrong_steps_and_every_kind_is_read(tmp_path):
     assert all(bad == 0 for bad, _ in rows.values()), rows
     kinds = {k.split(":")[0] for k in rows}
     assert {"times-table fact", "fact + carry", "partial product", "column sum", "column difference"} <= kinds
-    assert {"comparison", "sorting", "counting", "division row", "division"} <= kinds
+    assert {"comparison", "sorting", "counting", "division row", "division", "column"} <= kinds
+    assert {"column: borrow taken", "column: - digit below", "column: digits' sum"} <= set(rows)
 
 
 def test_a_wrong_step_is_counted_under_its_kind(tmp_path):

@@ -179,7 +179,7 @@ def test_linear_equation_works_the_new_constant_in_columns():
     assert steps == [
         "Subtract 6 from both sides: 4x = 14 - 6",
         "ones: 14 - 6 = 8, borrow 1",
-        "tens: 1 - 1 - 0 = 0",
+        "tens: 1 - 1 = 0",
         "4x = 8",
         "Divide both sides by 4: x = 8 ÷ 4",
         "4 × 1 = 4 < 8",
@@ -193,6 +193,23 @@ def test_linear_equation_works_the_new_constant_in_columns():
         hard = get_task(f"linear_equation?difficulty={k}")
         for p in hard.problems("train", 30, seed=k):
             assert hard.steps(p.meta, p.language).split("\n")[-1].endswith(f"= {p.answer}")
+
+
+def test_a_borrow_is_taken_before_the_digit_below_is_subtracted():
+    """One small difference per step: `7 - 1 - 4 = 6 - 4 = 2`; every line right, in every language."""
+    steps = get_task("subtraction").steps({"op": "sub", "a": 73, "b": 48}, "en").split("\n")
+    assert steps[:2] == ["ones: 13 - 8 = 5, borrow 1", "tens: 7 - 1 - 4 = 6 - 4 = 2"]
+    seen = 0
+    for spec in ("subtraction", "arithmetic?ops=sub&digits=4", "linear_equation"):
+        task = get_task(spec)
+        for p in task.problems("train", 60, seed=4):
+            for line in task.steps(p.meta, p.language).split("\n"):
+                if m := re.search(r": (\d+) - 1 - (\d) = (\d+) - (\d) = (\d+)", line):
+                    top, sub, less, sub_again, d = map(int, m.groups())
+                    assert (less, sub_again, d) == (top - 1, sub, top - 1 - sub), line
+                    seen += 1
+                assert not re.search(r" - 1 - \d = \d+(,|、|，|$)", line), line  # never both at once
+    assert seen > 30
 
 
 def test_division_walks_up_the_times_table_one_fact_per_line():

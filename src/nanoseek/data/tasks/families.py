@@ -233,8 +233,16 @@ def _column_sub(a: int, b: int, lang: str) -> list[str]:
             lines.append(f"{_place(lang, i)}: {da[i]}")
             continue
         need = top < sub
-        left = f"{da[i] + 10 if need else da[i]}" + (" - 1" if borrow else "")
-        line = f"{_place(lang, i)}: {left} - {sub} = {top + 10 * need - sub}"
+        digit = da[i] + 10 * need
+        # a borrow is taken before the digit below is subtracted, one small difference per step
+        # (`6 - 1 - 2 = 5 - 2 = 3`, as a column's carry is added after its digits' sum); in one step,
+        # GRPO's models got these lines wrong where the steps before it were right (step_errors.py)
+        if borrow and i >= len(db):  # no digit below: the borrow is the whole step
+            line = f"{_place(lang, i)}: {digit} - 1 = {digit - 1}"
+        elif borrow:
+            line = f"{_place(lang, i)}: {digit} - 1 - {sub} = {digit - 1} - {sub} = {digit - 1 - sub}"
+        else:
+            line = f"{_place(lang, i)}: {digit} - {sub} = {digit - sub}"
         if need:
             line += borrow_word
         lines.append(line)
