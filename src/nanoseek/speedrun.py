@@ -94,8 +94,10 @@ class SpeedrunPreset:
     grpo_steps: int = 26
     group_size: int = 8
     batch_prompts: int = 8
-    # 2e-4 cost 15 points of held-out pass@1 across seven families in 40 steps; 3e-5 was neutral
-    grpo_lr: float = 5e-5
+    # 2e-4 cost 15 points of held-out pass@1 across seven families in 40 steps; at 5e-5 the families
+    # already solved still lost 2-10 points (runs U, V), at 2e-5 they kept them (the mean +0.9 and +3.3
+    # from the same two SFT checkpoints) for ~2.5 points less on the verifier-only family
+    grpo_lr: float = 2e-5
     max_new_tokens: int = 320  # a 3-digit x 2-digit long multiplication, worked out, takes up to ~300
     # control: SFT for GRPO's wall time (beside it where the CPU runs two stages at once; off on the gpu preset)
     control: bool = True
