@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from nanoseek.data.tasks import get_task
+from nanoseek.speedrun import FAMILIES
 
 _SCRIPT = Path(__file__).parents[1] / "benchmarks" / "step_errors.py"
 
@@ -16,17 +17,6 @@ def _step_errors():
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-FAMILIES = (
-    "addition",
-    "subtraction",
-    "multiplication",
-    "comparison",
-    "sorting",
-    "counting",
-    "linear_equation",
-)
 
 
 def _eval_file(path: Path, samples: list[str]) -> Path:

@@ -153,23 +153,28 @@ def test_linear_equation_accepts_x_equals():
     assert task.score(p, f"t</think>y = {p.answer}") == 0.0
 
 
+def _worked_lines(specs: tuple[str, ...], seed: int, n: int = 60):
+    """Every line of the worked steps of n training problems of each task spec, in their languages."""
+    for spec in specs:
+        task = get_task(spec)
+        for p in task.problems("train", n, seed=seed):
+            yield from task.steps(p.meta, p.language).split("\n")
+
+
 def test_every_column_step_is_one_small_sum():
     """Column addition adds a carry after the digits' own sum (`1 + 6 + 1 = 7 + 1 = 8`), never three
     terms in one step; the lines are right in every language, and in multiplication's final sum too."""
     steps = get_task("addition").steps({"op": "add", "a": 19, "b": 38}, "en").split("\n")
     assert steps[:2] == ["ones: 9 + 8 = 17, write 7 carry 1", "tens: 1 + 3 + 1 = 4 + 1 = 5"]
     seen = 0
-    for spec in ("addition", "multiplication", "arithmetic?ops=add&digits=4"):
-        task = get_task(spec)
-        for p in task.problems("train", 60, seed=2):
-            for line in task.steps(p.meta, p.language).split("\n"):
-                if not re.search(r": \d \+ \d \+ \d = ", line):
-                    continue
-                m = re.search(r": (\d) \+ (\d) \+ (\d) = (\d+) \+ (\d) = (\d+)", line)
-                assert m, line
-                x, y, c, s, c_again, total = map(int, m.groups())
-                assert (s, c_again, total) == (x + y, c, x + y + c), line
-                seen += 1
+    for line in _worked_lines(("addition", "multiplication", "arithmetic?ops=add&digits=4"), seed=2):
+        if not re.search(r": \d \+ \d \+ \d = ", line):
+            continue
+        m = re.search(r": (\d) \+ (\d) \+ (\d) = (\d+) \+ (\d) = (\d+)", line)
+        assert m, line
+        x, y, c, s, c_again, total = map(int, m.groups())
+        assert (s, c_again, total) == (x + y, c, x + y + c), line
+        seen += 1
     assert seen > 50
 
 
@@ -200,15 +205,12 @@ def test_a_borrow_is_taken_before_the_digit_below_is_subtracted():
     steps = get_task("subtraction").steps({"op": "sub", "a": 73, "b": 48}, "en").split("\n")
     assert steps[:2] == ["ones: 13 - 8 = 5, borrow 1", "tens: 7 - 1 - 4 = 6 - 4 = 2"]
     seen = 0
-    for spec in ("subtraction", "arithmetic?ops=sub&digits=4", "linear_equation"):
-        task = get_task(spec)
-        for p in task.problems("train", 60, seed=4):
-            for line in task.steps(p.meta, p.language).split("\n"):
-                if m := re.search(r": (\d+) - 1 - (\d) = (\d+) - (\d) = (\d+)", line):
-                    top, sub, less, sub_again, d = map(int, m.groups())
-                    assert (less, sub_again, d) == (top - 1, sub, top - 1 - sub), line
-                    seen += 1
-                assert not re.search(r" - 1 - \d = \d+(,|、|，|$)", line), line  # never both at once
+    for line in _worked_lines(("subtraction", "arithmetic?ops=sub&digits=4", "linear_equation"), seed=4):
+        if m := re.search(r": (\d+) - 1 - (\d) = (\d+) - (\d) = (\d+)", line):
+            top, sub, less, sub_again, d = map(int, m.groups())
+            assert (less, sub_again, d) == (top - 1, sub, top - 1 - sub), line
+            seen += 1
+        assert not re.search(r" - 1 - \d = \d+(,|、|，|$)", line), line  # never both at once
     assert seen > 30
 
 
