@@ -19,13 +19,15 @@ defaults to the one the run recorded in RUN/speedrun.json, else `cpu`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from nanoseek.report import RunMetrics
-from nanoseek.speedrun import SETTINGS, STAGES, run_speedrun
+from nanoseek.speedrun import PRESETS, SETTINGS, STAGES, run_speedrun
 
 BUDGET_S = {"smoke": 3 * 60, "cpu": 20 * 60, "gpu": 15 * 60}
 PASS_GOALS = {"comparison": 0.95, "addition": 0.90, "multiplication": 0.70}
@@ -118,6 +120,16 @@ def verdicts(f: dict) -> list[tuple[str, str, bool | None]]:
     return rows
 
 
+def recorded_settings(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored settings (RUN/speedrun.json) as overrides of its preset, JSON's lists back to
+    the preset's tuples."""
+    preset = PRESETS[recorded["name"]]
+    names = {f.name for f in dataclasses.fields(preset)} - {"name"}
+    return {
+        k: tuple(v) if isinstance(getattr(preset, k), tuple) else v for k, v in recorded.items() if k in names
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -133,13 +145,17 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
-    # a run re-read keeps the preset and seed it was started with
+    # A run re-read keeps every setting it was started with (the speedrun refuses to resume with others);
+    # --precision and --seed given here still win, and a mismatch is then the speedrun's clear error.
     path = Path(args.out) / SETTINGS if args.out else None
     recorded = json.loads(path.read_text()) if path and path.exists() else {}
     args.preset = args.preset or recorded.get("name", "cpu")
-    args.precision = args.precision or recorded.get("precision", "auto")
-    if args.seed is None and "seed" in recorded:
-        args.seed = recorded["seed"]
+    settings = recorded_settings(recorded) if recorded.get("name") == args.preset in PRESETS else {}
+    if args.precision:
+        settings["precision"] = args.precision
+    if args.seed is not None:
+        settings["seed"] = args.seed
+    args.precision = settings.get("precision", "auto")
     from nanoseek.train.pretrain import cpu_has_bf16
 
     print(f"cpu: native bf16 {'yes' if cpu_has_bf16() else 'no'}; precision {args.precision}")
@@ -147,8 +163,7 @@ def main() -> None:
         run = Path(args.out or Path(tmp) / "run")
         finished_before = (run / "report.md").exists()
         t0 = time.perf_counter()
-        seed = {} if args.seed is None else {"seed": args.seed}
-        run_speedrun(run, args.preset, precision=args.precision, **seed)
+        run_speedrun(run, args.preset, **settings)
         wall = time.perf_counter() - t0
         if finished_before:  # a finished run re-read: its own stage times are the measurement
             ends = [RunMetrics(run).last_event(s, "end") for s in STAGES]
