@@ -3,7 +3,6 @@ refusals, and, where llama-cpp-python is installed, llama.cpp's greedy tokens eq
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -18,21 +17,14 @@ from nanoseek.cli import main  # noqa: E402
 from nanoseek.config import get_preset  # noqa: E402
 from nanoseek.export import check_exportable, export_gguf  # noqa: E402
 
-_CHECK = Path(__file__).parents[1] / "benchmarks" / "check_gguf_llamacpp.py"
-
-
-def _check_module():
-    """benchmarks/check_gguf_llamacpp.py: one copy of the checkpoint builder and the comparison."""
-    spec = importlib.util.spec_from_file_location("check_gguf_llamacpp", _CHECK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).parent))
+from benchmark_scripts import load_benchmark  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def check():
-    return _check_module()
+    """benchmarks/check_gguf_llamacpp.py: one copy of the checkpoint builder and the comparison."""
+    return load_benchmark("check_gguf_llamacpp")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """benchmarks/step_errors.py reads every worked-solution format the task families write."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -8,15 +7,12 @@ from pathlib import Path
 from nanoseek.data.tasks import get_task
 from nanoseek.speedrun import FAMILIES
 
-_SCRIPT = Path(__file__).parents[1] / "benchmarks" / "step_errors.py"
+sys.path.insert(0, str(Path(__file__).parent))
+from benchmark_scripts import load_benchmark  # noqa: E402
 
 
 def _step_errors():
-    spec = importlib.util.spec_from_file_location("step_errors", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("step_errors")
 
 
 def _eval_file(path: Path, samples: list[str]) -> Path:
