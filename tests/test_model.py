@@ -101,11 +101,9 @@ def test_explicit_mask_is_respected_by_both_paths():
     mask[0, :, :3] = False
     mask[0, :3, :3] = torch.eye(3, dtype=torch.bool)  # padded queries see themselves only
     with torch.no_grad():
-        q_nope, q_pe = attn.project_query(x, cos, sin)
-        c_kv, k_pe = attn.project_latent(x, cos, sin)
-        naive = attn.attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
-        absorbed = attn.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
-        causal = attn.attend_naive(q_nope, q_pe, c_kv, k_pe, None)
+        naive = attn(x, cos, sin, mask=mask, absorb=False)
+        absorbed = attn(x, cos, sin, mask=mask, absorb=True)
+        causal = attn(x, cos, sin, absorb=False)
     torch.testing.assert_close(absorbed, naive, rtol=0, atol=1e-5)
     torch.testing.assert_close(naive[1], causal[1], rtol=0, atol=1e-5)
     assert (naive[0, 3:] - causal[0, 3:]).abs().max() > 1e-3

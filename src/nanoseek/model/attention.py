@@ -309,28 +309,6 @@ class MultiHeadLatentAttention(nn.Module):
         probs = scores.softmax(dim=-1).to(rows.dtype).view(b, s * h, t)
         return torch.bmm(probs, rows[..., : self.kv_lora_rank]).view(b, s, h, self.kv_lora_rank)
 
-    def attend_absorbed(
-        self,
-        q_nope: torch.Tensor,
-        q_pe: torch.Tensor,
-        c_kv: torch.Tensor,
-        k_pe: torch.Tensor,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Attention against the latent itself (V2 §2.1.3): W_UK folded into q, W_UV into the output.
-
-        Scores are q_nope·W_UK·c + q_pe·k_pe, so K is never materialized per head; the cost per cached
-        token is kv_lora_rank + qk_rope_head_dim regardless of the number of heads. Returns [B,S,H*v].
-        """
-        b, s, h, _ = q_nope.shape
-        w = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
-        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk.to(q_nope.dtype))
-        q = torch.cat((q_latent, q_pe), dim=-1) * self.softmax_scale
-        out = self.attend_latent(q, torch.cat((c_kv, k_pe), dim=-1), mask)
-        out = torch.einsum("bshc,hdc->bshd", out, w_uv.to(out.dtype))
-        return out.reshape(b, s, h * self.v_head_dim)
-
     # ------------------------------------------------------- absorbed weights
     def _fold_sources(self) -> list[nn.Module]:
         q = [self.q_proj] if self.q_lora_rank is None else [self.q_a_proj, self.q_b_proj]
