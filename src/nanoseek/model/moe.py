@@ -262,6 +262,21 @@ def grouped_swiglu(
     return _GroupedSwiGLU.apply(xs, gate_up, down, offs, dtype, mm)
 
 
+def _gemm_layout(w: torch.Tensor) -> torch.Tensor:
+    """The same [E,N,K] weights, stored as the expert GEMMs read them ([E,K,N], output dim contiguous):
+    torch's CPU matmuls run ~20% slower on the transposed view (engine decode at 16 rows, A/B in
+    benchmarks/README.md). A copy, so only for the inference stacks."""
+    return w.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _select_experts(w: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """w[sel] for stacked expert weights, gathered in the layout they are stored in (a gather across
+    a transposed layout is a strided copy, several times slower)."""
+    if w.dim() == 3 and not w.is_contiguous() and w.transpose(1, 2).is_contiguous():
+        return w.transpose(1, 2).index_select(0, sel).transpose(1, 2)
+    return w.index_select(0, sel)
+
+
 def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch: the (token, choice) rows of `indices` [T,k] in expert order (stable; row r comes from
     token r // k), and how many rows each expert gets. Tensors only, no host sync; training, the
@@ -426,7 +441,7 @@ class RoutedExperts(nn.Module):
         if stacked is None:
             gate_up, down = self.expert_weights(sel)
         else:
-            gate_up, down = (w.index_select(0, sel) for w in stacked)
+            gate_up, down = (_select_experts(w, sel) for w in stacked)
         # Rows times transposed weights: BLAS runs [1,H]·[H,2I] far faster than [2I,H]·[H,1] here.
         x = x.to(dtype)
         xs = (x.expand(k, -1) if t == 1 else x.repeat_interleave(k, dim=0)).unsqueeze(1)  # [t·k, 1, H]
@@ -500,8 +515,8 @@ class MoE(nn.Module):
         if self._stacked is None or self._stacked[0] != key:
             shared_gate_up = torch.cat((sh.gate_proj.weight, sh.up_proj.weight)).unsqueeze(0)
             stacked = (
-                torch.cat((ex.gate_up_proj.detach(), shared_gate_up.detach())),
-                torch.cat((ex.down_proj.detach(), sh.down_proj.weight.detach().unsqueeze(0))),
+                _gemm_layout(torch.cat((ex.gate_up_proj.detach(), shared_gate_up.detach()))),
+                _gemm_layout(torch.cat((ex.down_proj.detach(), sh.down_proj.weight.detach().unsqueeze(0)))),
             )
             self._stacked = (key, stacked)
         return self._stacked[1]
