@@ -246,6 +246,28 @@ def test_grouped_experts_follow_autocast():
     assert (experts.gate_up_proj.grad - g_ref).norm() < 0.02 * g_ref.norm()  # bf16 rounding only
 
 
+@pytest.mark.parametrize("tokens", [2, 24])  # the gathered decode path, and the grouped GEMM
+def test_inference_expert_stack_in_gemm_layout_gives_the_training_forward(tokens):
+    """Under inference mode MoE runs routed + shared experts from one stacked copy, stored as the GEMMs
+    read it ([E, K, N], output dim contiguous: torch's CPU mm is slower on transposed views); the
+    result is the no-grad forward's, which runs the shared expert apart."""
+    cfg = config(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(1, tokens, cfg.hidden_size)
+    with torch.no_grad():
+        ref = moe(x)
+    with torch.inference_mode():
+        got = moe(x)
+        gate_up, down = moe._with_shared_expert()
+    assert gate_up.shape[0] == down.shape[0] == 9  # the shared expert appended as expert 8
+    assert gate_up.transpose(1, 2).is_contiguous() and down.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_experts_with_no_tokens_and_empty_batch():
     experts = RoutedExperts(4, 8, 6)
     with torch.no_grad():
