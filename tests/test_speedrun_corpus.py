@@ -1,0 +1,31 @@
+"""The speedrun's pretraining corpus: its families, and those drawn more often (`pretrain_weights`)."""
+
+import dataclasses
+import itertools
+
+import pytest
+
+from nanoseek.data.corpus import embedded_tasks
+from nanoseek.data.synthetic import iter_documents
+from nanoseek.speedrun import PRESETS, Speedrun
+
+
+def test_cpu_corpus_draws_sorting_twice_as_often(tmp_path):
+    preset = PRESETS["cpu"]
+    source = Speedrun(tmp_path, preset, progress=False).pretrain_data()
+    names = embedded_tasks(source)
+    assert sorted(set(names)) == sorted(preset.tasks)
+    assert names.count("sorting") == 2 and all(names.count(t) == 1 for t in preset.tasks if t != "sorting")
+    docs = list(itertools.islice(iter_documents(seed=0, tasks=names), 4000))
+    share = sum(d.startswith("<｜User｜>Sort") or "小さい順" in d or "从小到大" in d for d in docs) / len(
+        docs
+    )
+    assert abs(share - 2 / 8) < 0.03, share  # 2 of 8 draws, where an unweighted family gets 1 of 8
+
+
+def test_weights_of_families_outside_the_run_are_ignored_and_bad_weights_named(tmp_path):
+    smoke = PRESETS["smoke"]  # addition and comparison only: the sorting weight has nothing to weigh
+    assert Speedrun(tmp_path, smoke, progress=False).pretrain_data() == "embedded:addition,comparison"
+    bad = dataclasses.replace(smoke, pretrain_weights={"addition": 0})
+    with pytest.raises(ValueError, match="pretrain_weights"):
+        Speedrun(tmp_path, bad, progress=False).pretrain_data()
