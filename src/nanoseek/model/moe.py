@@ -264,8 +264,8 @@ def grouped_swiglu(
 
 def _gemm_layout(w: torch.Tensor) -> torch.Tensor:
     """The same [E,N,K] weights, stored as the expert GEMMs read them ([E,K,N], output dim contiguous):
-    torch's CPU matmuls run ~20% slower on the transposed view (engine decode at 16 rows, A/B in
-    benchmarks/README.md). A copy, so only for the inference stacks."""
+    torch's CPU matmuls are slower on the transposed view (engine decode, A/B in benchmarks/README.md).
+    A copy, so only for the inference stacks."""
     return w.transpose(1, 2).contiguous().transpose(1, 2)
 
 
