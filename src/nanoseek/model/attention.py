@@ -36,10 +36,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the same math, one op
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        w = self.weight
+        if x.dtype == torch.float32 and w.dtype == torch.float32:  # the same math, one op
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * y.to(x.dtype)
+        return w * y.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -70,14 +71,20 @@ class RotaryEmbedding(nn.Module):
             size = max(n, 2 * self._cache_len, 256)
             t = torch.arange(size, device=device, dtype=torch.float32)
             freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
-            self._cos = freqs.cos() * self.attention_factor
-            self._sin = freqs.sin() * self.attention_factor
+            cos, sin = freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+            # Full width, in the dims' own layout, the sine signed for the pair's first member: RoPE is
+            # then x·cos + swap(x)·sin, four ops (`apply_rope`), with the pairwise form's exact values.
+            if self.interleave:
+                self._cos = torch.stack((cos, cos), dim=-1).flatten(-2)
+                self._sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
+            else:
+                self._cos, self._sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
             self._cache_len = size
         assert self._sin is not None
         return self._cos, self._sin
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [*positions.shape, dim/2] (fp32)."""
+        """cos, signed sin of shape [*positions.shape, dim] (fp32), for `apply_rope`."""
         n = int(positions.max().item()) + 1 if positions.numel() else 1
         cos, sin = self.tables(n, positions.device)
         return cos[positions], sin[positions]
@@ -133,22 +140,21 @@ def llama3_inverse_frequencies(inv_freq: torch.Tensor, rs: dict) -> torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate x [..., S, (H,) D] by cos/sin [..., S, D/2]; pairs are (2i, 2i+1) when interleaved.
+    """Rotate x [..., S, (H,) D] by `RotaryEmbedding`'s cos / signed sin [..., S, D]; pairs are
+    (2i, 2i+1) when interleaved, (i, i + D/2) otherwise (the tables' layout must match).
 
-    The output keeps the input's layout, so q·k is the same as in DeepSeek's complex-number form.
+    Each pair (a, b) becomes (a·cos − b·sin, b·cos + a·sin): x·cos + swap(x)·sin with the sine's sign
+    in the table. The output keeps the input's layout, so q·k is the same as in DeepSeek's
+    complex-number form.
     """
     if x.dim() == cos.dim() + 1:  # head axis present
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    dtype = x.dtype
     xf = x.float()
     if interleave:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     else:
-        half = xf.shape[-1] // 2
-        x1, x2 = xf[..., :half], xf[..., half:]
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(dtype)
+        swapped = xf.roll(xf.shape[-1] // 2, dims=-1)
+    return (xf * cos + swapped * sin).to(x.dtype)
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ class Router(nn.Module):
                 )
         if self.training and self.aux_loss_alpha > 0:
             self.aux_loss = self._sequence_balance_loss(scores, indices, shape[0])
-        else:
+        elif self.aux_loss is not None:  # (nn.Module's attribute writes are slow: skip the no-op one)
             self.aux_loss = None
         return indices, weights
 
@@ -269,12 +269,10 @@ def _gemm_layout(w: torch.Tensor) -> torch.Tensor:
     return w.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _select_experts(w: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-    """w[sel] for stacked expert weights, gathered in the layout they are stored in (a gather across
-    a transposed layout is a strided copy, several times slower)."""
-    if w.dim() == 3 and not w.is_contiguous() and w.transpose(1, 2).is_contiguous():
-        return w.transpose(1, 2).index_select(0, sel).transpose(1, 2)
-    return w.index_select(0, sel)
+def _chosen_gemm_weights(w: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """w[sel] transposed to [k,K,N], as a rows-times-weights bmm reads it; from a `_gemm_layout` stack
+    that is a gather of whole contiguous experts (across the [E,N,K] layout, a strided copy)."""
+    return w.transpose(1, 2).index_select(0, sel)
 
 
 def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -438,16 +436,16 @@ class RoutedExperts(nn.Module):
         t, k = indices.shape
         dtype = compute_dtype(x)
         sel = indices.flatten()
-        if stacked is None:
-            gate_up, down = self.expert_weights(sel)
-        else:
-            gate_up, down = (_select_experts(w, sel) for w in stacked)
         # Rows times transposed weights: BLAS runs [1,H]·[H,2I] far faster than [2I,H]·[H,1] here.
+        if stacked is None:
+            gate_up, down = (w.transpose(1, 2).to(dtype) for w in self.expert_weights(sel))
+        else:
+            gate_up, down = (_chosen_gemm_weights(w, sel).to(dtype) for w in stacked)
         x = x.to(dtype)
         xs = (x.expand(k, -1) if t == 1 else x.repeat_interleave(k, dim=0)).unsqueeze(1)  # [t·k, 1, H]
-        h = torch.bmm(xs, gate_up.to(dtype).transpose(1, 2))
+        h = torch.bmm(xs, gate_up)
         act = F.silu(h[..., : self.intermediate_size]) * h[..., self.intermediate_size :]
-        ys = torch.bmm(act, down.to(dtype).transpose(1, 2)).view(t, k, -1)
+        ys = torch.bmm(act, down).view(t, k, -1)
         return torch.bmm(weights.view(t, 1, k).to(dtype), ys).view(t, -1)
 
 
@@ -503,14 +501,18 @@ class MoE(nn.Module):
         every expert is not worth it for large ones), so the routed path runs both. Built once, rebuilt
         when a weight changes in place (GRPO); None otherwise, and for quantized or expert-parallel
         experts. Training and validation (no_grad) never build this copy."""
+        if not torch.is_inference_mode_enabled():
+            return None
         ex, sh = self.experts, self.shared_experts
         if sh is None or type(ex) is not RoutedExperts or type(sh.gate_proj) is not nn.Linear:
             return None
-        if not torch.is_inference_mode_enabled():
-            return None
         if sh.gate_proj.out_features != ex.intermediate_size or not ex.gathers():
             return None
-        sources = (ex.gate_up_proj, ex.down_proj, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
+        # Straight from the parameter dicts: this runs per layer per decode step.
+        sources = (
+            *ex._parameters.values(),
+            *(m._parameters["weight"] for m in (sh.gate_proj, sh.up_proj, sh.down_proj)),
+        )
         key = [(t._version, t.data_ptr(), t.dtype) for t in sources]
         if self._stacked is None or self._stacked[0] != key:
             shared_gate_up = torch.cat((sh.gate_proj.weight, sh.up_proj.weight)).unsqueeze(0)
