@@ -26,6 +26,38 @@ def model_for(cfg: ModelConfig, seed: int = 0):
     return model
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rope_rotates_each_pair_as_deepseeks_complex_form(interleave):
+    """`apply_rope` over `RotaryEmbedding`'s full-width tables (x·cos + swap(x)·sin) rotates each pair by
+    its position's angle: DeepSeek's complex multiply for interleaved pairs (2i, 2i+1), the same on
+    pairs (i, i + D/2) for the half-split layout (Qwen2 / Llama); YaRN's attention factor included."""
+    from nanoseek.model.attention import RotaryEmbedding, apply_rope, rope_inverse_frequencies
+
+    cfg = config(
+        rope_interleave=interleave,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    )
+    rope = RotaryEmbedding(cfg)
+    positions = torch.tensor([[0, 3, 17, 250]])
+    x = torch.randn(1, 4, 2, cfg.qk_rope_head_dim)
+    cos, sin = rope(positions)
+    got = apply_rope(x, cos, sin, interleave)
+
+    inv_freq, factor = rope_inverse_frequencies(cfg)
+    angles = positions[..., None].double() * inv_freq.double()  # [1, S, D/2]
+    turn = torch.polar(torch.full_like(angles, factor), angles).unsqueeze(-2)  # per head
+    half = cfg.qk_rope_head_dim // 2
+    pairs = (
+        x.double().unflatten(-1, (-1, 2))
+        if interleave
+        else torch.stack((x[..., :half], x[..., half:]), -1).double()
+    )
+    rotated = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * turn)
+    want = rotated.flatten(-2) if interleave else torch.cat((rotated[..., 0], rotated[..., 1]), dim=-1)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    assert factor != 1.0 and (got - x).abs().max() > 0.1  # scaled and really rotated
+
+
 class SimpleLatentCache:
     """A LatentCache: per layer, the concatenation of everything seen so far (plain causal mask)."""
 
