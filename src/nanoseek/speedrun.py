@@ -71,8 +71,9 @@ class SpeedrunPreset:
     # 76.8%), for less multiplication (79.2% -> 62.0%) (benchmarks/README.md, runs Y and Z2)
     pretrain_weights: dict[str, int] = field(default_factory=lambda: {"sorting": 2})
     # 720 steps left the model undertrained (held-out losses still falling steeply at the end) and the
-    # seed deciding which skills it had: at seed 0 multiplication 62.0%, mean 76.8%; at 960, seeds 0 / 1
-    # end at multiplication 93.8% / 91.1%, mean 83.3% / 84.4%, in 16.9 / 17.2 minutes (runs A and B)
+    # seed deciding which skills it had: at seed 0 multiplication 62.0%, mean 76.8%; at 960, seeds
+    # 0 / 1 / 2 end at multiplication 93.8% / 91.1% / 97.9%, mean 83.3% / 84.4% / 89.9% (runs A, B, D;
+    # their wall times are in benchmarks/README.md)
     pretrain_steps: int = 960
     pretrain_batch: int = 8
     seq_len: int = 320  # a whole multiplication (prompt + up to ~300 response tokens) fits one window
@@ -122,6 +123,12 @@ class SpeedrunPreset:
     precision: str = "auto"  # pretraining: bf16 autocast where the CPU has native bf16, else fp32
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # refused when the preset is made, before a run directory holds anything
+        bad = {name: w for name, w in self.pretrain_weights.items() if not isinstance(w, int) or w < 1}
+        if bad:
+            raise ValueError(f"pretrain_weights must be whole numbers >= 1, got {bad}")
 
 
 PRESETS: dict[str, SpeedrunPreset] = {
@@ -336,9 +343,6 @@ class Speedrun:
         c = self.p.pretrain_corpus
         if c == "tasks":
             weights = self.p.pretrain_weights
-            bad = {name: w for name, w in weights.items() if not isinstance(w, int) or w < 1}
-            if bad:
-                raise ValueError(f"pretrain_weights must be whole numbers >= 1, got {bad}")
             # a family listed twice is drawn twice as often (nanoseek.data.synthetic picks a family per document)
             return "embedded:" + ",".join(name for name in self.p.tasks for _ in range(weights.get(name, 1)))
         return "embedded" if c == "all" else c
