@@ -255,3 +255,84 @@ def test_prompt_sampler_draws_tasks_without_signal_less_and_keeps_its_state() ->
     assert 0.02 < share_hard < 0.2  # ≈ floor / (floor + 1 + floor), never zero
     resumed = PromptSampler(pools, "signal", dict(sampler.signal))
     assert resumed.draw(random.Random(2), 8) == sampler.draw(random.Random(2), 8)
+
+
+def test_prompt_sampler_leaves_out_solved_tasks_but_never_all() -> None:
+    import random
+
+    from nanoseek.train.grpo import PromptSampler
+
+    pools = {"solved": [("solved", i) for i in range(50)], "open": [("open", i) for i in range(50)]}
+    sampler = PromptSampler(pools, "unsolved")
+    sampler.leave_out({"solved"})
+    assert {name for name, _ in sampler.draw(random.Random(0), 40)} == {"open"}
+    everything = PromptSampler(pools, "unsolved")
+    everything.leave_out({"solved", "open"})  # nothing would be left to draw: keep every task
+    assert {name for name, _ in everything.draw(random.Random(0), 40)} == {"solved", "open"}
+
+
+def test_probe_pass_rates_scores_each_task_on_its_training_problems(micro_checkpoint, monkeypatch) -> None:
+    """The probe's verdicts per task: here an engine stand-in that answers every comparison right and
+    every arithmetic problem wrong, G times each."""
+    from types import SimpleNamespace
+
+    import nanoseek.evaluate as evaluate
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.grpo import probe_pass_rates
+
+    tok = load_tokenizer(micro_checkpoint)
+    pools = {
+        name: [(get_task(name), p) for p in get_task(name).problems("train", 10, seed=0, language="en")]
+        for name in ("comparison", "arithmetic")
+    }
+    by_prompt = {tuple(evaluate.chat_prompt_ids(tok, p.prompt)): (t, p) for v in pools.values() for t, p in v}
+    seen: list[str] = []
+
+    def fake_generate(engine, prompt_ids, **kw):
+        outs = []
+        for ids in prompt_ids:
+            task, prob = by_prompt[tuple(ids)]
+            seen.append(task.name)
+            answer = prob.answer if task.name == "comparison" else str(int(prob.answer) + 1)
+            outs.append(SimpleNamespace(token_ids=tok.encode(f"ok</think>\n{answer}"), finish_reason="stop"))
+        return outs
+
+    monkeypatch.setattr(evaluate, "engine_generate", fake_generate)
+    cfg = _cfg(micro_checkpoint, "unused", group_size=3, probe_prompts=4, reward="accuracy:1")
+    rates = probe_pass_rates(cfg, None, tok, pools, stop=[tok.eos_token_id])
+    assert rates == {"comparison": 1.0, "arithmetic": 0.0}
+    assert seen.count("comparison") == seen.count("arithmetic") == 4 * 3
+
+
+def test_grpo_unsolved_draws_only_what_the_probe_left_and_resumes_with_it(
+    micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    import nanoseek.train.grpo as grpo_mod
+    from nanoseek.metrics import read_metrics
+
+    probes: list[int] = []
+
+    def probe(cfg, engine, tok, pools, stop):
+        probes.append(1)
+        return {"arithmetic": 0.9, "comparison": 0.25}
+
+    drawn: list[str] = []
+    real_draw = grpo_mod.PromptSampler.draw
+
+    def draw(self, rng, n):
+        batch = real_draw(self, rng, n)
+        drawn.extend(t.name for t, _ in batch)
+        return batch
+
+    monkeypatch.setattr(grpo_mod, "probe_pass_rates", probe)
+    monkeypatch.setattr(grpo_mod.PromptSampler, "draw", draw)
+    kw = dict(tasks=["arithmetic", "comparison"], task_sampling="unsolved")
+    grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path, steps=1, **kw))
+    grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path, steps=2, resume=True, **kw))
+    assert probes == [1]  # measured once; the resumed run keeps the decision
+    assert drawn and set(drawn) == {"comparison"}
+    (rec,) = [r for r in read_metrics(tmp_path, "grpo") if r.get("event") == "probe"]
+    assert rec["left_out"] == ["arithmetic"] and rec["pass_rates"]["comparison"] == 0.25
+    with pytest.raises(ValueError, match="solved-above"):
+        grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "bad", solved_above=1.5, **kw))

@@ -103,10 +103,13 @@ class SpeedrunPreset:
     grpo_steps: int = 26
     group_size: int = 8
     batch_prompts: int = 8
-    # 2e-4 cost 15 points of held-out pass@1 across seven families in 40 steps; at 5e-5 the families
-    # already solved still lost 2-10 points (runs U, V), at 2e-5 they kept them (the mean +0.9 and +3.3
-    # from the same two SFT checkpoints) for ~2.5 points less on the verifier-only family
-    grpo_lr: float = 2e-5
+    # GRPO draws only from the families a probe of the SFT model finds unsolved (pass rate <= 80% on
+    # training problems): a solved family's groups are all right (no gradient) and its rollouts the
+    # longest. Drawing from all eight, 5e-5 cost the solved families 2-10 points (runs U, V) and 2e-5
+    # left the verifier-only family +8 to +15; focused at 5e-5, three GRPO seeds from run A's SFT
+    # checkpoint gave it +17.7 to +39.6, the others within a few points (benchmarks/README.md)
+    grpo_lr: float = 5e-5
+    grpo_task_sampling: str = "unsolved"
     max_new_tokens: int = 320  # a 3-digit x 2-digit long multiplication, worked out, takes up to ~300
     # control: SFT for GRPO's wall time (beside it where the CPU runs two stages at once; off on the gpu preset)
     control: bool = True
@@ -397,6 +400,7 @@ class Speedrun:
                 group_size=self.p.group_size,
                 batch_prompts=self.p.batch_prompts,
                 lr=self.p.grpo_lr,
+                task_sampling=self.p.grpo_task_sampling,
                 max_new_tokens=self.p.max_new_tokens,
                 seed=self.p.seed,
                 resume=True,

@@ -33,7 +33,7 @@ from nanoseek.model.loss import target_logprobs
 from nanoseek.options import check_choices, option
 
 LOSS_TYPES: tuple[str, ...] = ("grpo", "dr_grpo", "dapo")
-TASK_SAMPLING: tuple[str, ...] = ("uniform", "signal")
+TASK_SAMPLING: tuple[str, ...] = ("uniform", "signal", "unsolved")
 
 
 # ---------------------------------------------------------------------------------------------- math
@@ -266,8 +266,15 @@ class GRPOConfig:
     task_sampling: str = option(
         "uniform",
         "how each step's prompts are drawn: uniformly from all tasks' problems, or per task in proportion "
-        "to how often its groups carried a learning signal lately (signal)",
+        "to how often its groups carried a learning signal lately (signal), or uniformly from the tasks "
+        "a probe before the first step did not find solved (unsolved)",
         choices=TASK_SAMPLING,
+    )
+    probe_prompts: int = option(
+        4, "--task-sampling unsolved: training problems per task in the probe (x G samples)"
+    )
+    solved_above: float = option(
+        0.8, "--task-sampling unsolved: a task whose probe pass rate is above this is left out as solved"
     )
     seed: int = option(0)
     checkpoint_every: int = option(0, "GRPO steps between checkpoints (0 = only at the end)")
@@ -286,9 +293,11 @@ class GRPOConfig:
             raise ValueError(
                 f"--group-size must be >= 2 (advantages are relative to the group), got {self.group_size}"
             )
-        for name in ("batch_prompts", "steps", "mu", "max_new_tokens", "micro_batch"):
+        for name in ("batch_prompts", "steps", "mu", "max_new_tokens", "micro_batch", "probe_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.solved_above <= 1:
+            raise ValueError(f"--solved-above is a pass rate in [0, 1], got {self.solved_above}")
         if self.bias_update_speed < 0:
             raise ValueError(f"--bias-update-speed must be >= 0, got {self.bias_update_speed}")
         if self.beta < 0:
@@ -361,7 +370,8 @@ class PromptSampler:
     not all equal. A group of equal rewards has zero advantage and teaches nothing; DAPO's dynamic
     sampling (§3.2) discards such groups after generating them, but on a CPU generating them is the
     cost, so here a task that yields none (too hard, or already solved) is simply drawn less. The floor
-    keeps every task in play, so one that starts yielding signal is noticed.
+    keeps every task in play, so one that starts yielding signal is noticed. "unsolved": uniformly, from
+    the tasks that `probe_pass_rates` did not find solved (`leave_out`), decided once before the first step.
     """
 
     FLOOR = 0.1
@@ -373,8 +383,14 @@ class PromptSampler:
         self.signal = {name: 1.0 for name in self.pools} | (state or {})
         self._pooled = [item for problems in self.pools.values() for item in problems]
 
+    def leave_out(self, names: set[str]) -> None:
+        """Draw no more prompts of these tasks (unless that would leave none to draw)."""
+        if names and not set(self.pools) <= names:
+            self.pools = {name: problems for name, problems in self.pools.items() if name not in names}
+            self._pooled = [item for problems in self.pools.values() for item in problems]
+
     def draw(self, rng: random.Random, n: int) -> list:
-        if self.mode == "uniform":
+        if self.mode != "signal":
             return [self._pooled[i] for i in rng.sample(range(len(self._pooled)), n)]
         names = list(self.pools)
         weights = [self.FLOOR + self.signal[name] for name in names]
@@ -470,6 +486,15 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     metrics_log = MetricsLog(run, "grpo")
     sampler = PromptSampler(pools, cfg.task_sampling, history.get("task_signal"))
+    if cfg.task_sampling == "unsolved":
+        if "pass_rates" not in history:  # measured once; a resumed run keeps the first decision
+            history["pass_rates"] = probe_pass_rates(cfg, engine, tok, pools, stop)
+            solved = sorted(n for n, r in history["pass_rates"].items() if r > cfg.solved_above)
+            metrics_log.log(event="probe", pass_rates=history["pass_rates"], left_out=solved)
+            rates = ", ".join(f"{n} {r:.0%}" for n, r in history["pass_rates"].items())
+            print(f"grpo probe ({cfg.probe_prompts} problems x G = {cfg.group_size} per task): {rates}")
+            print(f"grpo: left out as solved (> {cfg.solved_above:.0%}): {', '.join(solved) or 'none'}")
+        sampler.leave_out({n for n, r in history["pass_rates"].items() if r > cfg.solved_above})
     init_entropy = history.get("init_entropy")
     init_length = history.get("init_length")
     bad_steps = 0
@@ -584,6 +609,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
                 "init_entropy": init_entropy,
                 "init_length": init_length,
                 "task_signal": dict(sampler.signal),
+                **({"pass_rates": history["pass_rates"]} if "pass_rates" in history else {}),
             },
         }
         stop_now = cfg.stop_on_collapse and bad_steps >= cfg.collapse_patience
@@ -611,6 +637,44 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
             f"checkpoint {trainer.checkpoint_dir}"
         )
     return trainer.checkpoint_dir
+
+
+def probe_pass_rates(
+    cfg: GRPOConfig, engine, tok, pools: dict[str, list], stop: list[int]
+) -> dict[str, float]:
+    """Each task's pass rate on `cfg.probe_prompts` of its training problems x G samples at the rollout
+    temperature, before any update (`--task-sampling unsolved`). A task the model already solves gives
+    groups that are all right: zero advantage, no gradient (DAPO §3.2 filters them after generating
+    them), and its rollouts, on a CPU the cost of a step, buy nothing. Measured on training problems,
+    never the held-out ones."""
+    from nanoseek.evaluate import chat_prompt_ids, engine_generate, strip_stop
+
+    rng = random.Random(cfg.seed * 1_000_003 - 1)  # apart from every step's draw
+    batch = [
+        item
+        for problems in pools.values()
+        for item in rng.sample(problems, min(cfg.probe_prompts, len(problems)))
+    ]
+    prompts = [chat_prompt_ids(tok, p.prompt) for _, p in batch for _ in range(cfg.group_size)]
+    with torch.no_grad():
+        outs = engine_generate(
+            engine,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            stop_token_ids=stop,
+            seed=cfg.seed * 7919 - 1,
+        )
+    verdicts: dict[str, list[float]] = {name: [] for name in pools}
+    for j, o in enumerate(outs):
+        task, prob = batch[j // cfg.group_size]
+        verdict = task.verify(
+            prob, tok.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True), require_think=True
+        )
+        if verdict is not None:
+            verdicts[task.name].append(float(verdict))
+    return {name: sum(v) / len(v) for name, v in verdicts.items() if v}
 
 
 def _loss_fn(
