@@ -100,5 +100,13 @@ def test_pass_at_1_by_family_and_language(tmp_path):
     assert "| ja | 25.0% | 34.2% | 23.3% |" in text
     assert "+20.0 points** on average (addition +20.0)" in text  # comparison starts above 80%
     assert "countdown 10.0% → 40.0%, **+30.0 points**" in text
+    assert "probe found unsolved" not in text  # a uniform draw logs no probe
+    MetricsLog(tmp_path, "grpo").log(
+        event="probe",
+        pass_rates={"addition": 0.5, "comparison": 0.97, "countdown": 0.0},
+        left_out=["comparison"],
+    )
+    text = build_report(tmp_path).read_text()
+    assert "addition 50.0%, comparison 97.0%, countdown 0.0%); left out as solved: comparison." in text
     assert "68% of its teacher's 68.3%" in text
     assert "| 0.5 | 1 | 0.1 | 0.2 |" in text and "plots/probe.png" in text

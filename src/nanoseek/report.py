@@ -287,6 +287,14 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
             f"- GRPO's gain over its starting checkpoint ({start}) on the families that start between "
             f"20% and 80%: **{100 * sm['mid_gain']:+.1f} points** on average ({each})."
         )
+    probe = m.last_event("grpo", "probe")
+    if probe.get("pass_rates"):
+        rates = ", ".join(f"{t} {_pct(r)}" for t, r in probe["pass_rates"].items())
+        left = ", ".join(probe.get("left_out") or []) or "none"
+        out.append(
+            f"- GRPO drew its prompts from the families its probe found unsolved (pass rate on training "
+            f"problems before the first step: {rates}); left out as solved: {left}."
+        )
     for t in sm["verifier_only"]:
         if t in gains:
             out.append(
