@@ -264,11 +264,12 @@ def test_prompt_sampler_leaves_out_solved_tasks_but_never_all() -> None:
 
     pools = {"solved": [("solved", i) for i in range(50)], "open": [("open", i) for i in range(50)]}
     sampler = PromptSampler(pools, "unsolved")
-    sampler.leave_out({"solved"})
+    assert sampler.leave_out({"solved", "unknown"}, keep_at_least=8) == ["solved"]
     assert {name for name, _ in sampler.draw(random.Random(0), 40)} == {"open"}
-    everything = PromptSampler(pools, "unsolved")
-    everything.leave_out({"solved", "open"})  # nothing would be left to draw: keep every task
-    assert {name for name, _ in everything.draw(random.Random(0), 40)} == {"solved", "open"}
+    for names, keep in (({"solved", "open"}, 8), ({"solved"}, 51)):  # none, or too few, left to draw
+        everything = PromptSampler(pools, "unsolved")
+        assert everything.leave_out(names, keep_at_least=keep) == []
+        assert {name for name, _ in everything.draw(random.Random(0), 40)} == {"solved", "open"}
 
 
 def test_probe_pass_rates_scores_each_task_on_its_training_problems(micro_checkpoint, monkeypatch) -> None:

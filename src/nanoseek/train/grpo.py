@@ -383,11 +383,16 @@ class PromptSampler:
         self.signal = {name: 1.0 for name in self.pools} | (state or {})
         self._pooled = [item for problems in self.pools.values() for item in problems]
 
-    def leave_out(self, names: set[str]) -> None:
-        """Draw no more prompts of these tasks (unless that would leave none to draw)."""
-        if names and not set(self.pools) <= names:
-            self.pools = {name: problems for name, problems in self.pools.items() if name not in names}
-            self._pooled = [item for problems in self.pools.values() for item in problems]
+    def leave_out(self, names: set[str], keep_at_least: int) -> list[str]:
+        """Draw no more prompts of these tasks, unless that would leave fewer than `keep_at_least`
+        problems to draw from (then every task stays). Returns the tasks left out."""
+        rest = {name: problems for name, problems in self.pools.items() if name not in names}
+        if len(rest) == len(self.pools) or sum(map(len, rest.values())) < keep_at_least:
+            return []
+        left = sorted(set(self.pools) - set(rest))
+        self.pools = rest
+        self._pooled = [item for problems in rest.values() for item in problems]
+        return left
 
     def draw(self, rng: random.Random, n: int) -> list:
         if self.mode != "signal":
@@ -422,7 +427,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     from nanoseek.data.rewards import build_reward
     from nanoseek.data.tasks import get_task
     from nanoseek.engine import Engine
-    from nanoseek.evaluate import chat_prompt_ids, engine_generate
+    from nanoseek.evaluate import chat_prompt_ids
     from nanoseek.metrics import MetricsLog
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.loop import OptimConfig, Trainer
@@ -487,14 +492,21 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     metrics_log = MetricsLog(run, "grpo")
     sampler = PromptSampler(pools, cfg.task_sampling, history.get("task_signal"))
     if cfg.task_sampling == "unsolved":
-        if "pass_rates" not in history:  # measured once; a resumed run keeps the first decision
+        fresh = "pass_rates" not in history  # measured once; a resumed run keeps the first decision
+        if fresh:
             history["pass_rates"] = probe_pass_rates(cfg, engine, tok, pools, stop)
-            solved = sorted(n for n, r in history["pass_rates"].items() if r > cfg.solved_above)
-            metrics_log.log(event="probe", pass_rates=history["pass_rates"], left_out=solved)
+        solved = {n for n, r in history["pass_rates"].items() if r > cfg.solved_above}
+        left_out = sampler.leave_out(solved, keep_at_least=cfg.batch_prompts)
+        if fresh:
+            metrics_log.log(event="probe", pass_rates=history["pass_rates"], left_out=left_out)
             rates = ", ".join(f"{n} {r:.0%}" for n, r in history["pass_rates"].items())
             print(f"grpo probe ({cfg.probe_prompts} problems x G = {cfg.group_size} per task): {rates}")
-            print(f"grpo: left out as solved (> {cfg.solved_above:.0%}): {', '.join(solved) or 'none'}")
-        sampler.leave_out({n for n, r in history["pass_rates"].items() if r > cfg.solved_above})
+            kept = (
+                "" if len(left_out) == len(solved) else " (every task kept: too few problems would be left)"
+            )
+            print(
+                f"grpo: left out as solved (> {cfg.solved_above:.0%}): {', '.join(left_out) or 'none'}{kept}"
+            )
     init_entropy = history.get("init_entropy")
     init_length = history.get("init_length")
     bad_steps = 0
@@ -510,16 +522,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         # the weights changed since the last rollout: prefix-cache entries computed with old weights are stale
         engine.reset_prefix_cache()
         t0 = time.perf_counter()
-        with torch.no_grad():
-            outs = engine_generate(
-                engine,
-                flat_prompts,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                stop_token_ids=stop,
-                seed=cfg.seed * 7919 + step,
-            )
+        outs = _sample(cfg, engine, flat_prompts, stop, seed=cfg.seed * 7919 + step)
         rollout_time = time.perf_counter() - t0
         ro = _score_rollout(cfg, batch, flat_prompts, outs, tok, reward_fn, stop)
         sampler.observe([t.name for t, _ in batch], ro.advantages, cfg.group_size)
@@ -639,6 +642,22 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     return trainer.checkpoint_dir
 
 
+def _sample(cfg: GRPOConfig, engine, prompts: list[list[int]], stop: list[int], seed: int) -> list:
+    """Completions of every prompt (already repeated G times) at the rollout settings."""
+    from nanoseek.evaluate import engine_generate
+
+    with torch.no_grad():
+        return engine_generate(
+            engine,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            stop_token_ids=stop,
+            seed=seed,
+        )
+
+
 def probe_pass_rates(
     cfg: GRPOConfig, engine, tok, pools: dict[str, list], stop: list[int]
 ) -> dict[str, float]:
@@ -647,7 +666,7 @@ def probe_pass_rates(
     groups that are all right: zero advantage, no gradient (DAPO §3.2 filters them after generating
     them), and its rollouts, on a CPU the cost of a step, buy nothing. Measured on training problems,
     never the held-out ones."""
-    from nanoseek.evaluate import chat_prompt_ids, engine_generate, strip_stop
+    from nanoseek.evaluate import chat_prompt_ids, strip_stop
 
     rng = random.Random(cfg.seed * 1_000_003 - 1)  # apart from every step's draw
     batch = [
@@ -656,16 +675,7 @@ def probe_pass_rates(
         for item in rng.sample(problems, min(cfg.probe_prompts, len(problems)))
     ]
     prompts = [chat_prompt_ids(tok, p.prompt) for _, p in batch for _ in range(cfg.group_size)]
-    with torch.no_grad():
-        outs = engine_generate(
-            engine,
-            prompts,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            stop_token_ids=stop,
-            seed=cfg.seed * 7919 - 1,
-        )
+    outs = _sample(cfg, engine, prompts, stop, seed=cfg.seed * 7919 - 1)
     verdicts: dict[str, list[float]] = {name: [] for name in pools}
     for j, o in enumerate(outs):
         task, prob = batch[j // cfg.group_size]
