@@ -28,3 +28,5 @@ def test_weights_of_families_outside_the_run_are_ignored_and_bad_weights_named(t
     assert Speedrun(tmp_path, smoke, progress=False).pretrain_data() == "embedded:addition,comparison"
     with pytest.raises(ValueError, match="pretrain_weights"):  # refused before any stage runs
         dataclasses.replace(smoke, pretrain_weights={"addition": 0})
+    with pytest.raises(ValueError, match="grpo_task_sampling"):  # not only when GRPO starts, minutes later
+        dataclasses.replace(smoke, grpo_task_sampling="unsolve")

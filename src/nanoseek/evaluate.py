@@ -248,7 +248,6 @@ def strip_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:
 
 
 def checkpoint_sampler(cfg: EvalConfig) -> tuple[Callable[[Sequence[Any]], list[list[Sample]]], str]:
-    import torch
 
     from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.engine import Engine
@@ -262,17 +261,16 @@ def checkpoint_sampler(cfg: EvalConfig) -> tuple[Callable[[Sequence[Any]], list[
 
     def sample(problems: Sequence[Any]) -> list[list[Sample]]:
         prompts = [chat_prompt_ids(tok, p.prompt, cfg.thinking) for p in problems for _ in range(cfg.k)]
-        with torch.no_grad():
-            outs = engine_generate(
-                engine,
-                prompts,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                stop_token_ids=stop,
-                seed=cfg.seed,
-                progress="eval samples" if cfg.progress else False,
-            )
+        outs = engine_generate(
+            engine,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            stop_token_ids=stop,
+            seed=cfg.seed,
+            progress="eval samples" if cfg.progress else False,
+        )
         flat = [
             Sample(
                 text=tok.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True),

@@ -83,16 +83,15 @@ def sample_correct_traces(
     stop = [tokenizer.eos_token_id]
     prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in problems]
     flat = [ids for ids in prompts for _ in range(cfg.k)]
-    with torch.no_grad():
-        outs = engine_generate(
-            engine,
-            flat,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            stop_token_ids=stop,
-            seed=cfg.seed,
-        )
+    outs = engine_generate(
+        engine,
+        flat,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        stop_token_ids=stop,
+        seed=cfg.seed,
+    )
     kept: list[tuple[Any, list[int], list[int]]] = []
     correct = 0
     prompts_with_any = 0

@@ -646,16 +646,15 @@ def _sample(cfg: GRPOConfig, engine, prompts: list[list[int]], stop: list[int], 
     """Completions of every prompt (already repeated G times) at the rollout settings."""
     from nanoseek.evaluate import engine_generate
 
-    with torch.no_grad():
-        return engine_generate(
-            engine,
-            prompts,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            stop_token_ids=stop,
-            seed=seed,
-        )
+    return engine_generate(
+        engine,
+        prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        stop_token_ids=stop,
+        seed=seed,
+    )
 
 
 def probe_pass_rates(
