@@ -337,3 +337,36 @@ def test_grpo_unsolved_draws_only_what_the_probe_left_and_resumes_with_it(
     assert rec["left_out"] == ["arithmetic"] and rec["pass_rates"]["comparison"] == 0.25
     with pytest.raises(ValueError, match="solved-above"):
         grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "bad", solved_above=1.5, **kw))
+
+
+def test_sft_mix_adds_the_supervised_loss_of_the_left_out_tasks(
+    micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    """--sft-mix (PPO-ptx): every update adds w x the SFT loss on worked solutions of the tasks the probe
+    left out, never of a task --sft-mix-tasks does not name (a verifier-only family)."""
+    import nanoseek.train.grpo as grpo_mod
+    from nanoseek.metrics import read_metrics
+
+    monkeypatch.setattr(
+        grpo_mod, "probe_pass_rates", lambda *a: {"arithmetic": 1.0, "comparison": 1.0, "countdown": 0.0}
+    )
+    mixed: list[list[str]] = []
+    real_rows = grpo_mod.supervised_mix_rows
+
+    def rows(tok, tasks, seed):
+        mixed.append(sorted(t.name for t in tasks))
+        return real_rows(tok, tasks, seed)
+
+    monkeypatch.setattr(grpo_mod, "supervised_mix_rows", rows)
+    kw = dict(tasks=["arithmetic", "comparison", "countdown"], task_sampling="unsolved", steps=2, lr=1e-12)
+    grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "mix", sft_mix=1.0, sft_mix_tasks=["arithmetic"], **kw))
+    assert mixed == [["arithmetic"]]  # left out and allowed; comparison left out but not allowed
+    recs = [r for r in read_metrics(tmp_path / "mix", "grpo") if r.get("step") and not r.get("no_signal")]
+    assert recs and all(r["sft_mix_loss"] > 0.1 for r in recs)  # a random model: far from the solutions
+    # the logged loss is the policy-gradient loss plus the mix (lr ~0: one policy in both runs)
+    grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "plain", **kw))
+    plain = [r for r in read_metrics(tmp_path / "plain", "grpo") if r.get("step") and not r.get("no_signal")]
+    assert "sft_mix_loss" not in plain[0]
+    assert recs[0]["loss"] == pytest.approx(plain[0]["loss"] + recs[0]["sft_mix_loss"], rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="sft-mix-tasks"):
+        grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "bad", sft_mix=1.0, sft_mix_tasks=["sorting"], **kw))

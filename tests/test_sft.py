@@ -11,8 +11,8 @@ from nanoseek.train.sft import (
     IGNORE,
     PackedBatch,
     assistant_target_text,
-    iter_batches,
     pack_examples,
+    packed_batch_at,
     sft_loss,
     tokenize_conversation,
 )
@@ -117,7 +117,7 @@ def test_packing_blocks_attention_and_restarts_positions() -> None:
     ids, labels, pos, docs = rows[1]
     assert ids == [5, 6, 7, 8, 9, 0] and pos == [0, 1, 2, 0, 1, 0] and docs == [0, 0, 0, 1, 1, 2]
     assert labels[-1] == IGNORE
-    batch = next(iter_batches(rows, 2, seed=0))
+    batch = packed_batch_at(rows, 2, seed=0, step=0)
     mask = batch.attention_mask()
     assert mask.shape == (2, 6, 6)
     b = 0 if batch.input_ids[0, 0] == 5 else 1
@@ -154,7 +154,7 @@ def _check_packed_vs_single(load_model) -> None:
     rows = pack_examples(exs, seq_len=16)
     with torch.no_grad():
         packed_sum, count = 0.0, 0
-        for batch in iter_batches(rows, 4, seed=0):
+        for batch in [packed_batch_at(rows, 4, seed=0, step=0)]:  # every row: 3 examples fit 3 rows
             n = batch.num_target_tokens
             packed_sum += sft_loss(model, batch).item() * n
             count += n

@@ -31,6 +31,7 @@ import torch
 from nanoseek.evaluate import split_task_list
 from nanoseek.model.loss import target_logprobs
 from nanoseek.options import check_choices, option
+from nanoseek.train.sft import PackedBatch, packed_batch_at, sft_loss
 
 LOSS_TYPES: tuple[str, ...] = ("grpo", "dr_grpo", "dapo")
 TASK_SAMPLING: tuple[str, ...] = ("uniform", "signal", "unsolved")
@@ -276,6 +277,19 @@ class GRPOConfig:
     solved_above: float = option(
         0.8, "--task-sampling unsolved: a task whose probe pass rate is above this is left out as solved"
     )
+    sft_mix: float = option(
+        0.0,
+        "weight of a supervised loss on worked solutions added to every update (InstructGPT's PPO-ptx, "
+        "§3.5): of the tasks --task-sampling unsolved left out, else of every task that has them; it "
+        "holds on to what RL no longer draws from (0: off)",
+    )
+    sft_mix_rows: int = option(2, "--sft-mix: packed rows of worked solutions per update")
+    sft_mix_tasks: list[str] | None = option(
+        None,
+        "--sft-mix: the tasks whose worked solutions it may use, comma-separated (default: every --task "
+        "that has them); leave out a family GRPO must learn from its verifier alone",
+        parse=split_task_list,
+    )
     seed: int = option(0)
     checkpoint_every: int = option(0, "GRPO steps between checkpoints (0 = only at the end)")
     resume: bool = option(False, "continue from RUN/grpo/ if it holds a checkpoint")
@@ -293,7 +307,15 @@ class GRPOConfig:
             raise ValueError(
                 f"--group-size must be >= 2 (advantages are relative to the group), got {self.group_size}"
             )
-        for name in ("batch_prompts", "steps", "mu", "max_new_tokens", "micro_batch", "probe_prompts"):
+        for name in (
+            "batch_prompts",
+            "steps",
+            "mu",
+            "max_new_tokens",
+            "micro_batch",
+            "probe_prompts",
+            "sft_mix_rows",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.solved_above <= 1:
@@ -302,6 +324,11 @@ class GRPOConfig:
             raise ValueError(f"--bias-update-speed must be >= 0, got {self.bias_update_speed}")
         if self.beta < 0:
             raise ValueError(f"--beta must be >= 0, got {self.beta}")
+        if self.sft_mix < 0:
+            raise ValueError(f"--sft-mix must be >= 0, got {self.sft_mix}")
+        unknown = set(self.sft_mix_tasks or ()) - set(self.tasks or ())
+        if unknown:
+            raise ValueError(f"--sft-mix-tasks names tasks not in --task: {', '.join(sorted(unknown))}")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
         if self.temperature <= 0:
@@ -491,6 +518,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     metrics_log = MetricsLog(run, "grpo")
     sampler = PromptSampler(pools, cfg.task_sampling, history.get("task_signal"))
+    left_out: list[str] = []
     if cfg.task_sampling == "unsolved":
         fresh = "pass_rates" not in history  # measured once; a resumed run keeps the first decision
         if fresh:
@@ -507,6 +535,12 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
             print(
                 f"grpo: left out as solved (> {cfg.solved_above:.0%}): {', '.join(left_out) or 'none'}{kept}"
             )
+    mix_rows = None
+    if cfg.sft_mix > 0:
+        mixed = set(left_out if cfg.task_sampling == "unsolved" else pools) & set(cfg.sft_mix_tasks or pools)
+        mix_rows = supervised_mix_rows(tok, [t for t in tasks if t.name in mixed], cfg.seed)
+        names = sorted(t.name for t in tasks if t.name in mixed and hasattr(t, "worked_solution"))
+        print(f"grpo: --sft-mix {cfg.sft_mix:g} on the worked solutions of: {', '.join(names) or 'no task'}")
     init_entropy = history.get("init_entropy")
     init_length = history.get("init_length")
     bad_steps = 0
@@ -547,8 +581,14 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
                             ref_model, mb["ids"], mb["starts"], mb["mask"].shape[1], cfg.temperature
                         )[0]
             entropies: list[float] = []
+            mix_losses: list[float] = []
             for u in range(cfg.mu):
-                loss_fn = _loss_fn(cfg, policy, iter(micro), n_seq, n_tok, entropies if u == 0 else None)
+                mix = None
+                if mix_rows is not None:
+                    mix = packed_batch_at(mix_rows, cfg.sft_mix_rows, cfg.seed, step * cfg.mu + u)
+                loss_fn = _loss_fn(
+                    cfg, policy, iter(micro), n_seq, n_tok, entropies if u == 0 else None, mix, mix_losses
+                )
                 m = trainer.step(loss_fn, accumulation=len(micro))
                 for k in (
                     "loss",
@@ -564,6 +604,8 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
                         upd[k] = float(m[k])
                 upd["skipped"] = bool(upd.get("skipped", False) or "skipped" in m)
             upd["entropy"] = sum(entropies) / len(entropies)
+            if mix_losses:
+                upd["sft_mix_loss"] = sum(mix_losses) / len(mix_losses)
         else:
             # no group carried signal (all rewards equal): nothing to learn from this batch, no update
             upd.update(loss=0.0, entropy=float("nan"), no_signal=True)
@@ -686,6 +728,24 @@ def probe_pass_rates(
     return {name: sum(v) / len(v) for name, v in verdicts.items() if v}
 
 
+def supervised_mix_rows(tok, tasks: list, seed: int, per_task: int = 64, seq_len: int = 512) -> list | None:
+    """Packed rows of worked solutions of `tasks` (those that have them) for `--sft-mix`, from their
+    training split; None when none of them has worked solutions. A verifier-only task has none, so
+    the mix never shows GRPO the answers it must find by itself."""
+    from nanoseek.train.sft import pack_examples, task_conversations, tokenize_conversation
+
+    names = [t.name for t in tasks if hasattr(t, "worked_solution")]
+    if not names:
+        return None
+    examples = [
+        ex
+        for conv in task_conversations(",".join(names), per_task * len(names), seed=seed)
+        for ex in tokenize_conversation(tok, conv)
+    ]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return pack_examples(examples, seq_len, pad)
+
+
 def _loss_fn(
     cfg: GRPOConfig,
     policy: torch.nn.Module,
@@ -693,11 +753,21 @@ def _loss_fn(
     n_seq: int,
     n_tok: int,
     entropies: list[float] | None,
+    mix: PackedBatch | None = None,
+    mix_losses: list[float] | None = None,
 ) -> Callable[[], tuple[torch.Tensor, dict]]:
-    """The Trainer's objective: each call takes the next micro-batch; their losses sum to the batch loss."""
+    """The Trainer's objective: each call takes the next micro-batch; their losses sum to the batch loss.
+    The first call also adds `cfg.sft_mix` x the supervised loss on `mix` (its value goes to `mix_losses`)."""
+    first = [True]
 
     def loss_fn() -> tuple[torch.Tensor, dict]:
         mb = next(micro)
+        mix_loss = None
+        if mix is not None and first[0]:
+            mix_loss = sft_loss(policy, mix)
+            if mix_losses is not None:
+                mix_losses.append(float(mix_loss.detach()))
+        first[0] = False
         logp, ent = token_logprobs(
             policy,
             mb["ids"],
@@ -723,7 +793,9 @@ def _loss_fn(
         if ent is not None and entropies is not None:
             entropies.append(float((ent * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)))
         # the micro-batch losses share the batch's denominators, so they sum to the batch loss
-        return out.loss, {**out.stats, "tokens": mb["tokens"]}
+        loss = out.loss if mix_loss is None else out.loss + cfg.sft_mix * mix_loss
+        tokens = mb["tokens"] + (0 if mix_loss is None else mix.input_ids.numel())
+        return loss, {**out.stats, "tokens": tokens}
 
     return loss_fn
 

@@ -18,6 +18,7 @@ What is notable here:
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -191,18 +192,17 @@ def pack_examples(
     return out
 
 
-def iter_batches(
-    rows: Sequence[tuple[list[int], list[int], list[int], list[int]]],
-    batch_size: int,
-    seed: int,
-    epoch: int = 0,
-) -> Iterator[PackedBatch]:
-    """Shuffled (deterministically by seed and epoch) batches of packed rows."""
+def packed_batch_at(
+    rows: Sequence[tuple[list[int], list[int], list[int], list[int]]], batch_size: int, seed: int, step: int
+) -> PackedBatch:
+    """Step `step`'s batch: epochs of the rows, each shuffled by seed and epoch. A pure function of
+    the step, so resuming needs nothing but the step count."""
+    per_epoch = math.ceil(len(rows) / batch_size)
+    epoch, i = divmod(step, per_epoch)
     order = list(range(len(rows)))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    for i in range(0, len(order), batch_size):
-        chunk = [rows[j] for j in order[i : i + batch_size]]
-        yield PackedBatch(*(torch.tensor([r[k] for r in chunk], dtype=torch.long) for k in range(4)))
+    chunk = [rows[j] for j in order[i * batch_size : (i + 1) * batch_size]]
+    return PackedBatch(*(torch.tensor([r[k] for r in chunk], dtype=torch.long) for k in range(4)))
 
 
 def sft_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
@@ -295,7 +295,6 @@ def train_on_examples(
     measured pace (the cosine schedule follows it), and the deadline stops the run in any case.
     `deadline_fn`, when given, is asked before every step for the deadline (perf_counter; None: not
     known yet), for a budget that is only known as it goes (the speedrun's control beside GRPO)."""
-    import math
     import time
 
     from nanoseek.train.loop import OptimConfig, StepLog, Trainer
@@ -336,21 +335,13 @@ def train_on_examples(
     if cfg.resume:
         trainer.resume()
 
-    def batch_at(step: int) -> PackedBatch:
-        # the batch is a pure function of the step: resuming needs nothing but the step count
-        epoch, i = divmod(step, per_epoch)
-        order = list(range(len(rows)))
-        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
-        chunk = [rows[j] for j in order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
-        return PackedBatch(*(torch.tensor([r[k] for r in chunk], dtype=torch.long) for k in range(4)))
-
     last: dict[str, Any] = {}
     while True:
         if deadline_fn is not None:
             trainer.deadline = deadline_fn() or trainer.deadline
         if trainer.done:
             break
-        batch = batch_at(trainer.global_step)
+        batch = packed_batch_at(rows, cfg.batch_size, cfg.seed, trainer.global_step)
 
         def loss_fn(batch: PackedBatch = batch) -> tuple[torch.Tensor, dict[str, Any]]:
             loss = sft_loss(trainer.model, batch)
