@@ -99,18 +99,17 @@ class SpeedrunPreset:
     # SFT, the control and distillation take the optimizer pretraining used: a fresh AdamW at 3e-4 moves
     # every weight of a Muon-trained model by ~lr at once (sign-like first steps), and its 10 steps cost
     # 4 points of held-out pass@1 that Muon at the same lr, or AdamW at 5e-5, keep (benchmarks/README.md)
-    # GRPO
-    grpo_steps: int = 26
+    # GRPO: 60 steps drawn from all eight families at lr 5e-5. Each family's own groups keep it: when
+    # `largest`'s shortcut (answer the larger number) leaks into "which is smaller?", comparison's groups
+    # turn mixed and push back. Comparison ended at 97.9-100% in 7 of 7 runs (3 seeds of the run, 2-3
+    # of GRPO); 26 steps from the families a probe found unsolved ended at 88.5-98.4% at seed 1, for
+    # about the same verifier-only gain (+33 / +15 / +15 at seeds 0 / 1 / 2 against +28 / +14 / +16,
+    # means over GRPO seeds), ~90 s sooner (benchmarks/README.md, "GRPO variants of 2026-12-02 evening")
+    grpo_steps: int = 60
     group_size: int = 8
     batch_prompts: int = 8
-    # GRPO draws only from the families a probe of the SFT model finds unsolved (pass rate <= 80% on
-    # training problems): a solved family's groups are all right (no gradient) and its rollouts the
-    # longest. Drawing from all eight, 5e-5 cost the solved families 2-10 points (runs U, V) and 2e-5
-    # left the verifier-only family +8 to +15; focused at 5e-5, +27.6 / +14.1 / +16.1 at seeds 0 / 1 / 2
-    # (runs E, F, G), with comparison at seed 1 down to 94.8%: the `largest` shortcut (answer the
-    # larger number) leaking into "which is smaller?" (benchmarks/README.md)
     grpo_lr: float = 5e-5
-    grpo_task_sampling: str = "unsolved"
+    grpo_task_sampling: str = "uniform"
     max_new_tokens: int = 320  # a 3-digit x 2-digit long multiplication, worked out, takes up to ~300
     # control: SFT for GRPO's wall time (beside it where the CPU runs two stages at once; off on the gpu preset)
     control: bool = True
@@ -411,6 +410,7 @@ class Speedrun:
                 max_new_tokens=self.p.max_new_tokens,
                 seed=self.p.seed,
                 resume=True,
+                progress=self.progress,
             ),
             on_step=on_step,
         )
