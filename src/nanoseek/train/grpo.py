@@ -730,8 +730,9 @@ def probe_pass_rates(
 
 def supervised_mix_rows(tok, tasks: list, seed: int, per_task: int = 64, seq_len: int = 512) -> list | None:
     """Packed rows of worked solutions of `tasks` (those that have them) for `--sft-mix`, from their
-    training split; None when none of them has worked solutions. A verifier-only task has none, so
-    the mix never shows GRPO the answers it must find by itself."""
+    training split; None when none of them has worked solutions. Which families are verifier-only is
+    the run's choice, not the task's (the speedrun's `largest` has worked solutions it never shows):
+    the caller leaves them out (`--sft-mix-tasks`), or the mix would show GRPO the answers."""
     from nanoseek.train.sft import pack_examples, task_conversations, tokenize_conversation
 
     names = [t.name for t in tasks if hasattr(t, "worked_solution")]
