@@ -353,9 +353,9 @@ def test_sft_mix_adds_the_supervised_loss_of_the_left_out_tasks(
     mixed: list[list[str]] = []
     real_rows = grpo_mod.supervised_mix_rows
 
-    def rows(tok, tasks, seed):
-        mixed.append(sorted(t.name for t in tasks))
-        return real_rows(tok, tasks, seed)
+    def rows(tok, names, seed):
+        mixed.append(list(names))
+        return real_rows(tok, names, seed)
 
     monkeypatch.setattr(grpo_mod, "supervised_mix_rows", rows)
     kw = dict(tasks=["arithmetic", "comparison", "countdown"], task_sampling="unsolved", steps=2, lr=1e-12)

@@ -538,8 +538,8 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     mix_rows = None
     if cfg.sft_mix > 0:
         mixed = set(left_out if cfg.task_sampling == "unsolved" else pools) & set(cfg.sft_mix_tasks or pools)
-        mix_rows = supervised_mix_rows(tok, [t for t in tasks if t.name in mixed], cfg.seed)
         names = sorted(t.name for t in tasks if t.name in mixed and hasattr(t, "worked_solution"))
+        mix_rows = supervised_mix_rows(tok, names, cfg.seed)
         print(f"grpo: --sft-mix {cfg.sft_mix:g} on the worked solutions of: {', '.join(names) or 'no task'}")
     init_entropy = history.get("init_entropy")
     init_length = history.get("init_length")
@@ -728,14 +728,15 @@ def probe_pass_rates(
     return {name: sum(v) / len(v) for name, v in verdicts.items() if v}
 
 
-def supervised_mix_rows(tok, tasks: list, seed: int, per_task: int = 64, seq_len: int = 512) -> list | None:
-    """Packed rows of worked solutions of `tasks` (those that have them) for `--sft-mix`, from their
-    training split; None when none of them has worked solutions. Which families are verifier-only is
+def supervised_mix_rows(
+    tok, names: list[str], seed: int, per_task: int = 64, seq_len: int = 512
+) -> list | None:
+    """Packed rows of worked solutions of the tasks `names` (each must have them) for `--sft-mix`, from
+    their training split; None for no task. Which families are verifier-only is
     the run's choice, not the task's (the speedrun's `largest` has worked solutions it never shows):
     the caller leaves them out (`--sft-mix-tasks`), or the mix would show GRPO the answers."""
     from nanoseek.train.sft import pack_examples, task_conversations, tokenize_conversation
 
-    names = [t.name for t in tasks if hasattr(t, "worked_solution")]
     if not names:
         return None
     examples = [
