@@ -99,7 +99,7 @@ def run_nanoseek(ckpt: Path, precision: str, figures: list[str], new: int, seed:
     dtype = torch.float32 if precision == "f32" else torch.bfloat16
     model = load_model(ckpt, dtype=dtype, quantize="int8" if precision == "int8" else None).eval()
     vocab = model.config.vocab_size
-    engine = Engine(model, max_batch_size=BATCH, max_seq_len=PP_LEN + new + 8)
+    engine = Engine(model, max_batch_size=BATCH, max_seq_len=PP_LEN + new + 8, pack_weights=True)
     one = SamplingParams(max_new_tokens=1, ignore_eos=True)
     engine.generate(prompts(vocab, 1, 8, seed + 99), SamplingParams(max_new_tokens=4, ignore_eos=True))
 

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanoseek.checkpoint import save_model
 from nanoseek.config import get_preset
@@ -364,3 +365,64 @@ def test_one_row_bf16_decode_runs_gemv_kernels_and_stays_correct(models, monkeyp
         full = model(torch.tensor([PROMPTS[0] + c.token_ids[:-1]]))[0].float().log_softmax(-1)
     errors = [abs(lp.logprob - float(ref[lp.token_id])) for lp, ref in zip(c.logprobs, full[6:], strict=True)]
     assert max(errors) < 0.1, errors
+
+
+def test_packed_linear_equals_the_plain_one_exactly() -> None:
+    """oneDNN's blocked layout holds the same bf16 weight: every row count decode and prefill use
+    gives F.linear's output bit for bit, bias (Qwen2's q/k/v) included; the weight unpacks exactly."""
+    from nanoseek.engine.packed import PackedLinear, packable
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 80, bias=True).to(torch.bfloat16)
+    if not packable(linear):
+        pytest.skip("this PyTorch's oneDNN does not pack bf16 weights")
+    packed = PackedLinear(linear)
+    with torch.no_grad():
+        for shape in [(1, 96), (2, 96), (17, 96), (3, 5, 96)]:
+            x = torch.randn(*shape).to(torch.bfloat16)
+            assert torch.equal(packed(x), F.linear(x, linear.weight, linear.bias)), shape
+    assert torch.equal(packed.weight, linear.weight)
+
+
+def test_pack_weights_serves_the_same_model_faster_layout(models, monkeypatch):
+    """`Engine(pack_weights=True)` on a bf16 model: every linear outside MLA's folded projections and
+    every non-gathering routed expert is packed in place (no plain copy kept), logits agree with the
+    plain model, and decoding stays correct (log-probs against a recompute of its own prefix). An
+    fp32 model is left as it is."""
+    from nanoseek.engine.packed import PackedLinear, PackedRoutedExperts, is_packed, pack_model, packable
+    from nanoseek.model import moe
+    from nanoseek.model.attention import MultiHeadLatentAttention
+
+    monkeypatch.setattr(moe, "GATHER_LIMIT", 0)  # experts of this size would gather; pack them too
+    plain = models[torch.bfloat16]
+    if not packable(plain):
+        pytest.skip("this PyTorch's oneDNN does not pack bf16 weights")
+    model = copy.deepcopy(plain)
+    before = sum(p.numel() for p in model.parameters())
+    engine = Engine(model, max_batch_size=4, pack_weights=True)
+    assert is_packed(model)
+    kinds = {type(m) for m in model.modules()}
+    assert PackedLinear in kinds and PackedRoutedExperts in kinds
+    mla = {
+        id(lin) for m in model.modules() if isinstance(m, MultiHeadLatentAttention) for lin in m.children()
+    }
+    assert all(id(m) in mla for m in model.modules() if type(m) is torch.nn.Linear)
+    assert isinstance(model.lm_head, PackedLinear)
+    assert sum(p.numel() for p in model.parameters()) < before / 3  # the plain copies are gone
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        diff = (model(ids).float() - plain(ids).float()).abs().max()
+    assert diff < 0.1, diff
+    res = engine.generate_detailed(PROMPTS, max_new_tokens=8, logprobs=1)
+    errors = []
+    for prompt, c in zip(PROMPTS, res, strict=True):
+        with torch.no_grad():
+            full = model(torch.tensor([prompt + c.token_ids[:-1]]))[0].float().log_softmax(-1)
+        errors += [
+            abs(lp.logprob - float(ref[lp.token_id]))
+            for lp, ref in zip(c.logprobs, full[len(prompt) - 1 :], strict=True)
+        ]
+    errors_t = torch.tensor(errors)
+    assert (errors_t < TOL[torch.bfloat16]).float().mean() > 0.9 and errors_t.max() < 1.0, errors_t.max()
+    fp32 = copy.deepcopy(models[torch.float32])
+    assert pack_model(fp32) == 0 and not is_packed(fp32)

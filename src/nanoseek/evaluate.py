@@ -256,7 +256,9 @@ def checkpoint_sampler(cfg: EvalConfig) -> tuple[Callable[[Sequence[Any]], list[
     path = resolve_checkpoint(cfg.model)
     tok = load_tokenizer(path)
     model = load_model(path).eval()
-    engine = Engine(model, max_batch_size=cfg.max_batch_size or min(DEFAULT_MAX_BATCH, cfg.n * cfg.k))
+    engine = Engine(
+        model, max_batch_size=cfg.max_batch_size or min(DEFAULT_MAX_BATCH, cfg.n * cfg.k), pack_weights=True
+    )
     stop = [tok.eos_token_id]
 
     def sample(problems: Sequence[Any]) -> list[list[Sample]]:

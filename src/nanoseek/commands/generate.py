@@ -62,7 +62,13 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
     speculative = args.speculative and model.config.num_nextn_predict_layers > 0
     if args.speculative and not speculative:
         print("nanoseek: this checkpoint has no MTP module; decoding without speculation", file=sys.stderr)
-    engine = Engine(model, max_batch_size=max_batch_size, quantize=args.quantize, speculative=speculative)
+    engine = Engine(
+        model,
+        max_batch_size=max_batch_size,
+        quantize=args.quantize,
+        speculative=speculative,
+        pack_weights=True,  # bf16 on a CPU: oneDNN's layout (engine/packed.py); else nothing changes
+    )
     return engine, tokenizer, model
 
 

@@ -74,7 +74,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(directory, dtype=dtype, device=device, quantize=args.quantize).eval()
     tokenizer = load_tokenizer(directory)
     engine = Engine(
-        model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, speculative=args.speculative
+        model,
+        max_batch_size=args.max_batch_size,
+        max_seq_len=args.max_seq_len,
+        speculative=args.speculative,
+        pack_weights=True,  # bf16 on a CPU: oneDNN's layout (engine/packed.py); else nothing changes
     )
     # A Hub name names the model better than its snapshot directory (a commit hash) would.
     name = args.model_name or (directory.resolve().name if Path(args.model).exists() else args.model)

@@ -62,7 +62,10 @@ class Engine:
     max_seq_len: prompt + completion cap (default: the model's max_position_embeddings).
     num_blocks: cache blocks of `block_size` tokens (default: enough for max_batch_size full-length
     sequences, capped at 512 MiB of cache). quantize: None | "int8" | "fp8" (weight-only, applied to
-    the model in place). speculative: draft one token per step with the model's MTP module.
+    the model in place). pack_weights: a bf16 model on a CPU keeps its linears and routed experts in
+    oneDNN's blocked layout (in place, engine/packed.py: the same weights, read faster); only for a model
+    the engine serves, never one still being trained. speculative: draft one token per step with the
+    model's MTP module.
     prefill_chunk: prompt tokens computed per step at most (chunked prefill).
     """
 
@@ -75,6 +78,7 @@ class Engine:
         block_size: int = 16,
         num_blocks: int | None = None,
         quantize: str | None = None,
+        pack_weights: bool = False,
         speculative: bool = False,
         prefill_chunk: int = 512,
     ) -> None:
@@ -99,6 +103,10 @@ class Engine:
         if quantize is not None:
             quantize_model(model, quantize)
         self.quantize = quantize
+        if pack_weights:
+            from nanoseek.engine.packed import pack_model
+
+            pack_model(model)
         self.speculative = speculative
         self.max_seq_len = max_seq_len or cfg.max_position_embeddings
         num_layers = cfg.num_hidden_layers + (1 if speculative else 0)

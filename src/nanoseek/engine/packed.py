@@ -1,0 +1,160 @@
+"""bf16 weights in oneDNN's own blocked layout, for serving on a CPU: the same values, read faster.
+
+A decode step on a CPU is bound by reading weights: batch 1 multiplies one row per matrix, and with 16
+concurrent sequences each of V2-Lite's 64 routed experts sees about two rows. Handed a plain [out, in]
+bf16 weight, oneDNN's GEMM streamed it at 12-25 GB/s for 1-16 rows on our 2-core test machine; handed
+the weight once reordered into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what
+inductor's weight freezing does), 24-38 GB/s, with bit-identical outputs (benchmarks/README.md,
+"Packed bf16 weights"). So an engine that serves a bf16 model on a CPU packs its linears and routed
+experts once, in place, like weight-only quantization (engine/quantize.py), and never keeps the plain
+copy. Not for a model that is still being trained (GRPO's rollouts): the packed copy would not follow
+its updates.
+
+Kept plain: MLA's projections (`MultiHeadLatentAttention.absorbed_weights` reads them as weights to fold;
+decode multiplies by the folded products), a head tied to the embedding, norms, routers, and quantized
+or expert-parallel layers. Routed experts small enough that decode gathers them per step
+(`RoutedExperts.gathers`, the speedrun's) keep that path, and their shared expert with them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.model.attention import MultiHeadLatentAttention
+from nanoseek.model.moe import MoE, RoutedExperts
+
+# The rows oneDNN is told to expect: 16 packed a layout that ran 1-4 rows as fast as a layout for 1
+# row did, and 2-4 rows up to 1.6x faster on one thread (decode: 1 to ~16 rows per matrix)
+PACK_ROWS = 16
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """w [out, in] (bf16, CPU) in oneDNN's blocked layout: an opaque tensor `packed_linear` reads."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), PACK_ROWS)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ wᵀ (+ bias) for a weight packed by `pack_weight`."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def packable(model: nn.Module) -> bool:
+    """Whether packing applies: a bf16 model on a CPU, with a PyTorch whose oneDNN packs bf16 and
+    multiplies by the packed weight exactly as by the plain one (checked on a small weight)."""
+    try:
+        param = next(model.parameters())
+    except StopIteration:
+        return False
+    if (
+        param.device.type != "cpu"
+        or param.dtype != torch.bfloat16
+        or not torch.backends.mkldnn.is_available()
+    ):
+        return False
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=g).to(torch.bfloat16)
+    x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    try:
+        return torch.equal(packed_linear(x, pack_weight(w)), F.linear(x, w))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+class PackedLinear(nn.Module):
+    """An nn.Linear whose weight lives only in oneDNN's blocked layout (bf16, CPU, inference)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = linear.bias  # Qwen2's q/k/v; None for DeepSeek's linears
+        self.packed = pack_weight(linear.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The plain weight, unpacked (a copy), for code that reads weights (not the forward)."""
+        return self.packed.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return packed_linear(x, self.packed, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, packed bf16"
+
+
+class PackedRoutedExperts(RoutedExperts):
+    """RoutedExperts with each expert's two matrices packed: the same dispatch and grouped SwiGLU,
+    its grouped GEMM running each expert that has rows on that expert's packed weights."""
+
+    def __init__(self, experts: RoutedExperts) -> None:
+        nn.Module.__init__(self)
+        self.n_experts = experts.n_experts
+        self.hidden_size = experts.hidden_size
+        self.intermediate_size = experts.intermediate_size
+        self.packed_gate_up = [pack_weight(w) for w in experts.gate_up_proj]
+        self.packed_down = [pack_weight(w) for w in experts.down_proj]
+        # What `grouped_weights` hands the grouped SwiGLU: the stacks' shapes, no storage (zero strides
+        # over one element each); `grouped_mm` tells the two apart by that element.
+        e, i, h = self.n_experts, self.intermediate_size, self.hidden_size
+        self._gate_up_shape = torch.zeros(1, dtype=torch.bfloat16).expand(e, 2 * i, h)
+        self._down_shape = torch.zeros(1, dtype=torch.bfloat16).expand(e, h, i)
+
+    def expert_weights(self, sel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unpacked (gate_up, down) of all experts or of those in `sel`: the dense reference (the
+        serving path never calls it, see `grouped_mm`)."""
+        chosen = range(self.n_experts) if sel is None else sel.tolist()
+        return (
+            torch.stack([self.packed_gate_up[e].to_dense() for e in chosen]),
+            torch.stack([self.packed_down[e].to_dense() for e in chosen]),
+        )
+
+    def grouped_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._gate_up_shape, self._down_shape
+
+    def grouped_mm(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by expert [N,K] @ this module's packed matrices (b: one of `grouped_weights`,
+        transposed): a loop over the experts that have rows (host-side group ends: CPU serving)."""
+        packed = self.packed_gate_up if b.data_ptr() == self._gate_up_shape.data_ptr() else self.packed_down
+        out = a.new_empty(a.shape[0], b.shape[-1])
+        start = 0
+        for e, end in enumerate(offs.tolist()):
+            if end > start:
+                out[start:end] = packed_linear(a[start:end], packed[e])
+            start = end
+        return out
+
+
+def pack_model(model: nn.Module) -> int:
+    """Pack the model's linears and routed experts in place (see the module docstring); returns how
+    many modules were packed (0 where `packable` says no)."""
+    if not packable(model):
+        return 0
+    config = getattr(model, "config", None)
+    tied = getattr(config, "tie_word_embeddings", False)
+    keep: set[int] = set()  # modules whose linears stay plain
+    for module in model.modules():
+        if isinstance(module, MultiHeadLatentAttention):
+            keep.add(id(module))
+        elif isinstance(module, MoE) and module.shared_experts is not None and module.experts.gathers():
+            keep.add(id(module.shared_experts))  # decode appends it to the gathered routed stack
+    targets: list[tuple[nn.Module, str, nn.Module]] = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear:
+                if id(module) in keep or (full == "lm_head" and tied):
+                    continue
+                targets.append((module, child_name, PackedLinear(child)))
+            elif type(child) is RoutedExperts and not child.gathers():
+                targets.append((module, child_name, PackedRoutedExperts(child)))
+    for parent, child_name, new in targets:
+        setattr(parent, child_name, new)
+    return len(targets)
+
+
+def is_packed(model: nn.Module) -> bool:
+    return any(isinstance(m, (PackedLinear, PackedRoutedExperts)) for m in model.modules())
