@@ -388,12 +388,15 @@ def test_pack_weights_serves_the_same_model_faster_layout(models, monkeypatch):
     """`Engine(pack_weights=True)` on a bf16 model: every linear outside MLA's folded projections and
     every non-gathering routed expert is packed in place (no plain copy kept), logits agree with the
     plain model, and decoding stays correct (log-probs against a recompute of its own prefix). An
-    fp32 model is left as it is."""
+    fp32 model, and matrices below the size threshold, are left as they are."""
+    from nanoseek.engine import packed
     from nanoseek.engine.packed import PackedLinear, PackedRoutedExperts, is_packed, pack_model, packable
     from nanoseek.model import moe
     from nanoseek.model.attention import MultiHeadLatentAttention
 
-    monkeypatch.setattr(moe, "GATHER_LIMIT", 0)  # experts of this size would gather; pack them too
+    # weights this small would stay plain and experts this small would gather: pack them all here
+    monkeypatch.setattr(moe, "GATHER_LIMIT", 0)
+    monkeypatch.setattr(packed, "PACK_MIN_ELEMENTS", 0)
     plain = models[torch.bfloat16]
     if not packable(plain):
         pytest.skip("this PyTorch's oneDNN does not pack bf16 weights")
@@ -426,3 +429,5 @@ def test_pack_weights_serves_the_same_model_faster_layout(models, monkeypatch):
     assert (errors_t < TOL[torch.bfloat16]).float().mean() > 0.9 and errors_t.max() < 1.0, errors_t.max()
     fp32 = copy.deepcopy(models[torch.float32])
     assert pack_model(fp32) == 0 and not is_packed(fp32)
+    monkeypatch.setattr(packed, "PACK_MIN_ELEMENTS", 1 << 20)
+    assert pack_model(copy.deepcopy(plain)) == 0  # every matrix of this model is below the size

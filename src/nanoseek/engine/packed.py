@@ -10,10 +10,11 @@ experts once, in place, like weight-only quantization (engine/quantize.py), and 
 copy. Not for a model that is still being trained (GRPO's rollouts): the packed copy would not follow
 its updates.
 
-Kept plain: MLA's projections (`MultiHeadLatentAttention.absorbed_weights` reads them as weights to fold;
-decode multiplies by the folded products), a head tied to the embedding, norms, routers, and quantized
-or expert-parallel layers. Routed experts small enough that decode gathers them per step
-(`RoutedExperts.gathers`, the speedrun's) keep that path, and their shared expert with them.
+Kept plain: matrices under a million weights (`PACK_MIN_ELEMENTS`), MLA's projections
+(`MultiHeadLatentAttention.absorbed_weights` reads them as weights to fold; decode multiplies by the
+folded products), a head tied to the embedding, norms, routers, and quantized or expert-parallel
+layers. Routed experts small enough that decode gathers them per step (`RoutedExperts.gathers`, the
+speedrun's) keep that path, and their shared expert with them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from torch import nn
 from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.moe import MoE, RoutedExperts
 
+# Weights smaller than this stay plain: they stay in cache between steps, a step over them is bound by
+# the number of ops, not bytes, and the packed call cost more there (the speedrun's `tiny`, 256 wide)
+PACK_MIN_ELEMENTS = 1 << 20
 # The rows oneDNN is told to expect: 16 packed a layout that ran 1-4 rows as fast as a layout for 1
 # row did, and 2-4 rows up to 1.6x faster on one thread (decode: 1 to ~16 rows per matrix)
 PACK_ROWS = 16
@@ -146,14 +150,19 @@ def pack_model(model: nn.Module) -> int:
         for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is nn.Linear:
-                if id(module) in keep or (full == "lm_head" and tied):
+                small = not big_enough(child.weight)
+                if small or id(module) in keep or (full == "lm_head" and tied):
                     continue
                 targets.append((module, child_name, PackedLinear(child)))
-            elif type(child) is RoutedExperts and not child.gathers():
+            elif type(child) is RoutedExperts and not child.gathers() and big_enough(child.down_proj[0]):
                 targets.append((module, child_name, PackedRoutedExperts(child)))
     for parent, child_name, new in targets:
         setattr(parent, child_name, new)
     return len(targets)
+
+
+def big_enough(w: torch.Tensor) -> bool:
+    return w.numel() >= PACK_MIN_ELEMENTS
 
 
 def is_packed(model: nn.Module) -> bool:
