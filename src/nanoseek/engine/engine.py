@@ -436,7 +436,9 @@ class Engine:
     def _gemv_kernels(self, one_row: bool) -> Iterator[None]:
         """bf16 matmuls of one row on a CPU (batch-1 decode) run PyTorch's own GEMV instead of oneDNN's
         GEMM, which streams the weights ~1.7x slower there and wins from a few rows on (figures in
-        benchmarks/README.md, bench_llamacpp.py). A process-wide switch, restored after the forward."""
+        benchmarks/README.md, bench_llamacpp.py). A process-wide switch, restored after the forward.
+        Packed weights (`pack_weights`) run oneDNN's GEMM on its own layout either way; the switch
+        serves the matmuls left plain (MLA's)."""
         if not (one_row and self.device.type == "cpu" and self.dtype == torch.bfloat16):
             yield
             return
