@@ -1,14 +1,15 @@
-"""bf16 weights in oneDNN's own blocked layout, for serving on a CPU: the same values, read faster.
+"""Weights in oneDNN's own blocked layout, for serving on a CPU: the same values, read faster.
 
 A decode step on a CPU is bound by reading weights: batch 1 multiplies one row per matrix, and with 16
 concurrent sequences each of V2-Lite's 64 routed experts sees about two rows. Handed a plain [out, in]
-bf16 weight, oneDNN's GEMM streamed it at 12-25 GB/s for 1-16 rows on our 2-core test machine; handed
-the weight once reordered into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what
-inductor's weight freezing does), 24-38 GB/s, with bit-identical outputs (benchmarks/README.md,
-"Packed bf16 weights"). So an engine that serves a bf16 model on a CPU packs its linears and routed
-experts once, in place, like weight-only quantization (engine/quantize.py), and never keeps the plain
-copy. Not for a model that is still being trained (GRPO's rollouts): the packed copy would not follow
-its updates.
+weight, oneDNN's GEMM streamed it at 12-26 GB/s in bf16 and 9-22 GB/s in fp32 for 1-16 rows on our
+2-core test machine; handed the weight once reordered into its blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight`, what inductor's weight freezing does), at 18-38 and
+28-43 GB/s (benchmarks/README.md, "Packed bf16 and fp32 weights"). bf16 outputs are the plain GEMM's
+bit for bit; fp32 ones are summed in another order (relative error ~1e-6, as any fp32 GEMM). So an engine
+that serves a model on a CPU packs its large linears and routed experts once, in place, like
+weight-only quantization (engine/quantize.py), and never keeps the plain copy. Not for a model that is
+still being trained (GRPO's rollouts): the packed copy would not follow its updates.
 
 Kept plain: matrices under a million weights (`PACK_MIN_ELEMENTS`), MLA's projections
 (`MultiHeadLatentAttention.absorbed_weights` reads them as weights to fold; decode multiplies by the
@@ -26,6 +27,7 @@ from torch import nn
 from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.moe import MoE, RoutedExperts
 
+PACKED_DTYPES = (torch.bfloat16, torch.float32)
 # Weights smaller than this stay plain: they stay in cache between steps, a step over them is bound by
 # the number of ops, not bytes, and the packed call cost more there (the speedrun's `tiny`, 256 wide)
 PACK_MIN_ELEMENTS = 1 << 20
@@ -35,7 +37,7 @@ PACK_ROWS = 16
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
-    """w [out, in] (bf16, CPU) in oneDNN's blocked layout: an opaque tensor `packed_linear` reads."""
+    """w [out, in] (bf16 or fp32, CPU) in oneDNN's blocked layout: an opaque tensor `packed_linear` reads."""
     return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), PACK_ROWS)
 
 
@@ -46,34 +48,35 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 def packable(model: nn.Module) -> bool:
-    """Whether packing applies: a bf16 model on a CPU, with a PyTorch whose oneDNN packs bf16 and
-    multiplies by the packed weight exactly as by the plain one (checked on a small weight)."""
+    """Whether packing applies: a bf16 or fp32 model on a CPU, with a PyTorch whose oneDNN packs that
+    dtype and multiplies by the packed weight as by the plain one (checked on a small weight)."""
     try:
         param = next(model.parameters())
     except StopIteration:
         return False
-    if (
-        param.device.type != "cpu"
-        or param.dtype != torch.bfloat16
-        or not torch.backends.mkldnn.is_available()
-    ):
+    dtype = param.dtype
+    if param.device.type != "cpu" or dtype not in PACKED_DTYPES or not torch.backends.mkldnn.is_available():
         return False
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(48, 64, generator=g).to(torch.bfloat16)
-    x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    w = torch.randn(48, 64, generator=g).to(dtype)
+    x = torch.randn(3, 64, generator=g).to(dtype)
     try:
-        return torch.equal(packed_linear(x, pack_weight(w)), F.linear(x, w))
+        got, want = packed_linear(x, pack_weight(w)), F.linear(x, w)
     except (RuntimeError, AttributeError):
         return False
+    return (
+        torch.equal(got, want) if dtype == torch.bfloat16 else torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    )
 
 
 class PackedLinear(nn.Module):
-    """An nn.Linear whose weight lives only in oneDNN's blocked layout (bf16, CPU, inference)."""
+    """An nn.Linear whose weight lives only in oneDNN's blocked layout (CPU, inference)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = linear.bias  # Qwen2's q/k/v; None for DeepSeek's linears
+        self.dtype = linear.weight.dtype
         self.packed = pack_weight(linear.weight)
 
     @property
@@ -82,12 +85,12 @@ class PackedLinear(nn.Module):
         return self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16:
+        if x.dtype != self.dtype:
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return packed_linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, packed bf16"
+        return f"in={self.in_features}, out={self.out_features}, packed {self.dtype}"
 
 
 class PackedRoutedExperts(RoutedExperts):
@@ -103,9 +106,9 @@ class PackedRoutedExperts(RoutedExperts):
         self.packed_down = [pack_weight(w) for w in experts.down_proj]
         # What `grouped_weights` hands the grouped SwiGLU: the stacks' shapes, no storage (zero strides
         # over one element each); `grouped_mm` tells the two apart by that element.
-        e, i, h = self.n_experts, self.intermediate_size, self.hidden_size
-        self._gate_up_shape = torch.zeros(1, dtype=torch.bfloat16).expand(e, 2 * i, h)
-        self._down_shape = torch.zeros(1, dtype=torch.bfloat16).expand(e, h, i)
+        e, i, h, dtype = self.n_experts, self.intermediate_size, self.hidden_size, experts.down_proj.dtype
+        self._gate_up_shape = torch.zeros(1, dtype=dtype).expand(e, 2 * i, h)
+        self._down_shape = torch.zeros(1, dtype=dtype).expand(e, h, i)
 
     def expert_weights(self, sel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Unpacked (gate_up, down) of all experts or of those in `sel`: the dense reference (the
@@ -145,7 +148,9 @@ def pack_model(model: nn.Module) -> int:
             keep.add(id(module))
         elif isinstance(module, MoE) and module.shared_experts is not None and module.experts.gathers():
             keep.add(id(module.shared_experts))  # decode appends it to the gathered routed stack
-    targets: list[tuple[nn.Module, str, nn.Module]] = []
+    # (parent, name) only, each packed and swapped in before the next: one matrix's plain and packed
+    # copies at a time, never a second copy of the model
+    targets: list[tuple[nn.Module, str]] = []
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
@@ -153,11 +158,17 @@ def pack_model(model: nn.Module) -> int:
                 small = not big_enough(child.weight)
                 if small or id(module) in keep or (full == "lm_head" and tied):
                     continue
-                targets.append((module, child_name, PackedLinear(child)))
+                targets.append((module, child_name))
             elif type(child) is RoutedExperts and not child.gathers() and big_enough(child.down_proj[0]):
-                targets.append((module, child_name, PackedRoutedExperts(child)))
-    for parent, child_name, new in targets:
-        setattr(parent, child_name, new)
+                targets.append((module, child_name))
+    for parent, child_name in targets:
+        child = getattr(parent, child_name)
+        setattr(
+            parent,
+            child_name,
+            PackedLinear(child) if type(child) is nn.Linear else PackedRoutedExperts(child),
+        )
+        del child
     return len(targets)
 
 
