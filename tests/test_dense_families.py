@@ -154,14 +154,22 @@ def engine_model(name: str, tmp_path):
     return ref, nanoseek.load_model(tmp_path).eval()
 
 
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("name", ["qwen2_tied_gqa4", "llama_bias_llama3_gqa4"])
-def test_engine_greedy_matches_transformers_generate(tmp_path, name):
-    from nanoseek.engine import Engine
+def test_engine_greedy_matches_transformers_generate(tmp_path, name, pack, monkeypatch):
+    """Also with the weights in oneDNN's layout (engine/packed.py): q/k/v with biases, a tied head kept."""
+    from nanoseek.engine import Engine, packed
     from nanoseek.engine.cache import PagedKVCache
 
     ref, ours = engine_model(name, tmp_path)
+    monkeypatch.setattr(packed, "PACK_MIN_ELEMENTS", 0)  # this model's matrices are all small
     # Small blocks and prefill chunks: prompts prefill over several steps while others decode.
-    engine = Engine(ours, max_batch_size=4, block_size=4, prefill_chunk=8)
+    engine = Engine(ours, max_batch_size=4, block_size=4, prefill_chunk=8, pack_weights=pack)
+    if pack and packed.packable(ref):
+        attn = ours.model.layers[0].self_attn
+        assert isinstance(attn.q_proj, packed.PackedLinear)
+        assert attn.q_proj.bias is not None  # Qwen2's q/k/v biases; Llama's attention_bias
+        assert isinstance(ours.lm_head, packed.PackedLinear) != ours.config.tie_word_embeddings
     assert isinstance(engine.cache, PagedKVCache)
     cfg = ours.config
     assert (
