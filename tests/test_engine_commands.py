@@ -150,3 +150,15 @@ def test_chat_no_think(checkpoint):
     out = io.StringIO()
     assert chat.run(args, stdin=io.StringIO("hello\n"), stdout=out) == 0
     assert "1 turns" in out.getvalue()
+
+
+def test_chat_banner_counts_the_checkpoints_weights_whatever_their_storage(checkpoint):
+    """int8 weights are buffers, packed ones opaque tensors: the banner counts from the config."""
+    import nanoseek
+    from nanoseek.commands import chat
+
+    full = sum(p.numel() for p in nanoseek.load_model(checkpoint).parameters())
+    args = cli_args("chat", str(checkpoint), "--quantize", "int8", "--max-new-tokens", "2", "--threads", "1")
+    out = io.StringIO()
+    assert chat.run(args, stdin=io.StringIO("/exit\n"), stdout=out) == 0
+    assert f"({full / 1e6:.1f}M params)" in out.getvalue(), out.getvalue()[:200]

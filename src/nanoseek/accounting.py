@@ -66,6 +66,11 @@ class ParamCounts:
         return sum(self.by_component.values())
 
     @property
+    def with_mtp(self) -> int:
+        """Every weight the checkpoint holds (what `serve` and `chat` print)."""
+        return self.total + self.mtp
+
+    @property
     def active(self) -> int:
         return sum(self.active_by_component.values())
 

@@ -96,6 +96,7 @@ def chat_turn(
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
+    from nanoseek.accounting import count_parameters
     from nanoseek.tokenizer import USER
 
     params = sampling_params(args)  # bad flags fail before the model loads
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
 
     reset()
     out.write(
-        f"nanoseek chat: {args.dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params). {HELP}\n"
+        f"nanoseek chat: {args.dir} ({count_parameters(model.config).with_mtp / 1e6:.1f}M params). {HELP}\n"
     )
     turns = tokens = 0
     seconds = 0.0

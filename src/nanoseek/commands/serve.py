@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from nanoseek import load_model, load_tokenizer
+    from nanoseek.accounting import count_parameters
     from nanoseek.checkpoint import resolve_checkpoint
     from nanoseek.engine import Engine
     from nanoseek.serve import ServeConfig, create_app
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     )
     model = load_model(directory, dtype=dtype, device=device, quantize=args.quantize).eval()
     tokenizer = load_tokenizer(directory)
+    # from the config: int8 and packed weights are buffers or opaque tensors, not parameters
+    n_params = count_parameters(model.config).with_mtp
     engine = Engine(
         model,
         max_batch_size=args.max_batch_size,
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     server = app.state.server
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     print(
-        f"nanoseek serve: model {name!r} ({directory}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        f"nanoseek serve: model {name!r} ({directory}, {n_params / 1e6:.1f}M "
         f"params, context {server.max_context}, {device}/{str(dtype).removeprefix('torch.')})"
     )
     if defaults:
