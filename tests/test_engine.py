@@ -329,10 +329,19 @@ def test_experts_run_in_place_equal_gathered_decode(models, dtype, monkeypatch):
     monkeypatch.setattr(moe, "GATHER_LIMIT", 0)
     assert not any(m.experts.gathers() for m in model.modules() if isinstance(m, moe.MoE))
     res = Engine(model, max_batch_size=4).generate_detailed(PROMPTS, max_new_tokens=8, logprobs=1)
+    check_decoded(model, res, dtype)
+
+
+def check_decoded(
+    model: DeepSeekV3, res: list, dtype: torch.dtype, reference: DeepSeekV3 | None = None
+) -> None:
+    """Decodes of PROMPTS checked: in fp32 the reference's (default: the model's) greedy tokens; in
+    bf16 (rounding differs, so a near tie may flip) each step's log-prob against a recompute of the
+    engine's own prefix."""
     errors = []
     for prompt, c in zip(PROMPTS, res, strict=True):
         if dtype == torch.float32:
-            assert c.token_ids == greedy_reference(model, prompt, 8)[0]
+            assert c.token_ids == greedy_reference(reference or model, prompt, len(c.token_ids))[0]
         with torch.no_grad():
             full = model(torch.tensor([prompt + c.token_ids[:-1]]))[0].float().log_softmax(-1)
         errors += [
@@ -417,19 +426,7 @@ def test_pack_weights_serves_the_same_model_faster_layout(models, dtype, monkeyp
     with torch.no_grad():
         diff = (model(ids).float() - plain(ids).float()).abs().max()
     assert diff < (0.1 if dtype == torch.bfloat16 else 1e-4), diff
-    res = engine.generate_detailed(PROMPTS, max_new_tokens=8, logprobs=1)
-    errors = []
-    for prompt, c in zip(PROMPTS, res, strict=True):
-        if dtype == torch.float32:
-            assert c.token_ids == greedy_reference(plain, prompt, 8)[0]
-        with torch.no_grad():
-            full = model(torch.tensor([prompt + c.token_ids[:-1]]))[0].float().log_softmax(-1)
-        errors += [
-            abs(lp.logprob - float(ref[lp.token_id]))
-            for lp, ref in zip(c.logprobs, full[len(prompt) - 1 :], strict=True)
-        ]
-    errors_t = torch.tensor(errors)
-    assert (errors_t < TOL[dtype]).float().mean() > 0.9 and errors_t.max() < 1.0, errors_t.max()
+    check_decoded(model, engine.generate_detailed(PROMPTS, max_new_tokens=8, logprobs=1), dtype, plain)
     half = copy.deepcopy(plain).to(torch.float16)
     assert pack_model(half) == 0 and not is_packed(half)
     monkeypatch.setattr(packed, "PACK_MIN_ELEMENTS", 1 << 20)
