@@ -12,9 +12,8 @@ weight-only quantization (engine/quantize.py), and never keeps the plain copy. N
 still being trained (GRPO's rollouts): the packed copy would not follow its updates.
 
 Kept plain: matrices under a million weights (`PACK_MIN_ELEMENTS`), MLA's projections
-(`MultiHeadLatentAttention.absorbed_weights` reads them as weights to fold, and prefill multiplies by
-them: decode's folded products are packed instead, `pack_folded`, a copy beside them of about 2% of
-V2-Lite's weights), a head tied to the embedding, norms, routers, and quantized or expert-parallel
+(`MultiHeadLatentAttention.absorbed_weights` reads them as weights to fold; decode multiplies by the
+folded products), a head tied to the embedding, norms, routers, and quantized or expert-parallel
 layers. Routed experts small enough that decode gathers them per step (`RoutedExperts.gathers`, the
 speedrun's) keep that path, and their shared expert with them.
 """
@@ -27,13 +26,25 @@ from torch import nn
 
 from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.moe import MoE, RoutedExperts
-from nanoseek.model.onednn import linear as onednn_linear
-from nanoseek.model.onednn import pack_weight
 
 PACKED_DTYPES = (torch.bfloat16, torch.float32)
 # Weights smaller than this stay plain: they stay in cache between steps, a step over them is bound by
 # the number of ops, not bytes, and the packed call cost more there (the speedrun's `tiny`, 256 wide)
 PACK_MIN_ELEMENTS = 1 << 20
+# The rows oneDNN is told to expect: 16 packed a layout that ran 1-4 rows as fast as a layout for 1
+# row did, and 2-4 rows up to 1.6x faster on one thread (decode: 1 to ~16 rows per matrix)
+PACK_ROWS = 16
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """w [out, in] (bf16 or fp32, CPU) in oneDNN's blocked layout: an opaque tensor `packed_linear` reads."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), PACK_ROWS)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ wᵀ (+ bias) for a weight packed by `pack_weight`."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def packable(model: nn.Module) -> bool:
@@ -50,7 +61,7 @@ def packable(model: nn.Module) -> bool:
     w = torch.randn(48, 64, generator=g).to(dtype)
     x = torch.randn(3, 64, generator=g).to(dtype)
     try:
-        got, want = onednn_linear(x, pack_weight(w)), F.linear(x, w)
+        got, want = packed_linear(x, pack_weight(w)), F.linear(x, w)
     except (RuntimeError, AttributeError):
         return False
     return (
@@ -76,7 +87,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        return onednn_linear(x, self.packed, self.bias)
+        return packed_linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, packed {self.dtype}"
@@ -119,7 +130,7 @@ class PackedRoutedExperts(RoutedExperts):
         start = 0
         for e, end in enumerate(offs.tolist()):
             if end > start:
-                out[start:end] = onednn_linear(a[start:end], packed[e])
+                out[start:end] = packed_linear(a[start:end], packed[e])
             start = end
         return out
 
@@ -135,7 +146,6 @@ def pack_model(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, MultiHeadLatentAttention):
             keep.add(id(module))
-            module.pack_folded(lambda w: pack_weight(w) if big_enough(w) else w)
         elif isinstance(module, MoE) and module.shared_experts is not None and module.experts.gathers():
             keep.add(id(module.shared_experts))  # decode appends it to the gathered routed stack
     # (parent, name) only, each packed and swapped in before the next: one matrix's plain and packed

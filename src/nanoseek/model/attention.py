@@ -17,8 +17,7 @@ What is notable here:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -26,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_get_mscale
-from nanoseek.model.onednn import linear
 
 
 class RMSNorm(nn.Module):
@@ -202,8 +200,7 @@ class AbsorbedWeights:
     giving per-head [latent ; rope] queries; None when that product would be much larger than its
     factors (then w_uk, stored [H, C, nope] so both W_UK and W_UV reduce over their contiguous last
     dim, as one-row GEMV kernels want, is applied per head). wo: W_UV folded into o_proj, or o_proj
-    alone (w_uv apart). q: the unfolded query projection, only where the engine packed it
-    (`pack_folded`); else the module runs it.
+    alone (w_uv apart).
     """
 
     wa: torch.Tensor
@@ -211,7 +208,6 @@ class AbsorbedWeights:
     w_uk: torch.Tensor
     wo: torch.Tensor
     w_uv: torch.Tensor | None
-    q: torch.Tensor | None = None
 
 
 FOLD_LIMIT = 1 << 22  # elements per folded matrix; beyond this keep the factors (per-head einsum)
@@ -336,18 +332,6 @@ class MultiHeadLatentAttention(nn.Module):
                 self._absorbed = (key, self._fold())
         return self._absorbed[1]
 
-    @torch.no_grad()
-    def pack_folded(self, pack: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Serving on a CPU (engine/packed.py): the matrices the absorbed path multiplies by, in the
-        layout `pack` gives, until a source weight changes (then folded again, plain)."""
-        w = self.absorbed_weights()
-        key = self._absorbed[0]  # type: ignore[index]
-        q_proj = self.q_proj if self.q_lora_rank is None else self.q_b_proj
-        # a quantized query projection keeps its own kernel (and its smaller weights)
-        q = pack(q_proj.weight) if w.wq is None and type(q_proj) is nn.Linear else None
-        wq = None if w.wq is None else pack(w.wq)
-        self._absorbed = (key, replace(w, wa=pack(w.wa), wq=wq, wo=pack(w.wo), q=q))
-
     def _fold(self) -> AbsorbedWeights:
         h, nope, rope, c, v = (
             self.num_heads,
@@ -392,18 +376,17 @@ class MultiHeadLatentAttention(nn.Module):
         b, s, _ = x.shape
         h, c = self.num_heads, self.kv_lora_rank
         w = self.absorbed_weights()
-        down = linear(x, w.wa)
+        down = F.linear(x, w.wa)
         if self.q_lora_rank is None:
             q_in, kv = x, down
         else:
             q_in, kv = self.q_a_layernorm(down[..., : self.q_lora_rank]), down[..., self.q_lora_rank :]
         if w.wq is not None:
-            q = linear(q_in, w.wq).view(b, s, h, c + self.qk_rope_head_dim)
+            q = F.linear(q_in, w.wq).view(b, s, h, c + self.qk_rope_head_dim)
             q_lat, q_pe = q[..., :c], q[..., c:]
         else:
             q_proj = self.q_proj if self.q_lora_rank is None else self.q_b_proj
-            q = q_proj(q_in) if w.q is None else linear(q_in, w.q)
-            q = q.view(b, s, h, self.qk_head_dim) * self.softmax_scale
+            q = q_proj(q_in).view(b, s, h, self.qk_head_dim) * self.softmax_scale
             q_lat = torch.einsum("bshd,hcd->bshc", q[..., : self.qk_nope_head_dim], w.w_uk)
             q_pe = q[..., self.qk_nope_head_dim :]
         pe = apply_rope(torch.cat((q_pe, kv[..., c:].unsqueeze(2)), dim=2), cos, sin, self.interleave)
@@ -412,7 +395,7 @@ class MultiHeadLatentAttention(nn.Module):
         out = self.attend_latent(torch.cat((q_lat, pe[:, :, :h]), dim=-1), rows, mask)
         if w.w_uv is not None:
             out = torch.einsum("bshc,hvc->bshv", out, w.w_uv)
-        return linear(out.reshape(b, s, -1), w.wo)
+        return F.linear(out.reshape(b, s, -1), w.wo)
 
     def forward(
         self,
