@@ -4,7 +4,8 @@ Two sizes: `tiny` (the speedrun's shape, vocab 1024) and `lite` (DeepSeek-V2-Lit
 16 heads, kv_lora_rank 512, full-rank query, 64 routed experts of 1408 + 2 shared, top-6, a dense first
 layer of 10944, vocab 102400; few layers). Random weights, a tokenizer trained on a few documents (as
 check_gguf_llamacpp.py builds them). At equal bits per weight: nanoseek bf16 vs GGUF bf16, nanoseek's
-weight-only int8 (bf16 activations) vs GGUF Q8_0. Figures, greedy with fixed lengths (EOS ignored):
+weight-only int8 (bf16 activations) vs GGUF Q8_0, and w8a8 (int8 weights and 8-bit activations, as Q8_0's
+dot products) vs Q8_0. Figures, greedy with fixed lengths (EOS ignored):
 - pp: prompt processing tok/s (one 256-token prompt, first token included);
 - b1: batch-1 decode tok/s (after the prompt's first token);
 - b16: aggregate decode tok/s of 16 concurrent sequences (nanoseek: 16 prompts in one `generate`;
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 SIZES = ("tiny", "lite")
-GGUF_TYPE = {"bf16": "bf16", "int8": "q8_0", "f32": "f32"}
+GGUF_TYPE = {"bf16": "bf16", "int8": "q8_0", "w8a8": "q8_0", "f32": "f32"}
 FIGURES = ("pp", "b1", "b16")
 BATCH = 16
 PROMPT_LEN = 16  # the decode runs' prompts
@@ -97,7 +98,9 @@ def run_nanoseek(ckpt: Path, precision: str, figures: list[str], new: int, seed:
     from nanoseek.engine import Engine, SamplingParams
 
     dtype = torch.float32 if precision == "f32" else torch.bfloat16
-    model = load_model(ckpt, dtype=dtype, quantize="int8" if precision == "int8" else None).eval()
+    model = load_model(
+        ckpt, dtype=dtype, quantize=precision if precision in ("int8", "w8a8") else None
+    ).eval()
     vocab = model.config.vocab_size
     engine = Engine(model, max_batch_size=BATCH, max_seq_len=PP_LEN + new + 8, pack_weights=True)
     one = SamplingParams(max_new_tokens=1, ignore_eos=True)
@@ -244,7 +247,7 @@ def format_table(rows: list[dict], threads: int) -> str:
     for r in rows:
         ns, ll = r.get("nanoseek"), r.get("llamacpp")
         ratio = f"{ns / ll:.2f}x" if ns and ll else "—"
-        prec = "int8 vs Q8_0" if r["precision"] == "int8" else r["precision"]
+        prec = f"{r['precision']} vs Q8_0" if r["precision"] in ("int8", "w8a8") else r["precision"]
         lines.append(
             f"| {r['size']} | {prec} | {names[r['figure']]} | {threads} | {num(ns)} | {num(ll)} | {ratio} |"
         )
@@ -254,7 +257,7 @@ def format_table(rows: list[dict], threads: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="tiny,lite")
-    ap.add_argument("--precisions", default="bf16,int8", help="bf16, int8 (vs Q8_0), f32")
+    ap.add_argument("--precisions", default="bf16,int8", help="bf16, int8 and w8a8 (vs Q8_0), f32")
     ap.add_argument("--figures", default="pp,b1,b16", help="pp, b1, b16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each engine, alternating; median")

@@ -230,11 +230,12 @@ def test_engine_int8_and_no_speculation(tmp_path):
     _, ours = engine_model("qwen2_tied_gqa4", tmp_path)
     with pytest.raises(ValueError, match="not available"):
         Engine(ours, speculative=True)
-    # int8 weights, the q/k/v biases kept beside them in the model's dtype.
-    q = Engine(nanoseek.load_model(tmp_path).eval(), quantize="int8")
-    layer = q.model.model.layers[0].self_attn
-    assert layer.q_proj.qweight.dtype == torch.int8 and layer.q_proj.bias is not None
-    assert [len(x) for x in q.generate(ENGINE_PROMPTS[:2], max_new_tokens=4, ignore_eos=True)] == [4, 4]
+    # int8 weights (w8a8: and 8-bit activations), the q/k/v biases kept beside them in the model's dtype.
+    for fmt in ("int8", "w8a8"):
+        q = Engine(nanoseek.load_model(tmp_path).eval(), quantize=fmt)
+        layer = q.model.model.layers[0].self_attn
+        assert layer.q_proj.qweight.dtype == torch.int8 and layer.q_proj.bias is not None
+        assert [len(x) for x in q.generate(ENGINE_PROMPTS[:2], max_new_tokens=4, ignore_eos=True)] == [4, 4]
 
 
 def test_inspect_r1_distill_qwen_1_5b_shape(tmp_path, capsys):

@@ -418,7 +418,7 @@ def load_model(
     their inputs): DeepSeek's FP8 weights are taken as they are (no dequantize/requantize round
     trip), higher-precision ones block-quantized. The embedding, head, norms, router and routed
     experts (stacked for grouped compute) load in `dtype`, dequantized where the file holds FP8.
-    quantize="int8"|"fp8" gives the engine's weight-only storage (`nanoseek.engine.quantize`), each
+    quantize="int8"|"fp8"|"w8a8" gives the engine's quantized storage (`nanoseek.engine.quantize`), each
     weight quantized from `dtype` as it arrives, as `Engine(quantize=...)` would after loading.
     """
     if fp8 and quantize:

@@ -26,7 +26,12 @@ def add_generation_flags(
         add_options(g, SamplingParams, defaults=defaults)
 
     defer(p, sampling_flags)
-    g.add_argument("--quantize", choices=["int8", "fp8"], default=None, help="weight-only quantization")
+    g.add_argument(
+        "--quantize",
+        choices=["int8", "fp8", "w8a8"],
+        default=None,
+        help="int8 or fp8 weights; w8a8: int8 weights and activations (CPU)",
+    )
     g.add_argument("--speculative", action="store_true", help="draft tokens with the model's MTP module")
     g.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype (default float32)"

@@ -46,9 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument(
         "--quantize",
-        choices=["int8", "fp8"],
+        choices=["int8", "fp8", "w8a8"],
         default=None,
-        help="weight-only quantization, applied as the checkpoint streams in",
+        help="int8 or fp8 weights (w8a8: int8 weights and activations, CPU), applied as the checkpoint streams in",
     )
     p.set_defaults(func=run)
 
