@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.attention import MultiHeadLatentAttention
-from nanoseek.model.moe import MoE, RoutedExperts
+from nanoseek.model.moe import MoE, RoutedExperts, each_expert
 
 PACKED_DTYPES = (torch.bfloat16, torch.float32)
 # Weights smaller than this stay plain: they stay in cache between steps, a step over them is bound by
@@ -126,13 +126,7 @@ class PackedRoutedExperts(RoutedExperts):
         """Rows grouped by expert [N,K] @ this module's packed matrices (b: one of `grouped_weights`,
         transposed): a loop over the experts that have rows (host-side group ends: CPU serving)."""
         packed = self.packed_gate_up if b.data_ptr() == self._gate_up_shape.data_ptr() else self.packed_down
-        out = a.new_empty(a.shape[0], b.shape[-1])
-        start = 0
-        for e, end in enumerate(offs.tolist()):
-            if end > start:
-                out[start:end] = packed_linear(a[start:end], packed[e])
-            start = end
-        return out
+        return each_expert(a, offs, b.shape[-1], lambda e, rows: packed_linear(rows, packed[e]))
 
 
 def pack_model(model: nn.Module) -> int:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.model.moe import RoutedExperts
+from nanoseek.model.moe import RoutedExperts, each_expert
 
 FORMATS = ("int8", "fp8", "w8a8")
 _QMAX = {"int8": 127.0, "fp8": 448.0, "w8a8": 127.0}
@@ -196,25 +196,15 @@ class QuantRoutedExperts(RoutedExperts):
             else (self.q_down, self.s_down)
         )
         assert b.shape == q.transpose(-2, -1).shape, "grouped_mm takes this module's own storage"
-        out = a.new_empty(a.shape[0], q.shape[1])
         if self.fmt == "w8a8":
             packed = self._w8a8.get(q.data_ptr())
             if packed is None:
                 packed = self._w8a8[q.data_ptr()] = [_w8a8_weight(q[e], s[e]) for e in range(q.shape[0])]
-            start = 0
-            for e, end in enumerate(offs.tolist()):
-                if end > start:
-                    out[start:end] = _w8a8_linear(a[start:end], packed[e])
-                start = end
-            return out
+            return each_expert(a, offs, q.shape[1], lambda e, rows: _w8a8_linear(rows, packed[e]))
         if self._kernel is None:
             self._kernel = _int8_kernel_ok(a, q[0], s[0])
-        start = 0
-        for e, end in enumerate(offs.tolist()):
-            if end > start:
-                out[start:end] = _quant_linear(a[start:end], q[e], s[e], self._kernel)
-            start = end
-        return out
+        kernel = self._kernel
+        return each_expert(a, offs, q.shape[1], lambda e, rows: _quant_linear(rows, q[e], s[e], kernel))
 
 
 def quantize_model(model: nn.Module, fmt: str) -> nn.Module:

@@ -159,6 +159,22 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 
 GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
+
+def each_expert(
+    a: torch.Tensor, offs: torch.Tensor, width: int, mm: Callable[[int, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Rows grouped by expert [N,K] -> [N,width], `mm(e, rows)` for each expert that has rows: the
+    grouped GEMM of a weight storage that runs expert by expert (int8, w8a8, packed; CPU serving,
+    host-side group ends)."""
+    out = a.new_empty(a.shape[0], width)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = mm(e, a[start:end])
+        start = end
+    return out
+
+
 # Decode gathers the chosen experts' weights (and appends the shared expert to the stack) only while
 # one expert holds at most this many weights (3·hidden·moe_intermediate). Below it a step is bound by
 # the number of ops, and the copy is cheap; above it (V2-Lite: 8.7 M) the copy is pure extra traffic.
