@@ -11,7 +11,8 @@ What is notable here:
   PyTorch's quantized CPU GEMM (fbgemm on x86: int8 dot products, `torch.ops.quantized.linear_dynamic`),
   the scheme of llama.cpp's Q8_0 dot products (theirs scale every 32 activations, this one a call's
   rows together). It streams weights ~3.5x faster than the weight-only int8 kernel at decode; the
-  backend keeps its own packed copy of each weight, so it holds the int8 weights twice. PyTorch has
+  backend keeps its own packed copy of each weight, so it holds the int8 weights twice
+  (docs/checkpoints.md). PyTorch has
   deprecated its quantized tensors (torchao succeeds them): where they are gone, w8a8 is refused.
 - Every linear of the attention and the MLPs is quantized, and the stacked routed experts too (their
   scales are per expert and output channel). With int8 the LM head too (per vocabulary row, as
