@@ -208,3 +208,33 @@ def test_quant_linear_equals_its_dequantized_weight(rows, fmt):
         want = torch.nn.functional.linear(x, q.dequantize()).float()
     assert got.shape == (2, rows, 96)
     assert (got - want).norm() < (0.03 if fmt == "w8a8" else 0.01) * want.norm()
+
+
+def test_w8a8_frees_the_int8_copy_the_backend_took_over():
+    """The quantized backend packs its own copy of each weight at the first call: the int8 buffers
+    then shrink to one element each, and the weights read back (dequantized) are unchanged."""
+    from nanoseek.engine.quantize import QuantRoutedExperts
+    from nanoseek.model.moe import RoutedExperts
+
+    torch.manual_seed(0)
+    lin = QuantLinear(torch.nn.Linear(64, 96, bias=False).to(torch.bfloat16), "w8a8")
+    dense = RoutedExperts(8, 64, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        dense.gate_up_proj.normal_(0, 0.2)
+        dense.down_proj.normal_(0, 0.2)
+    experts = QuantRoutedExperts(dense, "w8a8")
+    w, (gu, d) = lin.dequantize(), experts.expert_weights()
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(5)])
+    gates = torch.rand(5, 2)
+    with torch.inference_mode():
+        y1, e1 = lin(x), experts(x, idx, gates)
+        y2, e2 = lin(x), experts(x, idx, gates)  # after the swap: the same results
+    assert torch.equal(y1, y2) and torch.equal(e1, e2)
+    for t in (lin.qweight, experts.q_gate_up, experts.q_down):
+        assert t.untyped_storage().nbytes() == 1
+        assert t._version == 0  # made under inference mode, yet a plain tensor: MLA keys on versions
+    assert lin.qweight.shape == (96, 64) and experts.q_gate_up.shape == (8, 64, 64)
+    assert torch.equal(lin.dequantize(), w)
+    gu2, d2 = experts.expert_weights()
+    assert torch.equal(gu2, gu) and torch.equal(d2, d)

@@ -11,8 +11,8 @@ What is notable here:
   PyTorch's quantized CPU GEMM (fbgemm on x86: int8 dot products, `torch.ops.quantized.linear_dynamic`),
   the scheme of llama.cpp's Q8_0 dot products (theirs scale every 32 activations, this one a call's
   rows together). It streams weights ~3.5x faster than the weight-only int8 kernel at decode; the
-  backend keeps its own packed copy of each weight, so it holds the int8 weights twice
-  (docs/checkpoints.md). PyTorch has
+  backend packs its own copy of each weight at the first call, and the int8 buffers are then freed
+  (`_stand_in`: their shapes stay, the dense reference reads the backend's copy). PyTorch has
   deprecated its quantized tensors (torchao succeeds them): where they are gone, w8a8 is refused.
 - Every linear of the attention and the MLPs is quantized, and the stacked routed experts too (their
   scales are per expert and output channel). With int8 the LM head too (per vocabulary row, as
@@ -90,6 +90,18 @@ def _w8a8_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic(x.float(), packed, True).to(x.dtype)
 
 
+def _w8a8_dequantized(packed: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight a `_w8a8_weight` holds (its int8 values times their scales)."""
+    return torch.ops.quantized.linear_unpack(packed)[0].dequantize()
+
+
+def _stand_in(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of t's shape and dtype over one element: what stays of an int8 buffer once the
+    quantized backend holds its own copy (the shape still names the weight; the memory is freed)."""
+    with torch.inference_mode(False):  # a plain tensor: MLA keys its folded weights on `_version`
+        return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
 def w8a8_available() -> bool:
     """Whether this PyTorch still has the quantized CPU linear w8a8 runs on (deprecated upstream)."""
     try:
@@ -127,6 +139,8 @@ class QuantLinear(nn.Module):
         self._w8a8: torch.Tensor | None = None  # `_w8a8_weight`, made at the first call
 
     def dequantize(self) -> torch.Tensor:
+        if self._w8a8 is not None:
+            return _w8a8_dequantized(self._w8a8).to(self.compute_dtype)
         return (self.qweight.to(self.compute_dtype) * self.scale.unsqueeze(-1)).to(self.compute_dtype)
 
     @property
@@ -143,6 +157,7 @@ class QuantLinear(nn.Module):
         if self.fmt == "w8a8":
             if self._w8a8 is None:
                 self._w8a8 = _w8a8_weight(self.qweight, self.scale)
+                self.qweight = _stand_in(self.qweight)  # the backend's copy is the weight now
             y = _w8a8_linear(x.reshape(-1, shape[-1]), self._w8a8)
         else:
             y = _quant_linear(x.reshape(-1, shape[-1]), self.qweight, self.scale, self._kernel)
@@ -172,11 +187,18 @@ class QuantRoutedExperts(RoutedExperts):
         self.register_buffer("q_down", q2)
         self.register_buffer("s_down", s2.to(dtype))
         self._kernel: bool | None = None if fmt == "int8" else False
-        self._w8a8: dict[int, list[torch.Tensor]] = {}  # per stack, per expert: made at the first call
+        # w8a8: (gate_up, down), each a `_w8a8_weight` per expert, made at the first call
+        self._w8a8: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def expert_weights(self, sel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized (gate_up, down) of all experts, or of those in `sel`: the dense reference (the
         serving path never calls it, see `grouped_mm`)."""
+        if self._w8a8 is not None:  # the int8 stacks live in the backend's copies now
+            chosen = range(self.n_experts) if sel is None else sel.tolist()
+            dt = self.compute_dtype
+            return tuple(  # type: ignore[return-value]
+                torch.stack([_w8a8_dequantized(stack[e]) for e in chosen]).to(dt) for stack in self._w8a8
+            )
         q1, s1, q2, s2 = self.q_gate_up, self.s_gate_up, self.q_down, self.s_down
         if sel is not None:
             q1, s1, q2, s2 = (t.index_select(0, sel) for t in (q1, s1, q2, s2))
@@ -198,9 +220,14 @@ class QuantRoutedExperts(RoutedExperts):
         )
         assert b.shape == q.transpose(-2, -1).shape, "grouped_mm takes this module's own storage"
         if self.fmt == "w8a8":
-            packed = self._w8a8.get(q.data_ptr())
-            if packed is None:
-                packed = self._w8a8[q.data_ptr()] = [_w8a8_weight(q[e], s[e]) for e in range(q.shape[0])]
+            which = 0 if q is self.q_gate_up else 1  # told apart before the stacks are replaced
+            if self._w8a8 is None:
+                self._w8a8 = tuple(  # type: ignore[assignment]
+                    [_w8a8_weight(qs[e], ss[e]) for e in range(qs.shape[0])]
+                    for qs, ss in ((self.q_gate_up, self.s_gate_up), (self.q_down, self.s_down))
+                )
+                self.q_gate_up, self.q_down = _stand_in(self.q_gate_up), _stand_in(self.q_down)
+            packed = self._w8a8[which]  # type: ignore[index]
             return each_expert(a, offs, q.shape[1], lambda e, rows: _w8a8_linear(rows, packed[e]))
         if self._kernel is None:
             self._kernel = _int8_kernel_ok(a, q[0], s[0])
