@@ -72,7 +72,7 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
         max_batch_size=max_batch_size,
         quantize=args.quantize,
         speculative=speculative,
-        pack_weights=True,  # bf16 on a CPU: oneDNN's layout (engine/packed.py); else nothing changes
+        pack_weights=True,  # bf16/fp32 on a CPU: oneDNN's layout (engine/packed.py); else a no-op
     )
     return engine, tokenizer, model
 

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_seq_len=args.max_seq_len,
         speculative=args.speculative,
-        pack_weights=True,  # bf16 on a CPU: oneDNN's layout (engine/packed.py); else nothing changes
+        pack_weights=True,  # bf16/fp32 on a CPU: oneDNN's layout (engine/packed.py); else a no-op
     )
     # A Hub name names the model better than its snapshot directory (a commit hash) would.
     name = args.model_name or (directory.resolve().name if Path(args.model).exists() else args.model)

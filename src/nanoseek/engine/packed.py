@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.attention import MultiHeadLatentAttention
-from nanoseek.model.moe import MoE, RoutedExperts, each_expert
+from nanoseek.model.moe import MoE, RoutedExperts, each_expert, shape_only
 
 PACKED_DTYPES = (torch.bfloat16, torch.float32)
 # Weights smaller than this stay plain: they stay in cache between steps, a step over them is bound by
@@ -104,11 +104,11 @@ class PackedRoutedExperts(RoutedExperts):
         self.intermediate_size = experts.intermediate_size
         self.packed_gate_up = [pack_weight(w) for w in experts.gate_up_proj]
         self.packed_down = [pack_weight(w) for w in experts.down_proj]
-        # What `grouped_weights` hands the grouped SwiGLU: the stacks' shapes, no storage (zero strides
-        # over one element each); `grouped_mm` tells the two apart by that element.
-        e, i, h, dtype = self.n_experts, self.intermediate_size, self.hidden_size, experts.down_proj.dtype
-        self._gate_up_shape = torch.zeros(1, dtype=dtype).expand(e, 2 * i, h)
-        self._down_shape = torch.zeros(1, dtype=dtype).expand(e, h, i)
+        # What `grouped_weights` hands the grouped SwiGLU: the stacks' shapes, no storage;
+        # `grouped_mm` tells the two apart by their one element.
+        dtype = experts.down_proj.dtype
+        self._gate_up_shape = shape_only(experts.gate_up_proj.shape, dtype)
+        self._down_shape = shape_only(experts.down_proj.shape, dtype)
 
     def expert_weights(self, sel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Unpacked (gate_up, down) of all experts or of those in `sel`: the dense reference (the

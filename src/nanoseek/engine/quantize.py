@@ -12,7 +12,7 @@ What is notable here:
   the scheme of llama.cpp's Q8_0 dot products (theirs scale every 32 activations, this one a call's
   rows together). It streams weights ~3.5x faster than the weight-only int8 kernel at decode; the
   backend packs its own copy of each weight at the first call, and the int8 buffers are then freed
-  (`_stand_in`: their shapes stay, the dense reference reads the backend's copy). PyTorch has
+  (`moe.shape_only`: their shapes stay, the dense reference reads the backend's copy). PyTorch has
   deprecated its quantized tensors (torchao succeeds them): where they are gone, w8a8 is refused.
 - Every linear of the attention and the MLPs is quantized, and the stacked routed experts too (their
   scales are per expert and output channel). With int8 the LM head too (per vocabulary row, as
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.model.moe import RoutedExperts, each_expert
+from nanoseek.model.moe import RoutedExperts, each_expert, shape_only
 
 FORMATS = ("int8", "fp8", "w8a8")
 _QMAX = {"int8": 127.0, "fp8": 448.0, "w8a8": 127.0}
@@ -95,13 +95,6 @@ def _w8a8_dequantized(packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.quantized.linear_unpack(packed)[0].dequantize()
 
 
-def _stand_in(t: torch.Tensor) -> torch.Tensor:
-    """A tensor of t's shape and dtype over one element: what stays of an int8 buffer once the
-    quantized backend holds its own copy (the shape still names the weight; the memory is freed)."""
-    with torch.inference_mode(False):  # a plain tensor: MLA keys its folded weights on `_version`
-        return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
-
-
 def w8a8_available() -> bool:
     """Whether this PyTorch still has the quantized CPU linear w8a8 runs on (deprecated upstream)."""
     try:
@@ -157,7 +150,9 @@ class QuantLinear(nn.Module):
         if self.fmt == "w8a8":
             if self._w8a8 is None:
                 self._w8a8 = _w8a8_weight(self.qweight, self.scale)
-                self.qweight = _stand_in(self.qweight)  # the backend's copy is the weight now
+                self.qweight = shape_only(
+                    self.qweight.shape, torch.int8
+                )  # the backend's copy is the weight now
             y = _w8a8_linear(x.reshape(-1, shape[-1]), self._w8a8)
         else:
             y = _quant_linear(x.reshape(-1, shape[-1]), self.qweight, self.scale, self._kernel)
@@ -226,7 +221,9 @@ class QuantRoutedExperts(RoutedExperts):
                     [_w8a8_weight(qs[e], ss[e]) for e in range(qs.shape[0])]
                     for qs, ss in ((self.q_gate_up, self.s_gate_up), (self.q_down, self.s_down))
                 )
-                self.q_gate_up, self.q_down = _stand_in(self.q_gate_up), _stand_in(self.q_down)
+                self.q_gate_up, self.q_down = (
+                    shape_only(t.shape, torch.int8) for t in (self.q_gate_up, self.q_down)
+                )
             packed = self._w8a8[which]  # type: ignore[index]
             return each_expert(a, offs, q.shape[1], lambda e, rows: _w8a8_linear(rows, packed[e]))
         if self._kernel is None:

@@ -160,6 +160,16 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def shape_only(
+    shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """A tensor of `shape` over one element (zero strides): what a storage that keeps its expert
+    weights elsewhere (packed, or in a quantized backend) hands the grouped path, whose shapes name
+    the weights. A plain tensor even under inference mode (MLA keys its folded weights on versions)."""
+    with torch.inference_mode(False):
+        return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
 def each_expert(
     a: torch.Tensor, offs: torch.Tensor, width: int, mm: Callable[[int, torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
