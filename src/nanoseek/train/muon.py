@@ -40,9 +40,14 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     if not wide:  # iterate on the smaller Gram matrix
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    batch = x.shape[:-2]
+    x = x.reshape(-1, *x.shape[-2:])
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        # x <- a·x + (b·G + c·G²)·x, each sum folded into its product (baddbmm): the elementwise
+        # passes over the stacked expert matrices cost a third of the iteration otherwise
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x.reshape(*batch, *x.shape[-2:])
     return x if wide else x.mT
 
 
