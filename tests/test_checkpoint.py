@@ -179,6 +179,39 @@ def test_save_load_round_trip_is_exact_and_bf16_save(tmp_path):
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize(
+    ("stored", "native_bf16", "device", "expected"),
+    [
+        ("bfloat16", True, "cpu", torch.bfloat16),  # a 16-bit checkpoint where bf16 is fast
+        ("float16", True, "cpu", torch.bfloat16),
+        ("bfloat16", False, "cpu", torch.float32),  # AVX2: bf16 matmuls take a slow path
+        ("float32", True, "cpu", torch.float32),  # the checkpoint's own precision
+        ("float32", False, "cpu", torch.float32),
+        ("float32", False, "cuda", torch.bfloat16),
+    ],
+)
+def test_auto_dtype_is_the_checkpoints_where_the_machine_runs_it_fast(
+    monkeypatch, stored, native_bf16, device, expected
+):
+    from nanoseek.checkpoint import resolve_dtype
+
+    monkeypatch.setattr("nanoseek.perf.cpu_has_bf16", lambda: native_bf16)
+    assert resolve_dtype("auto", config(torch_dtype=stored), device) == expected
+    assert resolve_dtype("float32", config(torch_dtype=stored), device) == torch.float32
+    assert resolve_dtype(torch.float16, config(torch_dtype=stored), device) == torch.float16
+
+
+def test_load_model_auto_dtype_and_bad_dtype(tmp_path, monkeypatch):
+    model = build_model(config()).init_weights(0)
+    save_model(model, tmp_path, dtype=torch.bfloat16)
+    monkeypatch.setattr("nanoseek.perf.cpu_has_bf16", lambda: True)
+    assert nanoseek.load_model(tmp_path, dtype="auto").dtype == torch.bfloat16
+    monkeypatch.setattr("nanoseek.perf.cpu_has_bf16", lambda: False)
+    assert nanoseek.load_model(tmp_path, dtype="auto").dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        nanoseek.load_model(tmp_path, dtype="int8")
+
+
 def test_building_a_model_leaves_torch_dynamo_unimported():
     """Constructing on the meta device must not run ops through Python reference kernels, which import
     torch._dynamo: ~2 s added to every `nanoseek chat/generate/serve` start."""

@@ -161,4 +161,38 @@ def test_chat_banner_counts_the_checkpoints_weights_whatever_their_storage(check
     args = cli_args("chat", str(checkpoint), "--quantize", "int8", "--max-new-tokens", "2", "--threads", "1")
     out = io.StringIO()
     assert chat.run(args, stdin=io.StringIO("/exit\n"), stdout=out) == 0
-    assert f"({full / 1e6:.1f}M params)" in out.getvalue(), out.getvalue()[:200]
+    assert f"({full / 1e6:.1f}M params, float32)" in out.getvalue(), out.getvalue()[:200]
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_generate_and_chat_load_a_bf16_checkpoint_in_bf16_only_where_the_cpu_runs_it(
+    checkpoint, tmp_path, monkeypatch, capsys, native_bf16
+):
+    """`--dtype auto` (the default): the checkpoint's own 16 bits where the CPU multiplies bf16
+    natively, fp32 where it does not; an fp32 checkpoint stays fp32; a flag overrides."""
+    import shutil
+
+    import nanoseek
+    from nanoseek.commands import chat
+    from nanoseek.commands.generate import load_for_generation
+
+    bf16 = tmp_path / "bf16"
+    save_model(nanoseek.load_model(checkpoint), bf16, dtype=torch.bfloat16)
+    for f in checkpoint.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, bf16 / f.name)
+    monkeypatch.setattr("nanoseek.perf.cpu_has_bf16", lambda: native_bf16)
+    want = torch.bfloat16 if native_bf16 else torch.float32
+    assert load_for_generation(cli_args("generate", str(bf16), "--prompt", "x"))[2].dtype == want
+    assert (
+        load_for_generation(cli_args("generate", str(checkpoint), "--prompt", "x"))[2].dtype == torch.float32
+    )
+    forced = cli_args("generate", str(bf16), "--prompt", "x", "--dtype", "float32")
+    assert load_for_generation(forced)[2].dtype == torch.float32
+    args = cli_args("generate", str(bf16), "--prompt", "the quick", "--max-new-tokens", "2", "--threads", "1")
+    assert args.func(args) == 0
+    assert f"tok/s, {str(want).removeprefix('torch.')}" in capsys.readouterr().err
+    out = io.StringIO()
+    args = cli_args("chat", str(bf16), "--max-new-tokens", "2", "--threads", "1")
+    assert chat.run(args, stdin=io.StringIO("/exit\n"), stdout=out) == 0
+    assert f"M params, {str(want).removeprefix('torch.')})" in out.getvalue()

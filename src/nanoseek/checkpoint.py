@@ -400,9 +400,30 @@ def _download(repo_id: str, label: str) -> Path:
 
 
 # --------------------------------------------------------------- loading
+def resolve_dtype(dtype: torch.dtype | str, config: ModelConfig, device: str | torch.device) -> torch.dtype:
+    """`dtype`, a torch dtype or its name; "auto" is the checkpoint's own (config.json's torch_dtype),
+    as transformers' torch_dtype="auto" reads it, where it runs fast: a 16-bit checkpoint runs in bf16
+    on a CPU that multiplies bf16 natively and in fp32 on one that does not (AVX2: PyTorch's bf16
+    matmuls ~20x slower than fp32), an fp32 one in fp32; on a GPU, bf16 (what serving always used)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        kind = torch.device(device).type
+        if kind == "cuda":
+            return torch.bfloat16
+        from nanoseek.perf import cpu_has_bf16
+
+        sixteen = config.torch_dtype in ("bfloat16", "float16")
+        return torch.bfloat16 if sixteen and kind == "cpu" and cpu_has_bf16() else torch.float32
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return resolved
+
+
 def load_model(
     path_or_preset: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
     fp8: bool = False,
@@ -420,12 +441,16 @@ def load_model(
     experts (stacked for grouped compute) load in `dtype`, dequantized where the file holds FP8.
     quantize="int8"|"fp8"|"w8a8" gives the engine's quantized storage (`nanoseek.engine.quantize`), each
     weight quantized from `dtype` as it arrives, as `Engine(quantize=...)` would after loading.
+    dtype="auto" picks by the checkpoint and the machine (`resolve_dtype`); serve, generate and chat
+    default to it.
     """
     if fp8 and quantize:
         raise ValueError(f"fp8=True and quantize={quantize!r} are two weight storages: choose one")
     if not Path(path_or_preset).exists() and not _HUB_NAME.fullmatch(str(path_or_preset)):
         # A preset (no preset name has a slash); resolve_config names the choices for anything else.
-        model = build_model(resolve_config(path_or_preset), device=device, dtype=dtype).init_weights(seed)
+        config = resolve_config(path_or_preset)
+        dtype = resolve_dtype(dtype, config, device)
+        model = build_model(config, device=device, dtype=dtype).init_weights(seed)
         if fp8:
             quantize_linears_fp8(model, act_quant=act_quant)
         if quantize:
@@ -435,6 +460,7 @@ def load_model(
         return model
     p = resolve_checkpoint(path_or_preset)
     config = resolve_config(p)
+    dtype = resolve_dtype(dtype, config, device)
     where = _weight_files(p)
     reader = _ShardReader(where)
     try:

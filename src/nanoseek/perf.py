@@ -1,14 +1,25 @@
-"""Machine matmul peak, measured, so MFU figures mean something on any CPU or GPU; the dtype a matmul
-runs in under autocast."""
+"""Machine matmul peak, measured, so MFU figures mean something on any CPU or GPU; whether the CPU
+multiplies bf16 natively; the dtype a matmul runs in under autocast."""
 
 from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch loads inside the functions: the CLI tunes malloc before importing it
     import torch
+
+
+def cpu_has_bf16() -> bool:
+    """True if this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere (AVX2) PyTorch's bf16
+    matmuls take a reference path ~20x slower than fp32 (benchmarks/README.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
 @functools.cache

@@ -117,7 +117,8 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
 
     reset()
     out.write(
-        f"nanoseek chat: {args.dir} ({count_parameters(model.config).with_mtp / 1e6:.1f}M params). {HELP}\n"
+        f"nanoseek chat: {args.dir} ({count_parameters(model.config).with_mtp / 1e6:.1f}M params, "
+        f"{str(model.dtype).removeprefix('torch.')}). {HELP}\n"
     )
     turns = tokens = 0
     seconds = 0.0

@@ -34,7 +34,11 @@ def add_generation_flags(
     )
     g.add_argument("--speculative", action="store_true", help="draft tokens with the model's MTP module")
     g.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype (default float32)"
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="weights dtype; auto (default): a bf16/fp16 checkpoint in bf16 where the CPU multiplies it "
+        "natively (else float32), an fp32 one in float32",
     )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -62,7 +66,7 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
     if args.threads:
         torch.set_num_threads(args.threads)
     # Quantized as the weights stream in: memory never holds the whole model in args.dtype.
-    model = load_model(directory, dtype=getattr(torch, args.dtype), quantize=args.quantize).eval()
+    model = load_model(directory, dtype=args.dtype, quantize=args.quantize).eval()
     tokenizer = load_tokenizer(directory)
     speculative = args.speculative and model.config.num_nextn_predict_layers > 0
     if args.speculative and not speculative:
@@ -129,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"nanoseek generate: {n_tokens} tokens from a {len(ids)}-token prompt in {dt:.2f}s "
-        f"({n_tokens / max(dt, 1e-9):.1f} tok/s{spec})",
+        f"({n_tokens / max(dt, 1e-9):.1f} tok/s, {str(engine.dtype).removeprefix('torch.')}{spec})",
         file=sys.stderr,
     )
     return 0

@@ -41,7 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=256,
         help="requests in flight before 429 Too Many Requests (default 256)",
     )
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weights dtype")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="weights dtype; auto (default): a bf16/fp16 checkpoint in bf16 where the CPU multiplies "
+        "it natively (else float32), an fp32 one in float32; bfloat16 on a GPU",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda if available, else cpu)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument(
@@ -69,10 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.port < 0 or args.port > 65535:
         raise ValueError(f"--port {args.port} is not a TCP port")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = (
-        getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-    )
-    model = load_model(directory, dtype=dtype, device=device, quantize=args.quantize).eval()
+    model = load_model(directory, dtype=args.dtype, device=device, quantize=args.quantize).eval()
     tokenizer = load_tokenizer(directory)
     # from the config: int8 and packed weights are buffers or opaque tensors, not parameters
     n_params = count_parameters(model.config).with_mtp
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     print(
         f"nanoseek serve: model {name!r} ({directory}, {n_params / 1e6:.1f}M "
-        f"params, context {server.max_context}, {device}/{str(dtype).removeprefix('torch.')})"
+        f"params, context {server.max_context}, {device}/{str(model.dtype).removeprefix('torch.')})"
     )
     if defaults:
         print(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nanoseek.options import check_choices, option
+from nanoseek.perf import cpu_has_bf16
 
 if TYPE_CHECKING:  # torch loads inside the functions, so `nanoseek --help` stays fast
     import torch
@@ -133,15 +134,6 @@ class PretrainConfig:
             raise ValueError("mtp_weight, val_every, val_batches and checkpoint_every must be >= 0")
         if self.expert_parallel and self.precision == "fp8":
             raise ValueError("expert parallelism with precision fp8 is not supported yet (docs/multinode.md)")
-
-
-def cpu_has_bf16() -> bool:
-    """True if this CPU multiplies bf16 natively (AVX512-BF16 or AMX); else autocast emulates it."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
