@@ -42,11 +42,26 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     batch = x.shape[:-2]
     x = x.reshape(-1, *x.shape[-2:])
-    for _ in range(steps):
-        gram = x @ x.mT
-        # x <- a·x + (b·G + c·G²)·x, each sum folded into its product (baddbmm): the elementwise
-        # passes over the stacked expert matrices cost a third of the iteration otherwise
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if dtype == torch.float32:
+        # Every step multiplies x by P = a·I + b·G + c·G², a polynomial in the Gram matrix G, and the
+        # next G is P·G·P: in fp32 the iteration can stay in the small m x m space and touch the
+        # [m, n] matrix only at the ends (~15% fewer FLOPs at n = 2m, a sixth less time on `tiny`'s
+        # matrices). In bf16 G's rounding compounds over the steps (singular values up to ~20 where
+        # the form below keeps 0.7-1.2), so bf16 iterates on x itself.
+        gram, q = x @ x.mT, None
+        for i in range(steps):
+            p = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            p.diagonal(dim1=-2, dim2=-1).add_(a)
+            q = p if q is None else p @ q
+            if i < steps - 1:
+                gram = p @ gram @ p
+        x = q @ x
+    else:
+        for _ in range(steps):
+            gram = x @ x.mT
+            # x <- a·x + (b·G + c·G²)·x, each sum folded into its product (baddbmm): the elementwise
+            # passes over the stacked expert matrices cost a third of the iteration otherwise
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     x = x.reshape(*batch, *x.shape[-2:])
     return x if wide else x.mT
 
