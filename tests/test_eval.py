@@ -207,3 +207,40 @@ def test_a_checkpoint_decodes_every_sample_of_a_task_in_one_batch(
     evaluate(EvalConfig(n=100, k=4, out=str(tmp_path / "b.json"), **common))
     evaluate(EvalConfig(n=2, k=2, max_batch_size=3, out=str(tmp_path / "c.json"), **common))
     assert widths == [18, DEFAULT_MAX_BATCH, 3]
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_a_16_bit_checkpoint_is_evaluated_in_bf16_only_where_the_cpu_runs_it(
+    micro_checkpoint, tmp_path, monkeypatch, native_bf16
+) -> None:
+    """`dtype="auto"` (the default): as `generate` and `serve` load it; an fp32 checkpoint (every
+    checkpoint nanoseek trains) stays fp32, so the speedrun's figures do not move."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    import nanoseek
+    import nanoseek.engine as engine_module
+    from nanoseek.checkpoint import save_model
+
+    bf16 = tmp_path / "bf16"
+    save_model(nanoseek.load_model(micro_checkpoint), bf16, dtype=torch.bfloat16)
+    for f in Path(micro_checkpoint).iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, bf16 / f.name)
+    dtypes = []
+    real = engine_module.Engine
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __init__(self, model, *args, **kwargs) -> None:
+            dtypes.append(model.dtype)
+            super().__init__(model, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "Engine", Recording)
+    monkeypatch.setattr("nanoseek.perf.cpu_has_bf16", lambda: native_bf16)
+    common = dict(task="arithmetic", n=2, k=1, max_new_tokens=2, progress=False)
+    evaluate(EvalConfig(model=str(bf16), out=str(tmp_path / "a.json"), **common))
+    evaluate(EvalConfig(model=str(micro_checkpoint), out=str(tmp_path / "b.json"), **common))
+    evaluate(EvalConfig(model=str(bf16), dtype="float32", out=str(tmp_path / "c.json"), **common))
+    assert dtypes == [torch.bfloat16 if native_bf16 else torch.float32, torch.float32, torch.float32]

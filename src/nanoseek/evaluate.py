@@ -79,6 +79,12 @@ class EvalConfig:
         "engine: sequences decoded together (default: every sample of a task, n x k, at most "
         f"{DEFAULT_MAX_BATCH}: a second, part-empty wave of the longest answers costs more than a wider batch)",
     )
+    dtype: str = option(
+        "auto",
+        "a checkpoint's weights dtype (auto: a bf16/fp16 checkpoint in bf16 where the CPU multiplies it "
+        "natively, else float32; an fp32 one in float32)",
+        choices=("auto", "float32", "bfloat16"),
+    )
     progress: bool = option(True)
     extra: dict[str, Any] = option(factory=dict, cli=False)
 
@@ -255,7 +261,7 @@ def checkpoint_sampler(cfg: EvalConfig) -> tuple[Callable[[Sequence[Any]], list[
 
     path = resolve_checkpoint(cfg.model)
     tok = load_tokenizer(path)
-    model = load_model(path).eval()
+    model = load_model(path, dtype=cfg.dtype).eval()
     engine = Engine(
         model, max_batch_size=cfg.max_batch_size or min(DEFAULT_MAX_BATCH, cfg.n * cfg.k), pack_weights=True
     )
