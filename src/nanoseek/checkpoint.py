@@ -441,8 +441,8 @@ def load_model(
     experts (stacked for grouped compute) load in `dtype`, dequantized where the file holds FP8.
     quantize="int8"|"fp8"|"w8a8" gives the engine's quantized storage (`nanoseek.engine.quantize`), each
     weight quantized from `dtype` as it arrives, as `Engine(quantize=...)` would after loading.
-    dtype="auto" picks by the checkpoint and the machine (`resolve_dtype`); serve, generate and chat
-    default to it.
+    dtype="auto" picks by the checkpoint and the machine (`resolve_dtype`); serve, generate, chat and
+    eval default to it.
     """
     if fp8 and quantize:
         raise ValueError(f"fp8=True and quantize={quantize!r} are two weight storages: choose one")

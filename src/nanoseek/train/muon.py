@@ -45,9 +45,9 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     if dtype == torch.float32:
         # Every step multiplies x by P = a·I + b·G + c·G², a polynomial in the Gram matrix G, and the
         # next G is P·G·P: in fp32 the iteration can stay in the small m x m space and touch the
-        # [m, n] matrix only at the ends (~15% fewer FLOPs at n = 2m, a sixth less time on `tiny`'s
-        # matrices). In bf16 G's rounding compounds over the steps (singular values up to ~20 where
-        # the form below keeps 0.7-1.2), so bf16 iterates on x itself.
+        # [m, n] matrix only at the ends (~15% fewer FLOPs at n = 2m; figures in benchmarks/README.md).
+        # In bf16 G's rounding compounds over the steps (singular values far above 1 where the form
+        # below keeps 0.7-1.2), so bf16 iterates on x itself.
         gram, q = x @ x.mT, None
         for i in range(steps):
             p = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
@@ -59,8 +59,8 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     else:
         for _ in range(steps):
             gram = x @ x.mT
-            # x <- a·x + (b·G + c·G²)·x, each sum folded into its product (baddbmm): the elementwise
-            # passes over the stacked expert matrices cost a third of the iteration otherwise
+            # x <- a·x + (b·G + c·G²)·x, each sum folded into its product (baddbmm): no separate
+            # elementwise passes over the stacked expert matrices
             x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     x = x.reshape(*batch, *x.shape[-2:])
     return x if wide else x.mT
