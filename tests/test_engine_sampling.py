@@ -210,6 +210,27 @@ def test_quant_linear_equals_its_dequantized_weight(rows, fmt):
     assert (got - want).norm() < (0.03 if fmt == "w8a8" else 0.01) * want.norm()
 
 
+def test_a_w8a8_engine_packs_every_weight_when_it_is_built(model):
+    """When the engine is built, not in the first request (which would otherwise wait for the whole
+    model's packing): every int8 copy is freed before any request, and the weights are those that
+    packing at the first call makes (the model's forward is bit-identical both ways)."""
+    from nanoseek.engine.quantize import QuantRoutedExperts
+
+    kinds = (QuantLinear, QuantRoutedExperts)
+    lazy = quantize_model(copy.deepcopy(model), "w8a8")
+    assert all(m._w8a8 is None for m in lazy.modules() if isinstance(m, kinds))
+    engine = Engine(copy.deepcopy(model), quantize="w8a8")
+    quant = [m for m in engine.model.modules() if isinstance(m, kinds)]
+    assert quant and all(m._w8a8 is not None for m in quant)
+    for m in quant:
+        stored = [m.qweight] if isinstance(m, QuantLinear) else [m.q_gate_up, m.q_down]
+        assert all(t.untyped_storage().nbytes() == 1 for t in stored)
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.inference_mode():
+        assert torch.equal(engine.model(ids), lazy(ids))
+    assert len(engine.generate([PROMPTS[0]], max_new_tokens=4)[0]) == 4
+
+
 def test_w8a8_frees_the_int8_copy_the_backend_took_over():
     """The quantized backend packs its own copy of each weight at the first call: the int8 buffers
     then shrink to one element each, and the weights read back (dequantized) are unchanged."""

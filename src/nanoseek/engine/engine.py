@@ -98,10 +98,11 @@ class Engine:
         self.config = cfg
         self.dtype = model.dtype
         self.device = model.device
-        from nanoseek.engine.quantize import quantize_model
+        from nanoseek.engine.quantize import pack_w8a8, quantize_model
 
         if quantize is not None:
             quantize_model(model, quantize)
+        pack_w8a8(model)  # now, not in the first request (a no-op without w8a8 weights)
         self.quantize = quantize
         if pack_weights:
             from nanoseek.engine.packed import pack_model

@@ -11,7 +11,8 @@ What is notable here:
   PyTorch's quantized CPU GEMM (fbgemm on x86: int8 dot products, `torch.ops.quantized.linear_dynamic`),
   the scheme of llama.cpp's Q8_0 dot products (theirs scale every 32 activations, this one a call's
   rows together). It streams weights ~3.5x faster than the weight-only int8 kernel at decode; the
-  backend packs its own copy of each weight at the first call, and the int8 buffers are then freed
+  backend packs its own copy of each weight when the engine is built (`pack_w8a8`; else at its first
+  call), and the int8 buffers are then freed
   (`moe.shape_only`: their shapes stay, the dense reference reads the backend's copy). PyTorch has
   deprecated its quantized tensors (torchao succeeds them): where they are gone, w8a8 is refused.
 - Every linear of the attention and the MLPs is quantized, and the stacked routed experts too (their
@@ -129,7 +130,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", q)
         self.register_buffer("scale", s.to(self.compute_dtype))
         self._kernel: bool | None = None if fmt == "int8" else False
-        self._w8a8: torch.Tensor | None = None  # `_w8a8_weight`, made at the first call
+        self._w8a8: torch.Tensor | None = None  # `_w8a8_weight`, made by `pack_w8a8`
 
     def dequantize(self) -> torch.Tensor:
         if self._w8a8 is not None:
@@ -148,16 +149,18 @@ class QuantLinear(nn.Module):
             return F.linear(x, self.dequantize().to(x.dtype), self.bias)
         shape = x.shape
         if self.fmt == "w8a8":
-            if self._w8a8 is None:
-                self._w8a8 = _w8a8_weight(self.qweight, self.scale)
-                self.qweight = shape_only(
-                    self.qweight.shape, torch.int8
-                )  # the backend's copy is the weight now
-            y = _w8a8_linear(x.reshape(-1, shape[-1]), self._w8a8)
+            y = _w8a8_linear(x.reshape(-1, shape[-1]), self.pack_w8a8())
         else:
             y = _quant_linear(x.reshape(-1, shape[-1]), self.qweight, self.scale, self._kernel)
         y = y.view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def pack_w8a8(self) -> torch.Tensor:
+        """The backend's packed copy of this w8a8 weight, made once; the int8 buffer is then freed."""
+        if self._w8a8 is None:
+            self._w8a8 = _w8a8_weight(self.qweight, self.scale)
+            self.qweight = shape_only(self.qweight.shape, torch.int8)  # the backend's copy is the weight now
+        return self._w8a8
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}"
@@ -182,7 +185,7 @@ class QuantRoutedExperts(RoutedExperts):
         self.register_buffer("q_down", q2)
         self.register_buffer("s_down", s2.to(dtype))
         self._kernel: bool | None = None if fmt == "int8" else False
-        # w8a8: (gate_up, down), each a `_w8a8_weight` per expert, made at the first call
+        # w8a8: (gate_up, down), each a `_w8a8_weight` per expert, made by `pack_w8a8`
         self._w8a8: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def expert_weights(self, sel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,20 +219,34 @@ class QuantRoutedExperts(RoutedExperts):
         assert b.shape == q.transpose(-2, -1).shape, "grouped_mm takes this module's own storage"
         if self.fmt == "w8a8":
             which = 0 if q is self.q_gate_up else 1  # told apart before the stacks are replaced
-            if self._w8a8 is None:
-                self._w8a8 = tuple(  # type: ignore[assignment]
-                    [_w8a8_weight(qs[e], ss[e]) for e in range(qs.shape[0])]
-                    for qs, ss in ((self.q_gate_up, self.s_gate_up), (self.q_down, self.s_down))
-                )
-                self.q_gate_up, self.q_down = (
-                    shape_only(t.shape, torch.int8) for t in (self.q_gate_up, self.q_down)
-                )
-            packed = self._w8a8[which]  # type: ignore[index]
+            packed = self.pack_w8a8()[which]
             return each_expert(a, offs, q.shape[1], lambda e, rows: _w8a8_linear(rows, packed[e]))
         if self._kernel is None:
             self._kernel = _int8_kernel_ok(a, q[0], s[0])
         kernel = self._kernel
         return each_expert(a, offs, q.shape[1], lambda e, rows: _quant_linear(rows, q[e], s[e], kernel))
+
+    def pack_w8a8(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The backend's packed copies of every expert's (gate_up, down), made once; the int8 stacks
+        are then freed."""
+        if self._w8a8 is None:
+            self._w8a8 = tuple(  # type: ignore[assignment]
+                [_w8a8_weight(qs[e], ss[e]) for e in range(qs.shape[0])]
+                for qs, ss in ((self.q_gate_up, self.s_gate_up), (self.q_down, self.s_down))
+            )
+            self.q_gate_up, self.q_down = (
+                shape_only(t.shape, torch.int8) for t in (self.q_gate_up, self.q_down)
+            )
+        return self._w8a8  # type: ignore[return-value]
+
+
+def pack_w8a8(model: nn.Module) -> None:
+    """Pack every w8a8 weight for the quantized backend now, one module at a time (each frees its
+    int8 copy as it goes), rather than at its first call, where a server's first request would wait
+    for all of them. The engine calls this when it is built."""
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantRoutedExperts)) and m.fmt == "w8a8":
+            m.pack_w8a8()
 
 
 def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
