@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.options import option
+from nanoseek.perf import AUTO_DTYPE_HELP
 from nanoseek.tokenizer import THINK_END, THINK_START
 
 EVAL_PARTS = "accuracy:1,format:1,language:1"
@@ -79,12 +80,7 @@ class EvalConfig:
         "engine: sequences decoded together (default: every sample of a task, n x k, at most "
         f"{DEFAULT_MAX_BATCH}: a second, part-empty wave of the longest answers costs more than a wider batch)",
     )
-    dtype: str = option(
-        "auto",
-        "a checkpoint's weights dtype (auto: a bf16/fp16 checkpoint in bf16 where the CPU multiplies it "
-        "natively, else float32; an fp32 one in float32)",
-        choices=("auto", "float32", "bfloat16"),
-    )
+    dtype: str = option("auto", AUTO_DTYPE_HELP, choices=("auto", "float32", "bfloat16"))
     progress: bool = option(True)
     extra: dict[str, Any] = option(factory=dict, cli=False)
 

@@ -22,6 +22,13 @@ def cpu_has_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
+# The help of every `--dtype` whose default is "auto" (`nanoseek.checkpoint.resolve_dtype` decides).
+AUTO_DTYPE_HELP = (
+    "weights dtype; auto (default): a bf16/fp16 checkpoint in bf16 where the CPU multiplies bf16 "
+    "natively, else float32; an fp32 checkpoint in float32; bfloat16 on a GPU"
+)
+
+
 @functools.cache
 def matmul_peak_flops(
     dtype: torch.dtype | None = None, device: str = "cpu", n: int = 1024, seconds: float = 0.5

@@ -16,6 +16,7 @@ def add_generation_flags(
     p: argparse.ArgumentParser, max_new_tokens: int = 256, temperature: float = 0.0
 ) -> None:
     from nanoseek.options import add_options, defer
+    from nanoseek.perf import AUTO_DTYPE_HELP
 
     g = p.add_argument_group("generation")
 
@@ -37,8 +38,7 @@ def add_generation_flags(
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
         default="auto",
-        help="weights dtype; auto (default): a bf16/fp16 checkpoint in bf16 where the CPU multiplies it "
-        "natively (else float32), an fp32 one in float32",
+        help=AUTO_DTYPE_HELP,
     )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 

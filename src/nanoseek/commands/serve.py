@@ -11,6 +11,8 @@ import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from nanoseek.perf import AUTO_DTYPE_HELP
+
     p = sub.add_parser(
         "serve",
         help="OpenAI-compatible HTTP server (chat with reasoning_content, completions) and a web chat page",
@@ -45,8 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
-        help="weights dtype; auto (default): a bf16/fp16 checkpoint in bf16 where the CPU multiplies "
-        "it natively (else float32), an fp32 one in float32; bfloat16 on a GPU",
+        help=AUTO_DTYPE_HELP,
     )
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda if available, else cpu)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")

@@ -62,10 +62,10 @@ class Engine:
     max_seq_len: prompt + completion cap (default: the model's max_position_embeddings).
     num_blocks: cache blocks of `block_size` tokens (default: enough for max_batch_size full-length
     sequences, capped at 512 MiB of cache). quantize: None | "int8" | "fp8" (weight-only) | "w8a8"
-    (int8 weights and activations, CPU), applied to the model in place. pack_weights: a bf16 or fp32
-    model on a CPU keeps its large linears and routed experts in oneDNN's blocked layout (in place,
-    engine/packed.py: the same weights, read faster); only for a model the engine serves, never one
-    still being trained. speculative: draft one token per step with the model's MTP module.
+    (int8 weights and activations, CPU; packed for its backend here), applied to the model in place.
+    pack_weights: a bf16 or fp32 model on a CPU keeps its large linears and routed experts in oneDNN's
+    blocked layout (in place, engine/packed.py: the same weights, read faster); only for a model the
+    engine serves, never one still being trained. speculative: draft one token per step with the model's MTP module.
     prefill_chunk: prompt tokens computed per step at most (chunked prefill).
     """
 

@@ -10,9 +10,9 @@ What is notable here:
 - w8a8 stores the same int8 weights and also quantizes the activations, to 8 bits per call, for
   PyTorch's quantized CPU GEMM (fbgemm on x86: int8 dot products, `torch.ops.quantized.linear_dynamic`),
   the scheme of llama.cpp's Q8_0 dot products (theirs scale every 32 activations, this one a call's
-  rows together). It streams weights ~3.5x faster than the weight-only int8 kernel at decode; the
-  backend packs its own copy of each weight when the engine is built (`pack_w8a8`; else at its first
-  call), and the int8 buffers are then freed
+  rows together). It streams weights ~3.5x faster than the weight-only int8 kernel at decode. The
+  backend packs its own copy of each weight when the engine is built (`pack_w8a8`; a model run
+  without an engine packs each at its first call) and the int8 buffers are then freed
   (`moe.shape_only`: their shapes stay, the dense reference reads the backend's copy). PyTorch has
   deprecated its quantized tensors (torchao succeeds them): where they are gone, w8a8 is refused.
 - Every linear of the attention and the MLPs is quantized, and the stacked routed experts too (their
