@@ -147,3 +147,25 @@ def test_auto_precision_is_fp32_on_cpus_without_bf16(monkeypatch) -> None:
     monkeypatch.setattr(pt, "cpu_has_bf16", lambda: True)
     assert resolve_precision("auto", torch.device("cpu")) == "bf16"
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_native_bf16_needs_the_flag_and_kernels_that_use_it(monkeypatch) -> None:
+    """A CPU counts as bf16-native when /proc/cpuinfo has avx512_bf16 (or AMX) *and* PyTorch's
+    kernels are not held to AVX2: a process run with ATEN_CPU_CAPABILITY=avx2 or
+    ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2-only CPU reproduced on a newer one) gets fp32."""
+    import nanoseek.perf as perf
+
+    cpuinfo = {"text": "flags: fpu avx2 avx512f avx512_bf16"}
+    monkeypatch.setattr(perf.Path, "read_text", lambda self: cpuinfo["text"])
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert perf.cpu_has_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert not perf.cpu_has_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert perf.cpu_has_bf16()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not perf.cpu_has_bf16()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    cpuinfo["text"] = "flags: fpu avx2 avx512f"
+    assert not perf.cpu_has_bf16()

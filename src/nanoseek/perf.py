@@ -4,6 +4,7 @@ multiplies bf16 natively; the dtype a matmul runs in under autocast."""
 from __future__ import annotations
 
 import functools
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,13 +14,32 @@ if TYPE_CHECKING:  # torch loads inside the functions: the CLI tunes malloc befo
 
 
 def cpu_has_bf16() -> bool:
-    """True if this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere (AVX2) PyTorch's bf16
-    matmuls take a reference path ~20x slower than fp32 (benchmarks/README.md)."""
+    """True if this CPU multiplies bf16 natively (AVX512-BF16 or AMX) and PyTorch's kernels use it;
+    elsewhere (AVX2) PyTorch's bf16 matmuls take a reference path ~20x slower than fp32
+    (benchmarks/README.md). A process whose kernels are held to AVX2 (`ATEN_CPU_CAPABILITY=avx2`,
+    `ONEDNN_MAX_CPU_ISA=AVX2`: how an AVX2-only CPU is reproduced on a newer one) counts as AVX2."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    if not any(f in flags for f in ("avx512_bf16", "amx_bf16")):
+        return False
+    import torch
+
+    held_below_bf16 = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_ISAS_WITHOUT_BF16
+    return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2") and not held_below_bf16
+
+
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16, the first with bf16 dot products.
+_ONEDNN_ISAS_WITHOUT_BF16 = {
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+}
 
 
 # The help of every `--dtype` whose default is "auto" (`nanoseek.checkpoint.resolve_dtype` decides).
