@@ -29,3 +29,21 @@ def small_config(**changes) -> ModelConfig:
     )
     base.update(changes)
     return ModelConfig(**base)
+
+
+def bf16_copy(checkpoint, out):
+    """A copy of a checkpoint directory stored in bf16 (a DeepSeek or R1-distill release's storage),
+    tokenizer files included; returns its path."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    import nanoseek
+    from nanoseek.checkpoint import save_model
+
+    save_model(nanoseek.load_model(checkpoint), out, dtype=torch.bfloat16)
+    for f in Path(checkpoint).iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, Path(out) / f.name)
+    return Path(out)

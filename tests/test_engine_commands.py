@@ -170,17 +170,11 @@ def test_generate_and_chat_load_a_bf16_checkpoint_in_bf16_only_where_the_cpu_run
 ):
     """`--dtype auto` (the default): the checkpoint's own 16 bits where the CPU multiplies bf16
     natively, fp32 where it does not; an fp32 checkpoint stays fp32; a flag overrides."""
-    import shutil
-
-    import nanoseek
+    from model_configs import bf16_copy
     from nanoseek.commands import chat
     from nanoseek.commands.generate import load_for_generation
 
-    bf16 = tmp_path / "bf16"
-    save_model(nanoseek.load_model(checkpoint), bf16, dtype=torch.bfloat16)
-    for f in checkpoint.iterdir():
-        if f.name.startswith("tokenizer"):
-            shutil.copy(f, bf16 / f.name)
+    bf16 = bf16_copy(checkpoint, tmp_path / "bf16")
     monkeypatch.setattr("nanoseek.perf.cpu_has_bf16", lambda: native_bf16)
     want = torch.bfloat16 if native_bf16 else torch.float32
     assert load_for_generation(cli_args("generate", str(bf16), "--prompt", "x"))[2].dtype == want

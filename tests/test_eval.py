@@ -215,20 +215,12 @@ def test_a_16_bit_checkpoint_is_evaluated_in_bf16_only_where_the_cpu_runs_it(
 ) -> None:
     """`dtype="auto"` (the default): as `generate` and `serve` load it; an fp32 checkpoint (every
     checkpoint nanoseek trains) stays fp32, so the speedrun's figures do not move."""
-    import shutil
-    from pathlib import Path
-
     import torch
 
-    import nanoseek
     import nanoseek.engine as engine_module
-    from nanoseek.checkpoint import save_model
+    from model_configs import bf16_copy
 
-    bf16 = tmp_path / "bf16"
-    save_model(nanoseek.load_model(micro_checkpoint), bf16, dtype=torch.bfloat16)
-    for f in Path(micro_checkpoint).iterdir():
-        if f.name.startswith("tokenizer"):
-            shutil.copy(f, bf16 / f.name)
+    bf16 = bf16_copy(micro_checkpoint, tmp_path / "bf16")
     dtypes = []
     real = engine_module.Engine
 
