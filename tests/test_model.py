@@ -278,6 +278,40 @@ def test_grouped_experts_follow_autocast():
     assert (experts.gate_up_proj.grad - g_ref).norm() < 0.02 * g_ref.norm()  # bf16 rounding only
 
 
+def test_bf16_grouped_gemm_hands_the_cpu_matmul_recurring_row_counts(monkeypatch):
+    """Rows per expert change every step and oneDNN (bf16 CPU matmuls) builds a kernel per new shape,
+    so each group runs as a multiple of ROW_BUCKET rows plus a remainder: both forms (rows x expert
+    weights, and the weight gradient contracting over a group's rows) equal fp32 to bf16 rounding,
+    whatever the group sizes (empty, below the bucket, a multiple, a multiple plus a remainder)."""
+    from nanoseek.model import moe
+
+    r = moe.ROW_BUCKET
+    sizes = [0, 5, r, 3 * r + 7, 2 * r, r - 1]
+    offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    n, k, m = int(offs[-1]), 64, 48
+    a, w = torch.randn(n, k), torch.randn(len(sizes), k, m)
+    dy, x = torch.randn(n, m), torch.randn(n, k)
+    seen: list[int] = []
+    real_mm = torch.mm
+
+    def recording_mm(p, q, *args, **kwargs):
+        seen.append(p.shape[0] if q.shape[0] == p.shape[1] and p.stride(-1) == 1 else p.shape[1])
+        return real_mm(p, q, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    rows = moe._grouped_mm(a.bfloat16(), w.bfloat16(), offs)
+    grads = moe._grouped_mm(dy.t().bfloat16(), x.bfloat16(), offs)
+    monkeypatch.setattr(torch, "mm", real_mm)
+    assert seen and all(c % r == 0 or c < r for c in seen), seen  # only shapes that recur
+    bounds = [0, *offs.tolist()]
+    for e in range(len(sizes)):
+        s0, s1 = bounds[e], bounds[e + 1]
+        torch.testing.assert_close(rows[s0:s1].float(), a[s0:s1] @ w[e], rtol=0.02, atol=0.15)
+        torch.testing.assert_close(grads[e].float(), dy[s0:s1].t() @ x[s0:s1], rtol=0.02, atol=0.3)
+    assert moe._grouped_mm(a, w, offs).dtype == torch.float32  # fp32 (MKL, no per-shape kernels): one call
+    torch.testing.assert_close(moe._grouped_mm(a, w, offs)[: sizes[1]], a[: sizes[1]] @ w[1])
+
+
 @pytest.mark.parametrize("tokens", [2, 24])  # the gathered decode path, and the grouped GEMM
 def test_inference_expert_stack_in_gemm_layout_gives_the_training_forward(tokens):
     """Under inference mode MoE runs routed + shared experts from one stacked copy, stored as the GEMMs

@@ -126,6 +126,12 @@ class Router(nn.Module):
         return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
 
 
+# Row counts per expert change every step; oneDNN, which runs PyTorch's bf16/fp16 CPU matmuls, builds a
+# kernel for every new shape (about as long as a ~640-row expert GEMM takes), so a CPU loop splits each
+# group into a multiple of this many rows and a remainder: shapes that recur, found in its cache.
+ROW_BUCKET = 32
+
+
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Per-group matmul over row groups ending at `offs` (cumulative, int32).
 
@@ -133,11 +139,15 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     weight-gradient form: group e contracts over its own rows). `torch._grouped_mm` does either in
     one call on CPU and GPU; its kernel needs 16-byte aligned strides, so odd sizes take a loop. So
     do CPU calls with fewer rows than groups (decode): the loop skips the empty groups, where the
-    CPU kernel runs a select, a slice and an empty mm for each of them.
+    CPU kernel runs a select, a slice and an empty mm for each of them. And CPU bf16/fp16, whose
+    per-group shapes the loop keeps few (`ROW_BUCKET`); the CPU kernel is itself a loop of matmuls.
     """
-    few_rows = a.device.type == "cpu" and b.dim() == 3 and a.shape[0] < b.shape[0]
+    cpu = a.device.type == "cpu"
+    few_rows = cpu and b.dim() == 3 and a.shape[0] < b.shape[0]
+    bucketed = cpu and a.dtype in (torch.bfloat16, torch.float16)
     if (
         not few_rows
+        and not bucketed
         and all(t.data_ptr() % 16 == 0 and (t.stride(-1) == 1 or t.stride(-2) == 1) for t in (a, b))
         and all((st * t.element_size()) % 16 == 0 for t in (a, b) for st in t.stride() if st != 1)
     ):
@@ -147,14 +157,25 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     if b.dim() == 3:
         out = a.new_empty(a.shape[0], b.shape[-1])
         for e, (s0, s1) in enumerate(zip(starts, ends, strict=True)):
-            if s1 > s0:
-                torch.mm(a[s0:s1], b[e], out=out[s0:s1])
+            for r0, r1 in _row_pieces(s0, s1, bucketed):
+                torch.mm(a[r0:r1], b[e], out=out[r0:r1])
         return out
     out = a.new_zeros(len(ends), a.shape[0], b.shape[-1])
     for e, (s0, s1) in enumerate(zip(starts, ends, strict=True)):
-        if s1 > s0:
-            torch.mm(a[:, s0:s1], b[s0:s1], out=out[e])
+        for i, (r0, r1) in enumerate(_row_pieces(s0, s1, bucketed)):
+            if i == 0:
+                torch.mm(a[:, r0:r1], b[r0:r1], out=out[e])
+            else:
+                out[e].addmm_(a[:, r0:r1], b[r0:r1])
     return out
+
+
+def _row_pieces(s0: int, s1: int, bucketed: bool) -> list[tuple[int, int]]:
+    """Rows [s0, s1) as one piece, or (bucketed) a multiple of `ROW_BUCKET` rows and the remainder."""
+    if s1 <= s0:
+        return []
+    split = s1 - (s1 - s0) % ROW_BUCKET if bucketed else s1
+    return [(s0, split), (split, s1)] if s0 < split < s1 else [(s0, s1)]
 
 
 GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
