@@ -15,7 +15,12 @@ Decode (bench_engine's shape, 1 thread, batch 1 and 16):
   its routed-expert GEMMs with real routing, the LM head), without attention, cache, norms or
   sampling. Printed against transformers' measured step / goal and nanoseek's own step.
 
-    python benchmarks/bench_ceiling.py [--steps 5] [--json out.json]
+Shape changes (1 thread): an expert's GEMM (rows x 256 -> 256) with the same row count every call,
+  with a new row count every call (the routed experts' case: rows per expert change every step), and
+  with those row counts split as `moe._grouped_mm` splits them (a multiple of ROW_BUCKET plus the
+  rest), in fp32 and, where the CPU multiplies bf16 natively, bf16 (oneDNN builds a kernel per shape).
+
+    python benchmarks/bench_ceiling.py [--steps 5] [--json out.json] [--shapes-only]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +42,8 @@ from bench_model import bench_config as model_config
 from nanoseek.checkpoint import build_model, save_model
 from nanoseek.config import ModelConfig
 from nanoseek.engine import Engine
-from nanoseek.perf import matmul_peak_flops, tune_malloc
+from nanoseek.model.moe import ROW_BUCKET
+from nanoseek.perf import cpu_has_bf16, matmul_peak_flops, tune_malloc
 
 
 def best_seconds(fn, repeats: int = 5) -> float:
@@ -251,6 +258,47 @@ def decode_ceiling(args: argparse.Namespace) -> dict:
     return out
 
 
+def _gemm_rate(x: torch.Tensor, w: torch.Tensor, counts: list[int], split: bool) -> float:
+    """GFLOP/s of x[:n] @ w.T for each n in counts (split: a multiple of ROW_BUCKET rows, then the rest)."""
+    start = time.perf_counter()
+    for n in counts:
+        pieces = [(0, n - n % ROW_BUCKET), (n - n % ROW_BUCKET, n)] if split else [(0, n)]
+        for r0, r1 in pieces:
+            if r1 > r0:
+                torch.mm(x[r0:r1], w.t())
+    return 2 * w.shape[0] * w.shape[1] * sum(counts) / (time.perf_counter() - start) / 1e9
+
+
+def shape_change_cost(calls: int = 300, width: int = 256) -> dict[str, dict[str, float]]:
+    """GFLOP/s of rows x [width, width] GEMMs on one thread: one row count repeated; a new row count
+    (300-1500, as an expert's share of a training batch varies) each call; new counts split into a
+    multiple of ROW_BUCKET and the rest, after one pass of other counts (the split's few shapes
+    recur: a training run meets them all within its first steps)."""
+    import random
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_bf16() else [])
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for dtype in dtypes:
+            w, x = torch.randn(width, width, dtype=dtype), torch.randn(1600, width, dtype=dtype)
+            rng = random.Random(0)
+            counts = [[rng.randint(300, 1500) for _ in range(calls)] for _ in range(3)]
+            _gemm_rate(x, w, [640] * 10, False)
+            same = _gemm_rate(x, w, [640] * calls, False)
+            new = _gemm_rate(x, w, counts[0], False)
+            _gemm_rate(x, w, counts[1], True)
+            out[str(dtype).removeprefix("torch.")] = {
+                "same_rows_gflop_s": same,
+                "new_rows_gflop_s": new,
+                "new_rows_split_gflop_s": _gemm_rate(x, w, counts[2], True),
+            }
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=5, help="training steps per side (after 2 warm-up)")
@@ -260,8 +308,20 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per timing")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--shapes-only", action="store_true", help="only the shape-change figures")
     args = p.parse_args()
     tune_malloc()
+    shapes = shape_change_cost()
+    print("== expert GEMM (rows x 256 -> 256), 1 thread: one row count / a new one each call / split")
+    for name, r in shapes.items():
+        print(
+            f"   {name:9s} {r['same_rows_gflop_s']:5.0f} / {r['new_rows_gflop_s']:5.0f} / "
+            f"{r['new_rows_split_gflop_s']:5.0f} GFLOP/s (new rows: "
+            f"{r['new_rows_gflop_s'] / r['same_rows_gflop_s']:.2f}x, split: "
+            f"{r['new_rows_split_gflop_s'] / r['same_rows_gflop_s']:.2f}x of one row count)"
+        )
+    if args.shapes_only:
+        return
     t = training_ceiling(args)
     print(
         f"== training step, fp32, 2 threads (peak {t['peak_gflop_s']:.0f} GFLOP/s, "
@@ -296,7 +356,7 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"training": t, "decode": d}, f, indent=2)
+            json.dump({"training": t, "decode": d, "shape_changes": shapes}, f, indent=2)
     print(
         f"bench_ceiling: training floor {t['gemm_floor_ms']:.0f} ms vs 60%-MFU budget "
         f"{t['mfu_60_budget_ms']:.0f} ms; decode ceilings "
