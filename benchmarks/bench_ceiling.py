@@ -42,7 +42,7 @@ from bench_model import bench_config as model_config
 from nanoseek.checkpoint import build_model, save_model
 from nanoseek.config import ModelConfig
 from nanoseek.engine import Engine
-from nanoseek.model.moe import ROW_BUCKET
+from nanoseek.model.moe import _row_pieces
 from nanoseek.perf import cpu_has_bf16, matmul_peak_flops, tune_malloc
 
 
@@ -259,13 +259,11 @@ def decode_ceiling(args: argparse.Namespace) -> dict:
 
 
 def _gemm_rate(x: torch.Tensor, w: torch.Tensor, counts: list[int], split: bool) -> float:
-    """GFLOP/s of x[:n] @ w.T for each n in counts (split: a multiple of ROW_BUCKET rows, then the rest)."""
+    """GFLOP/s of x[:n] @ w.T for each n in counts (split: in `moe._grouped_mm`'s pieces)."""
     start = time.perf_counter()
     for n in counts:
-        pieces = [(0, n - n % ROW_BUCKET), (n - n % ROW_BUCKET, n)] if split else [(0, n)]
-        for r0, r1 in pieces:
-            if r1 > r0:
-                torch.mm(x[r0:r1], w.t())
+        for r0, r1 in _row_pieces(0, n, split):
+            torch.mm(x[r0:r1], w.t())
     return 2 * w.shape[0] * w.shape[1] * sum(counts) / (time.perf_counter() - start) / 1e9
 
 
