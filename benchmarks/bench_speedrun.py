@@ -7,7 +7,9 @@ families >= 75%; GRPO's gain over its starting checkpoint >= +10 points averaged
 that start between 20% and 80%, and >= +20 on the verifier-only family; held-out copied-token loss
 at the end of pretraining <= 0.1 nats; the distilled student >= 70% of its teacher's mean pass@1.
 `smoke` under 3 minutes. Prints each figure with its goal and whether it is met, and the wall time
-per stage (from RUN/metrics.jsonl, the records the report uses).
+per stage (from RUN/metrics.jsonl, the records the report uses). GRPO's gains come with the half-width
+of their 95% interval, paired over the held-out problems: with 48 problems a family's gain moves by
+several points with the draw of problems, so a goal met or missed inside that margin is not settled.
 
     python benchmarks/bench_speedrun.py [--preset cpu|smoke] [--precision auto|bf16|fp32] [--seed N] [--out RUN] [--json F]
 
@@ -60,6 +62,10 @@ def figures(run: Path, preset: str, wall: float) -> dict:
     out["grpo_gain_mid_families"] = sm["mid"]
     if sm["mid_gain"] is not None:
         out["grpo_gain_mid"] = 100 * sm["mid_gain"]
+    # half-widths of 95% intervals, paired over the held-out problems (None for runs that predate them)
+    out["grpo_gain_margin_points"] = {t: 100 * m for t, m in sm["gain_margins"].items()}
+    if sm["mid_margin"] is not None:
+        out["grpo_gain_mid_margin"] = 100 * sm["mid_margin"]
     out["verifier_only"] = {t: out["grpo_gain_points"].get(t) for t in sm["verifier_only"]}
     out["copy_loss"] = m.last_value("pretrain", "probe_copy_loss")
     if sm["means"].get("distill") is not None and out.get("final_mean"):
@@ -83,12 +89,16 @@ def verdicts(f: dict) -> list[tuple[str, str, bool | None]]:
     rows.append(
         (f"mean pass@1 {pct(mean)}", f">= {MEAN_GOAL:.0%}", None if mean is None else mean >= MEAN_GOAL)
     )
+
+    def pm(margin: float | None) -> str:
+        return "" if margin is None else f" ± {margin:.1f} (95%)"
+
     gain = f.get("grpo_gain_mid")
     fams = ", ".join(f["grpo_gain_mid_families"]) or "none in range"
     rows.append(
         (
             f"GRPO gain on families starting in 20-80% ({fams}): "
-            + ("–" if gain is None else f"{gain:+.1f} points"),
+            + ("–" if gain is None else f"{gain:+.1f}{pm(f.get('grpo_gain_mid_margin'))} points"),
             f">= +{GRPO_GAIN_GOAL:.0f}",
             None if gain is None else gain >= GRPO_GAIN_GOAL,
         )
@@ -96,7 +106,12 @@ def verdicts(f: dict) -> list[tuple[str, str, bool | None]]:
     for task, g in f["verifier_only"].items():
         rows.append(
             (
-                f"{task} (verifier only) gain " + ("–" if g is None else f"{g:+.1f} points"),
+                f"{task} (verifier only) gain "
+                + (
+                    "–"
+                    if g is None
+                    else f"{g:+.1f}{pm(f.get('grpo_gain_margin_points', {}).get(task))} points"
+                ),
                 f">= +{ZERO_GAIN_GOAL:.0f}",
                 None if g is None else g >= ZERO_GAIN_GOAL,
             )

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import httpx
 import pytest
 
 from nanoseek.data.tasks import get_task
-from nanoseek.evaluate import EvalConfig, Sample, endpoint_sampler, evaluate, split_task_list
+from nanoseek.evaluate import (
+    EvalConfig,
+    Sample,
+    endpoint_sampler,
+    evaluate,
+    problems_digest,
+    split_task_list,
+)
 from nanoseek.metrics import read_metrics
 
 
@@ -50,10 +58,15 @@ def test_metrics_from_stub_sampler(tmp_path) -> None:
     assert m["format_rate"] == pytest.approx((1.0 + 0.75 + 0.0) / 3)
     assert m["mean_response_tokens"] == pytest.approx(20.0)
     assert m["problems"] == 3 and m["k"] == 4
+    # the standard error of the mean over problems: sample sd of (.75, .25, 0) / sqrt(3)
+    assert m["pass@1_stderr"] == pytest.approx(statistics.stdev([0.75, 0.25, 0.0]) / 3**0.5)
     report = json.loads((ck / "eval_arithmetic.json").read_text())
     assert report["metrics"]["pass@1"] == m["pass@1"] and len(report["problems"]) == 3
     (rec,) = list(read_metrics(tmp_path / "run", stage="eval"))
     assert rec["evaluated_stage"] == "grpo" and rec["pass@1"] == pytest.approx(m["pass@1"])
+    # per-problem scores and which problems they are, for the report's paired intervals
+    assert rec["pass@1_per_problem"] == [0.75, 0.25, 0.0]
+    assert rec["problems_digest"] == problems_digest([p.id for p in probs])
 
 
 def test_endpoint_rebuilds_reasoning_and_scores_it(tmp_path) -> None:

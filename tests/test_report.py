@@ -110,3 +110,39 @@ def test_pass_at_1_by_family_and_language(tmp_path):
     assert "addition 50.0%, comparison 97.0%, countdown 0.0%); left out as solved: comparison." in text
     assert "68% of its teacher's 68.3%" in text
     assert "| 0.5 | 1 | 0.1 | 0.2 |" in text and "plots/probe.png" in text
+
+
+def test_grpo_gains_carry_a_paired_interval_over_the_problems(tmp_path):
+    """With per-problem scores of the same problems before and after GRPO, each gain is reported with
+    the half-width of its 95% interval: 1.96 standard errors of the per-problem differences. Pairing
+    matters: the same problems solved before and after do not widen it."""
+    from nanoseek.report import RunMetrics
+
+    MetricsLog(tmp_path, "speedrun").log(event="plan", verifier_only_tasks=["largest"])
+    ev = MetricsLog(tmp_path, "eval")
+    before = {"sorting": [1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.25, 0.75], "largest": [0.0] * 8}
+    after = {"sorting": [1.0, 1.0, 0.25, 0.25, 0.75, 0.5, 0.5, 0.75], "largest": [1.0, 1.0, 0.0] + [0.0] * 5}
+    for stage, scores in (("sft", before), ("grpo", after)):
+        for task, per in scores.items():
+            digest = "same-problems" if task == "sorting" or stage == "sft" else "other"
+            ev.log(
+                evaluated=stage,
+                task=task,
+                k=4,
+                **{"pass@1": sum(per) / len(per), "pass@1_per_problem": per},
+                problems_digest=digest,
+            )
+    sm = RunMetrics(tmp_path).pass_at_1_summary()
+    diffs = [a - b for a, b in zip(after["sorting"], before["sorting"], strict=True)]
+    mean = sum(diffs) / 8
+    se = (sum((d - mean) ** 2 for d in diffs) / 7 / 8) ** 0.5
+    assert sm["mid"] == ["sorting"] and sm["gains"]["sorting"] == pytest.approx(0.125)
+    assert sm["gain_margins"]["sorting"] == pytest.approx(1.96 * se)  # 0.093; unpaired: 0.35
+    assert sm["mid_margin"] == pytest.approx(1.96 * se)
+    assert "largest" not in sm["gain_margins"]  # other problems after than before: no pairing
+    text = build_report(tmp_path).read_text()
+    assert "paired over the 8 held-out problems per family" in text
+    assert (
+        f"**+12.5 ± {100 * 1.96 * se:.1f} points** on average (sorting +12.5 ± {100 * 1.96 * se:.1f})" in text
+    )
+    assert "largest 0.0% → 25.0%, **+25.0 points**." in text

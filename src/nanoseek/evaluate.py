@@ -15,7 +15,9 @@ What is notable here:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -182,8 +184,10 @@ def score_samples(
     if n == 0:
         raise ValueError(f"all {len(problems)} problems have unparseable gold answers: nothing to score")
     k_used = n_samples // n
+    scored = [rec["pass@1"] for rec in per_problem if "pass@1" in rec]
     metrics = {
         "pass@1": tot["pass@1"] / n,
+        "pass@1_stderr": standard_error(scored),
         f"cons@{k_used}": tot["cons"] / n,
         "format_rate": tot["format"] / n,
         "language_consistency": tot["language_consistency"] / n,
@@ -200,6 +204,24 @@ def score_samples(
     if len(by_language) > 1:
         metrics["pass@1_by_language"] = {k: sum(v) / len(v) for k, v in sorted(by_language.items())}
     return metrics, per_problem
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """The standard error of the mean of per-problem scores (sample standard deviation / sqrt(n)).
+
+    With ~50 problems a family's pass@1 moves by several points from one draw of problems to another;
+    this says by about how much (lm-evaluation-harness prints the same figure beside every score)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def problems_digest(ids: Sequence[str]) -> str:
+    """A short fingerprint of which problems were scored, in order: two evaluations whose digests
+    match scored the same problems, so their per-problem scores can be compared pair by pair."""
+    return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------- sample sources
@@ -388,11 +410,15 @@ def evaluate(cfg: EvalConfig, sampler: Callable[[Sequence[Any]], list[list[Sampl
     )
     metrics["json"] = str(out)
     if run_dir:
+        scored = [rec for rec in per_problem if "pass@1" in rec]
         MetricsLog(run_dir, "eval").log(
             step=None,
             checkpoint=source,
             evaluated_stage=evaluated,
             **{k: v for k, v in metrics.items() if k != "json"},
+            # per problem, for paired comparisons between stages (the report's intervals on GRPO's gain)
+            **{"pass@1_per_problem": [round(rec["pass@1"], 4) for rec in scored]},
+            problems_digest=problems_digest([rec["id"] for rec in scored]),
         )
     return metrics
 

@@ -15,6 +15,7 @@ Records it understands (all optional; missing figures show as "–"):
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -123,11 +124,18 @@ class RunMetrics:
         zero = [t for t in self.last_event("speedrun", "plan").get("verifier_only_tasks", []) if t in tasks]
         start = "sft" if "sft" in stages else "pretrain"
         gains: dict[str, float] = {}
+        margins: dict[str, float] = {}
         for t in tasks:
             b, a = value.get((start, t)), value.get(("grpo", t))
             if b is not None and a is not None:
                 gains[t] = a - b
+                margin = paired_margin(evals[(start, t)], evals[("grpo", t)])
+                if margin is not None:
+                    margins[t] = margin
         mid = [t for t in gains if t not in zero and 0.2 <= value[(start, t)] <= 0.8]
+        mid_margin = None
+        if mid and all(t in margins for t in mid):  # families drawn independently: variances add
+            mid_margin = math.sqrt(sum(margins[t] ** 2 for t in mid)) / len(mid)
         return {
             "stages": stages,
             "tasks": tasks,
@@ -135,8 +143,10 @@ class RunMetrics:
             "means": means,
             "start": start,
             "gains": gains,
+            "gain_margins": margins,
             "mid": mid,
             "mid_gain": sum(gains[t] for t in mid) / len(mid) if mid else None,
+            "mid_margin": mid_margin,
             "verifier_only": zero,
         }
 
@@ -254,6 +264,28 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
     return atomic_write(m.run_dir / "report.md", "\n".join(lines) + "\n")
 
 
+def paired_margin(before: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """Half-width of the 95% interval on after - before, paired over the problems both evaluations
+    scored (1.96 standard errors of the per-problem differences). None unless both records carry
+    per-problem scores of the same problems (`problems_digest`).
+
+    A family's held-out problems are few (the speedrun's 48), and a model gets most of them all right
+    or all wrong across its samples, so a stage's gain moves by several points with the draw of
+    problems; the interval says how far. Pairing removes what the two checkpoints share."""
+    a, b = after.get("pass@1_per_problem"), before.get("pass@1_per_problem")
+    digest = after.get("problems_digest")
+    if not a or not b or len(a) != len(b) or digest is None or digest != before.get("problems_digest"):
+        return None
+    from nanoseek.evaluate import standard_error
+
+    return 1.96 * standard_error([x - y for x, y in zip(a, b, strict=True)])
+
+
+def _pm(margin: float | None) -> str:
+    """' ± 6.1' (points) for a 95% interval's half-width, or nothing when there is none."""
+    return "" if margin is None else f" ± {100 * margin:.1f}"
+
+
 def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     """pass@1 per family and per language before and after each stage, and the R1 summary lines."""
     sm = m.pass_at_1_summary()
@@ -280,12 +312,18 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
                 cells.append(sum(vs) / len(vs) if all(v is not None for v in vs) else None)
             out.append(f"| {lang} | " + " | ".join(_pct(c) for c in cells) + " |")
     out.append("")
-    start, gains = sm["start"], sm["gains"]
+    start, gains, margins = sm["start"], sm["gains"], sm["gain_margins"]
+    if margins:
+        n = len(evals[("grpo", next(iter(margins)))]["pass@1_per_problem"])
+        out.append(
+            f"- GRPO's gains below carry ± the half-width of their 95% interval, paired over the {n} "
+            "held-out problems per family: another draw of problems could move a gain by about that much."
+        )
     if sm["mid"]:
-        each = ", ".join(f"{t} {100 * gains[t]:+.1f}" for t in sm["mid"])
+        each = ", ".join(f"{t} {100 * gains[t]:+.1f}{_pm(margins.get(t))}" for t in sm["mid"])
         out.append(
             f"- GRPO's gain over its starting checkpoint ({start}) on the families that start between "
-            f"20% and 80%: **{100 * sm['mid_gain']:+.1f} points** on average ({each})."
+            f"20% and 80%: **{100 * sm['mid_gain']:+.1f}{_pm(sm['mid_margin'])} points** on average ({each})."
         )
     probe = m.last_event("grpo", "probe")
     if probe.get("pass_rates"):
@@ -299,7 +337,8 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
         if t in gains:
             out.append(
                 f"- Learned from its verifier alone (no worked solution of {t} in pretraining or SFT): "
-                f"{t} {_pct(value[(start, t)])} → {_pct(value[('grpo', t)])}, **{100 * gains[t]:+.1f} points**."
+                f"{t} {_pct(value[(start, t)])} → {_pct(value[('grpo', t)])}, "
+                f"**{100 * gains[t]:+.1f}{_pm(margins.get(t))} points**."
             )
     if means.get("distill") is not None and means.get("grpo"):
         out.append(

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "nanoseek.evaluate:EvalConfig",
         run,
         help="score a checkpoint or an OpenAI-compatible endpoint on a task's held-out split",
-        description="R1-style evaluation: pass@1 averaged over k samples (temperature 0.6), cons@k "
+        description="R1-style evaluation: pass@1 averaged over k samples (temperature 0.6) ± its standard "
+        "error over the problems, cons@k "
         "(majority vote over extracted answers), format rate, language consistency, mean response "
         "length. Writes a JSON report and appends to metrics.jsonl (stage eval).",
     )
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         m = evaluate(from_options(EvalConfig, args, task=task, out=out))
         k = m["k"]
         print(
-            f"eval {task} ({m['evaluated']}): pass@1 {m['pass@1']:.3f}, cons@{k} {m[f'cons@{k}']:.3f}, "
+            f"eval {task} ({m['evaluated']}): pass@1 {m['pass@1']:.3f} ± {m['pass@1_stderr']:.3f}, cons@{k} {m[f'cons@{k}']:.3f}, "
             f"format {m['format_rate']:.3f}, language {m['language_consistency']:.3f}, "
             f"length {m['mean_response_tokens']:.1f} tokens over {m['problems']} problems; {m['json']}"
         )
