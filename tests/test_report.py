@@ -129,7 +129,7 @@ def test_grpo_gains_carry_a_paired_interval_over_the_problems(tmp_path):
                 evaluated=stage,
                 task=task,
                 k=4,
-                **{"pass@1": sum(per) / len(per), "pass@1_per_problem": per},
+                **{"pass@1": sum(per) / len(per), "pass@1_per_problem": per, "pass@1_stderr": 0.05},
                 problems_digest=digest,
             )
     sm = RunMetrics(tmp_path).pass_at_1_summary()
@@ -146,3 +146,5 @@ def test_grpo_gains_carry_a_paired_interval_over_the_problems(tmp_path):
         f"**+12.5 ± {100 * 1.96 * se:.1f} points** on average (sorting +12.5 ± {100 * 1.96 * se:.1f})" in text
     )
     assert "largest 0.0% → 25.0%, **+25.0 points**." in text
+    assert "| grpo | sorting | 4 | 62.5% ± 9.8 |" in text  # each checkpoint's own 95%: 1.96 x its s.e.
+    assert f"- sorting: GRPO changed held-out pass@1 by **+12.5 ± {100 * 1.96 * se:.1f} points**" in text

@@ -225,12 +225,14 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
         lines += _pass_at_1_tables(m, evals)
         lines += ["## Held-out evaluation, every figure", ""]
         lines += [
-            "| checkpoint | task | k | pass@1 | cons@k | format rate | language consistency | mean length |",
+            "| checkpoint | task | k | pass@1 (± 95%) | cons@k | format rate | language consistency | mean length |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for (name, task), r in evals.items():
+            se = r.get("pass@1_stderr")
             lines.append(
-                f"| {name} | {task} | {_fmt(r.get('k'))} | {_pct(r.get('pass@1', r.get('accuracy')))} | "
+                f"| {name} | {task} | {_fmt(r.get('k'))} | {_pct(r.get('pass@1', r.get('accuracy')))}"
+                f"{_pm(None if se is None else 1.96 * se)} | "
                 f"{_pct(r.get('cons'))} | {_pct(r.get('format_rate'))} | {_pct(r.get('language_consistency'))} | "
                 f"{_fmt(r.get('length'))} |"
             )
@@ -241,7 +243,8 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
             if before and after and before.get("pass@1") is not None and after.get("pass@1") is not None:
                 b, a = before["pass@1"], after["pass@1"]
                 lines.append(
-                    f"- {task}: GRPO changed held-out pass@1 by **{100 * (a - b):+.1f} points** "
+                    f"- {task}: GRPO changed held-out pass@1 by "
+                    f"**{100 * (a - b):+.1f}{_pm(paired_margin(before, after))} points** "
                     f"({_pct(b)} → {_pct(a)}); format rate {_pct(before.get('format_rate'))} → "
                     f"{_pct(after.get('format_rate'))}."
                 )
