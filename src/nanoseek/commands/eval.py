@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         m = evaluate(from_options(EvalConfig, args, task=task, out=out))
         k = m["k"]
         print(
-            f"eval {task} ({m['evaluated']}): pass@1 {m['pass@1']:.3f} ± {m['pass@1_stderr']:.3f}, cons@{k} {m[f'cons@{k}']:.3f}, "
+            f"eval {task} ({m['evaluated']}): pass@1 {m['pass@1']:.3f} ± {m['pass@1_stderr']:.3f}, "
+            f"cons@{k} {m[f'cons@{k}']:.3f}, "
             f"format {m['format_rate']:.3f}, language {m['language_consistency']:.3f}, "
             f"length {m['mean_response_tokens']:.1f} tokens over {m['problems']} problems; {m['json']}"
         )
