@@ -719,7 +719,7 @@ def test_cli_serve(tmp_path, tok, model):
         proc.wait(20)
 
 
-def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch):
+def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, capsys):
     """`nanoseek serve DIR --quantize int8` serves int8 weights (quantized while the checkpoint streams)."""
     import uvicorn
 
@@ -740,3 +740,6 @@ def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch):
         )
 
     assert served_int8("--quantize", "int8") and not served_int8()
+    # the banner says what was loaded and how long loading, quantizing and packing took
+    banner = [line for line in capsys.readouterr().out.splitlines() if "params, context" in line]
+    assert len(banner) == 2 and "float32, int8; ready in " in banner[0] and "float32; ready in " in banner[1]

@@ -61,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import time
     from pathlib import Path
 
     import torch
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if args.port < 0 or args.port > 65535:
         raise ValueError(f"--port {args.port} is not a TCP port")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
     model = load_model(directory, dtype=args.dtype, device=device, quantize=args.quantize).eval()
     tokenizer = load_tokenizer(directory)
     # from the config: int8 and packed weights are buffers or opaque tensors, not parameters
@@ -87,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         speculative=args.speculative,
         pack_weights=True,  # bf16/fp32 on a CPU: oneDNN's layout (engine/packed.py); else a no-op
     )
+    # loading, quantizing and packing weights (w8a8 packs them all here) before the first request
+    ready_s = time.perf_counter() - t0
     # A Hub name names the model better than its snapshot directory (a commit hash) would.
     name = args.model_name or (directory.resolve().name if Path(args.model).exists() else args.model)
     defaults = _generation_defaults(directory)
@@ -105,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     print(
         f"nanoseek serve: model {name!r} ({directory}, {n_params / 1e6:.1f}M "
-        f"params, context {server.max_context}, {device}/{str(model.dtype).removeprefix('torch.')})"
+        f"params, context {server.max_context}, {device}/{str(model.dtype).removeprefix('torch.')}"
+        f"{'' if args.quantize is None else ', ' + args.quantize}; ready in {ready_s:.1f} s)"
     )
     if defaults:
         print(
