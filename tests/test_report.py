@@ -95,6 +95,7 @@ def test_pass_at_1_by_family_and_language(tmp_path):
             )
     text = build_report(tmp_path).read_text()
     assert "| family | sft | grpo | distill |" in text
+    assert "| checkpoint | task | k | pass@1 | cons@k |" in text  # records without intervals
     assert "| addition | 50.0% | 70.0% | 40.0% |" in text
     assert "| **mean** | **50.0%** | **68.3%** | **46.7%** |" in text
     assert "| ja | 25.0% | 34.2% | 23.3% |" in text
@@ -147,4 +148,5 @@ def test_grpo_gains_carry_a_paired_interval_over_the_problems(tmp_path):
     )
     assert "largest 0.0% → 25.0%, **+25.0 points**." in text
     assert "| grpo | sorting | 4 | 62.5% ± 9.8 |" in text  # each checkpoint's own 95%: 1.96 x its s.e.
+    assert "| checkpoint | task | k | pass@1 (± 95%) |" in text
     assert f"- sorting: GRPO changed held-out pass@1 by **+12.5 ± {100 * 1.96 * se:.1f} points**" in text

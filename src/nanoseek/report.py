@@ -224,8 +224,9 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
     if evals:
         lines += _pass_at_1_tables(m, evals)
         lines += ["## Held-out evaluation, every figure", ""]
+        interval = " (± 95%)" if any("pass@1_stderr" in r for r in evals.values()) else ""
         lines += [
-            "| checkpoint | task | k | pass@1 (± 95%) | cons@k | format rate | language consistency | mean length |",
+            f"| checkpoint | task | k | pass@1{interval} | cons@k | format rate | language consistency | mean length |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for (name, task), r in evals.items():
