@@ -524,7 +524,8 @@ class Speedrun:
         def done(stage: str, task: str, m: dict[str, Any]) -> None:
             results[f"{stage}/{task}"] = m["pass@1"]
             print(
-                f"  eval {stage:8s} {task}: pass@1 {m['pass@1']:.1%}, format {m['format_rate']:.1%}",
+                f"  eval {stage:8s} {task}: pass@1 {m['pass@1']:.1%} ± {196 * m['pass@1_stderr']:.1f} (95%), "
+                f"format {m['format_rate']:.1%}",
                 flush=True,
             )
 
