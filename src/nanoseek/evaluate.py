@@ -206,6 +206,9 @@ def score_samples(
     return metrics, per_problem
 
 
+Z_95 = 1.96  # standard errors each side of a two-sided 95% interval (normal approximation)
+
+
 def standard_error(values: Sequence[float]) -> float:
     """The standard error of the mean of per-problem scores (sample standard deviation / sqrt(n)).
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.atomic import atomic_write
+from nanoseek.evaluate import Z_95, standard_error
 from nanoseek.metrics import read_metrics
 
 STAGES = ("tokenizer", "pretrain", "student", "sft", "grpo", "control", "distill", "eval")
@@ -233,7 +234,7 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
             se = r.get("pass@1_stderr")
             lines.append(
                 f"| {name} | {task} | {_fmt(r.get('k'))} | {_pct(r.get('pass@1', r.get('accuracy')))}"
-                f"{_pm(None if se is None else 1.96 * se)} | "
+                f"{_pm(None if se is None else Z_95 * se)} | "
                 f"{_pct(r.get('cons'))} | {_pct(r.get('format_rate'))} | {_pct(r.get('language_consistency'))} | "
                 f"{_fmt(r.get('length'))} |"
             )
@@ -270,7 +271,7 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
 
 def paired_margin(before: dict[str, Any], after: dict[str, Any]) -> float | None:
     """Half-width of the 95% interval on after - before, paired over the problems both evaluations
-    scored (1.96 standard errors of the per-problem differences). None unless both records carry
+    scored (`Z_95` standard errors of the per-problem differences). None unless both records carry
     per-problem scores of the same problems (`problems_digest`).
 
     A family's held-out problems are few (the speedrun's 48), and a model gets most of them all right
@@ -280,9 +281,7 @@ def paired_margin(before: dict[str, Any], after: dict[str, Any]) -> float | None
     digest = after.get("problems_digest")
     if not a or not b or len(a) != len(b) or digest is None or digest != before.get("problems_digest"):
         return None
-    from nanoseek.evaluate import standard_error
-
-    return 1.96 * standard_error([x - y for x, y in zip(a, b, strict=True)])
+    return Z_95 * standard_error([x - y for x, y in zip(a, b, strict=True)])
 
 
 def _pm(margin: float | None) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.atomic import atomic_directory, atomic_write
+from nanoseek.evaluate import Z_95
 from nanoseek.metrics import MetricsLog, read_metrics
 
 DONE = ".done"
@@ -524,7 +525,7 @@ class Speedrun:
         def done(stage: str, task: str, m: dict[str, Any]) -> None:
             results[f"{stage}/{task}"] = m["pass@1"]
             print(
-                f"  eval {stage:8s} {task}: pass@1 {m['pass@1']:.1%} ± {196 * m['pass@1_stderr']:.1f} (95%), "
+                f"  eval {stage:8s} {task}: pass@1 {m['pass@1']:.1%} ± {100 * Z_95 * m['pass@1_stderr']:.1f} (95%), "
                 f"format {m['format_rate']:.1%}",
                 flush=True,
             )
