@@ -52,7 +52,9 @@ def figures(run: Path, preset: str, wall: float) -> dict:
     sm = m.pass_at_1_summary()
     pass1: dict[str, dict[str, float]] = {}
     for (stage, task), v in sm["pass@1"].items():
-        pass1.setdefault(task, {})[stage] = v
+        if task in sm["tasks"]:
+            pass1.setdefault(task, {})[stage] = v
+    out["unseen_wordings"] = sm["unseen_wordings"]  # the final model, phrasings no stage trained on
     for (stage, task), r in m.evals().items():
         if r.get("pass@1_by_language"):
             out.setdefault("pass@1_by_language", {}).setdefault(task, {})[stage] = r["pass@1_by_language"]
@@ -195,6 +197,8 @@ def main() -> None:
     print()
     for task, by_stage in f["pass@1"].items():
         cells = " ".join(f"{s} {100 * v:5.1f}%" for s, v in by_stage.items() if v is not None)
+        if task in f["unseen_wordings"]:
+            cells += f" | unseen wordings {100 * f['unseen_wordings'][task]:5.1f}%"
         print(f"  {task:18s} {cells}")
     if args.preset == "cpu":  # smoke's few steps only prove the stages run
         print()

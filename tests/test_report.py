@@ -150,3 +150,26 @@ def test_grpo_gains_carry_a_paired_interval_over_the_problems(tmp_path):
     assert "| grpo | sorting | 4 | 62.5% ± 9.8 |" in text  # each checkpoint's own 95%: 1.96 x its s.e.
     assert "| checkpoint | task | k | pass@1 (± 95%) |" in text
     assert f"- sorting: GRPO changed held-out pass@1 by **+12.5 ± {100 * 1.96 * se:.1f} points**" in text
+
+
+def test_unseen_wordings_are_reported_beside_the_final_figures_not_in_the_goals(tmp_path):
+    from nanoseek.report import RunMetrics
+
+    MetricsLog(tmp_path, "speedrun").log(event="plan", verifier_only_tasks=[])
+    ev = MetricsLog(tmp_path, "eval")
+    for stage, task, v in (
+        ("sft", "sorting", 0.5),
+        ("grpo", "sorting", 0.75),
+        ("sft", "comparison", 1.0),
+        ("grpo", "comparison", 1.0),
+        ("grpo", "sorting?wording=unseen", 0.25),
+        ("grpo", "comparison?wording=unseen", 0.5),
+    ):
+        ev.log(evaluated=stage, task=task, k=4, **{"pass@1": v})
+    sm = RunMetrics(tmp_path).pass_at_1_summary()
+    assert sm["tasks"] == ["sorting", "comparison"]  # the reworded asks are not families of their own
+    assert sm["means"]["grpo"] == pytest.approx(0.875) and sm["mid"] == ["sorting"]
+    assert sm["unseen_wordings"] == {"sorting": 0.25, "comparison": 0.5}
+    text = build_report(tmp_path).read_text()
+    assert "| sorting | 75.0% | 25.0% |" in text and "| comparison | 100.0% | 50.0% |" in text
+    assert "| **mean** | **87.5%** | **37.5%** |" in text

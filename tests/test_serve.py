@@ -440,6 +440,9 @@ def test_stop_strings(scripted):
     stopped = scripted.client.completions.create(model=MODEL, prompt="x", max_tokens=100, stop=["\n"])
     assert stopped.choices[0].text == REASONING.split("\n")[0]
     # generation past the stop string is cut off in the engine, not run to max_tokens
+    deadline = time.monotonic() + 10  # the aborts above may land after their replies (see below)
+    while scripted.engine.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.01)
     before = len(scripted.engine.aborted)
     long = scripted.client.completions.create(model=MODEL, prompt="LONG", max_tokens=240, stop=["That"])
     assert long.choices[0].text == "I add 2 and 2.\n" and long.choices[0].finish_reason == "stop"

@@ -1,6 +1,7 @@
 """End to end: `nanoseek speedrun --preset smoke` produces every artifact, and a rerun resumes."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def test_cpu_stages_run_side_by_side_and_count_once(smoke_run):
         (s, t)
         for s in ("pretrain", "sft", "grpo", "control", "distill")
         for t in ("addition", "comparison", "largest")
-    ]
+    ] + [("grpo", f"{t}?wording=unseen") for t in ("addition", "comparison", "largest")]
     assert order == jobs, order
     assert not (smoke_run / "eval" / ".logs").exists()
 
@@ -72,6 +73,9 @@ def test_report_has_summary_and_plots(smoke_run):
     text = (smoke_run / "report.md").read_text()
     for needle in ("## Model", "## Stages", "## Held-out evaluation", "KV-cache bytes per token", "pass@1"):
         assert needle in text
+    # the final model on the same problems in phrasings no stage trained on, beside its own figure
+    assert "| family | final, trained wordings | final, unseen wordings |" in text
+    assert re.search(r"\| comparison \| [\d.]+% \| [\d.]+% \|", text)
     for png in ("loss.png", "grpo_reward.png", "grpo_length.png", "expert_load.png"):
         assert (smoke_run / "plots" / png).stat().st_size > 1000, png
 

@@ -133,3 +133,22 @@ def test_blank_spelled_drops_only_the_strings_read_letter_by_letter():
     # a series holds several problems: none of their texts is left
     series = _docs(300, blank_spelled=True, seed=5, tasks=["counting"], shapes={"series": 1.0})
     assert all(not re.search(r"「[a-h]{2,}」|“[a-h]{2,}”|\"[a-h]{2,}\"", d) for d in series)
+
+
+def test_a_varied_corpus_never_asks_in_the_held_out_wordings():
+    task = get_task("comparison?wording=varied")
+    asked = {
+        re.sub(r"\d+", "N", d.split(ASSISTANT)[0].removeprefix(USER))
+        for d in _docs(1500, seed=3, tasks=[task.name])
+    }
+
+    def shapes(wordings):  # every phrasing with its numbers as N, for both questions
+        return {
+            form.format(**task.fields({"a": "N", "b": "N", "which": which}, lang))
+            for lang, forms in wordings.items()
+            for form in forms
+            for which in ("larger", "smaller")
+        }
+
+    seen, unseen = shapes(task.WORDINGS), shapes(task.UNSEEN_WORDINGS)
+    assert asked == seen and not asked & unseen  # every trained phrasing, never a held-out one

@@ -97,6 +97,35 @@ def test_prompts_in_language_and_worked_solutions_score(name, lang):
         assert get_task(p.task).score(p, worked) == 1.0
 
 
+@pytest.mark.parametrize("name", [n for n in BUILTIN_TASKS if get_task(n).UNSEEN_WORDINGS])
+def test_wordings_change_the_prompt_not_the_problem(name):
+    modes = {m: get_task(f"{name}?wording={m}") for m in ("varied", "first", "unseen")}
+    for lang in ("en", "ja", "zh"):
+        ps = {m: t.problems("test", 40, seed=3, language=lang) for m, t in modes.items()}
+        # the same problems, answers and verifier in every wording
+        assert [p.id for p in ps["varied"]] == [p.id for p in ps["first"]] == [p.id for p in ps["unseen"]]
+        assert [p.answer for p in ps["varied"]] == [p.answer for p in ps["unseen"]]
+        assert [p.id for p in ps["varied"]] == [p.id for p in get_task(name).problems("test", 40, 3, lang)]
+        task = modes["varied"]
+        seen_forms, unseen_forms = task.WORDINGS[lang], task.UNSEEN_WORDINGS[lang]
+        for first, varied, unseen in zip(ps["first"], ps["varied"], ps["unseen"], strict=True):
+            fields = task.fields(first.meta, lang)
+            seen = [f.format(**fields) for f in seen_forms]
+            assert first.prompt == seen[0] and varied.prompt in seen
+            assert unseen.prompt in [f.format(**fields) for f in unseen_forms] and unseen.prompt not in seen
+            assert task.score(unseen, task.worked_solution(unseen)) == 1.0
+            counts = script_counts(unseen.prompt)
+            assert counts["kana"] > 0 if lang == "ja" else counts["kana"] == 0
+            assert (counts["han"] > 0) == (lang == "zh") or lang == "ja"
+        if len(seen_forms) > 1:  # training sees several phrasings, not one
+            assert len({p.prompt.replace(p.answer, "") for p in ps["varied"]}) > 1
+            assert len({p.meta.get("wording", 0) for p in ps["varied"]}) >= 2
+    with pytest.raises(ValueError, match="wording must be one of"):
+        get_task(f"{name}?wording=paraphrased")
+    with pytest.raises(ValueError, match="no held-out wordings"):
+        get_task("modular?wording=unseen")
+
+
 @pytest.mark.parametrize("name", BUILTIN_TASKS)
 def test_wrong_and_stuffed_answers_score_zero(name):
     task = get_task(name)

@@ -397,12 +397,12 @@ def evaluate(cfg: EvalConfig, sampler: Callable[[Sequence[Any]], list[list[Sampl
         generation_time_s=round(gen_time, 2),
     )
     if is_url:
-        evaluated, run_dir, default_out = cfg.model, cfg.run_dir, Path(f"eval_{_slug(cfg.task)}.json")
+        evaluated, run_dir, default_out = cfg.model, cfg.run_dir, Path(f"eval_{slug(cfg.task)}.json")
     else:
         ck = Path(cfg.model)
         evaluated = ck.name
         run_dir = cfg.run_dir or str(ck.parent)
-        default_out = ck / f"eval_{_slug(cfg.task)}.json"
+        default_out = ck / f"eval_{slug(cfg.task)}.json"
     metrics["evaluated"] = evaluated
     out = Path(cfg.out) if cfg.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -426,5 +426,6 @@ def evaluate(cfg: EvalConfig, sampler: Callable[[Sequence[Any]], list[list[Sampl
     return metrics
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """A task spec as a file name: `arithmetic?ops=add` -> `arithmetic_ops_add`."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.atomic import atomic_write
+from nanoseek.data.tasks import in_unseen_wordings, is_unseen_wordings
 from nanoseek.evaluate import Z_95, standard_error
 from nanoseek.metrics import read_metrics
 
@@ -116,8 +117,14 @@ class RunMetrics:
         verifier-only families, measured from GRPO's starting checkpoint (SFT, else pretraining)."""
         evals = self.evals()
         stages = [s for s in EVAL_STAGES if any(name == s for name, _ in evals)]
-        tasks = list(dict.fromkeys(t for name, t in evals if name in stages))
+        tasks = list(dict.fromkeys(t for name, t in evals if name in stages and not is_unseen_wordings(t)))
         value = {(s, t): r.get("pass@1", r.get("accuracy")) for (s, t), r in evals.items() if s in stages}
+        # the final model on the same held-out problems in phrasings no stage trained on
+        unseen = {
+            t: value[("grpo", in_unseen_wordings(t))]
+            for t in tasks
+            if ("grpo", in_unseen_wordings(t)) in value
+        }
         means = {}
         for s in stages:
             vs = [value.get((s, t)) for t in tasks]
@@ -149,6 +156,7 @@ class RunMetrics:
             "mid_gain": sum(gains[t] for t in mid) / len(mid) if mid else None,
             "mid_margin": mid_margin,
             "verifier_only": zero,
+            "unseen_wordings": unseen,
         }
 
     def model_info(self) -> dict[str, Any]:
@@ -314,6 +322,23 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
                 vs = [(evals.get((s, t)) or {}).get("pass@1_by_language", {}).get(lang) for t in tasks]
                 cells.append(sum(vs) / len(vs) if all(v is not None for v in vs) else None)
             out.append(f"| {lang} | " + " | ".join(_pct(c) for c in cells) + " |")
+    unseen = sm["unseen_wordings"]
+    if unseen:
+        out += [
+            "",
+            "The final model on the same held-out problems asked in phrasings that no stage trained on "
+            "(`?wording=unseen`): a model that reads the problem keeps its figure; one that memorized "
+            "the sentences around the numbers loses it.",
+            "",
+            "| family | final, trained wordings | final, unseen wordings |",
+            "|---|---|---|",
+        ]
+        for t, v in unseen.items():
+            out.append(f"| {t} | {_pct(value.get(('grpo', t)))} | {_pct(v)} |")
+        seen = [value.get(("grpo", t)) for t in unseen]
+        if all(v is not None for v in seen):
+            mean_unseen = sum(unseen.values()) / len(unseen)
+            out.append(f"| **mean** | **{_pct(sum(seen) / len(seen))}** | **{_pct(mean_unseen)}** |")
     out.append("")
     start, gains, margins = sm["start"], sm["gains"], sm["gain_margins"]
     if margins:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.atomic import atomic_directory, atomic_write
-from nanoseek.evaluate import Z_95
+from nanoseek.data.tasks import in_unseen_wordings
+from nanoseek.evaluate import Z_95, slug
 from nanoseek.metrics import MetricsLog, read_metrics
 
 DONE = ".done"
@@ -517,6 +518,8 @@ class Speedrun:
             if (self.run / stage / "config.json").exists()
             for task in self.all_tasks
         ]
+        if (self.run / "grpo" / "config.json").exists():  # the final model, asked as no run asked it
+            jobs += [("grpo", in_unseen_wordings(task)) for task in self.all_tasks]
         logs = self.run / "eval" / ".logs"
         shutil.rmtree(logs, ignore_errors=True)  # an interrupted evaluation's records, never merged
         workers = 2 if self.overlaps() and len(jobs) > 1 else 1
@@ -554,7 +557,7 @@ class Speedrun:
                     done(*futures[future], future.result())
         with open(self.run / "metrics.jsonl", "a") as f:
             for stage, task in jobs:
-                f.write((logs / f"{stage}_{task}" / "metrics.jsonl").read_text())
+                f.write((logs / _job_name(stage, task) / "metrics.jsonl").read_text())
         shutil.rmtree(logs, ignore_errors=True)
         return {"pass@1": {k: results[k] for k in (f"{s}/{t}" for s, t in jobs)}, "workers": workers}
 
@@ -693,6 +696,11 @@ def _control_beside_grpo(out: str, preset: SpeedrunPreset, end: Any, threads: in
     run._mark_done("control", time.perf_counter() - t0, beside="grpo", threads=threads, **fields)
 
 
+def _job_name(stage: str, task: str) -> str:
+    """A file name for one evaluation: `grpo_sorting`, `grpo_sorting_wording_unseen`."""
+    return f"{stage}_{slug(task)}"
+
+
 def _evaluate_job(out: str, preset: SpeedrunPreset, stage: str, task: str, progress: bool) -> dict[str, Any]:
     """One checkpoint on one family (possibly in a worker process); its records go to a side log that
     `Speedrun.evaluate` merges in job order."""
@@ -707,8 +715,8 @@ def _evaluate_job(out: str, preset: SpeedrunPreset, stage: str, task: str, progr
             n=preset.eval_n,
             max_new_tokens=preset.max_new_tokens,
             seed=preset.seed,
-            out=str(run / "eval" / f"{stage}_{task}.json"),
-            run_dir=str(run / "eval" / ".logs" / f"{stage}_{task}"),
+            out=str(run / "eval" / f"{_job_name(stage, task)}.json"),
+            run_dir=str(run / "eval" / ".logs" / _job_name(stage, task)),
             progress=progress,
         )
     )

@@ -51,6 +51,8 @@ from nanoseek.data.tasks.registry import (
     TASK_ALIASES,
     TASKS,
     get_task,
+    in_unseen_wordings,
+    is_unseen_wordings,
     parse_task_spec,
     register_task,
 )
@@ -83,6 +85,8 @@ __all__ = [
     "check_numeric",
     "extract_answer",
     "get_task",
+    "in_unseen_wordings",
+    "is_unseen_wordings",
     "parse_number",
     "parse_task_spec",
     "register_task",

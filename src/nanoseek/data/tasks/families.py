@@ -52,12 +52,31 @@ class BuiltinTask(Task):
     family: str = ""
     kind: str = "numeric"  # how the answer is checked
     balance_languages = True
+    # Phrasings of the prompt, per language: `str.format` templates over `fields(d, lang)`.
+    # wording="first" (the default) asks every problem in the first; "varied" draws one of WORDINGS
+    # per problem; "unseen" asks in UNSEEN_WORDINGS, which nothing trains on: whether a model reads
+    # the problem or memorized the sentence around the numbers (a model taught one phrasing answered
+    # "Which number is bigger: 47 or 29?" with 69). The language-neutral forms ("47 + 29 = ?") are
+    # English: one prompt, one language of reply. Why training keeps to the first: benchmarks/README.md
+    # ("Asked in other words").
+    WORDINGS: dict[str, tuple[str, ...]] = {}
+    UNSEEN_WORDINGS: dict[str, tuple[str, ...]] = {}
+    WORDING_MODES = ("first", "varied", "unseen")
 
-    def __init__(self, spec: str, difficulty: int = 1) -> None:
+    def __init__(self, spec: str, difficulty: int = 1, wording: str = "first") -> None:
         if difficulty < 1:
             raise ValueError(f"difficulty must be >= 1, got {difficulty}")
+        if wording not in self.WORDING_MODES:
+            raise ValueError(f"wording must be one of {', '.join(self.WORDING_MODES)}, got {wording!r}")
+        if wording == "unseen" and not self.UNSEEN_WORDINGS:
+            raise ValueError(f"task {spec!r} has no held-out wordings")
         self.name = spec
         self.difficulty = difficulty
+        self.wording = wording
+        # the problems are drawn by the spec without its wording: the same problems in any wording
+        base, _, query = spec.partition("?")
+        rest = "&".join(o for o in query.split("&") if o and not o.startswith("wording="))
+        self._stream = f"{base}?{rest}" if rest else base
 
     # --- to implement -----------------------------------------------------------------------------
     def generate(self, rng: random.Random) -> dict[str, Any] | None:
@@ -66,8 +85,13 @@ class BuiltinTask(Task):
     def key(self, d: dict[str, Any]) -> str:
         raise NotImplementedError
 
-    def prompt(self, d: dict[str, Any], lang: str) -> str:
+    def fields(self, d: dict[str, Any], lang: str) -> dict[str, Any]:
+        """The values WORDINGS' templates are filled with (families with WORDINGS)."""
         raise NotImplementedError
+
+    def prompt(self, d: dict[str, Any], lang: str) -> str:
+        forms = self.WORDINGS[lang] + self.UNSEEN_WORDINGS.get(lang, ())
+        return forms[d.get("wording", 0)].format(**self.fields(d, lang))
 
     def answer(self, d: dict[str, Any]) -> str:
         raise NotImplementedError
@@ -109,12 +133,23 @@ class BuiltinTask(Task):
         )
         for lang in langs:
             _check_language(lang, self.languages)
-        rng = random.Random(f"{self.name}|{split}|{seed}")
+        rng = random.Random(f"{self._stream}|{split}|{seed}")
+        wording_rng = random.Random(f"{self._stream}|{split}|{seed}|wording")  # apart: same problems
         while True:
             d = self.generate(rng)
             if d is None or split_of(f"{self.family}|{self.key(d)}") != split:
                 continue
-            yield self.make(d, langs[0] if len(langs) == 1 else rng.choice(langs))
+            lang = langs[0] if len(langs) == 1 else rng.choice(langs)
+            yield self.make(self._worded(d, lang, wording_rng), lang)
+
+    def _worded(self, d: dict[str, Any], lang: str, rng: random.Random) -> dict[str, Any]:
+        """d with the index of its prompt's phrasing (`wording`), drawn as the task's mode says."""
+        seen = len(self.WORDINGS.get(lang, ()))
+        if self.wording == "first" or (self.wording == "varied" and seen < 2):
+            return d
+        if self.wording == "varied":
+            return {**d, "wording": rng.randrange(seen)}
+        return {**d, "wording": seen + rng.randrange(len(self.UNSEEN_WORDINGS[lang]))}
 
     def verify(self, problem: Problem, completion: str, require_think: bool = False) -> float | None:
         return self.check(problem, extract_answer(completion, require_think))
@@ -133,6 +168,16 @@ class ArithmeticTask(BuiltinTask):
     family = "arithmetic"
     OPS = ("add", "sub", "mul")
     SYMBOL = {"add": "+", "sub": "-", "mul": "×"}
+    WORDINGS = {
+        "en": ("What is {expr}?", "{expr} = ?", "Calculate {expr}.", "How much is {expr}?", "{expr}"),
+        "ja": ("{expr} はいくつですか？", "{expr} を計算してください。", "{expr} は？"),
+        "zh": ("{expr} 等于多少？", "计算 {expr}。", "{expr} 是多少？"),
+    }
+    UNSEEN_WORDINGS = {
+        "en": ("Compute {expr}", "What does {expr} equal?"),
+        "ja": ("{expr} の答えを教えてください。", "{expr} を求めよ。"),
+        "zh": ("请算出 {expr}。", "{expr} 的结果是什么？"),
+    }
 
     def __init__(
         self,
@@ -141,8 +186,9 @@ class ArithmeticTask(BuiltinTask):
         digits: int | None = None,
         ops: str | Sequence[str] = OPS,
         allow_negative: bool = False,
+        wording: str = "first",
     ) -> None:
-        super().__init__(spec, difficulty)
+        super().__init__(spec, difficulty, wording)
         self.digits = digits if digits is not None else difficulty + 1
         self.ops = _as_tuple(ops)
         bad = [o for o in self.ops if o not in self.OPS]
@@ -166,9 +212,8 @@ class ArithmeticTask(BuiltinTask):
             a, b = sorted((a, b))
         return f"{d['op']}|{a}|{b}"
 
-    def prompt(self, d: dict[str, Any], lang: str) -> str:
-        expr = f"{d['a']} {self.SYMBOL[d['op']]} {d['b']}"
-        return {"en": f"What is {expr}?", "ja": f"{expr} はいくつですか？", "zh": f"{expr} 等于多少？"}[lang]
+    def fields(self, d: dict[str, Any], lang: str) -> dict[str, Any]:
+        return {"expr": f"{d['a']} {self.SYMBOL[d['op']]} {d['b']}"}
 
     def answer(self, d: dict[str, Any]) -> str:
         a, b = d["a"], d["b"]
@@ -320,8 +365,9 @@ class CountdownTask(BuiltinTask):
         count: int | None = None,
         max_number: int | None = None,
         max_target: int | None = None,
+        wording: str = "first",
     ) -> None:
-        super().__init__(spec, difficulty)
+        super().__init__(spec, difficulty, wording)
         self.count = count if count is not None else difficulty + 2
         self.max_number = max_number if max_number is not None else 10 * difficulty
         self.max_target = max_target if max_target is not None else 100 * difficulty
@@ -422,6 +468,16 @@ class LinearEquationTask(BuiltinTask):
     """Solve ``a x + b = c`` for an integer x (difficulty 2: negatives; 3: x on both sides)."""
 
     family = "linear_equation"
+    WORDINGS = {
+        "en": ("Solve for x: {eq}", "Solve {eq}", "Find x if {eq}.", "{eq}, x = ?"),
+        "ja": ("x を求めなさい: {eq}", "{eq} を解いてください。", "{eq} のとき x は？"),
+        "zh": ("解方程，求 x: {eq}", "解方程 {eq}", "已知 {eq}，求 x。"),
+    }
+    UNSEEN_WORDINGS = {
+        "en": ("What is x in {eq}?", "Solve the equation {eq} for x."),
+        "ja": ("方程式 {eq} を解け。", "{eq} を満たす x は？"),
+        "zh": ("求 {eq} 中 x 的值。", "{eq}，x 等于多少？"),
+    }
 
     def generate(self, rng: random.Random) -> dict[str, Any] | None:
         k = self.difficulty
@@ -447,9 +503,8 @@ class LinearEquationTask(BuiltinTask):
         right = str(d["e"]) if not d["d"] else self._side(d["d"], d["e"])
         return f"{self._side(d['a'], d['b'])} = {right}"
 
-    def prompt(self, d: dict[str, Any], lang: str) -> str:
-        eq = self.equation(d)
-        return {"en": f"Solve for x: {eq}", "ja": f"x を求めなさい: {eq}", "zh": f"解方程，求 x: {eq}"}[lang]
+    def fields(self, d: dict[str, Any], lang: str) -> dict[str, Any]:
+        return {"eq": self.equation(d)}
 
     def answer(self, d: dict[str, Any]) -> str:
         return str(d["x"])
@@ -502,6 +557,25 @@ class SortingTask(BuiltinTask):
 
     family = "sorting"
     kind = "list"
+    WORDINGS = {
+        "en": (
+            "Sort from smallest to largest: {nums}",
+            "Sort these numbers in ascending order: {nums}",
+            "Put {nums} in order from smallest to largest.",
+            "Arrange in increasing order: {nums}",
+        ),
+        "ja": (
+            "小さい順に並べてください: {nums}",
+            "{nums} を小さい順に並べて。",
+            "次の数を昇順に並べてください: {nums}",
+        ),
+        "zh": ("按从小到大排序: {nums}", "把 {nums} 从小到大排列。", "将下列数按升序排列: {nums}"),
+    }
+    UNSEEN_WORDINGS = {
+        "en": ("Order these from least to greatest: {nums}", "Sort {nums} from low to high."),
+        "ja": ("{nums} を小さいものから順に並べてください。", "昇順に並べ替えて: {nums}"),
+        "zh": ("请把这些数从小到大排好: {nums}", "升序排列: {nums}"),
+    }
 
     def __init__(
         self,
@@ -509,8 +583,9 @@ class SortingTask(BuiltinTask):
         difficulty: int = 1,
         count: int | None = None,
         max_value: int | None = None,
+        wording: str = "first",
     ) -> None:
-        super().__init__(spec, difficulty)
+        super().__init__(spec, difficulty, wording)
         self.count = count if count is not None else difficulty + 3
         self.max_value = max_value if max_value is not None else 10 ** (difficulty + 1)
         if self.count < 2 or self.max_value < self.count:
@@ -524,13 +599,8 @@ class SortingTask(BuiltinTask):
     def key(self, d: dict[str, Any]) -> str:
         return ",".join(map(str, sorted(d["numbers"])))  # the multiset, not its order
 
-    def prompt(self, d: dict[str, Any], lang: str) -> str:
-        nums = ", ".join(map(str, d["numbers"]))
-        return {
-            "en": f"Sort from smallest to largest: {nums}",
-            "ja": f"小さい順に並べてください: {nums}",
-            "zh": f"按从小到大排序: {nums}",
-        }[lang]
+    def fields(self, d: dict[str, Any], lang: str) -> dict[str, Any]:
+        return {"nums": ", ".join(map(str, d["numbers"]))}
 
     def answer(self, d: dict[str, Any]) -> str:
         return ", ".join(map(str, sorted(d["numbers"])))
@@ -574,9 +644,40 @@ class ComparisonTask(BuiltinTask):
     """Which of two numbers is larger (or smaller); ``digits`` default difficulty + 1."""
 
     family = "comparison"
+    # {w}, {w2}, {w3}: "larger", "greater", "bigger" or "smaller", "less", "smaller" (one word in ja, zh)
+    WORDINGS = {
+        "en": (
+            "Which is {w}, {a} or {b}?",
+            "Which number is {w2}: {a} or {b}?",
+            "{a} or {b}: which is {w3}?",
+            "Of {a} and {b}, which is {w}?",
+        ),
+        "ja": (
+            "{a} と {b} では、どちらが{w}ですか？",
+            "{a} と {b}、{w}のはどっち？",
+            "どちらが{w}ですか: {a}、{b}",
+        ),
+        "zh": ("{a} 和 {b} 哪个更{w}？", "{a} 与 {b} 相比，哪个{w}？", "哪个数更{w}: {a} 还是 {b}？"),
+    }
+    UNSEEN_WORDINGS = {
+        "en": ("Which one is {w3}, {a} or {b}?", "Tell me the {w} number: {a} or {b}."),
+        "ja": ("{a} と {b} のうち{w}方はどれですか？", "{w}数を選んでください: {a} か {b}"),
+        "zh": ("比较 {a} 和 {b}，哪个更{w}？", "{a}、{b} 中较{w}的是哪个？"),
+    }
+    _WORDS = {
+        "en": {"larger": ("larger", "greater", "bigger"), "smaller": ("smaller", "less", "smaller")},
+        "ja": {"larger": ("大きい",) * 3, "smaller": ("小さい",) * 3},
+        "zh": {"larger": ("大",) * 3, "smaller": ("小",) * 3},
+    }
 
-    def __init__(self, spec: str = "comparison", difficulty: int = 1, digits: int | None = None) -> None:
-        super().__init__(spec, difficulty)
+    def __init__(
+        self,
+        spec: str = "comparison",
+        difficulty: int = 1,
+        digits: int | None = None,
+        wording: str = "first",
+    ) -> None:
+        super().__init__(spec, difficulty, wording)
         self.digits = digits if digits is not None else difficulty + 1
 
     def generate(self, rng: random.Random) -> dict[str, Any] | None:
@@ -590,13 +691,9 @@ class ComparisonTask(BuiltinTask):
     def key(self, d: dict[str, Any]) -> str:
         return f"{min(d['a'], d['b'])}|{max(d['a'], d['b'])}|{d['which']}"
 
-    def prompt(self, d: dict[str, Any], lang: str) -> str:
-        a, b, big = d["a"], d["b"], d["which"] == "larger"
-        return {
-            "en": f"Which is {'larger' if big else 'smaller'}, {a} or {b}?",
-            "ja": f"{a} と {b} では、どちらが{'大きい' if big else '小さい'}ですか？",
-            "zh": f"{a} 和 {b} 哪个更{'大' if big else '小'}？",
-        }[lang]
+    def fields(self, d: dict[str, Any], lang: str) -> dict[str, Any]:
+        w, w2, w3 = self._WORDS[lang][d["which"]]
+        return {"a": d["a"], "b": d["b"], "w": w, "w2": w2, "w3": w3}
 
     def answer(self, d: dict[str, Any]) -> str:
         return str(max(d["a"], d["b"]) if d["which"] == "larger" else min(d["a"], d["b"]))
@@ -649,9 +746,34 @@ class LargestTask(BuiltinTask):
     compare two numbers."""
 
     family = "largest"
+    WORDINGS = {
+        "en": (
+            "Which is the largest, {a}, {b} or {c}?",
+            "What is the largest of {a}, {b} and {c}?",
+            "Which number is the biggest: {a}, {b}, {c}?",
+            "Find the maximum of {a}, {b} and {c}.",
+        ),
+        "ja": (
+            "{a}、{b}、{c} の中で一番大きいのはどれですか？",
+            "{a}、{b}、{c} のうち最大の数は？",
+            "一番大きい数はどれ: {a}、{b}、{c}",
+        ),
+        "zh": (
+            "{a}、{b}、{c} 中哪个最大？",
+            "{a}、{b}、{c} 里最大的数是多少？",
+            "找出最大的数: {a}、{b}、{c}",
+        ),
+    }
+    UNSEEN_WORDINGS = {
+        "en": ("Of {a}, {b} and {c}, which is largest?", "Which of {a}, {b}, {c} is the greatest?"),
+        "ja": ("{a}、{b}、{c} で最も大きい数を答えてください。", "最大の数を選んで: {a}、{b}、{c}"),
+        "zh": ("在 {a}、{b}、{c} 中，最大的是哪个？", "{a}、{b}、{c} 的最大值是？"),
+    }
 
-    def __init__(self, spec: str = "largest", difficulty: int = 1, digits: int | None = None) -> None:
-        super().__init__(spec, difficulty)
+    def __init__(
+        self, spec: str = "largest", difficulty: int = 1, digits: int | None = None, wording: str = "first"
+    ) -> None:
+        super().__init__(spec, difficulty, wording)
         self.digits = digits if digits is not None else difficulty + 1
 
     def generate(self, rng: random.Random) -> dict[str, Any] | None:
@@ -661,13 +783,9 @@ class LargestTask(BuiltinTask):
     def key(self, d: dict[str, Any]) -> str:
         return ",".join(map(str, sorted(d["numbers"])))  # the set, not its order
 
-    def prompt(self, d: dict[str, Any], lang: str) -> str:
+    def fields(self, d: dict[str, Any], lang: str) -> dict[str, Any]:
         a, b, c = d["numbers"]
-        return {
-            "en": f"Which is the largest, {a}, {b} or {c}?",
-            "ja": f"{a}、{b}、{c} の中で一番大きいのはどれですか？",
-            "zh": f"{a}、{b}、{c} 中哪个最大？",
-        }[lang]
+        return {"a": a, "b": b, "c": c}
 
     def answer(self, d: dict[str, Any]) -> str:
         return str(max(d["numbers"]))
@@ -691,6 +809,25 @@ class CountingTask(BuiltinTask):
     """How many times a letter occurs in a string (the "strawberry" problem, made learnable)."""
 
     family = "counting"
+    WORDINGS = {
+        "en": (
+            'How many times does "{c}" appear in "{t}"?',
+            'Count the "{c}"s in "{t}".',
+            'How many "{c}" are in "{t}"?',
+            'In "{t}", how many times does "{c}" occur?',
+        ),
+        "ja": (
+            "「{t}」に「{c}」は何回出てきますか？",
+            "「{t}」の中の「{c}」の数を数えてください。",
+            "「{t}」に「{c}」はいくつありますか？",
+        ),
+        "zh": ("“{t}”中有几个“{c}”？", "数一数“{t}”里有多少个“{c}”。", "“{c}”在“{t}”中出现了几次？"),
+    }
+    UNSEEN_WORDINGS = {
+        "en": ('Count how often "{c}" appears in "{t}".', 'How many times is "{c}" in "{t}"?'),
+        "ja": ("「{t}」で「{c}」は何回使われていますか？", "「{c}」が「{t}」に出る回数は？"),
+        "zh": ("“{t}”里“{c}”出现几次？", "请数出“{t}”中“{c}”的个数。"),
+    }
 
     def __init__(
         self,
@@ -698,8 +835,9 @@ class CountingTask(BuiltinTask):
         difficulty: int = 1,
         length: int | None = None,
         alphabet: str | None = None,
+        wording: str = "first",
     ) -> None:
-        super().__init__(spec, difficulty)
+        super().__init__(spec, difficulty, wording)
         self.length = length if length is not None else 4 + 3 * difficulty
         self.alphabet = alphabet if alphabet is not None else "abcdefgh"[: 2 + 2 * difficulty]
         if self.length < 1 or len(set(self.alphabet)) < 2:
@@ -714,13 +852,8 @@ class CountingTask(BuiltinTask):
     def key(self, d: dict[str, Any]) -> str:
         return f"{d['text']}|{d['letter']}"
 
-    def prompt(self, d: dict[str, Any], lang: str) -> str:
-        t, c = d["text"], d["letter"]
-        return {
-            "en": f'How many times does "{c}" appear in "{t}"?',
-            "ja": f"「{t}」に「{c}」は何回出てきますか？",
-            "zh": f"“{t}”中有几个“{c}”？",
-        }[lang]
+    def fields(self, d: dict[str, Any], lang: str) -> dict[str, Any]:
+        return {"t": d["text"], "c": d["letter"]}
 
     def answer(self, d: dict[str, Any]) -> str:
         return str(d["text"].count(d["letter"]))

@@ -69,6 +69,16 @@ def parse_task_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return base, options
 
 
+def in_unseen_wordings(spec: str) -> str:
+    """The spec of the same held-out problems phrased as training never phrased them (built-in
+    families: `BuiltinTask.UNSEEN_WORDINGS`)."""
+    return f"{spec}{'&' if '?' in spec else '?'}wording=unseen"
+
+
+def is_unseen_wordings(spec: str) -> bool:
+    return parse_task_spec(spec)[1].get("wording") == "unseen"
+
+
 @functools.lru_cache(maxsize=64)
 def get_task(name: str) -> Task:
     """A task by spec: a built-in name, ``rg:<dataset>``, or ``jsonl:<path>``, options after ``?``."""
