@@ -66,6 +66,10 @@ def test_cpu_stages_run_side_by_side_and_count_once(smoke_run):
         for t in ("addition", "comparison", "largest")
     ] + [("grpo", f"{t}?wording=unseen") for t in ("addition", "comparison", "largest")]
     assert order == jobs, order
+    asked = {
+        r["task"]: r["problems"] for r in read_metrics(smoke_run, "eval") if r.get("evaluated") == "grpo"
+    }
+    assert asked["comparison"] == 6 and asked["comparison?wording=unseen"] == 3  # eval_n, eval_unseen_n
     assert not (smoke_run / "eval" / ".logs").exists()
 
 
