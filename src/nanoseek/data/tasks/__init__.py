@@ -32,7 +32,16 @@ from nanoseek.data.tasks.answers import (
     extract_answer,
     parse_number,
 )
-from nanoseek.data.tasks.base import HELDOUT_EVERY, LANGUAGES, Problem, Task, split_of
+from nanoseek.data.tasks.base import (
+    HELDOUT_EVERY,
+    LANGUAGES,
+    Problem,
+    Task,
+    in_unseen_wordings,
+    is_unseen_wordings,
+    parse_task_spec,
+    split_of,
+)
 from nanoseek.data.tasks.families import (
     ArithmeticTask,
     BuiltinTask,
@@ -51,9 +60,6 @@ from nanoseek.data.tasks.registry import (
     TASK_ALIASES,
     TASKS,
     get_task,
-    in_unseen_wordings,
-    is_unseen_wordings,
-    parse_task_spec,
     register_task,
 )
 from nanoseek.tokenizer import EOS as EOS_TEXT  # noqa: F401  (data.rewards imports the chat strings from here)

@@ -1,8 +1,10 @@
-"""What every task is: a `Problem`, the hash split that keeps train and test apart, the `Task` interface."""
+"""What every task is: a `Problem`, the hash split that keeps train and test apart, the `Task` interface,
+and the spec strings that name a task with its options (`arithmetic?ops=add&wording=unseen`)."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +13,44 @@ LANGUAGES: tuple[str, ...] = ("en", "ja", "zh")
 SPLITS: tuple[str, ...] = ("train", "test")
 HELDOUT_EVERY = 5  # 1 in 5 canonical problems is held out
 VERIFIERS: tuple[str, ...] = ("exact", "numeric", "math", "code")
+
+
+def _parse_value(v: str) -> Any:
+    if re.fullmatch(r"-?\d+", v):
+        return int(v)
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v
+
+
+def parse_task_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"arithmetic?digits=3&ops=add,sub"`` -> ("arithmetic", {"digits": 3, "ops": "add,sub"})."""
+    base, _, query = spec.partition("?")
+    options: dict[str, Any] = {}
+    for part in filter(None, query.split("&")):
+        k, eq, v = part.partition("=")
+        if not eq or not k:
+            raise ValueError(f"bad task option {part!r} in {spec!r}; expected key=value")
+        options[k] = _parse_value(v)
+    return base, options
+
+
+def in_unseen_wordings(spec: str) -> str:
+    """The spec of the same held-out problems phrased as training never phrased them (built-in
+    families: `BuiltinTask.UNSEEN_WORDINGS`)."""
+    return f"{spec}{'&' if '?' in spec else '?'}wording=unseen"
+
+
+def is_unseen_wordings(spec: str) -> bool:
+    return parse_task_spec(spec)[1].get("wording") == "unseen"
+
+
+def spec_without(spec: str, option: str) -> str:
+    """The spec with `option` dropped, its text otherwise as written (`sorting?count=5&wording=unseen`
+    -> `sorting?count=5`)."""
+    base, _, query = spec.partition("?")
+    rest = "&".join(o for o in query.split("&") if o and o.partition("=")[0] != option)
+    return f"{base}?{rest}" if rest else base
 
 
 @dataclass

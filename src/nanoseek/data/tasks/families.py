@@ -22,6 +22,7 @@ from nanoseek.data.tasks.base import (
     _check_language,
     _check_split,
     _problem_id,
+    spec_without,
     split_of,
 )
 from nanoseek.tokenizer import THINK_END, THINK_START
@@ -73,10 +74,7 @@ class BuiltinTask(Task):
         self.name = spec
         self.difficulty = difficulty
         self.wording = wording
-        # the problems are drawn by the spec without its wording: the same problems in any wording
-        base, _, query = spec.partition("?")
-        rest = "&".join(o for o in query.split("&") if o and not o.startswith("wording="))
-        self._stream = f"{base}?{rest}" if rest else base
+        self._stream = spec_without(spec, "wording")  # the problems drawn: the same in any wording
 
     # --- to implement -----------------------------------------------------------------------------
     def generate(self, rng: random.Random) -> dict[str, Any] | None:

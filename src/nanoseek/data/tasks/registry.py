@@ -5,10 +5,9 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from typing import Any
 
 from nanoseek.data.tasks.adapters import JsonlTask, ReasoningGymTask
-from nanoseek.data.tasks.base import Task
+from nanoseek.data.tasks.base import Task, parse_task_spec
 from nanoseek.data.tasks.families import (
     ArithmeticTask,
     ComparisonTask,
@@ -47,36 +46,6 @@ def register_task(name: str, factory: Callable[..., Task]) -> None:
         raise ValueError(f"task names are lowercase identifiers, got {name!r}")
     TASKS[name] = factory
     get_task.cache_clear()
-
-
-def _parse_value(v: str) -> Any:
-    if re.fullmatch(r"-?\d+", v):
-        return int(v)
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    return v
-
-
-def parse_task_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"arithmetic?digits=3&ops=add,sub"`` -> ("arithmetic", {"digits": 3, "ops": "add,sub"})."""
-    base, _, query = spec.partition("?")
-    options: dict[str, Any] = {}
-    for part in filter(None, query.split("&")):
-        k, eq, v = part.partition("=")
-        if not eq or not k:
-            raise ValueError(f"bad task option {part!r} in {spec!r}; expected key=value")
-        options[k] = _parse_value(v)
-    return base, options
-
-
-def in_unseen_wordings(spec: str) -> str:
-    """The spec of the same held-out problems phrased as training never phrased them (built-in
-    families: `BuiltinTask.UNSEEN_WORDINGS`)."""
-    return f"{spec}{'&' if '?' in spec else '?'}wording=unseen"
-
-
-def is_unseen_wordings(spec: str) -> bool:
-    return parse_task_spec(spec)[1].get("wording") == "unseen"
 
 
 @functools.lru_cache(maxsize=64)
