@@ -35,6 +35,8 @@ def test_every_stage_writes_its_checkpoint_and_metrics(smoke_run):
     evaluated = {r.get("evaluated") for r in read_metrics(smoke_run, "eval")}
     assert {"pretrain", "sft", "grpo", "distill"} <= evaluated
     assert not (smoke_run / "final" / "train_state").exists()
+    # GRPO's updates carry the supervised rows of the preset's grpo_sft_mix_tasks (PPO-ptx)
+    assert any("sft_mix_loss" in r for r in read_metrics(smoke_run, "grpo"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="side by side on CPU threads only")

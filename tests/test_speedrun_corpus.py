@@ -16,7 +16,8 @@ def test_cpu_corpus_draws_sorting_twice_as_often(tmp_path):
     names = embedded_tasks(source)
     assert sorted(set(names)) == sorted(preset.tasks)
     assert names.count("sorting") == 2 and all(names.count(t) == 1 for t in preset.tasks if t != "sorting")
-    docs = list(itertools.islice(iter_documents(seed=0, tasks=names), 4000))
+    # asked in each family's first sentence, so that a sorting document is told by its question
+    docs = list(itertools.islice(iter_documents(seed=0, tasks=[f"{n}?wording=first" for n in names]), 4000))
     share = sum(d.startswith("<｜User｜>Sort") or "小さい順" in d or "从小到大" in d for d in docs) / len(
         docs
     )
@@ -30,3 +31,5 @@ def test_weights_of_families_outside_the_run_are_ignored_and_bad_weights_named(t
         dataclasses.replace(smoke, pretrain_weights={"addition": 0})
     with pytest.raises(ValueError, match="grpo_task_sampling"):  # not only when GRPO starts, minutes later
         dataclasses.replace(smoke, grpo_task_sampling="unsolve")
+    with pytest.raises(ValueError, match="grpo_sft_mix_tasks"):  # worked solutions of a family not in the run
+        dataclasses.replace(smoke, grpo_sft_mix_tasks=("counting",))

@@ -86,10 +86,11 @@ def test_never_a_heldout_problem(monkeypatch):
     assert len({f for f, _ in seen}) == len(BUILTIN_TASKS)
     assert all(split_of(f"{family}|{key}") == "train" for family, key in seen)
 
-    # 2) independently of the generator: read the problems back out of the text
-    corpus = "\n".join(docs)
-    sums = re.findall(r"What is (\d+) ([+×-]) (\d+)\?", corpus)
-    eqs = re.findall(rf"Solve for x: (\d+)x ([+-]) (\d+) = (-?\d+)(?:\n|{ASSISTANT})", corpus)
+    # 2) independently of the generator: read the problems back out of the text, asked in the
+    # families' first wordings (the same problems as in any other wording)
+    first = "\n".join(_docs(4000, seed=5, tasks=[f"{name}?wording=first" for name in BUILTIN_TASKS]))
+    sums = re.findall(r"What is (\d+) ([+×-]) (\d+)\?", first)
+    eqs = re.findall(rf"Solve for x: (\d+)x ([+-]) (\d+) = (-?\d+)(?:\n|{ASSISTANT})", first)
     assert len(sums) > 100 and len(eqs) > 30
     arith = get_task("arithmetic")
     for a, op, b in sums:
@@ -100,6 +101,7 @@ def test_never_a_heldout_problem(monkeypatch):
         assert split_of(f"linear_equation|{key}") == "train"
 
     # 3) no held-out prompt of any family appears as a question anywhere in the corpus
+    corpus = "\n".join(docs)
     questions = set()
     for line in corpus.splitlines():
         line = line.removeprefix(USER).split(ASSISTANT)[0]

@@ -27,6 +27,10 @@ from nanoseek.data.tasks.base import (
 )
 from nanoseek.tokenizer import THINK_END, THINK_START
 
+# what a family spec without `wording=` asks in: a model taught one sentence per family learned the
+# sentence, not to read the problem (benchmarks/README.md, "Asked in other words")
+DEFAULT_WORDING = "varied"
+
 _PLACES = {
     "en": ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands"],
     "ja": ["一の位", "十の位", "百の位", "千の位", "万の位", "十万の位"],
@@ -54,17 +58,16 @@ class BuiltinTask(Task):
     kind: str = "numeric"  # how the answer is checked
     balance_languages = True
     # Phrasings of the prompt, per language: `str.format` templates over `fields(d, lang)`.
-    # wording="first" (the default) asks every problem in the first; "varied" draws one of WORDINGS
-    # per problem; "unseen" asks in UNSEEN_WORDINGS, which nothing trains on: whether a model reads
+    # wording="varied" (DEFAULT_WORDING) draws one of WORDINGS per problem; "first" asks every problem
+    # in the first; "unseen" asks in UNSEEN_WORDINGS, which nothing trains on: whether a model reads
     # the problem or memorized the sentence around the numbers (a model taught one phrasing answered
     # "Which number is bigger: 47 or 29?" with 69). The language-neutral forms ("47 + 29 = ?") are
-    # English: one prompt, one language of reply. Why training keeps to the first: benchmarks/README.md
-    # ("Asked in other words").
+    # English: one prompt, one language of reply. Measured: benchmarks/README.md ("Asked in other words").
     WORDINGS: dict[str, tuple[str, ...]] = {}
     UNSEEN_WORDINGS: dict[str, tuple[str, ...]] = {}
     WORDING_MODES = ("first", "varied", "unseen")
 
-    def __init__(self, spec: str, difficulty: int = 1, wording: str = "first") -> None:
+    def __init__(self, spec: str, difficulty: int = 1, wording: str = DEFAULT_WORDING) -> None:
         if difficulty < 1:
             raise ValueError(f"difficulty must be >= 1, got {difficulty}")
         if wording not in self.WORDING_MODES:
@@ -184,7 +187,7 @@ class ArithmeticTask(BuiltinTask):
         digits: int | None = None,
         ops: str | Sequence[str] = OPS,
         allow_negative: bool = False,
-        wording: str = "first",
+        wording: str = DEFAULT_WORDING,
     ) -> None:
         super().__init__(spec, difficulty, wording)
         self.digits = digits if digits is not None else difficulty + 1
@@ -363,7 +366,7 @@ class CountdownTask(BuiltinTask):
         count: int | None = None,
         max_number: int | None = None,
         max_target: int | None = None,
-        wording: str = "first",
+        wording: str = DEFAULT_WORDING,
     ) -> None:
         super().__init__(spec, difficulty, wording)
         self.count = count if count is not None else difficulty + 2
@@ -581,7 +584,7 @@ class SortingTask(BuiltinTask):
         difficulty: int = 1,
         count: int | None = None,
         max_value: int | None = None,
-        wording: str = "first",
+        wording: str = DEFAULT_WORDING,
     ) -> None:
         super().__init__(spec, difficulty, wording)
         self.count = count if count is not None else difficulty + 3
@@ -673,7 +676,7 @@ class ComparisonTask(BuiltinTask):
         spec: str = "comparison",
         difficulty: int = 1,
         digits: int | None = None,
-        wording: str = "first",
+        wording: str = DEFAULT_WORDING,
     ) -> None:
         super().__init__(spec, difficulty, wording)
         self.digits = digits if digits is not None else difficulty + 1
@@ -769,7 +772,7 @@ class LargestTask(BuiltinTask):
     }
 
     def __init__(
-        self, spec: str = "largest", difficulty: int = 1, digits: int | None = None, wording: str = "first"
+        self, spec: str = "largest", difficulty: int = 1, digits: int | None = None, wording: str = DEFAULT_WORDING
     ) -> None:
         super().__init__(spec, difficulty, wording)
         self.digits = digits if digits is not None else difficulty + 1
@@ -833,7 +836,7 @@ class CountingTask(BuiltinTask):
         difficulty: int = 1,
         length: int | None = None,
         alphabet: str | None = None,
-        wording: str = "first",
+        wording: str = DEFAULT_WORDING,
     ) -> None:
         super().__init__(spec, difficulty, wording)
         self.length = length if length is not None else 4 + 3 * difficulty
