@@ -145,7 +145,9 @@ class SpeedrunPreset:
             raise ValueError(f"pretrain_weights must be whole numbers >= 1, got {bad}")
         stray = sorted(set(self.grpo_sft_mix_tasks) - set(self.tasks))
         if stray:
-            raise ValueError(f"grpo_sft_mix_tasks must be families with worked solutions (tasks), got {stray}")
+            raise ValueError(
+                f"grpo_sft_mix_tasks must be families with worked solutions (tasks), got {stray}"
+            )
         from nanoseek.train.grpo import TASK_SAMPLING
 
         if self.grpo_task_sampling not in TASK_SAMPLING:

@@ -772,7 +772,11 @@ class LargestTask(BuiltinTask):
     }
 
     def __init__(
-        self, spec: str = "largest", difficulty: int = 1, digits: int | None = None, wording: str = DEFAULT_WORDING
+        self,
+        spec: str = "largest",
+        difficulty: int = 1,
+        digits: int | None = None,
+        wording: str = DEFAULT_WORDING,
     ) -> None:
         super().__init__(spec, difficulty, wording)
         self.digits = digits if digits is not None else difficulty + 1
