@@ -137,8 +137,8 @@ def test_blank_spelled_drops_only_the_strings_read_letter_by_letter():
     assert all(not re.search(r"「[a-h]{2,}」|“[a-h]{2,}”|\"[a-h]{2,}\"", d) for d in series)
 
 
-def test_a_varied_corpus_never_asks_in_the_held_out_wordings():
-    task = get_task("comparison?wording=varied")
+def test_the_corpus_asks_in_every_trained_wording_and_never_a_held_out_one():
+    task = get_task("comparison")  # as the speedrun's corpus names it: varied wordings by default
     asked = {
         re.sub(r"\d+", "N", d.split(ASSISTANT)[0].removeprefix(USER))
         for d in _docs(1500, seed=3, tasks=[task.name])
