@@ -14,6 +14,7 @@ from nanoseek.data.tasks import (
     check_countdown,
     extract_answer,
     get_task,
+    in_unseen_wordings,
     parse_number,
     split_of,
 )
@@ -121,6 +122,8 @@ def test_wordings_change_the_prompt_not_the_problem(name):
         if len(seen_forms) > 1:  # training sees several phrasings, not one
             assert len({p.prompt.replace(p.answer, "") for p in ps["varied"]}) > 1
             assert len({p.meta.get("wording", 0) for p in ps["varied"]}) >= 2
+    # the unseen-wording spec of a spec that named its wording replaces it, never adds a second
+    assert in_unseen_wordings(f"{name}?wording=first") == in_unseen_wordings(name) == f"{name}?wording=unseen"
     with pytest.raises(ValueError, match="wording must be one of"):
         get_task(f"{name}?wording=paraphrased")
     with pytest.raises(ValueError, match="no held-out wordings"):

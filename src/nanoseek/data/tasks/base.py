@@ -37,7 +37,8 @@ def parse_task_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 def in_unseen_wordings(spec: str) -> str:
     """The spec of the same held-out problems phrased as training never phrased them (built-in
-    families: `BuiltinTask.UNSEEN_WORDINGS`)."""
+    families: `BuiltinTask.UNSEEN_WORDINGS`), whatever wording `spec` named."""
+    spec = spec_without(spec, "wording")
     return f"{spec}{'&' if '?' in spec else '?'}wording=unseen"
 
 
