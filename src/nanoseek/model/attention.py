@@ -85,7 +85,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin of shape [*positions.shape, dim] (fp32), for `apply_rope`."""
-        n = int(positions.max().item()) + 1 if positions.numel() else 1
+        # one position (batch-1 decode): read it, without a reduction op before the host sync
+        k = positions.numel()
+        n = int((positions if k == 1 else positions.max()).item()) + 1 if k else 1
         cos, sin = self.tables(n, positions.device)
         return cos[positions], sin[positions]
 
