@@ -29,15 +29,30 @@ PLACE = r"^\S+: "
 END = r"(?:$|[,，、])"  # a step may go on with what it writes and carries ("= 20, write 0 carry 2")
 
 
-def _sort_line(line: str) -> tuple[list[int], int] | None:
-    m = re.match(r"^(?:smallest of )?(\d+(?:, \d+)*)(?: の最小| 中最小)?: (\d+)$", line)
-    return ([int(x) for x in m.group(1).split(", ")], int(m.group(2))) if m else None
+def _sort_line(line: str) -> tuple[list[int | None], int] | None:
+    """A sorting step's list (None for a slot crossed out with "_") and the smallest it names."""
+    m = re.match(r"^(?:smallest of )?((?:\d+|_)(?:, (?:\d+|_))*)(?: の最小| 中最小)?: (\d+)$", line)
+    if not m:
+        return None
+    return [None if x == "_" else int(x) for x in m.group(1).split(", ")], int(m.group(2))
+
+
+def _list_left(nums: list[int | None], smallest: int, crossed: bool) -> list[int | None]:
+    """The next step's list: `smallest` crossed out in its slot, or (the former traces) removed."""
+    left = list(nums)
+    if smallest in left:
+        i = left.index(smallest)
+        if crossed:
+            left[i] = None
+        else:
+            del left[i]
+    return left
 
 
 def line_checks(thinking: str) -> Iterator[tuple[str, bool]]:
     """(kind of step, whether it is right) for each checkable step of one answer's thinking."""
     lines = thinking.strip().splitlines()
-    previous: tuple[list[int], int] | None = None  # sorting: the last list and the smallest taken
+    previous: tuple[list[int | None], int] | None = None  # sorting: the last list and the smallest taken
     row: tuple[int, int] | None = None  # division: the last table row (a, k)
     for line in lines:
         if m := re.match(r"^(\d) × (\d) \+ (\d) = (\d+) \+ (\d) = (\d+)" + END, line):
@@ -88,12 +103,10 @@ def line_checks(thinking: str) -> Iterator[tuple[str, bool]]:
             continue
         if shown := _sort_line(line):
             nums, smallest = shown
-            yield "sorting: smallest", smallest == min(nums)
+            yield "sorting: smallest", smallest == min((v for v in nums if v is not None), default=None)
             if previous is not None:
-                left = list(previous[0])
-                if previous[1] in left:
-                    left.remove(previous[1])
-                yield "sorting: list left", nums == left
+                crossed = None in nums or None in previous[0]
+                yield "sorting: list left", nums == _list_left(*previous, crossed)
             previous = shown
             continue
         if m := re.match(r"^(\w): ((?:\w(?:\(\d+\))? ?)+)$", line):

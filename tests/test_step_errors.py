@@ -58,3 +58,19 @@ def test_a_wrong_step_is_counted_under_its_kind(tmp_path):
     assert rows["sorting: list left"] == (1, 1) and rows["sorting: smallest"] == (0, 2)
     assert rows["division row"] == (0, 3) and rows["division: x = last k"] == (1, 1)
     assert rows["division in one step"] == (1, 1)
+
+
+def test_sorting_steps_that_cross_out_the_wrong_slot_are_counted(tmp_path):
+    module = _step_errors()
+    sample = "\n".join(
+        [
+            "smallest of 36, 90, 45, 38: 36",
+            "smallest of 36, 90, 45, _: 38",  # 38 crossed out instead of 36, and named smallest
+            "36, 90, 45, _ の最小: 36",  # the line above, copied right
+            "</think>",
+            "36, 38, 45, 90",
+        ]
+    )
+    rows = module.step_errors([_eval_file(tmp_path / "e.json", [sample])])
+    assert rows["sorting: smallest"] == (1, 3)
+    assert rows["sorting: list left"] == (1, 2)

@@ -304,6 +304,32 @@ def test_sorting_list_formats():
         assert task.score(p, f"t</think>{bad}") == 0.0
 
 
+def test_sorting_steps_cross_out_each_smallest_in_its_place():
+    """Each step is the line above copied slot by slot with the smallest just taken crossed out
+    ("_"), never the list rewritten without it; the steps name the numbers in sorted order."""
+    task = get_task("sorting")
+    assert task.steps({"numbers": [36, 90, 45, 38]}, "en").split("\n") == [
+        "smallest of 36, 90, 45, 38: 36",
+        "smallest of _, 90, 45, 38: 38",
+        "smallest of _, 90, 45, _: 45",
+        "last: 90",
+    ]
+    for lang in ("en", "ja", "zh"):
+        for p in task.problems("train", 30, seed=2, language=lang):
+            lines = task.steps(p.meta, lang).split("\n")
+            slots = [str(n) for n in p.meta["numbers"]]
+            taken = []
+            for line in lines[:-1]:
+                shown, smallest = re.fullmatch(
+                    r"(?:smallest of )?(.+?)(?: の最小| 中最小)?: (\d+)", line
+                ).groups()
+                assert shown.split(", ") == slots
+                slots[slots.index(smallest)] = "_"
+                taken.append(int(smallest))
+            assert taken + [int(lines[-1].split(": ")[1])] == sorted(p.meta["numbers"])
+            assert task.score(p, task.worked_solution(p)) == 1.0
+
+
 def test_difficulty_and_options():
     three = get_task("arithmetic?digits=3&ops=add")
     for p in three.problems("train", 50):

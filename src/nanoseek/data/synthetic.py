@@ -61,9 +61,9 @@ EXPLANATIONS: dict[str, dict[str, str]] = {
         "zh": "解方程时，两边做同样的运算。先移走常数，再除以 x 的系数：顺着系数的乘法表往上数，直到积等于常数。",
     },
     "sorting": {
-        "en": "To sort numbers from smallest to largest, repeatedly take the smallest number that is left.",
-        "ja": "数を小さい順に並べるには、残っている中で一番小さい数を順に取り出す。",
-        "zh": "要把数从小到大排序，就反复取出剩下的数中最小的一个。",
+        "en": "To sort numbers from smallest to largest, repeatedly take the smallest number that is left and cross it out with _.",
+        "ja": "数を小さい順に並べるには、残っている中で一番小さい数を順に取り出し、_ で消す。",
+        "zh": "要把数从小到大排序，就反复取出剩下的数中最小的一个，并用 _ 划掉。",
     },
     "comparison": {
         "en": "To compare two numbers, a number with more digits is larger; with the same number of digits, compare from the highest place down.",

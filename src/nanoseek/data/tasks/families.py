@@ -607,10 +607,16 @@ class SortingTask(BuiltinTask):
         return ", ".join(map(str, sorted(d["numbers"])))
 
     def steps(self, d: dict[str, Any], lang: str) -> str:
-        rest, lines = list(d["numbers"]), []
-        while len(rest) > 1:
-            m = min(rest)
-            shown = ", ".join(map(str, rest))
+        # Selection sort with each taken number crossed out in place ("_"), not removed: every line
+        # is the line above copied slot by slot with one slot blanked. Rewriting the list without the
+        # smallest was this family's main failure (the smallest kept, a number of the same tens left
+        # out: benchmarks/README.md, "Sorting, crossed out"); a slot-by-slot copy is the positional
+        # lookup the model learns first.
+        slots: list[int | None] = list(d["numbers"])
+        lines = []
+        for _ in range(len(slots) - 1):
+            m = min(v for v in slots if v is not None)
+            shown = ", ".join("_" if v is None else str(v) for v in slots)
             lines.append(
                 {
                     "en": f"smallest of {shown}: {m}",
@@ -618,8 +624,9 @@ class SortingTask(BuiltinTask):
                     "zh": f"{shown} 中最小: {m}",
                 }[lang]
             )
-            rest.remove(m)
-        lines.append({"en": f"last: {rest[0]}", "ja": f"残り: {rest[0]}", "zh": f"剩下: {rest[0]}"}[lang])
+            slots[slots.index(m)] = None
+        last = next(v for v in slots if v is not None)
+        lines.append({"en": f"last: {last}", "ja": f"残り: {last}", "zh": f"剩下: {last}"}[lang])
         return "\n".join(lines)
 
     def check(self, problem: Problem, answer: str | None) -> float | None:
