@@ -61,6 +61,20 @@ def test_generate_command(checkpoint, capsys):
     assert capsys.readouterr().out.count("--- sample") == 2
 
 
+def test_generate_takes_the_prompt_positionally_or_as_a_flag_but_once(checkpoint, tmp_path, capsys):
+    args = cli_args("generate", str(checkpoint), "the quick", "--max-new-tokens", "4", "--threads", "1")
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.startswith("the quick")
+    args = cli_args("generate", str(checkpoint), "-p", "two", "--max-new-tokens", "2", "--threads", "1")
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.startswith("two")
+    # tmp_path holds no checkpoint: the prompt is checked before anything loads
+    for extra in (["a", "--prompt", "b"], []):
+        args = cli_args("generate", str(tmp_path), *extra)
+        with pytest.raises(ValueError, match="give the prompt once"):
+            args.func(args)
+
+
 def test_generate_command_errors(tmp_path):
     args = cli_args("generate", str(tmp_path), "--prompt", "x")
     with pytest.raises(FileNotFoundError, match="config.json"):

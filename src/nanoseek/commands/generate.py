@@ -1,4 +1,4 @@
-"""`nanoseek generate DIR --prompt TEXT`: complete a prompt with a checkpoint, streaming to stdout.
+"""`nanoseek generate DIR PROMPT` (or `--prompt PROMPT`): complete a prompt with a checkpoint, streaming to stdout.
 
 The generation flags defined here are shared with `nanoseek chat`.
 """
@@ -87,7 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "dir",
         help="checkpoint directory (config.json, model.safetensors, tokenizer.json) or Hub name (owner/name)",
     )
-    p.add_argument("--prompt", required=True, help="text to complete ('-' reads stdin)")
+    # positional as ollama's `run MODEL PROMPT`, or --prompt / -p as llama.cpp's CLI takes it
+    p.add_argument("text", nargs="?", metavar="PROMPT", help="text to complete ('-' reads stdin)")
+    p.add_argument("--prompt", "-p", help="the prompt, as a flag instead of the positional PROMPT")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
     p.add_argument("--num-samples", type=int, default=1, help="completions to draw (batched)")
     add_generation_flags(p)
@@ -99,9 +101,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if (args.text is None) == (args.prompt is None):
+        raise ValueError(
+            "give the prompt once: nanoseek generate DIR 'PROMPT' (or --prompt 'PROMPT'; '-' reads stdin)"
+        )
+    prompt = args.prompt if args.text is None else args.text
     params = sampling_params(args)  # bad flags fail before the model loads and the prompt is echoed
     engine, tok, _ = load_for_generation(args, max_batch_size=args.num_samples)
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    text = sys.stdin.read() if prompt == "-" else prompt
     if args.chat:
         ids = tok.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
