@@ -8,7 +8,7 @@ import torch
 from nanoseek.config import get_preset
 from nanoseek.model.transformer import DeepSeekV3
 from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss, param_groups
-from nanoseek.train.muon import Muon, muon_param_groups, orthogonalize
+from nanoseek.train.muon import Muon, muon_param_groups, orthogonalization_flops, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24), (3, 16, 16), (2, 5, 8, 12)])
@@ -105,6 +105,28 @@ def test_a_muon_step_moves_each_matrix_at_adamws_rms() -> None:
     assert torch.all((rms > 0.12) & (rms < 0.25)), rms
     assert torch.allclose(b.detach(), torch.full_like(b, -1e-2), atol=1e-4)  # AdamW's first step: -lr·sign
     assert "momentum_buffer" in opt.state[w] and "exp_avg" in opt.state[b]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_orthogonalization_flops_are_what_a_muon_step_multiplies(dtype) -> None:
+    """bench_speedrun's compute floor counts Newton-Schulz without running it: the count must be the
+    real step's (same matrices, same batching by shape, fused gate/up split in two)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = get_preset("tiny").replace(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2
+    )
+    torch.manual_seed(0)
+    model = DeepSeekV3(cfg).init_weights(0)
+    groups = muon_param_groups(model, param_groups(model, 0.1))
+    opt = Muon(groups, ns_dtype=dtype, lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    with FlopCounterMode(display=False) as counter:
+        opt.step()  # AdamW's part multiplies no matrices
+    assert counter.get_total_flops() > 0
+    assert orthogonalization_flops(groups, dtype=dtype) == counter.get_total_flops()
+    assert orthogonalization_flops(groups, steps=3, dtype=dtype) < counter.get_total_flops()
 
 
 def test_trainer_builds_muon_and_refuses_several_ranks(tmp_path) -> None:

@@ -84,6 +84,27 @@ def muon_param_groups(model: nn.Module, groups: list[dict[str, Any]]) -> list[di
     return [*moved, {**decay, "params": adamw}, *rest]
 
 
+def orthogonalization_flops(
+    groups: list[dict[str, Any]], steps: int = 5, dtype: torch.dtype = torch.float32
+) -> float:
+    """Matmul FLOPs of one step of a `Muon` over these param groups (`muon_param_groups`): its
+    Newton-Schulz iterations, batched by shape as `Muon.step` batches them, counted by torch's
+    FlopCounterMode on meta tensors. With few tokens per expert they rival the forward and backward
+    (benchmarks/README.md, bench_speedrun)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shapes: dict[tuple[int, int], int] = {}
+    for group in groups:
+        if group.get("muon"):
+            for p in group["params"]:
+                rows, cols = p.shape[-2] // group["blocks"], p.shape[-1]
+                shapes[rows, cols] = shapes.get((rows, cols), 0) + p.numel() // (rows * cols)
+    with FlopCounterMode(display=False) as counter:
+        for (rows, cols), n in shapes.items():
+            orthogonalize(torch.empty(n, rows, cols, device="meta"), steps, dtype)
+    return float(counter.get_total_flops())
+
+
 class Muon(torch.optim.AdamW):
     """AdamW whose groups flagged `muon` take Muon steps instead (see the module docstring).
 
