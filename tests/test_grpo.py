@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from nanoseek.train.grpo import collapse_warnings, group_advantages, grpo_loss, kl_k3, token_logprobs
+from nanoseek.train.grpo import (
+    EntropyTrend,
+    collapse_warnings,
+    group_advantages,
+    grpo_loss,
+    kl_k3,
+    token_logprobs,
+)
 
 
 # ------------------------------------------------------------------------------------- advantages
@@ -131,6 +138,42 @@ def test_collapse_warnings() -> None:
     assert "entropy collapsed" in collapse_warnings(0.01, 40, initial_entropy=1.5, initial_length=50)[0]
     assert "length collapsed" in collapse_warnings(1.0, 5, initial_entropy=1.5, initial_length=50)[0]
     assert collapse_warnings(float("nan"), 5, initial_entropy=None, initial_length=None)
+    # a policy cold-started on worked solutions is nearly certain from the start (the speedrun's: ~0.02
+    # nats a token over its first steps): low, not falling, so no warning until it falls far below that
+    assert collapse_warnings(0.011, 60, initial_entropy=0.024, initial_length=75) == []
+    assert "entropy collapsed" in collapse_warnings(0.003, 60, initial_entropy=0.024, initial_length=75)[0]
+    assert collapse_warnings(0.001, 60, initial_entropy=None, initial_length=75) == []  # no baseline yet
+
+
+# The per-step entropies of a speedrun's GRPO (seed 2, 56 steps with an update), which warned of
+# collapse on 45 of them when each step was held against 0.05 alone.
+SPEEDRUN_ENTROPIES = [
+    0.043, 0.013, 0.008, 0.004, 0.055, 0.054, 0.069, 0.02, 0.009, 0.016, 0.02, 0.047, 0.003, 0.022,
+    0.006, 0.017, 0.019, 0.013, 0.011, 0.007, 0.017, 0.01, 0.013, 0.009, 0.008, 0.022, 0.007, 0.028,
+    0.037, 0.018, 0.013, 0.003, 0.002, 0.036, 0.003, 0.011, 0.053, 0.037, 0.028, 0.039, 0.006, 0.023,
+    0.018, 0.013, 0.008, 0.042, 0.011, 0.018, 0.001, 0.018, 0.01, 0.029, 0.036, 0.015, 0.012, 0.107,
+]  # fmt: skip
+
+
+def test_entropy_trend_warns_on_a_fall_not_on_a_confident_start() -> None:
+    def warned(entropies: list[float]) -> list[int]:
+        trend, out = EntropyTrend(), []
+        for i, e in enumerate(entropies):
+            mean = trend.add(e)
+            if collapse_warnings(mean, 60, initial_entropy=trend.initial, initial_length=75):
+                out.append(i)
+        return out
+
+    assert warned(SPEEDRUN_ENTROPIES) == []
+    # the same start, then a policy that has stopped exploring: warned within a window of the fall
+    fallen = warned([*SPEEDRUN_ENTROPIES[:20], float("nan"), *[0.001] * 10])
+    assert fallen and fallen[0] <= 21 + 5
+    # carried across a resume: the same verdicts from a state saved halfway
+    trend = EntropyTrend()
+    for e in SPEEDRUN_ENTROPIES[:20]:
+        trend.add(e)
+    resumed = EntropyTrend(trend.state())
+    assert resumed.initial == trend.initial and resumed.add(0.001) == trend.add(0.001)
 
 
 # ------------------------------------------------------------------------------ end to end (tiny)

@@ -20,11 +20,13 @@ What is notable here:
 
 from __future__ import annotations
 
+import collections
 import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -205,6 +207,7 @@ def collapse_warnings(
     initial_entropy: float | None,
     initial_length: float | None,
     min_entropy: float = 0.05,
+    min_entropy_ratio: float = 0.2,
     min_length_ratio: float = 0.2,
     max_entropy: float | None = None,
 ) -> list[str]:
@@ -212,13 +215,20 @@ def collapse_warnings(
 
     RL on small models fails in a few recognizable ways: entropy falls to ~0 (one repeated token or one
     memorized answer), the thinking shrinks to nothing, or entropy explodes (the policy turns into noise).
+    Entropy counts as collapsed when it is below `min_entropy` *and* below `min_entropy_ratio` of where
+    the run started: a model cold-started on worked solutions writes most tokens with near certainty
+    (the speedrun's starts at ~0.02 nats a token), which is a low entropy, not a falling one.
+    No verdict on entropy before `initial_entropy` is known.
     """
     out: list[str] = []
     if not math.isfinite(entropy):
         out.append(f"entropy is {entropy}")
         return out
-    if entropy < min_entropy:
-        out.append(f"entropy collapsed to {entropy:.3f} (< {min_entropy})")
+    if initial_entropy is not None and entropy < min(min_entropy, min_entropy_ratio * initial_entropy):
+        out.append(
+            f"entropy collapsed to {entropy:.3f} (< {min_entropy} and < {min_entropy_ratio:.0%} of the "
+            f"first steps' {initial_entropy:.3f})"
+        )
     if max_entropy is not None and entropy > max_entropy:
         out.append(f"entropy exploded to {entropy:.2f} (> {max_entropy:.2f})")
     if initial_length and mean_length < min_length_ratio * initial_length:
@@ -227,6 +237,33 @@ def collapse_warnings(
             f"(< {min_length_ratio:.0%} of the initial {initial_length:.1f})"
         )
     return out
+
+
+class EntropyTrend:
+    """The collapse check's view of entropy: the mean of the last `window` steps (a step's entropy is
+    over its mixed groups only and swings ~10x with the families they came from) and, once known, the
+    mean of the first `window` as the baseline. `state()` / `EntropyTrend(state)` carry it across a
+    resume."""
+
+    def __init__(self, state: dict[str, Any] | None = None, window: int = 5) -> None:
+        state = state or {}
+        self.recent: collections.deque[float] = collections.deque(state.get("recent", []), maxlen=window)
+        self.initial: float | None = state.get("initial")
+
+    def add(self, entropy: float) -> float:
+        """Record a step's entropy (NaN: a step without an update, skipped); the current mean."""
+        if math.isfinite(entropy):
+            self.recent.append(entropy)
+            if self.initial is None and len(self.recent) == self.recent.maxlen:
+                self.initial = self.mean
+        return self.mean
+
+    @property
+    def mean(self) -> float:
+        return sum(self.recent) / len(self.recent) if self.recent else float("nan")
+
+    def state(self) -> dict[str, Any]:
+        return {"recent": list(self.recent), "initial": self.initial}
 
 
 # -------------------------------------------------------------------------------------- driver
@@ -297,7 +334,10 @@ class GRPOConfig:
     max_batch_size: int = option(64, "engine: sequences decoded together")
     stop_on_collapse: bool = option(False, "stop when entropy/length collapse persists")
     collapse_patience: int = option(3, "consecutive collapsed steps before --stop-on-collapse stops")
-    min_entropy: float = option(0.05, "entropy below this is a collapse warning")
+    min_entropy: float = option(
+        0.05,
+        "mean entropy of the last 5 steps below this and below 20%% of the first 5 steps' warns of collapse",
+    )
     progress: bool = option(True)
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
 
@@ -541,7 +581,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         names = sorted(t.name for t in tasks if t.name in mixed and hasattr(t, "worked_solution"))
         mix_rows = supervised_mix_rows(tok, names, cfg.seed)
         print(f"grpo: --sft-mix {cfg.sft_mix:g} on the worked solutions of: {', '.join(names) or 'no task'}")
-    init_entropy = history.get("init_entropy")
+    entropy_trend = EntropyTrend(history.get("entropy_trend"))
     init_length = history.get("init_length")
     bad_steps = 0
     bar = tqdm(total=cfg.steps, initial=start, desc="grpo", dynamic_ncols=True, disable=not cfg.progress)
@@ -617,13 +657,13 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         # ----------------------------------------------------------------- logging
         rec = {**ro.metrics, **upd, "wall_time_s": time.perf_counter() - t_run}
         ent = rec.get("entropy", float("nan"))
-        if init_entropy is None and math.isfinite(ent):
-            init_entropy, init_length = ent, rec["response_length"]
+        if init_length is None and math.isfinite(ent):
+            init_length = rec["response_length"]
         warnings = (
             collapse_warnings(
-                ent,
+                entropy_trend.add(ent),
                 rec["response_length"],
-                initial_entropy=init_entropy,
+                initial_entropy=entropy_trend.initial,
                 initial_length=init_length,
                 min_entropy=cfg.min_entropy,
             )
@@ -651,7 +691,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         extra = {
             "grpo_step": step + 1,
             "history": {
-                "init_entropy": init_entropy,
+                "entropy_trend": entropy_trend.state(),
                 "init_length": init_length,
                 "task_signal": dict(sampler.signal),
                 **({"pass_rates": history["pass_rates"]} if "pass_rates" in history else {}),
