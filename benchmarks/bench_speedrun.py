@@ -70,9 +70,54 @@ def figures(run: Path, preset: str, wall: float) -> dict:
         out["grpo_gain_mid_margin"] = 100 * sm["mid_margin"]
     out["verifier_only"] = {t: out["grpo_gain_points"].get(t) for t in sm["verifier_only"]}
     out["copy_loss"] = m.last_value("pretrain", "probe_copy_loss")
+    out["pretraining_arithmetic"] = pretraining_arithmetic(run)
     if sm["means"].get("distill") is not None and out.get("final_mean"):
         out["student_mean"] = sm["means"]["distill"]
         out["student_ratio"] = out["student_mean"] / out["final_mean"]
+    return out
+
+
+def pretraining_arithmetic(run: Path) -> dict | None:
+    """The pretraining stage's arithmetic against this CPU's matmul peak: the teacher's and the
+    student's model FLOPs (forward and backward, MTP included) and Muon's Newton-Schulz matmuls, over
+    the best rate of a 1024^3 matmul in the precision they trained in. The quotient is the least time
+    the stage could take on this machine whatever the code around the matmuls, so it says whether a
+    budget missed here can be met by making the code faster at all."""
+    import torch
+
+    from nanoseek.accounting import flops_per_token
+    from nanoseek.checkpoint import build_model
+    from nanoseek.config import ModelConfig
+    from nanoseek.perf import matmul_peak_flops
+    from nanoseek.train.loop import param_groups
+    from nanoseek.train.muon import muon_param_groups, orthogonalization_flops
+
+    settings = json.loads((run / SETTINGS).read_text())
+    seq, batch = settings["seq_len"], settings["pretrain_batch"]
+    out: dict[str, Any] = {"model_flops": 0.0, "muon_flops": 0.0}
+    precision = None
+    for stage, steps in (("pretrain", settings["pretrain_steps"]), ("student", settings["student_steps"])):
+        if not (run / stage / "config.json").exists():
+            return None
+        config = ModelConfig.load(run / stage)
+        meta_path = run / stage / "train_state" / "trainer.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        precision = precision or meta.get("precision")
+        mtp = settings["mtp_weight"] > 0 and config.num_nextn_predict_layers > 0
+        out["model_flops"] += (
+            steps * batch * seq * flops_per_token(config, seq, training=True, include_mtp=mtp)
+        )
+        if settings["pretrain_optimizer"] == "muon":
+            # in the precision the trainer picks for Newton-Schulz (Trainer._optimizer)
+            ns_dtype = torch.bfloat16 if precision in ("bf16", "fp8") else torch.float32
+            model = build_model(config, device="meta")
+            groups = muon_param_groups(model, param_groups(model, weight_decay=0.0))
+            out["muon_flops"] += steps * orthogonalization_flops(groups, dtype=ns_dtype)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    out["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
+    out["threads"] = torch.get_num_threads()
+    out["peak_flops"] = matmul_peak_flops(dtype, seconds=2.0)
+    out["floor_s"] = (out["model_flops"] + out["muon_flops"]) / out["peak_flops"]
     return out
 
 
@@ -191,6 +236,23 @@ def main() -> None:
         if t is not None:
             note = f" (beside {f['beside'][stage]})" if stage in f["beside"] else ""
             print(f"  {stage:10s} {t:8.1f} s{note}")
+    a = f["pretraining_arithmetic"]
+    took = f["stages_s"].get("pretrain")
+    if a and took:
+        print(
+            f"  pretraining's arithmetic: {a['model_flops'] / 1e12:.0f} TFLOP of model matmuls + "
+            f"{a['muon_flops'] / 1e12:.0f} of Muon's Newton-Schulz (teacher and student) = at least "
+            f"{a['floor_s']:.0f} s at this CPU's {a['precision']} matmul peak "
+            f"({a['peak_flops'] / 1e9:.0f} GFLOP/s on {a['threads']} threads); it ran at "
+            f"{a['floor_s'] / took:.0%} of that peak"
+        )
+        if f.get("budget_s"):
+            room = f["budget_s"] - (wall - took)  # what the other stages leave pretraining
+            need = f"{a['floor_s'] / room:.0%} of the peak" if room > 0 else "more than all of it"
+            print(
+                f"  the other stages took {wall - took:.0f} s: the budget leaves pretraining {max(room, 0):.0f} s, "
+                f"{need}"
+            )
     budget = f.get("budget_s")
     verdict = ("within" if f.get("within_budget") else "OVER") if budget else "no"
     print(f"speedrun {args.preset}: {wall / 60:.1f} min, {verdict} budget ({budget / 60:.0f} min)")

@@ -2,12 +2,17 @@
 
 import json
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from nanoseek.cli import main
 from nanoseek.metrics import read_metrics
+
+sys.path.insert(0, str(Path(__file__).parent))
+from benchmark_scripts import load_benchmark  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +114,28 @@ def test_rerun_skips_finished_stages(smoke_run, capsys):
     # nothing new: not even the decode-speed figure is measured again on a finished run
     assert new == [], json.dumps(new)[:500]
     assert sum(r.get("event") == "model" for r in read_metrics(smoke_run, "speedrun")) == 1
+
+
+def test_bench_speedrun_counts_pretrainings_arithmetic(smoke_run):
+    """The compute floor bench_speedrun prints: both pretrainings' model FLOPs (MTP included) at the
+    run's own steps and shapes, Muon's Newton-Schulz for both, over a matmul peak measured here."""
+    from nanoseek.accounting import flops_per_token
+    from nanoseek.config import ModelConfig
+    from nanoseek.speedrun import PRESETS
+
+    a = load_benchmark("bench_speedrun").pretraining_arithmetic(smoke_run)
+    p = PRESETS["smoke"]
+    want = sum(
+        steps
+        * p.pretrain_batch
+        * p.seq_len
+        * flops_per_token(ModelConfig.load(smoke_run / stage), p.seq_len, True, True)
+        for stage, steps in (("pretrain", p.pretrain_steps), ("student", p.student_steps))
+    )
+    assert a["model_flops"] == pytest.approx(want)
+    assert a["muon_flops"] > 0  # the preset pretrains with Muon
+    assert a["precision"] in ("fp32", "bf16") and a["peak_flops"] > 1e9
+    assert a["floor_s"] == pytest.approx((a["model_flops"] + a["muon_flops"]) / a["peak_flops"])
 
 
 def test_resuming_with_other_settings_is_refused(smoke_run, capsys):
