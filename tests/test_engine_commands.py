@@ -68,6 +68,14 @@ def test_generate_takes_the_prompt_positionally_or_as_a_flag_but_once(checkpoint
     args = cli_args("generate", str(checkpoint), "-p", "two", "--max-new-tokens", "2", "--threads", "1")
     assert args.func(args) == 0
     assert capsys.readouterr().out.startswith("two")
+    # after the flags too, as users type it (argparse alone would call it unrecognized)
+    from nanoseek.cli import main
+
+    assert main(["generate", str(checkpoint), "--max-new-tokens", "2", "--threads", "1", "the quick"]) == 0
+    assert capsys.readouterr().out.startswith("the quick")
+    with pytest.raises(SystemExit):
+        main(["generate", str(checkpoint), "the", "quick"])
+    assert "unrecognized arguments: quick" in capsys.readouterr().err
     # tmp_path holds no checkpoint: the prompt is checked before anything loads
     for extra in (["a", "--prompt", "b"], []):
         args = cli_args("generate", str(tmp_path), *extra)

@@ -93,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
     p.add_argument("--num-samples", type=int, default=1, help="completions to draw (batched)")
     add_generation_flags(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, late_positionals=("text",))
 
 
 def run(args: argparse.Namespace) -> int:
