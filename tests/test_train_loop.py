@@ -220,6 +220,26 @@ def test_nan_and_spike_steps_are_skipped(tmp_path, capsys) -> None:
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_small_loss_rising_a_little_is_not_a_spike(tmp_path) -> None:
+    """Near zero a ratio alone would skip the batches the model still gets wrong: 10x a mean of a few
+    thousandths is kept, a jump by nats is not."""
+    model = micro_model()
+    stream = Stream()
+    tr = make_trainer(model, tmp_path, steps=30, spike_warmup=5, spike_factor=3.0)
+
+    def scaled(k: float):
+        def fn():
+            loss, m = language_model_loss(model, *stream())
+            return loss * k, m
+
+        return fn
+
+    for _ in range(6):
+        assert "skipped" not in tr.step(scaled(1e-3))
+    assert "skipped" not in tr.step(scaled(1e-2))  # ~10x the mean, a few hundredths of a nat above it
+    assert "spike" in tr.step(scaled(1.0))["skipped"]
+
+
 def test_too_many_skips_raise(tmp_path) -> None:
     model = micro_model()
     tr = make_trainer(model, tmp_path, steps=10, max_consecutive_skips=2)
