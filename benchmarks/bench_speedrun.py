@@ -238,6 +238,10 @@ def main() -> None:
             print(f"  {stage:10s} {t:8.1f} s{note}")
     a = f["pretraining_arithmetic"]
     took = f["stages_s"].get("pretrain")
+    if took and f["stages_s"].get("student") and "student" not in f["beside"]:
+        took += f["stages_s"][
+            "student"
+        ]  # the student's pretraining ran on its own: its time is this arithmetic's too
     if a and took:
         print(
             f"  pretraining's arithmetic: {a['model_flops'] / 1e12:.0f} TFLOP of model matmuls + "

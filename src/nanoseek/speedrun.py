@@ -93,9 +93,12 @@ class SpeedrunPreset:
     # steps as the teacher's, at ~40% of the cost each: copying appears at the same step in both,
     # and at 400 steps the student had not got there (14.5% mean pass@1 against 48% at 800)
     student_steps: int = 960
-    # cold-start SFT: small, as R1's (it fixes the format and readability; RL does the rest)
-    sft_steps: int = 10
-    sft_examples: int = 300
+    # cold-start SFT: thousands of worked solutions, as R1's cold start (§2.3.1). 10 steps of 300 left
+    # the final model 2-3 points lower (seeds 0 and 2: mean 86.0 -> 88.3, five families 82.4 -> 85.1,
+    # on 96 problems; run C0 88.9 against S0's 86.5) for ~90 s less (benchmarks/README.md, "A longer
+    # cold start", "Run C0")
+    sft_steps: int = 100
+    sft_examples: int = 3000
     # where pretraining's schedule ended: 1e-3 undid part of what pretraining had learned
     sft_lr: float = 3e-4
     # SFT, the control and distillation take the optimizer pretraining used: a fresh AdamW at 3e-4 moves
@@ -121,6 +124,9 @@ class SpeedrunPreset:
     max_new_tokens: int = 320  # a 3-digit x 2-digit long multiplication, worked out, takes up to ~300
     # control: SFT for GRPO's wall time (beside it where the CPU runs two stages at once; off on the gpu preset)
     control: bool = True
+    # beside GRPO, the control's first plan in steps (refitted to GRPO's pace), with fresh worked solutions
+    # at the cold start's rate per step: ~200 steps fit GRPO's time, and a larger plan only builds data
+    control_plan_steps: int = 200
     # distillation
     distill_prompts: int = 24
     distill_k: int = 4
@@ -140,6 +146,8 @@ class SpeedrunPreset:
 
     def __post_init__(self) -> None:
         # refused when the preset is made, before a run directory holds anything
+        if self.control_plan_steps < 1:
+            raise ValueError(f"control_plan_steps must be >= 1, got {self.control_plan_steps}")
         bad = {name: w for name, w in self.pretrain_weights.items() if not isinstance(w, int) or w < 1}
         if bad:
             raise ValueError(f"pretrain_weights must be whole numbers >= 1, got {bad}")
@@ -169,6 +177,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
         student_steps=10,
         sft_steps=10,
         sft_examples=200,
+        control_plan_steps=100,
         grpo_steps=3,
         group_size=4,
         batch_prompts=4,
@@ -466,14 +475,14 @@ class Speedrun:
         """More SFT from the SFT checkpoint for the wall time GRPO took: what RL bought, honestly.
         With `deadline_fn` it runs beside GRPO, until GRPO is done (`grpo_beside_control`)."""
         if deadline_fn is not None:
-            # a first plan of 10x the cold start, refitted to GRPO's pace once its first step is done;
-            # fresh worked solutions at the cold start's rate per step for that plan
-            steps = 10 * self.p.sft_steps
+            # a first plan, refitted to GRPO's pace once its first step is done; fresh worked solutions
+            # at the cold start's rate per step for that plan
+            steps = self.p.control_plan_steps
             return self.sft(
                 stage="control",
                 steps=steps,
                 init="sft",
-                examples=10 * self.p.sft_examples,
+                examples=max(self.p.sft_examples, steps * self.p.sft_examples // max(1, self.p.sft_steps)),
                 deadline_fn=deadline_fn,
             )
         grpo_time = self._wall_time("grpo") or 0.0
