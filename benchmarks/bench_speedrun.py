@@ -239,9 +239,8 @@ def main() -> None:
     a = f["pretraining_arithmetic"]
     took = f["stages_s"].get("pretrain")
     if took and f["stages_s"].get("student") and "student" not in f["beside"]:
-        took += f["stages_s"][
-            "student"
-        ]  # the student's pretraining ran on its own: its time is this arithmetic's too
+        # the student's pretraining ran on its own: its time is this arithmetic's too
+        took += f["stages_s"]["student"]
     if a and took:
         print(
             f"  pretraining's arithmetic: {a['model_flops'] / 1e12:.0f} TFLOP of model matmuls + "

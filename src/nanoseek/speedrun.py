@@ -482,7 +482,7 @@ class Speedrun:
                 stage="control",
                 steps=steps,
                 init="sft",
-                examples=max(self.p.sft_examples, steps * self.p.sft_examples // max(1, self.p.sft_steps)),
+                examples=self._control_examples(steps),
                 deadline_fn=deadline_fn,
             )
         grpo_time = self._wall_time("grpo") or 0.0
@@ -492,13 +492,17 @@ class Speedrun:
         per_step = self._step_seconds("sft") or sft_time / max(1, self.p.sft_steps)
         overhead = max(0.0, sft_time - per_step * self.p.sft_steps)
         steps = max(1, int((grpo_time - overhead) / per_step))
-        # fresh worked solutions at the cold start's rate per step, not epochs over the same few hundred
-        examples = max(self.p.sft_examples, steps * self.p.sft_examples // max(1, self.p.sft_steps))
+        examples = self._control_examples(steps)
         # The step estimate sets the schedule; the budget guarantees the wall time (data building for
         # more examples and per-step time can differ from the short SFT stage's).
         return self.sft(
             stage="control", steps=steps, init="sft", examples=examples, max_seconds=grpo_time
         ) | {"matched_wall_time_s": grpo_time}
+
+    def _control_examples(self, steps: int) -> int:
+        """Fresh worked solutions for a control of `steps` at the cold start's rate per step, not
+        epochs over the cold start's own."""
+        return max(self.p.sft_examples, steps * self.p.sft_examples // max(1, self.p.sft_steps))
 
     def _step_seconds(self, stage: str) -> float | None:
         """Median seconds between consecutive step records of `stage` in metrics.jsonl."""
