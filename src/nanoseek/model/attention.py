@@ -25,10 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_get_mscale
+from nanoseek.model.registered import Registered
 
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back, as DeepSeek and transformers do."""
+
+    weight = Registered()  # read per call: see nanoseek.model.registered
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -38,7 +41,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if x.dtype == torch.float32 and w.dtype == torch.float32:  # the same math, one op
-            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+            return torch.rms_norm(x, (x.shape[-1],), w, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return w * y.to(x.dtype)
 
@@ -216,6 +219,16 @@ FOLD_LIMIT = 1 << 22  # elements per folded matrix; beyond this keep the factors
 
 
 class MultiHeadLatentAttention(nn.Module):
+    # what the decode step reads: see nanoseek.model.registered
+    q_proj = Registered()
+    q_a_proj = Registered()
+    q_a_layernorm = Registered()
+    q_b_proj = Registered()
+    kv_a_proj_with_mqa = Registered()
+    kv_a_layernorm = Registered()
+    kv_b_proj = Registered()
+    o_proj = Registered()
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx

@@ -23,9 +23,16 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import LatentCache, apply_rope
+from nanoseek.model.registered import Registered
 
 
 class GroupedQueryAttention(nn.Module):
+    # what the decode step reads: see nanoseek.model.registered
+    q_proj = Registered()
+    k_proj = Registered()
+    v_proj = Registered()
+    o_proj = Registered()
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx

@@ -30,11 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.registered import Registered
 from nanoseek.perf import compute_dtype
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Used dense and as the shared experts."""
+
+    # what the decode step reads: see nanoseek.model.registered
+    gate_proj = Registered()
+    up_proj = Registered()
+    down_proj = Registered()
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -48,6 +54,9 @@ class MLP(nn.Module):
 
 class Router(nn.Module):
     """Chooses top-k experts per token and their gating weights."""
+
+    weight = Registered()  # read per call: see nanoseek.model.registered
+    e_score_correction_bias = Registered()
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -409,6 +418,9 @@ class RoutedExperts(nn.Module):
     the same grouped SwiGLU (train/expert_parallel.py).
     """
 
+    gate_up_proj = Registered()  # read per call: see nanoseek.model.registered
+    down_proj = Registered()
+
     def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.n_experts = n_experts
@@ -497,6 +509,11 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
+    # what the decode step reads: see nanoseek.model.registered
+    gate = Registered()
+    experts = Registered()
+    shared_experts = Registered()
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         assert config.n_routed_experts

@@ -27,9 +27,16 @@ from nanoseek.model.attention import LatentCache, MultiHeadLatentAttention, RMSN
 from nanoseek.model.gqa import GroupedQueryAttention
 from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.moe import MLP, MoE, RoutedExperts, Router
+from nanoseek.model.registered import Registered
 
 
 class DecoderBlock(nn.Module):
+    # what every forward reads: see nanoseek.model.registered
+    self_attn = Registered()
+    mlp = Registered()
+    input_layernorm = Registered()
+    post_attention_layernorm = Registered()
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -62,6 +69,8 @@ class DecoderBlock(nn.Module):
 class SharedHead(nn.Module):
     """The MTP module's output norm; the projection is the main model's lm_head (shared, V3 §2.2)."""
 
+    norm = Registered()  # read per draft: see nanoseek.model.registered
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -69,6 +78,12 @@ class SharedHead(nn.Module):
 
 class MultiTokenPredictionLayer(DecoderBlock):
     """One MTP depth: stored at checkpoint index num_hidden_layers + depth, like DeepSeek's files."""
+
+    # what every draft reads: see nanoseek.model.registered
+    enorm = Registered()
+    hnorm = Registered()
+    eh_proj = Registered()
+    shared_head = Registered()
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -84,6 +99,13 @@ class MultiTokenPredictionLayer(DecoderBlock):
 
 class DeepSeekBackbone(nn.Module):
     """`model.*` in checkpoint keys: embeddings, blocks, final norm, MTP layers after the main ones."""
+
+    # what every forward reads: see nanoseek.model.registered
+    embed_tokens = Registered()
+    layers = Registered()
+    mtp_layers = Registered()
+    norm = Registered()
+    rotary_emb = Registered()
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -102,6 +124,9 @@ class DeepSeekBackbone(nn.Module):
 
 class DeepSeekV3(nn.Module):
     """DeepSeek-V3 for causal LM. `model(input_ids)` returns logits [batch, seq, vocab]."""
+
+    model = Registered()  # read per forward: see nanoseek.model.registered
+    lm_head = Registered()
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -1,0 +1,38 @@
+"""Class-level access to what `nn.Module` registers (submodules, parameters, buffers), for hot paths.
+
+`nn.Module` keeps its children, parameters and buffers in its own dicts and finds them in
+`__getattr__`, which Python calls only after the normal lookup has failed. On Python 3.11 that failure
+is not free: the interpreter builds and formats an `AttributeError`, then discards it, before
+`Module.__getattr__` runs: ~1 µs per `self.weight`, ten times a plain attribute. The engine's decode
+step of the speedrun's model made ~120 such lookups, a fifth of the Python time that set it apart from
+the engine's former hand-flattened forward (benchmarks/README.md).
+
+Declared on the class (`weight = Registered()`), the name is found by the normal lookup, and this
+descriptor reads the same dicts `Module.__getattr__` reads, in the same order. It defines no `__set__`:
+assignment still goes through `nn.Module.__setattr__` (registration, a quantized layer replacing a
+linear one), and a plain value assigned to the name (`self.shared_experts = None`) lands in the
+instance's `__dict__`, which Python reads before a descriptor without `__set__`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Registered:
+    """`self.<name>` for a submodule, parameter or buffer registered under the attribute's own name."""
+
+    __slots__ = ("name",)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        d = obj.__dict__
+        for registry in ("_parameters", "_buffers", "_modules"):
+            found = d.get(registry)
+            if found is not None and self.name in found:
+                return found[self.name]
+        raise AttributeError(f"'{type(obj).__name__}' object has no attribute '{self.name}'")
