@@ -498,3 +498,35 @@ def test_decode_gathered_and_in_place_equal_reference(tokens, monkeypatch):
     # V2-Lite's experts (8.7 M weights each) are past the limit: a gathered copy would double traffic.
     monkeypatch.undo()
     assert not RoutedExperts(64, 2048, 1408).to("meta").gathers()
+
+
+def test_registered_attributes_read_what_nn_module_registers():
+    """`Registered` class attributes (model/registered.py) must give exactly what nn.Module's own
+    lookup gives, through registration, replacement, plain values, dtype moves and absence."""
+    from torch import nn
+
+    from nanoseek.model import DeepSeekV3, MultiHeadLatentAttention
+
+    model = DeepSeekV3(small_config(n_shared_experts=0)).init_weights(seed=0)
+    block = model.model.layers[-1]
+    attn, moe = block.self_attn, block.mlp
+    assert isinstance(attn, MultiHeadLatentAttention) and isinstance(moe, MoE)
+    for owner in (model, model.model, block, attn, moe, moe.gate, block.input_layernorm):
+        for registry in ("_parameters", "_buffers", "_modules"):
+            for name, value in getattr(owner, registry).items():
+                assert getattr(owner, name) is value, (type(owner).__name__, name)
+    assert moe.shared_experts is None  # a plain None, kept in the instance's __dict__
+    # a replaced projection (as quantization replaces it) is what the next read returns
+    new = nn.Linear(attn.o_proj.in_features, attn.o_proj.out_features, bias=False)
+    attn.o_proj = new
+    assert attn.o_proj is new and attn._modules["o_proj"] is new
+    # a buffer assigned anew, and everything after a dtype move, are read from the module's dicts
+    moe.gate.e_score_correction_bias = torch.ones(moe.gate.n_experts)
+    assert moe.gate.e_score_correction_bias is moe.gate._buffers["e_score_correction_bias"]
+    model.to(torch.bfloat16)
+    assert block.input_layernorm.weight.dtype == torch.bfloat16
+    assert moe.gate.weight is moe.gate._parameters["weight"]
+    # a submodule the configuration leaves out is missing, as nn.Module says
+    assert attn.q_lora_rank is not None and not hasattr(attn, "q_proj")
+    with pytest.raises(AttributeError, match="q_proj"):
+        getattr(attn, "q_proj")  # noqa: B009 (the attribute read is the test)
