@@ -35,3 +35,33 @@ def test_weights_of_families_outside_the_run_are_ignored_and_bad_weights_named(t
         dataclasses.replace(smoke, grpo_sft_mix_tasks=("counting",))
     with pytest.raises(ValueError, match="control_plan_steps"):
         dataclasses.replace(smoke, control_plan_steps=0)
+
+
+def test_resuming_a_run_whose_data_another_nanoseek_wrote_is_refused(tmp_path, monkeypatch, capsys):
+    """A run directory records how its nanoseek writes the data; a nanoseek that writes a family's
+    worked solution otherwise (as sorting's changed, crossed out in place) must not add stages to it."""
+    import json
+
+    from nanoseek.data.tasks.families import SortingTask
+
+    preset = PRESETS["smoke"]
+    Speedrun(tmp_path, preset, progress=False)._claim_directory()
+    settings = json.loads((tmp_path / "speedrun.json").read_text())
+    assert len(settings["data_formats"]) == 16
+    Speedrun(tmp_path, preset, progress=False)._claim_directory()  # the same nanoseek resumes it
+    # sorting is not among smoke's tasks: its problems still count (the verifier-only family's, too)
+    run = Speedrun(tmp_path, dataclasses.replace(preset, tasks=(*preset.tasks, "sorting")), progress=False)
+    digest = run.data_formats()
+    monkeypatch.setattr(SortingTask, "steps", lambda self, d, lang: "sorted, no steps")
+    assert run.data_formats() != digest
+    monkeypatch.undo()
+    monkeypatch.setattr(
+        type(run), "data_formats", lambda self: "0" * 16
+    )  # as a nanoseek that writes any of the data otherwise
+    with pytest.raises(ValueError, match="writes the corpus, worked solutions or prompts"):
+        Speedrun(tmp_path, preset, progress=False)._claim_directory()
+    # a directory from before the digest was recorded: resumed, with a warning
+    del settings["data_formats"]
+    (tmp_path / "speedrun.json").write_text(json.dumps(settings))
+    Speedrun(tmp_path, preset, progress=False)._claim_directory()
+    assert "did not record how it writes its data" in capsys.readouterr().out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import shutil
 import time
@@ -30,6 +31,7 @@ from nanoseek.metrics import MetricsLog, read_metrics
 
 DONE = ".done"
 SETTINGS = "speedrun.json"
+FORMATS = "data_formats"  # in SETTINGS: `Speedrun.data_formats()` of the nanoseek that started the run
 
 
 # The families the `cpu` and `gpu` runs teach from worked solutions, and the one they leave to GRPO.
@@ -230,13 +232,28 @@ class Speedrun:
 
     # -------------------------------------------------------------- plumbing
     def _claim_directory(self) -> None:
-        """Record this run's settings, or refuse to resume a run that was started with others."""
+        """Record this run's settings and how this nanoseek writes its data, or refuse to resume a run
+        that was started with other settings, or by a nanoseek that writes its data otherwise."""
         path = self.run / SETTINGS
         mine = json.loads(json.dumps(dataclasses.asdict(self.p)))  # tuples as lists, as stored
+        mine[FORMATS] = self.data_formats()
         if not path.exists():
             atomic_write(path, json.dumps(mine, indent=2) + "\n")
             return
         stored = json.loads(path.read_text())
+        if FORMATS not in stored:
+            print(
+                f"warning: {self.run} was started by a nanoseek that did not record how it writes its data; "
+                "if the documents or worked solutions changed since, its later stages train on a format "
+                "its earlier ones never saw"
+            )
+            stored[FORMATS] = mine[FORMATS]
+        elif stored[FORMATS] != mine[FORMATS]:
+            raise ValueError(
+                f"{self.run} was started by a nanoseek that writes the corpus, worked solutions or prompts "
+                "of its tasks otherwise than this one: its finished stages learned another format than the "
+                "ones left would teach. Choose a new --out, or resume it with the nanoseek that started it"
+            )
         changed = [k for k in sorted(set(stored) | set(mine)) if stored.get(k) != mine.get(k)]
         if changed:
             shown = ", ".join(f"{k} {stored.get(k)!r} -> {mine.get(k)!r}" for k in changed[:4])
@@ -244,6 +261,27 @@ class Speedrun:
                 f"{self.run} holds a speedrun started with preset {stored.get('name')!r} and other settings "
                 f"({shown}); resume it with the same --preset and flags, or choose a new --out"
             )
+
+    def data_formats(self) -> str:
+        """A digest of how this nanoseek writes the run's data: the first pretraining documents, and
+        the prompt, worked solution and answer of a few problems of every family. Resuming a run with a
+        nanoseek that writes them otherwise mixes two formats in one model: seed 1's pretraining from
+        before sorting's worked solution crossed numbers out, with its cold start from after, fell from
+        79.7% to 26.6% on sorting (benchmarks/README.md, "Run N1")."""
+        from itertools import islice
+
+        from nanoseek.data.corpus import tokenizer_documents
+        from nanoseek.data.tasks import get_task
+
+        digest = hashlib.sha256()
+        for doc in islice(tokenizer_documents(self.pretrain_data(), seed=0), 64):
+            digest.update(doc.encode())
+        for name in self.all_tasks:
+            task = get_task(name)
+            for problem in task.problems("train", 6, seed=0):
+                worked = task.worked_solution(problem) if hasattr(task, "worked_solution") else ""
+                digest.update(f"{problem.prompt}\0{worked}\0{problem.answer}\0".encode())
+        return digest.hexdigest()[:16]
 
     def _done(self, stage: str) -> bool:
         return (self.run / stage / DONE).exists()
