@@ -6,9 +6,11 @@ student → evaluation of every stage on held-out problems (English, Japanese, C
 
 Every stage writes RUN/<stage>/ and appends to RUN/metrics.jsonl. A finished stage leaves a
 `RUN/<stage>/.done` marker, so rerunning with the same --out skips it; an interrupted training stage
-resumes from its last checkpoint. RUN/speedrun.json records the preset's settings; resuming with
-other settings is refused, since it would mix two runs' stages in one report. RUN/final is the
-checkpoint to chat with, serve, or load with transformers.
+resumes from its last checkpoint. RUN/speedrun.json records the preset's settings and a digest of
+how this nanoseek writes the run's data; resuming with other settings, or with a nanoseek that writes
+the documents or worked solutions otherwise, is refused, since it would mix two runs' stages (or two
+formats) in one model and report. RUN/final is the checkpoint to chat with, serve, or load with
+transformers.
 """
 
 from __future__ import annotations
