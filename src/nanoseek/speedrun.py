@@ -238,30 +238,30 @@ class Speedrun:
         that was started with other settings, or by a nanoseek that writes its data otherwise."""
         path = self.run / SETTINGS
         mine = json.loads(json.dumps(dataclasses.asdict(self.p)))  # tuples as lists, as stored
-        mine[FORMATS] = self.data_formats()
+        formats = self.data_formats()
         if not path.exists():
-            atomic_write(path, json.dumps(mine, indent=2) + "\n")
+            atomic_write(path, json.dumps({**mine, FORMATS: formats}, indent=2) + "\n")
             return
         stored = json.loads(path.read_text())
-        if FORMATS not in stored:
-            print(
-                f"warning: {self.run} was started by a nanoseek that did not record how it writes its data; "
-                "if the documents or worked solutions changed since, its later stages train on a format "
-                "its earlier ones never saw"
-            )
-            stored[FORMATS] = mine[FORMATS]
-        elif stored[FORMATS] != mine[FORMATS]:
-            raise ValueError(
-                f"{self.run} was started by a nanoseek that writes the corpus, worked solutions or prompts "
-                "of its tasks otherwise than this one: its finished stages learned another format than the "
-                "ones left would teach. Choose a new --out, or resume it with the nanoseek that started it"
-            )
+        recorded = stored.pop(FORMATS, None)
         changed = [k for k in sorted(set(stored) | set(mine)) if stored.get(k) != mine.get(k)]
         if changed:
             shown = ", ".join(f"{k} {stored.get(k)!r} -> {mine.get(k)!r}" for k in changed[:4])
             raise ValueError(
                 f"{self.run} holds a speedrun started with preset {stored.get('name')!r} and other settings "
                 f"({shown}); resume it with the same --preset and flags, or choose a new --out"
+            )
+        if recorded is None:
+            print(
+                f"warning: {self.run} was started by a nanoseek that did not record how it writes its data; "
+                "if the documents or worked solutions changed since, its later stages train on a format "
+                "its earlier ones never saw"
+            )
+        elif recorded != formats:
+            raise ValueError(
+                f"{self.run} was started by a nanoseek that writes the corpus, worked solutions or prompts "
+                "of its tasks otherwise than this one: its finished stages learned another format than the "
+                "ones left would teach. Choose a new --out, or resume it with the nanoseek that started it"
             )
 
     def data_formats(self) -> str:
