@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -105,13 +104,6 @@ def run_tree(
     return instructions, float(seconds.group(1)), tokens.group(1)
 
 
-def cpu_line() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.*)$", flags, re.M)
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if re.search(rf"\b{f}\b", flags)]
-    return f"{model.group(1) if model else platform.processor()}; {' '.join(isa) or 'no avx2'}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", default="a1259f0", help="commit to compare against (default: a1259f0)")
@@ -124,7 +116,12 @@ def main() -> None:
     args = ap.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("valgrind is not installed: apt-get install valgrind")
-    print(f"cpu: {cpu_line()}; fp32, 1 thread; tiny, batch {args.batch}, {args.new_tokens} new tokens")
+    from nanoseek.perf import cpu_info
+
+    info = cpu_info()
+    print(
+        f"cpu: {info['cpu']}; flags: {info['flags']}; fp32, 1 thread; tiny, batch {args.batch}, {args.new_tokens} new tokens"
+    )
     with tempfile.TemporaryDirectory(prefix="bench_decode_instructions_") as tmp:
         tmp_dir = Path(tmp)
         base_src = worktree(args.base, tmp_dir / "base") / "src"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
@@ -421,17 +420,11 @@ def summarize(result: dict[str, Any], threshold: float) -> dict[str, Any]:
 
 
 def cpu_description() -> str:
-    from nanoseek.train.pretrain import cpu_has_bf16
+    from nanoseek.perf import cpu_has_bf16, cpu_info
 
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}; native bf16: {'yes' if cpu_has_bf16() else 'no (fp32 is the fast path)'}"
+    info = cpu_info()
+    native = "yes" if cpu_has_bf16() else "no (fp32 is the fast path)"
+    return f"{info['cpu']}; flags: {info['flags']}; native bf16: {native}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,14 +196,6 @@ def run_llamacpp(gguf: Path, threads: int, figures: list[str], new: int, seed: i
 
 
 # ------------------------------------------------------------------- driver
-def cpu_info() -> dict[str, str]:
-    text = Path("/proc/cpuinfo").read_text()
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
-    return {"cpu": name, "flags": " ".join(f for f in wanted if f in flags) or "none of " + ",".join(wanted)}
-
-
 def worker(args: argparse.Namespace) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     figures = args.figures.split(",")
@@ -278,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("llama_cpp is not installed: pip install --no-binary llama-cpp-python llama-cpp-python")
         return 1
+    from nanoseek.perf import cpu_info
+
     info = cpu_info()
     print(f"CPU: {info['cpu']}; flags: {info['flags']}; threads {args.threads}; torch {torch.__version__}")
     figures = args.figures.split(",")

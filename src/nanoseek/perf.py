@@ -30,6 +30,25 @@ def cpu_has_bf16() -> bool:
     return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2") and not held_below_bf16
 
 
+def cpu_info() -> dict[str, str]:
+    """The CPU's model name and the vector flags that decide its matmul paths, as benchmarks print
+    them beside their figures (results must hold on AVX2-only and AVX-512/bf16 machines alike)."""
+    import platform
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    lines = text.splitlines()
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
+    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+    return {
+        "cpu": name or platform.processor() or platform.machine(),
+        "flags": " ".join(f for f in wanted if f in flags) or "none of " + ",".join(wanted),
+    }
+
+
 # oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16, the first with bf16 dot products.
 _ONEDNN_ISAS_WITHOUT_BF16 = {
     "SSE41",
