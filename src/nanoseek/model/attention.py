@@ -42,7 +42,7 @@ class RMSNorm(nn.Module):
         w = self.weight
         if x.dtype == torch.float32 and w.dtype == torch.float32:  # the same math, one op
             return torch.rms_norm(x, (x.shape[-1],), w, self.eps)
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        y = torch.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return w * y.to(x.dtype)
 
 

@@ -3,9 +3,10 @@
 `nn.Module` keeps its children, parameters and buffers in its own dicts and finds them in
 `__getattr__`, which Python calls only after the normal lookup has failed. On Python 3.11 that failure
 is not free: the interpreter builds and formats an `AttributeError`, then discards it, before
-`Module.__getattr__` runs: ~1 µs per `self.weight`, ten times a plain attribute. The engine's decode
-step of the speedrun's model made ~120 such lookups, a fifth of the Python time that set it apart from
-the engine's former hand-flattened forward (benchmarks/README.md).
+`Module.__getattr__` runs: ~1 µs per `self.weight`, many times a plain attribute's cost. The engine's
+decode step of the speedrun's model made ~118 such lookups; declaring them here removed about a quarter
+of the instructions that set it apart from the engine's former hand-flattened forward
+(benchmarks/README.md, bench_decode_instructions.py).
 
 Declared on the class (`weight = Registered()`), the name is found by the normal lookup, and this
 descriptor reads the same dicts `Module.__getattr__` reads, in the same order. It defines no `__set__`:
