@@ -291,17 +291,21 @@ def test_generate_holds_eval_mode_for_the_whole_call(model, monkeypatch):
         model.eval()
 
 
-def test_weight_updates_are_picked_up(model):
-    """GRPO keeps one engine across optimizer steps: in-place weight changes must take effect."""
+@pytest.mark.parametrize("speculative", [False, True])
+def test_weight_updates_are_picked_up(model, speculative):
+    """GRPO keeps one engine across optimizer steps: in-place weight changes must take effect, in
+    the weights the model derives from its own too (MLA's folds, the MoE's stacked experts; with
+    speculation, the MTP layer's, which drafts only on some steps)."""
     m = copy.deepcopy(model)
-    engine = Engine(m, block_size=4)
+    engine = Engine(m, block_size=4, speculative=speculative)
     prompt = list(range(30, 50))
     before = engine.generate([prompt], max_new_tokens=6)[0]
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     after = engine.generate([prompt], max_new_tokens=6)[0]
-    assert after == Engine(m).generate([prompt], max_new_tokens=6)[0]
+    fresh = copy.deepcopy(m)  # no derived weights cached yet
+    assert after == Engine(fresh, speculative=speculative).generate([prompt], max_new_tokens=6)[0]
     assert after != before
 
 

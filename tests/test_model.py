@@ -530,3 +530,35 @@ def test_registered_attributes_read_what_nn_module_registers():
     assert attn.q_lora_rank is not None and not hasattr(attn, "q_proj")
     with pytest.raises(AttributeError, match="q_proj"):
         getattr(attn, "q_proj")  # noqa: B009 (the attribute read is the test)
+
+
+def test_derived_weights_follow_their_sources_within_and_across_epochs():
+    """`DerivedWeights` rebuilds on an in-place change or a replaced tensor; inside an epoch it is
+    not checked again, and a new epoch checks once, even for a value not read when the change
+    happened (an MTP layer between drafts)."""
+    from nanoseek.model.derived import DerivedWeights, weights_epoch
+
+    w = torch.ones(3)
+    src = {"w": w}
+    builds = []
+    derived: DerivedWeights[torch.Tensor] = DerivedWeights()
+
+    def read() -> torch.Tensor:
+        return derived.get(lambda: [src["w"]], lambda: builds.append(1) or src["w"] * 2)
+
+    assert read().tolist() == [2, 2, 2] and len(builds) == 1
+    w.add_(1)  # in place: the version counter moves
+    assert read().tolist() == [4, 4, 4] and len(builds) == 2
+    src["w"] = torch.full((3,), 5.0)  # replaced
+    assert read().tolist() == [10, 10, 10] and len(builds) == 3
+    with weights_epoch(first := object()):
+        read()
+        assert len(builds) == 3
+    src["w"].add_(1)  # changed between epochs, read in neither
+    with weights_epoch(first):  # the caller vouched wrongly: the checked value is kept
+        assert read().tolist() == [10, 10, 10]
+    with weights_epoch(object()):  # a new epoch checks once, then trusts
+        assert read().tolist() == [12, 12, 12] and len(builds) == 4
+        src["w"].add_(1)
+        assert read().tolist() == [12, 12, 12] and len(builds) == 4
+    assert read().tolist() == [14, 14, 14] and len(builds) == 5  # outside an epoch: every read checks

@@ -33,6 +33,7 @@ from nanoseek.engine.cache import EngineCapacityError, StepView, cache_row_width
 from nanoseek.engine.sampling import SamplerState, SamplingParams, TokenLogprob, sample, token_logprobs
 from nanoseek.engine.scheduler import Scheduler, Sequence
 from nanoseek.engine.speculative import verify
+from nanoseek.model.derived import weights_epoch
 from nanoseek.model.transformer import DeepSeekV3
 
 DEFAULT_CACHE_BYTES = 512 * 1024**2
@@ -124,6 +125,7 @@ class Engine:
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._weights = list(model.parameters())
         self._versions: list[int] = []
+        self._epoch = object()  # see _check_weights
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._requests: dict[str, Sequence] = {}
@@ -206,7 +208,7 @@ class Engine:
             return events
         touched: list[Sequence] = []
         t0 = time.perf_counter()
-        with torch.inference_mode(), self._eval_mode():
+        with torch.inference_mode(), self._eval_mode(), weights_epoch(self._epoch):
             if plan.decode:
                 if self.speculative:
                     self._decode_speculative(plan.decode)
@@ -412,13 +414,15 @@ class Engine:
 
     # ---------------------------------------------------------------- model
     def _check_weights(self) -> None:
-        """New weights (e.g. a GRPO optimizer step) make cached prefixes stale (the attention's folded
-        weights follow on their own: `MultiHeadLatentAttention.absorbed_weights`)."""
+        """New weights (e.g. a GRPO optimizer step) make cached prefixes stale, and start a new epoch
+        for the weights the model derives from its own (`nanoseek.model.derived`): within one, the
+        model's folded and stacked weights are not checked again."""
         versions = [p._version for p in self._weights]
         if versions != self._versions:
             if self._versions:
                 self.cache.reset_prefix_cache()
             self._versions = versions
+            self._epoch = object()
 
     def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, view: StepView) -> torch.Tensor:
         return self.model.hidden_states(ids, positions, cache=view)

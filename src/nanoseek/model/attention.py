@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_get_mscale
+from nanoseek.model.derived import DerivedWeights
 from nanoseek.model.registered import Registered
 
 
@@ -254,7 +255,7 @@ class MultiHeadLatentAttention(nn.Module):
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, h, bias=False)
-        self._absorbed: tuple[list, AbsorbedWeights] | None = None  # see absorbed_weights()
+        self._absorbed: DerivedWeights[AbsorbedWeights] = DerivedWeights()  # see absorbed_weights()
 
     # ------------------------------------------------------------ projections
     def project_query(
@@ -336,16 +337,16 @@ class MultiHeadLatentAttention(nn.Module):
         return [*q, self.kv_a_proj_with_mqa, self.kv_b_proj, self.o_proj]
 
     def absorbed_weights(self) -> AbsorbedWeights:
-        """This layer's `AbsorbedWeights`: derived once and reused until a source weight changes in
-        place (GRPO trains the model an engine serves), or freshly with autograd when it is on."""
-        sources = self._fold_sources()
-        if torch.is_grad_enabled() and any(p.requires_grad for m in sources for p in m.parameters()):
+        """This layer's `AbsorbedWeights`: derived once and reused until a source weight changes
+        (`nanoseek.model.derived`), or freshly with autograd when it is on."""
+        if torch.is_grad_enabled() and any(
+            p.requires_grad for m in self._fold_sources() for p in m.parameters()
+        ):
             return self._fold()
-        key = [(t._version, t.data_ptr(), t.dtype) for t in map(_storage, sources)]
-        if self._absorbed is None or self._absorbed[0] != key:
-            with torch.no_grad():
-                self._absorbed = (key, self._fold())
-        return self._absorbed[1]
+        return self._absorbed.get(self._fold_storages, self._fold)
+
+    def _fold_storages(self) -> list[torch.Tensor]:
+        return [_storage(m) for m in self._fold_sources()]
 
     def _fold(self) -> AbsorbedWeights:
         h, nope, rope, c, v = (

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.derived import DerivedWeights
 from nanoseek.model.registered import Registered
 from nanoseek.perf import compute_dtype
 
@@ -526,7 +527,7 @@ class MoE(nn.Module):
             if config.n_shared_experts
             else None
         )
-        self._stacked: tuple[list, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._stacked: DerivedWeights[tuple[torch.Tensor, torch.Tensor] | None] = DerivedWeights()
         self._shared_cols: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -563,26 +564,27 @@ class MoE(nn.Module):
         """Under inference mode (the engine), the routed experts' stacked weights with the shared
         expert appended (when it has their width and experts are small enough to gather: a copy of
         every expert is not worth it for large ones), so the routed path runs both. Built once, rebuilt
-        when a weight changes in place (GRPO); None otherwise, and for quantized or expert-parallel
-        experts. Training and validation (no_grad) never build this copy."""
+        when a weight changes (`nanoseek.model.derived`); None otherwise, and for quantized or
+        expert-parallel experts. Training and validation (no_grad) never build this copy."""
         if not torch.is_inference_mode_enabled():
             return None
+        return self._stacked.get(self._stack_sources, self._stack)
+
+    def _stack_sources(self) -> list[torch.Tensor]:
+        mods = [self.experts]
+        if self.shared_experts is not None:
+            sh = self.shared_experts
+            mods += [sh.gate_proj, sh.up_proj, sh.down_proj]
+        return [t for m in mods for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+
+    def _stack(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         ex, sh = self.experts, self.shared_experts
         if sh is None or type(ex) is not RoutedExperts or type(sh.gate_proj) is not nn.Linear:
             return None
         if sh.gate_proj.out_features != ex.intermediate_size or not ex.gathers():
             return None
-        # Straight from the parameter dicts: this runs per layer per decode step.
-        sources = (
-            *ex._parameters.values(),
-            *(m._parameters["weight"] for m in (sh.gate_proj, sh.up_proj, sh.down_proj)),
+        shared_gate_up = torch.cat((sh.gate_proj.weight, sh.up_proj.weight)).unsqueeze(0)
+        return (
+            _gemm_layout(torch.cat((ex.gate_up_proj.detach(), shared_gate_up.detach()))),
+            _gemm_layout(torch.cat((ex.down_proj.detach(), sh.down_proj.weight.detach().unsqueeze(0)))),
         )
-        key = [(t._version, t.data_ptr(), t.dtype) for t in sources]
-        if self._stacked is None or self._stacked[0] != key:
-            shared_gate_up = torch.cat((sh.gate_proj.weight, sh.up_proj.weight)).unsqueeze(0)
-            stacked = (
-                _gemm_layout(torch.cat((ex.gate_up_proj.detach(), shared_gate_up.detach()))),
-                _gemm_layout(torch.cat((ex.down_proj.detach(), sh.down_proj.weight.detach().unsqueeze(0)))),
-            )
-            self._stacked = (key, stacked)
-        return self._stacked[1]
