@@ -139,3 +139,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)`, skipping the call when t already has it: a no-op `.to` still costs a full
+    dispatch, and a decode step made a few dozen of them (fp32 models, where every cast is one)."""
+    return t if t.dtype == dtype else t.to(dtype)

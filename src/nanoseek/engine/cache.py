@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek.config import ModelConfig
+from nanoseek.perf import cast
 
 
 class EngineCapacityError(RuntimeError):
@@ -253,6 +254,6 @@ class StepView:
 
     def update(self, layer_idx: int, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         store = self.cache.kv[layer_idx]
-        store.index_copy_(0, self.write_slots, latent.reshape(-1, self.cache.width).to(store.dtype))
+        store.index_copy_(0, self.write_slots, cast(latent.reshape(-1, self.cache.width), store.dtype))
         rows = store.index_select(0, self.read_slots).view(self.batch, self.ctx, self.cache.width)
-        return rows.to(latent.dtype), self.mask if self.needs_mask else None
+        return cast(rows, latent.dtype), self.mask if self.needs_mask else None

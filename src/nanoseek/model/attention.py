@@ -27,6 +27,7 @@ from torch import nn
 from nanoseek.config import ModelConfig, yarn_get_mscale
 from nanoseek.model.derived import DerivedWeights
 from nanoseek.model.registered import Registered
+from nanoseek.perf import cast
 
 
 class RMSNorm(nn.Module):
@@ -88,12 +89,14 @@ class RotaryEmbedding(nn.Module):
         return self._cos, self._sin
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, signed sin of shape [*positions.shape, dim] (fp32), for `apply_rope`."""
+        """cos, signed sin of shape [*positions.shape, 1, dim] (fp32), for `apply_rope`: the unit axis
+        broadcasts over heads, made once per forward instead of in every layer."""
         # one position (batch-1 decode): read it, without a reduction op before the host sync
         k = positions.numel()
         n = int((positions if k == 1 else positions.max()).item()) + 1 if k else 1
         cos, sin = self.tables(n, positions.device)
-        return cos[positions], sin[positions]
+        at = positions.unsqueeze(-1)
+        return cos[at], sin[at]
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -146,21 +149,19 @@ def llama3_inverse_frequencies(inv_freq: torch.Tensor, rs: dict) -> torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate x [..., S, (H,) D] by `RotaryEmbedding`'s cos / signed sin [..., S, D]; pairs are
+    """Rotate x [..., S, H, D] by `RotaryEmbedding`'s cos / signed sin [..., S, 1, D]; pairs are
     (2i, 2i+1) when interleaved, (i, i + D/2) otherwise (the tables' layout must match).
 
     Each pair (a, b) becomes (a·cos − b·sin, b·cos + a·sin): x·cos + swap(x)·sin with the sine's sign
     in the table. The output keeps the input's layout, so q·k is the same as in DeepSeek's
     complex-number form.
     """
-    if x.dim() == cos.dim() + 1:  # head axis present
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     xf = x.float()
     if interleave:
         swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     else:
         swapped = xf.roll(xf.shape[-1] // 2, dims=-1)
-    return (xf * cos + swapped * sin).to(x.dtype)
+    return cast(xf * cos + swapped * sin, x.dtype)
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -278,7 +279,8 @@ class MultiHeadLatentAttention(nn.Module):
         """What the cache stores per token: normalized c_kv [B,S,kv_lora_rank] and k_pe [B,S,rope]."""
         kv = self.kv_a_proj_with_mqa(x)
         c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.interleave)
+        k_pe = apply_rope(k_pe.unsqueeze(-2), cos, sin, self.interleave).squeeze(-2)  # one head
+        return self.kv_a_layernorm(c_kv), k_pe
 
     # -------------------------------------------------------------- two paths
     def attend_naive(
@@ -328,7 +330,7 @@ class MultiHeadLatentAttention(nn.Module):
             mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s).expand(b, s, t)
         if mask is not None:
             scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
-        probs = scores.softmax(dim=-1).to(rows.dtype).view(b, s * h, t)
+        probs = cast(scores.softmax(dim=-1), rows.dtype).view(b, s * h, t)
         return torch.bmm(probs, rows[..., : self.kv_lora_rank]).view(b, s, h, self.kv_lora_rank)
 
     # ------------------------------------------------------- absorbed weights

@@ -32,7 +32,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.derived import DerivedWeights
 from nanoseek.model.registered import Registered
-from nanoseek.perf import compute_dtype
+from nanoseek.perf import cast, compute_dtype
 
 
 class MLP(nn.Module):
@@ -498,15 +498,15 @@ class RoutedExperts(nn.Module):
         sel = indices.flatten()
         # Rows times transposed weights: BLAS runs [1,H]·[H,2I] far faster than [2I,H]·[H,1] here.
         if stacked is None:
-            gate_up, down = (w.transpose(1, 2).to(dtype) for w in self.expert_weights(sel))
+            gate_up, down = (cast(w.transpose(1, 2), dtype) for w in self.expert_weights(sel))
         else:
-            gate_up, down = (_chosen_gemm_weights(w, sel).to(dtype) for w in stacked)
-        x = x.to(dtype)
+            gate_up, down = (cast(_chosen_gemm_weights(w, sel), dtype) for w in stacked)
+        x = cast(x, dtype)
         xs = (x.expand(k, -1) if t == 1 else x.repeat_interleave(k, dim=0)).unsqueeze(1)  # [t·k, 1, H]
         h = torch.bmm(xs, gate_up)
         act = F.silu(h[..., : self.intermediate_size]) * h[..., self.intermediate_size :]
         ys = torch.bmm(act, down).view(t, k, -1)
-        return torch.bmm(weights.view(t, 1, k).to(dtype), ys).view(t, -1)
+        return torch.bmm(cast(weights.view(t, 1, k), dtype), ys).view(t, -1)
 
 
 class MoE(nn.Module):
@@ -540,8 +540,8 @@ class MoE(nn.Module):
             shared_index, shared_weight = self._shared_columns(indices.shape[0], weights.dtype)
             indices = torch.cat((indices, shared_index), dim=1)
             weights = torch.cat((weights, shared_weight), dim=1)
-            return self.experts(flat, indices, weights, stacked).view(shape).to(x.dtype)
-        y = self.experts(flat, indices, weights).view(shape).to(x.dtype)
+            return cast(self.experts(flat, indices, weights, stacked).view(shape), x.dtype)
+        y = cast(self.experts(flat, indices, weights).view(shape), x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
