@@ -39,13 +39,23 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # eps as a tensor operand, so eps + Σx²/d is one op (a Python float is made into a tensor per
+        # call); on the CPU, which any device's tensors accept as a scalar operand.
+        self._eps = torch.tensor(eps, dtype=torch.float32, device="cpu")
+        self._inv_dim = 1.0 / dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.dtype == torch.float32 and w.dtype == torch.float32:  # the same math, one op
-            return torch.rms_norm(x, (x.shape[-1],), w, self.eps)
-        y = torch.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return w * y.to(x.dtype)
+        fp32 = x.dtype == torch.float32 and w.dtype == torch.float32
+        if not x.is_cpu:  # torch.rms_norm is one fused kernel there
+            if fp32:
+                return torch.rms_norm(x, w.shape, w, self.eps)
+            return w * torch.rms_norm(x.float(), w.shape, eps=self.eps).to(x.dtype)
+        # On the CPU torch.rms_norm has no kernel of its own and runs as seven ops; the same math in
+        # four (each op's dispatch is most of a decode step's cost: benchmarks/README.md).
+        xf = x if fp32 else x.float()
+        y = xf * torch.rsqrt(torch.add(self._eps, xf.square().sum(-1, keepdim=True), alpha=self._inv_dim))
+        return y * w if fp32 else w * y.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
