@@ -400,7 +400,9 @@ class MultiHeadLatentAttention(nn.Module):
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """The decode path: the projections with the folded weights, then `attend_latent` over the
-        cache rows. The query heads and the shared RoPE key rotate together as one [B,S,H+1,R]."""
+        cache rows. The query heads and the shared RoPE key rotate together as one [B,S,H+1,R].
+        Like the folded projections, the two norms run without their modules' hook dispatch (a
+        module call costs as much as an op, twice per layer per decode step)."""
         b, s, _ = x.shape
         h, c = self.num_heads, self.kv_lora_rank
         w = self.absorbed_weights()
@@ -408,7 +410,10 @@ class MultiHeadLatentAttention(nn.Module):
         if self.q_lora_rank is None:
             q_in, kv = x, down
         else:
-            q_in, kv = self.q_a_layernorm(down[..., : self.q_lora_rank]), down[..., self.q_lora_rank :]
+            q_in, kv = (
+                self.q_a_layernorm.forward(down[..., : self.q_lora_rank]),
+                down[..., self.q_lora_rank :],
+            )
         if w.wq is not None:
             q = F.linear(q_in, w.wq).view(b, s, h, c + self.qk_rope_head_dim)
             q_lat, q_pe = q[..., :c], q[..., c:]
@@ -418,7 +423,7 @@ class MultiHeadLatentAttention(nn.Module):
             q_lat = torch.einsum("bshd,hcd->bshc", q[..., : self.qk_nope_head_dim], w.w_uk)
             q_pe = q[..., self.qk_nope_head_dim :]
         pe = apply_rope(torch.cat((q_pe, kv[..., c:].unsqueeze(2)), dim=2), cos, sin, self.interleave)
-        latent = torch.cat((self.kv_a_layernorm(kv[..., :c]), pe[:, :, h]), dim=-1)
+        latent = torch.cat((self.kv_a_layernorm.forward(kv[..., :c]), pe[:, :, h]), dim=-1)
         rows, mask = cache.update(self.layer_idx, latent) if cache is not None else (latent, mask)
         out = self.attend_latent(torch.cat((q_lat, pe[:, :, :h]), dim=-1), rows, mask)
         if w.w_uv is not None:

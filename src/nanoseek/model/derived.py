@@ -18,8 +18,7 @@ checks the key.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 import torch
@@ -29,16 +28,24 @@ T = TypeVar("T")
 _epoch: object | None = None  # see weights_epoch
 
 
-@contextlib.contextmanager
-def weights_epoch(epoch: object) -> Iterator[None]:
-    """Forwards inside run with weights that have not changed since `epoch` (any object) was made:
-    the caller vouches for it, and makes a new object whenever a weight may have changed."""
-    global _epoch
-    outer, _epoch = _epoch, epoch
-    try:
-        yield
-    finally:
-        _epoch = outer
+class weights_epoch:  # noqa: N801 (a context manager, used like a function)
+    """`with weights_epoch(epoch):` forwards inside run with weights that have not changed since
+    `epoch` (any object) was made: the caller vouches for it, and makes a new object whenever a
+    weight may have changed. (A class, not a generator: it is entered once per engine step.)"""
+
+    __slots__ = ("epoch", "outer")
+
+    def __init__(self, epoch: object) -> None:
+        self.epoch = epoch
+        self.outer: object | None = None
+
+    def __enter__(self) -> None:
+        global _epoch
+        self.outer, _epoch = _epoch, self.epoch
+
+    def __exit__(self, *exc: object) -> None:
+        global _epoch
+        _epoch = self.outer
 
 
 class DerivedWeights(Generic[T]):

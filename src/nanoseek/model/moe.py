@@ -498,10 +498,11 @@ class RoutedExperts(nn.Module):
         sel = indices.flatten()
         # Rows times transposed weights: BLAS runs [1,H]·[H,2I] far faster than [2I,H]·[H,1] here.
         if stacked is None:
-            gate_up, down = (cast(w.transpose(1, 2), dtype) for w in self.expert_weights(sel))
+            gate_up, down = self.expert_weights(sel)
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         else:
-            gate_up, down = (cast(_chosen_gemm_weights(w, sel), dtype) for w in stacked)
-        x = cast(x, dtype)
+            gate_up, down = _chosen_gemm_weights(stacked[0], sel), _chosen_gemm_weights(stacked[1], sel)
+        gate_up, down, x = cast(gate_up, dtype), cast(down, dtype), cast(x, dtype)
         xs = (x.expand(k, -1) if t == 1 else x.repeat_interleave(k, dim=0)).unsqueeze(1)  # [t·k, 1, H]
         h = torch.bmm(xs, gate_up)
         act = F.silu(h[..., : self.intermediate_size]) * h[..., self.intermediate_size :]
@@ -536,11 +537,12 @@ class MoE(nn.Module):
         indices, weights = self.gate(x)
         stacked = self._with_shared_expert()
         if stacked is not None:
-            # Serving: the shared expert is expert E, which every token also picks, with weight 1.
+            # Serving: the shared expert is expert E, which every token also picks, with weight 1
+            # (the shared and routed experts' modules are not called: no hook dispatch per layer).
             shared_index, shared_weight = self._shared_columns(indices.shape[0], weights.dtype)
             indices = torch.cat((indices, shared_index), dim=1)
             weights = torch.cat((weights, shared_weight), dim=1)
-            return cast(self.experts(flat, indices, weights, stacked).view(shape), x.dtype)
+            return cast(self.experts.forward(flat, indices, weights, stacked).view(shape), x.dtype)
         y = cast(self.experts(flat, indices, weights).view(shape), x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

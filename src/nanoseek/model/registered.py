@@ -23,17 +23,24 @@ from typing import Any
 class Registered:
     """`self.<name>` for a submodule, parameter or buffer registered under the attribute's own name."""
 
-    __slots__ = ("name",)
+    __slots__ = ("name", "registry")
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
+        self.registry = "_modules"  # where the name was last found: looked in first
 
     def __get__(self, obj: Any, objtype: type | None = None) -> Any:
         if obj is None:
             return self
         d = obj.__dict__
+        hinted = d.get(self.registry)
+        if hinted is not None:
+            found = hinted.get(self.name)
+            if found is not None:  # (a name is registered in one dict only: nn.Module refuses a second)
+                return found
         for registry in ("_parameters", "_buffers", "_modules"):
             found = d.get(registry)
             if found is not None and self.name in found:
+                self.registry = registry
                 return found[self.name]
         raise AttributeError(f"'{type(obj).__name__}' object has no attribute '{self.name}'")
