@@ -26,6 +26,7 @@ from torch import nn
 
 from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.moe import MoE, RoutedExperts, each_expert, shape_only
+from nanoseek.model.registered import is_plain_linear
 
 PACKED_DTYPES = (torch.bfloat16, torch.float32)
 # Weights smaller than this stay plain: they stay in cache between steps, a step over them is bound by
@@ -148,7 +149,7 @@ def pack_model(model: nn.Module) -> int:
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear:
+            if is_plain_linear(child):
                 small = not big_enough(child.weight)
                 if small or id(module) in keep or (full == "lm_head" and tied):
                     continue
@@ -160,7 +161,7 @@ def pack_model(model: nn.Module) -> int:
         setattr(
             parent,
             child_name,
-            PackedLinear(child) if type(child) is nn.Linear else PackedRoutedExperts(child),
+            PackedLinear(child) if is_plain_linear(child) else PackedRoutedExperts(child),
         )
         del child
     return len(targets)

@@ -26,7 +26,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_get_mscale
 from nanoseek.model.derived import DerivedWeights
-from nanoseek.model.registered import Registered
+from nanoseek.model.registered import Linear, Registered
 from nanoseek.perf import cast
 
 
@@ -255,17 +255,17 @@ class MultiHeadLatentAttention(nn.Module):
         self.interleave = config.rope_interleave
         h = config.hidden_size
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(h, self.num_heads * self.qk_head_dim, bias=False)
+            self.q_proj = Linear(h, self.num_heads * self.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(h, self.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+            self.q_b_proj = Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(h, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(
+        self.kv_b_proj = Linear(
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
-        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, h, bias=False)
+        self.o_proj = Linear(self.num_heads * self.v_head_dim, h, bias=False)
         self._absorbed: DerivedWeights[AbsorbedWeights] = DerivedWeights()  # see absorbed_weights()
 
     # ------------------------------------------------------------ projections

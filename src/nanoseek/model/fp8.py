@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.model.registered import Linear, is_plain_linear
 from nanoseek.perf import compute_dtype
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -339,7 +340,7 @@ def convert_to_fp8_training(
     for name, module in model.named_modules():
         if any(name == s or name.endswith("." + s) for s in skip):
             continue
-        if type(module) is nn.Linear or isinstance(module, FP8TrainingLinear):
+        if is_plain_linear(module) or isinstance(module, FP8TrainingLinear):
             module.__class__ = FP8TrainingLinear
         elif experts and (type(module) is RoutedExperts or isinstance(module, _experts_class())):
             module.__class__ = _experts_class()
@@ -357,7 +358,7 @@ def convert_from_fp8_training(model: nn.Module) -> int:
     restored = 0
     for module in model.modules():
         if isinstance(module, FP8TrainingLinear):
-            module.__class__ = nn.Linear
+            module.__class__ = Linear
         elif _FP8_EXPERTS is not None and isinstance(module, _FP8_EXPERTS):
             module.__class__ = RoutedExperts
         else:

@@ -23,7 +23,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import LatentCache, apply_rope
-from nanoseek.model.registered import Registered
+from nanoseek.model.registered import Linear, Registered
 
 
 class GroupedQueryAttention(nn.Module):
@@ -41,10 +41,10 @@ class GroupedQueryAttention(nn.Module):
         self.head_dim = int(config.head_dim or config.hidden_size // self.num_heads)
         self.softmax_scale = config.softmax_scale
         h, d, kv = config.hidden_size, self.head_dim, self.num_key_value_heads
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(h, kv * d, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(h, kv * d, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_bias)
+        self.q_proj = Linear(h, self.num_heads * d, bias=config.qkv_bias)
+        self.k_proj = Linear(h, kv * d, bias=config.qkv_bias)
+        self.v_proj = Linear(h, kv * d, bias=config.qkv_bias)
+        self.o_proj = Linear(self.num_heads * d, h, bias=config.o_bias)
 
     def forward(
         self,

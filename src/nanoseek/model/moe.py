@@ -31,7 +31,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.derived import DerivedWeights
-from nanoseek.model.registered import Registered
+from nanoseek.model.registered import Linear, Registered, is_plain_linear
 from nanoseek.perf import cast, compute_dtype
 
 
@@ -45,9 +45,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -581,7 +581,7 @@ class MoE(nn.Module):
 
     def _stack(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         ex, sh = self.experts, self.shared_experts
-        if sh is None or type(ex) is not RoutedExperts or type(sh.gate_proj) is not nn.Linear:
+        if sh is None or type(ex) is not RoutedExperts or not is_plain_linear(sh.gate_proj):
             return None
         if sh.gate_proj.out_features != ex.intermediate_size or not ex.gathers():
             return None

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 
 class Registered:
     """`self.<name>` for a submodule, parameter or buffer registered under the attribute's own name."""
@@ -44,3 +46,18 @@ class Registered:
                 self.registry = registry
                 return found[self.name]
         raise AttributeError(f"'{type(obj).__name__}' object has no attribute '{self.name}'")
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose forward finds its own `weight` and `bias` without the failed lookup above
+    (torch's reads them through `Module.__getattr__`: two formatted AttributeErrors per call). The
+    model's linear layers are these; a layer that must be exactly torch's (`type(m) is nn.Linear`:
+    quantizing, packing, FP8 conversion) is matched by `is_plain_linear`."""
+
+    weight = Registered()
+    bias = Registered()
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """A dense linear layer with no storage or arithmetic of its own: torch's or the one above."""
+    return type(module) is nn.Linear or type(module) is Linear

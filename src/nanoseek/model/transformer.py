@@ -27,7 +27,7 @@ from nanoseek.model.attention import LatentCache, MultiHeadLatentAttention, RMSN
 from nanoseek.model.gqa import GroupedQueryAttention
 from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.moe import MLP, MoE, RoutedExperts, Router
-from nanoseek.model.registered import Registered
+from nanoseek.model.registered import Linear, Registered
 
 
 class DecoderBlock(nn.Module):
@@ -89,7 +89,7 @@ class MultiTokenPredictionLayer(DecoderBlock):
         super().__init__(config, layer_idx)
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
     def combine(self, hidden: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
@@ -132,7 +132,7 @@ class DeepSeekV3(nn.Module):
         super().__init__()
         self.config = config
         self.model = DeepSeekBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
