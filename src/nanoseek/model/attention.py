@@ -39,8 +39,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        # eps as a tensor operand, so eps + Σx²/d is one op (a Python float is made into a tensor per
-        # call); on the CPU, which any device's tensors accept as a scalar operand.
+        # eps as a tensor operand for the CPU path below, so eps + Σx²/d is one op (a Python float
+        # operand is made into a tensor on every call)
         self._eps = torch.tensor(eps, dtype=torch.float32, device="cpu")
         self._inv_dim = 1.0 / dim
 
