@@ -293,17 +293,24 @@ def test_generate_holds_eval_mode_for_the_whole_call(model, monkeypatch):
 
 
 @pytest.mark.parametrize("speculative", [False, True])
-def test_weight_updates_are_picked_up(model, speculative):
+@pytest.mark.parametrize("changed", ["parameters", "routing_bias"])
+def test_weight_updates_are_picked_up(model, speculative, changed):
     """GRPO keeps one engine across optimizer steps: in-place weight changes must take effect, in
     the weights the model derives from its own too (MLA's folds, the MoE's stacked experts; with
-    speculation, the MTP layer's, which drafts only on some steps)."""
+    speculation, the MTP layer's, which drafts only on some steps), and in buffers (the routing bias
+    of aux-loss-free balancing moves during training): cached prefixes computed before are stale."""
     m = copy.deepcopy(model)
     engine = Engine(m, block_size=4, speculative=speculative)
     prompt = list(range(30, 50))
     before = engine.generate([prompt], max_new_tokens=6)[0]
     with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+        if changed == "parameters":
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        else:
+            for name, b in m.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    b.add_(torch.randn_like(b) * 5.0)  # large enough to swap the experts chosen
     after = engine.generate([prompt], max_new_tokens=6)[0]
     fresh = copy.deepcopy(m)  # no derived weights cached yet
     assert after == Engine(fresh, speculative=speculative).generate([prompt], max_new_tokens=6)[0]

@@ -123,7 +123,8 @@ class Engine:
         )
         eos = cfg.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self._weights = list(model.parameters())
+        # buffers too: the routing bias moves in training, a quantized model's weights are buffers
+        self._weights = [*model.parameters(), *model.buffers()]
         self._versions: list[int] = []
         self._epoch = object()  # see _check_weights
         self._ids = itertools.count()
@@ -414,7 +415,7 @@ class Engine:
 
     # ---------------------------------------------------------------- model
     def _check_weights(self) -> None:
-        """New weights (e.g. a GRPO optimizer step) make cached prefixes stale, and start a new epoch
+        """New weights or buffers (e.g. a GRPO optimizer step) make cached prefixes stale, and start a new epoch
         for the weights the model derives from its own (`nanoseek.model.derived`): within one, the
         model's folded and stacked weights are not checked again."""
         versions = [p._version for p in self._weights]
