@@ -134,13 +134,17 @@ def run_nanoseek(ckpt: Path, precision: str, figures: list[str], new: int, seed:
 
 
 # ----------------------------------------------------------------- llama.cpp
-def run_llamacpp(gguf: Path, threads: int, figures: list[str], new: int, seed: int) -> dict[str, float]:
+def run_llamacpp(
+    gguf: Path, threads: int, figures: list[str], new: int, seed: int, extra_bufts: bool = True
+) -> dict[str, float]:
     import llama_cpp as L
 
     L.llama_backend_init()
     quiet = L.llama_log_callback(lambda *_: None)  # held: llama.cpp calls it until the process ends
     L.llama_log_set(quiet, None)
-    model = L.llama_model_load_from_file(str(gguf).encode(), L.llama_model_default_params())
+    mp = L.llama_model_default_params()
+    mp.use_extra_bufts = extra_bufts  # off: llama-cli's --no-repack (no repacked or AMX weight buffers)
+    model = L.llama_model_load_from_file(str(gguf).encode(), mp)
     cp = L.llama_context_default_params()
     n_tokens_max = max(PP_LEN, BATCH * PROMPT_LEN)
     cp.n_ctx = PP_LEN + new + 64
@@ -201,10 +205,19 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
     figures = args.figures.split(",")
     if args.worker == "nanoseek":
         return run_nanoseek(Path(args.ckpt), args.precision, figures, args.new_tokens, args.seed)
-    return run_llamacpp(Path(args.ckpt), args.threads, figures, args.new_tokens, args.seed)
+    return run_llamacpp(
+        Path(args.ckpt), args.threads, figures, args.new_tokens, args.seed, not args.no_extra_bufts
+    )
 
 
-def spawn(engine: str, path: Path, precision: str, figures: list[str], args: argparse.Namespace) -> dict:
+def spawn(
+    engine: str,
+    path: Path,
+    precision: str,
+    figures: list[str],
+    args: argparse.Namespace,
+    extra_bufts: bool = True,
+) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--ckpt", str(path), "--precision", precision]
     cmd += [
         "--figures",
@@ -214,10 +227,13 @@ def spawn(engine: str, path: Path, precision: str, figures: list[str], args: arg
         "--new-tokens",
         str(args.new_tokens),
     ]
-    cmd += ["--seed", str(args.seed)]
+    cmd += ["--seed", str(args.seed)] + ([] if extra_bufts else ["--no-extra-bufts"])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        return {"error": (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]}
+        lines = r.stderr.strip().splitlines()
+        # an abort ends with gdb's backtrace: the line that says why comes before it
+        why = [ln for ln in lines if "GGML_ASSERT" in ln or "Error" in ln or "error:" in ln]
+        return {"error": (why or lines or [f"exit {r.returncode}"])[-1]}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -240,6 +256,8 @@ def format_table(rows: list[dict], threads: int) -> str:
         ns, ll = r.get("nanoseek"), r.get("llamacpp")
         ratio = f"{ns / ll:.2f}x" if ns and ll else "—"
         prec = f"{r['precision']} vs Q8_0" if r["precision"] in ("int8", "w8a8") else r["precision"]
+        if not r.get("llamacpp_extra_bufts", True):
+            prec += " (llama.cpp --no-repack)"
         lines.append(
             f"| {r['size']} | {prec} | {names[r['figure']]} | {threads} | {num(ns)} | {num(ll)} | {ratio} |"
         )
@@ -258,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/nanoseek-bench-llamacpp"))
     ap.add_argument("--json", type=Path, default=None, help="save the figures and every run here")
+    ap.add_argument(
+        "--no-extra-bufts",
+        action="store_true",
+        help="llama.cpp without its repacked and AMX weight buffers (llama-cli's --no-repack); a run that "
+        "aborts with them is retried without them anyway",
+    )
     ap.add_argument("--worker", choices=("nanoseek", "llamacpp"), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
@@ -286,12 +310,22 @@ def main(argv: list[str] | None = None) -> int:
             gguf = gguf_file(ckpt, precision)
             got: dict[str, dict[str, list[float]]] = {"nanoseek": {}, "llamacpp": {}}
             errors: dict[str, str] = {}
+            extra_bufts = not args.no_extra_bufts
             for rep in range(args.repeats):
                 for engine, path in (("nanoseek", ckpt), ("llamacpp", gguf)):
                     if engine in errors:
                         continue
-                    r = spawn(engine, path, precision, figures, args)
-                    runs.append({"size": size, "precision": precision, "engine": engine, "repeat": rep, **r})
+                    r = spawn(engine, path, precision, figures, args, extra_bufts)
+                    if engine == "llamacpp" and "error" in r and extra_bufts:
+                        # llama.cpp 0.3.36's AMX buffer type for Q8_0 aborts on DeepSeek2's graph
+                        # (GGML_ASSERT(*cur_backend_id != -1) in its scheduler) on CPUs with AMX
+                        print(f"  {size} {precision} llamacpp: {r['error']}; again without extra buffers")
+                        extra_bufts = False
+                        r = spawn(engine, path, precision, figures, args, extra_bufts)
+                    run = {"size": size, "precision": precision, "engine": engine, "repeat": rep}
+                    if engine == "llamacpp":
+                        run["extra_bufts"] = extra_bufts
+                    runs.append({**run, **r})
                     if "error" in r:
                         errors[engine] = r["error"]
                         print(f"  {size} {precision} {engine}: FAILED: {r['error']}", flush=True)
@@ -308,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                 for engine, by in got.items():
                     row[engine] = statistics.median(by[f]) if by.get(f) else None
                 row["errors"] = errors
+                row["llamacpp_extra_bufts"] = extra_bufts
                 rows.append(row)
     table = format_table(rows, args.threads)
     print(table)
