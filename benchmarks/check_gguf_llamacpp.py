@@ -144,14 +144,39 @@ def nanoseek_greedy(model: DeepSeekV3, ids: list[int], n: int) -> tuple[list[int
 
 
 def llamacpp_model(path: Path, n_ctx: int = 512):  # noqa: ANN201 - llama_cpp is optional
+    import llama_cpp.llama_cpp as C
     from llama_cpp import Llama
 
+    from nanoseek.perf import cpu_info
+
+    # On a CPU with AMX, llama.cpp 0.3.36 puts Q8_0 weights in its AMX buffers, then aborts building the
+    # context (GGML_ASSERT(*cur_backend_id != -1): no backend runs DeepSeek2's batched per-head MLA
+    # products on them), taking the process with it. There it loads without those extra buffers, as
+    # llama-cli's --no-repack; `Llama` has no argument for it, so its default parameters are wrapped.
+    default_params = C.llama_model_default_params
+
+    def params():  # noqa: ANN202
+        mp = default_params()
+        mp.use_extra_bufts = False
+        return mp
+
+    if "amx_int8" in cpu_info()["flags"].split():
+        C.llama_model_default_params = params
     # An f32 KV cache (llama.cpp's default is f16): the comparison is about the exported weights, and
     # an f16 latent would add its own rounding to every attention score.
     f32 = 0  # GGML_TYPE_F32
-    return Llama(
-        model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, type_k=f32, type_v=f32, verbose=False
-    )
+    try:
+        return Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_threads=2,
+            logits_all=True,
+            type_k=f32,
+            type_v=f32,
+            verbose=False,
+        )
+    finally:
+        C.llama_model_default_params = default_params
 
 
 def llamacpp_tokenize(llm, text: str) -> list[int]:  # noqa: ANN001
