@@ -683,7 +683,8 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
                 "reward": f"{rec['reward']:.3f}",
                 "acc": f"{rec['accuracy']:.3f}",
                 "len": f"{rec['response_length']:.0f}",
-                "ent": f"{ent:.2f}",
+                # a step whose groups all got equal rewards made no update, so measured no entropy
+                "ent": f"{ent:.2f}" if math.isfinite(ent) else "no signal",
             },
             refresh=False,
         )
