@@ -1,4 +1,5 @@
-"""FP8 vs BF16 training of the `tiny` preset: step time and loss curve on a synthetic token stream.
+"""FP8 vs BF16 training of a model preset (`tiny` by default): step time and loss curve on a synthetic
+token stream, on the GPU where there is one (FP8 tensor cores: Hopper and later), else the CPU.
 
 Both runs start from the same weights and see the same batches. BF16 = FP32 master weights with
 bf16 autocast (`--rest fp32`: plain fp32, the fast precision of CPUs without bf16 units); FP8 = the
@@ -9,7 +10,8 @@ likely successors), so the loss has somewhere to go. Prints the relative differe
 loss (mean of the last 10 steps); the V3 report saw under 0.25% at scale.
 
     python benchmarks/bench_fp8.py [--steps 300] [--batch 8] [--seq 128] [--rest bf16|fp32]
-                                   [--backend auto] [--pow2] [--json out.json] [--plot curve.png]
+                                   [--preset tiny] [--device cpu|cuda] [--backend auto] [--pow2]
+                                   [--json out.json] [--plot curve.png]
 
 On a CPU, FP8 is slower than BF16: the quantization passes and the per-128-chunk GEMMs (the FP32
 promotion of the V3 recipe) cost more than they save without FP8 tensor cores.
@@ -57,9 +59,11 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     losses, times = [], []
     bar = tqdm(batches, desc=label, unit="step")
+    device = next(model.parameters()).device
     for x in bar:
+        x = x.to(device)
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(x[:, :-1])
         loss = cross_entropy(logits, x[:, 1:])
         opt.zero_grad(set_to_none=True)
@@ -67,8 +71,8 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        losses.append(loss.item())  # waits for the step on a GPU
         times.append(time.perf_counter() - t)
-        losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", s_per_step=f"{times[-1]:.2f}")
     return losses, times
 
@@ -91,6 +95,8 @@ def main() -> None:
         "the head/attention/norms of the FP8 run (bf16 = autocast, as V3; fp32 is much faster on CPUs "
         "without bf16 matmul units)",
     )
+    p.add_argument("--preset", default="tiny", help="model preset (its MTP layers left out)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
     p.add_argument("--json", default=None, help="write the curves and timings here")
     p.add_argument("--plot", default=None, help="save the two loss curves to this PNG")
     args = p.parse_args()
@@ -98,11 +104,12 @@ def main() -> None:
         p.error("--steps must be >= 10 (the final loss is a mean over the last 10 steps)")
     torch.set_num_threads(args.threads)
 
-    cfg = get_preset("tiny").replace(num_nextn_predict_layers=0)
-    base = DeepSeekV3(cfg).init_weights(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = get_preset(args.preset).replace(num_nextn_predict_layers=0)
+    base = DeepSeekV3.build(cfg, device=device).init_weights(args.seed)
     batches = list(markov_stream(cfg.vocab_size, args.batch, args.seq, args.steps, args.seed + 1))
     recipe = FP8Recipe(pow2_scales=args.pow2, backend=args.backend)
-    backend = resolve_backend(recipe, torch.device("cpu"))
+    backend = resolve_backend(recipe, device)
 
     base_model = copy.deepcopy(base)
     fp8_model = copy.deepcopy(base)
@@ -119,7 +126,8 @@ def main() -> None:
     rel = (final_fp8 - final_base) / final_base
     tokens = args.batch * args.seq
 
-    print(f"\ntiny preset, {args.steps} steps of {args.batch}x{args.seq} tokens, {args.threads} threads")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU threads"
+    print(f"\n{args.preset} preset, {args.steps} steps of {args.batch}x{args.seq} tokens, {where}")
     scales = "UE8M0 (power-of-two)" if args.pow2 else "fp32"
     print(
         f"FP8 path: {n_fp8} modules, E4M3 with {scales} scales, GEMM backend {backend}; rest in {args.rest}"
@@ -163,7 +171,7 @@ def main() -> None:
         ax.plot(fp8_losses, label=f"FP8 (1x128 / 128x128, {backend})", lw=1)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.set_title(f"tiny: FP8 vs {args.rest.upper()}, final loss {rel:+.2%}")
+        ax.set_title(f"{args.preset}: FP8 vs {args.rest.upper()}, final loss {rel:+.2%}")
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)

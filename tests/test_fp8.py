@@ -150,11 +150,28 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
 
+def test_fp8_gemm_takes_transposed_views() -> None:
+    # Wgrad quantizes dyᵀ and xᵀ, transposed views; CUDA's _scaled_mm (cuBLASLt) refuses a column-major
+    # A ("Only multiplication of row-major and column-major matrices"), seen on an H200
+    a, b = torch.randn(256, 40), torch.randn(256, 70)
+    aq, sa = quantize_tiles(a.t())
+    bq, sb = quantize_tiles(b.t())
+    for backend in BACKENDS:
+        out = fp8_gemm(aq, sa, bq, sb, backend)
+        ref = fp8_gemm(aq.contiguous(), sa, bq.contiguous(), sb, backend)
+        assert torch.equal(out, ref), backend
+
+
+# Hopper's FP8 GEMMs where a GPU is present: the layouts cuBLASLt accepts differ from the CPU kernel's
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pow2", [False, True])
-def test_fp8_linear_gradients_close_to_bf16(pow2: bool) -> None:
-    x = torch.randn(2, 100, 320)  # 200 tokens (a partial 128-token tile for Wgrad), 320 = 2.5 tiles
-    w = torch.randn(192, 320) * 0.05
-    g = torch.randn(2, 100, 192)
+def test_fp8_linear_gradients_close_to_bf16(pow2: bool, device: str) -> None:
+    x = torch.randn(2, 100, 320, device=device)  # 200 tokens (a partial 128-token tile for Wgrad), 320 = 2.5 tiles
+    w = torch.randn(192, 320, device=device) * 0.05
+    g = torch.randn(2, 100, 192, device=device)
 
     def grads(fn):
         xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()

@@ -191,6 +191,9 @@ def _fp8_gemm(
         a32 = dequantize_tiles(a, a_scale)
         b32 = dequantize_tiles(b, sb)
         return a32 @ b32.t()
+    # cuBLASLt (CUDA's _scaled_mm) takes a row-major A and a column-major Bᵀ only: Wgrad's operands come
+    # from transposed views (dyᵀ, xᵀ), so both are laid out row-major once here, not per chunk
+    a, b = a.contiguous(), b.contiguous()
     out = torch.zeros(m, n, dtype=torch.float32, device=a.device)
     for j in range(k // TILE):
         chunk = slice(j * TILE, (j + 1) * TILE)
