@@ -10,8 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run="${1:-runs/gpu_check}"
-python -c "import nanoseek" 2>/dev/null || pip install -q -e .
-python - <<'EOF'
+python3 -c "import nanoseek" 2>/dev/null || python3 -m pip install -q -e .
+python3 - <<'EOF'
 import torch
 if not torch.cuda.is_available():
     raise SystemExit("gpu_check: no CUDA device visible to torch; this script is for a GPU machine")
@@ -20,6 +20,6 @@ print(f"gpu_check: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__ve
       f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
 EOF
 start=$(date +%s)
-python benchmarks/bench_speedrun.py --preset gpu --out "$run" --json "$run.json"
+python3 benchmarks/bench_speedrun.py --preset gpu --out "$run" --json "$run.json"
 echo "gpu_check: $(( $(date +%s) - start )) s in all; report: $run/report.md, figures: $run.json"
 sed -n '1,60p' "$run/report.md"

@@ -65,3 +65,18 @@ def test_resuming_a_run_whose_data_another_nanoseek_wrote_is_refused(tmp_path, m
     (tmp_path / "speedrun.json").write_text(json.dumps(settings))
     Speedrun(tmp_path, preset, progress=False)._claim_directory()
     assert "did not record how it writes its data" in capsys.readouterr().out
+
+
+def test_a_setting_added_since_a_run_started_resumes_at_its_default(tmp_path):
+    """A run started before a preset setting existed resumes while the setting keeps its default; a
+    changed value is still refused."""
+    import json
+
+    preset = PRESETS["smoke"]
+    Speedrun(tmp_path, preset, progress=False)._claim_directory()
+    settings = json.loads((tmp_path / "speedrun.json").read_text())
+    del settings["engine_batch"]  # as a nanoseek from before `engine_batch` recorded it
+    (tmp_path / "speedrun.json").write_text(json.dumps(settings))
+    Speedrun(tmp_path, preset, progress=False)._claim_directory()
+    with pytest.raises(ValueError, match=r"engine_batch None -> 64"):
+        Speedrun(tmp_path, dataclasses.replace(preset, engine_batch=64), progress=False)._claim_directory()

@@ -278,11 +278,12 @@ def checkpoint_sampler(cfg: EvalConfig) -> tuple[Callable[[Sequence[Any]], list[
 
     from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.engine import Engine
+    from nanoseek.perf import default_device
     from nanoseek.tokenizer import load_tokenizer
 
     path = resolve_checkpoint(cfg.model)
     tok = load_tokenizer(path)
-    model = load_model(path, dtype=cfg.dtype).eval()
+    model = load_model(path, dtype=cfg.dtype, device=default_device()).eval()
     engine = Engine(
         model, max_batch_size=cfg.max_batch_size or min(DEFAULT_MAX_BATCH, cfg.n * cfg.k), pack_weights=True
     )

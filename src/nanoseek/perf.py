@@ -30,6 +30,14 @@ def cpu_has_bf16() -> bool:
     return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2") and not held_below_bf16
 
 
+def default_device() -> torch.device:
+    """Where a single-process stage puts its model: the first CUDA GPU where there is one, else the CPU
+    (pretraining under torchrun takes its rank's GPU instead: `init_distributed`)."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def cpu_info() -> dict[str, str]:
     """The CPU's model name and the vector flags that decide its matmul paths, as benchmarks print
     them beside their figures (results must hold on AVX2-only and AVX-512/bf16 machines alike)."""

@@ -144,6 +144,9 @@ class SpeedrunPreset:
     # the final model on held-out problems asked in wordings no stage trains on, per family (0: not
     # asked). Half of eval_n: the gap it shows is tens of points (benchmarks/README.md)
     eval_unseen_n: int = 24
+    # sequences the engine decodes together in GRPO, distillation and evaluation (0: each stage's own
+    # default). A GPU decodes a whole GRPO step's groups in one batch for about the time of one sequence
+    engine_batch: int = 0
     precision: str = "auto"  # pretraining: bf16 autocast where the CPU has native bf16, else fp32
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -195,31 +198,36 @@ PRESETS: dict[str, SpeedrunPreset] = {
         grpo_sft_mix_tasks=("comparison",),
     ),
     "cpu": SpeedrunPreset(),
-    # Sized for one modern GPU (a few minutes on an H100/H200): a bigger model, longer everything.
+    # One GPU (an H200) in a few minutes: the `small` model (~50M active parameters) on 5x the CPU
+    # preset's tokens. Sized from one H200's measured rates (benchmarks/README.md, "The gpu preset on an
+    # H200"): a pretraining step of 64 x 320 tokens ~0.22 s, the student's ~0.06 s; decode is bound by
+    # launches and host work, not FLOPs, so a GRPO step costs about its longest response whatever
+    # the batch: few steps of many samples
     "gpu": SpeedrunPreset(
         name="gpu",
         model="small",
         vocab_size=2048,
         tokenizer_docs=50000,
-        pretrain_steps=3000,
+        pretrain_steps=600,
         pretrain_batch=64,
         seq_len=320,
         pretrain_lr=1.5e-3,
-        val_every=500,
-        student_steps=3000,  # as many as the teacher, as on the CPU
+        val_every=300,
+        student_steps=600,  # as many as the teacher, as on the CPU
         sft_steps=50,
         sft_examples=5000,
-        grpo_steps=150,
+        grpo_steps=16,
         group_size=16,
         batch_prompts=32,
         grpo_lr=1e-4,
         control=False,
-        distill_prompts=256,
+        distill_prompts=128,
         distill_k=8,
-        distill_steps=500,
-        eval_n=192,
+        distill_steps=200,
+        eval_n=64,
         eval_k=4,
-        eval_unseen_n=96,
+        eval_unseen_n=32,
+        engine_batch=512,  # a GRPO step's 32 x 16 samples in one batch
     ),
 }
 
@@ -244,7 +252,11 @@ class Speedrun:
             return
         stored = json.loads(path.read_text())
         recorded = stored.pop(FORMATS, None)
-        changed = [k for k in sorted(set(stored) | set(mine)) if stored.get(k) != mine.get(k)]
+        # a setting added since the run started counts as unchanged where it keeps its default
+        defaults = json.loads(json.dumps(dataclasses.asdict(SpeedrunPreset())))
+        changed = [
+            k for k in sorted(set(stored) | set(mine)) if stored.get(k, defaults.get(k)) != mine.get(k)
+        ]
         if changed:
             shown = ", ".join(f"{k} {stored.get(k)!r} -> {mine.get(k)!r}" for k in changed[:4])
             raise ValueError(
@@ -447,6 +459,7 @@ class Speedrun:
                 seq_len=self.p.seq_len,
                 lr=self.p.sft_lr,
                 optimizer=self.p.pretrain_optimizer,
+                precision=self._tuning_precision(),
                 seed=self.p.seed,
                 resume=True,
                 progress=self.progress,
@@ -478,9 +491,11 @@ class Speedrun:
                 sft_mix=self.p.grpo_sft_mix,
                 sft_mix_tasks=list(self.p.grpo_sft_mix_tasks),
                 max_new_tokens=self.p.max_new_tokens,
+                precision=self._tuning_precision(),
                 seed=self.p.seed,
                 resume=True,
                 progress=self.progress,
+                **self._engine_batch(),
             ),
             on_step=on_step,
         )
@@ -567,12 +582,14 @@ class Speedrun:
                 out=str(self.run),
                 seed=self.p.seed,
                 fallback_reference=True,
+                **self._engine_batch(),
                 sft=SFTConfig(
                     init="",
                     steps=self.p.distill_steps,
                     seq_len=self.p.seq_len,
                     lr=self.p.distill_lr,
                     optimizer=self.p.pretrain_optimizer,
+                    precision=self._tuning_precision(),
                     seed=self.p.seed,
                     progress=self.progress,
                 ),
@@ -649,6 +666,18 @@ class Speedrun:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
         shutil.rmtree(sub_run, ignore_errors=True)
 
+    def _tuning_precision(self) -> str:
+        """SFT, GRPO (its rollouts too) and distillation: bf16 autocast on a GPU, whose grouped expert
+        GEMM has a fast kernel for bf16 only (fp32 takes a loop with a host sync per call); fp32 on a
+        CPU, where the recipe was tuned, and wherever `precision` is forced to fp32."""
+        from nanoseek.perf import default_device
+
+        gpu = default_device().type == "cuda"
+        return "bf16" if gpu and self.p.precision != "fp32" else "fp32"
+
+    def _engine_batch(self) -> dict[str, int]:
+        return {"max_batch_size": self.p.engine_batch} if self.p.engine_batch else {}
+
     def _wall_time(self, stage: str) -> float | None:
         if stage in self.timings:
             return self.timings[stage]
@@ -680,8 +709,10 @@ class Speedrun:
     def _decode_speed(self, tokens: int = 64) -> float:
         from nanoseek.checkpoint import load_model
         from nanoseek.engine import Engine, SamplingParams
+        from nanoseek.perf import default_device
 
-        model = load_model(self.run / "grpo").eval()
+        # as `nanoseek generate` and `serve` would load it here ("auto": bf16 on a GPU)
+        model = load_model(self.run / "grpo", dtype="auto", device=default_device()).eval()
         engine = Engine(model, max_batch_size=1)
         engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=8))  # warm-up
         t0 = time.perf_counter()
@@ -788,6 +819,7 @@ def _evaluate_job(out: str, preset: SpeedrunPreset, stage: str, task: str, progr
             max_new_tokens=preset.max_new_tokens,
             seed=preset.seed,
             out=str(run / "eval" / f"{_job_name(stage, task)}.json"),
+            max_batch_size=preset.engine_batch or None,
             run_dir=str(run / "eval" / ".logs" / _job_name(stage, task)),
             progress=progress,
         )

@@ -52,10 +52,11 @@ def build_student(student: str, tokenizer: Any, seed: int = 0) -> torch.nn.Modul
     """A student from a checkpoint (must share the tokenizer's vocabulary) or a preset sized to it."""
     from nanoseek.checkpoint import build_model, load_model
     from nanoseek.config import get_preset
+    from nanoseek.perf import default_device
 
     p = Path(student)
     if (p / "config.json").exists():
-        model = load_model(p)
+        model = load_model(p, device=default_device())
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(
                 f"student {p} has vocab_size {model.config.vocab_size} < the teacher tokenizer's "
@@ -71,7 +72,7 @@ def build_student(student: str, tokenizer: Any, seed: int = 0) -> torch.nn.Modul
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",
     )
-    return build_model(cfg).init_weights(seed)
+    return build_model(cfg, device=default_device()).init_weights(seed)
 
 
 def sample_correct_traces(
@@ -136,6 +137,7 @@ def distill(cfg: DistillConfig) -> Path:
     from nanoseek.engine import Engine
     from nanoseek.evaluate import chat_prompt_ids
     from nanoseek.metrics import MetricsLog
+    from nanoseek.perf import default_device
     from nanoseek.tokenizer import load_tokenizer
 
     teacher_dir = resolve_checkpoint(cfg.teacher, flag="--teacher")
@@ -143,7 +145,12 @@ def distill(cfg: DistillConfig) -> Path:
         raise ValueError("-k and --prompts must be >= 1")
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(teacher_dir)
-    teacher = load_model(teacher_dir).eval()
+    device = default_device()
+    # bf16 on a GPU, where the grouped expert GEMM has a fast kernel for bf16 only
+    teacher = load_model(
+        teacher_dir, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    teacher = teacher.eval()
     tasks, problems = [], []
     for name in cfg.tasks:
         task = get_task(name)

@@ -389,8 +389,10 @@ class Rollout:
     metrics: dict[str, float]
 
 
-def _micro_batches(ro: Rollout, size: int, pad_id: int, skip_zero_adv: bool) -> list[dict[str, torch.Tensor]]:
-    """Pack sequences (prompt + completion, right-padded) into micro-batches.
+def _micro_batches(
+    ro: Rollout, size: int, pad_id: int, skip_zero_adv: bool, device: torch.device | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Pack sequences (prompt + completion, right-padded) into micro-batches, on `device` (the policy's).
 
     With β = 0 a zero-advantage sequence contributes exactly nothing to the gradient, so it is left out
     of the forward/backward (the denominators still count it, so the loss is unchanged).
@@ -417,10 +419,10 @@ def _micro_batches(ro: Rollout, size: int, pad_id: int, skip_zero_adv: bool) -> 
             starts[r] = len(p)
         out.append(
             {
-                "ids": ids,
-                "starts": starts,
-                "mask": mask,
-                "adv": ro.advantages[chunk].clone(),
+                "ids": ids.to(device),
+                "starts": starts.to(device),
+                "mask": mask.to(device),
+                "adv": ro.advantages[chunk].to(device),
                 "tokens": torch.tensor(
                     int(sum(len(ro.prompt_ids[i]) + len(ro.completion_ids[i]) for i in chunk))
                 ),
@@ -496,6 +498,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     from nanoseek.engine import Engine
     from nanoseek.evaluate import chat_prompt_ids
     from nanoseek.metrics import MetricsLog
+    from nanoseek.perf import default_device
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.loop import OptimConfig, Trainer
 
@@ -505,7 +508,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(init)
-    model = load_model(init)
+    model = load_model(init, device=default_device())
     reward_fn = build_reward(cfg.reward, prompt_opened_think=True)
     tasks = [get_task(name) for name in cfg.tasks]
     pools = {}
@@ -551,7 +554,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     ref_model = None
     if cfg.beta > 0:
         # the reference is the starting policy, frozen (re-read from --init, so resuming gets the same one)
-        ref_model = load_model(init).eval().requires_grad_(False)
+        ref_model = load_model(init, device=model.device).eval().requires_grad_(False)
     # The engine shares the policy's nn.Module: every rollout samples from the current weights.
     engine = Engine(model, max_batch_size=cfg.max_batch_size)
     stop = [tok.eos_token_id]
@@ -562,7 +565,8 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     if cfg.task_sampling == "unsolved":
         fresh = "pass_rates" not in history  # measured once; a resumed run keeps the first decision
         if fresh:
-            history["pass_rates"] = probe_pass_rates(cfg, engine, tok, pools, stop)
+            with trainer.autocast():
+                history["pass_rates"] = probe_pass_rates(cfg, engine, tok, pools, stop)
         solved = {n for n, r in history["pass_rates"].items() if r > cfg.solved_above}
         left_out = sampler.leave_out(solved, keep_at_least=cfg.batch_prompts)
         if fresh:
@@ -596,7 +600,8 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         # the weights changed since the last rollout: prefix-cache entries computed with old weights are stale
         engine.reset_prefix_cache()
         t0 = time.perf_counter()
-        outs = _sample(cfg, engine, flat_prompts, stop, seed=cfg.seed * 7919 + step)
+        with trainer.autocast():  # the rollouts sample in the precision the policy trains in
+            outs = _sample(cfg, engine, flat_prompts, stop, seed=cfg.seed * 7919 + step)
         rollout_time = time.perf_counter() - t0
         ro = _score_rollout(cfg, batch, flat_prompts, outs, tok, reward_fn, stop)
         sampler.observe([t.name for t, _ in batch], ro.advantages, cfg.group_size)
@@ -606,7 +611,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         # ------------------------------------------------------------------- update
         n_seq = int(ro.loss_mask_keep.sum())
         n_tok = sum(len(c) for c, k in zip(ro.completion_ids, ro.loss_mask_keep.tolist(), strict=True) if k)
-        micro = _micro_batches(ro, cfg.micro_batch, pad_id, skip_zero_adv=cfg.beta == 0)
+        micro = _micro_batches(ro, cfg.micro_batch, pad_id, skip_zero_adv=cfg.beta == 0, device=model.device)
         t1 = time.perf_counter()
         upd: dict[str, float] = {}
         if micro:

@@ -263,7 +263,8 @@ class Trainer:
             raise ValueError(f"total_steps must be > 0, got {total_steps}")
         if bias_update_speed < 0:
             raise ValueError("bias_update_speed (γ) must be >= 0")
-        self.dist = dist or DistInfo()
+        # one process: where the model is (a stage that loaded it on a GPU trains there)
+        self.dist = dist or DistInfo(device=next(model.parameters()).device)
         if optim.optimizer == "muon" and self.dist.world_size > 1:
             # each rank holds a shard of a matrix; its orthogonalization needs the whole matrix
             raise ValueError("optimizer 'muon' runs in one process only; use 'adamw' with several ranks")

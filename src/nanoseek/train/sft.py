@@ -144,6 +144,11 @@ class PackedBatch:
         """[B, S, S] bool: causal within one example, nothing across examples."""
         return document_causal_mask(self.doc_ids)
 
+    def to(self, device: torch.device) -> PackedBatch:
+        return PackedBatch(
+            *(t.to(device) for t in (self.input_ids, self.labels, self.positions, self.doc_ids))
+        )
+
     @property
     def num_target_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())
@@ -208,6 +213,7 @@ def packed_batch_at(
 def sft_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     """Mean next-token cross-entropy over assistant tokens, with per-example positions and masking."""
     # labels[:, i] is token i's own label; the loss at position i predicts labels[:, i + 1]
+    batch = batch.to(next(model.parameters()).device)
     targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE)
     return model(
         batch.input_ids,
@@ -374,6 +380,7 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
     import time
 
     from nanoseek.checkpoint import load_model, resolve_checkpoint
+    from nanoseek.perf import default_device
     from nanoseek.tokenizer import load_tokenizer
 
     started = time.perf_counter()  # a time budget covers data building too, as the control pays it
@@ -383,7 +390,7 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
         raise ValueError("give --data chat.jsonl and/or --task NAME")
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(init)
-    model = load_model(init)
+    model = load_model(init, device=default_device())
     convs: list[tuple[list[dict[str, Any]], list[dict] | None]] = []
     if cfg.data:
         convs.extend(read_chat_jsonl(cfg.data))
