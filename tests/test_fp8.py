@@ -169,7 +169,9 @@ DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pow2", [False, True])
 def test_fp8_linear_gradients_close_to_bf16(pow2: bool, device: str) -> None:
-    x = torch.randn(2, 100, 320, device=device)  # 200 tokens (a partial 128-token tile for Wgrad), 320 = 2.5 tiles
+    x = torch.randn(
+        2, 100, 320, device=device
+    )  # 200 tokens (a partial 128-token tile for Wgrad), 320 = 2.5 tiles
     w = torch.randn(192, 320, device=device) * 0.05
     g = torch.randn(2, 100, 192, device=device)
 

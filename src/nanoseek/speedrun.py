@@ -198,11 +198,11 @@ PRESETS: dict[str, SpeedrunPreset] = {
         grpo_sft_mix_tasks=("comparison",),
     ),
     "cpu": SpeedrunPreset(),
-    # One GPU (an H200) in a few minutes: the `small` model (~50M active parameters) on 5x the CPU
-    # preset's tokens. Sized from one H200's measured rates (benchmarks/README.md, "The gpu preset on an
-    # H200"): a pretraining step of 64 x 320 tokens ~0.22 s, the student's ~0.06 s; decode is bound by
-    # launches and host work, not FLOPs, so a GRPO step costs about its longest response whatever
-    # the batch: few steps of many samples
+    # One GPU: the `small` model (~50M active parameters) on 5x the CPU preset's tokens, sized from an
+    # H200's measured stage times (benchmarks/README.md, "The gpu preset on an H200"): pretraining
+    # 158 s, the student 42 s, SFT 10 s, GRPO 201 s; distillation and evaluation estimated at ~4 min
+    # more. Decode there is bound by host work (~40 ms a step at 512 sequences, far above its FLOPs), so
+    # a GRPO step costs about its longest response whatever the batch: few steps of many samples
     "gpu": SpeedrunPreset(
         name="gpu",
         model="small",
@@ -221,7 +221,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
         batch_prompts=32,
         grpo_lr=1e-4,
         control=False,
-        distill_prompts=128,
+        distill_prompts=16,  # per family: 1,024 samples, two engine batches
         distill_k=8,
         distill_steps=200,
         eval_n=64,
