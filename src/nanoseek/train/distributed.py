@@ -63,6 +63,9 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> Dis
 
 def destroy_distributed() -> None:
     if dist.is_initialized():
+        # every rank past its last collective first: a rank that tears gloo down while another is still
+        # writing its files (rank 0's save) aborted the other one now and then (SIGABRT at teardown)
+        dist.barrier()
         dist.destroy_process_group()
 
 
