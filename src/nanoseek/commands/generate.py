@@ -41,6 +41,10 @@ def add_generation_flags(
         help=AUTO_DTYPE_HELP,
     )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--device", default=None, help=DEVICE_HELP)
+
+
+DEVICE_HELP = "cpu, cuda, mps (default: cuda where there is one, else cpu)"
 
 
 def sampling_params(args: argparse.Namespace, stop_token_ids: list[int] | None = None) -> Any:
@@ -60,13 +64,15 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
 
     from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.engine import Engine
+    from nanoseek.perf import default_device
     from nanoseek.tokenizer import load_tokenizer
 
     directory = resolve_checkpoint(args.dir, tokenizer=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     # Quantized as the weights stream in: memory never holds the whole model in args.dtype.
-    model = load_model(directory, dtype=args.dtype, quantize=args.quantize).eval()
+    device = args.device or default_device()
+    model = load_model(directory, dtype=args.dtype, device=device, quantize=args.quantize).eval()
     tokenizer = load_tokenizer(directory)
     speculative = args.speculative and model.config.num_nextn_predict_layers > 0
     if args.speculative and not speculative:

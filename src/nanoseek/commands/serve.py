@@ -11,6 +11,7 @@ import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from nanoseek.commands.generate import DEVICE_HELP
     from nanoseek.perf import AUTO_DTYPE_HELP
 
     p = sub.add_parser(
@@ -49,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help=AUTO_DTYPE_HELP,
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument(
         "--quantize",
@@ -64,19 +65,19 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    import torch
     import uvicorn
 
     from nanoseek import load_model, load_tokenizer
     from nanoseek.accounting import count_parameters
     from nanoseek.checkpoint import resolve_checkpoint
     from nanoseek.engine import Engine
+    from nanoseek.perf import default_device
     from nanoseek.serve import ServeConfig, create_app
 
     directory = resolve_checkpoint(args.model, tokenizer=True)
     if args.port < 0 or args.port > 65535:
         raise ValueError(f"--port {args.port} is not a TCP port")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     t0 = time.perf_counter()
     model = load_model(directory, dtype=args.dtype, device=device, quantize=args.quantize).eval()
     tokenizer = load_tokenizer(directory)
