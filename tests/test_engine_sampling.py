@@ -127,6 +127,18 @@ def test_seed_is_reproducible_and_batch_independent(model):
     )
 
 
+def test_one_sampling_params_per_prompt(model):
+    one = SamplingParams(max_new_tokens=6, temperature=1.0, seed=40)
+    each = [SamplingParams(max_new_tokens=4 + i, temperature=1.0, seed=40 + i, logprobs=0) for i in range(3)]
+    got = Engine(model, max_batch_size=4).generate_detailed(PROMPTS[:3], each)
+    for i, c in enumerate(got):
+        assert c.token_ids == Engine(model).generate([PROMPTS[i]], each[i])[0] and len(c.logprobs) == 4 + i
+    # one params for all: prompt i samples with seed + i, as the list above spells out
+    assert Engine(model).generate(PROMPTS[:1], one)[0][:4] == got[0].token_ids
+    with pytest.raises(ValueError, match="2 sampling params for 3 prompts"):
+        Engine(model).generate_detailed(PROMPTS[:3], each[:2])
+
+
 def test_stop_tokens_logprobs_and_stream(model):
     engine = Engine(model)
     greedy = engine.generate([PROMPTS[0]], max_new_tokens=10)[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 
@@ -249,3 +250,42 @@ def test_a_16_bit_checkpoint_is_evaluated_in_bf16_only_where_the_cpu_runs_it(
     evaluate(EvalConfig(model=str(micro_checkpoint), out=str(tmp_path / "b.json"), **common))
     evaluate(EvalConfig(model=str(bf16), dtype="float32", out=str(tmp_path / "c.json"), **common))
     assert dtypes == [torch.bfloat16 if native_bf16 else torch.float32, torch.float32, torch.float32]
+
+
+def test_tasks_of_one_checkpoint_sampled_in_one_queue_draw_what_each_draws_alone(
+    micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    """`evaluate_many`: one model load and one engine queue for several tasks (the speedrun's
+    evaluation on a GPU), every sample the one its task's own evaluation draws."""
+    import json
+
+    import nanoseek.engine as engine_module
+    from nanoseek.evaluate import evaluate_many
+
+    engines = []
+    real = engine_module.Engine
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __init__(self, model, *args, **kwargs) -> None:
+            engines.append(kwargs.get("max_batch_size"))
+            super().__init__(model, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "Engine", Recording)
+    common = dict(model=micro_checkpoint, k=3, max_new_tokens=12, temperature=1.0, seed=5, progress=False)
+    tasks = [("arithmetic", 4), ("comparison", 6), ("arithmetic?wording=unseen", 2)]
+
+    def cfg(task: str, n: int, where: str) -> EvalConfig:
+        return EvalConfig(task=task, n=n, out=str(tmp_path / where / f"{n}.json"), **common)
+
+    together = evaluate_many([cfg(t, n, "many") for t, n in tasks])
+    assert engines == [(4 + 6 + 2) * 3]  # one engine, every sample in one batch
+    alone = [evaluate(cfg(t, n, "alone")) for t, n in tasks]
+    for m, a in zip(together, alone, strict=True):
+        assert m["pass@1"] == a["pass@1"] and m["sampled_with"] == [t for t, _ in tasks]
+
+        def texts(path: str) -> list:
+            return json.loads(open(path).read())["problems"]  # a sample, scores and tokens per problem
+
+        assert texts(m["json"]) == texts(a["json"])
+    with pytest.raises(ValueError, match="differs from arithmetic in k"):
+        evaluate_many([cfg("arithmetic", 2, "x"), dataclasses.replace(cfg("comparison", 2, "x"), k=1)])

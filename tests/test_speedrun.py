@@ -80,6 +80,28 @@ def test_cpu_stages_run_side_by_side_and_count_once(smoke_run):
     assert not (smoke_run / "eval" / ".logs").exists()
 
 
+def test_a_gpu_evaluates_each_checkpoint_in_one_queue_with_the_same_figures(smoke_run, tmp_path, monkeypatch):
+    """Where a decode step costs about the same for one sequence or hundreds (a GPU), each checkpoint's
+    families go through one engine queue: the same samples, so the same figures, in the same order."""
+    import dataclasses
+    import shutil
+
+    from nanoseek.speedrun import PRESETS, Speedrun
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    before = [r for r in read_metrics(run, "eval") if "task" in r]
+    monkeypatch.setattr(Speedrun, "_one_queue_per_checkpoint", lambda self: True)
+    seed = json.loads((run / "speedrun.json").read_text())["seed"]
+    out = Speedrun(run, dataclasses.replace(PRESETS["smoke"], seed=seed), progress=False).evaluate()
+    again = [r for r in read_metrics(run, "eval") if "task" in r][len(before) :]
+    assert set(out["pass@1"]) == {f"{r['evaluated_stage']}/{r['task']}" for r in before}
+    assert [(r["evaluated_stage"], r["task"], r["pass@1"]) for r in again] == [
+        (r["evaluated_stage"], r["task"], r["pass@1"]) for r in before
+    ]
+    assert {len(r["sampled_with"]) for r in again} == {3, 6}  # grpo's asked in unseen wordings too
+
+
 def test_report_has_summary_and_plots(smoke_run):
     text = (smoke_run / "report.md").read_text()
     for needle in ("## Model", "## Stages", "## Held-out evaluation", "KV-cache bytes per token", "pass@1"):

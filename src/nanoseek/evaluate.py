@@ -245,21 +245,27 @@ def engine_generate(
     stop_token_ids: Sequence[int] = (),
     seed: int | None = None,
     progress: bool | str = False,
+    seeds: Sequence[int] | None = None,
 ) -> list[Any]:
     """All prompts in one engine queue (continuous batching); returns Completions in prompt order.
 
     With a seed, request i samples with seed + i (the engine's rule), so repeated prompts (k samples of
-    one problem, G of one GRPO group) draw different samples, reproducibly.
+    one problem, G of one GRPO group) draw different samples, reproducibly; `seeds` gives each prompt
+    its own instead (several evaluations in one queue, each numbered as it would be alone).
     """
+    import dataclasses
+
     from nanoseek.engine import SamplingParams
 
-    params = SamplingParams(
+    params: Any = SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
         stop_token_ids=list(stop_token_ids),
         seed=seed,
     )
+    if seeds is not None:
+        params = [dataclasses.replace(params, seed=s) for s in seeds]
     prompts = [list(p) for p in prompt_ids]
     if not progress:
         return engine.generate_detailed(prompts, params)
@@ -274,44 +280,64 @@ def strip_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] in stop_ids else ids
 
 
-def checkpoint_sampler(cfg: EvalConfig) -> tuple[Callable[[Sequence[Any]], list[list[Sample]]], str]:
+class CheckpointSampler:
+    """k samples per problem from a checkpoint through the engine. Called with one problem list (one
+    evaluation), or `many` with several (several tasks of one checkpoint in one engine queue)."""
 
-    from nanoseek.checkpoint import load_model, resolve_checkpoint
-    from nanoseek.engine import Engine
-    from nanoseek.perf import default_device
-    from nanoseek.tokenizer import load_tokenizer
+    def __init__(self, cfg: EvalConfig, samples: int | None = None) -> None:
+        from nanoseek.checkpoint import load_model, resolve_checkpoint
+        from nanoseek.engine import Engine
+        from nanoseek.perf import default_device
+        from nanoseek.tokenizer import load_tokenizer
 
-    path = resolve_checkpoint(cfg.model)
-    tok = load_tokenizer(path)
-    model = load_model(path, dtype=cfg.dtype, device=default_device()).eval()
-    engine = Engine(
-        model, max_batch_size=cfg.max_batch_size or min(DEFAULT_MAX_BATCH, cfg.n * cfg.k), pack_weights=True
-    )
-    stop = [tok.eos_token_id]
+        self.cfg = cfg
+        self.path = resolve_checkpoint(cfg.model)
+        self.tok = load_tokenizer(self.path)
+        model = load_model(self.path, dtype=cfg.dtype, device=default_device()).eval()
+        batch = cfg.max_batch_size or min(DEFAULT_MAX_BATCH, samples or cfg.n * cfg.k)
+        self.engine = Engine(model, max_batch_size=batch, pack_weights=True)
+        self.stop = [self.tok.eos_token_id]
 
-    def sample(problems: Sequence[Any]) -> list[list[Sample]]:
-        prompts = [chat_prompt_ids(tok, p.prompt, cfg.thinking) for p in problems for _ in range(cfg.k)]
+    def __call__(self, problems: Sequence[Any]) -> list[list[Sample]]:
+        return self.many([problems])[0]
+
+    def many(self, problem_sets: Sequence[Sequence[Any]]) -> list[list[list[Sample]]]:
+        """Every set's samples in one engine queue, each set's request i sampling with seed + i as it
+        would alone: the samples are the ones separate calls draw, for about the time of the longest
+        answer of all on a GPU (a decode step there costs about the same for one sequence or hundreds)."""
+        cfg, tok, k = self.cfg, self.tok, self.cfg.k
+        prompts = [
+            chat_prompt_ids(tok, p.prompt, cfg.thinking) for s in problem_sets for p in s for _ in range(k)
+        ]
+        seeds = [cfg.seed + i for s in problem_sets for i in range(len(s) * k)]
         outs = engine_generate(
-            engine,
+            self.engine,
             prompts,
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
-            stop_token_ids=stop,
-            seed=cfg.seed,
+            stop_token_ids=self.stop,
+            seeds=seeds,
             progress="eval samples" if cfg.progress else False,
         )
         flat = [
             Sample(
-                text=tok.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True),
+                text=tok.decode(strip_stop(o.token_ids, self.stop), skip_special_tokens=True),
                 num_tokens=len(o.token_ids),
                 finish_reason=o.finish_reason,
             )
             for o in outs
         ]
-        return [flat[i * cfg.k : (i + 1) * cfg.k] for i in range(len(problems))]
+        out, at = [], 0
+        for s in problem_sets:
+            out.append([flat[at + i * k : at + (i + 1) * k] for i in range(len(s))])
+            at += len(s) * k
+        return out
 
-    return sample, str(path)
+
+def checkpoint_sampler(cfg: EvalConfig) -> tuple[Callable[[Sequence[Any]], list[list[Sample]]], str]:
+    sampler = CheckpointSampler(cfg)
+    return sampler, str(sampler.path)
 
 
 def endpoint_sampler(
@@ -365,24 +391,68 @@ def endpoint_sampler(
 
 
 # ------------------------------------------------------------------------------------ driver
-def evaluate(cfg: EvalConfig, sampler: Callable[[Sequence[Any]], list[list[Sample]]] | None = None) -> dict:
-    """Score a checkpoint or endpoint on a task's held-out split; writes JSON and appends metrics.jsonl."""
-    from nanoseek.data.rewards import build_reward
+def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
+    """The task and its problems an evaluation scores (checked settings)."""
     from nanoseek.data.tasks import get_task
-    from nanoseek.metrics import MetricsLog
 
     if cfg.k < 1 or cfg.n < 1:
         raise ValueError(f"k and n must be >= 1 (got k={cfg.k}, n={cfg.n})")
     if cfg.split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {cfg.split!r}")
-    is_url = cfg.model.startswith(("http://", "https://"))
     task = get_task(cfg.task)
-    problems = task.problems(cfg.split, cfg.n, seed=cfg.seed, language=cfg.language)
+    return task, task.problems(cfg.split, cfg.n, seed=cfg.seed, language=cfg.language)
+
+
+# what evaluations of one checkpoint must share to draw their samples in one engine queue
+SHARED_SAMPLING = ("model", "k", "temperature", "top_p", "max_new_tokens", "thinking", "seed", "dtype")
+
+
+def evaluate_many(cfgs: Sequence[EvalConfig]) -> list[dict]:
+    """`evaluate` for several tasks of one checkpoint: one model load, and all their samples in one
+    engine queue (the ones each evaluation alone would draw: `CheckpointSampler.many`)."""
+    if not cfgs:
+        return []
+    first = cfgs[0]
+    for c in cfgs[1:]:
+        differ = [f for f in SHARED_SAMPLING if getattr(c, f) != getattr(first, f)]
+        if differ:
+            raise ValueError(f"evaluate_many: {c.task} differs from {first.task} in {', '.join(differ)}")
+    if first.model.startswith(("http://", "https://")):
+        return [evaluate(c) for c in cfgs]
+    drawn = [eval_problems(c)[1] for c in cfgs]
+    sampler = CheckpointSampler(first, samples=sum(len(p) for p in drawn) * first.k)
+    t0 = time.perf_counter()
+    sets = sampler.many(drawn)
+    # each record says its samples were drawn together with the others', in this much time
+    shared = {"generation_time_s": round(time.perf_counter() - t0, 2), "sampled_with": [c.task for c in cfgs]}
+
+    def given(samples: list[list[Sample]]) -> Callable[[Sequence[Any]], list[list[Sample]]]:
+        return lambda problems: samples
+
+    return [
+        evaluate(c, given(s), source=str(sampler.path), shared=shared)
+        for c, s in zip(cfgs, sets, strict=True)
+    ]
+
+
+def evaluate(
+    cfg: EvalConfig,
+    sampler: Callable[[Sequence[Any]], list[list[Sample]]] | None = None,
+    source: str | None = None,
+    shared: dict[str, Any] | None = None,
+) -> dict:
+    """Score a checkpoint or endpoint on a task's held-out split; writes JSON and appends metrics.jsonl.
+    `shared`: figures of a queue these samples were drawn in with others' (`evaluate_many`)."""
+    from nanoseek.data.rewards import build_reward
+    from nanoseek.metrics import MetricsLog
+
+    is_url = cfg.model.startswith(("http://", "https://"))
+    task, problems = eval_problems(cfg)
     reward = build_reward(EVAL_PARTS, task=task, prompt_opened_think=cfg.thinking)
     if sampler is None:
         sampler, source = endpoint_sampler(cfg) if is_url else checkpoint_sampler(cfg)
     else:
-        source = cfg.model
+        source = source or cfg.model
     t0 = time.perf_counter()
     samples = sampler(problems)
     gen_time = time.perf_counter() - t0
@@ -397,6 +467,7 @@ def evaluate(cfg: EvalConfig, sampler: Callable[[Sequence[Any]], list[list[Sampl
         wall_time_s=round(time.perf_counter() - t0, 2),
         generation_time_s=round(gen_time, 2),
     )
+    metrics.update(shared or {})
     if is_url:
         evaluated, run_dir, default_out = cfg.model, cfg.run_dir, Path(f"eval_{slug(cfg.task)}.json")
     else:

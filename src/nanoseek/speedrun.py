@@ -598,33 +598,47 @@ class Speedrun:
         return {}
 
     def evaluate(self) -> dict[str, Any]:
-        """Every stage's checkpoint on every family's held-out problems. On a CPU two processes of half
-        the threads each share the jobs (small-batch decode gains little from a second thread:
-        benchmarks/README.md); each job's records go to RUN/metrics.jsonl in the order of the jobs."""
-        jobs = [
+        """Every stage's checkpoint on every family's held-out problems. On a GPU one job per checkpoint:
+        its families' samples in one engine queue (`evaluate_many`: the samples each family alone would
+        draw), where a decode step costs about the same for one sequence or hundreds. On a CPU one job
+        per family, two processes of half the threads each sharing them (small-batch decode gains
+        little from a second thread: benchmarks/README.md). Each evaluation's records go to
+        RUN/metrics.jsonl in the order of the evaluations."""
+        order = [
             (stage, task)
             for stage in ("pretrain", "sft", "grpo", "control", "distill")
             if (self.run / stage / "config.json").exists()
             for task in self.all_tasks
         ]
         if self.p.eval_unseen_n and (self.run / "grpo" / "config.json").exists():
-            jobs += [("grpo", in_unseen_wordings(task)) for task in self.all_tasks]  # asked as none was
+            order += [("grpo", in_unseen_wordings(task)) for task in self.all_tasks]  # asked as none was
+        if self._one_queue_per_checkpoint():
+            by_checkpoint: dict[str, list[str]] = {}
+            for stage, task in order:
+                by_checkpoint.setdefault(stage, []).append(task)
+            jobs = list(by_checkpoint.items())
+        else:
+            # one family a job on a CPU, where a step's cost grows with its rows: whole checkpoints took
+            # the cpu preset's evaluation from 51-54 s to 55-60 s on two workers, 74 s to 77 s on one
+            # (the samples identical)
+            jobs = [(stage, [task]) for stage, task in order]
         logs = self.run / "eval" / ".logs"
         shutil.rmtree(logs, ignore_errors=True)  # an interrupted evaluation's records, never merged
         workers = 2 if self.overlaps() and len(jobs) > 1 else 1
         results: dict[str, float] = {}
 
-        def done(stage: str, task: str, m: dict[str, Any]) -> None:
-            results[f"{stage}/{task}"] = m["pass@1"]
-            print(
-                f"  eval {stage:8s} {task}: pass@1 {m['pass@1']:.1%} ± {100 * Z_95 * m['pass@1_stderr']:.1f} (95%), "
-                f"format {m['format_rate']:.1%}",
-                flush=True,
-            )
+        def done(stage: str, tasks: list[str], ms: list[dict[str, Any]]) -> None:
+            for task, m in zip(tasks, ms, strict=True):
+                results[f"{stage}/{task}"] = m["pass@1"]
+                print(
+                    f"  eval {stage:8s} {task}: pass@1 {m['pass@1']:.1%} ± {100 * Z_95 * m['pass@1_stderr']:.1f} "
+                    f"(95%), format {m['format_rate']:.1%}",
+                    flush=True,
+                )
 
         if workers == 1:
-            for stage, task in jobs:
-                done(stage, task, _evaluate_job(str(self.run), self.p, stage, task, self.progress))
+            for stage, tasks in jobs:
+                done(stage, tasks, _evaluate_checkpoint(str(self.run), self.p, stage, tasks, self.progress))
         else:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -639,16 +653,19 @@ class Speedrun:
                 initargs=(threads,),
             ) as pool:
                 futures = {
-                    pool.submit(_evaluate_job, str(self.run), self.p, stage, task, False): (stage, task)
-                    for stage, task in jobs
+                    pool.submit(_evaluate_checkpoint, str(self.run), self.p, stage, tasks, False): (
+                        stage,
+                        tasks,
+                    )
+                    for stage, tasks in jobs
                 }
                 for future in as_completed(futures):
                     done(*futures[future], future.result())
         with open(self.run / "metrics.jsonl", "a") as f:
-            for stage, task in jobs:
+            for stage, task in order:
                 f.write((logs / _job_name(stage, task) / "metrics.jsonl").read_text())
         shutil.rmtree(logs, ignore_errors=True)
-        return {"pass@1": {k: results[k] for k in (f"{s}/{t}" for s, t in jobs)}, "workers": workers}
+        return {"pass@1": {k: results[k] for k in (f"{s}/{t}" for s, t in order)}, "workers": workers}
 
     # -------------------------------------------------------------- helpers
     def _adopt(self, sub_run: Path, checkpoint: Path, stage: str, renamed: str) -> None:
@@ -665,6 +682,11 @@ class Speedrun:
                         r["stage"] = stage
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
         shutil.rmtree(sub_run, ignore_errors=True)
+
+    def _one_queue_per_checkpoint(self) -> bool:
+        from nanoseek.perf import default_device
+
+        return default_device().type == "cuda"
 
     def _tuning_precision(self) -> str:
         """SFT, GRPO (its rollouts too) and distillation: bf16 autocast on a GPU, whose grouped expert
@@ -804,25 +826,30 @@ def _job_name(stage: str, task: str) -> str:
     return f"{stage}_{slug(task)}"
 
 
-def _evaluate_job(out: str, preset: SpeedrunPreset, stage: str, task: str, progress: bool) -> dict[str, Any]:
-    """One checkpoint on one family (possibly in a worker process); its records go to a side log that
-    `Speedrun.evaluate` merges in job order."""
-    from nanoseek.evaluate import EvalConfig, evaluate
+def _evaluate_checkpoint(
+    out: str, preset: SpeedrunPreset, stage: str, tasks: list[str], progress: bool
+) -> list[dict[str, Any]]:
+    """One checkpoint on its families (possibly in a worker process); each evaluation's records go to a
+    side log that `Speedrun.evaluate` merges in order."""
+    from nanoseek.evaluate import EvalConfig, evaluate_many
 
     run = Path(out)
-    return evaluate(
-        EvalConfig(
-            model=str(run / stage),
-            task=task,
-            k=preset.eval_k,
-            n=preset.eval_unseen_n if is_unseen_wordings(task) else preset.eval_n,
-            max_new_tokens=preset.max_new_tokens,
-            seed=preset.seed,
-            out=str(run / "eval" / f"{_job_name(stage, task)}.json"),
-            max_batch_size=preset.engine_batch or None,
-            run_dir=str(run / "eval" / ".logs" / _job_name(stage, task)),
-            progress=progress,
-        )
+    return evaluate_many(
+        [
+            EvalConfig(
+                model=str(run / stage),
+                task=task,
+                k=preset.eval_k,
+                n=preset.eval_unseen_n if is_unseen_wordings(task) else preset.eval_n,
+                max_new_tokens=preset.max_new_tokens,
+                seed=preset.seed,
+                out=str(run / "eval" / f"{_job_name(stage, task)}.json"),
+                max_batch_size=preset.engine_batch or None,
+                run_dir=str(run / "eval" / ".logs" / _job_name(stage, task)),
+                progress=progress,
+            )
+            for task in tasks
+        ]
     )
 
 
