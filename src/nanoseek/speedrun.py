@@ -145,7 +145,7 @@ class SpeedrunPreset:
     # asked). Half of eval_n: the gap it shows is tens of points (benchmarks/README.md)
     eval_unseen_n: int = 24
     # sequences the engine decodes together in GRPO, distillation and evaluation (0: each stage's own
-    # default). A GPU decodes a whole GRPO step's groups in one batch for about the time of one sequence
+    # default). A GPU decodes a whole GRPO step's groups in one batch for about the time of its longest
     engine_batch: int = 0
     precision: str = "auto"  # pretraining: bf16 autocast where the CPU has native bf16, else fp32
     seed: int = 0
@@ -200,8 +200,8 @@ PRESETS: dict[str, SpeedrunPreset] = {
     "cpu": SpeedrunPreset(),
     # One GPU: the `small` model (~50M active parameters) on 5x the CPU preset's tokens, sized from an
     # H200's measured stage times (benchmarks/README.md, "The gpu preset on an H200"): pretraining
-    # 158 s, the student 42 s, SFT 10 s, GRPO 201 s; distillation and evaluation estimated at ~4 min
-    # more. Decode there is bound by host work (~40 ms a step at 512 sequences, far above its FLOPs), so
+    # 158 s, the student 42 s, SFT 10 s, GRPO 201 s; distillation and evaluation estimated at 2-3
+    # minutes more. Decode there is bound by host work (~40 ms a step at 512 sequences, far above its FLOPs), so
     # a GRPO step costs about its longest response whatever the batch: few steps of many samples
     "gpu": SpeedrunPreset(
         name="gpu",

@@ -145,12 +145,9 @@ def distill(cfg: DistillConfig) -> Path:
         raise ValueError("-k and --prompts must be >= 1")
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(teacher_dir)
-    device = default_device()
-    # bf16 on a GPU, where the grouped expert GEMM has a fast kernel for bf16 only
-    teacher = load_model(
-        teacher_dir, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
-    )
-    teacher = teacher.eval()
+    # as `generate` and `eval` load it: bf16 on a GPU (the grouped expert GEMM's fast kernel is bf16
+    # only), a trained (fp32) checkpoint in fp32 on a CPU
+    teacher = load_model(teacher_dir, dtype="auto", device=default_device()).eval()
     tasks, problems = [], []
     for name in cfg.tasks:
         task = get_task(name)
