@@ -201,11 +201,10 @@ def test_no_thinking_prompts_and_scoring(tmp_path) -> None:
     assert all(b["chat_template_kwargs"] == {"thinking": False} for b in seen)
 
 
-def test_a_checkpoint_decodes_every_sample_of_a_task_in_one_batch(
-    micro_checkpoint, tmp_path, monkeypatch
-) -> None:
+@pytest.fixture
+def engine_widths(monkeypatch) -> list:
+    """The max_batch_size of every Engine the test builds, in order."""
     import nanoseek.engine as engine_module
-    from nanoseek.evaluate import DEFAULT_MAX_BATCH
 
     widths = []
     real = engine_module.Engine
@@ -216,6 +215,15 @@ def test_a_checkpoint_decodes_every_sample_of_a_task_in_one_batch(
             super().__init__(model, *args, **kwargs)
 
     monkeypatch.setattr(engine_module, "Engine", Recording)
+    return widths
+
+
+def test_a_checkpoint_decodes_every_sample_of_a_task_in_one_batch(
+    micro_checkpoint, tmp_path, engine_widths
+) -> None:
+    from nanoseek.evaluate import DEFAULT_MAX_BATCH
+
+    widths = engine_widths
     common = dict(model=micro_checkpoint, task="arithmetic", max_new_tokens=4, progress=False)
     evaluate(EvalConfig(n=6, k=3, out=str(tmp_path / "a.json"), **common))
     evaluate(EvalConfig(n=100, k=4, out=str(tmp_path / "b.json"), **common))
@@ -253,24 +261,13 @@ def test_a_16_bit_checkpoint_is_evaluated_in_bf16_only_where_the_cpu_runs_it(
 
 
 def test_tasks_of_one_checkpoint_sampled_in_one_queue_draw_what_each_draws_alone(
-    micro_checkpoint, tmp_path, monkeypatch
+    micro_checkpoint, tmp_path, engine_widths
 ) -> None:
     """`evaluate_many`: one model load and one engine queue for several tasks (the speedrun's
     evaluation on a GPU), every sample the one its task's own evaluation draws."""
-    import json
-
-    import nanoseek.engine as engine_module
     from nanoseek.evaluate import evaluate_many
 
-    engines = []
-    real = engine_module.Engine
-
-    class Recording(real):  # type: ignore[misc, valid-type]
-        def __init__(self, model, *args, **kwargs) -> None:
-            engines.append(kwargs.get("max_batch_size"))
-            super().__init__(model, *args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "Engine", Recording)
+    engines = engine_widths
     common = dict(model=micro_checkpoint, k=3, max_new_tokens=12, temperature=1.0, seed=5, progress=False)
     tasks = [("arithmetic", 4), ("comparison", 6), ("arithmetic?wording=unseen", 2)]
 
