@@ -404,9 +404,11 @@ class Speedrun:
         threads; the teacher takes all of them back when the student is done.
 
         One step of a model this small cannot keep two cores busy, so two jobs side by side finish
-        sooner than one after the other (thread scaling measured in benchmarks/README.md). Results do
-        not depend on it: a step's numbers are bit-identical on 1 and 2 threads. Should the student fail
-        here, its own stage runs it again, alone, where its error shows."""
+        sooner than one after the other (thread scaling measured in benchmarks/README.md). The step at
+        which the teacher takes the thread back depends on timing, and on some CPUs a step's last bits
+        depend on the thread count: there two runs of one seed differ by about their figures' own
+        intervals (benchmarks/README.md, "Run H2"). Should the student fail here, its own stage runs it
+        again, alone, where its error shows."""
         import torch
 
         threads = torch.get_num_threads()
