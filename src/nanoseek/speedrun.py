@@ -232,6 +232,12 @@ PRESETS: dict[str, SpeedrunPreset] = {
 }
 
 
+# The share of the teacher's pretraining steps after which it takes back the threads it lent the
+# student: about where the student ends (0.19-0.22 of the teacher's steps on an AMX host, ~0.29 on an
+# AMD one: benchmarks/README.md), fixed so that a run's numbers do not depend on timing.
+TAKE_BACK_AT = 0.25
+
+
 class Speedrun:
     def __init__(self, out: str | Path, preset: SpeedrunPreset, progress: bool = True) -> None:
         self.run = Path(out)
@@ -404,20 +410,27 @@ class Speedrun:
         threads; the teacher takes all of them back when the student is done.
 
         One step of a model this small cannot keep two cores busy, so two jobs side by side finish
-        sooner than one after the other (thread scaling measured in benchmarks/README.md). The step at
-        which the teacher takes the thread back depends on timing, and on some CPUs a step's last bits
-        depend on the thread count: there two runs of one seed differ by about their figures' own
-        intervals (benchmarks/README.md, "Run H2"). Should the student fail here, its own stage runs it
-        again, alone, where its error shows."""
+        sooner than one after the other (thread scaling measured in benchmarks/README.md). The teacher
+        takes its threads back at a fixed step (waiting there for a student not yet done), not when the
+        student happens to finish: on some CPUs a step's last bits depend on the thread count, and a
+        switch at a timing-dependent step made two runs of one seed differ by about their figures' own
+        intervals (benchmarks/README.md, "Run H2").
+        Should the student fail here, its own stage runs it again, alone, where its error shows."""
+        import math
+
         import torch
 
         threads = torch.get_num_threads()
+        at = math.ceil(self.p.pretrain_steps * TAKE_BACK_AT)
         with self._beside(
             "student", "pretrain", _run_stage, (str(self.run), self.p, "student", "pretrain")
         ) as child:
 
             def take_back(step: int) -> None:
-                if torch.get_num_threads() < threads and not child.is_alive():
+                if step >= at and torch.get_num_threads() < threads:
+                    # a student still running is waited for: three busy threads on two cores would
+                    # slow both more than the wait costs
+                    child.join()
                     torch.set_num_threads(threads)
 
             return self.pretrain(on_step=take_back)
