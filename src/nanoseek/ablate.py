@@ -729,6 +729,7 @@ def train_run(
     from nanoseek.accounting import analytic_parameters, kv_cache_bytes_per_token
     from nanoseek.checkpoint import build_model
     from nanoseek.data.corpus import PackedDataset
+    from nanoseek.perf import default_device
     from nanoseek.train.distributed import DistInfo
     from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
     from nanoseek.train.pretrain import resolve_precision
@@ -737,7 +738,7 @@ def train_run(
     t = run.train
     config = sized_to(run.config, tok)
     run = dataclasses.replace(run, config=config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the same command on a GPU
+    device = default_device()  # the same command on a GPU
     precision = resolve_precision(t.precision, device)
     fpt, main_fpt = run.flops_per_token(), run.flops_per_token(main_only=True)
     torch.manual_seed(run.seed)
