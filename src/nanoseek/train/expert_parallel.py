@@ -184,7 +184,9 @@ def expert_mesh(ep_size: int | None = None, device_type: str | None = None) -> D
             "ranks (EP = DP); hybrid EP x replicated-expert layouts are not implemented"
         )
     if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        from nanoseek.perf import default_device
+
+        device_type = default_device().type
     # Unnamed, like FSDP2's mesh in `shard_model`: DTensors on equal meshes combine (one gradient norm).
     return init_device_mesh(device_type, (ep_size,))
 
