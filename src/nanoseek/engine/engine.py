@@ -486,14 +486,14 @@ class Engine:
     def _submit(self, prompts: list[list[int]], p: SamplingParams | list[SamplingParams]) -> list[str]:
         if prompts and isinstance(prompts[0], int):
             raise ValueError("prompts must be a list of token-id lists (got a flat list of ints)")
-        if not isinstance(p, SamplingParams) and len(p) != len(prompts):
+        if isinstance(p, list) and len(p) != len(prompts):
             raise ValueError(
                 f"{len(p)} sampling params for {len(prompts)} prompts: give one each, or one for all"
             )
         ids: list[str] = []
         try:
             for i, prompt in enumerate(prompts):
-                if not isinstance(p, SamplingParams):
+                if isinstance(p, list):
                     pi = p[i]  # each prompt's own, as given
                 else:
                     pi = dataclasses.replace(p, seed=p.seed + i) if p.seed is not None else p
@@ -538,14 +538,13 @@ class Engine:
         """Completion ids, finish reasons and (if asked) logprobs per prompt, in prompt order.
         `params`: one SamplingParams for all (with a seed, prompt i samples with seed + i), or one per
         prompt. `on_finish(i)` is called as prompt i's completion finishes (a progress bar counts them)."""
-        each = params if params is not None and not isinstance(params, SamplingParams) else None
-        p = self._params(None if each is not None else params, overrides)
-        ids = self._submit(prompts, each if each is not None else p)
+        if isinstance(params, list) and overrides:
+            raise ValueError("sampling overrides apply to one SamplingParams, not to a list of them")
+        p = params if isinstance(params, list) else self._params(params, overrides)
+        ids = self._submit(prompts, p)
         index = {rid: i for i, rid in enumerate(ids)}
-        results = [
-            Completion([], [] if (each[i] if each else p).logprobs is not None else None, None, None)
-            for i in range(len(prompts))
-        ]
+        each = p if isinstance(p, list) else [p] * len(prompts)
+        results = [Completion([], [] if q.logprobs is not None else None, None, None) for q in each]
         # Eval mode once for the whole call: a model left training (GRPO's policy) would otherwise be
         # flipped to eval and back around every step (~100 modules each way, ~1.4 ms a step).
         with self._eval_mode():
