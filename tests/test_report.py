@@ -109,7 +109,14 @@ def test_pass_at_1_by_family_and_language(tmp_path):
     )
     text = build_report(tmp_path).read_text()
     assert "addition 50.0%, comparison 97.0%, countdown 0.0%); left out as solved: comparison." in text
-    assert "68% of its teacher's 68.3%" in text
+    assert "68% of its teacher's 68.3%." in text
+    for task, v in (("addition", 0.3), ("comparison", 0.8), ("countdown", 0.0)):
+        ev.log(evaluated="student", task=task, k=4, **{"pass@1": v})  # the student before distillation
+    text = build_report(tmp_path).read_text()
+    assert "| family | sft | grpo | student | distill |" in text
+    assert (
+        "68% of its teacher's 68.3%; the same student before distillation 36.7% (**+10.0 points**)." in text
+    )
     assert "| 0.5 | 1 | 0.1 | 0.2 |" in text and "plots/probe.png" in text
 
 

@@ -38,7 +38,7 @@ def test_every_stage_writes_its_checkpoint_and_metrics(smoke_run):
     stages = {r["stage"] for r in read_metrics(smoke_run)}
     assert {"tokenizer", "pretrain", "sft", "grpo", "distill", "eval"} <= stages
     evaluated = {r.get("evaluated") for r in read_metrics(smoke_run, "eval")}
-    assert {"pretrain", "sft", "grpo", "distill"} <= evaluated
+    assert {"pretrain", "sft", "grpo", "student", "distill"} <= evaluated  # the student before and after
     assert not (smoke_run / "final" / "train_state").exists()
     # GRPO's updates carry the supervised rows of the preset's grpo_sft_mix_tasks (PPO-ptx)
     assert any("sft_mix_loss" in r for r in read_metrics(smoke_run, "grpo"))
@@ -69,7 +69,7 @@ def test_cpu_stages_run_side_by_side_and_count_once(smoke_run):
     order = [(r["evaluated_stage"], r["task"]) for r in read_metrics(smoke_run, "eval") if "task" in r]
     jobs = [
         (s, t)
-        for s in ("pretrain", "sft", "grpo", "control", "distill")
+        for s in ("pretrain", "sft", "grpo", "control", "student", "distill")
         for t in ("addition", "comparison", "largest")
     ] + [("grpo", f"{t}?wording=unseen") for t in ("addition", "comparison", "largest")]
     assert order == jobs, order

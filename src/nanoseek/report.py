@@ -27,7 +27,8 @@ from nanoseek.evaluate import Z_95, standard_error
 from nanoseek.metrics import read_metrics
 
 STAGES = ("tokenizer", "pretrain", "student", "sft", "grpo", "control", "distill", "eval")
-EVAL_STAGES = ("pretrain", "sft", "grpo", "control", "distill")  # the checkpoints evaluated
+# the checkpoints evaluated; "student" is the dense student before distillation, beside what it became
+EVAL_STAGES = ("pretrain", "sft", "grpo", "control", "student", "distill")
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -371,7 +372,13 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
     if means.get("distill") is not None and means.get("grpo"):
         out.append(
             f"- Distilled dense student: mean pass@1 {_pct(means['distill'])}, "
-            f"{means['distill'] / means['grpo']:.0%} of its teacher's {_pct(means['grpo'])}."
+            f"{means['distill'] / means['grpo']:.0%} of its teacher's {_pct(means['grpo'])}"
+            + (
+                f"; the same student before distillation {_pct(means['student'])} "
+                f"(**{100 * (means['distill'] - means['student']):+.1f} points**)."
+                if means.get("student") is not None
+                else "."
+            )
         )
     out.append("")
     return out

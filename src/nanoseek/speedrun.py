@@ -30,6 +30,7 @@ from nanoseek.atomic import atomic_directory, atomic_write
 from nanoseek.data.tasks import in_unseen_wordings, is_unseen_wordings
 from nanoseek.evaluate import Z_95, slug
 from nanoseek.metrics import MetricsLog, read_metrics
+from nanoseek.report import EVAL_STAGES
 
 DONE = ".done"
 SETTINGS = "speedrun.json"
@@ -97,6 +98,9 @@ class SpeedrunPreset:
     # steps as the teacher's, at ~40% of the cost each: copying appears at the same step in both,
     # and at 400 steps the student had not got there (14.5% mean pass@1 against 48% at 800)
     student_steps: int = 960
+    # the student's own peak lr (0: the teacher's pretrain_lr); a preset whose teacher is wider than the
+    # student lowers pretrain_lr for the teacher alone
+    student_lr: float = 0.0
     # cold-start SFT: thousands of worked solutions, as R1's cold start (§2.3.1). 10 steps of 300 left
     # the final model 2-3 points lower (seeds 0 and 2: mean 86.0 -> 88.3, five families 82.4 -> 85.1,
     # on 96 problems; run C0 88.9 against S0's 86.5) for ~90 s less (benchmarks/README.md, "A longer
@@ -217,6 +221,10 @@ PRESETS: dict[str, SpeedrunPreset] = {
         student_steps=400,  # as many as the teacher, as on the CPU
         sft_steps=50,
         sft_examples=5000,
+        # where pretraining's schedule ended, as on the CPU (pretrain_lr x the 0.1 floor): at 3e-4 the
+        # H200 run's SFT loss rose tenfold over its 50 steps (0.0005 to 0.003-0.016, spikes of 0.04-0.06
+        # with gradient norms 1.3-2.0) and sorting fell from 97.7% to 74.6% (benchmarks/README.md)
+        sft_lr=1.5e-4,
         grpo_steps=12,
         group_size=16,
         batch_prompts=32,
@@ -359,7 +367,7 @@ class Speedrun:
             steps=steps,
             batch_size=self.p.pretrain_batch,
             seq_len=self.p.seq_len,
-            lr=self.p.pretrain_lr,
+            lr=(self.p.student_lr or self.p.pretrain_lr) if student else self.p.pretrain_lr,
             optimizer=self.p.pretrain_optimizer,
             bias_update_speed=self.p.bias_update_speed,
             mtp_weight=self.p.mtp_weight,
@@ -622,7 +630,7 @@ class Speedrun:
         RUN/metrics.jsonl in the order of the evaluations."""
         order = [
             (stage, task)
-            for stage in ("pretrain", "sft", "grpo", "control", "distill")
+            for stage in EVAL_STAGES
             if (self.run / stage / "config.json").exists()
             for task in self.all_tasks
         ]
