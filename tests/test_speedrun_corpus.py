@@ -80,3 +80,30 @@ def test_a_setting_added_since_a_run_started_resumes_at_its_default(tmp_path):
     Speedrun(tmp_path, preset, progress=False)._claim_directory()
     with pytest.raises(ValueError, match=r"engine_batch None -> 64"):
         Speedrun(tmp_path, dataclasses.replace(preset, engine_batch=64), progress=False)._claim_directory()
+
+
+@pytest.mark.parametrize(("student_lr", "expected"), [(0.0, 3e-3), (5e-3, 5e-3)])
+def test_the_student_pretrains_at_its_own_lr_and_the_teacher_at_pretrain_lr(
+    tmp_path, monkeypatch, student_lr, expected
+):
+    """`student_lr` is the student's alone (0: the teacher's): the gpu preset's wider teacher takes a
+    lower lr than the dense student shared with the cpu preset."""
+    import nanoseek.train.pretrain
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_pretrain(cfg, on_step=None):
+        seen[cfg.preset] = cfg.lr
+        raise Stop
+
+    monkeypatch.setattr(nanoseek.train.pretrain, "pretrain", fake_pretrain)
+    preset = dataclasses.replace(PRESETS["smoke"], pretrain_lr=3e-3, student_lr=student_lr)
+    run = Speedrun(tmp_path, preset, progress=False)
+    for student in (False, True):
+        with pytest.raises(Stop):
+            run.pretrain(student=student)
+    assert seen == {preset.model: 3e-3, preset.student: expected}
+    assert PRESETS["gpu"].student_lr == 3e-3 and PRESETS["cpu"].student_lr == 0.0
