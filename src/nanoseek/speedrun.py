@@ -202,12 +202,12 @@ PRESETS: dict[str, SpeedrunPreset] = {
         grpo_sft_mix_tasks=("comparison",),
     ),
     "cpu": SpeedrunPreset(),
-    # One GPU: the `small` model (~50M active parameters) on 3x the CPU preset's tokens, sized from an
+    # One GPU: the `small` model (~75M active parameters) on 3x the CPU preset's tokens, sized from an
     # H200's measured rates (benchmarks/README.md, "The gpu preset on an H200"): a pretraining step
-    # 0.26 s, the student's 0.07 s, a GRPO step ~12.5 s; ~7.5 minutes estimated in all, distillation and
-    # evaluation included. Decode there is bound by host work (~40 ms a step at 512 sequences, far
-    # above its FLOPs), so a GRPO step costs about its longest response whatever the batch: few steps
-    # of many samples. At 600 steps the held-out loss was 0.0004, at 300 already 0.0047
+    # 0.3 s, the student's 0.09 s, a GRPO step ~15 s. Decode there is bound by host work (~40 ms a
+    # step at 512 sequences, far above its FLOPs), so a GRPO step costs about its longest response
+    # whatever the batch: few steps of many samples. At 600 steps the held-out loss was 0.0004, at 300
+    # already 0.0047
     "gpu": SpeedrunPreset(
         name="gpu",
         model="small",
@@ -221,7 +221,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
         student_steps=400,  # as many as the teacher, as on the CPU
         # the cpu preset's lr for the same model: at the teacher's 1.5e-3 it ended 400 steps of 64 rows
         # at a held-out loss of 0.020-0.026 and 59.8% mean pass@1 (multiplication 2.6%), at 3e-3 at
-        # 0.0028 and 87.8% (88.0%): same model, corpus and steps, on a CPU (benchmarks/README.md)
+        # 0.0028 and 87.8%: same model, corpus and steps, on a CPU (benchmarks/README.md)
         student_lr=3e-3,
         sft_steps=50,
         sft_examples=5000,
@@ -234,9 +234,12 @@ PRESETS: dict[str, SpeedrunPreset] = {
         batch_prompts=32,
         grpo_lr=1e-4,
         control=False,
-        distill_prompts=16,  # per family: 1,024 samples, two engine batches
-        distill_k=8,
-        distill_steps=200,
+        # per family: 2,048 samples, four engine batches. 16 prompts x 8 samples kept ~120 traces, and
+        # 200 steps over them (40 passes) took a student of 87.8% down to 83.8%; 64 x 4, ~490 traces
+        # in 60 steps (3 passes), took it to 90.1% (benchmarks/README.md)
+        distill_prompts=64,
+        distill_k=4,
+        distill_steps=60,
         eval_n=64,
         eval_k=4,
         eval_unseen_n=32,
