@@ -74,6 +74,7 @@ def figures(run: Path, preset: str, wall: float) -> dict:
     if sm["means"].get("distill") is not None and out.get("final_mean"):
         out["student_mean"] = sm["means"]["distill"]
         out["student_ratio"] = out["student_mean"] / out["final_mean"]
+        out["student_before_distillation_mean"] = sm["means"].get("student")
     return out
 
 
@@ -171,10 +172,12 @@ def verdicts(f: dict) -> list[tuple[str, str, bool | None]]:
             None if c is None else c <= COPY_GOAL,
         )
     )
-    r = f.get("student_ratio")
+    r, before = f.get("student_ratio"), f.get("student_before_distillation_mean")
     rows.append(
         (
-            "student / teacher mean pass@1 " + ("–" if r is None else f"{r:.0%}"),
+            "student / teacher mean pass@1 "
+            + ("–" if r is None else f"{r:.0%}")
+            + ("" if before is None else f" (the student's mean {before:.1%} before distillation)"),
             f">= {STUDENT_GOAL:.0%}",
             None if r is None else r >= STUDENT_GOAL,
         )
