@@ -117,8 +117,11 @@ class SpeedrunPreset:
     # turn mixed and push back. Comparison ended at 97.9-100% in 7 of 7 runs (3 seeds of the run, 2-3
     # of GRPO); 26 steps from the families a probe found unsolved ended at 88.5-98.4% at seed 1, for
     # about the same verifier-only gain (+33 / +15 / +15 at seeds 0 / 1 / 2 against +28 / +14 / +16,
-    # means over GRPO seeds), ~90 s sooner (benchmarks/README.md, "GRPO variants of 2026-12-02 evening")
-    grpo_steps: int = 60
+    # means over GRPO seeds), ~90 s sooner (benchmarks/README.md, "GRPO variants of 2026-12-02 evening").
+    # 120 steps, not 60: `largest` 55.2 -> 66.7 -> 77.1% at 60 / 90 / 120 steps from run S1's SFT
+    # checkpoint (seed 0), 51.6 -> 59.4 -> 67.7% from H1's (seed 1); sorting 74.0 -> 78.1 -> 83.3% at
+    # seed 0; ~80 s more of GRPO on two threads (benchmarks/README.md, "Longer GRPO")
+    grpo_steps: int = 120
     group_size: int = 8
     batch_prompts: int = 8
     grpo_lr: float = 5e-5
@@ -133,8 +136,9 @@ class SpeedrunPreset:
     # control: SFT for GRPO's wall time (beside it where the CPU runs two stages at once; off on the gpu preset)
     control: bool = True
     # beside GRPO, the control's first plan in steps (refitted to GRPO's pace), with fresh worked solutions
-    # at the cold start's rate per step: ~200 steps fit GRPO's time, and a larger plan only builds data
-    control_plan_steps: int = 200
+    # at the cold start's rate per step: ~350 steps fit GRPO's time, a larger plan only builds data, and
+    # 400 would ask linear equations for more distinct training problems than they have (1,539)
+    control_plan_steps: int = 350
     # distillation: ~180 kept traces, ~60 packed rows. 120 steps (~16 passes) against 40: mean +2.7 /
     # +1.7 points at seeds 0 / 1 (83.3 -> 86.0%, 80.9 -> 82.6%), mostly `largest`, which the student
     # learns from the teacher's right answers alone (46.9 -> 64.6%, 31.8 -> 47.4%), for ~20 s more
