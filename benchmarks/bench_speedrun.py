@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nanoseek.report import RunMetrics
-from nanoseek.speedrun import PRESETS, SETTINGS, STAGES, run_speedrun
+from nanoseek.report import STAGES, RunMetrics
+from nanoseek.speedrun import PRESETS, SETTINGS, run_speedrun
 
 BUDGET_S = {"smoke": 3 * 60, "cpu": 20 * 60, "gpu": 15 * 60}
 PASS_GOALS = {"comparison": 0.95, "addition": 0.90, "multiplication": 0.70}

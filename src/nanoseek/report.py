@@ -26,6 +26,7 @@ from nanoseek.data.tasks import in_unseen_wordings, is_unseen_wordings
 from nanoseek.evaluate import Z_95, standard_error
 from nanoseek.metrics import read_metrics
 
+# every stage a speedrun may run, in order (the control only in presets that have it)
 STAGES = ("tokenizer", "pretrain", "student", "sft", "grpo", "control", "distill", "eval")
 # the checkpoints evaluated; "student" is the dense student before distillation, beside what it became
 EVAL_STAGES = ("pretrain", "sft", "grpo", "control", "student", "distill")

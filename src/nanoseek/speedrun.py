@@ -890,10 +890,6 @@ def _evaluate_checkpoint(
     )
 
 
-# every stage a speedrun may run, in order (the control only in presets that have it)
-STAGES: tuple[str, ...] = ("tokenizer", "pretrain", "student", "sft", "grpo", "control", "distill", "eval")
-
-
 def run_speedrun(out: str | Path, preset: str = "cpu", progress: bool = True, **overrides: Any) -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown speedrun preset {preset!r}; choose one of: {', '.join(PRESETS)}")
