@@ -382,6 +382,33 @@ def test_grpo_unsolved_draws_only_what_the_probe_left_and_resumes_with_it(
         grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "bad", solved_above=1.5, **kw))
 
 
+def test_keep_tasks_are_drawn_however_solved_the_probe_finds_them(
+    micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    """--keep-tasks: a family the probe finds solved stays in the unsolved draw (the speedrun keeps
+    comparison, whose own groups hold it against `largest`'s shortcut); the others solved are left out."""
+    import nanoseek.train.grpo as grpo_mod
+    from nanoseek.metrics import read_metrics
+
+    monkeypatch.setattr(grpo_mod, "probe_pass_rates", lambda *a: {"arithmetic": 0.9, "comparison": 0.95})
+    drawn: list[str] = []
+    real_draw = grpo_mod.PromptSampler.draw
+
+    def draw(self, rng, n):
+        batch = real_draw(self, rng, n)
+        drawn.extend(t.name for t, _ in batch)
+        return batch
+
+    monkeypatch.setattr(grpo_mod.PromptSampler, "draw", draw)
+    kw = dict(tasks=["arithmetic", "comparison"], task_sampling="unsolved", steps=1)
+    grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path, keep_tasks=["comparison"], **kw))
+    assert drawn and set(drawn) == {"comparison"}
+    (rec,) = [r for r in read_metrics(tmp_path, "grpo") if r.get("event") == "probe"]
+    assert rec["left_out"] == ["arithmetic"]
+    with pytest.raises(ValueError, match="keep-tasks"):
+        grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "bad", keep_tasks=["sorting"], **kw))
+
+
 def test_sft_mix_adds_the_supervised_loss_of_the_left_out_tasks(
     micro_checkpoint, tmp_path, monkeypatch
 ) -> None:

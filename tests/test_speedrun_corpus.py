@@ -33,6 +33,8 @@ def test_weights_of_families_outside_the_run_are_ignored_and_bad_weights_named(t
         dataclasses.replace(smoke, grpo_task_sampling="unsolve")
     with pytest.raises(ValueError, match="grpo_sft_mix_tasks"):  # worked solutions of a family not in the run
         dataclasses.replace(smoke, grpo_sft_mix_tasks=("counting",))
+    with pytest.raises(ValueError, match="grpo_keep_tasks"):  # a family the run never draws
+        dataclasses.replace(smoke, grpo_keep_tasks=("sorting",))
     with pytest.raises(ValueError, match="control_plan_steps"):
         dataclasses.replace(smoke, control_plan_steps=0)
 

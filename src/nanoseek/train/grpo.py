@@ -314,6 +314,12 @@ class GRPOConfig:
     solved_above: float = option(
         0.8, "--task-sampling unsolved: a task whose probe pass rate is above this is left out as solved"
     )
+    keep_tasks: list[str] | None = option(
+        None,
+        "--task-sampling unsolved: tasks drawn however solved the probe finds them, comma-separated: a "
+        "family whose own groups hold it against another's shortcut (comparison against `largest`'s)",
+        parse=split_task_list,
+    )
     sft_mix: float = option(
         0.0,
         "weight of a supervised loss on worked solutions added to every update (InstructGPT's PPO-ptx, "
@@ -366,9 +372,10 @@ class GRPOConfig:
             raise ValueError(f"--beta must be >= 0, got {self.beta}")
         if self.sft_mix < 0:
             raise ValueError(f"--sft-mix must be >= 0, got {self.sft_mix}")
-        unknown = set(self.sft_mix_tasks or ()) - set(self.tasks or ())
-        if unknown:
-            raise ValueError(f"--sft-mix-tasks names tasks not in --task: {', '.join(sorted(unknown))}")
+        for flag, named in (("--sft-mix-tasks", self.sft_mix_tasks), ("--keep-tasks", self.keep_tasks)):
+            unknown = set(named or ()) - set(self.tasks or ())
+            if unknown:
+                raise ValueError(f"{flag} names tasks not in --task: {', '.join(sorted(unknown))}")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
         if self.temperature <= 0:
@@ -567,7 +574,8 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         if fresh:
             with trainer.autocast():
                 history["pass_rates"] = probe_pass_rates(cfg, engine, tok, pools, stop)
-        solved = {n for n, r in history["pass_rates"].items() if r > cfg.solved_above}
+        keep = set(cfg.keep_tasks or ())
+        solved = {n for n, r in history["pass_rates"].items() if r > cfg.solved_above and n not in keep}
         left_out = sampler.leave_out(solved, keep_at_least=cfg.batch_prompts)
         if fresh:
             metrics_log.log(event="probe", pass_rates=history["pass_rates"], left_out=left_out)
