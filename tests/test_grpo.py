@@ -349,6 +349,22 @@ def test_probe_pass_rates_scores_each_task_on_its_training_problems(micro_checkp
     assert seen.count("comparison") == seen.count("arithmetic") == 4 * 3
 
 
+def _record_draws(monkeypatch) -> list[str]:
+    """The task of every prompt GRPO draws, in order."""
+    import nanoseek.train.grpo as grpo_mod
+
+    drawn: list[str] = []
+    real_draw = grpo_mod.PromptSampler.draw
+
+    def draw(self, rng, n):
+        batch = real_draw(self, rng, n)
+        drawn.extend(t.name for t, _ in batch)
+        return batch
+
+    monkeypatch.setattr(grpo_mod.PromptSampler, "draw", draw)
+    return drawn
+
+
 def test_grpo_unsolved_draws_only_what_the_probe_left_and_resumes_with_it(
     micro_checkpoint, tmp_path, monkeypatch
 ) -> None:
@@ -361,16 +377,8 @@ def test_grpo_unsolved_draws_only_what_the_probe_left_and_resumes_with_it(
         probes.append(1)
         return {"arithmetic": 0.9, "comparison": 0.25}
 
-    drawn: list[str] = []
-    real_draw = grpo_mod.PromptSampler.draw
-
-    def draw(self, rng, n):
-        batch = real_draw(self, rng, n)
-        drawn.extend(t.name for t, _ in batch)
-        return batch
-
     monkeypatch.setattr(grpo_mod, "probe_pass_rates", probe)
-    monkeypatch.setattr(grpo_mod.PromptSampler, "draw", draw)
+    drawn = _record_draws(monkeypatch)
     kw = dict(tasks=["arithmetic", "comparison"], task_sampling="unsolved")
     grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path, steps=1, **kw))
     grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path, steps=2, resume=True, **kw))
@@ -391,15 +399,7 @@ def test_keep_tasks_are_drawn_however_solved_the_probe_finds_them(
     from nanoseek.metrics import read_metrics
 
     monkeypatch.setattr(grpo_mod, "probe_pass_rates", lambda *a: {"arithmetic": 0.9, "comparison": 0.95})
-    drawn: list[str] = []
-    real_draw = grpo_mod.PromptSampler.draw
-
-    def draw(self, rng, n):
-        batch = real_draw(self, rng, n)
-        drawn.extend(t.name for t, _ in batch)
-        return batch
-
-    monkeypatch.setattr(grpo_mod.PromptSampler, "draw", draw)
+    drawn = _record_draws(monkeypatch)
     kw = dict(tasks=["arithmetic", "comparison"], task_sampling="unsolved", steps=1)
     grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path, keep_tasks=["comparison"], **kw))
     assert drawn and set(drawn) == {"comparison"}
