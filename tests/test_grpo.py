@@ -404,7 +404,7 @@ def test_keep_tasks_are_drawn_however_solved_the_probe_finds_them(
     grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path, keep_tasks=["comparison"], **kw))
     assert drawn and set(drawn) == {"comparison"}
     (rec,) = [r for r in read_metrics(tmp_path, "grpo") if r.get("event") == "probe"]
-    assert rec["left_out"] == ["arithmetic"]
+    assert rec["left_out"] == ["arithmetic"] and rec["kept"] == ["comparison"]
     with pytest.raises(ValueError, match="keep-tasks"):
         grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "bad", keep_tasks=["sorting"], **kw))
 

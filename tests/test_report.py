@@ -109,6 +109,16 @@ def test_pass_at_1_by_family_and_language(tmp_path):
     )
     text = build_report(tmp_path).read_text()
     assert "addition 50.0%, comparison 97.0%, countdown 0.0%); left out as solved: comparison." in text
+    MetricsLog(tmp_path, "grpo").log(  # a family kept in the draw however solved (--keep-tasks)
+        event="probe",
+        pass_rates={"addition": 0.9, "comparison": 0.97},
+        left_out=["addition"],
+        kept=["comparison"],
+    )
+    assert (
+        "left out as solved: addition; drawn however solved: comparison."
+        in build_report(tmp_path).read_text()
+    )
     assert "68% of its teacher's 68.3%." in text
     for task, v in (("addition", 0.3), ("comparison", 0.8), ("countdown", 0.0)):
         ev.log(evaluated="student", task=task, k=4, **{"pass@1": v})  # the student before distillation

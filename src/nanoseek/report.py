@@ -359,9 +359,11 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
     if probe.get("pass_rates"):
         rates = ", ".join(f"{t} {_pct(r)}" for t, r in probe["pass_rates"].items())
         left = ", ".join(probe.get("left_out") or []) or "none"
+        kept = ", ".join(probe.get("kept") or [])
         out.append(
             f"- GRPO drew its prompts from the families its probe found unsolved (pass rate on training "
-            f"problems before the first step: {rates}); left out as solved: {left}."
+            f"problems before the first step: {rates}); left out as solved: {left}"
+            + (f"; drawn however solved: {kept}." if kept else ".")
         )
     for t in sm["verifier_only"]:
         if t in gains:

@@ -578,7 +578,12 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         solved = {n for n, r in history["pass_rates"].items() if r > cfg.solved_above and n not in keep}
         left_out = sampler.leave_out(solved, keep_at_least=cfg.batch_prompts)
         if fresh:
-            metrics_log.log(event="probe", pass_rates=history["pass_rates"], left_out=left_out)
+            metrics_log.log(
+                event="probe",
+                pass_rates=history["pass_rates"],
+                left_out=left_out,
+                kept=sorted(keep & set(pools)),
+            )
             rates = ", ".join(f"{n} {r:.0%}" for n, r in history["pass_rates"].items())
             print(f"grpo probe ({cfg.probe_prompts} problems x G = {cfg.group_size} per task): {rates}")
             kept = (
