@@ -574,23 +574,25 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         if fresh:
             with trainer.autocast():
                 history["pass_rates"] = probe_pass_rates(cfg, engine, tok, pools, stop)
-        keep = set(cfg.keep_tasks or ())
-        solved = {n for n, r in history["pass_rates"].items() if r > cfg.solved_above and n not in keep}
+        kept = sorted(set(cfg.keep_tasks or ()) & set(pools))
+        solved = {n for n, r in history["pass_rates"].items() if r > cfg.solved_above and n not in kept}
         left_out = sampler.leave_out(solved, keep_at_least=cfg.batch_prompts)
         if fresh:
             metrics_log.log(
                 event="probe",
                 pass_rates=history["pass_rates"],
                 left_out=left_out,
-                kept=sorted(keep & set(pools)),
+                kept=kept,
             )
             rates = ", ".join(f"{n} {r:.0%}" for n, r in history["pass_rates"].items())
             print(f"grpo probe ({cfg.probe_prompts} problems x G = {cfg.group_size} per task): {rates}")
-            kept = (
+            everything = (
                 "" if len(left_out) == len(solved) else " (every task kept: too few problems would be left)"
             )
+            drawn_anyway = f"; drawn however solved: {', '.join(kept)}" if kept else ""
             print(
-                f"grpo: left out as solved (> {cfg.solved_above:.0%}): {', '.join(left_out) or 'none'}{kept}"
+                f"grpo: left out as solved (> {cfg.solved_above:.0%}): {', '.join(left_out) or 'none'}"
+                f"{everything}{drawn_anyway}"
             )
     mix_rows = None
     if cfg.sft_mix > 0:
