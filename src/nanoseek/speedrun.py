@@ -112,15 +112,9 @@ class SpeedrunPreset:
     # SFT, the control and distillation take the optimizer pretraining used: a fresh AdamW at 3e-4 moves
     # every weight of a Muon-trained model by ~lr at once (sign-like first steps), and its 10 steps cost
     # 4 points of held-out pass@1 that Muon at the same lr, or AdamW at 5e-5, keep (benchmarks/README.md)
-    # GRPO: 60 steps drawn from all eight families at lr 5e-5. Each family's own groups keep it: when
-    # `largest`'s shortcut (answer the larger number) leaks into "which is smaller?", comparison's groups
-    # turn mixed and push back. Comparison ended at 97.9-100% in 7 of 7 runs (3 seeds of the run, 2-3
-    # of GRPO); 26 steps from the families a probe found unsolved ended at 88.5-98.4% at seed 1, for
-    # about the same verifier-only gain (+33 / +15 / +15 at seeds 0 / 1 / 2 against +28 / +14 / +16,
-    # means over GRPO seeds), ~90 s sooner (benchmarks/README.md, "GRPO variants of 2026-12-02 evening").
-    # 120 steps, not 60: `largest` 55.2 -> 66.7 -> 77.1% at 60 / 90 / 120 steps from run S1's SFT
-    # checkpoint (seed 0), 51.6 -> 59.4 -> 67.7% from H1's (seed 1); sorting 74.0 -> 78.1 -> 83.3% at
-    # seed 0; ~80 s more of GRPO on two threads (benchmarks/README.md, "Longer GRPO")
+    # GRPO: 120 steps at lr 5e-5, not 60: drawn from all eight families, `largest` went 55.2 -> 66.7 ->
+    # 77.1% at 60 / 90 / 120 steps from run S1's SFT checkpoint (seed 0), 51.6 -> 59.4 -> 67.7% from
+    # H1's (seed 1), sorting 74.0 -> 78.1 -> 83.3% at seed 0 (benchmarks/README.md, "Longer GRPO")
     grpo_steps: int = 120
     group_size: int = 8
     batch_prompts: int = 8
