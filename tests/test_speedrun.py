@@ -160,6 +160,32 @@ def test_bench_speedrun_counts_pretrainings_arithmetic(smoke_run):
     assert a["floor_s"] == pytest.approx((a["model_flops"] + a["muon_flops"]) / a["peak_flops"])
 
 
+def test_bench_speedrun_rescores_grpos_gain_on_more_problems(smoke_run):
+    """`--rescore N`: GRPO's start and end scored again on N problems, paired, written apart from the
+    run's records, and the gain goals judged on them."""
+    from nanoseek.speedrun import PRESETS
+
+    bench = load_benchmark("bench_speedrun")
+    before = (smoke_run / "metrics.jsonl").read_bytes()
+    again = bench.rescore(smoke_run, PRESETS["smoke"], ["comparison", "addition"], n=5)
+    assert (smoke_run / "metrics.jsonl").read_bytes() == before  # the run's figures stay its own
+    for task, r in again.items():
+        assert r["problems"] == 5 and 0 <= r["before"] <= 100 and 0 <= r["after"] <= 100
+        assert r["gain"] == pytest.approx(r["after"] - r["before"])
+        assert r["margin"] is not None and r["margin"] >= 0
+        assert (smoke_run / "rescore" / f"grpo_{task}_5.json").exists()
+    f = bench.figures(smoke_run, "smoke", 60.0)
+    f["grpo_gain_mid_families"], f["verifier_only"] = ["comparison"], {"addition": None}
+    f["rescore"] = again
+    rows = bench.verdicts(f)
+    figure, _, met = next(r for r in rows if r[0].startswith("GRPO gain"))
+    assert "comparison" in figure and "on 5 problems" in figure
+    assert met == (again["comparison"]["gain"] >= bench.GRPO_GAIN_GOAL)
+    figure, _, met = next(r for r in rows if "(verifier only)" in r[0])
+    assert figure.startswith("addition") and "on 5 problems" in figure
+    assert met == (again["addition"]["gain"] >= bench.ZERO_GAIN_GOAL)
+
+
 def test_resuming_with_other_settings_is_refused(smoke_run, capsys):
     assert json.loads((smoke_run / "speedrun.json").read_text())["name"] == "smoke"
     before = (smoke_run / "metrics.jsonl").read_bytes()
