@@ -10,6 +10,7 @@ import torch
 
 from nanoseek.cli import main
 from nanoseek.metrics import read_metrics
+from nanoseek.speedrun import PRESETS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from benchmark_scripts import load_benchmark  # noqa: E402
@@ -42,6 +43,8 @@ def test_every_stage_writes_its_checkpoint_and_metrics(smoke_run):
     assert not (smoke_run / "final" / "train_state").exists()
     # GRPO's updates carry the supervised rows of the preset's grpo_sft_mix_tasks (PPO-ptx)
     assert any("sft_mix_loss" in r for r in read_metrics(smoke_run, "grpo"))
+    grpo = json.loads((smoke_run / "grpo" / "train_state" / "trainer.json").read_text())["grpo"]
+    assert grpo["loss"] == PRESETS["smoke"].grpo_loss == PRESETS["cpu"].grpo_loss == "dapo"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="side by side on CPU threads only")
@@ -143,7 +146,6 @@ def test_bench_speedrun_counts_pretrainings_arithmetic(smoke_run):
     run's own steps and shapes, Muon's Newton-Schulz for both, over a matmul peak measured here."""
     from nanoseek.accounting import flops_per_token
     from nanoseek.config import ModelConfig
-    from nanoseek.speedrun import PRESETS
 
     a = load_benchmark("bench_speedrun").pretraining_arithmetic(smoke_run)
     p = PRESETS["smoke"]
@@ -163,8 +165,6 @@ def test_bench_speedrun_counts_pretrainings_arithmetic(smoke_run):
 def test_bench_speedrun_rescores_grpos_gain_on_more_problems(smoke_run):
     """`--rescore N`: GRPO's start and end scored again on N problems, paired, written apart from the
     run's records, and the gain goals judged on them."""
-    from nanoseek.speedrun import PRESETS
-
     bench = load_benchmark("bench_speedrun")
     before = (smoke_run / "metrics.jsonl").read_bytes()
     again = bench.rescore(smoke_run, PRESETS["smoke"], ["comparison", "addition"], n=5)

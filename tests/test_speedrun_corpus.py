@@ -31,6 +31,8 @@ def test_weights_of_families_outside_the_run_are_ignored_and_bad_weights_named(t
         dataclasses.replace(smoke, pretrain_weights={"addition": 0})
     with pytest.raises(ValueError, match="grpo_task_sampling"):  # not only when GRPO starts, minutes later
         dataclasses.replace(smoke, grpo_task_sampling="unsolve")
+    with pytest.raises(ValueError, match="grpo_loss"):
+        dataclasses.replace(smoke, grpo_loss="dr-grpo")
     with pytest.raises(ValueError, match="grpo_sft_mix_tasks"):  # worked solutions of a family not in the run
         dataclasses.replace(smoke, grpo_sft_mix_tasks=("counting",))
     with pytest.raises(ValueError, match="grpo_keep_tasks"):  # a family the run never draws
