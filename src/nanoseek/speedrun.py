@@ -256,9 +256,9 @@ PRESETS: dict[str, SpeedrunPreset] = {
         group_size=16,
         batch_prompts=32,
         grpo_lr=1e-4,
-        # the draw and the loss measured on the H200: the unsolved draw and DAPO's loss (the cpu
-        # preset's) should suit a model that nearly solves seven families before RL even more, but
-        # have not run on a GPU yet
+        # the draw and the loss measured on the H200; the cpu preset's (the unsolved draw, DAPO's
+        # loss) have not run on a GPU yet, though the draw should suit a model that nearly solves
+        # seven families before RL even more
         grpo_task_sampling="uniform",
         grpo_loss="grpo",
         grpo_sft_mix_tasks=("comparison", "counting"),

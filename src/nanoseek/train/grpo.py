@@ -10,7 +10,7 @@ What is notable here:
   low-probability tokens with positive advantage can still grow.
 - The KL penalty to a frozen reference with the unbiased, always-positive k3 estimator used by R1
   (DeepSeekMath eq. 4): KL ≈ π_ref/π_θ - log(π_ref/π_θ) - 1. β = 0 skips the reference entirely.
-- Truncated completions (finish reason "length") can be masked out of the loss (DAPO §3.3 overlong
+- Truncated completions (finish reason "length") can be masked out of the loss (DAPO §3.4 overlong
   filtering): the reward of a cut-off answer says little about its tokens.
 - Rollouts go through the batched Engine (all P·G samples submitted at once) sharing the policy's
   nn.Module, so the engine always samples from the current weights.
@@ -146,7 +146,7 @@ def grpo_loss(
 
     Normalization (see docs/r1.md):
       grpo    — mean over each sequence's own tokens, then mean over sequences (DeepSeekMath eq. 3).
-      dapo    — sum over all tokens of the batch / number of those tokens (token-level, DAPO §3.4).
+      dapo    — sum over all tokens of the batch / number of those tokens (token-level, DAPO §3.3).
       dr_grpo — sum over all tokens / (num_sequences · max_completion_len), a constant (Dr. GRPO).
     `num_sequences` / `num_tokens` let micro-batches share the full batch's denominators (so the
     micro-batch losses add up to the batch loss); they default to this batch's own counts.
