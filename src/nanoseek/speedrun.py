@@ -126,8 +126,8 @@ class SpeedrunPreset:
     grpo_loss: str = "dapo"
     # Prompts from the families a probe before the first step finds unsolved, and comparison always:
     # drawn uniformly from all eight, `largest` got an eighth of the groups and at seed 2 did not move
-    # (39.1 -> 35.4%, run S5). From the SFT checkpoints of seeds 0 / 1 / 2: `largest` +38.5 / +51.1 /
-    # +19.8 against +39.6 / +34.4 / -3.6, final mean 94.3 / 93.4 / 92.2% against 94.3 / 91.3 / 88.7%,
+    # (39.1 -> 35.4%, run S5). From the SFT checkpoints of seeds 0 / 1 / 2, on each run's 48 problems:
+    # `largest` +38.5 / +51.1 / +19.8 against +39.6 / +34.4 / -3.6, final mean 94.3 / 93.4 / 92.2% against 94.3 / 91.3 / 88.7%,
     # GRPO 1.6-2.6x shorter. Left out too, comparison fell to 93.8% at seed 2: its own groups are what
     # push back when `largest`'s shortcut (answer the larger) leaks into "which is smaller?"
     # (benchmarks/README.md, "The unsolved draw at three seeds")
