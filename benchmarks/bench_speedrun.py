@@ -60,6 +60,7 @@ def figures(run: Path, preset: str, wall: float) -> dict:
         if task in sm["tasks"]:
             pass1.setdefault(task, {})[stage] = v
     out["unseen_wordings"] = sm["unseen_wordings"]  # the final model, phrasings no stage trained on
+    out["second_turn"] = sm["second_turn"]  # the final model, each problem asked second in a chat
     for (stage, task), r in m.evals().items():
         if r.get("pass@1_by_language"):
             out.setdefault("pass@1_by_language", {}).setdefault(task, {})[stage] = r["pass@1_by_language"]
@@ -346,6 +347,8 @@ def main() -> None:
         cells = " ".join(f"{s} {100 * v:5.1f}%" for s, v in by_stage.items() if v is not None)
         if task in f["unseen_wordings"]:
             cells += f" | unseen wordings {100 * f['unseen_wordings'][task]:5.1f}%"
+        if task in f.get("second_turn", {}):
+            cells += f" | asked second {100 * f['second_turn'][task]:5.1f}%"
         print(f"  {task:18s} {cells}")
     if args.preset == "cpu":  # smoke's few steps only prove the stages run
         print()

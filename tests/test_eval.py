@@ -162,6 +162,15 @@ def test_no_thinking_prompts_and_scoring(tmp_path) -> None:
     tok = tiny_tokenizer()
     assert tok.decode(chat_prompt_ids(tok, "q", thinking=False)).endswith("<｜Assistant｜></think>")
     assert tok.decode(chat_prompt_ids(tok, "q")).endswith("<｜Assistant｜><think>\n")
+    # a problem asked later in a chat: the earlier turn and its answer, then the question
+    chat = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "1"},
+        {"role": "user", "content": "q"},
+    ]
+    assert tok.decode(chat_prompt_ids(tok, chat)).endswith(
+        "<｜User｜>a<｜Assistant｜>1<｜end▁of▁sentence｜><｜User｜>q<｜Assistant｜><think>\n"
+    )
 
     probs = {p.prompt: p for p in _problems(2)}
     seen = []

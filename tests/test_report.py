@@ -181,12 +181,16 @@ def test_unseen_wordings_are_reported_beside_the_final_figures_not_in_the_goals(
         ("grpo", "comparison", 1.0),
         ("grpo", "sorting?wording=unseen", 0.25),
         ("grpo", "comparison?wording=unseen", 0.5),
+        ("grpo", "sorting?turn=2", 0.0),
+        ("grpo", "comparison?turn=2", 0.125),
     ):
         ev.log(evaluated=stage, task=task, k=4, **{"pass@1": v})
     sm = RunMetrics(tmp_path).pass_at_1_summary()
-    assert sm["tasks"] == ["sorting", "comparison"]  # the reworded asks are not families of their own
+    assert sm["tasks"] == ["sorting", "comparison"]  # the asks in other forms are not families of their own
     assert sm["means"]["grpo"] == pytest.approx(0.875) and sm["mid"] == ["sorting"]
     assert sm["unseen_wordings"] == {"sorting": 0.25, "comparison": 0.5}
+    assert sm["second_turn"] == {"sorting": 0.0, "comparison": 0.125}
     text = build_report(tmp_path).read_text()
-    assert "| sorting | 75.0% | 25.0% |" in text and "| comparison | 100.0% | 50.0% |" in text
-    assert "| **mean** | **87.5%** | **37.5%** |" in text
+    assert "| family | final | final, unseen wordings | final, asked second in a chat |" in text
+    assert "| sorting | 75.0% | 25.0% | 0.0% |" in text and "| comparison | 100.0% | 50.0% | 12.5% |" in text
+    assert "| **mean** | **87.5%** | **37.5%** | **6.2%** |" in text

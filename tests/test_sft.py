@@ -270,3 +270,26 @@ def test_tool_use_conversation(tmp_path) -> None:
         json.dumps({"messages": msgs, "tools": tools}) + "\n" + json.dumps({"messages": msgs[:2]}) + "\n"
     )
     assert list(read_chat_jsonl(data)) == [(msgs, tools), (msgs[:2], None)]
+
+
+def test_cold_start_chats_ask_several_problems_in_a_row_each_once() -> None:
+    from nanoseek.data.rewards import script_counts
+    from nanoseek.train.sft import task_conversations
+
+    alone = task_conversations("addition,comparison,sorting", 300, seed=1)
+    assert all(len(c) == 2 for c in alone)  # multi_turn=0: one question a chat, as before
+    chats = task_conversations("addition,comparison,sorting", 300, seed=1, multi_turn=0.3)
+    turns = [tuple(m["content"] for m in c[i : i + 2]) for c in chats for i in range(0, len(c), 2)]
+    assert sorted(turns) == sorted(tuple(m["content"] for m in c) for c in alone)  # the same, each once
+    several = [c for c in chats if len(c) > 2]
+    assert {len(c) for c in several} == {4, 6} and 0.2 < len(several) / len(chats) < 0.4
+    for c in several:
+        assert [m["role"] for m in c] == ["user", "assistant"] * (len(c) // 2)
+
+        def script(text: str) -> str:
+            n = script_counts(text)
+            return "ja" if n["kana"] else "zh" if n["han"] else "en"
+
+        assert len({script(m["content"]) for m in c if m["role"] == "user"}) == 1  # one language a chat
+    with pytest.raises(ValueError, match="multi_turn"):
+        task_conversations("addition", 10, multi_turn=2.0)

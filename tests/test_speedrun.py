@@ -74,12 +74,15 @@ def test_cpu_stages_run_side_by_side_and_count_once(smoke_run):
         (s, t)
         for s in ("pretrain", "sft", "grpo", "control", "student", "distill")
         for t in ("addition", "comparison", "largest")
-    ] + [("grpo", f"{t}?wording=unseen") for t in ("addition", "comparison", "largest")]
+    ]
+    jobs += [("grpo", f"{t}?wording=unseen") for t in ("addition", "comparison", "largest")]
+    jobs += [("grpo", f"{t}?turn=2") for t in ("addition", "comparison", "largest")]
     assert order == jobs, order
     asked = {
         r["task"]: r["problems"] for r in read_metrics(smoke_run, "eval") if r.get("evaluated") == "grpo"
     }
     assert asked["comparison"] == 6 and asked["comparison?wording=unseen"] == 3  # eval_n, eval_unseen_n
+    assert asked["comparison?turn=2"] == 3  # eval_second_turn_n
     assert not (smoke_run / "eval" / ".logs").exists()
 
 
@@ -110,8 +113,8 @@ def test_report_has_summary_and_plots(smoke_run):
     for needle in ("## Model", "## Stages", "## Held-out evaluation", "KV-cache bytes per token", "pass@1"):
         assert needle in text
     # the final model on the same problems in phrasings no stage trained on, beside its own figure
-    assert "| family | final, trained wordings | final, unseen wordings |" in text
-    assert re.search(r"\| comparison \| [\d.]+% \| [\d.]+% \|", text)
+    assert "| family | final | final, unseen wordings | final, asked second in a chat |" in text
+    assert re.search(r"\| comparison \| [\d.]+% \| [\d.]+% \| [\d.]+% \|", text)
     for png in ("loss.png", "grpo_reward.png", "grpo_length.png", "expert_load.png"):
         assert (smoke_run / "plots" / png).stat().st_size > 1000, png
 

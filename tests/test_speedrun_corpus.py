@@ -123,3 +123,23 @@ def test_the_control_plan_finds_enough_distinct_worked_solutions(tmp_path, name)
     preset = PRESETS[name]
     n = Speedrun(tmp_path, preset, progress=False)._control_examples(preset.control_plan_steps)
     assert len(task_conversations(",".join(preset.tasks), n, seed=preset.seed)) >= n - len(preset.tasks)
+
+
+def test_chats_of_several_questions_are_one_switch_each_for_sft_and_grpo(tmp_path, monkeypatch):
+    """`sft_multi_turn` reaches the cold start (and the control, an SFT run too); `grpo_second_turn`
+    adds each family asked second in a chat to GRPO's tasks. Both off in the presets (run R0)."""
+    import nanoseek.train.grpo as grpo_mod
+    import nanoseek.train.sft as sft_mod
+
+    seen = {}
+    monkeypatch.setattr(
+        sft_mod, "sft", lambda cfg, deadline_fn=None: seen.setdefault("sft", cfg) and tmp_path
+    )
+    monkeypatch.setattr(grpo_mod, "grpo", lambda cfg, on_step=None: seen.setdefault("grpo", cfg))
+    assert PRESETS["cpu"].sft_multi_turn == 0.0 and not PRESETS["cpu"].grpo_second_turn
+    preset = dataclasses.replace(PRESETS["smoke"], sft_multi_turn=0.3, grpo_second_turn=True)
+    run = Speedrun(tmp_path, preset, progress=False)
+    run.sft()
+    run.grpo()
+    assert seen["sft"].multi_turn == 0.3
+    assert seen["grpo"].tasks == [*run.all_tasks, *(f"{t}?turn=2" for t in run.all_tasks)]

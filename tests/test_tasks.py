@@ -449,3 +449,32 @@ def test_long_multiplication_steps_are_right():
     one = get_task("arithmetic?ops=mul")  # 2-digit x 1-digit: one partial product, no column sum
     p = one.problems("train", 1, seed=0, language="en")[0]
     assert "+ " not in one.steps(p.meta, "en").split("\n")[0] and "ones:" not in one.steps(p.meta, "en")
+
+
+def test_a_problem_asked_later_in_a_chat_is_the_same_problem_after_others_and_their_answers():
+    from nanoseek.data.tasks import ChatTurnTask, as_second_turn, is_later_turn
+
+    alone = get_task("comparison").problems("test", 12, seed=3)
+    spec = as_second_turn("comparison")
+    assert spec == "comparison?turn=2" and is_later_turn(spec) and not is_later_turn("comparison?turn=1")
+    later = get_task(spec).problems("test", 12, seed=3)
+    assert [p.id for p in later] == [p.id for p in alone]  # pairs problem by problem with the task alone
+    before = {}  # what each language's chats ask first: training problems of that language, in turn
+    for a, p in zip(alone, later, strict=True):
+        assert (p.prompt, p.answer, p.language) == (a.prompt, a.answer, a.language) and a.history == ()
+        (q, ans), last = p.history, p.messages[-1]
+        assert (q["role"], ans["role"]) == ("user", "assistant") and last == {
+            "role": "user",
+            "content": p.prompt,
+        }
+        it = before.setdefault(p.language, get_task("comparison").iter_problems("train", 4, p.language))
+        earlier = next(it)
+        assert (q["content"], ans["content"]) == (earlier.prompt, earlier.answer)  # with its answer
+        assert get_task(p.task).verify(p, f"x</think>{p.answer}", require_think=True) == 1.0
+    third = get_task("sorting?turn=3").problems("test", 3, seed=0)
+    assert all(len(p.history) == 4 for p in third)
+    assert isinstance(get_task("addition?turn=2"), ChatTurnTask)  # aliases too
+    assert not hasattr(get_task("addition?turn=2"), "worked_solution")  # SFT data would lose the history
+    for bad in ("addition?turn=0", "addition?turn=two"):
+        with pytest.raises(ValueError, match="turn"):
+            get_task(bad)

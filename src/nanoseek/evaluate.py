@@ -228,10 +228,13 @@ def problems_digest(ids: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------- sample sources
-def chat_prompt_ids(tokenizer: Any, prompt: str, thinking: bool = True) -> list[int]:
-    """The token ids the model sees for a one-turn question (think block opened, or closed: V3.1)."""
+def chat_prompt_ids(
+    tokenizer: Any, prompt: str | Sequence[dict[str, str]], thinking: bool = True
+) -> list[int]:
+    """The token ids the model sees for a question, or a chat ending in one (`Problem.messages`), with
+    the think block opened (or closed: V3.1)."""
     kw = {} if thinking else {"thinking": False}  # only then, so any apply_chat_template will do
-    messages = [{"role": "user", "content": prompt}]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw))
 
 
@@ -307,7 +310,7 @@ class CheckpointSampler:
         answer of all on a GPU (a decode step there costs about the same for one sequence or hundreds)."""
         cfg, tok, k = self.cfg, self.tok, self.cfg.k
         prompts = [
-            chat_prompt_ids(tok, p.prompt, cfg.thinking) for s in problem_sets for p in s for _ in range(k)
+            chat_prompt_ids(tok, p.messages, cfg.thinking) for s in problem_sets for p in s for _ in range(k)
         ]
         seeds = [cfg.seed + i for s in problem_sets for i in range(len(s) * k)]
         outs = engine_generate(
@@ -360,7 +363,7 @@ def endpoint_sampler(
     def one(problem: Any) -> list[Sample]:
         resp = client.chat.completions.create(
             model=model_name,
-            messages=[{"role": "user", "content": problem.prompt}],
+            messages=problem.messages,
             n=cfg.k,
             temperature=cfg.temperature,
             top_p=cfg.top_p,

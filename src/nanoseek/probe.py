@@ -143,7 +143,7 @@ def greedy_accuracy(
         problems = task.problems("test", n_per_task, seed=seed)
         results = engine_generate(
             engine,
-            [chat_prompt_ids(tokenizer, p.prompt) for p in problems],
+            [chat_prompt_ids(tokenizer, p.messages) for p in problems],
             max_new_tokens=max_new_tokens,
             temperature=0.0,
             stop_token_ids=stop,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.atomic import atomic_write
-from nanoseek.data.tasks import in_unseen_wordings, is_unseen_wordings
+from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_turn, is_unseen_wordings
 from nanoseek.evaluate import Z_95, standard_error
 from nanoseek.metrics import read_metrics
 
@@ -119,13 +119,18 @@ class RunMetrics:
         verifier-only families, measured from GRPO's starting checkpoint (SFT, else pretraining)."""
         evals = self.evals()
         stages = [s for s in EVAL_STAGES if any(name == s for name, _ in evals)]
-        tasks = list(dict.fromkeys(t for name, t in evals if name in stages and not is_unseen_wordings(t)))
+        asked_otherwise = lambda t: is_unseen_wordings(t) or is_later_turn(t)  # noqa: E731
+        tasks = list(dict.fromkeys(t for name, t in evals if name in stages and not asked_otherwise(t)))
         value = {(s, t): r.get("pass@1", r.get("accuracy")) for (s, t), r in evals.items() if s in stages}
-        # the final model on the same held-out problems in phrasings no stage trained on
+        # the final model on the same held-out problems in phrasings no stage trained on, and each
+        # asked second in a chat
         unseen = {
             t: value[("grpo", in_unseen_wordings(t))]
             for t in tasks
             if ("grpo", in_unseen_wordings(t)) in value
+        }
+        second_turn = {
+            t: value[("grpo", as_second_turn(t))] for t in tasks if ("grpo", as_second_turn(t)) in value
         }
         means = {}
         for s in stages:
@@ -159,6 +164,7 @@ class RunMetrics:
             "mid_margin": mid_margin,
             "verifier_only": zero,
             "unseen_wordings": unseen,
+            "second_turn": second_turn,
         }
 
     def model_info(self) -> dict[str, Any]:
@@ -324,24 +330,36 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
                 vs = [(evals.get((s, t)) or {}).get("pass@1_by_language", {}).get(lang) for t in tasks]
                 cells.append(sum(vs) / len(vs) if all(v is not None for v in vs) else None)
             out.append(f"| {lang} | " + " | ".join(_pct(c) for c in cells) + " |")
-    unseen = sm["unseen_wordings"]
-    if unseen:
+    unseen, second = sm["unseen_wordings"], sm["second_turn"]
+    if unseen or second:
+        columns = [("unseen wordings", unseen)] if unseen else []
+        columns += [("asked second in a chat", second)] if second else []
         out += [
             "",
-            "The final model on the same held-out problems asked in phrasings that no stage trained on "
-            "(`?wording=unseen`): a model that reads the problem keeps its figure; one that memorized "
-            "the sentences around the numbers loses it.",
+            "The final model on the same held-out problems asked otherwise: in phrasings that no stage "
+            "trained on (`?wording=unseen`), where a model that reads the problem keeps its figure and one "
+            "that memorized the sentences around the numbers loses it; and as the second question of a "
+            "chat, after another problem of the family and its answer (`?turn=2`), as `nanoseek chat` "
+            "and the server's chat page ask it.",
             "",
-            "| family | final, trained wordings | final, unseen wordings |",
-            "|---|---|---|",
+            "| family | final | " + " | ".join(f"final, {name}" for name, _ in columns) + " |",
+            "|---|---|" + "---|" * len(columns),
         ]
-        for t, v in unseen.items():
-            out.append(f"| {t} | {_pct(value.get(('grpo', t)))} | {_pct(v)} |")
-        seen = [value.get(("grpo", t)) for t in unseen]
-        if all(v is not None for v in seen):
-            mean_unseen = sum(unseen.values()) / len(unseen)
-            out.append(f"| **mean** | **{_pct(sum(seen) / len(seen))}** | **{_pct(mean_unseen)}** |")
-    out.append("")
+        families = list(dict.fromkeys([*unseen, *second]))
+        for t in families:
+            out.append(
+                f"| {t} | {_pct(value.get(('grpo', t)))} | "
+                + " | ".join(_pct(c.get(t)) for _, c in columns)
+                + " |"
+            )
+        cells = [
+            [value.get(("grpo", t)) for t in families],
+            *([c.get(t) for t in families] for _, c in columns),
+        ]
+        if all(v is not None for col in cells for v in col):
+            out.append(
+                "| **mean** | " + " | ".join(f"**{_pct(sum(col) / len(col))}**" for col in cells) + " |"
+            )
     start, gains, margins = sm["start"], sm["gains"], sm["gain_margins"]
     if margins:
         n = len(evals[("grpo", next(iter(margins)))]["pass@1_per_problem"])

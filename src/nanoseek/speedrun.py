@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.atomic import atomic_directory, atomic_write
-from nanoseek.data.tasks import in_unseen_wordings, is_unseen_wordings
+from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_turn, is_unseen_wordings
 from nanoseek.evaluate import Z_95, slug
 from nanoseek.metrics import MetricsLog, read_metrics
 from nanoseek.report import EVAL_STAGES
@@ -109,6 +109,13 @@ class SpeedrunPreset:
     sft_examples: int = 3000
     # where pretraining's schedule ended: 1e-3 undid part of what pretraining had learned
     sft_lr: float = 3e-4
+    # The share of cold-start chats that ask 2-3 problems in a row (the history: earlier questions
+    # and their answers, as a chat client sends them back). Taught only one-question chats, the model
+    # reads the first question of a chat, not the last: run W0's final model, asked second in a chat,
+    # 8.3% against 94.7% alone. Off: at 0.3 the final model reached 18.9% there for 3 points alone;
+    # with `grpo_second_turn` too (run R0), 53.4% for 7 points alone and `largest`'s gain under its
+    # goal (+15.0 on 480 problems) (benchmarks/README.md, "Asked second in a chat")
+    sft_multi_turn: float = 0.0
     # SFT, the control and distillation take the optimizer pretraining used: a fresh AdamW at 3e-4 moves
     # every weight of a Muon-trained model by ~lr at once (sign-like first steps), and its 10 steps cost
     # 4 points of held-out pass@1 that Muon at the same lr, or AdamW at 5e-5, keep (benchmarks/README.md)
@@ -141,6 +148,9 @@ class SpeedrunPreset:
     # points at seed 1 and sorting 17
     grpo_sft_mix: float = 1.0
     grpo_sft_mix_tasks: tuple[str, ...] = FAMILIES
+    # GRPO draws each family asked second in a chat too (`task?turn=2`), as a task of its own for the
+    # draw (with `sft_multi_turn`, the probe finds them at 0-40%: groups with signal). Off (run R0 above)
+    grpo_second_turn: bool = False
     max_new_tokens: int = 320  # a 3-digit x 2-digit long multiplication, worked out, takes up to ~300
     # control: SFT for GRPO's wall time (beside it where the CPU runs two stages at once; off on the gpu preset)
     control: bool = True
@@ -163,6 +173,9 @@ class SpeedrunPreset:
     # the final model on held-out problems asked in wordings no stage trains on, per family (0: not
     # asked). Half of eval_n: the gap it shows is tens of points (benchmarks/README.md)
     eval_unseen_n: int = 24
+    # the final model on held-out problems each asked second in a chat, after another problem and its
+    # answer, as `nanoseek chat` and the server's chat page send them (0: not asked)
+    eval_second_turn_n: int = 24
     # sequences the engine decodes together in GRPO, distillation and evaluation (0: each stage's own
     # default). A GPU decodes a whole GRPO step's groups in one batch for about the time of its longest
     engine_batch: int = 0
@@ -219,6 +232,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
         eval_n=6,
         eval_k=2,
         eval_unseen_n=3,
+        eval_second_turn_n=3,
         # a 30-step model solves nothing, so the unsolved draw would leave nothing out and mix nothing:
         # the uniform draw runs every part of GRPO's update here
         grpo_task_sampling="uniform",
@@ -272,6 +286,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
         eval_n=64,
         eval_k=4,
         eval_unseen_n=32,
+        eval_second_turn_n=32,
         engine_batch=512,  # a GRPO step's 32 x 16 samples in one batch
     ),
 }
@@ -518,6 +533,7 @@ class Speedrun:
                 steps=steps or self.p.sft_steps,
                 seq_len=self.p.seq_len,
                 lr=self.p.sft_lr,
+                multi_turn=self.p.sft_multi_turn,
                 optimizer=self.p.pretrain_optimizer,
                 precision=self._tuning_precision(),
                 seed=self.p.seed,
@@ -541,7 +557,10 @@ class Speedrun:
         grpo(
             GRPOConfig(
                 init=str(self.run / "sft"),
-                tasks=self.all_tasks,
+                tasks=[
+                    *self.all_tasks,
+                    *(map(as_second_turn, self.all_tasks) if self.p.grpo_second_turn else ()),
+                ],
                 out=str(self.run),
                 steps=self.p.grpo_steps,
                 group_size=self.p.group_size,
@@ -674,6 +693,8 @@ class Speedrun:
         ]
         if self.p.eval_unseen_n and (self.run / "grpo" / "config.json").exists():
             order += [("grpo", in_unseen_wordings(task)) for task in self.all_tasks]  # asked as none was
+        if self.p.eval_second_turn_n and (self.run / "grpo" / "config.json").exists():
+            order += [("grpo", as_second_turn(task)) for task in self.all_tasks]
         if self._one_queue_per_checkpoint():
             by_checkpoint: dict[str, list[str]] = {}
             for stage, task in order:
@@ -902,7 +923,11 @@ def _evaluate_checkpoint(
                 model=str(run / stage),
                 task=task,
                 k=preset.eval_k,
-                n=preset.eval_unseen_n if is_unseen_wordings(task) else preset.eval_n,
+                n=preset.eval_unseen_n
+                if is_unseen_wordings(task)
+                else preset.eval_second_turn_n
+                if is_later_turn(task)
+                else preset.eval_n,
                 max_new_tokens=preset.max_new_tokens,
                 seed=preset.seed,
                 out=str(run / "eval" / f"{_job_name(stage, task)}.json"),

@@ -82,7 +82,7 @@ def sample_correct_traces(
     from nanoseek.evaluate import chat_prompt_ids, engine_generate, strip_stop
 
     stop = [tokenizer.eos_token_id]
-    prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in problems]
+    prompts = [chat_prompt_ids(tokenizer, p.messages) for p in problems]
     flat = [ids for ids in prompts for _ in range(cfg.k)]
     outs = engine_generate(
         engine,
@@ -164,7 +164,7 @@ def distill(cfg: DistillConfig) -> Path:
     )
     if not kept and cfg.fallback_reference:
         kept = [
-            (p, chat_prompt_ids(tok, p.prompt), _reference_completion(tok, t, p))
+            (p, chat_prompt_ids(tok, p.messages), _reference_completion(tok, t, p))
             for t, p in zip(tasks, problems, strict=True)
             if hasattr(t, "worked_solution")
         ]
@@ -183,9 +183,7 @@ def distill(cfg: DistillConfig) -> Path:
         for prob, _, comp in kept:
             text = tok.decode(comp, skip_special_tokens=True)
             msg = {"role": "assistant", "content": f"{tok.think_start}\n{text}"}
-            f.write(
-                json.dumps({"messages": [{"role": "user", "content": prob.prompt}, msg]}, ensure_ascii=False)
-            )
+            f.write(json.dumps({"messages": [*prob.messages, msg]}, ensure_ascii=False))
             f.write("\n")
     MetricsLog(run, "distill").log(step=0, teacher=str(teacher_dir), **stats)
     student = build_student(cfg.student, tok, cfg.seed)

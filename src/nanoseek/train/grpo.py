@@ -610,7 +610,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         # ------------------------------------------------------------------ rollouts
         rng = random.Random(cfg.seed * 1_000_003 + step)
         batch = sampler.draw(rng, cfg.batch_prompts)
-        prompts = [chat_prompt_ids(tok, p.prompt) for _, p in batch]
+        prompts = [chat_prompt_ids(tok, p.messages) for _, p in batch]
         flat_prompts = [ids for ids in prompts for _ in range(cfg.group_size)]
         # the weights changed since the last rollout: prefix-cache entries computed with old weights are stale
         engine.reset_prefix_cache()
@@ -776,7 +776,7 @@ def probe_pass_rates(
         for problems in pools.values()
         for item in rng.sample(problems, min(cfg.probe_prompts, len(problems)))
     ]
-    prompts = [chat_prompt_ids(tok, p.prompt) for _, p in batch for _ in range(cfg.group_size)]
+    prompts = [chat_prompt_ids(tok, p.messages) for _, p in batch for _ in range(cfg.group_size)]
     outs = _sample(cfg, engine, prompts, stop, seed=cfg.seed * 7919 - 1)
     verdicts: dict[str, list[float]] = {name: [] for name in pools}
     for j, o in enumerate(outs):

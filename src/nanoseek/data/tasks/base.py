@@ -3,6 +3,7 @@ and the spec strings that name a task with its options (`arithmetic?ops=add&word
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Iterator, Sequence
@@ -35,15 +36,29 @@ def parse_task_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return base, options
 
 
+def with_option(spec: str, option: str, value: Any) -> str:
+    """`spec` with `option` set to `value`, whatever it said before."""
+    spec = spec_without(spec, option)
+    return f"{spec}{'&' if '?' in spec else '?'}{option}={value}"
+
+
 def in_unseen_wordings(spec: str) -> str:
     """The spec of the same held-out problems phrased as training never phrased them (built-in
     families: `BuiltinTask.UNSEEN_WORDINGS`), whatever wording `spec` named."""
-    spec = spec_without(spec, "wording")
-    return f"{spec}{'&' if '?' in spec else '?'}wording=unseen"
+    return with_option(spec, "wording", "unseen")
 
 
 def is_unseen_wordings(spec: str) -> bool:
     return parse_task_spec(spec)[1].get("wording") == "unseen"
+
+
+def as_second_turn(spec: str) -> str:
+    """The spec of the same held-out problems, each asked second in a chat (`ChatTurnTask`)."""
+    return with_option(spec, "turn", 2)
+
+
+def is_later_turn(spec: str) -> bool:
+    return parse_task_spec(spec)[1].get("turn", 1) != 1
 
 
 def spec_without(spec: str, option: str) -> str:
@@ -62,6 +77,13 @@ class Problem:
     language: str
     task: str  # the task spec: get_task(problem.task) rebuilds the task that scores it
     meta: dict[str, Any] = field(default_factory=dict)
+    # earlier turns of the chat that asks it (`task?turn=N`), as a chat client sends them back
+    history: tuple[dict[str, str], ...] = ()
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The chat that asks this problem: its earlier turns, then its prompt."""
+        return [*self.history, {"role": "user", "content": self.prompt}]
 
 
 def split_of(key: str) -> str:
@@ -152,3 +174,39 @@ class Task:
 
     # worked_solution(problem) -> str exists only on tasks that can write one (built-ins, JSONL lines
     # with "reasoning"), so `hasattr(task, "worked_solution")` tells callers whether SFT data can be built.
+
+
+class ChatTurnTask(Task):
+    """`<task>?turn=N`: each problem of the task asked as the N-th question of a chat, after N - 1 other
+    problems of it (training split, the same language) with their answers, as a chat client sends the
+    history back (R1's template keeps only the answers of earlier turns). The problems and their ids
+    are the task's own, so each pairs with itself asked alone; scored as the task scores it. A model
+    taught only one-question chats answers from the first question of a chat, not the last: what a
+    user of `nanoseek chat` meets at the second question."""
+
+    def __init__(self, spec: str, inner: Task, turn: Any) -> None:
+        if not isinstance(turn, int) or isinstance(turn, bool) or turn < 1:
+            raise ValueError(f"turn must be a whole number >= 1, got {turn!r} in {spec!r}")
+        self.name, self.inner, self.turn = spec, inner, turn
+        self.languages = inner.languages
+        self.balance_languages = inner.balance_languages
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("family", "kind"):  # what reports and verifiers read; no worked solutions: SFT
+            return getattr(self.inner, name)  # data never holds a history it would lose
+        raise AttributeError(name)
+
+    def iter_problems(
+        self, split: str, seed: int = 0, language: str | Sequence[str] | None = None
+    ) -> Iterator[Problem]:
+        earlier: dict[str, Iterator[Problem]] = {}
+        for p in self.inner.iter_problems(split, seed, language):
+            before = earlier.setdefault(p.language, self.inner.iter_problems("train", seed + 1, p.language))
+            history: list[dict[str, str]] = []
+            for _ in range(self.turn - 1):
+                q = next(before)
+                history += [{"role": "user", "content": q.prompt}, {"role": "assistant", "content": q.answer}]
+            yield dataclasses.replace(p, task=self.name, history=tuple(history))
+
+    def verify(self, problem: Problem, completion: str, require_think: bool = False) -> float | None:
+        return self.inner.verify(problem, completion, require_think)

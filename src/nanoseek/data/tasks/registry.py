@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 
 from nanoseek.data.tasks.adapters import JsonlTask, ReasoningGymTask
-from nanoseek.data.tasks.base import Task, parse_task_spec
+from nanoseek.data.tasks.base import ChatTurnTask, Task, parse_task_spec, spec_without
 from nanoseek.data.tasks.families import (
     ArithmeticTask,
     ComparisonTask,
@@ -52,6 +52,8 @@ def register_task(name: str, factory: Callable[..., Task]) -> None:
 def get_task(name: str) -> Task:
     """A task by spec: a built-in name, ``rg:<dataset>``, or ``jsonl:<path>``, options after ``?``."""
     base, options = parse_task_spec(name.strip())
+    if "turn" in options:
+        return ChatTurnTask(name, get_task(spec_without(name.strip(), "turn")), options["turn"])
     if base.startswith("rg:"):
         return ReasoningGymTask(name, base[3:], **options)
     if base.startswith("jsonl:"):
