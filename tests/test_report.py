@@ -193,4 +193,4 @@ def test_unseen_wordings_are_reported_beside_the_final_figures_not_in_the_goals(
     text = build_report(tmp_path).read_text()
     assert "| family | final | final, unseen wordings | final, asked second in a chat |" in text
     assert "| sorting | 75.0% | 25.0% | 0.0% |" in text and "| comparison | 100.0% | 50.0% | 12.5% |" in text
-    assert "| **mean** | **87.5%** | **37.5%** | **6.2%** |" in text
+    assert "| **mean** | **87.5%** | **37.5%** | **6.2%** |\n\n" in text  # the table ends before the notes

@@ -360,6 +360,7 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
             out.append(
                 "| **mean** | " + " | ".join(f"**{_pct(sum(col) / len(col))}**" for col in cells) + " |"
             )
+    out.append("")
     start, gains, margins = sm["start"], sm["gains"], sm["gain_margins"]
     if margins:
         n = len(evals[("grpo", next(iter(margins)))]["pass@1_per_problem"])
