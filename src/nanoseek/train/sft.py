@@ -269,7 +269,7 @@ def task_conversations(
     `multi_turn` is the share of chats that ask two or three problems of one language in a row, as a
     chat client sends the history back: a model taught only one-question chats looks back at the first
     question of a chat, not the last (asked second in a chat, run W0's final model fell from 94.7% to
-    5.2%). Each problem is still one assistant turn, trained once; the template drops the reasoning of
+    8.3%). Each problem is still one assistant turn, trained once; the template drops the reasoning of
     earlier turns, so the history holds their answers."""
     from nanoseek.data.tasks import get_task
 
