@@ -384,3 +384,49 @@ def test_prompt_tokens_carry_no_loss(tok: Tokenizer, tmp_path: Path) -> None:
     assert y[i_asst - 1] == asst and y[i_asst] == tok.token_to_id("<think>")  # the response is
     second = x.index(tok.bos_token_id, 1)
     assert all(t != -100 for t in y[second : second + 5])  # plain documents keep their loss
+
+
+def test_earlier_answers_of_a_reasoning_chat_carry_no_loss(tok: Tokenizer, tmp_path: Path) -> None:
+    """mask_prompts: in a chat whose last answer reasons, the earlier answers (their reasoning dropped,
+    as the template renders a chat's history) predict nothing; a chat without reasoning keeps them."""
+    from nanoseek.data.synthetic import ASSISTANT, EOS, USER
+
+    reasoning = f"{USER}What is 4 + 4?{ASSISTANT}\n8{EOS}{USER}What is 2 + 3?{ASSISTANT}<think>\n2 + 3 = 5\n</think>\n5{EOS}"
+    plain_chat = f"{USER}Hi there{ASSISTANT}Hello, how can I help?{EOS}{USER}Thanks{ASSISTANT}Bye now{EOS}"
+    (tmp_path / "c.jsonl").write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in (reasoning, plain_chat))
+    )
+    ds = PackedDataset(
+        tmp_path / "c.jsonl", tok, 96, 1, val_fraction=0.0, shuffle=False, repeat=False,
+        whole_documents=True, mask_prompts=True,
+    )  # fmt: skip
+    x, y = next(iter(ds))
+    x, y = x[0].tolist(), y[0].tolist()
+    asst, eos, think = tok.token_to_id(ASSISTANT), tok.token_to_id(EOS), tok.token_to_id("<think>")
+    first, second = [i for i, t in enumerate(x) if t == asst][:2]
+    assert all(t == -100 for t in y[first : x.index(eos) + 1])  # "\n8" and its end: no target
+    assert y[second - 1] == asst and y[second] == think  # the reasoning answer is trained
+    assert all(t != -100 for t in y[second : x.index(eos, second)])
+    other = x.index(tok.bos_token_id, 1)
+    answers = [i for i, t in enumerate(x) if t == asst and i > other]
+    for a in answers:  # no reasoning anywhere in that chat: both its answers keep their loss
+        assert all(t != -100 for t in y[a : x.index(eos, a)])
+
+
+def test_the_embedded_corpus_asks_several_questions_in_a_chat_when_told(tok: Tokenizer) -> None:
+    """`multi_turn` reaches the embedded corpus, and is part of the data position a resume checks."""
+    from nanoseek.data.synthetic import EOS, USER
+
+    def make(multi_turn: float) -> PackedDataset:
+        return PackedDataset(
+            "embedded:addition,comparison", tok, 256, 4, whole_documents=True, multi_turn=multi_turn
+        )
+
+    def questions_after_an_answer(ds: PackedDataset) -> int:  # a user turn right after an end of sentence
+        eos, user = tok.token_to_id(EOS), tok.token_to_id(USER)
+        return sum(((x[:, :-1] == eos) & (x[:, 1:] == user)).sum().item() for x, _ in itertools.islice(ds, 4))
+
+    assert questions_after_an_answer(make(0.0)) == 0 < questions_after_an_answer(make(0.5))
+    for saved, now in ((0.5, 0.0), (0.0, 0.5), (0.5, 0.3)):
+        with pytest.raises(ValueError, match="multi_turn"):
+            make(now).load_state_dict(make(saved).state_dict())

@@ -143,3 +143,43 @@ def test_chats_of_several_questions_are_one_switch_each_for_sft_and_grpo(tmp_pat
     run.grpo()
     assert seen["sft"].multi_turn == 0.3
     assert seen["grpo"].tasks == [*run.all_tasks, *(f"{t}?turn=2" for t in run.all_tasks)]
+
+
+def test_chats_of_several_questions_reach_the_teachers_pretraining(tmp_path, monkeypatch):
+    """`pretrain_multi_turn` is the share of several-question chats in the teacher's corpus; the dense
+    student pretrains on one-question chats (it learns from the teacher's one-question traces)."""
+    import nanoseek.train.pretrain
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_pretrain(cfg, on_step=None):
+        seen[cfg.preset] = cfg.multi_turn
+        raise Stop
+
+    monkeypatch.setattr(nanoseek.train.pretrain, "pretrain", fake_pretrain)
+    preset = dataclasses.replace(PRESETS["smoke"], pretrain_multi_turn=0.1)
+    run = Speedrun(tmp_path, preset, progress=False)
+    for student in (False, True):
+        with pytest.raises(Stop):
+            run.pretrain(student=student)
+    assert seen == {preset.model: 0.1, preset.student: 0.0}
+
+
+def test_the_speedrun_command_sets_the_share_of_several_question_chats(tmp_path, monkeypatch, capsys):
+    import nanoseek.speedrun
+    from nanoseek.cli import main
+
+    seen = {}
+    monkeypatch.setattr(
+        nanoseek.speedrun, "run_speedrun", lambda out, preset, progress, **kw: seen.update(kw)
+    )
+    assert main(["speedrun", "--out", str(tmp_path), "--multi-turn", "0"]) == 0
+    assert seen["pretrain_multi_turn"] == 0.0
+    seen.clear()
+    assert main(["speedrun", "--out", str(tmp_path)]) == 0
+    assert "pretrain_multi_turn" not in seen  # the preset's own
+    with pytest.raises(ValueError, match=r"pretrain_multi_turn must be in \[0, 1\], got 1.5"):
+        dataclasses.replace(PRESETS["cpu"], pretrain_multi_turn=1.5)

@@ -154,3 +154,36 @@ def test_the_corpus_asks_in_every_trained_wording_and_never_a_held_out_one():
 
     seen, unseen = shapes(task.WORDINGS), shapes(task.UNSEEN_WORDINGS)
     assert asked == seen and not asked & unseen  # every trained phrasing, never a held-out one
+
+
+def test_chats_of_several_questions():
+    """`multi_turn`: that share of the chats asks 2-3 questions of one language in a row; the earlier
+    answers come as the template renders a chat's history (no reasoning), the last with its worked
+    solution; a chat stays within one training window."""
+    from nanoseek.tokenizer import render_chat
+
+    assert _docs(300, seed=2, multi_turn=0.0) == _docs(300, seed=2)  # off: the stream as it was
+    docs = _docs(3000, seed=2, multi_turn=0.3)
+    several = [d for d in docs if d.count(USER) > 1]
+    assert 0.15 < len(several) / len(docs) < 0.35  # a chat too long for a window keeps fewer questions
+    assert max(d.count(USER) for d in several) == 3
+    assert max(map(len, several)) <= synthetic.CHAT_CHARS
+    for d in several:
+        assert d.count("<think>") == d.count("</think>") == 1  # reasoning in the last answer only
+        turns = d.split(USER)[1:]
+        *earlier, last = turns
+        assert re.fullmatch(rf"[^\n]+{ASSISTANT}<think>\n.+\n</think>\n[^\n]+{EOS}", last, re.DOTALL), d
+        history = []
+        for t in earlier:
+            question, answer = t.removesuffix(EOS).split(ASSISTANT)
+            history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        assert d.startswith(render_chat(history, bos_token="", add_generation_prompt=False))
+        langs = set()
+        for t in turns:  # one language a chat
+            counts = script_counts(t.split(ASSISTANT)[0])
+            langs.add("ja" if counts["kana"] else "zh" if counts["han"] else "en")
+        assert len(langs) == 1, d
+    families = {re.sub(r"\d+", "N", t.split(ASSISTANT)[0]) for d in several for t in d.split(USER)[1:]}
+    assert len(families) > 20  # the families (and wordings) mixed within chats
+    with pytest.raises(ValueError, match="multi_turn"):
+        _docs(1, multi_turn=1.5)

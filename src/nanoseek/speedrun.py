@@ -77,6 +77,12 @@ class SpeedrunPreset:
     # mean 72.1%); drawn twice as often it was learned at seed 0 too (58.9%, comparison 96.9%, mean
     # 76.8%), for less multiplication (79.2% -> 62.0%) (benchmarks/README.md, runs Y and Z2)
     pretrain_weights: dict[str, int] = field(default_factory=lambda: {"sorting": 2})
+    # The share of the corpus's chats that ask 2-3 questions in a row (earlier answers without their
+    # reasoning, as a chat client sends them back, and untrained). Taught one question after BOS, a
+    # model reads the first question of a chat, not the last: run W0's final model, asked second,
+    # 8.3% against 94.7% alone; at 0.1 (run MF, seed 0) 78.9% against 87.9% (benchmarks/README.md,
+    # "Asked second in a chat")
+    pretrain_multi_turn: float = 0.05
     # 720 steps left the model undertrained (held-out losses still falling steeply at the end) and the
     # seed deciding which skills it had: at seed 0 multiplication 62.0%, mean 76.8%; at 960, seeds
     # 0 / 1 / 2 end at multiplication 93.8% / 91.1% / 97.9%, mean 83.3% / 84.4% / 89.9% (runs A, B, D;
@@ -187,6 +193,9 @@ class SpeedrunPreset:
         # refused when the preset is made, before a run directory holds anything
         if self.control_plan_steps < 1:
             raise ValueError(f"control_plan_steps must be >= 1, got {self.control_plan_steps}")
+        for name in ("pretrain_multi_turn", "sft_multi_turn"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         bad = {name: w for name, w in self.pretrain_weights.items() if not isinstance(w, int) or w < 1}
         if bad:
             raise ValueError(f"pretrain_weights must be whole numbers >= 1, got {bad}")
@@ -422,6 +431,9 @@ class Speedrun:
             optimizer=self.p.pretrain_optimizer,
             bias_update_speed=self.p.bias_update_speed,
             mtp_weight=self.p.mtp_weight,
+            # the student learns from the teacher's one-question traces; at seed 2 several-question
+            # chats in its corpus cost it 36 points before distillation (run M2, benchmarks/README.md)
+            multi_turn=0.0 if student else self.p.pretrain_multi_turn,
             val_every=self.p.val_every,
             precision=self.p.precision,
             seed=self.p.seed,

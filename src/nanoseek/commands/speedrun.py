@@ -24,6 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="pretraining precision; auto: bf16 where the CPU multiplies bf16 natively, else fp32",
     )
+    p.add_argument(
+        "--multi-turn",
+        type=float,
+        default=None,
+        metavar="F",
+        help="share of the pretraining corpus's chats that ask 2-3 questions in a row (default: the "
+        "preset's; 0: one question a chat, a model that reads only a chat's first question)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.set_defaults(func=run)
 
@@ -32,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.speedrun import run_speedrun
 
     overrides = {"seed": args.seed, "precision": args.precision}
+    if args.multi_turn is not None:
+        overrides["pretrain_multi_turn"] = args.multi_turn
     if args.tasks:
         overrides["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     run_speedrun(args.out, args.preset, progress=not args.no_progress, **overrides)

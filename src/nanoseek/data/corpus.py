@@ -35,7 +35,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nanoseek.tokenizer import ASSISTANT, EOS, USER
+from nanoseek.tokenizer import ASSISTANT, EOS, THINK_START, USER
 
 if TYPE_CHECKING:
     import torch
@@ -191,13 +191,13 @@ def _read_parquet(path: Path, offset: int, text_field: str) -> Iterator[tuple[st
 
 
 def _read_embedded(
-    offset: int, seed: int, split: str, tasks: list[str] | None = None
+    offset: int, seed: int, split: str, tasks: list[str] | None = None, multi_turn: float = 0.0
 ) -> Iterator[tuple[str, int]]:
     try:
         from nanoseek.data.synthetic import iter_documents as synthetic_documents
     except ImportError as e:
         raise ValueError(f"the embedded corpus is unavailable (nanoseek.data.synthetic: {e})") from e
-    docs = synthetic_documents(seed=seed, split=split, tasks=tasks)
+    docs = synthetic_documents(seed=seed, split=split, tasks=tasks, multi_turn=multi_turn)
     for i, doc in enumerate(itertools.islice(docs, offset, None), start=offset + 1):
         yield doc, i
 
@@ -268,8 +268,10 @@ class _DocumentStream:
         max_doc_chars: int,
         shuffle_files: bool,
         embedded_split: str = "train",
+        multi_turn: float = 0.0,
     ) -> None:
         self.embedded = is_embedded(source)
+        self.multi_turn = multi_turn
         self.embedded_tasks = embedded_tasks(source) if self.embedded else None
         self.embedded_split = embedded_split
         self.files = [] if self.embedded else resolve_files(source)
@@ -298,7 +300,7 @@ class _DocumentStream:
         """Documents from `cursor` on, each with the cursor just after it; `repeat` runs epochs forever."""
         if self.embedded:
             for doc, offset in _read_embedded(
-                cursor.offset, self.seed, self.embedded_split, self.embedded_tasks
+                cursor.offset, self.seed, self.embedded_split, self.embedded_tasks, self.multi_turn
             ):
                 yield doc, _Cursor(0, 0, offset)
             return
@@ -338,6 +340,32 @@ def in_chat_prompt(inputs: torch.Tensor, user_id: int, assistant_id: int) -> tor
     return (last_user > last_assistant) & (nxt != assistant_id)
 
 
+def in_history_answer(
+    inputs: torch.Tensor, user_id: int, assistant_id: int, think_id: int, bos_id: int
+) -> torch.Tensor:
+    """[B, S] bool: position i is inside an earlier answer of a reasoning chat (from its <｜Assistant｜>
+    to its end of sentence): an assistant turn that does not open with <think>, followed in the same
+    document by one that does. R1's template drops the reasoning of a chat's earlier answers, so nothing
+    the document shows computes them: like a prompt's numbers, they are guesses whose loss is noise. A
+    chat without reasoning keeps the loss of every answer."""
+    import torch
+
+    n = inputs.shape[1]
+    idx = torch.arange(n, device=inputs.device).expand_as(inputs)
+    nxt = torch.nn.functional.pad(inputs[:, 1:], (0, 1), value=-1)
+    opens = inputs == assistant_id
+    thinks = opens & (nxt == think_id)
+    turn = torch.where(opens, idx, -1).cummax(dim=1).values  # the assistant turn i is in, if any
+    after = torch.where((inputs == bos_id) | (inputs == user_id), idx, -1).cummax(dim=1).values
+    inside = turn > after
+    answer_only = inside & ~thinks.gather(1, turn.clamp(min=0))
+
+    def next_at(mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, idx, n).flip(1).cummin(dim=1).values.flip(1)
+
+    return answer_only & (next_at(thinks) < next_at(inputs == bos_id))
+
+
 class PackedDataset:
     """Batches of packed token windows: iterate for `(inputs [B,S], targets [B,S])` long tensors.
 
@@ -366,7 +394,10 @@ class PackedDataset:
         whole_documents: bool = False,
         lookahead: int = 32,
         mask_prompts: bool = False,
+        multi_turn: float = 0.0,
     ) -> None:
+        """`multi_turn`: the share of the embedded corpus's chats that ask several questions in a row
+        (`nanoseek.data.synthetic.iter_documents`); other sources ignore it."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if seq_len < 1 or batch_size < 1:
@@ -395,6 +426,8 @@ class PackedDataset:
         # a tokenizer without DeepSeek's chat tokens cannot have encoded a user turn: nothing to mask
         self.mask_prompts = mask_prompts and user is not None and assistant is not None
         self._chat_ids = (user, assistant)
+        think = tokenizer.token_to_id(THINK_START)
+        self._history_ids = None if think is None else (user, assistant, think, tokenizer.bos_token_id)
         # The embedded corpus has its own held-out split (problems never trained on): validation reads
         # that stream directly instead of filtering 1 document in 100 out of the training stream.
         self.stream = _DocumentStream(
@@ -404,6 +437,7 @@ class PackedDataset:
             max_doc_chars=max_doc_chars,
             shuffle_files=self.shuffle,
             embedded_split="test" if split == "val" else "train",
+            multi_turn=multi_turn,
         )
         self._hash_split = not self.stream.embedded
         self._fingerprint = {
@@ -419,6 +453,8 @@ class PackedDataset:
         }
         if whole_documents:  # (absent from older states: they were all cut contiguously)
             self._fingerprint.update(whole_documents=True, lookahead=self.lookahead)
+        if multi_turn and self.stream.embedded:  # (absent from older states: one question a chat)
+            self._fingerprint.update(multi_turn=multi_turn)
         self.reset()
 
     def reset(self) -> None:
@@ -453,9 +489,11 @@ class PackedDataset:
         if state.get("version") != 1:
             raise ValueError(f"unknown data-position format (version {state.get('version')!r})")
         saved = state["fingerprint"]
-        changed = [k for k in self._fingerprint if saved.get(k) != self._fingerprint[k]]
+        # a setting recorded only when it is not its default is compared in both directions
+        keys = [*self._fingerprint, *(k for k in saved if k not in self._fingerprint)]
+        changed = [k for k in keys if saved.get(k) != self._fingerprint.get(k)]
         if changed:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {self._fingerprint[k]!r}" for k in changed)
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {self._fingerprint.get(k)!r}" for k in changed)
             raise ValueError(f"cannot resume the data position, the data settings changed ({detail})")
         self._cursor = _Cursor(*(int(x) for x in state["cursor"]))
         self._pending, self._start = state["pending"].tolist(), 0
@@ -593,4 +631,6 @@ class PackedDataset:
                 targets = targets.masked_fill(targets < 0, -100)
             if self.mask_prompts:
                 targets = targets.masked_fill(in_chat_prompt(inputs, *self._chat_ids), -100)
+                if self._history_ids:
+                    targets = targets.masked_fill(in_history_answer(inputs, *self._history_ids), -100)
             yield inputs, targets

@@ -102,6 +102,13 @@ class PretrainConfig:
         flag="--prompt-loss",
         group=V3,
     )
+    # Chats of several questions in the embedded corpus: taught only one question after BOS, a model
+    # reads the first question of a chat, not the last (benchmarks/README.md, "Asked second in a chat").
+    multi_turn: float = option(
+        0.0,
+        "share of the embedded corpus's chats that ask 2-3 questions in a row (earlier answers untrained)",
+        group=V3,
+    )
     probe_problems: int = option(
         16,
         "held-out problems per task family for the copy probe at each validation (embedded corpus)",
@@ -248,6 +255,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     data_kw: dict[str, Any] = dict(
         whole_documents=cfg.whole_documents,
         mask_prompts=cfg.mask_prompts,
+        multi_turn=cfg.multi_turn,
         text_field=cfg.text_field,
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
