@@ -166,6 +166,7 @@ def test_chats_of_several_questions_reach_the_teachers_pretraining(tmp_path, mon
         with pytest.raises(Stop):
             run.pretrain(student=student)
     assert seen == {preset.model: 0.1, preset.student: 0.0}
+    assert PRESETS["cpu"].pretrain_multi_turn == 0.05 and PRESETS["gpu"].pretrain_multi_turn == 0.0
 
 
 def test_the_speedrun_command_sets_the_share_of_several_question_chats(tmp_path, monkeypatch, capsys):

@@ -79,9 +79,10 @@ class SpeedrunPreset:
     pretrain_weights: dict[str, int] = field(default_factory=lambda: {"sorting": 2})
     # The share of the corpus's chats that ask 2-3 questions in a row (earlier answers without their
     # reasoning, as a chat client sends them back, and untrained). Taught one question after BOS, a
-    # model reads the first question of a chat, not the last: run W0's final model, asked second,
-    # 8.3% against 94.7% alone; at 0.1 (run MF, seed 0) 78.9% against 87.9% (benchmarks/README.md,
-    # "Asked second in a chat")
+    # model reads the first question of a chat, not the last: asked second, the final models of seeds
+    # 0 / 2 answer 8.3 / 10.0% (alone 94.7 / 92.3%); at 0.05, 66.3 / 72.4% (alone 88.3 / 90.8%). At 0.1
+    # seed 2 fell under the comparison goal (81.8%) (benchmarks/README.md, "Chats of several
+    # questions in the corpus")
     pretrain_multi_turn: float = 0.05
     # 720 steps left the model undertrained (held-out losses still falling steeply at the end) and the
     # seed deciding which skills it had: at seed 0 multiplication 62.0%, mean 76.8%; at 960, seeds
@@ -285,6 +286,9 @@ PRESETS: dict[str, SpeedrunPreset] = {
         grpo_task_sampling="uniform",
         grpo_loss="grpo",
         grpo_sft_mix_tasks=("comparison", "counting"),
+        # one question a chat, as measured on the H200; the cpu preset's several-question chats have
+        # not run on a GPU yet (`nanoseek speedrun --preset gpu --multi-turn 0.05` tries them)
+        pretrain_multi_turn=0.0,
         control=False,
         # per family: 2,048 samples, four engine batches. 16 prompts x 8 samples kept ~120 traces, and
         # 200 steps over them (40 passes) took a student of 87.8% down to 83.8%; 64 x 4, ~490 traces
