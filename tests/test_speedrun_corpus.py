@@ -86,12 +86,8 @@ def test_a_setting_added_since_a_run_started_resumes_at_its_default(tmp_path):
         Speedrun(tmp_path, dataclasses.replace(preset, engine_batch=64), progress=False)._claim_directory()
 
 
-@pytest.mark.parametrize(("student_lr", "expected"), [(0.0, 3e-3), (5e-3, 5e-3)])
-def test_the_student_pretrains_at_its_own_lr_and_the_teacher_at_pretrain_lr(
-    tmp_path, monkeypatch, student_lr, expected
-):
-    """`student_lr` is the student's alone (0: the teacher's): the gpu preset's wider teacher takes a
-    lower lr than the dense student shared with the cpu preset."""
+def _pretrain_configs(tmp_path, monkeypatch, preset):
+    """The PretrainConfig the speedrun hands the teacher's and the student's pretraining, by model."""
     import nanoseek.train.pretrain
 
     seen = {}
@@ -100,16 +96,26 @@ def test_the_student_pretrains_at_its_own_lr_and_the_teacher_at_pretrain_lr(
         pass
 
     def fake_pretrain(cfg, on_step=None):
-        seen[cfg.preset] = cfg.lr
+        seen[cfg.preset] = cfg
         raise Stop
 
     monkeypatch.setattr(nanoseek.train.pretrain, "pretrain", fake_pretrain)
-    preset = dataclasses.replace(PRESETS["smoke"], pretrain_lr=3e-3, student_lr=student_lr)
     run = Speedrun(tmp_path, preset, progress=False)
     for student in (False, True):
         with pytest.raises(Stop):
             run.pretrain(student=student)
-    assert seen == {preset.model: 3e-3, preset.student: expected}
+    return seen
+
+
+@pytest.mark.parametrize(("student_lr", "expected"), [(0.0, 3e-3), (5e-3, 5e-3)])
+def test_the_student_pretrains_at_its_own_lr_and_the_teacher_at_pretrain_lr(
+    tmp_path, monkeypatch, student_lr, expected
+):
+    """`student_lr` is the student's alone (0: the teacher's): the gpu preset's wider teacher takes a
+    lower lr than the dense student shared with the cpu preset."""
+    preset = dataclasses.replace(PRESETS["smoke"], pretrain_lr=3e-3, student_lr=student_lr)
+    seen = _pretrain_configs(tmp_path, monkeypatch, preset)
+    assert {name: cfg.lr for name, cfg in seen.items()} == {preset.model: 3e-3, preset.student: expected}
     assert PRESETS["gpu"].student_lr == 3e-3 and PRESETS["cpu"].student_lr == 0.0
 
 
@@ -148,24 +154,9 @@ def test_chats_of_several_questions_are_one_switch_each_for_sft_and_grpo(tmp_pat
 def test_chats_of_several_questions_reach_the_teachers_pretraining(tmp_path, monkeypatch):
     """`pretrain_multi_turn` is the share of several-question chats in the teacher's corpus; the dense
     student pretrains on one-question chats (it learns from the teacher's one-question traces)."""
-    import nanoseek.train.pretrain
-
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_pretrain(cfg, on_step=None):
-        seen[cfg.preset] = cfg.multi_turn
-        raise Stop
-
-    monkeypatch.setattr(nanoseek.train.pretrain, "pretrain", fake_pretrain)
     preset = dataclasses.replace(PRESETS["smoke"], pretrain_multi_turn=0.1)
-    run = Speedrun(tmp_path, preset, progress=False)
-    for student in (False, True):
-        with pytest.raises(Stop):
-            run.pretrain(student=student)
-    assert seen == {preset.model: 0.1, preset.student: 0.0}
+    seen = _pretrain_configs(tmp_path, monkeypatch, preset)
+    assert {name: cfg.multi_turn for name, cfg in seen.items()} == {preset.model: 0.1, preset.student: 0.0}
     assert PRESETS["cpu"].pretrain_multi_turn == 0.05 and PRESETS["gpu"].pretrain_multi_turn == 0.0
 
 
