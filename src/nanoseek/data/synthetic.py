@@ -106,7 +106,9 @@ def chat_document(problem: Problem, worked: str, history: Sequence[tuple[Problem
     """An R1 chat: the text after BOS that the tokenizer's template yields for this exchange, after the
     (problem, worked solution) turns of `history`, which the template renders as a chat client sends
     them back: each answer without its reasoning."""
-    past = [{"role": r, "content": c} for q, w in history for r, c in (("user", q.prompt), ("assistant", w))]
+    past: list[dict[str, str]] = []
+    for q, w in history:
+        past += [{"role": "user", "content": q.prompt}, {"role": "assistant", "content": w}]
     earlier = render_chat(past, bos_token="", add_generation_prompt=False) if past else ""
     return f"{earlier}{USER}{problem.prompt}{ASSISTANT}{worked}{EOS}"
 
