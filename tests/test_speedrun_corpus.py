@@ -157,6 +157,9 @@ def test_chats_of_several_questions_reach_the_teachers_pretraining(tmp_path, mon
     preset = dataclasses.replace(PRESETS["smoke"], pretrain_multi_turn=0.1)
     seen = _pretrain_configs(tmp_path, monkeypatch, preset)
     assert {name: cfg.multi_turn for name, cfg in seen.items()} == {preset.model: 0.1, preset.student: 0.0}
+    preset = dataclasses.replace(preset, student_multi_turn=0.05)  # the student's own share
+    seen = _pretrain_configs(tmp_path / "student", monkeypatch, preset)
+    assert {name: cfg.multi_turn for name, cfg in seen.items()} == {preset.model: 0.1, preset.student: 0.05}
     assert PRESETS["cpu"].pretrain_multi_turn == 0.05 and PRESETS["gpu"].pretrain_multi_turn == 0.0
 
 

@@ -84,6 +84,9 @@ class SpeedrunPreset:
     # seed 2 fell under the comparison goal (81.8%) (benchmarks/README.md, "Chats of several
     # questions in the corpus")
     pretrain_multi_turn: float = 0.05
+    # the student's share: it learns from the teacher's one-question traces, and at seed 2 the
+    # teacher's 0.1 cost it 36 points before distillation (run M2, benchmarks/README.md)
+    student_multi_turn: float = 0.0
     # 720 steps left the model undertrained (held-out losses still falling steeply at the end) and the
     # seed deciding which skills it had: at seed 0 multiplication 62.0%, mean 76.8%; at 960, seeds
     # 0 / 1 / 2 end at multiplication 93.8% / 91.1% / 97.9%, mean 83.3% / 84.4% / 89.9% (runs A, B, D;
@@ -194,7 +197,7 @@ class SpeedrunPreset:
         # refused when the preset is made, before a run directory holds anything
         if self.control_plan_steps < 1:
             raise ValueError(f"control_plan_steps must be >= 1, got {self.control_plan_steps}")
-        for name in ("pretrain_multi_turn", "sft_multi_turn"):
+        for name in ("pretrain_multi_turn", "student_multi_turn", "sft_multi_turn"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         bad = {name: w for name, w in self.pretrain_weights.items() if not isinstance(w, int) or w < 1}
@@ -435,9 +438,7 @@ class Speedrun:
             optimizer=self.p.pretrain_optimizer,
             bias_update_speed=self.p.bias_update_speed,
             mtp_weight=self.p.mtp_weight,
-            # the student learns from the teacher's one-question traces; at seed 2 several-question
-            # chats in its corpus cost it 36 points before distillation (run M2, benchmarks/README.md)
-            multi_turn=0.0 if student else self.p.pretrain_multi_turn,
+            multi_turn=self.p.student_multi_turn if student else self.p.pretrain_multi_turn,
             val_every=self.p.val_every,
             precision=self.p.precision,
             seed=self.p.seed,
