@@ -75,6 +75,13 @@ def figures(run: Path, preset: str, wall: float) -> dict:
     if sm["mid_margin"] is not None:
         out["grpo_gain_mid_margin"] = 100 * sm["mid_margin"]
     out["verifier_only"] = {t: out["grpo_gain_points"].get(t) for t in sm["verifier_only"]}
+    # asked second in a chat, where GRPO drew those prompts too: its start and its gain there (no goal)
+    out["second_turn_start"] = sm["second_turn_start"]
+    out["grpo_gain_second_turn_mid_families"] = sm["second_turn_mid"]
+    if sm["second_turn_mid_gain"] is not None:
+        out["grpo_gain_second_turn_mid"] = 100 * sm["second_turn_mid_gain"]
+    if sm["second_turn_mid_margin"] is not None:
+        out["grpo_gain_second_turn_mid_margin"] = 100 * sm["second_turn_mid_margin"]
     out["copy_loss"] = m.last_value("pretrain", "probe_copy_loss")
     out["pretraining_arithmetic"] = pretraining_arithmetic(run)
     if sm["means"].get("distill") is not None and out.get("final_mean"):
@@ -347,7 +354,10 @@ def main() -> None:
         cells = " ".join(f"{s} {100 * v:5.1f}%" for s, v in by_stage.items() if v is not None)
         if task in f["unseen_wordings"]:
             cells += f" | unseen wordings {100 * f['unseen_wordings'][task]:5.1f}%"
-        if task in f.get("second_turn", {}):
+        if task in f.get("second_turn_start", {}):
+            cells += f" | asked second: sft {100 * f['second_turn_start'][task]:5.1f}%"
+            cells += f" grpo {100 * f['second_turn'][task]:5.1f}%"
+        elif task in f.get("second_turn", {}):
             cells += f" | asked second {100 * f['second_turn'][task]:5.1f}%"
         print(f"  {task:18s} {cells}")
     if args.preset == "cpu":  # smoke's few steps only prove the stages run
@@ -355,6 +365,13 @@ def main() -> None:
         for figure, goal, met in verdicts(f):
             mark = "–" if met is None else "meets" if met else "BELOW"
             print(f"  {mark:5s} {figure} (goal {goal})")
+        if f.get("grpo_gain_second_turn_mid") is not None:  # no goal: what GRPO adds where it has room
+            fams = ", ".join(f["grpo_gain_second_turn_mid_families"])
+            margin = f.get("grpo_gain_second_turn_mid_margin")
+            print(
+                f"  (also) GRPO gain asked second in a chat, on those starting in 20-80% ({fams}): "
+                f"{f['grpo_gain_second_turn_mid']:+.1f}{'' if margin is None else f' ± {margin:.1f} (95%)'} points"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(f, indent=2))
 

@@ -194,3 +194,32 @@ def test_unseen_wordings_are_reported_beside_the_final_figures_not_in_the_goals(
     assert "| family | final | final, unseen wordings | final, asked second in a chat |" in text
     assert "| sorting | 75.0% | 25.0% | 0.0% |" in text and "| comparison | 100.0% | 50.0% | 12.5% |" in text
     assert "| **mean** | **87.5%** | **37.5%** | **6.2%** |\n\n" in text  # the table ends before the notes
+
+
+def test_grpos_gain_asked_second_is_reported_where_the_run_scored_its_start_there(tmp_path):
+    """With `grpo_second_turn` GRPO draws each family asked second in a chat, and the speedrun scores
+    its start (SFT) there too: the report gives that column and GRPO's gain on those in range, apart
+    from the families' gain goal."""
+    from nanoseek.report import RunMetrics
+
+    MetricsLog(tmp_path, "speedrun").log(event="plan", verifier_only_tasks=["largest"])
+    ev = MetricsLog(tmp_path, "eval")
+    for stage, task, v in (
+        ("sft", "sorting", 0.9),
+        ("grpo", "sorting", 0.9),
+        ("sft", "largest", 0.1),
+        ("grpo", "largest", 0.5),
+        ("sft", "sorting?turn=2", 0.5),
+        ("grpo", "sorting?turn=2", 0.75),
+        ("sft", "largest?turn=2", 0.25),  # verifier-only: its own line, not in this mean
+        ("grpo", "largest?turn=2", 0.5),
+    ):
+        ev.log(evaluated=stage, task=task, k=4, **{"pass@1": v})
+    sm = RunMetrics(tmp_path).pass_at_1_summary()
+    assert sm["mid"] == [] and sm["second_turn_start"] == {"sorting": 0.5, "largest": 0.25}
+    assert sm["second_turn_mid"] == ["sorting"] and sm["second_turn_mid_gain"] == pytest.approx(0.25)
+    text = build_report(tmp_path).read_text()
+    assert "| family | final | sft, asked second | final, asked second in a chat |" in text
+    assert "| sorting | 90.0% | 50.0% | 75.0% |" in text
+    assert "Asked second in a chat (GRPO drew those prompts too): its gain over sft" in text
+    assert "**+25.0 points** on average (sorting +25.0)." in text

@@ -2,6 +2,7 @@
 
 import dataclasses
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -149,6 +150,36 @@ def test_chats_of_several_questions_are_one_switch_each_for_sft_and_grpo(tmp_pat
     run.grpo()
     assert seen["sft"].multi_turn == 0.3
     assert seen["grpo"].tasks == [*run.all_tasks, *(f"{t}?turn=2" for t in run.all_tasks)]
+
+
+@pytest.mark.parametrize("second_turn", [False, True])
+def test_grpos_start_is_asked_second_too_where_grpo_drew_those_prompts(tmp_path, monkeypatch, second_turn):
+    """The evaluation asks the final model each family second in a chat; with `grpo_second_turn` it
+    asks GRPO's start (SFT) too, so the report can give GRPO's gain there."""
+    import nanoseek.speedrun as speedrun_mod
+
+    asked = []
+
+    def fake_evaluate(out, preset, stage, tasks, progress):
+        for task in tasks:
+            asked.append((stage, task))
+            log = Path(out) / "eval" / ".logs" / speedrun_mod._job_name(stage, task)
+            log.mkdir(parents=True)
+            (log / "metrics.jsonl").write_text("")
+        return [{"pass@1": 0.5, "pass@1_stderr": 0.0, "format_rate": 1.0} for _ in tasks]
+
+    monkeypatch.setattr(speedrun_mod, "_evaluate_checkpoint", fake_evaluate)
+    monkeypatch.setattr(Speedrun, "overlaps", lambda self: False)  # one process: the fake is seen
+    preset = dataclasses.replace(PRESETS["smoke"], grpo_second_turn=second_turn)
+    run = Speedrun(tmp_path, preset, progress=False)
+    for stage in ("sft", "grpo"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "config.json").write_text("{}")
+    run.evaluate()
+    stages = ("sft", "grpo") if second_turn else ("grpo",)
+    assert [job for job in asked if "?turn=" in job[1]] == [
+        (stage, f"{t}?turn=2") for stage in stages for t in run.all_tasks
+    ]
 
 
 def test_chats_of_several_questions_reach_the_teachers_pretraining(tmp_path, monkeypatch):

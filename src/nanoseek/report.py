@@ -148,9 +148,20 @@ class RunMetrics:
                 if margin is not None:
                     margins[t] = margin
         mid = [t for t in gains if t not in zero and 0.2 <= value[(start, t)] <= 0.8]
-        mid_margin = None
-        if mid and all(t in margins for t in mid):  # families drawn independently: variances add
-            mid_margin = math.sqrt(sum(margins[t] ** 2 for t in mid)) / len(mid)
+        # asked second in a chat, where GRPO drew those prompts too (`grpo_second_turn`) and the run
+        # scored its start on them: GRPO's gain there
+        second_start: dict[str, float] = {}
+        second_gains: dict[str, float] = {}
+        second_margins: dict[str, float] = {}
+        for t, after in second_turn.items():
+            key = (start, as_second_turn(t))
+            if key in value:
+                second_start[t] = value[key]
+                second_gains[t] = after - value[key]
+                margin = paired_margin(evals[key], evals[("grpo", as_second_turn(t))])
+                if margin is not None:
+                    second_margins[t] = margin
+        second_mid = [t for t in second_gains if t not in zero and 0.2 <= second_start[t] <= 0.8]
         return {
             "stages": stages,
             "tasks": tasks,
@@ -160,11 +171,15 @@ class RunMetrics:
             "gains": gains,
             "gain_margins": margins,
             "mid": mid,
-            "mid_gain": sum(gains[t] for t in mid) / len(mid) if mid else None,
-            "mid_margin": mid_margin,
+            **_mean_gain("mid", mid, gains, margins),
             "verifier_only": zero,
             "unseen_wordings": unseen,
             "second_turn": second_turn,
+            "second_turn_start": second_start,
+            "second_turn_gains": second_gains,
+            "second_turn_margins": second_margins,
+            "second_turn_mid": second_mid,
+            **_mean_gain("second_turn_mid", second_mid, second_gains, second_margins),
         }
 
     def model_info(self) -> dict[str, Any]:
@@ -285,6 +300,20 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
     return atomic_write(m.run_dir / "report.md", "\n".join(lines) + "\n")
 
 
+def _mean_gain(
+    name: str, tasks: list[str], gains: dict[str, float], margins: dict[str, float]
+) -> dict[str, float | None]:
+    """The mean gain over `tasks` (`NAME_gain`) and its 95% half-width (`NAME_margin`): the tasks'
+    problems are drawn independently, so their variances add."""
+    margin = None
+    if tasks and all(t in margins for t in tasks):
+        margin = math.sqrt(sum(margins[t] ** 2 for t in tasks)) / len(tasks)
+    return {
+        f"{name}_gain": sum(gains[t] for t in tasks) / len(tasks) if tasks else None,
+        f"{name}_margin": margin,
+    }
+
+
 def paired_margin(before: dict[str, Any], after: dict[str, Any]) -> float | None:
     """Half-width of the 95% interval on after - before, paired over the problems both evaluations
     scored (`Z_95` standard errors of the per-problem differences). None unless both records carry
@@ -330,10 +359,11 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
                 vs = [(evals.get((s, t)) or {}).get("pass@1_by_language", {}).get(lang) for t in tasks]
                 cells.append(sum(vs) / len(vs) if all(v is not None for v in vs) else None)
             out.append(f"| {lang} | " + " | ".join(_pct(c) for c in cells) + " |")
-    unseen, second = sm["unseen_wordings"], sm["second_turn"]
+    unseen, second, second_start = sm["unseen_wordings"], sm["second_turn"], sm["second_turn_start"]
     if unseen or second:
-        columns = [("unseen wordings", unseen)] if unseen else []
-        columns += [("asked second in a chat", second)] if second else []
+        columns = [("final, unseen wordings", unseen)] if unseen else []
+        columns += [(f"{sm['start']}, asked second", second_start)] if second_start else []
+        columns += [("final, asked second in a chat", second)] if second else []
         out += [
             "",
             "The final model on the same held-out problems asked otherwise: in phrasings that no stage "
@@ -342,7 +372,7 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
             "chat, after another problem of the family and its answer (`?turn=2`), as `nanoseek chat` "
             "and the server's chat page ask it.",
             "",
-            "| family | final | " + " | ".join(f"final, {name}" for name, _ in columns) + " |",
+            "| family | final | " + " | ".join(name for name, _ in columns) + " |",
             "|---|---|" + "---|" * len(columns),
         ]
         families = list(dict.fromkeys([*unseen, *second]))
@@ -373,6 +403,16 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
         out.append(
             f"- GRPO's gain over its starting checkpoint ({start}) on the families that start between "
             f"20% and 80%: **{100 * sm['mid_gain']:+.1f}{_pm(sm['mid_margin'])} points** on average ({each})."
+        )
+    if sm["second_turn_mid"]:
+        each = ", ".join(
+            f"{t} {100 * sm['second_turn_gains'][t]:+.1f}{_pm(sm['second_turn_margins'].get(t))}"
+            for t in sm["second_turn_mid"]
+        )
+        out.append(
+            f"- Asked second in a chat (GRPO drew those prompts too): its gain over {start} on the families "
+            f"that start there between 20% and 80%: **{100 * sm['second_turn_mid_gain']:+.1f}"
+            f"{_pm(sm['second_turn_mid_margin'])} points** on average ({each})."
         )
     probe = m.last_event("grpo", "probe")
     if probe.get("pass_rates"):

@@ -711,7 +711,9 @@ class Speedrun:
         if self.p.eval_unseen_n and (self.run / "grpo" / "config.json").exists():
             order += [("grpo", in_unseen_wordings(task)) for task in self.all_tasks]  # asked as none was
         if self.p.eval_second_turn_n and (self.run / "grpo" / "config.json").exists():
-            order += [("grpo", as_second_turn(task)) for task in self.all_tasks]
+            # GRPO's start too where GRPO drew them (`grpo_second_turn`): the report gives its gain there
+            asked = ("sft", "grpo") if self.p.grpo_second_turn else ("grpo",)
+            order += [(stage, as_second_turn(task)) for stage in asked for task in self.all_tasks]
         if self._one_queue_per_checkpoint():
             by_checkpoint: dict[str, list[str]] = {}
             for stage, task in order:
