@@ -76,7 +76,8 @@ def test_cpu_stages_run_side_by_side_and_count_once(smoke_run):
         for t in ("addition", "comparison", "largest")
     ]
     jobs += [("grpo", f"{t}?wording=unseen") for t in ("addition", "comparison", "largest")]
-    jobs += [("grpo", f"{t}?turn=2") for t in ("addition", "comparison", "largest")]
+    # each asked second too, GRPO's start (SFT) and its end: GRPO drew those prompts (grpo_second_turn)
+    jobs += [(s, f"{t}?turn=2") for s in ("sft", "grpo") for t in ("addition", "comparison", "largest")]
     assert order == jobs, order
     asked = {
         r["task"]: r["problems"] for r in read_metrics(smoke_run, "eval") if r.get("evaluated") == "grpo"
@@ -105,7 +106,8 @@ def test_a_gpu_evaluates_each_checkpoint_in_one_queue_with_the_same_figures(smok
     assert [(r["evaluated_stage"], r["task"], r["pass@1"]) for r in again] == [
         (r["evaluated_stage"], r["task"], r["pass@1"]) for r in before
     ]
-    assert {len(r["sampled_with"]) for r in again} == {3, 9}  # grpo's asked in unseen wordings and second too
+    # sft's asked second too (GRPO drew those prompts), grpo's asked in unseen wordings and second too
+    assert {len(r["sampled_with"]) for r in again} == {3, 6, 9}
 
 
 def test_report_has_summary_and_plots(smoke_run):
@@ -113,8 +115,10 @@ def test_report_has_summary_and_plots(smoke_run):
     for needle in ("## Model", "## Stages", "## Held-out evaluation", "KV-cache bytes per token", "pass@1"):
         assert needle in text
     # the final model on the same problems in phrasings no stage trained on, beside its own figure
-    assert "| family | final | final, unseen wordings | final, asked second in a chat |" in text
-    assert re.search(r"\| comparison \| [\d.]+% \| [\d.]+% \| [\d.]+% \|", text)
+    # and asked second in a chat, at GRPO's start (it drew those prompts) and its end
+    header = "| family | final | final, unseen wordings | sft, asked second | final, asked second in a chat |"
+    assert header in text
+    assert re.search(r"\| comparison \| [\d.]+% \| [\d.]+% \| [\d.]+% \| [\d.]+% \|", text)
     for png in ("loss.png", "grpo_reward.png", "grpo_length.png", "expert_load.png"):
         assert (smoke_run / "plots" / png).stat().st_size > 1000, png
 

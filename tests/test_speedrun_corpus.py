@@ -134,7 +134,7 @@ def test_the_control_plan_finds_enough_distinct_worked_solutions(tmp_path, name)
 
 def test_chats_of_several_questions_are_one_switch_each_for_sft_and_grpo(tmp_path, monkeypatch):
     """`sft_multi_turn` reaches the cold start (and the control, an SFT run too); `grpo_second_turn`
-    adds each family asked second in a chat to GRPO's tasks. Both off in the presets (run R0)."""
+    adds each family asked second in a chat to GRPO's tasks (on in the cpu preset, off in the gpu one)."""
     import nanoseek.train.grpo as grpo_mod
     import nanoseek.train.sft as sft_mod
 
@@ -143,7 +143,8 @@ def test_chats_of_several_questions_are_one_switch_each_for_sft_and_grpo(tmp_pat
         sft_mod, "sft", lambda cfg, deadline_fn=None: seen.setdefault("sft", cfg) and tmp_path
     )
     monkeypatch.setattr(grpo_mod, "grpo", lambda cfg, on_step=None: seen.setdefault("grpo", cfg))
-    assert PRESETS["cpu"].sft_multi_turn == 0.0 and not PRESETS["cpu"].grpo_second_turn
+    assert PRESETS["cpu"].sft_multi_turn == 0.0 and PRESETS["cpu"].grpo_second_turn
+    assert not PRESETS["gpu"].grpo_second_turn
     preset = dataclasses.replace(PRESETS["smoke"], sft_multi_turn=0.3, grpo_second_turn=True)
     run = Speedrun(tmp_path, preset, progress=False)
     run.sft()
