@@ -134,7 +134,7 @@ def test_the_control_plan_finds_enough_distinct_worked_solutions(tmp_path, name)
 
 def test_chats_of_several_questions_are_one_switch_each_for_sft_and_grpo(tmp_path, monkeypatch):
     """`sft_multi_turn` reaches the cold start (and the control, an SFT run too); `grpo_second_turn`
-    adds each family asked second in a chat to GRPO's tasks (on in the cpu preset, off in the gpu one)."""
+    adds each family asked second in a chat to GRPO's tasks (off in the cpu and gpu presets)."""
     import nanoseek.train.grpo as grpo_mod
     import nanoseek.train.sft as sft_mod
 
@@ -143,8 +143,8 @@ def test_chats_of_several_questions_are_one_switch_each_for_sft_and_grpo(tmp_pat
         sft_mod, "sft", lambda cfg, deadline_fn=None: seen.setdefault("sft", cfg) and tmp_path
     )
     monkeypatch.setattr(grpo_mod, "grpo", lambda cfg, on_step=None: seen.setdefault("grpo", cfg))
-    assert PRESETS["cpu"].sft_multi_turn == 0.0 and PRESETS["cpu"].grpo_second_turn
-    assert not PRESETS["gpu"].grpo_second_turn
+    assert PRESETS["cpu"].sft_multi_turn == 0.0 and not PRESETS["cpu"].grpo_second_turn
+    assert not PRESETS["gpu"].grpo_second_turn and PRESETS["smoke"].grpo_second_turn  # CI runs the path
     preset = dataclasses.replace(PRESETS["smoke"], sft_multi_turn=0.3, grpo_second_turn=True)
     run = Speedrun(tmp_path, preset, progress=False)
     run.sft()
@@ -207,6 +207,9 @@ def test_the_speedrun_command_sets_the_share_of_several_question_chats(tmp_path,
     assert seen["pretrain_multi_turn"] == 0.0
     seen.clear()
     assert main(["speedrun", "--out", str(tmp_path)]) == 0
-    assert "pretrain_multi_turn" not in seen  # the preset's own
+    assert "pretrain_multi_turn" not in seen and "grpo_second_turn" not in seen  # the preset's own
+    for flag, value in (("--grpo-second-turn", True), ("--no-grpo-second-turn", False)):
+        assert main(["speedrun", "--out", str(tmp_path), flag]) == 0
+        assert seen["grpo_second_turn"] is value
     with pytest.raises(ValueError, match=r"pretrain_multi_turn must be in \[0, 1\], got 1.5"):
         dataclasses.replace(PRESETS["cpu"], pretrain_multi_turn=1.5)

@@ -159,12 +159,12 @@ class SpeedrunPreset:
     grpo_sft_mix: float = 1.0
     grpo_sft_mix_tasks: tuple[str, ...] = FAMILIES
     # GRPO draws each family asked second in a chat too (`task?turn=2`), as a task of its own for the
-    # unsolved draw: after a corpus with several-question chats the probe finds several at 30-70%,
-    # groups with signal. From the same SFT checkpoints at seeds 0 / 1 / 2, asked second: 76.8 / 74.1 /
-    # 77.9% against 66.3 / 68.7 / 72.4%; alone 90.0 / 83.7 / 89.5% against 88.3 / 86.0 / 90.8% (seed 1:
-    # counting, drawn in both forms, 99 -> 67%); `largest` on 480 problems +32.2 / +23.2 / +18.8 against
-    # +31.1 / +16.5 / +29.1 (benchmarks/README.md, "GRPO on a chat's second question")
-    grpo_second_turn: bool = True
+    # unsolved draw (`nanoseek speedrun --grpo-second-turn`). Off: from the same SFT checkpoints (bf16
+    # seeds 0 / 1 / 2, fp32 seed 0) it lifts the final model asked second from 69.8% to 76.2% on
+    # average, but alone 87.1% against 87.9%, comparison under its 95% goal in two runs of four (its
+    # share of the groups diluted) and the two precisions 5.0 points apart instead of 2.0
+    # (benchmarks/README.md, "GRPO on a chat's second question")
+    grpo_second_turn: bool = False
     max_new_tokens: int = 320  # a 3-digit x 2-digit long multiplication, worked out, takes up to ~300
     # control: SFT for GRPO's wall time (beside it where the CPU runs two stages at once; off on the gpu preset)
     control: bool = True
@@ -254,6 +254,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
         # the uniform draw runs every part of GRPO's update here
         grpo_task_sampling="uniform",
         grpo_sft_mix_tasks=("comparison",),
+        grpo_second_turn=True,  # the path that draws, and evaluates GRPO's start, asked second
     ),
     "cpu": SpeedrunPreset(),
     # One GPU: the `small` model (~75M active parameters) on 3x the CPU preset's tokens, sized from an
@@ -296,7 +297,6 @@ PRESETS: dict[str, SpeedrunPreset] = {
         # one question a chat, as measured on the H200; the cpu preset's several-question chats have
         # not run on a GPU yet (`nanoseek speedrun --preset gpu --multi-turn 0.05` tries them)
         pretrain_multi_turn=0.0,
-        grpo_second_turn=False,  # asked second a model of one-question chats starts near 0%
         control=False,
         # per family: 2,048 samples, four engine batches. 16 prompts x 8 samples kept ~120 traces, and
         # 200 steps over them (40 passes) took a student of 87.8% down to 83.8%; 64 x 4, ~490 traces

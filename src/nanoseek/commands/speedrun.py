@@ -32,6 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="share of the pretraining corpus's chats that ask 2-3 questions in a row (default: the "
         "preset's; 0: one question a chat, a model that reads only a chat's first question)",
     )
+    p.add_argument(
+        "--grpo-second-turn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GRPO draws each family asked second in a chat too: a chat's later questions answered "
+        "better, the first a little worse (default: the preset's; off in cpu and gpu)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.set_defaults(func=run)
 
@@ -42,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"seed": args.seed, "precision": args.precision}
     if args.multi_turn is not None:
         overrides["pretrain_multi_turn"] = args.multi_turn
+    if args.grpo_second_turn is not None:
+        overrides["grpo_second_turn"] = args.grpo_second_turn
     if args.tasks:
         overrides["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     run_speedrun(args.out, args.preset, progress=not args.no_progress, **overrides)
