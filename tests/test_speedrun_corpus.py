@@ -47,6 +47,7 @@ def test_resuming_a_run_whose_data_another_nanoseek_wrote_is_refused(tmp_path, m
     worked solution otherwise (as sorting's changed, crossed out in place) must not add stages to it."""
     import json
 
+    from nanoseek.data import synthetic
     from nanoseek.data.tasks.families import SortingTask
 
     preset = PRESETS["smoke"]
@@ -59,6 +60,14 @@ def test_resuming_a_run_whose_data_another_nanoseek_wrote_is_refused(tmp_path, m
     digest = run.data_formats()
     monkeypatch.setattr(SortingTask, "steps", lambda self, d, lang: "sorted, no steps")
     assert run.data_formats() != digest
+    monkeypatch.undo()
+    # how a chat of several questions is composed counts where the corpus has them
+    one_question = dataclasses.replace(run.p, pretrain_multi_turn=0.0, student_multi_turn=0.0)
+    several = Speedrun(tmp_path, dataclasses.replace(one_question, pretrain_multi_turn=0.05), progress=False)
+    digests = Speedrun(tmp_path, one_question, progress=False).data_formats(), several.data_formats()
+    monkeypatch.setattr(synthetic, "CHAT_CHARS", 200)  # fewer questions fit a chat
+    assert Speedrun(tmp_path, one_question, progress=False).data_formats() == digests[0]
+    assert several.data_formats() != digests[1]
     monkeypatch.undo()
     monkeypatch.setattr(
         type(run), "data_formats", lambda self: "0" * 16

@@ -187,3 +187,23 @@ def test_chats_of_several_questions():
     assert len(families) > 20  # the families (and wordings) mixed within chats
     with pytest.raises(ValueError, match="multi_turn"):
         _docs(1, multi_turn=1.5)
+
+
+def test_follow_ups_of_one_kind():
+    """`same_family`: each further question of a chat is of the first one's family with that chance,
+    else of any family's (here two, told apart by the quotes a counting prompt has)."""
+
+    def alike(same_family=synthetic.SAME_FAMILY):
+        docs = _docs(1500, seed=1, tasks=["counting", "addition"], multi_turn=1.0, same_family=same_family)
+        pairs = []
+        for d in docs:
+            kinds = [any(c in t.split(ASSISTANT)[0] for c in '"「“') for t in d.split(USER)[1:]]
+            pairs += [k == kinds[0] for k in kinds[1:]]
+        return sum(pairs) / len(pairs), len(pairs)
+
+    assert alike(1.0)[0] == 1.0
+    share, n = alike()
+    assert n > 1000 and 0.68 < share < 0.82  # 1/2 the first's, else 1/2 of the rest: 3/4
+    assert 0.42 < alike(0.0)[0] < 0.58
+    with pytest.raises(ValueError, match="same_family"):
+        _docs(1, same_family=-0.1)

@@ -371,12 +371,18 @@ class Speedrun:
         79.7% to 26.6% on sorting (benchmarks/README.md, "Run N1")."""
         from itertools import islice
 
-        from nanoseek.data.corpus import tokenizer_documents
+        from nanoseek.data.corpus import embedded_tasks, is_embedded, tokenizer_documents
+        from nanoseek.data.synthetic import iter_documents
         from nanoseek.data.tasks import get_task
 
         digest = hashlib.sha256()
         for doc in islice(tokenizer_documents(self.pretrain_data(), seed=0), 64):
             digest.update(doc.encode())
+        if max(self.p.pretrain_multi_turn, self.p.student_multi_turn) and is_embedded(self.pretrain_data()):
+            # how a chat of several questions is composed (its share is in the settings already)
+            chats = iter_documents(seed=0, tasks=embedded_tasks(self.pretrain_data()), multi_turn=1.0)
+            for doc in islice(chats, 16):
+                digest.update(doc.encode())
         for name in self.all_tasks:
             task = get_task(name)
             for problem in task.problems("train", 6, seed=0):
