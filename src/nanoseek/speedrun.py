@@ -80,9 +80,10 @@ class SpeedrunPreset:
     # The share of the corpus's chats that ask 2-3 questions in a row (earlier answers without their
     # reasoning, as a chat client sends them back, and untrained). Taught one question after BOS, a
     # model reads the first question of a chat, not the last: asked second, the final models of seeds
-    # 0 / 2 answer 8.3 / 10.0% (alone 94.7 / 92.3%); at 0.05, 66.3 / 72.4% (alone 88.3 / 90.8%). At 0.1
-    # seed 2 fell under the comparison goal (81.8%) (benchmarks/README.md, "Chats of several
-    # questions in the corpus")
+    # 0 / 2 answer 8.3 / 10.0% (alone 94.7 / 92.3%); at 0.05, 66.3 / 72.4% (alone 88.3 / 90.8%), and
+    # 78.4 / 74.1% (alone 91.5 / 93.4%) with half the follow-ups of one kind (`synthetic.SAME_FAMILY`).
+    # At 0.1 seed 2 fell under the comparison goal (81.8%) (benchmarks/README.md, "Chats of several
+    # questions in the corpus", "Follow-ups of one kind")
     pretrain_multi_turn: float = 0.05
     # the student's share: it learns from the teacher's one-question traces, and at seed 2 the
     # teacher's 0.1 cost it 36 points before distillation (run M2, benchmarks/README.md)
