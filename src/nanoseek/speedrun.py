@@ -376,12 +376,12 @@ class Speedrun:
         from nanoseek.data.synthetic import iter_documents
         from nanoseek.data.tasks import get_task
 
-        digest = hashlib.sha256()
-        for doc in islice(tokenizer_documents(self.pretrain_data(), seed=0), 64):
+        digest, corpus = hashlib.sha256(), self.pretrain_data()
+        for doc in islice(tokenizer_documents(corpus, seed=0), 64):
             digest.update(doc.encode())
-        if max(self.p.pretrain_multi_turn, self.p.student_multi_turn) and is_embedded(self.pretrain_data()):
+        if max(self.p.pretrain_multi_turn, self.p.student_multi_turn) and is_embedded(corpus):
             # how a chat of several questions is composed (its share is in the settings already)
-            chats = iter_documents(seed=0, tasks=embedded_tasks(self.pretrain_data()), multi_turn=1.0)
+            chats = iter_documents(seed=0, tasks=embedded_tasks(corpus), multi_turn=1.0)
             for doc in islice(chats, 16):
                 digest.update(doc.encode())
         for name in self.all_tasks:
