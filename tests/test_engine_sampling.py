@@ -98,6 +98,19 @@ def test_penalties():
     assert torch.allclose(apply_penalties(logits, [st]), torch.tensor([[2.0, -1.0, -0.25, 2.0]]))
 
 
+def test_logit_bias():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [2.0, -1.0, 0.5, 3.0]])
+    plain = SamplerState(SamplingParams(), prompt_ids=[0], vocab_size=4)
+    biased = SamplerState(SamplingParams(logit_bias={3: -100.0, 1: 2.5}), prompt_ids=[0], vocab_size=4)
+    # only the row that asks is biased, greedy rows included; a batch of mixed rows keeps each its own
+    assert torch.allclose(apply_penalties(logits, [plain, biased])[1], torch.tensor([2.0, 1.5, 0.5, -97.0]))
+    assert sample(logits, [plain, biased]).tolist() == [3, 0]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        SamplerState(SamplingParams(logit_bias={4: 1.0}), prompt_ids=[0], vocab_size=4)
+    with pytest.raises(ValueError, match=r"\[-100, 100\]"):
+        SamplingParams(logit_bias={0: 150.0}).validate()
+
+
 def test_sampling_matches_distribution():
     logits = torch.log(torch.tensor([0.6, 0.3, 0.1])).repeat(4000, 1)
     st = SamplerState(SamplingParams(temperature=1.0, seed=0), [0], 3)

@@ -275,6 +275,13 @@ def test_tokenizer_routes(real, tok):
     assert back["prompt"] == "Hello world"
     chat = httpx.post(real.url + "/tokenize", json={"messages": USER}).json()
     assert chat["tokens"] == tok.apply_chat_template(USER, tokenize=True)
+    # counted as the chat request renders them: thinking off, tools
+    off = {"messages": USER, "chat_template_kwargs": {"thinking": False}}
+    counted = httpx.post(real.url + "/tokenize", json=off).json()["count"]
+    used = real.client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=1, extra_body={"chat_template_kwargs": {"thinking": False}}
+    )
+    assert counted == used.usage.prompt_tokens != chat["count"]
 
 
 # ----------------------------------------------------------------------- errors
@@ -315,6 +322,41 @@ def test_errors_400(real):
     with pytest.raises(openai.BadRequestError) as e:
         real.client.chat.completions.create(model=MODEL, messages=USER, top_p=0)
     assert e.value.body["param"] == "top_p"
+    # half of a UTF-16 pair, as a truncated emoji from a JavaScript client sends it: 400, not 500
+    for route, body in [
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x \\ud83d"}]}'),
+        ("/tokenize", b'{"prompt": "\\ud800"}'),
+    ]:
+        r = httpx.post(real.url + route, content=body, headers={"content-type": "application/json"})
+        assert "surrogate" in _err(r, 400)["message"]
+    assert (
+        _err(httpx.post(url, json={"messages": USER, "logit_bias": {"x": 1}}), 400)["param"] == "logit_bias"
+    )
+    assert (
+        _err(httpx.post(url, json={"messages": USER, "logit_bias": {"99999": 1}}), 400)["param"]
+        == "logit_bias"
+    )
+    assert (
+        "[-100, 100]"
+        in _err(httpx.post(url, json={"messages": USER, "logit_bias": {"5": 101}}), 400)["message"]
+    )
+
+
+def test_logit_bias(real):
+    kw = {"model": MODEL, "messages": USER, "max_tokens": 6, "temperature": 0}
+    plain = real.client.chat.completions.create(**kw, logprobs=True)
+    first = plain.choices[0].logprobs.content[0]
+    ids = httpx.post(real.url + "/tokenize", json={"prompt": first.token}).json()["tokens"]
+    # -100 on the greedy first token moves the choice; +100 on another token makes it the only one
+    banned = real.client.chat.completions.create(**kw, logprobs=True, logit_bias={str(ids[0]): -100})
+    assert banned.choices[0].logprobs.content[0].token != first.token
+    forced = real.client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=4, temperature=1.0, seed=1, logit_bias={"7": 100}
+    )
+    assert (
+        httpx.post(real.url + "/tokenize", json={"prompt": forced.choices[0].text}).json()["tokens"]
+        == [7] * 4
+    )
 
 
 def test_errors_context_length_and_404(real):
@@ -329,10 +371,18 @@ def test_errors_context_length_and_404(real):
     with pytest.raises(openai.BadRequestError) as e:
         real.client.completions.create(model=MODEL, prompt="Hello", max_tokens=1000)
     assert e.value.code == "context_length_exceeded"
+    # a prompt that fills the context can still be scored (lm-evaluation-harness's rolling windows)...
+    full = [1] + [5] * 255
+    r = real.client.completions.create(model=MODEL, prompt=full, max_tokens=0, echo=True, logprobs=0)
+    assert len(r.choices[0].logprobs.token_logprobs) == 256
+    # ...but not continued: the message says what it needs
+    with pytest.raises(openai.BadRequestError) as e:
+        real.client.completions.create(model=MODEL, prompt=full, max_tokens=None)
+    assert e.value.code == "context_length_exceeded" and "at least 1 to generate" in e.value.message
     with pytest.raises(openai.NotFoundError) as e:
         real.client.chat.completions.create(model="gpt-9", messages=USER)
     assert e.value.code == "model_not_found"
-    assert _err(httpx.get(real.url + "/v1/nothing"), 404)["type"] == "not_found"
+    assert _err(httpx.get(real.url + "/v1/nothing"), 404)["type"] == "invalid_request_error"
     # ... and the server is still up and answering
     assert real.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1).choices
 
@@ -378,6 +428,9 @@ def test_queue_full_429_and_disconnect_aborts(tok):
                 r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": False})
                 assert _err(r, 429)["code"] == "rate_limit_exceeded"
                 assert r.headers["retry-after"] == "3"
+                # more than the server ever holds: no retry can succeed, so 400 naming n, not 429
+                r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": False, "n": 3})
+                assert _err(r, 400)["param"] == "n"
             # both clients hung up mid-stream: their requests must be aborted at once
             deadline = time.time() + 5
             while (server.engine.pending or engine.has_unfinished()) and time.time() < deadline:
@@ -451,6 +504,9 @@ def test_stop_strings(scripted):
     while len(scripted.engine.aborted) < before + 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(scripted.engine.aborted) == before + 1 and long.usage.completion_tokens < 100
+    # ...and counted in /metrics as the stop it was, not as an abort
+    metrics = httpx.get(scripted.url + "/metrics").text
+    assert 'nanoseek:request_success_total{finished_reason="abort"}' not in metrics
 
 
 def test_web_page_served(scripted):
@@ -498,7 +554,7 @@ def tooling(tok):
         if text.endswith(TOOL_OUTPUT_END):
             out = "It is 21 degrees in Paris."
         elif text.endswith(TOOL_SEP):  # tool_choice named the function: only the arguments are left
-            out = '{"city": "Lyon"}' + TOOL_CALL_END + TOOL_CALLS_END
+            out = ('{"city": Lyon}' if "BAD" in text else '{"city": "Lyon"}') + TOOL_CALL_END + TOOL_CALLS_END
         elif text.endswith(TOOL_CALL_BEGIN):  # tool_choice "required"
             out = "get_weather" + TOOL_SEP + '{"city": "Nice"}' + TOOL_CALL_END + TOOL_CALLS_END
         elif "BAD" in text:
@@ -626,6 +682,16 @@ def test_bad_tool_json_is_text(tooling):
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
         "stop"
     ]
+    # a forced call that does not parse: the model's own text, not the call's start the prompt held
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = tooling.client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], tool_choice=named
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == '{"city": Lyon}' + TOOL_CALL_END + TOOL_CALLS_END
+    # /tokenize counts the prompt as the chat request renders it, tools included
+    body = {"messages": messages, "tools": [WEATHER], "tool_choice": named}
+    assert httpx.post(tooling.url + "/tokenize", json=body).json()["count"] == r.usage.prompt_tokens
 
 
 def test_tool_choice(tooling, tok):

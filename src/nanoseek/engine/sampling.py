@@ -6,7 +6,8 @@ What is notable here:
 - Per-request seed: each request owns a `random.Random`; a token is drawn by inverse CDF over the
   processed distribution, so a seeded request gives the same tokens whatever else shares its batch.
 - Penalties follow vLLM / OpenAI: repetition (divide positive logits, multiply negative ones) over
-  prompt + output tokens; presence / frequency (subtract) over output tokens only.
+  prompt + output tokens; presence / frequency (subtract) over output tokens only; `logit_bias` (added
+  to the chosen tokens' logits, OpenAI's -100..100) after them, greedy rows included.
 - Reported log-probabilities are those of the raw model distribution (log_softmax of the logits,
   before penalties and temperature), as vLLM reports them by default.
 """
@@ -39,6 +40,7 @@ class SamplingParams:
     logprobs: int | None = option(None, cli=False)
     prompt_logprobs: bool = option(False, cli=False)  # log p of each prompt token given its prefix
     ignore_eos: bool = option(False, cli=False)  # keep going past the model's EOS token (benchmarks)
+    logit_bias: dict[int, float] = option(factory=dict, cli=False)  # token id -> added to its logit
 
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -54,6 +56,8 @@ class SamplingParams:
         need(
             self.logprobs is None or self.logprobs >= 0, f"logprobs must be None or >= 0, got {self.logprobs}"
         )
+        bad = [v for v in self.logit_bias.values() if not -100.0 <= v <= 100.0]
+        need(not bad, f"logit_bias values must be in [-100, 100], got {bad[:1]}")
 
     @property
     def greedy(self) -> bool:
@@ -61,7 +65,12 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or bool(self.logit_bias)
+        )
 
 
 @dataclass
@@ -80,10 +89,18 @@ class SamplerState:
         self.rng = random.Random(seed)
         self.output_counts: torch.Tensor | None = None
         self.prompt_mask: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
         if params.has_penalties:
             self.output_counts = torch.zeros(vocab_size, dtype=torch.float32)
             self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool)
             self.prompt_mask[torch.tensor(prompt_ids, dtype=torch.long)] = True
+            self.bias = torch.zeros(vocab_size, dtype=torch.float32)
+            for token_id, value in params.logit_bias.items():
+                if not 0 <= token_id < vocab_size:
+                    raise ValueError(
+                        f"logit_bias names token {token_id}, outside the vocabulary [0, {vocab_size})"
+                    )
+                self.bias[token_id] = value
 
     def observe(self, token_id: int) -> None:
         if self.output_counts is not None:
@@ -91,7 +108,7 @@ class SamplerState:
 
 
 def apply_penalties(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
-    """Repetition / presence / frequency penalties for the rows that ask for them. logits [B,V] fp32."""
+    """Repetition / presence / frequency penalties and logit biases for the rows that ask. logits [B,V] fp32."""
     rows = [i for i, s in enumerate(states) if s.output_counts is not None]
     if not rows:
         return logits
@@ -106,6 +123,7 @@ def apply_penalties(logits: torch.Tensor, states: list[SamplerState]) -> torch.T
     penalized = torch.where(sub > 0, sub / rep, sub * rep)
     sub = torch.where(seen, penalized, sub)
     sub = sub - freq * counts - pres * (counts > 0).float()
+    sub = sub + torch.stack([states[i].bias for i in rows]).to(logits.device)  # type: ignore[misc]
     logits[idx] = sub
     return logits
 

@@ -15,8 +15,11 @@ Notable:
 - Stop strings are matched on text here, above the token layer; text that might begin a stop string is
   held back until disambiguated, then the engine request is aborted.
 - A client that disconnects (stream or not) has its engine requests aborted at once.
+- `/tokenize` with `messages` renders them as the chat request would (`tools`, `chat_template_kwargs`),
+  so its count is the chat's `prompt_tokens`.
 - Errors are OpenAI's shape and statuses: 400 naming the parameter (also for malformed JSON),
-  400 `context_length_exceeded`, 401, 404 `model_not_found`, 429 with Retry-After.
+  400 `context_length_exceeded`, 401, 404 `model_not_found`, 429 with Retry-After (a request larger
+  than the server ever holds is a 400 naming `n`: no retry could succeed).
 - Auth (`api_key`) and request metrics are plain ASGI middleware, so streaming and disconnect
   detection are untouched.
 """
@@ -93,6 +96,14 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
         ) from None
     if not isinstance(data, dict):
         raise APIError("The request body must be a JSON object.", code="invalid_json")
+    try:  # JSON lets a string escape half of a UTF-16 pair ("\ud83d"); no text can hold it
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise APIError(
+            "The request body holds an unpaired UTF-16 surrogate escape (such as \\ud83d without its pair): "
+            "send each character whole.",
+            code="invalid_json",
+        ) from None
     try:
         return schema.model_validate(data)
     except ValidationError as e:
@@ -205,17 +216,39 @@ class Server:
             )
 
     def budget(self, prompt_len: int, max_tokens: int | None, param: str, prompt_param: str) -> int:
-        """Tokens this request may generate; 400 context_length_exceeded if it cannot fit."""
+        """Tokens this request may generate; 400 context_length_exceeded if it cannot fit. A prompt may
+        fill the whole context when nothing is generated (max_tokens 0: scoring with echo + logprobs)."""
         ctx = self.max_context
-        if prompt_len >= ctx or (max_tokens is not None and prompt_len + max_tokens > ctx):
+        wanted = max(max_tokens if max_tokens is not None else 1, 0)  # no max_tokens: at least one
+        if prompt_len + wanted > ctx:
+            completion = (
+                f"{max_tokens} in the completion" if max_tokens is not None else "at least 1 to generate"
+            )
             raise APIError(
                 f"This model's maximum context length is {ctx} tokens. However, you requested "
-                f"{prompt_len + (max_tokens or 0)} tokens ({prompt_len} in the prompt, {max_tokens or 0} in the "
-                "completion). Please reduce the length of the prompt or the completion.",
+                f"{prompt_len + wanted} tokens ({prompt_len} in the prompt, {completion}). "
+                "Please reduce the length of the prompt or the completion.",
                 param=param if prompt_len < ctx else prompt_param,
                 code="context_length_exceeded",
             )
         return max_tokens if max_tokens is not None else ctx - prompt_len
+
+    def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+        out = {}
+        for key, value in (bias or {}).items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                raise APIError(
+                    f"logit_bias keys must be token ids, got {key!r}.", param="logit_bias"
+                ) from None
+            if not 0 <= token_id < (self.vocab_size or token_id + 1):
+                raise APIError(
+                    f"logit_bias names token {token_id}, outside the vocabulary [0, {self.vocab_size}).",
+                    param="logit_bias",
+                )
+            out[token_id] = value
+        return out
 
     def sampling_params(self, req: Any, max_new: int, logprobs: int | None, choice: int) -> Any:
         from nanoseek.engine import SamplingParams
@@ -240,6 +273,7 @@ class Server:
             stop_token_ids=[self.tokenizer.eos_token_id],
             logprobs=logprobs,
             ignore_eos=req.ignore_eos,
+            logit_bias=self.logit_bias(req.logit_bias),
         )
         if req.ignore_eos:
             params.stop_token_ids = []
@@ -270,6 +304,12 @@ class Server:
         )
 
     def submit(self, jobs: list[tuple[list[int], Any]]) -> RequestGroup:
+        if len(jobs) > self.engine.max_pending:  # 429 would ask the client to retry what can never fit
+            raise APIError(
+                f"This request asks for {len(jobs)} generations (prompts x n), more than this server "
+                f"holds at once ({self.engine.max_pending}). Ask for fewer.",
+                param="n",
+            )
         try:
             return self.engine.submit(jobs)
         except QueueFullError as e:
@@ -306,8 +346,8 @@ class Server:
             if choices[index].done:
                 continue
             yield index, ev
-            if choices[index].done and not ev.finished:
-                self.engine.abort_ids([group.request_ids[index]])
+            if choices[index].done and not ev.finished:  # a stop string ended it
+                self.engine.abort_ids([group.request_ids[index]], reason="stop")
 
     # ------------------------------------------------------------------ chat
     @staticmethod
@@ -325,7 +365,7 @@ class Server:
         return out
 
     @staticmethod
-    def thinking(req: ChatCompletionRequest) -> bool:
+    def thinking(req: ChatCompletionRequest | TokenizeRequest) -> bool:
         """`chat_template_kwargs.thinking` (DeepSeek-V3.1's name) or `.enable_thinking`; on by default."""
         kwargs = req.chat_template_kwargs or {}
         for key in ("thinking", "enable_thinking"):
@@ -336,7 +376,7 @@ class Server:
         return True
 
     @staticmethod
-    def tool_setup(req: ChatCompletionRequest) -> tuple[list[dict] | None, str]:
+    def tool_setup(req: ChatCompletionRequest | TokenizeRequest) -> tuple[list[dict] | None, str]:
         """(the tools to render and parse, or None; text that forces a call, written after the prompt).
 
         Generation cannot be constrained to a schema here, but a forced call can be started: the prompt
@@ -367,6 +407,24 @@ class Server:
             param="tool_choice",
         )
 
+    def chat_prompt(
+        self, req: ChatCompletionRequest | TokenizeRequest, add_generation_prompt: bool = True
+    ) -> tuple[str, list[dict] | None, str, bool]:
+        """(prompt text, tools to parse or None, forced-call prefill, whether reasoning is split off)."""
+        tools, prefill = self.tool_setup(req)
+        split = self.thinking(req) and not prefill  # a forced call skips the reasoning, as V3.1 calls tools
+        try:
+            prompt_text = self.tokenizer.apply_chat_template(
+                self.chat_messages(req.messages),
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+                thinking=split,
+                tools=tools,
+            )
+        except ValueError as e:  # a malformed message, or tool use with a tokenizer that has no tool tokens
+            raise APIError(str(e), param="tools" if tools else "messages") from None
+        return prompt_text + (prefill if add_generation_prompt else ""), tools, prefill, split
+
     async def chat(self, request: Request) -> Response:
         req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
         self.check_model(req.model)
@@ -377,17 +435,7 @@ class Server:
         fmt = (req.model_extra or {}).get("response_format")
         if fmt and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise APIError("only response_format {'type': 'text'} is supported.", param="response_format")
-        thinking = self.thinking(req)
-        tools, prefill = self.tool_setup(req)
-        messages = self.chat_messages(req.messages)
-        split = thinking and not prefill  # a forced call skips the reasoning, as V3.1 calls tools
-        try:
-            prompt_text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False, thinking=split, tools=tools
-            )
-        except ValueError as e:  # a malformed message, or tool use with a tokenizer that has no tool tokens
-            raise APIError(str(e), param="tools" if tools else "messages") from None
-        prompt_text += prefill
+        prompt_text, tools, prefill, split = self.chat_prompt(req)
         prompt_ids = self.tokenizer.encode(prompt_text)
         started_in_think = prompt_text.rstrip().endswith(self.think_start) if split else None
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -701,13 +749,8 @@ class Server:
         self.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError("Give exactly one of 'prompt' or 'messages'.", param="prompt")
-        if req.messages is not None:
-            msgs = self.chat_messages(req.messages)
-            ids = list(
-                self.tokenizer.apply_chat_template(
-                    msgs, add_generation_prompt=req.add_generation_prompt, tokenize=True
-                )
-            )
+        if req.messages is not None:  # counted as /v1/chat/completions would render it: tools, thinking
+            ids = self.tokenizer.encode(self.chat_prompt(req, req.add_generation_prompt)[0])
         else:
             ids = self.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
         return JSONResponse({"count": len(ids), "max_model_len": self.max_context, "tokens": ids})
@@ -864,9 +907,9 @@ def create_app(engine: Any, tokenizer: Any, config: ServeConfig, model: Any = No
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
-        msg = f"Unknown route {request.method} {request.url.path}." if e.status_code == 404 else str(e.detail)
-        return JSONResponse(APIError(msg, status=e.status_code, type=kind).body(), status_code=e.status_code)
+        # OpenAI answers an unknown URL with invalid_request_error too ("Invalid URL (GET /v1/...)")
+        msg = f"Invalid URL ({request.method} {request.url.path})." if e.status_code == 404 else str(e.detail)
+        return JSONResponse(APIError(msg, status=e.status_code).body(), status_code=e.status_code)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, e: ClientDisconnected) -> Response:

@@ -134,9 +134,10 @@ class AsyncEngine:
         for rid in group.request_ids:
             self._commands.put(("abort", rid))
 
-    def abort_ids(self, request_ids: list[str]) -> None:
+    def abort_ids(self, request_ids: list[str], reason: str = "abort") -> None:
+        """Free these requests; `reason` is what the metrics count them as (a stop string hit is "stop")."""
         for rid in request_ids:
-            self._commands.put(("abort", rid))
+            self._commands.put(("abort", rid, reason))
 
     def _release(self, n: int) -> None:
         self._pending -= n
@@ -189,7 +190,7 @@ class AsyncEngine:
             entry = self._entries.pop(rid, None)
             if entry is not None:
                 self.engine.abort(rid)
-                self._finish_metrics(entry, "abort")
+                self._finish_metrics(entry, cmd[2] if len(cmd) > 2 else "abort")
                 self._post(entry.group, None, release=1)
         elif kind == "score":
             _, prompts, top_k, fut = cmd

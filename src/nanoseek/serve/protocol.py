@@ -122,6 +122,7 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (load benchmarks)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's JSON keys) -> bias
 
     @field_validator("stop")
     @classmethod
@@ -174,6 +175,10 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = False
     add_generation_prompt: bool = True
+    # with messages: rendered as the chat request would render them, so the counts agree
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(_Request):

@@ -168,6 +168,8 @@ class ToolCallSplitter:
         if block is None:
             return pending, None
         parsed = parse_tool_calls(block, self.names)
-        if parsed is None:
-            return block, None  # not a well-formed call: the model's text, as it wrote it
+        if (
+            parsed is None
+        ):  # not a well-formed call: the model's text as it wrote it (not the prompt's prefix)
+            return block.removeprefix(self.prefix), None
         return parsed[0], parsed[1]
