@@ -185,6 +185,7 @@ def test_weight_only_quantization(model, fmt):
     # Per-channel 8-bit weights: next-token distributions stay close.
     kl = (ref.exp() * (ref - got)).sum(-1).mean()
     assert kl < 0.05
+    assert torch.equal(q(ids).log_softmax(-1), got)  # called as README shows it, autograd recording
     engine = Engine(copy.deepcopy(model), quantize=fmt)
     out = engine.generate([PROMPTS[0]], max_new_tokens=6)[0]
     assert len(out) == 6

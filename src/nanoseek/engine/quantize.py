@@ -170,6 +170,8 @@ class QuantRoutedExperts(RoutedExperts):
     """RoutedExperts with quantized stacked weights: the same dispatch and grouped SwiGLU, its grouped
     GEMM running each used expert on that expert's stored rows (`_quant_linear`)."""
 
+    trainable = False
+
     def __init__(self, experts: RoutedExperts, fmt: str) -> None:
         nn.Module.__init__(self)
         self.n_experts = experts.n_experts

@@ -421,6 +421,9 @@ class RoutedExperts(nn.Module):
 
     gate_up_proj = Registered()  # read per call: see nanoseek.model.registered
     down_proj = Registered()
+    # Whether the stored weights take gradients; quantized storage (engine/quantize.py) does not, so
+    # its forward is the inference one whether or not autograd is recording.
+    trainable = True
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -476,7 +479,7 @@ class RoutedExperts(nn.Module):
         order, counts = sort_by_expert(indices, n)
         offs = counts.cumsum(0).to(torch.int32)
         dtype = compute_dtype(x)
-        if not torch.is_grad_enabled():  # inference: the autograd node's forward, without the node
+        if not (torch.is_grad_enabled() and self.trainable):  # the autograd node's forward, without the node
             gate_up, down = self.grouped_weights(dtype) if stacked is None else (w.to(dtype) for w in stacked)
             return _routed_rows(x.to(dtype), weights, gate_up, down, order, offs, self.grouped_mm)[0]
         gate_up, down = self.expert_weights() if stacked is None else stacked
