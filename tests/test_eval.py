@@ -210,6 +210,19 @@ def test_no_thinking_prompts_and_scoring(tmp_path) -> None:
     assert all(b["chat_template_kwargs"] == {"thinking": False} for b in seen)
 
 
+def test_endpoint_failures_are_one_clear_error() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"error": {"message": "bad key", "type": "invalid_request_error"}})
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    cfg = EvalConfig(model="http://stub:8000", task="arithmetic", k=1, n=1)
+    for handler, said in ((refuse, "refused the API key"), (down, "cannot reach http://stub:8000/v1")):
+        with pytest.raises(ValueError, match=said):
+            endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+
+
 @pytest.fixture
 def engine_widths(monkeypatch) -> list:
     """The max_batch_size of every Engine the test builds, in order."""

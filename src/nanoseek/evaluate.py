@@ -15,6 +15,7 @@ What is notable here:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -22,7 +23,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -343,6 +344,21 @@ def checkpoint_sampler(cfg: EvalConfig) -> tuple[Callable[[Sequence[Any]], list[
     return sampler, str(sampler.path)
 
 
+@contextlib.contextmanager
+def _endpoint_errors(base: str) -> Iterator[None]:
+    """The endpoint's failures as one clear line (the CLI's ValueError), not the client's traceback."""
+    import openai
+
+    try:
+        yield
+    except openai.APIConnectionError as e:
+        raise ValueError(f"cannot reach {base} ({e}): is the server running, and is the URL right?") from None
+    except openai.AuthenticationError:
+        raise ValueError(f"{base} refused the API key (401): pass --api-key or set OPENAI_API_KEY") from None
+    except openai.APIStatusError as e:
+        raise ValueError(f"{base} answered {e.status_code}: {e.message}") from None
+
+
 def endpoint_sampler(
     cfg: EvalConfig, http_client: Any = None
 ) -> tuple[Callable[[Sequence[Any]], list[list[Sample]]], str]:
@@ -358,20 +374,22 @@ def endpoint_sampler(
         http_client=http_client,
         max_retries=2,
     )
-    model_name = cfg.endpoint_model or client.models.list().data[0].id
+    with _endpoint_errors(base):
+        model_name = cfg.endpoint_model or client.models.list().data[0].id
 
     def one(problem: Any) -> list[Sample]:
-        resp = client.chat.completions.create(
-            model=model_name,
-            messages=problem.messages,
-            n=cfg.k,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_tokens=cfg.max_new_tokens,
-            seed=cfg.seed,
-            # only said when off, so servers that know no chat_template_kwargs are sent nothing new
-            extra_body=None if cfg.thinking else {"chat_template_kwargs": {"thinking": False}},
-        )
+        with _endpoint_errors(base):
+            resp = client.chat.completions.create(
+                model=model_name,
+                messages=problem.messages,
+                n=cfg.k,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_tokens=cfg.max_new_tokens,
+                seed=cfg.seed,
+                # only said when off, so servers that know no chat_template_kwargs are sent nothing new
+                extra_body=None if cfg.thinking else {"chat_template_kwargs": {"thinking": False}},
+            )
         per = (resp.usage.completion_tokens / max(len(resp.choices), 1)) if resp.usage else 0
         out = []
         for ch in resp.choices:
