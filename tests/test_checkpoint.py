@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nanoseek
-from nanoseek.atomic import atomic_directory
+from nanoseek.atomic import FILE_MODE, atomic_directory
 from nanoseek.checkpoint import build_model, read_safetensors, save_model
 from nanoseek.config import ModelConfig
 from nanoseek.model.fp8 import dequantize_blocks
@@ -137,6 +137,8 @@ def test_atomic_directory_keeps_old_checkpoint_on_failure(tmp_path):
     with atomic_directory(target) as tmp:
         save_model(other, tmp)
     assert (target / "model.safetensors").read_bytes() != before["model.safetensors"]
+    # every file readable as the user's umask says (safetensors alone writes its files owner-only)
+    assert {f.stat().st_mode & 0o777 for f in target.iterdir()} == {FILE_MODE}
 
 
 def test_pickle_files_are_refused_with_a_clear_message(tmp_path):

@@ -144,6 +144,10 @@ def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
     # Not a checkpoint directory.
     assert main(["export", str(tmp_path), "--gguf", str(tmp_path / "x.gguf")]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
+    # --gguf naming a directory: said before anything is written, nothing left behind
+    (tmp_path / "outdir").mkdir()
+    assert main(["export", str(ckpt), "--gguf", str(tmp_path / "outdir")]) == 2
+    assert "is a directory" in capsys.readouterr().err and not list(tmp_path.glob(".*tmp*"))
     # A tokenizer from before the switch to Qwen2's regex: retrain it.
     old = tmp_path / "old"
     shutil.copytree(ckpt, old)

@@ -17,6 +17,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    try:  # Linux states it; elsewhere read it by setting it (process-wide, so only as a fallback)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# What a new file gets under the user's umask. Some writers create theirs owner-only (safetensors'
+# save_file: 0600), which would keep a served checkpoint from another user or a container.
+FILE_MODE = 0o666 & ~_umask()
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)  # directories too: a rename is durable once its directory is
     os.fsync(fd)
@@ -31,6 +48,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = final.with_name(f".{final.name}.tmp")
     try:
         yield tmp
+        if tmp.stat().st_mode & 0o777 != FILE_MODE:
+            os.chmod(tmp, FILE_MODE)
         _fsync(tmp)
         os.replace(tmp, final)
         _fsync(final.parent)

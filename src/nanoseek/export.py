@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nanoseek.atomic import atomic_file
 from nanoseek.config import ModelConfig
 
 if TYPE_CHECKING:  # torch and tokenizers load on use: `nanoseek --help` imports this module
@@ -172,30 +173,29 @@ def export_gguf(
     }[type]
 
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), ARCH)
-    try:
-        writer.add_name(src.resolve().name)
-        writer.add_file_type(int(file_type))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _write_hparams(writer, gguf, config)
-        _write_tokenizer(writer, gguf, tok, config.vocab_size, pre)
-        n_tensors = 0
-        for name, array, keep_f32 in _gguf_tensors(model, gguf):
-            data, raw = _encode(gguf, array, None if keep_f32 else qtype)
-            writer.add_tensor(name, data, **raw)
-            n_tensors += 1
-        say(f"writing {n_tensors} tensors ({type}) to {path}")
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=progress is not None)  # a tqdm bar
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)  # a half-written file must not look like an export
-        raise
-    writer.close()
-    os.replace(tmp, path)
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is a directory: --gguf takes the file to write, such as {path / 'model.gguf'}"
+        )
+    with atomic_file(path) as tmp:  # a half-written file must never look like an export
+        writer = gguf.GGUFWriter(str(tmp), ARCH)
+        try:
+            writer.add_name(src.resolve().name)
+            writer.add_file_type(int(file_type))
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            _write_hparams(writer, gguf, config)
+            _write_tokenizer(writer, gguf, tok, config.vocab_size, pre)
+            n_tensors = 0
+            for name, array, keep_f32 in _gguf_tensors(model, gguf):
+                data, raw = _encode(gguf, array, None if keep_f32 else qtype)
+                writer.add_tensor(name, data, **raw)
+                n_tensors += 1
+            say(f"writing {n_tensors} tensors ({type}) to {path}")
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=progress is not None)  # a tqdm bar
+        finally:
+            writer.close()
     return ExportSummary(path, type, n_tensors, path.stat().st_size, config.vocab_size, pre)
 
 
