@@ -800,7 +800,7 @@ def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, caps
     save_model(model, ckpt)
     tok.save(ckpt)
     served = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.update(app=self.config.app))
 
     def served_int8(*flags: str) -> bool:
         assert main(["serve", str(ckpt), "--port", "0", *flags]) == 0
@@ -812,3 +812,11 @@ def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, caps
     # the banner says what was loaded and how long loading, quantizing and packing took
     banner = [line for line in capsys.readouterr().out.splitlines() if "params, context" in line]
     assert len(banner) == 2 and "float32, int8; ready in " in banner[0] and "float32; ready in " in banner[1]
+    # a port another server holds is said before the weights load, in one line
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        assert main(["serve", str(ckpt), "--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err

@@ -420,6 +420,8 @@ def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
         raise ValueError(f"k and n must be >= 1 (got k={cfg.k}, n={cfg.n})")
     if cfg.split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {cfg.split!r}")
+    if cfg.max_batch_size is not None and cfg.max_batch_size < 1:
+        raise ValueError(f"--max-batch-size must be >= 1 (or left out), got {cfg.max_batch_size}")
     task = get_task(cfg.task)
     return task, task.problems(cfg.split, cfg.n, seed=cfg.seed, language=cfg.language)
 

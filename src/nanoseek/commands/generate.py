@@ -68,7 +68,9 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
     from nanoseek.tokenizer import load_tokenizer
 
     directory = resolve_checkpoint(args.dir, tokenizer=True)
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     # Quantized as the weights stream in: memory never holds the whole model in args.dtype.
     device = args.device or default_device()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +62,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound and listening (uvicorn serves on it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ValueError(
+            f"cannot listen on {host}:{port}: {e.strerror or e} (is another server there?)"
+        ) from None
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
@@ -77,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     directory = resolve_checkpoint(args.model, tokenizer=True)
     if args.port < 0 or args.port > 65535:
         raise ValueError(f"--port {args.port} is not a TCP port")
+    sock = _listen(args.host, args.port)  # a busy port is said now, not after loading the weights
+    port = sock.getsockname()[1]  # --port 0: the one the system picked
     device = args.device or default_device()
     t0 = time.perf_counter()
     model = load_model(directory, dtype=args.dtype, device=device, quantize=args.quantize).eval()
@@ -119,13 +138,13 @@ def run(args: argparse.Namespace) -> int:
             + ", ".join(f"{k}={v}" for k, v in defaults.items())
         )
     print(
-        f"nanoseek serve: listening on http://{shown_host}:{args.port}  (OpenAI base_url "
-        f"http://{shown_host}:{args.port}/v1, chat page at /, auth {'on' if args.api_key else 'off'})",
+        f"nanoseek serve: listening on http://{shown_host}:{port}  (OpenAI base_url "
+        f"http://{shown_host}:{port}/v1, chat page at /, auth {'on' if args.api_key else 'off'})",
         flush=True,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print("nanoseek serve: warning: reachable beyond this machine and no --api-key set", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     print("nanoseek serve: stopped")
     return 0
 
