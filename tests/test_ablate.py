@@ -172,6 +172,11 @@ def test_parse_budget() -> None:
     for bad in ("", "fast", "10 parsecs", "5ks", "0s", "-3"):
         with pytest.raises(ValueError, match="budget"):
             parse_budget(bad)
+    # a refused budget names every form that would have been read, times too, not only counts of tokens
+    for bad in ("abc", "0", "2x"):
+        with pytest.raises(ValueError, match=r"K/M/B/T.*384k.*1M tokens.*90s.*5min.*1h"):
+            parse_budget(bad)
+    assert parse_budget("2 hours") == parse_budget("120 minutes") == Budget("seconds", 7200)
 
 
 def test_bad_study_name_is_a_clear_error() -> None:

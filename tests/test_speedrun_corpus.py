@@ -222,3 +222,63 @@ def test_the_speedrun_command_sets_the_share_of_several_question_chats(tmp_path,
         assert seen["grpo_second_turn"] is value
     with pytest.raises(ValueError, match=r"pretrain_multi_turn must be in \[0, 1\], got 1.5"):
         dataclasses.replace(PRESETS["cpu"], pretrain_multi_turn=1.5)
+
+
+def test_tasks_runs_the_families_named_with_the_presets_lists_cut_to_them(tmp_path, monkeypatch):
+    """`nanoseek speedrun --tasks`: the families named replace the preset's, and every per-family
+    setting of the preset keeps only those (it refused any list but the preset's own before)."""
+    import nanoseek.train.grpo as grpo_mod
+    from nanoseek.cli import main
+
+    ran = []
+    monkeypatch.setattr(Speedrun, "__call__", lambda self: ran.append(self.p) or tmp_path)
+    for preset in PRESETS:
+        for flag, tasks, zero in (
+            ("addition", ("addition",), ()),
+            ("addition,sorting", ("addition", "sorting"), ()),
+            ("sorting, addition,largest,addition", ("sorting", "addition"), ("largest",)),
+        ):
+            assert main(["speedrun", "--preset", preset, "--tasks", flag, "--out", str(tmp_path)]) == 0
+            p = ran.pop()
+            assert (p.tasks, p.verifier_only_tasks) == (tasks, zero)
+            assert set(p.grpo_sft_mix_tasks) | set(p.grpo_keep_tasks) <= set(p.tasks)
+            assert set(p.pretrain_weights) <= set(p.tasks)
+    cpu = PRESETS["cpu"].with_tasks(["addition", "sorting", "modular"])
+    assert cpu.pretrain_weights == {"sorting": 2} and cpu.grpo_keep_tasks == ()
+    assert cpu.grpo_sft_mix_tasks == cpu.tasks  # the cpu preset mixes every family's, so the run's
+    assert PRESETS["gpu"].with_tasks(["counting", "modular"]).grpo_sft_mix_tasks == ("counting",)
+    # smoke mixes comparison's worked solutions alone: without it GRPO mixes none, not every task's
+    seen = {}
+    monkeypatch.setattr(grpo_mod, "grpo", lambda cfg, on_step=None: seen.setdefault("grpo", cfg))
+    Speedrun(tmp_path, PRESETS["smoke"].with_tasks(["addition"]), progress=False).grpo()
+    assert seen["grpo"].tasks == ["addition", "addition?turn=2"] and seen["grpo"].sft_mix == 0.0
+
+
+def test_tasks_that_the_speedrun_cannot_run_are_named_one_by_one(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    out = tmp_path / "run"
+    for flag, named in (
+        ("nosuch", "unknown task 'nosuch';"),
+        ("comparison,nosuch", "unknown task 'nosuch';"),
+        ("nosuch,addition,foo", "unknown tasks 'nosuch', 'foo';"),
+        ("largest", "only families learned from their verifier alone (largest)"),
+        ("addition?digits=abc", "digits='abc' must be a whole number"),
+        ("", "names no family"),
+    ):
+        assert main(["speedrun", "--preset", "smoke", "--tasks", flag, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "grpo_sft_mix_tasks" not in err, err
+    assert not out.exists()  # refused before a run directory holds anything
+    with pytest.raises(ValueError, match="unknown task 'nosuch'"):  # before any check that would miss it
+        dataclasses.replace(PRESETS["smoke"], tasks=("nosuch",), grpo_sft_mix_tasks=())
+
+
+def test_a_family_run_alone_gives_the_worked_solutions_it_holds(tmp_path):
+    """A family alone gives all of a stage's worked solutions: linear equations hold 1,539 distinct
+    training problems, fewer than the cpu preset's cold start asks of them (3,000)."""
+    alone = Speedrun(tmp_path, PRESETS["cpu"].with_tasks(["linear_equation"]), progress=False)
+    assert alone._examples_held(3000) == 1539
+    cpu = Speedrun(tmp_path, PRESETS["cpu"], progress=False)
+    n = cpu._control_examples(PRESETS["cpu"].control_plan_steps)
+    assert cpu._examples_held(n) == n  # the preset's own families fill theirs

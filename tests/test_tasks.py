@@ -349,6 +349,65 @@ def test_difficulty_and_options():
         get_task("arithmetic").problems("train", 3, language="fr")
 
 
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ("arithmetic?digits=abc", "'arithmetic': digits='abc' must be a whole number"),
+        ("addition?digits=2.5", "'arithmetic': digits='2.5' must be a whole number"),
+        ("sorting?count=four", "'sorting': count='four' must be a whole number"),
+        ("countdown?max_target=x", "'countdown': max_target='x' must be a whole number"),
+        ("linear_equation?difficulty=hard", "'linear_equation': difficulty='hard' must be a whole number"),
+        ("arithmetic?allow_negative=maybe", "allow_negative='maybe' must be true or false"),
+        ("rg:basic_arithmetic?partial=maybe", "partial='maybe' must be true or false"),
+        ("comparison?digits=0", "digits must be >= 1, got 0"),
+        ("largest?digits=-2", "digits must be >= 1, got -2"),
+        ("modular?colour=red", "no option 'colour' (it takes: difficulty, wording)"),
+    ],
+)
+def test_a_bad_option_value_is_named_with_what_it_must_be(spec, says):
+    """Options are read as the types the family's parameters name, once, for every family: "digits=abc"
+    was a TypeError in the middle of a comparison ('<' not supported between 'str' and 'int')."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        get_task(spec)
+
+
+def test_options_are_read_as_their_parameters_types():
+    assert get_task("counting?alphabet=0123").alphabet == "0123"  # text, as written
+    assert get_task("arithmetic?allow_negative=true").allow_negative is True
+    assert get_task("arithmetic?allow_negative=0").allow_negative is False
+    assert get_task("rg:countdown?partial=1").partial is True  # as the package docstring writes it
+    assert get_task("sorting?count=5&max_value=50").count == 5
+
+
+def test_the_docs_example_is_true_when_run():
+    """docs/tasks.md's first example, run line by line: every value a comment shows is the one the
+    line gives (its problem drifted once when the draw changed, and the example scored it 0.0)."""
+    import ast
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "tasks.md").read_text(encoding="utf-8")
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    env: dict = {}
+    shown = 0
+    for line in code.splitlines():
+        stmt, _, comment = line.partition("  # ")
+        if not stmt.strip():
+            continue
+        exec(stmt, env)
+        try:  # a value shown in the comment, before any words about it
+            want = ast.literal_eval(comment.split("   ")[0])
+        except (SyntaxError, ValueError):
+            continue
+        node = ast.parse(stmt).body[0]
+        target = node.targets[0] if isinstance(node, ast.Assign) else node.value
+        got = eval(ast.unparse(target), env)
+        assert got == (pytest.approx(want) if isinstance(want, float) else want) or (
+            isinstance(want, tuple) and got[0] == pytest.approx(want[0]) and got[1:] == want[1:]
+        ), (stmt, got, want)
+        shown += 1
+    assert shown == 4  # the problem, its worked solution, its score, its reward
+
+
 def test_small_problem_space_runs_dry_with_a_clear_error():
     task = get_task("arithmetic?digits=1&ops=add")  # 55 unordered pairs, ~11 held out
     with pytest.raises(ValueError, match="distinct test problems"):

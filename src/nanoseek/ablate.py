@@ -52,7 +52,7 @@ class AblateConfig:
     )
     budget: str | None = option(
         None,
-        "per run: tokens (384k, 1M, 2e6) or seconds of training (90s, 5min); default: the study's own, "
+        "per run: tokens (384k, 1M, 2e6) or seconds of training (90s, 5min, 1h); default: the study's own, "
         "sized so a study of 3 seeds fits in ~30 minutes on 2 CPU cores",
     )
     seeds: int = option(3, "seeds per variant (0, 1, ...)")
@@ -101,11 +101,20 @@ _SECONDS = {
     "sec": 1,
     "s": 1,
     "minutes": 60,
+    "minute": 60,
     "mins": 60,
     "min": 60,
+    "hours": 3600,
+    "hour": 3600,
     "h": 3600,
 }
 _TOKENS = ("tokens", "token", "tok")
+# Every form parse_budget reads, for the error that refuses another: a time is a budget too, so an
+# error naming only the token counts would send the user away from one that would have worked.
+BUDGET_FORMS = (
+    "tokens (a positive number with an optional K/M/B/T suffix or 'tokens': 384k, 1M tokens, 2e6) or "
+    "seconds of training (a positive number with s, min or h: 90s, 5min, 1h)"
+)
 
 
 def parse_budget(text: str | Budget) -> Budget:
@@ -120,11 +129,13 @@ def parse_budget(text: str | Budget) -> Budget:
         if raw.lower().endswith(unit):
             number, scale = raw[: -len(unit)].strip(), _SECONDS.get(unit)
             break
-    if scale is None:
-        return Budget("tokens", parse_count(number, "--budget"))
-    if number[-1:].isalpha():
+    if scale is not None and number[-1:].isalpha():
         raise ValueError(f"--budget {text!r}: a time takes no K/M suffix (write 90s or 5min)")
-    return Budget("seconds", parse_count(number, "--budget") * scale)
+    try:
+        value = parse_count(number, "--budget")
+    except ValueError:
+        raise ValueError(f"cannot parse --budget {text!r}: give {BUDGET_FORMS}") from None
+    return Budget("tokens", value) if scale is None else Budget("seconds", value * scale)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,7 +199,14 @@ class SpeedrunPreset:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # refused when the preset is made, before a run directory holds anything
+        # refused when the preset is made, before a run directory holds anything; unknown names first,
+        # or every check below would name a family the run lacks instead of the one it cannot have
+        check_task_names([*self.tasks, *self.verifier_only_tasks])
+        if not self.tasks:
+            raise ValueError(
+                "tasks must name at least one family with worked solutions: the corpus and the cold "
+                f"start are written from them (verifier only: {', '.join(self.verifier_only_tasks) or 'none'})"
+            )
         if self.control_plan_steps < 1:
             raise ValueError(f"control_plan_steps must be >= 1, got {self.control_plan_steps}")
         for name in ("pretrain_multi_turn", "student_multi_turn", "sft_multi_turn"):
@@ -224,6 +231,59 @@ class SpeedrunPreset:
             raise ValueError(
                 f"grpo_task_sampling must be one of {', '.join(TASK_SAMPLING)}, got {self.grpo_task_sampling!r}"
             )
+
+    def with_tasks(self, tasks: Sequence[str]) -> SpeedrunPreset:
+        """This preset on the families `tasks` names instead of its own (`nanoseek speedrun --tasks`).
+        A family the preset learns from its verifier alone (`largest`) stays so when named, and drops
+        out when not, as any family does; the preset's per-family settings (pretraining weights, the
+        families GRPO always draws and those it mixes worked solutions of) keep the families named. A
+        mix over all the preset's families (cpu) stays a mix over all the run's: a family the preset
+        lacks would otherwise be the one GRPO never holds on to."""
+        from nanoseek.data.tasks import get_task
+
+        names = list(dict.fromkeys(t.strip() for t in tasks if t.strip()))  # named twice: one family
+        if not names:
+            raise ValueError("--tasks names no family; leave it out for the preset's")
+        check_task_names(names)
+        for name in names:
+            get_task(name)  # its options, checked before a run directory holds anything
+        zero = tuple(t for t in names if t in self.verifier_only_tasks)
+        taught = tuple(t for t in names if t not in zero)
+        if not taught:
+            raise ValueError(
+                f"--tasks names only families learned from their verifier alone ({', '.join(zero)}); "
+                f"name at least one with worked solutions too, e.g. {', '.join(self.tasks)}"
+            )
+        kept = set(names)
+        mix_all = set(self.tasks) <= set(self.grpo_sft_mix_tasks)
+        return dataclasses.replace(
+            self,
+            tasks=taught,
+            verifier_only_tasks=zero,
+            pretrain_weights={t: w for t, w in self.pretrain_weights.items() if t in kept},
+            grpo_keep_tasks=tuple(t for t in self.grpo_keep_tasks if t in kept),
+            grpo_sft_mix_tasks=taught if mix_all else tuple(t for t in self.grpo_sft_mix_tasks if t in kept),
+        )
+
+
+def check_task_names(names: Sequence[str]) -> None:
+    """Refuse, by name, every family the speedrun cannot run: its corpus and worked solutions are
+    written from the built-in families (options after `?`: `addition?digits=3`)."""
+    from nanoseek.data.tasks import TASK_ALIASES, TASKS
+
+    unknown = [n for n in names if n.partition("?")[0].strip() not in {*TASKS, *TASK_ALIASES}]
+    if unknown:
+        which = "task" if len(unknown) == 1 else "tasks"
+        raise ValueError(
+            f"unknown {which} {', '.join(map(repr, unknown))}; the speedrun runs the built-in families: "
+            f"{', '.join([*TASKS, *TASK_ALIASES])}"
+        )
+
+
+def split_tasks(text: str) -> tuple[str, ...]:
+    """`--tasks addition,sorting` -> ("addition", "sorting"). Split at every comma: the stages join the
+    run's families with commas and split them so again, so an option can hold none."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 PRESETS: dict[str, SpeedrunPreset] = {
@@ -557,7 +617,7 @@ class Speedrun:
             SFTConfig(
                 init=str(self.run / init),
                 task=",".join(self.p.tasks),
-                task_examples=examples or self.p.sft_examples,
+                task_examples=self._examples_held(examples or self.p.sft_examples),
                 out=str(sub),
                 steps=steps or self.p.sft_steps,
                 seq_len=self.p.seq_len,
@@ -597,7 +657,9 @@ class Speedrun:
                 lr=self.p.grpo_lr,
                 loss=self.p.grpo_loss,
                 task_sampling=self.p.grpo_task_sampling,
-                sft_mix=self.p.grpo_sft_mix,
+                # GRPO reads no list as every task's worked solutions: a run whose families left
+                # none of the preset's mixed (`--tasks addition` on smoke) mixes nothing
+                sft_mix=self.p.grpo_sft_mix if self.p.grpo_sft_mix_tasks else 0.0,
                 sft_mix_tasks=list(self.p.grpo_sft_mix_tasks),
                 keep_tasks=list(self.p.grpo_keep_tasks),
                 max_new_tokens=self.p.max_new_tokens,
@@ -668,6 +730,18 @@ class Speedrun:
         """Fresh worked solutions for a control of `steps` at the cold start's rate per step, not
         epochs over the cold start's own."""
         return max(self.p.sft_examples, steps * self.p.sft_examples // max(1, self.p.sft_steps))
+
+    def _examples_held(self, n: int) -> int:
+        """`n` worked solutions, an equal share per family, or fewer where a family holds fewer distinct
+        training problems than its share: a family run alone (`--tasks linear_equation`, 1,539 of them)
+        gives all of a control's ~10k, and SFT refuses a share it cannot fill, at that stage's start."""
+        from nanoseek.data.tasks import get_task
+
+        share = n // len(self.p.tasks)
+        held = min(
+            len(get_task(t).problems("train", share, seed=self.p.seed, strict=False)) for t in self.p.tasks
+        )
+        return n if held >= share else held * len(self.p.tasks)
 
     def _step_seconds(self, stage: str) -> float | None:
         """Median seconds between consecutive step records of `stage` in metrics.jsonl."""
@@ -974,5 +1048,8 @@ def _evaluate_checkpoint(
 def run_speedrun(out: str | Path, preset: str = "cpu", progress: bool = True, **overrides: Any) -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown speedrun preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    tasks = overrides.pop("tasks", None)
     p = dataclasses.replace(PRESETS[preset], **overrides)
+    if tasks is not None:
+        p = p.with_tasks(split_tasks(tasks) if isinstance(tasks, str) else tasks)
     return Speedrun(out, p, progress=progress)()

@@ -16,7 +16,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--preset", default="cpu", choices=["smoke", "cpu", "gpu"], help="size of the run (default cpu)"
     )
     p.add_argument("--out", default="runs/speedrun", help="run directory (default runs/speedrun)")
-    p.add_argument("--tasks", default=None, help="comma-separated task names (default: the preset's)")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated built-in families to run instead of the preset's, e.g. addition,sorting: "
+        "only these are in the corpus, trained, evaluated and reported (largest, when named, is still "
+        "learned from its verifier alone). Default: the preset's (smoke: addition, comparison and "
+        "largest; cpu and gpu: seven with worked solutions and largest)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--precision",
@@ -51,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["pretrain_multi_turn"] = args.multi_turn
     if args.grpo_second_turn is not None:
         overrides["grpo_second_turn"] = args.grpo_second_turn
-    if args.tasks:
-        overrides["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if args.tasks is not None:  # `--tasks ""` is refused as naming no family, not taken as the preset's
+        overrides["tasks"] = args.tasks
     run_speedrun(args.out, args.preset, progress=not args.no_progress, **overrides)
     return 0

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import re
-from collections.abc import Iterator, Sequence
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,16 +27,72 @@ def _parse_value(v: str) -> Any:
     return v
 
 
-def parse_task_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"arithmetic?digits=3&ops=add,sub"`` -> ("arithmetic", {"digits": 3, "ops": "add,sub"})."""
+def parse_task_spec(spec: str, raw: bool = False) -> tuple[str, dict[str, Any]]:
+    """``"arithmetic?digits=3&ops=add,sub"`` -> ("arithmetic", {"digits": 3, "ops": "add,sub"}); with
+    `raw`, every value as written (``"3"``), for `typed_options` to read as its parameter's type."""
     base, _, query = spec.partition("?")
     options: dict[str, Any] = {}
     for part in filter(None, query.split("&")):
         k, eq, v = part.partition("=")
         if not eq or not k:
             raise ValueError(f"bad task option {part!r} in {spec!r}; expected key=value")
-        options[k] = _parse_value(v)
+        options[k] = v if raw else _parse_value(v)
     return base, options
+
+
+# What an option of each type must be written as, for the error that says so.
+_MUST_BE = {bool: "true or false (or 1 / 0)", int: "a whole number", float: "a number"}
+
+
+def _typed_value(value: str, hint: Any) -> Any:
+    """An option's text as the type its parameter is annotated with (`hint`); ValueError naming what
+    it must be where it is not. A parameter that takes text gets the text as written ("007" stays
+    "007"); one without a type we know gets `_parse_value`'s guess, as before types were read."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kinds = set(typing.get_args(hint) if union else (hint,)) - {type(None)}
+    if str in kinds:
+        return value
+    if bool in kinds:
+        if value.lower() in ("true", "1", "false", "0"):
+            return value.lower() in ("true", "1")
+        raise ValueError(_MUST_BE[bool])
+    if int in kinds:
+        if re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+        raise ValueError(_MUST_BE[int])
+    if float in kinds:
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(_MUST_BE[float]) from None
+    return _parse_value(value)
+
+
+def typed_options(
+    factory: Callable[..., Any], task: str, raw: dict[str, str], given: Sequence[str] = ("spec",)
+) -> dict[str, Any]:
+    """A task's options (`parse_task_spec(spec, raw=True)`) as the types `factory`'s parameters name,
+    checked once here for every family: a value that is not of its type ("digits=abc") and an option
+    the factory does not take are refused by name, not met later as a TypeError in the middle of a
+    comparison. `given` are the parameters the registry fills itself."""
+    try:
+        params = inspect.signature(factory).parameters
+        hints = typing.get_type_hints(factory.__init__ if isinstance(factory, type) else factory)
+    except Exception:  # a registered factory we cannot introspect: its options as they were parsed
+        return {k: _parse_value(v) for k, v in raw.items()}
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = [n for n, p in params.items() if p.kind in keyword and n not in given]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in named and not takes_any:
+            takes = ", ".join(named) or "none"
+            raise ValueError(f"bad options for task {task!r}: no option {key!r} (it takes: {takes})")
+        try:
+            out[key] = _typed_value(value, hints.get(key, Any) if key in named else Any)
+        except ValueError as e:
+            raise ValueError(f"bad options for task {task!r}: {key}={value!r} must be {e}") from None
+    return out
 
 
 def with_option(spec: str, option: str, value: Any) -> str:

@@ -687,6 +687,8 @@ class ComparisonTask(BuiltinTask):
     ) -> None:
         super().__init__(spec, difficulty, wording)
         self.digits = digits if digits is not None else difficulty + 1
+        if self.digits < 1:
+            raise ValueError(f"digits must be >= 1, got {self.digits}")
 
     def generate(self, rng: random.Random) -> dict[str, Any] | None:
         # mostly same-length numbers (the interesting case), sometimes one digit shorter
@@ -787,6 +789,8 @@ class LargestTask(BuiltinTask):
     ) -> None:
         super().__init__(spec, difficulty, wording)
         self.digits = digits if digits is not None else difficulty + 1
+        if self.digits < 1:
+            raise ValueError(f"digits must be >= 1, got {self.digits}")
 
     def generate(self, rng: random.Random) -> dict[str, Any] | None:
         nums = [_rand_digits(rng, self.digits) for _ in range(3)]

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 
 from nanoseek.data.tasks.adapters import JsonlTask, ReasoningGymTask
-from nanoseek.data.tasks.base import ChatTurnTask, Task, parse_task_spec, spec_without
+from nanoseek.data.tasks.base import ChatTurnTask, Task, parse_task_spec, spec_without, typed_options
 from nanoseek.data.tasks.families import (
     ArithmeticTask,
     ComparisonTask,
@@ -51,21 +51,25 @@ def register_task(name: str, factory: Callable[..., Task]) -> None:
 @functools.lru_cache(maxsize=64)
 def get_task(name: str) -> Task:
     """A task by spec: a built-in name, ``rg:<dataset>``, or ``jsonl:<path>``, options after ``?``."""
-    base, options = parse_task_spec(name.strip())
+    base, options = parse_task_spec(name.strip(), raw=True)
     if "turn" in options:
-        return ChatTurnTask(name, get_task(spec_without(name.strip(), "turn")), options["turn"])
+        turn = parse_task_spec(name.strip())[1]["turn"]  # ChatTurnTask says what a turn must be
+        return ChatTurnTask(name, get_task(spec_without(name.strip(), "turn")), turn)
     if base.startswith("rg:"):
-        return ReasoningGymTask(name, base[3:], **options)
+        typed = typed_options(ReasoningGymTask, base, options, given=("spec", "dataset"))
+        return ReasoningGymTask(name, base[3:], **typed)
     if base.startswith("jsonl:"):
-        return JsonlTask(name, base[6:], **options)
+        return JsonlTask(name, base[6:], **typed_options(JsonlTask, base, options, given=("spec", "path")))
     if base in TASK_ALIASES:
-        base, defaults = parse_task_spec(TASK_ALIASES[base])
+        base, defaults = parse_task_spec(TASK_ALIASES[base], raw=True)
         options = {**defaults, **options}
     if base not in TASKS:
         raise ValueError(
             f"unknown task {base!r}; built-in: {', '.join([*TASKS, *TASK_ALIASES])}; or rg:<name>, jsonl:<path>"
         )
+    factory = TASKS[base]
+    typed = typed_options(factory, base, options)
     try:
-        return TASKS[base](spec=name, **options)
+        return factory(spec=name, **typed)
     except TypeError as e:
         raise ValueError(f"bad options for task {base!r}: {e}") from e
