@@ -94,5 +94,17 @@ def test_distill_end_to_end(teacher_dir, tmp_path, monkeypatch) -> None:
     msgs = json.loads(lines[0])["messages"]
     assert msgs[0]["role"] == "user" and msgs[1]["content"].startswith("<think>\n")
     assert [r["step"] for r in read_metrics(tmp_path, "distill") if "loss" in r][-1] == 2
+    (start,) = [r for r in read_metrics(tmp_path, "distill") if r.get("event") == "start"]
+    assert start["teacher_accuracy"] == pytest.approx(0.5) and start["kept_traces"] > 0
     before, after = load_model(teacher_dir), load_model(out)
     assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters(), strict=True))
+
+
+def test_distill_help_names_its_own_checkpoint_to_resume(capsys) -> None:
+    """--resume is SFTConfig's flag, shared: distill's student resumes from RUN/distill/."""
+    from nanoseek.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--resume continue from RUN/sft/ (distill: RUN/distill/)" in help_text

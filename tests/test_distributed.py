@@ -85,6 +85,13 @@ def test_two_gloo_processes_match_one(tmp_path) -> None:
     from nanoseek.train.loop import OptimConfig, Trainer
 
     model = micro_model(seed=9)
-    tr = Trainer(model, tmp_path / "two", "pretrain", OptimConfig(), total_steps=STEPS + 2)
+    tr = Trainer(
+        model,
+        tmp_path / "two",
+        "pretrain",
+        OptimConfig(lr=1e-2, warmup_steps=2),  # the run's settings: a resume refuses others
+        total_steps=STEPS + 2,
+        bias_update_speed=0.01,
+    )
     assert tr.resume() == {"pos": STEPS} and tr.global_step == STEPS
     assert len(tr.optimizer.state) == sum(1 for p in model.parameters() if p.requires_grad)

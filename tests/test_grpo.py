@@ -222,6 +222,13 @@ def test_grpo_resume_is_exact(micro_checkpoint, tmp_path) -> None:
     ra = [r for r in read_metrics(tmp_path / "a", "grpo") if "reward" in r]
     rb = [r for r in read_metrics(tmp_path / "b", "grpo") if "reward" in r]
     assert [r["step"] for r in rb] == [1, 2]
+    # what the report reads as one run of 2 steps, its wall time the two processes' together
+    events = [(r["event"], r["step"]) for r in read_metrics(tmp_path / "b", "grpo") if r.get("event")]
+    assert events == [("start", 0), ("end", None), ("resume", None), ("end", None)]
+    from nanoseek.report import RunMetrics
+
+    m = RunMetrics(tmp_path / "b")
+    assert m.steps("grpo", "reward")[0] == [1, 2] and m.wall_time("grpo") > 0
     for key in ("reward", "response_length", "accuracy", "format_rate"):
         assert ra[1][key] == rb[1][key]
     for key in ("entropy", "clip_frac", "rollout_tok_s", "update_tok_s", "loss", "groups_with_signal"):

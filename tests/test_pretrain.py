@@ -103,6 +103,45 @@ def test_pretrain_resume_matches_uninterrupted(workdir, tmp_path) -> None:
     assert losses(tmp_path / "b") == losses(tmp_path / "a")  # bitwise, through the data position
 
 
+def test_a_killed_and_resumed_run_reports_as_one(workdir, tmp_path) -> None:
+    """Killed at step 5 with a checkpoint at 3, then resumed to 6: the report's steps, tokens and wall
+    time are those of one run of 6 steps; a fresh run into the same directory then replaces it."""
+    from nanoseek.report import RunMetrics
+
+    run = tmp_path / "run"
+
+    def kill_at_5(step: int) -> None:
+        if step == 5:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        pretrain(config(workdir, run, checkpoint_every=3, val_every=0), on_step=kill_at_5)
+    pretrain(config(workdir, run, checkpoint_every=3, val_every=0, resume=True))
+    m = RunMetrics(run)
+    assert m.steps("pretrain", "loss")[0] == [1, 2, 3, 4, 5, 6]
+    assert m.total("pretrain", "tokens") == 6 * 4 * 32
+    assert m.wall_time("pretrain") > m.last_event("pretrain", "end")["wall_time_s"] > 0
+    pretrain(config(workdir, run, steps=2, val_every=0))  # afresh, without --resume
+    m = RunMetrics(run)
+    assert m.steps("pretrain", "loss")[0] == [1, 2] and m.total("pretrain", "tokens") == 2 * 4 * 32
+
+
+def test_resume_with_other_training_settings_is_refused(workdir, tmp_path) -> None:
+    """An exact resume continues the same run: another batch size or optimizer is refused before
+    anything is loaded or written; a longer run is allowed."""
+    run = tmp_path / "run"
+    pretrain(config(workdir, run, steps=3, val_every=0))
+    state = run / "pretrain" / "train_state"
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    with pytest.raises(ValueError, match=r"--batch-size: 4 -> 2"):
+        pretrain(config(workdir, run, steps=3, batch_size=2, val_every=0, resume=True))
+    with pytest.raises(ValueError, match=r"--optimizer: 'adamw' -> 'muon'"):
+        pretrain(config(workdir, run, steps=3, optimizer="muon", val_every=0, resume=True))
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+    pretrain(config(workdir, run, steps=5, val_every=0, resume=True))
+    assert json.loads((state / "trainer.json").read_text())["step"] == 5
+
+
 def test_validation_leaves_training_bitwise_unchanged(workdir, tmp_path) -> None:
     """How often validation runs is a cost dial only: it must not move weights, data or the balancing bias."""
     pretrain(config(workdir, tmp_path / "often", val_every=1))

@@ -223,3 +223,66 @@ def test_grpos_gain_asked_second_is_reported_where_the_run_scored_its_start_ther
     assert "| sorting | 90.0% | 50.0% | 75.0% |" in text
     assert "Asked second in a chat (GRPO drew those prompts too): its gain over sft" in text
     assert "**+25.0 points** on average (sorting +25.0)." in text
+
+
+def _pretrain_steps(log: MetricsLog, steps: range, t0: float, loss: float = 4.0) -> None:
+    """Step records as the trainer logs them: a running token total, one second apart from t0."""
+    for s in steps:
+        log.log(step=s, loss=loss, tokens=128 * s, time=t0 + s)
+
+
+@pytest.mark.parametrize("resume_record", [True, False])
+def test_a_resumed_stage_reads_as_one_run(tmp_path, resume_record):
+    """Killed at step 70 with a checkpoint at 50, then resumed to 120: the replayed steps 51-70 replace
+    the first process's, the tokens are those of 120 steps, and the wall time adds both processes'.
+    Logs from before resume records (`resume_record=False`) show the resume by the step going back."""
+    from nanoseek.report import RunMetrics
+
+    log = MetricsLog(tmp_path, "pretrain")
+    log.log(step=0, event="start", time=1000.0)
+    _pretrain_steps(log, range(1, 71), 1000.0, loss=5.0)  # killed after step 70: no end record
+    if resume_record:
+        log.log(event="resume", from_step=50, time=2000.0)
+    _pretrain_steps(log, range(51, 121), 1950.0, loss=4.0)
+    log.log(step=120, event="end", wall_s=75.0, time=2080.0)  # `wall_s`: pretraining's before
+
+    m = RunMetrics(tmp_path)
+    xs, ys = m.steps("pretrain", "loss")
+    assert xs == list(range(1, 121))
+    assert ys[49] == 5.0 and ys[50:] == [4.0] * 70  # the first process's steps past 50 are gone
+    assert m.total("pretrain", "tokens") == 128 * 120
+    assert m.wall_time("pretrain") == pytest.approx(70.0 + 75.0)  # killed: its records' span
+    text = build_report(tmp_path).read_text()
+    assert "| pretrain | 145 s | 15.36K |" in text and "| **total** | 145.0 s |" in text
+
+
+def test_a_fresh_run_into_the_same_directory_replaces_the_earlier_in_the_report(tmp_path):
+    from nanoseek.report import RunMetrics
+
+    log = MetricsLog(tmp_path, "pretrain")
+    log.log(step=0, event="start")
+    _pretrain_steps(log, range(1, 101), 1000.0, loss=5.0)
+    log.log(step=100, event="end", wall_time_s=100.0)
+    log.log(step=0, event="start")  # trained again, without --resume
+    _pretrain_steps(log, range(1, 11), 3000.0, loss=3.0)
+    log.log(step=10, event="end", wall_time_s=10.0)
+    m = RunMetrics(tmp_path)
+    assert m.steps("pretrain", "loss") == (list(range(1, 11)), [3.0] * 10)
+    assert m.total("pretrain", "tokens") == 1280 and m.wall_time("pretrain") == 10.0
+    assert "| pretrain | 10 s | 1.28K |" in build_report(tmp_path).read_text()
+
+
+def test_every_stage_run_alone_reports_its_wall_time(tmp_path):
+    """Each stand-alone training stage's end record (GRPO's running time for logs from before it had one)."""
+    pre, sft, grpo = (MetricsLog(tmp_path, s) for s in ("pretrain", "sft", "grpo"))
+    pre.log(step=0, event="start")
+    pre.log(step=1, loss=4.0, tokens=128)
+    pre.log(step=1, event="end", wall_time_s=12.0)
+    sft.log(step=0, event="start")
+    sft.log(step=1, loss=2.0, tokens=64)
+    sft.log(event="end", wall_time_s=3.0)
+    for s in (1, 2):
+        grpo.log(step=s, loss=0.0, reward=0.5, wall_time_s=10.0 * s)
+    text = build_report(tmp_path).read_text()
+    assert "| pretrain | 12 s |" in text and "| sft | 3 s |" in text and "| grpo | 20 s |" in text
+    assert "| **total** | 35.0 s |" in text

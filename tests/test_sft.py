@@ -293,3 +293,72 @@ def test_cold_start_chats_ask_several_problems_in_a_row_each_once() -> None:
         assert len({script(m["content"]) for m in c if m["role"] == "user"}) == 1  # one language a chat
     with pytest.raises(ValueError, match="multi_turn"):
         task_conversations("addition", 10, multi_turn=2.0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "flag"),
+    [
+        (dict(batch_size=0), "--batch-size"),
+        (dict(batch_size=-1), "--batch-size"),
+        (dict(steps=0), "--steps"),  # left out (None) means --epochs passes; 0 is no step count
+        (dict(steps=-2), "--steps"),
+        (dict(epochs=0), "--epochs"),
+        (dict(epochs=-1), "--epochs"),
+        (dict(task_examples=0), "--task-examples"),
+        (dict(task_examples=-5), "--task-examples"),
+        (dict(seq_len=1), "--seq-len"),
+        (dict(max_seconds=-1.0), "--max-seconds"),
+        (dict(max_seconds=0.0), "--max-seconds"),
+        (dict(lr=0.0), "--lr"),
+        (dict(warmup_steps=-1), "--warmup-steps"),
+        (dict(min_lr_ratio=2.0), "--min-lr-ratio"),
+        (dict(optimizer="sgd"), "--optimizer"),
+    ],
+)
+def test_sft_config_names_the_flag_out_of_range(changes, flag) -> None:
+    from nanoseek.train.sft import SFTConfig
+
+    with pytest.raises(ValueError, match=f"^{flag} "):
+        SFTConfig(init="", **changes).validate()
+
+
+def test_sft_command_refuses_a_bad_number_before_loading_anything(capsys) -> None:
+    from nanoseek.cli import main
+
+    argv = ["sft", "--init", "no/such-checkpoint", "--task", "addition", "--batch-size", "0"]
+    assert main(argv) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_seq_len_that_cuts_off_every_answer_is_an_error(tmp_path) -> None:
+    """Cut to 8 tokens, every example is part of its 10-token prompt: no step would have a target."""
+    from nanoseek.train.sft import SFTConfig
+
+    cfg = SFTConfig(init="", steps=2, batch_size=2, seq_len=8, progress=False)
+    with pytest.raises(
+        ValueError, match=r"no example has an assistant token within --seq-len 8 \(.* 10 tokens"
+    ):
+        _train_with_budget(tmp_path, cfg, 0.0)
+    assert not (tmp_path / "control").exists()
+
+
+def test_sft_logs_its_run_and_resumes_only_the_same_run(tmp_path) -> None:
+    """Start and end records (the wall time the report shows); a resume with another --seed (another
+    order of batches) is refused, one with more steps goes on."""
+    import time
+
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train.sft import SFTConfig
+
+    cfg = SFTConfig(init="", steps=2, batch_size=2, seq_len=32, progress=False)
+    _train_with_budget(tmp_path, cfg, time.perf_counter())
+    events = [r for r in read_metrics(tmp_path, "control") if r.get("event")]
+    assert [r["event"] for r in events] == ["start", "end"] and events[1]["wall_time_s"] > 0
+    with pytest.raises(ValueError, match="--seed: 0 -> 1"):
+        _train_with_budget(
+            tmp_path,
+            SFTConfig(init="", steps=3, batch_size=2, seq_len=32, seed=1, resume=True, progress=False),
+            time.perf_counter(),
+        )
+    more = SFTConfig(init="", steps=3, batch_size=2, seq_len=32, resume=True, progress=False)
+    assert [r["step"] for r in _train_with_budget(tmp_path, more, time.perf_counter())] == [1, 2, 3]

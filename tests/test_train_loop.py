@@ -318,6 +318,56 @@ def test_checkpoint_layout_and_loadable(tmp_path) -> None:
             assert torch.equal(v, loaded.state_dict()[k]), k
 
 
+def _saved_at_step_2(tmp_path, **kw) -> dict[str, bytes]:
+    """A run of 4 steps checkpointed at step 2; the bytes of its train_state files."""
+    model, stream = micro_model(), Stream()
+    tr = make_trainer(model, tmp_path, steps=4, **kw)
+    for _ in range(2):
+        tr.step(lambda: language_model_loss(model, *stream()))
+    tr.save(stream.state_dict())
+    return {p.name: p.read_bytes() for p in (tmp_path / "pretrain" / "train_state").iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        (
+            dict(optim=OptimConfig(lr=1e-2, warmup_steps=2, optimizer="muon")),
+            "--optimizer: 'adamw' -> 'muon'",
+        ),
+        (dict(optim=OptimConfig(lr=3e-2, warmup_steps=2)), "--lr: 0.01 -> 0.03"),
+        (dict(bias_update_speed=0.01), "--bias-update-speed: 0.001 -> 0.01"),
+        (dict(resume_settings={"batch_size": 8}), "--batch-size: 4 -> 8"),
+    ],
+)
+def test_resume_refuses_changed_settings_and_writes_nothing(tmp_path, changed, message) -> None:
+    """An exact resume needs the settings the checkpoint was trained with: another optimizer would
+    take over AdamW's state (and save its own over it), another batch would train another run."""
+    saved = _saved_at_step_2(tmp_path, resume_settings={"batch_size": 4})
+    kw = {"resume_settings": {"batch_size": 4}, **changed}
+    other = make_trainer(micro_model(seed=5), tmp_path, steps=4, **kw)
+    with pytest.raises(ValueError, match="cannot resume") as e:
+        other.resume()
+    assert message in str(e.value) and other.global_step == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "pretrain" / "train_state").iterdir()} == saved
+    assert not [r for r in read_metrics(tmp_path) if r.get("event") == "resume"]
+
+
+def test_resume_may_run_longer_and_logs_where_it_resumed(tmp_path) -> None:
+    """More steps (with the warmup a stage derives from them) is the one change a resume allows."""
+    _saved_at_step_2(tmp_path, resume_settings={"batch_size": 4})
+    longer = make_trainer(
+        micro_model(seed=5),
+        tmp_path,
+        steps=40,
+        optim=OptimConfig(lr=1e-2, warmup_steps=20),
+        resume_settings={"batch_size": 4},
+    )
+    assert longer.resume() == {"pos": 2} and longer.global_step == 2
+    (rec,) = [r for r in read_metrics(tmp_path, "pretrain") if r.get("event") == "resume"]
+    assert rec["from_step"] == 2
+
+
 class ExplodingTokenizer:
     bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
 

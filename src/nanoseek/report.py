@@ -5,6 +5,8 @@ so a report can be rebuilt at any time with `nanoseek report RUN`.
 
 Records it understands (all optional; missing figures show as "–"):
 - any stage: `{"event": "end", "wall_time_s", "tokens", ...}` written when the stage finishes
+  (`wall_s` in pretraining's before), `{"event": "start"}` when a training stage starts afresh,
+  `{"event": "resume", "from_step"}` when one continues from a checkpoint
 - pretrain / sft / distill steps: `loss`, `val_loss`, `expert_load` ({layer: [tokens per expert]})
 - grpo steps: `reward`, `accuracy`, `format`, `response_length`, `kl`, `entropy`
 - eval: `evaluated` (which checkpoint / stage), `pass@1`, `cons@k`, `format_rate`, `language_consistency`,
@@ -59,15 +61,87 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _training_step(r: dict[str, Any]) -> bool:
+    """A trainer's record of one step (not a validation, probe or event record)."""
+    return r.get("event") is None and "loss" in r and _number(r.get("step"))
+
+
+def latest_run(records: list[dict[str, Any]]) -> list[tuple[float | None, list[dict[str, Any]]]]:
+    """One stage's records of its latest run, split by the processes that wrote them: (the step it
+    resumed from, None for the first; its records). A start record begins a new run (one trained
+    afresh into the same RUN); a resume record, or in logs from before there were any a step logged
+    again, begins the next process's part."""
+    parts: list[tuple[float | None, list[dict[str, Any]]]] = [(None, [])]
+    last: float | None = None  # the latest step logged
+    for r in records:
+        if r.get("event") == "start":
+            parts, last = [(None, [])], None
+        elif r.get("event") == "resume" and _number(r.get("from_step")):
+            parts.append((r["from_step"], []))
+            last = r["from_step"]
+        elif _training_step(r) and last is not None and r["step"] <= last:
+            # no checkpoint comes before step 1: a step 1 again is a new run
+            parts = [(None, [])] if r["step"] <= 1 else [*parts, (r["step"] - 1, [])]
+        parts[-1][1].append(r)
+        if _training_step(r):
+            last = r["step"]
+    return [p for p in parts if p[1]]
+
+
+def current_records(parts: list[tuple[float | None, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """The records of `latest_run`'s parts that still hold: a resumed process replays the steps after
+    its checkpoint, so those an earlier process logged past it are dropped (their tokens, losses)."""
+    out: list[dict[str, Any]] = []
+    limit = math.inf
+    for resumed_from, records in reversed(parts):
+        out[:0] = [r for r in records if not (_number(r.get("step")) and r["step"] > limit)]
+        if resumed_from is not None:
+            limit = min(limit, resumed_from)
+    return out
+
+
+def wall_time(parts: list[tuple[float | None, list[dict[str, Any]]]]) -> float | None:
+    """Seconds of `latest_run`, summed over its processes: each one's last end record, else the
+    running time its steps logged (GRPO's), else for a process killed and resumed after, the span of
+    its records; None when no part tells."""
+    total: float | None = None
+    for i, (_, records) in enumerate(parts):
+        ends = [e.get("wall_time_s", e.get("wall_s")) for e in records if e.get("event") == "end"]
+        running = [r["wall_time_s"] for r in records if _training_step(r) and _number(r.get("wall_time_s"))]
+        times = [r["time"] for r in records if _number(r.get("time"))]
+        if ends and _number(ends[-1]):
+            wall = ends[-1]
+        elif running:
+            wall = max(running)
+        elif i + 1 < len(parts) and times:
+            wall = max(times) - min(times)
+        else:
+            continue
+        total = (total or 0.0) + wall
+    return total
+
+
 class RunMetrics:
-    """The run's metrics grouped by stage, with helpers for the figures the report needs."""
+    """The run's metrics grouped by stage, with helpers for the figures the report needs. Each stage's
+    records are those of its latest run (`latest_run`, `current_records`)."""
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
         self.records = list(read_metrics(self.run_dir))
-        self.by_stage: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in self.records:
-            self.by_stage[str(r.get("stage"))].append(r)
+            grouped[str(r.get("stage"))].append(r)
+        self.runs = {stage: latest_run(records) for stage, records in grouped.items()}
+        self.by_stage: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for stage, parts in self.runs.items():
+            self.by_stage[stage] = current_records(parts)
+
+    def wall_time(self, stage: str) -> float | None:
+        return wall_time(self.runs.get(stage, []))
 
     def events(self, stage: str, event: str) -> list[dict[str, Any]]:
         return [r for r in self.by_stage.get(stage, []) if r.get("event") == event]
@@ -220,7 +294,7 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
         end = m.last_event(stage, "end")
         if not end and not m.by_stage.get(stage):
             continue
-        wall = end.get("wall_time_s")
+        wall = m.wall_time(stage)
         tokens = end.get("tokens") or m.total(stage, "tokens") or None
         cost = f"${(wall or 0) / 3600 * usd_per_hour:.4f}" if wall is not None else "–"
         shown = f"{_fmt(wall and round(wall, 1))} s"

@@ -136,13 +136,13 @@ def distill(cfg: DistillConfig) -> Path:
     from nanoseek.data.tasks import get_task
     from nanoseek.engine import Engine
     from nanoseek.evaluate import chat_prompt_ids
-    from nanoseek.metrics import MetricsLog
     from nanoseek.perf import default_device
     from nanoseek.tokenizer import load_tokenizer
 
     teacher_dir = resolve_checkpoint(cfg.teacher, flag="--teacher")
     if cfg.k < 1 or cfg.prompts < 1:
         raise ValueError("-k and --prompts must be >= 1")
+    cfg.sft.validate()  # before the teacher's sampling, not after it
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(teacher_dir)
     # as `generate` and `eval` load it: bf16 on a GPU (the grouped expert GEMM's fast kernel is bf16
@@ -185,7 +185,6 @@ def distill(cfg: DistillConfig) -> Path:
             msg = {"role": "assistant", "content": f"{tok.think_start}\n{text}"}
             f.write(json.dumps({"messages": [*prob.messages, msg]}, ensure_ascii=False))
             f.write("\n")
-    MetricsLog(run, "distill").log(step=0, teacher=str(teacher_dir), **stats)
     student = build_student(cfg.student, tok, cfg.seed)
     examples = [completion_example(p, c, tok.eos_token_id) for _, p, c in kept]
     return train_on_examples(
@@ -196,4 +195,5 @@ def distill(cfg: DistillConfig) -> Path:
         "distill",
         cfg.sft,
         {"distill": {"teacher": str(teacher_dir), "student": cfg.student, "tasks": cfg.tasks, **stats}},
+        start_record={"teacher": str(teacher_dir), **stats},
     )

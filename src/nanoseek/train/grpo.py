@@ -567,6 +567,8 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     stop = [tok.eos_token_id]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     metrics_log = MetricsLog(run, "grpo")
+    if trainer.global_step == 0:  # a new run: the report reads it apart from any before it in RUN
+        metrics_log.log(step=0, event="start")
     sampler = PromptSampler(pools, cfg.task_sampling, history.get("task_signal"))
     left_out: list[str] = []
     if cfg.task_sampling == "unsolved":
@@ -736,6 +738,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         if start >= cfg.steps and not (trainer.checkpoint_dir / "config.json").exists():
             trainer.save({"grpo_step": start, "history": {}})
     bar.close()
+    metrics_log.log(event="end", wall_time_s=time.perf_counter() - t_run)
     if last:
         print(
             f"grpo: {cfg.steps - start} steps in {time.perf_counter() - t_run:.0f}s; last reward "

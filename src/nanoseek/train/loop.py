@@ -17,7 +17,8 @@ What is notable here:
   `spike_factor` × the running mean by at least `spike_min_delta` nats, is skipped (no update, no bias
   move) and logged as such.
 - Checkpoints are HF-layout directories written atomically (`RUN/<stage>/`, with tokenizer files and
-  `train_state/`: optimizer, step, RNG, guard and data position), so `resume()` continues bit-exactly.
+  `train_state/`: optimizer, step, RNG, guard and data position), so `resume()` continues bit-exactly;
+  it refuses a resume whose training settings changed, which would continue as another run.
 - `StepLog`, composed beside the Trainer by the stages that want it: progress bar with loss, tokens/s
   and MFU (model FLOPs against the measured matmul peak of the precision in use); metrics.jsonl via
   `MetricsLog`; optional TensorBoard. GRPO keeps its own per-step record instead.
@@ -256,6 +257,7 @@ class Trainer:
         deadline: float | None = None,
         dist: DistInfo | None = None,
         config_extra: dict[str, Any] | None = None,
+        resume_settings: dict[str, Any] | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} not in {', '.join(PRECISIONS)}")
@@ -282,6 +284,8 @@ class Trainer:
         self.max_consecutive_skips = max_consecutive_skips
         self.deadline = deadline
         self.config_extra = config_extra or {}
+        # the stage's own settings (by field name) that `resume` must find unchanged, beside the trainer's
+        self.resume_settings = resume_settings or {}
         self.base_model = model
         self.config = model.config
 
@@ -563,6 +567,7 @@ class Trainer:
                     "precision": self.precision,
                     "world_size": self.dist.world_size,
                     "optim": asdict(self.optim_config),
+                    "resume_settings": self._settings(),
                     **self.config_extra,
                 }
                 save_train_state(tmp, optim_state, self._train_state(extra_state), meta)
@@ -578,15 +583,44 @@ class Trainer:
             gen["pad_token_id"] = getattr(self.tokenizer, "pad_token_id", None)
         (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
+    def _settings(self) -> dict[str, Any]:
+        """What a resume must find unchanged to continue the same run, as JSON would hold it: the
+        optimizer's settings but its warmup (stages shorten it to fit a short run, so it moves with a
+        longer --steps, which a resume may ask for), γ, and the stage's `resume_settings`."""
+        optim = {k: v for k, v in asdict(self.optim_config).items() if k != "warmup_steps"}
+        settings = {**optim, "bias_update_speed": self.bias_update_speed, **self.resume_settings}
+        return json.loads(json.dumps(settings))  # tuples become lists, as in the saved copy
+
+    def _check_settings(self, ckpt: Path) -> None:
+        """Refuse a resume whose settings differ from the checkpoint's: it would go on as another
+        run (Muon on AdamW's moments, another batch) and save that run's state over this one's."""
+        from nanoseek.checkpoint import TRAIN_STATE
+
+        meta_path = ckpt / TRAIN_STATE / "trainer.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        saved = meta.get("resume_settings")
+        if saved is None:  # saved before the settings were: its optimizer's are all it recorded
+            saved = {k: v for k, v in meta.get("optim", {}).items() if k != "warmup_steps"}
+        now = self._settings()
+        changed = [k for k in saved if k in now and saved[k] != now[k]]
+        if changed:
+            detail = ", ".join(f"--{k.replace('_', '-')}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+            raise ValueError(
+                f"cannot resume {ckpt}, the training settings changed ({detail}): resume with the "
+                "settings it was trained with (a longer --steps is fine), or train a new run in another --out"
+            )
+
     def resume(self) -> dict[str, Any] | None:
         """Restore weights, optimizer, step, RNG and guard from RUN/<stage>/; returns the extra state
-        saved with it (e.g. the data position), or None when there is nothing to resume."""
+        saved with it (e.g. the data position), or None when there is nothing to resume. Refuses
+        (ValueError, nothing loaded or written) when the training settings changed since."""
         from nanoseek.checkpoint import check_keys, from_hf_state_dict, load_train_state, read_safetensors
 
         ckpt = self.checkpoint_dir
         saved = load_train_state(ckpt)
         if saved is None:
             return None
+        self._check_settings(ckpt)
         optim_state, state = saved
         tensors = from_hf_state_dict(read_safetensors(ckpt), self.config, torch.float32)
         check_keys(self.model, tensors, f"checkpoint {ckpt}")
@@ -604,6 +638,10 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         if self.global_step >= self.total_steps and self.dist.is_main:
             print(f"{self.stage}: checkpoint already at step {self.global_step} of {self.total_steps}")
+        # The steps after it were logged once already: the report reads the ones this run logs instead.
+        MetricsLog(self.run_dir, self.stage, enabled=self.dist.is_main).log(
+            event="resume", from_step=self.global_step
+        )
         return state["extra"]
 
 

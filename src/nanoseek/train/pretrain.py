@@ -35,6 +35,19 @@ DATA = "data and model"
 OPTIM = "optimization"
 V3 = "DeepSeek-V3 losses and balancing"
 RUN = "run"
+# Settings a --resume must find unchanged beside the optimizer's (the Trainer checks those, and
+# PackedDataset the data's): the precision and warmup as given, not as resolved for this machine or
+# for this many steps, so a run may move to other hardware or grow longer.
+RESUME_SETTINGS = (
+    "batch_size",
+    "accumulation",
+    "warmup_steps",
+    "precision",
+    "mtp_weight",
+    "balance_alpha",
+    "document_mask",
+    "mask_prompts",
+)
 
 
 @dataclass
@@ -242,6 +255,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
         bias_update_speed=cfg.bias_update_speed,
         dist=dist,
         config_extra={"pretrain": {**asdict(cfg), "precision": precision}},
+        resume_settings={name: getattr(cfg, name) for name in RESUME_SETTINGS},
     )
     log = StepLog.for_trainer(
         trainer,
@@ -359,7 +373,11 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
             parts.append(f"{trainer.skipped_steps} steps skipped")
         print(", ".join(parts) + f"; checkpoint {path}")
         log.log(
-            trainer.global_step, event="end", wall_s=wall, val_loss=val_loss, skipped=trainer.skipped_steps
+            trainer.global_step,
+            event="end",
+            wall_time_s=wall,
+            val_loss=val_loss,
+            skipped=trainer.skipped_steps,
         )
     destroy_distributed()
     return path

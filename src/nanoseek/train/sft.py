@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.model.attention import document_causal_mask
-from nanoseek.options import option
+from nanoseek.options import check_choices, option
 from nanoseek.tokenizer import THINK_END, THINK_START, render_tool_calls
 
 IGNORE = -100
@@ -249,7 +249,8 @@ class SFTConfig:
     min_lr_ratio: float = option(0.1)
     precision: str = option("fp32", choices=("fp32", "bf16"))
     checkpoint_every: int = option(0, "steps between checkpoints (0 = only at the end)")
-    resume: bool = option(False, "continue from RUN/sft/ if it holds a checkpoint")
+    # shared with `nanoseek distill`, whose student trains as the stage `distill`
+    resume: bool = option(False, "continue from RUN/sft/ (distill: RUN/distill/) if it holds a checkpoint")
     seed: int = option(0)
     language: str | None = option(None, "only prompts in this language (en, ja, zh)")
     multi_turn: float = option(
@@ -259,6 +260,27 @@ class SFTConfig:
     progress: bool = option(True)
     # a time-matched control run: stop and save once this budget from the start of sft() is spent
     max_seconds: float | None = option(None, "wall-clock budget: stop and save once spent")
+
+    def validate(self) -> None:
+        """Clear errors, by flag, for settings out of range (configs built in Python skip argparse)."""
+        check_choices(self)
+        for name in ("epochs", "batch_size", "task_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be >= 1 (or left out for --epochs passes), got {self.steps}")
+        if self.seq_len < 2:
+            raise ValueError(f"--seq-len must be >= 2 (a token and the next one), got {self.seq_len}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("weight_decay", "warmup_steps", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("min_lr_ratio", "multi_turn"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"--max-seconds must be > 0 (or left out for no budget), got {self.max_seconds}")
 
 
 def task_conversations(
@@ -306,6 +328,34 @@ def task_conversations(
 
 # The sequence-wise balance loss weight α of V3's pretraining (§4.2), kept through fine-tuning.
 BALANCE_ALPHA = 1e-4
+# Settings a --resume must find unchanged beside the optimizer's (the Trainer checks those): what
+# builds and orders the batches, and the warmup as given (the trainer's is cut to fit the steps).
+RESUME_SETTINGS = (
+    "data",
+    "task",
+    "task_examples",
+    "language",
+    "multi_turn",
+    "seq_len",
+    "batch_size",
+    "seed",
+    "warmup_steps",
+    "precision",
+)
+
+
+def _check_targets_fit(examples: list[tuple[list[int], list[int]]], seq_len: int) -> int:
+    """The assistant tokens left to train on once each example is cut to `seq_len`; raises when none
+    is (every step's loss would be NaN, skipped, and the run would save its start as trained)."""
+    trained = sum(sum(lab != IGNORE for lab in labels[1:seq_len]) for _, labels in examples)
+    if not trained:
+        firsts = [next((i for i, lab in enumerate(labels) if lab != IGNORE), None) for _, labels in examples]
+        prompt = min((i for i in firsts if i is not None), default=None)
+        why = "" if prompt is None else f" (the shortest prompt alone takes {prompt} tokens)"
+        raise ValueError(
+            f"no example has an assistant token within --seq-len {seq_len}{why}: raise --seq-len"
+        )
+    return trained
 
 
 def train_on_examples(
@@ -318,8 +368,10 @@ def train_on_examples(
     config_extra: dict[str, Any] | None = None,
     started: float | None = None,
     deadline_fn: Callable[[], float | None] | None = None,
+    start_record: dict[str, Any] | None = None,
 ) -> Path:
     """The SFT loop on (input_ids, labels) examples through the shared Trainer; returns RUN/<stage>/.
+    `start_record`: fields for the run's start record in metrics.jsonl (a resumed run logs them apart).
 
     `cfg.max_seconds` counts from `started` (perf_counter; default: now). With a budget, `cfg.steps`
     is only the first estimate: every few steps the step count is refitted to the time left at the
@@ -330,16 +382,19 @@ def train_on_examples(
 
     from nanoseek.train.loop import OptimConfig, StepLog, Trainer
 
+    cfg.validate()
     if not examples:
         raise ValueError("no training examples")
+    n_target = sum(sum(lab != IGNORE for lab in labels) for _, labels in examples)
+    trained = _check_targets_fit(examples, cfg.seq_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = pack_examples(examples, cfg.seq_len, pad)
     per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = cfg.steps or max(1, cfg.epochs * per_epoch)
-    n_target = sum(sum(lab != IGNORE for lab in labels) for _, labels in examples)
+    cut = f", {n_target - trained} cut off by --seq-len" if trained < n_target else ""
     print(
-        f"{stage}: {len(examples)} examples ({n_target} assistant tokens) packed into {len(rows)} rows of "
-        f"{cfg.seq_len}; {total} steps of {cfg.batch_size} rows"
+        f"{stage}: {len(examples)} examples ({n_target} assistant tokens{cut}) packed into {len(rows)} rows "
+        f"of {cfg.seq_len}; {total} steps of {cfg.batch_size} rows"
     )
     if hasattr(model, "set_balance_alpha"):
         model.set_balance_alpha(BALANCE_ALPHA)
@@ -361,10 +416,15 @@ def train_on_examples(
         tokenizer=tokenizer,
         deadline=(started or t0) + cfg.max_seconds if cfg.max_seconds else None,
         config_extra=config_extra or {},
+        resume_settings={name: getattr(cfg, name) for name in RESUME_SETTINGS},
     )
     log = StepLog.for_trainer(trainer, seq_len=cfg.seq_len, progress=cfg.progress)
     if cfg.resume:
         trainer.resume()
+    if trainer.global_step == 0:  # a new run: the report reads it apart from any before it in RUN
+        log.log(0, event="start", **(start_record or {}))
+    elif start_record:
+        log.log(None, **start_record)
 
     last: dict[str, Any] = {}
     while True:
@@ -390,6 +450,7 @@ def train_on_examples(
         budget = f"of {cfg.max_seconds:.0f}s " if cfg.max_seconds else ""
         print(f"{stage}: time budget {budget}spent at step {trainer.global_step}/{trainer.total_steps}")
     path = trainer.save()
+    log.log(None, event="end", wall_time_s=time.perf_counter() - t0, skipped=trainer.skipped_steps)
     log.close()
     if last:
         print(
@@ -410,6 +471,7 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
 
     started = time.perf_counter()  # a time budget covers data building too, as the control pays it
 
+    cfg.validate()
     init = resolve_checkpoint(cfg.init, flag="--init")
     if not cfg.data and not cfg.task:
         raise ValueError("give --data chat.jsonl and/or --task NAME")
