@@ -810,7 +810,7 @@ def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, caps
 
     assert served_int8("--quantize", "int8") and not served_int8()
     # the banner says what was loaded and how long loading, quantizing and packing took
-    banner = [line for line in capsys.readouterr().out.splitlines() if "params, context" in line]
+    banner = [line for line in capsys.readouterr().out.splitlines() if "MTP module, context" in line]
     assert len(banner) == 2 and "float32, int8; ready in " in banner[0] and "float32; ready in " in banner[1]
     # a port another server holds is said before the weights load, in one line
     import socket

@@ -67,8 +67,15 @@ class ParamCounts:
 
     @property
     def with_mtp(self) -> int:
-        """Every weight the checkpoint holds (what `serve` and `chat` print)."""
+        """Every weight the checkpoint holds."""
         return self.total + self.mtp
+
+    @property
+    def described(self) -> str:
+        """What `serve` and `chat` print: the model's count as `inspect` and the report give it, and
+        the MTP module's weights (used by speculative decoding) apart."""
+        mtp = f" + {self.mtp / 1e6:.1f}M in the MTP module" if self.mtp else ""
+        return f"{self.total / 1e6:.1f}M params{mtp}"
 
     @property
     def active(self) -> int:

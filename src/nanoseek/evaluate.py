@@ -61,7 +61,8 @@ class EvalConfig:
     n: int = option(64, "problems")
     temperature: float = option(0.6)
     top_p: float = option(0.95)
-    max_new_tokens: int = option(256)
+    # room for the speedrun's longest worked solutions (a 3-digit x 2-digit product takes up to ~300)
+    max_new_tokens: int = option(320)
     thinking: bool = option(
         True,
         "prompt with the think block opened (R1); --no-thinking: DeepSeek-V3.1's non-thinking mode, the answer "

@@ -438,9 +438,13 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
         columns = [("final, unseen wordings", unseen)] if unseen else []
         columns += [(f"{sm['start']}, asked second", second_start)] if second_start else []
         columns += [("final, asked second in a chat", second)] if second else []
+        t0 = next(iter(unseen or second))
+        other = evals.get(("grpo", in_unseen_wordings(t0) if unseen else as_second_turn(t0)), {})
+        n_other = len(other.get("pass@1_per_problem") or [])
+        first = f"the first {n_other} of " if n_other else ""
         out += [
             "",
-            "The final model on the same held-out problems asked otherwise: in phrasings that no stage "
+            f"The final model on {first}the same held-out problems per family asked otherwise: in phrasings that no stage "
             "trained on (`?wording=unseen`), where a model that reads the problem keeps its figure and one "
             "that memorized the sentences around the numbers loses it; and as the second question of a "
             "chat, after another problem of the family and its answer (`?turn=2`), as `nanoseek chat` "
@@ -472,11 +476,23 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
             f"- GRPO's gains below carry ± the half-width of their 95% interval, paired over the {n} "
             "held-out problems per family: another draw of problems could move a gain by about that much."
         )
+    probe = m.last_event("grpo", "probe")
+    undrawn = set(probe.get("left_out") or [])
     if sm["mid"]:
-        each = ", ".join(f"{t} {100 * gains[t]:+.1f}{_pm(margins.get(t))}" for t in sm["mid"])
+        each = "; ".join(
+            f"{t} {100 * gains[t]:+.1f}{_pm(margins.get(t))}"
+            + (
+                ", left out of GRPO's draw by its probe and held by the worked-solution mix only"
+                if t in undrawn
+                else ""
+            )
+            for t in sm["mid"]
+        )
+        apart = f" ({', '.join(sm['verifier_only'])}: below)" if sm["verifier_only"] else ""
         out.append(
-            f"- GRPO's gain over its starting checkpoint ({start}) on the families that start between "
-            f"20% and 80%: **{100 * sm['mid_gain']:+.1f}{_pm(sm['mid_margin'])} points** on average ({each})."
+            f"- GRPO's gain over its starting checkpoint ({start}) on the families with worked solutions that "
+            f"start between 20% and 80%{apart}: **{100 * sm['mid_gain']:+.1f}{_pm(sm['mid_margin'])} points** "
+            f"on average ({each})."
         )
     if sm["second_turn_mid"]:
         each = ", ".join(
@@ -488,7 +504,6 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
             f"that start there between 20% and 80%: **{100 * sm['second_turn_mid_gain']:+.1f}"
             f"{_pm(sm['second_turn_mid_margin'])} points** on average ({each})."
         )
-    probe = m.last_event("grpo", "probe")
     if probe.get("pass_rates"):
         rates = ", ".join(f"{t} {_pct(r)}" for t, r in probe["pass_rates"].items())
         left = ", ".join(probe.get("left_out") or []) or "none"
@@ -563,24 +578,31 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
         plt.close(fig)
         made.append((title, f"plots/{name}"))
 
-    # Loss curves of the supervised stages.
-    fig, ax = plt.subplots(figsize=(7, 4))
-    drawn = False
-    for stage in ("pretrain", "student", "sft", "control", "distill"):
-        for key, style in (("loss", "-"), ("val_loss", "--")):
-            xs, ys = m.steps(stage, key)
-            if xs:
-                ax.plot(xs, ys, style, label=f"{stage} {key.replace('_', ' ')}")
-                drawn = True
-    if drawn:
-        ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats/token, log scale)")
-        ax.set_yscale("log")  # the first steps (~ln vocab) would otherwise flatten the rest of the curve
-        ax.set_title("Loss")
-        ax.legend()
+    # Loss curves of the supervised stages: pretraining and the fine-tuning stages on panels of their
+    # own, each stage counting its own steps (one axis would lay SFT over pretraining's first steps).
+    panels = [("pretraining", ("pretrain", "student")), ("fine-tuning", ("sft", "control", "distill"))]
+    curves = [
+        [
+            (f"{stage} {key.replace('_', ' ')}", style, *m.steps(stage, key))
+            for stage in stages
+            for key, style in (("loss", "-"), ("val_loss", "--"))
+        ]
+        for _, stages in panels
+    ]
+    curves = [[c for c in panel if c[2]] for panel in curves]
+    shown = [(name, panel) for (name, _), panel in zip(panels, curves, strict=True) if panel]
+    if shown:
+        fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4), squeeze=False)
+        for ax, (name, panel) in zip(axes[0], shown, strict=True):
+            for label, style, xs, ys in panel:
+                # a validation curve has few points: markers keep it visible over a noisy training one
+                ax.plot(xs, ys, style, marker="o" if style == "--" else None, label=label)
+            ax.set_xlabel(f"step of each {name} stage")
+            ax.set_ylabel("cross-entropy (nats/token, log scale)")
+            ax.set_yscale("log")  # the first steps (~ln vocab) would otherwise flatten the rest of the curve
+            ax.set_title(f"Loss, {name}")
+            ax.legend()
         save(fig, "loss.png", "Loss curves")
-    else:
-        plt.close(fig)
 
     # What pretraining learned: held-out loss by kind of token.
     kinds = [
@@ -609,10 +631,11 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
     if xs_r or xs_a:
         fig, ax = plt.subplots(figsize=(7, 4))
         if xs_r:
-            _plot_with_trend(ax, xs_r, ys_r, "mean reward")
+            _plot_with_trend(ax, xs_r, ys_r, "reward (every term: accuracy, format bonus, ...)")
         if xs_a:
-            _plot_with_trend(ax, xs_a, ys_a, "accuracy (train rollouts)")
+            _plot_with_trend(ax, xs_a, ys_a, "accuracy (of the families drawn)")
         ax.set_xlabel("GRPO step")
+        ax.set_ylabel("mean over the step's rollouts")
         ax.set_title("GRPO reward and accuracy")
         ax.legend()
         save(fig, "grpo_reward.png", "Reward and accuracy over GRPO steps")
@@ -653,5 +676,5 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
         ax.set_ylabel("max / mean tokens per expert")
         ax.set_title("Expert load imbalance per MoE layer")
         ax.legend()
-        save(fig, "expert_load.png", "Expert load per layer over training")
+        save(fig, "expert_load.png", "Expert load per layer over pretraining")
     return made

@@ -66,13 +66,16 @@ def chat_turn(
     answer: list[str] = []
     n = 0
 
+    # Without colour (piped, --no-color) the reasoning is marked by the template's own tags instead.
+    opening, closing = ("", "") if color else (f"{tok.think_start}\n", f"\n{tok.think_end}")
+
     def show(reasoning: str, content: str) -> None:
         if reasoning:
-            out.write(f"{dim}{reasoning}{reset}")
+            out.write(f"{dim}{'' if think else opening}{reasoning}{reset}")
             think.append(reasoning)
         if content:
             if think and not answer:
-                out.write("\n\n")  # the think block has closed: set the answer apart
+                out.write(f"{closing}\n\n")  # the think block has closed: set the answer apart
             out.write(content)
             answer.append(content)
         out.flush()
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
 
     reset()
     out.write(
-        f"nanoseek chat: {args.dir} ({count_parameters(model.config).with_mtp / 1e6:.1f}M params, "
+        f"nanoseek chat: {args.dir} ({count_parameters(model.config).described}, "
         f"{str(model.dtype).removeprefix('torch.')}). {HELP}\n"
     )
     turns = tokens = 0

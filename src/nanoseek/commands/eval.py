@@ -38,4 +38,9 @@ def run(args: argparse.Namespace) -> int:
             f"format {m['format_rate']:.3f}, language {m['language_consistency']:.3f}, "
             f"length {m['mean_response_tokens']:.1f} tokens over {m['problems']} problems; {m['json']}"
         )
+        if m.get("truncated_rate"):  # scored wrong for want of room, not of skill
+            print(
+                f"eval {task}: warning: {m['truncated_rate']:.0%} of the samples stopped at --max-new-tokens "
+                f"{args.max_new_tokens} before their answer; raise it to score what the model would answer"
+            )
     return 0

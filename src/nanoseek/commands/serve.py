@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(directory, dtype=args.dtype, device=device, quantize=args.quantize).eval()
     tokenizer = load_tokenizer(directory)
     # from the config: int8 and packed weights are buffers or opaque tensors, not parameters
-    n_params = count_parameters(model.config).with_mtp
+    params = count_parameters(model.config).described
     engine = Engine(
         model,
         max_batch_size=args.max_batch_size,
@@ -128,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
     server = app.state.server
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     print(
-        f"nanoseek serve: model {name!r} ({directory}, {n_params / 1e6:.1f}M "
-        f"params, context {server.max_context}, {device}/{str(model.dtype).removeprefix('torch.')}"
+        f"nanoseek serve: model {name!r} ({directory}, {params}, context {server.max_context}, {device}/{str(model.dtype).removeprefix('torch.')}"
         f"{'' if args.quantize is None else ', ' + args.quantize}; ready in {ready_s:.1f} s)"
     )
     if defaults:
