@@ -199,6 +199,23 @@ def test_inspect_json_on_config_only_dir(tmp_path, capsys) -> None:
         assert key in out
     assert out["kv_cache_bytes_per_token"] == 61 * 576 * 2
     assert out["total_params"] == account("deepseek-v3").total_params
+    assert out["mtp_params"] > 0  # config.json alone: its MTP layer is counted
+
+
+def test_inspect_counts_no_mtp_module_the_weights_lack(tmp_path, capsys) -> None:
+    """transformers' DeepseekV3Config asks for one MTP layer and its save_pretrained writes none:
+    inspect counts the model as load_model builds it."""
+    import pytest
+
+    from nanoseek.checkpoint import build_model, save_model
+
+    cfg = get_preset("tiny").replace(num_hidden_layers=2, num_nextn_predict_layers=0)
+    save_model(build_model(cfg).init_weights(0), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    with pytest.warns(UserWarning, match="holds no MTP weights"):
+        assert main(["inspect", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mtp_params"] == 0
 
 
 def test_inspect_table_and_errors(capsys) -> None:

@@ -128,6 +128,12 @@ def test_dense_config_fields_and_errors():
         ModelConfig.from_dict({**qwen.to_dict(), "use_sliding_window": True})
     with pytest.raises(ValueError, match="mlp_bias"):
         ModelConfig.from_dict({**llama.to_dict(), "mlp_bias": True})
+    # an activation other than SwiGLU's would load and run as silu: wrong logits, silently
+    for cfg, act in ((llama, "gelu"), (qwen, "relu"), (get_preset("tiny"), "gelu_new")):
+        with pytest.raises(ValueError, match=f"hidden_act '{act}' is not supported"):
+            ModelConfig.from_dict({**cfg.to_dict(), "hidden_act": act})
+    with pytest.raises(ValueError, match="attention_bias is not supported by MLA"):
+        ModelConfig.from_dict({**get_preset("tiny").to_dict(), "attention_bias": True})
 
 
 def test_tiny_qwen2_preset_is_a_qwen2_checkpoint(tmp_path):

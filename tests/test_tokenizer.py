@@ -274,6 +274,8 @@ def test_load_foreign_tokenizer_and_template(tmp_path: Path) -> None:
     # No config: a vocabulary without BOS separates documents with its end-of-text token.
     bare = load_tokenizer(tmp_path)
     assert bare.eos_token == "<|endoftext|>" and bare.bos_token_id == bare.eos_token_id == 0
+    # ...but a prompt gets no such token in front, as transformers encodes it (generate, /v1/completions)
+    assert not bare.add_bos_token and bare.encode("hello", add_bos=bare.add_bos_token) == [3]
     chatml = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -25,7 +25,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -469,6 +469,37 @@ def load_model(
         reader.close()
 
 
+def held_config(p: Path, config: ModelConfig, keys: Iterable[str], stacklevel: int = 2) -> ModelConfig:
+    """`config` as the checkpoint's tensors (`keys`) hold it: without the MTP layers it asks for when
+    the files have none. transformers' DeepseekV3Config defaults to one MTP layer but its
+    save_pretrained writes none: the main model is whole, and only speculative decoding needs them."""
+    if not config.num_nextn_predict_layers:
+        return config
+    n = config.num_hidden_layers
+    layers = (_LAYER_KEY.match(k) for k in keys)
+    if any(m and int(m.group(1)) >= n and m.group(2) not in _MTP_SHARED for m in layers):
+        return config
+    warnings.warn(  # the default filter says it once per place
+        f"{p}: config.json asks for {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint "
+        "holds no MTP weights (transformers writes none); loading without the MTP module, so "
+        "speculative decoding is off for this model",
+        stacklevel=stacklevel,
+    )
+    return config.replace(num_nextn_predict_layers=0)
+
+
+def checkpoint_config(directory: str | os.PathLike) -> ModelConfig:
+    """A checkpoint directory's config as its weights hold it (`held_config`); config.json alone
+    where the directory has no weights."""
+    p = Path(directory)
+    config = ModelConfig.load(p)
+    try:
+        keys = _weight_files(p)
+    except FileNotFoundError:
+        return config
+    return held_config(p, config, keys, stacklevel=3)
+
+
 @torch.no_grad()
 def _stream(
     p: Path,
@@ -481,20 +512,7 @@ def _stream(
     act_quant: bool,
     quantize: str | None,
 ) -> DeepSeekV3:
-    n = config.num_hidden_layers
-    if config.num_nextn_predict_layers:
-        layers = (_LAYER_KEY.match(k) for k in where)
-        if not any(m and int(m.group(1)) >= n and m.group(2) not in _MTP_SHARED for m in layers):
-            # transformers' DeepseekV3Config defaults to one MTP layer but its save_pretrained writes
-            # none: the main model is whole; load it without the module (only speculative decoding
-            # uses it).
-            warnings.warn(  # the default filter says it once per place
-                f"{p}: config.json asks for {config.num_nextn_predict_layers} MTP layer(s) but the "
-                "checkpoint holds no MTP weights (transformers writes none); loading without the MTP "
-                "module, so speculative decoding is off for this model",
-                stacklevel=3,
-            )
-            config = config.replace(num_nextn_predict_layers=0)
+    config = held_config(p, config, where, stacklevel=4)
     model = build_model(config, device="meta").to(dtype)
     # Buffers are small and none but the balancing bias is in the files: make them real now, so that
     # reset_buffers computes RoPE tables and zeroes router state, before the bias is streamed over.

@@ -29,7 +29,8 @@ from typing import Any
 
 from nanoseek.atomic import atomic_write
 
-# Fields that config.json carries but that do not change the computation; kept for round trips.
+# Fields that config.json carries and round trips keep; those that would change the computation
+# (hidden_act, attention_bias) are checked to hold the one value implemented (`validate`).
 _PASSTHROUGH_DEFAULTS: dict[str, Any] = {
     "hidden_act": "silu",
     "initializer_range": 0.02,
@@ -210,6 +211,12 @@ class ModelConfig:
                 "topk_group groups must hold at least num_experts_per_tok experts",
             )
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+        act = _get(self, "hidden_act", "silu")
+        need(
+            act in ("silu", "swish"), f"hidden_act {act!r} is not supported: every MLP here is SwiGLU (silu)"
+        )
+        if self.attention_variant == "mla":  # DeepSeek's attention has no biases (Llama's flag is GQA's)
+            need(not _get(self, "attention_bias", False), "attention_bias is not supported by MLA")
         if self.attention_variant == "gqa":
             kv = int(self.num_key_value_heads or 0)
             need(

@@ -328,9 +328,12 @@ class Tokenizer:
                 f"tokenizer has no end-of-sentence token (looked for {eos_token or _EOS_CANDIDATES})"
             )
         bos_token = bos_token or next((t for t in _BOS_CANDIDATES if t in vocab), None)
-        # A vocabulary without BOS (Qwen, GPT-2 style) separates documents with its EOS instead.
+        # A vocabulary without BOS (Qwen, GPT-2 style) separates documents with its EOS instead, and
+        # a prompt starts with no such token (as transformers encodes it).
         if bos_token is None or bos_token not in vocab:
             bos_token = eos_token
+        if bos_token == eos_token:
+            self.add_bos_token = False
         pad_token = pad_token if pad_token in vocab else (PAD if PAD in vocab else eos_token)
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.bos_token_id: int = vocab[bos_token]

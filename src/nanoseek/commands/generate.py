@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
         )
     else:
-        ids = tok.encode(text, add_bos=True)
+        ids = tok.encode(text, add_bos=tok.add_bos_token)
     params = dataclasses.replace(params, stop_token_ids=[tok.eos_token_id])
     t0 = time.perf_counter()
     n_tokens = 0

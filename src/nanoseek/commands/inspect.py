@@ -28,14 +28,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
     from nanoseek.accounting import DEFAULT_SEQ_LEN, account, human, si
+    from nanoseek.checkpoint import checkpoint_config
     from nanoseek.config import resolve_config
 
     seq_len = args.context if args.context is not None else DEFAULT_SEQ_LEN
     if seq_len < 1:
         raise ValueError(f"--context must be >= 1, got {seq_len}")
-    config = resolve_config(args.model)
+    # a directory's config as its weights hold it: no MTP module counted that the files lack
+    config = checkpoint_config(args.model) if Path(args.model).is_dir() else resolve_config(args.model)
     acc = account(config, seq_len=seq_len)
     if args.json:
         print(json.dumps({"model": str(args.model), **acc.to_dict()}, indent=2))

@@ -201,6 +201,7 @@ class Server:
         )
         self.created = int(time.time())
         self.vocab_size = int(getattr(tokenizer, "vocab_size", 0) or 0)
+        self.add_bos = bool(getattr(tokenizer, "add_bos_token", True))  # a Qwen vocabulary has no BOS
         self.fingerprint = "fp_nanoseek"
         self.think_start = getattr(tokenizer, "think_start", THINK_START)
         self.think_end = getattr(tokenizer, "think_end", THINK_END)
@@ -579,7 +580,7 @@ class Server:
             if isinstance(p, str):
                 if not p:
                     raise APIError("prompt must not be empty.", param="prompt")
-                out.append((self.tokenizer.encode(p, add_bos=True), p))
+                out.append((self.tokenizer.encode(p, add_bos=self.add_bos), p))
             else:
                 bad = [t for t in p if not 0 <= t < self.vocab_size] if self.vocab_size else []
                 if bad:
