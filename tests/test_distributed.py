@@ -1,7 +1,8 @@
 """Data parallel with FSDP2 on gloo: 2 CPU processes match 1 process on the same global batch.
 
 Tolerance: per-step losses within 1e-4 relative. The two runs differ only in fp32 summation order
-(each rank's mean over half the rows, then gradients averaged by reduce-scatter), so they agree to
+(each rank's share of the step's mean over its rows, whose targets are masked unequally as a
+pretraining batch's prompts are, then gradients averaged by reduce-scatter), so they agree to
 ~1e-6 over a few steps; routing is discrete, and a near-tie flipped by rounding could move a loss by
 more, which 1e-4 still catches as a real bug (wrong sharding, a missing all-reduce, a bias that drifts
 between ranks) while tolerating float noise.
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 def _train(run_dir: str, world: int = 1, rank: int = 0, port: int = 0) -> dict:
-    from nanoseek.train.distributed import destroy_distributed, init_distributed, shard_batch
-    from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
+    from nanoseek.train.distributed import all_reduce_, destroy_distributed, init_distributed, shard_batch
+    from nanoseek.train.loop import OptimConfig, StepTargets, Trainer, language_model_loss, target_counts
 
     torch.set_num_threads(1)
     if world > 1:
@@ -51,8 +52,18 @@ def _train(run_dir: str, world: int = 1, rank: int = 0, port: int = 0) -> dict:
     )
     losses = []
     for step in range(STEPS):
-        x, y = (shard_batch(t, info) for t in batch_at(step))
-        losses.append(tr.step(lambda x=x, y=y: language_model_loss(tr.model, x, y, mtp_weight=0.3))["loss"])
+        x, y = batch_at(step)
+        y = y.clone()
+        y[0, : y.shape[1] // 2] = -100  # prompts masked in one row: the ranks hold unequal numbers of targets
+        x, y = (shard_batch(t, info) for t in (x, y))
+        counts = target_counts(y, len(model.model.mtp_layers))
+        all_reduce_(counts, info, "sum")
+        targets = StepTargets(counts, info.world_size)
+        losses.append(
+            tr.step(lambda x=x, y=y, t=targets: language_model_loss(tr.model, x, y, mtp_weight=0.3, step=t))[
+                "loss"
+            ]
+        )
     tr.save({"pos": STEPS})
     bias = model.model.layers[1].mlp.gate.e_score_correction_bias.tolist()
     out = {"losses": losses, "bias": bias, "world": info.world_size}

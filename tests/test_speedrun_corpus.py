@@ -282,3 +282,16 @@ def test_a_family_run_alone_gives_the_worked_solutions_it_holds(tmp_path):
     cpu = Speedrun(tmp_path, PRESETS["cpu"], progress=False)
     n = cpu._control_examples(PRESETS["cpu"].control_plan_steps)
     assert cpu._examples_held(n) == n  # the preset's own families fill theirs
+
+
+def test_a_runs_recorded_settings_give_its_preset_back(tmp_path, monkeypatch):
+    """`bench_speedrun.py --out RUN` re-reads a run by passing every setting RUN/speedrun.json holds:
+    its `tasks` are the field as it is, not `--tasks` (which would drop the verifier-only family)."""
+    from nanoseek.speedrun import run_speedrun
+
+    ran = []
+    monkeypatch.setattr(Speedrun, "__call__", lambda self: ran.append(self.p) or tmp_path)
+    for name, preset in PRESETS.items():
+        recorded = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset) if f.name != "name"}
+        run_speedrun(tmp_path, name, **recorded)
+        assert ran.pop() == preset

@@ -1045,11 +1045,18 @@ def _evaluate_checkpoint(
     )
 
 
-def run_speedrun(out: str | Path, preset: str = "cpu", progress: bool = True, **overrides: Any) -> Path:
+def run_speedrun(
+    out: str | Path,
+    preset: str = "cpu",
+    progress: bool = True,
+    families: str | Sequence[str] | None = None,
+    **overrides: Any,
+) -> Path:
+    """Run (or resume, or re-read) the speedrun in `out`. `families` is `--tasks`: the preset on those
+    families (`SpeedrunPreset.with_tasks`); `overrides` replace the preset's fields as they are."""
     if preset not in PRESETS:
         raise ValueError(f"unknown speedrun preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    tasks = overrides.pop("tasks", None)
     p = dataclasses.replace(PRESETS[preset], **overrides)
-    if tasks is not None:
-        p = p.with_tasks(split_tasks(tasks) if isinstance(tasks, str) else tasks)
+    if families is not None:
+        p = p.with_tasks(split_tasks(families) if isinstance(families, str) else families)
     return Speedrun(out, p, progress=progress)()

@@ -60,6 +60,6 @@ def run(args: argparse.Namespace) -> int:
     if args.grpo_second_turn is not None:
         overrides["grpo_second_turn"] = args.grpo_second_turn
     if args.tasks is not None:  # `--tasks ""` is refused as naming no family, not taken as the preset's
-        overrides["tasks"] = args.tasks
+        overrides["families"] = args.tasks
     run_speedrun(args.out, args.preset, progress=not args.no_progress, **overrides)
     return 0

@@ -138,6 +138,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------- objective
+def target_counts(targets: torch.Tensor, mtp_depths: int, ignore_index: int = -100) -> torch.Tensor:
+    """How many positions each loss term trains: [main head, MTP depth 0, 1, ...] (float64)."""
+    kept = targets != ignore_index
+    return torch.tensor([kept[:, k:].sum().item() for k in range(mtp_depths + 1)], dtype=torch.float64)
+
+
+@dataclass
+class StepTargets:
+    """A whole optimizer step's targets, so that each micro-batch's loss is its share of the step's
+    mean: N ranks and micro-batches whose rows hold different numbers of targets (prompts masked,
+    documents padded) then train exactly as one batch of all their rows would."""
+
+    counts: torch.Tensor  # `target_counts` summed over the step's micro-batches and ranks
+    world_size: int = 1  # data parallelism averages the ranks' gradients: each rank's share is scaled up
+    micro_batches: int = 1
+
+
 def language_model_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -145,6 +162,7 @@ def language_model_loss(
     mtp_weight: float = 0.0,
     ignore_index: int = -100,
     document_mask: bool = False,
+    step: StepTargets | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Next-token cross-entropy + λ·MTP loss + the routers' sequence-wise balance loss.
 
@@ -154,6 +172,10 @@ def language_model_loss(
     BOS) attend only within themselves and count positions from their own start, as they will when
     they are prompts; V3 §3.4 packs the same way ("document packing", no cross-sample mask there, but
     its documents are long and unrelated, ours are short and look alike).
+
+    Each cross-entropy is a mean over this batch's targets; with `step`, this batch's share of the
+    mean over the whole step's (`StepTargets`), and the balance loss, a mean over sequences, divided by
+    the step's micro-batches.
     """
     positions = mask = None
     if document_mask:
@@ -164,19 +186,35 @@ def language_model_loss(
     lm, hidden = model(
         input_ids, positions, mask=mask, return_hidden=True, labels=targets, ignore_index=ignore_index
     )
-    loss = lm
+    counts = None if step is None else target_counts(targets, len(model.model.mtp_layers), ignore_index)
+
+    def weighted(term: torch.Tensor, k: int) -> torch.Tensor:
+        """A term's share of the step's mean; a batch with none of its targets adds 0."""
+        if step is None or counts is None:
+            return term
+        if counts[k] == 0:
+            return term.new_zeros(())
+        return term * (counts[k] * step.world_size / step.counts[k]).item()
+
+    loss = weighted(lm, 0)
     metrics: dict[str, Any] = {"lm_loss": lm.detach(), "tokens": input_ids.numel()}
     if mtp_weight > 0:
         per_depth = model.mtp_losses(hidden, input_ids, targets, ignore_index, positions, mask)
         if per_depth:
             mtp_loss = torch.stack(per_depth).mean()
-            # A batch whose shifted targets are all masked gives NaN: it has nothing to learn.
-            if torch.isfinite(mtp_loss):
+            if counts is not None:
+                loss = (
+                    loss
+                    + mtp_weight * torch.stack([weighted(x, k + 1) for k, x in enumerate(per_depth)]).mean()
+                )
+            elif torch.isfinite(
+                mtp_loss
+            ):  # a batch whose shifted targets are all masked: NaN, nothing to learn
                 loss = loss + mtp_weight * mtp_loss
             metrics["mtp_loss"] = mtp_loss.detach()
     balance = model.balance_loss()
     if balance is not None:
-        loss = loss + balance
+        loss = loss + (balance if step is None else balance / step.micro_batches)
         metrics["balance_loss"] = balance.detach()
     return loss, metrics
 
@@ -393,10 +431,13 @@ class Trainer:
                 v = _scalar(v)
                 if isinstance(v, (int, float)):
                     sums[k] = sums.get(k, 0.0) + float(v)
-        stats = torch.tensor([loss_sum.item(), float(tokens)], dtype=torch.float64)
+        # the loss, the tokens and every other metric (lm_loss, mtp_loss, ...) over all ranks, not rank 0's
+        names = sorted(sums)
+        stats = torch.tensor([loss_sum.item(), float(tokens), *(sums[k] for k in names)], dtype=torch.float64)
         all_reduce_(stats, self.dist, "sum")
         loss_value = stats[0].item() / self.dist.world_size
         tokens = int(stats[1].item())
+        sums = {k: v / self.dist.world_size for k, v in zip(names, stats[2:].tolist(), strict=True)}
         grad_norm = self._clip_grads()
 
         reason = None

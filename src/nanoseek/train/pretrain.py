@@ -202,8 +202,15 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     from nanoseek.config import resolve_config
     from nanoseek.data.corpus import PackedDataset
     from nanoseek.probe import KINDS
-    from nanoseek.train.distributed import destroy_distributed, init_distributed
-    from nanoseek.train.loop import OptimConfig, StepLog, Trainer, language_model_loss
+    from nanoseek.train.distributed import all_reduce_, destroy_distributed, init_distributed
+    from nanoseek.train.loop import (
+        OptimConfig,
+        StepLog,
+        StepTargets,
+        Trainer,
+        language_model_loss,
+        target_counts,
+    )
 
     cfg.validate()
     if cfg.threads:
@@ -301,16 +308,26 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     val_set = _validation_batches(cfg, tok, data_kw, per_rank) if cfg.val_every and cfg.val_batches else []
     batches = iter(train_data)
 
+    depths = len(model.model.mtp_layers)
+    drawn: list[tuple[torch.Tensor, torch.Tensor]] = []  # the step's micro-batches not yet trained on
+    step_targets = StepTargets(torch.zeros(depths + 1), dist.world_size, cfg.accumulation)
+
     def loss_fn() -> tuple[torch.Tensor, dict[str, Any]]:
-        x, y = next(batches)
-        loss, metrics = language_model_loss(
+        if not drawn:  # a step's first micro-batch: draw them all, and count the step's targets on every rank
+            drawn.extend(next(batches) for _ in range(cfg.accumulation))
+            counts = sum(target_counts(y, depths) for _, y in drawn)
+            all_reduce_(counts, dist, "sum")
+            step_targets.counts = counts
+        x, y = drawn.pop(0)
+        # each micro-batch its share of the step's mean over every target: one process and N train alike
+        return language_model_loss(
             trainer.model,
             x.to(dist.device),
             y.to(dist.device),
             mtp_weight=cfg.mtp_weight,
             document_mask=cfg.document_mask,
+            step=step_targets,
         )
-        return loss / cfg.accumulation, metrics  # the step's loss: the mean over its micro-batches
 
     probe = _probe(cfg, tok) if dist.is_main else []
 
