@@ -553,8 +553,9 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     policy = trainer.model
     start = 0
     history: dict = {}
+    extra = None
     if cfg.resume:
-        extra = trainer.resume()
+        extra = trainer.resume(logged_step="grpo_step")  # records count GRPO steps, not updates
         if extra is not None:
             start = int(extra.get("grpo_step", trainer.global_step // cfg.mu))
             history = extra.get("history", {})
@@ -567,7 +568,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     stop = [tok.eos_token_id]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     metrics_log = MetricsLog(run, "grpo")
-    if trainer.global_step == 0:  # a new run: the report reads it apart from any before it in RUN
+    if extra is None:  # a new run: the report reads it apart from any before it in RUN
         metrics_log.log(step=0, event="start")
     sampler = PromptSampler(pools, cfg.task_sampling, history.get("task_signal"))
     left_out: list[str] = []
@@ -670,7 +671,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
                 upd["sft_mix_loss"] = sum(mix_losses) / len(mix_losses)
         else:
             # no group carried signal (all rewards equal): nothing to learn from this batch, no update
-            upd.update(loss=0.0, entropy=float("nan"), no_signal=True)
+            upd.update(loss=0.0, no_signal=True)  # and no entropy: no update computed one
         update_time = time.perf_counter() - t1
         upd_tokens = sum(int(mb["tokens"]) for mb in micro) * cfg.mu
         upd["update_tok_s"] = upd_tokens / max(update_time, 1e-9)

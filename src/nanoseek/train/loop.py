@@ -651,10 +651,12 @@ class Trainer:
                 "settings it was trained with (a longer --steps is fine), or train a new run in another --out"
             )
 
-    def resume(self) -> dict[str, Any] | None:
+    def resume(self, logged_step: str | None = None) -> dict[str, Any] | None:
         """Restore weights, optimizer, step, RNG and guard from RUN/<stage>/; returns the extra state
         saved with it (e.g. the data position), or None when there is nothing to resume. Refuses
-        (ValueError, nothing loaded or written) when the training settings changed since."""
+        (ValueError, nothing loaded or written) when the training settings changed since.
+        `logged_step`: the extra state's key for the step the stage's records count, where that is not
+        the optimizer's (GRPO's steps: one without signal makes no update, μ > 1 makes several)."""
         from nanoseek.checkpoint import check_keys, from_hf_state_dict, load_train_state, read_safetensors
 
         ckpt = self.checkpoint_dir
@@ -680,8 +682,9 @@ class Trainer:
         if self.global_step >= self.total_steps and self.dist.is_main:
             print(f"{self.stage}: checkpoint already at step {self.global_step} of {self.total_steps}")
         # The steps after it were logged once already: the report reads the ones this run logs instead.
+        from_step = state["extra"].get(logged_step, self.global_step) if logged_step else self.global_step
         MetricsLog(self.run_dir, self.stage, enabled=self.dist.is_main).log(
-            event="resume", from_step=self.global_step
+            event="resume", from_step=from_step
         )
         return state["extra"]
 
