@@ -206,26 +206,32 @@ def training_ceiling(args: argparse.Namespace) -> dict:
 
 # ------------------------------------------------------------------ decode
 def decode_weight_ops(engine: Engine, batch: int):
-    """One decode step's weight matmuls as the engine's fast path issues them, nothing else."""
-    fast = engine.fast
-    assert fast is not None
-    cfg = engine.config
+    """One decode step's weight matmuls as the model's own decode path issues them (MLA's absorbed
+    projections, each MoE layer's routing and experts or the dense MLP, the head), nothing else."""
+    model = engine.model
+    cfg = model.config
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 1, cfg.hidden_size, generator=g)
-    head = engine.model.lm_head.weight.detach()
-    plans = [fast._plan[i] for i in fast._main]  # (attention weights, norm 1, norm 2, MoE or None)
-    width = cfg.kv_lora_rank
-    latent = torch.randn(batch, 1, cfg.num_attention_heads * width, generator=g)
+    head = model.lm_head.weight.detach()
+    plans = []  # (attention, its folded weights, the output projection's input, the MLP)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        w = attn.absorbed_weights()
+        heads, width = attn.num_heads, attn.kv_lora_rank
+        o_in = torch.randn(batch, 1, heads, width, generator=g)  # attention's output over the latent
+        plans.append((attn, w, o_in, layer.mlp))
 
     def step() -> None:
-        for idx, (a, _, _, moe) in zip(fast._main, plans, strict=True):
-            down = F.linear(x, a.wa)
-            F.linear(x if a.q_from_x else down[..., : a.q_lora], a.wq)
-            F.linear(latent if a.fold_o else latent[..., : a.h * a.v], a.wo)
-            if moe is not None:
-                fast.moe(idx, moe, x)  # routing + the routed and shared experts, as decoding runs them
-            else:
-                fast.swiglu(idx, x)
+        for attn, w, o_in, mlp in plans:
+            down = F.linear(x, w.wa)
+            q_in = x if attn.q_lora_rank is None else down[..., : attn.q_lora_rank]
+            if w.wq is not None:
+                F.linear(q_in, w.wq)
+            else:  # the query's factors, W_UK per head
+                (attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj)(q_in)
+            out = o_in if w.w_uv is None else torch.einsum("bshc,hvc->bshv", o_in, w.w_uv)
+            F.linear(out.reshape(batch, 1, -1), w.wo)
+            mlp(x)  # routing + the routed and shared experts as decoding runs them, or the dense MLP
         F.linear(x[:, 0], head)
 
     return step
