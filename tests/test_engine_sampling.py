@@ -285,3 +285,16 @@ def test_w8a8_frees_the_int8_copy_the_backend_took_over():
     assert torch.equal(lin.dequantize(), w)
     gu2, d2 = experts.expert_weights()
     assert torch.equal(gu2, gu) and torch.equal(d2, d)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_quantize_tensor_a_few_rows_at_a_time_equals_it_whole(fmt, monkeypatch):
+    """Loading quantizes a multi-GB head in chunks of rows (small fp32 temporaries): the same values."""
+    import nanoseek.engine.quantize as quantize
+
+    w = torch.randn(3, 50, 70, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    whole_q, whole_s = quantize.quantize_tensor(w, fmt)
+    monkeypatch.setattr(quantize, "QUANT_CHUNK", 3 * 70)  # 3 rows at a time, the last chunk shorter
+    q, s = quantize.quantize_tensor(w, fmt)
+    assert q.shape == w.shape and s.shape == w.shape[:-1]
+    assert torch.equal(q.view(torch.int8), whole_q.view(torch.int8)) and torch.equal(s, whole_s)

@@ -42,17 +42,30 @@ FORMATS = ("int8", "fp8", "w8a8")
 _QMAX = {"int8": 127.0, "fp8": 448.0, "w8a8": 127.0}
 
 
+QUANT_CHUNK = 1 << 22  # weights quantized at a time (fp32 temporaries of ~16 MB each)
+
+
 def quantize_tensor(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (last dim reduced) symmetric quantization. Returns (q, scale) with w ≈ q * scale[..., None]."""
     if w.is_meta:  # placeholders for `load_model(quantize=...)` to stream into; meta reductions would
         # run Python reference kernels, which import torch._dynamo (~2 s)
         q = torch.empty(w.shape, dtype=torch.float8_e4m3fn if fmt == "fp8" else torch.int8, device="meta")
         return q, torch.empty(w.shape[:-1], device="meta")
-    wf = w.detach().float()
-    scale = wf.abs().amax(dim=-1).clamp(min=1e-12) / _QMAX[fmt]
-    x = wf / scale.unsqueeze(-1)
-    q = x.round().clamp(-127, 127).to(torch.int8) if fmt != "fp8" else x.to(torch.float8_e4m3fn)
-    return q, scale
+    rows = w.detach().reshape(-1, w.shape[-1])
+    q = torch.empty(rows.shape, dtype=torch.float8_e4m3fn if fmt == "fp8" else torch.int8, device=w.device)
+    scale = torch.empty(rows.shape[0], device=w.device)
+    # Rows are independent: a few at a time, so the fp32 temporaries stay small beside a multi-GB
+    # weight (a 102400 x 2048 head whole would take ~3 GB of them while it loads).
+    step = max(1, QUANT_CHUNK // max(1, rows.shape[1]))
+    for i in range(0, rows.shape[0], step):
+        wf = rows[i : i + step].float()
+        s = wf.abs().amax(dim=-1).clamp(min=1e-12) / _QMAX[fmt]
+        x = wf / s.unsqueeze(-1)
+        q[i : i + step] = (
+            x.round().clamp(-127, 127).to(torch.int8) if fmt != "fp8" else x.to(torch.float8_e4m3fn)
+        )
+        scale[i : i + step] = s
+    return q.view(w.shape), scale.view(w.shape[:-1])
 
 
 INT8PACK_ROWS = 8  # rows up to which `_weight_int8pack_mm` beats widening the weight once
