@@ -351,7 +351,9 @@ def run_variant(
             }
             curve.append(row)
             if progress:
-                accs = " ".join(f"{k.split('?')[0][:6]}:{a:.2f}" for k, a in acc.items())
+                accs = " ".join(
+                    f"{k}:{a:.2f}" for k, a in acc.items()
+                )  # whole specs: addition and subtraction share a family
                 print(
                     f"  {v.name} step {step:5d} {train_s:6.0f}s copy {row['copy']:.3f} digit "
                     f"{row['digit']:.3f} text {row['text']:.3f} answer {row['answer']:.3f} | {accs}",

@@ -29,7 +29,9 @@ measured on the same loaded machine, so they are only comparable within one run.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -117,6 +119,8 @@ def main() -> None:
     from nanoseek.tokenizer import train_tokenizer
 
     root = Path(args.out or tempfile.mkdtemp(prefix="bench_pretrain_"))
+    if not args.out:  # the runs' checkpoints are hundreds of MB: a temporary directory goes at exit
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
     tok_dir = root / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
         docs = list(islice(iter_documents("embedded", seed=args.seed), args.tokenizer_docs))

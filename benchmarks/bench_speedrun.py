@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -177,8 +178,12 @@ def pretraining_arithmetic(run: Path) -> dict | None:
             out["muon_flops"] += steps * orthogonalization_flops(groups, dtype=ns_dtype)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     out["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
+    # the machine's peak, every core: what the run had, whatever this process's thread setting
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or threads)
     out["threads"] = torch.get_num_threads()
     out["peak_flops"] = matmul_peak_flops(dtype, seconds=2.0)
+    torch.set_num_threads(threads)
     out["floor_s"] = (out["model_flops"] + out["muon_flops"]) / out["peak_flops"]
     return out
 

@@ -247,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        print("llama_cpp is not installed: pip install --no-binary llama-cpp-python llama-cpp-python")
+        print(
+            "llama_cpp is not installed: pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36 (the version measured)"
+        )
         return 1
     from nanoseek.export import export_gguf
 
