@@ -2,6 +2,7 @@
 
 import dataclasses
 import itertools
+import time
 from pathlib import Path
 
 import pytest
@@ -295,3 +296,71 @@ def test_a_runs_recorded_settings_give_its_preset_back(tmp_path, monkeypatch):
         recorded = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset) if f.name != "name"}
         run_speedrun(tmp_path, name, **recorded)
         assert ran.pop() == preset
+
+
+def test_a_second_speedrun_into_a_run_in_use_is_refused(tmp_path):
+    """Two speedruns in one --out would train the same stage side by side and delete each other's
+    scratch files at their saves: the second is refused before it writes anything."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "a+") as held:  # what a running speedrun holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242")
+        held.flush()
+        with pytest.raises(ValueError, match=r"in use by a running speedrun \(pid 4242\)"):
+            Speedrun(run, PRESETS["smoke"], progress=False)()
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]
+
+
+def _worker_of(pid_file: str) -> None:
+    """A speedrun worker (spawned, set up as they are) that would run for a minute."""
+    import os
+
+    from nanoseek.speedrun import _set_threads
+
+    _set_threads(1)
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(60)
+
+
+def _parent_of_a_worker(pid_file: str) -> None:
+    import multiprocessing
+
+    multiprocessing.get_context("spawn").Process(target=_worker_of, args=(pid_file,)).start()
+    time.sleep(60)
+
+
+def test_a_worker_ends_with_the_run_that_started_it(tmp_path):
+    """The student's, the control's and the evaluation workers' processes do not outlive a run killed
+    outright (OOM killer, kill -9): they would go on writing into RUN beside the rerun."""
+    import multiprocessing
+    import os
+
+    pid_file = tmp_path / "worker.pid"
+    parent = multiprocessing.get_context("spawn").Process(target=_parent_of_a_worker, args=(str(pid_file),))
+    parent.start()
+    deadline = time.time() + 60
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    os.kill(parent.pid, 9)
+    parent.join()
+
+    def ended() -> bool:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return True
+        status = Path(f"/proc/{worker}/status")  # exited but not yet reaped (a zombie) counts as ended
+        return status.exists() and "\nState:\tZ" in status.read_text()
+
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        if ended():
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, 9)
+        pytest.fail("the worker outlived its parent")

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -937,7 +938,35 @@ class Speedrun:
         return self.run / "final"
 
     # ------------------------------------------------------------------ run
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold RUN while this run works in it: a second speedrun into the same --out would train the
+        same stage beside it, and each would delete the other's scratch files at its save."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            yield
+            return
+        with open(self.run / ".lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise ValueError(
+                    f"{self.run} is in use by a running speedrun ({holder}): wait for it to finish, or "
+                    "stop it and rerun to resume, or choose another --out"
+                ) from None
+            f.truncate(0)
+            f.write(f"pid {os.getpid()}")
+            f.flush()
+            yield  # the lock goes with the file's closing, or with the process
+
     def __call__(self) -> Path:
+        with self._locked():
+            return self._run_all()
+
+    def _run_all(self) -> Path:
         t0 = time.perf_counter()
         self._claim_directory()
         if not any(r.get("event") == "plan" for r in read_metrics(self.run, "speedrun")):
@@ -975,9 +1004,32 @@ class Speedrun:
 
 
 def _set_threads(threads: int) -> None:
+    """A spawned worker's setup (the student's or control's process, an evaluation worker): its share
+    of the CPU threads, and an end with the run's process."""
     import torch
 
+    _exit_with_parent()
     torch.set_num_threads(threads)
+
+
+def _exit_with_parent() -> None:
+    """A worker that outlives the run's process (killed by the OOM killer, or `kill -9`) would go on
+    training and writing into RUN, racing the rerun that resumes it: a thread watches the parent and
+    ends the worker once it is gone (its writes are atomic, so nothing is left half written)."""
+    import multiprocessing
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    pid = parent.pid
+
+    def watch() -> None:
+        while os.getppid() == pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _run_stage(out: str, preset: SpeedrunPreset, stage: str, beside: str, threads: int) -> None:
