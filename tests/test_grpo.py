@@ -228,6 +228,12 @@ def test_grpo_resume_is_exact(micro_checkpoint, tmp_path) -> None:
     # the resume point in GRPO's steps (its records' count), not the optimizer's updates (μ = 2 per step)
     resume = next(r for r in read_metrics(tmp_path / "b", "grpo") if r.get("event") == "resume")
     assert resume["from_step"] == 1
+    # a resume with other rollouts or objective would go on as another run: refused, nothing written
+    before = (tmp_path / "b" / "grpo" / "model.safetensors").read_bytes()
+    for change in ({"group_size": 8}, {"loss": "dapo"}, {"tasks": ["comparison"]}):
+        with pytest.raises(ValueError, match=f"--{next(iter(change)).replace('_', '-')}"):
+            grpo(_cfg(micro_checkpoint, tmp_path / "b", steps=3, mu=2, resume=True, **change))
+    assert (tmp_path / "b" / "grpo" / "model.safetensors").read_bytes() == before
     from nanoseek.report import RunMetrics
 
     m = RunMetrics(tmp_path / "b")

@@ -267,6 +267,36 @@ class EntropyTrend:
 
 
 # -------------------------------------------------------------------------------------- driver
+# What a --resume must find unchanged beside the optimizer's (the Trainer checks those): every setting
+# that decides the prompts, the rollouts, the rewards or the objective. A longer --steps may change.
+RESUME_SETTINGS = (
+    "tasks",
+    "reward",
+    "group_size",
+    "batch_prompts",
+    "mu",
+    "beta",
+    "eps_low",
+    "eps_high",
+    "loss",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "mask_truncated",
+    "language",
+    "train_pool",
+    "task_sampling",
+    "probe_prompts",
+    "solved_above",
+    "keep_tasks",
+    "sft_mix",
+    "sft_mix_rows",
+    "sft_mix_tasks",
+    "seed",
+    "precision",
+)
+
+
 @dataclass
 class GRPOConfig:
     init: str = option(help="checkpoint directory to start from (with tokenizer files) or Hub name")
@@ -547,6 +577,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         spike_factor=0.0,  # a policy-gradient loss is ~0 and changes sign: a loss-spike guard is meaningless
         bias_update_speed=cfg.bias_update_speed,
         config_extra={"grpo": {k: v for k, v in vars(cfg).items()}},
+        resume_settings={name: getattr(cfg, name) for name in RESUME_SETTINGS},
     )
     # the RL objective alone: routing stays balanced by the bias (V3 §2.1.2), not a balance loss
     model.set_balance_alpha(0.0)
