@@ -50,7 +50,7 @@ def _train(run_dir: str, world: int = 1, rank: int = 0, port: int = 0) -> dict:
         bias_update_speed=0.01,
         dist=info,
     )
-    losses = []
+    losses, lm_losses = [], []
     for step in range(STEPS):
         x, y = batch_at(step)
         y = y.clone()
@@ -59,14 +59,12 @@ def _train(run_dir: str, world: int = 1, rank: int = 0, port: int = 0) -> dict:
         counts = target_counts(y, len(model.model.mtp_layers))
         all_reduce_(counts, info, "sum")
         targets = StepTargets(counts, info.world_size)
-        losses.append(
-            tr.step(lambda x=x, y=y, t=targets: language_model_loss(tr.model, x, y, mtp_weight=0.3, step=t))[
-                "loss"
-            ]
-        )
+        m = tr.step(lambda x=x, y=y, t=targets: language_model_loss(tr.model, x, y, mtp_weight=0.3, step=t))
+        losses.append(m["loss"])
+        lm_losses.append(m["lm_loss"])
     tr.save({"pos": STEPS})
     bias = model.model.layers[1].mlp.gate.e_score_correction_bias.tolist()
-    out = {"losses": losses, "bias": bias, "world": info.world_size}
+    out = {"losses": losses, "lm_losses": lm_losses, "bias": bias, "world": info.world_size}
     destroy_distributed()
     return out
 
@@ -81,6 +79,8 @@ def test_two_gloo_processes_match_one(tmp_path) -> None:
     assert ranks[0]["bias"] == ranks[1]["bias"]
     for a, b in zip(single["losses"], ranks[0]["losses"], strict=True):
         assert b == pytest.approx(a, rel=1e-4)
+    # the logged parts too, not rank 0's own
+    assert ranks[0]["lm_losses"] == pytest.approx(single["lm_losses"], rel=1e-4)
     assert ranks[0]["bias"] == pytest.approx(single["bias"], abs=1e-6)
     assert single["losses"][-1] < single["losses"][0]
 

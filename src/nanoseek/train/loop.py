@@ -197,21 +197,18 @@ def language_model_loss(
         return term * (counts[k] * step.world_size / step.counts[k]).item()
 
     loss = weighted(lm, 0)
-    metrics: dict[str, Any] = {"lm_loss": lm.detach(), "tokens": input_ids.numel()}
+    # logged as shares too: the Trainer averages metrics over micro-batches (and ranks), so they add up
+    # to the step's mean over every target, as the loss does
+    share = 1 if step is None else step.micro_batches
+    metrics: dict[str, Any] = {"lm_loss": (loss * share).detach(), "tokens": input_ids.numel()}
     if mtp_weight > 0:
         per_depth = model.mtp_losses(hidden, input_ids, targets, ignore_index, positions, mask)
         if per_depth:
-            mtp_loss = torch.stack(per_depth).mean()
-            if counts is not None:
-                loss = (
-                    loss
-                    + mtp_weight * torch.stack([weighted(x, k + 1) for k, x in enumerate(per_depth)]).mean()
-                )
-            elif torch.isfinite(
-                mtp_loss
-            ):  # a batch whose shifted targets are all masked: NaN, nothing to learn
+            mtp_loss = torch.stack([weighted(x, k + 1) for k, x in enumerate(per_depth)]).mean()
+            # without `step`, a batch whose shifted targets are all masked gives NaN: nothing to learn
+            if step is not None or torch.isfinite(mtp_loss):
                 loss = loss + mtp_weight * mtp_loss
-            metrics["mtp_loss"] = mtp_loss.detach()
+            metrics["mtp_loss"] = (mtp_loss * share).detach()
     balance = model.balance_loss()
     if balance is not None:
         loss = loss + (balance if step is None else balance / step.micro_batches)
