@@ -190,7 +190,7 @@ def language_model_loss(
 
     def weighted(term: torch.Tensor, k: int) -> torch.Tensor:
         """A term's share of the step's mean; a batch with none of its targets adds 0."""
-        if step is None or counts is None:
+        if counts is None:  # no `step`: the batch's own mean
             return term
         if counts[k] == 0:
             return term.new_zeros(())
