@@ -248,6 +248,9 @@ def test_capacity_and_input_errors(model):
         engine.add_request([1, 10**6], SamplingParams())
     with pytest.raises(ValueError, match="temperature"):
         engine.add_request([1], SamplingParams(temperature=-1))
+    # more alternatives than the vocabulary: refused here, not by a crash in step() for the whole batch
+    with pytest.raises(ValueError, match="logprobs=513"):
+        engine.add_request([1], SamplingParams(logprobs=513))
     # Requests that fit only one at a time wait their turn instead of failing.
     out = engine.generate([[1, 2, 3], [4, 5, 6]], max_new_tokens=5)
     assert [len(x) for x in out] == [5, 5]

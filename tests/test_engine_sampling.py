@@ -218,7 +218,7 @@ def test_quantized_experts_run_on_their_storage(fmt, tokens, monkeypatch):
     w = torch.rand(tokens, 2)
     with torch.inference_mode():
         got, want = q(x, idx, w).float(), ref(x, idx, w).float()
-    # w8a8 quantizes the activations too: 8 bits (7 of range) for a call's rows together
+    # w8a8 quantizes the activations too: 8 bits (7 of range) per row
     assert (got - want).norm() < (0.04 if fmt == "w8a8" else 0.02) * want.norm()
 
 
@@ -234,6 +234,28 @@ def test_quant_linear_equals_its_dequantized_weight(rows, fmt):
         want = torch.nn.functional.linear(x, q.dequantize()).float()
     assert got.shape == (2, rows, 96)
     assert (got - want).norm() < (0.03 if fmt == "w8a8" else 0.01) * want.norm()
+
+
+def test_w8a8_output_does_not_depend_on_batch_mates(model):
+    """Activations are quantized per row: one scale per call made a request's tokens change with what
+    else shared its decode batch, and speculative greedy differ from plain greedy."""
+    p, others = [3, 17, 99, 4, 250, 8, 61], [[400, 2, 9], list(range(20, 61)), [7, 7, 7, 7, 300]]
+    e = Engine(copy.deepcopy(model), quantize="w8a8", max_batch_size=8)
+    alone = e.generate_detailed([p], max_new_tokens=16, logprobs=0)[0]
+    batched = e.generate_detailed([p, *others], max_new_tokens=16, logprobs=0)[0]
+    assert batched.token_ids == alone.token_ids
+    assert [lp.logprob for lp in batched.logprobs] == pytest.approx(
+        [lp.logprob for lp in alone.logprobs], abs=1e-5
+    )
+    spec = Engine(copy.deepcopy(model), quantize="w8a8", speculative=True)
+    assert spec.generate([p, *others], max_new_tokens=12) == e.generate([p, *others], max_new_tokens=12)
+
+
+def test_a_tiny_temperature_samples_the_argmax(model):
+    # logits / 1e-45 overflows to inf: softmax NaN picked the last token id at every step
+    e = Engine(model)
+    greedy = e.generate([[1, 2]], max_new_tokens=5)
+    assert e.generate([[1, 2]], max_new_tokens=5, temperature=1e-45, seed=0) == greedy
 
 
 def test_a_w8a8_engine_packs_every_weight_when_it_is_built(model):

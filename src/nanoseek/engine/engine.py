@@ -163,6 +163,11 @@ class Engine:
             raise ValueError(
                 f"prompt has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}"
             )
+        if params.logprobs is not None and params.logprobs > self.config.vocab_size:
+            raise ValueError(
+                f"logprobs={params.logprobs} asks for more alternatives than the vocabulary has "
+                f"({self.config.vocab_size})"
+            )
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")

@@ -7,10 +7,10 @@ What is notable here:
   when it accepts the shapes; its cost grows with the rows (it widens the weight again for each), so
   past `INT8PACK_ROWS` rows (prefill, wide batches) the weight is widened once and the model dtype's
   GEMM runs. FP8 is storage only: weights are widened per call.
-- w8a8 stores the same int8 weights and also quantizes the activations, to 8 bits per call, for
+- w8a8 stores the same int8 weights and also quantizes the activations, to 8 bits per row, for
   PyTorch's quantized CPU GEMM (fbgemm on x86: int8 dot products, `torch.ops.quantized.linear_dynamic`),
-  the scheme of llama.cpp's Q8_0 dot products (theirs scale every 32 activations, this one a call's
-  rows together). It streams weights ~3.5x faster than the weight-only int8 kernel at decode. The
+  the scheme of llama.cpp's Q8_0 dot products (theirs scale every 32 activations, this one each
+  row). It streams weights ~3.5x faster than the weight-only int8 kernel at decode. The
   backend packs its own copy of each weight when the engine is built (`pack_w8a8`; a model run
   without an engine packs each at its first call) and the int8 buffers are then freed
   (`moe.shape_only`: their shapes stay, the dense reference reads the backend's copy). PyTorch has
@@ -94,19 +94,29 @@ def _w8a8_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     zeros = torch.zeros(q.shape[0], dtype=torch.long)
     with warnings.catch_warnings():  # PyTorch deprecates quantized tensors (torchao succeeds them)
         warnings.simplefilter("ignore", UserWarning)
+        # two zero input columns, for the two range-pinning columns `_w8a8_linear` appends to x
+        q = torch.nn.functional.pad(q, (0, 2))
         qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zeros, 0)
     return torch.ops.quantized.linear_prepack(qw, None)
 
 
 def _w8a8_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x [N,in] @ (q·scale)ᵀ with x quantized to 8 bits per call (one scale for its N rows; 7 bits of
-    range, which keeps AVX2's 16-bit pair sums from saturating), int8 dot products, fp32 out."""
-    return torch.ops.quantized.linear_dynamic(x.float(), packed, True).to(x.dtype)
+    """x [N,in] @ (q·scale)ᵀ with each row of x quantized to 8 bits on its own (7 bits of range, which
+    keeps AVX2's 16-bit pair sums from saturating), int8 dot products, fp32 out."""
+    # Per-token dynamic quantization, as vLLM's w8a8: a row's result must not depend on the other rows
+    # of the call (batch-mates, a prefill's other tokens, a speculative draft). The backend takes one
+    # [min, max] range per call, so each row is scaled to max|x| = 1 and two appended columns (+1, -1,
+    # against zero weight columns) pin that range to [-1, 1] for every call.
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    pin = torch.tensor([1.0, -1.0]).expand(xf.shape[0], 2)
+    xn = torch.cat((xf / amax, pin), dim=-1)
+    return (torch.ops.quantized.linear_dynamic(xn, packed, True) * amax).to(x.dtype)
 
 
 def _w8a8_dequantized(packed: torch.Tensor) -> torch.Tensor:
     """The fp32 weight a `_w8a8_weight` holds (its int8 values times their scales)."""
-    return torch.ops.quantized.linear_unpack(packed)[0].dequantize()
+    return torch.ops.quantized.linear_unpack(packed)[0].dequantize()[:, :-2]
 
 
 def w8a8_available() -> bool:

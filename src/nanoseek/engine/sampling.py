@@ -21,6 +21,8 @@ import torch
 
 from nanoseek.options import option
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+
 
 @dataclass
 class SamplingParams:
@@ -61,7 +63,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # vLLM's _SAMPLING_EPS: below it, logits / T overflows fp32 (softmax NaN) long before the
+        # distribution differs from argmax's
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:
