@@ -377,3 +377,18 @@ def test_studies_scale_to_the_small_preset(study: str) -> None:
     if study == "mla":
         totals = [analytic_parameters(r.config).total for r in runs]
         assert max(totals) / min(totals) <= 1 + TOL
+
+
+def test_ablate_resume_refuses_other_val_batches(tmp_path, monkeypatch) -> None:
+    import nanoseek.ablate as a
+
+    monkeypatch.setattr(a, "finished_runs", lambda d: {r.key for r in a.plan("mla", "3k", 1)})
+    monkeypatch.setattr(a, "build_study_report", lambda d: d, raising=False)
+    import nanoseek.ablate_report as rep
+
+    monkeypatch.setattr(rep, "build_study_report", lambda d: d)
+    cfg = a.AblateConfig(study="mla", budget="3k", seeds=1, out=str(tmp_path), val_batches=1, progress=False)
+    a.run_study(cfg, "mla")
+    cfg.val_batches = 4
+    with pytest.raises(ValueError, match="other settings"):
+        a.run_study(cfg, "mla")

@@ -108,3 +108,22 @@ def test_distill_help_names_its_own_checkpoint_to_resume(capsys) -> None:
         main(["distill", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--resume continue from RUN/sft/ (distill: RUN/distill/)" in help_text
+
+
+def test_distill_checks_the_student_before_sampling(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    import nanoseek.train.distill as d
+    from nanoseek.train.sft import SFTConfig
+
+    def boom(*a, **k):
+        raise AssertionError("sampled the teacher before checking --student")
+
+    monkeypatch.setattr(d, "sample_correct_traces", boom)
+    cfg = d.DistillConfig(
+        teacher=micro_checkpoint,
+        student="no-such-preset",
+        tasks=["arithmetic"],
+        out=str(tmp_path),
+        sft=SFTConfig(init=""),
+    )
+    with pytest.raises((KeyError, ValueError), match="preset"):
+        d.distill(cfg)

@@ -362,3 +362,26 @@ def test_sft_logs_its_run_and_resumes_only_the_same_run(tmp_path) -> None:
         )
     more = SFTConfig(init="", steps=3, batch_size=2, seq_len=32, resume=True, progress=False)
     assert [r["step"] for r in _train_with_budget(tmp_path, more, time.perf_counter())] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("content", [[{"type": "text", "text": "hi"}], None, ""])
+def test_assistant_target_refuses_non_text_or_empty(content) -> None:
+    with pytest.raises(ValueError):
+        assistant_target_text({"role": "assistant", "content": content}, prompt_opened_think=True)
+
+
+def test_examples_whose_prompt_fills_seq_len_are_dropped(micro_checkpoint, tmp_path, capsys) -> None:
+    # a row of labels all IGNORE: a batch of such rows had a NaN loss (a skipped step, counted)
+    from nanoseek.checkpoint import load_model
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.sft import SFTConfig, train_on_examples
+
+    tk = load_tokenizer(micro_checkpoint)
+    long_prompt = [tk.bos_token_id] * 40
+    examples = [(long_prompt + [5, 6], [IGNORE] * 40 + [5, 6]), ([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4])]
+    cfg = SFTConfig(init=micro_checkpoint, steps=1, batch_size=1, seq_len=16, progress=False, seed=0)
+    train_on_examples(load_model(micro_checkpoint), tk, examples, tmp_path, "sft", cfg)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses and all(x == x for x in losses)  # no NaN (skipped) step
+    assert "dropped" in capsys.readouterr().out

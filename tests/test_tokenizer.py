@@ -552,3 +552,12 @@ def test_tokenizer_without_tool_tokens(tok: Tokenizer, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no tool-call tokens"):
         old.apply_chat_template(TOOL_CONVERSATION)
     assert tok.missing_tool_tokens == ()
+
+
+def test_lone_surrogate_is_a_clear_value_error(tok) -> None:
+    # Python holds undecodable bytes (surrogateescape) and JSON's lone \ud83d as such strings; the
+    # Rust tokenizer refused them with a bare TypeError
+    with pytest.raises(ValueError, match="surrogate"):
+        tok.encode("hi \udce9")
+    with pytest.raises(ValueError, match="surrogate"):
+        tok.encode_batch(["ok", "\ud83d"])

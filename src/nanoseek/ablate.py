@@ -677,7 +677,9 @@ def _check_plan(directory: Path, record: dict[str, Any]) -> None:
     old = json.loads(path.read_text())
     # JSON round trip: tuples become lists
     new = json.loads(json.dumps(record))
-    for key in ("preset", "budget", "variants"):
+    for key in ("preset", "budget", "variants", "evaluation"):
+        if key == "evaluation" and key not in old:
+            continue  # a plan.json written before evaluation settings were recorded
         if old.get(key) != new.get(key):
             raise ValueError(
                 f"{directory} holds runs of this study with other settings ({key} differs); resuming would "
@@ -902,6 +904,10 @@ def run_study(cfg: AblateConfig, study: str) -> Path:
             print(f"ablate fp8: {skipped_note}", flush=True)
             runs = [r for r in runs if r.train.precision != "fp8"]
     record = plan_record(s, runs, cfg.preset)
+    # what every run is evaluated on: a resume with other held-out batches would mix two measures
+    record["evaluation"] = {"val_batches": cfg.val_batches}
+    if study == "mtp":
+        record["evaluation"].update(acc_n=cfg.acc_n, max_new_tokens=cfg.max_new_tokens)
     if skipped_note:
         record["note"] = skipped_note
     directory.mkdir(parents=True, exist_ok=True)

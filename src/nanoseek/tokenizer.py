@@ -357,13 +357,22 @@ class Tokenizer:
     # ---------------------------------------------------------------- encode / decode
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         # add_special_tokens=False: BOS is ours to add, whatever post-processor the file carries.
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            _check_text(text)
+            raise
         return [self.bos_token_id, *ids] if add_bos else ids
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         # encode_batch_fast skips offset tracking (tokenizers >= 0.21); same ids.
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        out = encode(list(texts), add_special_tokens=False)
+        try:
+            out = encode(list(texts), add_special_tokens=False)
+        except TypeError:
+            for t in texts:
+                _check_text(t)
+            raise
         if add_bos:
             return [[self.bos_token_id, *e.ids] for e in out]
         return [e.ids for e in out]
@@ -545,6 +554,19 @@ class IncrementalDecoder:
         self._read = len(self._ids)
         self._prefix = max(self._prefix, self._read - self._CONTEXT)
         return delta
+
+
+def _check_text(text: Any) -> None:
+    """A clear ValueError for what the Rust tokenizer refuses with a bare TypeError: a str holding a
+    lone surrogate (undecodable bytes read with surrogateescape, a JSON "\\ud83d" escape)."""
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"text is not valid Unicode: lone surrogate U+{ord(text[e.start]):04X} at character {e.start} "
+                "(undecodable bytes, or a JSON \\uD800-\\uDFFF escape without its pair)"
+            ) from None
 
 
 def _as_ids(ids: Any) -> list[int]:

@@ -75,6 +75,18 @@ def build_student(student: str, tokenizer: Any, seed: int = 0) -> torch.nn.Modul
     return build_model(cfg, device=default_device()).init_weights(seed)
 
 
+def _check_student(student: str) -> None:
+    """The errors `build_student` would raise for a missing directory or an unknown preset, up front."""
+    from nanoseek.config import get_preset
+
+    p = Path(student)
+    if (p / "config.json").exists():
+        return
+    if p.exists():
+        raise FileNotFoundError(f"student {p} is a path without config.json")
+    get_preset(student)
+
+
 def sample_correct_traces(
     engine: Any, tokenizer: Any, tasks: list[Any], problems: list[Any], cfg: DistillConfig
 ) -> tuple[list[tuple[Any, list[int], list[int]]], dict[str, float]]:
@@ -143,6 +155,7 @@ def distill(cfg: DistillConfig) -> Path:
     if cfg.k < 1 or cfg.prompts < 1:
         raise ValueError("-k and --prompts must be >= 1")
     cfg.sft.validate()  # before the teacher's sampling, not after it
+    _check_student(cfg.student)  # a typo in --student must not cost the whole sampling first
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(teacher_dir)
     # as `generate` and `eval` load it: bf16 on a GPU (the grouped expert GEMM's fast kernel is bf16

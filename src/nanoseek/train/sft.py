@@ -46,7 +46,15 @@ def assistant_target_text(
 ) -> str:
     """The text the model must produce for one assistant message, after the generation prompt
     (or after a tool result, `after_tool`), tool calls included."""
-    content = str(message.get("content") or "")
+    content = message.get("content")
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        raise ValueError(
+            f"assistant content must be a string, got {type(content).__name__} (content parts are not supported)"
+        )
+    if not content.strip() and not message.get("tool_calls") and not message.get("reasoning_content"):
+        raise ValueError("assistant message has no content, reasoning_content or tool_calls to train on")
     reasoning = message.get("reasoning_content")
     if reasoning:
         body = f"{think_start}\n{str(reasoning).strip()}\n{think_end}\n{content.lstrip()}"
@@ -387,11 +395,18 @@ def train_on_examples(
         raise ValueError("no training examples")
     n_target = sum(sum(lab != IGNORE for lab in labels) for _, labels in examples)
     trained = _check_targets_fit(examples, cfg.seq_len)
+    # An example whose prompt alone fills --seq-len has nothing left to train on: packed, it is a row of
+    # labels that are all IGNORE, whose batch can have a NaN loss (a skipped step) or dilutes the rest.
+    n_all = len(examples)
+    examples = [e for e in examples if any(lab != IGNORE for lab in e[1][1 : cfg.seq_len])]
+    dropped = n_all - len(examples)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = pack_examples(examples, cfg.seq_len, pad)
     per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = cfg.steps or max(1, cfg.epochs * per_epoch)
     cut = f", {n_target - trained} cut off by --seq-len" if trained < n_target else ""
+    if dropped:
+        cut += f"; {dropped} examples dropped: their prompt alone fills --seq-len"
     print(
         f"{stage}: {len(examples)} examples ({n_target} assistant tokens{cut}) packed into {len(rows)} rows "
         f"of {cfg.seq_len}; {total} steps of {cfg.batch_size} rows"
