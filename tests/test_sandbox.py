@@ -179,3 +179,47 @@ def test_timeout_stops_remaining_cases():
     t0 = time.perf_counter()
     passed, total, results = run_tests("while True:\n    pass", [{"input": "", "output": "1"}] * 5, FAST)
     assert (passed, total) == (0, 5) and len(results) == 1 and time.perf_counter() - t0 < 5
+
+
+WRONG_SQ = "def sq(x): return 0\n"
+SQ_TESTS = "assert sq(3) == 9\nassert sq(-2) == 4"
+
+
+def test_nonce_cannot_be_read_back_from_stdin():
+    code = "import os\nos.lseek(0, 0, 0)\nn = os.read(0, 100).decode().split()\nprint()\nprint(n[0] if n else '', flush=True)\nos._exit(0)\n"
+    assert run_tests(code + WRONG_SQ, SQ_TESTS)[:2] == (0, 1)
+
+
+def test_nonce_cannot_be_read_from_a_traceback_frame():
+    code = (
+        "import sys, os\n"
+        "def h(t, v, tb):\n"
+        "    while tb is not None:\n"
+        "        n = tb.tb_frame.f_locals.get('nonce')\n"
+        "        if n:\n"
+        "            sys.stdout.write('\\n' + n + '\\n'); sys.stdout.flush(); os._exit(0)\n"
+        "        tb = tb.tb_next\n"
+        "sys.excepthook = h\n"
+    )
+    assert run_tests(code + WRONG_SQ, SQ_TESTS)[:2] == (0, 1)
+
+
+def test_replacing_builtins_exec_does_not_skip_the_tests():
+    code = (
+        "import builtins\n_real = builtins.exec\n"
+        "builtins.exec = lambda src, *a, **k: None if getattr(src, 'co_filename', '') == 'tests.py' else _real(src, *a, **k)\n"
+    )
+    assert run_tests(code + WRONG_SQ, SQ_TESTS)[:2] == (0, 1)
+    assert run_tests("def sq(x): return x * x\n", SQ_TESTS)[:2] == (1, 1)
+
+
+def test_dir_fd_does_not_write_outside(tmp_path):
+    os.chmod(tmp_path, 0o777)
+    code = (
+        "import os\n"
+        f"fd = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
+        "w = os.open('escaped.txt', os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)\n"
+        "os.write(w, b'x')\n"
+    )
+    r = run_python(code)
+    assert not (tmp_path / "escaped.txt").exists(), r.stderr

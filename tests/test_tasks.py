@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 
 import pytest
 
@@ -18,6 +19,7 @@ from nanoseek.data.tasks import (
     parse_number,
     split_of,
 )
+from nanoseek.tasks import check_numeric
 
 
 def _canonical(task, p: Problem) -> str:
@@ -537,3 +539,48 @@ def test_a_problem_asked_later_in_a_chat_is_the_same_problem_after_others_and_th
     for bad in ("addition?turn=0", "addition?turn=two"):
         with pytest.raises(ValueError, match="turn"):
             get_task(bad)
+
+
+def test_huge_exponent_is_refused_quickly():
+    # Fraction('1e999999999') builds 10**999999999: a 12-character answer hung the reward
+    t = time.perf_counter()
+    assert parse_number("1e10000000") is None
+    assert check_numeric("42", "1e999999999") == 0.0
+    assert time.perf_counter() - t < 1.0
+    assert parse_number("1e3") == 1000 and parse_number("2.5e-3") == parse_number("0.0025")
+
+
+def test_non_integer_gold_never_overflows():
+    # compared as floats: OverflowError crashed the reward
+    assert check_numeric("3.5", "1e400") == 0.0
+    assert check_numeric("3.5", "3.5000001") == 1.0  # relative tolerance kept for non-integers
+
+
+def test_integer_gold_is_exact():
+    # a relative tolerance of 1e-6 applied when only one side was an integer
+    assert check_numeric("42", "42.0") == 1.0
+    assert check_numeric("42", "42.00001") == 0.0
+    assert check_numeric("123456", "123456.1") == 0.0
+
+
+def test_linear_equation_accepts_boxed_and_dollar_x_equals():
+    task = get_task("linear_equation")
+    p = task.problems("test", 1, language="en")[0]
+    for a in (f"\\boxed{{x = {p.answer}}}", f"$x = {p.answer}$", f"x = {p.answer}"):
+        assert task.verify(p, "t</think>\n" + a, require_think=True) == 1.0
+
+
+def test_countdown_accepts_trailing_full_stop():
+    task = get_task("countdown")
+    p = task.problems("test", 1, language="en")[0]
+    assert task.verify(p, f"t</think>\n{p.answer}.", require_think=True) == 1.0
+    assert task.verify(p, f"t</think>\n{p.answer}。", require_think=True) == 1.0
+
+
+def test_word_problem_commuted_twin_shares_the_split():
+    # 12 + 11 and 11 + 12 were split apart: held-out problems had their twin in training
+    task = get_task("word_problem")
+    for p in task.problems("test", 100, language="en", strict=False):
+        k, a, b = p.meta["kind"], p.meta["a"], p.meta["b"]
+        if k in ("add", "mul"):
+            assert split_of(f"word_problem|{task.key({**p.meta, 'a': b, 'b': a})}") == "test"

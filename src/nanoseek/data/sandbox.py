@@ -58,8 +58,12 @@ def _install(code_path, mem, cpu, fsize, drop):
         "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname",
         "socket.sendto", "socket.sendmsg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function",
         "ctypes.addressof", "ctypes.cdata", "os.setuid", "os.chroot", "sys.remote_exec", "sys._getframe",
-        "sys._current_frames",
+        "sys._current_frames", "sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers",
+        "gc.get_referents",
     }
+    # frames reach the runner's locals (the nonce): a traceback's, a generator's, a coroutine's
+    frame_attrs = {"tb_frame", "gi_frame", "cr_frame", "ag_frame"}
+    isdir = os.path.isdir
     path_events = {"os.remove", "os.rmdir", "os.rename", "shutil.rmtree", "os.chmod", "os.chown", "os.link",
                    "os.symlink", "os.truncate", "os.mkdir", "os.utime", "shutil.move", "shutil.copyfile"}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -76,12 +80,18 @@ def _install(code_path, mem, cpu, fsize, drop):
     def hook(event, args):
         if event in blocked:
             raise PermissionError("sandbox: " + event + " is not allowed")
+        if event == "object.__getattr__" and args[1] in frame_attrs:
+            raise PermissionError("sandbox: frame access is not allowed")
         if event == "open":
             path, mode, flags = args
             writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
                 isinstance(flags, int) and flags & write_flags)
             if writing and path is not None and not inside(path):
                 raise PermissionError("sandbox: writing outside the working directory is not allowed")
+            # a directory fd outside would let dir_fd= calls (which the hook sees only as a relative
+            # name) write, delete or rename there
+            if path is not None and not isinstance(path, int) and not inside(path) and isdir(path):
+                raise PermissionError("sandbox: opening a directory outside the working directory")
         elif event in path_events:
             for a in args:
                 if isinstance(a, (str, bytes, os.PathLike)) and not inside(a):
@@ -109,9 +119,19 @@ def _install(code_path, mem, cpu, fsize, drop):
 def _main():
     # Locals, not module globals: the exec'd code gets its own namespace and cannot read the nonce there.
     tests_path = sys.argv[6]
-    nonce = sys.stdin.readline().strip() if tests_path else ""
+    # what the code could replace before the tests run (builtins, os, sys are shared with it)
+    _exec, _compile, _exit, _write, _flush = exec, compile, os._exit, sys.stdout.write, sys.stdout.flush
+    _report = sys.__excepthook__
+    nonce = ""
     tests = None
     if tests_path:
+        nonce = sys.stdin.readline().strip()
+        # the nonce came through a pipe: leave the code nothing to read it back from
+        sys.stdin.close()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        sys.stdin = sys.__stdin__ = open(0, closefd=False)
         with open(tests_path, encoding="utf-8") as f:
             tests = f.read()
     src = _install(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")
@@ -119,7 +139,7 @@ def _main():
     sys.orig_argv = []
     g = {"__name__": "__main__", "__builtins__": __builtins__, "__file__": "solution.py"}
     try:
-        exec(compile(src, "solution.py", "exec"), g)
+        _exec(_compile(src, "solution.py", "exec"), g)
     except SystemExit:
         if tests is None:
             raise
@@ -127,10 +147,14 @@ def _main():
         sys.stderr.write("sandbox: the code exited before the tests ran\n")
         raise SystemExit(3) from None
     if tests is not None:
-        exec(compile(tests, "tests.py", "exec"), g)
+        try:
+            _exec(_compile(tests, "tests.py", "exec"), g)
+        except BaseException as e:  # no sys.excepthook of the code's: it would get this frame
+            _report(type(e), e, e.__traceback__)
+            _exit(1)
         # the success marker: os._exit(0) or a fake exit code cannot produce it
-        sys.stdout.write("\n" + nonce + "\n")
-        sys.stdout.flush()
+        _write("\n" + nonce + "\n")
+        _flush()
 
 _main()
 """.replace("NOBODY_UID", str(NOBODY))
@@ -225,7 +249,7 @@ def run_python(
         nonce = secrets.token_hex(16)
         if tests is not None:
             (base / "tests.py").write_text(tests, encoding="utf-8")
-            stdin = nonce + "\n"
+            stdin = ""  # the code gets no stdin; the nonce goes through a pipe (below), never a file
         (base / "stdin").write_text(stdin, encoding="utf-8")
         if drop:
             os.chown(work, NOBODY, NOBODY)
@@ -251,13 +275,17 @@ def run_python(
                 cmd,
                 cwd=work,
                 env=env,
-                stdin=fin,
+                stdin=subprocess.PIPE if tests is not None else fin,
                 stdout=fout,
                 stderr=ferr,
                 start_new_session=True,
                 close_fds=True,
             )
             timed_out = False
+            if proc.stdin is not None:  # 33 bytes: fits the pipe, never blocks
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.write((nonce + "\n").encode())
+                    proc.stdin.close()
             try:
                 proc.wait(timeout=cfg.timeout)
             except subprocess.TimeoutExpired:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import re
 import threading
 from fractions import Fraction
@@ -41,6 +40,7 @@ def unbox(text: str) -> str:
 
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _FRACTION_RE = re.compile(r"([+-]?\d+)\s*/\s*(\d+)")
+_MAX_EXPONENT = 400  # past any answer a verifier compares, and cheap to build exactly
 
 
 def parse_number(text: str | None) -> Fraction | None:
@@ -53,6 +53,10 @@ def parse_number(text: str | None) -> Fraction | None:
     if len(s) > 64:
         return None
     if _NUMBER_RE.fullmatch(s):
+        # Fraction("1e999999999") builds 10**999999999: a 12-character answer must not hang the reward
+        exp = re.search(r"[eE]([+-]?\d+)$", s)
+        if exp and abs(int(exp.group(1))) > _MAX_EXPONENT:
+            return None
         try:
             return Fraction(s)
         except (ValueError, ZeroDivisionError):
@@ -64,9 +68,12 @@ def parse_number(text: str | None) -> Fraction | None:
 
 
 def numbers_equal(gold: Fraction, pred: Fraction, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> bool:
-    if gold.denominator == 1 and pred.denominator == 1:
+    """An integer gold is matched exactly (``42.00001`` is not 42); a non-integer one within
+    ``rel_tol``/``abs_tol`` as math.isclose would, in exact arithmetic (no float overflow)."""
+    if gold.denominator == 1:
         return gold == pred
-    return math.isclose(float(gold), float(pred), rel_tol=rel_tol, abs_tol=abs_tol)
+    tol = max(Fraction(rel_tol) * max(abs(gold), abs(pred)), Fraction(abs_tol))
+    return abs(gold - pred) <= tol
 
 
 def check_numeric(gold: str, answer: str | None) -> float | None:

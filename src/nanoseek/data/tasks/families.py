@@ -429,6 +429,7 @@ def check_countdown(expression: str | None, numbers: Sequence[int], target: int)
     if expression is None:
         return False
     s = unbox(expression.strip()).strip().strip("$").replace("×", "*").replace("÷", "/").replace("−", "-")
+    s = s.rstrip("。.").strip()  # trailing full stop, as numeric answers allow ("(3+6)*6.")
     if "=" in s:  # accept "expr = target", nothing else after it
         s, _, rhs = s.partition("=")
         if parse_number(rhs) != target:
@@ -548,8 +549,8 @@ class LinearEquationTask(BuiltinTask):
         return "\n".join(lines)
 
     def check(self, problem: Problem, answer: str | None) -> float | None:
-        if answer is not None:  # "x = 5" is the same answer as "5"
-            answer = re.sub(r"^\s*x\s*=\s*", "", answer)
+        if answer is not None:  # "x = 5" is the same answer as "5", boxed or in $...$ too
+            answer = re.sub(r"^\s*x\s*=\s*", "", unbox(answer.strip()).strip().strip("$"))
         return check_numeric(problem.answer, answer)
 
 
@@ -959,7 +960,10 @@ class WordProblemTask(BuiltinTask):
         return {"kind": kind, "a": a, "b": b, "name": rng.randrange(4), "object": rng.randrange(4)}
 
     def key(self, d: dict[str, Any]) -> str:
-        return f"{d['kind']}|{d['a']}|{d['b']}"  # names and objects do not make a new problem
+        a, b = d["a"], d["b"]
+        if d["kind"] in ("add", "mul"):  # commutative: 12 + 11 and 11 + 12 are one problem (as arithmetic)
+            a, b = sorted((a, b))
+        return f"{d['kind']}|{a}|{b}"  # names and objects do not make a new problem
 
     def prompt(self, d: dict[str, Any], lang: str) -> str:
         n, o, a, b = _NAMES[lang][d["name"]], _OBJECTS[lang][d["object"]], d["a"], d["b"]
