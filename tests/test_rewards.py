@@ -14,7 +14,7 @@ from nanoseek.data.rewards import (
     script_counts,
     split_completion,
 )
-from nanoseek.data.tasks import check_math, get_task
+from nanoseek.data.tasks import check_math, check_numeric, get_task
 
 EOS = "<｜end▁of▁sentence｜>"
 
@@ -239,3 +239,28 @@ def test_batch_matches_sequential(add_en, add_ja):
     ]
     with pytest.raises(ValueError):
         reward.batch(problems, completions[:2])
+
+
+def test_batch_scores_math_verify_on_the_calling_thread(tmp_path, monkeypatch):
+    # math-verify's timeouts (SIGALRM) only work on the main thread: from a worker thread an answer
+    # such as 10000000! ran for minutes. Other problems still overlap in the workers.
+    import nanoseek.data.tasks.adapters as adapters
+
+    path = tmp_path / "t.jsonl"
+    rows = [{"prompt": "p", "answer": "\\frac{3}{4}", "verifier": "math"}, {"prompt": "q", "answer": "7"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = get_task(f"jsonl:{path}")
+    seen = []
+    real = adapters.check_math
+    monkeypatch.setattr(
+        adapters, "check_math", lambda g, a: seen.append(threading.current_thread()) or real(g, a)
+    )
+    reward = build_reward("accuracy:1", task=task)
+    problems = [task.items[0], task.items[1], task.items[0]]
+    completions = ["t</think>\\boxed{0.75}", "t</think>7", "t</think>\\boxed{0.5}"]
+    assert [r.total for r in reward.batch(problems, completions, workers=2)] == [1.0, 1.0, 0.0]
+    assert seen == [threading.main_thread()] * 2
+
+
+def test_a_typeset_minus_is_a_minus():
+    assert check_numeric("-5", "−5") == 1.0

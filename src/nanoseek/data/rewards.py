@@ -14,7 +14,9 @@ Notable:
 - code: the share of tests the answer's code passes in the sandbox (partial credit; accuracy on a code
   problem is the binary all-pass version).
 - math-verify times out with SIGALRM, which fails outside the main thread: ``check_math`` runs it with
-  its timeout disabled there, so rewards can be computed from worker threads (``RewardFn.batch``).
+  its timeout disabled there (input capped at 2,000 characters, but ``10000000!`` alone runs for
+  minutes), so ``RewardFn.batch`` scores math-verify problems on the calling thread, with their
+  timeouts, while worker threads overlap the rest (sandbox subprocesses).
 """
 
 from __future__ import annotations
@@ -186,13 +188,20 @@ class RewardFn:
     def batch(
         self, problems: Sequence[Problem], completions: Sequence[str], workers: int = 1
     ) -> list[RewardResult]:
-        """Score many pairs; ``workers > 1`` overlaps sandbox subprocesses (safe for math-verify too)."""
+        """Score many pairs; ``workers > 1`` overlaps the others (sandbox subprocesses) with the
+        math-verify problems, which stay on this thread: their timeouts only work there."""
         if len(problems) != len(completions):
             raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
         if workers <= 1:
             return [self(p, c) for p, c in zip(problems, completions, strict=True)]
+        here = [p.meta.get("verifier") == "math" for p in problems]
         with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(self, problems, completions))
+            futures = [
+                None if h else pool.submit(self, p, c)
+                for p, c, h in zip(problems, completions, here, strict=True)
+            ]
+            mine = {i: self(problems[i], completions[i]) for i, h in enumerate(here) if h}
+            return [mine[i] if f is None else f.result() for i, f in enumerate(futures)]
 
     def __repr__(self) -> str:
         return f"RewardFn({','.join(f'{k}:{v:g}' for k, v in self.weights.items())})"

@@ -48,7 +48,7 @@ def parse_number(text: str | None) -> Fraction | None:
     if text is None:
         return None
     s = unbox(text.strip()).strip().strip("$").strip()
-    s = s.rstrip("。.").strip()
+    s = s.rstrip("。.").strip().replace("−", "-")  # U+2212, typeset minus
     s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)  # thousands separators
     if len(s) > 64:
         return None
