@@ -385,3 +385,18 @@ def test_examples_whose_prompt_fills_seq_len_are_dropped(micro_checkpoint, tmp_p
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses and all(x == x for x in losses)  # no NaN (skipped) step
     assert "dropped" in capsys.readouterr().out
+
+
+def test_a_bad_conversation_is_named_by_its_line(micro_checkpoint, tmp_path) -> None:
+    # "conversation N" counted conversations, not lines: with blank lines it pointed at the wrong one
+    from nanoseek.train.sft import SFTConfig, sft
+
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    bad = {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "text"}]}]
+    }
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(good) + "\n\n\n" + json.dumps(bad) + "\n")
+    cfg = SFTConfig(init=micro_checkpoint, data=str(data), out=str(tmp_path / "out"), steps=1, progress=False)
+    with pytest.raises(ValueError, match=rf"{data}:4: assistant content must be a string"):
+        sft(cfg)

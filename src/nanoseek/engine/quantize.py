@@ -100,18 +100,28 @@ def _w8a8_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.ops.quantized.linear_prepack(qw, None)
 
 
-def _w8a8_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x [N,in] @ (q·scale)ᵀ with each row of x quantized to 8 bits on its own (7 bits of range, which
-    keeps AVX2's 16-bit pair sums from saturating), int8 dot products, fp32 out."""
+def _w8a8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N,in] -> (rows scaled to max|x| = 1 with two range-pinning columns appended [N,in+2] fp32,
+    the rows' scales [N,1]), what `_w8a8_linear` feeds the backend."""
     # Per-token dynamic quantization, as vLLM's w8a8: a row's result must not depend on the other rows
     # of the call (batch-mates, a prefill's other tokens, a speculative draft). The backend takes one
     # [min, max] range per call, so each row is scaled to max|x| = 1 and two appended columns (+1, -1,
     # against zero weight columns) pin that range to [-1, 1] for every call.
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
-    pin = torch.tensor([1.0, -1.0]).expand(xf.shape[0], 2)
-    xn = torch.cat((xf / amax, pin), dim=-1)
-    return (torch.ops.quantized.linear_dynamic(xn, packed, True) * amax).to(x.dtype)
+    n, k = x.shape
+    with torch.no_grad():  # the quantized backend has no gradient (weights to train are not int8)
+        amax = x.abs().amax(dim=-1, keepdim=True).float().clamp_(min=1e-12)
+        xn = torch.empty(n, k + 2)
+        torch.div(x, amax, out=xn[:, :k])
+        xn[:, k] = 1.0
+        xn[:, k + 1] = -1.0
+    return xn, amax
+
+
+def _w8a8_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [N,in] @ (q·scale)ᵀ with each row of x quantized to 8 bits on its own (7 bits of range, which
+    keeps AVX2's 16-bit pair sums from saturating), int8 dot products, fp32 out."""
+    xn, amax = _w8a8_rows(x)
+    return torch.ops.quantized.linear_dynamic(xn, packed, True).mul_(amax).to(x.dtype)
 
 
 def _w8a8_dequantized(packed: torch.Tensor) -> torch.Tensor:
@@ -245,7 +255,12 @@ class QuantRoutedExperts(RoutedExperts):
         if self.fmt == "w8a8":
             which = 0 if q is self.q_gate_up else 1  # told apart before the stacks are replaced
             packed = self.pack_w8a8()[which]
-            return each_expert(a, offs, q.shape[1], lambda e, rows: _w8a8_linear(rows, packed[e]))
+            # the rows scaled once for every expert (each row is quantized on its own anyway)
+            xn, amax = _w8a8_rows(a)
+            out = each_expert(
+                xn, offs, q.shape[1], lambda e, r: torch.ops.quantized.linear_dynamic(r, packed[e], True)
+            )
+            return out.mul_(amax).to(a.dtype)
         if self._kernel is None:
             self._kernel = _int8_kernel_ok(a, q[0], s[0])
         kernel = self._kernel

@@ -120,6 +120,13 @@ def completion_example(
 def read_chat_jsonl(path: str | os.PathLike) -> Iterator[tuple[list[dict[str, Any]], list[dict] | None]]:
     """(messages, tools) from a JSONL file whose lines are {"messages": [...], "tools": [...]?};
     errors name the line."""
+    for _, msgs, tools in _numbered_chat_lines(path):
+        yield msgs, tools
+
+
+def _numbered_chat_lines(
+    path: str | os.PathLike,
+) -> Iterator[tuple[int, list[dict[str, Any]], list[dict] | None]]:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"chat data {p} does not exist")
@@ -137,7 +144,7 @@ def read_chat_jsonl(path: str | os.PathLike) -> Iterator[tuple[list[dict[str, An
             tools = rec.get("tools")
             if tools is not None and not isinstance(tools, list):
                 raise ValueError(f"{p}:{n}: 'tools' must be a list of OpenAI function tools")
-            yield msgs, tools
+            yield n, msgs, tools
 
 
 # ---------------------------------------------------------------------------------- packing
@@ -493,20 +500,19 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(init)
     model = load_model(init, device=default_device())
-    convs: list[tuple[list[dict[str, Any]], list[dict] | None]] = []
+    # (where, messages, tools): errors name the data file's line, or the task conversation
+    convs: list[tuple[str, list[dict[str, Any]], list[dict] | None]] = []
     if cfg.data:
-        convs.extend(read_chat_jsonl(cfg.data))
+        convs.extend((f"{cfg.data}:{n}", m, t) for n, m, t in _numbered_chat_lines(cfg.data))
     if cfg.task:
-        convs.extend(
-            (c, None)
-            for c in task_conversations(cfg.task, cfg.task_examples, cfg.seed, cfg.language, cfg.multi_turn)
-        )
+        made = task_conversations(cfg.task, cfg.task_examples, cfg.seed, cfg.language, cfg.multi_turn)
+        convs.extend((f"{cfg.task} conversation {k}", c, None) for k, c in enumerate(made, 1))
     examples = []
-    for n, (conv, tools) in enumerate(convs, 1):
+    for where, conv, tools in convs:
         try:
             examples.extend(tokenize_conversation(tok, conv, tools))
         except ValueError as e:
-            raise ValueError(f"conversation {n}: {e}") from None
+            raise ValueError(f"{where}: {e}") from None
     return train_on_examples(
         model, tok, examples, cfg.out, "sft", cfg, {"sft": vars(cfg)}, started, deadline_fn=deadline_fn
     )
