@@ -561,3 +561,19 @@ def test_lone_surrogate_is_a_clear_value_error(tok) -> None:
         tok.encode("hi \udce9")
     with pytest.raises(ValueError, match="surrogate"):
         tok.encode_batch(["ok", "\ud83d"])
+
+
+def test_save_replaces_each_file_whole(tok, tmp_path, monkeypatch) -> None:
+    # a kill while saving left a torn tokenizer.json that every later load (an ablation's resume) failed on
+    tok.save(tmp_path)
+    before = (tmp_path / "tokenizer.json").read_bytes()
+
+    def torn(path: str) -> None:
+        Path(path).write_text('{"version": "1.0", "trunc')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(tok.backend), "save", lambda self, path, *a: torn(path), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        tok.save(tmp_path)
+    assert (tmp_path / "tokenizer.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]

@@ -696,7 +696,7 @@ def _tokenizer(out: Path, docs: int) -> Any:
     from nanoseek.tokenizer import load_tokenizer, train_tokenizer
 
     tok_dir = out / "ablate" / "tokenizer"
-    if not (tok_dir / "tokenizer.json").exists():
+    if not (tok_dir / "tokenizer_config.json").exists():  # written last by Tokenizer.save
         texts = list(islice(tokenizer_documents("embedded:" + ",".join(FAMILIES)), docs))
         train_tokenizer(texts, vocab_size=1024).save(tok_dir)
     return load_tokenizer(tok_dir)

@@ -39,6 +39,8 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _Backend
 
+from nanoseek.atomic import atomic_file, atomic_write
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 PAD = "<｜▁pad▁｜>"
@@ -464,9 +466,10 @@ class Tokenizer:
     # ---------------------------------------------------------------- save
     def save(self, directory: str | os.PathLike) -> Path:
         """Write tokenizer.json + tokenizer_config.json (HF layout, loadable by AutoTokenizer)."""
+        # each file replaced whole (a kill mid-write leaves the old file or the new one, never a torn one)
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(out / "tokenizer.json"))
+        with atomic_file(out / "tokenizer.json") as tmp:
+            self.backend.save(str(tmp))
         config = dict(self.config)
         config.update(
             {
@@ -489,8 +492,8 @@ class Tokenizer:
             config["chat_template"] = self.chat_template
             jinja = out / "chat_template.jinja"  # transformers 5 prefers this file: keep it in step
             if jinja.exists():
-                jinja.write_text(self.chat_template)
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+                atomic_write(jinja, self.chat_template)
+        atomic_write(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return out
 
     def __repr__(self) -> str:
