@@ -378,6 +378,19 @@ def test_mtp_shapes_and_shifted_tokens():
 
 
 # ------------------------------------------------------------------ balancing
+def test_router_scores_in_fp32_under_autocast():
+    """Training runs under bf16 autocast, inference without: both must route alike, in fp32."""
+    cfg = config(n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1)
+    r = router_for(cfg).train()
+    x = torch.randn(4, 64, 64)
+    idx, w = r(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx_bf, w_bf = r(x)
+    assert w_bf.dtype == torch.float32
+    assert torch.equal(idx, idx_bf)
+    torch.testing.assert_close(w, w_bf)
+
+
 def test_sequence_balance_loss_matches_hand_computation():
     cfg = config(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1)
     r = router_for(cfg).train()

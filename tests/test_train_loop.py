@@ -108,6 +108,18 @@ def test_schedules_warmup_cosine_wsd_constant() -> None:
     assert lr_multiplier(99, 100, const) == 1.0
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+@pytest.mark.parametrize(("total", "warmup"), [(10, 2), (100, 10), (7, 0)])
+def test_the_last_step_trains_at_the_floor(schedule, total, warmup) -> None:
+    """Step total-1 is the last one run: it, not the step after it, is where the decay ends."""
+    cfg = OptimConfig(warmup_steps=warmup, schedule=schedule, min_lr_ratio=0.1, decay_fraction=0.2)
+    lrs = [lr_multiplier(s, total, cfg) for s in range(total)]
+    assert lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :], strict=False))
+    if warmup:
+        assert lrs[warmup - 1] == pytest.approx(1.0)
+
+
 def test_optim_config_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="schedule"):
         OptimConfig(schedule="linear")
@@ -520,3 +532,28 @@ def test_a_deadline_refits_the_schedule_and_stops(tmp_path, monkeypatch) -> None
     assert tr.total_steps < 100  # refit to the pace: about 20 steps fit in 40 seconds
     assert 15 <= tr.global_step <= 21
     assert tr.lr_at(tr.total_steps) == pytest.approx(tr.optim_config.lr * tr.optim_config.min_lr_ratio)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_save_before_the_first_update_changes_nothing(tmp_path, optimizer) -> None:
+    """torch's optimizer state-dict helper initializes an empty optimizer with a zero-gradient step;
+    a checkpoint written before the first update (GRPO's no-signal steps, skipped steps) must neither
+    count that step in the run that wrote it nor in a run resumed from it."""
+    optim = OptimConfig(lr=1e-2, warmup_steps=0, optimizer=optimizer)
+
+    def train(tr, model) -> list[float]:
+        return [tr.step(lambda i=i: language_model_loss(model, *batch_at(i)))["loss"] for i in range(3)]
+
+    m = micro_model()
+    straight = train(make_trainer(m, tmp_path / "a", steps=3, optim=optim), m)
+    m = micro_model()
+    tr = make_trainer(m, tmp_path / "b", steps=3, optim=optim)
+    tr.save()
+    assert not tr.optimizer.state
+    assert train(tr, m) == straight
+    m = micro_model()
+    make_trainer(m, tmp_path / "c", steps=3, optim=optim).save()
+    m = micro_model(seed=7)
+    tr = make_trainer(m, tmp_path / "c", steps=3, optim=optim)
+    tr.resume()
+    assert train(tr, m) == straight

@@ -90,7 +90,14 @@ class Router(nn.Module):
         flat = x.reshape(-1, shape[-1])
         fp32 = torch.float32
         w = self.weight if self.weight.dtype == fp32 else self.weight.float()
-        logits = F.linear(flat if flat.dtype == fp32 else flat.float(), w)
+        x32 = flat if flat.dtype == fp32 else flat.float()
+        if torch.is_autocast_enabled(x32.device.type):
+            # autocast would run this matmul in bf16 whatever its operands: the routing (and the
+            # gating weights, the balance loss) would differ between training and inference
+            with torch.autocast(x32.device.type, enabled=False):
+                logits = F.linear(x32, w)
+        else:
+            logits = F.linear(x32, w)
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores.detach() if scores.requires_grad else scores
         if self.topk_method == "noaux_tc":

@@ -100,15 +100,17 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
     floor = cfg.min_lr_ratio
     if cfg.schedule == "constant":
         return 1.0
+    # Decay progress counts steps done as warmup does (step + 1): the run's last step, total_steps - 1,
+    # is the one that reaches the floor, not the step after it, which never runs.
     if cfg.schedule == "cosine":
         span = max(1, total_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        progress = min(1.0, (step + 1 - cfg.warmup_steps) / span)
     else:  # wsd: flat until the last decay_fraction of the run
         decay_steps = max(1, round(cfg.decay_fraction * total_steps))
         start = max(cfg.warmup_steps, total_steps - decay_steps)
         if step < start:
             return 1.0
-        progress = min(1.0, (step - start) / max(1, total_steps - start))
+        progress = min(1.0, (step + 1 - start) / max(1, total_steps - start))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -586,7 +588,14 @@ class Trainer:
         from nanoseek.checkpoint import build_model, save_model, save_train_state
 
         model_state = full_model_state_dict(self.model, self.dist)
+        fresh = not self.optimizer.state
         optim_state = full_optimizer_state_dict(self.model, self.optimizer, self.dist)
+        if fresh:
+            # torch's state-dict helper fills an empty optimizer's state with a zero-gradient step
+            # (AdamW: step 1, zero moments): undo it, or saving before the first update would change
+            # the updates that follow (AdamW's bias correction would count one step too many)
+            self.optimizer.state.clear()
+            optim_state["state"] = {}
         if self.dist.is_main:
             if self.dist.enabled:
                 plain = build_model(self.config)
@@ -666,6 +675,8 @@ class Trainer:
         check_keys(self.model, tensors, f"checkpoint {ckpt}")
         load_full_model_state_dict(self.model, tensors, self.dist)
         load_full_optimizer_state_dict(self.model, self.optimizer, optim_state, self.dist)
+        if not optim_state.get("state"):  # saved before any update: the loader's zero-gradient init step
+            self.optimizer.state.clear()  # (see `save`) must not count either
         self.global_step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.skipped_steps = int(state["skipped_steps"])
