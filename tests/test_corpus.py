@@ -170,7 +170,7 @@ def test_validation_split_is_disjoint_and_stable(corpus: tuple[Path, list[str]],
     assert val[:-1] == val_docs[: len(val) - 1] and len(val) >= len(val_docs) - 2
     assert train[:-1] == expected_train[: len(train) - 1]
     assert len(train) >= len(expected_train) - 2
-    with pytest.raises(ValueError, match="no documents in the val split"):
+    with pytest.raises(ValueError, match="no documents in the val split.*--val-fraction 1e-09.*endoftext"):
         list(PackedDataset(root / "sub" / "e.txt", tok, 8, 1, split="val", val_fraction=1e-9))
 
 
@@ -430,3 +430,60 @@ def test_the_embedded_corpus_asks_several_questions_in_a_chat_when_told(tok: Tok
     for saved, now in ((0.5, 0.0), (0.0, 0.5), (0.5, 0.3)):
         with pytest.raises(ValueError, match="multi_turn"):
             make(now).load_state_dict(make(saved).state_dict())
+
+
+# ------------------------------------------------------------------ small and long corpora
+def test_a_corpus_smaller_than_one_tokenize_batch_trains(tmp_path: Path, tok: Tokenizer) -> None:
+    # 5 documents (< tokenize_batch=128): the stream wraps into epoch 1 before any is tokenized, which
+    # must not read as "no documents" (nanoGPT's one-file input.txt is this case).
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(5)))
+    ds = PackedDataset(tmp_path / "few.jsonl", tok, 16, 2, val_fraction=0.0)
+    assert len(list(itertools.islice(ds, 4))) == 4
+    (tmp_path / "input.txt").write_text("\n".join(_docs(50)))  # one .txt file: one document
+    assert (
+        len(list(itertools.islice(PackedDataset(tmp_path / "input.txt", tok, 16, 2, val_fraction=0.0), 4)))
+        == 4
+    )
+
+
+def test_a_line_longer_than_a_document_is_cut(tmp_path: Path) -> None:
+    # a text8-style file (one line, no newline) is held in memory max_doc_chars at a time, not whole
+    text = " ".join(_docs(400)).replace("\n", " ") + " 猫が座った😀" * 300
+    (tmp_path / "one_line.txt").write_text(text)
+    chunks = list(iter_documents(tmp_path / "one_line.txt", max_doc_chars=1000))
+    assert "".join(chunks) == text and max(len(c) for c in chunks) < 2000
+
+
+def test_whole_document_packing_cuts_a_long_document_without_reading_ahead(
+    tmp_path: Path, tok: Tokenizer
+) -> None:
+    # A document longer than a window is cut as without whole-document packing: its windows do not
+    # wait for (nor rescan) `lookahead` more documents; on long documents that made every window cost
+    # the length of the next 32 documents.
+    docs = [" ".join(_docs(200))] + _docs(100)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    kw = dict(val_fraction=0.0, shuffle=False, repeat=False, tokenize_batch=1)
+    ds = PackedDataset(tmp_path / "c.jsonl", tok, 16, 2, whole_documents=True, **kw)
+    first = next(iter(ds))
+    assert ds._docs == 1  # only the long document has been read
+    cut = next(iter(PackedDataset(tmp_path / "c.jsonl", tok, 16, 2, **kw)))
+    assert torch.equal(first[0], cut[0]) and torch.equal(first[1], cut[1])
+
+
+def test_bad_files_are_named(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl.*byte 15.*UTF-8"):
+        list(iter_documents(tmp_path / "latin1.jsonl"))
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(ValueError, match=r"ints.parquet.*'text' holds int64"):
+        list(iter_documents(tmp_path / "ints.parquet"))
+
+
+def test_a_directory_scan_skips_hidden_folders(tmp_path: Path) -> None:
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "a.txt").write_text("A")
+    (tmp_path / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("A")  # a notebook's copy
+    assert [p.name for p in resolve_files(tmp_path)] == ["a.txt"]

@@ -577,3 +577,28 @@ def test_save_replaces_each_file_whole(tok, tmp_path, monkeypatch) -> None:
         tok.save(tmp_path)
     assert (tmp_path / "tokenizer.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+
+
+def test_cli_trains_on_the_embedded_corpus_of_chosen_families(tmp_path: Path) -> None:
+    # `--data embedded:TASKS` is a source as in `pretrain --data`, not a file name
+    from nanoseek.cli import main
+
+    out = tmp_path / "tok"
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--data",
+                "embedded:arithmetic",
+                "--max-docs",
+                "200",
+                "--vocab-size",
+                "400",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert (out / "tokenizer.json").exists()

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data",
         nargs="+",
         default=["embedded"],
-        help="'embedded' (default), or .txt/.jsonl/.parquet files, globs or directories",
+        help="'embedded' (default), 'embedded:TASKS', or .txt/.jsonl/.parquet files, globs or directories",
     )
     t.add_argument("--vocab-size", type=int, default=4096, help="total ids, special tokens included")
     t.add_argument("--out", required=True, help="directory to write")
@@ -57,12 +57,12 @@ def run_train(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from nanoseek.data.corpus import tokenizer_documents
+    from nanoseek.data.corpus import is_embedded, tokenizer_documents
     from nanoseek.tokenizer import tokenizer_summary, train_tokenizer
 
-    source = args.data[0] if args.data == ["embedded"] else args.data
+    source = args.data[0] if len(args.data) == 1 else args.data
     max_docs = args.max_docs
-    if max_docs is None and source == "embedded":
+    if max_docs is None and is_embedded(source):
         max_docs = EMBEDDED_DEFAULT_DOCS  # the embedded corpus is endless
     if max_docs is not None and max_docs < 1:
         raise ValueError(f"--max-docs must be positive, got {max_docs}")

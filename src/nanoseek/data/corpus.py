@@ -47,6 +47,8 @@ JSONL_SUFFIXES = (".jsonl",)
 PARQUET_SUFFIXES = (".parquet",)
 DOC_SEPARATORS = frozenset({"<|endoftext|>", EOS})
 EMBEDDED = "embedded"
+# Text tokenized at once at most (and a document more): long documents fill it before `tokenize_batch` does.
+TOKENIZE_CHARS = 4_000_000
 
 
 def _kind(path: Path) -> str | None:
@@ -77,7 +79,10 @@ def resolve_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> li
             found = sorted(
                 p
                 for p in Path(text).rglob("*")
-                if p.is_file() and _kind(p) and not any(part.startswith(".") for part in p.parts[-1:])
+                if p.is_file()
+                and _kind(p)
+                # hidden files and folders (.git, .ipynb_checkpoints' copies, .cache) are not the corpus
+                and not any(part.startswith(".") for part in p.relative_to(text).parts)
             )
             if not found:
                 raise FileNotFoundError(f"no .txt/.md/.jsonl/.parquet files under {text}")
@@ -118,23 +123,36 @@ def _read_txt(path: Path, offset: int, max_doc_chars: int) -> Iterator[tuple[str
         f.seek(offset)
         lines: list[str] = []
         size = 0
+        carry = b""  # the rest of a line longer than a document, read but not yet used
         while True:
-            raw = f.readline()
+            limit = max(1, max_doc_chars - len(carry))
+            raw = carry + f.readline(limit)
+            carry = b""
             if not raw:
                 break
+            if not raw.endswith(b"\n") and len(raw) >= max_doc_chars:
+                # a line longer than a document (a text8-style file is one line): cut it at its last
+                # blank, else at a character boundary, so one line never holds the whole file in memory
+                cut = max(raw.rfind(b" "), raw.rfind(b"\t")) + 1
+                if cut <= len(raw) // 2:  # no blank late in it: cut before its last character's start
+                    k = len(raw) - 1
+                    while k > 0 and raw[k] & 0xC0 == 0x80:  # UTF-8 continuation bytes
+                        k -= 1
+                    cut = k if k > 0 and raw[k] >= 0xC0 else len(raw)
+                raw, carry = raw[:cut], raw[cut:]
             line = raw.decode("utf-8", errors="replace")
             if line.rstrip("\r\n") in DOC_SEPARATORS:
                 if lines:
-                    yield "".join(lines), f.tell()
+                    yield "".join(lines), f.tell() - len(carry)
                 lines, size = [], 0
                 continue
             lines.append(line)
             size += len(line)
             if size >= max_doc_chars:  # bounded memory: cut a huge document at a line boundary
-                yield "".join(lines), f.tell()
+                yield "".join(lines), f.tell() - len(carry)
                 lines, size = [], 0
         if lines:
-            yield "".join(lines), f.tell()
+            yield "".join(lines), f.tell() - len(carry)
 
 
 def _read_jsonl(path: Path, offset: int, text_field: str) -> Iterator[tuple[str, int]]:
@@ -149,6 +167,8 @@ def _read_jsonl(path: Path, offset: int, text_field: str) -> Iterator[tuple[str,
                 continue
             try:
                 obj = json.loads(raw)
+            except UnicodeDecodeError as e:  # (a ValueError, but not a JSONDecodeError)
+                raise ValueError(f"{path}: the line at byte {at} is not UTF-8: {e}") from e
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: invalid JSON in the line at byte {at}: {e}") from e
             if not isinstance(obj, dict) or text_field not in obj:
@@ -171,6 +191,11 @@ def _read_parquet(path: Path, offset: int, text_field: str) -> Iterator[tuple[st
     names = pf.schema_arrow.names
     if text_field not in names:
         raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(names)})")
+    import pyarrow as pa
+
+    kind = pf.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"{path}: column {text_field!r} holds {kind}, not text")
     # Offsets are row numbers; start at the row group that holds `offset` and skip inside it.
     first, row = 0, 0
     for g in range(pf.metadata.num_row_groups):
@@ -510,9 +535,10 @@ class PackedDataset:
         bos, out, i = self.tokenizer.bos_token_id, [], self._start
         n = len(self._pending)
         while i < n and len(out) < limit:
-            j = i + 1
-            while j < n and self._pending[j] != bos:
-                j += 1
+            try:  # (list.index: a C loop; the documents of a corpus may be long)
+                j = self._pending.index(bos, i + 1)
+            except ValueError:
+                j = n
             out.append((i, j))
             i = j
         return out
@@ -521,6 +547,15 @@ class PackedDataset:
         """A window of whole documents: the head piece, then the first-fitting of the next `lookahead`
         documents, padded with -1 (no target). A piece longer than the window is cut contiguously, as
         without whole-document packing. None while _pending needs more documents first."""
+        a = self._start
+        if (
+            len(self._pending) - a >= width
+            and self.tokenizer.bos_token_id not in self._pending[a + 1 : a + width]
+        ):
+            # the head is longer than a window: cut it (the window is the same whatever follows the
+            # head, so there is no need to look for, tokenize and scan `lookahead` documents first)
+            self._start += width
+            return self._pending[a : a + width]
         pieces = self._segments(self.lookahead + 1)
         if not pieces or (len(pieces) <= self.lookahead and not self._exhausted):
             return None
@@ -545,19 +580,26 @@ class PackedDataset:
         del self._pending[: self._start]  # compact only when refilling: O(1) per window
         self._start = 0
         batch: list[str] = []
+        chars = 0
         want_val = self.split == "val"
         for doc, cursor in docs:
             self._cursor = cursor
             if cursor.epoch != self._epoch:
+                # (the documents in `batch` count: a corpus smaller than one tokenize batch wraps
+                # around into the next epoch before any of it is tokenized)
                 if self._epoch_docs == 0 and self._docs == 0:
-                    raise ValueError(f"no documents in the {self.split} split of {self.source!r}")
+                    raise self._empty_split()
                 self._epoch, self._epoch_docs = cursor.epoch, 0
             if doc.strip() and (
                 not self._hash_split or in_validation_split(doc, self.val_fraction) == want_val
             ):
                 batch.append(doc)
-                if len(batch) >= self.tokenize_batch:
+                chars += len(doc)
+                self._epoch_docs += 1
+                if len(batch) >= self.tokenize_batch or chars >= TOKENIZE_CHARS:
                     break
+            elif batch and not doc and not self.stream.embedded and cursor.file >= len(self.stream.files):
+                break  # an epoch's end: a small corpus is not tokenized many times over in one batch
         else:
             self._exhausted = True
         if batch:
@@ -566,7 +608,6 @@ class PackedDataset:
                 self._pending.append(bos)
                 self._pending.extend(ids)
             self._docs += len(batch)
-            self._epoch_docs += len(batch)
 
     def _windows(self) -> Iterator[list[int]]:
         """Packed windows of seq_len+1 tokens; the instance state is always exactly 'after this window'.
@@ -591,9 +632,22 @@ class PackedDataset:
                     self._start += width
             if window is None:
                 if self._docs == 0:
-                    raise ValueError(f"no documents in the {self.split} split of {self.source!r}")
+                    raise self._empty_split()
                 return  # the end of a non-repeating stream; the last partial window is dropped
             yield window
+
+    def _empty_split(self) -> ValueError:
+        msg = f"no documents in the {self.split} split of {self.source!r}"
+        if self._hash_split:
+            # the split hashes whole documents: a corpus of one or a few (a single .txt of a book)
+            # puts them all on one side
+            msg += (
+                f" (each document goes to validation with probability --val-fraction {self.val_fraction:g}; "
+                "a corpus of few documents can put every one on one side: cut the text into more "
+                "documents with a line <|endoftext|> between them"
+                + (", or pass --val-fraction 0)" if self.split == "train" else ")")
+            )
+        return ValueError(msg)
 
     def _shuffled(self) -> Iterator[list[int]]:
         for window in self._windows():
