@@ -487,3 +487,10 @@ def test_a_directory_scan_skips_hidden_folders(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("A")
     (tmp_path / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("A")  # a notebook's copy
     assert [p.name for p in resolve_files(tmp_path)] == ["a.txt"]
+
+
+def test_a_byte_order_mark_and_a_padded_separator_are_not_text(tmp_path: Path) -> None:
+    # Notepad writes a BOM ("\ufeff" opened the first document); editors leave spaces after a separator
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufefffirst document\n<|endoftext|>  \nsecond document\n".encode())
+    assert list(iter_documents(path)) == ["first document\n", "second document\n"]

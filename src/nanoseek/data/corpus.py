@@ -124,6 +124,8 @@ def _read_txt(path: Path, offset: int, max_doc_chars: int) -> Iterator[tuple[str
         lines: list[str] = []
         size = 0
         carry = b""  # the rest of a line longer than a document, read but not yet used
+        if offset == 0 and f.read(3) != b"\xef\xbb\xbf":  # a UTF-8 byte-order mark is not text
+            f.seek(0)
         while True:
             limit = max(1, max_doc_chars - len(carry))
             raw = carry + f.readline(limit)
@@ -141,7 +143,7 @@ def _read_txt(path: Path, offset: int, max_doc_chars: int) -> Iterator[tuple[str
                     cut = k if k > 0 and raw[k] >= 0xC0 else len(raw)
                 raw, carry = raw[:cut], raw[cut:]
             line = raw.decode("utf-8", errors="replace")
-            if line.rstrip("\r\n") in DOC_SEPARATORS:
+            if line.strip() in DOC_SEPARATORS:
                 if lines:
                     yield "".join(lines), f.tell() - len(carry)
                 lines, size = [], 0
