@@ -494,3 +494,13 @@ def test_a_byte_order_mark_and_a_padded_separator_are_not_text(tmp_path: Path) -
     path = tmp_path / "bom.txt"
     path.write_bytes("\ufefffirst document\n<|endoftext|>  \nsecond document\n".encode())
     assert list(iter_documents(path)) == ["first document\n", "second document\n"]
+
+
+def test_a_corrupt_gzip_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jsonl.gz"
+    lines = "".join(
+        json.dumps({"text": f"document {i} {random.Random(i).random()}"}) + "\n" for i in range(2000)
+    )
+    path.write_bytes(gzip.compress(lines.encode())[:2000])  # an interrupted download
+    with pytest.raises(ValueError, match=r"cut.jsonl.gz: not a readable gzip file"):
+        list(iter_documents(path))

@@ -30,6 +30,7 @@ import io
 import itertools
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -318,10 +319,15 @@ class _DocumentStream:
     def _read(self, path: Path, offset: int) -> Iterator[tuple[str, int]]:
         kind = _kind(path)
         if kind == "txt":
-            return _read_txt(path, offset, self.max_doc_chars)
-        if kind == "jsonl":
-            return _read_jsonl(path, offset, self.text_field)
-        return _read_parquet(path, offset, self.text_field)
+            docs = _read_txt(path, offset, self.max_doc_chars)
+        elif kind == "jsonl":
+            docs = _read_jsonl(path, offset, self.text_field)
+        else:
+            docs = _read_parquet(path, offset, self.text_field)
+        try:
+            yield from docs
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a truncated or corrupt download
+            raise ValueError(f"{path}: not a readable gzip file ({e})") from e
 
     def iter_from(self, cursor: _Cursor, repeat: bool) -> Iterator[tuple[str, _Cursor]]:
         """Documents from `cursor` on, each with the cursor just after it; `repeat` runs epochs forever."""
