@@ -219,3 +219,44 @@ def test_generate_and_chat_load_a_bf16_checkpoint_in_bf16_only_where_the_cpu_run
     args = cli_args("chat", str(bf16), "--max-new-tokens", "2", "--threads", "1")
     assert chat.run(args, stdin=io.StringIO("/exit\n"), stdout=out) == 0
     assert f"M in the MTP module, {str(want).removeprefix('torch.')})" in out.getvalue()
+
+
+def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(checkpoint, monkeypatch):
+    """Ctrl-C (SIGINT) while a reply streams ends that reply, aborts its engine request and returns to the
+    prompt with the history kept; it used to raise KeyboardInterrupt out of the whole session."""
+    import os
+    import signal
+
+    from nanoseek.commands import chat
+
+    real_load = chat.load_for_generation
+    seen = {}
+
+    def load(args):
+        engine, tok, model = real_load(args)
+
+        class Interrupting:  # the real engine; SIGINT arrives while the first reply streams
+            def stream(self, prompts, params):
+                seen.setdefault("turns", 0)
+                seen["turns"] += 1
+                for i, ev in enumerate(engine.stream(prompts, params)):
+                    if seen["turns"] == 1 and i == 2:
+                        os.kill(os.getpid(), signal.SIGINT)
+                    yield ev
+
+        seen["engine"] = engine
+        return Interrupting(), tok, model
+
+    monkeypatch.setattr(chat, "load_for_generation", load)
+    args = cli_args("chat", str(checkpoint), "--max-new-tokens", "40", "--temperature", "1", "--threads", "1")
+    out = io.StringIO()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        rc = chat.run(args, stdin=io.StringIO("first\nsecond\n"), stdout=out)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C during a reply ended the chat session")
+    assert rc == 0
+    text = out.getvalue()
+    assert "(stopped)" in text and "2 turns" in text
+    assert not seen["engine"].has_unfinished()  # the interrupted request was aborted
+    assert signal.getsignal(signal.SIGINT) is previous  # the handler is only set while a reply streams

@@ -602,3 +602,23 @@ def test_cli_trains_on_the_embedded_corpus_of_chosen_families(tmp_path: Path) ->
         == 0
     )
     assert (out / "tokenizer.json").exists()
+
+
+def test_load_reads_the_config_as_utf8_whatever_the_locale(tok: Tokenizer, tmp_path: Path) -> None:
+    """tokenizer_config.json is written as UTF-8 (the template's <｜User｜> is not ASCII); reading it with
+    the locale's encoding failed under LANG=C (ascii) and garbled it under cp1252 (Windows)."""
+    import os
+    import subprocess
+    import sys
+
+    tok.save(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{{ '<｜User｜>' }}", encoding="utf-8")
+    code = (
+        "import json, sys; from nanoseek.tokenizer import load_tokenizer; t = load_tokenizer(sys.argv[1]);"
+        " print(json.dumps(t.apply_chat_template([{'role': 'user', 'content': 'hi'}], tokenize=False)))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LC_")}
+    env.update(LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert "<｜User｜>hi" in json.loads(r.stdout)

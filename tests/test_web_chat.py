@@ -192,3 +192,111 @@ def test_chat_page_streams_answer(browser):
         browser.js("document.getElementById('clear').click()")
         assert browser.js("document.querySelectorAll('.msg').length") == 0
         assert browser.js("localStorage.getItem('nanoseek:conversation')") == "[]"
+
+
+def _open_page(browser, srv) -> None:
+    browser.call("Page.enable")
+    browser.call("Runtime.enable")
+    browser.call("Page.navigate", url=srv.url + "/")
+    deadline = time.time() + 30
+    while browser.js("document.readyState") != "complete" or not browser.js(
+        "document.getElementById('model').textContent.includes('web-test')"
+    ):
+        assert time.time() < deadline, "page did not load / did not find the model"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_new_chat_while_streaming_leaves_no_stale_turn(browser):
+    """'New chat' pressed mid-answer: the aborted turn must not land in the new (empty) conversation,
+    neither in localStorage nor in what the next message sends."""
+    tok = tiny_tokenizer()
+    old = "OLDREPLY " * 30
+
+    def reply(prompt, params):
+        return tok.encode(f"thinking\n</think>\n\n{old}")
+
+    engine = ScriptedEngine(tok, reply, step_delay=0.05)
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        _open_page(browser, srv)
+        browser.js("document.getElementById('input').value = 'first chat'")
+        browser.js("document.getElementById('send').click()")
+        deadline = time.time() + 30
+        while "OLDREPLY" not in (
+            browser.js("(document.querySelector('.msg.assistant .answer') || {}).textContent || ''")
+        ):
+            assert time.time() < deadline, "the answer never started"
+            time.sleep(0.05)
+        browser.js("document.getElementById('clear').click()")
+        deadline = time.time() + 30
+        while browser.js("document.getElementById('stop').disabled") is False:  # the turn has wound up
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert browser.js("localStorage.getItem('nanoseek:conversation')") == "[]"
+        browser.js("document.getElementById('input').value = 'second chat'")
+        browser.js("document.getElementById('send').click()")
+        deadline = time.time() + 30
+        while len(engine.added) < 2:
+            assert time.time() < deadline, "the second message was not sent"
+            time.sleep(0.05)
+        text = tok.decode(engine.added[-1][0])
+        assert "second chat" in text and "OLDREPLY" not in text and "first chat" not in text
+
+
+@pytest.mark.slow
+def test_enter_while_composing_with_an_ime_does_not_send(browser):
+    """Chinese/Japanese input methods confirm a candidate with Enter (keydown has isComposing true): that
+    Enter belongs to the IME and must not send the half-typed message."""
+    tok = tiny_tokenizer()
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        _open_page(browser, srv)
+        browser.js("document.getElementById('input').value = '你好'")
+        browser.js(
+            "document.getElementById('input').dispatchEvent(new KeyboardEvent('keydown',"
+            " {key: 'Enter', keyCode: 229, isComposing: true, bubbles: true, cancelable: true}))"
+        )
+        time.sleep(0.5)
+        assert browser.js("document.querySelectorAll('.msg.user').length") == 0
+        assert browser.js("document.getElementById('input').value") == "你好"
+        assert not engine.added
+
+
+@pytest.mark.slow
+def test_markdown_emphasis_never_rewrites_a_links_href_or_attributes(browser):
+    """`*`/`_` emphasis ran over the whole line after links became tags, so it rewrote the generated
+    <a>: href "https://x.com/a*b*c" became ".../a<em>b</em>c" and target="_blank" "<em>blank"."""
+    tok = tiny_tokenizer()
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        _open_page(browser, srv)
+
+        def links(src: str) -> list:
+            return browser.js(
+                "(() => { const d = document.createElement('div'); d.innerHTML = window.renderMarkdown("
+                + json.dumps(src)
+                + "); return [...d.querySelectorAll('a')].map(a => [a.getAttribute('href'),"
+                " a.getAttribute('target'), a.textContent]); })()"
+            )
+
+        assert links("[l](https://x.com/a*b*c)") == [["https://x.com/a*b*c", "_blank", "l"]]
+        assert links("see [docs](https://example.com) for snake_ case") == [
+            ["https://example.com", "_blank", "docs"]
+        ]
+        assert links("[a](https://x.com) and [b](https://y.com/_)") == [
+            ["https://x.com", "_blank", "a"],
+            ["https://y.com/_", "_blank", "b"],
+        ]
+        html = browser.js(
+            "window.renderMarkdown('**[a](https://x.com/__init__.py)** and *[`c`](https://y.com)*')"
+        )
+        assert html == (
+            '<p><strong><a href="https://x.com/__init__.py" target="_blank" rel="noopener noreferrer">a</a>'
+            '</strong> and <em><a href="https://y.com" target="_blank" rel="noopener noreferrer"><code>c</code>'
+            "</a></em></p>"
+        )
+        # a NUL in the text cannot name another code span's placeholder
+        assert (
+            browser.js("window.renderMarkdown('`x` \\u00000\\u0000 \\u00007\\u0000')")
+            == "<p><code>x</code> 0 7</p>"
+        )

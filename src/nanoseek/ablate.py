@@ -663,7 +663,7 @@ def drop_unfinished(directory: Path) -> int:
     done = finished_runs(directory)
     rows = list(read_metrics(path))
     keep = [r for r in rows if (r.get("variant"), r.get("seed")) in done]
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     # a torn last line (killed mid-write) must go too, or the next row would be appended onto it
     if len(keep) < len(rows) or text.count("\n") != len(rows) or not text.endswith("\n"):
         atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
@@ -674,7 +674,7 @@ def _check_plan(directory: Path, record: dict[str, Any]) -> None:
     path = directory / PLAN
     if not path.exists():
         return
-    old = json.loads(path.read_text())
+    old = json.loads(path.read_text(encoding="utf-8"))
     # JSON round trip: tuples become lists
     new = json.loads(json.dumps(record))
     for key in ("preset", "budget", "variants", "evaluation"):

@@ -35,7 +35,7 @@ AXES = (("tokens", "tokens"), ("flops", "training FLOPs"), ("train_s", "training
 class StudyMetrics:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.dir = Path(directory)
-        self.plan = json.loads((self.dir / "plan.json").read_text())
+        self.plan = json.loads((self.dir / "plan.json").read_text(encoding="utf-8"))
         self.curves: dict[str, dict[int, list[dict[str, Any]]]] = {}
         self.done: dict[str, dict[int, dict[str, Any]]] = {}
         rows = list(read_metrics(self.dir))

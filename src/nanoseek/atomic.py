@@ -19,7 +19,7 @@ from pathlib import Path
 
 def _umask() -> int:
     try:  # Linux states it; elsewhere read it by setting it (process-wide, so only as a fallback)
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     except OSError:

@@ -247,7 +247,7 @@ def _weight_files(d: Path) -> dict[str, Path]:
     index = d / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index} is not a safetensors index (no readable weight_map): {e}") from e
         files = sorted(set(weight_map.values()))

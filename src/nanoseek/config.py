@@ -343,7 +343,7 @@ class ModelConfig:
         if not p.exists():
             raise FileNotFoundError(f"no config.json at {p}")
         try:
-            d = json.loads(p.read_text())
+            d = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{p} is not valid JSON: {e}") from e
         try:

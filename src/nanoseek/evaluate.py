@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from nanoseek.atomic import atomic_write
 from nanoseek.options import option
 from nanoseek.perf import AUTO_DTYPE_HELP
 from nanoseek.tokenizer import THINK_END, THINK_START
@@ -502,10 +503,11 @@ def evaluate(
     metrics["evaluated"] = evaluated
     out = Path(cfg.out) if cfg.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
+    atomic_write(
+        out,
         json.dumps(
             {"config": asdict(cfg), "metrics": metrics, "problems": per_problem}, indent=2, ensure_ascii=False
-        )
+        ),
     )
     metrics["json"] = str(out)
     if run_dir:

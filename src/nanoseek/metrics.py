@@ -40,7 +40,7 @@ class MetricsLog:
         record = {"stage": self.stage, "step": step, "time": round(time.time(), 3), **fields}
         record = _clean(record)
         if self.enabled:
-            with open(self.path, "a") as f:
+            with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         return record
 
@@ -55,7 +55,7 @@ def read_metrics(path: str | os.PathLike, stage: str | None = None) -> Iterator[
         p = p / "metrics.jsonl"
     if not p.exists():
         return
-    with open(p) as f:
+    with open(p, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if not line:

@@ -19,7 +19,7 @@ def cpu_has_bf16() -> bool:
     (benchmarks/README.md). A process whose kernels are held to AVX2 (`ATEN_CPU_CAPABILITY=avx2`,
     `ONEDNN_MAX_CPU_ISA=AVX2`: how an AVX2-only CPU is reproduced on a newer one) counts as AVX2."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         return False
     if not any(f in flags for f in ("avx512_bf16", "amx_bf16")):
@@ -44,7 +44,7 @@ def cpu_info() -> dict[str, str]:
     import platform
 
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         text = ""
     lines = text.splitlines()

@@ -399,7 +399,7 @@ class Speedrun:
         if not path.exists():
             atomic_write(path, json.dumps({**mine, FORMATS: formats}, indent=2) + "\n")
             return
-        stored = json.loads(path.read_text())
+        stored = json.loads(path.read_text(encoding="utf-8"))
         recorded = stored.pop(FORMATS, None)
         # a setting added since the run started counts as unchanged where it keeps its default
         defaults = json.loads(json.dumps(dataclasses.asdict(SpeedrunPreset())))
@@ -462,7 +462,7 @@ class Speedrun:
 
     def _stage(self, index: int, total: int, stage: str, fn: Callable[[], dict[str, Any] | None]) -> None:
         if self._done(stage):
-            marker = json.loads((self.run / stage / DONE).read_text())
+            marker = json.loads((self.run / stage / DONE).read_text(encoding="utf-8"))
             if marker.get("beside"):
                 print(
                     f"[{index}/{total}] {stage}: trained beside {marker['beside']} in {marker['wall_time_s']:.0f}s"
@@ -850,9 +850,9 @@ class Speedrun:
                 }
                 for future in as_completed(futures):
                     done(*futures[future], future.result())
-        with open(self.run / "metrics.jsonl", "a") as f:
+        with open(self.run / "metrics.jsonl", "a", encoding="utf-8") as f:
             for stage, task in order:
-                f.write((logs / _job_name(stage, task) / "metrics.jsonl").read_text())
+                f.write((logs / _job_name(stage, task) / "metrics.jsonl").read_text(encoding="utf-8"))
         shutil.rmtree(logs, ignore_errors=True)
         return {"pass@1": {k: results[k] for k in (f"{s}/{t}" for s, t in order)}, "workers": workers}
 
@@ -865,7 +865,7 @@ class Speedrun:
             shutil.move(str(checkpoint), tmp)
         records = list(read_metrics(sub_run))
         if records:
-            with open(self.run / "metrics.jsonl", "a") as f:
+            with open(self.run / "metrics.jsonl", "a", encoding="utf-8") as f:
                 for r in records:
                     if r.get("stage") == renamed:
                         r["stage"] = stage
@@ -894,7 +894,7 @@ class Speedrun:
             return self.timings[stage]
         marker = self.run / stage / DONE
         if marker.exists():
-            return json.loads(marker.read_text()).get("wall_time_s")
+            return json.loads(marker.read_text(encoding="utf-8")).get("wall_time_s")
         return None
 
     def model_facts(self) -> None:
@@ -947,7 +947,7 @@ class Speedrun:
         except ImportError:  # not POSIX: no lock
             yield
             return
-        with open(self.run / ".lock", "a+") as f:
+        with open(self.run / ".lock", "a+", encoding="utf-8") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

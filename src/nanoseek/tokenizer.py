@@ -702,7 +702,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     config_file = directory / "tokenizer_config.json"
     if config_file.exists():
         try:
-            config = json.loads(config_file.read_text())
+            config = json.loads(config_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_file} is not valid JSON: {e}") from e
     template = config.get("chat_template")
@@ -711,7 +711,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         template = named.get("default") or next(iter(named.values()), None)
     jinja_file = directory / "chat_template.jinja"  # where recent transformers versions save it
     if template is None and jinja_file.exists():
-        template = jinja_file.read_text()
+        template = jinja_file.read_text(encoding="utf-8")
     if template is None and backend.token_to_id(USER) is not None:
         template = R1_CHAT_TEMPLATE  # DeepSeek vocabulary without a config: R1 format
     elif template is not None and _is_ours(template):

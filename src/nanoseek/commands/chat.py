@@ -6,14 +6,20 @@
 - History is kept as chat messages; the template drops past reasoning (R1 does), and the engine's
   prefix cache reuses the latents of the unchanged history, so later turns do not re-read it.
 - Commands: /reset (clear history), /system TEXT (set the system prompt and reset), /exit (or Ctrl-D).
+- Ctrl-C while a reply streams stops that reply after the current token and keeps the session (the partial
+  reply stays in history); a second Ctrl-C, or one at the prompt, ends the program as before.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from nanoseek.commands.generate import add_generation_flags, load_for_generation, sampling_params
@@ -48,8 +54,10 @@ def chat_turn(
     out: TextIO,
     color: bool,
     thinking: bool = True,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[str, int]:
-    """Stream one assistant reply to `out`; returns (the reply as stored in history, tokens generated)."""
+    """Stream one assistant reply to `out`; returns (the reply as stored in history, tokens generated).
+    `stop()` is asked after each step: true ends the reply there (the engine request is aborted)."""
     from nanoseek.serve.textstream import ReasoningSplitter
     from nanoseek.tokenizer import IncrementalDecoder
 
@@ -83,9 +91,17 @@ def chat_turn(
     def split(text: str) -> tuple[str, str]:
         return splitter.push(text) if splitter is not None else ("", text)
 
-    for ev in engine.stream([ids], params):
-        n += len(ev.new_token_ids)
-        show(*split(decoder.push(ev.new_token_ids)))
+    events = engine.stream([ids], params)
+    try:
+        for ev in events:
+            n += len(ev.new_token_ids)
+            show(*split(decoder.push(ev.new_token_ids)))
+            if stop is not None and stop():
+                break
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()  # the engine's generator aborts what is still running
     show(*split(decoder.flush()))
     if splitter is not None:
         show(*splitter.flush())
@@ -94,6 +110,28 @@ def chat_turn(
     if thinking:
         reply = f"{tok.think_start}\n{''.join(think).strip()}\n{tok.think_end}\n\n{reply}"
     return reply, n
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops_reply() -> Iterator[Callable[[], bool]]:
+    """While a reply streams, the first Ctrl-C only asks it to stop (checked between engine steps, so no
+    step is cut in half); a second one raises KeyboardInterrupt as usual. Off the main thread (where
+    signal handlers cannot be set) nothing changes."""
+    hit: list[bool] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if hit:
+            raise KeyboardInterrupt
+        hit.append(True)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
@@ -150,12 +188,17 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
             continue
         messages.append({"role": "user", "content": line})
         t0 = time.perf_counter()
-        try:
-            reply, n = chat_turn(engine, tok, messages, params, out, color, thinking=args.think)
-        except ValueError as e:  # prompt longer than the context: start over rather than crash
-            messages.pop()
-            out.write(f"(cannot continue this conversation: {e}; use /reset)\n")
-            continue
+        with _ctrl_c_stops_reply() as stopped:
+            try:
+                reply, n = chat_turn(
+                    engine, tok, messages, params, out, color, thinking=args.think, stop=stopped
+                )
+            except ValueError as e:  # prompt longer than the context: start over rather than crash
+                messages.pop()
+                out.write(f"(cannot continue this conversation: {e}; use /reset)\n")
+                continue
+        if stopped():
+            out.write("(stopped)\n")
         seconds += time.perf_counter() - t0
         tokens += n
         turns += 1

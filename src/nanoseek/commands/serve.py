@@ -156,7 +156,7 @@ def _generation_defaults(directory) -> dict[str, float]:  # noqa: ANN001
     if not path.exists():
         return {}
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not cfg.get("do_sample", True):

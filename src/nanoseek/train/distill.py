@@ -192,7 +192,7 @@ def distill(cfg: DistillConfig) -> Path:
     del engine, teacher
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
-    with open(run / "distill_data.jsonl", "w") as f:
+    with open(run / "distill_data.jsonl", "w", encoding="utf-8") as f:
         for prob, _, comp in kept:
             text = tok.decode(comp, skip_special_tokens=True)
             msg = {"role": "assistant", "content": f"{tok.think_start}\n{text}"}

@@ -628,7 +628,7 @@ class Trainer:
             gen["bos_token_id"] = getattr(self.tokenizer, "bos_token_id", gen["bos_token_id"])
             gen["eos_token_id"] = getattr(self.tokenizer, "eos_token_id", gen["eos_token_id"])
             gen["pad_token_id"] = getattr(self.tokenizer, "pad_token_id", None)
-        (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
 
     def _settings(self) -> dict[str, Any]:
         """What a resume must find unchanged to continue the same run, as JSON would hold it: the
@@ -644,7 +644,7 @@ class Trainer:
         from nanoseek.checkpoint import TRAIN_STATE
 
         meta_path = ckpt / TRAIN_STATE / "trainer.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
         saved = meta.get("resume_settings")
         if saved is None:  # saved before the settings were: its optimizer's are all it recorded
             saved = {k: v for k, v in meta.get("optim", {}).items() if k != "warmup_steps"}

@@ -130,7 +130,7 @@ def _numbered_chat_lines(
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"chat data {p} does not exist")
-    with open(p) as f:
+    with open(p, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -11,6 +11,8 @@
   function save() { try { localStorage.setItem(STORE, JSON.stringify(history)); } catch (e) { /* full */ } }
   function wire() { return history.map(function (m) { return { role: m.role, content: m.content }; }); }
   let model = null, maxModelLen = null, controller = null;
+  // Bumped by "New chat": a turn still winding up from an older conversation must not write into this one.
+  let conversation = 0;
 
   for (const id of ["temperature", "max-tokens", "api-key"]) {
     const saved = localStorage.getItem("nanoseek:" + id);
@@ -100,6 +102,7 @@
     const view = assistantView(div);
     let reasoning = "", content = "", usage = null, finish = null, failed = false;
     const started = performance.now();
+    const mine = conversation;
     controller = new AbortController();
     sendBtn.disabled = true; stopBtn.disabled = false;
     try {
@@ -160,9 +163,11 @@
       if (finish) parts.push("finish: " + finish);
       view.meta.textContent = parts.join(" · ");
       // A failed turn leaves the history as it was, so the next message is not sent after a broken one.
-      if (failed) history.pop();
-      else history.push({ role: "assistant", content: content, reasoning: reasoning });
-      save();
+      if (mine === conversation) {  // else "New chat" has cleared the history this turn belonged to
+        if (failed) history.pop();
+        else history.push({ role: "assistant", content: content, reasoning: reasoning });
+        save();
+      }
       div.dataset.state = "done";
       sendBtn.disabled = false; stopBtn.disabled = true;
       controller = null;
@@ -178,11 +183,14 @@
     send(text);
   });
   input.addEventListener("keydown", function (e) {
+    // An input method (Chinese, Japanese, ...) confirms its candidate with Enter: that one is not a send.
+    if (e.isComposing || e.keyCode === 229) return;
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
   });
   stopBtn.addEventListener("click", function () { if (controller) controller.abort(); });
   $("clear").addEventListener("click", function () {
     if (controller) controller.abort();
+    conversation++;
     history.length = 0;
     save();
     messagesEl.textContent = "";

@@ -8,22 +8,31 @@
             .replace(/"/g, "&quot;").replace(/'/g, "&#39;");
   }
 
-  // Inline spans on already-escaped text; code spans are cut out first so nothing inside them changes.
+  // Emphasis on already-escaped text that holds no tags of ours (they are cut out first).
+  function emphasis(text) {
+    text = text.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>").replace(/__([^_\n]+)__/g, "<strong>$1</strong>");
+    return text.replace(/(^|[^*])\*([^*\n]+)\*/g, "$1<em>$2</em>").replace(/(^|\W)_([^_\n]+)_(?=\W|$)/g, "$1<em>$2</em>");
+  }
+
+  // Inline spans on already-escaped text. Code spans and links are cut out into NUL-delimited
+  // placeholders first, so emphasis never reaches into a code span or a link's href/attributes.
   function inline(text) {
-    const codes = [];
-    text = text.replace(/`([^`\n]+)`/g, function (_, c) { codes.push(c); return "\u0000" + (codes.length - 1) + "\u0000"; });
+    const held = [];
+    function hold(html) { held.push(html); return "\u0000" + (held.length - 1) + "\u0000"; }
+    text = text.replace(/`([^`\n]+)`/g, function (_, c) { return hold("<code>" + c + "</code>"); });
     text = text.replace(/\[([^\]\n]+)\]\(([^)\s]+)\)/g, function (m, label, url) {
       const raw = url.replace(/&amp;/g, "&");
       if (!/^(https?:\/\/|mailto:)/i.test(raw)) return m;
-      return '<a href="' + url + '" target="_blank" rel="noopener noreferrer">' + label + "</a>";
+      return hold('<a href="' + url + '" target="_blank" rel="noopener noreferrer">' + emphasis(label) + "</a>");
     });
-    text = text.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>").replace(/__([^_\n]+)__/g, "<strong>$1</strong>");
-    text = text.replace(/(^|[^*])\*([^*\n]+)\*/g, "$1<em>$2</em>").replace(/(^|\W)_([^_\n]+)_(?=\W|$)/g, "$1<em>$2</em>");
-    return text.replace(/\u0000(\d+)\u0000/g, function (_, i) { return "<code>" + codes[+i] + "</code>"; });
+    text = emphasis(text);
+    const restore = function (s) { return s.replace(/\u0000(\d+)\u0000/g, function (_, i) { return restore(held[+i]); }); };
+    return restore(text);
   }
 
   function render(src) {
-    const lines = escapeHtml(src).split("\n");
+    // NUL delimits inline placeholders: the model's own NULs are dropped so none can name one.
+    const lines = escapeHtml(src.replace(/\u0000/g, "")).split("\n");
     const out = [];
     let para = [], list = null, i = 0;
     function flushPara() { if (para.length) { out.push("<p>" + inline(para.join("<br>")) + "</p>"); para = []; } }
