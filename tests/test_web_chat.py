@@ -300,3 +300,25 @@ def test_markdown_emphasis_never_rewrites_a_links_href_or_attributes(browser):
             browser.js("window.renderMarkdown('`x` \\u00000\\u0000 \\u00007\\u0000')")
             == "<p><code>x</code> 0 7</p>"
         )
+
+
+@pytest.mark.slow
+def test_the_think_switch_renders_the_non_thinking_prompt(browser):
+    """The page's "think" box off sends chat_template_kwargs {"thinking": false} (to /tokenize too, so the
+    reply's room is counted on the same prompt): the prompt ends <｜Assistant｜></think>."""
+    tok = tiny_tokenizer()
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        _open_page(browser, srv)
+        for n, on in enumerate((True, False), 1):
+            browser.js(f"document.getElementById('think').checked = {'true' if on else 'false'}")
+            browser.js("document.getElementById('think').dispatchEvent(new Event('change'))")
+            browser.js("document.getElementById('input').value = 'hello'")
+            browser.js("document.getElementById('send').click()")
+            deadline = time.time() + 30
+            while len(engine.added) < n or browser.js("document.getElementById('stop').disabled") is False:
+                assert time.time() < deadline, "the message was not answered"
+                time.sleep(0.05)
+            text = tok.decode(engine.added[-1][0])
+            assert text.endswith("<｜Assistant｜><think>\n" if on else "<｜Assistant｜></think>"), text[-40:]
+        assert browser.js("localStorage.getItem('nanoseek:think')") == "false"

@@ -19,6 +19,11 @@
     if (saved !== null) $(id).value = saved;
     $(id).addEventListener("change", function () { localStorage.setItem("nanoseek:" + id, $(id).value); });
   }
+  const think = $("think");
+  think.checked = localStorage.getItem("nanoseek:think") !== "false";
+  think.addEventListener("change", function () { localStorage.setItem("nanoseek:think", String(think.checked)); });
+  // the same rendering for /tokenize's count and the request itself, so the reply's room is exact
+  function templateKwargs() { return { thinking: think.checked }; }
 
   function headers() {
     const h = { "Content-Type": "application/json" };
@@ -109,7 +114,7 @@
       let maxTokens = parseInt($("max-tokens").value, 10);
       if (maxModelLen) {
         // Fit the reply into the context: the server refuses (400) a request that cannot fit.
-        const t = await fetch("/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ messages: wire() }) });
+        const t = await fetch("/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ messages: wire(), chat_template_kwargs: templateKwargs() }) });
         if (t.ok) {
           const room = maxModelLen - (await t.json()).count;
           if (room < 1) throw new Error("the conversation fills the model's context: start a new chat");
@@ -122,6 +127,7 @@
         stream_options: { include_usage: true },
         temperature: parseFloat($("temperature").value),
         max_tokens: maxTokens,
+        chat_template_kwargs: templateKwargs(),
       };
       if (model) body.model = model;
       const r = await fetch("/v1/chat/completions", {
