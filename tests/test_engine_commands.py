@@ -137,6 +137,8 @@ def test_chat_turn_splits_reasoning_across_split_tags(checkpoint):
     chunks = ["let me ", "think</th", "ink>\n", "The answer", " is 4"]
 
     class Engine:  # streams the chunks' token ids, one chunk per step
+        max_seq_len = 4096
+
         def stream(self, prompts, params):
             return [SimpleNamespace(new_token_ids=tok.encode(c)) for c in chunks]
 
@@ -162,6 +164,8 @@ def test_chat_no_think(checkpoint):
     prompts = []
 
     class Engine:
+        max_seq_len = 4096
+
         def stream(self, prompts_, params):
             prompts.append(prompts_[0])
             return [SimpleNamespace(new_token_ids=tok.encode(c)) for c in ("The answer", " is 4</think>")]
@@ -236,6 +240,8 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(checkpoint, monkeypat
         engine, tok, model = real_load(args)
 
         class Interrupting:  # the real engine; SIGINT arrives while the first reply streams
+            max_seq_len = engine.max_seq_len
+
             def stream(self, prompts, params):
                 seen.setdefault("turns", 0)
                 seen["turns"] += 1
@@ -260,3 +266,15 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(checkpoint, monkeypat
     assert "(stopped)" in text and "2 turns" in text
     assert not seen["engine"].has_unfinished()  # the interrupted request was aborted
     assert signal.getsignal(signal.SIGINT) is previous  # the handler is only set while a reply streams
+
+
+def test_chat_says_when_a_message_does_not_fit_and_goes_on(checkpoint):
+    # only a prompt over the context is "does not fit"; other errors are not reported as that
+    from nanoseek.commands import chat
+
+    args = cli_args("chat", str(checkpoint), "--max-new-tokens", "4", "--temperature", "0", "--threads", "1")
+    stdin = io.StringIO("word " * 2000 + "\nhello\n/exit\n")
+    out = io.StringIO()
+    assert chat.run(args, stdin=stdin, stdout=out) == 0
+    text = out.getvalue()
+    assert "the context holds" in text and "try a shorter message" in text and "1 turns" in text

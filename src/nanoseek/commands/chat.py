@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+class ContextFull(ValueError):
+    """The conversation and the new message no longer fit the model's context."""
+
+
 def chat_turn(
     engine: Any,
     tok: Any,
@@ -65,6 +69,8 @@ def chat_turn(
         messages, add_generation_prompt=True, tokenize=False, thinking=thinking
     )
     ids = tok.encode(prompt_text)
+    if len(ids) >= engine.max_seq_len:
+        raise ContextFull(f"the conversation is {len(ids)} tokens; the context holds {engine.max_seq_len}")
     opened = thinking and prompt_text.rstrip().endswith(tok.think_start)
     # Non-thinking: no split at all, so a stray "<think>" is shown as the answer it is (as the server does).
     splitter = ReasoningSplitter(started_in_think=opened) if thinking else None
@@ -193,9 +199,10 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
                 reply, n = chat_turn(
                     engine, tok, messages, params, out, color, thinking=args.think, stop=stopped
                 )
-            except ValueError as e:  # prompt longer than the context: start over rather than crash
+            except ContextFull as e:  # the message is not kept: the session goes on
                 messages.pop()
-                out.write(f"(cannot continue this conversation: {e}; use /reset)\n")
+                fix = "a shorter message" if len(messages) <= 1 else "/reset, or a shorter message"
+                out.write(f"({e}: try {fix})\n")
                 continue
         if stopped():
             out.write("(stopped)\n")
