@@ -119,6 +119,46 @@ def test_fp8_weight_without_scale_is_refused(tmp_path):
         nanoseek.load_model(tmp_path)
 
 
+def _fp8_checkpoint(tmp_path, block: int = 128) -> None:
+    """DeepSeek-V3's layout: FP8 linear weights, weight_scale_inv per block, quantization_config."""
+    model = build_model(config()).init_weights(0)
+    save_model(model, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    for key in ["model.layers.0.mlp.gate_proj.weight", "model.layers.1.self_attn.o_proj.weight"]:
+        w8, s = quantize(tensors[key] * 50, block)
+        tensors[key], tensors[key.removesuffix(".weight") + ".weight_scale_inv"] = w8, s
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [block, block],
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fp8_scales_of_another_block_size_are_refused(tmp_path, fp8):
+    # 64x64 scales ([4, 3] for a [200, 144] weight) were read as 128x128 ones: wrong weights, silently
+    _fp8_checkpoint(tmp_path, block=64)
+    with pytest.raises(ValueError, match="128x128|another config"):
+        nanoseek.load_model(tmp_path, fp8=fp8)
+
+
+def test_resaving_a_dequantized_fp8_checkpoint_drops_quantization_config(tmp_path):
+    _fp8_checkpoint(tmp_path / "fp8")
+    save_model(nanoseek.load_model(tmp_path / "fp8"), tmp_path / "plain")  # weights now fp32
+    assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    kept = nanoseek.load_model(tmp_path / "fp8", fp8=True)  # FP8 storage: written as FP8, config kept
+    save_model(kept, tmp_path / "kept")
+    assert "quantization_config" in json.loads((tmp_path / "kept" / "config.json").read_text())
+    assert (
+        load_file(str(tmp_path / "kept" / "model.safetensors"))["model.layers.0.mlp.gate_proj.weight"].dtype
+        == torch.float8_e4m3fn
+    )
+
+
 def test_atomic_directory_keeps_old_checkpoint_on_failure(tmp_path):
     target = tmp_path / "run" / "pretrain"
     model = build_model(config()).init_weights(0)

@@ -127,3 +127,14 @@ def test_dcp_errors_name_the_problem(tmp_path) -> None:
     other = micro_model(mtp=0)
     with pytest.raises(ValueError, match="num_nextn_predict_layers"):
         load_dcp(other, tmp_path / "ckpt")
+
+
+def test_load_dcp_puts_back_a_checkpoint_a_crash_left_aside(tmp_path) -> None:
+    from nanoseek.train.dcp import load_dcp, save_dcp
+
+    original = micro_model(seed=3)
+    save_dcp(original, tmp_path / "ckpt")
+    os.replace(tmp_path / "ckpt", tmp_path / ".ckpt.tmp-old")  # killed between atomic_directory's renames
+    model = micro_model(seed=4)
+    load_dcp(model, tmp_path / "ckpt")
+    assert torch.equal(model.lm_head.weight, original.lm_head.weight)

@@ -195,7 +195,7 @@ def test_native_bf16_needs_the_flag_and_kernels_that_use_it(monkeypatch) -> None
     import nanoseek.perf as perf
 
     cpuinfo = {"text": "flags: fpu avx2 avx512f avx512_bf16"}
-    monkeypatch.setattr(perf.Path, "read_text", lambda self: cpuinfo["text"])
+    monkeypatch.setattr(perf.Path, "read_text", lambda self, **kw: cpuinfo["text"])
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     assert perf.cpu_has_bf16()
@@ -208,3 +208,39 @@ def test_native_bf16_needs_the_flag_and_kernels_that_use_it(monkeypatch) -> None
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     cpuinfo["text"] = "flags: fpu avx2 avx512f"
     assert not perf.cpu_has_bf16()
+
+
+def _pretrain_rank(dirs: str, world: int, rank: int, port: int) -> dict:
+    import os
+
+    workdir, out = dirs.split("|")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    from nanoseek.train.distributed import init_distributed
+
+    init_distributed(device="cpu", timeout_s=30)  # a collective mismatch fails in 30 s, not 10 min
+    # validation (with the embedded corpus's copy probe) every step, under expert parallelism + FSDP2
+    cfg = config(
+        Path(workdir), Path(out), steps=2, val_every=1, val_batches=1, probe_problems=2, expert_parallel=True
+    )
+    pretrain(cfg)
+    return {"rank": rank}
+
+
+@pytest.mark.slow
+def test_pretrain_validates_on_two_gloo_ranks(workdir, tmp_path) -> None:
+    """The probe's forward passes are collectives (FSDP2 all-gathers, EP all-to-alls): a probe on
+    rank 0 alone made the ranks' collectives mismatch (gloo aborted; NCCL would hang)."""
+    from gloo import run_ranks
+
+    run = tmp_path / "run"
+    run_ranks(_pretrain_rank, 2, f"{workdir}|{run}", str(tmp_path / "result"))
+    records = list(read_metrics(run / "metrics.jsonl"))
+    assert any("val_loss" in r for r in records)
+    assert any(any(k.startswith("probe_") for k in r) for r in records)

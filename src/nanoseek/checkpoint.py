@@ -106,6 +106,12 @@ def _convert(
     if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         if scale is None:
             raise ValueError(f"FP8 tensor {key} has no weight_scale_inv beside it")
+        blocks = tuple(-(-d // 128) for d in value.shape)
+        if tuple(scale.shape) != blocks:
+            raise ValueError(
+                f"{key}_scale_inv: shape {tuple(scale.shape)} is not one scale per 128x128 block of "
+                f"{tuple(value.shape)} {blocks}: nanoseek reads DeepSeek's 128x128 block scales only"
+            )
         if module in fp8_modules and value.dtype == FP8_DTYPE:
             return {name: value, f"{module}.weight_scale_inv": scale.float()}
         value = dequantize_blocks(value, scale)
@@ -215,7 +221,12 @@ def save_model(
         if ptr in seen:
             state[k] = v.clone()
         seen.add(ptr)
-    model.config.replace(torch_dtype=str(dtype or model.dtype).removeprefix("torch.")).save(out)
+    config = model.config.replace(torch_dtype=str(dtype or model.dtype).removeprefix("torch."))
+    if "quantization_config" in config.extra and not any(k.endswith("_scale_inv") for k in state):
+        # Loaded from an FP8 checkpoint but written in higher precision: the files are no longer
+        # quantized, and transformers would read them as FP8 (expecting weight_scale_inv).
+        config = config.replace(extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
+    config.save(out)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in state.items():

@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from nanoseek.atomic import atomic_directory, scratch_dir
+from nanoseek.atomic import atomic_directory, restore_directory, scratch_dir
 from nanoseek.checkpoint import save_model
 from nanoseek.config import ModelConfig
 from nanoseek.model.transformer import DeepSeekV3
@@ -111,6 +111,9 @@ def load_dcp(
     `to_empty`; buffers that are not saved (RoPE tables, load counters) are rebuilt.
     """
     path = Path(directory)
+    if _rank() == 0:
+        restore_directory(path)  # a save cut short between its two renames left it aside
+    _barrier()
     if not is_dcp_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a torch.distributed.checkpoint directory (no {METADATA})")
     _check_config(model, path)
@@ -152,6 +155,7 @@ def export_hf(
     are copied along.
     """
     src = Path(dcp_dir)
+    restore_directory(src)
     if not is_dcp_checkpoint(src):
         raise FileNotFoundError(f"{src} is not a torch.distributed.checkpoint directory (no {METADATA})")
     if not (src / "config.json").exists():

@@ -329,7 +329,9 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
             step=step_targets,
         )
 
-    probe = _probe(cfg, tok) if dist.is_main else []
+    # Every rank runs the probe: its forward passes are collectives under FSDP2 (all-gathers) and
+    # expert parallelism (all-to-alls), so a forward on rank 0 alone desynchronizes the ranks.
+    probe = _probe(cfg, tok)
 
     def validate() -> float:
         it = iter(val_set)
