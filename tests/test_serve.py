@@ -820,3 +820,46 @@ def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, caps
         busy.listen(1)
         assert main(["serve", str(ckpt), "--port", str(busy.getsockname()[1])]) == 2
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ hostile clients
+def test_oversized_and_deeply_nested_bodies_are_400s(tok):
+    """A body over the limit is a 413 before it is read whole; nesting past Python's recursion limit is a 400,
+    not an unhandled RecursionError (500 and a dropped connection)."""
+    app = create_app(ScriptedEngine(tok), tok, ServeConfig(model_name=MODEL, max_body_bytes=100_000))
+    with LiveServer(app) as srv:
+        big = {"model": MODEL, "prompt": "hello " * 50_000, "max_tokens": 1}
+        assert _err(httpx.post(srv.url + "/v1/completions", json=big), 413)["code"] == "request_too_large"
+
+        def chunked():  # no Content-Length: the limit holds while streaming too
+            for _ in range(100):
+                yield b" " * 10_000
+
+        r = httpx.post(srv.url + "/v1/completions", content=chunked())
+        assert _err(r, 413)["code"] == "request_too_large"
+        deep = b'{"messages":' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+        assert _err(httpx.post(srv.url + "/v1/chat/completions", content=deep), 400)["code"] == "invalid_json"
+        r = httpx.post(
+            srv.url + "/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_tokens": 2}
+        )
+        assert r.status_code == 200
+
+
+def test_a_browsers_non_json_post_is_refused(tok):
+    """A key-less server (the default: loopback, no --api-key) must not run requests a web page of another
+    site sends: text/plain, form and multipart POSTs need no CORS preflight, so the browser sends them as
+    they are. JSON from a browser (the chat page, behind a proxy too) and curl's form default still pass."""
+    engine = ScriptedEngine(tok)
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL))) as srv:
+        body = json.dumps({"model": MODEL, "messages": USER, "max_tokens": 2})
+        url = srv.url + "/v1/chat/completions"
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            r = httpx.post(
+                url, content=body, headers={"Content-Type": kind, "Origin": "https://evil.example"}
+            )
+            assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+        assert not engine.added
+        page = {"Content-Type": "application/json", "Origin": "https://proxy.example"}  # any origin's JSON
+        assert httpx.post(url, content=body, headers=page).status_code == 200
+        curl = {"Content-Type": "application/x-www-form-urlencoded"}  # `curl -d` without -H: no Origin
+        assert httpx.post(url, content=body, headers=curl).status_code == 200

@@ -46,6 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="requests in flight before 429 Too Many Requests (default 256)",
     )
     p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=16,
+        help="largest request body accepted, in MiB (413 above it; default 16)",
+    )
+    p.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
@@ -94,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     directory = resolve_checkpoint(args.model, tokenizer=True)
     if args.port < 0 or args.port > 65535:
         raise ValueError(f"--port {args.port} is not a TCP port")
+    if not args.max_body_mb > 0:
+        raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     sock = _listen(args.host, args.port)  # a busy port is said now, not after loading the weights
     port = sock.getsockname()[1]  # --port 0: the one the system picked
     device = args.device or default_device()
@@ -122,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
             api_key=args.api_key or None,
             max_pending=args.max_queue,
             sampling_defaults=defaults,
+            max_body_bytes=int(args.max_body_mb * 2**20),
         ),
         model=model,
     )

@@ -82,11 +82,33 @@ class ServeConfig:
     # Sampling defaults for fields a request leaves out (from the checkpoint's generation_config.json,
     # e.g. R1's temperature 0.6 / top_p 0.95); otherwise OpenAI's defaults (temperature 1, top_p 1).
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    # Largest request body read (413 above it): the body is parsed and tokenized whole, so without a bound one
+    # request holds gigabytes and minutes of CPU.
+    max_body_bytes: int = 16 * 2**20
 
 
 # ------------------------------------------------------------------ helpers
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 (before it is all read) once it is longer than `limit` bytes."""
+    too_big = APIError(
+        f"The request body is larger than this server accepts ({limit} bytes).",
+        status=413,
+        code="request_too_large",
+    )
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _parse(request: Request, schema: type[BaseModel]) -> Any:
-    raw = await request.body()
+    raw = await _read_body(request, request.app.state.server.config.max_body_bytes)
     try:
         data = json.loads(raw or b"")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -94,6 +116,8 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
             f"We could not parse the JSON body of your request ({e}). The body must be valid JSON.",
             code="invalid_json",
         ) from None
+    except RecursionError:
+        raise APIError("The JSON body of your request is nested too deeply.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError("The request body must be a JSON object.", code="invalid_json")
     try:  # JSON lets a string escape half of a UTF-16 pair ("\ud83d"); no text can hold it
@@ -108,6 +132,8 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
         return schema.model_validate(data)
     except ValidationError as e:
         raise validation_error(e) from None
+    except RecursionError:
+        raise APIError("The JSON body of your request is nested too deeply.", code="invalid_json") from None
 
 
 def _token_bytes(tokenizer: Any, token_id: int) -> bytes:
@@ -437,7 +463,7 @@ class Server:
         if fmt and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise APIError("only response_format {'type': 'text'} is supported.", param="response_format")
         prompt_text, tools, prefill, split = self.chat_prompt(req)
-        prompt_ids = self.tokenizer.encode(prompt_text)
+        prompt_ids = await asyncio.to_thread(self.tokenizer.encode, prompt_text)  # off the event loop
         started_in_think = prompt_text.rstrip().endswith(self.think_start) if split else None
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -598,7 +624,7 @@ class Server:
             raise APIError("suffix is not supported by this model.", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError("best_of must equal n (no server-side ranking).", param="best_of")
-        prompts = self.prompts(req.prompt)
+        prompts = await asyncio.to_thread(self.prompts, req.prompt)  # tokenizing: off the event loop
         budgets = [self.budget(len(ids), req.max_tokens, "max_tokens", "prompt") for ids, _ in prompts]
         n = req.n
         scores: list[Any] = [None] * len(prompts)
@@ -751,9 +777,10 @@ class Server:
         if (req.prompt is None) == (req.messages is None):
             raise APIError("Give exactly one of 'prompt' or 'messages'.", param="prompt")
         if req.messages is not None:  # counted as /v1/chat/completions would render it: tools, thinking
-            ids = self.tokenizer.encode(self.chat_prompt(req, req.add_generation_prompt)[0])
+            text = self.chat_prompt(req, req.add_generation_prompt)[0]
+            ids = await asyncio.to_thread(self.tokenizer.encode, text)
         else:
-            ids = self.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
+            ids = await asyncio.to_thread(self.tokenizer.encode, req.prompt, add_bos=req.add_special_tokens)
         return JSONResponse({"count": len(ids), "max_model_len": self.max_context, "tokens": ids})
 
     async def detokenize(self, request: Request) -> Response:
@@ -848,6 +875,18 @@ def _route(path: str) -> str:
     )
 
 
+def _simple_browser_post(scope: dict) -> bool:
+    """A browser POST whose body is not JSON: text/plain, form and multipart posts are the ones a page
+    of any other site may send without a CORS preflight (which this server never grants), so without this
+    check any web page could make a key-less server generate (FastAPI refuses them too: CVE-2021-32677).
+    Clients that are not browsers send no Origin and are not affected."""
+    headers = dict(scope.get("headers") or [])
+    if scope.get("method") != "POST" or b"origin" not in headers:
+        return False
+    media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    return not (media == b"application/json" or media.endswith(b"+json"))
+
+
 class _AuthAndMetrics:
     """ASGI middleware: bearer-key check (all routes but /health and the page) and a request counter."""
 
@@ -859,6 +898,14 @@ class _AuthAndMetrics:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         key = self.server.config.api_key
+        if _simple_browser_post(scope):
+            err = APIError(
+                "A browser's request must send its JSON body with Content-Type: application/json.",
+                status=415,
+                code="unsupported_media_type",
+            )
+            self.server.metrics.requests.labels(route=_route(path), status="415").inc()
+            return await JSONResponse(err.body(), status_code=415)(scope, receive, send)
         if key and path not in OPEN_PATHS and not path.startswith("/static/"):
             headers = dict(scope.get("headers") or [])
             auth = headers.get(b"authorization", b"").decode("latin-1")
