@@ -456,3 +456,38 @@ def test_sft_mix_adds_the_supervised_loss_of_the_left_out_tasks(
     assert recs[0]["loss"] == pytest.approx(plain[0]["loss"] + recs[0]["sft_mix_loss"], rel=1e-4, abs=1e-6)
     with pytest.raises(ValueError, match="sft-mix-tasks"):
         grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "bad", sft_mix=1.0, sft_mix_tasks=["sorting"], **kw))
+
+
+def test_reward_parts_are_averaged_over_the_samples_that_have_them(tmp_path, micro_checkpoint):
+    # the code part exists only for problems with tests: a mixture with another task must not dilute it
+    import json
+    from types import SimpleNamespace
+
+    from nanoseek.data.rewards import build_reward
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.grpo import GRPOConfig, _score_rollout
+
+    path = tmp_path / "code.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "Print 2n.", "tests": [{"input": "3", "output": "6"}], "split": "train"}) + "\n"
+    )
+    code, arith = get_task(f"jsonl:{path}"), get_task("arithmetic")
+    ap = arith.problems("train", 1, seed=0, language="en")[0]
+    tok = load_tokenizer(micro_checkpoint)
+    texts = ["ok</think>\n```python\nprint(int(input())*2)\n```"] * 2 + [f"ok</think>\n{ap.answer}"] * 2
+    outs = [SimpleNamespace(token_ids=tok.encode(t), finish_reason="stop") for t in texts]
+    cfg = GRPOConfig(init="x", tasks=["a"], group_size=2)
+    ro = _score_rollout(
+        cfg,
+        [(code, code.items[0]), (arith, ap)],
+        [[1]] * 4,
+        outs,
+        tok,
+        build_reward("accuracy:1,code:1"),
+        [tok.eos_token_id],
+    )
+    assert ro.metrics["reward_code"] == pytest.approx(1.0)  # was 0.5
+    assert ro.metrics["accuracy"] == pytest.approx(1.0)
+    # a mixture's accuracy task by task (only the pooled figure was logged)
+    assert ro.metrics[f"accuracy/{code.name}"] == 1.0 and ro.metrics[f"accuracy/{arith.name}"] == 1.0

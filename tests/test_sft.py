@@ -400,3 +400,19 @@ def test_a_bad_conversation_is_named_by_its_line(micro_checkpoint, tmp_path) -> 
     cfg = SFTConfig(init=micro_checkpoint, data=str(data), out=str(tmp_path / "out"), steps=1, progress=False)
     with pytest.raises(ValueError, match=rf"{data}:4: assistant content must be a string"):
         sft(cfg)
+
+
+def test_task_conversations_options_with_commas_and_jsonl_without_reasoning(tmp_path):
+    from nanoseek.train.sft import task_conversations
+
+    convs = task_conversations("arithmetic?ops=add,sub", 6, seed=0)  # was: unknown task 'sub'
+    assert len(convs) == 6
+    path = tmp_path / "t.jsonl"
+    rows = [{"prompt": "1+1?", "answer": "2", "reasoning": "one and one"}, {"prompt": "2+2?", "answer": "4"}]
+    path.write_text("\n".join(json.dumps(dict(r, split="train")) for r in rows) + "\n")
+    convs = task_conversations(f"jsonl:{path}", 2, seed=0)  # was: NotImplementedError from the second line
+    assert [c[0]["content"] for c in convs] == ["1+1?"]
+    code = tmp_path / "code.jsonl"
+    code.write_text(json.dumps({"prompt": "p", "tests": "assert True", "split": "train"}) + "\n")
+    with pytest.raises(ValueError, match="no worked solutions"):
+        task_conversations(f"jsonl:{code}", 2, seed=0)

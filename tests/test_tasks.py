@@ -584,3 +584,27 @@ def test_word_problem_commuted_twin_shares_the_split():
         k, a, b = p.meta["kind"], p.meta["a"], p.meta["b"]
         if k in ("add", "mul"):
             assert split_of(f"word_problem|{task.key({**p.meta, 'a': b, 'b': a})}") == "test"
+
+
+def test_reasoning_gym_split_keeps_a_reordered_problem_on_one_side():
+    # "1 giraffe, 2 dogs" and "2 dogs, 1 giraffe" are one problem: the split must not hold it on both sides
+    task = get_task("rg:leg_counting?min_animals=2&max_animals=2&max_instances=2")
+    train = task.problems("train", 600, seed=0, strict=False)
+    test = task.problems("test", 150, seed=0, strict=False)
+    key = lambda p: frozenset(p.meta["entry"]["metadata"]["animals"].items())  # noqa: E731
+    seen = {key(p) for p in train}
+    assert not [p.prompt for p in test if key(p) in seen]
+
+
+def test_reasoning_gym_options_take_the_config_types():
+    assert get_task("rg:binary_matrix?p_zero=0.9").config["p_zero"] == 0.9  # was the text '0.9': refused
+    ops = get_task("rg:basic_arithmetic?operators=+,-&min_terms=2&max_terms=2").config["operators"]
+    assert list(ops) == ["+", "-"]  # was '+,-', iterated as '+', ',', '-'
+
+
+def test_jsonl_null_or_empty_answer_is_refused(tmp_path):
+    for i, row in enumerate([{"prompt": "2+2?", "answer": None}, {"prompt": "2+2?", "answer": "  "}]):
+        path = tmp_path / f"a{i}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match='missing "answer"'):
+            get_task(f"jsonl:{path}")

@@ -176,11 +176,14 @@ def distill(cfg: DistillConfig) -> Path:
         f"kept {len(kept)} traces ({stats['prompts_with_correct']:.0%} of prompts) in {stats['sampling_time_s']:.0f}s"
     )
     if not kept and cfg.fallback_reference:
-        kept = [
-            (p, chat_prompt_ids(tok, p.messages), _reference_completion(tok, t, p))
-            for t, p in zip(tasks, problems, strict=True)
-            if hasattr(t, "worked_solution")
-        ]
+        kept = []
+        for t, p in zip(tasks, problems, strict=True):
+            if not hasattr(t, "worked_solution"):
+                continue
+            try:  # a JSONL line without "reasoning" has no reference solution
+                kept.append((p, chat_prompt_ids(tok, p.messages), _reference_completion(tok, t, p)))
+            except NotImplementedError:
+                continue
         stats["fallback"] = "reference worked solutions (teacher solved nothing)"
         print(
             f"distill: WARNING the teacher solved nothing; training the student on {len(kept)} reference solutions"

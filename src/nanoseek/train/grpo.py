@@ -837,7 +837,7 @@ def supervised_mix_rows(
         return None
     examples = [
         ex
-        for conv in task_conversations(",".join(names), per_task * len(names), seed=seed)
+        for conv in task_conversations(names, per_task * len(names), seed=seed)
         for ex in tokenize_conversation(tok, conv)
     ]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -911,7 +911,9 @@ def _score_rollout(
 
     g = cfg.group_size
     rewards, parts_sum, acc, fmt, lengths, truncated, skipped = [], {}, [], [], [], [], []
+    parts_n: dict[str, int] = {}  # a part is averaged over the samples that have it (code: those with tests)
     completions = []
+    per_task: dict[str, list[float]] = {}  # a mixture's accuracy, task by task
     for j, o in enumerate(outs):
         task, prob = batch[j // g]
         text = tok.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True)
@@ -928,7 +930,9 @@ def _score_rollout(
             continue
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+            parts_n[k] = parts_n.get(k, 0) + 1
         acc.append(float(verdict))
+        per_task.setdefault(getattr(task, "name", "?"), []).append(float(verdict))
         fmt.append(format_reward(text, prompt_opened_think=True))
     r = torch.tensor(rewards)
     adv = group_advantages(r, g, scale_by_std=cfg.loss != "dr_grpo")
@@ -941,7 +945,7 @@ def _score_rollout(
     grouped = r.view(-1, g)
     metrics = {
         "reward": r[~torch.tensor(skipped)].mean().item() if len(acc) else float("nan"),
-        **{f"reward_{k}": v / scored for k, v in parts_sum.items()},
+        **{f"reward_{k}": v / parts_n[k] for k, v in parts_sum.items()},
         "accuracy": sum(acc) / scored,
         "format_rate": sum(fmt) / scored,
         "response_length": sum(lengths) / n,
@@ -950,4 +954,6 @@ def _score_rollout(
         "groups_with_signal": float((grouped.std(dim=1) > 1e-6).float().mean()),
         "skipped_samples": float(sum(skipped)),
     }
+    if len(per_task) > 1:
+        metrics.update({f"accuracy/{name}": sum(v) / len(v) for name, v in sorted(per_task.items())})
     return Rollout(flat_prompts, completions, r, adv, keep, metrics)

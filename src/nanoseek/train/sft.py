@@ -299,7 +299,7 @@ class SFTConfig:
 
 
 def task_conversations(
-    task_names: str, n: int, seed: int = 0, language: str | None = None, multi_turn: float = 0.0
+    task_names: str | list[str], n: int, seed: int = 0, language: str | None = None, multi_turn: float = 0.0
 ) -> list[list[dict]]:
     """Cold-start chats from built-in tasks' worked solutions (R1 §2.3.1: a few thousand long-CoT samples).
 
@@ -309,21 +309,34 @@ def task_conversations(
     8.3%). Each problem is still one assistant turn, trained once; the template drops the reasoning of
     earlier turns, so the history holds their answers."""
     from nanoseek.data.tasks import get_task
+    from nanoseek.evaluate import split_task_list
 
     if not 0.0 <= multi_turn <= 1.0:
         raise ValueError(f"multi_turn must be in [0, 1], got {multi_turn}")
     turns: list[tuple[str, list[dict]]] = []
-    names = [t for t in task_names.split(",") if t]
+    # options hold commas ("arithmetic?ops=add,sub"): split as eval/grpo/distill do
+    names = split_task_list(task_names)
     for name in names:
         task = get_task(name)
         if not hasattr(task, "worked_solution"):
             raise ValueError(f"task {name!r} has no worked solutions to build SFT data from")
+        made = 0
         for p in task.problems("train", max(1, n // len(names)), seed=seed, language=language):
-            turn = [
-                {"role": "user", "content": p.prompt},
-                {"role": "assistant", "content": task.worked_solution(p)},
-            ]
-            turns.append((p.language, turn))
+            try:
+                solution = task.worked_solution(p)
+            except NotImplementedError:  # a JSONL line without "reasoning": nothing to imitate
+                continue
+            turns.append(
+                (
+                    p.language,
+                    [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": solution}],
+                )
+            )
+            made += 1
+        if not made:
+            raise ValueError(
+                f'task {name!r} has no worked solutions to build SFT data from (JSONL: add "reasoning")'
+            )
     if not multi_turn:
         return [turn for _, turn in turns]
     rng = random.Random(f"multi-turn|{seed}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,6 +27,58 @@ from nanoseek.tokenizer import THINK_END, THINK_START
 # ----------------------------------------------------------------------------------------------------
 
 
+def _rg_canonical(entry: dict) -> str:
+    """What identifies a reasoning-gym problem for the split: its metadata (the generator's parameters:
+    ``{'animals': {'dog': 2, 'giraffe': 1}}``, key order ignored) without the per-draw bookkeeping, so one
+    problem worded or ordered another way ("1 giraffe, 2 dogs" / "2 dogs, 1 giraffe") lands on the same
+    side; the question text when the dataset gives no metadata."""
+    meta = {
+        k: v
+        for k, v in (entry.get("metadata") or {}).items()
+        if k not in ("source_index", "source_dataset", "difficulty")
+    }
+    if not meta:
+        return entry["question"]
+
+    def canon(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {str(k): canon(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [canon(v) for v in x]
+        return x
+
+    return json.dumps(canon(meta), sort_keys=True, default=str) + "|" + str(entry.get("answer"))
+
+
+def _rg_options(dataset: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Task-spec options as the dataset config's field types: ``p_zero=0.9`` a float, ``operators=+,-`` a
+    tuple, instead of the text (which reasoning-gym compares to numbers or iterates letter by letter)."""
+    import dataclasses
+
+    from reasoning_gym.factory import DATASETS
+
+    if dataset not in DATASETS:
+        return config
+    fields = {f.name: f for f in dataclasses.fields(DATASETS[dataset][1])}
+    out = dict(config)
+    for k, v in config.items():
+        f = fields.get(k)
+        if f is None or not isinstance(v, (str, int)) or isinstance(v, bool):
+            continue
+        t = str(f.type).lower()
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if "float" in t or isinstance(default, float):
+            try:
+                out[k] = float(v)
+            except ValueError:
+                raise ValueError(f"option {k}={v!r} of rg:{dataset} must be a number") from None
+        elif isinstance(v, str) and ("tuple" in t or "list" in t or isinstance(default, (tuple, list))):
+            items = [x.strip() for x in v.split(",") if x.strip()]
+            typed = [int(x) if re.fullmatch(r"[+-]?\d+", x) else x for x in items]
+            out[k] = list(typed) if isinstance(default, list) or "list" in t else tuple(typed)
+    return out
+
+
 class ReasoningGymTask(Task):
     """Any reasoning-gym dataset (``rg:<name>``), scored by the dataset's own ``score_answer``.
 
@@ -39,6 +92,7 @@ class ReasoningGymTask(Task):
     def __init__(self, spec: str, dataset: str, partial: bool = False, **config: Any) -> None:
         import reasoning_gym
 
+        config = _rg_options(dataset, config)
         self.name, self.dataset, self.partial, self.config = spec, dataset, bool(partial), config
         try:
             # the scorer: score_answer reads only the entry (and the dataset config)
@@ -64,7 +118,7 @@ class ReasoningGymTask(Task):
             ds = self._create(self.dataset, seed=ds_seed, size=min(128, 8 << chunk), **self.config)
             for i in range(len(ds)):
                 entry = ds[i]
-                key = f"rg:{self.dataset}|{entry['question']}"
+                key = f"rg:{self.dataset}|{_rg_canonical(entry)}"
                 if split_of(key) != split:
                     continue
                 gold = entry.get("answer")
@@ -169,8 +223,8 @@ class JsonlTask(Task):
         answer = "" if row.get("answer") is None else str(row["answer"])
         if verifier is None:
             verifier = "code" if tests else "numeric" if parse_number(answer) is not None else "exact"
-        if "answer" not in row and verifier != "code":
-            raise ValueError(f'{where}: missing "answer"')
+        if not answer.strip() and verifier != "code":
+            raise ValueError(f'{where}: missing "answer"' + (" (it is empty)" if "answer" in row else ""))
         if verifier not in VERIFIERS:
             raise ValueError(f"{where}: verifier {verifier!r} is not one of {VERIFIERS}")
         if verifier == "code" and not (isinstance(tests, str) or (isinstance(tests, list) and tests)):
