@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +20,19 @@ def free_port() -> int:
 def _rank_worker(
     rank: int, fn: Callable[..., dict], world: int, port: int, run_dir: str, result: str
 ) -> None:
+    # what torchrun sets, so that `init_distributed` finds this rank's place
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     Path(f"{result}.{rank}").write_text(json.dumps(fn(run_dir, world, rank, port)))
 
 
 def run_ranks(fn: Callable[..., dict], world: int, run_dir: str, result: str) -> list[dict]:
-    """`fn(run_dir, world, rank, port) -> dict` on `world` processes; returns the dicts by rank."""
+    """`fn(run_dir, world, rank, port) -> dict` on `world` processes, each with torchrun's environment
+    (RANK, WORLD_SIZE, MASTER_ADDR/PORT); returns the dicts by rank."""
     mp.spawn(_rank_worker, args=(fn, world, free_port(), run_dir, result), nprocs=world, join=True)
     return [json.loads(Path(f"{result}.{r}").read_text()) for r in range(world)]

@@ -10,7 +10,6 @@ between ranks) while tolerating float noise.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -30,14 +29,6 @@ def _train(run_dir: str, world: int = 1, rank: int = 0, port: int = 0) -> dict:
     from nanoseek.train.loop import OptimConfig, StepTargets, Trainer, language_model_loss, target_counts
 
     torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank),
-        )
     info = init_distributed(device="cpu")
     model = micro_model()
     tr = Trainer(

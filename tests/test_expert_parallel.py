@@ -11,7 +11,6 @@ moves them by far more.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -50,14 +49,6 @@ def _train(run_dir: str, world: int = 1, rank: int = 0, port: int = 0) -> dict:
     from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
 
     torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank),
-        )
     info = init_distributed(device="cpu")
     reference = micro_model()
     if world > 1:

@@ -211,16 +211,8 @@ def test_native_bf16_needs_the_flag_and_kernels_that_use_it(monkeypatch) -> None
 
 
 def _pretrain_rank(dirs: str, world: int, rank: int, port: int) -> dict:
-    import os
 
     workdir, out = dirs.split("|")
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
     torch.set_num_threads(1)
     from nanoseek.train.distributed import init_distributed
 

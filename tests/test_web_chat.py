@@ -119,15 +119,7 @@ def test_chat_page_streams_answer(browser):
 
     engine = ScriptedEngine(tok, reply, step_delay=0.05)  # ~2 s of streaming: partial states are visible
     with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
-        browser.call("Page.enable")
-        browser.call("Runtime.enable")
-        browser.call("Page.navigate", url=srv.url + "/")
-        deadline = time.time() + 30
-        while browser.js("document.readyState") != "complete" or not browser.js(
-            "document.getElementById('model').textContent.includes('web-test')"
-        ):
-            assert time.time() < deadline, "page did not load / did not find the model"
-            time.sleep(0.1)
+        _open_page(browser, srv)
         browser.js("document.getElementById('max-tokens').value = '100'")
         browser.js("document.getElementById('input').focus()")
         browser.call("Input.insertText", text="What is 2 + 2?")
