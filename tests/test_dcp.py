@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gloo import free_port  # noqa: E402
+from gloo import run_ranks  # noqa: E402
 from test_train_loop import batch_at, micro_model  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 
 
-def _worker(rank: int, world: int, port: int, src: str, dst: str, out: str) -> None:
+def _worker(dirs: str, world: int, rank: int, port: int) -> dict:
+    src, dst, out = dirs.split("|")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     from nanoseek.checkpoint import build_model
@@ -40,13 +40,6 @@ def _worker(rank: int, world: int, port: int, src: str, dst: str, out: str) -> N
     from nanoseek.train.loop import language_model_loss
 
     torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
     info = init_distributed(device="cpu")
     reference = micro_model(seed=7)
     model = build_model(reference.config, device="meta")
@@ -69,6 +62,7 @@ def _worker(rank: int, world: int, port: int, src: str, dst: str, out: str) -> N
     if rank == 0:
         torch.save({"model": full, "optim": optim["state"]}, out)
     destroy_distributed()
+    return {"rank": rank}
 
 
 @pytest.mark.slow
@@ -81,8 +75,7 @@ def test_save_world_1_load_world_2_save_load_world_1_export(tmp_path) -> None:
     assert is_dcp_checkpoint(tmp_path / "ws1") and (tmp_path / "ws1" / "config.json").exists()
 
     out = tmp_path / "ws2_state.pt"
-    args = (2, free_port(), str(tmp_path / "ws1"), str(tmp_path / "ws2"), str(out))
-    mp.spawn(_worker, args=args, nprocs=2, join=True)
+    run_ranks(_worker, 2, f"{tmp_path / 'ws1'}|{tmp_path / 'ws2'}|{out}", str(tmp_path / "result"))
     assert sorted(p.name for p in (tmp_path / "ws2").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     ranks = torch.load(out, weights_only=True)
 
