@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import get_preset
+from nanoseek.model import fp8
 from nanoseek.model.fp8 import (
     FP8_DTYPE,
     FP8_MAX,
@@ -331,3 +332,41 @@ def test_deepseek_fp8_checkpoint_loads_kept_fp8(tmp_path) -> None:
         torch.testing.assert_close(kept(ids), dequantized(ids), rtol=1e-5, atol=1e-5)
         # Original (pre-quantization) weights: FP8 storage costs only the rounding of the weights.
         assert _rel(kept(ids), model(ids)) < 0.1
+
+
+def _cuda_rules(real):  # torch._scaled_mm with the CUDA kernel's checks
+    def mm(a, b, scale_a, scale_b, out_dtype=None, **kw):
+        (m, k), (k2, n) = a.shape, b.shape
+        assert k % 16 == 0 and k2 % 16 == 0 and n % 16 == 0, f"mat1 {a.shape} mat2 {b.shape} not /16"
+        assert a.stride(1) == 1 and b.stride(0) == 1, "row-major A, column-major B only (sm90)"
+        assert scale_a.shape == (m, 1) and scale_b.shape == (1, n)
+        assert scale_a.is_contiguous() and scale_b.is_contiguous()
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, **kw)
+
+    return mm
+
+
+@pytest.mark.skipif(
+    fp8.resolve_backend(fp8.FP8Recipe(), torch.device("cpu")) != "scaled_mm",
+    reason="torch._scaled_mm does not run on this CPU build",
+)
+@pytest.mark.parametrize("n_in,n_out", [(128, 24), (200, 96), (192, 80)])
+def test_fp8_linear_obeys_cuda_scaled_mm_shape_rules(monkeypatch, n_in, n_out):
+    """What CUDA's _scaled_mm takes (ScaledBlas.cpp): both dims of mat2 divisible by 16, row-major A,
+    column-major B. The CPU kernel is laxer, so its rules are applied by a wrapper here: widths not a
+    multiple of 16 (Linear(128 -> 24)) failed on a GPU only."""
+    torch.manual_seed(0)
+    w = torch.randn(n_out, n_in, requires_grad=True)
+    x = torch.randn(3, 5, n_in, requires_grad=True)
+    recipe = fp8.FP8Recipe(backend="scaled_mm")
+    want = fp8.fp8_linear(x, w, fp8.FP8Recipe(backend="emulate"))
+    want.sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    monkeypatch.setattr(torch, "_scaled_mm", _cuda_rules(torch._scaled_mm))
+    got = fp8.fp8_linear(x, w, recipe)
+    got.sum().backward()
+    assert got.shape == (3, 5, n_out)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w.grad, gw, rtol=1e-4, atol=1e-4)

@@ -194,17 +194,23 @@ def _fp8_gemm(
     # cuBLASLt (CUDA's _scaled_mm) takes a row-major A and a column-major Bᵀ only: Wgrad's operands come
     # from transposed views (dyᵀ, xᵀ), so both are laid out row-major once here, not per chunk
     a, b = a.contiguous(), b.contiguous()
-    out = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+    # CUDA's _scaled_mm needs both dims of mat2 (here 128 x N) divisible by 16 (the CPU kernel does not
+    # check): N = out_features (Fprop) or in_features (Dgrad, Wgrad). Zero rows, sliced off after.
+    pad = (-n) % 16
+    if pad:
+        b = torch.cat((b, torch.zeros(pad, k, dtype=b.dtype, device=b.device)))
+        sb = torch.cat((sb, torch.ones(pad, sb.shape[1], dtype=sb.dtype, device=sb.device)))
+    out = torch.zeros(m, n + pad, dtype=torch.float32, device=a.device)
     for j in range(k // TILE):
         chunk = slice(j * TILE, (j + 1) * TILE)
         out += torch._scaled_mm(
             a[:, chunk],
             b[:, chunk].t(),
             scale_a=a_scale[:, j : j + 1].contiguous(),
-            scale_b=sb[:, j].reshape(1, n).contiguous(),
+            scale_b=sb[:, j].reshape(1, n + pad).contiguous(),
             out_dtype=torch.float32,
         )
-    return out
+    return out[:, :n].contiguous() if pad else out
 
 
 # --------------------------------------------------------------- autograd
@@ -287,7 +293,9 @@ def fp8_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, pow2: b
     blocks. a [K,N] @ b [N,M] -> [E,K,M] (Wgrad, contraction over tokens): both in tiles along the
     tokens (a tile may span two experts' rows: one scale for both, never a wider range than E4M3).
     The FP8 values are multiplied in fp32 (the "emulate" backend of `fp8_gemm`: equal to the scaled
-    GEMM up to fp32 rounding), so all experts stay one grouped GEMM with no host sync.
+    GEMM up to fp32 rounding), so all experts stay one grouped GEMM. On a GPU, fp32 is not what
+    `torch._grouped_mm`'s fast kernel takes (bf16 on sm90/sm100): it loops over the experts with the
+    group ends read on the host, so FP8 experts train slower than bf16 ones there (unmeasured).
     """
     from nanoseek.model.moe import _grouped_mm
 

@@ -575,8 +575,10 @@ class Trainer:
             "rng_python_gauss": random.getstate()[2],
             "extra": extra_state or {},
         }
-        if torch.cuda.is_available():
-            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        if self.dist.device.type == "cuda":
+            # this rank's own GPU only: a list over every visible GPU cannot be restored on a machine
+            # with fewer of them (IndexError), and rank 0's other entries are states it never used
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.dist.device)
         return state
 
     def save(self, extra_state: dict[str, Any] | None = None) -> Path:
@@ -685,8 +687,11 @@ class Trainer:
         self._loss_mean = state["loss_mean"]
         torch.set_rng_state(state["rng_torch"])
         random.setstate((state["rng_python_version"], tuple(state["rng_python"]), state["rng_python_gauss"]))
-        if "rng_cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        saved_cuda = state.get("rng_cuda")
+        if saved_cuda is not None and self.dist.device.type == "cuda":
+            if isinstance(saved_cuda, (list, tuple)):  # older checkpoints: one state per GPU rank 0 saw
+                saved_cuda = saved_cuda[min(self.dist.local_rank, len(saved_cuda) - 1)]
+            torch.cuda.set_rng_state(saved_cuda, self.dist.device)
         if self.global_step >= self.total_steps and self.dist.is_main:
             print(f"{self.stage}: checkpoint already at step {self.global_step} of {self.total_steps}")
         # The steps after it were logged once already: the report reads the ones this run logs instead.
