@@ -14,7 +14,7 @@ several points with the draw of problems, so a goal met or missed inside that ma
 problems of each family the two gain goals are about (in RUN/rescore/, apart from the run's own
 records), and those goals are judged on them (480 problems: about a third of the margin of 48).
 
-    python benchmarks/bench_speedrun.py [--preset cpu|smoke] [--precision auto|bf16|fp32] [--seed N] [--out RUN] [--json F] [--rescore N]
+    python benchmarks/bench_speedrun.py [--preset cpu|smoke|gpu] [--precision auto|bf16|fp32] [--seed N] [--out RUN] [--json F] [--rescore N]
 
 Without --out the run goes to a temporary directory; with it, a finished run is only re-read (the
 speedrun skips finished stages), so the figures of an earlier run can be printed again. The preset
