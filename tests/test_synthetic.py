@@ -207,3 +207,20 @@ def test_follow_ups_of_one_kind():
     assert 0.42 < alike(0.0)[0] < 0.58
     with pytest.raises(ValueError, match="same_family"):
         _docs(1, same_family=-0.1)
+
+
+def test_an_earlier_answer_is_rendered_as_a_later_turn_task_renders_it():
+    """The history of a corpus chat holds each earlier answer as `task?turn=N` (and a client of the
+    server) sends it back: the answer alone, not the newline that follows </think> in a worked solution."""
+    from nanoseek.data.tasks import as_second_turn
+    from nanoseek.tokenizer import render_chat
+
+    docs = [d for d in _docs(300, seed=2, tasks=["comparison"], multi_turn=1.0) if d.count(USER) > 1]
+    assert docs
+    for d in docs:
+        for t in d.split(USER)[1:-1]:
+            answer = t.removesuffix(EOS).split(ASSISTANT)[1]
+            assert re.fullmatch(r"\d+", answer), repr(answer)
+    p = get_task(as_second_turn("comparison")).problems("test", 1, seed=0)[0]
+    earlier = render_chat(p.messages, bos_token="").split(USER)[1]
+    assert re.fullmatch(rf"[^\n]+{ASSISTANT}\d+{EOS}", earlier), repr(earlier)

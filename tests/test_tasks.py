@@ -608,3 +608,21 @@ def test_jsonl_null_or_empty_answer_is_refused(tmp_path):
         path.write_text(json.dumps(row) + "\n")
         with pytest.raises(ValueError, match='missing "answer"'):
             get_task(f"jsonl:{path}")
+
+
+def test_largest_keeps_the_line_that_decides_each_comparison():
+    """Each of the two comparisons keeps every place it compares: cut at two lines, 693 vs 695 lost
+    the ones place that decides it (3-digit numbers: ~2% of traces)."""
+    task = get_task("largest?difficulty=2")
+    steps = task.steps({"numbers": [693, 695, 932]}, "en").split("\n")
+    assert "Compare the ones: 3 and 5: 3 < 5" in steps and steps[-1] == "So 932 is the largest."
+    for k in (1, 2, 3):
+        t = get_task(f"largest?difficulty={k}")
+        pair = get_task("comparison")
+        for p in t.problems("train", 200, seed=k):
+            a, b, c = p.meta["numbers"]
+            lines = t.steps(p.meta, p.language).split("\n")
+            for x, y in ((a, b), (max(a, b), c)):
+                decide = pair.steps({"a": x, "b": y, "which": "larger"}, p.language).split("\n")[-2]
+                assert decide in lines, (p.prompt, lines)
+            assert t.score(p, t.worked_solution(p)) == 1.0

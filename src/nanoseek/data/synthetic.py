@@ -20,7 +20,7 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 
 from nanoseek.data.tasks import BUILTIN_TASKS, LANGUAGES, BuiltinTask, Problem, get_task
-from nanoseek.tokenizer import ASSISTANT, EOS, USER, render_chat
+from nanoseek.tokenizer import ASSISTANT, EOS, THINK_END, USER, render_chat
 
 # Document shapes: "chat" (an R1 chat turn), "series" (a worksheet of problems), "explained" (the
 # method, then a worked problem), "textbook" (Question / Solution / Answer), "plain" (problem and
@@ -115,7 +115,10 @@ def chat_document(problem: Problem, worked: str, history: Sequence[tuple[Problem
     them back: each answer without its reasoning."""
     past: list[dict[str, str]] = []
     for q, w in history:
-        past += [{"role": "user", "content": q.prompt}, {"role": "assistant", "content": w}]
+        # the answer alone, as a client sends it back (the server's `content`, `task?turn=N`'s history):
+        # the template keeps what follows </think>, which in a worked solution starts with a newline
+        answer = w.split(THINK_END)[-1].strip()
+        past += [{"role": "user", "content": q.prompt}, {"role": "assistant", "content": answer}]
     earlier = render_chat(past, bos_token="", add_generation_prompt=False) if past else ""
     return f"{earlier}{USER}{problem.prompt}{ASSISTANT}{worked}{EOS}"
 
