@@ -414,5 +414,8 @@ def test_task_conversations_options_with_commas_and_jsonl_without_reasoning(tmp_
     assert [c[0]["content"] for c in convs] == ["1+1?"]
     code = tmp_path / "code.jsonl"
     code.write_text(json.dumps({"prompt": "p", "tests": "assert True", "split": "train"}) + "\n")
-    with pytest.raises(ValueError, match="no worked solutions"):
+    with (
+        pytest.raises(ValueError, match="no worked solutions"),
+        pytest.warns(UserWarning, match="only 1 exist"),
+    ):
         task_conversations(f"jsonl:{code}", 2, seed=0)
