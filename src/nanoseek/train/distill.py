@@ -134,10 +134,9 @@ def sample_correct_traces(
     return kept, stats
 
 
-def _reference_completion(tok: Any, task: Any, problem: Any) -> list[int]:
+def _reference_completion(tok: Any, worked: str) -> list[int]:
     """A task's worked solution as completion ids after the generation prompt's opening <think>."""
-    text = task.worked_solution(problem).removeprefix(tok.think_start).lstrip("\n")
-    return tok.encode(text) + [tok.eos_token_id]
+    return tok.encode(worked.removeprefix(tok.think_start).lstrip("\n")) + [tok.eos_token_id]
 
 
 def distill(cfg: DistillConfig) -> Path:
@@ -146,6 +145,7 @@ def distill(cfg: DistillConfig) -> Path:
 
     from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.data.tasks import get_task
+    from nanoseek.data.tasks.base import worked_solution_of
     from nanoseek.engine import Engine
     from nanoseek.evaluate import chat_prompt_ids
     from nanoseek.perf import default_device
@@ -176,14 +176,12 @@ def distill(cfg: DistillConfig) -> Path:
         f"kept {len(kept)} traces ({stats['prompts_with_correct']:.0%} of prompts) in {stats['sampling_time_s']:.0f}s"
     )
     if not kept and cfg.fallback_reference:
-        kept = []
-        for t, p in zip(tasks, problems, strict=True):
-            if not hasattr(t, "worked_solution"):
-                continue
-            try:  # a JSONL line without "reasoning" has no reference solution
-                kept.append((p, chat_prompt_ids(tok, p.messages), _reference_completion(tok, t, p)))
-            except NotImplementedError:
-                continue
+        solutions = [(p, worked_solution_of(t, p)) for t, p in zip(tasks, problems, strict=True)]
+        kept = [
+            (p, chat_prompt_ids(tok, p.messages), _reference_completion(tok, text))
+            for p, text in solutions
+            if text is not None  # a task (or JSONL line) without worked solutions
+        ]
         stats["fallback"] = "reference worked solutions (teacher solved nothing)"
         print(
             f"distill: WARNING the teacher solved nothing; training the student on {len(kept)} reference solutions"

@@ -309,6 +309,7 @@ def task_conversations(
     8.3%). Each problem is still one assistant turn, trained once; the template drops the reasoning of
     earlier turns, so the history holds their answers."""
     from nanoseek.data.tasks import get_task
+    from nanoseek.data.tasks.base import worked_solution_of
     from nanoseek.evaluate import split_task_list
 
     if not 0.0 <= multi_turn <= 1.0:
@@ -318,13 +319,10 @@ def task_conversations(
     names = split_task_list(task_names)
     for name in names:
         task = get_task(name)
-        if not hasattr(task, "worked_solution"):
-            raise ValueError(f"task {name!r} has no worked solutions to build SFT data from")
         made = 0
         for p in task.problems("train", max(1, n // len(names)), seed=seed, language=language):
-            try:
-                solution = task.worked_solution(p)
-            except NotImplementedError:  # a JSONL line without "reasoning": nothing to imitate
+            solution = worked_solution_of(task, p)
+            if solution is None:  # nothing to imitate (a JSONL line without "reasoning")
                 continue
             turns.append(
                 (

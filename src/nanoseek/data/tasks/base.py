@@ -145,6 +145,17 @@ class Problem:
         return [*self.history, {"role": "user", "content": self.prompt}]
 
 
+def worked_solution_of(task: Any, problem: Problem) -> str | None:
+    """The task's worked solution of `problem`, or None where it has none to imitate: a task that
+    writes none (reasoning-gym), a JSONL line without "reasoning"."""
+    if not hasattr(task, "worked_solution"):
+        return None
+    try:
+        return task.worked_solution(problem)
+    except NotImplementedError:
+        return None
+
+
 def split_of(key: str) -> str:
     """The split a canonical problem key belongs to (fixed forever: a hash, not a seed)."""
     h = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
