@@ -100,6 +100,46 @@ def test_distill_end_to_end(teacher_dir, tmp_path, monkeypatch) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters(), strict=True))
 
 
+def test_distill_resume_trains_on_the_traces_sampled_before(teacher_dir, tmp_path, monkeypatch) -> None:
+    """--resume must not sample the teacher again (minutes to hours for a real teacher) and must train
+    on the same traces; a changed sampling setting is refused, not silently mixed with the old run."""
+    import nanoseek.engine
+    from nanoseek.data.tasks import get_task
+    from nanoseek.metrics import read_metrics
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.sft import SFTConfig
+
+    tok = load_tokenizer(teacher_dir)
+    probs = get_task("arithmetic").problems("train", 4, seed=0)
+    monkeypatch.setattr(nanoseek.engine, "Engine", lambda model, **kw: ScriptedEngine(tok, probs))
+
+    def cfg(steps: int, k: int = 4) -> DistillConfig:
+        sft = SFTConfig(init="", steps=steps, batch_size=2, seq_len=64, lr=1e-3, progress=False, resume=True)
+        return DistillConfig(
+            teacher=teacher_dir,
+            student=teacher_dir,
+            tasks=["arithmetic"],
+            k=k,
+            prompts=4,
+            out=str(tmp_path),
+            sft=sft,
+        )
+
+    distill(cfg(2))
+    first = json.loads((tmp_path / "distill_traces.json").read_text())
+    assert len(first["traces"]) == 4 and first["settings"]["k"] == 4
+
+    def boom(*a, **k):
+        raise AssertionError("sampled the teacher again on --resume")
+
+    monkeypatch.setattr(nanoseek.engine, "Engine", boom)
+    distill(cfg(3))
+    assert json.loads((tmp_path / "distill_traces.json").read_text()) == first
+    assert [r["step"] for r in read_metrics(tmp_path, "distill") if "loss" in r][-1] == 3
+    with pytest.raises(ValueError, match="k: 4 -> 2"):
+        distill(cfg(3, k=2))
+
+
 def test_distill_help_names_its_own_checkpoint_to_resume(capsys) -> None:
     """--resume is SFTConfig's flag, shared: distill's student resumes from RUN/distill/."""
     from nanoseek.cli import main

@@ -776,6 +776,7 @@ class Speedrun:
                     optimizer=self.p.pretrain_optimizer,
                     precision=self._tuning_precision(),
                     seed=self.p.seed,
+                    resume=True,  # a rerun trains on the traces already sampled
                     progress=self.progress,
                 ),
             )

@@ -6,7 +6,8 @@ What is notable here:
   most `keep_per_prompt` distinct ones per prompt.
 - The kept traces are trained on token for token as the teacher produced them (no decode/re-encode
   round trip), and written to RUN/distill_data.jsonl as chat messages so they can be inspected or reused
-  with `nanoseek sft --data`.
+  with `nanoseek sft --data`. Their token ids and the sampling settings go to RUN/distill_traces.json:
+  `--resume` trains on those instead of sampling the teacher again (refused if the settings changed).
 - A student built from a preset takes the teacher's tokenizer (vocab size, BOS/EOS ids from it): a
   distilled model must speak the same tokens as its teacher.
 """
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from nanoseek.atomic import atomic_write
 from nanoseek.evaluate import split_task_list
 from nanoseek.options import option
 from nanoseek.train.sft import SFTConfig, completion_example, train_on_examples
@@ -134,6 +136,34 @@ def sample_correct_traces(
     return kept, stats
 
 
+# DistillConfig's fields that decide which traces are sampled: a --resume reuses the traces only if these
+# are unchanged (the SFT settings are the Trainer's to check).
+SAMPLING_SETTINGS = (
+    "tasks", "k", "prompts", "keep_per_prompt", "fallback_reference", "max_new_tokens", "temperature",
+    "top_p", "seed", "language",
+)  # fmt: skip
+
+
+def _sampling_settings(cfg: DistillConfig, teacher_dir: Path) -> dict[str, Any]:
+    return {"teacher": str(Path(teacher_dir).resolve()), **{k: getattr(cfg, k) for k in SAMPLING_SETTINGS}}
+
+
+def _traces_to_reuse(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The traces a previous run sampled with these settings (None: there are none); a change refused."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    # through JSON, as saved: a tuple and a list compare equal
+    changed = [k for k, v in json.loads(json.dumps(settings)).items() if saved["settings"].get(k) != v]
+    if changed:
+        shown = ", ".join(f"{k}: {saved['settings'].get(k)!r} -> {settings[k]!r}" for k in changed)
+        raise ValueError(
+            f"--resume: {path} was sampled with other settings ({shown}); run without --resume to sample "
+            "again, or choose another --out"
+        )
+    return saved
+
+
 def _reference_completion(tok: Any, worked: str) -> list[int]:
     """A task's worked solution as completion ids after the generation prompt's opening <think>."""
     return tok.encode(worked.removeprefix(tok.think_start).lstrip("\n")) + [tok.eos_token_id]
@@ -141,14 +171,7 @@ def _reference_completion(tok: Any, worked: str) -> list[int]:
 
 def distill(cfg: DistillConfig) -> Path:
     """Rejection-sample the teacher, then SFT the student on the kept traces; returns RUN/distill/."""
-    import time
-
-    from nanoseek.checkpoint import load_model, resolve_checkpoint
-    from nanoseek.data.tasks import get_task
-    from nanoseek.data.tasks.base import worked_solution_of
-    from nanoseek.engine import Engine
-    from nanoseek.evaluate import chat_prompt_ids
-    from nanoseek.perf import default_device
+    from nanoseek.checkpoint import resolve_checkpoint
     from nanoseek.tokenizer import load_tokenizer
 
     teacher_dir = resolve_checkpoint(cfg.teacher, flag="--teacher")
@@ -158,6 +181,54 @@ def distill(cfg: DistillConfig) -> Path:
     _check_student(cfg.student)  # a typo in --student must not cost the whole sampling first
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(teacher_dir)
+    run = Path(cfg.out)
+    traces_path = run / "distill_traces.json"
+    settings = _sampling_settings(cfg, teacher_dir)
+    saved = _traces_to_reuse(traces_path, settings) if cfg.sft.resume else None
+    if saved is not None:
+        traces = [(t["prompt"], t["completion"]) for t in saved["traces"]]
+        stats = saved["stats"]
+        print(f"distill: --resume trains on the {len(traces)} traces sampled before ({traces_path})")
+    else:
+        traces, stats = _sample(cfg, teacher_dir, tok)
+        atomic_write(
+            traces_path,
+            json.dumps(
+                {
+                    "settings": settings,
+                    "stats": stats,
+                    "traces": [{"prompt": p, "completion": c} for p, c in traces],
+                }
+            ),
+        )
+    student = build_student(cfg.student, tok, cfg.seed)
+    examples = [completion_example(p, c, tok.eos_token_id) for p, c in traces]
+    return train_on_examples(
+        student,
+        tok,
+        examples,
+        run,
+        "distill",
+        cfg.sft,
+        {"distill": {"teacher": str(teacher_dir), "student": cfg.student, "tasks": cfg.tasks, **stats}},
+        start_record={"teacher": str(teacher_dir), **stats},
+    )
+
+
+def _sample(
+    cfg: DistillConfig, teacher_dir: Path, tok: Any
+) -> tuple[list[tuple[list[int], list[int]]], dict]:
+    """Sample the teacher and keep its correct traces (or the reference solutions, if allowed and it
+    solved nothing); writes them to RUN/distill_data.jsonl as chats. (prompt ids, completion ids) each."""
+    import time
+
+    from nanoseek.checkpoint import load_model
+    from nanoseek.data.tasks import get_task
+    from nanoseek.data.tasks.base import worked_solution_of
+    from nanoseek.engine import Engine
+    from nanoseek.evaluate import chat_prompt_ids
+    from nanoseek.perf import default_device
+
     # as `generate` and `eval` load it: bf16 on a GPU (the grouped expert GEMM's fast kernel is bf16
     # only), a trained (fp32) checkpoint in fp32 on a CPU
     teacher = load_model(teacher_dir, dtype="auto", device=default_device()).eval()
@@ -191,23 +262,12 @@ def distill(cfg: DistillConfig) -> Path:
             "the teacher produced no correct trace: nothing to distill (raise -k, the temperature or max tokens)"
         )
     del engine, teacher
-    run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    with open(run / "distill_data.jsonl", "w", encoding="utf-8") as f:
-        for prob, _, comp in kept:
-            text = tok.decode(comp, skip_special_tokens=True)
-            msg = {"role": "assistant", "content": f"{tok.think_start}\n{text}"}
-            f.write(json.dumps({"messages": [*prob.messages, msg]}, ensure_ascii=False))
-            f.write("\n")
-    student = build_student(cfg.student, tok, cfg.seed)
-    examples = [completion_example(p, c, tok.eos_token_id) for _, p, c in kept]
-    return train_on_examples(
-        student,
-        tok,
-        examples,
-        run,
-        "distill",
-        cfg.sft,
-        {"distill": {"teacher": str(teacher_dir), "student": cfg.student, "tasks": cfg.tasks, **stats}},
-        start_record={"teacher": str(teacher_dir), **stats},
-    )
+    lines = []
+    for prob, _, comp in kept:
+        msg = {
+            "role": "assistant",
+            "content": f"{tok.think_start}\n{tok.decode(comp, skip_special_tokens=True)}",
+        }
+        lines.append(json.dumps({"messages": [*prob.messages, msg]}, ensure_ascii=False) + "\n")
+    atomic_write(Path(cfg.out) / "distill_data.jsonl", "".join(lines))
+    return [(p, c) for _, p, c in kept], stats
