@@ -289,6 +289,24 @@ def test_load_foreign_tokenizer_and_template(tmp_path: Path) -> None:
     assert t.apply_chat_template(msgs) == "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_foreign_template_failing_on_the_messages_is_a_value_error(tok: Tokenizer) -> None:
+    # DeepSeek-V3.1's own template concatenates each tool's description, which OpenAI's API makes optional:
+    # what such a template cannot render is the request's fault (the server's 400), not a jinja2 crash (500).
+    v31_tools = (
+        "{% for tool in tools %}{{ '### ' + tool.function.name + '\\nDescription: ' + tool.function.description }}"
+        "{% endfor %}{% for m in messages %}{{ '<｜User｜>' + m['content'] }}{% endfor %}"
+    )
+    t = Tokenizer(tok.backend, chat_template=v31_tools)
+    tool = {"type": "function", "function": {"name": "f", "description": "d"}}
+    assert t.apply_chat_template(CONVERSATIONS[0][:1], tools=[tool]).startswith("### f\nDescription: d")
+    with pytest.raises(ValueError, match="chat template.*description"):
+        t.apply_chat_template(CONVERSATIONS[0][:1], tools=[{"type": "function", "function": {"name": "f"}}])
+    with pytest.raises(ValueError, match="chat template"):  # str + None: a TypeError inside the template
+        t.apply_chat_template(
+            CONVERSATIONS[0][:1], tools=[{"type": "function", "function": {"name": "f", "description": None}}]
+        )
+
+
 def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not found"):
         load_tokenizer(tmp_path / "missing")

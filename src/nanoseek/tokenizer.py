@@ -583,6 +583,7 @@ def _render_jinja(template: str, **context: Any) -> str:
     """Render a chat template with the same environment transformers uses (sandboxed Jinja)."""
     from datetime import datetime
 
+    from jinja2.exceptions import UndefinedError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -595,7 +596,11 @@ def _render_jinja(template: str, **context: Any) -> str:
     )
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template).render(**context)
+    compiled = env.from_string(template)
+    try:
+        return compiled.render(**context)
+    except (UndefinedError, TypeError) as e:  # the messages lack what it needs (say, a tool's description)
+        raise ValueError(f"chat template: cannot render these messages: {e}") from None
 
 
 # -------------------------------------------------------------------- training
