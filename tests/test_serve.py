@@ -509,6 +509,27 @@ def test_stop_strings(scripted):
     assert 'nanoseek:request_success_total{finished_reason="abort"}' not in metrics
 
 
+def test_stop_string_inside_a_multi_token_event_ends_usage_and_logprobs_there(tok):
+    # A speculative engine emits an accepted draft and its bonus token in one event: the tokens after
+    # the one that completes the stop string are not output, so neither counted nor given logprobs.
+    from nanoseek.engine.sampling import TokenLogprob
+    from nanoseek.serve.app import _Choice
+    from nanoseek.serve.textstream import StopStringMatcher
+    from serve_fakes import _Event
+
+    ids = tok.encode("The answer is 4. Hello world!")
+    lps = [TokenLogprob(t, -1.0, []) for t in ids]
+    stop_at = next(i for i in range(len(ids)) if "4" in tok.decode(ids[: i + 1]))
+    choice = _Choice(tok.incremental_decoder(skip_special_tokens=True), StopStringMatcher(["4"]), None)
+    text = ""
+    for i in range(0, len(ids), 2):
+        text += choice.feed(_Event("r", ids[i : i + 2], lps[i : i + 2], False, None, None))[2]
+        if choice.done:
+            break
+    assert text == "The answer is " and choice.finish_reason == "stop"
+    assert choice.token_ids == ids[: stop_at + 1] and len(choice.logprobs) == stop_at + 1
+
+
 def test_web_page_served(scripted):
     page = httpx.get(scripted.url + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]

@@ -171,14 +171,20 @@ class _Choice:
         return self.finish_reason is not None
 
     def feed(self, ev: Any) -> tuple[str, str, str]:
-        """One engine event -> (text, reasoning, content) deltas; sets finish_reason when done."""
-        self.token_ids += ev.new_token_ids
-        if ev.logprobs:
-            self.logprobs += ev.logprobs
-        text = self.stops.push(self.detok.push(ev.new_token_ids))
-        if self.stops.stopped:
-            self.finish_reason = "stop"
-        elif ev.finished:
+        """One engine event -> (text, reasoning, content) deltas; sets finish_reason when done.
+
+        Token by token: an event may carry several (an accepted speculative draft), and the tokens after
+        the one that completes a stop string are neither counted in usage nor given logprobs."""
+        text = ""
+        for i, token in enumerate(ev.new_token_ids):
+            self.token_ids.append(token)
+            if ev.logprobs:
+                self.logprobs.append(ev.logprobs[i])
+            text += self.stops.push(self.detok.push([token]))
+            if self.stops.stopped:
+                self.finish_reason = "stop"
+                return self._split(text)
+        if ev.finished:
             text += self.stops.push(self.detok.flush())
             text += self.stops.flush()
             self.finish_reason = "stop" if self.stops.stopped else (ev.finish_reason or "stop")
