@@ -159,6 +159,16 @@ def test_resaving_a_dequantized_fp8_checkpoint_drops_quantization_config(tmp_pat
     )
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_an_engine_quantized_model_is_not_saved_as_a_checkpoint(tmp_path, fmt):
+    """Its qweight/scale tensors would make a directory neither nanoseek nor transformers loads."""
+    save_model(build_model(config()).init_weights(0), tmp_path / "ckpt")
+    model = nanoseek.load_model(tmp_path / "ckpt", quantize=fmt)
+    with pytest.raises(ValueError, match="quantized storage .* loaded without quantize="):
+        save_model(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_atomic_directory_keeps_old_checkpoint_on_failure(tmp_path):
     target = tmp_path / "run" / "pretrain"
     model = build_model(config()).init_weights(0)

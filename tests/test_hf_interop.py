@@ -55,6 +55,8 @@ V3_CONFIGS = {
     "no_interleave_two_shared": small_config(
         rope_interleave=False, n_shared_experts=2, num_experts_per_tok=3
     ),
+    # One expert per token: its normalized weight is 1, then scaled (transformers, DeepSeek's inference).
+    "top1_normalized": small_config(num_experts_per_tok=1, n_group=1, topk_group=1),
 }
 
 

@@ -256,6 +256,23 @@ def test_an_expert_missing_a_projection(saved):
         nanoseek.load_model(d)
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "deepseek_v2"])
+def test_layers_past_the_configs_count_are_unexpected(tmp_path, model_type):
+    """Only DeepSeek-V3 files (or a config with MTP) hold MTP layers after the main ones: in a Qwen2,
+    Llama or V2 checkpoint a layer config.json does not count is an error, not silently dropped."""
+    family = {
+        "qwen2": {"num_key_value_heads": 2},
+        "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy"},
+    }
+    cfg = small_config(model_type=model_type, **family[model_type])
+    d = save_model(build_model(cfg).init_weights(0), tmp_path / "ckpt")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = 2
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"unexpected \['model\.layers\.2\."):
+        nanoseek.load_model(d)
+
+
 def test_quantized_loading_leaves_torch_dynamo_unimported(saved):
     """Placeholders on the meta device are made without meta reductions, which would import
     torch._dynamo (~2 s more for every `nanoseek generate --quantize`)."""

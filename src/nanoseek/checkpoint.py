@@ -80,11 +80,14 @@ def to_hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
 def _model_name(key: str, config: ModelConfig) -> str | None:
     """The nanoseek name of checkpoint key `key` (routed experts still per expert), or None for what
     the model does not hold: FP8 scales (read beside their weight), MTP layers the config does not
-    use, and the MTP modules' copies of the shared embedding and head."""
+    use, and the MTP modules' copies of the shared embedding and head. Layers past the main ones are
+    MTP layers only where there can be some (V3 files, a config with MTP): in a Qwen2, Llama or V2
+    checkpoint they are layers config.json does not count, which the key check reports."""
     if key.endswith("_scale_inv"):
         return None
     m = _LAYER_KEY.match(key)
-    if m and int(m.group(1)) >= config.num_hidden_layers:
+    mtp = config.num_nextn_predict_layers > 0 or config.model_type == "deepseek_v3"
+    if m and mtp and int(m.group(1)) >= config.num_hidden_layers:
         depth, rest = int(m.group(1)) - config.num_hidden_layers, m.group(2)
         if depth >= config.num_nextn_predict_layers or rest in _MTP_SHARED:
             return None
@@ -209,6 +212,14 @@ def save_model(
     Each file is replaced atomically, so readers never see a half file; to replace a whole
     checkpoint atomically, write into `nanoseek.atomic.atomic_directory(...)`.
     """
+    from nanoseek.engine.quantize import is_quantized
+
+    if is_quantized(model):  # its qweight/scale tensors are no checkpoint's keys: nothing could load them
+        raise ValueError(
+            "save_model: the model holds the engine's quantized storage (quantize='int8'/'fp8'/'w8a8'), "
+            "which no checkpoint reader loads; save it loaded without quantize= (or with fp8=True, "
+            "DeepSeek's FP8 format) and quantize when loading it"
+        )
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = to_hf_state_dict(model)

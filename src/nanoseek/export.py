@@ -230,9 +230,9 @@ def _write_hparams(w: Any, gguf: Any, c: ModelConfig) -> None:
         w.add_expert_used_count(k)
         gating = gguf.ExpertGatingFuncType
         w.add_expert_gating_func(gating.SIGMOID if c.scoring_func == "sigmoid" else gating.SOFTMAX)
-        # nanoseek's Router: top-k weights are normalized when norm_topk_prob (and k > 1); V3 then
-        # scales by routed_scaling_factor, V2's gate normalizes *instead of* scaling.
-        norm = c.norm_topk_prob and k > 1
+        # nanoseek's Router: top-k weights are normalized when norm_topk_prob (V2: and k > 1); V3
+        # then scales by routed_scaling_factor, V2's gate normalizes *instead of* scaling.
+        norm = c.norm_topk_prob and (k > 1 or c.topk_method == "noaux_tc")
         w.add_expert_weights_norm(norm)
         scaled = not norm or c.topk_method == "noaux_tc"
         w.add_expert_weights_scale(c.routed_scaling_factor if scaled else 1.0)

@@ -18,7 +18,7 @@ What is notable here:
   the shared expert riding along as one more expert; large experts always run grouped, each chosen
   expert's matmul reading its stored weights directly (a gathered copy would double the traffic).
 - V2 gates (softmax, greedy / group_limited_greedy) follow DeepSeek's code: with norm_topk_prob
-  the top-k weights are normalized instead of scaled by routed_scaling_factor.
+  the top-k weights (k > 1) are normalized instead of scaled by routed_scaling_factor.
 """
 
 from __future__ import annotations
@@ -113,10 +113,12 @@ class Router(nn.Module):
             choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)
         indices = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, indices)
-        if self.norm_topk_prob and self.top_k > 1:
+        v3 = self.topk_method == "noaux_tc"
+        # V3 normalizes (one expert's weight too, as transformers and DeepSeek's inference code do),
+        # then scales; DeepSeek's V2 gate normalizes *instead of* scaling, and only k > 1 weights.
+        if self.norm_topk_prob and (v3 or self.top_k > 1):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-            # DeepSeek's V2 gate normalizes *instead of* scaling; V3 normalizes, then scales.
-            if self.topk_method == "noaux_tc":
+            if v3:
                 weights = weights * self.routed_scaling_factor
         else:
             weights = weights * self.routed_scaling_factor
