@@ -530,6 +530,19 @@ def test_stop_string_inside_a_multi_token_event_ends_usage_and_logprobs_there(to
     assert choice.token_ids == ids[: stop_at + 1] and len(choice.logprobs) == stop_at + 1
 
 
+def test_generation_config_stop_ids_end_a_reply(tok):
+    # the checkpoint's other end ids (generation_config.json, Tokenizer.stop_token_ids) stop a request
+    from nanoseek.tokenizer import USER, Tokenizer
+
+    stop = tok.token_to_id(USER)
+    t = Tokenizer(tok.backend, extra_stop_ids=[stop])
+    engine = ScriptedEngine(t, lambda prompt, params: [*tok.encode("Hello"), stop, *tok.encode(" world")])
+    with LiveServer(create_app(engine, t, ServeConfig(model_name=MODEL))) as srv:
+        body = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 20}).json()
+    choice = body["choices"][0]  # (a stop id that is not a special token shows, as in vLLM)
+    assert choice["text"] == "Hello<｜User｜>" and choice["finish_reason"] == "stop"
+
+
 def test_web_page_served(scripted):
     page = httpx.get(scripted.url + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]

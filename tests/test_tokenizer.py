@@ -640,3 +640,23 @@ def test_load_reads_the_config_as_utf8_whatever_the_locale(tok: Tokenizer, tmp_p
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-500:]
     assert "<｜User｜>hi" in json.loads(r.stdout)
+
+
+def test_generation_config_eos_ids_also_stop_generation(tok: Tokenizer, tmp_path: Path) -> None:
+    # Llama 3.1 and Qwen2.5-Instruct name several end ids there: transformers' generate and vLLM stop on
+    # each, so a chat with such a checkpoint must not run on past <|eom_id|> / <|endoftext|>.
+    tok.save(tmp_path)
+    assert load_tokenizer(tmp_path).stop_token_ids == (tok.eos_token_id,)
+    other = tok.token_to_id(USER)
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [tok.eos_token_id, other, 10**9]})
+    )
+    assert load_tokenizer(tmp_path).stop_token_ids == (
+        tok.eos_token_id,
+        other,
+    )  # ids outside the vocabulary dropped
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": other}))
+    assert load_tokenizer(tmp_path).stop_token_ids == (tok.eos_token_id, other)
+    (tmp_path / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="generation_config.json is not a JSON object"):
+        load_tokenizer(tmp_path)

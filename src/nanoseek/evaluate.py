@@ -302,7 +302,7 @@ class CheckpointSampler:
         model = load_model(self.path, dtype=cfg.dtype, device=default_device()).eval()
         batch = cfg.max_batch_size or min(DEFAULT_MAX_BATCH, samples or cfg.n * cfg.k)
         self.engine = Engine(model, max_batch_size=batch, pack_weights=True)
-        self.stop = [self.tok.eos_token_id]
+        self.stop = list(self.tok.stop_token_ids)
 
     def __call__(self, problems: Sequence[Any]) -> list[list[Sample]]:
         return self.many([problems])[0]

@@ -136,7 +136,7 @@ def greedy_accuracy(
     from nanoseek.evaluate import chat_prompt_ids, engine_generate, strip_stop
 
     engine = engine or Engine(model, max_batch_size=max_batch_size)
-    stop = [tokenizer.eos_token_id]
+    stop = list(tokenizer.stop_token_ids)
     out = {}
     for name in tasks:
         task = get_task(name)

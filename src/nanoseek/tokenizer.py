@@ -318,6 +318,7 @@ class Tokenizer:
         chat_template: str | None = R1_CHAT_TEMPLATE,
         add_bos_token: bool = True,
         config: dict[str, Any] | None = None,
+        extra_stop_ids: Sequence[int] = (),
     ) -> None:
         self.backend = backend
         self.config = dict(config or {})
@@ -341,6 +342,12 @@ class Tokenizer:
         self.bos_token_id: int = vocab[bos_token]
         self.eos_token_id: int = vocab[eos_token]
         self.pad_token_id: int = vocab[pad_token]
+        # What ends a generation: EOS, and the other ids a checkpoint's generation_config.json names
+        # (Llama 3.1's <|eom_id|>, Qwen2.5-Instruct's <|endoftext|> beside <|im_end|>), as transformers'
+        # generate and vLLM stop on them.
+        size = backend.get_vocab_size(with_added_tokens=True)
+        extra = [i for i in extra_stop_ids if 0 <= i < size and i != self.eos_token_id]
+        self.stop_token_ids: tuple[int, ...] = (self.eos_token_id, *dict.fromkeys(extra))
         self.think_start, self.think_end = THINK_START, THINK_END
         self.think_start_id: int | None = vocab.get(THINK_START)
         self.think_end_id: int | None = vocab.get(THINK_END)
@@ -723,6 +730,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         template = R1_CHAT_TEMPLATE  # an older nanoseek template: the current one renders it the same
     return Tokenizer(
         backend,
+        extra_stop_ids=_generation_eos_ids(directory),
         bos_token=_token_content(config.get("bos_token")),
         eos_token=_token_content(config.get("eos_token")),
         pad_token=_token_content(config.get("pad_token")),
@@ -730,6 +738,19 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         add_bos_token=bool(config.get("add_bos_token", True)),
         config={k: v for k, v in config.items() if k != "chat_template"},
     )
+
+
+def _generation_eos_ids(directory: Path) -> list[int]:
+    """The eos_token_id (an id or a list) of a checkpoint's generation_config.json, if it has one."""
+    path = directory / "generation_config.json"
+    if not path.exists():
+        return []
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{path} is not a JSON object: {e}") from None
+    ids = value if isinstance(value, list) else [value]
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
 
 
 def tokenizer_summary(tok: Tokenizer, sample: Sequence[str]) -> str:

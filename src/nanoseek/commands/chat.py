@@ -148,7 +148,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
 
     params = sampling_params(args)  # bad flags fail before the model loads
     engine, tok, model = load_for_generation(args)
-    stops = [tok.eos_token_id]
+    stops = list(tok.stop_token_ids)
     user_id = tok.token_to_id(USER)
     if user_id is not None:
         stops.append(user_id)  # a model that starts the next user turn has finished its own

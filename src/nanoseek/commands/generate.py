@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         ids = tok.encode(text, add_bos=tok.add_bos_token)
-    params = dataclasses.replace(params, stop_token_ids=[tok.eos_token_id])
+    params = dataclasses.replace(params, stop_token_ids=list(tok.stop_token_ids))
     t0 = time.perf_counter()
     n_tokens = 0
     if args.num_samples == 1:

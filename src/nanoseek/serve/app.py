@@ -303,7 +303,7 @@ class Server:
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             seed=seed,
-            stop_token_ids=[self.tokenizer.eos_token_id],
+            stop_token_ids=list(self.tokenizer.stop_token_ids),
             logprobs=logprobs,
             ignore_eos=req.ignore_eos,
             logit_bias=self.logit_bias(req.logit_bias),

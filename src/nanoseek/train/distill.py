@@ -95,7 +95,7 @@ def sample_correct_traces(
     """(problem, prompt_ids, completion_ids) for the correct samples, and acceptance statistics."""
     from nanoseek.evaluate import chat_prompt_ids, engine_generate, strip_stop
 
-    stop = [tokenizer.eos_token_id]
+    stop = list(tokenizer.stop_token_ids)
     prompts = [chat_prompt_ids(tokenizer, p.messages) for p in problems]
     flat = [ids for ids in prompts for _ in range(cfg.k)]
     outs = engine_generate(
@@ -202,7 +202,7 @@ def distill(cfg: DistillConfig) -> Path:
             ),
         )
     student = build_student(cfg.student, tok, cfg.seed)
-    examples = [completion_example(p, c, tok.eos_token_id) for p, c in traces]
+    examples = [completion_example(p, c, tok.stop_token_ids) for p, c in traces]
     return train_on_examples(
         student,
         tok,

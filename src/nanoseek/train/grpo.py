@@ -596,7 +596,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         ref_model = load_model(init, device=model.device).eval().requires_grad_(False)
     # The engine shares the policy's nn.Module: every rollout samples from the current weights.
     engine = Engine(model, max_batch_size=cfg.max_batch_size)
-    stop = [tok.eos_token_id]
+    stop = list(tok.stop_token_ids)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     metrics_log = MetricsLog(run, "grpo")
     if extra is None:  # a new run: the report reads it apart from any before it in RUN

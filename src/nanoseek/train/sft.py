@@ -108,12 +108,13 @@ def tokenize_conversation(
 
 
 def completion_example(
-    prompt_ids: list[int], completion_ids: list[int], eos_token_id: int
+    prompt_ids: list[int], completion_ids: list[int], stop_ids: Sequence[int]
 ) -> tuple[list[int], list[int]]:
-    """An (input_ids, labels) example from a prompt and a sampled completion (distillation)."""
+    """An (input_ids, labels) example from a prompt and a sampled completion (distillation); one not
+    ended by a stop id (the tokenizer's `stop_token_ids`) gets the first, EOS."""
     target = list(completion_ids)
-    if not target or target[-1] != eos_token_id:
-        target.append(eos_token_id)
+    if not target or target[-1] not in stop_ids:
+        target.append(stop_ids[0])
     return list(prompt_ids) + target, [IGNORE] * len(prompt_ids) + target
 
 
