@@ -1,6 +1,7 @@
 """`nanoseek ablate`: each study's run plan checked without training, budgets, resume, the report."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -215,7 +216,7 @@ def _fake_training(monkeypatch, calls: list) -> None:
 
     def fake(run, tok, val_set, log, **kw):
         calls.append(run.key)
-        fpt = run.flops_per_token()
+        fpt, main_fpt = run.flops_per_token(), run.flops_per_token(main_only=True)
         loss = 3.0 + 0.1 * run.seed + (0.0 if run.variant == run.study else 0.05)
         for step in (0, 1, 2):
             tokens = step * TOKENS_PER_STEP
@@ -226,7 +227,7 @@ def _fake_training(monkeypatch, calls: list) -> None:
                 seed=run.seed,
                 tokens=tokens,
                 flops=tokens * fpt,
-                main_flops=tokens * fpt,
+                main_flops=tokens * main_fpt,
                 train_s=step * 0.5,
                 val_loss=loss + 1.0 / (1 + step),
             )
@@ -305,6 +306,27 @@ def test_report_judges_per_flop_and_per_second(tmp_path, monkeypatch) -> None:
     assert finer.count("| no |") == 2
     for name in ("val_loss_tokens.png", "val_loss_flops.png", "val_loss_train_s.png"):
         assert (report.parent / "plots" / name).exists()
+
+
+def test_mtp_flops_plot_is_over_the_main_model_flops_its_claim_is_judged_on(tmp_path, monkeypatch) -> None:
+    from matplotlib.figure import Figure
+
+    _fake_training(monkeypatch, [])
+    ends: dict[str, tuple[str, list[float]]] = {}
+    savefig = Figure.savefig
+
+    def record(fig, path, **kw):
+        ax = fig.axes[0]
+        ends[Path(path).name] = (ax.get_xlabel(), [max(line.get_xdata()) for line in ax.get_lines()])
+        return savefig(fig, path, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    report = run_study(AblateConfig(study="mtp", seeds=1, out=str(tmp_path), progress=False), "mtp")
+    label, (mtp_end, no_mtp_end) = ends["val_loss_flops.png"]
+    # the two variants train the same main model on the same tokens: equal main-model FLOPs, as the
+    # summary's per-FLOP column compares them (the MTP module's own FLOPs would put mtp's end further)
+    assert label == "main-model training FLOPs" and mtp_end == pytest.approx(no_mtp_end)
+    assert "Validation loss over main-model training FLOPs" in report.read_text()
 
 
 # ------------------------------------------------------------- end to end

@@ -286,3 +286,35 @@ def test_every_stage_run_alone_reports_its_wall_time(tmp_path):
     text = build_report(tmp_path).read_text()
     assert "| pretrain | 12 s |" in text and "| sft | 3 s |" in text and "| grpo | 20 s |" in text
     assert "| **total** | 35.0 s |" in text
+
+
+def test_figures_of_four_digits_are_not_written_as_exponents(tmp_path):
+    pre = MetricsLog(tmp_path, "pretrain")
+    pre.log(step=1, loss=2.0)
+    pre.log(event="end", wall_time_s=1234.4, tokens=1000)
+    grpo = MetricsLog(tmp_path, "grpo")
+    grpo.log(step=1, reward=0.1)
+    grpo.log(event="end", wall_time_s=2999.94)
+    text = build_report(tmp_path).read_text()
+    assert "| pretrain | 1,234 s |" in text and "| grpo | 3,000 s |" in text
+    assert "e+0" not in text
+
+
+def test_a_stage_of_one_step_is_drawn_in_the_loss_plot(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    sft = MetricsLog(tmp_path, "sft")
+    for s in range(1, 6):
+        sft.log(step=s, loss=1.5 - 0.1 * s)
+    MetricsLog(tmp_path, "control").log(step=1, loss=1.3)  # the smoke preset's control: one step
+    markers = {}
+    savefig = Figure.savefig
+
+    def record(fig, path, **kw):
+        for ax in fig.axes:
+            markers.update({line.get_label(): line.get_marker() for line in ax.get_lines()})
+        return savefig(fig, path, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    build_report(tmp_path)
+    assert markers["control loss"] not in (None, "None", "", " ")  # a line through one point is invisible

@@ -294,7 +294,12 @@ def plots(m: StudyMetrics) -> list[tuple[str, str]]:
     out_dir = m.dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     made = []
-    for axis, label in AXES:
+    # the FLOPs plot on the axis the claims are judged on (the mtp study's: main-model FLOPs)
+    flops_axis = next((c.get("flops_axis", "flops") for c in m.plan["claims"] if c["at"] == "curve"), "flops")
+    for name, label in AXES:
+        axis = flops_axis if name == "flops" else name
+        if axis == "main_flops":
+            label = "main-model training FLOPs"
         fig, ax = plt.subplots(figsize=(7, 4))
         for v in m.variants:
             curves = list(m.curves[v].values())
@@ -314,15 +319,15 @@ def plots(m: StudyMetrics) -> list[tuple[str, str]]:
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss (nats/token, log scale)")
         ax.set_yscale("log")
-        if axis == "flops":
+        if name == "flops":
             ax.set_xscale("log")
         ax.set_title(f"{m.plan['study']}: validation loss over {label} (band: seed min–max)")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        name = f"val_loss_{axis}.png"
-        fig.savefig(out_dir / name, dpi=110)
+        file = f"val_loss_{name}.png"
+        fig.savefig(out_dir / file, dpi=110)
         plt.close(fig)
-        made.append((f"Validation loss over {label}", f"plots/{name}"))
+        made.append((f"Validation loss over {label}", f"plots/{file}"))
     return made
 
 

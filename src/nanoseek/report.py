@@ -42,7 +42,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     if isinstance(v, float):
-        if abs(v) >= 1e4:
+        if abs(v) >= 10**digits:  # where `g` would switch to an exponent (1.23e+03 s)
             return f"{v:,.0f}"
         return f"{v:.{digits}g}"
     return str(v)
@@ -596,7 +596,8 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
         for ax, (name, panel) in zip(axes[0], shown, strict=True):
             for label, style, xs, ys in panel:
                 # a validation curve has few points: markers keep it visible over a noisy training one
-                ax.plot(xs, ys, style, marker="o" if style == "--" else None, label=label)
+                # (and a one-step stage's single point, which a line alone does not draw)
+                ax.plot(xs, ys, style, marker="o" if style == "--" or len(xs) == 1 else None, label=label)
             ax.set_xlabel(f"step of each {name} stage")
             ax.set_ylabel("cross-entropy (nats/token, log scale)")
             ax.set_yscale("log")  # the first steps (~ln vocab) would otherwise flatten the rest of the curve

@@ -299,8 +299,10 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
             world_size=dist.world_size,
             tokens_per_step=cfg.batch_size * cfg.seq_len * cfg.accumulation,
         )
+        from nanoseek.accounting import count_parameters
+
         print(
-            f"pretrain: {cfg.preset} ({n_total / 1e6:.2f}M params, vocab {config.vocab_size}) on "
+            f"pretrain: {cfg.preset} ({count_parameters(config).described}, vocab {config.vocab_size}) on "
             f"{cfg.data or 'embedded'}, {cfg.steps} steps x {cfg.batch_size}x{cfg.seq_len} tokens"
             f"{f' x {cfg.accumulation} micro' if cfg.accumulation > 1 else ''}, {precision}, "
             f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}"
