@@ -210,7 +210,7 @@ def _summary_rows(report: str) -> list[str]:
     return table[2:]
 
 
-def _fake_training(monkeypatch, calls: list) -> None:
+def _fake_training(monkeypatch, calls: list, **done_fields) -> None:
     """train_run replaced by one that logs a tiny curve: the plan, resume and report logic stay real."""
     import nanoseek.ablate as ab
 
@@ -232,7 +232,14 @@ def _fake_training(monkeypatch, calls: list) -> None:
                 val_loss=loss + 1.0 / (1 + step),
             )
         return log.log(
-            2, study=run.study, variant=run.variant, seed=run.seed, event="done", train_s=1.0, s_per_step=0.5
+            2,
+            study=run.study,
+            variant=run.variant,
+            seed=run.seed,
+            event="done",
+            train_s=1.0,
+            s_per_step=0.5,
+            **done_fields,
         )
 
     monkeypatch.setattr(ab, "train_run", fake)
@@ -327,6 +334,16 @@ def test_mtp_flops_plot_is_over_the_main_model_flops_its_claim_is_judged_on(tmp_
     # summary's per-FLOP column compares them (the MTP module's own FLOPs would put mtp's end further)
     assert label == "main-model training FLOPs" and mtp_end == pytest.approx(no_mtp_end)
     assert "Validation loss over main-model training FLOPs" in report.read_text()
+
+
+def test_variant_table_gives_the_trained_models_figures(tmp_path, monkeypatch) -> None:
+    # the plan sizes models at a nominal vocabulary; a run's tokenizer can have fewer tokens, and the
+    # table must describe what was trained (the done records), as the per-FLOP comparison does
+    facts = {"total_params": 1_234_567, "active_params": 654_321, "flops_per_token": 7_654_321}
+    _fake_training(monkeypatch, [], kv_cache_bytes_per_token=4321, **facts)
+    report = run_study(AblateConfig(study="mla", seeds=1, out=str(tmp_path), progress=False), "mla")
+    row = next(line for line in report.read_text().splitlines() if line.startswith("| mla |"))
+    assert "| 1.23M | 654.32k | 7.65M | 4,321 |" in row
 
 
 # ------------------------------------------------------------- end to end

@@ -233,13 +233,15 @@ def variant_table(m: StudyMetrics) -> list[str]:
     for v, info in m.plan["variants"].items():
         done = m.done.get(v, {})
         loss = m.final(v, "val_loss")
+        # the model trained (its vocabulary is the tokenizer's), not the plan's nominal-vocabulary one
+        trained = {**info, **next(iter(done.values()), {})}
         cells = [
             v,
             info["about"],
-            _fmt_n(info["total_params"]),
-            _fmt_n(info["active_params"]),
-            _fmt_n(info["flops_per_token"]),
-            f"{info['kv_cache_bytes_per_token']:,}",
+            _fmt_n(trained["total_params"]),
+            _fmt_n(trained["active_params"]),
+            _fmt_n(trained["flops_per_token"]),
+            f"{trained['kv_cache_bytes_per_token']:,}",
             str(len(done)),
             _ms(list(loss.values()), 4),
             _ms([d["s_per_step"] for d in done.values()], 3),
