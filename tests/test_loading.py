@@ -123,6 +123,33 @@ def test_a_hub_name_is_downloaded_through_huggingface_hub(fake_hub, saved):
     assert len(fake_hub) == 1
 
 
+def test_a_hub_download_keeps_the_chat_template_file(monkeypatch, tmp_path, micro_checkpoint):
+    """A repo whose chat template is only in chat_template.jinja (as transformers 5 saves it) loads with
+    that template from the Hub, as from a local directory: the download takes the file."""
+    import shutil
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    from nanoseek.tokenizer import load_tokenizer
+
+    repo = shutil.copytree(micro_checkpoint, tmp_path / "repo")
+    tok_config = json.loads((repo / "tokenizer_config.json").read_text(encoding="utf-8"))
+    template = tok_config.pop("chat_template") + "{# the repo's own #}"
+    (repo / "tokenizer_config.json").write_text(json.dumps(tok_config), encoding="utf-8")
+    (repo / "chat_template.jinja").write_text(template, encoding="utf-8")
+    assert load_tokenizer(repo).chat_template == template
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):  # what the Hub's download keeps
+        snapshot = tmp_path / "snapshot"
+        snapshot.mkdir()
+        for name in filter_repo_objects([f.name for f in repo.iterdir()], allow_patterns=allow_patterns):
+            shutil.copy(repo / name, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert load_tokenizer(resolve_checkpoint("someone/templated", tokenizer=True)).chat_template == template
+
+
 def test_cli_commands_take_hub_names(fake_hub, monkeypatch, micro_checkpoint, capsys):
     def snapshot_download(repo_id, **kwargs):
         fake_hub.append(repo_id)

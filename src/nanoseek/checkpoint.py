@@ -368,7 +368,9 @@ def read_safetensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------ hub names
-HUB_FILES = ("*.json", "*.safetensors", "tokenizer*")  # config, weights, tokenizer: all a load reads
+# config, weights, tokenizer and its chat template (recent transformers versions save it in
+# chat_template.jinja): all a load reads
+HUB_FILES = ("*.json", "*.safetensors", "tokenizer*", "chat_template.jinja")
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 

@@ -951,7 +951,7 @@ class WordProblemTask(BuiltinTask):
     KINDS = ("add", "sub", "mul")
 
     def generate(self, rng: random.Random) -> dict[str, Any]:
-        # difficulty 1: sums and differences of numbers up to 30, 2..12 boxes of 2..9 (~1,700 problems)
+        # difficulty 1: sums and differences of numbers up to 30, 2..12 boxes of 2..9 (~990 problems)
         kind, hi = rng.choice(self.KINDS), 30 * self.difficulty
         if kind == "mul":
             a, b = rng.randint(2, 12 * self.difficulty), rng.randint(2, 9)
