@@ -235,3 +235,17 @@ def test_cost_cli(capsys) -> None:
     assert "implied MFU" in text and "$5.576M" in text
     assert main(["cost", "tiny", "--tokens", "lots"]) == 2
     assert "--tokens" in capsys.readouterr().err
+
+
+def test_output_piped_into_a_reader_that_stops_is_no_traceback(monkeypatch) -> None:
+    # `nanoseek cost ... | head -1`: the reader closes the pipe; a shell's tools then exit quietly
+    import os
+    import sys
+
+    from nanoseek.cli import main
+
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "w", buffering=1) as stream:
+        monkeypatch.setattr(sys, "stdout", stream)
+        assert main(["cost", "deepseek-v3", "--tokens", "14.8T", "--gpu-hours", "2.788M"]) == 141

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `nanoseek cost ... | head`: the reader has all it wanted
+        # Python's recipe: point stdout at devnull so the interpreter's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command killed by SIGPIPE
     except (ValueError, FileNotFoundError, KeyError) as e:
         # Bad input: one clear line, no traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
