@@ -241,3 +241,16 @@ def test_pretrain_validates_on_two_gloo_ranks(workdir, tmp_path) -> None:
     records = list(read_metrics(run / "metrics.jsonl"))
     assert any("val_loss" in r for r in records)
     assert any(any(k.startswith("probe_") for k in r) for r in records)
+
+
+def test_tensorboard_without_its_package_is_refused_before_the_run_starts(monkeypatch) -> None:
+    # the flags' check, not the first step's: a missing package must not cost the tokenizer's training
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        PretrainConfig(tensorboard=True).validate()
+    PretrainConfig().validate()

@@ -703,6 +703,14 @@ class Trainer:
 
 
 # ------------------------------------------------------------------ step log
+def require_tensorboard() -> None:
+    """--tensorboard's package, checked before a run spends anything (a tokenizer, a corpus)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
+
+
 class StepLog:
     """What a stage shows and records per step: RUN/metrics.jsonl (rank 0), optional TensorBoard, and a
     progress bar with loss, tokens/s and MFU (model FLOPs against the measured matmul peak of the
@@ -740,12 +748,9 @@ class StepLog:
         self._t_last = time.perf_counter()
         self._tb = None
         if tensorboard and is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ValueError(
-                    "--tensorboard needs the tensorboard package: pip install tensorboard"
-                ) from e
+            require_tensorboard()
+            from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / stage))
 
     @classmethod

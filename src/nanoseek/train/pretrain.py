@@ -154,6 +154,10 @@ class PretrainConfig:
             raise ValueError("mtp_weight, val_every, val_batches and checkpoint_every must be >= 0")
         if self.expert_parallel and self.precision == "fp8":
             raise ValueError("expert parallelism with precision fp8 is not supported yet (docs/multinode.md)")
+        if self.tensorboard:
+            from nanoseek.train.loop import require_tensorboard
+
+            require_tensorboard()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
