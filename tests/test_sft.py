@@ -272,6 +272,45 @@ def test_tool_use_conversation(tmp_path) -> None:
     assert list(read_chat_jsonl(data)) == [(msgs, tools), (msgs[:2], None)]
 
 
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_another_familys_template_is_trained_as_it_renders(tmp_path) -> None:
+    """A checkpoint with its own chat template (a Qwen2 one: ChatML, EOS <|im_end|>) is trained on exactly
+    the ids that template renders for each assistant turn, through its end token: no R1 think block."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from nanoseek.tokenizer import load_tokenizer
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Backend(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(tmp_path)
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "6", "reasoning_content": "3+3=6"},
+    ]
+    (ids1, labels1), (ids2, labels2) = tokenize_conversation(tok, msgs)
+    assert [t for t in labels1 if t != IGNORE] == tok.encode("4") + [tok.eos_token_id]
+    full = tok.apply_chat_template(msgs[:3], add_generation_prompt=False, tokenize=True)
+    assert ids1 == full[: len(ids1)] and tok.decode(full[len(ids1) :]) == "\n"
+    # reasoning this template does not render is still trained, in R1's think block
+    trained2 = tok.decode([t for t in labels2 if t != IGNORE])
+    assert trained2 == "<think>\n3+3=6\n</think>\n6<|im_end|>"
+
+
 def test_cold_start_chats_ask_several_problems_in_a_row_each_once() -> None:
     from nanoseek.data.rewards import script_counts
     from nanoseek.train.sft import task_conversations

@@ -330,6 +330,27 @@ def test_checkpoint_layout_and_loadable(tmp_path) -> None:
             assert torch.equal(v, loaded.state_dict()[k]), k
 
 
+def test_checkpoint_keeps_every_stop_id_of_its_tokenizer(tmp_path) -> None:
+    """A checkpoint whose generation_config.json lists several eos ids (Qwen2.5-Instruct: <|im_end|> and
+    <|endoftext|>) still stops at all of them once trained."""
+    from nanoseek.tokenizer import load_tokenizer
+    from serve_fakes import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.save(tmp_path / "init")
+    extra = tok.pad_token_id
+    (tmp_path / "init" / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [tok.eos_token_id, extra]})
+    )
+    tok = load_tokenizer(tmp_path / "init")
+    assert tok.stop_token_ids == (tok.eos_token_id, extra)
+    model = micro_model()
+    make_trainer(model, tmp_path, steps=1, tokenizer=tok).save()
+    gen = json.loads((tmp_path / "pretrain" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [tok.eos_token_id, extra]
+    assert load_tokenizer(tmp_path / "pretrain").stop_token_ids == tok.stop_token_ids
+
+
 def _saved_at_step_2(tmp_path, **kw) -> dict[str, bytes]:
     """A run of 4 steps checkpointed at step 2; the bytes of its train_state files."""
     model, stream = micro_model(), Stream()

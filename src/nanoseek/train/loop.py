@@ -629,6 +629,10 @@ class Trainer:
         if self.tokenizer is not None:
             gen["bos_token_id"] = getattr(self.tokenizer, "bos_token_id", gen["bos_token_id"])
             gen["eos_token_id"] = getattr(self.tokenizer, "eos_token_id", gen["eos_token_id"])
+            # every id that ends a generation, as the checkpoint it started from listed them
+            stops = list(getattr(self.tokenizer, "stop_token_ids", ()))
+            if len(stops) > 1:
+                gen["eos_token_id"] = stops
             gen["pad_token_id"] = getattr(self.tokenizer, "pad_token_id", None)
         (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
 

@@ -5,6 +5,9 @@ What is notable here:
   the chat template with `add_generation_prompt=True` up to that turn (so earlier assistant turns have
   their reasoning removed, as R1's template does), then the turn's own text + EOS. Loss is on those
   assistant tokens only: the model is never trained to produce the user's words or the template.
+- A checkpoint with another family's template (ChatML, Llama 3) is trained on each assistant turn as
+  that template renders it, through its end token; R1's shape is only built where it drops the turn's
+  text or reasoning.
 - The generation prompt of R1's template already opens "<think>\\n", so an assistant message's leading
   "<think>" is not repeated; a `reasoning_content` field is put back inside the think block.
 - Tool use (DeepSeek-V3.1's format, the same template the server renders): a line may carry OpenAI
@@ -101,10 +104,38 @@ def tokenize_conversation(
         )
         opened = prompt_text.rstrip(" \n").endswith(think_start)
         after_tool = i > 0 and messages[i - 1]["role"] == "tool"
-        target = tokenizer.encode(assistant_target_text(m, opened, think_start, think_end, after_tool))
-        target = target + [tokenizer.eos_token_id]
+        r1_text = assistant_target_text(m, opened, think_start, think_end, after_tool)
+        turn = _template_turn(tokenizer, messages[: i + 1], prompt_text, kw)
+        if turn is None:
+            target = tokenizer.encode(r1_text) + [tokenizer.eos_token_id]
+        else:
+            target = _through_first_stop(tokenizer, tokenizer.encode(turn))
         out.append((prompt_ids + target, [IGNORE] * len(prompt_ids) + target))
     return out
+
+
+def _template_turn(
+    tokenizer: Any, messages: Sequence[dict[str, Any]], prompt_text: str, kw: dict[str, Any]
+) -> str | None:
+    """The last (assistant) message as the chat template itself renders it after `prompt_text`, or None
+    where that rendering cannot be the target: it does not continue the prompt (R1's generation prompt
+    opens a think block its history never shows) or it drops the message's text or reasoning (R1's
+    history keeps only what follows `</think>`). Then the turn is built as R1 trains it."""
+    full = tokenizer.apply_chat_template(list(messages), add_generation_prompt=False, tokenize=False, **kw)
+    if not full.startswith(prompt_text):
+        return None
+    turn = full[len(prompt_text) :]
+    m = messages[-1]
+    kept = (str(m.get(key) or "").strip() for key in ("content", "reasoning_content"))
+    return turn if all(text in turn for text in kept) else None
+
+
+def _through_first_stop(tokenizer: Any, ids: list[int]) -> list[int]:
+    """A rendered turn up to its first stop id (what the template writes after it, such as ChatML's
+    newline, the model never generates), or the whole turn + EOS if it has none."""
+    stops = getattr(tokenizer, "stop_token_ids", (tokenizer.eos_token_id,))
+    end = next((k for k, t in enumerate(ids) if t in stops), None)
+    return ids + [tokenizer.eos_token_id] if end is None else ids[: end + 1]
 
 
 def completion_example(
