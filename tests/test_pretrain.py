@@ -242,6 +242,74 @@ def test_pretrain_validates_on_two_gloo_ranks(workdir, tmp_path) -> None:
     assert any("val_loss" in r for r in records)
     assert any(any(k.startswith("probe_") for k in r) for r in records)
 
+    # the validation loss is the mean over the global batch's targets, as one process reports it, not
+    # the mean of the ranks' own means (their rows hold unequal numbers of targets: prompts masked)
+    pretrain(config(workdir, tmp_path / "one", steps=2, val_every=1, val_batches=1, probe_problems=2))
+
+    def val_losses(path: Path) -> list[float]:
+        return [r["val_loss"] for r in read_metrics(path / "metrics.jsonl") if r.get("val_loss") is not None]
+
+    assert val_losses(run) == pytest.approx(val_losses(tmp_path / "one"), rel=1e-5)
+
+
+def _failing_rank(dirs: str, world: int, rank: int, port: int) -> dict:
+    import time
+
+    workdir, out = dirs.split("|")
+    torch.set_num_threads(1)
+    from nanoseek.train.distributed import init_distributed
+
+    init_distributed(device="cpu", timeout_s=60)
+    failed_at = []
+
+    def on_step(step: int) -> None:
+        if rank == 1:
+            failed_at.append(time.perf_counter())
+            raise RuntimeError("rank 1 fails")
+
+    try:
+        pretrain(config(Path(workdir), Path(out), steps=3, val_every=0), on_step=on_step)
+    except RuntimeError as e:
+        return {"error": str(e), "teardown_s": time.perf_counter() - failed_at[0] if failed_at else None}
+    return {"error": None}
+
+
+@pytest.mark.slow
+def test_a_failing_rank_exits_at_once(workdir, tmp_path) -> None:
+    """A rank that fails leaves without waiting for the others: its teardown barrier waited for ranks
+    inside a collective it never joined, so the job hung for the whole timeout (10 minutes under
+    torchrun) before showing any error."""
+    from gloo import run_ranks
+
+    ranks = run_ranks(_failing_rank, 2, f"{workdir}|{tmp_path / 'run'}", str(tmp_path / "result"))
+    assert ranks[1]["error"] == "rank 1 fails"
+    assert ranks[1]["teardown_s"] < 30  # not the 60 s timeout
+    assert ranks[0]["error"]  # the other rank's collective fails when the peer is gone
+
+
+def _rank_with_other_steps(dirs: str, world: int, rank: int, port: int) -> dict:
+    workdir, out = dirs.split("|")
+    torch.set_num_threads(1)
+    from nanoseek.train.distributed import init_distributed
+
+    init_distributed(device="cpu", timeout_s=30)
+    try:
+        pretrain(config(Path(workdir), Path(out), steps=3 + rank, val_every=0))
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+@pytest.mark.slow
+def test_ranks_started_with_other_settings_are_refused(workdir, tmp_path) -> None:
+    """A rank with another --steps hung in mismatched collectives until the timeout (another --seq-len
+    trained silently); every rank now names the setting that differs."""
+    from gloo import run_ranks
+
+    ranks = run_ranks(_rank_with_other_steps, 2, f"{workdir}|{tmp_path / 'run'}", str(tmp_path / "result"))
+    for r in ranks:
+        assert "different settings (by rank: steps: 3, 4)" in r["error"]
+
 
 def test_tensorboard_without_its_package_is_refused_before_the_run_starts(monkeypatch) -> None:
     # the flags' check, not the first step's: a missing package must not cost the tokenizer's training

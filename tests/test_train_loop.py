@@ -449,6 +449,14 @@ def test_bad_arguments(tmp_path) -> None:
         make_trainer(micro_model(), tmp_path, steps=0)
 
 
+def test_a_stage_without_a_process_group_refuses_torchrun(tmp_path, monkeypatch) -> None:
+    """`torchrun -m nanoseek sft` ran one whole SFT per process, all writing the same checkpoint."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="trains in one process, but torchrun started 2"):
+        make_trainer(micro_model(), tmp_path)
+    assert not (tmp_path / "pretrain").exists()
+
+
 def test_fp8_precision_converts_and_trains(tmp_path) -> None:
     fp8 = pytest.importorskip("nanoseek.model.fp8")
     model = micro_model()

@@ -61,11 +61,15 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> Dis
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(failed: bool = False) -> None:
+    """Leave the process group. `failed`: this rank is leaving on an error, so the other ranks may be
+    inside a collective it will never join: no barrier, which would wait for them until the timeout
+    (10 minutes) before the error was even shown; torchrun stops the others once this one exits."""
     if dist.is_initialized():
-        # every rank past its last collective first: a rank that tears gloo down while another is still
-        # writing its files (rank 0's save) aborted the other one now and then (SIGABRT at teardown)
-        dist.barrier()
+        if not failed:
+            # every rank past its last collective first: a rank that tears gloo down while another is
+            # still writing its files (rank 0's save) aborted the other one now and then (SIGABRT)
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -302,6 +302,15 @@ class Trainer:
             raise ValueError(f"total_steps must be > 0, got {total_steps}")
         if bias_update_speed < 0:
             raise ValueError("bias_update_speed (γ) must be >= 0")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if dist is None and world > 1:
+            # each of torchrun's processes would train the whole batch on its own and write the same
+            # checkpoint and metrics as the others
+            raise ValueError(
+                f"{stage} trains in one process, but torchrun started {world} (WORLD_SIZE={world}): run it "
+                "without torchrun (only `nanoseek pretrain` is data-parallel, docs/multinode.md), or pass "
+                "Trainer(dist=init_distributed())"
+            )
         # one process: where the model is (a stage that loaded it on a GPU trains there)
         self.dist = dist or DistInfo(device=next(model.parameters()).device)
         if optim.optimizer == "muon" and self.dist.world_size > 1:

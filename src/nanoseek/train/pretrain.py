@@ -221,6 +221,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = init_distributed()
+    _check_same_settings(cfg, dist)
     run = Path(cfg.out)
     config = resolve_config(cfg.preset)
     if cfg.seq_len > config.max_position_embeddings:
@@ -340,14 +341,21 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     # expert parallelism (all-to-alls), so a forward on rank 0 alone desynchronizes the ranks.
     probe = _probe(cfg, tok)
 
+    def val_loss_fn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        # each rank's share of the mean over the global batch's targets (their rows hold unequal numbers
+        # of them), so N ranks report the validation loss one process does
+        counts = all_reduce_(target_counts(y, depths), dist, "sum")
+        return language_model_loss(
+            trainer.model,
+            x.to(dist.device),
+            y.to(dist.device),
+            document_mask=cfg.document_mask,
+            step=StepTargets(counts, dist.world_size),
+        )
+
     def validate() -> float:
         it = iter(val_set)
-        loss = trainer.validate(
-            lambda: language_model_loss(
-                trainer.model, *(t.to(dist.device) for t in next(it)), document_mask=cfg.document_mask
-            ),
-            len(val_set),
-        )
+        loss = trainer.validate(lambda: val_loss_fn(*next(it)), len(val_set))
         log.log(trainer.global_step, val_loss=loss)
         if cfg.progress:
             log.write(f"step {trainer.global_step}: val_loss {loss:.4f}")
@@ -379,7 +387,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
         path = trainer.save({"data": train_data.state_dict()})
     except BaseException:
         log.close()
-        destroy_distributed()
+        destroy_distributed(failed=True)
         raise
     log.close()
     wall = time.perf_counter() - t0
@@ -407,6 +415,24 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
         )
     destroy_distributed()
     return path
+
+
+def _check_same_settings(cfg: PretrainConfig, dist: Any) -> None:
+    """Every rank must run the same command: ranks with other settings (a node started with another
+    --steps or --seq-len) would hang in mismatched collectives or silently train something else."""
+    if not dist.enabled:
+        return
+    import torch.distributed
+
+    mine = {k: v for k, v in asdict(cfg).items() if k != "threads"}  # CPU threads may differ per node
+    every = [None] * dist.world_size
+    torch.distributed.all_gather_object(every, mine)
+    differ = sorted(k for k in mine if any(other[k] != mine[k] for other in every))
+    if differ:
+        shown = "; ".join(f"{k}: " + ", ".join(repr(o[k]) for o in every) for k in differ)
+        raise ValueError(
+            f"the ranks were started with different settings (by rank: {shown}): give every rank the same command"
+        )
 
 
 def _probe(cfg: PretrainConfig, tok: Any) -> list:
