@@ -146,6 +146,24 @@ def test_fp8_scales_of_another_block_size_are_refused(tmp_path, fp8):
         nanoseek.load_model(tmp_path, fp8=fp8)
 
 
+def test_fp8_storage_is_saved_in_deepseek_fp8_layout(tmp_path):
+    """A model loaded with fp8=True (here from an fp32 checkpoint) is written as DeepSeek's FP8 files:
+    FP8 weights and fp32 scales untouched by dtype=, the routed experts block-quantized too, and
+    quantization_config, without which transformers read the FP8 values unscaled (weights up to 448)."""
+    save_model(build_model(config()).init_weights(0), tmp_path / "fp32")
+    kept = nanoseek.load_model(tmp_path / "fp32", fp8=True)
+    save_model(kept, tmp_path / "fp8", dtype=torch.bfloat16)
+    cfg = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
+    tensors = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    for key in ["model.layers.1.self_attn.o_proj.weight", "model.layers.1.mlp.experts.3.down_proj.weight"]:
+        assert tensors[key].dtype == torch.float8_e4m3fn
+        assert tensors[key.removesuffix(".weight") + ".weight_scale_inv"].dtype == torch.float32
+    assert tensors["lm_head.weight"].dtype == torch.bfloat16
+    o_proj = nanoseek.load_model(tmp_path / "fp8").model.layers[1].self_attn.o_proj.weight
+    torch.testing.assert_close(o_proj, kept.model.layers[1].self_attn.o_proj.dequantize(), rtol=0, atol=0)
+
+
 def test_resaving_a_dequantized_fp8_checkpoint_drops_quantization_config(tmp_path):
     _fp8_checkpoint(tmp_path / "fp8")
     save_model(nanoseek.load_model(tmp_path / "fp8"), tmp_path / "plain")  # weights now fp32

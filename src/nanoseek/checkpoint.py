@@ -36,7 +36,15 @@ from torch import nn
 
 from nanoseek.atomic import atomic_file, atomic_write, restore_directory
 from nanoseek.config import ModelConfig, resolve_config
-from nanoseek.model.fp8 import FP8_DTYPE, FP8Linear, dequantize_blocks, quantize_blocks, quantize_linears_fp8
+from nanoseek.model.fp8 import (
+    FP8_DTYPE,
+    QUANTIZATION_CONFIG,
+    FP8Linear,
+    dequantize_blocks,
+    quantize_blocks,
+    quantize_linears_fp8,
+    quantize_state_dict_fp8,
+)
 from nanoseek.model.transformer import DeepSeekV3
 
 build_model = DeepSeekV3.build  # construction lives with the model; the name stays for its callers
@@ -162,7 +170,13 @@ def from_hf_state_dict(
 
 def _cast(key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # The balancing bias stays fp32 in any dtype: its steps (γ = 0.001) vanish in bf16.
-    keep = not value.is_floating_point() or "e_score_correction_bias" in key
+    # FP8 weights and their scales are one value together: casting either alone would change it.
+    keep = (
+        not value.is_floating_point()
+        or value.dtype == FP8_DTYPE
+        or key.endswith("_scale_inv")
+        or "e_score_correction_bias" in key
+    )
     return value if keep else value.to(dtype)
 
 
@@ -223,7 +237,10 @@ def save_model(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = to_hf_state_dict(model)
-    if dtype is not None:
+    fp8 = any(k.endswith("_scale_inv") for k in state)
+    if fp8:  # FP8Linear storage: written whole in DeepSeek's FP8 layout, the routed experts block-quantized
+        state = quantize_state_dict_fp8(state)
+    if dtype is not None:  # the higher-precision tensors; FP8 weights and their fp32 scales stay
         state = {k: _cast(k, v, dtype) for k, v in state.items()}
     # Shared tensors (tied or MTP copies) must be separate storages for safetensors.
     seen: set[int] = set()
@@ -233,10 +250,13 @@ def save_model(
             state[k] = v.clone()
         seen.add(ptr)
     config = model.config.replace(torch_dtype=str(dtype or model.dtype).removeprefix("torch."))
-    if "quantization_config" in config.extra and not any(k.endswith("_scale_inv") for k in state):
-        # Loaded from an FP8 checkpoint but written in higher precision: the files are no longer
-        # quantized, and transformers would read them as FP8 (expecting weight_scale_inv).
-        config = config.replace(extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
+    # Loaded from an FP8 checkpoint but written in higher precision: the files are no longer quantized,
+    # and transformers would read them as FP8 (expecting weight_scale_inv). Written in FP8 (perhaps from
+    # a higher-precision checkpoint): without the entry, readers would take the FP8 values unscaled.
+    extra = {k: v for k, v in config.extra.items() if k != "quantization_config"}
+    if fp8:
+        extra["quantization_config"] = config.extra.get("quantization_config", QUANTIZATION_CONFIG)
+    config = config.replace(extra=extra)
     config.save(out)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

@@ -473,15 +473,23 @@ def quantize_linears_fp8(
 
 # ------------------------------------------------- DeepSeek FP8 checkpoints
 _HIGH_PRECISION_KEYS = ("embed_tokens.", "lm_head.", "shared_head.head.", ".mlp.gate.weight")
+# config.json's entry for this layout, as DeepSeek-V3 ships it (transformers reads it as FineGrainedFP8Config)
+QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [TILE, TILE],
+}
 
 
 def quantize_state_dict_fp8(tensors: dict[str, torch.Tensor], pow2: bool = False) -> dict[str, torch.Tensor]:
     """HF-layout tensors -> DeepSeek's FP8 layout: every 2-D linear weight (attention projections,
     MLPs, experts, eh_proj) becomes float8_e4m3fn plus `*.weight_scale_inv` per 128x128 block; the
-    embedding, head, router and norms are left as they are, as in DeepSeek-V3's published checkpoint."""
+    embedding, head, router and norms are left as they are, as in DeepSeek-V3's published checkpoint.
+    Weights already in FP8 (with their scales beside them) are kept as they are."""
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        kept = any(part in key for part in _HIGH_PRECISION_KEYS)
+        kept = any(part in key for part in _HIGH_PRECISION_KEYS) or value.dtype == FP8_DTYPE
         if key.endswith(".weight") and value.dim() == 2 and value.is_floating_point() and not kept:
             q, s = quantize_blocks(value, pow2)
             out[key] = q
