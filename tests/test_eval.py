@@ -115,6 +115,69 @@ def test_endpoint_rebuilds_reasoning_and_scores_it(tmp_path) -> None:
     assert next(read_metrics(tmp_path, "eval"))["evaluated_stage"] == "http://stub:8000"
 
 
+def test_cons_votes_by_what_an_answer_says_not_how_it_is_written(tmp_path) -> None:
+    """3 of 5 samples give the right answer, each written its own way, 2 the same wrong one: the
+    majority is right (R1's cons@k votes over answers, not spellings); and a wrong answer written
+    two ways still outvotes a right one given once."""
+    (p,) = _problems(1)
+    right, wrong = int(p.answer), int(p.answer) + 1
+    votes = {
+        "right": [f"{right}", f"{right}.", f"$\\boxed{{{right}}}$", f"{wrong}", f"{wrong}"],
+        "wrong": [f"{right}", f"{wrong}", f"\\boxed{{{wrong}}}", "x", "y"],
+    }
+    for majority, answers in votes.items():
+        samples = [[Sample(f"add\n</think>\n{a}", 3, "stop") for a in answers]]
+        cfg = EvalConfig(model=str(tmp_path / "ck"), task="arithmetic", k=5, n=1, language="en")
+        m = evaluate(cfg, sampler=lambda problems, s=samples: s)
+        assert m["cons@5"] == (1.0 if majority == "right" else 0.0), majority
+
+
+def test_endpoint_samples_score_as_the_checkpoints_own() -> None:
+    """What nanoseek serve sends for a completion is scored as the completion itself: a think block
+    closed with nothing in it (reasoning_content null) still has its answer, a <think> the model
+    repeated is the one R1's format allows; and problem i's choice j samples with seed + i*k + j, as
+    a checkpoint's sample i*k + j does in-process."""
+    from nanoseek.data.rewards import build_reward
+    from nanoseek.evaluate import EVAL_PARTS
+
+    probs = _problems(4)
+    answer = {p.prompt: p.answer for p in probs}
+
+    def served(
+        a: str,
+    ) -> dict:  # the model's text -> (reasoning_content, content) as nanoseek serve splits it
+        return {
+            f"</think>\n{a}": (None, a),
+            f"<think>\nadd\n</think>\n{a}": ("<think>\nadd\n", a),
+            f"add {a}": (f"add {a}", ""),  # never closed: no answer
+        }
+
+    seeds = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seeds.append(body["seed"])
+        choices = [
+            {
+                "index": i,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content, "reasoning_content": reasoning},
+            }
+            for i, (reasoning, content) in enumerate(served(answer[body["messages"][0]["content"]]).values())
+        ]
+        return httpx.Response(
+            200, json={"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": choices}
+        )
+
+    cfg = EvalConfig(model="http://stub:8000", task="arithmetic", k=3, n=4, seed=5, endpoint_model="m")
+    sampler, _ = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    reward = build_reward(EVAL_PARTS, task=get_task("arithmetic"))
+    for p, samples in zip(probs, sampler(probs), strict=True):
+        for text, sample in zip(served(p.answer), samples, strict=True):
+            assert reward(p, sample.text) == reward(p, text), text
+    assert sorted(seeds) == [5, 8, 11, 14]
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="k and n"):
         evaluate(EvalConfig(model="x", task="arithmetic", k=0), sampler=lambda ps: [])

@@ -84,3 +84,28 @@ def test_probe_losses_per_kind_and_task():
 
     uniform = probe_losses(Uniform(docs), docs)
     assert abs(uniform["copy"] - torch.log(torch.tensor(257.0)).item()) < 1e-4
+
+
+def test_greedy_accuracy_counts_no_answer_left_in_the_think_block():
+    """The prompt opens the think block: an answer the model never closed it on is no answer (as in
+    `nanoseek eval`), while the same answer after `</think>` is right."""
+    from nanoseek.data.tasks import get_task
+    from nanoseek.engine.engine import Completion
+    from nanoseek.probe import greedy_accuracy
+    from serve_fakes import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    problems = get_task("arithmetic").problems("test", 4, seed=0)
+
+    class Answers:  # engine double: each problem's answer, with or without closing the think block
+        def __init__(self, before: str) -> None:
+            self.before = before
+
+        def generate_detailed(self, prompts, params, on_finish=None):
+            texts = [f"{self.before}{p.answer}" for p in problems]
+            return [Completion([*tok.encode(t), tok.eos_token_id], None, "stop", None) for t in texts]
+
+    assert greedy_accuracy(None, tok, ["arithmetic"], 4, engine=Answers("add\n</think>\n")) == {
+        "arithmetic": 1.0
+    }
+    assert greedy_accuracy(None, tok, ["arithmetic"], 4, engine=Answers("")) == {"arithmetic": 0.0}

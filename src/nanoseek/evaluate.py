@@ -4,12 +4,12 @@ What is notable here:
 - pass@1 is the mean correctness over k samples per problem at temperature 0.6 (R1 §3, "pass@1
   estimated from k samples"), not one greedy sample: greedy decoding of reasoning models repeats itself
   and has high variance across problems.
-- cons@k is the majority vote over the *extracted answers* of the k samples (self-consistency);
-  samples with no parseable answer do not vote.
+- cons@k is the majority vote over the *extracted answers* of the k samples (self-consistency), by
+  what they say ("42", "42.", "\\boxed{42}" are one vote); samples with no parseable answer do not vote.
 - Format rate and language consistency come from the same reward functions GRPO trains with
   (`nanoseek.data.rewards`), so a model is scored by the rules it was trained on.
 - An endpoint is scored identically: its `reasoning_content` + `content` are put back together as
-  "<think>reasoning</think>content" before scoring.
+  "reasoning</think>content" (the completion the prompt's opened think block began) before scoring.
 - Samples go through the batched Engine all at once (P·k requests in one queue), never one by one.
 """
 
@@ -118,6 +118,10 @@ def split_task_list(spec: str | Sequence[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ scoring
+# the vote of every sample the verifier scores as right (cons@k); no answer's key is a tuple
+CORRECT = ("correct",)
+
+
 def score_samples(
     task: Any,
     reward: Callable[[Any, str], tuple[float, dict[str, float]]],
@@ -134,6 +138,7 @@ def score_samples(
     if len(problems) != len(samples):
         raise ValueError(f"{len(problems)} problems but {len(samples)} sample lists")
     from nanoseek.data.tasks import extract_answer
+    from nanoseek.data.tasks.answers import answer_key
 
     extract = getattr(task, "extract_answer", None) or (
         lambda t: extract_answer(t, require_think=require_think)
@@ -157,11 +162,13 @@ def score_samples(
             lang.append(float(parts.get("language", 0.0)))
             a = extract(s.text)
             answers.append(None if a is None else re.sub(r"\s+", " ", str(a).strip()) or None)
-        votes = Counter(a for a in answers if a)
+        # a vote per meaning, not per spelling: the correct samples all give the gold answer ("42",
+        # "\\boxed{42}", "42."), and the others are compared as the verifiers compare answers
+        keys = [CORRECT if sc >= 0.5 else answer_key(a) for sc, a in zip(scores, answers, strict=True)]
+        votes = Counter(key for key in keys if key is not None)
         if votes:
-            top = votes.most_common(1)[0][0]
-            # the majority answer is correct iff a sample that gave it scores as correct
-            cons = max(sc for sc, a in zip(scores, answers, strict=True) if a == top) >= 0.5
+            winner = votes.most_common(1)[0][0]
+            top, cons = answers[keys.index(winner)], winner == CORRECT
         else:
             top, cons = None, False
         k = len(outs)
@@ -361,6 +368,23 @@ def _endpoint_errors(base: str) -> Iterator[None]:
         raise ValueError(f"{base} answered {e.status_code}: {e.message}") from None
 
 
+def completion_text(message: Any, thinking: bool = True) -> str:
+    """A chat message's text as the model wrote it, to be scored as a checkpoint's completion is.
+
+    A server that splits the reasoning off sends `reasoning_content` (DeepSeek's API, nanoseek serve,
+    vLLM's reasoning parsers); with the think block opened by the prompt, its content is what came
+    after the model's `</think>`, also when the reasoning before it was empty (null). The opening
+    `<think>` is the prompt's, not the model's: a `<think>` the model wrote anyway stays where it was."""
+    extra = message.model_extra or {}
+    reasoning = getattr(message, "reasoning_content", None) or extra.get("reasoning_content")
+    content = message.content or ""
+    if thinking and ("reasoning_content" in extra or reasoning is not None):
+        if not reasoning and THINK_END in content:  # a server that left the reasoning in the content
+            return content
+        return f"{reasoning or ''}{THINK_END}{content}"
+    return f"{THINK_START}{reasoning}{THINK_END}{content}" if reasoning else content
+
+
 def endpoint_sampler(
     cfg: EvalConfig, http_client: Any = None
 ) -> tuple[Callable[[Sequence[Any]], list[list[Sample]]], str]:
@@ -379,7 +403,7 @@ def endpoint_sampler(
     with _endpoint_errors(base):
         model_name = cfg.endpoint_model or client.models.list().data[0].id
 
-    def one(problem: Any) -> list[Sample]:
+    def one(index: int, problem: Any) -> list[Sample]:
         with _endpoint_errors(base):
             resp = client.chat.completions.create(
                 model=model_name,
@@ -388,19 +412,16 @@ def endpoint_sampler(
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
                 max_tokens=cfg.max_new_tokens,
-                seed=cfg.seed,
+                # choice j of problem i samples with seed + i*k + j (nanoseek serve: seed + choice), as
+                # a checkpoint's sample i*k + j does in-process, not every problem with the same seeds
+                seed=cfg.seed + index * cfg.k,
                 # only said when off, so servers that know no chat_template_kwargs are sent nothing new
                 extra_body=None if cfg.thinking else {"chat_template_kwargs": {"thinking": False}},
             )
         per = (resp.usage.completion_tokens / max(len(resp.choices), 1)) if resp.usage else 0
         out = []
         for ch in resp.choices:
-            msg = ch.message
-            reasoning = getattr(msg, "reasoning_content", None) or (msg.model_extra or {}).get(
-                "reasoning_content"
-            )
-            content = msg.content or ""
-            text = f"{THINK_START}{reasoning}{THINK_END}{content}" if reasoning else content
+            text = completion_text(ch.message, cfg.thinking)
             out.append(Sample(text=text, num_tokens=int(round(per)), finish_reason=ch.finish_reason))
         if len(out) != cfg.k:
             raise ValueError(f"endpoint returned {len(out)} choices for n={cfg.k} (does it support n?)")
@@ -408,7 +429,7 @@ def endpoint_sampler(
 
     def sample(problems: Sequence[Any]) -> list[list[Sample]]:
         with ThreadPoolExecutor(max_workers=8) as pool:
-            return list(pool.map(one, problems))
+            return list(pool.map(one, range(len(problems)), problems))
 
     return sample, f"{base} ({model_name})"
 

@@ -151,6 +151,7 @@ def greedy_accuracy(
         correct = 0.0
         for p, r in zip(problems, results, strict=True):
             text = tokenizer.decode(strip_stop(r.token_ids, stop), skip_special_tokens=True)
-            correct += task.score(p, text)
+            # the prompt opened the think block: an answer counts only after </think>, as in `eval`
+            correct += task.score(p, text, require_think=True)
         out[name] = correct / max(1, len(problems))
     return out

@@ -88,6 +88,16 @@ def _normalize_exact(s: str) -> str:
     return " ".join(unbox(s.strip()).strip().strip("$").split()).rstrip("。.").strip()
 
 
+def answer_key(answer: str | None) -> Fraction | str | None:
+    r"""What an answer says, as the numeric and exact verifiers compare it (for majority votes): a
+    number by its value (``42``, ``42.``, ``$\boxed{42}$`` alike), else its unboxed, space-normalized
+    text; None for no answer."""
+    if answer is None:
+        return None
+    number = parse_number(answer)
+    return number if number is not None else (_normalize_exact(answer) or None)
+
+
 def check_exact(gold: str, answer: str | None) -> float | None:
     if not gold.strip():
         return None
