@@ -168,6 +168,35 @@ def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
     assert check_exportable(get_preset("tiny-dense")) == []
 
 
+def test_rope_scaling_llama_cpp_runs_otherwise_is_said(checkpoint, tmp_path, capsys) -> None:
+    """llama.cpp's deepseek2 takes YaRN only in DeepSeek's form (mscale == mscale_all_dim, both set):
+    other YaRN forms run with another attention scale (measured: greedy tokens differ from the first
+    few), so they warn; Llama 3 scaling it cannot apply at all."""
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+    tiny = get_preset("tiny")
+    for ok in ({"mscale": 1.0, "mscale_all_dim": 1.0}, {"mscale": 0.707, "mscale_all_dim": 0.707}):
+        assert check_exportable(tiny.replace(rope_scaling={**yarn, **ok})) == []
+    for other in ({}, {"mscale": 1.0}, {"mscale_all_dim": 1.0}, {"mscale": 1.0, "mscale_all_dim": 0.707}):
+        notes = check_exportable(tiny.replace(rope_scaling={**yarn, **other}))
+        assert len(notes) == 1 and "mscale" in notes[0], other
+    llama3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    with pytest.raises(ValueError, match="YaRN only"):
+        check_exportable(tiny.replace(rope_scaling={**llama3, "original_max_position_embeddings": 64}))
+    # A Qwen2 directory (R1-Distill-Qwen's tokenizer normalizes to NFC, as Qwen2's does) is refused as
+    # a grouped-query model, not sent to retrain its tokenizer; so is one without tokenizer.json.
+    ckpt, _, _ = checkpoint
+    qwen = tmp_path / "qwen2"
+    get_preset("tiny-qwen2").replace(vocab_size=640).save(qwen)
+    spec = json.loads((ckpt / "tokenizer.json").read_text())
+    (qwen / "tokenizer.json").write_text(json.dumps({**spec, "normalizer": {"type": "NFC"}}))
+    assert main(["export", str(qwen), "--gguf", str(tmp_path / "q.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "grouped-query attention" in err and "convert_hf_to_gguf.py" in err, err
+    (qwen / "tokenizer.json").unlink()
+    assert main(["export", str(qwen), "--gguf", str(tmp_path / "q.gguf")]) == 2
+    assert "grouped-query attention" in capsys.readouterr().err
+
+
 def test_full_rank_query_and_half_split_rope_are_written_for_llama_cpp(checkpoint, tmp_path) -> None:
     """q_lora_rank=None is written as 0 (llama.cpp then reads attn_q at any depth); a checkpoint whose
     RoPE dims are half-split has them reordered into the adjacent pairs llama.cpp rotates."""

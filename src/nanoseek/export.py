@@ -104,11 +104,24 @@ def check_exportable(config: ModelConfig) -> list[str]:
                 "this V2 config ranks them by their best score, so routing can differ in llama.cpp"
             )
     rs = config.rope_scaling
-    if rs and (rs.get("mscale") or 1.0) != (rs.get("mscale_all_dim") or 1.0):
-        notes.append(
-            "YaRN with mscale != mscale_all_dim: llama.cpp's deepseek2 folds only mscale_all_dim into "
-            "the attention scale, so long-context attention can differ from nanoseek's"
+    if rs and rs.get("type", rs.get("rope_type")) == "llama3":
+        raise ValueError(
+            "llama.cpp cannot run this model as nanoseek does: its deepseek2 scales RoPE with YaRN only, "
+            "this config has Llama 3 rope_scaling"
         )
+    if rs:
+        from nanoseek.model.attention import rope_inverse_frequencies
+
+        # llama.cpp's deepseek2 takes YaRN in DeepSeek's own form, mscale == mscale_all_dim: RoPE's
+        # YaRN magnitude 1 and mscale_all_dim folded into the softmax scale. Any other form (no
+        # mscale_all_dim, mscale != mscale_all_dim, an attention_factor) scales attention otherwise.
+        _, rope_mscale = rope_inverse_frequencies(config)
+        if not rs.get("mscale_all_dim") or abs(rope_mscale - 1.0) > 1e-6:
+            notes.append(
+                f"YaRN with mscale={rs.get('mscale')}, mscale_all_dim={rs.get('mscale_all_dim')}: "
+                "llama.cpp's deepseek2 scales attention as DeepSeek's configs do (mscale == "
+                "mscale_all_dim, both set), so attention and the tokens can differ from nanoseek's"
+            )
     return notes
 
 
@@ -134,6 +147,15 @@ def export_gguf(
             f"{src} is not a checkpoint directory (expected config.json, model.safetensors and "
             "tokenizer.json, as every nanoseek stage writes)"
         )
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is a directory: --gguf takes the file to write, such as {path / 'model.gguf'}"
+        )
+    # The model first: a family llama.cpp's deepseek2 cannot run is refused as such, whatever its tokenizer.
+    config = ModelConfig.load(src)
+    for note in check_exportable(config):
+        warnings.warn(note, stacklevel=2)
     if not (src / "tokenizer.json").exists():
         raise ValueError(
             f"{src} has no tokenizer.json: a GGUF file carries its tokenizer, copy the run's tokenizer "
@@ -148,9 +170,6 @@ def export_gguf(
             f"switched to Qwen2's split regex (llama.cpp's {LLAMA_CPP_PRE!r}) must be retrained "
             "(nanoseek tokenizer train) and the model trained on it, to export to GGUF"
         )
-    config = ModelConfig.load(src)
-    for note in check_exportable(config):
-        warnings.warn(note, stacklevel=2)
     if tok.vocab_size > config.vocab_size:
         raise ValueError(
             f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {config.vocab_size}"
@@ -172,11 +191,6 @@ def export_gguf(
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[type]
 
-    path = Path(out)
-    if path.is_dir():
-        raise ValueError(
-            f"{path} is a directory: --gguf takes the file to write, such as {path / 'model.gguf'}"
-        )
     with atomic_file(path) as tmp:  # a half-written file must never look like an export
         writer = gguf.GGUFWriter(str(tmp), ARCH)
         try:
