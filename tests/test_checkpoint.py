@@ -282,6 +282,23 @@ def test_load_model_auto_dtype_and_bad_dtype(tmp_path, monkeypatch):
         nanoseek.load_model(tmp_path, dtype="int8")
 
 
+def test_load_model_refuses_8_bit_dtypes_and_unavailable_devices(tmp_path):
+    """dtype="float8_e4m3fn" built a model no forward could run ("mul_cpu_reduced_float" not implemented);
+    a device torch cannot use failed inside torch (an AssertionError, a RuntimeError) with a traceback."""
+    for dtype in ("float8_e4m3fn", torch.float8_e4m3fn, "int8", torch.int8):
+        with pytest.raises(ValueError, match="fp8=True"):
+            nanoseek.load_model("tiny", dtype=dtype)
+    with pytest.raises(ValueError, match="device 'gpu'"):
+        nanoseek.load_model("tiny", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda'.*not available"):
+            nanoseek.load_model("tiny", device="cuda")
+    model = build_model(config()).init_weights(0)
+    # save_model takes a dtype name as load_model does (it was read as a device: "Invalid device string")
+    save_model(model, tmp_path, dtype="bfloat16")
+    assert nanoseek.load_model(tmp_path, dtype="auto").config.torch_dtype == "bfloat16"
+
+
 def test_building_a_model_leaves_torch_dynamo_unimported():
     """Constructing on the meta device must not run ops through Python reference kernels, which import
     torch._dynamo: ~2 s added to every `nanoseek chat/generate/serve` start."""

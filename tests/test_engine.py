@@ -256,6 +256,24 @@ def test_capacity_and_input_errors(model):
     assert [len(x) for x in out] == [5, 5]
 
 
+def test_prompts_must_be_token_ids_not_text(model):
+    """A prompt given as text is refused with a pointer to the tokenizer: a string of digits was read as
+    ids (generate("12") ran prompts [1] and [2]) and float ids were truncated, both silently."""
+    engine = Engine(model)
+    for prompts in ("12", ["123"], ["hello"], [b"12"]):
+        with pytest.raises(ValueError, match="text, not token ids.*encode"):
+            engine.generate(prompts, max_new_tokens=2)
+    with pytest.raises(ValueError, match="integer token ids.*1.5"):
+        engine.generate([[1, 1.5]], max_new_tokens=2)
+    assert not engine.has_unfinished()
+    # integer ids of any kind are fine: a tensor of prompts, numpy ids
+    expect = engine.generate([[1, 2, 3]], max_new_tokens=3)
+    assert engine.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3) == expect
+    assert engine.generate([torch.tensor([1, 2, 3]).numpy()], max_new_tokens=3) == expect
+    with pytest.raises(ValueError, match="flat list"):
+        engine.generate(torch.tensor([1, 2, 3]), max_new_tokens=3)
+
+
 def test_abort_and_max_seq_len(model):
     engine = Engine(model, max_seq_len=12)
     rid = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=50))

@@ -190,6 +190,17 @@ def test_r1_chat_format(tok: Tokenizer) -> None:
         render_chat([{"role": "user", "content": ["parts"]}])
 
 
+def test_apply_chat_template_return_type_follows_tokenize() -> None:
+    """A user's mypy must see str for tokenize=False and list[int] for tokenize=True (it saw
+    `str | list[int]` for both, so `engine.generate([ids])` failed to type-check)."""
+    import typing
+    from typing import Literal
+
+    hints = [typing.get_type_hints(f) for f in typing.get_overloads(Tokenizer.apply_chat_template)]
+    returns = {h["tokenize"]: h["return"] for h in hints}
+    assert returns[Literal[False]] is str and returns[Literal[True]] == list[int]
+
+
 def test_saved_tokenizer_works_in_transformers(tok: Tokenizer, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -218,7 +218,7 @@ def check_keys(
 def save_model(
     model: DeepSeekV3,
     directory: str | os.PathLike,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     max_shard_bytes: int = 4 * 1024**3,
 ) -> Path:
     """Write config.json and safetensors (sharded past max_shard_bytes) into `directory`.
@@ -241,6 +241,7 @@ def save_model(
     if fp8:  # FP8Linear storage: written whole in DeepSeek's FP8 layout, the routed experts block-quantized
         state = quantize_state_dict_fp8(state)
     if dtype is not None:  # the higher-precision tensors; FP8 weights and their fp32 scales stay
+        dtype = resolve_dtype(dtype, model.config, model.device)
         state = {k: _cast(k, v, dtype) for k, v in state.items()}
     # Shared tensors (tied or MTP copies) must be separate storages for safetensors.
     seen: set[int] = set()
@@ -449,8 +450,6 @@ def resolve_dtype(dtype: torch.dtype | str, config: ModelConfig, device: str | t
     as transformers' torch_dtype="auto" reads it, where it runs fast: a 16-bit checkpoint runs in bf16
     on a CPU that multiplies bf16 natively and in fp32 on one that does not (AVX2: PyTorch's bf16
     matmuls ~20x slower than fp32), an fp32 one in fp32; on a GPU, bf16 (what serving always used)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
     if dtype == "auto":
         kind = torch.device(device).type
         if kind == "cuda":
@@ -459,9 +458,28 @@ def resolve_dtype(dtype: torch.dtype | str, config: ModelConfig, device: str | t
 
         sixteen = config.torch_dtype in ("bfloat16", "float16")
         return torch.bfloat16 if sixteen and kind == "cpu" and cpu_has_bf16() else torch.float32
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    resolved = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
+    # 8-bit storage is a quantization (fp8=True, quantize=...), not a dtype the model computes in
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point or resolved.itemsize < 2:
+        raise ValueError(
+            f"dtype {dtype!r}: use auto, float32, bfloat16 or float16 "
+            "(8-bit weights: fp8=True or quantize='int8'/'fp8'/'w8a8')"
+        )
+    return resolved
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, with a ValueError where torch cannot parse it or run on it here."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r}: {e}") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise ValueError(f"device {device!r} is not available (this machine has {count} CUDA devices)")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} is not available on this machine")
     return resolved
 
 
@@ -490,6 +508,7 @@ def load_model(
     """
     if fp8 and quantize:
         raise ValueError(f"fp8=True and quantize={quantize!r} are two weight storages: choose one")
+    device = resolve_device(device)
     if not Path(path_or_preset).exists() and not _HUB_NAME.fullmatch(str(path_or_preset)):
         # A preset (no preset name has a slash); resolve_config names the choices for anything else.
         config = resolve_config(path_or_preset)
@@ -508,7 +527,7 @@ def load_model(
     where = _weight_files(p)
     reader = _ShardReader(where)
     try:
-        return _stream(p, config, where, reader, dtype, torch.device(device), fp8, act_quant, quantize)
+        return _stream(p, config, where, reader, dtype, device, fp8, act_quant, quantize)
     finally:
         reader.close()
 

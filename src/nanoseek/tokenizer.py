@@ -34,7 +34,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _Backend
@@ -424,6 +424,39 @@ class Tokenizer:
         return self._byte_table
 
     # ---------------------------------------------------------------- chat
+    @overload
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: Literal[False] = False,
+        *,
+        thinking: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str: ...
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: Literal[True] = ...,
+        *,
+        thinking: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> list[int]: ...
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = ...,
+        *,
+        thinking: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str | list[int]: ...
+
     def apply_chat_template(
         self,
         messages: Sequence[dict[str, Any]],

@@ -23,9 +23,11 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import operator
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -150,7 +152,7 @@ class Engine:
     ) -> str:
         params = params or SamplingParams()
         params.validate()
-        prompt = [int(t) for t in prompt_ids]
+        prompt = _token_ids(prompt_ids)
         if not prompt:
             raise ValueError("prompt is empty: give at least one token id (e.g. BOS)")
         if len(prompt) >= self.max_seq_len:
@@ -489,6 +491,10 @@ class Engine:
         return dataclasses.replace(params, **overrides) if overrides else params
 
     def _submit(self, prompts: list[list[int]], p: SamplingParams | list[SamplingParams]) -> list[str]:
+        if hasattr(prompts, "tolist"):  # a [batch, seq] tensor or array
+            prompts = prompts.tolist()
+        elif isinstance(prompts, str | bytes):  # refused whole by add_request, not character by character
+            prompts = [prompts]
         if prompts and isinstance(prompts[0], int):
             raise ValueError("prompts must be a list of token-id lists (got a flat list of ints)")
         if isinstance(p, list) and len(p) != len(prompts):
@@ -593,6 +599,21 @@ class Engine:
         s["running"] = self.num_running
         s["waiting"] = self.num_waiting
         return s
+
+
+def _token_ids(prompt: Any) -> list[int]:
+    """A prompt's ids as ints: integers of any kind (numpy's, a tensor's), never text or fractions."""
+    items = prompt.tolist() if hasattr(prompt, "tolist") else prompt
+    items = [items] if isinstance(items, str | bytes) else list(items)
+    if any(isinstance(t, str | bytes) for t in items):
+        raise ValueError(
+            f"prompt {prompt!r:.40} is text, not token ids: encode it first "
+            "(tokenizer.encode(text, add_bos=True) or tokenizer.apply_chat_template(messages, tokenize=True))"
+        )
+    bad = [t for t in items if not hasattr(t, "__index__")]
+    if bad:
+        raise ValueError(f"prompt must hold integer token ids, got {bad[0]!r}")
+    return [operator.index(t) for t in items]
 
 
 __all__ = ["Completion", "Engine", "EngineCapacityError", "StepEvent"]
