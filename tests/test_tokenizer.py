@@ -395,6 +395,9 @@ def test_cli_train_encode_decode(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert capsys.readouterr().out == "東京 42\n"
     assert main(["tokenizer", "decode", str(out), "12x"]) == 2  # bad input: clear error, no traceback
     assert "12x" in capsys.readouterr().err
+    for digits in ("²", "٣"):  # Unicode digits are no ids ("٣" was read as id 3, "²" crashed int())
+        assert main(["tokenizer", "decode", str(out), digits]) == 2
+        assert f"not a token id: {digits!r}" in capsys.readouterr().err
     assert main(["tokenizer", "encode", str(tmp_path / "nope"), "x"]) == 2
 
 

@@ -116,7 +116,7 @@ def run_decode(args: argparse.Namespace) -> int:
     ids = []
     for raw in args.ids:
         for piece in raw.replace(",", " ").split():
-            if not piece.lstrip("-").isdigit():
+            if not (piece.lstrip("-").isascii() and piece.lstrip("-").isdigit()):  # not "²", not "٣"
                 raise ValueError(f"not a token id: {piece!r}")
             i = int(piece)
             if not 0 <= i < tok.vocab_size:
