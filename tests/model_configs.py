@@ -47,3 +47,51 @@ def bf16_copy(checkpoint, out):
         if f.name.startswith("tokenizer"):
             shutil.copy(f, Path(out) / f.name)
     return Path(out)
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chatml_checkpoint(directory, generation: dict | None = None, vocab_size: int | None = None):
+    """A tiny Qwen2 checkpoint as Qwen2.5-Instruct ships: a byte-level tokenizer with ChatML's tokens and
+    template (no think block: its generation prompt is `<|im_start|>assistant\\n`), EOS <|im_end|>, and
+    `generation` as its generation_config.json (default: both of Qwen's stop ids); `vocab_size` pads the
+    embeddings past the tokenizer, as Qwen's 151,936 rows do."""
+    import json
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    backend.save(str(directory / "tokenizer.json"))
+    config = {
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "chat_template": CHATML,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    end, text_end = backend.token_to_id("<|im_end|>"), backend.token_to_id("<|endoftext|>")
+    hf = transformers.Qwen2Config(
+        vocab_size=vocab_size or backend.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=end,
+    )
+    transformers.AutoModelForCausalLM.from_config(hf).save_pretrained(directory)
+    generation = generation or {"eos_token_id": [end, text_end]}
+    (directory / "generation_config.json").write_text(json.dumps(generation))
+    return directory

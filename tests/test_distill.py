@@ -167,3 +167,33 @@ def test_distill_checks_the_student_before_sampling(micro_checkpoint, tmp_path, 
     )
     with pytest.raises((KeyError, ValueError), match="preset"):
         d.distill(cfg)
+
+
+def test_a_student_with_another_tokenizer_is_refused_before_sampling(micro_checkpoint, tmp_path, monkeypatch):
+    """A Qwen2.5-style student (its own ChatML tokenizer, embeddings larger than the teacher's vocabulary)
+    was trained on the teacher's ids, which mean other tokens to it, and saved with the teacher's tokenizer
+    over its own; it is refused, before the teacher is sampled, with what to do instead."""
+    import nanoseek.train.distill as d
+    from model_configs import chatml_checkpoint
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.sft import SFTConfig
+
+    def boom(*a, **k):
+        raise AssertionError("sampled the teacher before checking --student")
+
+    monkeypatch.setattr(d, "sample_correct_traces", boom)
+    tok = load_tokenizer(micro_checkpoint)
+    student = chatml_checkpoint(tmp_path / "qwen", vocab_size=tok.vocab_size + 64)
+    cfg = d.DistillConfig(
+        teacher=micro_checkpoint,
+        student=str(student),
+        tasks=["arithmetic"],
+        out=str(tmp_path / "run"),
+        sft=SFTConfig(init=""),
+    )
+    with pytest.raises(ValueError, match="another tokenizer.*nanoseek sft --init"):
+        d.distill(cfg)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        d.build_student(str(student), tok)
+    # a student of the teacher's own tokenizer is taken as it is
+    assert d.build_student(micro_checkpoint, tok).config.vocab_size == tok.vocab_size

@@ -371,3 +371,40 @@ def test_tasks_of_one_checkpoint_sampled_in_one_queue_draw_what_each_draws_alone
         assert texts(m["json"]) == texts(a["json"])
     with pytest.raises(ValueError, match="differs from arithmetic in k"):
         evaluate_many([cfg("arithmetic", 2, "x"), dataclasses.replace(cfg("comparison", 2, "x"), k=1)])
+
+
+def test_another_familys_answers_are_scored_as_its_template_prompts_them(
+    micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    """Qwen2.5's ChatML prompt opens no think block: the model's plain answer "61" is its answer (it was
+    scored wrong for lacking a `</think>` the template never asked for), and a think block it opens itself
+    is read as R1's; the same through `evaluate_many`. R1's own template is scored as before."""
+    import nanoseek.evaluate as ev
+    from model_configs import chatml_checkpoint
+    from nanoseek.tokenizer import load_tokenizer
+
+    ck = chatml_checkpoint(tmp_path)
+    tok = load_tokenizer(ck)
+    assert not ev.prompt_opens_think(tok) and not ev.prompt_opens_think(tok, thinking=False)
+    by_prompt = {tuple(ev.chat_prompt_ids(tok, p.messages)): p for p in _problems(2)}
+    assert all(tok.decode(list(ids)).endswith("<|im_start|>assistant\n") for ids in by_prompt)
+
+    def answering(template):
+        def fake_generate(engine, prompts, **kw):
+            assert kw["stop_token_ids"] == list(tok.stop_token_ids)
+            ids = [
+                tok.encode(template.format(by_prompt[tuple(p)].answer)) + [tok.eos_token_id] for p in prompts
+            ]
+            return [dataclasses.make_dataclass("C", ["token_ids", "finish_reason"])(i, "stop") for i in ids]
+
+        return fake_generate
+
+    common = dict(model=str(ck), task="arithmetic", k=2, n=2, language="en", progress=False)
+    for template, fmt in (("{}", 0.0), ("<think>\nwork\n</think>\n{}", 1.0)):
+        monkeypatch.setattr(ev, "engine_generate", answering(template))
+        m = evaluate(EvalConfig(**common, out=str(tmp_path / "a.json")))
+        assert (m["pass@1"], m["cons@2"], m["format_rate"]) == (1.0, 1.0, fmt)
+        (many,) = ev.evaluate_many([EvalConfig(**common, out=str(tmp_path / "b.json"))])
+        assert many["pass@1"] == 1.0
+    r1 = load_tokenizer(micro_checkpoint)
+    assert ev.prompt_opens_think(r1) and not ev.prompt_opens_think(r1, thinking=False)

@@ -491,3 +491,41 @@ def test_reward_parts_are_averaged_over_the_samples_that_have_them(tmp_path, mic
     assert ro.metrics["accuracy"] == pytest.approx(1.0)
     # a mixture's accuracy task by task (only the pooled figure was logged)
     assert ro.metrics[f"accuracy/{code.name}"] == 1.0 and ro.metrics[f"accuracy/{arith.name}"] == 1.0
+
+
+def test_grpo_on_another_familys_checkpoint_rewards_its_answers(tmp_path, monkeypatch) -> None:
+    """From a Qwen2.5-style checkpoint (ChatML: the prompt opens no think block) a right plain answer is
+    rewarded and a wrong one is not (both got 0 for lacking a `</think>` the template never asked for:
+    no signal, nothing learned); R1's format reward asks the model to open its think block itself."""
+    import dataclasses
+
+    import nanoseek.evaluate as ev
+    from model_configs import chatml_checkpoint
+    from nanoseek.data.tasks import get_task
+    from nanoseek.metrics import read_metrics
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.grpo import grpo
+
+    ck = chatml_checkpoint(tmp_path / "qwen")
+    tok = load_tokenizer(ck)
+    problems = get_task("arithmetic").problems("train", 64, seed=0, language="en", strict=False)
+    answers = {tuple(ev.chat_prompt_ids(tok, p.messages)): p.answer for p in problems}
+    completion = dataclasses.make_dataclass("C", ["token_ids", "finish_reason"])
+
+    def fake_generate(engine, prompts, **kw):
+        assert kw["stop_token_ids"] == list(tok.stop_token_ids)
+        texts = [
+            f"{answers[tuple(p)]}"
+            if i % 4 == 0
+            else f"<think>\nadd\n</think>\n{answers[tuple(p)]}"
+            if i % 4 == 1
+            else "7"
+            for i, p in enumerate(prompts)
+        ]
+        return [completion(tok.encode(t) + [tok.eos_token_id], "stop") for t in texts]
+
+    monkeypatch.setattr(ev, "engine_generate", fake_generate)
+    grpo(_cfg(str(ck), tmp_path / "run", steps=1, reward="accuracy:1,format:0.2"))
+    (rec,) = [r for r in read_metrics(tmp_path / "run", "grpo") if "reward" in r]
+    assert rec["accuracy"] == pytest.approx(0.5) and rec["format_rate"] == pytest.approx(0.25)
+    assert rec["reward"] == pytest.approx((1 + 1.2) / 4)

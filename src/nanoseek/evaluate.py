@@ -248,6 +248,18 @@ def chat_prompt_ids(
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw))
 
 
+def prompt_opens_think(tokenizer: Any, thinking: bool = True) -> bool:
+    """Whether the chat template's generation prompt opens the think block, so that a completion begins
+    inside it (R1's, R1-Distill's). Another family's (Qwen2.5's ChatML, Llama 3's) does not: a completion
+    is then an answer unless the model opens a think block itself, as `chat` and `serve` read it."""
+    if not thinking:
+        return False
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "?"}], add_generation_prompt=True, tokenize=False
+    )
+    return text.rstrip().endswith(getattr(tokenizer, "think_start", THINK_START))
+
+
 def engine_generate(
     engine: Any,
     prompt_ids: Sequence[list[int]],
@@ -310,6 +322,7 @@ class CheckpointSampler:
         batch = cfg.max_batch_size or min(DEFAULT_MAX_BATCH, samples or cfg.n * cfg.k)
         self.engine = Engine(model, max_batch_size=batch, pack_weights=True)
         self.stop = list(self.tok.stop_token_ids)
+        self.opens_think = prompt_opens_think(self.tok, cfg.thinking)
 
     def __call__(self, problems: Sequence[Any]) -> list[list[Sample]]:
         return self.many([problems])[0]
@@ -476,7 +489,7 @@ def evaluate_many(cfgs: Sequence[EvalConfig]) -> list[dict]:
         return lambda problems: samples
 
     return [
-        evaluate(c, given(s), source=str(sampler.path), shared=shared)
+        evaluate(c, given(s), source=str(sampler.path), shared=shared, opens_think=sampler.opens_think)
         for c, s in zip(cfgs, sets, strict=True)
     ]
 
@@ -486,23 +499,28 @@ def evaluate(
     sampler: Callable[[Sequence[Any]], list[list[Sample]]] | None = None,
     source: str | None = None,
     shared: dict[str, Any] | None = None,
+    opens_think: bool | None = None,
 ) -> dict:
     """Score a checkpoint or endpoint on a task's held-out split; writes JSON and appends metrics.jsonl.
-    `shared`: figures of a queue these samples were drawn in with others' (`evaluate_many`)."""
+    `shared`: figures of a queue these samples were drawn in with others' (`evaluate_many`).
+    `opens_think`: whether the prompts opened the think block (default: a checkpoint's template says;
+    an endpoint's samples are rebuilt as completions of a prompt that did, `completion_text`)."""
     from nanoseek.data.rewards import build_reward
     from nanoseek.metrics import MetricsLog
 
     is_url = cfg.model.startswith(("http://", "https://"))
     task, problems = eval_problems(cfg)
-    reward = build_reward(EVAL_PARTS, task=task, prompt_opened_think=cfg.thinking)
     if sampler is None:
         sampler, source = endpoint_sampler(cfg) if is_url else checkpoint_sampler(cfg)
     else:
         source = source or cfg.model
+    if opens_think is None:
+        opens_think = getattr(sampler, "opens_think", cfg.thinking)
+    reward = build_reward(EVAL_PARTS, task=task, prompt_opened_think=opens_think)
     t0 = time.perf_counter()
     samples = sampler(problems)
     gen_time = time.perf_counter() - t0
-    metrics, per_problem = score_samples(task, reward, problems, samples, cfg.thinking)
+    metrics, per_problem = score_samples(task, reward, problems, samples, opens_think)
     metrics.update(
         task=cfg.task,
         split=cfg.split,

@@ -58,13 +58,8 @@ def build_student(student: str, tokenizer: Any, seed: int = 0) -> torch.nn.Modul
 
     p = Path(student)
     if (p / "config.json").exists():
-        model = load_model(p, device=default_device())
-        if model.config.vocab_size < tokenizer.vocab_size:
-            raise ValueError(
-                f"student {p} has vocab_size {model.config.vocab_size} < the teacher tokenizer's "
-                f"{tokenizer.vocab_size}: it cannot read the teacher's tokens"
-            )
-        return model
+        _check_student_tokens(p, tokenizer)
+        return load_model(p, device=default_device())
     if p.exists():
         raise FileNotFoundError(f"student {p} is a path without config.json")
     cfg = get_preset(student).replace(
@@ -77,12 +72,40 @@ def build_student(student: str, tokenizer: Any, seed: int = 0) -> torch.nn.Modul
     return build_model(cfg, device=default_device()).init_weights(seed)
 
 
-def _check_student(student: str) -> None:
-    """The errors `build_student` would raise for a missing directory or an unknown preset, up front."""
+def _check_student_tokens(p: Path, tokenizer: Any) -> None:
+    """A student checkpoint is trained on the teacher's token ids: its vocabulary must hold the teacher's
+    tokens at the same ids (a Qwen2.5 or Llama 3 checkpoint with its own tokenizer would be trained on
+    ids that mean other tokens to it, and saved with the teacher's tokenizer in place of its own)."""
+    from nanoseek.tokenizer import load_tokenizer
+
+    size = json.loads((p / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    if isinstance(size, int) and size < tokenizer.vocab_size:
+        raise ValueError(
+            f"student {p} has vocab_size {size} < the teacher tokenizer's "
+            f"{tokenizer.vocab_size}: it cannot read the teacher's tokens"
+        )
+    if not (p / "tokenizer.json").exists():
+        return
+    theirs = load_tokenizer(p).backend.get_vocab(with_added_tokens=True)
+    ours = tokenizer.backend.get_vocab(with_added_tokens=True)
+    other = sorted((t for t, i in ours.items() if theirs.get(t) != i), key=ours.__getitem__)
+    if other:
+        raise ValueError(
+            f"student {p} has another tokenizer than the teacher's ({len(other)} of its {len(ours)} tokens "
+            f"are not the student's at the same ids, e.g. {other[:3]}), and distillation trains on the "
+            "teacher's token ids: distil into a preset (--student tiny-qwen2), or train this student on the "
+            f"traces' text: nanoseek sft --init {p} --data RUN/distill_data.jsonl"
+        )
+
+
+def _check_student(student: str, tokenizer: Any) -> None:
+    """The errors `build_student` would raise for a missing directory, an unknown preset or a student
+    with another tokenizer, up front."""
     from nanoseek.config import get_preset
 
     p = Path(student)
     if (p / "config.json").exists():
+        _check_student_tokens(p, tokenizer)
         return
     if p.exists():
         raise FileNotFoundError(f"student {p} is a path without config.json")
@@ -178,9 +201,9 @@ def distill(cfg: DistillConfig) -> Path:
     if cfg.k < 1 or cfg.prompts < 1:
         raise ValueError("-k and --prompts must be >= 1")
     cfg.sft.validate()  # before the teacher's sampling, not after it
-    _check_student(cfg.student)  # a typo in --student must not cost the whole sampling first
-    torch.manual_seed(cfg.seed)
     tok = load_tokenizer(teacher_dir)
+    _check_student(cfg.student, tok)  # a typo in --student must not cost the whole sampling first
+    torch.manual_seed(cfg.seed)
     run = Path(cfg.out)
     traces_path = run / "distill_traces.json"
     settings = _sampling_settings(cfg, teacher_dir)

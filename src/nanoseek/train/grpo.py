@@ -533,7 +533,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     from nanoseek.data.rewards import build_reward
     from nanoseek.data.tasks import get_task
     from nanoseek.engine import Engine
-    from nanoseek.evaluate import chat_prompt_ids
+    from nanoseek.evaluate import chat_prompt_ids, prompt_opens_think
     from nanoseek.metrics import MetricsLog
     from nanoseek.perf import default_device
     from nanoseek.tokenizer import load_tokenizer
@@ -546,7 +546,9 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(init)
     model = load_model(init, device=default_device())
-    reward_fn = build_reward(cfg.reward, prompt_opened_think=True)
+    # R1's template opens the think block; another family's (ChatML, Llama 3) leaves it to the model
+    opened = prompt_opens_think(tok)
+    reward_fn = build_reward(cfg.reward, prompt_opened_think=opened)
     tasks = [get_task(name) for name in cfg.tasks]
     pools = {}
     for t in tasks:
@@ -652,7 +654,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         with trainer.autocast():  # the rollouts sample in the precision the policy trains in
             outs = _sample(cfg, engine, flat_prompts, stop, seed=cfg.seed * 7919 + step)
         rollout_time = time.perf_counter() - t0
-        ro = _score_rollout(cfg, batch, flat_prompts, outs, tok, reward_fn, stop)
+        ro = _score_rollout(cfg, batch, flat_prompts, outs, tok, reward_fn, stop, opened)
         sampler.observe([t.name for t, _ in batch], ro.advantages, cfg.group_size)
         ro.metrics["rollout_tok_s"] = sum(len(o.token_ids) for o in outs) / max(rollout_time, 1e-9)
         ro.metrics["rollout_time_s"] = rollout_time
@@ -803,8 +805,9 @@ def probe_pass_rates(
     groups that are all right: zero advantage, no gradient (DAPO §3.2 filters them after generating
     them), and its rollouts, on a CPU the cost of a step, buy nothing. Measured on training problems,
     never the held-out ones."""
-    from nanoseek.evaluate import chat_prompt_ids, strip_stop
+    from nanoseek.evaluate import chat_prompt_ids, prompt_opens_think, strip_stop
 
+    opened = prompt_opens_think(tok)
     rng = random.Random(cfg.seed * 1_000_003 - 1)  # apart from every step's draw
     batch = [
         item
@@ -817,7 +820,7 @@ def probe_pass_rates(
     for j, o in enumerate(outs):
         task, prob = batch[j // cfg.group_size]
         verdict = task.verify(
-            prob, tok.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True), require_think=True
+            prob, tok.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True), require_think=opened
         )
         if verdict is not None:
             verdicts[task.name].append(float(verdict))
@@ -899,12 +902,20 @@ def _loss_fn(
 
 
 def _score_rollout(
-    cfg: GRPOConfig, batch: list, flat_prompts: list[list[int]], outs: list, tok, reward_fn, stop: list[int]
+    cfg: GRPOConfig,
+    batch: list,
+    flat_prompts: list[list[int]],
+    outs: list,
+    tok,
+    reward_fn,
+    stop: list[int],
+    opened: bool = True,
 ) -> Rollout:
     """Rewards, accuracy, format and length statistics, and group advantages for one batch.
 
     Accuracy and format are measured whatever the reward spec weighs (the task's strict verifier and
     R1's format rule). A group whose gold answer cannot be parsed is dropped: never rewarded, no advantage.
+    `opened`: the prompts opened the think block (R1's template); else an answer needs none before it.
     """
     from nanoseek.data.rewards import format_reward
     from nanoseek.evaluate import strip_stop
@@ -919,7 +930,7 @@ def _score_rollout(
         text = tok.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True)
         res = reward_fn(prob, text)
         total, parts = res
-        verdict = task.verify(prob, text, require_think=True)
+        verdict = task.verify(prob, text, require_think=opened)
         skip = bool(getattr(res, "skipped", False)) or verdict is None
         skipped.append(skip)
         rewards.append(0.0 if skip else float(total))
@@ -933,7 +944,7 @@ def _score_rollout(
             parts_n[k] = parts_n.get(k, 0) + 1
         acc.append(float(verdict))
         per_task.setdefault(getattr(task, "name", "?"), []).append(float(verdict))
-        fmt.append(format_reward(text, prompt_opened_think=True))
+        fmt.append(format_reward(text, prompt_opened_think=opened))
     r = torch.tensor(rewards)
     adv = group_advantages(r, g, scale_by_std=cfg.loss != "dr_grpo")
     keep = ~torch.tensor(skipped)
