@@ -535,7 +535,7 @@ def test_generation_config_stop_ids_end_a_reply(tok):
     from nanoseek.tokenizer import USER, Tokenizer
 
     stop = tok.token_to_id(USER)
-    t = Tokenizer(tok.backend, extra_stop_ids=[stop])
+    t = Tokenizer(tok.backend, generation_config={"eos_token_id": [stop]})
     engine = ScriptedEngine(t, lambda prompt, params: [*tok.encode("Hello"), stop, *tok.encode(" world")])
     with LiveServer(create_app(engine, t, ServeConfig(model_name=MODEL))) as srv:
         body = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 20}).json()

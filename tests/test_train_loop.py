@@ -340,7 +340,9 @@ def test_checkpoint_keeps_every_stop_id_of_its_tokenizer(tmp_path) -> None:
     tok.save(tmp_path / "init")
     extra = tok.pad_token_id
     (tmp_path / "init" / "generation_config.json").write_text(
-        json.dumps({"eos_token_id": [tok.eos_token_id, extra]})
+        json.dumps(
+            {"eos_token_id": [tok.eos_token_id, extra], "do_sample": True, "temperature": 0.7, "top_p": 0.8}
+        )
     )
     tok = load_tokenizer(tmp_path / "init")
     assert tok.stop_token_ids == (tok.eos_token_id, extra)
@@ -348,6 +350,8 @@ def test_checkpoint_keeps_every_stop_id_of_its_tokenizer(tmp_path) -> None:
     make_trainer(model, tmp_path, steps=1, tokenizer=tok).save()
     gen = json.loads((tmp_path / "pretrain" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [tok.eos_token_id, extra]
+    # the sampling defaults it shipped with stay (serve and transformers' generate read them)
+    assert gen["do_sample"] is True and gen["temperature"] == 0.7 and gen["top_p"] == 0.8
     assert load_tokenizer(tmp_path / "pretrain").stop_token_ids == tok.stop_token_ids
 
 

@@ -318,7 +318,7 @@ class Tokenizer:
         chat_template: str | None = R1_CHAT_TEMPLATE,
         add_bos_token: bool = True,
         config: dict[str, Any] | None = None,
-        extra_stop_ids: Sequence[int] = (),
+        generation_config: dict[str, Any] | None = None,
     ) -> None:
         self.backend = backend
         self.config = dict(config or {})
@@ -345,8 +345,17 @@ class Tokenizer:
         # What ends a generation: EOS, and the other ids a checkpoint's generation_config.json names
         # (Llama 3.1's <|eom_id|>, Qwen2.5-Instruct's <|endoftext|> beside <|im_end|>), as transformers'
         # generate and vLLM stop on them.
+        # `generation_config`: the checkpoint's generation_config.json, which the training stages carry
+        # into what they save (its sampling defaults, its end ids)
+        self.generation_config: dict[str, Any] = dict(generation_config or {})
+        listed = self.generation_config.get("eos_token_id")
+        listed = listed if isinstance(listed, list) else [listed]
         size = backend.get_vocab_size(with_added_tokens=True)
-        extra = [i for i in extra_stop_ids if 0 <= i < size and i != self.eos_token_id]
+        extra = [
+            i
+            for i in listed
+            if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < size and i != self.eos_token_id
+        ]
         self.stop_token_ids: tuple[int, ...] = (self.eos_token_id, *dict.fromkeys(extra))
         self.think_start, self.think_end = THINK_START, THINK_END
         self.think_start_id: int | None = vocab.get(THINK_START)
@@ -763,7 +772,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         template = R1_CHAT_TEMPLATE  # an older nanoseek template: the current one renders it the same
     return Tokenizer(
         backend,
-        extra_stop_ids=_generation_eos_ids(directory),
+        generation_config=_generation_config(directory),
         bos_token=_token_content(config.get("bos_token")),
         eos_token=_token_content(config.get("eos_token")),
         pad_token=_token_content(config.get("pad_token")),
@@ -773,17 +782,18 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     )
 
 
-def _generation_eos_ids(directory: Path) -> list[int]:
-    """The eos_token_id (an id or a list) of a checkpoint's generation_config.json, if it has one."""
+def _generation_config(directory: Path) -> dict[str, Any]:
+    """A checkpoint's generation_config.json ({} where it has none)."""
     path = directory / "generation_config.json"
     if not path.exists():
-        return []
+        return {}
     try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (json.JSONDecodeError, AttributeError) as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not a JSON object: {e}") from None
-    ids = value if isinstance(value, list) else [value]
-    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return config
 
 
 def tokenizer_summary(tok: Tokenizer, sample: Sequence[str]) -> str:

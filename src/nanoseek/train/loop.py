@@ -634,7 +634,11 @@ class Trainer:
 
     def _write_generation_config(self, directory: Path) -> None:
         cfg = self.config
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
+        # what the starting checkpoint shipped (Qwen2.5's temperature 0.7, top_p 0.8, ...) stays, as
+        # transformers' Trainer keeps a model's generation_config; greedy where it said nothing
+        shipped = getattr(self.tokenizer, "generation_config", None) or {}
+        gen = {"do_sample": False, **{k: v for k, v in shipped.items() if k != "transformers_version"}}
+        gen.update(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
         if self.tokenizer is not None:
             gen["bos_token_id"] = getattr(self.tokenizer, "bos_token_id", gen["bos_token_id"])
             gen["eos_token_id"] = getattr(self.tokenizer, "eos_token_id", gen["eos_token_id"])
