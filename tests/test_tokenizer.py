@@ -584,6 +584,16 @@ def test_tokenizer_without_tool_tokens(tok: Tokenizer, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no tool-call tokens"):
         old.apply_chat_template(TOOL_CONVERSATION)
     assert tok.missing_tool_tokens == ()
+    # another family's template (Qwen2.5's writes tools as <tool_call> text) renders tool data its own
+    # way, for SFT on it; only the DeepSeek tool parsing (serve) needs the tokens, and says so
+    chatml_tools = (
+        "{% if tools %}# Tools{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
+    qwen = Tokenizer(old.backend, chat_template=chatml_tools)
+    assert qwen.apply_chat_template(CONVERSATIONS[0], tools=[WEATHER]).startswith("# Tools get_weather")
+    with pytest.raises(ValueError, match="another family's"):
+        qwen.require_tool_tokens()
 
 
 def test_lone_surrogate_is_a_clear_value_error(tok) -> None:

@@ -478,10 +478,14 @@ class Tokenizer:
         """Render a conversation as the model's prompt (the template already holds BOS).
 
         `thinking=False` is V3.1's non-thinking mode; `tools` are OpenAI function tools. Tool use (tools,
-        assistant `tool_calls`, `tool` messages) needs the tool-call tokens in the vocabulary.
+        assistant `tool_calls`, `tool` messages) in R1's template needs the tool-call tokens in the
+        vocabulary; another family's template renders them its own way.
         """
-        if tools or any(
-            m.get("tool_calls") or m.get("role") == "tool" for m in messages if isinstance(m, dict)
+        # DeepSeek's tool markup is R1's template's; another family's template writes its own (Qwen2.5's
+        # <tool_call> text), which needs no such tokens
+        if self.chat_template == R1_CHAT_TEMPLATE and (
+            tools
+            or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages if isinstance(m, dict))
         ):
             self.require_tool_tokens()
         if _is_ours(self.chat_template):
@@ -505,6 +509,11 @@ class Tokenizer:
 
     def require_tool_tokens(self) -> None:
         """A clear error instead of tool-call markup spelled out byte by byte by a vocabulary without it."""
+        if self.missing_tool_tokens and self.chat_template != R1_CHAT_TEMPLATE:
+            raise ValueError(
+                "this model's chat template is another family's, and nanoseek parses tool calls in DeepSeek's "
+                f"format only (its tokens {', '.join(self.missing_tool_tokens)} are not in this vocabulary)"
+            )
         if self.missing_tool_tokens:
             raise ValueError(
                 f"this tokenizer has no tool-call tokens ({', '.join(self.missing_tool_tokens)}): it was trained "

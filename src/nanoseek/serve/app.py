@@ -445,6 +445,11 @@ class Server:
     ) -> tuple[str, list[dict] | None, str, bool]:
         """(prompt text, tools to parse or None, forced-call prefill, whether reasoning is split off)."""
         tools, prefill = self.tool_setup(req)
+        if tools:  # calls are parsed (and forced) in DeepSeek's markup: its tokens must be there
+            try:
+                self.tokenizer.require_tool_tokens()
+            except ValueError as e:
+                raise APIError(str(e), param="tools") from None
         split = self.thinking(req) and not prefill  # a forced call skips the reasoning, as V3.1 calls tools
         try:
             prompt_text = self.tokenizer.apply_chat_template(
