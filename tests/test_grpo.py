@@ -133,6 +133,54 @@ def test_token_logprobs_align_with_per_sequence_reference() -> None:
             assert ent[i, t].item() == pytest.approx(-(probs * ref[len(p) - 1 + t]).sum().item(), abs=1e-5)
 
 
+def test_micro_batches_give_the_batch_gradient_and_token_mean_metrics() -> None:
+    # 2 groups of 3 with ragged completions; --micro-batch is a memory knob: the summed loss, the
+    # gradient and the logged per-token means (KL, clip fraction, entropy) must not depend on it
+    import types
+
+    from nanoseek.train.grpo import Rollout, _loss_fn, _micro_batches
+
+    torch.manual_seed(0)
+    policy, ref = _Toy(), _Toy()
+    prompts = [[1, 2, 3]] * 3 + [[4, 5]] * 3
+    comps = [[6], [8, 9, 10, 2, 3, 4, 5, 6], [5, 2], [3, 3, 7], [2], [7, 7, 7, 1, 9]]
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.2, 0.7, 0.3])
+    ro = Rollout(prompts, comps, rewards, group_advantages(rewards, 3), torch.ones(6, dtype=torch.bool), {})
+    cfg = types.SimpleNamespace(
+        temperature=0.7, eps_low=0.2, eps_high=0.28, beta=0.1, loss="dapo", max_new_tokens=8, sft_mix=0
+    )
+    n_tok = sum(map(len, comps))
+    runs = []
+    for size in (6, 1):
+        policy.zero_grad()
+        micro = _micro_batches(ro, size, 0, skip_zero_adv=False)
+        for mb in micro:
+            args = (mb["ids"], mb["starts"], mb["mask"].shape[1], 0.7)
+            with torch.no_grad():
+                # a sampling policy that differs by position only (so alike in every split): some clipped
+                shift = 0.3 * torch.cos(1.7 * torch.arange(mb["mask"].shape[1]))
+                mb["old"] = token_logprobs(policy, *args)[0] + shift
+                mb["ref"] = token_logprobs(ref, *args)[0]
+        entropies: list[float] = []
+        loss_fn = _loss_fn(cfg, policy, micro, 6, n_tok, entropies)
+        loss, stats = 0.0, []
+        for _ in micro:  # as Trainer.step: losses summed, other metrics averaged over the micro-batches
+            part, m = loss_fn()
+            part.backward()
+            loss += part.item()
+            stats.append(m)
+        mean = {k: sum(m[k] for m in stats) / len(stats) for k in ("kl", "clip_frac", "ratio_mean")}
+        grad = torch.cat([p.grad.flatten() for p in policy.parameters()])
+        runs.append((loss, grad, mean, sum(entropies) / len(entropies)))
+    (loss6, grad6, mean6, ent6), (loss1, grad1, mean1, ent1) = runs
+    assert loss1 == pytest.approx(loss6, abs=1e-6)
+    assert torch.allclose(grad1, grad6, atol=1e-6)
+    assert mean6["clip_frac"] > 0
+    for k in mean6:
+        assert mean1[k] == pytest.approx(mean6[k], rel=1e-5), k
+    assert ent1 == pytest.approx(ent6, rel=1e-5)
+
+
 def test_collapse_warnings() -> None:
     assert collapse_warnings(1.2, 40, initial_entropy=1.5, initial_length=50) == []
     assert "entropy collapsed" in collapse_warnings(0.01, 40, initial_entropy=1.5, initial_length=50)[0]

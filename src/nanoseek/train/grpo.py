@@ -23,7 +23,7 @@ from __future__ import annotations
 import collections
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -683,7 +683,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
                 if mix_rows is not None:
                     mix = packed_batch_at(mix_rows, cfg.sft_mix_rows, cfg.seed, step * cfg.mu + u)
                 loss_fn = _loss_fn(
-                    cfg, policy, iter(micro), n_seq, n_tok, entropies if u == 0 else None, mix, mix_losses
+                    cfg, policy, micro, n_seq, n_tok, entropies if u == 0 else None, mix, mix_losses
                 )
                 m = trainer.step(loss_fn, accumulation=len(micro))
                 for k in (
@@ -850,7 +850,7 @@ def supervised_mix_rows(
 def _loss_fn(
     cfg: GRPOConfig,
     policy: torch.nn.Module,
-    micro: Iterator[dict[str, torch.Tensor]],
+    micro: list[dict[str, torch.Tensor]],
     n_seq: int,
     n_tok: int,
     entropies: list[float] | None,
@@ -858,11 +858,18 @@ def _loss_fn(
     mix_losses: list[float] | None = None,
 ) -> Callable[[], tuple[torch.Tensor, dict]]:
     """The Trainer's objective: each call takes the next micro-batch; their losses sum to the batch loss.
-    The first call also adds `cfg.sft_mix` x the supervised loss on `mix` (its value goes to `mix_losses`)."""
+    The first call also adds `cfg.sft_mix` x the supervised loss on `mix` (its value goes to `mix_losses`).
+
+    The Trainer and the caller average the per-token statistics (clip fractions, ratio, KL, entropy) over
+    the micro-batches, so each is weighted by its micro-batch's share of the tokens: their mean is the
+    mean over all tokens, whatever --micro-batch splits them into."""
     first = [True]
+    batches = iter(micro)
+    total_tokens = max(sum(float(mb["mask"].sum()) for mb in micro), 1.0)
 
     def loss_fn() -> tuple[torch.Tensor, dict]:
-        mb = next(micro)
+        mb = next(batches)
+        share = len(micro) * float(mb["mask"].sum()) / total_tokens
         mix_loss = None
         if mix is not None and first[0]:
             mix_loss = sft_loss(policy, mix)
@@ -892,11 +899,11 @@ def _loss_fn(
             num_tokens=n_tok,
         )
         if ent is not None and entropies is not None:
-            entropies.append(float((ent * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)))
+            entropies.append(share * float((ent * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)))
         # the micro-batch losses share the batch's denominators, so they sum to the batch loss
         loss = out.loss if mix_loss is None else out.loss + cfg.sft_mix * mix_loss
         tokens = mb["tokens"] + (0 if mix_loss is None else mix.input_ids.numel())
-        return loss, {**out.stats, "tokens": tokens}
+        return loss, {**{k: share * v for k, v in out.stats.items()}, "tokens": tokens}
 
     return loss_fn
 
