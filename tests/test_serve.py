@@ -383,6 +383,8 @@ def test_errors_context_length_and_404(real):
         real.client.chat.completions.create(model="gpt-9", messages=USER)
     assert e.value.code == "model_not_found"
     assert _err(httpx.get(real.url + "/v1/nothing"), 404)["type"] == "invalid_request_error"
+    r = httpx.delete(real.url + "/v1/models")  # a 405 says which methods the route takes
+    assert _err(r, 405)["type"] == "invalid_request_error" and r.headers["allow"] == "GET"
     # ... and the server is still up and answering
     assert real.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1).choices
 
@@ -854,6 +856,11 @@ def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, caps
         busy.listen(1)
         assert main(["serve", str(ckpt), "--port", str(busy.getsockname()[1])]) == 2
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+    # limits that would leave a healthy-looking server refusing every request are refused at start
+    for flag, value in (("--max-queue", "0"), ("--max-seq-len", "0"), ("--max-seq-len", "-5")):
+        served.clear()
+        assert main(["serve", str(ckpt), "--port", "0", flag, value]) == 2 and not served
+        assert f"{flag} must be >= " in capsys.readouterr().err
 
 
 # ------------------------------------------------------------ hostile clients

@@ -102,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port {args.port} is not a TCP port")
     if not args.max_body_mb > 0:
         raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    if args.max_queue < 1:  # else the server starts healthy and refuses every request
+        raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.max_seq_len is not None and args.max_seq_len < 2:  # a prompt token and one to generate
+        raise ValueError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
     sock = _listen(args.host, args.port)  # a busy port is said now, not after loading the weights
     port = sock.getsockname()[1]  # --port 0: the one the system picked
     device = args.device or default_device()

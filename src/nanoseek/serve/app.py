@@ -968,7 +968,10 @@ def create_app(engine: Any, tokenizer: Any, config: ServeConfig, model: Any = No
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         # OpenAI answers an unknown URL with invalid_request_error too ("Invalid URL (GET /v1/...)")
         msg = f"Invalid URL ({request.method} {request.url.path})." if e.status_code == 404 else str(e.detail)
-        return JSONResponse(APIError(msg, status=e.status_code).body(), status_code=e.status_code)
+        # e.headers: a 405's Allow (the methods the route takes), which HTTP requires
+        return JSONResponse(
+            APIError(msg, status=e.status_code).body(), status_code=e.status_code, headers=e.headers
+        )
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, e: ClientDisconnected) -> Response:
