@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -331,3 +332,18 @@ def test_a_crash_mid_swap_loses_no_checkpoint(tmp_path):
     with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
         raise RuntimeError("a failed write afterwards leaves it too")
     assert (target / "weights").read_text() == "old"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+def test_a_full_disk_at_a_save_says_so_and_keeps_the_last_train_state(tmp_path):
+    """A checkpoint save that runs out of space names the cause (torch's own writer says "unexpected
+    pos" or "iostream error"), and the train state saved before is left whole for --resume."""
+    from nanoseek.checkpoint import TRAIN_STATE, load_train_state, save_train_state
+
+    save_train_state(tmp_path, {"state": {}}, {"step": 1}, {"step": 1})
+    scratch = tmp_path / TRAIN_STATE / ".optimizer.pt.tmp"
+    scratch.symlink_to("/dev/full")  # where the next save writes: a disk with no space left
+    with pytest.raises(OSError, match="No space left on device"):
+        save_train_state(tmp_path, {"state": {"w": torch.zeros(1000)}}, {"step": 2}, {"step": 2})
+    assert not scratch.exists() and not scratch.is_symlink()
+    assert load_train_state(tmp_path)[1] == {"step": 1}

@@ -61,6 +61,22 @@ def test_torn_last_line_is_skipped(tmp_path):
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["stage"] == "pretrain"
 
 
+def test_a_record_after_a_torn_last_line_is_kept(tmp_path):
+    """A write cut short (a full disk, a power cut) leaves a line without its end; the next run's
+    records (its resume record first) go on lines of their own, not onto the fragment."""
+    log = MetricsLog(tmp_path, "pretrain")
+    log.log(step=1, loss=1.0)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "pretrain", "step": 2, "lo')
+    log.log(event="resume", from_step=1)
+    log.log(step=2, loss=0.5)
+    assert [(r["step"], r.get("event")) for r in read_metrics(tmp_path)] == [
+        (1, None),
+        (None, "resume"),
+        (2, None),
+    ]
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_values_stay_valid_json(tmp_path, value):
     MetricsLog(tmp_path, "pretrain").log(step=1, loss=value)

@@ -364,3 +364,78 @@ def test_a_worker_ends_with_the_run_that_started_it(tmp_path):
     else:
         os.kill(worker, 9)
         pytest.fail("the worker outlived its parent")
+
+
+@pytest.mark.parametrize("saved_step", [0, 20])
+def test_a_resumed_run_trains_on_the_threads_the_run_never_stopped_had(tmp_path, monkeypatch, saved_step):
+    """On some CPUs a step's last bits depend on the thread count. A run killed in pretraining after
+    the student was done, or in GRPO after the control was, gives the figures of one never stopped:
+    the teacher's steps before it takes back its threads, and GRPO's, run on half of them again."""
+    import json
+
+    import torch
+
+    import nanoseek.report
+    from nanoseek.speedrun import TAKE_BACK_AT
+
+    preset = PRESETS["smoke"]
+    for stage in ("tokenizer", "student", "control"):  # done before the kill
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / ".done").write_text(json.dumps({"wall_time_s": 1.0, "beside": "x"}))
+    if saved_step:  # a checkpoint past the take-back
+        (tmp_path / "pretrain" / "train_state").mkdir(parents=True)
+        (tmp_path / "pretrain" / "train_state" / "trainer.json").write_text(json.dumps({"step": saved_step}))
+    seen: dict[str, list[int]] = {"pretrain": [], "grpo": []}
+
+    def fake_pretrain(self, student=False, on_step=None):
+        for step in range(saved_step + 1, preset.pretrain_steps + 1):  # resumed from its checkpoint
+            seen["pretrain"].append(torch.get_num_threads())
+            if on_step is not None:
+                on_step(step)
+
+    def fake_grpo(self, on_step=None):
+        for step in range(1, preset.grpo_steps + 1):
+            seen["grpo"].append(torch.get_num_threads())
+            if on_step is not None:
+                on_step(step, preset.grpo_steps)
+
+    def fake_stage(self, index, total, stage, fn):
+        if stage in seen:
+            fn()
+
+    monkeypatch.setattr(Speedrun, "overlaps", lambda self: True)
+    monkeypatch.setattr(Speedrun, "pretrain", fake_pretrain)
+    monkeypatch.setattr(Speedrun, "grpo", fake_grpo)
+    monkeypatch.setattr(Speedrun, "_stage", fake_stage)
+    monkeypatch.setattr(Speedrun, "finalize", lambda self: self.run / "final")
+    monkeypatch.setattr(Speedrun, "model_facts", lambda self: None)
+    monkeypatch.setattr(nanoseek.report, "build_report", lambda run: Path(run) / "report.md")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        Speedrun(tmp_path, preset, progress=False)()
+    finally:
+        torch.set_num_threads(threads)
+    at = int(preset.pretrain_steps * TAKE_BACK_AT + 0.999)
+    halves = max(0, at - saved_step)
+    assert seen["pretrain"] == [1] * halves + [2] * (preset.pretrain_steps - max(at, saved_step))
+    assert seen["grpo"] == [1] * preset.grpo_steps
+
+
+def test_a_run_sets_its_thread_count_before_its_first_stage(tmp_path, monkeypatch):
+    """torch.set_num_threads turns MKL's dynamic threading off too, which changes a GEMM's last bits.
+    The stages beside another set it; a run resumed at SFT in a fresh process that never did trained
+    another SFT model than the run never stopped. Every run sets it first, side by side or not."""
+    import torch
+
+    import nanoseek.report
+
+    events: list[str] = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: events.append("threads set"))
+    monkeypatch.setattr(Speedrun, "overlaps", lambda self: False)
+    monkeypatch.setattr(Speedrun, "_stage", lambda self, index, total, stage, fn: events.append(stage))
+    monkeypatch.setattr(Speedrun, "finalize", lambda self: self.run / "final")
+    monkeypatch.setattr(Speedrun, "model_facts", lambda self: None)
+    monkeypatch.setattr(nanoseek.report, "build_report", lambda run: Path(run) / "report.md")
+    Speedrun(tmp_path, PRESETS["smoke"], progress=False)()
+    assert events[:2] == ["threads set", "tokenizer"]

@@ -702,8 +702,15 @@ def save_train_state(
     ts = Path(directory) / TRAIN_STATE
     ts.mkdir(parents=True, exist_ok=True)
     for name, state in (("optimizer.pt", optimizer), ("trainer.pt", trainer)):
-        with atomic_file(ts / name) as tmp:
-            torch.save(state, tmp)
+        with atomic_file(ts / name) as tmp, open(tmp, "wb") as f:
+            try:
+                torch.save(state, f)
+            except RuntimeError as e:
+                # torch's writer reports a failed write (a full disk) as "unexpected pos" (or, given a
+                # path, "iostream error"); the OSError it met says what happened
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from None
+                raise
     atomic_write(ts / "trainer.json", json.dumps(meta, indent=2) + "\n")
 
 

@@ -40,9 +40,21 @@ class MetricsLog:
         record = {"stage": self.stage, "step": step, "time": round(time.time(), 3), **fields}
         record = _clean(record)
         if self.enabled:
+            line = json.dumps(record, ensure_ascii=False) + "\n"
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                # after a torn last line (a write cut short by a full disk or a power cut), on a line
+                # of its own: appended to the fragment, the record would be skipped with it
+                f.write("\n" + line if _torn(self.path) else line)
         return record
+
+
+def _torn(path: Path) -> bool:
+    """Whether the file ends inside a line."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def read_metrics(path: str | os.PathLike, stage: str | None = None) -> Iterator[dict[str, Any]]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.atomic import atomic_directory, atomic_write
+from nanoseek.atomic import atomic_directory, atomic_write, restore_directory
 from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_turn, is_unseen_wordings
 from nanoseek.evaluate import Z_95, slug
 from nanoseek.metrics import MetricsLog, read_metrics
@@ -530,27 +530,35 @@ class Speedrun:
     def _beside(self, stage: str, during: str, target: Callable[..., None], args: tuple) -> Iterator[Any]:
         """Runs `target(*args, threads)` (stage `stage`) in a spawned process on half the CPU threads
         while the body (stage `during`) runs here on the rest; yields the process. On an error it is
-        terminated; should it fail, its own stage runs it again later, alone."""
+        terminated; should it fail, its own stage runs it again later, alone. Where `stage` is done
+        already (a run resumed after it), the body still runs on its share of the threads and None is
+        yielded: on some CPUs a step's last bits depend on the thread count, and a resumed run must
+        give the figures of one never stopped."""
         import multiprocessing
 
         import torch
 
         threads = torch.get_num_threads()
-        child = multiprocessing.get_context("spawn").Process(
-            target=target, args=(*args, threads // 2), name=stage
-        )
-        child.start()
+        child = None
+        if not self._done(stage):
+            child = multiprocessing.get_context("spawn").Process(
+                target=target, args=(*args, threads // 2), name=stage
+            )
+            child.start()
         torch.set_num_threads(threads - threads // 2)
-        print(f"  {stage}: beside {during} on {threads // 2} of {threads} threads", flush=True)
+        if child is not None:
+            print(f"  {stage}: beside {during} on {threads // 2} of {threads} threads", flush=True)
         try:
             yield child
         except BaseException:
-            child.terminate()
+            if child is not None:
+                child.terminate()
             raise
         finally:
             torch.set_num_threads(threads)
-            child.join()
-        if child.exitcode != 0:
+            if child is not None:
+                child.join()
+        if child is not None and child.exitcode != 0:
             print(
                 f"  {stage}: its run beside {during} failed (exit code {child.exitcode}); it runs alone next"
             )
@@ -572,6 +580,8 @@ class Speedrun:
 
         threads = torch.get_num_threads()
         at = math.ceil(self.p.pretrain_steps * TAKE_BACK_AT)
+        if self._saved_step("pretrain") >= at:  # resumed past the step where it took back every thread
+            return self.pretrain()
         with self._beside(
             "student", "pretrain", _run_stage, (str(self.run), self.p, "student", "pretrain")
         ) as child:
@@ -580,10 +590,19 @@ class Speedrun:
                 if step >= at and torch.get_num_threads() < threads:
                     # a student still running is waited for: three busy threads on two cores would
                     # slow both more than the wait costs
-                    child.join()
+                    if child is not None:
+                        child.join()
                     torch.set_num_threads(threads)
 
             return self.pretrain(on_step=take_back)
+
+    def _saved_step(self, stage: str) -> int:
+        """The step of RUN/<stage>'s last checkpoint, where a resumed training stage goes on (0: none)."""
+        from nanoseek.checkpoint import TRAIN_STATE
+
+        restore_directory(self.run / stage)  # a crash mid-swap left the last checkpoint aside
+        meta = self.run / stage / TRAIN_STATE / "trainer.json"
+        return int(json.loads(meta.read_text(encoding="utf-8"))["step"]) if meta.exists() else 0
 
     def overlaps(self) -> bool:
         """Whether CPU stages run side by side (two processes): on a CPU with at least 2 threads."""
@@ -968,7 +987,13 @@ class Speedrun:
             return self._run_all()
 
     def _run_all(self) -> Path:
+        import torch
+
         t0 = time.perf_counter()
+        # Setting the thread count turns MKL's dynamic threading off too, which changes a GEMM's last
+        # bits. The stages beside another set it, so every run sets it first: a process resumed past
+        # them (at SFT) would otherwise train another model than the run never stopped.
+        torch.set_num_threads(torch.get_num_threads())
         self._claim_directory()
         if not any(r.get("event") == "plan" for r in read_metrics(self.run, "speedrun")):
             MetricsLog(self.run, "speedrun").log(
@@ -977,14 +1002,16 @@ class Speedrun:
                 tasks=list(self.p.tasks),
                 verifier_only_tasks=list(self.p.verifier_only_tasks),
             )
-        beside = self.p.student_steps and not self._done("student") and self.overlaps()
+        # side by side wherever the CPU allows it, resumed or not: a stage's thread count, and with it
+        # its figures, must not depend on whether the run stopped after the stage beside it was done
+        beside = self.p.student_steps and self.overlaps()
         stages: list[tuple[str, Callable[[], dict[str, Any] | None]]] = [
             ("tokenizer", self.tokenizer),
             ("pretrain", self.pretrain_beside_student if beside else self.pretrain),
         ]
         if self.p.student_steps:
             stages.append(("student", self.student))
-        control_beside = self.p.control and not self._done("control") and self.overlaps()
+        control_beside = self.p.control and self.overlaps()
         stages += [("sft", self.sft), ("grpo", self.grpo_beside_control if control_beside else self.grpo)]
         if self.p.control:
             stages.append(("control", self.control))
