@@ -284,6 +284,9 @@ def test_abort_and_max_seq_len(model):
     assert not engine.has_unfinished() and engine.stats()["cache_blocks_used"] == 0
     (c,) = engine.generate_detailed([[1, 2, 3]], max_new_tokens=50)
     assert len(c.token_ids) == 9 and c.finish_reason == "length"
+    # beyond the model's context (serve --max-seq-len): refused, as vLLM does, not served degraded
+    with pytest.raises(ValueError, match="beyond the model's context"):
+        Engine(model, max_seq_len=model.config.max_position_embeddings + 1)
 
 
 def test_training_state_untouched(model):

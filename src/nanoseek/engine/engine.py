@@ -112,6 +112,12 @@ class Engine:
 
             pack_model(model)
         self.speculative = speculative
+        if max_seq_len is not None and max_seq_len > cfg.max_position_embeddings:
+            # as vLLM refuses it: past its context the model's outputs degrade without any error
+            raise ValueError(
+                f"max_seq_len {max_seq_len} is beyond the model's context ({cfg.max_position_embeddings} "
+                "positions, max_position_embeddings in config.json)"
+            )
         self.max_seq_len = max_seq_len or cfg.max_position_embeddings
         num_layers = cfg.num_hidden_layers + (1 if speculative else 0)
         width = cache_row_width(cfg)  # MLA's latent row, or GQA's K/V heads (`paged_cache_for`)
