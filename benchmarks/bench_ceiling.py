@@ -43,7 +43,7 @@ from nanoseek.checkpoint import build_model, save_model
 from nanoseek.config import ModelConfig
 from nanoseek.engine import Engine
 from nanoseek.model.moe import _row_pieces
-from nanoseek.perf import cpu_has_bf16, matmul_peak_flops, tune_malloc
+from nanoseek.perf import cpu_description, cpu_has_bf16, matmul_peak_flops, tune_malloc
 
 
 def best_seconds(fn, repeats: int = 5) -> float:
@@ -251,7 +251,9 @@ def decode_ceiling(args: argparse.Namespace) -> dict:
         hf_ms = batch / speed["transformers_tok_per_cpu_s"] * 1e3
         engine = Engine(model, max_batch_size=batch)
         with torch.inference_mode():
-            floor = best_seconds(decode_weight_ops(engine, batch), 20)
+            step = decode_weight_ops(engine, batch)
+            step()  # warm-up
+            floor = best_of(step, 20)[1]  # CPU seconds: the clock of both engines' steps beside it
         out[f"batch_{batch}"] = {
             "goal": goal,
             "nanoseek_step_ms": ours_ms,
@@ -303,6 +305,12 @@ def shape_change_cost(calls: int = 300, width: int = 256) -> dict[str, dict[str,
     return out
 
 
+def write_json(path: str | None, results: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=5, help="training steps per side (after 2 warm-up)")
@@ -315,7 +323,9 @@ def main() -> None:
     p.add_argument("--shapes-only", action="store_true", help="only the shape-change figures")
     args = p.parse_args()
     tune_malloc()
-    shapes = shape_change_cost()
+    results: dict = {"cpu": cpu_description()}
+    print(f"cpu: {results['cpu']}")
+    shapes = results["shape_changes"] = shape_change_cost()
     print("== expert GEMM (rows x 256 -> 256), 1 thread: one row count / a new one each call / split")
     for name, r in shapes.items():
         print(
@@ -325,8 +335,9 @@ def main() -> None:
             f"{r['new_rows_split_gflop_s'] / r['same_rows_gflop_s']:.2f}x of one row count)"
         )
     if args.shapes_only:
+        write_json(args.json, results)
         return
-    t = training_ceiling(args)
+    t = results["training"] = training_ceiling(args)
     print(
         f"== training step, fp32, 2 threads (peak {t['peak_gflop_s']:.0f} GFLOP/s, "
         f"{t['model_gflop_per_step']:.1f} model GFLOP/step)"
@@ -349,7 +360,7 @@ def main() -> None:
         f"{t['nanoseek_profiled_gemm_and_attention_ms']:.0f} ms in GEMMs and the attention kernel, "
         f"{t['nanoseek_profiled_other_ms']:.0f} ms in all other ops"
     )
-    d = decode_ceiling(args)
+    d = results["decode"] = decode_ceiling(args)
     print("== decode step, fp32, 1 thread, CPU time")
     for key, r in d.items():
         print(
@@ -358,9 +369,7 @@ def main() -> None:
             f"{r['goal_step_budget_ms']:.2f} ms | weight matmuls alone {r['weight_ops_floor_ms']:.2f} ms "
             f"-> {r['speedup_if_only_weight_ops']:.2f}x if everything else were free"
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"training": t, "decode": d, "shape_changes": shapes}, f, indent=2)
+    write_json(args.json, results)
     print(
         f"bench_ceiling: training floor {t['gemm_floor_ms']:.0f} ms vs 60%-MFU budget "
         f"{t['mfu_60_budget_ms']:.0f} ms; decode ceilings "

@@ -29,7 +29,7 @@ from nanoseek.config import get_preset
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.quantize import quantize_model, weight_bytes
 from nanoseek.model.transformer import DeepSeekV3
-from nanoseek.perf import tune_malloc
+from nanoseek.perf import cpu_description, tune_malloc
 
 
 def bench_config(mtp: int = 1):
@@ -239,6 +239,7 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     results: dict = {
+        "cpu": cpu_description(),
         "threads": args.threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -249,6 +250,7 @@ def main() -> None:
         save_model(model, d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
 
+    print(f"cpu: {results['cpu']}")
     print(
         f"== decode speed vs transformers {transformers.__version__} (threads={args.threads}, fp32, greedy)"
     )

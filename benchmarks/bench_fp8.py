@@ -78,7 +78,7 @@ def train(
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
@@ -126,7 +126,12 @@ def main() -> None:
     rel = (final_fp8 - final_base) / final_base
     tokens = args.batch * args.seq
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU threads"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        from nanoseek.perf import cpu_description
+
+        where = f"{args.threads} CPU threads of {cpu_description()}"
     print(f"\n{args.preset} preset, {args.steps} steps of {args.batch}x{args.seq} tokens, {where}")
     scales = "UE8M0 (power-of-two)" if args.pow2 else "fp32"
     print(

@@ -166,6 +166,9 @@ def main() -> None:
             except Exception as e:  # report, do not hide, why the comparison could not run
                 results["trl"] = {"error": f"TRL failed on this model: {type(e).__name__}: {e}"}
     samples = args.prompts * args.group
+    from nanoseek.perf import cpu_description
+
+    print(f"cpu: {cpu_description()}; fp32 (both trainers)")
     print(
         f"GRPO step, tiny DeepSeek-V3, {args.prompts} prompts x G={args.group}, {args.max_new_tokens} new tokens, "
         f"{args.threads} thread(s)"

@@ -409,6 +409,7 @@ def summarize(result: dict[str, Any], threshold: float) -> dict[str, Any]:
     return {
         "variant": result["variant"]["name"],
         "seed": result["seed"],
+        "precision": result["precision"],
         "copy": end.get("copy"),
         "digit": end.get("digit"),
         "text": end.get("text"),
@@ -419,14 +420,6 @@ def summarize(result: dict[str, Any], threshold: float) -> dict[str, Any]:
         "mean_accuracy": end.get("mean_accuracy"),
         "accuracy": end.get("accuracy"),
     }
-
-
-def cpu_description() -> str:
-    from nanoseek.perf import cpu_has_bf16, cpu_info
-
-    info = cpu_info()
-    native = "yes" if cpu_has_bf16() else "no (fp32 is the fast path)"
-    return f"{info['cpu']}; flags: {info['flags']}; native bf16: {native}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; see --list")
     import torch
 
+    from nanoseek.perf import cpu_description
+
     if args.threads:
         torch.set_num_threads(args.threads)
     cache = Path(args.cache)
@@ -475,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.json).write_text(json.dumps({"results": results, "summary": rows}, indent=1))
     print()
     print(
-        f"{'variant':16s} {'seed':>4s} {'copy':>6s} {'digit':>6s} {'text':>6s} {'answer':>6s} "
+        f"{'variant':16s} {'seed':>4s} {'prec':>4s} {'copy':>6s} {'digit':>6s} {'text':>6s} {'answer':>6s} "
         f"{'tok→copy':>9s} {'s→copy':>7s} {'train s':>7s} {'greedy acc':>10s}"
     )
     for r in rows:
@@ -483,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         stc = f"{r['seconds_to_copy']:.0f}" if r["seconds_to_copy"] else "-"
         acc = f"{r['mean_accuracy']:.1%}" if r["mean_accuracy"] is not None else "-"
         print(
-            f"{r['variant']:16s} {r['seed']:4d} {r['copy']:6.3f} {r['digit']:6.3f} {r['text']:6.3f} "
+            f"{r['variant']:16s} {r['seed']:4d} {r['precision']:>4s} {r['copy']:6.3f} {r['digit']:6.3f} {r['text']:6.3f} "
             f"{r['answer']:6.3f} {ttc:>9s} {stc:>7s} {r['train_s']:7.0f} {acc:>10s}"
         )
     return 0

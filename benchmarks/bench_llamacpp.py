@@ -289,6 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
+    for flag, given, known in (
+        ("--sizes", args.sizes, SIZES),
+        ("--precisions", args.precisions, tuple(GGUF_TYPE)),
+        ("--figures", args.figures, FIGURES),
+    ):
+        unknown = [v for v in given.split(",") if v not in known]
+        if unknown:
+            ap.error(f"{flag}: unknown {', '.join(unknown)} (one or more of {', '.join(known)})")
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -356,7 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(rows)} figures over {args.repeats} alternating runs each"
         + (f"; saved to {args.json}" if args.json else "")
     )
-    return 0
+    failed = {(r["size"], r["precision"], e) for r in rows for e in r["errors"]}
+    if failed:
+        print(
+            "bench_llamacpp: runs failed: " + ", ".join(" ".join(f) for f in sorted(failed)), file=sys.stderr
+        )
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ holds the whole model. Then, for each format, loads it in a fresh Python process
 process's peak RSS (`ru_maxrss`, and the kernel's VmHWM beside it): the loaded weights (parameters
 and buffers, quantized storage for int8) against the peak. The goal: peak <= 1.2 x weights + 1 GB.
 The checkpoint is written by a child process too: Linux carries the parent's RSS at fork into the
-child's ru_maxrss, so the parent must stay small. The checkpoint is deleted afterwards.
+child's ru_maxrss, so the parent must stay small. The checkpoint it wrote is deleted afterwards
+(`--keep` keeps it); one loaded with `--reuse` was there before and stays.
 """
 
 from __future__ import annotations
@@ -106,13 +107,15 @@ def measure(directory: Path, fmt: str, malloc: str) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=3, help="layers (first dense); 3 is ~3.3 GB in bf16")
     ap.add_argument("--formats", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8", "fp8"])
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
-    ap.add_argument("--reuse", action="store_true", help="load the checkpoint already in --dir")
+    ap.add_argument(
+        "--reuse", action="store_true", help="load the checkpoint already in --dir (it is kept afterwards)"
+    )
     ap.add_argument(
         "--malloc",
         choices=["default", "cli"],
@@ -121,10 +124,17 @@ def main() -> None:
     )
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)  # the writing child
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.write_only:
         print(write_checkpoint(Path(args.dir), args.layers))
         return
+    if args.reuse and not (args.dir and (Path(args.dir) / "config.json").exists()):
+        ap.error(f"--reuse loads the checkpoint in --dir, and {args.dir or 'no --dir'} holds none")
+    if not args.reuse and args.dir and Path(args.dir).is_dir() and any(Path(args.dir).iterdir()):
+        # the checkpoint is written there and the directory deleted afterwards: never over other files
+        ap.error(
+            f"--dir {args.dir} is not empty: --reuse to load the checkpoint in it, or an empty directory"
+        )
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_loading_"))
     root.mkdir(parents=True, exist_ok=True)
     results = []
@@ -133,6 +143,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--write-only", "--dir", str(root), "--layers", str(args.layers)]
         if args.reuse:
             disk = sum(p.stat().st_size for p in root.glob("*.safetensors"))
+            args.layers = json.loads((root / "config.json").read_text())["num_hidden_layers"]  # not --layers
         else:
             disk = int(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.split()[-1])
         print(f"checkpoint: {disk / GB:.2f} GB in {time.perf_counter() - t:.0f} s at {root}", file=sys.stderr)
@@ -149,7 +160,7 @@ def main() -> None:
                 file=sys.stderr,
             )
     finally:
-        if not args.keep:
+        if not args.keep and not args.reuse:  # only a checkpoint this run wrote
             shutil.rmtree(root, ignore_errors=True)
     if args.json:
         print(json.dumps({"checkpoint_bytes": disk, "layers": args.layers, "results": results}))

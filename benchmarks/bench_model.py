@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from nanoseek.checkpoint import build_model, save_model
 from nanoseek.config import ModelConfig
-from nanoseek.perf import matmul_peak_flops, tune_malloc
+from nanoseek.perf import cpu_description, matmul_peak_flops, tune_malloc
 
 
 def bench_config(**changes) -> ModelConfig:
@@ -231,11 +231,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     results: dict = {
+        "cpu": cpu_description(),
         "config": bench_config().to_dict(),
         "batch": args.batch,
         "seq": args.seq,
         "threads": args.threads,
     }
+    if not args.json:
+        print(f"cpu: {results['cpu']}; {args.threads} threads; precisions {', '.join(precisions)}")
     for prec in precisions:
         r = compare(args, prec)
         results[prec] = r

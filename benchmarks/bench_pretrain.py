@@ -127,9 +127,13 @@ def main() -> None:
         train_tokenizer(docs, vocab_size=args.vocab_size).save(tok_dir)
     results = [run_one(args, g, tok_dir, root / f"gamma_{g:g}") for g in args.gammas]
 
+    from nanoseek.perf import cpu_description, default_device
+    from nanoseek.train.pretrain import resolve_precision
+
     print()
+    print(f"cpu: {cpu_description()}")
     print(f"{args.preset} on the embedded corpus, {results[0]['tokens']:,} tokens per run ({results[0]['steps']} steps "
-          f"of {args.batch_size}x{args.seq_len}):")  # fmt: skip
+          f"of {args.batch_size}x{args.seq_len}, {resolve_precision(args.precision, default_device())}):")  # fmt: skip
     print(
         f"{'γ':>7} {'tok/s':>8} {'MFU':>7} {'train':>7} {'val':>7} {'imb worst':>10} {'imb mean':>9}  per layer"
     )

@@ -177,6 +177,8 @@ def main() -> None:
                         f"server did not start:\n{server.stdout.read() if server.stdout else ''}"
                     )
                 time.sleep(0.2)
+            # the server's banner (printed before it listens) names the device, dtype and quantization
+            banner = next((ln.strip() for ln in server.stdout if ln.startswith("nanoseek serve: model")), "")
             # Warm-up (first forward passes allocate and compile kernels).
             asyncio.run(run_level(url, "bench", 1, 2, 60, 4))
             rows = [
@@ -191,9 +193,17 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
+    from nanoseek.perf import cpu_description
+
+    cpu = cpu_description()
     if args.json:
-        print(json.dumps({"max_tokens": args.max_tokens, "levels": rows}, indent=2))
+        print(
+            json.dumps(
+                {"cpu": cpu, "server": banner, "max_tokens": args.max_tokens, "levels": rows}, indent=2
+            )
+        )
     else:
+        print(f"cpu: {cpu}; {args.threads} server threads\n{banner}")
         print(
             f"{'clients':>7} {'reqs':>5} {'err':>4} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>10} {'TTFT p99':>10}"
         )

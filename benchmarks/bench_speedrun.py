@@ -308,14 +308,20 @@ def main() -> None:
     if args.seed is not None:
         settings["seed"] = args.seed
     args.precision = settings.get("precision", "auto")
-    from nanoseek.train.pretrain import cpu_has_bf16
+    from nanoseek.perf import cpu_description, default_device
+    from nanoseek.train.pretrain import resolve_precision
 
-    print(f"cpu: native bf16 {'yes' if cpu_has_bf16() else 'no'}; precision {args.precision}")
+    resolved = resolve_precision(args.precision, default_device())
+    shown = f"auto (pretraining in {resolved} here)" if args.precision == "auto" else args.precision
+    print(f"cpu: {cpu_description()}; precision {shown}")
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.out or Path(tmp) / "run")
         finished_before = (run / "report.md").exists()
         t0 = time.perf_counter()
-        run_speedrun(run, args.preset, **settings)
+        try:
+            run_speedrun(run, args.preset, **settings)
+        except ValueError as e:  # a run started with other settings, or in use: one line, as the CLI
+            raise SystemExit(f"bench_speedrun: error: {e}") from None
         wall = time.perf_counter() - t0
         if finished_before:  # a finished run re-read: its own stage times are the measurement
             ends = [RunMetrics(run).last_event(s, "end") for s in STAGES]

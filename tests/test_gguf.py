@@ -271,3 +271,25 @@ def test_llama_cpp_greedy_tokens_equal_nanoseek(request, check, tmp_path, kind) 
     else:
         assert all(r.greedy_prefix >= 1 for r in results), [(r.prompt, r.greedy_prefix) for r in results]
         assert np.mean([r.teacher_forced_top1 for r in results]) >= 0.9
+
+
+def test_bench_llamacpp_refuses_unknown_names_and_exits_nonzero_on_a_failed_run(
+    tmp_path, monkeypatch
+) -> None:
+    """benchmarks/bench_llamacpp.py: a size it does not know is refused (any name but `tiny` built the
+    multi-GB `lite`), and a run that failed makes the exit status non-zero, not only a FAILED line."""
+    pytest.importorskip("llama_cpp")
+    bench = load_benchmark("bench_llamacpp")
+    monkeypatch.setattr(bench, "make_checkpoint", lambda size, root, layers: tmp_path / size)
+    monkeypatch.setattr(bench, "gguf_file", lambda ckpt, precision: tmp_path / f"{precision}.gguf")
+    for flags in (["--sizes", "Tiny"], ["--precisions", "q8_0"], ["--figures", "b8"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--workdir", str(tmp_path), *flags])
+        assert e.value.code == 2
+    monkeypatch.setattr(
+        bench,
+        "spawn",
+        lambda engine, *a, **k: {"error": "boom"} if engine == "nanoseek" else {"pp": 1.0},
+    )
+    args = ["--sizes", "tiny", "--precisions", "bf16", "--figures", "pp", "--repeats", "1"]
+    assert bench.main([*args, "--workdir", str(tmp_path), "--no-extra-bufts"]) == 1

@@ -337,3 +337,29 @@ def test_every_command_resolves_hub_names(argv, monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"nanoseek {argv[0]}: error: ") and "\n" not in err
     assert "deepseek-ai/X is not a local directory" in err and "hf download" in err
+
+
+# ------------------------------------------------------------- benchmarks/bench_loading.py
+def test_bench_loading_deletes_only_the_checkpoint_it_wrote(saved, tmp_path, monkeypatch, capsys):
+    """`--reuse` loads a checkpoint that was there before (a downloaded model, one written with --keep):
+    it stays. A --dir holding other files is refused before anything is written there (the directory
+    the benchmark writes is deleted afterwards)."""
+    from tests.benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("bench_loading")
+    directory, _ = saved
+    bench.main(["--dir", str(directory), "--reuse", "--formats", "bf16"])
+    assert (directory / "config.json").exists()
+    layers = config().num_hidden_layers  # the checkpoint's, not --layers' default
+    assert f"bench_loading: {layers}-layer" in capsys.readouterr().out
+
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("precious")
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("wrote into a non-empty --dir"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--dir", str(other), "--formats", "bf16"])
+    assert e.value.code == 2
+    assert (other / "notes.txt").read_text() == "precious"
+    with pytest.raises(SystemExit):  # nothing to reuse
+        bench.main(["--dir", str(tmp_path / "empty"), "--reuse"])

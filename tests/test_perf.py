@@ -15,3 +15,82 @@ def test_cpu_info_names_the_cpu_and_its_matmul_flags(tmp_path, monkeypatch):
     assert perf.cpu_info() == {"cpu": "Test CPU 9000", "flags": "avx2 avx512f avx512_bf16"}
     fake.write_text("processor\t: 0\nflags\t\t: fpu sse\n")
     assert perf.cpu_info()["flags"].startswith("none of avx2")
+
+
+def test_cpu_description_adds_native_bf16(tmp_path, monkeypatch):
+    """The line the benchmarks print beside their figures (nanoseek.perf.cpu_description)."""
+    import nanoseek.perf as perf
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2\n")
+    monkeypatch.setattr(perf, "Path", lambda _: fake)
+    assert perf.cpu_description() == "Test CPU 9000; flags: avx2; native bf16: no (fp32 is the fast path)"
+
+
+TIMING_BENCHMARKS = (
+    "bench_model",
+    "bench_engine",
+    "bench_ceiling",
+    "bench_fp8",
+    "bench_grpo",
+    "bench_serve",
+    "bench_pretrain",
+    "bench_speedrun",
+    "bench_learning",
+)
+
+
+def test_every_timing_benchmark_prints_the_cpu_line():
+    """Figures measured on an AVX2 CPU and on one with native bf16 differ several-fold: every benchmark
+    that times something says which CPU it ran on (flags included)."""
+    from tests.benchmark_scripts import BENCHMARKS
+
+    for name in TIMING_BENCHMARKS:
+        assert "cpu_description()" in (BENCHMARKS / f"{name}.py").read_text(), name
+
+
+def _bench_ceiling(monkeypatch):
+    from tests.benchmark_scripts import BENCHMARKS, load_benchmark
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports bench_model and bench_engine
+    return load_benchmark("bench_ceiling")
+
+
+def test_bench_ceiling_shapes_only_writes_its_json(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    bench = _bench_ceiling(monkeypatch)
+    shapes = {"float32": {"same_rows_gflop_s": 2.0, "new_rows_gflop_s": 1.0, "new_rows_split_gflop_s": 2.0}}
+    monkeypatch.setattr(bench, "shape_change_cost", lambda: shapes)
+    out = tmp_path / "out.json"
+    monkeypatch.setattr(sys, "argv", ["bench_ceiling.py", "--shapes-only", "--json", str(out)])
+    bench.main()
+    written = json.loads(out.read_text())
+    assert written["shape_changes"] == shapes and "flags: " in written["cpu"]
+
+
+def test_bench_ceiling_decode_floor_is_cpu_time_as_the_steps_beside_it(monkeypatch):
+    """The decode rows compare CPU-time steps (`decode_speed`'s tok/CPU-s) with the weight matmuls'
+    floor: the floor is CPU time too, not wall time."""
+    import argparse
+
+    import torch
+
+    bench = _bench_ceiling(monkeypatch)
+
+    class FakeHF:
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(bench, "load_transformers", lambda directory, experts: FakeHF())
+    speeds = {"nanoseek_tok_per_cpu_s": 100.0, "transformers_tok_per_cpu_s": 50.0}
+    monkeypatch.setattr(bench, "decode_speed", lambda *a: speeds)
+    monkeypatch.setattr(bench, "best_of", lambda fn, repeats: (1.0, 0.25))  # (wall, CPU) seconds
+    threads = torch.get_num_threads()
+    try:
+        d = bench.decode_ceiling(argparse.Namespace(new_tokens=4))
+    finally:
+        torch.set_num_threads(threads)  # it sets one thread, as it measures
+    assert d["batch_1"]["weight_ops_floor_ms"] == 250.0
+    assert d["batch_1"]["nanoseek_step_ms"] == 10.0

@@ -193,6 +193,26 @@ def test_bench_speedrun_rescores_grpos_gain_on_more_problems(smoke_run):
     assert met == (again["addition"]["gain"] >= bench.ZERO_GAIN_GOAL)
 
 
+def test_bench_speedrun_prints_the_machine_and_says_a_refusal_in_one_line(tmp_path, monkeypatch, capsys):
+    """The CPU's flags and the precision pretraining resolves to come first; a run directory the
+    speedrun refuses (started with other settings) is its one-line error, not a traceback."""
+    bench = load_benchmark("bench_speedrun")
+
+    def refuse(run, preset, **settings):
+        raise ValueError(f"{run} holds a speedrun started with preset 'smoke' and other settings")
+
+    monkeypatch.setattr(bench, "run_speedrun", refuse)
+    monkeypatch.setattr(sys, "argv", ["bench_speedrun.py", "--preset", "smoke", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert (
+        e.value.code
+        == f"bench_speedrun: error: {tmp_path} holds a speedrun started with preset 'smoke' and other settings"
+    )
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "flags: " in first and re.search(r"precision auto \(pretraining in (bf16|fp32) here\)", first)
+
+
 def test_resuming_with_other_settings_is_refused(smoke_run, capsys):
     assert json.loads((smoke_run / "speedrun.json").read_text())["name"] == "smoke"
     before = (smoke_run / "metrics.jsonl").read_bytes()

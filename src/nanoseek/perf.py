@@ -57,6 +57,14 @@ def cpu_info() -> dict[str, str]:
     }
 
 
+def cpu_description() -> str:
+    """The line benchmarks print beside their figures: the CPU's model name, its matmul flags
+    (`cpu_info`) and whether it multiplies bf16 natively (`cpu_has_bf16`)."""
+    info = cpu_info()
+    native = "yes" if cpu_has_bf16() else "no (fp32 is the fast path)"
+    return f"{info['cpu']}; flags: {info['flags']}; native bf16: {native}"
+
+
 # oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16, the first with bf16 dot products.
 _ONEDNN_ISAS_WITHOUT_BF16 = {
     "SSE41",
