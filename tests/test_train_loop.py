@@ -152,6 +152,32 @@ def test_mtp_loss_targets_are_shifted_one_further() -> None:
     assert m["tokens"] == x.numel()
 
 
+def test_mtp_targets_stay_inside_packed_documents() -> None:
+    """With the document mask, MTP depth k at a document's last k+1 positions is fed the next
+    document's tokens while attending only to its own: those positions predict nothing, and the
+    step's target counts leave them out (as Megatron-LM rolls MTP labels per document)."""
+    model = micro_model(mtp=2)
+    row = torch.tensor([[0, 11, 12, 13, 14, 15, 0, 21, 22, 23, 24, 25, 26]])  # BOS a.. BOS b..
+    x, y = row[:, :-1], row[:, 1:]
+    loss, m = language_model_loss(model, x, y, mtp_weight=1.0, document_mask=True)
+    from nanoseek.model.attention import document_causal_mask, documents_from_bos
+
+    doc_ids, positions = documents_from_bos(x, 0)
+    with torch.no_grad():
+        _, hidden = model(x, positions, mask=document_causal_mask(doc_ids), return_hidden=True)
+        d0, d1 = model.mtp_logits(hidden, x, positions, document_causal_mask(doc_ids))
+    # a's last position (5) is fed b's BOS: depth 0 there would guess b1 from a's context;
+    # depth 1 loses a's last two positions. Predicting the next BOS stays, as for the main head.
+    t0 = torch.tensor([[12, 13, 14, 15, 0, -100, 22, 23, 24, 25, 26]])
+    t1 = torch.tensor([[13, 14, 15, 0, -100, -100, 23, 24, 25, 26]])
+    expected = (cross_entropy(d0, t0) + cross_entropy(d1, t1)) / 2
+    torch.testing.assert_close(m["mtp_loss"], expected)
+    from nanoseek.train.loop import target_counts
+
+    assert target_counts(y, 2, doc_ids=doc_ids).tolist() == [12, 10, 8]
+    assert target_counts(y, 2).tolist() == [12, 11, 10]  # one unpacked sequence
+
+
 # ------------------------------------------------------------ the trainer
 def test_training_learns_and_logs(tmp_path) -> None:
     model = micro_model()

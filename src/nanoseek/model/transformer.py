@@ -280,16 +280,17 @@ class DeepSeekV3(nn.Module):
         ignore_index: int = -100,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """The cross-entropy of each MTP depth, fused with the head like `forward(labels=...)`.
 
-        labels [B,S] are the main head's (the token after each position); depth k predicts the token
-        k+1 further on, so its targets are labels[:, k+1:] (V3 eq. 24-25)."""
+        labels [B,S] are the main head's (the token after each position); depth k's targets are
+        `mtp_targets(labels, k, doc_ids)`. doc_ids [B,S]: the packed documents `mask` separates."""
         return [
             linear_cross_entropy(
                 self.model.mtp_layers[k].shared_head.norm(h),
                 self.lm_head.weight,
-                labels[:, k + 1 : k + 1 + h.shape[1]],
+                mtp_targets(labels, k, doc_ids, ignore_index)[:, : h.shape[1]],
                 ignore_index,
             )
             for k, h in self._mtp_depths(hidden, input_ids, positions, mask)
@@ -370,6 +371,21 @@ class DeepSeekV3(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
+
+
+def mtp_targets(
+    labels: torch.Tensor, depth: int, doc_ids: torch.Tensor | None = None, ignore_index: int = -100
+) -> torch.Tensor:
+    """MTP depth `depth`'s targets [B, S-depth-1] from the main head's labels [B,S]: the token
+    depth+1 further on (V3 eq. 24-25). With doc_ids [B,S] of packed documents, position i predicts
+    nothing where the token it is fed (i+depth+1) opens or belongs to a later document: its block
+    sees only i's document, so such a target would be a guess across the boundary. Each document's
+    last depth+1 positions are dropped, as Megatron-LM's per-document roll of MTP labels does."""
+    shift = depth + 1
+    targets = labels[:, shift:]
+    if doc_ids is None:
+        return targets
+    return targets.masked_fill(doc_ids[:, shift:] != doc_ids[:, :-shift], ignore_index)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -140,10 +140,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------- objective
-def target_counts(targets: torch.Tensor, mtp_depths: int, ignore_index: int = -100) -> torch.Tensor:
-    """How many positions each loss term trains: [main head, MTP depth 0, 1, ...] (float64)."""
-    kept = targets != ignore_index
-    return torch.tensor([kept[:, k:].sum().item() for k in range(mtp_depths + 1)], dtype=torch.float64)
+def target_counts(
+    targets: torch.Tensor, mtp_depths: int, ignore_index: int = -100, doc_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """How many positions each loss term trains: [main head, MTP depth 0, 1, ...] (float64).
+    doc_ids: the packed documents of a `document_mask` batch (`packed_documents`)."""
+    from nanoseek.model.transformer import mtp_targets
+
+    terms = [targets, *(mtp_targets(targets, k, doc_ids, ignore_index) for k in range(mtp_depths))]
+    return torch.tensor([(t != ignore_index).sum().item() for t in terms], dtype=torch.float64)
+
+
+def packed_documents(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(doc_ids, positions) [B,S] of packed rows whose documents each open with the model's BOS."""
+    from nanoseek.model.attention import documents_from_bos
+
+    return documents_from_bos(input_ids, model.config.bos_token_id)
 
 
 @dataclass
@@ -173,22 +185,24 @@ def language_model_loss(
     L_MTP = λ/D Σ_k L_k). With `document_mask`, a packed row's documents (each opened by the model's
     BOS) attend only within themselves and count positions from their own start, as they will when
     they are prompts; V3 §3.4 packs the same way ("document packing", no cross-sample mask there, but
-    its documents are long and unrelated, ours are short and look alike).
+    its documents are long and unrelated, ours are short and look alike). MTP then predicts nothing
+    across a boundary either (`mtp_targets`).
 
     Each cross-entropy is a mean over this batch's targets; with `step`, this batch's share of the
     mean over the whole step's (`StepTargets`), and the balance loss, a mean over sequences, divided by
     the step's micro-batches.
     """
-    positions = mask = None
+    doc_ids = positions = mask = None
     if document_mask:
-        from nanoseek.model.attention import document_causal_mask, documents_from_bos
+        from nanoseek.model.attention import document_causal_mask
 
-        doc_ids, positions = documents_from_bos(input_ids, model.config.bos_token_id)
+        doc_ids, positions = packed_documents(model, input_ids)
         mask = document_causal_mask(doc_ids)
     lm, hidden = model(
         input_ids, positions, mask=mask, return_hidden=True, labels=targets, ignore_index=ignore_index
     )
-    counts = None if step is None else target_counts(targets, len(model.model.mtp_layers), ignore_index)
+    depths = len(model.model.mtp_layers)
+    counts = None if step is None else target_counts(targets, depths, ignore_index, doc_ids)
 
     def weighted(term: torch.Tensor, k: int) -> torch.Tensor:
         """A term's share of the step's mean; a batch with none of its targets adds 0."""
@@ -204,7 +218,7 @@ def language_model_loss(
     share = 1 if step is None else step.micro_batches
     metrics: dict[str, Any] = {"lm_loss": (loss * share).detach(), "tokens": input_ids.numel()}
     if mtp_weight > 0:
-        per_depth = model.mtp_losses(hidden, input_ids, targets, ignore_index, positions, mask)
+        per_depth = model.mtp_losses(hidden, input_ids, targets, ignore_index, positions, mask, doc_ids)
         if per_depth:
             mtp_loss = torch.stack([weighted(x, k + 1) for k, x in enumerate(per_depth)]).mean()
             # without `step`, a batch whose shifted targets are all masked gives NaN: nothing to learn

@@ -214,6 +214,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
         StepTargets,
         Trainer,
         language_model_loss,
+        packed_documents,
         target_counts,
     )
 
@@ -320,10 +321,14 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     drawn: list[tuple[torch.Tensor, torch.Tensor]] = []  # the step's micro-batches not yet trained on
     step_targets = StepTargets(torch.zeros(depths + 1), dist.world_size, cfg.accumulation)
 
+    def batch_counts(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # MTP predicts nothing across a packed document's end where the mask separates documents
+        return target_counts(y, depths, doc_ids=packed_documents(model, x)[0] if cfg.document_mask else None)
+
     def loss_fn() -> tuple[torch.Tensor, dict[str, Any]]:
         if not drawn:  # a step's first micro-batch: draw them all, and count the step's targets on every rank
             drawn.extend(next(batches) for _ in range(cfg.accumulation))
-            counts = sum(target_counts(y, depths) for _, y in drawn)
+            counts = sum(batch_counts(x, y) for x, y in drawn)
             all_reduce_(counts, dist, "sum")
             step_targets.counts = counts
         x, y = drawn.pop(0)
@@ -344,7 +349,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     def val_loss_fn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         # each rank's share of the mean over the global batch's targets (their rows hold unequal numbers
         # of them), so N ranks report the validation loss one process does
-        counts = all_reduce_(target_counts(y, depths), dist, "sum")
+        counts = all_reduce_(batch_counts(x, y), dist, "sum")
         return language_model_loss(
             trainer.model,
             x.to(dist.device),
