@@ -322,3 +322,34 @@ def test_tensorboard_without_its_package_is_refused_before_the_run_starts(monkey
     with pytest.raises(ValueError, match="pip install tensorboard"):
         PretrainConfig(tensorboard=True).validate()
     PretrainConfig().validate()
+
+
+def test_validation_loss_is_the_mean_over_every_target_of_the_set(workdir, tmp_path, monkeypatch) -> None:
+    # batches with unequal numbers of targets (prompts masked, documents padded): each weighed by its
+    # targets, as the training loss is; a batch with a single target counted once, not as a whole batch
+    import nanoseek.train.pretrain as pt
+    from nanoseek.checkpoint import load_model
+    from nanoseek.train.loop import language_model_loss
+
+    real = pt._validation_batches
+    held: list = []
+
+    def two_batches(*args, **kw):
+        x, y = real(*args, **kw)[0]
+        sparse = torch.full_like(y, -100)
+        first = (y != -100).nonzero()[0]
+        sparse[first[0], first[1]] = y[first[0], first[1]]  # one target in the whole batch
+        held.extend([(x, y), (x, sparse)])
+        return list(held)
+
+    monkeypatch.setattr(pt, "_validation_batches", two_batches)
+    pretrain(config(workdir, tmp_path / "run", steps=1, val_every=1, precision="fp32", mtp_weight=0.0))
+    logged = [r["val_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r][-1]
+    model = load_model(tmp_path / "run" / "pretrain").eval()
+    with torch.no_grad():
+        sums = [
+            language_model_loss(model, x, y, document_mask=True)[1]["lm_loss"] * (y != -100).sum()
+            for x, y in held
+        ]
+    expected = float(sum(sums) / sum(int((y != -100).sum()) for _, y in held))
+    assert logged == pytest.approx(expected, rel=1e-4)

@@ -346,21 +346,27 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     # expert parallelism (all-to-alls), so a forward on rank 0 alone desynchronizes the ranks.
     probe = _probe(cfg, tok)
 
-    def val_loss_fn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        # each rank's share of the mean over the global batch's targets (their rows hold unequal numbers
-        # of them), so N ranks report the validation loss one process does
-        counts = all_reduce_(batch_counts(x, y), dist, "sum")
-        return language_model_loss(
-            trainer.model,
-            x.to(dist.device),
-            y.to(dist.device),
-            document_mask=cfg.document_mask,
-            step=StepTargets(counts, dist.world_size),
-        )
+    # the validation loss is the mean over every target of the validation set, all batches and ranks:
+    # its batches hold unequal numbers of targets (prompts masked, documents padded), and a batch with
+    # none adds nothing rather than a zero or a NaN weighed as much as the others
+    val_targets = StepTargets(torch.zeros(depths + 1), dist.world_size, max(len(val_set), 1))
 
     def validate() -> float:
+        if not val_targets.counts.any():  # the set is fixed: counted once (a collective, on every rank)
+            val_targets.counts = all_reduce_(sum(batch_counts(x, y) for x, y in val_set), dist, "sum")
         it = iter(val_set)
-        loss = trainer.validate(lambda: val_loss_fn(*next(it)), len(val_set))
+
+        def val_loss() -> tuple[torch.Tensor, dict[str, Any]]:
+            x, y = next(it)
+            return language_model_loss(
+                trainer.model,
+                x.to(dist.device),
+                y.to(dist.device),
+                document_mask=cfg.document_mask,
+                step=val_targets,
+            )
+
+        loss = trainer.validate(val_loss, len(val_set))
         log.log(trainer.global_step, val_loss=loss)
         if cfg.progress:
             log.write(f"step {trainer.global_step}: val_loss {loss:.4f}")
