@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     ready_s = time.perf_counter() - t0
     # A Hub name names the model better than its snapshot directory (a commit hash) would.
     name = args.model_name or (directory.resolve().name if Path(args.model).exists() else args.model)
-    defaults = _generation_defaults(directory)
+    defaults = _generation_defaults(tokenizer.generation_config)
     app = create_app(
         engine,
         tokenizer,
@@ -161,17 +161,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generation_defaults(directory) -> dict[str, float]:  # noqa: ANN001
-    """Sampling fields of the checkpoint's generation_config.json that requests may leave out."""
-    import json
-
-    path = directory / "generation_config.json"
-    if not path.exists():
-        return {}
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+def _generation_defaults(cfg: dict) -> dict[str, float]:
+    """Sampling fields of the checkpoint's generation_config.json (read with its tokenizer) that
+    requests may leave out."""
     if not cfg.get("do_sample", True):
         return {"temperature": 0.0}
     keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
