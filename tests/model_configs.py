@@ -55,14 +55,11 @@ CHATML = (
 )
 
 
-def chatml_checkpoint(directory, generation: dict | None = None, vocab_size: int | None = None):
-    """A tiny Qwen2 checkpoint as Qwen2.5-Instruct ships: a byte-level tokenizer with ChatML's tokens and
-    template (no think block: its generation prompt is `<|im_start|>assistant\\n`), EOS <|im_end|>, and
-    `generation` as its generation_config.json (default: both of Qwen's stop ids); `vocab_size` pads the
-    embeddings past the tokenizer, as Qwen's 151,936 rows do."""
+def chatml_tokenizer(directory):
+    """Qwen2.5-Instruct's tokenizer files in miniature: byte-level BPE with ChatML's tokens and template
+    (no think block: its generation prompt is `<|im_start|>assistant\\n`), EOS <|im_end|>; the backend."""
     import json
 
-    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -79,6 +76,18 @@ def chatml_checkpoint(directory, generation: dict | None = None, vocab_size: int
         "chat_template": CHATML,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return backend
+
+
+def chatml_checkpoint(directory, generation: dict | None = None, vocab_size: int | None = None):
+    """A tiny Qwen2 checkpoint as Qwen2.5-Instruct ships (`chatml_tokenizer`), with `generation` as its
+    generation_config.json (default: both of Qwen's stop ids); `vocab_size` pads the embeddings past the
+    tokenizer, as Qwen's 151,936 rows do."""
+    import json
+
+    import transformers
+
+    backend = chatml_tokenizer(directory)
     end, text_end = backend.token_to_id("<|im_end|>"), backend.token_to_id("<|endoftext|>")
     hf = transformers.Qwen2Config(
         vocab_size=vocab_size or backend.get_vocab_size(),

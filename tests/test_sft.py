@@ -272,28 +272,13 @@ def test_tool_use_conversation(tmp_path) -> None:
     assert list(read_chat_jsonl(data)) == [(msgs, tools), (msgs[:2], None)]
 
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 def test_another_familys_template_is_trained_as_it_renders(tmp_path) -> None:
     """A checkpoint with its own chat template (a Qwen2 one: ChatML, EOS <|im_end|>) is trained on exactly
     the ids that template renders for each assistant turn, through its end token: no R1 think block."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers
-
+    from model_configs import chatml_tokenizer
     from nanoseek.tokenizer import load_tokenizer
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    backend = Backend(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    backend.save(str(tmp_path / "tokenizer.json"))
-    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    chatml_tokenizer(tmp_path)
     tok = load_tokenizer(tmp_path)
     msgs = [
         {"role": "system", "content": "Be brief."},
