@@ -222,7 +222,13 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = init_distributed()
-    _check_same_settings(cfg, dist)
+    try:
+        _check_same_settings(cfg, dist)
+    except ValueError:
+        # every rank saw the same settings, so every rank is here: leave together (a process exiting
+        # with its gloo group alive while the other tears down aborted it now and then)
+        destroy_distributed()
+        raise
     run = Path(cfg.out)
     config = resolve_config(cfg.preset)
     if cfg.seq_len > config.max_position_embeddings:
