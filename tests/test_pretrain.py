@@ -281,10 +281,13 @@ def test_a_failing_rank_exits_at_once(workdir, tmp_path) -> None:
     torchrun) before showing any error."""
     from gloo import run_ranks
 
-    ranks = run_ranks(_failing_rank, 2, f"{workdir}|{tmp_path / 'run'}", str(tmp_path / "result"))
+    ranks = run_ranks(
+        _failing_rank, 2, f"{workdir}|{tmp_path / 'run'}", str(tmp_path / "result"), check=False
+    )
     assert ranks[1]["error"] == "rank 1 fails"
     assert ranks[1]["teardown_s"] < 30  # not the 60 s timeout
-    assert ranks[0]["error"]  # the other rank's collective fails when the peer is gone
+    # the other rank ends too: its collective fails when the peer is gone (or gloo aborts the process)
+    assert ranks[0] is None or ranks[0]["error"]
 
 
 def _rank_with_other_steps(dirs: str, world: int, rank: int, port: int) -> dict:
