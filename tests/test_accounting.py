@@ -233,6 +233,10 @@ def test_cost_cli(capsys) -> None:
     assert main(["cost", "deepseek-v3", "--tokens", "14.8T", "--gpu-hours", "2.788M"]) == 0
     text = capsys.readouterr().out
     assert "implied MFU" in text and "$5.576M" in text
+    assert "warning" not in capsys.readouterr().err
+    # a bill below what the GPUs' peak allows: said, not printed as an MFU of 108% without a word
+    assert main(["cost", "deepseek-v3", "--tokens", "14.8T", "--gpu-hours", "1M"]) == 0
+    assert "above the GPU's peak" in capsys.readouterr().err
     assert main(["cost", "tiny", "--tokens", "lots"]) == 2
     assert "--tokens" in capsys.readouterr().err
 

@@ -7,6 +7,7 @@ Either assume a model FLOPs utilization (`--mfu`) to estimate the GPU-hours, or 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -85,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"peak / GPU        {args.peak_tflops:g} TFLOP/s")
     label = "implied MFU" if cost.mfu_implied else "assumed MFU"
     print(f"{label:<17} {cost.mfu:.1%}  ({cost.mfu * args.peak_tflops:.3g} TFLOP/s sustained per GPU)")
+    if cost.mfu_implied and cost.mfu > 1:
+        print(
+            f"nanoseek cost: warning: the implied MFU is above the GPU's peak ({args.peak_tflops:g} TFLOP/s): "
+            "these tokens cannot be trained in these GPU-hours (check --tokens, --gpu-hours and --peak-tflops)",
+            file=sys.stderr,
+        )
     print(f"GPU-hours         {human(cost.gpu_hours)}")
     print(f"wall clock        {_duration(cost.days)} on {cost.gpus} GPUs")
     print(
