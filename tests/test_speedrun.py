@@ -221,3 +221,17 @@ def test_resuming_with_other_settings_is_refused(smoke_run, capsys):
         err = capsys.readouterr().err
         assert "started with preset 'smoke'" in err and "choose a new --out" in err, err
     assert (smoke_run / "metrics.jsonl").read_bytes() == before  # nothing of the refused run was written
+
+
+def test_bench_speedrun_exits_1_when_a_goal_is_missed(smoke_run, monkeypatch, capsys):
+    """A script or CI job that runs the benchmark learns from its exit status whether the goals hold:
+    the same finished run passes within its budget and fails, naming the goal, over it."""
+    bench = load_benchmark("bench_speedrun")
+    monkeypatch.setattr(sys, "argv", ["bench_speedrun.py", "--out", str(smoke_run)])
+    monkeypatch.setitem(bench.BUDGET_S, "smoke", 10_000.0)
+    bench.main()
+    monkeypatch.setitem(bench.BUDGET_S, "smoke", 0.001)
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == "bench_speedrun: 1 goal(s) missed: the time budget"
+    assert "OVER budget" in capsys.readouterr().out
