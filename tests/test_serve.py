@@ -702,6 +702,17 @@ def test_tool_calls_streamed(tooling):
         extra_body={"chat_template_kwargs": {"thinking": False}},
     )
     assert off.choices[0].message.content == "Checking." and len(off.choices[0].message.tool_calls) == 2
+    # parallel_tool_calls false: only the model's first call comes back (vLLM's behaviour), streamed too
+    single = tooling.client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], parallel_tool_calls=False
+    )
+    calls = single.choices[0].message.tool_calls
+    assert [json.loads(c.function.arguments) for c in calls] == [{"city": "Paris"}]
+    assert single.choices[0].finish_reason == "tool_calls"
+    chunks = tooling.client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], parallel_tool_calls=False, stream=True
+    )
+    assert [tc.index for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []] == [0]
 
 
 def test_bad_tool_json_is_text(tooling):

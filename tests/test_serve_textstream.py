@@ -115,6 +115,7 @@ CALL = f'{TOOL_CALL_BEGIN}get_weather{TOOL_SEP}{{"city": "Paris"}}{TOOL_CALL_END
     "text, content, n_calls",
     [
         ("Sure." + TOOL_CALLS_BEGIN + CALL + CALL + TOOL_CALLS_END, "Sure.", 2),
+        ("Sure." + TOOL_CALLS_BEGIN + "\n" + CALL + "\n" + CALL + "\n" + TOOL_CALLS_END, "Sure.", 2),
         ("no tools here, < and <｜ too", "no tools here, < and <｜ too", 0),
         # bad JSON, an unknown tool, an unclosed block: the text as the model wrote it
         ("x" + TOOL_CALLS_BEGIN + CALL.replace('"Paris"', "Paris") + TOOL_CALLS_END, None, 0),

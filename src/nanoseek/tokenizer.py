@@ -245,9 +245,10 @@ def render_tool_calls(calls: Sequence[dict[str, Any]], message_index: int = 0) -
 def parse_tool_calls(text: str, names: Iterable[str] | None = None) -> tuple[str, list[dict]] | None:
     """Generated text -> (content before the calls, [{"type": "function", "function": {name, arguments}}]).
 
-    The inverse of `render_tool_calls`. None when the text holds no tool-call block or a malformed one
-    (unclosed, arguments that are not one JSON object, a name not in `names`, text after the block): the
-    caller then treats the whole text as a plain answer.
+    The inverse of `render_tool_calls`; whitespace between and around the calls is allowed. None when the
+    text holds no tool-call block or a malformed one (unclosed, arguments that are not one JSON object, a
+    name not in `names`, other text between the calls or after the block): the caller then treats the
+    whole text as a plain answer.
     """
     start = text.find(TOOL_CALLS_BEGIN)
     if start < 0:
@@ -257,9 +258,12 @@ def parse_tool_calls(text: str, names: Iterable[str] | None = None) -> tuple[str
         return None
     allowed = set(names) if names is not None else None
     calls = []
+    body = body.strip()
     if not body.endswith(TOOL_CALL_END):
         return None
-    for piece in body.split(TOOL_CALL_END)[:-1]:  # calls follow each other with nothing between
+    # V3.1 chains calls with nothing between; V3's template (and models trained on it) put a newline
+    for piece in body.split(TOOL_CALL_END)[:-1]:
+        piece = piece.lstrip()
         if not piece.startswith(TOOL_CALL_BEGIN):
             return None
         name, sep, args = piece[len(TOOL_CALL_BEGIN) :].partition(TOOL_SEP)

@@ -10,6 +10,7 @@ Notable:
   OpenAI `tool_calls` (streamed as `delta.tool_calls`), finish_reason "tool_calls". A call block that
   does not parse is returned as plain content with finish_reason "stop". `tool_choice` "required" or a
   named function is enforced by writing the start of the call into the prompt (prefill).
+  `parallel_tool_calls: false` returns only the first call the model wrote, as vLLM does.
 - `/v1/completions` takes strings or token ids (single or batched), with `echo` and prompt log-probs:
   what lm-evaluation-harness's `local-completions` sends for loglikelihood works unchanged.
 - Stop strings are matched on text here, above the token layer; text that might begin a stop string is
@@ -159,6 +160,7 @@ class _Choice:
     splitter: ReasoningSplitter | None  # None: no reasoning split, all text is content
     tools: ToolCallSplitter | None = None
     tool_calls: list[dict] | None = None  # OpenAI's shape, with ids, once parsed
+    parallel_calls: bool = True  # False (`parallel_tool_calls: false`): only the first call is returned
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
     finish_reason: str | None = None
@@ -205,6 +207,7 @@ class _Choice:
                 c2, calls = self.tools.flush()
                 c += c2
                 if calls:
+                    calls = calls if self.parallel_calls else calls[:1]
                     self.tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", **call} for call in calls]
                     self.finish_reason = "tool_calls"
         self.reasoning += r
@@ -322,6 +325,7 @@ class Server:
         started_in_think: bool | None,
         tools: list[dict] | None = None,
         prefill: str = "",
+        parallel_calls: bool = True,
     ) -> _Choice:
         splitter = (
             None
@@ -334,6 +338,7 @@ class Server:
             StopStringMatcher(stops or []),
             splitter,
             ToolCallSplitter(names, prefill) if tools else None,
+            parallel_calls=parallel_calls,
         )
 
     def submit(self, jobs: list[tuple[list[int], Any]]) -> RequestGroup:
@@ -481,7 +486,10 @@ class Server:
         max_new = self.budget(len(prompt_ids), asked, param, "messages")
         k = (req.top_logprobs or 0) if req.logprobs else None
         jobs = [(prompt_ids, self.sampling_params(req, max_new, k, j)) for j in range(req.n)]
-        choices = [self.new_choice(req.stop, started_in_think, tools, prefill) for _ in range(req.n)]
+        parallel = req.parallel_tool_calls is not False
+        choices = [
+            self.new_choice(req.stop, started_in_think, tools, prefill, parallel) for _ in range(req.n)
+        ]
         group = self.submit(jobs)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
