@@ -151,6 +151,8 @@ def test_vocab_size_is_exact() -> None:
 def test_train_rejects_tiny_vocab() -> None:
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(["abc"], vocab_size=100)
+    with pytest.raises(ValueError, match="min_frequency must be 0 or more"):  # was an OverflowError
+        train_tokenizer(["abc"], vocab_size=300, min_frequency=-1)
 
 
 # ------------------------------------------------------------------ chat template
@@ -399,6 +401,31 @@ def test_cli_train_encode_decode(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert main(["tokenizer", "decode", str(out), digits]) == 2
         assert f"not a token id: {digits!r}" in capsys.readouterr().err
     assert main(["tokenizer", "encode", str(tmp_path / "nope"), "x"]) == 2
+
+
+def test_cli_encode_flags_before_the_text_and_clear_train_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nanoseek.cli import main
+
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n<|endoftext|>\n".join(_corpus(50)))
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--out", str(out)]) == 0
+    capsys.readouterr()
+    # flags between the tokenizer and the text, as the usage line allows (was "unrecognized arguments")
+    assert main(["tokenizer", "encode", str(out), "--bos", "東京 42"]) == 0
+    assert [int(i) for i in capsys.readouterr().out.split()] == load_tokenizer(out).encode(
+        "東京 42", add_bos=True
+    )
+    # a corpus with no text is an error, not a saved tokenizer of bytes alone (exit 0 before)
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n\n")
+    assert main(["tokenizer", "train", "--data", str(empty), "--out", str(tmp_path / "t2")]) == 2
+    assert "no documents in" in capsys.readouterr().err and not (tmp_path / "t2").exists()
+    # --out naming a file: said before training (a FileExistsError traceback after it before)
+    assert main(["tokenizer", "train", "--data", str(data), "--out", str(data)]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(

@@ -719,6 +719,8 @@ def train_tokenizer(
     reserved = len(SPECIAL_TOKENS) + len(CHAT_TOKENS) + len(TOOL_TOKENS)
     if vocab_size < 256 + reserved + 1:
         raise ValueError(f"vocab_size must be at least {256 + reserved + 1} (256 bytes + special tokens)")
+    if min_frequency < 0:  # (the trainer's own error is an OverflowError about an unsigned int)
+        raise ValueError(f"min_frequency must be 0 or more, got {min_frequency}")
     backend = _build_backend()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(TOOL_TOKENS),  # the tool tokens go last, below

@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("text", nargs="?", help="text to encode (default: read stdin)")
     e.add_argument("--bos", action="store_true", help="prepend the begin-of-sentence token")
     e.add_argument("--tokens", action="store_true", help="print id<TAB>token-text lines instead")
-    e.set_defaults(func=run_encode)
+    e.set_defaults(func=run_encode, late_positionals=("text",))  # `encode DIR --bos TEXT`
 
     d = sub.add_parser("decode", help="print the text of token ids")
     d.add_argument("tokenizer", help="tokenizer directory or tokenizer.json")
@@ -66,6 +66,8 @@ def run_train(args: argparse.Namespace) -> int:
         max_docs = EMBEDDED_DEFAULT_DOCS  # the embedded corpus is endless
     if max_docs is not None and max_docs < 1:
         raise ValueError(f"--max-docs must be positive, got {max_docs}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # found now, not after the training
+        raise ValueError(f"--out {args.out} is a file, not a directory")
     docs = tokenizer_documents(source, text_field=args.text_field, seed=args.seed)
     chars = 0
     held_out: list[str] = []
@@ -81,6 +83,8 @@ def run_train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     tok = train_tokenizer(counted(), vocab_size=args.vocab_size, min_frequency=args.min_frequency)
     elapsed = time.perf_counter() - start
+    if not held_out:  # (the first documents): a tokenizer of bytes alone is no result
+        raise ValueError(f"no documents in {source!r} to train a tokenizer on")
     out = tok.save(Path(args.out))
     if tok.vocab_size < args.vocab_size:
         # BPE stops when no pair is seen min_frequency times: the corpus, not the trainer, is the limit.
