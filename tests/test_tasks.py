@@ -13,6 +13,7 @@ from nanoseek.data.tasks import (
     ArithmeticTask,
     Problem,
     check_countdown,
+    check_math,
     extract_answer,
     get_task,
     in_unseen_wordings,
@@ -600,6 +601,32 @@ def test_reasoning_gym_options_take_the_config_types():
     assert get_task("rg:binary_matrix?p_zero=0.9").config["p_zero"] == 0.9  # was the text '0.9': refused
     ops = get_task("rg:basic_arithmetic?operators=+,-&min_terms=2&max_terms=2").config["operators"]
     assert list(ops) == ["+", "-"]  # was '+,-', iterated as '+', ',', '-'
+
+
+def test_math_verifier_reads_latex_display_and_inline_math():
+    # "\\[ \\frac{3}{4} \\]" was wrapped again as "$\\[...\\]$", which math-verify parses to nothing: 0
+    for a in ("\\[ \\frac{3}{4} \\]", "\\[\n\\frac{3}{4}\n\\]", "\\(\\frac{3}{4}\\)", "\\frac{3}{4}", "0.75"):
+        assert check_math("\\frac{3}{4}", a) == 1.0, a
+    assert check_math("\\[ \\frac{3}{4} \\]", "0.75") == 1.0
+    assert check_math("\\frac{3}{4}", "\\[ \\frac{2}{3} \\]") == 0.0
+
+
+def test_answers_in_latex_math_mode_and_latex_fractions_are_read():
+    # `$42$` was accepted but `\\(42\\)` / `\\[42\\]` (the same inline / display math) scored 0, and so did
+    # `\\frac{7}{2}` against a numeric gold of 3.5
+    assert check_numeric("42", "\\(42\\)") == 1.0 and check_numeric("42", "\\[ 42 \\].") == 1.0
+    assert check_numeric("3.5", "\\boxed{\\frac{7}{2}}") == 1.0
+    assert check_numeric("-0.5", "-\\dfrac{1}{2}") == 1.0
+    assert check_numeric("3.5", "\\frac{7}{3}") == 0.0 and parse_number("\\frac{7}{0}") is None
+    assert check_numeric("42", "\\(41\\) or \\(42\\)") == 0.0
+    for spec, answer in [
+        ("sorting", "\\[{}\\]"),
+        ("linear_equation", "\\(x = {}\\)"),
+        ("countdown", "\\({}\\)"),
+    ]:
+        task = get_task(spec)
+        p = task.problems("test", 1, language="en")[0]
+        assert task.verify(p, "t</think>\n" + answer.format(p.answer), require_think=True) == 1.0, spec
 
 
 def test_jsonl_null_or_empty_answer_is_refused(tmp_path):

@@ -38,17 +38,30 @@ def unbox(text: str) -> str:
     return text
 
 
+# LaTeX's inline and display math around a whole answer: \(42\), \[42\]
+_MATH_MODE_RE = re.compile(r"\\\((.*)\\\)|\\\[(.*)\\\]", re.DOTALL)
+
+
+def unwrap_answer(text: str) -> str:
+    r"""An answer without its markup: the one ``\boxed{...}``, the ``$...$``, ``\(...\)`` or ``\[...\]``
+    around it, and a closing full stop (``42.``, ``42。``)."""
+    s = unbox(text.strip()).strip().strip("$").strip().rstrip("。.").strip()
+    m = _MATH_MODE_RE.fullmatch(s)
+    return s if m is None else (m.group(1) if m.group(1) is not None else m.group(2)).strip()
+
+
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _FRACTION_RE = re.compile(r"([+-]?\d+)\s*/\s*(\d+)")
+_LATEX_FRACTION_RE = re.compile(r"([+-]?)\s*\\[dt]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}")
 _MAX_EXPONENT = 400  # past any answer a verifier compares, and cheap to build exactly
 
 
 def parse_number(text: str | None) -> Fraction | None:
-    """One number and nothing else (``42``, ``-3.5``, ``7/2``, ``1,234``, ``$42$``, ``\\boxed{42}``)."""
+    """One number and nothing else (``42``, ``-3.5``, ``7/2``, ``\\frac{7}{2}``, ``1,234``, ``$42$``,
+    ``\\(42\\)``, ``\\boxed{42}``)."""
     if text is None:
         return None
-    s = unbox(text.strip()).strip().strip("$").strip()
-    s = s.rstrip("。.").strip().replace("−", "-")  # U+2212, typeset minus
+    s = unwrap_answer(text).rstrip("。.").strip().replace("−", "-")  # U+2212, typeset minus
     s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)  # thousands separators
     if len(s) > 64:
         return None
@@ -64,6 +77,9 @@ def parse_number(text: str | None) -> Fraction | None:
     m = _FRACTION_RE.fullmatch(s)
     if m and int(m.group(2)) != 0:
         return Fraction(int(m.group(1)), int(m.group(2)))
+    m = _LATEX_FRACTION_RE.fullmatch(s)  # \frac{7}{2}, -\dfrac{1}{2}
+    if m and int(m.group(3)) != 0:
+        return Fraction(int(m.group(1) + m.group(2)), int(m.group(3)))
     return None
 
 
@@ -85,7 +101,7 @@ def check_numeric(gold: str, answer: str | None) -> float | None:
 
 
 def _normalize_exact(s: str) -> str:
-    return " ".join(unbox(s.strip()).strip().strip("$").split()).rstrip("。.").strip()
+    return " ".join(unwrap_answer(s).split()).rstrip("。.").strip()
 
 
 def answer_key(answer: str | None) -> Fraction | str | None:
@@ -104,6 +120,15 @@ def check_exact(gold: str, answer: str | None) -> float | None:
     return float(answer is not None and _normalize_exact(answer) == _normalize_exact(gold))
 
 
+# an answer that already sits in math mode; anything else is read as ``$...$``
+_MATH_DELIMITERS = ("$", "\\boxed", "\\(", "\\[")
+
+
+def _in_math_mode(text: str) -> str:
+    # wrapped again, ``\[ \frac{3}{4} \]`` (display math, R1's habit) was ``$\[...\]$``: no answer
+    return text if any(d in text for d in _MATH_DELIMITERS) else f"${text}$"
+
+
 def check_math(gold: str, answer: str | None) -> float | None:
     """math-verify equivalence (LaTeX, \\boxed, fractions, sets, ...).
 
@@ -116,9 +141,8 @@ def check_math(gold: str, answer: str | None) -> float | None:
     timeout = 5 if main else None
     if not main:
         _quiet_math_verify_timeout_warning()
-    gold_text = gold if "$" in gold or "\\boxed" in gold else f"${gold}$"
     try:
-        g = parse(gold_text, parsing_timeout=timeout)
+        g = parse(_in_math_mode(gold), parsing_timeout=timeout)
     except Exception:
         g = []
     if not g:
@@ -126,7 +150,7 @@ def check_math(gold: str, answer: str | None) -> float | None:
     if answer is None or len(answer) > 2000:
         return 0.0
     try:
-        p = parse(answer if "$" in answer or "\\boxed" in answer else f"${answer}$", parsing_timeout=timeout)
+        p = parse(_in_math_mode(answer), parsing_timeout=timeout)
         return float(bool(p) and verify(g, p, timeout_seconds=timeout))
     except Exception:
         return 0.0

@@ -14,7 +14,7 @@ from nanoseek.data.tasks.answers import (
     check_numeric,
     extract_answer,
     parse_number,
-    unbox,
+    unwrap_answer,
 )
 from nanoseek.data.tasks.base import (
     Problem,
@@ -428,8 +428,8 @@ def check_countdown(expression: str | None, numbers: Sequence[int], target: int)
     """True iff ``expression`` uses exactly ``numbers`` (each once) with + - * / ( ) and equals ``target``."""
     if expression is None:
         return False
-    s = unbox(expression.strip()).strip().strip("$").replace("×", "*").replace("÷", "/").replace("−", "-")
-    s = s.rstrip("。.").strip()  # trailing full stop, as numeric answers allow ("(3+6)*6.")
+    # markup and a trailing full stop, as numeric answers allow ("(3+6)*6.")
+    s = unwrap_answer(expression).replace("×", "*").replace("÷", "/").replace("−", "-")
     if "=" in s:  # accept "expr = target", nothing else after it
         s, _, rhs = s.partition("=")
         if parse_number(rhs) != target:
@@ -550,7 +550,7 @@ class LinearEquationTask(BuiltinTask):
 
     def check(self, problem: Problem, answer: str | None) -> float | None:
         if answer is not None:  # "x = 5" is the same answer as "5", boxed or in $...$ too
-            answer = re.sub(r"^\s*x\s*=\s*", "", unbox(answer.strip()).strip().strip("$"))
+            answer = re.sub(r"^\s*x\s*=\s*", "", unwrap_answer(answer))
         return check_numeric(problem.answer, answer)
 
 
@@ -641,7 +641,7 @@ def parse_int_list(text: str | None) -> list[int] | None:
     """``1, 2, 3`` / ``[1, 2, 3]`` / ``1 2 3`` / ``1、2、3`` -> [1, 2, 3]; anything else -> None."""
     if text is None:
         return None
-    s = unbox(text.strip()).strip().strip("$").strip().rstrip("。.").strip()
+    s = unwrap_answer(text)
     if s.startswith("[") and s.endswith("]"):
         s = s[1:-1]
     if len(s) > 500 or not re.fullmatch(r"\s*-?\d+(?:\s*[,、，\s]\s*-?\d+)*\s*", s):
