@@ -45,6 +45,25 @@ def test_rope_parameters_and_rope_scaling_are_both_read():
     assert cfg.rope_scaling["factor"] == 40 and cfg.rope_scaling["mscale_all_dim"] == 1.0
 
 
+@pytest.mark.parametrize("scaling", [{"type": "yarn", "factor": 4.0}, {"rope_type": "llama3", "factor": 8.0}])
+def test_rope_scaling_without_original_context_defaults_to_max_position_embeddings(scaling):
+    """As transformers reads such a file (standardize_rope_params); a KeyError at model build before."""
+    import torch
+
+    from nanoseek.model.attention import rope_inverse_frequencies
+
+    d = {**get_preset("tiny").to_dict(), "max_position_embeddings": 128, "rope_scaling": scaling}
+    d.pop("rope_parameters")
+    cfg = ModelConfig.from_dict(d)
+    explicit = ModelConfig.from_dict(
+        {**d, "rope_scaling": {**scaling, "original_max_position_embeddings": 128}}
+    )
+    inv_freq, factor = rope_inverse_frequencies(cfg)
+    want_freq, want_factor = rope_inverse_frequencies(explicit)
+    assert torch.equal(inv_freq, want_freq) and factor == want_factor
+    assert cfg == explicit  # and saved with it, as transformers writes rope_parameters
+
+
 def test_bad_values_are_named():
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         get_preset("tiny").replace(num_experts_per_tok=99)

@@ -366,6 +366,19 @@ def test_a_seq_len_that_cuts_off_every_answer_is_an_error(tmp_path) -> None:
     assert not (tmp_path / "control").exists()
 
 
+def test_a_seq_len_past_the_models_context_is_refused(tmp_path) -> None:
+    """Rows longer than max_position_embeddings trained positions the engine never serves (pretrain and
+    the engine refuse them); it ran silently."""
+    from nanoseek.train.sft import SFTConfig
+
+    cfg = SFTConfig(init="", steps=1, batch_size=2, seq_len=512, progress=False)  # the model holds 256
+    with pytest.raises(
+        ValueError, match=r"--seq-len 512 exceeds the model's max_position_embeddings \(256\)"
+    ):
+        _train_with_budget(tmp_path, cfg, 0.0)
+    assert not (tmp_path / "control").exists()
+
+
 def test_sft_logs_its_run_and_resumes_only_the_same_run(tmp_path) -> None:
     """Start and end records (the wall time the report shows); a resume with another --seed (another
     order of batches) is refused, one with more steps goes on."""

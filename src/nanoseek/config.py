@@ -127,6 +127,10 @@ class ModelConfig:
             self.n_routed_experts = self.n_shared_experts = self.num_experts_per_tok = None
             self.num_nextn_predict_layers = 0
             self.rope_interleave = False
+        rs = self.rope_scaling
+        if rs and rs.get("type", rs.get("rope_type")) in ("yarn", "llama3"):
+            # transformers' default where a file leaves it out: the context the model was trained at
+            self.rope_scaling = {"original_max_position_embeddings": self.max_position_embeddings, **rs}
         self.validate()
 
     # ----------------------------------------------------------------- derived

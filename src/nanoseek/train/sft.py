@@ -443,6 +443,12 @@ def train_on_examples(
     cfg.validate()
     if not examples:
         raise ValueError("no training examples")
+    context = model.config.max_position_embeddings
+    if cfg.seq_len > context:  # as pretrain refuses it: positions past the context are never served
+        raise ValueError(
+            f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({context}): "
+            f"use --seq-len {context} or less"
+        )
     n_target = sum(sum(lab != IGNORE for lab in labels) for _, labels in examples)
     trained = _check_targets_fit(examples, cfg.seq_len)
     # An example whose prompt alone fills --seq-len has nothing left to train on: packed, it is a row of
