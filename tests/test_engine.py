@@ -289,6 +289,53 @@ def test_abort_and_max_seq_len(model):
         Engine(model, max_seq_len=model.config.max_position_embeddings + 1)
 
 
+def test_a_failing_forward_fails_only_its_requests(model, monkeypatch):
+    """A forward that raises (say out of memory on one long prompt) used to leave step() half done: the
+    request that tripped it and every other one in flight were lost, and the server's engine thread died.
+    Now only the batch that raised fails, with its error; the others finish as if alone."""
+    poison = 99
+    engine = Engine(model, max_seq_len=64)
+    hidden = engine._hidden
+
+    def tripping(ids, positions, view):
+        if bool((ids == poison).any()):
+            raise RuntimeError("out of memory")
+        return hidden(ids, positions, view)
+
+    expect = engine.generate([[1, 2, 3]], max_new_tokens=6)[0]
+    monkeypatch.setattr(engine, "_hidden", tripping)
+    good = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=6))
+    events = engine.step()  # its prefill
+    bad = engine.add_request([4, poison, 5], SamplingParams(max_new_tokens=6))
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        events += engine.step()
+    for e in events:
+        out.setdefault(e.request_id, []).extend(e.new_token_ids)
+    (failed,) = [e for e in events if e.request_id == bad]
+    assert failed.finish_reason == "error" and "out of memory" in str(failed.error)
+    assert out[good] == expect
+    assert engine.stats()["cache_blocks_used"] == 0
+    with pytest.raises(RuntimeError, match="out of memory"):  # generate() raises it
+        engine.generate([[poison]], max_new_tokens=2)
+    assert engine.generate([[1, 2, 3]], max_new_tokens=6) == [expect]
+
+
+def test_default_context_is_what_the_default_cache_holds(model, monkeypatch):
+    """A long-context model whose full context exceeds the default cache (DeepSeek-V2-Lite: 163840
+    positions, ~17k tokens in 512 MiB) got max_seq_len = its whole context, so `nanoseek serve` refused
+    every request that left max_tokens out (EngineCapacityError: it asks for the rest of the context)."""
+    import nanoseek.engine.engine as engine_module
+
+    for speculative in (False, True):
+        layers = model.config.num_hidden_layers + speculative
+        monkeypatch.setattr(engine_module, "DEFAULT_CACHE_BYTES", 9 * 16 * layers * 40 * 4)  # 9 blocks
+        engine = Engine(model, speculative=speculative)
+        assert engine.max_seq_len == 8 * 16 - speculative < model.config.max_position_embeddings
+        engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=engine.max_seq_len - 3))
+        assert Engine(model, max_seq_len=200).max_seq_len == 200  # asked for: kept (and refused if too big)
+
+
 def test_training_state_untouched(model):
     model.train()
     loads = {i: r.expert_load.clone() for i, r in model.routers()}

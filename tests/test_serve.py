@@ -186,6 +186,37 @@ def test_concurrent_clients_all_answered(real):
     assert asyncio.run(main()) == 32
 
 
+def test_a_request_whose_forward_fails_fails_alone(tok, model, monkeypatch):
+    """One request that makes the forward raise (here: its prompt holds a poisoned token) gets a 500; the
+    request streaming beside it finishes, /health stays ok and later requests are served (the engine
+    thread used to die on it: every open request failed and the server answered 503 until restarted)."""
+    poison = 7
+    engine = Engine(model, max_batch_size=8, max_seq_len=256)
+    hidden = engine._hidden
+
+    def tripping(ids, positions, view):
+        if bool((ids == poison).any()):
+            raise RuntimeError("CUDA out of memory")
+        return hidden(ids, positions, view)
+
+    monkeypatch.setattr(engine, "_hidden", tripping)
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL), model=model)
+    body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            lines = (line for line in s.iter_lines() if line.startswith("data:"))
+            chunks = [next(lines)]
+            bad = c.post("/v1/completions", json={**body, "prompt": [4, poison, 5]})
+            assert "out of memory" in _err(bad, 500)["message"]
+            chunks += list(lines)
+        assert chunks[-1] == "data: [DONE]" and not any("error" in x for x in chunks)
+        assert json.loads(chunks[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+        assert c.get("/health").json() == {"status": "ok"}
+        again = c.post("/v1/completions", json=body)
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 40
+        assert app.state.server.engine.pending == 0 and engine.stats()["cache_blocks_used"] == 0
+
+
 def test_completions_lm_eval_loglikelihood(real, tok, model):
     """Exactly the body lm-evaluation-harness local-completions sends for loglikelihood."""
     ctx = tok.encode("First, 2 + 2", add_bos=True)

@@ -47,8 +47,9 @@ class StepEvent:
     new_token_ids: list[int]
     logprobs: list[TokenLogprob] | None
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort"
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
     prompt_logprobs: list[float | None] | None = None  # first event of a request only
+    error: Exception | None = None  # what failed this request's step (finish_reason "error")
 
 
 @dataclass
@@ -62,7 +63,8 @@ class Completion:
 class Engine:
     """Continuous-batching generation over a DeepSeekV3 model. Single-threaded: call from one thread.
 
-    max_seq_len: prompt + completion cap (default: the model's max_position_embeddings).
+    max_seq_len: prompt + completion cap (default: the model's max_position_embeddings, or what the
+    default cache holds for one sequence if that is less).
     num_blocks: cache blocks of `block_size` tokens (default: enough for max_batch_size full-length
     sequences, capped at 512 MiB of cache). quantize: None | "int8" | "fp8" (weight-only) | "w8a8"
     (int8 weights and activations, CPU; packed for its backend here), applied to the model in place.
@@ -123,8 +125,12 @@ class Engine:
         width = cache_row_width(cfg)  # MLA's latent row, or GQA's K/V heads (`paged_cache_for`)
         if num_blocks is None:
             per_block = num_layers * width * block_size * torch.empty(0, dtype=self.dtype).element_size()
+            budget = max(2, DEFAULT_CACHE_BYTES // per_block)
+            if max_seq_len is None:  # a long context the capped cache cannot hold for even one request:
+                # shorten it to what the cache holds (else every request asking for it is refused)
+                self.max_seq_len = min(self.max_seq_len, (budget - 1) * block_size - int(speculative))
             want = max_batch_size * math.ceil((self.max_seq_len + 1) / block_size) + 1
-            num_blocks = max(2, min(want, DEFAULT_CACHE_BYTES // per_block))
+            num_blocks = min(want, budget)
         self.cache = paged_cache_for(cfg, num_layers, num_blocks, block_size, self.dtype, self.device)
         self.scheduler = Scheduler(
             self.cache, max_batch_size, prefill_chunk, extra_slots=1 if speculative else 0
@@ -214,7 +220,11 @@ class Engine:
 
     # ----------------------------------------------------------------- step
     def step(self) -> list[StepEvent]:
-        """Advance every running request by one token (or more, speculating); returns what changed."""
+        """Advance every running request by one token (or more, speculating); returns what changed.
+
+        A forward that raises fails only the requests it computed (finish_reason "error", the exception
+        in the event's `error`, their blocks freed): the decode batch and the prefill batch fail apart,
+        and everyone else goes on."""
         events, self._aborted = self._aborted, []
         self._check_weights()  # before admission: a stale prefix must not be matched
         plan = self.scheduler.plan()
@@ -224,24 +234,33 @@ class Engine:
         t0 = time.perf_counter()
         with torch.inference_mode(), self._eval_mode(), weights_epoch(self._epoch):
             if plan.decode:
-                if self.speculative:
-                    self._decode_speculative(plan.decode)
-                else:
-                    self._decode(plan.decode)
+                decode = self._decode_speculative if self.speculative else self._decode
+                self._isolated(decode, plan.decode, plan.decode)
                 touched += plan.decode
             if plan.prefill:
-                self._prefill(plan.prefill)
-                touched += [s for s, _ in plan.prefill]
+                rows = [s for s, _ in plan.prefill]
+                self._isolated(self._prefill, plan.prefill, rows)
+                touched += rows
         self._stats["forward_seconds"] += time.perf_counter() - t0
         self._stats["steps"] += 1
         for seq in touched:
-            self.scheduler.register_blocks(seq)
+            if seq.error is None:  # a failed forward may have left its blocks half written
+                self.scheduler.register_blocks(seq)
             if seq.finished:
                 self.scheduler.finish(seq)
                 self._requests.pop(seq.request_id, None)
             if seq.finished or len(seq.tokens) - seq.prompt_len > seq.sent_tokens:
                 events.append(self._event(seq))
         return events
+
+    @staticmethod
+    def _isolated(forward: Callable[[Any], None], batch: Any, rows: list[Sequence]) -> None:
+        """Run one forward over `batch`; if it raises, its rows (and only they) finish with the error."""
+        try:
+            forward(batch)
+        except Exception as e:
+            for r in rows:
+                r.finish_reason, r.error = "error", e
 
     # -------------------------------------------------------- batch helpers
     def _view(
@@ -489,7 +508,7 @@ class Engine:
         if not seq.sent_prompt_logprobs:
             plp = seq.prompt_logprobs
             seq.sent_prompt_logprobs = True
-        return StepEvent(seq.request_id, new, lps, seq.finished, seq.finish_reason, plp)
+        return StepEvent(seq.request_id, new, lps, seq.finished, seq.finish_reason, plp, seq.error)
 
     # ----------------------------------------------------------- front ends
     def _params(self, params: SamplingParams | None, overrides: dict) -> SamplingParams:
@@ -529,6 +548,8 @@ class Engine:
             while pending:
                 for ev in self.step():
                     if ev.request_id in mine:
+                        if ev.error is not None:
+                            raise ev.error
                         if ev.finished:
                             pending.discard(ev.request_id)
                         yield ev

@@ -36,6 +36,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[float | None] | None = None
     finish_reason: str | None = None
+    error: Exception | None = None  # the exception that failed its step (finish_reason "error")
     sent_tokens: int = 0  # output tokens already reported in events
     sent_prompt_logprobs: bool = False
 

@@ -222,7 +222,9 @@ class AsyncEngine:
                 self._entries.pop(ev.request_id, None)
                 self._finish_metrics(entry, ev.finish_reason or "stop")
                 release = 1
-            self._post(entry.group, (entry.index, ev), release=release)
+            # a request whose step failed gets its error; the engine serves on (Engine.step)
+            error = getattr(ev, "error", None)
+            self._post(entry.group, (entry.index, ev if error is None else error), release=release)
 
     def _finish_metrics(self, entry: _Entry, reason: str) -> None:
         if self.metrics:
