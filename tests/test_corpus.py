@@ -20,6 +20,7 @@ from nanoseek.data.corpus import (
     iter_documents,
     resolve_files,
     tokenizer_documents,
+    window_tokens,
 )
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
 
@@ -331,6 +332,7 @@ def test_whole_document_packing(corpus: tuple[Path, list[str]], tok: Tokenizer) 
         x, y = x[0].tolist(), y[0].tolist()
         n = sum(t != -100 for t in y)  # real tokens: n + 1, then padding
         assert all(t != -100 for t in y[:n]) and all(t == pad for t in x[n + 1 :])
+        assert window_tokens(torch.tensor([x]), pad).sum() == min(n + 1, seq)  # what routing balances
         real = x[: n + 1] if n < seq else x + [y[-1]]
         starts = [i for i, t in enumerate(real) if t == bos] or [0]
         if starts[0] != 0:

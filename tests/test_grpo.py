@@ -155,6 +155,8 @@ def test_micro_batches_give_the_batch_gradient_and_token_mean_metrics() -> None:
         policy.zero_grad()
         micro = _micro_batches(ro, size, 0, skip_zero_adv=False)
         for mb in micro:
+            # the sequences' own tokens, which the routers' balancing counts; not the padding
+            assert mb["real"].sum(1).tolist() == [int(n) for n in (mb["ids"] != 0).sum(1)]
             args = (mb["ids"], mb["starts"], mb["mask"].shape[1], 0.7)
             with torch.no_grad():
                 # a sampling policy that differs by position only (so alike in every split): some clipped

@@ -447,6 +447,32 @@ def test_mtp_routers_get_the_balance_loss():
     assert mtp and all(r.aux_loss is not None and r.aux_loss.requires_grad for r in mtp)
 
 
+def test_padding_counts_in_neither_expert_load_nor_balance_loss():
+    """V3 balances the load of the batch's tokens (§2.1.2) and each sequence's loss is over its own T
+    tokens (eq. 17-20): the same sequences right-padded (SFT rows, GRPO micro-batches) must give the same
+    expert loads and balance loss, MTP routers included, though the pad tokens are routed too."""
+    model = model_for(config()).train()
+    model.set_balance_alpha(0.01)
+    x = ids(batch=2, seq=6).clamp_min(1)
+    padded = torch.cat((x, torch.zeros(2, 9, dtype=torch.long)), dim=1)
+    token_mask = padded != 0
+
+    def balancing(input_ids, token_mask=None):
+        hidden = model.hidden_states(input_ids, token_mask=token_mask)
+        model.mtp_losses(hidden, input_ids, input_ids, token_mask=token_mask)
+        return model.take_expert_load(), model.balance_loss()
+
+    load, loss = balancing(x)
+    load_padded, loss_padded = balancing(padded, token_mask)
+    assert load_padded.keys() == load.keys() and load["mtp1"].sum() > 0
+    for name in load:
+        assert torch.equal(load_padded[name], load[name]), name
+    torch.testing.assert_close(loss_padded, loss)
+    # without the mask the padding (one token, repeated) is counted: what the mask is for
+    unmasked, _ = balancing(padded)
+    assert any(not torch.equal(unmasked[name], load[name]) for name in load)
+
+
 # ------------------------------------------------------------ packed documents
 def test_document_mask_makes_packed_documents_independent():
     """A packed row with the document mask gives each document the logits (and MTP logits) it gets

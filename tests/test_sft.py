@@ -115,7 +115,7 @@ def test_packing_blocks_attention_and_restarts_positions() -> None:
     rows = pack_examples(exs, seq_len=6, pad_id=0)
     assert len(rows) == 2  # 6 | 3+2 (+1 pad)
     ids, labels, pos, docs = rows[1]
-    assert ids == [5, 6, 7, 8, 9, 0] and pos == [0, 1, 2, 0, 1, 0] and docs == [0, 0, 0, 1, 1, 2]
+    assert ids == [5, 6, 7, 8, 9, 0] and pos == [0, 1, 2, 0, 1, 0] and docs == [0, 0, 0, 1, 1, -1]
     assert labels[-1] == IGNORE
     batch = packed_batch_at(rows, 2, seed=0, step=0)
     mask = batch.attention_mask()
@@ -168,6 +168,26 @@ def _check_packed_vs_single(load_model) -> None:
             )
             single_sum += sft_loss(model, one).item() * one.num_target_tokens
     assert packed_sum / count == pytest.approx(single_sum / count, rel=1e-4)
+
+
+def test_padding_moves_neither_expert_load_nor_balance_loss() -> None:
+    """A row's padding (one token, repeated) is routed too; it must not count in the loads that move
+    the routing bias nor in the sequence-wise balance loss: the same examples padded by 0 or 47 tokens
+    balance alike."""
+    from model_configs import small_config
+    from nanoseek.checkpoint import build_model
+
+    model = build_model(small_config()).init_weights(0).train()
+    model.set_balance_alpha(1e-3)
+    g = torch.Generator().manual_seed(0)
+    exs = [(torch.randint(2, 128, (n,), generator=g).tolist(),) * 2 for n in (10, 7)]
+    seen = []
+    for seq_len in (17, 64):
+        sft_loss(model, packed_batch_at(pack_examples(exs, seq_len), 1, seed=0, step=0))
+        seen.append((model.take_expert_load(), model.balance_loss().detach()))
+    (load, loss), (load_padded, loss_padded) = seen
+    assert all(torch.equal(load_padded[name], load[name]) for name in load)
+    torch.testing.assert_close(loss_padded, loss)
 
 
 @pytest.mark.parametrize("budget_spent", [True, False])

@@ -741,7 +741,7 @@ def train_run(
 
     from nanoseek.accounting import analytic_parameters, kv_cache_bytes_per_token
     from nanoseek.checkpoint import build_model
-    from nanoseek.data.corpus import PackedDataset
+    from nanoseek.data.corpus import PackedDataset, window_tokens
     from nanoseek.perf import default_device
     from nanoseek.train.distributed import DistInfo
     from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
@@ -791,7 +791,14 @@ def train_run(
 
         def loss_fn() -> Any:
             x, y = (b.to(device) for b in next(batches))
-            return language_model_loss(trainer.model, x, y, mtp_weight=t.mtp_weight, document_mask=True)
+            return language_model_loss(
+                trainer.model,
+                x,
+                y,
+                mtp_weight=t.mtp_weight,
+                document_mask=True,
+                token_mask=window_tokens(x, tok.pad_token_id),  # whole documents: padding balances nothing
+            )
 
         violations: dict[str, list[float]] = {}
         train_losses: list[float] = []

@@ -373,6 +373,13 @@ def in_chat_prompt(inputs: torch.Tensor, user_id: int, assistant_id: int) -> tor
     return (last_user > last_assistant) & (nxt != assistant_id)
 
 
+def window_tokens(inputs: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """[B, S] bool: False on the padding that ends a whole-documents window (the trailing run of the pad
+    token), True on the documents' tokens, which the routers' balancing counts. (Where the pad token is
+    EOS, a document's closing EOS right before the padding goes uncounted with it.)"""
+    return (inputs != pad_id).int().flip(1).cummax(dim=1).values.flip(1).bool()
+
+
 def in_history_answer(
     inputs: torch.Tensor, user_id: int, assistant_id: int, think_id: int, bos_id: int
 ) -> torch.Tensor:

@@ -84,8 +84,14 @@ class Router(nn.Module):
         # update. Inference (eval mode) leaves it alone, so serving and rollouts never disturb it.
         self.register_buffer("expert_load", torch.zeros(self.n_experts), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B,S,H] -> (indices [B*S,k], weights [B*S,k] in fp32)."""
+    def forward(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B,S,H] -> (indices [B*S,k], weights [B*S,k] in fp32).
+
+        token_mask [B,S] (bool): the tokens that count in the expert load and the balance loss, False
+        at padding (routed all the same); None: every token. V3 balances the load of the batch's
+        tokens (§2.1.2); padding, one token repeated, would pile onto a few experts and move the bias."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         fp32 = torch.float32
@@ -124,25 +130,33 @@ class Router(nn.Module):
             weights = weights * self.routed_scaling_factor
         if self.training:
             with torch.no_grad():
-                self.expert_load += torch.bincount(indices.flatten(), minlength=self.n_experts).to(
-                    self.expert_load
-                )
+                rows = indices if token_mask is None else indices.masked_fill(~token_mask.reshape(-1, 1), -1)
+                # tokens left out fall in one more bin, dropped (no host sync, as a boolean index would be)
+                counts = torch.bincount(rows.flatten() + 1, minlength=self.n_experts + 1)
+                self.expert_load += counts[1:].to(self.expert_load)
         if self.training and self.aux_loss_alpha > 0:
-            self.aux_loss = self._sequence_balance_loss(scores, indices, shape[0])
+            self.aux_loss = self._sequence_balance_loss(scores, indices, shape[0], token_mask)
         elif self.aux_loss is not None:  # (nn.Module's attribute writes are slow: skip the no-op one)
             self.aux_loss = None
         return indices, weights
 
-    def _sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, batch: int) -> torch.Tensor:
-        """V3 eq. 17-20: α Σ_i f_i P_i per sequence, averaged over the batch."""
+    def _sequence_balance_loss(
+        self, scores: torch.Tensor, indices: torch.Tensor, batch: int, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """V3 eq. 17-20: α Σ_i f_i P_i per sequence over its T tokens (those `token_mask` keeps),
+        averaged over the batch's sequences that have any."""
         e, k = self.n_experts, self.top_k
         s = scores.view(batch, -1, e)
         t = s.shape[1]
+        m = s.new_ones(batch, t) if token_mask is None else token_mask.reshape(batch, t).to(s.dtype)
+        real = m.sum(dim=1)  # T of each sequence
         normalized = s / s.sum(dim=-1, keepdim=True)
         chosen = torch.zeros(batch, t * k, e, device=s.device).scatter_(2, indices.view(batch, t * k, 1), 1.0)
-        f = chosen.sum(dim=1) * e / (k * t)  # [B, E]
-        p = normalized.mean(dim=1)  # [B, E]
-        return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
+        chosen = chosen * m.repeat_interleave(k, dim=1).unsqueeze(-1)  # the counted tokens' choices
+        f = chosen.sum(dim=1) * e / (k * real.clamp(min=1).unsqueeze(1))  # [B, E]
+        p = (normalized * m.unsqueeze(-1)).sum(dim=1) / real.clamp(min=1).unsqueeze(1)  # [B, E]
+        has = (real > 0).to(s.dtype)
+        return self.aux_loss_alpha * ((f * p).sum(dim=-1) * has).sum() / has.sum().clamp(min=1)
 
 
 # Row counts per expert change every step; oneDNN, which runs PyTorch's bf16/fp16 CPU matmuls, builds a
@@ -543,10 +557,11 @@ class MoE(nn.Module):
         self._stacked: DerivedWeights[tuple[torch.Tensor, torch.Tensor] | None] = DerivedWeights()
         self._shared_cols: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B,S,H] -> [B,S,H]; token_mask [B,S]: the tokens the router's balancing counts (`Router`)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        indices, weights = self.gate(x)
+        indices, weights = self.gate(x, token_mask)
         stacked = self._with_shared_expert()
         if stacked is not None:
             # Serving: the shared expert is expert E, which every token also picks, with weight 1

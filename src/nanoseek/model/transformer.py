@@ -61,9 +61,14 @@ class DecoderBlock(nn.Module):
         cache: LatentCache | None = None,
         mask: torch.Tensor | None = None,
         absorb: bool | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """token_mask [B,S]: the tokens an MoE router's balancing counts (False at padding)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask, absorb)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (
+            self.mlp(h, token_mask) if token_mask is not None and isinstance(self.mlp, MoE) else self.mlp(h)
+        )
 
 
 class SharedHead(nn.Module):
@@ -185,15 +190,17 @@ class DeepSeekV3(nn.Module):
         return_hidden: bool = False,
         labels: torch.Tensor | None = None,
         ignore_index: int = -100,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B,S,V]; with `return_hidden`, (logits, final-normed hidden [B,S,H]).
 
         positions [B,S] default to 0..S-1. With a `cache`, attention uses the absorbed latent path.
         With `labels` [B,S] (the token that follows each position; `ignore_index` where nothing counts)
         the result is the mean next-token cross-entropy instead of logits, computed with the head
-        chunk by chunk so the [B,S,V] logits never exist at once (`nanoseek.model.loss`).
+        chunk by chunk so the [B,S,V] logits never exist at once (`nanoseek.model.loss`). token_mask
+        [B,S] (bool): the tokens the routers' balancing counts, False at padding (None: all).
         """
-        hidden = self.hidden_states(input_ids, positions, cache, mask, absorb)
+        hidden = self.hidden_states(input_ids, positions, cache, mask, absorb, token_mask)
         if labels is not None:
             out = linear_cross_entropy(hidden, self.lm_head.weight, labels, ignore_index)
         else:
@@ -207,6 +214,7 @@ class DeepSeekV3(nn.Module):
         cache: LatentCache | None = None,
         mask: torch.Tensor | None = None,
         absorb: bool | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -215,7 +223,7 @@ class DeepSeekV3(nn.Module):
         cos, sin = self.model.rotary_emb(positions)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, mask, absorb)
+            x = layer(x, cos, sin, cache, mask, absorb, token_mask)
         return self.model.norm(x)
 
     def mtp_block(
@@ -226,6 +234,7 @@ class DeepSeekV3(nn.Module):
         positions: torch.Tensor,
         cache: LatentCache | None = None,
         mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One MTP depth (V3 eq. 21-22): the depth-1 hidden h_i [B,S,H] combined with the embedding of
         token t_{i+depth+1} [B,S] at positions i, through this depth's block. Training and the engine's
@@ -233,7 +242,7 @@ class DeepSeekV3(nn.Module):
         layer = self.model.mtp_layers[depth]
         cos, sin = self.model.rotary_emb(positions)
         h = layer.combine(hidden, self.model.embed_tokens(next_ids))
-        return layer(h, cos, sin, cache, mask)
+        return layer(h, cos, sin, cache, mask, token_mask=token_mask)
 
     def mtp_head(self, depth: int, h: torch.Tensor) -> torch.Tensor:
         """Logits of MTP depth `depth` from its block output: its own norm, the shared head (V3 eq. 23)."""
@@ -245,11 +254,13 @@ class DeepSeekV3(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Training-time MTP: (k, depth k's block output [B, S-k-1, H]) at positions 0..S-k-2.
 
-        `positions` [B,S] and `mask` [B,S,S] are the main forward's (packed documents); each depth
-        uses their leading n x n part."""
+        `positions` [B,S], `mask` [B,S,S] and `token_mask` [B,S] are the main forward's (packed
+        documents, padding); each depth uses their leading n x n part, and counts in its routers'
+        balancing the positions whose own token and fed token t_{i+k+1} both count."""
         h = hidden
         s = input_ids.shape[1]
         for k in range(len(self.model.mtp_layers)):
@@ -258,7 +269,8 @@ class DeepSeekV3(nn.Module):
                 break
             pos = self.positions_for(input_ids[:, :n]) if positions is None else positions[:, :n]
             m = None if mask is None else mask[:, :n, :n]
-            h = self.mtp_block(k, h[:, :n], input_ids[:, k + 1 : k + 1 + n], pos, mask=m)
+            counted = None if token_mask is None else token_mask[:, :n] & token_mask[:, k + 1 : k + 1 + n]
+            h = self.mtp_block(k, h[:, :n], input_ids[:, k + 1 : k + 1 + n], pos, mask=m, token_mask=counted)
             yield k, h
 
     def mtp_logits(
@@ -281,11 +293,13 @@ class DeepSeekV3(nn.Module):
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """The cross-entropy of each MTP depth, fused with the head like `forward(labels=...)`.
 
         labels [B,S] are the main head's (the token after each position); depth k's targets are
-        `mtp_targets(labels, k, doc_ids)`. doc_ids [B,S]: the packed documents `mask` separates."""
+        `mtp_targets(labels, k, doc_ids)`. doc_ids [B,S]: the packed documents `mask` separates;
+        token_mask [B,S]: the tokens the routers' balancing counts (`forward`)."""
         return [
             linear_cross_entropy(
                 self.model.mtp_layers[k].shared_head.norm(h),
@@ -293,7 +307,7 @@ class DeepSeekV3(nn.Module):
                 mtp_targets(labels, k, doc_ids, ignore_index)[:, : h.shape[1]],
                 ignore_index,
             )
-            for k, h in self._mtp_depths(hidden, input_ids, positions, mask)
+            for k, h in self._mtp_depths(hidden, input_ids, positions, mask, token_mask)
         ]
 
     # ------------------------------------------------------------- balancing

@@ -83,6 +83,7 @@ def token_logprobs(
     completion_len: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    token_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of completion tokens under `model`, and optionally the per-token entropy.
 
@@ -91,6 +92,7 @@ def token_logprobs(
     completion: [B, completion_len], entry t = log π(ids[b, start+t] | ids[b, :start+t]) (positions past
     the sequence's end are garbage and must be masked by the caller). The logits are divided by the
     sampling temperature so the ratio compares the same distributions the engine sampled from.
+    `token_mask` [B, S]: the sequences' tokens, False at padding (the routers' balancing skips it).
     """
     b, s = input_ids.shape
     starts = torch.as_tensor(completion_start, device=input_ids.device).expand(b)
@@ -100,7 +102,7 @@ def token_logprobs(
     batch_idx = torch.arange(b, device=input_ids.device).unsqueeze(1)
     if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
         # project only the completion positions: the prompt's logits are never needed
-        hidden = model.hidden_states(input_ids)
+        hidden = model.hidden_states(input_ids, token_mask=token_mask)
         sel = model.lm_head(hidden[batch_idx, rows]).float()
     else:
         logits = model(input_ids)
@@ -447,16 +449,19 @@ def _micro_batches(
         lmax = max(len(ro.completion_ids[i]) for i in chunk)
         smax = max(len(ro.prompt_ids[i]) + len(ro.completion_ids[i]) for i in chunk)
         ids = torch.full((len(chunk), smax), pad_id, dtype=torch.long)
+        real = torch.zeros(len(chunk), smax, dtype=torch.bool)
         mask = torch.zeros(len(chunk), lmax)
         starts = torch.zeros(len(chunk), dtype=torch.long)
         for r, i in enumerate(chunk):
             p, c = ro.prompt_ids[i], ro.completion_ids[i]
             ids[r, : len(p) + len(c)] = torch.tensor(p + c)
+            real[r, : len(p) + len(c)] = True
             mask[r, : len(c)] = 1.0
             starts[r] = len(p)
         out.append(
             {
                 "ids": ids.to(device),
+                "real": real.to(device),  # False at padding
                 "starts": starts.to(device),
                 "mask": mask.to(device),
                 "adv": ro.advantages[chunk].to(device),
@@ -883,6 +888,7 @@ def _loss_fn(
             mb["mask"].shape[1],
             cfg.temperature,
             with_entropy=entropies is not None,
+            token_mask=mb["real"],
         )
         out = grpo_loss(
             logp,

@@ -177,6 +177,7 @@ def language_model_loss(
     ignore_index: int = -100,
     document_mask: bool = False,
     step: StepTargets | None = None,
+    token_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Next-token cross-entropy + λ·MTP loss + the routers' sequence-wise balance loss.
 
@@ -190,7 +191,8 @@ def language_model_loss(
 
     Each cross-entropy is a mean over this batch's targets; with `step`, this batch's share of the
     mean over the whole step's (`StepTargets`), and the balance loss, a mean over sequences, divided by
-    the step's micro-batches.
+    the step's micro-batches. token_mask [B,S]: the tokens the routers' balancing counts (False at
+    padding; None: all).
     """
     doc_ids = positions = mask = None
     if document_mask:
@@ -199,7 +201,13 @@ def language_model_loss(
         doc_ids, positions = packed_documents(model, input_ids)
         mask = document_causal_mask(doc_ids)
     lm, hidden = model(
-        input_ids, positions, mask=mask, return_hidden=True, labels=targets, ignore_index=ignore_index
+        input_ids,
+        positions,
+        mask=mask,
+        return_hidden=True,
+        labels=targets,
+        ignore_index=ignore_index,
+        token_mask=token_mask,
     )
     depths = len(model.model.mtp_layers)
     counts = None if step is None else target_counts(targets, depths, ignore_index, doc_ids)
@@ -218,7 +226,9 @@ def language_model_loss(
     share = 1 if step is None else step.micro_batches
     metrics: dict[str, Any] = {"lm_loss": (loss * share).detach(), "tokens": input_ids.numel()}
     if mtp_weight > 0:
-        per_depth = model.mtp_losses(hidden, input_ids, targets, ignore_index, positions, mask, doc_ids)
+        per_depth = model.mtp_losses(
+            hidden, input_ids, targets, ignore_index, positions, mask, doc_ids, token_mask
+        )
         if per_depth:
             mtp_loss = torch.stack([weighted(x, k + 1) for k, x in enumerate(per_depth)]).mean()
             # without `step`, a batch whose shifted targets are all masked gives NaN: nothing to learn

@@ -205,7 +205,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
 
     from nanoseek.checkpoint import build_model
     from nanoseek.config import resolve_config
-    from nanoseek.data.corpus import PackedDataset
+    from nanoseek.data.corpus import PackedDataset, window_tokens
     from nanoseek.probe import KINDS
     from nanoseek.train.distributed import all_reduce_, destroy_distributed, init_distributed
     from nanoseek.train.loop import (
@@ -346,6 +346,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
             mtp_weight=cfg.mtp_weight,
             document_mask=cfg.document_mask,
             step=step_targets,
+            token_mask=window_tokens(x, tok.pad_token_id).to(dist.device) if cfg.whole_documents else None,
         )
 
     # Every rank runs the probe: its forward passes are collectives under FSDP2 (all-gathers) and

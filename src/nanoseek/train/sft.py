@@ -185,11 +185,15 @@ class PackedBatch:
     input_ids: torch.Tensor  # [B, S]
     labels: torch.Tensor  # [B, S], IGNORE where no loss
     positions: torch.Tensor  # [B, S], restart at each packed example
-    doc_ids: torch.Tensor  # [B, S], which example each token belongs to (padding is its own)
+    doc_ids: torch.Tensor  # [B, S], which example each token belongs to (padding is its own: -1)
 
     def attention_mask(self) -> torch.Tensor:
         """[B, S, S] bool: causal within one example, nothing across examples."""
         return document_causal_mask(self.doc_ids)
+
+    def token_mask(self) -> torch.Tensor:
+        """[B, S] bool: the examples' tokens, False at padding (which the routers' balancing skips)."""
+        return self.doc_ids >= 0
 
     def to(self, device: torch.device) -> PackedBatch:
         return PackedBatch(
@@ -207,7 +211,7 @@ def pack_examples(
     """Greedy first-fit packing (longest first) of examples into rows of exactly `seq_len` tokens.
 
     An example longer than seq_len is cut to seq_len (keeping the prompt and the start of the answer).
-    Returns rows of (ids, labels, positions, doc_ids).
+    Returns rows of (ids, labels, positions, doc_ids); padding's doc id is -1.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
@@ -239,7 +243,7 @@ def pack_examples(
         ids += [pad_id] * pad
         labels += [IGNORE] * pad
         pos += list(range(pad))
-        docs += [len(row)] * pad
+        docs += [-1] * pad
         out.append((ids, labels, pos, docs))
     return out
 
@@ -268,6 +272,7 @@ def sft_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
         mask=batch.attention_mask(),
         labels=targets,
         ignore_index=IGNORE,
+        token_mask=batch.token_mask(),
     )
 
 
