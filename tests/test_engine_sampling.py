@@ -111,6 +111,39 @@ def test_logit_bias():
         SamplingParams(logit_bias={0: 150.0}).validate()
 
 
+@pytest.mark.parametrize("value", [2.5, -3.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
+def test_presence_and_frequency_penalties_outside_openais_range_are_refused(name, value):
+    # NaN or inf turned every logit into NaN: greedy picked token 0 at every step, without a word
+    with pytest.raises(ValueError, match=rf"{name} must be in \[-2, 2\]"):
+        SamplingParams(**{name: value}).validate()
+    SamplingParams(**{name: -2.0}).validate()
+    SamplingParams(**{name: 2.0}).validate()
+
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_rejected_draft_is_redrawn_on_the_logits_device(device):
+    """Speculative sampling's residual draw made its uniform on the default device: with logits on a
+    GPU every rejected draft raised (searchsorted over a cuda CDF with a cpu value). The default device
+    is set elsewhere here (meta) to show the same on a machine without one."""
+    from nanoseek.engine.speculative import verify
+
+    p = torch.tensor([0.3, 0.5, 0.2])
+    n = 2000
+    logits = p.log().repeat(n, 1).to(device)
+    drafts = torch.zeros(n, dtype=torch.long, device=device)
+    states = [SamplerState(SamplingParams(temperature=1.0, seed=s), [1], 3) for s in range(n)]
+    with torch.device("meta"):
+        accepted, tokens = verify(logits, drafts, states)
+    assert accepted.device.type == tokens.device.type == torch.device(device).type
+    # accepted with p(d); otherwise drawn from p without d: the output is distributed as p
+    freq = torch.bincount(tokens.cpu(), minlength=3).float() / n
+    assert torch.allclose(freq, p, atol=0.05) and bool((tokens[~accepted] != 0).all())
+
+
 def test_sampling_matches_distribution():
     logits = torch.log(torch.tensor([0.6, 0.3, 0.1])).repeat(4000, 1)
     st = SamplerState(SamplingParams(temperature=1.0, seed=0), [0], 3)

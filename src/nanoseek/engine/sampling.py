@@ -55,6 +55,10 @@ class SamplingParams:
         need(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
         need(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
         need(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        # OpenAI's and vLLM's range; NaN or inf made every logit NaN (greedy then picked token 0)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            need(-2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value}")
         need(
             self.logprobs is None or self.logprobs >= 0, f"logprobs must be None or >= 0, got {self.logprobs}"
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.engine.sampling import SamplerState, apply_penalties, processed_probs
+from nanoseek.engine.sampling import SamplerState, apply_penalties, draw, processed_probs
 
 
 def verify(
@@ -43,14 +43,8 @@ def verify(
             accepted[i] = False
             residual = p.clone()
             residual[d] = 0.0
-            total = float(residual.sum())
-            if total <= 0.0:  # p was all on d: the draft is the only possible token
+            if float(residual.sum()) <= 0.0:  # p was all on d: the draft is the only possible token
                 accepted[i], choice[i] = True, d
                 continue
-            cdf = (residual / total).double().cumsum(0)
-            u = states[i].rng.random()
-            k = int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64)).clamp(max=p.numel() - 1))
-            if residual[k] <= 0:
-                k = int(residual.argmax())
-            choice[i] = k
+            choice[i] = draw(residual.unsqueeze(0), [states[i]])[0]
     return accepted, choice
