@@ -12,9 +12,11 @@ from nanoseek.accounting import (
     analytic_parameters,
     count_parameters,
     flops_per_token,
+    human,
     kv_cache_bytes_per_token,
     mha_kv_cache_bytes_per_token,
     parse_count,
+    si,
     training_cost,
 )
 from nanoseek.cli import main
@@ -164,6 +166,21 @@ def test_parse_count(text: str, value: float) -> None:
 def test_parse_count_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_count(bad, "--tokens")
+
+
+@pytest.mark.parametrize(
+    "n,text",
+    [(1.2345e9, "1.234B"), (999_960_000, "1B"), (999_999, "1M"), (999.96, "1K"), (36.63e9, "36.63B")],
+)
+def test_human_rounds_before_it_picks_the_suffix(n: float, text: str) -> None:
+    assert human(n) == text
+
+
+@pytest.mark.parametrize(
+    "n,text", [(8.35e10, "83.5 GFLOP"), (999.7e9, "1 TFLOP"), (999.6, "1 kFLOP"), (1.0, "1 FLOP")]
+)
+def test_si_rounds_before_it_picks_the_prefix(n: float, text: str) -> None:
+    assert si(n, "FLOP") == text
 
 
 def test_v3_worked_example() -> None:

@@ -356,3 +356,23 @@ def test_validation_loss_is_the_mean_over_every_target_of_the_set(workdir, tmp_p
         ]
     expected = float(sum(sums) / sum(int((y != -100).sum()) for _, y in held))
     assert logged == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("mtp_weight", [0.0, 0.3])
+def test_mfu_counts_the_mtp_flops_only_when_the_loss_runs_it(
+    workdir, tmp_path, monkeypatch, mtp_weight
+) -> None:
+    from nanoseek import perf
+    from nanoseek.accounting import flops_per_token
+    from nanoseek.config import ModelConfig
+
+    peak = 1e30
+    fake = lambda *a, **k: peak  # noqa: E731
+    fake.cache_clear = lambda: None
+    monkeypatch.setattr(perf, "matmul_peak_flops", fake)
+    pretrain(config(workdir, tmp_path / "run", steps=1, val_every=0, mtp_weight=mtp_weight))
+    (record,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "mfu" in r]
+    model_config = ModelConfig.load(workdir / "micro")
+    assert model_config.num_nextn_predict_layers > 0
+    expected = flops_per_token(model_config, 32, training=True, include_mtp=mtp_weight > 0)
+    assert record["mfu"] * peak / record["tok_per_s"] == pytest.approx(expected, rel=1e-6)

@@ -217,6 +217,30 @@ def test_sft_steps_with_the_optimizer_it_is_given(tmp_path, monkeypatch) -> None
     assert len(steps) == 3
 
 
+def test_mfu_counts_no_mtp_flops_sft_does_not_run(tmp_path, monkeypatch) -> None:
+    """SFT's loss is the main head's alone: a model with an MTP module must not be credited its FLOPs."""
+
+    from model_configs import small_config
+    from nanoseek import perf
+    from nanoseek.accounting import flops_per_token
+    from nanoseek.checkpoint import build_model
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train.sft import SFTConfig, train_on_examples
+
+    peak = 1e30
+    fake = lambda *a, **k: peak  # noqa: E731
+    fake.cache_clear = lambda: None
+    monkeypatch.setattr(perf, "matmul_peak_flops", fake)
+    config = small_config(num_nextn_predict_layers=1)
+    ids = list(range(2, 30))
+    cfg = SFTConfig(init="", steps=1, batch_size=2, seq_len=32, progress=False)
+    model = build_model(config).init_weights(0)
+    train_on_examples(model, CharTokenizer(), [(ids, [IGNORE] * 10 + ids[10:])] * 4, tmp_path, "sft", cfg)
+    (record,) = [r for r in read_metrics(tmp_path, "sft") if "mfu" in r]
+    counted = record["mfu"] * peak / record["tok_per_s"]
+    assert counted == pytest.approx(flops_per_token(config, 32, training=True), rel=1e-6)
+
+
 def test_time_budget_refits_the_schedule_to_anneal_by_the_deadline(tmp_path, monkeypatch) -> None:
     import itertools
     import time

@@ -443,7 +443,8 @@ def training_cost(
 
 
 def human(n: float) -> str:
-    """1.2345e9 -> '1.23B' (K/M/B/T, powers of 1000): parameter and token counts."""
+    """36.63e9 -> '36.63B' (K/M/B/T, powers of 1000): parameter and token counts."""
+    n = float(f"{n:.4g}")  # rounded first: 999.96M is '1B', not '1000M'
     for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.4g}{suffix}"
@@ -452,6 +453,7 @@ def human(n: float) -> str:
 
 def si(n: float, unit: str) -> str:
     """8.35e10, 'FLOP' -> '83.5 GFLOP' (SI prefixes)."""
+    n = float(f"{n:.3g}")  # rounded first: 999.7e9 is '1 TFLOP', not '1e+03 GFLOP'
     for prefix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.3g} {prefix}{unit}"

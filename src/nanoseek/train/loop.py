@@ -795,9 +795,12 @@ class StepLog:
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / stage))
 
     @classmethod
-    def for_trainer(cls, trainer: Trainer, *, seq_len: int | None = None, **kwargs: Any) -> StepLog:
-        """A log for `trainer`'s stage; with `seq_len` it reports MFU."""
-        flops = training_flops_per_token(trainer.base_model, seq_len) if seq_len else None
+    def for_trainer(
+        cls, trainer: Trainer, *, seq_len: int | None = None, include_mtp: bool = True, **kwargs: Any
+    ) -> StepLog:
+        """A log for `trainer`'s stage; with `seq_len` it reports MFU. `include_mtp`: whether the stage's
+        loss runs the MTP modules (their FLOPs count only then)."""
+        flops = training_flops_per_token(trainer.base_model, seq_len, include_mtp) if seq_len else None
         return cls(
             trainer.run_dir,
             trainer.stage,

@@ -280,6 +280,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     log = StepLog.for_trainer(
         trainer,
         seq_len=cfg.seq_len,
+        include_mtp=cfg.mtp_weight > 0,  # language_model_loss runs the MTP modules only then
         log_every=cfg.log_every,
         expert_load_every=cfg.expert_load_every,
         tensorboard=cfg.tensorboard,

@@ -494,7 +494,8 @@ def train_on_examples(
         config_extra=config_extra or {},
         resume_settings={name: getattr(cfg, name) for name in RESUME_SETTINGS},
     )
-    log = StepLog.for_trainer(trainer, seq_len=cfg.seq_len, progress=cfg.progress)
+    # sft_loss is the main head's alone: the MTP modules do not run, so their FLOPs are not the step's
+    log = StepLog.for_trainer(trainer, seq_len=cfg.seq_len, include_mtp=False, progress=cfg.progress)
     if cfg.resume:
         trainer.resume()
     if trainer.global_step == 0:  # a new run: the report reads it apart from any before it in RUN
