@@ -125,6 +125,12 @@ def test_optim_config_rejects_bad_values() -> None:
         OptimConfig(schedule="linear")
     with pytest.raises(ValueError, match="lr"):
         OptimConfig(lr=0)
+    # NaN compares false with everything: a NaN clip or decay would pass `< 0` and turn every weight to
+    # NaN on the first step, which the guard (checking the norm before clipping) accepts
+    for bad in (dict(grad_clip=math.nan), dict(weight_decay=math.nan), dict(weight_decay=math.inf)):
+        with pytest.raises(ValueError, match="weight_decay and grad_clip must be >= 0"):
+            OptimConfig(**bad)
+    assert OptimConfig(grad_clip=math.inf).grad_clip == math.inf  # no clipping, as 0 is
 
 
 def test_no_decay_on_norms_and_embeddings() -> None:

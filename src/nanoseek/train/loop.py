@@ -83,8 +83,13 @@ class OptimConfig:
             raise ValueError(f"schedule {self.schedule!r} not in {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r} not in {', '.join(OPTIMIZERS)}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("warmup_steps, weight_decay and grad_clip must be >= 0")
+        # written so that NaN fails too: a NaN clip or decay passes the guard (the norm it checks is
+        # measured before clipping) and writes NaN into every weight on the first step
+        if not (self.warmup_steps >= 0 and self.grad_clip >= 0 and 0 <= self.weight_decay < math.inf):
+            raise ValueError(
+                "warmup_steps, weight_decay and grad_clip must be >= 0 (weight_decay finite), got "
+                f"{self.warmup_steps}, {self.weight_decay} and {self.grad_clip}"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 < self.decay_fraction <= 1.0:
