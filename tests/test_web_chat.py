@@ -314,3 +314,58 @@ def test_the_think_switch_renders_the_non_thinking_prompt(browser):
             text = tok.decode(engine.added[-1][0])
             assert text.endswith("<｜Assistant｜><think>\n" if on else "<｜Assistant｜></think>"), text[-40:]
         assert browser.js("localStorage.getItem('nanoseek:think')") == "false"
+
+
+@pytest.mark.slow
+def test_markdown_keeps_products_list_numbers_and_urls_with_parentheses(browser):
+    """A math answer's "17 * 23 * 2" lost both asterisks to <em> (CommonMark opens emphasis only before a
+    non-space); "1. a" and "2. b" parted by a blank line or text showed "1." twice; and a Wikipedia link's
+    "(mathematics)" was cut at its ")"."""
+    tok = tiny_tokenizer()
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        _open_page(browser, srv)
+
+        def render(src: str) -> str:
+            return browser.js(f"window.renderMarkdown({json.dumps(src)})")
+
+        assert render("17 * 23 * 2 = 782 and 2 ** 3 ** 2") == "<p>17 * 23 * 2 = 782 and 2 ** 3 ** 2</p>"
+        assert render("a _ b _ c") == "<p>a _ b _ c</p>"
+        assert (
+            render("*a* **b** _c_ __d__")
+            == "<p><em>a</em> <strong>b</strong> <em>c</em> <strong>d</strong></p>"
+        )
+        assert render("1. a\n\n2. b\n   more\n3. c") == (
+            '<ol><li>a</li></ol>\n<ol start="2"><li>b</li></ol>\n<p>   more</p>\n<ol start="3"><li>c</li></ol>'
+        )
+        assert render("- x\n- y") == "<ul><li>x</li><li>y</li></ul>"
+        url = "https://en.wikipedia.org/wiki/Set_(mathematics)"
+        assert render(f"[set]({url})") == (
+            f'<p><a href="{url}" target="_blank" rel="noopener noreferrer">set</a></p>'
+        )
+
+
+@pytest.mark.slow
+def test_thought_for_counts_the_thinking_not_the_answer(browser):
+    """ "Thought for N s" (DeepSeek's wording) timed the whole turn: a short thought before a long answer
+    read as minutes of thinking."""
+    tok = tiny_tokenizer()
+    answer = "The answer is four. " * 12  # ~20x longer than the thought
+
+    def reply(prompt, params):
+        return tok.encode(f"Hmm.\n</think>\n\n{answer}")
+
+    engine = ScriptedEngine(tok, reply, step_delay=0.05)
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        _open_page(browser, srv)
+        browser.js("document.getElementById('input').value = 'What is 2 + 2?'")
+        started = time.time()
+        browser.js("document.getElementById('send').click()")
+        deadline = time.time() + 60
+        while not browser.js("!!document.querySelector('.msg.assistant[data-state=done]')"):
+            assert time.time() < deadline, "no finished answer"
+            time.sleep(0.05)
+        elapsed = time.time() - started
+        summary = browser.js("document.querySelector('.msg.assistant details.thinking summary').textContent")
+        thought = float(summary.removeprefix("Thought for ").removesuffix(" s"))
+        assert thought < elapsed / 3, (summary, elapsed)

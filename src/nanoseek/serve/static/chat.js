@@ -107,6 +107,7 @@
     const view = assistantView(div);
     let reasoning = "", content = "", usage = null, finish = null, failed = false;
     const started = performance.now();
+    let thought = null;  // seconds until the answer began: "Thought for" is the thinking, not the whole turn
     const mine = conversation;
     controller = new AbortController();
     sendBtn.disabled = true; stopBtn.disabled = false;
@@ -148,6 +149,7 @@
             view.reasoning.textContent = reasoning;
           }
           if (d.content) {
+            if (reasoning && thought === null) thought = (performance.now() - started) / 1000;
             content += d.content;
             view.answer.innerHTML = window.renderMarkdown(content);
           }
@@ -163,7 +165,7 @@
       view.answer.appendChild(p);
     } finally {
       const secs = (performance.now() - started) / 1000;
-      if (reasoning) { view.summary.textContent = "Thought for " + secs.toFixed(1) + " s"; view.details.open = false; }
+      if (reasoning) { view.summary.textContent = "Thought for " + (thought ?? secs).toFixed(1) + " s"; view.details.open = false; }
       const parts = [];
       if (usage) parts.push(usage.completion_tokens + " tokens", (usage.completion_tokens / secs).toFixed(1) + " tok/s");
       if (finish) parts.push("finish: " + finish);

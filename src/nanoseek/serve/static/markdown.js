@@ -8,10 +8,13 @@
             .replace(/"/g, "&quot;").replace(/'/g, "&#39;");
   }
 
-  // Emphasis on already-escaped text that holds no tags of ours (they are cut out first).
+  // Emphasis on already-escaped text that holds no tags of ours (they are cut out first). As in CommonMark,
+  // a delimiter opens only before a non-space and closes only after one: "2 * 3 * 4" is a product, not emphasis.
   function emphasis(text) {
-    text = text.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>").replace(/__([^_\n]+)__/g, "<strong>$1</strong>");
-    return text.replace(/(^|[^*])\*([^*\n]+)\*/g, "$1<em>$2</em>").replace(/(^|\W)_([^_\n]+)_(?=\W|$)/g, "$1<em>$2</em>");
+    text = text.replace(/\*\*(?!\s)([^*\n]*[^*\s])\*\*/g, "<strong>$1</strong>")
+               .replace(/__(?!\s)([^_\n]*[^_\s])__/g, "<strong>$1</strong>");
+    return text.replace(/(^|[^*])\*(?!\s)([^*\n]*[^*\s])\*/g, "$1<em>$2</em>")
+               .replace(/(^|\W)_(?!\s)([^_\n]*[^_\s])_(?=\W|$)/g, "$1<em>$2</em>");
   }
 
   // Inline spans on already-escaped text. Code spans and links are cut out into NUL-delimited
@@ -20,7 +23,8 @@
     const held = [];
     function hold(html) { held.push(html); return "\u0000" + (held.length - 1) + "\u0000"; }
     text = text.replace(/`([^`\n]+)`/g, function (_, c) { return hold("<code>" + c + "</code>"); });
-    text = text.replace(/\[([^\]\n]+)\]\(([^)\s]+)\)/g, function (m, label, url) {
+    // a URL may hold balanced parentheses, as Wikipedia's do: https://en.wikipedia.org/wiki/Set_(mathematics)
+    text = text.replace(/\[([^\]\n]+)\]\(((?:[^()\s]|\([^()\s]*\))+)\)/g, function (m, label, url) {
       const raw = url.replace(/&amp;/g, "&");
       if (!/^(https?:\/\/|mailto:)/i.test(raw)) return m;
       return hold('<a href="' + url + '" target="_blank" rel="noopener noreferrer">' + emphasis(label) + "</a>");
@@ -36,7 +40,9 @@
     const out = [];
     let para = [], list = null, i = 0;
     function flushPara() { if (para.length) { out.push("<p>" + inline(para.join("<br>")) + "</p>"); para = []; } }
-    function flushList() { if (list) { out.push("<" + list.tag + ">" + list.items.map(function (x) { return "<li>" + inline(x) + "</li>"; }).join("") + "</" + list.tag + ">"); list = null; } }
+    // an ordered list keeps its first number: items parted by blank lines or text ("1. a\n\n2. b") are
+    // separate lists here, and each would otherwise restart at 1
+    function flushList() { if (list) { out.push("<" + list.tag + (list.start !== 1 ? ' start="' + list.start + '"' : "") + ">" + list.items.map(function (x) { return "<li>" + inline(x) + "</li>"; }).join("") + "</" + list.tag + ">"); list = null; } }
     while (i < lines.length) {
       const line = lines[i];
       const fence = line.match(/^\s*```\s*([\w+-]*)\s*$/);
@@ -51,15 +57,14 @@
         continue;
       }
       const h = line.match(/^(#{1,6})\s+(.*)$/);
-      const ul = line.match(/^\s*[-*+]\s+(.*)$/);
-      const ol = line.match(/^\s*\d+[.)]\s+(.*)$/);
+      const item = line.match(/^\s*(?:[-*+]|(\d+)[.)])\s+(.*)$/);  // [1]: an ordered item's number
       const quote = line.match(/^&gt;\s?(.*)$/);
       if (h) { flushPara(); flushList(); out.push("<h" + h[1].length + ">" + inline(h[2]) + "</h" + h[1].length + ">"); }
-      else if (ul || ol) {
+      else if (item) {
         flushPara();
-        const tag = ul ? "ul" : "ol";
-        if (!list || list.tag !== tag) { flushList(); list = { tag: tag, items: [] }; }
-        list.items.push((ul || ol)[1]);
+        const tag = item[1] === undefined ? "ul" : "ol";
+        if (!list || list.tag !== tag) { flushList(); list = { tag: tag, items: [], start: tag === "ol" ? +item[1] : 1 }; }
+        list.items.push(item[2]);
       }
       else if (quote) { flushPara(); flushList(); out.push("<blockquote>" + inline(quote[1]) + "</blockquote>"); }
       else if (/^\s*$/.test(line)) { flushPara(); flushList(); }
