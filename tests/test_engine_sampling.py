@@ -226,6 +226,22 @@ def test_weight_only_quantization(model, fmt):
         quantize_model(copy.deepcopy(model), "int4")
 
 
+def test_a_model_already_in_another_8bit_storage_is_not_quantized_again(model):
+    """Engine(quantize=...) over a model loaded with quantize= or fp8=True: the same format again is a
+    no-op; another one quantized only what was left (the head, the experts) and said it had done
+    it all (engine.quantize), a mix load_model(fp8=True, quantize=...) refuses."""
+    from nanoseek.model.fp8 import quantize_linears_fp8
+
+    int8 = quantize_model(copy.deepcopy(model), "int8")
+    assert Engine(int8, quantize="int8").model is int8
+    with pytest.raises(ValueError, match=r"quantize='fp8': .* already stored in int8"):
+        Engine(int8, quantize="fp8")
+    fp8 = copy.deepcopy(model)
+    quantize_linears_fp8(fp8)
+    with pytest.raises(ValueError, match=r"quantize='int8': .* already stored in fp8=True"):
+        Engine(fp8, quantize="int8")
+
+
 @pytest.mark.parametrize("fmt", ["int8", "fp8", "w8a8"])
 @pytest.mark.parametrize("tokens", [1, 3, 40])  # the int8 kernel's few rows, and widening per expert
 def test_quantized_experts_run_on_their_storage(fmt, tokens, monkeypatch):
@@ -267,6 +283,49 @@ def test_quant_linear_equals_its_dequantized_weight(rows, fmt):
         want = torch.nn.functional.linear(x, q.dequantize()).float()
     assert got.shape == (2, rows, 96)
     assert (got - want).norm() < (0.03 if fmt == "w8a8" else 0.01) * want.norm()
+
+
+def test_int8_kernel_runs_only_on_rows_it_can_load():
+    """PyTorch's weight-only int8 kernel steps through K 16 values at a time with aligned loads (bf16 on
+    x86): an in_features of 40 or 13 (a linear's, or the routed experts' down projection, whose
+    width the probe on gate_up never saw), or rows that start off its alignment, read past the rows
+    or crashed the process (a segfault). Those widths widen the weight instead; a misaligned view is
+    copied. In a subprocess, so that a crash is a failure, not the end of the test run."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from nanoseek.engine.quantize import QuantLinear, QuantRoutedExperts
+from nanoseek.model.moe import RoutedExperts
+
+def close(got, want):
+    return (got.float() - want.float()).norm() < 0.01 * want.float().norm()
+
+torch.manual_seed(0)
+for k, off in ((40, 0), (13, 0), (64, 1), (64, 8)):
+    q = QuantLinear(torch.nn.Linear(k, 37, bias=False).to(torch.bfloat16), "int8")
+    for rows in (1, 3):
+        x = torch.randn(rows * k + off).to(torch.bfloat16)[off:].view(rows, k)
+        with torch.inference_mode():
+            assert close(q(x), torch.nn.functional.linear(x, q.dequantize())), (k, off, rows)
+dense = RoutedExperts(8, 64, 40).to(torch.bfloat16)
+with torch.no_grad():
+    dense.gate_up_proj.normal_(0, 0.2)
+    dense.down_proj.normal_(0, 0.2)
+q = QuantRoutedExperts(dense, "int8")
+ref = RoutedExperts(8, 64, 40).to(torch.bfloat16)
+with torch.no_grad():
+    gu, d = q.expert_weights()
+    ref.gate_up_proj.copy_(gu)
+    ref.down_proj.copy_(d)
+x, idx, w = torch.randn(3, 64).to(torch.bfloat16), torch.tensor([[0, 1], [2, 3], [0, 4]]), torch.rand(3, 2)
+with torch.inference_mode():
+    assert close(q(x, idx, w), ref(x, idx, w))
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_w8a8_output_does_not_depend_on_batch_mates(model):

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.model.fp8 import FP8Linear
 from nanoseek.model.moe import RoutedExperts, each_expert, shape_only
 
 FORMATS = ("int8", "fp8", "w8a8")
@@ -69,6 +70,10 @@ def quantize_tensor(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tens
 
 
 INT8PACK_ROWS = 8  # rows up to which `_weight_int8pack_mm` beats widening the weight once
+# Its x86 bf16 (and ARM) loops step through K 16 (8) values at a time with aligned loads and no tail:
+# another width reads past each row, and a row off a 32-byte boundary faults (a segfault, which no
+# `try` catches), so it runs only where K is a multiple of 16, on rows where it can load them.
+INT8PACK_K = 16
 
 
 def _quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: bool) -> torch.Tensor:
@@ -77,8 +82,11 @@ def _quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel:
     and the per-channel scale applied to the output columns (N·out multiplies, not out·in); fp16
     could overflow on the unscaled sums, so it scales the weight."""
     scale = scale.to(x.dtype)
-    if kernel and x.shape[0] <= INT8PACK_ROWS:
-        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale)
+    if kernel and x.shape[0] <= INT8PACK_ROWS and q.shape[1] % INT8PACK_K == 0:
+        x = x.contiguous()
+        if x.data_ptr() % 64:  # a view off the allocator's alignment: these few rows copied are on it
+            x = x.clone()
+        return torch.ops.aten._weight_int8pack_mm(x, q, scale)
     if x.dtype == torch.float16:
         return F.linear(x, q.to(x.dtype) * scale.unsqueeze(-1))
     return F.linear(x, q.to(x.dtype)) * scale
@@ -140,10 +148,11 @@ def w8a8_available() -> bool:
 
 
 def _int8_kernel_ok(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Does PyTorch's weight-only int8 kernel take these dtypes/shapes and agree with dequantizing?"""
-    row = x.reshape(-1, x.shape[-1])[:1].contiguous()
+    """Does PyTorch's weight-only int8 kernel take this dtype and agree with dequantizing (where
+    `_quant_linear` runs it: the widths it can load)?"""
+    row = x.reshape(-1, x.shape[-1])[:1]
     try:
-        got = torch.ops.aten._weight_int8pack_mm(row, q, scale.to(x.dtype))
+        got = _quant_linear(row, q, scale, kernel=True)
     except Exception:
         return False
     want = F.linear(row, q.to(x.dtype) * scale.to(x.dtype).unsqueeze(-1))
@@ -293,6 +302,18 @@ def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
     """Replace the model's linears (lm_head only for int8 and untied) and routed experts in place."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown quantization {fmt!r}; choose one of {FORMATS}")
+    # Layers already in 8 bits are not linears any more: quantizing would leave them as they are, and
+    # the rest in `fmt`, a mix that `load_model(fp8=True, quantize=...)` refuses.
+    held = {
+        getattr(m, "fmt", "fp8=True")  # FP8Linear: DeepSeek's 128x128-block FP8
+        for m in model.modules()
+        if isinstance(m, (QuantLinear, QuantRoutedExperts, FP8Linear))
+    }
+    if held - {fmt}:
+        raise ValueError(
+            f"quantize={fmt!r}: the model's weights are already stored in {', '.join(sorted(held))}; "
+            "two weight storages: load it without quantization and quantize once"
+        )
     if fmt == "w8a8" and not w8a8_available():
         raise ValueError(
             "quantize='w8a8' needs a PyTorch built with a quantized CPU backend (fbgemm or qnnpack)"
