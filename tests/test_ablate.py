@@ -180,6 +180,15 @@ def test_parse_budget() -> None:
     assert parse_budget("2 hours") == parse_budget("120 minutes") == Budget("seconds", 7200)
 
 
+def test_budget_in_steps_is_told_the_forms_it_can_use() -> None:
+    # the docs quote default budgets in steps; "100 steps" ends in "s" but is no time with a K/M suffix
+    for text in ("100 steps", "2 hrs"):
+        with pytest.raises(ValueError, match="cannot parse --budget.*384k.*90s"):
+            parse_budget(text)
+    with pytest.raises(ValueError, match="no K/M suffix"):
+        parse_budget("1ks")
+
+
 def test_bad_study_name_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"unknown study 'moes'.*moe, mla, balance, mtp, fp8"):
         get_study("moes")
@@ -192,6 +201,19 @@ def test_bad_study_name_is_a_clear_error() -> None:
     with pytest.raises(SystemExit) as e:
         main(["ablate", "nope"])
     assert e.value.code == 2
+
+
+def test_bad_options_are_refused_before_any_training() -> None:
+    # --threads -1 was a RuntimeError traceback from torch, --max-new-tokens 0 an error after the mtp
+    # study's first run had trained
+    for bad, match in (
+        ({"threads": -1}, "--threads"),
+        ({"max_new_tokens": 0}, "--max-new-tokens"),
+        ({"acc_n": -1}, "--acc-n"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            AblateConfig(study="mtp", **bad).validate()
+    AblateConfig(study="mtp", acc_n=0, threads=1).validate()
 
 
 def test_studies_refuse_a_preset_without_the_technique() -> None:
@@ -283,6 +305,25 @@ def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch) -> None:
         run_study(AblateConfig(study="balance", seeds=1, budget="60s", out=str(tmp_path)), "balance")
     # more seeds is the same plan, extended
     run_study(AblateConfig(study="balance", seeds=2, out=str(tmp_path), progress=False), "balance")
+
+
+def test_resume_where_auto_precision_resolves_otherwise_is_refused(tmp_path, monkeypatch) -> None:
+    # "auto" trains in bf16 on a CPU with native bf16 and in fp32 on one without (or under
+    # ATEN_CPU_CAPABILITY=avx2): a resume there would pair bf16 runs with fp32 ones in one report
+    import torch
+
+    import nanoseek.perf as perf
+    import nanoseek.train.pretrain as pretrain
+
+    _fake_training(monkeypatch, [], precision="bf16")
+    monkeypatch.setattr(perf, "default_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(pretrain, "cpu_has_bf16", lambda: True)
+    cfg = AblateConfig(study="balance", seeds=1, out=str(tmp_path), progress=False)
+    report = run_study(cfg, "balance")
+    assert "Trained in bf16 on cpu." in report.read_text()
+    monkeypatch.setattr(pretrain, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ValueError, match="precision differs"):
+        run_study(cfg, "balance")
 
 
 def test_fp8_unsupported_runs_bf16_vs_fp32_and_says_so(tmp_path, monkeypatch, capsys) -> None:

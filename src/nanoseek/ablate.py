@@ -68,8 +68,12 @@ class AblateConfig:
     def validate(self) -> None:
         if self.study not in (*STUDIES, "all"):
             raise ValueError(unknown_study(self.study))
-        if self.seeds < 1 or self.val_batches < 1 or self.tokenizer_docs < 1:
-            raise ValueError("--seeds, --val-batches and --tokenizer-docs must be >= 1")
+        if self.seeds < 1 or self.val_batches < 1 or self.tokenizer_docs < 1 or self.max_new_tokens < 1:
+            raise ValueError("--seeds, --val-batches, --tokenizer-docs and --max-new-tokens must be >= 1")
+        if self.acc_n < 0:
+            raise ValueError(f"--acc-n must be >= 0 (0: no greedy accuracy), got {self.acc_n}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.budget is not None:
             parse_budget(self.budget)
 
@@ -129,12 +133,13 @@ def parse_budget(text: str | Budget) -> Budget:
         if raw.lower().endswith(unit):
             number, scale = raw[: -len(unit)].strip(), _SECONDS.get(unit)
             break
-    if scale is not None and number[-1:].isalpha():
-        raise ValueError(f"--budget {text!r}: a time takes no K/M suffix (write 90s or 5min)")
     try:
         value = parse_count(number, "--budget")
     except ValueError:
         raise ValueError(f"cannot parse --budget {text!r}: give {BUDGET_FORMS}") from None
+    # a count's K/M suffix on a time ("1ks"); "100 steps" or "2 hrs" got the message above
+    if scale is not None and number[-1:].isalpha():
+        raise ValueError(f"--budget {text!r}: a time takes no K/M suffix (write 90s or 5min)")
     return Budget("tokens", value) if scale is None else Budget("seconds", value * scale)
 
 
@@ -677,9 +682,9 @@ def _check_plan(directory: Path, record: dict[str, Any]) -> None:
     old = json.loads(path.read_text(encoding="utf-8"))
     # JSON round trip: tuples become lists
     new = json.loads(json.dumps(record))
-    for key in ("preset", "budget", "variants", "evaluation"):
-        if key == "evaluation" and key not in old:
-            continue  # a plan.json written before evaluation settings were recorded
+    for key in ("preset", "budget", "variants", "evaluation", "device", "precision"):
+        if key in ("evaluation", "device", "precision") and key not in old:
+            continue  # a plan.json written before these were recorded
         if old.get(key) != new.get(key):
             raise ValueError(
                 f"{directory} holds runs of this study with other settings ({key} differs); resuming would "
@@ -897,6 +902,8 @@ def run_study(cfg: AblateConfig, study: str) -> Path:
     from nanoseek.ablate_report import build_study_report
     from nanoseek.atomic import atomic_write
     from nanoseek.metrics import MetricsLog
+    from nanoseek.perf import default_device
+    from nanoseek.train.pretrain import resolve_precision
 
     s = get_study(study, cfg.preset)
     runs = plan(study, cfg.budget, cfg.seeds, cfg.preset)
@@ -915,6 +922,11 @@ def run_study(cfg: AblateConfig, study: str) -> Path:
     record["evaluation"] = {"val_batches": cfg.val_batches}
     if study == "mtp":
         record["evaluation"].update(acc_n=cfg.acc_n, max_new_tokens=cfg.max_new_tokens)
+    # what this machine trains each variant in ("auto": bf16 where the CPU or GPU multiplies it natively,
+    # else fp32): a resume on another machine would pair runs of two precisions in one report
+    device = default_device()
+    record["device"] = device.type
+    record["precision"] = {r.variant: resolve_precision(r.train.precision, device) for r in runs}
     if skipped_note:
         record["note"] = skipped_note
     directory.mkdir(parents=True, exist_ok=True)

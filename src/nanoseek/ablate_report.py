@@ -333,6 +333,20 @@ def plots(m: StudyMetrics) -> list[tuple[str, str]]:
     return made
 
 
+def _precision_note(m: StudyMetrics) -> str:
+    """What each variant trained in, from its runs' done rows (one figure where every run agrees)."""
+    per = {
+        v: sorted({d["precision"] for d in runs.values() if "precision" in d}) for v, runs in m.done.items()
+    }
+    per = {v: "/".join(p) for v, p in per.items() if p}
+    if not per:
+        return ""
+    values = set(per.values())
+    text = values.pop() if len(values) == 1 else ", ".join(f"{v} {p}" for v, p in per.items())
+    device = m.plan.get("device")
+    return f" Trained in {text}" + (f" on {device}" if device else "") + "."
+
+
 def build_study_report(directory: str | os.PathLike) -> Path:
     m = StudyMetrics(directory)
     p = m.plan
@@ -348,7 +362,8 @@ def build_study_report(directory: str | os.PathLike) -> Path:
         f"# Ablation: {p['study']}",
         "",
         f"{p['about']}. Preset `{p['preset']}`, {budget} per run, seeds {', '.join(map(str, seeds)) or '–'}; "
-        f"{sum(len(v) for v in m.done.values())} finished runs, {wall / 60:.1f} min of training in all.",
+        f"{sum(len(v) for v in m.done.values())} finished runs, {wall / 60:.1f} min of training in all."
+        + _precision_note(m),
         "",
     ]
     if p.get("note"):
