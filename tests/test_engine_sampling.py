@@ -121,6 +121,16 @@ def test_presence_and_frequency_penalties_outside_openais_range_are_refused(name
     SamplingParams(**{name: 2.0}).validate()
 
 
+@pytest.mark.parametrize("value", [1e-50, 1e40, float("inf"), float("nan"), 0.0])
+def test_a_repetition_penalty_fp32_cannot_hold_is_refused(value):
+    # 1e-50 passed the > 0 check, rounded to 0 in the fp32 logits' division: inf logits, NaN
+    # probabilities, and a sampled request emitted the vocabulary's last token at every step
+    with pytest.raises(ValueError, match="repetition_penalty must be > 0 and within float32's range"):
+        SamplingParams(repetition_penalty=value).validate()
+    SamplingParams(repetition_penalty=1e-30).validate()
+    SamplingParams(repetition_penalty=1e30).validate()
+
+
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 

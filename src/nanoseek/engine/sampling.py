@@ -14,6 +14,7 @@ What is notable here:
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -54,7 +55,12 @@ class SamplingParams:
         need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
         need(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
         need(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
-        need(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        # the logits are fp32: a penalty that rounds to 0 or inf there divides them into inf, then NaN
+        rep = torch.tensor(self.repetition_penalty, dtype=torch.float32)
+        need(
+            bool(0.0 < rep < math.inf),
+            f"repetition_penalty must be > 0 and within float32's range, got {self.repetition_penalty}",
+        )
         # OpenAI's and vLLM's range; NaN or inf made every logit NaN (greedy then picked token 0)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
