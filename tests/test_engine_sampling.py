@@ -422,3 +422,19 @@ def test_quantize_tensor_a_few_rows_at_a_time_equals_it_whole(fmt, monkeypatch):
     q, s = quantize.quantize_tensor(w, fmt)
     assert q.shape == w.shape and s.shape == w.shape[:-1]
     assert torch.equal(q.view(torch.int8), whole_q.view(torch.int8)) and torch.equal(s, whole_s)
+
+
+@pytest.mark.skipif(
+    __import__("platform").machine().lower() not in ("x86_64", "amd64"), reason="x86's kernel choice"
+)
+def test_int8_kernel_runs_only_in_bf16_on_x86():
+    """x86 builds vectorize the weight-only int8 kernel for bf16 only: in fp32 (nanoseek's own
+    checkpoints load so) and fp16 its scalar loop was 2-3x slower than widening the weight, so int8
+    decode in fp32 ran slower than it had to. bf16 keeps it (a few rows, a width it can load)."""
+    from nanoseek.engine.quantize import QuantLinear
+
+    for dtype, kernel in ((torch.float32, False), (torch.float16, False), (torch.bfloat16, True)):
+        q = QuantLinear(torch.nn.Linear(64, 32, bias=False).to(dtype), "int8")
+        with torch.inference_mode():
+            q(torch.randn(1, 64).to(dtype))
+        assert q._kernel is kernel, dtype

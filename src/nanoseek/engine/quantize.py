@@ -4,7 +4,7 @@ What is notable here:
 - Symmetric per-output-channel scales: w ≈ q · s with s = max|w_row| / 127 (int8) or / 448 (e4m3).
   Activations stay in the model's dtype; only weights shrink (4x vs fp32, 2x vs bf16).
 - int8 matmuls of a few rows (decode) use PyTorch's CPU weight-only kernel (`_weight_int8pack_mm`)
-  when it accepts the shapes; its cost grows with the rows (it widens the weight again for each), so
+  when it accepts the shapes and is vectorized for the dtype (on x86: bf16 only); its cost grows with the rows (it widens the weight again for each), so
   past `INT8PACK_ROWS` rows (prefill, wide batches) the weight is widened once and the model dtype's
   GEMM runs. FP8 is storage only: weights are widened per call.
 - w8a8 stores the same int8 weights and also quantizes the activations, to 8 bits per row, for
@@ -30,6 +30,7 @@ What is notable here:
 
 from __future__ import annotations
 
+import platform
 import warnings
 
 import torch
@@ -74,6 +75,7 @@ INT8PACK_ROWS = 8  # rows up to which `_weight_int8pack_mm` beats widening the w
 # another width reads past each row, and a row off a 32-byte boundary faults (a segfault, which no
 # `try` catches), so it runs only where K is a multiple of 16, on rows where it can load them.
 INT8PACK_K = 16
+X86 = ("x86_64", "amd64", "i686", "x86")
 
 
 def _quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: bool) -> torch.Tensor:
@@ -149,7 +151,11 @@ def w8a8_available() -> bool:
 
 def _int8_kernel_ok(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
     """Does PyTorch's weight-only int8 kernel take this dtype and agree with dequantizing (where
-    `_quant_linear` runs it: the widths it can load)?"""
+    `_quant_linear` runs it: the widths it can load), and does it pay here?"""
+    if x.device.type == "cpu" and x.dtype != torch.bfloat16 and platform.machine().lower() in X86:
+        # x86 builds vectorize it for bf16 only: fp32 and fp16 run a scalar loop, slower than
+        # widening the weight for the model dtype's GEMM (figures: benchmarks/README.md)
+        return False
     row = x.reshape(-1, x.shape[-1])[:1]
     try:
         got = _quant_linear(row, q, scale, kernel=True)
