@@ -197,3 +197,89 @@ def test_a_student_with_another_tokenizer_is_refused_before_sampling(micro_check
         d.build_student(str(student), tok)
     # a student of the teacher's own tokenizer is taken as it is
     assert d.build_student(micro_checkpoint, tok).config.vocab_size == tok.vocab_size
+
+
+@pytest.mark.parametrize("template", ["r1", "chatml"])
+@pytest.mark.parametrize("teacher_solves", [True, False])
+def test_distill_data_renders_as_the_student_was_trained(
+    template, teacher_solves, micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    """RUN/distill_data.jsonl, read back by `nanoseek sft --data`, is the traces the student trained on,
+    token for token, for a teacher whose template opens the think block (R1's) and one whose completion
+    opens it itself (ChatML's): the file held a doubled <think>, and the reference solutions of
+    --fallback-reference were trained without their opening <think>, after a ChatML prompt."""
+    import nanoseek.engine
+    from model_configs import chatml_checkpoint
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.sft import SFTConfig, completion_example, tokenize_conversation
+
+    teacher = micro_checkpoint if template == "r1" else str(chatml_checkpoint(tmp_path / "teacher"))
+    tok = load_tokenizer(teacher)
+    probs = get_task("arithmetic").problems("train", 2, seed=0)
+    opening = "" if template == "r1" else "<think>\n"  # what the completion writes itself
+
+    class Teacher:
+        def generate_detailed(self, prompts, params):
+            k = len(prompts) // len(probs)
+            answers = [p.answer if teacher_solves else str(int(p.answer) + 1) for p in probs]
+            return [
+                Completion(
+                    tok.encode(f"{opening}add\n</think>\n{answers[j // k]}") + [tok.eos_token_id],
+                    None,
+                    "stop",
+                    None,
+                )
+                for j in range(len(prompts))
+            ]
+
+    monkeypatch.setattr(nanoseek.engine, "Engine", lambda model, **kw: Teacher())
+    cfg = DistillConfig(
+        teacher=teacher,
+        student=teacher,
+        tasks=["arithmetic"],
+        k=1,
+        prompts=2,
+        fallback_reference=True,
+        out=str(tmp_path / "run"),
+        sft=SFTConfig(init="", steps=1, batch_size=1, seq_len=128, progress=False),
+    )
+    distill(cfg)
+    traces = json.loads((tmp_path / "run" / "distill_traces.json").read_text())["traces"]
+    lines = (tmp_path / "run" / "distill_data.jsonl").read_text().splitlines()
+    assert len(traces) == len(lines) == 2
+    for trace, line in zip(traces, lines, strict=True):
+        trained = completion_example(trace["prompt"], trace["completion"], tok.stop_token_ids)
+        assert tokenize_conversation(tok, json.loads(line)["messages"])[-1] == trained
+        assert tok.decode(trained[0]).count("<think>") == 1
+
+
+def test_distill_help_offers_no_flag_it_ignores(capsys) -> None:
+    """--multi-turn shapes `sft --task` chats; the student's data here is the teacher's traces."""
+    from nanoseek.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    assert "--multi-turn" not in capsys.readouterr().out
+
+
+def test_keep_per_prompt_zero_is_refused_before_sampling(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    """--keep-per-prompt 0 kept nothing the teacher solved: it failed as "the teacher produced no correct
+    trace" after the sampling, or, with --fallback-reference, trained on the reference solutions."""
+    import nanoseek.train.distill as d
+    from nanoseek.train.sft import SFTConfig
+
+    def boom(*a, **k):
+        raise AssertionError("sampled the teacher with --keep-per-prompt 0")
+
+    monkeypatch.setattr(d, "sample_correct_traces", boom)
+    cfg = d.DistillConfig(
+        teacher=micro_checkpoint,
+        student="tiny",
+        tasks=["arithmetic"],
+        keep_per_prompt=0,
+        out=str(tmp_path),
+        sft=SFTConfig(init=""),
+    )
+    with pytest.raises(ValueError, match="--keep-per-prompt must be >= 1"):
+        d.distill(cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 # The student's fine-tuning takes its data from the teacher and its run directory from distill.
-_SFT_DATA = ("init", "data", "task", "task_examples")
+_SFT_DATA = ("init", "data", "task", "task_examples", "multi_turn")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -187,9 +187,11 @@ def _traces_to_reuse(path: Path, settings: dict[str, Any]) -> dict[str, Any] | N
     return saved
 
 
-def _reference_completion(tok: Any, worked: str) -> list[int]:
-    """A task's worked solution as completion ids after the generation prompt's opening <think>."""
-    return tok.encode(worked.removeprefix(tok.think_start).lstrip("\n")) + [tok.eos_token_id]
+def _reference_completion(tok: Any, worked: str, opened: bool) -> list[int]:
+    """A task's worked solution as completion ids after the generation prompt: without its opening <think>
+    where the prompt opened it (R1's template), whole where it did not (ChatML's, Llama 3's)."""
+    text = worked.removeprefix(tok.think_start).lstrip("\n") if opened else worked
+    return tok.encode(text) + [tok.eos_token_id]
 
 
 def distill(cfg: DistillConfig) -> Path:
@@ -198,8 +200,8 @@ def distill(cfg: DistillConfig) -> Path:
     from nanoseek.tokenizer import load_tokenizer
 
     teacher_dir = resolve_checkpoint(cfg.teacher, flag="--teacher")
-    if cfg.k < 1 or cfg.prompts < 1:
-        raise ValueError("-k and --prompts must be >= 1")
+    if cfg.k < 1 or cfg.prompts < 1 or cfg.keep_per_prompt < 1:
+        raise ValueError("-k, --prompts and --keep-per-prompt must be >= 1")
     cfg.sft.validate()  # before the teacher's sampling, not after it
     tok = load_tokenizer(teacher_dir)
     _check_student(cfg.student, tok)  # a typo in --student must not cost the whole sampling first
@@ -249,7 +251,7 @@ def _sample(
     from nanoseek.data.tasks import get_task
     from nanoseek.data.tasks.base import worked_solution_of
     from nanoseek.engine import Engine
-    from nanoseek.evaluate import chat_prompt_ids
+    from nanoseek.evaluate import chat_prompt_ids, prompt_opens_think
     from nanoseek.perf import default_device
 
     # as `generate` and `eval` load it: bf16 on a GPU (the grouped expert GEMM's fast kernel is bf16
@@ -269,10 +271,13 @@ def _sample(
         f"distill: teacher solved {stats['teacher_accuracy']:.1%} of {len(problems) * cfg.k} samples; "
         f"kept {len(kept)} traces ({stats['prompts_with_correct']:.0%} of prompts) in {stats['sampling_time_s']:.0f}s"
     )
+    # R1's template opens the think block in the prompt; another family's (ChatML, Llama 3) leaves it to
+    # the completion, which then holds it already
+    opened = prompt_opens_think(tok)
     if not kept and cfg.fallback_reference:
         solutions = [(p, worked_solution_of(t, p)) for t, p in zip(tasks, problems, strict=True)]
         kept = [
-            (p, chat_prompt_ids(tok, p.messages), _reference_completion(tok, text))
+            (p, chat_prompt_ids(tok, p.messages), _reference_completion(tok, text, opened))
             for p, text in solutions
             if text is not None  # a task (or JSONL line) without worked solutions
         ]
@@ -286,11 +291,9 @@ def _sample(
         )
     del engine, teacher
     lines = []
+    opening = f"{tok.think_start}\n" if opened else ""
     for prob, _, comp in kept:
-        msg = {
-            "role": "assistant",
-            "content": f"{tok.think_start}\n{tok.decode(comp, skip_special_tokens=True)}",
-        }
+        msg = {"role": "assistant", "content": opening + tok.decode(comp, skip_special_tokens=True)}
         lines.append(json.dumps({"messages": [*prob.messages, msg]}, ensure_ascii=False) + "\n")
     atomic_write(Path(cfg.out) / "distill_data.jsonl", "".join(lines))
     return [(p, c) for _, p, c in kept], stats
