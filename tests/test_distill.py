@@ -283,3 +283,30 @@ def test_keep_per_prompt_zero_is_refused_before_sampling(micro_checkpoint, tmp_p
     )
     with pytest.raises(ValueError, match="--keep-per-prompt must be >= 1"):
         d.distill(cfg)
+
+
+def test_a_teacher_that_solves_nothing_names_the_fallback(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    """No correct trace is a clear error that names the way on: --fallback-reference."""
+    import nanoseek.engine
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.sft import SFTConfig
+
+    tok = load_tokenizer(micro_checkpoint)
+
+    class Teacher:
+        def generate_detailed(self, prompts, params):
+            wrong = tok.encode("add\n</think>\nnot a number") + [tok.eos_token_id]
+            return [Completion(wrong, None, "stop", None) for _ in prompts]
+
+    monkeypatch.setattr(nanoseek.engine, "Engine", lambda model, **kw: Teacher())
+    cfg = DistillConfig(
+        teacher=micro_checkpoint,
+        student=micro_checkpoint,
+        tasks=["arithmetic"],
+        k=1,
+        prompts=2,
+        out=str(tmp_path / "run"),
+        sft=SFTConfig(init="", steps=1, batch_size=1, seq_len=128, progress=False),
+    )
+    with pytest.raises(ValueError, match="no correct trace.*--fallback-reference"):
+        distill(cfg)

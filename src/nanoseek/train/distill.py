@@ -287,7 +287,8 @@ def _sample(
         )
     if not kept:
         raise ValueError(
-            "the teacher produced no correct trace: nothing to distill (raise -k, the temperature or max tokens)"
+            "the teacher produced no correct trace: nothing to distill (raise -k, the temperature or max "
+            "tokens, or pass --fallback-reference to train on the tasks' reference solutions)"
         )
     del engine, teacher
     lines = []
