@@ -294,6 +294,30 @@ def test_grpo_resume_is_exact(micro_checkpoint, tmp_path) -> None:
         assert key in ra[1]
 
 
+def test_every_rollout_request_samples_its_own_stream(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    """No two requests of a run, the probe's included, share a random stream: with the engine's seed + i
+    rule and a seed per step, request i at step s+1 replayed request i+1 at step s (the same completion
+    when the same problem came back), and the probe's seed -1 is Python's seed 1 (two of a group alike)."""
+    import nanoseek.evaluate as evaluate
+    from nanoseek.train.grpo import grpo
+
+    real = evaluate.engine_generate
+    streams: list[int] = []
+
+    def spy(engine, prompts, *, seed=None, seeds=None, **kw):
+        assert seeds is not None or seed is not None  # reproducible from --seed
+        # the engine's rule; random.Random(n) seeds with abs(n)
+        streams.extend(
+            abs(s) for s in (seeds if seeds is not None else [seed + i for i in range(len(prompts))])
+        )
+        return real(engine, prompts, seed=seed, seeds=seeds, **kw)
+
+    monkeypatch.setattr(evaluate, "engine_generate", spy)
+    grpo(_cfg(micro_checkpoint, tmp_path, steps=3, task_sampling="unsolved", probe_prompts=2))
+    assert len(streams) == 2 * 4 + 3 * 2 * 4  # the probe's 2 problems x G, then 3 steps of P x G
+    assert len(set(streams)) == len(streams)
+
+
 def test_grpo_keeps_the_routing_bias_unless_asked(micro_checkpoint, tmp_path) -> None:
     from nanoseek.train.grpo import grpo
 
@@ -317,6 +341,32 @@ def test_grpo_with_kl_penalty_stays_finite(micro_checkpoint, tmp_path) -> None:
     assert len(recs) == 3
     kls = [r["kl"] for r in recs if "kl" in r]
     assert kls and all(isinstance(k, float) and math.isfinite(k) and k >= 0 for k in kls)
+
+
+def test_update_statistics_are_means_over_the_mu_updates(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    """With μ > 1 a step's loss, KL, clip fractions and ratio are the means over its μ updates (TRL's
+    and PPO's convention, and sft_mix_loss's), not the last update's: the first update's ratio is 1, so
+    the last alone overstates the clipping; grad_norm and lr are the last update's."""
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train.grpo import grpo
+    from nanoseek.train.loop import Trainer
+
+    real = Trainer.step
+    updates: list[dict] = []
+
+    def step(self, loss_fn, accumulation=1):
+        updates.append(real(self, loss_fn, accumulation))
+        return updates[-1]
+
+    monkeypatch.setattr(Trainer, "step", step)
+    grpo(_cfg(micro_checkpoint, tmp_path, steps=2, mu=3, beta=0.1, lr=3e-3))
+    recs = [r for r in read_metrics(tmp_path, "grpo") if "reward" in r]
+    assert len(updates) == 2 * 3
+    for rec, ups in zip(recs, (updates[:3], updates[3:]), strict=True):
+        for key in ("loss", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean"):
+            assert rec[key] == pytest.approx(sum(u[key] for u in ups) / 3), key
+        assert rec["grad_norm"] == ups[-1]["grad_norm"] and rec["lr"] == ups[-1]["lr"]
+    assert any(r["clip_frac"] > 0 for r in recs)
 
 
 def test_config_errors(micro_checkpoint, tmp_path) -> None:
@@ -364,6 +414,27 @@ def test_prompt_sampler_draws_tasks_without_signal_less_and_keeps_its_state() ->
     assert 0.02 < share_hard < 0.2  # ≈ floor / (floor + 1 + floor), never zero
     resumed = PromptSampler(pools, "signal", dict(sampler.signal))
     assert resumed.draw(random.Random(2), 8) == sampler.draw(random.Random(2), 8)
+
+
+def test_prompt_sampler_signal_always_draws_batch_prompts() -> None:
+    """A task with fewer problems than the draw gives it hands the rest to the others: --batch-prompts
+    prompts every step (a 3-problem family drawn 5 times once made a step of 6), the same draw as before
+    whenever no task runs out."""
+    import random
+
+    from nanoseek.train.grpo import PromptSampler
+
+    pools = {"small": [("small", i) for i in range(3)], "big": [("big", i) for i in range(100)]}
+    sampler = PromptSampler(pools, "signal")
+    for seed in range(50):
+        batch = sampler.draw(random.Random(seed), 8)
+        assert len(batch) == 8 and len(set(batch)) == 8
+    roomy = {"a": [("a", i) for i in range(100)], "b": [("b", i) for i in range(100)]}
+    rng = random.Random(3)
+    names = rng.choices(["a", "b"], weights=[1.1, 1.1], k=8)
+    expect = [("a", i) for i in rng.sample(range(100), names.count("a"))]
+    expect += [("b", i) for i in rng.sample(range(100), names.count("b"))]
+    assert PromptSampler(roomy, "signal").draw(random.Random(3), 8) == expect
 
 
 def test_prompt_sampler_leaves_out_solved_tasks_but_never_all() -> None:

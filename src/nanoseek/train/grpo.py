@@ -509,14 +509,16 @@ class PromptSampler:
         if self.mode != "signal":
             return [self._pooled[i] for i in rng.sample(range(len(self._pooled)), n)]
         names = list(self.pools)
-        weights = [self.FLOOR + self.signal[name] for name in names]
         counts = dict.fromkeys(names, 0)
-        for name in rng.choices(names, weights=weights, k=n):
-            counts[name] += 1
+        for _ in range(n):
+            # a task whose problems are all drawn already takes no more: the others fill the batch
+            # (one choice at a time draws what one rng.choices(k=n) would while none runs out)
+            open_ = [name for name in names if counts[name] < len(self.pools[name])]
+            counts[rng.choices(open_, weights=[self.FLOOR + self.signal[name] for name in open_])[0]] += 1
         batch = []
         for name, k in counts.items():
             problems = self.pools[name]
-            batch.extend(problems[i] for i in rng.sample(range(len(problems)), min(k, len(problems))))
+            batch.extend(problems[i] for i in rng.sample(range(len(problems)), k))
         return batch
 
     def observe(self, task_names: list[str], advantages: torch.Tensor, group_size: int) -> None:
@@ -657,7 +659,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         engine.reset_prefix_cache()
         t0 = time.perf_counter()
         with trainer.autocast():  # the rollouts sample in the precision the policy trains in
-            outs = _sample(cfg, engine, flat_prompts, stop, seed=cfg.seed * 7919 + step)
+            outs = _sample(cfg, engine, flat_prompts, stop, rollout_seeds(cfg.seed, step, len(flat_prompts)))
         rollout_time = time.perf_counter() - t0
         ro = _score_rollout(cfg, batch, flat_prompts, outs, tok, reward_fn, stop, opened)
         sampler.observe([t.name for t, _ in batch], ro.advantages, cfg.group_size)
@@ -691,18 +693,12 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
                     cfg, policy, micro, n_seq, n_tok, entropies if u == 0 else None, mix, mix_losses
                 )
                 m = trainer.step(loss_fn, accumulation=len(micro))
-                for k in (
-                    "loss",
-                    "grad_norm",
-                    "lr",
-                    "clip_frac",
-                    "clip_frac_low",
-                    "clip_frac_high",
-                    "kl",
-                    "ratio_mean",
-                ):
+                upd.update(grad_norm=float(m["grad_norm"]), lr=float(m["lr"]))  # the last update's
+                # the rest are means over the μ updates (as TRL logs them, and sft_mix_loss below): the
+                # first update's ratio is 1, so the last one's clipping alone would overstate it
+                for k in ("loss", "clip_frac", "clip_frac_low", "clip_frac_high", "kl", "ratio_mean"):
                     if k in m:
-                        upd[k] = float(m[k])
+                        upd[k] = upd.get(k, 0.0) + float(m[k]) / cfg.mu
                 upd["skipped"] = bool(upd.get("skipped", False) or "skipped" in m)
             upd["entropy"] = sum(entropies) / len(entropies)
             if mix_losses:
@@ -787,8 +783,18 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     return trainer.checkpoint_dir
 
 
-def _sample(cfg: GRPOConfig, engine, prompts: list[list[int]], stop: list[int], seed: int) -> list:
-    """Completions of every prompt (already repeated G times) at the rollout settings."""
+def rollout_seeds(seed: int, step: int, n: int) -> list[int]:
+    """The engine seeds of one rollout's `n` requests at GRPO step `step` (-1: the probe), a pure function
+    of the run's seed: every (step, request) samples its own random stream. (A seed per step with the
+    engine's seed + i rule would give request i at step s+1 request i+1's stream at step s, the same
+    completion whenever that problem came back; and Python's Random takes seed -n as n.)"""
+    rng = random.Random(f"grpo rollouts {seed} {step}")
+    return [rng.getrandbits(63) for _ in range(n)]
+
+
+def _sample(cfg: GRPOConfig, engine, prompts: list[list[int]], stop: list[int], seeds: list[int]) -> list:
+    """Completions of every prompt (already repeated G times) at the rollout settings, prompt i
+    sampled with `seeds[i]`."""
     from nanoseek.evaluate import engine_generate
 
     return engine_generate(
@@ -798,7 +804,7 @@ def _sample(cfg: GRPOConfig, engine, prompts: list[list[int]], stop: list[int], 
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         stop_token_ids=stop,
-        seed=seed,
+        seeds=seeds,
     )
 
 
@@ -820,7 +826,7 @@ def probe_pass_rates(
         for item in rng.sample(problems, min(cfg.probe_prompts, len(problems)))
     ]
     prompts = [chat_prompt_ids(tok, p.messages) for _, p in batch for _ in range(cfg.group_size)]
-    outs = _sample(cfg, engine, prompts, stop, seed=cfg.seed * 7919 - 1)
+    outs = _sample(cfg, engine, prompts, stop, rollout_seeds(cfg.seed, -1, len(prompts)))
     verdicts: dict[str, list[float]] = {name: [] for name in pools}
     for j, o in enumerate(outs):
         task, prob = batch[j // cfg.group_size]
