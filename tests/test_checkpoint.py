@@ -210,6 +210,34 @@ def test_atomic_directory_keeps_old_checkpoint_on_failure(tmp_path):
     assert {f.stat().st_mode & 0o777 for f in target.iterdir()} == {FILE_MODE}
 
 
+def test_a_checkpoint_replaced_while_it_loads_loads_whole(tmp_path, monkeypatch):
+    """A reader loading RUN/<stage> while the run saves its next checkpoint there gets one of the two
+    checkpoints, never the first shards of one and the rest of the other."""
+    from nanoseek import checkpoint
+
+    target = tmp_path / "pretrain"
+    old, new = (build_model(config()).init_weights(seed) for seed in (0, 1))
+
+    def save(model):
+        with atomic_directory(target) as tmp:
+            save_model(model, tmp, max_shard_bytes=20_000)
+
+    save(old)
+    assert len(list(target.glob("model-*.safetensors"))) > 2
+    get = checkpoint._ShardReader.get
+    saves = []
+
+    def get_while_the_run_saves(self, key):
+        tensor = get(self, key)
+        if not saves:  # the run saves its next checkpoint once the load has read a tensor
+            saves.append(save(new))
+        return tensor
+
+    monkeypatch.setattr(checkpoint._ShardReader, "get", get_while_the_run_saves)
+    loaded = nanoseek.load_model(target).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in new.state_dict().items()), "a mix of two checkpoints"
+
+
 def test_pickle_files_are_refused_with_a_clear_message(tmp_path):
     config().save(tmp_path)
     torch.save({"lm_head.weight": torch.zeros(1)}, tmp_path / "pytorch_model.bin")

@@ -122,6 +122,25 @@ def test_dcp_errors_name_the_problem(tmp_path) -> None:
         load_dcp(other, tmp_path / "ckpt")
 
 
+def test_export_hf_keeps_a_chat_template_saved_in_its_own_file(tmp_path) -> None:
+    import json
+
+    from model_configs import CHATML, chatml_tokenizer
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.dcp import export_hf, save_dcp
+
+    ckpt = tmp_path / "ckpt"
+    save_dcp(micro_model(), ckpt)
+    # the tokenizer as transformers 5's save_pretrained writes it: the template in chat_template.jinja
+    chatml_tokenizer(ckpt)
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "chat_template.jinja").write_text(config.pop("chat_template"))
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(ckpt).chat_template == CHATML
+    export_hf(ckpt, tmp_path / "hf")
+    assert load_tokenizer(tmp_path / "hf").chat_template == CHATML
+
+
 def test_load_dcp_puts_back_a_checkpoint_a_crash_left_aside(tmp_path) -> None:
     from nanoseek.train.dcp import load_dcp, save_dcp
 

@@ -522,14 +522,48 @@ def load_model(
             quantize_model(model, quantize)
         return model
     p = resolve_checkpoint(path_or_preset)
-    config = resolve_config(p)
-    dtype = resolve_dtype(dtype, config, device)
-    where = _weight_files(p)
-    reader = _ShardReader(where)
+    # Files are opened by name as the stream reaches them (each shard, and a file again past
+    # remap_bytes): a checkpoint replaced meanwhile (a run saving its next one, `atomic_directory`)
+    # would give a model of two checkpoints. A load that saw the files change is started again.
+    for _ in range(_LOAD_TRIES):
+        before = _files_identity(p)
+        try:
+            config = resolve_config(p)
+            where = _weight_files(p)
+            reader = _ShardReader(where)
+            resolved = resolve_dtype(dtype, config, device)
+            try:
+                model = _stream(p, config, where, reader, resolved, device, fp8, act_quant, quantize)
+            finally:
+                reader.close()
+        except Exception:
+            if _files_identity(p) == before:
+                raise
+            continue
+        if _files_identity(p) == before:
+            return model
+    raise ValueError(
+        f"{p} was replaced {_LOAD_TRIES} times while it loaded (a run saving into it?): load it again, "
+        "or load a copy"
+    )
+
+
+_LOAD_TRIES = 3
+
+
+def _files_identity(d: Path) -> tuple[Any, ...] | None:
+    """What changes when checkpoint directory `d` or one of the files a load reads is replaced (None
+    while `d` is absent: between `atomic_directory`'s two renames)."""
     try:
-        return _stream(p, config, where, reader, dtype, device, fp8, act_quant, quantize)
-    finally:
-        reader.close()
+        with os.scandir(d) as entries:
+            files = [
+                (e.name, e.inode(), e.stat().st_mtime_ns, e.stat().st_size)
+                for e in entries
+                if e.name == "config.json" or e.name.endswith((".safetensors", ".safetensors.index.json"))
+            ]
+        return (os.stat(d).st_ino, *sorted(files))
+    except FileNotFoundError:
+        return None
 
 
 def held_config(p: Path, config: ModelConfig, keys: Iterable[str], stacklevel: int = 2) -> ModelConfig:

@@ -48,6 +48,7 @@ TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",  # where transformers 5 saves the template (tokenizer_config.json then has none)
     "generation_config.json",
 )
 
