@@ -650,3 +650,13 @@ def test_grpo_on_another_familys_checkpoint_rewards_its_answers(tmp_path, monkey
     (rec,) = [r for r in read_metrics(tmp_path / "run", "grpo") if "reward" in r]
     assert rec["accuracy"] == pytest.approx(0.5) and rec["format_rate"] == pytest.approx(0.25)
     assert rec["reward"] == pytest.approx((1 + 1.2) / 4)
+
+
+def test_a_task_named_twice_is_refused():
+    """`--task arithmetic,arithmetic` put its pool in twice: one problem drawn twice in a step, where
+    the docs promise distinct problems."""
+    from nanoseek.train.grpo import GRPOConfig
+
+    with pytest.raises(ValueError, match="--task names arithmetic more than once"):
+        GRPOConfig(init="x", tasks=["arithmetic", "sorting", "arithmetic"]).validate()
+    GRPOConfig(init="x", tasks=["arithmetic", "sorting"]).validate()

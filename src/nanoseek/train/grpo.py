@@ -404,6 +404,9 @@ class GRPOConfig:
             raise ValueError(f"--beta must be >= 0, got {self.beta}")
         if self.sft_mix < 0:
             raise ValueError(f"--sft-mix must be >= 0, got {self.sft_mix}")
+        repeated = sorted({t for t in self.tasks or () if list(self.tasks).count(t) > 1})
+        if repeated:  # its pool would be there twice: one problem drawn twice in a step
+            raise ValueError(f"--task names {', '.join(repeated)} more than once")
         for flag, named in (("--sft-mix-tasks", self.sft_mix_tasks), ("--keep-tasks", self.keep_tasks)):
             unknown = set(named or ()) - set(self.tasks or ())
             if unknown:
