@@ -479,6 +479,13 @@ def test_bad_files_are_named(tmp_path: Path) -> None:
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"latin1.jsonl.*byte 15.*UTF-8"):
         list(iter_documents(tmp_path / "latin1.jsonl"))
+    # a text file is read on (a crawl's stray byte), but a cp1252 file is said once, not trained on silently
+    (tmp_path / "cp1252.txt").write_bytes(
+        "ok\n<|endoftext|>\ncafé naïve\n<|endoftext|>\n".encode("cp1252") * 50
+    )
+    with pytest.warns(UserWarning, match=r"cp1252.txt: not UTF-8 at byte 20") as caught:
+        docs = list(iter_documents(tmp_path / "cp1252.txt"))
+    assert len(docs) == 100 and docs[1] == "caf\ufffd na\ufffdve\n" and len(caught) == 1
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
     with pytest.raises(ValueError, match=r"ints.parquet.*'text' holds int64"):
         list(iter_documents(tmp_path / "ints.parquet"))

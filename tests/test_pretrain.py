@@ -172,6 +172,52 @@ def test_pretrain_trains_its_own_tokenizer(workdir, tmp_path) -> None:
     assert any(r.get("stage") == "tokenizer" for r in read_metrics(run))
 
 
+def test_val_fraction_0_on_a_file_corpus_trains_without_validation(workdir, tmp_path, capsys) -> None:
+    # the hint of an empty train split ("or pass --val-fraction 0") must not lead to a crash
+    text = tmp_path / "book.txt"
+    text.write_text("\n<|endoftext|>\n".join(f"story {i}: the cat sat on the mat." for i in range(40)))
+    run = tmp_path / "run"
+    pretrain(config(workdir, run, data=[str(text)], val_fraction=0.0, steps=2, val_every=1))
+    assert "no validation (--val-fraction 0" in capsys.readouterr().out
+    assert not [r for r in read_metrics(run, stage="pretrain") if r.get("val_loss") is not None]
+    with pytest.raises(ValueError, match="val_fraction"):  # before a tokenizer is trained
+        pretrain(config(workdir, tmp_path / "bad", data=[str(text)], tokenizer=None, val_fraction=1.0))
+    assert not (tmp_path / "bad" / "tokenizer").exists()
+
+
+def test_the_tokenizer_is_trained_on_streamed_documents_with_a_progress_bar(
+    workdir, tmp_path, capsys, monkeypatch
+) -> None:
+    # --tokenizer-docs documents of a user's corpus (books, up to 1M characters each) may not fit in
+    # memory: the trainer reads them as they come, and a long training shows its progress
+    import nanoseek.tokenizer
+
+    given = []
+    train = nanoseek.tokenizer.train_tokenizer
+
+    def spy(texts, *args, **kw):
+        given.append(texts)
+        return train(texts, *args, **kw)
+
+    monkeypatch.setattr(nanoseek.tokenizer, "train_tokenizer", spy)
+    run = tmp_path / "run"
+    pretrain(
+        config(
+            workdir,
+            run,
+            tokenizer=None,
+            vocab_size=300,
+            tokenizer_docs=50,
+            steps=1,
+            val_every=0,
+            progress=True,
+        )
+    )
+    assert len(given) == 1 and not isinstance(given[0], list | tuple)
+    assert "tokenizer: 100%" in capsys.readouterr().err
+    assert [r["documents"] for r in read_metrics(run) if r.get("stage") == "tokenizer"] == [50]
+
+
 def test_cli_rejects_bad_arguments(workdir, tmp_path, capsys) -> None:
     code = main(
         ["pretrain", "--out", str(tmp_path), "--preset", str(workdir / "micro"), "--tokenizer",

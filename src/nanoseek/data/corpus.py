@@ -8,6 +8,7 @@ What is notable:
 - A `.txt` file is one document, unless it holds separator lines: a line that is exactly
   `<|endoftext|>` or `<｜end▁of▁sentence｜>` ends a document (the TinyStories convention). A document
   longer than `max_doc_chars` is cut at a line boundary, so memory stays bounded on huge files.
+  Bytes that are not UTF-8 are read as U+FFFD, with a warning naming the file (in JSONL, an error).
 - `PackedDataset`: documents are tokenized in batches, each prefixed with BOS, concatenated and cut into
   windows of seq_len+1 tokens (no token dropped or repeated except the tail at the very end), shuffled
   through a seeded buffer, and batched as (inputs, targets = inputs shifted by one).
@@ -30,6 +31,7 @@ import io
 import itertools
 import json
 import os
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import astuple, dataclass
@@ -125,6 +127,7 @@ def _read_txt(path: Path, offset: int, max_doc_chars: int) -> Iterator[tuple[str
         lines: list[str] = []
         size = 0
         carry = b""  # the rest of a line longer than a document, read but not yet used
+        warned = False
         if offset == 0 and f.read(3) != b"\xef\xbb\xbf":  # a UTF-8 byte-order mark is not text
             f.seek(0)
         while True:
@@ -143,7 +146,18 @@ def _read_txt(path: Path, offset: int, max_doc_chars: int) -> Iterator[tuple[str
                         k -= 1
                     cut = k if k > 0 and raw[k] >= 0xC0 else len(raw)
                 raw, carry = raw[:cut], raw[cut:]
-            line = raw.decode("utf-8", errors="replace")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # (a JSONL line is refused; a text file is read on, once said)
+                line = raw.decode("utf-8", errors="replace")
+                if not warned:
+                    warned = True
+                    at = f.tell() - len(carry) - len(raw) + e.start
+                    warnings.warn(
+                        f"{path}: not UTF-8 at byte {at}: bytes that are not UTF-8 are read as U+FFFD "
+                        "(convert the file first, e.g. iconv -f cp1252 -t utf-8)",
+                        stacklevel=2,
+                    )
             if line.strip() in DOC_SEPARATORS:
                 if lines:
                     yield "".join(lines), f.tell() - len(carry)

@@ -18,7 +18,7 @@ What is notable:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -152,6 +152,8 @@ class PretrainConfig:
         check_choices(self)
         if self.mtp_weight < 0 or self.val_batches < 0 or self.val_every < 0 or self.checkpoint_every < 0:
             raise ValueError("mtp_weight, val_every, val_batches and checkpoint_every must be >= 0")
+        if not 0 <= self.val_fraction < 1:  # (found now, not after training a tokenizer)
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.expert_parallel and self.precision == "fp8":
             raise ValueError("expert parallelism with precision fp8 is not supported yet (docs/multinode.md)")
         if self.tensorboard:
@@ -180,18 +182,31 @@ def _tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int, is_main: bool, d
         return load_tokenizer(cfg.tokenizer)
     tok_dir = run / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists() and is_main:
+        from tqdm import tqdm
+
         from nanoseek.data.corpus import tokenizer_documents
         from nanoseek.metrics import MetricsLog
 
         t0 = time.perf_counter()
-        docs = list(islice(tokenizer_documents(cfg.data, cfg.text_field, seed=cfg.seed), cfg.tokenizer_docs))
-        if not docs:
+        docs = islice(tokenizer_documents(cfg.data, cfg.text_field, seed=cfg.seed), cfg.tokenizer_docs)
+        read = 0
+
+        def counted() -> Iterator[str]:
+            # streamed, not listed: --tokenizer-docs documents of a user's corpus may not fit in memory
+            nonlocal read
+            for doc in tqdm(
+                docs, total=cfg.tokenizer_docs, desc="tokenizer", unit="doc", disable=not cfg.progress
+            ):
+                read += 1
+                yield doc
+
+        tok = train_tokenizer(counted(), vocab_size=vocab_size)
+        if not read:
             raise ValueError(f"no documents in {cfg.data!r} to train a tokenizer on")
-        tok = train_tokenizer(docs, vocab_size=vocab_size)
         tok.save(tok_dir)
-        MetricsLog(run, "tokenizer").log(step=None, vocab_size=tok.vocab_size, documents=len(docs))
+        MetricsLog(run, "tokenizer").log(step=None, vocab_size=tok.vocab_size, documents=read)
         print(
-            f"tokenizer: {tok.vocab_size} tokens from {len(docs)} documents in "
+            f"tokenizer: {tok.vocab_size} tokens from {read} documents in "
             f"{time.perf_counter() - t0:.1f}s -> {tok_dir}"
         )
     barrier(dist)
@@ -469,8 +484,11 @@ def _probe(cfg: PretrainConfig, tok: Any) -> list:
 
 def _validation_batches(cfg: PretrainConfig, tok: Any, data_kw: dict[str, Any], per_rank: int) -> list:
     """A fixed held-out set (the same batches at every evaluation), up to `val_batches` batches."""
-    from nanoseek.data.corpus import PackedDataset
+    from nanoseek.data.corpus import PackedDataset, is_embedded
 
+    if cfg.val_fraction == 0 and not is_embedded(cfg.data):  # (the embedded corpus has its own split)
+        print("pretrain: no validation (--val-fraction 0 holds no document out)")
+        return []
     val = PackedDataset(cfg.data, tok, cfg.seq_len, per_rank, split="val", repeat=False, **data_kw)
     try:
         out = list(islice(iter(val), cfg.val_batches))
