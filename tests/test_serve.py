@@ -263,6 +263,57 @@ def test_completions_lm_eval_loglikelihood(real, tok, model):
     assert len(batch["choices"][0]["logprobs"]["token_logprobs"]) == len(other) + 1
 
 
+def test_completions_top_logprobs_keep_the_best_of_tokens_that_print_alike(real, tok, model):
+    """Byte pieces of a multi-byte character all print as U+FFFD: the top_logprobs dict (keyed by text)
+    keeps the best one's value, so its max is the position's best log-prob (lm-eval's is_greedy)."""
+    ids = tok.encode("First, 2 + 2 = 4", add_bos=True)
+    body = {"model": MODEL, "prompt": [ids], "max_tokens": 0, "echo": True, "logprobs": 5}
+    lp = httpx.post(real.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    alike = 0
+    for i in range(1, len(ids)):
+        best = ref[i - 1].topk(5).indices.tolist()
+        alike += len(best) - len({tok.decode([t]) for t in best})
+        assert max(lp["top_logprobs"][i].values()) == pytest.approx(ref[i - 1].max().item(), abs=1e-4)
+    assert alike > 0  # the case is exercised
+
+
+def test_completions_text_offset_indexes_the_choice_text(real, tok):
+    """text_offset is where each token starts in the choice's text: the BOS added to a text prompt holds
+    none of it, a byte piece of a character starts at that character, and a stream's offsets run over the
+    whole text as the non-streamed ones do."""
+    text = "数学は楽しい。 Hello"
+    ids = tok.encode(text, add_bos=True)
+    table = tok.token_bytes()
+    assert any(
+        len(table[t].decode("utf-8", "replace")) != len(table[t].decode("utf-8", "ignore")) for t in ids
+    )
+    body = {"model": MODEL, "prompt": text, "max_tokens": 3, "echo": True, "logprobs": 1, "temperature": 0}
+    choice = httpx.post(real.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    offsets = choice["logprobs"]["text_offset"]
+    prompt_offsets = [0] + [
+        len(b"".join(table[t] for t in ids[1:i]).decode("utf-8", "ignore")) for i in range(1, len(ids))
+    ]
+    assert offsets[: len(ids)] == prompt_offsets
+    assert offsets[len(ids)] == len(text) and choice["text"].startswith(text)
+    assert offsets == sorted(offsets) and offsets[-1] < len(choice["text"])
+    # token ids echo their decoded text (BOS included): offsets index that text
+    by_ids = httpx.post(real.url + "/v1/completions", json={**body, "prompt": ids}, timeout=60).json()
+    lp = by_ids["choices"][0]["logprobs"]
+    assert (
+        lp["text_offset"][1] == len(tok.decode(ids[:1]))
+        and lp["tokens"][-4:] == choice["logprobs"]["tokens"][-4:]
+    )
+    streamed = []
+    with httpx.stream("POST", real.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    streamed += (c["logprobs"] or {}).get("text_offset", [])
+    assert streamed == offsets
+
+
 def test_completions_prompt_forms_echo_and_max_tokens(real, tok):
     c = real.client
     one = c.completions.create(model=MODEL, prompt="Hello world", max_tokens=1, temperature=0)
@@ -291,6 +342,18 @@ def test_completions_prompt_forms_echo_and_max_tokens(real, tok):
         )
     )
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == full.choices[0].text
+
+
+def test_completions_streamed_text_offset_goes_on_across_chunks(real):
+    """Each streamed chunk's text_offset continues the last one's, as vLLM's do: together they are the
+    whole response's (they restarted at 0 in every chunk)."""
+    kw = dict(model=MODEL, prompt="Hello world", max_tokens=5, temperature=0, logprobs=1, echo=True)
+    full = real.client.completions.create(**kw).choices[0].logprobs
+    chunks = list(real.client.completions.create(**kw, stream=True))
+    lps = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+    assert len(lps) > 2
+    assert [o for lp in lps for o in lp.text_offset] == full.text_offset
+    assert [t for lp in lps for t in lp.tokens] == full.tokens
 
 
 def test_tokenizer_routes(real, tok):
@@ -371,6 +434,27 @@ def test_errors_400(real):
         "[-100, 100]"
         in _err(httpx.post(url, json={"messages": USER, "logit_bias": {"5": 101}}), 400)["message"]
     )
+
+
+def test_null_means_the_default(scripted):
+    """OpenAI's spec makes n, stream, logprobs, echo and include_usage nullable, and the openai client sends
+    `null` for an argument given as None: they take their defaults (each was a 400)."""
+    c = scripted.client
+    r = c.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=2, n=None, logprobs=None, stream=None
+    )
+    assert len(r.choices) == 1 and r.choices[0].logprobs is None and r.usage.completion_tokens == 2
+    chunks = list(
+        c.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=2, stream=True, stream_options={"include_usage": None}
+        )
+    )
+    assert chunks[-1].choices and all(ch.usage is None for ch in chunks)
+    done = c.completions.create(model=MODEL, prompt="Hi", max_tokens=2, n=None, echo=None, stream=None)
+    assert done.choices[0].text and not done.choices[0].text.startswith("Hi")
+    # a required field sent as null is still missing
+    err = _err(httpx.post(scripted.url + "/v1/chat/completions", json={"messages": None}), 400)
+    assert err["param"] == "messages" and err["code"] == "missing_required_parameter"
 
 
 def test_logit_bias(real):

@@ -163,6 +163,7 @@ class _Choice:
     parallel_calls: bool = True  # False (`parallel_tool_calls: false`): only the first call is returned
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # where each token of `logprobs` starts in the text
     finish_reason: str | None = None
     text: str = ""
     reasoning: str = ""
@@ -182,6 +183,7 @@ class _Choice:
             self.token_ids.append(token)
             if ev.logprobs:
                 self.logprobs.append(ev.logprobs[i])
+                self.offsets.append(len(self.detok.text))
             text += self.stops.push(self.detok.push([token]))
             if self.stops.stopped:
                 self.finish_reason = "stop"
@@ -678,7 +680,14 @@ class Server:
             ids, text = prompts[i // n]
             lp = None
             if req.logprobs is not None:
-                lp = self.legacy_logprobs(ids if req.echo else [], scores[i // n], c.logprobs, req.logprobs)
+                lp = self.legacy_logprobs(
+                    ids if req.echo else [],
+                    scores[i // n],
+                    c.logprobs,
+                    req.logprobs,
+                    hidden=self.hidden_prefix(req.prompt),
+                    offsets=[(len(text) if req.echo else 0) + o for o in c.offsets],
+                )
             out.append(
                 {
                     "index": i,
@@ -731,7 +740,9 @@ class Server:
                 ids, text = prompts[i // n]
                 lp = None
                 if req.logprobs is not None:
-                    lp = self.legacy_logprobs(ids, scores[i // n], [], req.logprobs)
+                    lp = self.legacy_logprobs(
+                        ids, scores[i // n], [], req.logprobs, hidden=self.hidden_prefix(req.prompt)
+                    )
                 yield chunk(i, text, lp, None)
         sent_lp = [0] * len(choices)
         if group is not None:
@@ -740,7 +751,14 @@ class Server:
                 text, _, _ = c.feed(ev)
                 lp = None
                 if req.logprobs is not None and (text or c.done) and len(c.logprobs) > sent_lp[index]:
-                    lp = self.legacy_logprobs([], None, c.logprobs[sent_lp[index] :], req.logprobs)
+                    start = len(prompts[index // n][1]) if req.echo else 0  # offsets run over the whole text
+                    lp = self.legacy_logprobs(
+                        [],
+                        None,
+                        c.logprobs[sent_lp[index] :],
+                        req.logprobs,
+                        offsets=[start + o for o in c.offsets[sent_lp[index] :]],
+                    )
                     sent_lp[index] = len(c.logprobs)
                 if text or lp is not None:
                     yield chunk(index, text, lp, None)
@@ -754,34 +772,55 @@ class Server:
             final["choices"], final["usage"] = [], _usage(prompt_tokens, choices)
             yield final
 
-    def legacy_logprobs(self, prompt_ids: list[int], score: Any, generated: list[Any], k: int) -> dict:
-        """OpenAI's legacy completions logprobs: parallel lists tokens / token_logprobs / top_logprobs."""
+    def hidden_prefix(self, prompt: Any) -> int:
+        """Tokens at the start of each prompt that its echoed text does not hold: the BOS the server adds to
+        a text prompt (a token-id prompt is echoed as its decoded ids, BOS included)."""
+        texts = isinstance(prompt, str) or isinstance(prompt[0], str)
+        return int(texts and self.add_bos)
+
+    def legacy_logprobs(
+        self,
+        prompt_ids: list[int],
+        score: Any,
+        generated: list[Any],
+        k: int,
+        hidden: int = 0,
+        offsets: list[int] | None = None,
+    ) -> dict:
+        """OpenAI's legacy completions logprobs: parallel lists tokens / token_logprobs / top_logprobs /
+        text_offset.
+
+        text_offset is where each token starts in the choice's text: the prompt's `hidden` first tokens hold
+        none of the echoed text, a token that begins inside a character (a byte-level piece) is placed at
+        that character, and `offsets` give the generated tokens' (from `_Choice.offsets`)."""
         tokens: list[str] = []
         token_logprobs: list[float | None] = []
         top_logprobs: list[dict[str, float] | None] = []
         text_offset: list[int] = []
-        offset = 0
 
-        def add(tid: int, lp: float | None, top: list[tuple[int, float]] | None) -> None:
-            nonlocal offset
+        def add(tid: int, lp: float | None, top: list[tuple[int, float]] | None, offset: int) -> None:
             s = _token_str(self.tokenizer, tid)
             tokens.append(s)
             token_logprobs.append(lp)
             text_offset.append(offset)
-            offset += len(s)
             if lp is None:
                 top_logprobs.append(None)
                 return
+            # Best first: tokens that print the same (byte pieces all show as U+FFFD) keep the best one's value.
             # The chosen token is always listed (as OpenAI and vLLM do), so a reader can compare it with the
             # best alternative: lm-evaluation-harness's is_greedy check relies on that.
-            d = {_token_str(self.tokenizer, t): v for t, v in (top or [])[:k]}
-            d.setdefault(s, lp)
+            d: dict[str, float] = {}
+            for t, v in [*(top or [])[:k], (tid, lp)]:
+                d.setdefault(_token_str(self.tokenizer, t), v)
             top_logprobs.append(d)
 
+        detok = self.tokenizer.incremental_decoder()  # the echoed prompt's text, special tokens included
         for i, tid in enumerate(prompt_ids):
-            add(tid, score.logprobs[i] if score else None, score.top[i] if score else None)
-        for e in generated:
-            add(e.token_id, e.logprob, e.top)
+            add(tid, score.logprobs[i] if score else None, score.top[i] if score else None, len(detok.text))
+            if i >= hidden:
+                detok.push([tid])
+        for e, offset in zip(generated, offsets or [0] * len(generated), strict=True):
+            add(e.token_id, e.logprob, e.top, offset)
         return {
             "tokens": tokens,
             "token_logprobs": token_logprobs,

@@ -3,14 +3,15 @@
 Requests are validated with pydantic, but a failure is reported the way OpenAI reports it: status 400,
 `{"error": {"message", "type": "invalid_request_error", "param": <the field>, "code"}}`, never
 FastAPI's 422. Unknown fields are accepted and ignored (clients such as lm-evaluation-harness send
-extras), as vLLM does.
+extras), as vLLM does. `null` stands for a field's default, as OpenAI's spec has it (`"n": null` is n=1).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import types
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -50,6 +51,20 @@ def validation_error(e: ValidationError) -> APIError:
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI's spec makes `n`, `stream`, `logprobs`, `echo`... nullable, and clients send `null` for
+        "not set" (the openai client does for `n=None`): a field that cannot hold None takes its default."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            k: v
+            for k, v in data.items()
+            if v is not None or k not in fields or types.NoneType in get_args(fields[k].annotation)
+        }
 
 
 class StreamOptions(_Request):
