@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -386,6 +388,27 @@ def test_weight_updates_are_picked_up(model, speculative, changed):
     fresh = copy.deepcopy(m)  # no derived weights cached yet
     assert after == Engine(fresh, speculative=speculative).generate([prompt], max_new_tokens=6)[0]
     assert after != before
+
+
+def test_replaced_weights_are_served_after_reset_prefix_cache(model):
+    """Weights assigned rather than changed in place (`load_state_dict(assign=True)`) move no version
+    counter the engine watches: after `reset_prefix_cache()`, as its docstring asks, it serves the new
+    weights (the derived folds and stacks too), and it no longer holds the old ones."""
+    m = copy.deepcopy(model)
+    engine = Engine(m, block_size=4)
+    prompt = list(range(30, 50))
+    engine.generate([prompt], max_new_tokens=6)
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    old = weakref.ref(next(m.parameters()))
+    m.load_state_dict(copy.deepcopy(new.state_dict()), assign=True)
+    engine.reset_prefix_cache()
+    after = engine.generate([prompt], max_new_tokens=6)[0]
+    assert after == Engine(new).generate([prompt], max_new_tokens=6)[0]
+    gc.collect()
+    assert old() is None
 
 
 def test_generate_detailed_reports_each_finished_prompt() -> None:

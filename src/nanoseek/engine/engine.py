@@ -137,9 +137,7 @@ class Engine:
         )
         eos = cfg.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        # buffers too: the routing bias moves in training, a quantized model's weights are buffers
-        self._weights = [*model.parameters(), *model.buffers()]
-        self._versions: list[int] = []
+        self._track_weights()
         self._epoch = object()  # see _check_weights
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -446,6 +444,12 @@ class Engine:
                     rows[b].draft = d
 
     # ---------------------------------------------------------------- model
+    def _track_weights(self) -> None:
+        """Watch the model's weights as they are now; the next step starts a new epoch."""
+        # buffers too: the routing bias moves in training, a quantized model's weights are buffers
+        self._weights = [*self.model.parameters(), *self.model.buffers()]
+        self._versions: list[int] = []
+
     def _check_weights(self) -> None:
         """New weights or buffers (e.g. a GRPO optimizer step) make cached prefixes stale, and start a new epoch
         for the weights the model derives from its own (`nanoseek.model.derived`): within one, the
@@ -607,8 +611,12 @@ class Engine:
 
     # ---------------------------------------------------------------- stats
     def reset_prefix_cache(self) -> None:
-        """Call after changing the model's weights (e.g. between GRPO steps): cached prefixes are stale."""
+        """Call after changing the model's weights (e.g. between GRPO steps): cached prefixes are stale.
+        In-place changes are noticed anyway; weights replaced (`load_state_dict(..., assign=True)`)
+        move no version counter the engine watches, so only this call makes it serve them (and the
+        weights derived from them) and let the old ones go."""
         self.cache.reset_prefix_cache()
+        self._track_weights()
 
     def stats(self) -> dict:
         s = dict(self._stats)
