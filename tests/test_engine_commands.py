@@ -86,6 +86,14 @@ def test_generate_takes_the_prompt_positionally_or_as_a_flag_but_once(checkpoint
             args.func(args)
 
 
+def test_generate_refuses_a_prompt_over_the_context_before_echoing_it(checkpoint, capsys):
+    from nanoseek.cli import main
+
+    assert main(["generate", str(checkpoint), "word " * 2000, "--max-new-tokens", "2", "--threads", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "max_seq_len" in captured.err and captured.out == ""
+
+
 def test_generate_command_errors(tmp_path):
     args = cli_args("generate", str(tmp_path), "--prompt", "x")
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -149,6 +157,77 @@ def test_chat_turn_splits_reasoning_across_split_tags(checkpoint):
     # without colour (piped) the reasoning is marked by the template's own tags
     assert out.getvalue() == "<think>\nlet me think\n</think>\n\nThe answer is 4\n"
     assert reply == "<think>\nlet me think\n</think>\n\nThe answer is 4"
+
+
+def test_chat_turn_neither_shows_nor_keeps_the_stop_token(checkpoint):
+    """`<｜User｜>` ends a reply (the model starting the next turn) but is not special: it used to be
+    printed and kept in history, so the next prompt held a stray user tag."""
+    from types import SimpleNamespace
+
+    from nanoseek.commands.chat import chat_turn
+    from nanoseek.tokenizer import USER, load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    user = tok.token_to_id(USER)
+
+    class Engine:
+        max_seq_len = 4096
+
+        def stream(self, prompts, params):
+            ids = tok.encode("hm</think>The answer is 4")
+            return [SimpleNamespace(new_token_ids=ids), SimpleNamespace(new_token_ids=[user])]
+
+    out = io.StringIO()
+    params = SimpleNamespace(stop_token_ids=[tok.eos_token_id, user])
+    reply, n = chat_turn(Engine(), tok, [{"role": "user", "content": "q"}], params, out, color=False)
+    assert out.getvalue() == "<think>\nhm\n</think>\n\nThe answer is 4\n"
+    assert (
+        reply.endswith("</think>\n\nThe answer is 4")
+        and n == len(tok.encode("hm</think>The answer is 4")) + 1
+    )
+
+
+def test_chat_turn_closes_a_think_block_the_reply_ended_in(checkpoint):
+    """A reply cut off in its reasoning (max tokens, Ctrl-C): piped, the block is still closed."""
+    from types import SimpleNamespace
+
+    from nanoseek.commands.chat import chat_turn
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+
+    class Engine:
+        max_seq_len = 4096
+
+        def stream(self, prompts, params):
+            return [SimpleNamespace(new_token_ids=tok.encode("let me think"))]
+
+    out = io.StringIO()
+    chat_turn(Engine(), tok, [{"role": "user", "content": "q"}], None, out, color=False)
+    assert out.getvalue() == "<think>\nlet me think\n</think>\n"
+
+
+def test_chat_history_of_a_template_without_think_blocks(tmp_path):
+    """A ChatML model (Qwen2.5-Instruct) neither opens nor writes a think block: its reply is kept as it
+    is, not wrapped in an empty `<think>\\n\\n</think>` that its template would replay every turn."""
+    from types import SimpleNamespace
+
+    from model_configs import chatml_tokenizer
+    from nanoseek.commands.chat import chat_turn
+    from nanoseek.tokenizer import load_tokenizer
+
+    chatml_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+
+    class Engine:
+        max_seq_len = 4096
+
+        def stream(self, prompts, params):
+            return [SimpleNamespace(new_token_ids=tok.encode(c)) for c in ("Hello", " there")]
+
+    out = io.StringIO()
+    reply, _ = chat_turn(Engine(), tok, [{"role": "user", "content": "hi"}], None, out, color=False)
+    assert out.getvalue() == "Hello there\n" and reply == "Hello there"
 
 
 def test_chat_no_think(checkpoint):

@@ -97,11 +97,14 @@ def chat_turn(
     def split(text: str) -> tuple[str, str]:
         return splitter.push(text) if splitter is not None else ("", text)
 
+    # A stop token ends the reply but is not part of it: `<｜User｜>` is not special, so the decoder
+    # would show it and history would keep it.
+    stop_ids = set(getattr(params, "stop_token_ids", None) or ())
     events = engine.stream([ids], params)
     try:
         for ev in events:
             n += len(ev.new_token_ids)
-            show(*split(decoder.push(ev.new_token_ids)))
+            show(*split(decoder.push([t for t in ev.new_token_ids if t not in stop_ids])))
             if stop is not None and stop():
                 break
     finally:
@@ -111,9 +114,11 @@ def chat_turn(
     show(*split(decoder.flush()))
     if splitter is not None:
         show(*splitter.flush())
+    if think and not answer:
+        out.write(closing)  # the reply ended in its reasoning (length, Ctrl-C): still close the block
     out.write("\n")
     reply = "".join(answer).strip()
-    if thinking:
+    if think or opened:  # a template without think blocks (ChatML) must not get an empty one in history
         reply = f"{tok.think_start}\n{''.join(think).strip()}\n{tok.think_end}\n\n{reply}"
     return reply, n
 

@@ -128,9 +128,10 @@ def run(args: argparse.Namespace) -> int:
     n_tokens = 0
     if args.num_samples == 1:
         decoder = IncrementalDecoder(tok, skip_special_tokens=True)
+        events = engine.stream([ids], params)  # a prompt over the context fails here, before the echo
         if not args.chat:
             sys.stdout.write(text)
-        for ev in engine.stream([ids], params):
+        for ev in events:
             n_tokens += len(ev.new_token_ids)
             sys.stdout.write(decoder.push(ev.new_token_ids))
             sys.stdout.flush()
