@@ -294,10 +294,20 @@ def test_load_foreign_tokenizer_and_template(tmp_path: Path) -> None:
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": chatml})
+        json.dumps(
+            {
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "chat_template": chatml,
+            }
+        )
     )
     t = load_tokenizer(tmp_path)
     assert t.eos_token_id == 2 and t.pad_token_id == 0
+    # ...and no end-of-text token in front of a prompt either (a Qwen2.5-Instruct tokenizer saved by
+    # transformers 5 says "bos_token": null and no add_bos_token), as transformers encodes it
+    assert t.bos_token_id == 0 and t.encode("hello", add_bos=t.add_bos_token) == [3]
     msgs = [{"role": "user", "content": "hello world"}]
     assert t.apply_chat_template(msgs) == "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
 
@@ -719,3 +729,18 @@ def test_generation_config_eos_ids_also_stop_generation(tok: Tokenizer, tmp_path
     (tmp_path / "generation_config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="generation_config.json is not a JSON object"):
         load_tokenizer(tmp_path)
+
+
+def test_a_config_whose_bos_token_is_null_puts_nothing_before_a_prompt(tmp_path):
+    """Qwen2.5's tokenizer_config.json says `"bos_token": null`: transformers puts no token before a
+    prompt, where nanoseek took <|endoftext|> as BOS and prepended it to every `generate` prompt."""
+    import transformers
+
+    from model_configs import chatml_tokenizer
+    from nanoseek.tokenizer import load_tokenizer
+
+    chatml_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.add_bos_token is False
+    assert tok.encode("hi there", add_bos=tok.add_bos_token) == hf("hi there").input_ids

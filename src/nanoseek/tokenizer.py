@@ -334,12 +334,15 @@ class Tokenizer:
             raise ValueError(
                 f"tokenizer has no end-of-sentence token (looked for {eos_token or _EOS_CANDIDATES})"
             )
+        named = bos_token is not None
         bos_token = bos_token or next((t for t in _BOS_CANDIDATES if t in vocab), None)
-        # A vocabulary without BOS (Qwen, GPT-2 style) separates documents with its EOS instead, and
-        # a prompt starts with no such token (as transformers encodes it).
+        # A vocabulary without BOS (Qwen, GPT-2 style) separates documents with its EOS instead, or
+        # with its end-of-text token beside a chat EOS (Qwen2.5-Instruct's <|im_end|>, whose
+        # tokenizer_config.json says "bos_token": null), and a prompt starts with no such token (as
+        # transformers encodes it).
         if bos_token is None or bos_token not in vocab:
             bos_token = eos_token
-        if bos_token == eos_token:
+        if bos_token == eos_token or (not named and bos_token == "<|endoftext|>"):
             self.add_bos_token = False
         pad_token = pad_token if pad_token in vocab else (PAD if PAD in vocab else eos_token)
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
@@ -792,7 +795,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         eos_token=_token_content(config.get("eos_token")),
         pad_token=_token_content(config.get("pad_token")),
         chat_template=template,
-        add_bos_token=bool(config.get("add_bos_token", True)),
+        # `"bos_token": null` (Qwen2.5's) says the vocabulary has none: nothing goes before a prompt, as
+        # transformers encodes it, though a candidate such as <|endoftext|> still separates documents
+        add_bos_token=bool(config.get("add_bos_token", config.get("bos_token", "") is not None)),
         config={k: v for k, v in config.items() if k != "chat_template"},
     )
 
