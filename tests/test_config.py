@@ -71,3 +71,13 @@ def test_bad_values_are_named():
         get_preset("tiny").replace(scoring_func="relu")
     with pytest.raises(ValueError, match="neither a directory"):
         resolve_config("no-such-preset")
+
+
+def test_v3_groups_of_one_expert_are_refused():
+    """noaux_tc ranks a group by its top-2 scores (DeepSeek's Gate, transformers' router): a group of
+    one expert has none, and the router failed at the first forward; V2's group max takes it."""
+    tiny = get_preset("tiny")
+    with pytest.raises(ValueError, match="at least 2"):
+        tiny.replace(n_group=16, topk_group=8)
+    tiny.replace(n_group=16, topk_group=8, scoring_func="softmax", topk_method="group_limited_greedy")
+    tiny.replace(n_group=8, topk_group=4)

@@ -334,6 +334,35 @@ def test_inference_expert_stack_in_gemm_layout_gives_the_training_forward(tokens
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_routed_experts_gradcheck_in_float64():
+    """Float64 (a gradcheck's dtype, which `torch._grouped_mm` refuses) runs the grouped path as a loop;
+    its backward, the custom one, is the numerical derivative, an expert without tokens included."""
+    from nanoseek.model import moe
+
+    idx = torch.tensor([[0, 1], [1, 0], [1, 2], [2, 1], [1, 0]])  # expert 3 gets no token
+    order, counts = moe.sort_by_expert(idx, 4)
+    offs = counts.cumsum(0).to(torch.int32)
+
+    def routed(x, w, gate_up, down):
+        return moe._RoutedExpertsFunction.apply(
+            x, w, gate_up, down, order, offs, torch.float64, moe._grouped_mm
+        )
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((5, 8), (5, 2))]
+    args += [
+        torch.randn(4, *s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((8, 8), (8, 4))
+    ]
+    assert torch.autograd.gradcheck(routed, args)
+    model = MoE(config(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3, generator=g)
+    x = torch.randn(1, 12, 64, dtype=torch.float64)
+    with torch.no_grad():
+        assert model(x).dtype == torch.float64
+
+
 def test_experts_with_no_tokens_and_empty_batch():
     experts = RoutedExperts(4, 8, 6)
     with torch.no_grad():
@@ -345,6 +374,9 @@ def test_experts_with_no_tokens_and_empty_batch():
         experts(x, idx, torch.ones(3, 1)), dense_reference(experts, x, idx, torch.ones(3, 1))
     )
     empty = experts(torch.randn(0, 8), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert empty.shape == (0, 8)
+    with torch.no_grad():  # inference's forward too (not the few-tokens decode path: it has no rows)
+        empty = experts(torch.randn(0, 8), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
     assert empty.shape == (0, 8)
 
 
@@ -601,3 +633,17 @@ def test_derived_weights_follow_their_sources_within_and_across_epochs():
         src["w"].add_(1)
         assert read().tolist() == [12, 12, 12] and len(builds) == 4
     assert read().tolist() == [14, 14, 14] and len(builds) == 5  # outside an epoch: every read checks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_a_model_moved_after_inference_serves_on_its_new_device():
+    """The serving MoE keeps the shared expert's [t, 1] columns in a plain attribute, which `.to()` does
+    not move: a model run under inference mode on the CPU, then moved to the GPU, mixed devices."""
+    from nanoseek.model.transformer import DeepSeekV3
+
+    model = DeepSeekV3(small_config()).init_weights(seed=0).eval()
+    x = torch.randint(0, small_config().vocab_size, (1, 3))
+    with torch.inference_mode():
+        want = model(x)
+        got = model.to("cuda")(x.cuda()).cpu()
+    assert torch.allclose(got, want, atol=1e-4)

@@ -214,6 +214,11 @@ class ModelConfig:
                 self.topk_group * (e // self.n_group) >= k,
                 "topk_group groups must hold at least num_experts_per_tok experts",
             )
+            need(
+                self.topk_method != "noaux_tc" or self.n_group == 1 or e // self.n_group >= 2,
+                f"noaux_tc ranks a group by the sum of its top-2 scores: each of the n_group "
+                f"({self.n_group}) groups needs at least 2 of the {e} routed experts",
+            )
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
         act = _get(self, "hidden_act", "silu")
         need(

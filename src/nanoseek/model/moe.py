@@ -174,12 +174,14 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     do CPU calls with fewer rows than groups (decode): the loop skips the empty groups, where the
     CPU kernel runs a select, a slice and an empty mm for each of them. And CPU bf16/fp16, whose
     per-group shapes the loop keeps few (`ROW_BUCKET`); the CPU kernel is itself a loop of matmuls.
+    And float64 (a gradcheck's dtype), which `torch._grouped_mm` does not take.
     """
     cpu = a.device.type == "cpu"
     few_rows = cpu and b.dim() == 3 and a.shape[0] < b.shape[0]
     bucketed = cpu and a.dtype in (torch.bfloat16, torch.float16)
     if (
-        not few_rows
+        a.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and not few_rows
         and not bucketed
         and all(t.data_ptr() % 16 == 0 and (t.stride(-1) == 1 or t.stride(-2) == 1) for t in (a, b))
         and all((st * t.element_size()) % 16 == 0 for t in (a, b) for st in t.stride() if st != 1)
@@ -480,7 +482,7 @@ class RoutedExperts(nn.Module):
     def decodes(self, indices: torch.Tensor) -> bool:
         """Whether `forward` takes the gathered-weights decode path for these routing choices."""
         return (
-            indices.shape[0] <= 4
+            0 < indices.shape[0] <= 4  # (no tokens: the grouped path, which any row count takes)
             and type(self).grouped_mm is RoutedExperts.grouped_mm
             and not torch.is_grad_enabled()
             and self.gathers()
@@ -579,9 +581,9 @@ class MoE(nn.Module):
         """[t,1] columns (the shared expert's index E, weight 1), sliced from ones kept across decode
         steps: two fewer allocations per layer and step than building them."""
         cols = self._shared_cols
-        if cols is None or cols[0].shape[0] < t or cols[1].dtype != dtype:
+        device = self.gate.weight.device  # (a plain attribute: `model.to(...)` does not move it)
+        if cols is None or cols[0].shape[0] < t or cols[1].dtype != dtype or cols[0].device != device:
             n = max(t, 64)
-            device = self.gate.weight.device
             cols = (
                 torch.full((n, 1), self.experts.n_experts, dtype=torch.long, device=device),
                 torch.ones(n, 1, dtype=dtype, device=device),
