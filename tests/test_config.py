@@ -81,3 +81,44 @@ def test_v3_groups_of_one_expert_are_refused():
         tiny.replace(n_group=16, topk_group=8)
     tiny.replace(n_group=16, topk_group=8, scoring_func="softmax", topk_method="group_limited_greedy")
     tiny.replace(n_group=8, topk_group=4)
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"kv_lora_rank": 0}, "kv_lora_rank"),  # a ZeroDivisionError building the model before
+        ({"q_lora_rank": 0}, "q_lora_rank"),  # DeepSeek's inference code's "full rank": null here
+        ({"vocab_size": 0}, "vocab_size"),  # crashed in the first forward
+        ({"moe_intermediate_size": 0}, "moe_intermediate_size"),
+        ({"intermediate_size": 0}, "intermediate_size"),  # a dense layer that outputs zeros
+        ({"v_head_dim": 0}, "v_head_dim"),  # attention that outputs zeros
+        ({"max_position_embeddings": 0}, "max_position_embeddings"),
+        ({"n_group": 0}, "n_group"),  # an unnamed ZeroDivisionError
+        ({"hidden_size": 256.0}, "hidden_size"),  # crashed building the model; transformers refuses it
+        ({"num_attention_heads": "4"}, "num_attention_heads"),  # an unnamed TypeError
+        ({"rope_theta": 0}, "rope_theta"),  # NaN rotations
+        ({"rope_scaling": {"type": "llama3", "low_freq_factor": 1.0}}, "factor"),  # KeyError in build
+    ],
+)
+def test_hand_edited_config_json_is_refused_at_load_naming_the_field(tmp_path, change, field):
+    (tmp_path / "config.json").write_text(json.dumps({**get_preset("tiny").to_dict(), **change}))
+    with pytest.raises(ValueError, match=field):
+        resolve_config(tmp_path)
+    # and what the field allows still loads: 0 MoE layers need no intermediate size of their own
+    dense = get_preset("tiny-dense")
+    assert dense.replace(moe_intermediate_size=0).moe_intermediate_size == 0
+
+
+def test_yarn_factor_left_null_is_the_context_ratio():
+    """As transformers computes it (max_position_embeddings / original); softmax_scale's mscale
+    raised a TypeError (a KeyError with the key left out) at the model's build before."""
+    from nanoseek.checkpoint import build_model
+
+    yarn = {"type": "yarn", "original_max_position_embeddings": 256, "mscale": 1.0, "mscale_all_dim": 1.0}
+    d = {**get_preset("tiny").to_dict(), "max_position_embeddings": 1024}
+    d.pop("rope_parameters")
+    explicit = ModelConfig.from_dict({**d, "rope_scaling": {**yarn, "factor": 4.0}})
+    for scaling in ({**yarn, "factor": None}, yarn):
+        cfg = ModelConfig.from_dict({**d, "rope_scaling": scaling})
+        assert cfg == explicit and cfg.softmax_scale == explicit.softmax_scale
+        build_model(cfg, device="meta")

@@ -123,14 +123,18 @@ class ModelConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.attention_variant == "gqa":
             # A dense family: no experts, no MTP, half-split RoPE over the whole head (Qwen2 / Llama).
-            self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+            self.head_dim = self.head_dim or self.hidden_size // max(self.num_attention_heads, 1)
             self.n_routed_experts = self.n_shared_experts = self.num_experts_per_tok = None
             self.num_nextn_predict_layers = 0
             self.rope_interleave = False
         rs = self.rope_scaling
-        if rs and rs.get("type", rs.get("rope_type")) in ("yarn", "llama3"):
+        rtype = rs.get("type", rs.get("rope_type")) if rs else None
+        if rs and rtype in ("yarn", "llama3"):
             # transformers' default where a file leaves it out: the context the model was trained at
-            self.rope_scaling = {"original_max_position_embeddings": self.max_position_embeddings, **rs}
+            rs = self.rope_scaling = {"original_max_position_embeddings": self.max_position_embeddings, **rs}
+            if rtype == "yarn" and not rs.get("factor"):
+                # and YaRN's factor left null: the extended context over the original one
+                rs["factor"] = self.max_position_embeddings / rs["original_max_position_embeddings"]
         self.validate()
 
     # ----------------------------------------------------------------- derived
@@ -190,9 +194,40 @@ class ModelConfig:
             if not cond:
                 raise ValueError(f"invalid ModelConfig: {msg}")
 
-        need(self.hidden_size > 0 and self.num_hidden_layers > 0, "hidden_size and num_hidden_layers > 0")
-        need(self.num_attention_heads > 0, "num_attention_heads must be > 0")
+        for f in dataclasses.fields(self):  # a hand-edited config.json: 64.0 or "64" where 64 belongs
+            value = getattr(self, f.name)
+            if f.type == "int" or (f.type == "int | None" and value is not None):
+                need(
+                    isinstance(value, int) and not isinstance(value, bool),
+                    f"{f.name} must be an integer, got {value!r}",
+                )
+        # Sizes the model is built from: zero or negative ones give empty or crashing layers.
+        sizes = [
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ]
+        if any(not self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
+            sizes.append("intermediate_size")
+        if self.attention_variant == "mla":
+            sizes += ["kv_lora_rank", "v_head_dim"] + ["q_lora_rank"] * (self.q_lora_rank is not None)
+        if self.is_moe:
+            sizes += ["moe_intermediate_size", "n_group"]
+        for name in sizes:
+            value = getattr(self, name)
+            hint = " (null: a full-rank query)" if name == "q_lora_rank" else ""
+            need(value > 0, f"{name} must be > 0{hint}, got {value}")
+        need(
+            self.qk_nope_head_dim >= 0 and self.qk_rope_head_dim >= 0,
+            "qk_nope_head_dim and qk_rope_head_dim must be >= 0",
+        )
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        rs = self.rope_scaling
+        if rs and rs.get("type", rs.get("rope_type")) == "llama3":
+            need(bool(rs.get("factor")), "rope_scaling of type llama3 needs its factor")
         need(
             self.scoring_func in ("sigmoid", "softmax"),
             f"scoring_func {self.scoring_func!r} not in sigmoid/softmax",
@@ -233,7 +268,8 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({kv})",
             )
-            need(int(self.head_dim or 0) % 2 == 0, f"head_dim must be even, got {self.head_dim}")
+            head_dim = int(self.head_dim or 0)
+            need(head_dim > 0 and head_dim % 2 == 0, f"head_dim must be even and > 0, got {self.head_dim}")
             need(not _get(self, "mlp_bias", False), "mlp_bias (Llama) is not supported")
             need(
                 not _get(self, "use_sliding_window", False),

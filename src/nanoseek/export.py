@@ -257,7 +257,7 @@ def _write_hparams(w: Any, gguf: Any, c: ModelConfig) -> None:
             w.add_expert_group_used_count(c.topk_group)
     rs = c.rope_scaling
     if rs:  # YaRN (config.py accepts no other scaling)
-        factor = rs.get("factor") or c.max_position_embeddings / rs["original_max_position_embeddings"]
+        factor = rs["factor"]
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(float(factor))
         w.add_rope_scaling_orig_ctx_len(int(rs["original_max_position_embeddings"]))

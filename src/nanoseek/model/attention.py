@@ -120,8 +120,7 @@ def rope_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
         return inv_freq, 1.0
     if rs.get("type", rs.get("rope_type")) == "llama3":
         return llama3_inverse_frequencies(inv_freq, rs), 1.0
-    factor = rs.get("factor") or config.max_position_embeddings / rs["original_max_position_embeddings"]
-    original = rs["original_max_position_embeddings"]
+    factor, original = rs["factor"], rs["original_max_position_embeddings"]  # (ModelConfig fills both)
     beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
     mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
     attention_factor = rs.get("attention_factor")
