@@ -311,6 +311,20 @@ def test_load_model_auto_dtype_and_bad_dtype(tmp_path, monkeypatch):
         nanoseek.load_model(tmp_path, dtype="int8")
 
 
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_auto_dtype_of_a_config_without_one_is_the_weights(tmp_path, monkeypatch, stored):
+    """A config.json that names no torch_dtype (hand-written, or an old export) read as "bfloat16": an
+    fp32 checkpoint ran in bf16 under "auto"; transformers' "auto" reads the weights' own dtype."""
+    import json
+
+    save_model(build_model(config()).init_weights(0), tmp_path, dtype=stored)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("torch_dtype", None), raw.pop("dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    monkeypatch.setattr("nanoseek.perf.cpu_has_bf16", lambda: True)
+    assert nanoseek.load_model(tmp_path, dtype="auto").dtype == stored
+
+
 def test_load_model_refuses_8_bit_dtypes_and_unavailable_devices(tmp_path):
     """dtype="float8_e4m3fn" built a model no forward could run ("mul_cpu_reduced_float" not implemented);
     a device torch cannot use failed inside torch (an AssertionError, a RuntimeError) with a traceback."""

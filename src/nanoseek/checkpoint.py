@@ -21,6 +21,7 @@ from training, train_state/ (optimizer, step, RNG, data position). What is notab
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -531,6 +532,8 @@ def load_model(
             config = resolve_config(p)
             where = _weight_files(p)
             reader = _ShardReader(where)
+            if dtype == "auto" and not _names_dtype(p):  # "auto" is then the dtype the weights are in
+                config = dataclasses.replace(config, torch_dtype=_stored_dtype(where, reader))
             resolved = resolve_dtype(dtype, config, device)
             try:
                 model = _stream(p, config, where, reader, resolved, device, fp8, act_quant, quantize)
@@ -549,6 +552,23 @@ def load_model(
 
 
 _LOAD_TRIES = 3
+_STORED = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def _names_dtype(d: Path) -> bool:
+    """Does `d`'s config.json say what dtype its weights are in (torch_dtype, or transformers 5's dtype)?"""
+    try:
+        raw = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return True  # a preset or an unreadable file: resolve_config has said what it holds
+    return bool(raw.get("torch_dtype") or raw.get("dtype"))
+
+
+def _stored_dtype(where: Mapping[str, Path], reader: _ShardReader) -> str:
+    """The dtype the checkpoint's weights are stored in (the embedding's, else the first tensor's)."""
+    key = "model.embed_tokens.weight" if "model.embed_tokens.weight" in where else next(iter(where))
+    stored = reader._handle(key).get_slice(key).get_dtype()
+    return _STORED.get(stored, "bfloat16")
 
 
 def _files_identity(d: Path) -> tuple[Any, ...] | None:
