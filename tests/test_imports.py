@@ -1,13 +1,24 @@
 """The package's modules import each other without cycles: read from the source with `ast`, so the
 check costs no imports. Function-level imports count too (a cycle hidden behind a lazy import still
-ties two modules' changes together); `if TYPE_CHECKING:` blocks do not, as they never run."""
+ties two modules' changes together); `if TYPE_CHECKING:` blocks do not, as they never run. The same
+walk checks that every third-party module the package imports is a dependency pyproject.toml declares,
+so a wheel installed with only those runs; and setuptools reads pyproject.toml without a deprecation
+(each one becomes an error in a later release, breaking `pip install .`) and ships every data file."""
 
 from __future__ import annotations
 
 import ast
+import fnmatch
 import graphlib
 import importlib
+import importlib.metadata
+import re
+import sys
+import tomllib
+import warnings
 from pathlib import Path
+
+import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -71,3 +82,56 @@ def test_no_import_cycles():
         tuple(graphlib.TopologicalSorter(import_graph()).static_order())
     except graphlib.CycleError as e:
         raise AssertionError(f"import cycle in the package: {' -> '.join(e.args[1])}") from None
+
+
+def _dist_key(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _dist_keys(requirements: list[str]) -> set[str]:
+    """The distribution names of requirement strings ("torch>=2.6" -> "torch")."""
+    return {_dist_key(re.split(r"[\s<>=!~;\[]", r)[0]) for r in requirements}
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    project = tomllib.loads((SRC.parent / "pyproject.toml").read_text())["project"]
+    required = _dist_keys(project["dependencies"])
+    optional = _dist_keys([r for extra in project["optional-dependencies"].values() for r in extra])
+    dists = importlib.metadata.packages_distributions()
+    problems = []
+    for mod, path in sorted(_modules().items()):
+        tree = ast.parse(path.read_text())
+        for node in _runtime_nodes(tree):
+            if isinstance(node, ast.Import):
+                tops = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            for top in tops:
+                if top in sys.stdlib_module_names or top == "nanoseek":
+                    continue
+                names = {_dist_key(d) for d in [*dists.get(top, []), top]}
+                if names & required:
+                    continue
+                if names & optional and node not in tree.body:  # an extra, imported only when used
+                    continue
+                problems.append(f"{mod}:{node.lineno} imports {top}")
+    assert not problems, "imports of modules pyproject.toml does not declare as dependencies:\n" + "\n".join(
+        problems
+    )
+
+
+def test_setuptools_reads_pyproject_without_deprecations_and_ships_every_data_file():
+    pytest.importorskip("setuptools")
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dist = apply_configuration(Distribution(), SRC.parent / "pyproject.toml")
+    globs = dist.package_data["nanoseek"]
+    for path in (SRC / "nanoseek").rglob("*"):
+        rel = path.relative_to(SRC / "nanoseek").as_posix()
+        if path.is_file() and path.suffix not in (".py", ".pyc"):
+            assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not in the wheel (package-data)"
