@@ -163,6 +163,10 @@ def test_run_tests_asserts_and_stdio():
     assert run_tests("def sq(x):\n    return x + x", "assert sq(3) == 9")[:2] == (0, 1)
     cases = [{"input": "3", "output": "6"}, {"input": "5\n", "output": "10\n"}, {"input": "1", "output": "3"}]
     assert run_tests("print(int(input()) * 2)", cases)[:2] == (2, 3)
+    # trailing spaces and blank lines at the ends do not count; the first line's indentation does
+    pyramid = [{"input": "", "output": "  *\n ***\n*****\n"}]
+    assert run_tests("print('\\n  *  \\n ***\\n*****\\n')", pyramid)[:2] == (1, 1)
+    assert run_tests("print('*\\n ***\\n*****')", pyramid)[:2] == (0, 1)
     with pytest.raises(ValueError):
         run_tests("print(1)", [])
 
@@ -202,6 +206,27 @@ def test_nonce_cannot_be_read_from_a_traceback_frame():
         "sys.excepthook = h\n"
     )
     assert run_tests(code + WRONG_SQ, SQ_TESTS)[:2] == (0, 1)
+
+
+def test_stdlib_that_reads_its_callers_frame_works_but_frames_stay_out_of_reach():
+    # namedtuple (fractions, decimal, dataclasses, statistics import it), enum and logging ask for their
+    # caller's frame and go on without it on a ValueError, as where an interpreter has none
+    code = (
+        "from fractions import Fraction\nfrom decimal import Decimal\nimport statistics, logging\n"
+        "from dataclasses import dataclass\nfrom collections import namedtuple\n"
+        "@dataclass\nclass P:\n    x: int\n"
+        "Q = namedtuple('Q', 'a b')\nlogging.getLogger().warning('w')\n"
+        "print(Fraction(1, 3) + Fraction(1, 6), Decimal('0.1') * 3, statistics.median([3, 1, 2]), P(1), Q(1, 2))\n"
+    )
+    r = run_python(code)
+    assert r.ok and r.stdout == "1/2 0.3 2 P(x=1) Q(a=1, b=2)\n", r.stderr
+    # the frame itself is still refused: the runner's locals hold the nonce
+    steal = (
+        "import sys, os\ntry:\n    f = sys._getframe(1)\nexcept PermissionError:\n    print('blocked')\nelse:\n"
+        "    n = f.f_locals.get('nonce')\n    sys.stdout.write('\\n' + n + '\\n'); sys.stdout.flush(); os._exit(0)\n"
+    )
+    assert run_python(steal).stdout == "blocked\n"
+    assert run_tests(steal + WRONG_SQ, SQ_TESTS)[:2] == (0, 1)
 
 
 def test_replacing_builtins_exec_does_not_skip_the_tests():

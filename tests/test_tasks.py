@@ -474,13 +474,44 @@ def test_jsonl_tasks(tmp_path):
         ({"prompt": "p", "answer": "1", "verifier": "regex"}, "verifier"),
         ({"prompt": "p", "verifier": "code"}, "tests"),
         ({"prompt": "p"}, "answer"),
+        # no test at all passes any code that runs (or, empty, skips every sample); a syntax error fails all
+        ({"prompt": "p", "verifier": "code", "tests": ""}, "no statements"),
+        ({"prompt": "p", "tests": "  \n# to do\n"}, "no statements"),
+        ({"prompt": "p", "tests": []}, "tests"),
+        ({"prompt": "p", "tests": "assert sq(3) =="}, "not valid Python"),
+        (
+            [
+                {"prompt": "Write f.", "tests": "assert f() == 1"},
+                {"prompt": "Write f.", "tests": "assert f() == 2"},
+            ],
+            "line 1",
+        ),
     ]:
         bad_path = tmp_path / f"bad_{msg}.jsonl"
-        bad_path.write_text(json.dumps(bad) + "\n")
+        bad_path.write_text("".join(json.dumps(b) + "\n" for b in (bad if isinstance(bad, list) else [bad])))
         with pytest.raises(ValueError, match=msg):
             get_task(f"jsonl:{bad_path}")
     with pytest.raises(FileNotFoundError):
         get_task(f"jsonl:{tmp_path / 'missing.jsonl'}")
+
+
+def test_code_is_the_last_python_block():
+    from nanoseek.data.tasks.answers import extract_code
+
+    code = "print(int(input()) * 2)\n"
+    for answer in [
+        f"```python\n{code}```",
+        f"```python3\n{code}```",
+        f"```Py\n{code}```",
+        f"```python\r\n{code}```",
+        f"Run it with:\n```bash\npython sol.py < in.txt\n```\nThe code:\n```python\n{code}```",
+        f"Input:\n```text\n3\n```\n```\n{code}```",
+        f"```python\n{code}```\nFor 3 it prints:\n```\n6\n```",
+        f"```python\nprint(0)\n```\nFixed:\n```python\n{code}```",
+        f"1. The code:\n   ```python\n   {code}   ```",
+    ]:
+        assert extract_code(answer).strip() == code.strip(), answer
+    assert extract_code(code) == code  # no fence: the whole answer
 
 
 def test_nanoseek_tasks_reexports():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import random
@@ -193,7 +194,7 @@ class JsonlTask(Task):
     """User tasks from JSON lines: ``{"prompt", "answer", "verifier"?, "tests"?, "language"?, "split"?, "reasoning"?}``.
 
     verifier: "exact" (default when the answer is not a number), "numeric" (default for numbers), "math"
-    (math-verify), "code" (the answer's last fenced block run against ``tests``: a string of Python asserts,
+    (math-verify), "code" (the answer's last Python block run against ``tests``: a string of Python asserts,
     or a list of {"input", "output"} stdin/stdout cases). A line's "split" overrides the hash split.
     """
 
@@ -202,10 +203,18 @@ class JsonlTask(Task):
         if not self.path.is_file():
             raise FileNotFoundError(f"jsonl task file not found: {self.path}")
         self.items: list[Problem] = []
+        lines: dict[str, int] = {}  # problem id -> its line
         with self.path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
-                    self.items.append(self._parse(line, lineno))
+                    p = self._parse(line, lineno)
+                    if p.id in lines:  # problems() would never draw it, and call the split too small
+                        raise ValueError(
+                            f"{self.path}:{lineno}: same problem id as line {lines[p.id]} (the id is the "
+                            'prompt\'s unless the line gives an "id"): give each line its own prompt or "id"'
+                        )
+                    lines[p.id] = lineno
+                    self.items.append(p)
         if not self.items:
             raise ValueError(f"{self.path}: no problems")
         self.languages = tuple(sorted({p.language for p in self.items}))
@@ -222,7 +231,9 @@ class JsonlTask(Task):
         tests = row.get("tests")
         answer = "" if row.get("answer") is None else str(row["answer"])
         if verifier is None:
-            verifier = "code" if tests else "numeric" if parse_number(answer) is not None else "exact"
+            verifier = (
+                "code" if tests is not None else "numeric" if parse_number(answer) is not None else "exact"
+            )
         if not answer.strip() and verifier != "code":
             raise ValueError(f'{where}: missing "answer"' + (" (it is empty)" if "answer" in row else ""))
         if verifier not in VERIFIERS:
@@ -233,6 +244,14 @@ class JsonlTask(Task):
             )
         if isinstance(tests, list) and not all(isinstance(t, dict) and "output" in t for t in tests):
             raise ValueError(f'{where}: each test case needs "output" (and optionally "input")')
+        if verifier == "code" and isinstance(tests, str):
+            # no statement (empty, blank, comments only) passes any code that runs; a syntax error fails all
+            try:
+                statements = ast.parse(tests).body
+            except SyntaxError as e:
+                raise ValueError(f'{where}: "tests" is not valid Python: {e.msg} (line {e.lineno})') from None
+            if not statements:
+                raise ValueError(f'{where}: "tests" has no statements: nothing to check the code against')
         language = row.get("language") or detect_language(row["prompt"])
         split = row.get("split") or split_of(f"jsonl|{row['prompt']}")
         if split not in SPLITS:

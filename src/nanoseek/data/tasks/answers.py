@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import textwrap
 import threading
 from fractions import Fraction
 from typing import Any
@@ -165,13 +166,18 @@ def _quiet_math_verify_timeout_warning() -> None:
         logging.getLogger(name).addFilter(lambda r: "Timeout is disabled" not in r.getMessage())
 
 
-_CODE_BLOCK_RE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
+# every fenced block with its language: a ```bash block's closing fence must not open the next block
+_CODE_BLOCK_RE = re.compile(r"```[ \t]*([^\s`]*)[^\n`]*\n(.*?)```", re.DOTALL)
+_PYTHON_TAGS = ("python", "py", "python3", "py3")
 
 
 def extract_code(answer: str) -> str:
-    """The last fenced code block of the answer, else the whole answer."""
+    """The answer's last ```python block (``py``, ``python3`` alike), else its last untagged block (an
+    example's output after the code is one), dedented; else the whole answer."""
     blocks = _CODE_BLOCK_RE.findall(answer)
-    return blocks[-1] if blocks else answer
+    python = [code for tag, code in blocks if tag.lower() in _PYTHON_TAGS]
+    chosen = python or [code for tag, code in blocks if not tag]
+    return textwrap.dedent(chosen[-1]) if chosen else answer
 
 
 def run_code_tests(code: str, tests: str | list[dict[str, str]], timeout: float = 2.0) -> tuple[int, int]:
