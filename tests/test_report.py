@@ -334,3 +334,34 @@ def test_a_stage_of_one_step_is_drawn_in_the_loss_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(Figure, "savefig", record)
     build_report(tmp_path)
     assert markers["control loss"] not in (None, "None", "", " ")  # a line through one point is invisible
+
+
+def test_pretrainings_training_loss_is_set_beside_its_held_out_loss_without_the_mtp_term(
+    tmp_path, monkeypatch
+):
+    """Pretraining logs `loss` = LM loss + λ·MTP loss + balance loss, and a held-out loss of the LM term
+    alone: the stage table and the loss plot set that LM term beside it (as pretraining's own summary
+    line does), not a total 0.3-0.4 nats higher that reads as a training loss above the held-out one."""
+    import matplotlib.axes
+
+    pre = MetricsLog(tmp_path, "pretrain")
+    for s in range(1, 4):
+        pre.log(step=s, loss=1.5 + s / 100, lm_loss=1.1 + s / 100, mtp_loss=1.3, tokens=1024 * s)
+    pre.log(step=3, val_loss=1.12)
+    pre.log(event="end", wall_time_s=10.0)
+    sft = MetricsLog(tmp_path, "sft")  # a stage that logs no LM term apart keeps its `loss`
+    sft.log(step=1, loss=0.9)
+    sft.log(event="end", wall_time_s=5.0)
+    plotted = {}
+    plot = matplotlib.axes.Axes.plot
+
+    def spy(self, xs, ys, *args, label=None, **kwargs):
+        plotted[label] = list(ys)
+        return plot(self, xs, ys, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    text = build_report(tmp_path).read_text()
+    assert "| pretrain | 10 s | 3.07K | $0.0003 | 1.13 | 1.12 |" in text, text
+    assert "| sft | 5 s | – | $0.0001 | 0.9 | – |" in text, text
+    assert plotted["pretrain lm loss"] == pytest.approx([1.11, 1.12, 1.13])
+    assert plotted["sft loss"] == [0.9]

@@ -235,3 +235,36 @@ def test_bench_speedrun_exits_1_when_a_goal_is_missed(smoke_run, monkeypatch, ca
         bench.main()
     assert e.value.code == "bench_speedrun: 1 goal(s) missed: the time budget"
     assert "OVER budget" in capsys.readouterr().out
+
+
+def test_an_out_that_holds_something_else_is_refused_before_anything_is_written(tmp_path, capsys):
+    """`--out` at a directory that is no speedrun (a project, a folder of notes) is refused: the run
+    would write among its files, replace its `final/` and `report.md` and append to its `metrics.jsonl`."""
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "weights.txt").write_text("mine")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["speedrun", "--preset", "smoke", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no speedrun (no speedrun.json) but other files (notes.txt)" in err and "--out" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "notes.txt"]  # nothing added
+
+
+def test_an_out_it_cannot_write_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """An --out under a file, or on a full or read-only filesystem, is one line naming the cause,
+    not a traceback."""
+    import errno
+
+    from nanoseek.speedrun import Speedrun
+
+    (tmp_path / "file").write_text("")
+    assert main(["speedrun", "--preset", "smoke", "--out", str(tmp_path / "file" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the run directory" in err and "Not a directory" in err, err
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.run / "speedrun.json"))
+
+    monkeypatch.setattr(Speedrun, "_claim_directory", full)  # as writing RUN/speedrun.json would fail
+    assert main(["speedrun", "--preset", "smoke", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "speedrun.json: No space left on device" in err and "rerun" in err, err

@@ -167,6 +167,12 @@ class RunMetrics:
             return values[-1]
         return sum(values)
 
+    def train_loss_key(self, stage: str) -> str:
+        """The key of `stage`'s training loss to set beside its `val_loss`: the language-model term where
+        the stage logs it apart (pretraining's `loss` adds λ x the MTP loss and the balance loss, which
+        the held-out loss leaves out), else `loss`."""
+        return "lm_loss" if self.steps(stage, "lm_loss")[0] else "loss"
+
     def last_value(self, stage: str, key: str) -> Any:
         for r in reversed(self.by_stage.get(stage, [])):
             if r.get(key) is not None:
@@ -305,7 +311,7 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
             total_s += wall or 0.0
         lines.append(
             f"| {stage} | {shown} | {_human(tokens)} | {cost} | "
-            f"{_fmt(m.last_value(stage, 'loss'))} | {_fmt(m.last_value(stage, 'val_loss'))} |"
+            f"{_fmt(m.last_value(stage, m.train_loss_key(stage)))} | {_fmt(m.last_value(stage, 'val_loss'))} |"
         )
     lines.append(f"| **total** | {total_s:.1f} s | | ${total_s / 3600 * usd_per_hour:.4f} | | |")
     lines += ["", f"Cost is estimated at ${usd_per_hour:.2f} per machine-hour.", ""]
@@ -585,7 +591,7 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
         [
             (f"{stage} {key.replace('_', ' ')}", style, *m.steps(stage, key))
             for stage in stages
-            for key, style in (("loss", "-"), ("val_loss", "--"))
+            for key, style in ((m.train_loss_key(stage), "-"), ("val_loss", "--"))
         ]
         for _, stages in panels
     ]

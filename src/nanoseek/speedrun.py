@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -31,11 +32,20 @@ from nanoseek.atomic import atomic_directory, atomic_write, restore_directory
 from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_turn, is_unseen_wordings
 from nanoseek.evaluate import Z_95, slug
 from nanoseek.metrics import MetricsLog, read_metrics
-from nanoseek.report import EVAL_STAGES
+from nanoseek.report import EVAL_STAGES, STAGES
 
 DONE = ".done"
 SETTINGS = "speedrun.json"
 FORMATS = "data_formats"  # in SETTINGS: `Speedrun.data_formats()` of the nanoseek that started the run
+# What a speedrun writes into RUN. A directory without SETTINGS that holds only these is taken for a
+# run's first stages (a copy of them resumed with other later settings: benchmarks/README.md); one
+# that holds anything else is not a speedrun, and is refused
+RUN_ENTRIES = frozenset(
+    {*STAGES, "final", "plots", "report.md", "metrics.jsonl", ".lock", ".student", ".control"}
+    | {"distill_data.jsonl", "distill_traces.json"}
+)
+# a run directory it cannot write: one clear error, and a rerun resumes once there is room
+STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 # The families the `cpu` and `gpu` runs teach from worked solutions, and the one they leave to GRPO.
@@ -386,7 +396,12 @@ class Speedrun:
         self.run = Path(out)
         self.p = preset
         self.progress = progress
-        self.run.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # under a file, on a read-only or full filesystem, not permitted
+            raise ValueError(
+                f"cannot create the run directory {self.run}: {e.strerror or e}; choose another --out"
+            ) from None
         self.timings: dict[str, float] = {}
 
     # -------------------------------------------------------------- plumbing
@@ -982,9 +997,33 @@ class Speedrun:
             f.flush()
             yield  # the lock goes with the file's closing, or with the process
 
+    def _refuse_foreign(self) -> None:
+        """Refuse an --out that holds what no speedrun writes, before writing anything there: the
+        stages would mix their files with its own, replace its `final/` or `report.md`, and append to
+        its `metrics.jsonl`."""
+        if (self.run / SETTINGS).exists():
+            return
+        foreign = sorted(p.name for p in self.run.iterdir() if p.name not in RUN_ENTRIES)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise ValueError(
+                f"{self.run} holds no speedrun (no {SETTINGS}) but other files ({shown}): a run there "
+                "would mix its files with them; choose a new or empty --out"
+            )
+
     def __call__(self) -> Path:
-        with self._locked():
-            return self._run_all()
+        self._refuse_foreign()
+        try:
+            with self._locked():
+                return self._run_all()
+        except OSError as e:
+            if e.errno not in STORAGE_ERRORS:
+                raise
+            where = e.filename or self.run
+            raise ValueError(
+                f"cannot write {where}: {e.strerror}; make room (or choose another --out) and rerun: "
+                "finished stages are kept"
+            ) from None
 
     def _run_all(self) -> Path:
         import torch
