@@ -268,3 +268,40 @@ def test_an_out_it_cannot_write_is_one_clear_error(tmp_path, monkeypatch, capsys
     assert main(["speedrun", "--preset", "smoke", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "speedrun.json: No space left on device" in err and "rerun" in err, err
+
+
+def test_gpu_check_prints_the_report_and_keeps_the_status_of_a_missed_goal(tmp_path):
+    """benchmarks/gpu_check.sh under `set -e`: a run over its budget (bench_speedrun exits 1) still
+    gets its summary and the head of its report, and the script then exits 1."""
+    import os
+    import shutil
+    import subprocess
+
+    root = Path(__file__).parent.parent
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(root / "benchmarks" / "gpu_check.sh", tmp_path / "benchmarks")
+    (tmp_path / "benchmarks" / "bench_speedrun.py").write_text(  # a finished run that missed its budget
+        "import sys, pathlib\nrun = pathlib.Path(sys.argv[sys.argv.index('--out') + 1])\n"
+        "run.mkdir(parents=True)\n(run / 'report.md').write_text('# the report\\n')\n"
+        "sys.exit('bench_speedrun: 1 goal(s) missed: the time budget')\n"
+    )
+    fake = tmp_path / "fake"  # a torch that sees a GPU, and the python3 this suite runs on
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(
+        "import types\n__version__ = 'fake'\ncuda = types.SimpleNamespace(is_available=lambda: True,\n"
+        "    get_device_properties=lambda i: types.SimpleNamespace(name='GPU', total_memory=2**30),\n"
+        "    is_bf16_supported=lambda: True)\n"
+    )
+    (fake / "python3").symlink_to(sys.executable)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    env["PYTHONPATH"] = os.pathsep.join([str(fake), str(root / "src")])
+    r = subprocess.run(
+        ["bash", str(tmp_path / "benchmarks" / "gpu_check.sh"), str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "# the report" in r.stdout and " s in all; report: " in r.stdout, r.stdout
+    assert "the time budget" in r.stderr

@@ -38,7 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model-name", default=None, help="name clients use in 'model' (default: DIR's name)")
     p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default 32)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="context length (default: the model's, or what the default KV cache holds for one request if less)",
+    )
     p.add_argument(
         "--max-queue",
         type=int,
