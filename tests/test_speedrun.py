@@ -146,6 +146,12 @@ def test_rerun_skips_finished_stages(smoke_run, capsys):
     # nothing new: not even the decode-speed figure is measured again on a finished run
     assert new == [], json.dumps(new)[:500]
     assert sum(r.get("event") == "model" for r in read_metrics(smoke_run, "speedrun")) == 1
+    # its last line gives the run's time, as the report's total, not this process's few seconds
+    from nanoseek.report import RunMetrics
+
+    total = RunMetrics(smoke_run).run_wall_time()
+    assert total > 6 and f"finished in {total / 60:.1f} min" in out
+    assert f"| **total** | {total:.1f} s |" in (smoke_run / "report.md").read_text()
 
 
 def test_bench_speedrun_counts_pretrainings_arithmetic(smoke_run):

@@ -143,6 +143,13 @@ class RunMetrics:
     def wall_time(self, stage: str) -> float | None:
         return wall_time(self.runs.get(stage, []))
 
+    def run_wall_time(self) -> float:
+        """The run's seconds over every process that ran it: each stage's, but those trained beside
+        another (inside that one's time)."""
+        return sum(
+            self.wall_time(s) or 0.0 for s in STAGES if not self.last_event(s, "end").get("beside")
+        )
+
     def events(self, stage: str, event: str) -> list[dict[str, Any]]:
         return [r for r in self.by_stage.get(stage, []) if r.get("event") == event]
 
@@ -295,7 +302,6 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
         "| stage | wall time | tokens | est. cost | final loss | val loss |",
         "|---|---|---|---|---|---|",
     ]
-    total_s = 0.0
     for stage in STAGES:
         end = m.last_event(stage, "end")
         if not end and not m.by_stage.get(stage):
@@ -307,12 +313,11 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
         if end.get("beside"):  # ran in a second process during another stage: inside that one's time
             shown += f" (beside {end['beside']})"
             cost = f"in {end['beside']}'s"
-        else:
-            total_s += wall or 0.0
         lines.append(
             f"| {stage} | {shown} | {_human(tokens)} | {cost} | "
             f"{_fmt(m.last_value(stage, m.train_loss_key(stage)))} | {_fmt(m.last_value(stage, 'val_loss'))} |"
         )
+    total_s = m.run_wall_time()
     lines.append(f"| **total** | {total_s:.1f} s | | ${total_s / 3600 * usd_per_hour:.4f} | | |")
     lines += ["", f"Cost is estimated at ${usd_per_hour:.2f} per machine-hour.", ""]
 

@@ -32,7 +32,7 @@ from nanoseek.atomic import atomic_directory, atomic_write, restore_directory
 from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_turn, is_unseen_wordings
 from nanoseek.evaluate import Z_95, slug
 from nanoseek.metrics import MetricsLog, read_metrics
-from nanoseek.report import EVAL_STAGES, STAGES
+from nanoseek.report import EVAL_STAGES, STAGES, RunMetrics
 
 DONE = ".done"
 SETTINGS = "speedrun.json"
@@ -1028,7 +1028,6 @@ class Speedrun:
     def _run_all(self) -> Path:
         import torch
 
-        t0 = time.perf_counter()
         # Setting the thread count turns MKL's dynamic threading off too, which changes a GEMM's last
         # bits. The stages beside another set it, so every run sets it first: a process resumed past
         # them (at SFT) would otherwise train another model than the run never stopped.
@@ -1062,7 +1061,8 @@ class Speedrun:
         from nanoseek.report import build_report
 
         report = build_report(self.run)
-        wall = time.perf_counter() - t0
+        # the run's time over every process that ran it (a resumed run's earlier ones too), as the report
+        wall = RunMetrics(self.run).run_wall_time()
         print(
             f"speedrun ({self.p.name}) finished in {wall / 60:.1f} min: chat with `nanoseek chat {final}`, "
             f"report at {report}"
