@@ -248,3 +248,68 @@ def test_dir_fd_does_not_write_outside(tmp_path):
     )
     r = run_python(code)
     assert not (tmp_path / "escaped.txt").exists(), r.stderr
+
+
+def test_nonce_cannot_be_read_from_process_memory():
+    code = (
+        "import os, re, sys\n"
+        "found = set()\n"
+        "with open('/proc/self/mem', 'rb', buffering=0) as mem:\n"
+        "    for line in open('/proc/self/maps').read().splitlines():\n"
+        "        span, perms = line.split()[:2]\n"
+        "        lo, hi = (int(v, 16) for v in span.split('-'))\n"
+        "        if 'r' in perms and '[v' not in line and hi - lo < 64 << 20:\n"
+        "            try:\n"
+        "                mem.seek(lo)\n"
+        "                found.update(re.findall(rb'(?<![0-9a-zA-Z])[0-9a-f]{32}(?![0-9a-zA-Z])', mem.read(hi - lo)))\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "sys.stdout.write(''.join('\\n' + n.decode() for n in found) + '\\n'); sys.stdout.flush(); os._exit(0)\n"
+    )
+    assert run_tests(WRONG_SQ + code, SQ_TESTS)[:2] == (0, 1)
+
+
+def test_tests_and_the_parents_environment_cannot_be_read(monkeypatch):
+    monkeypatch.setenv("NANOSEEK_API_KEY", "sk-parent-secret")
+    code = (
+        "import os\n"
+        "for path in ('../tests.py', f'/proc/{os.getppid()}/environ'):\n"
+        "    try:\n"
+        "        print(open(path, errors='replace').read())\n"
+        "    except OSError as e:\n"
+        "        print('blocked', type(e).__name__)\n"
+    )
+    r = run_python(code, tests="assert 'probe-assert' != 'x'", config=FAST)
+    assert "probe-assert" not in r.stdout and "sk-parent-secret" not in r.stdout
+
+
+def test_monkeypatching_does_not_open_the_audit_hook(tmp_path):
+    """The hook runs Python in the code's process: patched builtins, os.path or os must not change its checks;
+    calls that name a file by descriptor (fchmod...) and calls without an audit event (mknod) are walls too."""
+    os.chmod(tmp_path, 0o777)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("safe")
+    os.chmod(victim, 0o644)
+    attempts = {
+        "builtins": "import builtins; builtins.isinstance = lambda o, t: False",
+        "posixpath": "import os, posixpath; posixpath.abspath = lambda p: os.getcwd()",
+        "os.stat": "import os; os.lstat = os.stat = os.readlink = None",
+    }
+    for name, patch in attempts.items():
+        run_python(f"{patch}\nopen({str(tmp_path / name)!r}, 'w').write('pwned')", config=FAST)
+        assert not (tmp_path / name).exists(), name
+    by_fd = (
+        f"import os\nfd = os.open({str(victim)!r}, os.O_RDONLY)\n"
+        "for call in (lambda: os.fchmod(fd, 0o777), lambda: os.setxattr(fd, 'user.x', b'1'),\n"
+        f"             lambda: os.mkfifo({str(tmp_path / 'fifo')!r}), lambda: os.mknod('node')):\n"
+        "    try:\n        call()\n    except OSError:\n        pass\n"
+    )
+    run_python(by_fd, config=FAST)
+    assert victim.stat().st_mode & 0o777 == 0o644 and not (tmp_path / "fifo").exists()
+    # what a solution may do in its own directory still works
+    r = run_python(
+        "import os, pathlib\np = pathlib.Path('out.txt'); p.write_text('hi')\nos.chmod(p, 0o600)\n"
+        "fd = os.open(p, os.O_RDWR); os.ftruncate(fd, 1); print(p.read_text(), os.path.realpath('.') != '')",
+        config=FAST,
+    )
+    assert r.ok and r.stdout.split() == ["h", "True"], r.stderr

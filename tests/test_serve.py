@@ -1012,6 +1012,35 @@ def test_oversized_and_deeply_nested_bodies_are_400s(tok):
         assert r.status_code == 200
 
 
+def test_work_per_request_is_bounded_before_it_is_done(tok, monkeypatch):
+    """A short list of prompts x n is refused before a choice is built for each (300 x 64 from a few kB took
+    minutes of event loop and gigabytes); logit_bias (up to the body limit's million entries) is read once
+    per request, not once per choice."""
+    engine = ScriptedEngine(tok)
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL))
+    server = app.state.server
+    calls = {"new_choice": 0, "logit_bias": 0}
+    for name in calls:
+
+        def counted(*args, _real=getattr(server, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(server, name, counted)
+    with LiveServer(app) as srv:
+        many = {"model": MODEL, "prompt": [[5]] * (server.engine.max_pending + 1), "max_tokens": 1}
+        assert _err(httpx.post(srv.url + "/v1/completions", json=many), 400)["param"] == "n"
+        assert calls["new_choice"] == 0
+        bias = {"model": MODEL, "max_tokens": 1, "n": 8, "logit_bias": {"5": 1.0}}
+        for route, body in (
+            ("completions", {"prompt": ["hi", "ho"]}),
+            ("chat/completions", {"messages": USER}),
+        ):
+            calls["logit_bias"] = 0
+            assert httpx.post(f"{srv.url}/v1/{route}", json={**bias, **body}).status_code == 200
+            assert calls["logit_bias"] == 1, route
+
+
 def test_a_browsers_non_json_post_is_refused(tok):
     """A key-less server (the default: loopback, no --api-key) must not run requests a web page of another
     site sends: text/plain, form and multipart POSTs need no CORS preflight, so the browser sends them as

@@ -146,9 +146,7 @@ class RunMetrics:
     def run_wall_time(self) -> float:
         """The run's seconds over every process that ran it: each stage's, but those trained beside
         another (inside that one's time)."""
-        return sum(
-            self.wall_time(s) or 0.0 for s in STAGES if not self.last_event(s, "end").get("beside")
-        )
+        return sum(self.wall_time(s) or 0.0 for s in STAGES if not self.last_event(s, "end").get("beside"))
 
     def events(self, stage: str, event: str) -> list[dict[str, Any]]:
         return [r for r in self.by_stage.get(stage, []) if r.get("event") == event]

@@ -38,7 +38,13 @@ NOBODY = 65534
 # argv: code path, memory bytes, cpu s, fsize bytes, drop to nobody (0/1), tests path ("" = none).
 # With tests, stdin's first line is a nonce printed only after the tests ran to the end.
 _RUNNER = r"""
-import os, resource, sys
+import builtins, os, posixpath, resource, stat, sys, types
+
+def _sealed(fn, env):
+    # fn with private globals and builtins: the code can monkeypatch modules, builtins and __main__, not these
+    new = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    return new
 
 def _install(code_path, mem, cpu, fsize, drop):
     with open(code_path, encoding="utf-8") as f:
@@ -51,7 +57,12 @@ def _install(code_path, mem, cpu, fsize, drop):
         os.setgroups([])
         os.setgid(NOBODY_UID)
         os.setuid(NOBODY_UID)
-    root = os.path.realpath(os.getcwd())
+    private = {"__builtins__": dict(vars(builtins)), "os": types.SimpleNamespace(**vars(os)),
+               "stat": types.SimpleNamespace(**vars(stat))}
+    paths = {**vars(posixpath), **private}
+    paths.update({k: _sealed(v, paths) for k, v in paths.items() if isinstance(v, types.FunctionType)})
+    realpath, isdir = paths["realpath"], paths["isdir"]
+    root = realpath(os.getcwd())
     blocked = {
         "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
         "os.kill", "os.killpg", "signal.pthread_kill", "pty.spawn", "_posixsubprocess.fork_exec",
@@ -63,8 +74,6 @@ def _install(code_path, mem, cpu, fsize, drop):
     }
     # frames reach the runner's locals (the nonce): a traceback's, a generator's, a coroutine's
     frame_attrs = {"tb_frame", "gi_frame", "cr_frame", "ag_frame"}
-    isdir = os.path.isdir
-
     # also a ValueError, as where an interpreter has no frames: the stdlib's callers of sys._getframe
     # (collections.namedtuple, typing, enum, logging; so importing fractions, decimal, dataclasses,
     # statistics) catch it and go on without the frame
@@ -72,9 +81,11 @@ def _install(code_path, mem, cpu, fsize, drop):
         pass
 
     path_events = {"os.remove", "os.rmdir", "os.rename", "shutil.rmtree", "os.chmod", "os.chown", "os.link",
-                   "os.symlink", "os.truncate", "os.mkdir", "os.utime", "shutil.move", "shutil.copyfile"}
+                   "os.symlink", "os.truncate", "os.mkdir", "os.utime", "shutil.move", "shutil.copyfile",
+                   "os.setxattr", "os.removexattr"}
+    readlink = os.readlink
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    realpath, fspath = os.path.realpath, os.fspath
+    fspath, sep = os.fspath, os.sep
 
     def inside(p):
         if isinstance(p, int):
@@ -82,7 +93,13 @@ def _install(code_path, mem, cpu, fsize, drop):
         p = realpath(fspath(p))
         if isinstance(p, bytes):
             p = p.decode(errors="replace")
-        return p == root or p.startswith(root + os.sep)
+        return p == root or p.startswith(root + sep)
+
+    def secret(p):  # /proc/self/mem holds the nonce, /proc/<parent>/environ the trainer's keys
+        p = realpath(fspath(p))
+        if isinstance(p, bytes):
+            p = p.decode(errors="replace")
+        return p.startswith("/proc/") and p.rpartition("/")[2] in ("mem", "environ", "kcore")
 
     def hook(event, args):
         if event in blocked:
@@ -100,7 +117,11 @@ def _install(code_path, mem, cpu, fsize, drop):
             # name) write, delete or rename there
             if path is not None and not isinstance(path, int) and not inside(path) and isdir(path):
                 raise PermissionError("sandbox: opening a directory outside the working directory")
+            if path is not None and not isinstance(path, int) and secret(path):
+                raise PermissionError("sandbox: reading a process's memory or environment is not allowed")
         elif event in path_events:
+            if isinstance(args[0], int):  # fchmod, fchown, futimes, ftruncate, fsetxattr: the fd's file
+                args = (readlink("/proc/self/fd/" + str(args[0])), *args[1:])
             for a in args:
                 if isinstance(a, (str, bytes, os.PathLike)) and not inside(a):
                     raise PermissionError("sandbox: " + event + " outside the working directory")
@@ -111,7 +132,8 @@ def _install(code_path, mem, cpu, fsize, drop):
     import _thread
     import threading
 
-    sys.addaudithook(hook)
+    inside, secret = _sealed(inside, private), _sealed(secret, private)  # the hook's closure sees these
+    sys.addaudithook(_sealed(hook, private))
 
     # Threads have no audit event; RLIMIT_NPROC = 0 stops them for a non-root child, this for a root one.
     def no_threads(*args, **kwargs):
@@ -122,6 +144,13 @@ def _install(code_path, mem, cpu, fsize, drop):
                      "_start_joinable_thread"):
             if hasattr(mod, name):
                 setattr(mod, name, no_threads)
+
+    # Nor do mknod (a root child's device node in its directory opens the disk) and mkfifo.
+    def no_nodes(*args, **kwargs):
+        raise PermissionError("sandbox: mknod and mkfifo are not allowed")
+
+    for mod in (os, sys.modules["posix"]):
+        mod.mknod = mod.mkfifo = no_nodes
     return src
 
 def _main():
@@ -142,6 +171,7 @@ def _main():
         sys.stdin = sys.__stdin__ = open(0, closefd=False)
         with open(tests_path, encoding="utf-8") as f:
             tests = f.read()
+        os.remove(tests_path)  # a child that is not dropped to nobody could read the asserts back
     src = _install(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")
     sys.argv = ["solution.py"]
     sys.orig_argv = []

@@ -288,7 +288,10 @@ class Server:
             out[token_id] = value
         return out
 
-    def sampling_params(self, req: Any, max_new: int, logprobs: int | None, choice: int) -> Any:
+    def sampling_params(
+        self, req: Any, max_new: int, logprobs: int | None, choice: int, logit_bias: dict[int, float]
+    ) -> Any:
+        """`logit_bias` is `self.logit_bias(req.logit_bias)`, converted once per request, not per choice."""
         from nanoseek.engine import SamplingParams
 
         seed = None if req.seed is None else req.seed + choice  # n choices: distinct, reproducible
@@ -311,7 +314,7 @@ class Server:
             stop_token_ids=list(self.tokenizer.stop_token_ids),
             logprobs=logprobs,
             ignore_eos=req.ignore_eos,
-            logit_bias=self.logit_bias(req.logit_bias),
+            logit_bias=logit_bias,
         )
         if req.ignore_eos:
             params.stop_token_ids = []
@@ -343,13 +346,17 @@ class Server:
             parallel_calls=parallel_calls,
         )
 
-    def submit(self, jobs: list[tuple[list[int], Any]]) -> RequestGroup:
-        if len(jobs) > self.engine.max_pending:  # 429 would ask the client to retry what can never fit
+    def check_fits(self, count: int) -> None:
+        """400 for a request of more generations than the server holds, before anything is built for them."""
+        if count > self.engine.max_pending:  # 429 would ask the client to retry what can never fit
             raise APIError(
-                f"This request asks for {len(jobs)} generations (prompts x n), more than this server "
+                f"This request asks for {count} generations (prompts x n), more than this server "
                 f"holds at once ({self.engine.max_pending}). Ask for fewer.",
                 param="n",
             )
+
+    def submit(self, jobs: list[tuple[list[int], Any]]) -> RequestGroup:
+        self.check_fits(len(jobs))
         try:
             return self.engine.submit(jobs)
         except QueueFullError as e:
@@ -487,7 +494,8 @@ class Server:
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_new = self.budget(len(prompt_ids), asked, param, "messages")
         k = (req.top_logprobs or 0) if req.logprobs else None
-        jobs = [(prompt_ids, self.sampling_params(req, max_new, k, j)) for j in range(req.n)]
+        bias = self.logit_bias(req.logit_bias)
+        jobs = [(prompt_ids, self.sampling_params(req, max_new, k, j, bias)) for j in range(req.n)]
         parallel = req.parallel_tool_calls is not False
         choices = [
             self.new_choice(req.stop, started_in_think, tools, prefill, parallel) for _ in range(req.n)
@@ -646,17 +654,20 @@ class Server:
         if req.best_of is not None and req.best_of != req.n:
             raise APIError("best_of must equal n (no server-side ranking).", param="best_of")
         prompts = await asyncio.to_thread(self.prompts, req.prompt)  # tokenizing: off the event loop
-        budgets = [self.budget(len(ids), req.max_tokens, "max_tokens", "prompt") for ids, _ in prompts]
         n = req.n
+        generate = req.max_tokens is None or req.max_tokens > 0
+        if generate:  # before a choice per prompt x n is built: a 25 kB list of prompts asks for millions
+            self.check_fits(len(prompts) * n)
+        budgets = [self.budget(len(ids), req.max_tokens, "max_tokens", "prompt") for ids, _ in prompts]
         scores: list[Any] = [None] * len(prompts)
         if req.echo and req.logprobs is not None:
             scores = await self.engine.score_prompts([ids for ids, _ in prompts], req.logprobs)
-        generate = req.max_tokens is None or req.max_tokens > 0
         choices = [self.new_choice(req.stop, None) for _ in range(len(prompts) * n)]
         group = None
         if generate:
+            bias = self.logit_bias(req.logit_bias)
             jobs = [
-                (ids, self.sampling_params(req, budgets[p], req.logprobs, j))
+                (ids, self.sampling_params(req, budgets[p], req.logprobs, j, bias))
                 for p, (ids, _) in enumerate(prompts)
                 for j in range(n)
             ]
