@@ -178,7 +178,7 @@ CONVERSATIONS = [
 def test_r1_chat_format(tok: Tokenizer) -> None:
     text = tok.apply_chat_template(CONVERSATIONS[1])
     assert text == (
-        f"{BOS}You are helpful.\n\nAnswer briefly.{USER}日本の首都は？{ASSISTANT}\n東京です。{EOS}"
+        f"{BOS}You are helpful.\n\nAnswer briefly.{USER}日本の首都は？{ASSISTANT}東京です。{EOS}"
         f"{USER}And China's?{ASSISTANT}<think>\n"
     )
     no_prompt = tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=False)
@@ -502,7 +502,7 @@ def test_tools_and_tool_calls_render(tok: Tokenizer) -> None:
     calls = render_tool_calls(CALLS)
     assert '<｜tool▁sep｜>{"city": "東京"}<｜tool▁call▁end｜>' in calls  # dict arguments become JSON
     assert turns.startswith(
-        f"Weather in Paris and Tokyo?{ASSISTANT}\nChecking.{calls}{EOS}"
+        f"Weather in Paris and Tokyo?{ASSISTANT}Checking.{calls}{EOS}"
         f'{TOOL_OUTPUT_BEGIN}{{"temp": 21}}{TOOL_OUTPUT_END}{TOOL_OUTPUT_BEGIN}{{"temp": 25}}{TOOL_OUTPUT_END}'
         f"21 and 25.{EOS}{USER}Thanks{ASSISTANT}{THINK_START}\n"
     )  # the answer after the tool results continues the turn: no <｜Assistant｜> of its own
@@ -583,6 +583,31 @@ def test_tool_templates_agree_with_transformers(tok: Tokenizer, tmp_path: Path) 
         CONVERSATIONS[0], add_generation_prompt=True, tokenize=False, enable_thinking=False
     )
     assert vllm_style == tok.apply_chat_template(CONVERSATIONS[0], thinking=False)
+
+
+def test_an_earlier_answer_reads_as_the_server_returned_it_however_it_was_stored(
+    tok: Tokenizer, tmp_path: Path
+) -> None:
+    """History holds an answer as the server's `content` (what clients send back: no newlines after
+    </think>), also where the turn kept its reasoning, as SFT data (`</think>\\n`) and `nanoseek chat`
+    (`</think>\\n\\n`) store it: R1's split left those newlines, so a model trained on '\\n42' was served
+    '42'. transformers renders the saved template the same, and a tokenizer saved before still loads as ours."""
+    from transformers import AutoTokenizer
+
+    def chat(answer: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}, {"role": "user", "content": "q2"}]  # fmt: skip
+
+    served = tok.apply_chat_template(chat("42"))
+    assert f"{ASSISTANT}42{EOS}{USER}" in served
+    tok.save(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    for stored in ("<think>\nr\n</think>\n42", "<think>\nr\n</think>\n\n42", "r</think>42"):
+        assert tok.apply_chat_template(chat(stored)) == served, stored
+        assert hf.apply_chat_template(chat(stored), add_generation_prompt=True, tokenize=False) == served
+    assert tok.apply_chat_template(chat("\n42")) != served  # only the layout after </think> goes
+    before = R1_CHAT_TEMPLATE.replace(".lstrip('\\n')", "")  # the template saved until then
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": before}))
+    assert load_tokenizer(tmp_path).chat_template == R1_CHAT_TEMPLATE
 
 
 # nanoseek's template before tool calls and the non-thinking mode, as older tokenizer_config.json files hold it

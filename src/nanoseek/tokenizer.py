@@ -19,7 +19,8 @@ What is notable:
   tool results (`<｜tool▁output▁begin｜>...<｜tool▁output▁end｜>`). It is implemented twice: in Python
   (`render_chat`, what nanoseek runs; `parse_tool_calls` is its inverse for generated calls) and as the
   Jinja `chat_template` saved to `tokenizer_config.json` (what `transformers` runs); tests check they agree.
-  Assistant turns in history lose their `<think>...</think>` part, as R1 does.
+  Assistant turns in history lose their `<think>...</think>` part, as R1 does, and the newlines after
+  it: history reads as the server's `content` that clients send back, however the turn was stored.
 - `IncrementalDecoder` turns a stream of token ids into text deltas that never split a UTF-8 character:
   for byte-level tokenizers it works on the bytes themselves, otherwise it re-decodes a short suffix.
 - `load_tokenizer` reads any HF `tokenizer.json` (+ `tokenizer_config.json`, DeepSeek's included).
@@ -126,7 +127,8 @@ R1_CHAT_TEMPLATE = (
     "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{% set ns.after_tool = false %}"
     "{%- elif message['role'] == 'assistant' %}"
     "{%- set content = message['content'] or '' %}"
-    "{%- if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{%- if '</think>' in content %}{% set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{% endif %}"
     "{%- if not ns.after_tool %}{{ '<｜Assistant｜>' }}{% endif %}{{ content }}"
     "{%- if message['tool_calls'] %}{{ '<｜tool▁calls▁begin｜>' }}"
     "{%- for call in message['tool_calls'] %}{% set args = call['function']['arguments'] %}"
@@ -149,7 +151,12 @@ _EOS_CANDIDATES = (EOS, "</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>"
 
 # sha256 of earlier versions of R1_CHAT_TEMPLATE, as saved in tokenizer_config.json by older nanoseek:
 # such a tokenizer is ours, so it renders with `render_chat` (and is saved with the current template).
-_OLDER_TEMPLATES = frozenset({"8263e33f086dd932fe1c3e51c6eed33c7f7f4161a4107fec84ecd4637c9dcf9c"})
+_OLDER_TEMPLATES = frozenset(
+    {
+        "8263e33f086dd932fe1c3e51c6eed33c7f7f4161a4107fec84ecd4637c9dcf9c",
+        "5e7a91c42d924ec855e6c815afeb4a8a35f9f7a5ceaafb927d360b11cfeff45b",  # kept the newlines after </think>
+    }
+)
 
 
 def _is_ours(template: str | None) -> bool:
@@ -169,9 +176,11 @@ def render_chat(
     """The prompt: BOS + system text (+ tool descriptions), then the turns, then the generation prompt.
 
     Turns: `<｜User｜>q`, `<｜Assistant｜>a[tool calls]<｜end▁of▁sentence｜>`, `<｜tool▁output▁begin｜>r<｜tool▁output▁end｜>`.
-    Assistant history keeps only what follows `</think>` (R1 drops past reasoning; `reasoning_content` is
-    ignored). The generation prompt is `<｜Assistant｜><think>\\n` (thinking, R1's) or `<｜Assistant｜></think>`
-    (V3.1's non-thinking mode). After tool results there is none: the model goes on with the same turn
+    Assistant history keeps only what follows `</think>`, without its leading newlines (R1 drops past
+    reasoning; `reasoning_content` is ignored): the answer alone, as the server returns it as `content` and
+    clients send it back, whether the turn was stored as `...</think>\\n\\nanswer` or as `answer`. The
+    generation prompt is `<｜Assistant｜><think>\\n` (thinking, R1's) or `<｜Assistant｜></think>` (V3.1's
+    non-thinking mode). After tool results there is none: the model goes on with the same turn
     (V3.1), so the assistant message that follows a tool result has no `<｜Assistant｜>` of its own.
     """
     system: list[str] = []
@@ -194,7 +203,7 @@ def render_chat(
             after_tool = False
         elif role == "assistant":
             if THINK_END in content:
-                content = content.split(THINK_END)[-1]
+                content = content.split(THINK_END)[-1].lstrip("\n")
             calls = message.get("tool_calls")
             head = "" if after_tool else ASSISTANT
             turns.append(head + content + (render_tool_calls(calls, i) if calls else "") + EOS)
