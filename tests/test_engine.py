@@ -276,6 +276,26 @@ def test_prompts_must_be_token_ids_not_text(model):
         engine.generate(torch.tensor([1, 2, 3]), max_new_tokens=3)
 
 
+def test_prefill_chunk_bounds_the_padded_prefill_forward(model):
+    """Prefill chunks are padded into one batch: a long prompt's remainder batched with short prompts used
+    to compute rows x remainder positions (here 3 x 26 with a chunk of 32), a stall far past the chunk."""
+    engine = Engine(model, block_size=4, prefill_chunk=32)
+    shapes = []
+    hidden = engine._hidden
+
+    def record(ids, positions, view):
+        if ids.shape[1] > 1:  # a prefill forward (decode is one token per row)
+            shapes.append(tuple(ids.shape))
+        return hidden(ids, positions, view)
+
+    engine._hidden = record
+    prompts = [(PROMPTS[2] * 3)[:90], [5, 6, 7], [8, 9, 10]]
+    got = engine.generate(prompts, max_new_tokens=3)
+    assert all(rows * width <= 32 for rows, width in shapes), shapes
+    assert len(shapes) >= 4  # the long prompt alone needs three
+    assert got == [Engine(model).generate([p], max_new_tokens=3)[0] for p in prompts]
+
+
 def test_abort_and_max_seq_len(model):
     engine = Engine(model, max_seq_len=12)
     rid = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=50))

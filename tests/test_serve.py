@@ -504,6 +504,21 @@ def test_errors_context_length_and_404(real):
     assert real.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1).choices
 
 
+def test_a_request_the_cache_can_never_hold_is_refused_and_not_counted(tok, model):
+    # 7 usable blocks of 16 tokens: 100 prompt + 50 completion tokens can never fit (a 400, not a wait)
+    engine = Engine(model, max_seq_len=256, num_blocks=8)
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL), model=model)) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt=[5] * 100, max_tokens=50)
+        assert e.value.code == "context_length_exceeded"
+        r = client.completions.create(model=MODEL, prompt=[5] * 10, max_tokens=2)  # the queue goes on
+        metrics = httpx.get(srv.url + "/metrics").text
+    # the Prometheus counters agree with the usage the clients got back
+    assert f"nanoseek:prompt_tokens_total {float(r.usage.prompt_tokens)}" in metrics
+    assert f"nanoseek:generation_tokens_total {float(r.usage.completion_tokens)}" in metrics
+
+
 def test_api_key(tok):
     engine = ScriptedEngine(tok)
     defaults = {"temperature": 0.6, "top_p": 0.95}  # as nanoseek serve reads them from generation_config.json

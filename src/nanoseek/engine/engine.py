@@ -71,7 +71,8 @@ class Engine:
     pack_weights: a bf16 or fp32 model on a CPU keeps its large linears and routed experts in oneDNN's
     blocked layout (in place, engine/packed.py: the same weights, read faster); only for a model the
     engine serves, never one still being trained. speculative: draft one token per step with the model's MTP module.
-    prefill_chunk: prompt tokens computed per step at most (chunked prefill).
+    prefill_chunk: prompt tokens computed per step at most, the padding of the batched prefill included
+    (chunked prefill).
     """
 
     def __init__(

@@ -7,7 +7,8 @@ What is notable here:
   max_seq_len), minus the blocks it shares through prefix reuse. A running request therefore never runs
   out of cache, and no preemption is needed; a request larger than the whole cache is refused up front.
 - Chunked prefill: each step decodes every running sequence and prefills at most `prefill_chunk`
-  prompt tokens in total, so a long prompt is spread over several steps instead of stalling the others.
+  prompt positions in total, counting the padding of the batched prefill (rows x widest chunk), so a
+  long prompt is spread over several steps instead of stalling the others.
 """
 
 from __future__ import annotations
@@ -108,13 +109,20 @@ class Scheduler:
     def plan(self) -> StepPlan:
         self._admit()
         decode = [s for s in self.running if not s.prefilling]
-        prefill = []
-        budget = self.prefill_chunk
+        # The prefill forward pads every chunk to the widest, so `prefill_chunk` bounds rows x width
+        # (padding included), not just the tokens: a long prompt's last 400 tokens batched with nine short
+        # prompts would otherwise compute 10 x 400 positions, a stall ~10x the chunk's.
+        prefill: list[tuple[Sequence, int]] = []
+        width = 0
         for s in self.running:
-            if s.prefilling and budget > 0:
-                n = min(budget, s.prompt_len - s.num_computed)
-                prefill.append((s, n))
-                budget -= n
+            if not s.prefilling:
+                continue
+            room = self.prefill_chunk // (len(prefill) + 1)  # the widest chunk one more row allows
+            if room < max(width, 1):
+                break  # FCFS: later prompts wait rather than take a chunk from an earlier one
+            n = min(room, s.prompt_len - s.num_computed)
+            prefill.append((s, n))
+            width = max(width, n)
         return StepPlan(decode, prefill)
 
     def register_blocks(self, seq: Sequence) -> None:

@@ -124,8 +124,6 @@ class AsyncEngine:
             rid = f"req-{next(self._ids)}"
             group.request_ids.append(rid)
             self._commands.put(("add", rid, prompt_ids, params, _Entry(i, group, now)))
-            if self.metrics:
-                self.metrics.prompt_tokens.inc(len(prompt_ids))
         self._pending += len(jobs)
         return group
 
@@ -184,6 +182,8 @@ class AsyncEngine:
             except Exception as e:  # ValueError / EngineCapacityError: report to that request only
                 self._post(entry.group, (entry.index, e), release=1)
                 return
+            if self.metrics:  # counted once the engine takes it: a refused prompt is in no usage
+                self.metrics.prompt_tokens.inc(len(prompt_ids))
             self._entries[rid] = entry
         elif kind == "abort":
             rid = cmd[1]
