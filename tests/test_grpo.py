@@ -660,3 +660,66 @@ def test_a_task_named_twice_is_refused():
     with pytest.raises(ValueError, match="--task names arithmetic more than once"):
         GRPOConfig(init="x", tasks=["arithmetic", "sorting", "arithmetic"]).validate()
     GRPOConfig(init="x", tasks=["arithmetic", "sorting"]).validate()
+
+
+def test_a_rollouts_code_runs_overlap_and_score_as_one_after_another(tmp_path, monkeypatch):
+    """`_score_rollout` ran every completion's sandboxed program one after another (128 runs in series
+    for 16 prompts x G = 8); it now scores through `score_pairs` on --reward-workers threads, with the
+    rewards, verdicts and advantages of the serial run, each distinct program run once."""
+    import json
+    import threading
+    from types import SimpleNamespace
+
+    import nanoseek.data.tasks.answers as answers
+    from nanoseek.data.rewards import build_reward
+    from nanoseek.data.tasks import get_task
+    from nanoseek.train.grpo import GRPOConfig, _score_rollout
+
+    path = tmp_path / "code.jsonl"
+    rows = [
+        {"prompt": f"Print {k}n.", "tests": [{"input": "3", "output": str(3 * k)}] * 2} for k in (2, 3, 4)
+    ]
+    path.write_text("".join(json.dumps({**r, "split": "train"}) + "\n" for r in rows))
+    task = get_task(f"jsonl:{path}")
+    texts = [
+        f"t</think>\n```python\nprint(int(input())*{k}{end})\n```"
+        for k in (2, 3, 4)
+        for end in ("+1", "", "+2", "")
+    ]  # per group: two distinct wrong programs, and the right one twice
+    outs = [SimpleNamespace(token_ids=[i], finish_reason="stop") for i in range(len(texts))]
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: texts[ids[0]])
+    runs, running, overlapped = [], [0], threading.Event()
+    lock = threading.Lock()
+
+    def fake_run(code, tests, wait):
+        with lock:
+            runs.append(code)
+            running[0] += 1
+            if running[0] > 1:
+                overlapped.set()
+        if wait:
+            overlapped.wait(10)  # serial scoring never starts a second program while this one runs
+        with lock:
+            running[0] -= 1
+        ok = "+" not in code
+        return (len(tests) if ok else 0), len(tests)
+
+    def score(workers, wait):
+        answers._cached_code_run.cache_clear()
+        runs.clear()
+        monkeypatch.setattr(answers, "run_code_tests", lambda code, tests: fake_run(code, tests, wait))
+        cfg = GRPOConfig(init="x", tasks=["a"], group_size=4, reward_workers=workers)
+        batch = [(task, p) for p in task.items]
+        return _score_rollout(cfg, batch, [[1]] * 12, outs, tok, build_reward("accuracy:1,code:0.5"), [-1])
+
+    parallel = score(4, wait=True)
+    assert overlapped.is_set()
+    parallel_runs = sorted(runs)
+    serial = score(1, wait=False)
+    assert sorted(runs) == parallel_runs and len(runs) == len(set(texts)) == 9  # each program once
+    assert torch.equal(parallel.rewards, serial.rewards) and torch.equal(
+        parallel.advantages, serial.advantages
+    )
+    assert parallel.metrics == serial.metrics and parallel.metrics["accuracy"] == 0.5
+    assert parallel.rewards.tolist() == [0.0, 1.5, 0.0, 1.5] * 3  # in the completions' order
+    answers._cached_code_run.cache_clear()

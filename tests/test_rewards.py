@@ -15,6 +15,7 @@ from nanoseek.data.rewards import (
     split_completion,
 )
 from nanoseek.data.tasks import check_math, check_numeric, get_task
+from nanoseek.data.tasks.answers import extract_code
 
 EOS = "<｜end▁of▁sentence｜>"
 
@@ -239,6 +240,30 @@ def test_batch_matches_sequential(add_en, add_ja):
     ]
     with pytest.raises(ValueError):
         reward.batch(problems, completions[:2])
+
+
+def test_batch_runs_a_repeated_completion_once(code_task, monkeypatch):
+    # a group's identical completions each ran their program at once in the workers (the code-run cache
+    # only fills when a run ends); scored once, as one after another, they cannot get two rewards
+    import nanoseek.data.tasks.answers as answers
+
+    task, by = code_task
+    runs = []
+
+    def fake_run(code, tests):
+        runs.append(code)
+        time.sleep(0.2)  # the others start while this one runs
+        return (2, 2) if "* 2" in code else (0, 2)
+
+    answers._cached_code_run.cache_clear()
+    monkeypatch.setattr(answers, "run_code_tests", fake_run)
+    io = by["Read n, print 2n."]
+    right, wrong = _code("print(int(input()) * 2)"), _code("print(0)")
+    reward = build_reward("accuracy:1,code:1", task=task)
+    results = reward.batch([io] * 5, [right, right, wrong, right, wrong], workers=4)
+    answers._cached_code_run.cache_clear()
+    assert [r.total for r in results] == [2.0, 2.0, 0.0, 2.0, 0.0]
+    assert sorted(runs) == sorted([extract_code(right), extract_code(wrong)])
 
 
 def test_batch_scores_math_verify_on_the_calling_thread(tmp_path, monkeypatch):

@@ -185,6 +185,31 @@ def test_timeout_stops_remaining_cases():
     assert (passed, total) == (0, 5) and len(results) == 1 and time.perf_counter() - t0 < 5
 
 
+def test_a_programs_cases_together_stop_at_the_total_timeout(monkeypatch):
+    # a program just under the timeout on every case took timeout x cases (50 cases: 100 s for one
+    # completion, a GRPO step stalled); the cases share total_timeout, the ones left fail unrun
+    import nanoseek.data.sandbox as sandbox
+
+    given = []
+
+    def slow(code, stdin="", config=None, tests=None, **overrides):
+        given.append(overrides["timeout"])
+        return sandbox.SandboxResult(0, "1", "", timed_out=False, duration=1.5)
+
+    monkeypatch.setattr(sandbox, "run_python", slow)
+    cfg = SandboxConfig(timeout=2.0, total_timeout=4.0)
+    passed, total, results = run_tests("print(1)", [{"input": "", "output": "1"}] * 5, cfg)
+    assert (passed, total, len(results)) == (3, 5, 3) and given == [2.0, 2.0, 1.0]
+    given.clear()
+    assert run_tests("print(1)", [{"input": "", "output": "1"}] * 20, SandboxConfig(timeout=2.0))[:2] == (
+        14,
+        20,
+    )
+    assert given[-1] == pytest.approx(20 - 13 * 1.5)  # by default 10 x timeout
+    with pytest.raises(ValueError, match="total_timeout"):
+        run_tests("print(1)", [{"input": "", "output": "1"}], SandboxConfig(total_timeout=0))
+
+
 WRONG_SQ = "def sq(x): return 0\n"
 SQ_TESTS = "assert sq(3) == 9\nassert sq(-2) == 4"
 

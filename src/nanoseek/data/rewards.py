@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from nanoseek.data.tasks import (
     EOS_TEXT,
@@ -39,6 +40,7 @@ from nanoseek.data.tasks import (
 from nanoseek.tokenizer import ASSISTANT, BOS, USER
 
 _CHAT_TAGS = (USER, ASSISTANT, BOS)
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,23 +190,39 @@ class RewardFn:
     def batch(
         self, problems: Sequence[Problem], completions: Sequence[str], workers: int = 1
     ) -> list[RewardResult]:
-        """Score many pairs; ``workers > 1`` overlaps the others (sandbox subprocesses) with the
-        math-verify problems, which stay on this thread: their timeouts only work there."""
-        if len(problems) != len(completions):
-            raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
-        if workers <= 1:
-            return [self(p, c) for p, c in zip(problems, completions, strict=True)]
-        here = [p.meta.get("verifier") == "math" for p in problems]
-        with ThreadPoolExecutor(workers) as pool:
-            futures = [
-                None if h else pool.submit(self, p, c)
-                for p, c, h in zip(problems, completions, here, strict=True)
-            ]
-            mine = {i: self(problems[i], completions[i]) for i, h in enumerate(here) if h}
-            return [mine[i] if f is None else f.result() for i, f in enumerate(futures)]
+        """``[self(p, c) ...]`` in order, through ``score_pairs`` (threads, math-verify on this one)."""
+        return score_pairs(self, problems, completions, workers)
 
     def __repr__(self) -> str:
         return f"RewardFn({','.join(f'{k}:{v:g}' for k, v in self.weights.items())})"
+
+
+def score_pairs(
+    score: Callable[[Problem, str], T],
+    problems: Sequence[Problem],
+    completions: Sequence[str],
+    workers: int = 1,
+) -> list[T]:
+    """``[score(p, c) for each pair]``, in order. ``workers > 1`` overlaps the pairs on that many threads
+    (sandboxed code runs in subprocesses), but math-verify problems stay on this thread: their timeouts
+    only work there. A pair repeated (a group's identical completions) is scored once, as serially."""
+    if len(problems) != len(completions):
+        raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+    first: dict[tuple[int, str], int] = {}  # (problem, completion) -> the index that scores it
+    owner = [
+        first.setdefault((id(p), c), i) for i, (p, c) in enumerate(zip(problems, completions, strict=True))
+    ]
+    todo = [i for i, o in enumerate(owner) if o == i]
+    done: dict[int, T] = {}
+    if workers <= 1:
+        done = {i: score(problems[i], completions[i]) for i in todo}
+    else:
+        here = {i for i in todo if problems[i].meta.get("verifier") == "math"}
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {i: pool.submit(score, problems[i], completions[i]) for i in todo if i not in here}
+            done = {i: score(problems[i], completions[i]) for i in sorted(here)}
+            done.update((i, f.result()) for i, f in futures.items())
+    return [done[o] for o in owner]
 
 
 def parse_reward_spec(spec: str) -> dict[str, float]:

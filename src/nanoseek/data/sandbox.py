@@ -13,6 +13,7 @@ Notable, layered so that one failing wall does not open the sandbox:
   alone is not a security boundary, hence the namespaces and limits.)
 - A wall-clock timeout kills the whole process group (``start_new_session``), so children and
   sleeping code die too; stdout/stderr go to files capped by RLIMIT_FSIZE, never to parent memory.
+  ``run_tests`` also caps a program's stdin/stdout cases together (``total_timeout``).
 """
 
 from __future__ import annotations
@@ -207,6 +208,9 @@ class SandboxConfig:
     isolate_network: bool = (
         True  # use a network namespace when available (the audit hook blocks sockets anyway)
     )
+    # run_tests: wall clock for all of a program's stdin/stdout cases together (default 10 x timeout);
+    # the cases left when it is spent fail without running, as after a timeout
+    total_timeout: float | None = None
 
 
 @dataclass
@@ -375,16 +379,25 @@ def run_tests(
     ``tests`` is either Python source (asserts) run after the code in the same process: one test, passed
     iff the tests run to the end (see ``run_python``); or a list of ``{"input": stdin, "output": expected stdout}`` cases, each run
     separately. After a case times out the remaining cases are counted as failed without running them
-    (a looping program would only burn the same timeout again).
+    (a looping program would only burn the same timeout again), and so are those left when the cases
+    together have run for ``config.total_timeout`` (a program just under the timeout on each of many
+    cases would take timeout x cases); a case gets at most what is left of it.
     """
     if isinstance(tests, str):
         r = run_python(code, config=config, tests=tests)
         return int(r.ok), 1, [r]
     if not isinstance(tests, list) or not tests:
         raise ValueError("tests must be Python source or a non-empty list of {'input', 'output'} cases")
+    cfg = config or SandboxConfig()
+    budget = cfg.total_timeout if cfg.total_timeout is not None else 10 * cfg.timeout
+    if budget <= 0:
+        raise ValueError(f"sandbox total_timeout must be positive, got {budget}s")
     passed, results = 0, []
     for case in tests:
-        r = run_python(code, stdin=str(case.get("input", "")), config=config)
+        left = budget - sum(r.duration for r in results)
+        if left <= 0:
+            break
+        r = run_python(code, stdin=str(case.get("input", "")), config=cfg, timeout=min(cfg.timeout, left))
         results.append(r)
         passed += int(r.ok and _same_output(str(case["output"]), r.stdout))
         if r.timed_out:

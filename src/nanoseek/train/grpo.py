@@ -378,6 +378,11 @@ class GRPOConfig:
     )
     progress: bool = option(True)
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    reward_workers: int | None = option(
+        None,
+        "threads scoring a step's completions, so their sandboxed code runs overlap (default: the CPUs "
+        "this process may use; 1: one after another). The rewards are the same whatever the number",
+    )
 
     def validate(self) -> None:
         check_choices(self)
@@ -402,6 +407,8 @@ class GRPOConfig:
             raise ValueError(f"--bias-update-speed must be >= 0, got {self.bias_update_speed}")
         if self.beta < 0:
             raise ValueError(f"--beta must be >= 0, got {self.beta}")
+        if self.reward_workers is not None and self.reward_workers < 1:
+            raise ValueError(f"--reward-workers must be >= 1, got {self.reward_workers}")
         if self.sft_mix < 0:
             raise ValueError(f"--sft-mix must be >= 0, got {self.sft_mix}")
         repeated = sorted({t for t in self.tasks or () if list(self.tasks).count(t) > 1})
@@ -923,6 +930,13 @@ def _loss_fn(
     return loss_fn
 
 
+def _cpus() -> int:
+    """The CPUs this process may use (its affinity, e.g. a container's cpuset)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _score_rollout(
     cfg: GRPOConfig,
     batch: list,
@@ -939,7 +953,7 @@ def _score_rollout(
     R1's format rule). A group whose gold answer cannot be parsed is dropped: never rewarded, no advantage.
     `opened`: the prompts opened the think block (R1's template); else an answer needs none before it.
     """
-    from nanoseek.data.rewards import format_reward
+    from nanoseek.data.rewards import format_reward, score_pairs
     from nanoseek.evaluate import strip_stop
 
     g = cfg.group_size
@@ -947,12 +961,17 @@ def _score_rollout(
     parts_n: dict[str, int] = {}  # a part is averaged over the samples that have it (code: those with tests)
     completions = []
     per_task: dict[str, list[float]] = {}  # a mixture's accuracy, task by task
-    for j, o in enumerate(outs):
+    texts = [tok.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True) for o in outs]
+    task_of = {id(prob): task for task, prob in batch}
+
+    def score(prob, text):  # the reward and the task's verdict: a code answer's program runs once for both
+        return reward_fn(prob, text), task_of[id(prob)].verify(prob, text, require_think=opened)
+
+    problems = [prob for _, prob in batch for _ in range(g)]
+    results = score_pairs(score, problems, texts, cfg.reward_workers or _cpus())
+    for j, (o, text, (res, verdict)) in enumerate(zip(outs, texts, results, strict=True)):
         task, prob = batch[j // g]
-        text = tok.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True)
-        res = reward_fn(prob, text)
         total, parts = res
-        verdict = task.verify(prob, text, require_think=opened)
         skip = bool(getattr(res, "skipped", False)) or verdict is None
         skipped.append(skip)
         rewards.append(0.0 if skip else float(total))
