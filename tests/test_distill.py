@@ -150,23 +150,23 @@ def test_distill_help_names_its_own_checkpoint_to_resume(capsys) -> None:
     assert "--resume continue from RUN/sft/ (distill: RUN/distill/)" in help_text
 
 
-def test_distill_checks_the_student_before_sampling(micro_checkpoint, tmp_path, monkeypatch) -> None:
+def _refused_before_sampling(monkeypatch, match: str, **settings) -> None:
+    """`distill` with these settings fails with `match` before the teacher is sampled."""
     import nanoseek.train.distill as d
     from nanoseek.train.sft import SFTConfig
 
     def boom(*a, **k):
-        raise AssertionError("sampled the teacher before checking --student")
+        raise AssertionError("sampled the teacher before checking the settings")
 
     monkeypatch.setattr(d, "sample_correct_traces", boom)
-    cfg = d.DistillConfig(
-        teacher=micro_checkpoint,
-        student="no-such-preset",
-        tasks=["arithmetic"],
-        out=str(tmp_path),
-        sft=SFTConfig(init=""),
+    with pytest.raises((KeyError, ValueError), match=match):
+        d.distill(d.DistillConfig(tasks=["arithmetic"], sft=SFTConfig(init=""), **settings))
+
+
+def test_distill_checks_the_student_before_sampling(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    _refused_before_sampling(
+        monkeypatch, "preset", teacher=micro_checkpoint, student="no-such-preset", out=str(tmp_path)
     )
-    with pytest.raises((KeyError, ValueError), match="preset"):
-        d.distill(cfg)
 
 
 def test_a_student_with_another_tokenizer_is_refused_before_sampling(micro_checkpoint, tmp_path, monkeypatch):
@@ -266,23 +266,14 @@ def test_distill_help_offers_no_flag_it_ignores(capsys) -> None:
 def test_keep_per_prompt_zero_is_refused_before_sampling(micro_checkpoint, tmp_path, monkeypatch) -> None:
     """--keep-per-prompt 0 kept nothing the teacher solved: it failed as "the teacher produced no correct
     trace" after the sampling, or, with --fallback-reference, trained on the reference solutions."""
-    import nanoseek.train.distill as d
-    from nanoseek.train.sft import SFTConfig
-
-    def boom(*a, **k):
-        raise AssertionError("sampled the teacher with --keep-per-prompt 0")
-
-    monkeypatch.setattr(d, "sample_correct_traces", boom)
-    cfg = d.DistillConfig(
+    _refused_before_sampling(
+        monkeypatch,
+        "--keep-per-prompt must be >= 1",
         teacher=micro_checkpoint,
         student="tiny",
-        tasks=["arithmetic"],
         keep_per_prompt=0,
         out=str(tmp_path),
-        sft=SFTConfig(init=""),
     )
-    with pytest.raises(ValueError, match="--keep-per-prompt must be >= 1"):
-        d.distill(cfg)
 
 
 def test_a_teacher_that_solves_nothing_names_the_fallback(micro_checkpoint, tmp_path, monkeypatch) -> None:
