@@ -356,6 +356,24 @@ def test_completions_streamed_text_offset_goes_on_across_chunks(real):
     assert [t for lp in lps for t in lp.tokens] == full.tokens
 
 
+def test_tokenize_adds_no_bos_a_vocabulary_lacks(tok):
+    """A vocabulary without BOS (Qwen2.5-Instruct's "bos_token": null) puts nothing before a text prompt
+    in /v1/completions; /tokenize with add_special_tokens put the guessed <|endoftext|> there anyway,
+    so its count was one over what the prompt used (transformers adds nothing either)."""
+    import copy
+
+    bare = copy.copy(tok)
+    bare.add_bos_token = False
+    seen: list[list[int]] = []
+    engine = ScriptedEngine(bare, lambda prompt, params: (seen.append(list(prompt)), bare.encode(" ok"))[1])
+    with LiveServer(create_app(engine, bare, ServeConfig(model_name=MODEL))) as srv:
+        body = {"prompt": "Hello world", "add_special_tokens": True}
+        counted = httpx.post(srv.url + "/tokenize", json=body).json()
+        used = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hello world", "max_tokens": 2}).json()
+    assert counted["tokens"] == seen[0] == bare.encode("Hello world")
+    assert counted["count"] == used["usage"]["prompt_tokens"]
+
+
 def test_tokenizer_routes(real, tok):
     info = httpx.get(real.url + "/tokenizer_info").json()
     assert info["eos_token"] == tok.eos_token and info["bos_token"] == tok.bos_token and info["chat_template"]
@@ -662,6 +680,47 @@ def test_stop_string_inside_a_multi_token_event_ends_usage_and_logprobs_there(to
     assert choice.token_ids == ids[: stop_at + 1] and len(choice.logprobs) == stop_at + 1
 
 
+def _sse_chunks(url: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as r:
+        return [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: ") and x != "data: [DONE]"]
+
+
+def test_every_tokens_logprobs_stream_in_its_own_steps_chunk(tok):
+    """A token with no text yet (a skipped special token, the first bytes of a character, text held for a
+    possible stop string or `</think>`) still sends its logprobs in that step's chunk, with an empty text
+    delta, as vLLM does; the joined stream stays the non-streamed response, stop strings still cut."""
+    skipped, first_bytes = tok.bos_token_id, [tok.token_bytes().index(bytes([b])) for b in b"\xe6\x95"]
+    script = [
+        *tok.encode("Hi"),
+        skipped,
+        *first_bytes,
+        tok.token_bytes().index(b"\xb0"),  # ...completes 数
+        *tok.encode(" ok\n</think>\n\nThe answer is **4**. Hello world!"),
+    ]
+    engine = ScriptedEngine(tok, lambda prompt, params: script)
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL))) as srv:
+        for stop in (None, ["Hello"]):
+            body = {"prompt": "x", "max_tokens": 100, "logprobs": 1, "stop": stop}
+            full = httpx.post(srv.url + "/v1/completions", json=body).json()
+            lps = [c["choices"][0]["logprobs"] for c in _sse_chunks(srv.url + "/v1/completions", body)]
+            lps = [lp for lp in lps if lp]
+            assert all(len(lp["tokens"]) == 1 for lp in lps)  # one step, one token: no bursts
+            assert len(lps) == full["usage"]["completion_tokens"]
+            joined = {key: [v for lp in lps for v in lp[key]] for key in lps[0]}
+            assert joined == full["choices"][0]["logprobs"]
+
+            body = {"messages": USER, "max_tokens": 100, "logprobs": True, "top_logprobs": 1, "stop": stop}
+            full = httpx.post(srv.url + "/v1/chat/completions", json=body).json()
+            chunks = [c["choices"][0] for c in _sse_chunks(srv.url + "/v1/chat/completions", body)]
+            lps = [c["logprobs"]["content"] for c in chunks if c["logprobs"]]
+            assert all(len(lp) == 1 for lp in lps) and len(lps) == full["usage"]["completion_tokens"]
+            assert [e for lp in lps for e in lp] == full["choices"][0]["logprobs"]["content"]
+            msg = full["choices"][0]["message"]
+            for key in ("reasoning_content", "content"):
+                assert "".join(c["delta"].get(key) or "" for c in chunks) == msg[key]
+        assert msg["content"] == "The answer is **4**. "  # the stop string cut it
+
+
 def test_generation_config_stop_ids_end_a_reply(tok):
     # the checkpoint's other end ids (generation_config.json, Tokenizer.stop_token_ids) stop a request
     from nanoseek.tokenizer import USER, Tokenizer
@@ -825,6 +884,14 @@ def test_tool_calls_streamed(tooling):
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
         "tool_calls"
     ]
+    # the held call block's tokens still send their logprobs step by step, none of its text
+    kw = dict(model=MODEL, messages=messages, tools=[WEATHER], logprobs=True)
+    full = tooling.client.chat.completions.create(**kw)
+    chunks = [c.choices[0] for c in tooling.client.chat.completions.create(**kw, stream=True) if c.choices]
+    lps = [c.logprobs.content for c in chunks if c.logprobs]
+    assert all(len(lp) == 1 for lp in lps) and len(lps) == full.usage.completion_tokens
+    assert [e for lp in lps for e in lp] == full.choices[0].logprobs.content
+    assert "".join(c.delta.content or "" for c in chunks) == full.choices[0].message.content == "Checking."
     off = tooling.client.chat.completions.create(
         model=MODEL,
         messages=messages,

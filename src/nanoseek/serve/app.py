@@ -586,10 +586,11 @@ class Server:
                 delta["reasoning_content"] = r
             if t:
                 delta["content"] = t
-            lp = None
-            if k is not None and (delta or c.done) and len(c.logprobs) > sent_lp[index]:
+            lp = None  # each token's logprobs go out in its own step's chunk, text or not (as vLLM)
+            if k is not None and len(c.logprobs) > sent_lp[index]:
                 lp = {"content": self.chat_logprobs(c.logprobs[sent_lp[index] :], k)}
                 sent_lp[index] = len(c.logprobs)
+                delta = delta or {"content": ""}  # a token with no text yet (held, skipped, part of a char)
             if delta or lp is not None:
                 yield chunk([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": None}])
             for j, call in enumerate(c.tool_calls or []):  # set only once the choice is done
@@ -760,8 +761,8 @@ class Server:
             async for index, ev in self.events(group, choices, None):
                 c = choices[index]
                 text, _, _ = c.feed(ev)
-                lp = None
-                if req.logprobs is not None and (text or c.done) and len(c.logprobs) > sent_lp[index]:
+                lp = None  # each token's logprobs go out in its own step's chunk, text or not (as vLLM)
+                if req.logprobs is not None and len(c.logprobs) > sent_lp[index]:
                     start = len(prompts[index // n][1]) if req.echo else 0  # offsets run over the whole text
                     lp = self.legacy_logprobs(
                         [],
@@ -849,7 +850,9 @@ class Server:
             text = self.chat_prompt(req, req.add_generation_prompt)[0]
             ids = await asyncio.to_thread(self.tokenizer.encode, text)
         else:
-            ids = await asyncio.to_thread(self.tokenizer.encode, req.prompt, add_bos=req.add_special_tokens)
+            # special tokens as a text prompt gets them: no BOS for a vocabulary without one (Qwen's)
+            bos = req.add_special_tokens and self.add_bos
+            ids = await asyncio.to_thread(self.tokenizer.encode, req.prompt, add_bos=bos)
         return JSONResponse({"count": len(ids), "max_model_len": self.max_context, "tokens": ids})
 
     async def detokenize(self, request: Request) -> Response:
