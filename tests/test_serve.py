@@ -186,7 +186,7 @@ def test_concurrent_clients_all_answered(real):
     assert asyncio.run(main()) == 32
 
 
-def test_a_request_whose_forward_fails_fails_alone(tok, model, monkeypatch):
+def test_a_request_whose_forward_fails_fails_alone(tok, model, monkeypatch, caplog):
     """One request that makes the forward raise (here: its prompt holds a poisoned token) gets a 500; the
     request streaming beside it finishes, /health stays ok and later requests are served (the engine
     thread used to die on it: every open request failed and the server answered 503 until restarted)."""
@@ -215,6 +215,9 @@ def test_a_request_whose_forward_fails_fails_alone(tok, model, monkeypatch):
         again = c.post("/v1/completions", json=body)
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 40
         assert app.state.server.engine.pending == 0 and engine.stats()["cache_blocks_used"] == 0
+    # the operator sees what failed, with its traceback (the client only gets the message)
+    failed = [r for r in caplog.records if r.name == "nanoseek.serve" and r.levelname == "ERROR"]
+    assert len(failed) == 1 and "out of memory" in str(failed[0].exc_info[1])
 
 
 def test_completions_lm_eval_loglikelihood(real, tok, model):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nanoseek.serve.metrics import ServerMetrics
+
+log = logging.getLogger("nanoseek.serve")
 
 
 class QueueFullError(RuntimeError):
@@ -224,6 +227,8 @@ class AsyncEngine:
                 release = 1
             # a request whose step failed gets its error; the engine serves on (Engine.step)
             error = getattr(ev, "error", None)
+            if error is not None:  # the client gets its message; the operator, the traceback
+                log.error("request %s failed in the engine", ev.request_id, exc_info=error)
             self._post(entry.group, (entry.index, ev if error is None else error), release=release)
 
     def _finish_metrics(self, entry: _Entry, reason: str) -> None:
