@@ -355,7 +355,13 @@ def test_default_context_is_what_the_default_cache_holds(model, monkeypatch):
         engine = Engine(model, speculative=speculative)
         assert engine.max_seq_len == 8 * 16 - speculative < model.config.max_position_embeddings
         engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=engine.max_seq_len - 3))
-        assert Engine(model, max_seq_len=200).max_seq_len == 200  # asked for: kept (and refused if too big)
+        assert Engine(model, max_seq_len=100).max_seq_len == 100  # asked for: kept
+        # asked for more than the cache holds for one sequence: refused when built, as vLLM does, not
+        # request by request (the refusal pointed at num_blocks, which `serve` does not expose)
+        with pytest.raises(
+            ValueError, match=rf"max_seq_len 200 needs more KV cache .* \({engine.max_seq_len} tokens"
+        ):
+            Engine(model, max_seq_len=200, speculative=speculative)
 
 
 def test_training_state_untouched(model):

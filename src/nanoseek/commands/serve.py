@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-seq-len",
         type=int,
         default=None,
-        help="context length (default: the model's, or what the default KV cache holds for one request if less)",
+        help="context length (default: the model's, or what the default KV cache holds for one request if "
+        "less; more than either is refused at startup)",
     )
     p.add_argument(
         "--max-queue",

@@ -127,9 +127,16 @@ class Engine:
         if num_blocks is None:
             per_block = num_layers * width * block_size * torch.empty(0, dtype=self.dtype).element_size()
             budget = max(2, DEFAULT_CACHE_BYTES // per_block)
+            holds = (budget - 1) * block_size - int(speculative)  # one sequence's tokens in that cache
             if max_seq_len is None:  # a long context the capped cache cannot hold for even one request:
                 # shorten it to what the cache holds (else every request asking for it is refused)
-                self.max_seq_len = min(self.max_seq_len, (budget - 1) * block_size - int(speculative))
+                self.max_seq_len = min(self.max_seq_len, holds)
+            elif max_seq_len > holds:  # refused here, as vLLM does, not request by request
+                raise ValueError(
+                    f"max_seq_len {max_seq_len} needs more KV cache than the default "
+                    f"{DEFAULT_CACHE_BYTES / 2**20:.0f} MiB holds for one sequence ({holds} tokens): "
+                    f"use a max_seq_len of {holds} or less, or pass num_blocks"
+                )
             want = max_batch_size * math.ceil((self.max_seq_len + 1) / block_size) + 1
             num_blocks = min(want, budget)
         self.cache = paged_cache_for(cfg, num_layers, num_blocks, block_size, self.dtype, self.device)
