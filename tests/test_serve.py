@@ -220,6 +220,27 @@ def test_a_request_whose_forward_fails_fails_alone(tok, model, monkeypatch, capl
     assert len(failed) == 1 and "out of memory" in str(failed[0].exc_info[1])
 
 
+def test_a_failed_forward_is_logged_once_for_all_its_requests(tok, model, monkeypatch, caplog):
+    """A forward that raises fails every request it computed with the one exception: the operator gets
+    its traceback once, naming them all (n=4 logged it 4 times; an OOM in a 32-row decode batch, 32)."""
+    engine = Engine(model, max_batch_size=8, max_seq_len=256)
+    hidden = engine._hidden
+
+    def tripping(ids, positions, view):
+        if ids.shape[0] > 1:  # the four choices' batch
+            raise RuntimeError("CUDA out of memory")
+        return hidden(ids, positions, view)
+
+    monkeypatch.setattr(engine, "_hidden", tripping)
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL), model=model)
+    body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 4, "n": 4, "temperature": 0}
+    with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert "out of memory" in _err(c.post("/v1/completions", json=body), 500)["message"]
+    failed = [r for r in caplog.records if r.name == "nanoseek.serve" and r.levelname == "ERROR"]
+    assert len(failed) == 1 and "out of memory" in str(failed[0].exc_info[1])
+    assert failed[0].getMessage().startswith("requests ") and failed[0].getMessage().count(",") == 3
+
+
 def test_completions_lm_eval_loglikelihood(real, tok, model):
     """Exactly the body lm-evaluation-harness local-completions sends for loglikelihood."""
     ctx = tok.encode("First, 2 + 2", add_bos=True)
@@ -1072,6 +1093,16 @@ def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, caps
         served.clear()
         assert main(["serve", str(ckpt), "--port", "0", flag, value]) == 2 and not served
         assert f"{flag} must be >= " in capsys.readouterr().err
+    # a context the KV cache cannot hold for one request is refused at start, naming the way out
+    served.clear()
+    assert main(["serve", str(ckpt), "--port", "0", "--max-seq-len", "64", "--kv-cache-mib", "0.01"]) == 2
+    assert "--kv-cache-mib" in capsys.readouterr().err and not served
+    assert (
+        main(["serve", str(ckpt), "--port", "0", "--max-seq-len", "64", "--kv-cache-mib", "1"]) == 0
+        and served
+    )
+    assert main(["serve", str(ckpt), "--port", "0", "--kv-cache-mib", "0"]) == 2
+    assert "--kv-cache-mib must be > 0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------ hostile clients

@@ -42,8 +42,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-seq-len",
         type=int,
         default=None,
-        help="context length (default: the model's, or what the default KV cache holds for one request if "
-        "less; more than either is refused at startup)",
+        help="context length (default: the model's, or what the KV cache holds for one request if less; "
+        "more than either is refused at startup)",
+    )
+    p.add_argument(
+        "--kv-cache-mib",
+        type=float,
+        default=512,
+        help="memory for the KV cache, in MiB (default 512): the requests decoded at once and the longest "
+        "context it holds",
     )
     p.add_argument(
         "--max-queue",
@@ -112,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
     if args.max_seq_len is not None and args.max_seq_len < 2:  # a prompt token and one to generate
         raise ValueError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+    if not args.kv_cache_mib > 0:
+        raise ValueError(f"--kv-cache-mib must be > 0, got {args.kv_cache_mib}")
     sock = _listen(args.host, args.port)  # a busy port is said now, not after loading the weights
     port = sock.getsockname()[1]  # --port 0: the one the system picked
     device = args.device or default_device()
@@ -125,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_seq_len=args.max_seq_len,
         speculative=args.speculative,
+        cache_bytes=int(args.kv_cache_mib * 2**20),
         pack_weights=True,  # bf16/fp32 on a CPU: oneDNN's layout (engine/packed.py); else a no-op
     )
     # loading, quantizing and packing weights (w8a8 packs them all here) before the first request

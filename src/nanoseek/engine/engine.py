@@ -66,7 +66,7 @@ class Engine:
     max_seq_len: prompt + completion cap (default: the model's max_position_embeddings, or what the
     default cache holds for one sequence if that is less).
     num_blocks: cache blocks of `block_size` tokens (default: enough for max_batch_size full-length
-    sequences, capped at 512 MiB of cache). quantize: None | "int8" | "fp8" (weight-only) | "w8a8"
+    sequences, capped at `cache_bytes` of cache, 512 MiB by default). quantize: None | "int8" | "fp8" (weight-only) | "w8a8"
     (int8 weights and activations, CPU; packed for its backend here), applied to the model in place.
     pack_weights: a bf16 or fp32 model on a CPU keeps its large linears and routed experts in oneDNN's
     blocked layout (in place, engine/packed.py: the same weights, read faster); only for a model the
@@ -87,6 +87,7 @@ class Engine:
         pack_weights: bool = False,
         speculative: bool = False,
         prefill_chunk: int = 512,
+        cache_bytes: int | None = None,
     ) -> None:
         cfg = model.config
         if speculative and cfg.num_nextn_predict_layers < 1:
@@ -100,6 +101,9 @@ class Engine:
             )
         if max_batch_size < 1 or block_size < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_size, block_size and prefill_chunk must be >= 1")
+        cache_bytes = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
+        if cache_bytes <= 0:
+            raise ValueError(f"cache_bytes must be > 0, got {cache_bytes}")
         self.model = model
         self.config = cfg
         self.dtype = model.dtype
@@ -126,16 +130,16 @@ class Engine:
         width = cache_row_width(cfg)  # MLA's latent row, or GQA's K/V heads (`paged_cache_for`)
         if num_blocks is None:
             per_block = num_layers * width * block_size * torch.empty(0, dtype=self.dtype).element_size()
-            budget = max(2, DEFAULT_CACHE_BYTES // per_block)
+            budget = max(2, cache_bytes // per_block)
             holds = (budget - 1) * block_size - int(speculative)  # one sequence's tokens in that cache
             if max_seq_len is None:  # a long context the capped cache cannot hold for even one request:
                 # shorten it to what the cache holds (else every request asking for it is refused)
                 self.max_seq_len = min(self.max_seq_len, holds)
             elif max_seq_len > holds:  # refused here, as vLLM does, not request by request
                 raise ValueError(
-                    f"max_seq_len {max_seq_len} needs more KV cache than the default "
-                    f"{DEFAULT_CACHE_BYTES / 2**20:.0f} MiB holds for one sequence ({holds} tokens): "
-                    f"use a max_seq_len of {holds} or less, or pass num_blocks"
+                    f"max_seq_len {max_seq_len} needs more KV cache than {cache_bytes / 2**20:.0f} MiB "
+                    f"holds for one sequence ({holds} tokens): use a max_seq_len of {holds} or less, or "
+                    "a larger cache (cache_bytes; `serve --kv-cache-mib`)"
                 )
             want = max_batch_size * math.ceil((self.max_seq_len + 1) / block_size) + 1
             num_blocks = min(want, budget)

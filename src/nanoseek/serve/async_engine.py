@@ -205,6 +205,7 @@ class AsyncEngine:
 
     def _dispatch(self, events: list) -> None:
         now = time.perf_counter()
+        failed: dict[int, tuple[BaseException, list[str]]] = {}  # one failed forward fails all its rows
         for ev in events:
             entry = self._entries.get(ev.request_id)
             if entry is None:
@@ -227,9 +228,16 @@ class AsyncEngine:
                 release = 1
             # a request whose step failed gets its error; the engine serves on (Engine.step)
             error = getattr(ev, "error", None)
-            if error is not None:  # the client gets its message; the operator, the traceback
-                log.error("request %s failed in the engine", ev.request_id, exc_info=error)
+            if error is not None:  # the client gets its message; the operator, the traceback (once)
+                failed.setdefault(id(error), (error, []))[1].append(ev.request_id)
             self._post(entry.group, (entry.index, ev if error is None else error), release=release)
+        for error, ids in failed.values():
+            log.error(
+                "%s %s failed in the engine",
+                "request" if len(ids) == 1 else "requests",
+                ", ".join(ids),
+                exc_info=error,
+            )
 
     def _finish_metrics(self, entry: _Entry, reason: str) -> None:
         if self.metrics:
