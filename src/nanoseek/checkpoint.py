@@ -354,8 +354,12 @@ class _ShardReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handle(key).get_slice(key).get_shape())
 
+    def stored_dtype(self, key: str) -> str:
+        """The file's dtype code of tensor `key` ("BF16", "F32", "F8_E4M3", ...)."""
+        return self._handle(key).get_slice(key).get_dtype()
+
     def is_fp8(self, key: str) -> bool:
-        return self._handle(key).get_slice(key).get_dtype().startswith("F8")
+        return self.stored_dtype(key).startswith("F8")
 
     def get(self, key: str) -> torch.Tensor:
         t = self._handle(key).get_tensor(key)
@@ -567,8 +571,7 @@ def _names_dtype(d: Path) -> bool:
 def _stored_dtype(where: Mapping[str, Path], reader: _ShardReader) -> str:
     """The dtype the checkpoint's weights are stored in (the embedding's, else the first tensor's)."""
     key = "model.embed_tokens.weight" if "model.embed_tokens.weight" in where else next(iter(where))
-    stored = reader._handle(key).get_slice(key).get_dtype()
-    return _STORED.get(stored, "bfloat16")
+    return _STORED.get(reader.stored_dtype(key), "bfloat16")
 
 
 def _files_identity(d: Path) -> tuple[Any, ...] | None:
