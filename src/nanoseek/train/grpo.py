@@ -826,6 +826,7 @@ def probe_pass_rates(
     groups that are all right: zero advantage, no gradient (DAPO §3.2 filters them after generating
     them), and its rollouts, on a CPU the cost of a step, buy nothing. Measured on training problems,
     never the held-out ones."""
+    from nanoseek.data.rewards import score_pairs
     from nanoseek.evaluate import chat_prompt_ids, prompt_opens_think, strip_stop
 
     opened = prompt_opens_think(tok)
@@ -837,14 +838,19 @@ def probe_pass_rates(
     ]
     prompts = [chat_prompt_ids(tok, p.messages) for _, p in batch for _ in range(cfg.group_size)]
     outs = _sample(cfg, engine, prompts, stop, rollout_seeds(cfg.seed, -1, len(prompts)))
+    texts = [tok.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True) for o in outs]
+    task_of = {id(prob): task for task, prob in batch}
+    problems = [prob for _, prob in batch for _ in range(cfg.group_size)]
+    scored = score_pairs(  # as a step's rollouts are: code answers' programs overlap
+        lambda prob, text: task_of[id(prob)].verify(prob, text, require_think=opened),
+        problems,
+        texts,
+        cfg.reward_workers or _cpus(),
+    )
     verdicts: dict[str, list[float]] = {name: [] for name in pools}
-    for j, o in enumerate(outs):
-        task, prob = batch[j // cfg.group_size]
-        verdict = task.verify(
-            prob, tok.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True), require_think=opened
-        )
+    for j, verdict in enumerate(scored):
         if verdict is not None:
-            verdicts[task.name].append(float(verdict))
+            verdicts[batch[j // cfg.group_size][0].name].append(float(verdict))
     return {name: sum(v) / len(v) for name, v in verdicts.items() if v}
 
 
