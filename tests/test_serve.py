@@ -640,6 +640,36 @@ def test_reasoning_split_non_stream_and_stream(scripted):
     assert scripted.client and prompt_ids[-2:] == scripted.engine.tokenizer.encode("<think>\n")[-2:]
 
 
+def test_usage_counts_the_think_blocks_tokens_as_reasoning_tokens(scripted, tok):
+    """DeepSeek's API reports a reasoner's think tokens in usage.completion_tokens_details."""
+    thought = len(tok.encode(f"{REASONING}\n</think>"))
+    r = scripted.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=100)
+    assert r.usage.completion_tokens_details.reasoning_tokens == thought < r.usage.completion_tokens
+    last = list(
+        scripted.client.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=100, stream=True, stream_options={"include_usage": True}
+        )
+    )[-1]
+    assert last.usage.model_dump() == r.usage.model_dump()
+    # cut inside the think block: every token is reasoning
+    cut = scripted.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3)
+    assert cut.usage.completion_tokens_details.reasoning_tokens == 3
+    # the completions endpoint has no think split and no details
+    plain = httpx.post(scripted.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3}).json()
+    assert "completion_tokens_details" not in plain["usage"]
+
+
+def test_stream_options_without_stream_is_refused_naming_it(scripted):
+    body = {"messages": USER, "max_tokens": 2, "stream_options": {"include_usage": True}}
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        payload = body if "chat" in path else {"prompt": "Hi", **body, "messages": None}
+        r = httpx.post(scripted.url + path, json=payload)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
+        assert "stream" in r.json()["error"]["message"]
+    ok = httpx.post(scripted.url + "/v1/chat/completions", json={**body, "stream_options": None})
+    assert ok.status_code == 200
+
+
 def test_reasoning_content_in_request_is_dropped(scripted, tok):
     history = [
         {"role": "user", "content": "What is 2 + 2?"},

@@ -164,6 +164,7 @@ class _Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)  # where each token of `logprobs` starts in the text
+    starts: list[int] = field(default_factory=list)  # where each token starts in the decoded text
     finish_reason: str | None = None
     text: str = ""
     reasoning: str = ""
@@ -181,6 +182,7 @@ class _Choice:
         text = ""
         for i, token in enumerate(ev.new_token_ids):
             self.token_ids.append(token)
+            self.starts.append(len(self.detok.text))
             if ev.logprobs:
                 self.logprobs.append(ev.logprobs[i])
                 self.offsets.append(len(self.detok.text))
@@ -193,6 +195,23 @@ class _Choice:
             text += self.stops.flush()
             self.finish_reason = "stop" if self.stops.stopped else (ev.finish_reason or "stop")
         return self._split(text)
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """Tokens of the think block, its tags included (DeepSeek's `completion_tokens_details`); all of
+        them when the answer ended inside it."""
+        if self.splitter is None:
+            return 0
+        raw, tag = self.detok.text, self.splitter.start_tag
+        if self.splitter.started_in_think:
+            opened = 0
+        else:
+            opened = raw.find(tag) if raw.lstrip().startswith(tag) else -1
+            if opened < 0:
+                return 0
+        close = raw.find(self.splitter.end_tag, opened)
+        end = len(raw) if close < 0 else close + len(self.splitter.end_tag)
+        return sum(1 for s in self.starts if s < end)
 
     def _split(self, text: str) -> tuple[str, str, str]:
         self.text += text
@@ -537,7 +556,7 @@ class Server:
                 "model": self.config.model_name,
                 "system_fingerprint": self.fingerprint,
                 "choices": out,
-                "usage": _usage(len(prompt_ids), choices),
+                "usage": _usage(len(prompt_ids), choices, chat=True),
             }
         )
 
@@ -601,7 +620,7 @@ class Server:
                     [{"index": index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}]
                 )
         if include_usage:
-            yield chunk([], _usage(prompt_len, choices))
+            yield chunk([], _usage(prompt_len, choices, chat=True))
 
     def chat_logprobs(self, entries: list[Any], k: int | None) -> list[dict]:
         out = []
@@ -895,14 +914,18 @@ class Server:
         }
 
 
-def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
-    """As OpenAI counts: each prompt once (however many choices `n` makes), completion tokens summed."""
+def _usage(prompt_tokens: int, choices: list[_Choice], chat: bool = False) -> dict:
+    """As OpenAI counts: each prompt once (however many choices `n` makes), completion tokens summed;
+    a chat's think-block tokens apart, as DeepSeek's API reports them."""
     completion = sum(len(c.token_ids) for c in choices)
-    return {
+    usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": prompt_tokens + completion,
     }
+    if chat:
+        usage["completion_tokens_details"] = {"reasoning_tokens": sum(c.reasoning_tokens for c in choices)}
+    return usage
 
 
 def _engine_error(e: BaseException) -> APIError:

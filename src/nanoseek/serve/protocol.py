@@ -11,7 +11,15 @@ from __future__ import annotations
 import types
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class APIError(Exception):
@@ -138,6 +146,13 @@ class _Sampling(_Request):
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (load benchmarks)
     logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's JSON keys) -> bias
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):  # OpenAI and vLLM refuse it too
+            raise ValueError("stream_options is only allowed when stream is true")
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -74,6 +74,7 @@ class ReasoningSplitter:
 
     def __init__(self, started_in_think: bool, think_start: str = THINK_START, think_end: str = THINK_END):
         self.start_tag, self.end_tag = think_start, think_end
+        self.started_in_think = started_in_think
         self.state = "think" if started_in_think else "before"  # before -> think -> answer
         self._pending = ""
         self._strip_newlines = started_in_think
