@@ -238,6 +238,38 @@ def test_prefix_reuse_shares_blocks_and_keeps_outputs(model):
     assert engine.stats()["prefix_cache_hit_blocks"] == 2
 
 
+def test_a_full_cache_evicts_a_freed_prompt_tail_first(model):
+    """A finished request's blocks are freed tail first (as vLLM does): a later request that needs a
+    few blocks evicts the tail, not the head block every match starts from (which would leave the
+    whole cached prefix unreachable)."""
+    engine = Engine(model, block_size=4, num_blocks=7, max_seq_len=24)  # 6 usable blocks
+    prompt = list(range(100, 113))  # 3 full blocks to share, 4 blocks with its output
+    first = engine.generate([prompt], max_new_tokens=3)[0]
+    engine.generate([list(range(1, 10))], max_new_tokens=3)  # takes 3 blocks: the 2 unused and one freed
+    hits = engine.stats()["prefix_cache_hit_blocks"]
+    assert engine.generate([prompt], max_new_tokens=3)[0] == first
+    assert engine.stats()["prefix_cache_hit_blocks"] - hits == 3
+
+
+def test_speculative_prefix_reuse_gives_the_mtp_rows_a_fresh_prefill_would(model):
+    """The MTP layer's cached row at a position is computed with the token after it: a block's last
+    row holds the next block's first token, which the block's hash does not cover. A prompt sharing the
+    blocks but not what follows them must get the MTP rows it would compute alone."""
+    system = list(range(100, 108))  # two full blocks of 4
+    first, second = system + [5, 6, 7], system + [9, 10, 11]
+
+    def mtp_rows(warm: bool) -> torch.Tensor:
+        engine = Engine(model, block_size=4, speculative=True)
+        if warm:
+            engine.generate([first], max_new_tokens=4)
+        seq = engine._requests[engine.add_request(second, SamplingParams(max_new_tokens=3))]
+        while seq.prefilling:
+            engine.step()
+        return engine.cache.kv[-1, engine.cache.slot_map(seq.block_table)[: len(second)]]
+
+    torch.testing.assert_close(mtp_rows(True), mtp_rows(False))
+
+
 def test_capacity_and_input_errors(model):
     engine = Engine(model, num_blocks=3, block_size=4, max_seq_len=64)
     with pytest.raises(EngineCapacityError, match="cache blocks"):
@@ -414,6 +446,26 @@ def test_weight_updates_are_picked_up(model, speculative, changed):
     fresh = copy.deepcopy(m)  # no derived weights cached yet
     assert after == Engine(fresh, speculative=speculative).generate([prompt], max_new_tokens=6)[0]
     assert after != before
+
+
+def test_a_request_running_across_a_weight_update_publishes_no_blocks(model):
+    """Blocks a request completes after the weights changed attend to its rows from before: published,
+    a later prompt would match the new weights' recomputed prefix and then those mixed blocks."""
+    m = copy.deepcopy(model)
+    engine = Engine(m, block_size=4)
+    prompt = list(range(100, 108))  # two full blocks
+    running = engine._requests[engine.add_request(prompt, SamplingParams(max_new_tokens=12))]
+    engine.step()  # its prompt is in the cache
+    with torch.no_grad():
+        m.model.embed_tokens.weight.mul_(1.5)  # an optimizer step while it runs
+    engine.add_request(prompt + [1], SamplingParams(max_new_tokens=1))  # the prefix, new weights
+    while len(running.tokens) < 13:  # its third block (8..11) completes after the update
+        engine.step()
+    probe = running.tokens[:12] + [3]
+    got = engine.generate_detailed([probe], max_new_tokens=1, logprobs=0)[0]
+    with torch.no_grad():
+        ref = m(torch.tensor([probe]))[0, -1].float().log_softmax(-1)
+    assert got.logprobs[0].logprob == pytest.approx(float(ref[got.token_ids[0]]), abs=1e-4)
 
 
 def test_replaced_weights_are_served_after_reset_prefix_cache(model):

@@ -10,7 +10,8 @@ What is notable here:
   of ragged sequences need no special cases in the model.
 - Prefix reuse: a full block is named by a hash chained over all tokens up to its end; a new request
   whose prompt starts with cached full blocks shares them (reference counted) and skips their prefill.
-  Freed blocks keep their contents and hash until reallocated (least recently freed first).
+  Freed blocks keep their contents and hash until reallocated (least recently freed first; a
+  sequence's blocks are freed tail first, so its prefix outlives its tail).
 - Grouped-query attention (the Qwen2 / Llama families) caches K and V of every KV head instead:
   `PagedKVCache` is the same storage and allocator with a row of 2 x num_key_value_heads x head_dim
   ([K heads ; V heads], `GroupedQueryAttention`'s layout); `paged_cache_for` picks one by the
@@ -117,7 +118,9 @@ class PagedLatentCache:
         return block
 
     def release(self, block_table: list[int]) -> None:
-        for block in block_table:
+        # Freed tail first, so a sequence's tail is evicted before its head: a prefix is matched from
+        # its first block on, and one evicted head block would leave the whole chain unreachable (vLLM).
+        for block in reversed(block_table):
             info = self.blocks[block]
             info.ref_count -= 1
             if info.ref_count == 0:

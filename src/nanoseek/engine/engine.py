@@ -469,7 +469,7 @@ class Engine:
         versions = [p._version for p in self._weights]
         if versions != self._versions:
             if self._versions:
-                self.cache.reset_prefix_cache()
+                self.scheduler.reset_prefix_cache()
             self._versions = versions
             self._epoch = object()
 
@@ -627,7 +627,7 @@ class Engine:
         In-place changes are noticed anyway; weights replaced (`load_state_dict(..., assign=True)`)
         move no version counter the engine watches, so only this call makes it serve them (and the
         weights derived from them) and let the old ones go."""
-        self.cache.reset_prefix_cache()
+        self.scheduler.reset_prefix_cache()
         self._track_weights()
 
     def stats(self) -> dict:

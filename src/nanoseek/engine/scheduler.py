@@ -33,6 +33,7 @@ class Sequence:
     num_computed: int = 0  # positions 0..num_computed-1 are in the cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of registered full blocks
+    shareable: bool = True  # its blocks may be published for prefix reuse (not once the weights changed)
     draft: int | None = None  # MTP's guess for the token after tokens[-1]
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[float | None] | None = None
@@ -94,6 +95,12 @@ class Scheduler:
             # first output token has logits; prompt logprobs need every prompt position's logits.
             max_shared = 0 if seq.params.prompt_logprobs else (seq.prompt_len - 1) // self.cache.block_size
             shared, hashes = self.cache.match_prefix(seq.prompt_ids, max_shared)
+            if self.extra_slots and shared:
+                # Speculating, the MTP layer's row at a block's last position was computed with the token
+                # after the block, which its hash does not cover: recompute the last hit block (its
+                # first token matched, so the rows before it hold), as vLLM does for EAGLE drafts.
+                self.cache.release([shared.pop()])
+                hashes.pop()
             fresh = self.blocks_needed(seq) - len(shared)
             if fresh > self.cache.num_free:
                 self.cache.release(shared)
@@ -125,8 +132,17 @@ class Scheduler:
             width = max(width, n)
         return StepPlan(decode, prefill)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prefixes (the weights changed). A running sequence's later blocks attend to rows
+        computed with the old weights, so they are never published either."""
+        self.cache.reset_prefix_cache()
+        for seq in self.running:
+            seq.shareable = False
+
     def register_blocks(self, seq: Sequence) -> None:
         """Publish the sequence's newly completed full blocks for prefix reuse."""
+        if not seq.shareable:
+            return
         bs = self.cache.block_size
         full = min(seq.num_computed, len(seq.tokens)) // bs
         while len(seq.block_hashes) < full:
