@@ -205,6 +205,19 @@ def test_speculative_greedy_equals_plain_greedy(models, dtype):
     assert stats["decode_forwards"] < stats["generated_tokens"] * 0.6
 
 
+def test_speculative_engine_holds_what_a_plain_one_does():
+    """A verify step computes [last token, draft] at positions len - 1 and len, and a running sequence
+    has len < max_len: the draft never lies past max_len. A cache slot reserved for it anyway refused,
+    under speculation only, a request that fills the cache (EngineCapacityError), cost every request
+    whose length is a multiple of the block size a block, and took a token off the default context."""
+    model = bigram_model()  # every draft accepted: the last verify step puts its draft at max_len - 1
+    prompt = list(range(1, 21))
+    plain = Engine(model, block_size=16, num_blocks=3).generate([prompt], max_new_tokens=12)
+    spec = Engine(model, block_size=16, num_blocks=3, speculative=True)  # 2 blocks: 32 tokens
+    assert spec.generate([prompt], max_new_tokens=12) == plain and len(plain[0]) == 12
+    assert spec.stats()["spec_acceptance_rate"] == 1.0
+
+
 def test_speculative_sampling_is_seeded_and_valid(model):
     spec = Engine(model, speculative=True)
     a = spec.generate(PROMPTS, max_new_tokens=8, temperature=0.8, top_k=20, seed=5)
@@ -385,7 +398,7 @@ def test_default_context_is_what_the_default_cache_holds(model, monkeypatch):
         layers = model.config.num_hidden_layers + speculative
         monkeypatch.setattr(engine_module, "DEFAULT_CACHE_BYTES", 9 * 16 * layers * 40 * 4)  # 9 blocks
         engine = Engine(model, speculative=speculative)
-        assert engine.max_seq_len == 8 * 16 - speculative < model.config.max_position_embeddings
+        assert engine.max_seq_len == 8 * 16 < model.config.max_position_embeddings
         engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=engine.max_seq_len - 3))
         assert Engine(model, max_seq_len=100).max_seq_len == 100  # asked for: kept
         # asked for more than the cache holds for one sequence: refused when built, as vLLM does, not

@@ -131,7 +131,7 @@ class Engine:
         if num_blocks is None:
             per_block = num_layers * width * block_size * torch.empty(0, dtype=self.dtype).element_size()
             budget = max(2, cache_bytes // per_block)
-            holds = (budget - 1) * block_size - int(speculative)  # one sequence's tokens in that cache
+            holds = (budget - 1) * block_size  # one sequence's tokens in that cache
             if max_seq_len is None:  # a long context the capped cache cannot hold for even one request:
                 # shorten it to what the cache holds (else every request asking for it is refused)
                 self.max_seq_len = min(self.max_seq_len, holds)
@@ -144,9 +144,8 @@ class Engine:
             want = max_batch_size * math.ceil((self.max_seq_len + 1) / block_size) + 1
             num_blocks = min(want, budget)
         self.cache = paged_cache_for(cfg, num_layers, num_blocks, block_size, self.dtype, self.device)
-        self.scheduler = Scheduler(
-            self.cache, max_batch_size, prefill_chunk, extra_slots=1 if speculative else 0
-        )
+        # A verify step's draft lies at position len(tokens) < max_len: no slot past max_len is needed.
+        self.scheduler = Scheduler(self.cache, max_batch_size, prefill_chunk, speculative)
         eos = cfg.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._track_weights()

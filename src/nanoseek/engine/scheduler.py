@@ -63,17 +63,17 @@ class StepPlan:
 
 class Scheduler:
     def __init__(
-        self, cache: PagedLatentCache, max_batch_size: int, prefill_chunk: int, extra_slots: int = 0
+        self, cache: PagedLatentCache, max_batch_size: int, prefill_chunk: int, speculative: bool = False
     ) -> None:
         self.cache = cache
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
-        self.extra_slots = extra_slots  # positions written past max_len (speculative drafts)
+        self.speculative = speculative  # MTP rows in the cache: a prefix hit recomputes its last block
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
     def blocks_needed(self, seq: Sequence) -> int:
-        return math.ceil((seq.max_len + self.extra_slots) / self.cache.block_size)
+        return math.ceil(seq.max_len / self.cache.block_size)
 
     def check_fits(self, seq: Sequence) -> None:
         need = self.blocks_needed(seq)
@@ -95,10 +95,12 @@ class Scheduler:
             # first output token has logits; prompt logprobs need every prompt position's logits.
             max_shared = 0 if seq.params.prompt_logprobs else (seq.prompt_len - 1) // self.cache.block_size
             shared, hashes = self.cache.match_prefix(seq.prompt_ids, max_shared)
-            if self.extra_slots and shared:
+            if self.speculative and shared:
                 # Speculating, the MTP layer's row at a block's last position was computed with the token
                 # after the block, which its hash does not cover: recompute the last hit block (its
-                # first token matched, so the rows before it hold), as vLLM does for EAGLE drafts.
+                # first token matched, so the rows before it hold), as vLLM does for EAGLE drafts. A
+                # chain two sequences registered can still hold one such row at their seam: a worse
+                # draft there, never a wrong token (every draft is verified).
                 self.cache.release([shared.pop()])
                 hashes.pop()
             fresh = self.blocks_needed(seq) - len(shared)
