@@ -408,3 +408,96 @@ def test_another_familys_answers_are_scored_as_its_template_prompts_them(
         assert many["pass@1"] == 1.0
     r1 = load_tokenizer(micro_checkpoint)
     assert ev.prompt_opens_think(r1) and not ev.prompt_opens_think(r1, thinking=False)
+
+
+def test_greedy_decoding_asks_for_one_sample_per_problem(tmp_path) -> None:
+    """At temperature 0 every one of k samples is the same: k > 1 is refused with a way out (vLLM
+    refused n > 1 with greedy sampling), not decoded k times over."""
+    with pytest.raises(ValueError, match="temperature 0 decodes greedily.*-k 1"):
+        evaluate(EvalConfig(model="x", task="arithmetic", k=4, temperature=0.0), sampler=lambda ps: [])
+    probs = _problems(2)
+    right = [[Sample(f"x\n</think>\n{p.answer}", 3, "stop")] for p in probs]
+    m = evaluate(
+        EvalConfig(model=str(tmp_path / "ck"), task="arithmetic", k=1, n=2, language="en", temperature=0.0),
+        sampler=lambda ps: right,
+    )
+    assert m["pass@1"] == 1.0 and m["k"] == 1
+
+
+def _stub_endpoint(completion_tokens: int) -> httpx.Client:
+    """An endpoint that answers every problem right, `completion_tokens` in usage for all n choices."""
+    probs = {p.prompt: p for p in _problems(3)}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        p = probs[body["messages"][0]["content"]]
+        message = {"role": "assistant", "content": f"\n{p.answer}", "reasoning_content": "work"}
+        choices = [{"index": i, "finish_reason": "stop", "message": message} for i in range(body["n"])]
+        usage = {"prompt_tokens": 5, "completion_tokens": completion_tokens, "total_tokens": 0}
+        return httpx.Response(
+            200,
+            json={
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "stub",
+                "choices": choices,
+                "usage": usage,
+            },
+        )
+
+    return httpx.Client(transport=httpx.MockTransport(handler))
+
+
+def test_an_endpoint_evaluation_shows_its_progress_and_exact_lengths(tmp_path, capsys) -> None:
+    """An endpoint's samples count on the progress bar as a checkpoint's do (--no-progress: none), and
+    its mean response length is usage's tokens over the choices, not rounded per sample (a checkpoint's
+    of the same samples: 3 tokens over 2 choices is 1.5)."""
+    common = dict(model="http://stub:8000", task="arithmetic", k=2, n=3, language="en", endpoint_model="stub")
+    for progress in (True, False):
+        cfg = EvalConfig(**common, progress=progress, out=str(tmp_path / "e.json"))
+        sampler, _ = endpoint_sampler(cfg, http_client=_stub_endpoint(completion_tokens=3))
+        m = evaluate(cfg, sampler=sampler)
+        assert m["pass@1"] == 1.0 and m["mean_response_tokens"] == 1.5
+        assert ("eval samples" in capsys.readouterr().err) is progress
+
+
+def test_a_hub_models_report_goes_where_a_urls_does(tmp_path, monkeypatch) -> None:
+    """A Hub name (owner/name) is no directory of the user's: its report is ./eval_<task>.json and no
+    metrics.jsonl is written unless --run-dir says where (not ./owner/name/... and ./owner/metrics.jsonl)."""
+    monkeypatch.chdir(tmp_path)
+    probs = _problems(2)
+    right = [[Sample(f"x\n</think>\n{p.answer}", 3, "stop")] for p in probs]
+    cfg = EvalConfig(model="acme/tiny", task="arithmetic", k=1, n=2, language="en", progress=False)
+    m = evaluate(cfg, sampler=lambda ps: right)
+    assert m["json"] == "eval_arithmetic.json" and m["evaluated"] == "acme/tiny"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval_arithmetic.json"]
+
+
+def test_several_tasks_write_their_reports_beside_the_one_named(tmp_path, monkeypatch) -> None:
+    """`--out DIR/r.json` with several tasks: DIR/r_<task slug>.json each, in DIR whatever its name
+    holds (a ".json" in a folder's name moved them to another folder), named as the default names them."""
+    import nanoseek.evaluate as ev
+    from nanoseek.cli import main as cli
+
+    written = []
+
+    def fake_evaluate(cfg):
+        written.append(cfg.out)
+        m = {"k": 1, "cons@1": 0.0, "pass@1_stderr": 0.0, "format_rate": 0.0, "language_consistency": 0.0}
+        return {
+            **m,
+            "evaluated": "ck",
+            "pass@1": 0.0,
+            "mean_response_tokens": 1.0,
+            "problems": 1,
+            "json": cfg.out,
+        }
+
+    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    out = tmp_path / "runs.json.d" / "r.json"
+    assert cli(["eval", "ck", "--task", "arithmetic?ops=add,sub,comparison", "--out", str(out)]) == 0
+    assert written == [
+        str(out.parent / "r_arithmetic_ops_add_sub.json"),
+        str(out.parent / "r_comparison.json"),
+    ]

@@ -147,6 +147,23 @@ def test_resume_with_other_training_settings_is_refused(workdir, tmp_path) -> No
     assert json.loads((state / "trainer.json").read_text())["step"] == 5
 
 
+def test_resume_with_another_tokenizer_of_the_same_size_is_refused(workdir, tmp_path) -> None:
+    """The weights learned the checkpoint's token ids: a resume given another tokenizer of the same size
+    (another --tokenizer, or none, which trains one) went on training them on ids that mean other tokens."""
+    from nanoseek.data.corpus import iter_documents
+    from nanoseek.tokenizer import train_tokenizer
+
+    docs = [doc for _, doc in zip(range(300), iter_documents("embedded"), strict=False)][100:]
+    other = train_tokenizer(docs, vocab_size=320)
+    other.save(tmp_path / "other")
+    run = tmp_path / "run"
+    pretrain(config(workdir, run, steps=2, val_every=0))
+    before = (run / "pretrain" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="the tokenizer: .* not at the same ids"):
+        pretrain(config(workdir, run, steps=3, val_every=0, resume=True, tokenizer=str(tmp_path / "other")))
+    assert (run / "pretrain" / "model.safetensors").read_bytes() == before
+
+
 def test_validation_leaves_training_bitwise_unchanged(workdir, tmp_path) -> None:
     """How often validation runs is a cost dial only: it must not move weights, data or the balancing bias."""
     pretrain(config(workdir, tmp_path / "often", val_every=1))

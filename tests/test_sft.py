@@ -445,6 +445,37 @@ def test_sft_logs_its_run_and_resumes_only_the_same_run(tmp_path) -> None:
     assert [r["step"] for r in _train_with_budget(tmp_path, more, time.perf_counter())] == [1, 2, 3]
 
 
+def test_checkpoint_every_saves_during_the_run_and_a_killed_run_resumes_from_it(
+    tmp_path, monkeypatch
+) -> None:
+    """--checkpoint-every K saves every K steps (it was accepted and ignored: a run killed late lost
+    every step); resumed from it, the run's losses are those of one run."""
+    import time
+
+    from nanoseek.train import loop
+    from nanoseek.train.sft import SFTConfig
+
+    kw = dict(init="", steps=4, batch_size=2, seq_len=32, checkpoint_every=2, progress=False)
+    whole = [r["loss"] for r in _train_with_budget(tmp_path / "whole", SFTConfig(**kw), time.perf_counter())]
+    step = loop.Trainer.step
+
+    def killed_at_3(self, *args, **kwargs):
+        metrics = step(self, *args, **kwargs)
+        if self.global_step == 3:
+            raise RuntimeError("killed")
+        return metrics
+
+    monkeypatch.setattr(loop.Trainer, "step", killed_at_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        _train_with_budget(tmp_path / "run", SFTConfig(**kw), time.perf_counter())
+    monkeypatch.setattr(loop.Trainer, "step", step)
+    assert (
+        json.loads((tmp_path / "run" / "control" / "train_state" / "trainer.json").read_text())["step"] == 2
+    )
+    records = _train_with_budget(tmp_path / "run", SFTConfig(**kw, resume=True), time.perf_counter())
+    assert [r["loss"] for r in records[-2:]] == whole[2:]
+
+
 @pytest.mark.parametrize("content", [[{"type": "text", "text": "hi"}], None, ""])
 def test_assistant_target_refuses_non_text_or_empty(content) -> None:
     with pytest.raises(ValueError):

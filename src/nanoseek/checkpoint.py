@@ -400,6 +400,12 @@ HUB_FILES = ("*.json", "*.safetensors", "tokenizer*", "chat_template.jinja")
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
+def is_hub_name(name_or_path: str | os.PathLike) -> bool:
+    """Whether `resolve_checkpoint` reads `name_or_path` as a Hugging Face Hub name (owner/name): no
+    such local path, and the shape of one."""
+    return not Path(name_or_path).expanduser().exists() and bool(_HUB_NAME.fullmatch(str(name_or_path)))
+
+
 def resolve_checkpoint(name_or_path: str | os.PathLike, tokenizer: bool = False, flag: str = "") -> Path:
     """A checkpoint directory: `name_or_path` itself when it is a local path, else a Hugging Face Hub
     name (`deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B`) fetched with `huggingface_hub.snapshot_download`
@@ -407,7 +413,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, tokenizer: bool = False,
     tokenizer.json; `flag` ("--init") prefixes the error messages."""
     p = Path(name_or_path).expanduser()
     label = f"{flag} {name_or_path}" if flag else str(name_or_path)
-    if not p.exists() and _HUB_NAME.fullmatch(str(name_or_path)):
+    if is_hub_name(name_or_path):
         p = _download(str(name_or_path), label)
     if not p.is_dir():
         raise FileNotFoundError(

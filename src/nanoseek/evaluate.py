@@ -42,7 +42,7 @@ class Sample:
     """One sampled answer: the text scored (reasoning included) and its length in tokens."""
 
     text: str
-    num_tokens: int
+    num_tokens: float  # an endpoint's: its response's mean over the n choices (usage counts them together)
     finish_reason: str | None = None
 
 
@@ -73,9 +73,13 @@ class EvalConfig:
     seed: int = option(0)
     language: str | None = option(None, "only problems in this language (en, ja, zh)")
     out: str | None = option(
-        None, "JSON report path (default: next to the checkpoint, or ./eval_<task>.json)"
+        None,
+        "JSON report path (default: in the checkpoint directory; for a URL or Hub name ./eval_<task>.json)",
     )
-    run_dir: str | None = option(None, "run directory for metrics.jsonl (default: the checkpoint's parent)")
+    run_dir: str | None = option(
+        None,
+        "run directory for metrics.jsonl (default: the checkpoint directory's parent; none for a URL or Hub name)",
+    )
     endpoint_model: str | None = option(
         None, "model name on the endpoint (default: the first it lists)", flag="--model-name"
     )
@@ -435,14 +439,25 @@ def endpoint_sampler(
         out = []
         for ch in resp.choices:
             text = completion_text(ch.message, cfg.thinking)
-            out.append(Sample(text=text, num_tokens=int(round(per)), finish_reason=ch.finish_reason))
+            out.append(Sample(text=text, num_tokens=per, finish_reason=ch.finish_reason))
         if len(out) != cfg.k:
             raise ValueError(f"endpoint returned {len(out)} choices for n={cfg.k} (does it support n?)")
         return out
 
     def sample(problems: Sequence[Any]) -> list[list[Sample]]:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            return list(pool.map(one, range(len(problems)), problems))
+        from tqdm.auto import tqdm
+
+        with (
+            ThreadPoolExecutor(max_workers=8) as pool,
+            tqdm(
+                total=len(problems) * cfg.k, desc="eval samples", leave=False, disable=not cfg.progress
+            ) as bar,
+        ):
+            out = []
+            for samples in pool.map(one, range(len(problems)), problems):
+                out.append(samples)
+                bar.update(len(samples))
+            return out
 
     return sample, f"{base} ({model_name})"
 
@@ -454,6 +469,11 @@ def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
 
     if cfg.k < 1 or cfg.n < 1:
         raise ValueError(f"k and n must be >= 1 (got k={cfg.k}, n={cfg.n})")
+    if cfg.temperature == 0 and cfg.k > 1:  # as vLLM refused n > 1 with greedy sampling
+        raise ValueError(
+            f"temperature 0 decodes greedily: the k={cfg.k} samples of a problem would all be the same one; "
+            "pass -k 1 for greedy pass@1, or a temperature above 0"
+        )
     if cfg.split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {cfg.split!r}")
     if cfg.max_batch_size is not None and cfg.max_batch_size < 1:
@@ -505,6 +525,7 @@ def evaluate(
     `shared`: figures of a queue these samples were drawn in with others' (`evaluate_many`).
     `opens_think`: whether the prompts opened the think block (default: a checkpoint's template says;
     an endpoint's samples are rebuilt as completions of a prompt that did, `completion_text`)."""
+    from nanoseek.checkpoint import is_hub_name
     from nanoseek.data.rewards import build_reward
     from nanoseek.metrics import MetricsLog
 
@@ -532,7 +553,7 @@ def evaluate(
         generation_time_s=round(gen_time, 2),
     )
     metrics.update(shared or {})
-    if is_url:
+    if is_url or is_hub_name(cfg.model):  # no directory of the user's to write beside
         evaluated, run_dir, default_out = cfg.model, cfg.run_dir, Path(f"eval_{slug(cfg.task)}.json")
     else:
         ck = Path(cfg.model)

@@ -759,6 +759,14 @@ def train_tokenizer(
     return Tokenizer(backend)
 
 
+def tokens_moved(tok: Tokenizer, other: Tokenizer) -> list[str]:
+    """`tok`'s tokens (added ones too) that `other` does not hold at the same id, in id order: [] when
+    `other` reads every id of `tok` as `tok` does."""
+    theirs = other.backend.get_vocab(with_added_tokens=True)
+    ours = tok.backend.get_vocab(with_added_tokens=True)
+    return sorted((t for t, i in ours.items() if theirs.get(t) != i), key=ours.__getitem__)
+
+
 # -------------------------------------------------------------------- loading
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer directory (tokenizer.json [+ tokenizer_config.json]) or a tokenizer.json file."""

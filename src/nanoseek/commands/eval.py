@@ -22,14 +22,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.evaluate import EvalConfig, evaluate, split_task_list
+    from pathlib import Path
+
+    from nanoseek.evaluate import EvalConfig, evaluate, slug, split_task_list
     from nanoseek.options import from_options
 
     tasks = split_task_list(args.task)
     for task in tasks:
         out = args.out
-        if out and len(tasks) > 1:
-            out = out.replace(".json", "") + f"_{task.replace('/', '_')}.json"
+        if out and len(tasks) > 1:  # one report per task beside the one named, as the default names them
+            out = str(Path(out).with_name(f"{Path(out).stem}_{slug(task)}{Path(out).suffix or '.json'}"))
         m = evaluate(from_options(EvalConfig, args, task=task, out=out))
         k = m["k"]
         print(

@@ -76,7 +76,7 @@ def _check_student_tokens(p: Path, tokenizer: Any) -> None:
     """A student checkpoint is trained on the teacher's token ids: its vocabulary must hold the teacher's
     tokens at the same ids (a Qwen2.5 or Llama 3 checkpoint with its own tokenizer would be trained on
     ids that mean other tokens to it, and saved with the teacher's tokenizer in place of its own)."""
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.tokenizer import load_tokenizer, tokens_moved
 
     size = json.loads((p / "config.json").read_text(encoding="utf-8")).get("vocab_size")
     if isinstance(size, int) and size < tokenizer.vocab_size:
@@ -86,12 +86,10 @@ def _check_student_tokens(p: Path, tokenizer: Any) -> None:
         )
     if not (p / "tokenizer.json").exists():
         return
-    theirs = load_tokenizer(p).backend.get_vocab(with_added_tokens=True)
-    ours = tokenizer.backend.get_vocab(with_added_tokens=True)
-    other = sorted((t for t, i in ours.items() if theirs.get(t) != i), key=ours.__getitem__)
+    other = tokens_moved(tokenizer, load_tokenizer(p))
     if other:
         raise ValueError(
-            f"student {p} has another tokenizer than the teacher's ({len(other)} of its {len(ours)} tokens "
+            f"student {p} has another tokenizer than the teacher's ({len(other)} of its {tokenizer.vocab_size} tokens "
             f"are not the student's at the same ids, e.g. {other[:3]}), and distillation trains on the "
             "teacher's token ids: distil into a preset (--student tiny-qwen2), or train this student on the "
             f"traces' text: nanoseek sft --init {p} --data RUN/distill_data.jsonl"

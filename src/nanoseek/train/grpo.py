@@ -296,6 +296,7 @@ RESUME_SETTINGS = (
     "sft_mix_tasks",
     "seed",
     "precision",
+    "warmup_steps",  # (the Trainer leaves it to the stages: theirs cut it to fit a short run)
 )
 
 

@@ -698,12 +698,27 @@ class Trainer:
             saved = {k: v for k, v in meta.get("optim", {}).items() if k != "warmup_steps"}
         now = self._settings()
         changed = [k for k in saved if k in now and saved[k] != now[k]]
-        if changed:
-            detail = ", ".join(f"--{k.replace('_', '-')}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        detail = [f"--{k.replace('_', '-')}: {saved[k]!r} -> {now[k]!r}" for k in changed]
+        detail += self._tokenizer_change(ckpt)
+        if detail:
             raise ValueError(
-                f"cannot resume {ckpt}, the training settings changed ({detail}): resume with the "
+                f"cannot resume {ckpt}, the training settings changed ({', '.join(detail)}): resume with the "
                 "settings it was trained with (a longer --steps is fine), or train a new run in another --out"
             )
+
+    def _tokenizer_change(self, ckpt: Path) -> list[str]:
+        """How this run's tokenizer differs from the one saved with the checkpoint (nothing where either
+        is not a nanoseek Tokenizer): the weights learned its ids, and another vocabulary of the same
+        size would train them on tokens that mean other things to them (and save over the old one)."""
+        from nanoseek.tokenizer import Tokenizer, load_tokenizer, tokens_moved
+
+        if not isinstance(self.tokenizer, Tokenizer) or not (ckpt / "tokenizer.json").exists():
+            return []
+        saved = load_tokenizer(ckpt)
+        moved = tokens_moved(self.tokenizer, saved) + tokens_moved(saved, self.tokenizer)
+        if not moved:
+            return []
+        return [f"the tokenizer: {len(set(moved))} tokens not at the same ids, e.g. {moved[:3]}"]
 
     def resume(self, logged_step: str | None = None) -> dict[str, Any] | None:
         """Restore weights, optimizer, step, RNG and guard from RUN/<stage>/; returns the extra state

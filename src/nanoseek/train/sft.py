@@ -489,6 +489,7 @@ def train_on_examples(
         ),
         total_steps=total,
         precision=cfg.precision,
+        checkpoint_every=cfg.checkpoint_every,
         tokenizer=tokenizer,
         deadline=(started or t0) + cfg.max_seconds if cfg.max_seconds else None,
         config_extra=config_extra or {},
