@@ -334,6 +334,55 @@ def test_deepseek_fp8_checkpoint_loads_kept_fp8(tmp_path) -> None:
         assert _rel(kept(ids), model(ids)) < 0.1
 
 
+def _fp8_checkpoint(directory, pow2: bool = False, **config_extra) -> dict[str, torch.Tensor]:
+    """A checkpoint in DeepSeek-V3's FP8 layout in `directory` (its tensors returned)."""
+    from safetensors.torch import save_file
+
+    from nanoseek.checkpoint import to_hf_state_dict
+
+    cfg = _mini_config()
+    cfg.extra.update(config_extra)
+    cfg.save(directory)
+    tensors = quantize_state_dict_fp8(to_hf_state_dict(DeepSeekV3(cfg).init_weights(0)), pow2=pow2)
+    save_file({k: v.clone() for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    return tensors
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_saving_a_ue8m0_fp8_checkpoint_keeps_its_weights(tmp_path, dtype: str) -> None:
+    """DeepSeek-V3.1's FP8 checkpoints have power-of-two block scales ("scale_fmt": "ue8m0"). Loaded
+    with fp8=True and saved, the routed experts (dequantized on load) were requantized with amax/448
+    scales: most of their FP8 values rounded again, under a config.json still saying ue8m0."""
+    from nanoseek.checkpoint import load_model, read_safetensors, save_model
+
+    quantization = {**fp8.QUANTIZATION_CONFIG, "scale_fmt": "ue8m0"}
+    tensors = _fp8_checkpoint(tmp_path / "in", pow2=True, quantization_config=quantization)
+    save_model(load_model(tmp_path / "in", fp8=True, dtype=dtype), tmp_path / "out")
+    saved = read_safetensors(tmp_path / "out")
+    for key, value in tensors.items():
+        if value.dtype == FP8_DTYPE:  # the same bytes and scales, the experts' included
+            assert torch.equal(saved[key].view(torch.uint8), value.view(torch.uint8)), key
+            assert torch.equal(saved[key + "_scale_inv"], tensors[key + "_scale_inv"]), key
+    assert load_model(tmp_path / "out").config.extra["quantization_config"] == quantization
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_fp8_checkpoint_without_block_scales_is_named(tmp_path, kept: bool) -> None:
+    """Per-tensor scales are not DeepSeek's format: with fp8=True the error said the files were
+    "written for another config.json" instead."""
+    from safetensors.torch import save_file
+
+    from nanoseek.checkpoint import load_model
+
+    tensors = _fp8_checkpoint(tmp_path)
+    tensors["model.layers.0.self_attn.q_a_proj.weight_scale_inv"] = torch.ones(())
+    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(
+        ValueError, match=r"q_a_proj.weight_scale_inv: shape \(\) is not one scale per 128x128"
+    ):
+        load_model(tmp_path, fp8=kept)
+
+
 def _cuda_rules(real):  # torch._scaled_mm with the CUDA kernel's checks
     def mm(a, b, scale_a, scale_b, out_dtype=None, **kw):
         (m, k), (k2, n) = a.shape, b.shape

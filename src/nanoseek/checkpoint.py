@@ -45,6 +45,7 @@ from nanoseek.model.fp8 import (
     quantize_blocks,
     quantize_linears_fp8,
     quantize_state_dict_fp8,
+    ue8m0_scales,
 )
 from nanoseek.model.transformer import DeepSeekV3
 
@@ -118,12 +119,7 @@ def _convert(
     if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         if scale is None:
             raise ValueError(f"FP8 tensor {key} has no weight_scale_inv beside it")
-        blocks = tuple(-(-d // 128) for d in value.shape)
-        if tuple(scale.shape) != blocks:
-            raise ValueError(
-                f"{key}_scale_inv: shape {tuple(scale.shape)} is not one scale per 128x128 block of "
-                f"{tuple(value.shape)} {blocks}: nanoseek reads DeepSeek's 128x128 block scales only"
-            )
+        _check_block_scales(key, tuple(value.shape), tuple(scale.shape))
         if module in fp8_modules and value.dtype == FP8_DTYPE:
             return {name: value, f"{module}.weight_scale_inv": scale.float()}
         value = dequantize_blocks(value, scale)
@@ -131,6 +127,20 @@ def _convert(
         q, s = quantize_blocks(value)
         return {name: q, f"{module}.weight_scale_inv": s}
     return {name: _cast(name, value, dtype)}
+
+
+def _block_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of one scale per 128x128 block of a weight of `shape`."""
+    return tuple(-(-d // 128) for d in shape)
+
+
+def _check_block_scales(key: str, shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> None:
+    """FP8 weight `key`'s `weight_scale_inv` must be DeepSeek's: one scale per 128x128 block."""
+    if scale_shape != _block_shape(shape):
+        raise ValueError(
+            f"{key}_scale_inv: shape {scale_shape} is not one scale per 128x128 block of "
+            f"{shape} {_block_shape(shape)}: nanoseek reads DeepSeek's 128x128 block scales only"
+        )
 
 
 def from_hf_state_dict(
@@ -239,8 +249,10 @@ def save_model(
     out.mkdir(parents=True, exist_ok=True)
     state = to_hf_state_dict(model)
     fp8 = any(k.endswith("_scale_inv") for k in state)
+    quantization = model.config.extra.get("quantization_config", QUANTIZATION_CONFIG)
     if fp8:  # FP8Linear storage: written whole in DeepSeek's FP8 layout, the routed experts block-quantized
-        state = quantize_state_dict_fp8(state)
+        # (with the checkpoint's own kind of scale: UE8M0 experts, dequantized on load, requantize exactly)
+        state = quantize_state_dict_fp8(state, pow2=ue8m0_scales(quantization))
     if dtype is not None:  # the higher-precision tensors; FP8 weights and their fp32 scales stay
         dtype = resolve_dtype(dtype, model.config, model.device)
         state = {k: _cast(k, v, dtype) for k, v in state.items()}
@@ -257,7 +269,7 @@ def save_model(
     # a higher-precision checkpoint): without the entry, readers would take the FP8 values unscaled.
     extra = {k: v for k, v in config.extra.items() if k != "quantization_config"}
     if fp8:
-        extra["quantization_config"] = config.extra.get("quantization_config", QUANTIZATION_CONFIG)
+        extra["quantization_config"] = quantization
     config = config.replace(extra=extra)
     config.save(out)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -659,13 +671,13 @@ def _stream(
         if name is None:
             continue
         shape = reader.shape(key)
-        if reader.is_fp8(key) and key + "_scale_inv" not in where:
-            raise ValueError(f"FP8 tensor {key} in {path} has no weight_scale_inv beside it")
+        if reader.is_fp8(key):
+            if key + "_scale_inv" not in where:
+                raise ValueError(f"FP8 tensor {key} in {path} has no weight_scale_inv beside it")
+            _check_block_scales(key, shape, reader.shape(key + "_scale_inv"))
         module = name.removesuffix(".weight")
-        if module in fp8_modules:
-            scale = key + "_scale_inv"
-            blocks = tuple(-(-d // 128) for d in shape)
-            shapes[f"{module}.weight_scale_inv"] = reader.shape(scale) if scale in where else blocks
+        if module in fp8_modules:  # the file's scales (checked above), or those its quantization makes
+            shapes[f"{module}.weight_scale_inv"] = _block_shape(shape)
         if em := _EXPERT_KEY.match(name):
             experts.setdefault(em.group(1), {}).setdefault(int(em.group(2)), {})[em.group(3)] = shape
             files[f"{em.group(1)}.{'down_proj' if em.group(3) == 'down_proj' else 'gate_up_proj'}"] = path

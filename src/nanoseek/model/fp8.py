@@ -482,6 +482,12 @@ QUANTIZATION_CONFIG = {
 }
 
 
+def ue8m0_scales(quantization_config: dict[str, Any] | None) -> bool:
+    """Whether a checkpoint's quantization_config asks for power-of-two block scales (UE8M0,
+    `"scale_fmt": "ue8m0"`, as DeepSeek-V3.1 ships it): what `quantize_blocks(pow2=True)` writes."""
+    return (quantization_config or {}).get("scale_fmt") == "ue8m0"
+
+
 def quantize_state_dict_fp8(tensors: dict[str, torch.Tensor], pow2: bool = False) -> dict[str, torch.Tensor]:
     """HF-layout tensors -> DeepSeek's FP8 layout: every 2-D linear weight (attention projections,
     MLPs, experts, eh_proj) becomes float8_e4m3fn plus `*.weight_scale_inv` per 128x128 block; the
