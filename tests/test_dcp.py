@@ -150,3 +150,49 @@ def test_load_dcp_puts_back_a_checkpoint_a_crash_left_aside(tmp_path) -> None:
     model = micro_model(seed=4)
     load_dcp(model, tmp_path / "ckpt")
     assert torch.equal(model.lm_head.weight, original.lm_head.weight)
+
+
+def test_optimizer_state_round_trips_as_it_was_before_any_update_and_without_mtp(tmp_path) -> None:
+    """torch's state-dict helpers give an optimizer without state a zero-gradient step for every
+    parameter: a save before the first update must not change the updates after it (AdamW's bias
+    correction), and parameters that never had a gradient (the MTP modules with λ = 0, the default)
+    must not keep a checkpoint saved after updates from loading."""
+    from nanoseek.train.dcp import load_dcp, save_dcp
+    from nanoseek.train.loop import language_model_loss
+
+    def train(model, optimizer, steps: range) -> dict:
+        for i in steps:
+            loss, _ = language_model_loss(model, *batch_at(i))  # mtp_weight=0: the MTP layer gets no gradient
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return model.state_dict()
+
+    def adamw(model):
+        return torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    reference = micro_model(seed=1)
+    expected = train(reference, adamw(reference), range(3))
+
+    model = micro_model(seed=1)
+    optimizer = adamw(model)
+    save_dcp(model, tmp_path / "fresh", optimizer)  # before the first update
+    assert not optimizer.state
+    loaded = micro_model(seed=5)
+    loaded_optimizer = adamw(loaded)
+    load_dcp(loaded, tmp_path / "fresh", loaded_optimizer)
+    assert not loaded_optimizer.state
+    train(model, optimizer, range(1))
+    train(loaded, loaded_optimizer, range(1))
+
+    save_dcp(model, tmp_path / "stepped", optimizer)  # no state for the MTP layer's parameters
+    resumed = micro_model(seed=5)
+    resumed_optimizer = adamw(resumed)
+    load_dcp(resumed, tmp_path / "stepped", resumed_optimizer)
+    assert len(resumed_optimizer.state) == len(optimizer.state) < sum(1 for _ in model.parameters())
+    for state in (
+        train(m, o, range(1, 3))
+        for m, o in ((model, optimizer), (loaded, loaded_optimizer), (resumed, resumed_optimizer))
+    ):
+        for k, v in expected.items():
+            assert torch.equal(state[k], v), k

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -91,7 +92,8 @@ def save_dcp(
         _barrier()  # the scratch directory exists
         state: dict[str, Any] = {"model": get_model_state_dict(model)}
         if optimizer is not None:
-            state["optim"] = get_optimizer_state_dict(model, optimizer)
+            stateful = {name for name, p in model.named_parameters() if p in optimizer.state}
+            state["optim"] = _optimizer_state(model, optimizer, stateful)
         with _single_process_quiet():
             dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
         _barrier()  # every rank's shard files and rank 0's metadata are on disk
@@ -122,7 +124,12 @@ def load_dcp(
         model.reset_buffers()  # not saved: RoPE tables, load counters
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        # "optim.state.<parameter>.<exp_avg|step|...>": the parameters saved with a state
+        stateful = {
+            k.removeprefix("optim.state.").rpartition(".")[0] for k in saved if k.startswith("optim.state.")
+        }
+        state["optim"] = _optimizer_state(model, optimizer, stateful)
     try:
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
@@ -130,7 +137,30 @@ def load_dcp(
         raise ValueError(f"could not load DCP checkpoint {path} into this model: {e}") from e
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        # strict=False: parameters saved without a state (see `_drop_state`) stay without one
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
+        _drop_state(model, optimizer, stateful)
+
+
+def _optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, stateful: set[str]
+) -> dict[str, Any]:
+    """The optimizer's sharded state dict, holding the state of the parameters named in `stateful` only."""
+    optim = get_optimizer_state_dict(model, optimizer)
+    optim["state"] = {name: v for name, v in optim["state"].items() if name in stateful}
+    _drop_state(model, optimizer, stateful)
+    return optim
+
+
+def _drop_state(model: nn.Module, optimizer: torch.optim.Optimizer, stateful: set[str]) -> None:
+    """torch's state-dict helpers give every parameter of an optimizer without state a zero-gradient
+    step (AdamW: step 1, zero moments), as `Trainer.save` notes. A parameter that had none (no update
+    yet, or never a gradient: the MTP modules with λ = 0) gets none back: saved, its state would be
+    missing from a checkpoint that has the others' and refuse to load; kept, its updates would count
+    one step too many (AdamW's bias correction)."""
+    for name, p in model.named_parameters():
+        if name not in stateful:
+            optimizer.state.pop(p, None)
 
 
 def _check_config(model: nn.Module, path: Path) -> None:
