@@ -65,6 +65,8 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
     """Weights large enough that logits are O(1) (default inits make them ~0 and the test blind)."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
+        if not p.numel():  # transformers' shared expert of width 0 (n_shared_experts 0)
+            continue
         noise = torch.randn(p.shape, generator=gen)
         if "norm" in name:
             p.copy_(1.0 + 0.2 * noise)
@@ -177,6 +179,35 @@ def v2_config(**changes) -> ModelConfig:
         model_type="deepseek_v2", scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.5
     )
     return small_config(**{**base, **changes})
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v2"])
+def test_transformers_checkpoint_without_shared_experts_loads(tmp_path, model_type):
+    """transformers builds a shared expert of width 0 where n_shared_experts is 0 and saves its empty
+    weights: they hold nothing, so nanoseek (no shared expert module) loads the file, streamed or in
+    memory, with the same logits; non-empty ones are still refused."""
+    from safetensors.torch import load_file, save_file
+
+    from nanoseek.checkpoint import check_keys, from_hf_state_dict, read_safetensors
+
+    cfg = small_config(n_shared_experts=0)
+    if model_type == "deepseek_v2":
+        cfg = v2_config(n_shared_experts=0, topk_method="greedy", n_group=1, topk_group=1)
+    ref = hf_model(cfg)
+    ref.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    empty = [k for k, v in state.items() if ".shared_experts." in k]
+    assert empty and all(not state[k].numel() for k in empty)
+    ours = nanoseek.load_model(tmp_path).eval()
+    assert all(layer.mlp.shared_experts is None for layer in ours.model.layers[cfg.first_k_dense_replace :])
+    ids = ids_for()
+    with torch.no_grad():
+        assert_close(ours(ids), ref(ids).logits)
+    check_keys(ours, from_hf_state_dict(read_safetensors(tmp_path), ours.config, torch.float32), tmp_path)
+    state[empty[0]] = torch.ones(4, cfg.hidden_size)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="unexpected.*shared_experts"):
+        nanoseek.load_model(tmp_path)
 
 
 @pytest.mark.parametrize("topk_method,n_group,topk_group", [("greedy", 1, 1), ("group_limited_greedy", 4, 2)])

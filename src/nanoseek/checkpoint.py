@@ -87,13 +87,15 @@ def to_hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def _model_name(key: str, config: ModelConfig) -> str | None:
-    """The nanoseek name of checkpoint key `key` (routed experts still per expert), or None for what
-    the model does not hold: FP8 scales (read beside their weight), MTP layers the config does not
-    use, and the MTP modules' copies of the shared embedding and head. Layers past the main ones are
-    MTP layers only where there can be some (V3 files, a config with MTP): in a Qwen2, Llama or V2
+def _model_name(key: str, config: ModelConfig, shape: Collection[int]) -> str | None:
+    """The nanoseek name of checkpoint key `key` (of `shape`; routed experts still per expert), or None
+    for what the model does not hold: FP8 scales (read beside their weight), MTP layers the config does
+    not use, the MTP modules' copies of the shared embedding and head, and empty tensors (transformers
+    writes a shared expert of width 0 where n_shared_experts is 0; no layer here is empty, so a weight
+    the model needs that a file holds empty is reported missing). Layers past the main ones are MTP
+    layers only where there can be some (V3 files, a config with MTP): in a Qwen2, Llama or V2
     checkpoint they are layers config.json does not count, which the key check reports."""
-    if key.endswith("_scale_inv"):
+    if key.endswith("_scale_inv") or 0 in shape:
         return None
     m = _LAYER_KEY.match(key)
     mtp = config.num_nextn_predict_layers > 0 or config.model_type == "deepseek_v3"
@@ -158,7 +160,7 @@ def from_hf_state_dict(
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for key, value in tensors.items():
-        name = _model_name(key, config)
+        name = _model_name(key, config, value.shape)
         if name is None:
             continue
         for k, v in _convert(key, name, value, tensors.get(key + "_scale_inv"), dtype, fp8_modules).items():
@@ -667,10 +669,10 @@ def _stream(
     files: dict[str, Path] = {}
     experts: dict[str, dict[int, dict[str, tuple[int, ...]]]] = {}
     for key, path in where.items():
-        name = _model_name(key, config)
+        shape = reader.shape(key)
+        name = _model_name(key, config, shape)
         if name is None:
             continue
-        shape = reader.shape(key)
         if reader.is_fp8(key):
             if key + "_scale_inv" not in where:
                 raise ValueError(f"FP8 tensor {key} in {path} has no weight_scale_inv beside it")
@@ -707,7 +709,7 @@ def _stream(
 
         quantize_model(model, quantize)
     for key in where:
-        name = _model_name(key, config)
+        name = _model_name(key, config, reader.shape(key))
         if name is None or (config.tie_word_embeddings and name == "lm_head.weight"):
             continue
         value = reader.get(key).to(device)
