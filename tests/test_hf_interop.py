@@ -243,6 +243,38 @@ def test_v2_norm_topk_prob_differs_from_transformers(tmp_path):
     assert (ref_w.sum(-1) < 1.0 * cfg.routed_scaling_factor).all()  # transformers: scaled softmax mass
 
 
+IGNORED_BY_TRANSFORMERS = {
+    "scoring_func": small_config(scoring_func="softmax"),
+    "topk_method": small_config(topk_method="greedy", n_group=1, topk_group=1),
+    "moe_layer_freq": small_config(first_k_dense_replace=0, num_hidden_layers=3, extra={"moe_layer_freq": 2}),
+    "rope_interleave": v2_config(topk_method="greedy", n_group=1, topk_group=1, rope_interleave=False),
+    "norm_topk_prob": v2_config(topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=True),
+}
+
+
+@pytest.mark.parametrize("field", sorted(IGNORED_BY_TRANSFORMERS))
+def test_saving_what_transformers_computes_otherwise_warns_naming_it(tmp_path, field):
+    """transformers loads these files without a word and computes other logits: the save says so."""
+    ours = build_model(IGNORED_BY_TRANSFORMERS[field]).init_weights(seed=2).eval()
+    randomize_(ours, seed=3)
+    with pytest.warns(UserWarning, match=field):
+        save_model(ours, tmp_path / "ck")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
+    ids = ids_for()
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max() > 1e-2  # the warning is true
+    torch.testing.assert_close(nanoseek.load_model(tmp_path / "ck").eval()(ids), ours(ids))
+
+
+def test_saving_what_transformers_computes_alike_does_not_warn(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_model(build_model(V3_CONFIGS["no_interleave_two_shared"]).init_weights(seed=2), tmp_path / "a")
+        save_model(build_model(v2_config(topk_method="greedy", n_group=1, topk_group=1)), tmp_path / "b")
+
+
 def test_transformers_checkpoint_without_mtp_weights_loads(tmp_path):
     """transformers' DeepseekV3Config keeps its default num_nextn_predict_layers (1), and its
     save_pretrained writes no MTP weights: nanoseek loads the main model whole, without MTP, says so,

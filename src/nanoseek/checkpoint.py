@@ -228,6 +228,31 @@ def check_keys(
 
 
 # --------------------------------------------------------------- weights
+def transformers_differences(config: ModelConfig) -> list[str]:
+    """Settings of a DeepSeek config that transformers' DeepseekV2/V3 classes ignore: they load such a
+    checkpoint and compute other logits than nanoseek does, without a word (V3 always routes by sigmoid
+    scores plus the balancing bias, V2 always by softmax over interleaved RoPE dims, and both make every
+    layer past first_k_dense_replace an MoE layer)."""
+    mt, out = config.model_type, []
+    if mt not in ("deepseek_v2", "deepseek_v3") or config.attention_variant != "mla":
+        return out
+    scoring, freq = (
+        ("sigmoid" if mt == "deepseek_v3" else "softmax"),
+        int(config.extra.get("moe_layer_freq", 1)),
+    )
+    if config.is_moe and config.scoring_func != scoring:
+        out.append(f"scoring_func={config.scoring_func!r} (its {mt} routes by {scoring} scores)")
+    if config.is_moe and mt == "deepseek_v3" and config.topk_method != "noaux_tc":
+        out.append(f"topk_method={config.topk_method!r} (its deepseek_v3 routes as noaux_tc)")
+    if config.is_moe and mt == "deepseek_v2" and config.norm_topk_prob and config.num_experts_per_tok > 1:
+        out.append("norm_topk_prob=True (its deepseek_v2 scales the weights instead, as DeepSeek does not)")
+    if mt == "deepseek_v2" and not config.rope_interleave:
+        out.append("rope_interleave=False (its deepseek_v2 reads RoPE dims interleaved)")
+    if config.is_moe and freq != 1:
+        out.append(f"moe_layer_freq={freq} (it makes every layer past first_k_dense_replace an MoE layer)")
+    return out
+
+
 def save_model(
     model: DeepSeekV3,
     directory: str | os.PathLike,
@@ -246,6 +271,12 @@ def save_model(
             "save_model: the model holds the engine's quantized storage (quantize='int8'/'fp8'/'w8a8'), "
             "which no checkpoint reader loads; save it loaded without quantize= (or with fp8=True, "
             "DeepSeek's FP8 format) and quantize when loading it"
+        )
+    if ignored := transformers_differences(model.config):
+        warnings.warn(
+            f"transformers loads this checkpoint but ignores {'; '.join(ignored)}: its logits will not "
+            "be this model's (nanoseek.load_model reads it as saved)",
+            stacklevel=2,
         )
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
