@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -239,6 +240,73 @@ def test_a_failed_forward_is_logged_once_for_all_its_requests(tok, model, monkey
     failed = [r for r in caplog.records if r.name == "nanoseek.serve" and r.levelname == "ERROR"]
     assert len(failed) == 1 and "out of memory" in str(failed[0].exc_info[1])
     assert failed[0].getMessage().startswith("requests ") and failed[0].getMessage().count(",") == 3
+
+
+def test_requests_queued_while_the_engine_thread_dies_are_answered(tok):
+    """A request that arrives while the engine's step breaks (outside a forward: the thread dies) gets its
+    500 instead of hanging: its add was queued and never drained. Prompt scoring after that is a 503."""
+
+    class Crashing(ScriptedEngine):
+        crash, inside = threading.Event(), threading.Event()
+
+        def step(self):
+            if not self.crash.is_set():
+                return super().step()
+            self.inside.set()
+            deadline = time.time() + 10  # the late request is queued during this (long) step
+            while server.engine.pending < 2 and time.time() < deadline:
+                time.sleep(0.01)
+            raise RuntimeError("scheduler bug")
+
+    engine = Crashing(tok, lambda prompt, params: [100 + i % 50 for i in range(200)], step_delay=0.02)
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL))
+    server = app.state.server
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 100}
+    with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=10) as c:
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=c.post("/v1/completions", json=body)))
+        t.start()
+        while not engine.has_unfinished():
+            time.sleep(0.01)
+        engine.crash.set()
+        assert engine.inside.wait(5)
+        late = c.post("/v1/completions", json=body)  # timed out (no answer ever came)
+        t.join()
+        assert "scheduler bug" in _err(first["r"], 500)["message"]
+        assert "scheduler bug" in _err(late, 500)["message"]
+        assert c.get("/health").status_code == 503
+        score = c.post("/v1/completions", json={**body, "max_tokens": 0, "echo": True, "logprobs": 1})
+        assert _err(score, 503)["code"] == "engine_unavailable"  # timed out too
+
+
+def test_prompt_scoring_is_interleaved_with_generation(tok, model, monkeypatch):
+    """A long prompt-scoring request (lm-eval's loglikelihood batches) runs a batch at a time between
+    engine steps: a stream beside it goes on (it ran whole between two steps; every stream stalled)."""
+    log = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: (log.append("score"), forward(*a, **k))[1])
+
+    class Logging(ScriptedEngine):
+        def step(self):
+            log.append("step")
+            return super().step()
+
+    engine = Logging(tok, lambda prompt, params: [100 + i % 50 for i in range(250)], step_delay=0.02)
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL), model=model)
+    prompts = [[1] + [5 + (i + j) % 300 for j in range(100)] for i in range(200)]  # 3 batches of 8192 tokens
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 250, "stream": True}
+    scoring = {"model": MODEL, "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1}
+    with (
+        LiveServer(app) as srv,
+        httpx.Client(base_url=srv.url, timeout=60) as c,
+        c.stream("POST", "/v1/completions", json=body) as s,
+    ):
+        lines = s.iter_lines()  # held: a closed iterator closes the stream
+        assert next(line for line in lines if line.startswith("data:"))  # generating
+        scored = c.post("/v1/completions", json=scoring)
+    assert scored.status_code == 200 and len(scored.json()["choices"]) == 200
+    batches = [i for i, what in enumerate(log) if what == "score"]
+    assert len(batches) == 3 and "step" in log[batches[0] : batches[-1]]
 
 
 def test_completions_lm_eval_loglikelihood(real, tok, model):

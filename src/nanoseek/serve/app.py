@@ -386,8 +386,6 @@ class Server:
                 code="rate_limit_exceeded",
                 headers={"Retry-After": str(self.config.retry_after)},
             ) from None
-        except EngineDeadError as e:
-            raise APIError(str(e), status=503, type="server_error", code="engine_unavailable") from None
 
     async def events(
         self, group: RequestGroup, choices: list[_Choice], request: Request | None
@@ -1056,6 +1054,11 @@ def create_app(engine: Any, tokenizer: Any, config: ServeConfig, model: Any = No
         return JSONResponse(
             APIError(msg, status=e.status_code).body(), status_code=e.status_code, headers=e.headers
         )
+
+    @app.exception_handler(EngineDeadError)  # a request (or prompt scoring) after the engine thread died
+    async def _engine_dead(request: Request, e: EngineDeadError) -> JSONResponse:
+        err = APIError(str(e), status=503, type="server_error", code="engine_unavailable")
+        return JSONResponse(err.body(), status_code=503)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, e: ClientDisconnected) -> Response:

@@ -8,9 +8,10 @@ HTTP request (which may hold several engine requests: `n` choices, a list of pro
 no work the thread blocks on its command queue, so an idle server burns no CPU.
 
 Also on the engine thread: prompt scoring (log-probabilities of every prompt token and its top-k
-alternatives, for `/v1/completions` with `echo` + `logprobs`), a batched forward pass of the model
-between engine steps. The engine's own `prompt_logprobs` gives only the chosen token's value, and
-lm-evaluation-harness's greedy check needs the top alternatives at every prompt position too.
+alternatives, for `/v1/completions` with `echo` + `logprobs`), batched forward passes of the model, one
+between two engine steps (streams go on). The engine's own `prompt_logprobs` gives only the chosen
+token's value, and lm-evaluation-harness's greedy check needs the top alternatives at every prompt
+position too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +90,8 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
         self._error: BaseException | None = None
+        self._dying = threading.Lock()  # held to record the thread's failure and to queue commands
+        self._scoring: list[tuple[Generator, asyncio.Future]] = []  # prompt scoring under way, oldest first
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -112,8 +116,7 @@ class AsyncEngine:
     # ------------------------------------------------------- event-loop API
     def submit(self, jobs: list[tuple[list[int], Any]]) -> RequestGroup:
         """Queue engine requests (prompt ids, SamplingParams); raises QueueFullError when over capacity."""
-        if not self.alive:
-            raise EngineDeadError(f"the engine thread has stopped: {self._error!r}")
+        self._check_alive()
         if self._pending + len(jobs) > self.max_pending:
             if self.metrics:
                 self.metrics.rejected.inc()
@@ -123,12 +126,27 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         group = RequestGroup(loop=loop, queue=asyncio.Queue())
         now = time.perf_counter()
+        adds = []
         for i, (prompt_ids, params) in enumerate(jobs):
             rid = f"req-{next(self._ids)}"
             group.request_ids.append(rid)
-            self._commands.put(("add", rid, prompt_ids, params, _Entry(i, group, now)))
+            adds.append(("add", rid, prompt_ids, params, _Entry(i, group, now)))
+        self._enqueue(adds)
         self._pending += len(jobs)
         return group
+
+    def _check_alive(self) -> None:
+        if not self.alive:
+            raise EngineDeadError(f"the engine thread has stopped: {self._error!r}")
+
+    def _enqueue(self, commands: list[tuple]) -> None:
+        """Queue commands that need an answer, or raise EngineDeadError. Under the lock the dying thread
+        records its failure with: a command is refused here, or queued before the failure and failed by
+        the thread as it stops (`_fail_queued`), never left waiting for an engine that is gone."""
+        with self._dying:
+            self._check_alive()
+            for cmd in commands:
+                self._commands.put(cmd)
 
     def abort(self, group: RequestGroup) -> None:
         """Free every unfinished request of the group (a client went away)."""
@@ -146,14 +164,14 @@ class AsyncEngine:
     async def score_prompts(self, prompts: list[list[int]], top_k: int) -> list[PromptScore]:
         """Log-probabilities of every prompt token (and the top-k there), computed on the engine thread."""
         fut = asyncio.get_running_loop().create_future()
-        self._commands.put(("score", prompts, top_k, fut))
+        self._enqueue([("score", prompts, top_k, fut)])
         return await fut
 
     # --------------------------------------------------------- engine thread
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                busy = self.engine.has_unfinished()
+                busy = self.engine.has_unfinished() or bool(self._scoring)
                 try:
                     cmd = self._commands.get(block=not busy)
                 except queue.Empty:
@@ -166,15 +184,35 @@ class AsyncEngine:
                         cmd = None
                 if self._stop.is_set():
                     break
+                if self._scoring:
+                    self._score_batch()
                 if self.engine.has_unfinished():
                     events = self.engine.step()
                     self._dispatch(events)
                 self._refresh_stats()
         except BaseException as e:  # the engine broke: fail every open request instead of hanging them
-            self._error = e
+            with self._dying:
+                self._error = e
             for rid, entry in list(self._entries.items()):
                 self._post(entry.group, (entry.index, e))
                 self._entries.pop(rid, None)
+            for _, fut in self._scoring:
+                fut.get_loop().call_soon_threadsafe(_resolve, fut, e)
+            self._fail_queued(e)
+
+    def _fail_queued(self, error: BaseException) -> None:
+        """Answer the commands still queued (requests that arrived during the failing step) with `error`."""
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                entry = cmd[4]
+                self._post(entry.group, (entry.index, error), release=1)
+            elif cmd[0] == "score":
+                fut = cmd[3]
+                fut.get_loop().call_soon_threadsafe(_resolve, fut, error)
 
     def _handle(self, cmd: tuple) -> None:
         kind = cmd[0]
@@ -197,11 +235,21 @@ class AsyncEngine:
                 self._post(entry.group, None, release=1)
         elif kind == "score":
             _, prompts, top_k, fut = cmd
-            try:
-                result: Any = self._score(prompts, top_k)
-            except Exception as e:
-                result = e
-            fut.get_loop().call_soon_threadsafe(_resolve, fut, result)
+            self._scoring.append((self._score(prompts, top_k), fut))
+
+    def _score_batch(self) -> None:
+        """One forward of the oldest scoring request: a long one (lm-eval's loglikelihood batches) goes on
+        between engine steps instead of stalling every stream until it is done."""
+        scoring, fut = self._scoring[0]
+        try:
+            next(scoring)
+            return
+        except StopIteration as done:
+            result: Any = done.value
+        except Exception as e:
+            result = e
+        self._scoring.pop(0)
+        fut.get_loop().call_soon_threadsafe(_resolve, fut, result)
 
     def _dispatch(self, events: list) -> None:
         now = time.perf_counter()
@@ -266,9 +314,12 @@ class AsyncEngine:
         stats["num_waiting"] = getattr(self.engine, "num_waiting", 0)
         self._stats = stats
 
-    def _score(self, prompts: list[list[int]], top_k: int, max_batch_tokens: int = 8192) -> list[PromptScore]:
+    def _score(
+        self, prompts: list[list[int]], top_k: int, max_batch_tokens: int = 8192
+    ) -> Generator[None, None, list[PromptScore]]:
         """One forward per batch of prompts, right-padded: under the causal mask padding after a prompt
-        cannot change its logits, so batching gives each prompt the scores it would get alone."""
+        cannot change its logits, so batching gives each prompt the scores it would get alone. Yields after
+        each batch; returns the scores."""
         import torch
 
         from nanoseek.model.loss import target_logprobs
@@ -309,6 +360,8 @@ class AsyncEngine:
                     else:
                         top += [[] for _ in range(n - 1)]
                     scores[i] = PromptScore(logprobs=[None, *chosen[row, : n - 1].tolist()], top=top)
+                if order:
+                    yield
         finally:
             self.model.train(was_training)
         return scores  # type: ignore[return-value]
