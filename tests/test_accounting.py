@@ -156,13 +156,21 @@ def test_flops_per_token_matches_measured_matmuls() -> None:
 
 @pytest.mark.parametrize(
     "text,value",
-    [("14.8T", 14.8e12), ("300B", 300e9), ("1e9", 1e9), ("2.788M", 2.788e6), ("1,000,000", 1e6), ("5k", 5e3)],
+    [
+        ("14.8T", 14.8e12),
+        ("300B", 300e9),
+        ("1e9", 1e9),
+        ("2.788M", 2.788e6),
+        ("1,000,000", 1e6),
+        ("12,345.5", 12345.5),
+        ("5k", 5e3),
+    ],
 )
 def test_parse_count(text: str, value: float) -> None:
     assert parse_count(text) == pytest.approx(value)
 
 
-@pytest.mark.parametrize("bad", ["", "abc", "14.8X", "-5B", "0", "1.2.3T"])
+@pytest.mark.parametrize("bad", ["", "abc", "14.8X", "-5B", "0", "1.2.3T", "1,5T", "1,00,000"])
 def test_parse_count_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_count(bad, "--tokens")
@@ -256,6 +264,29 @@ def test_cost_cli(capsys) -> None:
     assert "above the GPU's peak" in capsys.readouterr().err
     assert main(["cost", "tiny", "--tokens", "lots"]) == 2
     assert "--tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--peak-tflops", "--usd-per-gpu-hour"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_cost_cli_rejects_non_finite_numbers(flag: str, value: str, capsys) -> None:
+    # argparse's float() takes "nan" and "inf": a clear error, not a bill of $nan or $infT
+    assert main(["cost", "tiny", "--tokens", "1B", flag, value]) == 2
+    assert "finite" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="finite"):
+        training_cost(get_preset("tiny"), 1e9, mfu=0.4, gpu_hours=None, peak_flops=float(value))
+
+
+def test_cost_cli_units(capsys) -> None:
+    # seconds under a minute (not "0.0 minutes"); sustained FLOP/s with an SI prefix, not "1.8e+03 TFLOP/s"
+    assert main(["cost", "tiny", "--tokens", "1B", "--peak-tflops", "4500", "--gpus", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1.8 PFLOP/s sustained" in out and "e+03" not in out
+    assert "wall clock        29 seconds on 1 GPUs" in out
+    # the warning about an impossible bill comes with --json too
+    assert main(["cost", "deepseek-v3", "--tokens", "14.8T", "--gpu-hours", "1M", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["mfu"] > 1
+    assert "above the GPU's peak" in captured.err
 
 
 def test_output_piped_into_a_reader_that_stops_is_no_traceback(monkeypatch) -> None:

@@ -357,7 +357,11 @@ def account(
 
 # ------------------------------------------------------------------ costs
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12, "P": 1e15}
-_NUMBER = re.compile(r"^\s*([0-9][0-9_,]*\.?[0-9]*(?:[eE][+-]?[0-9]+)?)\s*([KMBGTP]?)\s*$", re.IGNORECASE)
+# Commas only as thousands separators: "1,5T" (a decimal comma) is an error, not 15T.
+_NUMBER = re.compile(
+    r"^\s*((?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9][0-9_]*)\.?[0-9]*(?:[eE][+-]?[0-9]+)?)\s*([KMBGTP]?)\s*$",
+    re.IGNORECASE,
+)
 
 
 def parse_count(text: str | float | int, what: str = "count") -> float:
@@ -413,8 +417,14 @@ def training_cost(
     """
     if (mfu is None) == (gpu_hours is None):
         raise ValueError("give exactly one of mfu (to estimate GPU-hours) or gpu_hours (to imply the MFU)")
-    if tokens <= 0 or peak_flops <= 0 or gpus < 1 or usd_per_gpu_hour < 0:
-        raise ValueError("tokens, peak FLOP/s and GPU count must be positive; price must be >= 0")
+    # written so that NaN fails too
+    if not (
+        0 < tokens < math.inf and 0 < peak_flops < math.inf and gpus >= 1 and 0 <= usd_per_gpu_hour < math.inf
+    ):
+        raise ValueError(
+            "tokens, peak FLOP/s and GPU count must be positive; price must be >= 0; all finite "
+            f"(got tokens={tokens}, peak_flops={peak_flops}, gpus={gpus}, usd_per_gpu_hour={usd_per_gpu_hour})"
+        )
     fpt = flops_per_token(config, seq_len, training=True, include_mtp=include_mtp)
     total = fpt * tokens
     implied = gpu_hours is not None
@@ -424,8 +434,8 @@ def training_cost(
         gpu_hours = total / (peak_flops * mfu) / 3600
     else:
         assert gpu_hours is not None
-        if gpu_hours <= 0:
-            raise ValueError(f"gpu_hours must be positive, got {gpu_hours}")
+        if not 0 < gpu_hours < math.inf:
+            raise ValueError(f"gpu_hours must be positive and finite, got {gpu_hours}")
         mfu = total / (gpu_hours * 3600 * peak_flops)
     return TrainingCost(
         tokens=tokens,

@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import math
 
     from nanoseek.accounting import human, parse_count, si, training_cost
     from nanoseek.config import resolve_config
@@ -60,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
     tokens = parse_count(args.tokens, "--tokens")
     gpu_hours = parse_count(args.gpu_hours, "--gpu-hours") if args.gpu_hours is not None else None
     mfu = args.mfu if args.mfu is not None or gpu_hours is not None else 0.4
-    if args.peak_tflops <= 0:
-        raise ValueError(f"--peak-tflops must be positive, got {args.peak_tflops}")
+    if not 0 < args.peak_tflops < math.inf:  # NaN fails too
+        raise ValueError(f"--peak-tflops must be a positive finite number, got {args.peak_tflops}")
     cost = training_cost(
         config,
         tokens,
@@ -73,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         include_mtp=not args.no_mtp,
     )
+    if cost.mfu_implied and cost.mfu > 1:
+        print(
+            f"nanoseek cost: warning: the implied MFU is above the GPU's peak ({args.peak_tflops:g} TFLOP/s): "
+            "these tokens cannot be trained in these GPU-hours (check --tokens, --gpu-hours and --peak-tflops)",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps({"model": str(args.model), **cost.to_dict()}, indent=2))
         return 0
@@ -85,13 +92,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"total FLOPs       {cost.total_flops:.3e}")
     print(f"peak / GPU        {args.peak_tflops:g} TFLOP/s")
     label = "implied MFU" if cost.mfu_implied else "assumed MFU"
-    print(f"{label:<17} {cost.mfu:.1%}  ({cost.mfu * args.peak_tflops:.3g} TFLOP/s sustained per GPU)")
-    if cost.mfu_implied and cost.mfu > 1:
-        print(
-            f"nanoseek cost: warning: the implied MFU is above the GPU's peak ({args.peak_tflops:g} TFLOP/s): "
-            "these tokens cannot be trained in these GPU-hours (check --tokens, --gpu-hours and --peak-tflops)",
-            file=sys.stderr,
-        )
+    print(f"{label:<17} {cost.mfu:.1%}  ({si(cost.mfu * cost.peak_flops, 'FLOP/s')} sustained per GPU)")
     print(f"GPU-hours         {human(cost.gpu_hours)}")
     print(f"wall clock        {_duration(cost.days)} on {cost.gpus} GPUs")
     print(
@@ -105,4 +106,6 @@ def _duration(days: float) -> str:
     if days >= 1:
         return f"{days:.1f} days"
     hours = days * 24
-    return f"{hours:.1f} hours" if hours >= 1 else f"{hours * 60:.1f} minutes"
+    if hours >= 1:
+        return f"{hours:.1f} hours"
+    return f"{hours * 60:.1f} minutes" if hours >= 1 / 60 else f"{hours * 3600:.3g} seconds"
