@@ -77,6 +77,23 @@ def test_a_record_after_a_torn_last_line_is_kept(tmp_path):
     ]
 
 
+def test_report_of_a_metrics_file_rather_than_its_run_says_so(tmp_path, capsys):
+    """`nanoseek report RUN/metrics.jsonl`: one clear line naming the directory to give, no traceback."""
+    _fake_run(tmp_path)
+    assert main(["report", str(tmp_path / "metrics.jsonl")]) == 2
+    assert f"give its run directory, {tmp_path}" in capsys.readouterr().err
+
+
+def test_a_line_that_is_no_record_is_skipped(tmp_path):
+    """Valid JSON that is no object (a line mangled by two writers) is skipped like a torn line."""
+    MetricsLog(tmp_path, "pretrain").log(step=1, loss=1.0)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write("[1, 2]\n3\nnull\n")
+    MetricsLog(tmp_path, "pretrain").log(step=2, loss=0.5)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert "| pretrain |" in build_report(tmp_path).read_text()
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_values_stay_valid_json(tmp_path, value):
     MetricsLog(tmp_path, "pretrain").log(step=1, loss=value)
@@ -365,3 +382,26 @@ def test_pretrainings_training_loss_is_set_beside_its_held_out_loss_without_the_
     assert "| sft | 5 s | – | $0.0001 | 0.9 | – |" in text, text
     assert plotted["pretrain lm loss"] == pytest.approx([1.11, 1.12, 1.13])
     assert plotted["sft loss"] == [0.9]
+
+
+def test_a_stage_stopped_before_its_end_says_so_and_counts_its_time_so_far(tmp_path):
+    """A run killed during SFT: SFT's row says it has no end yet, with the time its records span so
+    far, and the total counts it (it read pretraining's alone, and "- s" for SFT)."""
+    pre, sft = MetricsLog(tmp_path, "pretrain"), MetricsLog(tmp_path, "sft")
+    pre.log(step=0, event="start", time=1000.0)
+    _pretrain_steps(pre, range(1, 11), 1000.0)
+    pre.log(step=10, event="end", wall_time_s=12.0, time=1012.0)
+    sft.log(step=0, event="start", time=1020.0)
+    _pretrain_steps(sft, range(1, 5), 1020.0, loss=2.0)  # killed after step 4: no end record
+    text = build_report(tmp_path).read_text()
+    assert "| sft | 4 s (no end record: stopped, or still running) | 512 |" in text, text
+    assert "| **total** | 16.0 s |" in text
+    sft.log(event="resume", from_step=2, time=1100.0)  # resumed from step 2, and killed again at step 3
+    sft.log(step=3, loss=1.5, tokens=384, time=1105.0)
+    assert (
+        "| sft | 9 s (no end record: stopped, or still running) | 384 |" in build_report(tmp_path).read_text()
+    )
+    eval_log = MetricsLog(tmp_path, "eval")  # stand-alone evaluations log no end: no stage stopped there
+    eval_log.log(evaluated="sft", task="addition", k=1, time=2000.0, **{"pass@1": 0.5})
+    eval_log.log(evaluated="sft", task="comparison", k=1, time=9000.0, **{"pass@1": 0.5})
+    assert "| eval | – |" in build_report(tmp_path).read_text()

@@ -60,7 +60,8 @@ def _torn(path: Path) -> bool:
 def read_metrics(path: str | os.PathLike, stage: str | None = None) -> Iterator[dict[str, Any]]:
     """Records of a metrics.jsonl (or a run directory holding one), optionally of one stage.
 
-    A torn last line (a kill mid-write) is skipped rather than failing the reader.
+    A torn last line (a kill mid-write), or any line that is no JSON object, is skipped rather than
+    failing the reader.
     """
     p = Path(path)
     if p.is_dir():
@@ -75,6 +76,8 @@ def read_metrics(path: str | os.PathLike, stage: str | None = None) -> Iterator[
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict):
                 continue
             if stage is None or rec.get("stage") == stage:
                 yield rec

@@ -104,10 +104,17 @@ def current_records(parts: list[tuple[float | None, list[dict[str, Any]]]]) -> l
     return out
 
 
+def stopped(records: list[dict[str, Any]]) -> bool:
+    """Whether a process of a training stage wrote its beginning (a start or resume record) but no end
+    record: killed, or still running."""
+    began = any(r.get("event") in ("start", "resume") for r in records)
+    return began and not any(r.get("event") == "end" for r in records)
+
+
 def wall_time(parts: list[tuple[float | None, list[dict[str, Any]]]]) -> float | None:
     """Seconds of `latest_run`, summed over its processes: each one's last end record, else the
-    running time its steps logged (GRPO's), else for a process killed and resumed after, the span of
-    its records; None when no part tells."""
+    running time its steps logged (GRPO's), else for a process killed and resumed after, or one
+    `stopped`, the span of its records; None when no part tells."""
     total: float | None = None
     for i, (_, records) in enumerate(parts):
         ends = [e.get("wall_time_s", e.get("wall_s")) for e in records if e.get("event") == "end"]
@@ -117,7 +124,7 @@ def wall_time(parts: list[tuple[float | None, list[dict[str, Any]]]]) -> float |
             wall = ends[-1]
         elif running:
             wall = max(running)
-        elif i + 1 < len(parts) and times:
+        elif (i + 1 < len(parts) or stopped(records)) and times:
             wall = max(times) - min(times)
         else:
             continue
@@ -131,6 +138,8 @@ class RunMetrics:
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
+        if self.run_dir.is_file():
+            raise ValueError(f"{run_dir} is a file: give its run directory, {self.run_dir.parent}")
         self.records = list(read_metrics(self.run_dir))
         grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in self.records:
@@ -307,7 +316,9 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
         wall = m.wall_time(stage)
         tokens = end.get("tokens") or m.total(stage, "tokens") or None
         cost = f"${(wall or 0) / 3600 * usd_per_hour:.4f}" if wall is not None else "–"
-        shown = f"{_fmt(wall and round(wall, 1))} s"
+        shown = "–" if wall is None else f"{_fmt(round(wall, 1))} s"
+        if stopped(m.runs[stage][-1][1]):  # its latest process
+            shown += " (no end record: stopped, or still running)"
         if end.get("beside"):  # ran in a second process during another stage: inside that one's time
             shown += f" (beside {end['beside']})"
             cost = f"in {end['beside']}'s"
