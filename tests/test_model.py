@@ -479,6 +479,24 @@ def test_mtp_routers_get_the_balance_loss():
     assert mtp and all(r.aux_loss is not None and r.aux_loss.requires_grad for r in mtp)
 
 
+def test_balance_loss_holds_no_mtp_router_loss_from_an_earlier_forward():
+    """`balance_loss` is the last forward's: a main-head-only forward after one that ran the MTP
+    modules (mtp_weight 0, a sequence too short for a depth) adds no MTP router's old loss, whose
+    graph the earlier backward freed."""
+    model = model_for(config()).train()
+    model.set_balance_alpha(0.001)
+    x = ids(batch=2, seq=6)
+    hidden = model.hidden_states(x)
+    (sum(model.mtp_losses(hidden, x, x)) + model.balance_loss()).backward()
+    model.hidden_states(x)
+    main = sum(r.aux_loss for name, r in model.routers() if not name.startswith("mtp"))
+    torch.testing.assert_close(model.balance_loss(), main)
+    model.balance_loss().backward()  # no stale graph in it
+    short = x[:, :2]  # depth 1 has no position to predict from
+    model.mtp_losses(model.hidden_states(short), short, short)
+    assert [name for name, r in model.routers() if r.aux_loss is None] == ["mtp1"]
+
+
 def test_padding_counts_in_neither_expert_load_nor_balance_loss():
     """V3 balances the load of the batch's tokens (§2.1.2) and each sequence's loss is over its own T
     tokens (eq. 17-20): the same sequences right-padded (SFT rows, GRPO micro-batches) must give the same

@@ -220,6 +220,11 @@ class DeepSeekV3(nn.Module):
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if positions is None:
             positions = self.positions_for(input_ids)
+        for layer in self.model.mtp_layers:
+            # a new forward: an MTP router's balance loss is this one's only if its depth runs after it
+            # (`balance_loss`); an earlier forward's would be added again, its graph already freed
+            if isinstance(layer.mlp, MoE) and layer.mlp.gate.aux_loss is not None:
+                layer.mlp.gate.aux_loss = None
         cos, sin = self.model.rotary_emb(positions)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
