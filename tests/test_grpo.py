@@ -34,6 +34,38 @@ def test_group_advantages_hand_worked() -> None:
         group_advantages(r, 1)
 
 
+def test_a_uniform_group_has_zero_advantage_whatever_the_rewards_size() -> None:
+    # one group (--batch-prompts 1) of eight rewards of 10.4 (accuracy:10,format:0.4, all right): float32
+    # rounding leaves a std of ~1e-6, which an absolute threshold took for signal (A = ±0.009; ±0.07 at
+    # 100.1, ±0.37 at 1000.1)
+    for value, g in ((10.4, 8), (9.9, 6), (100.1, 7), (100.1, 16), (1000.1, 8)):
+        for scale in (True, False):
+            adv = group_advantages(torch.full((g,), value), g, scale_by_std=scale)
+            assert torch.equal(adv, torch.zeros(g)), (value, g, scale)
+    # a group whose rewards do differ keeps its signal however small the difference
+    assert (group_advantages(torch.tensor([0.5, 0.5 + 2e-7]), 2) != 0).all()
+
+
+def test_groups_with_signal_counts_the_groups_with_nonzero_advantages(micro_checkpoint) -> None:
+    from types import SimpleNamespace
+
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.grpo import GRPOConfig, _score_rollout
+
+    task = get_task("arithmetic")
+    problem = task.problems("train", 1, seed=0, language="en")[0]
+    tok = load_tokenizer(micro_checkpoint)
+    outs = [SimpleNamespace(token_ids=tok.encode(f"ok</think>\n{i}"), finish_reason="stop") for i in range(8)]
+    cfg = GRPOConfig(init="x", tasks=["a"], group_size=8, batch_prompts=1, reward_workers=1)
+    # the reward spec accuracy:10,format:0.4 with every sample right: no signal
+    ro = _score_rollout(
+        cfg, [(task, problem)], [[1]] * 8, outs, tok, lambda p, t: (10.4, {}), [tok.eos_token_id]
+    )
+    assert torch.equal(ro.advantages, torch.zeros(8))
+    assert ro.metrics["groups_with_signal"] == 0.0
+
+
 # ------------------------------------------------------------------------------------------- loss
 def _example() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # two completions of length 2 (third slot padding) and 3; ratios chosen to hit both clip sides
@@ -181,6 +213,20 @@ def test_micro_batches_give_the_batch_gradient_and_token_mean_metrics() -> None:
     for k in mean6:
         assert mean1[k] == pytest.approx(mean6[k], rel=1e-5), k
     assert ent1 == pytest.approx(ent6, rel=1e-5)
+
+
+def test_dr_grpo_divides_by_every_sequence_sampled_whatever_is_masked() -> None:
+    """Dr. GRPO's normalizer is the constant G · L_max (its paper, TRL): completions --mask-truncated
+    leaves out must not make the others' gradients larger; the per-sequence and per-token means count
+    what the loss holds."""
+    from nanoseek.train.grpo import Rollout, loss_denominators
+
+    comps = [[1, 2], [3], [4, 5, 6], [7]]
+    keep = torch.tensor([True, False, True, False])
+    ro = Rollout([[9]] * 4, comps, torch.zeros(4), torch.zeros(4), keep, {})
+    assert loss_denominators(ro, "dr_grpo") == (4, 5)
+    assert loss_denominators(ro, "grpo") == (2, 5)
+    assert loss_denominators(ro, "dapo") == (2, 5)
 
 
 def test_collapse_warnings() -> None:

@@ -59,9 +59,11 @@ def group_advantages(
     std = grouped.std(dim=1, keepdim=True)
     if scale_by_std:
         adv = adv / (std + eps)
-    # float rounding can leave ~1e-8 residues in a uniform group; those must be exactly 0 (and never
-    # 0/0 = NaN with eps = 0)
-    adv = torch.where(std > 1e-6, adv, torch.zeros_like(adv))
+    # a uniform group is told by its rewards, not its std: float rounding leaves residues in its mean
+    # and std that grow with the rewards' size (std ~1e-6 for eight rewards of 10.4, ±0.009 advantages
+    # after the division); those must be exactly 0 (and never 0/0 = NaN with eps = 0)
+    uniform = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    adv = torch.where(uniform, torch.zeros_like(adv), adv)
     return adv.reshape(rewards.shape)
 
 
@@ -678,8 +680,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         ro.metrics["rollout_time_s"] = rollout_time
 
         # ------------------------------------------------------------------- update
-        n_seq = int(ro.loss_mask_keep.sum())
-        n_tok = sum(len(c) for c, k in zip(ro.completion_ids, ro.loss_mask_keep.tolist(), strict=True) if k)
+        n_seq, n_tok = loss_denominators(ro, cfg.loss)
         micro = _micro_batches(ro, cfg.micro_batch, pad_id, skip_zero_adv=cfg.beta == 0, device=model.device)
         t1 = time.perf_counter()
         upd: dict[str, float] = {}
@@ -792,6 +793,15 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
             f"checkpoint {trainer.checkpoint_dir}"
         )
     return trainer.checkpoint_dir
+
+
+def loss_denominators(ro: Rollout, loss_type: str) -> tuple[int, int]:
+    """The step's (sequences, tokens) its micro-batches' losses share: the sequences and tokens kept in
+    the loss, except Dr. GRPO's G · L_max, which counts every sequence sampled (a constant, as in its
+    paper and TRL: truncated completions left out by --mask-truncated must not rescale the rest)."""
+    keep = ro.loss_mask_keep.tolist()
+    n_tok = sum(len(c) for c, k in zip(ro.completion_ids, keep, strict=True) if k)
+    return (len(keep) if loss_type == "dr_grpo" else sum(keep)), n_tok
 
 
 def rollout_seeds(seed: int, step: int, n: int) -> list[int]:
@@ -1001,7 +1011,6 @@ def _score_rollout(
         keep &= ~torch.tensor(truncated)
     n = len(outs)
     scored = max(len(acc), 1)
-    grouped = r.view(-1, g)
     metrics = {
         "reward": r[~torch.tensor(skipped)].mean().item() if len(acc) else float("nan"),
         **{f"reward_{k}": v / parts_n[k] for k, v in parts_sum.items()},
@@ -1010,7 +1019,7 @@ def _score_rollout(
         "response_length": sum(lengths) / n,
         "response_length_max": max(lengths),
         "truncated_rate": sum(truncated) / n,
-        "groups_with_signal": float((grouped.std(dim=1) > 1e-6).float().mean()),
+        "groups_with_signal": float((adv.view(-1, g) != 0).any(dim=1).float().mean()),
         "skipped_samples": float(sum(skipped)),
     }
     if len(per_task) > 1:
