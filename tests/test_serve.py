@@ -371,6 +371,31 @@ def test_completions_top_logprobs_keep_the_best_of_tokens_that_print_alike(real,
     assert alike > 0  # the case is exercised
 
 
+def test_completions_logprobs_are_built_off_the_event_loop(real, monkeypatch):
+    """lm-eval's loglikelihood batches score hundreds of thousands of tokens: decoding them into
+    logprobs and encoding the body takes seconds, which on the event loop stalled every other client."""
+    import asyncio
+
+    from nanoseek.serve.app import Server
+
+    on_loop = []
+    built = Server.legacy_logprobs
+
+    def legacy_logprobs(self, *a, **kw):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return built(self, *a, **kw)
+
+    monkeypatch.setattr(Server, "legacy_logprobs", legacy_logprobs)
+    body = {"model": MODEL, "prompt": ["Hello world", "2 + 2"], "max_tokens": 2, "echo": True, "logprobs": 2}
+    r = httpx.post(real.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
+    assert on_loop == [False, False]
+
+
 def test_completions_text_offset_indexes_the_choice_text(real, tok):
     """text_offset is where each token starts in the choice's text: the BOS added to a text prompt holds
     none of it, a byte piece of a character starts at that character, and a stream's offsets run over the

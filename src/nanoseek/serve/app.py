@@ -704,29 +704,30 @@ class Server:
                     choices[index].feed(ev)
             finally:
                 self.engine.abort(group)
-        out = []
-        for i, c in enumerate(choices):
-            ids, text = prompts[i // n]
-            lp = None
-            if req.logprobs is not None:
-                lp = self.legacy_logprobs(
-                    ids if req.echo else [],
-                    scores[i // n],
-                    c.logprobs,
-                    req.logprobs,
-                    hidden=self.hidden_prefix(req.prompt),
-                    offsets=[(len(text) if req.echo else 0) + o for o in c.offsets],
+
+        def render() -> bytes:
+            out = []
+            for i, c in enumerate(choices):
+                ids, text = prompts[i // n]
+                lp = None
+                if req.logprobs is not None:
+                    lp = self.legacy_logprobs(
+                        ids if req.echo else [],
+                        scores[i // n],
+                        c.logprobs,
+                        req.logprobs,
+                        hidden=self.hidden_prefix(req.prompt),
+                        offsets=[(len(text) if req.echo else 0) + o for o in c.offsets],
+                    )
+                out.append(
+                    {
+                        "index": i,
+                        "text": (text if req.echo else "") + c.text,
+                        "logprobs": lp,
+                        "finish_reason": c.finish_reason,
+                    }
                 )
-            out.append(
-                {
-                    "index": i,
-                    "text": (text if req.echo else "") + c.text,
-                    "logprobs": lp,
-                    "finish_reason": c.finish_reason,
-                }
-            )
-        return JSONResponse(
-            {
+            body = {
                 "id": cid,
                 "object": "text_completion",
                 "created": int(time.time()),
@@ -735,7 +736,11 @@ class Server:
                 "choices": out,
                 "usage": _usage(prompt_tokens, choices),
             }
-        )
+            return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+        # lm-eval's loglikelihood batches: hundreds of thousands of scored tokens to decode and encode,
+        # seconds of work that on the event loop would stall every other client (/health included)
+        return Response(await asyncio.to_thread(render), media_type="application/json")
 
     async def _completion_stream(
         self,
