@@ -439,3 +439,14 @@ def test_mfu_counts_the_mtp_flops_only_when_the_loss_runs_it(
     assert model_config.num_nextn_predict_layers > 0
     expected = flops_per_token(model_config, 32, training=True, include_mtp=mtp_weight > 0)
     assert record["mfu"] * peak / record["tok_per_s"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_copy_probe_scores_a_weighted_family_once(workdir):
+    """`embedded:sorting,sorting,...` draws sorting twice as often; its probe problems count once."""
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.pretrain import _probe
+
+    tok = load_tokenizer(workdir / "tok")
+    weighted = _probe(PretrainConfig(data="embedded:sorting,sorting,comparison", probe_problems=3), tok)
+    plain = _probe(PretrainConfig(data="embedded:sorting,comparison", probe_problems=3), tok)
+    assert [d.ids for d in weighted] == [d.ids for d in plain] and len(plain) == 6

@@ -122,6 +122,21 @@ def test_fast_enough():
     assert best > 2000, f"{best:.0f} docs/s"
 
 
+def test_harder_problems_are_one_level_above_the_familys_own():
+    """`harder_fraction` draws from one difficulty above the spec's own, not from difficulty 2 whatever
+    the spec says (that was the spec's own level at difficulty=2, and easier at difficulty=3)."""
+
+    def digits(spec):
+        docs = _docs(60, seed=2, tasks=[spec], harder_fraction=1.0, languages=("en",))
+        return {len(a) for d in docs for a in re.findall(r"(\d+) \+ \d+", d.split(ASSISTANT)[0])}
+
+    assert digits("arithmetic?ops=add") == {3}  # difficulty 1 (2 digits) -> 2
+    assert digits("arithmetic?ops=add&difficulty=2") == {4}
+    assert digits("arithmetic?difficulty=3&ops=add") == {5}
+    with pytest.raises(ValueError, match="at least one"):
+        _docs(1, tasks=[])
+
+
 def test_blank_spelled_drops_only_the_strings_read_letter_by_letter():
     kw = dict(seed=4, tasks=["counting", "sorting"], shapes=synthetic.MIXED_SHAPES)
     docs, blanked = _docs(400, **kw), _docs(400, blank_spelled=True, **kw)

@@ -20,6 +20,7 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 
 from nanoseek.data.tasks import BUILTIN_TASKS, LANGUAGES, BuiltinTask, Problem, get_task
+from nanoseek.data.tasks.base import with_option
 from nanoseek.tokenizer import ASSISTANT, EOS, THINK_END, USER, render_chat
 
 # Document shapes: "chat" (an R1 chat turn), "series" (a worksheet of problems), "explained" (the
@@ -190,11 +191,16 @@ def iter_documents(
     if bad or not languages:
         raise ValueError(f"languages must be a non-empty subset of {LANGUAGES}, got {languages}")
     names = tuple(tasks) if tasks is not None else BUILTIN_TASKS
+    if not names:
+        raise ValueError("tasks must name at least one built-in task family")
     families: list[tuple[BuiltinTask, Iterator[Problem], BuiltinTask, Iterator[Problem]]] = []
     for i, name in enumerate(names):
-        base, hard = get_task(name), get_task(f"{name}{'&' if '?' in name else '?'}difficulty=2")
-        if not isinstance(base, BuiltinTask) or not isinstance(hard, BuiltinTask):
+        base = get_task(name)
+        if not isinstance(base, BuiltinTask):
             raise ValueError(f"the synthetic corpus is built from built-in tasks, got {name!r}")
+        # one level above the spec's own difficulty; built only when asked for (a level up may not
+        # exist for options that fit the spec's own level)
+        hard = get_task(with_option(name, "difficulty", base.difficulty + 1)) if harder_fraction else base
         families.append(
             (
                 base,

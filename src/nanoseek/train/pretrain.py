@@ -478,7 +478,8 @@ def _probe(cfg: PretrainConfig, tok: Any) -> list:
 
     if not cfg.probe_problems or not is_embedded(cfg.data):
         return []
-    tasks = embedded_tasks(cfg.data) or list(BUILTIN_TASKS)
+    # a family named twice weights the corpus (the speedrun's sorting x2), not the probe
+    tasks = list(dict.fromkeys(embedded_tasks(cfg.data) or BUILTIN_TASKS))
     return probe_documents(tok, tasks, cfg.probe_problems, seed=cfg.seed)
 
 
