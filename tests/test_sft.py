@@ -84,6 +84,17 @@ def test_assistant_target_text_shapes() -> None:
     assert assistant_target_text({"role": "assistant", "content": "hi"}, True) == "\n</think>\nhi"
 
 
+def test_content_that_closes_the_prompts_think_block_is_its_reasoning() -> None:
+    # R1's raw output after "<think>\n" lacks the opening tag: it was trained after an empty think
+    # block of its own, "\n</think>\nr</think>\na", so the model learnt to skip reasoning
+    msg = {"role": "assistant", "content": "2+2=4\n</think>\n\n4"}
+    assert assistant_target_text(msg, prompt_opened_think=True) == msg["content"]
+    assert assistant_target_text(msg, prompt_opened_think=False) == "<think>\n" + msg["content"]
+    tok = CharTokenizer()
+    ((ids, labels),) = tokenize_conversation(tok, [{"role": "user", "content": "q"}, msg])
+    assert [lab for lab in labels if lab != IGNORE] == tok.encode(msg["content"]) + [tok.eos_token_id]
+
+
 def test_loss_mask_covers_exactly_the_assistant_turns() -> None:
     tok = CharTokenizer()
     msgs = [
@@ -306,6 +317,8 @@ def test_tool_use_conversation(tmp_path) -> None:
     assert prompt2.endswith(TOOL_OUTPUT_END) and TOOL_CALLS_BEGIN in prompt2
     assert trained2 == "It is 4.<｜end▁of▁sentence｜>"
     assert ids2 == tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=True, tools=tools)
+    with pytest.raises(ValueError, match="message 1: tool_calls must be a list"):  # one call, not a list
+        tokenize_conversation(tok, [msgs[0], {"role": "assistant", "tool_calls": calls[0]}], tools)
 
     from nanoseek.train.sft import read_chat_jsonl
 
@@ -338,6 +351,37 @@ def test_another_familys_template_is_trained_as_it_renders(tmp_path) -> None:
     # reasoning this template does not render is still trained, in R1's think block
     trained2 = tok.decode([t for t in labels2 if t != IGNORE])
     assert trained2 == "<think>\n3+3=6\n</think>\n6<|im_end|>"
+
+
+def test_history_reasoning_is_left_out_of_the_prompt_as_serve_does(tmp_path) -> None:
+    # serve drops reasoning_content from the messages it renders; a template that renders it (Qwen3's)
+    # was given it in SFT's prompts: trained on a history the server never shows
+    from model_configs import chatml_tokenizer
+    from nanoseek.serve.app import Server
+    from nanoseek.serve.protocol import ChatCompletionRequest
+    from nanoseek.tokenizer import load_tokenizer
+
+    chatml_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.get('reasoning_content') %}"
+        "<think>\n{{ m['reasoning_content'] }}\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(tmp_path)
+    msgs = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "2+2=4"},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "6", "reasoning_content": "3+3=6"},
+    ]
+    _, (ids2, labels2) = tokenize_conversation(tok, msgs)
+    served = tok.apply_chat_template(Server.chat_messages(ChatCompletionRequest(messages=msgs[:3]).messages))
+    start = next(j for j, lab in enumerate(labels2) if lab != IGNORE)
+    assert ids2[:start] == tok.encode(served)
+    # the turn's own reasoning is still trained, as the template renders it
+    assert tok.decode([t for t in labels2 if t != IGNORE]) == "<think>\n3+3=6\n</think>\n\n6<|im_end|>"
 
 
 def test_cold_start_chats_ask_several_problems_in_a_row_each_once() -> None:
@@ -512,6 +556,17 @@ def test_a_bad_conversation_is_named_by_its_line(micro_checkpoint, tmp_path) -> 
     cfg = SFTConfig(init=micro_checkpoint, data=str(data), out=str(tmp_path / "out"), steps=1, progress=False)
     with pytest.raises(ValueError, match=rf"{data}:4: assistant content must be a string"):
         sft(cfg)
+
+
+def test_a_line_that_is_not_utf8_is_named_by_its_line(tmp_path) -> None:
+    # was: UnicodeDecodeError "position 122" of the read buffer, with neither file nor line
+    from nanoseek.train.sft import read_chat_jsonl
+
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(good.encode() + b"\n" + good.replace("q", "\xff").encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=rf"{data}:2: not valid UTF-8"):
+        list(read_chat_jsonl(data))
 
 
 def test_task_conversations_options_with_commas_and_jsonl_without_reasoning(tmp_path):

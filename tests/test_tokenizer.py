@@ -516,6 +516,11 @@ def test_tools_and_tool_calls_render(tok: Tokenizer) -> None:
         tok.apply_chat_template(TOOL_CONVERSATION, tools=[{"type": "function", "function": {}}])
     with pytest.raises(ValueError, match="tool_calls\\[0\\]"):
         tok.apply_chat_template([{"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}])
+    for calls in (5, CALLS[0]):  # not a list: was a TypeError, or a dict's keys read as calls
+        with pytest.raises(ValueError, match="message 1: tool_calls must be a list"):
+            tok.apply_chat_template(
+                [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": calls}]
+            )
 
 
 def test_tool_call_parse_and_round_trip() -> None:

@@ -239,6 +239,10 @@ def render_tools(tools: Sequence[dict[str, Any]]) -> str:
 
 def render_tool_calls(calls: Sequence[dict[str, Any]], message_index: int = 0) -> str:
     """An assistant's OpenAI `tool_calls` in DeepSeek's format (arguments as the JSON text given)."""
+    if not isinstance(calls, list | tuple):  # (a dict was read as its keys, an int was a TypeError)
+        raise ValueError(
+            f"chat message {message_index}: tool_calls must be a list, got {type(calls).__name__}"
+        )
     out = [TOOL_CALLS_BEGIN]
     for j, call in enumerate(calls):
         f = call.get("function") if isinstance(call, dict) else None

@@ -9,7 +9,8 @@ What is notable here:
   that template renders it, through its end token; R1's shape is only built where it drops the turn's
   text or reasoning.
 - The generation prompt of R1's template already opens "<think>\\n", so an assistant message's leading
-  "<think>" is not repeated; a `reasoning_content` field is put back inside the think block.
+  "<think>" is not repeated, and content with "</think>" but no "<think>" (R1's raw output after that
+  prompt) is reasoning up to "</think>"; a `reasoning_content` field is put back inside the think block.
 - Tool use (DeepSeek-V3.1's format, the same template the server renders): a line may carry OpenAI
   `tools`, assistant messages `tool_calls` (trained on, after the message's text) and `role: "tool"`
   results (prompt only). The turn after a tool result continues the assistant's answer, so it gets no
@@ -46,9 +47,10 @@ def assistant_target_text(
     think_start: str = THINK_START,
     think_end: str = THINK_END,
     after_tool: bool = False,
+    message_index: int = 0,
 ) -> str:
-    """The text the model must produce for one assistant message, after the generation prompt
-    (or after a tool result, `after_tool`), tool calls included."""
+    """The text the model must produce for one assistant message (the conversation's `message_index`,
+    for errors), after the generation prompt (or after a tool result, `after_tool`), tool calls included."""
     content = message.get("content")
     if content is None:
         content = ""
@@ -65,6 +67,10 @@ def assistant_target_text(
         body = content  # the answer goes on after the tool's result (V3.1): no think block is invented
     elif content.lstrip().startswith(think_start):
         body = content.lstrip()
+    elif think_end in content:
+        # R1's raw output after its prompt opened the block: "reasoning</think>answer" (as the template
+        # reads history: everything before </think> is reasoning), not an answer that holds a think block
+        body = f"{think_start}\n{content}"
     else:
         # no reasoning given: an empty think block, the shape R1 uses for non-reasoning data
         body = f"{think_start}\n\n{think_end}\n{content}"
@@ -72,7 +78,7 @@ def assistant_target_text(
         body = body[len(think_start) :].lstrip(" ")
         body = body[1:] if body.startswith("\n") else body
     if message.get("tool_calls"):
-        body += render_tool_calls(message["tool_calls"])
+        body += render_tool_calls(message["tool_calls"], message_index)
     return body
 
 
@@ -92,20 +98,23 @@ def tokenize_conversation(
     think_start = getattr(tokenizer, "think_start", THINK_START)
     think_end = getattr(tokenizer, "think_end", THINK_END)
     kw = {"tools": list(tools)} if tools else {}  # only then, so any apply_chat_template will do
+    # history as `serve` passes it to the template: without reasoning_content (a template that renders
+    # it, such as Qwen3's, would otherwise train on prompts the server never shows the model)
+    history = [{k: v for k, v in msg.items() if k != "reasoning_content"} for msg in messages]
     out = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         prompt_text = tokenizer.apply_chat_template(
-            list(messages[:i]), add_generation_prompt=True, tokenize=False, **kw
+            history[:i], add_generation_prompt=True, tokenize=False, **kw
         )
         prompt_ids = list(
-            tokenizer.apply_chat_template(list(messages[:i]), add_generation_prompt=True, tokenize=True, **kw)
+            tokenizer.apply_chat_template(history[:i], add_generation_prompt=True, tokenize=True, **kw)
         )
         opened = prompt_text.rstrip(" \n").endswith(think_start)
         after_tool = i > 0 and messages[i - 1]["role"] == "tool"
-        r1_text = assistant_target_text(m, opened, think_start, think_end, after_tool)
-        turn = _template_turn(tokenizer, messages[: i + 1], prompt_text, kw)
+        r1_text = assistant_target_text(m, opened, think_start, think_end, after_tool, i)
+        turn = _template_turn(tokenizer, [*history[:i], m], prompt_text, kw)
         if turn is None:
             target = tokenizer.encode(r1_text) + [tokenizer.eos_token_id]
         else:
@@ -162,12 +171,14 @@ def _numbered_chat_lines(
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"chat data {p} does not exist")
-    with open(p, encoding="utf-8") as f:
+    with open(p, "rb") as f:  # bytes: a line that is not UTF-8 is named like any other bad line
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{p}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from None
             msgs = rec.get("messages") if isinstance(rec, dict) else None
