@@ -189,6 +189,19 @@ def test_pretrain_trains_its_own_tokenizer(workdir, tmp_path) -> None:
     assert any(r.get("stage") == "tokenizer" for r in read_metrics(run))
 
 
+def test_a_fresh_run_trains_its_own_tokenizer_over_an_earlier_runs(workdir, tmp_path) -> None:
+    """RUN/tokenizer/ is reused when resuming; a fresh run into the same --out (another --vocab-size,
+    other data) trained the model on the earlier run's tokenizer, its own settings silently ignored."""
+    run = tmp_path / "run"
+    kw = dict(tokenizer=None, tokenizer_docs=300, steps=1, val_every=0)
+    pretrain(config(workdir, run, vocab_size=320, **kw))
+    pretrain(config(workdir, run, vocab_size=280, **kw))
+    assert json.loads((run / "pretrain" / "config.json").read_text())["vocab_size"] <= 280
+    trained = json.loads((run / "tokenizer" / "tokenizer.json").read_text())
+    pretrain(config(workdir, run, vocab_size=320, resume=True, **{**kw, "steps": 2}))  # reused, not retrained
+    assert json.loads((run / "tokenizer" / "tokenizer.json").read_text()) == trained
+
+
 def test_val_fraction_0_on_a_file_corpus_trains_without_validation(workdir, tmp_path, capsys) -> None:
     # the hint of an empty train split ("or pass --val-fraction 0") must not lead to a crash
     text = tmp_path / "book.txt"
@@ -244,6 +257,25 @@ def test_cli_rejects_bad_arguments(workdir, tmp_path, capsys) -> None:
     assert "max_position_embeddings" in capsys.readouterr().err
     with pytest.raises(ValueError, match="steps"):
         pretrain(config(workdir, tmp_path, steps=0))
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"balance_alpha": -0.5}, "balance_alpha must be >= 0"),  # was trained toward imbalance
+        ({"probe_problems": -1}, "probe_problems must be >= 0"),  # was "n must be >= 0" after the model
+        ({"multi_turn": 1.5}, "multi_turn must be in"),
+        ({"lr": 0.0}, "lr must be"),  # these three after a tokenizer was trained
+        ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
+        ({"grad_clip": float("nan")}, "grad_clip"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(workdir, tmp_path, setting, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        pretrain(
+            config(workdir, tmp_path / "run", tokenizer=None, vocab_size=300, tokenizer_docs=50, **setting)
+        )
+    assert not (tmp_path / "run").exists()
 
 
 def test_auto_precision_is_fp32_on_cpus_without_bf16(monkeypatch) -> None:

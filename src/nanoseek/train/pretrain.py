@@ -30,6 +30,8 @@ from nanoseek.perf import cpu_has_bf16
 if TYPE_CHECKING:  # torch loads inside the functions, so `nanoseek --help` stays fast
     import torch
 
+    from nanoseek.train.loop import OptimConfig
+
 
 DATA = "data and model"
 OPTIM = "optimization"
@@ -150,8 +152,21 @@ class PretrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_choices(self)
-        if self.mtp_weight < 0 or self.val_batches < 0 or self.val_every < 0 or self.checkpoint_every < 0:
-            raise ValueError("mtp_weight, val_every, val_batches and checkpoint_every must be >= 0")
+        # (written so that NaN fails too) a negative α or γ would push the routers toward imbalance
+        for name in (
+            "mtp_weight",
+            "balance_alpha",
+            "bias_update_speed",
+            "probe_problems",
+            "val_every",
+            "val_batches",
+            "checkpoint_every",
+        ):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.multi_turn <= 1:
+            raise ValueError(f"multi_turn must be in [0, 1], got {self.multi_turn}")
+        self.optim_config()  # lr, schedule and clipping refused now, not after training a tokenizer
         if not 0 <= self.val_fraction < 1:  # (found now, not after training a tokenizer)
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.expert_parallel and self.precision == "fp8":
@@ -160,6 +175,21 @@ class PretrainConfig:
             from nanoseek.train.loop import require_tensorboard
 
             require_tensorboard()
+
+    def optim_config(self) -> OptimConfig:
+        """The Trainer's optimizer settings (its checks refuse a bad --lr, --min-lr-ratio, ...); the
+        warmup at most half the run."""
+        from nanoseek.train.loop import OptimConfig
+
+        return OptimConfig(
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            warmup_steps=min(self.warmup_steps, self.steps // 2),
+            schedule=self.schedule,
+            min_lr_ratio=self.min_lr_ratio,
+            grad_clip=self.grad_clip,
+            optimizer=self.optimizer,
+        )
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -174,14 +204,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def _tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int, is_main: bool, dist: Any) -> Any:
-    """The given tokenizer, or one trained on the data (reused from RUN/tokenizer/ when resuming)."""
+    """The given tokenizer, or one trained on the data (reused from RUN/tokenizer/ when resuming; a
+    fresh run trains its own, not one an earlier run left there on other data or another --vocab-size)."""
     from nanoseek.tokenizer import load_tokenizer, train_tokenizer
     from nanoseek.train.distributed import barrier
 
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
     tok_dir = run / "tokenizer"
-    if not (tok_dir / "tokenizer.json").exists() and is_main:
+    if not (cfg.resume and (tok_dir / "tokenizer.json").exists()) and is_main:
         from tqdm import tqdm
 
         from nanoseek.data.corpus import tokenizer_documents
@@ -224,7 +255,6 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     from nanoseek.probe import KINDS
     from nanoseek.train.distributed import all_reduce_, destroy_distributed, init_distributed
     from nanoseek.train.loop import (
-        OptimConfig,
         StepLog,
         StepTargets,
         Trainer,
@@ -274,15 +304,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
         model,
         run,
         "pretrain",
-        OptimConfig(
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            warmup_steps=min(cfg.warmup_steps, cfg.steps // 2),
-            schedule=cfg.schedule,
-            min_lr_ratio=cfg.min_lr_ratio,
-            grad_clip=cfg.grad_clip,
-            optimizer=cfg.optimizer,
-        ),
+        cfg.optim_config(),
         total_steps=cfg.steps,
         precision=precision,
         checkpoint_every=cfg.checkpoint_every,
