@@ -494,10 +494,26 @@ def test_several_tasks_write_their_reports_beside_the_one_named(tmp_path, monkey
             "json": cfg.out,
         }
 
-    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    monkeypatch.setattr(ev, "evaluate_many", lambda cfgs: [fake_evaluate(c) for c in cfgs])
     out = tmp_path / "runs.json.d" / "r.json"
     assert cli(["eval", "ck", "--task", "arithmetic?ops=add,sub,comparison", "--out", str(out)]) == 0
     assert written == [
         str(out.parent / "r_arithmetic_ops_add_sub.json"),
         str(out.parent / "r_comparison.json"),
     ]
+
+
+def test_the_cli_evaluates_several_tasks_of_a_checkpoint_with_one_engine(
+    micro_checkpoint, tmp_path, engine_widths, capsys
+) -> None:
+    """`nanoseek eval CK --task a,b` loads the model once and draws every task's samples in one queue,
+    as the speedrun does (`evaluate_many`), where it loaded the checkpoint once per task."""
+    from nanoseek.cli import main as cli
+
+    out = tmp_path / "r.json"
+    args = ["eval", str(micro_checkpoint), "--task", "arithmetic,comparison", "--n", "2", "-k", "1"]
+    assert cli([*args, "--max-new-tokens", "4", "--no-progress", "--out", str(out)]) == 0
+    assert len(engine_widths) == 1
+    printed = capsys.readouterr().out
+    assert "eval arithmetic (" in printed and "eval comparison (" in printed
+    assert (tmp_path / "r_arithmetic.json").exists() and (tmp_path / "r_comparison.json").exists()

@@ -24,15 +24,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nanoseek.evaluate import EvalConfig, evaluate, slug, split_task_list
+    from nanoseek.evaluate import EvalConfig, evaluate_many, slug, split_task_list
     from nanoseek.options import from_options
 
     tasks = split_task_list(args.task)
+    cfgs = []
     for task in tasks:
         out = args.out
         if out and len(tasks) > 1:  # one report per task beside the one named, as the default names them
             out = str(Path(out).with_name(f"{Path(out).stem}_{slug(task)}{Path(out).suffix or '.json'}"))
-        m = evaluate(from_options(EvalConfig, args, task=task, out=out))
+        cfgs.append(from_options(EvalConfig, args, task=task, out=out))
+    # one model load, and every task's samples in one engine queue (each the samples it alone would draw)
+    for task, m in zip(tasks, evaluate_many(cfgs), strict=True):
         k = m["k"]
         print(
             f"eval {task} ({m['evaluated']}): pass@1 {m['pass@1']:.3f} ± {m['pass@1_stderr']:.3f}, "
