@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -235,27 +236,7 @@ def test_no_thinking_prompts_and_scoring(tmp_path) -> None:
         "<｜User｜>a<｜Assistant｜>1<｜end▁of▁sentence｜><｜User｜>q<｜Assistant｜><think>\n"
     )
 
-    probs = {p.prompt: p for p in _problems(2)}
-    seen = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
-        seen.append(body)
-        p = probs[body["messages"][0]["content"]]
-        message = {"role": "assistant", "content": f"\n{p.answer}"}
-        choices = [{"index": i, "finish_reason": "stop", "message": message} for i in range(body["n"])]
-        usage = {"prompt_tokens": 5, "completion_tokens": 4 * body["n"], "total_tokens": 0}
-        return httpx.Response(
-            200,
-            json={
-                "id": "x",
-                "object": "chat.completion",
-                "created": 0,
-                "model": "stub",
-                "choices": choices,
-                "usage": usage,
-            },
-        )
+    seen: list[dict] = []
 
     cfg = EvalConfig(
         model="http://stub:8000",
@@ -266,7 +247,8 @@ def test_no_thinking_prompts_and_scoring(tmp_path) -> None:
         thinking=False,
         endpoint_model="stub",
     )
-    sampler, _ = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    client = _stub_endpoint(2, lambda n: 4 * n, reasoning=None, seen=seen)
+    sampler, _ = endpoint_sampler(cfg, http_client=client)
     cfg.out, cfg.run_dir = str(tmp_path / "e.json"), str(tmp_path)
     m = evaluate(cfg, sampler=sampler)
     assert m["pass@1"] == 1.0 and m["thinking"] is False
@@ -424,27 +406,23 @@ def test_greedy_decoding_asks_for_one_sample_per_problem(tmp_path) -> None:
     assert m["pass@1"] == 1.0 and m["k"] == 1
 
 
-def _stub_endpoint(completion_tokens: int) -> httpx.Client:
-    """An endpoint that answers every problem right, `completion_tokens` in usage for all n choices."""
-    probs = {p.prompt: p for p in _problems(3)}
+def _stub_endpoint(
+    problems: int, tokens: Callable[[int], int], reasoning: str | None = "work", seen: list | None = None
+) -> httpx.Client:
+    """An endpoint that answers each of the first `problems` problems right, `tokens(n)` completion
+    tokens in usage for its n choices; the request bodies go to `seen`."""
+    probs = {p.prompt: p for p in _problems(problems)}
 
     def handler(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
+        if seen is not None:
+            seen.append(body)
         p = probs[body["messages"][0]["content"]]
-        message = {"role": "assistant", "content": f"\n{p.answer}", "reasoning_content": "work"}
+        message = {"role": "assistant", "content": f"\n{p.answer}", "reasoning_content": reasoning}
         choices = [{"index": i, "finish_reason": "stop", "message": message} for i in range(body["n"])]
-        usage = {"prompt_tokens": 5, "completion_tokens": completion_tokens, "total_tokens": 0}
-        return httpx.Response(
-            200,
-            json={
-                "id": "x",
-                "object": "chat.completion",
-                "created": 0,
-                "model": "stub",
-                "choices": choices,
-                "usage": usage,
-            },
-        )
+        usage = {"prompt_tokens": 5, "completion_tokens": tokens(body["n"]), "total_tokens": 0}
+        chat = {"id": "x", "object": "chat.completion", "created": 0, "model": "stub"}
+        return httpx.Response(200, json={**chat, "choices": choices, "usage": usage})
 
     return httpx.Client(transport=httpx.MockTransport(handler))
 
@@ -456,7 +434,7 @@ def test_an_endpoint_evaluation_shows_its_progress_and_exact_lengths(tmp_path, c
     common = dict(model="http://stub:8000", task="arithmetic", k=2, n=3, language="en", endpoint_model="stub")
     for progress in (True, False):
         cfg = EvalConfig(**common, progress=progress, out=str(tmp_path / "e.json"))
-        sampler, _ = endpoint_sampler(cfg, http_client=_stub_endpoint(completion_tokens=3))
+        sampler, _ = endpoint_sampler(cfg, http_client=_stub_endpoint(3, lambda n: 3))
         m = evaluate(cfg, sampler=sampler)
         assert m["pass@1"] == 1.0 and m["mean_response_tokens"] == 1.5
         assert ("eval samples" in capsys.readouterr().err) is progress
