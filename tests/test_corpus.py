@@ -498,6 +498,44 @@ def test_a_directory_scan_skips_hidden_folders(tmp_path: Path) -> None:
     assert [p.name for p in resolve_files(tmp_path)] == ["a.txt"]
 
 
+def test_an_unreadable_folder_or_file_is_an_error_not_a_gap_in_the_corpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+    import os
+
+    (tmp_path / "open").mkdir()
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "open" / "a.txt").write_text("A")
+    (tmp_path / "locked" / "b.txt").write_text("B")
+    real_scandir, real_open = os.scandir, builtins.open
+
+    def denied(path: object) -> None:  # chmod 000 as the OS answers anyone but root
+        raise PermissionError(13, "Permission denied", str(path))
+
+    def scandir(path: object = ".") -> object:
+        return denied(path) if str(path) == str(tmp_path / "locked") else real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    # rglob skipped the folder without a word: the corpus silently lacked b.txt
+    with pytest.raises(ValueError, match=r"cannot read the folder .*locked: Permission denied"):
+        resolve_files(tmp_path)
+    monkeypatch.undo()
+
+    def open_(file: object, *args: object, **kwargs: object) -> object:
+        return (
+            denied(file)
+            if str(file) == str(tmp_path / "open" / "a.txt")
+            else real_open(file, *args, **kwargs)
+        )
+
+    monkeypatch.setattr(builtins, "open", open_)
+    # said up front, not as a PermissionError traceback once the reader reaches the file
+    for source in (tmp_path, tmp_path / "open" / "a.txt"):
+        with pytest.raises(ValueError, match=r"cannot read .*a.txt: Permission denied"):
+            resolve_files(source)
+
+
 def test_a_byte_order_mark_and_a_padded_separator_are_not_text(tmp_path: Path) -> None:
     # Notepad writes a BOM ("\ufeff" opened the first document); editors leave spaces after a separator
     path = tmp_path / "bom.txt"

@@ -438,6 +438,31 @@ def test_cli_encode_flags_before_the_text_and_clear_train_errors(
     assert "is a file, not a directory" in capsys.readouterr().err
 
 
+def test_cli_encode_text_after_double_dash_and_a_short_vocabulary_note_that_helps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nanoseek.cli import main
+
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n<|endoftext|>\n".join(_corpus(50)))
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--data", str(data), "--vocab-size", "5000", "--out", str(out)]) == 0
+    # every document was read (no --max-docs): raising --max-docs cannot help, as the note said it would
+    note = capsys.readouterr().out
+    assert "note: the corpus supports only" in note and "--max-docs" not in note
+    assert (
+        main(
+            ["tokenizer", "train", "--data", str(data), "--vocab-size", "5000", "--max-docs", "5"]
+            + ["--out", str(out)]
+        )
+        == 0
+    )
+    assert "use more documents (--max-docs)" in capsys.readouterr().out
+    # "--" lets the text start with a dash after the flags too (was "unrecognized arguments: -- -5")
+    assert main(["tokenizer", "encode", str(out), "--bos", "--", "-5"]) == 0
+    assert [int(i) for i in capsys.readouterr().out.split()] == load_tokenizer(out).encode("-5", add_bos=True)
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("nanoseek.data.synthetic") is None, reason="embedded corpus not built yet"
 )

@@ -37,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     # argparse settles an optional positional at the first run of positionals, so a command's PROMPT
     # after its flags (`generate DIR --chat "2 + 2 = ?"`) is left over: commands name such fields
     for name in getattr(args, "late_positionals", ()):
-        if extra and getattr(args, name) is None and not extra[0].startswith("-"):
-            setattr(args, name, extra.pop(0))
+        if not extra or getattr(args, name) is not None:
+            continue
+        if extra[0] == "--" and len(extra) > 1:  # `encode DIR --bos -- -5`: after "--", text whatever it is
+            extra.pop(0)
+        elif extra[0].startswith("-"):
+            continue
+        setattr(args, name, extra.pop(0))
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):

@@ -69,13 +69,14 @@ def run_train(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():  # found now, not after the training
         raise ValueError(f"--out {args.out} is a file, not a directory")
     docs = tokenizer_documents(source, text_field=args.text_field, seed=args.seed)
-    chars = 0
+    chars = read = 0
     held_out: list[str] = []
 
     def counted():
-        nonlocal chars
+        nonlocal chars, read
         for doc in tqdm(itertools.islice(docs, max_docs), total=max_docs, desc="tokenizer", unit="doc"):
             chars += len(doc)
+            read += 1
             if len(held_out) < 200:
                 held_out.append(doc)
             yield doc
@@ -88,9 +89,15 @@ def run_train(args: argparse.Namespace) -> int:
     out = tok.save(Path(args.out))
     if tok.vocab_size < args.vocab_size:
         # BPE stops when no pair is seen min_frequency times: the corpus, not the trainer, is the limit.
+        # --max-docs helps only where it cut the corpus short; otherwise every document was read.
+        more = (
+            "more documents (--max-docs)"
+            if read == max_docs
+            else "a larger corpus or a lower --min-frequency"
+        )
         print(
             f"note: the corpus supports only {tok.vocab_size} tokens at --min-frequency {args.min_frequency}; "
-            f"use more documents (--max-docs) to reach {args.vocab_size}"
+            f"use {more} to reach {args.vocab_size}"
         )
     print(
         f"trained on {chars:,} chars in {elapsed:.1f}s: {tokenizer_summary(tok, held_out)}; "

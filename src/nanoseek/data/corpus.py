@@ -79,14 +79,7 @@ def resolve_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> li
                 raise ValueError(f"unsupported file type: {bad[0]} (use .txt, .md, .jsonl, .parquet, or .gz)")
             files.extend(matches)
         elif Path(text).is_dir():
-            found = sorted(
-                p
-                for p in Path(text).rglob("*")
-                if p.is_file()
-                and _kind(p)
-                # hidden files and folders (.git, .ipynb_checkpoints' copies, .cache) are not the corpus
-                and not any(part.startswith(".") for part in p.relative_to(text).parts)
-            )
+            found = sorted(p for p in _walk(text) if p.is_file() and _kind(p))
             if not found:
                 raise FileNotFoundError(f"no .txt/.md/.jsonl/.parquet files under {text}")
             files.extend(found)
@@ -97,7 +90,26 @@ def resolve_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> li
         else:
             raise FileNotFoundError(f"data source not found: {text}")
     seen: set[Path] = set()
-    return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+    files = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+    for f in files:  # found now, not as a traceback when the reader gets there (hours into a run)
+        try:
+            open(f, "rb").close()  # noqa: SIM115
+        except OSError as e:
+            raise ValueError(f"cannot read {f}: {e.strerror}") from e
+    return files
+
+
+def _walk(root: str) -> Iterator[Path]:
+    """The files under `root`, symlinked folders not followed (as `Path.rglob`), hidden files and folders
+    (.git, .ipynb_checkpoints' copies, .cache) left out. A folder that cannot be listed is an error:
+    rglob skips it without a word, and its files would silently be missing from the corpus."""
+
+    def fail(e: OSError) -> None:
+        raise ValueError(f"cannot read the folder {e.filename}: {e.strerror}") from e
+
+    for folder, dirs, names in os.walk(root, onerror=fail):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        yield from (Path(folder, n) for n in names if not n.startswith("."))
 
 
 def is_embedded(source: Any) -> bool:
