@@ -520,10 +520,33 @@ def test_checkpoint_every_saves_during_the_run_and_a_killed_run_resumes_from_it(
     assert [r["loss"] for r in records[-2:]] == whole[2:]
 
 
-@pytest.mark.parametrize("content", [[{"type": "text", "text": "hi"}], None, ""])
+@pytest.mark.parametrize("content", [[{"type": "image_url", "image_url": {"url": "x"}}], None, "", 5])
 def test_assistant_target_refuses_non_text_or_empty(content) -> None:
     with pytest.raises(ValueError):
         assistant_target_text({"role": "assistant", "content": content}, prompt_opened_think=True)
+
+
+def test_openai_developer_role_and_text_parts_train_as_serve_reads_them(micro_checkpoint) -> None:
+    """OpenAI's `developer` role and content parts: serve takes them as the system role and joined
+    text, and so does SFT (it refused both), each conversation giving the examples of its plain form."""
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(micro_checkpoint)
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 2?"}]
+    openai_style = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": parts},
+        {"role": "assistant", "content": [{"type": "text", "text": "4"}]},
+    ]
+    plain = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    assert tokenize_conversation(tok, openai_style) == tokenize_conversation(tok, plain)
+    image = [*openai_style[:2], {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]
+    with pytest.raises(ValueError, match="content part type 'image_url' is not supported"):
+        tokenize_conversation(tok, [*image, openai_style[2]])
 
 
 def test_examples_whose_prompt_fills_seq_len_are_dropped(micro_checkpoint, tmp_path, capsys) -> None:
@@ -548,13 +571,11 @@ def test_a_bad_conversation_is_named_by_its_line(micro_checkpoint, tmp_path) -> 
     from nanoseek.train.sft import SFTConfig, sft
 
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
-    bad = {
-        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "text"}]}]
-    }
+    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": {"text": "a"}}]}
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps(good) + "\n\n\n" + json.dumps(bad) + "\n")
     cfg = SFTConfig(init=micro_checkpoint, data=str(data), out=str(tmp_path / "out"), steps=1, progress=False)
-    with pytest.raises(ValueError, match=rf"{data}:4: assistant content must be a string"):
+    with pytest.raises(ValueError, match=rf"{data}:4: content must be a string or a list of text parts"):
         sft(cfg)
 
 

@@ -237,6 +237,32 @@ def render_tools(tools: Sequence[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
+def content_text(content: Any) -> str:
+    """An OpenAI message's content as the template's text: a string, None (""), or a list of content
+    parts (dicts or objects with `type` and `text`) joined; a part that is not text is refused."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise ValueError(f"content must be a string or a list of text parts, got {type(content).__name__}")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+        text = part.get("text") if isinstance(part, dict) else getattr(part, "text", None)
+        if kind != "text":
+            raise ValueError(f"content part type {kind!r} is not supported (text only)")
+        texts.append(text or "")
+    return "".join(texts)
+
+
+def openai_message(message: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI chat message as the chat templates take it: `developer` (OpenAI's newer name) is the
+    system role, and content parts are joined into text. `serve` and `sft` both read messages this way."""
+    out = {**message, "role": "system" if message.get("role") == "developer" else message.get("role")}
+    if "content" in message and message["content"] is not None:
+        out["content"] = content_text(message["content"])
+    return out
+
+
 def render_tool_calls(calls: Sequence[dict[str, Any]], message_index: int = 0) -> str:
     """An assistant's OpenAI `tool_calls` in DeepSeek's format (arguments as the JSON text given)."""
     if not isinstance(calls, list | tuple):  # (a dict was read as its keys, an int was a TypeError)

@@ -56,7 +56,14 @@ from nanoseek.serve.protocol import (
     validation_error,
 )
 from nanoseek.serve.textstream import ReasoningSplitter, StopStringMatcher, ToolCallSplitter
-from nanoseek.tokenizer import THINK_END, THINK_START, TOOL_CALL_BEGIN, TOOL_CALLS_BEGIN, TOOL_SEP
+from nanoseek.tokenizer import (
+    THINK_END,
+    THINK_START,
+    TOOL_CALL_BEGIN,
+    TOOL_CALLS_BEGIN,
+    TOOL_SEP,
+    openai_message,
+)
 
 STATIC_DIR = Path(__file__).parent / "static"
 OPEN_PATHS = ("/health", "/", "/favicon.ico")  # the page's static files hold no model data
@@ -420,7 +427,7 @@ class Server:
         template drops reasoning from history."""
         out = []
         for m in messages:
-            d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            d = openai_message({"role": m.role, "content": m.text()})
             if m.tool_calls:
                 d["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
             if m.tool_call_id is not None:

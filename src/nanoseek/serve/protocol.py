@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from nanoseek.tokenizer import content_text
+
 
 class APIError(Exception):
     """An error the client caused or must handle; rendered as OpenAI's error object."""
@@ -115,18 +117,10 @@ class ChatMessage(_Request):
     tool_call_id: str | None = None  # a tool result: which call it answers
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for p in self.content:
-            if p.type != "text":
-                raise APIError(
-                    f"content part type {p.type!r} is not supported (text only)", param="messages.content"
-                )
-            parts.append(p.text or "")
-        return "".join(parts)
+        try:
+            return content_text(self.content)
+        except ValueError as e:
+            raise APIError(str(e), param="messages.content") from None
 
 
 class _Sampling(_Request):

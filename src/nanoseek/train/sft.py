@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from nanoseek.model.attention import document_causal_mask
 from nanoseek.options import check_choices, option
-from nanoseek.tokenizer import THINK_END, THINK_START, render_tool_calls
+from nanoseek.tokenizer import THINK_END, THINK_START, content_text, openai_message, render_tool_calls
 
 IGNORE = -100
 
@@ -51,13 +51,7 @@ def assistant_target_text(
 ) -> str:
     """The text the model must produce for one assistant message (the conversation's `message_index`,
     for errors), after the generation prompt (or after a tool result, `after_tool`), tool calls included."""
-    content = message.get("content")
-    if content is None:
-        content = ""
-    if not isinstance(content, str):
-        raise ValueError(
-            f"assistant content must be a string, got {type(content).__name__} (content parts are not supported)"
-        )
+    content = content_text(message.get("content"))
     if not content.strip() and not message.get("tool_calls") and not message.get("reasoning_content"):
         raise ValueError("assistant message has no content, reasoning_content or tool_calls to train on")
     reasoning = message.get("reasoning_content")
@@ -91,8 +85,9 @@ def tokenize_conversation(
     for m in messages:
         if not isinstance(m, dict) or "role" not in m:
             raise ValueError(f"each message needs a 'role' (and 'content'), got {m!r}")
-        if m["role"] not in ("system", "user", "assistant", "tool"):
+        if m["role"] not in ("system", "developer", "user", "assistant", "tool"):
             raise ValueError(f"unknown role {m['role']!r}")
+    messages = [openai_message(m) for m in messages]  # as serve reads a request's
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("conversation has no assistant message to train on")
     think_start = getattr(tokenizer, "think_start", THINK_START)
