@@ -366,6 +366,62 @@ def test_a_worker_ends_with_the_run_that_started_it(tmp_path):
         pytest.fail("the worker outlived its parent")
 
 
+def _stage_beside(ready: str, threads: int) -> None:
+    """A stage beside another (as `Speedrun._beside` starts them) that trains until stopped."""
+    Path(ready).write_text("up")
+    time.sleep(60)
+
+
+def test_ctrl_c_ends_a_stage_beside_another_without_its_traceback(tmp_path, capfd):
+    """Ctrl-C reaches the run's whole process group: the student's or the control's process printed
+    its own KeyboardInterrupt traceback over the run's one-line "interrupted". It ignores the signal,
+    and the run's process ends it."""
+    import os
+    import signal
+
+    ready = tmp_path / "ready"
+    run = Speedrun(tmp_path / "run", PRESETS["smoke"], progress=False)
+    with (
+        pytest.raises(KeyboardInterrupt),
+        run._beside("control", "grpo", _stage_beside, (str(ready),)) as child,
+    ):
+        deadline = time.time() + 60
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        os.kill(child.pid, signal.SIGINT)  # what a Ctrl-C sends it ...
+        child.join(1.0)
+        raise KeyboardInterrupt  # ... and the run's process
+    assert child.exitcode == -signal.SIGTERM
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def _evaluation_interrupted(out: str, preset, stage: str, tasks: list[str], progress: bool) -> list:
+    """An evaluation worker's job: the first one is hit by a Ctrl-C, the others take a while."""
+    if (stage, tasks) == ("pretrain", [preset.tasks[0]]):
+        raise KeyboardInterrupt
+    time.sleep(0.2)
+    (Path(out) / f"evaluated_{stage}_{tasks[0]}").write_text("")
+    return [{"pass@1": 0.5, "pass@1_stderr": 0.0, "format_rate": 1.0} for _ in tasks]
+
+
+def test_ctrl_c_in_the_evaluation_does_not_run_the_rest_of_its_queue(tmp_path, monkeypatch):
+    """On two evaluation workers a Ctrl-C (or an evaluation's error) waited for every evaluation still
+    queued (about a minute on the cpu preset) before the run stopped."""
+    import nanoseek.speedrun as speedrun_mod
+
+    monkeypatch.setattr(speedrun_mod, "_evaluate_checkpoint", _evaluation_interrupted)
+    monkeypatch.setattr(Speedrun, "overlaps", lambda self: True)
+    monkeypatch.setattr(Speedrun, "_one_queue_per_checkpoint", lambda self: False)
+    run = Speedrun(tmp_path, PRESETS["smoke"], progress=False)
+    for stage in ("pretrain", "sft", "grpo", "control", "student", "distill"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "config.json").write_text("{}")
+    with pytest.raises(KeyboardInterrupt):
+        run.evaluate()
+    evaluated = list(tmp_path.glob("evaluated_*"))
+    assert len(evaluated) <= 6, f"{len(evaluated)} evaluations run after the Ctrl-C"
+
+
 @pytest.mark.parametrize("saved_step", [0, 20])
 def test_a_resumed_run_trains_on_the_threads_the_run_never_stopped_had(tmp_path, monkeypatch, saved_step):
     """On some CPUs a step's last bits depend on the thread count. A run killed in pretraining after

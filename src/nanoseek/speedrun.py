@@ -559,7 +559,8 @@ class Speedrun:
             child = multiprocessing.get_context("spawn").Process(
                 target=target, args=(*args, threads // 2), name=stage
             )
-            child.start()
+            with _sigint_ignored():  # Ctrl-C: this process stops it (below), without its traceback
+                child.start()
         torch.set_num_threads(threads - threads // 2)
         if child is not None:
             print(f"  {stage}: beside {during} on {threads // 2} of {threads} threads", flush=True)
@@ -883,8 +884,13 @@ class Speedrun:
                     )
                     for stage, tasks in jobs
                 }
-                for future in as_completed(futures):
-                    done(*futures[future], future.result())
+                try:
+                    for future in as_completed(futures):
+                        done(*futures[future], future.result())
+                except BaseException:
+                    # Ctrl-C or a failed evaluation: the queued ones are not run before it is reported
+                    pool.shutdown(cancel_futures=True)
+                    raise
         with open(self.run / "metrics.jsonl", "a", encoding="utf-8") as f:
             for stage, task in order:
                 f.write((logs / _job_name(stage, task) / "metrics.jsonl").read_text(encoding="utf-8"))
@@ -1077,6 +1083,25 @@ def _set_threads(threads: int) -> None:
 
     _exit_with_parent()
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Processes started inside ignore SIGINT from their first line (an ignored signal outlives exec).
+    A Ctrl-C reaches the whole process group: a stage's spawned process would print its own traceback
+    of the KeyboardInterrupt over the run's one-line message, where the run's process ends it instead.
+    Off the main thread (where handlers cannot be set) nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _exit_with_parent() -> None:
