@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -270,6 +271,32 @@ def test_time_budget_refits_the_schedule_to_anneal_by_the_deadline(tmp_path, mon
     assert records[-1]["lr"] <= 1e-3 * (cfg.min_lr_ratio + 0.05)
 
 
+def test_a_budget_shorter_than_the_warmup_still_anneals(tmp_path, monkeypatch) -> None:
+    """The warmup was cut to half the first estimate only: a budget refitted to fewer steps than the
+    warmup ended on its ramp (`--max-seconds 15` from 28 planned steps: 6 steps, the last at 0.6 x
+    --lr, never decayed)."""
+    import itertools
+    import time
+
+    from nanoseek.train.sft import SFTConfig
+
+    clock = itertools.count(0.0, 0.01)
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    cfg = SFTConfig(
+        init="",
+        steps=100,
+        batch_size=2,
+        seq_len=32,
+        lr=1e-3,
+        warmup_steps=50,
+        progress=False,
+        max_seconds=1.0,
+    )
+    records = _train_with_budget(tmp_path, cfg, time.perf_counter())
+    assert 5 < len(records) < cfg.warmup_steps, len(records)  # refitted to fewer steps than the warmup
+    assert records[-1]["lr"] <= 1e-3 * (cfg.min_lr_ratio + 0.05)
+
+
 def test_a_deadline_known_only_as_it_goes_stops_the_run(tmp_path, monkeypatch) -> None:
     """The control beside GRPO: no deadline until GRPO's pace is known, then one that moves; the run
     stops at the first step that finds it passed, its schedule refitted to it, and still saves."""
@@ -421,6 +448,10 @@ def test_cold_start_chats_ask_several_problems_in_a_row_each_once() -> None:
         (dict(seq_len=1), "--seq-len"),
         (dict(max_seconds=-1.0), "--max-seconds"),
         (dict(max_seconds=0.0), "--max-seconds"),
+        # inf: an OverflowError at the first refit of the schedule, the steps before it unsaved
+        (dict(max_seconds=math.inf), "--max-seconds"),
+        (dict(weight_decay=math.nan), "--weight-decay"),  # refused only after the data was tokenized
+        (dict(weight_decay=math.inf), "--weight-decay"),
         (dict(lr=0.0), "--lr"),
         (dict(warmup_steps=-1), "--warmup-steps"),
         (dict(min_lr_ratio=2.0), "--min-lr-ratio"),

@@ -33,7 +33,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -384,6 +384,7 @@ class Trainer:
         self._loss_mean: float | None = None  # running mean of accepted losses (spike guard)
         self._good_steps = 0
         self._paced_from: tuple[int, float] | None = None  # (step, time) the deadline's pace counts from
+        self._warmup_steps = optim.warmup_steps  # as given: a deadline's refit cuts it to fit the steps
 
     # ------------------------------------------------------------ helpers
     @property
@@ -432,6 +433,10 @@ class Trainer:
             now = time.perf_counter()
             per_step = (now - self._paced_from[1]) / done
             self.total_steps = self.global_step + max(1, int((self.deadline - now) / per_step))
+            # at most half the run, as stages cut it to their first estimate: a run refitted to fewer
+            # steps than the warmup would end on its ramp, never annealed
+            warmup = min(self._warmup_steps, self.total_steps // 2)
+            self.optim_config = replace(self.optim_config, warmup_steps=warmup)
 
     # --------------------------------------------------------------- step
     def step(self, loss_fn: LossFn, accumulation: int = 1) -> dict[str, Any]:

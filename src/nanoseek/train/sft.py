@@ -317,7 +317,12 @@ class SFTConfig:
     )
     progress: bool = option(True)
     # a time-matched control run: stop and save once this budget from the start of sft() is spent
-    max_seconds: float | None = option(None, "wall-clock budget: stop and save once spent")
+    max_seconds: float | None = option(
+        None,
+        "wall-clock budget, data building included: a run planned for 5 steps or more is refitted to "
+        "fill it at the measured pace (more or fewer steps than --steps/--epochs; the schedule anneals "
+        "by it); stops and saves once spent",
+    )
 
     def validate(self) -> None:
         """Clear errors, by flag, for settings out of range (configs built in Python skip argparse)."""
@@ -332,13 +337,15 @@ class SFTConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         for name in ("weight_decay", "warmup_steps", "checkpoint_every"):
-            if getattr(self, name) < 0:
+            if not 0 <= getattr(self, name) < math.inf:  # NaN fails too
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("min_lr_ratio", "multi_turn"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
-        if self.max_seconds is not None and not self.max_seconds > 0:
-            raise ValueError(f"--max-seconds must be > 0 (or left out for no budget), got {self.max_seconds}")
+        if self.max_seconds is not None and not 0 < self.max_seconds < math.inf:
+            raise ValueError(
+                f"--max-seconds must be a finite number > 0 (or left out for no budget), got {self.max_seconds}"
+            )
 
 
 def task_conversations(
