@@ -346,15 +346,29 @@ def main() -> None:
         for key in ("batch", "seq_len", "ep", "dispatch", "combine"):
             if getattr(args, key) is not None:
                 c[key] = getattr(args, key)
-        v = all_to_all_volume(
-            preset, c["batch"], c["seq_len"], c["ep"], c["dispatch"], c["combine"], c["max_nodes"], c["gpus"]
-        )
+        try:
+            v = all_to_all_volume(
+                preset,
+                c["batch"],
+                c["seq_len"],
+                c["ep"],
+                c["dispatch"],
+                c["combine"],
+                c["max_nodes"],
+                c["gpus"],
+            )
+        except (KeyError, ValueError) as e:  # an unknown preset, an --ep that does not divide its experts
+            ap.error(str(e).strip("'\""))
         results.append(v)
     memory = v3_memory() if not args.preset or args.preset == "deepseek-v3" else []
+    measured_preset = args.preset or "small"
+    if args.measure:
+        measured, expected = measure(measured_preset, batch=4, seq=64, layers=3, vocab=4096)
     if args.json:
-        print(
-            json.dumps({"all_to_all": [asdict(v) for v in results], "v3_memory": [asdict(m) for m in memory]})
-        )
+        out = {"all_to_all": [asdict(v) for v in results], "v3_memory": [asdict(m) for m in memory]}
+        if args.measure:
+            out["measured"] = {"preset": measured_preset, "bytes": measured, "formula": expected.total_bytes}
+        print(json.dumps(out))
         return
     for v in results:
         print(
@@ -389,10 +403,8 @@ def main() -> None:
                 f"{m.dualpipe_states_gb:15.2f} {m.dualpipe_tokens_at_80gb:>7,}"
             )
     if args.measure:
-        preset = args.preset or "small"
-        measured, expected = measure(preset, batch=4, seq=64, layers=3, vocab=4096)
         print(
-            f"\nmeasured ({preset}, 3 layers, 256 tokens, EP=2, fp32): {measured:,} B moved by the all-to-alls; "
+            f"\nmeasured ({measured_preset}, 3 layers, 256 tokens, EP=2, fp32): {measured:,} B moved by the all-to-alls; "
             f"formula {int(expected.total_bytes):,} B ({measured / expected.total_bytes:.4f}x)"
         )
     summary = "; ".join(

@@ -65,14 +65,18 @@ print("SECONDS", min(seconds))
 """
 
 
-def worktree(rev: str, where: Path) -> Path:
-    """A checkout of `rev` (a commit of this repository) under `where`, for its src/."""
-    subprocess.run(
-        ["git", "-C", str(REPO), "worktree", "add", "--detach", "--force", str(where), rev],
-        check=True,
-        capture_output=True,
+def checkout_src(rev: str, where: Path) -> Path:
+    """`rev`'s src/ (a commit of this repository) extracted under `where`: a plain copy, not a git
+    worktree, so a run that is killed (`timeout`'s SIGTERM skips `finally`) leaves nothing registered
+    in the repository."""
+    where.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", rev, "src"], capture_output=True
     )
-    return where
+    if archive.returncode != 0:
+        raise SystemExit(f"--base {rev}: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+    return where / "src"
 
 
 def run_tree(
@@ -124,36 +128,30 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="bench_decode_instructions_") as tmp:
         tmp_dir = Path(tmp)
-        base_src = worktree(args.base, tmp_dir / "base") / "src"
+        base_src = checkout_src(args.base, tmp_dir / "base")
         trees = {f"base {args.base}": ("base", base_src), "this tree": ("this", REPO / "src")}
-        try:
-            results = {}
-            for name, (tag, src) in trees.items():
-                print(f"  {name}: under callgrind ...", flush=True)
-                results[name] = run_tree(tag, src, args, "callgrind", tmp_dir)
-            (base_i, _, base_tokens), (this_i, _, this_tokens) = results.values()
-            if base_tokens != this_tokens:
-                print("  WARNING: the two trees' greedy tokens differ")
-            tokens = args.runs * args.batch * args.new_tokens
-            assert base_i is not None and this_i is not None
-            print(f"  base {args.base}: {base_i / tokens / 1e6:.2f} M instructions per generated token")
-            print(f"  this tree: {this_i / tokens / 1e6:.2f} M instructions per generated token")
-            print(f"  ratio base / this tree: {base_i / this_i:.3f} (1.0: as lean as the base)")
-            if args.timing_rounds:
-                walls: dict[str, list[float]] = {name: [] for name in trees}
-                for _ in range(args.timing_rounds):
-                    for name, (tag, src) in trees.items():
-                        walls[name].append(run_tree(tag, src, args, "time", tmp_dir)[1])
-                base_s, this_s = (statistics.median(w) for w in walls.values())
-                print(
-                    f"  wall clock, {args.timing_rounds} alternating rounds (median of best-of-{args.runs}): "
-                    f"base {tokens / args.runs / base_s:.0f} tok/s, this tree {tokens / args.runs / this_s:.0f}"
-                    f" tok/s, ratio this / base {base_s / this_s:.3f}"
-                )
-        finally:
-            subprocess.run(
-                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp_dir / "base")],
-                capture_output=True,
+        results = {}
+        for name, (tag, src) in trees.items():
+            print(f"  {name}: under callgrind ...", flush=True)
+            results[name] = run_tree(tag, src, args, "callgrind", tmp_dir)
+        (base_i, _, base_tokens), (this_i, _, this_tokens) = results.values()
+        if base_tokens != this_tokens:
+            print("  WARNING: the two trees' greedy tokens differ")
+        tokens = args.runs * args.batch * args.new_tokens
+        assert base_i is not None and this_i is not None
+        print(f"  base {args.base}: {base_i / tokens / 1e6:.2f} M instructions per generated token")
+        print(f"  this tree: {this_i / tokens / 1e6:.2f} M instructions per generated token")
+        print(f"  ratio base / this tree: {base_i / this_i:.3f} (1.0: as lean as the base)")
+        if args.timing_rounds:
+            walls: dict[str, list[float]] = {name: [] for name in trees}
+            for _ in range(args.timing_rounds):
+                for name, (tag, src) in trees.items():
+                    walls[name].append(run_tree(tag, src, args, "time", tmp_dir)[1])
+            base_s, this_s = (statistics.median(w) for w in walls.values())
+            print(
+                f"  wall clock, {args.timing_rounds} alternating rounds (median of best-of-{args.runs}): "
+                f"base {tokens / args.runs / base_s:.0f} tok/s, this tree {tokens / args.runs / this_s:.0f}"
+                f" tok/s, ratio this / base {base_s / this_s:.3f}"
             )
 
 

@@ -155,6 +155,8 @@ def main() -> None:
                     "steps": args.steps,
                     "batch": args.batch,
                     "seq": args.seq,
+                    "device": where,
+                    "rest": args.rest,  # the baseline's precision, and the FP8 run's outside its GEMMs
                     "backend": backend,
                     "pow2": args.pow2,
                     "base_losses": base_losses,

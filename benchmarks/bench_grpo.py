@@ -64,7 +64,8 @@ def bench_nanoseek(init: str, args: argparse.Namespace, run: Path) -> dict:
     t0 = time.perf_counter()
     grpo(cfg)
     total = time.perf_counter() - t0
-    recs = [r for r in read_metrics(run, "grpo") if "rollout_time_s" in r][1:]
+    recs = [r for r in read_metrics(run, "grpo") if "rollout_time_s" in r]
+    recs = recs[1:] or recs  # the first step is warm-up, unless it is the only one (as TRL's below)
     step = [r["rollout_time_s"] + r["update_time_s"] for r in recs]
     return {
         "step_s": statistics.median(step),
@@ -182,7 +183,9 @@ def main() -> None:
     if "error" not in results.get("trl", {"error": 1}):
         print(f"  speed-up: {results['trl']['step_s'] / results['nanoseek']['step_s']:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"cpu": cpu_description(), "args": vars(args), "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

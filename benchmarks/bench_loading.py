@@ -167,7 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     summary = ", ".join(
         f"{r['format']} peak {r['peak_rss'] / GB:.2f} GB / {r['weight_bytes'] / GB:.2f} GB" for r in results
     )
-    print(f"bench_loading: {args.layers}-layer V2-Lite-width checkpoint ({disk / GB:.2f} GB): {summary}")
+    print(  # beside --json's object, stdout stays that one object
+        f"bench_loading: {args.layers}-layer V2-Lite-width checkpoint ({disk / GB:.2f} GB): {summary}",
+        file=sys.stderr if args.json else sys.stdout,
+    )
 
 
 if __name__ == "__main__":

@@ -214,9 +214,10 @@ def main() -> None:
             )
     hits = [line for line in metrics.splitlines() if line.startswith("nanoseek:prefix_cache_hit_blocks ")]
     best = max(rows, key=lambda r: r["tokens_per_s"])
-    print(
+    print(  # beside --json's object, stdout stays that one object
         f"bench_serve: best {best['tokens_per_s']:.1f} tok/s at {best['concurrency']} clients "
-        f"({args.max_tokens} tokens/request); {hits[0] if hits else ''}"
+        f"({args.max_tokens} tokens/request); {hits[0] if hits else ''}",
+        file=sys.stderr if args.json else sys.stdout,
     )
     if any(r["errors"] for r in rows):
         print("errors: " + "; ".join(str(r["first_error"]) for r in rows if r["errors"]), file=sys.stderr)

@@ -297,6 +297,8 @@ def main() -> None:
         "about, and judge those goals on them (0: the run's own problems)",
     )
     args = ap.parse_args()
+    if args.rescore < 0:  # said now, not when the run it would rescore has finished
+        ap.error(f"--rescore must be >= 0 (problems per family; 0: the run's own), got {args.rescore}")
     # A run re-read keeps every setting it was started with (the speedrun refuses to resume with others);
     # --precision and --seed given here still win, and a mismatch is then the speedrun's clear error.
     path = Path(args.out) / SETTINGS if args.out else None

@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from nanoseek.export import export_gguf
 
+    # with --json, stdout holds only the JSON lines; the other lines go to stderr
+    notes = sys.stderr if args.json else sys.stdout
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         steps = args.train_steps
@@ -260,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tok = models[""]
         print(
             f"checkpoint: tiny shape, vocab {model.config.vocab_size} (tokenizer {tok.vocab_size}), "
-            + (f"{steps} training steps" if steps else "random weights")
+            + (f"{steps} training steps" if steps else "random weights"),
+            file=notes,
         )
         for t in args.types.split(","):
             kind, _, variant = t.partition("+")
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{t}: {exact}/{len(results)} prompts with all {args.new_tokens} greedy tokens equal, "
                 f"teacher-forced top-1 {np.mean([r.teacher_forced_top1 for r in results]):.1%}, "
-                f"tokenization equal on {sum(r.same_tokenization for r in results)}/{len(results)}"
+                f"tokenization equal on {sum(r.same_tokenization for r in results)}/{len(results)}",
+                file=notes,
             )
     return 0
 

@@ -363,3 +363,17 @@ def test_bench_loading_deletes_only_the_checkpoint_it_wrote(saved, tmp_path, mon
     assert (other / "notes.txt").read_text() == "precious"
     with pytest.raises(SystemExit):  # nothing to reuse
         bench.main(["--dir", str(tmp_path / "empty"), "--reuse"])
+
+
+def test_bench_loading_json_is_all_of_stdout(saved, capsys):
+    """`--json` prints the figures as one JSON object: stdout parses as it, the summary line goes to
+    stderr (as bench_model's --json leaves stdout to its object)."""
+    from tests.benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("bench_loading")
+    directory, _ = saved
+    bench.main(["--dir", str(directory), "--reuse", "--formats", "bf16", "--json"])
+    out, err = capsys.readouterr()
+    figures = json.loads(out)
+    assert figures["layers"] == config().num_hidden_layers and figures["results"][0]["format"] == "bf16"
+    assert "bench_loading: " in err

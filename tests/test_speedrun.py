@@ -311,3 +311,15 @@ def test_gpu_check_prints_the_report_and_keeps_the_status_of_a_missed_goal(tmp_p
     assert r.returncode == 1, r.stderr
     assert "# the report" in r.stdout and " s in all; report: " in r.stdout, r.stdout
     assert "the time budget" in r.stderr
+
+
+def test_bench_speedrun_refuses_a_negative_rescore_before_running(monkeypatch, capsys):
+    """`--rescore -5` is a usage error at once, not a ValueError from the evaluation after a 20-minute
+    run (whose temporary directory then goes, figures unprinted)."""
+    bench = load_benchmark("bench_speedrun")
+    monkeypatch.setattr(bench, "run_speedrun", lambda *a, **k: pytest.fail("ran the speedrun"))
+    monkeypatch.setattr(sys, "argv", ["bench_speedrun.py", "--preset", "smoke", "--rescore", "-5"])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2
+    assert "--rescore must be >= 0" in capsys.readouterr().err
