@@ -46,6 +46,15 @@ def test_a_uniform_group_has_zero_advantage_whatever_the_rewards_size() -> None:
     assert (group_advantages(torch.tensor([0.5, 0.5 + 2e-7]), 2) != 0).all()
 
 
+def test_a_group_holding_a_non_finite_reward_gets_no_advantage() -> None:
+    """A custom reward that returns NaN or inf: its group carries no signal (zeros, never NaN advantages
+    that would write NaN into every weight), the other groups theirs."""
+    rewards = torch.tensor([1.0, float("nan"), 0.0, 1.0, 0.0, 1.0, float("inf"), 0.0, 1.0])
+    adv = group_advantages(rewards, 3)
+    assert adv[:3].tolist() == [0.0, 0.0, 0.0] and adv[6:].tolist() == [0.0, 0.0, 0.0]
+    assert adv[3:6].isfinite().all() and adv[3:6].abs().sum() > 0
+
+
 def test_groups_with_signal_counts_the_groups_with_nonzero_advantages(micro_checkpoint) -> None:
     from types import SimpleNamespace
 

@@ -309,6 +309,20 @@ def test_prompt_scoring_is_interleaved_with_generation(tok, model, monkeypatch):
     assert len(batches) == 3 and "step" in log[batches[0] : batches[-1]]
 
 
+def test_completions_non_finite_logprob_is_an_error_not_invalid_json(tok, model):
+    """A completion's body is encoded as every other answer: a NaN logprob (a broken model) is a 500, as in
+    chat completions, never a body with a bare NaN, which is no JSON (a browser's JSON.parse refuses it)."""
+    broken = DeepSeekV3(model.config).init_weights(0).eval()
+    with torch.no_grad():
+        broken.lm_head.weight[5].fill_(float("nan"))
+    app = create_app(Engine(broken, max_batch_size=4, max_seq_len=256), tok, ServeConfig(model_name=MODEL))
+    body = {"model": MODEL, "prompt": "hello there", "max_tokens": 1, "logprobs": 2, "echo": True}
+    with LiveServer(app) as srv:
+        r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+    assert "NaN" not in r.text
+    assert "not JSON compliant" in _err(r, 500)["message"]
+
+
 def test_completions_lm_eval_loglikelihood(real, tok, model):
     """Exactly the body lm-evaluation-harness local-completions sends for loglikelihood."""
     ctx = tok.encode("First, 2 + 2", add_bos=True)

@@ -712,7 +712,7 @@ class Server:
             finally:
                 self.engine.abort(group)
 
-        def render() -> bytes:
+        def render() -> JSONResponse:
             out = []
             for i, c in enumerate(choices):
                 ids, text = prompts[i // n]
@@ -743,11 +743,11 @@ class Server:
                 "choices": out,
                 "usage": _usage(prompt_tokens, choices),
             }
-            return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+            return JSONResponse(body)  # encoded here, as every other answer (NaN refused, not sent)
 
         # lm-eval's loglikelihood batches: hundreds of thousands of scored tokens to decode and encode,
         # seconds of work that on the event loop would stall every other client (/health included)
-        return Response(await asyncio.to_thread(render), media_type="application/json")
+        return await asyncio.to_thread(render)
 
     async def _completion_stream(
         self,

@@ -63,6 +63,7 @@ def group_advantages(
     # and std that grow with the rewards' size (std ~1e-6 for eight rewards of 10.4, ±0.009 advantages
     # after the division); those must be exactly 0 (and never 0/0 = NaN with eps = 0)
     uniform = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    uniform |= ~grouped.isfinite().all(dim=1, keepdim=True)  # a NaN reward (a custom function's) carries none
     adv = torch.where(uniform, torch.zeros_like(adv), adv)
     return adv.reshape(rewards.shape)
 
