@@ -354,6 +354,10 @@ def test_abort_and_max_seq_len(model):
     # beyond the model's context (serve --max-seq-len): refused, as vLLM does, not served degraded
     with pytest.raises(ValueError, match="beyond the model's context"):
         Engine(model, max_seq_len=model.config.max_position_embeddings + 1)
+    # 0 silently meant the default, a negative one failed in the cache ("num_blocks must be >= 2")
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match=f"max_seq_len must be >= 2, got {bad}"):
+            Engine(model, max_seq_len=bad)
 
 
 def test_a_failing_forward_fails_only_its_requests(model, monkeypatch):

@@ -111,6 +111,24 @@ def test_logit_bias():
         SamplingParams(logit_bias={0: 150.0}).validate()
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("logprobs", True),  # OpenAI chat's boolean: torch.topk refused it mid-step
+        ("logprobs", 1.5),
+        ("stop_token_ids", 5),  # one id, not a list: `token in 5` failed the request mid-step
+        ("stop_token_ids", "5"),
+        ("logit_bias", {"5": 1.0}),  # OpenAI's JSON keys are strings: a TypeError from the sampler
+    ],
+)
+def test_token_ids_of_the_wrong_type_are_refused_up_front(model, field, value):
+    with pytest.raises(ValueError, match=f"invalid SamplingParams: {field}"):
+        SamplingParams(**{field: value}).validate()
+    with pytest.raises(ValueError, match=field):
+        Engine(model).generate([PROMPTS[0]], max_new_tokens=2, **{field: value})
+    SamplingParams(logprobs=2, stop_token_ids=(torch.tensor(5), 6), logit_bias={5: 1.0}).validate()
+
+
 @pytest.mark.parametrize("value", [2.5, -3.0, float("inf"), float("nan")])
 @pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
 def test_presence_and_frequency_penalties_outside_openais_range_are_refused(name, value):

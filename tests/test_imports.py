@@ -135,3 +135,17 @@ def test_setuptools_reads_pyproject_without_deprecations_and_ships_every_data_fi
         rel = path.relative_to(SRC / "nanoseek").as_posix()
         if path.is_file() and path.suffix not in (".py", ".pyc"):
             assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not in the wheel (package-data)"
+
+
+def test_the_top_level_api_is_listed_and_documented():
+    """`dir(nanoseek)` (what IPython and editors complete from) lists the lazily loaded names, and each
+    exported class and function says what it does in its own docstring."""
+    import nanoseek
+
+    assert set(nanoseek.__all__) <= set(dir(nanoseek))
+    for name in nanoseek.__all__:
+        obj = getattr(nanoseek, name)
+        if callable(obj):
+            doc = obj.__dict__.get("__doc__") if isinstance(obj, type) else obj.__doc__
+            # a dataclass without one gets its signature as __doc__: no description
+            assert doc and not doc.startswith(f"{name}("), name

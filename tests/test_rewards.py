@@ -43,6 +43,8 @@ def test_spec_parsing():
         ("format:x", "bad weight"),
         ("format,format", "twice"),
         ("", "empty"),
+        ("accuracy:nan", "bad weight"),  # every total NaN: GRPO's advantages and loss with them
+        ("accuracy:1,format:inf", "bad weight"),
     ]:
         with pytest.raises(ValueError, match=msg):
             parse_reward_spec(bad)

@@ -668,6 +668,14 @@ def test_jsonl_null_or_empty_answer_is_refused(tmp_path):
             get_task(f"jsonl:{path}")
 
 
+def test_jsonl_language_outside_en_ja_zh_is_refused_at_load(tmp_path):
+    """The language reward scores en, ja and zh only: another value failed GRPO at its first such problem."""
+    path = tmp_path / "fr.jsonl"
+    path.write_text(json.dumps({"prompt": "Combien font 2+2 ?", "answer": "4", "language": "fr"}) + "\n")
+    with pytest.raises(ValueError, match=r"fr\.jsonl:1: language 'fr' is not one of \('en', 'ja', 'zh'\)"):
+        get_task(f"jsonl:{path}")
+
+
 def test_largest_keeps_the_line_that_decides_each_comparison():
     """Each of the two comparisons keeps every place it compares: cut at two lines, 693 vs 695 lost
     the ones place that decides it (3-digit numbers: ~2% of traces)."""

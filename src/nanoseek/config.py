@@ -72,6 +72,10 @@ _DENSE_FIELDS = (
 
 @dataclass
 class ModelConfig:
+    """A model's shape, with config.json's field names (DeepSeek-V3's defaults; Qwen2 / Llama by
+    `model_type`). Checked when built (`validate`); `load(dir)` / `save(dir)` read and write config.json,
+    `replace(**changes)` gives a changed copy, `get_preset(name)` the named shapes."""
+
     vocab_size: int = 129280
     hidden_size: int = 7168
     intermediate_size: int = 18432
@@ -602,6 +606,8 @@ PRESETS: tuple[str, ...] = (
 
 
 def get_preset(name: str) -> ModelConfig:
+    """A fresh copy of the named preset's config (`PRESETS`; case and `_` vs `-` ignored;
+    `deepseek-r1` is `deepseek-v3`). Unknown names raise KeyError listing the presets."""
     presets = _presets()
     key = name.lower().replace("_", "-")
     if key in ("deepseek-r1",):

@@ -21,6 +21,7 @@ Notable:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -236,9 +237,12 @@ def parse_reward_spec(spec: str) -> dict[str, float]:
         if name in weights:
             raise ValueError(f"reward {name!r} appears twice in {spec!r}")
         try:
-            weights[name] = float(w) if w.strip() else 1.0
+            weight = float(w) if w.strip() else 1.0
         except ValueError:
-            raise ValueError(f"bad weight {w!r} for reward {name!r} in {spec!r}") from None
+            weight = math.nan
+        if not math.isfinite(weight):  # NaN or inf would make every total (and GRPO's advantages) NaN
+            raise ValueError(f"bad weight {w!r} for reward {name!r} in {spec!r}: give a finite number")
+        weights[name] = weight
     if not weights:
         raise ValueError(f"empty reward spec {spec!r}")
     return weights

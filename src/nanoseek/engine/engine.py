@@ -101,6 +101,8 @@ class Engine:
             )
         if max_batch_size < 1 or block_size < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_size, block_size and prefill_chunk must be >= 1")
+        if max_seq_len is not None and max_seq_len < 2:  # one prompt token and one generated
+            raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
         cache_bytes = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
         if cache_bytes <= 0:
             raise ValueError(f"cache_bytes must be > 0, got {cache_bytes}")

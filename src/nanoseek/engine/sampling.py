@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +67,18 @@ class SamplingParams:
             value = getattr(self, name)
             need(-2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value}")
         need(
-            self.logprobs is None or self.logprobs >= 0, f"logprobs must be None or >= 0, got {self.logprobs}"
+            self.logprobs is None or (_is_token_id(self.logprobs) and self.logprobs >= 0),
+            f"logprobs must be None or an int >= 0, got {self.logprobs!r}",
         )
+        stops = self.stop_token_ids
+        need(
+            isinstance(stops, Collection)
+            and not isinstance(stops, str | bytes)
+            and all(map(_is_token_id, stops)),
+            f"stop_token_ids must be a list of token ids, got {stops!r:.60}",
+        )
+        keys = [k for k in self.logit_bias if not _is_token_id(k)]
+        need(not keys, f"logit_bias keys must be int token ids, got {keys[:1]}")
         bad = [v for v in self.logit_bias.values() if not -100.0 <= v <= 100.0]
         need(not bad, f"logit_bias values must be in [-100, 100], got {bad[:1]}")
 
@@ -85,6 +96,11 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or bool(self.logit_bias)
         )
+
+
+def _is_token_id(value: object) -> bool:
+    """An integer of any kind (Python's, numpy's, a 0-d tensor's), not a bool, float or string."""
+    return hasattr(value, "__index__") and not isinstance(value, bool)
 
 
 @dataclass

@@ -20,7 +20,16 @@ from nanoseek.data.tasks.answers import (
     extract_answer,
     parse_number,
 )
-from nanoseek.data.tasks.base import SPLITS, VERIFIERS, Problem, Task, _check_split, _problem_id, split_of
+from nanoseek.data.tasks.base import (
+    LANGUAGES,
+    SPLITS,
+    VERIFIERS,
+    Problem,
+    Task,
+    _check_split,
+    _problem_id,
+    split_of,
+)
 from nanoseek.tokenizer import THINK_END, THINK_START
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,6 +262,8 @@ class JsonlTask(Task):
             if not statements:
                 raise ValueError(f'{where}: "tests" has no statements: nothing to check the code against')
         language = row.get("language") or detect_language(row["prompt"])
+        if language not in LANGUAGES:  # the language reward and `language=` know these only
+            raise ValueError(f"{where}: language {language!r} is not one of {LANGUAGES}")
         split = row.get("split") or split_of(f"jsonl|{row['prompt']}")
         if split not in SPLITS:
             raise ValueError(f"{where}: split {split!r} is not one of {SPLITS}")
