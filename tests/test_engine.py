@@ -303,6 +303,22 @@ def test_capacity_and_input_errors(model):
     assert [len(x) for x in out] == [5, 5]
 
 
+def test_a_refused_engine_leaves_the_model_as_given(model, monkeypatch):
+    """quantize= and pack_weights= change the model in place: an Engine refused for its context or
+    cache did so first, so the caller's model came back int8 (and packed) from a failed call."""
+    from nanoseek.engine import packed
+    from nanoseek.engine.packed import is_packed
+    from nanoseek.engine.quantize import is_quantized
+
+    monkeypatch.setattr(packed, "PACK_MIN_ELEMENTS", 0)
+    m = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="beyond the model's context"):
+        Engine(m, quantize="int8", pack_weights=True, max_seq_len=10**6)
+    with pytest.raises(ValueError, match="needs more KV cache"):
+        Engine(m, quantize="int8", pack_weights=True, max_seq_len=200, cache_bytes=4096)
+    assert not is_quantized(m) and not is_packed(m)
+
+
 def test_prompts_must_be_token_ids_not_text(model):
     """A prompt given as text is refused with a pointer to the tokenizer: a string of digits was read as
     ids (generate("12") ran prompts [1] and [2]) and float ids were truncated, both silently."""

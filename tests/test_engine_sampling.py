@@ -270,6 +270,32 @@ def test_a_model_already_in_another_8bit_storage_is_not_quantized_again(model):
         Engine(fp8, quantize="int8")
 
 
+def test_a_packed_model_is_refused_by_quantize_not_half_quantized(model, monkeypatch):
+    """Engine(quantize=...) over a model an earlier Engine packed (pack_weights=True): packed routed
+    experts failed with an AttributeError (no gate_up_proj), packed linears were left in full precision
+    while the rest went 8-bit. Refused now, before any change; a head packed beside fp8 storage (which
+    keeps the head in full precision) is no target, so the same Engine can be built again."""
+    from nanoseek.engine import packed
+    from nanoseek.engine.packed import PackedLinear, packable
+    from nanoseek.model import moe
+
+    monkeypatch.setattr(moe, "GATHER_LIMIT", 0)  # experts this small would gather, not pack
+    monkeypatch.setattr(packed, "PACK_MIN_ELEMENTS", 0)
+    if not packable(model):
+        pytest.skip("this PyTorch's oneDNN does not pack these weights")
+    m = copy.deepcopy(model)
+    Engine(m, pack_weights=True)
+    kinds = [type(x) for x in m.modules()]
+    for fmt in ("int8", "fp8"):
+        with pytest.raises(ValueError, match=rf"quantize='{fmt}': .* already packed"):
+            Engine(m, quantize=fmt)
+    assert [type(x) for x in m.modules()] == kinds
+    fp8 = copy.deepcopy(model)
+    Engine(fp8, quantize="fp8", pack_weights=True)
+    assert isinstance(fp8.lm_head, PackedLinear)
+    assert len(Engine(fp8, quantize="fp8").generate([PROMPTS[0]], max_new_tokens=3)[0]) == 3
+
+
 @pytest.mark.parametrize("fmt", ["int8", "fp8", "w8a8"])
 @pytest.mark.parametrize("tokens", [1, 3, 40])  # the int8 kernel's few rows, and widening per expert
 def test_quantized_experts_run_on_their_storage(fmt, tokens, monkeypatch):

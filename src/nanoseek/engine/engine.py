@@ -110,16 +110,6 @@ class Engine:
         self.config = cfg
         self.dtype = model.dtype
         self.device = model.device
-        from nanoseek.engine.quantize import pack_w8a8, quantize_model
-
-        if quantize is not None:
-            quantize_model(model, quantize)
-        pack_w8a8(model)  # now, not in the first request (a no-op without w8a8 weights)
-        self.quantize = quantize
-        if pack_weights:
-            from nanoseek.engine.packed import pack_model
-
-            pack_model(model)
         self.speculative = speculative
         if max_seq_len is not None and max_seq_len > cfg.max_position_embeddings:
             # as vLLM refuses it: past its context the model's outputs degrade without any error
@@ -145,6 +135,17 @@ class Engine:
                 )
             want = max_batch_size * math.ceil((self.max_seq_len + 1) / block_size) + 1
             num_blocks = min(want, budget)
+        # The model is changed in place only now, past every check above: a refused Engine leaves it as given.
+        from nanoseek.engine.quantize import pack_w8a8, quantize_model
+
+        if quantize is not None:
+            quantize_model(model, quantize)
+        pack_w8a8(model)  # now, not in the first request (a no-op without w8a8 weights)
+        self.quantize = quantize
+        if pack_weights:
+            from nanoseek.engine.packed import pack_model
+
+            pack_model(model)
         self.cache = paged_cache_for(cfg, num_layers, num_blocks, block_size, self.dtype, self.device)
         # A verify step's draft lies at position len(tokens) < max_len: no slot past max_len is needed.
         self.scheduler = Scheduler(self.cache, max_batch_size, prefill_chunk, speculative)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.engine.packed import PackedLinear, PackedRoutedExperts
 from nanoseek.model.fp8 import FP8Linear
 from nanoseek.model.moe import RoutedExperts, each_expert, shape_only
 
@@ -332,6 +333,13 @@ def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
             full = f"{name}.{child_name}" if name else child_name
             if full == "lm_head" and not quantize_head:
                 continue
+            if isinstance(child, (PackedLinear, PackedRoutedExperts)):
+                # not an nn.Linear any more: it stayed in full precision, packed experts had no stacks
+                raise ValueError(
+                    f"quantize={fmt!r}: the model's weights are already packed for serving "
+                    "(pack_weights=True, engine/packed.py); quantize it before packing: "
+                    f"Engine(model, quantize={fmt!r}, pack_weights=True) does both, in that order"
+                )
             if isinstance(child, nn.Linear):
                 targets.append((module, child_name, QuantLinear(child, fmt)))
             elif isinstance(child, RoutedExperts) and not isinstance(child, QuantRoutedExperts):
