@@ -891,8 +891,48 @@ def test_generation_config_stop_ids_end_a_reply(tok):
     engine = ScriptedEngine(t, lambda prompt, params: [*tok.encode("Hello"), stop, *tok.encode(" world")])
     with LiveServer(create_app(engine, t, ServeConfig(model_name=MODEL))) as srv:
         body = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 20}).json()
-    choice = body["choices"][0]  # (a stop id that is not a special token shows, as in vLLM)
-    assert choice["text"] == "Hello<｜User｜>" and choice["finish_reason"] == "stop"
+        streamed = _sse_chunks(srv.url + "/v1/completions", {"prompt": "x", "max_tokens": 20})
+        hi = [{"role": "user", "content": "Hi"}]
+        chat = {"messages": hi, "max_tokens": 20, "chat_template_kwargs": {"thinking": False}}
+        answer = httpx.post(srv.url + "/v1/chat/completions", json=chat).json()["choices"][0]
+    # the stop id is counted but not shown, though it is no special token (as vLLM and `nanoseek chat`)
+    choice = body["choices"][0]
+    assert choice["text"] == "Hello" and choice["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] == len(tok.encode("Hello")) + 1
+    assert "".join(c["choices"][0]["text"] for c in streamed if c["choices"]) == "Hello"
+    assert answer["message"]["content"] == "Hello" and answer["finish_reason"] == "stop"
+
+
+def test_a_sentencepiece_vocabulary_keeps_the_first_generated_words_space(tmp_path):
+    # Llama-2 style: the decoder strips a text's leading space, so the reply decoded alone would lose the
+    # space of its first word ("isParis"); decoded after the prompt, as vLLM does, it keeps it.
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers
+
+    from nanoseek.tokenizer import load_tokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ("▁", "▁The", "▁capital", "▁is", "▁Paris", "."):
+        vocab[piece] = len(vocab)
+    backend = Backend(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.add_special_tokens(["<s>", "</s>"])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    t = load_tokenizer(tmp_path)
+    prompt = [t.token_to_id(p) for p in ("▁The", "▁capital", "▁is")]
+    reply = [t.token_to_id("▁Paris"), t.token_to_id(".")]
+    assert t.decode(prompt + reply) == "The capital is Paris."
+    engine = ScriptedEngine(t, lambda prompt, params: reply)
+    with LiveServer(create_app(engine, t, ServeConfig(model_name=MODEL))) as srv:
+        for echo in (False, True):
+            body = {"prompt": prompt, "max_tokens": 10, "echo": echo}
+            full = httpx.post(srv.url + "/v1/completions", json=body).json()["choices"][0]["text"]
+            chunks = _sse_chunks(srv.url + "/v1/completions", body)
+            assert full == "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+            assert full == ("The capital is" if echo else "") + " Paris."
 
 
 def test_web_page_served(scripted):

@@ -41,6 +41,11 @@ CASES = [
     ("a</think>b</think>c<think>d", True, "a", "b</think>c<think>d"),  # one block per answer, as R1
     ("x < y and </thin is not a tag</think>ok", True, "x < y and </thin is not a tag", "ok"),
     ("<thinking is not a tag>", False, "", "<thinking is not a tag>"),
+    # the prompt opened <think> and the model opens it again (R1's older template): no tag in reasoning
+    ("<think>\nhmm\n</think>\n\n42", True, "hmm\n", "42"),
+    ("\n<think>hmm", True, "hmm", ""),
+    ("<thinking aloud", True, "<thinking aloud", ""),
+    ("<thi", True, "<thi", ""),
 ]
 
 

@@ -450,8 +450,10 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
-    def incremental_decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
-        return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens)
+    def incremental_decoder(
+        self, skip_special_tokens: bool = False, context: Sequence[int] = ()
+    ) -> IncrementalDecoder:
+        return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens, context=context)
 
     @property
     def is_byte_level(self) -> bool:
@@ -611,13 +613,18 @@ class IncrementalDecoder:
     """Token ids in, text deltas out; a character split across tokens is held until it is complete.
 
     `push(ids)` returns the new text; `flush()` ends the stream (an unfinished character becomes U+FFFD).
-    The concatenated deltas equal `tokenizer.decode(all_ids)` for valid text.
+    The concatenated deltas equal `tokenizer.decode(all_ids)` for valid text. `context`: the ids before
+    the first pushed one (a prompt), whose text is not output; a non-byte-level decoder that strips a
+    text's leading space (SentencePiece's) then keeps the first generated word's, as vLLM primes its
+    detokenizer with the prompt.
     """
 
     # Non-byte-level fallback: re-decode from a few tokens back so merges/spacing at the seam are right.
     _CONTEXT = 6
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, skip_special_tokens: bool = False, context: Sequence[int] = ()
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.text = ""
@@ -627,8 +634,9 @@ class IncrementalDecoder:
             self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         else:
             self._table = None
+            self._ids = _as_ids(context)[-self._CONTEXT :]
             self._prefix = 0  # ids before this index are only context
-            self._read = 0  # text of ids[_prefix:_read] has been emitted
+            self._read = len(self._ids)  # text of ids[_prefix:_read] has been emitted (or is context)
 
     def push(self, ids: int | Iterable[int]) -> str:
         new = _as_ids(ids)

@@ -185,15 +185,18 @@ class _Choice:
         """One engine event -> (text, reasoning, content) deltas; sets finish_reason when done.
 
         Token by token: an event may carry several (an accepted speculative draft), and the tokens after
-        the one that completes a stop string are neither counted in usage nor given logprobs."""
+        the one that completes a stop string are neither counted in usage nor given logprobs. The token that
+        ended the request (EOS, a stop id: the engine's "stop") is counted but not shown, as vLLM and
+        `nanoseek chat` leave it out: a stop id that is no special token (`<｜User｜>`) would print."""
         text = ""
+        ended_by = len(ev.new_token_ids) - 1 if ev.finished and ev.finish_reason == "stop" else -1
         for i, token in enumerate(ev.new_token_ids):
             self.token_ids.append(token)
             self.starts.append(len(self.detok.text))
             if ev.logprobs:
                 self.logprobs.append(ev.logprobs[i])
                 self.offsets.append(len(self.detok.text))
-            text += self.stops.push(self.detok.push([token]))
+            text += self.stops.push(self.detok.push([] if i == ended_by else [token]))
             if self.stops.stopped:
                 self.finish_reason = "stop"
                 return self._split(text)
@@ -352,6 +355,7 @@ class Server:
 
     def new_choice(
         self,
+        prompt_ids: list[int],
         stops: list[str] | None,
         started_in_think: bool | None,
         tools: list[dict] | None = None,
@@ -365,7 +369,7 @@ class Server:
         )
         names = [t["function"]["name"] for t in tools or []]
         return _Choice(
-            self.tokenizer.incremental_decoder(skip_special_tokens=True),
+            self.tokenizer.incremental_decoder(skip_special_tokens=True, context=prompt_ids),
             StopStringMatcher(stops or []),
             splitter,
             ToolCallSplitter(names, prefill) if tools else None,
@@ -522,7 +526,8 @@ class Server:
         jobs = [(prompt_ids, self.sampling_params(req, max_new, k, j, bias)) for j in range(req.n)]
         parallel = req.parallel_tool_calls is not False
         choices = [
-            self.new_choice(req.stop, started_in_think, tools, prefill, parallel) for _ in range(req.n)
+            self.new_choice(prompt_ids, req.stop, started_in_think, tools, prefill, parallel)
+            for _ in range(req.n)
         ]
         group = self.submit(jobs)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -687,7 +692,7 @@ class Server:
         scores: list[Any] = [None] * len(prompts)
         if req.echo and req.logprobs is not None:
             scores = await self.engine.score_prompts([ids for ids, _ in prompts], req.logprobs)
-        choices = [self.new_choice(req.stop, None) for _ in range(len(prompts) * n)]
+        choices = [self.new_choice(prompts[i // n][0], req.stop, None) for i in range(len(prompts) * n)]
         group = None
         if generate:
             bias = self.logit_bias(req.logit_bias)

@@ -67,15 +67,17 @@ class StopStringMatcher:
 class ReasoningSplitter:
     """Split streamed text into (reasoning, content) deltas at `<think>` / `</think>`.
 
-    `started_in_think=True` when the prompt already opened the block (the R1 generation prompt). One
-    think block per answer, as R1 emits: after `</think>` everything is content, tags included. The
-    newline after `<think>` and the blank line after `</think>` are layout, not text, and are dropped.
+    `started_in_think=True` when the prompt already opened the block (the R1 generation prompt); a model
+    that opens it again all the same (trained on R1's older template, which left `<think>` to the model)
+    has that leading tag dropped, as vLLM's R1 parser does. One think block per answer, as R1 emits: after
+    `</think>` everything is content, tags included. The newline after `<think>` and the blank line after
+    `</think>` are layout, not text, and are dropped.
     """
 
     def __init__(self, started_in_think: bool, think_start: str = THINK_START, think_end: str = THINK_END):
         self.start_tag, self.end_tag = think_start, think_end
         self.started_in_think = started_in_think
-        self.state = "think" if started_in_think else "before"  # before -> think -> answer
+        self.state = "before"  # before -> think -> answer
         self._pending = ""
         self._strip_newlines = started_in_think
 
@@ -87,7 +89,8 @@ class ReasoningSplitter:
                 content.append(self._take_all())
                 break
             if self.state == "before":
-                # Only a leading <think> opens a reasoning block; anything else is a plain answer.
+                # Only a leading <think> opens a reasoning block; anything else is a plain answer (or,
+                # when the prompt opened the block, reasoning).
                 head = self._pending.lstrip()
                 if head.startswith(self.start_tag):
                     self._pending = head[len(self.start_tag) :]
@@ -95,7 +98,7 @@ class ReasoningSplitter:
                     continue
                 if self.start_tag.startswith(head):
                     break  # only whitespace or a prefix of "<think>" so far: wait
-                self.state = "answer"
+                self.state = self._untagged_state
                 continue
             i = self._pending.find(self.end_tag)
             if i >= 0:
@@ -127,12 +130,21 @@ class ReasoningSplitter:
         if text:
             into.append(text)
 
+    @property
+    def _untagged_state(self) -> str:
+        """Where output that does not open with `<think>` belongs."""
+        return "think" if self.started_in_think else "answer"
+
     def flush(self) -> tuple[str, str]:
         text, self._pending = self._pending, ""
         if not text:
             return "", ""
+        if self.state == "before":
+            self.state = self._untagged_state
         if self.state == "think":
-            return text, ""
+            reasoning: list[str] = []
+            self._emit(text, reasoning)
+            return "".join(reasoning), ""
         return "", text.lstrip("\n") if self._strip_newlines else text
 
 
