@@ -36,6 +36,10 @@ def test_no_grad_and_all_ignored():
     with torch.no_grad():
         assert torch.allclose(linear_cross_entropy(h, w, t), _reference(h, w, t), atol=1e-6)
     assert torch.isnan(linear_cross_entropy(h, w, torch.full((4,), -100)))
+    # nothing to predict: NaN as F.cross_entropy, and as its, zero gradients (not NaN ones)
+    h.requires_grad_()
+    (linear_cross_entropy(h, w, torch.full((4,), -100)).nan_to_num() * 0).backward()
+    assert torch.equal(h.grad, torch.zeros_like(h))
     with pytest.raises(ValueError, match="do not match"):
         linear_cross_entropy(h, w, t[:3])
 

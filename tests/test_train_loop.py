@@ -16,10 +16,12 @@ from nanoseek.model.transformer import cross_entropy
 from nanoseek.train.loop import (
     OptimConfig,
     StepLog,
+    StepTargets,
     Trainer,
     language_model_loss,
     lr_multiplier,
     param_groups,
+    target_counts,
 )
 
 VOCAB = 32
@@ -225,6 +227,28 @@ def test_gradient_accumulation_matches_big_batch(tmp_path) -> None:
     assert two["loss"] == pytest.approx(big["loss"], rel=1e-5)
     for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_a_micro_batch_without_targets_adds_nothing(tmp_path) -> None:
+    """A micro-batch whose targets are all masked (a window inside a long chat prompt) is its zero share
+    of the step's mean, even where no balance loss carries a graph (a dense model, α = 0): it crashed
+    backward ("does not require grad")."""
+    x, y = batch_at(0)
+    empty = (batch_at(1)[0], torch.full_like(y, -100))
+    counts = target_counts(y, 1)
+
+    def train(micro_batches) -> tuple[float, list[torch.Tensor]]:
+        m = micro_model()
+        tr = make_trainer(m, tmp_path / str(len(micro_batches)), steps=2)
+        m.set_balance_alpha(0.0)
+        step = StepTargets(counts, micro_batches=len(micro_batches))
+        it = iter(micro_batches)
+        loss = tr.step(lambda: language_model_loss(m, *next(it), 0.3, step=step), len(micro_batches))["loss"]
+        return loss, [p.detach().clone() for p in m.parameters()]
+
+    alone, with_empty = train([(x, y)]), train([(x, y), empty])
+    assert with_empty[0] == alone[0]
+    assert all(torch.equal(a, b) for a, b in zip(alone[1], with_empty[1], strict=True))
 
 
 def test_nan_and_spike_steps_are_skipped(tmp_path, capsys) -> None:

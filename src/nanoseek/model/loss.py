@@ -45,10 +45,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, safe_t).squeeze(1)
             total += torch.where(ok, lse - picked, 0.0).sum()
             if want_grads:
-                # d loss / d logits = (softmax - onehot) / count on counted rows, 0 elsewhere
+                # d loss / d logits = (softmax - onehot) / count on counted rows, 0 elsewhere (also
+                # where nothing is counted, as F.cross_entropy: not 0 * inf, a NaN in every gradient)
                 g = logits.sub_(lse.unsqueeze(1)).exp_()
                 g.scatter_add_(1, safe_t, torch.full_like(picked, -1.0).unsqueeze(1))
-                g.mul_((ok.float() * inv).unsqueeze(1))
+                g.mul_(torch.where(ok, inv, 0.0).unsqueeze(1))
                 g = g.to(dtype)
                 torch.mm(g, w, out=grad_h[s : s + rows])
                 grad_w.addmm_(g.t().float() if dtype != torch.float32 else g.t(), h.float())

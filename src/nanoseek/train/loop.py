@@ -221,8 +221,8 @@ def language_model_loss(
         """A term's share of the step's mean; a batch with none of its targets adds 0."""
         if counts is None:  # no `step`: the batch's own mean
             return term
-        if counts[k] == 0:
-            return term.new_zeros(())
+        if counts[k] == 0:  # (its mean over no target is NaN) a zero still on the graph: backward runs
+            return term.nan_to_num(0.0) * 0.0
         return term * (counts[k] * step.world_size / step.counts[k]).item()
 
     loss = weighted(lm, 0)
