@@ -107,6 +107,24 @@ def test_a_muon_step_moves_each_matrix_at_adamws_rms() -> None:
     assert "momentum_buffer" in opt.state[w] and "exp_avg" in opt.state[b]
 
 
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_an_expert_without_gradient_is_left_alone(ns_dtype) -> None:
+    """An expert no token was routed to has an all-zero slice of the stacked gradient: like a parameter
+    without gradient (AdamW, or transformers' per-expert modules) it must not move. Its stale momentum,
+    orthogonalized, moved it a full step every step (and weight decay shrank it)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, 32, 16) * 0.1)
+    opt = Muon([{"params": [w], "muon": True, "weight_decay": 0.1}], lr=1e-2, ns_dtype=ns_dtype)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    before, momentum = w.detach().clone(), opt.state[w]["momentum_buffer"].clone()
+    w.grad = torch.randn_like(w)
+    w.grad[0] = 0  # expert 0 got no token this step
+    opt.step()
+    assert torch.equal(w[0], before[0]) and torch.equal(opt.state[w]["momentum_buffer"][0], momentum[0])
+    assert not torch.equal(w[1:], before[1:])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_orthogonalization_flops_are_what_a_muon_step_multiplies(dtype) -> None:
     """bench_speedrun's compute floor counts Newton-Schulz without running it: the count must be the

@@ -146,16 +146,19 @@ class Muon(torch.optim.AdamW):
                     state["momentum_buffer"] = torch.zeros_like(p)
                     state["step"] = torch.tensor(0.0)  # AdamW's state loader expects every entry to count
                 state["step"] += 1
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - mu)
-                update = p.grad.lerp(buf, mu)  # Nesterov
                 shape = (p.shape[-2] // k, p.shape[-1])
-                todo.setdefault(shape, []).append((p, update.reshape(-1, *shape), group))
+                grad, buf = p.grad.reshape(-1, *shape), state["momentum_buffer"].view(-1, *shape)
+                # A matrix without gradient (an expert no token was routed to) is left alone, as a
+                # parameter without one is: its stale momentum, orthogonalized, would move it a full step.
+                used = grad.flatten(1).any(dim=1)[:, None, None]
+                buf.copy_(torch.where(used, buf.lerp(grad, 1 - mu), buf))
+                update = torch.where(used, grad.lerp(buf, mu), 0.0)  # Nesterov; 0 orthogonalizes to 0
+                p.view(-1, *shape).mul_(torch.where(used, 1 - group["lr"] * group["weight_decay"], 1.0))
+                todo.setdefault(shape, []).append((p, update, group))
                 p.grad = None  # consumed: AdamW's step below skips parameters without gradients
         for (rows, cols), items in todo.items():
             stacked = orthogonalize(torch.cat([u for _, u, _ in items]), self.ns_steps, self.ns_dtype)
             scale = 0.2 * max(rows, cols) ** 0.5
             for (p, _, group), o in zip(items, stacked.split([u.shape[0] for _, u, _ in items]), strict=True):
-                p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(o.reshape(p.shape).to(p.dtype), alpha=-group["lr"] * scale)
         return super().step(closure)
