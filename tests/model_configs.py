@@ -79,6 +79,28 @@ def chatml_tokenizer(directory):
     return backend
 
 
+def sentencepiece_tokenizer(directory, pieces=("▁", "▁The", "▁capital", "▁is", "▁Paris", ".")):
+    """A Llama-2-style vocabulary in miniature: byte-fallback BPE whose decoder strips a text's leading
+    space (so a reply decoded alone loses its first word's); loaded as nanoseek's Tokenizer."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers
+
+    from nanoseek.tokenizer import load_tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in pieces:
+        vocab[piece] = len(vocab)
+    backend = Backend(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.add_special_tokens(["<s>", "</s>"])
+    backend.save(str(directory / "tokenizer.json"))
+    return load_tokenizer(directory)
+
+
 def chatml_checkpoint(directory, generation: dict | None = None, vocab_size: int | None = None):
     """A tiny Qwen2 checkpoint as Qwen2.5-Instruct ships (`chatml_tokenizer`), with `generation` as its
     generation_config.json (default: both of Qwen's stop ids); `vocab_size` pads the embeddings past the

@@ -357,3 +357,36 @@ def test_chat_says_when_a_message_does_not_fit_and_goes_on(checkpoint):
     assert chat.run(args, stdin=stdin, stdout=out) == 0
     text = out.getvalue()
     assert "the context holds" in text and "try a shorter message" in text and "1 turns" in text
+
+
+def test_generate_keeps_the_first_words_space_with_a_sentencepiece_vocabulary(tmp_path, monkeypatch, capsys):
+    """A Llama-2-style decoder strips a text's leading space: the completion decoded alone printed
+    "The capital isParis."; decoded after the prompt (as serve and vLLM do), " Paris."."""
+    import types
+
+    from model_configs import sentencepiece_tokenizer
+    from nanoseek.commands import generate
+
+    tok = sentencepiece_tokenizer(tmp_path)
+    reply = [tok.token_to_id("▁Paris"), tok.token_to_id(".")]
+
+    class Scripted:
+        dtype = "torch.float32"
+
+        def stream(self, prompts, params):
+            yield types.SimpleNamespace(new_token_ids=reply, finished=True)
+
+        def generate(self, prompts, params):
+            return [reply for _ in prompts]
+
+        def stats(self):
+            return {"spec_acceptance_rate": None}
+
+    monkeypatch.setattr(
+        generate, "load_for_generation", lambda args, max_batch_size=1: (Scripted(), tok, None)
+    )
+    for samples in ("1", "2"):
+        args = cli_args("generate", "ck", "The capital is", "--num-samples", samples)
+        assert args.func(args) == 0
+        out = capsys.readouterr().out
+        assert "The capital is Paris." in out and "isParis" not in out

@@ -906,22 +906,9 @@ def test_generation_config_stop_ids_end_a_reply(tok):
 def test_a_sentencepiece_vocabulary_keeps_the_first_generated_words_space(tmp_path):
     # Llama-2 style: the decoder strips a text's leading space, so the reply decoded alone would lose the
     # space of its first word ("isParis"); decoded after the prompt, as vLLM does, it keeps it.
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, normalizers
+    from model_configs import sentencepiece_tokenizer
 
-    from nanoseek.tokenizer import load_tokenizer
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
-    for piece in ("▁", "▁The", "▁capital", "▁is", "▁Paris", "."):
-        vocab[piece] = len(vocab)
-    backend = Backend(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    backend.add_special_tokens(["<s>", "</s>"])
-    backend.save(str(tmp_path / "tokenizer.json"))
-    t = load_tokenizer(tmp_path)
+    t = sentencepiece_tokenizer(tmp_path)
     prompt = [t.token_to_id(p) for p in ("▁The", "▁capital", "▁is")]
     reply = [t.token_to_id("▁Paris"), t.token_to_id(".")]
     assert t.decode(prompt + reply) == "The capital is Paris."

@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     n_tokens = 0
     if args.num_samples == 1:
-        decoder = IncrementalDecoder(tok, skip_special_tokens=True)
+        # primed with the prompt: a SentencePiece decoder strips a text's leading space ("isParis")
+        decoder = IncrementalDecoder(tok, skip_special_tokens=True, context=ids)
         events = engine.stream([ids], params)  # a prompt over the context fails here, before the echo
         if not args.chat:
             sys.stdout.write(text)
@@ -141,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         for i, out in enumerate(outs):
             n_tokens += len(out)
             print(f"--- sample {i + 1}/{len(outs)}")
-            print(("" if args.chat else text) + tok.decode(out, skip_special_tokens=True))
+            decoder = IncrementalDecoder(tok, skip_special_tokens=True, context=ids)
+            print(("" if args.chat else text) + decoder.push(out) + decoder.flush())
     dt = time.perf_counter() - t0
     s = engine.stats()
     spec = (
