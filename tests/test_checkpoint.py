@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nanoseek
-from nanoseek.atomic import FILE_MODE, atomic_directory
+from nanoseek.atomic import FILE_MODE, atomic_directory, atomic_file, atomic_write
 from nanoseek.checkpoint import build_model, read_safetensors, save_model
 from nanoseek.config import ModelConfig
 from nanoseek.model.fp8 import dequantize_blocks
@@ -208,6 +208,45 @@ def test_atomic_directory_keeps_old_checkpoint_on_failure(tmp_path):
     assert (target / "model.safetensors").read_bytes() != before["model.safetensors"]
     # every file readable as the user's umask says (safetensors alone writes its files owner-only)
     assert {f.stat().st_mode & 0o777 for f in target.iterdir()} == {FILE_MODE}
+
+
+def test_a_symlinked_checkpoint_is_written_where_it_points_and_stays_linked(tmp_path):
+    """RUN/pretrain (or RUN/final) linked to another disk: each save lands there, the link stays, and
+    nothing is left beside it. The swap used to rename a directory over the link (on the link's disk),
+    leave the link aside as `.pretrain.tmp-old`, and fail the next save or resume on it."""
+    from nanoseek.checkpoint import load_train_state
+
+    (tmp_path / "big").mkdir()
+    (tmp_path / "run").mkdir()
+    link = tmp_path / "run" / "pretrain"
+    link.symlink_to(tmp_path / "big" / "pretrain", target_is_directory=True)
+    for step in ("1", "2"):
+        with atomic_directory(link) as tmp:
+            (tmp / "weights").write_text(step)
+        assert link.is_symlink() and (tmp_path / "big" / "pretrain" / "weights").read_text() == step
+        assert load_train_state(link) is None
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["pretrain"]
+    assert [p.name for p in (tmp_path / "big").iterdir()] == ["pretrain"]
+    # a file too: `--gguf model.gguf` linked to another disk
+    (tmp_path / "big" / "model.gguf").write_text("old")
+    (tmp_path / "run" / "model.gguf").symlink_to(tmp_path / "big" / "model.gguf")
+    atomic_write(tmp_path / "run" / "model.gguf", "new")
+    assert (tmp_path / "run" / "model.gguf").is_symlink()
+    assert (tmp_path / "big" / "model.gguf").read_text() == "new"
+
+
+def test_a_failed_atomic_write_names_the_users_path_and_keeps_the_old_file(tmp_path):
+    """A full disk mid-write: the error names the file asked for (not the hidden temporary one), the
+    old file is whole, and no temporary file is left beside it."""
+    import errno
+
+    target = tmp_path / "report.json"
+    atomic_write(target, "old")
+    with pytest.raises(OSError, match="No space left") as e, atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert e.value.filename == str(target)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
 
 def test_a_checkpoint_replaced_while_it_loads_loads_whole(tmp_path, monkeypatch):

@@ -498,6 +498,14 @@ def test_a_directory_scan_skips_hidden_folders(tmp_path: Path) -> None:
     assert [p.name for p in resolve_files(tmp_path)] == ["a.txt"]
 
 
+def test_a_file_whose_name_looks_like_a_glob_is_that_file(tmp_path: Path) -> None:
+    """`--data "wiki [en].txt"` names that file; read as a glob it matched `wiki e.txt` instead."""
+    (tmp_path / "wiki [en].txt").write_text("English")
+    (tmp_path / "wiki e.txt").write_text("something else")
+    assert resolve_files(tmp_path / "wiki [en].txt") == [tmp_path / "wiki [en].txt"]
+    assert [p.name for p in resolve_files(str(tmp_path / "wiki [a-z].txt"))] == ["wiki e.txt"]  # a glob still
+
+
 def test_an_unreadable_folder_or_file_is_an_error_not_a_gap_in_the_corpus(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

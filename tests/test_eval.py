@@ -186,6 +186,15 @@ def test_bad_arguments() -> None:
         evaluate(EvalConfig(model="x", task="nope"), sampler=lambda ps: [])
 
 
+def test_an_out_that_is_a_directory_is_refused_before_sampling(tmp_path) -> None:
+    """It failed writing the report (IsADirectoryError), after every sample had been drawn."""
+    drawn = []
+    cfg = EvalConfig(model="ck", task="arithmetic", k=1, n=2, out=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match=r"is a directory: .*eval_arithmetic.json"):
+        evaluate(cfg, sampler=lambda ps: drawn.append(ps) or [])
+    assert drawn == []
+
+
 def test_pass_at_1_per_language(tmp_path) -> None:
     """Problems in several languages: pass@1 is also reported per language (the report's table)."""
     probs = get_task("comparison").problems("test", 30, seed=0)

@@ -259,6 +259,19 @@ def test_cli_rejects_bad_arguments(workdir, tmp_path, capsys) -> None:
         pretrain(config(workdir, tmp_path, steps=0))
 
 
+def test_cli_says_in_one_line_which_path_the_file_system_refused(workdir, tmp_path, capsys) -> None:
+    """--out under a file (or on a read-only or full disk): one line naming the path, no traceback."""
+    (tmp_path / "a-file").write_text("")
+    code = main(
+        ["pretrain", "--out", str(tmp_path / "a-file" / "run"), "--preset", str(workdir / "micro"),
+         "--tokenizer", str(workdir / "tok"), "--seq-len", "32", "--steps", "2", "--no-progress"]
+    )  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nanoseek pretrain: error: ") and str(tmp_path / "a-file") in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [

@@ -6,6 +6,8 @@ old file or directory or the new one, never half of one. Torch-free, so light mo
 - A directory is written whole under a scratch name and swapped in: the old one moved aside, the new
   one renamed into place, the old one removed. Linux cannot rename over a non-empty directory; a
   crash between the two renames leaves the old one aside, and the next write (or resume) puts it back.
+- A path that is a symlink is written where it points (`_target`): a checkpoint directory linked to
+  another disk stays there, and stays linked.
 """
 
 from __future__ import annotations
@@ -40,10 +42,26 @@ def _fsync(path: Path) -> None:
     os.close(fd)
 
 
+def _target(path: str | os.PathLike) -> Path:
+    """Where a write to `path` goes: a symlink's target, else `path` itself. Renamed over, the link
+    would become a file or directory of its own beside it, on the link's disk rather than the target's."""
+    final = Path(path)
+    return final.resolve() if final.is_symlink() else final
+
+
+def _remove(path: Path) -> None:
+    """Remove a directory, or a symlink (an older nanoseek moved a linked checkpoint's link aside)."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; once the block finishes without error it replaces `path`."""
-    final = Path(path)
+    """Yield a temporary path beside `path`; once the block finishes without error it replaces `path`.
+    An error writing the temporary file names `path`, the one the user knows."""
+    final = _target(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp")
     try:
@@ -53,6 +71,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         _fsync(tmp)
         os.replace(tmp, final)
         _fsync(final.parent)
+    except OSError as e:
+        if e.filename is None or str(e.filename) == str(tmp):
+            e.filename, e.filename2 = str(path), None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -66,17 +88,17 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
 
 def scratch_dir(path: str | os.PathLike) -> Path:
     """Where `atomic_directory(path)` writes before the swap (ranks of one save all write there)."""
-    final = Path(path)
+    final = _target(path)
     return final.parent / f".{final.name}.tmp-new"
 
 
 def restore_directory(path: str | os.PathLike) -> None:
     """Put back a directory that a crash mid-swap left aside (a no-op when there is none)."""
-    final = Path(path)
+    final = _target(path)
     aside = final.parent / f".{final.name}.tmp-old"
     if aside.exists():
         if final.exists():
-            shutil.rmtree(aside)  # the swap had finished; only the clean-up was cut short
+            _remove(aside)  # the swap had finished; only the clean-up was cut short
         else:
             os.replace(aside, final)
 
@@ -85,7 +107,7 @@ def restore_directory(path: str | os.PathLike) -> None:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty scratch directory that replaces `path` only once the block finishes without
     error; until then (and after a failure) an existing `path` is left as it was."""
-    final = Path(path)
+    final = _target(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     restore_directory(final)
     tmp = scratch_dir(final)

@@ -6,6 +6,7 @@ Commands import their heavy dependencies inside `run`, so `nanoseek --help` stay
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import pkgutil
@@ -65,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: one clear line, no traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"nanoseek {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # What the file system refused (a read-only or full disk, a file where a directory is wanted,
+        # a name too long): one line naming the path. Any other OSError is a bug's, with its traceback.
+        if e.filename is None and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = "" if e.filename is None else f"{e.filename}: "
+        print(f"nanoseek {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return int(result or 0)
 

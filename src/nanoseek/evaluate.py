@@ -478,6 +478,11 @@ def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
         raise ValueError(f"split must be train or test, got {cfg.split!r}")
     if cfg.max_batch_size is not None and cfg.max_batch_size < 1:
         raise ValueError(f"--max-batch-size must be >= 1 (or left out), got {cfg.max_batch_size}")
+    if cfg.out and Path(cfg.out).is_dir():  # said now, not once every sample is drawn
+        raise ValueError(
+            f"--out {cfg.out} is a directory: it takes the report's file, such as "
+            f"{Path(cfg.out) / f'eval_{slug(cfg.task)}.json'}"
+        )
     task = get_task(cfg.task)
     return task, task.problems(cfg.split, cfg.n, seed=cfg.seed, language=cfg.language)
 

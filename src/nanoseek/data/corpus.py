@@ -70,15 +70,9 @@ def resolve_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     files: list[Path] = []
     for item in items:
         text = str(item)
-        if any(c in text for c in "*?["):
-            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True)) if Path(m).is_file()]
-            if not matches:
-                raise FileNotFoundError(f"no files match {text}")
-            bad = [m for m in matches if _kind(m) is None]
-            if bad:
-                raise ValueError(f"unsupported file type: {bad[0]} (use .txt, .md, .jsonl, .parquet, or .gz)")
-            files.extend(matches)
-        elif Path(text).is_dir():
+        # a path that exists is itself, a glob only otherwise: `wiki [en].txt` is that file, where its
+        # glob would match `wiki e.txt` (or nothing)
+        if Path(text).is_dir():
             found = sorted(p for p in _walk(text) if p.is_file() and _kind(p))
             if not found:
                 raise FileNotFoundError(f"no .txt/.md/.jsonl/.parquet files under {text}")
@@ -87,6 +81,14 @@ def resolve_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> li
             if _kind(Path(text)) is None:
                 raise ValueError(f"unsupported file type: {text} (use .txt, .md, .jsonl, .parquet, or .gz)")
             files.append(Path(text))
+        elif any(c in text for c in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True)) if Path(m).is_file()]
+            if not matches:
+                raise FileNotFoundError(f"no files match {text}")
+            bad = [m for m in matches if _kind(m) is None]
+            if bad:
+                raise ValueError(f"unsupported file type: {bad[0]} (use .txt, .md, .jsonl, .parquet, or .gz)")
+            files.extend(matches)
         else:
             raise FileNotFoundError(f"data source not found: {text}")
     seen: set[Path] = set()
