@@ -820,6 +820,42 @@ def test_stop_strings(scripted):
     assert 'nanoseek:request_success_total{finished_reason="abort"}' not in metrics
 
 
+def test_metrics_count_stop_string_replies_as_their_clients_got_them(tok):
+    # The engine runs on between the token that completes a stop string and the abort that follows it:
+    # it finished by length there (the string ends on the last token allowed) or generated past it.
+    # /metrics counted those steps, not the replies: "length" for a reply whose finish_reason was "stop",
+    # more generation tokens than any usage held.
+    reply = tok.encode(f"{REASONING}\n</think>\n\n{ANSWER}") + tok.encode(" and so on") * 60
+    engine = ScriptedEngine(tok, lambda prompt, params: reply)
+    upto = next(i + 1 for i in range(len(reply)) if "That" in tok.decode(reply[: i + 1]))
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL))) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        used = 0
+        for max_tokens in (upto, 200):  # the stop string on the last token allowed, then mid-way
+            r = client.completions.create(model=MODEL, prompt="x", max_tokens=max_tokens, stop=["That"])
+            assert r.choices[0].finish_reason == "stop"
+            used += r.usage.completion_tokens
+            chunks = list(
+                client.chat.completions.create(
+                    model=MODEL,
+                    messages=USER,
+                    max_tokens=max_tokens,
+                    stop=["That"],
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+            used += chunks[-1].usage.completion_tokens
+        deadline = time.monotonic() + 10
+        while engine.has_unfinished() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        metrics = httpx.get(srv.url + "/metrics").text
+    assert 'nanoseek:request_success_total{finished_reason="stop"} 4.0' in metrics
+    assert 'finished_reason="length"' not in metrics
+    assert f"nanoseek:generation_tokens_total {float(used)}" in metrics
+
+
 def test_stop_string_inside_a_multi_token_event_ends_usage_and_logprobs_there(tok):
     # A speculative engine emits an accepted draft and its bonus token in one event: the tokens after
     # the one that completes the stop string are not output, so neither counted nor given logprobs.

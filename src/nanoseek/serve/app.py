@@ -173,6 +173,7 @@ class _Choice:
     offsets: list[int] = field(default_factory=list)  # where each token of `logprobs` starts in the text
     starts: list[int] = field(default_factory=list)  # where each token starts in the decoded text
     finish_reason: str | None = None
+    refused: bool = False  # the engine refused its request (the client got a 400): nothing to count
     text: str = ""
     reasoning: str = ""
     content: str = ""
@@ -417,12 +418,29 @@ class Server:
             if ev is None:
                 continue
             if isinstance(ev, BaseException):
-                raise _engine_error(ev)
+                error = _engine_error(ev)
+                if error.status >= 500:  # its forward failed: counted as the engine's "error"
+                    choices[index].finish_reason = "error"
+                else:  # refused (it never fits): no choice reached the client
+                    for c in choices:
+                        c.refused = True
+                raise error
             if choices[index].done:
                 continue
             yield index, ev
             if choices[index].done and not ev.finished:  # a stop string ended it
-                self.engine.abort_ids([group.request_ids[index]], reason="stop")
+                self.engine.abort_ids([group.request_ids[index]])
+
+    def release(self, group: RequestGroup, choices: list[_Choice]) -> None:
+        """The HTTP request is over: free its engine requests, and count each choice in /metrics as its
+        client got it: the completion tokens of its usage and its finish_reason ("abort": the client left
+        first). Not as the engine steps: a stop string is matched here, and the engine may generate past
+        it, or finish by length, before its abort lands."""
+        self.engine.abort(group)
+        for c in choices:
+            if not c.refused:
+                self.metrics.generation_tokens.inc(len(c.token_ids))
+                self.metrics.finished.labels(finished_reason=c.finish_reason or "abort").inc()
 
     # ------------------------------------------------------------------ chat
     @staticmethod
@@ -537,12 +555,13 @@ class Server:
                 self._chat_stream(req, group, choices, cid, len(prompt_ids), include_usage),
                 self,
                 group,
+                choices,
             )
         try:
             async for index, ev in self.events(group, choices, request):
                 choices[index].feed(ev)
         finally:
-            self.engine.abort(group)
+            self.release(group, choices)
         out = []
         for i, c in enumerate(choices):
             message: dict[str, Any] = {"role": "assistant", "content": c.content}
@@ -709,13 +728,13 @@ class Server:
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
         if req.stream:
             gen = self._completion_stream(req, group, choices, prompts, scores, cid, prompt_tokens)
-            return _sse(gen, self, group)
+            return _sse(gen, self, group, choices)
         if group is not None:
             try:
                 async for index, ev in self.events(group, choices, request):
                     choices[index].feed(ev)
             finally:
-                self.engine.abort(group)
+                self.release(group, choices)
 
         def render() -> JSONResponse:
             out = []
@@ -951,8 +970,10 @@ def _engine_error(e: BaseException) -> APIError:
     return APIError(f"engine failure: {e}", status=500, type="server_error")
 
 
-def _sse(chunks: AsyncIterator[dict], server: Server, group: RequestGroup | None) -> StreamingResponse:
-    """Server-sent events ending with [DONE]; on disconnect Starlette cancels us and we abort the group."""
+def _sse(
+    chunks: AsyncIterator[dict], server: Server, group: RequestGroup | None, choices: list[_Choice]
+) -> StreamingResponse:
+    """Server-sent events ending with [DONE]; on disconnect Starlette cancels us and we release the group."""
 
     async def body() -> AsyncIterator[str]:
         try:
@@ -962,7 +983,7 @@ def _sse(chunks: AsyncIterator[dict], server: Server, group: RequestGroup | None
             yield f"data: {json.dumps(e.body())}\n\n"
         finally:
             if group is not None:
-                server.engine.abort(group)
+                server.release(group, choices)
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(

@@ -153,10 +153,10 @@ class AsyncEngine:
         for rid in group.request_ids:
             self._commands.put(("abort", rid))
 
-    def abort_ids(self, request_ids: list[str], reason: str = "abort") -> None:
-        """Free these requests; `reason` is what the metrics count them as (a stop string hit is "stop")."""
+    def abort_ids(self, request_ids: list[str]) -> None:
+        """Free these requests (a stop string ended them)."""
         for rid in request_ids:
-            self._commands.put(("abort", rid, reason))
+            self._commands.put(("abort", rid))
 
     def _release(self, n: int) -> None:
         self._pending -= n
@@ -231,7 +231,7 @@ class AsyncEngine:
             entry = self._entries.pop(rid, None)
             if entry is not None:
                 self.engine.abort(rid)
-                self._finish_metrics(entry, cmd[2] if len(cmd) > 2 else "abort")
+                self._finish_metrics(entry)
                 self._post(entry.group, None, release=1)
         elif kind == "score":
             _, prompts, top_k, fut = cmd
@@ -260,7 +260,6 @@ class AsyncEngine:
                 continue  # aborted meanwhile
             n = len(ev.new_token_ids)
             if n and self.metrics:
-                self.metrics.generation_tokens.inc(n)
                 if entry.first_token is None:
                     self.metrics.ttft.observe(now - entry.arrival)
                 elif entry.last_token is not None:
@@ -272,7 +271,7 @@ class AsyncEngine:
             release = 0
             if ev.finished:
                 self._entries.pop(ev.request_id, None)
-                self._finish_metrics(entry, ev.finish_reason or "stop")
+                self._finish_metrics(entry)
                 release = 1
             # a request whose step failed gets its error; the engine serves on (Engine.step)
             error = getattr(ev, "error", None)
@@ -287,9 +286,9 @@ class AsyncEngine:
                 exc_info=error,
             )
 
-    def _finish_metrics(self, entry: _Entry, reason: str) -> None:
+    def _finish_metrics(self, entry: _Entry) -> None:
+        """Latency only: tokens and finish reasons are counted as the client got them (`Server.release`)."""
         if self.metrics:
-            self.metrics.finished.labels(finished_reason=reason).inc()
             self.metrics.e2e.observe(time.perf_counter() - entry.arrival)
 
     def _post(self, group: RequestGroup, item: Any, release: int = 0) -> None:
