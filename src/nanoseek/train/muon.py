@@ -134,10 +134,10 @@ class Muon(torch.optim.AdamW):
         # Momentum first, then one batched Newton-Schulz per matrix shape: the attention and MLP
         # matrices of every layer share a handful of shapes, and a batch of them costs one op chain.
         todo: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]] = {}
+        mats = []  # (p, its gradient and momentum as [matrices, rows, cols], which matrices have gradient, group)
         for group in self.param_groups:
             if not group["muon"]:
                 continue
-            mu, k = group["momentum"], group["blocks"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -146,16 +146,25 @@ class Muon(torch.optim.AdamW):
                     state["momentum_buffer"] = torch.zeros_like(p)
                     state["step"] = torch.tensor(0.0)  # AdamW's state loader expects every entry to count
                 state["step"] += 1
-                shape = (p.shape[-2] // k, p.shape[-1])
+                shape = (p.shape[-2] // group["blocks"], p.shape[-1])
                 grad, buf = p.grad.reshape(-1, *shape), state["momentum_buffer"].view(-1, *shape)
-                # A matrix without gradient (an expert no token was routed to) is left alone, as a
-                # parameter without one is: its stale momentum, orthogonalized, would move it a full step.
-                used = grad.flatten(1).any(dim=1)[:, None, None]
+                mats.append((p, grad, buf, grad.flatten(1).any(dim=1)[:, None, None], group))
+        # one sync for the step: which parameters have a matrix without gradient (an expert no token was
+        # routed to), left alone as a parameter without one is (its stale momentum, orthogonalized, would
+        # move it a full step); the others take the plain in-place path
+        whole = torch.stack([used.all() for *_, used, _ in mats]).tolist() if mats else []
+        for (p, grad, buf, used, group), every in zip(mats, whole, strict=True):
+            mu, decay = group["momentum"], 1 - group["lr"] * group["weight_decay"]
+            if every:
+                buf.lerp_(grad, 1 - mu)
+                update = grad.lerp(buf, mu)  # Nesterov
+                p.mul_(decay)
+            else:
                 buf.copy_(torch.where(used, buf.lerp(grad, 1 - mu), buf))
-                update = torch.where(used, grad.lerp(buf, mu), 0.0)  # Nesterov; 0 orthogonalizes to 0
-                p.view(-1, *shape).mul_(torch.where(used, 1 - group["lr"] * group["weight_decay"], 1.0))
-                todo.setdefault(shape, []).append((p, update, group))
-                p.grad = None  # consumed: AdamW's step below skips parameters without gradients
+                update = torch.where(used, grad.lerp(buf, mu), 0.0)  # 0 orthogonalizes to 0
+                p.view(grad.shape).mul_(torch.where(used, decay, 1.0))
+            todo.setdefault(tuple(grad.shape[1:]), []).append((p, update, group))
+            p.grad = None  # consumed: AdamW's step below skips parameters without gradients
         for (rows, cols), items in todo.items():
             stacked = orthogonalize(torch.cat([u for _, u, _ in items]), self.ns_steps, self.ns_dtype)
             scale = 0.2 * max(rows, cols) ** 0.5
