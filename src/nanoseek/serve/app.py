@@ -170,8 +170,8 @@ class _Choice:
     parallel_calls: bool = True  # False (`parallel_tool_calls: false`): only the first call is returned
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)  # where each token of `logprobs` starts in the text
-    starts: list[int] = field(default_factory=list)  # where each token starts in the decoded text
+    # where each token starts in the decoded text (text_offset of its logprobs, the think block's end)
+    starts: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     refused: bool = False  # the engine refused its request (the client got a 400): nothing to count
     text: str = ""
@@ -196,7 +196,6 @@ class _Choice:
             self.starts.append(len(self.detok.text))
             if ev.logprobs:
                 self.logprobs.append(ev.logprobs[i])
-                self.offsets.append(len(self.detok.text))
             text += self.stops.push(self.detok.push([] if i == ended_by else [token]))
             if self.stops.stopped:
                 self.finish_reason = "stop"
@@ -748,7 +747,7 @@ class Server:
                         c.logprobs,
                         req.logprobs,
                         hidden=self.hidden_prefix(req.prompt),
-                        offsets=[(len(text) if req.echo else 0) + o for o in c.offsets],
+                        offsets=[(len(text) if req.echo else 0) + o for o in c.starts],
                     )
                 out.append(
                     {
@@ -822,7 +821,7 @@ class Server:
                         None,
                         c.logprobs[sent_lp[index] :],
                         req.logprobs,
-                        offsets=[start + o for o in c.offsets[sent_lp[index] :]],
+                        offsets=[start + o for o in c.starts[sent_lp[index] :]],
                     )
                     sent_lp[index] = len(c.logprobs)
                 if text or lp is not None:
@@ -857,7 +856,7 @@ class Server:
 
         text_offset is where each token starts in the choice's text: the prompt's `hidden` first tokens hold
         none of the echoed text, a token that begins inside a character (a byte-level piece) is placed at
-        that character, and `offsets` give the generated tokens' (from `_Choice.offsets`)."""
+        that character, and `offsets` give the generated tokens' (from `_Choice.starts`)."""
         tokens: list[str] = []
         token_logprobs: list[float | None] = []
         top_logprobs: list[dict[str, float] | None] = []
