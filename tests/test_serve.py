@@ -475,6 +475,20 @@ def test_completions_prompt_forms_echo_and_max_tokens(real, tok):
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == full.choices[0].text
 
 
+def test_echoed_prompt_text_offsets_follow_the_decoder(tok):
+    # The echoed prompt's text offsets read the decoder's length after every token; the decoder keeps its
+    # text in pieces with a running count (growing one string by copying it made a 320k-token prompt
+    # take over a minute), and the count must stay the text's length.
+    from nanoseek.serve.async_engine import PromptScore
+
+    server = create_app(ScriptedEngine(tok), tok, ServeConfig(model_name=MODEL)).state.server
+    ids = tok.encode("The answer is 4. Let me think step by step. 数学は楽しい。 " * 200)
+    score = PromptScore(logprobs=[None] + [-1.0] * (len(ids) - 1), top=[None] * len(ids))
+    lp = server.legacy_logprobs(ids, score, [], 0)
+    assert lp["text_offset"][-1] == len(tok.decode(ids[:-1]))
+    assert lp["text_offset"] == sorted(lp["text_offset"])
+
+
 def test_completions_streamed_text_offset_goes_on_across_chunks(real):
     """Each streamed chunk's text_offset continues the last one's, as vLLM's do: together they are the
     whole response's (they restarted at 0 in every chunk)."""
@@ -937,6 +951,79 @@ def test_generation_config_stop_ids_end_a_reply(tok):
     assert body["usage"]["completion_tokens"] == len(tok.encode("Hello")) + 1
     assert "".join(c["choices"][0]["text"] for c in streamed if c["choices"]) == "Hello"
     assert answer["message"]["content"] == "Hello" and answer["finish_reason"] == "stop"
+
+
+def test_metrics_count_each_prompt_once_and_scored_prompts(tok, model):
+    # n choices share one prompt: /metrics counted it n times, usage once; a prompt scored with echo +
+    # logprobs and max_tokens 0 (lm-eval's loglikelihood) was in no counter at all
+    engine = Engine(model, max_seq_len=256)
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL), model=model)) as srv:
+        url = srv.url + "/v1/completions"
+        a = httpx.post(url, json={"prompt": "Hello world", "max_tokens": 2, "n": 3}).json()["usage"]
+        b = httpx.post(url, json={"prompt": "x y", "max_tokens": 0, "echo": True, "logprobs": 0}).json()
+        streamed = _sse_chunks(url, {"prompt": "z", "max_tokens": 0, "echo": True, "logprobs": 0})
+        metrics = httpx.get(srv.url + "/metrics").text
+    prompts = (
+        a["prompt_tokens"]
+        + b["usage"]["prompt_tokens"]
+        + len(streamed[0]["choices"][0]["logprobs"]["tokens"])
+    )
+    assert f"nanoseek:prompt_tokens_total {float(prompts)}" in metrics
+    assert f"nanoseek:generation_tokens_total {float(a['completion_tokens'])}" in metrics
+    assert 'nanoseek:request_success_total{finished_reason="length"} 5.0' in metrics
+
+
+def test_a_reply_cut_inside_a_character_ends_before_it(tok):
+    # max_tokens ends the reply on the first byte of a 3-byte character: no U+FFFD (as vLLM), streamed or not
+    table = tok.token_bytes()
+    lead = next(i for i, b in enumerate(table) if b == "数".encode()[:1])
+    engine = ScriptedEngine(tok, lambda prompt, params: [*tok.encode("Hi "), lead, *tok.encode("!")])
+    n = len(tok.encode("Hi ")) + 1
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL))) as srv:
+        body = {"prompt": "x", "max_tokens": n}
+        r = httpx.post(srv.url + "/v1/completions", json=body).json()
+        streamed = _sse_chunks(srv.url + "/v1/completions", body)
+        hi = [{"role": "user", "content": "Hi"}]
+        chat = {"messages": hi, "max_tokens": n, "chat_template_kwargs": {"thinking": False}}
+        answer = httpx.post(srv.url + "/v1/chat/completions", json=chat).json()["choices"][0]
+    assert r["choices"][0]["text"] == "Hi " and r["choices"][0]["finish_reason"] == "length"
+    assert r["usage"]["completion_tokens"] == n  # the cut token is still generated and counted
+    assert "".join(c["choices"][0]["text"] for c in streamed if c["choices"]) == "Hi "
+    assert answer["message"]["content"] == "Hi "
+
+
+def test_vllm_sampling_extensions_are_honoured_or_refused(tok):
+    # stop_token_ids (vLLM's) ends the reply; extensions that would change the output and are not
+    # implemented were accepted and silently ignored: now a 400 naming them (their no-op values pass)
+    world = tok.encode(" world")
+    engine = ScriptedEngine(tok, lambda prompt, params: [*tok.encode("Hello"), *world])
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL))) as srv:
+        url = srv.url + "/v1/completions"
+        r = httpx.post(url, json={"prompt": "x", "max_tokens": 20, "stop_token_ids": world[:1]}).json()
+        assert r["choices"][0]["text"] == "Hello" and r["choices"][0]["finish_reason"] == "stop"
+        r = httpx.post(
+            url, json={"prompt": "x", "max_tokens": 20, "ignore_eos": True, "stop_token_ids": world[:1]}
+        )
+        assert r.json()["choices"][0]["text"] == "Hello"
+        assert (
+            _err(httpx.post(url, json={"prompt": "x", "stop_token_ids": [10**6]}), 400)["param"]
+            == "stop_token_ids"
+        )
+        for extra in (
+            {"min_tokens": 5},
+            {"use_beam_search": True},
+            {"guided_choice": ["yes", "no"]},
+            {"include_stop_str_in_output": True},
+            {"skip_special_tokens": False},
+            {"prompt_logprobs": 1},
+            {"response_format": {"type": "json_object"}},
+        ):
+            (name,) = extra
+            assert _err(httpx.post(url, json={"prompt": "x", **extra}), 400)["param"] == name
+            chat = {"messages": USER, **extra}
+            assert _err(httpx.post(srv.url + "/v1/chat/completions", json=chat), 400)["param"] == name
+        noops = {"min_tokens": 0, "use_beam_search": False, "skip_special_tokens": True, "guided_json": None}
+        assert httpx.post(url, json={"prompt": "x", "max_tokens": 2, **noops}).status_code == 200
 
 
 def test_a_sentencepiece_vocabulary_keeps_the_first_generated_words_space(tmp_path):

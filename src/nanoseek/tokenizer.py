@@ -612,8 +612,10 @@ class Tokenizer:
 class IncrementalDecoder:
     """Token ids in, text deltas out; a character split across tokens is held until it is complete.
 
-    `push(ids)` returns the new text; `flush()` ends the stream (an unfinished character becomes U+FFFD).
-    The concatenated deltas equal `tokenizer.decode(all_ids)` for valid text. `context`: the ids before
+    `push(ids)` returns the new text; `flush()` ends the stream (an unfinished character becomes U+FFFD,
+    or with `drop_partial` is left out, as vLLM's detokenizer leaves it). The concatenated deltas equal
+    `tokenizer.decode(all_ids)` for valid text; `text` is their concatenation and `chars` its length (read
+    per token without joining the text: a prompt of 100k tokens scored with echo stays linear). `context`: the ids before
     the first pushed one (a prompt), whose text is not output; a non-byte-level decoder that strips a
     text's leading space (SentencePiece's) then keeps the first generated word's, as vLLM primes its
     detokenizer with the prompt.
@@ -627,7 +629,8 @@ class IncrementalDecoder:
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.text = ""
+        self._pieces: list[str] = []  # the text's deltas, joined when `text` is read
+        self.chars = 0
         self._ids: list[int] = []
         if tokenizer.is_byte_level:
             self._table = tokenizer.token_bytes()
@@ -648,12 +651,27 @@ class IncrementalDecoder:
         else:
             self._ids.extend(new)
             delta = self._fallback(final=False)
-        self.text += delta
-        return delta
+        return self._add(delta)
 
-    def flush(self) -> str:
-        delta = self._utf8.decode(b"", final=True) if self._table is not None else self._fallback(final=True)
-        self.text += delta
+    def flush(self, drop_partial: bool = False) -> str:
+        if self._table is None:
+            delta = self._fallback(final=True)
+            return self._add(delta.rstrip("\ufffd") if drop_partial else delta)
+        if drop_partial:  # the held bytes are the start of a character, nothing more
+            self._utf8.reset()
+            return ""
+        return self._add(self._utf8.decode(b"", final=True))
+
+    @property
+    def text(self) -> str:
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    def _add(self, delta: str) -> str:
+        if delta:
+            self._pieces.append(delta)
+            self.chars += len(delta)
         return delta
 
     def _fallback(self, final: bool) -> str:

@@ -193,15 +193,15 @@ class _Choice:
         ended_by = len(ev.new_token_ids) - 1 if ev.finished and ev.finish_reason == "stop" else -1
         for i, token in enumerate(ev.new_token_ids):
             self.token_ids.append(token)
-            self.starts.append(len(self.detok.text))
+            self.starts.append(self.detok.chars)
             if ev.logprobs:
                 self.logprobs.append(ev.logprobs[i])
             text += self.stops.push(self.detok.push([] if i == ended_by else [token]))
             if self.stops.stopped:
                 self.finish_reason = "stop"
                 return self._split(text)
-        if ev.finished:
-            text += self.stops.push(self.detok.flush())
+        if ev.finished:  # a reply cut inside a character ends before it (as vLLM's), not with U+FFFD
+            text += self.stops.push(self.detok.flush(drop_partial=True))
             text += self.stops.flush()
             self.finish_reason = "stop" if self.stops.stopped else (ev.finish_reason or "stop")
         return self._split(text)
@@ -324,6 +324,13 @@ class Server:
         from nanoseek.engine import SamplingParams
 
         seed = None if req.seed is None else req.seed + choice  # n choices: distinct, reproducible
+        stop_ids = req.stop_token_ids or []  # vLLM's: ends the reply as EOS does, also with ignore_eos
+        bad = [t for t in stop_ids if not 0 <= t < (self.vocab_size or t + 1)]
+        if bad:
+            raise APIError(
+                f"stop_token_ids holds {bad[0]}, outside the vocabulary [0, {self.vocab_size}).",
+                param="stop_token_ids",
+            )
         defaults = self.config.sampling_defaults
 
         def pick(name: str, openai_default: float) -> Any:
@@ -340,13 +347,11 @@ class Server:
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             seed=seed,
-            stop_token_ids=list(self.tokenizer.stop_token_ids),
+            stop_token_ids=[*([] if req.ignore_eos else self.tokenizer.stop_token_ids), *stop_ids],
             logprobs=logprobs,
             ignore_eos=req.ignore_eos,
             logit_bias=logit_bias,
         )
-        if req.ignore_eos:
-            params.stop_token_ids = []
         try:
             params.validate()
         except ValueError as e:
@@ -430,16 +435,21 @@ class Server:
             if choices[index].done and not ev.finished:  # a stop string ended it
                 self.engine.abort_ids([group.request_ids[index]])
 
-    def release(self, group: RequestGroup, choices: list[_Choice]) -> None:
-        """The HTTP request is over: free its engine requests, and count each choice in /metrics as its
-        client got it: the completion tokens of its usage and its finish_reason ("abort": the client left
-        first). Not as the engine steps: a stop string is matched here, and the engine may generate past
-        it, or finish by length, before its abort lands."""
-        self.engine.abort(group)
+    def release(self, group: RequestGroup | None, choices: list[_Choice], prompt_tokens: int) -> None:
+        """The HTTP request is over: free its engine requests (None: it made none, prompt scoring only), and
+        count it in /metrics as its client got it: the prompt and completion tokens of its usage (each
+        prompt once, whatever `n`, as vLLM's usage and OpenAI's bill count it; a scored prompt too) and
+        each choice's finish_reason ("abort": the client left first). Not as the engine steps: a stop
+        string is matched here, and the engine may generate past it, or finish by length, before its
+        abort lands. A request the engine refused (the client got a 400) counts nothing."""
+        if group is not None:
+            self.engine.abort(group)
+        if any(c.refused for c in choices):
+            return
+        self.metrics.prompt_tokens.inc(prompt_tokens)
         for c in choices:
-            if not c.refused:
-                self.metrics.generation_tokens.inc(len(c.token_ids))
-                self.metrics.finished.labels(finished_reason=c.finish_reason or "abort").inc()
+            self.metrics.generation_tokens.inc(len(c.token_ids))
+            self.metrics.finished.labels(finished_reason=c.finish_reason or "abort").inc()
 
     # ------------------------------------------------------------------ chat
     @staticmethod
@@ -529,9 +539,6 @@ class Server:
             raise APIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
         if (req.model_extra or {}).get("functions"):
             raise APIError("'functions' is deprecated and not supported: use 'tools'.", param="functions")
-        fmt = (req.model_extra or {}).get("response_format")
-        if fmt and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-            raise APIError("only response_format {'type': 'text'} is supported.", param="response_format")
         prompt_text, tools, prefill, split = self.chat_prompt(req)
         prompt_ids = await asyncio.to_thread(self.tokenizer.encode, prompt_text)  # off the event loop
         started_in_think = prompt_text.rstrip().endswith(self.think_start) if split else None
@@ -555,12 +562,13 @@ class Server:
                 self,
                 group,
                 choices,
+                len(prompt_ids),
             )
         try:
             async for index, ev in self.events(group, choices, request):
                 choices[index].feed(ev)
         finally:
-            self.release(group, choices)
+            self.release(group, choices, len(prompt_ids))
         out = []
         for i, c in enumerate(choices):
             message: dict[str, Any] = {"role": "assistant", "content": c.content}
@@ -727,13 +735,13 @@ class Server:
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
         if req.stream:
             gen = self._completion_stream(req, group, choices, prompts, scores, cid, prompt_tokens)
-            return _sse(gen, self, group, choices)
-        if group is not None:
-            try:
+            return _sse(gen, self, group, choices, prompt_tokens)
+        try:
+            if group is not None:
                 async for index, ev in self.events(group, choices, request):
                     choices[index].feed(ev)
-            finally:
-                self.release(group, choices)
+        finally:
+            self.release(group, choices, prompt_tokens)
 
         def render() -> JSONResponse:
             out = []
@@ -880,7 +888,7 @@ class Server:
 
         detok = self.tokenizer.incremental_decoder()  # the echoed prompt's text, special tokens included
         for i, tid in enumerate(prompt_ids):
-            add(tid, score.logprobs[i] if score else None, score.top[i] if score else None, len(detok.text))
+            add(tid, score.logprobs[i] if score else None, score.top[i] if score else None, detok.chars)
             if i >= hidden:
                 detok.push([tid])
         for e, offset in zip(generated, offsets or [0] * len(generated), strict=True):
@@ -970,7 +978,11 @@ def _engine_error(e: BaseException) -> APIError:
 
 
 def _sse(
-    chunks: AsyncIterator[dict], server: Server, group: RequestGroup | None, choices: list[_Choice]
+    chunks: AsyncIterator[dict],
+    server: Server,
+    group: RequestGroup | None,
+    choices: list[_Choice],
+    prompt_tokens: int,
 ) -> StreamingResponse:
     """Server-sent events ending with [DONE]; on disconnect Starlette cancels us and we release the group."""
 
@@ -981,8 +993,7 @@ def _sse(
         except APIError as e:  # after the 200 status line: report in-band, as OpenAI does
             yield f"data: {json.dumps(e.body())}\n\n"
         finally:
-            if group is not None:
-                server.release(group, choices)
+            server.release(group, choices, prompt_tokens)
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(

@@ -223,8 +223,6 @@ class AsyncEngine:
             except Exception as e:  # ValueError / EngineCapacityError: report to that request only
                 self._post(entry.group, (entry.index, e), release=1)
                 return
-            if self.metrics:  # counted once the engine takes it: a refused prompt is in no usage
-                self.metrics.prompt_tokens.inc(len(prompt_ids))
             self._entries[rid] = entry
         elif kind == "abort":
             rid = cmd[1]

@@ -29,7 +29,9 @@ class ServerMetrics:
             p + "requests", "HTTP API requests by route and status code.", ["route", "status"], registry=r
         )
         self.prompt_tokens = Counter(
-            p + "prompt_tokens", "Prompt tokens submitted to the engine.", registry=r
+            p + "prompt_tokens",
+            "Prompt tokens, as the clients' usage counts them (each prompt once, whatever n; scored ones too).",
+            registry=r,
         )
         self.generation_tokens = Counter(
             p + "generation_tokens",

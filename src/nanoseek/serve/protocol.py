@@ -3,7 +3,8 @@
 Requests are validated with pydantic, but a failure is reported the way OpenAI reports it: status 400,
 `{"error": {"message", "type": "invalid_request_error", "param": <the field>, "code"}}`, never
 FastAPI's 422. Unknown fields are accepted and ignored (clients such as lm-evaluation-harness send
-extras), as vLLM does. `null` stands for a field's default, as OpenAI's spec has it (`"n": null` is n=1).
+extras), as vLLM does, except vLLM's extensions that would change the output (`UNSUPPORTED`): those are
+refused, naming the field. `null` stands for a field's default, as OpenAI's spec has it (`"n": null` is n=1).
 """
 
 from __future__ import annotations
@@ -123,6 +124,25 @@ class ChatMessage(_Request):
             raise APIError(str(e), param="messages.content") from None
 
 
+# vLLM's request extensions that change the output and that this server does not implement -> their no-op value
+UNSUPPORTED: dict[str, Any] = {
+    "min_tokens": 0,
+    "use_beam_search": False,
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "allowed_token_ids": None,
+    "bad_words": None,
+    "truncate_prompt_tokens": None,
+    "prompt_logprobs": None,
+    "guided_json": None,
+    "guided_regex": None,
+    "guided_choice": None,
+    "guided_grammar": None,
+    "structured_outputs": None,
+    "logits_processors": None,
+}
+
+
 class _Sampling(_Request):
     model: str | None = None
     n: int = Field(1, ge=1, le=64)
@@ -140,6 +160,20 @@ class _Sampling(_Request):
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (load benchmarks)
     logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's JSON keys) -> bias
+    stop_token_ids: list[int] | None = None  # vLLM's extension: ids that end the reply besides EOS
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> _Sampling:
+        """vLLM's extensions this server cannot honour are refused, never ignored: each would change the
+        output. Their no-op values (what clients that send every field send) are accepted."""
+        for name, noop in UNSUPPORTED.items():
+            value = (self.model_extra or {}).get(name)
+            if value is not None and value != noop and value != []:
+                raise APIError(f"'{name}' is not supported by this server.", param=name)
+        fmt = (self.model_extra or {}).get("response_format")
+        if fmt and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise APIError("only response_format {'type': 'text'} is supported.", param="response_format")
+        return self
 
     @field_validator("stream_options")
     @classmethod
