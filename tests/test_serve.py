@@ -1392,6 +1392,40 @@ def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, caps
     assert "--kv-cache-mib must be > 0" in capsys.readouterr().err
 
 
+def test_cli_serve_exits_non_zero_when_the_engine_dies(tmp_path, tok, model, monkeypatch, capsys):
+    """A dead engine stops `nanoseek serve` with exit status 1, as vLLM's server stops, so a service
+    manager's restart-on-failure brings it back (it went on answering 503 and exited 0)."""
+    import threading
+
+    import uvicorn
+
+    from nanoseek.checkpoint import save_model
+    from nanoseek.cli import main
+    from nanoseek.engine.engine import Engine
+
+    ckpt = tmp_path / "ck"
+    save_model(model, ckpt)
+    tok.save(ckpt)
+
+    def broken(self):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(Engine, "has_unfinished", broken)
+    run, timed_out = uvicorn.Server.run, []
+
+    def run_with_watchdog(self, sockets):  # a server that never stops fails the test instead of hanging it
+        watchdog = threading.Timer(60, lambda: (timed_out.append(1), setattr(self, "should_exit", True)))
+        watchdog.start()
+        try:
+            return run(self, sockets=sockets)
+        finally:
+            watchdog.cancel()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run_with_watchdog)
+    assert main(["serve", str(ckpt), "--port", "0"]) == 1 and not timed_out
+    assert "the engine failed: RuntimeError('device lost')" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------ hostile clients
 def test_oversized_and_deeply_nested_bodies_are_400s(tok):
     """A body over the limit is a 413 before it is read whole; nesting past Python's recursion limit is a 400,

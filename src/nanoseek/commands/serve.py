@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -172,7 +173,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print("nanoseek serve: warning: reachable beyond this machine and no --api-key set", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    http = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server.engine.on_death = lambda e: setattr(http, "should_exit", True)
+    http.run(sockets=[sock])
+    if server.engine.error is not None:
+        print(f"nanoseek serve: stopped: the engine failed: {server.engine.error!r}", file=sys.stderr)
+        return 1
     print("nanoseek serve: stopped")
     return 0
 

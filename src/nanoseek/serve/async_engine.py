@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ class QueueFullError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread died (a bug or an out-of-memory); the server answers 503 until restarted."""
+    """The engine thread died (a bug or an out-of-memory); the app answers 503 (`nanoseek serve` stops, status 1)."""
 
 
 @dataclass
@@ -90,6 +90,9 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
         self._error: BaseException | None = None
+        # called on the engine thread once it has failed every open request (`nanoseek serve` stops
+        # there and exits non-zero, as vLLM's server does, so a service manager restarts it)
+        self.on_death: Callable[[BaseException], None] | None = None
         self._dying = threading.Lock()  # held to record the thread's failure and to queue commands
         self._scoring: list[tuple[Generator, asyncio.Future]] = []  # prompt scoring under way, oldest first
 
@@ -105,6 +108,11 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self._error is None
+
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the engine thread, if it failed."""
+        return self._error
 
     @property
     def pending(self) -> int:
@@ -199,6 +207,8 @@ class AsyncEngine:
             for _, fut in self._scoring:
                 fut.get_loop().call_soon_threadsafe(_resolve, fut, e)
             self._fail_queued(e)
+            if self.on_death is not None:
+                self.on_death(e)
 
     def _fail_queued(self, error: BaseException) -> None:
         """Answer the commands still queued (requests that arrived during the failing step) with `error`."""
