@@ -322,6 +322,10 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--shapes-only", action="store_true", help="only the shape-change figures")
     args = p.parse_args()
+    if min(args.steps, args.repeats, args.rounds, args.new_tokens) < 1:
+        p.error(
+            "--steps, --repeats, --rounds and --new-tokens must be >= 1 (each figure is the best of them)"
+        )
     tune_malloc()
     results: dict = {"cpu": cpu_description()}
     print(f"cpu: {results['cpu']}")

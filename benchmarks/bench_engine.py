@@ -231,6 +231,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=200)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
+    if min(args.repeats, args.new_tokens, args.prompt_len) < 1:
+        ap.error("--repeats, --new-tokens and --prompt-len must be >= 1")
     # nanoseek's commands run with freed memory kept for reuse (nanoseek.perf.tune_malloc); it is a
     # process-wide setting, so both sides of the comparison run with it.
     tune_malloc()

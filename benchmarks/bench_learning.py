@@ -467,7 +467,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             rows.append(summarize(r, args.copy_threshold))
             if args.json:
-                Path(args.json).write_text(json.dumps({"results": results, "summary": rows}, indent=1))
+                Path(args.json).write_text(
+                    json.dumps({"cpu": cpu_description(), "results": results, "summary": rows}, indent=1)
+                )
     print()
     print(
         f"{'variant':16s} {'seed':>4s} {'prec':>4s} {'copy':>6s} {'digit':>6s} {'text':>6s} {'answer':>6s} "

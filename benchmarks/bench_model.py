@@ -225,6 +225,8 @@ def main() -> None:
     p.add_argument("--no-scaling", action="store_true", help="skip the 8-vs-64-experts figure")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = p.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0 (the figures are medians over the timed steps)")
     # nanoseek's commands run with freed memory kept for reuse (nanoseek.perf.tune_malloc); it is a
     # process-wide setting, so both sides of the comparison run with it.
     tune_malloc()

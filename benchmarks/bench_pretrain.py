@@ -130,10 +130,12 @@ def main() -> None:
     from nanoseek.perf import cpu_description, default_device
     from nanoseek.train.pretrain import resolve_precision
 
+    for r in results:  # what the printed figures say beside them, in the JSON too
+        r.update(cpu=cpu_description(), precision=resolve_precision(args.precision, default_device()))
     print()
     print(f"cpu: {cpu_description()}")
     print(f"{args.preset} on the embedded corpus, {results[0]['tokens']:,} tokens per run ({results[0]['steps']} steps "
-          f"of {args.batch_size}x{args.seq_len}, {resolve_precision(args.precision, default_device())}):")  # fmt: skip
+          f"of {args.batch_size}x{args.seq_len}, {results[0]['precision']}):")  # fmt: skip
     print(
         f"{'γ':>7} {'tok/s':>8} {'MFU':>7} {'train':>7} {'val':>7} {'imb worst':>10} {'imb mean':>9}  per layer"
     )

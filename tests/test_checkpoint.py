@@ -249,6 +249,19 @@ def test_a_failed_atomic_write_names_the_users_path_and_keeps_the_old_file(tmp_p
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
 
+def test_atomic_writes_take_the_longest_legal_names(tmp_path):
+    """A name of 251-255 bytes is legal, but its temporary name (`.NAME.tmp`) passed the 255-byte
+    limit: the write failed with "File name too long". Two-byte characters too (never cut in half)."""
+    for name in ("r" * 250 + ".json", "é" * 125 + ".json"):  # 255 bytes each
+        atomic_write(tmp_path / name, "old")
+        atomic_write(tmp_path / name, "new")
+        assert (tmp_path / name).read_text() == "new"
+        for _ in range(2):  # a new directory, then one swapped over the old
+            with atomic_directory(tmp_path / name[:-5]) as tmp:
+                (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_a_checkpoint_replaced_while_it_loads_loads_whole(tmp_path, monkeypatch):
     """A reader loading RUN/<stage> while the run saves its next checkpoint there gets one of the two
     checkpoints, never the first shards of one and the rest of the other."""

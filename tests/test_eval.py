@@ -131,6 +131,15 @@ def test_cons_votes_by_what_an_answer_says_not_how_it_is_written(tmp_path) -> No
         cfg = EvalConfig(model=str(tmp_path / "ck"), task="arithmetic", k=5, n=1, language="en")
         m = evaluate(cfg, sampler=lambda problems, s=samples: s)
         assert m["cons@5"] == (1.0 if majority == "right" else 0.0), majority
+    # a tie (2 right, 2 wrong) goes to the answer the earliest of the tied samples gave
+    for answers, first_right in (
+        ([right, "x", wrong, wrong, right], True),
+        ([wrong, right, right, wrong], False),
+    ):
+        samples = [[Sample(f"add\n</think>\n{a}", 3, "stop") for a in answers]]
+        cfg = EvalConfig(model=str(tmp_path / "ck"), task="arithmetic", k=len(answers), n=1, language="en")
+        m = evaluate(cfg, sampler=lambda problems, s=samples: s)
+        assert m[f"cons@{len(answers)}"] == float(first_right), answers
 
 
 def test_endpoint_samples_score_as_the_checkpoints_own() -> None:
@@ -399,6 +408,18 @@ def test_another_familys_answers_are_scored_as_its_template_prompts_them(
         assert many["pass@1"] == 1.0
     r1 = load_tokenizer(micro_checkpoint)
     assert ev.prompt_opens_think(r1) and not ev.prompt_opens_think(r1, thinking=False)
+
+
+def test_wall_time_counts_samples_drawn_in_a_shared_queue(tmp_path) -> None:
+    """`nanoseek eval` draws every task's samples in one queue first (`evaluate_many`): its reports'
+    wall_time_s was the scoring alone, a fraction of a second beside minutes of generation_time_s."""
+    probs = _problems(2)
+    right = [[Sample(f"x\n</think>\n{p.answer}", 3, "stop")] for p in probs]
+    cfg = EvalConfig(model=str(tmp_path / "ck"), task="arithmetic", k=1, n=2, language="en")
+    m = evaluate(
+        cfg, sampler=lambda ps: right, shared={"generation_time_s": 60.0, "sampled_with": ["arithmetic"]}
+    )
+    assert m["generation_time_s"] == 60.0 and 60.0 <= m["wall_time_s"] < 70.0
 
 
 def test_greedy_decoding_asks_for_one_sample_per_problem(tmp_path) -> None:

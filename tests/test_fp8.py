@@ -366,6 +366,26 @@ def test_saving_a_ue8m0_fp8_checkpoint_keeps_its_weights(tmp_path, dtype: str) -
     assert load_model(tmp_path / "out").config.extra["quantization_config"] == quantization
 
 
+def test_ue8m0_checkpoint_quantizes_activations_with_power_of_two_scales(tmp_path) -> None:
+    """DeepSeek-V3.1's inference quantizes a layer's input with the checkpoint's scale format
+    (`act_quant(x, block_size, scale_fmt)`): a UE8M0 checkpoint loaded with act_quant=True gave its
+    activations amax/448 scales while its weights had power-of-two ones."""
+    from nanoseek.checkpoint import load_model
+
+    quantization = {**fp8.QUANTIZATION_CONFIG, "scale_fmt": "ue8m0"}
+    _fp8_checkpoint(tmp_path, pow2=True, quantization_config=quantization)
+    layer = load_model(tmp_path, fp8=True, act_quant=True).model.layers[1].self_attn.o_proj
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0)) * 3
+
+    def expected(pow2: bool) -> torch.Tensor:
+        return dequantize_tiles(*quantize_tiles(x, pow2))[:, : x.shape[1]] @ layer.dequantize().t()
+
+    with torch.no_grad():
+        y = layer(x)
+    torch.testing.assert_close(y, expected(True), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y, expected(False), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kept", [False, True])
 def test_fp8_checkpoint_without_block_scales_is_named(tmp_path, kept: bool) -> None:
     """Per-tensor scales are not DeepSeek's format: with fp8=True the error said the files were

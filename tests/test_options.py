@@ -32,6 +32,39 @@ def test_no_flag_means_the_dataclass_default() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("pretrain", "--out=~/r", "--data", "~/a.txt", "~/b", "--tokenizer=~/t", "--preset=~/c"),
+        ("sft", "--init=~/c", "--data=~/d.jsonl", "--out=~/r"),
+        ("grpo", "--init=~/c", "--task", "addition", "--out=~/r"),
+        ("distill", "--teacher=~/c", "--student=~/s", "--task", "addition", "--out=~/r"),
+        ("eval", "~/c", "--task", "addition", "--out=~/e.json", "--run-dir=~/r"),
+        ("ablate", "mla", "--out=~/r"),
+        ("speedrun", "--out=~/r"),
+        ("tokenizer", "train", "--out=~/t", "--data", "~/a.txt"),
+        ("tokenizer", "encode", "~/t", "hi"),
+        ("tokenizer", "decode", "~/t", "1"),
+        ("report", "~/r"),
+        ("export", "~/c", "--gguf=~/m.gguf"),
+        ("inspect", "~/c"),
+        ("cost", "~/c", "--tokens", "1B"),
+        ("generate", "~/c", "hi"),
+        ("chat", "~/c"),
+        ("serve", "~/c"),
+    ],
+)
+def test_every_path_argument_takes_tilde_as_home(argv, monkeypatch) -> None:
+    """The shell expands `~` only where a word starts: `--out=~/run` and a quoted '~/run' reach
+    nanoseek as typed. Only checkpoint arguments took it as the home directory: `pretrain --out=~/r`
+    wrote ./~/r, `report '~/r'` found no run, `eval '~/c'` loaded ~/c but wrote its report in ./~/c."""
+    monkeypatch.setenv("HOME", "/home/u")
+    args = vars(complete(build_parser()).parse_args(list(argv)))
+    values = [v for a in args.values() for v in (a if isinstance(a, list) else [a]) if isinstance(v, str)]
+    assert not [v for v in values if v.startswith("~")]
+    assert len([v for v in values if v.startswith("/home/u/")]) == sum(a.count("~") for a in argv)
+
+
 def test_flags_reach_their_fields() -> None:
     args = parse(
         "pretrain", "--steps", "7", "--lr", "1e-3", "--no-document-mask", "--cut-documents",

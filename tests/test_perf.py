@@ -94,3 +94,27 @@ def test_bench_ceiling_decode_floor_is_cpu_time_as_the_steps_beside_it(monkeypat
         torch.set_num_threads(threads)  # it sets one thread, as it measures
     assert d["batch_1"]["weight_ops_floor_ms"] == 250.0
     assert d["batch_1"]["nanoseek_step_ms"] == 10.0
+
+
+def test_timing_benchmarks_refuse_zero_steps_or_repeats_before_running(monkeypatch, capsys):
+    """`--steps 0` ran bench_model's whole comparison to a StatisticsError traceback (no median of no
+    steps); the same for bench_ceiling's and bench_engine's counts. A usage error, before any work."""
+    import sys
+
+    import pytest
+    from tests.benchmark_scripts import BENCHMARKS, load_benchmark
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # bench_ceiling imports bench_model and bench_engine
+    for name, argv in (
+        ("bench_model", ["--steps", "0"]),
+        ("bench_ceiling", ["--repeats", "0"]),
+        ("bench_engine", ["--repeats", "0"]),
+    ):
+        bench = load_benchmark(name)
+        monkeypatch.setattr(
+            bench, "tune_malloc", lambda: pytest.fail("ran past its arguments"), raising=False
+        )
+        monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            bench.main()
+        assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err, name

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config import ModelConfig, resolve_config
-from nanoseek.options import option
+from nanoseek.options import option, path
 
 STUDIES: tuple[str, ...] = ("moe", "mla", "balance", "mtp", "fp8")
 PLAN = "plan.json"
@@ -56,8 +56,8 @@ class AblateConfig:
         "sized so a study of 3 seeds fits in ~30 minutes on 2 CPU cores",
     )
     seeds: int = option(3, "seeds per variant (0, 1, ...)")
-    out: str = option("runs", "run directory: writes RUN/ablate/<study>/")
-    preset: str = option("tiny", "model preset the study's variants start from")
+    out: str = option("runs", "run directory: writes RUN/ablate/<study>/", parse=path)
+    preset: str = option("tiny", "model preset the study's variants start from", parse=path)
     val_batches: int = option(4, "held-out batches per evaluation (the same for every run)")
     acc_n: int = option(8, "mtp study: held-out problems per task family for greedy accuracy")
     max_new_tokens: int = option(320, "mtp study: longest greedy answer")

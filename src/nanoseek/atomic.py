@@ -13,6 +13,7 @@ old file or directory or the new one, never half of one. Torch-free, so light mo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -34,6 +35,8 @@ def _umask() -> int:
 # What a new file gets under the user's umask. Some writers create theirs owner-only (safetensors'
 # save_file: 0600), which would keep a served checkpoint from another user or a container.
 FILE_MODE = 0o666 & ~_umask()
+# the longest file name (bytes) of Linux's and macOS's file systems
+NAME_MAX = 255
 
 
 def _fsync(path: Path) -> None:
@@ -47,6 +50,18 @@ def _target(path: str | os.PathLike) -> Path:
     would become a file or directory of its own beside it, on the link's disk rather than the target's."""
     final = Path(path)
     return final.resolve() if final.is_symlink() else final
+
+
+def _beside(final: Path, suffix: str) -> Path:
+    """The hidden scratch name beside `final`: `.NAME{suffix}`, or where that would pass the file
+    system's 255-byte limit on a name (a long but legal NAME), NAME cut short and a digest of it."""
+    name = f".{final.name}{suffix}"
+    if len(os.fsencode(name)) > NAME_MAX:
+        digest = hashlib.sha256(os.fsencode(final.name)).hexdigest()[:16]
+        keep = NAME_MAX - len(os.fsencode(f"..{digest}{suffix}"))
+        head = os.fsencode(final.name)[:keep].decode(errors="ignore")  # never half a UTF-8 character
+        name = f".{head}.{digest}{suffix}"
+    return final.with_name(name)
 
 
 def _remove(path: Path) -> None:
@@ -63,7 +78,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     An error writing the temporary file names `path`, the one the user knows."""
     final = _target(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp")
+    tmp = _beside(final, ".tmp")
     try:
         yield tmp
         if tmp.stat().st_mode & 0o777 != FILE_MODE:
@@ -89,13 +104,13 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
 def scratch_dir(path: str | os.PathLike) -> Path:
     """Where `atomic_directory(path)` writes before the swap (ranks of one save all write there)."""
     final = _target(path)
-    return final.parent / f".{final.name}.tmp-new"
+    return _beside(final, ".tmp-new")
 
 
 def restore_directory(path: str | os.PathLike) -> None:
     """Put back a directory that a crash mid-swap left aside (a no-op when there is none)."""
     final = _target(path)
-    aside = final.parent / f".{final.name}.tmp-old"
+    aside = _beside(final, ".tmp-old")
     if aside.exists():
         if final.exists():
             _remove(aside)  # the swap had finished; only the clean-up was cut short
@@ -118,7 +133,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         for f in tmp.rglob("*"):
             _fsync(f)
         _fsync(tmp)
-        aside = final.parent / f".{final.name}.tmp-old"
+        aside = _beside(final, ".tmp-old")
         if final.exists():
             os.replace(final, aside)
         os.replace(tmp, final)

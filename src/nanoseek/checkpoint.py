@@ -691,8 +691,10 @@ def _stream(
         for name, buf in list(module.named_buffers(recurse=False)):
             module._buffers[name] = torch.empty_like(buf, device=device)
     model.reset_buffers()
-    if fp8:  # FP8Linear placeholders on the meta device; the stream fills them
-        quantize_linears_fp8(model, act_quant=act_quant)
+    if fp8:  # FP8Linear placeholders on the meta device; the stream fills them (inputs quantized with
+        # the kind of scale the checkpoint's weights have, as DeepSeek's inference code does)
+        pow2 = ue8m0_scales(config.extra.get("quantization_config"))
+        quantize_linears_fp8(model, act_quant=act_quant, pow2=pow2)
     fp8_modules = {name for name, m in model.named_modules() if isinstance(m, FP8Linear)}
 
     # The one key check, on shapes from the files' headers, before any data is read.

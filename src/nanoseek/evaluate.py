@@ -6,6 +6,8 @@ What is notable here:
   and has high variance across problems.
 - cons@k is the majority vote over the *extracted answers* of the k samples (self-consistency), by
   what they say ("42", "42.", "\\boxed{42}" are one vote); samples with no parseable answer do not vote.
+  A tie goes to the answer of the earliest sample among the tied (sample order is seed order, the same
+  for a checkpoint and an endpoint), as `Counter.most_common` keeps first-counted first.
 - Format rate and language consistency come from the same reward functions GRPO trains with
   (`nanoseek.data.rewards`), so a model is scored by the rules it was trained on.
 - An endpoint is scored identically: its `reasoning_content` + `content` are put back together as
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.atomic import atomic_write
-from nanoseek.options import option
+from nanoseek.options import option, path
 from nanoseek.perf import AUTO_DTYPE_HELP
 from nanoseek.tokenizer import THINK_END, THINK_START
 
@@ -55,6 +57,7 @@ DEFAULT_MAX_BATCH = 256
 class EvalConfig:
     model: str = option(
         help="checkpoint directory, Hub name (owner/name), or http(s) URL of an OpenAI-compatible server",
+        parse=path,
         positional=True,
     )
     task: str = option(help="task name(s), comma-separated: each is scored separately")
@@ -75,10 +78,12 @@ class EvalConfig:
     out: str | None = option(
         None,
         "JSON report path (default: in the checkpoint directory; for a URL or Hub name ./eval_<task>.json)",
+        parse=path,
     )
     run_dir: str | None = option(
         None,
         "run directory for metrics.jsonl (default: the checkpoint directory's parent; none for a URL or Hub name)",
+        parse=path,
     )
     endpoint_model: str | None = option(
         None, "model name on the endpoint (default: the first it lists)", flag="--model-name"
@@ -170,7 +175,7 @@ def score_samples(
         # "\\boxed{42}", "42."), and the others are compared as the verifiers compare answers
         keys = [CORRECT if sc >= 0.5 else answer_key(a) for sc, a in zip(scores, answers, strict=True)]
         votes = Counter(key for key in keys if key is not None)
-        if votes:
+        if votes:  # a tie: the earliest sample's answer (most_common keeps first-counted first)
             winner = votes.most_common(1)[0][0]
             top, cons = answers[keys.index(winner)], winner == CORRECT
         else:
@@ -547,6 +552,9 @@ def evaluate(
     samples = sampler(problems)
     gen_time = time.perf_counter() - t0
     metrics, per_problem = score_samples(task, reward, problems, samples, opens_think)
+    score_time = time.perf_counter() - t0 - gen_time
+    if shared:  # samples drawn before, in a queue shared with other tasks: that queue's time is theirs
+        gen_time = shared["generation_time_s"]
     metrics.update(
         task=cfg.task,
         split=cfg.split,
@@ -554,7 +562,7 @@ def evaluate(
         max_new_tokens=cfg.max_new_tokens,
         thinking=cfg.thinking,
         source=source,
-        wall_time_s=round(time.perf_counter() - t0, 2),
+        wall_time_s=round(gen_time + score_time, 2),  # drawing the samples and scoring them
         generation_time_s=round(gen_time, 2),
     )
     metrics.update(shared or {})

@@ -12,12 +12,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import types
 import typing
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+def path(text: str) -> str:
+    """The `type` (argparse) or `parse` (`option`) of every flag that names a file or directory: a
+    leading `~` is the home directory, as the shell would make it. The shell leaves `--out=~/run` and
+    a quoted '~/run' as typed, and Python's file functions then take `~` for a directory of that name."""
+    return os.path.expanduser(text)
 
 
 def option(

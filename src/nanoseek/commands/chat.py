@@ -29,9 +29,12 @@ HELP = "commands: /reset  /system TEXT  /exit"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from nanoseek.options import path
+
     p = sub.add_parser("chat", help="interactive chat with a checkpoint in the terminal")
     p.add_argument(
         "dir",
+        type=path,
         help="checkpoint directory (config.json, model.safetensors, tokenizer.json) or Hub name (owner/name)",
     )
     p.add_argument("--system", default=None, help="system prompt")

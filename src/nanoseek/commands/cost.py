@@ -11,6 +11,8 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from nanoseek.options import path
+
     p = sub.add_parser(
         "cost",
         help="training cost (GPU-hours, days, dollars) of a model for a token budget, or the implied MFU",
@@ -19,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Give --mfu to estimate GPU-hours, or --gpu-hours to get the MFU they imply."
         ),
     )
-    p.add_argument("model", help="preset name or directory with config.json")
+    p.add_argument("model", type=path, help="preset name or directory with config.json")
     p.add_argument("--tokens", required=True, help="training tokens: 14.8T, 300B, 1e9, ...")
     p.add_argument(
         "--peak-tflops",

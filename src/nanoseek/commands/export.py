@@ -7,6 +7,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     from nanoseek.export import GGUF_TYPES
+    from nanoseek.options import path
 
     p = sub.add_parser(
         "export",
@@ -17,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "nanoseek trains today (llama.cpp's 'qwen2'); older runs retrain their tokenizer."
         ),
     )
-    p.add_argument("checkpoint", help="checkpoint directory, e.g. RUN/final")
-    p.add_argument("--gguf", required=True, metavar="OUT", help="the .gguf file to write")
+    p.add_argument("checkpoint", type=path, help="checkpoint directory, e.g. RUN/final")
+    p.add_argument("--gguf", required=True, type=path, metavar="OUT", help="the .gguf file to write")
     p.add_argument(
         "--type",
         choices=GGUF_TYPES,

@@ -90,9 +90,12 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from nanoseek.options import path
+
     p = sub.add_parser("generate", help="complete a prompt with a checkpoint (streams to stdout)")
     p.add_argument(
         "dir",
+        type=path,
         help="checkpoint directory (config.json, model.safetensors, tokenizer.json) or Hub name (owner/name)",
     )
     # positional as ollama's `run MODEL PROMPT`, or --prompt / -p as llama.cpp's CLI takes it

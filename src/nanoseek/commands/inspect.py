@@ -10,12 +10,16 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from nanoseek.options import path
+
     p = sub.add_parser(
         "inspect",
         help="parameters (total / active per token), FLOPs and KV-cache bytes per token of a model",
         description="Exact accounting of a preset or checkpoint directory (only config.json is read).",
     )
-    p.add_argument("model", help="preset name (tiny, small, deepseek-v3, ...) or directory with config.json")
+    p.add_argument(
+        "model", type=path, help="preset name (tiny, small, deepseek-v3, ...) or directory with config.json"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument(
         "--context",

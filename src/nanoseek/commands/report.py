@@ -6,8 +6,10 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from nanoseek.options import path
+
     p = sub.add_parser("report", help="build RUN/report.md and plots from RUN/metrics.jsonl")
-    p.add_argument("run", help="run directory holding metrics.jsonl")
+    p.add_argument("run", type=path, help="run directory holding metrics.jsonl")
     p.add_argument("--usd-per-hour", type=float, default=0.10, help="machine price for the cost column")
     p.set_defaults(func=run)
 

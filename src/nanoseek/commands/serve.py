@@ -14,6 +14,7 @@ import sys
 
 def register(sub: argparse._SubParsersAction) -> None:
     from nanoseek.commands.generate import DEVICE_HELP
+    from nanoseek.options import path
     from nanoseek.perf import AUTO_DTYPE_HELP
 
     p = sub.add_parser(
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "model",
         metavar="DIR",
+        type=path,
         help="checkpoint directory with tokenizer files, or a Hugging Face Hub name (owner/name)",
     )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: loopback only)")

@@ -6,6 +6,8 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from nanoseek.options import path
+
     p = sub.add_parser(
         "speedrun",
         help="the whole DeepSeek recipe on the embedded data (the main job)",
@@ -15,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--preset", default="cpu", choices=["smoke", "cpu", "gpu"], help="size of the run (default cpu)"
     )
-    p.add_argument("--out", default="runs/speedrun", help="run directory (default runs/speedrun)")
+    p.add_argument("--out", default="runs/speedrun", type=path, help="run directory (default runs/speedrun)")
     p.add_argument(
         "--tasks",
         default=None,

@@ -9,6 +9,8 @@ EMBEDDED_DEFAULT_DOCS = 20_000
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from nanoseek.options import path
+
     p = subparsers.add_parser(
         "tokenizer",
         help="train a byte-level BPE tokenizer, or encode / decode with one",
@@ -20,11 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--data",
         nargs="+",
+        type=path,
         default=["embedded"],
         help="'embedded' (default), 'embedded:TASKS', or .txt/.jsonl/.parquet files, globs or directories",
     )
     t.add_argument("--vocab-size", type=int, default=4096, help="total ids, special tokens included")
-    t.add_argument("--out", required=True, help="directory to write")
+    t.add_argument("--out", required=True, type=path, help="directory to write")
     t.add_argument(
         "--max-docs",
         type=int,
@@ -37,14 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.set_defaults(func=run_train)
 
     e = sub.add_parser("encode", help="print the token ids of a text")
-    e.add_argument("tokenizer", help="tokenizer directory or tokenizer.json")
+    e.add_argument("tokenizer", type=path, help="tokenizer directory or tokenizer.json")
     e.add_argument("text", nargs="?", help="text to encode (default: read stdin)")
     e.add_argument("--bos", action="store_true", help="prepend the begin-of-sentence token")
     e.add_argument("--tokens", action="store_true", help="print id<TAB>token-text lines instead")
     e.set_defaults(func=run_encode, late_positionals=("text",))  # `encode DIR --bos TEXT`
 
     d = sub.add_parser("decode", help="print the text of token ids")
-    d.add_argument("tokenizer", help="tokenizer directory or tokenizer.json")
+    d.add_argument("tokenizer", type=path, help="tokenizer directory or tokenizer.json")
     d.add_argument("ids", nargs="+", help="token ids")
     d.add_argument("--skip-special-tokens", action="store_true", help="drop BOS/EOS/PAD")
     d.set_defaults(func=run_decode)

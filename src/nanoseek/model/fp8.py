@@ -389,15 +389,22 @@ class FP8Linear(nn.Module):
     block: DeepSeek's checkpoint layout and key names). For inference; no gradients.
 
     `act_quant=True` quantizes the input per 1x128 tile and runs the FP8 GEMM (DeepSeek's
-    `fp8_gemm`); False dequantizes the weight per call and multiplies in the input's dtype.
+    `fp8_gemm`); False dequantizes the weight per call and multiplies in the input's dtype. `pow2`:
+    the input's tile scales are powers of two (UE8M0), as DeepSeek-V3.1's `act_quant(x, scale_fmt=
+    "ue8m0")` makes them for a checkpoint whose weight scales are.
     """
 
     def __init__(
-        self, in_features: int, out_features: int, act_quant: bool = False, device: Any = None
+        self,
+        in_features: int,
+        out_features: int,
+        act_quant: bool = False,
+        device: Any = None,
+        pow2: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.act_quant = act_quant
+        self.act_quant, self.pow2 = act_quant, pow2
         blocks = (math.ceil(out_features / TILE), math.ceil(in_features / TILE))
         self.weight = nn.Parameter(
             torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
@@ -410,7 +417,7 @@ class FP8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, act_quant: bool = False, pow2: bool = False) -> FP8Linear:
         if linear.bias is not None:
             raise ValueError("FP8Linear has no bias (DeepSeek's linear layers have none)")
-        m = cls(linear.in_features, linear.out_features, act_quant, device=linear.weight.device)
+        m = cls(linear.in_features, linear.out_features, act_quant, device=linear.weight.device, pow2=pow2)
         m.load_fp8(*quantize_blocks(linear.weight.detach(), pow2))
         return m
 
@@ -436,7 +443,7 @@ class FP8Linear(nn.Module):
         if not self.act_quant:
             return F.linear(x, self.dequantize().to(x.dtype))
         shape = x.shape
-        xq, xs = quantize_tiles(x.reshape(-1, self.in_features))
+        xq, xs = quantize_tiles(x.reshape(-1, self.in_features), self.pow2)
         wq = _pad_to(self.weight, 1, TILE)
         backend = resolve_backend(FP8Recipe(), x.device)
         y = fp8_gemm(xq, xs, wq, self.weight_scale_inv, backend)
@@ -450,6 +457,7 @@ def quantize_linears_fp8(
     model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP, act_quant: bool = False, pow2: bool = False
 ) -> int:
     """Replace bias-free nn.Linear layers (not in `skip`) by FP8Linear storage, in place. Returns count.
+    `pow2`: UE8M0 (power-of-two) scales, the weights' and, with `act_quant`, the inputs'.
 
     On a model built on the meta device this only allocates the FP8 tensors, ready for `load_fp8`.
     """
@@ -464,7 +472,7 @@ def quantize_linears_fp8(
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
         if linear.weight.device.type == "meta":
-            new = FP8Linear(linear.in_features, linear.out_features, act_quant, device="meta")
+            new = FP8Linear(linear.in_features, linear.out_features, act_quant, device="meta", pow2=pow2)
         else:
             new = FP8Linear.from_linear(linear, act_quant, pow2)
         setattr(parent, child, new)

@@ -23,14 +23,16 @@ import torch
 
 from nanoseek.atomic import atomic_write
 from nanoseek.evaluate import split_task_list
-from nanoseek.options import option
+from nanoseek.options import option, path
 from nanoseek.train.sft import SFTConfig, completion_example, train_on_examples
 
 
 @dataclass
 class DistillConfig:
-    teacher: str = option(help="teacher checkpoint directory (with tokenizer files) or Hub name (owner/name)")
-    student: str = option(help="student checkpoint directory or preset (tiny-dense, small, ...)")
+    teacher: str = option(
+        help="teacher checkpoint directory (with tokenizer files) or Hub name (owner/name)", parse=path
+    )
+    student: str = option(help="student checkpoint directory or preset (tiny-dense, small, ...)", parse=path)
     tasks: list[str] = option(help="task name(s), comma-separated", flag="--task", parse=split_task_list)
     k: int = option(4, "samples per prompt", flag="-k")
     prompts: int = option(256, "training prompts per task")
@@ -43,7 +45,7 @@ class DistillConfig:
     max_new_tokens: int = option(256)
     temperature: float = option(0.7)
     top_p: float = option(0.95)
-    out: str = option("runs/distill", "run directory")
+    out: str = option("runs/distill", "run directory", parse=path)
     seed: int = option(0)
     language: str | None = option(None, "only prompts in this language (en, ja, zh)")
     max_batch_size: int = option(64, "engine: sequences decoded together")

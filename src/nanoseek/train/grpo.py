@@ -32,7 +32,7 @@ import torch
 
 from nanoseek.evaluate import split_task_list
 from nanoseek.model.loss import target_logprobs
-from nanoseek.options import check_choices, option
+from nanoseek.options import check_choices, option, path
 from nanoseek.train.sft import PackedBatch, packed_batch_at, sft_loss
 
 LOSS_TYPES: tuple[str, ...] = ("grpo", "dr_grpo", "dapo")
@@ -305,12 +305,14 @@ RESUME_SETTINGS = (
 
 @dataclass
 class GRPOConfig:
-    init: str = option(help="checkpoint directory to start from (with tokenizer files) or Hub name")
+    init: str = option(
+        help="checkpoint directory to start from (with tokenizer files) or Hub name", parse=path
+    )
     tasks: list[str] = option(
         help="task name(s), comma-separated (e.g. arithmetic,countdown)", flag="--task", parse=split_task_list
     )
     reward: str = option("accuracy:1,format:0.2", "weighted reward parts")
-    out: str = option("runs/grpo", "run directory: writes RUN/grpo/ and RUN/metrics.jsonl")
+    out: str = option("runs/grpo", "run directory: writes RUN/grpo/ and RUN/metrics.jsonl", parse=path)
     group_size: int = option(8, "G: samples per prompt", short="-G")
     batch_prompts: int = option(8, "P: prompts per step", short="-P")
     steps: int = option(50, "GRPO steps")

@@ -24,7 +24,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nanoseek.options import check_choices, option
+from nanoseek.options import check_choices, option, path
 from nanoseek.perf import cpu_has_bf16
 
 if TYPE_CHECKING:  # torch loads inside the functions, so `nanoseek --help` stays fast
@@ -54,21 +54,27 @@ RESUME_SETTINGS = (
 
 @dataclass
 class PretrainConfig:
-    out: str = option("runs/nanoseek", "run directory", group=DATA)
+    out: str = option("runs/nanoseek", "run directory", parse=path, group=DATA)
     data: str | list[str] | None = option(
         "embedded",
         "txt/jsonl/parquet files, globs, dirs, 'embedded', or 'embedded:TASKS' (the embedded corpus "
         "of those task families only)",
         nargs="+",
+        parse=path,
         group=DATA,
     )
     text_field: str = option("text", "JSON/parquet field holding the text", group=DATA)
     tokenizer: str | None = option(
-        None, "tokenizer dir or tokenizer.json (default: train one into RUN/tokenizer/)", group=DATA
+        None,
+        "tokenizer dir or tokenizer.json (default: train one into RUN/tokenizer/)",
+        parse=path,
+        group=DATA,
     )
     vocab_size: int | None = option(None, "vocabulary of a trained tokenizer (default: preset's)", group=DATA)
     tokenizer_docs: int = option(20000, "documents to train the tokenizer on", group=DATA)
-    preset: str = option("tiny", "model preset or directory with config.json (random init)", group=DATA)
+    preset: str = option(
+        "tiny", "model preset or directory with config.json (random init)", parse=path, group=DATA
+    )
     steps: int = option(300, group=OPTIM)
     batch_size: int = option(8, "sequences per micro-batch, global (split across ranks)", group=OPTIM)
     seq_len: int = option(256, group=OPTIM)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.model.attention import document_causal_mask
-from nanoseek.options import check_choices, option
+from nanoseek.options import check_choices, option, path
 from nanoseek.tokenizer import THINK_END, THINK_START, content_text, openai_message, render_tool_calls
 
 IGNORE = -100
@@ -285,13 +285,15 @@ def sft_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
 # ----------------------------------------------------------------------------------- driver
 @dataclass
 class SFTConfig:
-    init: str = option(help="checkpoint directory (with tokenizer files) or Hub name (owner/name)")
+    init: str = option(
+        help="checkpoint directory (with tokenizer files) or Hub name (owner/name)", parse=path
+    )
     data: str | None = option(
-        None, "chat JSONL: one {'messages': [...]} per line (optionally with 'tools': [...])"
+        None, "chat JSONL: one {'messages': [...]} per line (optionally with 'tools': [...])", parse=path
     )
     task: str | None = option(None, "build cold-start data from task(s)' worked solutions (comma-separated)")
     task_examples: int = option(2000, "examples drawn from --task")
-    out: str = option("runs/sft", "run directory")
+    out: str = option("runs/sft", "run directory", parse=path)
     steps: int | None = option(None, "optimizer steps (default: --epochs passes over the packed rows)")
     epochs: int = option(2)
     batch_size: int = option(8, "packed rows per step")
