@@ -415,6 +415,38 @@ def test_earlier_answers_of_a_reasoning_chat_carry_no_loss(tok: Tokenizer, tmp_p
         assert all(t != -100 for t in y[a : x.index(eos, a)])
 
 
+@pytest.mark.parametrize("whole_documents", [False, True])
+def test_a_chat_cut_across_windows_keeps_its_mask_in_each(
+    tok: Tokenizer, tmp_path: Path, whole_documents
+) -> None:
+    """mask_prompts on a chat longer than a window (or cut at a window's edge): the prompt's part in
+    the next window, which has no <｜User｜> of its own, predicts nothing either; every answer token
+    (an earlier one of a reasoning chat aside) is still a target, wherever the cut falls."""
+    from nanoseek.data.synthetic import ASSISTANT, EOS, USER
+
+    prompt = "What is 2 + 3 and then 4 + 5 and then 7 + 8 plus nine, please?"
+    docs = [
+        f"{USER}What is 4 + 4?{ASSISTANT}\n8{EOS}{USER}{prompt}{ASSISTANT}<think>\n2 + 3 = 5\n</think>\n5{EOS}",
+        "plain text 12 + 30 = 42",
+    ]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+    def targets(seq_len: int, whole_documents: bool = whole_documents) -> list[int]:
+        ds = PackedDataset(
+            tmp_path / "c.jsonl", tok, seq_len, 1, val_fraction=0.0, shuffle=False, repeat=False,
+            whole_documents=whole_documents, mask_prompts=True,
+        )  # fmt: skip
+        return [t for _, y in ds for t in y[0].tolist() if t != -100]
+
+    whole = targets(256, whole_documents=True)  # one window holds it all: the mask over the whole chat
+    assert tok.decode(whole).count("What") == 0 and "</think>" in tok.decode(whole)
+    for seq_len in (9, 16, 23):
+        cut = targets(seq_len)  # the tokens at the windows' edges are no targets: a subsequence
+        it = iter(whole)
+        assert all(t in it for t in cut), seq_len
+        assert len(cut) >= len(whole) - 2 * (len(tok.encode("".join(docs))) // seq_len + 2)
+
+
 def test_the_embedded_corpus_asks_several_questions_in_a_chat_when_told(tok: Tokenizer) -> None:
     """`multi_turn` reaches the embedded corpus, and is part of the data position a resume checks."""
     from nanoseek.data.synthetic import EOS, USER

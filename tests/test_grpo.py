@@ -335,8 +335,13 @@ def test_grpo_resume_is_exact(micro_checkpoint, tmp_path) -> None:
     assert resume["from_step"] == 1
     # a resume with other rollouts or objective would go on as another run: refused, nothing written
     before = (tmp_path / "b" / "grpo" / "model.safetensors").read_bytes()
-    for change in ({"group_size": 8}, {"loss": "dapo"}, {"tasks": ["comparison"]}, {"warmup_steps": 2}):
-        with pytest.raises(ValueError, match=f"--{next(iter(change)).replace('_', '-')}"):
+    for change, flag in (
+        ({"group_size": 8}, "--group-size: 4"),
+        ({"loss": "dapo"}, "--loss: "),
+        ({"tasks": ["comparison"]}, "--task: "),  # the flag, not the field's name
+        ({"warmup_steps": 2}, "--warmup-steps: "),
+    ):
+        with pytest.raises(ValueError, match=flag):
             grpo(_cfg(micro_checkpoint, tmp_path / "b", steps=3, mu=2, resume=True, **change))
     assert (tmp_path / "b" / "grpo" / "model.safetensors").read_bytes() == before
     from nanoseek.report import RunMetrics

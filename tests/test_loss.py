@@ -55,3 +55,15 @@ def test_bf16_autocast_close_to_plain():
     ref = _reference(h.detach(), w.detach(), t)
     assert abs(ours.item() - ref.item()) < 0.05 * ref.item()
     assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", [-5, -1, 10])
+def test_a_target_outside_the_vocabulary_is_refused_not_trained_as_another_id(bad):
+    """Only `ignore_index` is skipped: another negative id (e.g. -1 for a pipeline that ignores with
+    -1) fails as F.cross_entropy fails, not trained as id 0 (BOS)."""
+    h, w = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8)
+    targets = torch.tensor([3, bad, -100, 2])
+    with pytest.raises((IndexError, RuntimeError)):
+        F.cross_entropy(h @ w.T, targets)
+    with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+        linear_cross_entropy(h, w, targets)

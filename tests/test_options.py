@@ -8,7 +8,7 @@ import pytest
 
 from nanoseek.cli import build_parser
 from nanoseek.evaluate import EvalConfig
-from nanoseek.options import check_choices, complete, from_options
+from nanoseek.options import check_choices, complete, describe_change, from_options
 from nanoseek.train.distill import DistillConfig
 from nanoseek.train.grpo import GRPOConfig
 from nanoseek.train.pretrain import PretrainConfig
@@ -158,3 +158,37 @@ def test_a_config_command_runs_its_entry_with_the_config_of_its_flags(
     (config,) = got
     assert type(config).__name__ == cls
     assert config == from_options(getattr(mod, cls), parse(*argv))
+
+
+@pytest.mark.parametrize(
+    ("command", "config", "stage"),
+    [("pretrain", PretrainConfig, "pretrain"), ("sft", SFTConfig, "sft"), ("grpo", GRPOConfig, "grpo"),
+     ("distill", SFTConfig, "sft")],
+)  # fmt: skip
+def test_a_refused_resume_names_only_flags_its_command_has(command, config, stage) -> None:
+    """A resume's refusal names each changed setting by the flag that sets it (--task, not --tasks; a
+    bool's --no-document-mask or --prompt-loss as given or left out), or by its bare name where the
+    command has no flag for it (AdamW's betas): never a flag that `--help` does not list."""
+    import importlib
+
+    from nanoseek.train.loop import OptimConfig
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    flags = {o for a in complete(sub)._actions for o in a.option_strings}
+    names = [f.name for f in dataclasses.fields(OptimConfig)] + ["bias_update_speed"]
+    names += importlib.import_module(f"nanoseek.train.{stage}").RESUME_SETTINGS
+    if command == "distill":  # the student's data comes from the teacher: these never change in distill
+        from nanoseek.commands.distill import _SFT_DATA
+
+        names = [n for n in names if n not in _SFT_DATA]
+    for name in names:
+        said = describe_change(config, name, 1, 2)
+        assert not said.startswith("-") or said.split(":")[0] in flags, said
+    assert describe_change(PretrainConfig, "document_mask", True, False) == (
+        "--no-document-mask: left out -> given"
+    )
+    assert describe_change(PretrainConfig, "mask_prompts", True, False) == "--prompt-loss: left out -> given"
+    assert describe_change(GRPOConfig, "tasks", ["a"], ["b"]) == "--task: ['a'] -> ['b']"
+    assert (
+        describe_change(SFTConfig, "betas", [0.9, 0.95], [0.9, 0.99]) == "betas: [0.9, 0.95] -> [0.9, 0.99]"
+    )

@@ -229,6 +229,21 @@ def test_sft_steps_with_the_optimizer_it_is_given(tmp_path, monkeypatch) -> None
     assert len(steps) == 3
 
 
+def test_sft_trains_with_the_balance_loss_weight_its_config_records(tmp_path) -> None:
+    """The sequence-wise balance loss α a checkpoint's config.json records (`aux_loss_alpha`, which
+    pretrain --balance-alpha writes; 0.001 in DeepSeek-V2-Lite's) is the one its fine-tuning uses."""
+    from model_configs import small_config
+    from nanoseek.checkpoint import build_model
+    from nanoseek.train.sft import SFTConfig, train_on_examples
+
+    model = build_model(small_config(aux_loss_alpha=0.01)).init_weights(0)
+    ids = list(range(2, 30))
+    cfg = SFTConfig(init="", steps=1, batch_size=2, seq_len=32, progress=False)
+    train_on_examples(model, CharTokenizer(), [(ids, [IGNORE] * 10 + ids[10:])] * 4, tmp_path, "sft", cfg)
+    routers = [r for _, r in model.routers()]
+    assert routers and all(r.aux_loss_alpha == 0.01 for r in routers)
+
+
 def test_mfu_counts_no_mtp_flops_sft_does_not_run(tmp_path, monkeypatch) -> None:
     """SFT's loss is the main head's alone: a model with an MTP module must not be credited its FLOPs."""
 

@@ -23,6 +23,7 @@ from nanoseek.train.loop import (
     param_groups,
     target_counts,
 )
+from nanoseek.train.pretrain import PretrainConfig
 
 VOCAB = 32
 
@@ -430,14 +431,16 @@ def _saved_at_step_2(tmp_path, **kw) -> dict[str, bytes]:
         ),
         (dict(optim=OptimConfig(lr=3e-2, warmup_steps=2)), "--lr: 0.01 -> 0.03"),
         (dict(bias_update_speed=0.01), "--bias-update-speed: 0.001 -> 0.01"),
-        (dict(resume_settings={"batch_size": 8}), "--batch-size: 4 -> 8"),
+        (dict(resume_settings={"batch_size": 8, "mask_prompts": True}), "--batch-size: 4 -> 8"),
+        (dict(resume_settings={"batch_size": 4, "mask_prompts": False}), "--prompt-loss: left out -> given"),
     ],
 )
 def test_resume_refuses_changed_settings_and_writes_nothing(tmp_path, changed, message) -> None:
     """An exact resume needs the settings the checkpoint was trained with: another optimizer would
     take over AdamW's state (and save its own over it), another batch would train another run."""
-    saved = _saved_at_step_2(tmp_path, resume_settings={"batch_size": 4})
-    kw = {"resume_settings": {"batch_size": 4}, **changed}
+    settings = {"batch_size": 4, "mask_prompts": True}
+    saved = _saved_at_step_2(tmp_path, resume_settings=settings, flags_from=PretrainConfig)
+    kw = {"resume_settings": settings, "flags_from": PretrainConfig, **changed}
     other = make_trainer(micro_model(seed=5), tmp_path, steps=4, **kw)
     with pytest.raises(ValueError, match="cannot resume") as e:
         other.resume()

@@ -74,6 +74,29 @@ def _scalar_type(annotation: Any) -> Any:
     return annotation
 
 
+def _long_flag(name: str, meta: Any, kind: Any, default: Any) -> str:
+    """The flag `add_options` gives a field: its own, else its name (a bool's flips its default)."""
+    if meta.get("flag"):
+        return meta["flag"]
+    if kind is bool:
+        return ("--no-" if default else "--") + name.replace("_", "-")
+    return "--" + name.replace("_", "-")
+
+
+def describe_change(cls: type | None, name: str, old: Any, new: Any) -> str:
+    """A changed setting of the config `cls` in the words of its command line: the field's flag and
+    its values (a bool's flag as given or left out), or the field's bare name where it has no flag."""
+    field = next((f for f in dataclasses.fields(cls) if f.name == name), None) if cls else None
+    if field is None or not field.metadata.get("cli", True) or field.metadata.get("positional"):
+        return f"{name}: {old!r} -> {new!r}"
+    kind = _scalar_type(typing.get_type_hints(cls)[name])
+    flag = _long_flag(name, field.metadata, kind, field.default)
+    if kind is bool:
+        given = {True: "given", False: "left out"}
+        return f"{flag}: {given[old != field.default]} -> {given[new != field.default]}"
+    return f"{flag}: {old!r} -> {new!r}"
+
+
 def add_options(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -112,11 +135,10 @@ def add_options(
         if kind is not bool and default is not None and "%(default)" not in help_text:
             help_text = f"{help_text} (default: %(default)s)".strip()
         kwargs: dict[str, Any] = {"help": help_text or None}
+        flag = _long_flag(f.name, meta, kind, default)
         if kind is bool:
-            flag = meta.get("flag") or ("--no-" if default else "--") + f.name.replace("_", "-")
             kwargs.update(action="store_false" if default else "store_true", default=bool(default))
         else:
-            flag = meta.get("flag") or "--" + f.name.replace("_", "-")
             kwargs.update(default=default, type=meta.get("parse") or kind)
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
@@ -149,7 +171,7 @@ def check_choices(config: Any) -> None:
         allowed = f.metadata.get("choices")
         value = getattr(config, f.name)
         if allowed and value not in allowed:
-            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            flag = _long_flag(f.name, f.metadata, None, None)
             raise ValueError(f"{flag} {value!r} is not one of {', '.join(map(str, allowed))}")
 
 

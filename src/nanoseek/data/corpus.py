@@ -647,10 +647,26 @@ class PackedDataset:
             self._exhausted = True
         if batch:
             bos = self.tokenizer.bos_token_id
+            tokens: list[int] = []
             for ids in self.tokenizer.encode_batch(batch):
-                self._pending.append(bos)
-                self._pending.extend(ids)
+                tokens.append(bos)
+                tokens.extend(ids)
+            self._pending.extend(self._flag_untrained(tokens) if self.mask_prompts else tokens)
             self._docs += len(batch)
+
+    def _flag_untrained(self, tokens: list[int]) -> list[int]:
+        """Whole documents' tokens, each that is no target (a chat's prompt, an earlier answer of a
+        reasoning chat) stored as -2 - id. Found here, over whole documents, not in each window: the
+        part of a chat cut into the next window keeps its mask there (it has no <｜User｜> to find)."""
+        import torch
+
+        x = torch.tensor([tokens])
+        untrained = in_chat_prompt(x, *self._chat_ids)
+        if self._history_ids:
+            untrained |= in_history_answer(x, *self._history_ids)
+        # position i masks the token it predicts, i + 1
+        flag = torch.nn.functional.pad(untrained[0, :-1], (1, 0), value=False)
+        return torch.where(flag, -2 - x[0], x[0]).tolist()
 
     def _windows(self) -> Iterator[list[int]]:
         """Packed windows of seq_len+1 tokens; the instance state is always exactly 'after this window'.
@@ -722,12 +738,10 @@ class PackedDataset:
                 return  # never a ragged batch: every rank stops at the same step
             x = torch.tensor(rows[lo:hi], dtype=torch.long)
             self._batches += 1
+            untrained = x < -1  # (`_flag_untrained`)
+            x = torch.where(untrained, -2 - x, x)
             inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
             if self.whole_documents:  # padding (-1): the pad token in, nothing to predict
                 inputs = inputs.masked_fill(inputs < 0, self.tokenizer.pad_token_id)
                 targets = targets.masked_fill(targets < 0, -100)
-            if self.mask_prompts:
-                targets = targets.masked_fill(in_chat_prompt(inputs, *self._chat_ids), -100)
-                if self._history_ids:
-                    targets = targets.masked_fill(in_history_answer(inputs, *self._history_ids), -100)
-            yield inputs, targets
+            yield inputs, targets.masked_fill(untrained[:, 1:], -100)

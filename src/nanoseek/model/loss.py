@@ -41,7 +41,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ok = valid[s : s + rows]
             logits = F.linear(h, w).float()
             lse = torch.logsumexp(logits, dim=-1)
-            safe_t = t.clamp(min=0).masked_fill(~ok, 0).unsqueeze(1)
+            safe_t = t.masked_fill(~ok, 0).unsqueeze(1)  # another negative id fails, as in F.cross_entropy
             picked = logits.gather(1, safe_t).squeeze(1)
             total += torch.where(ok, lse - picked, 0.0).sum()
             if want_grads:

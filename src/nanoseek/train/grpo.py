@@ -603,6 +603,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         bias_update_speed=cfg.bias_update_speed,
         config_extra={"grpo": {k: v for k, v in vars(cfg).items()}},
         resume_settings={name: getattr(cfg, name) for name in RESUME_SETTINGS},
+        flags_from=type(cfg),
     )
     # the RL objective alone: routing stays balanced by the bias (V3 §2.1.2), not a balance loss
     model.set_balance_alpha(0.0)

@@ -324,6 +324,7 @@ class Trainer:
         dist: DistInfo | None = None,
         config_extra: dict[str, Any] | None = None,
         resume_settings: dict[str, Any] | None = None,
+        flags_from: type | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} not in {', '.join(PRECISIONS)}")
@@ -361,6 +362,7 @@ class Trainer:
         self.config_extra = config_extra or {}
         # the stage's own settings (by field name) that `resume` must find unchanged, beside the trainer's
         self.resume_settings = resume_settings or {}
+        self.flags_from = flags_from  # the stage's config dataclass: a refused resume names its flags
         self.base_model = model
         self.config = model.config
 
@@ -695,6 +697,7 @@ class Trainer:
         """Refuse a resume whose settings differ from the checkpoint's: it would go on as another
         run (Muon on AdamW's moments, another batch) and save that run's state over this one's."""
         from nanoseek.checkpoint import TRAIN_STATE
+        from nanoseek.options import describe_change
 
         meta_path = ckpt / TRAIN_STATE / "trainer.json"
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
@@ -703,7 +706,7 @@ class Trainer:
             saved = {k: v for k, v in meta.get("optim", {}).items() if k != "warmup_steps"}
         now = self._settings()
         changed = [k for k in saved if k in now and saved[k] != now[k]]
-        detail = [f"--{k.replace('_', '-')}: {saved[k]!r} -> {now[k]!r}" for k in changed]
+        detail = [describe_change(self.flags_from, k, saved[k], now[k]) for k in changed]
         detail += self._tokenizer_change(ckpt)
         if detail:
             raise ValueError(

@@ -48,6 +48,7 @@ RESUME_SETTINGS = (
     "mtp_weight",
     "balance_alpha",
     "document_mask",
+    "whole_documents",
     "mask_prompts",
 )
 
@@ -319,6 +320,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
         dist=dist,
         config_extra={"pretrain": {**asdict(cfg), "precision": precision}},
         resume_settings={name: getattr(cfg, name) for name in RESUME_SETTINGS},
+        flags_from=type(cfg),
     )
     log = StepLog.for_trainer(
         trainer,

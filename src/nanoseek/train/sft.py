@@ -404,8 +404,6 @@ def task_conversations(
     return convs
 
 
-# The sequence-wise balance loss weight α of V3's pretraining (§4.2), kept through fine-tuning.
-BALANCE_ALPHA = 1e-4
 # Settings a --resume must find unchanged beside the optimizer's (the Trainer checks those): what
 # builds and orders the batches, and the warmup as given (the trainer's is cut to fit the steps).
 RESUME_SETTINGS = (
@@ -487,8 +485,8 @@ def train_on_examples(
         f"{stage}: {len(examples)} examples ({n_target} assistant tokens{cut}) packed into {len(rows)} rows "
         f"of {cfg.seq_len}; {total} steps of {cfg.batch_size} rows"
     )
-    if hasattr(model, "set_balance_alpha"):
-        model.set_balance_alpha(BALANCE_ALPHA)
+    if hasattr(model, "set_balance_alpha"):  # the sequence-wise balance loss α (V3 §4.2) kept through
+        model.set_balance_alpha(model.config.aux_loss_alpha)  # fine-tuning: the one its config records
     t0 = time.perf_counter()
     trainer = Trainer(
         model,
@@ -509,6 +507,7 @@ def train_on_examples(
         deadline=(started or t0) + cfg.max_seconds if cfg.max_seconds else None,
         config_extra=config_extra or {},
         resume_settings={name: getattr(cfg, name) for name in RESUME_SETTINGS},
+        flags_from=type(cfg),
     )
     # sft_loss is the main head's alone: the MTP modules do not run, so their FLOPs are not the step's
     log = StepLog.for_trainer(trainer, seq_len=cfg.seq_len, include_mtp=False, progress=cfg.progress)
