@@ -100,6 +100,28 @@ def test_generate_command_errors(tmp_path):
         args.func(args)
 
 
+def test_every_command_that_loads_a_checkpoint_takes_the_same_dtypes():
+    """serve took --dtype float16 (as load_model does) where generate, chat and eval refused it."""
+    from nanoseek.cli import build_parser
+    from nanoseek.options import complete
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name in ("serve", "generate", "chat", "eval"):
+        (dtype,) = [a for a in complete(commands[name])._actions if a.dest == "dtype"]
+        assert tuple(dtype.choices) == ("auto", "float32", "bfloat16", "float16"), name
+    args = cli_args("generate", "ck", "x", "--dtype", "float16")
+    assert args.dtype == "float16"
+
+
+def test_generate_refuses_several_greedy_samples_before_loading(tmp_path):
+    """`--num-samples 3` at the default --temperature 0 printed the same completion three times, where
+    `eval -k 3 --temperature 0` (and vLLM's n > 1) refuse it."""
+    args = cli_args("generate", str(tmp_path), "the quick", "--num-samples", "3")  # no checkpoint there
+    with pytest.raises(ValueError, match="would all be the same one"):
+        args.func(args)
+
+
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_bad_sampling_flags_fail_before_loading_or_echoing(tmp_path, capsys, command):
     # tmp_path holds no checkpoint: reaching the loader would raise FileNotFoundError instead
@@ -386,7 +408,7 @@ def test_generate_keeps_the_first_words_space_with_a_sentencepiece_vocabulary(tm
         generate, "load_for_generation", lambda args, max_batch_size=1: (Scripted(), tok, None)
     )
     for samples in ("1", "2"):
-        args = cli_args("generate", "ck", "The capital is", "--num-samples", samples)
+        args = cli_args("generate", "ck", "The capital is", "--num-samples", samples, "--temperature", "1")
         assert args.func(args) == 0
         out = capsys.readouterr().out
         assert "The capital is Paris." in out and "isParis" not in out

@@ -195,6 +195,24 @@ def test_bad_arguments() -> None:
         evaluate(EvalConfig(model="x", task="nope"), sampler=lambda ps: [])
 
 
+@pytest.mark.parametrize(
+    ("model", "flags", "said"),
+    [
+        ("http://stub:8000", {"dtype": "bfloat16"}, "--dtype applies only to a checkpoint"),
+        ("http://stub:8000", {"max_batch_size": 8}, "--max-batch-size applies only to a checkpoint"),
+        ("ck", {"endpoint_model": "m"}, "--model-name applies only to an http"),
+        ("ck", {"api_key": "k", "endpoint_model": "m"}, "--model-name and --api-key apply only"),
+    ],
+)
+def test_a_flag_for_the_other_kind_of_model_is_refused_not_ignored(model, flags, said) -> None:
+    """`eval URL --dtype bfloat16` or `eval DIR --api-key K` ran as if the flag were not there."""
+    drawn = []
+    cfg = EvalConfig(model=model, task="arithmetic", k=1, n=1, progress=False, **flags)
+    with pytest.raises(ValueError, match=said):
+        evaluate(cfg, sampler=lambda ps: drawn.append(ps) or [])
+    assert drawn == []
+
+
 def test_an_out_that_is_a_directory_is_refused_before_sampling(tmp_path) -> None:
     """It failed writing the report (IsADirectoryError), after every sample had been drawn."""
     drawn = []

@@ -722,6 +722,17 @@ def test_a_task_named_twice_is_refused():
     GRPOConfig(init="x", tasks=["arithmetic", "sorting"]).validate()
 
 
+@pytest.mark.parametrize("threads", [0, -1])
+def test_threads_below_one_are_refused(threads):
+    """`--threads 0` was ignored (torch's default) and `-1` ended in torch's traceback, where
+    generate, chat and ablate refuse both."""
+    from nanoseek.train.grpo import GRPOConfig
+
+    with pytest.raises(ValueError, match="--threads must be >= 1"):
+        GRPOConfig(init="x", tasks=["arithmetic"], threads=threads).validate()
+    GRPOConfig(init="x", tasks=["arithmetic"], threads=1).validate()
+
+
 def test_a_rollouts_code_runs_overlap_and_score_as_one_after_another(tmp_path, monkeypatch):
     """`_score_rollout` ran every completion's sandboxed program one after another (128 runs in series
     for 16 prompts x G = 8); it now scores through `score_pairs` on --reward-workers threads, with the

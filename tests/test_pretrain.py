@@ -281,6 +281,7 @@ def test_cli_says_in_one_line_which_path_the_file_system_refused(workdir, tmp_pa
         ({"lr": 0.0}, "lr must be"),  # these three after a tokenizer was trained
         ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
         ({"grad_clip": float("nan")}, "grad_clip"),
+        ({"threads": 0}, "threads must be >= 1"),  # 0 was ignored, -1 torch's traceback after the tokenizer
     ],
 )
 def test_bad_settings_are_refused_before_anything_is_written(workdir, tmp_path, setting, message) -> None:

@@ -50,6 +50,9 @@ def test_report_command_and_missing_run(tmp_path, capsys):
     _fake_run(tmp_path)
     assert main(["report", str(tmp_path)]) == 0
     assert (tmp_path / "report.md").exists()
+    for price in ("-1", "nan"):  # a negative price wrote a negative cost; `cost` refuses one
+        assert main(["report", str(tmp_path), "--usd-per-hour", price]) == 2
+        assert "--usd-per-hour must be a price >= 0" in capsys.readouterr().err
 
 
 def test_torn_last_line_is_skipped(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -209,6 +210,38 @@ def test_training_learns_and_logs(tmp_path) -> None:
     loads = [r for r in records if "expert_load" in r]
     assert [r["step"] for r in loads] == [10, 20, 30, 40]
     assert len(loads[0]["expert_load"]["1"]) == 8
+
+
+def test_tokens_per_second_is_the_steps_own(tmp_path) -> None:
+    """tok/s and MFU measure a step, not the validation, probe or checkpoint the stage ran before it: the
+    step after a validation logged a tenth of the throughput."""
+    model = micro_model()
+    stream = Stream()
+    tr = make_trainer(model, tmp_path, steps=3)
+    log = StepLog.for_trainer(tr, progress=False)
+    log.step(tr.step(lambda: language_model_loss(model, *stream())))
+    time.sleep(0.5)  # what a stage does between two steps: validate, save a checkpoint
+    t0 = time.perf_counter()
+    m = tr.step(lambda: language_model_loss(model, *stream()))
+    took = time.perf_counter() - t0
+    log.step(m)
+    log.close()
+    last = list(read_metrics(tmp_path, stage="pretrain"))[-1]
+    assert last["step"] == 2 and "step_time_s" not in last
+    assert last["tok_per_s"] >= m["step_tokens"] / took
+
+
+def test_progress_bar_off_a_terminal_does_not_redraw_every_step(tmp_path, capsys) -> None:
+    """In a CI log or a file each redraw is a line: tqdm's 0.1 s wrote one per step of a long run."""
+    log = StepLog(tmp_path, "pretrain", 40, log_every=100)
+    for step in range(1, 41):
+        time.sleep(0.03)
+        log.step(
+            {"step": step, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "step_tokens": 8, "step_time_s": 0.03}
+        )
+    log.close()
+    redraws = capsys.readouterr().err.count("\r")
+    assert 0 < redraws <= 3  # the first draw and the last, not ~12
 
 
 def test_gradient_accumulation_matches_big_batch(tmp_path) -> None:
@@ -614,11 +647,10 @@ def test_a_deadline_refits_the_schedule_and_stops(tmp_path, monkeypatch) -> None
     """A time-budgeted stage anneals by its deadline: the step count follows the measured pace."""
     import nanoseek.train.loop as loop
 
-    clock = iter(range(0, 1000, 2))  # each reading of the clock advances 2 "seconds" (about one a step)
-    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
     model = micro_model(mtp=0)
     stream = Stream()
     tr = make_trainer(model, tmp_path, steps=100, deadline=40.0)
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: 2.0 * tr.global_step)  # 2 "seconds" a step
     while not tr.done:
         tr.step(lambda: language_model_loss(model, *stream()))
     assert tr.total_steps < 100  # refit to the pace: about 20 steps fit in 40 seconds

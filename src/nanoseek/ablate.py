@@ -897,11 +897,10 @@ def _accuracy(model: Any, tok: Any, trainer: Any, n: int, max_new_tokens: int) -
 def run_study(cfg: AblateConfig, study: str) -> Path:
     """Run (or resume) one study into RUN/ablate/<study>/ and write its report; returns the report."""
     import torch
-    from tqdm.auto import tqdm
 
     from nanoseek.ablate_report import build_study_report
     from nanoseek.atomic import atomic_write
-    from nanoseek.metrics import MetricsLog
+    from nanoseek.metrics import MetricsLog, progress_bar
     from nanoseek.perf import default_device
     from nanoseek.train.pretrain import resolve_precision
 
@@ -946,7 +945,7 @@ def run_study(cfg: AblateConfig, study: str) -> Path:
         tok = _tokenizer(Path(cfg.out), cfg.tokenizer_docs)
         val_set = validation_batches(tok, cfg.val_batches)
         log = MetricsLog(directory, "ablate")
-        bar = tqdm(todo, desc=f"ablate {study}", unit="run", disable=not cfg.progress)
+        bar = progress_bar(todo, desc=f"ablate {study}", unit="run", disable=not cfg.progress)
         for r in bar:
             bar.set_postfix_str(f"{r.variant} seed {r.seed}")
             train_run(

@@ -33,7 +33,7 @@ from typing import Any
 
 from nanoseek.atomic import atomic_write
 from nanoseek.options import option, path
-from nanoseek.perf import AUTO_DTYPE_HELP
+from nanoseek.perf import AUTO_DTYPE_HELP, DTYPE_CHOICES
 from nanoseek.tokenizer import THINK_END, THINK_START
 
 EVAL_PARTS = "accuracy:1,format:1,language:1"
@@ -94,7 +94,7 @@ class EvalConfig:
         "engine: sequences decoded together (default: every sample of a task, n x k, at most "
         f"{DEFAULT_MAX_BATCH}: a second, part-empty wave of the longest answers costs more than a wider batch)",
     )
-    dtype: str = option("auto", AUTO_DTYPE_HELP, choices=("auto", "float32", "bfloat16"))
+    dtype: str = option("auto", AUTO_DTYPE_HELP, choices=DTYPE_CHOICES)
     progress: bool = option(True)
     extra: dict[str, Any] = option(factory=dict, cli=False)
 
@@ -303,10 +303,10 @@ def engine_generate(
     prompts = [list(p) for p in prompt_ids]
     if not progress:
         return engine.generate_detailed(prompts, params)
-    from tqdm.auto import tqdm
+    from nanoseek.metrics import progress_bar
 
     desc = progress if isinstance(progress, str) else "sampling"
-    with tqdm(total=len(prompts), desc=desc, leave=False) as bar:
+    with progress_bar(total=len(prompts), desc=desc, leave=False) as bar:
         return engine.generate_detailed(prompts, params, on_finish=lambda _: bar.update(1))
 
 
@@ -450,11 +450,11 @@ def endpoint_sampler(
         return out
 
     def sample(problems: Sequence[Any]) -> list[list[Sample]]:
-        from tqdm.auto import tqdm
+        from nanoseek.metrics import progress_bar
 
         with (
             ThreadPoolExecutor(max_workers=8) as pool,
-            tqdm(
+            progress_bar(
                 total=len(problems) * cfg.k, desc="eval samples", leave=False, disable=not cfg.progress
             ) as bar,
         ):
@@ -483,6 +483,17 @@ def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
         raise ValueError(f"split must be train or test, got {cfg.split!r}")
     if cfg.max_batch_size is not None and cfg.max_batch_size < 1:
         raise ValueError(f"--max-batch-size must be >= 1 (or left out), got {cfg.max_batch_size}")
+    # a flag of the other kind of model would do nothing: refused, not ignored
+    if cfg.model.startswith(("http://", "https://")):
+        unused = {"--dtype": cfg.dtype != "auto", "--max-batch-size": cfg.max_batch_size is not None}
+        applies = "a checkpoint (the server decides for a URL)"
+    else:
+        unused = {"--model-name": cfg.endpoint_model is not None, "--api-key": cfg.api_key is not None}
+        applies = "an http(s) URL"
+    if any(unused.values()):
+        given = [flag for flag, set_ in unused.items() if set_]
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ValueError(f"{' and '.join(given)} {verb} only to {applies}, not to {cfg.model}")
     if cfg.out and Path(cfg.out).is_dir():  # said now, not once every sample is drawn
         raise ValueError(
             f"--out {cfg.out} is a directory: it takes the report's file, such as "

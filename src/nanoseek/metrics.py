@@ -1,6 +1,7 @@
 """The metrics log: each stage appends JSON lines `{"stage": ..., "step": ..., ...}` to RUN/metrics.jsonl.
 
 Stages talk to the report only through this file, so it is append-only and every line stands alone.
+What they show while they run goes through `progress_bar`.
 """
 
 from __future__ import annotations
@@ -8,10 +9,25 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# Seconds between a progress bar's redraws where it writes to no terminal (a CI log, a file): each redraw
+# is a line there, and tqdm's default 0.1 s wrote one per training step.
+LOG_REDRAW_S = 30.0
+
+
+def progress_bar(*args: Any, **kwargs: Any) -> Any:
+    """A tqdm bar (tqdm's arguments), redrawn at most every `LOG_REDRAW_S` seconds off a terminal."""
+    from tqdm.auto import tqdm
+
+    stream = kwargs.get("file") or sys.stderr
+    if not getattr(stream, "isatty", lambda: False)():
+        kwargs.setdefault("mininterval", LOG_REDRAW_S)
+    return tqdm(*args, **kwargs)
 
 
 def _clean(value: Any) -> Any:

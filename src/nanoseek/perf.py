@@ -77,7 +77,9 @@ _ONEDNN_ISAS_WITHOUT_BF16 = {
 }
 
 
-# The help of every `--dtype` whose default is "auto" (`nanoseek.checkpoint.resolve_dtype` decides).
+# The choices and help of every `--dtype` whose default is "auto" (`nanoseek.checkpoint.resolve_dtype`
+# decides): serve, generate, chat and eval take the same ones.
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 AUTO_DTYPE_HELP = (
     "weights dtype; auto (default): a bf16/fp16 checkpoint in bf16 where the CPU multiplies bf16 "
     "natively, else float32; an fp32 checkpoint in float32; bfloat16 on a GPU"

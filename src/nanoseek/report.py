@@ -286,6 +286,8 @@ class RunMetrics:
 
 def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path:
     """Write RUN/report.md and RUN/plots/*.png; returns the report path."""
+    if not 0 <= usd_per_hour < math.inf:  # NaN fails too; a negative price wrote a negative cost
+        raise ValueError(f"--usd-per-hour must be a price >= 0, got {usd_per_hour}")
     m = RunMetrics(run_dir)
     if not m.records:
         raise FileNotFoundError(

@@ -16,7 +16,7 @@ def add_generation_flags(
     p: argparse.ArgumentParser, max_new_tokens: int = 256, temperature: float = 0.0
 ) -> None:
     from nanoseek.options import add_options, defer
-    from nanoseek.perf import AUTO_DTYPE_HELP
+    from nanoseek.perf import AUTO_DTYPE_HELP, DTYPE_CHOICES
 
     g = p.add_argument_group("generation")
 
@@ -36,7 +36,7 @@ def add_generation_flags(
     g.add_argument("--speculative", action="store_true", help="draft tokens with the model's MTP module")
     g.add_argument(
         "--dtype",
-        choices=["auto", "float32", "bfloat16"],
+        choices=DTYPE_CHOICES,
         default="auto",
         help=AUTO_DTYPE_HELP,
     )
@@ -118,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
         )
     prompt = args.prompt if args.text is None else args.text
     params = sampling_params(args)  # bad flags fail before the model loads and the prompt is echoed
+    if params.temperature == 0 and args.num_samples > 1:  # as `eval -k` and vLLM's n refuse it
+        raise ValueError(
+            f"--temperature 0 decodes greedily: the {args.num_samples} samples would all be the same one; "
+            "pass a --temperature above 0 for --num-samples"
+        )
     engine, tok, _ = load_for_generation(args, max_batch_size=args.num_samples)
     text = sys.stdin.read() if prompt == "-" else prompt
     if args.chat:

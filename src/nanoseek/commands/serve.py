@@ -15,7 +15,7 @@ import sys
 def register(sub: argparse._SubParsersAction) -> None:
     from nanoseek.commands.generate import DEVICE_HELP
     from nanoseek.options import path
-    from nanoseek.perf import AUTO_DTYPE_HELP
+    from nanoseek.perf import AUTO_DTYPE_HELP, DTYPE_CHOICES
 
     p = sub.add_parser(
         "serve",
@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=DTYPE_CHOICES,
         default="auto",
         help=AUTO_DTYPE_HELP,
     )

@@ -58,9 +58,8 @@ def run_train(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from tqdm import tqdm
-
     from nanoseek.data.corpus import is_embedded, tokenizer_documents
+    from nanoseek.metrics import progress_bar
     from nanoseek.tokenizer import tokenizer_summary, train_tokenizer
 
     source = args.data[0] if len(args.data) == 1 else args.data
@@ -77,7 +76,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     def counted():
         nonlocal chars, read
-        for doc in tqdm(itertools.islice(docs, max_docs), total=max_docs, desc="tokenizer", unit="doc"):
+        for doc in progress_bar(
+            itertools.islice(docs, max_docs), total=max_docs, desc="tokenizer", unit="doc"
+        ):
             chars += len(doc)
             read += 1
             if len(held_out) < 200:

@@ -413,8 +413,9 @@ class GRPOConfig:
             raise ValueError(f"--bias-update-speed must be >= 0, got {self.bias_update_speed}")
         if self.beta < 0:
             raise ValueError(f"--beta must be >= 0, got {self.beta}")
-        if self.reward_workers is not None and self.reward_workers < 1:
-            raise ValueError(f"--reward-workers must be >= 1, got {self.reward_workers}")
+        for name in ("reward_workers", "threads"):  # --threads 0 was ignored, -1 torch's traceback
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.sft_mix < 0:
             raise ValueError(f"--sft-mix must be >= 0, got {self.sft_mix}")
         repeated = sorted({t for t in self.tasks or () if list(self.tasks).count(t) > 1})
@@ -550,14 +551,12 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     called after every step (the speedrun paces the control run beside it by it)."""
     import time
 
-    from tqdm.auto import tqdm
-
     from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.data.rewards import build_reward
     from nanoseek.data.tasks import get_task
     from nanoseek.engine import Engine
     from nanoseek.evaluate import chat_prompt_ids, prompt_opens_think
-    from nanoseek.metrics import MetricsLog
+    from nanoseek.metrics import MetricsLog, progress_bar
     from nanoseek.perf import default_device
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.loop import OptimConfig, Trainer
@@ -663,7 +662,9 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     entropy_trend = EntropyTrend(history.get("entropy_trend"))
     init_length = history.get("init_length")
     bad_steps = 0
-    bar = tqdm(total=cfg.steps, initial=start, desc="grpo", dynamic_ncols=True, disable=not cfg.progress)
+    bar = progress_bar(
+        total=cfg.steps, initial=start, desc="grpo", dynamic_ncols=True, disable=not cfg.progress
+    )
     t_run = time.perf_counter()
     last: dict = {}
     for step in range(start, cfg.steps):

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import increment_version
 
-from nanoseek.metrics import MetricsLog
+from nanoseek.metrics import MetricsLog, progress_bar
 from nanoseek.train.distributed import (
     DistInfo,
     all_reduce_,
@@ -450,6 +450,7 @@ class Trainer:
         """
         if accumulation < 1:
             raise ValueError(f"accumulation must be >= 1, got {accumulation}")
+        started = time.perf_counter()
         if self.deadline is not None and self._paced_from is None:
             self._paced_from = (self.global_step, time.perf_counter())
         model = self.model
@@ -526,6 +527,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens": self.tokens_seen,
             "step_tokens": tokens,
+            "step_time_s": time.perf_counter() - started,  # the step's own: tok/s leaves out validations
         }
         metrics.update({k: v / accumulation for k, v in sums.items()})
         if loads:
@@ -814,7 +816,6 @@ class StepLog:
         self._progress = progress and is_main
         self._bar = None
         self._peak: float | None = None
-        self._t_last = time.perf_counter()
         self._tb = None
         if tensorboard and is_main:
             require_tensorboard()
@@ -858,9 +859,7 @@ class StepLog:
         self._update_bar(step, metrics)
 
     def _throughput(self, metrics: dict[str, Any]) -> None:
-        now = time.perf_counter()
-        tok_s = metrics.pop("step_tokens") / max(now - self._t_last, 1e-9)
-        self._t_last = now
+        tok_s = metrics.pop("step_tokens") / max(metrics.pop("step_time_s"), 1e-9)
         metrics["tok_per_s"] = tok_s
         if self.flops_per_token:
             achieved = tok_s * self.flops_per_token
@@ -883,9 +882,9 @@ class StepLog:
         if not self._progress:
             return
         if self._bar is None:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=self.total_steps, initial=step - 1, desc=self.stage, dynamic_ncols=True)
+            self._bar = progress_bar(
+                total=self.total_steps, initial=step - 1, desc=self.stage, dynamic_ncols=True
+            )
         self._bar.total = self.total_steps
         post = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tok_per_s']:.0f}"}
         if "mfu" in metrics:

@@ -173,6 +173,8 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.multi_turn <= 1:
             raise ValueError(f"multi_turn must be in [0, 1], got {self.multi_turn}")
+        if self.threads is not None and self.threads < 1:  # 0 was ignored, -1 torch's traceback
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         self.optim_config()  # lr, schedule and clipping refused now, not after training a tokenizer
         if not 0 <= self.val_fraction < 1:  # (found now, not after training a tokenizer)
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
@@ -220,10 +222,8 @@ def _tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int, is_main: bool, d
         return load_tokenizer(cfg.tokenizer)
     tok_dir = run / "tokenizer"
     if not (cfg.resume and (tok_dir / "tokenizer.json").exists()) and is_main:
-        from tqdm import tqdm
-
         from nanoseek.data.corpus import tokenizer_documents
-        from nanoseek.metrics import MetricsLog
+        from nanoseek.metrics import MetricsLog, progress_bar
 
         t0 = time.perf_counter()
         docs = islice(tokenizer_documents(cfg.data, cfg.text_field, seed=cfg.seed), cfg.tokenizer_docs)
@@ -232,7 +232,7 @@ def _tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int, is_main: bool, d
         def counted() -> Iterator[str]:
             # streamed, not listed: --tokenizer-docs documents of a user's corpus may not fit in memory
             nonlocal read
-            for doc in tqdm(
+            for doc in progress_bar(
                 docs, total=cfg.tokenizer_docs, desc="tokenizer", unit="doc", disable=not cfg.progress
             ):
                 read += 1
