@@ -262,6 +262,22 @@ def test_atomic_writes_take_the_longest_legal_names(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_an_atomic_write_on_a_read_only_filesystem_names_the_users_path(tmp_path, monkeypatch):
+    """A read-only mount refuses even to unlink a file that is not there (EROFS, not ENOENT): the
+    clean-up of the temporary file must not replace the error, which then named `.report.json.tmp`."""
+    import errno
+    from pathlib import Path
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / ".report.json.tmp"))
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(OSError, match="Read-only") as e:
+        atomic_write(tmp_path / "report.json", "new")
+    assert e.value.filename == str(tmp_path / "report.json")
+
+
 def test_a_checkpoint_replaced_while_it_loads_loads_whole(tmp_path, monkeypatch):
     """A reader loading RUN/<stage> while the run saves its next checkpoint there gets one of the two
     checkpoints, never the first shards of one and the rest of the other."""

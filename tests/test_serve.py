@@ -10,6 +10,7 @@ text chosen by the test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -1341,6 +1342,62 @@ def test_cli_serve(tmp_path, tok, model):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+@pytest.mark.slow
+def test_serve_ctrl_c_says_what_it_waits_for_and_a_second_one_stops_quietly(tmp_path):
+    """Ctrl-C while a reply streams: the server says that it finishes the request first (uvicorn's own
+    line is below the level `serve` logs at, so the signal seemed ignored for as long as the reply ran);
+    a second Ctrl-C stops it at once, in one line: uvicorn logged the dropped request's cancellation and
+    the app's shutdown as two error tracebacks."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = tmp_path / "serve.py"
+    script.write_text(
+        textwrap.dedent(f"""
+            import socket, sys, uvicorn
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from serve_fakes import ScriptedEngine, tiny_tokenizer
+            from nanoseek.commands.serve import _server
+            from nanoseek.serve import ServeConfig, create_app
+            tok = tiny_tokenizer()
+            engine = ScriptedEngine(tok, lambda p, params: tok.encode(" and so on") * 50, step_delay=0.05)
+            app = create_app(engine, tok, ServeConfig(model_name="m"))
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            print(sock.getsockname()[1], flush=True)
+            try:
+                _server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+            except KeyboardInterrupt:  # as `nanoseek.cli.main` reports it
+                sys.exit("interrupted")
+        """)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        port = int(proc.stdout.readline())
+        body = {"model": "m", "prompt": "hi", "max_tokens": 150, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)  # the reply is streaming
+            proc.send_signal(signal.SIGINT)
+            said = proc.stdout.readline()
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(httpx.HTTPError):
+                for _ in lines:  # the stream just ends
+                    pass
+        assert proc.wait(20) == 1
+        rest = proc.stdout.read()
+    finally:
+        proc.kill()
+    assert said == "nanoseek serve: stopping once 1 request(s) in flight finish (Ctrl-C again to stop now)\n"
+    assert rest == "interrupted\n"
 
 
 def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, capsys):

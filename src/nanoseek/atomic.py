@@ -91,7 +91,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             e.filename, e.filename2 = str(path), None
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        # a read-only mount refuses even this (EROFS, where there is nothing to remove): that error
+        # would replace the one above, naming the temporary file
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:

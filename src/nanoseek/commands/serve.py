@@ -10,6 +10,7 @@ import argparse
 import os
 import socket
 import sys
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print("nanoseek serve: warning: reachable beyond this machine and no --api-key set", flush=True)
-    http = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    http = _server(uvicorn.Config(app, log_level="warning"))
     server.engine.on_death = lambda e: setattr(http, "should_exit", True)
     http.run(sockets=[sock])
     if server.engine.error is not None:
@@ -183,6 +184,34 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print("nanoseek serve: stopped")
     return 0
+
+
+def _server(config: Any) -> Any:
+    """uvicorn's server, saying what a stop waits for. On Ctrl-C or SIGTERM it finishes the requests in
+    flight first (its own line saying so is below log level warning: the server seemed to ignore the
+    signal for as long as the longest generation ran); a second Ctrl-C drops them, which uvicorn logs
+    as one error traceback per dropped request and one for the app's shutdown."""
+    import logging
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            first = not self.should_exit
+            super().handle_exit(sig, frame)  # first: a second signal may land while this one prints
+            if self.force_exit:
+                logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)  # dropped on request
+            elif first and self.server_state.tasks:
+                again = " (Ctrl-C again to stop now)" if sig == signal.SIGINT else ""
+                n = len(self.server_state.tasks)
+                print(
+                    f"nanoseek serve: stopping once {n} request(s) in flight finish{again}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    return Server(config)
 
 
 def _generation_defaults(cfg: dict) -> dict[str, float]:
