@@ -283,7 +283,7 @@ def run_variant(
 
     from nanoseek.checkpoint import build_model
     from nanoseek.config import resolve_config
-    from nanoseek.data.corpus import PackedDataset
+    from nanoseek.data.corpus import PackedDataset, window_tokens
     from nanoseek.probe import greedy_accuracy, probe_documents, probe_losses
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.loop import OptimConfig, Trainer, language_model_loss
@@ -360,11 +360,21 @@ def run_variant(
                     flush=True,
                 )
 
+        def loss_fn() -> Any:
+            x, y = next(batches)
+            return language_model_loss(
+                trainer.model,
+                x,
+                y,
+                mtp_weight=v.mtp_weight,
+                document_mask=v.document_mask,
+                # whole documents: the padding balances nothing, as in `nanoseek pretrain`
+                token_mask=window_tokens(x, tok.pad_token_id) if v.whole_documents else None,
+            )
+
         train_evaluating(
             trainer,
-            lambda: language_model_loss(
-                trainer.model, *next(batches), mtp_weight=v.mtp_weight, document_mask=v.document_mask
-            ),
+            loss_fn,
             evaluate,
             every=eval_every,
             on_step=last.update,

@@ -13,6 +13,14 @@ def test_presets_round_trip_through_config_json(tmp_path, name):
     assert again == cfg
 
 
+@pytest.mark.parametrize("name", [n for n in PRESETS if not n.startswith("deepseek")])
+def test_presets_trained_from_scratch_initialize_at_one_over_sqrt_width(name):
+    """N(0, 1/hidden), not transformers' 0.02 (benchmarks/bench_learning.py: a narrow model learns to
+    copy much later at 0.02). The golden learning curve builds its own config and cannot see this."""
+    cfg = get_preset(name)
+    assert cfg.extra.get("initializer_range") == pytest.approx(cfg.hidden_size**-0.5)
+
+
 def test_reads_deepseek_v2_file_with_defaults(tmp_path):
     d = {
         "model_type": "deepseek_v2",

@@ -118,3 +118,42 @@ def test_timing_benchmarks_refuse_zero_steps_or_repeats_before_running(monkeypat
         with pytest.raises(SystemExit) as e:
             bench.main()
         assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err, name
+
+
+def test_bench_learning_whole_documents_leave_the_padding_out_of_the_balancing(tmp_path, monkeypatch):
+    """As in `nanoseek pretrain` and `nanoseek ablate`: a variant trained on whole documents (padded
+    windows) passes the routers the mask of its documents' tokens, so padding moves no expert bias."""
+    import dataclasses
+    import json
+    from itertools import islice
+
+    from tests.benchmark_scripts import load_benchmark
+    from tests.model_configs import small_config
+
+    import nanoseek.train.loop as loop
+    from nanoseek.data.corpus import window_tokens
+    from nanoseek.data.synthetic import iter_documents
+    from nanoseek.tokenizer import train_tokenizer
+
+    bench = load_benchmark("bench_learning")
+    docs = list(islice(iter_documents(seed=0, tasks=["comparison"]), 200))
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tok = train_tokenizer(docs, vocab_size=300)
+    tok.save(tmp_path / "tok")
+    monkeypatch.setattr(bench, "_corpus", lambda v, seed, cache: (tmp_path / "docs.jsonl", tmp_path / "tok"))
+    small_config(num_nextn_predict_layers=1).save(tmp_path / "model")
+    seen = []
+    real = loop.language_model_loss
+
+    def recording(model, x, y, **kw):
+        seen.append((x, kw.get("token_mask")))
+        return real(model, x, y, **kw)
+
+    monkeypatch.setattr(loop, "language_model_loss", recording)
+    v = dataclasses.replace(
+        bench.VARIANTS["lean2"], preset=str(tmp_path / "model"), tasks=("comparison",), steps=2, seq_len=96
+    )
+    bench.run_variant(v, 0, 100, 2, 0, tmp_path, 8, progress=False)
+    assert len(seen) == 2
+    for x, mask in seen:
+        assert mask is not None and mask.equal(window_tokens(x, tok.pad_token_id)) and not mask.all()
