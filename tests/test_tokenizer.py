@@ -148,6 +148,37 @@ def test_vocab_size_is_exact() -> None:
     assert tok.vocab_size == 700 and max(tok.backend.get_vocab().values()) == 699
 
 
+def test_training_runs_off_the_main_thread_so_ctrl_c_lands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BPE training runs in Rust, which checks no signals: on the main thread a Ctrl-C on a large corpus
+    waited for training to end (30 s on 58 MB). It runs on a worker thread the main thread waits for;
+    its errors still reach the caller."""
+    import threading
+
+    import nanoseek.tokenizer as tokenizer_module
+
+    build, threads = tokenizer_module._build_backend, []
+
+    class Recording:
+        def __init__(self) -> None:
+            self.backend = build()
+
+        def train_from_iterator(self, texts, trainer):
+            threads.append(threading.current_thread())
+            if texts == ["fail"]:
+                raise RuntimeError("trainer failed")
+            return self.backend.train_from_iterator(texts, trainer=trainer)
+
+        def __getattr__(self, name: str):
+            return getattr(self.backend, name)
+
+    monkeypatch.setattr(tokenizer_module, "_build_backend", Recording)
+    tok = train_tokenizer(["the cat sat on the mat"] * 50, vocab_size=300)
+    assert tok.decode(tok.encode("the cat")) == "the cat"
+    assert threads and threads[0] is not threading.main_thread()
+    with pytest.raises(RuntimeError, match="trainer failed"):
+        train_tokenizer(["fail"], vocab_size=300)
+
+
 def test_train_rejects_tiny_vocab() -> None:
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(["abc"], vocab_size=100)

@@ -774,6 +774,28 @@ def llama_cpp_pre_tokenizer(tok: Tokenizer) -> str | None:
     return LLAMA_CPP_PRE if ok else None
 
 
+def _interruptible(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` on a worker thread the main thread waits for. BPE training runs in Rust,
+    which never looks at Python's signals: Ctrl-C on a large corpus landed only when training ended."""
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # raised again on the caller's thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=work, name="nanoseek-tokenizer-training", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)  # a signal's handler runs between these waits
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int,
@@ -798,7 +820,7 @@ def train_tokenizer(
         max_token_length=max_token_length,
         show_progress=show_progress,
     )
-    backend.train_from_iterator(texts, trainer=trainer)
+    _interruptible(backend.train_from_iterator, texts, trainer=trainer)
     # The trainer marks every reserved token special; DeepSeek keeps the chat tokens in decoded text.
     spec = json.loads(backend.to_str())
     for entry in spec["added_tokens"]:
