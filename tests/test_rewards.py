@@ -129,6 +129,24 @@ def test_hack_thinking_in_wrong_language(add_ja):
     assert japanese > english
 
 
+def test_hack_other_scripts_count_against_the_language():
+    # letters of a script the reward knows no language of are not in the prompt's language either
+    assert language_consistency("Сначала сложим единицы, затем add", "en") < 0.5
+    assert language_consistency("한국어로 생각하자 一の位を足す", "ja") < 0.6
+    assert script_counts("Сначала сложим")["other"] == 13
+    assert language_consistency("The angle θ is 30 degrees", "en") == 1.0  # a lone letter is a symbol
+
+
+def test_hack_wrong_language_after_an_early_think_end(add_ja):
+    # a few Japanese words, </think>, English reasoning, </think>, the answer: accuracy reads the last
+    # </think>, so the language reward must read everything before it
+    reward = build_reward("accuracy:1,language:0.1")
+    hack = "一の位を足す。\n</think>\nAdd the ones, then the tens, then write it down.\n</think>\n42"
+    _, parts = reward(add_ja, hack)
+    assert parts["accuracy"] == 1.0 and parts["language"] < 0.5
+    assert split_completion("a</think>b</think>c") == ("a</think>b", "c")
+
+
 def test_hack_stuffed_and_repeated(add_en):
     reward = build_reward("accuracy:1,format:0.2")
     stuffed = " ".join(str(i) for i in range(100))

@@ -9,8 +9,9 @@ Notable:
   non-empty thinking, a non-empty answer after it, and no stray ``<think>``, chat or end-of-sentence tags.
   Binary: a loose regex that accepts repeated closing tags gets hacked (open-r1).
 - language (R1 §2.3.4): the share of the chain of thought's letters written in the prompt's script:
-  Latin for en, kana + kanji for ja, Han for zh. Digits and symbols do not count; a CoT with no letters
-  at all scores 0.
+  Latin for en, kana + kanji for ja, Han for zh; any other script's letters count against it. The chain
+  of thought is all before the last ``</think>`` (the answer accuracy reads is after it). Digits and
+  symbols do not count; a CoT with no letters at all scores 0.
 - code: the share of tests the answer's code passes in the sandbox (partial credit; accuracy on a code
   problem is the binary all-pass version).
 - math-verify times out with SIGALRM, which fails outside the main thread: ``check_math`` runs it with
@@ -55,14 +56,17 @@ def _strip_eos(completion: str) -> str:
 
 
 def split_completion(completion: str, prompt_opened_think: bool = True) -> tuple[str, str | None]:
-    """(thinking, answer): answer is None when the think block never closed."""
+    """(thinking, answer): answer is None when the think block never closed. The answer is what follows
+    the last ``</think>``, as accuracy reads it: reasoning after an earlier ``</think>`` is thinking."""
     text = _strip_eos(completion).lstrip()
     if text.startswith(THINK_START):
         text = text[len(THINK_START) :]
     elif not prompt_opened_think and THINK_END not in text:
         return "", text  # a plain answer, no thinking
-    thinking, sep, answer = text.partition(THINK_END)
-    return thinking, (answer if sep else None)
+    if THINK_END not in text:
+        return text, None
+    thinking, _, answer = text.rpartition(THINK_END)
+    return thinking, answer
 
 
 def format_reward(completion: str, prompt_opened_think: bool = True) -> float:
@@ -85,7 +89,7 @@ def format_reward(completion: str, prompt_opened_think: bool = True) -> float:
 def language_consistency(text: str, language: str) -> float:
     """Share of ``text``'s letters written in ``language``'s script (en / ja / zh)."""
     c = script_counts(text)
-    total = c["latin"] + c["kana"] + c["han"]
+    total = sum(c.values())  # letters of other scripts (Cyrillic, Hangul, ...) count against every language
     if total == 0:
         return 0.0
     if language == "en":

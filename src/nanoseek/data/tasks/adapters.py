@@ -7,6 +7,7 @@ import hashlib
 import json
 import random
 import re
+import unicodedata
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -164,22 +165,19 @@ class ReasoningGymTask(Task):
 
 
 def script_counts(text: str) -> dict[str, int]:
-    """Letters per script: latin (incl. accented), kana (hiragana, katakana), han (CJK ideographs).
+    """Letters per script: latin (incl. accented), kana (hiragana, katakana), han (CJK ideographs), and
+    other (any other script's: Cyrillic, Hangul, Greek, ...; a chain of thought drifting into them is not
+    in the prompt's language either).
 
-    A lone Latin letter is a symbol, not a word (the ``x`` of ``3x = 15``, the letters a counting trace
-    spells out), so Latin letters count only in runs of two or more.
+    A lone Latin (or other) letter is a symbol, not a word (the ``x`` of ``3x = 15``, the letters a
+    counting trace spells out, the ``θ`` of an angle), so those count only in runs of two or more.
     """
-    latin = kana = han = run = 0
+    counts = {"latin": 0, "kana": 0, "han": 0, "other": 0}
+    run, run_script = 0, ""
     for ch in text + " ":
         o = ord(ch)
-        if (o < 0x80 and ch.isalpha()) or (0xC0 <= o <= 0x24F and ch.isalpha()):
-            run += 1
-            continue
-        if run >= 2:
-            latin += run
-        run = 0
         if 0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF or 0xFF66 <= o <= 0xFF9F:
-            kana += 1
+            script = "kana"
         elif (
             0x4E00 <= o <= 0x9FFF
             or 0x3400 <= o <= 0x4DBF
@@ -187,8 +185,23 @@ def script_counts(text: str) -> dict[str, int]:
             or o >= 0x20000
             or o == 0x3005
         ):
-            han += 1
-    return {"latin": latin, "kana": kana, "han": han}
+            script = "han"
+        elif not ch.isalpha():
+            # a combining mark (Devanagari's vowel signs) goes on with the word it marks
+            if run and unicodedata.category(ch).startswith("M"):
+                continue
+            script = ""
+        else:
+            script = "latin" if o < 0x80 or 0xC0 <= o <= 0x24F else "other"
+        if run and script == run_script:
+            run += 1
+            continue
+        if run >= 2:
+            counts[run_script] += run
+        run, run_script = (1, script) if script in ("latin", "other") else (0, "")
+        if script in ("kana", "han"):
+            counts[script] += 1
+    return counts
 
 
 def detect_language(text: str) -> str:
