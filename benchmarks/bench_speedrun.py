@@ -141,17 +141,18 @@ def _per_problem(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def pretraining_arithmetic(run: Path) -> dict | None:
-    """The pretraining stage's arithmetic against this CPU's matmul peak: the teacher's and the
+    """The pretraining stage's arithmetic against this machine's matmul peak: the teacher's and the
     student's model FLOPs (forward and backward, MTP included) and Muon's Newton-Schulz matmuls, over
-    the best rate of a 1024^3 matmul in the precision they trained in. The quotient is the least time
-    the stage could take on this machine whatever the code around the matmuls, so it says whether a
+    the best rate of a square matmul in the precision they trained in, on the device they trained on
+    (the GPU where there is one, as `nanoseek.perf.default_device` put them). The quotient is the least
+    time the stage could take on this machine whatever the code around the matmuls, so it says whether a
     budget missed here can be met by making the code faster at all."""
     import torch
 
+    from nanoseek import perf
     from nanoseek.accounting import flops_per_token
     from nanoseek.checkpoint import build_model
     from nanoseek.config import ModelConfig
-    from nanoseek.perf import matmul_peak_flops
     from nanoseek.train.loop import param_groups
     from nanoseek.train.muon import muon_param_groups, orthogonalization_flops
 
@@ -178,11 +179,13 @@ def pretraining_arithmetic(run: Path) -> dict | None:
             out["muon_flops"] += steps * orthogonalization_flops(groups, dtype=ns_dtype)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     out["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
+    device = perf.default_device().type  # where the stages trained
+    out["device"] = device
     # the machine's peak, every core: what the run had, whatever this process's thread setting
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or threads)
     out["threads"] = torch.get_num_threads()
-    out["peak_flops"] = matmul_peak_flops(dtype, seconds=2.0)
+    out["peak_flops"] = perf.matmul_peak_flops(dtype, device, seconds=2.0)
     torch.set_num_threads(threads)
     out["floor_s"] = (out["model_flops"] + out["muon_flops"]) / out["peak_flops"]
     return out
@@ -345,11 +348,13 @@ def main() -> None:
         # the student's pretraining ran on its own: its time is this arithmetic's too
         took += f["stages_s"]["student"]
     if a and took:
+        gpu = a.get("device") == "cuda"
+        where = f"this {'GPU' if gpu else 'CPU'}'s {a['precision']}"
+        on = "" if gpu else f" on {a['threads']} threads"
         print(
             f"  pretraining's arithmetic: {a['model_flops'] / 1e12:.0f} TFLOP of model matmuls + "
             f"{a['muon_flops'] / 1e12:.0f} of Muon's Newton-Schulz (teacher and student) = at least "
-            f"{a['floor_s']:.0f} s at this CPU's {a['precision']} matmul peak "
-            f"({a['peak_flops'] / 1e9:.0f} GFLOP/s on {a['threads']} threads); it ran at "
+            f"{a['floor_s']:.0f} s at {where} matmul peak ({a['peak_flops'] / 1e9:.0f} GFLOP/s{on}); it ran at "
             f"{a['floor_s'] / took:.0%} of that peak"
         )
         if f.get("budget_s"):

@@ -175,6 +175,30 @@ def test_bench_speedrun_counts_pretrainings_arithmetic(smoke_run):
     assert a["floor_s"] == pytest.approx((a["model_flops"] + a["muon_flops"]) / a["peak_flops"])
 
 
+def test_bench_speedrun_times_pretrainings_floor_on_the_device_it_ran_on(tmp_path, monkeypatch):
+    """On a GPU (gpu_check.sh) pretraining ran on the GPU: its compute floor is over the GPU's matmul
+    peak, not the CPU's, which put the run at thousands of percent of "this CPU's peak"."""
+    import dataclasses
+
+    import nanoseek.perf
+    from model_configs import small_config
+
+    bench = load_benchmark("bench_speedrun")
+    (tmp_path / "speedrun.json").write_text(json.dumps(dataclasses.asdict(PRESETS["smoke"])))
+    for stage in ("pretrain", "student"):
+        small_config().save(tmp_path / stage)
+    timed = []
+
+    def peak(dtype=None, device="cpu", n=None, seconds=0.5):
+        timed.append(str(device))
+        return 1e15 if str(device) == "cuda" else 1e11
+
+    monkeypatch.setattr(nanoseek.perf, "default_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(nanoseek.perf, "matmul_peak_flops", peak)
+    a = bench.pretraining_arithmetic(tmp_path)
+    assert timed == ["cuda"] and a["device"] == "cuda" and a["peak_flops"] == 1e15
+
+
 def test_bench_speedrun_rescores_grpos_gain_on_more_problems(smoke_run):
     """`--rescore N`: GRPO's start and end scored again on N problems, paired, written apart from the
     run's records, and the gain goals judged on them."""
