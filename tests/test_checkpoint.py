@@ -457,3 +457,16 @@ def test_a_full_disk_at_a_save_says_so_and_keeps_the_last_train_state(tmp_path):
         save_train_state(tmp_path, {"state": {"w": torch.zeros(1000)}}, {"step": 2}, {"step": 2})
     assert not scratch.exists() and not scratch.is_symlink()
     assert load_train_state(tmp_path)[1] == {"step": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_balancing_bias_stored_in_bf16_loads_in_fp32(tmp_path, dtype):
+    """A checkpoint whose selection bias is stored in bf16 (a tool's all-bf16 export): the bias loads
+    in fp32 whatever the dtype, as transformers keeps it, so the trainer's γ = 0.001 steps are not
+    rounded away (at 0.3 bf16's spacing is 0.002)."""
+    save_model(build_model(config()).init_weights(0), tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors = {k: v.bfloat16() if "e_score_correction_bias" in k else v for k, v in tensors.items()}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    model = nanoseek.load_model(tmp_path, dtype=dtype)
+    assert {str(r.e_score_correction_bias.dtype) for _, r in model.routers()} == {"torch.float32"}

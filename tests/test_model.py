@@ -665,3 +665,21 @@ def test_a_model_moved_after_inference_serves_on_its_new_device():
         want = model(x)
         got = model.to("cuda")(x.cuda()).cpu()
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_model_cast_with_to_keeps_rope_frequencies_and_balancing_state_fp32():
+    """`model.to(torch.bfloat16)` gives the model `build(dtype=torch.bfloat16)` and load_model give:
+    RoPE's inverse frequencies stay fp32 (rounded to bf16, this model's were off by up to 0.1%, its
+    angles at position 2000 by 0.2 rad), the routers' bias and loads too."""
+    cfg = config(num_nextn_predict_layers=0, max_position_embeddings=4096)
+    model = model_for(cfg)
+    built = build_model(cfg, dtype=torch.bfloat16)
+    built.load_state_dict(model.state_dict())
+    model.to(torch.bfloat16)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.rotary_emb.inv_freq, built.model.rotary_emb.inv_freq)
+    for _, router in model.routers():
+        assert router.e_score_correction_bias.dtype == router.expert_load.dtype == torch.float32
+    ids = torch.randint(0, cfg.vocab_size, (1, 2048), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), built.eval()(ids))

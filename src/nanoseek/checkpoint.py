@@ -182,14 +182,12 @@ def from_hf_state_dict(
 
 
 def _cast(key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # The balancing bias stays fp32 in any dtype: its steps (γ = 0.001) vanish in bf16.
+    # The balancing bias is fp32 in any dtype, a file's bf16 one too (as transformers keeps it): its
+    # steps (γ = 0.001) vanish in bf16.
+    if "e_score_correction_bias" in key:
+        return value.float()
     # FP8 weights and their scales are one value together: casting either alone would change it.
-    keep = (
-        not value.is_floating_point()
-        or value.dtype == FP8_DTYPE
-        or key.endswith("_scale_inv")
-        or "e_score_correction_bias" in key
-    )
+    keep = not value.is_floating_point() or value.dtype == FP8_DTYPE or key.endswith("_scale_inv")
     return value if keep else value.to(dtype)
 
 

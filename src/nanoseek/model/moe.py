@@ -31,7 +31,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.derived import DerivedWeights
-from nanoseek.model.registered import Linear, Registered, is_plain_linear
+from nanoseek.model.registered import Linear, Registered, apply_keeping_fp32, is_plain_linear
 from nanoseek.perf import cast, compute_dtype
 
 
@@ -83,6 +83,10 @@ class Router(nn.Module):
         # Tokens routed to each expert by training forwards; the trainer reads and resets it for the bias
         # update. Inference (eval mode) leaves it alone, so serving and rollouts never disturb it.
         self.register_buffer("expert_load", torch.zeros(self.n_experts), persistent=False)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        # the balancing state stays fp32 through `.to(torch.bfloat16)`: bias steps vanish in bf16
+        return apply_keeping_fp32(self, ("e_score_correction_bias", "expert_load"), fn, recurse)
 
     def forward(
         self, x: torch.Tensor, token_mask: torch.Tensor | None = None

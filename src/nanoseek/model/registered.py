@@ -17,8 +17,10 @@ instance's `__dict__`, which Python reads before a descriptor without `__set__`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -46,6 +48,21 @@ class Registered:
                 self.registry = registry
                 return found[self.name]
         raise AttributeError(f"'{type(obj).__name__}' object has no attribute '{self.name}'")
+
+
+def apply_keeping_fp32(
+    module: nn.Module, names: tuple[str, ...], fn: Callable[[Any], Any], recurse: bool = True
+) -> nn.Module:
+    """`nn.Module._apply` (what `.to()`, `.half()`, `.cuda()` run) for a module whose buffers `names`
+    must stay fp32 in a model of any dtype: moved with it, never rounded (`build` and `load_model`
+    make them fp32; a later `model.to(torch.bfloat16)` must not undo it)."""
+    before = {n: module._buffers[n] for n in names}
+    nn.Module._apply(module, fn, recurse)
+    for n, old in before.items():
+        new = module._buffers[n]
+        if old is not None and new is not None and new.dtype != torch.float32:
+            module._buffers[n] = old.to(device=new.device, dtype=torch.float32)
+    return module
 
 
 class Linear(nn.Linear):
