@@ -376,6 +376,21 @@ def test_abort_and_max_seq_len(model):
             Engine(model, max_seq_len=bad)
 
 
+def test_requests_a_closed_stream_gave_up_send_no_events_later(model):
+    """A stream closed early (a consumer that breaks out, chat's Ctrl-C) aborts its requests and frees
+    their blocks; their "abort" events used to wait for the next step(), reaching a caller that never
+    knew those requests (a KeyError in a loop keyed by its own request ids)."""
+    engine = Engine(model, max_batch_size=2, block_size=4, num_blocks=9, max_seq_len=32)
+    for _ in engine.stream([[1, 2, 3], [4, 5], [6, 7, 8]], max_new_tokens=20):
+        break
+    assert not engine.has_unfinished() and engine.stats()["cache_blocks_used"] == 0
+    rid = engine.add_request([9, 10], SamplingParams(max_new_tokens=2))
+    events = []
+    while engine.has_unfinished():
+        events += engine.step()
+    assert {e.request_id for e in events} == {rid}
+
+
 def test_a_failing_forward_fails_only_its_requests(model, monkeypatch):
     """A forward that raises (say out of memory on one long prompt) used to leave step() half done: the
     request that tripped it and every other one in flight were lost, and the server's engine thread died.

@@ -553,11 +553,16 @@ class Engine:
                     pi = dataclasses.replace(p, seed=p.seed + i) if p.seed is not None else p
                 ids.append(self.add_request(prompt, pi))
         except Exception:
-            for rid in ids:
-                self.abort(rid)
-            self._aborted = [e for e in self._aborted if e.request_id not in ids]
+            self._abort_quietly(ids)
             raise
         return ids
+
+    def _abort_quietly(self, ids: list[str] | set[str]) -> None:
+        """Abort requests their caller has given up on (a refused batch, a stream closed early): no
+        "abort" event of theirs is left for a later step(), whose caller never knew them."""
+        for rid in ids:
+            self.abort(rid)
+        self._aborted = [e for e in self._aborted if e.request_id not in ids]
 
     def _drive(self, ids: list[str]) -> Iterator[StepEvent]:
         mine = set(ids)
@@ -572,8 +577,7 @@ class Engine:
                             pending.discard(ev.request_id)
                         yield ev
         finally:
-            for rid in pending:
-                self.abort(rid)
+            self._abort_quietly(pending)
 
     def stream(
         self, prompts: list[list[int]], params: SamplingParams | None = None, **overrides
