@@ -199,6 +199,26 @@ def test_a_student_with_another_tokenizer_is_refused_before_sampling(micro_check
     assert d.build_student(micro_checkpoint, tok).config.vocab_size == tok.vocab_size
 
 
+def test_a_student_by_hub_name_resolves_as_the_teacher_does(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    """--student owner/name is a Hub name (R1 distils into Hub models), not an unknown preset; offline and
+    not cached it is the teacher's one error."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    import nanoseek.train.distill as d
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(micro_checkpoint)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: micro_checkpoint)
+    d._check_student("someone/student", tok)
+    assert d.build_student("someone/student", tok).config.vocab_size == tok.vocab_size
+    monkeypatch.undo()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="--student someone/absent is not a local directory"):
+        d._check_student("someone/absent", tok)
+
+
 @pytest.mark.parametrize("template", ["r1", "chatml"])
 @pytest.mark.parametrize("teacher_solves", [True, False])
 def test_distill_data_renders_as_the_student_was_trained(

@@ -179,6 +179,71 @@ def test_offline_hub_name_is_one_clear_error(monkeypatch, tmp_path, capsys):
     )
 
 
+def hub_cache(monkeypatch, cache, repo_id, files, commit="0123456789abcdef0123456789abcdef01234567"):
+    """`files` laid out as huggingface_hub's cache holds a download of `repo_id` (blobs, the snapshot's
+    relative symlinks to them, refs/main), with the Hub offline."""
+    import hashlib
+    import os
+
+    root = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (root / "blobs").mkdir()
+    for f in files:
+        blob = root / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    return snapshot
+
+
+def test_a_hub_model_in_the_cache_loads_offline(saved, micro_checkpoint, monkeypatch, tmp_path, capsys):
+    """For real, no snapshot_download mocked: a sharded checkpoint in the Hub's cache loads by its name,
+    and what its snapshot lacks (a download of some files only) is named with the snapshot's path; a name
+    the cache lacks names the cache it looked in."""
+    from pathlib import Path
+
+    d, model = saved
+    cache = tmp_path / "hub"
+    hub_cache(monkeypatch, cache, "someone/sharded", sorted(d.iterdir()))
+    loaded = nanoseek.load_model("someone/sharded")
+    ids = torch.randint(0, 64, (1, 8))
+    torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+    with pytest.raises(
+        FileNotFoundError, match=r"someone/sharded \(the Hub's cached snapshot .*hub.*\) has no tok"
+    ):
+        resolve_checkpoint("someone/sharded", tokenizer=True)
+
+    micro = sorted(Path(micro_checkpoint).iterdir())
+    hub_cache(monkeypatch, cache, "someone/micro", micro)
+    assert cli(["generate", "someone/micro", "--prompt", "1+1", "--max-new-tokens", "2"]) == 0
+    with pytest.raises(FileNotFoundError, match=f"not in the Hub's cache {cache}"):
+        resolve_checkpoint("someone/absent")
+    # a local directory of the same name is read first, and the error says so
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "someone" / "micro").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no config.json.*local directory is read before the Hub"):
+        resolve_checkpoint("someone/micro")
+
+
+def test_an_incomplete_cached_snapshot_is_named_as_such(monkeypatch, tmp_path):
+    """Offline, huggingface_hub refuses a snapshot its cached listing shows incomplete: the error says
+    so (not that the model is absent from the cache) and where it is."""
+    incomplete = getattr(huggingface_hub.errors, "IncompleteSnapshotError", None)
+    if incomplete is None:
+        pytest.skip("this huggingface_hub has no IncompleteSnapshotError")
+
+    def snapshot_download(repo_id, **kwargs):
+        raise incomplete("is incomplete: 2 file(s) are missing", snapshot_path=str(tmp_path / "snap"))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(FileNotFoundError, match=f"cached snapshot {tmp_path / 'snap'} is incomplete"):
+        resolve_checkpoint("someone/partial")
+
+
 def test_not_a_checkpoint_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_checkpoint(tmp_path)

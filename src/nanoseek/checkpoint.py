@@ -458,13 +458,18 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, tokenizer: bool = False,
     label = f"{flag} {name_or_path}" if flag else str(name_or_path)
     if is_hub_name(name_or_path):
         p = _download(str(name_or_path), label)
+        label += f" (the Hub's cached snapshot {p})"  # what is missing is missing there
     if not p.is_dir():
         raise FileNotFoundError(
             f"{label} is not a checkpoint directory (no config.json): "
             + ("it is a file" if p.exists() else "no such directory, nor a Hub name (owner/name)")
         )
     if not (p / "config.json").exists():
-        raise FileNotFoundError(f"{label} is not a checkpoint directory (no config.json)")
+        shadows = _HUB_NAME.fullmatch(str(name_or_path)) and not is_hub_name(name_or_path)
+        raise FileNotFoundError(
+            f"{label} is not a checkpoint directory (no config.json)"
+            + ("; a local directory is read before the Hub model of that name" if shadows else "")
+        )
     if tokenizer and not (p / "tokenizer.json").exists():
         raise FileNotFoundError(
             f"{label} has no tokenizer.json: this command needs the checkpoint's tokenizer"
@@ -473,19 +478,26 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, tokenizer: bool = False,
 
 
 def _download(repo_id: str, label: str) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     local = "pass a local checkpoint directory instead (on a machine with a network: `hf download "
     local += f"{repo_id} --local-dir DIR`, then copy DIR here)"
+    offline = "offline (no network, the Hub unreachable, or HF_HUB_OFFLINE set)"
     try:
         return Path(snapshot_download(repo_id, allow_patterns=list(HUB_FILES)))
-    except LocalEntryNotFoundError:
-        # Raised offline (HF_HUB_OFFLINE, no network, the Hub unreachable) when the cache lacks it.
+    except LocalEntryNotFoundError as e:
+        # Raised offline (HF_HUB_OFFLINE, no network, the Hub unreachable) when the cache lacks it, or
+        # (a recent huggingface_hub's IncompleteSnapshotError, with its path) holds only part of it.
+        partial = getattr(e, "snapshot_path", None)
+        where = (
+            f"its cached snapshot {partial} is incomplete (a download that did not finish)"
+            if partial
+            else f"not in the Hub's cache {constants.HF_HUB_CACHE} (HF_HUB_CACHE, or HF_HOME/hub)"
+        )
         raise FileNotFoundError(
             f"{label} is not a local directory and cannot be downloaded from the Hugging Face Hub: "
-            f"offline (no network, the Hub unreachable, or HF_HUB_OFFLINE set) and not in the Hub's "
-            f"cache; {local}"
+            f"{offline} and {where}; {local}"
         ) from None
     except RepositoryNotFoundError:
         raise FileNotFoundError(

@@ -32,7 +32,10 @@ class DistillConfig:
     teacher: str = option(
         help="teacher checkpoint directory (with tokenizer files) or Hub name (owner/name)", parse=path
     )
-    student: str = option(help="student checkpoint directory or preset (tiny-dense, small, ...)", parse=path)
+    student: str = option(
+        help="student checkpoint directory, Hub name (owner/name) or preset (tiny-dense, small, ...)",
+        parse=path,
+    )
     tasks: list[str] = option(help="task name(s), comma-separated", flag="--task", parse=split_task_list)
     k: int = option(4, "samples per prompt", flag="-k")
     prompts: int = option(256, "training prompts per task")
@@ -58,7 +61,7 @@ def build_student(student: str, tokenizer: Any, seed: int = 0) -> torch.nn.Modul
     from nanoseek.config import get_preset
     from nanoseek.perf import default_device
 
-    p = Path(student)
+    p = _student_path(student)
     if (p / "config.json").exists():
         _check_student_tokens(p, tokenizer)
         return load_model(p, device=default_device())
@@ -72,6 +75,14 @@ def build_student(student: str, tokenizer: Any, seed: int = 0) -> torch.nn.Modul
         torch_dtype="float32",
     )
     return build_model(cfg, device=default_device()).init_weights(seed)
+
+
+def _student_path(student: str) -> Path:
+    """--student as a path: a Hub name (owner/name) resolves as --teacher's does; a preset name, which has
+    no slash, is no path."""
+    from nanoseek.checkpoint import is_hub_name, resolve_checkpoint
+
+    return resolve_checkpoint(student, flag="--student") if is_hub_name(student) else Path(student)
 
 
 def _check_student_tokens(p: Path, tokenizer: Any) -> None:
@@ -103,7 +114,7 @@ def _check_student(student: str, tokenizer: Any) -> None:
     with another tokenizer, up front."""
     from nanoseek.config import get_preset
 
-    p = Path(student)
+    p = _student_path(student)
     if (p / "config.json").exists():
         _check_student_tokens(p, tokenizer)
         return
