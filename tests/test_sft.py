@@ -578,7 +578,7 @@ def test_openai_developer_role_and_text_parts_train_as_serve_reads_them(micro_ch
     from nanoseek.tokenizer import load_tokenizer
 
     tok = load_tokenizer(micro_checkpoint)
-    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 2?"}]
+    parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "2 + 2?"}]  # joined by a newline
     openai_style = [
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": parts},
@@ -586,7 +586,7 @@ def test_openai_developer_role_and_text_parts_train_as_serve_reads_them(micro_ch
     ]
     plain = [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "user", "content": "What is\n2 + 2?"},
         {"role": "assistant", "content": "4"},
     ]
     assert tokenize_conversation(tok, openai_style) == tokenize_conversation(tok, plain)

@@ -666,9 +666,59 @@ def test_an_earlier_answer_reads_as_the_server_returned_it_however_it_was_stored
         assert tok.apply_chat_template(chat(stored)) == served, stored
         assert hf.apply_chat_template(chat(stored), add_generation_prompt=True, tokenize=False) == served
     assert tok.apply_chat_template(chat("\n42")) != served  # only the layout after </think> goes
-    before = R1_CHAT_TEMPLATE.replace(".lstrip('\\n')", "")  # the template saved until then
+    # the template saved until then
+    before = _refusing_developer(R1_CHAT_TEMPLATE).replace(".lstrip('\\n')", "")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": before}))
     assert load_tokenizer(tmp_path).chat_template == R1_CHAT_TEMPLATE
+
+
+def _refusing_developer(template: str) -> str:
+    """`template` as saved before it took the `developer` role."""
+    template = template.replace("not in ['system', 'developer']", "!= 'system'")
+    return template.replace("in ['system', 'developer']", "== 'system'")
+
+
+def test_openai_messages_render_as_vllm_and_llama_cpp_render_them(tok: Tokenizer, tmp_path: Path) -> None:
+    """What vLLM (and llama.cpp's server) hand the saved template: the `developer` role as it came (the
+    template refused it, a 400 where nanoseek serve took it as the system role), and text parts joined
+    by newlines before the template sees them (nanoseek joined them with nothing: another prompt).
+    A tokenizer saved with the template before still loads as ours."""
+    from transformers import AutoTokenizer
+
+    from nanoseek.tokenizer import openai_message
+
+    tok.save(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "2 + 2?"}]
+    request = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}]
+    vllm = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "What is\n2 + 2?"}]
+    served = tok.apply_chat_template([openai_message(m) for m in request])
+    assert served == f"{BOS}Be brief.{USER}What is\n2 + 2?{ASSISTANT}{THINK_START}\n"
+    assert hf.apply_chat_template(vllm, add_generation_prompt=True, tokenize=False) == served
+    assert tok.apply_chat_template(vllm) == served  # developer as is: the system role here too
+    before = _refusing_developer(R1_CHAT_TEMPLATE)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": before}))
+    assert load_tokenizer(tmp_path).chat_template == R1_CHAT_TEMPLATE
+
+
+def test_foreign_template_renders_as_transformers_does(tok: Tokenizer, tmp_path: Path) -> None:
+    """transformers' `tojson` takes `separators` and `sort_keys` (Kimi-K2's template writes its tools
+    with `tojson(separators=(',', ':'))`: they came out spaced), and its `{% generation %}` tag (TRL's
+    assistant masks) renders as its body (it was a jinja2 syntax error)."""
+    from transformers import AutoTokenizer
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"z": 1, "a": "é"}}}]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    for template in (
+        "{{ tools | tojson(separators=(',', ':')) }}{{ tools | tojson(sort_keys=True, indent=1) }}",
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+        "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}",
+    ):
+        Tokenizer(tok.backend, chat_template=template).save(tmp_path)
+        theirs = AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(
+            messages, tools=tools, tokenize=False
+        )
+        assert load_tokenizer(tmp_path).apply_chat_template(messages, tools=tools) == theirs
 
 
 # nanoseek's template before tool calls and the non-thinking mode, as older tokenizer_config.json files hold it

@@ -109,7 +109,7 @@ R1_CHAT_TEMPLATE = (
     "{% if thinking is not defined %}{% set thinking = enable_thinking if enable_thinking is defined "
     "else true %}{% endif %}"
     "{% set ns = namespace(system_prompt='', is_first_sp=true, after_tool=false) %}"
-    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{%- for message in messages %}{%- if message['role'] in ['system', 'developer'] %}"
     "{%- if ns.is_first_sp %}{% set ns.system_prompt = ns.system_prompt + message['content'] %}"
     "{% set ns.is_first_sp = false %}"
     "{%- else %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}"
@@ -138,7 +138,7 @@ R1_CHAT_TEMPLATE = (
     "{{ '<｜end▁of▁sentence｜>' }}{% set ns.after_tool = false %}"
     "{%- elif message['role'] == 'tool' %}"
     "{{ '<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>' }}{% set ns.after_tool = true %}"
-    "{%- elif message['role'] != 'system' %}"
+    "{%- elif message['role'] not in ['system', 'developer'] %}"
     "{{ raise_exception('unsupported chat role: ' + message['role']) }}"
     "{%- endif %}{%- endfor %}"
     "{% if add_generation_prompt and not ns.after_tool %}"
@@ -155,6 +155,7 @@ _OLDER_TEMPLATES = frozenset(
     {
         "8263e33f086dd932fe1c3e51c6eed33c7f7f4161a4107fec84ecd4637c9dcf9c",
         "5e7a91c42d924ec855e6c815afeb4a8a35f9f7a5ceaafb927d360b11cfeff45b",  # kept the newlines after </think>
+        "4e1f5165f49c72c4ff89ebd37819353c52409e137483264bed1bafa0736a94e3",  # refused the developer role
     }
 )
 
@@ -196,7 +197,7 @@ def render_chat(
             raise ValueError(
                 f"chat message {i} ({role}): content must be a string, got {type(content).__name__}"
             )
-        if role == "system":
+        if role in ("system", "developer"):  # OpenAI's newer name; vLLM passes it to the template as is
             system.append(content)
         elif role == "user":
             turns.append(USER + content)
@@ -212,7 +213,9 @@ def render_chat(
             turns.append(TOOL_OUTPUT_BEGIN + content + TOOL_OUTPUT_END)
             after_tool = True
         else:
-            raise ValueError(f"unsupported chat role: {role} (use system, user, assistant or tool)")
+            raise ValueError(
+                f"unsupported chat role: {role} (use system, developer, user, assistant or tool)"
+            )
     if tools:
         system.append(render_tools(tools))
     text = bos_token + "\n\n".join(system) + "".join(turns)
@@ -239,7 +242,8 @@ def render_tools(tools: Sequence[dict[str, Any]]) -> str:
 
 def content_text(content: Any) -> str:
     """An OpenAI message's content as the template's text: a string, None (""), or a list of content
-    parts (dicts or objects with `type` and `text`) joined; a part that is not text is refused."""
+    parts (dicts or objects with `type` and `text`) joined by newlines, as vLLM and llama.cpp's server
+    join them for a template that takes string content (this one); a part that is not text is refused."""
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list):
@@ -251,7 +255,7 @@ def content_text(content: Any) -> str:
         if kind != "text":
             raise ValueError(f"content part type {kind!r} is not supported (text only)")
         texts.append(text or "")
-    return "".join(texts)
+    return "\n".join(texts)
 
 
 def openai_message(message: dict[str, Any]) -> dict[str, Any]:
@@ -714,16 +718,31 @@ def _render_jinja(template: str, **context: Any) -> str:
     from datetime import datetime
 
     from jinja2.exceptions import UndefinedError
-    from jinja2.ext import loopcontrols
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
         raise ValueError(f"chat template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **_: json.dumps(
-        x, indent=indent, ensure_ascii=ensure_ascii
+    class Generation(Extension):
+        """transformers' `{% generation %}...{% endgeneration %}` (marks the assistant's tokens for its
+        masks): the text between, as transformers renders it."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation]
     )
+    env.filters["tojson"] = tojson  # transformers' own: Kimi's templates write tojson(separators=(',', ':'))
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     compiled = env.from_string(template)
