@@ -149,6 +149,20 @@ def test_a_repetition_penalty_fp32_cannot_hold_is_refused(value):
     SamplingParams(repetition_penalty=1e30).validate()
 
 
+@pytest.mark.parametrize(("penalty", "temperature"), [(1e-40, 1.0), (1e-34, 2e-5)])
+def test_a_penalty_that_overflows_the_logits_samples_the_tokens_it_favours(penalty, temperature):
+    # 1e-40 is a float32 subnormal (> 0, so `validate` takes it) and 1e-34 overflows once divided by a small
+    # temperature: the seen tokens' logits became +inf, the probabilities NaN, and the vocabulary's last
+    # token (never seen, a negative logit) was drawn at every step
+    SamplingParams(repetition_penalty=penalty, temperature=temperature).validate()
+    logits = torch.tensor([[30.0, 20.0, -1.0, 25.0, -2.0]])
+    drawn = set()
+    for seed in range(20):
+        params = SamplingParams(repetition_penalty=penalty, temperature=temperature, seed=seed)
+        drawn |= set(sample(logits, [SamplerState(params, prompt_ids=[0, 3, 4], vocab_size=5)]).tolist())
+    assert drawn <= {0, 3}
+
+
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 

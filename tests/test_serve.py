@@ -324,6 +324,25 @@ def test_completions_non_finite_logprob_is_an_error_not_invalid_json(tok, model)
     assert "not JSON compliant" in _err(r, 500)["message"]
 
 
+def test_a_streamed_non_finite_logprob_is_an_in_band_error_not_invalid_json(tok, model):
+    """Streamed as answered whole: a NaN logprob (a broken model) ends the stream with a server_error event,
+    never a chunk with a bare NaN, which no JSON parser (the openai client's included) reads."""
+    broken = DeepSeekV3(model.config).init_weights(0).eval()
+    with torch.no_grad():
+        broken.lm_head.weight[5].fill_(float("nan"))
+    app = create_app(Engine(broken, max_batch_size=4, max_seq_len=256), tok, ServeConfig(model_name=MODEL))
+    chat = {"model": MODEL, "messages": USER, "max_tokens": 2, "logprobs": True, "stream": True}
+    completion = {"model": MODEL, "prompt": "hello", "max_tokens": 2, "logprobs": 2, "stream": True}
+    with LiveServer(app) as srv:
+        for path, body in [("/v1/chat/completions", chat), ("/v1/completions", completion)]:
+            r = httpx.post(srv.url + path, json=body, timeout=60)
+            events = [line[len("data: ") :] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            parsed = [json.loads(e, parse_constant=pytest.fail) for e in events[:-1]]
+            assert parsed[-1]["error"]["type"] == "server_error"
+            assert "not JSON compliant" in parsed[-1]["error"]["message"]
+
+
 def test_completions_lm_eval_loglikelihood(real, tok, model):
     """Exactly the body lm-evaluation-harness local-completions sends for loglikelihood."""
     ctx = tok.encode("First, 2 + 2", add_bos=True)

@@ -527,6 +527,37 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path) -> None:
     assert fresh.resume() == {"pos": 2} and fresh.global_step == 2
 
 
+def test_weights_an_update_made_non_finite_are_not_saved_over_the_last_checkpoint(tmp_path) -> None:
+    """A learning rate too large for fp32 passes the guard (the step's loss and gradient are finite) and
+    writes inf/NaN into the weights: the checkpoints that followed were saved with them, silently, over
+    the last good one that the divergence error tells the user to resume from."""
+    model = micro_model()
+    stream = Stream()
+    tr = make_trainer(model, tmp_path, steps=6, optim=OptimConfig(lr=1e39, warmup_steps=0))
+    tr.save(stream.state_dict())
+    good = (tmp_path / "pretrain" / "model.safetensors").read_bytes()
+    assert "skipped" not in tr.step(lambda: language_model_loss(model, *stream()))
+    with pytest.raises(RuntimeError, match="NaN or inf.*not overwritten"):
+        tr.save(stream.state_dict())
+    assert (tmp_path / "pretrain" / "model.safetensors").read_bytes() == good
+
+
+def test_a_diverged_run_ends_the_command_with_one_line(monkeypatch, capsys) -> None:
+    """A run that diverged is an outcome, not a bug: its message (what to do) in one line, exit status 1,
+    not a traceback with the message at its end."""
+    from nanoseek.cli import main
+    from nanoseek.train import TrainingDiverged
+
+    def diverging(args):
+        raise TrainingDiverged("pretrain step 2: training diverged. Lower the learning rate.")
+
+    monkeypatch.setattr("nanoseek.commands.report.run", diverging)
+    monkeypatch.setattr("nanoseek.cli.importlib.import_module", __import__("importlib").import_module)
+    assert main(["report", "somewhere"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "nanoseek report: error: pretrain step 2: training diverged. Lower the learning rate."
+
+
 def test_bf16_autocast_trains(tmp_path) -> None:
     model = micro_model()
     stream = Stream()

@@ -13,6 +13,7 @@ import pkgutil
 import sys
 
 import nanoseek.commands as _commands
+from nanoseek.train import TrainingDiverged
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"nanoseek {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:  # a run's outcome, not a bug: the message says what to do
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         # What the file system refused (a read-only or full disk, a file where a directory is wanted,
         # a name too long): one line naming the path. Any other OSError is a bug's, with its traceback.

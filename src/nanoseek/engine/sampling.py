@@ -4,7 +4,10 @@ What is notable here:
 - Batched over rows with per-row parameters: penalties, temperature, top-k, top-p and min-p are tensor
   ops over the whole batch; only the uniform draw is per row (one float from the request's own RNG).
 - Per-request seed: each request owns a `random.Random`; a token is drawn by inverse CDF over the
-  processed distribution, so a seeded request gives the same tokens whatever else shares its batch.
+  processed distribution, so a seeded request gives the same tokens whatever else shares its batch,
+  given the same logits: fp32 ones are; bf16 kernels sum in an order that moves with the batch (about
+  0.02 in a logit), so a bf16 model's seeded sample can change with its neighbours, as vLLM's does
+  unless it runs batch-invariant kernels.
 - Penalties follow vLLM / OpenAI: repetition (divide positive logits, multiply negative ones) over
   prompt + output tokens; presence / frequency (subtract) over output tokens only; `logit_bias` (added
   to the chosen tokens' logits, OpenAI's -100..100) after them, greedy rows included.
@@ -197,7 +200,10 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     """Temperature, top-k, top-p, min-p for sampled rows (temperature > 0). logits [B,V] -> probs [B,V]."""
     device = logits.device
     temp = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
-    logits = logits / temp
+    # a near-0 repetition penalty (a float32 subnormal passes `validate`) or a small temperature over large
+    # logits overflows to +inf, whose softmax is NaN (the last token id drawn at every step): the largest
+    # float keeps those tokens the only likely ones, tied
+    logits = (logits / temp).clamp(max=torch.finfo(logits.dtype).max)
     v = logits.shape[-1]
     top_k = torch.tensor([p.top_k if 0 < p.top_k < v else v for p in params], device=device)
     top_p = torch.tensor([p.top_p for p in params], device=device)

@@ -977,6 +977,13 @@ def _engine_error(e: BaseException) -> APIError:
     return APIError(f"engine failure: {e}", status=500, type="server_error")
 
 
+def _server_error(e: Exception) -> APIError:
+    """A failure of the server's own (a bug, a broken model's NaN): 500, naming the exception."""
+    return APIError(
+        f"The server had an error while processing your request: {type(e).__name__}: {e}", 500, "server_error"
+    )
+
+
 def _sse(
     chunks: AsyncIterator[dict],
     server: Server,
@@ -989,7 +996,11 @@ def _sse(
     async def body() -> AsyncIterator[str]:
         try:
             async for c in chunks:
-                yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+                try:  # as JSONResponse encodes the non-stream answer: a NaN (a broken model's logprob) is no JSON
+                    data = json.dumps(c, ensure_ascii=False, allow_nan=False)
+                except ValueError as e:
+                    raise _server_error(e) from None
+                yield f"data: {data}\n\n"
         except APIError as e:  # after the 200 status line: report in-band, as OpenAI does
             yield f"data: {json.dumps(e.body())}\n\n"
         finally:
@@ -1113,13 +1124,8 @@ def create_app(engine: Any, tokenizer: Any, config: ServeConfig, model: Any = No
         return Response(status_code=499)  # nginx's "client closed request"; nobody is listening
 
     @app.exception_handler(Exception)
-    async def _server_error(request: Request, e: Exception) -> JSONResponse:
-        err = APIError(
-            f"The server had an error while processing your request: {type(e).__name__}: {e}",
-            500,
-            "server_error",
-        )
-        return JSONResponse(err.body(), status_code=500)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(_server_error(e).body(), status_code=500)
 
     app.post("/v1/chat/completions")(server.chat)
     app.post("/v1/completions")(server.completions)

@@ -42,6 +42,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from nanoseek.metrics import MetricsLog, progress_bar
+from nanoseek.train import TrainingDiverged
 from nanoseek.train.distributed import (
     DistInfo,
     all_reduce_,
@@ -283,6 +284,11 @@ def _scalar(v: Any) -> Any:
 
 
 # ------------------------------------------------------------------- trainer
+def _floating(t: torch.Tensor) -> bool:
+    # FP8 values (one byte) have no isfinite kernel; FP8 checkpoints are written by `save_model`, not here
+    return t.is_floating_point() and t.element_size() > 1
+
+
 class Trainer:
     """The optimizer step of a stage: AdamW and its schedule, precision, the aux-loss-free bias, the
     NaN/spike guard and checkpoints. What the stage optimizes (and how its micro-batch losses are
@@ -538,7 +544,7 @@ class Trainer:
         if reason is not None:
             metrics["skipped"] = reason
         if reason is not None and self._consecutive_skips >= self.max_consecutive_skips:
-            raise RuntimeError(
+            raise TrainingDiverged(
                 f"{self._consecutive_skips} consecutive steps skipped (last: {reason}); training diverged. "
                 f"Lower the learning rate or resume from the last checkpoint in {self.checkpoint_dir}."
             )
@@ -637,6 +643,18 @@ class Trainer:
         from nanoseek.checkpoint import build_model, save_model, save_train_state
 
         model_state = full_model_state_dict(self.model, self.dist)
+        # The guard checks a step's loss and gradient, not the weights its update wrote: an update too
+        # large for fp32 (a huge lr) passes it and leaves inf/NaN weights, which must not replace the
+        # last good checkpoint (the one the divergence error tells the user to resume from)
+        broken = [k for k, t in model_state.items() if _floating(t) and not bool(t.isfinite().all())]
+        flag = torch.tensor([float(len(broken))])
+        all_reduce_(flag, self.dist, "max")  # rank 0 holds the gathered state: every rank stops with it
+        if flag.item():
+            raise TrainingDiverged(
+                f"{self.stage} step {self.global_step}: {int(flag.item())} weight tensors hold NaN or inf "
+                f"(e.g. {', '.join(broken[:2]) or 'on rank 0'}); training diverged, {self.checkpoint_dir} "
+                "not overwritten. Lower the learning rate."
+            )
         fresh = not self.optimizer.state
         optim_state = full_optimizer_state_dict(self.model, self.optimizer, self.dist)
         if fresh:
