@@ -77,7 +77,7 @@ class SpeedrunPreset:
     # corpus or the SFT data; GRPO trains on them with the others and every stage is evaluated on them
     verifier_only_tasks: tuple[str, ...] = VERIFIER_ONLY
     # tokenizer: at most this many ids. The corpus, without the letters counting problems spell, has
-    # ~440 merges seen twice (709 ids); 4096 gave the same tokens per document, a 4x larger
+    # stops at 875 ids (the merges it sees twice); 4096 gave the same tokens per document, a 4x larger
     # embedding and head, and 2x slower steps
     vocab_size: int = 1024
     tokenizer_docs: int = 20000
@@ -370,7 +370,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
         # not run on a GPU yet (`nanoseek speedrun --preset gpu --multi-turn 0.05` tries them)
         pretrain_multi_turn=0.0,
         control=False,
-        # per family: 2,048 samples, four engine batches. 16 prompts x 8 samples kept ~120 traces, and
+        # 64 prompts x 4 samples per family (2,048 over the eight), four engine batches. 16 prompts x 8 samples kept ~120 traces, and
         # 200 steps over them (40 passes) took a student of 87.8% down to 83.8%; 64 x 4, ~490 traces
         # in 60 steps (3 passes), took it to 90.1% (benchmarks/README.md)
         distill_prompts=64,
