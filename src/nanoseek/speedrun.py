@@ -76,7 +76,7 @@ class SpeedrunPreset:
     # families learned from their verifier alone (R1-Zero): never a worked solution of them in the
     # corpus or the SFT data; GRPO trains on them with the others and every stage is evaluated on them
     verifier_only_tasks: tuple[str, ...] = VERIFIER_ONLY
-    # tokenizer: at most this many ids. The corpus, without the letters counting problems spell, has
+    # tokenizer: at most this many ids. The corpus, without the letters counting problems spell,
     # stops at 875 ids (the merges it sees twice); 4096 gave the same tokens per document, a 4x larger
     # embedding and head, and 2x slower steps
     vocab_size: int = 1024
