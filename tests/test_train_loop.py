@@ -188,6 +188,26 @@ def test_mtp_targets_stay_inside_packed_documents() -> None:
     assert target_counts(y, 2).tolist() == [12, 11, 10]  # one unpacked sequence
 
 
+def test_an_mtp_depth_without_targets_leaves_the_others_their_loss() -> None:
+    """Without `step` (ablate, the learning benchmark), a batch where one MTP depth has no target and
+    another has one dropped the whole MTP term (the empty depth's mean is NaN): it must add 0 and keep
+    the other depth's, as the same batch does with `step`."""
+    from nanoseek.train.loop import StepTargets, target_counts
+
+    model = micro_model(mtp=2)
+    assert target_counts(torch.tensor([[-100, 12, -100, -100, -100, -100]]), 2).tolist() == [1, 1, 0]
+    x = torch.tensor([[0, 11, 12, 13, 14, 15]])
+    y = torch.full_like(x, -100)
+    y[0, 1] = 12  # depth 0 at position 0 predicts it; depth 1 would need position -1: no target
+    loss, m = language_model_loss(model, x, y, mtp_weight=1.0)
+    stepped, ms = language_model_loss(
+        model, x, y, mtp_weight=1.0, step=StepTargets(target_counts(y, 2), micro_batches=1)
+    )
+    assert torch.isfinite(m["mtp_loss"]) and m["mtp_loss"] > 0
+    torch.testing.assert_close(loss, stepped)
+    torch.testing.assert_close(m["mtp_loss"], ms["mtp_loss"])
+
+
 # ------------------------------------------------------------ the trainer
 def test_training_learns_and_logs(tmp_path) -> None:
     model = micro_model()
@@ -555,7 +575,9 @@ def test_a_diverged_run_ends_the_command_with_one_line(monkeypatch, capsys) -> N
     monkeypatch.setattr("nanoseek.cli.importlib.import_module", __import__("importlib").import_module)
     assert main(["report", "somewhere"]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == "nanoseek report: error: pretrain step 2: training diverged. Lower the learning rate."
+    assert (
+        err.strip() == "nanoseek report: error: pretrain step 2: training diverged. Lower the learning rate."
+    )
 
 
 def test_bf16_autocast_trains(tmp_path) -> None:

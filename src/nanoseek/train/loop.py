@@ -216,14 +216,18 @@ def language_model_loss(
         token_mask=token_mask,
     )
     depths = len(model.model.mtp_layers)
-    counts = None if step is None else target_counts(targets, depths, ignore_index, doc_ids)
+    # per term: which have targets here (a depth's shifted targets can all be masked, leaving its mean
+    # NaN; the others still train), and with `step` each term's share of the step's mean
+    counts = None
+    if step is not None or (mtp_weight > 0 and depths):
+        counts = target_counts(targets, depths, ignore_index, doc_ids)
 
     def weighted(term: torch.Tensor, k: int) -> torch.Tensor:
-        """A term's share of the step's mean; a batch with none of its targets adds 0."""
-        if counts is None:  # no `step`: the batch's own mean
-            return term
-        if counts[k] == 0:  # (its mean over no target is NaN) a zero still on the graph: backward runs
+        """A term's share of the step's mean (no `step`: the batch's own mean); one with no target adds 0."""
+        if counts is not None and counts[k] == 0:  # a zero still on the graph: backward runs
             return term.nan_to_num(0.0) * 0.0
+        if step is None:
+            return term
         return term * (counts[k] * step.world_size / step.counts[k]).item()
 
     loss = weighted(lm, 0)
@@ -237,9 +241,7 @@ def language_model_loss(
         )
         if per_depth:
             mtp_loss = torch.stack([weighted(x, k + 1) for k, x in enumerate(per_depth)]).mean()
-            # without `step`, a batch whose shifted targets are all masked gives NaN: nothing to learn
-            if step is not None or torch.isfinite(mtp_loss):
-                loss = loss + mtp_weight * mtp_loss
+            loss = loss + mtp_weight * mtp_loss
             metrics["mtp_loss"] = (mtp_loss * share).detach()
     balance = model.balance_loss()
     if balance is not None:
