@@ -64,10 +64,11 @@ def run(args: argparse.Namespace) -> int:
         "[bold]main model[/]", f"[bold]{human(acc.total_params)}", f"[bold]{human(acc.active_params)}"
     )
     if acc.mtp_params:
+        # the checkpoint's MTP layer holds copies of the embedding and head it shares: a total, not an addend
         table.add_row(
-            "MTP modules (own weights)",
+            f"MTP modules (own; {human(acc.mtp_params_with_shared)} with emb/head copies)",
             human(acc.mtp_params),
-            f"+ {human(acc.mtp_params_with_shared)} with emb/head copies",
+            "",
         )
     console.print(table)
     ratio = acc.kv_cache_ratio
