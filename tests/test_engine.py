@@ -319,6 +319,18 @@ def test_a_refused_engine_leaves_the_model_as_given(model, monkeypatch):
     assert not is_quantized(m) and not is_packed(m)
 
 
+def test_w8a8_off_a_cpu_is_refused_before_any_weight_is_quantized(model):
+    """w8a8 runs on PyTorch's quantized CPU backend: on a GPU it was refused by `pack_w8a8`, after
+    `quantize_model` had replaced every linear (the caller's model came back quantized). A model on
+    another device (meta here, as CUDA would be) is refused first."""
+    from nanoseek.engine.quantize import is_quantized
+
+    m = copy.deepcopy(model).to("meta")
+    with pytest.raises(ValueError, match="w8a8' runs on CPUs.*not on meta"):
+        Engine(m, quantize="w8a8")
+    assert not is_quantized(m)
+
+
 def test_prompts_must_be_token_ids_not_text(model):
     """A prompt given as text is refused with a pointer to the tokenizer: a string of digits was read as
     ids (generate("12") ran prompts [1] and [2]) and float ids were truncated, both silently."""

@@ -575,6 +575,10 @@ def load_model(
     if fp8 and quantize:
         raise ValueError(f"fp8=True and quantize={quantize!r} are two weight storages: choose one")
     device = resolve_device(device)
+    if quantize:
+        from nanoseek.engine.quantize import check_quantize_device
+
+        check_quantize_device(quantize, device)
     if not Path(path_or_preset).exists() and not _HUB_NAME.fullmatch(str(path_or_preset)):
         # A preset (no preset name has a slash); resolve_config names the choices for anything else.
         config = resolve_config(path_or_preset)

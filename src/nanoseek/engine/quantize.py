@@ -305,6 +305,16 @@ def pack_w8a8(model: nn.Module) -> None:
             m.pack_w8a8()
 
 
+def check_quantize_device(fmt: str, device: str | torch.device) -> None:
+    """Refuse w8a8 off a CPU before any weight is quantized (`pack_w8a8` would refuse it only after
+    every linear was replaced, or after a whole checkpoint streamed onto the GPU)."""
+    if fmt == "w8a8" and torch.device(device).type != "cpu":
+        raise ValueError(
+            f"quantize='w8a8' runs on CPUs (PyTorch's quantized CPU backend), not on {device}: "
+            "use quantize='int8' or 'fp8' there"
+        )
+
+
 def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
     """Replace the model's linears (lm_head only for int8 and untied) and routed experts in place."""
     if fmt not in FORMATS:
@@ -321,6 +331,8 @@ def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
             f"quantize={fmt!r}: the model's weights are already stored in {', '.join(sorted(held))}; "
             "two weight storages: load it without quantization and quantize once"
         )
+    first = next(model.parameters(), None)
+    check_quantize_device(fmt, "cpu" if first is None else first.device)
     if fmt == "w8a8" and not w8a8_available():
         raise ValueError(
             "quantize='w8a8' needs a PyTorch built with a quantized CPU backend (fbgemm or qnnpack)"
