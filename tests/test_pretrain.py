@@ -259,6 +259,16 @@ def test_cli_rejects_bad_arguments(workdir, tmp_path, capsys) -> None:
         pretrain(config(workdir, tmp_path, steps=0))
 
 
+def test_no_progress_keeps_the_validation_log_lines(workdir, tmp_path, capsys) -> None:
+    """--no-progress drops the bars, not the log: the validation lines went with them."""
+    code = main(
+        ["pretrain", "--out", str(tmp_path / "run"), "--preset", str(workdir / "micro"), "--tokenizer",
+         str(workdir / "tok"), "--seq-len", "32", "--steps", "2", "--val-every", "1", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    assert "step 1: val_loss " in capsys.readouterr().out
+
+
 def test_cli_says_in_one_line_which_path_the_file_system_refused(workdir, tmp_path, capsys) -> None:
     """--out under a file (or on a read-only or full disk): one line naming the path, no traceback."""
     (tmp_path / "a-file").write_text("")

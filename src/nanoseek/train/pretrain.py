@@ -145,7 +145,7 @@ class PretrainConfig:
     seed: int = option(0, group=RUN)
     resume: bool = option(False, "continue from RUN/pretrain/ if it exists", group=RUN)
     tensorboard: bool = option(False, "also write TensorBoard events to RUN/tensorboard/", group=RUN)
-    progress: bool = option(True, group=RUN)
+    progress: bool = option(True, "no progress bars (log lines only)", group=RUN)
     threads: int | None = option(None, "torch CPU threads", group=RUN)
     expert_parallel: bool = option(
         False,
@@ -421,8 +421,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
 
         loss = trainer.validate(val_loss, len(val_set))
         log.log(trainer.global_step, val_loss=loss)
-        if cfg.progress:
-            log.write(f"step {trainer.global_step}: val_loss {loss:.4f}")
+        log.write(f"step {trainer.global_step}: val_loss {loss:.4f}")  # a log line, bar or not
         if probe:
             from nanoseek.probe import probe_losses
 
