@@ -447,6 +447,30 @@ def test_a_chat_cut_across_windows_keeps_its_mask_in_each(
         assert len(cut) >= len(whole) - 2 * (len(tok.encode("".join(docs))) // seq_len + 2)
 
 
+@pytest.mark.parametrize("whole_documents", [False, True])
+def test_a_chat_that_ends_on_a_question_masks_nothing_past_its_document(
+    tok: Tokenizer, tmp_path: Path, whole_documents
+) -> None:
+    """mask_prompts on a document that ends inside a user turn (a chat cut after a question): the user
+    turn ends with it. The documents after it are targets, and whole-document packing still finds where
+    each starts (a masked BOS was hidden from it, and a document was cut in two)."""
+    from nanoseek.data.synthetic import USER
+
+    docs = [f"{USER}a question with no answer yet", "plain text twelve plus thirty is forty two", "more text"]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    ds = PackedDataset(
+        tmp_path / "c.jsonl", tok, 64, 1, val_fraction=0.0, shuffle=False, repeat=False,
+        whole_documents=whole_documents, mask_prompts=True,
+    )  # fmt: skip
+    batches = [(x[0].tolist(), y[0].tolist()) for x, y in ds]
+    trained = tok.decode([t for _, y in batches for t in y if t >= 0])
+    assert "question" not in trained and "plain text twelve plus thirty" in trained
+    if whole_documents:  # every document whole in one window, and trained
+        assert docs[1] in trained and docs[2] in trained
+        inputs = [tok.decode(x) for x, _ in batches]
+        assert all(sum(d in text for text in inputs) == 1 for d in docs), inputs
+
+
 def test_the_embedded_corpus_asks_several_questions_in_a_chat_when_told(tok: Tokenizer) -> None:
     """`multi_turn` reaches the embedded corpus, and is part of the data position a resume checks."""
     from nanoseek.data.synthetic import EOS, USER

@@ -388,17 +388,19 @@ def in_validation_split(text: str, val_fraction: float) -> bool:
     return h < val_fraction * 2.0**64
 
 
-def in_chat_prompt(inputs: torch.Tensor, user_id: int, assistant_id: int) -> torch.Tensor:
+def in_chat_prompt(inputs: torch.Tensor, user_id: int, assistant_id: int, bos_id: int) -> torch.Tensor:
     """[B, S] bool: position i is inside a user turn (from <｜User｜> up to the token before
-    <｜Assistant｜>), so the token after it is prompt text. A prompt's numbers are random: nothing can
-    predict them, and their loss only adds noise to the gradient of the response that can be learned."""
+    <｜Assistant｜>, or the end of its document: a chat cut after a question), so the token after it is
+    prompt text. A prompt's numbers are random: nothing can predict them, and their loss only adds noise
+    to the gradient of the response that can be learned."""
     import torch
 
     idx = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
     last_user = torch.where(inputs == user_id, idx, -1).cummax(dim=1).values
-    last_assistant = torch.where(inputs == assistant_id, idx, -1).cummax(dim=1).values
-    nxt = torch.nn.functional.pad(inputs[:, 1:], (0, 1), value=-1)
-    return (last_user > last_assistant) & (nxt != assistant_id)
+    ends = (inputs == assistant_id) | (inputs == bos_id)
+    last_end = torch.where(ends, idx, -1).cummax(dim=1).values
+    next_ends = torch.nn.functional.pad(ends[:, 1:], (0, 1), value=False)
+    return (last_user > last_end) & ~next_ends
 
 
 def window_tokens(inputs: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -493,7 +495,7 @@ class PackedDataset:
         user, assistant = tokenizer.token_to_id(USER), tokenizer.token_to_id(ASSISTANT)
         # a tokenizer without DeepSeek's chat tokens cannot have encoded a user turn: nothing to mask
         self.mask_prompts = mask_prompts and user is not None and assistant is not None
-        self._chat_ids = (user, assistant)
+        self._chat_ids = (user, assistant, tokenizer.bos_token_id)
         think = tokenizer.token_to_id(THINK_START)
         self._history_ids = None if think is None else (user, assistant, think, tokenizer.bos_token_id)
         # The embedded corpus has its own held-out split (problems never trained on): validation reads
