@@ -220,14 +220,17 @@ def test_a_student_by_hub_name_resolves_as_the_teacher_does(micro_checkpoint, tm
 
 
 @pytest.mark.parametrize("template", ["r1", "chatml"])
-@pytest.mark.parametrize("teacher_solves", [True, False])
+@pytest.mark.parametrize(
+    "task, teacher_solves", [("arithmetic", True), ("arithmetic", False), ("arithmetic?turn=2", True)]
+)
 def test_distill_data_renders_as_the_student_was_trained(
-    template, teacher_solves, micro_checkpoint, tmp_path, monkeypatch
+    template, task, teacher_solves, micro_checkpoint, tmp_path, monkeypatch
 ) -> None:
     """RUN/distill_data.jsonl, read back by `nanoseek sft --data`, is the traces the student trained on,
-    token for token, for a teacher whose template opens the think block (R1's) and one whose completion
-    opens it itself (ChatML's): the file held a doubled <think>, and the reference solutions of
-    --fallback-reference were trained without their opening <think>, after a ChatML prompt."""
+    token for token and nothing else, for a teacher whose template opens the think block (R1's) and one
+    whose completion opens it itself (ChatML's): the file held a doubled <think>, the reference
+    solutions of --fallback-reference were trained without their opening <think>, after a ChatML
+    prompt, and a chat's earlier answer (`?turn=2`) was one more example, a reply without reasoning."""
     import nanoseek.engine
     from model_configs import chatml_checkpoint
     from nanoseek.data.tasks import get_task
@@ -236,7 +239,7 @@ def test_distill_data_renders_as_the_student_was_trained(
 
     teacher = micro_checkpoint if template == "r1" else str(chatml_checkpoint(tmp_path / "teacher"))
     tok = load_tokenizer(teacher)
-    probs = get_task("arithmetic").problems("train", 2, seed=0)
+    probs = get_task(task).problems("train", 2, seed=0)
     opening = "" if template == "r1" else "<think>\n"  # what the completion writes itself
 
     class Teacher:
@@ -257,7 +260,7 @@ def test_distill_data_renders_as_the_student_was_trained(
     cfg = DistillConfig(
         teacher=teacher,
         student=teacher,
-        tasks=["arithmetic"],
+        tasks=[task],
         k=1,
         prompts=2,
         fallback_reference=True,
@@ -270,7 +273,7 @@ def test_distill_data_renders_as_the_student_was_trained(
     assert len(traces) == len(lines) == 2
     for trace, line in zip(traces, lines, strict=True):
         trained = completion_example(trace["prompt"], trace["completion"], tok.stop_token_ids)
-        assert tokenize_conversation(tok, json.loads(line)["messages"])[-1] == trained
+        assert tokenize_conversation(tok, json.loads(line)["messages"]) == [trained]
         assert tok.decode(trained[0]).count("<think>") == 1
 
 

@@ -120,6 +120,13 @@ def test_loss_mask_covers_exactly_the_assistant_turns() -> None:
         tokenize_conversation(tok, [{"role": "user", "content": "q"}])
     with pytest.raises(ValueError, match="role"):
         tokenize_conversation(tok, [{"content": "q"}])
+    # OpenAI's fine-tuning "weight": 0 keeps a turn as history only (distill_data.jsonl's earlier answers)
+    history = [{**msgs[1], "weight": 0}, *msgs[2:]]
+    assert tokenize_conversation(tok, [msgs[0], *history]) == exs[1:]
+    with pytest.raises(ValueError, match="no assistant"):
+        tokenize_conversation(tok, [msgs[0], *history[:2]])
+    with pytest.raises(ValueError, match="'weight' must be 0 or 1"):
+        tokenize_conversation(tok, [*msgs[:3], {**msgs[3], "weight": 0.5}])
 
 
 def test_packing_blocks_attention_and_restarts_positions() -> None:

@@ -306,6 +306,8 @@ def _sample(
     opening = f"{tok.think_start}\n" if opened else ""
     for prob, _, comp in kept:
         msg = {"role": "assistant", "content": opening + tok.decode(comp, skip_special_tokens=True)}
-        lines.append(json.dumps({"messages": [*prob.messages, msg]}, ensure_ascii=False) + "\n")
+        # a chat's earlier answers (`task?turn=N`) are history, not traces: `sft --data` skips them
+        history = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in prob.messages]
+        lines.append(json.dumps({"messages": [*history, msg]}, ensure_ascii=False) + "\n")
     atomic_write(Path(cfg.out) / "distill_data.jsonl", "".join(lines))
     return [(p, c) for _, p, c in kept], stats

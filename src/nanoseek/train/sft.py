@@ -79,7 +79,8 @@ def assistant_target_text(
 def tokenize_conversation(
     tokenizer: Any, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
 ) -> list[tuple[list[int], list[int]]]:
-    """One (input_ids, labels) example per assistant turn; labels are IGNORE outside that turn."""
+    """One (input_ids, labels) example per assistant turn; labels are IGNORE outside that turn. An
+    assistant message with `"weight": 0` (OpenAI's fine-tuning format) is history only, no example."""
     if not messages:
         raise ValueError("conversation has no messages")
     for m in messages:
@@ -87,8 +88,10 @@ def tokenize_conversation(
             raise ValueError(f"each message needs a 'role' (and 'content'), got {m!r}")
         if m["role"] not in ("system", "developer", "user", "assistant", "tool"):
             raise ValueError(f"unknown role {m['role']!r}")
+        if m.get("weight", 1) not in (0, 1) or isinstance(m.get("weight"), bool):
+            raise ValueError(f"an assistant message's 'weight' must be 0 or 1, got {m['weight']!r}")
     messages = [openai_message(m) for m in messages]  # as serve reads a request's
-    if not any(m["role"] == "assistant" for m in messages):
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
         raise ValueError("conversation has no assistant message to train on")
     think_start = getattr(tokenizer, "think_start", THINK_START)
     think_end = getattr(tokenizer, "think_end", THINK_END)
@@ -98,7 +101,7 @@ def tokenize_conversation(
     history = [{k: v for k, v in msg.items() if k != "reasoning_content"} for msg in messages]
     out = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or not m.get("weight", 1):  # OpenAI's weight 0: history only
             continue
         prompt_text = tokenizer.apply_chat_template(
             history[:i], add_generation_prompt=True, tokenize=False, **kw
