@@ -231,6 +231,18 @@ def test_resume_rejects_changed_settings(corpus: tuple[Path, list[str]], tok: To
         other.load_state_dict(ds.state_dict())
 
 
+def test_resume_of_a_cut_position_with_whole_documents_names_the_flag(
+    corpus: tuple[Path, list[str]], tok: Tokenizer
+) -> None:
+    """A position saved cutting documents (every run before whole-document packing was the default)
+    resumed with today's default says which flag resumes it."""
+    root, _ = corpus
+    cut = PackedDataset(root, tok, 16, 2)
+    next(iter(cut))
+    with pytest.raises(ValueError, match="whole_documents: None -> True.*resume with --cut-documents"):
+        PackedDataset(root, tok, 16, 2, whole_documents=True).load_state_dict(cut.state_dict())
+
+
 def test_ranks_split_the_global_batch(corpus: tuple[Path, list[str]], tok: Tokenizer) -> None:
     root, _ = corpus
     whole = list(itertools.islice(PackedDataset(root, tok, 16, 4, seed=3, shuffle_buffer=8), 5))

@@ -517,6 +517,37 @@ def test_resume_may_run_longer_and_logs_where_it_resumed(tmp_path) -> None:
     assert rec["from_step"] == 2
 
 
+@pytest.mark.parametrize("recorded", [None, {"batch_size": 4}])
+def test_resume_of_an_older_checkpoint_checks_its_stage_config(tmp_path, recorded) -> None:
+    """A checkpoint from before `resume_settings` (or before a setting joined them) holds the stage's
+    config beside them: a resume that leaves out its --no-document-mask is refused too (it went on
+    with the mask switched on), one with its flags goes on (its config's resolved precision aside)."""
+    config = {"batch_size": 4, "document_mask": False, "precision": "bf16"}
+    _saved_at_step_2(tmp_path, resume_settings={"batch_size": 4}, config_extra={"pretrain": config})
+    meta_file = tmp_path / "pretrain" / "train_state" / "trainer.json"
+    meta = json.loads(meta_file.read_text())
+    if recorded is None:
+        del meta["resume_settings"]
+    meta_file.write_text(json.dumps(meta))
+
+    def resume(document_mask: bool) -> Trainer:
+        settings = {"batch_size": 4, "document_mask": document_mask, "precision": "auto"}
+        tr = make_trainer(
+            micro_model(seed=5),
+            tmp_path,
+            steps=4,
+            resume_settings=settings,
+            flags_from=PretrainConfig,
+            config_extra={"pretrain": {**config, **settings, "precision": "fp32"}},
+        )
+        tr.resume()
+        return tr
+
+    with pytest.raises(ValueError, match=r"--no-document-mask: given -> left out"):
+        resume(document_mask=True)
+    assert resume(document_mask=False).global_step == 2
+
+
 class ExplodingTokenizer:
     bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
 

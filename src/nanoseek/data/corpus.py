@@ -564,6 +564,11 @@ class PackedDataset:
         changed = [k for k in keys if saved.get(k) != self._fingerprint.get(k)]
         if changed:
             detail = ", ".join(f"{k}: {saved.get(k)!r} -> {self._fingerprint.get(k)!r}" for k in changed)
+            if "whole_documents" in changed and not saved.get("whole_documents"):
+                detail += (
+                    "; it was saved cutting documents at window edges (as every run did before whole-document"
+                    " packing): resume with --cut-documents"
+                )
             raise ValueError(f"cannot resume the data position, the data settings changed ({detail})")
         self._cursor = _Cursor(*(int(x) for x in state["cursor"]))
         self._pending, self._start = state["pending"].tolist(), 0

@@ -726,6 +726,11 @@ class Trainer:
         saved = meta.get("resume_settings")
         if saved is None:  # saved before the settings were: its optimizer's are all it recorded
             saved = {k: v for k, v in meta.get("optim", {}).items() if k != "warmup_steps"}
+        # Older checkpoints recorded fewer settings (none, or not those added since): the stage's config
+        # saved beside them (`config_extra`) holds the others, but its precision, resolved ("bf16" for auto).
+        recorded = {k: v for block in self.config_extra for k, v in (meta.get(block) or {}).items()}
+        older = {k: recorded[k] for k in self.resume_settings if k in recorded and k != "precision"}
+        saved = {**older, **saved}
         now = self._settings()
         changed = [k for k in saved if k in now and saved[k] != now[k]]
         detail = [describe_change(self.flags_from, k, saved[k], now[k]) for k in changed]
