@@ -427,6 +427,55 @@ def test_earlier_answers_of_a_reasoning_chat_carry_no_loss(tok: Tokenizer, tmp_p
         assert all(t != -100 for t in y[a : x.index(eos, a)])
 
 
+def test_a_tool_chat_trains_on_what_sft_trains_on(tok: Tokenizer, tmp_path: Path) -> None:
+    """mask_prompts on a rendered tool-use chat: the system prompt (with its tool list) and the tool's
+    result predict nothing, as in SFT; the model's tool call and its answer after the result do."""
+    from nanoseek.train.sft import tokenize_conversation
+
+    tools = [
+        {"type": "function", "function": {"name": "weather", "description": "the weather", "parameters": {}}}
+    ]
+    call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    messages = [
+        {"role": "system", "content": "You are the cat on the mat."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny 12 345"},
+        {"role": "assistant", "content": "and the answer is 5"},
+    ]
+    chat = tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=False)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": chat}) + "\n")
+    ds = PackedDataset(
+        tmp_path / "c.jsonl", tok, 512, 1, val_fraction=0.0, shuffle=False, repeat=False,
+        whole_documents=True, mask_prompts=True,
+    )  # fmt: skip
+    trained = tok.decode([t for _, y in ds for t in y[0].tolist() if t >= 0])
+    sft = "".join(
+        tok.decode([t for t in y if t >= 0]) for _, y in tokenize_conversation(tok, messages, tools)
+    )
+    for text in ('weather<｜tool▁sep｜>{"city": "Paris"}', "and the answer is 5"):
+        assert text in trained and text in sft
+    for text in ("the cat on the mat", "## Tools", "2 + 3", "sunny 12 345"):
+        assert text not in trained and text not in sft
+
+
+@pytest.mark.parametrize("whole_documents", [False, True])
+def test_a_document_that_opens_with_bos_gets_no_second(
+    tok: Tokenizer, tmp_path: Path, whole_documents
+) -> None:
+    """A chat rendered by apply_chat_template opens with BOS: it is the document's one BOS, as at
+    inference, not BOS BOS (a target of BOS after BOS, and a lone BOS packed away from its document)."""
+    chats = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False) for q in ("hi", "ho")]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in [*chats, "plain text"]))
+    ds = PackedDataset(
+        tmp_path / "c.jsonl", tok, 8, 1, val_fraction=0.0, shuffle=False, repeat=False,
+        whole_documents=whole_documents,
+    )  # fmt: skip
+    inputs = [t for x, _ in ds for t in x[0].tolist()]
+    bos = tok.bos_token_id
+    assert inputs.count(bos) == 3 and all(a != bos or b != bos for a, b in itertools.pairwise(inputs))
+
+
 @pytest.mark.parametrize("whole_documents", [False, True])
 def test_a_chat_cut_across_windows_keeps_its_mask_in_each(
     tok: Tokenizer, tmp_path: Path, whole_documents

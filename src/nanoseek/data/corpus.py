@@ -9,9 +9,10 @@ What is notable:
   `<|endoftext|>` or `<｜end▁of▁sentence｜>` ends a document (the TinyStories convention). A document
   longer than `max_doc_chars` is cut at a line boundary, so memory stays bounded on huge files.
   Bytes that are not UTF-8 are read as U+FFFD, with a warning naming the file (in JSONL, an error).
-- `PackedDataset`: documents are tokenized in batches, each prefixed with BOS, concatenated and cut into
-  windows of seq_len+1 tokens (no token dropped or repeated except the tail at the very end), shuffled
-  through a seeded buffer, and batched as (inputs, targets = inputs shifted by one).
+- `PackedDataset`: documents are tokenized in batches, each prefixed with BOS (unless it opens with one,
+  as a chat rendered by a chat template does), concatenated and cut into windows of seq_len+1 tokens
+  (no token dropped or repeated except the tail at the very end), shuffled through a seeded buffer,
+  and batched as (inputs, targets = inputs shifted by one).
 - Validation split by document hash (blake2b of the text): a document is in exactly one split whatever
   the file order, shuffling or duplicates, so train and validation never overlap. The embedded corpus
   splits by problem instead: validation reads its held-out stream (`synthetic`, split "test").
@@ -38,7 +39,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nanoseek.tokenizer import ASSISTANT, EOS, THINK_START, USER
+from nanoseek.tokenizer import ASSISTANT, EOS, THINK_START, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, USER
 
 if TYPE_CHECKING:
     import torch
@@ -388,19 +389,37 @@ def in_validation_split(text: str, val_fraction: float) -> bool:
     return h < val_fraction * 2.0**64
 
 
-def in_chat_prompt(inputs: torch.Tensor, user_id: int, assistant_id: int, bos_id: int) -> torch.Tensor:
-    """[B, S] bool: position i is inside a user turn (from <｜User｜> up to the token before
-    <｜Assistant｜>, or the end of its document: a chat cut after a question), so the token after it is
-    prompt text. A prompt's numbers are random: nothing can predict them, and their loss only adds noise
-    to the gradient of the response that can be learned."""
+def in_chat_prompt(
+    inputs: torch.Tensor,
+    user_id: int,
+    assistant_id: int,
+    bos_id: int,
+    output_begin_id: int | None = None,
+    output_end_id: int | None = None,
+) -> torch.Tensor:
+    """[B, S] bool: position i is inside a chat's prompt, so the token after it is prompt text: a user
+    turn (from <｜User｜> up to the token before <｜Assistant｜>, or the end of its document: a chat cut
+    after a question), a tool's result (from <｜tool▁output▁begin｜> up to the token before
+    <｜tool▁output▁end｜>) or the system prompt (from BOS up to the token before the chat's first turn).
+    The token that ends a prompt stays a target, and so do the model's tool calls. A prompt's numbers
+    are random and a tool's result is the tool's: nothing can predict them, and their loss only adds
+    noise to the gradient of the response that can be learned (SFT trains on neither)."""
     import torch
 
-    idx = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
-    last_user = torch.where(inputs == user_id, idx, -1).cummax(dim=1).values
-    ends = (inputs == assistant_id) | (inputs == bos_id)
-    last_end = torch.where(ends, idx, -1).cummax(dim=1).values
-    next_ends = torch.nn.functional.pad(ends[:, 1:], (0, 1), value=False)
-    return (last_user > last_end) & ~next_ends
+    n = inputs.shape[1]
+    idx = torch.arange(n, device=inputs.device).expand_as(inputs)
+    ids = [t for t in (user_id, assistant_id, bos_id, output_begin_id, output_end_id) if t is not None]
+    marks = torch.isin(inputs, torch.tensor(ids, device=inputs.device))  # where a span starts
+    span = torch.where(marks, idx, -1).cummax(dim=1).values  # the mark that opens the span i is in
+    opener = inputs.gather(1, span.clamp(min=0)).masked_fill(span < 0, -1)
+    ahead = torch.where(marks, idx, n).flip(1).cummin(dim=1).values.flip(1)
+    next_mark = torch.nn.functional.pad(ahead[:, 1:], (0, 1), value=n)  # the first mark after i
+    follows = inputs.gather(1, next_mark.clamp(max=n - 1)).masked_fill(next_mark == n, -1)
+    # a document's text before its chat's first turn is that chat's system prompt
+    prompt = (opener == user_id) | ((opener == bos_id) & (follows >= 0) & (follows != bos_id))
+    if output_begin_id is not None:
+        prompt |= opener == output_begin_id
+    return prompt & (next_mark != idx + 1)
 
 
 def window_tokens(inputs: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -495,7 +514,8 @@ class PackedDataset:
         user, assistant = tokenizer.token_to_id(USER), tokenizer.token_to_id(ASSISTANT)
         # a tokenizer without DeepSeek's chat tokens cannot have encoded a user turn: nothing to mask
         self.mask_prompts = mask_prompts and user is not None and assistant is not None
-        self._chat_ids = (user, assistant, tokenizer.bos_token_id)
+        outputs = (tokenizer.token_to_id(TOOL_OUTPUT_BEGIN), tokenizer.token_to_id(TOOL_OUTPUT_END))
+        self._chat_ids = (user, assistant, tokenizer.bos_token_id, *outputs)
         think = tokenizer.token_to_id(THINK_START)
         self._history_ids = None if think is None else (user, assistant, think, tokenizer.bos_token_id)
         # The embedded corpus has its own held-out split (problems never trained on): validation reads
@@ -656,15 +676,17 @@ class PackedDataset:
             bos = self.tokenizer.bos_token_id
             tokens: list[int] = []
             for ids in self.tokenizer.encode_batch(batch):
-                tokens.append(bos)
+                if ids[:1] != [bos]:  # (a chat rendered by apply_chat_template opens with its own)
+                    tokens.append(bos)
                 tokens.extend(ids)
             self._pending.extend(self._flag_untrained(tokens) if self.mask_prompts else tokens)
             self._docs += len(batch)
 
     def _flag_untrained(self, tokens: list[int]) -> list[int]:
-        """Whole documents' tokens, each that is no target (a chat's prompt, an earlier answer of a
-        reasoning chat) stored as -2 - id. Found here, over whole documents, not in each window: the
-        part of a chat cut into the next window keeps its mask there (it has no <｜User｜> to find)."""
+        """Whole documents' tokens, each that is no target (a chat's prompt or a tool's result, an
+        earlier answer of a reasoning chat) stored as -2 - id. Found here, over whole documents, not in
+        each window: the part of a chat cut into the next window keeps its mask there (it has no
+        <｜User｜> to find)."""
         import torch
 
         x = torch.tensor([tokens])

@@ -117,10 +117,11 @@ class PretrainConfig:
         flag="--cut-documents",
         group=V3,
     )
-    # No loss on the user turns of chat documents (their numbers are random); the response's is kept.
+    # No loss on the prompts of chat documents (user turns, system prompt, tool results: nothing the
+    # model can predict), as in SFT; the responses' is kept, tool calls included.
     mask_prompts: bool = option(
         True,
-        "train on the user turns of chat documents too (default: loss on the responses only)",
+        "train on the prompts of chat documents too (default: loss on the responses only)",
         flag="--prompt-loss",
         group=V3,
     )
