@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import weakref
 
@@ -161,6 +162,95 @@ def test_continuous_batching_matches_one_at_a_time(model):
     for i, rid in enumerate(ids):
         assert got[rid] == solo[i][: lengths[i]]
     assert engine.stats()["cache_blocks_used"] == 0
+
+
+def test_admission_by_need_runs_long_requests_together(model):
+    """Admission used to reserve every block a request could ever need (prompt + max_new_tokens), so
+    requests asking for long completions (the server's default: the rest of the context) ran one at a
+    time in a cache that holds many of them as they are. Blocks are now given as positions need them."""
+    engine = Engine(model, max_batch_size=4, block_size=4, num_blocks=9, max_seq_len=32)  # 8 usable
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8], [9]]
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=32 - len(p))) for p in prompts]
+    engine.step()
+    assert engine.num_running == 4 and engine.num_waiting == 0
+    assert engine.stats()["cache_blocks_used"] == 4  # each prompt and its next token: one block
+    for rid in ids:
+        engine.abort(rid)
+    assert engine.stats()["cache_blocks_used"] == 0 and engine.stats()["preemptions"] == 0
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_preempted_requests_generate_what_they_would_alone(model, speculative, monkeypatch):
+    """A cache that runs short preempts the newest requests (vLLM's recompute preemption): re-admitted,
+    they recompute their tokens and go on. Tokens, logprobs, prompt logprobs, finish reasons and seeded
+    samples equal each request's alone, and no event repeats a token, whether a request was preempted
+    while decoding or halfway through its prompt."""
+    prompts = [PROMPTS[0], PROMPTS[1], list(range(20, 33)), PROMPTS[3], [5, 9, 14]]
+    greedy = SamplingParams(max_new_tokens=20, logprobs=2, prompt_logprobs=True)
+    stop_at = Engine(model).generate([prompts[2]], greedy)[0][8]
+    params = [
+        greedy,
+        dataclasses.replace(greedy, logprobs=0),
+        dataclasses.replace(greedy, stop_token_ids=[stop_at]),
+        dataclasses.replace(greedy, temperature=1.0, seed=7),
+        dataclasses.replace(greedy, temperature=1.0, seed=8, repetition_penalty=1.3, presence_penalty=0.5),
+    ]
+    alone = [
+        Engine(model, speculative=speculative).generate_detailed([p], [q])[0]
+        for p, q in zip(prompts, params, strict=True)
+    ]
+    # 12 blocks of 4 (48 tokens) for ~130 tokens of requests, prompts prefilled 3 positions a step
+    engine = Engine(
+        model,
+        max_batch_size=5,
+        block_size=4,
+        num_blocks=13,
+        max_seq_len=40,
+        prefill_chunk=3,
+        speculative=speculative,
+    )
+    mid_prompt = []  # per preemption: whether the request had generated nothing yet
+    sched, preempt = engine.scheduler, engine.scheduler.preempt_newest
+    monkeypatch.setattr(
+        sched, "preempt_newest", lambda: (mid_prompt.append(sched.running[-1].first_pass), preempt())
+    )
+    got = engine.generate_detailed(prompts, params)
+    stats = engine.stats()
+    assert stats["preemptions"] == len(mid_prompt) >= 3 and any(mid_prompt) and not all(mid_prompt)
+    assert stats["cache_blocks_used"] == 0 and engine.cache.num_free == engine.cache.usable_blocks
+    for a, g in zip(alone, got, strict=True):
+        assert g.token_ids == a.token_ids and g.finish_reason == a.finish_reason
+        assert [lp.token_id for lp in g.logprobs] == g.token_ids
+        assert [[t for t, _ in lp.top] for lp in g.logprobs] == [[t for t, _ in lp.top] for lp in a.logprobs]
+        torch.testing.assert_close(
+            [lp.logprob for lp in g.logprobs], [lp.logprob for lp in a.logprobs], atol=1e-4, rtol=0
+        )
+        assert g.prompt_logprobs[0] is None and len(g.prompt_logprobs) == len(a.prompt_logprobs)
+        torch.testing.assert_close(g.prompt_logprobs[1:], a.prompt_logprobs[1:], atol=1e-4, rtol=0)
+    assert got[2].finish_reason == "stop" and got[0].finish_reason == "length"
+
+
+def test_aborting_a_preempted_request_frees_every_block(model):
+    """A preempted request waits with no blocks and the tokens it has sent: aborted there, it sends none
+    again, and the cache ends as full as it began."""
+    engine = Engine(model, max_batch_size=3, block_size=4, num_blocks=9, max_seq_len=32)  # 8 usable
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=25)) for p in ([1, 2, 3], [4, 5, 6], [7, 8])]
+    got: dict[str, list[int]] = {rid: [] for rid in ids}
+    for _ in range(40):
+        for ev in engine.step():
+            got[ev.request_id].extend(ev.new_token_ids)
+        if engine.scheduler.waiting and engine.scheduler.waiting[0].sent_tokens:
+            break
+    victim = engine.scheduler.waiting[0]  # preempted after it had sent tokens
+    assert victim.preemptions == 1 and victim.block_table == [] and engine.stats()["preemptions"] >= 1
+    engine.abort(victim.request_id)
+    events = []
+    while engine.has_unfinished():
+        events += engine.step()
+    (ab,) = [e for e in events if e.request_id == victim.request_id]
+    assert ab.finish_reason == "abort" and ab.new_token_ids == []
+    assert len(got[victim.request_id]) == victim.sent_tokens > 0
+    assert engine.stats()["cache_blocks_used"] == 0 and engine.cache.num_free == engine.cache.usable_blocks
 
 
 def bigram_model() -> DeepSeekV3:

@@ -161,7 +161,7 @@ class Engine:
         self._aborted: list[StepEvent] = []
         self._stats = {
             "steps": 0,
-            "prompt_tokens": 0,
+            "prompt_tokens": 0,  # positions prefilled, a preempted request's recompute included
             "generated_tokens": 0,
             "decode_forwards": 0,
             "prefill_forwards": 0,
@@ -305,10 +305,12 @@ class Engine:
         """`_view` for one new token per row, from slot maps cached across steps.
 
         The batch's padded slot maps [B, L] are rebuilt only when its membership changes (sequences
-        join or leave), so a steady decode step costs a handful of small tensor ops."""
+        join or leave) or a block table does (it grew, or was rebuilt after a preemption), so a steady
+        decode step costs a handful of small tensor ops."""
         starts = [r.num_computed for r in rows]
         end = max(starts) + 1
-        key = tuple(r.arrival for r in rows)  # unique per request, unlike id() or request ids
+        # arrival is unique per request, unlike id() or request ids
+        key = tuple((r.arrival, r.preemptions, len(r.block_table)) for r in rows)
         if key != self._batch_key:
             maps = [self.cache.slot_map(r.block_table) for r in rows]
             width = max(m.numel() for m in maps)
@@ -430,23 +432,27 @@ class Engine:
         self._stats["prefill_forwards"] += 1
         self._stats["prompt_tokens"] += sum(lengths)
         for b, (s, a, n) in enumerate(zip(rows, starts, lengths, strict=False)):
-            if s.params.prompt_logprobs:
+            if s.params.prompt_logprobs and s.first_pass:
                 logp = self.model.lm_head(hidden[b, :n]).float().log_softmax(dim=-1)
                 targets = s.prompt_ids[a + 1 : a + n + 1]
                 got = logp[torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)]
                 s.prompt_logprobs.extend(got.tolist())  # type: ignore[union-attr]
             s.num_computed = a + n
         done = [b for b, s in enumerate(rows) if not s.prefilling]
-        if done:
-            idx = torch.tensor(done, dtype=torch.long, device=self.device)
-            last = torch.tensor([lengths[b] - 1 for b in done], dtype=torch.long, device=self.device)
-            sub = [rows[b] for b in done]
+        # A prompt's last chunk gives its first token; a recompute after a preemption samples nothing
+        # (its last token is fed by the next decode step, which draws what it would have drawn).
+        first = [b for b in done if rows[b].first_pass]
+        if first:
+            idx = torch.tensor(first, dtype=torch.long, device=self.device)
+            last = torch.tensor([lengths[b] - 1 for b in first], dtype=torch.long, device=self.device)
+            sub = [rows[b] for b in first]
             logits = self.model.lm_head(hidden[idx, last])
             tokens = sample(logits, [r.sampler for r in sub])
             for r, tok, lp in zip(sub, tokens.tolist(), self._logprobs(sub, logits, tokens), strict=False):
                 self._emit(r, tok, lp=lp)
         if self.speculative:
-            # Fill the MTP layer's cache over the chunk; finished prompts also get their first draft.
+            # Fill the MTP layer's cache over the chunk; finished prefills also get their draft (a
+            # recompute's: the one its last decode step had made, from the same position and tokens).
             nxt = [s.tokens[a + 1 : a + n + 1] for s, a, n in zip(rows, starts, lengths, strict=False)]
             nxt = [x + [0] * (n - len(x)) for x, n in zip(nxt, lengths, strict=False)]
             mh = self._mtp_hidden(hidden, self._ids_tensor(nxt, width), positions, view)
@@ -648,6 +654,7 @@ class Engine:
             self.cache.prefix_hits / self.cache.prefix_queries if self.cache.prefix_queries else 0.0
         )
         s["spec_acceptance_rate"] = s["spec_accepted"] / s["spec_drafted"] if s["spec_drafted"] else None
+        s["preemptions"] = self.scheduler.preemptions  # running requests sent back to wait (recompute)
         s["prompt_tokens_reused"] = self.cache.prefix_hits * self.cache.block_size
         s["running"] = self.num_running
         s["waiting"] = self.num_waiting

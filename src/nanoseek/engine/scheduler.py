@@ -3,12 +3,17 @@
 What is notable here:
 - Sequences join and leave at every step: a finished one frees its blocks at once, and the next waiting
   request is admitted as soon as its blocks fit (first come, first served, so nobody starves).
-- Admission reserves every block a request can ever need (prompt + max_new_tokens, capped by
-  max_seq_len), minus the blocks it shares through prefix reuse. A running request therefore never runs
-  out of cache, and no preemption is needed; a request larger than the whole cache is refused up front.
+- Blocks are given by need, as vLLM does: admission takes the blocks of the prompt and of the first
+  decode step (less those shared through prefix reuse), and before each step every running sequence
+  gets the blocks its next positions need. When the cache runs short, the most recently admitted
+  sequences are preempted (last in, first out): their blocks are freed and they go back to the front of
+  the waiting queue. Re-admitted, a sequence recomputes its tokens so far (prompt and output, a prefill
+  that samples nothing) and decodes on, so its output is what it would have been; its full blocks may
+  still be in the prefix cache. A request larger than the whole cache is refused up front.
 - Chunked prefill: each step decodes every running sequence and prefills at most `prefill_chunk`
-  prompt positions in total, counting the padding of the batched prefill (rows x widest chunk), so a
-  long prompt is spread over several steps instead of stalling the others.
+  positions in total (prompts, and the tokens a re-admitted sequence recomputes), counting the padding
+  of the batched prefill (rows x widest chunk), so a long prompt is spread over several steps instead
+  of stalling the others.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of registered full blocks
     shareable: bool = True  # its blocks may be published for prefix reuse (not once the weights changed)
     draft: int | None = None  # MTP's guess for the token after tokens[-1]
+    preemptions: int = 0  # times its blocks were taken back (it recomputed them when re-admitted)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[float | None] | None = None
     finish_reason: str | None = None
@@ -47,8 +53,19 @@ class Sequence:
         return len(self.prompt_ids)
 
     @property
+    def prefill_len(self) -> int:
+        """Positions to compute before decoding: the prompt, or after a preemption every token but the
+        last (which the next decode step feeds, as it would have)."""
+        return max(self.prompt_len, len(self.tokens) - 1)
+
+    @property
     def prefilling(self) -> bool:
-        return self.num_computed < self.prompt_len
+        return self.num_computed < self.prefill_len
+
+    @property
+    def first_pass(self) -> bool:
+        """Nothing generated yet: prompt logprobs are computed in this pass (never again after a preemption)."""
+        return len(self.tokens) == self.prompt_len
 
     @property
     def finished(self) -> bool:
@@ -58,7 +75,7 @@ class Sequence:
 @dataclass
 class StepPlan:
     decode: list[Sequence]
-    prefill: list[tuple[Sequence, int]]  # (sequence, number of prompt tokens to compute now)
+    prefill: list[tuple[Sequence, int]]  # (sequence, number of positions to compute now)
 
 
 class Scheduler:
@@ -70,13 +87,17 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.speculative = speculative  # MTP rows in the cache: a prefix hit recomputes its last block
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in order of admission
+        self.preemptions = 0
 
     def blocks_needed(self, seq: Sequence) -> int:
-        return math.ceil(seq.max_len / self.cache.block_size)
+        """Blocks for every position up to the next decode step's: its prefill, the next token and, when
+        speculating, the draft after it (a running sequence has len(tokens) < max_len: none past max_len)."""
+        end = seq.prefill_len + 1 + int(self.speculative)
+        return math.ceil(min(end, seq.max_len) / self.cache.block_size)
 
     def check_fits(self, seq: Sequence) -> None:
-        need = self.blocks_needed(seq)
+        need = math.ceil(seq.max_len / self.cache.block_size)
         if need > self.cache.usable_blocks:
             raise EngineCapacityError(
                 f"request needs {need} cache blocks ({seq.max_len} tokens incl. max_new_tokens, block size "
@@ -88,13 +109,48 @@ class Scheduler:
         self.check_fits(seq)
         self.waiting.append(seq)
 
+    def _grow(self) -> bool:
+        """Give every running sequence the blocks its next step writes, oldest first, preempting the most
+        recently admitted ones (itself last) while the cache is short. Returns whether any was preempted."""
+        preempted = False
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            want = self.blocks_needed(seq) - len(seq.block_table)
+            while want > self.cache.num_free and i < len(self.running):
+                self.preempt_newest()
+                preempted = True
+            if i < len(self.running):  # it still runs
+                seq.block_table += [self.cache.allocate() for _ in range(want)]
+            i += 1
+        return preempted
+
+    def preempt_newest(self) -> None:
+        """Free the most recently admitted sequence's blocks and put it first in line (vLLM's recompute
+        preemption): re-admitted, it computes them again."""
+        seq = self.running.pop()
+        self.cache.release(seq.block_table)
+        seq.block_table, seq.block_hashes, seq.num_computed, seq.draft = [], [], 0, None
+        seq.shareable = True  # its rows will all be recomputed with the current weights
+        if seq.first_pass and seq.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]  # its prompt pass starts over (none were sent)
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            # Share cached full prompt blocks, leaving at least one prompt token to compute so the
-            # first output token has logits; prompt logprobs need every prompt position's logits.
-            max_shared = 0 if seq.params.prompt_logprobs else (seq.prompt_len - 1) // self.cache.block_size
-            shared, hashes = self.cache.match_prefix(seq.prompt_ids, max_shared)
+            # Share cached full blocks, leaving at least one position to compute so the first output token
+            # (or the draft) has its hidden state; prompt logprobs need every prompt position's logits.
+            # A recompute after a preemption matches its output tokens too.
+            todo = seq.tokens[: seq.prefill_len]
+            max_shared = (
+                0
+                if seq.params.prompt_logprobs and seq.first_pass
+                else (len(todo) - 1) // self.cache.block_size
+            )
+            shared, hashes = self.cache.match_prefix(todo, max_shared)
             if self.speculative and shared:
                 # Speculating, the MTP layer's row at a block's last position was computed with the token
                 # after the block, which its hash does not cover: recompute the last hit block (its
@@ -108,7 +164,7 @@ class Scheduler:
                 self.cache.release(shared)
                 break  # FCFS: wait for blocks rather than let later requests overtake
             self.waiting.popleft()
-            self.cache.prefix_queries += seq.prompt_len // self.cache.block_size
+            self.cache.prefix_queries += len(todo) // self.cache.block_size
             self.cache.prefix_hits += len(shared)
             seq.block_table = shared + [self.cache.allocate() for _ in range(fresh)]
             seq.block_hashes = hashes
@@ -116,7 +172,8 @@ class Scheduler:
             self.running.append(seq)
 
     def plan(self) -> StepPlan:
-        self._admit()
+        if not self._grow():  # no admission in a step that preempted: the cache is short
+            self._admit()
         decode = [s for s in self.running if not s.prefilling]
         # The prefill forward pads every chunk to the widest, so `prefill_chunk` bounds rows x width
         # (padding included), not just the tokens: a long prompt's last 400 tokens batched with nine short
@@ -129,7 +186,7 @@ class Scheduler:
             room = self.prefill_chunk // (len(prefill) + 1)  # the widest chunk one more row allows
             if room < max(width, 1):
                 break  # FCFS: later prompts wait rather than take a chunk from an earlier one
-            n = min(room, s.prompt_len - s.num_computed)
+            n = min(room, s.prefill_len - s.num_computed)
             prefill.append((s, n))
             width = max(width, n)
         return StepPlan(decode, prefill)
