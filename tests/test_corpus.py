@@ -573,6 +573,41 @@ def test_a_line_longer_than_a_document_is_cut(tmp_path: Path) -> None:
     assert "".join(chunks) == text and max(len(c) for c in chunks) < 2000
 
 
+@pytest.mark.parametrize("name", ["long.jsonl", "long.parquet"])
+def test_a_record_longer_than_a_document_is_cut_and_resumes_inside_it(
+    tmp_path: Path, tok: Tokenizer, name: str
+) -> None:
+    # one 50 MB JSONL text was tokenized in one piece (6 GB of encoding for one document); it is cut
+    # at blanks as a .txt is, and a resume between its pieces goes on with the next piece
+    long = " ".join(_docs(400)).replace("\n", " ")
+    texts = ["short one", long, "short two"]
+    if name.endswith(".jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    else:
+        pa = pytest.importorskip("pyarrow")
+        pytest.importorskip("pyarrow.parquet").write_table(pa.table({"text": texts}), tmp_path / name)
+    docs = list(iter_documents(tmp_path / name, max_doc_chars=1000))
+    assert docs[0] == "short one" and docs[-1] == "short two" and "".join(docs[1:-1]) == long
+    assert len(docs) > 10 and max(len(d) for d in docs) <= 1000
+
+    def make() -> PackedDataset:
+        return PackedDataset(
+            tmp_path / name, tok, 16, 2, val_fraction=0.0, tokenize_batch=1, max_doc_chars=1000
+        )
+
+    reference = list(itertools.islice(make(), 40))
+    ds = make()
+    it = iter(ds)
+    for _ in range(20):
+        next(it)
+    state = ds.state_dict()
+    assert state["cursor"][3] > 0  # inside the long record
+    resumed = make()
+    resumed.load_state_dict(state)
+    for (x, y), (rx, ry) in zip(reference[20:], itertools.islice(resumed, 20), strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
 def test_whole_document_packing_cuts_a_long_document_without_reading_ahead(
     tmp_path: Path, tok: Tokenizer
 ) -> None:

@@ -444,6 +444,31 @@ def test_cli_train_encode_decode(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["tokenizer", "encode", str(tmp_path / "nope"), "x"]) == 2
 
 
+def test_cli_train_measures_its_summary_on_a_bounded_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the summary held the first 200 documents whole and encoded them at once: on a corpus of
+    # 1M-character documents (a .txt without separators, long JSONL texts) 5-9 GB beside the training
+    import nanoseek.tokenizer
+    from nanoseek.cli import main
+
+    sampled: list[int] = []
+    summary = nanoseek.tokenizer.tokenizer_summary
+    monkeypatch.setattr(
+        nanoseek.tokenizer,
+        "tokenizer_summary",
+        lambda tok, docs: sampled.append(sum(map(len, docs))) or summary(tok, docs),
+    )
+    data = tmp_path / "long.txt"
+    data.write_text("the cat sat on 42 mats\n" * 120_000)  # 2.8M characters: three 1M-character documents
+    assert (
+        main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--out", str(tmp_path / "t")])
+        == 0
+    )
+    assert "chars/token on 1 docs" in capsys.readouterr().out
+    assert sampled == [1_000_000]
+
+
 def test_cli_encode_flags_before_the_text_and_clear_train_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

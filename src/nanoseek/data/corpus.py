@@ -7,7 +7,8 @@ What is notable:
   "embedded:arithmetic,comparison" the same corpus restricted to those task families.
 - A `.txt` file is one document, unless it holds separator lines: a line that is exactly
   `<|endoftext|>` or `<｜end▁of▁sentence｜>` ends a document (the TinyStories convention). A document
-  longer than `max_doc_chars` is cut at a line boundary, so memory stays bounded on huge files.
+  longer than `max_doc_chars` is cut at a line boundary, so memory stays bounded on huge files; so is
+  a longer JSONL or parquet text, at a blank (one 50 MB record is not tokenized in one piece).
   Bytes that are not UTF-8 are read as U+FFFD, with a warning naming the file (in JSONL, an error).
 - `PackedDataset`: documents are tokenized in batches, each prefixed with BOS (unless it opens with one,
   as a chat rendered by a chat template does), concatenated and cut into windows of seq_len+1 tokens
@@ -247,6 +248,20 @@ def _read_parquet(path: Path, offset: int, text_field: str) -> Iterator[tuple[st
             yield text, row
 
 
+def _cut_text(text: str, limit: int) -> Iterator[str]:
+    """`text` in pieces of at most `limit` characters, each cut after its last blank where that is in
+    its second half (as `_read_txt` cuts a line longer than a document)."""
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        blank = max(text.rfind(c, start, end) for c in " \t\n") + 1
+        if blank > start + limit // 2:
+            end = blank
+        yield text[start:end]
+        start = end
+    yield text[start:]
+
+
 def _read_embedded(
     offset: int, seed: int, split: str, tasks: list[str] | None = None, multi_turn: float = 0.0
 ) -> Iterator[tuple[str, int]]:
@@ -297,11 +312,13 @@ def tokenizer_documents(
 # ------------------------------------------------------------------ positions
 @dataclass(frozen=True)
 class _Cursor:
-    """Where the next document comes from: epoch, index into that epoch's file order, offset in the file."""
+    """Where the next document comes from: epoch, index into that epoch's file order, offset in the file,
+    and the pieces already read of the record there (a JSONL/parquet text longer than max_doc_chars)."""
 
     epoch: int = 0
     file: int = 0
     offset: int = 0
+    piece: int = 0
 
 
 _MASK64 = (1 << 64) - 1
@@ -345,7 +362,10 @@ class _DocumentStream:
                 order[i], order[j] = order[j], order[i]
         return order
 
-    def _read(self, path: Path, offset: int) -> Iterator[tuple[str, int]]:
+    def _read(self, path: Path, offset: int, skip: int) -> Iterator[tuple[str, int, int]]:
+        """(document, offset, piece): restarting at (offset, piece) resumes the file. A record's text
+        longer than max_doc_chars is cut into pieces (the first `skip` left out): all but its last
+        resume at the record, from the next piece (a .txt reader cuts its own documents)."""
         kind = _kind(path)
         if kind == "txt":
             docs = _read_txt(path, offset, self.max_doc_chars)
@@ -354,7 +374,15 @@ class _DocumentStream:
         else:
             docs = _read_parquet(path, offset, self.text_field)
         try:
-            yield from docs
+            start = offset  # where the record being read can be read again
+            for doc, after in docs:
+                if kind == "txt":
+                    yield doc, after, 0
+                    continue
+                pieces = list(_cut_text(doc, self.max_doc_chars))
+                for i in range(skip, len(pieces)):
+                    yield (pieces[i], after, 0) if i == len(pieces) - 1 else (pieces[i], start, i + 1)
+                start, skip = after, 0
         except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a truncated or corrupt download
             raise ValueError(f"{path}: not a readable gzip file ({e})") from e
 
@@ -366,13 +394,13 @@ class _DocumentStream:
             ):
                 yield doc, _Cursor(0, 0, offset)
             return
-        epoch, index, offset = astuple(cursor)
+        epoch, index, offset, skip = astuple(cursor)
         while True:
             order = self.file_order(epoch)
             for k in range(index, len(order)):
-                for doc, after in self._read(self.files[order[k]], offset):
-                    yield doc, _Cursor(epoch, k, after)
-                offset = 0
+                for doc, after, piece in self._read(self.files[order[k]], offset, skip):
+                    yield doc, _Cursor(epoch, k, after, piece)
+                offset = skip = 0
                 # Mark the file as finished so a resume does not reopen it.
                 yield "", _Cursor(epoch, k + 1, 0)
             if not repeat:
