@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import math
 import weakref
 
 import pytest
@@ -228,6 +229,21 @@ def test_preempted_requests_generate_what_they_would_alone(model, speculative, m
         assert g.prompt_logprobs[0] is None and len(g.prompt_logprobs) == len(a.prompt_logprobs)
         torch.testing.assert_close(g.prompt_logprobs[1:], a.prompt_logprobs[1:], atol=1e-4, rtol=0)
     assert got[2].finish_reason == "stop" and got[0].finish_reason == "length"
+
+
+def test_a_growing_block_table_maps_only_its_new_block(model, monkeypatch):
+    """Blocks are given by need, so in a steady decode batch some row's table grows on most steps (each
+    every block_size tokens). Remapping every row's table then (as when the batch changes) took a
+    quarter of a 32-row decode step of a small model; a grown table maps its new block only."""
+    prompts = [[1 + i] * (1 + 2 * i) for i in range(8)]  # staggered: the rows grow on different steps
+    alone = [Engine(model, block_size=4).generate([p], max_new_tokens=12)[0] for p in prompts]
+    engine = Engine(model, max_batch_size=8, block_size=4)
+    mapped: list[int] = []  # blocks per slot_map call
+    slot_map = engine.cache.slot_map
+    monkeypatch.setattr(engine.cache, "slot_map", lambda table: mapped.append(len(table)) or slot_map(table))
+    assert engine.generate(prompts, max_new_tokens=12) == alone
+    # one batch from the first decode step to the last: each block of each table mapped once
+    assert 0 < sum(mapped) <= sum(math.ceil((len(p) + 12) / 4) for p in prompts)
 
 
 def test_aborting_a_preempted_request_frees_every_block(model):

@@ -156,7 +156,8 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._requests: dict[str, Sequence] = {}
-        self._batch_key: tuple[int, ...] = ()  # the decode batch whose slot maps are cached
+        self._batch_key: tuple[tuple[int, int], ...] = ()  # the decode batch whose slot maps are cached
+        self._batch_blocks: list[int] = []  # how many blocks of each row's table they cover
         self._batch_slots = torch.zeros(0, 0, dtype=torch.long)
         self._aborted: list[StepEvent] = []
         self._stats = {
@@ -305,19 +306,27 @@ class Engine:
         """`_view` for one new token per row, from slot maps cached across steps.
 
         The batch's padded slot maps [B, L] are rebuilt only when its membership changes (sequences
-        join or leave) or a block table does (it grew, or was rebuilt after a preemption), so a steady
-        decode step costs a handful of small tensor ops."""
+        join or leave, or one was preempted and re-admitted); a block a running row gains (tables only
+        grow while it runs) is appended to its row, so a steady decode step costs a handful of small
+        tensor ops however often some row crosses into a new block."""
         starts = [r.num_computed for r in rows]
         end = max(starts) + 1
         # arrival is unique per request, unlike id() or request ids
-        key = tuple((r.arrival, r.preemptions, len(r.block_table)) for r in rows)
+        key = tuple((r.arrival, r.preemptions) for r in rows)
+        blocks = [len(r.block_table) for r in rows]
         if key != self._batch_key:
-            maps = [self.cache.slot_map(r.block_table) for r in rows]
-            width = max(m.numel() for m in maps)
-            table = torch.zeros(len(rows), width, dtype=torch.long)
-            for b, m in enumerate(maps):
-                table[b, : m.numel()] = m
-            self._batch_key, self._batch_slots = key, table.to(self.device)
+            self._batch_key, self._batch_blocks = key, [0] * len(rows)
+            self._batch_slots = torch.zeros(len(rows), 0, dtype=torch.long, device=self.device)
+        if blocks != self._batch_blocks:
+            bs = self.cache.block_size
+            width = max(blocks) * bs
+            table = self._batch_slots
+            if width > table.shape[1]:
+                table = torch.nn.functional.pad(table, (0, width - table.shape[1]))
+            for b, (had, has) in enumerate(zip(self._batch_blocks, blocks, strict=True)):
+                if has != had:
+                    table[b, had * bs : has * bs] = self.cache.slot_map(rows[b].block_table[had:has])
+            self._batch_blocks, self._batch_slots = blocks, table
         table = self._batch_slots
         if len(rows) == 1:
             s = starts[0]
