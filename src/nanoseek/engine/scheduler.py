@@ -113,9 +113,14 @@ class Scheduler:
         """Give every running sequence the blocks its next step writes, oldest first, preempting the most
         recently admitted ones (itself last) while the cache is short. Returns whether any was preempted."""
         preempted = False
+        covered = self.cache.block_size
+        ahead = 1 + int(self.speculative)
         i = 0
         while i < len(self.running):
             seq = self.running[i]
+            if len(seq.tokens) + ahead <= len(seq.block_table) * covered:  # (most steps: nothing to add)
+                i += 1
+                continue
             want = self.blocks_needed(seq) - len(seq.block_table)
             while want > self.cache.num_free and i < len(self.running):
                 self.preempt_newest()
