@@ -8,7 +8,7 @@ Notable:
   ``<think>``), so it may or may not repeat ``<think>`` once at the very start; exactly one ``</think>``,
   non-empty thinking, a non-empty answer after it, and no stray ``<think>``, chat or end-of-sentence tags.
   Binary: a loose regex that accepts repeated closing tags gets hacked (open-r1).
-- language (R1 §2.3.4): the share of the chain of thought's letters written in the prompt's script:
+- language (R1 §2.3.2): the share of the chain of thought's letters written in the prompt's script:
   Latin for en, kana + kanji for ja, Han for zh; any other script's letters count against it. The chain
   of thought is all before the last ``</think>`` (the answer accuracy reads is after it). Digits and
   symbols do not count; a CoT with no letters at all scores 0.

@@ -98,7 +98,8 @@ class MultiTokenPredictionLayer(DecoderBlock):
         self.shared_head = SharedHead(config)
 
     def combine(self, hidden: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
-        """M_k [RMSNorm(h_i); RMSNorm(Emb(t_{i+k}))] (V3 eq. 21)."""
+        """M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h_i)] (V3 eq. 21). The embedding half comes first, as in
+        DeepSeek's released weights and inference code: the paper writes the two the other way round."""
         return self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
 
 

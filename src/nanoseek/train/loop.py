@@ -191,7 +191,7 @@ def language_model_loss(
     predicts the token k+1 further on, so its targets are targets shifted by k+1 (V3 eq. 24-25:
     L_MTP = λ/D Σ_k L_k). With `document_mask`, a packed row's documents (each opened by the model's
     BOS) attend only within themselves and count positions from their own start, as they will when
-    they are prompts; V3 §3.4 packs the same way ("document packing", no cross-sample mask there, but
+    they are prompts; V3 §4.1 packs the same way ("document packing", no cross-sample mask there, but
     its documents are long and unrelated, ours are short and look alike). MTP then predicts nothing
     across a boundary either (`mtp_targets`).
 

@@ -101,8 +101,8 @@ class PretrainConfig:
     bias_update_speed: float = option(0.001, "γ of aux-loss-free balancing (V3 §2.1.2)", group=V3)
     balance_alpha: float = option(0.0001, "α of the sequence-wise balance loss (V3 §4.2)", group=V3)
     mtp_weight: float = option(0.3, "λ of the MTP loss (V3 §4.2; 0 = off)", group=V3)
-    # Each packed document attends only to itself, positions counted from its BOS (Llama 3 §3.1.1
-    # does the same); without it short look-alike documents drown the prompt a copy must look back at.
+    # Each packed document attends only to itself (Llama 3 §3.2 masks the same way), positions counted
+    # from its BOS; without it short look-alike documents drown the prompt a copy must look back at.
     document_mask: bool = option(
         True,
         "let packed documents attend to the documents before them (default: each only to itself)",
