@@ -125,7 +125,7 @@ class SpeedrunPreset:
     student_lr: float = 0.0
     # cold-start SFT: thousands of worked solutions, as R1's cold start (§2.3.1). 10 steps of 300 left
     # the final model 2-3 points lower (seeds 0 and 2: mean 86.0 -> 88.3, five families 82.4 -> 85.1,
-    # on 96 problems; run C0 88.9 against S0's 86.5) for ~90 s less (benchmarks/README.md, "A longer
+    # on 96 problems; run C0 88.9 against S0's 86.5) in less time (benchmarks/README.md, "A longer
     # cold start", "Run C0")
     sft_steps: int = 100
     sft_examples: int = 3000
@@ -186,7 +186,7 @@ class SpeedrunPreset:
     control_plan_steps: int = 350
     # distillation: ~180 kept traces, ~60 packed rows. 120 steps (~16 passes) against 40: mean +2.7 /
     # +1.7 points at seeds 0 / 1 (83.3 -> 86.0%, 80.9 -> 82.6%), mostly `largest`, which the student
-    # learns from the teacher's right answers alone (46.9 -> 64.6%, 31.8 -> 47.4%), for ~20 s more
+    # learns from the teacher's right answers alone (46.9 -> 64.6%, 31.8 -> 47.4%)
     distill_prompts: int = 24
     distill_k: int = 4
     distill_steps: int = 120
@@ -330,9 +330,8 @@ PRESETS: dict[str, SpeedrunPreset] = {
     ),
     "cpu": SpeedrunPreset(),
     # One GPU: the `small` model (~75M active parameters) on 3x the CPU preset's tokens, sized from an
-    # H200's measured rates (benchmarks/README.md, "The gpu preset on an H200"): a pretraining step
-    # 0.3 s, the student's 0.09 s, a GRPO step ~15 s. Decode there is bound by host work (~40 ms a
-    # step at 512 sequences, far above its FLOPs), so a GRPO step costs about its longest response
+    # H200's measured rates (benchmarks/README.md, "The gpu preset on an H200"). Decode there is bound
+    # by host work (far above its FLOPs at 512 sequences), so a GRPO step costs about its longest response
     # whatever the batch: few steps of many samples. At 600 steps the held-out loss was 0.0004, at 300
     # already 0.0047
     "gpu": SpeedrunPreset(
@@ -843,9 +842,9 @@ class Speedrun:
                 by_checkpoint.setdefault(stage, []).append(task)
             jobs = list(by_checkpoint.items())
         else:
-            # one family a job on a CPU, where a step's cost grows with its rows: whole checkpoints took
-            # the cpu preset's evaluation from 51-54 s to 55-60 s on two workers, 74 s to 77 s on one
-            # (the samples identical)
+            # one family a job on a CPU, where a step's cost grows with its rows: whole checkpoints made
+            # the cpu preset's evaluation slower on one worker and on two, the samples identical
+            # (benchmarks/README.md, "The gpu preset on an H200")
             jobs = [(stage, [task]) for stage, task in order]
         logs = self.run / "eval" / ".logs"
         shutil.rmtree(logs, ignore_errors=True)  # an interrupted evaluation's records, never merged

@@ -51,7 +51,7 @@ QUANT_CHUNK = 1 << 22  # weights quantized at a time (fp32 temporaries of ~16 MB
 def quantize_tensor(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (last dim reduced) symmetric quantization. Returns (q, scale) with w ≈ q * scale[..., None]."""
     if w.is_meta:  # placeholders for `load_model(quantize=...)` to stream into; meta reductions would
-        # run Python reference kernels, which import torch._dynamo (~2 s)
+        # run Python reference kernels, which import torch._dynamo (slow to start)
         q = torch.empty(w.shape, dtype=torch.float8_e4m3fn if fmt == "fp8" else torch.int8, device="meta")
         return q, torch.empty(w.shape[:-1], device="meta")
     rows = w.detach().reshape(-1, w.shape[-1])

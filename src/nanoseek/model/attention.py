@@ -68,7 +68,7 @@ class RotaryEmbedding(nn.Module):
         self.dim = config.rope_head_dim
         self.interleave = config.rope_interleave
         # Computed on the CPU even while build_model constructs on the meta device, where these small
-        # ops would run through Python reference kernels that import torch._dynamo (~2 s a process).
+        # ops would run through Python reference kernels that import torch._dynamo (the bulk of a short command's start-up).
         inv_freq, self.attention_factor = rope_inverse_frequencies(config)
         self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
         self._cache_len = 0

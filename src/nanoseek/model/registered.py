@@ -3,7 +3,7 @@
 `nn.Module` keeps its children, parameters and buffers in its own dicts and finds them in
 `__getattr__`, which Python calls only after the normal lookup has failed. On Python 3.11 that failure
 is not free: the interpreter builds and formats an `AttributeError`, then discards it, before
-`Module.__getattr__` runs: ~1 µs per `self.weight`, many times a plain attribute's cost. The engine's
+`Module.__getattr__` runs: many times a plain attribute's cost per `self.weight`. The engine's
 decode step of the speedrun's model made ~118 such lookups; declaring them here removed about a quarter
 of the instructions that set it apart from the engine's former hand-flattened forward
 (benchmarks/README.md, bench_decode_instructions.py).

@@ -116,7 +116,7 @@ class DeepSeekBackbone(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         # Left uninitialized like every other weight (init_weights or a checkpoint fills it): nn.Embedding's
-        # own normal_ init, run on the meta device by build_model, imports torch._dynamo (~2 s per process).
+        # own normal_ init, run on the meta device by build_model, imports torch._dynamo (the bulk of a short command's start-up).
         embed = torch.empty(config.vocab_size, config.hidden_size)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=embed)
         n = config.num_hidden_layers

@@ -125,7 +125,7 @@ class ReasoningGymTask(Task):
             ds_seed = int.from_bytes(
                 hashlib.blake2b(f"{self.name}|{seed}|{chunk}".encode(), digest_size=4).digest(), "big"
             )
-            # small chunks first: some datasets (countdown) take ~0.1 s per item to generate
+            # small chunks first: some datasets (countdown) are slow to generate per item
             ds = self._create(self.dataset, seed=ds_seed, size=min(128, 8 << chunk), **self.config)
             for i in range(len(ds)):
                 entry = ds[i]
