@@ -278,6 +278,34 @@ def test_an_atomic_write_on_a_read_only_filesystem_names_the_users_path(tmp_path
     assert e.value.filename == str(tmp_path / "report.json")
 
 
+def test_atomic_writes_work_where_directories_cannot_be_opened(tmp_path, monkeypatch):
+    """Windows: os.open refuses a directory (EACCES), so the fsync of the directory after the rename
+    failed every atomic write there (a tokenizer, a config, each checkpoint) with a PermissionError."""
+    import errno
+    import sys
+
+    from nanoseek import atomic
+
+    class WindowsOs:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def open(self, path, *args, **kwargs):
+            if os.path.isdir(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return os.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(atomic, "os", WindowsOs())
+    for text in ("old", "new"):
+        atomic_write(tmp_path / "config.json", text)
+        with atomic_directory(tmp_path / "pretrain") as tmp:
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "weights").write_text(text)
+    assert (tmp_path / "config.json").read_text() == "new"
+    assert (tmp_path / "pretrain" / "sub" / "weights").read_text() == "new"
+
+
 def test_a_checkpoint_replaced_while_it_loads_loads_whole(tmp_path, monkeypatch):
     """A reader loading RUN/<stage> while the run saves its next checkpoint there gets one of the two
     checkpoints, never the first shards of one and the rest of the other."""

@@ -112,6 +112,24 @@ def test_memory_is_limited():
     assert not r.ok and time.perf_counter() - t0 < 5
 
 
+def test_no_address_space_cap_on_macos_and_a_clear_error_on_windows(monkeypatch):
+    """macOS refuses setrlimit(RLIMIT_AS) with EINVAL (CPython issues 78783, 84698): the runner died
+    with a ValueError before the code ran, and every code answer failed its tests (reward 0). Windows
+    has no `os.geteuid`, `os.killpg` or `resource`: an AttributeError, where a clear error is due."""
+    import resource
+    import sys
+
+    show = "import resource\nprint(resource.getrlimit(resource.RLIMIT_AS)[0])"
+    assert run_python(show, config=FAST).stdout.strip() == str(FAST.memory_mb << 20)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    r = run_python(show, config=FAST)
+    assert r.ok and r.stdout.strip() == str(resource.RLIM_INFINITY)
+    assert run_tests("def f(x):\n    return x + 1", "assert f(1) == 2", FAST)[:2] == (1, 1)
+    monkeypatch.setattr(sys, "platform", "win32")
+    with pytest.raises(ValueError, match="Linux and macOS only"):
+        run_python("print(1)", config=FAST)
+
+
 def test_files_stay_in_a_throwaway_directory(tmp_path):
     outside = tmp_path / "victim.txt"
     outside.write_text("safe")

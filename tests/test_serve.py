@@ -1468,6 +1468,21 @@ def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, caps
     assert "--kv-cache-mib must be > 0" in capsys.readouterr().err
 
 
+def test_serve_never_takes_a_port_another_server_listens_on_windows(monkeypatch):
+    """On Windows SO_REUSEADDR lets a bind take a port another socket listens on: a second
+    `nanoseek serve` on a busy port started (sharing it) where the one-line refusal was promised."""
+    import socket
+    import sys
+
+    from nanoseek.commands.serve import _listen
+
+    for platform in ("linux", "win32"):
+        monkeypatch.setattr(sys, "platform", platform)
+        with _listen("127.0.0.1", 0) as sock:
+            reuse = sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+        assert bool(reuse) == (platform != "win32")
+
+
 def test_cli_serve_exits_non_zero_when_the_engine_dies(tmp_path, tok, model, monkeypatch, capsys):
     """A dead engine stops `nanoseek serve` with exit status 1, as vLLM's server stops, so a service
     manager's restart-on-failure brings it back (it went on answering 503 and exited 0)."""

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +41,8 @@ NAME_MAX = 255
 
 
 def _fsync(path: Path) -> None:
+    if sys.platform == "win32" and path.is_dir():
+        return  # Windows cannot open a directory (os.open: EACCES); NTFS journals the rename itself
     fd = os.open(path, os.O_RDONLY)  # directories too: a rename is durable once its directory is
     os.fsync(fd)
     os.close(fd)

@@ -89,7 +89,10 @@ def _listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound and listening (uvicorn serves on it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # A restart may rebind a port its last run left in TIME_WAIT; on Windows the same flag lets the bind
+    # take a port another server listens on (asyncio sets it on POSIX only, too).
+    if sys.platform != "win32":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
         sock.listen(2048)

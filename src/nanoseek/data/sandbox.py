@@ -36,7 +36,7 @@ from typing import Any
 NOBODY = 65534
 
 # The trusted prologue, run with `python -I -c`.
-# argv: code path, memory bytes, cpu s, fsize bytes, drop to nobody (0/1), tests path ("" = none).
+# argv: code path, memory bytes (0: none), cpu s, fsize bytes, drop to nobody (0/1), tests path ("" = none).
 # With tests, stdin's first line is a nonce printed only after the tests ran to the end.
 _RUNNER = r"""
 import builtins, os, posixpath, resource, stat, sys, types
@@ -50,8 +50,9 @@ def _sealed(fn, env):
 def _install(code_path, mem, cpu, fsize, drop):
     with open(code_path, encoding="utf-8") as f:
         src = f.read()
-    for lim, val in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_CORE, 0),
-                     (resource.RLIMIT_NPROC, 0)):
+    if mem:
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    for lim, val in ((resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, 0)):
         resource.setrlimit(lim, (val, val))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     if drop:
@@ -202,7 +203,7 @@ _main()
 @dataclass(frozen=True)
 class SandboxConfig:
     timeout: float = 2.0  # wall clock, seconds
-    memory_mb: int = 512  # address space (RLIMIT_AS); Python alone maps ~30 MB
+    memory_mb: int = 512  # address space (RLIMIT_AS; not on macOS); Python alone maps ~30 MB
     cpu_seconds: int | None = None  # RLIMIT_CPU; default ceil(timeout)
     max_output_bytes: int = 1 << 20  # RLIMIT_FSIZE: caps files written and captured stdout/stderr
     isolate_network: bool = (
@@ -274,6 +275,8 @@ def run_python(
     ``os._exit(0)``) fails them. The code gets no stdin in that mode.
     """
     cfg = replace(config or SandboxConfig(), **overrides)
+    if sys.platform == "win32":  # no resource limits, process groups or audit-hooked fork to build on
+        raise ValueError("the code sandbox runs on Linux and macOS only: score code tasks there")
     if cfg.timeout <= 0 or cfg.memory_mb <= 0:
         raise ValueError(
             f"sandbox timeout and memory must be positive, got {cfg.timeout}s / {cfg.memory_mb} MB"
@@ -282,6 +285,9 @@ def run_python(
         _network_prefix() if cfg.isolate_network else ((), os.geteuid() == 0 and _stdlib_readable_by_others())
     )
     cpu = cfg.cpu_seconds if cfg.cpu_seconds is not None else max(1, math.ceil(cfg.timeout))
+    # macOS refuses any address-space cap (setrlimit: EINVAL, a ValueError in every run: all code failed
+    # its tests) and would not enforce one
+    mem = 0 if sys.platform == "darwin" else cfg.memory_mb << 20
     with tempfile.TemporaryDirectory(prefix="nanoseek-sandbox-", ignore_cleanup_errors=True) as tmp:
         base = Path(tmp)
         work = base / "work"
@@ -304,7 +310,7 @@ def run_python(
         }
         cmd = [
             *prefix, sys.executable, "-I", "-c", _RUNNER, str(code_path),
-            str(cfg.memory_mb << 20), str(cpu), str(cfg.max_output_bytes), "1" if drop else "0",
+            str(mem), str(cpu), str(cfg.max_output_bytes), "1" if drop else "0",
             str(base / "tests.py") if tests is not None else "",
         ]  # fmt: skip
         t0 = time.perf_counter()
