@@ -42,13 +42,19 @@ def test_metrics_from_stub_sampler(tmp_path) -> None:
         for i, p in enumerate(problems):
             right = f"\nwork\n</think>\n{p.answer}"
             wrong = f"\nwork\n</think>\n{int(p.answer) + 1}"
-            if i == 0:  # 3 of 4 right: pass@1 .75, majority right
-                s = [right, right, right, wrong]
+            if i == 0:  # 3 of 4 right: pass@1 .75, majority right; the wrong one reasons in Chinese
+                s = [right, right, right, f"\n计算\n</think>\n{int(p.answer) + 1}"]
             elif i == 1:  # 1 of 4 right, wrong answer wins the vote
                 s = [right, wrong, wrong, "no think block " + p.answer]
             else:  # never right, never well-formed
                 s = ["just text", "just text", "</think></think>1", "x"]
-            out.append([Sample(text=t, num_tokens=10 * (i + 1), finish_reason="stop") for t in s])
+            stops = ["stop", "stop", "length", "length"] if i == 2 else ["stop"] * 4  # the last cut off
+            out.append(
+                [
+                    Sample(text=t, num_tokens=10 * (i + 1), finish_reason=r)
+                    for t, r in zip(s, stops, strict=True)
+                ]
+            )
         return out
 
     ck = tmp_path / "run" / "grpo"
@@ -60,6 +66,9 @@ def test_metrics_from_stub_sampler(tmp_path) -> None:
     assert m["format_rate"] == pytest.approx((1.0 + 0.75 + 0.0) / 3)
     assert m["mean_response_tokens"] == pytest.approx(20.0)
     assert m["problems"] == 3 and m["k"] == 4
+    # English reasoning: 3 of 4 at problem 0 (one in Chinese) and 2 ("x" holds no word), all at 1
+    assert m["language_consistency"] == pytest.approx((0.75 + 1.0 + 0.75) / 3)
+    assert m["truncated_rate"] == pytest.approx((0 + 0 + 0.5) / 3)
     # the standard error of the mean over problems: sample sd of (.75, .25, 0) / sqrt(3)
     assert m["pass@1_stderr"] == pytest.approx(statistics.stdev([0.75, 0.25, 0.0]) / 3**0.5)
     report = json.loads((ck / "eval_arithmetic.json").read_text())
