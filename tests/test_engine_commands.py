@@ -283,6 +283,26 @@ def test_chat_no_think(checkpoint):
     assert "1 turns" in out.getvalue()
 
 
+@pytest.mark.parametrize("env", [{}, {"NO_COLOR": "1"}, {"TERM": "dumb"}])
+def test_chat_dims_the_reasoning_only_on_a_terminal_that_asks_for_it(checkpoint, monkeypatch, env):
+    """On a terminal the reasoning is dimmed with ANSI escapes, but not under NO_COLOR (no-color.org) or
+    TERM=dumb (whose terminal prints them as text), as `nanoseek inspect`'s rich table honours them."""
+    from nanoseek.commands import chat
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = cli_args("chat", str(checkpoint), "--max-new-tokens", "4", "--threads", "1")
+    out = Terminal()
+    assert chat.run(args, stdin=io.StringIO("hello\n"), stdout=out) == 0
+    assert ("\x1b[2m" in out.getvalue()) == (not env)
+
+
 def test_chat_banner_counts_the_checkpoints_weights_whatever_their_storage(checkpoint):
     """int8 weights are buffers, packed ones opaque tensors: the banner counts from the config."""
     import nanoseek

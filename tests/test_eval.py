@@ -538,6 +538,21 @@ def test_several_tasks_write_their_reports_beside_the_one_named(tmp_path, monkey
     ]
 
 
+def test_the_cli_warns_of_truncated_samples_on_stderr(monkeypatch, capsys) -> None:
+    """The scores are stdout's one line per task; the warning that samples ran out of --max-new-tokens
+    is a message, on stderr with the others (it was a second line on stdout)."""
+    import nanoseek.evaluate as ev
+    from nanoseek.cli import main as cli
+
+    m = {"k": 1, "cons@1": 0.0, "pass@1": 0.0, "pass@1_stderr": 0.0, "format_rate": 0.0}
+    m |= {"language_consistency": 1.0, "mean_response_tokens": 4.0, "problems": 2, "truncated_rate": 0.5}
+    monkeypatch.setattr(ev, "evaluate_many", lambda cfgs: [{**m, "evaluated": "ck", "json": "r.json"}])
+    assert cli(["eval", "ck", "--task", "arithmetic"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and out.startswith("eval arithmetic (ck): pass@1 0.000")
+    assert "50% of the samples stopped at --max-new-tokens 320" in err
+
+
 def test_the_cli_evaluates_several_tasks_of_a_checkpoint_with_one_engine(
     micro_checkpoint, tmp_path, engine_widths, capsys
 ) -> None:

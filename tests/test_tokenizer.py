@@ -520,6 +520,26 @@ def test_cli_encode_text_after_double_dash_and_a_short_vocabulary_note_that_help
     assert [int(i) for i in capsys.readouterr().out.split()] == load_tokenizer(out).encode("-5", add_bos=True)
 
 
+def test_cli_encode_reads_a_closed_stdin_as_an_empty_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `nanoseek tokenizer encode DIR <&-` (as `chat DIR <&-` and `generate DIR - <&-`): Python leaves
+    # sys.stdin None where fd 0 is closed, and the command died with an AttributeError traceback
+    import sys
+
+    from nanoseek.cli import main
+
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n<|endoftext|>\n".join(_corpus(50)))
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--out", str(out)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", None)
+    assert main(["tokenizer", "encode", str(out)]) == 0  # as `< /dev/null`: no text, no ids
+    assert capsys.readouterr().out == "\n"
+    sys.stdin.close()
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("nanoseek.data.synthetic") is None, reason="embedded corpus not built yet"
 )

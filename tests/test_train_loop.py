@@ -264,6 +264,33 @@ def test_progress_bar_off_a_terminal_does_not_redraw_every_step(tmp_path, capsys
     assert 0 < redraws <= 3  # the first draw and the last, not ~12
 
 
+def test_progress_bar_off_a_terminal_is_not_redrawn_by_tqdms_monitor_between_redraws(monkeypatch) -> None:
+    """Off a terminal a bar redraws every LOG_REDRAW_S (30 s); tqdm's monitor thread added a redraw
+    maxinterval (10 s) after each, half the lines of a training log. Scaled down here: 0.6 s and 0.2 s."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    import nanoseek.metrics
+
+    monkeypatch.setattr(nanoseek.metrics, "LOG_REDRAW_S", 0.6)
+    monkeypatch.setattr(tqdm, "monitor_interval", 0.05)
+    monkeypatch.setattr(tqdm, "monitor", None)  # one already running (an earlier bar's) sleeps 10 s
+    out = io.StringIO()
+    t0 = time.perf_counter()
+    bar = nanoseek.metrics.progress_bar(total=40, file=out, maxinterval=0.2)
+    try:
+        for _ in range(40):
+            time.sleep(0.06)
+            bar.update(1)
+        elapsed = time.perf_counter() - t0
+        bar.close()
+    finally:
+        tqdm.monitor.exit()
+    # the first draw, one per 0.6 s, the last
+    assert out.getvalue().count("\r") <= 2 + int(elapsed / 0.6)
+
+
 def test_gradient_accumulation_matches_big_batch(tmp_path) -> None:
     """Two micro-batches of 2 rows, each weighted 1/2 by the caller == one batch of 4 rows."""
     x, y = batch_at(0)

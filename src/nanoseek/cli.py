@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     from nanoseek.perf import tune_malloc
 
     tune_malloc()  # every command that trains or generates allocates multi-MB tensors per step
+    if sys.stdin is None:
+        # fd 0 closed (`nanoseek chat DIR <&-`, some job runners): Python leaves sys.stdin None, and
+        # `chat`, `generate DIR -` and `tokenizer encode` failed on it with an AttributeError. Read it as
+        # the empty input /dev/null gives; the open takes fd 0, so no file opened later lands there.
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 (the process's stdin, left open)
     try:
         result = args.func(args)
     except KeyboardInterrupt:

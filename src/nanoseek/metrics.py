@@ -27,6 +27,9 @@ def progress_bar(*args: Any, **kwargs: Any) -> Any:
     stream = kwargs.get("file") or sys.stderr
     if not getattr(stream, "isatty", lambda: False)():
         kwargs.setdefault("mininterval", LOG_REDRAW_S)
+        # a fixed miniters: tqdm's monitor thread redraws a bar whose self-tuned miniters grew above 1
+        # once `maxinterval` (10 s) passed without a redraw, a second line 10-20 s after each one
+        kwargs.setdefault("miniters", 1)
     return tqdm(*args, **kwargs)
 
 

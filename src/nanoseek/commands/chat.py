@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import signal
 import sys
 import threading
@@ -38,7 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="checkpoint directory (config.json, model.safetensors, tokenizer.json) or Hub name (owner/name)",
     )
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--no-color", action="store_true", help="no ANSI dimming of the <think> part")
+    p.add_argument(
+        "--no-color",
+        action="store_true",
+        help="no ANSI dimming of the <think> part (also NO_COLOR=1, TERM=dumb)",
+    )
     p.add_argument(
         "--no-think",
         dest="think",
@@ -161,7 +166,14 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
     if user_id is not None:
         stops.append(user_id)  # a model that starts the next user turn has finished its own
     params = dataclasses.replace(params, stop_token_ids=stops)
-    color = not args.no_color and out.isatty()
+    # as rich (`nanoseek inspect`'s table) reads the terminal: no styling where NO_COLOR is set
+    # (no-color.org) or TERM=dumb, whose terminal prints the escapes as text
+    color = (
+        not args.no_color
+        and out.isatty()
+        and not os.environ.get("NO_COLOR")
+        and os.environ.get("TERM") != "dumb"
+    )
     system = args.system
     messages: list[dict] = []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         if m.get("truncated_rate"):  # scored wrong for want of room, not of skill
             print(
                 f"eval {task}: warning: {m['truncated_rate']:.0%} of the samples stopped at --max-new-tokens "
-                f"{args.max_new_tokens} before their answer; raise it to score what the model would answer"
+                f"{args.max_new_tokens} before their answer; raise it to score what the model would answer",
+                file=sys.stderr,  # stdout holds the scores alone, for `| tee` and the scripts that read them
             )
     return 0
