@@ -640,6 +640,25 @@ def test_null_means_the_default(scripted):
     assert err["param"] == "messages" and err["code"] == "missing_required_parameter"
 
 
+def test_request_bounds_are_openais(scripted):
+    """The validators' bounds, each side: OpenAI's top_logprobs 0..20, at most 16 stop strings (none
+    empty: "" would stop everything or nothing), a completions prompt that is not an empty list."""
+    url = scripted.url + "/v1/chat/completions"
+    base = {"messages": USER, "max_tokens": 1}
+    for extra, param in [
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"stop": [f"s{i}" for i in range(17)]}, "stop"),
+        ({"stop": ""}, "stop"),
+        ({"stop": ["x", ""]}, "stop"),
+    ]:
+        assert _err(httpx.post(url, json={**base, **extra}), 400)["param"] == param, extra
+    ok = {**base, "logprobs": True, "top_logprobs": 20, "stop": [f"s{i}" for i in range(16)]}
+    assert httpx.post(url, json=ok).status_code == 200
+    curl = scripted.url + "/v1/completions"
+    for prompt in ([], [[]]):
+        assert _err(httpx.post(curl, json={"prompt": prompt}), 400)["param"] == "prompt"
+
+
 def test_logit_bias(real):
     kw = {"model": MODEL, "messages": USER, "max_tokens": 6, "temperature": 0}
     plain = real.client.chat.completions.create(**kw, logprobs=True)
@@ -800,6 +819,23 @@ def test_usage_counts_the_think_blocks_tokens_as_reasoning_tokens(scripted, tok)
     assert "completion_tokens_details" not in plain["usage"]
 
 
+def test_usage_total_is_prompt_plus_completion(scripted):
+    r = scripted.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=5, n=2)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    c = scripted.client.completions.create(model=MODEL, prompt="Hi", max_tokens=3)
+    assert (
+        c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens == c.usage.prompt_tokens + 3
+    )
+
+
+def test_an_empty_think_block_is_null_reasoning_content(tok):
+    # as vLLM's reasoning parsers and DeepSeek's API: no reasoning is null, not ""
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("</think>\n\nHi"))
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL))) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 10}).json()
+    assert r["choices"][0]["message"] == {"role": "assistant", "content": "Hi", "reasoning_content": None}
+
+
 def test_stream_options_without_stream_is_refused_naming_it(scripted):
     body = {"messages": USER, "max_tokens": 2, "stream_options": {"include_usage": True}}
     for path in ("/v1/chat/completions", "/v1/completions"):
@@ -909,6 +945,29 @@ def test_stop_string_inside_a_multi_token_event_ends_usage_and_logprobs_there(to
             break
     assert text == "The answer is " and choice.finish_reason == "stop"
     assert choice.token_ids == ids[: stop_at + 1] and len(choice.logprobs) == stop_at + 1
+
+
+def test_a_stop_string_in_the_text_a_decoder_held_to_the_end_still_ends_with_stop(tok):
+    # A non-byte-level decoder (SentencePiece) holds a delta that ends inside a character until the
+    # character is complete; a reply cut there by max_tokens releases it at flush. A stop string in that
+    # text cuts it and the finish_reason is "stop", not the engine's "length" (as vLLM reports it).
+    from nanoseek.serve.app import _Choice
+    from nanoseek.serve.textstream import StopStringMatcher
+    from serve_fakes import _Event
+
+    class HoldingDecoder:  # everything is held until flush, as for a reply ending mid-character
+        chars, text = 0, ""
+
+        def push(self, ids):
+            self.text += "".join(f"w{i} " for i in ids)
+            return ""
+
+        def flush(self, drop_partial=False):
+            return self.text
+
+    choice = _Choice(HoldingDecoder(), StopStringMatcher(["w2"]), None)
+    assert choice.feed(_Event("r", [1, 2, 3], None, True, "length", None))[0] == "w1 "
+    assert choice.finish_reason == "stop"
 
 
 def _sse_chunks(url: str, body: dict) -> list[dict]:
@@ -1042,7 +1101,13 @@ def test_vllm_sampling_extensions_are_honoured_or_refused(tok):
             assert _err(httpx.post(url, json={"prompt": "x", **extra}), 400)["param"] == name
             chat = {"messages": USER, **extra}
             assert _err(httpx.post(srv.url + "/v1/chat/completions", json=chat), 400)["param"] == name
-        noops = {"min_tokens": 0, "use_beam_search": False, "skip_special_tokens": True, "guided_json": None}
+        noops = {
+            "min_tokens": 0,
+            "use_beam_search": False,
+            "skip_special_tokens": True,
+            "guided_json": None,
+            "bad_words": [],  # vLLM's own default
+        }
         assert httpx.post(url, json={"prompt": "x", "max_tokens": 2, **noops}).status_code == 200
 
 
@@ -1082,6 +1147,8 @@ def test_sse_wire_format(scripted):
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+    # the first chunk opens the message as OpenAI and vLLM do: role and an empty content
+    assert json.loads(events[0][6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
 
 
 # ------------------------------------------------------------ thinking off, tool calls
