@@ -75,6 +75,43 @@ def test_groups_with_signal_counts_the_groups_with_nonzero_advantages(micro_chec
     assert ro.metrics["groups_with_signal"] == 0.0
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
+@pytest.mark.parametrize("mask_truncated", [False, True])
+def test_rollout_advantages_follow_the_loss_and_truncated_samples_leave_the_loss(
+    micro_checkpoint, loss_type, mask_truncated
+) -> None:
+    """Dr. GRPO only centers the rewards (no std division); --mask-truncated takes the completions cut
+    by --max-new-tokens out of the loss, while their rewards still count in the group's baseline (TRL)."""
+    from types import SimpleNamespace
+
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.grpo import GRPOConfig, _score_rollout
+
+    task = get_task("arithmetic")
+    problem = task.problems("train", 1, seed=0, language="en")[0]
+    tok = load_tokenizer(micro_checkpoint)
+    finish = ["stop", "length", "stop", "length"]
+    outs = [
+        SimpleNamespace(token_ids=tok.encode(f"ok</think>\n{i}"), finish_reason=f)
+        for i, f in enumerate(finish)
+    ]
+    cfg = GRPOConfig(
+        init="x",
+        tasks=["a"],
+        group_size=4,
+        batch_prompts=1,
+        reward_workers=1,
+        loss=loss_type,
+        mask_truncated=mask_truncated,
+    )
+    reward = lambda p, t: (float(t.strip()[-1] in "03"), {})  # noqa: E731  rewards 1, 0, 0, 1
+    ro = _score_rollout(cfg, [(task, problem)], [[1]] * 4, outs, tok, reward, [tok.eos_token_id])
+    a = 0.5 if loss_type == "dr_grpo" else math.sqrt(3) / 2
+    assert ro.advantages.tolist() == pytest.approx([a, -a, -a, a], rel=1e-3)
+    assert ro.loss_mask_keep.tolist() == ([True, False, True, False] if mask_truncated else [True] * 4)
+
+
 # ------------------------------------------------------------------------------------------- loss
 def _example() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # two completions of length 2 (third slot padding) and 3; ratios chosen to hit both clip sides
@@ -95,6 +132,7 @@ def test_clipped_loss_hand_worked_all_normalizations() -> None:
     assert out.loss.item() == pytest.approx(((-2.2 / 2) + (2.9 / 3)) / 2, abs=1e-6)
     assert out.stats["clip_frac"] == pytest.approx(2 / 5)  # 1.5 clipped high, 0.7 clipped low
     assert out.stats["clip_frac_high"] == pytest.approx(1 / 5)
+    assert out.stats["clip_frac_low"] == pytest.approx(1 / 5)
     out.loss.backward()
     # clipped tokens get no gradient; seq0 token1: d(-r·A)/dlogp = -0.9, / 2 tokens / 2 sequences
     expected = torch.tensor([[0.0, -0.9 / 4, 0.0], [1.1 / 6, 0.0, 1.0 / 6]])
@@ -105,10 +143,26 @@ def test_clipped_loss_hand_worked_all_normalizations() -> None:
     assert dapo.loss.item() == pytest.approx(0.7 / 5, abs=1e-6)
     dr = grpo_loss(logp, old, adv, mask, loss_type="dr_grpo", max_completion_len=3, **kw)
     assert dr.loss.item() == pytest.approx(0.7 / 6, abs=1e-6)
+    # the constant is --max-new-tokens, not the longest completion of this batch
+    dr8 = grpo_loss(logp, old, adv, mask, loss_type="dr_grpo", max_completion_len=8, **kw)
+    assert dr8.loss.item() == pytest.approx(0.7 / 16, abs=1e-6)
     with pytest.raises(ValueError, match="max_completion_len"):
         grpo_loss(logp, old, adv, mask, loss_type="dr_grpo")
     with pytest.raises(ValueError, match="unknown loss_type"):
         grpo_loss(logp, old, adv, mask, loss_type="ppo")
+
+
+def test_clip_fractions_count_each_side_against_its_own_epsilon() -> None:
+    # clip-higher (ε_low 0.2, ε_high 0.3): ratio 1.25 with A > 0 and ratio 0.75 with A < 0 lie between
+    # the two bounds; only the second is clipped (its gradient zeroed), and it counts on the low side
+    logp = torch.log(torch.tensor([[1.25], [0.75]])).requires_grad_(True)
+    out = grpo_loss(
+        logp, torch.zeros(2, 1), torch.tensor([1.0, -1.0]), torch.ones(2, 1), eps_low=0.2, eps_high=0.3
+    )
+    out.loss.backward()
+    assert logp.grad[0, 0] != 0 and logp.grad[1, 0] == 0
+    assert out.stats["clip_frac_high"] == 0.0
+    assert out.stats["clip_frac_low"] == out.stats["clip_frac"] == pytest.approx(1 / 2)
 
 
 def test_loss_is_zero_at_mu1_beta0_but_gradient_is_not() -> None:
@@ -174,7 +228,8 @@ def test_token_logprobs_align_with_per_sequence_reference() -> None:
             assert ent[i, t].item() == pytest.approx(-(probs * ref[len(p) - 1 + t]).sum().item(), abs=1e-5)
 
 
-def test_micro_batches_give_the_batch_gradient_and_token_mean_metrics() -> None:
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_micro_batches_give_the_batch_gradient_and_token_mean_metrics(loss_type) -> None:
     # 2 groups of 3 with ragged completions; --micro-batch is a memory knob: the summed loss, the
     # gradient and the logged per-token means (KL, clip fraction, entropy) must not depend on it
     import types
@@ -188,16 +243,23 @@ def test_micro_batches_give_the_batch_gradient_and_token_mean_metrics() -> None:
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.2, 0.7, 0.3])
     ro = Rollout(prompts, comps, rewards, group_advantages(rewards, 3), torch.ones(6, dtype=torch.bool), {})
     cfg = types.SimpleNamespace(
-        temperature=0.7, eps_low=0.2, eps_high=0.28, beta=0.1, loss="dapo", max_new_tokens=8, sft_mix=0
+        temperature=0.7, eps_low=0.2, eps_high=0.28, beta=0.1, loss=loss_type, max_new_tokens=8, sft_mix=0
     )
     n_tok = sum(map(len, comps))
     runs = []
     for size in (6, 1):
         policy.zero_grad()
         micro = _micro_batches(ro, size, 0, skip_zero_adv=False)
+        held, pairs = [], list(zip(prompts, comps, strict=True))
         for mb in micro:
             # the sequences' own tokens, which the routers' balancing counts; not the padding
             assert mb["real"].sum(1).tolist() == [int(n) for n in (mb["ids"] != 0).sum(1)]
+            for row, start, m in zip(mb["ids"].tolist(), mb["starts"].tolist(), mb["mask"], strict=True):
+                n = int(m.sum())  # the mask covers the completion, from where it starts
+                assert m[:n].all() and (row[:start], row[start : start + n]) in pairs
+                held.append(row[start : start + n])
+        assert sorted(held) == sorted(comps)
+        for mb in micro:
             args = (mb["ids"], mb["starts"], mb["mask"].shape[1], 0.7)
             with torch.no_grad():
                 # a sampling policy that differs by position only (so alike in every split): some clipped
@@ -429,6 +491,20 @@ def test_update_statistics_are_means_over_the_mu_updates(micro_checkpoint, tmp_p
     assert any(r["clip_frac"] > 0 for r in recs)
 
 
+def test_old_and_reference_logprobs_are_at_the_rollout_temperature(micro_checkpoint, tmp_path) -> None:
+    """π_old (μ > 1) and π_ref score the completions at the temperature they were sampled at, as the
+    policy's log-probs are: with lr ~0 the policy, π_old and π_ref are one model, so every update's
+    ratio is 1 (nothing clipped) and the KL is 0."""
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train.grpo import grpo
+
+    grpo(_cfg(micro_checkpoint, tmp_path, steps=1, mu=2, beta=0.1, lr=1e-12, temperature=0.7))
+    (rec,) = [r for r in read_metrics(tmp_path, "grpo") if "reward" in r]
+    assert rec["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert rec["clip_frac"] == 0.0
+    assert rec["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_config_errors(micro_checkpoint, tmp_path) -> None:
     from nanoseek.train.grpo import grpo
 
@@ -626,7 +702,7 @@ def test_sft_mix_adds_the_supervised_loss_of_the_left_out_tasks(
 
     monkeypatch.setattr(grpo_mod, "supervised_mix_rows", rows)
     kw = dict(tasks=["arithmetic", "comparison", "countdown"], task_sampling="unsolved", steps=2, lr=1e-12)
-    grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "mix", sft_mix=1.0, sft_mix_tasks=["arithmetic"], **kw))
+    grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "mix", sft_mix=0.5, sft_mix_tasks=["arithmetic"], **kw))
     assert mixed == [["arithmetic"]]  # left out and allowed; comparison left out but not allowed
     recs = [r for r in read_metrics(tmp_path / "mix", "grpo") if r.get("step") and not r.get("no_signal")]
     assert recs and all(r["sft_mix_loss"] > 0.1 for r in recs)  # a random model: far from the solutions
@@ -634,7 +710,8 @@ def test_sft_mix_adds_the_supervised_loss_of_the_left_out_tasks(
     grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "plain", **kw))
     plain = [r for r in read_metrics(tmp_path / "plain", "grpo") if r.get("step") and not r.get("no_signal")]
     assert "sft_mix_loss" not in plain[0]
-    assert recs[0]["loss"] == pytest.approx(plain[0]["loss"] + recs[0]["sft_mix_loss"], rel=1e-4, abs=1e-6)
+    expected = plain[0]["loss"] + 0.5 * recs[0]["sft_mix_loss"]  # weighted by --sft-mix
+    assert recs[0]["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
     with pytest.raises(ValueError, match="sft-mix-tasks"):
         grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "bad", sft_mix=1.0, sft_mix_tasks=["sorting"], **kw))
 

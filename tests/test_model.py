@@ -440,6 +440,21 @@ def test_sequence_balance_loss_matches_hand_computation():
     assert r.aux_loss.requires_grad  # it trains the router weights
 
 
+def test_a_row_of_padding_alone_is_left_out_of_the_balance_loss_mean():
+    """The balance loss averages over the sequences that have tokens (V3 eq. 17-20 per sequence): a row
+    that is all padding is no sequence, and must not dilute the mean of the others."""
+    cfg = config(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1)
+    r = router_for(cfg).train()
+    r.aux_loss_alpha = 0.01
+    x = torch.randn(3, 5, 64)
+    r(x[:2])
+    alone = r.aux_loss
+    token_mask = torch.ones(3, 5, dtype=torch.bool)
+    token_mask[2] = False
+    r(x, token_mask)
+    torch.testing.assert_close(r.aux_loss, alone)
+
+
 def test_model_balance_loss_and_expert_load_counters():
     cfg = config()
     model = model_for(cfg).train()

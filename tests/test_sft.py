@@ -208,6 +208,24 @@ def _check_packed_vs_single(load_model) -> None:
     assert packed_sum / count == pytest.approx(single_sum / count, rel=1e-4)
 
 
+def test_sft_loss_predicts_each_answer_token_from_the_tokens_before_it() -> None:
+    """labels[:, i] is token i's own label: the loss is the cross-entropy of the logits at i - 1 against
+    it, over the answer tokens only (not of each position against its own token)."""
+    from model_configs import small_config
+    from nanoseek.checkpoint import build_model
+
+    model = build_model(small_config()).init_weights(0).eval()
+    ids = list(range(2, 14))
+    labels = [IGNORE] * 4 + ids[4:]
+    batch = PackedBatch(
+        torch.tensor([ids]), torch.tensor([labels]), torch.arange(len(ids))[None], torch.zeros(1, len(ids))
+    )
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0].float()
+        expected = torch.nn.functional.cross_entropy(logits[3:-1], torch.tensor(ids[4:]))
+        assert sft_loss(model, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_padding_moves_neither_expert_load_nor_balance_loss() -> None:
     """A row's padding (one token, repeated) is routed too; it must not count in the loads that move
     the routing bias nor in the sequence-wise balance loss: the same examples padded by 0 or 47 tokens

@@ -208,6 +208,22 @@ def test_an_mtp_depth_without_targets_leaves_the_others_their_loss() -> None:
     torch.testing.assert_close(m["mtp_loss"], ms["mtp_loss"])
 
 
+def test_each_micro_batch_adds_its_share_of_the_balance_loss() -> None:
+    """With `step`, the balance loss (a mean over sequences) is divided by the step's micro-batches, as
+    the cross-entropy is its share: the micro-batch losses sum to one step's balance loss, not N of them."""
+    from nanoseek.train.loop import StepTargets, target_counts
+
+    model = micro_model().train()
+    model.set_balance_alpha(0.01)
+    x, y = batch_at(0)
+    plain, m = language_model_loss(model, x, y)
+    halved, _ = language_model_loss(model, x, y, step=StepTargets(2 * target_counts(y, 1), micro_batches=2))
+    assert m["balance_loss"] > 0
+    # the same batch as half of a step: its cross-entropy counts 1/2 (its targets over the step's,
+    # counted twice), and its balance loss 1/2
+    torch.testing.assert_close(halved, plain / 2)
+
+
 # ------------------------------------------------------------ the trainer
 def test_training_learns_and_logs(tmp_path) -> None:
     model = micro_model()
