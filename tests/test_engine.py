@@ -246,6 +246,19 @@ def test_a_growing_block_table_maps_only_its_new_block(model, monkeypatch):
     assert 0 < sum(mapped) <= sum(math.ceil((len(p) + 12) / 4) for p in prompts)
 
 
+def test_admission_stops_at_max_batch_size_and_a_preempted_request_waits_first(model):
+    """vLLM's recompute preemption: the preempted request goes back to the front of the waiting queue,
+    ahead of requests that never ran, and the running batch never exceeds max_batch_size."""
+    engine = Engine(model, max_batch_size=3, block_size=4, num_blocks=9, max_seq_len=32)  # 8 usable
+    ids = [
+        engine.add_request(p, SamplingParams(max_new_tokens=25)) for p in ([1, 2, 3], [4, 5, 6], [7, 8], [9])
+    ]
+    while not engine.stats()["preemptions"]:
+        engine.step()
+        assert engine.num_running <= 3
+    assert [s.request_id for s in engine.scheduler.waiting] == [ids[2], ids[3]]
+
+
 def test_aborting_a_preempted_request_frees_every_block(model):
     """A preempted request waits with no blocks and the tokens it has sent: aborted there, it sends none
     again, and the cache ends as full as it began."""
@@ -352,6 +365,27 @@ def test_prefix_reuse_shares_blocks_and_keeps_outputs(model):
     first = engine.generate([prompts[0]], max_new_tokens=6)[0]
     second = engine.generate([prompts[1]], max_new_tokens=6)[0]
     assert [first, second] == fresh
+    assert engine.stats()["prefix_cache_hit_blocks"] == 2
+
+
+def test_a_whole_cached_prompt_still_computes_its_last_block(model):
+    # at least the last prompt position is computed (its logits give the first token): a prompt of two
+    # full cached blocks shares one, as vLLM caps a hit at the prompt's length - 1
+    prompt = list(range(100, 132))
+    engine = Engine(model, block_size=16)
+    first = engine.generate([prompt], max_new_tokens=4)[0]
+    assert engine.generate([prompt], max_new_tokens=4)[0] == first
+    assert engine.stats()["prefix_cache_hit_blocks"] == 1
+
+
+def test_an_aborted_half_prefilled_prompt_publishes_only_the_blocks_it_computed(model):
+    prompt = list(range(30, 54))  # 6 blocks of 4, prefilled 8 positions a step
+    solo = Engine(model, block_size=4).generate([prompt], max_new_tokens=4)[0]
+    engine = Engine(model, block_size=4, prefill_chunk=8)
+    rid = engine.add_request(prompt, SamplingParams(max_new_tokens=4))
+    engine.step()
+    engine.abort(rid)
+    assert engine.generate([prompt], max_new_tokens=4)[0] == solo
     assert engine.stats()["prefix_cache_hit_blocks"] == 2
 
 
@@ -490,6 +524,15 @@ def test_abort_and_max_seq_len(model):
     for bad in (0, -5):
         with pytest.raises(ValueError, match=f"max_seq_len must be >= 2, got {bad}"):
             Engine(model, max_seq_len=bad)
+
+
+def test_a_stop_token_that_is_also_the_last_allowed_one_finishes_with_stop(model):
+    # the model's own stop point is reported as "stop" (OpenAI; vLLM's v0 and llama.cpp check it first)
+    greedy = Engine(model).generate([PROMPTS[0]], max_new_tokens=6)[0]
+    stop = greedy[3]
+    n = greedy.index(stop) + 1
+    (c,) = Engine(model).generate_detailed([PROMPTS[0]], max_new_tokens=n, stop_token_ids=[stop])
+    assert c.token_ids == greedy[:n] and c.finish_reason == "stop"
 
 
 def test_requests_a_closed_stream_gave_up_send_no_events_later(model):

@@ -11,7 +11,7 @@ from tests.test_engine import PROMPTS, small_config
 
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.quantize import QuantLinear, is_quantized, quantize_model, weight_bytes
-from nanoseek.engine.sampling import SamplerState, apply_penalties, processed_probs, sample
+from nanoseek.engine.sampling import SamplerState, apply_penalties, processed_probs, sample, token_logprobs
 from nanoseek.model.transformer import DeepSeekV3
 
 
@@ -96,6 +96,49 @@ def test_penalties():
         st.observe(t)
     # Prompt tokens are not penalized by presence/frequency; output counts are.
     assert torch.allclose(apply_penalties(logits, [st]), torch.tensor([[2.0, -1.0, -0.25, 2.0]]))
+
+
+def test_top_p_and_min_p_boundaries_are_transformers():
+    # exact binary probabilities: the mass before token 2 equals top_p, which drops it (HF's and vLLM's
+    # `cumsum ascending <= 1 - top_p`); min_p = 1 keeps the top token only, and both are in range
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
+    p = processed_probs(logits, [SamplingParams(temperature=1.0, top_p=0.75)])
+    assert torch.allclose(p, torch.tensor([[2 / 3, 1 / 3, 0.0, 0.0]]))
+    SamplingParams(min_p=1.0).validate()
+    p = processed_probs(logits, [SamplingParams(temperature=1.0, min_p=1.0)])
+    assert p.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        SamplingParams(top_p=0.0).validate()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "want"),
+    [
+        ("presence_penalty", 0.5, [2.0, -1.0, 0.0, 2.5]),
+        ("frequency_penalty", 0.5, [2.0, -1.0, 0.0, 2.0]),
+        ("repetition_penalty", 2.0, [1.0, -1.0, 0.25, 1.5]),
+    ],
+)
+def test_each_penalty_applies_on_its_own(name, value, want):
+    # the token seen twice and the one seen once in the output; token 0 is the prompt's
+    st = SamplerState(SamplingParams(**{name: value}), prompt_ids=[0], vocab_size=4)
+    for t in (3, 3, 2):
+        st.observe(t)
+    assert torch.allclose(apply_penalties(torch.tensor([[2.0, -1.0, 0.5, 3.0]]), [st]), torch.tensor([want]))
+
+
+def test_each_row_gets_its_own_number_of_top_logprobs():
+    logits = torch.randn(3, 10)
+    got = token_logprobs(logits, torch.tensor([0, 1, 2]), [1, 3, 0])
+    assert [len(lp.top) for lp in got] == [1, 3, 0]
+
+
+def test_seed_zero_is_a_seed():
+    logits = torch.zeros(1, 1000)
+    draws = [
+        sample(logits, [SamplerState(SamplingParams(temperature=1.0, seed=0), [0], 1000)]) for _ in range(3)
+    ]
+    assert draws[0] == draws[1] == draws[2]
 
 
 def test_logit_bias():
