@@ -259,6 +259,17 @@ def test_admission_stops_at_max_batch_size_and_a_preempted_request_waits_first(m
     assert [s.request_id for s in engine.scheduler.waiting] == [ids[2], ids[3]]
 
 
+def test_an_engine_that_lost_blocks_fails_instead_of_stepping_forever(model):
+    """Every request fits the whole cache, so an empty engine that cannot admit one has leaked blocks:
+    generate() raises, naming the free blocks, rather than spinning with nothing to run."""
+    engine = Engine(model, max_batch_size=3, block_size=4, num_blocks=9, max_seq_len=32)  # 8 usable
+    leaked = [engine.cache.allocate() for _ in range(7)]  # a bug elsewhere that never released them
+    with pytest.raises(RuntimeError, match="1 of 8 cache blocks free"):
+        engine.generate([[1, 2, 3, 4, 5, 6]], SamplingParams(max_new_tokens=4))
+    engine.cache.release(leaked)
+    assert len(engine.generate([[1, 2, 3, 4, 5, 6]], SamplingParams(max_new_tokens=4))[0]) == 4
+
+
 def test_aborting_a_preempted_request_frees_every_block(model):
     """A preempted request waits with no blocks and the tokens it has sent: aborted there, it sends none
     again, and the cache ends as full as it began."""

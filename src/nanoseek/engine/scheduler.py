@@ -179,6 +179,13 @@ class Scheduler:
     def plan(self) -> StepPlan:
         if not self._grow():  # no admission in a step that preempted: the cache is short
             self._admit()
+            if self.waiting and not self.running:
+                # every request fits the whole cache (check_fits), so an empty engine that cannot admit
+                # one has lost blocks: fail the callers rather than step forever doing nothing
+                raise RuntimeError(
+                    f"engine stalled: {len(self.waiting)} request(s) waiting, none running, and only "
+                    f"{self.cache.num_free} of {self.cache.usable_blocks} cache blocks free (blocks leaked)"
+                )
         decode = [s for s in self.running if not s.prefilling]
         # The prefill forward pads every chunk to the widest, so `prefill_chunk` bounds rows x width
         # (padding included), not just the tokens: a long prompt's last 400 tokens batched with nine short
