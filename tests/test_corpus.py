@@ -711,3 +711,141 @@ def test_a_corrupt_gzip_file_is_named(tmp_path: Path) -> None:
     path.write_bytes(gzip.compress(lines.encode())[:2000])  # an interrupted download
     with pytest.raises(ValueError, match=r"cut.jsonl.gz: not a readable gzip file"):
         list(iter_documents(path))
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing
+def test_a_resume_inside_a_cut_record_reads_every_record_after_it(tmp_path: Path, tok: Tokenizer) -> None:
+    """The piece cursor skips pieces of the record it points into only: the records after it, in its
+    file and in the next one, are read whole (not short of the pieces skipped in the first)."""
+    long = " ".join(_docs(60)).replace("\n", " ")
+    rows = {"a.jsonl": ["short one", long, "short two", "short three"], "b.jsonl": ["short four", long]}
+    for name, texts in rows.items():
+        (tmp_path / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+    def make() -> PackedDataset:
+        return PackedDataset(
+            tmp_path, tok, 16, 1, val_fraction=0.0, shuffle=False, repeat=False, tokenize_batch=1,
+            max_doc_chars=1000,
+        )  # fmt: skip
+
+    reference = [x for x, _ in make()]
+    ds = make()
+    it = iter(ds)
+    k = 0
+    while not k or ds.state_dict()["cursor"][3] <= 1:  # to between two pieces of the first long record
+        next(it)
+        k += 1
+    resumed = make()
+    resumed.load_state_dict(ds.state_dict())
+    rest = [x for x, _ in resumed]
+    assert len(rest) == len(reference) - k and all(
+        torch.equal(a, b) for a, b in zip(rest, reference[k:], strict=True)
+    )
+
+
+def test_a_record_without_blanks_is_cut_at_the_limit(tmp_path: Path) -> None:
+    from nanoseek.data.corpus import _cut_text
+
+    text = "猫が座った" * 500  # 2500 characters and no blank to cut after
+    assert list(itertools.islice(_cut_text(text, 1000), 5)) == [text[:1000], text[1000:2000], text[2000:]]
+    (tmp_path / "cjk.jsonl").write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    assert list(iter_documents(tmp_path / "cjk.jsonl", max_doc_chars=1000)) == [
+        text[:1000],
+        text[1000:2000],
+        text[2000:],
+    ]
+
+
+def test_mask_prompts_leaves_documents_that_are_no_chat_whole(tmp_path: Path, tok: Tokenizer) -> None:
+    """Plain text keeps every target under mask_prompts, the start of each tokenize batch included (the
+    BOS that opens a document, predicted from the end of the one before, mid-window)."""
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(30)))
+
+    def targets(mask_prompts: bool) -> list[torch.Tensor]:
+        ds = PackedDataset(
+            tmp_path / "c.jsonl", tok, 16, 2, val_fraction=0.0, shuffle=False, repeat=False, tokenize_batch=1,
+            mask_prompts=mask_prompts,
+        )  # fmt: skip
+        return [y for _, y in ds]
+
+    plain, masked = targets(False), targets(True)
+    assert len(plain) == len(masked) and all(torch.equal(a, b) for a, b in zip(plain, masked, strict=True))
+
+
+def test_a_system_prompt_is_no_target_from_its_first_token(tmp_path: Path, tok: Tokenizer) -> None:
+    from nanoseek.data.synthetic import ASSISTANT, EOS, USER
+
+    doc = f"{tok.bos_token}cats sat{USER}q{ASSISTANT}a{EOS}"
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": doc}) + "\n")
+    ds = PackedDataset(
+        tmp_path / "c.jsonl", tok, 64, 1, val_fraction=0.0, shuffle=False, repeat=False,
+        whole_documents=True, mask_prompts=True,
+    )  # fmt: skip
+    x, y = next(iter(ds))
+    trained = [t for t in y[0].tolist() if t >= 0]
+    # the system text and the question predict nothing; <｜User｜>, <｜Assistant｜> (the tokens that end a
+    # prompt) and the answer do
+    assert trained == tok.encode(f"{USER}{ASSISTANT}a{EOS}")
+
+
+def test_the_shuffle_buffer_mixes_windows(corpus: tuple[Path, list[str]], tok: Tokenizer) -> None:
+    """Windows leave the shuffle buffer in random order: few follow the window they followed unshuffled
+    (a draw counter that did not advance made the buffer a delay line: the stream in order)."""
+    root, _ = corpus
+
+    def windows(buffer: int, n: int) -> list[tuple[int, ...]]:
+        ds = PackedDataset(
+            root, tok, 16, 1, val_fraction=0.0, shuffle=True, shuffle_buffer=buffer, repeat=False
+        )
+        return [tuple(x[0].tolist()) for x, _ in itertools.islice(ds, n)]
+
+    order = {w: i for i, w in enumerate(windows(0, 400))}
+    shuffled = [order[w] for w in windows(16, 200)]
+    in_order = sum(b == a + 1 for a, b in itertools.pairwise(shuffled))
+    assert in_order < len(shuffled) // 4, in_order
+
+
+def test_a_resume_mid_epoch_reads_the_next_epoch_whole(tmp_path: Path, tok: Tokenizer) -> None:
+    """A position inside an epoch's second file resumes into later epochs that start at their first file."""
+    docs = _docs(12, seed=3)
+    for i in range(3):
+        (tmp_path / f"{i}.jsonl").write_text(
+            "".join(json.dumps({"text": d}) + "\n" for d in docs[4 * i : 4 * i + 4])
+        )
+
+    def make() -> PackedDataset:
+        return PackedDataset(
+            tmp_path, tok, 8, 1, val_fraction=0.0, shuffle_buffer=4, tokenize_batch=1, seed=5
+        )
+
+    reference = list(itertools.islice(make(), 150))
+    ds = make()
+    it = iter(ds)
+    k = 0
+    while not k or ds.state_dict()["cursor"][1] != 1:  # to a position inside the epoch's second file
+        next(it)
+        k += 1
+    resumed = make()
+    resumed.load_state_dict(ds.state_dict())
+    for (x, y), (rx, ry) in zip(reference[k:], itertools.islice(resumed, 150 - k), strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_whole_document_packing_fills_a_window_exactly(tmp_path: Path, tok: Tokenizer) -> None:
+    """A document that fills the rest of a window exactly goes in it, and the windows do not depend on
+    how many documents are tokenized at once."""
+    docs = _docs(40, seed=1)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    sizes = [1 + len(tok.encode(d)) for d in docs]
+    width = sizes[0] + sizes[1]
+
+    def windows(tokenize_batch: int) -> list[list[int]]:
+        ds = PackedDataset(
+            tmp_path / "c.jsonl", tok, width - 1, 1, val_fraction=0.0, shuffle=False, repeat=False,
+            whole_documents=True, lookahead=4, tokenize_batch=tokenize_batch,
+        )  # fmt: skip
+        return [x[0].tolist() + y[0, -1:].tolist() for x, y in ds]
+
+    first = windows(128)
+    assert first[0] == [tok.bos_token_id, *tok.encode(docs[0]), tok.bos_token_id, *tok.encode(docs[1])]
+    assert windows(1) == first

@@ -83,6 +83,17 @@ def test_assistant_target_text_shapes() -> None:
     rc = {"role": "assistant", "content": "4", "reasoning_content": "2+2=4"}
     assert assistant_target_text(rc, True) == "2+2=4\n</think>\n4"
     assert assistant_target_text({"role": "assistant", "content": "hi"}, True) == "\n</think>\nhi"
+    # the answer after reasoning_content starts on the line after </think>, however the content opens
+    assert assistant_target_text({**rc, "content": "\n\n4"}, True) == "2+2=4\n</think>\n4"
+    # after a tool's result the answer goes on: no think block is invented
+    assert assistant_target_text({"role": "assistant", "content": "4"}, False, after_tool=True) == "4"
+
+
+def test_a_completion_ended_by_any_stop_id_gets_no_other() -> None:
+    from nanoseek.train.sft import completion_example
+
+    assert completion_example([5], [7, 9], stop_ids=(8, 9)) == ([5, 7, 9], [IGNORE, 7, 9])
+    assert completion_example([5], [7], stop_ids=(8, 9)) == ([5, 7, 8], [IGNORE, 7, 8])
 
 
 def test_content_that_closes_the_prompts_think_block_is_its_reasoning() -> None:
@@ -125,8 +136,9 @@ def test_loss_mask_covers_exactly_the_assistant_turns() -> None:
     assert tokenize_conversation(tok, [msgs[0], *history]) == exs[1:]
     with pytest.raises(ValueError, match="no assistant"):
         tokenize_conversation(tok, [msgs[0], *history[:2]])
-    with pytest.raises(ValueError, match="'weight' must be 0 or 1"):
-        tokenize_conversation(tok, [*msgs[:3], {**msgs[3], "weight": 0.5}])
+    for weight in (0.5, True):
+        with pytest.raises(ValueError, match="'weight' must be 0 or 1"):
+            tokenize_conversation(tok, [*msgs[:3], {**msgs[3], "weight": weight}])
 
 
 def test_packing_blocks_attention_and_restarts_positions() -> None:

@@ -678,6 +678,12 @@ def test_tool_templates_agree_with_transformers(tok: Tokenizer, tmp_path: Path) 
     for messages, tools in (
         (TOOL_CONVERSATION, [WEATHER]),
         (TOOL_CONVERSATION[:5], [WEATHER]),
+        (TOOL_CONVERSATION[:6], [WEATHER]),  # the answer after a tool's result, then a generation prompt
+        (
+            [*TOOL_CONVERSATION[:4], TOOL_CONVERSATION[6], TOOL_CONVERSATION[5]],
+            [WEATHER],
+        ),  # a user after a tool
+        ([*CONVERSATIONS[0], {"role": "assistant", "content": "r</think>\n  indented"}], None),
         (CONVERSATIONS[1], None),
     ):
         for thinking in (True, False):
