@@ -73,11 +73,13 @@ def test_weighted_total(add_en):
         ("   \n</think>\n42", True, 0.0),
         ("...\n</think>\n42", True, 0.0),
         ("steps\n</think>\n", True, 0.0),  # no answer
+        (f"steps\n</think>\n  {EOS}", True, 0.0),  # a blank answer before the end of sentence
         ("steps\n</think>\n42</think>", True, 0.0),  # repeated closing tags
         ("steps</think></think></think>42", True, 0.0),
         ("steps\n<think>more</think>42", True, 0.0),  # a second opening tag mid-way
         ("<think><think>steps</think>42", True, 0.0),
         ("steps</think>42<｜User｜>and now?", True, 0.0),  # runs on into a new turn
+        ("steps</think>42<｜begin▁of▁sentence｜>more", True, 0.0),  # runs on into a new document
         (f"steps</think>42{EOS}more{EOS}", True, 0.0),
         ("steps never closed", True, 0.0),
     ],
@@ -91,6 +93,8 @@ def test_split_completion():
     assert split_completion("<think>a</think>b") == ("a", "b")
     assert split_completion("never closed") == ("never closed", None)
     assert split_completion("plain answer", prompt_opened_think=False) == ("", "plain answer")
+    # without the opening tag, what comes before </think> is still thinking: accuracy reads after it
+    assert split_completion("a</think>b", prompt_opened_think=False) == ("a", "b")
 
 
 def test_language_consistency():
@@ -119,6 +123,10 @@ def test_hack_answer_without_thinking(add_en):
     assert parts["format"] == 0.0 and parts["language"] == 0.0
     full, _ = reward(add_en, "Add the ones and the tens.\n</think>\n42")
     assert full > total_empty > total
+    # a prompt that did not open <think>: an answer written in the prompt's language is not a chain of
+    # thought in it
+    plain = build_reward("accuracy:1,language:0.1", prompt_opened_think=False)
+    assert plain(add_en, "The answer is forty-two: 42")[1]["language"] == 0.0
 
 
 def test_hack_thinking_in_wrong_language(add_ja):

@@ -1,5 +1,6 @@
 """Verifiable tasks: splits never overlap, prompts per language, strict scoring, adapters."""
 
+import dataclasses
 import json
 import re
 import time
@@ -13,6 +14,7 @@ from nanoseek.data.tasks import (
     ArithmeticTask,
     Problem,
     check_countdown,
+    check_exact,
     check_math,
     extract_answer,
     get_task,
@@ -162,8 +164,24 @@ def test_answer_extraction():
         ("7/2", 3.5),
     ]:
         assert parse_number(text) == value
-    for text in ["1 2 42", "42 apples", "", "x", "4 2"]:
+    for text in ["1 2 42", "42 apples", "", "x", "4 2", "1,2345"]:  # "1,2345": no thousands group
         assert parse_number(text) is None
+    assert check_numeric("42", "7/0") == 0.0  # no ZeroDivisionError out of the reward
+    assert check_numeric("42", "\\boxed{42") == 0.0  # cut off by the token limit: maybe 420, no answer
+    assert check_numeric("3.14159", "3.14") == 0.0  # a non-integer gold is matched closely, not roughly
+    assert check_exact("New York", "New   York\n") == 1.0 and check_exact("New York", "NewYork") == 0.0
+    assert check_exact(" ", "") is None  # a blank gold is skipped, never matched by a blank answer
+
+
+def test_a_full_stop_after_dollar_math_is_read():
+    # "$42$." (a sentence's full stop after the math) scored 0 while "\\(42\\)." and "$42.$" scored 1
+    assert check_numeric("42", "$42$.") == 1.0 and check_numeric("42", "$42$。") == 1.0
+    assert check_numeric("42", "$42.$") == 1.0 and check_numeric("42", "$41$.") == 0.0
+    assert check_exact("Paris", "$Paris$.") == 1.0
+    assert check_countdown("$6*5+3$.", [3, 5, 6], 33)
+    task = get_task("sorting")
+    p = task.make({"numbers": [42, 7, 19, 88]}, "en")
+    assert task.score(p, "t</think>$7, 19, 42, 88$.") == 1.0
 
 
 def test_countdown_checker():
@@ -180,6 +198,10 @@ def test_countdown_checker():
     assert not check_countdown("__import__('os')", nums, target)
     assert not check_countdown("3/(5-5)*6", [3, 5, 5, 6], 0)
     assert check_countdown("(6-3)*5/5", [3, 5, 5, 6], 3)  # exact rational arithmetic
+    assert check_countdown("7/2*2", [7, 2, 2], 7)  # true division, not floor: 7/2 is 3.5
+    assert check_countdown("6 ÷ 3 + 5", [3, 5, 6], 7)  # the division sign, as the worked steps write it
+    # a long answer is refused, not evaluated to a RecursionError that crashes the reward
+    assert not check_countdown("+".join(["1"] * 1500), [1] * 1500, 1500)
 
 
 def test_linear_equation_accepts_x_equals():
@@ -303,8 +325,17 @@ def test_sorting_list_formats():
     assert p.answer == "7, 19, 42, 88"
     for ok in ["7, 19, 42, 88", "[7, 19, 42, 88]", "7、19、42、88", "7 19 42 88"]:
         assert task.score(p, f"t</think>{ok}") == 1.0
-    for bad in ["7, 19, 88, 42", "7, 19, 42", "7, 19, 42, 88, 88", "sorted: 7, 19, 42, 88"]:
+    for bad in [
+        "7, 19, 88, 42",
+        "7, 19, 42",
+        "7, 19, 42, 88, 88",
+        "sorted: 7, 19, 42, 88",
+        "[7, 19, 42, 881",
+    ]:
         assert task.score(p, f"t</think>{bad}") == 0.0
+    # a gold that is no list (an edited dataset) is skipped, never matched by an answer that is none
+    broken = dataclasses.replace(p, answer="seven, nineteen")
+    assert task.verify(broken, "t</think>no idea") is None
 
 
 def test_sorting_steps_cross_out_each_smallest_in_its_place():
@@ -576,7 +607,7 @@ def test_a_problem_asked_later_in_a_chat_is_the_same_problem_after_others_and_th
 def test_huge_exponent_is_refused_quickly():
     # Fraction('1e999999999') builds 10**999999999: a 12-character answer hung the reward
     t = time.perf_counter()
-    assert parse_number("1e10000000") is None
+    assert parse_number("1e10000000") is None and parse_number("1e-999999999") is None
     assert check_numeric("42", "1e999999999") == 0.0
     assert time.perf_counter() - t < 1.0
     assert parse_number("1e3") == 1000 and parse_number("2.5e-3") == parse_number("0.0025")
@@ -638,6 +669,7 @@ def test_math_verifier_reads_latex_display_and_inline_math():
     # "\\[ \\frac{3}{4} \\]" was wrapped again as "$\\[...\\]$", which math-verify parses to nothing: 0
     for a in ("\\[ \\frac{3}{4} \\]", "\\[\n\\frac{3}{4}\n\\]", "\\(\\frac{3}{4}\\)", "\\frac{3}{4}", "0.75"):
         assert check_math("\\frac{3}{4}", a) == 1.0, a
+    assert check_math("\\frac{3}{4}", "So \\[ \\frac{3}{4} \\]") == 1.0  # math after words
     assert check_math("\\[ \\frac{3}{4} \\]", "0.75") == 1.0
     assert check_math("\\frac{3}{4}", "\\[ \\frac{2}{3} \\]") == 0.0
 

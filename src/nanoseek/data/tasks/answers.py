@@ -41,12 +41,14 @@ def unbox(text: str) -> str:
 
 # LaTeX's inline and display math around a whole answer: \(42\), \[42\]
 _MATH_MODE_RE = re.compile(r"\\\((.*)\\\)|\\\[(.*)\\\]", re.DOTALL)
+# what closes an answer, in either order: the ``$`` of ``$42$`` and a full stop (``$42$.``, ``$42.$``)
+_CLOSING_RE = re.compile(r"[\s$。.]+$")
 
 
 def unwrap_answer(text: str) -> str:
     r"""An answer without its markup: the one ``\boxed{...}``, the ``$...$``, ``\(...\)`` or ``\[...\]``
     around it, and a closing full stop (``42.``, ``42。``)."""
-    s = unbox(text.strip()).strip().strip("$").strip().rstrip("。.").strip()
+    s = _CLOSING_RE.sub("", unbox(text.strip()).strip().lstrip("$")).strip()
     m = _MATH_MODE_RE.fullmatch(s)
     return s if m is None else (m.group(1) if m.group(1) is not None else m.group(2)).strip()
 
