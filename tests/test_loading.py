@@ -185,6 +185,8 @@ def hub_cache(monkeypatch, cache, repo_id, files, commit="0123456789abcdef012345
     import hashlib
     import os
 
+    from huggingface_hub import _snapshot_download
+
     root = cache / f"models--{repo_id.replace('/', '--')}"
     snapshot = root / "snapshots" / commit
     snapshot.mkdir(parents=True)
@@ -196,6 +198,8 @@ def hub_cache(monkeypatch, cache, repo_id, files, commit="0123456789abcdef012345
     (root / "refs").mkdir()
     (root / "refs" / "main").write_text(commit)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    # huggingface_hub 0.24 (the declared minimum) reads its own copy of the constant, taken at import
+    monkeypatch.setattr(_snapshot_download, "HF_HUB_CACHE", str(cache), raising=False)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     return snapshot
 
@@ -242,6 +246,27 @@ def test_an_incomplete_cached_snapshot_is_named_as_such(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     with pytest.raises(FileNotFoundError, match=f"cached snapshot {tmp_path / 'snap'} is incomplete"):
         resolve_checkpoint("someone/partial")
+
+
+def test_hub_errors_are_caught_where_huggingface_hub_0_24_has_them(monkeypatch):
+    """huggingface_hub 0.24 (the declared minimum) has its error classes in huggingface_hub.utils, not
+    yet in huggingface_hub.errors: a failed download is still one clear error there, not an ImportError."""
+    import sys
+    import types
+
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    def snapshot_download(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("offline and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    utils = types.ModuleType("huggingface_hub.utils")  # 0.24's layout, whatever is installed
+    for name in ("HfHubHTTPError", "LocalEntryNotFoundError", "RepositoryNotFoundError"):
+        setattr(utils, name, getattr(sys.modules["huggingface_hub.utils"], name))
+    monkeypatch.setitem(sys.modules, "huggingface_hub.utils", utils)
+    monkeypatch.setitem(sys.modules, "huggingface_hub.errors", types.ModuleType("huggingface_hub.errors"))
+    with pytest.raises(FileNotFoundError, match="someone/absent is not a local directory.*offline"):
+        resolve_checkpoint("someone/absent")
 
 
 def test_not_a_checkpoint_directory(tmp_path):

@@ -478,8 +478,10 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, tokenizer: bool = False,
 
 
 def _download(repo_id: str, label: str) -> Path:
+    # the error classes from huggingface_hub.utils: 0.24 (the declared minimum) has no huggingface_hub.errors
+    # versions of them, and later releases still export them there
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     local = "pass a local checkpoint directory instead (on a machine with a network: `hf download "
     local += f"{repo_id} --local-dir DIR`, then copy DIR here)"
