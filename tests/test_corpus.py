@@ -154,6 +154,17 @@ def test_packing_boundaries_no_token_lost_or_duplicated(
     )
 
 
+def test_one_long_text_is_split_piece_by_piece(tmp_path: Path) -> None:
+    """A corpus of one book: its max_doc_chars pieces go to either split by their own hash (as nanoGPT
+    splits one text file), so validation is not empty and holds no piece that training reads."""
+    book = " ".join(f"word{i}" for i in range(3000))  # ~26k characters, one record
+    (tmp_path / "book.jsonl").write_text(json.dumps({"text": book}) + "\n")
+    pieces = list(iter_documents(tmp_path / "book.jsonl", max_doc_chars=1000))
+    assert len(pieces) > 20 and "".join(pieces).split() == book.split()
+    val = [p for p in pieces if in_validation_split(p, 0.3)]
+    assert 0 < len(val) < len(pieces)
+
+
 def test_validation_split_is_disjoint_and_stable(corpus: tuple[Path, list[str]], tok: Tokenizer) -> None:
     root, _ = corpus
     docs = list(iter_documents(root))  # the split is decided on the text exactly as read

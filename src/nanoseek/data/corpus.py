@@ -15,7 +15,9 @@ What is notable:
   (no token dropped or repeated except the tail at the very end), shuffled through a seeded buffer,
   and batched as (inputs, targets = inputs shifted by one).
 - Validation split by document hash (blake2b of the text): a document is in exactly one split whatever
-  the file order, shuffling or duplicates, so train and validation never overlap. The embedded corpus
+  the file order, shuffling or duplicates, so train and validation never overlap. A document cut into
+  `max_doc_chars` pieces is split piece by piece, as nanoGPT splits one long text file: a corpus of one
+  book still has a validation split, whose pieces hold text the training pieces do not. The embedded corpus
   splits by problem instead: validation reads its held-out stream (`synthetic`, split "test").
 - An exact data position: `state_dict()` holds the cursor into the sources (file, byte offset or row),
   the tokens not yet packed and the shuffle buffer, so `load_state_dict` continues with exactly the batch
