@@ -55,6 +55,14 @@ V3_CONFIGS = {
     "no_interleave_two_shared": small_config(
         rope_interleave=False, n_shared_experts=2, num_experts_per_tok=3
     ),
+    # YaRN as a config.json may write it, beta_fast/beta_slow and mscale left to their defaults, with a
+    # ramp that falls between dims (from 1 to 5 of 8): the correction range, its truncation and the
+    # default attention factor are in the comparison (the "yarn" entry's ramp is a step at dim 0).
+    "yarn_defaults_ramp_between_dims": small_config(
+        qk_rope_head_dim=16,
+        max_position_embeddings=4096,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},
+    ),
     # One expert per token: its normalized weight is 1, then scaled (transformers, DeepSeek's inference).
     "top1_normalized": small_config(num_experts_per_tok=1, n_group=1, topk_group=1),
 }
@@ -114,6 +122,22 @@ def test_transformers_v3_to_nanoseek(tmp_path, name):
     ids = ids_for(seq)
     with torch.no_grad():
         assert_close(ours(ids), ref(ids).logits)
+
+
+def test_rms_norm_in_bf16_rounds_as_transformers():
+    """The norm runs in fp32, is cast back to bf16, then scaled by the bf16 weight (one rounding
+    more than scaling in fp32): transformers' and DeepSeek's order, bit for bit."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    from nanoseek.model.attention import RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, 64, generator=gen).to(torch.bfloat16)
+    ours, ref = RMSNorm(64).to(torch.bfloat16), DeepseekV3RMSNorm(64).to(torch.bfloat16)
+    with torch.no_grad():
+        ours.weight.copy_(1 + 0.5 * torch.randn(64, generator=gen))
+        ref.weight.copy_(ours.weight)
+        assert torch.equal(ours(x), ref(x))
 
 
 def test_bias_changes_routing_in_the_comparison(tmp_path):

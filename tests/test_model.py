@@ -122,9 +122,12 @@ def test_step_by_step_decode_equals_full_forward():
 
 
 def test_explicit_mask_is_respected_by_both_paths():
-    """A padded batch: row 0 sees only its last 5 of 8 cached tokens; both paths agree on that."""
-    model = model_for(config())
+    """A padded batch: row 0 sees only its last 5 of 8 cached tokens; both paths agree on that. With
+    YaRN's mscale_all_dim, so the softmax scale is not SDPA's default 1/sqrt(head dim)."""
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale_all_dim": 0.8}
+    model = model_for(config(rope_scaling=yarn))
     attn = model.model.layers[0].self_attn
+    assert attn.softmax_scale > 1.1 * attn.qk_head_dim**-0.5
     b, t = 2, 8
     x = torch.randn(b, t, 64)
     pos = model.positions_for(ids(seq=t))
@@ -196,6 +199,12 @@ def test_group_limits_respected(scoring, method):
     # Without the limit some tokens would use more than 3 groups: the test can fail.
     free = scores.topk(6, -1).indices // 4
     assert max(g.unique().numel() for g in free) > 3
+    if method == "noaux_tc":
+        # A negative bias (an overloaded expert's, after the balancing updates) leaves the dropped
+        # groups out all the same: they are masked to -inf, not to 0, which such scores fall below.
+        with torch.no_grad():
+            r.e_score_correction_bias.fill_(-1.0)
+        assert max(g.unique().numel() for g in r(x)[0] // 4) <= 3
 
 
 def test_weights_sum_to_scaling_factor_when_normalized():
@@ -225,6 +234,10 @@ def test_softmax_v2_greedy_path():
     torch.testing.assert_close(w.sort(-1).values, (top.values * 1.5).sort(-1).values)
     # V2 checkpoints carry no balancing bias.
     assert "e_score_correction_bias" not in r.state_dict()
+    # DeepSeek's V2 gate normalizes only k > 1 weights: one expert's is scaled, norm_topk_prob or not
+    one = router_for(cfg.replace(num_experts_per_tok=1, norm_topk_prob=True))
+    idx, w = one(x)
+    torch.testing.assert_close(w, probs.gather(1, idx) * 1.5)
 
 
 # ------------------------------------------------------------------- experts
@@ -384,6 +397,16 @@ def test_experts_with_no_tokens_and_empty_batch():
 def test_mtp_shapes_and_shifted_tokens():
     cfg = config(num_nextn_predict_layers=2)
     model = model_for(cfg)
+    with torch.no_grad():  # norms apart from 1 and from each other: which one runs where then shows
+        gen = torch.Generator().manual_seed(3)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen))
+
+    def combine(layer, h, embeds):  # V3 eq. 21, the embedding's half first (DeepSeek's weights, vLLM)
+        w = layer.eh_proj.weight
+        return F.linear(layer.enorm(embeds), w[:, :64]) + F.linear(layer.hnorm(h), w[:, 64:])
+
     x = ids(seq=10)
     with torch.no_grad():
         logits, hidden = model(x, return_hidden=True)
@@ -397,10 +420,16 @@ def test_mtp_shapes_and_shifted_tokens():
         pos = model.positions_for(x)
         cos, sin = model.model.rotary_emb(pos)
         l0, l1 = model.model.mtp_layers
-        h0 = l0(l0.combine(hidden[:, :9], emb(x[:, 1:10])), cos[:, :9], sin[:, :9])
+        h0 = l0(combine(l0, hidden[:, :9], emb(x[:, 1:10])), cos[:, :9], sin[:, :9])
         torch.testing.assert_close(mtp[0], model.lm_head(l0.shared_head.norm(h0)))
-        h1 = l1(l1.combine(h0[:, :8], emb(x[:, 2:10])), cos[:, :8], sin[:, :8])
+        h1 = l1(combine(l1, h0[:, :8], emb(x[:, 2:10])), cos[:, :8], sin[:, :8])
         torch.testing.assert_close(mtp[1], model.lm_head(l1.shared_head.norm(h1)))
+        # the fused losses: each depth's own norm, then the shared head, against labels shifted k+1 on
+        labels = torch.cat((x[:, 1:], torch.full((2, 1), -100)), dim=1)
+        losses = model.mtp_losses(hidden, x, labels)
+        for k, (logits_k, loss_k) in enumerate(zip(mtp, losses, strict=True)):
+            want = F.cross_entropy(logits_k.flatten(0, 1), labels[:, k + 1 :][:, : 9 - k].flatten())
+            torch.testing.assert_close(loss_k, want)
         # Changing token t_9 changes depth 0 at its last position only (causality kept).
         y = x.clone()
         y[:, 9] = (y[:, 9] + 1) % 128
