@@ -498,3 +498,82 @@ def test_balancing_bias_stored_in_bf16_loads_in_fp32(tmp_path, dtype):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     model = nanoseek.load_model(tmp_path, dtype=dtype)
     assert {str(r.e_score_correction_bias.dtype) for _, r in model.routers()} == {"torch.float32"}
+
+
+def test_mtp_layers_the_config_does_not_use_are_skipped(tmp_path):
+    """A DeepSeek-V3 checkpoint's MTP layers (at index num_hidden_layers + depth) load as the model's
+    MTP modules, and those past config.json's num_nextn_predict_layers (here: 0) are not the model's:
+    skipped, not unexpected, and no main layer is read from them."""
+    model = build_model(config(num_nextn_predict_layers=1)).init_weights(0)
+    save_model(model, tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    d["num_nextn_predict_layers"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    main = nanoseek.load_model(tmp_path)
+    assert len(main.model.mtp_layers) == 0
+    full = model.state_dict()
+    for k, v in main.state_dict().items():
+        assert torch.equal(v, full[k]), k
+
+
+def test_fp8_e5m2_weights_are_requantized_to_e4m3_for_fp8_storage(tmp_path):
+    """FP8Linear computes on float8_e4m3fn: an e5m2 weight is dequantized and quantized again, never
+    taken as it is (its bytes read as e4m3 would be other numbers)."""
+    from nanoseek.model.fp8 import FP8_DTYPE, FP8Linear, quantize_blocks
+
+    save_model(build_model(config()).init_weights(0), tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    key = "model.layers.0.mlp.gate_proj.weight"
+    w8, s = quantize(tensors[key] * 50)
+    tensors[key], tensors[key.removesuffix(".weight") + ".weight_scale_inv"] = (
+        w8.float().to(torch.float8_e5m2),
+        s,
+    )
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    linear = nanoseek.load_model(tmp_path, fp8=True).model.layers[0].mlp.gate_proj
+    assert isinstance(linear, FP8Linear) and linear.weight.dtype == FP8_DTYPE
+    q, scale = quantize_blocks(dequantize_blocks(tensors[key], s))
+    assert torch.equal(linear.weight.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(linear.weight_scale_inv, scale)
+
+
+def test_mtp_copies_of_embedding_and_head_alone_are_no_mtp_weights(tmp_path):
+    """Files whose MTP layer holds only DeepSeek's copies of the shared embedding and head have no MTP
+    weights: the model loads without the MTP module (with the warning), not with it missing."""
+    save_model(build_model(config(num_nextn_predict_layers=1)).init_weights(0), tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    shared = ("model.layers.2.embed_tokens.weight", "model.layers.2.shared_head.head.weight")
+    kept = {k: v for k, v in tensors.items() if not k.startswith("model.layers.2.") or k in shared}
+    save_file(kept, str(tmp_path / "model.safetensors"))
+    with pytest.warns(UserWarning, match="holds no MTP weights"):
+        assert len(nanoseek.load_model(tmp_path).model.mtp_layers) == 0
+
+
+def test_an_atomic_write_replaces_the_file_rather_than_writing_into_it(tmp_path):
+    """A reader of the old file (a served checkpoint's memory map) keeps reading the old bytes: the
+    new file is renamed over it, never copied into it."""
+    target = tmp_path / "model.safetensors"
+    atomic_write(target, b"old")
+    with open(target, "rb") as reader:
+        atomic_write(target, b"new!")
+        assert reader.read() == b"old"
+    assert target.read_bytes() == b"new!"
+
+
+def test_a_checkpoint_left_aside_survives_a_failed_write_and_a_cut_short_clean_up(tmp_path):
+    """The other two crash points of a swap: old one aside and the next write fails (it is put back
+    first, so it is there after the failure); new one in place but the old one not yet removed (the
+    next write or resume removes the old one and keeps the new)."""
+    from nanoseek.atomic import restore_directory
+
+    target, aside = tmp_path / "pretrain", tmp_path / ".pretrain.tmp-old"
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("old")
+    target.rename(aside)
+    with pytest.raises(RuntimeError), atomic_directory(target):
+        raise RuntimeError("the next write fails")
+    assert (target / "weights").read_text() == "old" and not aside.exists()
+    aside.mkdir()
+    (aside / "weights").write_text("older")
+    restore_directory(target)
+    assert (target / "weights").read_text() == "old" and not aside.exists()

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import nanoseek
-from nanoseek.checkpoint import build_model, save_model
+from nanoseek.checkpoint import build_model, read_safetensors, save_model
 from nanoseek.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
@@ -346,6 +346,7 @@ def test_tied_embeddings_stay_tied_through_training_save_and_load(tmp_path, mtp)
         trainer.step(lambda: language_model_loss(trainer.model, ids[:, :-1], ids[:, 1:], mtp_weight=0.3))
         assert model.lm_head.weight is model.model.embed_tokens.weight
     save_model(model, tmp_path / "ck")
+    assert "lm_head.weight" not in read_safetensors(tmp_path / "ck")  # as save_pretrained: tied, not saved
     loaded = nanoseek.load_model(tmp_path / "ck")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)

@@ -467,3 +467,27 @@ def test_bench_loading_json_is_all_of_stdout(saved, capsys):
     figures = json.loads(out)
     assert figures["layers"] == config().num_hidden_layers and figures["results"][0]["format"] == "bf16"
     assert "bench_loading: " in err
+
+
+def test_in_memory_conversion_names_missing_experts(saved):
+    """`from_hf_state_dict` (a resume's reader) refuses expert indices with a gap by name, as the
+    streamed load does, rather than a KeyError."""
+    from nanoseek.checkpoint import to_hf_state_dict
+
+    _, model = saved
+    tensors = {k: v for k, v in to_hf_state_dict(model).items() if ".experts.1." not in k}
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts: expert indices are not 0\.\.6"):
+        from_hf_state_dict(tensors, model.config, torch.float32)
+
+
+def test_an_expert_of_another_shape(saved):
+    from safetensors.torch import load_file, save_file
+
+    d, _ = saved
+    key = "model.layers.1.mlp.experts.2.down_proj.weight"
+    shard = d / json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][key]
+    tensors = load_file(str(shard))
+    tensors[key] = tensors[key][:, :-1].contiguous()
+    save_file(tensors, str(shard))
+    with pytest.raises(ValueError, match=r"experts\.2: its gate/up/down projections .* differ in shape"):
+        nanoseek.load_model(d)

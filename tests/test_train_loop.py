@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 
 import pytest
@@ -808,3 +809,91 @@ def test_a_save_before_the_first_update_changes_nothing(tmp_path, optimizer) -> 
     tr = make_trainer(m, tmp_path / "c", steps=3, optim=optim)
     tr.resume()
     assert train(tr, m) == straight
+
+
+def test_resume_restores_the_torch_and_python_rng(tmp_path) -> None:
+    """A step that draws from torch's and Python's global RNG (GRPO's sampling, dropout, shuffles)
+    continues bit-exactly after a resume in a process whose RNG is elsewhere."""
+
+    def noisy(model):
+        def fn():
+            loss, m = language_model_loss(model, *batch_at(random.randrange(100)))
+            return loss * (1 + torch.rand(())), m
+
+        return fn
+
+    def run(d, steps_now, save_at=None, resume=False, seed=0):
+        model = micro_model(seed=seed)
+        tr = make_trainer(model, d, steps=6)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        if resume:
+            tr.resume()
+        losses = []
+        while tr.global_step < steps_now:
+            losses.append(tr.step(noisy(model))["loss"])
+            if tr.global_step == save_at:
+                tr.save()
+        return losses
+
+    straight = run(tmp_path / "a", 6)
+    first = run(tmp_path / "b", 3, save_at=3)
+    assert first + run(tmp_path / "b", 6, resume=True, seed=1) == straight
+
+
+def test_resume_restores_the_guard_and_the_counters(tmp_path) -> None:
+    """The spike guard's running mean and warmup count, the consecutive skips and the tokens and skips
+    counted go on from the checkpoint: a resumed run skips, and stops, where the straight run does."""
+
+    def steps(tr, model, start, stop=6):
+        good = lambda i: lambda: language_model_loss(model, *batch_at(i))  # noqa: E731
+        inf = lambda: (torch.tensor(float("inf"), requires_grad=True), {})  # noqa: E731
+
+        def spike():
+            loss, m = language_model_loss(model, *batch_at(9))
+            return loss * 100, m
+
+        plan = [good(0), good(1), good(2), inf, spike, inf]  # skips at steps 3, 4, 5: the third stops it
+        out = []
+        for i in range(start, stop):
+            if i == 4 and start == 0:
+                tr.save()
+            out.append(tr.step(plan[i]))
+        return out
+
+    def trainer(d, seed=0):
+        model = micro_model(seed=seed)
+        tr = make_trainer(model, d, steps=10, spike_warmup=2, max_consecutive_skips=3)
+        return tr, model
+
+    tr, model = trainer(tmp_path / "a")
+    with pytest.raises(RuntimeError, match="3 consecutive steps skipped"):
+        steps(tr, model, 0)
+    straight = (tr.global_step, tr.skipped_steps, tr.tokens_seen)
+    tr, model = trainer(tmp_path / "a", seed=5)
+    tr.resume()
+    assert "spike" in steps(tr, model, 4, 5)[0]["skipped"]
+    with pytest.raises(RuntimeError, match="3 consecutive steps skipped"):
+        steps(tr, model, 5)
+    assert (tr.global_step, tr.skipped_steps, tr.tokens_seen) == straight
+
+
+def test_resume_into_a_model_the_checkpoint_does_not_fill_is_refused(tmp_path) -> None:
+    """The optimizer-state loader is not strict (an unused MTP layer has no state), so the key check
+    is what keeps a resume from leaving weights the checkpoint lacks (here: the MTP layer) as they were."""
+    _run(micro_model(mtp=0), tmp_path, 4, 2, save_at=2)
+    with pytest.raises(ValueError, match=r"missing \['model\.mtp_layers\.0\."):
+        make_trainer(
+            micro_model(mtp=1), tmp_path, steps=4, optim=OptimConfig(lr=1e-2, warmup_steps=3)
+        ).resume()
+
+
+def test_no_checkpoint_is_due_at_the_last_step(tmp_path) -> None:
+    """Every `checkpoint_every` steps but the last, which the stage saves anyway (no second full write)."""
+    model = micro_model(mtp=0)
+    tr = make_trainer(model, tmp_path, steps=4, checkpoint_every=2)
+    due = []
+    for i in range(4):
+        tr.step(lambda i=i: language_model_loss(model, *batch_at(i)))
+        due.append(tr.checkpoint_due())
+    assert due == [False, True, False, False]
