@@ -472,6 +472,22 @@ def test_a_crash_mid_swap_loses_no_checkpoint(tmp_path):
     assert (target / "weights").read_text() == "old"
 
 
+def test_a_checkpoint_a_crash_left_aside_is_still_loaded(tmp_path):
+    """`nanoseek chat RUN/pretrain` after a crash between a save's two renames: the reader loads the
+    copy left aside where it is (a writer may be mid-swap, so it never moves it back itself)."""
+    from nanoseek.checkpoint import load_model
+
+    model = build_model(config()).init_weights(0)
+    target = tmp_path / "pretrain"
+    save_model(model, target)
+    target.rename(tmp_path / ".pretrain.tmp-old")  # where the swap had put it
+    loaded = load_model(target)
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert not target.exists() and (tmp_path / ".pretrain.tmp-old").is_dir()
+    with pytest.raises(ValueError, match="neither a directory with config.json nor a preset"):
+        load_model(tmp_path / "other")  # no copy aside: as before
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
 def test_a_full_disk_at_a_save_says_so_and_keeps_the_last_train_state(tmp_path):
     """A checkpoint save that runs out of space names the cause (torch's own writer says "unexpected

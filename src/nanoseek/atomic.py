@@ -113,6 +113,15 @@ def scratch_dir(path: str | os.PathLike) -> Path:
     return _beside(final, ".tmp-new")
 
 
+def directory_to_read(path: str | os.PathLike) -> Path:
+    """`path`, or the copy of it a save cut short between its two renames left aside. A reader reads that
+    copy where it is: moving it back is the writer's job (`restore_directory`), since one may be between
+    those renames right now."""
+    final = _target(path)
+    aside = _beside(final, ".tmp-old")
+    return aside if not final.exists() and aside.is_dir() else Path(path)
+
+
 def restore_directory(path: str | os.PathLike) -> None:
     """Put back a directory that a crash mid-swap left aside (a no-op when there is none)."""
     final = _target(path)

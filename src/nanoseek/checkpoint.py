@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from nanoseek.atomic import atomic_file, atomic_write, restore_directory
+from nanoseek.atomic import atomic_file, atomic_write, directory_to_read, restore_directory
 from nanoseek.config import ModelConfig, resolve_config
 from nanoseek.model.fp8 import (
     FP8_DTYPE,
@@ -459,6 +459,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, tokenizer: bool = False,
     if is_hub_name(name_or_path):
         p = _download(str(name_or_path), label)
         label += f" (the Hub's cached snapshot {p})"  # what is missing is missing there
+    else:
+        p = directory_to_read(p)  # a crash mid-save left the last checkpoint aside
     if not p.is_dir():
         raise FileNotFoundError(
             f"{label} is not a checkpoint directory (no config.json): "
@@ -581,7 +583,7 @@ def load_model(
         from nanoseek.engine.quantize import check_quantize_device
 
         check_quantize_device(quantize, device)
-    if not Path(path_or_preset).exists() and not _HUB_NAME.fullmatch(str(path_or_preset)):
+    if not directory_to_read(path_or_preset).exists() and not _HUB_NAME.fullmatch(str(path_or_preset)):
         # A preset (no preset name has a slash); resolve_config names the choices for anything else.
         config = resolve_config(path_or_preset)
         dtype = resolve_dtype(dtype, config, device)
