@@ -472,3 +472,72 @@ def test_ablate_resume_refuses_other_val_batches(tmp_path, monkeypatch) -> None:
     cfg.val_batches = 4
     with pytest.raises(ValueError, match="other settings"):
         a.run_study(cfg, "mla")
+
+
+# ------------------------------------------------------------- judging claims
+def _study(directory: Path, curves: dict, variants: dict | None = None, unfinished: tuple = ()) -> Path:
+    """A study directory as `nanoseek ablate` leaves it: plan.json and metrics.jsonl with a curve of
+    (x, val_loss) per (variant, seed), x on every axis (main-model FLOPs: half of it), and a done row
+    per run but those in `unfinished` (interrupted: their rows are no measurement)."""
+    names = variants or {v: {} for v, _ in curves}
+    plan_ = {"study": "t", "about": "t", "variants": names, "claims": []}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "plan.json").write_text(json.dumps(plan_))
+    rows = []
+    for (variant, seed), points in curves.items():
+        for step, (x, loss) in enumerate(points):
+            axes = {"tokens": x, "flops": x, "main_flops": x / 2, "train_s": x}
+            rows.append({"variant": variant, "seed": seed, "step": step, **axes, "val_loss": loss})
+        if (variant, seed) not in unfinished:
+            rows.append({"variant": variant, "seed": seed, "step": step, "event": "done", "train_s": x})
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory
+
+
+def test_a_curve_claim_pairs_seeds_at_the_largest_point_every_finished_run_reached(tmp_path) -> None:
+    """At equal FLOPs: the point is the least of every finished run's last (b stops at 100; b's seed 2
+    was interrupted at 50 and counts for nothing); the means and the spread (sample sd of the per-seed
+    differences, n - 1) are over the seeds both variants ran (a's seed 3 has no partner)."""
+    from nanoseek.ablate_report import StudyMetrics, judge
+
+    curves = {
+        ("a", 0): [(0, 4.0), (100, 3.0), (200, 2.0)],
+        ("a", 1): [(0, 4.0), (100, 3.2), (200, 2.2)],
+        ("a", 3): [(0, 4.0), (100, 1.0), (200, 1.0)],
+        ("b", 0): [(0, 4.0), (100, 3.5)],
+        ("b", 1): [(0, 4.0), (100, 3.4)],
+        ("b", 2): [(0, 4.0), (50, 9.0)],
+    }
+    m = StudyMetrics(_study(tmp_path, curves, unfinished=(("b", 2),)))
+    claim = {"a": "a", "b": "b", "metric": "val_loss", "kind": "lower", "at": "curve"}
+    sd = ((0.15**2 + 0.15**2) / 1) ** 0.5  # differences -0.5 and -0.2 about their mean -0.35
+    assert judge(m, claim, "flops") == (f"a 3.1000 vs b 3.4500: Δ -0.3500 ± {sd:.4f} at 100 FLOPs", "yes")
+    # the MTP study's claims are judged on the main model's FLOPs (here half of all of them)
+    assert judge(m, {**claim, "flops_axis": "main_flops"}, "flops")[0].endswith("at 50 main-model FLOPs")
+    m.curves["a"][1][1]["val_loss"] = 4.0  # seed 1 now contradicts the claim
+    assert judge(m, claim, "flops")[1] == "inconclusive (seeds disagree)"
+
+
+def test_claim_verdicts_at_their_boundaries(tmp_path) -> None:
+    """match: |a - b| / b <= tol, the end included, reported relative to b; not_worse: one-sided (a
+    far better is not worse); a tie is no win; fixed: strictly lower."""
+    from nanoseek.ablate_report import StudyMetrics, judge
+
+    curves = {
+        ("c", 0): [(0, 4.0), (10, 3.0)],
+        ("d", 0): [(0, 4.0), (10, 2.0)],
+        ("e", 0): [(0, 4.0), (10, 2.0)],
+    }
+    m = StudyMetrics(_study(tmp_path, curves, variants={"c": {"kv": 10}, "d": {"kv": 10}, "e": {"kv": 20}}))
+    final = {"metric": "val_loss", "at": "final"}
+    assert judge(m, {**final, "a": "c", "b": "d", "kind": "match", "tol": 0.5}, None) == (
+        "c 3.0000 vs d 2.0000: +50.00% (final)",
+        "yes (1 seed)",
+    )
+    assert (
+        judge(m, {**final, "a": "d", "b": "c", "kind": "not_worse", "tol": 0.01}, None)[1] == "yes (1 seed)"
+    )
+    assert judge(m, {**final, "a": "d", "b": "e", "kind": "lower"}, None)[1] == "inconclusive (tie)"
+    fixed = {"metric": "kv", "kind": "fixed", "at": "final"}
+    assert judge(m, {**fixed, "a": "c", "b": "d"}, None)[1] == "no"
+    assert judge(m, {**fixed, "a": "c", "b": "e"}, None) == ("c 10 vs e 20 (50%)", "yes")

@@ -301,3 +301,49 @@ def test_output_piped_into_a_reader_that_stops_is_no_traceback(monkeypatch) -> N
     with os.fdopen(write, "w", buffering=1) as stream:
         monkeypatch.setattr(sys, "stdout", stream)
         assert main(["cost", "deepseek-v3", "--tokens", "14.8T", "--gpu-hours", "2.788M"]) == 141
+
+
+def test_tiny_mtp_flops_and_norms_by_hand() -> None:
+    """The tiny preset's figures worked out by hand (h 256, vocab 4096, 4 heads of qk 48 / v 32,
+    q_lora 128, kv_lora 64 + rope 16, 16 experts of 128 with top-4 and 1 shared; its MTP depth is a
+    MoE layer). MTP per token: eh_proj 2h·h = 131,072, attention 126,976, MoE 4·98,304 + 98,304 +
+    router 4,096 = 495,616, the shared head again 4096·256 = 1,048,576: 2 x 1,802,240 matmul FLOPs,
+    plus one layer's attention over (255 + 1) / 2 keys, 2·4·80·128 = 81,920."""
+    from nanoseek.accounting import mtp_flops_per_token
+
+    cfg = get_preset("tiny")
+    assert mtp_flops_per_token(cfg, 255) == 2 * 1_802_240 + 81_920
+    plain = flops_per_token(cfg, 255)
+    assert flops_per_token(cfg, 255, include_mtp=True) == plain + 3_686_400
+    # norms are elementwise, left out of the matmul FLOPs: per layer q_lora 128 + kv_lora 64 + 2h, + final h
+    counts = count_parameters(cfg)
+    assert counts.active - counts.matmul_active == 4 * (128 + 64 + 2 * 256) + 256
+    # a training bill counts the MTP module V3 trains with, and an MFU of 100% is a bound, not an error
+    cost = training_cost(cfg, 1e9, mfu=1.0, seq_len=255)
+    assert cost.flops_per_token == pytest.approx(3 * (plain + 3_686_400))
+    assert cost.gpu_hours == pytest.approx(cost.total_flops / 989e12 / 3600)
+
+
+def test_gqa_kv_cache_of_a_published_model() -> None:
+    """DeepSeek-R1-Distill-Qwen-1.5B's shape (Qwen2.5-1.5B: 28 layers, 12 query heads, 2 KV heads of
+    128, tied embeddings, QKV bias): 1,543,714,304 parameters as transformers counts them; its cache
+    holds K and V of the 2 KV heads, 28·2·2·128·2 = 28,672 B a token in BF16; MHA would hold 12 heads'
+    (172,032 B); MLA at its width, V2's d_c = 4 d_h and d_h^R = d_h / 2, 28·576·2 = 32,256 B."""
+    from nanoseek.config import ModelConfig
+
+    cfg = ModelConfig(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    )
+    acc = account(cfg)
+    assert acc.total_params == 1_543_714_304
+    assert acc.kv_cache_bytes_per_token == 28_672
+    assert acc.mha_kv_cache_bytes_per_token == 172_032
+    assert acc.mla_kv_cache_bytes_per_token == 32_256

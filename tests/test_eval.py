@@ -567,3 +567,52 @@ def test_the_cli_evaluates_several_tasks_of_a_checkpoint_with_one_engine(
     printed = capsys.readouterr().out
     assert "eval arithmetic (" in printed and "eval comparison (" in printed
     assert (tmp_path / "r_arithmetic.json").exists() and (tmp_path / "r_comparison.json").exists()
+
+
+def test_a_problem_whose_gold_answer_is_unparseable_is_left_out_of_every_figure(tmp_path) -> None:
+    """Of 3 problems, one has a gold answer that is no number: it is counted as skipped and left out of
+    pass@1, cons@k and the per-problem scores the report pairs (and of which problems they are)."""
+    path = tmp_path / "t.jsonl"
+    items = [("1+1", "2"), ("?", "unknown"), ("2+2", "4")]
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": q, "answer": a, "verifier": "numeric", "split": "test"}) + "\n"
+            for q, a in items
+        )
+    )
+    task = f"jsonl:{path}"
+    probs = get_task(task).problems("test", 3, seed=0)
+    assert sorted(p.answer for p in probs) == ["2", "4", "unknown"]
+
+    def sampler(problems):  # every sample right where the answer is 2, every one wrong where it is 4
+        # (with no finish reason, as some endpoints send none: not counted as cut off)
+        return [[Sample(f"x\n</think>\n{2 if p.answer == '2' else 5}", 3)] * 2 for p in problems]
+
+    ck = tmp_path / "run" / "grpo"
+    m = evaluate(EvalConfig(model=str(ck), task=task, k=2, n=3, progress=False), sampler=sampler)
+    assert m["problems"] == 2 and m["skipped_problems"] == 1
+    assert m["pass@1"] == pytest.approx(0.5) and m["cons@2"] == pytest.approx(0.5)
+    assert "pass@1_by_language" not in m  # one language: no breakdown to give
+    assert m["truncated_rate"] == 0.0
+    (rec,) = list(read_metrics(tmp_path / "run", stage="eval"))
+    scored = [p for p in probs if p.answer != "unknown"]
+    assert rec["pass@1_per_problem"] == [1.0 if p.answer == "2" else 0.0 for p in scored]
+    assert rec["problems_digest"] == problems_digest([p.id for p in scored])
+
+
+def test_samples_without_an_answer_do_not_vote_and_the_majority_is_its_earliest_spelling(tmp_path) -> None:
+    """cons@k: 2 of 3 samples give no answer (none after </think>, no think block): they cast no vote,
+    and the right answer given once wins. The majority answer reported is the spelling of the earliest
+    sample that gave it."""
+    (p,) = _problems(1)
+    right = int(p.answer)
+    cases = (
+        (["add\n</think>\n", f"add\n</think>\n{right}", "no think block"], 1.0, str(right)),
+        ([f"add\n</think>\n{right}.", f"add\n</think>\n{right}", "add\n</think>\nx"], 1.0, f"{right}."),
+    )
+    for texts, cons, majority in cases:
+        samples = [[Sample(t, 3, "stop") for t in texts]]
+        out = tmp_path / "eval.json"
+        cfg = EvalConfig(model=str(tmp_path / "ck"), task="arithmetic", k=3, n=1, language="en", out=str(out))
+        assert evaluate(cfg, sampler=lambda problems, s=samples: s)["cons@3"] == cons, texts
+        assert json.loads(out.read_text())["problems"][0]["majority_answer"] == majority

@@ -408,3 +408,83 @@ def test_a_stage_stopped_before_its_end_says_so_and_counts_its_time_so_far(tmp_p
     eval_log.log(evaluated="sft", task="addition", k=1, time=2000.0, **{"pass@1": 0.5})
     eval_log.log(evaluated="sft", task="comparison", k=1, time=9000.0, **{"pass@1": 0.5})
     assert "| eval | – |" in build_report(tmp_path).read_text()
+
+
+def test_grpos_goal_is_judged_from_sft_on_the_families_from_20_to_80_percent_inclusive(tmp_path):
+    """The goal's families: those GRPO's start (SFT, though pretraining was scored too) puts in
+    [20%, 80%], both ends included, the verifier-only ones apart. The mean gain's 95% half-width adds
+    the families' variances: sqrt(m1² + m2²) / 2. Per-problem scores pair only with the same problems
+    (a digest on both records); a stage not scored on every family has no mean."""
+    import statistics
+
+    from nanoseek.report import RunMetrics
+
+    MetricsLog(tmp_path, "speedrun").log(event="plan", verifier_only_tasks=["countdown"])
+    ev = MetricsLog(tmp_path, "eval")
+    per = {  # 5 problems each: (sft, grpo)
+        "addition": ([0, 0, 0, 0, 1], [1, 0, 0, 0, 1]),  # 20% -> 40%, at the lower end
+        "sorting": ([1, 1, 1, 1, 0], [1, 1, 1, 1, 1]),  # 80% -> 100%, at the upper end
+        "comparison": ([1, 1, 1, 1, 0.25], [1, 1, 1, 1, 1]),  # 85%: above the range
+        "countdown": ([1, 1, 0, 0, 0.5], [1, 1, 1, 0, 0.5]),  # 50%, but verifier-only
+    }
+    for task, (before, after) in per.items():
+        ev.log(evaluated="pretrain", task=task, k=4, **{"pass@1": 0.0})  # out of range from pretraining
+        for stage, scores in (("sft", before), ("grpo", after)):
+            ev.log(
+                evaluated=stage,
+                task=task,
+                k=4,
+                **{"pass@1": round(sum(scores) / 5, 2), "pass@1_per_problem": scores},
+                # comparison's records name no problems: nothing says they are the same ones
+                **({} if task == "comparison" else {"problems_digest": "same"}),
+            )
+    ev.log(evaluated="distill", task="addition", k=4, **{"pass@1": 0.5})  # scored on one family only
+    for stage, v in (("sft", 0.2), ("grpo", 0.3)):
+        ev.log(evaluated=stage, task="addition?turn=2", k=4, **{"pass@1": v})
+    sm = RunMetrics(tmp_path).pass_at_1_summary()
+    assert sm["start"] == "sft"
+    assert sm["mid"] == ["addition", "sorting"]
+    assert sm["mid_gain"] == pytest.approx(0.2)
+    # each family's differences: one problem gained a sample's worth, four unchanged
+    margin = 1.96 * statistics.stdev([1, 0, 0, 0, 0]) / 5**0.5
+    assert sm["gain_margins"]["addition"] == pytest.approx(margin)
+    assert sm["gain_margins"]["sorting"] == pytest.approx(margin)
+    assert sm["mid_margin"] == pytest.approx((2 * margin**2) ** 0.5 / 2)  # 27.7 points, not 39.2
+    assert "comparison" not in sm["gain_margins"]
+    assert sm["means"]["distill"] is None and sm["means"]["sft"] == pytest.approx(
+        (0.2 + 0.8 + 0.85 + 0.5) / 4
+    )
+    assert sm["second_turn_mid"] == ["addition"]
+    text = build_report(tmp_path).read_text()
+    assert "**+20.0 ± 27.7 points** on average (addition +20.0 ± 39.2; sorting +20.0 ± 39.2)" in text
+    assert "- addition: GRPO changed held-out pass@1 by **+20.0 ± 39.2 points** (20.0% → 40.0%)" in text
+
+
+def test_a_speedruns_stage_time_is_its_last_end_record_and_a_stage_beside_another_adds_none(tmp_path):
+    """In a speedrun a trainer writes its end record and the speedrun another, around the whole stage:
+    the stage's time is the last one. The control trains beside GRPO (in its time): its row says so,
+    and the total counts GRPO's time once."""
+    pre, grpo, control = (MetricsLog(tmp_path, s) for s in ("pretrain", "grpo", "control"))
+    pre.log(step=0, event="start")
+    pre.log(step=1, loss=4.0, tokens=128)
+    pre.log(step=1, event="end", wall_time_s=10.0)  # the trainer's
+    pre.log(event="end", wall_time_s=12.0, tokens=128)  # the speedrun's, around it
+    grpo.log(step=1, loss=0.0, reward=0.5)
+    grpo.log(event="end", wall_time_s=100.0)
+    control.log(step=1, loss=1.0)
+    control.log(event="end", wall_time_s=90.0, beside="grpo")
+    text = build_report(tmp_path).read_text()
+    assert "| pretrain | 12 s |" in text
+    assert "| control | 90 s (beside grpo) | – | in grpo's |" in text
+    assert "| **total** | 112.0 s |" in text
+
+
+def test_tokens_logged_per_step_are_summed_and_a_running_total_is_read_at_its_last(tmp_path):
+    from nanoseek.report import RunMetrics
+
+    sft, pre = MetricsLog(tmp_path, "sft"), MetricsLog(tmp_path, "pretrain")
+    for s in (1, 2, 3):
+        sft.log(step=s, loss=1.0, tokens=64)  # the same count each step: no running total
+        pre.log(step=s, loss=1.0, tokens=64 * s)
+    m = RunMetrics(tmp_path)
+    assert m.total("sft", "tokens") == 192 and m.total("pretrain", "tokens") == 192
