@@ -173,8 +173,8 @@ class Claim:
     """One claim of a paper, as a comparison of variant `a` with variant `b` on `metric`.
 
     kind: "lower" / "higher" (a below / above b), "match" (|a-b|/b <= tol), "not_worse"
-    ((a-b)/b <= tol), "value" (a's value at least lo: the paper's
-    range is [lo, hi], and a value above it supports the claim as well), "fixed" (a lower than b, exact: no seeds).
+    ((a-b)/b <= tol), "value" (a's value at least lo: the paper's range is [lo, hi], and a value above
+    it supports the claim as well), "fixed" (a lower than b, exact: no seeds).
     at: "curve" (val loss interpolated at equal FLOPs and at equal seconds) or "final" (last evaluation).
     """
 
