@@ -192,3 +192,6 @@ def test_a_refused_resume_names_only_flags_its_command_has(command, config, stag
     assert (
         describe_change(SFTConfig, "betas", [0.9, 0.95], [0.9, 0.99]) == "betas: [0.9, 0.95] -> [0.9, 0.99]"
     )
+    # a positional argument and a field kept off the command line have no flag to name
+    assert describe_change(EvalConfig, "model", "a", "b") == "model: 'a' -> 'b'"
+    assert describe_change(DistillConfig, "sft", 1, 2) == "sft: 1 -> 2"

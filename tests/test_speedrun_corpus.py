@@ -82,19 +82,23 @@ def test_resuming_a_run_whose_data_another_nanoseek_wrote_is_refused(tmp_path, m
     assert "did not record how it writes its data" in capsys.readouterr().out
 
 
-def test_a_setting_added_since_a_run_started_resumes_at_its_default(tmp_path):
-    """A run started before a preset setting existed resumes while the setting keeps its default; a
-    changed value is still refused."""
+@pytest.mark.parametrize(
+    ("name", "field"), [("smoke", "engine_batch"), ("gpu", "engine_batch"), ("smoke", "eval_unseen_n")]
+)
+def test_a_setting_added_since_a_run_started_resumes_at_its_default(tmp_path, name, field):
+    """A run started before a preset setting existed resumes while the setting keeps its run's preset's
+    default (a gpu or smoke run's, not the cpu preset's); a changed value is still refused."""
     import json
 
-    preset = PRESETS["smoke"]
+    preset = PRESETS[name]
     Speedrun(tmp_path, preset, progress=False)._claim_directory()
     settings = json.loads((tmp_path / "speedrun.json").read_text())
-    del settings["engine_batch"]  # as a nanoseek from before `engine_batch` recorded it
+    del settings[field]  # as a nanoseek from before `field` recorded it
     (tmp_path / "speedrun.json").write_text(json.dumps(settings))
     Speedrun(tmp_path, preset, progress=False)._claim_directory()
-    with pytest.raises(ValueError, match=r"engine_batch None -> 64"):
-        Speedrun(tmp_path, dataclasses.replace(preset, engine_batch=64), progress=False)._claim_directory()
+    other = getattr(preset, field) + 1
+    with pytest.raises(ValueError, match=rf"{field} None -> {other}"):
+        Speedrun(tmp_path, dataclasses.replace(preset, **{field: other}), progress=False)._claim_directory()
 
 
 def _pretrain_configs(tmp_path, monkeypatch, preset):
@@ -127,6 +131,8 @@ def test_the_student_pretrains_at_its_own_lr_and_the_teacher_at_pretrain_lr(
     preset = dataclasses.replace(PRESETS["smoke"], pretrain_lr=3e-3, student_lr=student_lr)
     seen = _pretrain_configs(tmp_path, monkeypatch, preset)
     assert {name: cfg.lr for name, cfg in seen.items()} == {preset.model: 3e-3, preset.student: expected}
+    steps = {preset.model: preset.pretrain_steps, preset.student: preset.student_steps}
+    assert {name: cfg.steps for name, cfg in seen.items()} == steps
     assert PRESETS["gpu"].student_lr == 3e-3 and PRESETS["cpu"].student_lr == 0.0
 
 
@@ -191,6 +197,14 @@ def test_grpos_start_is_asked_second_too_where_grpo_drew_those_prompts(tmp_path,
     assert [job for job in asked if "?turn=" in job[1]] == [
         (stage, f"{t}?turn=2") for stage in stages for t in run.all_tasks
     ]
+    assert [job for job in asked if "?wording=" in job[1]] == [
+        ("grpo", f"{t}?wording=unseen") for t in run.all_tasks
+    ]
+    asked.clear()  # neither asked where the preset asks none
+    Speedrun(
+        tmp_path, dataclasses.replace(preset, eval_unseen_n=0, eval_second_turn_n=0), progress=False
+    ).evaluate()
+    assert not [job for job in asked if "?" in job[1]] and len(asked) == 2 * len(run.all_tasks)
 
 
 def test_chats_of_several_questions_reach_the_teachers_pretraining(tmp_path, monkeypatch):
@@ -283,6 +297,7 @@ def test_a_family_run_alone_gives_the_worked_solutions_it_holds(tmp_path):
     cpu = Speedrun(tmp_path, PRESETS["cpu"], progress=False)
     n = cpu._control_examples(PRESETS["cpu"].control_plan_steps)
     assert cpu._examples_held(n) == n  # the preset's own families fill theirs
+    assert cpu._examples_held(3000) == 3000  # 428 a family fill 2,996: the rest is not cut off
 
 
 def test_a_runs_recorded_settings_give_its_preset_back(tmp_path, monkeypatch):
@@ -422,7 +437,7 @@ def test_ctrl_c_in_the_evaluation_does_not_run_the_rest_of_its_queue(tmp_path, m
     assert len(evaluated) <= 6, f"{len(evaluated)} evaluations run after the Ctrl-C"
 
 
-@pytest.mark.parametrize("saved_step", [0, 20])
+@pytest.mark.parametrize("saved_step", [0, 8, 20])  # smoke's 30 steps take the threads back at step 8
 def test_a_resumed_run_trains_on_the_threads_the_run_never_stopped_had(tmp_path, monkeypatch, saved_step):
     """On some CPUs a step's last bits depend on the thread count. A run killed in pretraining after
     the student was done, or in GRPO after the control was, gives the figures of one never stopped:
@@ -495,3 +510,251 @@ def test_a_run_sets_its_thread_count_before_its_first_stage(tmp_path, monkeypatc
     monkeypatch.setattr(nanoseek.report, "build_report", lambda run: Path(run) / "report.md")
     Speedrun(tmp_path, PRESETS["smoke"], progress=False)()
     assert events[:2] == ["threads set", "tokenizer"]
+
+
+def test_a_finished_stage_is_skipped_and_an_interrupted_one_runs_again(tmp_path, capsys):
+    """A stage is done when its `.done` marker is there, not its directory: a stage interrupted after
+    its first checkpoint runs again (and resumes), a finished one is skipped on a rerun."""
+    import json
+
+    run = Speedrun(tmp_path, PRESETS["smoke"], progress=False)
+    ran = []
+    (tmp_path / "sft").mkdir()  # a checkpoint saved, the stage not finished
+    run._stage(4, 8, "sft", lambda: ran.append("sft") or {"examples": 7})
+    marker = json.loads((tmp_path / "sft" / ".done").read_text())
+    assert ran == ["sft"] and marker["examples"] == 7 and marker["wall_time_s"] >= 0
+    run._stage(4, 8, "sft", lambda: ran.append("again"))
+    assert ran == ["sft"]
+    assert "[4/8] sft: done already, skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overlaps", [False, True])
+def test_the_stages_run_in_the_recipes_order_side_by_side_where_the_cpu_allows(
+    tmp_path, monkeypatch, overlaps
+):
+    """tokenizer, pretrain, the student, SFT, GRPO, its control, distillation, evaluation; on a CPU of
+    two threads or more the student trains beside pretraining and the control beside GRPO, and a
+    preset without a student or a control has no such stage and nothing beside."""
+    import nanoseek.report
+
+    stages: list[tuple[str, str]] = []
+    monkeypatch.setattr(Speedrun, "overlaps", lambda self: overlaps)
+    monkeypatch.setattr(
+        Speedrun, "_stage", lambda self, index, total, stage, fn: stages.append((stage, fn.__name__))
+    )
+    monkeypatch.setattr(Speedrun, "finalize", lambda self: self.run / "final")
+    monkeypatch.setattr(Speedrun, "model_facts", lambda self: None)
+    monkeypatch.setattr(nanoseek.report, "build_report", lambda run: Path(run) / "report.md")
+    Speedrun(tmp_path / "full", PRESETS["smoke"], progress=False)()
+    assert stages == [
+        ("tokenizer", "tokenizer"),
+        ("pretrain", "pretrain_beside_student" if overlaps else "pretrain"),
+        ("student", "student"),
+        ("sft", "sft"),
+        ("grpo", "grpo_beside_control" if overlaps else "grpo"),
+        ("control", "control"),
+        ("distill", "distill"),
+        ("eval", "evaluate"),
+    ]
+    stages.clear()
+    bare = dataclasses.replace(PRESETS["smoke"], student_steps=0, control=False)
+    Speedrun(tmp_path / "bare", bare, progress=False)()
+    assert stages == [
+        ("tokenizer", "tokenizer"),
+        ("pretrain", "pretrain"),
+        ("sft", "sft"),
+        ("grpo", "grpo"),
+        ("distill", "distill"),
+        ("eval", "evaluate"),
+    ]
+
+
+def test_each_stage_starts_from_the_checkpoint_before_it(tmp_path, monkeypatch):
+    """SFT from pretraining, GRPO and its control from SFT, distillation from GRPO into the pretrained
+    student (or into the student's preset, random, where it has no pretraining); RUN/final is GRPO's
+    model without its training state or stage files."""
+    import nanoseek.train.distill as distill_mod
+    import nanoseek.train.grpo as grpo_mod
+    import nanoseek.train.sft as sft_mod
+
+    seen = {}
+
+    def fake_sft(cfg, deadline_fn=None):
+        seen.setdefault("sft", []).append(cfg)
+        (Path(cfg.out) / "sft").mkdir(parents=True, exist_ok=True)
+        return Path(cfg.out) / "sft"
+
+    monkeypatch.setattr(sft_mod, "sft", fake_sft)
+    monkeypatch.setattr(grpo_mod, "grpo", lambda cfg, on_step=None: seen.setdefault("grpo", cfg))
+    monkeypatch.setattr(distill_mod, "distill", lambda cfg: seen.setdefault("distill", []).append(cfg))
+    preset = PRESETS["smoke"]
+    run = Speedrun(tmp_path, preset, progress=False)
+    run.sft()
+    run.grpo()
+    run.control(deadline_fn=lambda: None)
+    run.distill()
+    Speedrun(tmp_path, dataclasses.replace(preset, student_steps=0), progress=False).distill()
+    cold, control = seen["sft"]
+    assert cold.init == str(tmp_path / "pretrain") and control.init == str(tmp_path / "sft")
+    assert control.steps == preset.control_plan_steps  # beside GRPO: its first plan, refitted later
+    assert seen["grpo"].init == str(tmp_path / "sft")
+    pretrained, random_init = seen["distill"]
+    assert pretrained.teacher == random_init.teacher == str(tmp_path / "grpo")
+    assert (pretrained.student, random_init.student) == (str(tmp_path / "student"), preset.student)
+    (tmp_path / "grpo").mkdir()
+    for name in ("config.json", "model.safetensors", ".done", "eval_addition.json"):
+        (tmp_path / "grpo" / name).write_text("grpo")
+    (tmp_path / "grpo" / "train_state").mkdir()
+    (tmp_path / "distill").mkdir()
+    (tmp_path / "distill" / "model.safetensors").write_text("distill")
+    final = run.finalize()
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors"]
+    assert (final / "model.safetensors").read_text() == "grpo"
+
+
+def test_the_control_alone_gets_grpos_wall_time_at_sfts_pace(tmp_path, monkeypatch):
+    """A control run alone (it failed beside GRPO) plans as many steps as GRPO's wall time holds at the
+    cold start's median step time, less the cold start's fixed overhead, with fresh worked solutions
+    at its rate per step (never fewer than the cold start's), and stops at GRPO's wall time."""
+    import json
+
+    import nanoseek.train.sft as sft_mod
+
+    seen = []
+
+    def fake_sft(cfg, deadline_fn=None):
+        seen.append(cfg)
+        (Path(cfg.out) / "sft").mkdir(parents=True, exist_ok=True)
+        return Path(cfg.out) / "sft"
+
+    monkeypatch.setattr(sft_mod, "sft", fake_sft)
+    preset = PRESETS["smoke"]  # 10 cold-start steps of 200 worked solutions
+    # ten steps a second apart but one, 10 s (a save): median 1 s, mean 2 s; 15 s in all: 5 s overhead
+    times = [100.0 + t for t in (0, 1, 2, 3, 4, 5, 6, 7, 8, 18)]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step, t in enumerate(times, 1):
+            f.write(json.dumps({"stage": "sft", "step": step, "time": t}) + "\n")
+    for stage, wall in (("sft", 15.0), ("grpo", 25.0)):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / ".done").write_text(json.dumps({"wall_time_s": wall}))
+    run = Speedrun(tmp_path, preset, progress=False)
+    assert run.control()["matched_wall_time_s"] == 25.0
+    assert (seen[-1].steps, seen[-1].task_examples, seen[-1].max_seconds) == (20, 400, 25.0)
+    (tmp_path / "grpo" / ".done").write_text(json.dumps({"wall_time_s": 8.0}))  # 3 steps' time
+    run.control()
+    assert (seen[-1].steps, seen[-1].task_examples) == (3, preset.sft_examples)
+
+
+def test_grpo_tells_the_control_beside_it_when_it_will_end(tmp_path, monkeypatch):
+    """After each step GRPO's end is its pace so far times the steps left, counted from where a resumed
+    GRPO started; once GRPO is done the control is told to stop now."""
+    import contextlib
+
+    import nanoseek.speedrun as speedrun_mod
+
+    clock = [1000.0]
+    monkeypatch.setattr(speedrun_mod.time, "time", lambda: clock[0])
+    shared = {}
+
+    @contextlib.contextmanager
+    def beside(self, stage, during, target, args):
+        assert (stage, during, target) == ("control", "grpo", speedrun_mod._control_beside_grpo)
+        shared["end"] = args[-1]
+        yield None
+
+    ends = []
+
+    def grpo(self, on_step=None):
+        for done in (6, 7):  # resumed after step 5 of 10, 2 s a step
+            clock[0] += 2.0
+            on_step(done, 10)
+            ends.append(shared["end"].value)
+        clock[0] += 1.0
+
+    monkeypatch.setattr(Speedrun, "_beside", beside)
+    monkeypatch.setattr(Speedrun, "grpo", grpo)
+    Speedrun(tmp_path, PRESETS["smoke"], progress=False).grpo_beside_control()
+    assert ends == [1002.0 + 2.0 * 4, 1004.0 + 2.0 * 3]
+    assert shared["end"].value == 1005.0
+
+
+def test_beside_a_finished_stage_the_body_keeps_its_share_and_starts_nothing(tmp_path):
+    """A run resumed after the stage beside was done starts no process for it, and the body trains on
+    the threads it had beside it (the rest of half, rounded down), then gets all of them back."""
+    import json
+
+    import torch
+
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / ".done").write_text(json.dumps({"wall_time_s": 1.0}))
+    run = Speedrun(tmp_path, PRESETS["smoke"], progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with run._beside("control", "grpo", _stage_beside, (str(tmp_path / "ready"),)) as child:
+            assert child is None and torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_data_digest_sees_the_corpus_the_verifier_only_families_and_the_students_chats(
+    tmp_path, monkeypatch
+):
+    """Each part of how the run's data is written counts: the pretraining documents, a verifier-only
+    family's problems (GRPO and the evaluation ask them), and how a chat of several questions is
+    composed where only the student's corpus has them."""
+    import nanoseek.data.corpus as corpus
+    from nanoseek.data import synthetic
+    from nanoseek.data.tasks.families import LargestTask
+
+    preset = dataclasses.replace(PRESETS["smoke"], pretrain_multi_turn=0.0, student_multi_turn=0.05)
+    run = Speedrun(tmp_path, preset, progress=False)
+    digest = run.data_formats()
+    documents = corpus.tokenizer_documents
+    monkeypatch.setattr(corpus, "tokenizer_documents", lambda *a, **k: (d + "." for d in documents(*a, **k)))
+    assert run.data_formats() != digest
+    monkeypatch.undo()
+    monkeypatch.setattr(LargestTask, "answer", lambda self, d: f"the answer is {max(d['numbers'])}")
+    assert run.data_formats() != digest
+    monkeypatch.undo()
+    monkeypatch.setattr(synthetic, "CHAT_CHARS", 200)
+    assert run.data_formats() != digest
+
+
+def test_the_model_facts_are_measured_once(tmp_path, monkeypatch):
+    from nanoseek.metrics import MetricsLog
+
+    MetricsLog(tmp_path, "speedrun").log(event="model", decode_tokens_per_s=1.0)
+    monkeypatch.setattr(Speedrun, "_decode_speed", lambda self, tokens=64: pytest.fail("measured again"))
+    Speedrun(tmp_path, PRESETS["smoke"], progress=False).model_facts()  # no RUN/grpo needed either
+
+
+def test_a_run_holds_what_a_benchmark_adds_beside_its_stages(tmp_path):
+    """A directory with RUN/speedrun.json is a run, whatever else it holds (bench_speedrun's --rescore
+    writes RUN/rescore/); without it, an entry no speedrun writes is refused."""
+    (tmp_path / "rescore").mkdir()
+    run = Speedrun(tmp_path, PRESETS["smoke"], progress=False)
+    with pytest.raises(
+        ValueError, match=r"holds no speedrun \(no speedrun.json\) but other files \(rescore\)"
+    ):
+        run._refuse_foreign()
+    run._claim_directory()
+    run._refuse_foreign()
+
+
+def test_the_goals_are_met_at_their_thresholds():
+    """bench_speedrun's goals are inclusive, as its docstring states them (>= 95%, <= 0.1 nats, ...)."""
+    from tests.benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("bench_speedrun")
+    f = {
+        "pass@1": {t: {"grpo": goal} for t, goal in bench.PASS_GOALS.items()},
+        "final_mean": bench.MEAN_GOAL,
+        "grpo_gain_mid_families": ["sorting"],
+        "grpo_gain_mid": bench.GRPO_GAIN_GOAL,
+        "verifier_only": {"largest": bench.ZERO_GAIN_GOAL},
+        "copy_loss": bench.COPY_GOAL,
+        "student_ratio": bench.STUDENT_GOAL,
+    }
+    assert [met for _, _, met in bench.verdicts(f)] == [True] * 8

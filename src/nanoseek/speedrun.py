@@ -415,8 +415,11 @@ class Speedrun:
             return
         stored = json.loads(path.read_text(encoding="utf-8"))
         recorded = stored.pop(FORMATS, None)
-        # a setting added since the run started counts as unchanged where it keeps its default
-        defaults = json.loads(json.dumps(dataclasses.asdict(SpeedrunPreset())))
+        # a setting added since the run started counts as unchanged where it keeps its default: the value
+        # the run's own preset gives it (a gpu or smoke run's differ from the cpu preset's)
+        defaults = json.loads(
+            json.dumps(dataclasses.asdict(PRESETS.get(stored.get("name"), SpeedrunPreset())))
+        )
         changed = [
             k for k in sorted(set(stored) | set(mine)) if stored.get(k, defaults.get(k)) != mine.get(k)
         ]
