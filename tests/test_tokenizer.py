@@ -18,6 +18,7 @@ from nanoseek.tokenizer import (
     EOS,
     PAD,
     R1_CHAT_TEMPLATE,
+    SPLIT_PATTERN,
     THINK_END,
     THINK_START,
     USER,
@@ -107,6 +108,13 @@ def test_digits_are_single_tokens(tok: Tokenizer) -> None:
 def test_pre_tokenizer_is_one_llama_cpp_knows(tok: Tokenizer, tmp_path: Path) -> None:
     """The split is Qwen2's, which llama.cpp applies by name: a GGUF export tokenizes the same there."""
     assert llama_cpp_pre_tokenizer(tok) == "qwen2"
+    # llama.cpp applies its own copy of Qwen2's regex for "qwen2" (never the file's), so ours must be
+    # that regex to the letter, as Qwen2's tokenizer.json writes it: a contraction of any case is its
+    # own piece ("'S" then "up"), where a case-sensitive one left "'Sup" whole
+    assert SPLIT_PATTERN == (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+        r"|\s+(?!\S)|\s+"
+    )
     tok.save(tmp_path / "new")
     assert llama_cpp_pre_tokenizer(load_tokenizer(tmp_path / "new")) == "qwen2"
     pieces = [p for p, _ in tok.backend.pre_tokenizer.pre_tokenize_str("答えは42です。Hello世界 x+1")]
@@ -138,6 +146,22 @@ def test_special_tokens_are_single_ids(tok: Tokenizer) -> None:
         tok.encode("a b", add_bos=True),
         tok.encode("日本", add_bos=True),
     ]
+
+
+def test_tool_markup_survives_decoding_without_special_tokens(tok: Tokenizer) -> None:
+    """The tool-call tokens are single ids kept in decoded text (special=false, as in DeepSeek-V3's
+    tokenizer.json): the server decodes a completion with skip_special_tokens and then parses its calls,
+    which would vanish if the trainer marked them special."""
+    from nanoseek.tokenizer import TOOL_TOKENS, parse_tool_calls, render_tool_calls
+
+    assert all(len(tok.encode(t)) == 1 for t in TOOL_TOKENS)
+    assert not tok.special_token_ids & {tok.token_to_id(t) for t in TOOL_TOKENS}
+    calls = [{"type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]
+    ids = tok.encode("ok" + render_tool_calls(calls) + EOS)
+    dec = tok.incremental_decoder(skip_special_tokens=True)
+    streamed = "".join(dec.push(i) for i in ids) + dec.flush()
+    assert streamed == tok.decode(ids, skip_special_tokens=True) == "ok" + render_tool_calls(calls)
+    assert parse_tool_calls(streamed) == ("ok", calls)
 
 
 def test_vocab_size_is_exact() -> None:
@@ -184,6 +208,7 @@ def test_train_rejects_tiny_vocab() -> None:
         train_tokenizer(["abc"], vocab_size=100)
     with pytest.raises(ValueError, match="min_frequency must be 0 or more"):  # was an OverflowError
         train_tokenizer(["abc"], vocab_size=300, min_frequency=-1)
+    assert train_tokenizer(["abc abc"], vocab_size=300, min_frequency=0).decode([]) == ""  # 0 is allowed
 
 
 # ------------------------------------------------------------------ chat template
@@ -241,6 +266,8 @@ def test_saved_tokenizer_works_in_transformers(tok: Tokenizer, tmp_path: Path) -
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config["chat_template"] == R1_CHAT_TEMPLATE and config["bos_token"] == BOS
     assert config["add_bos_token"] is True
+    # transformers 4.x honours it and strips the spaces before punctuation ("a , b" -> "a, b")
+    assert config["clean_up_tokenization_spaces"] is False
     hf = AutoTokenizer.from_pretrained(str(tmp_path))
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (
         tok.bos_token_id,
@@ -258,6 +285,11 @@ def test_saved_tokenizer_works_in_transformers(tok: Tokenizer, tmp_path: Path) -
     for text in SAMPLES.values():
         assert hf(text)["input_ids"] == tok.encode(text, add_bos=True)  # HF adds BOS like DeepSeek's
         assert hf.decode(tok.encode(text)) == text
+    # a pair as DeepSeek's LlamaTokenizerFast (add_bos_token) encodes it: BOS before each sequence
+    assert hf("a b", "日本")["input_ids"] == [
+        *tok.encode("a b", add_bos=True),
+        *tok.encode("日本", add_bos=True),
+    ]
 
     hf.save_pretrained(str(tmp_path / "resaved"))  # transformers 5 writes chat_template.jinja
     resaved = load_tokenizer(tmp_path / "resaved")
@@ -280,6 +312,12 @@ def test_load_hf_saved_and_deepseek_style_config(tok: Tokenizer, tmp_path: Path)
     hf.save_pretrained(str(tmp_path / "hf"))
     loaded = load_tokenizer(tmp_path / "hf")
     assert loaded.bos_token_id == tok.bos_token_id and loaded.encode("日本") == tok.encode("日本")
+    assert loaded.pad_token == PAD  # no pad_token in that config: the vocabulary's own, not EOS
+    # the older list format: transformers takes the one named "default", wherever it is in the list
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "{{ 'tools' }}"}, {"name": "default", "template": R1_CHAT_TEMPLATE}]  # fmt: skip
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(tmp_path / "hf").chat_template == R1_CHAT_TEMPLATE
 
     # DeepSeek's tokenizer_config.json: special tokens as AddedToken dicts, LlamaTokenizerFast class.
     ds = tmp_path / "deepseek"
@@ -341,6 +379,33 @@ def test_load_foreign_tokenizer_and_template(tmp_path: Path) -> None:
     assert t.bos_token_id == 0 and t.encode("hello", add_bos=t.add_bos_token) == [3]
     msgs = [{"role": "user", "content": "hello world"}]
     assert t.apply_chat_template(msgs) == "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
+    # a config that names no bos_token at all: no end-of-text token in front of a prompt either
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "chat_template": chatml})
+    )
+    t = load_tokenizer(tmp_path)
+    assert t.eos_token_id == 2 and t.encode("hello", add_bos=t.add_bos_token) == [3]
+
+
+def test_a_null_bos_token_wins_over_a_bos_the_vocabulary_holds(tmp_path: Path) -> None:
+    """`"bos_token": null` says nothing goes before a prompt, even where the vocabulary has an <s>: as
+    transformers encodes it (no BOS), not as the fallback that finds <s> among the candidates."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    backend = Backend(models.WordLevel({"<s>": 0, "</s>": 1, "hello": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(["<s>", "</s>"])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "</s>"}))
+    t = load_tokenizer(tmp_path)
+    assert t.add_bos_token is False
+    assert (
+        t.encode("hello", add_bos=t.add_bos_token)
+        == AutoTokenizer.from_pretrained(tmp_path)("hello").input_ids
+        == [2]
+    )
 
 
 def test_foreign_template_failing_on_the_messages_is_a_value_error(tok: Tokenizer) -> None:
@@ -397,6 +462,15 @@ def test_incremental_decoder_never_splits_characters(tok: Tokenizer) -> None:
     first, *_ = tok.encode("🦀")
     assert tok.token_bytes()[first] != "🦀".encode()
     assert cut.push(first) == "" and cut.flush() == "\ufffd" == tok.decode([first])
+    # ...or is left out with drop_partial (as vLLM leaves it out at a stop)
+    cut = IncrementalDecoder(tok)
+    assert cut.push(first) == "" and cut.flush(drop_partial=True) == "" == cut.text
+    # an id past the vocabulary (a model's padded embedding rows) decodes to nothing, as decode() does
+    assert (
+        IncrementalDecoder(tok).push([tok.vocab_size, tok.vocab_size + 1])
+        == ""
+        == tok.decode([tok.vocab_size])
+    )
 
 
 def test_incremental_decoder_fallback_for_non_byte_level(tmp_path: Path) -> None:
@@ -420,6 +494,24 @@ def test_incremental_decoder_fallback_for_non_byte_level(tmp_path: Path) -> None
     deltas = [dec.push(i) for i in ids]
     assert "".join(deltas) + dec.flush() == text
     assert all("\ufffd" not in d for d in deltas)
+    cut = t.incremental_decoder()
+    assert cut.push(t.encode("日")[:2]) == "" and cut.flush(drop_partial=True) == "" == cut.text
+
+
+def test_incremental_decoder_fallback_keeps_the_space_a_sentencepiece_decoder_strips(tmp_path: Path) -> None:
+    """Llama-2's decoder strips the leading space of what it decodes: the streamed text must still
+    equal decode(all ids) token by token, and a generation's first word keeps its space after the
+    prompt given as context (vLLM primes its detokenizer with the prompt)."""
+    from model_configs import sentencepiece_tokenizer
+
+    t = sentencepiece_tokenizer(tmp_path)
+    ids = t.encode("The capital is Paris.")
+    dec = t.incremental_decoder()
+    assert "".join(dec.push(i) for i in ids) + dec.flush() == t.decode(ids) == "The capital is Paris."
+    prompt, answer = t.encode("The capital is"), t.encode("Paris")
+    assert t.decode(answer) == "Paris" and t.decode(prompt + answer) == "The capital is Paris"
+    dec = t.incremental_decoder(context=prompt)
+    assert "".join(dec.push(i) for i in answer) + dec.flush() == " Paris"
 
 
 # ------------------------------------------------------------------ CLI
@@ -668,6 +760,9 @@ def test_tool_call_parse_and_round_trip() -> None:
     ):
         assert parse_tool_calls(bad) is None, bad
     assert parse_tool_calls(one("rm", "{}"), names=["get_weather"]) is None
+    # a call given without arguments renders as an empty object, which reads back as one
+    bare = [{"type": "function", "function": {"name": "f"}}]
+    assert parse_tool_calls(render_tool_calls(bare)) == ("", [{"type": "function", "function": {"name": "f", "arguments": "{}"}}])  # fmt: skip
 
 
 def test_tool_templates_agree_with_transformers(tok: Tokenizer, tmp_path: Path) -> None:
@@ -684,6 +779,13 @@ def test_tool_templates_agree_with_transformers(tok: Tokenizer, tmp_path: Path) 
             [WEATHER],
         ),  # a user after a tool
         ([*CONVERSATIONS[0], {"role": "assistant", "content": "r</think>\n  indented"}], None),
+        # R1 keeps what follows the last </think>
+        (
+            [*CONVERSATIONS[0], {"role": "assistant", "content": "a</think>b</think>\nc"}, *CONVERSATIONS[0]],
+            None,
+        ),
+        # OpenAI makes a tool's description and parameters optional
+        (CONVERSATIONS[0], [{"type": "function", "function": {"name": "f"}}]),
         (CONVERSATIONS[1], None),
     ):
         for thinking in (True, False):
@@ -887,7 +989,9 @@ def test_load_reads_the_config_as_utf8_whatever_the_locale(tok: Tokenizer, tmp_p
     import sys
 
     tok.save(tmp_path)
-    (tmp_path / "chat_template.jinja").write_text("{{ '<｜User｜>' }}", encoding="utf-8")
+    (tmp_path / "chat_template.jinja").write_text(
+        "{{ '<｜User｜>' + messages[0]['content'] }}", encoding="utf-8"
+    )
     code = (
         "import json, sys; from nanoseek.tokenizer import load_tokenizer; t = load_tokenizer(sys.argv[1]);"
         " print(json.dumps(t.apply_chat_template([{'role': 'user', 'content': 'hi'}], tokenize=False)))"
@@ -897,6 +1001,22 @@ def test_load_reads_the_config_as_utf8_whatever_the_locale(tok: Tokenizer, tmp_p
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-500:]
     assert "<｜User｜>hi" in json.loads(r.stdout)
+
+
+def test_chat_template_jinja_is_read_over_the_config_entry_as_transformers_reads_it(
+    tok: Tokenizer, tmp_path: Path
+) -> None:
+    """transformers (and so vLLM) take chat_template.jinja over tokenizer_config.json's chat_template:
+    a checkpoint whose template was edited in that file was served by nanoseek with the stale one."""
+    from transformers import AutoTokenizer
+
+    tok.save(tmp_path)  # the config holds R1's template
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    )
+    msgs = [{"role": "user", "content": "hi"}]
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(msgs, tokenize=False)
+    assert load_tokenizer(tmp_path).apply_chat_template(msgs) == theirs == "[user]hi"
 
 
 def test_generation_config_eos_ids_also_stop_generation(tok: Tokenizer, tmp_path: Path) -> None:

@@ -895,8 +895,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if isinstance(template, list):  # older format: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template}
         template = named.get("default") or next(iter(named.values()), None)
-    jinja_file = directory / "chat_template.jinja"  # where recent transformers versions save it
-    if template is None and jinja_file.exists():
+    # where recent transformers versions save it; like transformers, read it over the config's entry
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.exists():
         template = jinja_file.read_text(encoding="utf-8")
     if template is None and backend.token_to_id(USER) is not None:
         template = R1_CHAT_TEMPLATE  # DeepSeek vocabulary without a config: R1 format
