@@ -609,10 +609,9 @@ def test_errors_400(real):
     assert (
         _err(httpx.post(url, json={"messages": USER, "logit_bias": {"x": 1}}), 400)["param"] == "logit_bias"
     )
-    assert (
-        _err(httpx.post(url, json={"messages": USER, "logit_bias": {"99999": 1}}), 400)["param"]
-        == "logit_bias"
-    )
+    for token in ("99999", "-1"):  # outside the vocabulary either side (-1 is no "last token")
+        bias = {"messages": USER, "logit_bias": {token: 1}}
+        assert _err(httpx.post(url, json=bias), 400)["param"] == "logit_bias", token
     assert (
         "[-100, 100]"
         in _err(httpx.post(url, json={"messages": USER, "logit_bias": {"5": 101}}), 400)["message"]
@@ -641,22 +640,35 @@ def test_null_means_the_default(scripted):
 
 
 def test_request_bounds_are_openais(scripted):
-    """The validators' bounds, each side: OpenAI's top_logprobs 0..20, at most 16 stop strings (none
-    empty: "" would stop everything or nothing), a completions prompt that is not an empty list."""
+    """The validators' bounds, each side: OpenAI's top_logprobs 0..20 (and only with logprobs), at most 16
+    stop strings (none empty: "" would stop everything or nothing), a chat's max_tokens of at least 1, the
+    penalties in [-2, 2], a completions prompt that is not an empty list (nothing to generate or not), and
+    what the server does not do (best_of other than n, suffix) refused, each naming its parameter."""
     url = scripted.url + "/v1/chat/completions"
     base = {"messages": USER, "max_tokens": 1}
     for extra, param in [
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
         ({"stop": [f"s{i}" for i in range(17)]}, "stop"),
         ({"stop": ""}, "stop"),
         ({"stop": ["x", ""]}, "stop"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"presence_penalty": -2.5}, "presence_penalty"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
     ]:
         assert _err(httpx.post(url, json={**base, **extra}), 400)["param"] == param, extra
     ok = {**base, "logprobs": True, "top_logprobs": 20, "stop": [f"s{i}" for i in range(16)]}
     assert httpx.post(url, json=ok).status_code == 200
     curl = scripted.url + "/v1/completions"
-    for prompt in ([], [[]]):
-        assert _err(httpx.post(curl, json={"prompt": prompt}), 400)["param"] == "prompt"
+    for body, param in [
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": [[]], "max_tokens": 0}, "prompt"),
+        ({"prompt": "x", "best_of": 2}, "best_of"),
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ]:
+        assert _err(httpx.post(curl, json=body), 400)["param"] == param, body
+    assert httpx.post(curl, json={"prompt": "x", "max_tokens": 1, "n": 2, "best_of": 2}).status_code == 200
 
 
 def test_logit_bias(real):
@@ -811,6 +823,9 @@ def test_usage_counts_the_think_blocks_tokens_as_reasoning_tokens(scripted, tok)
         )
     )[-1]
     assert last.usage.model_dump() == r.usage.model_dump()
+    # n choices: summed, as completion_tokens are
+    two = scripted.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=100, n=2)
+    assert two.usage.completion_tokens_details.reasoning_tokens == 2 * thought
     # cut inside the think block: every token is reasoning
     cut = scripted.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3)
     assert cut.usage.completion_tokens_details.reasoning_tokens == 3
@@ -826,6 +841,58 @@ def test_usage_total_is_prompt_plus_completion(scripted):
     assert (
         c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens == c.usage.prompt_tokens + 3
     )
+
+
+def test_sampling_fields_reach_the_engine(scripted):
+    """Each sampling field a request sets is its engine request's; n choices with a seed are seeded seed,
+    seed + 1, ... (vLLM seeds its n children so): distinct samples, reproducible, not n copies of one."""
+    body = {
+        "max_tokens": 2,
+        "n": 2,
+        "seed": 7,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 5,
+        "min_p": 0.1,
+        "repetition_penalty": 1.1,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+    }
+    fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    fields += ("presence_penalty", "frequency_penalty")
+    for route, extra, seeds in (
+        ("chat/completions", {"messages": USER}, [7, 8]),
+        ("completions", {"prompt": ["a", "b"]}, [7, 8, 7, 8]),
+    ):
+        assert httpx.post(f"{scripted.url}/v1/{route}", json={**body, **extra}).status_code == 200
+        params = [p for _, p in scripted.engine.added[-len(seeds) :]]
+        assert [p.seed for p in params] == seeds, route
+        assert all({f: getattr(p, f) for f in fields} == {f: body[f] for f in fields} for p in params)
+
+
+def test_nothing_generated_finishes_by_length_streamed_too(scripted):
+    # max_tokens 0 (lm-eval's prompt scoring): the choice ends by "length" whether streamed or not
+    url = scripted.url + "/v1/completions"
+    body = {"prompt": "Hi", "max_tokens": 0}
+    full = httpx.post(url, json=body).json()["choices"][0]
+    assert full["finish_reason"] == "length" and full["text"] == ""
+    assert [c["choices"][0]["finish_reason"] for c in _sse_chunks(url, body)] == ["length"]
+
+
+def test_echoed_text_offsets_of_a_vocabulary_without_bos(tok, model):
+    # No BOS goes before a text prompt of a vocabulary that has none (Qwen's): its first token is text,
+    # and the echoed prompt's offsets count it
+    import copy
+
+    bare = copy.copy(tok)
+    bare.add_bos_token = False
+    engine = Engine(model, max_seq_len=256)
+    with LiveServer(create_app(engine, bare, ServeConfig(model_name=MODEL), model=model)) as srv:
+        body = {"prompt": "Hello world", "max_tokens": 0, "echo": True, "logprobs": 0}
+        lp = httpx.post(srv.url + "/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    ids = bare.encode("Hello world", add_bos=False)
+    assert lp["text_offset"] == [len(bare.decode(ids[:i])) for i in range(len(ids))]
+    assert lp["text_offset"][1] > 0
 
 
 def test_an_empty_think_block_is_null_reasoning_content(tok):
@@ -1005,6 +1072,8 @@ def test_every_tokens_logprobs_stream_in_its_own_steps_chunk(tok):
             lps = [c["logprobs"]["content"] for c in chunks if c["logprobs"]]
             assert all(len(lp) == 1 for lp in lps) and len(lps) == full["usage"]["completion_tokens"]
             assert [e for lp in lps for e in lp] == full["choices"][0]["logprobs"]["content"]
+            # a token with no text yet still has a text delta (content ""), never an empty one
+            assert all(c["delta"] for c in chunks if c["logprobs"])
             msg = full["choices"][0]["message"]
             for key in ("reasoning_content", "content"):
                 assert "".join(c["delta"].get(key) or "" for c in chunks) == msg[key]
@@ -1345,6 +1414,7 @@ def test_tool_choice(tooling, tok):
     assert tok.decode(tooling.engine.added[-1][0]).endswith(
         f"<｜Assistant｜></think>{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}get_weather{TOOL_SEP}"
     )  # the call is started in the prompt, after a closed think block
+    assert r.choices[0].message.content is None  # only a call: null content, as OpenAI's and vLLM's
     call = r.choices[0].message.tool_calls[0].function
     assert (call.name, json.loads(call.arguments), r.choices[0].finish_reason) == (
         "get_weather",
@@ -1626,6 +1696,8 @@ def test_work_per_request_is_bounded_before_it_is_done(tok, monkeypatch):
         many = {"model": MODEL, "prompt": [[5]] * (server.engine.max_pending + 1), "max_tokens": 1}
         assert _err(httpx.post(srv.url + "/v1/completions", json=many), 400)["param"] == "n"
         assert calls["new_choice"] == 0
+        fits = {**many, "prompt": [[5]] * server.engine.max_pending}  # as many as it holds: served
+        assert httpx.post(srv.url + "/v1/completions", json=fits).status_code == 200
         bias = {"model": MODEL, "max_tokens": 1, "n": 8, "logit_bias": {"5": 1.0}}
         for route, body in (
             ("completions", {"prompt": ["hi", "ho"]}),
