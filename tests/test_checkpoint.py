@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -280,20 +281,33 @@ def test_an_atomic_write_on_a_read_only_filesystem_names_the_users_path(tmp_path
 
 def test_atomic_writes_work_where_directories_cannot_be_opened(tmp_path, monkeypatch):
     """Windows: os.open refuses a directory (EACCES), so the fsync of the directory after the rename
-    failed every atomic write there (a tokenizer, a config, each checkpoint) with a PermissionError."""
+    failed every atomic write there (a tokenizer, a config, each checkpoint) with a PermissionError; and
+    its fsync (FlushFileBuffers) refuses a file opened read-only (EBADF)."""
     import errno
     import sys
 
     from nanoseek import atomic
 
     class WindowsOs:
+        read_only: set[int] = set()
+
         def __getattr__(self, name):
             return getattr(os, name)
 
-        def open(self, path, *args, **kwargs):
+        def open(self, path, flags, *args, **kwargs):
             if os.path.isdir(path):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-            return os.open(path, *args, **kwargs)
+            fd = os.open(path, flags, *args, **kwargs)
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                self.read_only.discard(fd)
+            else:
+                self.read_only.add(fd)
+            return fd
+
+        def fsync(self, fd):
+            if fd in self.read_only:
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+            os.fsync(fd)
 
     monkeypatch.setattr(sys, "platform", "win32")
     monkeypatch.setattr(atomic, "os", WindowsOs())
@@ -332,6 +346,30 @@ def test_a_checkpoint_replaced_while_it_loads_loads_whole(tmp_path, monkeypatch)
     monkeypatch.setattr(checkpoint._ShardReader, "get", get_while_the_run_saves)
     loaded = nanoseek.load_model(target).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in new.state_dict().items()), "a mix of two checkpoints"
+
+
+def test_a_checkpoint_loaded_mid_swap_loads_the_one_that_replaced_it(tmp_path, monkeypatch):
+    """A reader that found RUN/<stage> between a save's two renames reads the old checkpoint where it was
+    left aside; the save then finishes and removes it: the load starts again on the new checkpoint (it
+    retried on the copy aside, gone by then, and failed)."""
+    from nanoseek import checkpoint
+
+    target, aside, scratch = tmp_path / "pretrain", tmp_path / ".pretrain.tmp-old", tmp_path / "next"
+    old, new = (build_model(config()).init_weights(seed) for seed in (0, 1))
+    save_model(old, aside, max_shard_bytes=20_000)  # the save has moved the old checkpoint aside
+    save_model(new, scratch, max_shard_bytes=20_000)
+    get = checkpoint._ShardReader.get
+
+    def get_while_the_save_finishes(self, key):
+        tensor = get(self, key)
+        if aside.exists():  # the second rename and the clean-up, once the load has read a tensor
+            scratch.rename(target)
+            shutil.rmtree(aside)
+        return tensor
+
+    monkeypatch.setattr(checkpoint._ShardReader, "get", get_while_the_save_finishes)
+    loaded = nanoseek.load_model(target).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in new.state_dict().items())
 
 
 def test_pickle_files_are_refused_with_a_clear_message(tmp_path):
@@ -486,6 +524,18 @@ def test_a_checkpoint_a_crash_left_aside_is_still_loaded(tmp_path):
     assert not target.exists() and (tmp_path / ".pretrain.tmp-old").is_dir()
     with pytest.raises(ValueError, match="neither a directory with config.json nor a preset"):
         load_model(tmp_path / "other")  # no copy aside: as before
+
+
+def test_the_current_directory_loads_as_a_checkpoint(tmp_path, monkeypatch):
+    """`nanoseek generate . PROMPT` inside a checkpoint: looking for a copy left aside beside `.`
+    said "PosixPath('.') has an empty name"."""
+    from nanoseek.checkpoint import load_model, resolve_checkpoint
+
+    model = build_model(config()).init_weights(0)
+    save_model(model, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert os.path.samefile(resolve_checkpoint("."), tmp_path)
+    assert torch.equal(load_model(".").model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")

@@ -184,6 +184,15 @@ def test_a_full_stop_after_dollar_math_is_read():
     assert task.score(p, "t</think>$7, 19, 42, 88$.") == 1.0
 
 
+def test_a_long_run_of_dots_is_scored_quickly():
+    # the closing-"$."-regex retried from every dot of a degenerate answer: ~5 s for these 24K characters
+    dots = ". " * 12_000 + "42"
+    t = time.perf_counter()
+    assert check_numeric("42", dots) == 0.0 and check_exact("42", dots) == 0.0
+    assert not check_countdown(dots, [3, 5, 6], 33)
+    assert time.perf_counter() - t < 1.0
+
+
 def test_countdown_checker():
     nums, target = [3, 5, 6], 33
     assert check_countdown("6*5+3", nums, target)

@@ -41,9 +41,12 @@ NAME_MAX = 255
 
 
 def _fsync(path: Path) -> None:
-    if sys.platform == "win32" and path.is_dir():
-        return  # Windows cannot open a directory (os.open: EACCES); NTFS journals the rename itself
-    fd = os.open(path, os.O_RDONLY)  # directories too: a rename is durable once its directory is
+    flags = os.O_RDONLY  # directories too: a rename is durable once its directory is
+    if sys.platform == "win32":
+        if path.is_dir():
+            return  # Windows cannot open a directory (os.open: EACCES); NTFS journals the rename itself
+        flags = os.O_RDWR  # its fsync (FlushFileBuffers) refuses a read-only descriptor: EBADF
+    fd = os.open(path, flags)
     os.fsync(fd)
     os.close(fd)
 
@@ -118,8 +121,10 @@ def directory_to_read(path: str | os.PathLike) -> Path:
     copy where it is: moving it back is the writer's job (`restore_directory`), since one may be between
     those renames right now."""
     final = _target(path)
+    if final.exists():  # (before naming the copy: `.` and `/` have no name to put it beside)
+        return Path(path)
     aside = _beside(final, ".tmp-old")
-    return aside if not final.exists() and aside.is_dir() else Path(path)
+    return aside if aside.is_dir() else Path(path)
 
 
 def restore_directory(path: str | os.PathLike) -> None:

@@ -595,11 +595,12 @@ def load_model(
 
             quantize_model(model, quantize)
         return model
-    p = resolve_checkpoint(path_or_preset)
     # Files are opened by name as the stream reaches them (each shard, and a file again past
     # remap_bytes): a checkpoint replaced meanwhile (a run saving its next one, `atomic_directory`)
-    # would give a model of two checkpoints. A load that saw the files change is started again.
+    # would give a model of two checkpoints. A load that saw the files change is started again, from
+    # the path: one that found the old checkpoint aside mid-swap finds the new one in its place.
     for _ in range(_LOAD_TRIES):
+        p = resolve_checkpoint(path_or_preset)
         before = _files_identity(p)
         try:
             config = resolve_config(p)

@@ -41,14 +41,20 @@ def unbox(text: str) -> str:
 
 # LaTeX's inline and display math around a whole answer: \(42\), \[42\]
 _MATH_MODE_RE = re.compile(r"\\\((.*)\\\)|\\\[(.*)\\\]", re.DOTALL)
-# what closes an answer, in either order: the ``$`` of ``$42$`` and a full stop (``$42$.``, ``$42.$``)
-_CLOSING_RE = re.compile(r"[\s$。.]+$")
+# what closes an answer, in either order: the ``$`` of ``$42$`` and a full stop (``$42$.``, ``$42.$``).
+# Matched at the start of the reversed text: a search for ``[...]+$`` retries from every position of a
+# long run of dots or spaces (a degenerate completion's), quadratic in its length.
+_CLOSING_RE = re.compile(r"[\s$。.]*")
+
+
+def _strip_closing(s: str) -> str:
+    return s[: len(s) - _CLOSING_RE.match(s[::-1]).end()]
 
 
 def unwrap_answer(text: str) -> str:
     r"""An answer without its markup: the one ``\boxed{...}``, the ``$...$``, ``\(...\)`` or ``\[...\]``
     around it, and a closing full stop (``42.``, ``42。``)."""
-    s = _CLOSING_RE.sub("", unbox(text.strip()).strip().lstrip("$")).strip()
+    s = _strip_closing(unbox(text.strip()).strip().lstrip("$")).strip()
     m = _MATH_MODE_RE.fullmatch(s)
     return s if m is None else (m.group(1) if m.group(1) is not None else m.group(2)).strip()
 
