@@ -205,6 +205,18 @@ def test_grpo_gains_carry_a_paired_interval_over_the_problems(tmp_path):
     assert f"- sorting: GRPO changed held-out pass@1 by **+12.5 ± {100 * 1.96 * se:.1f} points**" in text
 
 
+def test_an_evaluation_of_one_problem_shows_no_interval(tmp_path):
+    """`nanoseek eval -n 1` logs a standard error of 0.0 (no spread to measure): the report shows no
+    "± 0.0", which would read as certainty."""
+    MetricsLog(tmp_path, "speedrun").log(event="plan", verifier_only_tasks=[])
+    ev = MetricsLog(tmp_path, "eval")
+    ev.log(evaluated="grpo", task="sorting", k=4, problems=1, **{"pass@1": 0.5, "pass@1_stderr": 0.0})
+    ev.log(evaluated="grpo", task="addition", k=4, problems=8, **{"pass@1": 0.5, "pass@1_stderr": 0.05})
+    text = build_report(tmp_path).read_text()
+    assert "| grpo | sorting | 4 | 50.0% |" in text
+    assert "| grpo | addition | 4 | 50.0% ± 9.8 |" in text
+
+
 def test_unseen_wordings_are_reported_beside_the_final_figures_not_in_the_goals(tmp_path):
     from nanoseek.report import RunMetrics
 

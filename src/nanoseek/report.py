@@ -358,7 +358,8 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
             "|---|---|---|---|---|---|---|---|",
         ]
         for (name, task), r in evals.items():
-            se = r.get("pass@1_stderr")
+            # one problem has no spread to measure: its 0.0 would read as certainty (lm-eval prints N/A)
+            se = r.get("pass@1_stderr") if (r.get("problems") or 2) >= 2 else None
             lines.append(
                 f"| {name} | {task} | {_fmt(r.get('k'))} | {_pct(r.get('pass@1', r.get('accuracy')))}"
                 f"{_pm(None if se is None else Z_95 * se)} | "
