@@ -478,6 +478,11 @@ def test_w8a8_off_a_cpu_is_refused_before_any_weight_is_quantized(model):
     with pytest.raises(ValueError, match="w8a8' runs on CPUs.*not on meta"):
         Engine(m, quantize="w8a8")
     assert not is_quantized(m)
+    from nanoseek.engine.quantize import check_quantize_device
+
+    with pytest.raises(ValueError, match="not on cuda"):  # said without a GPU to put a model on
+        check_quantize_device("w8a8", "cuda")
+    check_quantize_device("int8", "cuda")  # weight-only int8 and fp8 run on any device
 
 
 def test_prompts_must_be_token_ids_not_text(model):

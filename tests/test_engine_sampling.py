@@ -396,6 +396,73 @@ def test_quant_linear_equals_its_dequantized_weight(rows, fmt):
     assert (got - want).norm() < (0.03 if fmt == "w8a8" else 0.01) * want.norm()
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_quantized_weights_are_the_nearest_steps_of_a_per_row_scale(fmt):
+    """w ≈ q·s with one scale per output row, s = max|w_row| / 127 (int8) or / 448 (e4m3): each row
+    reaches the top of the range; int8 rounds to the nearest step (half a step off at most), e4m3 keeps
+    3 mantissa bits (1/16 of a value off at most); an all-zero row stays zero. The stored linear and
+    routed experts dequantize to exactly that (their scales in the model's dtype, here fp32)."""
+    from nanoseek.engine.quantize import QuantRoutedExperts, quantize_tensor
+    from nanoseek.model.moe import RoutedExperts
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 32, 64, generator=g) * torch.logspace(-3, 1, 32).unsqueeze(-1)  # rows 1e4 apart
+    w[0, 5] = 0
+    q, s = quantize_tensor(w, fmt)
+    assert q.shape == w.shape and s.shape == w.shape[:-1]
+    top = 127.0 if fmt == "int8" else 448.0
+    amax = q.float().abs().amax(-1)
+    assert amax[0, 5] == 0 and (amax == top).sum() == amax.numel() - 1
+    step = s.unsqueeze(-1)
+    bound = step / 2 if fmt == "int8" else w.abs() / 16 + step * 2**-10  # e4m3's subnormal steps: 2^-9
+    err = (q.float() * step - w).abs()
+    assert torch.all(err <= bound * (1 + 1e-5)), float((err / bound).max())
+    lin = torch.nn.Linear(64, 32, bias=False)
+    experts = RoutedExperts(4, 64, 16)  # gate_up [4, 32, 64], down [4, 64, 16]
+    d = w.reshape(4, 64, 32)[..., :16]
+    with torch.no_grad():
+        lin.weight.copy_(w[0])
+        experts.gate_up_proj.copy_(w)
+        experts.down_proj.copy_(d)
+    ql, qe = QuantLinear(lin, fmt), QuantRoutedExperts(experts, fmt)
+    assert torch.equal(ql.dequantize(), q[0].float() * step[0])
+    gate_up, down = qe.expert_weights()
+    assert torch.equal(gate_up, q.float() * step)
+    q2, s2 = quantize_tensor(d, fmt)
+    assert torch.equal(down, q2.float() * s2.unsqueeze(-1))
+    sel = torch.tensor([2, 0, 2])  # a decode step's chosen experts
+    assert all(torch.equal(a, b[sel]) for a, b in zip(qe.expert_weights(sel), (gate_up, down), strict=True))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "w8a8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quant_linear_in_each_dtype_adds_its_bias(fmt, dtype):
+    """Qwen2's q/k/v linears have biases: kept in the model's dtype and added, as nn.Linear does, in
+    fp16 (which scales the weight, not the sums) and fp32, and under autocast (another dtype)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96)
+    with torch.no_grad():
+        lin.bias.normal_(0, 1)
+        lin.weight.mul_(torch.logspace(-2, 1, 96).unsqueeze(-1))  # each row's scale its own
+    q = QuantLinear(lin.to(dtype), fmt)
+    x = torch.randn(3, 64).to(dtype)
+    with torch.inference_mode():
+        got = q(x).float()
+        want = torch.nn.functional.linear(x.float(), q.dequantize().float(), q.bias.float())
+        assert (got - want).norm() < (0.03 if fmt == "w8a8" else 0.01) * want.norm()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 activations into a model in `dtype`
+            got = q(x.bfloat16()).float()
+    assert (got - want).norm() < 0.03 * want.norm()
+
+
+def test_a_tied_head_stays_in_full_precision():
+    """Tied to the embedding (which stays full precision) the head is not quantized: an int8 copy
+    would add its bytes beside the weight the embedding keeps, and round the logits."""
+    model = DeepSeekV3(small_config(tie_word_embeddings=True)).init_weights(0)
+    q = quantize_model(model, "int8")
+    assert isinstance(q.lm_head, torch.nn.Linear) and q.lm_head.weight is q.model.embed_tokens.weight
+
+
 def test_int8_kernel_runs_only_on_rows_it_can_load():
     """PyTorch's weight-only int8 kernel steps through K 16 values at a time with aligned loads (bf16 on
     x86): an in_features of 40 or 13 (a linear's, or the routed experts' down projection, whose

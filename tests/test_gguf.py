@@ -70,10 +70,15 @@ def test_export_reads_back_with_the_keys_and_tensors_llama_cpp_loads(checkpoint,
         "expert_group_count": cfg.n_group,
         "expert_group_used_count": cfg.topk_group,
         "vocab_size": cfg.vocab_size,
+        "context_length": cfg.max_position_embeddings,
+        "feed_forward_length": cfg.intermediate_size,  # the dense layers'; experts have their own key
     }
     for key, value in expected.items():
         assert kv[a + key] == value, key
     assert kv[a + "expert_weights_scale"] == pytest.approx(cfg.routed_scaling_factor)
+    assert kv[a + "attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.rms_norm_eps)
+    assert kv[a + "rope.freq_base"] == pytest.approx(cfg.rope_theta)
+    assert kv["general.file_type"] == int(gguf.LlamaFileType.ALL_F32)
     # The tokenizer: every id, the specials as control tokens, the chat tags as user-defined ones.
     tokens, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
     assert len(tokens) == len(types) == cfg.vocab_size
@@ -81,10 +86,16 @@ def test_export_reads_back_with_the_keys_and_tensors_llama_cpp_loads(checkpoint,
     user = tok.token_to_id("<｜User｜>")
     assert types[user] == gguf.TokenType.USER_DEFINED
     assert types[tok.vocab_size] == gguf.TokenType.UNUSED  # the model's padded ids
+    added = tok.backend.get_added_tokens_decoder()
+    vocab = {t: i for t, i in tok.backend.get_vocab(with_added_tokens=False).items() if i not in added}
+    assert vocab and all(tokens[i] == t and types[i] == gguf.TokenType.NORMAL for t, i in vocab.items())
     assert kv["tokenizer.ggml.bos_token_id"] == tok.bos_token_id
     assert kv["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    assert kv["tokenizer.ggml.padding_token_id"] == tok.pad_token_id != tok.eos_token_id
+    assert kv["tokenizer.ggml.add_bos_token"] == tok.add_bos_token
     assert kv["tokenizer.chat_template"] == tok.chat_template
-    assert len(kv["tokenizer.ggml.merges"]) == len(json.loads(tok.backend.to_str())["model"]["merges"])
+    merges = json.loads(tok.backend.to_str())["model"]["merges"]  # "a b" or ["a", "b"]
+    assert kv["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in merges]
 
     tensors = {t.name: t for t in reader.tensors}
     assert not any("nextn" in n or f"blk.{cfg.num_hidden_layers}." in n for n in tensors)  # no MTP
@@ -123,6 +134,115 @@ def test_export_reads_back_with_the_keys_and_tensors_llama_cpp_loads(checkpoint,
     np.testing.assert_array_equal(np.asarray(tensors["blk.1.exp_probs_b.bias"].data), bias)
 
 
+# The names llama.cpp's converter gives a checkpoint's (Hugging Face) tensors, per layer.
+HF_TO_GGUF = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.q_a_proj": "attn_q_a",
+    "self_attn.q_a_layernorm": "attn_q_a_norm",
+    "self_attn.q_b_proj": "attn_q_b",
+    "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa",
+    "self_attn.kv_a_layernorm": "attn_kv_a_norm",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_experts.up_proj": "ffn_up_shexp",
+    "mlp.shared_experts.down_proj": "ffn_down_shexp",
+}
+
+
+def test_every_tensor_is_the_checkpoint_s_own_under_llama_cpp_s_name(checkpoint, tmp_path) -> None:
+    """Read back in f32, every tensor equals the checkpoint file's tensor that llama.cpp's converter
+    writes under that name: routed experts stacked in index order (gate, up and down each), kv_b_proj
+    split per head, each norm its own, and nothing else (no MTP layer)."""
+    import re
+
+    from safetensors.numpy import load_file
+
+    ckpt, model, _ = checkpoint
+    cfg = model.config
+    h, nope, v, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    hf = {k: t for f in sorted(ckpt.glob("*.safetensors")) for k, t in load_file(f).items()}
+    want = {
+        "token_embd.weight": hf.pop("model.embed_tokens.weight"),
+        "output_norm.weight": hf.pop("model.norm.weight"),
+        "output.weight": hf.pop("lm_head.weight"),
+    }
+    experts: dict[str, dict[int, np.ndarray]] = {}
+    for key, t in hf.items():
+        i, part, kind = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(\w+)", key).groups()
+        if int(i) >= cfg.num_hidden_layers:
+            continue  # MTP
+        if e := re.fullmatch(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj", part):
+            experts.setdefault(f"blk.{i}.ffn_{e[2]}_exps.weight", {})[int(e[1])] = t
+        elif kind == "e_score_correction_bias":
+            want[f"blk.{i}.exp_probs_b.bias"] = t
+        elif part == "self_attn.kv_b_proj":
+            kv_b = t.reshape(h, nope + v, r)
+            want[f"blk.{i}.attn_k_b.weight"] = kv_b[:, :nope].transpose(0, 2, 1)
+            want[f"blk.{i}.attn_v_b.weight"] = kv_b[:, nope:]
+        else:
+            want[f"blk.{i}.{HF_TO_GGUF[part]}.{kind}"] = t
+    for name, per_expert in experts.items():
+        want[name] = np.stack([per_expert[e] for e in range(cfg.n_routed_experts)])
+    out = export_gguf(ckpt, tmp_path / "tiny.gguf", type="f32").path
+    got = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(out)).tensors}
+    assert sorted(got) == sorted(want)
+    for name, t in got.items():
+        assert t.shape == want[name].shape, name
+        np.testing.assert_array_equal(t, want[name], err_msg=name)
+
+
+def _keys(config, tmp_path) -> dict:
+    """The deepseek2.* keys the export writes for `config`, read back (no model needed)."""
+    from nanoseek.export import ARCH, _write_hparams
+
+    path = tmp_path / "keys.gguf"
+    w = gguf.GGUFWriter(str(path), ARCH)
+    _write_hparams(w, gguf, config)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {k.removeprefix(ARCH + "."): v for k, v in _fields(gguf.GGUFReader(str(path))).items()}
+
+
+def test_routing_and_rope_keys_follow_the_config(tmp_path) -> None:
+    """The keys that set routing and RoPE in llama.cpp, for configs beside `tiny`'s."""
+    tiny = get_preset("tiny")  # noaux_tc, 4 groups of 4 experts
+    # One group of several is group-limited routing too (nanoseek's Router keeps that group's experts
+    # only): without the keys llama.cpp routed over all 16 experts, and its logits differed.
+    kv = _keys(tiny.replace(topk_group=1), tmp_path)
+    assert (kv["expert_group_count"], kv["expert_group_used_count"]) == (4, 1)
+    kv = _keys(tiny.replace(topk_group=4), tmp_path)  # every group: nothing limited, no keys
+    assert "expert_group_count" not in kv and "expert_group_used_count" not in kv
+    v2 = dict(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False)
+    notes = check_exportable(tiny.replace(topk_group=1, **v2))
+    assert len(notes) == 1 and "top-2" in notes[0]
+    # V2's gate: top-1 is never normalized (HF's `top_k > 1 and norm_topk_prob`), so it is scaled.
+    top1 = {**v2, "topk_method": "greedy", "norm_topk_prob": True, "num_experts_per_tok": 1}
+    kv = _keys(tiny.replace(**top1, routed_scaling_factor=3.0), tmp_path)
+    assert kv["expert_weights_norm"] is False and kv["expert_weights_scale"] == pytest.approx(3.0)
+    # A dense model: every layer a leading dense one, whatever first_k_dense_replace says.
+    dense = get_preset("tiny-dense").replace(first_k_dense_replace=0)
+    assert _keys(dense, tmp_path)["leading_dense_block_count"] == dense.num_hidden_layers
+    # YaRN as DeepSeek ships it; beta_fast and beta_slow default to DeepSeek's 32 and 1.
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+    kv = _keys(tiny.replace(rope_scaling={**yarn, "mscale": 0.707, "mscale_all_dim": 0.707}), tmp_path)
+    assert kv["rope.scaling.type"] == "yarn"
+    assert kv["rope.scaling.factor"] == pytest.approx(4.0)
+    assert kv["rope.scaling.original_context_length"] == 256
+    assert (kv["rope.scaling.yarn_beta_fast"], kv["rope.scaling.yarn_beta_slow"]) == (32, 1)
+    assert kv["rope.scaling.yarn_log_multiplier"] == pytest.approx(0.0707)  # llama.cpp divides by 0.1
+    kv = _keys(tiny.replace(rope_scaling={**yarn, "beta_fast": 24, "beta_slow": 2}), tmp_path)
+    assert (kv["rope.scaling.yarn_beta_fast"], kv["rope.scaling.yarn_beta_slow"]) == (24, 2)
+    assert "rope.scaling.type" not in _keys(tiny, tmp_path)
+
+
 @pytest.mark.parametrize("kind", ["bf16", "q8_0"])
 def test_export_types_quantize_weights_and_keep_norms_and_router_f32(checkpoint, tmp_path, kind) -> None:
     ckpt, model, _ = checkpoint
@@ -133,14 +253,38 @@ def test_export_types_quantize_weights_and_keep_norms_and_router_f32(checkpoint,
     assert tensors["blk.1.attn_k_b.weight"].tensor_type == qtype
     for name in ("blk.1.attn_norm.weight", "blk.1.ffn_gate_inp.weight", "blk.1.exp_probs_b.bias"):
         assert tensors[name].tensor_type == gguf.GGMLQuantizationType.F32, name
+    for name, t in tensors.items():  # every norm and bias
+        assert len(t.shape) > 1 or t.tensor_type == gguf.GGMLQuantizationType.F32, name
+    file_type = {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind]
+    assert _fields(gguf.GGUFReader(str(out)))["general.file_type"] == int(file_type)
     t = tensors["token_embd.weight"]
     back = gguf.quants.dequantize(t.data, t.tensor_type).reshape(model.config.vocab_size, -1)
     ref = model.model.embed_tokens.weight.detach().numpy()
     assert np.abs(back - ref).max() <= 0.01 * np.abs(ref).max()  # 8-bit blocks: well within 1%
 
 
+def test_q8_0_rows_not_in_blocks_of_32_are_written_f16() -> None:
+    """As llama.cpp's converter: q8_0 needs whole blocks of 32 per row, another width falls back to f16."""
+    from nanoseek.export import _encode
+
+    data, raw = _encode(gguf, np.ones((4, 48), np.float32), gguf.GGMLQuantizationType.Q8_0)
+    assert raw == {"raw_dtype": gguf.GGMLQuantizationType.F16} and data.dtype == np.float16
+    _, raw = _encode(gguf, np.ones((4, 64), np.float32), gguf.GGMLQuantizationType.Q8_0)
+    assert raw == {"raw_dtype": gguf.GGMLQuantizationType.Q8_0}
+
+
+def test_a_tied_head_is_not_written_twice() -> None:
+    """Tied embeddings: llama.cpp reuses token_embd as the head; no output.weight copy."""
+    from nanoseek.checkpoint import build_model
+    from nanoseek.export import _gguf_tensors
+
+    model = build_model(get_preset("tiny").replace(vocab_size=640, tie_word_embeddings=True))
+    names = [name for name, _, _ in _gguf_tensors(model, gguf)]
+    assert "token_embd.weight" in names and "output.weight" not in names
+
+
 def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
-    ckpt, _, _ = checkpoint
+    ckpt, _, tok = checkpoint
     # Not a checkpoint directory.
     assert main(["export", str(tmp_path), "--gguf", str(tmp_path / "x.gguf")]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
@@ -163,6 +307,15 @@ def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
         check_exportable(get_preset("tiny").replace(num_hidden_layers=27))
     with pytest.raises(ValueError, match="shared experts"):
         check_exportable(get_preset("tiny").replace(n_shared_experts=0))
+    with pytest.raises(ValueError, match="128256"):  # 48 layers and Llama 3's vocabulary: V2-Lite's kin
+        check_exportable(get_preset("tiny").replace(num_hidden_layers=48, vocab_size=128256))
+    # A tokenizer with ids the model has no row for.
+    small = tmp_path / "small"
+    shutil.copytree(ckpt, small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": tok.vocab_size - 1}))
+    with pytest.raises(ValueError, match="tokenizer has .* tokens but the model's vocab_size"):
+        export_gguf(small, tmp_path / "x.gguf")
     # V2-Lite's own shape loads (27 layers, full-rank query); so does a full-rank query at any depth.
     assert check_exportable(get_preset("deepseek-v2-lite")) == []
     assert check_exportable(get_preset("tiny-dense")) == []

@@ -98,7 +98,7 @@ def check_exportable(config: ModelConfig) -> list[str]:
                 "llama.cpp cannot load this model: it makes every layer after first_k_dense_replace an "
                 f"MoE layer, this config has moe_layer_freq={config.extra['moe_layer_freq']}"
             )
-        if config.topk_method == "group_limited_greedy" and 1 < config.topk_group < config.n_group:
+        if config.topk_method == "group_limited_greedy" and config.topk_group < config.n_group:
             notes.append(
                 "llama.cpp ranks expert groups by the sum of their top-2 scores (DeepSeek-V3's rule); "
                 "this V2 config ranks them by their best score, so routing can differ in llama.cpp"
@@ -250,9 +250,9 @@ def _write_hparams(w: Any, gguf: Any, c: ModelConfig) -> None:
         w.add_expert_weights_norm(norm)
         scaled = not norm or c.topk_method == "noaux_tc"
         w.add_expert_weights_scale(c.routed_scaling_factor if scaled else 1.0)
-        # Group-limited routing only where nanoseek's Router applies it and it limits anything
-        # (llama.cpp also rejects topk_group == n_group).
-        if c.topk_method in ("noaux_tc", "group_limited_greedy") and 1 < c.topk_group < c.n_group:
+        # Group-limited routing only where nanoseek's Router applies it and it limits anything (one
+        # group of several limits the most; llama.cpp also rejects topk_group == n_group).
+        if c.topk_method in ("noaux_tc", "group_limited_greedy") and c.topk_group < c.n_group:
             w.add_expert_group_count(c.n_group)
             w.add_expert_group_used_count(c.topk_group)
     rs = c.rope_scaling
