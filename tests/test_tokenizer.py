@@ -562,15 +562,23 @@ def test_cli_train_measures_its_summary_on_a_bounded_sample(
     assert sampled == [1_000_000]
 
 
-def test_cli_encode_flags_before_the_text_and_clear_train_errors(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _cli_trained_tokenizer(tmp_path: Path) -> tuple[Path, Path]:
+    """(corpus, tokenizer directory): a 300-token tokenizer trained by `nanoseek tokenizer train`."""
     from nanoseek.cli import main
 
     data = tmp_path / "corpus.txt"
     data.write_text("\n<|endoftext|>\n".join(_corpus(50)))
     out = tmp_path / "tok"
     assert main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--out", str(out)]) == 0
+    return data, out
+
+
+def test_cli_encode_flags_before_the_text_and_clear_train_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nanoseek.cli import main
+
+    data, out = _cli_trained_tokenizer(tmp_path)
     capsys.readouterr()
     # flags between the tokenizer and the text, as the usage line allows (was "unrecognized arguments")
     assert main(["tokenizer", "encode", str(out), "--bos", "東京 42"]) == 0
@@ -621,10 +629,7 @@ def test_cli_encode_reads_a_closed_stdin_as_an_empty_one(
 
     from nanoseek.cli import main
 
-    data = tmp_path / "corpus.txt"
-    data.write_text("\n<|endoftext|>\n".join(_corpus(50)))
-    out = tmp_path / "tok"
-    assert main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--out", str(out)]) == 0
+    data, out = _cli_trained_tokenizer(tmp_path)
     capsys.readouterr()
     monkeypatch.setattr(sys, "stdin", None)
     assert main(["tokenizer", "encode", str(out)]) == 0  # as `< /dev/null`: no text, no ids
