@@ -239,3 +239,71 @@ def test_an_earlier_answer_is_rendered_as_a_later_turn_task_renders_it():
     p = get_task(as_second_turn("comparison")).problems("test", 1, seed=0)[0]
     earlier = render_chat(p.messages, bos_token="").split(USER)[1]
     assert re.fullmatch(rf"[^\n]+{ASSISTANT}\d+{EOS}", earlier), repr(earlier)
+
+
+def test_another_seed_draws_other_problems_in_another_mix(monkeypatch):
+    """The seed reseeds both the mix (which family, shape, language) and each family's problems: two
+    seeds that drew one family's same problems in a new order were not two corpora."""
+    original = BuiltinTask.make
+    drawn: dict[int, list[tuple[str, str]]] = {}
+    for seed in (0, 1):
+        seq = drawn[seed] = []
+
+        def spy(self, d, lang, seq=seq):
+            seq.append((self.family, self.key(d)))
+            return original(self, d, lang)
+
+        monkeypatch.setattr(BuiltinTask, "make", spy)
+        _docs(300, seed=seed)
+    assert [f for f, _ in drawn[0]] != [f for f, _ in drawn[1]]
+    for family in BUILTIN_TASKS:
+        first = [[k for f, k in drawn[seed] if f == family][:10] for seed in (0, 1)]
+        assert len(first[0]) == 10 and first[0] != first[1], family
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_harder_problems_come_from_the_split_asked_for(monkeypatch, split):
+    """The problems one level up are of the corpus's split too: a training corpus with
+    `harder_fraction` must hold no held-out problem, a held-out one no training problem."""
+    seen = []
+    original = BuiltinTask.make
+
+    def spy(self, d, lang):
+        seen.append((self.family, self.difficulty, self.key(d)))
+        return original(self, d, lang)
+
+    monkeypatch.setattr(BuiltinTask, "make", spy)
+    _docs(600, seed=2, split=split, harder_fraction=0.5)
+    assert {level for _, level, _ in seen} == {1, 2}
+    assert all(split_of(f"{family}|{key}") == split for family, _, key in seen)
+
+
+def test_a_long_chat_drops_its_oldest_question_first(monkeypatch):
+    """A chat too long for its window loses its earliest question, then the next: the questions
+    kept are the latest ones, in order, right before the last."""
+    calls = []
+    original = synthetic.chat_document
+
+    def spy(problem, worked, history=()):
+        calls.append((problem.id, [q.id for q, _ in history]))
+        return original(problem, worked, history)
+
+    monkeypatch.setattr(synthetic, "chat_document", spy)
+    monkeypatch.setattr(synthetic, "CHAT_CHARS", 150)
+    _docs(300, seed=3, multi_turn=1.0)
+    trimmed = 0
+    for (last, before), (again, after) in itertools.pairwise(calls):
+        if last == again and before:  # the same document written again, shorter
+            assert after == before[1:]
+            trimmed += 1
+    assert trimmed > 20
+
+
+def test_a_worksheet_is_in_one_language():
+    """Every problem of a worksheet (`series`) is in its header's language."""
+    for doc in _docs(300, seed=4, shapes={"series": 1.0}):
+        counts = script_counts(doc)
+        if doc.startswith("Practice problems."):
+            assert counts["kana"] == counts["han"] == 0, doc
+        elif doc.startswith("练习题。"):
+            assert counts["kana"] == 0, doc

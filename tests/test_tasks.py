@@ -733,3 +733,137 @@ def test_largest_keeps_the_line_that_decides_each_comparison():
                 decide = pair.steps({"a": x, "b": y, "which": "larger"}, p.language).split("\n")[-2]
                 assert decide in lines, (p.prompt, lines)
             assert t.score(p, t.worked_solution(p)) == 1.0
+
+
+def _written_number(lines: list[str]) -> int:
+    """The number a column method's lines write, ones place first: each line's last value gives its
+    place's digit (what it writes, the carry going on), the last line its whole value."""
+    values = [
+        int(re.findall(r"= (\d+)", line)[-1]) if "=" in line else int(line.split(": ")[-1]) for line in lines
+    ]
+    return int(str(values[-1]) + "".join(str(v % 10) for v in reversed(values[:-1])))
+
+
+def test_column_methods_carry_into_the_next_place():
+    """Every line of a column sum or a digit's product can be true while the carry it announces never
+    reaches the next place; the digits the lines write must make up the result."""
+    import random
+
+    from nanoseek.data.tasks.families import _column_add, _column_sub, _mul_by_digit
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a, b, d = rng.randint(0, 99999), rng.randint(0, 99999), rng.randint(1, 9)
+        for lang in ("en", "ja", "zh"):
+            add = _column_add(a, b, lang)
+            assert _written_number(add) == a + b and "carry" not in add[-1] and "繰り上" not in add[-1], add
+            assert _written_number(_mul_by_digit(a, d, lang)) == a * d
+            big, small = max(a, b), min(a, b)
+            sub = _column_sub(big, small, lang)
+            assert (
+                int("".join(re.findall(r"(\d+)(?:[,、，].*)?$", s)[0] for s in reversed(sub))) == big - small
+            ), sub
+
+
+@pytest.mark.parametrize("name", BUILTIN_TASKS)
+def test_every_step_of_every_worked_solution_is_true(name):
+    """Each `=` chain of plain arithmetic in a worked solution (`6 - 1 - 2 = 5 - 2 = 3`, `7 × 11 = 77 <
+    80`) holds, and the solution scores, for many draws of each family in each language and level."""
+    number = r"[\d\s+\-×()]+"
+    for spec in (name, f"{name}?difficulty=2"):
+        task = get_task(spec)
+        for lang in ("en", "ja", "zh"):
+            for p in task.problems("train", 150, seed=11, language=lang):
+                worked = task.worked_solution(p)
+                assert task.score(p, worked) == 1.0, (p.prompt, worked)
+                for line in task.steps(p.meta, lang).split("\n"):
+                    for clause in re.split(r"[,，、]", line.rsplit(": ", 1)[-1]):
+                        values = set()
+                        for side in clause.split("="):
+                            side, _, bound = side.partition("<")
+                            if re.fullmatch(number, side) and re.search(r"\d", side):
+                                values.add(eval(side.replace("×", "*")))
+                                if bound.strip().isdigit():
+                                    assert eval(side.replace("×", "*")) < int(bound), (p.prompt, line)
+                        assert len(values) <= 1, (p.prompt, line)
+
+
+@pytest.mark.parametrize("name", ["sorting", "largest", "countdown"])
+def test_a_reordered_problem_is_one_problem(name):
+    """The same numbers in another order are one problem, with one id and one split (as commuted sums
+    are): else a held-out problem's twin, the same numbers shuffled, is trained on."""
+    import random
+
+    task = get_task(name)
+    rng = random.Random(0)
+    for p in task.problems("test", 100, seed=0, language="en"):
+        if len(set(p.meta["numbers"])) == 1:
+            continue
+        shuffled = p.meta["numbers"][:]
+        while shuffled == p.meta["numbers"]:
+            rng.shuffle(shuffled)
+        twin = task.make({**p.meta, "numbers": shuffled}, "zh")
+        assert (twin.id, twin.meta["split"], twin.answer if name != "countdown" else "") == (
+            p.id,
+            "test",
+            p.answer if name != "countdown" else "",
+        )
+
+
+def test_comparison_asks_for_the_side_it_answers_in_every_language():
+    """The prompt asks for the larger number exactly when the answer is the larger one, in every
+    language and wording (a template that asked for the smaller one in Japanese still scored its own
+    answer 1.0)."""
+    words = {
+        "en": {"larger": ("larger", "greater", "bigger"), "smaller": ("smaller", "less")},
+        "ja": {"larger": ("大きい", "最大"), "smaller": ("小さい",)},
+        "zh": {"larger": ("大",), "smaller": ("小",)},
+    }
+    task = get_task("comparison")
+    for lang, asked in words.items():
+        for p in task.problems("train", 200, seed=4, language=lang):
+            which = p.meta["which"]
+            other = "smaller" if which == "larger" else "larger"
+            assert p.answer == str(
+                max(p.meta["a"], p.meta["b"]) if which == "larger" else min(p.meta["a"], p.meta["b"])
+            )
+            assert any(w in p.prompt for w in asked[which]) and not any(
+                w in p.prompt for w in asked[other]
+            ), p.prompt
+
+
+def test_word_problems_tell_the_same_story_in_every_language():
+    """Each kind of story says what its operation does in every language: gaining for a sum, giving
+    away for a difference, boxes for a product (a difference told as a gain still scored its answer)."""
+    says = {
+        "en": {"add": "gets", "sub": "gives away", "mul": "boxes"},
+        "ja": {"add": "もらいました", "sub": "あげました", "mul": "箱"},
+        "zh": {"add": "又得到", "sub": "送出", "mul": "盒子"},
+    }
+    task = get_task("word_problem")
+    for lang, verbs in says.items():
+        for p in task.problems("train", 60, seed=0, language=lang):
+            kind = p.meta["kind"]
+            assert verbs[kind] in p.prompt, p.prompt
+            assert not any(v in p.prompt for k, v in verbs.items() if k != kind), p.prompt
+
+
+@pytest.mark.parametrize("name", [n for n in BUILTIN_TASKS if n != "countdown"])  # many right answers
+def test_one_id_one_answer(name):
+    """An id names one problem: two draws with one id ask for one answer, and two different
+    questions (the larger of two numbers, the smaller) are two problems, each on its own side."""
+    import itertools
+
+    task = get_task(name)
+    answers: dict[str, set[str]] = {}
+    for split in ("train", "test"):
+        for p in itertools.islice(task.iter_problems(split, seed=5, language="en"), 2000):
+            answers.setdefault(p.id, set()).add(p.answer)
+    assert all(len(a) == 1 for a in answers.values()), [a for a in answers.values() if len(a) > 1][:3]
+
+
+def test_a_later_turn_asks_other_problems_before_it():
+    """`turn=N` asks N - 1 *other* problems first: in the train split (what GRPO's second-turn tasks
+    draw) the history held the very problem asked, with its answer, for 2 of 300 problems."""
+    for p in get_task("modular?turn=3").problems("train", 300, seed=0):
+        assert p.prompt not in [m["content"] for m in p.history], p.messages
