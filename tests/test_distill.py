@@ -3,7 +3,9 @@ the teacher's tokenizer; the whole command runs end to end with a scripted teach
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -54,6 +56,38 @@ def test_rejection_sampling_keeps_correct_distinct_finished(teacher_dir) -> None
         assert comp[-1] == tok.eos_token_id
         assert tok.decode(comp, skip_special_tokens=True).endswith(prob.answer)
         assert tok.decode(prompt_ids).endswith("<think>\n")
+
+
+def test_keep_per_prompt_keeps_the_first_distinct_correct_traces_that_reason(teacher_dir) -> None:
+    """--keep-per-prompt N keeps the first N distinct correct traces (not one, not N + 1); a right answer
+    without a think block is no R1 trace: neither kept nor counted as the teacher's success."""
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(teacher_dir)
+    task = get_task("arithmetic")
+    probs = task.problems("train", 2, seed=0)
+    texts = ["a\n</think>\n{}", "a\n</think>\n{}", "b\n</think>\n{}", "c\n</think>\n{}", "{}"]
+
+    class Teacher:
+        def generate_detailed(self, prompts, params):
+            k = len(texts)
+            return [
+                Completion(
+                    tok.encode(texts[j % k].format(probs[j // k].answer)) + [tok.eos_token_id],
+                    None,
+                    "stop",
+                    None,
+                )
+                for j in range(len(prompts))
+            ]
+
+    cfg = DistillConfig(teacher=teacher_dir, student="tiny", tasks=["arithmetic"], k=5, keep_per_prompt=2)
+    kept, stats = sample_correct_traces(Teacher(), tok, [task] * 2, probs, cfg)
+    got = [tok.decode(comp, skip_special_tokens=True) for _, _, comp in kept]
+    assert got == [texts[i].format(p.answer) for p in probs for i in (0, 2)]
+    assert stats["teacher_accuracy"] == pytest.approx(4 / 5)
+    assert stats["kept_traces"] == 4
 
 
 def test_preset_student_takes_teacher_vocab(teacher_dir) -> None:
@@ -138,6 +172,39 @@ def test_distill_resume_trains_on_the_traces_sampled_before(teacher_dir, tmp_pat
     assert [r["step"] for r in read_metrics(tmp_path, "distill") if "loss" in r][-1] == 3
     with pytest.raises(ValueError, match="k: 4 -> 2"):
         distill(cfg(3, k=2))
+    other = shutil.copytree(teacher_dir, tmp_path / "other-teacher")  # its traces are not these
+    with pytest.raises(ValueError, match="teacher: .* -> .*other-teacher"):
+        distill(dataclasses.replace(cfg(3), teacher=str(other)))
+
+
+def test_the_time_budget_covers_the_teachers_sampling(teacher_dir, tmp_path, monkeypatch) -> None:
+    """--max-seconds is the whole run's, "data building included" (its help): a teacher that samples past
+    it leaves no time to train, not a fresh budget after it."""
+    import time
+
+    import nanoseek.engine
+    from nanoseek.data.tasks import get_task
+    from nanoseek.metrics import read_metrics
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.sft import SFTConfig
+
+    tok = load_tokenizer(teacher_dir)
+    probs = get_task("arithmetic").problems("train", 2, seed=0)
+    clock, skew = time.perf_counter, [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock() + skew[0])
+
+    class SlowTeacher(ScriptedEngine):
+        def generate_detailed(self, prompts, params):
+            skew[0] += 1000.0  # the sampling took 1000 s
+            return super().generate_detailed(prompts, params)
+
+    monkeypatch.setattr(nanoseek.engine, "Engine", lambda model, **kw: SlowTeacher(tok, probs))
+    sft = SFTConfig(init="", steps=2, batch_size=2, seq_len=64, progress=False, max_seconds=500.0)
+    cfg = DistillConfig(
+        teacher=teacher_dir, student="tiny", tasks=["arithmetic"], k=4, prompts=2, out=str(tmp_path), sft=sft
+    )
+    distill(cfg)
+    assert not [r for r in read_metrics(tmp_path, "distill") if "loss" in r]
 
 
 def test_distill_help_names_its_own_checkpoint_to_resume(capsys) -> None:
@@ -268,7 +335,9 @@ def test_distill_data_renders_as_the_student_was_trained(
         sft=SFTConfig(init="", steps=1, batch_size=1, seq_len=128, progress=False),
     )
     distill(cfg)
-    traces = json.loads((tmp_path / "run" / "distill_traces.json").read_text())["traces"]
+    saved = json.loads((tmp_path / "run" / "distill_traces.json").read_text())
+    traces = saved["traces"]
+    assert saved["stats"]["kept_traces"] == len(traces)  # the reference solutions, when they stand in
     lines = (tmp_path / "run" / "distill_data.jsonl").read_text().splitlines()
     assert len(traces) == len(lines) == 2
     for trace, line in zip(traces, lines, strict=True):

@@ -390,6 +390,51 @@ def test_a_deadline_known_only_as_it_goes_stops_the_run(tmp_path, monkeypatch) -
     assert records[-1]["lr"] <= 1e-3 * (cfg.min_lr_ratio + 0.05)  # annealed by the deadline
 
 
+def test_epochs_set_the_steps_and_each_epoch_is_every_row_once_reshuffled(tmp_path) -> None:
+    """Without --steps a run is --epochs passes over the packed rows, a last batch short of rows
+    counting as a step (8 rows of 3: 3 steps an epoch), and each epoch takes every row once, in its own
+    order."""
+    import time
+
+    from nanoseek.train.sft import SFTConfig
+
+    cfg = SFTConfig(init="", epochs=2, batch_size=3, seq_len=32, progress=False)
+    assert [r["step"] for r in _train_with_budget(tmp_path, cfg, time.perf_counter())] == [1, 2, 3, 4, 5, 6]
+    rows = [([k] * 4, [k] * 4, [0, 1, 2, 3], [0] * 4) for k in range(8)]
+    epochs = [
+        [
+            int(t)
+            for step in range(4 * e, 4 * e + 4)
+            for t in packed_batch_at(rows, 2, 0, step).input_ids[:, 0]
+        ]
+        for e in range(3)
+    ]
+    assert all(sorted(order) == list(range(8)) for order in epochs)
+    assert len({tuple(order) for order in epochs}) == 3
+
+
+def test_a_short_run_still_warms_up_and_anneals(tmp_path) -> None:
+    """--warmup-steps (default 10) is cut to half of a shorter run: 4 steps end at the schedule's floor,
+    not on the warmup's ramp at 0.4 x --lr."""
+    import time
+
+    from nanoseek.train.sft import SFTConfig
+
+    cfg = SFTConfig(init="", steps=4, batch_size=2, seq_len=32, lr=1e-3, progress=False)
+    records = _train_with_budget(tmp_path, cfg, time.perf_counter())
+    assert records[-1]["lr"] == pytest.approx(1e-3 * cfg.min_lr_ratio)
+
+
+def test_a_deadline_not_known_yet_keeps_the_time_budget(tmp_path) -> None:
+    """A `deadline_fn` that knows no deadline yet (None) leaves --max-seconds' in force."""
+    import time
+
+    from nanoseek.train.sft import SFTConfig
+
+    cfg = SFTConfig(init="", steps=4, batch_size=2, seq_len=32, progress=False, max_seconds=60.0)
+    assert _train_with_budget(tmp_path, cfg, time.perf_counter() - 120.0, deadline_fn=lambda: None) == []
+
+
 def test_tool_use_conversation(tmp_path) -> None:
     """Tool calls are trained on (the same template as the server renders them), tool results are
     prompt only, and the answer after a tool result continues the turn without a think block."""
@@ -585,6 +630,12 @@ def test_sft_logs_its_run_and_resumes_only_the_same_run(tmp_path) -> None:
         _train_with_budget(
             tmp_path,
             SFTConfig(init="", steps=3, batch_size=2, seq_len=32, seed=1, resume=True, progress=False),
+            time.perf_counter(),
+        )
+    with pytest.raises(ValueError, match="--seq-len: 32 -> 24"):  # other rows, another order of batches
+        _train_with_budget(
+            tmp_path,
+            SFTConfig(init="", steps=3, batch_size=2, seq_len=24, resume=True, progress=False),
             time.perf_counter(),
         )
     more = SFTConfig(init="", steps=3, batch_size=2, seq_len=32, resume=True, progress=False)

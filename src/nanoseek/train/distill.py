@@ -207,9 +207,12 @@ def _reference_completion(tok: Any, worked: str, opened: bool) -> list[int]:
 
 def distill(cfg: DistillConfig) -> Path:
     """Rejection-sample the teacher, then SFT the student on the kept traces; returns RUN/distill/."""
+    import time
+
     from nanoseek.checkpoint import resolve_checkpoint
     from nanoseek.tokenizer import load_tokenizer
 
+    started = time.perf_counter()  # --max-seconds covers the data building: the teacher's sampling
     teacher_dir = resolve_checkpoint(cfg.teacher, flag="--teacher")
     if cfg.k < 1 or cfg.prompts < 1 or cfg.keep_per_prompt < 1:
         raise ValueError("-k, --prompts and --keep-per-prompt must be >= 1")
@@ -247,6 +250,7 @@ def distill(cfg: DistillConfig) -> Path:
         "distill",
         cfg.sft,
         {"distill": {"teacher": str(teacher_dir), "student": cfg.student, "tasks": cfg.tasks, **stats}},
+        started,
         start_record={"teacher": str(teacher_dir), **stats},
     )
 
@@ -293,6 +297,7 @@ def _sample(
             if text is not None  # a task (or JSONL line) without worked solutions
         ]
         stats["fallback"] = "reference worked solutions (teacher solved nothing)"
+        stats["kept_traces"] = float(len(kept))  # what the student trains on
         print(
             f"distill: WARNING the teacher solved nothing; training the student on {len(kept)} reference solutions"
         )
