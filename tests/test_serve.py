@@ -222,6 +222,23 @@ def test_a_request_whose_forward_fails_fails_alone(tok, model, monkeypatch, capl
     assert len(failed) == 1 and "out of memory" in str(failed[0].exc_info[1])
 
 
+def test_a_request_aborted_mid_stream_frees_its_slot_and_the_engine_serves_on(tok, model):
+    """The real engine reports an aborted request in a later step (finish_reason "abort"), when the server
+    has already forgotten it: that event is dropped, and the next request is served."""
+    engine = Engine(model, max_batch_size=8, max_seq_len=256)
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL), model=model)
+    body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 240, "temperature": 0, "ignore_eos": True}
+    with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            assert next(line for line in s.iter_lines() if line.startswith("data:"))
+        deadline = time.time() + 10
+        while engine.has_unfinished() and time.time() < deadline:
+            time.sleep(0.02)
+        again = c.post("/v1/completions", json={**body, "max_tokens": 4})
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
+        assert app.state.server.engine.pending == 0 and engine.stats()["cache_blocks_used"] == 0
+
+
 def test_a_failed_forward_is_logged_once_for_all_its_requests(tok, model, monkeypatch, caplog):
     """A forward that raises fails every request it computed with the one exception: the operator gets
     its traceback once, naming them all (n=4 logged it 4 times; an OOM in a 32-row decode batch, 32)."""
@@ -262,6 +279,8 @@ def test_requests_queued_while_the_engine_thread_dies_are_answered(tok):
     engine = Crashing(tok, lambda prompt, params: [100 + i % 50 for i in range(200)], step_delay=0.02)
     app = create_app(engine, tok, ServeConfig(model_name=MODEL))
     server = app.state.server
+    deaths = []
+    server.engine.on_death = deaths.append  # what `nanoseek serve` stops on (exit status 1)
     body = {"model": MODEL, "prompt": "hello", "max_tokens": 100}
     with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=10) as c:
         first = {}
@@ -278,6 +297,8 @@ def test_requests_queued_while_the_engine_thread_dies_are_answered(tok):
         assert c.get("/health").status_code == 503
         score = c.post("/v1/completions", json={**body, "max_tokens": 0, "echo": True, "logprobs": 1})
         assert _err(score, 503)["code"] == "engine_unavailable"  # timed out too
+        assert "scheduler bug" in _err(score, 503)["message"]  # what stopped it, not "None"
+    assert [str(e) for e in deaths] == ["scheduler bug"]
 
 
 def test_prompt_scoring_is_interleaved_with_generation(tok, model, monkeypatch):
@@ -721,11 +742,13 @@ def test_errors_context_length_and_404(real):
 def test_a_request_the_cache_can_never_hold_is_refused_and_not_counted(tok, model):
     # 7 usable blocks of 16 tokens: 100 prompt + 50 completion tokens can never fit (a 400, not a wait)
     engine = Engine(model, max_seq_len=256, num_blocks=8)
-    with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL), model=model)) as srv:
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL), model=model)
+    with LiveServer(app) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, prompt=[5] * 100, max_tokens=50)
         assert e.value.code == "context_length_exceeded"
+        assert app.state.server.engine.pending == 0  # its slot is free again (else, in time, 429 for all)
         r = client.completions.create(model=MODEL, prompt=[5] * 10, max_tokens=2)  # the queue goes on
         metrics = httpx.get(srv.url + "/metrics").text
     # the Prometheus counters agree with the usage the clients got back
@@ -792,6 +815,50 @@ def test_queue_full_429_and_disconnect_aborts(tok):
             while engine.has_unfinished() and time.time() < deadline:
                 time.sleep(0.02)
             assert not engine.has_unfinished() and len(engine.aborted) == 3
+
+
+def test_a_stream_of_n_choices_that_disconnects_frees_them_all(tok):
+    engine = ScriptedEngine(tok, lambda prompt, params: [100 + i % 50 for i in range(200)], step_delay=0.05)
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL))
+    server = app.state.server
+    body = {"model": MODEL, "messages": USER, "max_tokens": 200, "n": 3, "stream": True}
+    with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        with c.stream("POST", "/v1/chat/completions", json=body) as s:
+            lines = s.iter_lines()  # held: a dropped iterator closes the connection
+            assert next(line for line in lines if line.startswith("data:"))
+            assert _running(c, 3)  # /metrics follows the engine
+        assert _running(c, 0)  # ...also once it is idle: the 3 were freed at once, not left running
+        assert server.engine.pending == 0 and not engine.has_unfinished() and len(engine.aborted) == 3
+
+
+def _running(c: httpx.Client, n: int) -> bool:
+    """Whether /metrics comes to show n requests running within 5 s (its snapshot is refreshed as the
+    engine steps)."""
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        if f"nanoseek:num_requests_running {float(n)}" in c.get("/metrics").text:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_choice_that_hits_a_stop_string_is_freed_while_the_others_go_on(tok):
+    # choice 1 (seed 1) says the stop string at once, then would go on for 150 tokens; choice 0 runs 150
+    filler = tok.encode(" and so on") * 50
+    text = tok.encode("The end.")
+
+    def reply(prompt, params):
+        return (text if params.seed == 1 else []) + filler[:150]
+
+    engine = ScriptedEngine(tok, reply, step_delay=0.005)
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL))
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 150, "n": 2, "seed": 0, "stop": ["end"]}
+    with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.post("/v1/completions", json=body).json()
+    assert [(ch["text"], ch["finish_reason"]) for ch in r["choices"]][1] == ("The ", "stop")
+    assert r["choices"][0]["finish_reason"] == "length"
+    # choice 1's engine request was aborted as its stop string showed, not when choice 0 ended
+    assert engine.tokens_generated < 150 + 50
 
 
 # ------------------------------------------------------------ reasoning + stop
