@@ -727,3 +727,19 @@ def test_model_cast_with_to_keeps_rope_frequencies_and_balancing_state_fp32():
     ids = torch.randint(0, cfg.vocab_size, (1, 2048), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model.eval()(ids), built.eval()(ids))
+
+
+def test_init_weights_draws_from_initializer_range_with_output_projections_scaled_by_depth() -> None:
+    """Normal(0, initializer_range) weights; the residual stream's writers (o_proj, down_proj) at
+    std/sqrt(2·layers); unit norms; zero balancing bias."""
+    cfg = config(num_hidden_layers=8)
+    cfg = cfg.replace(extra={**cfg.extra, "initializer_range": 0.05})
+    model = build_model(cfg).init_weights(0)
+    layer = model.model.layers[-1]
+    out_std = 0.05 / (2 * 8) ** 0.5
+    assert model.model.embed_tokens.weight.std().item() == pytest.approx(0.05, rel=0.05)
+    assert layer.self_attn.o_proj.weight.std().item() == pytest.approx(out_std, rel=0.05)
+    assert layer.mlp.experts.down_proj.std().item() == pytest.approx(out_std, rel=0.05)
+    assert layer.mlp.experts.gate_up_proj.std().item() == pytest.approx(0.05, rel=0.05)
+    assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+    assert not layer.mlp.gate.e_score_correction_bias.any()

@@ -169,3 +169,21 @@ def test_trainer_builds_muon_and_refuses_several_ranks(tmp_path) -> None:
             precision="fp32",
             dist=DistInfo(world_size=2),
         )
+
+
+def test_two_muon_steps_by_hand_nesterov_momentum_and_decoupled_decay() -> None:
+    """Two steps on one 4x6 matrix against the recipe written out: buf <- mu·buf + (1-mu)·g, the Nesterov
+    update g + mu·(buf - g), p <- p·(1 - lr·wd) - lr·0.2·sqrt(6)·NS(update) (Moonlight's decay and RMS)."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 6, generator=gen))
+    lr, wd, mu = 0.1, 0.5, 0.95
+    opt = Muon([{"params": [p], "muon": True, "weight_decay": wd}], lr=lr, momentum=mu)
+    expected, buf = p.detach().clone(), torch.zeros(4, 6)
+    for _ in range(2):
+        g = torch.randn(4, 6, generator=gen)
+        p.grad = g.clone()
+        opt.step()
+        buf = mu * buf + (1 - mu) * g
+        update = g + mu * (buf - g)
+        expected = expected * (1 - lr * wd) - lr * 0.2 * 6**0.5 * orthogonalize(update[None])[0]
+    torch.testing.assert_close(p.detach(), expected)

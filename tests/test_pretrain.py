@@ -506,3 +506,57 @@ def test_the_copy_probe_scores_a_weighted_family_once(workdir):
     weighted = _probe(PretrainConfig(data="embedded:sorting,sorting,comparison", probe_problems=3), tok)
     plain = _probe(PretrainConfig(data="embedded:sorting,comparison", probe_problems=3), tok)
     assert [d.ids for d in weighted] == [d.ids for d in plain] and len(plain) == 6
+
+
+@pytest.mark.parametrize("whole_documents", [True, False])
+def test_pretrain_wires_its_settings_into_every_micro_batch(
+    workdir, tmp_path, monkeypatch, whole_documents
+) -> None:
+    """What each micro-batch's loss is given: the document mask (validation's too), the routers' padding
+    mask (whole documents only), the step's micro-batch count and its targets counted within documents
+    (summed over the step's micro-batches); and the routers' α and the Trainer's γ, as set."""
+    import nanoseek.train.loop as loop
+    from nanoseek.data.corpus import window_tokens
+
+    calls = []
+    real = loop.language_model_loss
+
+    def spy(model, x, y, **kw):
+        calls.append((model, x, y, kw))
+        return real(model, x, y, **kw)
+
+    monkeypatch.setattr(loop, "language_model_loss", spy)
+    cfg = config(workdir, tmp_path / "run", steps=1, val_every=1, val_batches=1, accumulation=2)
+    cfg.whole_documents = whole_documents
+    cfg.balance_alpha, cfg.bias_update_speed = 0.01, 0.05
+    pretrain(cfg)
+    assert len(calls) == 3 and all(
+        kw["document_mask"] is True for *_, kw in calls
+    )  # 2 micro-batches, 1 validation
+    calls = calls[:2]
+    model = calls[0][0]
+    depths = len(model.model.mtp_layers)
+    doc_ids = [loop.packed_documents(model, x)[0] for _, x, _, _ in calls]
+    if not whole_documents:  # a row holds two documents: MTP predicts nothing across the boundary
+        assert any((d[:, 1:] != d[:, :-1]).any() for d in doc_ids)
+    counts = sum(
+        loop.target_counts(y, depths, doc_ids=d) for (_, _, y, _), d in zip(calls, doc_ids, strict=True)
+    )
+    for _, x, _, kw in calls:
+        assert kw["mtp_weight"] == 0.3
+        if whole_documents:
+            assert torch.equal(kw["token_mask"], window_tokens(x, model.config.pad_token_id))
+        else:
+            assert kw["token_mask"] is None
+        assert kw["step"].micro_batches == 2 and torch.equal(kw["step"].counts, counts)
+    assert all(r.aux_loss_alpha == 0.01 for _, r in model.routers())
+    biases = torch.cat(
+        [r.e_score_correction_bias for _, r in model.routers()]
+    )  # one step: each moved ±γ or 0
+    assert biases.any() and all(b in (0.0, pytest.approx(0.05)) for b in biases.abs().tolist())
+
+
+def test_the_warmup_is_cut_to_half_of_a_short_run() -> None:
+    # 4 steps with the default 20 of warmup would end on the ramp, never annealed
+    assert PretrainConfig(steps=4, warmup_steps=20).optim_config().warmup_steps == 2
+    assert PretrainConfig(steps=100, warmup_steps=20).optim_config().warmup_steps == 20

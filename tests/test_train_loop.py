@@ -146,6 +146,7 @@ def test_no_decay_on_norms_and_embeddings() -> None:
     nd = {names[id(p)] for p in no_decay["params"]}
     assert "model.embed_tokens.weight" in nd
     assert all(n.endswith("norm.weight") or "embed" in n for n in nd)
+    assert {n for n, p in model.named_parameters() if p.ndim < 2} <= nd  # every norm, none decayed
     assert "lm_head.weight" in {names[id(p)] for p in decay["params"]}
 
 
@@ -897,3 +898,70 @@ def test_no_checkpoint_is_due_at_the_last_step(tmp_path) -> None:
         tr.step(lambda i=i: language_model_loss(model, *batch_at(i)))
         due.append(tr.checkpoint_due())
     assert due == [False, True, False, False]
+
+
+def test_gradients_are_clipped_to_grad_clip_and_the_norm_before_is_returned(tmp_path) -> None:
+    """Every gradient scaled so their global norm is grad_clip; the norm measured before clipping is the
+    one logged (and guarded); grad_clip 0 leaves the gradients as they are."""
+    for clip, expected_after in ((0.5, 0.5), (0.0, None)):
+        model = micro_model()
+        tr = make_trainer(model, tmp_path / str(clip), optim=OptimConfig(grad_clip=clip))
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        before = math.sqrt(sum(p.numel() for p in params))  # the norm of all-ones gradients
+        assert tr._clip_grads() == pytest.approx(before)
+        after = torch.cat([p.grad.flatten() for p in params]).norm().item()
+        assert after == pytest.approx(expected_after or before, rel=1e-4)  # torch adds 1e-6 to the norm
+
+
+def test_balancing_bias_moves_each_expert_by_gamma_against_its_load(tmp_path) -> None:
+    """V3 §2.1.2 by hand: b_i += γ·sign(mean load − load_i), so an overloaded expert's bias falls by γ, an
+    underloaded one's rises by γ, one at the mean stays; a router that routed nothing is left alone."""
+    model = micro_model()
+    tr = make_trainer(model, tmp_path, bias_update_speed=0.01)
+    (name, router), *_ = model.routers()
+    load = torch.tensor([9.0, 1.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0])  # mean 2
+    tr._update_bias({name: load})
+    expected = [-0.01, 0.01, 0.0, 0.0, 0.0, 0.01, 0.01, 0.01]
+    assert router.e_score_correction_bias.tolist() == pytest.approx(expected)
+    tr._update_bias({name: torch.zeros(8)})
+    assert router.e_score_correction_bias.tolist() == pytest.approx(expected)
+
+
+def test_a_ranks_share_of_the_step_mean_is_scaled_up_by_the_world_size() -> None:
+    """Data parallelism averages the ranks' gradients, so a rank holding a quarter of a 2-rank step's
+    targets weighs its mean by 2 x 1/4: the average over ranks is then the mean over every target."""
+    model = micro_model()
+    x, y = batch_at(0)
+    plain, _ = language_model_loss(model, x, y)
+    n = float((y != -100).sum())
+    loss, _ = language_model_loss(model, x, y, step=StepTargets(torch.tensor([4 * n, 4 * n]), world_size=2))
+    assert loss.item() == pytest.approx(plain.item() * 0.5, rel=1e-6)
+
+
+def test_step_metrics_are_averaged_over_the_micro_batches(tmp_path) -> None:
+    """The loss is the micro-batches' sum (each weighted by its caller), the other metrics their mean, the
+    tokens their sum."""
+    model = micro_model()
+    tr = make_trainer(model, tmp_path)
+    values = iter([1.0, 3.0])
+
+    def loss_fn():
+        loss, _ = language_model_loss(model, *batch_at(0))
+        return loss, {"lm_loss": next(values), "tokens": 64}
+
+    plain, _ = language_model_loss(model, *batch_at(0))
+    metrics = tr.step(loss_fn, accumulation=2)
+    assert metrics["lm_loss"] == pytest.approx(2.0) and metrics["step_tokens"] == 128
+    assert metrics["loss"] == pytest.approx(2 * plain.item(), rel=1e-5)
+
+
+def test_each_step_trains_at_its_own_scheduled_lr(tmp_path) -> None:
+    """Step s (0-based) runs at lr·lr_multiplier(s): the first at lr/warmup, not the second's."""
+    model = micro_model()
+    tr = make_trainer(model, tmp_path, optim=OptimConfig(lr=1e-2, warmup_steps=4))
+    for s in range(3):
+        metrics = tr.step(lambda s=s: language_model_loss(model, *batch_at(s)))
+        assert metrics["lr"] == pytest.approx(1e-2 * (s + 1) / 4)
+        assert {g["lr"] for g in tr.optimizer.param_groups} == {metrics["lr"]}
