@@ -8,7 +8,7 @@ import pytest
 
 from nanoseek.cli import build_parser
 from nanoseek.evaluate import EvalConfig
-from nanoseek.options import check_choices, complete, describe_change, from_options
+from nanoseek.options import check_choices, complete, describe_change, from_options, shell_quoted
 from nanoseek.train.distill import DistillConfig
 from nanoseek.train.grpo import GRPOConfig
 from nanoseek.train.pretrain import PretrainConfig
@@ -195,3 +195,19 @@ def test_a_refused_resume_names_only_flags_its_command_has(command, config, stag
     # a positional argument and a field kept off the command line have no flag to name
     assert describe_change(EvalConfig, "model", "a", "b") == "model: 'a' -> 'b'"
     assert describe_change(DistillConfig, "sft", 1, 2) == "sft: 1 -> 2"
+
+
+def test_a_path_printed_for_pasting_is_one_argument_of_the_users_shell(monkeypatch):
+    """`run it with llama.cpp: llama-cli -m PATH` and speedrun's `nanoseek chat PATH`: a path with a space
+    pasted unquoted was two arguments."""
+    import shlex
+    import sys
+
+    assert shell_quoted("/tmp/run/final") == "/tmp/run/final"  # plain paths stay as they are
+    assert shlex.split(f"nanoseek chat {shell_quoted('/tmp/my run/fïnal')}") == [
+        "nanoseek",
+        "chat",
+        "/tmp/my run/fïnal",
+    ]
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert shell_quoted(r"C:\my run\final") == r'"C:\my run\final"'

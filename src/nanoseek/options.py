@@ -13,6 +13,9 @@ import argparse
 import dataclasses
 import importlib
 import os
+import shlex
+import subprocess
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -26,6 +29,12 @@ def path(text: str) -> str:
     leading `~` is the home directory, as the shell would make it. The shell leaves `--out=~/run` and
     a quoted '~/run' as typed, and Python's file functions then take `~` for a directory of that name."""
     return os.path.expanduser(text)
+
+
+def shell_quoted(value: str | os.PathLike) -> str:
+    """`value` as one argument of a command printed for the user to paste: a path with spaces or quotes
+    quoted for their shell (POSIX sh; cmd.exe's rules on Windows), a plain one as it is."""
+    return subprocess.list2cmdline([str(value)]) if sys.platform == "win32" else shlex.quote(str(value))
 
 
 def option(

@@ -32,6 +32,7 @@ from nanoseek.atomic import atomic_directory, atomic_write, restore_directory
 from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_turn, is_unseen_wordings
 from nanoseek.evaluate import Z_95, slug
 from nanoseek.metrics import MetricsLog, read_metrics
+from nanoseek.options import shell_quoted
 from nanoseek.report import EVAL_STAGES, STAGES, RunMetrics
 
 DONE = ".done"
@@ -1072,7 +1073,7 @@ class Speedrun:
         # the run's time over every process that ran it (a resumed run's earlier ones too), as the report
         wall = RunMetrics(self.run).run_wall_time()
         print(
-            f"speedrun ({self.p.name}) finished in {wall / 60:.1f} min: chat with `nanoseek chat {final}`, "
+            f"speedrun ({self.p.name}) finished in {wall / 60:.1f} min: chat with `nanoseek chat {shell_quoted(final)}`, "
             f"report at {report}"
         )
         return final

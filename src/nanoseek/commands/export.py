@@ -31,10 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nanoseek.export import export_gguf
+    from nanoseek.options import shell_quoted
 
     s = export_gguf(args.checkpoint, args.gguf, type=args.type, progress=print)
     print(
         f"wrote {s.path} ({s.bytes / 2**20:.1f} MiB, {s.tensors} tensors, {s.type}, vocab {s.vocab_size}, "
-        f"pre-tokenizer {s.pre_tokenizer}); run it with llama.cpp: llama-cli -m {s.path}"
+        f"pre-tokenizer {s.pre_tokenizer}); run it with llama.cpp: llama-cli -m {shell_quoted(s.path)}"
     )
     return 0
