@@ -21,6 +21,8 @@ from nanoseek.tokenizer import (
     SPLIT_PATTERN,
     THINK_END,
     THINK_START,
+    TOOL_CALL_END,
+    TOOL_SEP,
     USER,
     IncrementalDecoder,
     Tokenizer,
@@ -805,6 +807,35 @@ def test_tool_templates_agree_with_transformers(tok: Tokenizer, tmp_path: Path) 
     assert vllm_style == tok.apply_chat_template(CONVERSATIONS[0], thinking=False)
 
 
+def test_a_tool_call_without_arguments_renders_as_an_empty_object_here_and_in_transformers(
+    tok: Tokenizer, tmp_path: Path
+) -> None:
+    """OpenAI clients may send back a call whose `arguments` is missing or null: the saved template
+    raised in transformers ("Undefined is not JSON serializable") and ours rendered `null`, a call the
+    model must never learn to make. Both render `{}`; a tokenizer saved with the template before loads as ours."""
+    from transformers import AutoTokenizer
+
+    tok.save(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    for function in ({"name": "now"}, {"name": "now", "arguments": None}):
+        messages = [
+            {"role": "user", "content": "time?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"type": "function", "function": function}],
+            },
+            {"role": "tool", "content": "12:00"},
+        ]
+        ours = tok.apply_chat_template(messages)
+        assert f"now{TOOL_SEP}{{}}{TOOL_CALL_END}" in ours
+        assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == ours
+    before = _failing_without_arguments(R1_CHAT_TEMPLATE)
+    assert before != R1_CHAT_TEMPLATE
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": before}))
+    assert load_tokenizer(tmp_path).chat_template == R1_CHAT_TEMPLATE
+
+
 def test_an_earlier_answer_reads_as_the_server_returned_it_however_it_was_stored(
     tok: Tokenizer, tmp_path: Path
 ) -> None:
@@ -831,8 +862,16 @@ def test_an_earlier_answer_reads_as_the_server_returned_it_however_it_was_stored
     assert load_tokenizer(tmp_path).chat_template == R1_CHAT_TEMPLATE
 
 
+def _failing_without_arguments(template: str) -> str:
+    """`template` as saved before it rendered a tool call without `arguments`."""
+    return template.replace(
+        "{%- if args is not defined or args is none %}{% set args = '{}' %}{% endif %}", ""
+    )
+
+
 def _refusing_developer(template: str) -> str:
-    """`template` as saved before it took the `developer` role."""
+    """`template` as saved before it took the `developer` role (and before the ones after it)."""
+    template = _failing_without_arguments(template)
     template = template.replace("not in ['system', 'developer']", "!= 'system'")
     return template.replace("in ['system', 'developer']", "== 'system'")
 

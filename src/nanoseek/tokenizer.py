@@ -132,6 +132,7 @@ R1_CHAT_TEMPLATE = (
     "{%- if not ns.after_tool %}{{ '<｜Assistant｜>' }}{% endif %}{{ content }}"
     "{%- if message['tool_calls'] %}{{ '<｜tool▁calls▁begin｜>' }}"
     "{%- for call in message['tool_calls'] %}{% set args = call['function']['arguments'] %}"
+    "{%- if args is not defined or args is none %}{% set args = '{}' %}{% endif %}"
     "{{ '<｜tool▁call▁begin｜>' + call['function']['name'] + '<｜tool▁sep｜>' }}"
     "{{ args if args is string else (args | tojson) }}{{ '<｜tool▁call▁end｜>' }}"
     "{%- endfor %}{{ '<｜tool▁calls▁end｜>' }}{%- endif %}"
@@ -156,6 +157,7 @@ _OLDER_TEMPLATES = frozenset(
         "8263e33f086dd932fe1c3e51c6eed33c7f7f4161a4107fec84ecd4637c9dcf9c",
         "5e7a91c42d924ec855e6c815afeb4a8a35f9f7a5ceaafb927d360b11cfeff45b",  # kept the newlines after </think>
         "4e1f5165f49c72c4ff89ebd37819353c52409e137483264bed1bafa0736a94e3",  # refused the developer role
+        "6fb97d918aa7278210f0465d30a0115708144313a85c87a955a766e591d22f03",  # failed on a call without arguments
     }
 )
 
@@ -278,7 +280,8 @@ def render_tool_calls(calls: Sequence[dict[str, Any]], message_index: int = 0) -
         f = call.get("function") if isinstance(call, dict) else None
         if not isinstance(f, dict) or not f.get("name"):
             raise ValueError(f"chat message {message_index}: tool_calls[{j}] needs function.name")
-        args = f.get("arguments", "{}")
+        args = f.get("arguments")
+        args = "{}" if args is None else args  # OpenAI's clients may leave a call's arguments out (or null)
         args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
         out.append(f"{TOOL_CALL_BEGIN}{f['name']}{TOOL_SEP}{args}{TOOL_CALL_END}")
     out.append(TOOL_CALLS_END)
