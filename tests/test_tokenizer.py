@@ -539,6 +539,22 @@ def test_cli_train_encode_decode(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["tokenizer", "encode", str(tmp_path / "nope"), "x"]) == 2
 
 
+def test_cli_prints_what_an_ascii_stdout_cannot_encode_escaped(tok: Tokenizer, tmp_path: Path) -> None:
+    """Under PYTHONIOENCODING=ascii (or a legacy console code page) a decoded CJK token raised
+    UnicodeEncodeError and the command exited 2 as if it were misused; the text comes out escaped."""
+    import os
+    import subprocess
+    import sys
+
+    tok.save(tmp_path)
+    ids = [str(i) for i in tok.encode("東京 42")]
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    cmd = [sys.executable, "-m", "nanoseek", "tokenizer", "decode", str(tmp_path), *ids]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="ascii", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "\\u6771\\u4eac 42\n"
+
+
 def test_cli_train_measures_its_summary_on_a_bounded_sample(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

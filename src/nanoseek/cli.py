@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import io
 import os
 import pkgutil
 import sys
@@ -54,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     from nanoseek.perf import tune_malloc
 
     tune_malloc()  # every command that trains or generates allocates multi-MB tensors per step
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        # A stdout in ASCII or Latin-1 (PYTHONIOENCODING=ascii, a legacy console code page) raised on the
+        # first CJK or emoji token and the command ended as a usage error: escape what it cannot
+        # encode, as Python does on stderr, and print the rest.
+        sys.stdout.reconfigure(errors="backslashreplace")
     if sys.stdin is None:
         # fd 0 closed (`nanoseek chat DIR <&-`, some job runners): Python leaves sys.stdin None, and
         # `chat`, `generate DIR -` and `tokenizer encode` failed on it with an AttributeError. Read it as
