@@ -335,6 +335,70 @@ def test_speculative_greedy_equals_plain_greedy(models, dtype):
     assert stats["decode_forwards"] < stats["generated_tokens"] * 0.6
 
 
+def test_speculative_penalties_and_acceptance_metrics_counted_by_hand():
+    """Penalties change what the main model picks, and the MTP draft knows nothing of them: some drafts
+    are rejected. The tokens must be plain greedy's under the same penalties, and the metrics count each
+    verify step by hand: one draft per step, accepted when the step's first token is that draft. A bonus
+    token has its log-probs as any other."""
+    model = bigram_model()
+    params = SamplingParams(max_new_tokens=12, presence_penalty=1.5, frequency_penalty=1.0, logprobs=2)
+    plain = Engine(model).generate_detailed(PROMPTS, params)
+    engine = Engine(model, speculative=True)
+    drafted = accepted = 0
+    for prompt, want in zip(PROMPTS, plain, strict=True):
+        seq = engine._requests[engine.add_request(prompt, params)]
+        got: list[int] = []
+        lps = []
+        while engine.has_unfinished():
+            draft = None if seq.prefilling else seq.draft
+            (ev,) = engine.step()
+            if draft is not None:
+                hit = ev.new_token_ids[0] == draft
+                drafted, accepted = drafted + 1, accepted + hit
+                # a rejected draft gives one token; an accepted one a bonus too, unless it ended the request
+                assert len(ev.new_token_ids) == 1 + hit or (hit and ev.finished)
+            got += ev.new_token_ids
+            lps += ev.logprobs
+        assert got == want.token_ids
+        assert [[t for t, _ in lp.top] for lp in lps] == [[t for t, _ in lp.top] for lp in want.logprobs]
+        assert [lp.logprob for lp in lps] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+    stats = engine.stats()
+    assert 0 < accepted < drafted  # both outcomes exercised
+    assert stats["spec_drafted"] == stats["decode_forwards"] == drafted
+    assert stats["spec_accepted"] == accepted and stats["spec_acceptance_rate"] == accepted / drafted
+
+
+def test_accepted_drafts_advance_both_caches_as_a_fresh_prefill_would(model):
+    """The bigram model ignores context, and the random MTP's drafts are rejected: neither shows what an
+    accepted draft leaves in the caches. Here every draft is the true greedy token (set by hand): the
+    output stays plain greedy's, and the main and MTP cache rows of every computed position equal what a
+    fresh prefill of the same tokens computes (the MTP row at i is made with token i + 1)."""
+    prompt, n = PROMPTS[0], 12
+    want = Engine(model).generate([prompt], max_new_tokens=n)[0]
+    engine = Engine(model, block_size=4, speculative=True)
+    seq = engine._requests[engine.add_request(prompt, SamplingParams(max_new_tokens=n))]
+    while len(seq.tokens) < len(prompt) + n - 2:
+        engine.step()
+        seq.draft = want[len(seq.tokens) - len(prompt)]  # the token after tokens[-1]
+    assert seq.tokens[len(prompt) :] == want[: len(seq.tokens) - len(prompt)]
+    stats = engine.stats()  # one prefill, then verify steps only: no accepted position computed again
+    assert stats["spec_acceptance_rate"] == 1.0
+    assert stats["prefill_forwards"] == 1 and stats["decode_forwards"] == stats["steps"] - 1
+    k = seq.num_computed
+    got = engine.cache.kv[:, engine.cache.slot_map(seq.block_table)[:k]].clone()
+    fresh = Engine(model, block_size=4, speculative=True)
+    ref = fresh._requests[fresh.add_request(seq.tokens[:k], SamplingParams(max_new_tokens=2))]
+    while ref.prefilling:
+        fresh.step()
+    expected = fresh.cache.kv[:, fresh.cache.slot_map(ref.block_table)[:k]]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_speculative_needs_an_mtp_module():
+    with pytest.raises(ValueError, match="MTP module"):
+        Engine(DeepSeekV3(small_config(num_nextn_predict_layers=0)), speculative=True)
+
+
 def test_speculative_engine_holds_what_a_plain_one_does():
     """A verify step computes [last token, draft] at positions len - 1 and len, and a running sequence
     has len < max_len: the draft never lies past max_len. A cache slot reserved for it anyway refused,
@@ -797,7 +861,31 @@ def test_packed_linear_equals_the_plain_one_exactly() -> None:
         for shape in [(1, 96), (2, 96), (17, 96), (3, 5, 96)]:
             x = torch.randn(*shape).to(torch.bfloat16)
             assert torch.equal(packed(x), F.linear(x, linear.weight, linear.bias)), shape
+        # an input in another dtype is multiplied by the unpacked weight in that dtype
+        x = torch.randn(3, 96)
+        want = F.linear(x, linear.weight.float(), linear.bias.float())
+        torch.testing.assert_close(packed(x), want)
     assert torch.equal(packed.weight, linear.weight)
+
+
+def test_pack_weights_keeps_gathered_experts_and_their_shared_expert_plain(model, monkeypatch):
+    """Routed experts small enough that decode gathers them per step (this model's) keep that path, and
+    their shared expert stays plain with them (decode appends it to the gathered stack)."""
+    from nanoseek.engine import packed
+    from nanoseek.engine.packed import PackedLinear, PackedRoutedExperts, packable
+    from nanoseek.model.moe import MoE, RoutedExperts
+
+    monkeypatch.setattr(packed, "PACK_MIN_ELEMENTS", 0)
+    if not packable(model):
+        pytest.skip("this PyTorch's oneDNN does not pack these weights")
+    packed_model = copy.deepcopy(model)
+    engine = Engine(packed_model, pack_weights=True)
+    moes = [m for m in packed_model.modules() if isinstance(m, MoE)]
+    assert moes and all(type(m.experts) is RoutedExperts and m.experts.gathers() for m in moes)
+    assert not any(isinstance(x, PackedLinear) for m in moes for x in m.shared_experts.modules())
+    assert any(isinstance(m, PackedLinear) for m in packed_model.modules())  # the rest is packed
+    assert not any(isinstance(m, PackedRoutedExperts) for m in packed_model.modules())
+    assert engine.generate(PROMPTS, max_new_tokens=6) == Engine(model).generate(PROMPTS, max_new_tokens=6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -229,6 +229,21 @@ def test_a_rejected_draft_is_redrawn_on_the_logits_device(device):
     assert torch.allclose(freq, p, atol=0.05) and bool((tokens[~accepted] != 0).all())
 
 
+def test_a_sampled_draft_that_is_the_argmax_is_still_rejected_with_probability_1_minus_p():
+    """The engine advances its cache past the draft only for accepted rows: a rejected draft must be
+    reported rejected even when it is the greedy choice (accept with p(d) = 0.5 here, not always)."""
+    from nanoseek.engine.speculative import verify
+
+    p = torch.tensor([0.5, 0.3, 0.2])
+    n = 2000
+    states = [SamplerState(SamplingParams(temperature=1.0, seed=s), [1], 3) for s in range(n)]
+    accepted, tokens = verify(p.log().repeat(n, 1), torch.zeros(n, dtype=torch.long), states)
+    assert abs(accepted.float().mean().item() - 0.5) < 0.05
+    assert bool((tokens[accepted] == 0).all()) and bool((tokens[~accepted] != 0).all())
+    freq = torch.bincount(tokens, minlength=3).float() / n
+    assert torch.allclose(freq, p, atol=0.05)
+
+
 def test_sampling_matches_distribution():
     logits = torch.log(torch.tensor([0.6, 0.3, 0.1])).repeat(4000, 1)
     st = SamplerState(SamplingParams(temperature=1.0, seed=0), [0], 3)

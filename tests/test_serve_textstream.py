@@ -46,6 +46,8 @@ CASES = [
     ("\n<think>hmm", True, "hmm", ""),
     ("<thinking aloud", True, "<thinking aloud", ""),
     ("<thi", True, "<thi", ""),
+    # only the newlines right after the tags are layout: the answer's own blank lines are kept
+    ("hmm</think>\n\nline one\n\nline two\n", True, "hmm", "line one\n\nline two\n"),
 ]
 
 
@@ -71,6 +73,9 @@ STOP_CASES = [
     ("no stop at all", ["zzz"], "no stop at all", None),
     ("abcSTxSTOP", ["STOP", "xS"], "abcST", "xS"),  # the earliest match wins
     ("ends with a partial ST", ["STOP"], "ends with a partial ST", None),  # flushed at the end
+    # a held prefix of one stop is not cut short by a shorter prefix of another ("wor" of both)
+    ("Say: Hello world!", ["Hello world", "world"], "Say: ", "Hello world"),
+    ("an empty stop string stops nothing", ["", "zzz"], "an empty stop string stops nothing", None),
 ]
 
 
@@ -139,6 +144,13 @@ def test_tool_call_split_any_chunking(text, content, n_calls):
     if n_calls:  # nothing of the call markup was ever streamed as content
         chunked = _tool_split(text, _chunked(text, rng))[2]
         assert TOOL_CALLS_BEGIN[:2] not in "".join(chunked)
+
+
+def test_a_prefilled_call_that_does_not_parse_is_the_model_text_alone():
+    # the forced call's opening is the prompt's text, not the answer's: never handed back as content
+    prefix = TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "get_weather" + TOOL_SEP
+    text, calls, _ = _tool_split("", ["{city: Lyon}", TOOL_CALL_END + TOOL_CALLS_END], prefix)
+    assert (text, calls) == ("{city: Lyon}" + TOOL_CALL_END + TOOL_CALLS_END, None)
 
 
 def test_tool_call_split_with_prefilled_call():
