@@ -439,3 +439,188 @@ def test_fp8_linear_obeys_cuda_scaled_mm_shape_rules(monkeypatch, n_in, n_out):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(x.grad, gx, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(w.grad, gw, rtol=1e-4, atol=1e-4)
+
+
+def test_e4m3_range_is_used_whole() -> None:
+    """A tile's largest element maps to E4M3's largest finite value, 448 (scale = amax / 448), as
+    DeepSeek-V3's act_quant and weight_quant compute it."""
+    assert FP8_MAX == torch.finfo(FP8_DTYPE).max == 448.0
+    x = torch.tensor([[0.5, -3.5, 1.75] + [0.0] * 125])
+    q, s = quantize_tiles(x)
+    assert s.item() == 3.5 / 448 and q.float()[0, 1].item() == -448.0
+    w = torch.zeros(128, 128)
+    w[5, 7] = 7.0
+    q, s = quantize_blocks(w)
+    assert s.item() == 7.0 / 448 and q.float()[5, 7].item() == 448.0
+
+
+def test_block_dequantization_by_hand() -> None:
+    """dequantize_blocks is DeepSeek's weight_dequant: scale[i, j] multiplies rows i*128.., cols j*128..
+    (a square grid of blocks, where a transposed scale would go unnoticed on rectangular ones)."""
+    q = torch.ones(256, 200).to(FP8_DTYPE)
+    s = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    w = dequantize_blocks(q, s)
+    assert w[0, 0] == 1 and w[0, 199] == 2 and w[255, 0] == 3 and w[255, 199] == 4
+    assert w[127, 127] == 1 and w[127, 128] == 2 and w[128, 127] == 3
+
+
+def test_auto_backend_and_unavailable_scaled_mm(monkeypatch) -> None:
+    """backend="auto" runs torch._scaled_mm where it runs (the tests of the scaled_mm backend skip
+    otherwise); "scaled_mm" asked for where it does not run is an error, not a silent emulation."""
+    cpu = torch.device("cpu")
+    works = fp8._scaled_mm_works("cpu")
+    assert resolve_backend(FP8Recipe(), cpu) == ("scaled_mm" if works else "emulate")
+    monkeypatch.setattr(fp8, "_scaled_mm_works", lambda device_type: False)
+    assert resolve_backend(FP8Recipe(), cpu) == "emulate"
+    with pytest.raises(RuntimeError, match="does not run on cpu"):
+        resolve_backend(FP8Recipe(backend="scaled_mm"), cpu)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pow2", [False, True])
+def test_fp8_linear_gemms_by_hand(backend: str, pow2: bool) -> None:
+    """Fprop, Dgrad and Wgrad against their definition (V3 Figure 6): each operand rounded to FP8 in
+    its own tiles, with the recipe's kind of scale, then multiplied exactly; the GEMM only adds fp32
+    rounding. Dgrad: dy in 1x128 tiles, W in its 128x128 blocks. Wgrad: dy and the FP8-cached x re-tiled
+    along tokens. 200 tokens, 320 inputs, 192 outputs: partial tiles everywhere."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 320, generator=gen) * torch.logspace(-2, 2, 320)
+    w = torch.randn(192, 320, generator=gen) * torch.logspace(1, -3, 192).unsqueeze(1)
+    g = torch.randn(200, 192, generator=gen) * torch.logspace(-3, 1, 200).unsqueeze(1)
+    xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fp8_linear(xx, ww, FP8Recipe(pow2_scales=pow2, backend=backend))
+    dx, dw = torch.autograd.grad(y, (xx, ww), g)
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:  # 1x128 tiles along the last dim
+        return dequantize_tiles(*quantize_tiles(t, pow2))[:, : t.shape[1]].double()
+
+    w8 = dequantize_blocks(*quantize_blocks(w, pow2)).double()
+    x8 = rounded(x)
+    want = (rounded(x) @ w8.t(), rounded(g) @ w8, rounded(g.t()) @ rounded(x8.float().t()).t())
+    for name, got, ref in zip(("y", "dx", "dW"), (y, dx, dw), want, strict=True):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), msg=name)
+
+
+def test_fp8_linear_gradient_of_one_input_only() -> None:
+    """A frozen weight (or an input that needs no gradient) still gets the other gradient, the same
+    one as when both are asked for."""
+    x, w, g = torch.randn(6, 256), torch.randn(128, 256) * 0.05, torch.randn(6, 128)
+    both = torch.autograd.grad(fp8_linear(x.requires_grad_(), w.requires_grad_()), (x, w), g)
+    only_x = x.detach().requires_grad_()
+    fp8_linear(only_x, w.detach()).backward(g)
+    only_w = w.detach().requires_grad_()
+    fp8_linear(x.detach(), only_w).backward(g)
+    assert torch.equal(only_x.grad, both[0]) and torch.equal(only_w.grad, both[1])
+
+
+def test_fp8_training_linear_bias() -> None:
+    """A converted nn.Linear with a bias adds it after the FP8 GEMM, in the GEMM's output dtype."""
+    lin = nn.Linear(256, 128)
+    nn.init.normal_(lin.bias)
+    x = torch.randn(4, 256)
+    want = fp8_linear(x, lin.weight) + lin.bias
+    assert convert_to_fp8_training(lin, skip=()) == 1
+    torch.testing.assert_close(lin(x), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_fp8_grouped_mm_by_hand(pow2: bool) -> None:
+    """The routed experts' grouped GEMM on FP8 operands: rows in 1x128 tiles and each expert's own
+    weight in 128x128 blocks (Fprop/Dgrad); both operands in tiles along the tokens (Wgrad)."""
+    from nanoseek.model.moe import RoutedExperts
+
+    gen = torch.Generator().manual_seed(0)
+    offs = torch.tensor([50, 50, 180], dtype=torch.int32)  # an empty expert; a tile spans two
+    a = torch.randn(180, 200, generator=gen) * torch.logspace(-2, 2, 200)
+    b = torch.randn(3, 200, 136, generator=gen) * torch.tensor([1e-3, 1.0, 1e2]).view(3, 1, 1)
+    b[:, 150:] *= 1e-3  # per-block scales differ within an expert
+    g = torch.randn(180, 136, generator=gen) * torch.logspace(1, -1, 180).unsqueeze(1)
+
+    def tiles(t: torch.Tensor) -> torch.Tensor:
+        return dequantize_tiles(*quantize_tiles(t, pow2))[:, : t.shape[1]]
+
+    blocks = [dequantize_blocks(*quantize_blocks(b[e].t(), pow2)).t() for e in range(3)]
+    rows = [slice(0, 50), slice(50, 50), slice(50, 180)]
+    want = torch.cat([tiles(a)[r] @ blocks[e] for e, r in enumerate(rows)])
+    torch.testing.assert_close(fp8.fp8_grouped_mm(a, b, offs, pow2), want, rtol=1e-5, atol=1e-5)
+    at, gt = tiles(a.t()), tiles(g.t()).t()  # Wgrad: a [K, N] @ g [N, M] -> [E, K, M]
+    want = torch.stack([at[:, r] @ gt[r] for r in rows])
+    torch.testing.assert_close(fp8.fp8_grouped_mm(a.t(), g, offs, pow2), want, rtol=1e-5, atol=1e-5)
+    experts = RoutedExperts(3, 200, 68)
+    convert_to_fp8_training(experts, FP8Recipe(pow2_scales=pow2))
+    assert torch.equal(experts.grouped_mm(a, b, offs), fp8.fp8_grouped_mm(a, b, offs, pow2))
+    assert not torch.equal(experts.grouped_mm(a, b, offs), fp8.fp8_grouped_mm(a, b, offs, not pow2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp8_linear_on_no_tokens(backend: str) -> None:
+    """Zero tokens go through forward and backward as through nn.Linear: an empty output, zero weight
+    gradient (the scaled_mm backward raised "expected scale_a.stride(1) to be 1, but got 0")."""
+    x, w = torch.randn(0, 256, requires_grad=True), torch.randn(128, 256, requires_grad=True)
+    y = fp8_linear(x, w, FP8Recipe(backend=backend))
+    y.sum().backward()
+    assert y.shape == (0, 128) and x.grad.shape == (0, 256) and torch.equal(w.grad, torch.zeros(128, 256))
+
+
+def test_skip_and_experts_choose_what_is_converted() -> None:
+    """`skip` names a module by the end of its qualified name (a wrapped model's head stays as is);
+    experts=False leaves the routed experts in higher precision."""
+    from nanoseek.model.moe import RoutedExperts
+
+    outer = nn.Module()
+    outer.model = nn.Module()
+    outer.model.lm_head, outer.model.proj = nn.Linear(128, 128, bias=False), nn.Linear(128, 128, bias=False)
+    outer.model.not_lm_head = nn.Linear(128, 128, bias=False)
+    outer.model.experts = RoutedExperts(2, 128, 64)
+    outer.model.biased = nn.Linear(128, 128)  # FP8Linear has no bias: storage leaves it as it is
+    training = copy.deepcopy(outer)
+    assert convert_to_fp8_training(training, experts=False) == 3  # proj, not_lm_head, biased
+    assert type(training.model.lm_head) is nn.Linear and isinstance(
+        training.model.not_lm_head, FP8TrainingLinear
+    )
+    assert type(training.model.experts) is RoutedExperts
+    assert convert_to_fp8_training(training) == 4 and type(training.model.experts) is not RoutedExperts
+    assert quantize_linears_fp8(outer) == 2
+    assert type(outer.model.lm_head) is nn.Linear and isinstance(outer.model.not_lm_head, FP8Linear)
+    assert type(outer.model.biased) is nn.Linear
+
+
+def test_fp8_linear_storage_contract() -> None:
+    """pow2 storage has power-of-two block scales; act_quant returns the input's dtype, as the
+    dequantizing path does; a weight of another shape is refused, not broadcast into the layer."""
+    lin = nn.Linear(300, 200, bias=False)
+    fp8 = FP8Linear.from_linear(lin, act_quant=True, pow2=True)
+    s = fp8.weight_scale_inv
+    assert torch.equal(s, torch.exp2(torch.log2(s).round()))
+    torch.testing.assert_close(
+        fp8.dequantize(), dequantize_blocks(*quantize_blocks(lin.weight.detach(), True))
+    )
+    with torch.no_grad():
+        for act_quant in (True, False):
+            fp8.act_quant = act_quant
+            assert fp8(torch.randn(3, 300, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="weight shape"):
+        fp8.load_fp8(fp8.weight.data[:1], fp8.weight_scale_inv.data)
+
+
+def test_fp8_state_dict_keeps_deepseek_high_precision_tensors() -> None:
+    """As in DeepSeek-V3's published checkpoint: the embeddings, the heads (the MTP module's copy
+    too), the router and the norms stay in higher precision; every other linear weight is FP8."""
+    from nanoseek.checkpoint import to_hf_state_dict
+
+    model = DeepSeekV3(_mini_config()).init_weights(0)
+    tensors = quantize_state_dict_fp8(to_hf_state_dict(model))
+    mtp = model.config.num_hidden_layers
+    for key in (
+        "model.embed_tokens.weight",
+        f"model.layers.{mtp}.shared_head.head.weight",
+        f"model.layers.{mtp}.embed_tokens.weight",
+        "model.layers.1.mlp.gate.weight",
+    ):
+        assert tensors[key].dtype == torch.float32, key
+    assert tensors[f"model.layers.{mtp}.eh_proj.weight"].dtype == FP8_DTYPE
+    for key, value in tensors.items():
+        if value.dtype == FP8_DTYPE:
+            assert tensors[key + "_scale_inv"].shape == tuple(-(-d // TILE) for d in value.shape), key

@@ -187,7 +187,7 @@ def _fp8_gemm(
 ) -> torch.Tensor:
     m, k = a.shape
     n = b.shape[0]
-    if backend == "emulate":
+    if backend == "emulate" or not m:  # no rows (a backward through 0 tokens): _scaled_mm refuses them
         a32 = dequantize_tiles(a, a_scale)
         b32 = dequantize_tiles(b, sb)
         return a32 @ b32.t()
