@@ -112,14 +112,36 @@ def test_save_world_1_load_world_2_save_load_world_1_export(tmp_path) -> None:
 
 
 def test_dcp_errors_name_the_problem(tmp_path) -> None:
+    from nanoseek.model.transformer import DeepSeekV3
     from nanoseek.train.dcp import export_hf, load_dcp, save_dcp
 
     with pytest.raises(FileNotFoundError, match="not a torch.distributed.checkpoint"):
         export_hf(tmp_path, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="not a torch.distributed.checkpoint"):
+        load_dcp(micro_model(), tmp_path)
     save_dcp(micro_model(), tmp_path / "ckpt")
     other = micro_model(mtp=0)
     with pytest.raises(ValueError, match="num_nextn_predict_layers"):
         load_dcp(other, tmp_path / "ckpt")
+    fewer_experts = DeepSeekV3.build(micro_model().config.replace(n_routed_experts=4))
+    with pytest.raises(ValueError, match=r"another model shape.*n_routed_experts': \(8, 4\)"):
+        load_dcp(fewer_experts, tmp_path / "ckpt")
+    same = micro_model()
+    with pytest.raises(
+        ValueError, match=r"could not load .* RuntimeError: Missing key .*optim\.param_groups"
+    ):
+        load_dcp(same, tmp_path / "ckpt", torch.optim.AdamW(same.parameters()))  # saved without one
+    (tmp_path / "ckpt" / "config.json").unlink()  # a DCP checkpoint another tool wrote
+    narrower = DeepSeekV3.build(micro_model().config.replace(moe_intermediate_size=8))
+    with pytest.raises(
+        ValueError, match=r"could not load DCP checkpoint .* into this model: ValueError: Size mismatch"
+    ):
+        load_dcp(narrower, tmp_path / "ckpt")  # with no config.json to compare, DCP's own error, named
+    with pytest.raises(FileNotFoundError, match="has no config.json: it was not written by nanoseek"):
+        export_hf(tmp_path / "ckpt", tmp_path / "out")
+    model = micro_model(seed=1)
+    load_dcp(model, tmp_path / "ckpt")  # a model that has its config loads it all the same
+    assert torch.equal(model.lm_head.weight, micro_model().lm_head.weight)
 
 
 def test_export_hf_keeps_a_chat_template_saved_in_its_own_file(tmp_path) -> None:
@@ -150,6 +172,46 @@ def test_load_dcp_puts_back_a_checkpoint_a_crash_left_aside(tmp_path) -> None:
     model = micro_model(seed=4)
     load_dcp(model, tmp_path / "ckpt")
     assert torch.equal(model.lm_head.weight, original.lm_head.weight)
+
+
+def test_export_hf_reads_a_checkpoint_left_aside_mid_save_where_it_lies(tmp_path) -> None:
+    """`export_hf` while a training run's `save_dcp` is between its two renames (the last checkpoint
+    moved aside, the new one about to be renamed in): it exports the copy aside and leaves it there;
+    moved back, the save's second rename failed ("Directory not empty") and the new checkpoint was lost."""
+    from safetensors.torch import load_file
+
+    import nanoseek
+    from nanoseek.train.dcp import export_hf, save_dcp
+
+    original = micro_model(seed=3)
+    save_dcp(original, tmp_path / "ckpt")
+    os.replace(tmp_path / "ckpt", tmp_path / ".ckpt.tmp-old")  # the save's first rename
+    export_hf(tmp_path / "ckpt", tmp_path / "hf", dtype=torch.bfloat16)
+    assert not (tmp_path / "ckpt").exists() and (tmp_path / ".ckpt.tmp-old").is_dir()
+    tensors = {}
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        tensors.update(load_file(f))
+    assert tensors["lm_head.weight"].dtype == torch.bfloat16  # the dtype asked for
+    assert torch.equal(tensors["lm_head.weight"], original.lm_head.weight.to(torch.bfloat16))
+    assert torch.equal(nanoseek.load_model(tmp_path / "hf").lm_head.weight, tensors["lm_head.weight"].float())
+
+
+def test_load_dcp_into_a_model_materialized_from_meta_rebuilds_what_is_not_saved(tmp_path) -> None:
+    """`to_empty` leaves every tensor uninitialized, the buffers DCP does not save (RoPE tables, load
+    counters) too: after `load_dcp` the model computes what the saved one did."""
+    from nanoseek.checkpoint import build_model
+    from nanoseek.train.dcp import load_dcp, save_dcp
+
+    original = micro_model(seed=2).eval()
+    save_dcp(original, tmp_path / "ckpt")
+    model = build_model(original.config, device="meta").to_empty(device="cpu")
+    with torch.no_grad():
+        for buffer in model.buffers():
+            buffer.fill_(float("nan") if buffer.is_floating_point() else 7)  # what to_empty may leave
+    load_dcp(model, tmp_path / "ckpt")
+    ids = batch_at(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids), original(ids), rtol=0, atol=0)
 
 
 def test_optimizer_state_round_trips_as_it_was_before_any_update_and_without_mtp(tmp_path) -> None:

@@ -97,3 +97,34 @@ def test_two_gloo_processes_match_one(tmp_path) -> None:
     )
     assert tr.resume() == {"pos": STEPS} and tr.global_step == STEPS
     assert len(tr.optimizer.state) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_shard_batch_gives_each_rank_its_contiguous_rows_and_refuses_a_remainder() -> None:
+    from nanoseek.train.distributed import DistInfo, shard_batch
+
+    batch = torch.arange(12).view(6, 2)
+    shards = [shard_batch(batch, DistInfo(rank=r, world_size=3)) for r in range(3)]
+    assert torch.equal(torch.cat(shards), batch) and [s.shape[0] for s in shards] == [2, 2, 2]
+    assert shard_batch(batch, DistInfo()) is batch
+    with pytest.raises(ValueError, match="global batch size 6 is not divisible by world size 4"):
+        shard_batch(batch, DistInfo(rank=3, world_size=4))
+
+
+def test_all_reduce_ops(monkeypatch) -> None:
+    """Two ranks that hold [1, 4] and [3, 2]: "sum", "mean", "max" reduce them as named."""
+    import torch.distributed as dist
+
+    from nanoseek.train.distributed import DistInfo, all_reduce_
+
+    other = torch.tensor([3.0, 2.0])
+
+    def fake_all_reduce(t, op):  # what gloo would return with the other rank's tensor
+        t.copy_(t + other if op == dist.ReduceOp.SUM else torch.maximum(t, other))
+
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    info = DistInfo(rank=0, world_size=2)
+    for op, expected in (("sum", [4.0, 6.0]), ("mean", [2.0, 3.0]), ("max", [3.0, 4.0])):
+        t = torch.tensor([1.0, 4.0])
+        assert all_reduce_(t, info, op) is t and t.tolist() == expected, op
+    one = torch.tensor([1.0, 4.0])
+    assert all_reduce_(one, DistInfo(), "sum").tolist() == [1.0, 4.0]  # one process: as it was

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanoseek.model.moe import RoutedExperts
+
 sys.path.insert(0, str(Path(__file__).parent))
 from gloo import run_ranks  # noqa: E402
 from test_train_loop import batch_at, micro_model  # noqa: E402
@@ -138,3 +140,71 @@ def test_single_process_is_a_no_op_and_errors_are_clear() -> None:
     assert expert_parallel_parameters(model) == set()
     with pytest.raises(RuntimeError, match="torchrun"):
         expert_mesh()
+
+
+def test_layouts_expert_parallelism_cannot_shard_are_refused(monkeypatch) -> None:
+    """Checks made before any collective, so one process with a stand-in 2-rank world reaches them."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from nanoseek.train import expert_parallel as ep
+
+    model = micro_model()  # 8 routed experts
+    experts = model.model.layers[1].mlp.experts
+
+    def mesh(size: int, ndim: int = 1):
+        return SimpleNamespace(ndim=ndim, size=lambda: size, get_group=lambda: None, get_local_rank=lambda: 0)
+
+    with pytest.raises(
+        ValueError, match=r"n_routed_experts \(8\) must be divisible by the expert-parallel size \(3\)"
+    ):
+        ep.ExpertParallelExperts(experts, mesh(3))
+    with pytest.raises(ValueError, match="1-D device mesh, got 2-D"):
+        ep.ExpertParallelExperts(experts, mesh(2, ndim=2))
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    assert ep.parallelize_experts(model) is model  # torchrun with one process: nothing to shard
+    assert isinstance(model.model.layers[1].mlp.experts, RoutedExperts)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with pytest.raises(ValueError, match="expert-parallel size 1 != world size 2"):
+        ep.expert_mesh(ep_size=1)
+    with pytest.raises(ValueError, match="mesh of 1 ranks in a world of 2"):
+        ep.parallelize_experts(model, mesh(1))
+    with pytest.raises(ValueError, match="no MoE layers with routed experts"):
+        ep.parallelize_experts(torch.nn.Linear(2, 2), mesh(2))
+    assert isinstance(model.model.layers[1].mlp.experts, RoutedExperts)  # untouched by the refusals
+
+
+def test_load_full_state_dict_refuses_a_state_that_does_not_fill_the_model() -> None:
+    """strict=False lets a tied head be absent; any other missing tensor would leave its parameter as
+    `to_empty` left it (uninitialized memory), so it is named instead."""
+    from nanoseek.train.expert_parallel import load_full_state_dict
+
+    model = micro_model()
+    state = micro_model(seed=1).state_dict()
+    del state["model.layers.1.mlp.experts.down_proj"]
+    with pytest.raises(ValueError, match="model.layers.1.mlp.experts.down_proj"):
+        load_full_state_dict(model, state)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_keeps_its_slice_of_a_real_models_experts(monkeypatch, rank: int) -> None:
+    """pretrain parallelizes a model built with its weights (not on meta, where the load decides):
+    rank r of 2 keeps experts 4r..4r+3 of the 8, both matrices. One process: the mesh a stand-in, the
+    DTensor its local tensor."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from nanoseek.train import expert_parallel as ep
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(ep.DTensor, "from_local", lambda local, *args, **kwargs: local)
+    mesh = SimpleNamespace(ndim=1, size=lambda: 2, get_group=lambda: None, get_local_rank=lambda: rank)
+    experts = micro_model().model.layers[1].mlp.experts
+    sharded = ep.ExpertParallelExperts(experts, mesh)
+    assert torch.equal(sharded.gate_up_proj, experts.gate_up_proj[4 * rank : 4 * rank + 4])
+    assert torch.equal(sharded.down_proj, experts.down_proj[4 * rank : 4 * rank + 4])
+    assert sharded.grad_scale == 0.5

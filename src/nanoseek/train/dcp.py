@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -39,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from nanoseek.atomic import atomic_directory, restore_directory, scratch_dir
+from nanoseek.atomic import atomic_directory, directory_to_read, restore_directory, scratch_dir
 from nanoseek.checkpoint import save_model
 from nanoseek.config import ModelConfig
 from nanoseek.model.transformer import DeepSeekV3
@@ -133,8 +134,11 @@ def load_dcp(
     try:
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
-    except Exception as e:  # DCP raises a CheckpointException that wraps the per-rank errors
-        raise ValueError(f"could not load DCP checkpoint {path} into this model: {e}") from e
+    except (Exception, CheckpointException) as e:
+        # DCP's CheckpointException wraps every rank's error (with its traceback); it is a BaseException
+        errors = [error for error, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+        reasons = "; ".join(dict.fromkeys(f"{type(error).__name__}: {error}" for error in errors))
+        raise ValueError(f"could not load DCP checkpoint {path} into this model: {reasons}") from e
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         # strict=False: parameters saved without a state (see `_drop_state`) stay without one
@@ -185,8 +189,9 @@ def export_hf(
     writes it atomically with `nanoseek.checkpoint.save_model`; tokenizer files found in `dcp_dir`
     are copied along.
     """
-    src = Path(dcp_dir)
-    restore_directory(src)
+    # a reader: a copy a save left aside mid-swap is read where it lies (moved back, the writer's
+    # second rename would fail)
+    src = directory_to_read(dcp_dir)
     if not is_dcp_checkpoint(src):
         raise FileNotFoundError(f"{src} is not a torch.distributed.checkpoint directory (no {METADATA})")
     if not (src / "config.json").exists():
