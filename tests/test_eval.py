@@ -463,6 +463,35 @@ def test_greedy_decoding_asks_for_one_sample_per_problem(tmp_path) -> None:
     assert m["pass@1"] == 1.0 and m["k"] == 1
 
 
+def test_a_temperature_the_engine_decodes_greedily_asks_for_one_sample_too() -> None:
+    """The engine (as vLLM) decodes greedily below GREEDY_BELOW, not only at 0: `-k 4 --temperature
+    1e-6` drew 4 copies of one greedy answer and reported them as pass@1 and cons@4 over 4 samples."""
+    from nanoseek.engine.sampling import GREEDY_BELOW, SamplingParams
+
+    assert SamplingParams(temperature=GREEDY_BELOW / 10).greedy
+    cfg = EvalConfig(model="x", task="arithmetic", k=2, temperature=GREEDY_BELOW / 10)  # 2: two copies
+    with pytest.raises(ValueError, match="decodes greedily: the k=2 samples.*-k 1"):
+        evaluate(cfg, sampler=lambda ps: [])
+    with pytest.raises(ValueError, match="--temperature must be >= 0"):
+        evaluate(dataclasses.replace(cfg, k=1, temperature=-0.5), sampler=lambda ps: [])
+
+
+def test_an_endpoints_reasoning_is_kept_when_its_content_holds_a_think_end_too() -> None:
+    """Only a server that left the reasoning in the content (no reasoning_content) sends the completion
+    whole: reasoning given beside a content with its own </think> is put back before it, not dropped."""
+    from openai.types.chat import ChatCompletionMessage
+
+    from nanoseek.evaluate import completion_text
+
+    def message(content, reasoning):
+        return ChatCompletionMessage.model_validate(
+            {"role": "assistant", "content": content, "reasoning_content": reasoning}
+        )
+
+    assert completion_text(message("x</think>42", "r")) == "r</think>x</think>42"
+    assert completion_text(message("r</think>42", None)) == "r</think>42"
+
+
 def _stub_endpoint(
     problems: int, tokens: Callable[[int], int], reasoning: str | None = "work", seen: list | None = None
 ) -> httpx.Client:

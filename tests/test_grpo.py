@@ -514,6 +514,9 @@ def test_config_errors(micro_checkpoint, tmp_path) -> None:
         grpo(_cfg(micro_checkpoint, tmp_path, loss="ppo"))
     with pytest.raises(FileNotFoundError, match="config.json"):
         grpo(_cfg(str(tmp_path / "nowhere"), tmp_path))
+    for temperature in (0.0, 1e-6):  # the engine decodes greedily below GREEDY_BELOW: G copies, no signal
+        with pytest.raises(ValueError, match="temperature must be >= 1e-05"):
+            grpo(_cfg(micro_checkpoint, tmp_path, temperature=temperature))
 
 
 def test_prompt_sampler_uniform_draws_distinct_problems_from_the_pool() -> None:

@@ -156,6 +156,22 @@ def test_packing_blocks_attention_and_restarts_positions() -> None:
     assert batch.num_target_tokens == 3 + 3
 
 
+def test_no_packed_example_is_trained_to_predict_the_next_ones_first_token() -> None:
+    """Examples whose every token is a target (a completion with no prompt, pretraining-style labels):
+    packed, the last token of one was trained to predict the first of the next, which it cannot see."""
+    exs = [([5, 6, 7], [5, 6, 7]), ([8, 9], [8, 9])]
+    ((ids, labels, _, docs),) = pack_examples(exs, seq_len=6)
+    assert ids == [5, 6, 7, 8, 9, 0] and docs == [0, 0, 0, 1, 1, -1]
+    assert labels == [IGNORE, 6, 7, IGNORE, 9, IGNORE]
+    assert packed_batch_at([(ids, labels, _, docs)], 1, seed=0, step=0).num_target_tokens == 3
+    # so an example whose one target is its first token has nothing to train on
+    from nanoseek.train.sft import _check_targets_fit
+
+    assert _check_targets_fit(exs, seq_len=6) == 3
+    with pytest.raises(ValueError, match="no example has an assistant token within --seq-len 2"):
+        _check_targets_fit([([5, 6], [5, IGNORE])], seq_len=2)
+
+
 def test_packing_is_first_fit_and_scales_to_a_large_dataset() -> None:
     import random
 
@@ -290,14 +306,20 @@ def test_sft_trains_with_the_balance_loss_weight_its_config_records(tmp_path) ->
     pretrain --balance-alpha writes; 0.001 in DeepSeek-V2-Lite's) is the one its fine-tuning uses."""
     from model_configs import small_config
     from nanoseek.checkpoint import build_model
+    from nanoseek.metrics import read_metrics
     from nanoseek.train.sft import SFTConfig, train_on_examples
 
     model = build_model(small_config(aux_loss_alpha=0.01)).init_weights(0)
+    balance = model.balance_loss
+    model.balance_loss = lambda: balance() * 0 + 0.5  # a known balance loss, still from the forward's graph
     ids = list(range(2, 30))
     cfg = SFTConfig(init="", steps=1, batch_size=2, seq_len=32, progress=False)
     train_on_examples(model, CharTokenizer(), [(ids, [IGNORE] * 10 + ids[10:])] * 4, tmp_path, "sft", cfg)
     routers = [r for _, r in model.routers()]
     assert routers and all(r.aux_loss_alpha == 0.01 for r in routers)
+    # and the loss it steps on is the answer tokens' cross-entropy plus that balance loss
+    (rec,) = [r for r in read_metrics(tmp_path, "sft") if "loss" in r]
+    assert rec["loss"] == pytest.approx(rec["sft_loss"] + 0.5, rel=1e-5)
 
 
 def test_mfu_counts_no_mtp_flops_sft_does_not_run(tmp_path, monkeypatch) -> None:
@@ -470,6 +492,21 @@ def test_tool_use_conversation(tmp_path) -> None:
         json.dumps({"messages": msgs, "tools": tools}) + "\n" + json.dumps({"messages": msgs[:2]}) + "\n"
     )
     assert list(read_chat_jsonl(data)) == [(msgs, tools), (msgs[:2], None)]
+
+
+def test_a_turn_of_tool_calls_alone_is_built_as_r1_trains_it_after_a_prompt_that_opens_think() -> None:
+    """The template's rendering of a turn is its target only where it continues the prompt: after R1's
+    "<think>\n" it does not, and a turn with no text (tool calls alone) is found in any offset of it."""
+    from nanoseek.tokenizer import render_tool_calls
+    from serve_fakes import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    calls = [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}}]
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "", "tool_calls": calls}]
+    ((ids, labels),) = tokenize_conversation(tok, msgs, tools)
+    trained = tok.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE])
+    assert trained == "\n</think>\n" + render_tool_calls(calls) + "<｜end▁of▁sentence｜>"
 
 
 def test_another_familys_template_is_trained_as_it_renders(tmp_path) -> None:
@@ -711,12 +748,13 @@ def test_examples_whose_prompt_fills_seq_len_are_dropped(micro_checkpoint, tmp_p
     tk = load_tokenizer(micro_checkpoint)
     long_prompt = [tk.bos_token_id] * 40
     examples = [(long_prompt + [5, 6], [IGNORE] * 40 + [5, 6]), ([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4])]
+    examples.append(([7, 8, 9], [7, IGNORE, IGNORE]))  # its one target, its first token, is never trained
     cfg = SFTConfig(init=micro_checkpoint, steps=1, batch_size=1, seq_len=16, progress=False, seed=0)
     train_on_examples(load_model(micro_checkpoint), tk, examples, tmp_path, "sft", cfg)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses and all(x == x for x in losses)  # no NaN (skipped) step
-    assert "dropped" in capsys.readouterr().out
+    assert "; 2 examples dropped" in capsys.readouterr().out
 
 
 def test_a_bad_conversation_is_named_by_its_line(micro_checkpoint, tmp_path) -> None:
@@ -748,6 +786,10 @@ def test_task_conversations_options_with_commas_and_jsonl_without_reasoning(tmp_
 
     convs = task_conversations("arithmetic?ops=add,sub", 6, seed=0)  # was: unknown task 'sub'
     assert len(convs) == 6
+    # --task-examples counts them all, shared between the tasks (5 of 2 tasks: 3 and 2, not 2 and 2)
+    prompts = [c[0]["content"] for c in task_conversations("arithmetic?ops=add,sub,countdown", 5, seed=0)]
+    countdown = [p for p in prompts if p in {c[0]["content"] for c in task_conversations("countdown", 2)}]
+    assert len(prompts) == 5 and len(countdown) == 2
     path = tmp_path / "t.jsonl"
     rows = [{"prompt": "1+1?", "answer": "2", "reasoning": "one and one"}, {"prompt": "2+2?", "answer": "4"}]
     path.write_text("\n".join(json.dumps(dict(r, split="train")) for r in rows) + "\n")

@@ -108,6 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nanoseek.engine.sampling import GREEDY_BELOW
     from nanoseek.tokenizer import IncrementalDecoder
 
     if args.num_samples < 1:
@@ -118,10 +119,10 @@ def run(args: argparse.Namespace) -> int:
         )
     prompt = args.prompt if args.text is None else args.text
     params = sampling_params(args)  # bad flags fail before the model loads and the prompt is echoed
-    if params.temperature == 0 and args.num_samples > 1:  # as `eval -k` and vLLM's n refuse it
+    if params.greedy and args.num_samples > 1:  # as `eval -k` and vLLM's n refuse it
         raise ValueError(
-            f"--temperature 0 decodes greedily: the {args.num_samples} samples would all be the same one; "
-            "pass a --temperature above 0 for --num-samples"
+            f"--temperature {params.temperature:g} decodes greedily: the {args.num_samples} samples would "
+            f"all be the same one; pass a --temperature of {GREEDY_BELOW:g} or more for --num-samples"
         )
     engine, tok, _ = load_for_generation(args, max_batch_size=args.num_samples)
     text = sys.stdin.read() if prompt == "-" else prompt

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from nanoseek.engine.sampling import GREEDY_BELOW
 from nanoseek.evaluate import split_task_list
 from nanoseek.model.loss import target_logprobs
 from nanoseek.options import check_choices, option, path
@@ -427,8 +428,11 @@ class GRPOConfig:
                 raise ValueError(f"{flag} names tasks not in --task: {', '.join(sorted(unknown))}")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
-        if self.temperature <= 0:
-            raise ValueError("--temperature must be > 0: GRPO needs diverse samples within a group")
+        if not self.temperature >= GREEDY_BELOW:  # below it the engine decodes greedily
+            raise ValueError(
+                f"--temperature must be >= {GREEDY_BELOW:g} (got {self.temperature:g}): GRPO needs diverse "
+                "samples within a group, and the engine decodes greedily below it"
+            )
         if not self.tasks:
             raise ValueError("--task needs at least one task name")
 

@@ -239,7 +239,9 @@ def pack_examples(
         docs: list[int] = []
         for d, (i, lab) in enumerate(row):
             ids += i
-            labels += lab
+            # an example's first token would be predicted from another example's last: never a target
+            # (as TRL's DataCollatorWithFlattening), so no loss crosses from one example to the next
+            labels += [IGNORE, *lab[1:]]
             pos += list(range(len(i)))
             docs += [d] * len(i)
         pad = seq_len - len(ids)
@@ -388,10 +390,11 @@ def task_conversations(
     turns: list[tuple[str, list[dict]]] = []
     # options hold commas ("arithmetic?ops=add,sub"): split as eval/grpo/distill do
     names = split_task_list(task_names)
-    for name in names:
+    for j, name in enumerate(names):
         task = get_task(name)
         made = 0
-        for p in task.problems("train", max(1, n // len(names)), seed=seed, language=language):
+        share = max(1, n // len(names) + (j < n % len(names)))  # n in all, the remainder to the first
+        for p in task.problems("train", share, seed=seed, language=language):
             solution = worked_solution_of(task, p)
             if solution is None:  # nothing to imitate (a JSONL line without "reasoning")
                 continue
