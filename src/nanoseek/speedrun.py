@@ -771,16 +771,17 @@ class Speedrun:
         return max(self.p.sft_examples, steps * self.p.sft_examples // max(1, self.p.sft_steps))
 
     def _examples_held(self, n: int) -> int:
-        """`n` worked solutions, an equal share per family, or fewer where a family holds fewer distinct
-        training problems than its share: a family run alone (`--tasks linear_equation`, 1,539 of them)
-        gives all of a control's ~10k, and SFT refuses a share it cannot fill, at that stage's start."""
+        """`n` worked solutions in equal shares per family (rounded down to them), or fewer where a family
+        holds fewer distinct training problems than its share: a family run alone (`--tasks
+        linear_equation`, 1,539 of them) gives all of a control's ~10k, and SFT refuses a share it cannot
+        fill, at that stage's start."""
         from nanoseek.data.tasks import get_task
 
         share = n // len(self.p.tasks)
         held = min(
             len(get_task(t).problems("train", share, seed=self.p.seed, strict=False)) for t in self.p.tasks
         )
-        return n if held >= share else held * len(self.p.tasks)
+        return min(share, held) * len(self.p.tasks)
 
     def _step_seconds(self, stage: str) -> float | None:
         """Median seconds between consecutive step records of `stage` in metrics.jsonl."""
