@@ -11,6 +11,9 @@ def test_presets_round_trip_through_config_json(tmp_path, name):
     cfg.save(tmp_path)
     again = ModelConfig.load(tmp_path)
     assert again == cfg
+    # the class serving stacks (vLLM, SGLang, transformers' pipelines) pick by the file's architectures
+    arch = {"deepseek_v3": "DeepseekV3", "deepseek_v2": "DeepseekV2", "qwen2": "Qwen2"}[cfg.model_type]
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [f"{arch}ForCausalLM"]
 
 
 @pytest.mark.parametrize("name", [n for n in PRESETS if not n.startswith("deepseek")])
@@ -19,6 +22,13 @@ def test_presets_trained_from_scratch_initialize_at_one_over_sqrt_width(name):
     copy much later at 0.02). The golden learning curve builds its own config and cannot see this."""
     cfg = get_preset(name)
     assert cfg.extra.get("initializer_range") == pytest.approx(cfg.hidden_size**-0.5)
+
+
+def test_preset_names_ignore_case_and_underscores_and_r1_is_v3():
+    assert get_preset("Tiny_Qwen2") == get_preset("tiny-qwen2")
+    assert get_preset("deepseek_r1") == get_preset("deepseek-v3")
+    with pytest.raises(KeyError, match="tiny-dense"):  # the message lists the presets
+        get_preset("tiny-moe")
 
 
 def test_reads_deepseek_v2_file_with_defaults(tmp_path):
@@ -41,7 +51,10 @@ def test_reads_deepseek_v2_file_with_defaults(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(d))
     cfg = resolve_config(tmp_path)
     assert cfg.scoring_func == "softmax" and cfg.topk_method == "greedy" and cfg.n_group == 1
+    assert cfg.norm_topk_prob is False and cfg.routed_scaling_factor == 1.0  # not V3's True, 2.5
     assert cfg.q_lora_rank is None
+    # as transformers' DeepseekV2Config (and DeepSeek's own V2 config) default it: V3's 3 made both dense
+    assert cfg.first_k_dense_replace == 0 and all(cfg.is_moe_layer(i) for i in range(2))
 
 
 def test_rope_parameters_and_rope_scaling_are_both_read():
@@ -72,6 +85,12 @@ def test_rope_scaling_without_original_context_defaults_to_max_position_embeddin
     assert cfg == explicit  # and saved with it, as transformers writes rope_parameters
 
 
+def test_dtype_as_transformers_5_writes_it_is_read():
+    """transformers 5 saves `dtype` where 4 saved `torch_dtype`."""
+    d = {k: v for k, v in get_preset("tiny").to_dict().items() if k != "torch_dtype"}
+    assert ModelConfig.from_dict({**d, "dtype": "float16"}).torch_dtype == "float16"
+
+
 def test_bad_values_are_named():
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         get_preset("tiny").replace(num_experts_per_tok=99)
@@ -89,6 +108,9 @@ def test_v3_groups_of_one_expert_are_refused():
         tiny.replace(n_group=16, topk_group=8)
     tiny.replace(n_group=16, topk_group=8, scoring_func="softmax", topk_method="group_limited_greedy")
     tiny.replace(n_group=8, topk_group=4)
+    # the limits themselves are allowed: every expert routed, and groups that hold exactly k experts
+    tiny.replace(num_experts_per_tok=16, n_group=1, topk_group=1)
+    tiny.replace(num_experts_per_tok=4, n_group=4, topk_group=1)
 
 
 @pytest.mark.parametrize(
@@ -106,6 +128,18 @@ def test_v3_groups_of_one_expert_are_refused():
         ({"num_attention_heads": "4"}, "num_attention_heads"),  # an unnamed TypeError
         ({"rope_theta": 0}, "rope_theta"),  # NaN rotations
         ({"rope_scaling": {"type": "llama3", "low_freq_factor": 1.0}}, "factor"),  # KeyError in build
+        ({"hidden_size": True}, "hidden_size"),  # JSON's true is no integer (Python's bool is)
+        ({"qk_nope_head_dim": -8}, "qk_nope_head_dim"),
+        ({"qk_rope_head_dim": 15}, "qk_rope_head_dim"),  # RoPE rotates pairs of dims
+        ({"n_group": 3}, "divisible by n_group"),  # 16 experts in 3 groups
+        ({"topk_group": 0}, "topk_group"),  # no group, no expert
+        ({"num_nextn_predict_layers": -1}, "num_nextn_predict_layers"),
+        ({"rope_theta": "10000"}, "rope_theta"),  # an unnamed TypeError
+        ({"rms_norm_eps": "1e-6"}, "rms_norm_eps"),  # loaded, then crashed in the first forward
+        ({"routed_scaling_factor": "2.5"}, "routed_scaling_factor"),  # the same
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),  # loaded as tied: "false" is truthy
+        ({"rope_scaling": "yarn"}, "rope_scaling"),  # an unnamed error from dict()
+        ({"rope_scaling": {"type": "yarn", "factor": "4"}}, "factor"),  # crashed building the model
     ],
 )
 def test_hand_edited_config_json_is_refused_at_load_naming_the_field(tmp_path, change, field):

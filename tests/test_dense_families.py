@@ -119,11 +119,21 @@ def test_dense_config_fields_and_errors():
     assert qwen.bos_token_id is None and qwen.eos_token_id is None  # not DeepSeek's 0 / 1
     llama = ModelConfig.from_dict(transformers.LlamaConfig(**hf_kwargs(attention_bias=True)).to_dict())
     assert (llama.qkv_bias, llama.o_bias) == (True, True)
+    # Qwen2Attention ignores attention_bias: q/k/v biased always, o_proj never (transformers)
+    qwen_flagged = ModelConfig.from_dict({**qwen.to_dict(), "attention_bias": True})
+    assert (qwen_flagged.qkv_bias, qwen_flagged.o_bias) == (True, False)
+    # a dense family has no experts and no MTP, even when a change asks for them
+    changed = qwen.replace(num_nextn_predict_layers=1, n_routed_experts=8, num_experts_per_tok=2)
+    assert changed.num_nextn_predict_layers == 0 and not changed.is_moe
     # A round trip through nanoseek's config.json keeps the family and its fields.
     again = ModelConfig.from_dict(llama.to_dict())
     assert again == llama
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         ModelConfig.from_dict({**qwen.to_dict(), "num_key_value_heads": 3})
+    with pytest.raises(ValueError, match="num_key_value_heads"):  # not a ZeroDivisionError
+        ModelConfig.from_dict({**qwen.to_dict(), "num_key_value_heads": 0})
+    with pytest.raises(ValueError, match="head_dim must be even"):  # RoPE rotates pairs of dims
+        ModelConfig.from_dict({**qwen.to_dict(), "head_dim": 15})
     with pytest.raises(ValueError, match="sliding_window"):
         ModelConfig.from_dict({**qwen.to_dict(), "use_sliding_window": True})
     with pytest.raises(ValueError, match="mlp_bias"):
@@ -132,6 +142,7 @@ def test_dense_config_fields_and_errors():
     for cfg, act in ((llama, "gelu"), (qwen, "relu"), (get_preset("tiny"), "gelu_new")):
         with pytest.raises(ValueError, match=f"hidden_act '{act}' is not supported"):
             ModelConfig.from_dict({**cfg.to_dict(), "hidden_act": act})
+    assert ModelConfig.from_dict({**llama.to_dict(), "hidden_act": "swish"})  # transformers' name for silu
     with pytest.raises(ValueError, match="attention_bias is not supported by MLA"):
         ModelConfig.from_dict({**get_preset("tiny").to_dict(), "attention_bias": True})
 
@@ -299,3 +310,26 @@ def test_engine_bf16_logprobs_near_full_recompute(tmp_path):
             abs(lp.logprob - float(full[len(prompt) - 1 + i, lp.token_id])) for i, lp in enumerate(c.logprobs)
         ]
     assert max(errors) < 5e-2, max(errors)
+
+
+def test_chunked_prefill_through_a_cache_that_returns_no_mask():
+    """`LatentCache.update` may return None for plain causal: a later chunk of S queries over T > S
+    rows must then see its earlier rows and itself, as one forward over the whole prompt does."""
+
+    class ConcatCache:  # a cache of one's own: every row of a layer, no mask
+        def __init__(self) -> None:
+            self.rows: dict[int, torch.Tensor] = {}
+
+        def update(self, layer_idx: int, latent: torch.Tensor) -> tuple[torch.Tensor, None]:
+            old = self.rows.get(layer_idx)
+            self.rows[layer_idx] = latent if old is None else torch.cat((old, latent), dim=1)
+            return self.rows[layer_idx], None
+
+    cfg = ModelConfig.from_dict(transformers.Qwen2Config(**hf_kwargs()).to_dict())
+    model = build_model(cfg).init_weights(seed=1).eval()
+    ids = ids_for(9, batch=1)
+    cache = ConcatCache()
+    with torch.no_grad():
+        model(ids[:, :5], cache=cache)
+        chunk = model(ids[:, 5:], positions=torch.arange(5, 9).unsqueeze(0), cache=cache)
+        torch.testing.assert_close(chunk, model(ids)[:, 5:])

@@ -70,6 +70,18 @@ _DENSE_FIELDS = (
 )
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What a config.json value of each field type must be (JSON's true is no integer, "64" no number).
+_TYPE_CHECKS: dict[str, tuple[str, Any]] = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", _is_number),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
 @dataclass
 class ModelConfig:
     """A model's shape, with config.json's field names (DeepSeek-V3's defaults; Qwen2 / Llama by
@@ -132,7 +144,7 @@ class ModelConfig:
             self.num_nextn_predict_layers = 0
             self.rope_interleave = False
         rs = self.rope_scaling
-        rtype = rs.get("type", rs.get("rope_type")) if rs else None
+        rtype = rs.get("type", rs.get("rope_type")) if isinstance(rs, dict) else None
         if rs and rtype in ("yarn", "llama3"):
             # transformers' default where a file leaves it out: the context the model was trained at
             rs = self.rope_scaling = {"original_max_position_embeddings": self.max_position_embeddings, **rs}
@@ -200,11 +212,12 @@ class ModelConfig:
 
         for f in dataclasses.fields(self):  # a hand-edited config.json: 64.0 or "64" where 64 belongs
             value = getattr(self, f.name)
-            if f.type == "int" or (f.type == "int | None" and value is not None):
-                need(
-                    isinstance(value, int) and not isinstance(value, bool),
-                    f"{f.name} must be an integer, got {value!r}",
-                )
+            kind = str(f.type).removesuffix(" | None")
+            if value is None and kind != f.type:
+                continue
+            if kind in _TYPE_CHECKS:
+                want, ok = _TYPE_CHECKS[kind]
+                need(ok(value), f"{f.name} must be {want}, got {value!r}")
         # Sizes the model is built from: zero or negative ones give empty or crashing layers.
         sizes = [
             "vocab_size",
@@ -230,8 +243,13 @@ class ModelConfig:
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
         rs = self.rope_scaling
-        if rs and rs.get("type", rs.get("rope_type")) == "llama3":
-            need(bool(rs.get("factor")), "rope_scaling of type llama3 needs its factor")
+        need(rs is None or isinstance(rs, dict), f"rope_scaling must be an object or null, got {rs!r}")
+        if rs and rs.get("type", rs.get("rope_type")) in ("yarn", "llama3"):
+            factor = rs.get("factor")
+            need(
+                _is_number(factor) and factor > 0,
+                f"rope_scaling's factor must be a number > 0, got {factor!r}",
+            )
         need(
             self.scoring_func in ("sigmoid", "softmax"),
             f"scoring_func {self.scoring_func!r} not in sigmoid/softmax",
@@ -327,7 +345,7 @@ class ModelConfig:
             if rtype not in (None, "default") and not d.get("rope_scaling"):
                 d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
         rs = d.get("rope_scaling")
-        if rs:
+        if isinstance(rs, dict) and rs:  # (anything else is refused by `validate`, naming it)
             rs = dict(rs)
             rtype = rs.get("type", rs.get("rope_type"))
             if rtype in (None, "default"):
@@ -358,12 +376,13 @@ class ModelConfig:
         else:
             passthrough = _PASSTHROUGH_DEFAULTS
         if mt == "deepseek_v2":
-            # V2 files: softmax scores, greedy or group-limited-greedy, no MTP.
+            # V2 files: softmax scores, greedy or group-limited-greedy, no MTP, every layer MoE.
             d.setdefault("scoring_func", "softmax")
             d.setdefault("topk_method", "greedy")
             d.setdefault("norm_topk_prob", False)
             d.setdefault("routed_scaling_factor", 1.0)
             d.setdefault("rope_interleave", True)
+            d.setdefault("first_k_dense_replace", 0)
             d.setdefault("n_group", d.get("n_group") or 1)
             d.setdefault("topk_group", d.get("topk_group") or 1)
             if d.get("n_group") is None:
