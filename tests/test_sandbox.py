@@ -181,6 +181,8 @@ def test_run_tests_asserts_and_stdio():
     assert run_tests("def sq(x):\n    return x + x", "assert sq(3) == 9")[:2] == (0, 1)
     cases = [{"input": "3", "output": "6"}, {"input": "5\n", "output": "10\n"}, {"input": "1", "output": "3"}]
     assert run_tests("print(int(input()) * 2)", cases)[:2] == (2, 3)
+    # the right output, then a crash: not a pass
+    assert run_tests("print(int(input()) * 2)\nraise SystemExit(1)", cases)[:2] == (0, 3)
     # trailing spaces and blank lines at the ends do not count; the first line's indentation does
     pyramid = [{"input": "", "output": "  *\n ***\n*****\n"}]
     assert run_tests("print('\\n  *  \\n ***\\n*****\\n')", pyramid)[:2] == (1, 1)
@@ -195,6 +197,9 @@ def test_run_tests_asserts_and_stdio():
 def test_exiting_before_the_tests_does_not_pass_them(exit_early):
     passed, total, (r,) = run_tests(f"def sq(x):\n    return 0\n{exit_early}", "assert sq(3) == 9", FAST)
     assert (passed, total) == (0, 1) and r.tests_passed is False
+    # even right code that exits at its end: the tests did not run (documented in run_python)
+    r = run_python(f"def sq(x):\n    return x * x\n{exit_early}", tests="assert sq(3) == 9", config=FAST)
+    assert r.tests_passed is False and ("_exit" in exit_early or "exited before the tests ran" in r.stderr)
 
 
 def test_timeout_stops_remaining_cases():
@@ -224,6 +229,17 @@ def test_a_programs_cases_together_stop_at_the_total_timeout(monkeypatch):
         20,
     )
     assert given[-1] == pytest.approx(20 - 13 * 1.5)  # by default 10 x timeout
+    # spent exactly: the next case is not run with a zero timeout (a ValueError in run_python)
+    given.clear()
+    monkeypatch.setattr(
+        sandbox,
+        "run_python",
+        lambda *a, **o: given.append(o["timeout"]) or sandbox.SandboxResult(0, "1", "", False, 2.0),
+    )
+    assert run_tests("print(1)", [{"input": "", "output": "1"}] * 3, cfg)[:2] == (2, 3) and given == [
+        2.0,
+        2.0,
+    ]
     with pytest.raises(ValueError, match="total_timeout"):
         run_tests("print(1)", [{"input": "", "output": "1"}], SandboxConfig(total_timeout=0))
 
@@ -316,7 +332,7 @@ def test_tests_and_the_parents_environment_cannot_be_read(monkeypatch):
     monkeypatch.setenv("NANOSEEK_API_KEY", "sk-parent-secret")
     code = (
         "import os\n"
-        "for path in ('../tests.py', f'/proc/{os.getppid()}/environ'):\n"
+        "for path in ('../tests.py', f'/proc/{os.getppid()}/environ', '/proc/self/mem'):\n"
         "    try:\n"
         "        print(open(path, errors='replace').read())\n"
         "    except OSError as e:\n"
@@ -324,6 +340,9 @@ def test_tests_and_the_parents_environment_cannot_be_read(monkeypatch):
     )
     r = run_python(code, tests="assert 'probe-assert' != 'x'", config=FAST)
     assert "probe-assert" not in r.stdout and "sk-parent-secret" not in r.stdout
+    # the refusal itself: /proc/<pid>/environ shows the environment the parent started with, not what it
+    # set since (the secret above), and /proc/self/mem read from 0 fails anyway (EIO)
+    assert r.stdout.splitlines()[1:] == ["blocked PermissionError"] * 2, r.stdout
 
 
 def test_monkeypatching_does_not_open_the_audit_hook(tmp_path):
@@ -335,6 +354,7 @@ def test_monkeypatching_does_not_open_the_audit_hook(tmp_path):
     os.chmod(victim, 0o644)
     attempts = {
         "builtins": "import builtins; builtins.isinstance = lambda o, t: False",
+        "builtins-int": "import builtins; builtins.isinstance = lambda o, t: t is int",
         "posixpath": "import os, posixpath; posixpath.abspath = lambda p: os.getcwd()",
         "os.stat": "import os; os.lstat = os.stat = os.readlink = None",
     }
@@ -349,6 +369,7 @@ def test_monkeypatching_does_not_open_the_audit_hook(tmp_path):
     )
     run_python(by_fd, config=FAST)
     assert victim.stat().st_mode & 0o777 == 0o644 and not (tmp_path / "fifo").exists()
+    assert "user.x" not in getattr(os, "listxattr", lambda p: [])(victim)
     # what a solution may do in its own directory still works
     r = run_python(
         "import os, pathlib\np = pathlib.Path('out.txt'); p.write_text('hi')\nos.chmod(p, 0o600)\n"
@@ -356,3 +377,93 @@ def test_monkeypatching_does_not_open_the_audit_hook(tmp_path):
         config=FAST,
     )
     assert r.ok and r.stdout.split() == ["h", "True"], r.stderr
+
+
+def test_writes_by_descriptor_flags_and_to_a_sibling_of_the_working_directory_are_refused(tmp_path):
+    # os.open names no mode string: O_RDWR alone (no O_WRONLY/O_TRUNC) writes, O_CREAT alone creates a file;
+    # and the working directory's name is no prefix to write under (its sibling 'work-x' is outside)
+    os.chmod(tmp_path, 0o777)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("safe")
+    os.chmod(victim, 0o666)
+    attempts = {
+        "rdwr": f"import os; fd = os.open({str(victim)!r}, os.O_RDWR); os.write(fd, b'pwned')",
+        "creat": f"import os; os.open({str(tmp_path / 'created')!r}, os.O_RDONLY | os.O_CREAT, 0o644)",
+        "sibling": "import os; open(os.getcwd() + '-x', 'w').write('pwned')",
+        "hardlink": f"import os; os.link({str(victim)!r}, 'hl'); open('hl', 'w').write('pwned')",
+        "dlopen": "import ctypes; ctypes.CDLL('libc.so.6')",  # a library's constructors run unaudited
+    }
+    src = "\n".join(
+        f"try:\n    exec({code!r})\nexcept PermissionError:\n    print('blocked {name}')"
+        for name, code in attempts.items()
+    )
+    r = run_python(src, config=FAST)
+    assert r.stdout.split() == [w for name in attempts for w in ("blocked", name)], r.stderr
+    assert victim.read_text() == "safe" and not (tmp_path / "created").exists()
+
+
+def test_limits_and_environment_the_code_sees():
+    # RLIMIT_CPU defaults to ceil(timeout) (hard one more: SIGXCPU first), no processes or core files, output
+    # capped; HOME and TMPDIR are the working directory
+    show = (
+        "import os, resource as r, tempfile\nprint(*r.getrlimit(r.RLIMIT_CPU))\n"
+        "print(*(r.getrlimit(k)[0] for k in (r.RLIMIT_NPROC, r.RLIMIT_CORE, r.RLIMIT_FSIZE)))\n"
+        "print(os.path.realpath(os.environ['HOME']) == os.getcwd() == os.path.realpath(tempfile.gettempdir()))"
+    )
+    assert run_python(show, config=FAST).stdout.split() == [
+        "2",
+        "3",
+        "0",
+        "0",
+        str(FAST.max_output_bytes),
+        "True",
+    ]
+    assert run_python(show, config=FAST, cpu_seconds=5).stdout.split()[:2] == ["5", "6"]
+    for bad in ({"timeout": 0}, {"memory_mb": 0}):
+        with pytest.raises(ValueError, match="positive"):
+            run_python("print(1)", config=FAST, **bad)
+
+
+_STEAL = (
+    "import sys, os\n"
+    "def steal(f):\n"
+    "    while f is not None:\n"
+    "        n = f.f_locals.get('nonce')\n"
+    "        if n:\n"
+    "            sys.stdout.write('\\n' + n + '\\n'); sys.stdout.flush(); os._exit(0)\n"
+    "        f = f.f_back\n"
+)
+
+
+@pytest.mark.parametrize(
+    "reach",
+    [
+        "    try:\n        raise ValueError\n    except ValueError as e:\n        steal(e.__traceback__.tb_frame)\n",
+        "    def gen():\n        steal(g.gi_frame)\n        yield\n    g = gen()\n    next(g)\n",
+        "    async def co():\n        steal(c.cr_frame)\n    c = co()\n    c.send(None)\n",
+    ],
+    ids=["traceback", "generator", "coroutine"],
+)
+def test_nonce_cannot_be_read_by_walking_back_from_the_codes_own_frame(reach):
+    # the tests call the code: a frame of its own leads back (f_back) to the runner's locals and the nonce
+    code = _STEAL + "def sq(x):\n" + reach + "    return 0\n"
+    r = run_python(code, tests=SQ_TESTS, config=FAST)
+    assert not r.ok and r.tests_passed is False and "frame access is not allowed" in r.stderr
+
+
+def test_result_fields_stdout_with_tests_and_undecodable_output():
+    # with tests, stdout is the code's own output (the success marker taken off), whole when they fail
+    r = run_python("print('hi')\ndef sq(x): return x * x", tests=SQ_TESTS, config=FAST)
+    assert r.ok and r.tests_passed and r.stdout == "hi\n"
+    r = run_python("print('hi', end='')\ndef sq(x): return x * x", tests=SQ_TESTS, config=FAST)
+    assert r.ok and r.stdout == "hi"  # output without a final newline does not hide the success marker
+    r = run_python("print('hi')\n" + WRONG_SQ, tests=SQ_TESTS, config=FAST)
+    assert not r.ok and r.tests_passed is False and r.stdout == "hi\n" and "AssertionError" in r.stderr
+    # bytes that are not UTF-8 are replaced, not a UnicodeDecodeError in the trainer
+    r = run_python("import sys\nsys.stdout.buffer.write(b'\\xff\\xfeok\\n')", config=FAST)
+    assert r.ok and r.stdout == "\ufffd\ufffdok\n"
+    # a wall-clock kill: no return code, no signal (timed_out says it); the CPU limit: SIGXCPU, timed out too
+    r = run_python("import time\ntime.sleep(60)", config=FAST)
+    assert r.timed_out and r.returncode is None and r.signal is None
+    r = run_python("while True:\n    pass", timeout=10, cpu_seconds=1)
+    assert r.timed_out and not r.ok and r.signal == "SIGXCPU" and r.duration < 8

@@ -191,6 +191,10 @@ def _main():
             _exec(_compile(tests, "tests.py", "exec"), g)
         except BaseException as e:  # no sys.excepthook of the code's: it would get this frame
             _report(type(e), e, e.__traceback__)
+            try:  # os._exit drops what the code printed and has not flushed yet
+                _flush()
+            except BaseException:
+                pass
             _exit(1)
         # the success marker: os._exit(0) or a fake exit code cannot produce it
         _write("\n" + nonce + "\n")
