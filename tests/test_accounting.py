@@ -289,6 +289,36 @@ def test_cost_cli_units(capsys) -> None:
     assert "above the GPU's peak" in captured.err
 
 
+def test_cost_cli_passes_each_flag_and_its_documented_default_on(capsys) -> None:
+    """--no-mtp and --seq-len reach the FLOPs (--no-mtp also the "incl. MTP" label), and --help's defaults
+    hold: 2048 GPUs and a bill of more than a day given in days. V3's 2.788M GPU-hours on 2048 GPUs are
+    2.788e6 / 2048 / 24 = 56.7 days, as its report says (about two months)."""
+    cfg = get_preset("deepseek-v3")
+    assert main(["cost", "deepseek-v3", "--tokens", "1T", "--no-mtp", "--seq-len", "1024", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["flops_per_token"] == flops_per_token(cfg, 1024, training=True)
+    assert got["flops_per_token"] < flops_per_token(cfg, 1024, training=True, include_mtp=True)
+    assert main(["cost", "deepseek-v3", "--tokens", "1T", "--no-mtp"]) == 0
+    assert "incl. MTP" not in capsys.readouterr().out
+    assert main(["cost", "deepseek-v3", "--tokens", "1T"]) == 0
+    assert "(training = 3 x forward incl. MTP, seq 4096)" in capsys.readouterr().out
+    assert main(["cost", "deepseek-v3", "--tokens", "14.8T", "--gpu-hours", "2.788M"]) == 0
+    assert "wall clock        56.7 days on 2048 GPUs" in capsys.readouterr().out
+    # a day exactly is said in days (24 GPU-hours on one GPU), not as 24.0 hours
+    assert main(["cost", "tiny", "--tokens", "1B", "--gpu-hours", "24", "--gpus", "1"]) == 0
+    assert "wall clock        1.0 days on 1 GPUs" in capsys.readouterr().out
+
+
+def test_inspect_context_reaches_the_attention_flops_and_is_refused_under_one(capsys) -> None:
+    assert main(["inspect", "deepseek-v3", "--json", "--context", "1024"]) == 0
+    got = json.loads(capsys.readouterr().out)["flops_per_token"]
+    assert (
+        got == flops_per_token(get_preset("deepseek-v3"), 1024) < flops_per_token(get_preset("deepseek-v3"))
+    )
+    assert main(["inspect", "tiny", "--context", "0"]) == 2
+    assert "--context must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_output_piped_into_a_reader_that_stops_is_no_traceback(monkeypatch) -> None:
     # `nanoseek cost ... | head -1`: the reader closes the pipe; a shell's tools then exit quietly
     import os

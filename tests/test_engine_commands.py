@@ -433,3 +433,208 @@ def test_generate_keeps_the_first_words_space_with_a_sentencepiece_vocabulary(tm
         assert args.func(args) == 0
         out = capsys.readouterr().out
         assert "The capital is Paris." in out and "isParis" not in out
+
+
+def test_chat_session_sends_the_history_and_flags_the_user_relies_on(checkpoint, monkeypatch):
+    """What `nanoseek chat` asks of the engine, seen from a scripted one: the system prompt (as /system
+    sets it, stripped), every earlier turn of the session, the defaults --help documents (1024 tokens at
+    temperature 0.6), the user tag as a stop; --no-think closes the think block; /quit ends the session;
+    the summary counts every token generated."""
+    from types import SimpleNamespace
+
+    from nanoseek.commands import chat
+    from nanoseek.config import get_preset
+    from nanoseek.tokenizer import USER, load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    reply = tok.encode("hm</think>ok", add_bos=False)
+    seen = []
+
+    class Scripted:
+        max_seq_len = 4096
+
+        def stream(self, prompts, params):
+            seen.append((tok.decode(prompts[0]), params))
+            return [SimpleNamespace(new_token_ids=reply)]
+
+    model = SimpleNamespace(config=get_preset("tiny"), dtype=torch.float32)
+    monkeypatch.setattr(chat, "load_for_generation", lambda args: (Scripted(), tok, model))
+    stdin = io.StringIO("first\n/system   new rules\nsecond\nthird\n/quit\nnever sent\n")
+    out = io.StringIO()
+    assert chat.run(cli_args("chat", str(checkpoint), "--system", "be brief"), stdin=stdin, stdout=out) == 0
+    prompts = [p for p, _ in seen]
+    assert len(prompts) == 3 and "be brief<｜User｜>first<｜Assistant｜><think>\n" in prompts[0]
+    assert "first" not in prompts[1] and "sentence｜>new rules<｜User｜>second<｜Assistant｜>" in prompts[1]
+    assert "new rules<｜User｜>second<｜Assistant｜>ok<｜end▁of▁sentence｜><｜User｜>third" in prompts[2]
+    params = seen[0][1]
+    assert (params.max_new_tokens, params.temperature) == (1024, 0.6)
+    assert tok.token_to_id(USER) in params.stop_token_ids and tok.eos_token_id in params.stop_token_ids
+    assert f"3 turns, {3 * len(reply)} tokens" in out.getvalue()
+    seen.clear()
+    args = cli_args("chat", str(checkpoint), "--no-think")
+    assert chat.run(args, stdin=io.StringIO("q\n"), stdout=io.StringIO()) == 0
+    assert seen[0][0].endswith("<｜User｜>q<｜Assistant｜></think>")
+
+
+def test_chat_no_color_flag_is_plain_text_on_a_terminal(checkpoint):
+    from nanoseek.commands import chat
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    args = cli_args("chat", str(checkpoint), "--no-color", "--max-new-tokens", "4", "--threads", "1")
+    out = Terminal()
+    assert chat.run(args, stdin=io.StringIO("hello\n"), stdout=out) == 0
+    assert "\x1b[" not in out.getvalue() and "<think>" in out.getvalue()
+
+
+def test_chat_with_a_system_prompt_says_a_first_message_too_long_needs_shortening(checkpoint):
+    # the history holds only the system prompt: /reset would not help
+    from nanoseek.commands import chat
+
+    args = cli_args(
+        "chat", str(checkpoint), "--system", "be brief", "--max-new-tokens", "2", "--threads", "1"
+    )
+    out = io.StringIO()
+    assert chat.run(args, stdin=io.StringIO("word " * 2000 + "\n"), stdout=out) == 0
+    assert "the context holds" in out.getvalue() and ": try a shorter message)" in out.getvalue()
+
+
+@pytest.mark.parametrize(("flags", "match"), [
+    (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+    (["--num-samples", "-1"], "--num-samples must be >= 1, got -1"),
+    (["--num-samples", "2"], "the 2 samples would all be the same one"),
+])  # fmt: skip
+def test_generate_refuses_a_sample_count_before_loading(tmp_path, flags, match):
+    args = cli_args("generate", str(tmp_path), "x", *flags)  # tmp_path holds no checkpoint
+    with pytest.raises(ValueError, match=match):
+        args.func(args)
+
+
+def test_generate_and_chat_defaults_are_those_help_documents():
+    assert "(default: 256)" in _help("generate") and "(default: 1024)" in _help("chat")
+    generate, chat = cli_args("generate", "ck", "x"), cli_args("chat", "ck")
+    assert (generate.max_new_tokens, generate.temperature, generate.top_p) == (256, 0.0, 1.0)
+    assert (chat.max_new_tokens, chat.temperature, chat.top_p) == (1024, 0.6, 1.0)
+
+
+def _help(command: str) -> str:
+    from nanoseek.cli import build_parser
+    from nanoseek.options import complete
+
+    return complete(build_parser()._subparsers._group_actions[0].choices[command]).format_help()
+
+
+def test_generate_flags_reach_the_load_and_the_prompt(checkpoint, monkeypatch, capsys):
+    """--threads sets torch's threads, --device is the device asked for (not the default), the BOS the
+    tokenizer asks for is in the prompt (the stderr summary counts it), and '-' reads the prompt from
+    stdin; several samples are numbered 1/N..N/N."""
+    from nanoseek.cli import main
+    from nanoseek.commands.generate import load_for_generation
+    from nanoseek.tokenizer import load_tokenizer
+
+    load_for_generation(cli_args("generate", str(checkpoint), "x", "--threads", "2"))
+    assert torch.get_num_threads() == 2
+    assert main(["generate", str(checkpoint), "x", "--device", "nonesuch"]) == 2
+    assert "device 'nonesuch'" in capsys.readouterr().err
+    tok = load_tokenizer(checkpoint)
+    n = len(tok.encode("the quick", add_bos=tok.add_bos_token))
+    assert tok.add_bos_token and n == len(tok.encode("the quick", add_bos=False)) + 1
+    monkeypatch.setattr("sys.stdin", io.StringIO("the quick"))
+    assert main(["generate", str(checkpoint), "-", "--max-new-tokens", "2", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("the quick") and f"from a {n}-token prompt" in captured.err
+    argv = [
+        "generate",
+        str(checkpoint),
+        "x",
+        "--num-samples",
+        "2",
+        "--temperature",
+        "1",
+        "--max-new-tokens",
+        "1",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "--- sample 1/2\n" in out and "--- sample 2/2\n" in out
+
+
+def test_speculative_on_a_checkpoint_without_mtp_says_so_and_decodes_plainly(checkpoint, tmp_path, capsys):
+    from nanoseek.commands.generate import load_for_generation
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    cfg = small_config(
+        vocab_size=tok.vocab_size,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        num_nextn_predict_layers=0,
+    )
+    save_model(DeepSeekV3(cfg).init_weights(seed=0), tmp_path)
+    tok.save(tmp_path)
+    engine, _, _ = load_for_generation(cli_args("generate", str(tmp_path), "x", "--speculative"))
+    assert engine.speculative is False
+    assert "has no MTP module; decoding without speculation" in capsys.readouterr().err
+    engine, _, _ = load_for_generation(cli_args("generate", str(checkpoint), "x", "--speculative"))
+    assert engine.speculative is True
+
+
+def test_chat_turn_refuses_a_conversation_that_fills_the_context(checkpoint):
+    """As the engine refuses a prompt of max_seq_len tokens (no room for one more), the turn says the
+    conversation does not fit, so the session goes on instead of ending on the engine's error."""
+    from nanoseek.commands.chat import ContextFull, chat_turn
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    messages = [{"role": "user", "content": "q"}]
+    n = len(tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)))
+
+    class Engine:
+        max_seq_len = n
+
+        def stream(self, prompts, params):
+            pytest.fail("a prompt that fills the context reached the engine")
+
+    with pytest.raises(ContextFull, match=f"the conversation is {n} tokens; the context holds {n}"):
+        chat_turn(Engine(), tok, messages, None, io.StringIO(), color=False)
+
+
+def test_generate_stops_at_the_tokenizers_stop_ids_and_a_chat_sample_is_the_reply_alone(
+    checkpoint, monkeypatch, capsys
+):
+    import types
+
+    from nanoseek.commands import generate
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    reply = tok.encode(" fox", add_bos=False)
+    seen = []
+
+    class Scripted:
+        dtype = "torch.float32"
+
+        def stream(self, prompts, params):
+            seen.append(params)
+            yield types.SimpleNamespace(new_token_ids=reply, finished=True)
+
+        def generate(self, prompts, params):
+            seen.append(params)
+            return [reply for _ in prompts]
+
+        def stats(self):
+            return {"spec_acceptance_rate": None}
+
+    monkeypatch.setattr(
+        generate, "load_for_generation", lambda args, max_batch_size=1: (Scripted(), tok, None)
+    )
+    for samples in ("1", "2"):
+        args = cli_args(
+            "generate", "ck", "the quick", "--chat", "--num-samples", samples, "--temperature", "1"
+        )
+        assert args.func(args) == 0
+        out = capsys.readouterr().out
+        assert "the quick" not in out and " fox" in out
+    assert [p.stop_token_ids for p in seen] == [list(tok.stop_token_ids)] * 2 and tok.stop_token_ids

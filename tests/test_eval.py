@@ -567,6 +567,32 @@ def test_several_tasks_write_their_reports_beside_the_one_named(tmp_path, monkey
     ]
 
 
+def test_one_task_writes_its_report_where_named_and_several_add_json_to_a_bare_name(
+    tmp_path, monkeypatch
+) -> None:
+    """`--out r.json` with one task is r.json itself; with several and a name without a suffix, each is
+    r_<task>.json, as the default names them."""
+    import nanoseek.evaluate as ev
+    from nanoseek.cli import main as cli
+
+    written = []
+    m = {"k": 1, "cons@1": 0.0, "pass@1": 0.0, "pass@1_stderr": 0.0, "format_rate": 0.0}
+    m |= {"language_consistency": 1.0, "mean_response_tokens": 4.0, "problems": 2, "evaluated": "ck"}
+
+    def many(cfgs):
+        written.extend(c.out for c in cfgs)
+        return [{**m, "json": c.out} for c in cfgs]
+
+    monkeypatch.setattr(ev, "evaluate_many", many)
+    assert cli(["eval", "ck", "--task", "arithmetic", "--out", str(tmp_path / "r.json")]) == 0
+    assert cli(["eval", "ck", "--task", "arithmetic,comparison", "--out", str(tmp_path / "r")]) == 0
+    assert written == [
+        str(tmp_path / "r.json"),
+        str(tmp_path / "r_arithmetic.json"),
+        str(tmp_path / "r_comparison.json"),
+    ]
+
+
 def test_the_cli_warns_of_truncated_samples_on_stderr(monkeypatch, capsys) -> None:
     """The scores are stdout's one line per task; the warning that samples ran out of --max-new-tokens
     is a message, on stderr with the others (it was a second line on stdout)."""

@@ -283,6 +283,21 @@ def test_a_tied_head_is_not_written_twice() -> None:
     assert "token_embd.weight" in names and "output.weight" not in names
 
 
+def test_export_defaults_to_bf16_and_prints_a_command_to_paste(checkpoint, tmp_path, capsys) -> None:
+    """--help: bf16 is the default type; the llama-cli line names a path with a space as one argument."""
+    import shlex
+
+    ckpt, _, _ = checkpoint
+    out = tmp_path / "my model.gguf"
+    assert main(["export", str(ckpt), "--gguf", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert ", bf16, vocab" in last
+    assert shlex.split(last.split("run it with llama.cpp: ")[1]) == ["llama-cli", "-m", str(out)]
+    reader = gguf.GGUFReader(str(out))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.BF16
+
+
 def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
     ckpt, _, tok = checkpoint
     # Not a checkpoint directory.

@@ -211,3 +211,39 @@ def test_a_path_printed_for_pasting_is_one_argument_of_the_users_shell(monkeypat
     ]
     monkeypatch.setattr(sys, "platform", "win32")
     assert shell_quoted(r"C:\my run\final") == r'"C:\my run\final"'
+
+
+def test_the_cli_exit_status_and_stream_of_each_outcome(monkeypatch, capsys) -> None:
+    """What scripts rely on: a KeyError's message on stderr as said (not its repr in quotes), exit 2;
+    Ctrl-C exits 130 as a shell reports SIGINT; no command prints the help, exit 0; an unknown flag where
+    a PROMPT may follow the flags is a usage error (2), not taken as the prompt."""
+    import errno
+
+    from nanoseek.cli import main
+
+    def raising(exc):
+        def run(args):
+            raise exc
+
+        return run
+
+    monkeypatch.setattr("nanoseek.commands.report.run", raising(KeyError("unknown task 'nope'")))
+    assert main(["report", "somewhere"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "nanoseek report: error: unknown task 'nope'\n"
+    monkeypatch.setattr("nanoseek.commands.report.run", raising(KeyboardInterrupt()))
+    assert main(["report", "somewhere"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    # what the file system refused, with its path: one line, exit 2; an OSError naming no file is a bug's
+    denied = PermissionError(errno.EACCES, "Permission denied", "/runs/r/metrics.jsonl")
+    monkeypatch.setattr("nanoseek.commands.report.run", raising(denied))
+    assert main(["report", "somewhere"]) == 2
+    assert capsys.readouterr().err == "nanoseek report: error: /runs/r/metrics.jsonl: Permission denied\n"
+    monkeypatch.setattr("nanoseek.commands.report.run", raising(OSError(errno.EBADF, "Bad file descriptor")))
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        main(["report", "somewhere"])
+    assert main([]) == 0
+    assert capsys.readouterr().out.startswith("usage: nanoseek")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "ck", "--max-new-tokens", "2", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -4,6 +4,7 @@ HF loading, incremental decoding, CLI."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import random
 import time
@@ -536,6 +537,23 @@ def test_cli_train_encode_decode(tmp_path: Path, capsys: pytest.CaptureFixture[s
     for digits in ("²", "٣"):  # Unicode digits are no ids ("٣" was read as id 3, "²" crashed int())
         assert main(["tokenizer", "decode", str(out), digits]) == 2
         assert f"not a token id: {digits!r}" in capsys.readouterr().err
+    # the last id is the vocabulary's; its size and below zero are not (as HF's decode refuses them)
+    tok = load_tokenizer(out)
+    assert main(["tokenizer", "decode", str(out), str(tok.vocab_size - 1)]) == 0
+    capsys.readouterr()
+    for bad in (str(tok.vocab_size), "-1"):
+        assert main(["tokenizer", "decode", str(out), bad]) == 2
+        assert f"token id {bad} is outside the vocabulary (size {tok.vocab_size})" in capsys.readouterr().err
+    # ids as `encode --bos` printed them, or comma-separated; --skip-special-tokens drops the BOS
+    with_bos = tok.encode("東京 42", add_bos=True)
+    assert main(["tokenizer", "decode", str(out), ",".join(map(str, with_bos))]) == 0
+    assert capsys.readouterr().out == tok.decode(with_bos) + "\n" != "東京 42\n"
+    assert main(["tokenizer", "decode", str(out), "--skip-special-tokens", *map(str, with_bos)]) == 0
+    assert capsys.readouterr().out == "東京 42\n"
+    # --tokens: one id<TAB>token-text line per id, as --help says
+    assert main(["tokenizer", "encode", str(out), "--tokens", "42"]) == 0
+    want = [f"{i}\t{tok.decode([i])!r}" for i in tok.encode("42")]
+    assert capsys.readouterr().out.splitlines() == want
     assert main(["tokenizer", "encode", str(tmp_path / "nope"), "x"]) == 2
 
 
@@ -611,10 +629,16 @@ def test_cli_encode_flags_before_the_text_and_clear_train_errors(
     # --out naming a file: said before training (a FileExistsError traceback after it before)
     assert main(["tokenizer", "train", "--data", str(data), "--out", str(data)]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+    # --max-docs 0 names the flag, before reading anything (not "no documents in" the corpus)
+    assert (
+        main(["tokenizer", "train", "--data", str(data), "--max-docs", "0", "--out", str(tmp_path / "t3")])
+        == 2
+    )
+    assert "--max-docs must be positive, got 0" in capsys.readouterr().err
 
 
 def test_cli_encode_text_after_double_dash_and_a_short_vocabulary_note_that_helps(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from nanoseek.cli import main
 
@@ -635,6 +659,11 @@ def test_cli_encode_text_after_double_dash_and_a_short_vocabulary_note_that_help
     assert "use more documents (--max-docs)" in capsys.readouterr().out
     # "--" lets the text start with a dash after the flags too (was "unrecognized arguments: -- -5")
     assert main(["tokenizer", "encode", str(out), "--bos", "--", "-5"]) == 0
+    assert [int(i) for i in capsys.readouterr().out.split()] == load_tokenizer(out).encode("-5", add_bos=True)
+    # a bare "--" ends the options and gives no text: stdin is read, as `cat --` reads it (was "unrecognized
+    # arguments: --")
+    monkeypatch.setattr("sys.stdin", io.StringIO("-5"))
+    assert main(["tokenizer", "encode", str(out), "--bos", "--"]) == 0
     assert [int(i) for i in capsys.readouterr().out.split()] == load_tokenizer(out).encode("-5", add_bos=True)
 
 

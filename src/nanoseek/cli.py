@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in getattr(args, "late_positionals", ()):
         if not extra or getattr(args, name) is not None:
             continue
-        if extra[0] == "--" and len(extra) > 1:  # `encode DIR --bos -- -5`: after "--", text whatever it is
+        if extra[0] == "--":  # `encode DIR --bos -- -5`: after "--", text whatever it is
             extra.pop(0)
+            if not extra:  # a bare "--" only ends the options: no text (stdin is read, as `cat --` does)
+                continue
         elif extra[0].startswith("-"):
             continue
         setattr(args, name, extra.pop(0))
