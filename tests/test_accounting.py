@@ -377,3 +377,7 @@ def test_gqa_kv_cache_of_a_published_model() -> None:
     assert acc.kv_cache_bytes_per_token == 28_672
     assert acc.mha_kv_cache_bytes_per_token == 172_032
     assert acc.mla_kv_cache_bytes_per_token == 32_256
+    # QKᵀ and AV: 2 FLOPs per multiply-add, each query head over head_dim for K and again for V
+    from nanoseek.accounting import attention_flops_per_token
+
+    assert attention_flops_per_token(cfg, keys=100) == 2 * 28 * 12 * (128 + 128) * 100

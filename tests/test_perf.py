@@ -27,6 +27,51 @@ def test_cpu_description_adds_native_bf16(tmp_path, monkeypatch):
     assert perf.cpu_description() == "Test CPU 9000; flags: avx2; native bf16: no (fp32 is the fast path)"
 
 
+def test_cpu_has_bf16_needs_the_flag_and_kernels_not_held_to_avx2(tmp_path, monkeypatch):
+    import torch
+
+    import nanoseek.perf as perf
+
+    fake = tmp_path / "cpuinfo"
+    monkeypatch.setattr(perf, "Path", lambda _: fake)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    capability = {"value": "AVX512"}
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability["value"])
+    for flags, expected in (("avx2 avx512f", False), ("avx2 avx512_bf16", True), ("avx2 amx_bf16", True)):
+        fake.write_text(f"flags\t\t: fpu {flags}\n")
+        assert perf.cpu_has_bf16() is expected, flags
+    capability["value"] = "AVX2"  # ATEN_CPU_CAPABILITY=avx2
+    assert not perf.cpu_has_bf16()
+    capability["value"] = "AVX512"
+    for isa, expected in (("avx512_core", False), ("AVX2", False), ("AVX512_CORE_BF16", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+        assert perf.cpu_has_bf16() is expected, isa
+
+
+def test_compute_dtype_follows_autocast_and_cast_converts_only_when_needed():
+    import torch
+
+    from nanoseek.perf import cast, compute_dtype
+
+    x = torch.ones(2, 2)
+    assert compute_dtype(x) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(x) == torch.bfloat16
+    assert cast(x, torch.float32) is x and cast(x, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_matmul_peak_is_2n3_flops_over_the_fastest_repeat(monkeypatch):
+    """An n x n product is 2 n^3 FLOPs; the peak is over the best of the repeats, not the last."""
+    import types
+
+    import nanoseek.perf as perf
+
+    # the clock: the deadline, five timed repeats of 3, 1, 2, 2 and 2 s, then past the deadline
+    ticks = iter([0.0, 10.0, 13.0, 20.0, 21.0, 30.0, 32.0, 40.0, 42.0, 50.0, 52.0, 100.0])
+    monkeypatch.setattr(perf, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    assert perf.matmul_peak_flops.__wrapped__(None, "cpu", n=8, seconds=0.0) == 2 * 8**3 / 1.0
+
+
 TIMING_BENCHMARKS = (
     "bench_model",
     "bench_engine",

@@ -20,6 +20,7 @@ def test_copy_digit_text_kinds():
         return set(kinds[i : i + len(sub)])
 
     assert kind_of("4", 1) == {"digit"}  # one digit is never a copy: it coincides too easily
+    assert kind_of("4", 2) == {"digit"} and kind_of("2", 2) == {"digit"}  # ...not even written twice
     assert kind_of("47", 1) == {"copy"} and kind_of("47", 2) == {"copy"}
     assert kind_of("Compare") == {"text"}
     # a number first written in the response is computed, its repetition is a copy
@@ -53,6 +54,14 @@ def test_probe_documents_mark_only_the_response():
         assert d.kinds[0] is None and d.kinds[1] is None  # BOS and the prompt are not scored
         assert "copy" in d.kinds and "text" in d.kinds
         assert any(d.answer) and d.answer[-1]  # the tail is the final answer
+        # exactly the characters after </think> (the character-level tokenizer: one token each)
+        text = "".join(chr(i - 1) for i in d.ids[1:])
+        after = text.rindex("</think>") + len("</think>")
+        assert d.answer == [False] * (1 + after) + [True] * (len(text) - after)
+        prompt_end = text.index("Assistant") - 2  # "<｜": the prompt's own digits are not scored either
+        assert d.kinds[: 1 + prompt_end] == [None] * (1 + prompt_end) and d.kinds[1 + prompt_end] == "text"
+    # a number that opens the response is scored too (a copy of the prompt's)
+    assert response_char_kinds("12?|12", 4)[4:] == ["copy", "copy"]
 
 
 def test_probe_losses_per_kind_and_task():
@@ -84,6 +93,21 @@ def test_probe_losses_per_kind_and_task():
 
     uniform = probe_losses(Uniform(docs), docs)
     assert abs(uniform["copy"] - torch.log(torch.tensor(257.0)).item()) < 1e-4
+
+    class WrongLast(Oracle):  # certain of a wrong last token: ~50 nats there, ~0 everywhere else
+        def forward(self, ids):
+            out = super().forward(ids)
+            for r, row in enumerate(ids.tolist()):
+                last = len(next(d for d in self.docs if row[: len(d.ids) - 1] == d.ids[:-1]).ids) - 2
+                out[r, last] = 0.0
+                out[r, last, 1] = 50.0
+            return out
+
+    model = WrongLast(docs).eval()
+    wrong = probe_losses(model, docs)
+    assert not model.training  # left in the mode it was in
+    n_answer = sum(sum(d.answer) for d in docs)
+    assert abs(wrong["answer"] - 2 * 50.0 / n_answer) < 1e-3
 
 
 def test_greedy_accuracy_counts_no_answer_left_in_the_think_block():

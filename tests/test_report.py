@@ -80,6 +80,20 @@ def test_a_record_after_a_torn_last_line_is_kept(tmp_path):
     ]
 
 
+def test_a_line_torn_inside_a_character_is_skipped_and_the_records_after_it_kept(tmp_path):
+    """A write cut short inside a multi-byte character (records keep non-ASCII text as it is) left bytes
+    that are no UTF-8: the reader, and `nanoseek report` with it, failed on them."""
+    log = MetricsLog(tmp_path, "eval")
+    log.log(step=1, task="arithmétique")
+    line = json.dumps({"stage": "eval", "step": 2, "task": "日本"}, ensure_ascii=False).encode()
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(line[: line.index("日".encode()) + 1])
+    assert [r["task"] for r in read_metrics(tmp_path)] == ["arithmétique"]
+    log.log(step=3, task="日本")
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 3]
+    assert main(["report", str(tmp_path)]) == 0
+
+
 def test_report_of_a_metrics_file_rather_than_its_run_says_so(tmp_path, capsys):
     """`nanoseek report RUN/metrics.jsonl`: one clear line naming the directory to give, no traceback."""
     _fake_run(tmp_path)
@@ -102,6 +116,38 @@ def test_non_finite_values_stay_valid_json(tmp_path, value):
     MetricsLog(tmp_path, "pretrain").log(step=1, loss=value)
     (rec,) = read_metrics(tmp_path)
     assert rec["loss"] in ("nan", "inf")
+
+
+def test_read_metrics_of_one_stage_and_of_a_run_without_a_log(tmp_path):
+    MetricsLog(tmp_path, "pretrain").log(step=1, loss=1.0)
+    MetricsLog(tmp_path, "grpo").log(step=1, reward=0.5)
+    assert [r["stage"] for r in read_metrics(tmp_path)] == ["pretrain", "grpo"]
+    assert [r["stage"] for r in read_metrics(tmp_path / "metrics.jsonl", stage="grpo")] == ["grpo"]
+    assert list(read_metrics(tmp_path / "elsewhere")) == []  # nothing logged yet: no records, no error
+
+
+def test_a_log_makes_its_run_directory_and_a_disabled_one_writes_nothing(tmp_path):
+    assert MetricsLog(tmp_path / "off", "sft", enabled=False).log(step=1, loss=1.0)["loss"] == 1.0
+    assert not (tmp_path / "off").exists()  # e.g. ranks other than 0
+    MetricsLog(tmp_path / "new" / "run", "sft").log(step=1, loss=1.0)
+    assert [r["loss"] for r in read_metrics(tmp_path / "new" / "run")] == [1.0]
+
+
+def test_values_inside_lists_and_dicts_are_cleaned_too(tmp_path):
+    """Tensors and non-finite floats in a list or dict field: plain JSON (no NaN token other readers
+    refuse), as a field of their own would be."""
+    import torch
+
+    MetricsLog(tmp_path, "pretrain").log(
+        step=1, losses=[float("nan"), torch.tensor(1.5)], by={"a": (1, float("inf"))}
+    )
+    line = (tmp_path / "metrics.jsonl").read_text()
+
+    def refuse(token):
+        raise ValueError(token)
+
+    rec = json.loads(line, parse_constant=refuse)
+    assert rec["losses"] == ["nan", 1.5] and rec["by"] == {"a": [1, "inf"]}
 
 
 def test_moving_average_is_a_trailing_mean():

@@ -797,6 +797,9 @@ def test_queue_full_429_and_disconnect_aborts(tok):
                 r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": False})
                 assert _err(r, 429)["code"] == "rate_limit_exceeded"
                 assert r.headers["retry-after"] == "3"
+                metrics = c.get("/metrics").text  # the refusal is counted, as a 429 of its route
+                assert "nanoseek:requests_rejected_total 1.0" in metrics
+                assert 'nanoseek:requests_total{route="/v1/chat/completions",status="429"} 1.0' in metrics
                 # more than the server ever holds: no retry can succeed, so 400 naming n, not 429
                 r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": False, "n": 3})
                 assert _err(r, 400)["param"] == "n"
@@ -829,6 +832,8 @@ def test_a_stream_of_n_choices_that_disconnects_frees_them_all(tok):
             assert _running(c, 3)  # /metrics follows the engine
         assert _running(c, 0)  # ...also once it is idle: the 3 were freed at once, not left running
         assert server.engine.pending == 0 and not engine.has_unfinished() and len(engine.aborted) == 3
+        # counted as vLLM counts a request its client left: finished_reason "abort", one per choice
+        assert 'nanoseek:request_success_total{finished_reason="abort"} 3.0' in c.get("/metrics").text
 
 
 def _running(c: httpx.Client, n: int) -> bool:
@@ -1022,6 +1027,21 @@ def test_stop_strings(scripted):
     # ...and counted in /metrics as the stop it was, not as an abort
     metrics = httpx.get(scripted.url + "/metrics").text
     assert 'nanoseek:request_success_total{finished_reason="abort"}' not in metrics
+
+
+def test_metrics_latency_histograms_count_each_request_and_token_once(tok):
+    """As vLLM's: one first-token time and one end-to-end time per request, one time per output token
+    after the first (5 tokens: 4)."""
+    engine = ScriptedEngine(tok, lambda prompt, params: [100 + i for i in range(40)])
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL))) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        for _ in range(2):
+            assert (
+                client.completions.create(model=MODEL, prompt="x", max_tokens=5).usage.completion_tokens == 5
+            )
+        lines = set(httpx.get(srv.url + "/metrics").text.splitlines())
+    for name, count in (("time_to_first_token", 2), ("time_per_output_token", 8), ("e2e_request_latency", 2)):
+        assert f"nanoseek:{name}_seconds_count {float(count)}" in lines, name
 
 
 def test_metrics_count_stop_string_replies_as_their_clients_got_them(tok):

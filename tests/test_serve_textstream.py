@@ -111,6 +111,35 @@ def test_prometheus_exposition():
     assert "nanoseek:num_requests_running 3" in text and "nanoseek:kv_cache_usage_perc 0.25" in text
 
 
+def test_prometheus_gauges_read_their_own_engine_stats_and_zero_without_them():
+    """Each gauge shows its own engine statistic (vLLM's names), and 0 where the engine has none yet:
+    no cache blocks, no drafts (acceptance None), an engine that reports nothing."""
+    stats = {
+        "num_running": 2,
+        "num_waiting": 7,
+        "cache_blocks_used": 3,
+        "cache_blocks_total": 12,
+        "prefix_cache_hit_blocks": 5,
+        "prefix_cache_hit_rate": 0.125,
+        "spec_acceptance_rate": 0.75,
+    }
+    m = ServerMetrics(lambda: stats)
+    lines = set(m.render().splitlines())
+    for line in (
+        "nanoseek:num_requests_running 2.0",
+        "nanoseek:num_requests_waiting 7.0",
+        "nanoseek:kv_cache_usage_perc 0.25",
+        "nanoseek:prefix_cache_hit_blocks 5.0",
+        "nanoseek:prefix_cache_hit_rate 0.125",
+        "nanoseek:spec_decode_acceptance_rate 0.75",
+    ):
+        assert line in lines, line
+    for empty in ({}, {"cache_blocks_used": 0, "cache_blocks_total": 0, "spec_acceptance_rate": None}):
+        lines = set(ServerMetrics(lambda e=empty: e).render().splitlines())
+        for name in ("num_requests_waiting", "kv_cache_usage_perc", "spec_decode_acceptance_rate"):
+            assert f"nanoseek:{name} 0.0" in lines, (empty, name)
+
+
 def _tool_split(text: str, chunks: list[str], prefix: str = "") -> tuple[str, list[dict] | None, list[str]]:
     s = ToolCallSplitter(["get_weather"], prefix)
     deltas = [s.push(c) for c in chunks]

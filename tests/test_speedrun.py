@@ -347,3 +347,20 @@ def test_bench_speedrun_refuses_a_negative_rescore_before_running(monkeypatch, c
         bench.main()
     assert e.value.code == 2
     assert "--rescore must be >= 0" in capsys.readouterr().err
+
+
+def test_a_stage_adopted_after_a_torn_metrics_line_keeps_its_first_record(tmp_path):
+    """RUN/metrics.jsonl ending in a line cut short (a kill mid-write): the records a side run's stage
+    merges in go on lines of their own, as MetricsLog's do (the first was glued onto the fragment and
+    dropped with it)."""
+    from nanoseek.metrics import MetricsLog
+    from nanoseek.speedrun import Speedrun
+
+    (tmp_path / "metrics.jsonl").write_text('{"stage": "pretrain", "step": 1, "lo')
+    side = tmp_path / ".control"
+    (side / "final").mkdir(parents=True)
+    MetricsLog(side, "sft").log(step=1, loss=2.0)
+    MetricsLog(side, "sft").log(step=2, loss=1.0)
+    Speedrun(tmp_path, PRESETS["smoke"], progress=False)._adopt(side, side / "final", "control", "sft")
+    assert [(r["stage"], r["step"]) for r in read_metrics(tmp_path)] == [("control", 1), ("control", 2)]
+    assert (tmp_path / "control").is_dir() and not side.exists()

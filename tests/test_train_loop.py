@@ -772,6 +772,27 @@ def test_peak_is_measured_again_when_a_step_beats_it(tmp_path, monkeypatch) -> N
     assert log._peak_flops(achieved=100.0) == 400.0  # below the peak: no new measurement
 
 
+def test_mfu_is_the_steps_flops_over_the_peak_of_all_ranks_and_stays_a_fraction(
+    tmp_path, monkeypatch
+) -> None:
+    """tok/s x FLOPs per token over the measured matmul peak of every rank (the tokens are all ranks')."""
+    from nanoseek import perf
+
+    dtypes = []
+    fake = lambda dtype, device: dtypes.append(dtype) or 100.0  # noqa: E731  # FLOP/s per device
+    fake.cache_clear = lambda: None
+    monkeypatch.setattr(perf, "matmul_peak_flops", fake)
+    log = StepLog.for_trainer(make_trainer(micro_model(), tmp_path), seq_len=16, progress=False)
+    log.flops_per_token, log.world_size, log.precision = 10.0, 2, "bf16"
+    m = {"step_tokens": 5, "step_time_s": 0.5}
+    log._throughput(m)
+    assert m == {"tok_per_s": 10.0, "mfu": 0.5}  # 10 tok/s x 10 FLOPs over 2 x 100 FLOP/s
+    m = {"step_tokens": 30, "step_time_s": 1.0}  # beats the peak measured: a fraction still
+    log._throughput(m)
+    assert m == {"tok_per_s": 30.0, "mfu": 1.0}
+    assert dtypes == [torch.bfloat16] * 2  # the peak of the precision it trains in
+
+
 def test_a_deadline_refits_the_schedule_and_stops(tmp_path, monkeypatch) -> None:
     """A time-budgeted stage anneals by its deadline: the step count follows the measured pace."""
     import nanoseek.train.loop as loop

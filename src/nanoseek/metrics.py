@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +59,19 @@ class MetricsLog:
         record = {"stage": self.stage, "step": step, "time": round(time.time(), 3), **fields}
         record = _clean(record)
         if self.enabled:
-            line = json.dumps(record, ensure_ascii=False) + "\n"
-            with open(self.path, "a", encoding="utf-8") as f:
-                # after a torn last line (a write cut short by a full disk or a power cut), on a line
-                # of its own: appended to the fragment, the record would be skipped with it
-                f.write("\n" + line if _torn(self.path) else line)
+            append_records(self.path, [record])
         return record
+
+
+def append_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Append records to a metrics.jsonl, one JSON object per line."""
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if not lines:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        # after a torn last line (a write cut short by a full disk or a power cut), on a line of its
+        # own: appended to the fragment, the first record would be skipped with it
+        f.write("\n" + lines if _torn(path) else lines)
 
 
 def _torn(path: Path) -> bool:
@@ -79,15 +86,16 @@ def _torn(path: Path) -> bool:
 def read_metrics(path: str | os.PathLike, stage: str | None = None) -> Iterator[dict[str, Any]]:
     """Records of a metrics.jsonl (or a run directory holding one), optionally of one stage.
 
-    A torn last line (a kill mid-write), or any line that is no JSON object, is skipped rather than
-    failing the reader.
+    A torn last line (a kill mid-write, maybe inside a multi-byte character), or any line that is no
+    JSON object, is skipped rather than failing the reader.
     """
     p = Path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"
     if not p.exists():
         return
-    with open(p, encoding="utf-8") as f:
+    # bytes that are no UTF-8 (a character cut in two) become U+FFFD: their line fails as JSON, no other
+    with open(p, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
             if not line:

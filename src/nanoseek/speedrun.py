@@ -31,7 +31,7 @@ from typing import Any
 from nanoseek.atomic import atomic_directory, atomic_write, restore_directory
 from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_turn, is_unseen_wordings
 from nanoseek.evaluate import Z_95, slug
-from nanoseek.metrics import MetricsLog, read_metrics
+from nanoseek.metrics import MetricsLog, append_records, read_metrics
 from nanoseek.options import shell_quoted
 from nanoseek.report import EVAL_STAGES, STAGES, RunMetrics
 
@@ -895,9 +895,8 @@ class Speedrun:
                     # Ctrl-C or a failed evaluation: the queued ones are not run before it is reported
                     pool.shutdown(cancel_futures=True)
                     raise
-        with open(self.run / "metrics.jsonl", "a", encoding="utf-8") as f:
-            for stage, task in order:
-                f.write((logs / _job_name(stage, task) / "metrics.jsonl").read_text(encoding="utf-8"))
+        for stage, task in order:
+            append_records(self.run / "metrics.jsonl", read_metrics(logs / _job_name(stage, task)))
         shutil.rmtree(logs, ignore_errors=True)
         return {"pass@1": {k: results[k] for k in (f"{s}/{t}" for s, t in order)}, "workers": workers}
 
@@ -909,12 +908,10 @@ class Speedrun:
             tmp.rmdir()
             shutil.move(str(checkpoint), tmp)
         records = list(read_metrics(sub_run))
-        if records:
-            with open(self.run / "metrics.jsonl", "a", encoding="utf-8") as f:
-                for r in records:
-                    if r.get("stage") == renamed:
-                        r["stage"] = stage
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for r in records:
+            if r.get("stage") == renamed:
+                r["stage"] = stage
+        append_records(self.run / "metrics.jsonl", records)
         shutil.rmtree(sub_run, ignore_errors=True)
 
     def _one_queue_per_checkpoint(self) -> bool:
