@@ -93,6 +93,16 @@ def test_export_reads_back_with_the_keys_and_tensors_llama_cpp_loads(checkpoint,
     assert kv["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
     assert kv["tokenizer.ggml.padding_token_id"] == tok.pad_token_id != tok.eos_token_id
     assert kv["tokenizer.ggml.add_bos_token"] == tok.add_bos_token
+    assert kv["tokenizer.ggml.add_eos_token"] is False  # nanoseek never appends EOS to a prompt
+    # Every added token under its own text (the tool tags sit past the BPE vocabulary), typed as
+    # special or not; padded ids are "[PAD<id>]", unique as in llama.cpp's converter.
+    for i, added in tok.backend.get_added_tokens_decoder().items():
+        kind = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
+        assert (tokens[i], types[i]) == (added.content, kind), i
+    assert tokens[tok.token_to_id("<｜tool▁sep｜>")] == "<｜tool▁sep｜>"
+    assert tokens[tok.vocab_size :] == [f"[PAD{i}]" for i in range(tok.vocab_size, cfg.vocab_size)]
+    assert kv["general.name"] == ckpt.name
+    assert kv["general.quantization_version"] == gguf.GGML_QUANT_VERSION
     assert kv["tokenizer.chat_template"] == tok.chat_template
     merges = json.loads(tok.backend.to_str())["model"]["merges"]  # "a b" or ["a", "b"]
     assert kv["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in merges]
@@ -334,6 +344,66 @@ def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
     # V2-Lite's own shape loads (27 layers, full-rank query); so does a full-rank query at any depth.
     assert check_exportable(get_preset("deepseek-v2-lite")) == []
     assert check_exportable(get_preset("tiny-dense")) == []
+
+
+def test_tokenizer_keys_are_the_tokenizer_s_own(checkpoint, tmp_path) -> None:
+    """BOS/EOS ids and add_bos come from the tokenizer, not from nanoseek's usual layout (BOS id 0): a
+    vocabulary whose documents start with EOS (no BOS of its own) says so, and adds none."""
+    from nanoseek.export import ARCH, _write_tokenizer
+    from nanoseek.tokenizer import EOS, LLAMA_CPP_PRE, Tokenizer
+
+    _, model, tok = checkpoint
+    no_bos = Tokenizer(tok.backend, bos_token=EOS)
+    path = tmp_path / "tok.gguf"
+    w = gguf.GGUFWriter(str(path), ARCH)
+    _write_tokenizer(w, gguf, no_bos, model.config.vocab_size, LLAMA_CPP_PRE)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    kv = _fields(gguf.GGUFReader(str(path)))
+    assert kv["tokenizer.ggml.bos_token_id"] == kv["tokenizer.ggml.eos_token_id"] == tok.eos_token_id != 0
+    assert kv["tokenizer.ggml.add_bos_token"] is False
+
+
+def test_export_defaults_warnings_and_tokenizer_refusals(checkpoint, tmp_path, capsys) -> None:
+    """`nanoseek export` without --type writes bf16 (as --help says) and prints the tensor count;
+    a config llama.cpp runs otherwise warns during the export itself; a checkpoint without a
+    tokenizer.json, or with a decoder that is not byte-level, is refused in words; a model vocabulary
+    exactly the tokenizer's exports; an unknown type is refused by the API too."""
+    ckpt, _, tok = checkpoint
+    yarn = tmp_path / "yarn"
+    shutil.copytree(ckpt, yarn)
+    config = json.loads((yarn / "config.json").read_text())
+    rope = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "mscale": 1.0}
+    (yarn / "config.json").write_text(json.dumps({**config, "rope_scaling": rope}))
+    out = tmp_path / "yarn.gguf"
+    with pytest.warns(UserWarning, match="mscale"):
+        assert main(["export", str(yarn), "--gguf", str(out)]) == 0
+    reader = gguf.GGUFReader(str(out))
+    assert _fields(reader)["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_BF16)
+    said = capsys.readouterr().out
+    assert f"writing {len(reader.tensors)} tensors (bf16)" in said  # progress, then the summary
+    assert f"{len(reader.tensors)} tensors, bf16, vocab {config['vocab_size']}, pre-tokenizer qwen2" in said
+    with pytest.raises(ValueError, match="--type must be one of f32, bf16, q8_0"):
+        export_gguf(ckpt, tmp_path / "x.gguf", type="q4_0")
+    # The model's vocabulary exactly the tokenizer's: nothing padded, nothing refused.
+    from nanoseek.checkpoint import build_model, save_model
+
+    exact = tmp_path / "exact"
+    save_model(build_model(get_preset("tiny").replace(vocab_size=tok.vocab_size)).init_weights(0), exact)
+    tok.save(exact)
+    assert export_gguf(exact, tmp_path / "exact.gguf", type="f32").vocab_size == tok.vocab_size
+    bare = tmp_path / "bare"
+    shutil.copytree(ckpt, bare)
+    (bare / "tokenizer.json").unlink()
+    assert main(["export", str(bare), "--gguf", str(tmp_path / "x.gguf")]) == 2
+    assert "has no tokenizer.json" in capsys.readouterr().err
+    spec = json.loads((ckpt / "tokenizer.json").read_text())
+    (bare / "tokenizer.json").write_text(json.dumps({**spec, "decoder": {"type": "Fuse"}}))
+    assert main(["export", str(bare), "--gguf", str(tmp_path / "x.gguf")]) == 2
+    assert "must be retrained" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_rope_scaling_llama_cpp_runs_otherwise_is_said(checkpoint, tmp_path, capsys) -> None:

@@ -135,6 +135,37 @@ def test_pre_tokenizer_is_one_llama_cpp_knows(tok: Tokenizer, tmp_path: Path) ->
     assert old.decode(old.encode("日本 42")) == "日本 42"  # still loads and works as before
 
 
+def test_llama_cpp_pre_tokenizer_names_only_the_exact_pipeline(tok: Tokenizer) -> None:
+    """llama.cpp's "qwen2" is a normalizer-free byte-level BPE split by the regex, pieces kept whole:
+    any other step (a normalizer, a third pre-tokenizer, another split behaviour, an inverted split,
+    a prefix space, ByteLevel's own GPT-2 regex) tokenizes differently there, so it has no name."""
+    from types import SimpleNamespace
+
+    spec = json.loads(tok.backend.to_str())
+
+    def name(edit) -> str | None:  # noqa: ANN001
+        changed = json.loads(json.dumps(spec))
+        edit(changed)
+        return llama_cpp_pre_tokenizer(
+            SimpleNamespace(backend=SimpleNamespace(to_str=lambda: json.dumps(changed)))
+        )
+
+    split = lambda s: s["pre_tokenizer"]["pretokenizers"][0]  # noqa: E731
+    byte_level = lambda s: s["pre_tokenizer"]["pretokenizers"][1]  # noqa: E731
+    assert name(lambda s: None) == "qwen2"
+    edits = {
+        "NFC normalizer": lambda s: s.update(normalizer={"type": "NFC"}),
+        "Unigram model": lambda s: s["model"].update(type="Unigram"),
+        "third step": lambda s: s["pre_tokenizer"]["pretokenizers"].append({"type": "Digits"}),
+        "merged split": lambda s: split(s).update(behavior="MergedWithPrevious"),
+        "inverted split": lambda s: split(s).update(invert=True),
+        "prefix space": lambda s: byte_level(s).update(add_prefix_space=True),
+        "GPT-2 regex too": lambda s: byte_level(s).update(use_regex=True),
+    }
+    for what, edit in edits.items():
+        assert name(edit) is None, what
+
+
 def test_special_tokens_are_single_ids(tok: Tokenizer) -> None:
     for t in (BOS, EOS, PAD, USER, ASSISTANT, THINK_START, THINK_END):
         assert len(tok.encode(t)) == 1, t
