@@ -986,3 +986,192 @@ def test_each_step_trains_at_its_own_scheduled_lr(tmp_path) -> None:
         metrics = tr.step(lambda s=s: language_model_loss(model, *batch_at(s)))
         assert metrics["lr"] == pytest.approx(1e-2 * (s + 1) / 4)
         assert {g["lr"] for g in tr.optimizer.param_groups} == {metrics["lr"]}
+
+
+def test_the_logged_lm_loss_of_a_step_is_the_mean_over_all_its_targets(tmp_path) -> None:
+    """With `StepTargets`, each micro-batch's lm_loss metric is logged as its share times the
+    micro-batches, so the Trainer's average over them is the step's mean over every target: what one
+    batch of all the rows logs (torchtitan / nanochat's token-weighted accumulation)."""
+    model = micro_model()
+    tr = make_trainer(model, tmp_path, bias_update_speed=0.0)
+    x, y = batch_at(0)
+    y = y.clone()
+    y[2:, :12] = -100  # the second micro-batch holds a quarter of the first one's targets
+    with torch.no_grad():
+        _, whole = language_model_loss(model, x, y)
+    step = StepTargets(target_counts(y, 1), micro_batches=2)
+    halves = iter([(x[:2], y[:2]), (x[2:], y[2:])])
+    metrics = tr.step(lambda: language_model_loss(model, *next(halves), step=step), accumulation=2)
+    assert metrics["lm_loss"] == pytest.approx(whole["lm_loss"].item(), rel=1e-5)
+    assert metrics["step_tokens"] == x.numel() and metrics["tokens"] == x.numel()
+
+
+def test_tokens_count_up_over_the_steps(tmp_path) -> None:
+    """`tokens` is the run's total so far, `step_tokens` the step's own (the micro-batches' sum)."""
+    model = micro_model()
+    tr = make_trainer(model, tmp_path)
+    seen = [tr.step(lambda i=i: language_model_loss(model, *batch_at(i)), accumulation=2) for i in range(3)]
+    assert [m["step_tokens"] for m in seen] == [128, 128, 128]
+    assert [m["tokens"] for m in seen] == [128, 256, 384] and tr.tokens_seen == 384
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(tmp_path) -> None:
+    """An overflow in backward alone (the loss is finite): no update, logged as a non-finite grad norm."""
+    model = micro_model()
+    tr = make_trainer(model, tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def inf_grad():
+        loss, m = language_model_loss(model, *batch_at(0))
+        blow = model.lm_head.weight.sum() * 0.0
+        blow.register_hook(lambda g: g * float("inf"))
+        return loss + blow, m
+
+    metrics = tr.step(inf_grad)
+    assert math.isfinite(metrics["loss"]) and metrics["skipped"] == "non-finite grad norm"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_spike_guard_starts_after_spike_warmup_good_steps_and_tracks_a_running_mean(tmp_path) -> None:
+    """The guard compares a loss with 0.95·mean + 0.05·loss over the accepted steps, from the step after
+    `spike_warmup` accepted ones; spike_factor 0 turns it off (GRPO's losses change sign)."""
+    values = iter([1.0, 3.0, 10.0, 10.0])
+
+    def fixed():
+        loss, m = language_model_loss(model, *batch_at(0))
+        return loss * 0.0 + next(values), m
+
+    model = micro_model()
+    tr = make_trainer(model, tmp_path, spike_warmup=2)
+    assert "skipped" not in tr.step(fixed) and tr._loss_mean == 1.0
+    assert "skipped" not in tr.step(fixed)  # the second accepted step: still warming up
+    assert tr._loss_mean == pytest.approx(0.95 * 1.0 + 0.05 * 3.0)
+    assert "spike" in tr.step(fixed)["skipped"]  # 10 > 3 x 1.1: the third is guarded
+    model = micro_model()
+    tr = make_trainer(model, tmp_path / "off", spike_warmup=0, spike_factor=0.0)
+    values = iter([1.0, 10.0])
+    assert ["skipped" in tr.step(fixed) for _ in range(2)] == [False, False]
+
+
+def test_an_accepted_step_resets_the_consecutive_skips(tmp_path) -> None:
+    """max_consecutive_skips counts skips in a row: skip, good, skip does not stop a run allowed two."""
+    model = micro_model()
+    tr = make_trainer(model, tmp_path, max_consecutive_skips=2)
+    bad = lambda: (torch.tensor(float("inf"), requires_grad=True), {})  # noqa: E731
+    good = lambda: language_model_loss(model, *batch_at(0))  # noqa: E731
+    for fn in (bad, good, bad):
+        tr.step(fn)
+    assert tr.skipped_steps == 2 and tr._consecutive_skips == 1
+
+
+def test_expert_imbalance_max_is_the_worst_layers(tmp_path) -> None:
+    """expert_imbalance per router is max load / mean load; its max over the routers is the summary."""
+    model = micro_model()
+    tr = make_trainer(model, tmp_path)
+    m = tr.step(lambda: language_model_loss(model, *batch_at(0), mtp_weight=0.3))
+    for layer, load in m["expert_load"].items():
+        assert m["expert_imbalance"][layer] == pytest.approx((load.max() / load.mean()).item())
+    assert len(m["expert_imbalance"]) == 2
+    assert m["expert_imbalance_max"] == max(m["expert_imbalance"].values())
+
+
+def test_loads_counted_outside_training_do_not_move_the_bias(tmp_path) -> None:
+    """Tokens a router counted before the step (a generation in train mode, GRPO's rollouts) are not the
+    step's load: each router's load is the step's own top-k picks."""
+    model = micro_model(mtp=0)
+    tr = make_trainer(model, tmp_path)
+    (_, router), *_ = model.routers()
+    router.expert_load += 1000.0
+    x, y = batch_at(0)
+    m = tr.step(lambda: language_model_loss(model, x, y))
+    assert m["expert_load"]["1"].sum().item() == x.numel() * model.config.num_experts_per_tok
+
+
+def test_a_step_trains_a_model_left_in_eval_mode(tmp_path) -> None:
+    """`step` puts the model in train mode (routers count loads, the balance loss runs) whatever mode a
+    stage's generation or evaluation left it in."""
+    model = micro_model(mtp=0)
+    tr = make_trainer(model, tmp_path)
+    model.eval()
+    m = tr.step(lambda: language_model_loss(model, *batch_at(0)))
+    assert "balance_loss" in m and m["expert_load"]["1"].sum() > 0
+
+
+def test_validate_is_the_mean_lm_loss_in_eval_mode_and_restores_the_mode(tmp_path) -> None:
+    """The mean of the batches' lm_loss (the objective's extras left out), computed in eval mode; the
+    model goes back to the mode it was in."""
+    model = micro_model()
+    tr = make_trainer(model, tmp_path)
+    modes = []
+
+    def val():
+        modes.append(model.training)
+        loss, m = language_model_loss(model, *batch_at(len(modes)), mtp_weight=0.5)
+        return loss, m
+
+    expected = [language_model_loss(model.eval(), *batch_at(i))[1]["lm_loss"].item() for i in (1, 2, 3)]
+    model.train()
+    assert tr.validate(val, 3) == pytest.approx(sum(expected) / 3, rel=1e-6)
+    assert modes == [False] * 3 and model.training
+    model.eval()
+    tr.validate(val, 1)
+    assert not model.training
+
+
+def test_a_deadline_shorter_than_the_warmup_still_anneals(tmp_path, monkeypatch) -> None:
+    """Every REFIT_EVERY steps the step count is refit to the pace; a refit to fewer steps than twice the
+    warmup cuts the warmup to half the run: the run ends on the floor of its decay, not on its ramp."""
+    import nanoseek.train.loop as loop
+
+    model = micro_model(mtp=0)
+    tr = make_trainer(model, tmp_path, steps=100, deadline=24.0, optim=OptimConfig(lr=1e-2, warmup_steps=50))
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: 2.0 * tr.global_step)
+    totals = []
+    while not tr.done:
+        tr.step(lambda: language_model_loss(model, *batch_at(tr.global_step)))
+        totals.append(tr.total_steps)
+    assert totals[:4] == [100] * 4 and totals[4] == 12  # refit every REFIT_EVERY steps: 5 + (24 - 10) / 2
+    assert tr.optim_config.warmup_steps <= tr.total_steps // 2
+    assert tr.lr_at(tr.total_steps - 1) == pytest.approx(1e-2 * tr.optim_config.min_lr_ratio)
+
+
+def test_a_checkpoint_is_not_due_when_the_deadline_ends_the_run(tmp_path, monkeypatch) -> None:
+    """A time-budgeted stage saves once more when its deadline passes: a checkpoint due at that step
+    would be a second full write of the same step (SFT's loop saved it twice)."""
+    import nanoseek.train.loop as loop
+
+    model = micro_model(mtp=0)
+    tr = make_trainer(model, tmp_path, steps=100, checkpoint_every=2, deadline=7.0)
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: 2.0 * tr.global_step)
+    due = []
+    while not tr.done:
+        tr.step(lambda: language_model_loss(model, *batch_at(tr.global_step)))
+        due.append(tr.checkpoint_due())
+    assert tr.global_step == 4 and due == [False, True, False, False]
+
+
+def test_the_step_log_keeps_every_log_every_step_the_skipped_ones_and_the_last(tmp_path) -> None:
+    log = StepLog(tmp_path, "pretrain", 5, log_every=3, progress=False)
+    for step in range(1, 6):
+        m = {"step": step, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "step_tokens": 8, "step_time_s": 0.1}
+        log.step({**m, "skipped": "non-finite loss"} if step == 2 else m)
+    log.close()
+    assert [r["step"] for r in read_metrics(tmp_path, stage="pretrain")] == [2, 3, 5]
+
+
+def test_a_wsd_decay_longer_than_the_run_after_warmup_starts_where_warmup_ends() -> None:
+    """WSD whose decay_fraction reaches into the warmup decays from the end of the warmup, from the peak:
+    no drop at the first step after it."""
+    cfg = OptimConfig(warmup_steps=5, schedule="wsd", decay_fraction=0.8, min_lr_ratio=0.1)
+    assert lr_multiplier(4, 10, cfg) == 1.0
+    assert lr_multiplier(5, 10, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 5)))
+    assert lr_multiplier(9, 10, cfg) == pytest.approx(0.1)
+
+
+def test_the_objective_adds_the_sequence_wise_balance_loss_and_lambda_times_mtp() -> None:
+    """V3 eq. 17-20 and 25: loss = CE + λ·L_MTP + the routers' balance loss (α > 0, training)."""
+    model = micro_model().train()
+    model.set_balance_alpha(0.01)
+    loss, m = language_model_loss(model, *batch_at(0), mtp_weight=0.3)
+    assert m["balance_loss"] > 0
+    torch.testing.assert_close(loss.detach(), m["lm_loss"] + 0.3 * m["mtp_loss"] + m["balance_loss"])

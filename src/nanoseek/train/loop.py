@@ -551,7 +551,7 @@ class Trainer:
                 f"Lower the learning rate or resume from the last checkpoint in {self.checkpoint_dir}."
             )
         self._fit_to_deadline()
-        if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0 and step + 1 < self.total_steps:
+        if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
             self._pending_save = True
         return metrics
 
@@ -612,9 +612,11 @@ class Trainer:
     _pending_save = False
 
     def checkpoint_due(self) -> bool:
-        """True once after each `checkpoint_every` steps; the caller then calls save(extra_state)."""
+        """True once after each `checkpoint_every` steps; the caller then calls save(extra_state). Not once
+        the run is done (its last step, or its deadline passed): the stage saves then anyway, and a second
+        full write of the same step would only cost its time."""
         due, self._pending_save = self._pending_save, False
-        return due
+        return due and not self.done
 
     def _train_state(self, extra_state: dict[str, Any] | None) -> dict[str, Any]:
         state: dict[str, Any] = {
