@@ -73,6 +73,43 @@ def test_groups_with_signal_counts_the_groups_with_nonzero_advantages(micro_chec
     )
     assert torch.equal(ro.advantages, torch.zeros(8))
     assert ro.metrics["groups_with_signal"] == 0.0
+    # rewards 0, 1, 2: the middle sample's advantage is 0, its group's signal is not
+    cfg = GRPOConfig(init="x", tasks=["a"], group_size=3, batch_prompts=1, reward_workers=1)
+    reward = lambda p, t: (float(t[-1]), {})  # noqa: E731
+    ro = _score_rollout(cfg, [(task, problem)], [[1]] * 3, outs[:3], tok, reward, [tok.eos_token_id])
+    assert ro.advantages[1] == 0 and ro.metrics["groups_with_signal"] == 1.0
+
+
+def test_a_skipped_group_is_left_out_of_the_reward_and_accuracy_but_counted(micro_checkpoint) -> None:
+    """A group whose gold answer cannot be parsed (the reward says `skipped`): no reward, no accuracy, no
+    advantage, counted in skipped_samples; its completions' lengths still count (TRL's mean length)."""
+    from types import SimpleNamespace
+
+    from nanoseek.data.rewards import RewardResult
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.grpo import GRPOConfig, _score_rollout
+
+    task = get_task("arithmetic")
+    good, bad = task.problems("train", 2, seed=0, language="en")
+    tok = load_tokenizer(micro_checkpoint)
+    texts = [f"ok</think>\n{good.answer}", "ok</think>\nx", f"ok</think>\n{bad.answer}", "no"]
+    outs = [SimpleNamespace(token_ids=tok.encode(t), finish_reason="stop") for t in texts]
+
+    def reward(p, t):
+        if p is bad:
+            return RewardResult(0.0, {}, skipped=True)
+        right = float(t.endswith(good.answer))
+        return RewardResult(2.0 * right, {"accuracy": right})
+
+    cfg = GRPOConfig(init="x", tasks=["a"], group_size=2, batch_prompts=2, reward_workers=1)
+    ro = _score_rollout(cfg, [(task, good), (task, bad)], [[1]] * 4, outs, tok, reward, [tok.eos_token_id])
+    m = ro.metrics
+    assert m["reward"] == 1.0 and m["reward_accuracy"] == 0.5  # the good group's (2 + 0) / 2
+    assert m["accuracy"] == 0.5 and m["format_rate"] == 1.0  # the verifier's, over the 2 scored
+    assert m["skipped_samples"] == 2.0 and m["groups_with_signal"] == 0.5
+    assert m["response_length"] == sum(len(o.token_ids) for o in outs) / 4
+    assert ro.advantages[2:].tolist() == [0.0, 0.0] and ro.advantages[0] > 0 > ro.advantages[1]
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
@@ -374,13 +411,15 @@ def _weights(ckpt) -> dict[str, torch.Tensor]:
     return read_safetensors(ckpt)
 
 
-def test_grpo_resume_is_exact(micro_checkpoint, tmp_path) -> None:
+def test_grpo_resume_is_exact(micro_checkpoint, tmp_path, capsys) -> None:
     from nanoseek.metrics import read_metrics
     from nanoseek.train.grpo import grpo
 
     straight = grpo(_cfg(micro_checkpoint, tmp_path / "a", steps=2, mu=2))
     grpo(_cfg(micro_checkpoint, tmp_path / "b", steps=1, mu=2))
     resumed = grpo(_cfg(micro_checkpoint, tmp_path / "b", steps=2, mu=2, resume=True))
+    # the optimizer's schedule is --steps x μ updates: halfway is not "already at step 2 of 2"
+    assert "already at step" not in capsys.readouterr().out
     wa, wb = _weights(straight), _weights(resumed)
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -412,6 +451,13 @@ def test_grpo_resume_is_exact(micro_checkpoint, tmp_path) -> None:
     assert m.steps("grpo", "reward")[0] == [1, 2] and m.wall_time("grpo") > 0
     for key in ("reward", "response_length", "accuracy", "format_rate"):
         assert ra[1][key] == rb[1][key]
+    # the collapse guard's baseline (the first step's length) goes on from the first process
+    from nanoseek.checkpoint import load_train_state
+
+    history = load_train_state(resumed)[1]["extra"]["history"]
+    assert history["init_length"] == ra[0]["response_length"] == rb[0]["response_length"]
+    # μ = 2: the second update's ratio is to π_old, the policy that sampled, no longer 1
+    assert all(r["ratio_mean"] != pytest.approx(1.0, abs=1e-5) for r in ra)
     for key in ("entropy", "clip_frac", "rollout_tok_s", "update_tok_s", "loss", "groups_with_signal"):
         assert key in ra[1]
 
@@ -425,9 +471,11 @@ def test_every_rollout_request_samples_its_own_stream(micro_checkpoint, tmp_path
 
     real = evaluate.engine_generate
     streams: list[int] = []
+    steps_prompts: list[set] = []
 
     def spy(engine, prompts, *, seed=None, seeds=None, **kw):
         assert seeds is not None or seed is not None  # reproducible from --seed
+        steps_prompts.append({tuple(p) for p in prompts})
         # the engine's rule; random.Random(n) seeds with abs(n)
         streams.extend(
             abs(s) for s in (seeds if seeds is not None else [seed + i for i in range(len(prompts))])
@@ -438,6 +486,8 @@ def test_every_rollout_request_samples_its_own_stream(micro_checkpoint, tmp_path
     grpo(_cfg(micro_checkpoint, tmp_path, steps=3, task_sampling="unsolved", probe_prompts=2))
     assert len(streams) == 2 * 4 + 3 * 2 * 4  # the probe's 2 problems x G, then 3 steps of P x G
     assert len(set(streams)) == len(streams)
+    # and every step draws its own problems (of 64): not the first step's again and again
+    assert len({frozenset(p) for p in steps_prompts[1:]}) == 3
 
 
 def test_grpo_keeps_the_routing_bias_unless_asked(micro_checkpoint, tmp_path) -> None:
@@ -505,6 +555,69 @@ def test_old_and_reference_logprobs_are_at_the_rollout_temperature(micro_checkpo
     assert rec["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_step_without_signal_makes_no_update_and_draws_its_task_less(micro_checkpoint, tmp_path) -> None:
+    """A random model never answers right: every group's rewards are equal (zero advantage). With β = 0
+    the step makes no update (logged as no_signal) and --task-sampling signal lowers the task's share by
+    DECAY per group (P = 2 groups: 0.8², kept for a resume); with β > 0 the KL term still updates."""
+    from nanoseek.checkpoint import load_train_state
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train.grpo import grpo
+
+    kw = dict(steps=1, reward="accuracy:1", task_sampling="signal")
+    ckpt = grpo(_cfg(micro_checkpoint, tmp_path / "a", **kw))
+    (rec,) = [r for r in read_metrics(tmp_path / "a", "grpo") if "reward" in r]
+    assert rec["no_signal"] and rec["groups_with_signal"] == 0.0 and "entropy" not in rec
+    init, after = _weights(micro_checkpoint), _weights(ckpt)
+    assert all(torch.equal(init[k], after[k]) for k in init)
+    history = load_train_state(ckpt)[1]["extra"]["history"]
+    assert history["task_signal"] == {"arithmetic": pytest.approx(0.8**2)}
+    grpo(_cfg(micro_checkpoint, tmp_path / "kl", beta=0.1, **kw))
+    (rec,) = [r for r in read_metrics(tmp_path / "kl", "grpo") if "reward" in r]
+    assert "no_signal" not in rec and rec["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_checkpoint_cadence_and_stop_on_collapse_after_consecutive_bad_steps(
+    micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    """--checkpoint-every counts GRPO steps; --stop-on-collapse stops after --collapse-patience
+    *consecutive* collapsed steps (a healthy step resets the count) and saves where it stopped."""
+    import nanoseek.train.grpo as grpo_mod
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train.loop import Trainer
+
+    bad = iter([True, False, True, True, False, False])  # steps 1..6: collapsed at 1, 3 and 4
+    monkeypatch.setattr(
+        grpo_mod, "collapse_warnings", lambda *a, **k: ["entropy collapsed"] if next(bad) else []
+    )
+    real_save, saved = Trainer.save, []
+
+    def save(self, extra_state=None):
+        saved.append(extra_state["grpo_step"])
+        return real_save(self, extra_state)
+
+    monkeypatch.setattr(Trainer, "save", save)
+    grpo_mod.grpo(
+        _cfg(
+            micro_checkpoint,
+            tmp_path,
+            steps=6,
+            checkpoint_every=3,
+            stop_on_collapse=True,
+            collapse_patience=2,
+        )
+    )
+    recs = [r for r in read_metrics(tmp_path, "grpo") if "reward" in r]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]  # stopped at the second bad step in a row
+    assert [bool(r.get("collapse_warning")) for r in recs] == [True, False, True, True]
+    assert saved == [3, 4]  # the cadence's, then where it stopped
+    # the count goes on across a resume: stopped at the same step as the run in one go
+    bad = iter([True, False, True, True])
+    kw = dict(stop_on_collapse=True, collapse_patience=2)
+    grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "r", steps=3, **kw))
+    grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "r", steps=6, resume=True, **kw))
+    assert [r["step"] for r in read_metrics(tmp_path / "r", "grpo") if "reward" in r] == [1, 2, 3, 4]
+
+
 def test_config_errors(micro_checkpoint, tmp_path) -> None:
     from nanoseek.train.grpo import grpo
 
@@ -517,6 +630,9 @@ def test_config_errors(micro_checkpoint, tmp_path) -> None:
     for temperature in (0.0, 1e-6):  # the engine decodes greedily below GREEDY_BELOW: G copies, no signal
         with pytest.raises(ValueError, match="temperature must be >= 1e-05"):
             grpo(_cfg(micro_checkpoint, tmp_path, temperature=temperature))
+    # fewer training problems than a step draws distinct prompts: named, not random.sample's traceback
+    with pytest.raises(ValueError, match="only 1 training problems for --batch-prompts 2"):
+        grpo(_cfg(micro_checkpoint, tmp_path / "small", train_pool=1))
 
 
 def test_prompt_sampler_uniform_draws_distinct_problems_from_the_pool() -> None:
@@ -651,15 +767,15 @@ def test_grpo_unsolved_draws_only_what_the_probe_left_and_resumes_with_it(
 
     def probe(cfg, engine, tok, pools, stop):
         probes.append(1)
-        return {"arithmetic": 0.9, "comparison": 0.25}
+        return {"arithmetic": 0.9, "comparison": 0.25, "countdown": 0.8}  # at --solved-above: not above
 
     monkeypatch.setattr(grpo_mod, "probe_pass_rates", probe)
     drawn = _record_draws(monkeypatch)
-    kw = dict(tasks=["arithmetic", "comparison"], task_sampling="unsolved")
+    kw = dict(tasks=["arithmetic", "comparison", "countdown"], task_sampling="unsolved")
     grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path, steps=1, **kw))
     grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path, steps=2, resume=True, **kw))
     assert probes == [1]  # measured once; the resumed run keeps the decision
-    assert drawn and set(drawn) == {"comparison"}
+    assert drawn and set(drawn) <= {"comparison", "countdown"}
     (rec,) = [r for r in read_metrics(tmp_path, "grpo") if r.get("event") == "probe"]
     assert rec["left_out"] == ["arithmetic"] and rec["pass_rates"]["comparison"] == 0.25
     with pytest.raises(ValueError, match="solved-above"):
@@ -681,6 +797,10 @@ def test_keep_tasks_are_drawn_however_solved_the_probe_finds_them(
     assert drawn and set(drawn) == {"comparison"}
     (rec,) = [r for r in read_metrics(tmp_path, "grpo") if r.get("event") == "probe"]
     assert rec["left_out"] == ["arithmetic"] and rec["kept"] == ["comparison"]
+    # without it both are solved: leaving both out would leave nothing to draw, so every task stays
+    grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "all", **kw))
+    (rec,) = [r for r in read_metrics(tmp_path / "all", "grpo") if r.get("event") == "probe"]
+    assert rec["left_out"] == [] and len(drawn) == 2 * 2
     with pytest.raises(ValueError, match="keep-tasks"):
         grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "bad", keep_tasks=["sorting"], **kw))
 
@@ -704,11 +824,25 @@ def test_sft_mix_adds_the_supervised_loss_of_the_left_out_tasks(
         return real_rows(tok, names, seed)
 
     monkeypatch.setattr(grpo_mod, "supervised_mix_rows", rows)
-    kw = dict(tasks=["arithmetic", "comparison", "countdown"], task_sampling="unsolved", steps=2, lr=1e-12)
-    grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "mix", sft_mix=0.5, sft_mix_tasks=["arithmetic"], **kw))
-    assert mixed == [["arithmetic"]]  # left out and allowed; comparison left out but not allowed
+    real_at, at = grpo_mod.packed_batch_at, []
+
+    def batch_at(rows, n, seed, index):
+        at.append(index)
+        return real_at(rows, n, seed, index)
+
+    monkeypatch.setattr(grpo_mod, "packed_batch_at", batch_at)
+    kw = dict(
+        tasks=["arithmetic", "comparison", "countdown"], task_sampling="unsolved", steps=2, lr=1e-12, mu=2
+    )
+    grpo_mod.grpo(
+        _cfg(micro_checkpoint, tmp_path / "mix", sft_mix=0.5, sft_mix_tasks=["arithmetic", "countdown"], **kw)
+    )
+    # left out and allowed; comparison left out but not allowed; countdown allowed but still drawn
+    assert mixed == [["arithmetic"]]
     recs = [r for r in read_metrics(tmp_path / "mix", "grpo") if r.get("step") and not r.get("no_signal")]
     assert recs and all(r["sft_mix_loss"] > 0.1 for r in recs)  # a random model: far from the solutions
+    # each of a step's μ = 2 updates takes the next rows of solutions, as SFT's steps do
+    assert at == [2 * (r["step"] - 1) + u for r in recs for u in (0, 1)]
     # the logged loss is the policy-gradient loss plus the mix (lr ~0: one policy in both runs)
     grpo_mod.grpo(_cfg(micro_checkpoint, tmp_path / "plain", **kw))
     plain = [r for r in read_metrics(tmp_path / "plain", "grpo") if r.get("step") and not r.get("no_signal")]

@@ -665,7 +665,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
         print(f"grpo: --sft-mix {cfg.sft_mix:g} on the worked solutions of: {', '.join(names) or 'no task'}")
     entropy_trend = EntropyTrend(history.get("entropy_trend"))
     init_length = history.get("init_length")
-    bad_steps = 0
+    bad_steps = int(history.get("bad_steps", 0))  # consecutive collapsed steps, across a resume too
     bar = progress_bar(
         total=cfg.steps, initial=start, desc="grpo", dynamic_ncols=True, disable=not cfg.progress
     )
@@ -772,6 +772,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
             "history": {
                 "entropy_trend": entropy_trend.state(),
                 "init_length": init_length,
+                "bad_steps": bad_steps,
                 "task_signal": dict(sampler.signal),
                 **({"pass_rates": history["pass_rates"]} if "pass_rates" in history else {}),
             },
