@@ -771,8 +771,9 @@ def test_api_key(tok):
             good.chat.completions.create(model=MODEL, messages=USER, max_tokens=2).choices[0].finish_reason
             == "length"
         )
-        # the page itself is static; its calls carry the key
-        assert httpx.get(srv.url + "/").status_code == 200
+        # the page itself is static (its scripts too: the browser loads them without the key); its calls carry it
+        for path in ("/", "/static/chat.js", "/static/markdown.js"):
+            assert httpx.get(srv.url + path).status_code == 200, path
         params = engine.added[-1][1]
         assert (params.temperature, params.top_p) == (0.6, 0.95)  # defaults fill what the request left out
         good.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, temperature=0)
@@ -1291,6 +1292,9 @@ def test_web_page_served(scripted):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     for asset in ("/static/chat.js", "/static/markdown.js"):
         assert httpx.get(scripted.url + asset).status_code == 200
+    # the page's files are one metric label, not one per file name (a bounded label set)
+    metrics = httpx.get(scripted.url + "/metrics").text
+    assert 'route="/static",status="200"} 2.0' in metrics and "chat.js" not in metrics
 
 
 def test_sse_wire_format(scripted):

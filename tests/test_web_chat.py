@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -111,7 +112,7 @@ def browser(tmp_path):
 @pytest.mark.slow
 def test_chat_page_streams_answer(browser):
     tok = tiny_tokenizer()
-    reasoning = "First, 2 + 2 = 4."
+    reasoning = "First, <b>2 + 2</b> = 4."  # markup in the reasoning is text, as in the answer
     answer = "The answer is **4**.\n\n- one\n- two <script>alert(1)</script>"
 
     def reply(prompt, params):
@@ -150,9 +151,14 @@ def test_chat_page_streams_answer(browser):
             "document.querySelector('.msg.assistant details.thinking .reasoning').textContent"
         )
         assert thinking.strip() == reasoning
+        assert browser.js("document.querySelectorAll('.msg.assistant .reasoning b').length") == 0
+        assert browser.js("document.querySelector('.msg.assistant details.thinking').hidden") is False
         assert (
             browser.js("document.querySelector('.msg.assistant details.thinking').open") is False
         )  # collapsed
+        meta = browser.js("document.querySelector('.msg.assistant .meta').textContent")
+        assert re.fullmatch(r"\d+ tokens · [\d.]+ tok/s · finish: stop", meta), meta
+        _record_fetches(browser)
         assert seen_partial, "the reasoning never appeared partially: the page did not stream"
         # the conversation is kept: a second message sends the whole history
         browser.js("document.getElementById('input').value = 'And 3 + 3?'")
@@ -165,6 +171,13 @@ def test_chat_page_streams_answer(browser):
         text = tok.decode(prompt_ids)
         assert "What is 2 + 2?" in text and "And 3 + 3?" in text and "The answer is" in text
         assert reasoning not in text  # reasoning is not sent back
+        # ...nor is it a field of the history: DeepSeek's API refuses reasoning_content in input messages
+        sent = _chat_bodies(browser)[-1]["messages"]
+        assert sent == [
+            {"role": "user", "content": "What is 2 + 2?"},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "And 3 + 3?"},
+        ]
         assert params.max_new_tokens == 100
         # the conversation survives a reload, and "New chat" clears it
         browser.call("Page.reload")
@@ -181,9 +194,48 @@ def test_chat_page_streams_answer(browser):
         assert (
             browser.js("document.querySelector('.msg.assistant .reasoning').textContent").strip() == reasoning
         )
+        assert browser.js("document.querySelectorAll('.msg.assistant .reasoning b').length") == 0
         browser.js("document.getElementById('clear').click()")
         assert browser.js("document.querySelectorAll('.msg').length") == 0
         assert browser.js("localStorage.getItem('nanoseek:conversation')") == "[]"
+
+
+def _wait(cond, what: str, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, what
+        time.sleep(0.05)
+
+
+def _record_fetches(browser) -> None:
+    """Keep every request body the page sends, as [url, parsed body], in window.__sent."""
+    browser.js(
+        "window.__sent = []; window.__fetch = window.__fetch || window.fetch;"
+        " window.fetch = function (url, opts) { if (opts && opts.body) window.__sent.push([url,"
+        " JSON.parse(opts.body)]); return window.__fetch.apply(this, arguments); }; true"
+    )
+
+
+def _chat_bodies(browser, url: str = "/v1/chat/completions") -> list:
+    return [b for u, b in browser.js("window.__sent") if u == url]
+
+
+def _send_and_wait(browser, text: str) -> None:
+    """Type `text`, send it, and wait until the page has wound the turn up."""
+    n = browser.js("document.querySelectorAll('.msg.assistant[data-state=done]').length")
+    browser.js(f"document.getElementById('input').value = {json.dumps(text)}")
+    browser.js("document.getElementById('send').click()")
+    _wait(
+        lambda: browser.js("document.querySelectorAll('.msg.assistant[data-state=done]').length") > n,
+        f"no finished turn for {text!r}",
+    )
+
+
+def _last(browser, selector: str) -> str:
+    return browser.js(
+        f"(() => {{ const a = document.querySelectorAll('.msg.assistant {selector}');"
+        " return a.length ? a[a.length - 1].textContent : null; })()"
+    )
 
 
 def _open_page(browser, srv) -> None:
@@ -225,6 +277,7 @@ def test_new_chat_while_streaming_leaves_no_stale_turn(browser):
             assert time.time() < deadline
             time.sleep(0.05)
         assert browser.js("localStorage.getItem('nanoseek:conversation')") == "[]"
+        _wait(lambda: engine.aborted, "New chat did not stop the answer being generated")
         browser.js("document.getElementById('input').value = 'second chat'")
         browser.js("document.getElementById('send').click()")
         deadline = time.time() + 30
@@ -369,3 +422,190 @@ def test_thought_for_counts_the_thinking_not_the_answer(browser):
         summary = browser.js("document.querySelector('.msg.assistant details.thinking summary').textContent")
         thought = float(summary.removeprefix("Thought for ").removesuffix(" s"))
         assert thought < elapsed / 3, (summary, elapsed)
+
+
+def _prompt_len(tok, messages: list, thinking: bool = True) -> int:
+    """Tokens of a chat prompt as the server renders it (the count /tokenize gives)."""
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, thinking=thinking)
+    return len(tok.encode(text))
+
+
+@pytest.mark.slow
+def test_settings_and_the_api_key_reach_the_request(browser):
+    """Temperature, max tokens and the think box are what the request carries (to /tokenize too), the key
+    is sent as a bearer token (the page and its scripts load without one), usage is asked for, and the
+    settings survive a reload."""
+    tok = tiny_tokenizer()
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test", api_key="s3cret"))) as srv:
+        browser.call("Page.enable")
+        browser.call("Runtime.enable")
+        browser.call("Page.navigate", url=srv.url + "/")
+        _wait(
+            lambda: "API key" in browser.js("(document.getElementById('model') || {}).textContent || ''"),
+            "the page did not load, or did not say the key is missing",
+        )
+        for field, value in (("api-key", "s3cret"), ("temperature", "0.3"), ("max-tokens", "7")):
+            browser.js(f"document.getElementById('{field}').value = '{value}'")
+            browser.js(f"document.getElementById('{field}').dispatchEvent(new Event('change'))")
+        browser.js("document.getElementById('think').checked = false")
+        browser.js("document.getElementById('think').dispatchEvent(new Event('change'))")
+        _wait(
+            lambda: "web-test" in browser.js("(document.getElementById('model') || {}).textContent || ''"),
+            "no model",
+        )
+        _record_fetches(browser)
+        _send_and_wait(browser, "hello")
+        assert _last(browser, ".error") is None
+        params = engine.added[-1][1]
+        assert (params.temperature, params.max_new_tokens) == (0.3, 7)
+        body = _chat_bodies(browser)[-1]
+        assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+        assert body["chat_template_kwargs"] == {"thinking": False}
+        assert _chat_bodies(browser, "/tokenize")[-1]["chat_template_kwargs"] == {"thinking": False}
+        # what a stored conversation holds that is not a message (an older page's, a hand edit) is skipped
+        kept = json.loads(browser.js("localStorage.getItem('nanoseek:conversation')"))
+        junk = [{"role": "assistant", "content": None}, {"role": "system", "content": "x"}, None]
+        browser.js(f"localStorage.setItem('nanoseek:conversation', {json.dumps(json.dumps(kept + junk))})")
+        browser.call("Page.reload")
+        _wait(
+            lambda: "web-test" in browser.js("(document.getElementById('model') || {}).textContent || ''"),
+            "key lost",
+        )
+        assert browser.js("document.querySelectorAll('.msg').length") == 2
+        assert browser.js("['temperature', 'max-tokens'].map(id => document.getElementById(id).value)") == [
+            "0.3",
+            "7",
+        ]
+        assert browser.js("document.getElementById('think').checked") is False
+
+
+@pytest.mark.slow
+def test_the_reply_is_fitted_into_the_context(browser):
+    """max tokens above the room left is cut to exactly the room (the server would refuse it: 400), and a
+    conversation that fills the context is refused on the page before anything is sent."""
+    tok = tiny_tokenizer()
+    full = [{"role": "user", "content": "What is 2 + 2? Let me think about this problem."}]
+    ctx = _prompt_len(tok, full)
+    short = [{"role": "user", "content": "hi"}]
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("four " * 50), max_seq_len=ctx)
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        _open_page(browser, srv)
+        assert "context " + str(ctx) in browser.js(
+            "(document.getElementById('model') || {}).textContent || ''"
+        )
+        _send_and_wait(browser, "hi")
+        assert _last(browser, ".error") is None
+        assert engine.added[-1][1].max_new_tokens == ctx - _prompt_len(tok, short)
+        browser.js("document.getElementById('clear').click()")
+        _send_and_wait(browser, full[0]["content"])
+        assert (
+            _last(browser, ".error") == "Error: the conversation fills the model's context: start a new chat"
+        )
+        assert len(engine.added) == 1
+
+
+@pytest.mark.slow
+def test_errors_are_shown_as_text_and_the_failed_turn_is_not_sent_again(browser):
+    """A refused request shows the server's message; a failure mid-stream (an in-band error event) shows
+    its message as text, never as markup; the failed user message is not part of the next request."""
+    tok = tiny_tokenizer()
+
+    class BreakingEngine(ScriptedEngine):
+        broken = False
+
+        def step(self):
+            if self.broken and self.tokens_generated >= 3:
+                raise RuntimeError("<img src=x onerror=window.pwned=1>GPU fell over")
+            return super().step()
+
+    engine = BreakingEngine(
+        tok, lambda prompt, params: tok.encode("The answer is four. " * 3), step_delay=0.01
+    )
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        _open_page(browser, srv)
+        bad = {"model": "web-test", "messages": [{"role": "user", "content": "x"}], "temperature": 5}
+        message = httpx.post(srv.url + "/v1/chat/completions", json=bad).json()["error"]["message"]
+        browser.js("document.getElementById('temperature').value = '5'")
+        _send_and_wait(browser, "first")
+        assert _last(browser, ".error") == "Error: " + message
+        assert not engine.added
+        browser.js("document.getElementById('temperature').value = '0.6'")
+        _send_and_wait(browser, "second")
+        text = tok.decode(engine.added[-1][0])
+        assert "second" in text and "first" not in text
+        engine.broken = True
+        _send_and_wait(browser, "third")
+        assert (
+            _last(browser, ".error")
+            == "Error: engine failure: <img src=x onerror=window.pwned=1>GPU fell over"
+        )
+        assert browser.js("document.querySelectorAll('.msg img').length") == 0
+        kept = json.loads(browser.js("localStorage.getItem('nanoseek:conversation')"))
+        assert [m["content"] for m in kept if m["role"] == "user"] == ["second"]
+
+
+@pytest.mark.slow
+def test_stop_keeps_the_partial_answer_and_enter_sends_one_message_at_a_time(browser):
+    """Stop aborts the generation and keeps what came (the next message is sent after it); Enter while an
+    answer streams does not send a second request; Shift+Enter is a new line, not a send."""
+    tok = tiny_tokenizer()
+    engine = ScriptedEngine(
+        tok, lambda prompt, params: tok.encode("Hmm.\n</think>\n\n" + "four " * 80), step_delay=0.05
+    )
+
+    def key(shift: bool) -> None:
+        browser.js(
+            "document.getElementById('input').dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter',"
+            f" shiftKey: {'true' if shift else 'false'}, bubbles: true, cancelable: true}}))"
+        )
+
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        _open_page(browser, srv)
+        browser.js("document.getElementById('input').value = 'first'")
+        browser.js("document.getElementById('send').click()")
+        _wait(lambda: "four" in (_last(browser, ".answer") or ""), "the answer never started")
+        browser.js("document.getElementById('input').value = 'too soon'")
+        key(shift=False)
+        time.sleep(0.3)
+        assert len(engine.added) == 1
+        browser.js("document.getElementById('stop').click()")
+        _wait(lambda: browser.js("document.getElementById('stop').disabled"), "stop did not end the turn")
+        _wait(lambda: engine.aborted, "stop did not abort the generation")
+        answer = _last(browser, ".answer")
+        assert answer.endswith("(stopped)") and "four" in answer
+        kept = json.loads(browser.js("localStorage.getItem('nanoseek:conversation')"))
+        assert [m["role"] for m in kept] == ["user", "assistant"] and kept[1]["content"].startswith("four")
+        browser.js("document.getElementById('input').value = 'next'")
+        key(shift=True)
+        time.sleep(0.3)
+        assert len(engine.added) == 1
+        key(shift=False)
+        _wait(lambda: len(engine.added) == 2, "Enter did not send")
+        text = tok.decode(engine.added[-1][0])
+        assert "first" in text and kept[1]["content"].strip() in text and "next" in text
+
+
+@pytest.mark.slow
+def test_markdown_escapes_entities_and_attributes_and_drops_unsafe_links(browser):
+    """The renderer escapes first: entities the model writes show as written, a quote cannot leave a link's
+    href, only http(s)/mailto links are made, and code (fenced or inline) is shown verbatim."""
+    tok = tiny_tokenizer()
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        _open_page(browser, srv)
+
+        def render(src: str) -> str:
+            return browser.js(f"window.renderMarkdown({json.dumps(src)})")
+
+        assert render("a &lt;b&gt; &amp; c") == "<p>a &amp;lt;b&amp;gt; &amp;amp; c</p>"
+        assert render('[x](https://a.com/"onmouseover="alert(1))') == (
+            '<p><a href="https://a.com/&quot;onmouseover=&quot;alert(1)" target="_blank"'
+            ' rel="noopener noreferrer">x</a></p>'
+        )
+        assert render("[x](javascript:alert(1))") == "<p>[x](javascript:alert(1))</p>"
+        assert (
+            render("```py\n**x** <b>\n```") == '<pre><code class="language-py">**x** &lt;b&gt;</code></pre>'
+        )
+        assert render("`*a*` and ## not a heading") == "<p><code>*a*</code> and ## not a heading</p>"
+        assert render("## Title\n> quoted") == "<h2>Title</h2>\n<blockquote>quoted</blockquote>"
