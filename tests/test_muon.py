@@ -30,9 +30,7 @@ def test_orthogonalize_flattens_the_spectrum(shape, dtype) -> None:
 
 def plain_newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """The textbook iteration X <- aX + (bG + cG²)X in float64, for reference."""
-    from nanoseek.train.muon import NS_COEFFICIENTS
-
-    a, b, c = NS_COEFFICIENTS
+    a, b, c = 3.4445, -4.7750, 2.0315  # Keller Jordan's quintic
     x = g.double()
     wide = x.shape[-2] <= x.shape[-1]
     x = x if wide else x.mT
@@ -118,11 +116,20 @@ def test_an_expert_without_gradient_is_left_alone(ns_dtype) -> None:
     w.grad = torch.randn_like(w)
     opt.step()
     before, momentum = w.detach().clone(), opt.state[w]["momentum_buffer"].clone()
+    # the others step as they would alone, decay included (a matrix with some zero entries is used)
+    alone = torch.nn.Parameter(before[1:].clone())
+    ref = Muon([{"params": [alone], "muon": True, "weight_decay": 0.1}], lr=1e-2, ns_dtype=ns_dtype)
+    ref.state[alone]["momentum_buffer"] = momentum[1:].clone()
+    ref.state[alone]["step"] = torch.tensor(1.0)
     w.grad = torch.randn_like(w)
     w.grad[0] = 0  # expert 0 got no token this step
+    w.grad[1, :, 0] = 0  # a column without gradient in expert 1: still a used matrix
+    alone.grad = w.grad[1:].clone()
     opt.step()
+    ref.step()
     assert torch.equal(w[0], before[0]) and torch.equal(opt.state[w]["momentum_buffer"][0], momentum[0])
-    assert not torch.equal(w[1:], before[1:])
+    assert not torch.equal(w[1], before[1])
+    torch.testing.assert_close(w[1:], alone)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -152,11 +159,17 @@ def test_trainer_builds_muon_and_refuses_several_ranks(tmp_path) -> None:
 
     model = tiny_model()
     tr = Trainer(model, tmp_path, "pretrain", OptimConfig(optimizer="muon"), total_steps=4, precision="fp32")
-    assert isinstance(tr.optimizer, Muon)
+    assert isinstance(tr.optimizer, Muon) and tr.optimizer.ns_dtype == torch.float32
+    # Newton-Schulz in the precision the step multiplies in
+    bf16 = Trainer(tiny_model(), tmp_path / "bf16", "pretrain", OptimConfig(optimizer="muon"), total_steps=4)
+    assert bf16.optimizer.ns_dtype == torch.bfloat16
     x = torch.randint(0, 64, (2, 16))
     before = model.model.layers[0].self_attn.o_proj.weight.detach().clone()
     tr.step(lambda: language_model_loss(model, x, x.roll(-1, 1)))
     assert not torch.equal(before, model.model.layers[0].self_attn.o_proj.weight)
+    assert (
+        "momentum_buffer" in tr.optimizer.state[model.model.layers[0].self_attn.o_proj.weight]
+    )  # a Muon step
     with pytest.raises(ValueError, match="optimizer 'nadam' not in adamw, muon"):
         OptimConfig(optimizer="nadam")
     with pytest.raises(ValueError, match="one process only"):
@@ -176,8 +189,8 @@ def test_two_muon_steps_by_hand_nesterov_momentum_and_decoupled_decay() -> None:
     update g + mu·(buf - g), p <- p·(1 - lr·wd) - lr·0.2·sqrt(6)·NS(update) (Moonlight's decay and RMS)."""
     gen = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(4, 6, generator=gen))
-    lr, wd, mu = 0.1, 0.5, 0.95
-    opt = Muon([{"params": [p], "muon": True, "weight_decay": wd}], lr=lr, momentum=mu)
+    lr, wd, mu = 0.1, 0.5, 0.8
+    opt = Muon([{"params": [p], "muon": True, "weight_decay": wd, "momentum": mu}], lr=lr)  # the group's own
     expected, buf = p.detach().clone(), torch.zeros(4, 6)
     for _ in range(2):
         g = torch.randn(4, 6, generator=gen)
@@ -187,3 +200,78 @@ def test_two_muon_steps_by_hand_nesterov_momentum_and_decoupled_decay() -> None:
         update = g + mu * (buf - g)
         expected = expected * (1 - lr * wd) - lr * 0.2 * 6**0.5 * orthogonalize(update[None])[0]
     torch.testing.assert_close(p.detach(), expected)
+    assert opt.state[p]["step"] == 2
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(8, 24), (24, 8)])
+def test_three_steps_match_torch_optim_muon(shape, ns_dtype) -> None:
+    """The anchor: torch.optim.Muon with Moonlight's RMS matching (Keller Jordan's quintic coefficients,
+    Nesterov momentum 0.95, decoupled decay, 0.2·sqrt(max(m, n))), which runs Newton-Schulz in bf16: the
+    same run to its rounding, wide and tall. Another coefficient moved the weights ~9% away."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(*shape, generator=gen)
+    ours, ref = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt = Muon([{"params": [ours], "muon": True, "weight_decay": 0.1}], lr=0.05, ns_dtype=ns_dtype)
+    anchor = torch.optim.Muon([ref], lr=0.05, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        g = torch.randn(*shape, generator=gen)
+        ours.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        anchor.step()
+    assert (ours - ref).norm() / (ref - start).norm() < 0.03
+
+
+def test_step_with_a_closure_is_a_step_after_backward() -> None:
+    """opt.step(closure), as every torch optimizer takes it: the closure's gradients drive the Muon
+    matrices too. It ran after the Muon part, so the matrices took AdamW's update instead."""
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+
+    def run(with_closure: bool) -> tuple[float, torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        w, b = torch.nn.Parameter(torch.randn(8, 16)), torch.nn.Parameter(torch.zeros(16))
+        opt = Muon(
+            [{"params": [w], "muon": True, "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
+            lr=1e-2,
+        )
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = ((x + b) @ w.T).pow(2).mean()
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure) if with_closure else (closure(), opt.step())[0]
+        return loss.item(), w.detach(), b.detach()
+
+    (loss, w, b), (closure_loss, closure_w, closure_b) = run(False), run(True)
+    assert closure_loss == loss
+    assert torch.equal(closure_w, w) and torch.equal(closure_b, b)
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 64), (3, 64, 32)])
+def test_newton_schulz_flops_by_hand(shape) -> None:
+    """E matrices m x n, m <= n (a tall one is transposed: the iteration runs on the smaller Gram
+    matrix). bf16 iterates on x: 5 x (X·Xᵀ, bG + cG², (..)·X) = 5·(4m²n + 2m³). fp32 iterates on G: X·Xᵀ
+    and the final Q·X (4m²n), 5 polynomials bG + cG² (5·2m³), 4 products into Q and 4 updates P·G·P
+    (4·6m³): ~16% fewer at n = 2m."""
+    e, m, n = 3, 32, 64
+    groups = [{"params": [torch.nn.Parameter(torch.empty(shape))], "muon": True, "blocks": 1}]
+    assert orthogonalization_flops(groups, dtype=torch.bfloat16) == e * 5 * (4 * m * m * n + 2 * m**3)
+    assert orthogonalization_flops(groups, dtype=torch.float32) == e * (
+        4 * m * m * n + 5 * 2 * m**3 + 4 * 6 * m**3
+    )
+
+
+def test_a_group_added_later_takes_the_defaults() -> None:
+    """add_param_group (unfreezing a layer mid-run) fills a group from the optimizer's defaults: it
+    failed with KeyError: 'muon' (or 'blocks', 'momentum') at the next step."""
+    w, b = torch.nn.Parameter(torch.randn(8, 16)), torch.nn.Parameter(torch.zeros(16))
+    opt = Muon([{"params": [torch.nn.Parameter(torch.randn(8, 16))], "muon": True}], lr=1e-2, momentum=0.8)
+    opt.add_param_group({"params": [w], "muon": True})
+    opt.add_param_group({"params": [b]})
+    assert opt.param_groups[1]["momentum"] == 0.8 and opt.param_groups[1]["blocks"] == 1
+    assert opt.param_groups[2]["muon"] is False
+    w.grad, b.grad = torch.randn_like(w), torch.ones_like(b)
+    opt.step()
+    assert "momentum_buffer" in opt.state[w] and "exp_avg" in opt.state[b]

@@ -123,14 +123,19 @@ class Muon(torch.optim.AdamW):
         **adamw: Any,
     ) -> None:
         super().__init__(params, **adamw)
+        # in `defaults` too: a group added later (`add_param_group`) is filled from them
+        self.defaults.update(muon=False, blocks=1, momentum=momentum)
         for g in self.param_groups:
-            g.setdefault("muon", False)
-            g.setdefault("blocks", 1)
-            g.setdefault("momentum", momentum)
+            for k in ("muon", "blocks", "momentum"):
+                g.setdefault(k, self.defaults[k])
         self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:  # first, as every torch optimizer: its gradients are the step's
+            with torch.enable_grad():
+                loss = closure()
         # Momentum first, then one batched Newton-Schulz per matrix shape: the attention and MLP
         # matrices of every layer share a handful of shapes, and a batch of them costs one op chain.
         todo: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]] = {}
@@ -170,4 +175,5 @@ class Muon(torch.optim.AdamW):
             scale = 0.2 * max(rows, cols) ** 0.5
             for (p, _, group), o in zip(items, stacked.split([u.shape[0] for _, u, _ in items]), strict=True):
                 p.add_(o.reshape(p.shape).to(p.dtype), alpha=-group["lr"] * scale)
-        return super().step(closure)
+        super().step()
+        return loss
