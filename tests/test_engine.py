@@ -441,6 +441,7 @@ def test_prefix_reuse_shares_blocks_and_keeps_outputs(model):
     second = engine.generate([prompts[1]], max_new_tokens=6)[0]
     assert [first, second] == fresh
     assert engine.stats()["prefix_cache_hit_blocks"] == 2
+    assert engine.stats()["prompt_tokens_reused"] == 32
 
 
 def test_a_whole_cached_prompt_still_computes_its_last_block(model):
@@ -504,13 +505,28 @@ def test_capacity_and_input_errors(model):
         engine.add_request([], SamplingParams())
     with pytest.raises(ValueError, match="max_seq_len"):
         engine.add_request(list(range(64)), SamplingParams())
-    with pytest.raises(ValueError, match="vocabulary"):
-        engine.add_request([1, 10**6], SamplingParams())
+    for bad in (512, -1):  # the vocabulary is [0, 512)
+        with pytest.raises(ValueError, match=rf"vocabulary \[0, 512\): \[{bad}\]"):
+            engine.add_request([1, bad], SamplingParams())
+    # a batch refused at its second prompt leaves nothing behind: no request queued, no event to come
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([[1, 2], []], max_new_tokens=2)
+    assert not engine.has_unfinished() and engine.step() == []
     with pytest.raises(ValueError, match="temperature"):
         engine.add_request([1], SamplingParams(temperature=-1))
     # more alternatives than the vocabulary: refused here, not by a crash in step() for the whole batch
     with pytest.raises(ValueError, match="logprobs=513"):
         engine.add_request([1], SamplingParams(logprobs=513))
+    (c,) = engine.generate_detailed([[1]], max_new_tokens=1, logprobs=512)  # the whole vocabulary: fine
+    assert len(c.logprobs[0].top) == 512
+    # a request id names one request in flight (its events, abort()): a second is refused, not merged
+    engine.add_request([1], SamplingParams(max_new_tokens=1), request_id="a")
+    with pytest.raises(ValueError, match="'a' is already in use"):
+        engine.add_request([2], SamplingParams(max_new_tokens=1), request_id="a")
+    assert [(e.request_id, e.new_token_ids) for e in engine.step()] == [("a", c.token_ids)]
+    engine.add_request([1], SamplingParams(max_new_tokens=1), request_id="a")  # free again once finished
+    engine.abort("a")
+    assert [e.finish_reason for e in engine.step()] == ["abort"]
     # Requests that fit only one at a time wait their turn instead of failing.
     out = engine.generate([[1, 2, 3], [4, 5, 6]], max_new_tokens=5)
     assert [len(x) for x in out] == [5, 5]
@@ -604,6 +620,77 @@ def test_abort_and_max_seq_len(model):
     for bad in (0, -5):
         with pytest.raises(ValueError, match=f"max_seq_len must be >= 2, got {bad}"):
             Engine(model, max_seq_len=bad)
+
+
+def test_engine_arguments_are_checked_at_their_limits(model):
+    """Each argument's smallest legal value is served and the next one down is refused when built:
+    prefill_chunk=0 admitted requests it never prefilled (generate hung), max_seq_len=1 leaves no room
+    for a token, a context of exactly max_position_embeddings is the model's own."""
+    for kw in ({"max_batch_size": 0}, {"block_size": 0}, {"prefill_chunk": 0}):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            Engine(model, **kw)
+    with pytest.raises(ValueError, match="max_seq_len must be >= 2, got 1"):
+        Engine(model, max_seq_len=1)
+    with pytest.raises(ValueError, match="cache_bytes must be > 0, got 0"):
+        Engine(model, cache_bytes=0)
+    ctx = model.config.max_position_embeddings
+    assert Engine(model, max_seq_len=ctx).max_seq_len == ctx
+    expect = Engine(model).generate([PROMPTS[0]], max_new_tokens=3)
+    assert (
+        Engine(model, prefill_chunk=1, max_batch_size=1, block_size=1).generate(
+            [PROMPTS[0]], max_new_tokens=3
+        )
+        == expect
+    )
+    (c,) = Engine(model, max_seq_len=2).generate_detailed([[5]], max_new_tokens=3)
+    assert len(c.token_ids) == 1 and c.finish_reason == "length"
+    # a cache smaller than one block still holds its scratch block and one block of context
+    tiny = Engine(model, cache_bytes=1, block_size=4)
+    assert tiny.max_seq_len == 4 and len(tiny.generate([[5, 6]], max_new_tokens=9)[0]) == 2
+    assert Engine(model, cache_bytes=1, block_size=4, max_seq_len=4).max_seq_len == 4  # what it holds
+    with pytest.raises(ValueError, match="max_seq_len 5 needs more KV cache"):
+        Engine(model, cache_bytes=1, block_size=4, max_seq_len=5)
+
+
+def test_each_request_in_a_step_gets_the_logprobs_it_asked_for(model):
+    """vLLM's logprobs: None = none, 0 = the chosen token's only, k = also the top k; requests asking
+    differently share a step, and generate_detailed refuses overrides it could not apply to a list."""
+    engine = Engine(model, max_batch_size=3)
+    asked = [None, 0, 2]
+    ids = [engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=1, logprobs=k)) for k in asked]
+    events = {e.request_id: e for e in engine.step()}
+    got = [events[rid].logprobs for rid in ids]
+    assert got[0] is None and [len(lp[0].top) for lp in got[1:]] == [0, 2]
+    with pytest.raises(ValueError, match="overrides apply to one SamplingParams"):
+        engine.generate_detailed([[1]], [SamplingParams()], max_new_tokens=2)
+
+
+def test_stepping_a_training_model_runs_it_in_eval_mode(model):
+    """step() called directly (not through generate) on a model left training: eval mode inside the
+    step (routers count no expert load), training mode again after it."""
+    model.train()
+    loads = {i: r.expert_load.clone() for i, r in model.routers()}
+    try:
+        engine = Engine(model)
+        engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=2))
+        while engine.has_unfinished():
+            engine.step()
+            assert model.training
+        assert all(torch.equal(r.expert_load, loads[i]) for i, r in model.routers())
+    finally:
+        model.eval()
+
+
+def test_a_stream_sends_each_logprob_and_the_prompt_logprobs_once(model):
+    """StepEvent.prompt_logprobs comes with a request's first event only, and each token's logprob
+    with the event that carries the token: concatenated, the stream is what generate_detailed returns."""
+    params = SamplingParams(max_new_tokens=4, logprobs=2, prompt_logprobs=True)
+    (c,) = Engine(model, prefill_chunk=4).generate_detailed([PROMPTS[0]], params)
+    events = list(Engine(model, prefill_chunk=4).stream([PROMPTS[0]], params))
+    assert len(events) == 4
+    assert [e.prompt_logprobs for e in events] == [c.prompt_logprobs, None, None, None]
+    assert [t for e in events for t in e.new_token_ids] == c.token_ids
+    assert [lp for e in events for lp in e.logprobs] == c.logprobs
 
 
 def test_a_stop_token_that_is_also_the_last_allowed_one_finishes_with_stop(model):

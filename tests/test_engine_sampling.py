@@ -281,6 +281,10 @@ def test_one_sampling_params_per_prompt(model):
         assert c.token_ids == Engine(model).generate([PROMPTS[i]], each[i])[0] and len(c.logprobs) == 4 + i
     # one params for all: prompt i samples with seed + i, as the list above spells out
     assert Engine(model).generate(PROMPTS[:1], one)[0][:4] == got[0].token_ids
+    # ... so a prompt repeated in one call samples apart, each as alone with its own seed
+    batch = Engine(model, max_batch_size=4).generate([PROMPTS[0]] * 3, one)
+    assert batch == [Engine(model).generate([PROMPTS[0]], one, seed=40 + i)[0] for i in range(3)]
+    assert batch[0] != batch[1]
     with pytest.raises(ValueError, match="2 sampling params for 3 prompts"):
         Engine(model).generate_detailed(PROMPTS[:3], each[:2])
 
