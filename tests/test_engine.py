@@ -626,9 +626,9 @@ def test_engine_arguments_are_checked_at_their_limits(model):
     """Each argument's smallest legal value is served and the next one down is refused when built:
     prefill_chunk=0 admitted requests it never prefilled (generate hung), max_seq_len=1 leaves no room
     for a token, a context of exactly max_position_embeddings is the model's own."""
-    for kw in ({"max_batch_size": 0}, {"block_size": 0}, {"prefill_chunk": 0}):
-        with pytest.raises(ValueError, match="must be >= 1"):
-            Engine(model, **kw)
+    for name in ("max_batch_size", "block_size", "prefill_chunk"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):  # the argument named
+            Engine(model, **{name: 0})
     with pytest.raises(ValueError, match="max_seq_len must be >= 2, got 1"):
         Engine(model, max_seq_len=1)
     with pytest.raises(ValueError, match="cache_bytes must be > 0, got 0"):

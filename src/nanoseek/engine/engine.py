@@ -99,8 +99,13 @@ class Engine:
             raise ValueError(
                 f"speculative=True needs a model with an MTP module (num_nextn_predict_layers >= 1){family}"
             )
-        if max_batch_size < 1 or block_size < 1 or prefill_chunk < 1:
-            raise ValueError("max_batch_size, block_size and prefill_chunk must be >= 1")
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("block_size", block_size),
+            ("prefill_chunk", prefill_chunk),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if max_seq_len is not None and max_seq_len < 2:  # one prompt token and one generated
             raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
         cache_bytes = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
