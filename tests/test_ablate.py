@@ -216,11 +216,21 @@ def test_bad_options_are_refused_before_any_training() -> None:
     AblateConfig(study="mtp", acc_n=0, threads=1).validate()
 
 
-def test_studies_refuse_a_preset_without_the_technique() -> None:
+def test_studies_refuse_a_preset_without_the_technique(tmp_path) -> None:
     with pytest.raises(ValueError, match="routed experts"):
         plan("moe", preset="tiny-dense")
     with pytest.raises(ValueError, match="MLA"):
         plan("mla", preset="tiny-qwen2")
+    with pytest.raises(ValueError, match="MTP module"):
+        plan("mtp", preset="tiny-qwen2")
+    with pytest.raises(ValueError, match="routed experts"):
+        plan("balance", preset="tiny-dense")
+    # no-shared would equal moe: the shared-expert contrast needs one
+    from nanoseek.config import resolve_config
+
+    resolve_config("tiny").replace(n_shared_experts=0).save(tmp_path)
+    with pytest.raises(ValueError, match="has none"):
+        plan("moe", preset=str(tmp_path))
 
 
 # ------------------------------------------------------------- resume (no training)
@@ -541,3 +551,186 @@ def test_claim_verdicts_at_their_boundaries(tmp_path) -> None:
     fixed = {"metric": "kv", "kind": "fixed", "at": "final"}
     assert judge(m, {**fixed, "a": "c", "b": "d"}, None)[1] == "no"
     assert judge(m, {**fixed, "a": "c", "b": "e"}, None) == ("c 10 vs e 20 (50%)", "yes")
+
+
+def test_seeds_and_token_budgets_are_never_cut_short() -> None:
+    # --seeds 0 would run nothing and write an empty report; a token budget is rounded up to whole steps
+    with pytest.raises(ValueError, match="--seeds"):
+        AblateConfig(study="moe", seeds=0).validate()
+    assert Budget("tokens", TOKENS_PER_STEP + 1).steps() == 2
+    assert Budget("tokens", 1).steps() == 1
+
+
+def test_no_shared_widens_the_routed_groups_when_they_cannot_hold_its_top_k(tmp_path) -> None:
+    """no-shared routes top-(k + s): where the top `topk_group` groups hold fewer experts than that,
+    it may pick from every group (tiny with topk_group 1: 1 group of 4 experts, top-5 needed)."""
+    from nanoseek.config import resolve_config
+
+    resolve_config("tiny").replace(topk_group=1).save(tmp_path)
+    v = {r.variant: r.config for r in plan("moe", seeds=1, preset=str(tmp_path))}
+    assert v["no-shared"].topk_group == v["no-shared"].n_group == 4
+    for name, c in v.items():
+        if c.is_moe:  # the router can always fill its top-k from the groups it keeps
+            assert c.topk_group * (c.n_routed_experts // c.n_group) >= c.num_experts_per_tok, name
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_gqa_head_dim_is_the_even_width_nearest_mla_parameters(preset: str) -> None:
+    """Each GQA variant's head_dim is the even width whose q/k/v/o weights come closest to MLA's
+    attention weights (tiny: 31.0, 41.3, 49.6 -> 32, 42, 50)."""
+    from nanoseek.accounting import _attention_params
+
+    v = {r.variant: r.config for r in plan("mla", seeds=1, preset=preset)}
+    mla = _attention_params(v["mla"])[0]
+    for name in ("mha", "gqa", "mqa"):
+        c = v[name]
+        gap = {
+            d: abs(_attention_params(c.replace(head_dim=d))[0] - mla)
+            for d in (c.head_dim - 2, c.head_dim + 2)
+        }
+        assert abs(_attention_params(c)[0] - mla) <= min(gap.values()), (name, c.head_dim)
+    if preset == "tiny":
+        assert [v[n].head_dim for n in ("mha", "gqa", "mqa")] == [32, 42, 50]
+
+
+def test_fp8_study_trains_each_variant_in_its_named_precision() -> None:
+    # "auto" would train the bf16 variant in fp32 on a CPU without native bf16: bf16 vs fp32 then
+    # compares fp32 with itself
+    assert {r.variant: r.train.precision for r in plan("fp8", seeds=1)} == {
+        "bf16": "bf16",
+        "fp8": "fp8",
+        "fp32": "fp32",
+    }
+
+
+def test_a_preset_with_short_positions_is_stretched_to_the_sequence_length(tmp_path) -> None:
+    from nanoseek.ablate import SEQ_LEN
+    from nanoseek.config import resolve_config
+
+    resolve_config("tiny").replace(max_position_embeddings=128).save(tmp_path)
+    assert {r.config.max_position_embeddings for r in plan("fp8", seeds=1, preset=str(tmp_path))} == {SEQ_LEN}
+
+
+def test_settings_diff_counts_a_setting_only_one_side_has() -> None:
+    assert settings_diff({"a": 1, "b": 2}, {"a": 1}) == {"b"}
+    assert settings_diff({}, {"c": None}) == set()  # absent reads as None, as ModelConfig's defaults
+
+
+def test_report_header_states_budget_seeds_runs_and_training_time(tmp_path, monkeypatch) -> None:
+    _fake_training(monkeypatch, [])
+    report = run_study(AblateConfig(study="mla", seeds=2, out=str(tmp_path), progress=False), "mla")
+    # the fake's done rows: 1.0 s of training each, 4 variants x 2 seeds
+    steps = get_study("mla").default_budget.steps()
+    header = (
+        f"{steps * TOKENS_PER_STEP:,} tokens ({steps} steps) per run, seeds 0, 1; 8 finished runs, 0.1 min"
+    )
+    assert header in report.read_text()
+
+
+def test_resume_after_the_preset_config_changed_is_refused(tmp_path, monkeypatch) -> None:
+    # --preset names a config directory: the same name can hold another model on the next run
+    from nanoseek.config import resolve_config
+
+    _fake_training(monkeypatch, [])
+    preset = tmp_path / "model"
+    resolve_config("tiny").save(preset)
+    cfg = AblateConfig(
+        study="balance", seeds=1, out=str(tmp_path / "runs"), preset=str(preset), progress=False
+    )
+    run_study(cfg, "balance")
+    resolve_config("tiny").replace(num_hidden_layers=3).save(preset)
+    with pytest.raises(ValueError, match="variants differs"):
+        run_study(cfg, "balance")
+
+
+def test_mtp_resume_refuses_another_accuracy_measure_and_only_mtp_measures_it(tmp_path, monkeypatch) -> None:
+    calls: list = []
+    import nanoseek.ablate as ab
+
+    _fake_training(monkeypatch, [])
+    fake = ab.train_run
+
+    def record(run, *args, **kw):
+        calls.append((run.study, kw["acc_n"]))
+        return fake(run, *args, **kw)
+
+    monkeypatch.setattr(ab, "train_run", record)
+    cfg = AblateConfig(study="mtp", seeds=1, acc_n=3, out=str(tmp_path), progress=False)
+    run_study(cfg, "mtp")
+    run_study(AblateConfig(study="balance", seeds=1, acc_n=3, out=str(tmp_path), progress=False), "balance")
+    # greedy accuracy is the mtp study's measure: the other studies' runs skip it
+    assert calls == [("mtp", 3)] * 2 + [("balance", 0)] * 3
+    for other in ({"acc_n": 4}, {"max_new_tokens": 64}):
+        with pytest.raises(ValueError, match="evaluation differs"):
+            run_study(
+                AblateConfig(
+                    study="mtp", seeds=1, out=str(tmp_path), progress=False, **{"acc_n": 3, **other}
+                ),
+                "mtp",
+            )
+
+
+def test_value_and_higher_claims(tmp_path) -> None:
+    """value: a seed at the paper's lower end or above its range supports the claim; higher: a above b."""
+    from nanoseek.ablate_report import StudyMetrics, judge
+
+    curves = {
+        ("a", 0): [(0, 0.1), (10, 0.85)],
+        ("a", 1): [(0, 0.1), (10, 0.95)],
+        ("b", 0): [(0, 0.1), (10, 0.80)],
+        ("b", 1): [(0, 0.1), (10, 0.90)],
+    }
+    m = StudyMetrics(_study(tmp_path, curves))
+    value = {"a": "a", "b": None, "metric": "val_loss", "kind": "value", "at": "final", "lo": 0.85, "hi": 0.9}
+    sd = (2 * 0.05**2) ** 0.5
+    assert judge(m, value, None) == (f"a: 0.900 ± {sd:.3f} (final)", "yes")
+    assert judge(m, {**value, "a": "b"}, None)[1] == "inconclusive (seeds disagree)"  # 0.80 below, 0.90 in
+    higher = {"a": "a", "b": "b", "metric": "val_loss", "kind": "higher", "at": "final"}
+    assert judge(m, higher, None)[1] == "yes"
+    assert judge(m, {**higher, "a": "b", "b": "a"}, None)[1] == "no"
+
+
+def test_report_says_where_a_technique_wins_per_flop_but_not_per_second(tmp_path) -> None:
+    from nanoseek.ablate_report import StudyMetrics, _plain_words
+
+    curves = {("a", 0): [(0, 4.0), (100, 2.0)], ("b", 0): [(0, 4.0), (100, 3.0)]}
+    m = StudyMetrics(_study(tmp_path, curves))
+    m.plan["claims"] = [
+        {
+            "text": "a wins",
+            "source": "s",
+            "size": "z",
+            "a": "a",
+            "b": "b",
+            "metric": "val_loss",
+            "kind": "lower",
+            "at": "curve",
+        }
+    ]
+    m.curves["a"][0][-1]["train_s"] = 200  # a's steps take twice as long: at 100 s both read 3.0
+    assert _plain_words(m) == [
+        "- **a wins per FLOP but not per wall second on this machine** (a wins): per second the verdict is "
+        "'inconclusive (tie)'."
+    ]
+
+
+def test_variant_and_violation_tables_of_an_moe_study(tmp_path) -> None:
+    """The max violation column appears where runs measured it; layers are in numeric order (10 after 2)."""
+    from nanoseek.ablate_report import StudyMetrics, _precision_note, variant_table, violation_table
+
+    facts = {
+        "about": "x",
+        "total_params": 1,
+        "active_params": 1,
+        "flops_per_token": 1,
+        "kv_cache_bytes_per_token": 1,
+    }
+    m = StudyMetrics(_study(tmp_path, {("a", 0): [(0, 4.0), (10, 3.0)]}, variants={"a": facts}))
+    m.curves["a"][0][-1].update(max_violation=0.5, max_violation_per_layer={"2": 0.5, "10": 0.1, "1": 0.2})
+    m.done["a"][0]["s_per_step"] = 1.0
+    assert variant_table(m)[0].endswith("| s/step | max violation |")
+    assert variant_table(m)[2].endswith("| 0.500 |")
+    assert "| variant | layer 1 | layer 2 | layer 10 |" in violation_table(m)
+    # one precision per variant where they differ (the fp8 study), one word where they agree
+    m.done = {"bf16": {0: {"precision": "bf16"}}, "fp32": {0: {"precision": "fp32"}}}
+    assert _precision_note(m) == " Trained in bf16 bf16, fp32 fp32."
