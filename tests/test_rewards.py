@@ -142,6 +142,8 @@ def test_hack_other_scripts_count_against_the_language():
     assert language_consistency("Сначала сложим единицы, затем add", "en") < 0.5
     assert language_consistency("한국어로 생각하자 一の位を足す", "ja") < 0.6
     assert script_counts("Сначала сложим")["other"] == 13
+    assert script_counts("café résumé")["latin"] == 10  # accented letters are Latin
+    assert script_counts("नमस्ते")["other"] == 4  # vowel signs and viramas go on with their word
     assert language_consistency("The angle θ is 30 degrees", "en") == 1.0  # a lone letter is a symbol
 
 

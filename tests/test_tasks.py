@@ -4,6 +4,7 @@ import dataclasses
 import json
 import re
 import time
+import warnings
 
 import pytest
 
@@ -867,3 +868,196 @@ def test_a_later_turn_asks_other_problems_before_it():
     draw) the history held the very problem asked, with its answer, for 2 of 300 problems."""
     for p in get_task("modular?turn=3").problems("train", 300, seed=0):
         assert p.prompt not in [m["content"] for m in p.history], p.messages
+
+
+def test_jsonl_answers_that_are_json_values_are_read_as_json(tmp_path):
+    """A list, object or boolean answer is the JSON the user wrote ('["a", "b"]', 'true'), not Python's
+    repr of it ("['a', 'b']", 'True'), which no model answering in JSON matched; numbers stay as written."""
+    rows = [
+        {"prompt": "Letters?", "answer": ["a", "b"]},
+        {"prompt": "Is it?", "answer": True, "reasoning": "yes"},
+        {"prompt": "Point?", "answer": {"x": 1}},
+        {"prompt": "Tenth?", "answer": 0.1},
+        {"prompt": "Count?", "answer": 42},
+        {"prompt": "Zero?", "answer": 0},
+    ]
+    path = tmp_path / "typed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = get_task(f"jsonl:{path}")
+    by = {p.prompt: p for p in task.items}
+    assert [by[r["prompt"]].answer for r in rows] == ['["a", "b"]', "true", '{"x": 1}', "0.1", "42", "0"]
+    assert [by[r["prompt"]].meta["verifier"] for r in rows] == ["exact"] * 3 + ["numeric"] * 3
+    assert task.score(by["Letters?"], 't</think>["a", "b"]') == 1.0
+    assert task.score(by["Is it?"], "t</think>true") == 1.0
+    assert task.worked_solution(by["Is it?"]) == "<think>\nyes\n</think>\ntrue"
+    assert task.score(by["Tenth?"], "t</think>0.10") == 1.0 and task.score(by["Zero?"], "t</think>0") == 1.0
+
+
+def test_jsonl_problems_in_a_language_the_file_lacks_is_an_error(tmp_path):
+    """As for every other task: language="fr" (or "ja" for an English file) is refused by name, not an
+    empty list with a warning that the split is too small."""
+    path = tmp_path / "en.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i}+1?", "answer": i + 1}) + "\n" for i in range(20)))
+    task = get_task(f"jsonl:{path}")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"prompt": "日本の首都は？", "answer": "東京"}) + "\n" + path.read_text())
+    assert get_task(f"jsonl:{mixed}").languages == ("en", "ja")
+    for lang in ("fr", "ja"):
+        with pytest.raises(ValueError, match=rf"unsupported language '{lang}'; this task has \('en',\)"):
+            task.problems("train", 2, language=lang)
+    assert len(task.problems("train", 2, language="en")) == 2
+
+
+def test_reasoning_gym_whole_number_option_that_is_not_one_is_named():
+    """min_terms=x reached reasoning-gym as the text 'x': "'>' not supported between instances of 'str'
+    and 'int'", the error the built-in families' options were typed to avoid."""
+    for spec in ("rg:basic_arithmetic?min_terms=x", "rg:basic_arithmetic?min_terms=2.5"):
+        with pytest.raises(
+            ValueError, match=r"option min_terms='.*' of rg:basic_arithmetic must be a whole number"
+        ):
+            get_task(spec)
+    from nanoseek.data.tasks import ReasoningGymTask
+
+    assert ReasoningGymTask("rg:basic_arithmetic", "basic_arithmetic", min_terms="3").config["min_terms"] == 3
+
+
+def test_reasoning_gym_list_of_float_options_are_read():
+    """list[float] fields (a dataset's weights) were read as one number: "must be a number"."""
+    t = get_task("rg:simple_equations?operators_weights=0.4,0.4,0.2")
+    assert t.config["operators_weights"] == [0.4, 0.4, 0.2]
+    with pytest.raises(
+        ValueError, match=r"operators_weights='0.4,heavy' of rg:simple_equations must be a number"
+    ):
+        get_task("rg:simple_equations?operators_weights=0.4,heavy")
+
+
+def test_a_task_keeps_its_whole_spec_as_its_name():
+    """Problems say which task (with its options) made them: GRPO pools and eval reports key on it, and
+    get_task(p.task) must give back the task that verifies p."""
+    for spec in ("arithmetic?ops=add", "rg:basic_arithmetic?partial=true"):
+        task = get_task(spec)
+        assert task.name == spec and task.problems("train", 1)[0].task == spec
+    assert get_task("multiplication?digits=2").digits == 2  # the user's option over the alias's digits=3
+
+
+def test_jsonl_task_name_keeps_its_options(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"prompt": "2+2?", "answer": 4, "split": "train"}) + "\n")
+    spec = f"jsonl:{path}?partial=true"
+    assert get_task(spec).name == spec and get_task(spec).problems("train", 1)[0].task == spec
+
+
+def test_register_task_checks_the_name_and_replaces_a_cached_task():
+    from nanoseek.data.tasks import TASKS, register_task
+
+    with pytest.raises(ValueError, match="lowercase identifiers"):
+        register_task("My-Task", ArithmeticTask)
+    try:
+        register_task("mine", ArithmeticTask)
+        assert isinstance(get_task("mine"), ArithmeticTask)
+        register_task("mine", lambda spec: get_task("sorting"))
+        assert get_task("mine").name == "sorting"  # not the cached arithmetic
+    finally:
+        TASKS.pop("mine", None)
+        get_task.cache_clear()
+
+
+def test_reasoning_gym_verdicts_for_no_answer_a_near_miss_and_a_scorer_error(monkeypatch):
+    task = get_task("rg:leg_counting")
+    p = task.problems("train", 1, seed=0)[0]
+    # no closed think block: no answer, scored 0 (None would skip the sample: a way out of the penalty)
+    assert task.verify(p, f"thinking {p.answer}", require_think=True) == 0.0
+    raw = task._scorer.score_answer("x" + p.answer, p.meta["entry"])  # contains the oracle: len ratio
+    assert 0.5 <= raw < 1.0 and task.verify(p, f"t</think>x{p.answer}") == 0.0
+    monkeypatch.setattr(task._scorer, "score_answer", lambda *a: 1 / 0)
+    assert task.verify(p, f"t</think>{p.answer}") == 0.0
+
+
+def test_reasoning_gym_split_ignores_the_difficulty_it_was_drawn_at():
+    """The same problem drawn under another config (difficulty, draw index) is on the same side."""
+    from nanoseek.data.tasks.adapters import _rg_canonical
+
+    entry = {"question": "q", "answer": "6", "metadata": {"animals": {"dog": 1, "cat": 1}}}
+    keys = {
+        _rg_canonical({**entry, "metadata": {**entry["metadata"], **extra}})
+        for extra in ({}, {"difficulty": {"num_animals": (1, 3)}, "source_index": 4, "source_dataset": "x"})
+    }
+    assert len(keys) == 1
+
+
+def test_reasoning_gym_problems_come_from_the_split_asked_for():
+    from nanoseek.data.tasks.adapters import _rg_canonical
+
+    task = get_task("rg:basic_arithmetic")
+    for split in ("train", "test"):
+        for p in task.problems(split, 10, seed=0):
+            assert split_of(f"rg:basic_arithmetic|{_rg_canonical(p.meta['entry'])}") == split
+
+
+def test_jsonl_code_partial_credit_is_the_fraction_of_cases_passed(tmp_path):
+    path = tmp_path / "code.jsonl"
+    cases = [{"input": "3", "output": "6"}, {"input": "0", "output": "1"}]
+    path.write_text(json.dumps({"prompt": "Double.", "tests": cases}) + "\n")
+    solution = "t</think>```python\nprint(int(input()) * 2)\n```"
+    for spec, want in ((f"jsonl:{path}", 0.0), (f"jsonl:{path}?partial=true", 0.5)):
+        task = get_task(spec)
+        assert task.verify(task.items[0], solution) == want
+
+
+def test_reasoning_gym_seed_draws_other_problems():
+    task = get_task("rg:basic_arithmetic")
+    ids = [{p.id for p in task.problems("train", 8, seed=s)} for s in (0, 0, 1)]
+    assert ids[0] == ids[1] and ids[0] != ids[2]
+
+
+def test_jsonl_problems_of_one_language_count_only_that_language(tmp_path):
+    rows = [{"prompt": f"{i}+1?", "answer": i + 1, "split": "train"} for i in range(2)]
+    rows += [{"prompt": f"{i}たす1は？", "answer": i + 1, "split": "train"} for i in range(3)]
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    with pytest.warns(UserWarning, match="asked for 3 train problems, only 2 exist"):
+        got = get_task(f"jsonl:{path}").problems("train", 3, language="en")
+    assert sorted(p.prompt for p in got) == ["0+1?", "1+1?"]
+    stream = get_task(f"jsonl:{path}").iter_problems("train", language="en")
+    assert {next(stream).language for _ in range(20)} == {"en"}
+
+
+def test_jsonl_seed_reorders_and_the_whole_split_asked_for_is_no_warning(tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"{i}+1?", "answer": i + 1, "split": "train"}) + "\n" for i in range(30)
+        )
+    )
+    task = get_task(f"jsonl:{path}")
+    orders = [[p.id for p in task.problems("train", 5, seed=s)] for s in (0, 0, 1)]
+    assert orders[0] == orders[1] and orders[0] != orders[2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asking for exactly what the split holds is not "too few"
+        assert len(task.problems("train", 30)) == 30
+
+
+def test_jsonl_ids_empty_files_and_unknown_splits(tmp_path):
+    path = tmp_path / "ids.jsonl"
+    rows = [
+        {"prompt": "Same?", "answer": "a", "id": "q1"},
+        {"prompt": "Same?", "answer": "b", "id": "q2"},  # one prompt twice, told apart by "id"
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [(p.id, p.answer) for p in get_task(f"jsonl:{path}").items] == [("q1", "a"), ("q2", "b")]
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
+    with pytest.raises(ValueError, match=r"blank\.jsonl: no problems"):
+        get_task(f"jsonl:{blank}")
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"prompt": "p", "answer": "1", "split": "validation"}) + "\n")
+    with pytest.raises(
+        ValueError, match=r"val\.jsonl:1: split 'validation' is not one of \('train', 'test'\)"
+    ):
+        get_task(f"jsonl:{val}")
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text(
+        json.dumps({"prompt": "p", "tests": [{"input": "3", "output": "6"}, {"input": "4"}]}) + "\n"
+    )
+    with pytest.raises(ValueError, match='each test case needs "output"'):
+        get_task(f"jsonl:{cases}")

@@ -27,8 +27,10 @@ from nanoseek.data.tasks.base import (
     VERIFIERS,
     Problem,
     Task,
+    _check_language,
     _check_split,
     _problem_id,
+    _typed_value,
     split_of,
 )
 from nanoseek.tokenizer import THINK_END, THINK_START
@@ -78,15 +80,20 @@ def _rg_options(dataset: str, config: dict[str, Any]) -> dict[str, Any]:
             continue
         t = str(f.type).lower()
         default = f.default if f.default is not dataclasses.MISSING else None
-        if "float" in t or isinstance(default, float):
-            try:
-                out[k] = float(v)
-            except ValueError:
-                raise ValueError(f"option {k}={v!r} of rg:{dataset} must be a number") from None
-        elif isinstance(v, str) and ("tuple" in t or "list" in t or isinstance(default, (tuple, list))):
-            items = [x.strip() for x in v.split(",") if x.strip()]
-            typed = [int(x) if re.fullmatch(r"[+-]?\d+", x) else x for x in items]
-            out[k] = list(typed) if isinstance(default, list) or "list" in t else tuple(typed)
+        try:
+            if isinstance(v, str) and ("tuple" in t or "list" in t or isinstance(default, (tuple, list))):
+                items = [x.strip() for x in v.split(",") if x.strip()]
+                if "float" in t:  # list[float]: weights
+                    typed = [_typed_value(x, float) for x in items]
+                else:
+                    typed = [int(x) if re.fullmatch(r"[+-]?\d+", x) else x for x in items]
+                out[k] = list(typed) if isinstance(default, list) or "list" in t else tuple(typed)
+            elif "float" in t or isinstance(default, float):
+                out[k] = _typed_value(str(v), float)
+            elif isinstance(v, str) and re.search(r"\bint\b", t):
+                out[k] = _typed_value(v, int)
+        except ValueError as e:
+            raise ValueError(f"option {k}={v!r} of rg:{dataset} must be {e}") from None
     return out
 
 
@@ -251,7 +258,11 @@ class JsonlTask(Task):
             raise ValueError(f'{where}: each line needs a non-empty string "prompt"')
         verifier = row.get("verifier")
         tests = row.get("tests")
-        answer = "" if row.get("answer") is None else str(row["answer"])
+        gold = row.get("answer")
+        # a list, object or boolean as the JSON the user wrote (["a", "b"], true), not Python's repr of it
+        answer = (
+            "" if gold is None else gold if isinstance(gold, str) else json.dumps(gold, ensure_ascii=False)
+        )
         if verifier is None:
             verifier = (
                 "code" if tests is not None else "numeric" if parse_number(answer) is not None else "exact"
@@ -313,6 +324,7 @@ class JsonlTask(Task):
         self, split: str, n: int, seed: int = 0, language: str | None = None, strict: bool = True
     ) -> list[Problem]:
         _check_split(split)
+        _check_language(language, self.languages)
         pool = [
             p for p in self.items if p.meta["split"] == split and (language is None or p.language == language)
         ]
