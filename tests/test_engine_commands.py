@@ -402,24 +402,24 @@ def test_chat_says_when_a_message_does_not_fit_and_goes_on(checkpoint):
     assert "the context holds" in text and "try a shorter message" in text and "1 turns" in text
 
 
-def test_generate_keeps_the_first_words_space_with_a_sentencepiece_vocabulary(tmp_path, monkeypatch, capsys):
-    """A Llama-2-style decoder strips a text's leading space: the completion decoded alone printed
-    "The capital isParis."; decoded after the prompt (as serve and vLLM do), " Paris."."""
+def _generate_replies(monkeypatch, tok, reply: list[int]) -> list:
+    """`nanoseek generate` answers `reply` to every prompt, without a model; returns the sampling
+    params each call was given."""
     import types
 
-    from model_configs import sentencepiece_tokenizer
     from nanoseek.commands import generate
 
-    tok = sentencepiece_tokenizer(tmp_path)
-    reply = [tok.token_to_id("▁Paris"), tok.token_to_id(".")]
+    seen = []
 
     class Scripted:
         dtype = "torch.float32"
 
         def stream(self, prompts, params):
+            seen.append(params)
             yield types.SimpleNamespace(new_token_ids=reply, finished=True)
 
         def generate(self, prompts, params):
+            seen.append(params)
             return [reply for _ in prompts]
 
         def stats(self):
@@ -428,6 +428,16 @@ def test_generate_keeps_the_first_words_space_with_a_sentencepiece_vocabulary(tm
     monkeypatch.setattr(
         generate, "load_for_generation", lambda args, max_batch_size=1: (Scripted(), tok, None)
     )
+    return seen
+
+
+def test_generate_keeps_the_first_words_space_with_a_sentencepiece_vocabulary(tmp_path, monkeypatch, capsys):
+    """A Llama-2-style decoder strips a text's leading space: the completion decoded alone printed
+    "The capital isParis."; decoded after the prompt (as serve and vLLM do), " Paris."."""
+    from model_configs import sentencepiece_tokenizer
+
+    tok = sentencepiece_tokenizer(tmp_path)
+    _generate_replies(monkeypatch, tok, [tok.token_to_id("▁Paris"), tok.token_to_id(".")])
     for samples in ("1", "2"):
         args = cli_args("generate", "ck", "The capital is", "--num-samples", samples, "--temperature", "1")
         assert args.func(args) == 0
@@ -604,32 +614,10 @@ def test_chat_turn_refuses_a_conversation_that_fills_the_context(checkpoint):
 def test_generate_stops_at_the_tokenizers_stop_ids_and_a_chat_sample_is_the_reply_alone(
     checkpoint, monkeypatch, capsys
 ):
-    import types
-
-    from nanoseek.commands import generate
     from nanoseek.tokenizer import load_tokenizer
 
     tok = load_tokenizer(checkpoint)
-    reply = tok.encode(" fox", add_bos=False)
-    seen = []
-
-    class Scripted:
-        dtype = "torch.float32"
-
-        def stream(self, prompts, params):
-            seen.append(params)
-            yield types.SimpleNamespace(new_token_ids=reply, finished=True)
-
-        def generate(self, prompts, params):
-            seen.append(params)
-            return [reply for _ in prompts]
-
-        def stats(self):
-            return {"spec_acceptance_rate": None}
-
-    monkeypatch.setattr(
-        generate, "load_for_generation", lambda args, max_batch_size=1: (Scripted(), tok, None)
-    )
+    seen = _generate_replies(monkeypatch, tok, tok.encode(" fox", add_bos=False))
     for samples in ("1", "2"):
         args = cli_args(
             "generate", "ck", "the quick", "--chat", "--num-samples", samples, "--temperature", "1"

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -369,19 +370,22 @@ def test_the_think_switch_renders_the_non_thinking_prompt(browser):
         assert browser.js("localStorage.getItem('nanoseek:think')") == "false"
 
 
+@contextlib.contextmanager
+def _markdown_renderer(browser) -> Iterator[Callable[[str], str]]:
+    """The page's own markdown renderer, as a function of the source text."""
+    tok = tiny_tokenizer()
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        _open_page(browser, srv)
+        yield lambda src: browser.js(f"window.renderMarkdown({json.dumps(src)})")
+
+
 @pytest.mark.slow
 def test_markdown_keeps_products_list_numbers_and_urls_with_parentheses(browser):
     """A math answer's "17 * 23 * 2" lost both asterisks to <em> (CommonMark opens emphasis only before a
     non-space); "1. a" and "2. b" parted by a blank line or text showed "1." twice; and a Wikipedia link's
     "(mathematics)" was cut at its ")"."""
-    tok = tiny_tokenizer()
-    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
-    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
-        _open_page(browser, srv)
-
-        def render(src: str) -> str:
-            return browser.js(f"window.renderMarkdown({json.dumps(src)})")
-
+    with _markdown_renderer(browser) as render:
         assert render("17 * 23 * 2 = 782 and 2 ** 3 ** 2") == "<p>17 * 23 * 2 = 782 and 2 ** 3 ** 2</p>"
         assert render("a _ b _ c") == "<p>a _ b _ c</p>"
         assert (
@@ -590,14 +594,7 @@ def test_stop_keeps_the_partial_answer_and_enter_sends_one_message_at_a_time(bro
 def test_markdown_escapes_entities_and_attributes_and_drops_unsafe_links(browser):
     """The renderer escapes first: entities the model writes show as written, a quote cannot leave a link's
     href, only http(s)/mailto links are made, and code (fenced or inline) is shown verbatim."""
-    tok = tiny_tokenizer()
-    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
-    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
-        _open_page(browser, srv)
-
-        def render(src: str) -> str:
-            return browser.js(f"window.renderMarkdown({json.dumps(src)})")
-
+    with _markdown_renderer(browser) as render:
         assert render("a &lt;b&gt; &amp; c") == "<p>a &amp;lt;b&amp;gt; &amp;amp; c</p>"
         assert render('[x](https://a.com/"onmouseover="alert(1))') == (
             '<p><a href="https://a.com/&quot;onmouseover=&quot;alert(1)" target="_blank"'
