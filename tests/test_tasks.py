@@ -1045,6 +1045,15 @@ def test_jsonl_ids_empty_files_and_unknown_splits(tmp_path):
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [(p.id, p.answer) for p in get_task(f"jsonl:{path}").items] == [("q1", "a"), ("q2", "b")]
+    numbered = tmp_path / "numbered.jsonl"  # an id of 0 is one; 1 and "1" name the same problem
+    numbered.write_text(
+        "".join(json.dumps({"prompt": "Same?", "answer": "a", "id": i}) + "\n" for i in (0, 1))
+    )
+    assert [p.id for p in get_task(f"jsonl:{numbered}").items] == ["0", "1"]
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text(numbered.read_text() + json.dumps({"prompt": "Other?", "answer": "c", "id": "1"}) + "\n")
+    with pytest.raises(ValueError, match="twice.jsonl:3: same problem id as line 2"):
+        get_task(f"jsonl:{twice}")
     blank = tmp_path / "blank.jsonl"
     blank.write_text("\n  \n")
     with pytest.raises(ValueError, match=r"blank\.jsonl: no problems"):

@@ -293,7 +293,8 @@ class JsonlTask(Task):
             raise ValueError(f"{where}: split {split!r} is not one of {SPLITS}")
         key = f"jsonl|{row['prompt']}"
         return Problem(
-            id=row.get("id") or _problem_id(self.path.stem, key),
+            # as text: "id": 0 is an id (it was taken for none), and 1 and "1" are the same problem's
+            id=_problem_id(self.path.stem, key) if row.get("id") in (None, "") else str(row["id"]),
             prompt=row["prompt"],
             answer=answer,
             language=language,
