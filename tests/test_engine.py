@@ -661,8 +661,15 @@ def test_each_request_in_a_step_gets_the_logprobs_it_asked_for(model):
     events = {e.request_id: e for e in engine.step()}
     got = [events[rid].logprobs for rid in ids]
     assert got[0] is None and [len(lp[0].top) for lp in got[1:]] == [0, 2]
-    with pytest.raises(ValueError, match="overrides apply to one SamplingParams"):
-        engine.generate_detailed([[1]], [SamplingParams()], max_new_tokens=2)
+    for call in (engine.generate_detailed, engine.stream):  # stream raised a TypeError in dataclasses
+        with pytest.raises(ValueError, match="overrides apply to one SamplingParams"):
+            list(call([[1]], [SamplingParams()], max_new_tokens=2))
+    # stream takes one SamplingParams per prompt, as generate_detailed does
+    params = [SamplingParams(max_new_tokens=n) for n in (1, 3)]
+    tokens: dict[str, list[int]] = {}
+    for event in engine.stream([[1, 2], [1, 2]], params):
+        tokens.setdefault(event.request_id, []).extend(event.new_token_ids)
+    assert sorted(len(t) for t in tokens.values()) == [1, 3]
 
 
 def test_stepping_a_training_model_runs_it_in_eval_mode(model):

@@ -549,7 +549,13 @@ class Engine:
         return StepEvent(seq.request_id, new, lps, seq.finished, seq.finish_reason, plp, seq.error)
 
     # ----------------------------------------------------------- front ends
-    def _params(self, params: SamplingParams | None, overrides: dict) -> SamplingParams:
+    def _params(
+        self, params: SamplingParams | list[SamplingParams] | None, overrides: dict
+    ) -> SamplingParams | list[SamplingParams]:
+        if isinstance(params, list):
+            if overrides:
+                raise ValueError("sampling overrides apply to one SamplingParams, not to a list of them")
+            return params
         params = params or SamplingParams()
         return dataclasses.replace(params, **overrides) if overrides else params
 
@@ -600,12 +606,16 @@ class Engine:
             self._abort_quietly(pending)
 
     def stream(
-        self, prompts: list[list[int]], params: SamplingParams | None = None, **overrides
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        **overrides,
     ) -> Iterator[StepEvent]:
         """Add the prompts and yield their events until all finish. Drives the engine itself: do not
         mix with another caller's requests (their events would be consumed here).
 
-        With a seed, prompt i gets seed + i, so repeated prompts in one call still differ."""
+        `params` as for `generate_detailed`: with a seed, prompt i gets seed + i, so repeated prompts in
+        one call still differ."""
         return self._drive(self._submit(prompts, self._params(params, overrides)))
 
     def generate_detailed(
@@ -618,9 +628,7 @@ class Engine:
         """Completion ids, finish reasons and (if asked) logprobs per prompt, in prompt order.
         `params`: one SamplingParams for all (with a seed, prompt i samples with seed + i), or one per
         prompt. `on_finish(i)` is called as prompt i's completion finishes (a progress bar counts them)."""
-        if isinstance(params, list) and overrides:
-            raise ValueError("sampling overrides apply to one SamplingParams, not to a list of them")
-        p = params if isinstance(params, list) else self._params(params, overrides)
+        p = self._params(params, overrides)
         ids = self._submit(prompts, p)
         index = {rid: i for i, rid in enumerate(ids)}
         each = p if isinstance(p, list) else [p] * len(prompts)
