@@ -275,3 +275,11 @@ def test_a_group_added_later_takes_the_defaults() -> None:
     w.grad, b.grad = torch.randn_like(w), torch.ones_like(b)
     opt.step()
     assert "momentum_buffer" in opt.state[w] and "exp_avg" in opt.state[b]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_newton_schulz_steps_is_the_normalised_input(dtype) -> None:
+    """steps=0 raised a TypeError on the fp32 path (None @ x); both paths give g / ||g||_F."""
+    g = torch.randn(2, 8, 16)
+    want = (g / g.norm(dim=(-2, -1), keepdim=True)).to(dtype)
+    torch.testing.assert_close(orthogonalize(g, steps=0, dtype=dtype), want, rtol=1e-2, atol=1e-6)

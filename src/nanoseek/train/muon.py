@@ -55,7 +55,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
             q = p if q is None else p @ q
             if i < steps - 1:
                 gram = p @ gram @ p
-        x = q @ x
+        x = x if q is None else q @ x  # (no steps: the normalised input, as in bf16)
     else:
         for _ in range(steps):
             gram = x @ x.mT
