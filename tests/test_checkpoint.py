@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -146,6 +147,19 @@ def test_fp8_scales_of_another_block_size_are_refused(tmp_path, fp8):
     _fp8_checkpoint(tmp_path, block=64)
     with pytest.raises(ValueError, match="128x128|another config"):
         nanoseek.load_model(tmp_path, fp8=fp8)
+
+
+def test_a_ue8m0_checkpoint_loads_into_power_of_two_fp8_linears(tmp_path):
+    """DeepSeek-V3.1's quantization_config "scale_fmt": "ue8m0": with fp8=True its inputs are quantized
+    with power-of-two scales, as its weights were (DeepSeek's inference code reads scale_fmt so)."""
+    from nanoseek.model.fp8 import FP8Linear
+
+    _fp8_checkpoint(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["scale_fmt"] = "ue8m0"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    linears = [m for m in nanoseek.load_model(tmp_path, fp8=True).modules() if isinstance(m, FP8Linear)]
+    assert linears and all(m.pow2 for m in linears)
 
 
 def test_fp8_storage_is_saved_in_deepseek_fp8_layout(tmp_path):
@@ -459,6 +473,36 @@ def test_auto_dtype_of_a_config_without_one_is_the_weights(tmp_path, monkeypatch
     assert nanoseek.load_model(tmp_path, dtype="auto").dtype == stored
 
 
+def test_auto_dtype_without_one_in_the_config_is_the_embeddings(tmp_path, monkeypatch):
+    """Mixed storage (a bf16 checkpoint keeping its head in fp32) and no torch_dtype: "auto" is the
+    embedding's dtype, not that of whichever tensor the files list first (lm_head sorts first)."""
+    import json
+
+    save_model(build_model(config()).init_weights(0), tmp_path, dtype=torch.bfloat16)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["lm_head.weight"].float()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("torch_dtype", None), raw.pop("dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    monkeypatch.setattr("nanoseek.perf.cpu_has_bf16", lambda: True)
+    assert nanoseek.load_model(tmp_path, dtype="auto").dtype == torch.bfloat16
+
+
+def test_auto_dtype_reads_transformers_5s_dtype_key(tmp_path, monkeypatch):
+    """transformers 5 writes `dtype` where 4 wrote `torch_dtype`: "auto" takes it as the checkpoint's
+    dtype (as transformers' dtype="auto" does), not the weights' storage."""
+    import json
+
+    save_model(build_model(config()).init_weights(0), tmp_path, dtype=torch.bfloat16)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("torch_dtype", None)
+    raw["dtype"] = "float32"
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    monkeypatch.setattr("nanoseek.perf.cpu_has_bf16", lambda: True)
+    assert nanoseek.load_model(tmp_path, dtype="auto").dtype == torch.float32
+
+
 def test_load_model_refuses_8_bit_dtypes_and_unavailable_devices(tmp_path):
     """dtype="float8_e4m3fn" built a model no forward could run ("mul_cpu_reduced_float" not implemented);
     a device torch cannot use failed inside torch (an AssertionError, a RuntimeError) with a traceback."""
@@ -643,3 +687,48 @@ def test_a_checkpoint_left_aside_survives_a_failed_write_and_a_cut_short_clean_u
     (aside / "weights").write_text("older")
     restore_directory(target)
     assert (target / "weights").read_text() == "old" and not aside.exists()
+
+
+def test_fp8_scales_stored_in_bf16_are_kept_as_fp32_for_fp8_storage(tmp_path):
+    """A checkpoint whose weight_scale_inv is stored in bf16 loads with fp8=True into FP8Linear's fp32
+    scales (FP8 matmuls take fp32 scales only), the same numbers."""
+    from nanoseek.model.fp8 import FP8Linear
+
+    save_model(build_model(config()).init_weights(0), tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    key = "model.layers.0.mlp.gate_proj.weight"
+    w8, s = quantize(tensors[key] * 50)
+    tensors[key], tensors[key.removesuffix(".weight") + ".weight_scale_inv"] = w8, s.bfloat16()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    linear = nanoseek.load_model(tmp_path, fp8=True).model.layers[0].mlp.gate_proj
+    assert isinstance(linear, FP8Linear)
+    assert linear.weight_scale_inv.dtype == torch.float32
+    assert torch.equal(linear.weight_scale_inv, s.bfloat16().float())
+
+
+def test_a_key_mismatch_names_five_keys_and_the_count(tmp_path):
+    """The error names the first five missing keys, '...' for more, and how many in all."""
+    model = build_model(config()).init_weights(0)
+    save_model(model, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    gone = sorted(k for k in tensors if k.startswith("model.layers.1."))
+    save_file({k: v for k, v in tensors.items() if k not in gone}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing") as e:
+        nanoseek.load_model(tmp_path)
+    named, count = re.search(r"missing \[([^\]]*)\]\.\.\. \((\d+) in all\)", str(e.value)).groups()
+    assert (
+        named.split(", ")
+        == [repr(k) for k in sorted(model.state_dict()) if k.startswith("model.layers.1.")][:5]
+    )
+    assert int(count) == sum(k.startswith("model.layers.1.") for k in model.state_dict())
+
+
+def test_a_single_file_checkpoint_reads_model_safetensors_only(tmp_path):
+    """Beside model.safetensors (and no index), another *.safetensors file (an adapter, a draft's
+    weights) is not read as part of the checkpoint."""
+    model = build_model(config()).init_weights(0)
+    save_model(model, tmp_path)
+    save_file({"adapter.weight": torch.ones(2)}, str(tmp_path / "adapter_model.safetensors"))
+    loaded = nanoseek.load_model(tmp_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k

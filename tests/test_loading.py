@@ -351,6 +351,53 @@ def test_a_shard_from_another_checkpoint(saved):
         nanoseek.load_model(d)
 
 
+def test_a_tensor_in_two_shards_is_read_from_the_one_the_index_names(saved):
+    """The index's weight_map decides: a stale copy of a tensor in another shard (a shard rewritten
+    by hand, a merge) is not read."""
+    from safetensors.torch import load_file, save_file
+
+    d, model = saved
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    key = next(k for k, v in index["weight_map"].items() if v == shards[0])
+    last = load_file(str(d / shards[-1]))
+    last[key] = torch.zeros_like(model.state_dict()[key])
+    save_file(last, str(d / shards[-1]))
+    assert torch.equal(nanoseek.load_model(d).state_dict()[key], model.state_dict()[key])
+
+
+def test_a_missing_relative_path_is_not_a_hub_name(fake_hub, tmp_path, monkeypatch):
+    """./dir and ../dir are paths (no Hub name starts with a dot): one that does not exist is named as
+    such, never looked up on the Hub."""
+    monkeypatch.chdir(tmp_path)
+    for path in ("./no-such-checkpoint", "../no-such-checkpoint"):
+        with pytest.raises(FileNotFoundError, match="no such directory"):
+            resolve_checkpoint(path)
+    assert fake_hub == []
+
+
+def test_load_model_expands_a_leading_tilde(saved, monkeypatch):
+    """`load_model("~/ckpt")` loads the checkpoint in the home directory, as `resolve_checkpoint` reads
+    it: it was taken for a preset name ("neither a directory with config.json nor a preset")."""
+    d, model = saved
+    monkeypatch.setenv("HOME", str(d.parent))
+    loaded = nanoseek.load_model(f"~/{d.name}")
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_experts_of_another_width_name_their_shard(saved):
+    """config.json's moe_intermediate_size differs from the files': the stacked experts' error names
+    the shard they came from, as every other mis-shaped tensor's does."""
+    d, _ = saved
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["moe_intermediate_size"] += 8
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ValueError, match=r"experts\.\w+_proj: shape .* in .*model-\d+-of-\d+\.safetensors != "
+    ):
+        nanoseek.load_model(d)
+
+
 def test_check_keys_names_the_file():
     model = build_model(config(), device="meta")
     bad = {k: torch.empty(1, device="meta") for k in model.state_dict()}
@@ -491,3 +538,74 @@ def test_an_expert_of_another_shape(saved):
     save_file(tensors, str(shard))
     with pytest.raises(ValueError, match=r"experts\.2: its gate/up/down projections .* differ in shape"):
         nanoseek.load_model(d)
+
+
+def test_in_memory_conversion_of_a_tied_model_drops_a_stored_head(saved):
+    """With tied embeddings the head is the embedding: a file's own lm_head.weight (some tools write
+    it) is dropped by `from_hf_state_dict` too, so that loading it cannot overwrite the embedding."""
+    from nanoseek.checkpoint import to_hf_state_dict
+
+    model = build_model(config(tie_word_embeddings=True)).init_weights(0)
+    tensors = to_hf_state_dict(model)
+    tensors["lm_head.weight"] = torch.zeros_like(tensors["model.embed_tokens.weight"])
+    out = from_hf_state_dict(tensors, model.config, torch.float32)
+    assert "lm_head.weight" not in out
+    assert torch.equal(out["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+
+
+def test_the_reader_reopens_a_file_past_remap_bytes(saved, monkeypatch):
+    """Pages of a memory-mapped file stay resident until it is closed: `_ShardReader` reopens a file
+    once more than remap_bytes of it were read, bounding what a load keeps mapped."""
+    from nanoseek import checkpoint
+
+    d, _ = saved
+    where = checkpoint._weight_files(d)
+    path = max(set(where.values()), key=lambda p: sum(v == p for v in where.values()))
+    keys = [k for k, v in where.items() if v == path]
+    opened = []
+    real = checkpoint._open_safetensors
+    monkeypatch.setattr(checkpoint, "_open_safetensors", lambda p: opened.append(p) or real(p))
+    reader = checkpoint._ShardReader(where, remap_bytes=0)
+    for k in keys:
+        reader.get(k)
+    reader.close()
+    assert len(opened) == len(keys) > 1
+
+
+def test_experts_all_missing_the_same_projection(saved):
+    """Every expert of a layer without its down_proj (a file cut to gate/up) is named as incomplete,
+    not a KeyError from comparing them with expert 0."""
+    d, _ = saved
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    gone = [
+        k for k in index["weight_map"] if ".layers.1.mlp.experts." in k and k.endswith("down_proj.weight")
+    ]
+    drop_tensors(d, gone)
+    with pytest.raises(ValueError, match=r"experts\.0: its gate/up/down projections .* incomplete"):
+        nanoseek.load_model(d)
+
+
+def test_streamed_load_names_missing_experts(saved):
+    """A file without one expert (all its projections) is refused by name, as `from_hf_state_dict`
+    refuses it, rather than a KeyError."""
+    d, _ = saved
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    gone = [k for k in index["weight_map"] if ".layers.1.mlp.experts.1." in k]
+    drop_tensors(d, gone)
+    with pytest.raises(
+        ValueError, match=r"model\.layers\.1\.mlp\.experts: expert indices in .* are not 0\.\.6"
+    ):
+        nanoseek.load_model(d)
+
+
+def drop_tensors(d, keys) -> None:
+    """Remove `keys` from sharded checkpoint `d`: from their shards and from the index."""
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    for shard in {index["weight_map"][k] for k in keys}:
+        tensors = load_file(str(d / shard))
+        save_file({k: v for k, v in tensors.items() if k not in keys}, str(d / shard))
+    for k in keys:
+        del index["weight_map"][k]
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))

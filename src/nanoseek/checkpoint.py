@@ -583,7 +583,8 @@ def load_model(
         from nanoseek.engine.quantize import check_quantize_device
 
         check_quantize_device(quantize, device)
-    if not directory_to_read(path_or_preset).exists() and not _HUB_NAME.fullmatch(str(path_or_preset)):
+    local = directory_to_read(Path(path_or_preset).expanduser())  # `~` as resolve_checkpoint reads it
+    if not local.exists() and not _HUB_NAME.fullmatch(str(path_or_preset)):
         # A preset (no preset name has a slash); resolve_config names the choices for anything else.
         config = resolve_config(path_or_preset)
         dtype = resolve_dtype(dtype, config, device)
