@@ -114,9 +114,11 @@ def _convert(
     scale: torch.Tensor | None,
     dtype: torch.dtype,
     fp8_modules: Collection[str],
+    pow2: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One checkpoint tensor -> the model's tensor(s) of it, in `dtype` (or FP8 + block scales for an
-    `FP8Linear`); a routed expert's stays under its per-expert name, for the caller to stack."""
+    `FP8Linear`, power-of-two ones with `pow2` as the checkpoint's own); a routed expert's stays under
+    its per-expert name, for the caller to stack."""
     module = name.removesuffix(".weight")
     if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         if scale is None:
@@ -126,7 +128,7 @@ def _convert(
             return {name: value, f"{module}.weight_scale_inv": scale.float()}
         value = dequantize_blocks(value, scale)
     if module in fp8_modules:
-        q, s = quantize_blocks(value)
+        q, s = quantize_blocks(value, pow2)
         return {name: q, f"{module}.weight_scale_inv": s}
     return {name: _cast(name, value, dtype)}
 
@@ -159,11 +161,13 @@ def from_hf_state_dict(
     """
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    pow2 = ue8m0_scales(config.extra.get("quantization_config"))
     for key, value in tensors.items():
         name = _model_name(key, config, value.shape)
         if name is None:
             continue
-        for k, v in _convert(key, name, value, tensors.get(key + "_scale_inv"), dtype, fp8_modules).items():
+        scale = tensors.get(key + "_scale_inv")
+        for k, v in _convert(key, name, value, scale, dtype, fp8_modules, pow2).items():
             if em := _EXPERT_KEY.match(k):
                 experts.setdefault(em.group(1), {}).setdefault(int(em.group(2)), {})[em.group(3)] = v
             else:
@@ -711,9 +715,9 @@ def _stream(
         for name, buf in list(module.named_buffers(recurse=False)):
             module._buffers[name] = torch.empty_like(buf, device=device)
     model.reset_buffers()
+    pow2 = ue8m0_scales(config.extra.get("quantization_config"))
     if fp8:  # FP8Linear placeholders on the meta device; the stream fills them (inputs quantized with
         # the kind of scale the checkpoint's weights have, as DeepSeek's inference code does)
-        pow2 = ue8m0_scales(config.extra.get("quantization_config"))
         quantize_linears_fp8(model, act_quant=act_quant, pow2=pow2)
     fp8_modules = {name for name, m in model.named_modules() if isinstance(m, FP8Linear)}
 
@@ -767,7 +771,7 @@ def _stream(
             continue
         value = reader.get(key).to(device)
         scale = reader.get(key + "_scale_inv").to(device) if key + "_scale_inv" in where else None
-        for k, v in _convert(key, name, value, scale, dtype, fp8_modules).items():
+        for k, v in _convert(key, name, value, scale, dtype, fp8_modules, pow2).items():
             _place(model, k, v, (value, scale))
     model.tie_weights()
     return model
