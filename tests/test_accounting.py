@@ -381,3 +381,95 @@ def test_gqa_kv_cache_of_a_published_model() -> None:
     from nanoseek.accounting import attention_flops_per_token
 
     assert attention_flops_per_token(cfg, keys=100) == 2 * 28 * 12 * (128 + 128) * 100
+
+
+def test_llama_attention_bias_counts_q_k_v_and_o_biases() -> None:
+    """Llama's attention_bias puts a bias on q, k, v and o_proj (transformers' LlamaAttention): on
+    tiny-qwen2's shape (3 layers, h 192, 6 heads and 2 KV heads of 32) 3 x (192 + 64 + 64 + 192)."""
+    from nanoseek.config import ModelConfig
+
+    shape = get_preset("tiny-qwen2").to_dict()
+    plain = ModelConfig.from_dict({**shape, "model_type": "llama"})
+    biased = ModelConfig.from_dict({**shape, "model_type": "llama", "attention_bias": True})
+    assert count_parameters(biased) == analytic_parameters(biased)
+    assert analytic_parameters(biased).total - analytic_parameters(plain).total == 3 * (192 + 64 + 64 + 192)
+
+
+def test_every_mtp_depth_adds_its_flops_and_seq_len_under_one_is_refused() -> None:
+    """Two MTP depths (both MoE layers of one shape) cost twice one: each its block, eh_proj, a pass
+    through the shared head and one layer's attention."""
+    from nanoseek.accounting import mtp_flops_per_token
+
+    one = get_preset("tiny").replace(first_k_dense_replace=0, num_nextn_predict_layers=1)
+    two = one.replace(num_nextn_predict_layers=2)
+    assert mtp_flops_per_token(two, 255) == 2 * mtp_flops_per_token(one, 255)
+    assert flops_per_token(two, 255, include_mtp=True) - flops_per_token(two, 255) == 2 * mtp_flops_per_token(
+        one, 255
+    )
+    with pytest.raises(ValueError, match="seq_len must be >= 1"):
+        flops_per_token(one, 0)
+
+
+@pytest.mark.parametrize("text,value", [("1.5G", 1.5e9), ("2P", 2e15), ("1_000", 1e3)])
+def test_parse_count_other_suffixes(text: str, value: float) -> None:
+    assert parse_count(text) == pytest.approx(value)
+
+
+def test_parse_count_rejects_an_overflow_to_infinity() -> None:
+    with pytest.raises(ValueError, match="positive number"):
+        parse_count("1e999", "--tokens")
+
+
+def test_training_cost_price_gpus_and_bill_checks() -> None:
+    cfg = get_preset("tiny")
+    cost = training_cost(cfg, 1e9, mfu=0.5, usd_per_gpu_hour=3.5, gpus=4)
+    assert cost.usd == pytest.approx(3.5 * cost.gpu_hours)
+    assert cost.days == pytest.approx(cost.gpu_hours / 4 / 24)
+    # hardware one owns: a price of $0 is a bill of $0, not an error
+    assert training_cost(cfg, 1e9, mfu=0.5, usd_per_gpu_hour=0.0).usd == 0.0
+    with pytest.raises(ValueError, match="GPU count must be positive"):
+        training_cost(cfg, 1e9, mfu=0.5, gpus=0)
+    for hours in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="gpu_hours must be positive"):
+            training_cost(cfg, 1e9, gpu_hours=hours)
+
+
+def test_inspect_table_figures(capsys) -> None:
+    """The figures of docs/cost.md, as the table prints them."""
+    assert main(["inspect", "deepseek-v3"]) == 0
+    out = capsys.readouterr().out
+    assert "│ embedding" in out and "926.7M │              0 │" in out  # a row with nothing active is shown
+    assert "MTP modules (own; 13.46B with emb/head copies) │ 11.61B" in out
+    assert "active fraction        5.46%" in out
+    assert "(3 x forward; MTP adds 10.2 GFLOP)" in out  # 3 x the MTP forward, a training figure
+    assert "4,997,120 B  (71.1x more)" in out
+    # GQA: 3 x 2 x 2 x 32 x 2 = 768 B; MHA 6 heads 2,304 B; MLA at its width 3 x 144 x 2 = 864 B
+    assert main(["inspect", "tiny-qwen2"]) == 0
+    out = capsys.readouterr().out
+    assert "2,304 B  (3.0x more)" in out and "864 B  (GQA caches 0.89x that" in out
+    assert main(["inspect", "deepseek-v3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["active_fraction"] == pytest.approx(36.63 / 671.03, rel=1e-3)
+
+
+def test_cost_cli_prints_total_flops_and_prices_at_the_given_rate(capsys) -> None:
+    argv = ["cost", "deepseek-v3", "--tokens", "14.8T", "--gpu-hours", "2.788M", "--usd-per-gpu-hour", "1.5"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "total FLOPs       3.858e+24" in out  # docs/cost.md
+    assert "2.788M GPU-hours x $1.5 = $4.182M" in out
+
+
+@pytest.mark.parametrize(
+    "gpu_hours,said",
+    [
+        ("23.99", "1.0 days"),  # 23.99 hours rounds to a day: not "24.0 hours"
+        ("23.9", "23.9 hours"),
+        ("0.9999", "1.0 hours"),  # not "60.0 minutes"
+        ("0.5", "30.0 minutes"),
+        ("0.016666", "1.0 minutes"),  # 59.9976 s: not "60 seconds"
+        ("0.01", "36 seconds"),
+    ],
+)
+def test_cost_cli_wall_clock_rounds_before_it_picks_the_unit(gpu_hours: str, said: str, capsys) -> None:
+    assert main(["cost", "tiny", "--tokens", "1B", "--gpu-hours", gpu_hours, "--gpus", "1"]) == 0
+    assert f"wall clock        {said} on 1 GPUs" in capsys.readouterr().out

@@ -105,9 +105,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _duration(days: float) -> str:
-    if days >= 1:
-        return f"{days:.1f} days"
+    # each unit as printed, rounded, picks the next: 23.99 hours is "1.0 days", not "24.0 hours"
     hours = days * 24
-    if hours >= 1:
+    if round(hours, 1) >= 24:
+        return f"{days:.1f} days"
+    minutes = hours * 60
+    if round(minutes, 1) >= 60:
         return f"{hours:.1f} hours"
-    return f"{hours * 60:.1f} minutes" if hours >= 1 / 60 else f"{hours * 3600:.3g} seconds"
+    seconds = minutes * 60
+    return f"{minutes:.1f} minutes" if float(f"{seconds:.3g}") >= 60 else f"{seconds:.3g} seconds"
