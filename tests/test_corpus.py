@@ -860,3 +860,215 @@ def test_whole_document_packing_fills_a_window_exactly(tmp_path: Path, tok: Toke
     first = windows(128)
     assert first[0] == [tok.bos_token_id, *tok.encode(docs[0]), tok.bos_token_id, *tok.encode(docs[1])]
     assert windows(1) == first
+
+
+# ------------------------------------------------------------------ reading, splitting, shuffling (mutation testing)
+def test_sources_resolve_to_each_supported_file_once(tmp_path: Path) -> None:
+    """A file named twice (itself and through its folder) is read once; hidden files are left out of a
+    folder as hidden folders are; `**` globs reach any depth; an empty folder, a glob over a file of
+    another type and a gzipped parquet (parquet compresses inside) are errors, not an empty corpus."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "deep.txt").write_text("deep")
+    (tmp_path / "top.txt").write_text("top")
+    (tmp_path / ".hidden.txt").write_text("an editor's lock file")
+    assert [p.name for p in resolve_files(tmp_path)] == ["deep.txt", "top.txt"]
+    assert resolve_files([tmp_path, tmp_path / "top.txt", str(tmp_path / "*.txt")]) == resolve_files(tmp_path)
+    assert [p.name for p in resolve_files(str(tmp_path / "**" / "*.txt"))] == ["deep.txt", "top.txt"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .txt/.md/.jsonl/.parquet files under"):
+        resolve_files(tmp_path / "empty")
+    (tmp_path / "empty" / "notes.csv").write_text("a,b")
+    with pytest.raises(ValueError, match=r"unsupported file type: .*notes.csv"):
+        resolve_files(str(tmp_path / "empty" / "*"))
+    (tmp_path / "t.parquet.gz").write_bytes(gzip.compress(b"PAR1"))
+    with pytest.raises(ValueError, match=r"unsupported file type: .*t.parquet.gz"):
+        resolve_files(tmp_path / "t.parquet.gz")
+
+
+def test_null_texts_are_skipped_and_other_values_refused(tmp_path: Path) -> None:
+    """A null text (a dataset's missing value) is no document; a number is an error naming the field;
+    a parquet column of large strings (polars writes those) is text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "n.jsonl").write_text('{"text": "a"}\n{"text": null}\n{"text": " \\n"}\n{"text": "b"}\n')
+    assert list(iter_documents(tmp_path / "n.jsonl")) == ["a", "b"]  # (a blank text is no document either)
+    (tmp_path / "i.jsonl").write_text('{"text": "a"}\n{"text": 5}\n')
+    with pytest.raises(ValueError, match=r"i.jsonl: field 'text' at byte 14 is int, not text"):
+        list(iter_documents(tmp_path / "i.jsonl"))
+    pq.write_table(pa.table({"text": ["a", None, "b"]}), tmp_path / "n.parquet")
+    assert list(iter_documents(tmp_path / "n.parquet")) == ["a", "b"]
+    pq.write_table(pa.table({"text": pa.array(["a", "b"], pa.large_string())}), tmp_path / "l.parquet")
+    assert list(iter_documents(tmp_path / "l.parquet")) == ["a", "b"]
+
+
+def test_a_stream_resumes_from_every_cursor_it_gives(tmp_path: Path) -> None:
+    """Each document's cursor restarts the stream at the document after it, in every format: a .txt
+    (a byte-order mark, separators, a line cut mid-way and its unread rest), a gzipped one, JSONL and
+    parquet (null rows, several row groups). A line of CJK without blanks is cut between characters."""
+    import warnings
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nanoseek.data.corpus import _Cursor, _DocumentStream
+
+    docs = _docs(40, seed=5)
+    one_line = " ".join(docs[:20]).replace("\n", " ") + "猫が座った" * 200
+    (tmp_path / "a.txt").write_bytes(
+        ("\ufeff" + "\n<|endoftext|>\n".join(docs[20:]) + "\n" + one_line).encode()
+    )
+    with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
+        f.write("\n<|endoftext|>\n".join(docs))
+    rows = [None if i % 5 == 0 else d for i, d in enumerate(docs)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    pq.write_table(pa.table({"text": rows}), tmp_path / "d.parquet", row_group_size=7)
+    for name in ("a.txt", "b.txt.gz", "c.jsonl", "d.parquet"):
+        stream = _DocumentStream(tmp_path / name, "text", seed=0, max_doc_chars=300, shuffle_files=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (a cut between a character's bytes reads as U+FFFD, warned)
+            read = list(stream.iter_from(_Cursor(), repeat=False))
+        if name == "a.txt":
+            assert "".join(d for d, _ in read) == "\n".join(docs[20:]) + "\n" + one_line
+        for i, (_, cursor) in enumerate(read):
+            assert list(stream.iter_from(cursor, repeat=False)) == read[i + 1 :], (name, i, cursor)
+    embedded = _DocumentStream("embedded", "text", seed=0, max_doc_chars=300, shuffle_files=False)
+    read = list(itertools.islice(embedded.iter_from(_Cursor(), repeat=True), 12))
+    for i, (_, cursor) in enumerate(read[:6]):
+        assert list(itertools.islice(embedded.iter_from(cursor, repeat=True), 6)) == read[i + 1 : i + 7]
+
+
+def test_the_file_order_is_a_fair_shuffle_new_every_epoch_and_seed(tmp_path: Path) -> None:
+    """Shuffled, the files come in every order over the epochs (Fisher-Yates: not only rotations, not
+    one order for all epochs), and another seed gives other orders; unshuffled, in sorted order."""
+    from nanoseek.data.corpus import _DocumentStream
+
+    for name in "abc":
+        (tmp_path / f"{name}.txt").write_text(name)
+
+    def orders(seed: int, shuffle: bool = True) -> list[tuple[int, ...]]:
+        stream = _DocumentStream(tmp_path, "text", seed=seed, max_doc_chars=100, shuffle_files=shuffle)
+        return [tuple(stream.file_order(epoch)) for epoch in range(60)]
+
+    assert len(set(orders(0))) == 6 and len(set(orders(0)[:6])) > 1
+    assert orders(0) == orders(0) and orders(0) != orders(1)
+    assert set(orders(0, shuffle=False)) == {(0, 1, 2)}
+
+
+def test_a_shuffled_dataset_reads_its_files_in_each_epochs_order(tmp_path: Path, tok: Tokenizer) -> None:
+    texts = _docs(3, seed=9)
+    for name, text in zip("abc", texts, strict=True):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    ds = PackedDataset(tmp_path, tok, 15, 1, val_fraction=0.0, shuffle=True, shuffle_buffer=0, seed=2)
+    ids = [t for x, y in itertools.islice(ds, 60) for t in x[0].tolist() + y[0, -1:].tolist()]
+    read = tok.decode(ids).split(tok.bos_token)[1:-1]
+    expected = [texts[i] for epoch in range(len(read)) for i in ds.stream.file_order(epoch)]
+    assert len(read) > 12 and read == expected[: len(read)] and read[:12] != (texts * 4)
+
+
+def test_the_validation_split_is_blake2b_of_the_text() -> None:
+    """The documented split (a document is in validation when the little-endian 64-bit blake2b of its
+    UTF-8 text is under val_fraction of 2**64): a run resumed with another nanoseek keeps its held-out set."""
+    import hashlib
+
+    for text in [*_docs(200, seed=4), "猫が座った", ""]:
+        h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+        for fraction in (0.0, 0.1, 0.5):
+            assert in_validation_split(text, fraction) == (h < fraction * 2**64)
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [{"seed": 1}, {"val_fraction": 0.2}, {"text_field": "body"}, {"shuffle_buffer": 4}, {"split": "val"}],
+)
+def test_a_data_position_resumes_only_with_the_settings_that_made_it(
+    corpus: tuple[Path, list[str]], tok: Tokenizer, changed: dict
+) -> None:
+    root, _ = corpus
+    kw = dict(seed=0, val_fraction=0.1, text_field="text", shuffle_buffer=8, split="train")
+    ds = PackedDataset(root, tok, 16, 2, **kw)
+    next(iter(ds))
+    with pytest.raises(ValueError, match=f"settings changed.*{next(iter(changed))}"):
+        PackedDataset(root, tok, 16, 2, **{**kw, **changed}).load_state_dict(ds.state_dict())
+    with pytest.raises(ValueError, match="source"):
+        PackedDataset(root / "c.parquet", tok, 16, 2, **kw).load_state_dict(ds.state_dict())
+
+
+def test_the_validation_split_reads_once_in_order_by_default(
+    corpus: tuple[Path, list[str]], tok: Tokenizer
+) -> None:
+    """split="val" neither shuffles nor repeats unless told: an evaluation pass ends, the same each time."""
+    root, _ = corpus
+    val = PackedDataset(root, tok, 16, 2, split="val", val_fraction=0.2)
+    batches = list(itertools.islice(val, 1000))
+    plain = list(PackedDataset(root, tok, 16, 2, split="val", val_fraction=0.2, shuffle=False, repeat=False))
+    assert 0 < len(batches) == len(plain) < 1000
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, plain, strict=True))
+
+
+def test_the_shuffle_buffer_drains_in_random_order(corpus: tuple[Path, list[str]], tok: Tokenizer) -> None:
+    """At the end of a stream that does not repeat, the windows left in the buffer leave it in random
+    order too: a pass shorter than the buffer is not read backwards; every window comes out once."""
+    root, _ = corpus
+
+    def windows(buffer: int) -> list[tuple[int, ...]]:
+        ds = PackedDataset(
+            root, tok, 16, 1, val_fraction=0.0, shuffle=True, shuffle_buffer=buffer, repeat=False
+        )
+        return [tuple(x[0].tolist()) for x, _ in ds]
+
+    order = {w: i for i, w in enumerate(windows(0))}
+    shuffled = [order[w] for w in windows(100_000)]  # every window is drawn at the end
+    assert sorted(shuffled) == list(range(len(order)))
+    assert sum(b in (a - 1, a + 1) for a, b in itertools.pairwise(shuffled)) < len(order) // 4
+
+
+def test_a_resume_at_an_epochs_last_document_goes_on_into_the_next(tmp_path: Path, tok: Tokenizer) -> None:
+    """A position saved right after an epoch's last document is no "empty split" on resume."""
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(6)))
+    end = (tmp_path / "few.jsonl").stat().st_size
+
+    def make() -> PackedDataset:
+        return PackedDataset(
+            tmp_path / "few.jsonl", tok, 8, 1, val_fraction=0.0, shuffle_buffer=0, tokenize_batch=1
+        )
+
+    reference = list(itertools.islice(make(), 120))
+    ds = make()
+    it = iter(ds)
+    k = 0
+    while not k or ds.state_dict()["cursor"][:3] != [0, 0, end]:
+        next(it)
+        k += 1
+    resumed = make()
+    resumed.load_state_dict(ds.state_dict())
+    for (x, _), (rx, _) in zip(reference[k:], itertools.islice(resumed, 120 - k), strict=True):
+        assert torch.equal(x, rx)
+
+
+def test_out_of_range_settings_are_refused(corpus: tuple[Path, list[str]], tok: Tokenizer) -> None:
+    root, _ = corpus
+    for kw, name in (
+        ({"rank": -1, "world_size": 2}, "rank"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"val_fraction": -0.1}, "val_fraction"),
+        ({"batch_size": 0}, "batch_size"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            PackedDataset(root, tok, 16, **{"batch_size": 2, **kw})
+    state = PackedDataset(root, tok, 16, 2).state_dict()
+    with pytest.raises(ValueError, match="unknown data-position format"):
+        PackedDataset(root, tok, 16, 2).load_state_dict({**state, "version": 2})
+
+
+def test_a_data_position_saved_with_another_tokenizer_is_refused(
+    corpus: tuple[Path, list[str]], tok: Tokenizer
+) -> None:
+    """Its unpacked tokens and shuffle buffer are the other tokenizer's ids."""
+    root, _ = corpus
+    ds = PackedDataset(root, tok, 16, 2)
+    next(iter(ds))
+    other = train_tokenizer(_docs(100, seed=1), vocab_size=300)
+    assert other.vocab_size != tok.vocab_size
+    with pytest.raises(ValueError, match=f"vocab_size: {tok.vocab_size} -> {other.vocab_size}"):
+        PackedDataset(root, other, 16, 2).load_state_dict(ds.state_dict())
