@@ -560,6 +560,17 @@ def test_tokenize_adds_no_bos_a_vocabulary_lacks(tok):
     assert counted["count"] == used["usage"]["prompt_tokens"]
 
 
+def test_tokenize_counts_a_text_prompt_as_completions_uses_it(scripted, tok):
+    """/tokenize's add_special_tokens defaults to true for a prompt, as vLLM's does: the count is the
+    prompt_tokens /v1/completions reports for the same text (it was one short: no BOS)."""
+    counted = httpx.post(scripted.url + "/tokenize", json={"prompt": "Hello world"}).json()
+    used = httpx.post(
+        scripted.url + "/v1/completions", json={"prompt": "Hello world", "max_tokens": 1}
+    ).json()
+    assert counted["tokens"] == [tok.bos_token_id, *tok.encode("Hello world")]
+    assert counted["count"] == used["usage"]["prompt_tokens"]
+
+
 def test_tokenizer_routes(real, tok):
     info = httpx.get(real.url + "/tokenizer_info").json()
     assert info["eos_token"] == tok.eos_token and info["bos_token"] == tok.bos_token and info["chat_template"]
@@ -692,11 +703,66 @@ def test_request_bounds_are_openais(scripted):
     assert httpx.post(curl, json={"prompt": "x", "max_tokens": 1, "n": 2, "best_of": 2}).status_code == 200
 
 
+def test_sampling_bounds_each_side_and_tool_names(scripted):
+    """Every sampling bound at its edge is accepted and one step past it is a 400 naming the field:
+    OpenAI's temperature [0, 2], top_p (0, 1], penalties [-2, 2], n up to 64, logprobs up to 20;
+    vLLM's top_k -1 (off), min_p [0, 1], repetition_penalty > 0. A function name is OpenAI's: 1 to 64
+    of [A-Za-z0-9_.-]; a tool call the client sends back needs a name; messages and token-id prompts
+    are never empty."""
+    url = scripted.url + "/v1/chat/completions"
+    base = {"messages": USER, "max_tokens": 1}
+    edges = [
+        ("temperature", 2.0, 2.01),
+        ("top_p", 1.0, 1.01),
+        ("top_k", -1, -2),
+        ("min_p", 1.0, 1.01),
+        ("repetition_penalty", 0.01, 0.0),
+        ("presence_penalty", 2.0, 2.01),
+        ("presence_penalty", -2.0, -2.01),
+        ("frequency_penalty", 2.0, 2.01),
+        ("frequency_penalty", -2.0, -2.01),
+        ("n", 64, 65),
+        ("max_completion_tokens", 1, 0),
+    ]
+    for field, ok, bad in edges:
+        assert httpx.post(url, json={**base, field: ok}).status_code == 200, (field, ok)
+        assert _err(httpx.post(url, json={**base, field: bad}), 400)["param"] == field, (field, bad)
+    curl = scripted.url + "/v1/completions"
+    assert httpx.post(curl, json={"prompt": "x", "max_tokens": 1, "logprobs": 20}).status_code == 200
+    # no max_tokens: OpenAI's 16
+    r = httpx.post(curl, json={"prompt": "LONG"}).json()
+    assert r["usage"]["completion_tokens"] == 16 and r["choices"][0]["finish_reason"] == "length"
+    # max_tokens null: vLLM's "up to the context", here the whole scripted reply
+    r = httpx.post(curl, json={"prompt": "x", "max_tokens": None}).json()
+    assert r["usage"]["completion_tokens"] > 16 and r["choices"][0]["finish_reason"] == "stop"
+    for body, param in [
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": [[5], []]}, "prompt"),  # one empty token-id prompt among others
+    ]:
+        assert _err(httpx.post(curl, json=body), 400)["param"] == param, body
+    assert _err(httpx.post(url, json={**base, "messages": []}), 400)["param"] == "messages"
+
+    def tool(name: str) -> dict:
+        return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+
+    tokenize = scripted.url + "/tokenize"  # validates tools as chat does, without the context limit
+    longest = "a." + "b_-" * 20 + "cd"  # 64 characters
+    assert httpx.post(tokenize, json={"messages": USER, "tools": [tool(longest)]}).status_code == 200
+    for name in (longest + "d", "get weather", ""):
+        err = _err(httpx.post(tokenize, json={"messages": USER, "tools": [tool(name)]}), 400)
+        assert err["param"] == "tools.0.function.name", name
+    call = {"type": "function", "function": {"name": "", "arguments": "{}"}}
+    history = [*USER, {"role": "assistant", "tool_calls": [call]}, {"role": "user", "content": "and?"}]
+    err = _err(httpx.post(url, json={**base, "messages": history}), 400)
+    assert err["param"] == "messages.1.tool_calls.0.function.name"
+
+
 def test_logit_bias(real):
     kw = {"model": MODEL, "messages": USER, "max_tokens": 6, "temperature": 0}
     plain = real.client.chat.completions.create(**kw, logprobs=True)
     first = plain.choices[0].logprobs.content[0]
-    ids = httpx.post(real.url + "/tokenize", json={"prompt": first.token}).json()["tokens"]
+    bare = {"add_special_tokens": False}  # the text's own ids, no BOS
+    ids = httpx.post(real.url + "/tokenize", json={"prompt": first.token, **bare}).json()["tokens"]
     # -100 on the greedy first token moves the choice; +100 on another token makes it the only one
     banned = real.client.chat.completions.create(**kw, logprobs=True, logit_bias={str(ids[0]): -100})
     assert banned.choices[0].logprobs.content[0].token != first.token
@@ -704,7 +770,7 @@ def test_logit_bias(real):
         model=MODEL, prompt="Hello", max_tokens=4, temperature=1.0, seed=1, logit_bias={"7": 100}
     )
     assert (
-        httpx.post(real.url + "/tokenize", json={"prompt": forced.choices[0].text}).json()["tokens"]
+        httpx.post(real.url + "/tokenize", json={"prompt": forced.choices[0].text, **bare}).json()["tokens"]
         == [7] * 4
     )
 
@@ -1678,9 +1744,13 @@ def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, caps
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         assert main(["serve", str(ckpt), "--port", str(busy.getsockname()[1])]) == 2
-    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+    assert "cannot listen on 127.0.0.1" in (err := capsys.readouterr().err) and "another server" in err
+    # an address this machine does not have is said as such, not blamed on another server
+    assert main(["serve", str(ckpt), "--host", "192.0.2.1", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 192.0.2.1:0" in err and "another server" not in err
     # limits that would leave a healthy-looking server refusing every request are refused at start
-    for flag, value in (("--max-queue", "0"), ("--max-seq-len", "0"), ("--max-seq-len", "-5")):
+    for flag, value in (("--max-queue", "0"), ("--max-seq-len", "1"), ("--max-seq-len", "-5")):
         served.clear()
         assert main(["serve", str(ckpt), "--port", "0", flag, value]) == 2 and not served
         assert f"{flag} must be >= " in capsys.readouterr().err
@@ -1692,8 +1762,73 @@ def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, caps
         main(["serve", str(ckpt), "--port", "0", "--max-seq-len", "64", "--kv-cache-mib", "1"]) == 0
         and served
     )
-    assert main(["serve", str(ckpt), "--port", "0", "--kv-cache-mib", "0"]) == 2
-    assert "--kv-cache-mib must be > 0" in capsys.readouterr().err
+    # sizes that are not positive finite numbers: one line at start (inf was an OverflowError traceback)
+    for flag, value in (("--kv-cache-mib", "0"), ("--kv-cache-mib", "inf"), ("--max-body-mb", "inf")):
+        served.clear()
+        assert main(["serve", str(ckpt), "--port", "0", flag, value]) == 2 and not served
+        assert f"{flag} must be a positive finite number" in capsys.readouterr().err
+
+
+def test_cli_serve_defaults_and_flags_reach_the_server(tmp_path, tok, model, monkeypatch, capsys):
+    """The defaults --help states, the key from $NANOSEEK_API_KEY, --model-name, --max-queue and
+    --max-body-mb reach the server, and the banner names the port the system picked for --port 0."""
+    import uvicorn
+
+    from nanoseek.checkpoint import save_model
+    from nanoseek.cli import build_parser, main
+
+    monkeypatch.setenv("NANOSEEK_API_KEY", "envkey")
+    args = build_parser().parse_args(["serve", "ck"])
+    assert (args.host, args.port, args.api_key, args.model_name) == ("127.0.0.1", 8000, "envkey", None)
+    assert (args.max_batch_size, args.kv_cache_mib, args.max_queue, args.max_body_mb) == (32, 512, 256, 16)
+    ckpt = tmp_path / "ck"
+    save_model(model, ckpt)
+    tok.save(ckpt)
+    served = {}
+    monkeypatch.setattr(
+        uvicorn.Server, "run", lambda self, sockets: served.update(app=self.config.app, sock=sockets[0])
+    )
+    flags = ["--port", "0", "--model-name", "mine", "--max-queue", "3", "--max-body-mb", "0.5"]
+    assert main(["serve", str(ckpt), *flags]) == 0
+    with served["sock"] as sock:
+        port = sock.getsockname()[1]
+    config = served["app"].state.server.config
+    assert (config.model_name, config.api_key, config.max_pending, config.max_body_bytes) == (
+        "mine",
+        "envkey",
+        3,
+        2**19,
+    )
+    out = capsys.readouterr().out
+    assert "model 'mine'" in out and f"listening on http://127.0.0.1:{port}  " in out and "auth on" in out
+    for port in ("-1", "65536"):  # refused in a line, not bind()'s OverflowError
+        assert main(["serve", str(ckpt), "--port", port]) == 2
+        assert f"--port {port} is not a TCP port" in capsys.readouterr().err
+    monkeypatch.setenv("NANOSEEK_API_KEY", "")  # set but empty: no key
+    assert main(["serve", str(ckpt), "--port", "0"]) == 0
+    served["sock"].close()
+    assert served["app"].state.server.config.api_key is None
+    out = capsys.readouterr().out
+    assert "model 'ck'" in out and "auth off" in out and "warning" not in out
+
+
+def test_serve_sampling_defaults_from_generation_config():
+    """generation_config.json's sampling fields become the defaults (vLLM's `--generation-config auto`
+    reads the same five); do_sample false is greedy; booleans and other fields are not sampling values."""
+    from nanoseek.commands.serve import _generation_defaults
+
+    cfg = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.05}
+    cfg |= {"repetition_penalty": 1.1, "max_new_tokens": 100, "bos_token_id": 0}
+    assert _generation_defaults(cfg) == {
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "top_k": 20,
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
+    }
+    assert _generation_defaults({"temperature": 0.7}) == {"temperature": 0.7}  # no do_sample: sampling
+    assert _generation_defaults({"do_sample": False, "temperature": 0.7}) == {"temperature": 0.0}
+    assert _generation_defaults({"temperature": True, "top_p": "0.9"}) == {}
 
 
 def test_serve_never_takes_a_port_another_server_listens_on_windows(monkeypatch):
@@ -1709,6 +1844,14 @@ def test_serve_never_takes_a_port_another_server_listens_on_windows(monkeypatch)
         with _listen("127.0.0.1", 0) as sock:
             reuse = sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
         assert bool(reuse) == (platform != "win32")
+    # an IPv6 address gets an IPv6 socket (where this machine has IPv6 loopback)
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with _listen("::1", 0) as sock:
+        assert sock.family == socket.AF_INET6
 
 
 def test_cli_serve_exits_non_zero_when_the_engine_dies(tmp_path, tok, model, monkeypatch, capsys):

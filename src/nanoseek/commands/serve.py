@@ -7,6 +7,8 @@ With `--api-key` (or NANOSEEK_API_KEY) every route but /health and the page need
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import socket
 import sys
@@ -98,9 +100,9 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.listen(2048)
     except OSError as e:
         sock.close()
-        raise ValueError(
-            f"cannot listen on {host}:{port}: {e.strerror or e} (is another server there?)"
-        ) from None
+        # the hint only where it is the cause: not for a host this machine lacks or a port it may not bind
+        hint = " (is another server there?)" if e.errno == errno.EADDRINUSE else ""
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
     return sock
 
 
@@ -120,14 +122,14 @@ def run(args: argparse.Namespace) -> int:
     directory = resolve_checkpoint(args.model, tokenizer=True)
     if args.port < 0 or args.port > 65535:
         raise ValueError(f"--port {args.port} is not a TCP port")
-    if not args.max_body_mb > 0:
-        raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    if not 0 < args.max_body_mb < math.inf:  # NaN fails too
+        raise ValueError(f"--max-body-mb must be a positive finite number, got {args.max_body_mb}")
     if args.max_queue < 1:  # else the server starts healthy and refuses every request
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
     if args.max_seq_len is not None and args.max_seq_len < 2:  # a prompt token and one to generate
         raise ValueError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
-    if not args.kv_cache_mib > 0:
-        raise ValueError(f"--kv-cache-mib must be > 0, got {args.kv_cache_mib}")
+    if not 0 < args.kv_cache_mib < math.inf:
+        raise ValueError(f"--kv-cache-mib must be a positive finite number, got {args.kv_cache_mib}")
     sock = _listen(args.host, args.port)  # a busy port is said now, not after loading the weights
     port = sock.getsockname()[1]  # --port 0: the one the system picked
     device = args.device or default_device()

@@ -231,7 +231,8 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = False
+    # a text prompt: BOS as /v1/completions puts it there, so the count is what a request uses (vLLM's default)
+    add_special_tokens: bool = True
     add_generation_prompt: bool = True
     # with messages: rendered as the chat request would render them, so the counts agree
     tools: list[Tool] | None = None
