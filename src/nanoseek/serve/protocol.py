@@ -4,7 +4,8 @@ Requests are validated with pydantic, but a failure is reported the way OpenAI r
 `{"error": {"message", "type": "invalid_request_error", "param": <the field>, "code"}}`, never
 FastAPI's 422. Unknown fields are accepted and ignored (clients such as lm-evaluation-harness send
 extras), as vLLM does, except vLLM's extensions that would change the output (`UNSUPPORTED`): those are
-refused, naming the field. `null` stands for a field's default, as OpenAI's spec has it (`"n": null` is n=1).
+refused, naming the field. `null` stands for the default of a field that cannot hold it, as OpenAI's spec
+has it (`"n": null` is n=1); `max_tokens: null` is no limit but the context's, as in vLLM.
 """
 
 from __future__ import annotations
