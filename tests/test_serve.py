@@ -1750,7 +1750,7 @@ def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, caps
     err = capsys.readouterr().err
     assert "cannot listen on 192.0.2.1:0" in err and "another server" not in err
     # limits that would leave a healthy-looking server refusing every request are refused at start
-    for flag, value in (("--max-queue", "0"), ("--max-seq-len", "1"), ("--max-seq-len", "-5")):
+    for flag, value in (("--max-queue", "0"), ("--max-batch-size", "0"), ("--max-seq-len", "1"), ("--max-seq-len", "-5")):  # fmt: skip
         served.clear()
         assert main(["serve", str(ckpt), "--port", "0", flag, value]) == 2 and not served
         assert f"{flag} must be >= " in capsys.readouterr().err

@@ -126,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-body-mb must be a positive finite number, got {args.max_body_mb}")
     if args.max_queue < 1:  # else the server starts healthy and refuses every request
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.max_batch_size < 1:  # said now, not by the engine after the weights load
+        raise ValueError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if args.max_seq_len is not None and args.max_seq_len < 2:  # a prompt token and one to generate
         raise ValueError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
     if not 0 < args.kv_cache_mib < math.inf:
