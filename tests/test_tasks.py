@@ -1070,3 +1070,13 @@ def test_jsonl_ids_empty_files_and_unknown_splits(tmp_path):
     )
     with pytest.raises(ValueError, match='each test case needs "output"'):
         get_task(f"jsonl:{cases}")
+
+
+def test_jsonl_file_with_a_byte_order_mark_loads(tmp_path):
+    # Notepad and Excel's "UTF-8" export start the file with a BOM; the SFT and corpus readers skip it too
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(
+        b"\xef\xbb\xbf" + (json.dumps({"prompt": "What is 2 + 2?", "answer": 4}) + "\n").encode()
+    )
+    (problem,) = get_task(f"jsonl:{path}").items
+    assert (problem.prompt, problem.answer) == ("What is 2 + 2?", "4")

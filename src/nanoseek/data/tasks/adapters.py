@@ -233,7 +233,8 @@ class JsonlTask(Task):
             raise FileNotFoundError(f"jsonl task file not found: {self.path}")
         self.items: list[Problem] = []
         lines: dict[str, int] = {}  # problem id -> its line
-        with self.path.open(encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line's JSON
+        with self.path.open(encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     p = self._parse(line, lineno)
