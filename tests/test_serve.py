@@ -1854,6 +1854,32 @@ def test_serve_never_takes_a_port_another_server_listens_on_windows(monkeypatch)
         assert sock.family == socket.AF_INET6
 
 
+def test_cli_serve_takes_an_ipv6_host_in_brackets(tmp_path, tok, model, monkeypatch, capsys):
+    """`--host [::1]`, the address as a URL writes it (and as printed by this server), binds ::1; it
+    was a "Name or service not known" refusal."""
+    import socket
+
+    import uvicorn
+
+    from nanoseek.checkpoint import save_model
+    from nanoseek.cli import main
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    ckpt = tmp_path / "ck"
+    save_model(model, ckpt)
+    tok.save(ckpt)
+    bound = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: bound.append(sockets[0].getsockname()))
+    assert main(["serve", str(ckpt), "--host", "[::1]", "--port", "0"]) == 0
+    assert bound[0][0] == "::1"
+    out = capsys.readouterr().out
+    assert f"listening on http://[::1]:{bound[0][1]}" in out and "warning" not in out
+
+
 def test_cli_serve_exits_non_zero_when_the_engine_dies(tmp_path, tok, model, monkeypatch, capsys):
     """A dead engine stops `nanoseek serve` with exit status 1, as vLLM's server stops, so a service
     manager's restart-on-failure brings it back (it went on answering 503 and exited 0)."""

@@ -120,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.serve import ServeConfig, create_app
 
     directory = resolve_checkpoint(args.model, tokenizer=True)
+    if args.host.startswith("[") and args.host.endswith("]"):  # an IPv6 address as URLs write it
+        args.host = args.host[1:-1]
     if args.port < 0 or args.port > 65535:
         raise ValueError(f"--port {args.port} is not a TCP port")
     if not 0 < args.max_body_mb < math.inf:  # NaN fails too
