@@ -108,6 +108,25 @@ def test_pretrain_resume_matches_uninterrupted(workdir, tmp_path) -> None:
     assert losses(tmp_path / "b") == losses(tmp_path / "a")  # bitwise, through the data position
 
 
+def test_resuming_a_finished_run_trains_validates_and_writes_nothing(workdir, tmp_path, capsys) -> None:
+    """`--resume` of a run already at --steps validated and saved it again (the time of a validation and
+    a checkpoint, added to the stage's wall time in the report)."""
+    from nanoseek.report import RunMetrics
+
+    run = tmp_path / "run"
+    path = pretrain(config(workdir, run))
+    written = (path / "model.safetensors").stat().st_mtime_ns
+    records, wall = len(list(read_metrics(run))), RunMetrics(run).wall_time("pretrain")
+    capsys.readouterr()
+    assert pretrain(config(workdir, run, resume=True)) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == written
+    new = list(read_metrics(run))[records:]
+    assert [r.get("event") for r in new] == ["resume", "end"] and RunMetrics(run).wall_time(
+        "pretrain"
+    ) == wall
+    assert "pretrain: nothing to train (--steps 6)" in capsys.readouterr().out
+
+
 def test_a_killed_and_resumed_run_reports_as_one(workdir, tmp_path) -> None:
     """Killed at step 5 with a checkpoint at 3, then resumed to 6: the report's steps, tokens and wall
     time are those of one run of 6 steps; a fresh run into the same directory then replaces it."""

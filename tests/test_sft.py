@@ -657,6 +657,7 @@ def test_sft_logs_its_run_and_resumes_only_the_same_run(tmp_path) -> None:
     import time
 
     from nanoseek.metrics import read_metrics
+    from nanoseek.report import RunMetrics, stopped
     from nanoseek.train.sft import SFTConfig
 
     cfg = SFTConfig(init="", steps=2, batch_size=2, seq_len=32, progress=False)
@@ -677,6 +678,15 @@ def test_sft_logs_its_run_and_resumes_only_the_same_run(tmp_path) -> None:
         )
     more = SFTConfig(init="", steps=3, batch_size=2, seq_len=32, resume=True, progress=False)
     assert [r["step"] for r in _train_with_budget(tmp_path, more, time.perf_counter())] == [1, 2, 3]
+    # a resume of the finished run writes nothing: the checkpoint stays, its time counts once
+    weights = tmp_path / "control" / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    wall = RunMetrics(tmp_path).wall_time("control")
+    _train_with_budget(tmp_path, more, time.perf_counter())
+    assert weights.stat().st_mtime_ns == written
+    assert RunMetrics(tmp_path).wall_time("control") == wall and not stopped(
+        RunMetrics(tmp_path).runs["control"][-1][1]
+    )
 
 
 def test_checkpoint_every_saves_during_the_run_and_a_killed_run_resumes_from_it(

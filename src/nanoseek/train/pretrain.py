@@ -347,6 +347,15 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     extra = trainer.resume() if cfg.resume else None
     if extra:
         train_data.load_state_dict(extra["data"])
+    if cfg.resume and trainer.global_step >= cfg.steps:
+        # a finished run: its checkpoint stays as written, not validated and saved again (the report
+        # adds this process's end record, no time, to the stage's)
+        log.log(trainer.global_step, event="end", wall_time_s=0.0, skipped=trainer.skipped_steps)
+        log.close()
+        destroy_distributed()
+        if dist.is_main:
+            print(f"pretrain: nothing to train (--steps {cfg.steps}); checkpoint {trainer.checkpoint_dir}")
+        return trainer.checkpoint_dir
     if trainer.global_step == 0 and dist.is_main:
         n_total = model.num_parameters(include_mtp=True)
         log.log(

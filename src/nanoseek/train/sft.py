@@ -535,6 +535,11 @@ def train_on_examples(
     log = StepLog.for_trainer(trainer, seq_len=cfg.seq_len, include_mtp=False, progress=cfg.progress)
     if cfg.resume:
         trainer.resume()
+        if trainer.global_step >= trainer.total_steps:  # finished: its checkpoint stays as written
+            log.log(None, event="end", wall_time_s=0.0, skipped=trainer.skipped_steps)
+            log.close()
+            print(f"{stage}: nothing to train; checkpoint {trainer.checkpoint_dir}")
+            return trainer.checkpoint_dir
     if trainer.global_step == 0:  # a new run: the report reads it apart from any before it in RUN
         log.log(0, event="start", **(start_record or {}))
     elif start_record:
