@@ -764,7 +764,7 @@ def _stream(
     if quantize:  # the engine's storage, as meta placeholders; the stream quantizes into them
         from nanoseek.engine.quantize import quantize_model
 
-        quantize_model(model, quantize)
+        quantize_model(model, quantize, device=device)  # the placeholders are on meta, not `device`
     for key in where:
         name = _model_name(key, config, reader.shape(key))
         if name is None or (config.tie_word_embeddings and name == "lm_head.weight"):

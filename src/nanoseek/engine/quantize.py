@@ -315,8 +315,10 @@ def check_quantize_device(fmt: str, device: str | torch.device) -> None:
         )
 
 
-def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
-    """Replace the model's linears (lm_head only for int8 and untied) and routed experts in place."""
+def quantize_model(model: nn.Module, fmt: str, device: str | torch.device | None = None) -> nn.Module:
+    """Replace the model's linears (lm_head only for int8 and untied) and routed experts in place.
+    `device`: where the weights will run, when the model holds meta placeholders for them (what
+    `load_model(quantize=...)` streams into); by default the device of its parameters."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown quantization {fmt!r}; choose one of {FORMATS}")
     # Layers already in 8 bits are not linears any more: quantizing would leave them as they are, and
@@ -331,8 +333,10 @@ def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
             f"quantize={fmt!r}: the model's weights are already stored in {', '.join(sorted(held))}; "
             "two weight storages: load it without quantization and quantize once"
         )
-    first = next(model.parameters(), None)
-    check_quantize_device(fmt, "cpu" if first is None else first.device)
+    if device is None:
+        first = next(model.parameters(), None)
+        device = "cpu" if first is None else first.device
+    check_quantize_device(fmt, device)
     if fmt == "w8a8" and not w8a8_available():
         raise ValueError(
             "quantize='w8a8' needs a PyTorch built with a quantized CPU backend (fbgemm or qnnpack)"
