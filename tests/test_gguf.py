@@ -253,24 +253,46 @@ def test_routing_and_rope_keys_follow_the_config(tmp_path) -> None:
     assert "rope.scaling.type" not in _keys(tiny, tmp_path)
 
 
-@pytest.mark.parametrize("kind", ["bf16", "q8_0"])
+@pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0"])
 def test_export_types_quantize_weights_and_keep_norms_and_router_f32(checkpoint, tmp_path, kind) -> None:
     ckpt, model, _ = checkpoint
     out = export_gguf(ckpt, tmp_path / f"tiny-{kind}.gguf", type=kind).path
     tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
-    qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
+    qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
     assert tensors["blk.1.ffn_gate_exps.weight"].tensor_type == qtype
     assert tensors["blk.1.attn_k_b.weight"].tensor_type == qtype
     for name in ("blk.1.attn_norm.weight", "blk.1.ffn_gate_inp.weight", "blk.1.exp_probs_b.bias"):
         assert tensors[name].tensor_type == gguf.GGMLQuantizationType.F32, name
     for name, t in tensors.items():  # every norm and bias
         assert len(t.shape) > 1 or t.tensor_type == gguf.GGMLQuantizationType.F32, name
-    file_type = {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind]
+    file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{kind.upper()}")
     assert _fields(gguf.GGUFReader(str(out)))["general.file_type"] == int(file_type)
     t = tensors["token_embd.weight"]
     back = gguf.quants.dequantize(t.data, t.tensor_type).reshape(model.config.vocab_size, -1)
     ref = model.model.embed_tokens.weight.detach().numpy()
     assert np.abs(back - ref).max() <= 0.01 * np.abs(ref).max()  # 8-bit blocks: well within 1%
+
+
+def test_an_fp16_checkpoint_exports_exactly_in_f16(checkpoint, tmp_path) -> None:
+    """A float16 checkpoint (transformers' torch_dtype float16, F16 tensors: what T4/V100 users train and
+    share) had no 16-bit export but bf16, which rounds 3 bits off every weight; llama.cpp's converter
+    writes it in f16, its own precision. --type f16 keeps every weight as the file holds it."""
+    import torch
+
+    from nanoseek.checkpoint import build_model, read_safetensors, save_model
+
+    ckpt, model, _ = checkpoint
+    half = tmp_path / "fp16"
+    save_model(build_model(model.config).init_weights(1), half, dtype=torch.float16)
+    for f in ckpt.glob("tokenizer*"):
+        shutil.copy(f, half / f.name)
+    out = tmp_path / "fp16.gguf"
+    assert main(["export", str(half), "--gguf", str(out), "--type", "f16"]) == 0
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    t = tensors["token_embd.weight"]
+    assert t.tensor_type == gguf.GGMLQuantizationType.F16
+    want = read_safetensors(half)["model.embed_tokens.weight"].numpy()
+    np.testing.assert_array_equal(np.asarray(t.data).reshape(want.shape), want)
 
 
 def test_q8_0_rows_not_in_blocks_of_32_are_written_f16() -> None:
@@ -385,7 +407,7 @@ def test_export_defaults_warnings_and_tokenizer_refusals(checkpoint, tmp_path, c
     said = capsys.readouterr().out
     assert f"writing {len(reader.tensors)} tensors (bf16)" in said  # progress, then the summary
     assert f"{len(reader.tensors)} tensors, bf16, vocab {config['vocab_size']}, pre-tokenizer qwen2" in said
-    with pytest.raises(ValueError, match="--type must be one of f32, bf16, q8_0"):
+    with pytest.raises(ValueError, match="--type must be one of f32, f16, bf16, q8_0"):
         export_gguf(ckpt, tmp_path / "x.gguf", type="q4_0")
     # The model's vocabulary exactly the tokenizer's: nothing padded, nothing refused.
     from nanoseek.checkpoint import build_model, save_model

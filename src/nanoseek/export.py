@@ -12,8 +12,9 @@ What is notable here:
 - The tokenizer goes in whole (tokens, types, merges, BOS/EOS/PAD, the chat template) with
   `tokenizer.ggml.pre` naming the split regex; llama.cpp applies its own copy of the regex for that
   name, so only a tokenizer with exactly that regex is exported (`nanoseek.tokenizer.LLAMA_CPP_PRE`).
-- Weights in f32, bf16 or q8_0 (blocks of 32 with one fp16 scale); norms, the router and biases stay
-  f32, as llama.cpp's own converter keeps them.
+- Weights in f32, f16, bf16 or q8_0 (blocks of 32 with one fp16 scale); norms, the router and biases
+  stay f32, as llama.cpp's own converter keeps them. f16 is an fp16 checkpoint's own precision (bf16
+  would round off 3 bits of each weight), as llama.cpp's converter writes one.
 The reference for key and tensor names is llama.cpp's loader (`src/models/deepseek2.cpp`), which
 decides what a file must hold.
 """
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # torch and tokenizers load on use: `nanoseek --help` imports
     from nanoseek.tokenizer import Tokenizer
 
 ARCH = "deepseek2"
-GGUF_TYPES: tuple[str, ...] = ("f32", "bf16", "q8_0")
+GGUF_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
 
 
 # llama.cpp 0.3.x reads the layer count as a model identity: 26 or 27 layers (or 48 with a 128256
@@ -132,7 +133,7 @@ def export_gguf(
     progress: Callable[[str], None] | None = None,
 ) -> ExportSummary:
     """Write the checkpoint directory `checkpoint` (config.json, safetensors, tokenizer.json) to the
-    GGUF file `out` with weights in `type` (f32, bf16 or q8_0)."""
+    GGUF file `out` with weights in `type` (f32, f16, bf16 or q8_0)."""
     import torch
 
     from nanoseek.tokenizer import LLAMA_CPP_PRE, llama_cpp_pre_tokenizer, load_tokenizer
@@ -182,11 +183,13 @@ def export_gguf(
     config = model.config  # load_model may drop MTP layers the files do not hold
     qtype = {
         "f32": gguf.GGMLQuantizationType.F32,
+        "f16": gguf.GGMLQuantizationType.F16,
         "bf16": gguf.GGMLQuantizationType.BF16,
         "q8_0": gguf.GGMLQuantizationType.Q8_0,
     }[type]
     file_type = {
         "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[type]

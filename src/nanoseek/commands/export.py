@@ -1,4 +1,4 @@
-"""`nanoseek export DIR --gguf OUT [--type f32|bf16|q8_0]`: a checkpoint as a GGUF file for llama.cpp / ollama."""
+"""`nanoseek export DIR --gguf OUT [--type f32|f16|bf16|q8_0]`: a checkpoint as a GGUF file for llama.cpp / ollama."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--type",
         choices=GGUF_TYPES,
         default="bf16",
-        help="weight precision: f32 (exact), bf16 (default, half the size) or q8_0 (8-bit blocks of 32)",
+        help="weight precision: f32 (exact), f16 (an fp16 checkpoint exactly, half the size), bf16 "
+        "(default, half the size) or q8_0 (8-bit blocks of 32)",
     )
     p.set_defaults(func=run)
 
