@@ -440,7 +440,8 @@ def test_save_load_round_trip_is_exact_and_bf16_save(tmp_path):
         ("bfloat16", False, "cpu", torch.float32),  # AVX2: bf16 matmuls take a slow path
         ("float32", True, "cpu", torch.float32),  # the checkpoint's own precision
         ("float32", False, "cpu", torch.float32),
-        ("float32", False, "cuda", torch.bfloat16),
+        ("float32", True, "cuda", torch.bfloat16),
+        ("float32", False, "cuda", torch.float16),  # a T4 or V100: bf16 only emulated there
     ],
 )
 def test_auto_dtype_is_the_checkpoints_where_the_machine_runs_it_fast(
@@ -449,6 +450,7 @@ def test_auto_dtype_is_the_checkpoints_where_the_machine_runs_it_fast(
     from nanoseek.checkpoint import resolve_dtype
 
     monkeypatch.setattr("nanoseek.perf.cpu_has_bf16", lambda: native_bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16)
     assert resolve_dtype("auto", config(torch_dtype=stored), device) == expected
     assert resolve_dtype("float32", config(torch_dtype=stored), device) == torch.float32
     assert resolve_dtype(torch.float16, config(torch_dtype=stored), device) == torch.float16

@@ -82,7 +82,7 @@ _ONEDNN_ISAS_WITHOUT_BF16 = {
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 AUTO_DTYPE_HELP = (
     "weights dtype; auto (default): a bf16/fp16 checkpoint in bf16 where the CPU multiplies bf16 "
-    "natively, else float32; an fp32 checkpoint in float32; bfloat16 on a GPU"
+    "natively, else float32; an fp32 checkpoint in float32; bfloat16 on a GPU (float16 without bf16 units)"
 )
 
 
