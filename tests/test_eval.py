@@ -366,10 +366,13 @@ def test_a_16_bit_checkpoint_is_evaluated_in_bf16_only_where_the_cpu_runs_it(
     monkeypatch.setattr(engine_module, "Engine", Recording)
     monkeypatch.setattr("nanoseek.perf.cpu_has_bf16", lambda: native_bf16)
     common = dict(task="arithmetic", n=2, k=1, max_new_tokens=2, progress=False)
-    evaluate(EvalConfig(model=str(bf16), out=str(tmp_path / "a.json"), **common))
+    a = evaluate(EvalConfig(model=str(bf16), out=str(tmp_path / "a.json"), **common))
     evaluate(EvalConfig(model=str(micro_checkpoint), out=str(tmp_path / "b.json"), **common))
     evaluate(EvalConfig(model=str(bf16), dtype="float32", out=str(tmp_path / "c.json"), **common))
     assert dtypes == [torch.bfloat16 if native_bf16 else torch.float32, torch.float32, torch.float32]
+    # the report says which precision ran, not the "auto" that picked it
+    ran = "bfloat16" if native_bf16 else "float32"
+    assert a["dtype"] == json.loads((tmp_path / "a.json").read_text())["metrics"]["dtype"] == ran
 
 
 def test_tasks_of_one_checkpoint_sampled_in_one_queue_draw_what_each_draws_alone(
@@ -391,6 +394,7 @@ def test_tasks_of_one_checkpoint_sampled_in_one_queue_draw_what_each_draws_alone
     alone = [evaluate(cfg(t, n, "alone")) for t, n in tasks]
     for m, a in zip(together, alone, strict=True):
         assert m["pass@1"] == a["pass@1"] and m["sampled_with"] == [t for t, _ in tasks]
+        assert m["dtype"] == a["dtype"] == "float32"
 
         def texts(path: str) -> list:
             return json.loads(open(path).read())["problems"]  # a sample, scores and tokens per problem

@@ -328,6 +328,7 @@ class CheckpointSampler:
         self.path = resolve_checkpoint(cfg.model)
         self.tok = load_tokenizer(self.path)
         model = load_model(self.path, dtype=cfg.dtype, device=default_device()).eval()
+        self.dtype = str(model.dtype).removeprefix("torch.")  # what "auto" picked, for the report
         batch = cfg.max_batch_size or min(DEFAULT_MAX_BATCH, samples or cfg.n * cfg.k)
         self.engine = Engine(model, max_batch_size=batch, pack_weights=True)
         self.stop = list(self.tok.stop_token_ids)
@@ -528,7 +529,11 @@ def evaluate_many(cfgs: Sequence[EvalConfig]) -> list[dict]:
     t0 = time.perf_counter()
     sets = sampler.many(drawn)
     # each record says its samples were drawn together with the others', in this much time
-    shared = {"generation_time_s": round(time.perf_counter() - t0, 2), "sampled_with": [c.task for c in cfgs]}
+    shared = {
+        "generation_time_s": round(time.perf_counter() - t0, 2),
+        "sampled_with": [c.task for c in cfgs],
+        "dtype": sampler.dtype,
+    }
 
     def given(samples: list[list[Sample]]) -> Callable[[Sequence[Any]], list[list[Sample]]]:
         return lambda problems: samples
@@ -580,6 +585,8 @@ def evaluate(
         wall_time_s=round(gen_time + score_time, 2),  # drawing the samples and scoring them
         generation_time_s=round(gen_time, 2),
     )
+    if hasattr(sampler, "dtype"):  # a checkpoint's: the precision that ran ("auto" picks by the machine)
+        metrics["dtype"] = sampler.dtype
     metrics.update(shared or {})
     if is_url or is_hub_name(cfg.model):  # no directory of the user's to write beside
         evaluated, run_dir, default_out = cfg.model, cfg.run_dir, Path(f"eval_{slug(cfg.task)}.json")
