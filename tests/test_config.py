@@ -140,6 +140,8 @@ def test_v3_groups_of_one_expert_are_refused():
         ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),  # loaded as tied: "false" is truthy
         ({"rope_scaling": "yarn"}, "rope_scaling"),  # an unnamed error from dict()
         ({"rope_scaling": {"type": "yarn", "factor": "4"}}, "factor"),  # crashed building the model
+        ({"moe_layer_freq": 0}, "moe_layer_freq"),  # built with every layer MoE, as if it were 1
+        ({"moe_layer_freq": 1.5}, "moe_layer_freq"),  # taken as 1
     ],
 )
 def test_hand_edited_config_json_is_refused_at_load_naming_the_field(tmp_path, change, field):

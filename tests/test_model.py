@@ -469,6 +469,24 @@ def test_sequence_balance_loss_matches_hand_computation():
     assert r.aux_loss.requires_grad  # it trains the router weights
 
 
+def test_seq_aux_false_balances_over_the_whole_batch():
+    """config.json's seq_aux false (DeepSeek-V2's MoEGate): f and P over all the batch's tokens at once,
+    the batch-wise balance of V3 §4.5.2, not averaged per sequence; it was read by nothing before."""
+    cfg = config(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, seq_aux=False)
+    r = router_for(cfg).train()
+    r.aux_loss_alpha = 0.01
+    x = torch.randn(3, 5, 64)
+    idx, _ = r(x)
+    scores = F.linear(x.reshape(-1, 64), r.weight).sigmoid()
+    f = torch.tensor([(idx == i).sum().item() for i in range(8)], dtype=torch.float32) * 8 / (2 * 15)
+    p = (scores / scores.sum(-1, keepdim=True)).mean(0)
+    torch.testing.assert_close(r.aux_loss, 0.01 * (f * p).sum())
+    per_sequence = router_for(cfg.replace(seq_aux=True)).train()
+    per_sequence.aux_loss_alpha = 0.01
+    per_sequence(x)
+    assert not torch.allclose(per_sequence.aux_loss, r.aux_loss)
+
+
 def test_a_row_of_padding_alone_is_left_out_of_the_balance_loss_mean():
     """The balance loss averages over the sequences that have tokens (V3 eq. 17-20 per sequence): a row
     that is all padding is no sequence, and must not dilute the mean of the others."""

@@ -128,7 +128,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     # Balancing knobs from the V2/V3 papers, used by training only
     aux_loss_alpha: float = 0.0001
-    seq_aux: bool = True
+    seq_aux: bool = True  # the balance loss per sequence (V3 eq. 17-20); False: over the batch (V2's gate)
     model_type: str = "deepseek_v3"
     torch_dtype: str = "bfloat16"
     # Anything else found in a config.json, written back unchanged.
@@ -218,6 +218,13 @@ class ModelConfig:
             if kind in _TYPE_CHECKS:
                 want, ok = _TYPE_CHECKS[kind]
                 need(ok(value), f"{f.name} must be {want}, got {value!r}")
+        # every moe_layer_freq-th layer is MoE (DeepSeek's `layer_idx % moe_layer_freq == 0`): 0 divides by
+        # zero there, and was taken as 1 here
+        freq = _get(self, "moe_layer_freq", 1)
+        need(
+            not self.is_moe or (_TYPE_CHECKS["int"][1](freq) and freq >= 1),
+            f"moe_layer_freq must be an integer >= 1, got {freq!r}",
+        )
         # Sizes the model is built from: zero or negative ones give empty or crashing layers.
         sizes = [
             "vocab_size",

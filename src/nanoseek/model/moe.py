@@ -78,7 +78,10 @@ class Router(nn.Module):
             torch.zeros(self.n_experts),
             persistent=self.topk_method == "noaux_tc",
         )
-        self.aux_loss_alpha = 0.0  # sequence-wise balance loss weight; set by training
+        self.aux_loss_alpha = 0.0  # balance loss weight; set by training
+        # seq_aux False: the balance loss over the whole batch, as DeepSeek-V2's MoEGate computes it
+        # (the batch-wise balance of V3 §4.5.2); True: per sequence (V3 eq. 17-20)
+        self.seq_aux = config.seq_aux
         self.aux_loss: torch.Tensor | None = None
         # Tokens routed to each expert by training forwards; the trainer reads and resets it for the bias
         # update. Inference (eval mode) leaves it alone, so serving and rollouts never disturb it.
@@ -139,7 +142,9 @@ class Router(nn.Module):
                 counts = torch.bincount(rows.flatten() + 1, minlength=self.n_experts + 1)
                 self.expert_load += counts[1:].to(self.expert_load)
         if self.training and self.aux_loss_alpha > 0:
-            self.aux_loss = self._sequence_balance_loss(scores, indices, shape[0], token_mask)
+            # batch-wise: the batch's tokens as one sequence
+            sequences = shape[0] if self.seq_aux else 1
+            self.aux_loss = self._sequence_balance_loss(scores, indices, sequences, token_mask)
         elif self.aux_loss is not None:  # (nn.Module's attribute writes are slow: skip the no-op one)
             self.aux_loss = None
         return indices, weights
@@ -148,7 +153,7 @@ class Router(nn.Module):
         self, scores: torch.Tensor, indices: torch.Tensor, batch: int, token_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """V3 eq. 17-20: α Σ_i f_i P_i per sequence over its T tokens (those `token_mask` keeps),
-        averaged over the batch's sequences that have any."""
+        averaged over the batch's sequences that have any (batch = 1: the batch-wise loss)."""
         e, k = self.n_experts, self.top_k
         s = scores.view(batch, -1, e)
         t = s.shape[1]

@@ -328,7 +328,8 @@ class DeepSeekV3(nn.Module):
                 yield f"mtp{depth}", layer.mlp.gate
 
     def balance_loss(self) -> torch.Tensor | None:
-        """Sum of the sequence-wise balance losses from the last forward (None when α = 0)."""
+        """Sum of the balance losses (per sequence; batch-wise where `seq_aux` is False) from the last
+        forward (None when α = 0)."""
         losses = [r.aux_loss for _, r in self.routers() if r.aux_loss is not None]
         return torch.stack(losses).sum() if losses else None
 
