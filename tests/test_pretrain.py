@@ -321,6 +321,27 @@ def test_bad_settings_are_refused_before_anything_is_written(workdir, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_vocab_size_with_a_given_tokenizer_is_refused(workdir, tmp_path) -> None:
+    """--vocab-size sizes the tokenizer pretrain trains; with --tokenizer the model took that one's
+    vocabulary (320 here) and trained with --vocab-size ignored without a word."""
+    with pytest.raises(ValueError, match="vocab_size sizes a tokenizer trained here"):
+        pretrain(config(workdir, tmp_path / "run", vocab_size=1000, steps=1, val_every=0))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_balance_alpha_is_the_presets_unless_given(workdir, tmp_path) -> None:
+    """A config.json's (or preset's) aux_loss_alpha was replaced by the flag's default 0.0001 without a
+    word (deepseek-v2-lite's 0.001 too); left out, --balance-alpha is the preset's, as --vocab-size is."""
+    from nanoseek.config import ModelConfig
+
+    ModelConfig.load(workdir / "micro").replace(aux_loss_alpha=0.01).save(tmp_path / "preset")
+    kw = dict(preset=str(tmp_path / "preset"), steps=1, val_every=0)
+    own = pretrain(config(workdir, tmp_path / "own", **kw))
+    assert json.loads((own / "config.json").read_text())["aux_loss_alpha"] == 0.01
+    given = pretrain(config(workdir, tmp_path / "given", balance_alpha=0.002, **kw))
+    assert json.loads((given / "config.json").read_text())["aux_loss_alpha"] == 0.002
+
+
 def test_auto_precision_is_fp32_on_cpus_without_bf16(monkeypatch) -> None:
     import nanoseek.train.pretrain as pt
 

@@ -626,6 +626,16 @@ def test_sft_command_refuses_a_bad_number_before_loading_anything(capsys) -> Non
     assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", [["--language", "ja"], ["--multi-turn", "0.5"]])
+def test_sft_refuses_task_flags_without_a_task(flag, capsys) -> None:
+    """--language and --multi-turn pick and shape --task's chats; with --data alone they changed nothing
+    and the run trained on every line of the file, in every language."""
+    from nanoseek.cli import main
+
+    assert main(["sft", "--init", "no/such-checkpoint", "--data", "chat.jsonl", *flag]) == 2
+    assert f"{flag[0]} shapes the chats built from --task" in capsys.readouterr().err
+
+
 def test_a_seq_len_that_cuts_off_every_answer_is_an_error(tmp_path) -> None:
     """Cut to 8 tokens, every example is part of its 10-token prompt: no step would have a target."""
     from nanoseek.train.sft import SFTConfig

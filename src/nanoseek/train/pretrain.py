@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,7 +99,11 @@ class PretrainConfig:
         group=OPTIM,
     )
     bias_update_speed: float = option(0.001, "γ of aux-loss-free balancing (V3 §2.1.2)", group=V3)
-    balance_alpha: float = option(0.0001, "α of the sequence-wise balance loss (V3 §4.2)", group=V3)
+    balance_alpha: float | None = option(
+        None,
+        "α of the balance loss (V3 §4.2; default: the preset's aux_loss_alpha, V3's 0.0001)",
+        group=V3,
+    )
     mtp_weight: float = option(0.3, "λ of the MTP loss (V3 §4.2; 0 = off)", group=V3)
     # Each packed document attends only to itself (Llama 3 §3.2 masks the same way), positions counted
     # from its BOS; without it short look-alike documents drown the prompt a copy must look back at.
@@ -163,7 +167,6 @@ class PretrainConfig:
         # (written so that NaN fails too) a negative α or γ would push the routers toward imbalance
         for name in (
             "mtp_weight",
-            "balance_alpha",
             "bias_update_speed",
             "probe_problems",
             "val_every",
@@ -172,6 +175,12 @@ class PretrainConfig:
         ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.balance_alpha is not None and not self.balance_alpha >= 0:
+            raise ValueError(f"balance_alpha must be >= 0, got {self.balance_alpha}")
+        if self.tokenizer and self.vocab_size is not None:  # the model's vocabulary is the tokenizer's
+            raise ValueError(
+                "vocab_size sizes a tokenizer trained here: --tokenizer brings its own vocabulary"
+            )
         if not 0 <= self.multi_turn <= 1:
             raise ValueError(f"multi_turn must be in [0, 1], got {self.multi_turn}")
         if self.threads is not None and self.threads < 1:  # 0 was ignored, -1 torch's traceback
@@ -284,6 +293,8 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
         raise
     run = Path(cfg.out)
     config = resolve_config(cfg.preset)
+    if cfg.balance_alpha is None:  # the preset's own α (V2's: 0.001, 0.003), as --vocab-size's default
+        cfg = replace(cfg, balance_alpha=config.aux_loss_alpha)
     if cfg.seq_len > config.max_position_embeddings:
         raise ValueError(
             f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"

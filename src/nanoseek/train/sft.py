@@ -333,7 +333,7 @@ class SFTConfig:
     # shared with `nanoseek distill`, whose student trains as the stage `distill`
     resume: bool = option(False, "continue from RUN/sft/ (distill: RUN/distill/) if it holds a checkpoint")
     seed: int = option(0)
-    language: str | None = option(None, "only prompts in this language (en, ja, zh)")
+    language: str | None = option(None, "only --task problems in this language (en, ja, zh)")
     multi_turn: float = option(
         0.0,
         "share of --task chats that ask 2-3 problems in a row (history: earlier answers, as clients send)",
@@ -591,6 +591,10 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
     started = time.perf_counter()  # a time budget covers data building too, as the control pays it
 
     cfg.validate()
+    # (here, not in `validate`: distill shares --language with its student's SFTConfig, which has no --task)
+    if not cfg.task and (cfg.language or cfg.multi_turn):
+        flag = "--language" if cfg.language else "--multi-turn"
+        raise ValueError(f"{flag} shapes the chats built from --task; a --data file is trained on as it is")
     init = resolve_checkpoint(cfg.init, flag="--init")
     if not cfg.data and not cfg.task:
         raise ValueError("give --data chat.jsonl and/or --task NAME")
