@@ -131,6 +131,9 @@ def test_v3_groups_of_one_expert_are_refused():
         ({"hidden_size": True}, "hidden_size"),  # JSON's true is no integer (Python's bool is)
         ({"qk_nope_head_dim": -8}, "qk_nope_head_dim"),
         ({"qk_rope_head_dim": 15}, "qk_rope_head_dim"),  # RoPE rotates pairs of dims
+        # heads of size 0: a ZeroDivisionError (the softmax scale) building the model
+        ({"qk_nope_head_dim": 0, "qk_rope_head_dim": 0}, "qk_nope_head_dim \\+ qk_rope_head_dim"),
+        ({"n_shared_experts": -1}, "n_shared_experts"),  # a negative dimension building the model
         ({"n_group": 3}, "divisible by n_group"),  # 16 experts in 3 groups
         ({"topk_group": 0}, "topk_group"),  # no group, no expert
         ({"num_nextn_predict_layers": -1}, "num_nextn_predict_layers"),

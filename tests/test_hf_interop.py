@@ -174,6 +174,54 @@ def test_nanoseek_to_transformers_with_mtp(tmp_path, name):
         torch.testing.assert_close(again.mtp_logits(h, ids)[0], ours.mtp_logits(h, ids)[0], rtol=0, atol=0)
 
 
+def test_a_model_without_routed_experts_is_dense_for_transformers_too(tmp_path):
+    """n_routed_experts 0 makes every nanoseek layer dense, whatever first_k_dense_replace says; transformers
+    (as vLLM and DeepSeek's code) made the layers past it MoE layers of 0 experts, whose forward failed.
+    The file says every layer, the MTP one's too, is a leading dense one: the same logits, read back alike."""
+    cfg = small_config(
+        n_routed_experts=0, num_experts_per_tok=0, n_shared_experts=0, num_nextn_predict_layers=1
+    )
+    assert cfg.first_k_dense_replace < cfg.num_hidden_layers
+    ours = build_model(cfg).init_weights(seed=2).eval()
+    randomize_(ours, seed=3)
+    save_model(ours, tmp_path / "ckpt")
+    keys = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert keys["first_k_dense_replace"] == cfg.num_hidden_layers + 1
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    ids = ids_for()
+    with torch.no_grad():
+        assert_close(ours(ids), ref(ids).logits)
+    again = nanoseek.load_model(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), ours(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"qk_rope_head_dim": 4},
+        {"qk_nope_head_dim": 24},
+        # transformers groups query heads by num_key_value_heads, which the file held at the old 4
+        {"num_attention_heads": 8},
+    ],
+)
+def test_head_sizes_changed_on_a_transformers_config_are_what_transformers_reads(tmp_path, change):
+    """transformers writes head_dim (its copy of qk_rope_head_dim), qk_head_dim (their sum) and
+    num_key_value_heads (the head count, for MLA) into config.json; kept from such a file (or, for the
+    last, from the config a replace() started from), they went stale when a head size or count changed,
+    and transformers took the stale values (a shape error in its forward)."""
+    hf_model(small_config()).save_pretrained(tmp_path / "hf")
+    cfg = ModelConfig.load(tmp_path / "hf").replace(**change)
+    ours = build_model(cfg).init_weights(seed=2).eval()
+    randomize_(ours, seed=3)
+    save_model(ours, tmp_path / "ckpt")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert (ref.config.head_dim, ref.config.qk_head_dim) == (cfg.qk_rope_head_dim, cfg.qk_head_dim)
+    ids = ids_for()
+    with torch.no_grad():
+        assert_close(ours(ids), ref(ids).logits)
+
+
 def test_sharded_save_and_load(tmp_path):
     cfg = V3_CONFIGS["qlora_groups_dense_first"].replace(num_nextn_predict_layers=1)
     ours = build_model(cfg).init_weights(seed=2).eval()

@@ -135,7 +135,9 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.num_key_value_heads is None:
+        if self.num_key_value_heads is None or self.attention_variant == "mla":
+            # MLA has no KV-head grouping, but transformers' DeepseekV2/V3 group its query heads by this
+            # field: it follows the head count (kept through a replace() of the heads, it broke them)
             self.num_key_value_heads = self.num_attention_heads
         if self.attention_variant == "gqa":
             # A dense family: no experts, no MTP, half-split RoPE over the whole head (Qwen2 / Llama).
@@ -248,6 +250,11 @@ class ModelConfig:
             "qk_nope_head_dim and qk_rope_head_dim must be >= 0",
         )
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        if self.attention_variant == "mla":  # the head size sets the softmax scale, 1/sqrt(d)
+            need(
+                self.qk_head_dim > 0,
+                "qk_nope_head_dim + qk_rope_head_dim (the query/key head size) must be > 0",
+            )
         need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
         rs = self.rope_scaling
         need(rs is None or isinstance(rs, dict), f"rope_scaling must be an object or null, got {rs!r}")
@@ -267,6 +274,8 @@ class ModelConfig:
         )
         if self.is_moe:
             e, k = self.n_routed_experts or 0, self.num_experts_per_tok or 0
+            shared = self.n_shared_experts or 0
+            need(shared >= 0, f"n_shared_experts must be >= 0, got {shared}")
             need(0 < k <= e, f"num_experts_per_tok ({k}) must be in 1..n_routed_experts ({e})")
             need(
                 e % self.n_group == 0, f"n_routed_experts ({e}) must be divisible by n_group ({self.n_group})"
@@ -313,9 +322,17 @@ class ModelConfig:
         for f in dataclasses.fields(self):
             if f.name == "extra" or (dense and f.name not in _DENSE_FIELDS):
                 continue
-            if f.name == "head_dim" and self.head_dim is None:
+            # MLA's head_dim is transformers' copy of qk_rope_head_dim (its RoPE width), which it derives
+            # where the file leaves it out: one read from a file and kept went stale as the dims changed
+            if f.name == "head_dim" and (self.head_dim is None or not dense):
                 continue
             d[f.name] = getattr(self, f.name)
+        if not dense and not self.is_moe:
+            # No routed experts: every layer is dense here, but transformers' DeepseekV2/V3 (as vLLM and
+            # DeepSeek's own code) make each layer past first_k_dense_replace an MoE layer, of 0 experts
+            # whose forward fails; the file says what the model is: all its layers, MTP's too, dense.
+            every = self.num_hidden_layers + self.num_nextn_predict_layers
+            d["first_k_dense_replace"] = max(self.first_k_dense_replace, every)
         for k, v in (_DENSE_PASSTHROUGH if dense else _PASSTHROUGH_DEFAULTS).items():
             d.setdefault(k, v)
         d.update(self.extra)
@@ -400,6 +417,8 @@ class ModelConfig:
         extra = {k: v for k, v in d.items() if k not in known}
         for k in ("architectures", "transformers_version", "auto_map", "dtype"):
             extra.pop(k, None)
+        if mt not in DENSE_ARCHITECTURES:  # transformers' qk_nope_head_dim + qk_rope_head_dim: derived again
+            extra.pop("qk_head_dim", None)
         if "dtype" in d and "torch_dtype" not in d:
             kwargs["torch_dtype"] = d["dtype"]
         for k, v in passthrough.items():
