@@ -366,6 +366,13 @@ def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
     # V2-Lite's own shape loads (27 layers, full-rank query); so does a full-rank query at any depth.
     assert check_exportable(get_preset("deepseek-v2-lite")) == []
     assert check_exportable(get_preset("tiny-dense")) == []
+    # Routed experts that no layer uses (every main layer a leading dense one) need no shared expert:
+    # the file is a dense model's, as tiny-dense's is.
+    all_dense = get_preset("tiny").replace(n_shared_experts=0, first_k_dense_replace=4)
+    assert check_exportable(all_dense) == []
+    kv = _keys(all_dense, tmp_path)
+    assert kv["leading_dense_block_count"] == 4 and kv["expert_shared_count"] == 0
+    assert "expert_count" not in kv and kv["expert_feed_forward_length"] == all_dense.intermediate_size
 
 
 def test_tokenizer_keys_are_the_tokenizer_s_own(checkpoint, tmp_path) -> None:

@@ -322,6 +322,23 @@ def test_sft_trains_with_the_balance_loss_weight_its_config_records(tmp_path) ->
     assert rec["loss"] == pytest.approx(rec["sft_loss"] + 0.5, rel=1e-5)
 
 
+def test_token_ids_beyond_the_models_vocabulary_are_refused_before_training(tmp_path) -> None:
+    """A checkpoint whose vocab_size is smaller than its tokenizer's ids (the chat template's special
+    tokens come last): the first step crashed with an IndexError in the embedding, a run directory made."""
+    from model_configs import small_config
+    from nanoseek.checkpoint import build_model
+    from nanoseek.train.sft import SFTConfig, train_on_examples
+
+    model = build_model(small_config(vocab_size=64)).init_weights(0)
+    ids = [0, *range(2, 30), 64]  # the last one past the 64 rows of the embedding
+    cfg = SFTConfig(init="", steps=1, batch_size=2, seq_len=32, progress=False)
+    with pytest.raises(ValueError, match=r"token id 64, outside the model's vocabulary \[0, 64\)"):
+        train_on_examples(
+            model, CharTokenizer(), [(ids, [IGNORE] * 10 + ids[10:])] * 4, tmp_path / "run", "sft", cfg
+        )
+    assert not (tmp_path / "run").exists()
+
+
 def test_mfu_counts_no_mtp_flops_sft_does_not_run(tmp_path, monkeypatch) -> None:
     """SFT's loss is the main head's alone: a model with an MTP module must not be credited its FLOPs."""
 

@@ -70,6 +70,12 @@ def _gguf() -> Any:
     return gguf
 
 
+def _has_moe_layers(config: ModelConfig) -> bool:
+    """Whether any exported layer is an MoE one: a config with routed experts can still make every main
+    layer dense (first_k_dense_replace), and llama.cpp then reads it as the dense model it is."""
+    return any(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+
+
 def check_exportable(config: ModelConfig) -> list[str]:
     """Raise ValueError for a config llama.cpp's deepseek2 cannot run; return warnings for ones it
     runs differently from nanoseek."""
@@ -88,7 +94,7 @@ def check_exportable(config: ModelConfig) -> list[str]:
             f"and ignores q_lora_rank, but this config has q_lora_rank={config.q_lora_rank}. Use another "
             "layer count, or q_lora_rank=None"
         )
-    if config.is_moe:
+    if _has_moe_layers(config):
         if not config.n_shared_experts:
             raise ValueError(
                 "llama.cpp cannot load this model: its deepseek2 MoE layers need shared experts "
@@ -218,7 +224,7 @@ def export_gguf(
 
 # ------------------------------------------------------------------ keys
 def _write_hparams(w: Any, gguf: Any, c: ModelConfig) -> None:
-    n = c.num_hidden_layers
+    n, moe = c.num_hidden_layers, _has_moe_layers(c)
     w.add_vocab_size(c.vocab_size)
     w.add_block_count(n)
     w.add_context_length(c.max_position_embeddings)
@@ -238,10 +244,10 @@ def _write_hparams(w: Any, gguf: Any, c: ModelConfig) -> None:
     w.add_key_length_mla(c.qk_head_dim)
     w.add_value_length_mla(c.v_head_dim)
     # DeepSeekMoE. The loader requires the expert keys even for a model without routed experts.
-    w.add_leading_dense_block_count(c.first_k_dense_replace if c.is_moe else n)
-    w.add_expert_feed_forward_length(c.moe_intermediate_size if c.is_moe else c.intermediate_size)
-    w.add_expert_shared_count((c.n_shared_experts or 0) if c.is_moe else 0)
-    if c.is_moe:
+    w.add_leading_dense_block_count(c.first_k_dense_replace if moe else n)
+    w.add_expert_feed_forward_length(c.moe_intermediate_size if moe else c.intermediate_size)
+    w.add_expert_shared_count((c.n_shared_experts or 0) if moe else 0)
+    if moe:
         k = c.num_experts_per_tok or 0
         w.add_expert_count(c.n_routed_experts)
         w.add_expert_used_count(k)

@@ -483,6 +483,13 @@ def train_on_examples(
     cfg.validate()
     if not examples:
         raise ValueError("no training examples")
+    vocab = model.config.vocab_size
+    top = max(max(ids, default=0) for ids, _ in examples)
+    if top >= vocab:  # an IndexError in the first step's embedding otherwise (the engine refuses them too)
+        raise ValueError(
+            f"the examples hold token id {top}, outside the model's vocabulary [0, {vocab}): its tokenizer "
+            f"({getattr(tokenizer, 'vocab_size', '?')} tokens) is not the one its vocab_size was made for"
+        )
     context = model.config.max_position_embeddings
     if cfg.seq_len > context:  # as pretrain refuses it: positions past the context are never served
         raise ValueError(
