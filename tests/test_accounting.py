@@ -434,7 +434,7 @@ def test_training_cost_price_gpus_and_bill_checks() -> None:
             training_cost(cfg, 1e9, gpu_hours=hours)
 
 
-def test_inspect_table_figures(capsys) -> None:
+def test_inspect_table_figures(capsys, tmp_path) -> None:
     """The figures of docs/cost.md, as the table prints them."""
     assert main(["inspect", "deepseek-v3"]) == 0
     out = capsys.readouterr().out
@@ -447,6 +447,16 @@ def test_inspect_table_figures(capsys) -> None:
     assert main(["inspect", "tiny-qwen2"]) == 0
     out = capsys.readouterr().out
     assert "2,304 B  (3.0x more)" in out and "864 B  (GQA caches 0.89x that" in out
+    # one head: MHA's cache (1 x (8 + 8) + 1 x 8 per layer) is smaller than MLA's latent, not "more"
+    from nanoseek.config import get_preset
+
+    one_head = get_preset("tiny").replace(
+        num_attention_heads=1, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8
+    )
+    directory = tmp_path / "one-head"
+    one_head.save(directory)
+    assert main(["inspect", str(directory)]) == 0
+    assert "x as much)" in capsys.readouterr().out
     assert main(["inspect", "deepseek-v3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["active_fraction"] == pytest.approx(36.63 / 671.03, rel=1e-3)
 
