@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
+import sys
 
 import pytest
 import torch
@@ -626,3 +628,104 @@ def test_generate_stops_at_the_tokenizers_stop_ids_and_a_chat_sample_is_the_repl
         out = capsys.readouterr().out
         assert "the quick" not in out and " fox" in out
     assert [p.stop_token_ids for p in seen] == [list(tok.stop_token_ids)] * 2 and tok.stop_token_ids
+
+
+def _scripted_chat(monkeypatch, checkpoint) -> list[str]:
+    """`nanoseek chat` answers "ok" to every turn, without a model; returns each turn's prompt text."""
+    from types import SimpleNamespace
+
+    from nanoseek.commands import chat
+    from nanoseek.config import get_preset
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    reply = tok.encode("hm</think>ok", add_bos=False)
+    prompts: list[str] = []
+
+    class Scripted:
+        max_seq_len = 4096
+
+        def stream(self, ids, params):
+            prompts.append(tok.decode(ids[0]))
+            return [SimpleNamespace(new_token_ids=reply)]
+
+    model = SimpleNamespace(config=get_preset("tiny"), dtype=torch.float32)
+    monkeypatch.setattr(chat, "load_for_generation", lambda args: (Scripted(), tok, model))
+    return prompts
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])  # a UTF-8 locale's stdin; C.UTF-8's
+def test_chat_reads_bytes_that_are_not_utf8_as_replacement_characters(checkpoint, monkeypatch, errors):
+    """A Latin-1 "été" typed or piped in ended the whole session (exit 2: a UnicodeDecodeError, or the
+    tokenizer's lone-surrogate error), with the turns before it lost; ollama's client sends U+FFFD."""
+    from nanoseek.commands import chat
+
+    prompts = _scripted_chat(monkeypatch, checkpoint)
+    stdin = io.TextIOWrapper(io.BytesIO(b"first\n\xe9t\xe9\nthird\n"), encoding="utf-8", errors=errors)
+    out = io.StringIO()
+    assert chat.run(cli_args("chat", str(checkpoint)), stdin=stdin, stdout=out) == 0
+    assert len(prompts) == 3 and "<｜User｜>\ufffdt\ufffd<｜Assistant｜>" in prompts[1]
+    assert "3 turns" in out.getvalue()
+
+
+def test_chat_system_command_is_the_word_not_a_prefix(checkpoint, monkeypatch):
+    """The line "/systemd ..." set the system prompt to "d ..." and cleared the conversation; it is an
+    unknown command, and the history and system prompt stay."""
+    from nanoseek.commands import chat
+
+    prompts = _scripted_chat(monkeypatch, checkpoint)
+    stdin = io.StringIO("first\n/systemd starts what?\nsecond\n/system\tnew rules\nthird\n")
+    out = io.StringIO()
+    assert chat.run(cli_args("chat", str(checkpoint), "--system", "be brief"), stdin=stdin, stdout=out) == 0
+    assert "unknown command '/systemd'" in out.getvalue()
+    assert "be brief<｜User｜>first<｜Assistant｜>ok" in prompts[1] and "d starts" not in prompts[1]
+    assert "new rules<｜User｜>third<｜Assistant｜>" in prompts[2] and "first" not in prompts[2]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("readline") is None or sys.platform == "win32", reason="needs a pty and readline"
+)
+def test_chat_on_a_terminal_reads_a_line_longer_than_the_terminals_own(checkpoint):
+    """On a terminal the kernel's line editing keeps 4095 characters of a line and drops the rest without
+    a word, so a long pasted message reached the model cut; read through readline (as ollama's and
+    llama-cli's raw-mode editors read it), all of it arrives. The 256-token context refuses it, and the
+    refusal counts the tokens that arrived."""
+    import os
+    import pty
+    import select
+    import subprocess
+
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    text = "two " * 1500  # 6000 characters
+    n = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": text.strip()}])))
+    primary, secondary = pty.openpty()
+    cmd = [sys.executable, "-m", "nanoseek", "chat", str(checkpoint), "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdin=secondary, stdout=secondary, stderr=secondary, close_fds=True)
+    os.close(secondary)
+    seen = b""
+
+    def read_until(needle: bytes) -> None:
+        nonlocal seen
+        while needle not in seen:
+            ready, _, _ = select.select([primary], [], [], 60)
+            assert ready, f"no {needle!r} from the chat; it wrote {seen[-300:]!r}"
+            seen += os.read(primary, 65536)
+
+    try:
+        read_until(b"\n> ")
+        data = text.encode() + b"\r"
+        for i in range(0, len(data), 512):  # read the echo meanwhile: a full pty would block both sides
+            os.write(primary, data[i : i + 512])
+            ready, _, _ = select.select([primary], [], [], 0.05)
+            if ready:
+                seen += os.read(primary, 65536)
+        read_until(b"message)\r\n\r\n> ")  # the refusal, then the next prompt
+        os.write(primary, b"\x04")  # Ctrl-D at an empty prompt ends the session
+        read_until(b"0 turns")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(primary)
+    assert f"the conversation is {n} tokens".encode() in seen

@@ -6,6 +6,8 @@
 - History is kept as chat messages; the template drops past reasoning (R1 does), and the engine's
   prefix cache reuses the latents of the unchanged history, so later turns do not re-read it.
 - Commands: /reset (clear history), /system TEXT (set the system prompt and reset), /exit (or Ctrl-D).
+- One line is one message. On a terminal it is read with readline (editing, history, no cap at the
+  terminal's 4095 characters); bytes that are not UTF-8 are read as U+FFFD.
 - Ctrl-C while a reply streams stops that reply after the current token and keeps the session (the partial
   reply stays in history); a second Ctrl-C, or one at the prompt, ends the program as before.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import os
 import signal
 import sys
@@ -153,9 +156,32 @@ def _ctrl_c_stops_reply() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _read_line(stdin: TextIO, out: TextIO, terminal: bool) -> str | None:
+    """The next line the user typed, or None at the end of input (Ctrl-D, the pipe's end)."""
+    out.write("\n")
+    if terminal:
+        try:
+            return input("> ")  # through readline where it is imported (see `run`)
+        except EOFError:
+            return None
+    out.write("> ")
+    out.flush()
+    return stdin.readline() or None
+
+
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
+    if isinstance(stdin, io.TextIOWrapper):
+        # A byte that is not UTF-8 (a Latin-1 terminal, a binary file) ended the session with an error:
+        # read it as U+FFFD, as ollama's client does (Go's JSON encoding replaces it).
+        stdin.reconfigure(errors="replace")
+    # On a terminal, readline reads the line (as ollama and llama-cli read it in raw mode): the terminal's
+    # own line editing drops what is typed or pasted past 4095 characters, and types arrow keys as text.
+    terminal = stdin is sys.stdin and out is sys.stdout and stdin.isatty() and out.isatty()
+    if terminal:
+        with contextlib.suppress(ImportError):  # no readline (Windows): input() reads the plain line
+            import readline  # noqa: F401  (once imported, input() edits lines with it)
     from nanoseek.accounting import count_parameters
     from nanoseek.tokenizer import USER
 
@@ -190,27 +216,26 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
     turns = tokens = 0
     seconds = 0.0
     while True:
-        out.write("\n> ")
-        out.flush()
-        line = stdin.readline()
-        if not line:
+        line = _read_line(stdin, out, terminal)
+        if line is None:
             break
         line = line.strip()
         if not line:
             continue
+        command, *rest = line.split(maxsplit=1)
         if line in ("/exit", "/quit"):
             break
         if line == "/reset":
             reset()
             out.write("(history cleared)\n")
             continue
-        if line.startswith("/system"):
-            system = line[len("/system") :].strip() or None
+        if command == "/system":  # the word itself: "/systemd ..." is not a new system prompt
+            system = rest[0] if rest else None
             reset()
             out.write(f"(system prompt {'set' if system else 'cleared'}; history cleared)\n")
             continue
         if line.startswith("/"):
-            out.write(f"unknown command {line.split()[0]!r}; {HELP}\n")
+            out.write(f"unknown command {command!r}; {HELP}\n")
             continue
         messages.append({"role": "user", "content": line})
         t0 = time.perf_counter()
