@@ -678,6 +678,9 @@ def test_chat_system_command_is_the_word_not_a_prefix(checkpoint, monkeypatch):
     out = io.StringIO()
     assert chat.run(cli_args("chat", str(checkpoint), "--system", "be brief"), stdin=stdin, stdout=out) == 0
     assert "unknown command '/systemd'" in out.getvalue()
+    out = io.StringIO()
+    assert chat.run(cli_args("chat", str(checkpoint)), stdin=io.StringIO("/help\n/?\n"), stdout=out) == 0
+    assert out.getvalue().count("commands: /reset") == 3 and "unknown" not in out.getvalue()  # banner too
     assert "be brief<｜User｜>first<｜Assistant｜>ok" in prompts[1] and "d starts" not in prompts[1]
     assert "new rules<｜User｜>third<｜Assistant｜>" in prompts[2] and "first" not in prompts[2]
 

@@ -5,7 +5,7 @@
   DeepSeek-V3.1's non-thinking mode: the prompt closes the think block and the reply is all answer.
 - History is kept as chat messages; the template drops past reasoning (R1 does), and the engine's
   prefix cache reuses the latents of the unchanged history, so later turns do not re-read it.
-- Commands: /reset (clear history), /system TEXT (set the system prompt and reset), /exit (or Ctrl-D).
+- Commands: /reset (clear history), /system TEXT (set the system prompt and reset), /help, /exit (or Ctrl-D).
 - One line is one message. On a terminal it is read with readline (editing, history, no cap at the
   terminal's 4095 characters); bytes that are not UTF-8 are read as U+FFFD.
 - Ctrl-C while a reply streams stops that reply after the current token and keeps the session (the partial
@@ -29,7 +29,7 @@ from typing import Any, TextIO
 from nanoseek.commands.generate import add_generation_flags, load_for_generation, sampling_params
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
-HELP = "commands: /reset  /system TEXT  /exit"
+HELP = "commands: /reset  /system TEXT  /help  /exit"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -233,6 +233,9 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
             system = rest[0] if rest else None
             reset()
             out.write(f"(system prompt {'set' if system else 'cleared'}; history cleared)\n")
+            continue
+        if line in ("/help", "/?"):  # ollama's two
+            out.write(f"{HELP}\n")
             continue
         if line.startswith("/"):
             out.write(f"unknown command {command!r}; {HELP}\n")
