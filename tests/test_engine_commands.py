@@ -685,6 +685,22 @@ def test_chat_system_command_is_the_word_not_a_prefix(checkpoint, monkeypatch):
     assert "new rules<｜User｜>third<｜Assistant｜>" in prompts[2] and "first" not in prompts[2]
 
 
+def test_chat_takes_a_message_of_several_lines_between_triple_quotes(checkpoint, monkeypatch):
+    """Pasted code or a table was one message per line (ollama reads the lines between triple quotes
+    as one); an unclosed block ends with the input."""
+    from nanoseek.commands import chat
+
+    prompts = _scripted_chat(monkeypatch, checkpoint)
+    stdin = io.StringIO('"""Fix this:\n  def f(x):\n    return x +\n"""\n"""one line"""\nafter\n"""open\nend')
+    out = io.StringIO()
+    assert chat.run(cli_args("chat", str(checkpoint)), stdin=stdin, stdout=out) == 0
+    assert "<｜User｜>Fix this:\n  def f(x):\n    return x +<｜Assistant｜>" in prompts[0]
+    assert (
+        "<｜User｜>one line<｜Assistant｜>" in prompts[1] and "<｜User｜>after<｜Assistant｜>" in prompts[2]
+    )
+    assert prompts[3].endswith("<｜User｜>open\nend<｜Assistant｜><think>\n") and "4 turns" in out.getvalue()
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("readline") is None or sys.platform == "win32", reason="needs a pty and readline"
 )

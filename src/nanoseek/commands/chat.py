@@ -6,8 +6,9 @@
 - History is kept as chat messages; the template drops past reasoning (R1 does), and the engine's
   prefix cache reuses the latents of the unchanged history, so later turns do not re-read it.
 - Commands: /reset (clear history), /system TEXT (set the system prompt and reset), /help, /exit (or Ctrl-D).
-- One line is one message. On a terminal it is read with readline (editing, history, no cap at the
-  terminal's 4095 characters); bytes that are not UTF-8 are read as U+FFFD.
+- One line is one message, or the lines between triple quotes (ollama's multi-line input). On a
+  terminal lines are read with readline (editing, history, no cap at the terminal's 4095 characters);
+  bytes that are not UTF-8 are read as U+FFFD.
 - Ctrl-C while a reply streams stops that reply after the current token and keeps the session (the partial
   reply stays in history); a second Ctrl-C, or one at the prompt, ends the program as before.
 """
@@ -156,17 +157,34 @@ def _ctrl_c_stops_reply() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _read_line(stdin: TextIO, out: TextIO, terminal: bool) -> str | None:
-    """The next line the user typed, or None at the end of input (Ctrl-D, the pipe's end)."""
-    out.write("\n")
+def _read_line(stdin: TextIO, out: TextIO, terminal: bool, prompt: str = "\n> ") -> str | None:
+    """The next line the user typed (without its newline), or None at the end of input (Ctrl-D, the
+    pipe's end)."""
     if terminal:
+        out.write(prompt[:-2])
         try:
-            return input("> ")  # through readline where it is imported (see `run`)
+            return input(prompt[-2:])  # through readline where it is imported (see `run`)
         except EOFError:
             return None
-    out.write("> ")
+    out.write(prompt)
     out.flush()
-    return stdin.readline() or None
+    line = stdin.readline()
+    return line.removesuffix("\n") if line else None
+
+
+def _read_message(stdin: TextIO, out: TextIO, terminal: bool) -> str | None:
+    """The next message: a line, or the lines from one opening with triple quotes to one closing with
+    them (ollama's multi-line input: pasted code, a table); the end of input closes an open block."""
+    line = _read_line(stdin, out, terminal)
+    if line is None or not line.lstrip().startswith('"""'):
+        return line
+    lines = [line.lstrip()[3:]]
+    while not lines[-1].rstrip().endswith('"""'):
+        more = _read_line(stdin, out, terminal, prompt=". ")
+        if more is None:
+            break
+        lines.append(more)
+    return "\n".join(lines).rstrip().removesuffix('"""')
 
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
@@ -216,7 +234,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
     turns = tokens = 0
     seconds = 0.0
     while True:
-        line = _read_line(stdin, out, terminal)
+        line = _read_message(stdin, out, terminal)
         if line is None:
             break
         line = line.strip()
