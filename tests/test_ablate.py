@@ -375,7 +375,8 @@ def test_mtp_flops_plot_is_over_the_main_model_flops_its_claim_is_judged_on(tmp_
 
     def record(fig, path, **kw):
         ax = fig.axes[0]
-        ends[Path(path).name] = (ax.get_xlabel(), [max(line.get_xdata()) for line in ax.get_lines()])
+        name = Path(path).name.removeprefix(".").removesuffix(".tmp")  # written beside, then renamed
+        ends[name] = (ax.get_xlabel(), [max(line.get_xdata()) for line in ax.get_lines()])
         return savefig(fig, path, **kw)
 
     monkeypatch.setattr(Figure, "savefig", record)

@@ -6,6 +6,8 @@ import json
 import os
 import re
 import shutil
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,6 +270,69 @@ def test_a_failed_atomic_write_names_the_users_path_and_keeps_the_old_file(tmp_p
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert e.value.filename == str(target)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_a_full_disk_under_safetensors_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """safetensors' Rust writer reports a full disk as a bare SafetensorError (its message below, as a
+    full tmpfs gives it): a save ended in a traceback, not the CLI's one line naming the file."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    import nanoseek.checkpoint as ck
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ck, "save_file", full)
+    with pytest.raises(OSError, match="No space left on device") as e:
+        save_model(build_model(config()).init_weights(0), tmp_path)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "model.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/dev/full") or not stat.S_ISCHR(os.stat("/dev/full").st_mode),
+    reason="needs /dev/full (a device that is always full)",
+)
+def test_a_short_write_without_errno_says_the_disk_is_full(tmp_path, monkeypatch):
+    """numpy's tofile (under the GGUF writer) reports a full disk as OSError("65536 requested and 61152
+    written") with no errno: named the file, it printed as "[Errno None] None: 'model.gguf' -> None"."""
+    import errno
+    import types
+
+    np = pytest.importorskip("numpy")
+    target = tmp_path / "model.gguf"
+
+    def write(full: bool) -> OSError:
+        monkeypatch.setattr(os, "statvfs", lambda d: types.SimpleNamespace(f_bavail=0 if full else 9))
+        (tmp_path / ".model.gguf.tmp").symlink_to("/dev/full")  # where it writes: a disk with no space left
+        with pytest.raises(OSError) as e, atomic_file(target) as tmp, open(tmp, "wb") as f:
+            np.zeros(1 << 17).tofile(f)
+        return e.value
+
+    e = write(full=True)
+    assert (e.errno, e.filename) == (errno.ENOSPC, str(target)) and "No space left" in str(e)
+    e = write(full=False)  # some other short write: its own words, and the file
+    assert e.filename == str(target) and "requested and 0 written" in str(e) and "None" not in str(e)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_directory_save_names_the_users_path(tmp_path):
+    """A full disk in a checkpoint's save named the scratch copy (RUN/.pretrain.tmp-new/...), gone by
+    the time the user reads it, not RUN/pretrain/..."""
+    import errno
+
+    save = tmp_path / "pretrain"
+    with (
+        pytest.raises(OSError) as e,
+        atomic_directory(save) as tmp,
+        atomic_file(tmp / "train_state" / "o.pt"),
+    ):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert e.value.filename == str(save / "train_state" / "o.pt")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_atomic_writes_take_the_longest_legal_names(tmp_path):

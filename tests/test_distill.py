@@ -355,6 +355,19 @@ def test_distill_help_offers_no_flag_it_ignores(capsys) -> None:
     assert "--multi-turn" not in capsys.readouterr().out
 
 
+def test_an_out_it_cannot_write_is_refused_before_sampling(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    """An --out that is a file (or on a read-only disk) failed the first write, the traces', after the
+    whole sampling of the teacher."""
+    (tmp_path / "file").write_text("")
+    _refused_before_sampling(
+        monkeypatch,
+        "cannot write --out .*file: Not a directory",
+        teacher=micro_checkpoint,
+        student="tiny",
+        out=str(tmp_path / "file"),
+    )
+
+
 def test_keep_per_prompt_zero_is_refused_before_sampling(micro_checkpoint, tmp_path, monkeypatch) -> None:
     """--keep-per-prompt 0 kept nothing the teacher solved: it failed as "the teacher produced no correct
     trace" after the sampling, or, with --fallback-reference, trained on the reference solutions."""

@@ -231,6 +231,22 @@ def test_an_out_that_is_a_directory_is_refused_before_sampling(tmp_path) -> None
     assert drawn == []
 
 
+def test_a_place_the_report_cannot_be_written_is_refused_before_sampling(tmp_path) -> None:
+    """A report under a file (or on a read-only disk: a shared checkpoint evaluated with the default
+    --out) failed its write after every sample had been drawn, and no score was printed."""
+    (tmp_path / "file").write_text("")
+    drawn = []
+    for flags, said in (
+        ({"out": str(tmp_path / "file" / "r.json")}, r"the report .*r\.json in .*file: Not a directory"),
+        ({"run_dir": str(tmp_path / "file" / "run")}, r"metrics\.jsonl in .*file: Not a directory"),
+    ):
+        cfg = EvalConfig(model=str(tmp_path / "ck"), task="arithmetic", k=1, n=2, progress=False, **flags)
+        with pytest.raises(ValueError, match=said):
+            evaluate(cfg, sampler=lambda ps: drawn.append(ps) or [])
+    assert drawn == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the check wrote nothing
+
+
 def test_pass_at_1_per_language(tmp_path) -> None:
     """Problems in several languages: pass@1 is also reported per language (the report's table)."""
     probs = get_task("comparison").problems("test", 30, seed=0)

@@ -339,6 +339,11 @@ def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
     (tmp_path / "outdir").mkdir()
     assert main(["export", str(ckpt), "--gguf", str(tmp_path / "outdir")]) == 2
     assert "is a directory" in capsys.readouterr().err and not list(tmp_path.glob(".*tmp*"))
+    # --gguf under a file (or on a read-only disk): said before the model is loaded and converted
+    (tmp_path / "file").write_text("")
+    assert main(["export", str(ckpt), "--gguf", str(tmp_path / "file" / "m.gguf")]) == 2
+    captured = capsys.readouterr()
+    assert f"{tmp_path / 'file'}: Not a directory" in captured.err and "loading" not in captured.out
     # A tokenizer from before the switch to Qwen2's regex: retrain it.
     old = tmp_path / "old"
     shutil.copytree(ckpt, old)

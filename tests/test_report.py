@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 
@@ -42,6 +44,35 @@ def test_report_has_tables_and_plots(tmp_path):
     for png in ("loss.png", "grpo_reward.png", "grpo_length.png", "expert_load.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 1000
         assert f"plots/{png}" in text
+
+
+def test_a_full_disk_leaves_the_last_plots_whole(tmp_path, monkeypatch):
+    """A report rebuilt on a full disk left a torn loss.png over the one before (matplotlib writes to
+    the name it is given): each plot is replaced whole, or not at all."""
+    import errno
+    import os
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    _fake_run(tmp_path)
+    build_report(tmp_path)
+    before = (tmp_path / "plots" / "loss.png").read_bytes()
+
+    write = FigureCanvasAgg._print_pil  # what print_png writes with
+
+    def full(canvas, filename, *a, **kw):
+        if not isinstance(filename, (str, os.PathLike)):  # matplotlib's own dry run, into memory
+            return write(canvas, filename, *a, **kw)
+        with open(filename, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(FigureCanvasAgg, "_print_pil", full)
+    with pytest.raises(OSError, match="No space left") as e:
+        build_report(tmp_path)
+    assert e.value.filename == str(tmp_path / "plots" / "loss.png")
+    assert (tmp_path / "plots" / "loss.png").read_bytes() == before
+    assert not [p for p in (tmp_path / "plots").iterdir() if p.name.startswith(".")]
 
 
 def test_report_command_and_missing_run(tmp_path, capsys):
@@ -131,6 +162,18 @@ def test_a_log_makes_its_run_directory_and_a_disabled_one_writes_nothing(tmp_pat
     assert not (tmp_path / "off").exists()  # e.g. ranks other than 0
     MetricsLog(tmp_path / "new" / "run", "sft").log(step=1, loss=1.0)
     assert [r["loss"] for r in read_metrics(tmp_path / "new" / "run")] == [1.0]
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/dev/full") or not stat.S_ISCHR(os.stat("/dev/full").st_mode),
+    reason="needs /dev/full (a device that is always full)",
+)
+def test_a_full_disk_at_an_append_names_the_metrics_file(tmp_path):
+    """The write's ENOSPC names no file: `nanoseek pretrain` said only "No space left on device"."""
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    with pytest.raises(OSError, match="No space left") as e:
+        MetricsLog(tmp_path, "pretrain").log(step=1, loss=2.0)
+    assert e.value.filename == str(tmp_path / "metrics.jsonl")
 
 
 def test_values_inside_lists_and_dicts_are_cleaned_too(tmp_path):

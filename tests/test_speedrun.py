@@ -300,6 +300,31 @@ def test_an_out_it_cannot_write_is_one_clear_error(tmp_path, monkeypatch, capsys
     assert "speedrun.json: No space left on device" in err and "rerun" in err, err
 
 
+def test_a_full_disk_while_copying_the_final_checkpoint_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """RUN/final is copied from RUN/grpo by shutil.copytree, which folds a copy's ENOSPC into a
+    shutil.Error without errno or file: the run ended in a traceback, not "make room and rerun"."""
+    import errno
+    import shutil
+
+    from nanoseek.speedrun import Speedrun
+
+    (tmp_path / "grpo").mkdir(parents=True)
+    (tmp_path / "grpo" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "model.safetensors").write_bytes(b"last run's")
+
+    def full(src, dst, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", src, dst)  # as sendfile reports it
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    monkeypatch.setattr(Speedrun, "_run_all", Speedrun.finalize)
+    assert main(["speedrun", "--preset", "smoke", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'final' / 'model.safetensors'}: No space left on device" in err, err
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == b"last run's"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".final")) == []
+
+
 def test_gpu_check_prints_the_report_and_keeps_the_status_of_a_missed_goal(tmp_path):
     """benchmarks/gpu_check.sh under `set -e`: a run over its budget (bench_speedrun exits 1) still
     gets its summary and the head of its report, and the script then exits 1."""

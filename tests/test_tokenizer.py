@@ -668,6 +668,22 @@ def test_cli_encode_flags_before_the_text_and_clear_train_errors(
     assert "--max-docs must be positive, got 0" in capsys.readouterr().err
 
 
+def test_cli_train_refuses_an_out_it_cannot_write_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An --out under a file (or on a read-only disk) failed at the save, after the whole training."""
+    import nanoseek.tokenizer
+    from nanoseek.cli import main
+
+    def train(*a, **k):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr(nanoseek.tokenizer, "train_tokenizer", train)
+    (tmp_path / "file").write_text("")
+    assert main(["tokenizer", "train", "--max-docs", "10", "--out", str(tmp_path / "file" / "tok")]) == 2
+    assert f"{tmp_path / 'file'}: Not a directory" in capsys.readouterr().err
+
+
 def test_cli_encode_text_after_double_dash_and_a_short_vocabulary_note_that_helps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1074,6 +1090,22 @@ def test_save_replaces_each_file_whole(tok, tmp_path, monkeypatch) -> None:
         tok.save(tmp_path)
     assert (tmp_path / "tokenizer.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+
+
+def test_a_failed_save_is_an_os_error_naming_the_file(tok, tmp_path, monkeypatch) -> None:
+    """The Rust backend reports a full or read-only disk as a bare `Exception` (its message below, as a
+    full tmpfs gives it): `nanoseek tokenizer train` and `pretrain` ended in a traceback."""
+    import errno
+
+    def full(path: str) -> None:
+        Path(path).write_text('{"version": "1.0", "trunc')
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(type(tok.backend), "save", lambda self, path, *a: full(path), raising=False)
+    with pytest.raises(OSError, match="No space left on device") as e:
+        tok.save(tmp_path)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "tokenizer.json")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_trains_on_the_embedded_corpus_of_chosen_families(tmp_path: Path) -> None:

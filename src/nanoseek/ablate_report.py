@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from nanoseek.atomic import atomic_write
+from nanoseek.atomic import atomic_file, atomic_write
 from nanoseek.metrics import read_metrics
 
 AXES = (("tokens", "tokens"), ("flops", "training FLOPs"), ("train_s", "training wall seconds"))
@@ -327,7 +327,8 @@ def plots(m: StudyMetrics) -> list[tuple[str, str]]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         file = f"val_loss_{name}.png"
-        fig.savefig(out_dir / file, dpi=110)
+        with atomic_file(out_dir / file) as tmp:  # a full disk must not leave half a PNG over the last one
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         made.append((f"Validation loss over {label}", f"plots/{file}"))
     return made

@@ -13,10 +13,13 @@ old file or directory or the new one, never half of one. Torch-free, so light mo
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +81,27 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
+# how Rust writers (safetensors' save_file, tokenizers' save) end the bare `Exception` they raise for a
+# failed write: "I/O error: No space left on device (os error 28)"
+_RUST_IO = re.compile(r"\(os error (\d+)\)$")
+
+
+def _write_error(message: str, path: str | os.PathLike, directory: Path) -> OSError:
+    """The OSError, with its errno and the user's `path`, of a write a writer reported otherwise: a Rust
+    one's `Exception` (the CLI's one-line error is for OSErrors), or an OSError without errno (numpy's
+    tofile under the GGUF writer: "65536 requested and 61152 written", a short write)."""
+    if m := _RUST_IO.search(message):
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    try:  # a short write to a regular file: the file system is full, or it failed otherwise
+        full = os.statvfs(directory).f_bavail == 0
+    except (OSError, AttributeError):  # (Windows has no statvfs)
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, message, str(path))
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; once the block finishes without error it replaces `path`.
@@ -93,9 +117,15 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, final)
         _fsync(final.parent)
     except OSError as e:
+        if e.errno is None:
+            raise _write_error(str(e), path, final.parent) from e
         if e.filename is None or str(e.filename) == str(tmp):
             e.filename, e.filename2 = str(path), None
         raise
+    except Exception as e:
+        if not _RUST_IO.search(str(e)):
+            raise
+        raise _write_error(str(e), path, final.parent) from e
     finally:
         # a read-only mount refuses even this (EROFS, where there is nothing to remove): that error
         # would replace the one above, naming the temporary file
@@ -108,6 +138,22 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Raise the OSError that writing into `directory` (or creating it, where it is missing) would meet:
+    a read-only disk, no permission, a file where a directory is wanted. For a long job (sampling a
+    model) that writes only at its end, so that a refusal costs nothing; it leaves nothing behind."""
+    d = Path(directory).absolute()
+    while not d.exists() and d != d.parent:
+        d = d.parent  # the directory the first mkdir would write into
+    if not d.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(d))
+    try:
+        with tempfile.TemporaryFile(dir=d):  # an unnamed file (O_TMPFILE), gone when closed
+            pass
+    except OSError as e:  # (or a random name, where O_TMPFILE is not had: none of the user's)
+        raise OSError(e.errno, e.strerror, str(d)) from None
 
 
 def scratch_dir(path: str | os.PathLike) -> Path:
@@ -159,6 +205,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, final)
         _fsync(final.parent)
         shutil.rmtree(aside, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        # a file of the scratch directory, gone now, is named as the one the user knows (as `atomic_file`)
+        if isinstance(e, OSError) and isinstance(e.filename, str) and Path(e.filename).is_relative_to(tmp):
+            e.filename = str(Path(path) / Path(e.filename).relative_to(tmp))
         raise

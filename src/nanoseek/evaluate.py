@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from nanoseek.atomic import atomic_write
+from nanoseek.atomic import atomic_write, check_writable
 from nanoseek.options import option, path
 from nanoseek.perf import AUTO_DTYPE_HELP, DTYPE_CHOICES
 from nanoseek.tokenizer import THINK_END, THINK_START
@@ -504,8 +504,40 @@ def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
             f"--out {cfg.out} is a directory: it takes the report's file, such as "
             f"{Path(cfg.out) / f'eval_{slug(cfg.task)}.json'}"
         )
+    # said now too: a checkpoint on a read-only disk (a shared model directory) got no report, and no
+    # scores printed, after every sample had been drawn
+    _, run_dir, out = _outputs(cfg)
+    for directory, what, flag in (
+        (out.parent, f"the report {out}", "--out FILE"),
+        (run_dir, "metrics.jsonl", "--run-dir DIR"),
+    ):
+        try:
+            if directory is not None:
+                check_writable(directory)
+        except OSError as e:
+            raise ValueError(
+                f"cannot write {what} in {e.filename}: {e.strerror}; name another place with {flag}"
+            ) from None
     task = get_task(cfg.task)
     return task, task.problems(cfg.split, cfg.n, seed=cfg.seed, language=cfg.language)
+
+
+def _outputs(cfg: EvalConfig) -> tuple[str, str | None, Path]:
+    """What the report calls the model evaluated, the run directory whose metrics.jsonl gets the record
+    (None: none), and the report's file."""
+    from nanoseek.checkpoint import is_hub_name
+
+    if cfg.model.startswith(("http://", "https://")) or is_hub_name(cfg.model):
+        # no directory of the user's to write beside
+        evaluated, run_dir, default_out = cfg.model, cfg.run_dir, Path(f"eval_{slug(cfg.task)}.json")
+    else:
+        ck = Path(cfg.model)
+        evaluated, run_dir, default_out = (
+            ck.name,
+            cfg.run_dir or str(ck.parent),
+            ck / f"eval_{slug(cfg.task)}.json",
+        )
+    return evaluated, run_dir, Path(cfg.out) if cfg.out else default_out
 
 
 # what evaluations of one checkpoint must share to draw their samples in one engine queue
@@ -555,7 +587,6 @@ def evaluate(
     `shared`: figures of a queue these samples were drawn in with others' (`evaluate_many`).
     `opens_think`: whether the prompts opened the think block (default: a checkpoint's template says;
     an endpoint's samples are rebuilt as completions of a prompt that did, `completion_text`)."""
-    from nanoseek.checkpoint import is_hub_name
     from nanoseek.data.rewards import build_reward
     from nanoseek.metrics import MetricsLog
 
@@ -588,15 +619,8 @@ def evaluate(
     if hasattr(sampler, "dtype"):  # a checkpoint's: the precision that ran ("auto" picks by the machine)
         metrics["dtype"] = sampler.dtype
     metrics.update(shared or {})
-    if is_url or is_hub_name(cfg.model):  # no directory of the user's to write beside
-        evaluated, run_dir, default_out = cfg.model, cfg.run_dir, Path(f"eval_{slug(cfg.task)}.json")
-    else:
-        ck = Path(cfg.model)
-        evaluated = ck.name
-        run_dir = cfg.run_dir or str(ck.parent)
-        default_out = ck / f"eval_{slug(cfg.task)}.json"
+    evaluated, run_dir, out = _outputs(cfg)
     metrics["evaluated"] = evaluated
-    out = Path(cfg.out) if cfg.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(
         out,

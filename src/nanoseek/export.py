@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nanoseek.atomic import atomic_file
+from nanoseek.atomic import atomic_file, check_writable
 from nanoseek.config import ModelConfig
 
 if TYPE_CHECKING:  # torch and tokenizers load on use: `nanoseek --help` imports this module
@@ -159,6 +159,7 @@ def export_gguf(
         raise ValueError(
             f"{path} is a directory: --gguf takes the file to write, such as {path / 'model.gguf'}"
         )
+    check_writable(path.parent)  # a read-only disk: said now, not once every tensor is converted
     # The model first: a family llama.cpp's deepseek2 cannot run is refused as such, whatever its tokenizer.
     config = ModelConfig.load(src)
     for note in check_exportable(config):

@@ -68,10 +68,15 @@ def append_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if not lines:
         return
-    with open(path, "a", encoding="utf-8") as f:
-        # after a torn last line (a write cut short by a full disk or a power cut), on a line of its
-        # own: appended to the fragment, the first record would be skipped with it
-        f.write("\n" + lines if _torn(path) else lines)
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            # after a torn last line (a write cut short by a full disk or a power cut), on a line of its
+            # own: appended to the fragment, the first record would be skipped with it
+            f.write("\n" + lines if _torn(path) else lines)
+    except OSError as e:  # a write's error (a full disk) names no file: the CLI's one line names this one
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 def _torn(path: Path) -> bool:

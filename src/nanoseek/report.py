@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from nanoseek.atomic import atomic_write
+from nanoseek.atomic import atomic_file, atomic_write
 from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_turn, is_unseen_wordings
 from nanoseek.evaluate import Z_95, standard_error
 from nanoseek.metrics import read_metrics
@@ -597,7 +597,8 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
 
     def save(fig: Any, name: str, title: str) -> None:
         fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=110)
+        with atomic_file(out_dir / name) as tmp:  # a full disk must not leave half a PNG over the last one
+            fig.savefig(tmp, dpi=110, format="png")  # (the temporary name has no .png to go by)
         plt.close(fig)
         made.append((title, f"plots/{name}"))
 

@@ -975,8 +975,25 @@ class Speedrun:
     def finalize(self) -> Path:
         """RUN/final: the GRPO checkpoint (model + tokenizer), without training state."""
         ignore = shutil.ignore_patterns("train_state", DONE, "eval_*.json")
+        failed: list[OSError] = []
+
+        def copy(src: str | os.PathLike, dst: str) -> None:
+            try:
+                shutil.copy2(src, dst)
+            except OSError as e:
+                e.filename, e.filename2 = dst, None  # the file it could not write
+                failed.append(e)
+                raise
+
         with atomic_directory(self.run / "final") as tmp:
-            shutil.copytree(self.run / "grpo", tmp, ignore=ignore, dirs_exist_ok=True)
+            try:
+                shutil.copytree(self.run / "grpo", tmp, ignore=ignore, dirs_exist_ok=True, copy_function=copy)
+            except shutil.Error:
+                # copytree folds its copies' errors into one with neither errno nor file: a full disk was a
+                # traceback, not the one line that says to make room and rerun (`STORAGE_ERRORS`)
+                if not failed:
+                    raise
+                raise failed[0] from None
         return self.run / "final"
 
     # ------------------------------------------------------------------ run

@@ -61,6 +61,7 @@ def run_train(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from nanoseek.atomic import check_writable
     from nanoseek.data.corpus import is_embedded, tokenizer_documents
     from nanoseek.metrics import progress_bar
     from nanoseek.tokenizer import tokenizer_summary, train_tokenizer
@@ -73,6 +74,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-docs must be positive, got {max_docs}")
     if Path(args.out).exists() and not Path(args.out).is_dir():  # found now, not after the training
         raise ValueError(f"--out {args.out} is a file, not a directory")
+    check_writable(args.out)  # a read-only disk, or a file above it: found now too
     docs = tokenizer_documents(source, text_field=args.text_field, seed=args.seed)
     chars = read = sampled = 0
     held_out: list[str] = []

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from nanoseek.atomic import atomic_write
+from nanoseek.atomic import atomic_write, check_writable
 from nanoseek.evaluate import split_task_list
 from nanoseek.options import option, path
 from nanoseek.train.sft import SFTConfig, completion_example, train_on_examples
@@ -221,6 +221,12 @@ def distill(cfg: DistillConfig) -> Path:
     _check_student(cfg.student, tok)  # a typo in --student must not cost the whole sampling first
     torch.manual_seed(cfg.seed)
     run = Path(cfg.out)
+    try:  # nor an --out it cannot write (a file, a read-only disk): the traces are its first write
+        check_writable(run)
+    except OSError as e:
+        raise ValueError(
+            f"cannot write --out {run} ({e.filename}: {e.strerror}); choose another --out"
+        ) from None
     traces_path = run / "distill_traces.json"
     settings = _sampling_settings(cfg, teacher_dir)
     saved = _traces_to_reuse(traces_path, settings) if cfg.sft.resume else None
