@@ -577,10 +577,11 @@ def test_a_step_without_signal_makes_no_update_and_draws_its_task_less(micro_che
 
 
 def test_checkpoint_cadence_and_stop_on_collapse_after_consecutive_bad_steps(
-    micro_checkpoint, tmp_path, monkeypatch
+    micro_checkpoint, tmp_path, monkeypatch, capsys
 ) -> None:
     """--checkpoint-every counts GRPO steps; --stop-on-collapse stops after --collapse-patience
-    *consecutive* collapsed steps (a healthy step resets the count) and saves where it stopped."""
+    *consecutive* collapsed steps (a healthy step resets the count) and saves where it stopped; its
+    summary counts the steps it ran (it said 6 steps in the seconds of 4)."""
     import nanoseek.train.grpo as grpo_mod
     from nanoseek.metrics import read_metrics
     from nanoseek.train.loop import Trainer
@@ -610,6 +611,7 @@ def test_checkpoint_cadence_and_stop_on_collapse_after_consecutive_bad_steps(
     assert [r["step"] for r in recs] == [1, 2, 3, 4]  # stopped at the second bad step in a row
     assert [bool(r.get("collapse_warning")) for r in recs] == [True, False, True, True]
     assert saved == [3, 4]  # the cadence's, then where it stopped
+    assert "grpo: 4 steps in " in capsys.readouterr().out
     # the count goes on across a resume: stopped at the same step as the run in one go
     bad = iter([True, False, True, True])
     kw = dict(stop_on_collapse=True, collapse_patience=2)

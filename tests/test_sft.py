@@ -429,6 +429,51 @@ def test_a_deadline_known_only_as_it_goes_stops_the_run(tmp_path, monkeypatch) -
     assert records[-1]["lr"] <= 1e-3 * (cfg.min_lr_ratio + 0.05)  # annealed by the deadline
 
 
+@pytest.mark.parametrize("planned", [10, 100])
+def test_a_resumed_time_budget_goes_on_with_what_was_left_of_it(tmp_path, monkeypatch, planned) -> None:
+    """--max-seconds with --resume: the run goes on as if never stopped, with the step count refitted to
+    the budget and the budget's time left. From the first estimate, a run that had outgrown it (10
+    planned, 30 fitted) trained nothing more; one planned longer (100) restarted its decay and its
+    budget (41 steps where 30 fit)."""
+    import time
+
+    from nanoseek import perf
+    from nanoseek.train import loop
+    from nanoseek.train.sft import SFTConfig
+
+    fake = lambda *a, **k: 1e30  # noqa: E731  (no peak to measure on a clock that stands still)
+    fake.cache_clear = lambda: None
+    monkeypatch.setattr(perf, "matmul_peak_flops", fake)
+    now, kill_at = [0.0], [None]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    step = loop.Trainer.step
+
+    def timed_step(self, *args, **kwargs):  # 0.1 s a step, nothing else takes time
+        now[0] += 0.1
+        metrics = step(self, *args, **kwargs)
+        if self.global_step == kill_at[0]:
+            raise RuntimeError("killed")
+        return metrics
+
+    monkeypatch.setattr(loop.Trainer, "step", timed_step)
+    kw = dict(init="", steps=planned, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=0, progress=False)
+    cfg = SFTConfig(**kw, max_seconds=3.0, checkpoint_every=5)
+    whole = _train_with_budget(tmp_path / "whole", cfg, time.perf_counter())
+    assert 28 <= len(whole) <= 31  # 3 s at 0.1 s a step
+    kill_at[0] = 12
+    with pytest.raises(RuntimeError, match="killed"):
+        _train_with_budget(tmp_path / "run", cfg, time.perf_counter())
+    kill_at[0] = None
+    resumed = _train_with_budget(
+        tmp_path / "run", SFTConfig(**kw, max_seconds=3.0, resume=True), time.perf_counter()
+    )
+    resumed = resumed[11:]  # the killed process logged steps 1-11; its checkpoint is step 10's
+    assert resumed and resumed[0]["step"] == 11
+    assert resumed[0]["lr"] == pytest.approx(whole[10]["lr"])  # the decay goes on where it was
+    assert abs(resumed[-1]["step"] - len(whole)) <= 2  # the budget's rest, not a fresh one
+    assert resumed[-1]["lr"] <= 1e-3 * (cfg.min_lr_ratio + 0.05)
+
+
 def test_epochs_set_the_steps_and_each_epoch_is_every_row_once_reshuffled(tmp_path) -> None:
     """Without --steps a run is --epochs passes over the packed rows, a last batch short of rows
     counting as a step (8 rows of 3: 3 steps an epoch), and each epoch takes every row once, in its own
@@ -678,9 +723,10 @@ def test_a_seq_len_past_the_models_context_is_refused(tmp_path) -> None:
     assert not (tmp_path / "control").exists()
 
 
-def test_sft_logs_its_run_and_resumes_only_the_same_run(tmp_path) -> None:
+def test_sft_logs_its_run_and_resumes_only_the_same_run(tmp_path, capsys) -> None:
     """Start and end records (the wall time the report shows); a resume with another --seed (another
-    order of batches) is refused, one with more steps goes on."""
+    order of batches) is refused, one with more steps goes on, and its summary counts the steps it ran
+    in its seconds (it said 3 steps, the checkpoint's 2 with them)."""
     import time
 
     from nanoseek.metrics import read_metrics
@@ -704,7 +750,9 @@ def test_sft_logs_its_run_and_resumes_only_the_same_run(tmp_path) -> None:
             time.perf_counter(),
         )
     more = SFTConfig(init="", steps=3, batch_size=2, seq_len=32, resume=True, progress=False)
+    capsys.readouterr()
     assert [r["step"] for r in _train_with_budget(tmp_path, more, time.perf_counter())] == [1, 2, 3]
+    assert "control: 1 steps in " in capsys.readouterr().out
     # a resume of the finished run writes nothing: the checkpoint stays, its time counts once
     weights = tmp_path / "control" / "model.safetensors"
     written = weights.stat().st_mtime_ns

@@ -148,6 +148,30 @@ def test_the_control_plan_finds_enough_distinct_worked_solutions(tmp_path, name)
     assert len(task_conversations(",".join(preset.tasks), n, seed=preset.seed)) >= n - len(preset.tasks)
 
 
+def test_the_control_alone_gets_grpos_wall_time_over_every_process_that_ran_it(tmp_path, monkeypatch):
+    """The control run after GRPO trains for GRPO's wall time: a GRPO killed and resumed ran in two
+    processes, and the control got the last one's seconds only (its marker's), where the report shows
+    GRPO's over both."""
+    from nanoseek.metrics import MetricsLog
+    from nanoseek.report import RunMetrics
+
+    run = Speedrun(tmp_path, PRESETS["smoke"], progress=False)
+    log = MetricsLog(tmp_path, "grpo")
+    log.log(0, event="start")
+    for step in (1, 2, 3):  # the first process, killed after step 3 (its checkpoint: step 2)
+        log.log(step, loss=0.1, reward=0.5, wall_time_s=100.0 * step)
+    log.log(event="resume", from_step=2)
+    for step in (3, 4):
+        log.log(step, loss=0.1, reward=0.5, wall_time_s=50.0 * (step - 2))
+    log.log(event="end", wall_time_s=100.0)
+    run._mark_done("grpo", 120.0)
+    asked = {}
+    monkeypatch.setattr(Speedrun, "sft", lambda self, **kw: asked.update(kw) or {})
+    fields = run.control()
+    assert asked["max_seconds"] == fields["matched_wall_time_s"] == 300.0 + 120.0
+    assert RunMetrics(tmp_path).wall_time("grpo") == 420.0  # what the report shows beside it
+
+
 def test_chats_of_several_questions_are_one_switch_each_for_sft_and_grpo(tmp_path, monkeypatch):
     """`sft_multi_turn` reaches the cold start (and the control, an SFT run too); `grpo_second_turn`
     adds each family asked second in a chat to GRPO's tasks (off in the cpu and gpu presets)."""

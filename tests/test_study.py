@@ -34,6 +34,10 @@ class FakeTrainer:
         self.global_step += 1
         return {"loss": 1.0 / self.global_step}
 
+    def pause(self, seconds: float) -> None:
+        if self.deadline is not None:
+            self.deadline += seconds
+
 
 @pytest.fixture
 def clock(monkeypatch) -> Clock:
@@ -71,6 +75,41 @@ def test_a_seconds_budget_does_not_count_evaluation_time(clock) -> None:
     train_s = train_evaluating(trainer, lambda: None, evaluate, seconds=8.0, evaluations=4)
     assert train_s == 8.0 and trainer.global_step == 8
     assert calls == [(2, 2.0, False), (4, 4.0, False), (6, 6.0, False), (8, 8.0, True)]
+
+
+def test_a_seconds_budget_is_filled_however_long_the_evaluations_take(clock, monkeypatch, tmp_path) -> None:
+    """The Trainer refits its step count to the pace it measures: that pace must leave the evaluations
+    out as the deadline does. Counted in, an evaluation as long as 2 steps a step planned the run too
+    short: it ended ~30 of its 100 s early, and the learning rate fell and rose again at every one."""
+    import torch
+
+    import nanoseek.train.loop as loop
+    from model_configs import small_config
+    from nanoseek.checkpoint import build_model
+    from nanoseek.train.loop import OptimConfig, Trainer
+
+    monkeypatch.setattr(loop.time, "perf_counter", clock)
+    model = build_model(small_config(num_hidden_layers=1, n_routed_experts=0)).init_weights(0)
+    trainer = Trainer(model, tmp_path, "ablate", OptimConfig(lr=1e-2, warmup_steps=2), 10**6, "fp32")
+    step, lrs = trainer.step, []
+
+    def timed_step(loss_fn):  # 1 s a step
+        clock.now += 1.0
+        metrics = step(loss_fn)
+        lrs.append(metrics["lr"])
+        return metrics
+
+    monkeypatch.setattr(trainer, "step", timed_step)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+
+    def evaluate(train_s: float, final: bool) -> None:
+        clock.now += 0.0 if final else 200.0  # each evaluation as long as 200 steps
+
+    loss = lambda: (model(ids[:, :-1]).logsumexp(-1).mean(), {})  # noqa: E731
+    train_s = train_evaluating(trainer, loss, evaluate, seconds=100.0, evaluations=4)
+    assert train_s >= 98.0 and trainer.global_step >= 98
+    decay = lrs[2:]
+    assert all(b <= a for a, b in zip(decay, decay[1:], strict=False)), "the schedule fell and rose again"
 
 
 def test_exactly_one_cadence_is_given(clock) -> None:

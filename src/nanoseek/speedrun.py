@@ -402,7 +402,6 @@ class Speedrun:
             raise ValueError(
                 f"cannot create the run directory {self.run}: {e.strerror or e}; choose another --out"
             ) from None
-        self.timings: dict[str, float] = {}
 
     # -------------------------------------------------------------- plumbing
     def _claim_directory(self) -> None:
@@ -492,7 +491,6 @@ class Speedrun:
         t0 = time.perf_counter()
         fields = fn() or {}
         wall = time.perf_counter() - t0
-        self.timings[stage] = wall
         self._mark_done(stage, wall, **fields)
         print(f"[{index}/{total}] {stage}: finished in {wall:.0f}s", flush=True)
 
@@ -932,12 +930,13 @@ class Speedrun:
         return {"max_batch_size": self.p.engine_batch} if self.p.engine_batch else {}
 
     def _wall_time(self, stage: str) -> float | None:
-        if stage in self.timings:
-            return self.timings[stage]
+        """The stage's seconds over every process that ran it, as the report counts them: a stage killed
+        and resumed spent its first process's too (its marker holds the last one's only)."""
+        wall = RunMetrics(self.run).wall_time(stage)
         marker = self.run / stage / DONE
-        if marker.exists():
+        if wall is None and marker.exists():  # a metrics log without the stage's records
             return json.loads(marker.read_text(encoding="utf-8")).get("wall_time_s")
-        return None
+        return wall
 
     def model_facts(self) -> None:
         """Accounting and decode speed of the final model, for the report's summary table. Measured

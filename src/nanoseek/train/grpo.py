@@ -796,9 +796,9 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
             trainer.save({"grpo_step": start, "history": {}})
     bar.close()
     metrics_log.log(event="end", wall_time_s=time.perf_counter() - t_run)
-    if last:
+    if last:  # the steps this process ran: fewer than planned where --stop-on-collapse ended it
         print(
-            f"grpo: {cfg.steps - start} steps in {time.perf_counter() - t_run:.0f}s; last reward "
+            f"grpo: {step + 1 - start} steps in {time.perf_counter() - t_run:.0f}s; last reward "
             f"{last['reward']:.3f}, accuracy {last['accuracy']:.3f}, length {last['response_length']:.0f}; "
             f"checkpoint {trainer.checkpoint_dir}"
         )

@@ -434,6 +434,14 @@ class Trainer:
         out_of_time = self.deadline is not None and time.perf_counter() >= self.deadline
         return self.global_step >= self.total_steps or out_of_time
 
+    def pause(self, seconds: float) -> None:
+        """`seconds` spent outside training (an evaluation): the deadline moves on by them, and the pace
+        the step count is refitted to leaves them out, or it plans too few steps for the time left."""
+        if self.deadline is not None:
+            self.deadline += seconds
+        if self._paced_from is not None:
+            self._paced_from = (self._paced_from[0], self._paced_from[1] + seconds)
+
     def _fit_to_deadline(self) -> None:
         """Refit the step count to the time left at the pace measured since the first step."""
         if self.deadline is None or self._paced_from is None:
@@ -442,11 +450,15 @@ class Trainer:
         if done % REFIT_EVERY == 0:
             now = time.perf_counter()
             per_step = (now - self._paced_from[1]) / done
-            self.total_steps = self.global_step + max(1, int((self.deadline - now) / per_step))
-            # at most half the run, as stages cut it to their first estimate: a run refitted to fewer
-            # steps than the warmup would end on its ramp, never annealed
-            warmup = min(self._warmup_steps, self.total_steps // 2)
-            self.optim_config = replace(self.optim_config, warmup_steps=warmup)
+            self._refit(self.global_step + max(1, int((self.deadline - now) / per_step)))
+
+    def _refit(self, total_steps: int) -> None:
+        """The schedule's length, refitted to the deadline."""
+        self.total_steps = total_steps
+        # at most half the run, as stages cut it to their first estimate: a run refitted to fewer
+        # steps than the warmup would end on its ramp, never annealed
+        warmup = min(self._warmup_steps, self.total_steps // 2)
+        self.optim_config = replace(self.optim_config, warmup_steps=warmup)
 
     # --------------------------------------------------------------- step
     def step(self, loss_fn: LossFn, accumulation: int = 1) -> dict[str, Any]:
@@ -717,14 +729,20 @@ class Trainer:
         settings = {**optim, "bias_update_speed": self.bias_update_speed, **self.resume_settings}
         return json.loads(json.dumps(settings))  # tuples become lists, as in the saved copy
 
+    @staticmethod
+    def _saved_meta(ckpt: Path) -> dict[str, Any]:
+        """The readable record a checkpoint's train state keeps beside it (`save`'s meta); {} if none."""
+        from nanoseek.checkpoint import TRAIN_STATE
+
+        meta_path = ckpt / TRAIN_STATE / "trainer.json"
+        return json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+
     def _check_settings(self, ckpt: Path) -> None:
         """Refuse a resume whose settings differ from the checkpoint's: it would go on as another
         run (Muon on AdamW's moments, another batch) and save that run's state over this one's."""
-        from nanoseek.checkpoint import TRAIN_STATE
         from nanoseek.options import describe_change
 
-        meta_path = ckpt / TRAIN_STATE / "trainer.json"
-        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+        meta = self._saved_meta(ckpt)
         saved = meta.get("resume_settings")
         if saved is None:  # saved before the settings were: its optimizer's are all it recorded
             saved = {k: v for k, v in meta.get("optim", {}).items() if k != "warmup_steps"}
@@ -778,6 +796,10 @@ class Trainer:
         if not optim_state.get("state"):  # saved before any update: the loader's zero-gradient init step
             self.optimizer.state.clear()  # (see `save`) must not count either
         self.global_step = int(state["step"])
+        if self.deadline is not None:
+            # a time-budgeted run goes on with the step count last refitted to its deadline, not the
+            # first estimate: one the run had outgrown ended it at once, a longer one restarted its decay
+            self._refit(int(self._saved_meta(ckpt).get("total_steps", self.total_steps)))
         self.tokens_seen = int(state["tokens_seen"])
         self.skipped_steps = int(state["skipped_steps"])
         self._consecutive_skips = int(state["consecutive_skips"])

@@ -344,7 +344,7 @@ class SFTConfig:
         None,
         "wall-clock budget, data building included: a run planned for 5 steps or more is refitted to "
         "fill it at the measured pace (more or fewer steps than --steps/--epochs; the schedule anneals "
-        "by it); stops and saves once spent",
+        "by it); stops and saves once spent. --resume goes on with what its checkpoint had left of it",
     )
 
     def validate(self) -> None:
@@ -540,13 +540,21 @@ def train_on_examples(
     )
     # sft_loss is the main head's alone: the MTP modules do not run, so their FLOPs are not the step's
     log = StepLog.for_trainer(trainer, seq_len=cfg.seq_len, include_mtp=False, progress=cfg.progress)
-    if cfg.resume:
-        trainer.resume()
-        if trainer.global_step >= trainer.total_steps:  # finished: its checkpoint stays as written
-            log.log(None, event="end", wall_time_s=0.0, skipped=trainer.skipped_steps)
-            log.close()
-            print(f"{stage}: nothing to train; checkpoint {trainer.checkpoint_dir}")
-            return trainer.checkpoint_dir
+    # Seconds of the budget spent: a --resume goes on with what its checkpoint had left of it (its
+    # refitted step count with it), as one run that was never stopped, not with a fresh budget.
+    spent = float((trainer.resume() or {}).get("seconds_spent", 0.0)) if cfg.resume else 0.0
+    if cfg.resume and trainer.global_step >= trainer.total_steps:  # finished: its checkpoint stays as written
+        log.log(None, event="end", wall_time_s=0.0, skipped=trainer.skipped_steps)
+        log.close()
+        print(f"{stage}: nothing to train; checkpoint {trainer.checkpoint_dir}")
+        return trainer.checkpoint_dir
+    if trainer.deadline is not None:
+        trainer.deadline -= spent
+
+    def budget_state() -> dict[str, Any]:
+        return {"seconds_spent": spent + time.perf_counter() - (started or t0)}
+
+    first_step = trainer.global_step  # where this process starts: its summary's steps are its own
     if trainer.global_step == 0:  # a new run: the report reads it apart from any before it in RUN
         log.log(0, event="start", **(start_record or {}))
     elif start_record:
@@ -571,16 +579,16 @@ def train_on_examples(
         last = trainer.step(loss_fn)
         log.step(last, total_steps=trainer.total_steps)
         if trainer.checkpoint_due():
-            trainer.save()
+            trainer.save(budget_state())
     if trainer.global_step < trainer.total_steps:
         budget = f"of {cfg.max_seconds:.0f}s " if cfg.max_seconds else ""
         print(f"{stage}: time budget {budget}spent at step {trainer.global_step}/{trainer.total_steps}")
-    path = trainer.save()
+    path = trainer.save(budget_state())
     log.log(None, event="end", wall_time_s=time.perf_counter() - t0, skipped=trainer.skipped_steps)
     log.close()
     if last:
         print(
-            f"{stage}: {trainer.global_step} steps in {time.perf_counter() - t0:.0f}s, final loss {last['loss']:.4f}; "
+            f"{stage}: {trainer.global_step - first_step} steps in {time.perf_counter() - t0:.0f}s, final loss {last['loss']:.4f}; "
             f"checkpoint {path}"
         )
     return path

@@ -66,7 +66,6 @@ def train_evaluating(
             e0 = time.perf_counter()
             evaluate(train_s, False)
             next_eval_s += (seconds or 0.0) / evaluations
-            if trainer.deadline is not None:  # evaluation time is not training time
-                trainer.deadline += time.perf_counter() - e0
+            trainer.pause(time.perf_counter() - e0)  # evaluation time is not training time
     evaluate(train_s, True)
     return train_s
