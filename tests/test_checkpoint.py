@@ -728,8 +728,11 @@ def test_mtp_copies_of_embedding_and_head_alone_are_no_mtp_weights(tmp_path):
     shared = ("model.layers.2.embed_tokens.weight", "model.layers.2.shared_head.head.weight")
     kept = {k: v for k, v in tensors.items() if not k.startswith("model.layers.2.") or k in shared}
     save_file(kept, str(tmp_path / "model.safetensors"))
-    with pytest.warns(UserWarning, match="holds no MTP weights"):
+    with pytest.warns(UserWarning, match="holds no MTP weights") as said:
         assert len(nanoseek.load_model(tmp_path).model.mtp_layers) == 0
+    # at the caller's line, where the default filter shows it and a user's filter can select it (it
+    # named checkpoint.py's own `_stream(...)` line)
+    assert [w.filename for w in said] == [__file__]
 
 
 def test_an_atomic_write_replaces_the_file_rather_than_writing_into_it(tmp_path):

@@ -1769,6 +1769,26 @@ def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, caps
         assert f"{flag} must be a positive finite number" in capsys.readouterr().err
 
 
+def test_cli_serve_closes_its_socket_when_loading_fails(tmp_path, tok, model, monkeypatch, capsys):
+    """The port is bound before the weights load; a load that fails (a damaged file, a KV cache too
+    small for the context) closes it then, not when the socket is collected (a ResourceWarning, and the
+    port held for a retry in the meantime)."""
+    from nanoseek.checkpoint import save_model
+    from nanoseek.cli import main
+    from nanoseek.commands import serve as serve_command
+
+    listen, socks = serve_command._listen, []
+    monkeypatch.setattr(serve_command, "_listen", lambda *a: socks.append(listen(*a)) or socks[-1])
+    ckpt = tmp_path / "ck"
+    save_model(model, ckpt)
+    tok.save(ckpt)
+    assert main(["serve", str(ckpt), "--port", "0", "--max-seq-len", "64", "--kv-cache-mib", "0.01"]) == 2
+    (ckpt / "model.safetensors").write_bytes(b"\0" * 100)
+    assert main(["serve", str(ckpt), "--port", "0"]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+    assert len(socks) == 2 and all(s.fileno() == -1 for s in socks)  # -1: closed
+
+
 def test_cli_serve_defaults_and_flags_reach_the_server(tmp_path, tok, model, monkeypatch, capsys):
     """The defaults --help states, the key from $NANOSEEK_API_KEY, --model-name, --max-queue and
     --max-body-mb reach the server, and the banner names the port the system picked for --port 0."""

@@ -509,6 +509,11 @@ def test_jsonl_tasks(tmp_path):
         test_prompts = {p.prompt for p in task.problems("test", 10)}
     assert {"2+2?", "Double the input.", "bad gold"} <= test_prompts
     assert "日本の首都は？" not in test_prompts
+    # strict=False is "up to n", as the base Task has it (GRPO's pool, --train-pool 2048 by default):
+    # all there is, without the warning `nanoseek grpo --task jsonl:FILE` printed on every run
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert {p.prompt for p in task.problems("test", 10, strict=False)} == test_prompts
 
     for bad, msg in [
         ({"answer": "1"}, "prompt"),

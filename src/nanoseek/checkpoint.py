@@ -613,6 +613,9 @@ def load_model(
         try:
             config = resolve_config(p)
             where = _weight_files(p)
+            # here, not in `_stream`, whose torch.no_grad wrapper is one more frame: the warning named
+            # this module's line instead of the caller's
+            config = held_config(p, config, where, stacklevel=3)
             reader = _ShardReader(where)
             if dtype == "auto" and not _names_dtype(p):  # "auto" is then the dtype the weights are in
                 config = dataclasses.replace(config, torch_dtype=_stored_dtype(where, reader))
@@ -710,7 +713,6 @@ def _stream(
     act_quant: bool,
     quantize: str | None,
 ) -> DeepSeekV3:
-    config = held_config(p, config, where, stacklevel=4)
     model = build_model(config, device="meta").to(dtype)
     # Buffers are small and none but the balancing bias is in the files: make them real now, so that
     # reset_buffers computes RoPE tables and zeroes router state, before the bias is streamed over.

@@ -137,36 +137,42 @@ def run(args: argparse.Namespace) -> int:
     sock = _listen(args.host, args.port)  # a busy port is said now, not after loading the weights
     port = sock.getsockname()[1]  # --port 0: the one the system picked
     device = args.device or default_device()
-    t0 = time.perf_counter()
-    model = load_model(directory, dtype=args.dtype, device=device, quantize=args.quantize).eval()
-    tokenizer = load_tokenizer(directory)
-    # from the config: int8 and packed weights are buffers or opaque tensors, not parameters
-    params = count_parameters(model.config).described
-    engine = Engine(
-        model,
-        max_batch_size=args.max_batch_size,
-        max_seq_len=args.max_seq_len,
-        speculative=args.speculative,
-        cache_bytes=int(args.kv_cache_mib * 2**20),
-        pack_weights=True,  # bf16/fp32 on a CPU: oneDNN's layout (engine/packed.py); else a no-op
-    )
-    # loading, quantizing and packing weights (w8a8 packs them all here) before the first request
-    ready_s = time.perf_counter() - t0
-    # A Hub name names the model better than its snapshot directory (a commit hash) would.
-    name = args.model_name or (directory.resolve().name if Path(args.model).exists() else args.model)
-    defaults = _generation_defaults(tokenizer.generation_config)
-    app = create_app(
-        engine,
-        tokenizer,
-        ServeConfig(
-            model_name=name,
-            api_key=args.api_key or None,
-            max_pending=args.max_queue,
-            sampling_defaults=defaults,
-            max_body_bytes=int(args.max_body_mb * 2**20),
-        ),
-        model=model,
-    )
+    try:
+        t0 = time.perf_counter()
+        model = load_model(directory, dtype=args.dtype, device=device, quantize=args.quantize).eval()
+        tokenizer = load_tokenizer(directory)
+        # from the config: int8 and packed weights are buffers or opaque tensors, not parameters
+        params = count_parameters(model.config).described
+        engine = Engine(
+            model,
+            max_batch_size=args.max_batch_size,
+            max_seq_len=args.max_seq_len,
+            speculative=args.speculative,
+            cache_bytes=int(args.kv_cache_mib * 2**20),
+            pack_weights=True,  # bf16/fp32 on a CPU: oneDNN's layout (engine/packed.py); else a no-op
+        )
+        # loading, quantizing and packing weights (w8a8 packs them all here) before the first request
+        ready_s = time.perf_counter() - t0
+        # A Hub name names the model better than its snapshot directory (a commit hash) would.
+        name = args.model_name or (directory.resolve().name if Path(args.model).exists() else args.model)
+        defaults = _generation_defaults(tokenizer.generation_config)
+        app = create_app(
+            engine,
+            tokenizer,
+            ServeConfig(
+                model_name=name,
+                api_key=args.api_key or None,
+                max_pending=args.max_queue,
+                sampling_defaults=defaults,
+                max_body_bytes=int(args.max_body_mb * 2**20),
+            ),
+            model=model,
+        )
+    except BaseException:
+        # closed now, not when collected: a failed load (a damaged checkpoint, a cache too small)
+        # must not hold the port for a retry on it (uvicorn closes it once serving)
+        sock.close()
+        raise
     server = app.state.server
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     print(

@@ -330,7 +330,7 @@ class JsonlTask(Task):
         pool = [
             p for p in self.items if p.meta["split"] == split and (language is None or p.language == language)
         ]
-        if n > len(pool):
+        if n > len(pool) and strict:  # strict=False asks for up to n (GRPO's --train-pool): unsaid
             warnings.warn(
                 f"{self.path}: asked for {n} {split} problems, only {len(pool)} exist", stacklevel=2
             )
