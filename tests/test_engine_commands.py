@@ -283,7 +283,7 @@ def test_chat_no_think(checkpoint):
     assert args.think is False and cli_args("chat", str(checkpoint)).think is True
     out = io.StringIO()
     assert chat.run(args, stdin=io.StringIO("hello\n"), stdout=out) == 0
-    assert "1 turns" in out.getvalue()
+    assert "1 turn," in out.getvalue()
 
 
 @pytest.mark.parametrize("env", [{}, {"NO_COLOR": "1"}, {"TERM": "dumb"}])
@@ -401,7 +401,7 @@ def test_chat_says_when_a_message_does_not_fit_and_goes_on(checkpoint):
     out = io.StringIO()
     assert chat.run(args, stdin=stdin, stdout=out) == 0
     text = out.getvalue()
-    assert "the context holds" in text and "try a shorter message" in text and "1 turns" in text
+    assert "the context holds" in text and "try a shorter message" in text and "1 turn," in text
 
 
 def _generate_replies(monkeypatch, tok, reply: list[int]) -> list:

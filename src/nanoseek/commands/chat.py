@@ -276,5 +276,8 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
         tokens += n
         turns += 1
         messages.append({"role": "assistant", "content": reply})
-    out.write(f"\nnanoseek chat: {turns} turns, {tokens} tokens, {tokens / max(seconds, 1e-9):.1f} tok/s\n")
+    out.write(
+        f"\nnanoseek chat: {turns} turn{'s' * (turns != 1)}, {tokens} token{'s' * (tokens != 1)}, "
+        f"{tokens / max(seconds, 1e-9):.1f} tok/s\n"
+    )
     return 0
