@@ -603,6 +603,19 @@ def test_prefill_chunk_bounds_the_padded_prefill_forward(model):
     assert got == [Engine(model).generate([p], max_new_tokens=3)[0] for p in prompts]
 
 
+def test_stream_stop_is_asked_between_the_steps_of_a_long_prefill(model):
+    """`nanoseek chat`'s Ctrl-C was seen only at the first token: a prompt of several prefill chunks
+    (minutes on a CPU for a large model) could not be stopped but by ending the program."""
+    engine = Engine(model, block_size=4, prefill_chunk=8)
+    steps = []
+    step = engine.step
+    engine.step = lambda: steps.append(1) or step()
+    asked = iter([False, False, True])  # stop after two of the five prefill steps
+    events = list(engine.stream([(PROMPTS[2] * 3)[:40]], max_new_tokens=3, stop=lambda: next(asked)))
+    assert events == [] and len(steps) == 2
+    assert not engine.has_unfinished() and engine.stats()["cache_blocks_used"] == 0
+
+
 def test_abort_and_max_seq_len(model):
     engine = Engine(model, max_seq_len=12)
     rid = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=50))
