@@ -154,6 +154,14 @@ def test_a_hub_download_keeps_the_chat_template_file(monkeypatch, tmp_path, micr
     assert load_tokenizer(resolve_checkpoint("someone/templated", tokenizer=True)).chat_template == template
 
 
+def test_load_tokenizer_takes_the_hub_name_load_model_takes(fake_hub, monkeypatch, micro_checkpoint):
+    """`nanoseek.load_tokenizer("owner/name")` fetches as `load_model` does (and as transformers'
+    AutoTokenizer.from_pretrained takes a Hub name), instead of 'tokenizer not found: owner/name'."""
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: micro_checkpoint)
+    tok = nanoseek.load_tokenizer("someone/micro")
+    assert tok.encode("1 + 1 = 2") == nanoseek.load_tokenizer(micro_checkpoint).encode("1 + 1 = 2")
+
+
 def test_cli_commands_take_hub_names(fake_hub, monkeypatch, micro_checkpoint, capsys):
     def snapshot_download(repo_id, **kwargs):
         fake_hub.append(repo_id)

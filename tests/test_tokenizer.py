@@ -339,6 +339,16 @@ def test_saved_tokenizer_works_in_transformers(tok: Tokenizer, tmp_path: Path) -
     assert load_tokenizer(tmp_path / "tokenizer.json").vocab_size == tok.vocab_size
 
 
+def test_a_checkpoint_a_crash_left_aside_loads_its_tokenizer(tok: Tokenizer, tmp_path: Path) -> None:
+    """After a crash between a save's two renames `nanoseek.load_model(RUN/grpo)` reads the copy left
+    aside; `nanoseek.load_tokenizer(RUN/grpo)` said "tokenizer not found" for the same directory."""
+    target = tmp_path / "grpo"
+    tok.save(target)
+    target.rename(tmp_path / ".grpo.tmp-old")  # where atomic_directory's swap had put it
+    assert load_tokenizer(target).encode("東京 42") == tok.encode("東京 42")
+    assert not target.exists()  # read where it is: moving it back is the writer's job
+
+
 def test_load_hf_saved_and_deepseek_style_config(tok: Tokenizer, tmp_path: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 

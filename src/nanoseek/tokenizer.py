@@ -40,7 +40,7 @@ from typing import Any, Literal, overload
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _Backend
 
-from nanoseek.atomic import atomic_file, atomic_write
+from nanoseek.atomic import atomic_file, atomic_write, directory_to_read
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -869,8 +869,15 @@ def tokens_moved(tok: Tokenizer, other: Tokenizer) -> list[str]:
 
 # -------------------------------------------------------------------- loading
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a tokenizer directory (tokenizer.json [+ tokenizer_config.json]) or a tokenizer.json file."""
-    p = Path(path)
+    """Load a tokenizer directory (tokenizer.json [+ tokenizer_config.json]), a tokenizer.json file, or
+    a Hugging Face Hub name (owner/name), fetched as `load_model` fetches it (`resolve_checkpoint`)."""
+    # a checkpoint a crash left aside mid-save is read where it is, as load_model reads it
+    p = directory_to_read(Path(path).expanduser())
+    if not p.exists():
+        from nanoseek.checkpoint import is_hub_name, resolve_checkpoint  # torch: only for a Hub name
+
+        if is_hub_name(path):
+            p = resolve_checkpoint(path, tokenizer=True)  # AutoTokenizer.from_pretrained takes one too
     if not p.exists():
         raise FileNotFoundError(f"tokenizer not found: {p} (expected a directory with tokenizer.json)")
     if p.is_dir():
