@@ -49,6 +49,7 @@ def _reference_filter(logits, top_k, top_p):
     for r in range(logits.shape[0]):
         vals, order = logits[r].sort(descending=True)
         k = min(int(top_k[r]), logits.shape[1])
+        k = int((vals >= vals[k - 1]).sum())  # tokens tied with the k-th stay (transformers, vLLM)
         probs = vals[:k].softmax(-1)
         before = probs.cumsum(-1) - probs
         keep = k if top_p[r] >= 1 else max(1, int((before < top_p[r]).sum()))
@@ -82,6 +83,23 @@ def test_the_ranked_head_filters_as_a_full_sort_does(scale, monkeypatch):
     # peaked rows are filtered from their head alone; a long top-k or a flat row takes the full sort
     full = 4 * SORT_HEAD
     assert heads == ([SORT_HEAD, SORT_HEAD, full] if scale > 1 else [SORT_HEAD, full, SORT_HEAD, full])
+
+
+def test_top_k_keeps_the_tokens_tied_with_the_kth_as_transformers_does():
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    from nanoseek.engine.sampling import SORT_HEAD
+
+    # top_k = 1 over two tied best tokens samples either (it kept token 1 alone, token 2 never drawn); a tie
+    # that runs past the ranked head keeps all of it too
+    tied = torch.tensor([[1.0, 2.0, 2.0, 0.0]])
+    wide = torch.cat([torch.zeros(1, 2 * SORT_HEAD), torch.full((1, 2 * SORT_HEAD), -1.0)], dim=1)
+    head = torch.cat([torch.tensor([[5.0, 3.0, 3.0, 3.0]]), torch.full((1, 4 * SORT_HEAD), -1.0)], dim=1)
+    for logits, k in ((tied, 1), (tied, 2), (wide, 3), (wide, 2 * SORT_HEAD + 1), (head, 2)):
+        got = processed_probs(logits, [SamplingParams(temperature=1.0, top_k=k)])
+        want = TopKLogitsWarper(k)(None, logits.clone()).softmax(-1)
+        assert torch.allclose(got, want), (logits.shape, k)
+    assert processed_probs(tied, [SamplingParams(temperature=1.0, top_k=1)]).tolist() == [[0, 0.5, 0.5, 0]]
 
 
 def test_penalties():
@@ -139,6 +157,20 @@ def test_seed_zero_is_a_seed():
         sample(logits, [SamplerState(SamplingParams(temperature=1.0, seed=0), [0], 1000)]) for _ in range(3)
     ]
     assert draws[0] == draws[1] == draws[2]
+
+
+def test_a_negative_seed_is_a_seed_of_its_own():
+    # Python's Random took -s as s: seed -1 with n = 3 (seeds -1, 0, 1) gave choices 0 and 2 the same tokens
+    logits = torch.zeros(1, 1000)
+    seeds = (-1, 0, 1, -2, 2, -(2**63), 2**63 - 1)  # vLLM's int64 range, each end
+
+    def tokens(seed: int) -> list[int]:
+        st = SamplerState(SamplingParams(temperature=1.0, seed=seed), [0], 1000)
+        return [int(sample(logits, [st])) for _ in range(4)]
+
+    draws = [tokens(s) for s in seeds]
+    assert len({tuple(d) for d in draws}) == len(seeds)
+    assert draws == [tokens(s) for s in seeds]  # each still reproducible
 
 
 def test_logit_bias():

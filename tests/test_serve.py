@@ -973,6 +973,18 @@ def test_usage_counts_the_think_blocks_tokens_as_reasoning_tokens(scripted, tok)
     assert "completion_tokens_details" not in plain["usage"]
 
 
+def test_a_think_block_the_model_never_closes_is_all_reasoning_tokens(tok):
+    # a model that ends (EOS) inside its think block: the EOS, which prints nothing, is a think token too,
+    # as every token is when the answer ended inside the block (it was left out: 1 short of completion)
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode(REASONING))
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL))) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=100)
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == ""
+    assert r.usage.completion_tokens == len(tok.encode(REASONING)) + 1
+    assert r.usage.completion_tokens_details.reasoning_tokens == r.usage.completion_tokens
+
+
 def test_usage_total_is_prompt_plus_completion(scripted):
     r = scripted.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=5, n=2)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
@@ -1318,6 +1330,7 @@ def test_vllm_sampling_extensions_are_honoured_or_refused(tok):
             {"include_stop_str_in_output": True},
             {"skip_special_tokens": False},
             {"prompt_logprobs": 1},
+            {"return_tokens_as_token_ids": True},
             {"response_format": {"type": "json_object"}},
         ):
             (name,) = extra

@@ -119,7 +119,10 @@ class SamplerState:
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int) -> None:
         self.params = params
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self.rng = random.Random(seed)
+        # Random seeds with |seed|, so -s replayed s's stream (seed -1 with n = 3: choices 0 and 2 alike);
+        # a negative seed takes its unsigned 64-bit two's complement, as torch.Generator.manual_seed does
+        # within vLLM's int64 seed range, so each int64 seed is its own stream
+        self.rng = random.Random(seed % 2**64 if seed < 0 else seed)
         self.output_counts: torch.Tensor | None = None
         self.prompt_mask: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
@@ -180,7 +183,12 @@ def _top_k_top_p(
         within = torch.ones_like(within)
     ranked, order = logits.topk(head, dim=-1)  # descending, the first `head` entries of a sort
     rank = torch.arange(head, device=logits.device).unsqueeze(0)
-    remove = rank >= top_k.unsqueeze(1)
+    # Tokens tied with the k-th stay, as transformers' TopKLogitsWarper and vLLM keep them (they drop
+    # logits `< kth`): bf16 logits tie often, and topk alone would keep one by its index
+    kth = ranked.gather(1, (top_k.clamp(max=head) - 1).unsqueeze(1))
+    if head < v and bool(((top_k < v) & ((logits >= kth).sum(dim=-1) > head)).any()):
+        return _top_k_top_p(logits, top_k, top_p, head=v)  # the tie may go on past the head
+    remove = (rank >= top_k.unsqueeze(1)) & (ranked < kth)
     masked = ranked.masked_fill(remove, float("-inf"))
     norm = torch.where(within, masked.logsumexp(dim=-1), logits.logsumexp(dim=-1)).unsqueeze(1)
     probs = (masked - norm).exp()

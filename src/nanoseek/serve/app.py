@@ -220,7 +220,9 @@ class _Choice:
             if opened < 0:
                 return 0
         close = raw.find(self.splitter.end_tag, opened)
-        end = len(raw) if close < 0 else close + len(self.splitter.end_tag)
+        if close < 0:  # also those that print nothing: the EOS, a character the cut left unfinished
+            return len(self.token_ids)
+        end = close + len(self.splitter.end_tag)
         return sum(1 for s in self.starts if s < end)
 
     def _split(self, text: str) -> tuple[str, str, str]:

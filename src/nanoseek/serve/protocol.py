@@ -135,6 +135,7 @@ UNSUPPORTED: dict[str, Any] = {
     "bad_words": None,
     "truncate_prompt_tokens": None,
     "prompt_logprobs": None,
+    "return_tokens_as_token_ids": False,  # logprobs' tokens as "token_id:N"
     "guided_json": None,
     "guided_regex": None,
     "guided_choice": None,

@@ -818,7 +818,7 @@ def rollout_seeds(seed: int, step: int, n: int) -> list[int]:
     """The engine seeds of one rollout's `n` requests at GRPO step `step` (-1: the probe), a pure function
     of the run's seed: every (step, request) samples its own random stream. (A seed per step with the
     engine's seed + i rule would give request i at step s+1 request i+1's stream at step s, the same
-    completion whenever that problem came back; and Python's Random takes seed -n as n.)"""
+    completion whenever that problem came back.)"""
     rng = random.Random(f"grpo rollouts {seed} {step}")
     return [rng.getrandbits(63) for _ in range(n)]
 
