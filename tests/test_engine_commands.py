@@ -232,6 +232,35 @@ def test_chat_turn_closes_a_think_block_the_reply_ended_in(checkpoint):
     assert out.getvalue() == "<think>\nlet me think\n</think>\n"
 
 
+def test_a_reply_cut_inside_a_character_ends_before_it_in_chat_and_generate(checkpoint, monkeypatch, capsys):
+    """max_new_tokens (or Ctrl-C) ending a reply on the first byte of a character its tokenizer spells in
+    bytes (a kanji): `chat` and `generate` printed U+FFFD and `chat` kept it in the history the next
+    turn is rendered from; the server, vLLM and ollama end the text before the unfinished character."""
+    from types import SimpleNamespace
+
+    from nanoseek.commands.chat import chat_turn
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    cut = tok.encode("hm</think>答え", add_bos=False)[:-1]  # え's first byte only
+    assert tok.decode(cut).endswith("\ufffd")
+
+    class Engine:
+        max_seq_len = 4096
+
+        def stream(self, prompts, params, stop=None):
+            return [SimpleNamespace(new_token_ids=cut)]
+
+    out = io.StringIO()
+    reply, _ = chat_turn(Engine(), tok, [{"role": "user", "content": "q"}], None, out, color=False)
+    assert out.getvalue() == "<think>\nhm\n</think>\n\n答\n" and reply.endswith("</think>\n\n答")
+    _generate_replies(monkeypatch, tok, cut)
+    for samples in ("1", "2"):
+        args = cli_args("generate", "ck", "q", "--chat", "--num-samples", samples, "--temperature", "1")
+        assert args.func(args) == 0
+        assert "\ufffd" not in capsys.readouterr().out
+
+
 def test_chat_history_of_a_template_without_think_blocks(tmp_path):
     """A ChatML model (Qwen2.5-Instruct) neither opens nor writes a think block: its reply is kept as it
     is, not wrapped in an empty `<think>\\n\\n</think>` that its template would replay every turn."""

@@ -613,6 +613,28 @@ def test_one_task_writes_its_report_where_named_and_several_add_json_to_a_bare_n
     ]
 
 
+def test_tasks_named_in_japanese_or_chinese_get_reports_of_their_own(tmp_path, monkeypatch) -> None:
+    """`jsonl:算数.jsonl` and `jsonl:理科.jsonl` were both slugged to `jsonl_.jsonl`: the second task's
+    report overwrote the first's, beside the checkpoint and beside `--out`."""
+    import nanoseek.evaluate as ev
+    from nanoseek.cli import main as cli
+
+    tasks = ["jsonl:データ/算数.jsonl", "jsonl:数据/科学.jsonl", "jsonl:データ/理科.jsonl"]
+    defaults = [ev._outputs(EvalConfig(model=str(tmp_path / "ck"), task=t))[2] for t in tasks]
+    assert len(set(defaults)) == 3 and defaults[0].name == "eval_jsonl_データ_算数.jsonl.json"
+    written = []
+    m = {"k": 1, "cons@1": 0.0, "pass@1": 0.0, "pass@1_stderr": 0.0, "format_rate": 0.0}
+    m |= {"language_consistency": 1.0, "mean_response_tokens": 4.0, "problems": 2, "evaluated": "ck"}
+
+    def many(cfgs):
+        written.extend(c.out for c in cfgs)
+        return [{**m, "json": c.out} for c in cfgs]
+
+    monkeypatch.setattr(ev, "evaluate_many", many)
+    assert cli(["eval", "ck", "--task", ",".join(tasks), "--out", str(tmp_path / "r.json")]) == 0
+    assert len(set(written)) == 3
+
+
 def test_the_cli_warns_of_truncated_samples_on_stderr(monkeypatch, capsys) -> None:
     """The scores are stdout's one line per task; the warning that samples ran out of --max-new-tokens
     is a message, on stderr with the others (it was a second line on stdout)."""

@@ -147,6 +147,19 @@ def test_hack_other_scripts_count_against_the_language():
     assert language_consistency("The angle θ is 30 degrees", "en") == 1.0  # a lone letter is a symbol
 
 
+def test_language_counts_each_letter_once_and_only_letters():
+    """Every code point from U+20000 up counted as a kanji: an emoji flag's tag characters (England's
+    flag holds six), a Japanese ideographic variation selector (葛 + U+E0100), private use. And text in
+    NFD (macOS file names, some input methods) counted が as two kana, 한 as three letters."""
+    import unicodedata
+
+    england = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
+    assert language_consistency(f"England {england} won", "en") == 1.0
+    assert script_counts("葛\U000e0100飾区") == script_counts("葛飾区")
+    for text in ("がぎぐでGPUを使う", "한국어로 생각하자 一の位を足す"):
+        assert script_counts(unicodedata.normalize("NFD", text)) == script_counts(text)
+
+
 def test_hack_wrong_language_after_an_early_think_end(add_ja):
     # a few Japanese words, </think>, English reasoning, </think>, the answer: accuracy reads the last
     # </think>, so the language reward must read everything before it

@@ -185,6 +185,21 @@ def test_a_full_stop_after_dollar_math_is_read():
     assert task.score(p, "t</think>$7, 19, 42, 88$.") == 1.0
 
 
+def test_exact_answers_in_nfd_and_nfc_are_the_same_answer():
+    """A gold answer in NFD (copied from a macOS file name) never matched the same text in NFC, what
+    models write: が as か + U+3099, 한 as three jamo. Canonically equivalent text is one text (Unicode
+    conformance C6), for the verifier and for cons@k's vote alike."""
+    import unicodedata
+
+    from nanoseek.data.tasks.answers import answer_key
+
+    for gold in ("がっこう", "한국어", "Café"):
+        nfd = unicodedata.normalize("NFD", gold)
+        assert nfd != gold and check_exact(nfd, gold) == 1.0 and check_exact(gold, nfd) == 1.0
+        assert answer_key(nfd) == answer_key(gold)
+    assert check_exact("がっこう", "かっこう") == 0.0
+
+
 def test_a_long_run_of_dots_is_scored_quickly():
     # the closing-"$."-regex retried from every dot of a degenerate answer: ~5 s for these 24K characters
     dots = ". " * 12_000 + "42"

@@ -403,6 +403,18 @@ def test_markdown_keeps_products_list_numbers_and_urls_with_parentheses(browser)
 
 
 @pytest.mark.slow
+def test_markdown_leaves_underscores_inside_japanese_and_chinese_words(browser):
+    """JavaScript's \\W holds every non-ASCII letter, so an underscore between kanji read as the edge of a
+    word: "報告書_2024_最終版" (a Japanese file name) lost its underscores to <em>. CommonMark opens "_"
+    emphasis inside no word, of any script."""
+    with _markdown_renderer(browser) as render:
+        assert render("報告書_2024_最終版") == "<p>報告書_2024_最終版</p>"
+        assert render("变量_x_的值") == "<p>变量_x_的值</p>"
+        assert render("これは _重要_ です") == "<p>これは <em>重要</em> です</p>"
+        assert render("「_強調_」と file_name_here") == "<p>「<em>強調</em>」と file_name_here</p>"
+
+
+@pytest.mark.slow
 def test_thought_for_counts_the_thinking_not_the_answer(browser):
     """ "Thought for N s" (DeepSeek's wording) timed the whole turn: a short thought before a long answer
     read as minutes of thinking."""

@@ -644,5 +644,7 @@ def evaluate(
 
 
 def slug(name: str) -> str:
-    """A task spec as a file name: `arithmetic?ops=add` -> `arithmetic_ops_add`."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    """A task spec as a file name: `arithmetic?ops=add` -> `arithmetic_ops_add`. Letters of any script
+    are kept (`jsonl:算数.jsonl` -> `jsonl_算数.jsonl`): ASCII only, every Japanese or Chinese file name
+    was `jsonl_.jsonl`, and one task's report overwrote another's."""
+    return re.sub(r"[^\w.-]+", "_", name)

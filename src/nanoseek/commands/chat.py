@@ -123,7 +123,9 @@ def chat_turn(
         close = getattr(events, "close", None)
         if close is not None:
             close()  # the engine's generator aborts what is still running
-    show(*split(decoder.flush()))
+    # a reply cut inside a character (max tokens, Ctrl-C) ends before it, as the server's and vLLM's:
+    # no U+FFFD printed, nor kept in the history the next turn is rendered from
+    show(*split(decoder.flush(drop_partial=True)))
     if splitter is not None:
         show(*splitter.flush())
     if think and not answer:

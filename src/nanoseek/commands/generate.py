@@ -145,14 +145,15 @@ def run(args: argparse.Namespace) -> int:
             n_tokens += len(ev.new_token_ids)
             sys.stdout.write(decoder.push(ev.new_token_ids))
             sys.stdout.flush()
-        sys.stdout.write(decoder.flush() + "\n")
+        # a completion cut inside a character ends before it (as the server's), not with U+FFFD
+        sys.stdout.write(decoder.flush(drop_partial=True) + "\n")
     else:
         outs = engine.generate([ids] * args.num_samples, params)
         for i, out in enumerate(outs):
             n_tokens += len(out)
             print(f"--- sample {i + 1}/{len(outs)}")
             decoder = IncrementalDecoder(tok, skip_special_tokens=True, context=ids)
-            print(("" if args.chat else text) + decoder.push(out) + decoder.flush())
+            print(("" if args.chat else text) + decoder.push(out) + decoder.flush(drop_partial=True))
     dt = time.perf_counter() - t0
     s = engine.stats()
     spec = (

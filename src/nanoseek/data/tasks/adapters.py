@@ -181,7 +181,8 @@ def script_counts(text: str) -> dict[str, int]:
     """
     counts = {"latin": 0, "kana": 0, "han": 0, "other": 0}
     run, run_script = 0, ""
-    for ch in text + " ":
+    # NFC: a letter and its combining marks are one character (NFD's か + U+3099 is one が)
+    for ch in unicodedata.normalize("NFC", text) + " ":
         o = ord(ch)
         if 0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF or 0xFF66 <= o <= 0xFF9F:
             script = "kana"
@@ -189,7 +190,7 @@ def script_counts(text: str) -> dict[str, int]:
             0x4E00 <= o <= 0x9FFF
             or 0x3400 <= o <= 0x4DBF
             or 0xF900 <= o <= 0xFAFF
-            or o >= 0x20000
+            or 0x20000 <= o <= 0x3FFFF  # planes 2-3, all ideographs (not tags, selectors, private use)
             or o == 0x3005
         ):
             script = "han"

@@ -8,6 +8,7 @@ import json
 import re
 import textwrap
 import threading
+import unicodedata
 from fractions import Fraction
 from typing import Any
 
@@ -110,7 +111,9 @@ def check_numeric(gold: str, answer: str | None) -> float | None:
 
 
 def _normalize_exact(s: str) -> str:
-    return " ".join(unwrap_answer(s).split()).rstrip("。.").strip()
+    # NFC: canonically equivalent text is one answer (Unicode C6), whether typed (NFC) or copied from a
+    # macOS file name (NFD: が as か + U+3099)
+    return unicodedata.normalize("NFC", " ".join(unwrap_answer(s).split())).rstrip("。.").strip()
 
 
 def answer_key(answer: str | None) -> Fraction | str | None:

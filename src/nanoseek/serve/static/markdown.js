@@ -10,11 +10,13 @@
 
   // Emphasis on already-escaped text that holds no tags of ours (they are cut out first). As in CommonMark,
   // a delimiter opens only before a non-space and closes only after one: "2 * 3 * 4" is a product, not emphasis.
+  // "_" never inside a word of any script: JavaScript's \W holds every non-ASCII letter, and "報告書_2024_最終版"
+  // lost its underscores to <em>.
   function emphasis(text) {
     text = text.replace(/\*\*(?!\s)([^*\n]*[^*\s])\*\*/g, "<strong>$1</strong>")
                .replace(/__(?!\s)([^_\n]*[^_\s])__/g, "<strong>$1</strong>");
     return text.replace(/(^|[^*])\*(?!\s)([^*\n]*[^*\s])\*/g, "$1<em>$2</em>")
-               .replace(/(^|\W)_(?!\s)([^_\n]*[^_\s])_(?=\W|$)/g, "$1<em>$2</em>");
+               .replace(/(^|[^\p{L}\p{M}\p{N}_])_(?!\s)([^_\n]*[^_\s])_(?=[^\p{L}\p{M}\p{N}_]|$)/gu, "$1<em>$2</em>");
   }
 
   // Inline spans on already-escaped text. Code spans and links are cut out into NUL-delimited
