@@ -243,6 +243,15 @@ def test_inspect_counts_no_mtp_module_the_weights_lack(tmp_path, capsys) -> None
     assert json.loads(capsys.readouterr().out)["mtp_params"] == 0
 
 
+def test_inspect_reads_a_checkpoint_a_crash_left_aside(tmp_path, capsys) -> None:
+    """A crash between a save's two renames leaves the last checkpoint aside until the next save; chat,
+    serve and load_model read it where it lies, and inspect said "neither a directory ... nor a preset"."""
+    get_preset("tiny").save(tmp_path / ".pretrain.tmp-old")  # where the swap had put it
+    assert main(["inspect", str(tmp_path / "pretrain"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] == account("tiny").total_params
+    assert not (tmp_path / "pretrain").exists()
+
+
 def test_inspect_table_and_errors(capsys) -> None:
     assert main(["inspect", "tiny"]) == 0
     assert "KV cache" in capsys.readouterr().out

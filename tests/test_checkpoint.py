@@ -643,6 +643,21 @@ def test_a_checkpoint_a_crash_left_aside_is_still_loaded(tmp_path):
         load_model(tmp_path / "other")  # no copy aside: as before
 
 
+def test_a_checkpoint_left_aside_under_a_path_shaped_like_a_hub_name_is_still_loaded(tmp_path, monkeypatch):
+    """`nanoseek chat runs/pretrain` (RUN/stage: owner/name's shape) after a crash between a save's two
+    renames: the copy left aside is read, not `runs/pretrain` looked up on the Hugging Face Hub."""
+    from nanoseek.checkpoint import is_hub_name, load_model, resolve_checkpoint
+
+    model = build_model(config()).init_weights(0)
+    save_model(model, tmp_path / "runs" / "pretrain")
+    (tmp_path / "runs" / "pretrain").rename(tmp_path / "runs" / ".pretrain.tmp-old")
+    monkeypatch.chdir(tmp_path)
+    assert not is_hub_name("runs/pretrain")
+    assert resolve_checkpoint("runs/pretrain").name == ".pretrain.tmp-old"
+    assert torch.equal(load_model("runs/pretrain").model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert is_hub_name("runs/other")  # no copy aside: the Hub's name, as before
+
+
 def test_the_current_directory_loads_as_a_checkpoint(tmp_path, monkeypatch):
     """`nanoseek generate . PROMPT` inside a checkpoint: looking for a copy left aside beside `.`
     said "PosixPath('.') has an empty name"."""

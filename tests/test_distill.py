@@ -230,6 +230,46 @@ def _refused_before_sampling(monkeypatch, match: str, **settings) -> None:
         d.distill(d.DistillConfig(tasks=["arithmetic"], sft=SFTConfig(init=""), **settings))
 
 
+def test_greedy_sampling_of_several_traces_is_refused_before_sampling(
+    micro_checkpoint, tmp_path, monkeypatch
+):
+    """-k samples per prompt at a temperature the engine decodes greedily are one trace k times (and
+    --keep-per-prompt 2 can never be met): refused as eval -k and generate --num-samples refuse it,
+    before the teacher samples, instead of k times the sampling for nothing."""
+    for t in (0.0, 1e-6):
+        _refused_before_sampling(
+            monkeypatch,
+            "decodes greedily",
+            teacher=micro_checkpoint,
+            student="tiny",
+            k=4,
+            temperature=t,
+            out=str(tmp_path),
+        )
+    _refused_before_sampling(
+        monkeypatch,
+        "temperature must be >= 0",
+        teacher=micro_checkpoint,
+        student="tiny",
+        k=1,
+        temperature=-0.5,
+        out=str(tmp_path),
+    )
+
+
+def test_a_max_batch_size_below_one_is_refused_before_sampling(micro_checkpoint, tmp_path, monkeypatch):
+    """`--max-batch-size 0` was refused by the engine only once the teacher had loaded; serve and eval
+    say it before anything loads."""
+    _refused_before_sampling(
+        monkeypatch,
+        "--max-batch-size must be >= 1, got 0",
+        teacher=micro_checkpoint,
+        student="tiny",
+        max_batch_size=0,
+        out=str(tmp_path),
+    )
+
+
 def test_distill_checks_the_student_before_sampling(micro_checkpoint, tmp_path, monkeypatch) -> None:
     _refused_before_sampling(
         monkeypatch, "preset", teacher=micro_checkpoint, student="no-such-preset", out=str(tmp_path)
@@ -264,6 +304,23 @@ def test_a_student_with_another_tokenizer_is_refused_before_sampling(micro_check
         d.build_student(str(student), tok)
     # a student of the teacher's own tokenizer is taken as it is
     assert d.build_student(micro_checkpoint, tok).config.vocab_size == tok.vocab_size
+
+
+def test_the_sft_command_suggested_for_another_tokenizer_quotes_its_path(micro_checkpoint, tmp_path) -> None:
+    """The `nanoseek sft --init PATH` the refusal prints for pasting quotes PATH for the shell, as the
+    speedrun's and export's commands do: a student in a directory with a space was two arguments."""
+    import shlex
+
+    import nanoseek.train.distill as d
+    from model_configs import chatml_checkpoint
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(micro_checkpoint)
+    student = chatml_checkpoint(tmp_path / "my models" / "qwen", vocab_size=tok.vocab_size + 64)
+    with pytest.raises(ValueError, match="another tokenizer") as e:
+        d.build_student(str(student), tok)
+    command = str(e.value).split("traces' text: ")[1]
+    assert shlex.split(command)[:4] == ["nanoseek", "sft", "--init", str(student)]
 
 
 def test_a_student_by_hub_name_resolves_as_the_teacher_does(micro_checkpoint, tmp_path, monkeypatch) -> None:

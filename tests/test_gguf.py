@@ -330,6 +330,17 @@ def test_export_defaults_to_bf16_and_prints_a_command_to_paste(checkpoint, tmp_p
     assert types["token_embd.weight"] == gguf.GGMLQuantizationType.BF16
 
 
+def test_export_reads_a_checkpoint_a_crash_left_aside(checkpoint, tmp_path) -> None:
+    """A crash between a save's two renames leaves the last checkpoint aside until the next save; chat,
+    serve, eval and load_model read it where it lies, and export said "not a checkpoint directory"."""
+    ckpt, _, _ = checkpoint
+    target = tmp_path / "final"
+    shutil.copytree(ckpt, tmp_path / ".final.tmp-old")  # where the swap had put it
+    summary = export_gguf(target, tmp_path / "x.gguf", type="f32")
+    assert summary.tensors > 0 and (tmp_path / "x.gguf").exists()
+    assert not target.exists()  # a reader leaves it there (the writer may be between its renames)
+
+
 def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
     ckpt, _, tok = checkpoint
     # Not a checkpoint directory.

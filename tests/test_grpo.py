@@ -938,6 +938,16 @@ def test_a_task_named_twice_is_refused():
     GRPOConfig(init="x", tasks=["arithmetic", "sorting"]).validate()
 
 
+def test_a_max_batch_size_below_one_is_refused_before_loading():
+    """`--max-batch-size 0` was refused by the engine only once the policy and reference had loaded;
+    serve, eval (and distill) say it before."""
+    from nanoseek.train.grpo import GRPOConfig
+
+    with pytest.raises(ValueError, match="--max-batch-size must be >= 1, got 0"):
+        GRPOConfig(init="x", tasks=["arithmetic"], max_batch_size=0).validate()
+    GRPOConfig(init="x", tasks=["arithmetic"], max_batch_size=1).validate()
+
+
 @pytest.mark.parametrize("threads", [0, -1])
 def test_threads_below_one_are_refused(threads):
     """`--threads 0` was ignored (torch's default) and `-1` ended in torch's traceback, where

@@ -4,6 +4,7 @@ for each kind of broken directory."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import huggingface_hub
 import pytest
@@ -395,6 +396,19 @@ def test_load_model_expands_a_leading_tilde(saved, monkeypatch):
     monkeypatch.setenv("HOME", str(d.parent))
     loaded = nanoseek.load_model(f"~/{d.name}")
     assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_a_tilde_path_with_no_checkpoint_at_home_is_an_error_not_random_weights(saved, tmp_path, monkeypatch):
+    """`load_model("~/ckpt")` with no checkpoint at $HOME/ckpt, beside a directory literally named `~`
+    (what `save_model(model, "~/ckpt")` writes, unexpanded): it was taken for a preset and built with
+    random weights from the config.json it found at ./~/ckpt, silently; it must fail, naming the path."""
+    d, _ = saved
+    shutil.copytree(d, tmp_path / "cwd" / "~" / "ckpt")
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(ValueError, match=r"home.ckpt' is neither a directory with config.json nor a preset"):
+        nanoseek.load_model("~/ckpt")
 
 
 def test_experts_of_another_width_name_their_shard(saved):

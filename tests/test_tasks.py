@@ -1,6 +1,7 @@
 """Verifiable tasks: splits never overlap, prompts per language, strict scoring, adapters."""
 
 import dataclasses
+import itertools
 import json
 import re
 import time
@@ -888,6 +889,23 @@ def test_a_later_turn_asks_other_problems_before_it():
     draw) the history held the very problem asked, with its answer, for 2 of 300 problems."""
     for p in get_task("modular?turn=3").problems("train", 300, seed=0):
         assert p.prompt not in [m["content"] for m in p.history], p.messages
+
+
+def test_a_later_turn_of_a_one_problem_training_split_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    """A JSONL file whose training split holds one problem has no other to ask before it: turn=2 of that
+    problem looped forever drawing the same one (eval --split train, GRPO), where it should say so."""
+    path = tmp_path / "one.jsonl"
+    rows = [
+        {"prompt": "2 + 2?", "answer": "4", "split": "train"},
+        {"prompt": "3 + 3?", "answer": "6", "split": "test"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = get_task(f"jsonl:{path}?turn=2")
+    assert task.problems("test", 1)[0].history[0]["content"] == "2 + 2?"  # another problem: fine
+    endless = task.inner.iter_problems  # a bounded stream here, so that the old loop fails, not hangs
+    monkeypatch.setattr(task.inner, "iter_problems", lambda *a, **k: itertools.islice(endless(*a, **k), 5000))
+    with pytest.raises(ValueError, match=r"turn=2: the training split holds no problem in 'en' but the one"):
+        task.problems("train", 1)
 
 
 def test_jsonl_answers_that_are_json_values_are_read_as_json(tmp_path):

@@ -481,6 +481,22 @@ def test_load_errors(tmp_path: Path) -> None:
         load_tokenizer(tmp_path)
 
 
+def test_load_reads_a_tilde_path_and_a_checkpoint_left_aside_as_load_model_does(
+    tok: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`nanoseek.load_tokenizer` reads the directory `nanoseek.load_model` reads: `~/ckpt` (load_model
+    expands it; this said "tokenizer not found: ~/ckpt") and a checkpoint a crash between a save's two
+    renames left aside (load_model, chat and serve read it where it lies)."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    tok.save(ckpt)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_tokenizer("~/ckpt").encode("2 + 2") == tok.encode("2 + 2")
+    ckpt.rename(tmp_path / ".ckpt.tmp-old")  # where the swap had put it
+    assert load_tokenizer(ckpt).encode("2 + 2") == tok.encode("2 + 2")
+    assert not ckpt.exists()  # a reader leaves it there (the writer may be between its renames)
+
+
 # ------------------------------------------------------------------ streaming decode
 def test_incremental_decoder_never_splits_characters(tok: Tokenizer) -> None:
     # Characters the tokenizer never saw are spelled in bytes, several tokens per character.

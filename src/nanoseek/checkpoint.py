@@ -449,8 +449,10 @@ _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 def is_hub_name(name_or_path: str | os.PathLike) -> bool:
     """Whether `resolve_checkpoint` reads `name_or_path` as a Hugging Face Hub name (owner/name): no
-    such local path, and the shape of one."""
-    return not Path(name_or_path).expanduser().exists() and bool(_HUB_NAME.fullmatch(str(name_or_path)))
+    such local path (nor a checkpoint a crash mid-save left aside: `runs/pretrain` has a Hub name's
+    shape), and the shape of one."""
+    local = directory_to_read(Path(name_or_path).expanduser())
+    return not local.exists() and bool(_HUB_NAME.fullmatch(str(name_or_path)))
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike, tokenizer: bool = False, flag: str = "") -> Path:
@@ -592,8 +594,9 @@ def load_model(
         check_quantize_device(quantize, device)
     local = directory_to_read(Path(path_or_preset).expanduser())  # `~` as resolve_checkpoint reads it
     if not local.exists() and not _HUB_NAME.fullmatch(str(path_or_preset)):
-        # A preset (no preset name has a slash); resolve_config names the choices for anything else.
-        config = resolve_config(path_or_preset)
+        # A preset (no preset name has a slash); resolve_config names the choices for anything else. Read
+        # as `local`: `~/x` is no checkpoint, even beside a directory named `~` (random weights from its config)
+        config = resolve_config(local)
         dtype = resolve_dtype(dtype, config, device)
         model = build_model(config, device=device, dtype=dtype).init_weights(seed)
         if fp8:

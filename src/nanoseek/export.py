@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nanoseek.atomic import atomic_file, check_writable
+from nanoseek.atomic import atomic_file, check_writable, directory_to_read
 from nanoseek.config import ModelConfig
 
 if TYPE_CHECKING:  # torch and tokenizers load on use: `nanoseek --help` imports this module
@@ -148,7 +148,7 @@ def export_gguf(
     say = progress or (lambda _msg: None)
     if type not in GGUF_TYPES:
         raise ValueError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {type!r}")
-    src = Path(checkpoint)
+    src = directory_to_read(Path(checkpoint).expanduser())  # as load_model reads it: `~`, a copy left aside
     if not src.is_dir() or not (src / "config.json").exists():
         raise ValueError(
             f"{src} is not a checkpoint directory (expected config.json, model.safetensors and "

@@ -871,7 +871,7 @@ def tokens_moved(tok: Tokenizer, other: Tokenizer) -> list[str]:
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer directory (tokenizer.json [+ tokenizer_config.json]), a tokenizer.json file, or
     a Hugging Face Hub name (owner/name), fetched as `load_model` fetches it (`resolve_checkpoint`)."""
-    # a checkpoint a crash left aside mid-save is read where it is, as load_model reads it
+    # `~` and a checkpoint a save left aside mid-swap, as `load_model` reads the same directory
     p = directory_to_read(Path(path).expanduser())
     if not p.exists():
         from nanoseek.checkpoint import is_hub_name, resolve_checkpoint  # torch: only for a Hub name

@@ -35,14 +35,17 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nanoseek.accounting import DEFAULT_SEQ_LEN, account, human, si
+    from nanoseek.atomic import directory_to_read
     from nanoseek.checkpoint import checkpoint_config
     from nanoseek.config import resolve_config
 
     seq_len = args.context if args.context is not None else DEFAULT_SEQ_LEN
     if seq_len < 1:
         raise ValueError(f"--context must be >= 1, got {seq_len}")
-    # a directory's config as its weights hold it: no MTP module counted that the files lack
-    config = checkpoint_config(args.model) if Path(args.model).is_dir() else resolve_config(args.model)
+    # a directory's config as its weights hold it: no MTP module counted that the files lack (a
+    # checkpoint a crash mid-save left aside read where it lies, as load_model reads it)
+    local = directory_to_read(Path(args.model))
+    config = checkpoint_config(local) if local.is_dir() else resolve_config(args.model)
     acc = account(config, seq_len=seq_len)
     if args.json:
         print(json.dumps({"model": str(args.model), **acc.to_dict()}, indent=2))

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from nanoseek.atomic import atomic_write, check_writable
+from nanoseek.engine.sampling import GREEDY_BELOW
 from nanoseek.evaluate import split_task_list
-from nanoseek.options import option, path
+from nanoseek.options import option, path, shell_quoted
 from nanoseek.train.sft import SFTConfig, completion_example, train_on_examples
 
 
@@ -105,7 +106,7 @@ def _check_student_tokens(p: Path, tokenizer: Any) -> None:
             f"student {p} has another tokenizer than the teacher's ({len(other)} of its {tokenizer.vocab_size} tokens "
             f"are not the student's at the same ids, e.g. {other[:3]}), and distillation trains on the "
             "teacher's token ids: distil into a preset (--student tiny-qwen2), or train this student on the "
-            f"traces' text: nanoseek sft --init {p} --data RUN/distill_data.jsonl"
+            f"traces' text: nanoseek sft --init {shell_quoted(p)} --data RUN/distill_data.jsonl"
         )
 
 
@@ -216,6 +217,15 @@ def distill(cfg: DistillConfig) -> Path:
     teacher_dir = resolve_checkpoint(cfg.teacher, flag="--teacher")
     if cfg.k < 1 or cfg.prompts < 1 or cfg.keep_per_prompt < 1:
         raise ValueError("-k, --prompts and --keep-per-prompt must be >= 1")
+    if cfg.max_batch_size < 1:  # said now, as serve says it, not by the engine once the teacher has loaded
+        raise ValueError(f"--max-batch-size must be >= 1, got {cfg.max_batch_size}")
+    if not cfg.temperature >= 0:  # (NaN too) said now, not by the engine once the teacher has loaded
+        raise ValueError(f"--temperature must be >= 0, got {cfg.temperature}")
+    if cfg.k > 1 and cfg.temperature < GREEDY_BELOW:  # as eval -k and generate --num-samples refuse it
+        raise ValueError(
+            f"--temperature {cfg.temperature:g} decodes greedily: the -k {cfg.k} samples of a prompt would "
+            f"all be the same trace; pass -k 1, or a --temperature of {GREEDY_BELOW:g} or more"
+        )
     cfg.sft.validate()  # before the teacher's sampling, not after it
     tok = load_tokenizer(teacher_dir)
     _check_student(cfg.student, tok)  # a typo in --student must not cost the whole sampling first

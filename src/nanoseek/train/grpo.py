@@ -405,6 +405,7 @@ class GRPOConfig:
             "micro_batch",
             "probe_prompts",
             "sft_mix_rows",
+            "max_batch_size",  # said now, as serve says it, not by the engine after the weights load
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

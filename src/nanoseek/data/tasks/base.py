@@ -275,7 +275,14 @@ class ChatTurnTask(Task):
             history: list[dict[str, str]] = []
             for _ in range(self.turn - 1):
                 q = next(before)
+                misses = 0
                 while q.id == p.id:  # another problem: never the one asked, with its answer (train split)
+                    misses += 1
+                    if misses > 1000:  # a split of one problem (a small JSONL file): say so, not spin
+                        raise ValueError(
+                            f"{self.name}: the training split holds no problem in {p.language!r} but the one "
+                            "asked, to put before it in the chat"
+                        )
                     q = next(before)
                 history += [{"role": "user", "content": q.prompt}, {"role": "assistant", "content": q.answer}]
             yield dataclasses.replace(p, task=self.name, history=tuple(history))
