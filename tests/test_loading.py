@@ -128,6 +128,22 @@ def test_a_hub_name_is_downloaded_through_huggingface_hub(fake_hub, saved):
     assert len(fake_hub) == 1
 
 
+def test_inspect_and_cost_fetch_a_hub_models_config_alone(fake_hub, saved, capsys):
+    """`nanoseek inspect deepseek-ai/DeepSeek-V3` (a shape to count, not 700 GB of weights to fetch) was
+    "neither a directory with config.json nor a preset"; cost counted as inspect does."""
+    from nanoseek.cli import main
+
+    assert main(["inspect", "someone/tiny-model", "--json"]) == 0
+    assert fake_hub == [("someone/tiny-model", {"allow_patterns": ["config.json"]})]
+    counted = json.loads(capsys.readouterr().out)
+    assert main(["inspect", str(saved[0]), "--json"]) == 0
+    assert {**json.loads(capsys.readouterr().out), "model": "someone/tiny-model"} == counted
+    assert main(["cost", "someone/tiny-model", "--tokens", "1e9", "--json"]) == 0
+    assert main(["cost", str(saved[0]), "--tokens", "1e9", "--json"]) == 0
+    hub, local = capsys.readouterr().out.strip().split("\n}\n")
+    assert json.loads(hub + "}")["flops_per_token"] == json.loads(local)["flops_per_token"]
+
+
 def test_a_hub_download_keeps_the_chat_template_file(monkeypatch, tmp_path, micro_checkpoint):
     """A repo whose chat template is only in chat_template.jinja (as transformers 5 saves it) loads with
     that template from the Hub, as from a local directory: the download takes the file."""

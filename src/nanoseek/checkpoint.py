@@ -485,7 +485,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, tokenizer: bool = False,
     return p
 
 
-def _download(repo_id: str, label: str) -> Path:
+def _download(repo_id: str, label: str, patterns: tuple[str, ...] = HUB_FILES) -> Path:
     # the error classes from huggingface_hub.utils: 0.24 (the declared minimum) has no huggingface_hub.errors
     # versions of them, and later releases still export them there
     from huggingface_hub import constants, snapshot_download
@@ -495,7 +495,7 @@ def _download(repo_id: str, label: str) -> Path:
     local += f"{repo_id} --local-dir DIR`, then copy DIR here)"
     offline = "offline (no network, the Hub unreachable, or HF_HUB_OFFLINE set)"
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(HUB_FILES)))
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
     except LocalEntryNotFoundError as e:
         # Raised offline (HF_HUB_OFFLINE, no network, the Hub unreachable) when the cache lacks it, or
         # (a recent huggingface_hub's IncompleteSnapshotError, with its path) holds only part of it.
@@ -690,6 +690,18 @@ def held_config(p: Path, config: ModelConfig, keys: Iterable[str], stacklevel: i
         stacklevel=stacklevel,
     )
     return config.replace(num_nextn_predict_layers=0)
+
+
+def accounting_config(name_or_path: str | os.PathLike) -> ModelConfig:
+    """The config `inspect` and `cost` count: a checkpoint directory's as its weights hold it (no MTP
+    module counted that the files lack), a Hub model's config.json alone (no weights fetched: DeepSeek-V3's
+    are 700 GB), else a preset's or a config.json file's."""
+    local = directory_to_read(Path(name_or_path).expanduser())
+    if local.is_dir():
+        return checkpoint_config(local)
+    if is_hub_name(name_or_path):
+        return ModelConfig.load(_download(str(name_or_path), str(name_or_path), ("config.json",)))
+    return resolve_config(name_or_path)
 
 
 def checkpoint_config(directory: str | os.PathLike) -> ModelConfig:

@@ -21,7 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Give --mfu to estimate GPU-hours, or --gpu-hours to get the MFU they imply."
         ),
     )
-    p.add_argument("model", type=path, help="preset name or directory with config.json")
+    p.add_argument(
+        "model",
+        type=path,
+        help="preset name, directory with config.json, or Hub name (its config.json alone)",
+    )
     p.add_argument("--tokens", required=True, help="training tokens: 14.8T, 300B, 1e9, ...")
     p.add_argument(
         "--peak-tflops",
@@ -57,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     import math
 
     from nanoseek.accounting import human, parse_count, si, training_cost
-    from nanoseek.config import resolve_config
+    from nanoseek.checkpoint import accounting_config
 
-    config = resolve_config(args.model)
+    config = accounting_config(args.model)  # as `inspect` counts it
     tokens = parse_count(args.tokens, "--tokens")
     gpu_hours = parse_count(args.gpu_hours, "--gpu-hours") if args.gpu_hours is not None else None
     mfu = args.mfu if args.mfu is not None or gpu_hours is not None else 0.4

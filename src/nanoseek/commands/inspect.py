@@ -15,10 +15,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
         help="parameters (total / active per token), FLOPs and KV-cache bytes per token of a model",
-        description="Exact accounting of a preset or checkpoint directory (only config.json is read).",
+        description="Exact accounting of a preset, a checkpoint directory or a Hugging Face Hub model (only "
+        "config.json is read; a Hub model's alone is fetched).",
     )
     p.add_argument(
-        "model", type=path, help="preset name (tiny, small, deepseek-v3, ...) or directory with config.json"
+        "model",
+        type=path,
+        help="preset name (tiny, small, deepseek-v3, ...), directory with config.json, or Hub name (owner/name)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument(
@@ -32,20 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from nanoseek.accounting import DEFAULT_SEQ_LEN, account, human, si
-    from nanoseek.atomic import directory_to_read
-    from nanoseek.checkpoint import checkpoint_config
-    from nanoseek.config import resolve_config
+    from nanoseek.checkpoint import accounting_config
 
     seq_len = args.context if args.context is not None else DEFAULT_SEQ_LEN
     if seq_len < 1:
         raise ValueError(f"--context must be >= 1, got {seq_len}")
-    # a directory's config as its weights hold it: no MTP module counted that the files lack (a
-    # checkpoint a crash mid-save left aside read where it lies, as load_model reads it)
-    local = directory_to_read(Path(args.model))
-    config = checkpoint_config(local) if local.is_dir() else resolve_config(args.model)
+    config = accounting_config(args.model)
     acc = account(config, seq_len=seq_len)
     if args.json:
         print(json.dumps({"model": str(args.model), **acc.to_dict()}, indent=2))
