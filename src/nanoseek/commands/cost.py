@@ -1,4 +1,4 @@
-"""`nanoseek cost PRESET_OR_DIR --tokens 14.8T`: training cost in GPU-hours, days and dollars.
+"""`nanoseek cost PRESET_DIR_OR_HUB_NAME --tokens 14.8T`: training cost in GPU-hours, days and dollars.
 
 Either assume a model FLOPs utilization (`--mfu`) to estimate the GPU-hours, or give a known bill
 (`--gpu-hours`) to get the MFU it implies. DeepSeek-V3 is the worked example in docs/cost.md.

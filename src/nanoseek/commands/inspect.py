@@ -1,4 +1,4 @@
-"""`nanoseek inspect PRESET_OR_DIR`: parameters (total, active), FLOPs and KV-cache bytes per token.
+"""`nanoseek inspect PRESET_DIR_OR_HUB_NAME`: parameters (total, active), FLOPs and KV-cache bytes per token.
 
 Builds the model on the meta device, so a directory holding only config.json is enough and even
 DeepSeek-V3's 671B shape takes a fraction of a second and no memory.
