@@ -9,6 +9,7 @@ import io
 import itertools
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -165,7 +166,9 @@ def test_one_long_text_is_split_piece_by_piece(tmp_path: Path) -> None:
     assert 0 < len(val) < len(pieces)
 
 
-def test_validation_split_is_disjoint_and_stable(corpus: tuple[Path, list[str]], tok: Tokenizer) -> None:
+def test_validation_split_is_disjoint_and_stable(
+    corpus: tuple[Path, list[str]], tok: Tokenizer, tmp_path: Path
+) -> None:
     root, _ = corpus
     docs = list(iter_documents(root))  # the split is decided on the text exactly as read
     val_docs = [d for d in docs if in_validation_split(d, 0.1)]
@@ -184,6 +187,11 @@ def test_validation_split_is_disjoint_and_stable(corpus: tuple[Path, list[str]],
     assert len(train) >= len(expected_train) - 2
     with pytest.raises(ValueError, match="no documents in the val split.*--val-fraction 1e-09.*endoftext"):
         list(PackedDataset(root / "sub" / "e.txt", tok, 8, 1, split="val", val_fraction=1e-9))
+    # a corpus with no text at all (a column of nulls) is said so, not blamed on the split's hash
+    (tmp_path / "nulls.jsonl").write_text('{"text": null}\n{"text": "  "}\n')
+    for split, repeat in (("train", True), ("val", False)):
+        with pytest.raises(ValueError, match=r"nulls\.jsonl.*: every text in it is empty or null"):
+            list(PackedDataset(tmp_path / "nulls.jsonl", tok, 8, 1, split=split, repeat=repeat))
 
 
 def test_shuffle_is_deterministic_by_seed(corpus: tuple[Path, list[str]], tok: Tokenizer) -> None:
@@ -885,6 +893,33 @@ def test_sources_resolve_to_each_supported_file_once(tmp_path: Path) -> None:
         resolve_files(tmp_path / "t.parquet.gz")
 
 
+def test_a_text_file_saved_on_windows_is_the_same_documents(tmp_path: Path) -> None:
+    """CRLF line ends were kept: the same text saved on Windows became other documents (other tokens, a
+    "\r" before every newline for the model to learn, another validation split). Python's text mode and
+    HF datasets' text loader read them as "\n"; a line longer than a document is cut the same way too."""
+    text = "one story\nits second line\n<|endoftext|>\nanother\n" + "word " * 60 + "\n"
+    (tmp_path / "unix.txt").write_text(text)
+    (tmp_path / "windows.txt").write_bytes(text.replace("\n", "\r\n").encode())
+    for limit in (1_000_000, 64):
+        unix = list(iter_documents(tmp_path / "unix.txt", max_doc_chars=limit))
+        assert list(iter_documents(tmp_path / "windows.txt", max_doc_chars=limit)) == unix
+    assert unix[0] == "one story\nits second line\n"
+
+
+def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
+    """A bad JSONL record is named by its line (as `sft --data` and `jsonl:` tasks name theirs), in a
+    gzipped file and with Windows line endings too, not only by a byte offset an editor cannot go to."""
+    good = '{"text": "a"}\r\n' * 3
+    for name, bad, said in (
+        ("field.jsonl", '{"body": "b"}', "no field 'text'"),
+        ("json.jsonl", "{oops", "invalid JSON"),
+        ("type.jsonl", '{"text": ["b"]}', "field 'text' is list"),
+    ):
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress((good + "\r\n" + bad + "\r\n").encode()))
+        with pytest.raises(ValueError, match=rf"{name}.gz:5 \(byte 47\): {re.escape(said)}"):
+            list(iter_documents(tmp_path / f"{name}.gz"))
+
+
 def test_null_texts_are_skipped_and_other_values_refused(tmp_path: Path) -> None:
     """A null text (a dataset's missing value) is no document; a number is an error naming the field;
     a parquet column of large strings (polars writes those) is text."""
@@ -894,12 +929,30 @@ def test_null_texts_are_skipped_and_other_values_refused(tmp_path: Path) -> None
     (tmp_path / "n.jsonl").write_text('{"text": "a"}\n{"text": null}\n{"text": " \\n"}\n{"text": "b"}\n')
     assert list(iter_documents(tmp_path / "n.jsonl")) == ["a", "b"]  # (a blank text is no document either)
     (tmp_path / "i.jsonl").write_text('{"text": "a"}\n{"text": 5}\n')
-    with pytest.raises(ValueError, match=r"i.jsonl: field 'text' at byte 14 is int, not text"):
+    with pytest.raises(ValueError, match=r"i.jsonl:2 \(byte 14\): field 'text' is int, not text"):
         list(iter_documents(tmp_path / "i.jsonl"))
     pq.write_table(pa.table({"text": ["a", None, "b"]}), tmp_path / "n.parquet")
     assert list(iter_documents(tmp_path / "n.parquet")) == ["a", "b"]
     pq.write_table(pa.table({"text": pa.array(["a", "b"], pa.large_string())}), tmp_path / "l.parquet")
     assert list(iter_documents(tmp_path / "l.parquet")) == ["a", "b"]
+
+
+def test_parquet_string_view_and_dictionary_columns_are_text(tmp_path: Path) -> None:
+    """Polars 1.38+ writes its strings as string_view (pola-rs/polars#26435), pandas a `category` column
+    as a dictionary of strings: both are text, not "holds string_view, not text"."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    if hasattr(pa, "string_view"):
+        view = pa.array(["a", None, "b"], pa.string_view())
+        pq.write_table(pa.table({"text": view}), tmp_path / "v.parquet")
+        assert list(iter_documents(tmp_path / "v.parquet")) == ["a", "b"]
+    pq.write_table(pa.table({"text": pa.array(["a", "b", "a"]).dictionary_encode()}), tmp_path / "d.parquet")
+    assert list(iter_documents(tmp_path / "d.parquet")) == ["a", "b", "a"]
+    ints = pa.array([1, 2]).dictionary_encode()  # a dictionary of numbers is still no text
+    pq.write_table(pa.table({"text": ints}), tmp_path / "i.parquet")
+    with pytest.raises(ValueError, match="'text' holds int64, not text"):
+        list(iter_documents(tmp_path / "i.parquet"))
 
 
 def test_a_stream_resumes_from_every_cursor_it_gives(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -463,3 +464,38 @@ def test_a_teacher_that_solves_nothing_names_the_fallback(micro_checkpoint, tmp_
     )
     with pytest.raises(ValueError, match="no correct trace.*--fallback-reference"):
         distill(cfg)
+
+
+def test_a_small_jsonl_task_under_the_default_prompts_is_no_warning(micro_checkpoint, tmp_path, monkeypatch):
+    """`distill --task jsonl:FILE` under the default --prompts (256) samples every training line of a
+    smaller file, without a warning about 256 problems the user never asked for."""
+    import nanoseek.engine
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.sft import SFTConfig
+
+    tok = load_tokenizer(micro_checkpoint)
+    path = tmp_path / "qa.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"{i}+1?", "answer": i + 1, "split": "train"}) + "\n" for i in range(3))
+    )
+    asked = []
+
+    class Teacher:
+        def generate_detailed(self, prompts, params):
+            asked.extend(prompts)
+            wrong = tok.encode("add\n</think>\nnot a number") + [tok.eos_token_id]
+            return [Completion(wrong, None, "stop", None) for _ in prompts]
+
+    monkeypatch.setattr(nanoseek.engine, "Engine", lambda model, **kw: Teacher())
+    cfg = DistillConfig(
+        teacher=micro_checkpoint,
+        student=micro_checkpoint,
+        tasks=[f"jsonl:{path}"],
+        k=1,
+        out=str(tmp_path / "run"),
+        sft=SFTConfig(init="", steps=1, batch_size=1, seq_len=128, progress=False),
+    )
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError, match="no correct trace"):
+        warnings.simplefilter("always")
+        distill(cfg)
+    assert not [w for w in caught if "asked for" in str(w.message)] and len(asked) == 3

@@ -420,6 +420,29 @@ def test_tasks_of_one_checkpoint_sampled_in_one_queue_draw_what_each_draws_alone
         evaluate_many([cfg("arithmetic", 2, "x"), dataclasses.replace(cfg("comparison", 2, "x"), k=1)])
 
 
+def test_a_jsonl_tasks_warning_is_said_once(micro_checkpoint, tmp_path) -> None:
+    """`nanoseek eval CK --task jsonl:FILE` under the default --n: the file holds fewer test problems,
+    said once (`evaluate_many` drew them, then `evaluate` drew them again and said it again)."""
+    from nanoseek.evaluate import evaluate_many
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"{i}+1?", "answer": i + 1, "split": "test"}) + "\n" for i in range(2))
+    )
+    cfg = EvalConfig(
+        model=micro_checkpoint,
+        task=f"jsonl:{path}",
+        k=1,
+        max_new_tokens=2,
+        progress=False,
+        out=str(tmp_path / "r.json"),
+    )
+    with pytest.warns(UserWarning) as caught:
+        (m,) = evaluate_many([cfg])
+    assert m["problems"] == 2
+    assert sum("asked for 64 test problems, only 2 exist" in str(w.message) for w in caught) == 1
+
+
 def test_another_familys_answers_are_scored_as_its_template_prompts_them(
     micro_checkpoint, tmp_path, monkeypatch
 ) -> None:

@@ -89,6 +89,30 @@ def test_assistant_target_text_shapes() -> None:
     assert assistant_target_text({"role": "assistant", "content": "4"}, False, after_tool=True) == "4"
 
 
+def test_reasoning_as_vllm_and_openrouter_name_it_is_trained_as_reasoning_content() -> None:
+    """Chats saved from vLLM (vllm-project/vllm#27752) or OpenRouter carry the reasoning as `reasoning`:
+    it was dropped without a word and the turn trained as an empty think block (a model taught to skip
+    reasoning). DeepSeek's `reasoning_content` wins where a message has both."""
+    tok = CharTokenizer()
+    q = {"role": "user", "content": "q"}
+    deepseek = tokenize_conversation(
+        tok, [q, {"role": "assistant", "content": "4", "reasoning_content": "2+2"}]
+    )
+    vllm = tokenize_conversation(tok, [q, {"role": "assistant", "content": "4", "reasoning": "2+2"}])
+    assert vllm == deepseek
+    both = {"role": "assistant", "content": "4", "reasoning_content": "2+2", "reasoning": "other"}
+    assert tokenize_conversation(tok, [q, both]) == deepseek
+    # as history it is dropped as reasoning_content is (R1's template shows no past reasoning)
+    later = [
+        q,
+        {"role": "assistant", "content": "4", "reasoning": "2+2"},
+        q,
+        {"role": "assistant", "content": "5"},
+    ]
+    plain = [q, {"role": "assistant", "content": "4"}, q, {"role": "assistant", "content": "5"}]
+    assert tokenize_conversation(tok, later)[1] == tokenize_conversation(tok, plain)[1]
+
+
 def test_a_completion_ended_by_any_stop_id_gets_no_other() -> None:
     from nanoseek.train.sft import completion_example
 
@@ -139,6 +163,12 @@ def test_loss_mask_covers_exactly_the_assistant_turns() -> None:
     for weight in (0.5, True):
         with pytest.raises(ValueError, match="'weight' must be 0 or 1"):
             tokenize_conversation(tok, [*msgs[:3], {**msgs[3], "weight": weight}])
+    # an empty assistant turn is named among a chat's many (the data file's line alone did not say
+    # which); with "weight": 0 it is history, as a client sends an empty reply back
+    empty = [msgs[0], {"role": "assistant", "content": ""}, *msgs[2:]]
+    with pytest.raises(ValueError, match=r"chat message 1 \(assistant\) has no content"):
+        tokenize_conversation(tok, empty)
+    assert len(tokenize_conversation(tok, [msgs[0], {**empty[1], "weight": 0}, *msgs[2:]])) == 1
 
 
 def test_packing_blocks_attention_and_restarts_positions() -> None:
@@ -855,6 +885,24 @@ def test_a_bad_conversation_is_named_by_its_line(micro_checkpoint, tmp_path) -> 
         sft(cfg)
 
 
+def test_gzipped_chat_data_is_read_as_the_corpus_reads_it(tmp_path) -> None:
+    """`sft --data chat.jsonl.gz` (as `pretrain --data` takes .gz) was "chat.jsonl.gz:1: not valid
+    UTF-8"; a truncated download or a folder is a clear error, not a traceback."""
+    import gzip
+
+    from nanoseek.train.sft import read_chat_jsonl
+
+    line = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    data = tmp_path / "chat.jsonl.gz"
+    data.write_bytes(gzip.compress(((line + "\n") * 2).encode()))
+    assert len(list(read_chat_jsonl(data))) == 2
+    (tmp_path / "cut.jsonl.gz").write_bytes(data.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"cut.jsonl.gz: not a readable gzip file"):
+        list(read_chat_jsonl(tmp_path / "cut.jsonl.gz"))
+    with pytest.raises(ValueError, match="is a folder"):
+        list(read_chat_jsonl(tmp_path))
+
+
 def test_a_line_that_is_not_utf8_is_named_by_its_line(tmp_path) -> None:
     # was: UnicodeDecodeError "position 122" of the read buffer, with neither file nor line
     from nanoseek.train.sft import read_chat_jsonl
@@ -882,8 +930,25 @@ def test_task_conversations_options_with_commas_and_jsonl_without_reasoning(tmp_
     assert [c[0]["content"] for c in convs] == ["1+1?"]
     code = tmp_path / "code.jsonl"
     code.write_text(json.dumps({"prompt": "p", "tests": "assert True", "split": "train"}) + "\n")
-    with (
-        pytest.raises(ValueError, match="no worked solutions"),
-        pytest.warns(UserWarning, match="only 1 exist"),
-    ):
+    with pytest.raises(ValueError, match="no worked solutions"):
         task_conversations(f"jsonl:{code}", 2, seed=0)
+
+
+def test_task_examples_is_at_most_what_a_task_holds(tmp_path):
+    """`sft --task jsonl:FILE` under the default --task-examples (2000) trains on every training line of a
+    smaller file without a warning about 2000 problems the user never asked for (as GRPO's --train-pool);
+    a built-in family with fewer training problems than its share gives all it has, not an error."""
+    import warnings
+
+    from nanoseek.train.sft import SFTConfig, task_conversations
+
+    path = tmp_path / "qa.jsonl"
+    rows = [
+        {"prompt": f"{i}+1?", "answer": i + 1, "reasoning": "add one", "split": "train"} for i in range(5)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convs = task_conversations(f"jsonl:{path}", SFTConfig.task_examples, seed=0)
+        assert sorted(c[0]["content"] for c in convs) == [f"{i}+1?" for i in range(5)]
+        assert len(task_conversations("modular", SFTConfig.task_examples, seed=0)) < SFTConfig.task_examples

@@ -739,6 +739,40 @@ def test_jsonl_language_outside_en_ja_zh_is_refused_at_load(tmp_path):
         get_task(f"jsonl:{path}")
 
 
+def test_jsonl_lines_that_are_not_utf8_or_reasoning_that_is_not_text_are_named(tmp_path):
+    """A cp1252 line was a bare UnicodeDecodeError (no file, no line); a "reasoning" list became its
+    Python repr inside the worked solution SFT trains on."""
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"prompt": "2+2?", "answer": 4}\n{"prompt": "caf\xe9?", "answer": "x"}\n')
+    with pytest.raises(ValueError, match=r"latin\.jsonl:2: not valid UTF-8"):
+        get_task(f"jsonl:{path}")
+    path = tmp_path / "steps.jsonl"
+    path.write_text(json.dumps({"prompt": "2+2?", "answer": 4, "reasoning": ["2+2", "=4"]}) + "\n")
+    with pytest.raises(ValueError, match=r'steps\.jsonl:1: "reasoning" must be text, got list'):
+        get_task(f"jsonl:{path}")
+
+
+def test_jsonl_split_with_no_problems_is_an_error_that_says_why(tmp_path):
+    """A file whose lines are all "split": "train" drew no test problems, silently: eval then said "all
+    0 problems have unparseable gold answers", SFT (a file all in test) 'no worked solutions ... add
+    "reasoning"' to a file whose lines had it."""
+    from nanoseek.train.sft import task_conversations
+
+    path = tmp_path / "train_only.jsonl"
+    rows = [
+        {"prompt": f"{i}+1?", "answer": i + 1, "reasoning": "add one", "split": "train"} for i in range(3)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = get_task(f"jsonl:{path}")
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"train_only\.jsonl: no test problems among its 3"):
+            task.problems("test", 64, strict=strict)
+    test_only = tmp_path / "test_only.jsonl"
+    test_only.write_text(path.read_text().replace('"train"', '"test"'))
+    with pytest.raises(ValueError, match=r"test_only\.jsonl: no train problems among its 3"):
+        task_conversations(f"jsonl:{test_only}", 2000)
+
+
 def test_largest_keeps_the_line_that_decides_each_comparison():
     """Each of the two comparisons keeps every place it compares: cut at two lines, 693 vs 695 lost
     the ones place that decides it (3-digit numbers: ~2% of traces)."""

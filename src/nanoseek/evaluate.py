@@ -556,10 +556,10 @@ def evaluate_many(cfgs: Sequence[EvalConfig]) -> list[dict]:
             raise ValueError(f"evaluate_many: {c.task} differs from {first.task} in {', '.join(differ)}")
     if first.model.startswith(("http://", "https://")):
         return [evaluate(c) for c in cfgs]
-    drawn = [eval_problems(c)[1] for c in cfgs]
-    sampler = CheckpointSampler(first, samples=sum(len(p) for p in drawn) * first.k)
+    drawn = [eval_problems(c) for c in cfgs]
+    sampler = CheckpointSampler(first, samples=sum(len(p) for _, p in drawn) * first.k)
     t0 = time.perf_counter()
-    sets = sampler.many(drawn)
+    sets = sampler.many([p for _, p in drawn])
     # each record says its samples were drawn together with the others', in this much time
     shared = {
         "generation_time_s": round(time.perf_counter() - t0, 2),
@@ -571,8 +571,10 @@ def evaluate_many(cfgs: Sequence[EvalConfig]) -> list[dict]:
         return lambda problems: samples
 
     return [
-        evaluate(c, given(s), source=str(sampler.path), shared=shared, opens_think=sampler.opens_think)
-        for c, s in zip(cfgs, sets, strict=True)
+        evaluate(
+            c, given(s), source=str(sampler.path), shared=shared, opens_think=sampler.opens_think, drawn=d
+        )
+        for c, s, d in zip(cfgs, sets, drawn, strict=True)
     ]
 
 
@@ -582,16 +584,19 @@ def evaluate(
     source: str | None = None,
     shared: dict[str, Any] | None = None,
     opens_think: bool | None = None,
+    drawn: tuple[Any, list[Any]] | None = None,
 ) -> dict:
     """Score a checkpoint or endpoint on a task's held-out split; writes JSON and appends metrics.jsonl.
     `shared`: figures of a queue these samples were drawn in with others' (`evaluate_many`).
     `opens_think`: whether the prompts opened the think block (default: a checkpoint's template says;
-    an endpoint's samples are rebuilt as completions of a prompt that did, `completion_text`)."""
+    an endpoint's samples are rebuilt as completions of a prompt that did, `completion_text`).
+    `drawn`: `eval_problems(cfg)` already drawn (`evaluate_many`): drawn again, a JSONL task smaller than
+    --n said so twice."""
     from nanoseek.data.rewards import build_reward
     from nanoseek.metrics import MetricsLog
 
     is_url = cfg.model.startswith(("http://", "https://"))
-    task, problems = eval_problems(cfg)
+    task, problems = drawn or eval_problems(cfg)
     if sampler is None:
         sampler, source = endpoint_sampler(cfg) if is_url else checkpoint_sampler(cfg)
     else:

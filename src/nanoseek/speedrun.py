@@ -771,8 +771,8 @@ class Speedrun:
     def _examples_held(self, n: int) -> int:
         """`n` worked solutions in equal shares per family (rounded down to them), or fewer where a family
         holds fewer distinct training problems than its share: a family run alone (`--tasks
-        linear_equation`, 1,539 of them) gives all of a control's ~10k, and SFT refuses a share it cannot
-        fill, at that stage's start."""
+        linear_equation`, 1,539 of them) gives all of a control's ~10k, and SFT draws every family's share
+        up to what it holds, so each family keeps an equal share."""
         from nanoseek.data.tasks import get_task
 
         share = n // len(self.p.tasks)

@@ -262,10 +262,15 @@ def content_text(content: Any) -> str:
 
 def openai_message(message: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI chat message as the chat templates take it: `developer` (OpenAI's newer name) is the
-    system role, and content parts are joined into text. `serve` and `sft` both read messages this way."""
+    system role, content parts are joined into text, and `reasoning` is `reasoning_content`. `serve` and
+    `sft` both read messages this way."""
     out = {**message, "role": "system" if message.get("role") == "developer" else message.get("role")}
     if "content" in message and message["content"] is not None:
         out["content"] = content_text(message["content"])
+    if "reasoning_content" not in message and isinstance(message.get("reasoning"), str):
+        # DeepSeek's API names it reasoning_content; vLLM (vllm-project/vllm#27752) and OpenRouter return
+        # `reasoning`: chats saved from them lost their reasoning, trained as an empty think block
+        out["reasoning_content"] = out.pop("reasoning")
     return out
 
 

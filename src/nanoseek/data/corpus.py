@@ -9,7 +9,8 @@ What is notable:
   `<|endoftext|>` or `<｜end▁of▁sentence｜>` ends a document (the TinyStories convention). A document
   longer than `max_doc_chars` is cut at a line boundary, so memory stays bounded on huge files; so is
   a longer JSONL or parquet text, at a blank (one 50 MB record is not tokenized in one piece).
-  Bytes that are not UTF-8 are read as U+FFFD, with a warning naming the file (in JSONL, an error).
+  Bytes that are not UTF-8 are read as U+FFFD, with a warning naming the file (in JSONL, an error);
+  a text file's Windows line ends (CRLF) are read as "\n", as Python's text mode reads them.
 - `PackedDataset`: documents are tokenized in batches, each prefixed with BOS (unless it opens with one,
   as a chat rendered by a chat template does), concatenated and cut into windows of seq_len+1 tokens
   (no token dropped or repeated except the tail at the very end), shuffled through a seeded buffer,
@@ -135,12 +136,13 @@ def embedded_tasks(source: Any) -> list[str] | None:
 
 # ------------------------------------------------------------------ readers
 # Each reader yields (document, offset just after it); restarting at that offset resumes the file.
-def _open_binary(path: Path) -> io.BufferedIOBase:
+def open_binary(path: Path) -> io.BufferedIOBase:
+    """`path` opened for reading bytes, decompressed on the fly where it ends in .gz (SFT's chat data too)."""
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")  # noqa: SIM115
 
 
 def _read_txt(path: Path, offset: int, max_doc_chars: int) -> Iterator[tuple[str, int]]:
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         f.seek(offset)
         lines: list[str] = []
         size = 0
@@ -176,6 +178,10 @@ def _read_txt(path: Path, offset: int, max_doc_chars: int) -> Iterator[tuple[str
                         "(convert the file first, e.g. iconv -f cp1252 -t utf-8)",
                         stacklevel=2,
                     )
+            if line.endswith("\r\n"):
+                # Windows line ends read as Python's text mode (and HF datasets' text loader) reads them:
+                # the same text saved on Windows is the same documents, with no "\r" tokens to learn
+                line = line[:-2] + "\n"
             if line.strip() in DOC_SEPARATORS:
                 if lines:
                     yield "".join(lines), f.tell() - len(carry)
@@ -190,8 +196,19 @@ def _read_txt(path: Path, offset: int, max_doc_chars: int) -> Iterator[tuple[str
             yield "".join(lines), f.tell() - len(carry)
 
 
+def _line_at(path: Path, at: int) -> str:
+    """`path:LINE (byte at)` for the line that starts at byte `at`, for errors: an editor goes to a line,
+    not a byte (the reader keeps byte offsets, which resume a file without reading it from its start)."""
+    with open_binary(path) as f:
+        line, left = 1, at
+        while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+            line += chunk.count(b"\n")
+            left -= len(chunk)
+    return f"{path}:{line} (byte {at})"
+
+
 def _read_jsonl(path: Path, offset: int, text_field: str) -> Iterator[tuple[str, int]]:
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         f.seek(offset)
         while True:
             at = f.tell()
@@ -203,18 +220,18 @@ def _read_jsonl(path: Path, offset: int, text_field: str) -> Iterator[tuple[str,
             try:
                 obj = json.loads(raw)
             except UnicodeDecodeError as e:  # (a ValueError, but not a JSONDecodeError)
-                raise ValueError(f"{path}: the line at byte {at} is not UTF-8: {e}") from e
+                raise ValueError(f"{_line_at(path, at)}: the line is not UTF-8: {e}") from e
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON in the line at byte {at}: {e}") from e
+                raise ValueError(f"{_line_at(path, at)}: invalid JSON: {e}") from e
             if not isinstance(obj, dict) or text_field not in obj:
                 keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise ValueError(f"{path}: line at byte {at} has no field {text_field!r} (has {keys})")
+                raise ValueError(f"{_line_at(path, at)}: no field {text_field!r} (has {keys})")
             text = obj[text_field]
             if text is None:
                 continue
             if not isinstance(text, str):
                 raise ValueError(
-                    f"{path}: field {text_field!r} at byte {at} is {type(text).__name__}, not text"
+                    f"{_line_at(path, at)}: field {text_field!r} is {type(text).__name__}, not text"
                 )
             yield text, f.tell()
 
@@ -228,8 +245,16 @@ def _read_parquet(path: Path, offset: int, text_field: str) -> Iterator[tuple[st
         raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(names)})")
     import pyarrow as pa
 
+    def is_text(t: pa.DataType) -> bool:
+        # string_view: what polars 1.38+ writes for its strings (pyarrow >= 16 reads it); dictionary: a
+        # pandas `category` column
+        if pa.types.is_dictionary(t):
+            return is_text(t.value_type)
+        view = getattr(pa.types, "is_string_view", lambda _: False)(t)
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or view
+
     kind = pf.schema_arrow.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    if not is_text(kind):
         raise ValueError(f"{path}: column {text_field!r} holds {kind}, not text")
     # Offsets are row numbers; start at the row group that holds `offset` and skip inside it.
     first, row = 0, 0
@@ -690,6 +715,7 @@ class PackedDataset:
                 if self._epoch_docs == 0 and self._docs == 0:
                     raise self._empty_split()
                 self._epoch, self._epoch_docs = cursor.epoch, 0
+            self._any_text = self._any_text or bool(doc.strip())
             if doc.strip() and (
                 not self._hash_split or in_validation_split(doc, self.val_fraction) == want_val
             ):
@@ -735,6 +761,7 @@ class PackedDataset:
         width = self.seq_len + 1
         docs = self.stream.iter_from(self._cursor, repeat=self.repeat)
         self._epoch_docs, self._epoch = 0, self._cursor.epoch
+        self._any_text = False  # a document of either split read: an empty split is not an empty corpus
         while True:
             if self.whole_documents:
                 window = self._take_whole(width)
@@ -756,6 +783,8 @@ class PackedDataset:
 
     def _empty_split(self) -> ValueError:
         msg = f"no documents in the {self.split} split of {self.source!r}"
+        if self._hash_split and not self._any_text:  # not the split's doing: it has no text at all
+            return ValueError(f"no documents in {self.source!r}: every text in it is empty or null")
         if self._hash_split:
             # the split hashes whole documents: a corpus of one or a few (a single .txt of a book)
             # puts them all on one side

@@ -39,7 +39,7 @@ class DistillConfig:
     )
     tasks: list[str] = option(help="task name(s), comma-separated", flag="--task", parse=split_task_list)
     k: int = option(4, "samples per prompt", flag="-k")
-    prompts: int = option(256, "training prompts per task")
+    prompts: int = option(256, "training prompts per task, at most (a task with fewer gives all it has)")
     keep_per_prompt: int = option(2, "distinct correct traces kept per prompt")
     # When the teacher solves nothing (e.g. a smoke-sized run), train on the tasks' reference worked
     # solutions instead of failing; the switch is printed and logged as `fallback`.
@@ -291,7 +291,8 @@ def _sample(
     tasks, problems = [], []
     for name in cfg.tasks:
         task = get_task(name)
-        for p in task.problems("train", cfg.prompts, seed=cfg.seed, language=cfg.language):
+        # up to --prompts, as SFT's --task-examples: a smaller JSONL file gives all its training lines
+        for p in task.problems("train", cfg.prompts, seed=cfg.seed, language=cfg.language, strict=False):
             tasks.append(task)
             problems.append(p)
     t0 = time.perf_counter()

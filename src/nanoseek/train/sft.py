@@ -10,7 +10,8 @@ What is notable here:
   text or reasoning.
 - The generation prompt of R1's template already opens "<think>\\n", so an assistant message's leading
   "<think>" is not repeated, and content with "</think>" but no "<think>" (R1's raw output after that
-  prompt) is reasoning up to "</think>"; a `reasoning_content` field is put back inside the think block.
+  prompt) is reasoning up to "</think>"; a `reasoning_content` field (or `reasoning`, as vLLM and
+  OpenRouter name it) is put back inside the think block.
 - Tool use (DeepSeek-V3.1's format, the same template the server renders): a line may carry OpenAI
   `tools`, assistant messages `tool_calls` (trained on, after the message's text) and `role: "tool"`
   results (prompt only). The turn after a tool result continues the assistant's answer, so it gets no
@@ -21,10 +22,12 @@ What is notable here:
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
 import random
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +56,10 @@ def assistant_target_text(
     for errors), after the generation prompt (or after a tool result, `after_tool`), tool calls included."""
     content = content_text(message.get("content"))
     if not content.strip() and not message.get("tool_calls") and not message.get("reasoning_content"):
-        raise ValueError("assistant message has no content, reasoning_content or tool_calls to train on")
+        raise ValueError(
+            f"chat message {message_index} (assistant) has no content, reasoning_content or tool_calls to "
+            'train on (with "weight": 0 it is history only)'
+        )
     reasoning = message.get("reasoning_content")
     if reasoning:
         body = f"{think_start}\n{str(reasoning).strip()}\n{think_end}\n{content.lstrip()}"
@@ -98,7 +104,9 @@ def tokenize_conversation(
     kw = {"tools": list(tools)} if tools else {}  # only then, so any apply_chat_template will do
     # history as `serve` passes it to the template: without reasoning_content (a template that renders
     # it, such as Qwen3's, would otherwise train on prompts the server never shows the model)
-    history = [{k: v for k, v in msg.items() if k != "reasoning_content"} for msg in messages]
+    history = [
+        {k: v for k, v in msg.items() if k not in ("reasoning_content", "reasoning")} for msg in messages
+    ]
     out = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or not m.get("weight", 1):  # OpenAI's weight 0: history only
@@ -166,26 +174,34 @@ def read_chat_jsonl(path: str | os.PathLike) -> Iterator[tuple[list[dict[str, An
 def _numbered_chat_lines(
     path: str | os.PathLike,
 ) -> Iterator[tuple[int, list[dict[str, Any]], list[dict] | None]]:
+    from nanoseek.data.corpus import open_binary
+
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"chat data {p} does not exist")
-    with open(p, "rb") as f:  # bytes: a line that is not UTF-8 is named like any other bad line
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{p}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-            msgs = rec.get("messages") if isinstance(rec, dict) else None
-            if not isinstance(msgs, list):
-                raise ValueError(f"{p}:{n}: expected an object with a 'messages' list")
-            tools = rec.get("tools")
-            if tools is not None and not isinstance(tools, list):
-                raise ValueError(f"{p}:{n}: 'tools' must be a list of OpenAI function tools")
-            yield n, msgs, tools
+    if p.is_dir():
+        raise ValueError(f"chat data {p} is a folder: --data takes one .jsonl (or .jsonl.gz) file")
+    # bytes: a line that is not UTF-8 is named like any other bad line; a .gz is read as the corpus is
+    try:
+        with open_binary(p) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{p}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+                msgs = rec.get("messages") if isinstance(rec, dict) else None
+                if not isinstance(msgs, list):
+                    raise ValueError(f"{p}:{n}: expected an object with a 'messages' list")
+                tools = rec.get("tools")
+                if tools is not None and not isinstance(tools, list):
+                    raise ValueError(f"{p}:{n}: 'tools' must be a list of OpenAI function tools")
+                yield n, msgs, tools
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a truncated or corrupt download
+        raise ValueError(f"{p}: not a readable gzip file ({e})") from None
 
 
 # ---------------------------------------------------------------------------------- packing
@@ -310,10 +326,14 @@ class SFTConfig:
         help="checkpoint directory (with tokenizer files) or Hub name (owner/name)", parse=path
     )
     data: str | None = option(
-        None, "chat JSONL: one {'messages': [...]} per line (optionally with 'tools': [...])", parse=path
+        None,
+        "chat JSONL (or .jsonl.gz): one {'messages': [...]} per line (optionally with 'tools': [...])",
+        parse=path,
     )
     task: str | None = option(None, "build cold-start data from task(s)' worked solutions (comma-separated)")
-    task_examples: int = option(2000, "examples drawn from --task")
+    task_examples: int = option(
+        2000, "examples drawn from --task, at most (a task with fewer training problems gives all it has)"
+    )
     out: str = option("runs/sft", "run directory", parse=path)
     steps: int | None = option(None, "optimizer steps (default: --epochs passes over the packed rows)")
     epochs: int = option(2)
@@ -394,7 +414,9 @@ def task_conversations(
         task = get_task(name)
         made = 0
         share = max(1, n // len(names) + (j < n % len(names)))  # n in all, the remainder to the first
-        for p in task.problems("train", share, seed=seed, language=language):
+        # up to `share`, as GRPO's --train-pool: a task with fewer (a small JSONL file under the default
+        # --task-examples) gives all it has, without a warning about a count the user never asked for
+        for p in task.problems("train", share, seed=seed, language=language, strict=False):
             solution = worked_solution_of(task, p)
             if solution is None:  # nothing to imitate (a JSONL line without "reasoning")
                 continue

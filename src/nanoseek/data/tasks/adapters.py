@@ -22,6 +22,7 @@ from nanoseek.data.tasks.answers import (
     parse_number,
 )
 from nanoseek.data.tasks.base import (
+    HELDOUT_EVERY,
     LANGUAGES,
     SPLITS,
     VERIFIERS,
@@ -234,9 +235,15 @@ class JsonlTask(Task):
             raise FileNotFoundError(f"jsonl task file not found: {self.path}")
         self.items: list[Problem] = []
         lines: dict[str, int] = {}  # problem id -> its line
-        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line's JSON
-        with self.path.open(encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
+        # bytes, decoded line by line: a line that is not UTF-8 is named like any other bad line
+        with self.path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the JSON
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(
+                        f"{self.path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)"
+                    ) from None
                 if line.strip():
                     p = self._parse(line, lineno)
                     if p.id in lines:  # problems() would never draw it, and call the split too small
@@ -287,6 +294,9 @@ class JsonlTask(Task):
                 raise ValueError(f'{where}: "tests" is not valid Python: {e.msg} (line {e.lineno})') from None
             if not statements:
                 raise ValueError(f'{where}: "tests" has no statements: nothing to check the code against')
+        reasoning = row.get("reasoning")
+        if reasoning is not None and not isinstance(reasoning, str):  # (its repr was the worked solution)
+            raise ValueError(f'{where}: "reasoning" must be text, got {type(reasoning).__name__}')
         language = row.get("language") or detect_language(row["prompt"])
         if language not in LANGUAGES:  # the language reward and `language=` know these only
             raise ValueError(f"{where}: language {language!r} is not one of {LANGUAGES}")
@@ -305,19 +315,30 @@ class JsonlTask(Task):
                 "verifier": verifier,
                 "tests": tests,
                 "split": split,
-                "reasoning": row.get("reasoning"),
+                "reasoning": reasoning,
                 "line": lineno,
             },
         )
+
+    def _pool(self, split: str, language: str | Sequence[str] | None) -> list[Problem]:
+        """The file's problems of `split` (and `language`); none is an error that says why, not an empty
+        draw (eval blamed "unparseable gold answers" for it, SFT a missing "reasoning")."""
+        langs = None if language is None else {language} if isinstance(language, str) else set(language)
+        pool = [p for p in self.items if p.meta["split"] == split and (langs is None or p.language in langs)]
+        if not pool:
+            raise ValueError(
+                f"{self.path}: no {split} problems"
+                + (f" in {sorted(langs)}" if langs else "")
+                + f' among its {len(self.items)} (a line\'s "split" puts it in one; without one, a hash'
+                f" of its prompt holds out 1 in {HELDOUT_EVERY} for test)"
+            )
+        return pool
 
     def iter_problems(
         self, split: str, seed: int = 0, language: str | Sequence[str] | None = None
     ) -> Iterator[Problem]:
         _check_split(split)
-        langs = None if language is None else {language} if isinstance(language, str) else set(language)
-        pool = [p for p in self.items if p.meta["split"] == split and (langs is None or p.language in langs)]
-        if not pool:
-            raise ValueError(f"{self.path}: no {split} problems" + (f" in {sorted(langs)}" if langs else ""))
+        pool = self._pool(split, language)
         rng = random.Random(f"{self.name}|{split}|{seed}")
         while True:
             rng.shuffle(pool)
@@ -328,9 +349,7 @@ class JsonlTask(Task):
     ) -> list[Problem]:
         _check_split(split)
         _check_language(language, self.languages)
-        pool = [
-            p for p in self.items if p.meta["split"] == split and (language is None or p.language == language)
-        ]
+        pool = self._pool(split, language) if n else []
         if n > len(pool) and strict:  # strict=False asks for up to n (GRPO's --train-pool): unsaid
             warnings.warn(
                 f"{self.path}: asked for {n} {split} problems, only {len(pool)} exist", stacklevel=2
