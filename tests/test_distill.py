@@ -439,20 +439,29 @@ def test_keep_per_prompt_zero_is_refused_before_sampling(micro_checkpoint, tmp_p
     )
 
 
-def test_a_teacher_that_solves_nothing_names_the_fallback(micro_checkpoint, tmp_path, monkeypatch) -> None:
-    """No correct trace is a clear error that names the way on: --fallback-reference."""
+def _teacher_solving_nothing(monkeypatch, checkpoint) -> list:
+    """The engine stubbed by a teacher whose every trace is wrong; returns the prompts it was asked."""
     import nanoseek.engine
     from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.sft import SFTConfig
 
-    tok = load_tokenizer(micro_checkpoint)
+    tok = load_tokenizer(checkpoint)
+    asked = []
 
     class Teacher:
         def generate_detailed(self, prompts, params):
+            asked.extend(prompts)
             wrong = tok.encode("add\n</think>\nnot a number") + [tok.eos_token_id]
             return [Completion(wrong, None, "stop", None) for _ in prompts]
 
     monkeypatch.setattr(nanoseek.engine, "Engine", lambda model, **kw: Teacher())
+    return asked
+
+
+def test_a_teacher_that_solves_nothing_names_the_fallback(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    """No correct trace is a clear error that names the way on: --fallback-reference."""
+    from nanoseek.train.sft import SFTConfig
+
+    _teacher_solving_nothing(monkeypatch, micro_checkpoint)
     cfg = DistillConfig(
         teacher=micro_checkpoint,
         student=micro_checkpoint,
@@ -469,24 +478,13 @@ def test_a_teacher_that_solves_nothing_names_the_fallback(micro_checkpoint, tmp_
 def test_a_small_jsonl_task_under_the_default_prompts_is_no_warning(micro_checkpoint, tmp_path, monkeypatch):
     """`distill --task jsonl:FILE` under the default --prompts (256) samples every training line of a
     smaller file, without a warning about 256 problems the user never asked for."""
-    import nanoseek.engine
-    from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.sft import SFTConfig
 
-    tok = load_tokenizer(micro_checkpoint)
     path = tmp_path / "qa.jsonl"
     path.write_text(
         "".join(json.dumps({"prompt": f"{i}+1?", "answer": i + 1, "split": "train"}) + "\n" for i in range(3))
     )
-    asked = []
-
-    class Teacher:
-        def generate_detailed(self, prompts, params):
-            asked.extend(prompts)
-            wrong = tok.encode("add\n</think>\nnot a number") + [tok.eos_token_id]
-            return [Completion(wrong, None, "stop", None) for _ in prompts]
-
-    monkeypatch.setattr(nanoseek.engine, "Engine", lambda model, **kw: Teacher())
+    asked = _teacher_solving_nothing(monkeypatch, micro_checkpoint)
     cfg = DistillConfig(
         teacher=micro_checkpoint,
         student=micro_checkpoint,

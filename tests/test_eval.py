@@ -610,13 +610,9 @@ def test_several_tasks_write_their_reports_beside_the_one_named(tmp_path, monkey
     ]
 
 
-def test_one_task_writes_its_report_where_named_and_several_add_json_to_a_bare_name(
-    tmp_path, monkeypatch
-) -> None:
-    """`--out r.json` with one task is r.json itself; with several and a name without a suffix, each is
-    r_<task>.json, as the default names them."""
+def _outs_written(monkeypatch) -> list:
+    """`evaluate_many` stubbed: the report paths it was asked to write, in order."""
     import nanoseek.evaluate as ev
-    from nanoseek.cli import main as cli
 
     written = []
     m = {"k": 1, "cons@1": 0.0, "pass@1": 0.0, "pass@1_stderr": 0.0, "format_rate": 0.0}
@@ -627,6 +623,17 @@ def test_one_task_writes_its_report_where_named_and_several_add_json_to_a_bare_n
         return [{**m, "json": c.out} for c in cfgs]
 
     monkeypatch.setattr(ev, "evaluate_many", many)
+    return written
+
+
+def test_one_task_writes_its_report_where_named_and_several_add_json_to_a_bare_name(
+    tmp_path, monkeypatch
+) -> None:
+    """`--out r.json` with one task is r.json itself; with several and a name without a suffix, each is
+    r_<task>.json, as the default names them."""
+    from nanoseek.cli import main as cli
+
+    written = _outs_written(monkeypatch)
     assert cli(["eval", "ck", "--task", "arithmetic", "--out", str(tmp_path / "r.json")]) == 0
     assert cli(["eval", "ck", "--task", "arithmetic,comparison", "--out", str(tmp_path / "r")]) == 0
     assert written == [
@@ -645,15 +652,7 @@ def test_tasks_named_in_japanese_or_chinese_get_reports_of_their_own(tmp_path, m
     tasks = ["jsonl:データ/算数.jsonl", "jsonl:数据/科学.jsonl", "jsonl:データ/理科.jsonl"]
     defaults = [ev._outputs(EvalConfig(model=str(tmp_path / "ck"), task=t))[2] for t in tasks]
     assert len(set(defaults)) == 3 and defaults[0].name == "eval_jsonl_データ_算数.jsonl.json"
-    written = []
-    m = {"k": 1, "cons@1": 0.0, "pass@1": 0.0, "pass@1_stderr": 0.0, "format_rate": 0.0}
-    m |= {"language_consistency": 1.0, "mean_response_tokens": 4.0, "problems": 2, "evaluated": "ck"}
-
-    def many(cfgs):
-        written.extend(c.out for c in cfgs)
-        return [{**m, "json": c.out} for c in cfgs]
-
-    monkeypatch.setattr(ev, "evaluate_many", many)
+    written = _outs_written(monkeypatch)
     assert cli(["eval", "ck", "--task", ",".join(tasks), "--out", str(tmp_path / "r.json")]) == 0
     assert len(set(written)) == 3
 
