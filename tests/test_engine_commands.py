@@ -730,6 +730,23 @@ def test_chat_takes_a_message_of_several_lines_between_triple_quotes(checkpoint,
     assert prompts[3].endswith("<｜User｜>open\nend<｜Assistant｜><think>\n") and "4 turns" in out.getvalue()
 
 
+def test_chat_reads_a_triple_quoted_block_as_a_message_even_where_it_opens_with_a_slash(
+    checkpoint, monkeypatch
+):
+    """Pasted code opens with a comment ("// ...") or a path as often as not: the block was taken for an
+    unknown command and dropped, and one whose text was "/exit" ended the session. ollama sends a
+    block's text as the message, whatever it holds; a command is a line of its own."""
+    from nanoseek.commands import chat
+
+    prompts = _scripted_chat(monkeypatch, checkpoint)
+    stdin = io.StringIO('"""\n// add two numbers\nint add(int a, int b);\n"""\n"""/exit"""\n/exit\nnever\n')
+    out = io.StringIO()
+    assert chat.run(cli_args("chat", str(checkpoint)), stdin=stdin, stdout=out) == 0
+    assert "unknown command" not in out.getvalue() and len(prompts) == 2
+    assert "<｜User｜>// add two numbers\nint add(int a, int b);<｜Assistant｜>" in prompts[0]
+    assert "<｜User｜>/exit<｜Assistant｜>" in prompts[1]
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("readline") is None or sys.platform == "win32", reason="needs a pty and readline"
 )

@@ -102,6 +102,36 @@ def test_top_k_keeps_the_tokens_tied_with_the_kth_as_transformers_does():
     assert processed_probs(tied, [SamplingParams(temperature=1.0, top_k=1)]).tolist() == [[0, 0.5, 0.5, 0]]
 
 
+def test_the_tie_check_reads_the_vocabulary_only_where_the_head_ends_in_a_tie():
+    """A tie with the k-th logit can reach past the ranked head only where the head's last logit ties it.
+    Counting the ties over the whole vocabulary at every decode step, for every row (top-p-only rows
+    too, R1's T = 0.6 and top-p 0.95, whose count was thrown away), made sampling slower for nothing."""
+    from torch.overrides import TorchFunctionMode
+
+    from nanoseek.engine.sampling import SORT_HEAD, _top_k_top_p
+
+    v = 4 * SORT_HEAD
+
+    class VocabularyCompares(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            compare = getattr(func, "__name__", "") in ("ge", "__ge__")
+            if compare and isinstance(args[0], torch.Tensor) and args[0].ndim == 2 and args[0].shape[1] == v:
+                VocabularyCompares.n += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, v)
+    logits[:, :4] += 10  # peaked, as a trained model's: the kept sets lie in the head
+    top_k, top_p = torch.tensor([v, 5, 2]), torch.tensor([0.95, 1.0, 0.9])
+    with VocabularyCompares():
+        got = _top_k_top_p(logits, top_k, top_p)
+    assert VocabularyCompares.n == 0
+    want = _reference_filter(logits, top_k, top_p)
+    assert torch.equal(got.isfinite(), want.isfinite())
+
+
 def test_penalties():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     st = SamplerState(SamplingParams(repetition_penalty=2.0), prompt_ids=[0], vocab_size=4)

@@ -359,6 +359,36 @@ def test_a_checkpoint_decodes_every_sample_of_a_task_in_one_batch(
     assert widths == [18, DEFAULT_MAX_BATCH, 3]
 
 
+def test_a_checkpoint_left_aside_mid_save_gets_its_report_where_it_lies(
+    micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    """A crash between a save's two renames leaves RUN/.pretrain.tmp-old and no RUN/pretrain; eval reads
+    the copy (as load_model does). Its report went to RUN/pretrain/, a new directory of that file alone:
+    the checkpoint no longer loaded by its name, and the next save or --resume removed the copy as the
+    leftover of a finished swap. The report goes into the copy, which a resume then moves back. And
+    `~/x` is read as the home's x: its report went to a new directory named `~` in the working one."""
+    import shutil
+
+    from nanoseek.atomic import restore_directory
+
+    run = tmp_path / "runs"
+    shutil.copytree(micro_checkpoint, run / ".pretrain.tmp-old")
+    cfg = EvalConfig(
+        model=str(run / "pretrain"), task="arithmetic", n=2, k=1, max_new_tokens=2, progress=False
+    )
+    evaluate(cfg)
+    assert not (run / "pretrain").exists()
+    restore_directory(run / "pretrain")  # what the next save or resume does first
+    assert (run / "pretrain" / "config.json").exists() and (
+        run / "pretrain" / "eval_arithmetic.json"
+    ).exists()
+    assert list(read_metrics(run / "metrics.jsonl"))[-1]["evaluated"] == "pretrain"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(run)
+    evaluate(dataclasses.replace(cfg, model="~/runs/pretrain", task="sorting"))
+    assert (run / "pretrain" / "eval_sorting.json").exists() and not (run / "~").exists()
+
+
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_a_16_bit_checkpoint_is_evaluated_in_bf16_only_where_the_cpu_runs_it(
     micro_checkpoint, tmp_path, monkeypatch, native_bf16

@@ -339,6 +339,8 @@ def test_export_reads_a_checkpoint_a_crash_left_aside(checkpoint, tmp_path) -> N
     summary = export_gguf(target, tmp_path / "x.gguf", type="f32")
     assert summary.tensors > 0 and (tmp_path / "x.gguf").exists()
     assert not target.exists()  # a reader leaves it there (the writer may be between its renames)
+    # the model's name (llama.cpp and ollama show it) is the checkpoint's, not its scratch copy's
+    assert _fields(gguf.GGUFReader(str(tmp_path / "x.gguf")))["general.name"] == "final"
 
 
 def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:

@@ -504,6 +504,43 @@ def test_a_resumed_time_budget_goes_on_with_what_was_left_of_it(tmp_path, monkey
     assert resumed[-1]["lr"] <= 1e-3 * (cfg.min_lr_ratio + 0.05)
 
 
+def test_a_resume_of_a_run_that_spent_its_budget_writes_nothing(tmp_path, monkeypatch, capsys) -> None:
+    """A run the deadline stopped (step 3 of 4) has no time left: resumed with its budget, it is finished,
+    as one that ran all its steps is. It saved its checkpoint again, and its end record added this
+    process's time to the stage's."""
+    import time
+
+    from nanoseek import perf
+    from nanoseek.report import RunMetrics, stopped
+    from nanoseek.train import loop
+    from nanoseek.train.sft import SFTConfig
+
+    fake = lambda *a, **k: 1e30  # noqa: E731  (no peak to measure on a clock that stands still)
+    fake.cache_clear = lambda: None
+    monkeypatch.setattr(perf, "matmul_peak_flops", fake)
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    step = loop.Trainer.step
+
+    def timed_step(self, *args, **kwargs):  # 0.1 s a step, nothing else takes time
+        now[0] += 0.1
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop.Trainer, "step", timed_step)
+    kw = dict(init="", steps=4, batch_size=2, seq_len=32, warmup_steps=0, progress=False, max_seconds=0.25)
+    assert len(_train_with_budget(tmp_path, SFTConfig(**kw), time.perf_counter())) == 3
+    weights = tmp_path / "control" / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    now[0] += 5.0  # data building and loading: time, but not the budget's any more
+    started = time.perf_counter()
+    now[0] += 5.0
+    capsys.readouterr()
+    assert len(_train_with_budget(tmp_path, SFTConfig(**kw, resume=True), started)) == 3
+    assert "nothing to train" in capsys.readouterr().out
+    assert weights.stat().st_mtime_ns == written
+    assert not stopped(RunMetrics(tmp_path).runs["control"][-1][1])
+
+
 def test_epochs_set_the_steps_and_each_epoch_is_every_row_once_reshuffled(tmp_path) -> None:
     """Without --steps a run is --epochs passes over the packed rows, a last batch short of rows
     counting as a step (8 rows of 3: 3 steps an epoch), and each epoch takes every row once, in its own

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from nanoseek.atomic import atomic_write, check_writable
+from nanoseek.atomic import atomic_write, check_writable, directory_to_read
 from nanoseek.options import option, path
 from nanoseek.perf import AUTO_DTYPE_HELP, DTYPE_CHOICES
 from nanoseek.tokenizer import THINK_END, THINK_START
@@ -531,11 +531,14 @@ def _outputs(cfg: EvalConfig) -> tuple[str, str | None, Path]:
         # no directory of the user's to write beside
         evaluated, run_dir, default_out = cfg.model, cfg.run_dir, Path(f"eval_{slug(cfg.task)}.json")
     else:
-        ck = Path(cfg.model)
+        # the directory the weights are read from (`~`, a copy a crash mid-save left aside): a report
+        # written at the checkpoint's own path there made a directory of it alone, which hid the copy
+        # from every reader, and the next save or resume deleted the copy as a finished swap's leftover
+        ck = Path(cfg.model).expanduser()
         evaluated, run_dir, default_out = (
             ck.name,
             cfg.run_dir or str(ck.parent),
-            ck / f"eval_{slug(cfg.task)}.json",
+            directory_to_read(ck) / f"eval_{slug(cfg.task)}.json",
         )
     return evaluated, run_dir, Path(cfg.out) if cfg.out else default_out
 

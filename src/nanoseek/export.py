@@ -204,7 +204,7 @@ def export_gguf(
     with atomic_file(path) as tmp:  # a half-written file must never look like an export
         writer = gguf.GGUFWriter(str(tmp), ARCH)
         try:
-            writer.add_name(src.resolve().name)
+            writer.add_name(Path(checkpoint).expanduser().resolve().name)  # not a copy's `.NAME.tmp-old`
             writer.add_file_type(int(file_type))
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             _write_hparams(writer, gguf, config)

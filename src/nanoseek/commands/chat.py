@@ -6,9 +6,9 @@
 - History is kept as chat messages; the template drops past reasoning (R1 does), and the engine's
   prefix cache reuses the latents of the unchanged history, so later turns do not re-read it.
 - Commands: /reset (clear history), /system TEXT (set the system prompt and reset), /help, /exit (or Ctrl-D).
-- One line is one message, or the lines between triple quotes (ollama's multi-line input). On a
-  terminal lines are read with readline (editing, history, no cap at the terminal's 4095 characters);
-  bytes that are not UTF-8 are read as U+FFFD.
+- One line is one message, or the lines between triple quotes (ollama's multi-line input: their text
+  is never a command, "// ..." code included). On a terminal lines are read with readline (editing,
+  history, no cap at the terminal's 4095 characters); bytes that are not UTF-8 are read as U+FFFD.
 - Ctrl-C while a reply streams stops that reply after the current token and keeps the session (the partial
   reply stays in history); a second Ctrl-C, or one at the prompt, ends the program as before.
 """
@@ -174,19 +174,20 @@ def _read_line(stdin: TextIO, out: TextIO, terminal: bool, prompt: str = "\n> ")
     return line.removesuffix("\n") if line else None
 
 
-def _read_message(stdin: TextIO, out: TextIO, terminal: bool) -> str | None:
+def _read_message(stdin: TextIO, out: TextIO, terminal: bool) -> tuple[str, bool] | None:
     """The next message: a line, or the lines from one opening with triple quotes to one closing with
-    them (ollama's multi-line input: pasted code, a table); the end of input closes an open block."""
+    them (ollama's multi-line input: pasted code, a table); the end of input closes an open block. With
+    it, whether it was such a block: its text is all message, never a command (as ollama sends it)."""
     line = _read_line(stdin, out, terminal)
     if line is None or not line.lstrip().startswith('"""'):
-        return line
+        return None if line is None else (line, False)
     lines = [line.lstrip()[3:]]
     while not lines[-1].rstrip().endswith('"""'):
         more = _read_line(stdin, out, terminal, prompt=". ")
         if more is None:
             break
         lines.append(more)
-    return "\n".join(lines).rstrip().removesuffix('"""')
+    return "\n".join(lines).rstrip().removesuffix('"""'), True
 
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
@@ -236,28 +237,30 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
     turns = tokens = 0
     seconds = 0.0
     while True:
-        line = _read_message(stdin, out, terminal)
-        if line is None:
+        read = _read_message(stdin, out, terminal)
+        if read is None:
             break
+        line, quoted = read
         line = line.strip()
         if not line:
             continue
-        command, *rest = line.split(maxsplit=1)
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            reset()
-            out.write("(history cleared)\n")
-            continue
-        if command == "/system":  # the word itself: "/systemd ..." is not a new system prompt
-            system = rest[0] if rest else None
-            reset()
-            out.write(f"(system prompt {'set' if system else 'cleared'}; history cleared)\n")
-            continue
-        if line in ("/help", "/?"):  # ollama's two
-            out.write(f"{HELP}\n")
-            continue
-        if line.startswith("/"):
+        # pasted code between triple quotes may open with "//" or a path: a message, not a command
+        if line.startswith("/") and not quoted:
+            command, *rest = line.split(maxsplit=1)
+            if line in ("/exit", "/quit"):
+                break
+            if line == "/reset":
+                reset()
+                out.write("(history cleared)\n")
+                continue
+            if command == "/system":  # the word itself: "/systemd ..." is not a new system prompt
+                system = rest[0] if rest else None
+                reset()
+                out.write(f"(system prompt {'set' if system else 'cleared'}; history cleared)\n")
+                continue
+            if line in ("/help", "/?"):  # ollama's two
+                out.write(f"{HELP}\n")
+                continue
             out.write(f"unknown command {command!r}; {HELP}\n")
             continue
         messages.append({"role": "user", "content": line})

@@ -186,8 +186,11 @@ def _top_k_top_p(
     # Tokens tied with the k-th stay, as transformers' TopKLogitsWarper and vLLM keep them (they drop
     # logits `< kth`): bf16 logits tie often, and topk alone would keep one by its index
     kth = ranked.gather(1, (top_k.clamp(max=head) - 1).unsqueeze(1))
-    if head < v and bool(((top_k < v) & ((logits >= kth).sum(dim=-1) > head)).any()):
-        return _top_k_top_p(logits, top_k, top_p, head=v)  # the tie may go on past the head
+    # The tie may go on past the head only where the head's last logit ties the k-th: counted over the
+    # vocabulary for those rows alone (a pass per step for every row cost the top-p-only rows R1 samples)
+    tied = (top_k < v) & (ranked[:, -1:] >= kth).squeeze(1)
+    if head < v and bool(tied.any()) and bool((tied & ((logits >= kth).sum(dim=-1) > head)).any()):
+        return _top_k_top_p(logits, top_k, top_p, head=v)
     remove = (rank >= top_k.unsqueeze(1)) & (ranked < kth)
     masked = ranked.masked_fill(remove, float("-inf"))
     norm = torch.where(within, masked.logsumexp(dim=-1), logits.logsumexp(dim=-1)).unsqueeze(1)

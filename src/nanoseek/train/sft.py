@@ -565,7 +565,9 @@ def train_on_examples(
     # Seconds of the budget spent: a --resume goes on with what its checkpoint had left of it (its
     # refitted step count with it), as one run that was never stopped, not with a fresh budget.
     spent = float((trainer.resume() or {}).get("seconds_spent", 0.0)) if cfg.resume else 0.0
-    if cfg.resume and trainer.global_step >= trainer.total_steps:  # finished: its checkpoint stays as written
+    # finished (every step ran, or its budget is spent: the deadline stopped it): its checkpoint stays as written
+    out_of_time = bool(cfg.max_seconds) and spent >= cfg.max_seconds
+    if cfg.resume and (trainer.global_step >= trainer.total_steps or out_of_time):
         log.log(None, event="end", wall_time_s=0.0, skipped=trainer.skipped_steps)
         log.close()
         print(f"{stage}: nothing to train; checkpoint {trainer.checkpoint_dir}")
