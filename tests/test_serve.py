@@ -1374,6 +1374,12 @@ def test_web_page_served(scripted):
     # the page's files are one metric label, not one per file name (a bounded label set)
     metrics = httpx.get(scripted.url + "/metrics").text
     assert 'route="/static",status="200"} 2.0' in metrics and "chat.js" not in metrics
+    # revalidated on each load: a browser's guessed freshness ran an upgraded (or edited) page stale
+    for path in ("/", "/static/chat.js", "/static/markdown.js"):
+        r = httpx.get(scripted.url + path)
+        assert r.headers["cache-control"] == "no-cache" and r.headers["etag"], path
+    again = httpx.get(scripted.url + path, headers={"If-None-Match": r.headers["etag"]})
+    assert again.status_code == 304  # ...which costs a 304, not the file
 
 
 def test_sse_wire_format(scripted):

@@ -499,7 +499,8 @@ def test_settings_and_the_api_key_reach_the_request(browser):
 @pytest.mark.slow
 def test_the_reply_is_fitted_into_the_context(browser):
     """max tokens above the room left is cut to exactly the room (the server would refuse it: 400), and a
-    conversation that fills the context is refused on the page before anything is sent."""
+    conversation that fills the context is refused on the page before anything is sent, its message given
+    back to shorten. A message too long on its own was told to "start a new chat", which cannot help."""
     tok = tiny_tokenizer()
     full = [{"role": "user", "content": "What is 2 + 2? Let me think about this problem."}]
     ctx = _prompt_len(tok, full)
@@ -513,18 +514,26 @@ def test_the_reply_is_fitted_into_the_context(browser):
         _send_and_wait(browser, "hi")
         assert _last(browser, ".error") is None
         assert engine.added[-1][1].max_new_tokens == ctx - _prompt_len(tok, short)
-        browser.js("document.getElementById('clear').click()")
+        # after a turn: a new chat helps
         _send_and_wait(browser, full[0]["content"])
         assert (
             _last(browser, ".error") == "Error: the conversation fills the model's context: start a new chat"
         )
+        browser.js("document.getElementById('clear').click()")
+        _send_and_wait(browser, full[0]["content"])
+        # alone in a new chat, a new chat cannot help: the message is to be shortened
+        assert _last(browser, ".error") == (
+            f"Error: the message is too long for the model's context ({ctx} tokens): shorten it"
+        )
         assert len(engine.added) == 1
+        assert browser.js("document.getElementById('input').value") == full[0]["content"]
 
 
 @pytest.mark.slow
 def test_errors_are_shown_as_text_and_the_failed_turn_is_not_sent_again(browser):
     """A refused request shows the server's message; a failure mid-stream (an in-band error event) shows
-    its message as text, never as markup; the failed user message is not part of the next request."""
+    its message as text, never as markup; the failed user message is not part of the next request, and it
+    goes back into the message box (it was lost: the user had to type it again)."""
     tok = tiny_tokenizer()
 
     class BreakingEngine(ScriptedEngine):
@@ -546,6 +555,7 @@ def test_errors_are_shown_as_text_and_the_failed_turn_is_not_sent_again(browser)
         _send_and_wait(browser, "first")
         assert _last(browser, ".error") == "Error: " + message
         assert not engine.added
+        assert browser.js("document.getElementById('input').value") == "first"  # given back, to resend
         browser.js("document.getElementById('temperature').value = '0.6'")
         _send_and_wait(browser, "second")
         text = tok.decode(engine.added[-1][0])
@@ -618,3 +628,182 @@ def test_markdown_escapes_entities_and_attributes_and_drops_unsafe_links(browser
         )
         assert render("`*a*` and ## not a heading") == "<p><code>*a*</code> and ## not a heading</p>"
         assert render("## Title\n> quoted") == "<h2>Title</h2>\n<blockquote>quoted</blockquote>"
+
+
+@pytest.mark.slow
+def test_a_long_word_wraps_in_its_message_and_the_page_follows_a_dark_system_theme(browser):
+    """A long URL or hash (no spaces) ran out of its card and gave the whole page a sideways scroll on a
+    phone; code blocks alone scroll. The page was light under a dark system theme (ollama's and llama.cpp's
+    pages follow prefers-color-scheme)."""
+    tok = tiny_tokenizer()
+    url = "https://example.com/" + "abcdefghij" * 15
+    engine = ScriptedEngine(
+        tok,
+        lambda prompt, params: tok.encode(f"ok\n</think>\n\nSee {url}\n\n```\n{'x = 1; ' * 40}\n```"),
+        max_seq_len=4096,
+    )
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        browser.call(
+            "Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=1, mobile=True
+        )
+        _open_page(browser, srv)
+        _send_and_wait(browser, "sha " + "0123456789abcdef" * 8)
+        sizes = browser.js("(m => [m.scrollWidth, m.clientWidth])(document.getElementById('messages'))")
+        assert sizes[0] <= sizes[1], f"the page scrolls sideways: {sizes}"
+        assert browser.js("(p => p.scrollWidth > p.clientWidth)(document.querySelector('.answer pre'))")
+
+        def luminance(selector: str, prop: str) -> float:
+            rgb = browser.js(f"getComputedStyle(document.querySelector('{selector}')).{prop}")
+            return sum(int(c) for c in re.findall(r"\d+", rgb)[:3]) / 3
+
+        assert luminance("body", "backgroundColor") > 200
+        browser.call(
+            "Emulation.setEmulatedMedia", features=[{"name": "prefers-color-scheme", "value": "dark"}]
+        )
+        for selector in ("body", ".msg.user", ".msg.assistant", "textarea"):
+            assert luminance(selector, "backgroundColor") < 60, selector
+        for selector in ("body", ".msg.assistant .answer", "textarea"):
+            assert luminance(selector, "color") > 180, selector
+
+
+@pytest.mark.slow
+def test_scrolling_up_while_an_answer_streams_keeps_the_readers_place(browser):
+    """Each token scrolled the page to the bottom, so a reader who scrolled up to an earlier part of a long
+    answer was pulled back down at once. The view follows new tokens only while it is at the bottom (as
+    llama.cpp's page does), again once the reader returns there, and always for a new message."""
+    tok = tiny_tokenizer()
+    engine = ScriptedEngine(
+        tok,
+        lambda prompt, params: tok.encode("ok\n</think>\n\n" + "\n\n".join(f"line {i}" for i in range(150))),
+        step_delay=0.03,
+        max_seq_len=4096,
+    )
+
+    def at_bottom() -> bool:
+        return browser.js(
+            "(m => m.scrollHeight - m.scrollTop - m.clientHeight < 5)(document.getElementById('messages'))"
+        )
+
+    def height() -> int:
+        return browser.js("document.getElementById('messages').scrollHeight")
+
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        browser.call(
+            "Emulation.setDeviceMetricsOverride", width=800, height=500, deviceScaleFactor=1, mobile=False
+        )
+        _open_page(browser, srv)
+        browser.js("document.getElementById('max-tokens').value = '1000'")
+        browser.js("document.getElementById('input').value = 'count'")
+        browser.js("document.getElementById('send').click()")
+        _wait(lambda: "line 20" in (_last(browser, ".answer") or ""), "the answer never got long")
+        assert at_bottom()
+        browser.js("document.getElementById('messages').scrollTop = 50")
+        time.sleep(0.3)  # the scroll event is delivered with the next frame
+        grown = height()
+        _wait(lambda: height() > grown + 200, "the answer stopped growing")
+        assert browser.js("document.getElementById('messages').scrollTop") == 50  # left where the reader is
+        browser.js("(m => { m.scrollTop = m.scrollHeight; })(document.getElementById('messages'))")
+        time.sleep(0.3)
+        grown = height()
+        _wait(lambda: height() > grown + 200, "the answer stopped growing")
+        assert at_bottom()  # back at the bottom: following again
+        browser.js("document.getElementById('stop').click()")
+        _wait(lambda: browser.js("document.getElementById('stop').disabled"), "stop did not end the turn")
+        browser.js("document.getElementById('messages').scrollTop = 0")
+        time.sleep(0.3)
+        browser.js("document.getElementById('max-tokens').value = '30'")
+        _send_and_wait(browser, "again")
+        assert at_bottom()  # a new message brings the view down
+
+
+@pytest.mark.slow
+def test_a_code_block_has_a_copy_button_that_copies_the_code_alone(browser):
+    """A code block had no way to copy it but selecting by hand, awkward for one that scrolls sideways
+    (llama.cpp's page puts a copy button on each). The button copies the code verbatim, and is there on
+    a reloaded conversation too."""
+    tok = tiny_tokenizer()
+    code = "def f(x):\n    return x < 1 and '**a**'  # " + "long_" * 30
+    engine = ScriptedEngine(
+        tok,
+        lambda prompt, params: tok.encode(f"ok\n</think>\n\nHere:\n\n```python\n{code}\n```\n\nDone."),
+        max_seq_len=4096,
+    )
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        _open_page(browser, srv)
+        _send_and_wait(browser, "code please")
+        for _ in range(2):  # the streamed answer, then the same answer restored after a reload
+            browser.js(
+                "window.__copied = null; navigator.clipboard.writeText ="
+                " t => { window.__copied = t; return Promise.resolve(); }; true"
+            )
+            button = "document.querySelector('.msg.assistant .answer button.copy')"
+            assert browser.js(f"{button}.getAttribute('aria-label')") == "Copy code"
+            browser.js(f"{button}.click()")
+            _wait(lambda: browser.js("window.__copied") is not None, "nothing was copied")
+            assert browser.js("window.__copied") == code
+            assert browser.js(f"{button}.textContent") == "Copied"
+            browser.call("Page.reload")
+            _wait(
+                lambda: (
+                    browser.js("document.readyState") == "complete"
+                    and browser.js("document.querySelectorAll('.msg').length") == 2
+                ),
+                "conversation not restored",
+            )
+
+
+@pytest.mark.slow
+def test_a_screen_reader_waits_for_the_streamed_turn(browser):
+    """The message list is a live region, and every token re-rendered the answer in it, so a screen reader
+    read the reply out over and over as it grew. While a reply streams the region is aria-busy (WAI-ARIA
+    1.2), and no longer once the turn is done or stopped."""
+    tok = tiny_tokenizer()
+    engine = ScriptedEngine(
+        tok, lambda prompt, params: tok.encode("ok\n</think>\n\n" + "four " * 40), step_delay=0.03
+    )
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        _open_page(browser, srv)
+        busy = "document.getElementById('messages').getAttribute('aria-busy')"
+        assert browser.js(busy) != "true"
+        browser.js("document.getElementById('input').value = 'count'")
+        browser.js("document.getElementById('send').click()")
+        _wait(lambda: "four" in (_last(browser, ".answer") or ""), "the answer never started")
+        assert browser.js(busy) == "true"
+        browser.js("document.getElementById('stop').click()")
+        _wait(lambda: browser.js("document.getElementById('stop').disabled"), "stop did not end the turn")
+        assert browser.js(busy) == "false"
+        _send_and_wait(browser, "again")
+        assert browser.js(busy) == "false"
+
+
+@pytest.mark.slow
+def test_a_server_with_a_key_asks_for_it_in_the_page(browser):
+    """With --api-key the page showed the server's 401 text, "send 'Authorization: Bearer <key>'", a
+    header a browser user does not set; the README says the page asks for the key in its API key box. The
+    page now says so, and puts the cursor there; a wrong key is told apart from a missing one."""
+    tok = tiny_tokenizer()
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test", api_key="s3cret"))) as srv:
+        browser.call("Page.enable")
+        browser.call("Runtime.enable")
+        browser.call("Page.navigate", url=srv.url + "/")
+        model = "(document.getElementById('model') || {}).textContent || ''"
+        _wait(lambda: "?" in browser.js(model), "the page did not load")
+        assert browser.js(model) == "model: ? (this server needs an API key: enter it in the API key box)"
+        assert browser.js("document.activeElement.id") == "api-key"
+        _send_and_wait(browser, "hello")
+        assert _last(browser, ".error") == "Error: this server needs an API key: enter it in the API key box"
+        browser.js("document.getElementById('api-key').value = 'wrong'")
+        _send_and_wait(browser, "hello")
+        assert _last(browser, ".error") == "Error: wrong API key: enter it in the API key box"
+        assert browser.js("document.activeElement.id") == "api-key"
+        assert not engine.added
+        browser.js("document.getElementById('api-key').value = 's3cret'")
+        browser.js("document.getElementById('api-key').dispatchEvent(new Event('change'))")
+        _wait(lambda: "web-test" in browser.js(model), "the key did not reach /v1/models")
+        _send_and_wait(browser, "hello")
+        assert len(engine.added) == 1
+        assert (
+            browser.js("[...document.querySelectorAll('.msg.assistant')].pop().querySelector('.error')")
+            is None
+        )

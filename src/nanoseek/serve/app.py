@@ -67,6 +67,21 @@ from nanoseek.tokenizer import (
 
 STATIC_DIR = Path(__file__).parent / "static"
 OPEN_PATHS = ("/health", "/", "/favicon.ico")  # the page's static files hold no model data
+# The page and its scripts are revalidated on each load (cheap: an ETag, a 304): without Cache-Control a
+# browser caches them by a guess from Last-Modified (RFC 9111 4.2.2), so an upgraded or edited page ran
+# stale, or as a new index.html over an old chat.js.
+PAGE_HEADERS = {"Cache-Control": "no-cache"}
+
+
+class _PageFiles(StaticFiles):
+    """The page's scripts and styles, with `PAGE_HEADERS`."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(PAGE_HEADERS)
+        return response
+
+
 ROUTES = (
     "/v1/chat/completions",
     "/v1/completions",
@@ -1158,8 +1173,8 @@ def create_app(engine: Any, tokenizer: Any, config: ServeConfig, model: Any = No
 
     @app.get("/")
     async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", _PageFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(_AuthAndMetrics, server=server)
     return app

@@ -32,11 +32,22 @@
     return h;
   }
 
+  // Why the server refused a request. Its 401 names an HTTP header, which a browser user does not set: the
+  // page asks for the key in its own box instead.
+  function refusal(r, body) {
+    if (r.status === 401) {
+      $("api-key").focus();
+      const given = $("api-key").value.trim();
+      return new Error((given ? "wrong API key" : "this server needs an API key") + ": enter it in the API key box");
+    }
+    return new Error(body.error ? body.error.message : r.status + " " + r.statusText);
+  }
+
   async function loadModel() {
     try {
       const r = await fetch("/v1/models", { headers: headers() });
       const body = await r.json();
-      if (!r.ok) throw new Error(body.error ? body.error.message : r.statusText);
+      if (!r.ok) throw refusal(r, body);
       model = body.data[0].id;
       maxModelLen = body.data[0].max_model_len || null;
       $("model").textContent = "model: " + model + (maxModelLen ? " (context " + maxModelLen + ")" : "");
@@ -56,7 +67,16 @@
     return div;
   }
 
-  function scroll() { messagesEl.scrollTop = messagesEl.scrollHeight; }
+  // Follow new tokens only while the reader is at the bottom: one who scrolled up to read an earlier part
+  // keeps their place (as llama.cpp's and ChatGPT's pages do); sending a message follows again.
+  let follow = true;
+  messagesEl.addEventListener("scroll", function () {
+    follow = messagesEl.scrollHeight - messagesEl.scrollTop - messagesEl.clientHeight < 40;
+  });
+  function scroll(force) {
+    if (force) follow = true;
+    if (follow) messagesEl.scrollTop = messagesEl.scrollHeight;
+  }
 
   function assistantView(div) {
     const details = document.createElement("details");
@@ -75,6 +95,46 @@
     div.append(details, answer, meta);
     return { details: details, summary: summary, reasoning: reasoning, answer: answer, meta: meta };
   }
+
+  // The answer's markdown, with a Copy button on each code block (as llama.cpp's page has: a block that
+  // scrolls sideways is awkward to select by hand).
+  function showAnswer(el, content) {
+    el.innerHTML = window.renderMarkdown(content);
+    for (const pre of el.querySelectorAll("pre")) {
+      const box = document.createElement("div");
+      box.className = "code";
+      const copy = document.createElement("button");
+      copy.type = "button";
+      copy.className = "copy secondary";
+      copy.textContent = "Copy";
+      copy.setAttribute("aria-label", "Copy code");
+      pre.replaceWith(box);
+      box.append(copy, pre);
+    }
+  }
+
+  // navigator.clipboard exists only in a secure context (https, localhost): a page opened at
+  // http://<lan address> copies through a selection instead.
+  function copyText(text) {
+    if (navigator.clipboard && window.isSecureContext) return navigator.clipboard.writeText(text);
+    const area = document.createElement("textarea");
+    area.value = text;
+    area.style.position = "fixed"; area.style.opacity = "0";
+    document.body.appendChild(area);
+    area.select();
+    const ok = document.execCommand("copy");
+    area.remove();
+    return ok ? Promise.resolve() : Promise.reject(new Error("the browser refused to copy"));
+  }
+
+  messagesEl.addEventListener("click", function (e) {
+    const copy = e.target.closest("button.copy");
+    if (!copy) return;
+    copyText(copy.parentNode.querySelector("code").textContent).then(
+      function () { copy.textContent = "Copied"; },
+      function () { copy.textContent = "Copy failed"; });
+    setTimeout(function () { copy.textContent = "Copy"; }, 1500);
+  });
 
   // Parse an SSE byte stream into JSON payloads; yields until "data: [DONE]".
   async function* sse(response) {
@@ -104,7 +164,11 @@
     addMessage("user").appendChild(document.createTextNode(text));
     const div = addMessage("assistant");
     div.dataset.state = "streaming";
+    // The page is a live region: without aria-busy a screen reader reads out every token's re-render; busy,
+    // it waits and reads the finished turn (WAI-ARIA 1.2, aria-busy).
+    messagesEl.setAttribute("aria-busy", "true");
     const view = assistantView(div);
+    scroll(true);
     let reasoning = "", content = "", usage = null, finish = null, failed = false;
     const started = performance.now();
     let thought = null;  // seconds until the answer began: "Thought for" is the thinking, not the whole turn
@@ -118,7 +182,10 @@
         const t = await fetch("/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ messages: wire(), chat_template_kwargs: templateKwargs() }) });
         if (t.ok) {
           const room = maxModelLen - (await t.json()).count;
-          if (room < 1) throw new Error("the conversation fills the model's context: start a new chat");
+          // a message too long on its own is not helped by a new chat
+          if (room < 1) throw new Error(history.length > 1
+            ? "the conversation fills the model's context: start a new chat"
+            : "the message is too long for the model's context (" + maxModelLen + " tokens): shorten it");
           maxTokens = Math.min(maxTokens, room);
         }
       }
@@ -135,8 +202,7 @@
         method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
       });
       if (!r.ok) {
-        const err = await r.json().catch(function () { return {}; });
-        throw new Error(err.error ? err.error.message : r.status + " " + r.statusText);
+        throw refusal(r, await r.json().catch(function () { return {}; }));
       }
       for await (const chunk of sse(r)) {
         if (chunk.error) throw new Error(chunk.error.message);
@@ -151,7 +217,7 @@
           if (d.content) {
             if (reasoning && thought === null) thought = (performance.now() - started) / 1000;
             content += d.content;
-            view.answer.innerHTML = window.renderMarkdown(content);
+            showAnswer(view.answer, content);
           }
           if (choice.finish_reason) finish = choice.finish_reason;
         }
@@ -172,11 +238,16 @@
       view.meta.textContent = parts.join(" · ");
       // A failed turn leaves the history as it was, so the next message is not sent after a broken one.
       if (mine === conversation) {  // else "New chat" has cleared the history this turn belonged to
-        if (failed) history.pop();
+        if (failed) {
+          history.pop();
+          // ...and the message goes back into the box, to edit (a prompt too long: shorten it) and resend
+          if (!input.value) input.value = text;
+        }
         else history.push({ role: "assistant", content: content, reasoning: reasoning });
         save();
       }
       div.dataset.state = "done";
+      messagesEl.setAttribute("aria-busy", "false");
       sendBtn.disabled = false; stopBtn.disabled = true;
       controller = null;
       scroll();
@@ -218,9 +289,9 @@
         view.details.hidden = false; view.details.open = false;
         view.summary.textContent = "Thinking"; view.reasoning.textContent = m.reasoning;
       }
-      view.answer.innerHTML = window.renderMarkdown(m.content);
+      showAnswer(view.answer, m.content);
     }
   } catch (e) { localStorage.removeItem(STORE); }
-  scroll();
+  scroll(true);
   loadModel();
 })();
