@@ -564,6 +564,31 @@ def test_epochs_set_the_steps_and_each_epoch_is_every_row_once_reshuffled(tmp_pa
     assert len({tuple(order) for order in epochs}) == 3
 
 
+def test_a_long_run_shuffles_its_rows_once_an_epoch_not_at_every_step(monkeypatch) -> None:
+    """Each step's batch is a slice of its epoch's order: the order (a shuffle of every row) is drawn
+    once per epoch, so a step's cost does not grow with the dataset; the batches are those of the
+    order drawn afresh at each step."""
+    import random
+
+    rows = [([k] * 4, [k] * 4, [0, 1, 2, 3], [0] * 4) for k in range(40)]
+    first = [packed_batch_at(rows, 4, 5, step).input_ids[:, 0].tolist() for step in range(30)]
+    shuffles = []
+    real = random.Random.shuffle
+
+    def counted(self, x):
+        shuffles.append(len(x))
+        return real(self, x)
+
+    monkeypatch.setattr(random.Random, "shuffle", counted)
+    again = [packed_batch_at(rows, 4, 7, step).input_ids[:, 0].tolist() for step in range(30)]
+    assert shuffles == [40] * 3  # 30 steps of 4 rows from 40: three epochs, one shuffle each
+    for step in range(30):  # the same order a shuffle at every step would give
+        order = list(range(40))
+        real(random.Random(7 * 1_000_003 + step // 10), order)
+        assert again[step] == order[step % 10 * 4 : step % 10 * 4 + 4]
+    assert first != again
+
+
 def test_a_short_run_still_warms_up_and_anneals(tmp_path) -> None:
     """--warmup-steps (default 10) is cut to half of a shorter run: 4 steps end at the schedule's floor,
     not on the warmup's ramp at 0.4 x --lr."""

@@ -22,6 +22,8 @@ What is notable here:
 
 from __future__ import annotations
 
+import array
+import functools
 import gzip
 import json
 import math
@@ -298,10 +300,18 @@ def packed_batch_at(
     the step, so resuming needs nothing but the step count."""
     per_epoch = math.ceil(len(rows) / batch_size)
     epoch, i = divmod(step, per_epoch)
-    order = list(range(len(rows)))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    order = _epoch_order(len(rows), seed, epoch)
     chunk = [rows[j] for j in order[i * batch_size : (i + 1) * batch_size]]
     return PackedBatch(*(torch.tensor([r[k] for r in chunk], dtype=torch.long) for k in range(4)))
+
+
+@functools.lru_cache(maxsize=2)  # the SFT loop's rows, and GRPO's --sft-mix rows beside its own
+def _epoch_order(n: int, seed: int, epoch: int) -> array.array:
+    """The order of `n` rows in `epoch`: shuffled once per epoch, not at every step (a shuffle of every
+    row, which for a large dataset costs more than a small model's step). Kept as machine ints."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return array.array("q", order)
 
 
 def sft_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
