@@ -473,6 +473,79 @@ def test_ranks_started_with_other_settings_are_refused(workdir, tmp_path) -> Non
         assert "different settings (by rank: steps: 3, 4)" in r["error"]
 
 
+def _resuming_rank(dirs: str, world: int, rank: int, port: int) -> dict:
+    import os
+    import time
+
+    workdir, out = dirs.split("|")
+    torch.set_num_threads(1)
+    real = os.replace
+
+    def slow_replace(src, dst, *args, **kw):
+        if str(src).endswith(".tmp-old"):  # widen the window between restore_directory's check and rename
+            time.sleep(1.0)
+        return real(src, dst, *args, **kw)
+
+    os.replace = slow_replace
+    from nanoseek.train.distributed import init_distributed
+
+    init_distributed(device="cpu", timeout_s=30)
+    try:
+        pretrain(config(Path(workdir), Path(out), steps=3, val_every=0, resume=True))
+    except OSError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_a_checkpoint_left_aside_mid_save(workdir, tmp_path) -> None:
+    """A save killed between its two renames left RUN/.pretrain.tmp-old: every rank put it back at
+    once, and the one whose rename found it already moved failed (FileNotFoundError)."""
+    from gloo import run_ranks
+
+    run = tmp_path / "run"
+    pretrain(config(workdir, run, steps=2, val_every=0))
+    (run / "pretrain").rename(run / ".pretrain.tmp-old")
+    ranks = run_ranks(_resuming_rank, 2, f"{workdir}|{run}", str(tmp_path / "result"), check=False)
+    assert ranks == [{"error": None}, {"error": None}]  # (a rank that died gives None)
+    assert json.loads((run / "pretrain" / "train_state" / "trainer.json").read_text())["step"] == 3
+    assert not (run / ".pretrain.tmp-old").exists()
+
+
+def _rank_in_its_own_directory(dirs: str, world: int, rank: int, port: int) -> dict:
+    import os
+
+    workdir, base = dirs.split("|")
+    torch.set_num_threads(1)
+    os.chdir(Path(base) / f"node{rank}")  # the same --out, relative: another directory on each node
+    from nanoseek.train.distributed import init_distributed
+
+    init_distributed(device="cpu", timeout_s=30)
+    try:
+        pretrain(config(Path(workdir), Path("run"), steps=3, val_every=0, resume=True))
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"error": None}
+
+
+@pytest.mark.slow
+def test_ranks_that_find_different_checkpoints_refuse_to_resume(workdir, tmp_path) -> None:
+    """A node that does not see rank 0's checkpoint (a node-local --out, another working directory)
+    resumed from nothing beside ranks at step 2: their collectives mismatched and the job hung until
+    the timeout (10 minutes under torchrun) before any error."""
+    from gloo import run_ranks
+
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+    pretrain(config(workdir, tmp_path / "node0" / "run", steps=2, val_every=0))
+    ranks = run_ranks(
+        _rank_in_its_own_directory, 2, f"{workdir}|{tmp_path}", str(tmp_path / "result"), check=False
+    )
+    for r in ranks:
+        assert r is not None and "ranks found different checkpoints" in r["error"]
+    assert json.loads((tmp_path / "node0/run/pretrain/train_state/trainer.json").read_text())["step"] == 2
+
+
 def test_tensorboard_without_its_package_is_refused_before_the_run_starts(monkeypatch) -> None:
     # the flags' check, not the first step's: a missing package must not cost the tokenizer's training
     import importlib.util

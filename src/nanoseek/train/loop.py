@@ -781,10 +781,29 @@ class Trainer:
         (ValueError, nothing loaded or written) when the training settings changed since.
         `logged_step`: the extra state's key for the step the stage's records count, where that is not
         the optimizer's (GRPO's steps: one without signal makes no update, μ > 1 makes several)."""
+        from nanoseek.atomic import restore_directory
         from nanoseek.checkpoint import check_keys, from_hf_state_dict, load_train_state, read_safetensors
 
         ckpt = self.checkpoint_dir
+        if self.dist.is_main:
+            # one rank puts back a checkpoint a save cut short left aside (as `load_dcp`), the others
+            # wait: each moving it, one found it gone under its rename (FileNotFoundError)
+            restore_directory(ckpt)
+        barrier(self.dist)
         saved = load_train_state(ckpt)
+        if self.dist.enabled:
+            # Every rank must resume the same step: a node that does not see rank 0's checkpoint (a
+            # node-local --out, another working directory) would start from nothing beside it: the
+            # ranks' collectives no longer match, and the job hangs until the timeout (10 minutes).
+            step = -1.0 if saved is None else float(saved[1]["step"])
+            steps = all_reduce_(torch.tensor([step, -step], dtype=torch.float64), self.dist, "max")
+            if steps[0] != -steps[1]:
+                lowest = "none" if steps[1] == 1 else f"step {int(-steps[1])}"
+                raise ValueError(
+                    f"the ranks found different checkpoints in {ckpt} (from {lowest} to step {int(steps[0])}): "
+                    "resume with --out on a filesystem every node sees, the same directory on each "
+                    "(docs/multinode.md)"
+                )
         if saved is None:
             return None
         self._check_settings(ckpt)
