@@ -611,7 +611,7 @@ def test_stream_stop_is_asked_between_the_steps_of_a_long_prefill(model):
     step = engine.step
     engine.step = lambda: steps.append(1) or step()
     asked = iter([False, False, True])  # stop after two of the five prefill steps
-    events = list(engine.stream([(PROMPTS[2] * 3)[:40]], max_new_tokens=3, stop=lambda: next(asked)))
+    events = list(engine.stream([(PROMPTS[2] * 3)[:40]], max_new_tokens=3, should_stop=lambda: next(asked)))
     assert events == [] and len(steps) == 2
     assert not engine.has_unfinished() and engine.stats()["cache_blocks_used"] == 0
 

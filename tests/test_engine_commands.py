@@ -172,7 +172,7 @@ def test_chat_turn_splits_reasoning_across_split_tags(checkpoint):
     class Engine:  # streams the chunks' token ids, one chunk per step
         max_seq_len = 4096
 
-        def stream(self, prompts, params, stop=None):
+        def stream(self, prompts, params, should_stop=None):
             return [SimpleNamespace(new_token_ids=tok.encode(c)) for c in chunks]
 
     out = io.StringIO()
@@ -198,7 +198,7 @@ def test_chat_turn_neither_shows_nor_keeps_the_stop_token(checkpoint):
     class Engine:
         max_seq_len = 4096
 
-        def stream(self, prompts, params, stop=None):
+        def stream(self, prompts, params, should_stop=None):
             ids = tok.encode("hm</think>The answer is 4")
             return [SimpleNamespace(new_token_ids=ids), SimpleNamespace(new_token_ids=[user])]
 
@@ -224,7 +224,7 @@ def test_chat_turn_closes_a_think_block_the_reply_ended_in(checkpoint):
     class Engine:
         max_seq_len = 4096
 
-        def stream(self, prompts, params, stop=None):
+        def stream(self, prompts, params, should_stop=None):
             return [SimpleNamespace(new_token_ids=tok.encode("let me think"))]
 
     out = io.StringIO()
@@ -248,7 +248,7 @@ def test_a_reply_cut_inside_a_character_ends_before_it_in_chat_and_generate(chec
     class Engine:
         max_seq_len = 4096
 
-        def stream(self, prompts, params, stop=None):
+        def stream(self, prompts, params, should_stop=None):
             return [SimpleNamespace(new_token_ids=cut)]
 
     out = io.StringIO()
@@ -276,7 +276,7 @@ def test_chat_history_of_a_template_without_think_blocks(tmp_path):
     class Engine:
         max_seq_len = 4096
 
-        def stream(self, prompts, params, stop=None):
+        def stream(self, prompts, params, should_stop=None):
             return [SimpleNamespace(new_token_ids=tok.encode(c)) for c in ("Hello", " there")]
 
     out = io.StringIO()
@@ -299,7 +299,7 @@ def test_chat_no_think(checkpoint):
     class Engine:
         max_seq_len = 4096
 
-        def stream(self, prompts_, params, stop=None):
+        def stream(self, prompts_, params, should_stop=None):
             prompts.append(prompts_[0])
             return [SimpleNamespace(new_token_ids=tok.encode(c)) for c in ("The answer", " is 4</think>")]
 
@@ -395,7 +395,7 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(checkpoint, monkeypat
         class Interrupting:  # the real engine; SIGINT arrives while the first reply streams
             max_seq_len = engine.max_seq_len
 
-            def stream(self, prompts, params, stop=None):
+            def stream(self, prompts, params, should_stop=None):
                 seen.setdefault("turns", 0)
                 seen["turns"] += 1
                 for i, ev in enumerate(engine.stream(prompts, params)):
@@ -445,7 +445,7 @@ def _generate_replies(monkeypatch, tok, reply: list[int]) -> list:
     class Scripted:
         dtype = "torch.float32"
 
-        def stream(self, prompts, params, stop=None):
+        def stream(self, prompts, params, should_stop=None):
             seen.append(params)
             yield types.SimpleNamespace(new_token_ids=reply, finished=True)
 
@@ -494,7 +494,7 @@ def test_chat_session_sends_the_history_and_flags_the_user_relies_on(checkpoint,
     class Scripted:
         max_seq_len = 4096
 
-        def stream(self, prompts, params, stop=None):
+        def stream(self, prompts, params, should_stop=None):
             seen.append((tok.decode(prompts[0]), params))
             return [SimpleNamespace(new_token_ids=reply)]
 
@@ -635,7 +635,7 @@ def test_chat_turn_refuses_a_conversation_that_fills_the_context(checkpoint):
     class Engine:
         max_seq_len = n
 
-        def stream(self, prompts, params, stop=None):
+        def stream(self, prompts, params, should_stop=None):
             pytest.fail("a prompt that fills the context reached the engine")
 
     with pytest.raises(ContextFull, match=f"the conversation is {n} tokens; the context holds {n}"):
@@ -674,7 +674,7 @@ def _scripted_chat(monkeypatch, checkpoint) -> list[str]:
     class Scripted:
         max_seq_len = 4096
 
-        def stream(self, ids, params, stop=None):
+        def stream(self, ids, params, should_stop=None):
             prompts.append(tok.decode(ids[0]))
             return [SimpleNamespace(new_token_ids=reply)]
 

@@ -112,7 +112,9 @@ def chat_turn(
     # A stop token ends the reply but is not part of it: `<｜User｜>` is not special, so the decoder
     # would show it and history would keep it.
     stop_ids = set(getattr(params, "stop_token_ids", None) or ())
-    events = engine.stream([ids], params, stop=stop)  # (also asked between the steps of a long prefill)
+    events = engine.stream(
+        [ids], params, should_stop=stop
+    )  # (also asked between the steps of a long prefill)
     try:
         for ev in events:
             n += len(ev.new_token_ids)

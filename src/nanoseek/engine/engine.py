@@ -590,12 +590,12 @@ class Engine:
             self.abort(rid)
         self._aborted = [e for e in self._aborted if e.request_id not in ids]
 
-    def _drive(self, ids: list[str], stop: Callable[[], bool] | None = None) -> Iterator[StepEvent]:
+    def _drive(self, ids: list[str], should_stop: Callable[[], bool] | None = None) -> Iterator[StepEvent]:
         mine = set(ids)
         pending = set(ids)
         try:
             while pending:
-                if stop is not None and stop():  # asked between steps: a long prefill yields no event
+                if should_stop is not None and should_stop():  # between steps: a long prefill yields no event
                     return
                 for ev in self.step():
                     if ev.request_id in mine:
@@ -611,16 +611,16 @@ class Engine:
         self,
         prompts: list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
-        stop: Callable[[], bool] | None = None,
+        should_stop: Callable[[], bool] | None = None,
         **overrides,
     ) -> Iterator[StepEvent]:
         """Add the prompts and yield their events until all finish. Drives the engine itself: do not
         mix with another caller's requests (their events would be consumed here).
 
         `params` as for `generate_detailed`: with a seed, prompt i gets seed + i, so repeated prompts in
-        one call still differ. `stop()`, asked before each engine step, ends the stream (and aborts what
+        one call still differ. `should_stop()`, asked before each engine step, ends the stream (and aborts what
         is unfinished) where it returns true: a Ctrl-C during a prefill of several steps."""
-        return self._drive(self._submit(prompts, self._params(params, overrides)), stop)
+        return self._drive(self._submit(prompts, self._params(params, overrides)), should_stop)
 
     def generate_detailed(
         self,
