@@ -208,6 +208,16 @@ def test_offline_hub_name_is_one_clear_error(monkeypatch, tmp_path, capsys):
     )
 
 
+def test_offline_inspect_names_the_config_alone_to_download(monkeypatch, tmp_path, capsys):
+    """inspect and cost read a Hub model's config.json alone, but offline they told the user to fetch the
+    whole repository (`hf download deepseek-ai/DeepSeek-V3 --local-dir DIR`: 700 GB of weights)."""
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    for command in (["inspect", "deepseek-ai/X"], ["cost", "deepseek-ai/X", "--tokens", "1e9"]):
+        assert cli(command) == 2
+        assert "`hf download deepseek-ai/X --include config.json --local-dir DIR`" in capsys.readouterr().err
+
+
 def hub_cache(monkeypatch, cache, repo_id, files, commit="0123456789abcdef0123456789abcdef01234567"):
     """`files` laid out as huggingface_hub's cache holds a download of `repo_id` (blobs, the snapshot's
     relative symlinks to them, refs/main), with the Hub offline."""

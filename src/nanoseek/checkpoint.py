@@ -491,8 +491,12 @@ def _download(repo_id: str, label: str, patterns: tuple[str, ...] = HUB_FILES) -
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    from nanoseek.options import shell_quoted
+
+    # only the files this caller reads: inspect's config.json alone, not DeepSeek-V3's 700 GB of weights
+    include = "" if patterns == HUB_FILES else "".join(f" --include {shell_quoted(p)}" for p in patterns)
     local = "pass a local checkpoint directory instead (on a machine with a network: `hf download "
-    local += f"{repo_id} --local-dir DIR`, then copy DIR here)"
+    local += f"{repo_id}{include} --local-dir DIR`, then copy DIR here)"
     offline = "offline (no network, the Hub unreachable, or HF_HUB_OFFLINE set)"
     try:
         return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))

@@ -67,7 +67,7 @@ from nanoseek.tokenizer import (
 
 STATIC_DIR = Path(__file__).parent / "static"
 OPEN_PATHS = ("/health", "/", "/favicon.ico")  # the page's static files hold no model data
-# The page and its scripts are revalidated on each load (cheap: an ETag, a 304): without Cache-Control a
+# The page and its scripts are revalidated on each load (the scripts: an ETag, a 304): without Cache-Control a
 # browser caches them by a guess from Last-Modified (RFC 9111 4.2.2), so an upgraded or edited page ran
 # stale, or as a new index.html over an old chat.js.
 PAGE_HEADERS = {"Cache-Control": "no-cache"}
