@@ -1065,6 +1065,51 @@ def test_stream_options_without_stream_is_refused_naming_it(scripted):
     assert ok.status_code == 200
 
 
+def test_audio_output_and_web_search_are_refused_naming_them(scripted):
+    """A text-only model without a search tool cannot answer with audio or search the web: OpenAI refuses
+    these for such a model, and ignored (they were) the client waits for `message.audio` or citations that
+    never come. Their no-op values, as clients that send every field send them, pass."""
+    kw = dict(model=MODEL, messages=USER, max_tokens=2)
+    for extra in (
+        {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
+        {"audio": {"voice": "alloy", "format": "wav"}},
+        {"web_search_options": {}},
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            scripted.client.chat.completions.create(**kw, **extra)
+        assert e.value.body["param"] == next(iter(extra)), extra
+    r = scripted.client.chat.completions.create(**kw, modalities=["text"], audio=None)
+    assert r.choices[0].finish_reason == "length"
+    ok = httpx.post(scripted.url + "/v1/chat/completions", json={**kw, "web_search_options": None})
+    assert ok.status_code == 200
+
+
+def test_an_assistant_refusal_part_sent_back_is_its_text(scripted, tok):
+    """OpenAI's assistant content may hold `refusal` parts; a history replayed with one was a 400 ("content
+    part type 'refusal' is not supported"): it is the turn's text, as vLLM reads it. A part a text-only
+    model cannot read is refused naming its message (the 400 named `messages.content`, not which one)."""
+    refused = [{"type": "refusal", "refusal": "I cannot help with that."}]
+    history = [
+        {"role": "user", "content": "Tell me a secret."},
+        {"role": "assistant", "content": refused},
+        {"role": "user", "content": "And 3 + 3?"},
+    ]
+    scripted.client.chat.completions.create(model=MODEL, messages=history, max_tokens=1)
+    prompt_ids, _ = scripted.engine.added[-1]
+    as_text = [history[0], {"role": "assistant", "content": "I cannot help with that."}, history[2]]
+    assert prompt_ids == tok.apply_chat_template(as_text, tokenize=True)
+    # other parts are still refused (a text-only model), naming the message that holds one
+    for part in (
+        {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            scripted.client.chat.completions.create(
+                model=MODEL, messages=[*history, {"role": "user", "content": [part]}], max_tokens=1
+            )
+        assert part["type"] in e.value.body["message"] and e.value.body["param"] == "messages.3.content"
+
+
 def test_reasoning_content_in_request_is_dropped(scripted, tok):
     history = [
         {"role": "user", "content": "What is 2 + 2?"},
@@ -1467,6 +1512,23 @@ def test_thinking_off(scripted, tok):
     url = scripted.url + "/v1/chat/completions"
     bad = {"messages": USER, "chat_template_kwargs": {"thinking": "no"}}
     assert _err(httpx.post(url, json=bad), 400)["param"] == "chat_template_kwargs.thinking"
+
+
+def test_reasoning_effort_none_is_thinking_off(scripted, tok):
+    """OpenAI's `reasoning_effort: "none"` asks for no reasoning (gpt-5.1's default); it was ignored and the
+    reply thought anyway. It is the non-thinking mode; other efforts think as usual, an explicit
+    `chat_template_kwargs.thinking` wins, and /tokenize counts the prompt the chat renders."""
+    kw = dict(model=MODEL, messages=USER, max_tokens=100)
+    r = scripted.client.chat.completions.create(**kw, reasoning_effort="none")
+    assert tok.decode(scripted.engine.added[-1][0]).endswith("<｜Assistant｜></think>")
+    assert r.choices[0].message.content == f"{REASONING}\n</think>\n\n{ANSWER}"
+    assert "reasoning_content" not in (r.choices[0].message.model_extra or {})
+    body = {"messages": USER, "reasoning_effort": "none"}
+    assert httpx.post(scripted.url + "/tokenize", json=body).json()["count"] == r.usage.prompt_tokens
+    for effort, extra in (("low", {}), ("none", {"chat_template_kwargs": {"thinking": True}})):
+        r = scripted.client.chat.completions.create(**kw, reasoning_effort=effort, extra_body=extra)
+        assert tok.decode(scripted.engine.added[-1][0]).endswith("<｜Assistant｜><think>\n"), effort
+        assert r.choices[0].message.reasoning_content == REASONING + "\n"
 
 
 def test_tool_call_then_result_then_answer(tooling, tok):

@@ -245,7 +245,9 @@ def render_tools(tools: Sequence[dict[str, Any]]) -> str:
 def content_text(content: Any) -> str:
     """An OpenAI message's content as the template's text: a string, None (""), or a list of content
     parts (dicts or objects with `type` and `text`) joined by newlines, as vLLM and llama.cpp's server
-    join them for a template that takes string content (this one); a part that is not text is refused."""
+    join them for a template that takes string content (this one); a part that is not text is refused. An
+    assistant's `refusal` part (OpenAI's assistant content is text and refusal parts) is its text, as vLLM
+    reads it."""
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list):
@@ -253,8 +255,9 @@ def content_text(content: Any) -> str:
     texts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
-        text = part.get("text") if isinstance(part, dict) else getattr(part, "text", None)
-        if kind != "text":
+        key = "refusal" if kind == "refusal" else "text"
+        text = part.get(key) if isinstance(part, dict) else getattr(part, key, None)
+        if kind not in ("text", "refusal"):
             raise ValueError(f"content part type {kind!r} is not supported (text only)")
         texts.append(text or "")
     return "\n".join(texts)

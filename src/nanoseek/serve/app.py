@@ -5,7 +5,8 @@ Notable:
   split: `reasoning_content` (inside <think>…</think>) apart from `content`, also when the prompt already
   opened <think>. `reasoning_content` sent back in messages is dropped, as R1's template requires.
   `chat_template_kwargs: {"thinking": false}` (or vLLM's `enable_thinking`) is DeepSeek-V3.1's
-  non-thinking mode: the prompt closes the think block and everything generated is `content`.
+  non-thinking mode: the prompt closes the think block and everything generated is `content`; so is
+  OpenAI's `reasoning_effort: "none"`.
 - Function calling: `tools` go into the prompt in DeepSeek-V3.1's format; generated calls come back as
   OpenAI `tool_calls` (streamed as `delta.tool_calls`), finish_reason "tool_calls". A call block that
   does not parse is returned as plain content with finish_reason "stop". `tool_choice` "required" or a
@@ -474,8 +475,8 @@ class Server:
         """Request messages as the template's dicts. reasoning_content is deliberately not passed: R1's
         template drops reasoning from history."""
         out = []
-        for m in messages:
-            d = openai_message({"role": m.role, "content": m.text()})
+        for i, m in enumerate(messages):
+            d = openai_message({"role": m.role, "content": m.text(i)})
             if m.tool_calls:
                 d["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
             if m.tool_call_id is not None:
@@ -485,14 +486,16 @@ class Server:
 
     @staticmethod
     def thinking(req: ChatCompletionRequest | TokenizeRequest) -> bool:
-        """`chat_template_kwargs.thinking` (DeepSeek-V3.1's name) or `.enable_thinking`; on by default."""
+        """`chat_template_kwargs.thinking` (DeepSeek-V3.1's name) or `.enable_thinking`; else off for OpenAI's
+        `reasoning_effort: "none"` (no reasoning, gpt-5.1's default); on by default. Other efforts think as
+        usual: one think block has no length dial (vLLM ignores them for DeepSeek's templates too)."""
         kwargs = req.chat_template_kwargs or {}
         for key in ("thinking", "enable_thinking"):
             if key in kwargs:
                 if not isinstance(kwargs[key], bool):
                     raise APIError(f"'{key}' must be true or false.", param=f"chat_template_kwargs.{key}")
                 return kwargs[key]
-        return True
+        return req.reasoning_effort != "none"
 
     @staticmethod
     def tool_setup(req: ChatCompletionRequest | TokenizeRequest) -> tuple[list[dict] | None, str]:

@@ -3,9 +3,10 @@
 Requests are validated with pydantic, but a failure is reported the way OpenAI reports it: status 400,
 `{"error": {"message", "type": "invalid_request_error", "param": <the field>, "code"}}`, never
 FastAPI's 422. Unknown fields are accepted and ignored (clients such as lm-evaluation-harness send
-extras), as vLLM does, except vLLM's extensions that would change the output (`UNSUPPORTED`): those are
-refused, naming the field. `null` stands for the default of a field that cannot hold it, as OpenAI's spec
-has it (`"n": null` is n=1); `max_tokens: null` is no limit but the context's, as in vLLM.
+extras), as vLLM does, except fields that would change the output and are not implemented (`UNSUPPORTED`:
+vLLM's extensions, OpenAI's audio output and web search): those are refused, naming the field. `null`
+stands for the default of a field that cannot hold it, as OpenAI's spec has it (`"n": null` is n=1);
+`max_tokens: null` is no limit but the context's, as in vLLM.
 """
 
 from __future__ import annotations
@@ -118,15 +119,22 @@ class ChatMessage(_Request):
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool result: which call it answers
 
-    def text(self) -> str:
+    def text(self, index: int) -> str:
+        """The content as text; `index`: this message's place in `messages`, named by the 400 (a long
+        history may hold one image part)."""
         try:
             return content_text(self.content)
         except ValueError as e:
-            raise APIError(str(e), param="messages.content") from None
+            raise APIError(str(e), param=f"messages.{index}.content") from None
 
 
-# vLLM's request extensions that change the output and that this server does not implement -> their no-op value
+# Request fields that change the output and that this server does not implement -> their no-op value: vLLM's
+# extensions, and OpenAI's audio output and web search (a text-only model without a search tool: OpenAI
+# refuses them for such a model; ignored, the client waits for audio or citations that never come)
 UNSUPPORTED: dict[str, Any] = {
+    "modalities": ["text"],
+    "audio": None,
+    "web_search_options": None,
     "min_tokens": 0,
     "use_beam_search": False,
     "include_stop_str_in_output": False,
@@ -166,8 +174,8 @@ class _Sampling(_Request):
 
     @model_validator(mode="after")
     def _unsupported(self) -> _Sampling:
-        """vLLM's extensions this server cannot honour are refused, never ignored: each would change the
-        output. Their no-op values (what clients that send every field send) are accepted."""
+        """Fields this server cannot honour are refused, never ignored: each would change the output. Their
+        no-op values (what clients that send every field send) are accepted."""
         for name, noop in UNSUPPORTED.items():
             value = (self.model_extra or {}).get(name)
             if value is not None and value != noop and value != []:
@@ -209,6 +217,7 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     # vLLM's way to pass template options: {"thinking": false} (DeepSeek-V3.1) or {"enable_thinking": false}
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: str | None = None  # OpenAI's; "none" is thinking off (Server.thinking)
 
 
 class CompletionRequest(_Sampling):
@@ -240,6 +249,7 @@ class TokenizeRequest(_Request):
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
 
 
 class DetokenizeRequest(_Request):
