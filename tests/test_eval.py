@@ -566,10 +566,14 @@ def test_an_endpoints_reasoning_is_kept_when_its_content_holds_a_think_end_too()
 
 
 def _stub_endpoint(
-    problems: int, tokens: Callable[[int], int], reasoning: str | None = "work", seen: list | None = None
+    problems: int,
+    tokens: Callable[[int], int],
+    reasoning: str | None = "work",
+    seen: list | None = None,
+    field: str = "reasoning_content",
 ) -> httpx.Client:
     """An endpoint that answers each of the first `problems` problems right, `tokens(n)` completion
-    tokens in usage for its n choices; the request bodies go to `seen`."""
+    tokens in usage for its n choices, its reasoning in `field`; the request bodies go to `seen`."""
     probs = {p.prompt: p for p in _problems(problems)}
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -577,7 +581,7 @@ def _stub_endpoint(
         if seen is not None:
             seen.append(body)
         p = probs[body["messages"][0]["content"]]
-        message = {"role": "assistant", "content": f"\n{p.answer}", "reasoning_content": reasoning}
+        message = {"role": "assistant", "content": f"\n{p.answer}", field: reasoning}
         choices = [{"index": i, "finish_reason": "stop", "message": message} for i in range(body["n"])]
         usage = {"prompt_tokens": 5, "completion_tokens": tokens(body["n"]), "total_tokens": 0}
         chat = {"id": "x", "object": "chat.completion", "created": 0, "model": "stub"}
@@ -765,3 +769,114 @@ def test_samples_without_an_answer_do_not_vote_and_the_majority_is_its_earliest_
         cfg = EvalConfig(model=str(tmp_path / "ck"), task="arithmetic", k=3, n=1, language="en", out=str(out))
         assert evaluate(cfg, sampler=lambda problems, s=samples: s)["cons@3"] == cons, texts
         assert json.loads(out.read_text())["problems"][0]["majority_answer"] == majority
+
+
+def test_an_endpoints_reasoning_named_reasoning_is_scored_as_reasoning_content(tmp_path) -> None:
+    """vLLM >= 0.10, OpenRouter and Ollama send the reasoning as `reasoning`, not DeepSeek's
+    `reasoning_content`: their answers after it are scored the same, not as a think block never closed."""
+    common = dict(model="http://stub:8000", task="arithmetic", k=2, n=3, language="en", endpoint_model="stub")
+    for field in ("reasoning_content", "reasoning"):
+        cfg = EvalConfig(**common, progress=False, out=str(tmp_path / f"{field}.json"))
+        sampler, _ = endpoint_sampler(cfg, http_client=_stub_endpoint(3, lambda n: 3, field=field))
+        m = evaluate(cfg, sampler=sampler)
+        assert m["pass@1"] == 1.0 and m["format_rate"] == 1.0, field
+
+
+def test_the_api_key_is_not_written_into_the_report(tmp_path) -> None:
+    """--api-key is a secret: the JSON report (a file people share) says one was given, not which."""
+    cfg = EvalConfig(
+        model="http://stub:8000", task="arithmetic", k=1, n=2, language="en", endpoint_model="stub",
+        api_key="sk-secret-123", progress=False, out=str(tmp_path / "e.json"),
+    )  # fmt: skip
+    sampler, _ = endpoint_sampler(cfg, http_client=_stub_endpoint(2, lambda n: 3))
+    evaluate(cfg, sampler=sampler)
+    report = (tmp_path / "e.json").read_text()
+    assert "sk-secret-123" not in report
+    assert json.loads(report)["config"]["api_key"] is not None
+
+
+def test_an_endpoint_that_lists_no_model_asks_for_its_name() -> None:
+    """A server whose GET /models lists nothing, or has no such route, is asked for --model-name in
+    one line, not an IndexError's traceback or a bare 404."""
+
+    def handler(models: httpx.Response) -> httpx.Client:
+        return httpx.Client(transport=httpx.MockTransport(lambda request: models))
+
+    cfg = EvalConfig(model="http://stub:8000", task="arithmetic", k=1, n=1)
+    for models, said in (
+        (httpx.Response(200, json={"object": "list", "data": []}), "lists no model: name the one"),
+        (httpx.Response(404, json={"error": {"message": "not found", "type": "x"}}), "404: is .* base URL"),
+    ):
+        with pytest.raises(ValueError, match=said) as e:
+            endpoint_sampler(cfg, http_client=handler(models))
+        assert "--model-name" in str(e.value)
+
+
+def test_an_endpoint_url_with_a_path_of_its_own_is_its_base_url(tmp_path) -> None:
+    """A bare host:port gets /v1; a URL with a path (Gemini's .../v1beta/openai, OpenRouter's
+    .../api/v1) is the base URL as the OpenAI SDK takes it, not one with /v1 added after it."""
+    for url, path in (
+        ("http://stub:8000", "/v1/chat/completions"),
+        ("http://stub:8000/", "/v1/chat/completions"),
+        ("http://stub:8000/v1/", "/v1/chat/completions"),
+        ("http://stub/v1beta/openai/", "/v1beta/openai/chat/completions"),
+    ):
+        seen = []
+        answered = _stub_endpoint(1, lambda n: 3)
+
+        def handler(request: httpx.Request, seen=seen, answered=answered) -> httpx.Response:
+            seen.append(request.url.path)
+            return answered.send(request)
+
+        cfg = EvalConfig(model=url, task="arithmetic", k=1, n=1, language="en", endpoint_model="m")
+        sampler, _ = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+        sampler(_problems(1))
+        assert seen == [path], url
+
+
+def test_an_endpoint_that_says_retry_later_is_waited_for_not_given_up_on(tmp_path) -> None:
+    """A server at its rate limit or queue's end (429, nanoseek serve's --max-queue) answers 429 with
+    Retry-After a few times in a row: the request is tried again as told, and the evaluation goes on;
+    the client's 2 retries ended it, every sample drawn lost."""
+    refusals = []
+    answered = _stub_endpoint(1, lambda n: 3)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if len(refusals) < 5:
+            refusals.append(request)
+            headers = {"retry-after-ms": "1"}  # as OpenAI's API says it, in milliseconds
+            return httpx.Response(
+                429, headers=headers, json={"error": {"message": "at capacity", "type": "x"}}
+            )
+        return answered.send(request)
+
+    cfg = EvalConfig(
+        model="http://stub:8000", task="arithmetic", k=2, n=1, language="en", endpoint_model="stub"
+    )
+    cfg.progress, cfg.out = False, str(tmp_path / "e.json")
+    sampler, _ = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    assert evaluate(cfg, sampler=sampler)["pass@1"] == 1.0
+    assert len(refusals) == 5
+
+
+def test_an_endpoint_that_ignores_n_is_asked_again_for_the_samples_it_left_out(tmp_path) -> None:
+    """llama.cpp's llama-server answers one choice whatever n asks: each further sample of a problem
+    is asked for with the seed it has among the k (seed + i*k + j), and the problem is scored on k."""
+    seeds = []
+    answered = _stub_endpoint(2, lambda n: 4 * n)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seeds.append(body["seed"])
+        reply = answered.send(request)
+        data = reply.json()
+        data["choices"] = data["choices"][:1]
+        data["usage"]["completion_tokens"] = 4
+        return httpx.Response(200, json=data)
+
+    cfg = EvalConfig(model="http://stub:8000", task="arithmetic", k=3, n=2, language="en")
+    cfg.endpoint_model, cfg.progress, cfg.out = "stub", False, str(tmp_path / "e.json")
+    sampler, _ = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    m = evaluate(cfg, sampler=sampler)
+    assert m["k"] == 3 and m["pass@1"] == 1.0 and m["mean_response_tokens"] == 4
+    assert sorted(seeds) == list(range(6))

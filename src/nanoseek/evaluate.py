@@ -397,57 +397,87 @@ def completion_text(message: Any, thinking: bool = True) -> str:
     A server that splits the reasoning off sends `reasoning_content` (DeepSeek's API, nanoseek serve,
     vLLM's reasoning parsers); with the think block opened by the prompt, its content is what came
     after the model's `</think>`, also when the reasoning before it was empty (null). The opening
-    `<think>` is the prompt's, not the model's: a `<think>` the model wrote anyway stays where it was."""
+    `<think>` is the prompt's, not the model's: a `<think>` the model wrote anyway stays where it was.
+    vLLM >= 0.10, OpenRouter and Ollama name the field `reasoning`: read as `reasoning_content` is."""
     extra = message.model_extra or {}
-    reasoning = getattr(message, "reasoning_content", None) or extra.get("reasoning_content")
+    fields = [f for f in ("reasoning_content", "reasoning") if f in extra]
+    reasoning = next((extra[f] for f in fields if extra[f]), None)
     content = message.content or ""
-    if thinking and ("reasoning_content" in extra or reasoning is not None):
+    if thinking and fields:
         if not reasoning and THINK_END in content:  # a server that left the reasoning in the content
             return content
         return f"{reasoning or ''}{THINK_END}{content}"
     return f"{THINK_START}{reasoning}{THINK_END}{content}" if reasoning else content
 
 
+# retries of one sampling request (429, 5xx, timeouts, a dropped connection) before the evaluation
+# ends: the client's backoff doubles up to 8 s (about 40 s in all), or waits what Retry-After says
+SAMPLE_RETRIES = 8
+
+
 def endpoint_sampler(
     cfg: EvalConfig, http_client: Any = None
 ) -> tuple[Callable[[Sequence[Any]], list[list[Sample]]], str]:
     """Samples from an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, nanoseek serve, ...)."""
-    from openai import OpenAI
+    from urllib.parse import urlsplit
+
+    import openai
 
     base = cfg.model.rstrip("/")
-    if not base.endswith("/v1"):
+    # a bare host:port gets the OpenAI path; a URL with a path is the base URL itself, as the OpenAI
+    # SDK takes it: with /v1 added, Gemini's .../v1beta/openai could not be evaluated at all
+    if not urlsplit(base).path:
         base += "/v1"
-    client = OpenAI(
+    client = openai.OpenAI(
         base_url=base,
         api_key=cfg.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
         http_client=http_client,
         max_retries=2,
     )
-    with _endpoint_errors(base):
-        model_name = cfg.endpoint_model or client.models.list().data[0].id
+    model_name = cfg.endpoint_model
+    if model_name is None:
+        with _endpoint_errors(base):
+            try:
+                listed = [m.id for m in client.models.list().data]
+            except openai.NotFoundError:
+                raise ValueError(
+                    f"{base}/models answered 404: is {base} the API's base URL (most end in /v1)? "
+                    "A server without that route is given the model's name with --model-name"
+                ) from None
+        if not listed:
+            raise ValueError(f"{base}/models lists no model: name the one to evaluate with --model-name")
+        model_name = listed[0]
+
+    # a 429 says "later" (a rate limit, a server's full queue), not "failed": the client's 2 retries
+    # (about 2 s, or twice its Retry-After) ended the whole evaluation, every sample drawn lost;
+    # lm-evaluation-harness and simple-evals retry more (the latter a rate limit until it passes)
+    sampling = client.with_options(max_retries=SAMPLE_RETRIES)
 
     def one(index: int, problem: Any) -> list[Sample]:
-        with _endpoint_errors(base):
-            resp = client.chat.completions.create(
-                model=model_name,
-                messages=problem.messages,
-                n=cfg.k,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                max_tokens=cfg.max_new_tokens,
-                # choice j of problem i samples with seed + i*k + j (nanoseek serve: seed + choice), as
-                # a checkpoint's sample i*k + j does in-process, not every problem with the same seeds
-                seed=cfg.seed + index * cfg.k,
-                # only said when off, so servers that know no chat_template_kwargs are sent nothing new
-                extra_body=None if cfg.thinking else {"chat_template_kwargs": {"thinking": False}},
-            )
-        per = (resp.usage.completion_tokens / max(len(resp.choices), 1)) if resp.usage else 0
-        out = []
-        for ch in resp.choices:
-            text = completion_text(ch.message, cfg.thinking)
-            out.append(Sample(text=text, num_tokens=per, finish_reason=ch.finish_reason))
-        if len(out) != cfg.k:
-            raise ValueError(f"endpoint returned {len(out)} choices for n={cfg.k} (does it support n?)")
+        out: list[Sample] = []
+        # a server that ignores n (llama.cpp's llama-server) answers with fewer choices: the rest are
+        # asked for again, numbered on from those it gave (simple-evals asks for each sample alone)
+        while len(out) < cfg.k:
+            with _endpoint_errors(base):
+                resp = sampling.chat.completions.create(
+                    model=model_name,
+                    messages=problem.messages,
+                    n=cfg.k - len(out),
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    max_tokens=cfg.max_new_tokens,
+                    # choice j of problem i samples with seed + i*k + j (nanoseek serve: seed + choice),
+                    # as a checkpoint's sample i*k + j does in-process, not every problem the same seeds
+                    seed=cfg.seed + index * cfg.k + len(out),
+                    # only said when off, so servers that know no chat_template_kwargs are sent nothing new
+                    extra_body=None if cfg.thinking else {"chat_template_kwargs": {"thinking": False}},
+                )
+            if not resp.choices:
+                raise ValueError(f"{base} answered a chat completion with no choices")
+            per = (resp.usage.completion_tokens / len(resp.choices)) if resp.usage else 0
+            for ch in resp.choices[: cfg.k - len(out)]:
+                text = completion_text(ch.message, cfg.thinking)
+                out.append(Sample(text=text, num_tokens=per, finish_reason=ch.finish_reason))
         return out
 
     def sample(problems: Sequence[Any]) -> list[list[Sample]]:
@@ -633,7 +663,14 @@ def evaluate(
     atomic_write(
         out,
         json.dumps(
-            {"config": asdict(cfg), "metrics": metrics, "problems": per_problem}, indent=2, ensure_ascii=False
+            # the API key is a secret: a report is a file people share
+            {
+                "config": {**asdict(cfg), "api_key": cfg.api_key and "<redacted>"},
+                "metrics": metrics,
+                "problems": per_problem,
+            },
+            indent=2,
+            ensure_ascii=False,
         ),
     )
     metrics["json"] = str(out)
