@@ -96,6 +96,21 @@ def test_pretrain_writes_checkpoint_metrics_and_summary(workdir, tmp_path, capsy
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, cfg["vocab_size"])
 
 
+def test_a_standalone_pretrain_gives_the_report_its_model_table(workdir, tmp_path) -> None:
+    """`nanoseek pretrain --out RUN` then `nanoseek report RUN`: the parameters and KV-cache bytes of
+    `nanoseek inspect`, not "–" (only a speedrun logged them)."""
+    from nanoseek.accounting import account
+    from nanoseek.report import _human, build_report
+
+    run = tmp_path / "run"
+    pretrain(config(workdir, run, steps=2, val_every=0))
+    acc = account(run / "pretrain")
+    text = build_report(run).read_text()
+    assert f"| parameters, total | {_human(acc.total_params)} |" in text
+    assert f"| parameters, active per token | {_human(acc.active_params)} |" in text
+    assert f"| KV-cache bytes per token (MLA, BF16) | {acc.kv_cache_bytes_per_token:,} (" in text
+
+
 def test_pretrain_resume_matches_uninterrupted(workdir, tmp_path) -> None:
     kw = dict(schedule="constant", warmup_steps=0, val_every=0)
     pretrain(config(workdir, tmp_path / "a", steps=6, **kw))

@@ -589,3 +589,65 @@ def test_tokens_logged_per_step_are_summed_and_a_running_total_is_read_at_its_la
         pre.log(step=s, loss=1.0, tokens=64 * s)
     m = RunMetrics(tmp_path)
     assert m.total("sft", "tokens") == 192 and m.total("pretrain", "tokens") == 192
+
+
+def test_an_evaluation_of_a_stage_trained_afresh_after_it_is_not_reported(tmp_path):
+    """SFT trained, evaluated, then trained afresh into the same RUN: the evaluation scored weights no
+    longer there, so the report shows none for SFT rather than the earlier model's figures."""
+    sft, ev = MetricsLog(tmp_path, "sft"), MetricsLog(tmp_path, "eval")
+    sft.log(0, event="start")
+    sft.log(1, loss=3.0)
+    sft.log(None, event="end", wall_time_s=5.0)
+    ev.log(evaluated="sft", task="arithmetic", k=2, **{"pass@1": 0.61}, problems=8)
+    ev.log(evaluated="pretrain", task="arithmetic", k=2, **{"pass@1": 0.12}, problems=8)
+    sft.log(0, event="start")
+    sft.log(1, loss=2.0)
+    sft.log(None, event="end", wall_time_s=5.0)
+    text = build_report(tmp_path).read_text()
+    assert "61.0%" not in text and "| pretrain | arithmetic | 2 | 12.0%" in text
+    ev.log(evaluated="sft", task="arithmetic", k=2, **{"pass@1": 0.33}, problems=8)  # the new SFT's
+    assert "| sft | arithmetic | 2 | 33.0%" in build_report(tmp_path).read_text()
+
+
+def test_the_pass_at_1_header_names_every_k_the_evaluations_drew(tmp_path):
+    ev = MetricsLog(tmp_path, "eval")
+    ev.log(evaluated="sft", task="arithmetic", k=2, **{"pass@1": 0.2})
+    ev.log(evaluated="grpo", task="arithmetic", k=1, **{"pass@1": 0.3})
+    text = build_report(tmp_path).read_text()
+    assert "## Held-out pass@1 (k = 1 or 2 by evaluation, R1's sampling)" in text
+    ev.log(evaluated="grpo", task="arithmetic", k=2, **{"pass@1": 0.3})  # evaluated again, as SFT was
+    assert "## Held-out pass@1 (k = 2, R1's sampling)" in build_report(tmp_path).read_text()
+
+
+def test_grpos_gain_between_evaluations_of_different_problems_says_so(tmp_path):
+    """SFT evaluated with --n 8, GRPO with --n 4: a difference of their pass@1 is partly the problems'."""
+    ev = MetricsLog(tmp_path, "eval")
+    for stage, n, p in (("sft", 8, 0.5), ("grpo", 4, 0.25)):
+        ev.log(evaluated=stage, task="arithmetic", k=1, problems=n, problems_digest=f"d{n}", **{"pass@1": p})
+    text = build_report(tmp_path).read_text()
+    assert "(50.0% → 25.0%) on different problems (8 before, 4 after: evaluate both with the same" in text
+    ev.log(evaluated="grpo", task="arithmetic", k=1, problems=8, problems_digest="d8", **{"pass@1": 0.625})
+    text = build_report(tmp_path).read_text()
+    assert "**+12.5 points** (50.0% → 62.5%); format rate" in text and "different problems" not in text
+
+
+def test_evaluations_run_by_hand_count_their_time_once_per_sampling_queue(tmp_path):
+    """`nanoseek eval` writes no end record: its records' times make the eval row's (and the total's),
+    a queue shared by several tasks (`sampled_with`) counted once, not once per task."""
+    ev = MetricsLog(tmp_path, "eval")
+    ev.log(evaluated="sft", task="addition", k=1, wall_time_s=4.0, **{"pass@1": 0.5})
+    both = dict(sampled_with=["addition", "comparison"], checkpoint="run/grpo", generation_time_s=10.0)
+    ev.log(evaluated="grpo", task="addition", k=1, wall_time_s=11.0, **both, **{"pass@1": 0.5})
+    ev.log(evaluated="grpo", task="comparison", k=1, wall_time_s=10.5, **both, **{"pass@1": 0.5})
+    text = build_report(tmp_path).read_text()
+    assert "| eval | 15.5 s |" in text and "| **total** | 15.5 s |" in text  # 4 + 10 + 1 + 0.5
+
+
+def test_a_language_only_an_unseen_wording_evaluation_drew_makes_no_empty_row(tmp_path):
+    ev = MetricsLog(tmp_path, "eval")
+    for stage in ("sft", "grpo"):
+        ev.log(evaluated=stage, task="addition", k=1, **{"pass@1": 0.5, "pass@1_by_language": {"en": 0.5}})
+    by_language = {"pass@1": 0.4, "pass@1_by_language": {"ja": 0.4}}
+    ev.log(evaluated="grpo", task="addition?wording=unseen", k=1, **by_language)
+    text = build_report(tmp_path).read_text()
+    assert "| en | 50.0% | 50.0% |" in text and "| ja |" not in text

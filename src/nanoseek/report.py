@@ -12,7 +12,8 @@ Records it understands (all optional; missing figures show as "–"):
 - eval: `evaluated` (which checkpoint / stage), `pass@1`, `cons@k`, `format_rate`, `language_consistency`,
   `mean_length`, `k`, `task`
 - speedrun: `{"event": "model", "total_params", "active_params", "kv_cache_bytes_per_token",
-  "mha_kv_cache_bytes_per_token", "decode_tokens_per_s"}`
+  "mha_kv_cache_bytes_per_token", "decode_tokens_per_s"}`; pretrain logs the same without the decode
+  speed, which a run built by hand shows when no speedrun measured it
 """
 
 from __future__ import annotations
@@ -120,15 +121,36 @@ def wall_time(parts: list[tuple[float | None, list[dict[str, Any]]]]) -> float |
         ends = [e.get("wall_time_s", e.get("wall_s")) for e in records if e.get("event") == "end"]
         running = [r["wall_time_s"] for r in records if _training_step(r) and _number(r.get("wall_time_s"))]
         times = [r["time"] for r in records if _number(r.get("time"))]
+        scored = [r for r in records if "task" in r and _number(r.get("wall_time_s"))]
         if ends and _number(ends[-1]):
             wall = ends[-1]
         elif running:
             wall = max(running)
+        elif scored:  # evaluations run by hand (`nanoseek eval`), which write no end record
+            wall = evaluation_time(scored)
         elif (i + 1 < len(parts) or stopped(records)) and times:
             wall = max(times) - min(times)
         else:
             continue
         total = (total or 0.0) + wall
+    return total
+
+
+def evaluation_time(records: list[dict[str, Any]]) -> float:
+    """Seconds eval records took, drawing and scoring (`wall_time_s`): samples drawn in one queue for
+    several tasks (`evaluate_many`: `sampled_with`) are that queue's time, which each record carries,
+    counted once."""
+    total, queues = 0.0, set()
+    for r in records:
+        if r.get("sampled_with"):
+            drawing = r.get("generation_time_s", 0.0)
+            total += r["wall_time_s"] - drawing
+            queue = (r.get("checkpoint"), tuple(r["sampled_with"]), drawing)
+            if queue not in queues:
+                queues.add(queue)
+                total += drawing
+        else:
+            total += r["wall_time_s"]
     return total
 
 
@@ -194,9 +216,17 @@ class RunMetrics:
         return None
 
     def evals(self) -> dict[tuple[str, str], dict[str, Any]]:
-        """The latest eval record per (evaluated checkpoint/stage name, task)."""
+        """The latest eval record per (evaluated checkpoint/stage name, task), of the stage's latest
+        run: one scored before the stage was trained afresh into RUN scored weights no longer there."""
+        began = {id(parts[0][1][0]): stage for stage, parts in self.runs.items() if parts}
+        seen: set[str] = set()
         out: dict[tuple[str, str], dict[str, Any]] = {}
-        for r in self.by_stage.get("eval", []):
+        for r in self.records:
+            if id(r) in began and began[id(r)] in seen:  # the latest run, after an earlier one
+                out = {key: v for key, v in out.items() if key[0] != began[id(r)]}
+            seen.add(str(r.get("stage")))
+            if str(r.get("stage")) != "eval":
+                continue
             name = r.get("evaluated") or r.get("checkpoint")
             if name and ("pass@1" in r or "accuracy" in r):
                 cons = next((v for k, v in r.items() if k.startswith("cons@")), None)
@@ -372,10 +402,19 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
             after = evals.get(("grpo", task))
             if before and after and before.get("pass@1") is not None and after.get("pass@1") is not None:
                 b, a = before["pass@1"], after["pass@1"]
+                # evaluations run by hand with another --n, --seed or --language: a difference that is
+                # as much the problems' as GRPO's, which the reader must be told
+                other = (
+                    f" on different problems ({_fmt(before.get('problems'))} before, "
+                    f"{_fmt(after.get('problems'))} after: evaluate both with the same --n, --seed and "
+                    "--language to compare like with like)"
+                    if not same_problems(before, after)
+                    else ""
+                )
                 lines.append(
                     f"- {task}: GRPO changed held-out pass@1 by "
                     f"**{100 * (a - b):+.1f}{_pm(paired_margin(before, after))} points** "
-                    f"({_pct(b)} → {_pct(a)}); format rate {_pct(before.get('format_rate'))} → "
+                    f"({_pct(b)} → {_pct(a)}){other}; format rate {_pct(before.get('format_rate'))} → "
                     f"{_pct(after.get('format_rate'))}."
                 )
             control = evals.get(("control", task))
@@ -411,6 +450,13 @@ def _mean_gain(
     }
 
 
+def same_problems(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Whether two evaluations scored the same problems (`problems_digest`; records from before it
+    was logged are taken to)."""
+    a, b = after.get("problems_digest"), before.get("problems_digest")
+    return a is None or b is None or a == b
+
+
 def paired_margin(before: dict[str, Any], after: dict[str, Any]) -> float | None:
     """Half-width of the 95% interval on after - before, paired over the problems both evaluations
     scored (`Z_95` standard errors of the per-problem differences). None unless both records carry
@@ -437,14 +483,23 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
     stages, tasks, value, means = sm["stages"], sm["tasks"], sm["pass@1"], sm["means"]
     if not stages or not tasks:
         return []
-    k = next((r.get("k") for r in evals.values() if r.get("k")), None)
-    out = [f"## Held-out pass@1 (k = {_fmt(k)}, R1's sampling)", ""]
+    ks = sorted({r["k"] for (s, t), r in evals.items() if s in stages and t in tasks and r.get("k")})
+    # evaluations a user ran by hand may each draw their own k: the header names every one
+    k = " or ".join(_fmt(v) for v in ks) + (" by evaluation" if len(ks) > 1 else "") if ks else "–"
+    out = [f"## Held-out pass@1 (k = {k}, R1's sampling)", ""]
     out += ["| family | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
     for task in tasks:
         out.append(f"| {task} | " + " | ".join(_pct(value.get((s, task))) for s in stages) + " |")
     out.append("| **mean** | " + " | ".join(f"**{_pct(means[s])}**" for s in stages) + " |")
     languages = sorted(
-        {lang for r in evals.values() for lang in (r.get("pass@1_by_language") or {})},
+        # the languages of the families above: one only an unseen-wording or second-turn evaluation
+        # (or a stage outside the table) drew made a row of dashes
+        {
+            lang
+            for (s, t), r in evals.items()
+            if s in stages and t in tasks
+            for lang in r.get("pass@1_by_language") or {}
+        },
         key=lambda x: ("en", "ja", "zh").index(x) if x in ("en", "ja", "zh") else 9,
     )
     if languages:

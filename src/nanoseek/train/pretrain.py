@@ -378,8 +378,19 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
             world_size=dist.world_size,
             tokens_per_step=cfg.batch_size * cfg.seq_len * cfg.accumulation,
         )
-        from nanoseek.accounting import count_parameters
+        from nanoseek.accounting import account, count_parameters
 
+        # the report's model table, for a run pretrained by hand (a speedrun logs its own, with the
+        # decode speed it measures at the end)
+        acc = account(config)
+        log.log(
+            0,
+            event="model",
+            total_params=acc.total_params,
+            active_params=acc.active_params,
+            kv_cache_bytes_per_token=acc.kv_cache_bytes_per_token,
+            mha_kv_cache_bytes_per_token=acc.mha_kv_cache_bytes_per_token,
+        )
         print(
             f"pretrain: {cfg.preset} ({count_parameters(config).described}, vocab {config.vocab_size}) on "
             f"{cfg.data or 'embedded'}, {cfg.steps} steps x {cfg.batch_size}x{cfg.seq_len} tokens"
