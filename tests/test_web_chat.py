@@ -630,19 +630,22 @@ def test_markdown_escapes_entities_and_attributes_and_drops_unsafe_links(browser
         assert render("## Title\n> quoted") == "<h2>Title</h2>\n<blockquote>quoted</blockquote>"
 
 
+def _answering(answer: str, **engine_kw) -> LiveServer:
+    """A live server whose every reply is `answer`, after an empty think block."""
+    tok = tiny_tokenizer()
+    engine = ScriptedEngine(
+        tok, lambda prompt, params: tok.encode(f"ok\n</think>\n\n{answer}"), max_seq_len=4096, **engine_kw
+    )
+    return LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test")))
+
+
 @pytest.mark.slow
 def test_a_long_word_wraps_in_its_message_and_the_page_follows_a_dark_system_theme(browser):
     """A long URL or hash (no spaces) ran out of its card and gave the whole page a sideways scroll on a
     phone; code blocks alone scroll. The page was light under a dark system theme (ollama's and llama.cpp's
     pages follow prefers-color-scheme)."""
-    tok = tiny_tokenizer()
     url = "https://example.com/" + "abcdefghij" * 15
-    engine = ScriptedEngine(
-        tok,
-        lambda prompt, params: tok.encode(f"ok\n</think>\n\nSee {url}\n\n```\n{'x = 1; ' * 40}\n```"),
-        max_seq_len=4096,
-    )
-    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+    with _answering(f"See {url}\n\n```\n{'x = 1; ' * 40}\n```") as srv:
         browser.call(
             "Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=1, mobile=True
         )
@@ -671,13 +674,7 @@ def test_scrolling_up_while_an_answer_streams_keeps_the_readers_place(browser):
     """Each token scrolled the page to the bottom, so a reader who scrolled up to an earlier part of a long
     answer was pulled back down at once. The view follows new tokens only while it is at the bottom (as
     llama.cpp's page does), again once the reader returns there, and always for a new message."""
-    tok = tiny_tokenizer()
-    engine = ScriptedEngine(
-        tok,
-        lambda prompt, params: tok.encode("ok\n</think>\n\n" + "\n\n".join(f"line {i}" for i in range(150))),
-        step_delay=0.03,
-        max_seq_len=4096,
-    )
+    server = _answering("\n\n".join(f"line {i}" for i in range(150)), step_delay=0.03)
 
     def at_bottom() -> bool:
         return browser.js(
@@ -687,7 +684,7 @@ def test_scrolling_up_while_an_answer_streams_keeps_the_readers_place(browser):
     def height() -> int:
         return browser.js("document.getElementById('messages').scrollHeight")
 
-    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+    with server as srv:
         browser.call(
             "Emulation.setDeviceMetricsOverride", width=800, height=500, deviceScaleFactor=1, mobile=False
         )
@@ -721,14 +718,8 @@ def test_a_code_block_has_a_copy_button_that_copies_the_code_alone(browser):
     """A code block had no way to copy it but selecting by hand, awkward for one that scrolls sideways
     (llama.cpp's page puts a copy button on each). The button copies the code verbatim, and is there on
     a reloaded conversation too."""
-    tok = tiny_tokenizer()
     code = "def f(x):\n    return x < 1 and '**a**'  # " + "long_" * 30
-    engine = ScriptedEngine(
-        tok,
-        lambda prompt, params: tok.encode(f"ok\n</think>\n\nHere:\n\n```python\n{code}\n```\n\nDone."),
-        max_seq_len=4096,
-    )
-    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+    with _answering(f"Here:\n\n```python\n{code}\n```\n\nDone.") as srv:
         _open_page(browser, srv)
         _send_and_wait(browser, "code please")
         for _ in range(2):  # the streamed answer, then the same answer restored after a reload
@@ -757,11 +748,7 @@ def test_a_screen_reader_waits_for_the_streamed_turn(browser):
     """The message list is a live region, and every token re-rendered the answer in it, so a screen reader
     read the reply out over and over as it grew. While a reply streams the region is aria-busy (WAI-ARIA
     1.2), and no longer once the turn is done or stopped."""
-    tok = tiny_tokenizer()
-    engine = ScriptedEngine(
-        tok, lambda prompt, params: tok.encode("ok\n</think>\n\n" + "four " * 40), step_delay=0.03
-    )
-    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+    with _answering("four " * 40, step_delay=0.03) as srv:
         _open_page(browser, srv)
         busy = "document.getElementById('messages').getAttribute('aria-busy')"
         assert browser.js(busy) != "true"
