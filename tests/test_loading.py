@@ -142,6 +142,9 @@ def test_inspect_and_cost_fetch_a_hub_models_config_alone(fake_hub, saved, capsy
     assert main(["cost", str(saved[0]), "--tokens", "1e9", "--json"]) == 0
     hub, local = capsys.readouterr().out.strip().split("\n}\n")
     assert json.loads(hub + "}")["flops_per_token"] == json.loads(local)["flops_per_token"]
+    calls = len(fake_hub)
+    assert main(["cost", "someone/other-model", "--tokens", "lots"]) == 2  # a bad flag: nothing fetched first
+    assert len(fake_hub) == calls and "--tokens" in capsys.readouterr().err
 
 
 def test_a_hub_download_keeps_the_chat_template_file(monkeypatch, tmp_path, micro_checkpoint):

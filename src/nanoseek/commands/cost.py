@@ -63,12 +63,12 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.accounting import human, parse_count, si, training_cost
     from nanoseek.checkpoint import accounting_config
 
-    config = accounting_config(args.model)  # as `inspect` counts it
     tokens = parse_count(args.tokens, "--tokens")
     gpu_hours = parse_count(args.gpu_hours, "--gpu-hours") if args.gpu_hours is not None else None
     mfu = args.mfu if args.mfu is not None or gpu_hours is not None else 0.4
     if not 0 < args.peak_tflops < math.inf:  # NaN fails too
         raise ValueError(f"--peak-tflops must be a positive finite number, got {args.peak_tflops}")
+    config = accounting_config(args.model)  # as `inspect` counts it; (a Hub name: after the flags are read)
     cost = training_cost(
         config,
         tokens,
