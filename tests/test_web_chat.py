@@ -741,6 +741,16 @@ def test_a_code_block_has_a_copy_button_that_copies_the_code_alone(browser):
                 ),
                 "conversation not restored",
             )
+        # a clipboard the browser refuses (no permission): the selection's copy, focus kept on the button
+        browser.js(
+            "window.__copied = null; navigator.clipboard.writeText = t => Promise.reject(new Error('denied'));"
+            " document.execCommand = c => { window.__copied = document.activeElement.value; return true; }; true"
+        )
+        browser.js(f"{button}.focus(); {button}.click(); true")
+        _wait(lambda: browser.js("window.__copied") is not None, "the fallback copied nothing")
+        assert browser.js("window.__copied") == code
+        _wait(lambda: browser.js(f"{button}.textContent") == "Copied", "the fallback's copy was not reported")
+        assert browser.js("document.activeElement.classList.contains('copy')")
 
 
 @pytest.mark.slow

@@ -113,10 +113,17 @@
     }
   }
 
-  // navigator.clipboard exists only in a secure context (https, localhost): a page opened at
-  // http://<lan address> copies through a selection instead.
+  // navigator.clipboard exists only in a secure context (https, localhost), and a browser may still refuse
+  // it (no permission): a page opened at http://<lan address>, or refused, copies through a selection.
   function copyText(text) {
-    if (navigator.clipboard && window.isSecureContext) return navigator.clipboard.writeText(text);
+    if (navigator.clipboard && window.isSecureContext) {
+      return navigator.clipboard.writeText(text).catch(function () { return copyBySelection(text); });
+    }
+    return copyBySelection(text);
+  }
+
+  function copyBySelection(text) {
+    const focused = document.activeElement;
     const area = document.createElement("textarea");
     area.value = text;
     area.style.position = "fixed"; area.style.opacity = "0";
@@ -124,6 +131,7 @@
     area.select();
     const ok = document.execCommand("copy");
     area.remove();
+    if (focused && focused.focus) focused.focus();  // a keyboard user stays on the button
     return ok ? Promise.resolve() : Promise.reject(new Error("the browser refused to copy"));
   }
 
