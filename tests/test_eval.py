@@ -15,6 +15,7 @@ from nanoseek.evaluate import (
     EvalConfig,
     Sample,
     endpoint_sampler,
+    eval_problems,
     evaluate,
     problems_digest,
     split_task_list,
@@ -123,6 +124,46 @@ def test_endpoint_rebuilds_reasoning_and_scores_it(tmp_path) -> None:
     assert m["pass@1"] == 1.0 and m["format_rate"] == 1.0 and m["mean_response_tokens"] == 8
     assert all(b["temperature"] == 0.6 and b["n"] == 2 for b in seen)
     assert next(read_metrics(tmp_path, "eval"))["evaluated_stage"] == "http://stub:8000"
+
+
+def test_concurrency_sets_the_requests_in_flight_and_is_refused_for_a_checkpoint(monkeypatch) -> None:
+    """Eight requests were in flight whatever the endpoint (a rate-limited API answered 429s, a batching
+    server was left idle); --concurrency sets it, as lm-evaluation-harness's num_concurrent."""
+    import concurrent.futures
+
+    import nanoseek.evaluate as ev
+
+    widths = []
+    real = concurrent.futures.ThreadPoolExecutor
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __init__(self, max_workers=None, **kw):
+            widths.append(max_workers)
+            super().__init__(max_workers=max_workers, **kw)
+
+    monkeypatch.setattr(ev, "ThreadPoolExecutor", Recording)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "stub", "object": "model"}]})
+        choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "1"}}
+        return httpx.Response(
+            200,
+            json={"id": "x", "object": "chat.completion", "created": 0, "model": "stub", "choices": [choice]},
+        )
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    for given, used in ((None, 8), (2, 2)):
+        cfg = EvalConfig(
+            model="http://stub:8000", task="arithmetic", k=1, n=2, concurrency=given, progress=False
+        )
+        sampler, _ = endpoint_sampler(cfg, http_client=client)
+        sampler(_problems(2))
+        assert widths[-1] == used
+    with pytest.raises(ValueError, match="--concurrency applies only to an http"):
+        eval_problems(EvalConfig(model="some/dir", task="arithmetic", concurrency=4))
+    with pytest.raises(ValueError, match="--concurrency must be >= 1"):
+        eval_problems(EvalConfig(model="http://stub:8000", task="arithmetic", concurrency=0))
 
 
 def test_cons_votes_by_what_an_answer_says_not_how_it_is_written(tmp_path) -> None:

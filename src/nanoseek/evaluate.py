@@ -51,6 +51,8 @@ class Sample:
 # Widest default decode batch; the engine admits only what its cache holds, so this bounds time per
 # step, not memory.
 DEFAULT_MAX_BATCH = 256
+# requests an endpoint evaluation keeps in flight (`--concurrency`)
+DEFAULT_CONCURRENCY = 8
 
 
 @dataclass
@@ -89,6 +91,11 @@ class EvalConfig:
         None, "model name on the endpoint (default: the first it lists)", flag="--model-name"
     )
     api_key: str | None = option(None, "endpoint API key (default: $OPENAI_API_KEY)")
+    concurrency: int | None = option(
+        None,
+        f"endpoint: requests in flight at once (default {DEFAULT_CONCURRENCY}; lm-evaluation-harness's "
+        "num_concurrent): fewer for a rate-limited API, more for a server that batches",
+    )
     max_batch_size: int | None = option(
         None,
         "engine: sequences decoded together (default: every sample of a task, n x k, at most "
@@ -484,7 +491,7 @@ def endpoint_sampler(
         from nanoseek.metrics import progress_bar
 
         with (
-            ThreadPoolExecutor(max_workers=8) as pool,
+            ThreadPoolExecutor(max_workers=cfg.concurrency or DEFAULT_CONCURRENCY) as pool,
             progress_bar(
                 total=len(problems) * cfg.k, desc="eval samples", leave=False, disable=not cfg.progress
             ) as bar,
@@ -518,12 +525,18 @@ def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
         raise ValueError(f"split must be train or test, got {cfg.split!r}")
     if cfg.max_batch_size is not None and cfg.max_batch_size < 1:
         raise ValueError(f"--max-batch-size must be >= 1 (or left out), got {cfg.max_batch_size}")
+    if cfg.concurrency is not None and cfg.concurrency < 1:
+        raise ValueError(f"--concurrency must be >= 1 (or left out), got {cfg.concurrency}")
     # a flag of the other kind of model would do nothing: refused, not ignored
     if cfg.model.startswith(("http://", "https://")):
         unused = {"--dtype": cfg.dtype != "auto", "--max-batch-size": cfg.max_batch_size is not None}
         applies = "a checkpoint (the server decides for a URL)"
     else:
-        unused = {"--model-name": cfg.endpoint_model is not None, "--api-key": cfg.api_key is not None}
+        unused = {
+            "--model-name": cfg.endpoint_model is not None,
+            "--api-key": cfg.api_key is not None,
+            "--concurrency": cfg.concurrency is not None,
+        }
         applies = "an http(s) URL"
     if any(unused.values()):
         given = [flag for flag, set_ in unused.items() if set_]
