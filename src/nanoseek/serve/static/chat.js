@@ -69,13 +69,25 @@
 
   // Follow new tokens only while the reader is at the bottom: one who scrolled up to read an earlier part
   // keeps their place (as llama.cpp's and ChatGPT's pages do); sending a message follows again.
+  // The scroll event comes with the next frame: a token rendered before it would pull a reader who moved
+  // up back down (or leave one who came back behind), so each render also reads where the view is now
+  // against where the page last put it and how tall the list was.
   let follow = true;
+  let placed = null;  // where the page last put the view
+  let height = 0;  // the list's height at the last render
   messagesEl.addEventListener("scroll", function () {
     follow = messagesEl.scrollHeight - messagesEl.scrollTop - messagesEl.clientHeight < 40;
   });
   function scroll(force) {
+    const top = messagesEl.scrollTop;
     if (force) follow = true;
-    if (follow) messagesEl.scrollTop = messagesEl.scrollHeight;
+    else if (placed !== null && top < placed - 5) follow = false;  // moved up since
+    else if (height && top + messagesEl.clientHeight >= height - 40) follow = true;  // at the last bottom
+    if (follow) {
+      messagesEl.scrollTop = messagesEl.scrollHeight;
+      placed = messagesEl.scrollTop;
+    }
+    height = messagesEl.scrollHeight;
   }
 
   function assistantView(div) {
