@@ -239,10 +239,21 @@ def _last(browser, selector: str) -> str:
     )
 
 
-def _open_page(browser, srv) -> None:
+def _navigate(browser, srv) -> None:
     browser.call("Page.enable")
     browser.call("Runtime.enable")
     browser.call("Page.navigate", url=srv.url + "/")
+
+
+def _keyed_server() -> tuple[LiveServer, ScriptedEngine]:
+    """A live server started with --api-key s3cret, answering "ok", and its engine."""
+    tok = tiny_tokenizer()
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
+    return LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test", api_key="s3cret"))), engine
+
+
+def _open_page(browser, srv) -> None:
+    _navigate(browser, srv)
     deadline = time.time() + 30
     while browser.js("document.readyState") != "complete" or not browser.js(
         "document.getElementById('model').textContent.includes('web-test')"
@@ -451,12 +462,9 @@ def test_settings_and_the_api_key_reach_the_request(browser):
     """Temperature, max tokens and the think box are what the request carries (to /tokenize too), the key
     is sent as a bearer token (the page and its scripts load without one), usage is asked for, and the
     settings survive a reload."""
-    tok = tiny_tokenizer()
-    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
-    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test", api_key="s3cret"))) as srv:
-        browser.call("Page.enable")
-        browser.call("Runtime.enable")
-        browser.call("Page.navigate", url=srv.url + "/")
+    server, engine = _keyed_server()
+    with server as srv:
+        _navigate(browser, srv)
         _wait(
             lambda: "API key" in browser.js("(document.getElementById('model') || {}).textContent || ''"),
             "the page did not load, or did not say the key is missing",
@@ -778,12 +786,9 @@ def test_a_server_with_a_key_asks_for_it_in_the_page(browser):
     """With --api-key the page showed the server's 401 text, "send 'Authorization: Bearer <key>'", a
     header a browser user does not set; the README says the page asks for the key in its API key box. The
     page now says so, and puts the cursor there; a wrong key is told apart from a missing one."""
-    tok = tiny_tokenizer()
-    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
-    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test", api_key="s3cret"))) as srv:
-        browser.call("Page.enable")
-        browser.call("Runtime.enable")
-        browser.call("Page.navigate", url=srv.url + "/")
+    server, engine = _keyed_server()
+    with server as srv:
+        _navigate(browser, srv)
         model = "(document.getElementById('model') || {}).textContent || ''"
         _wait(lambda: "?" in browser.js(model), "the page did not load")
         assert browser.js(model) == "model: ? (this server needs an API key: enter it in the API key box)"
