@@ -545,7 +545,7 @@ def test_chat_with_a_system_prompt_says_a_first_message_too_long_needs_shortenin
 @pytest.mark.parametrize(("flags", "match"), [
     (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
     (["--num-samples", "-1"], "--num-samples must be >= 1, got -1"),
-    (["--num-samples", "2"], "the 2 samples would all be the same one"),
+    (["--num-samples", "2"], "the --num-samples 2 samples of the prompt would all be the same one"),
 ])  # fmt: skip
 def test_generate_refuses_a_sample_count_before_loading(tmp_path, flags, match):
     args = cli_args("generate", str(tmp_path), "x", *flags)  # tmp_path holds no checkpoint

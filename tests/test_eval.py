@@ -566,7 +566,7 @@ def test_wall_time_counts_samples_drawn_in_a_shared_queue(tmp_path) -> None:
 def test_greedy_decoding_asks_for_one_sample_per_problem(tmp_path) -> None:
     """At temperature 0 every one of k samples is the same: k > 1 is refused with a way out (vLLM
     refused n > 1 with greedy sampling), not decoded k times over."""
-    with pytest.raises(ValueError, match="temperature 0 decodes greedily.*-k 1"):
+    with pytest.raises(ValueError, match="--temperature 0 decodes greedily.*-k 1"):
         evaluate(EvalConfig(model="x", task="arithmetic", k=4, temperature=0.0), sampler=lambda ps: [])
     probs = _problems(2)
     right = [[Sample(f"x\n</think>\n{p.answer}", 3, "stop")] for p in probs]
@@ -584,7 +584,7 @@ def test_a_temperature_the_engine_decodes_greedily_asks_for_one_sample_too() -> 
 
     assert SamplingParams(temperature=GREEDY_BELOW / 10).greedy
     cfg = EvalConfig(model="x", task="arithmetic", k=2, temperature=GREEDY_BELOW / 10)  # 2: two copies
-    with pytest.raises(ValueError, match="decodes greedily: the k=2 samples.*-k 1"):
+    with pytest.raises(ValueError, match="decodes greedily: the -k 2 samples.*-k 1"):
         evaluate(cfg, sampler=lambda ps: [])
     with pytest.raises(ValueError, match="--temperature must be >= 0"):
         evaluate(dataclasses.replace(cfg, k=1, temperature=-0.5), sampler=lambda ps: [])

@@ -509,18 +509,13 @@ def endpoint_sampler(
 def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
     """The task and its problems an evaluation scores (checked settings)."""
     from nanoseek.data.tasks import get_task
-    from nanoseek.engine.sampling import GREEDY_BELOW
+    from nanoseek.engine.sampling import refuse_identical_samples
 
     if cfg.k < 1 or cfg.n < 1:
         raise ValueError(f"k and n must be >= 1 (got k={cfg.k}, n={cfg.n})")
     if not cfg.temperature >= 0:
         raise ValueError(f"--temperature must be >= 0, got {cfg.temperature}")
-    # as vLLM refused n > 1 with greedy sampling, below the same bound the engine decodes greedily
-    if cfg.temperature < GREEDY_BELOW and cfg.k > 1:
-        raise ValueError(
-            f"temperature {cfg.temperature:g} decodes greedily: the k={cfg.k} samples of a problem would all "
-            f"be the same one; pass -k 1 for greedy pass@1, or a temperature of {GREEDY_BELOW:g} or more"
-        )
+    refuse_identical_samples(cfg.temperature, cfg.k, "-k", "a problem")
     if cfg.split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {cfg.split!r}")
     if cfg.max_batch_size is not None and cfg.max_batch_size < 1:

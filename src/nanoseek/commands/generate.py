@@ -108,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.engine.sampling import GREEDY_BELOW
+    from nanoseek.engine.sampling import refuse_identical_samples
     from nanoseek.tokenizer import IncrementalDecoder
 
     if args.num_samples < 1:
@@ -119,11 +119,7 @@ def run(args: argparse.Namespace) -> int:
         )
     prompt = args.prompt if args.text is None else args.text
     params = sampling_params(args)  # bad flags fail before the model loads and the prompt is echoed
-    if params.greedy and args.num_samples > 1:  # as `eval -k` and vLLM's n refuse it
-        raise ValueError(
-            f"--temperature {params.temperature:g} decodes greedily: the {args.num_samples} samples would "
-            f"all be the same one; pass a --temperature of {GREEDY_BELOW:g} or more for --num-samples"
-        )
+    refuse_identical_samples(params.temperature, args.num_samples, "--num-samples", "the prompt")
     engine, tok, _ = load_for_generation(args, max_batch_size=args.num_samples)
     text = sys.stdin.read() if prompt == "-" else prompt
     if args.chat:

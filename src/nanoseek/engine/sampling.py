@@ -29,6 +29,17 @@ from nanoseek.options import option
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
 
 
+def refuse_identical_samples(temperature: float, samples: int, samples_flag: str, per: str) -> None:
+    """Refuse several samples of one prompt at a temperature the engine decodes greedily: they would be
+    one answer drawn `samples` times (vLLM refused n > 1 with greedy sampling). `samples_flag` is the
+    caller's flag for the count (`-k`, `--num-samples`); `per` what one prompt is called there."""
+    if samples > 1 and temperature < GREEDY_BELOW:
+        raise ValueError(
+            f"--temperature {temperature:g} decodes greedily: the {samples_flag} {samples} samples of {per} "
+            f"would all be the same one; pass {samples_flag} 1, or a --temperature of {GREEDY_BELOW:g} or more"
+        )
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens for one request. Defaults are greedy with no stop other than EOS."""

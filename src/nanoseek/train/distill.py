@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from nanoseek.atomic import atomic_write, check_writable
-from nanoseek.engine.sampling import GREEDY_BELOW
+from nanoseek.engine.sampling import refuse_identical_samples
 from nanoseek.evaluate import split_task_list
 from nanoseek.options import option, path, shell_quoted
 from nanoseek.train.sft import SFTConfig, completion_example, train_on_examples
@@ -221,11 +221,7 @@ def distill(cfg: DistillConfig) -> Path:
         raise ValueError(f"--max-batch-size must be >= 1, got {cfg.max_batch_size}")
     if not cfg.temperature >= 0:  # (NaN too) said now, not by the engine once the teacher has loaded
         raise ValueError(f"--temperature must be >= 0, got {cfg.temperature}")
-    if cfg.k > 1 and cfg.temperature < GREEDY_BELOW:  # as eval -k and generate --num-samples refuse it
-        raise ValueError(
-            f"--temperature {cfg.temperature:g} decodes greedily: the -k {cfg.k} samples of a prompt would "
-            f"all be the same trace; pass -k 1, or a --temperature of {GREEDY_BELOW:g} or more"
-        )
+    refuse_identical_samples(cfg.temperature, cfg.k, "-k", "a prompt")
     cfg.sft.validate()  # before the teacher's sampling, not after it
     tok = load_tokenizer(teacher_dir)
     _check_student(cfg.student, tok)  # a typo in --student must not cost the whole sampling first
