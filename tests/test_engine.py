@@ -565,6 +565,29 @@ def test_w8a8_off_a_cpu_is_refused_before_any_weight_is_quantized(model):
     check_quantize_device("int8", "cuda")  # weight-only int8 and fp8 run on any device
 
 
+def test_w8a8_packing_hides_only_the_quantized_tensor_deprecation(monkeypatch):
+    """Packing w8a8 weights silences PyTorch's deprecation of quantized tensors, and nothing else: the
+    filter ignored every UserWarning raised while packing, whatever it said."""
+    import warnings
+
+    from nanoseek.engine import quantize
+
+    if not quantize.w8a8_available():
+        pytest.skip("PyTorch's quantized CPU backend is not built in")
+    pad = torch.nn.functional.pad
+
+    def pad_and_warn(*args, **kwargs):
+        warnings.warn("some other trouble", UserWarning, stacklevel=2)
+        return pad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "pad", pad_and_warn)
+    q = torch.randint(-127, 127, (4, 8), dtype=torch.int8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize._w8a8_weight(q, torch.ones(4))
+    assert [str(w.message) for w in caught] == ["some other trouble"]
+
+
 def test_prompts_must_be_token_ids_not_text(model):
     """A prompt given as text is refused with a pointer to the tokenizer: a string of digits was read as
     ids (generate("12") ran prompts [1] and [2]) and float ids were truncated, both silently."""

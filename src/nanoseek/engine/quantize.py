@@ -104,7 +104,8 @@ def _w8a8_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         )
     zeros = torch.zeros(q.shape[0], dtype=torch.long)
     with warnings.catch_warnings():  # PyTorch deprecates quantized tensors (torchao succeeds them)
-        warnings.simplefilter("ignore", UserWarning)
+        # that one deprecation only: any other warning of these calls still reaches the user
+        warnings.filterwarnings("ignore", r".*quantized tensor creation functions.*deprecated", UserWarning)
         # two zero input columns, for the two range-pinning columns `_w8a8_linear` appends to x
         q = torch.nn.functional.pad(q, (0, 2))
         qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zeros, 0)
