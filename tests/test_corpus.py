@@ -25,6 +25,9 @@ from nanoseek.data.corpus import (
 )
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
 
+# the `corpus` fixture holds a notes.csv a folder scan leaves out, and says so at every scan
+pytestmark = pytest.mark.filterwarnings("ignore:.*left out of the corpus:UserWarning")
+
 WORDS = [
     "the",
     "cat",
@@ -874,7 +877,8 @@ def test_whole_document_packing_fills_a_window_exactly(tmp_path: Path, tok: Toke
 def test_sources_resolve_to_each_supported_file_once(tmp_path: Path) -> None:
     """A file named twice (itself and through its folder) is read once; hidden files are left out of a
     folder as hidden folders are; `**` globs reach any depth; an empty folder, a glob over a file of
-    another type and a gzipped parquet (parquet compresses inside) are errors, not an empty corpus."""
+    another type and a gzipped parquet (parquet compresses inside) are errors, not an empty corpus; files of
+    other types in a folder are said to be left out, not skipped in silence."""
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "deep.txt").write_text("deep")
     (tmp_path / "top.txt").write_text("top")
@@ -886,6 +890,14 @@ def test_sources_resolve_to_each_supported_file_once(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no .txt/.md/.jsonl/.parquet files under"):
         resolve_files(tmp_path / "empty")
     (tmp_path / "empty" / "notes.csv").write_text("a,b")
+    with pytest.raises(
+        FileNotFoundError, match=r"no .txt/.md/.jsonl/.parquet files under .*\(only notes.csv\)"
+    ):
+        resolve_files(tmp_path / "empty")
+    with pytest.warns(
+        UserWarning, match=r"1 file\(s\) of other types left out of the corpus \(empty/notes.csv\)"
+    ):
+        assert [p.name for p in resolve_files(tmp_path)] == ["deep.txt", "top.txt"]
     with pytest.raises(ValueError, match=r"unsupported file type: .*notes.csv"):
         resolve_files(str(tmp_path / "empty" / "*"))
     (tmp_path / "t.parquet.gz").write_bytes(gzip.compress(b"PAR1"))

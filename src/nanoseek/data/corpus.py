@@ -78,9 +78,20 @@ def resolve_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> li
         # a path that exists is itself, a glob only otherwise: `wiki [en].txt` is that file, where its
         # glob would match `wiki e.txt` (or nothing)
         if Path(text).is_dir():
-            found = sorted(p for p in _walk(text) if p.is_file() and _kind(p))
+            present = [p for p in _walk(text) if p.is_file()]
+            found = sorted(p for p in present if _kind(p))
+            # said, not skipped in silence: a folder of .csv or .html files trained on what was left
+            others = sorted(str(p.relative_to(text)) for p in present if not _kind(p))
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             if not found:
-                raise FileNotFoundError(f"no .txt/.md/.jsonl/.parquet files under {text}")
+                also = f" (only {shown})" if others else ""
+                raise FileNotFoundError(f"no .txt/.md/.jsonl/.parquet files under {text}{also}")
+            if others:
+                warnings.warn(
+                    f"{text}: {len(others)} file(s) of other types left out of the corpus ({shown}); "
+                    "nanoseek reads .txt, .md, .jsonl and .parquet (and .gz of the first three)",
+                    stacklevel=2,
+                )
             files.extend(found)
         elif Path(text).is_file():
             if _kind(Path(text)) is None:
