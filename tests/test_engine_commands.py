@@ -638,7 +638,7 @@ def test_chat_turn_refuses_a_conversation_that_fills_the_context(checkpoint):
         def stream(self, prompts, params, should_stop=None):
             pytest.fail("a prompt that fills the context reached the engine")
 
-    with pytest.raises(ContextFull, match=f"the conversation is {n} tokens; the context holds {n}"):
+    with pytest.raises(ContextFull, match=f"the message is {n} tokens; the context holds {n}"):
         chat_turn(Engine(), tok, messages, None, io.StringIO(), color=False)
 
 
@@ -659,7 +659,7 @@ def test_generate_stops_at_the_tokenizers_stop_ids_and_a_chat_sample_is_the_repl
     assert [p.stop_token_ids for p in seen] == [list(tok.stop_token_ids)] * 2 and tok.stop_token_ids
 
 
-def _scripted_chat(monkeypatch, checkpoint) -> list[str]:
+def _scripted_chat(monkeypatch, checkpoint, max_seq_len: int = 4096) -> list[str]:
     """`nanoseek chat` answers "ok" to every turn, without a model; returns each turn's prompt text."""
     from types import SimpleNamespace
 
@@ -672,15 +672,75 @@ def _scripted_chat(monkeypatch, checkpoint) -> list[str]:
     prompts: list[str] = []
 
     class Scripted:
-        max_seq_len = 4096
-
         def stream(self, ids, params, should_stop=None):
+            assert len(ids[0]) < self.max_seq_len
             prompts.append(tok.decode(ids[0]))
             return [SimpleNamespace(new_token_ids=reply)]
 
+    Scripted.max_seq_len = max_seq_len
     model = SimpleNamespace(config=get_preset("tiny"), dtype=torch.float32)
     monkeypatch.setattr(chat, "load_for_generation", lambda args: (Scripted(), tok, model))
     return prompts
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_fills_and_goes_on(checkpoint, monkeypatch):
+    """A conversation that outgrew the context was refused message after message until /reset lost it
+    all; as ollama's and llama.cpp's chats, the oldest whole exchanges leave the model's view (never the
+    system prompt, never the new message), a line says how many, and room is kept for the answer
+    (--max-new-tokens). A message too long even alone is refused with the sizes, the history kept."""
+    from nanoseek.commands import chat
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    reply = "<think>\nhm\n</think>\n\nok"
+
+    def size(*users: str) -> int:
+        msgs = [{"role": "system", "content": "be brief"}]
+        for u in users:
+            msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": reply}]
+        text = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False)
+        return len(tok.encode(text))
+
+    # the third message fits only with the first exchange dropped and 4 tokens left for the answer
+    ctx = size("first", "second", "third") + 4 - 1
+    assert size("second", "third") + 4 <= ctx
+    prompts = _scripted_chat(monkeypatch, checkpoint, max_seq_len=ctx)
+    long = "word " * 300
+    stdin = io.StringIO(f"first\nsecond\nthird\n{long}\nfourth\n")
+    out = io.StringIO()
+    args = cli_args("chat", str(checkpoint), "--system", "be brief", "--max-new-tokens", "4")
+    assert chat.run(args, stdin=stdin, stdout=out) == 0
+    text = out.getvalue()
+    assert len(prompts) == 4 and "first" in prompts[1]
+    assert "first" not in prompts[2] and "be brief<｜User｜>second<｜Assistant｜>ok" in prompts[2]
+    assert prompts[2].endswith("<｜User｜>third<｜Assistant｜><think>\n")
+    assert "(context full: 1 earlier turn dropped from the model's view)" in text
+    n = len(tok.encode(tok.apply_chat_template(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": long.strip()}], tokenize=False
+    )))  # fmt: skip
+    assert f"(the message and the system prompt are {n} tokens; the context holds {ctx}" in text
+    assert "/reset" not in text.split("\n", 1)[1]  # the history is no help: it goes by itself
+    assert "third<｜Assistant｜>ok" in prompts[3] and prompts[3].endswith("fourth<｜Assistant｜><think>\n")
+    assert "4 turns" in text
+
+
+def test_chat_keeps_room_for_the_answer_of_at_most_half_the_context(checkpoint):
+    """--max-new-tokens past the context (chat's 1024 by default, a 256-token model) still leaves half of
+    the context to the conversation; a smaller one leaves the rest."""
+    from nanoseek.commands.chat import fit_context
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    history = []
+    for i in range(12):
+        history += [{"role": "user", "content": f"question {i} " * 3}, {"role": "assistant", "content": "ok"}]
+    history.append({"role": "user", "content": "last"})
+    for wanted, room in ((1024, 128), (100, 100), (4, 4)):
+        messages = list(history)
+        text, ids, dropped = fit_context(tok, messages, 256, wanted)
+        assert len(ids) + room <= 256 and dropped and messages == history[2 * dropped :]
+        bigger = tok.apply_chat_template(history[2 * dropped - 2 :], tokenize=False)
+        assert len(tok.encode(bigger)) + room > 256  # no more was dropped than needed
 
 
 @pytest.mark.parametrize("errors", ["strict", "surrogateescape"])  # a UTF-8 locale's stdin; C.UTF-8's
@@ -793,4 +853,4 @@ def test_chat_on_a_terminal_reads_a_line_longer_than_the_terminals_own(checkpoin
     finally:
         proc.kill()
         os.close(primary)
-    assert f"the conversation is {n} tokens".encode() in seen
+    assert f"the message is {n} tokens".encode() in seen

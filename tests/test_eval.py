@@ -921,3 +921,75 @@ def test_an_endpoint_that_ignores_n_is_asked_again_for_the_samples_it_left_out(t
     m = evaluate(cfg, sampler=sampler)
     assert m["k"] == 3 and m["pass@1"] == 1.0 and m["mean_response_tokens"] == 4
     assert sorted(seeds) == list(range(6))
+
+
+def test_a_problem_the_context_cannot_hold_is_named_before_any_sample_is_drawn(
+    micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    """A JSONL problem longer than the model's context ended the whole evaluation with the engine's
+    "prompt has N tokens; max_seq_len is M", naming no problem; one whose prompt leaves less than
+    --max-new-tokens gets answers cut at the context, which the truncation warning blamed on the flag."""
+    import nanoseek.evaluate as ev
+
+    path = tmp_path / "qa.jsonl"
+    rows = [
+        {"prompt": "1+1?", "answer": 2},
+        {"prompt": "long question: " + "1+1 " * 800, "answer": 2},
+        {"prompt": "near the end: " + "1+1 " * 240, "answer": 2},
+    ]
+    path.write_text("".join(json.dumps({**r, "split": "test"}) + "\n" for r in rows))
+    cfg = EvalConfig(model=micro_checkpoint, task=f"jsonl:{path}", n=3, k=1, max_new_tokens=8, progress=False)
+    drawn: list = []
+    monkeypatch.setattr(ev, "engine_generate", lambda *a, **kw: drawn.append(a) or [])
+    with pytest.raises(ValueError, match=r"1 problem leaves no room to answer in the model's context of 1024 "
+                       r"tokens: \S+ 'long question: 1\+1 1\+1 1\+1 1\+1' \(\d{4} tokens\)"):  # fmt: skip
+        evaluate(dataclasses.replace(cfg, out=str(tmp_path / "a.json")))
+    assert not drawn
+    near = tmp_path / "near.jsonl"
+    near.write_text("".join(json.dumps({**r, "split": "test"}) + "\n" for r in rows[::2]))
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="1 of 2 problems leave fewer than --max-new-tokens 60 tokens to answer "
+                      "in the model's context of 1024: their answers stop at the context"):  # fmt: skip
+        m = evaluate(
+            dataclasses.replace(
+                cfg,
+                task=f"jsonl:{near}",
+                n=2,
+                max_new_tokens=60,
+                temperature=0,
+                out=str(tmp_path / "b.json"),
+            )
+        )
+    assert m["problems"] == 2
+
+
+def test_an_endpoint_answers_a_prompt_near_its_context_as_a_checkpoint_does(tmp_path) -> None:
+    """A prompt within --max-new-tokens of the context: the server (OpenAI's rule, vLLM's, nanoseek
+    serve's) refuses max_tokens past it with 400 context_length_exceeded, which ended the whole
+    evaluation; a checkpoint's answer stops at the context. Asked again without max_tokens, the server
+    answers up to its context; a prompt over the context is still a clear error."""
+    asked = []
+    answered = _stub_endpoint(2, lambda n: 3 * n)
+    refusal = {
+        "message": "This model's maximum context length is 64 tokens.",
+        "type": "invalid_request_error",
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        asked.append(body.get("max_tokens"))
+        if body.get("max_tokens") is not None or "always" in request.url.host:
+            return httpx.Response(400, json={"error": {**refusal, "code": "context_length_exceeded"}})
+        return answered.send(request)
+
+    cfg = EvalConfig(
+        model="http://stub:8000", task="arithmetic", k=2, n=2, language="en", endpoint_model="stub"
+    )
+    cfg.progress, cfg.out = False, str(tmp_path / "e.json")
+    sampler, _ = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    assert evaluate(cfg, sampler=sampler)["pass@1"] == 1.0
+    assert sorted(asked, key=str) == [320, 320, None, None]  # each problem asked once with, once without
+    cfg.model = "http://always:8000"
+    sampler, _ = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    with pytest.raises(ValueError, match="answered 400: .*maximum context length is 64 tokens"):
+        evaluate(cfg, sampler=sampler)

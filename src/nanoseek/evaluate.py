@@ -24,6 +24,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -349,9 +350,26 @@ class CheckpointSampler:
         would alone: the samples are the ones separate calls draw, for about the time of the longest
         answer of all on a GPU (a decode step there costs about the same for one sequence or hundreds)."""
         cfg, tok, k = self.cfg, self.tok, self.cfg.k
-        prompts = [
-            chat_prompt_ids(tok, p.messages, cfg.thinking) for s in problem_sets for p in s for _ in range(k)
-        ]
+        each = [(p, chat_prompt_ids(tok, p.messages, cfg.thinking)) for s in problem_sets for p in s]
+        # a problem the context cannot hold ended the whole evaluation with the engine's error, which
+        # named no problem: said now, before any sample is drawn, with the sizes
+        ctx = self.engine.max_seq_len
+        over = [f"{p.id} {p.prompt[:30]!r} ({len(ids)} tokens)" for p, ids in each if len(ids) >= ctx]
+        if over:
+            raise ValueError(
+                f"{len(over)} problem{'s leave' if len(over) != 1 else ' leaves'} no room to answer in the "
+                f"model's context of {ctx} tokens: {', '.join(over[:5])}{', ...' * (len(over) > 5)}; "
+                "shorten them or leave them out of the task"
+            )
+        short = sum(len(ids) + cfg.max_new_tokens > ctx for _, ids in each)
+        if short:  # else only the truncation warning speaks, and it blames --max-new-tokens
+            warnings.warn(
+                f"{short} of {len(each)} problems leave fewer than --max-new-tokens {cfg.max_new_tokens} "
+                f"tokens to answer in the model's context of {ctx}: their answers stop at the context, "
+                "however high --max-new-tokens is",
+                stacklevel=2,
+            )
+        prompts = [ids for _, ids in each for _ in range(k)]
         seeds = [cfg.seed + i for s in problem_sets for i in range(len(s) * k)]
         outs = engine_generate(
             self.engine,
@@ -462,23 +480,34 @@ def endpoint_sampler(
 
     def one(index: int, problem: Any) -> list[Sample]:
         out: list[Sample] = []
+        max_tokens: Any = cfg.max_new_tokens
         # a server that ignores n (llama.cpp's llama-server) answers with fewer choices: the rest are
         # asked for again, numbered on from those it gave (simple-evals asks for each sample alone)
         while len(out) < cfg.k:
             with _endpoint_errors(base):
-                resp = sampling.chat.completions.create(
-                    model=model_name,
-                    messages=problem.messages,
-                    n=cfg.k - len(out),
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    max_tokens=cfg.max_new_tokens,
-                    # choice j of problem i samples with seed + i*k + j (nanoseek serve: seed + choice),
-                    # as a checkpoint's sample i*k + j does in-process, not every problem the same seeds
-                    seed=cfg.seed + index * cfg.k + len(out),
-                    # only said when off, so servers that know no chat_template_kwargs are sent nothing new
-                    extra_body=None if cfg.thinking else {"chat_template_kwargs": {"thinking": False}},
-                )
+                try:
+                    resp = sampling.chat.completions.create(
+                        model=model_name,
+                        messages=problem.messages,
+                        n=cfg.k - len(out),
+                        temperature=cfg.temperature,
+                        top_p=cfg.top_p,
+                        max_tokens=max_tokens,
+                        # choice j of problem i samples with seed + i*k + j (nanoseek serve: seed + choice),
+                        # as a checkpoint's sample i*k + j does in-process, not every problem the same seeds
+                        seed=cfg.seed + index * cfg.k + len(out),
+                        # only said when off, so servers that know no chat_template_kwargs are sent nothing new
+                        extra_body=None if cfg.thinking else {"chat_template_kwargs": {"thinking": False}},
+                    )
+                except openai.BadRequestError as e:
+                    # A prompt within --max-new-tokens of the context: OpenAI's rule (vLLM's, nanoseek
+                    # serve's) refuses the request, which ended the whole evaluation, where a checkpoint's
+                    # answer stops at the context. Without max_tokens those servers answer up to the
+                    # context, that is fewer tokens than asked; a prompt over it is refused again.
+                    if e.code != "context_length_exceeded" or max_tokens is openai.NOT_GIVEN:
+                        raise
+                    max_tokens = openai.NOT_GIVEN
+                    continue
             if not resp.choices:
                 raise ValueError(f"{base} answered a chat completion with no choices")
             per = (resp.usage.completion_tokens / len(resp.choices)) if resp.usage else 0

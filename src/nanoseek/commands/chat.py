@@ -5,6 +5,11 @@
   DeepSeek-V3.1's non-thinking mode: the prompt closes the think block and the reply is all answer.
 - History is kept as chat messages; the template drops past reasoning (R1 does), and the engine's
   prefix cache reuses the latents of the unchanged history, so later turns do not re-read it.
+- A conversation that outgrows the context goes on, as ollama's and llama.cpp's chats do: the oldest
+  whole user/assistant exchanges are dropped from what the model sees (never the system prompt, never
+  the new message), and a dim line says how many (that turn re-reads the rest: its prefix changed).
+  Room is kept for the answer: --max-new-tokens of it, at most half the context (a cap the context
+  cannot hold would leave no room for any history).
 - Commands: /reset (clear history), /system TEXT (set the system prompt and reset), /help, /exit (or Ctrl-D).
 - One line is one message, or the lines between triple quotes (ollama's multi-line input: their text
   is never a command, "// ..." code included). On a terminal lines are read with readline (editing,
@@ -59,7 +64,39 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 class ContextFull(ValueError):
-    """The conversation and the new message no longer fit the model's context."""
+    """The new message (with the system prompt) leaves no room in the model's context, even with
+    the rest of the history dropped."""
+
+
+def fit_context(
+    tok: Any, messages: list[dict], max_seq_len: int, max_new_tokens: int, thinking: bool = True
+) -> tuple[str, list[int], int]:
+    """(prompt text, its ids, exchanges dropped) for `messages`, the history ending with the new user
+    message, in a context of `max_seq_len` tokens. Where the prompt and room for the answer (max_new_tokens,
+    at most half the context) would not fit, the oldest whole user/assistant exchanges are deleted from
+    `messages` until they do, or until only the system prompt and the new message are left. ContextFull,
+    with nothing deleted, where even those leave no room for one token."""
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    room = min(max_new_tokens, max_seq_len // 2)
+
+    def render(start: int) -> tuple[str, list[int]]:
+        text = tok.apply_chat_template(
+            messages[:first] + messages[start:], add_generation_prompt=True, tokenize=False, thinking=thinking
+        )
+        return text, tok.encode(text)
+
+    start = first
+    text, ids = render(start)
+    while len(ids) + room > max_seq_len and start + 2 < len(messages):  # keep the new message
+        start += 2  # an exchange: a user message and the reply to it
+        text, ids = render(start)
+    if len(ids) >= max_seq_len:  # the engine needs room for one token
+        alone = "the message" + (" and the system prompt" if first else "")
+        raise ContextFull(
+            f"{alone} {'are' if first else 'is'} {len(ids)} tokens; the context holds {max_seq_len}"
+        )
+    del messages[first:start]
+    return text, ids, (start - first) // 2
 
 
 def chat_turn(
@@ -73,21 +110,23 @@ def chat_turn(
     stop: Callable[[], bool] | None = None,
 ) -> tuple[str, int]:
     """Stream one assistant reply to `out`; returns (the reply as stored in history, tokens generated).
+    `messages` loses its oldest exchanges where the context needs the room (`fit_context`, said on `out`).
     `stop()` is asked after each step: true ends the reply there (the engine request is aborted)."""
     from nanoseek.serve.textstream import ReasoningSplitter
     from nanoseek.tokenizer import IncrementalDecoder
 
-    prompt_text = tok.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=False, thinking=thinking
-    )
-    ids = tok.encode(prompt_text)
-    if len(ids) >= engine.max_seq_len:
-        raise ContextFull(f"the conversation is {len(ids)} tokens; the context holds {engine.max_seq_len}")
+    dim, reset = (DIM, RESET) if color else ("", "")
+    wanted = getattr(params, "max_new_tokens", 1)
+    prompt_text, ids, dropped = fit_context(tok, messages, engine.max_seq_len, wanted, thinking)
+    if dropped:
+        out.write(
+            f"{dim}(context full: {dropped} earlier turn{'s' * (dropped != 1)} dropped from the "
+            f"model's view){reset}\n"
+        )
     opened = thinking and prompt_text.rstrip().endswith(tok.think_start)
     # Non-thinking: no split at all, so a stray "<think>" is shown as the answer it is (as the server does).
     splitter = ReasoningSplitter(started_in_think=opened) if thinking else None
     decoder = IncrementalDecoder(tok, skip_special_tokens=True)
-    dim, reset = (DIM, RESET) if color else ("", "")
     think: list[str] = []
     answer: list[str] = []
     n = 0
@@ -272,10 +311,10 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
                 reply, n = chat_turn(
                     engine, tok, messages, params, out, color, thinking=args.think, stop=stopped
                 )
-            except ContextFull as e:  # the message is not kept: the session goes on
+            except ContextFull as e:  # the message is not kept (the history is): the session goes on
                 messages.pop()
-                fix = "a shorter message" if len(messages) <= 1 else "/reset, or a shorter message"
-                out.write(f"({e}: try {fix})\n")
+                # without the history it still does not fit: /reset would not help
+                out.write(f"({e}: try a shorter message)\n")
                 continue
         if stopped():
             out.write("(stopped)\n")
