@@ -191,6 +191,12 @@ def test_run_tests_asserts_and_stdio():
         run_tests("print(1)", [])
 
 
+def test_a_case_with_null_input_gets_no_input():
+    """`"input": null` (a JSONL task's case without stdin) was fed to the program as the text "None"."""
+    echo = "import sys\nprint(sys.stdin.read().strip() or 'hello')"
+    assert run_tests(echo, [{"input": None, "output": "hello"}])[:2] == (1, 1)
+
+
 @pytest.mark.parametrize(
     "exit_early", ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit"]
 )

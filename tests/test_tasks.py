@@ -431,6 +431,14 @@ def test_a_bad_option_value_is_named_with_what_it_must_be(spec, says):
         get_task(spec)
 
 
+def test_an_option_given_twice_is_refused():
+    """`addition?digits=3&digits=4` kept the last value without a word: 4-digit problems for a spec
+    that also says 3."""
+    for spec in ("addition?digits=3&digits=4", "addition?turn=2&turn=3", "rg:countdown?partial=1&partial=0"):
+        with pytest.raises(ValueError, match="given twice"):
+            get_task(spec)
+
+
 def test_options_are_read_as_their_parameters_types():
     assert get_task("counting?alphabet=0123").alphabet == "0123"  # text, as written
     assert get_task("arithmetic?allow_negative=true").allow_negative is True

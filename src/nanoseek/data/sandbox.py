@@ -407,7 +407,10 @@ def run_tests(
         left = budget - sum(r.duration for r in results)
         if left <= 0:
             break
-        r = run_python(code, stdin=str(case.get("input", "")), config=cfg, timeout=min(cfg.timeout, left))
+        # "input": null is no input, as a case without one: str() of it fed the program "None"
+        stdin = case.get("input")
+        stdin = "" if stdin is None else str(stdin)
+        r = run_python(code, stdin=stdin, config=cfg, timeout=min(cfg.timeout, left))
         results.append(r)
         passed += int(r.ok and _same_output(str(case["output"]), r.stdout))
         if r.timed_out:

@@ -36,6 +36,8 @@ def parse_task_spec(spec: str, raw: bool = False) -> tuple[str, dict[str, Any]]:
         k, eq, v = part.partition("=")
         if not eq or not k:
             raise ValueError(f"bad task option {part!r} in {spec!r}; expected key=value")
+        if k in options:  # the last would win silently: `digits=3&digits=4` drew 4-digit problems
+            raise ValueError(f"task option {k!r} is given twice in {spec!r}; give it once")
         options[k] = v if raw else _parse_value(v)
     return base, options
 
