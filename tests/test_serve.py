@@ -1913,6 +1913,56 @@ def test_cli_serve_defaults_and_flags_reach_the_server(tmp_path, tok, model, mon
     assert "model 'ck'" in out and "auth off" in out and "warning" not in out
 
 
+@pytest.mark.parametrize("env", [{"NO_COLOR": "1"}, {"TERM": "dumb"}])
+def test_cli_serve_logs_without_colour_where_the_environment_refuses_it(
+    tmp_path, tok, model, monkeypatch, env
+):
+    """uvicorn coloured its warnings on any terminal ("\\x1b[33mWARNING\\x1b[0m:" printed as text on a
+    dumb one): NO_COLOR and TERM=dumb turn its colours off, as they turn off `nanoseek chat`'s."""
+    import uvicorn
+
+    from nanoseek.checkpoint import save_model
+    from nanoseek.cli import main
+
+    ckpt = tmp_path / "ck"
+    save_model(model, ckpt)
+    tok.save(ckpt)
+    served = {}
+    monkeypatch.setattr(
+        uvicorn.Server, "run", lambda self, sockets: served.update(config=self.config, sock=sockets[0])
+    )
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert main(["serve", str(ckpt), "--port", "0"]) == 0
+    served["sock"].close()
+    assert served["config"].use_colors is None  # uvicorn's own choice: colours on a terminal
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", str(ckpt), "--port", "0"]) == 0
+    served["sock"].close()
+    assert served["config"].use_colors is False
+
+
+@pytest.mark.parametrize("key", ["clé-s3cret", "s3cret\r", " s3cret"])
+def test_cli_serve_refuses_a_key_no_client_can_send(tmp_path, monkeypatch, capsys, key):
+    """A non-ASCII key (the OpenAI SDK refuses to send it; curl's UTF-8 was read back as Latin-1) or one
+    with a CR or space at an end (a Windows .env file; the server strips what clients send) started a
+    server that answered every request 401: it is refused at startup, without showing the key."""
+    import uvicorn
+
+    from nanoseek.cli import main
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: pytest.fail("served"))
+    monkeypatch.setenv("NANOSEEK_API_KEY", key)
+    ckpt = tmp_path / "ck"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "tokenizer.json").write_text("{}")
+    assert main(["serve", str(ckpt), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "must be printable ASCII" in err and key.strip() not in err
+
+
 def test_serve_sampling_defaults_from_generation_config():
     """generation_config.json's sampling fields become the defaults (vLLM's `--generation-config auto`
     reads the same five); do_sample false is greedy; booleans and other fields are not sampling values."""

@@ -630,6 +630,23 @@ def test_cli_prints_what_an_ascii_stdout_cannot_encode_escaped(tok: Tokenizer, t
     assert done.stdout == "\\u6771\\u4eac 42\n"
 
 
+def test_cli_prints_escaped_under_a_c_locale_without_utf8_mode(tok: Tokenizer, tmp_path: Path) -> None:
+    """In the C locale with PYTHONUTF8=0 Python opens stdout in ASCII with surrogateescape, not strict: the
+    first CJK token `nanoseek chat` or `generate` printed ended the command as a usage error."""
+    import os
+    import subprocess
+    import sys
+
+    tok.save(tmp_path)
+    ids = [str(i) for i in tok.encode("東京 42")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "PYTHONIOENCODING"))}
+    env.update(LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    cmd = [sys.executable, "-m", "nanoseek", "tokenizer", "decode", str(tmp_path), *ids]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="ascii", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "\\u6771\\u4eac 42\n"
+
+
 def test_cli_train_measures_its_summary_on_a_bounded_sample(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

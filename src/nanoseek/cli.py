@@ -6,6 +6,7 @@ Commands import their heavy dependencies inside `run`, so `nanoseek --help` stay
 from __future__ import annotations
 
 import argparse
+import codecs
 import errno
 import importlib
 import io
@@ -57,11 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     from nanoseek.perf import tune_malloc
 
     tune_malloc()  # every command that trains or generates allocates multi-MB tensors per step
-    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
-        # A stdout in ASCII or Latin-1 (PYTHONIOENCODING=ascii, a legacy console code page) raised on the
-        # first CJK or emoji token and the command ended as a usage error: escape what it cannot
-        # encode, as Python does on stderr, and print the rest.
-        sys.stdout.reconfigure(errors="backslashreplace")
+    # A stdout in ASCII or Latin-1 (PYTHONIOENCODING=ascii, a legacy console code page, the C locale with
+    # PYTHONUTF8=0) raised on the first CJK or emoji token and the command ended as a usage error: escape
+    # what it cannot encode, as Python does on stderr, and print the rest. The C locale opens it with
+    # surrogateescape, which passes only undecodable bytes through: enough for UTF-8 alone (UTF-8 mode).
+    out = sys.stdout
+    if isinstance(out, io.TextIOWrapper) and (
+        out.errors == "strict"
+        or (out.errors == "surrogateescape" and codecs.lookup(out.encoding).name != "utf-8")
+    ):
+        out.reconfigure(errors="backslashreplace")
     if sys.stdin is None:
         # fd 0 closed (`nanoseek chat DIR <&-`, some job runners): Python leaves sys.stdin None, and
         # `chat`, `generate DIR -` and `tokenizer encode` failed on it with an AttributeError. Read it as

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import dataclasses
 import io
-import os
 import signal
 import sys
 import threading
@@ -32,7 +31,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-from nanoseek.commands.generate import add_generation_flags, load_for_generation, sampling_params
+from nanoseek.commands.generate import (
+    add_generation_flags,
+    colors_refused,
+    load_for_generation,
+    sampling_params,
+)
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 HELP = "commands: /reset  /system TEXT  /help  /exit"
@@ -254,14 +258,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
     if user_id is not None:
         stops.append(user_id)  # a model that starts the next user turn has finished its own
     params = dataclasses.replace(params, stop_token_ids=stops)
-    # as rich (`nanoseek inspect`'s table) reads the terminal: no styling where NO_COLOR is set
-    # (no-color.org) or TERM=dumb, whose terminal prints the escapes as text
-    color = (
-        not args.no_color
-        and out.isatty()
-        and not os.environ.get("NO_COLOR")
-        and os.environ.get("TERM") != "dumb"
-    )
+    color = not args.no_color and out.isatty() and not colors_refused()
     system = args.system
     messages: list[dict] = []
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from typing import Any
@@ -45,6 +46,12 @@ def add_generation_flags(
 
 
 DEVICE_HELP = "cpu, cuda, mps (default: cuda where there is one, else cpu)"
+
+
+def colors_refused() -> bool:
+    """Whether the environment asks for no ANSI styling, even on a terminal: NO_COLOR set (no-color.org),
+    or TERM=dumb, whose terminal prints the escapes as text. As rich (`nanoseek inspect`'s table) reads it."""
+    return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
 
 
 def sampling_params(args: argparse.Namespace, stop_token_ids: list[int] | None = None) -> Any:

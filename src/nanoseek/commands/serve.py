@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek import load_model, load_tokenizer
     from nanoseek.accounting import count_parameters
     from nanoseek.checkpoint import resolve_checkpoint
+    from nanoseek.commands.generate import colors_refused
     from nanoseek.engine import Engine
     from nanoseek.perf import default_device
     from nanoseek.serve import ServeConfig, create_app
@@ -134,6 +135,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
     if not 0 < args.kv_cache_mib < math.inf:
         raise ValueError(f"--kv-cache-mib must be a positive finite number, got {args.kv_cache_mib}")
+    key = args.api_key
+    if key and not (key.isascii() and key.isprintable() and key == key.strip()):
+        # The key travels in a header: clients send it as ASCII (the OpenAI SDK's httpx refuses any other
+        # character, curl's UTF-8 bytes were read back as Latin-1) and the server strips its spaces, so
+        # such a key (a non-ASCII one, or one with a CR from a Windows .env file) never matched.
+        raise ValueError(
+            "--api-key (or $NANOSEEK_API_KEY) must be printable ASCII with no space or control character "
+            "at either end: HTTP clients send it in a header"
+        )
     sock = _listen(args.host, args.port)  # a busy port is said now, not after loading the weights
     port = sock.getsockname()[1]  # --port 0: the one the system picked
     device = args.device or default_device()
@@ -191,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print("nanoseek serve: warning: reachable beyond this machine and no --api-key set", flush=True)
-    http = _server(uvicorn.Config(app, log_level="warning"))
+    # uvicorn colours its log lines on any terminal: not where the environment refuses colour, as chat
+    http = _server(uvicorn.Config(app, log_level="warning", use_colors=False if colors_refused() else None))
     server.engine.on_death = lambda e: setattr(http, "should_exit", True)
     http.run(sockets=[sock])
     if server.engine.error is not None:
