@@ -271,6 +271,26 @@ def test_a_max_batch_size_below_one_is_refused_before_sampling(micro_checkpoint,
     )
 
 
+def test_a_hub_teacher_is_not_fetched_before_the_flags_are_checked(tmp_path, monkeypatch) -> None:
+    """A teacher named on the Hub (R1 distils from Hub models) was downloaded, all its weights, before
+    -k at a greedy temperature or --max-batch-size 0 was refused; offline, the Hub's error hid the flag's."""
+    import huggingface_hub
+
+    def fetch(repo_id, **kw):
+        raise AssertionError(f"fetched {repo_id} before checking the flags")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    for bad in ({"k": 4, "temperature": 0.0}, {"max_batch_size": 0}):
+        _refused_before_sampling(
+            monkeypatch,
+            "greedily|max-batch-size",
+            teacher="someone/teacher",
+            student="tiny",
+            out=str(tmp_path),
+            **bad,
+        )
+
+
 def test_distill_checks_the_student_before_sampling(micro_checkpoint, tmp_path, monkeypatch) -> None:
     _refused_before_sampling(
         monkeypatch, "preset", teacher=micro_checkpoint, student="no-such-preset", out=str(tmp_path)

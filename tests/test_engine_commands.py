@@ -81,6 +81,9 @@ def test_generate_takes_the_prompt_positionally_or_as_a_flag_but_once(checkpoint
     for threads in ("0", "-2"):  # not silently ignored, not torch's traceback
         assert main(["generate", str(checkpoint), "x", "--threads", threads]) == 2
         assert "--threads must be >= 1" in capsys.readouterr().err
+    # a Hub name is not downloaded (all its weights) before the flag is refused
+    assert main(["generate", "someone/absent-model", "x", "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
     # tmp_path holds no checkpoint: the prompt is checked before anything loads
     for extra in (["a", "--prompt", "b"], []):
         args = cli_args("generate", str(tmp_path), *extra)

@@ -147,6 +147,22 @@ def test_inspect_and_cost_fetch_a_hub_models_config_alone(fake_hub, saved, capsy
     assert len(fake_hub) == calls and "--tokens" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [
+        ("--mfu", "2", "mfu"),
+        ("--gpus", "0", "GPU count"),
+        ("--usd-per-gpu-hour", "-1", "price"),
+        ("--seq-len", "0", "seq_len"),
+    ],
+)
+def test_cost_refuses_each_bad_flag_before_a_hub_fetch(fake_hub, flag, value, said, capsys):
+    """Every flag the price needs is checked before a Hub name's config.json is fetched, not --tokens
+    alone: `--mfu 2` was said after a download (offline: the Hub's error, hiding the flag's)."""
+    assert cli(["cost", "someone/other-model", "--tokens", "1e9", flag, value]) == 2
+    assert fake_hub == [] and said in capsys.readouterr().err
+
+
 def test_a_hub_download_keeps_the_chat_template_file(monkeypatch, tmp_path, micro_checkpoint):
     """A repo whose chat template is only in chat_template.jinja (as transformers 5 saves it) loads with
     that template from the Hub, as from a local directory: the download takes the file."""

@@ -1870,6 +1870,22 @@ def test_cli_serve_closes_its_socket_when_loading_fails(tmp_path, tok, model, mo
     assert len(socks) == 2 and all(s.fileno() == -1 for s in socks)  # -1: closed
 
 
+def test_cli_serve_checks_its_flags_before_a_hub_download(monkeypatch, capsys):
+    """`serve owner/name --port 70000` downloaded the model's weights before saying the port was no
+    port (offline: the Hub's error instead of the flag's); a busy port too."""
+    import huggingface_hub
+
+    from nanoseek.cli import main
+
+    def fetch(repo_id, **kw):
+        raise AssertionError(f"fetched {repo_id} before checking the flags")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    for flag, value in (("--port", "70000"), ("--max-queue", "0"), ("--kv-cache-mib", "inf")):
+        assert main(["serve", "someone/model", flag, value]) == 2
+        assert flag in capsys.readouterr().err
+
+
 def test_cli_serve_defaults_and_flags_reach_the_server(tmp_path, tok, model, monkeypatch, capsys):
     """The defaults --help states, the key from $NANOSEEK_API_KEY, --model-name, --max-queue and
     --max-body-mb reach the server, and the banner names the port the system picked for --port 0."""

@@ -790,6 +790,15 @@ def test_sft_refuses_task_flags_without_a_task(flag, capsys) -> None:
     assert f"{flag[0]} shapes the chats built from --task" in capsys.readouterr().err
 
 
+def test_sft_without_data_or_task_is_refused_before_the_init_resolves(capsys) -> None:
+    """A Hub --init was downloaded (all its weights; offline, the Hub's error said instead) before sft
+    said there was nothing to train on."""
+    from nanoseek.cli import main
+
+    assert main(["sft", "--init", "no/such-checkpoint"]) == 2
+    assert "give --data chat.jsonl and/or --task NAME" in capsys.readouterr().err
+
+
 def test_a_seq_len_that_cuts_off_every_answer_is_an_error(tmp_path) -> None:
     """Cut to 8 tokens, every example is part of its 10-token prompt: no step would have a target."""
     from nanoseek.train.sft import SFTConfig

@@ -722,6 +722,44 @@ def test_scrolling_up_while_an_answer_streams_keeps_the_readers_place(browser):
 
 
 @pytest.mark.slow
+def test_a_taller_window_while_an_answer_streams_keeps_following_it(browser):
+    """A window made taller (a phone turned upright, a window maximized) moves the view up itself, to
+    the new bottom: the page took that for a reader who had scrolled up and stopped following the answer
+    for the rest of the turn, where the browser has no scroll anchoring to hide it (Safari)."""
+    server = _answering("\n\n".join(f"line {i}" for i in range(150)), step_delay=0.03)
+
+    def at_bottom() -> bool:
+        return browser.js(
+            "(m => m.scrollHeight - m.scrollTop - m.clientHeight < 5)(document.getElementById('messages'))"
+        )
+
+    def height() -> int:
+        return browser.js("document.getElementById('messages').scrollHeight")
+
+    def window(h: int) -> None:
+        browser.call(
+            "Emulation.setDeviceMetricsOverride", width=800, height=h, deviceScaleFactor=1, mobile=False
+        )
+
+    with server as srv:
+        window(500)
+        _open_page(browser, srv)
+        browser.js(
+            "document.head.insertAdjacentHTML('beforeend', '<style>main { overflow-anchor: none }</style>')"
+        )
+        browser.js("document.getElementById('max-tokens').value = '1000'")
+        browser.js("document.getElementById('input').value = 'count'")
+        browser.js("document.getElementById('send').click()")
+        _wait(lambda: "line 20" in (_last(browser, ".answer") or ""), "the answer never got long")
+        assert at_bottom()
+        window(800)
+        time.sleep(0.3)
+        grown = height()
+        _wait(lambda: height() > grown + 200, "the answer stopped growing")
+        assert at_bottom()  # still following
+
+
+@pytest.mark.slow
 def test_a_code_block_has_a_copy_button_that_copies_the_code_alone(browser):
     """A code block had no way to copy it but selecting by hand, awkward for one that scrolls sideways
     (llama.cpp's page puts a copy button on each). The button copies the code verbatim, and is there on

@@ -399,6 +399,35 @@ class TrainingCost:
         return dataclasses.asdict(self)
 
 
+def check_cost_inputs(
+    tokens: float,
+    peak_flops: float,
+    mfu: float | None,
+    gpu_hours: float | None,
+    gpus: int,
+    usd_per_gpu_hour: float,
+    seq_len: int,
+) -> None:
+    """Raise ValueError for inputs `training_cost` cannot price, without a config: `nanoseek cost` asks
+    before it fetches a Hub model's config.json (a bad flag said after a download, or offline as one)."""
+    if (mfu is None) == (gpu_hours is None):
+        raise ValueError("give exactly one of mfu (to estimate GPU-hours) or gpu_hours (to imply the MFU)")
+    # written so that NaN fails too
+    if not (
+        0 < tokens < math.inf and 0 < peak_flops < math.inf and gpus >= 1 and 0 <= usd_per_gpu_hour < math.inf
+    ):
+        raise ValueError(
+            "tokens, peak FLOP/s and GPU count must be positive; price must be >= 0; all finite "
+            f"(got tokens={tokens}, peak_flops={peak_flops}, gpus={gpus}, usd_per_gpu_hour={usd_per_gpu_hour})"
+        )
+    if mfu is not None and not 0 < mfu <= 1:
+        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+    if gpu_hours is not None and not 0 < gpu_hours < math.inf:
+        raise ValueError(f"gpu_hours must be positive and finite, got {gpu_hours}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+
+
 def training_cost(
     config: ModelConfig,
     tokens: float,
@@ -415,27 +444,14 @@ def training_cost(
     Give `mfu` (model FLOPs utilization, 0-1] to estimate GPU-hours, or `gpu_hours` (a known bill) to
     get the MFU it implies; exactly one of the two.
     """
-    if (mfu is None) == (gpu_hours is None):
-        raise ValueError("give exactly one of mfu (to estimate GPU-hours) or gpu_hours (to imply the MFU)")
-    # written so that NaN fails too
-    if not (
-        0 < tokens < math.inf and 0 < peak_flops < math.inf and gpus >= 1 and 0 <= usd_per_gpu_hour < math.inf
-    ):
-        raise ValueError(
-            "tokens, peak FLOP/s and GPU count must be positive; price must be >= 0; all finite "
-            f"(got tokens={tokens}, peak_flops={peak_flops}, gpus={gpus}, usd_per_gpu_hour={usd_per_gpu_hour})"
-        )
+    check_cost_inputs(tokens, peak_flops, mfu, gpu_hours, gpus, usd_per_gpu_hour, seq_len)
     fpt = flops_per_token(config, seq_len, training=True, include_mtp=include_mtp)
     total = fpt * tokens
     implied = gpu_hours is not None
     if mfu is not None:
-        if not 0 < mfu <= 1:
-            raise ValueError(f"mfu must be in (0, 1], got {mfu}")
         gpu_hours = total / (peak_flops * mfu) / 3600
     else:
         assert gpu_hours is not None
-        if not 0 < gpu_hours < math.inf:
-            raise ValueError(f"gpu_hours must be positive and finite, got {gpu_hours}")
         mfu = total / (gpu_hours * 3600 * peak_flops)
     return TrainingCost(
         tokens=tokens,

@@ -60,26 +60,25 @@ def run(args: argparse.Namespace) -> int:
     import json
     import math
 
-    from nanoseek.accounting import human, parse_count, si, training_cost
+    from nanoseek.accounting import check_cost_inputs, human, parse_count, si, training_cost
     from nanoseek.checkpoint import accounting_config
 
     tokens = parse_count(args.tokens, "--tokens")
     gpu_hours = parse_count(args.gpu_hours, "--gpu-hours") if args.gpu_hours is not None else None
-    mfu = args.mfu if args.mfu is not None or gpu_hours is not None else 0.4
+    mfu = None if gpu_hours is not None else args.mfu if args.mfu is not None else 0.4
     if not 0 < args.peak_tflops < math.inf:  # NaN fails too
         raise ValueError(f"--peak-tflops must be a positive finite number, got {args.peak_tflops}")
-    config = accounting_config(args.model)  # as `inspect` counts it; (a Hub name: after the flags are read)
-    cost = training_cost(
-        config,
-        tokens,
+    priced = dict(
         peak_flops=args.peak_tflops * 1e12,
-        mfu=None if gpu_hours is not None else mfu,
+        mfu=mfu,
         gpu_hours=gpu_hours,
         gpus=args.gpus,
         usd_per_gpu_hour=args.usd_per_gpu_hour,
         seq_len=args.seq_len,
-        include_mtp=not args.no_mtp,
     )
+    check_cost_inputs(tokens, **priced)  # every flag, before a Hub name's config.json is fetched
+    config = accounting_config(args.model)  # as `inspect` counts it
+    cost = training_cost(config, tokens, **priced, include_mtp=not args.no_mtp)
     if cost.mfu_implied and cost.mfu > 1:
         print(
             f"nanoseek cost: warning: the implied MFU is above the GPU's peak ({args.peak_tflops:g} TFLOP/s): "

@@ -74,11 +74,11 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
     from nanoseek.perf import default_device
     from nanoseek.tokenizer import load_tokenizer
 
-    directory = resolve_checkpoint(args.dir, tokenizer=True)
-    if args.threads is not None:
+    if args.threads is not None:  # before a Hub name's resolve, its whole download
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    directory = resolve_checkpoint(args.dir, tokenizer=True)
     # Quantized as the weights stream in: memory never holds the whole model in args.dtype.
     device = args.device or default_device()
     model = load_model(directory, dtype=args.dtype, device=device, quantize=args.quantize).eval()

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.perf import default_device
     from nanoseek.serve import ServeConfig, create_app
 
-    directory = resolve_checkpoint(args.model, tokenizer=True)
+    # the flags first: a Hub name's resolve is its whole download (offline, the Hub's error for them)
     if args.host.startswith("[") and args.host.endswith("]"):  # an IPv6 address as URLs write it
         args.host = args.host[1:-1]
     if args.port < 0 or args.port > 65535:
@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]  # --port 0: the one the system picked
     device = args.device or default_device()
     try:
+        directory = resolve_checkpoint(args.model, tokenizer=True)
         t0 = time.perf_counter()
         model = load_model(directory, dtype=args.dtype, device=device, quantize=args.quantize).eval()
         tokenizer = load_tokenizer(directory)

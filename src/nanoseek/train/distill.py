@@ -214,7 +214,7 @@ def distill(cfg: DistillConfig) -> Path:
     from nanoseek.tokenizer import load_tokenizer
 
     started = time.perf_counter()  # --max-seconds covers the data building: the teacher's sampling
-    teacher_dir = resolve_checkpoint(cfg.teacher, flag="--teacher")
+    # the flags first: a Hub teacher is its whole download before them (offline, the Hub's error for them)
     if cfg.k < 1 or cfg.prompts < 1 or cfg.keep_per_prompt < 1:
         raise ValueError("-k, --prompts and --keep-per-prompt must be >= 1")
     if cfg.max_batch_size < 1:  # said now, as serve says it, not by the engine once the teacher has loaded
@@ -223,9 +223,6 @@ def distill(cfg: DistillConfig) -> Path:
         raise ValueError(f"--temperature must be >= 0, got {cfg.temperature}")
     refuse_identical_samples(cfg.temperature, cfg.k, "-k", "a prompt")
     cfg.sft.validate()  # before the teacher's sampling, not after it
-    tok = load_tokenizer(teacher_dir)
-    _check_student(cfg.student, tok)  # a typo in --student must not cost the whole sampling first
-    torch.manual_seed(cfg.seed)
     run = Path(cfg.out)
     try:  # nor an --out it cannot write (a file, a read-only disk): the traces are its first write
         check_writable(run)
@@ -233,6 +230,10 @@ def distill(cfg: DistillConfig) -> Path:
         raise ValueError(
             f"cannot write --out {run} ({e.filename}: {e.strerror}); choose another --out"
         ) from None
+    teacher_dir = resolve_checkpoint(cfg.teacher, flag="--teacher")
+    tok = load_tokenizer(teacher_dir)
+    _check_student(cfg.student, tok)  # a typo in --student must not cost the whole sampling first
+    torch.manual_seed(cfg.seed)
     traces_path = run / "distill_traces.json"
     settings = _sampling_settings(cfg, teacher_dir)
     saved = _traces_to_reuse(traces_path, settings) if cfg.sft.resume else None

@@ -644,9 +644,9 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
     if not cfg.task and (cfg.language or cfg.multi_turn):
         flag = "--language" if cfg.language else "--multi-turn"
         raise ValueError(f"{flag} shapes the chats built from --task; a --data file is trained on as it is")
-    init = resolve_checkpoint(cfg.init, flag="--init")
-    if not cfg.data and not cfg.task:
+    if not cfg.data and not cfg.task:  # before a Hub --init's resolve: its whole download
         raise ValueError("give --data chat.jsonl and/or --task NAME")
+    init = resolve_checkpoint(cfg.init, flag="--init")
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(init)
     model = load_model(init, device=default_device())

@@ -80,8 +80,11 @@
   });
   function scroll(force) {
     const top = messagesEl.scrollTop;
+    // A taller window (a phone turned upright) or a shorter list moves the view up by itself, to the
+    // lowest it can be now: the reader did not (without scroll anchoring, Safari, it stopped following)
+    const lowest = messagesEl.scrollHeight - messagesEl.clientHeight;
     if (force) follow = true;
-    else if (placed !== null && top < placed - 5) follow = false;  // moved up since
+    else if (placed !== null && top < Math.min(placed, lowest) - 5) follow = false;  // moved up since
     else if (height && top + messagesEl.clientHeight >= height - 40) follow = true;  // at the last bottom
     if (follow) {
       messagesEl.scrollTop = messagesEl.scrollHeight;
