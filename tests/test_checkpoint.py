@@ -823,3 +823,20 @@ def test_a_single_file_checkpoint_reads_model_safetensors_only(tmp_path):
     loaded = nanoseek.load_model(tmp_path)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_a_checkpoint_path_that_is_a_link_loop_is_one_line(tmp_path, capsys):
+    """`ln -s run run` (or two links naming each other): Path.resolve's RuntimeError "Symlink loop"
+    came out of every command as a traceback; it is the OSError a read of the path gives (ELOOP)."""
+    import errno
+
+    from nanoseek.cli import main
+
+    loop = tmp_path / "run"
+    loop.symlink_to(loop)
+    with pytest.raises(OSError) as e:
+        nanoseek.load_model(loop)
+    assert e.value.errno == errno.ELOOP and e.value.filename == str(loop)
+    assert main(["inspect", str(loop)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"nanoseek inspect: error: {loop}: Too many levels of symbolic links\n"

@@ -169,3 +169,20 @@ def test_yarn_factor_left_null_is_the_context_ratio():
         cfg = ModelConfig.from_dict({**d, "rope_scaling": scaling})
         assert cfg == explicit and cfg.softmax_scale == explicit.softmax_scale
         build_model(cfg, device="meta")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"[1, 2]", "is not a JSON object: it holds an array"),  # was: cannot convert dictionary update ...
+        (b'"deepseek_v3"', "is not a JSON object: it holds a string"),
+        (b"null", "is not a JSON object: it holds null"),  # was: 'NoneType' object is not iterable
+        (b'{"hidden_size": 64, "model_type": "deepseek\xff_v3"}', "is not valid JSON: 'utf-8' codec"),
+    ],
+)
+def test_a_config_json_that_is_no_json_object_is_named(tmp_path, text, message):
+    """A hand edit or a broken copy: config.json of another JSON type, or not UTF-8 (whose error named
+    no file)."""
+    (tmp_path / "config.json").write_bytes(text)
+    with pytest.raises(ValueError, match=rf"{tmp_path}/config\.json {message}"):
+        resolve_config(tmp_path)

@@ -131,6 +131,10 @@ def test_iter_documents_errors(tmp_path: Path) -> None:
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
     with pytest.raises(ValueError, match="no column 'text'.*body"):
         list(iter_documents(tmp_path / "p.parquet"))
+    # not parquet (a download cut short, an HTML error page): pyarrow's error named no file
+    (tmp_path / "page.parquet").write_text("<html>rate limited</html>")
+    with pytest.raises(ValueError, match=r"page\.parquet is not a readable parquet file \(.*magic bytes"):
+        list(iter_documents(tmp_path / "page.parquet"))
 
 
 # ------------------------------------------------------------------ packing

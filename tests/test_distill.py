@@ -517,3 +517,24 @@ def test_a_small_jsonl_task_under_the_default_prompts_is_no_warning(micro_checkp
         warnings.simplefilter("always")
         distill(cfg)
     assert not [w for w in caught if "asked for" in str(w.message)] and len(asked) == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "message"), [('{"settings": {"k"', "not valid JSON"), ("{}", "no sampling")]
+)
+def test_distill_resume_names_a_damaged_traces_file(tmp_path, text, message) -> None:
+    """A truncated or hand-edited distill_traces.json: a bare JSON error (or a KeyError) named no file."""
+    from nanoseek.train.distill import _traces_to_reuse
+
+    (tmp_path / "distill_traces.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"distill_traces\.json.*{message}"):
+        _traces_to_reuse(tmp_path / "distill_traces.json", {"k": 4})
+
+
+def test_a_student_whose_config_json_is_no_object_is_named(teacher_dir, tmp_path) -> None:
+    """Its vocabulary check read config.json raw: a list there was an AttributeError traceback."""
+    from nanoseek.tokenizer import load_tokenizer
+
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"config\.json is not a JSON object"):
+        build_student(str(tmp_path), load_tokenizer(teacher_dir))

@@ -680,3 +680,52 @@ def drop_tensors(d, keys) -> None:
     for k in keys:
         del index["weight_map"][k]
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_a_weight_whose_header_says_integers_is_named_not_loaded(saved, capsys, micro_checkpoint):
+    """A header edited (or damaged) to say I32 where the bytes are F32: the streamed load failed deep in
+    torch ("Only Tensors of floating point ... can require gradients"), and a resume's in-memory read
+    took the bytes as integers."""
+    import struct
+
+    d, _ = saved
+    shard = sorted(d.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    key = next(k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
+    header[key]["dtype"] = "I32"  # the same width: safetensors' own size check passes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
+    for load in (nanoseek.load_model, read_safetensors):
+        with pytest.raises(ValueError, match=rf"{key} in .*{shard.name} is stored as I32"):
+            load(d)
+    with_tokenizer(d, micro_checkpoint)
+    assert "not a floating-point dtype" in one_line_error(capsys, d)
+
+
+def test_a_directory_in_place_of_model_safetensors(saved, tmp_path, capsys, micro_checkpoint):
+    """safetensors' own error for it was an OSError naming no file ("No such device"), a traceback."""
+    _, model = saved
+    d = save_model(model, tmp_path / "one")
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").mkdir()
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors is not a readable safetensors file: it is a dir"
+    ):
+        nanoseek.load_model(d)
+    with_tokenizer(d, micro_checkpoint)
+    assert "it is a directory" in one_line_error(capsys, d)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [(b'{"weight_map": {"a": 1}}', "no weight_map"), (b"\xff{", "not valid JSON: 'utf-8' codec")],
+)
+def test_a_damaged_index_is_named(saved, text, message):
+    """A weight_map of numbers failed in a path join; bytes that are no UTF-8 as a bare codec error."""
+    d, _ = saved
+    (d / "model.safetensors.index.json").write_bytes(text)
+    with pytest.raises(ValueError, match=rf"model\.safetensors\.index\.json.*{message}"):
+        nanoseek.load_model(d)

@@ -1996,6 +1996,10 @@ def test_serve_sampling_defaults_from_generation_config():
     assert _generation_defaults({"temperature": 0.7}) == {"temperature": 0.7}  # no do_sample: sampling
     assert _generation_defaults({"do_sample": False, "temperature": 0.7}) == {"temperature": 0.0}
     assert _generation_defaults({"temperature": True, "top_p": "0.9"}) == {}
+    # out of range: refused at start, naming the file, not as every request's 400 that left it out
+    for bad in ({"temperature": -1}, {"top_p": 5}, {"top_k": -3}, {"min_p": float("nan")}):
+        with pytest.raises(ValueError, match=r"ckpt/generation_config\.json: invalid SamplingParams"):
+            _generation_defaults(bad, "ckpt/generation_config.json")
 
 
 def test_serve_never_takes_a_port_another_server_listens_on_windows(monkeypatch):

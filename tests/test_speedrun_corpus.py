@@ -784,3 +784,16 @@ def test_the_goals_are_met_at_their_thresholds():
         "student_ratio": bench.STUDENT_GOAL,
     }
     assert [met for _, _, met in bench.verdicts(f)] == [True] * 8
+
+
+def test_a_damaged_record_of_the_run_is_named(tmp_path):
+    """RUN/speedrun.json or a stage's trainer.json cut short (a copy of the run, a hand edit): a bare
+    JSON error named neither file."""
+    run = Speedrun(tmp_path, PRESETS["smoke"], progress=False)
+    (tmp_path / "speedrun.json").write_text('{"tasks": [')
+    with pytest.raises(ValueError, match=r"speedrun\.json is not valid JSON"):
+        run._claim_directory()
+    (tmp_path / "pretrain" / "train_state").mkdir(parents=True)
+    (tmp_path / "pretrain" / "train_state" / "trainer.json").write_bytes(b'{"step": \xff}')
+    with pytest.raises(ValueError, match=r"trainer\.json is not valid JSON"):
+        run._saved_step("pretrain")

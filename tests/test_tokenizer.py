@@ -1234,6 +1234,25 @@ def test_generation_config_eos_ids_also_stop_generation(tok: Tokenizer, tmp_path
         load_tokenizer(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("tokenizer_config.json", b"[]", "is not a JSON object: it holds an array"),  # an AttributeError
+        ("tokenizer_config.json", b'{"eos_token": "\xff"}', "is not valid JSON: 'utf-8' codec"),
+        ("generation_config.json", b'{"temperature": 0.6\xff}', "is not valid JSON: 'utf-8' codec"),
+    ],
+)
+def test_a_damaged_tokenizer_or_generation_config_is_named(
+    tok: Tokenizer, tmp_path: Path, name: str, text: bytes, message: str
+) -> None:
+    """Not a JSON object (a `.get` on a list deep inside the loader), or not UTF-8 (a codec error that
+    named no file)."""
+    tok.save(tmp_path)
+    (tmp_path / name).write_bytes(text)
+    with pytest.raises(ValueError, match=rf"{name} {message}"):
+        load_tokenizer(tmp_path)
+
+
 def test_a_config_whose_bos_token_is_null_puts_nothing_before_a_prompt(tmp_path):
     """Qwen2.5's tokenizer_config.json says `"bos_token": null`: transformers puts no token before a
     prompt, where nanoseek took <|endoftext|> as BOS and prepended it to every `generate` prompt."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 
 import pytest
@@ -545,6 +546,31 @@ def test_resume_refuses_changed_settings_and_writes_nothing(tmp_path, changed, m
     assert message in str(e.value) and other.global_step == 0
     assert {p.name: p.read_bytes() for p in (tmp_path / "pretrain" / "train_state").iterdir()} == saved
     assert not [r for r in read_metrics(tmp_path) if r.get("event") == "resume"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda ts: (ts / "trainer.pt").write_bytes(b"PK\x03\x04"), r"trainer\.pt is truncated or damaged"),
+        (lambda ts: (ts / "optimizer.pt").write_bytes(b""), r"optimizer\.pt is .*damaged: \(0 bytes"),
+        (lambda ts: (ts / "optimizer.pt").unlink(), "lacks optimizer.pt"),
+        (lambda ts: shutil.rmtree(ts), "holds weights but no train_state"),
+        (lambda ts: (ts / "trainer.json").write_text('{"step": 2'), r"trainer\.json is not valid JSON"),
+    ],
+    ids=["truncated", "empty", "missing", "no-train-state", "trainer-json"],
+)
+def test_resume_of_a_damaged_train_state_is_refused_naming_the_file(tmp_path, damage, message) -> None:
+    """A truncated or missing train state file (a partial copy, a hand clean-up): the resume raised
+    torch's zip-reader error (or a bare JSON one), or, with train_state/ gone, started over and
+    replaced the checkpoint at its first save."""
+    _saved_at_step_2(tmp_path)
+    ckpt = tmp_path / "pretrain"
+    damage(ckpt / "train_state")
+    weights = (ckpt / "model.safetensors").read_bytes()
+    other = make_trainer(micro_model(seed=5), tmp_path, steps=4)
+    with pytest.raises(ValueError, match=message):
+        other.resume()
+    assert other.global_step == 0 and (ckpt / "model.safetensors").read_bytes() == weights
 
 
 def test_resume_may_run_longer_and_logs_where_it_resumed(tmp_path) -> None:

@@ -58,7 +58,12 @@ def _target(path: str | os.PathLike) -> Path:
     """Where a write to `path` goes: a symlink's target, else `path` itself. Renamed over, the link
     would become a file or directory of its own beside it, on the link's disk rather than the target's."""
     final = Path(path)
-    return final.resolve() if final.is_symlink() else final
+    if not final.is_symlink():
+        return final
+    try:
+        return final.resolve()
+    except RuntimeError:  # a link loop: Python before 3.13 raises this, naming no errno
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
 
 
 def _beside(final: Path, suffix: str) -> Path:

@@ -24,7 +24,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
+import struct
 import warnings
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
@@ -36,7 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from nanoseek.atomic import atomic_file, atomic_write, directory_to_read, restore_directory
-from nanoseek.config import ModelConfig, resolve_config
+from nanoseek.config import ModelConfig, read_json_object, resolve_config
 from nanoseek.model.fp8 import (
     FP8_DTYPE,
     QUANTIZATION_CONFIG,
@@ -337,10 +339,9 @@ def _weight_files(d: Path) -> dict[str, Path]:
     headers), with one clear error for a missing shard or a file that is not whole."""
     index = d / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a safetensors index (no readable weight_map): {e}") from e
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index} is not a safetensors index (no weight_map of tensor -> file name)")
         files = sorted(set(weight_map.values()))
         absent = [f for f in files if not (d / f).is_file()]
         if absent:
@@ -383,6 +384,22 @@ def _open_safetensors(path: Path) -> Any:
             f"{path} is not a readable safetensors file ({e}; {path.stat().st_size} bytes on disk): it "
             "is truncated or damaged, most likely by an interrupted download or copy; fetch it again"
         ) from None
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        # safetensors' own OSError names no file: a directory in the file's place read as "No such device"
+        why = "it is a directory" if path.is_dir() else e.strerror or str(e)
+        raise ValueError(f"{path} is not a readable safetensors file: {why}") from None
+
+
+def _check_stored_dtype(key: str, code: str, path: Path) -> None:
+    """Every weight is stored in a floating-point dtype (FP8 too): an integer or bool one is a damaged
+    or hand-edited header, whose bytes would load as other numbers (or fail deep inside torch)."""
+    if code not in _STORED and not code.startswith("F8"):
+        raise ValueError(
+            f"{key} in {path} is stored as {code}, not a floating-point dtype: the file's header is "
+            "damaged or was edited; fetch or write the checkpoint again"
+        )
 
 
 class _ShardReader:
@@ -435,8 +452,10 @@ def read_safetensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         by_file.setdefault(path, []).append(key)
     tensors: dict[str, torch.Tensor] = {}
     for path, keys in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
-            tensors.update((k, f.get_tensor(k)) for k in keys)
+        with _open_safetensors(path) as f:
+            for k in keys:
+                _check_stored_dtype(k, f.get_slice(k).get_dtype(), path)
+                tensors[k] = f.get_tensor(k)
     return tensors
 
 
@@ -754,6 +773,7 @@ def _stream(
         name = _model_name(key, config, shape)
         if name is None:
             continue
+        _check_stored_dtype(key, reader.stored_dtype(key), path)
         if reader.is_fp8(key):
             if key + "_scale_inv" not in where:
                 raise ValueError(f"FP8 tensor {key} in {path} has no weight_scale_inv beside it")
@@ -873,11 +893,28 @@ def save_train_state(
 
 
 def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(optimizer state, trainer state) from DIR/train_state/, or None when there is none."""
+    """(optimizer state, trainer state) from DIR/train_state/, or None when there is none (no
+    checkpoint yet). A checkpoint whose train state is missing, incomplete or damaged is refused: read
+    as none, the resumed run started over and replaced it at its first save."""
     restore_directory(directory)  # a crash mid-swap left the last checkpoint aside
     ts = Path(directory) / TRAIN_STATE
-    if not (ts / "trainer.pt").exists():
+    again = "run without --resume to train from the start (replacing it), or choose another --out"
+    if not ts.exists():
+        if (Path(directory) / "config.json").exists():
+            raise ValueError(f"cannot resume {directory}: it holds weights but no {TRAIN_STATE}/; {again}")
         return None
-    return tuple(
-        torch.load(ts / n, map_location="cpu", weights_only=True) for n in ("optimizer.pt", "trainer.pt")
-    )  # type: ignore[return-value]
+    files = [ts / n for n in ("optimizer.pt", "trainer.pt")]
+    if absent := [f.name for f in files if not f.is_file()]:
+        raise ValueError(f"cannot resume {directory}: {ts} lacks {', '.join(absent)}; {again}")
+    loaded = []
+    for f in files:
+        try:
+            loaded.append(torch.load(f, map_location="cpu", weights_only=True))
+        except (RuntimeError, EOFError, pickle.UnpicklingError, struct.error) as e:
+            # torch's reader of a truncated file: "PytorchStreamReader failed reading zip archive..."
+            # (an empty one: a bare EOFError; one not a zip: the legacy reader's struct.error)
+            why = " ".join(filter(None, [str(e).split(". ")[0], f"({f.stat().st_size} bytes on disk)"]))
+            raise ValueError(
+                f"cannot resume {directory}: {f} is truncated or damaged: {why}; {again}"
+            ) from None
+    return tuple(loaded)  # type: ignore[return-value]

@@ -74,6 +74,24 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+_JSON_KINDS = {list: "an array", str: "a string", type(None): "null", bool: "a boolean", int: "a number"}
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object file `path` holds (config.json, tokenizer_config.json, ...), with one error naming
+    the file where it is not UTF-8, not JSON (empty, truncated) or JSON of another kind (a list, a
+    string): a hand edit or a broken copy, which met the readers as a bare codec error or a `.get`
+    on a list deep inside them."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        kind = _JSON_KINDS.get(type(value), "a number")
+        raise ValueError(f"{path} is not a JSON object: it holds {kind}")
+    return value
+
+
 # What a config.json value of each field type must be (JSON's true is no integer, "64" no number).
 _TYPE_CHECKS: dict[str, tuple[str, Any]] = {
     "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
@@ -436,10 +454,7 @@ class ModelConfig:
             p = p / "config.json"
         if not p.exists():
             raise FileNotFoundError(f"no config.json at {p}")
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p} is not valid JSON: {e}") from e
+        d = read_json_object(p)
         try:
             return cls.from_dict(d)
         except (ValueError, TypeError) as e:  # an unknown model_type, rope scaling, or field: name the file

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.atomic import atomic_directory, atomic_write, restore_directory
+from nanoseek.config import read_json_object
 from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_turn, is_unseen_wordings
 from nanoseek.evaluate import Z_95, slug
 from nanoseek.metrics import MetricsLog, append_records, read_metrics
@@ -413,7 +414,7 @@ class Speedrun:
         if not path.exists():
             atomic_write(path, json.dumps({**mine, FORMATS: formats}, indent=2) + "\n")
             return
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        stored = read_json_object(path)  # a hand edit or a broken copy: named, not a bare JSON error
         recorded = stored.pop(FORMATS, None)
         # a setting added since the run started counts as unchanged where it keeps its default: the value
         # the run's own preset gives it (a gpu or smoke run's differ from the cpu preset's)
@@ -479,7 +480,7 @@ class Speedrun:
 
     def _stage(self, index: int, total: int, stage: str, fn: Callable[[], dict[str, Any] | None]) -> None:
         if self._done(stage):
-            marker = json.loads((self.run / stage / DONE).read_text(encoding="utf-8"))
+            marker = read_json_object(self.run / stage / DONE)
             if marker.get("beside"):
                 print(
                     f"[{index}/{total}] {stage}: trained beside {marker['beside']} in {marker['wall_time_s']:.0f}s"
@@ -619,7 +620,7 @@ class Speedrun:
 
         restore_directory(self.run / stage)  # a crash mid-swap left the last checkpoint aside
         meta = self.run / stage / TRAIN_STATE / "trainer.json"
-        return int(json.loads(meta.read_text(encoding="utf-8"))["step"]) if meta.exists() else 0
+        return int(read_json_object(meta)["step"]) if meta.exists() else 0
 
     def overlaps(self) -> bool:
         """Whether CPU stages run side by side (two processes): on a CPU with at least 2 threads."""
@@ -935,7 +936,7 @@ class Speedrun:
         wall = RunMetrics(self.run).wall_time(stage)
         marker = self.run / stage / DONE
         if wall is None and marker.exists():  # a metrics log without the stage's records
-            return json.loads(marker.read_text(encoding="utf-8")).get("wall_time_s")
+            return read_json_object(marker).get("wall_time_s")
         return wall
 
     def model_facts(self) -> None:

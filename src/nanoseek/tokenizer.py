@@ -41,6 +41,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as _Backend
 
 from nanoseek.atomic import atomic_file, atomic_write, directory_to_read
+from nanoseek.config import read_json_object
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -905,10 +906,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     config: dict[str, Any] = {}
     config_file = directory / "tokenizer_config.json"
     if config_file.exists():
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+        config = read_json_object(config_file)
     template = config.get("chat_template")
     if isinstance(template, list):  # older format: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template}
@@ -938,15 +936,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 def _generation_config(directory: Path) -> dict[str, Any]:
     """A checkpoint's generation_config.json ({} where it has none)."""
     path = directory / "generation_config.json"
-    if not path.exists():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not a JSON object: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    return config
+    return read_json_object(path) if path.exists() else {}
 
 
 def tokenizer_summary(tok: Tokenizer, sample: Sequence[str]) -> str:

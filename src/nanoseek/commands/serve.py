@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         ready_s = time.perf_counter() - t0
         # A Hub name names the model better than its snapshot directory (a commit hash) would.
         name = args.model_name or (directory.resolve().name if Path(args.model).exists() else args.model)
-        defaults = _generation_defaults(tokenizer.generation_config)
+        defaults = _generation_defaults(tokenizer.generation_config, directory / "generation_config.json")
         app = create_app(
             engine,
             tokenizer,
@@ -241,12 +241,20 @@ def _server(config: Any) -> Any:
     return Server(config)
 
 
-def _generation_defaults(cfg: dict) -> dict[str, float]:
-    """Sampling fields of the checkpoint's generation_config.json (read with its tokenizer) that
-    requests may leave out."""
+def _generation_defaults(cfg: dict, source: Any = "generation_config.json") -> dict[str, float]:
+    """Sampling fields of the checkpoint's generation_config.json (`source`, read with its tokenizer)
+    that requests may leave out; one out of range (a hand edit: top_p 5, temperature -1) is refused
+    here, where it failed every request that left the field out as that request's own error."""
+    from nanoseek.engine import SamplingParams
+
     if not cfg.get("do_sample", True):
         return {"temperature": 0.0}
     keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-    return {
+    defaults = {
         k: cfg[k] for k in keys if isinstance(cfg.get(k), int | float) and not isinstance(cfg.get(k), bool)
     }
+    try:
+        SamplingParams(**defaults).validate()
+    except ValueError as e:
+        raise ValueError(f"{source}: {e} (a sampling default for requests that leave it out)") from None
+    return defaults

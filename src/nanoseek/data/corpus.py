@@ -248,13 +248,18 @@ def _read_jsonl(path: Path, offset: int, text_field: str) -> Iterator[tuple[str,
 
 
 def _read_parquet(path: Path, offset: int, text_field: str) -> Iterator[tuple[str, int]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except pa.ArrowException as e:  # pyarrow's error names no file ("Parquet magic bytes not found")
+        raise ValueError(
+            f"{path} is not a readable parquet file ({e}): it is truncated or damaged, or not parquet"
+        ) from None
     names = pf.schema_arrow.names
     if text_field not in names:
         raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(names)})")
-    import pyarrow as pa
 
     def is_text(t: pa.DataType) -> bool:
         # string_view: what polars 1.38+ writes for its strings (pyarrow >= 16 reads it); dictionary: a

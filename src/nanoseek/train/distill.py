@@ -90,9 +90,10 @@ def _check_student_tokens(p: Path, tokenizer: Any) -> None:
     """A student checkpoint is trained on the teacher's token ids: its vocabulary must hold the teacher's
     tokens at the same ids (a Qwen2.5 or Llama 3 checkpoint with its own tokenizer would be trained on
     ids that mean other tokens to it, and saved with the teacher's tokenizer in place of its own)."""
+    from nanoseek.config import read_json_object
     from nanoseek.tokenizer import load_tokenizer, tokens_moved
 
-    size = json.loads((p / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    size = read_json_object(p / "config.json").get("vocab_size")
     if isinstance(size, int) and size < tokenizer.vocab_size:
         raise ValueError(
             f"student {p} has vocab_size {size} < the teacher tokenizer's "
@@ -185,9 +186,17 @@ def _sampling_settings(cfg: DistillConfig, teacher_dir: Path) -> dict[str, Any]:
 
 def _traces_to_reuse(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The traces a previous run sampled with these settings (None: there are none); a change refused."""
+    from nanoseek.config import read_json_object
+
     if not path.exists():
         return None
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved = read_json_object(path)
+    if not isinstance(saved.get("settings"), dict) or not isinstance(saved.get("traces"), list):
+        # a hand edit or a partial copy (the file is written whole): a KeyError named only the field
+        raise ValueError(
+            f"--resume: {path} holds no sampling settings and traces; run without --resume to sample "
+            "again, or choose another --out"
+        )
     # through JSON, as saved: a tuple and a list compare equal
     changed = [k for k, v in json.loads(json.dumps(settings)).items() if saved["settings"].get(k) != v]
     if changed:

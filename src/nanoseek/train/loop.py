@@ -733,9 +733,10 @@ class Trainer:
     def _saved_meta(ckpt: Path) -> dict[str, Any]:
         """The readable record a checkpoint's train state keeps beside it (`save`'s meta); {} if none."""
         from nanoseek.checkpoint import TRAIN_STATE
+        from nanoseek.config import read_json_object
 
         meta_path = ckpt / TRAIN_STATE / "trainer.json"
-        return json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+        return read_json_object(meta_path) if meta_path.exists() else {}
 
     def _check_settings(self, ckpt: Path) -> None:
         """Refuse a resume whose settings differ from the checkpoint's: it would go on as another
