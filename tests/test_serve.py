@@ -301,6 +301,31 @@ def test_requests_queued_while_the_engine_thread_dies_are_answered(tok):
     assert [str(e) for e in deaths] == ["scheduler bug"]
 
 
+def test_a_client_that_leaves_while_its_prompts_are_scored_stops_the_scoring(tok, monkeypatch):
+    """echo + logprobs scoring runs on the engine thread and writes nothing until it ends: a client that
+    gives up (an lm-eval timeout, then a retry) had it run on to the end, slowing every stream."""
+    from nanoseek.serve.async_engine import AsyncEngine
+
+    def endless(self, prompts, top_k):  # a scoring that outlasts any client's patience
+        while True:
+            time.sleep(0.01)
+            yield
+
+    monkeypatch.setattr(AsyncEngine, "_score", endless)
+    app = create_app(ScriptedEngine(tok), tok, ServeConfig(model_name=MODEL))
+    engine = app.state.server.engine
+    with LiveServer(app) as srv:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 0, "echo": True, "logprobs": 1}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/completions", json=body, timeout=0.5)
+        deadline = time.time() + 5
+        while engine._scoring and time.time() < deadline:
+            time.sleep(0.05)
+        assert not engine._scoring
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200
+
+
 def test_prompt_scoring_is_interleaved_with_generation(tok, model, monkeypatch):
     """A long prompt-scoring request (lm-eval's loglikelihood batches) runs a batch at a time between
     engine steps: a stream beside it goes on (it ran whole between two steps; every stream stalled)."""
@@ -650,6 +675,56 @@ def test_errors_400(real):
     )
 
 
+def test_a_malformed_content_part_is_named_and_a_text_part_needs_its_text(scripted):
+    """A content part whose text is missing (a typo of its key) was read as "" and answered as an empty message;
+    one whose text is no string was reported as `content` having to be a string, which parts need not be."""
+    url = scripted.url + "/v1/chat/completions"
+
+    def part(p: dict) -> dict:
+        return {"messages": [{"role": "user", "content": [p]}], "max_tokens": 1}
+
+    for p in ({"type": "text", "content": "hi"}, {"type": "text", "text": None}):
+        err = _err(httpx.post(url, json=part(p)), 400)
+        assert err["param"] == "messages.0.content.0" and "'text'" in err["message"], p
+    err = _err(httpx.post(url, json=part({"type": "text", "text": 5})), 400)
+    assert err["param"] == "messages.0.content.0.text"
+    # a string, and a part with its text, are as before
+    assert _err(httpx.post(url, json={"messages": [{"role": "user", "content": 5}]}), 400)["param"] == (
+        "messages.0.content"
+    )
+    assert httpx.post(url, json=part({"type": "text", "text": "hi"})).status_code == 200
+
+
+def test_sampling_values_the_engine_refuses_name_their_parameter(scripted):
+    """Values the request's own bounds let through and the engine's check refuses (a logit_bias beyond
+    [-100, 100], a repetition_penalty beyond float32) are 400s naming their parameter, not param null."""
+    url = scripted.url + "/v1/chat/completions"
+    for extra, param in [
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"repetition_penalty": 1e39}, "repetition_penalty"),
+    ]:
+        assert _err(httpx.post(url, json={"messages": USER, **extra}), 400)["param"] == param, extra
+    curl = scripted.url + "/v1/completions"
+    body = {"prompt": "x", "logit_bias": {"5": -101}}
+    assert _err(httpx.post(curl, json=body), 400)["param"] == "logit_bias"
+
+
+def test_a_number_too_long_for_python_is_a_400_not_a_500(scripted):
+    """Python reads and prints integers of at most 4300 digits: a longer one anywhere in the body, or a
+    max_tokens of 4300 digits (the context-length message printed it plus the prompt), was a 500."""
+    chat = b'{"messages": [{"role": "user", "content": "hi"}], '
+    for route, body, param in [
+        ("/v1/chat/completions", chat + b'"seed": ' + b"1" * 5000 + b"}", None),
+        ("/detokenize", b'{"tokens": [' + b"9" * 4400 + b"]}", None),
+        ("/v1/chat/completions", chat + b'"max_tokens": ' + b"9" * 4300 + b"}", "max_tokens"),
+        ("/v1/completions", b'{"prompt": "hi", "max_tokens": ' + b"9" * 4300 + b"}", "max_tokens"),
+    ]:
+        r = httpx.post(scripted.url + route, content=body, headers={"content-type": "application/json"})
+        assert _err(r, 400)["param"] == param, (route, param)
+    ok = {"messages": USER, "max_tokens": 2}
+    assert httpx.post(scripted.url + "/v1/chat/completions", json=ok).status_code == 200
+
+
 def test_null_means_the_default(scripted):
     """OpenAI's spec makes n, stream, logprobs, echo and include_usage nullable, and the openai client sends
     `null` for an argument given as None: they take their defaults (each was a 400)."""
@@ -800,7 +875,8 @@ def test_errors_context_length_and_404(real):
     assert e.value.code == "model_not_found"
     assert _err(httpx.get(real.url + "/v1/nothing"), 404)["type"] == "invalid_request_error"
     r = httpx.delete(real.url + "/v1/models")  # a 405 says which methods the route takes
-    assert _err(r, 405)["type"] == "invalid_request_error" and r.headers["allow"] == "GET"
+    assert _err(r, 405)["type"] == "invalid_request_error"
+    assert set(r.headers["allow"].split(", ")) == {"GET", "HEAD"}
     # ... and the server is still up and answering
     assert real.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1).choices
 
@@ -1390,6 +1466,36 @@ def test_vllm_sampling_extensions_are_honoured_or_refused(tok):
             "bad_words": [],  # vLLM's own default
         }
         assert httpx.post(url, json={"prompt": "x", "max_tokens": 2, **noops}).status_code == 200
+
+
+def test_vllm_chat_template_extensions_are_refused_not_ignored(scripted):
+    """vLLM's prefill (`continue_final_message`, or `add_generation_prompt: false`), a request's own
+    `chat_template`, RAG `documents` and chat `echo` were accepted and ignored: an assistant prefill was
+    closed and answered as a new turn. Each is a 400 naming it; their no-op values (what clients that send
+    every field send) pass."""
+    url = scripted.url + "/v1/chat/completions"
+    prefill = [*USER, {"role": "assistant", "content": "The answer is"}]
+    for extra in (
+        {"continue_final_message": True},
+        {"add_generation_prompt": False},
+        {"chat_template": "{{ messages[0].content }}"},
+        {"documents": [{"title": "t", "text": "x"}]},
+        {"echo": True},
+    ):
+        (name,) = extra
+        assert _err(httpx.post(url, json={"messages": prefill, **extra}), 400)["param"] == name
+    noops = {
+        "add_generation_prompt": True,
+        "continue_final_message": False,
+        "chat_template": None,
+        "echo": False,
+    }
+    assert httpx.post(url, json={"messages": USER, "max_tokens": 1, **noops}).status_code == 200
+    # /v1/completions' own echo is unchanged
+    echoed = httpx.post(
+        scripted.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "echo": True}
+    )
+    assert echoed.json()["choices"][0]["text"].startswith("Hi")
 
 
 def test_a_sentencepiece_vocabulary_keeps_the_first_generated_words_space(tmp_path):
@@ -2108,6 +2214,24 @@ def test_oversized_and_deeply_nested_bodies_are_400s(tok):
         assert r.status_code == 200
 
 
+def test_a_compressed_body_is_a_415_naming_its_encoding(scripted):
+    """A gzip-encoded body was parsed as it came and refused as JSON that "is not valid UTF-8"."""
+    import gzip
+
+    url = scripted.url + "/v1/chat/completions"
+    body = json.dumps({"messages": USER, "max_tokens": 1}).encode()
+    r = httpx.post(
+        url,
+        content=gzip.compress(body),
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+    )
+    err = _err(r, 415)
+    assert err["code"] == "unsupported_media_type" and "gzip" in err["message"]
+    assert r.headers["accept-encoding"] == "identity"
+    plain = {"content-type": "application/json", "content-encoding": "identity"}
+    assert httpx.post(url, content=body, headers=plain).status_code == 200
+
+
 def test_work_per_request_is_bounded_before_it_is_done(tok, monkeypatch):
     """A short list of prompts x n is refused before a choice is built for each (300 x 64 from a few kB took
     minutes of event loop and gigabytes); logit_bias (up to the body limit's million entries) is read once
@@ -2157,3 +2281,35 @@ def test_a_browsers_non_json_post_is_refused(tok):
         assert httpx.post(url, content=body, headers=page).status_code == 200
         curl = {"Content-Type": "application/x-www-form-urlencoded"}  # `curl -d` without -H: no Origin
         assert httpx.post(url, content=body, headers=curl).status_code == 200
+
+
+def test_get_routes_answer_head(tok):
+    """HEAD is GET without the body (RFC 9110 9.1): uptime monitors, load balancers and `curl -I` probe
+    /health with it, and got 405."""
+    with LiveServer(create_app(ScriptedEngine(tok), tok, ServeConfig(model_name=MODEL))) as srv:
+        for path in ("/health", "/v1/models", f"/v1/models/{MODEL}", "/tokenizer_info", "/metrics", "/"):
+            r = httpx.head(srv.url + path)
+            assert r.status_code == 200 and r.content == b"", path
+        assert httpx.head(srv.url + "/v1/models/gpt-9").status_code == 404
+        assert httpx.head(srv.url + "/v1/chat/completions").status_code == 405  # POST routes as before
+
+
+def test_a_client_that_hangs_up_mid_upload_is_a_499_not_a_500(tok):
+    """A client gone before its body is all sent was an unhandled ClientDisconnect: a traceback in the log
+    and a 500 in /metrics' requests_total (a server-error alert for a client's hang-up)."""
+    import socket
+
+    with LiveServer(create_app(ScriptedEngine(tok), tok, ServeConfig(model_name=MODEL))) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"messages": ['
+            )
+        deadline, counted = time.time() + 5, []
+        while not counted and time.time() < deadline:
+            metrics = httpx.get(srv.url + "/metrics").text
+            counted = [line for line in metrics.splitlines() if 'route="/v1/chat/completions"' in line]
+            time.sleep(0.05)
+        assert counted and all('status="499"' in line for line in counted), counted
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
+        assert r.status_code == 200

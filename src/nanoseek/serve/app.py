@@ -16,7 +16,8 @@ Notable:
   what lm-evaluation-harness's `local-completions` sends for loglikelihood works unchanged.
 - Stop strings are matched on text here, above the token layer; text that might begin a stop string is
   held back until disambiguated, then the engine request is aborted.
-- A client that disconnects (stream or not) has its engine requests aborted at once.
+- A client that disconnects (stream or not) has its engine requests aborted at once, and its prompt scoring
+  (echo + logprobs) dropped.
 - `/tokenize` with `messages` renders them as the chat request would (`tools`, `chat_template_kwargs`),
   so its count is the chat's `prompt_tokens`.
 - Errors are OpenAI's shape and statuses: 400 naming the parameter (also for malformed JSON),
@@ -33,7 +34,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from nanoseek.serve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestGroup
 from nanoseek.serve.metrics import ServerMetrics
@@ -72,6 +74,10 @@ OPEN_PATHS = ("/health", "/", "/favicon.ico")  # the page's static files hold no
 # browser caches them by a guess from Last-Modified (RFC 9111 4.2.2), so an upgraded or edited page ran
 # stale, or as a new index.html over an old chat.js.
 PAGE_HEADERS = {"Cache-Control": "no-cache"}
+# A GET route answers HEAD too, as HTTP requires of it (RFC 9110 9.1) and the page's static files already do:
+# uptime monitors, load balancers and `curl -I` probe /health with HEAD, and FastAPI's GET route alone
+# answered them 405.
+GET = ["GET", "HEAD"]
 
 
 class _PageFiles(StaticFiles):
@@ -119,15 +125,26 @@ async def _read_body(request: Request, limit: int) -> bytes:
         status=413,
         code="request_too_large",
     )
+    coding = request.headers.get("content-encoding", "").strip().lower()
+    if coding not in ("", "identity"):  # read as JSON, gzip's bytes were "not valid UTF-8" (RFC 9110 15.5.16)
+        raise APIError(
+            f"Content-Encoding {coding!r} is not supported: send the body uncompressed.",
+            status=415,
+            code="unsupported_media_type",
+            headers={"Accept-Encoding": "identity"},
+        )
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:  # hung up mid-upload: a 499 like any hang-up, not a 500 and a traceback
+        raise ClientDisconnected from None
     return b"".join(chunks)
 
 
@@ -135,7 +152,9 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
     raw = await _read_body(request, request.app.state.server.config.max_body_bytes)
     try:
         data = json.loads(raw or b"")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    # ValueError besides the decode errors (both are ValueErrors): an integer of over 4300 digits, past
+    # Python's int-from-text limit, was a 500
+    except ValueError as e:
         raise APIError(
             f"We could not parse the JSON body of your request ({e}). The body must be valid JSON.",
             code="invalid_json",
@@ -265,7 +284,8 @@ class _Choice:
 
 
 class ClientDisconnected(Exception):
-    """The client hung up before its (non-streaming) answer was ready; its requests are aborted."""
+    """The client hung up before its (non-streaming) answer was ready, or while sending its body; its
+    requests are aborted."""
 
 
 class Server:
@@ -373,7 +393,11 @@ class Server:
         try:
             params.validate()
         except ValueError as e:
-            raise APIError(str(e)) from None
+            # what the request's own bounds let through (logit_bias 101, repetition_penalty 1e39): the message
+            # names the field first ("invalid SamplingParams: logit_bias values must ..."), so the 400 names the
+            # request's parameter of that name, as every other 400 does, not param null
+            name = str(e).split(": ", 1)[-1].split(" ", 1)[0]
+            raise APIError(str(e), param=name if name in type(req).model_fields else None) from None
         return params
 
     def new_choice(
@@ -452,6 +476,20 @@ class Server:
             yield index, ev
             if choices[index].done and not ev.finished:  # a stop string ended it
                 self.engine.abort_ids([group.request_ids[index]])
+
+    @staticmethod
+    async def until_disconnected(work: Awaitable[Any], request: Request) -> Any:
+        """`work`'s result; ClientDisconnected, and `work` cancelled, once the client hangs up. Scoring an
+        lm-eval batch runs for minutes and nothing is written until it ends: a client that gave up (timed out,
+        to retry) had its scoring run on, between every stream's steps, as its retries queued more."""
+        task = asyncio.ensure_future(work)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ClientDisconnected
 
     def release(self, group: RequestGroup | None, choices: list[_Choice], prompt_tokens: int) -> None:
         """The HTTP request is over: free its engine requests (None: it made none, prompt scoring only), and
@@ -737,7 +775,8 @@ class Server:
         budgets = [self.budget(len(ids), req.max_tokens, "max_tokens", "prompt") for ids, _ in prompts]
         scores: list[Any] = [None] * len(prompts)
         if req.echo and req.logprobs is not None:
-            scores = await self.engine.score_prompts([ids for ids, _ in prompts], req.logprobs)
+            scoring = self.engine.score_prompts([ids for ids, _ in prompts], req.logprobs)
+            scores = await self.until_disconnected(scoring, request)
         choices = [self.new_choice(prompts[i // n][0], req.stop, None) for i in range(len(prompts) * n)]
         group = None
         if generate:
@@ -1152,29 +1191,29 @@ def create_app(engine: Any, tokenizer: Any, config: ServeConfig, model: Any = No
     app.post("/tokenize")(server.tokenize)
     app.post("/detokenize")(server.detokenize)
 
-    @app.get("/tokenizer_info")
+    @app.api_route("/tokenizer_info", methods=GET)
     async def tokenizer_info() -> JSONResponse:
         return JSONResponse(server.tokenizer_info())
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=GET)
     async def models() -> JSONResponse:
         return JSONResponse(server.models())
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.api_route("/v1/models/{model_id:path}", methods=GET)
     async def model(model_id: str) -> JSONResponse:
         server.check_model(model_id)
         return JSONResponse(server.models()["data"][0])
 
-    @app.get("/health")
+    @app.api_route("/health", methods=GET)
     async def health() -> JSONResponse:
         ok = server.engine.alive
         return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=GET)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/")
+    @app.api_route("/", methods=GET)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
 

@@ -249,6 +249,10 @@ class AsyncEngine:
         """One forward of the oldest scoring request: a long one (lm-eval's loglikelihood batches) goes on
         between engine steps instead of stalling every stream until it is done."""
         scoring, fut = self._scoring[0]
+        if fut.cancelled():  # its client hung up (`Server.until_disconnected`): nobody reads the scores
+            self._scoring.pop(0)
+            scoring.close()
+            return
         try:
             next(scoring)
             return

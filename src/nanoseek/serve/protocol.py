@@ -49,10 +49,15 @@ class APIError(Exception):
 
 def validation_error(e: ValidationError) -> APIError:
     """The first pydantic problem as a 400 naming the parameter (dotted path, e.g. messages.0.role)."""
-    err = e.errors()[0]
+    errors = e.errors()
+    # A union reports every member's failure, `str` first: the one member that got deepest into the value is
+    # the form the client sent (a content part whose text is no string was "content: should be a string")
+    depths = [len(x.get("loc", ())) for x in errors]
+    deepest = max(depths)
+    err = errors[depths.index(deepest)] if depths.count(deepest) == 1 else errors[0]
     loc = [str(x) for x in err.get("loc", ()) if not str(x).startswith("function-")]
-    # pydantic reports which union member failed ("str", "list[int]"); the client only needs the field.
-    loc = [x for x in loc if x not in ("str", "int", "list[str]", "list[int]", "list[list[int]]")]
+    # pydantic reports which union member failed ("str", "list[ContentPart]"); the client only needs the field.
+    loc = [x for x in loc if x not in ("str", "int") and "[" not in x]
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid value")
     if err.get("type") == "missing":
@@ -87,6 +92,14 @@ class StreamOptions(_Request):
 class ContentPart(_Request):
     type: str
     text: str | None = None
+
+    @model_validator(mode="after")
+    def _text(self) -> ContentPart:
+        """A text part without its text (a typo such as "content" for "text") was read as "", and the model
+        answered an empty message: refused, as OpenAI refuses it."""
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs its 'text'")
+        return self
 
 
 class FunctionCall(_Request):
@@ -150,6 +163,13 @@ UNSUPPORTED: dict[str, Any] = {
     "guided_grammar": None,
     "structured_outputs": None,
     "logits_processors": None,
+    # vLLM's chat-template extensions: the prompt is always rendered with the checkpoint's template, ending in
+    # a new assistant turn (an assistant prefill was closed and answered anew, as if the field were not sent)
+    "add_generation_prompt": True,
+    "continue_final_message": False,
+    "chat_template": None,
+    "documents": None,
+    "echo": False,  # chat's: /v1/completions has its own
 }
 
 
@@ -205,10 +225,15 @@ class _Sampling(_Request):
         return stops
 
 
+# A token count is an int64 in the APIs this one follows: a longer one (4300 digits) made the context-length
+# 400's message unprintable (past Python's int-to-text limit), a 500.
+MAX_TOKENS = 2**63 - 1
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
@@ -222,7 +247,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
