@@ -1020,3 +1020,27 @@ def test_a_rollouts_code_runs_overlap_and_score_as_one_after_another(tmp_path, m
     assert parallel.metrics == serial.metrics and parallel.metrics["accuracy"] == 0.5
     assert parallel.rewards.tolist() == [0.0, 1.5, 0.0, 1.5] * 3  # in the completions' order
     answers._cached_code_run.cache_clear()
+
+
+def test_a_sigint_saves_the_grpo_step_and_the_resume_ends_as_one_run(micro_checkpoint, tmp_path) -> None:
+    """Ctrl-C during GRPO lost every step since the last checkpoint: its own loop now saves the step it
+    stops at (the next one after the signal) and a --resume reaches the weights of a run never stopped."""
+    import os
+    import signal
+
+    from nanoseek.train import TrainingInterrupted
+    from nanoseek.train.grpo import grpo
+
+    def ctrl_c_after_1(done: int, total: int) -> None:
+        if done == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    straight = grpo(_cfg(micro_checkpoint, tmp_path / "a", steps=3, mu=2))
+    with pytest.raises(TrainingInterrupted) as e:
+        grpo(_cfg(micro_checkpoint, tmp_path / "b", steps=3, mu=2), on_step=ctrl_c_after_1)
+    assert (e.value.step, e.value.exit_code) == (2, 130)  # GRPO's steps, not its μ = 2 updates each
+    assert "at step 2 of 3" in str(e.value)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    resumed = grpo(_cfg(micro_checkpoint, tmp_path / "b", steps=3, mu=2, resume=True))
+    wa, wb = _weights(straight), _weights(resumed)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

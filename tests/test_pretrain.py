@@ -688,3 +688,143 @@ def test_the_warmup_is_cut_to_half_of_a_short_run() -> None:
     # 4 steps with the default 20 of warmup would end on the ramp, never annealed
     assert PretrainConfig(steps=4, warmup_steps=20).optim_config().warmup_steps == 2
     assert PretrainConfig(steps=100, warmup_steps=20).optim_config().warmup_steps == 20
+
+
+def _signal_at(step: int, *signals: int):
+    """An `on_step` that sends this process `signals` after step `step`, as Ctrl-C or a job runner would."""
+    import os
+
+    def send(done: int) -> None:
+        if done == step:
+            for sig in signals:
+                os.kill(os.getpid(), sig)
+
+    return send
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_saves_the_next_step_and_the_resume_ends_as_an_uninterrupted_run(
+    workdir, tmp_path, sig
+) -> None:
+    """SIGINT or SIGTERM (what Slurm, Kubernetes and `timeout` send before a kill) lost every step since
+    the last checkpoint: the run now stops at the next step, saves it, and a --resume continues to the
+    weights of a run never stopped; the previous handlers are back afterwards (notebooks)."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from nanoseek.train import TrainingInterrupted
+
+    signum = getattr(signal, sig)
+    before = signal.getsignal(signum)
+    kw = dict(schedule="constant", warmup_steps=0, val_every=0, checkpoint_every=0)
+    pretrain(config(workdir, tmp_path / "a", **kw))
+    with pytest.raises(TrainingInterrupted) as e:
+        pretrain(config(workdir, tmp_path / "b", **kw), on_step=_signal_at(2, signum))
+    assert (e.value.step, e.value.exit_code) == (3, 128 + signum)
+    assert json.loads((tmp_path / "b" / "pretrain" / "train_state" / "trainer.json").read_text())["step"] == 3
+    assert signal.getsignal(signum) is before
+    pretrain(config(workdir, tmp_path / "b", resume=True, **kw))
+    a = load_file(tmp_path / "a" / "pretrain" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "pretrain" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_after_the_last_step_still_stops_what_runs_the_stage(workdir, tmp_path) -> None:
+    """A SIGTERM that came as the last step was saved was taken and forgotten: the stage returned, and
+    a speedrun went on to its next stage as if nobody had asked it to stop."""
+    import signal
+
+    from nanoseek.train import TrainingInterrupted
+
+    with pytest.raises(TrainingInterrupted) as e:
+        pretrain(
+            config(workdir, tmp_path / "run", steps=3, val_every=0), on_step=_signal_at(3, signal.SIGTERM)
+        )
+    assert e.value.step == 3
+
+
+def test_a_second_signal_stops_at_once_without_saving(workdir, tmp_path, monkeypatch) -> None:
+    """A second Ctrl-C is "stop now": a KeyboardInterrupt, no checkpoint; one delivered twice at once (a
+    terminal's Ctrl-C reaches every process of the group, and torchrun forwards it again) is one."""
+    import signal
+
+    from nanoseek.train import TrainingInterrupted
+
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        pretrain(config(workdir, run, val_every=0), on_step=_signal_at(2, signal.SIGINT, signal.SIGINT))
+    monkeypatch.setattr("nanoseek.train.loop.REPEAT_WINDOW_S", 0.0)
+    with pytest.raises(KeyboardInterrupt) as e:
+        pretrain(
+            config(workdir, tmp_path / "now", val_every=0),
+            on_step=_signal_at(2, signal.SIGINT, signal.SIGINT),
+        )
+    assert type(e.value) is KeyboardInterrupt and not (tmp_path / "now" / "pretrain").exists()
+
+
+def test_the_cli_says_where_an_interrupted_run_saved_and_how_to_resume(
+    workdir, tmp_path, capsys, monkeypatch
+) -> None:
+    import os
+    import signal
+
+    from nanoseek.train.loop import Trainer
+
+    step = Trainer.step
+
+    def step_then_sigterm(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        if self.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step_then_sigterm)
+    run = tmp_path / "my run"
+    args = [
+        "pretrain",
+        "--out",
+        str(run),
+        "--preset",
+        str(workdir / "micro"),
+        "--tokenizer",
+        str(workdir / "tok"),
+    ]
+    args += ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--val-every", "0", "--no-progress"]
+    assert main(args) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"pretrain stopped by SIGTERM at step 2 of 6: checkpoint saved in {run / 'pretrain'}" in err[-1]
+    assert err[-1].endswith(
+        f"resume with: nanoseek pretrain --out '{run}' " + " ".join(args[3:]) + " --resume"
+    )
+
+
+def _rank_signalled_alone(dirs: str, world: int, rank: int, port: int) -> dict:
+    import signal
+
+    from nanoseek.train import TrainingInterrupted
+    from nanoseek.train.distributed import init_distributed
+
+    workdir, out = dirs.split("|")
+    torch.set_num_threads(1)
+    init_distributed(device="cpu", timeout_s=30)
+    try:
+        # rank 1 alone is signalled (a node's own SIGTERM): rank 0 must stop at the same step, not wait
+        # in the next step's collective for a rank that left
+        pretrain(
+            config(Path(workdir), Path(out), val_every=0),
+            on_step=_signal_at(2, signal.SIGTERM) if rank else None,
+        )
+    except TrainingInterrupted as e:
+        return {"step": e.step, "code": e.exit_code}
+    return {"step": None}
+
+
+@pytest.mark.slow
+def test_ranks_stop_together_when_one_is_signalled(workdir, tmp_path) -> None:
+    from gloo import run_ranks
+
+    run = tmp_path / "run"
+    ranks = run_ranks(_rank_signalled_alone, 2, f"{workdir}|{run}", str(tmp_path / "result"), check=False)
+    assert ranks == [{"step": 3, "code": 143}, {"step": 3, "code": 143}]
+    assert json.loads((run / "pretrain" / "train_state" / "trainer.json").read_text())["step"] == 3

@@ -1023,3 +1023,35 @@ def test_task_examples_is_at_most_what_a_task_holds(tmp_path):
         convs = task_conversations(f"jsonl:{path}", SFTConfig.task_examples, seed=0)
         assert sorted(c[0]["content"] for c in convs) == [f"{i}+1?" for i in range(5)]
         assert len(task_conversations("modular", SFTConfig.task_examples, seed=0)) < SFTConfig.task_examples
+
+
+def test_a_sigterm_saves_the_step_and_the_resume_ends_as_one_run(tmp_path, monkeypatch) -> None:
+    """SIGTERM (a job runner's stop) lost every step since the last checkpoint: SFT (and distill, the
+    same loop) now saves the step it stopped at, and the resume's losses are those of one run."""
+    import os
+    import signal
+    import time
+
+    from nanoseek.train import TrainingInterrupted, loop
+    from nanoseek.train.sft import SFTConfig
+
+    kw = dict(init="", steps=4, batch_size=2, seq_len=32, progress=False)
+    whole = [r["loss"] for r in _train_with_budget(tmp_path / "whole", SFTConfig(**kw), time.perf_counter())]
+    step = loop.Trainer.step
+
+    def signalled_at_1(self, *args, **kwargs):
+        metrics = step(self, *args, **kwargs)
+        if self.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    monkeypatch.setattr(loop.Trainer, "step", signalled_at_1)
+    with pytest.raises(TrainingInterrupted) as e:
+        _train_with_budget(tmp_path / "run", SFTConfig(**kw), time.perf_counter())
+    assert (e.value.stage, e.value.step, e.value.exit_code) == ("control", 1, 143)
+    monkeypatch.setattr(loop.Trainer, "step", step)
+    assert (
+        json.loads((tmp_path / "run" / "control" / "train_state" / "trainer.json").read_text())["step"] == 1
+    )
+    records = _train_with_budget(tmp_path / "run", SFTConfig(**kw, resume=True), time.perf_counter())
+    assert [r["loss"] for r in records[-3:]] == whole[1:]

@@ -797,3 +797,90 @@ def test_a_damaged_record_of_the_run_is_named(tmp_path):
     (tmp_path / "pretrain" / "train_state" / "trainer.json").write_bytes(b'{"step": \xff}')
     with pytest.raises(ValueError, match=r"trainer\.json is not valid JSON"):
         run._saved_step("pretrain")
+
+
+def _stage_saving_on_sigterm(ready: str, threads: int) -> None:
+    """A stage beside another that, as a training stage does, saves and stops on a first SIGTERM."""
+    import signal
+
+    import nanoseek.speedrun as speedrun_mod
+    from nanoseek.train import TrainingInterrupted
+
+    def stop(signum, frame):
+        raise TrainingInterrupted("control", signum, 1, 2, "RUN/.control/control")
+
+    signal.signal(signal.SIGTERM, stop)
+    with speedrun_mod._exit_when_interrupted():
+        Path(ready).write_text("up")
+        time.sleep(60)
+
+
+def test_a_stage_beside_another_saves_and_ends_with_the_signals_code_on_a_ctrl_c(tmp_path, capfd):
+    """Ctrl-C saved the run's stage, which then stops the one beside it (that ignores SIGINT): it saves
+    too and ends with SIGTERM's exit code, without multiprocessing's traceback of the exception."""
+    import signal
+
+    from nanoseek.train import TrainingInterrupted
+
+    ready = tmp_path / "ready"
+    run = Speedrun(tmp_path / "run", PRESETS["smoke"], progress=False)
+    with (
+        pytest.raises(TrainingInterrupted),
+        run._beside("control", "grpo", _stage_saving_on_sigterm, (str(ready),)) as child,
+    ):
+        deadline = time.time() + 60
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        raise TrainingInterrupted("grpo", signal.SIGINT, 3, 10, "RUN/grpo")
+    assert child.exitcode == 128 + signal.SIGTERM
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_an_interrupted_grpo_does_not_end_the_control_beside_it(tmp_path, monkeypatch):
+    """GRPO stopped by a signal (its checkpoint saved) told the control beside it that GRPO was done: the
+    control finished and was marked done with a fraction of GRPO's wall time, and the rerun kept it."""
+    import contextlib
+    import signal
+
+    import nanoseek.speedrun as speedrun_mod
+    from nanoseek.train import TrainingInterrupted
+
+    clock = [1000.0]
+    monkeypatch.setattr(speedrun_mod.time, "time", lambda: clock[0])
+    shared = {}
+
+    @contextlib.contextmanager
+    def beside(self, stage, during, target, args):
+        shared["end"] = args[-1]
+        yield None
+
+    def grpo(self, on_step=None):
+        clock[0] += 2.0
+        on_step(1, 10)
+        raise TrainingInterrupted("grpo", signal.SIGTERM, 2, 10, "RUN/grpo")
+
+    monkeypatch.setattr(Speedrun, "_beside", beside)
+    monkeypatch.setattr(Speedrun, "grpo", grpo)
+    with pytest.raises(TrainingInterrupted):
+        Speedrun(tmp_path, PRESETS["smoke"], progress=False).grpo_beside_control()
+    assert shared["end"].value == 1002.0 + 2.0 * 9  # GRPO's pace, not "ended now"
+
+
+def test_an_interrupted_speedrun_says_its_stage_saved_and_that_a_rerun_resumes(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from nanoseek.cli import main
+    from nanoseek.train import TrainingInterrupted
+
+    def stopped(self):
+        raise TrainingInterrupted("pretrain", signal.SIGTERM, 7, 30, self.run / "pretrain")
+
+    monkeypatch.setattr(Speedrun, "_run_all", stopped)
+    args = ["speedrun", "--preset", "smoke", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(args) == 143
+    err = capsys.readouterr().err
+    assert (
+        f"pretrain stopped by SIGTERM at step 7 of 30: checkpoint saved in {tmp_path / 'run' / 'pretrain'}"
+        in err
+    )
+    assert err.strip().endswith("resume with: nanoseek " + " ".join(args))  # a rerun resumes: no --resume

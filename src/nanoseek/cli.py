@@ -15,7 +15,7 @@ import pkgutil
 import sys
 
 import nanoseek.commands as _commands
-from nanoseek.train import TrainingDiverged
+from nanoseek.train import TrainingDiverged, TrainingInterrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 (the process's stdin, left open)
     try:
         result = args.func(args)
+    except TrainingInterrupted as e:  # saved at a step boundary: say where, and how to go on from it
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun, not by every rank
+            print(
+                f"nanoseek {args.command}: {e}; resume with: {_resume_command(argv, args)}", file=sys.stderr
+            )
+        return e.exit_code  # 130 or 143, as a shell reports the signal: job runners read it
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -99,6 +105,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nanoseek {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return int(result or 0)
+
+
+def _resume_command(argv: list[str] | None, args: argparse.Namespace) -> str:
+    """The command line that was run, with --resume where the command has it and it was left out (a
+    speedrun resumes by running it again)."""
+    from nanoseek.options import shell_quoted
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    if getattr(args, "resume", None) is False:
+        words.append("--resume")
+    # a rank of torchrun's (which sets TORCHELASTIC_RUN_ID) does not see torchrun's own options
+    launcher = "torchrun <its options> -m nanoseek" if "TORCHELASTIC_RUN_ID" in os.environ else "nanoseek"
+    return " ".join([launcher, *map(shell_quoted, words)])
 
 
 if __name__ == "__main__":

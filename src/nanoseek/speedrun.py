@@ -22,6 +22,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +37,10 @@ from nanoseek.evaluate import Z_95, slug
 from nanoseek.metrics import MetricsLog, append_records, read_metrics
 from nanoseek.options import shell_quoted
 from nanoseek.report import EVAL_STAGES, STAGES, RunMetrics
+from nanoseek.train import TrainingInterrupted
 
 DONE = ".done"
+STOP_WAIT_S = 10.0  # how long a stage beside another is given to stop on its own SIGTERM (`_beside`)
 SETTINGS = "speedrun.json"
 FORMATS = "data_formats"  # in SETTINGS: `Speedrun.data_formats()` of the nanoseek that started the run
 # What a speedrun writes into RUN. A directory without SETTINGS that holds only these is taken for a
@@ -568,6 +572,17 @@ class Speedrun:
             print(f"  {stage}: beside {during} on {threads // 2} of {threads} threads", flush=True)
         try:
             yield child
+        except TrainingInterrupted as e:
+            # The body saved and stops; the child is to do the same (it saves on a first SIGTERM). It
+            # ignores SIGINT, so a Ctrl-C is passed on to it. A SIGTERM reached it too where the job's
+            # every process was signalled (timeout, Slurm, systemd), and a second would stop it unsaved:
+            # it is given time to save first, and told only if it goes on (only this process signalled).
+            if child is not None:
+                if e.signum != signal.SIGINT:
+                    child.join(STOP_WAIT_S)
+                if child.is_alive():
+                    child.terminate()
+            raise
         except BaseException:
             if child is not None:
                 child.terminate()
@@ -731,10 +746,15 @@ class Speedrun:
             end.value = now + (now - t0) / (done - first_step[0]) * (total - done)
 
         with self._beside("control", "grpo", _control_beside_grpo, (str(self.run), self.p, end)):
+            stopped = False
             try:
                 return self.grpo(on_step=pace)
+            except TrainingInterrupted:
+                stopped = True  # not GRPO's end: the control stops unfinished too, both go on at the rerun
+                raise
             finally:
-                end.value = time.time()  # done (or failed): the control stops at its next step
+                if not stopped:
+                    end.value = time.time()  # done (or failed): the control stops at its next step
 
     def control(self, deadline_fn: Callable[[], float | None] | None = None) -> dict[str, Any]:
         """More SFT from the SFT checkpoint for the wall time GRPO took: what RL bought, honestly.
@@ -1122,6 +1142,17 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _exit_when_interrupted() -> Iterator[None]:
+    """A stage's spawned process stopped by a signal (its checkpoint saved) ends with the signal's exit
+    code, unmarked, and without the traceback multiprocessing prints: the run's process says how the
+    run resumes."""
+    try:
+        yield
+    except TrainingInterrupted as e:
+        sys.exit(e.exit_code)
+
+
 def _exit_with_parent() -> None:
     """A worker that outlives the run's process (killed by the OOM killer, or `kill -9`) would go on
     training and writing into RUN, racing the rerun that resumes it: a thread watches the parent and
@@ -1147,7 +1178,8 @@ def _run_stage(out: str, preset: SpeedrunPreset, stage: str, beside: str, thread
     _set_threads(threads)
     run = Speedrun(out, preset, progress=False)
     t0 = time.perf_counter()
-    fields = getattr(run, stage)() or {}
+    with _exit_when_interrupted():
+        fields = getattr(run, stage)() or {}
     run._mark_done(stage, time.perf_counter() - t0, beside=beside, threads=threads, **fields)
 
 
@@ -1167,7 +1199,8 @@ def _control_beside_grpo(out: str, preset: SpeedrunPreset, end: Any, threads: in
             return None
         return time.perf_counter() + (end.value - time.time())
 
-    fields = run.control(deadline_fn=deadline) or {}
+    with _exit_when_interrupted():
+        fields = run.control(deadline_fn=deadline) or {}
     run._mark_done("control", time.perf_counter() - t0, beside="grpo", threads=threads, **fields)
 
 

@@ -672,130 +672,143 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     )
     t_run = time.perf_counter()
     last: dict = {}
-    for step in range(start, cfg.steps):
-        # ------------------------------------------------------------------ rollouts
-        rng = random.Random(cfg.seed * 1_000_003 + step)
-        batch = sampler.draw(rng, cfg.batch_prompts)
-        prompts = [chat_prompt_ids(tok, p.messages) for _, p in batch]
-        flat_prompts = [ids for ids in prompts for _ in range(cfg.group_size)]
-        # the weights changed since the last rollout: prefix-cache entries computed with old weights are stale
-        engine.reset_prefix_cache()
-        t0 = time.perf_counter()
-        with trainer.autocast():  # the rollouts sample in the precision the policy trains in
-            outs = _sample(cfg, engine, flat_prompts, stop, rollout_seeds(cfg.seed, step, len(flat_prompts)))
-        rollout_time = time.perf_counter() - t0
-        ro = _score_rollout(cfg, batch, flat_prompts, outs, tok, reward_fn, stop, opened)
-        sampler.observe([t.name for t, _ in batch], ro.advantages, cfg.group_size)
-        ro.metrics["rollout_tok_s"] = sum(len(o.token_ids) for o in outs) / max(rollout_time, 1e-9)
-        ro.metrics["rollout_time_s"] = rollout_time
-
-        # ------------------------------------------------------------------- update
-        n_seq, n_tok = loss_denominators(ro, cfg.loss)
-        micro = _micro_batches(ro, cfg.micro_batch, pad_id, skip_zero_adv=cfg.beta == 0, device=model.device)
-        t1 = time.perf_counter()
-        upd: dict[str, float] = {}
-        if micro:
-            with torch.no_grad(), trainer.autocast():
-                for mb in micro:
-                    if cfg.mu > 1:  # π_old, once per batch: the policy that sampled
-                        mb["old"] = token_logprobs(
-                            policy, mb["ids"], mb["starts"], mb["mask"].shape[1], cfg.temperature
-                        )[0]
-                    if ref_model is not None:
-                        mb["ref"] = token_logprobs(
-                            ref_model, mb["ids"], mb["starts"], mb["mask"].shape[1], cfg.temperature
-                        )[0]
-            entropies: list[float] = []
-            mix_losses: list[float] = []
-            for u in range(cfg.mu):
-                mix = None
-                if mix_rows is not None:
-                    mix = packed_batch_at(mix_rows, cfg.sft_mix_rows, cfg.seed, step * cfg.mu + u)
-                loss_fn = _loss_fn(
-                    cfg, policy, micro, n_seq, n_tok, entropies if u == 0 else None, mix, mix_losses
+    with trainer.stop_on_signals():
+        for step in range(start, cfg.steps):
+            # ------------------------------------------------------------------ rollouts
+            rng = random.Random(cfg.seed * 1_000_003 + step)
+            batch = sampler.draw(rng, cfg.batch_prompts)
+            prompts = [chat_prompt_ids(tok, p.messages) for _, p in batch]
+            flat_prompts = [ids for ids in prompts for _ in range(cfg.group_size)]
+            # the weights changed since the last rollout: prefix-cache entries computed with old weights are stale
+            engine.reset_prefix_cache()
+            t0 = time.perf_counter()
+            with trainer.autocast():  # the rollouts sample in the precision the policy trains in
+                outs = _sample(
+                    cfg, engine, flat_prompts, stop, rollout_seeds(cfg.seed, step, len(flat_prompts))
                 )
-                m = trainer.step(loss_fn, accumulation=len(micro))
-                upd.update(grad_norm=float(m["grad_norm"]), lr=float(m["lr"]))  # the last update's
-                # the rest are means over the μ updates (as TRL logs them, and sft_mix_loss below): the
-                # first update's ratio is 1, so the last one's clipping alone would overstate it
-                for k in ("loss", "clip_frac", "clip_frac_low", "clip_frac_high", "kl", "ratio_mean"):
-                    if k in m:
-                        upd[k] = upd.get(k, 0.0) + float(m[k]) / cfg.mu
-                upd["skipped"] = bool(upd.get("skipped", False) or "skipped" in m)
-            upd["entropy"] = sum(entropies) / len(entropies)
-            if mix_losses:
-                upd["sft_mix_loss"] = sum(mix_losses) / len(mix_losses)
-        else:
-            # no group carried signal (all rewards equal): nothing to learn from this batch, no update
-            upd.update(loss=0.0, no_signal=True)  # and no entropy: no update computed one
-        update_time = time.perf_counter() - t1
-        upd_tokens = sum(int(mb["tokens"]) for mb in micro) * cfg.mu
-        upd["update_tok_s"] = upd_tokens / max(update_time, 1e-9)
-        upd["update_time_s"] = update_time
+            rollout_time = time.perf_counter() - t0
+            ro = _score_rollout(cfg, batch, flat_prompts, outs, tok, reward_fn, stop, opened)
+            sampler.observe([t.name for t, _ in batch], ro.advantages, cfg.group_size)
+            ro.metrics["rollout_tok_s"] = sum(len(o.token_ids) for o in outs) / max(rollout_time, 1e-9)
+            ro.metrics["rollout_time_s"] = rollout_time
 
-        # ----------------------------------------------------------------- logging
-        rec = {**ro.metrics, **upd, "wall_time_s": time.perf_counter() - t_run}
-        ent = rec.get("entropy", float("nan"))
-        if init_length is None and math.isfinite(ent):
-            init_length = rec["response_length"]
-        warnings = (
-            collapse_warnings(
-                entropy_trend.add(ent),
-                rec["response_length"],
-                initial_entropy=entropy_trend.initial,
-                initial_length=init_length,
-                min_entropy=cfg.min_entropy,
+            # ------------------------------------------------------------------- update
+            n_seq, n_tok = loss_denominators(ro, cfg.loss)
+            micro = _micro_batches(
+                ro, cfg.micro_batch, pad_id, skip_zero_adv=cfg.beta == 0, device=model.device
             )
-            if math.isfinite(ent)
-            else []
-        )
-        if warnings:
-            rec["collapse_warning"] = "; ".join(warnings)
-            bar.write(f"grpo step {step + 1}: WARNING possible collapse: {rec['collapse_warning']}")
-            bad_steps += 1
+            t1 = time.perf_counter()
+            upd: dict[str, float] = {}
+            if micro:
+                with torch.no_grad(), trainer.autocast():
+                    for mb in micro:
+                        if cfg.mu > 1:  # π_old, once per batch: the policy that sampled
+                            mb["old"] = token_logprobs(
+                                policy, mb["ids"], mb["starts"], mb["mask"].shape[1], cfg.temperature
+                            )[0]
+                        if ref_model is not None:
+                            mb["ref"] = token_logprobs(
+                                ref_model, mb["ids"], mb["starts"], mb["mask"].shape[1], cfg.temperature
+                            )[0]
+                entropies: list[float] = []
+                mix_losses: list[float] = []
+                for u in range(cfg.mu):
+                    mix = None
+                    if mix_rows is not None:
+                        mix = packed_batch_at(mix_rows, cfg.sft_mix_rows, cfg.seed, step * cfg.mu + u)
+                    loss_fn = _loss_fn(
+                        cfg, policy, micro, n_seq, n_tok, entropies if u == 0 else None, mix, mix_losses
+                    )
+                    m = trainer.step(loss_fn, accumulation=len(micro))
+                    upd.update(grad_norm=float(m["grad_norm"]), lr=float(m["lr"]))  # the last update's
+                    # the rest are means over the μ updates (as TRL logs them, and sft_mix_loss below): the
+                    # first update's ratio is 1, so the last one's clipping alone would overstate it
+                    for k in ("loss", "clip_frac", "clip_frac_low", "clip_frac_high", "kl", "ratio_mean"):
+                        if k in m:
+                            upd[k] = upd.get(k, 0.0) + float(m[k]) / cfg.mu
+                    upd["skipped"] = bool(upd.get("skipped", False) or "skipped" in m)
+                upd["entropy"] = sum(entropies) / len(entropies)
+                if mix_losses:
+                    upd["sft_mix_loss"] = sum(mix_losses) / len(mix_losses)
+            else:
+                # no group carried signal (all rewards equal): nothing to learn from this batch, no update
+                upd.update(loss=0.0, no_signal=True)  # and no entropy: no update computed one
+            update_time = time.perf_counter() - t1
+            upd_tokens = sum(int(mb["tokens"]) for mb in micro) * cfg.mu
+            upd["update_tok_s"] = upd_tokens / max(update_time, 1e-9)
+            upd["update_time_s"] = update_time
+
+            # ----------------------------------------------------------------- logging
+            rec = {**ro.metrics, **upd, "wall_time_s": time.perf_counter() - t_run}
+            ent = rec.get("entropy", float("nan"))
+            if init_length is None and math.isfinite(ent):
+                init_length = rec["response_length"]
+            warnings = (
+                collapse_warnings(
+                    entropy_trend.add(ent),
+                    rec["response_length"],
+                    initial_entropy=entropy_trend.initial,
+                    initial_length=init_length,
+                    min_entropy=cfg.min_entropy,
+                )
+                if math.isfinite(ent)
+                else []
+            )
+            if warnings:
+                rec["collapse_warning"] = "; ".join(warnings)
+                bar.write(f"grpo step {step + 1}: WARNING possible collapse: {rec['collapse_warning']}")
+                bad_steps += 1
+            else:
+                bad_steps = 0
+            metrics_log.log(step=step + 1, **rec)
+            last = rec
+            bar.set_postfix(
+                {
+                    "reward": f"{rec['reward']:.3f}",
+                    "acc": f"{rec['accuracy']:.3f}",
+                    "len": f"{rec['response_length']:.0f}",
+                    # a step whose groups all got equal rewards made no update, so measured no entropy
+                    "ent": f"{ent:.2f}" if math.isfinite(ent) else "no signal",
+                },
+                refresh=False,
+            )
+            bar.update(1)
+            extra = {
+                "grpo_step": step + 1,
+                "history": {
+                    "entropy_trend": entropy_trend.state(),
+                    "init_length": init_length,
+                    "bad_steps": bad_steps,
+                    "task_signal": dict(sampler.signal),
+                    **({"pass_rates": history["pass_rates"]} if "pass_rates" in history else {}),
+                },
+            }
+            stop_now = cfg.stop_on_collapse and bad_steps >= cfg.collapse_patience
+            signalled = trainer.stop_requested()  # a signal: save this step and stop
+            if (
+                (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
+                or step + 1 == cfg.steps
+                or stop_now
+                or signalled
+            ):
+                trainer.save(extra)
+            if on_step is not None:
+                on_step(step + 1, cfg.steps)
+            if signalled:
+                break
+            if stop_now:
+                bar.write(
+                    f"grpo: stopping at step {step + 1}: collapse for {bad_steps} steps ({rec['collapse_warning']})"
+                )
+                break
         else:
-            bad_steps = 0
-        metrics_log.log(step=step + 1, **rec)
-        last = rec
-        bar.set_postfix(
-            {
-                "reward": f"{rec['reward']:.3f}",
-                "acc": f"{rec['accuracy']:.3f}",
-                "len": f"{rec['response_length']:.0f}",
-                # a step whose groups all got equal rewards made no update, so measured no entropy
-                "ent": f"{ent:.2f}" if math.isfinite(ent) else "no signal",
-            },
-            refresh=False,
-        )
-        bar.update(1)
-        extra = {
-            "grpo_step": step + 1,
-            "history": {
-                "entropy_trend": entropy_trend.state(),
-                "init_length": init_length,
-                "bad_steps": bad_steps,
-                "task_signal": dict(sampler.signal),
-                **({"pass_rates": history["pass_rates"]} if "pass_rates" in history else {}),
-            },
-        }
-        stop_now = cfg.stop_on_collapse and bad_steps >= cfg.collapse_patience
-        if (
-            (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
-            or step + 1 == cfg.steps
-            or stop_now
-        ):
-            trainer.save(extra)
-        if on_step is not None:
-            on_step(step + 1, cfg.steps)
-        if stop_now:
-            bar.write(
-                f"grpo: stopping at step {step + 1}: collapse for {bad_steps} steps ({rec['collapse_warning']})"
-            )
-            break
-    else:
-        if start >= cfg.steps and not (trainer.checkpoint_dir / "config.json").exists():
-            trainer.save({"grpo_step": start, "history": {}})
+            if start >= cfg.steps and not (trainer.checkpoint_dir / "config.json").exists():
+                trainer.save({"grpo_step": start, "history": {}})
+        trainer.stop_requested()  # one that came during the last step's save: stop all the same
     bar.close()
+    if trainer.stop_signal:  # no end record: the run goes on at its --resume, as after a kill
+        done = step + 1 if last else start  # in GRPO's steps, not the optimizer's (μ per step)
+        raise trainer.interrupted(trainer.checkpoint_dir, done, cfg.steps)
     metrics_log.log(event="end", wall_time_s=time.perf_counter() - t_run)
     if last:  # the steps this process ran: fewer than planned where --stop-on-collapse ended it
         print(

@@ -42,7 +42,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from nanoseek.metrics import MetricsLog, progress_bar
-from nanoseek.train import TrainingDiverged
+from nanoseek.train import TrainingDiverged, TrainingInterrupted
 from nanoseek.train.distributed import (
     DistInfo,
     all_reduce_,
@@ -59,6 +59,9 @@ PRECISIONS = ("bf16", "fp32", "fp8")
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw", "muon")
 REFIT_EVERY = 5  # steps between refits of a time-budgeted run's step count
+# A repeat of the stop signal this soon after the first is the same stop delivered twice, not a second
+# request: a terminal's Ctrl-C reaches every process of its group, and torchrun forwards it to its ranks.
+REPEAT_WINDOW_S = 1.0
 
 
 # ------------------------------------------------------------------ config
@@ -395,6 +398,9 @@ class Trainer:
         self._good_steps = 0
         self._paced_from: tuple[int, float] | None = None  # (step, time) the deadline's pace counts from
         self._warmup_steps = optim.warmup_steps  # as given: a deadline's refit cuts it to fit the steps
+        self._signal = 0  # the first SIGINT/SIGTERM this rank received inside `stop_on_signals`
+        self._signal_at = 0.0
+        self.stop_signal = 0  # the one every rank agreed on at `stop_requested` (0: none)
 
     # ------------------------------------------------------------ helpers
     @property
@@ -600,6 +606,75 @@ class Trainer:
             delta = self.bias_update_speed * torch.sign(load.mean() - load)
             bias = router.e_score_correction_bias
             bias.add_(delta.to(bias.device, bias.dtype))
+
+    # --------------------------------------------------------- interrupts
+    @contextlib.contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        """Inside, a first SIGINT or SIGTERM (Ctrl-C; what Slurm, Kubernetes and `timeout` send before
+        a kill) only asks the run to stop: the stage sees it at `stop_requested`, saves and raises
+        `interrupted`. A second aborts at once, as the signal does outside (the checkpoint's atomic
+        write leaves nothing half written). The previous handlers come back on leaving (the Python
+        API runs in notebooks); a signal ignored before (nohup, the speedrun's stage processes'
+        SIGINT) stays ignored. Off the main thread, where handlers cannot be set, nothing changes."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous: dict[int, Any] = {}
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._signal and time.monotonic() - self._signal_at < REPEAT_WINDOW_S:
+                return
+            if self._signal:  # a second request: stop now, as the signal would have without us
+                restore()
+                before = previous[signum]
+                if callable(before):
+                    before(signum, frame)  # Python's SIGINT handler: KeyboardInterrupt
+                else:
+                    signal.raise_signal(signum)  # SIG_DFL: the process ends by the signal
+                return
+            self._signal, self._signal_at = signum, time.monotonic()
+            if self.dist.is_main:
+                again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+                _say(
+                    f"\n{self.stage}: {signal.Signals(signum).name} received: stopping after this step to "
+                    f"save a checkpoint ({again} again to stop now, without saving)"
+                )
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            before = signal.getsignal(sig)
+            if before in (signal.SIG_IGN, None):  # ignored, or a handler not set from Python
+                continue
+            previous[sig] = before
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            restore()
+
+    def stop_requested(self) -> bool:
+        """Whether a signal asked the run to stop (see `stop_on_signals`), agreed by every rank: each
+        calls it at the same step boundary, and a rank that stopped alone would leave the others
+        waiting in their next collective. One scalar all-reduce."""
+        flag = torch.tensor([float(self._signal)])
+        all_reduce_(flag, self.dist, "max")
+        self.stop_signal = int(flag.item())
+        return bool(self.stop_signal)
+
+    def interrupted(
+        self, checkpoint: Path, step: int | None = None, total_steps: int | None = None
+    ) -> TrainingInterrupted:
+        """The exception that ends a run stopped by a signal, once it saved `checkpoint`; `step` and
+        `total_steps` where the stage counts other steps than the optimizer's (GRPO's)."""
+        step = self.global_step if step is None else step
+        total = self.total_steps if total_steps is None else total_steps
+        return TrainingInterrupted(self.stage, self.stop_signal, step, total, checkpoint)
 
     # ----------------------------------------------------------- validate
     @torch.no_grad()
@@ -840,6 +915,17 @@ class Trainer:
             event="resume", from_step=from_step
         )
         return state["extra"]
+
+
+def _say(message: str) -> None:
+    """A line on stderr from a signal handler: straight to the file descriptor, since the handler may
+    have interrupted a write to the same stream (a progress bar's), which `print` would re-enter."""
+    import sys
+
+    try:
+        os.write(sys.stderr.fileno(), (message + "\n").encode(errors="replace"))
+    except (AttributeError, OSError, ValueError):  # a notebook's stderr has no file descriptor
+        print(message, file=sys.stderr)
 
 
 # ------------------------------------------------------------------ step log

@@ -467,24 +467,31 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     last: dict[str, Any] = {}
     val_loss = None
     try:
-        while trainer.global_step < cfg.steps:
-            last = trainer.step(loss_fn, cfg.accumulation)
-            log.step(last)
-            step = trainer.global_step
-            if on_step is not None:
-                on_step(step)
-            if val_set and (step % cfg.val_every == 0 or step == cfg.steps):
+        with trainer.stop_on_signals():
+            while trainer.global_step < cfg.steps:
+                last = trainer.step(loss_fn, cfg.accumulation)
+                log.step(last)
+                step = trainer.global_step
+                if trainer.stop_requested():  # a signal: save this step and stop (every rank here)
+                    break
+                if on_step is not None:
+                    on_step(step)
+                if val_set and (step % cfg.val_every == 0 or step == cfg.steps):
+                    val_loss = validate()
+                if trainer.checkpoint_due():
+                    trainer.save({"data": train_data.state_dict()})
+            if val_set and val_loss is None and not trainer.stop_signal:
                 val_loss = validate()
-            if trainer.checkpoint_due():
-                trainer.save({"data": train_data.state_dict()})
-        if val_set and val_loss is None:
-            val_loss = validate()
-        path = trainer.save({"data": train_data.state_dict()})
+            path = trainer.save({"data": train_data.state_dict()})
+            trainer.stop_requested()  # one that came during the last step's save: stop all the same
     except BaseException:
         log.close()
         destroy_distributed(failed=True)
         raise
     log.close()
+    if trainer.stop_signal:
+        destroy_distributed()
+        raise trainer.interrupted(path)
     wall = time.perf_counter() - t0
     done = trainer.global_step - start_step
     tokens = trainer.tokens_seen - start_tokens
