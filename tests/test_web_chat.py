@@ -507,8 +507,8 @@ def test_settings_and_the_api_key_reach_the_request(browser):
 @pytest.mark.slow
 def test_the_reply_is_fitted_into_the_context(browser):
     """max tokens above the room left is cut to exactly the room (the server would refuse it: 400), and a
-    conversation that fills the context is refused on the page before anything is sent, its message given
-    back to shorten. A message too long on its own was told to "start a new chat", which cannot help."""
+    message too long for the context on its own is refused on the page with the sizes before anything is
+    sent (dropping earlier turns cannot help), its message given back to shorten."""
     tok = tiny_tokenizer()
     full = [{"role": "user", "content": "What is 2 + 2? Let me think about this problem."}]
     ctx = _prompt_len(tok, full)
@@ -522,19 +522,53 @@ def test_the_reply_is_fitted_into_the_context(browser):
         _send_and_wait(browser, "hi")
         assert _last(browser, ".error") is None
         assert engine.added[-1][1].max_new_tokens == ctx - _prompt_len(tok, short)
-        # after a turn: a new chat helps
         _send_and_wait(browser, full[0]["content"])
-        assert (
-            _last(browser, ".error") == "Error: the conversation fills the model's context: start a new chat"
-        )
-        browser.js("document.getElementById('clear').click()")
-        _send_and_wait(browser, full[0]["content"])
-        # alone in a new chat, a new chat cannot help: the message is to be shortened
         assert _last(browser, ".error") == (
-            f"Error: the message is too long for the model's context ({ctx} tokens): shorten it"
+            f"Error: the message is {ctx} tokens; the model's context holds {ctx}: shorten it"
         )
         assert len(engine.added) == 1
         assert browser.js("document.getElementById('input').value") == full[0]["content"]
+
+
+@pytest.mark.slow
+def test_a_conversation_past_the_context_drops_its_oldest_turns(browser):
+    """A conversation that outgrew the context was refused ("start a new chat"), losing the thread. As
+    `nanoseek chat` does (fit_context), the page now sends it without its oldest whole exchanges, never the
+    new message, and says so in a small note; the page still shows them. Where /tokenize cannot measure
+    the prompt, the server's 400 context_length_exceeded has the page drop an exchange and ask again."""
+    tok = tiny_tokenizer()
+    asked = ["good morning", "hello there", "and what is the answer to this longer question?"]
+    u = [{"role": "user", "content": q} for q in asked]
+    a = {"role": "assistant", "content": "four"}
+    room = len(tok.encode("four")) + 1  # max tokens: the last turn fits without the first, not with it
+    ctx = _prompt_len(tok, [u[1], a, u[2]], thinking=False) + room
+    assert _prompt_len(tok, [u[0], a, u[1], a, u[2]], thinking=False) + room > ctx
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("four"), max_seq_len=ctx)
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
+        _open_page(browser, srv)
+        browser.js(f"document.getElementById('max-tokens').value = '{room}'")
+        browser.js("document.getElementById('think').checked = false")
+        _record_fetches(browser)
+        for attempt in ("measured", "refused"):
+            if attempt == "refused":  # a server that cannot measure: the page learns from its refusal
+                browser.js("document.getElementById('clear').click()")
+                browser.js(
+                    "window.__sent = []; window.__fetch2 = window.fetch; window.fetch = function (url) {"
+                    " return url === '/tokenize' ? Promise.resolve(new Response('{}', {status: 404}))"
+                    " : window.__fetch2.apply(this, arguments); }; true"
+                )
+            for q in asked:
+                _send_and_wait(browser, q)
+                assert _last(browser, ".error") is None, (attempt, q)
+            assert _chat_bodies(browser)[-1]["messages"] == [u[1], a, u[2]], attempt
+            if attempt == "refused":  # the whole conversation was asked first
+                assert _chat_bodies(browser)[-2]["messages"] == [u[0], a, u[1], a, u[2]]
+            assert "morning" not in tok.decode(engine.added[-1][0])
+            assert _last(browser, ".note") == "(context full: 1 earlier turn dropped from the model's view)"
+            notes = browser.js("[...document.querySelectorAll('.note')].map(n => n.hidden)")
+            assert notes == [True, True, False], attempt
+            assert browser.js("document.querySelectorAll('.msg').length") == 6  # still shown, and kept
+            assert len(json.loads(browser.js("localStorage.getItem('nanoseek:conversation')"))) == 6
 
 
 @pytest.mark.slow
@@ -797,6 +831,90 @@ def test_a_code_block_has_a_copy_button_that_copies_the_code_alone(browser):
         assert browser.js("window.__copied") == code
         _wait(lambda: browser.js(f"{button}.textContent") == "Copied", "the fallback's copy was not reported")
         assert browser.js("document.activeElement.classList.contains('copy')")
+
+
+@pytest.mark.slow
+def test_copy_works_while_the_answer_streams(browser):
+    """The answer was rebuilt from its markdown on each token, Copy buttons included: a click on Copy
+    under a code block, while the answer streamed, was lost (the button pressed was gone by the release).
+    Blocks that did not change now stay, and a code block still growing keeps its box and button."""
+    code = "print('hi')\n" + "x = 1\n" * 12 + "y = 2"
+    with _answering(f"```python\n{code}\n```\n\n" + "more " * 30, step_delay=0.02) as srv:
+        browser.call(
+            "Emulation.setDeviceMetricsOverride", width=1280, height=2000, deviceScaleFactor=1, mobile=False
+        )
+        _open_page(browser, srv)
+        browser.js(
+            "window.__copied = null; navigator.clipboard.writeText ="
+            " t => { window.__copied = t; return Promise.resolve(); }; true"
+        )
+        browser.js("document.getElementById('input').value = 'code please'")
+        browser.js("document.getElementById('send').click()")
+        button = "document.querySelector('.msg.assistant .answer button.copy')"
+        _wait(lambda: browser.js(f"!!{button}"), "no code block")
+        browser.js(f"window.__button = {button}; true")  # while the code still grows
+        _wait(lambda: "more" in (_last(browser, ".answer") or ""), "the text after the code never came")
+        assert browser.js(f"window.__button === {button}"), "the code block's button was rebuilt"
+        x, y = browser.js(f"(r => [r.x + r.width / 2, r.y + r.height / 2])({button}.getBoundingClientRect())")
+        browser.call("Input.dispatchMouseEvent", type="mousePressed", x=x, y=y, button="left", clickCount=1)
+        time.sleep(0.2)  # tokens arrive between the press and the release
+        browser.call("Input.dispatchMouseEvent", type="mouseReleased", x=x, y=y, button="left", clickCount=1)
+        assert browser.js("document.querySelector('.msg.assistant').dataset.state") == "streaming"
+        _wait(lambda: browser.js("window.__copied") is not None, "the click on Copy was lost", timeout=5)
+        assert browser.js("window.__copied") == code
+        assert browser.js(f"{button}.textContent") == "Copied"
+        browser.js("document.getElementById('stop').click()")
+
+
+@pytest.mark.slow
+def test_markdown_tables_render_and_their_cells_are_text(browser):
+    """A model's GitHub-style table showed as rows of pipes. It renders as a table (alignment from the
+    delimiter row, "\\|" a pipe in a cell), and markup in a cell is shown as text, never run."""
+    with _markdown_renderer(browser) as render:
+        assert render("| a | b |\n|:--|--:|\n| `x\\|y` | <img src=x onerror=alert(1)> |\n| **c** |") == (
+            '<table><thead><tr><th style="text-align:left">a</th><th style="text-align:right">b</th></tr>'
+            '</thead><tbody><tr><td style="text-align:left"><code>x|y</code></td><td style="text-align:right">'
+            '&lt;img src=x onerror=alert(1)&gt;</td></tr><tr><td style="text-align:left"><strong>c</strong>'
+            '</td><td style="text-align:right"></td></tr></tbody></table>'
+        )
+        assert render("x | y\n--- | :-:\n<script>alert(1)</script> | 2") == (
+            '<table><thead><tr><th>x</th><th style="text-align:center">y</th></tr></thead><tbody><tr>'
+            '<td>&lt;script&gt;alert(1)&lt;/script&gt;</td><td style="text-align:center">2</td></tr></tbody></table>'
+        )
+        # not a table: a delimiter row of another width, or no pipe in it
+        assert render("| a |\n|---|---|") == "<p>| a |<br>|---|---|</p>"
+        assert render("a | b\n---") == "<p>a | b<br>---</p>"
+
+
+@pytest.mark.slow
+def test_a_wide_table_scrolls_by_itself_and_the_page_fits_a_phones_visible_height(browser):
+    """On a phone the page was 100vh tall, the height with the browser's bar hidden, so the message box sat
+    under the bar; it is the dynamic viewport's height (100dvh), with 100vh where dvh is unknown. A wide
+    table scrolls in its message instead of widening the page, in both themes."""
+    row = "| " + " | ".join(f"column {k}" for k in range(12)) + " |"
+    table = row + "\n|" + "---|" * 12 + "\n" + row.replace("column", "<script>window.pwned=1</script>")
+    with _answering(table) as srv:
+        browser.call(
+            "Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=1, mobile=True
+        )
+        _open_page(browser, srv)
+        heights = browser.js(
+            "[...document.styleSheets[0].cssRules].filter(r => r.selectorText === 'body')"
+            ".map(r => r.style.height)"
+        )
+        assert heights == ["100dvh"], heights
+        _send_and_wait(browser, "a table please")
+        assert browser.js("document.querySelectorAll('.msg.assistant table td').length") == 12
+        assert browser.js("window.pwned") is None
+        for theme in ("light", "dark"):
+            browser.call(
+                "Emulation.setEmulatedMedia", features=[{"name": "prefers-color-scheme", "value": theme}]
+            )
+            sizes = browser.js("(m => [m.scrollWidth, m.clientWidth])(document.getElementById('messages'))")
+            assert sizes[0] <= sizes[1], f"the page scrolls sideways: {sizes}"
+            assert browser.js("(t => t.scrollWidth > t.clientWidth)(document.querySelector('.answer table'))")
+            bottom = browser.js("document.getElementById('composer').getBoundingClientRect().bottom")
+            assert bottom <= browser.js("window.innerHeight")
 
 
 @pytest.mark.slow

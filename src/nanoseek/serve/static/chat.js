@@ -13,6 +13,8 @@
   let model = null, maxModelLen = null, controller = null;
   // Bumped by "New chat": a turn still winding up from an older conversation must not write into this one.
   let conversation = 0;
+  // Messages before history[skip] have left the model's view: the context was full (the page still shows them).
+  let skip = 0;
 
   for (const id of ["temperature", "max-tokens", "api-key"]) {
     const saved = localStorage.getItem("nanoseek:" + id);
@@ -24,6 +26,11 @@
   think.addEventListener("change", function () { localStorage.setItem("nanoseek:think", String(think.checked)); });
   // the same rendering for /tokenize's count and the request itself, so the reply's room is exact
   function templateKwargs() { return { thinking: think.checked }; }
+  // Tokens of the prompt history[start:] makes, as the request renders it (null: the server would not say).
+  async function promptTokens(start) {
+    const t = await fetch("/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ messages: wire().slice(start), chat_template_kwargs: templateKwargs() }) });
+    return t.ok ? (await t.json()).count : null;
+  }
 
   function headers() {
     const h = { "Content-Type": "application/json" };
@@ -94,6 +101,9 @@
   }
 
   function assistantView(div) {
+    const note = document.createElement("div");
+    note.className = "note";
+    note.hidden = true;
     const details = document.createElement("details");
     details.className = "thinking";
     details.open = true;
@@ -107,25 +117,42 @@
     answer.className = "answer";
     const meta = document.createElement("div");
     meta.className = "meta";
-    div.append(details, answer, meta);
-    return { details: details, summary: summary, reasoning: reasoning, answer: answer, meta: meta };
+    div.append(note, details, answer, meta);
+    return { note: note, details: details, summary: summary, reasoning: reasoning, answer: answer, meta: meta };
   }
 
   // The answer's markdown, with a Copy button on each code block (as llama.cpp's page has: a block that
-  // scrolls sideways is awkward to select by hand).
+  // scrolls sideways is awkward to select by hand). While an answer streams it is rendered again on each
+  // token: only the blocks that changed are replaced, and a code block still growing keeps its box and
+  // button, else a click on Copy (or a selection) whose press and release straddle a token was lost.
+  const rendered = new WeakMap();  // a block on the page -> the HTML it shows
   function showAnswer(el, content) {
-    el.innerHTML = window.renderMarkdown(content);
-    for (const pre of el.querySelectorAll("pre")) {
-      const box = document.createElement("div");
-      box.className = "code";
-      const copy = document.createElement("button");
-      copy.type = "button";
-      copy.className = "copy secondary";
-      copy.textContent = "Copy";
-      copy.setAttribute("aria-label", "Copy code");
-      pre.replaceWith(box);
-      box.append(copy, pre);
-    }
+    const fresh = document.createElement("div");
+    fresh.innerHTML = window.renderMarkdown(content);
+    const blocks = Array.from(fresh.children);
+    blocks.forEach(function (block, i) {
+      const html = block.outerHTML, old = el.children[i];
+      if (old && rendered.get(old) === html) return;
+      let shown = block;
+      if (block.tagName === "PRE") {
+        if (old && old.className === "code") {
+          old.querySelector("pre").replaceWith(block);
+          rendered.set(old, html);
+          return;
+        }
+        shown = document.createElement("div");
+        shown.className = "code";
+        const copy = document.createElement("button");
+        copy.type = "button";
+        copy.className = "copy secondary";
+        copy.textContent = "Copy";
+        copy.setAttribute("aria-label", "Copy code");
+        shown.append(copy, block);
+      }
+      rendered.set(shown, html);
+      if (old) old.replaceWith(shown); else el.appendChild(shown);
+    });
+    while (el.children.length > blocks.length) el.lastElementChild.remove();
   }
 
   // navigator.clipboard exists only in a secure context (https, localhost), and a browser may still refuse
@@ -200,32 +227,54 @@
     sendBtn.disabled = true; stopBtn.disabled = false;
     try {
       let maxTokens = parseInt($("max-tokens").value, 10);
+      let start = skip;  // the first message sent
+      const before = skip;
       if (maxModelLen) {
-        // Fit the reply into the context: the server refuses (400) a request that cannot fit.
-        const t = await fetch("/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ messages: wire(), chat_template_kwargs: templateKwargs() }) });
-        if (t.ok) {
-          const room = maxModelLen - (await t.json()).count;
-          // a message too long on its own is not helped by a new chat
-          if (room < 1) throw new Error(history.length > 1
-            ? "the conversation fills the model's context: start a new chat"
-            : "the message is too long for the model's context (" + maxModelLen + " tokens): shorten it");
-          maxTokens = Math.min(maxTokens, room);
+        // Fit the prompt and the reply into the context (the server refuses, 400, a request that cannot):
+        // as `nanoseek chat` does (fit_context), the oldest whole exchanges leave the model's view, never
+        // the new message, while the prompt and room for the reply (at most half the context) do not fit.
+        const reserve = Math.min(maxTokens, Math.floor(maxModelLen / 2));
+        let count = await promptTokens(start);
+        while (count !== null && count + reserve > maxModelLen && start + 2 < history.length) {
+          start += 2;  // an exchange: a user message and the reply to it
+          count = await promptTokens(start);
+        }
+        if (count !== null) {
+          if (count >= maxModelLen) {  // a message too long on its own is not helped by dropping turns
+            throw new Error("the message is " + count + " tokens; the model's context holds " + maxModelLen + ": shorten it");
+          }
+          maxTokens = Math.min(maxTokens, maxModelLen - count);
         }
       }
-      const body = {
-        messages: wire(),
-        stream: true,
-        stream_options: { include_usage: true },
-        temperature: parseFloat($("temperature").value),
-        max_tokens: maxTokens,
-        chat_template_kwargs: templateKwargs(),
-      };
-      if (model) body.model = model;
-      const r = await fetch("/v1/chat/completions", {
-        method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
-      });
-      if (!r.ok) {
-        throw refusal(r, await r.json().catch(function () { return {}; }));
+      let r;
+      for (;;) {
+        const body = {
+          messages: wire().slice(start),
+          stream: true,
+          stream_options: { include_usage: true },
+          temperature: parseFloat($("temperature").value),
+          max_tokens: maxTokens,
+          chat_template_kwargs: templateKwargs(),
+        };
+        if (model) body.model = model;
+        r = await fetch("/v1/chat/completions", {
+          method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
+        });
+        if (r.ok) break;
+        const refused = await r.json().catch(function () { return {}; });
+        // a context the page could not measure (no /tokenize, no max_model_len): drop the oldest exchange
+        // and ask again, as long as there is one before the new message
+        if (r.status === 400 && refused.error && refused.error.code === "context_length_exceeded" && start + 2 < history.length) {
+          start += 2;
+          continue;
+        }
+        throw refusal(r, refused);
+      }
+      if (mine === conversation && start > before) {
+        skip = start;
+        const dropped = (start - before) / 2;
+        view.note.textContent = "(context full: " + dropped + " earlier turn" + (dropped === 1 ? "" : "s") + " dropped from the model's view)";
+        view.note.hidden = false;
       }
       for await (const chunk of sse(r)) {
         if (chunk.error) throw new Error(chunk.error.message);
@@ -294,6 +343,7 @@
     if (controller) controller.abort();
     conversation++;
     history.length = 0;
+    skip = 0;
     save();
     messagesEl.textContent = "";
   });

@@ -1,6 +1,6 @@
 // A small, safe markdown renderer: HTML is escaped FIRST, then a few constructs are turned into tags,
 // so model output can never inject markup or script. Handles fenced code, inline code, headings,
-// bold/italic, lists, block quotes, links (http/https/mailto only) and paragraphs.
+// bold/italic, lists, block quotes, GitHub tables, links (http/https/mailto only) and paragraphs.
 "use strict";
 (function (global) {
   function escapeHtml(s) {
@@ -36,6 +36,13 @@
     return restore(text);
   }
 
+  // A GitHub table's row split into its cells: outer pipes are optional, and "\\|" is a pipe inside a cell.
+  function cells(line) {
+    return line.trim().replace(/^\|/, "").replace(/(?<!\\)\|$/, "").split(/(?<!\\)\|/)
+               .map(function (c) { return c.trim().replace(/\\\|/g, "|"); });
+  }
+  const delimiterRow = /^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;
+
   function render(src) {
     // NUL delimits inline placeholders: the model's own NULs are dropped so none can name one.
     const lines = escapeHtml(src.replace(/\u0000/g, "")).split("\n");
@@ -56,6 +63,25 @@
         i++; // closing fence (or end of a still-streaming block)
         const cls = fence[1] ? ' class="language-' + fence[1] + '"' : "";
         out.push("<pre><code" + cls + ">" + body.join("\n") + "</code></pre>");
+        continue;
+      }
+      // a table: a header row, then a delimiter row of as many cells ("|---|:-:|"), then its rows
+      if (line.includes("|") && i + 1 < lines.length && lines[i + 1].includes("|") && delimiterRow.test(lines[i + 1])
+          && cells(lines[i + 1]).length === cells(line).length) {
+        flushPara(); flushList();
+        const align = cells(lines[i + 1]).map(function (d) {
+          const a = d.startsWith(":") ? (d.endsWith(":") ? "center" : "left") : (d.endsWith(":") ? "right" : "");
+          return a ? ' style="text-align:' + a + '"' : "";
+        });
+        const row = function (line, tag) {
+          const c = cells(line);
+          return "<tr>" + align.map(function (a, k) { return "<" + tag + a + ">" + inline(c[k] || "") + "</" + tag + ">"; }).join("") + "</tr>";
+        };
+        const body = [];
+        const head = row(line, "th");
+        i += 2;
+        while (i < lines.length && lines[i].includes("|") && !/^\s*$/.test(lines[i])) body.push(row(lines[i++], "td"));
+        out.push("<table><thead>" + head + "</thead>" + (body.length ? "<tbody>" + body.join("") + "</tbody>" : "") + "</table>");
         continue;
       }
       const h = line.match(/^(#{1,6})\s+(.*)$/);
