@@ -504,6 +504,58 @@ def test_grpo_keeps_the_routing_bias_unless_asked(micro_checkpoint, tmp_path) ->
     assert any(not torch.equal(init[k], moved[k]) for k in init)
 
 
+def test_a_bad_reward_spec_is_refused_before_the_model_loads() -> None:
+    """Said by the config's check, not after a Hub download (offline: hidden by the download's error)."""
+    from nanoseek.train.grpo import GRPOConfig, grpo
+
+    for spec, msg in (
+        ("accuracy:1,speed:2", "unknown reward 'speed'"),
+        ("no_such_module:f", "cannot import"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            grpo(GRPOConfig(init="nobody/no-such-model", tasks=["arithmetic"], reward=spec))
+
+
+def test_grpo_with_a_custom_reward_part_and_its_resume_check(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    """A user's function by file path trains on worker threads, is logged as its own part, and is
+    recorded by its reference: a resume that names another function is refused."""
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train.grpo import grpo
+
+    (tmp_path / "mine.py").write_text(
+        "def length(completion, answer, problem):\n    return len(completion) / 10\n\n"
+        "def other(completion, answer, problem):\n    return 0.0\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    grpo(
+        _cfg(
+            micro_checkpoint,
+            tmp_path / "run",
+            steps=1,
+            reward="language:1,./mine.py:length:0.1",
+            reward_workers=2,
+        )
+    )
+    rec = next(r for r in read_metrics(tmp_path / "run", "grpo") if "reward" in r)
+    assert rec["reward_./mine.py:length"] > 0
+    assert rec["reward"] == pytest.approx(rec["reward_language"] + 0.1 * rec["reward_./mine.py:length"])
+    with pytest.raises(ValueError, match="--reward: 'language:1,./mine.py:length:0.1' -> "):
+        grpo(
+            _cfg(
+                micro_checkpoint,
+                tmp_path / "run",
+                steps=2,
+                reward="language:1,./mine.py:other:0.1",
+                resume=True,
+            )
+        )
+    grpo(
+        _cfg(
+            micro_checkpoint, tmp_path / "run", steps=2, reward="language:1,./mine.py:length:0.1", resume=True
+        )
+    )
+
+
 def test_grpo_with_kl_penalty_stays_finite(micro_checkpoint, tmp_path) -> None:
     from nanoseek.metrics import read_metrics
     from nanoseek.train.grpo import grpo

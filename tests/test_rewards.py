@@ -1,6 +1,7 @@
 """Rewards on hand-made completions, including reward-hacking attempts."""
 
 import json
+import sys
 import threading
 import time
 
@@ -180,6 +181,119 @@ def test_hack_stuffed_and_repeated(add_en):
     assert parts["format"] == 0.0  # the last answer is right, the format is not
     # a correct answer inside the thinking does not count if the final answer is wrong
     assert reward(add_en, "It is 42.\n</think>\n41")[1]["accuracy"] == 0.0
+
+
+# ------------------------------------------------------------------------ your own reward parts
+CUSTOM = """
+from dataclasses import dataclass
+
+SEEN = []
+
+
+@dataclass
+class Seen:  # a dataclass needs its module in sys.modules while the file runs
+    completion: str
+    answer: object
+    problem: object
+
+
+def brevity(completion, answer, problem):
+    SEEN.append(Seen(completion, answer, problem))
+    return 1.0 / len(completion)
+
+
+def only_ja(completion, answer, problem):
+    return 1.0 if problem.language == "ja" else None
+
+
+def text(completion, answer, problem):
+    return "0.5"
+
+
+def nan(completion, answer, problem):
+    return float("nan")
+
+
+def inf(completion, answer, problem):
+    return float("-inf")
+
+
+def many(completion, answer, problem):
+    return [1.0]
+
+
+NOT_A_FUNCTION = 3
+"""
+
+
+@pytest.fixture
+def custom_rewards(tmp_path, monkeypatch):
+    """A reward module written into tmp_path, importable as `nanoseek_test_custom` from the working
+    directory (the `nanoseek` script's sys.path does not hold it) and as the file ./custom.py."""
+    (tmp_path / "nanoseek_test_custom.py").write_text(CUSTOM)
+    (tmp_path / "custom.py").write_text(CUSTOM)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "nanoseek_test_custom", raising=False)
+    return tmp_path
+
+
+def test_a_custom_part_named_by_module_or_file(custom_rewards, add_en, add_ja):
+    spec = "accuracy:1,nanoseek_test_custom:brevity:0.5,./custom.py:only_ja, custom.py:brevity : 2"
+    assert parse_reward_spec(spec) == {
+        "accuracy": 1.0,
+        "nanoseek_test_custom:brevity": 0.5,
+        "./custom.py:only_ja": 1.0,
+        "custom.py:brevity": 2.0,
+    }
+    completion = "4 + 2 = 6?\n</think>\n 42 "
+    total, parts = build_reward(spec)(add_en, completion)
+    n = len(completion)
+    # only_ja does not apply to an English problem: left out, as code on a non-code problem
+    assert parts == {"accuracy": 1.0, "nanoseek_test_custom:brevity": 1 / n, "custom.py:brevity": 1 / n}
+    assert total == pytest.approx(1 + 0.5 / n + 2 / n)
+    assert build_reward(spec)(add_ja, completion)[1]["./custom.py:only_ja"] == 1.0
+    # the function gets the completion, the answer accuracy reads and the problem with its gold answer
+    import nanoseek_test_custom
+
+    seen = nanoseek_test_custom.SEEN[0]
+    assert (seen.completion, seen.answer, seen.problem) == (completion, "42", add_en)
+    assert seen.problem.answer == "42" and seen.problem.task == "arithmetic"
+    # an unclosed think block has no answer
+    build_reward("nanoseek_test_custom:brevity")(add_en, "still thinking")
+    assert nanoseek_test_custom.SEEN[-1].answer is None
+    # the file runs once, however it is named
+    from nanoseek.data.rewards import load_reward_function
+
+    assert load_reward_function("./custom.py:brevity") is load_reward_function("custom.py:brevity")
+    # a weight is a number and a function a name: neither is taken for the other
+    with pytest.raises(ValueError, match="unknown reward 'speed'"):
+        parse_reward_spec("accuracy:1,speed:2")
+    with pytest.raises(ValueError, match="bad weight 'x' for reward 'custom.py:brevity'"):
+        parse_reward_spec("custom.py:brevity:x")
+
+
+@pytest.mark.parametrize(
+    "part, msg",
+    [
+        ("no_such_module_here:brevity", "cannot import 'no_such_module_here'"),
+        ("./missing.py:brevity", "cannot import './missing.py': no file"),
+        ("custom.py:brevty", "'custom.py' has no 'brevty'"),
+        ("nanoseek_test_custom:NOT_A_FUNCTION:2", "is not a function"),
+    ],
+)
+def test_a_custom_part_that_cannot_load_is_refused_by_the_spec(custom_rewards, part, msg):
+    with pytest.raises(ValueError, match=msg) as e:
+        parse_reward_spec(f"accuracy:1,{part}")
+    assert f"reward spec 'accuracy:1,{part}'" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["text", "nan", "inf", "many"])
+def test_a_custom_part_that_returns_no_finite_number_is_an_error(custom_rewards, add_en, name):
+    """Never a NaN total (its group's signal gone) nor a string taken for a number: the part is named."""
+    reward = build_reward(f"accuracy:1,custom.py:{name}:0.1")
+    with pytest.raises(ValueError, match=f"reward 'custom.py:{name}' returned .* finite number"):
+        reward(add_en, "t</think>42")
 
 
 def test_unparseable_gold_is_skipped(tmp_path):

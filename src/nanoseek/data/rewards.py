@@ -14,6 +14,10 @@ Notable:
   symbols do not count; a CoT with no letters at all scores 0.
 - code: the share of tests the answer's code passes in the sandbox (partial credit; accuracy on a code
   problem is the binary all-pass version).
+- your own: a part named by its import reference, ``MODULE:FUNCTION`` or ``FILE.py:FUNCTION`` as uvicorn
+  names apps (``"accuracy:1,mypkg.rewards:brevity:0.1"``): a function's name is never a number, so the
+  colon before a weight is told from the reference's own. ``fn(completion, answer, problem)`` returns a
+  finite float, or None where the part does not apply (see ``custom_part``).
 - math-verify times out with SIGALRM, which fails outside the main thread: ``check_math`` runs it with
   its timeout disabled there (input capped at 2,000 characters, but ``10000000!`` alone runs for
   minutes), so ``RewardFn.batch`` scores math-verify problems on the calling thread, with their
@@ -22,11 +26,17 @@ Notable:
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
+import os
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
 
 from nanoseek.data.tasks import (
     EOS_TEXT,
@@ -143,6 +153,104 @@ REWARDS: dict[str, RewardComponent] = {
     "language": _language,
     "code": _code,
 }
+CUSTOM_HELP = "or your own function as MODULE:FUNCTION or FILE.py:FUNCTION"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Your own parts: a function named by its import reference
+# ----------------------------------------------------------------------------------------------------
+
+_FILES: dict[Path, ModuleType] = {}  # a reward file runs once per process, however often it is named
+
+
+def _split_part(part: str) -> tuple[str, str]:
+    """A spec part's (name, weight text). A built-in name comes first; else ``X:NAME`` with NAME a
+    (dotted) Python name is a reference: a weight is a number, never a name, so ``speed:2`` stays an
+    unknown reward weighted 2 and ``mod:fn:2`` is ``mod:fn`` weighted 2."""
+    head, _, rest = part.partition(":")
+    function, _, weight = rest.partition(":")
+    if head.strip() not in REWARDS and all(s.isidentifier() for s in function.strip().split(".")):
+        return f"{head.strip()}:{function.strip()}", weight
+    return head.strip(), rest
+
+
+def _load_module(where: str) -> ModuleType:
+    if where.endswith(".py") or "/" in where or os.sep in where:
+        path = Path(os.path.expanduser(where)).resolve()
+        if path not in _FILES:
+            if not path.is_file():
+                raise ImportError(f"no file {path}")
+            spec = importlib.util.spec_from_file_location(f"_nanoseek_reward_{len(_FILES)}_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # a dataclass in the file looks its module up there
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[spec.name]
+                raise
+            _FILES[path] = module
+        return _FILES[path]
+    # the working directory, as uvicorn's --app-dir: the `nanoseek` script's sys.path does not hold it
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return importlib.import_module(where)
+
+
+def load_reward_function(reference: str) -> Callable[..., Any]:
+    """The function ``MODULE:FUNCTION`` (a dotted import path) or ``FILE.py:FUNCTION`` (a path, relative
+    to the working directory) names; ValueError saying which, when it cannot be imported or called."""
+    where, _, name = reference.rpartition(":")
+    try:
+        obj: Any = _load_module(where)
+    except ImportError as e:
+        raise ValueError(f"reward {reference!r}: cannot import {where!r}: {e}") from e
+    for attr in name.split("."):
+        if not hasattr(obj, attr):
+            raise ValueError(f"reward {reference!r}: {where!r} has no {name!r}")
+        obj = getattr(obj, attr)
+    if not callable(obj):
+        raise ValueError(f"reward {reference!r} is not a function (a {type(obj).__name__} object)")
+    return obj
+
+
+def custom_part(reference: str) -> RewardComponent:
+    """The reward component of the user's function ``reference`` names.
+
+    It is called as ``fn(completion, answer, problem)``: the completion's text as the model wrote it (up to
+    its stop token; the prompt opened the think block), the answer accuracy reads (the text after the last
+    ``</think>``, stripped; None when the think block never closed; the whole completion where the chat
+    template opens no think block), and the ``Problem`` (``.prompt``, ``.answer`` the gold answer,
+    ``.task`` its task spec, ``.language``, ``.meta``). It returns a finite number, or None where the part
+    does not apply (left out of the total and of the part's mean, as ``code`` on a non-code problem).
+    With ``--reward-workers`` above 1 it runs on several threads at once.
+    """
+    fn = load_reward_function(reference)
+
+    def part(problem: Problem, completion: str, ctx: RewardContext) -> float | None:
+        value = fn(completion, extract_answer(completion, ctx.prompt_opened_think), problem)
+        if value is None:
+            return None
+        try:  # a number, or a 0-d array of one; "0.5" is a bug in the function, not a reward
+            number = math.nan if isinstance(value, (str, bytes)) else float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):  # NaN or inf would take its whole group's signal (group_advantages)
+            raise ValueError(
+                f"reward {reference!r} returned {value!r} for problem {problem.id!r}: return a finite "
+                "number, or None where it does not apply"
+            )
+        return number
+
+    return part
+
+
+def reward_part(name: str) -> RewardComponent:
+    """The component a spec's part names: a built-in (``REWARDS``) or ``custom_part``'s reference."""
+    if name in REWARDS:
+        return REWARDS[name]
+    if ":" in name:
+        return custom_part(name)
+    raise ValueError(f"unknown reward {name!r}; available: {', '.join(REWARDS)}, {CUSTOM_HELP}")
 
 
 class RewardResult(tuple):
@@ -174,16 +282,16 @@ class RewardFn:
     def __init__(
         self, weights: dict[str, float], task: Task | None = None, prompt_opened_think: bool = True
     ) -> None:
-        unknown = [k for k in weights if k not in REWARDS]
-        if unknown or not weights:
-            raise ValueError(f"unknown reward(s) {unknown}; available: {', '.join(REWARDS)}")
+        if not weights:
+            raise ValueError(f"no reward parts; available: {', '.join(REWARDS)}, {CUSTOM_HELP}")
         self.weights = dict(weights)
+        self.parts = {name: reward_part(name) for name in self.weights}
         self.ctx = RewardContext(task, prompt_opened_think)
 
     def __call__(self, problem: Problem, completion: str) -> RewardResult:
         parts: dict[str, float] = {}
-        for name in self.weights:
-            value = REWARDS[name](problem, completion, self.ctx)
+        for name, part in self.parts.items():
+            value = part(problem, completion, self.ctx)
             if value is None:
                 if name == "accuracy":  # unparseable gold: never reward this sample
                     return RewardResult(0.0, {}, skipped=True)
@@ -231,13 +339,15 @@ def score_pairs(
 
 
 def parse_reward_spec(spec: str) -> dict[str, float]:
-    """``"accuracy:1,format:0.2"`` -> {"accuracy": 1.0, "format": 0.2}; a bare name has weight 1."""
+    """``"accuracy:1,format:0.2"`` -> {"accuracy": 1.0, "format": 0.2}; a bare name has weight 1.
+    A custom part (``"mypkg.rewards:brevity:0.1"``) is imported now, so a bad one is said before training."""
     weights: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, w = part.partition(":")
-        name = name.strip()
-        if name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r} in {spec!r}; available: {', '.join(REWARDS)}")
+        name, w = _split_part(part)
+        try:
+            reward_part(name)
+        except ValueError as e:
+            raise ValueError(f"{e} (in the reward spec {spec!r})") from e
         if name in weights:
             raise ValueError(f"reward {name!r} appears twice in {spec!r}")
         try:

@@ -312,7 +312,11 @@ class GRPOConfig:
     tasks: list[str] = option(
         help="task name(s), comma-separated (e.g. arithmetic,countdown)", flag="--task", parse=split_task_list
     )
-    reward: str = option("accuracy:1,format:0.2", "weighted reward parts")
+    reward: str = option(
+        "accuracy:1,format:0.2",
+        "weighted reward parts, NAME:WEIGHT,...: accuracy, format, language, code, or your own function as "
+        "MODULE:FUNCTION or FILE.py:FUNCTION (mypkg.rewards:brevity:0.1; docs/r1.md)",
+    )
     out: str = option("runs/grpo", "run directory: writes RUN/grpo/ and RUN/metrics.jsonl", parse=path)
     group_size: int = option(8, "G: samples per prompt", short="-G")
     batch_prompts: int = option(8, "P: prompts per step", short="-P")
@@ -436,6 +440,10 @@ class GRPOConfig:
             )
         if not self.tasks:
             raise ValueError("--task needs at least one task name")
+        from nanoseek.data.rewards import parse_reward_spec
+
+        # said now, not after the model loads (a Hub download): an unknown part, a custom one's import
+        parse_reward_spec(self.reward)
 
 
 @dataclass
