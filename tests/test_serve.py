@@ -1160,6 +1160,81 @@ def test_audio_output_and_web_search_are_refused_naming_them(scripted):
     assert ok.status_code == 200
 
 
+def test_a_response_format_or_functions_of_a_wrong_type_is_refused_naming_it(scripted):
+    """`response_format` and the deprecated `functions` were checked by truthiness: `{}`, `[]` or `0` passed as
+    if the field were not sent. Only their no-op values (null, {"type": "text"}, no functions) pass."""
+    url = scripted.url + "/v1/chat/completions"
+    base = {"messages": USER, "max_tokens": 1}
+    for name, value in [
+        ("response_format", {}),
+        ("response_format", []),
+        ("response_format", 0),
+        ("functions", {}),
+        ("functions", 0),
+        ("function_call", {}),
+    ]:
+        assert _err(httpx.post(url, json={**base, name: value}), 400)["param"] == name, (name, value)
+    for name, value in [
+        ("response_format", {"type": "text"}),
+        ("functions", []),
+        ("function_call", "auto"),
+        ("response_format", None),
+    ]:
+        assert httpx.post(url, json={**base, name: value}).status_code == 200, (name, value)
+
+
+def test_a_misspelt_reasoning_effort_or_template_option_is_a_400_and_null_is_the_default(scripted, tok):
+    """A `reasoning_effort` OpenAI does not take ("hihg") and a template option this template does not take
+    (`thinkng`) did nothing, silently: the reply thought as if neither were sent. Both are 400s naming them
+    (in /tokenize too); `enable_thinking: null` (the default, as null is for every field) was a 400."""
+    url = scripted.url + "/v1/chat/completions"
+    base = {"messages": USER, "max_tokens": 1}
+    for route in ("/v1/chat/completions", "/tokenize"):
+        r = httpx.post(scripted.url + route, json={**base, "reasoning_effort": "hihg"})
+        assert _err(r, 400)["param"] == "reasoning_effort", route
+        r = httpx.post(scripted.url + route, json={**base, "chat_template_kwargs": {"thinkng": False}})
+        err = _err(r, 400)
+        assert err["param"] == "chat_template_kwargs.thinkng" and "'thinking'" in err["message"], route
+    for effort in ("minimal", "high"):
+        assert httpx.post(url, json={**base, "reasoning_effort": effort}).status_code == 200, effort
+    for key in ("thinking", "enable_thinking"):
+        r = httpx.post(url, json={**base, "chat_template_kwargs": {key: None}})
+        assert r.status_code == 200, r.text
+        assert tok.decode(scripted.engine.added[-1][0]).endswith("<｜Assistant｜><think>\n"), key
+
+
+def test_tokenize_refuses_empty_messages_as_the_chat_does(scripted):
+    """`/tokenize` counted `messages: []` (the BOS and a generation prompt) where the chat refuses it."""
+    err = _err(httpx.post(scripted.url + "/tokenize", json={"messages": []}), 400)
+    assert err["param"] == "messages"
+    assert _err(httpx.post(scripted.url + "/v1/chat/completions", json={"messages": []}), 400)["param"] == (
+        "messages"
+    )
+
+
+def test_a_content_of_another_type_names_the_forms_content_takes(scripted):
+    """`content: 5` was "should be a valid string", as if a list of parts were not taken too."""
+    url = scripted.url + "/v1/chat/completions"
+    for content in (5, {"type": "text", "text": "hi"}, True):
+        err = _err(httpx.post(url, json={"messages": [{"role": "user", "content": content}]}), 400)
+        assert err["param"] == "messages.0.content", content
+        assert "a string, a list of content parts or null" in err["message"], err
+
+
+def test_a_tool_result_without_its_call_id_is_refused(scripted):
+    """OpenAI and DeepSeek's API refuse a `tool` message without the `tool_call_id` of the call it answers; it
+    was accepted here, so a client worked with nanoseek and broke against them (and with parallel calls nothing
+    says which result answers which call)."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    history = [*USER, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    for route in ("/v1/chat/completions", "/tokenize"):
+        body = {"messages": [*history, {"role": "tool", "content": "21"}], "max_tokens": 1}
+        err = _err(httpx.post(scripted.url + route, json=body), 400)
+        assert err["param"] == "messages.2.tool_call_id" and err["code"] == "missing_required_parameter"
+        ok = {**body, "messages": [*history, {"role": "tool", "tool_call_id": "call_1", "content": "21"}]}
+        assert httpx.post(scripted.url + route, json=ok).status_code == 200, route
+
+
 def test_an_assistant_refusal_part_sent_back_is_its_text(scripted, tok):
     """OpenAI's assistant content may hold `refusal` parts; a history replayed with one was a 400 ("content
     part type 'refusal' is not supported"): it is the turn's text, as vLLM reads it. A part a text-only

@@ -78,6 +78,7 @@ PAGE_HEADERS = {"Cache-Control": "no-cache"}
 # uptime monitors, load balancers and `curl -I` probe /health with HEAD, and FastAPI's GET route alone
 # answered them 405.
 GET = ["GET", "HEAD"]
+THINKING_KWARGS = ("thinking", "enable_thinking")  # the chat template's options (Server.thinking)
 
 
 class _PageFiles(StaticFiles):
@@ -514,6 +515,12 @@ class Server:
         template drops reasoning from history."""
         out = []
         for i, m in enumerate(messages):
+            if m.role == "tool" and m.tool_call_id is None:  # as OpenAI and DeepSeek's API refuse it
+                raise APIError(
+                    f"Missing required parameter: 'messages.{i}.tool_call_id'.",
+                    param=f"messages.{i}.tool_call_id",
+                    code="missing_required_parameter",
+                )
             d = openai_message({"role": m.role, "content": m.text(i)})
             if m.tool_calls:
                 d["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
@@ -526,9 +533,19 @@ class Server:
     def thinking(req: ChatCompletionRequest | TokenizeRequest) -> bool:
         """`chat_template_kwargs.thinking` (DeepSeek-V3.1's name) or `.enable_thinking`; else off for OpenAI's
         `reasoning_effort: "none"` (no reasoning, gpt-5.1's default); on by default. Other efforts think as
-        usual: one think block has no length dial (vLLM ignores them for DeepSeek's templates too)."""
-        kwargs = req.chat_template_kwargs or {}
-        for key in ("thinking", "enable_thinking"):
+        usual: one think block has no length dial (vLLM ignores them for DeepSeek's templates too).
+
+        `null` is the default, as for every field; any other option is refused: the template takes none, and a
+        misspelt one (`thinkng`) did nothing, silently."""
+        kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if v is not None}
+        for key in kwargs:
+            if key not in THINKING_KWARGS:
+                raise APIError(
+                    f"'{key}' is not an option of this server's chat template: it takes 'thinking' (or "
+                    "'enable_thinking').",
+                    param=f"chat_template_kwargs.{key}",
+                )
+        for key in THINKING_KWARGS:
             if key in kwargs:
                 if not isinstance(kwargs[key], bool):
                     raise APIError(f"'{key}' must be true or false.", param=f"chat_template_kwargs.{key}")
@@ -595,8 +612,12 @@ class Server:
         self.check_model(req.model)
         if req.top_logprobs and not req.logprobs:
             raise APIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
-        if (req.model_extra or {}).get("functions"):
-            raise APIError("'functions' is deprecated and not supported: use 'tools'.", param="functions")
+        # OpenAI's deprecated function calling; `[]` and "none"/"auto" ask for nothing. Not by truthiness: `{}`
+        # or `0` passed as if the field were not sent
+        extra = req.model_extra or {}
+        for name, noop in (("functions", ([],)), ("function_call", ("none", "auto"))):
+            if extra.get(name) is not None and extra[name] not in noop:
+                raise APIError(f"'{name}' is deprecated and not supported: use 'tools'.", param=name)
         prompt_text, tools, prefill, split = self.chat_prompt(req)
         prompt_ids = await asyncio.to_thread(self.tokenizer.encode, prompt_text)  # off the event loop
         started_in_think = prompt_text.rstrip().endswith(self.think_start) if split else None

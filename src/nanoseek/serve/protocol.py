@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from nanoseek.tokenizer import content_text
 
@@ -130,7 +131,18 @@ class ChatMessage(_Request):
     # DeepSeek's API returns the reasoning apart; clients may send it back. R1's template drops it.
     reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
-    tool_call_id: str | None = None  # a tool result: which call it answers
+    tool_call_id: str | None = None  # a tool result: which call it answers (required: Server.chat_messages)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        """A content of another type (a number, an object) was "should be a valid string", as if only a
+        string were taken: the 400 names the forms content may take."""
+        if v is not None and not isinstance(v, str | list):
+            raise PydanticCustomError(
+                "invalid_type", f"should be a string, a list of content parts or null, not {type(v).__name__}"
+            )
+        return v
 
     def text(self, index: int) -> str:
         """The content as text; `index`: this message's place in `messages`, named by the 400 (a long
@@ -200,8 +212,9 @@ class _Sampling(_Request):
             value = (self.model_extra or {}).get(name)
             if value is not None and value != noop and value != []:
                 raise APIError(f"'{name}' is not supported by this server.", param=name)
+        # `is not None`, not truthiness: `{}`, `[]` or `0` (no format at all) passed as if no field were sent
         fmt = (self.model_extra or {}).get("response_format")
-        if fmt and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise APIError("only response_format {'type': 'text'} is supported.", param="response_format")
         return self
 
@@ -225,6 +238,10 @@ class _Sampling(_Request):
         return stops
 
 
+# OpenAI's values (gpt-5.1's "none" to gpt-5.1-codex-max's "xhigh"): a misspelt one was ignored, the reply thinking
+# as if none were sent
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
 # A token count is an int64 in the APIs this one follows: a longer one (4300 digits) made the context-length
 # 400's message unprintable (past Python's int-to-text limit), a 500.
 MAX_TOKENS = 2**63 - 1
@@ -242,7 +259,7 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     # vLLM's way to pass template options: {"thinking": false} (DeepSeek-V3.1) or {"enable_thinking": false}
     chat_template_kwargs: dict[str, Any] | None = None
-    reasoning_effort: str | None = None  # OpenAI's; "none" is thinking off (Server.thinking)
+    reasoning_effort: ReasoningEffort | None = None  # "none" is thinking off (Server.thinking)
 
 
 class CompletionRequest(_Sampling):
@@ -266,7 +283,7 @@ class CompletionRequest(_Sampling):
 class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)  # as the chat's: [] renders no turn
     # a text prompt: BOS as /v1/completions puts it there, so the count is what a request uses (vLLM's default)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
@@ -274,7 +291,7 @@ class TokenizeRequest(_Request):
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
+    reasoning_effort: ReasoningEffort | None = None
 
 
 class DetokenizeRequest(_Request):
