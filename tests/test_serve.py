@@ -326,6 +326,20 @@ def test_a_client_that_leaves_while_its_prompts_are_scored_stops_the_scoring(tok
         assert r.status_code == 200
 
 
+def test_an_app_serves_again_after_its_server_stopped(tok):
+    """One app served twice (a TestClient per test, `uvicorn.run(app)` again in a notebook): its second
+    start was a RuntimeError (a thread starts only once), and no engine thread is left behind."""
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode(ANSWER))
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL))
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 50}
+    before = set(threading.enumerate())  # (the module's other servers run their own)
+    for _ in range(2):
+        with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=10) as c:
+            assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == ANSWER
+    assert not app.state.server.engine.alive
+    assert [t for t in set(threading.enumerate()) - before if t.name == "nanoseek-engine"] == []
+
+
 def test_prompt_scoring_is_interleaved_with_generation(tok, model, monkeypatch):
     """A long prompt-scoring request (lm-eval's loglikelihood batches) runs a batch at a time between
     engine steps: a stream beside it goes on (it ran whole between two steps; every stream stalled)."""

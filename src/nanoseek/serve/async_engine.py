@@ -98,6 +98,12 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        # An app's lifespan may run again (a TestClient per test, `uvicorn.run(app)` once more in a
+        # notebook): a thread starts only once, so each start gets a new one, after the last has stopped.
+        if self._thread.ident is not None:
+            self._thread.join()
+            self._thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
+        self._stop.clear()
         self._thread.start()
 
     def shutdown(self, timeout: float = 5.0) -> None:
