@@ -1141,3 +1141,21 @@ def test_a_data_position_saved_with_another_tokenizer_is_refused(
     assert other.vocab_size != tok.vocab_size
     with pytest.raises(ValueError, match=f"vocab_size: {tok.vocab_size} -> {other.vocab_size}"):
         PackedDataset(root, other, 16, 2).load_state_dict(ds.state_dict())
+
+
+def test_resolve_files_for_a_reader_of_one_kind(tmp_path) -> None:
+    """Chat and problem data are JSONL only: a folder's other files (a dataset card) are left out of
+    them with a warning, a glob or a file of another kind is refused, saying what is read."""
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    (tmp_path / "b.jsonl.gz").write_bytes(b"")
+    (tmp_path / "README.md").write_text("# card\n")
+    with pytest.warns(UserWarning, match=r"1 file\(s\) of other types left out of the corpus \(README.md\)"):
+        assert [p.name for p in resolve_files(tmp_path, kinds=("jsonl",))] == ["a.jsonl", "b.jsonl.gz"]
+    with pytest.raises(ValueError, match=r"README.md \(use .jsonl or .jsonl.gz\)"):
+        resolve_files(str(tmp_path / "*"), kinds=("jsonl",))
+    with pytest.raises(ValueError, match=r"README.md \(use .jsonl or .jsonl.gz\)"):
+        resolve_files(tmp_path / "README.md", kinds=("jsonl",))
+    (tmp_path / "cards").mkdir()
+    (tmp_path / "cards" / "card.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match=r"no .jsonl files under .* \(only card.txt\)"):
+        resolve_files(tmp_path / "cards", kinds=("jsonl",))

@@ -311,6 +311,18 @@ def test_unparseable_gold_is_skipped(tmp_path):
     assert not ok.skipped and ok.total == 1.0
 
 
+def test_a_reward_scores_a_drawn_problem_by_its_task_whatever_its_file_holds_now(tmp_path):
+    """GRPO's rewards look a problem's task up by name, per sample: a `jsonl:` file edited or moved
+    mid-run (get_task reads a changed file again) must not fail the run nor change the scoring."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1?", "answer": 2}) + "\n")
+    problem = get_task(f"jsonl:{path}").items[0]
+    path.write_text("{not json\n")
+    assert build_reward("accuracy:1")(problem, "t</think>2").total == 1.0
+    path.unlink()
+    assert build_reward("accuracy:1")(problem, "t</think>2").total == 1.0
+
+
 def test_math_verify_works_off_the_main_thread():
     assert check_math("\\frac{3}{4}", "\\boxed{0.75}") == 1.0
     assert check_math("\\frac{3}{4}", "\\boxed{\\frac{6}{8}}") == 1.0

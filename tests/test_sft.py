@@ -970,8 +970,76 @@ def test_gzipped_chat_data_is_read_as_the_corpus_reads_it(tmp_path) -> None:
     (tmp_path / "cut.jsonl.gz").write_bytes(data.read_bytes()[:-10])
     with pytest.raises(ValueError, match=r"cut.jsonl.gz: not a readable gzip file"):
         list(read_chat_jsonl(tmp_path / "cut.jsonl.gz"))
-    with pytest.raises(ValueError, match="is a folder"):
+    with pytest.raises(ValueError, match=r"cut.jsonl.gz: not a readable gzip file"):  # a folder: its files
         list(read_chat_jsonl(tmp_path))
+
+
+def _chat_line(q: str) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "a"}]})
+
+
+def test_chat_data_in_shards_is_one_data_set(tmp_path) -> None:
+    """`sft --data` took one file: a data set published in shards (train-00000-of-00002.jsonl, ...), its
+    folder or a glob of it was "is a folder" or "does not exist", where `pretrain --data` (and TRL's
+    data_files) take them. A folder's dataset card is left out, with a warning; errors name the shard."""
+    import gzip
+
+    from nanoseek.train.sft import read_chat_jsonl
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train-00000-of-00002.jsonl").write_text(_chat_line("q0") + "\n" + _chat_line("q1") + "\n")
+    (shards / "train-00001-of-00002.jsonl.gz").write_bytes(gzip.compress((_chat_line("q2") + "\n").encode()))
+    (shards / "README.md").write_text("# a dataset card\n")
+    asked = ["q0", "q1", "q2"]
+    with pytest.warns(UserWarning, match=r"left out of the corpus \(README.md\); use .jsonl or .jsonl.gz"):
+        assert [m[0]["content"] for m, _ in read_chat_jsonl(shards)] == asked
+    assert [m[0]["content"] for m, _ in read_chat_jsonl(str(shards / "train-*"))] == asked
+    files = sorted(str(p) for p in shards.glob("train-*"))
+    assert [m[0]["content"] for m, _ in read_chat_jsonl(files[::-1])] == ["q2", "q0", "q1"]  # in its order
+    named = tmp_path / "chats.json"  # JSON lines under another name, named outright: read as before
+    named.write_text(_chat_line("q3") + "\n")
+    assert [m[0]["content"] for m, _ in read_chat_jsonl(named)] == ["q3"]
+    with pytest.raises(ValueError, match=r"unsupported file type: .*README.md \(use .jsonl or .jsonl.gz\)"):
+        list(read_chat_jsonl(str(shards / "*")))
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        list(read_chat_jsonl(str(shards / "test-*.jsonl")))
+    (shards / "train-00001-of-00002.jsonl").write_text(_chat_line("q4") + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"train-00001-of-00002.jsonl:2: not valid JSON"):
+        list(read_chat_jsonl(str(shards / "*.jsonl")))
+
+
+def test_sft_trains_on_every_shard_and_a_resume_refuses_a_shard_added_since(
+    micro_checkpoint, tmp_path, capsys, monkeypatch
+) -> None:
+    """A resume compared only --data's text: a glob or folder that found another shard since (or a file
+    that grew lines) went on training, on another set of rows, as the same run."""
+    from nanoseek.cli import main
+    from nanoseek.train import sft as sft_module
+    from nanoseek.train.sft import SFTConfig, sft
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k in range(2):
+        (shards / f"part-{k}.jsonl").write_text("".join(_chat_line(f"q{k}{i}") + "\n" for i in range(3)))
+    kw = dict(init=micro_checkpoint, data=str(shards / "*.jsonl"), out=str(tmp_path / "run"), progress=False)
+    sft(SFTConfig(**kw, steps=1))
+    assert "sft: 6 examples" in capsys.readouterr().out
+    (shards / "part-2.jsonl").write_text(_chat_line("q20") + "\n")
+    with pytest.raises(ValueError, match=r"the training settings changed \(data_files: .*part-2.jsonl"):
+        sft(SFTConfig(**kw, steps=2, resume=True))
+    (shards / "part-2.jsonl").unlink()
+    with (shards / "part-1.jsonl").open("a") as f:  # lines added to a shard: other rows too
+        f.write(_chat_line("q13") + "\n")
+    with pytest.raises(ValueError, match=r"data_files: .*part-1.jsonl \(\d+ bytes\)'\] -> "):
+        sft(SFTConfig(**kw, steps=2, resume=True))
+    # several files on the command line are one --data (as pretrain's); one is its text, as before
+    got: list = []
+    monkeypatch.setattr(sft_module, "sft", got.append)
+    one, two = str(shards / "part-0.jsonl"), str(shards / "part-1.jsonl")
+    assert main(["sft", "--init", micro_checkpoint, "--data", one, two]) == 0
+    assert main(["sft", "--init", micro_checkpoint, "--data", one]) == 0
+    assert [c.data for c in got] == [[one, two], one]
 
 
 def test_a_line_that_is_not_utf8_is_named_by_its_line(tmp_path) -> None:

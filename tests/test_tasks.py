@@ -1027,6 +1027,58 @@ def test_jsonl_task_name_keeps_its_options(tmp_path):
     assert get_task(spec).name == spec and get_task(spec).problems("train", 1)[0].task == spec
 
 
+def test_jsonl_task_reads_shards_folders_globs_and_gzip(tmp_path):
+    """`jsonl:` read one plain file: a .jsonl.gz was "not valid UTF-8", a folder or glob of shards "file not
+    found" (`sft --data` takes them); errors name the shard and its line."""
+    import gzip
+
+    def lines(rows):
+        return "".join(
+            json.dumps({"prompt": f"{k}+1?", "answer": k + 1, "split": "train"}) + "\n" for k in rows
+        )
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train-00000-of-00002.jsonl").write_text(lines(range(3)))
+    (shards / "train-00001-of-00002.jsonl.gz").write_bytes(gzip.compress(lines(range(3, 5)).encode()))
+    (shards / "README.md").write_text("# a dataset card\n")
+    assert len(get_task(f"jsonl:{shards / 'train-00001-of-00002.jsonl.gz'}").items) == 2
+    with pytest.warns(UserWarning, match=r"left out of the corpus \(README.md\)"):
+        folder = get_task(f"jsonl:{shards}")
+    assert [p.prompt for p in folder.items] == [f"{k}+1?" for k in range(5)]
+    assert len({p.id for p in folder.items}) == 5 and folder.problems("train", 5)
+    (shards / "train-00001-of-00002.jsonl").write_text(lines([1]))
+    with pytest.raises(
+        ValueError, match=r"train-00001-of-00002.jsonl:1: same problem id as .*00000-of-00002.jsonl:2"
+    ):
+        get_task(f"jsonl:{shards}/*.jsonl")
+    (shards / "train-00001-of-00002.jsonl").write_text(lines([7]) + '{"prompt": "8+1?"}\n')
+    with pytest.raises(ValueError, match=r"train-00001-of-00002.jsonl:2: missing \"answer\""):
+        get_task(f"jsonl:{shards}/*.jsonl")
+    with pytest.raises(FileNotFoundError, match="jsonl task file not found"):
+        get_task(f"jsonl:{tmp_path / 'none.jsonl'}")
+
+
+def test_a_rewritten_jsonl_file_is_read_again(tmp_path):
+    """get_task cached a `jsonl:` task for the life of the process: a notebook that fixed its problems
+    file and evaluated (or trained) again got the problems it had read first."""
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1?", "answer": 2, "split": "test"}) + "\n")
+    first = get_task(f"jsonl:{path}")
+    assert get_task(f"jsonl:{path}") is first  # unchanged: the one built
+    rows = [
+        {"prompt": "2+2?", "answer": 4, "split": "test"},
+        {"prompt": "3+3?", "answer": 6, "split": "train"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p.answer for p in get_task(f"jsonl:{path}").problems("test", 1)] == ["4"]
+    assert [p.answer for p in get_task(f"jsonl:{path}?turn=2").problems("test", 1)] == ["4"]
+    assert get_task(f"jsonl:{path}") is get_task(f"jsonl:{path}")  # built again once, then cached
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="jsonl task file not found"):
+        get_task(f"jsonl:{path}")
+
+
 def test_register_task_checks_the_name_and_replaces_a_cached_task():
     from nanoseek.data.tasks import TASKS, register_task
 

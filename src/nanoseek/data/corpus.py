@@ -69,9 +69,22 @@ def _kind(path: Path) -> str | None:
     return None
 
 
-def resolve_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files, globs and directories (recursively) into a sorted, de-duplicated file list."""
+# The suffixes of each reader's kind, for the errors that say which files are read
+_KIND_SUFFIXES = {"txt": TEXT_SUFFIXES, "jsonl": JSONL_SUFFIXES, "parquet": PARQUET_SUFFIXES}
+
+
+def resolve_files(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    kinds: Sequence[str] = ("txt", "jsonl", "parquet"),
+) -> list[Path]:
+    """Expand files, globs and directories (recursively) into a sorted, de-duplicated file list.
+    `kinds`: the readers' kinds (`_kind`) the caller reads: chat and problem files are JSONL only, and
+    a folder's other files (a Hugging Face dataset's README.md) are left out of them, with a warning."""
     items = [source] if isinstance(source, str | os.PathLike) else list(source)
+    kinds = tuple(kinds)
+    suffixes = [s for k in kinds for s in _KIND_SUFFIXES[k]]
+    gz = [s + ".gz" for k in kinds if k != "parquet" for s in _KIND_SUFFIXES[k]]  # parquet compresses inside
+    use = "use " + (", ".join(suffixes) + ", or .gz" if len(gz) > 1 else " or ".join(suffixes + gz))
     files: list[Path] = []
     for item in items:
         text = str(item)
@@ -79,31 +92,33 @@ def resolve_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> li
         # glob would match `wiki e.txt` (or nothing)
         if Path(text).is_dir():
             present = [p for p in _walk(text) if p.is_file()]
-            found = sorted(p for p in present if _kind(p))
+            found = sorted(p for p in present if _kind(p) in kinds)
             # said, not skipped in silence: a folder of .csv or .html files trained on what was left
-            others = sorted(str(p.relative_to(text)) for p in present if not _kind(p))
+            others = sorted(str(p.relative_to(text)) for p in present if _kind(p) not in kinds)
             shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             if not found:
                 also = f" (only {shown})" if others else ""
-                raise FileNotFoundError(f"no .txt/.md/.jsonl/.parquet files under {text}{also}")
+                raise FileNotFoundError(f"no {'/'.join(suffixes)} files under {text}{also}")
             if others:
                 warnings.warn(
-                    f"{text}: {len(others)} file(s) of other types left out of the corpus ({shown}); "
-                    "nanoseek reads .txt, .md, .jsonl and .parquet (and .gz of the first three)",
+                    f"{text}: {len(others)} file(s) of other types left out of the corpus ({shown}); {use}",
                     stacklevel=2,
                 )
             files.extend(found)
         elif Path(text).is_file():
-            if _kind(Path(text)) is None:
-                raise ValueError(f"unsupported file type: {text} (use .txt, .md, .jsonl, .parquet, or .gz)")
+            kind = _kind(Path(text))
+            # a file named outright, of no kind the name tells, is read as a one-kind caller's kind (JSON
+            # lines in `chats.json` are chats to `sft --data`); the corpus picks its reader by the name
+            if kind not in kinds and not (kind is None and len(kinds) == 1):
+                raise ValueError(f"unsupported file type: {text} ({use})")
             files.append(Path(text))
         elif any(c in text for c in "*?["):
             matches = [Path(m) for m in sorted(glob.glob(text, recursive=True)) if Path(m).is_file()]
             if not matches:
                 raise FileNotFoundError(f"no files match {text}")
-            bad = [m for m in matches if _kind(m) is None]
+            bad = [m for m in matches if _kind(m) not in kinds]
             if bad:
-                raise ValueError(f"unsupported file type: {bad[0]} (use .txt, .md, .jsonl, .parquet, or .gz)")
+                raise ValueError(f"unsupported file type: {bad[0]} ({use})")
             files.extend(matches)
         else:
             raise FileNotFoundError(f"data source not found: {text}")

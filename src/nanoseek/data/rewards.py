@@ -122,7 +122,7 @@ class RewardContext:
     prompt_opened_think: bool
 
     def task_for(self, problem: Problem) -> Task:
-        return self.task if self.task is not None else get_task(problem.task)
+        return self.task if self.task is not None else get_task(problem.task, reread=False)
 
 
 def _accuracy(problem: Problem, completion: str, ctx: RewardContext) -> float | None:

@@ -166,44 +166,52 @@ def completion_example(
     return list(prompt_ids) + target, [IGNORE] * len(prompt_ids) + target
 
 
-def read_chat_jsonl(path: str | os.PathLike) -> Iterator[tuple[list[dict[str, Any]], list[dict] | None]]:
-    """(messages, tools) from a JSONL file whose lines are {"messages": [...], "tools": [...]?};
-    errors name the line."""
-    for _, msgs, tools in _numbered_chat_lines(path):
+def read_chat_jsonl(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+) -> Iterator[tuple[list[dict[str, Any]], list[dict] | None]]:
+    """(messages, tools) from JSONL files whose lines are {"messages": [...], "tools": [...]?}: a file,
+    a glob, a folder (its .jsonl and .jsonl.gz files, as `resolve_files` finds them) or a list of
+    these, read in that order; errors name the file and line."""
+    for _, msgs, tools in _numbered_chat_lines(source):
         yield msgs, tools
 
 
+def chat_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The chat files `--data` names: the corpus' files, globs and folders, JSONL only (a data set
+    published in shards, train-00000-of-00004.jsonl ..., is one --data)."""
+    from nanoseek.data.corpus import resolve_files
+
+    return resolve_files(source, kinds=("jsonl",))
+
+
 def _numbered_chat_lines(
-    path: str | os.PathLike,
-) -> Iterator[tuple[int, list[dict[str, Any]], list[dict] | None]]:
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+) -> Iterator[tuple[str, list[dict[str, Any]], list[dict] | None]]:
+    """("file:line", messages, tools) of each chat in `source` (see `read_chat_jsonl`)."""
     from nanoseek.data.corpus import open_binary
 
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"chat data {p} does not exist")
-    if p.is_dir():
-        raise ValueError(f"chat data {p} is a folder: --data takes one .jsonl (or .jsonl.gz) file")
-    # bytes: a line that is not UTF-8 is named like any other bad line; a .gz is read as the corpus is
-    try:
-        with open_binary(p) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{p}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-                msgs = rec.get("messages") if isinstance(rec, dict) else None
-                if not isinstance(msgs, list):
-                    raise ValueError(f"{p}:{n}: expected an object with a 'messages' list")
-                tools = rec.get("tools")
-                if tools is not None and not isinstance(tools, list):
-                    raise ValueError(f"{p}:{n}: 'tools' must be a list of OpenAI function tools")
-                yield n, msgs, tools
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a truncated or corrupt download
-        raise ValueError(f"{p}: not a readable gzip file ({e})") from None
+    for p in chat_files(source):
+        # bytes: a line that is not UTF-8 is named like any other bad line; a .gz is read as the corpus is
+        try:
+            with open_binary(p) as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{p}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+                    msgs = rec.get("messages") if isinstance(rec, dict) else None
+                    if not isinstance(msgs, list):
+                        raise ValueError(f"{p}:{n}: expected an object with a 'messages' list")
+                    tools = rec.get("tools")
+                    if tools is not None and not isinstance(tools, list):
+                        raise ValueError(f"{p}:{n}: 'tools' must be a list of OpenAI function tools")
+                    yield f"{p}:{n}", msgs, tools
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a truncated or corrupt download
+            raise ValueError(f"{p}: not a readable gzip file ({e})") from None
 
 
 # ---------------------------------------------------------------------------------- packing
@@ -335,9 +343,11 @@ class SFTConfig:
     init: str = option(
         help="checkpoint directory (with tokenizer files) or Hub name (owner/name)", parse=path
     )
-    data: str | None = option(
+    data: str | list[str] | None = option(
         None,
-        "chat JSONL (or .jsonl.gz): one {'messages': [...]} per line (optionally with 'tools': [...])",
+        "chat JSONL files (.jsonl or .jsonl.gz), globs ('shards/*.jsonl') or folders: one {'messages': "
+        "[...]} per line (optionally with 'tools': [...])",
+        nargs="+",
         parse=path,
     )
     task: str | None = option(None, "build cold-start data from task(s)' worked solutions (comma-separated)")
@@ -499,9 +509,11 @@ def train_on_examples(
     started: float | None = None,
     deadline_fn: Callable[[], float | None] | None = None,
     start_record: dict[str, Any] | None = None,
+    data_files: Sequence[str | os.PathLike] | None = None,
 ) -> Path:
     """The SFT loop on (input_ids, labels) examples through the shared Trainer; returns RUN/<stage>/.
     `start_record`: fields for the run's start record in metrics.jsonl (a resumed run logs them apart).
+    `data_files`: the files the examples were read from, which a --resume must find the same (sizes too).
 
     `cfg.max_seconds` counts from `started` (perf_counter; default: now). With a budget, `cfg.steps`
     is only the first estimate: every few steps the step count is refitted to the time left at the
@@ -567,7 +579,16 @@ def train_on_examples(
         tokenizer=tokenizer,
         deadline=(started or t0) + cfg.max_seconds if cfg.max_seconds else None,
         config_extra=config_extra or {},
-        resume_settings={name: getattr(cfg, name) for name in RESUME_SETTINGS},
+        resume_settings={
+            **{name: getattr(cfg, name) for name in RESUME_SETTINGS},
+            # the files a glob or folder found, not only its text, and their sizes: a shard added since, or
+            # lines added to a file, is another data set (other rows, another order of batches)
+            **(
+                {"data_files": [f"{f} ({Path(f).stat().st_size} bytes)" for f in data_files]}
+                if data_files
+                else {}
+            ),
+        },
         flags_from=type(cfg),
     )
     # sft_loss is the main head's alone: the MTP modules do not run, so their FLOPs are not the step's
@@ -659,8 +680,9 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
     model = load_model(init, device=default_device())
     # (where, messages, tools): errors name the data file's line, or the task conversation
     convs: list[tuple[str, list[dict[str, Any]], list[dict] | None]] = []
-    if cfg.data:
-        convs.extend((f"{cfg.data}:{n}", m, t) for n, m, t in _numbered_chat_lines(cfg.data))
+    files = chat_files(cfg.data) if cfg.data else None
+    if files:
+        convs.extend(_numbered_chat_lines(files))
     if cfg.task:
         made = task_conversations(cfg.task, cfg.task_examples, cfg.seed, cfg.language, cfg.multi_turn)
         convs.extend((f"{cfg.task} conversation {k}", c, None) for k, c in enumerate(made, 1))
@@ -671,5 +693,14 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
     return train_on_examples(
-        model, tok, examples, cfg.out, "sft", cfg, {"sft": vars(cfg)}, started, deadline_fn=deadline_fn
+        model,
+        tok,
+        examples,
+        cfg.out,
+        "sft",
+        cfg,
+        {"sft": vars(cfg)},
+        started,
+        deadline_fn=deadline_fn,
+        data_files=files,
     )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ast
+import gzip
 import hashlib
 import json
 import random
 import re
 import unicodedata
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -227,38 +229,66 @@ class JsonlTask(Task):
     verifier: "exact" (default when the answer is not a number), "numeric" (default for numbers), "math"
     (math-verify), "code" (the answer's last Python block run against ``tests``: a string of Python asserts,
     or a list of {"input", "output"} stdin/stdout cases). A line's "split" overrides the hash split.
+    ``path``: a .jsonl or .jsonl.gz file, a folder of them or a glob (``resolve_files``).
     """
 
     def __init__(self, spec: str, path: str, partial: bool = False) -> None:
+        from nanoseek.data.corpus import open_binary, resolve_files
+
         self.name, self.path, self.partial = spec, Path(path), bool(partial)
-        if not self.path.is_file():
+        # ids: the path's stem as given (a folder's, a glob's) for each of its files, not which shard holds
+        # a problem; a .jsonl.gz's as its .jsonl's
+        self._stem = Path(self.path.name.removesuffix(".gz")).stem
+        # problems published in shards are one task, as `sft --data` takes them
+        if not self.path.exists() and not any(c in path for c in "*?["):
             raise FileNotFoundError(f"jsonl task file not found: {self.path}")
+        self.files = resolve_files(path, kinds=("jsonl",))
         self.items: list[Problem] = []
-        lines: dict[str, int] = {}  # problem id -> its line
-        # bytes, decoded line by line: a line that is not UTF-8 is named like any other bad line
-        with self.path.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the JSON
-                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(
-                        f"{self.path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)"
-                    ) from None
-                if line.strip():
-                    p = self._parse(line, lineno)
-                    if p.id in lines:  # problems() would never draw it, and call the split too small
-                        raise ValueError(
-                            f"{self.path}:{lineno}: same problem id as line {lines[p.id]} (the id is the "
-                            'prompt\'s unless the line gives an "id"): give each line its own prompt or "id"'
-                        )
-                    lines[p.id] = lineno
-                    self.items.append(p)
+        lines: dict[str, tuple[Path, int]] = {}  # problem id -> its file and line
+        for file in self.files:
+            try:
+                # bytes, decoded line by line: a line that is not UTF-8 is named like any other bad line
+                with open_binary(file) as f:
+                    for lineno, raw in enumerate(f, 1):
+                        where = f"{file}:{lineno}"
+                        try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the JSON
+                            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                        except UnicodeDecodeError as e:
+                            raise ValueError(
+                                f"{where}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)"
+                            ) from None
+                        if line.strip():
+                            p = self._parse(line, lineno, file)
+                            if p.id in lines:  # problems() would never draw it, and call the split too small
+                                first, n = lines[p.id]
+                                seen = f"line {n}" if first == file else f"{first}:{n}"
+                                raise ValueError(
+                                    f"{where}: same problem id as {seen}"
+                                    ' (the id is the prompt\'s unless the line gives an "id"): give each '
+                                    'line its own prompt or "id"'
+                                )
+                            lines[p.id] = (file, lineno)
+                            self.items.append(p)
+            except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a truncated or corrupt download
+                raise ValueError(f"{file}: not a readable gzip file ({e})") from None
         if not self.items:
             raise ValueError(f"{self.path}: no problems")
         self.languages = tuple(sorted({p.language for p in self.items}))
+        self._stamp = self._files_stamp()
 
-    def _parse(self, line: str, lineno: int) -> Problem:
-        where = f"{self.path}:{lineno}"
+    def _files_stamp(self) -> list[tuple[int, int, int]] | None:
+        try:
+            return [(s.st_ino, s.st_mtime_ns, s.st_size) for s in (f.stat() for f in self.files)]
+        except OSError:  # gone: built again, which says so
+            return None
+
+    def changed_on_disk(self) -> bool:
+        # the files it read, stat'ed (cheap: GRPO's rewards look the task up per sample); a shard added
+        # to its folder since is not seen
+        return self._files_stamp() != self._stamp
+
+    def _parse(self, line: str, lineno: int, file: Path) -> Problem:
+        where = f"{file}:{lineno}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -306,7 +336,7 @@ class JsonlTask(Task):
         key = f"jsonl|{row['prompt']}"
         return Problem(
             # as text: "id": 0 is an id (it was taken for none), and 1 and "1" are the same problem's
-            id=_problem_id(self.path.stem, key) if row.get("id") in (None, "") else str(row["id"]),
+            id=_problem_id(self._stem, key) if row.get("id") in (None, "") else str(row["id"]),
             prompt=row["prompt"],
             answer=answer,
             language=language,

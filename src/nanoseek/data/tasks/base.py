@@ -191,6 +191,10 @@ class Task:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
+    def changed_on_disk(self) -> bool:
+        """Whether the files this task was read from changed since (`get_task` then reads them again)."""
+        return False
+
     def iter_problems(
         self, split: str, seed: int = 0, language: str | Sequence[str] | None = None
     ) -> Iterator[Problem]:
@@ -262,6 +266,9 @@ class ChatTurnTask(Task):
         self.name, self.inner, self.turn = spec, inner, turn
         self.languages = inner.languages
         self.balance_languages = inner.balance_languages
+
+    def changed_on_disk(self) -> bool:
+        return self.inner.changed_on_disk()
 
     def __getattr__(self, name: str) -> Any:
         if name in ("family", "kind"):  # what reports and verifiers read; no worked solutions: SFT

@@ -48,9 +48,22 @@ def register_task(name: str, factory: Callable[..., Task]) -> None:
     get_task.cache_clear()
 
 
+def get_task(name: str, reread: bool = True) -> Task:
+    """A task by spec: a built-in name, ``rg:<dataset>``, or ``jsonl:<path>``, options after ``?``.
+    Built once per process; a ``jsonl:`` task is built again once its files changed on disk (a
+    notebook that edits its problems and evaluates again scored the problems it read first).
+    `reread=False`: the task as built, whatever its files hold now, to score a problem it gave (GRPO's
+    rewards, per sample: an edit to the file mid-run is not read into the run, nor an error in it)."""
+    task = _cached_task(name)
+    # (a registered factory's object may not be a Task)
+    if reread and getattr(task, "changed_on_disk", bool)():
+        _cached_task.cache_clear()
+        task = _cached_task(name)
+    return task
+
+
 @functools.lru_cache(maxsize=64)
-def get_task(name: str) -> Task:
-    """A task by spec: a built-in name, ``rg:<dataset>``, or ``jsonl:<path>``, options after ``?``."""
+def _cached_task(name: str) -> Task:
     base, options = parse_task_spec(name.strip(), raw=True)
     if "turn" in options:
         turn = parse_task_spec(name.strip())[1]["turn"]  # ChatTurnTask says what a turn must be
@@ -73,3 +86,6 @@ def get_task(name: str) -> Task:
         return factory(spec=name, **typed)
     except TypeError as e:
         raise ValueError(f"bad options for task {base!r}: {e}") from e
+
+
+get_task.cache_clear = _cached_task.cache_clear  # type: ignore[attr-defined]  # (register_task, tests)
