@@ -279,6 +279,32 @@ def _fake_training(monkeypatch, calls: list, **done_fields) -> None:
     monkeypatch.setattr(ab, "validation_batches", lambda tok, n: [])
 
 
+def test_an_interrupted_study_gives_back_the_threads(tmp_path, monkeypatch) -> None:
+    """torch's thread count is the process's: a notebook's session went on at --threads after it."""
+    import torch
+
+    import nanoseek.ablate as ab
+
+    calls: list = []
+    _fake_training(monkeypatch, calls)
+    fake = ab.train_run
+
+    def interrupted(run, *a, **kw):  # the second run: the first drew the bar
+        if calls:
+            raise KeyboardInterrupt
+        return fake(run, *a, **kw)
+
+    monkeypatch.setattr(ab, "train_run", interrupted)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_study(AblateConfig(study="mla", seeds=1, out=str(tmp_path), threads=1), "mla")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_resume_skips_finished_runs_and_drops_an_interrupted_one(tmp_path, monkeypatch) -> None:
     calls: list = []
     _fake_training(monkeypatch, calls)

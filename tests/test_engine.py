@@ -143,6 +143,19 @@ def test_logprobs_equal_full_recompute_every_step(models, dtype, speculative):
         assert (errors_t < tol).float().mean() > 0.9 and errors_t.max() < 1.0, errors_t.max()
 
 
+def test_an_engines_repr_says_what_it_is(model):
+    """A notebook shows an engine left as a cell's value by its repr: `<... Engine object at 0x...>`."""
+    engine = Engine(model, max_batch_size=3, block_size=8, num_blocks=40)
+    engine.add_request([1, 2, 3])
+    text = repr(engine)
+    assert text.startswith(f"Engine({model.config.model_type}, float32 on cpu, max_batch_size=3, ")
+    assert (
+        f"cache {engine.cache.usable_blocks} blocks x 8 tokens (0 used)" in text
+        and "speculative=False" in text
+    )
+    assert text.endswith("running=0, waiting=1)")
+
+
 def test_continuous_batching_matches_one_at_a_time(model):
     solo = [Engine(model).generate([p], max_new_tokens=9)[0] for p in PROMPTS]
     # Small batch, tiny prefill chunks and small blocks: requests queue, prefill over several steps,

@@ -462,6 +462,34 @@ def test_grpo_resume_is_exact(micro_checkpoint, tmp_path, capsys) -> None:
         assert key in ra[1]
 
 
+def test_an_interrupted_run_leaves_no_progress_bar_open(micro_checkpoint, tmp_path) -> None:
+    """A notebook keeps an interrupted cell's traceback, and with it the bar: left open, it pushed every
+    later bar of the session down a line, which a notebook draws as a new line per redraw."""
+    from tqdm.auto import tqdm
+
+    from nanoseek.train.grpo import grpo
+
+    def interrupt(step: int, steps: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as kept:  # holds the traceback, as IPython's sys.last_traceback
+        grpo(_cfg(micro_checkpoint, tmp_path, progress=True), on_step=interrupt)
+    assert kept.traceback and not [bar for bar in tqdm._instances if bar.desc.startswith("grpo")]
+
+
+def test_threads_asked_of_grpo_are_given_back_after_it(micro_checkpoint, tmp_path) -> None:
+    """torch's thread count is the process's: a notebook went on at GRPO's --threads after it."""
+    from nanoseek.train.grpo import grpo
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grpo(_cfg(micro_checkpoint, tmp_path, steps=1, threads=1))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_every_rollout_request_samples_its_own_stream(micro_checkpoint, tmp_path, monkeypatch) -> None:
     """No two requests of a run, the probe's included, share a random stream: with the engine's seed + i
     rule and a seed per step, request i at step s+1 replayed request i+1 at step s (the same completion

@@ -60,6 +60,20 @@ def config(workdir: Path, out: Path, **kw) -> PretrainConfig:
     return PretrainConfig(**base)
 
 
+def test_threads_asked_of_a_stage_are_given_back_after_it(workdir, tmp_path) -> None:
+    """torch's thread count is the process's: a notebook went on at the stage's --threads for the rest
+    of its session, after a finished stage and after an interrupted one."""
+
+    def interrupt(step: int) -> None:
+        raise KeyboardInterrupt
+
+    pretrain(config(workdir, tmp_path / "a", steps=1, val_every=0, threads=2))
+    assert torch.get_num_threads() == 1  # the autouse fixture's
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config(workdir, tmp_path / "b", steps=2, val_every=0, threads=2), on_step=interrupt)
+    assert torch.get_num_threads() == 1
+
+
 def test_pretrain_writes_checkpoint_metrics_and_summary(workdir, tmp_path, capsys) -> None:
     path = pretrain(config(workdir, tmp_path / "run"))
     assert path == tmp_path / "run" / "pretrain"

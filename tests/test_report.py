@@ -46,6 +46,22 @@ def test_report_has_tables_and_plots(tmp_path):
         assert f"plots/{png}" in text
 
 
+def test_a_report_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    """Built in a notebook, the report switched matplotlib to Agg for the rest of the session: the
+    notebook's own plots (its inline backend) stopped showing."""
+    import matplotlib
+
+    was = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands for a notebook's inline backend
+    try:
+        _fake_run(tmp_path)
+        build_report(tmp_path)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(was)
+    assert (tmp_path / "plots" / "loss.png").stat().st_size > 1000
+
+
 def test_a_full_disk_leaves_the_last_plots_whole(tmp_path, monkeypatch):
     """A report rebuilt on a full disk left a torn loss.png over the one before (matplotlib writes to
     the name it is given): each plot is replaced whole, or not at all."""

@@ -352,6 +352,34 @@ def test_sft_trains_with_the_balance_loss_weight_its_config_records(tmp_path) ->
     assert rec["loss"] == pytest.approx(rec["sft_loss"] + 0.5, rel=1e-5)
 
 
+def test_an_interrupted_run_leaves_no_progress_bar_open(tmp_path, monkeypatch) -> None:
+    """A notebook keeps an interrupted cell's traceback, and with it the bar: left open, it pushed every
+    later bar of the session down a line, which a notebook draws as a new line per redraw."""
+    from tqdm.auto import tqdm
+
+    import nanoseek.train.sft
+    from model_configs import small_config
+    from nanoseek.checkpoint import build_model
+    from nanoseek.train.sft import SFTConfig, train_on_examples
+
+    calls = []
+    sft_loss = nanoseek.train.sft.sft_loss
+
+    def interrupt(model, batch):  # in the second step: the bar is drawn from the first step's end
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return sft_loss(model, batch)
+
+    monkeypatch.setattr(nanoseek.train.sft, "sft_loss", interrupt)
+    model = build_model(small_config()).init_weights(0)
+    ids = list(range(2, 30))
+    cfg = SFTConfig(init="", steps=2, batch_size=2, seq_len=32, progress=True)
+    with pytest.raises(KeyboardInterrupt) as kept:  # holds the traceback, as IPython's sys.last_traceback
+        train_on_examples(model, CharTokenizer(), [(ids, [IGNORE] * 10 + ids[10:])] * 4, tmp_path, "sft", cfg)
+    assert kept.traceback and not [bar for bar in tqdm._instances if bar.desc.startswith("sft")]
+
+
 def test_token_ids_beyond_the_models_vocabulary_are_refused_before_training(tmp_path) -> None:
     """A checkpoint whose vocab_size is smaller than its tokenizer's ids (the chat template's special
     tokens come last): the first step crashed with an IndexError in the embedding, a run directory made."""

@@ -310,6 +310,26 @@ def test_progress_bar_off_a_terminal_is_not_redrawn_by_tqdms_monitor_between_red
     assert out.getvalue().count("\r") <= 2 + int(elapsed / 0.6)
 
 
+def test_progress_bar_in_a_notebook_cell_redraws_as_on_a_terminal() -> None:
+    """A notebook's cell output (ipykernel's stream) is no tty, but its front end redraws a bar in
+    place: throttled as a log, a training bar there moved once every 30 s."""
+    import io
+
+    import nanoseek.metrics
+
+    cell = type("OutStream", (io.StringIO,), {"__module__": "ipykernel.iostream"})()
+    bar = nanoseek.metrics.progress_bar(total=3, file=cell)
+    try:
+        assert bar.mininterval < 1
+    finally:
+        bar.close()
+    log = nanoseek.metrics.progress_bar(total=3, file=io.StringIO())  # a log file still is throttled
+    try:
+        assert log.mininterval == nanoseek.metrics.LOG_REDRAW_S
+    finally:
+        log.close()
+
+
 def test_gradient_accumulation_matches_big_batch(tmp_path) -> None:
     """Two micro-batches of 2 rows, each weighted 1/2 by the caller == one batch of 4 rows."""
     x, y = batch_at(0)

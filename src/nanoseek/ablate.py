@@ -897,12 +897,10 @@ def _accuracy(model: Any, tok: Any, trainer: Any, n: int, max_new_tokens: int) -
 
 def run_study(cfg: AblateConfig, study: str) -> Path:
     """Run (or resume) one study into RUN/ablate/<study>/ and write its report; returns the report."""
-    import torch
-
     from nanoseek.ablate_report import build_study_report
     from nanoseek.atomic import atomic_write
     from nanoseek.metrics import MetricsLog, progress_bar
-    from nanoseek.perf import default_device
+    from nanoseek.perf import default_device, torch_threads
     from nanoseek.train.pretrain import resolve_precision
 
     s = get_study(study, cfg.preset)
@@ -941,24 +939,23 @@ def run_study(cfg: AblateConfig, study: str) -> Path:
         flush=True,
     )
     if todo:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        tok = _tokenizer(Path(cfg.out), cfg.tokenizer_docs)
-        val_set = validation_batches(tok, cfg.val_batches)
-        log = MetricsLog(directory, "ablate")
-        bar = progress_bar(todo, desc=f"ablate {study}", unit="run", disable=not cfg.progress)
-        for r in bar:
-            bar.set_postfix_str(f"{r.variant} seed {r.seed}")
-            train_run(
-                r,
-                tok,
-                val_set,
-                log,
-                acc_n=cfg.acc_n if study == "mtp" else 0,
-                max_new_tokens=cfg.max_new_tokens,
-                progress=bar.write if cfg.progress else None,
-            )
-        bar.close()
+        with torch_threads(cfg.threads):  # the caller's count back after: a notebook's session goes on
+            tok = _tokenizer(Path(cfg.out), cfg.tokenizer_docs)
+            val_set = validation_batches(tok, cfg.val_batches)
+            log = MetricsLog(directory, "ablate")
+            bar = progress_bar(todo, desc=f"ablate {study}", unit="run", disable=not cfg.progress)
+            for r in bar:
+                bar.set_postfix_str(f"{r.variant} seed {r.seed}")
+                train_run(
+                    r,
+                    tok,
+                    val_set,
+                    log,
+                    acc_n=cfg.acc_n if study == "mtp" else 0,
+                    max_new_tokens=cfg.max_new_tokens,
+                    progress=bar.write if cfg.progress else None,
+                )
+            bar.close()
     return build_study_report(directory)
 
 

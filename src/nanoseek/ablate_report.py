@@ -287,11 +287,8 @@ def violation_table(m: StudyMetrics) -> list[str]:
 
 
 def plots(m: StudyMetrics) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure  # not pyplot: no backend switched under a notebook (report._plots)
 
     out_dir = m.dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -302,7 +299,8 @@ def plots(m: StudyMetrics) -> list[tuple[str, str]]:
         axis = flops_axis if name == "flops" else name
         if axis == "main_flops":
             label = "main-model training FLOPs"
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         for v in m.variants:
             curves = list(m.curves[v].values())
             lo = max(c[0][axis] for c in curves)
@@ -329,7 +327,6 @@ def plots(m: StudyMetrics) -> list[tuple[str, str]]:
         file = f"val_loss_{name}.png"
         with atomic_file(out_dir / file) as tmp:  # a full disk must not leave half a PNG over the last one
             fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
         made.append((f"Validation loss over {label}", f"plots/{file}"))
     return made
 

@@ -25,7 +25,10 @@ def progress_bar(*args: Any, **kwargs: Any) -> Any:
     from tqdm.auto import tqdm
 
     stream = kwargs.get("file") or sys.stderr
-    if not getattr(stream, "isatty", lambda: False)():
+    # a notebook's cell (ipykernel's stream) is no tty, but its front end redraws a bar in place, as a
+    # terminal does: throttled as a log, a bar there moved once every 30 s
+    in_cell = type(stream).__module__.startswith("ipykernel.")
+    if not (getattr(stream, "isatty", lambda: False)() or in_cell):
         kwargs.setdefault("mininterval", LOG_REDRAW_S)
         # a fixed miniters: tqdm's monitor thread redraws a bar whose self-tuned miniters grew above 1
         # once `maxinterval` (10 s) passed without a redraw, a second line 10-20 s after each one

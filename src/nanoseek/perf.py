@@ -3,9 +3,11 @@ multiplies bf16 natively; the dtype a matmul runs in under autocast."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +30,23 @@ def cpu_has_bf16() -> bool:
 
     held_below_bf16 = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_ISAS_WITHOUT_BF16
     return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2") and not held_below_bf16
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads at `threads` (None: left as they are) inside, the caller's count back after:
+    the setting is the process's, and a notebook's session goes on after a stage that set it."""
+    if not threads:
+        yield
+        return
+    import torch
+
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
 
 
 def default_device() -> torch.device:

@@ -641,10 +641,13 @@ def _plot_with_trend(ax: Any, xs: list[float], ys: list[float], label: str | Non
 
 
 def _plots(m: RunMetrics) -> list[tuple[str, str]]:
-    import matplotlib
+    # Figures of their own, not pyplot's: `matplotlib.use("Agg")` switched a notebook's backend for
+    # the rest of its session (its own plots stopped showing), and a figure here needs no backend.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def subplots(*args: Any, figsize: tuple[float, float], **kwargs: Any) -> tuple[Any, Any]:
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(*args, **kwargs)
 
     out_dir = m.run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -654,7 +657,6 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
         fig.tight_layout()
         with atomic_file(out_dir / name) as tmp:  # a full disk must not leave half a PNG over the last one
             fig.savefig(tmp, dpi=110, format="png")  # (the temporary name has no .png to go by)
-        plt.close(fig)
         made.append((title, f"plots/{name}"))
 
     # Loss curves of the supervised stages: pretraining and the fine-tuning stages on panels of their
@@ -671,7 +673,7 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
     curves = [[c for c in panel if c[2]] for panel in curves]
     shown = [(name, panel) for (name, _), panel in zip(panels, curves, strict=True) if panel]
     if shown:
-        fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4), squeeze=False)
+        fig, axes = subplots(1, len(shown), figsize=(6 * len(shown), 4), squeeze=False)
         for ax, (name, panel) in zip(axes[0], shown, strict=True):
             for label, style, xs, ys in panel:
                 # a validation curve has few points: markers keep it visible over a noisy training one
@@ -693,7 +695,7 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
     ]
     curves = [(label, m.steps("pretrain", f"probe_{k}_loss")) for k, label in kinds]
     if any(xs for _, (xs, _) in curves):
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = subplots(figsize=(7, 4))
         for label, (xs, ys) in curves:
             if xs:
                 ax.plot(xs, ys, marker="o", label=label)
@@ -709,7 +711,7 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
     xs_r, ys_r = m.steps("grpo", "reward")
     xs_a, ys_a = m.steps("grpo", "accuracy")
     if xs_r or xs_a:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = subplots(figsize=(7, 4))
         if xs_r:
             _plot_with_trend(ax, xs_r, ys_r, "reward (every term: accuracy, format bonus, ...)")
         if xs_a:
@@ -721,7 +723,7 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
         save(fig, "grpo_reward.png", "Reward and accuracy over GRPO steps")
     xs_l, ys_l = m.steps("grpo", "response_length")
     if xs_l:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = subplots(figsize=(7, 4))
         _plot_with_trend(ax, xs_l, ys_l, "mean response length")
         ax.legend()
         ax.set_xlabel("GRPO step")
@@ -748,7 +750,7 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
                 series[str(layer)][0].append(r["step"])
                 series[str(layer)][1].append(float(ratio))
     if series:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = subplots(figsize=(7, 4))
         for layer, (xs, ys) in sorted(series.items(), key=lambda kv: (not kv[0].isdigit(), kv[0].zfill(4))):
             ax.plot(xs, ys, label=f"layer {layer}")
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")

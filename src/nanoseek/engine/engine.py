@@ -176,6 +176,16 @@ class Engine:
             "forward_seconds": 0.0,
         }
 
+    def __repr__(self) -> str:
+        # what a notebook shows for an engine left as a cell's value (object.__repr__ said nothing)
+        return (
+            f"Engine({self.config.model_type}, {str(self.dtype).removeprefix('torch.')} on {self.device}, "
+            f"max_batch_size={self.scheduler.max_batch_size}, max_seq_len={self.max_seq_len}, "
+            f"cache {self.cache.usable_blocks} blocks x {self.cache.block_size} tokens ({self.cache.num_used} "
+            f"used), speculative={self.speculative}, quantize={self.quantize!r}, "
+            f"running={self.num_running}, waiting={self.num_waiting})"
+        )
+
     # ------------------------------------------------------------- requests
     def add_request(
         self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None

@@ -562,6 +562,14 @@ class PromptSampler:
 def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> Path:
     """Run GRPO from `cfg.init`; returns the checkpoint directory RUN/grpo/. `on_step(done, total)` is
     called after every step (the speedrun paces the control run beside it by it)."""
+    from nanoseek.perf import torch_threads
+
+    cfg.validate()
+    with torch_threads(cfg.threads):
+        return _grpo(cfg, on_step)
+
+
+def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
     import time
 
     from nanoseek.checkpoint import load_model, resolve_checkpoint
@@ -574,10 +582,7 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.loop import OptimConfig, Trainer
 
-    cfg.validate()
     init = resolve_checkpoint(cfg.init, flag="--init")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(init)
     model = load_model(init, device=default_device())
@@ -680,7 +685,10 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     )
     t_run = time.perf_counter()
     last: dict = {}
-    with trainer.stop_on_signals():
+    # the bar closed however the loop ends: one an interrupted notebook cell left open (its traceback
+    # keeps it) pushed every later bar of the session down a line, which a notebook draws as a new line
+    # per redraw
+    with trainer.stop_on_signals(), bar:
         for step in range(start, cfg.steps):
             # ------------------------------------------------------------------ rollouts
             rng = random.Random(cfg.seed * 1_000_003 + step)
@@ -813,7 +821,6 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
             if start >= cfg.steps and not (trainer.checkpoint_dir / "config.json").exists():
                 trainer.save({"grpo_step": start, "history": {}})
         trainer.stop_requested()  # one that came during the last step's save: stop all the same
-    bar.close()
     if trainer.stop_signal:  # no end record: the run goes on at its --resume, as after a kill
         done = step + 1 if last else start  # in GRPO's steps, not the optimizer's (μ per step)
         raise trainer.interrupted(trainer.checkpoint_dir, done, cfg.steps)

@@ -264,6 +264,14 @@ def _tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int, is_main: bool, d
 def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
     """Train `cfg.preset` on `cfg.data`; returns the checkpoint directory RUN/pretrain/. `on_step(step)`
     runs in the training thread after every step (e.g. to take back CPU threads another job freed)."""
+    from nanoseek.perf import torch_threads
+
+    cfg.validate()
+    with torch_threads(cfg.threads):
+        return _pretrain(cfg, on_step)
+
+
+def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Path:
     import torch
 
     from nanoseek.checkpoint import build_model
@@ -280,9 +288,6 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
         target_counts,
     )
 
-    cfg.validate()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     dist = init_distributed()
     try:
         _check_same_settings(cfg, dist)

@@ -616,33 +616,41 @@ def train_on_examples(
         log.log(None, **start_record)
 
     last: dict[str, Any] = {}
-    with trainer.stop_on_signals():
-        while True:
-            if deadline_fn is not None:
-                trainer.deadline = deadline_fn() or trainer.deadline
-            if trainer.done:
-                break
-            batch = packed_batch_at(rows, cfg.batch_size, cfg.seed, trainer.global_step)
+    try:
+        with trainer.stop_on_signals():
+            while True:
+                if deadline_fn is not None:
+                    trainer.deadline = deadline_fn() or trainer.deadline
+                if trainer.done:
+                    break
+                batch = packed_batch_at(rows, cfg.batch_size, cfg.seed, trainer.global_step)
 
-            def loss_fn(batch: PackedBatch = batch) -> tuple[torch.Tensor, dict[str, Any]]:
-                loss = sft_loss(trainer.model, batch)
-                metrics: dict[str, Any] = {"sft_loss": loss.detach(), "tokens": batch.input_ids.numel()}
-                balance = model.balance_loss() if hasattr(model, "balance_loss") else None
-                if balance is not None:
-                    loss = loss + balance
-                return loss, metrics
+                def loss_fn(batch: PackedBatch = batch) -> tuple[torch.Tensor, dict[str, Any]]:
+                    loss = sft_loss(trainer.model, batch)
+                    metrics: dict[str, Any] = {"sft_loss": loss.detach(), "tokens": batch.input_ids.numel()}
+                    balance = model.balance_loss() if hasattr(model, "balance_loss") else None
+                    if balance is not None:
+                        loss = loss + balance
+                    return loss, metrics
 
-            last = trainer.step(loss_fn)
-            log.step(last, total_steps=trainer.total_steps)
-            if trainer.stop_requested():  # a signal: save this step and stop
-                break
-            if trainer.checkpoint_due():
-                trainer.save(budget_state())
-        if trainer.global_step < trainer.total_steps and not trainer.stop_signal:
-            budget = f"of {cfg.max_seconds:.0f}s " if cfg.max_seconds else ""
-            print(f"{stage}: time budget {budget}spent at step {trainer.global_step}/{trainer.total_steps}")
-        path = trainer.save(budget_state())
-        trainer.stop_requested()  # one that came during the last step's save: stop all the same
+                last = trainer.step(loss_fn)
+                log.step(last, total_steps=trainer.total_steps)
+                if trainer.stop_requested():  # a signal: save this step and stop
+                    break
+                if trainer.checkpoint_due():
+                    trainer.save(budget_state())
+            if trainer.global_step < trainer.total_steps and not trainer.stop_signal:
+                budget = f"of {cfg.max_seconds:.0f}s " if cfg.max_seconds else ""
+                print(
+                    f"{stage}: time budget {budget}spent at step {trainer.global_step}/{trainer.total_steps}"
+                )
+            path = trainer.save(budget_state())
+            trainer.stop_requested()  # one that came during the last step's save: stop all the same
+    except BaseException:
+        # as pretrain: a bar left open by a notebook's interrupted cell (its traceback keeps it alive)
+        # pushed every later bar down a line, which a notebook draws as a new line per redraw
+        log.close()
+        raise
     if trainer.stop_signal:  # no end record: the run goes on at its --resume, as after a kill
         log.close()
         raise trainer.interrupted(path)
