@@ -761,3 +761,130 @@ def test_variant_and_violation_tables_of_an_moe_study(tmp_path) -> None:
     # one precision per variant where they differ (the fp8 study), one word where they agree
     m.done = {"bf16": {0: {"precision": "bf16"}}, "fp32": {0: {"precision": "fp32"}}}
     assert _precision_note(m) == " Trained in bf16 bf16, fp32 fp32."
+
+
+# ------------------------------------------------------------- interrupts
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory) -> Path:
+    """A micro MLA preset and a tokenizer, for studies that really train in a few seconds."""
+    import sys
+
+    from nanoseek.data.corpus import iter_documents
+    from nanoseek.tokenizer import train_tokenizer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train_loop import micro_model
+
+    d = tmp_path_factory.mktemp("ablate")
+    docs = [doc for _, doc in zip(range(400), iter_documents("embedded"), strict=False)]
+    tok = train_tokenizer(docs, vocab_size=320)
+    tok.save(d / "tok")
+    micro_model().config.replace(vocab_size=tok.vocab_size).save(d / "micro")
+    return d
+
+
+def _micro_study(monkeypatch, micro: Path) -> None:
+    """Real runs of the micro preset on batches of 2 x 32 tokens: 3 steps for a 192-token budget."""
+    import functools
+
+    import nanoseek.ablate as ab
+    from nanoseek.tokenizer import load_tokenizer
+
+    monkeypatch.setattr(ab, "SEQ_LEN", 32)
+    monkeypatch.setattr(ab, "BATCH", 2)
+    monkeypatch.setattr(ab, "TOKENS_PER_STEP", 64)
+    monkeypatch.setattr(ab, "TrainSettings", functools.partial(ab.TrainSettings, batch_size=2, seq_len=32))
+    monkeypatch.setattr(ab, "_tokenizer", lambda out, docs: load_tokenizer(micro / "tok"))
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_study_keeping_finished_runs_and_a_rerun_finishes_it(
+    micro, tmp_path, monkeypatch, capsys, sig
+) -> None:
+    """Ctrl-C raised a KeyboardInterrupt wherever it fell ("interrupted", no word on what was kept or how
+    to go on) and a SIGTERM killed the study outright: it now stops at the next step boundary, keeps the
+    finished runs, drops the stopped one's rows (it starts over) and says how to continue."""
+    import os
+    import signal
+
+    import torch
+
+    from nanoseek.cli import main
+    from nanoseek.train.loop import Trainer
+
+    signum = getattr(signal, sig)
+    before = signal.getsignal(signum), torch.get_num_threads()
+    _micro_study(monkeypatch, micro)
+    torch.set_num_threads(1)
+    runs: list = []
+    step = Trainer.step
+
+    def step_then_signal(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        if self.global_step == 1:
+            runs.append(self)
+            if len(runs) == 2:  # the second run's first step: the first run has finished
+                os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step_then_signal)
+    out = tmp_path / "runs"
+    args = ["ablate", "mtp", "--out", str(out), "--preset", str(micro / "micro"), "--budget", "192"]
+    args += ["--seeds", "1", "--val-batches", "1", "--acc-n", "0", "--no-progress"]
+    try:
+        assert main(args) == 128 + signum
+        directory = out / "ablate" / "mtp"
+        err = capsys.readouterr().err.strip().splitlines()
+        assert (
+            f"ablate mtp (no-mtp seed 0) stopped by {sig} at step 1 of 3: 1 of 2 runs finished, kept in "
+            f"{directory}; this run starts over; resume with: nanoseek {' '.join(args)}"
+        ) in err[-1]
+        assert signal.getsignal(signum) is before[0]
+        # the results file holds the finished run only, whole
+        rows = [json.loads(x) for x in (directory / "metrics.jsonl").read_text().splitlines()]
+        assert {r["variant"] for r in rows} == {"mtp"} and rows[-1]["event"] == "done"
+        runs.clear()
+        assert main(args) == 0
+        assert finished_runs(directory) == {("mtp", 0), ("no-mtp", 0)}
+        assert "1 already finished" in capsys.readouterr().out
+        assert (directory / "report.md").exists()
+    finally:
+        torch.set_num_threads(before[1])
+
+
+def test_a_variant_that_diverges_is_recorded_and_the_report_names_it(micro, tmp_path, monkeypatch) -> None:
+    """A diverging variant stopped the study with the trainer's advice (an --lr ablate has not, a scratch
+    checkpoint already deleted); a rerun diverged again, so the study never had a report. It is now
+    recorded as a finished run that diverged, and the claims that need it say so."""
+    import torch
+
+    import nanoseek.ablate as ab
+
+    _micro_study(monkeypatch, micro)
+    settings = ab.TrainSettings
+    # no-mtp (mtp_weight 0) at an absurd learning rate: its steps go non-finite and the guard gives up
+    monkeypatch.setattr(
+        ab, "TrainSettings", lambda **kw: settings(**kw, lr=1e4 if kw["mtp_weight"] == 0 else 3e-3)
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = AblateConfig(
+            study="mtp",
+            budget="896",
+            seeds=1,
+            out=str(tmp_path),
+            preset=str(micro / "micro"),
+            acc_n=0,
+            val_batches=1,
+            progress=False,
+        )
+        report = run_study(cfg, "mtp").read_text()
+    finally:
+        torch.set_num_threads(threads)
+    directory = tmp_path / "ablate" / "mtp"
+    assert finished_runs(directory) == {("mtp", 0), ("no-mtp", 0)}  # a rerun does not retry it
+    (main,) = [r for r in _summary_rows(report) if r.startswith("| MTP improves the main model")]
+    assert main.count("not run: no-mtp seed 0 diverged") == 2
+    (row,) = [line for line in report.splitlines() if line.startswith("| no-mtp |")]
+    assert "| 1 (1 diverged) |" in row

@@ -18,7 +18,8 @@ class Clock:
 
 
 class FakeTrainer:
-    """Trainer's surface the loop uses: step, done, global_step, deadline; each step takes 1 s."""
+    """Trainer's surface the loop uses: step, done, global_step, deadline, stop_requested; each step
+    takes 1 s."""
 
     def __init__(self, clock: Clock, total_steps: int) -> None:
         self.clock, self.total_steps = clock, total_steps
@@ -37,6 +38,9 @@ class FakeTrainer:
     def pause(self, seconds: float) -> None:
         if self.deadline is not None:
             self.deadline += seconds
+
+    def stop_requested(self) -> bool:  # no signal here (Trainer.stop_on_signals)
+        return False
 
 
 @pytest.fixture

@@ -13,7 +13,10 @@ What is notable here:
   batches for every run), tokens, training FLOPs (`accounting.flops_per_token`, MTP included where it
   trains) and training wall seconds (evaluation excluded).
 - Resumable: rows go to RUN/ablate/<study>/metrics.jsonl as they are measured and a `done` row closes
-  a run; a rerun skips finished runs and drops the rows of a run that was interrupted.
+  a run; a rerun skips finished runs and drops the rows of a run that was interrupted. A first Ctrl-C
+  or SIGTERM stops the running run at its next step (`Trainer.stop_on_signals`, as the training
+  commands) and exits 130/143 with the command that continues; a run that diverges is a finished run
+  whose `done` row says so, and the report's verdicts name it.
 - The report (`nanoseek.ablate_report`) compares variants at equal FLOPs and at equal wall seconds
   separately, each seed paired with the same seed of the other variant.
 """
@@ -31,6 +34,7 @@ from typing import Any
 
 from nanoseek.config import ModelConfig, resolve_config
 from nanoseek.options import option, path
+from nanoseek.train import TrainingDiverged, TrainingInterrupted
 
 STUDIES: tuple[str, ...] = ("moe", "mla", "balance", "mtp", "fp8")
 PLAN = "plan.json"
@@ -848,34 +852,56 @@ def train_run(
             for layer, ratio in (m.get("expert_imbalance") or {}).items():
                 violations.setdefault(layer, []).append(ratio)
 
-        evaluate(0.0)
-        train_s = train_evaluating(
-            trainer,
-            loss_fn,
-            evaluate,
-            every=None if seconds is not None else max(1, (steps or 0) // EVALS_PER_RUN),
-            seconds=seconds,
-            evaluations=EVALS_PER_RUN,
-            on_step=on_step,
-        )
-        last = rows[-1]
-    counts = analytic_parameters(config)
-    return log.log(
-        trainer.global_step,
-        **ident,
-        event="done",
-        steps=trainer.global_step,
-        tokens=trainer.tokens_seen,
-        flops=trainer.tokens_seen * fpt,
-        train_s=round(train_s, 3),
-        val_loss=last["val_loss"],
-        precision=precision,
-        flops_per_token=fpt,
-        total_params=counts.total,
-        active_params=counts.active,
-        kv_cache_bytes_per_token=kv_cache_bytes_per_token(config),
-        s_per_step=train_s / max(1, trainer.global_step),
-    )
+        # A signal stops the run at the next step boundary (Trainer.stop_on_signals, as the training
+        # commands do) but saves nothing of it: a resumed run's seconds would mix two sessions' speeds
+        # in the per-second comparison, so it starts over; the finished runs' rows are all a study keeps.
+        with trainer.stop_on_signals(
+            then="without saving it: the finished runs are kept, this one starts over"
+        ):
+            evaluate(0.0)
+            diverged = None
+            try:
+                train_s = train_evaluating(
+                    trainer,
+                    loss_fn,
+                    evaluate,
+                    every=None if seconds is not None else max(1, (steps or 0) // EVALS_PER_RUN),
+                    seconds=seconds,
+                    evaluations=EVALS_PER_RUN,
+                    on_step=on_step,
+                )
+            except TrainingDiverged as e:
+                # The same seed diverges again on a rerun: recorded as finished, with why, so the study goes
+                # on and its report says so (the error's advice names a scratch checkpoint and an --lr
+                # ablate has not)
+                diverged = f"diverged at step {trainer.global_step}: {str(e).split(';')[0]}"
+                train_s = rows[-1]["train_s"]
+                (progress or print)(f"{run.variant} seed {run.seed} {diverged}")
+            if trainer.stop_signal:
+                raise trainer.interrupted(log.path.parent, kept="the run was not finished, so it starts over")
+            counts = analytic_parameters(config)
+            done = log.log(
+                trainer.global_step,
+                **ident,
+                event="done",
+                steps=trainer.global_step,
+                tokens=trainer.tokens_seen,
+                flops=trainer.tokens_seen * fpt,
+                train_s=round(train_s, 3),
+                val_loss=rows[-1]["val_loss"],
+                precision=precision,
+                flops_per_token=fpt,
+                total_params=counts.total,
+                active_params=counts.active,
+                kv_cache_bytes_per_token=kv_cache_bytes_per_token(config),
+                s_per_step=train_s / max(1, trainer.global_step),
+                **({"diverged": diverged} if diverged else {}),
+            )
+            # one that came during the final evaluation (the mtp study's greedy decoding): this run is
+            # finished and kept, the study stops before the next
+            if trainer.stop_requested():
+                raise trainer.interrupted(log.path.parent, kept="the run finished")
+    return done
 
 
 def _accuracy(model: Any, tok: Any, trainer: Any, n: int, max_new_tokens: int) -> dict[str, Any]:
@@ -944,17 +970,34 @@ def run_study(cfg: AblateConfig, study: str) -> Path:
             val_set = validation_batches(tok, cfg.val_batches)
             log = MetricsLog(directory, "ablate")
             bar = progress_bar(todo, desc=f"ablate {study}", unit="run", disable=not cfg.progress)
-            for r in bar:
-                bar.set_postfix_str(f"{r.variant} seed {r.seed}")
-                train_run(
-                    r,
-                    tok,
-                    val_set,
-                    log,
-                    acc_n=cfg.acc_n if study == "mtp" else 0,
-                    max_new_tokens=cfg.max_new_tokens,
-                    progress=bar.write if cfg.progress else None,
+            try:
+                for r in bar:
+                    bar.set_postfix_str(f"{r.variant} seed {r.seed}")
+                    train_run(
+                        r,
+                        tok,
+                        val_set,
+                        log,
+                        acc_n=cfg.acc_n if study == "mtp" else 0,
+                        max_new_tokens=cfg.max_new_tokens,
+                        progress=bar.write if cfg.progress else None,
+                    )
+            except TrainingInterrupted as e:
+                bar.close()
+                # the stopped run's rows go now: metrics.jsonl holds finished runs only, as a rerun reads it
+                restarts = drop_unfinished(directory) > 0
+                finished = len(finished_runs(directory) & {x.key for x in runs})
+                kept = f"{finished} of {len(runs)} runs finished" + (
+                    f", kept in {directory}" if finished else ""
                 )
+                raise TrainingInterrupted(
+                    f"ablate {study} ({r.variant} seed {r.seed})",
+                    e.signum,
+                    e.step,
+                    e.total_steps,
+                    directory,
+                    kept + ("; this run starts over" if restarts else ""),
+                ) from None
             bar.close()
     return build_study_report(directory)
 

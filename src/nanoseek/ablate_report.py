@@ -40,13 +40,17 @@ class StudyMetrics:
         self.done: dict[str, dict[int, dict[str, Any]]] = {}
         rows = list(read_metrics(self.dir))
         finished = {(r["variant"], r["seed"]) for r in rows if r.get("event") == "done"}
+        # runs that diverged (their `done` row says why): no curve to compare, named in the verdicts instead
+        self.diverged = {
+            (r["variant"], r["seed"]) for r in rows if r.get("event") == "done" and r.get("diverged")
+        }
         for r in rows:
             key = (r.get("variant"), r.get("seed"))
             if key not in finished:
                 continue
             if r.get("event") == "done":
                 self.done.setdefault(key[0], {})[key[1]] = r
-            else:
+            elif key not in self.diverged:
                 self.curves.setdefault(key[0], {}).setdefault(key[1], []).append(r)
         for seeds in self.curves.values():
             for curve in seeds.values():
@@ -111,7 +115,17 @@ def _sign(ok: bool, tie: bool = False) -> int:
 
 
 def judge(m: StudyMetrics, claim: dict[str, Any], axis: str | None) -> tuple[str, str]:
-    """(what we measured, reproduced?) for one claim, at equal `axis` ("flops" / "train_s") or final."""
+    """(what we measured, reproduced?) for one claim, at equal `axis` ("flops" / "train_s") or final;
+    the verdict names the runs of its variants that diverged (left out of the comparison)."""
+    measured, verdict = _judge(m, claim, axis)
+    broken = [f"{v} seed {s}" for v, s in sorted(m.diverged) if v in (claim["a"], claim.get("b"))]
+    if broken and claim["kind"] != "fixed":
+        runs = ", ".join(broken)
+        verdict = f"not run: {runs} diverged" if verdict == "not run" else f"{verdict}; {runs} diverged"
+    return measured, verdict
+
+
+def _judge(m: StudyMetrics, claim: dict[str, Any], axis: str | None) -> tuple[str, str]:
     a, b, metric, kind = claim["a"], claim.get("b"), claim["metric"], claim["kind"]
     if kind == "fixed":
         va = m.plan["variants"].get(a, {}).get(metric)
@@ -242,7 +256,7 @@ def variant_table(m: StudyMetrics) -> list[str]:
             _fmt_n(trained["active_params"]),
             _fmt_n(trained["flops_per_token"]),
             f"{trained['kv_cache_bytes_per_token']:,}",
-            str(len(done)),
+            str(len(done)) + (f" ({n} diverged)" if (n := sum((v, s) in m.diverged for s in done)) else ""),
             _ms(list(loss.values()), 4),
             _ms([d["s_per_step"] for d in done.values()], 3),
         ]

@@ -17,5 +17,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Short pretraining runs on the same data and schedule that differ in one technique, "
         "several seeds each; writes RUN/ablate/<study>/metrics.jsonl, report.md and plots (validation "
         "loss over tokens, FLOPs and wall seconds) with a table of the paper's claims, judged per FLOP "
-        "and per wall second. Rerunning with the same --out skips finished runs.",
+        "and per wall second. Rerunning with the same --out skips finished runs; Ctrl-C or SIGTERM stops at "
+        "the running run's next step, keeping the finished ones.",
     )

@@ -609,13 +609,14 @@ class Trainer:
 
     # --------------------------------------------------------- interrupts
     @contextlib.contextmanager
-    def stop_on_signals(self) -> Iterator[None]:
+    def stop_on_signals(self, then: str = "to save a checkpoint") -> Iterator[None]:
         """Inside, a first SIGINT or SIGTERM (Ctrl-C; what Slurm, Kubernetes and `timeout` send before
         a kill) only asks the run to stop: the stage sees it at `stop_requested`, saves and raises
         `interrupted`. A second aborts at once, as the signal does outside (the checkpoint's atomic
         write leaves nothing half written). The previous handlers come back on leaving (the Python
         API runs in notebooks); a signal ignored before (nohup, the speedrun's stage processes'
-        SIGINT) stays ignored. Off the main thread, where handlers cannot be set, nothing changes."""
+        SIGINT) stays ignored. Off the main thread, where handlers cannot be set, nothing changes.
+        `then`: what the stage does on stopping, as the first signal's message says it."""
         import signal
         import threading
 
@@ -643,8 +644,8 @@ class Trainer:
             if self.dist.is_main:
                 again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
                 _say(
-                    f"\n{self.stage}: {signal.Signals(signum).name} received: stopping after this step to "
-                    f"save a checkpoint ({again} again to stop now, without saving)"
+                    f"\n{self.stage}: {signal.Signals(signum).name} received: stopping after this step "
+                    f"{then} ({again} again to stop now, without saving)"
                 )
 
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -668,13 +669,18 @@ class Trainer:
         return bool(self.stop_signal)
 
     def interrupted(
-        self, checkpoint: Path, step: int | None = None, total_steps: int | None = None
+        self,
+        checkpoint: Path,
+        step: int | None = None,
+        total_steps: int | None = None,
+        kept: str | None = None,
     ) -> TrainingInterrupted:
         """The exception that ends a run stopped by a signal, once it saved `checkpoint`; `step` and
-        `total_steps` where the stage counts other steps than the optimizer's (GRPO's)."""
+        `total_steps` where the stage counts other steps than the optimizer's (GRPO's); `kept` where
+        the stage keeps something else than a checkpoint (ablate: its finished runs)."""
         step = self.global_step if step is None else step
         total = self.total_steps if total_steps is None else total_steps
-        return TrainingInterrupted(self.stage, self.stop_signal, step, total, checkpoint)
+        return TrainingInterrupted(self.stage, self.stop_signal, step, total, checkpoint, kept)
 
     # ----------------------------------------------------------- validate
     @torch.no_grad()

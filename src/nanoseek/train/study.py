@@ -44,6 +44,8 @@ def train_evaluating(
     total_steps) or, with `seconds`, after each 1/`evaluations` of that much training (the schedule is
     refitted to the deadline, which moves on by the time each evaluation takes), and once with
     final=True after the last step (never twice at the last step). `on_step` sees each step's metrics.
+    A signal inside the trainer's `stop_on_signals` ends it at the next step boundary, without the final
+    evaluation: the caller finds `trainer.stop_signal` set.
     """
     if (every is None) == (seconds is None):
         raise ValueError("give either every (steps between evaluations) or seconds (a time budget)")
@@ -59,6 +61,8 @@ def train_evaluating(
         train_s += time.perf_counter() - t0
         if on_step is not None:
             on_step(metrics)
+        if trainer.stop_requested():
+            return train_s
         if trainer.done:
             break
         due = trainer.global_step % every == 0 if every is not None else train_s >= next_eval_s
