@@ -3,6 +3,7 @@ trained tokenizer, metrics, validation, exact resume through PackedDataset's dat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -135,6 +136,16 @@ def test_pretrain_resume_matches_uninterrupted(workdir, tmp_path) -> None:
         return [r["loss"] for r in read_metrics(run, stage="pretrain") if "loss" in r]
 
     assert losses(tmp_path / "b") == losses(tmp_path / "a")  # bitwise, through the data position
+
+
+def test_a_python_caller_may_give_paths(workdir, tmp_path) -> None:
+    """`out`, `preset`, `tokenizer` as `Path`s from Python (a notebook): the run trained to its end and
+    then failed to write its train state (a Path is no JSON), losing the run; its resume likewise."""
+    paths = dict(out=tmp_path, preset=workdir / "micro", tokenizer=workdir / "tok")
+    cfg = dataclasses.replace(config(workdir, tmp_path, steps=2, val_every=0), **paths)
+    pretrain(cfg)
+    pretrain(dataclasses.replace(cfg, steps=3, resume=True))
+    assert [r["step"] for r in read_metrics(tmp_path, stage="pretrain") if "loss" in r] == [1, 2, 3]
 
 
 def test_resuming_a_finished_run_trains_validates_and_writes_nothing(workdir, tmp_path, capsys) -> None:

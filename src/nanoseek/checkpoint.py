@@ -889,7 +889,9 @@ def save_train_state(
                 if isinstance(e.__context__, OSError):
                     raise e.__context__ from None
                 raise
-    atomic_write(ts / "trainer.json", json.dumps(meta, indent=2) + "\n")
+    # a Python caller's settings may hold paths (`data=Path(...)`): their text, not a TypeError after
+    # the whole run had trained
+    atomic_write(ts / "trainer.json", json.dumps(meta, indent=2, default=os.fspath) + "\n")
 
 
 def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]] | None:

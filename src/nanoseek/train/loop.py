@@ -808,7 +808,8 @@ class Trainer:
         longer --steps, which a resume may ask for), γ, and the stage's `resume_settings`."""
         optim = {k: v for k, v in asdict(self.optim_config).items() if k != "warmup_steps"}
         settings = {**optim, "bias_update_speed": self.bias_update_speed, **self.resume_settings}
-        return json.loads(json.dumps(settings))  # tuples become lists, as in the saved copy
+        # tuples become lists, and paths (a Python caller's `out=Path(...)`) text, as in the saved copy
+        return json.loads(json.dumps(settings, default=os.fspath))
 
     @staticmethod
     def _saved_meta(ckpt: Path) -> dict[str, Any]:
