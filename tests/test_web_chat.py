@@ -711,12 +711,8 @@ def test_a_long_word_wraps_in_its_message_and_the_page_follows_a_dark_system_the
             assert luminance(selector, "color") > 180, selector
 
 
-@pytest.mark.slow
-def test_scrolling_up_while_an_answer_streams_keeps_the_readers_place(browser):
-    """Each token scrolled the page to the bottom, so a reader who scrolled up to an earlier part of a long
-    answer was pulled back down at once. The view follows new tokens only while it is at the bottom (as
-    llama.cpp's page does), again once the reader returns there, and always for a new message."""
-    server = _answering("\n\n".join(f"line {i}" for i in range(150)), step_delay=0.03)
+def _scroll_probes(browser) -> tuple:
+    """(at_bottom(), height()) of the page's message list, for the scroll-following tests."""
 
     def at_bottom() -> bool:
         return browser.js(
@@ -725,6 +721,18 @@ def test_scrolling_up_while_an_answer_streams_keeps_the_readers_place(browser):
 
     def height() -> int:
         return browser.js("document.getElementById('messages').scrollHeight")
+
+    return at_bottom, height
+
+
+@pytest.mark.slow
+def test_scrolling_up_while_an_answer_streams_keeps_the_readers_place(browser):
+    """Each token scrolled the page to the bottom, so a reader who scrolled up to an earlier part of a long
+    answer was pulled back down at once. The view follows new tokens only while it is at the bottom (as
+    llama.cpp's page does), again once the reader returns there, and always for a new message."""
+    server = _answering("\n\n".join(f"line {i}" for i in range(150)), step_delay=0.03)
+
+    at_bottom, height = _scroll_probes(browser)
 
     with server as srv:
         browser.call(
@@ -762,13 +770,7 @@ def test_a_taller_window_while_an_answer_streams_keeps_following_it(browser):
     for the rest of the turn, where the browser has no scroll anchoring to hide it (Safari)."""
     server = _answering("\n\n".join(f"line {i}" for i in range(150)), step_delay=0.03)
 
-    def at_bottom() -> bool:
-        return browser.js(
-            "(m => m.scrollHeight - m.scrollTop - m.clientHeight < 5)(document.getElementById('messages'))"
-        )
-
-    def height() -> int:
-        return browser.js("document.getElementById('messages').scrollHeight")
+    at_bottom, height = _scroll_probes(browser)
 
     def window(h: int) -> None:
         browser.call(
