@@ -129,19 +129,18 @@ def test_endpoint_rebuilds_reasoning_and_scores_it(tmp_path) -> None:
 def test_concurrency_sets_the_requests_in_flight_and_is_refused_for_a_checkpoint(monkeypatch) -> None:
     """Eight requests were in flight whatever the endpoint (a rate-limited API answered 429s, a batching
     server was left idle); --concurrency sets it, as lm-evaluation-harness's num_concurrent."""
-    import concurrent.futures
+    from multiprocessing.pool import ThreadPool
 
     import nanoseek.evaluate as ev
 
     widths = []
-    real = concurrent.futures.ThreadPoolExecutor
 
-    class Recording(real):  # type: ignore[misc, valid-type]
-        def __init__(self, max_workers=None, **kw):
-            widths.append(max_workers)
-            super().__init__(max_workers=max_workers, **kw)
+    class Recording(ThreadPool):
+        def __init__(self, processes=None, *args, **kw):
+            widths.append(processes)
+            super().__init__(processes, *args, **kw)
 
-    monkeypatch.setattr(ev, "ThreadPoolExecutor", Recording)
+    monkeypatch.setattr(ev, "ThreadPool", Recording)
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/models"):
@@ -993,3 +992,33 @@ def test_an_endpoint_answers_a_prompt_near_its_context_as_a_checkpoint_does(tmp_
     sampler, _ = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
     with pytest.raises(ValueError, match="answered 400: .*maximum context length is 64 tokens"):
         evaluate(cfg, sampler=sampler)
+
+
+def test_ctrl_c_during_an_endpoint_evaluation_leaves_the_requests_in_flight(tmp_path) -> None:
+    """Ctrl-C while requests are in flight stops the evaluation at once: the requests are abandoned on
+    daemon threads, where a thread pool's workers were waited for (and joined again at exit) for as long
+    as the longest generation ran."""
+    import os
+    import signal
+    import threading
+
+    release, answered, daemon = threading.Event(), [], []
+    stub = _stub_endpoint(4, lambda n: 3)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        daemon.append(threading.current_thread().daemon)
+        if len(daemon) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, while this request is generated
+        release.wait(5)  # a long generation
+        answered.append(request)
+        return stub.send(request)
+
+    cfg = EvalConfig(model="http://stub:8000", task="arithmetic", k=1, n=4, language="en")
+    cfg.endpoint_model, cfg.concurrency, cfg.progress = "stub", 2, False
+    sampler, _ = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sampler(_problems(4))
+        assert not answered and daemon and all(daemon)
+    finally:
+        release.set()

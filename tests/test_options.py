@@ -247,3 +247,35 @@ def test_the_cli_exit_status_and_stream_of_each_outcome(monkeypatch, capsys) -> 
     with pytest.raises(SystemExit) as e:
         main(["generate", "ck", "--max-new-tokens", "2", "--bogus"])
     assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path) -> None:
+    """SIGTERM (`kill`, `timeout`, a container's stop) mid-write ended Python where it stood: no `finally`
+    ran, so the atomic writer's scratch file (`.NAME.tmp`, a whole GGUF for `export`) stayed beside
+    the output, and the command said nothing. It unwinds as Ctrl-C does: one line, exit 143, the file
+    before left as it was and nothing beside it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "report.md"
+    out.write_text("the good one")
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import nanoseek.commands.report
+        from nanoseek.atomic import atomic_file
+        from nanoseek.cli import main
+
+        def run(args):  # a command killed while it writes its output
+            with atomic_file({str(out)!r}) as tmp:
+                tmp.write_text("half of it")
+                os.kill(os.getpid(), signal.SIGTERM)
+                tmp.write_text("all of it")
+
+        nanoseek.commands.report.run = run
+        sys.exit(main(["report", "somewhere"]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (143, "terminated\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+    assert out.read_text() == "the good one"

@@ -1989,6 +1989,42 @@ def test_serve_ctrl_c_says_what_it_waits_for_and_a_second_one_stops_quietly(tmp_
     assert rest == "interrupted\n"
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_serve_says_it_stopped_when_a_signal_stops_it(micro_checkpoint, sig):
+    """A stop by SIGTERM (systemd, a container) or Ctrl-C ended without its `stopped` line: uvicorn raises
+    the signal again once it has stopped, which ended the process (SIGTERM) or printed `interrupted`
+    (Ctrl-C) before it. Now the line, then SIGTERM's end by the signal (clean, to systemd) or exit 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanoseek", "serve", micro_checkpoint, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        while "listening on" not in (line := proc.stdout.readline()):
+            assert line, proc.stderr.read()
+        url = line.split("listening on ")[1].split()[0]
+        for _ in range(100):  # the server answers once uvicorn runs (and has taken the signals)
+            with contextlib.suppress(httpx.TransportError):
+                httpx.get(f"{url}/v1/models", timeout=5)
+                break
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert out == "nanoseek serve: stopped\n"  # (the probe above may still count as a request in flight)
+    assert "interrupted" not in err and "Traceback" not in err
+    assert proc.returncode == (-signal.SIGTERM if sig == "SIGTERM" else 130)
+
+
 def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, capsys):
     """`nanoseek serve DIR --quantize int8` serves int8 weights (quantized while the checkpoint streams)."""
     import uvicorn

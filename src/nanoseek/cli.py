@@ -7,15 +7,29 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import errno
 import importlib
 import io
 import os
 import pkgutil
+import signal
 import sys
+from collections.abc import Iterator
 
 import nanoseek.commands as _commands
 from nanoseek.train import TrainingDiverged, TrainingInterrupted
+
+# Commands that stop on SIGTERM their own way: those that train save at the next step and exit 143
+# (`Trainer.stop_on_signals`; a rank under torchrun is not to unwind mid-collective), and `serve` (uvicorn)
+# finishes the requests in flight, then ends by the signal (clean, to systemd).
+OWN_SIGTERM = frozenset({"pretrain", "sft", "grpo", "distill", "speedrun", "ablate", "serve"})
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, as Ctrl-C raises KeyboardInterrupt (see `_sigterm_unwinds`).
+    A BaseException, so no `except Exception` takes it; not a KeyboardInterrupt, which `chat` takes
+    as "stop this reply" and goes on."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         # the empty input /dev/null gives; the open takes fd 0, so no file opened later lands there.
         sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 (the process's stdin, left open)
     try:
-        result = args.func(args)
+        with _sigterm_unwinds(args.command):
+            result = args.func(args)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except TrainingInterrupted as e:  # saved at a step boundary: say where, and how to go on from it
         if os.environ.get("RANK", "0") == "0":  # once under torchrun, not by every rank
             print(
@@ -105,6 +123,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nanoseek {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return int(result or 0)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds(command: str) -> Iterator[None]:
+    """Inside, SIGTERM (`kill`, `timeout`, a container's or systemd's stop) raises `Terminated`. By
+    default it ends Python where it stands, no `finally` run: an export cut short left its whole
+    `.NAME.gguf.tmp` beside the output, and a command ended without a word. A SIGTERM ignored before
+    (or handled outside Python) stays so; the handler before comes back on leaving."""
+    import threading
+
+    if (
+        command in OWN_SIGTERM
+        or threading.current_thread() is not threading.main_thread()  # (handlers cannot be set there)
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _resume_command(argv: list[str] | None, args: argparse.Namespace) -> str:

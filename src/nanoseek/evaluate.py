@@ -27,8 +27,8 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any
 
@@ -519,14 +519,17 @@ def endpoint_sampler(
     def sample(problems: Sequence[Any]) -> list[list[Sample]]:
         from nanoseek.metrics import progress_bar
 
+        # ThreadPool, not ThreadPoolExecutor: its workers are daemon threads, and leaving the block
+        # drops the requests not yet answered. An executor's workers are joined at exit, so Ctrl-C (or
+        # one problem's error) waited for every request in flight, as long as the longest generation.
         with (
-            ThreadPoolExecutor(max_workers=cfg.concurrency or DEFAULT_CONCURRENCY) as pool,
+            ThreadPool(cfg.concurrency or DEFAULT_CONCURRENCY) as pool,
             progress_bar(
                 total=len(problems) * cfg.k, desc="eval samples", leave=False, disable=not cfg.progress
             ) as bar,
         ):
             out = []
-            for samples in pool.map(one, range(len(problems)), problems):
+            for samples in pool.imap(lambda args: one(*args), enumerate(problems)):
                 out.append(samples)
                 bar.update(len(samples))
             return out

@@ -205,11 +205,17 @@ def run(args: argparse.Namespace) -> int:
     # uvicorn colours its log lines on any terminal: not where the environment refuses colour, as chat
     http = _server(uvicorn.Config(app, log_level="warning", use_colors=False if colors_refused() else None))
     server.engine.on_death = lambda e: setattr(http, "should_exit", True)
-    http.run(sockets=[sock])
+    try:
+        http.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it stopped
+        if http.force_exit:  # a second one dropped the requests in flight: `interrupted`
+            raise
+        return 130  # the requests finished, and `stopped` said so
     if server.engine.error is not None:
         print(f"nanoseek serve: stopped: the engine failed: {server.engine.error!r}", file=sys.stderr)
         return 1
-    print("nanoseek serve: stopped")
+    if not http.stopped_by_signal:
+        print("nanoseek serve: stopped")
     return 0
 
 
@@ -218,12 +224,25 @@ def _server(config: Any) -> Any:
     flight first (its own line saying so is below log level warning: the server seemed to ignore the
     signal for as long as the longest generation ran); a second Ctrl-C drops them, which uvicorn logs
     as one error traceback per dropped request and one for the app's shutdown."""
+    import contextlib
     import logging
     import signal
 
     import uvicorn
 
     class Server(uvicorn.Server):
+        stopped_by_signal = False
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            # uvicorn raises a signal it stopped on again as it leaves this, which ends the process by a
+            # SIGTERM (clean, to systemd) before the line after `run` that says the server stopped
+            with super().capture_signals():
+                yield
+                if getattr(self, "_captured_signals", None) and not self.force_exit:
+                    self.stopped_by_signal = True
+                    print("nanoseek serve: stopped", flush=True)
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             first = not self.should_exit
             super().handle_exit(sig, frame)  # first: a second signal may land while this one prints
