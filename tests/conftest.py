@@ -58,3 +58,20 @@ def micro_checkpoint(tmp_path_factory) -> str:
     save_model(build_model(cfg).init_weights(0), d)
     tok.save(d)
     return str(d)
+
+
+@pytest.fixture
+def narrow_checkpoint(micro_checkpoint, tmp_path) -> str:
+    """The micro checkpoint's tokenizer beside a model with 64 rows fewer than it has tokens: another
+    model's tokenizer.json, or a config.json edited down."""
+    import shutil
+
+    from nanoseek.checkpoint import build_model, save_model
+    from nanoseek.config import ModelConfig
+
+    d = tmp_path / "narrow"
+    config = ModelConfig.load(micro_checkpoint)
+    save_model(build_model(config.replace(vocab_size=config.vocab_size - 64)).init_weights(0), d)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{micro_checkpoint}/{name}", d / name)
+    return str(d)

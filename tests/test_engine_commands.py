@@ -857,3 +857,33 @@ def test_chat_on_a_terminal_reads_a_line_longer_than_the_terminals_own(checkpoin
         proc.kill()
         os.close(primary)
     assert f"the message is {n} tokens".encode() in seen
+
+
+def test_generate_and_chat_refuse_a_tokenizer_larger_than_the_models_vocabulary(checkpoint, tmp_path, capsys):
+    """Another model's tokenizer.json (or a config.json edited down) loaded without complaint: the engine
+    refused a prompt only when it used an id past the model's rows, and sampling never made them. Said
+    before the weights load, naming both files; a vocabulary padded past the tokenizer (DeepSeek's,
+    Qwen's) is normal."""
+    import shutil
+
+    from nanoseek.cli import main
+    from nanoseek.commands.generate import load_for_generation
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    for name, vocab_size in (("small", tok.vocab_size - 100), ("padded", tok.vocab_size + 48)):
+        cfg = small_config(
+            vocab_size=vocab_size, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id
+        )
+        save_model(DeepSeekV3(cfg).init_weights(seed=0), tmp_path / name)
+        tok.save(tmp_path / name)
+    small = tmp_path / "small"
+    (small / "model.safetensors").write_bytes(b"\0" * 100)  # never read: the check comes first
+    assert main(["generate", str(small), "the", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"tokenizer.json has {tok.vocab_size} tokens" in err and str(small / "config.json") in err
+    assert f"vocab_size ({small / 'config.json'}) is {tok.vocab_size - 100}" in err
+    with pytest.raises(ValueError, match="tokenizer the model was trained with"):
+        load_for_generation(cli_args("chat", str(small)))
+    shutil.rmtree(small)
+    assert main(["generate", str(tmp_path / "padded"), "the", "--max-new-tokens", "2"]) == 0

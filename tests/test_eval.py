@@ -490,6 +490,16 @@ def test_tasks_of_one_checkpoint_sampled_in_one_queue_draw_what_each_draws_alone
         evaluate_many([cfg("arithmetic", 2, "x"), dataclasses.replace(cfg("comparison", 2, "x"), k=1)])
 
 
+def test_eval_refuses_a_tokenizer_larger_than_the_models_vocabulary(narrow_checkpoint) -> None:
+    """A tokenizer.json from another model was evaluated with: its ids past the model's rows refused
+    only in the prompts that held one, and never sampled. Said before the weights load."""
+    from nanoseek.evaluate import CheckpointSampler
+
+    cfg = EvalConfig(model=narrow_checkpoint, task="arithmetic", k=1, max_new_tokens=2, progress=False)
+    with pytest.raises(ValueError, match="tokens but the model's vocab_size .* use the tokenizer"):
+        CheckpointSampler(cfg)
+
+
 def test_a_jsonl_tasks_warning_is_said_once(micro_checkpoint, tmp_path) -> None:
     """`nanoseek eval CK --task jsonl:FILE` under the default --n: the file holds fewer test problems,
     said once (`evaluate_many` drew them, then `evaluate` drew them again and said it again)."""

@@ -379,7 +379,9 @@ def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
     shutil.copytree(ckpt, small)
     config = json.loads((small / "config.json").read_text())
     (small / "config.json").write_text(json.dumps({**config, "vocab_size": tok.vocab_size - 1}))
-    with pytest.raises(ValueError, match="tokenizer has .* tokens but the model's vocab_size"):
+    with pytest.raises(
+        ValueError, match=r"tokenizer.json has .* tokens but the model's vocab_size \(.*config.json\) is"
+    ):
         export_gguf(small, tmp_path / "x.gguf")
     # V2-Lite's own shape loads (27 layers, full-rank query); so does a full-rank query at any depth.
     assert check_exportable(get_preset("deepseek-v2-lite")) == []
@@ -391,6 +393,24 @@ def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
     kv = _keys(all_dense, tmp_path)
     assert kv["leading_dense_block_count"] == 4 and kv["expert_shared_count"] == 0
     assert "expert_count" not in kv and kv["expert_feed_forward_length"] == all_dense.intermediate_size
+
+
+def test_a_context_length_past_gguf_s_uint32_is_refused_before_loading(checkpoint, tmp_path, capsys) -> None:
+    """`max_position_embeddings: 100000000000` (a typo) was a struct.error traceback once the model had
+    loaded: GGUF holds the context lengths as uint32."""
+    big = tmp_path / "big"
+    shutil.copytree(checkpoint[0], big)
+    config = json.loads((big / "config.json").read_text())
+    (big / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 10**11}))
+    assert main(["export", str(big), "--gguf", str(tmp_path / "x.gguf")]) == 2
+    captured = capsys.readouterr()
+    assert (
+        "max_position_embeddings=100000000000 does not fit" in captured.err and "loading" not in captured.out
+    )
+    assert not (tmp_path / "x.gguf").exists()
+    yarn = {"type": "yarn", "factor": 1.0, "original_max_position_embeddings": 2**32}
+    with pytest.raises(ValueError, match="rope_scaling.original_max_position_embeddings=4294967296"):
+        check_exportable(get_preset("tiny").replace(rope_scaling=yarn))
 
 
 def test_tokenizer_keys_are_the_tokenizer_s_own(checkpoint, tmp_path) -> None:

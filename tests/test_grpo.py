@@ -717,6 +717,15 @@ def test_config_errors(micro_checkpoint, tmp_path) -> None:
         grpo(_cfg(micro_checkpoint, tmp_path / "small", train_pool=1))
 
 
+def test_grpo_refuses_a_tokenizer_larger_than_the_models_vocabulary(narrow_checkpoint, tmp_path) -> None:
+    """Rollouts from a model that has no rows for some of its tokenizer's ids: refused at the start."""
+    from nanoseek.train.grpo import grpo
+
+    with pytest.raises(ValueError, match="tokens but the model's vocab_size .* use the tokenizer"):
+        grpo(_cfg(narrow_checkpoint, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_prompt_sampler_uniform_draws_distinct_problems_from_the_pool() -> None:
     import random
 

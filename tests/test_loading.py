@@ -29,8 +29,9 @@ from nanoseek.engine.quantize import QuantLinear, QuantRoutedExperts, quantize_m
 
 
 def config(**changes) -> ModelConfig:
-    """The shared small shape, with an MTP layer (its weights stream too)."""
-    return small_config(**{"num_nextn_predict_layers": 1, **changes})
+    """The shared small shape, with an MTP layer (its weights stream too), and the vocabulary of the
+    micro checkpoint's tokenizer (400 tokens), which `with_tokenizer` gives a broken directory."""
+    return small_config(**{"num_nextn_predict_layers": 1, "vocab_size": 400, **changes})
 
 
 @pytest.fixture
@@ -384,6 +385,25 @@ def test_unknown_model_type(saved, capsys, micro_checkpoint):
         nanoseek.load_model(d)
     with_tokenizer(d, micro_checkpoint)
     assert "model_type 'mamba'" in one_line_error(capsys, d)
+
+
+def test_a_layer_count_past_the_weights_is_refused_before_the_model_is_built(saved, capsys, micro_checkpoint):
+    """`num_hidden_layers: 1000000` (a typo) kept inspect, generate and export building the model on the
+    meta device for minutes before the key check; inspect counted a model the files do not hold. The
+    files' keys (their headers) say it first."""
+    from nanoseek.checkpoint import checkpoint_config
+
+    d, _ = saved
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 30}))
+    message = rf"num_hidden_layers=30 but the weights in {d} hold layers 0\.\.3"
+    for load in (nanoseek.load_model, checkpoint_config):
+        with pytest.raises(ValueError, match=message):
+            load(d)
+    assert cli(["inspect", str(d)]) == 2
+    assert "num_hidden_layers=30" in capsys.readouterr().err
+    with_tokenizer(d, micro_checkpoint)
+    assert "num_hidden_layers=30" in one_line_error(capsys, d)
 
 
 def test_config_and_weights_disagree_on_a_shape(saved, capsys, micro_checkpoint):

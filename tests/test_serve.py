@@ -2101,6 +2101,28 @@ def test_cli_serve_closes_its_socket_when_loading_fails(tmp_path, tok, model, mo
     assert len(socks) == 2 and all(s.fileno() == -1 for s in socks)  # -1: closed
 
 
+def test_cli_serve_refuses_a_tokenizer_larger_than_the_models_vocabulary(
+    tmp_path, tok, model, monkeypatch, capsys
+):
+    """A tokenizer.json from another model, with ids the model has no embedding for, was served: only a
+    prompt that used one was refused, per request. Said at start, before the weights load."""
+    from nanoseek.checkpoint import save_model
+    from nanoseek.cli import main
+    from nanoseek.commands import serve as serve_command
+
+    def served(_config):
+        raise AssertionError("the checkpoint was served")
+
+    monkeypatch.setattr(serve_command, "_server", served)
+
+    ckpt = tmp_path / "ck"
+    save_model(DeepSeekV3(model.config.replace(vocab_size=tok.vocab_size - 1)).init_weights(0), ckpt)
+    tok.save(ckpt)
+    assert main(["serve", str(ckpt), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{ckpt / 'tokenizer.json'} has {tok.vocab_size} tokens but the model's vocab_size" in err
+
+
 def test_cli_serve_checks_its_flags_before_a_hub_download(monkeypatch, capsys):
     """`serve owner/name --port 70000` downloaded the model's weights before saying the port was no
     port (offline: the Hub's error instead of the flag's); a busy port too."""

@@ -397,6 +397,19 @@ def test_token_ids_beyond_the_models_vocabulary_are_refused_before_training(tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_sft_refuses_a_tokenizer_larger_than_the_models_vocabulary(narrow_checkpoint, tmp_path) -> None:
+    """A checkpoint whose tokenizer has ids past its model's rows, named with both files at the start
+    (`train_on_examples` said only that some id was out of range, once the data was built)."""
+    from nanoseek.train.sft import SFTConfig, sft
+
+    cfg = SFTConfig(
+        init=narrow_checkpoint, task="arithmetic", out=str(tmp_path / "out"), steps=1, progress=False
+    )
+    with pytest.raises(ValueError, match="tokens but the model's vocab_size .* use the tokenizer"):
+        sft(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_mfu_counts_no_mtp_flops_sft_does_not_run(tmp_path, monkeypatch) -> None:
     """SFT's loss is the main head's alone: a model with an MTP module must not be credited its FLOPs."""
 

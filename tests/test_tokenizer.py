@@ -1214,6 +1214,14 @@ def test_chat_template_jinja_is_read_over_the_config_entry_as_transformers_reads
     assert load_tokenizer(tmp_path).apply_chat_template(msgs) == theirs == "[user]hi"
 
 
+def test_a_chat_template_jinja_not_in_utf8_is_refused_naming_the_file(tok: Tokenizer, tmp_path: Path) -> None:
+    """A chat_template.jinja saved in Latin-1 (or damaged) was the codec's error alone, naming no file."""
+    tok.save(tmp_path)
+    (tmp_path / "chat_template.jinja").write_bytes(b"{{ messages[0]['content'] }} caf\xe9")
+    with pytest.raises(ValueError, match=r"chat_template\.jinja is not UTF-8 text: 'utf-8' codec"):
+        load_tokenizer(tmp_path)
+
+
 def test_generation_config_eos_ids_also_stop_generation(tok: Tokenizer, tmp_path: Path) -> None:
     # Llama 3.1 and Qwen2.5-Instruct name several end ids there: transformers' generate and vLLM stop on
     # each, so a chat with such a checkpoint must not run on past <|eom_id|> / <|endoftext|>.

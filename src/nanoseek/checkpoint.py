@@ -30,7 +30,7 @@ import struct
 import warnings
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -50,6 +50,9 @@ from nanoseek.model.fp8 import (
     ue8m0_scales,
 )
 from nanoseek.model.transformer import DeepSeekV3
+
+if TYPE_CHECKING:
+    from nanoseek.tokenizer import Tokenizer
 
 build_model = DeepSeekV3.build  # construction lives with the model; the name stays for its callers
 TRAIN_STATE = "train_state"
@@ -699,12 +702,21 @@ def _files_identity(d: Path) -> tuple[Any, ...] | None:
 def held_config(p: Path, config: ModelConfig, keys: Iterable[str], stacklevel: int = 2) -> ModelConfig:
     """`config` as the checkpoint's tensors (`keys`) hold it: without the MTP layers it asks for when
     the files have none. transformers' DeepseekV3Config defaults to one MTP layer but its
-    save_pretrained writes none: the main model is whole, and only speculative decoding needs them."""
+    save_pretrained writes none: the main model is whole, and only speculative decoding needs them.
+    A config.json asking for layers past every one the files hold (a typo: `num_hidden_layers: 1000000`)
+    is refused here, from the keys alone: building that model first, for the key check, took minutes."""
+    n = config.num_hidden_layers
+    layers = [m for m in map(_LAYER_KEY.match, keys) if m]
+    held = 1 + max((int(m.group(1)) for m in layers), default=-1)
+    if n > held:
+        raise ValueError(
+            f"{p / 'config.json'} says num_hidden_layers={n} but the weights in {p} hold "
+            f"{'no layers' if not held else f'layers 0..{held - 1}'}: a config.json from another model, "
+            "or an edited one"
+        )
     if not config.num_nextn_predict_layers:
         return config
-    n = config.num_hidden_layers
-    layers = (_LAYER_KEY.match(k) for k in keys)
-    if any(m and int(m.group(1)) >= n and m.group(2) not in _MTP_SHARED for m in layers):
+    if any(int(m.group(1)) >= n and m.group(2) not in _MTP_SHARED for m in layers):
         return config
     warnings.warn(  # the default filter says it once per place
         f"{p}: config.json asks for {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint "
@@ -737,6 +749,26 @@ def checkpoint_config(directory: str | os.PathLike) -> ModelConfig:
     except FileNotFoundError:
         return config
     return held_config(p, config, keys, stacklevel=3)
+
+
+def checkpoint_tokenizer(directory: Path, config: ModelConfig | None = None) -> Tokenizer:
+    """Checkpoint directory `directory`'s tokenizer, refused where it has more tokens than the model's
+    vocab_size (`config`, else config.json's): said before the weights load. Such a pair (another model's
+    tokenizer.json, a config.json edited down) loaded without complaint, and the model then met ids it
+    has no embedding for only when a prompt used one, and could never sample them. A vocab_size larger
+    than the tokenizer is normal (DeepSeek's and Qwen's are padded to a multiple of 64 or 128)."""
+    from nanoseek.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(directory)
+    vocab_size = (config or ModelConfig.load(directory)).vocab_size
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"{directory / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's vocab_size "
+            f"({directory / 'config.json'}) is {vocab_size}: the ids from {vocab_size} on have no embedding. "
+            "The tokenizer is another model's, or config.json was edited: use the "
+            "tokenizer the model was trained with"
+        )
+    return tokenizer
 
 
 @torch.no_grad()

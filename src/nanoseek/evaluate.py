@@ -327,14 +327,13 @@ class CheckpointSampler:
     evaluation), or `many` with several (several tasks of one checkpoint in one engine queue)."""
 
     def __init__(self, cfg: EvalConfig, samples: int | None = None) -> None:
-        from nanoseek.checkpoint import load_model, resolve_checkpoint
+        from nanoseek.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
         from nanoseek.engine import Engine
         from nanoseek.perf import default_device
-        from nanoseek.tokenizer import load_tokenizer
 
         self.cfg = cfg
         self.path = resolve_checkpoint(cfg.model)
-        self.tok = load_tokenizer(self.path)
+        self.tok = checkpoint_tokenizer(self.path)  # one from another model: said before the weights load
         model = load_model(self.path, dtype=cfg.dtype, device=default_device()).eval()
         self.dtype = str(model.dtype).removeprefix("torch.")  # what "auto" picked, for the report
         batch = cfg.max_batch_size or min(DEFAULT_MAX_BATCH, samples or cfg.n * cfg.k)

@@ -81,6 +81,18 @@ def check_exportable(config: ModelConfig) -> list[str]:
     runs differently from nanoseek."""
     notes: list[str] = []
     n = config.num_hidden_layers
+    # GGUF holds the context lengths as uint32: a larger one (a typo) was a struct.error mid-write
+    contexts = {"max_position_embeddings": config.max_position_embeddings}
+    if config.rope_scaling and "original_max_position_embeddings" in config.rope_scaling:
+        contexts["rope_scaling.original_max_position_embeddings"] = config.rope_scaling[
+            "original_max_position_embeddings"
+        ]
+    for name, value in contexts.items():
+        if not 0 < int(value) < 2**32:
+            raise ValueError(
+                f"{name}={value} does not fit GGUF's context length (a 32-bit unsigned integer): "
+                "correct config.json"
+            )
     if config.attention_variant != "mla":
         raise ValueError(
             f"--gguf writes llama.cpp's deepseek2 (MLA) layout; this is a {config.model_type} model "
@@ -142,7 +154,7 @@ def export_gguf(
     GGUF file `out` with weights in `type` (f32, f16, bf16 or q8_0)."""
     import torch
 
-    from nanoseek.tokenizer import LLAMA_CPP_PRE, llama_cpp_pre_tokenizer, load_tokenizer
+    from nanoseek.tokenizer import LLAMA_CPP_PRE, llama_cpp_pre_tokenizer
 
     gguf = _gguf()
     say = progress or (lambda _msg: None)
@@ -169,7 +181,9 @@ def export_gguf(
             f"{src} has no tokenizer.json: a GGUF file carries its tokenizer, copy the run's tokenizer "
             "files (tokenizer.json, tokenizer_config.json) into the checkpoint directory"
         )
-    tok = load_tokenizer(src)
+    from nanoseek.checkpoint import checkpoint_tokenizer, load_model
+
+    tok = checkpoint_tokenizer(src, config)
     pre = llama_cpp_pre_tokenizer(tok)
     if pre is None or not tok.is_byte_level:
         raise ValueError(
@@ -178,13 +192,6 @@ def export_gguf(
             f"switched to Qwen2's split regex (llama.cpp's {LLAMA_CPP_PRE!r}) must be retrained "
             "(nanoseek tokenizer train) and the model trained on it, to export to GGUF"
         )
-    if tok.vocab_size > config.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {config.vocab_size}"
-        )
-
-    from nanoseek.checkpoint import load_model
-
     say(f"loading {src}")
     model = load_model(src, dtype=torch.float32)
     config = model.config  # load_model may drop MTP layers the files do not hold

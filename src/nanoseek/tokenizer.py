@@ -914,7 +914,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     # where recent transformers versions save it; like transformers, read it over the config's entry
     jinja_file = directory / "chat_template.jinja"
     if jinja_file.exists():
-        template = jinja_file.read_text(encoding="utf-8")
+        try:
+            template = jinja_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:  # the codec's error alone named no file
+            raise ValueError(f"{jinja_file} is not UTF-8 text: {e}") from None
     if template is None and backend.token_to_id(USER) is not None:
         template = R1_CHAT_TEMPLATE  # DeepSeek vocabulary without a config: R1 format
     elif template is not None and _is_ours(template):

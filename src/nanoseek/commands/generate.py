@@ -69,20 +69,19 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
     """(engine, tokenizer, model) from a checkpoint directory, with a clear error if parts are missing."""
     import torch
 
-    from nanoseek.checkpoint import load_model, resolve_checkpoint
+    from nanoseek.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
     from nanoseek.engine import Engine
     from nanoseek.perf import default_device
-    from nanoseek.tokenizer import load_tokenizer
 
     if args.threads is not None:  # before a Hub name's resolve, its whole download
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     directory = resolve_checkpoint(args.dir, tokenizer=True)
+    tokenizer = checkpoint_tokenizer(directory)  # one from another model: said before the weights load
     # Quantized as the weights stream in: memory never holds the whole model in args.dtype.
     device = args.device or default_device()
     model = load_model(directory, dtype=args.dtype, device=device, quantize=args.quantize).eval()
-    tokenizer = load_tokenizer(directory)
     speculative = args.speculative and model.config.num_nextn_predict_layers > 0
     if args.speculative and not speculative:
         print("nanoseek: this checkpoint has no MTP module; decoding without speculation", file=sys.stderr)

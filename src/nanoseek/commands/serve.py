@@ -112,9 +112,9 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from nanoseek import load_model, load_tokenizer
+    from nanoseek import load_model
     from nanoseek.accounting import count_parameters
-    from nanoseek.checkpoint import resolve_checkpoint
+    from nanoseek.checkpoint import checkpoint_tokenizer, resolve_checkpoint
     from nanoseek.commands.generate import colors_refused
     from nanoseek.engine import Engine
     from nanoseek.perf import default_device
@@ -150,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         directory = resolve_checkpoint(args.model, tokenizer=True)
         t0 = time.perf_counter()
+        tokenizer = checkpoint_tokenizer(directory)  # one from another model: said before the weights load
         model = load_model(directory, dtype=args.dtype, device=device, quantize=args.quantize).eval()
-        tokenizer = load_tokenizer(directory)
         # from the config: int8 and packed weights are buffers or opaque tensors, not parameters
         params = count_parameters(model.config).described
         engine = Engine(

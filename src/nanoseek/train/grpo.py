@@ -572,19 +572,18 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
 def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
     import time
 
-    from nanoseek.checkpoint import load_model, resolve_checkpoint
+    from nanoseek.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
     from nanoseek.data.rewards import build_reward
     from nanoseek.data.tasks import get_task
     from nanoseek.engine import Engine
     from nanoseek.evaluate import chat_prompt_ids, prompt_opens_think
     from nanoseek.metrics import MetricsLog, progress_bar
     from nanoseek.perf import default_device
-    from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.loop import OptimConfig, Trainer
 
     init = resolve_checkpoint(cfg.init, flag="--init")
     torch.manual_seed(cfg.seed)
-    tok = load_tokenizer(init)
+    tok = checkpoint_tokenizer(init)  # one from another model: said before the weights load
     model = load_model(init, device=default_device())
     # R1's template opens the think block; another family's (ChatML, Llama 3) leaves it to the model
     opened = prompt_opens_think(tok)

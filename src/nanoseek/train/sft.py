@@ -669,9 +669,8 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
     (`deadline_fn`: see `train_on_examples`)."""
     import time
 
-    from nanoseek.checkpoint import load_model, resolve_checkpoint
+    from nanoseek.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
     from nanoseek.perf import default_device
-    from nanoseek.tokenizer import load_tokenizer
 
     started = time.perf_counter()  # a time budget covers data building too, as the control pays it
 
@@ -684,7 +683,7 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
         raise ValueError("give --data chat.jsonl and/or --task NAME")
     init = resolve_checkpoint(cfg.init, flag="--init")
     torch.manual_seed(cfg.seed)
-    tok = load_tokenizer(init)
+    tok = checkpoint_tokenizer(init)  # one from another model: said before the weights load
     model = load_model(init, device=default_device())
     # (where, messages, tools): errors name the data file's line, or the task conversation
     convs: list[tuple[str, list[dict[str, Any]], list[dict] | None]] = []
