@@ -845,6 +845,25 @@ def test_the_api_key_is_not_written_into_the_report(tmp_path) -> None:
     assert json.loads(report)["config"]["api_key"] is not None
 
 
+def test_a_python_callers_path_settings_are_written_into_the_report(tmp_path) -> None:
+    """`out=Path(...)` (a notebook's) ended the evaluation in a TypeError once every sample was drawn
+    and scored, with no report written, as the training stages' Path settings once did."""
+    out = tmp_path / "e.json"  # a Path, not its text
+    cfg = EvalConfig(
+        model="http://stub:8000",
+        task="arithmetic",
+        k=1,
+        n=2,
+        language="en",
+        endpoint_model="stub",
+        progress=False,
+        out=out,
+    )
+    sampler, _ = endpoint_sampler(cfg, http_client=_stub_endpoint(2, lambda n: 3))
+    evaluate(cfg, sampler=sampler)
+    assert json.loads(out.read_text())["config"]["out"] == str(out)
+
+
 def test_an_endpoint_that_lists_no_model_asks_for_its_name() -> None:
     """A server whose GET /models lists nothing, or has no such route, is asked for --model-name in
     one line, not an IndexError's traceback or a bare 404."""

@@ -769,6 +769,34 @@ def test_a_signal_after_the_last_step_still_stops_what_runs_the_stage(workdir, t
     assert e.value.step == 3
 
 
+def test_a_notebook_sees_that_its_interrupt_was_received(workdir, tmp_path, monkeypatch) -> None:
+    """In a notebook the "stopping after this step" line went to the terminal the kernel was started
+    from: ipykernel's stderr gives that terminal's descriptor as its fileno, not the cell's."""
+    import io
+    import os
+    import signal
+    import sys
+
+    from nanoseek.train import TrainingInterrupted
+
+    read_end, terminal = os.pipe()  # the kernel's terminal, which the cell never shows
+
+    class CellStream(io.StringIO):  # as ipykernel.iostream.OutStream with its fd capture on
+        def fileno(self) -> int:
+            return terminal
+
+    CellStream.__module__ = "ipykernel.iostream"
+    cell = CellStream()
+    monkeypatch.setattr(sys, "stderr", cell)
+    try:
+        with pytest.raises(TrainingInterrupted):
+            pretrain(config(workdir, tmp_path / "run", val_every=0), on_step=_signal_at(2, signal.SIGINT))
+    finally:
+        os.close(read_end)
+        os.close(terminal)
+    assert "pretrain: SIGINT received: stopping after this step" in cell.getvalue()
+
+
 def test_a_second_signal_stops_at_once_without_saving(workdir, tmp_path, monkeypatch) -> None:
     """A second Ctrl-C is "stop now": a KeyboardInterrupt, no checkpoint; one delivered twice at once (a
     terminal's Ctrl-C reaches every process of the group, and torchrun forwards it again) is one."""

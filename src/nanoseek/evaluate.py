@@ -710,6 +710,8 @@ def evaluate(
             },
             indent=2,
             ensure_ascii=False,
+            # a Python caller's paths (`out=Path(...)`) as text, not a TypeError once every sample was drawn
+            default=os.fspath,
         ),
     )
     metrics["json"] = str(out)

@@ -614,8 +614,8 @@ class Trainer:
         a kill) only asks the run to stop: the stage sees it at `stop_requested`, saves and raises
         `interrupted`. A second aborts at once, as the signal does outside (the checkpoint's atomic
         write leaves nothing half written). The previous handlers come back on leaving (the Python
-        API runs in notebooks); a signal ignored before (nohup, the speedrun's stage processes'
-        SIGINT) stays ignored. Off the main thread, where handlers cannot be set, nothing changes.
+        API runs in notebooks); a signal ignored before (a background job's SIGINT, the speedrun's
+        stage processes' SIGINT) stays ignored. Off the main thread, where handlers cannot be set, nothing changes.
         `then`: what the stage does on stopping, as the first signal's message says it."""
         import signal
         import threading
@@ -929,10 +929,15 @@ def _say(message: str) -> None:
     have interrupted a write to the same stream (a progress bar's), which `print` would re-enter."""
     import sys
 
-    try:
-        os.write(sys.stderr.fileno(), (message + "\n").encode(errors="replace"))
-    except (AttributeError, OSError, ValueError):  # a notebook's stderr has no file descriptor
-        print(message, file=sys.stderr)
+    # A notebook's stderr (ipykernel's stream, as `progress_bar` tells it) is printed to: its fileno is a
+    # copy of the terminal the kernel was started from, not the cell, which never showed the line
+    if not type(sys.stderr).__module__.startswith("ipykernel."):
+        try:
+            os.write(sys.stderr.fileno(), (message + "\n").encode(errors="replace"))
+            return
+        except (AttributeError, OSError, ValueError):  # a stream with no file descriptor
+            pass
+    print(message, file=sys.stderr)
 
 
 # ------------------------------------------------------------------ step log

@@ -36,10 +36,12 @@
     return restore(text);
   }
 
-  // A GitHub table's row split into its cells: outer pipes are optional, and "\\|" is a pipe inside a cell.
+  // A GitHub table's row split into its cells: outer pipes are optional, and "\\|" is a pipe inside a cell,
+  // set aside as a NUL (the model's own are dropped) rather than told apart by a lookbehind: Safari before
+  // 16.4 refuses a whole script over one, and no answer rendered there.
   function cells(line) {
-    return line.trim().replace(/^\|/, "").replace(/(?<!\\)\|$/, "").split(/(?<!\\)\|/)
-               .map(function (c) { return c.trim().replace(/\\\|/g, "|"); });
+    return line.trim().replace(/\\\|/g, "\u0000").replace(/^\|/, "").replace(/\|$/, "").split("|")
+               .map(function (c) { return c.trim().replace(/\u0000/g, "|"); });
   }
   const delimiterRow = /^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;
 
