@@ -884,3 +884,51 @@ def test_an_interrupted_speedrun_says_its_stage_saved_and_that_a_rerun_resumes(t
         in err
     )
     assert err.strip().endswith("resume with: nanoseek " + " ".join(args))  # a rerun resumes: no --resume
+
+
+def _student_sleeping(run: str, preset, stage: str, during: str, threads: int) -> None:
+    """The student's stage beside the teacher's pretraining (as `_run_stage` is started), still running."""
+    time.sleep(60)
+
+
+def test_a_signal_while_the_teacher_waits_for_its_student_is_not_held_up(tmp_path, monkeypatch):
+    """The teacher takes its threads back at a fixed step, waiting there for the student. A Ctrl-C
+    then (the student ignores SIGINT) or a SIGTERM to this process alone waited for the student's whole
+    run: the teacher now stops at once, and its stop is passed on to the student."""
+    import math
+    import os
+    import signal
+    import types
+
+    import torch
+
+    import nanoseek.speedrun as speedrun_mod
+    from nanoseek.train import TrainingInterrupted
+    from nanoseek.train.loop import Trainer, stop_pending
+
+    monkeypatch.setattr(speedrun_mod, "_run_stage", _student_sleeping)
+    trainer = types.SimpleNamespace(_signal=0, _signal_at=0.0, dist=types.SimpleNamespace(is_main=False))
+    waited = []
+
+    def pretrain(self, student=False, on_step=None):
+        at = math.ceil(self.p.pretrain_steps * speedrun_mod.TAKE_BACK_AT)
+        with Trainer.stop_on_signals(trainer):
+            os.kill(os.getpid(), signal.SIGINT)  # handled at once: this is the main thread
+            assert stop_pending()
+            t0 = time.monotonic()
+            on_step(at)
+            waited.append(time.monotonic() - t0)
+        assert not stop_pending()
+        raise TrainingInterrupted("pretrain", signal.SIGINT, at, self.p.pretrain_steps, "RUN/pretrain")
+
+    monkeypatch.setattr(Speedrun, "pretrain", pretrain)
+    run = Speedrun(tmp_path / "run", PRESETS["smoke"], progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one for each: the teacher has one to take back
+    started = time.monotonic()
+    try:
+        with pytest.raises(TrainingInterrupted):
+            run.pretrain_beside_student()
+    finally:
+        torch.set_num_threads(threads)
+    assert waited[0] < 5 and time.monotonic() - started < 30

@@ -611,6 +611,8 @@ class Speedrun:
 
         import torch
 
+        from nanoseek.train.loop import stop_pending
+
         threads = torch.get_num_threads()
         at = math.ceil(self.p.pretrain_steps * TAKE_BACK_AT)
         if self._saved_step("pretrain") >= at:  # resumed past the step where it took back every thread
@@ -622,10 +624,13 @@ class Speedrun:
             def take_back(step: int) -> None:
                 if step >= at and torch.get_num_threads() < threads:
                     # a student still running is waited for: three busy threads on two cores would
-                    # slow both more than the wait costs
-                    if child is not None:
-                        child.join()
-                    torch.set_num_threads(threads)
+                    # slow both more than the wait costs. Not past a Ctrl-C or SIGTERM, though: the
+                    # student ignores SIGINT, and the stop waited for its whole run; the teacher stops
+                    # at its next step, and its stop is passed on to the student (`_beside`).
+                    while child is not None and child.is_alive() and not stop_pending():
+                        child.join(0.2)
+                    if not stop_pending():
+                        torch.set_num_threads(threads)
 
             return self.pretrain(on_step=take_back)
 

@@ -62,6 +62,14 @@ REFIT_EVERY = 5  # steps between refits of a time-budgeted run's step count
 # A repeat of the stop signal this soon after the first is the same stop delivered twice, not a second
 # request: a terminal's Ctrl-C reaches every process of its group, and torchrun forwards it to its ranks.
 REPEAT_WINDOW_S = 1.0
+_STOP_PENDING: list[int] = []  # the signal a running stage received and has not yet stopped for
+
+
+def stop_pending() -> bool:
+    """Whether a SIGINT/SIGTERM asked the stage running in this process to stop (`Trainer.stop_on_signals`)
+    and it has not yet: for a callback that waits inside a step (the speedrun's teacher waiting for its
+    student), which would otherwise hold the stop up for as long as it waits."""
+    return bool(_STOP_PENDING)
 
 
 # ------------------------------------------------------------------ config
@@ -641,6 +649,7 @@ class Trainer:
                     signal.raise_signal(signum)  # SIG_DFL: the process ends by the signal
                 return
             self._signal, self._signal_at = signum, time.monotonic()
+            _STOP_PENDING.append(signum)
             if self.dist.is_main:
                 again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
                 _say(
@@ -658,6 +667,7 @@ class Trainer:
             yield
         finally:
             restore()
+            _STOP_PENDING.clear()
 
     def stop_requested(self) -> bool:
         """Whether a signal asked the run to stop (see `stop_on_signals`), agreed by every rank: each
