@@ -19,10 +19,10 @@ from nanoseek.data.corpus import (
     PackedDataset,
     in_validation_split,
     iter_documents,
-    resolve_files,
     tokenizer_documents,
     window_tokens,
 )
+from nanoseek.data.files import resolve_files
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
 
 # the `corpus` fixture holds a notes.csv a folder scan leaves out, and says so at every scan

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from nanoseek.data.tasks import get_task
+from nanoseek.data.tasks import get_task, split_task_list
 from nanoseek.evaluate import (
     EvalConfig,
     Sample,
@@ -18,20 +18,12 @@ from nanoseek.evaluate import (
     eval_problems,
     evaluate,
     problems_digest,
-    split_task_list,
 )
 from nanoseek.metrics import read_metrics
 
 
 def _problems(n: int = 3):
     return get_task("arithmetic").problems("test", n, seed=0, language="en")
-
-
-def test_split_task_list_keeps_option_commas() -> None:
-    assert split_task_list("arithmetic?ops=add,sub,countdown") == ["arithmetic?ops=add,sub", "countdown"]
-    assert split_task_list("rg:leg_counting,jsonl:/x.jsonl") == ["rg:leg_counting", "jsonl:/x.jsonl"]
-    with pytest.raises(ValueError):
-        split_task_list(" , ")
 
 
 def test_metrics_from_stub_sampler(tmp_path) -> None:

@@ -23,6 +23,7 @@ from nanoseek.data.tasks import (
     in_unseen_wordings,
     parse_number,
     split_of,
+    split_task_list,
 )
 from nanoseek.tasks import check_numeric
 
@@ -1212,3 +1213,10 @@ def test_jsonl_file_with_a_byte_order_mark_loads(tmp_path):
     )
     (problem,) = get_task(f"jsonl:{path}").items
     assert (problem.prompt, problem.answer) == ("What is 2 + 2?", "4")
+
+
+def test_split_task_list_keeps_option_commas() -> None:
+    assert split_task_list("arithmetic?ops=add,sub,countdown") == ["arithmetic?ops=add,sub", "countdown"]
+    assert split_task_list("rg:leg_counting,jsonl:/x.jsonl") == ["rg:leg_counting", "jsonl:/x.jsonl"]
+    with pytest.raises(ValueError):
+        split_task_list(" , ")

@@ -30,7 +30,7 @@ import struct
 import warnings
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -50,9 +50,6 @@ from nanoseek.model.fp8 import (
     ue8m0_scales,
 )
 from nanoseek.model.transformer import DeepSeekV3
-
-if TYPE_CHECKING:
-    from nanoseek.tokenizer import Tokenizer
 
 build_model = DeepSeekV3.build  # construction lives with the model; the name stays for its callers
 TRAIN_STATE = "train_state"
@@ -749,26 +746,6 @@ def checkpoint_config(directory: str | os.PathLike) -> ModelConfig:
     except FileNotFoundError:
         return config
     return held_config(p, config, keys, stacklevel=3)
-
-
-def checkpoint_tokenizer(directory: Path, config: ModelConfig | None = None) -> Tokenizer:
-    """Checkpoint directory `directory`'s tokenizer, refused where it has more tokens than the model's
-    vocab_size (`config`, else config.json's): said before the weights load. Such a pair (another model's
-    tokenizer.json, a config.json edited down) loaded without complaint, and the model then met ids it
-    has no embedding for only when a prompt used one, and could never sample them. A vocab_size larger
-    than the tokenizer is normal (DeepSeek's and Qwen's are padded to a multiple of 64 or 128)."""
-    from nanoseek.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(directory)
-    vocab_size = (config or ModelConfig.load(directory)).vocab_size
-    if tokenizer.vocab_size > vocab_size:
-        raise ValueError(
-            f"{directory / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's vocab_size "
-            f"({directory / 'config.json'}) is {vocab_size}: the ids from {vocab_size} on have no embedding. "
-            "The tokenizer is another model's, or config.json was edited: use the "
-            "tokenizer the model was trained with"
-        )
-    return tokenizer
 
 
 @torch.no_grad()

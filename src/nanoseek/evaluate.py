@@ -107,33 +107,6 @@ class EvalConfig:
     extra: dict[str, Any] = option(factory=dict, cli=False)
 
 
-def split_task_list(spec: str | Sequence[str]) -> list[str]:
-    """ "arithmetic?ops=add,sub,countdown" -> ["arithmetic?ops=add,sub", "countdown"].
-
-    Task options may hold commas, so a comma starts a new task only when what follows names a task
-    (a built-in family, rg:..., jsonl:...).
-    """
-    from nanoseek.data.tasks import TASK_ALIASES, TASKS
-
-    items = [spec] if isinstance(spec, str) else list(spec)
-    out: list[str] = []
-    for item in items:
-        for piece in item.split(","):
-            piece = piece.strip()
-            if not piece:
-                continue
-            base = piece.partition("?")[0]
-            named = base in TASKS or base in TASK_ALIASES
-            if not out or named or base.startswith(("rg:", "jsonl:")) or "?" in piece:
-                out.append(piece)
-            else:
-                out[-1] += "," + piece
-    out = [t for t in out if t]
-    if not out:
-        raise ValueError("no task given")
-    return out
-
-
 # ------------------------------------------------------------------------------------ scoring
 # the vote of every sample the verifier scores as right (cons@k); no answer's key is a tuple
 CORRECT = ("correct",)
@@ -327,9 +300,10 @@ class CheckpointSampler:
     evaluation), or `many` with several (several tasks of one checkpoint in one engine queue)."""
 
     def __init__(self, cfg: EvalConfig, samples: int | None = None) -> None:
-        from nanoseek.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
+        from nanoseek.checkpoint import load_model, resolve_checkpoint
         from nanoseek.engine import Engine
         from nanoseek.perf import default_device
+        from nanoseek.tokenizer import checkpoint_tokenizer
 
         self.cfg = cfg
         self.path = resolve_checkpoint(cfg.model)

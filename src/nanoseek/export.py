@@ -181,7 +181,8 @@ def export_gguf(
             f"{src} has no tokenizer.json: a GGUF file carries its tokenizer, copy the run's tokenizer "
             "files (tokenizer.json, tokenizer_config.json) into the checkpoint directory"
         )
-    from nanoseek.checkpoint import checkpoint_tokenizer, load_model
+    from nanoseek.checkpoint import load_model
+    from nanoseek.tokenizer import checkpoint_tokenizer
 
     tok = checkpoint_tokenizer(src, config)
     pre = llama_cpp_pre_tokenizer(tok)

@@ -41,7 +41,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as _Backend
 
 from nanoseek.atomic import atomic_file, atomic_write, directory_to_read
-from nanoseek.config import read_json_object
+from nanoseek.config import ModelConfig, read_json_object
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -934,6 +934,24 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         add_bos_token=bool(config.get("add_bos_token", config.get("bos_token", "") is not None)),
         config={k: v for k, v in config.items() if k != "chat_template"},
     )
+
+
+def checkpoint_tokenizer(directory: Path, config: ModelConfig | None = None) -> Tokenizer:
+    """Checkpoint directory `directory`'s tokenizer, refused where it has more tokens than the model's
+    vocab_size (`config`, else config.json's): said before the weights load. Such a pair (another model's
+    tokenizer.json, a config.json edited down) loaded without complaint, and the model then met ids it
+    has no embedding for only when a prompt used one, and could never sample them. A vocab_size larger
+    than the tokenizer is normal (DeepSeek's and Qwen's are padded to a multiple of 64 or 128)."""
+    tokenizer = load_tokenizer(directory)
+    vocab_size = (config or ModelConfig.load(directory)).vocab_size
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"{directory / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's vocab_size "
+            f"({directory / 'config.json'}) is {vocab_size}: the ids from {vocab_size} on have no embedding. "
+            "The tokenizer is another model's, or config.json was edited: use the "
+            "tokenizer the model was trained with"
+        )
+    return tokenizer
 
 
 def _generation_config(directory: Path) -> dict[str, Any]:

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nanoseek.evaluate import EvalConfig, evaluate_many, slug, split_task_list
+    from nanoseek.data.tasks import split_task_list
+    from nanoseek.evaluate import EvalConfig, evaluate_many, slug
     from nanoseek.options import from_options
 
     tasks = split_task_list(args.task)

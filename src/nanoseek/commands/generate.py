@@ -69,9 +69,10 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
     """(engine, tokenizer, model) from a checkpoint directory, with a clear error if parts are missing."""
     import torch
 
-    from nanoseek.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
+    from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.engine import Engine
     from nanoseek.perf import default_device
+    from nanoseek.tokenizer import checkpoint_tokenizer
 
     if args.threads is not None:  # before a Hub name's resolve, its whole download
         if args.threads < 1:

@@ -114,11 +114,12 @@ def run(args: argparse.Namespace) -> int:
 
     from nanoseek import load_model
     from nanoseek.accounting import count_parameters
-    from nanoseek.checkpoint import checkpoint_tokenizer, resolve_checkpoint
+    from nanoseek.checkpoint import resolve_checkpoint
     from nanoseek.commands.generate import colors_refused
     from nanoseek.engine import Engine
     from nanoseek.perf import default_device
     from nanoseek.serve import ServeConfig, create_app
+    from nanoseek.tokenizer import checkpoint_tokenizer
 
     # the flags first: a Hub name's resolve is its whole download (offline, the Hub's error for them)
     if args.host.startswith("[") and args.host.endswith("]"):  # an IPv6 address as URLs write it

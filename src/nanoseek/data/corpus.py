@@ -29,10 +29,8 @@ What is notable:
 
 from __future__ import annotations
 
-import glob
 import gzip
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -43,6 +41,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nanoseek.data.files import file_kind, open_binary, resolve_files
 from nanoseek.tokenizer import ASSISTANT, EOS, THINK_START, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, USER
 
 if TYPE_CHECKING:
@@ -50,99 +49,10 @@ if TYPE_CHECKING:
 
     from nanoseek.tokenizer import Tokenizer
 
-TEXT_SUFFIXES = (".txt", ".md")
-JSONL_SUFFIXES = (".jsonl",)
-PARQUET_SUFFIXES = (".parquet",)
 DOC_SEPARATORS = frozenset({"<|endoftext|>", EOS})
 EMBEDDED = "embedded"
 # Text tokenized at once at most (and a document more): long documents fill it before `tokenize_batch` does.
 TOKENIZE_CHARS = 4_000_000
-
-
-def _kind(path: Path) -> str | None:
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
-    for kind, suffixes in (("txt", TEXT_SUFFIXES), ("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES)):
-        if name.endswith(suffixes):
-            return None if kind == "parquet" and path.name.lower().endswith(".gz") else kind
-    return None
-
-
-# The suffixes of each reader's kind, for the errors that say which files are read
-_KIND_SUFFIXES = {"txt": TEXT_SUFFIXES, "jsonl": JSONL_SUFFIXES, "parquet": PARQUET_SUFFIXES}
-
-
-def resolve_files(
-    source: str | os.PathLike | Sequence[str | os.PathLike],
-    kinds: Sequence[str] = ("txt", "jsonl", "parquet"),
-) -> list[Path]:
-    """Expand files, globs and directories (recursively) into a sorted, de-duplicated file list.
-    `kinds`: the readers' kinds (`_kind`) the caller reads: chat and problem files are JSONL only, and
-    a folder's other files (a Hugging Face dataset's README.md) are left out of them, with a warning."""
-    items = [source] if isinstance(source, str | os.PathLike) else list(source)
-    kinds = tuple(kinds)
-    suffixes = [s for k in kinds for s in _KIND_SUFFIXES[k]]
-    gz = [s + ".gz" for k in kinds if k != "parquet" for s in _KIND_SUFFIXES[k]]  # parquet compresses inside
-    use = "use " + (", ".join(suffixes) + ", or .gz" if len(gz) > 1 else " or ".join(suffixes + gz))
-    files: list[Path] = []
-    for item in items:
-        text = str(item)
-        # a path that exists is itself, a glob only otherwise: `wiki [en].txt` is that file, where its
-        # glob would match `wiki e.txt` (or nothing)
-        if Path(text).is_dir():
-            present = [p for p in _walk(text) if p.is_file()]
-            found = sorted(p for p in present if _kind(p) in kinds)
-            # said, not skipped in silence: a folder of .csv or .html files trained on what was left
-            others = sorted(str(p.relative_to(text)) for p in present if _kind(p) not in kinds)
-            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-            if not found:
-                also = f" (only {shown})" if others else ""
-                raise FileNotFoundError(f"no {'/'.join(suffixes)} files under {text}{also}")
-            if others:
-                warnings.warn(
-                    f"{text}: {len(others)} file(s) of other types left out of the corpus ({shown}); {use}",
-                    stacklevel=2,
-                )
-            files.extend(found)
-        elif Path(text).is_file():
-            kind = _kind(Path(text))
-            # a file named outright, of no kind the name tells, is read as a one-kind caller's kind (JSON
-            # lines in `chats.json` are chats to `sft --data`); the corpus picks its reader by the name
-            if kind not in kinds and not (kind is None and len(kinds) == 1):
-                raise ValueError(f"unsupported file type: {text} ({use})")
-            files.append(Path(text))
-        elif any(c in text for c in "*?["):
-            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True)) if Path(m).is_file()]
-            if not matches:
-                raise FileNotFoundError(f"no files match {text}")
-            bad = [m for m in matches if _kind(m) not in kinds]
-            if bad:
-                raise ValueError(f"unsupported file type: {bad[0]} ({use})")
-            files.extend(matches)
-        else:
-            raise FileNotFoundError(f"data source not found: {text}")
-    seen: set[Path] = set()
-    files = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
-    for f in files:  # found now, not as a traceback when the reader gets there (hours into a run)
-        try:
-            open(f, "rb").close()  # noqa: SIM115
-        except OSError as e:
-            raise ValueError(f"cannot read {f}: {e.strerror}") from e
-    return files
-
-
-def _walk(root: str) -> Iterator[Path]:
-    """The files under `root`, symlinked folders not followed (as `Path.rglob`), hidden files and folders
-    (.git, .ipynb_checkpoints' copies, .cache) left out. A folder that cannot be listed is an error:
-    rglob skips it without a word, and its files would silently be missing from the corpus."""
-
-    def fail(e: OSError) -> None:
-        raise ValueError(f"cannot read the folder {e.filename}: {e.strerror}") from e
-
-    for folder, dirs, names in os.walk(root, onerror=fail):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        yield from (Path(folder, n) for n in names if not n.startswith("."))
 
 
 def is_embedded(source: Any) -> bool:
@@ -155,18 +65,13 @@ def embedded_tasks(source: Any) -> list[str] | None:
     """The task families of an "embedded:arithmetic,comparison" source (None: every built-in family)."""
     if not isinstance(source, str) or ":" not in source:
         return None
-    from nanoseek.evaluate import split_task_list
+    from nanoseek.data.tasks import split_task_list
 
     return split_task_list(source.partition(":")[2])
 
 
 # ------------------------------------------------------------------ readers
 # Each reader yields (document, offset just after it); restarting at that offset resumes the file.
-def open_binary(path: Path) -> io.BufferedIOBase:
-    """`path` opened for reading bytes, decompressed on the fly where it ends in .gz (SFT's chat data too)."""
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")  # noqa: SIM115
-
-
 def _read_txt(path: Path, offset: int, max_doc_chars: int) -> Iterator[tuple[str, int]]:
     with open_binary(path) as f:
         f.seek(offset)
@@ -424,7 +329,7 @@ class _DocumentStream:
         """(document, offset, piece): restarting at (offset, piece) resumes the file. A record's text
         longer than max_doc_chars is cut into pieces (the first `skip` left out): all but its last
         resume at the record, from the next piece (a .txt reader cuts its own documents)."""
-        kind = _kind(path)
+        kind = file_kind(path)
         if kind == "txt":
             docs = _read_txt(path, offset, self.max_doc_chars)
         elif kind == "jsonl":

@@ -23,7 +23,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
 from nanoseek.tokenizer import content_text
 
@@ -139,9 +138,7 @@ class ChatMessage(_Request):
         """A content of another type (a number, an object) was "should be a valid string", as if only a
         string were taken: the 400 names the forms content may take."""
         if v is not None and not isinstance(v, str | list):
-            raise PydanticCustomError(
-                "invalid_type", f"should be a string, a list of content parts or null, not {type(v).__name__}"
-            )
+            raise ValueError(f"should be a string, a list of content parts or null, not {type(v).__name__}")
         return v
 
     def text(self, index: int) -> str:

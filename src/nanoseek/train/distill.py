@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from nanoseek.atomic import atomic_write, check_writable
+from nanoseek.data.tasks import split_task_list
 from nanoseek.engine.sampling import refuse_identical_samples
-from nanoseek.evaluate import split_task_list
 from nanoseek.options import option, path, shell_quoted
 from nanoseek.train.sft import SFTConfig, completion_example, train_on_examples
 

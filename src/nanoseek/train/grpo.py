@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
+from nanoseek.data.tasks import split_task_list
 from nanoseek.engine.sampling import GREEDY_BELOW
-from nanoseek.evaluate import split_task_list
 from nanoseek.model.loss import target_logprobs
 from nanoseek.options import check_choices, option, path
 from nanoseek.train.sft import PackedBatch, packed_batch_at, sft_loss
@@ -572,13 +572,14 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
 def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
     import time
 
-    from nanoseek.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
+    from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.data.rewards import build_reward
     from nanoseek.data.tasks import get_task
     from nanoseek.engine import Engine
     from nanoseek.evaluate import chat_prompt_ids, prompt_opens_think
     from nanoseek.metrics import MetricsLog, progress_bar
     from nanoseek.perf import default_device
+    from nanoseek.tokenizer import checkpoint_tokenizer
     from nanoseek.train.loop import OptimConfig, Trainer
 
     init = resolve_checkpoint(cfg.init, flag="--init")

@@ -179,7 +179,7 @@ def read_chat_jsonl(
 def chat_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """The chat files `--data` names: the corpus' files, globs and folders, JSONL only (a data set
     published in shards, train-00000-of-00004.jsonl ..., is one --data)."""
-    from nanoseek.data.corpus import resolve_files
+    from nanoseek.data.files import resolve_files
 
     return resolve_files(source, kinds=("jsonl",))
 
@@ -188,7 +188,7 @@ def _numbered_chat_lines(
     source: str | os.PathLike | Sequence[str | os.PathLike],
 ) -> Iterator[tuple[str, list[dict[str, Any]], list[dict] | None]]:
     """("file:line", messages, tools) of each chat in `source` (see `read_chat_jsonl`)."""
-    from nanoseek.data.corpus import open_binary
+    from nanoseek.data.files import open_binary
 
     for p in chat_files(source):
         # bytes: a line that is not UTF-8 is named like any other bad line; a .gz is read as the corpus is
@@ -421,9 +421,8 @@ def task_conversations(
     question of a chat, not the last (asked second in a chat, run W0's final model fell from 94.7% to
     8.3%). Each problem is still one assistant turn, trained once; the template drops the reasoning of
     earlier turns, so the history holds their answers."""
-    from nanoseek.data.tasks import get_task
+    from nanoseek.data.tasks import get_task, split_task_list
     from nanoseek.data.tasks.base import worked_solution_of
-    from nanoseek.evaluate import split_task_list
 
     if not 0.0 <= multi_turn <= 1.0:
         raise ValueError(f"multi_turn must be in [0, 1], got {multi_turn}")
@@ -669,8 +668,9 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
     (`deadline_fn`: see `train_on_examples`)."""
     import time
 
-    from nanoseek.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
+    from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.perf import default_device
+    from nanoseek.tokenizer import checkpoint_tokenizer
 
     started = time.perf_counter()  # a time budget covers data building too, as the control pays it
 

@@ -64,6 +64,7 @@ from nanoseek.data.tasks.registry import (
     TASKS,
     get_task,
     register_task,
+    split_task_list,
 )
 from nanoseek.tokenizer import EOS as EOS_TEXT  # noqa: F401  (data.rewards imports the chat strings from here)
 from nanoseek.tokenizer import THINK_END, THINK_START  # noqa: F401
@@ -102,5 +103,6 @@ __all__ = [
     "parse_number",
     "parse_task_spec",
     "register_task",
+    "split_task_list",
     "split_of",
 ]

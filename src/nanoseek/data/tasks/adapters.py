@@ -233,7 +233,7 @@ class JsonlTask(Task):
     """
 
     def __init__(self, spec: str, path: str, partial: bool = False) -> None:
-        from nanoseek.data.corpus import open_binary, resolve_files
+        from nanoseek.data.files import open_binary, resolve_files
 
         self.name, self.path, self.partial = spec, Path(path), bool(partial)
         # ids: the path's stem as given (a folder's, a glob's) for each of its files, not which shard holds

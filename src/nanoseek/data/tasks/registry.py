@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from nanoseek.data.tasks.adapters import JsonlTask, ReasoningGymTask
 from nanoseek.data.tasks.base import ChatTurnTask, Task, parse_task_spec, spec_without, typed_options
@@ -89,3 +89,28 @@ def _cached_task(name: str) -> Task:
 
 
 get_task.cache_clear = _cached_task.cache_clear  # type: ignore[attr-defined]  # (register_task, tests)
+
+
+def split_task_list(spec: str | Sequence[str]) -> list[str]:
+    """ "arithmetic?ops=add,sub,countdown" -> ["arithmetic?ops=add,sub", "countdown"].
+
+    Task options may hold commas, so a comma starts a new task only when what follows names a task
+    (a built-in family, rg:..., jsonl:...).
+    """
+    items = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in items:
+        for piece in item.split(","):
+            piece = piece.strip()
+            if not piece:
+                continue
+            base = piece.partition("?")[0]
+            named = base in TASKS or base in TASK_ALIASES
+            if not out or named or base.startswith(("rg:", "jsonl:")) or "?" in piece:
+                out.append(piece)
+            else:
+                out[-1] += "," + piece
+    out = [t for t in out if t]
+    if not out:
+        raise ValueError("no task given")
+    return out

@@ -1,0 +1,110 @@
+"""Files a user points a command at: paths, globs and folders resolved to the files of the kinds a
+reader takes (the pretraining corpus: text, JSON lines and parquet; chat and problem data: JSON lines),
+and opened for reading, gzipped or not. One place for the corpus, `sft --data` and `jsonl:` tasks, which
+import nothing else of the package here (the corpus reads tasks: this module must not).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl",)
+PARQUET_SUFFIXES = (".parquet",)
+
+
+def file_kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    for kind, suffixes in (("txt", TEXT_SUFFIXES), ("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES)):
+        if name.endswith(suffixes):
+            return None if kind == "parquet" and path.name.lower().endswith(".gz") else kind
+    return None
+
+
+# The suffixes of each reader's kind, for the errors that say which files are read
+_KIND_SUFFIXES = {"txt": TEXT_SUFFIXES, "jsonl": JSONL_SUFFIXES, "parquet": PARQUET_SUFFIXES}
+
+
+def resolve_files(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    kinds: Sequence[str] = ("txt", "jsonl", "parquet"),
+) -> list[Path]:
+    """Expand files, globs and directories (recursively) into a sorted, de-duplicated file list.
+    `kinds`: the readers' kinds (`file_kind`) the caller reads: chat and problem files are JSONL only, and
+    a folder's other files (a Hugging Face dataset's README.md) are left out of them, with a warning."""
+    items = [source] if isinstance(source, str | os.PathLike) else list(source)
+    kinds = tuple(kinds)
+    suffixes = [s for k in kinds for s in _KIND_SUFFIXES[k]]
+    gz = [s + ".gz" for k in kinds if k != "parquet" for s in _KIND_SUFFIXES[k]]  # parquet compresses inside
+    use = "use " + (", ".join(suffixes) + ", or .gz" if len(gz) > 1 else " or ".join(suffixes + gz))
+    files: list[Path] = []
+    for item in items:
+        text = str(item)
+        # a path that exists is itself, a glob only otherwise: `wiki [en].txt` is that file, where its
+        # glob would match `wiki e.txt` (or nothing)
+        if Path(text).is_dir():
+            present = [p for p in _walk(text) if p.is_file()]
+            found = sorted(p for p in present if file_kind(p) in kinds)
+            # said, not skipped in silence: a folder of .csv or .html files trained on what was left
+            others = sorted(str(p.relative_to(text)) for p in present if file_kind(p) not in kinds)
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            if not found:
+                also = f" (only {shown})" if others else ""
+                raise FileNotFoundError(f"no {'/'.join(suffixes)} files under {text}{also}")
+            if others:
+                warnings.warn(
+                    f"{text}: {len(others)} file(s) of other types left out of the corpus ({shown}); {use}",
+                    stacklevel=2,
+                )
+            files.extend(found)
+        elif Path(text).is_file():
+            kind = file_kind(Path(text))
+            # a file named outright, of no kind the name tells, is read as a one-kind caller's kind (JSON
+            # lines in `chats.json` are chats to `sft --data`); the corpus picks its reader by the name
+            if kind not in kinds and not (kind is None and len(kinds) == 1):
+                raise ValueError(f"unsupported file type: {text} ({use})")
+            files.append(Path(text))
+        elif any(c in text for c in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True)) if Path(m).is_file()]
+            if not matches:
+                raise FileNotFoundError(f"no files match {text}")
+            bad = [m for m in matches if file_kind(m) not in kinds]
+            if bad:
+                raise ValueError(f"unsupported file type: {bad[0]} ({use})")
+            files.extend(matches)
+        else:
+            raise FileNotFoundError(f"data source not found: {text}")
+    seen: set[Path] = set()
+    files = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+    for f in files:  # found now, not as a traceback when the reader gets there (hours into a run)
+        try:
+            open(f, "rb").close()  # noqa: SIM115
+        except OSError as e:
+            raise ValueError(f"cannot read {f}: {e.strerror}") from e
+    return files
+
+
+def _walk(root: str) -> Iterator[Path]:
+    """The files under `root`, symlinked folders not followed (as `Path.rglob`), hidden files and folders
+    (.git, .ipynb_checkpoints' copies, .cache) left out. A folder that cannot be listed is an error:
+    rglob skips it without a word, and its files would silently be missing from the corpus."""
+
+    def fail(e: OSError) -> None:
+        raise ValueError(f"cannot read the folder {e.filename}: {e.strerror}") from e
+
+    for folder, dirs, names in os.walk(root, onerror=fail):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        yield from (Path(folder, n) for n in names if not n.startswith("."))
+
+
+def open_binary(path: Path) -> io.BufferedIOBase:
+    """`path` opened for reading bytes, decompressed on the fly where it ends in .gz (SFT's chat data too)."""
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")  # noqa: SIM115
