@@ -1153,8 +1153,11 @@ def test_resolve_files_for_a_reader_of_one_kind(tmp_path) -> None:
         assert [p.name for p in resolve_files(tmp_path, kinds=("jsonl",))] == ["a.jsonl", "b.jsonl.gz"]
     with pytest.raises(ValueError, match=r"README.md \(use .jsonl or .jsonl.gz\)"):
         resolve_files(str(tmp_path / "*"), kinds=("jsonl",))
-    with pytest.raises(ValueError, match=r"README.md \(use .jsonl or .jsonl.gz\)"):
-        resolve_files(tmp_path / "README.md", kinds=("jsonl",))
+    # a file named outright is read as the reader's kind (chats.txt), parquet's binary only refused
+    assert resolve_files(tmp_path / "README.md", kinds=("jsonl",)) == [tmp_path / "README.md"]
+    (tmp_path / "t.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=r"t.parquet \(use .jsonl or .jsonl.gz\)"):
+        resolve_files(tmp_path / "t.parquet", kinds=("jsonl",))
     (tmp_path / "cards").mkdir()
     (tmp_path / "cards" / "card.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match=r"no .jsonl files under .* \(only card.txt\)"):

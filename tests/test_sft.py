@@ -1050,6 +1050,33 @@ def test_chat_data_in_shards_is_one_data_set(tmp_path) -> None:
         list(read_chat_jsonl(str(shards / "*.jsonl")))
 
 
+def test_chat_data_named_outright_is_read_whatever_its_name_says(tmp_path) -> None:
+    """Before `sft --data` took folders it read the file it was given: JSON lines in `chats.txt`, or a
+    pipe (`--data <(zcat chats.jsonl.gz)`). They were refused since ("unsupported file type", "data
+    source not found" for a pipe that is there), and a run trained on `chats.txt` could not resume: its
+    --data renamed is another setting. Same for a `jsonl:` task's file."""
+    import os
+
+    from nanoseek.data.tasks import get_task
+    from nanoseek.train.sft import read_chat_jsonl
+
+    named = tmp_path / "chats.txt"
+    named.write_text(_chat_line("q0") + "\n")
+    assert [m[0]["content"] for m, _ in read_chat_jsonl(named)] == ["q0"]
+    problems = tmp_path / "problems.txt"
+    problems.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
+    assert [p.prompt for p in get_task(f"jsonl:{problems}").items] == ["1+1?"]
+    if not os.path.isdir("/dev/fd"):  # (no /dev/fd: no pipe by name to give)
+        return
+    read, write = os.pipe()
+    os.write(write, (_chat_line("q1") + "\n").encode())
+    os.close(write)
+    try:
+        assert [m[0]["content"] for m, _ in read_chat_jsonl(f"/dev/fd/{read}")] == ["q1"]
+    finally:
+        os.close(read)
+
+
 def test_sft_trains_on_every_shard_and_a_resume_refuses_a_shard_added_since(
     micro_checkpoint, tmp_path, capsys, monkeypatch
 ) -> None:

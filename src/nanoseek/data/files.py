@@ -65,11 +65,13 @@ def resolve_files(
                     stacklevel=2,
                 )
             files.extend(found)
-        elif Path(text).is_file():
+        elif Path(text).is_file() or (len(kinds) == 1 and Path(text).exists()):
             kind = file_kind(Path(text))
-            # a file named outright, of no kind the name tells, is read as a one-kind caller's kind (JSON
-            # lines in `chats.json` are chats to `sft --data`); the corpus picks its reader by the name
-            if kind not in kinds and not (kind is None and len(kinds) == 1):
+            # a file named outright is read as a one-kind caller's kind whatever its name says but parquet
+            # (JSON lines in `chats.json` or `chats.txt` are chats to `sft --data`, as they were before it
+            # took folders: a run trained on one resumes), a pipe too (`--data <(zcat chats.jsonl.gz)`);
+            # the corpus picks its reader by the name
+            if kind not in kinds and not (kind != "parquet" and len(kinds) == 1):
                 raise ValueError(f"unsupported file type: {text} ({use})")
             files.append(Path(text))
         elif any(c in text for c in "*?["):
