@@ -45,7 +45,14 @@ HELP = "commands: /reset  /system TEXT  /help  /exit"
 def register(sub: argparse._SubParsersAction) -> None:
     from nanoseek.options import path
 
-    p = sub.add_parser("chat", help="interactive chat with a checkpoint in the terminal")
+    p = sub.add_parser(
+        "chat",
+        help="interactive chat with a checkpoint in the terminal",
+        description="Chat with a checkpoint in the terminal, the reasoning dimmed. In the chat: "
+        "/reset, /system TEXT, /help, /exit (or Ctrl-D); lines between triple quotes are one message. A conversation "
+        "past the model's context drops its oldest exchanges and goes on. Ctrl-C stops a reply; a second "
+        "one, or one at the prompt, ends the chat.",
+    )
     p.add_argument(
         "dir",
         type=path,

@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         run,
         help="pretrain a model (default: `tiny` on the embedded corpus)",
         description="Pretrain with DeepSeek-V3's recipe: AdamW, warmup + cosine/WSD, MTP loss, "
-        "aux-loss-free expert balancing, NaN/spike guard, atomic checkpoints, exact --resume. "
+        "aux-loss-free expert balancing, NaN/spike guard, atomic checkpoints, exact --resume (Ctrl-C or "
+        "SIGTERM saves at the next step first). "
         "Writes RUN/pretrain/ (HF layout, with tokenizer) and RUN/metrics.jsonl. Data-parallel with "
         "`torchrun --nproc-per-node N -m nanoseek pretrain ...`.",
     )

@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "speedrun",
         help="the whole DeepSeek recipe on the embedded data (the main job)",
         description="Run every stage of the recipe into RUN/. Rerunning with the same --out resumes: finished "
-        "stages are skipped, an interrupted one continues from its last checkpoint.",
+        "stages are skipped, an interrupted one continues from its last checkpoint (Ctrl-C or SIGTERM saves "
+        "the running stage at its next step first).",
     )
     p.add_argument(
         "--preset", default="cpu", choices=["smoke", "cpu", "gpu"], help="size of the run (default cpu)"

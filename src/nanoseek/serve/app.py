@@ -21,8 +21,9 @@ Notable:
 - `/tokenize` with `messages` renders them as the chat request would (`tools`, `chat_template_kwargs`),
   so its count is the chat's `prompt_tokens`.
 - Errors are OpenAI's shape and statuses: 400 naming the parameter (also for malformed JSON),
-  400 `context_length_exceeded`, 401, 404 `model_not_found`, 429 with Retry-After (a request larger
-  than the server ever holds is a 400 naming `n`: no retry could succeed).
+  400 `context_length_exceeded`, 401, 404 `model_not_found`, 413 (--max-body-mb), 415 for a compressed
+  body, 429 with Retry-After (a request larger than the server ever holds is a 400 naming `n`: no retry
+  could succeed); a client that hung up is logged as 499. Every GET route answers HEAD.
 - Auth (`api_key`) and request metrics are plain ASGI middleware, so streaming and disconnect
   detection are untouched.
 """
