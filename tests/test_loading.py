@@ -406,6 +406,23 @@ def test_a_layer_count_past_the_weights_is_refused_before_the_model_is_built(sav
     assert "num_hidden_layers=30" in one_line_error(capsys, d)
 
 
+def test_weights_under_another_prefix_are_named_as_such_not_as_a_wrong_config(
+    tmp_path, capsys, micro_checkpoint
+):
+    """Weights saved with a wrapper's prefix (torch.compile's `_orig_mod.`) hold no `model.layers.N`
+    key: the layer-count check said their config.json was another model's, which it is not."""
+    from safetensors.torch import load_file, save_file
+
+    d = save_model(build_model(config()).init_weights(0), tmp_path / "ckpt")
+    tensors = load_file(str(d / "model.safetensors"))
+    save_file({f"_orig_mod.{k}": v for k, v in tensors.items()}, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"name no tensor model\.\* \(as '_orig_mod\.") as e:
+        nanoseek.load_model(d)
+    assert "config.json" not in str(e.value)
+    with_tokenizer(d, micro_checkpoint)
+    assert "_orig_mod." in one_line_error(capsys, d)
+
+
 def test_config_and_weights_disagree_on_a_shape(saved, capsys, micro_checkpoint):
     d, _ = saved
     cfg = json.loads((d / "config.json").read_text())

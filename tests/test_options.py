@@ -279,3 +279,41 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path) -> None:
     assert (proc.returncode, proc.stderr) == (143, "terminated\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
     assert out.read_text() == "the good one"
+
+
+def test_a_second_sigterm_ends_a_command_whose_unwinding_waits() -> None:
+    """A command whose unwinding waits for a worker thread (an executor's exit: a Hub download runs on
+    one) went on waiting after a second SIGTERM (it unwound again, and the exit joined the worker
+    again), until the worker was done. The second ends the process at once, as SIGTERM did before."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import os, signal, sys, threading, time
+        from concurrent.futures import ThreadPoolExecutor
+        import nanoseek.commands.report
+        from nanoseek.cli import main
+
+        unwinding = threading.Event()
+
+        def download():  # a worker the first SIGTERM cannot stop: killed again while it is waited for
+            unwinding.wait()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(120)
+
+        def run(args):
+            with ThreadPoolExecutor(1) as pool:
+                pool.submit(download)
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(120)
+                finally:
+                    unwinding.set()
+
+        nanoseek.commands.report.run = run
+        sys.exit(main(["report", "somewhere"]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr  # ended by the signal, not unwound again

@@ -703,8 +703,16 @@ def held_config(p: Path, config: ModelConfig, keys: Iterable[str], stacklevel: i
     A config.json asking for layers past every one the files hold (a typo: `num_hidden_layers: 1000000`)
     is refused here, from the keys alone: building that model first, for the key check, took minutes."""
     n = config.num_hidden_layers
+    keys = list(keys)
     layers = [m for m in map(_LAYER_KEY.match, keys) if m]
     held = 1 + max((int(m.group(1)) for m in layers), default=-1)
+    if n and keys and not any(k.startswith("model.") for k in keys):
+        # no key in the layout at all (a wrapper's `_orig_mod.` or `module.` prefix, an adapter's
+        # `base_model.model.`): the names are the fault, which "config.json from another model" hid
+        raise ValueError(
+            f"the weights in {p} name no tensor model.* (as {min(keys)!r}): not weights in Hugging "
+            "Face's layout, such as a wrapper's prefixed names or an adapter's"
+        )
     if n > held:
         raise ValueError(
             f"{p / 'config.json'} says num_hidden_layers={n} but the weights in {p} hold "

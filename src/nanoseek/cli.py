@@ -130,7 +130,9 @@ def _sigterm_unwinds(command: str) -> Iterator[None]:
     """Inside, SIGTERM (`kill`, `timeout`, a container's or systemd's stop) raises `Terminated`. By
     default it ends Python where it stands, no `finally` run: an export cut short left its whole
     `.NAME.gguf.tmp` beside the output, and a command ended without a word. A SIGTERM ignored before
-    (or handled outside Python) stays so; the handler before comes back on leaving."""
+    (or handled outside Python) stays so; the handler before comes back on leaving. A second SIGTERM
+    ends the process at once, as it did before: the unwinding may wait for threads the first cannot
+    stop (an executor's workers, a Hub download's), and each SIGTERM only unwound it again."""
     import threading
 
     if (
@@ -142,6 +144,7 @@ def _sigterm_unwinds(command: str) -> Iterator[None]:
         return
 
     def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise Terminated
 
     previous = signal.signal(signal.SIGTERM, handler)
