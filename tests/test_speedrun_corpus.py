@@ -463,6 +463,64 @@ def test_ctrl_c_in_the_evaluation_does_not_run_the_rest_of_its_queue(tmp_path, m
     assert len(evaluated) <= 6, f"{len(evaluated)} evaluations run after the Ctrl-C"
 
 
+def _evaluation_failing_beside_a_long_one(
+    out: str, preset, stage: str, tasks: list[str], progress: bool
+) -> list:
+    """An evaluation worker's job: the first one fails, the others are still evaluating then."""
+    if (stage, tasks) == ("pretrain", [preset.tasks[0]]):
+        raise ValueError("a failed evaluation (or a SIGTERM to the run's process alone)")
+    time.sleep(8)
+    (Path(out) / f"evaluated_{stage}_{tasks[0]}").write_text("")
+    return [{"pass@1": 0.5, "pass@1_stderr": 0.0, "format_rate": 1.0} for _ in tasks]
+
+
+def test_a_stopped_evaluation_does_not_wait_for_the_ones_running(tmp_path, monkeypatch):
+    """A SIGTERM to the run's process alone (`kill`, Kubernetes) reaches no evaluation worker, as a
+    Ctrl-C does: the stop waited for every evaluation still running (each a family's whole evaluation)."""
+    import nanoseek.speedrun as speedrun_mod
+
+    monkeypatch.setattr(speedrun_mod, "_evaluate_checkpoint", _evaluation_failing_beside_a_long_one)
+    monkeypatch.setattr(Speedrun, "overlaps", lambda self: True)
+    monkeypatch.setattr(Speedrun, "_one_queue_per_checkpoint", lambda self: False)
+    run = Speedrun(tmp_path, PRESETS["smoke"], progress=False)
+    for stage in ("pretrain", "sft", "grpo", "control", "student", "distill"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="a failed evaluation"):
+        run.evaluate()
+    assert not list(tmp_path.glob("evaluated_*")), "the stop waited for the evaluations running"
+
+
+def test_a_sigterm_between_a_speedruns_training_steps_unwinds_as_ctrl_c_does(tmp_path):
+    """`nanoseek speedrun` left SIGTERM as it was outside its training loops: one in its evaluation,
+    distillation's sampling or a stage's loading ended the process where it stood, without a word (a
+    Ctrl-C there says "interrupted"). Inside a training stage's loop a first SIGTERM still only asks it
+    to save and stop."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time, types
+        from nanoseek.cli import main
+        from nanoseek.speedrun import Speedrun
+        from nanoseek.train.loop import Trainer, stop_pending
+
+        def run_all(self):
+            trainer = types.SimpleNamespace(_signal=0, _signal_at=0.0, dist=types.SimpleNamespace(is_main=False))
+            with Trainer.stop_on_signals(trainer):  # a training stage's loop: the stop is only asked
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert stop_pending()
+            os.kill(os.getpid(), signal.SIGTERM)  # between stages (the evaluation)
+            time.sleep(30)
+
+        Speedrun._run_all = run_all
+        sys.exit(main(["speedrun", "--preset", "smoke", "--out", {str(tmp_path / "run")!r}]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (143, "terminated\n")
+
+
 @pytest.mark.parametrize("saved_step", [0, 8, 20])  # smoke's 30 steps take the threads back at step 8
 def test_a_resumed_run_trains_on_the_threads_the_run_never_stopped_had(tmp_path, monkeypatch, saved_step):
     """On some CPUs a step's last bits depend on the thread count. A run killed in pretraining after

@@ -22,8 +22,11 @@ from nanoseek.train import TrainingDiverged, TrainingInterrupted
 
 # Commands that stop on SIGTERM their own way: those that train save at the next step and exit 143
 # (`Trainer.stop_on_signals`; a rank under torchrun is not to unwind mid-collective), and `serve` (uvicorn)
-# finishes the requests in flight, then ends by the signal (clean, to systemd).
-OWN_SIGTERM = frozenset({"pretrain", "sft", "grpo", "distill", "speedrun", "ablate", "serve"})
+# finishes the requests in flight, then ends by the signal (clean, to systemd). Not `speedrun`, which
+# never runs under torchrun: its training stages save on SIGTERM all the same (`stop_on_signals` takes it
+# over), but between them (its evaluation, distillation's sampling, a stage's loading) the signal ended
+# it where it stood, without a word, and a stage beside the stopped one was killed unsaved.
+OWN_SIGTERM = frozenset({"pretrain", "sft", "grpo", "distill", "ablate", "serve"})
 
 
 class Terminated(BaseException):

@@ -916,8 +916,14 @@ class Speedrun:
                     for future in as_completed(futures):
                         done(*futures[future], future.result())
                 except BaseException:
-                    # Ctrl-C or a failed evaluation: the queued ones are not run before it is reported
-                    pool.shutdown(cancel_futures=True)
+                    # Ctrl-C or a failed evaluation: the queued ones are not run before it is reported,
+                    # nor the running ones waited for: a SIGTERM to this process alone (`kill`, Kubernetes)
+                    # reached no worker, and the stop waited for their whole evaluations (the pool keeps
+                    # its workers private: Python 3.14's `terminate_workers` does this)
+                    workers = list((getattr(pool, "_processes", None) or {}).values())
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    for worker in workers:
+                        worker.terminate()
                     raise
         for stage, task in order:
             append_records(self.run / "metrics.jsonl", read_metrics(logs / _job_name(stage, task)))
