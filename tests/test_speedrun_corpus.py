@@ -366,6 +366,13 @@ def _worker_of(pid_file: str) -> None:
     time.sleep(60)
 
 
+def _wait_for(path: Path, seconds: float = 60) -> None:
+    """Until a process started by the test has written `path` (it is up), or `seconds` have passed."""
+    deadline = time.time() + seconds
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.1)
+
+
 def _parent_of_a_worker(pid_file: str) -> None:
     import multiprocessing
 
@@ -382,9 +389,7 @@ def test_a_worker_ends_with_the_run_that_started_it(tmp_path):
     pid_file = tmp_path / "worker.pid"
     parent = multiprocessing.get_context("spawn").Process(target=_parent_of_a_worker, args=(str(pid_file),))
     parent.start()
-    deadline = time.time() + 60
-    while not pid_file.exists() and time.time() < deadline:
-        time.sleep(0.1)
+    _wait_for(pid_file)
     worker = int(pid_file.read_text())
     os.kill(parent.pid, 9)
     parent.join()
@@ -426,9 +431,7 @@ def test_ctrl_c_ends_a_stage_beside_another_without_its_traceback(tmp_path, capf
         pytest.raises(KeyboardInterrupt),
         run._beside("control", "grpo", _stage_beside, (str(ready),)) as child,
     ):
-        deadline = time.time() + 60
-        while not ready.exists() and time.time() < deadline:
-            time.sleep(0.1)
+        _wait_for(ready)
         os.kill(child.pid, signal.SIGINT)  # what a Ctrl-C sends it ...
         child.join(1.0)
         raise KeyboardInterrupt  # ... and the run's process
@@ -886,9 +889,7 @@ def test_a_stage_beside_another_saves_and_ends_with_the_signals_code_on_a_ctrl_c
         pytest.raises(TrainingInterrupted),
         run._beside("control", "grpo", _stage_saving_on_sigterm, (str(ready),)) as child,
     ):
-        deadline = time.time() + 60
-        while not ready.exists() and time.time() < deadline:
-            time.sleep(0.1)
+        _wait_for(ready)
         raise TrainingInterrupted("grpo", signal.SIGINT, 3, 10, "RUN/grpo")
     assert child.exitcode == 128 + signal.SIGTERM
     assert "Traceback" not in capfd.readouterr().err
