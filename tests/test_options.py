@@ -281,6 +281,30 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path) -> None:
     assert out.read_text() == "the good one"
 
 
+def test_sigterm_outside_a_training_loop_unwinds_as_ctrl_c_does() -> None:
+    """The commands that train but never run under torchrun left SIGTERM as it was outside their
+    training loops: one in distill's sampling of the teacher, or while a stage loads or tokenizes,
+    ended the process where it stood, without a word (a Ctrl-C there says "interrupted")."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import os, signal, sys, time
+        import nanoseek.commands.distill as command
+        from nanoseek.cli import main
+
+        def run(args):  # before the training loop (distill's sampling)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+
+        command.run = run
+        sys.exit(main(["distill", "--teacher", "ck", "--student", "ck", "--task", "arithmetic"]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (143, "terminated\n")
+
+
 def test_a_second_sigterm_ends_a_command_whose_unwinding_waits() -> None:
     """A command whose unwinding waits for a worker thread (an executor's exit: a Hub download runs on
     one) went on waiting after a second SIGTERM (it unwound again, and the exit joined the worker

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -1075,6 +1076,46 @@ def test_chat_data_named_outright_is_read_whatever_its_name_says(tmp_path) -> No
         assert [m[0]["content"] for m, _ in read_chat_jsonl(f"/dev/fd/{read}")] == ["q1"]
     finally:
         os.close(read)
+
+
+def test_chat_data_in_a_named_pipe_is_read(tmp_path, monkeypatch) -> None:
+    """A named pipe (`mkfifo`) as --data: the check that every file can be read opened it and closed it
+    again, which let the writer (`cat chats.jsonl > chats`) write into it and end, and the read then
+    waited forever for a writer."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    import nanoseek.data.files
+    from nanoseek.train.sft import read_chat_jsonl
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    fifo = tmp_path / "chats"
+    os.mkfifo(fifo)
+    write = "import sys\nwith open(sys.argv[1], 'wb') as f: f.write(sys.argv[2].encode())"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", write, str(fifo), _chat_line("q2") + "\n"], stderr=subprocess.DEVNULL
+    )
+    open_binary = nanoseek.data.files.open_binary
+
+    def open_once_the_writer_could_end(path):  # as `cat` does, before the reader gets there
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            writer.wait(1)
+        return open_binary(path)
+
+    monkeypatch.setattr(nanoseek.data.files, "open_binary", open_once_the_writer_could_end)
+    read: list = []
+    reader = threading.Thread(target=lambda: read.extend(read_chat_jsonl(fifo)), daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # waiting for a writer that has gone: one more lets it end
+        open(fifo, "wb").close()
+        reader.join(10)
+    writer.kill()
+    writer.wait()
+    assert [m[0]["content"] for m, _ in read] == ["q2"]
 
 
 def test_sft_trains_on_every_shard_and_a_resume_refuses_a_shard_added_since(

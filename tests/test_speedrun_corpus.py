@@ -9,7 +9,7 @@ import pytest
 
 from nanoseek.data.corpus import embedded_tasks
 from nanoseek.data.synthetic import iter_documents
-from nanoseek.speedrun import PRESETS, Speedrun
+from nanoseek.speedrun import DONE, PRESETS, Speedrun
 
 
 def test_cpu_corpus_draws_sorting_twice_as_often(tmp_path):
@@ -524,6 +524,42 @@ def test_a_sigterm_between_a_speedruns_training_steps_unwinds_as_ctrl_c_does(tmp
     assert (proc.returncode, proc.stderr) == (143, "terminated\n")
 
 
+def test_a_third_sigterm_ends_a_speedrun_whose_stage_was_stopped_now(tmp_path):
+    """A second SIGTERM inside a training stage stops it now: the CLI's handler unwinds the run and
+    leaves the next SIGTERM to end the process. The stage put that handler back on leaving, so a third
+    (while the unwinding waits for the stage beside to save) only unwound the run again."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time, types
+        import nanoseek.train.loop
+        from nanoseek.cli import main
+        from nanoseek.speedrun import Speedrun
+        from nanoseek.train.loop import Trainer
+
+        nanoseek.train.loop.REPEAT_WINDOW_S = 0.0  # the second is a second request, however soon
+
+        def run_all(self):
+            trainer = types.SimpleNamespace(_signal=0, _signal_at=0.0, dist=types.SimpleNamespace(is_main=False))
+            try:
+                with Trainer.stop_on_signals(trainer):
+                    os.kill(os.getpid(), signal.SIGTERM)  # the stage is asked to stop
+                    os.kill(os.getpid(), signal.SIGTERM)  # and now: the run unwinds
+                    time.sleep(30)
+            finally:  # the unwinding waits (for the student beside to save)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+
+        Speedrun._run_all = run_all
+        sys.exit(main(["speedrun", "--preset", "smoke", "--out", {str(tmp_path / "run")!r}]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr  # ended by the signal, not unwound again
+
+
 @pytest.mark.parametrize("saved_step", [0, 8, 20])  # smoke's 30 steps take the threads back at step 8
 def test_a_resumed_run_trains_on_the_threads_the_run_never_stopped_had(tmp_path, monkeypatch, saved_step):
     """On some CPUs a step's last bits depend on the thread count. A run killed in pretraining after
@@ -991,3 +1027,41 @@ def test_a_signal_while_the_teacher_waits_for_its_student_is_not_held_up(tmp_pat
     finally:
         torch.set_num_threads(threads)
     assert waited[0] < 5 and time.monotonic() - started < 30
+
+
+def test_a_stop_at_the_take_back_step_still_takes_the_threads_back(tmp_path, monkeypatch):
+    """A stop asked at the step where the teacher takes its threads back is seen after the next step,
+    which the checkpoint then holds: that step ran on half the threads, where a run never stopped runs
+    it on all, and the rerun (resumed past the take-back) gave other figures than the run never stopped."""
+    import json
+    import math
+    import os
+    import signal
+    import types
+
+    import torch
+
+    import nanoseek.speedrun as speedrun_mod
+    from nanoseek.train.loop import Trainer, stop_pending
+
+    trainer = types.SimpleNamespace(_signal=0, _signal_at=0.0, dist=types.SimpleNamespace(is_main=False))
+    threads_after = []
+
+    def pretrain(self, student=False, on_step=None):
+        with Trainer.stop_on_signals(trainer):
+            os.kill(os.getpid(), signal.SIGINT)  # handled at once: this is the main thread
+            assert stop_pending()
+            on_step(math.ceil(self.p.pretrain_steps * speedrun_mod.TAKE_BACK_AT))
+            threads_after.append(torch.get_num_threads())  # the next step's, which the stop saves
+
+    monkeypatch.setattr(Speedrun, "pretrain", pretrain)
+    run = Speedrun(tmp_path / "run", PRESETS["smoke"], progress=False)
+    (run.run / "student").mkdir()
+    (run.run / "student" / DONE).write_text(json.dumps({"wall_time_s": 1.0}))  # no process to wait for
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run.pretrain_beside_student()
+    finally:
+        torch.set_num_threads(threads)
+    assert threads_after == [2]

@@ -20,13 +20,14 @@ from collections.abc import Iterator
 import nanoseek.commands as _commands
 from nanoseek.train import TrainingDiverged, TrainingInterrupted
 
-# Commands that stop on SIGTERM their own way: those that train save at the next step and exit 143
+# Commands that stop on SIGTERM their own way: `pretrain` saves at the next step and exits 143
 # (`Trainer.stop_on_signals`; a rank under torchrun is not to unwind mid-collective), and `serve` (uvicorn)
-# finishes the requests in flight, then ends by the signal (clean, to systemd). Not `speedrun`, which
-# never runs under torchrun: its training stages save on SIGTERM all the same (`stop_on_signals` takes it
-# over), but between them (its evaluation, distillation's sampling, a stage's loading) the signal ended
-# it where it stood, without a word, and a stage beside the stopped one was killed unsaved.
-OWN_SIGTERM = frozenset({"pretrain", "sft", "grpo", "distill", "ablate", "serve"})
+# finishes the requests in flight, then ends by the signal (clean, to systemd). Not the other commands that
+# train, which never run under torchrun: their loops save on SIGTERM all the same (`stop_on_signals` takes
+# it over), but outside them (distillation's sampling, a stage's loading, the speedrun's evaluation) the
+# signal ended them where they stood, without a word, and a speedrun's stage beside the stopped one was
+# killed unsaved.
+OWN_SIGTERM = frozenset({"pretrain", "serve"})
 
 
 class Terminated(BaseException):

@@ -626,11 +626,12 @@ class Speedrun:
                     # a student still running is waited for: three busy threads on two cores would
                     # slow both more than the wait costs. Not past a Ctrl-C or SIGTERM, though: the
                     # student ignores SIGINT, and the stop waited for its whole run; the teacher stops
-                    # at its next step, and its stop is passed on to the student (`_beside`).
+                    # at its next step, and its stop is passed on to the student (`_beside`). The
+                    # threads are taken back all the same: that next step is the one its checkpoint
+                    # holds, and a rerun (resumed past this step) must give a run never stopped's figures.
                     while child is not None and child.is_alive() and not stop_pending():
                         child.join(0.2)
-                    if not stop_pending():
-                        torch.set_num_threads(threads)
+                    torch.set_num_threads(threads)
 
             return self.pretrain(on_step=take_back)
 

@@ -86,7 +86,10 @@ def resolve_files(
             raise FileNotFoundError(f"data source not found: {text}")
     seen: set[Path] = set()
     files = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
-    for f in files:  # found now, not as a traceback when the reader gets there (hours into a run)
+    # found now, not as a traceback when the reader gets there (hours into a run). Not a pipe, which
+    # is read once: opened and closed here, a named one (`mkfifo`) lost its writer's data to this check
+    # and the read then waited forever
+    for f in (f for f in files if f.is_file()):
         try:
             open(f, "rb").close()  # noqa: SIM115
         except OSError as e:

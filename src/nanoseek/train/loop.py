@@ -643,6 +643,9 @@ class Trainer:
             if self._signal:  # a second request: stop now, as the signal would have without us
                 restore()
                 before = previous[signum]
+                # restored once: leaving must not put back what `before` changes (the CLI's SIGTERM
+                # handler leaves the next SIGTERM to end the process, as the speedrun's unwinding waits)
+                previous.clear()
                 if callable(before):
                     before(signum, frame)  # Python's SIGINT handler: KeyboardInterrupt
                 else:
