@@ -448,18 +448,25 @@ def _evaluation_interrupted(out: str, preset, stage: str, tasks: list[str], prog
     return [{"pass@1": 0.5, "pass@1_stderr": 0.0, "format_rate": 1.0} for _ in tasks]
 
 
-def test_ctrl_c_in_the_evaluation_does_not_run_the_rest_of_its_queue(tmp_path, monkeypatch):
-    """On two evaluation workers a Ctrl-C (or an evaluation's error) waited for every evaluation still
-    queued (about a minute on the cpu preset) before the run stopped."""
+def _run_evaluating_with(job, tmp_path, monkeypatch) -> Speedrun:
+    """A run whose every stage is trained, evaluated on two workers by `job` in place of a checkpoint's
+    evaluation."""
     import nanoseek.speedrun as speedrun_mod
 
-    monkeypatch.setattr(speedrun_mod, "_evaluate_checkpoint", _evaluation_interrupted)
+    monkeypatch.setattr(speedrun_mod, "_evaluate_checkpoint", job)
     monkeypatch.setattr(Speedrun, "overlaps", lambda self: True)
     monkeypatch.setattr(Speedrun, "_one_queue_per_checkpoint", lambda self: False)
     run = Speedrun(tmp_path, PRESETS["smoke"], progress=False)
     for stage in ("pretrain", "sft", "grpo", "control", "student", "distill"):
         (tmp_path / stage).mkdir()
         (tmp_path / stage / "config.json").write_text("{}")
+    return run
+
+
+def test_ctrl_c_in_the_evaluation_does_not_run_the_rest_of_its_queue(tmp_path, monkeypatch):
+    """On two evaluation workers a Ctrl-C (or an evaluation's error) waited for every evaluation still
+    queued (about a minute on the cpu preset) before the run stopped."""
+    run = _run_evaluating_with(_evaluation_interrupted, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run.evaluate()
     evaluated = list(tmp_path.glob("evaluated_*"))
@@ -480,15 +487,7 @@ def _evaluation_failing_beside_a_long_one(
 def test_a_stopped_evaluation_does_not_wait_for_the_ones_running(tmp_path, monkeypatch):
     """A SIGTERM to the run's process alone (`kill`, Kubernetes) reaches no evaluation worker, as a
     Ctrl-C does: the stop waited for every evaluation still running (each a family's whole evaluation)."""
-    import nanoseek.speedrun as speedrun_mod
-
-    monkeypatch.setattr(speedrun_mod, "_evaluate_checkpoint", _evaluation_failing_beside_a_long_one)
-    monkeypatch.setattr(Speedrun, "overlaps", lambda self: True)
-    monkeypatch.setattr(Speedrun, "_one_queue_per_checkpoint", lambda self: False)
-    run = Speedrun(tmp_path, PRESETS["smoke"], progress=False)
-    for stage in ("pretrain", "sft", "grpo", "control", "student", "distill"):
-        (tmp_path / stage).mkdir()
-        (tmp_path / stage / "config.json").write_text("{}")
+    run = _run_evaluating_with(_evaluation_failing_beside_a_long_one, tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="a failed evaluation"):
         run.evaluate()
     assert not list(tmp_path.glob("evaluated_*")), "the stop waited for the evaluations running"
