@@ -26,7 +26,7 @@ from nanoseek.data.files import resolve_files
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
 
 # the `corpus` fixture holds a notes.csv a folder scan leaves out, and says so at every scan
-pytestmark = pytest.mark.filterwarnings("ignore:.*left out of the corpus:UserWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:.*left out of the data:UserWarning")
 
 WORDS = [
     "the",
@@ -899,7 +899,7 @@ def test_sources_resolve_to_each_supported_file_once(tmp_path: Path) -> None:
     ):
         resolve_files(tmp_path / "empty")
     with pytest.warns(
-        UserWarning, match=r"1 file\(s\) of other types left out of the corpus \(empty/notes.csv\)"
+        UserWarning, match=r"1 file\(s\) of other types left out of the data \(empty/notes.csv\)"
     ):
         assert [p.name for p in resolve_files(tmp_path)] == ["deep.txt", "top.txt"]
     with pytest.raises(ValueError, match=r"unsupported file type: .*notes.csv"):
@@ -1149,7 +1149,7 @@ def test_resolve_files_for_a_reader_of_one_kind(tmp_path) -> None:
     (tmp_path / "a.jsonl").write_text("{}\n")
     (tmp_path / "b.jsonl.gz").write_bytes(b"")
     (tmp_path / "README.md").write_text("# card\n")
-    with pytest.warns(UserWarning, match=r"1 file\(s\) of other types left out of the corpus \(README.md\)"):
+    with pytest.warns(UserWarning, match=r"1 file\(s\) of other types left out of the data \(README.md\)"):
         assert [p.name for p in resolve_files(tmp_path, kinds=("jsonl",))] == ["a.jsonl", "b.jsonl.gz"]
     with pytest.raises(ValueError, match=r"README.md \(use .jsonl or .jsonl.gz\)"):
         resolve_files(str(tmp_path / "*"), kinds=("jsonl",))

@@ -1034,7 +1034,7 @@ def test_chat_data_in_shards_is_one_data_set(tmp_path) -> None:
     (shards / "train-00001-of-00002.jsonl.gz").write_bytes(gzip.compress((_chat_line("q2") + "\n").encode()))
     (shards / "README.md").write_text("# a dataset card\n")
     asked = ["q0", "q1", "q2"]
-    with pytest.warns(UserWarning, match=r"left out of the corpus \(README.md\); use .jsonl or .jsonl.gz"):
+    with pytest.warns(UserWarning, match=r"left out of the data \(README.md\); use .jsonl or .jsonl.gz"):
         assert [m[0]["content"] for m, _ in read_chat_jsonl(shards)] == asked
     assert [m[0]["content"] for m, _ in read_chat_jsonl(str(shards / "train-*"))] == asked
     files = sorted(str(p) for p in shards.glob("train-*"))

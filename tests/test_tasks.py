@@ -1044,7 +1044,7 @@ def test_jsonl_task_reads_shards_folders_globs_and_gzip(tmp_path):
     (shards / "train-00001-of-00002.jsonl.gz").write_bytes(gzip.compress(lines(range(3, 5)).encode()))
     (shards / "README.md").write_text("# a dataset card\n")
     assert len(get_task(f"jsonl:{shards / 'train-00001-of-00002.jsonl.gz'}").items) == 2
-    with pytest.warns(UserWarning, match=r"left out of the corpus \(README.md\)"):
+    with pytest.warns(UserWarning, match=r"left out of the data \(README.md\)"):
         folder = get_task(f"jsonl:{shards}")
     assert [p.prompt for p in folder.items] == [f"{k}+1?" for k in range(5)]
     assert len({p.id for p in folder.items}) == 5 and folder.problems("train", 5)

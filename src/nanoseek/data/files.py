@@ -61,7 +61,7 @@ def resolve_files(
                 raise FileNotFoundError(f"no {'/'.join(suffixes)} files under {text}{also}")
             if others:
                 warnings.warn(
-                    f"{text}: {len(others)} file(s) of other types left out of the corpus ({shown}); {use}",
+                    f"{text}: {len(others)} file(s) of other types left out of the data ({shown}); {use}",
                     stacklevel=2,
                 )
             files.extend(found)
