@@ -1162,3 +1162,14 @@ def test_resolve_files_for_a_reader_of_one_kind(tmp_path) -> None:
     (tmp_path / "cards" / "card.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match=r"no .jsonl files under .* \(only card.txt\)"):
         resolve_files(tmp_path / "cards", kinds=("jsonl",))
+
+
+def test_a_pipe_given_to_the_corpus_is_named_as_one(tmp_path: Path) -> None:
+    """`pretrain --data <(zcat corpus.txt.gz)`: the corpus reads its files more than once and resumes at a
+    byte offset, so it cannot take a pipe; it said "data source not found" for one that exists."""
+    import os
+
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"corpus.txt is a pipe or device, not a file: .*save it to a file"):
+        resolve_files(str(fifo))

@@ -74,6 +74,13 @@ def resolve_files(
             if kind not in kinds and not (kind != "parquet" and len(kinds) == 1):
                 raise ValueError(f"unsupported file type: {text} ({use})")
             files.append(Path(text))
+        elif Path(text).exists():
+            # a pipe (`--data <(zcat corpus.txt.gz)`) given to the corpus, which reads its files more than
+            # once and resumes them at a byte offset: it was "data source not found", for one that exists
+            raise ValueError(
+                f"{text} is a pipe or device, not a file: the corpus is read more than once (and resumed "
+                "at a byte offset); save it to a file first (a .gz is read as it is)"
+            )
         elif any(c in text for c in "*?["):
             matches = [Path(m) for m in sorted(glob.glob(text, recursive=True)) if Path(m).is_file()]
             if not matches:
