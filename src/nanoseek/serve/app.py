@@ -79,6 +79,9 @@ PAGE_HEADERS = {"Cache-Control": "no-cache"}
 # uptime monitors, load balancers and `curl -I` probe /health with HEAD, and FastAPI's GET route alone
 # answered them 405.
 GET = ["GET", "HEAD"]
+# How often a request whose answer is not being written (non-streaming, prompt scoring) asks whether its
+# client is still there: a hang-up frees its engine work within this long.
+HANGUP_POLL_S = 0.5
 THINKING_KWARGS = ("thinking", "enable_thinking")  # the chat template's options (Server.thinking)
 
 
@@ -454,12 +457,12 @@ class Server:
         checked = time.monotonic()
         while not all(c.done for c in choices):
             try:
-                index, ev = await asyncio.wait_for(group.queue.get(), timeout=0.5)
+                index, ev = await asyncio.wait_for(group.queue.get(), timeout=HANGUP_POLL_S)
             except TimeoutError:
                 index, ev = -1, None
             # Non-streaming clients: nothing is written until the end, so poll for a hang-up (streams are
             # cancelled by Starlette itself when the client goes away).
-            if request is not None and time.monotonic() - checked > 0.5:
+            if request is not None and time.monotonic() - checked > HANGUP_POLL_S:
                 checked = time.monotonic()
                 if await request.is_disconnected():
                     raise ClientDisconnected
@@ -486,7 +489,7 @@ class Server:
         to retry) had its scoring run on, between every stream's steps, as its retries queued more."""
         task = asyncio.ensure_future(work)
         while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
+            done, _ = await asyncio.wait({task}, timeout=HANGUP_POLL_S)
             if done:
                 return task.result()
             if await request.is_disconnected():
