@@ -12,6 +12,7 @@ import torch
 from tests.test_engine import small_config
 
 from nanoseek.checkpoint import save_model
+from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model.transformer import DeepSeekV3
 
 
@@ -180,7 +181,7 @@ def test_chat_turn_splits_reasoning_across_split_tags(checkpoint):
 
     out = io.StringIO()
     messages = [{"role": "user", "content": "q"}]
-    reply, n = chat_turn(Engine(), tok, messages, None, out, color=False)
+    reply, n = chat_turn(Engine(), tok, messages, SamplingParams(), out, color=False)
     assert n == sum(len(tok.encode(c)) for c in chunks)
     # without colour (piped) the reasoning is marked by the template's own tags
     assert out.getvalue() == "<think>\nlet me think\n</think>\n\nThe answer is 4\n"
@@ -206,7 +207,7 @@ def test_chat_turn_neither_shows_nor_keeps_the_stop_token(checkpoint):
             return [SimpleNamespace(new_token_ids=ids), SimpleNamespace(new_token_ids=[user])]
 
     out = io.StringIO()
-    params = SimpleNamespace(stop_token_ids=[tok.eos_token_id, user])
+    params = SamplingParams(stop_token_ids=[tok.eos_token_id, user])
     reply, n = chat_turn(Engine(), tok, [{"role": "user", "content": "q"}], params, out, color=False)
     assert out.getvalue() == "<think>\nhm\n</think>\n\nThe answer is 4\n"
     assert (
@@ -231,7 +232,7 @@ def test_chat_turn_closes_a_think_block_the_reply_ended_in(checkpoint):
             return [SimpleNamespace(new_token_ids=tok.encode("let me think"))]
 
     out = io.StringIO()
-    chat_turn(Engine(), tok, [{"role": "user", "content": "q"}], None, out, color=False)
+    chat_turn(Engine(), tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=False)
     assert out.getvalue() == "<think>\nlet me think\n</think>\n"
 
 
@@ -255,7 +256,9 @@ def test_a_reply_cut_inside_a_character_ends_before_it_in_chat_and_generate(chec
             return [SimpleNamespace(new_token_ids=cut)]
 
     out = io.StringIO()
-    reply, _ = chat_turn(Engine(), tok, [{"role": "user", "content": "q"}], None, out, color=False)
+    reply, _ = chat_turn(
+        Engine(), tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=False
+    )
     assert out.getvalue() == "<think>\nhm\n</think>\n\n答\n" and reply.endswith("</think>\n\n答")
     _generate_replies(monkeypatch, tok, cut)
     for samples in ("1", "2"):
@@ -283,7 +286,9 @@ def test_chat_history_of_a_template_without_think_blocks(tmp_path):
             return [SimpleNamespace(new_token_ids=tok.encode(c)) for c in ("Hello", " there")]
 
     out = io.StringIO()
-    reply, _ = chat_turn(Engine(), tok, [{"role": "user", "content": "hi"}], None, out, color=False)
+    reply, _ = chat_turn(
+        Engine(), tok, [{"role": "user", "content": "hi"}], SamplingParams(), out, color=False
+    )
     assert out.getvalue() == "Hello there\n" and reply == "Hello there"
 
 
@@ -307,7 +312,9 @@ def test_chat_no_think(checkpoint):
             return [SimpleNamespace(new_token_ids=tok.encode(c)) for c in ("The answer", " is 4</think>")]
 
     out = io.StringIO()
-    reply, _ = chat_turn(Engine(), tok, [{"role": "user", "content": "q"}], None, out, False, thinking=False)
+    reply, _ = chat_turn(
+        Engine(), tok, [{"role": "user", "content": "q"}], SamplingParams(), out, False, thinking=False
+    )
     assert tok.decode(prompts[0]).endswith("<｜Assistant｜></think>")
     assert out.getvalue() == "The answer is 4</think>\n" and reply == "The answer is 4</think>"
 
@@ -642,7 +649,7 @@ def test_chat_turn_refuses_a_conversation_that_fills_the_context(checkpoint):
             pytest.fail("a prompt that fills the context reached the engine")
 
     with pytest.raises(ContextFull, match=f"the message is {n} tokens; the context holds {n}"):
-        chat_turn(Engine(), tok, messages, None, io.StringIO(), color=False)
+        chat_turn(Engine(), tok, messages, SamplingParams(), io.StringIO(), color=False)
 
 
 def test_generate_stops_at_the_tokenizers_stop_ids_and_a_chat_sample_is_the_reply_alone(

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from nanoseek.commands.generate import (
     add_generation_flags,
@@ -37,6 +37,9 @@ from nanoseek.commands.generate import (
     load_for_generation,
     sampling_params,
 )
+
+if TYPE_CHECKING:
+    from nanoseek.engine.sampling import SamplingParams
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 HELP = "commands: /reset  /system TEXT  /help  /exit"
@@ -114,7 +117,7 @@ def chat_turn(
     engine: Any,
     tok: Any,
     messages: list[dict],
-    params: Any,
+    params: SamplingParams,
     out: TextIO,
     color: bool,
     thinking: bool = True,
@@ -127,8 +130,9 @@ def chat_turn(
     from nanoseek.tokenizer import IncrementalDecoder
 
     dim, reset = (DIM, RESET) if color else ("", "")
-    wanted = getattr(params, "max_new_tokens", 1)
-    prompt_text, ids, dropped = fit_context(tok, messages, engine.max_seq_len, wanted, thinking)
+    prompt_text, ids, dropped = fit_context(
+        tok, messages, engine.max_seq_len, params.max_new_tokens, thinking
+    )
     if dropped:
         out.write(
             f"{dim}(context full: {dropped} earlier turn{'s' * (dropped != 1)} dropped from the "
@@ -161,7 +165,7 @@ def chat_turn(
 
     # A stop token ends the reply but is not part of it: `<｜User｜>` is not special, so the decoder
     # would show it and history would keep it.
-    stop_ids = set(getattr(params, "stop_token_ids", None) or ())
+    stop_ids = set(params.stop_token_ids)
     events = engine.stream(
         [ids], params, should_stop=stop
     )  # (also asked between the steps of a long prefill)
