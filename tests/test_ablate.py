@@ -888,3 +888,14 @@ def test_a_variant_that_diverges_is_recorded_and_the_report_names_it(micro, tmp_
     assert main.count("not run: no-mtp seed 0 diverged") == 2
     (row,) = [line for line in report.splitlines() if line.startswith("| no-mtp |")]
     assert "| 1 (1 diverged) |" in row
+
+
+def test_a_study_whose_every_run_diverged_links_no_empty_plots(tmp_path, monkeypatch) -> None:
+    """Every run diverged: the report linked three empty frames (matplotlib warning of a legend with
+    nothing in it) as its plots; it says there is no curve to plot instead."""
+    _fake_training(monkeypatch, [], diverged="loss nan")
+    report = run_study(AblateConfig(study="mla", seeds=1, out=str(tmp_path), progress=False), "mla")
+    text = report.read_text()
+    assert "![" not in text
+    assert "No validation curve to plot: no run of this study finished without diverging." in text
+    assert not list((report.parent / "plots").glob("*.png"))

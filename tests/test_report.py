@@ -667,3 +667,96 @@ def test_a_language_only_an_unseen_wording_evaluation_drew_makes_no_empty_row(tm
     ev.log(evaluated="grpo", task="addition?wording=unseen", k=1, **by_language)
     text = build_report(tmp_path).read_text()
     assert "| en | 50.0% | 50.0% |" in text and "| ja |" not in text
+
+
+def _drawn(monkeypatch):
+    """{file name: the figure's axes} of every plot the report saves."""
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    drawn = {}
+    savefig = Figure.savefig
+
+    def record(fig, path, **kw):
+        drawn[Path(path).name.removeprefix(".").split(".png")[0] + ".png"] = fig.axes
+        return savefig(fig, path, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return drawn
+
+
+def test_a_grpo_run_of_one_step_is_drawn(tmp_path, monkeypatch):
+    """A one-step GRPO run's reward, accuracy and length plots were empty frames: a line through one
+    point draws nothing."""
+    grpo = MetricsLog(tmp_path, "grpo")
+    grpo.log(step=1, reward=0.4, accuracy=0.3, response_length=50)
+    drawn = _drawn(monkeypatch)
+    build_report(tmp_path)
+    for name in ("grpo_reward.png", "grpo_length.png"):
+        lines = drawn[name][0].get_lines()
+        assert lines and all(line.get_marker() not in (None, "None", "", " ") for line in lines), name
+
+
+def test_expert_load_of_many_layers_gives_each_its_own_color_and_no_legend_larger_than_the_plot(
+    tmp_path, monkeypatch
+):
+    """A 27-layer model's plot had a legend of 27 entries spilling over the figure, in ten colors
+    repeated (layer 1 and layer 11 drawn alike); a color bar names the layers instead."""
+    pre = MetricsLog(tmp_path, "pretrain")
+    for s in (1, 2):
+        pre.log(step=s, loss=3.0, expert_imbalance={str(i): 1 + i / 10 for i in range(1, 28)})
+    drawn = _drawn(monkeypatch)
+    build_report(tmp_path)
+    ax, *bars = drawn["expert_load.png"]
+    lines = [line for line in ax.get_lines() if line.get_label().startswith("layer ")]
+    assert len(lines) == 27 and len({line.get_color() for line in lines}) == 27
+    assert list(lines[0].get_ydata()) == [1.1, 1.1] and list(lines[-1].get_ydata()) == [3.7, 3.7]
+    assert ax.get_legend() is None
+    assert [b.get_ylabel() for b in bars] == ["MoE layer"]
+    labels = [t.get_text() for t in bars[0].get_yticklabels()]
+    assert labels[0] == "1" and labels[-1] == "27"
+
+
+def test_expert_load_logged_once_is_drawn(tmp_path, monkeypatch):
+    pre = MetricsLog(tmp_path, "pretrain")
+    pre.log(step=5, loss=3.0, expert_load={"1": [12, 10, 10, 8], "2": [20, 10, 5, 5]})
+    drawn = _drawn(monkeypatch)
+    build_report(tmp_path)
+    (ax,) = drawn["expert_load.png"]
+    lines = [line for line in ax.get_lines() if line.get_label().startswith("layer ")]
+    assert [list(line.get_ydata()) for line in lines] == [[1.2], [2.0]]
+    assert all(line.get_marker() not in (None, "None", "", " ") for line in lines)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["layer 1", "layer 2"]
+
+
+def test_a_non_finite_value_in_a_hand_written_log_leaves_the_rest_of_a_trend_drawn(tmp_path, monkeypatch):
+    """A log written by another tool (JSON's NaN, where a MetricsLog writes "nan"): one NaN reward
+    blanked the reward's moving average for every step after it."""
+    import math
+
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for s in range(1, 61):
+            reward = math.nan if s == 10 else s / 60
+            f.write(json.dumps({"stage": "grpo", "step": s, "reward": reward}) + "\n")
+    drawn = _drawn(monkeypatch)
+    build_report(tmp_path)
+    (trend,) = [
+        line for line in drawn["grpo_reward.png"][0].get_lines() if line.get_label().startswith("reward")
+    ]
+    assert len(trend.get_xdata()) == 59 and 10 not in list(trend.get_xdata())
+    assert all(math.isfinite(y) for y in trend.get_ydata())
+
+
+def test_grpos_surrogate_loss_is_not_shown_as_its_final_loss(tmp_path):
+    """GRPO's `loss` (its clipped surrogate over group-normalized advantages) is near 0 at every step:
+    the stage table showed "-3.35e-08" in the final-loss column, beside pretraining's cross-entropy."""
+    pre = MetricsLog(tmp_path, "pretrain")
+    pre.log(step=1, loss=2.19)
+    pre.log(event="end", wall_time_s=10.0)
+    grpo = MetricsLog(tmp_path, "grpo")
+    grpo.log(step=1, loss=-3.35e-08, reward=0.05, accuracy=0.0)
+    grpo.log(event="end", wall_time_s=20.0)
+    text = build_report(tmp_path).read_text()
+    assert "| pretrain | 10 s | – | $0.0003 | 2.19 | – |" in text, text
+    assert "| grpo | 20 s | – | $0.0006 | – | – |" in text, text

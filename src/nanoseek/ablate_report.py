@@ -315,12 +315,14 @@ def plots(m: StudyMetrics) -> list[tuple[str, str]]:
             label = "main-model training FLOPs"
         fig = Figure(figsize=(7, 4))
         ax = fig.subplots()
+        drawn = False
         for v in m.variants:
             curves = list(m.curves[v].values())
             lo = max(c[0][axis] for c in curves)
             hi = min(c[-1][axis] for c in curves)
             if hi <= lo:
                 continue
+            drawn = True
             grid = np.linspace(lo, hi, 60)
             ys = np.array(
                 [[_interp(x, [r[axis] for r in c], [r["val_loss"] for r in c]) for x in grid] for c in curves]
@@ -330,6 +332,8 @@ def plots(m: StudyMetrics) -> list[tuple[str, str]]:
             )
             if len(curves) > 1:
                 ax.fill_between(grid, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2)
+        if not drawn:  # every run diverged (no curve kept): an empty frame linked as a plot said nothing
+            continue
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss (nats/token, log scale)")
         ax.set_yscale("log")
@@ -407,8 +411,11 @@ def build_study_report(directory: str | os.PathLike) -> Path:
         "## Plots",
         "",
     ]
-    for title, path in plots(m):
+    made = plots(m)
+    for title, path in made:
         lines += [f"### {title}", "", f"![{title}]({path})", ""]
+    if not made:
+        lines += ["No validation curve to plot: no run of this study finished without diverging.", ""]
     return atomic_write(m.dir / "report.md", "\n".join(lines))
 
 

@@ -190,7 +190,11 @@ class RunMetrics:
         xs, ys = [], []
         for r in self.by_stage.get(stage, []):
             ok = r.get("event") in (None, "step", "train", "val")
-            if ok and isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), (int, float)):
+            # a non-finite value is left out, as the "nan" a MetricsLog writes for one is: in a
+            # hand-written log's NaN, one value blanked a moving average for the rest of the run
+            value = r.get(key)
+            ok = ok and isinstance(value, (int, float)) and math.isfinite(value)
+            if ok and isinstance(r.get("step"), (int, float)):
                 xs.append(r["step"])
                 ys.append(float(r[key]))
         return xs, ys
@@ -354,9 +358,12 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
         if end.get("beside"):  # ran in a second process during another stage: inside that one's time
             shown += f" (beside {end['beside']})"
             cost = f"in {end['beside']}'s"
+        # GRPO's `loss` is its clipped surrogate, near 0 at every step by construction (advantages are
+        # normalized within each group): a final "-3.35e-08" beside the cross-entropies read as a model
+        # fit perfectly. Its reward and accuracy are plotted below.
+        loss = None if stage == "grpo" else m.last_value(stage, m.train_loss_key(stage))
         lines.append(
-            f"| {stage} | {shown} | {_human(tokens)} | {cost} | "
-            f"{_fmt(m.last_value(stage, m.train_loss_key(stage)))} | {_fmt(m.last_value(stage, 'val_loss'))} |"
+            f"| {stage} | {shown} | {_human(tokens)} | {cost} | {_fmt(loss)} | {_fmt(m.last_value(stage, 'val_loss'))} |"
         )
     total_s = m.run_wall_time()
     lines.append(f"| **total** | {total_s:.1f} s | | ${total_s / 3600 * usd_per_hour:.4f} | | |")
@@ -628,7 +635,8 @@ def _plot_with_trend(ax: Any, xs: list[float], ys: list[float], label: str | Non
     """The raw per-step series faint, its moving average over ~1/15 of the run on top."""
     window = max(1, len(ys) // 15)
     if window < 3:
-        ax.plot(xs, ys, label=label)
+        # a one-step run's single point, which a line alone does not draw
+        ax.plot(xs, ys, marker="o" if len(xs) == 1 else None, label=label)
         return
     (raw,) = ax.plot(xs, ys, alpha=0.3, lw=0.8)
     ax.plot(
@@ -643,6 +651,7 @@ def _plot_with_trend(ax: Any, xs: list[float], ys: list[float], label: str | Non
 def _plots(m: RunMetrics) -> list[tuple[str, str]]:
     # Figures of their own, not pyplot's: `matplotlib.use("Agg")` switched a notebook's backend for
     # the rest of its session (its own plots stopped showing), and a figure here needs no backend.
+    import matplotlib
     from matplotlib.figure import Figure
 
     def subplots(*args: Any, figsize: tuple[float, float], **kwargs: Any) -> tuple[Any, Any]:
@@ -751,12 +760,26 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
                 series[str(layer)][1].append(float(ratio))
     if series:
         fig, ax = subplots(figsize=(7, 4))
-        for layer, (xs, ys) in sorted(series.items(), key=lambda kv: (not kv[0].isdigit(), kv[0].zfill(4))):
-            ax.plot(xs, ys, label=f"layer {layer}")
+        layers = sorted(series.items(), key=lambda kv: (not kv[0].isdigit(), kv[0].zfill(4)))
+        # more layers than the color cycle's ten (the 12-, 27- and 60-layer presets): colors repeated in
+        # a legend that outgrew the figure; a colormap over the layers and a color bar name them instead
+        many = len(layers) > 10
+        cmap = matplotlib.colormaps["viridis"]
+        for i, (layer, (xs, ys)) in enumerate(layers):
+            color = cmap(i / (len(layers) - 1)) if many else None
+            ax.plot(xs, ys, color=color, marker="o" if len(xs) == 1 else None, label=f"layer {layer}")
+        if many:
+            from matplotlib.cm import ScalarMappable
+            from matplotlib.colors import Normalize
+
+            bar = fig.colorbar(ScalarMappable(Normalize(0, len(layers) - 1), cmap), ax=ax, label="MoE layer")
+            ticks = sorted({round(k * (len(layers) - 1) / 7) for k in range(8)})
+            bar.set_ticks(ticks, labels=[layers[t][0] for t in ticks])
+        else:
+            ax.legend()
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
         ax.set_xlabel("pretrain step")
         ax.set_ylabel("max / mean tokens per expert")
         ax.set_title("Expert load imbalance per MoE layer")
-        ax.legend()
         save(fig, "expert_load.png", "Expert load per layer over pretraining")
     return made
