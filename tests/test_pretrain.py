@@ -98,12 +98,15 @@ def test_pretrain_writes_checkpoint_metrics_and_summary(workdir, tmp_path, capsy
     assert [r["step"] for r in records if "val_loss" in r and "event" not in r] == [3, 6]
     assert all("mtp_loss" in r and "expert_imbalance_max" in r for r in steps)
     out = capsys.readouterr().out
-    from nanoseek.accounting import count_parameters
+    from nanoseek.accounting import count_parameters, human
     from nanoseek.config import ModelConfig
 
     # the model's count as `nanoseek inspect`, the report, chat and serve give it: the MTP module apart
     assert f"({count_parameters(ModelConfig.load(path)).described}, vocab" in out
     assert "pretrain: 6 steps" in out and "train loss" in out and "val loss" in out and str(path) in out
+    # a short run's tokens are counted as `inspect` counts: "0.00M tokens" said nothing
+    tokens = steps[-1]["tokens"]
+    assert f"6 steps, {human(tokens)} tokens in" in out and "0.00M" not in out
 
     from nanoseek.checkpoint import load_model
 

@@ -24,6 +24,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nanoseek.accounting import human
 from nanoseek.options import check_choices, option, path
 from nanoseek.perf import cpu_has_bf16
 
@@ -502,7 +503,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
     tokens = trainer.tokens_seen - start_tokens
     if dist.is_main:
         parts = [
-            f"pretrain: {done} steps, {tokens / 1e6:.2f}M tokens in {wall:.0f}s ({tokens / max(wall, 1e-9):.0f} tok/s)"
+            f"pretrain: {done} steps, {human(tokens)} tokens in {wall:.0f}s ({tokens / max(wall, 1e-9):.0f} tok/s)"
         ]
         if last:
             parts.append(f"train loss {last.get('lm_loss', last['loss']):.3f}")
