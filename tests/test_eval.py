@@ -482,6 +482,32 @@ def test_tasks_of_one_checkpoint_sampled_in_one_queue_draw_what_each_draws_alone
         evaluate_many([cfg("arithmetic", 2, "x"), dataclasses.replace(cfg("comparison", 2, "x"), k=1)])
 
 
+def test_a_checkpoint_samples_with_its_generation_configs_settings_as_its_server_does(
+    micro_checkpoint, tmp_path
+) -> None:
+    """The sampling settings of generation_config.json that eval has no flag for (a Qwen fine-tune's
+    top_k, repetition_penalty) are the ones `nanoseek serve` samples with for requests that leave them
+    out, as `nanoseek eval URL` does: ignored here, the same model scored differently through its
+    server. --temperature and --top-p stay eval's own; the report says what else was used."""
+    import shutil
+
+    from nanoseek.evaluate import CheckpointSampler, evaluate_many
+
+    ck = tmp_path / "ck"
+    shutil.copytree(micro_checkpoint, ck)
+    (ck / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 1})
+    )
+    common = dict(model=str(ck), task="arithmetic", n=2, max_new_tokens=8, progress=False, seed=3)
+    problems = _problems(2)
+    greedy = CheckpointSampler(EvalConfig(**common, k=1, temperature=0.0))(problems)
+    sampled = CheckpointSampler(EvalConfig(**common, k=3, temperature=1.0))(problems)
+    for one, three in zip(greedy, sampled, strict=True):
+        assert [s.text for s in three] == [one[0].text] * 3  # top_k 1: every sample the greedy one
+    (m,) = evaluate_many([EvalConfig(**common, k=2, out=str(tmp_path / "r.json"))])
+    assert m["sampling_defaults"] == {"top_k": 1} and m["temperature"] == 0.6
+
+
 def test_eval_refuses_a_tokenizer_larger_than_the_models_vocabulary(narrow_checkpoint) -> None:
     """A tokenizer.json from another model was evaluated with: its ids past the model's rows refused
     only in the prompts that held one, and never sampled. Said before the weights load."""
@@ -605,6 +631,33 @@ def test_an_endpoints_reasoning_is_kept_when_its_content_holds_a_think_end_too()
 
     assert completion_text(message("x</think>42", "r")) == "r</think>x</think>42"
     assert completion_text(message("r</think>42", None)) == "r</think>42"
+
+
+def test_an_unclosed_think_block_an_endpoint_left_in_the_content_is_thinking_not_an_answer(tmp_path) -> None:
+    """A server that leaves a think block the model opened and never closed in the content (vLLM's qwen3
+    parser; one without a reasoning parser), reasoning_content null: scored as the checkpoint's same
+    completion is. A </think> put before it made the think text the answer: language 0, and its numbers
+    cons@k votes that outvoted the right answer."""
+    from openai.types.chat import ChatCompletionMessage
+
+    from nanoseek.evaluate import completion_text
+
+    (p,) = _problems(1)
+    cut = f"<think>\nones: so {p.answer}7\n\n{p.answer}7"  # stopped at max_tokens inside the block
+    message = {"role": "assistant", "content": cut, "reasoning_content": None}
+    sent = completion_text(ChatCompletionMessage.model_validate(message))
+    right = Sample(f"x\n</think>\n{p.answer}", 3, "stop")
+    figures = []
+    for text in (cut, sent):  # the checkpoint's completion, the endpoint's rebuilt from its message
+        cfg = EvalConfig(
+            model=str(tmp_path / "ck"), task="arithmetic", k=3, n=1, language="en", progress=False
+        )
+        cfg.out = str(tmp_path / f"{len(figures)}.json")
+        samples = [[right, Sample(text, 9, "length"), Sample(text, 9, "length")]]
+        figures.append(evaluate(cfg, sampler=lambda ps, s=samples: s))
+    keys = ("pass@1", "cons@3", "format_rate", "language_consistency", "truncated_rate")
+    assert [figures[1][k] for k in keys] == [figures[0][k] for k in keys]
+    assert figures[1]["cons@3"] == 1.0  # the one answer given wins; the cut-off thinking does not vote
 
 
 def _stub_endpoint(

@@ -261,12 +261,14 @@ def engine_generate(
     seed: int | None = None,
     progress: bool | str = False,
     seeds: Sequence[int] | None = None,
+    sampling: dict[str, float] | None = None,
 ) -> list[Any]:
     """All prompts in one engine queue (continuous batching); returns Completions in prompt order.
 
     With a seed, request i samples with seed + i (the engine's rule), so repeated prompts (k samples of
     one problem, G of one GRPO group) draw different samples, reproducibly; `seeds` gives each prompt
     its own instead (several evaluations in one queue, each numbered as it would be alone).
+    `sampling`: further SamplingParams fields (top_k, min_p, repetition_penalty).
     """
     import dataclasses
 
@@ -278,6 +280,7 @@ def engine_generate(
         top_p=top_p,
         stop_token_ids=list(stop_token_ids),
         seed=seed,
+        **(sampling or {}),
     )
     if seeds is not None:
         params = [dataclasses.replace(params, seed=s) for s in seeds]
@@ -301,6 +304,7 @@ class CheckpointSampler:
 
     def __init__(self, cfg: EvalConfig, samples: int | None = None) -> None:
         from nanoseek.checkpoint import load_model, resolve_checkpoint
+        from nanoseek.commands.serve import _generation_defaults
         from nanoseek.engine import Engine
         from nanoseek.perf import default_device
         from nanoseek.tokenizer import checkpoint_tokenizer
@@ -308,6 +312,12 @@ class CheckpointSampler:
         self.cfg = cfg
         self.path = resolve_checkpoint(cfg.model)
         self.tok = checkpoint_tokenizer(self.path)  # one from another model: said before the weights load
+        # the checkpoint's generation_config.json settings that eval has no flag for (a Qwen fine-tune's
+        # top_k 20, repetition_penalty 1.05): `nanoseek serve` (and vLLM) sample with them, so the same
+        # model scored through its server and here drew differently (temperature and top_p are eval's own)
+        given = {k: v for k, v in self.tok.generation_config.items() if k not in ("temperature", "top_p")}
+        self.sampling = _generation_defaults(given, self.path / "generation_config.json")
+        self.sampling.pop("temperature", None)  # do_sample false: greedy, where eval's --temperature rules
         model = load_model(self.path, dtype=cfg.dtype, device=default_device()).eval()
         self.dtype = str(model.dtype).removeprefix("torch.")  # what "auto" picked, for the report
         batch = cfg.max_batch_size or min(DEFAULT_MAX_BATCH, samples or cfg.n * cfg.k)
@@ -353,6 +363,7 @@ class CheckpointSampler:
             stop_token_ids=self.stop,
             seeds=seeds,
             progress="eval samples" if cfg.progress else False,
+            sampling=self.sampling,
         )
         flat = [
             Sample(
@@ -402,7 +413,10 @@ def completion_text(message: Any, thinking: bool = True) -> str:
     reasoning = next((extra[f] for f in fields if extra[f]), None)
     content = message.content or ""
     if thinking and fields:
-        if not reasoning and THINK_END in content:  # a server that left the reasoning in the content
+        # a server that left the reasoning in the content: closed, or opened by the model and never
+        # closed (vLLM's qwen3 parser, a truncated answer): a </think> put before that was the think
+        # text read as the answer, its language 0 and its numbers a cons@k vote
+        if not reasoning and (THINK_END in content or content.lstrip().startswith(THINK_START)):
             return content
         return f"{reasoning or ''}{THINK_END}{content}"
     return f"{THINK_START}{reasoning}{THINK_END}{content}" if reasoning else content
@@ -611,6 +625,7 @@ def evaluate_many(cfgs: Sequence[EvalConfig]) -> list[dict]:
         "generation_time_s": round(time.perf_counter() - t0, 2),
         "sampled_with": [c.task for c in cfgs],
         "dtype": sampler.dtype,
+        **({"sampling_defaults": sampler.sampling} if sampler.sampling else {}),
     }
 
     def given(samples: list[list[Sample]]) -> Callable[[Sequence[Any]], list[list[Sample]]]:
@@ -669,6 +684,8 @@ def evaluate(
     )
     if hasattr(sampler, "dtype"):  # a checkpoint's: the precision that ran ("auto" picks by the machine)
         metrics["dtype"] = sampler.dtype
+    if getattr(sampler, "sampling", None):  # a checkpoint's generation_config.json settings it sampled with
+        metrics["sampling_defaults"] = sampler.sampling
     metrics.update(shared or {})
     evaluated, run_dir, out = _outputs(cfg)
     metrics["evaluated"] = evaluated
