@@ -1111,6 +1111,48 @@ def test_a_rollouts_code_runs_overlap_and_score_as_one_after_another(tmp_path, m
     answers._cached_code_run.cache_clear()
 
 
+def test_reward_workers_default_to_the_cpus_the_cgroup_quota_allows(tmp_path, monkeypatch):
+    """`docker --cpus 2` on a 64-core host: a step's sandboxed programs ran 64 at a time (the affinity
+    mask's count), each throttled; the default is now the CPUs the quota allows."""
+    import json
+    import os
+    from types import SimpleNamespace
+
+    import nanoseek.data.rewards as rewards
+    import nanoseek.data.tasks.answers as answers
+    import nanoseek.perf as perf
+    import nanoseek.train.grpo as grpo_module
+    from nanoseek.data.rewards import build_reward
+    from nanoseek.data.tasks import get_task
+
+    (tmp_path / "cgroup").mkdir()
+    (tmp_path / "cgroup" / "cpu.max").write_text("200000 100000\n")
+    (tmp_path / "membership").write_text("0::/\n")
+    monkeypatch.setattr(perf, "_PROC_CGROUP", tmp_path / "membership", raising=False)
+    monkeypatch.setattr(perf, "_CGROUP_ROOT", tmp_path / "cgroup", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    workers = []
+    score_pairs = rewards.score_pairs
+    monkeypatch.setattr(
+        rewards, "score_pairs", lambda f, ps, ts, n: workers.append(n) or score_pairs(f, ps, ts, 1)
+    )
+    path = tmp_path / "code.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "Print 2n.", "tests": [{"input": "3", "output": "6"}], "split": "train"})
+    )
+    task = get_task(f"jsonl:{path}")
+    texts = ["t</think>\n```python\nprint(int(input())*2)\n```"] * 2
+    outs = [SimpleNamespace(token_ids=[i], finish_reason="stop") for i in range(2)]
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: texts[ids[0]])
+    monkeypatch.setattr(answers, "run_code_tests", lambda code, tests: (len(tests), len(tests)))
+    answers._cached_code_run.cache_clear()
+    cfg = grpo_module.GRPOConfig(init="x", tasks=["a"], group_size=2)
+    batch = [(task, p) for p in task.items]
+    grpo_module._score_rollout(cfg, batch, [[1]] * 2, outs, tok, build_reward("accuracy:1"), [-1])
+    answers._cached_code_run.cache_clear()
+    assert workers == [2]
+
+
 def test_a_sigint_saves_the_grpo_step_and_the_resume_ends_as_one_run(micro_checkpoint, tmp_path) -> None:
     """Ctrl-C during GRPO lost every step since the last checkpoint: its own loop now saves the step it
     stops at (the next one after the signal) and a --resume reaches the weights of a run never stopped."""

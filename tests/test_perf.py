@@ -202,3 +202,111 @@ def test_bench_learning_whole_documents_leave_the_padding_out_of_the_balancing(t
     assert len(seen) == 2
     for x, mask in seen:
         assert mask is not None and mask.equal(window_tokens(x, tok.pad_token_id)) and not mask.all()
+
+
+def _cgroups(tmp_path, monkeypatch, membership: str, files: dict[str, str], affinity: int = 8):
+    """A fake /proc/self/cgroup (`membership`) and cgroup mount (`files`, relative to it), and an
+    affinity mask of `affinity` CPUs."""
+    import os
+
+    import nanoseek.perf as perf
+
+    root = tmp_path / "cgroup"
+    root.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "membership").write_text(membership)
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    monkeypatch.setattr(perf, "_PROC_CGROUP", tmp_path / "membership")
+    monkeypatch.setattr(perf, "_CGROUP_ROOT", root)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+
+
+def test_usable_cpus_are_the_affinity_mask_within_the_cgroup_cpu_quota(tmp_path, monkeypatch):
+    """`docker --cpus 2` on an 8-core host: the affinity mask shows 8, the quota allows 2."""
+    import nanoseek.perf as perf
+
+    cases = [
+        ("0::/\n", {"cpu.max": "max 100000\n"}, 8),  # v2, no quota
+        ("0::/\n", {"cpu.max": "200000 100000\n"}, 2),  # v2, a container's own cgroup at the root
+        ("0::/docker/abc\n", {"docker/abc/cpu.max": "150000 100000\n"}, 1),  # host's view; 1.5 rounds down
+        ("0::/kube/pod/c\n", {"kube/cpu.max": "300000 100000\n", "kube/pod/c/cpu.max": "max 100000\n"}, 3),
+        ("0::/\n", {"cpu.max": "20000 100000\n"}, 1),  # a fifth of a CPU: still one thread
+        (
+            "4:cpu,cpuacct:/docker/abc\n1:memory:/docker/abc\n",  # v1: the container's cgroup at the mount
+            {"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"},
+            4,
+        ),
+        ("4:cpu,cpuacct:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 8),
+        ("0::/\n", {}, 8),  # no cpu controller here
+        ("not a cgroup line\n0::/\n", {"cpu.max": "200000 100000\n"}, 2),
+    ]
+    for i, (membership, files, expected) in enumerate(cases):
+        _cgroups(tmp_path / str(i), monkeypatch, membership, files)
+        assert perf.usable_cpus() == expected, (membership, files)
+    _cgroups(tmp_path / "taskset", monkeypatch, "0::/\n", {"cpu.max": "400000 100000\n"}, affinity=1)
+    assert perf.usable_cpus() == 1  # `taskset -c 0` under a quota of 4
+
+
+def test_a_cpu_quota_sets_omp_num_threads_unless_the_user_chose_a_count(tmp_path, monkeypatch):
+    """torch counts the affinity mask alone, a thread per host core under a quota of 2; the CLI sets
+    OMP_NUM_THREADS before torch loads, where the user set neither it nor MKL_NUM_THREADS."""
+    import os
+
+    import nanoseek.perf as perf
+
+    _cgroups(tmp_path, monkeypatch, "0::/\n", {"cpu.max": "200000 100000\n"})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    assert perf.threads_within_quota() == 2
+    assert os.environ["OMP_NUM_THREADS"] == "2"
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv(name, "5")
+        assert perf.threads_within_quota() is None
+        assert os.environ[name] == "5"
+        monkeypatch.delenv(name)
+    (tmp_path / "cgroup" / "cpu.max").write_text("max 100000\n")  # no quota: torch's own count stands
+    assert perf.threads_within_quota() is None
+    assert "OMP_NUM_THREADS" not in os.environ
+
+
+def test_the_cli_holds_torch_to_the_cpu_quota(tmp_path):
+    """`nanoseek generate` under a quota of 1 CPU on a host of 8: torch loads while the flags are parsed
+    (the sampling ones), so the count is set before, and torch takes 1 thread, not one per core."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "cgroup").mkdir()
+    (tmp_path / "cgroup" / "cpu.max").write_text("100000 100000\n")
+    (tmp_path / "membership").write_text("0::/\n")
+    script = f"""
+import os, pathlib, sys
+import nanoseek.perf as perf
+os.sched_getaffinity = lambda pid: set(range(8))
+perf._PROC_CGROUP, perf._CGROUP_ROOT = pathlib.Path({str(tmp_path / "membership")!r}), pathlib.Path({str(tmp_path / "cgroup")!r})
+from nanoseek.cli import main
+assert main(["generate", {str(tmp_path / "missing")!r}, "x"]) == 2
+import torch
+print(torch.get_num_threads())
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1"]
+
+
+def test_threads_above_the_usable_cpus_are_said(monkeypatch, capsys):
+    """`--threads 8` on 2 CPUs (torch makes them all; OMP_NUM_THREADS=8 torch caps at 2)."""
+    import torch
+
+    import nanoseek.perf as perf
+
+    monkeypatch.setattr(perf, "usable_cpus", lambda: 2)
+    with perf.torch_threads(8):
+        assert torch.get_num_threads() == 8
+    assert "--threads 8 is more than the 2 CPUs this process may use" in capsys.readouterr().err
+    with perf.torch_threads(2):
+        pass
+    assert capsys.readouterr().err == ""

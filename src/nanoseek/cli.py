@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nanoseek.perf import threads_within_quota
+
+    # before the parsing, which loads torch for some commands' flags (generate's sampling ones), and
+    # torch reads OMP_NUM_THREADS once, as it loads
+    threads_within_quota()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse settles an optional positional at the first run of positionals, so a command's PROMPT

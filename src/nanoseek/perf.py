@@ -41,12 +41,105 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         return
     import torch
 
+    say_if_oversubscribed(threads)
     was = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         yield
     finally:
         torch.set_num_threads(was)
+
+
+# Where the kernel says which cgroup a process is in, and where the cgroup file systems are mounted.
+_PROC_CGROUP = Path("/proc/self/cgroup")
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cpu_quota() -> float | None:
+    """The CPUs' worth of time this process's cgroup may use (`docker --cpus`, a Kubernetes CPU limit,
+    systemd's CPUQuota=): cgroup v2's cpu.max or v1's CFS quota, the tightest of its cgroup and the
+    ones above it. None: no quota. The affinity mask does not show it: a container limited to 2 CPUs
+    on a 64-core host sees all 64, and a thread per core there is throttled most of every period."""
+    try:
+        lines = _PROC_CGROUP.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) < 3:
+            continue
+        _, controllers, path = fields
+        if controllers == "":  # v2: one hierarchy
+            base = _CGROUP_ROOT
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own
+            base = _CGROUP_ROOT / "cpu"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        # every level from the process's cgroup up (a parent's limit holds for its children); a
+        # container sees its own cgroup at the mount's root, not under the host's path
+        for depth in range(len(parts), -1, -1):
+            quotas.append(_cgroup_quota(base.joinpath(*parts[:depth]), v2=controllers == ""))
+    return min((q for q in quotas if q is not None), default=None)
+
+
+def _cgroup_quota(folder: Path, v2: bool) -> float | None:
+    """One cgroup's CPU quota in CPUs (None: none, or no such cgroup here)."""
+    try:
+        if v2:
+            quota, period = (folder / "cpu.max").read_text(encoding="utf-8").split()[:2]
+        else:
+            quota = (folder / "cpu.cfs_quota_us").read_text(encoding="utf-8").strip()
+            period = (folder / "cpu.cfs_period_us").read_text(encoding="utf-8").strip()
+        if quota in ("max", "-1"):
+            return None
+        return int(quota) / int(period) if int(period) > 0 and int(quota) > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity mask (`taskset`, a container's cpuset) and its
+    cgroup's CPU quota (`cpu_quota`, rounded down, at least 1). `os.cpu_count()` counts the host's."""
+    n = _affinity_cpus()
+    quota = cpu_quota()
+    return n if quota is None else max(1, min(n, int(quota)))
+
+
+def _affinity_cpus() -> int:
+    """The CPUs this process's affinity mask allows (what torch's default thread count follows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_within_quota() -> int | None:
+    """Where the cgroup's CPU quota is below the CPUs this process sees and no thread count was chosen
+    (OMP_NUM_THREADS, MKL_NUM_THREADS), sets OMP_NUM_THREADS to `usable_cpus()` for torch to read when it
+    loads, and the processes started from this one (a speedrun's stages, evaluation workers) after it.
+    torch counts the affinity mask alone: a thread per host core, each throttled most of every period.
+    Returns the count set, or None. Call it before torch is imported."""
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+        return None
+    usable = usable_cpus()
+    if usable >= _affinity_cpus():
+        return None
+    os.environ["OMP_NUM_THREADS"] = str(usable)
+    return usable
+
+
+def say_if_oversubscribed(threads: int) -> None:
+    """A warning on stderr where `--threads` asks for more threads than the CPUs this process may use
+    (`usable_cpus`): torch makes them all, and they take turns on the CPUs, a step slower than on as
+    many threads as CPUs (torch itself caps OMP_NUM_THREADS at the machine's cores; a flag is taken as asked)."""
+    import sys
+
+    cpus = usable_cpus()
+    if threads > cpus:
+        print(
+            f"nanoseek: warning: --threads {threads} is more than the {cpus} CPU{'s' if cpus > 1 else ''} "
+            f"this process may use; the threads will take turns on them (--threads {cpus} is usually faster)",
+            file=sys.stderr,
+        )
 
 
 def default_device() -> torch.device:

@@ -71,12 +71,13 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
 
     from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.engine import Engine
-    from nanoseek.perf import default_device
+    from nanoseek.perf import default_device, say_if_oversubscribed
     from nanoseek.tokenizer import checkpoint_tokenizer
 
     if args.threads is not None:  # before a Hub name's resolve, its whole download
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        say_if_oversubscribed(args.threads)
         torch.set_num_threads(args.threads)
     directory = resolve_checkpoint(args.dir, tokenizer=True)
     tokenizer = checkpoint_tokenizer(directory)  # one from another model: said before the weights load

@@ -34,6 +34,7 @@ from nanoseek.data.tasks import split_task_list
 from nanoseek.engine.sampling import GREEDY_BELOW
 from nanoseek.model.loss import target_logprobs
 from nanoseek.options import check_choices, option, path
+from nanoseek.perf import usable_cpus
 from nanoseek.train.sft import PackedBatch, packed_batch_at, sft_loss
 
 LOSS_TYPES: tuple[str, ...] = ("grpo", "dr_grpo", "dapo")
@@ -895,7 +896,7 @@ def probe_pass_rates(
         lambda prob, text: task_of[id(prob)].verify(prob, text, require_think=opened),
         problems,
         texts,
-        cfg.reward_workers or _cpus(),
+        cfg.reward_workers or usable_cpus(),
     )
     verdicts: dict[str, list[float]] = {name: [] for name in pools}
     for j, verdict in enumerate(scored):
@@ -986,13 +987,6 @@ def _loss_fn(
     return loss_fn
 
 
-def _cpus() -> int:
-    """The CPUs this process may use (its affinity, e.g. a container's cpuset)."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _score_rollout(
     cfg: GRPOConfig,
     batch: list,
@@ -1024,7 +1018,7 @@ def _score_rollout(
         return reward_fn(prob, text), task_of[id(prob)].verify(prob, text, require_think=opened)
 
     problems = [prob for _, prob in batch for _ in range(g)]
-    results = score_pairs(score, problems, texts, cfg.reward_workers or _cpus())
+    results = score_pairs(score, problems, texts, cfg.reward_workers or usable_cpus())
     for j, (o, text, (res, verdict)) in enumerate(zip(outs, texts, results, strict=True)):
         task, prob = batch[j // g]
         total, parts = res

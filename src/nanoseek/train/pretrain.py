@@ -397,11 +397,14 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
             kv_cache_bytes_per_token=acc.kv_cache_bytes_per_token,
             mha_kv_cache_bytes_per_token=acc.mha_kv_cache_bytes_per_token,
         )
+        # the thread count a CPU run's speed depends on (--threads, OMP_NUM_THREADS, the CPUs it may use)
+        threads = torch.get_num_threads()
+        on_cpu = f" x {threads} CPU thread{'s' if threads > 1 else ''}" if dist.device.type == "cpu" else ""
         print(
             f"pretrain: {cfg.preset} ({count_parameters(config).described}, vocab {config.vocab_size}) on "
             f"{cfg.data or 'embedded'}, {cfg.steps} steps x {cfg.batch_size}x{cfg.seq_len} tokens"
             f"{f' x {cfg.accumulation} micro' if cfg.accumulation > 1 else ''}, {precision}, "
-            f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}"
+            f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}{on_cpu}"
         )
 
     val_set = _validation_batches(cfg, tok, data_kw, per_rank) if cfg.val_every and cfg.val_batches else []
