@@ -432,6 +432,19 @@ def test_speculative_sampling_is_seeded_and_valid(model):
     assert a == b and all(len(x) == 8 for x in a)
 
 
+def test_a_seeded_sample_is_the_same_with_speculative_decoding_on_or_off(model):
+    """A sampled verify step tested the draft against a uniform of its own, then drew the residual with
+    another: a seeded request (`serve --speculative`, `generate --speculative`) gave other tokens than
+    without speculation, and other ones again as its drafts moved. It now draws as plain decoding does
+    and keeps the draft iff it is that token (accepted with probability p(d), the same distribution)."""
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.95, presence_penalty=0.5, seed=3)
+    for m in (model, bigram_model()):  # drafts mostly rejected; drafts often accepted
+        plain = Engine(m).generate(PROMPTS, params)
+        spec = Engine(m, speculative=True)
+        assert spec.generate(PROMPTS, params) == plain
+    assert 0 < spec.stats()["spec_accepted"] < spec.stats()["spec_drafted"]
+
+
 def test_cache_bytes_per_token(model):
     cfg = model.config
     engine = Engine(model, num_blocks=10, block_size=16)

@@ -688,9 +688,9 @@ def test_pretrain_wires_its_settings_into_every_micro_batch(
     cfg.whole_documents = whole_documents
     cfg.balance_alpha, cfg.bias_update_speed = 0.01, 0.05
     pretrain(cfg)
-    assert len(calls) == 3 and all(
+    assert len(calls) == 4 and all(
         kw["document_mask"] is True for *_, kw in calls
-    )  # 2 micro-batches, 1 validation
+    )  # 2 micro-batches, 1 validation batch of a step's rows (2 micro-batches)
     calls = calls[:2]
     model = calls[0][0]
     depths = len(model.model.mtp_layers)
@@ -712,6 +712,30 @@ def test_pretrain_wires_its_settings_into_every_micro_batch(
         [r.e_score_correction_bias for _, r in model.routers()]
     )  # one step: each moved ±γ or 0
     assert biases.any() and all(b in (0.0, pytest.approx(0.05)) for b in biases.abs().tolist())
+
+
+def test_a_step_split_into_micro_batches_trains_and_validates_as_one_batch(workdir, tmp_path) -> None:
+    """--batch-size 2 --accumulation 2 is --batch-size 4 on the same rows: the same loss, gradient norm and
+    weights, and the same validation loss (its held-out set was --val-batches micro-batches, half the
+    rows, so the same weights reported another validation loss)."""
+    from nanoseek.checkpoint import read_safetensors
+
+    def run(name: str, batch_size: int, accumulation: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        cfg = config(workdir, tmp_path / name, steps=1, val_every=1, val_batches=2, probe_problems=0)
+        cfg.batch_size, cfg.accumulation, cfg.balance_alpha = batch_size, accumulation, 0.01
+        path = pretrain(cfg)
+        return list(read_metrics(tmp_path / name / "metrics.jsonl")), read_safetensors(path)
+
+    (one, w_one), (split, w_split) = run("one", 4, 1), run("split", 2, 2)
+    step = [next(r for r in records if r.get("step") == 1 and "grad_norm" in r) for records in (one, split)]
+    for key in ("loss", "grad_norm", "lm_loss", "mtp_loss", "balance_loss"):
+        assert step[1][key] == pytest.approx(step[0][key], rel=1e-5), key
+    assert step[1]["tokens"] == step[0]["tokens"]
+    # Adam's first step moves each weight by ~lr (1e-3 here) whatever its gradient's size
+    for name, w in w_one.items():
+        assert torch.allclose(w_split[name], w, atol=3e-4), name
+    val = [[r["val_loss"] for r in records if r.get("val_loss") is not None] for records in (one, split)]
+    assert val[1] == pytest.approx(val[0], rel=1e-5)
 
 
 def test_the_warmup_is_cut_to_half_of_a_short_run() -> None:

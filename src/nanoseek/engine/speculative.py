@@ -7,16 +7,18 @@ What is notable here:
 - Verification is one main-model step over [last token, draft]: the logits at the last token decide
   whether the draft stands; if it does, the logits at the draft give one more token for free. Greedy
   requests accept iff the draft is the argmax, so the output equals plain greedy decoding.
-- Sampled requests use exact speculative sampling for a deterministic draft q = δ(d): accept d with
-  probability p(d), otherwise draw from p with d removed (Leviathan et al. 2023 with q one-hot), so
-  the output distribution is the model's own.
+- Sampled requests draw their token from p exactly as plain decoding does (the same uniform from the
+  request's own RNG) and the draft stands iff it is that token: accepted with probability p(d), else a
+  token of p without d, which is exact speculative sampling for a one-hot draft (Leviathan et al. 2023,
+  q = δ(d)). Drawing first, not testing p(d) against a uniform of its own, makes a seeded request's
+  tokens those of plain decoding, whatever the drafts (which move with the MTP cache and its neighbours).
 """
 
 from __future__ import annotations
 
 import torch
 
-from nanoseek.engine.sampling import SamplerState, apply_penalties, draw, processed_probs
+from nanoseek.engine.sampling import SamplerState, sample
 
 
 def verify(
@@ -24,27 +26,8 @@ def verify(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decide each row's draft given the main model's logits at the preceding token.
 
-    Returns (accepted [B] bool, token [B]): the token to emit, i.e. the draft when accepted, else the
-    model's own choice (greedy argmax, or a draw from the residual distribution).
+    Returns (accepted [B] bool, token [B]): the token to emit, the one plain decoding would pick here
+    (greedy argmax, or a draw from the row's RNG), and whether it is the draft.
     """
-    logits = apply_penalties(logits.float(), states)
-    choice = logits.argmax(dim=-1)
-    accepted = choice == drafts
-    rows = [i for i, s in enumerate(states) if not s.params.greedy]
-    if rows:
-        idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
-        probs = processed_probs(logits[idx], [states[i].params for i in rows])
-        for j, i in enumerate(rows):
-            d = int(drafts[i])
-            p = probs[j]
-            if states[i].rng.random() < float(p[d]):
-                accepted[i], choice[i] = True, d
-                continue
-            accepted[i] = False
-            residual = p.clone()
-            residual[d] = 0.0
-            if float(residual.sum()) <= 0.0:  # p was all on d: the draft is the only possible token
-                accepted[i], choice[i] = True, d
-                continue
-            choice[i] = draw(residual.unsqueeze(0), [states[i]])[0]
-    return accepted, choice
+    choice = sample(logits, states)
+    return choice == drafts, choice

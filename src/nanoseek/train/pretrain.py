@@ -143,7 +143,9 @@ class PretrainConfig:
         group=RUN,
     )
     val_every: int = option(100, "steps between validation (0 = off)", group=RUN)
-    val_batches: int = option(8, group=RUN)
+    val_batches: int = option(
+        8, "held-out batches of a step's sequences (--batch-size x --accumulation)", group=RUN
+    )
     val_fraction: float = option(0.01, "share of documents held out for validation", group=RUN)
     checkpoint_every: int = option(200, "0 = only at the end", group=RUN)
     expert_load_every: int = option(50, "log per-expert loads every K steps", group=RUN)
@@ -561,7 +563,10 @@ def _probe(cfg: PretrainConfig, tok: Any) -> list:
 
 
 def _validation_batches(cfg: PretrainConfig, tok: Any, data_kw: dict[str, Any], per_rank: int) -> list:
-    """A fixed held-out set (the same batches at every evaluation), up to `val_batches` batches."""
+    """A fixed held-out set (the same batches at every evaluation), up to `val_batches` batches of a
+    step's sequences, each drawn as `accumulation` micro-batches: a run that splits its batch into
+    micro-batches validates on the same rows as one that does not (it held out 1/accumulation of
+    them, and so reported another validation loss for the same weights)."""
     from nanoseek.data.corpus import PackedDataset, is_embedded
 
     if cfg.val_fraction == 0 and not is_embedded(cfg.data):  # (the embedded corpus has its own split)
@@ -569,10 +574,11 @@ def _validation_batches(cfg: PretrainConfig, tok: Any, data_kw: dict[str, Any], 
         return []
     val = PackedDataset(cfg.data, tok, cfg.seq_len, per_rank, split="val", repeat=False, **data_kw)
     try:
-        out = list(islice(iter(val), cfg.val_batches))
+        out = list(islice(iter(val), cfg.val_batches * cfg.accumulation))
     except ValueError as e:  # a corpus so small its validation split is empty
         print(f"pretrain: no validation ({e})")
         return []
+    out = out[: len(out) - len(out) % cfg.accumulation]  # whole batches, as an unsplit run's set holds
     if not out:
         print("pretrain: validation split smaller than one batch; no validation loss")
     return out
