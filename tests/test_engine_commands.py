@@ -555,7 +555,7 @@ def test_chat_with_a_system_prompt_says_a_first_message_too_long_needs_shortenin
 @pytest.mark.parametrize(("flags", "match"), [
     (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
     (["--num-samples", "-1"], "--num-samples must be >= 1, got -1"),
-    (["--num-samples", "2"], "the --num-samples 2 samples of the prompt would all be the same one"),
+    (["--num-samples", "2", "--temperature", "0"], "the --num-samples 2 samples of the prompt would all be the same one"),
 ])  # fmt: skip
 def test_generate_refuses_a_sample_count_before_loading(tmp_path, flags, match):
     args = cli_args("generate", str(tmp_path), "x", *flags)  # tmp_path holds no checkpoint
@@ -564,10 +564,81 @@ def test_generate_refuses_a_sample_count_before_loading(tmp_path, flags, match):
 
 
 def test_generate_and_chat_defaults_are_those_help_documents():
+    from nanoseek.commands.generate import sampling_params
+
     assert "(default: 256)" in _help("generate") and "(default: 1024)" in _help("chat")
-    generate, chat = cli_args("generate", "ck", "x"), cli_args("chat", "ck")
+    assert "(default: the checkpoint's generation_config.json, else 0.6)" in " ".join(_help("chat").split())
+    generate, chat = sampling_params(cli_args("generate", "ck", "x")), sampling_params(cli_args("chat", "ck"))
     assert (generate.max_new_tokens, generate.temperature, generate.top_p) == (256, 0.0, 1.0)
     assert (chat.max_new_tokens, chat.temperature, chat.top_p) == (1024, 0.6, 1.0)
+
+
+def _with_generation_config(checkpoint, tmp_path, gen: dict):
+    """A copy of `checkpoint` whose generation_config.json is `gen`."""
+    import json
+    import shutil
+
+    d = tmp_path / "ck"
+    shutil.copytree(checkpoint, d)
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    return d
+
+
+def test_generate_and_chat_sample_with_the_checkpoints_generation_config_where_a_flag_is_left_out(
+    checkpoint, tmp_path, monkeypatch
+):
+    """A flag left out takes the checkpoint's generation_config.json value, as `serve` does for a request
+    that leaves the field out, and a flag given wins: chat sampled at 0.6 a model whose file says
+    `do_sample: false` (its server decodes it greedily) and dropped a Qwen model's top_k and penalty."""
+    from types import SimpleNamespace
+
+    from nanoseek.commands import chat
+    from nanoseek.config import get_preset
+    from nanoseek.tokenizer import load_tokenizer
+
+    qwen = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    tok = load_tokenizer(_with_generation_config(checkpoint, tmp_path, qwen))
+    seen = _generate_replies(monkeypatch, tok, tok.encode(" fox", add_bos=False))
+    for flags in ([], ["--top-k", "5", "--temperature", "0"]):
+        args = cli_args("generate", "ck", "the quick", *flags)
+        assert args.func(args) == 0
+    p = seen[0]
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.7, 0.8, 20, 1.05)
+    p = seen[1]
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.0, 0.8, 5, 1.05)
+
+    greedy = load_tokenizer(_with_generation_config(checkpoint, tmp_path / "g", {"do_sample": False}))
+    asked = []
+
+    class Scripted:
+        max_seq_len = 4096
+
+        def stream(self, prompts, params, should_stop=None):
+            asked.append(params)
+            return [SimpleNamespace(new_token_ids=greedy.encode("ok", add_bos=False))]
+
+    model = SimpleNamespace(config=get_preset("tiny"), dtype=torch.float32)
+    monkeypatch.setattr(chat, "load_for_generation", lambda args: (Scripted(), greedy, model))
+    for flags in ([], ["--temperature", "0.9"]):
+        assert chat.run(cli_args("chat", "ck", *flags), stdin=io.StringIO("q\n"), stdout=io.StringIO()) == 0
+    assert [p.temperature for p in asked] == [0.0, 0.9]
+
+
+def test_generate_refuses_several_samples_of_a_checkpoint_that_decodes_greedily_before_its_weights_load(
+    checkpoint, tmp_path, monkeypatch
+):
+    from nanoseek.commands import generate
+
+    d = _with_generation_config(checkpoint, tmp_path, {"do_sample": False})
+    monkeypatch.setattr("nanoseek.checkpoint.load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    args = cli_args("generate", str(d), "x", "--num-samples", "2")
+    with pytest.raises(ValueError, match="would all be the same one"):
+        args.func(args)
+    (d / "generation_config.json").write_text('{"top_p": 5}')
+    with pytest.raises(ValueError, match="generation_config.json: invalid SamplingParams: top_p"):
+        generate.load_for_generation(cli_args("generate", str(d), "x"))
+    with pytest.raises(pytest.fail.Exception, match="weights loaded"):  # --top-p given: the file's is unused
+        generate.load_for_generation(cli_args("generate", str(d), "x", "--top-p", "0.5"))
 
 
 def _help(command: str) -> str:

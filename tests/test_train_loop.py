@@ -531,6 +531,23 @@ def test_checkpoint_keeps_every_stop_id_of_its_tokenizer(tmp_path) -> None:
     assert load_tokenizer(tmp_path / "pretrain").stop_token_ids == tok.stop_token_ids
 
 
+def test_checkpoint_samples_as_the_one_it_started_from(tmp_path) -> None:
+    """A generation_config.json that names a temperature without do_sample is read as sampling with it
+    (serve, generate, chat): the trained checkpoint's file added do_sample false, and it was served
+    greedily. One that names no sampling setting is written greedy."""
+    from nanoseek.commands.serve import _generation_defaults
+    from nanoseek.tokenizer import load_tokenizer
+    from serve_fakes import tiny_tokenizer
+
+    for shipped in ({"temperature": 0.6, "top_p": 0.95}, {}):
+        tiny_tokenizer().save(tmp_path / "init")
+        (tmp_path / "init" / "generation_config.json").write_text(json.dumps(shipped))
+        tok = load_tokenizer(tmp_path / "init")
+        make_trainer(micro_model(), tmp_path, steps=1, tokenizer=tok).save()
+        saved = load_tokenizer(tmp_path / "pretrain").generation_config
+        assert _generation_defaults(saved) == (_generation_defaults(shipped) or {"temperature": 0.0})
+
+
 def _saved_at_step_2(tmp_path, **kw) -> dict[str, bytes]:
     """A run of 4 steps checkpointed at step 2; the bytes of its train_state files."""
     model, stream = micro_model(), Stream()

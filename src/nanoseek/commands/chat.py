@@ -262,8 +262,9 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
     from nanoseek.accounting import count_parameters
     from nanoseek.tokenizer import USER
 
-    params = sampling_params(args)  # bad flags fail before the model loads
+    sampling_params(args)  # bad flags fail before the model loads
     engine, tok, model = load_for_generation(args)
+    params = sampling_params(args, tok.generation_config)  # with the checkpoint's sampling defaults
     stops = list(tok.stop_token_ids)
     user_id = tok.token_to_id(USER)
     if user_id is not None:

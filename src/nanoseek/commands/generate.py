@@ -16,6 +16,7 @@ from typing import Any
 def add_generation_flags(
     p: argparse.ArgumentParser, max_new_tokens: int = 256, temperature: float = 0.0
 ) -> None:
+    from nanoseek.commands.serve import GENERATION_SAMPLING_FIELDS
     from nanoseek.options import add_options, defer
     from nanoseek.perf import AUTO_DTYPE_HELP, DTYPE_CHOICES
 
@@ -26,6 +27,20 @@ def add_generation_flags(
 
         defaults = {"max_new_tokens": max_new_tokens, "temperature": temperature}
         add_options(g, SamplingParams, defaults=defaults)
+        # A flag left out takes the checkpoint's generation_config.json value (Qwen2.5's top_k 20,
+        # `do_sample: false`), as `serve` does for a request that leaves the field out: chat sampled a
+        # model its server decodes greedily. None marks a flag left out; the command's own value is the
+        # fallback where the file says nothing.
+        fallbacks = {}
+        for action in g._group_actions:
+            if action.dest in GENERATION_SAMPLING_FIELDS:
+                fallbacks[action.dest] = action.default
+                action.help = action.help.replace(
+                    "(default: %(default)s)",
+                    f"(default: the checkpoint's generation_config.json, else {action.default})",
+                )
+                action.default = None
+        p.set_defaults(sampling_fallbacks=fallbacks)
 
     defer(p, sampling_flags)
     g.add_argument(
@@ -54,15 +69,38 @@ def colors_refused() -> bool:
     return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
 
 
-def sampling_params(args: argparse.Namespace, stop_token_ids: list[int] | None = None) -> Any:
-    """The generation flags as validated SamplingParams: built before the model loads, so bad flags
-    fail first; the tokenizer's stop ids are attached later with `dataclasses.replace`."""
+def sampling_params(
+    args: argparse.Namespace, generation_config: dict | None = None, source: Any = "generation_config.json"
+) -> Any:
+    """The generation flags as validated SamplingParams, a flag left out taking the checkpoint's
+    `generation_config` value (`file_sampling_defaults`), else the command's default. Built once before
+    the model loads (no file yet), so bad flags fail first, and again with the file; the tokenizer's
+    stop ids are attached later with `dataclasses.replace`."""
     from nanoseek.engine import SamplingParams
     from nanoseek.options import from_options
 
-    params = from_options(SamplingParams, args, stop_token_ids=stop_token_ids or [])
+    file = file_sampling_defaults(args, generation_config, source)
+    left_out = {k: v for k, v in getattr(args, "sampling_fallbacks", {}).items() if getattr(args, k) is None}
+    params = from_options(SamplingParams, args, **{k: file.get(k, v) for k, v in left_out.items()})
     params.validate()
     return params
+
+
+def file_sampling_defaults(
+    args: argparse.Namespace, generation_config: dict | None, source: Any = "generation_config.json"
+) -> dict[str, float]:
+    """The sampling values the checkpoint's `generation_config` (read from `source`) gives the flags left
+    out, read as `serve` reads them for a request; a bad value in the file is refused only where its flag
+    is left out (a flag given is the user's fix for it)."""
+    from nanoseek.commands.serve import GENERATION_SAMPLING_FIELDS, _generation_defaults
+
+    left_out = {k for k in getattr(args, "sampling_fallbacks", {}) if getattr(args, k) is None}
+    cfg = {
+        k: v
+        for k, v in (generation_config or {}).items()
+        if k in left_out or k not in GENERATION_SAMPLING_FIELDS
+    }
+    return {k: v for k, v in _generation_defaults(cfg, source).items() if k in left_out}
 
 
 def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tuple[Any, Any, Any]:
@@ -71,6 +109,7 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
 
     from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.engine import Engine
+    from nanoseek.engine.sampling import refuse_identical_samples
     from nanoseek.perf import default_device, say_if_oversubscribed
     from nanoseek.tokenizer import checkpoint_tokenizer
 
@@ -81,6 +120,16 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
         torch.set_num_threads(args.threads)
     directory = resolve_checkpoint(args.dir, tokenizer=True)
     tokenizer = checkpoint_tokenizer(directory)  # one from another model: said before the weights load
+    # the sampling the flags and the checkpoint's generation_config.json make, refused before the weights
+    # load: a value out of range in the file, several samples where it decodes greedily
+    params = sampling_params(args, tokenizer.generation_config, directory / "generation_config.json")
+    taken = file_sampling_defaults(args, tokenizer.generation_config)
+    if taken:  # as serve says it: a checkpoint's `do_sample: false` decodes greedily where the help says 0.6
+        shown = ", ".join(f"{k}={v}" for k, v in taken.items())
+        print(f"nanoseek: sampling defaults from generation_config.json: {shown}", file=sys.stderr)
+    refuse_identical_samples(
+        params.temperature, getattr(args, "num_samples", 1), "--num-samples", "the prompt"
+    )
     # Quantized as the weights stream in: memory never holds the whole model in args.dtype.
     device = args.device or default_device()
     model = load_model(directory, dtype=args.dtype, device=device, quantize=args.quantize).eval()
@@ -127,8 +176,10 @@ def run(args: argparse.Namespace) -> int:
         )
     prompt = args.prompt if args.text is None else args.text
     params = sampling_params(args)  # bad flags fail before the model loads and the prompt is echoed
-    refuse_identical_samples(params.temperature, args.num_samples, "--num-samples", "the prompt")
+    if args.temperature is not None:  # else the checkpoint's generation_config.json may set one
+        refuse_identical_samples(params.temperature, args.num_samples, "--num-samples", "the prompt")
     engine, tok, _ = load_for_generation(args, max_batch_size=args.num_samples)
+    params = sampling_params(args, tok.generation_config)
     text = sys.stdin.read() if prompt == "-" else prompt
     if args.chat:
         ids = tok.apply_chat_template(

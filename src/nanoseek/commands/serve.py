@@ -261,6 +261,10 @@ def _server(config: Any) -> Any:
     return Server(config)
 
 
+# the sampling fields of a checkpoint's generation_config.json that nanoseek reads (`_generation_defaults`)
+GENERATION_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
 def _generation_defaults(cfg: dict, source: Any = "generation_config.json") -> dict[str, float]:
     """Sampling fields of the checkpoint's generation_config.json (`source`, read with its tokenizer)
     that requests may leave out; one out of range (a hand edit: top_p 5, temperature -1) is refused
@@ -269,9 +273,10 @@ def _generation_defaults(cfg: dict, source: Any = "generation_config.json") -> d
 
     if not cfg.get("do_sample", True):
         return {"temperature": 0.0}
-    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
     defaults = {
-        k: cfg[k] for k in keys if isinstance(cfg.get(k), int | float) and not isinstance(cfg.get(k), bool)
+        k: cfg[k]
+        for k in GENERATION_SAMPLING_FIELDS
+        if isinstance(cfg.get(k), int | float) and not isinstance(cfg.get(k), bool)
     }
     try:
         SamplingParams(**defaults).validate()

@@ -800,10 +800,16 @@ class Trainer:
 
     def _write_generation_config(self, directory: Path) -> None:
         cfg = self.config
+        from nanoseek.commands.serve import GENERATION_SAMPLING_FIELDS
+
         # what the starting checkpoint shipped (Qwen2.5's temperature 0.7, top_p 0.8, ...) stays, as
-        # transformers' Trainer keeps a model's generation_config; greedy where it said nothing
+        # transformers' Trainer keeps a model's generation_config; greedy where it said nothing. Not
+        # where it names a temperature without do_sample: read as sampling with it (`serve`, vLLM), the
+        # added do_sample false served the trained model greedily.
         shipped = getattr(self.tokenizer, "generation_config", None) or {}
-        gen = {"do_sample": False, **{k: v for k, v in shipped.items() if k != "transformers_version"}}
+        shipped = {k: v for k, v in shipped.items() if k != "transformers_version"}
+        said = any(k in shipped for k in ("do_sample", *GENERATION_SAMPLING_FIELDS))
+        gen = {**({} if said else {"do_sample": False}), **shipped}
         gen.update(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
         if self.tokenizer is not None:
             gen["bos_token_id"] = getattr(self.tokenizer, "bos_token_id", gen["bos_token_id"])
