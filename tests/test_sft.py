@@ -90,6 +90,61 @@ def test_assistant_target_text_shapes() -> None:
     assert assistant_target_text({"role": "assistant", "content": "4"}, False, after_tool=True) == "4"
 
 
+def test_reasoning_given_twice_is_one_think_block_and_an_unclosed_one_is_refused(tmp_path) -> None:
+    """A message with reasoning_content whose content also holds it (an export that wrote it back) was
+    trained as two think blocks in a row, by R1's template and by one that renders reasoning_content;
+    a reply cut off inside its reasoning was trained to end its turn with the block still open."""
+    from model_configs import chatml_tokenizer
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = CharTokenizer()
+    q = {"role": "user", "content": "q"}
+    once = tokenize_conversation(tok, [q, {"role": "assistant", "content": "4", "reasoning_content": "2+2"}])
+    for content in ("<think>\n2+2\n</think>\n\n4", "2+2</think>4"):
+        twice = {"role": "assistant", "content": content, "reasoning_content": "2+2"}
+        assert tokenize_conversation(tok, [q, twice]) == once
+    other = {"role": "assistant", "content": "<think>1+3</think>4", "reasoning_content": "2+2"}
+    with pytest.raises(ValueError, match=r"chat message 1 \(assistant\) has reasoning_content and other"):
+        tokenize_conversation(tok, [q, other])
+    cut = {"role": "assistant", "content": "<think>\n2+2 is"}
+    with pytest.raises(ValueError, match=r"chat message 1 \(assistant\) opens <think> and never closes"):
+        tokenize_conversation(tok, [q, cut])
+    # as history (weight 0) it is the client's text, not a target
+    assert tokenize_conversation(tok, [q, {**cut, "weight": 0}, q, {"role": "assistant", "content": "4"}])
+    chatml_tokenizer(tmp_path)  # with a template that renders reasoning_content itself (Qwen3's)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.get('reasoning_content') %}"
+        "<think>\n{{ m['reasoning_content'] }}\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    qwen = load_tokenizer(tmp_path)
+    twice = {"role": "assistant", "content": "<think>\n2+2\n</think>\n\n4", "reasoning_content": "2+2"}
+    ((_, labels),) = tokenize_conversation(qwen, [q, twice])
+    assert qwen.decode([t for t in labels if t != IGNORE]) == "<think>\n2+2\n</think>\n\n4<|im_end|>"
+
+
+def test_reasoning_after_a_tool_result_is_trained_in_a_think_block_the_server_reads() -> None:
+    """After a tool's result the prompt opens no think block; R1's raw "reasoning</think>answer" there
+    was trained as is, so the server (which opens reasoning only at a leading <think>) showed it all as
+    content, "</think>" included, while the template reads it as reasoning and an answer."""
+    from nanoseek.serve.textstream import ReasoningSplitter
+
+    for msg in (
+        {"role": "assistant", "content": "2+2=4</think>\n\n4"},
+        {"role": "assistant", "content": "<think>\n2+2=4\n</think>\n\n4"},
+        {"role": "assistant", "content": "4", "reasoning_content": "2+2=4"},
+    ):
+        target = assistant_target_text(msg, prompt_opened_think=False, after_tool=True)
+        splitter = ReasoningSplitter(started_in_think=False)
+        reasoning, content = splitter.push(target)
+        tail = splitter.flush()
+        assert ((reasoning + tail[0]).strip(), content + tail[1]) == ("2+2=4", "4"), target
+    # an answer without reasoning still goes on as it is
+    assert assistant_target_text({"role": "assistant", "content": "4"}, False, after_tool=True) == "4"
+
+
 def test_reasoning_as_vllm_and_openrouter_name_it_is_trained_as_reasoning_content() -> None:
     """Chats saved from vLLM (vllm-project/vllm#27752) or OpenRouter carry the reasoning as `reasoning`:
     it was dropped without a word and the turn trained as an empty think block (a model taught to skip

@@ -11,7 +11,8 @@ What is notable here:
 - The generation prompt of R1's template already opens "<think>\\n", so an assistant message's leading
   "<think>" is not repeated, and content with "</think>" but no "<think>" (R1's raw output after that
   prompt) is reasoning up to "</think>"; a `reasoning_content` field (or `reasoning`, as vLLM and
-  OpenRouter name it) is put back inside the think block.
+  OpenRouter name it) is put back inside the think block (once where the content repeats it). A reply
+  that opens "<think>" and never closes it (cut off at its token limit) is refused.
 - Tool use (DeepSeek-V3.1's format, the same template the server renders): a line may carry OpenAI
   `tools`, assistant messages `tool_calls` (trained on, after the message's text) and `role: "tool"`
   results (prompt only). The turn after a tool result continues the assistant's answer, so it gets no
@@ -56,6 +57,7 @@ def assistant_target_text(
 ) -> str:
     """The text the model must produce for one assistant message (the conversation's `message_index`,
     for errors), after the generation prompt (or after a tool result, `after_tool`), tool calls included."""
+    message = _reasoning_once(message, think_start, think_end, message_index)
     content = content_text(message.get("content"))
     if not content.strip() and not message.get("tool_calls") and not message.get("reasoning_content"):
         raise ValueError(
@@ -63,15 +65,23 @@ def assistant_target_text(
             'train on (with "weight": 0 it is history only)'
         )
     reasoning = message.get("reasoning_content")
+    if not reasoning and content.lstrip().startswith(think_start) and think_end not in content:
+        # a reply cut off inside its reasoning (a generation that hit its token limit) taught the model
+        # to end its turn with the think block still open
+        raise ValueError(
+            f"chat message {message_index} (assistant) opens {think_start} and never closes it with "
+            f"{think_end} (a reply cut off at its token limit?)"
+        )
     if reasoning:
         body = f"{think_start}\n{str(reasoning).strip()}\n{think_end}\n{content.lstrip()}"
-    elif after_tool:
+    elif after_tool and think_end not in content:
         body = content  # the answer goes on after the tool's result (V3.1): no think block is invented
     elif content.lstrip().startswith(think_start):
         body = content.lstrip()
     elif think_end in content:
         # R1's raw output after its prompt opened the block: "reasoning</think>answer" (as the template
-        # reads history: everything before </think> is reasoning), not an answer that holds a think block
+        # reads history: everything before </think> is reasoning), not an answer that holds a think block;
+        # after a tool's result too, where it was trained as is and served as content, "</think>" and all
         body = f"{think_start}\n{content}"
     else:
         # no reasoning given: an empty think block, the shape R1 uses for non-reasoning data
@@ -82,6 +92,28 @@ def assistant_target_text(
     if message.get("tool_calls"):
         body += render_tool_calls(message["tool_calls"], message_index)
     return body
+
+
+def _reasoning_once(
+    message: dict[str, Any], think_start: str, think_end: str, message_index: int = 0
+) -> dict[str, Any]:
+    """`message` with its reasoning once: content that repeats its `reasoning_content` before a
+    `</think>` (an export that wrote it back) keeps only the answer after it, without its leading
+    newlines, as R1's template reads history; it trained two think blocks in a row. Reasoning there
+    that differs is refused."""
+    content = content_text(message.get("content"))
+    reasoning = message.get("reasoning_content")
+    if not reasoning or think_end not in content:
+        return message
+    inline, _, answer = content.rpartition(think_end)
+    inline = inline.strip()
+    inline = inline[len(think_start) :].strip() if inline.startswith(think_start) else inline
+    if inline != str(reasoning).strip():
+        raise ValueError(
+            f"chat message {message_index} (assistant) has reasoning_content and other reasoning before "
+            f"{think_end} in its content: give its reasoning once"
+        )
+    return {**message, "content": answer.lstrip("\n")}
 
 
 def tokenize_conversation(
@@ -121,6 +153,7 @@ def tokenize_conversation(
         )
         opened = prompt_text.rstrip(" \n").endswith(think_start)
         after_tool = i > 0 and messages[i - 1]["role"] == "tool"
+        m = _reasoning_once(m, think_start, think_end, i)  # for the template's rendering too
         r1_text = assistant_target_text(m, opened, think_start, think_end, after_tool, i)
         turn = _template_turn(tokenizer, [*history[:i], m], prompt_text, kw)
         if turn is None:
