@@ -585,7 +585,10 @@ def train_on_examples(
     total = cfg.steps or max(1, cfg.epochs * per_epoch)
     cut = f", {n_target - trained} cut off by --seq-len" if trained < n_target else ""
     if dropped:
-        cut += f"; {dropped} examples dropped: their prompt alone fills --seq-len"
+        cut += (
+            f"; {dropped} example{'s' * (dropped != 1)} dropped: "
+            f"{'their prompts' if dropped != 1 else 'its prompt'} alone fill{'s' * (dropped == 1)} --seq-len"
+        )
     print(
         f"{stage}: {len(examples)} examples ({n_target} assistant tokens{cut}) packed into {len(rows)} rows "
         f"of {cfg.seq_len}; {total} steps of {cfg.batch_size} rows"
