@@ -595,6 +595,23 @@ def test_grpo_with_kl_penalty_stays_finite(micro_checkpoint, tmp_path) -> None:
     assert kls and all(isinstance(k, float) and math.isfinite(k) and k >= 0 for k in kls)
 
 
+def test_a_resume_keeps_the_kl_reference_the_run_started_from(micro_checkpoint, tmp_path) -> None:
+    """With β > 0 a resume re-reads π_ref from --init: another --init (a later checkpoint, to go on from
+    the latest weights) would measure the KL to a later policy, silently. Refused, as another objective
+    is; and --init may not be the run's own checkpoint, which its saves overwrite."""
+    import shutil
+
+    from nanoseek.train.grpo import grpo
+
+    ckpt = grpo(_cfg(micro_checkpoint, tmp_path / "kl", steps=1, beta=0.1))
+    later = shutil.copytree(ckpt, tmp_path / "later")
+    with pytest.raises(ValueError, match="--init, the KL reference: "):
+        grpo(_cfg(str(later), tmp_path / "kl", steps=2, beta=0.1, resume=True))
+    with pytest.raises(ValueError, match="own checkpoint directory"):  # said before the model loads
+        grpo(_cfg(str(ckpt), tmp_path / "kl", steps=2, beta=0.1, resume=True))
+    grpo(_cfg(micro_checkpoint, tmp_path / "kl", steps=2, beta=0.1, resume=True))
+
+
 def test_update_statistics_are_means_over_the_mu_updates(micro_checkpoint, tmp_path, monkeypatch) -> None:
     """With μ > 1 a step's loss, KL, clip fractions and ratio are the means over its μ updates (TRL's
     and PPO's convention, and sft_mix_loss's), not the last update's: the first update's ratio is 1, so

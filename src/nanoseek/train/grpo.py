@@ -584,6 +584,13 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
     from nanoseek.train.loop import OptimConfig, Trainer
 
     init = resolve_checkpoint(cfg.init, flag="--init")
+    if cfg.beta > 0 and Path(init).resolve() == (Path(cfg.out) / "grpo").resolve():
+        # the run's saves overwrite it, and a --resume re-reads π_ref from it: a later policy, not the start
+        raise ValueError(
+            f"--init {cfg.init} is this run's own checkpoint directory (--out {cfg.out}), which its saves "
+            "overwrite: with --beta > 0 the KL reference is read from --init, so a --resume would measure "
+            "the KL to a later policy. Copy the starting checkpoint elsewhere, or choose another --out"
+        )
     torch.manual_seed(cfg.seed)
     tok = checkpoint_tokenizer(init)  # one from another model: said before the weights load
     model = load_model(init, device=default_device())
@@ -620,7 +627,12 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
         spike_factor=0.0,  # a policy-gradient loss is ~0 and changes sign: a loss-spike guard is meaningless
         bias_update_speed=cfg.bias_update_speed,
         config_extra={"grpo": {k: v for k, v in vars(cfg).items()}},
-        resume_settings={name: getattr(cfg, name) for name in RESUME_SETTINGS},
+        resume_settings={
+            **{name: getattr(cfg, name) for name in RESUME_SETTINGS},
+            # β > 0: the KL reference, re-read from --init on a resume; another --init (a later
+            # checkpoint, to go on from the latest weights) would silently make π_ref a later policy
+            "--init, the KL reference": str(Path(init).resolve()) if cfg.beta > 0 else None,
+        },
         flags_from=type(cfg),
     )
     # the RL objective alone: routing stays balanced by the bias (V3 §2.1.2), not a balance loss
