@@ -266,6 +266,52 @@ def test_a_fresh_run_trains_its_own_tokenizer_over_an_earlier_runs(workdir, tmp_
     assert json.loads((run / "tokenizer" / "tokenizer.json").read_text()) == trained
 
 
+def test_a_second_run_into_an_out_in_training_is_refused(workdir, tmp_path) -> None:
+    """Two `pretrain --out RUN` at once (two terminals) interleaved their steps in metrics.jsonl, and at
+    their saves each deleted the other's scratch checkpoint: the second one crashed on a missing
+    tokenizer.json, leaving a stray temporary file in RUN/pretrain/. It is refused before it writes."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".pretrain.lock", "a+") as held:  # what a running pretrain holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242")
+        held.flush()
+        with pytest.raises(ValueError, match=r"run/pretrain is in use by a running pretrain \(pid 4242\)"):
+            pretrain(config(workdir, run, steps=1, val_every=0))
+    assert sorted(p.name for p in run.iterdir()) == [".pretrain.lock"]
+    pretrain(config(workdir, run, steps=1, val_every=0))  # once it is released
+    assert (run / "pretrain" / "model.safetensors").exists()
+
+
+def test_a_fresh_run_over_an_earlier_ones_checkpoint_says_it_replaces_it(workdir, tmp_path, capsys) -> None:
+    """A rerun without --resume (after a crash, by mistake) replaced the earlier run's checkpoint at its
+    first save without a word: it says so at its start, while there is time to stop it."""
+    run = tmp_path / "run"
+    pretrain(config(workdir, run, steps=2, val_every=0))
+    assert "warning" not in capsys.readouterr().out
+    pretrain(config(workdir, run, steps=1, val_every=0))
+    assert (
+        f"warning: {run / 'pretrain'} holds an earlier run's checkpoint (step 2)" in capsys.readouterr().out
+    )
+
+
+def test_a_resume_after_a_fresh_run_killed_before_its_first_save_is_refused(workdir, tmp_path) -> None:
+    """A run trained afresh into RUN and killed before its first save leaves the earlier run's checkpoint:
+    --resume went on with that one, under the later run's records (the report's curve: both runs)."""
+
+    def killed(step: int) -> None:
+        raise KeyboardInterrupt  # a kill: no save on the way out
+
+    run = tmp_path / "run"
+    pretrain(config(workdir, run, steps=2, val_every=0))
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config(workdir, run, steps=4, val_every=0), on_step=killed)
+    with pytest.raises(ValueError, match=r"holds an earlier run's checkpoint \(step 2\)"):
+        pretrain(config(workdir, run, steps=4, val_every=0, resume=True))
+
+
 def test_val_fraction_0_on_a_file_corpus_trains_without_validation(workdir, tmp_path, capsys) -> None:
     # the hint of an empty train split ("or pass --val-fraction 0") must not lead to a crash
     text = tmp_path / "book.txt"

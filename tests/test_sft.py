@@ -1173,6 +1173,26 @@ def test_chat_data_in_a_named_pipe_is_read(tmp_path, monkeypatch) -> None:
     assert [m[0]["content"] for m, _ in read] == ["q2"]
 
 
+def test_a_second_sft_into_an_out_in_training_is_refused(micro_checkpoint, tmp_path) -> None:
+    """Two `sft --out RUN` at once (two terminals) interleaved their steps in metrics.jsonl and deleted
+    each other's scratch checkpoint at their saves: the second is refused before it writes anything."""
+    import fcntl
+
+    from nanoseek.train.sft import SFTConfig, sft
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(_chat_line(f"q{i}") + "\n" for i in range(3)))
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".sft.lock", "a+") as held:  # what a running sft holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242")
+        held.flush()
+        with pytest.raises(ValueError, match=r"run/sft is in use by a running sft \(pid 4242\)"):
+            sft(SFTConfig(init=micro_checkpoint, data=str(data), out=str(run), steps=1, progress=False))
+    assert sorted(p.name for p in run.iterdir()) == [".sft.lock"]
+
+
 def test_sft_trains_on_every_shard_and_a_resume_refuses_a_shard_added_since(
     micro_checkpoint, tmp_path, capsys, monkeypatch
 ) -> None:

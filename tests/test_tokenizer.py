@@ -703,6 +703,15 @@ def test_cli_encode_flags_before_the_text_and_clear_train_errors(
     # --out naming a file: said before training (a FileExistsError traceback after it before)
     assert main(["tokenizer", "train", "--data", str(data), "--out", str(data)]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+    # --out naming a checkpoint (a run's RUN/pretrain): its tokenizer was replaced under its weights
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"")
+    (ckpt / "tokenizer.json").write_text((out / "tokenizer.json").read_text())
+    assert main(["tokenizer", "train", "--data", str(data), "--vocab-size", "280", "--out", str(ckpt)]) == 2
+    assert "holds a model checkpoint" in capsys.readouterr().err
+    assert (ckpt / "tokenizer.json").read_text() == (out / "tokenizer.json").read_text()
     # --max-docs 0 names the flag, before reading anything (not "no documents in" the corpus)
     assert (
         main(["tokenizer", "train", "--data", str(data), "--max-docs", "0", "--out", str(tmp_path / "t3")])

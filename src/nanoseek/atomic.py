@@ -145,6 +145,39 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     return Path(path)
 
 
+@contextlib.contextmanager
+def exclusive(lock: str | os.PathLike, refusal: str) -> Iterator[None]:
+    """Hold the lock file `lock` while the block runs: another process asking for it meanwhile gets
+    ValueError(`refusal`, its `{holder}` the process that holds it). The lock goes with the process, so
+    a killed run leaves none held (only the file), and one that wrote nothing beside it (refused before
+    it began) no directory made for the lock alone. A no-op where there is no fcntl (not POSIX)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = Path(lock).absolute()
+    made = [d for d in (lock.parent, *lock.parent.parents) if not d.exists()]
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            raise ValueError(refusal.format(holder=f.read().strip() or "another process")) from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield  # the lock goes with the file's closing, or with the process
+        finally:
+            if made and os.listdir(lock.parent) == [lock.name]:
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+                    for d in made:  # (innermost first) those that hold nothing else
+                        d.rmdir()
+
+
 def check_writable(directory: str | os.PathLike) -> None:
     """Raise the OSError that writing into `directory` (or creating it, where it is missing) would meet:
     a read-only disk, no permission, a file where a directory is wanted. For a long job (sampling a

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.atomic import atomic_directory, atomic_write, restore_directory
+from nanoseek.atomic import atomic_directory, atomic_write, exclusive, restore_directory
 from nanoseek.config import read_json_object
 from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_turn, is_unseen_wordings
 from nanoseek.evaluate import Z_95, slug
@@ -49,6 +49,7 @@ FORMATS = "data_formats"  # in SETTINGS: `Speedrun.data_formats()` of the nanose
 RUN_ENTRIES = frozenset(
     {*STAGES, "final", "plots", "report.md", "metrics.jsonl", ".lock", ".student", ".control"}
     | {"distill_data.jsonl", "distill_traces.json"}
+    | {f".{stage}.lock" for stage in STAGES}  # what its training stages hold (`hold_stage`)
 )
 # a run directory it cannot write: one clear error, and a rerun resumes once there is room
 STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
@@ -1029,29 +1030,14 @@ class Speedrun:
         return self.run / "final"
 
     # ------------------------------------------------------------------ run
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager:
         """Hold RUN while this run works in it: a second speedrun into the same --out would train the
         same stage beside it, and each would delete the other's scratch files at its save."""
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            yield
-            return
-        with open(self.run / ".lock", "a+", encoding="utf-8") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                raise ValueError(
-                    f"{self.run} is in use by a running speedrun ({holder}): wait for it to finish, or "
-                    "stop it and rerun to resume, or choose another --out"
-                ) from None
-            f.truncate(0)
-            f.write(f"pid {os.getpid()}")
-            f.flush()
-            yield  # the lock goes with the file's closing, or with the process
+        return exclusive(
+            self.run / ".lock",
+            f"{self.run} is in use by a running speedrun ({{holder}}): wait for it to finish, or stop it "
+            "and rerun to resume, or choose another --out",
+        )
 
     def _refuse_foreign(self) -> None:
         """Refuse an --out that holds what no speedrun writes, before writing anything there: the

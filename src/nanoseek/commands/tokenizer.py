@@ -74,6 +74,12 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-docs must be positive, got {max_docs}")
     if Path(args.out).exists() and not Path(args.out).is_dir():  # found now, not after the training
         raise ValueError(f"--out {args.out} is a file, not a directory")
+    if any(Path(args.out).glob("model*.safetensors")):
+        # a checkpoint's tokenizer replaced: its weights, trained on the old ids, read the new ones as others
+        raise ValueError(
+            f"--out {args.out} holds a model checkpoint, whose weights were trained on its tokenizer: "
+            "write the new one to another --out"
+        )
     check_writable(args.out)  # a read-only disk, or a file above it: found now too
     docs = tokenizer_documents(source, text_field=args.text_field, seed=args.seed)
     chars = read = sampled = 0

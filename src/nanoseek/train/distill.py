@@ -221,6 +221,7 @@ def distill(cfg: DistillConfig) -> Path:
 
     from nanoseek.checkpoint import resolve_checkpoint
     from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.loop import hold_stage
 
     started = time.perf_counter()  # --max-seconds covers the data building: the teacher's sampling
     # the flags first: a Hub teacher is its whole download before them (offline, the Hub's error for them)
@@ -243,38 +244,40 @@ def distill(cfg: DistillConfig) -> Path:
     tok = load_tokenizer(teacher_dir)
     _check_student(cfg.student, tok)  # a typo in --student must not cost the whole sampling first
     torch.manual_seed(cfg.seed)
-    traces_path = run / "distill_traces.json"
-    settings = _sampling_settings(cfg, teacher_dir)
-    saved = _traces_to_reuse(traces_path, settings) if cfg.sft.resume else None
-    if saved is not None:
-        traces = [(t["prompt"], t["completion"]) for t in saved["traces"]]
-        stats = saved["stats"]
-        print(f"distill: --resume trains on the {len(traces)} traces sampled before ({traces_path})")
-    else:
-        traces, stats = _sample(cfg, teacher_dir, tok)
-        atomic_write(
-            traces_path,
-            json.dumps(
-                {
-                    "settings": settings,
-                    "stats": stats,
-                    "traces": [{"prompt": p, "completion": c} for p, c in traces],
-                }
-            ),
+    # held from the teacher's sampling on: a second distill into --out would sample beside it for nothing
+    with hold_stage(run, "distill"):
+        traces_path = run / "distill_traces.json"
+        settings = _sampling_settings(cfg, teacher_dir)
+        saved = _traces_to_reuse(traces_path, settings) if cfg.sft.resume else None
+        if saved is not None:
+            traces = [(t["prompt"], t["completion"]) for t in saved["traces"]]
+            stats = saved["stats"]
+            print(f"distill: --resume trains on the {len(traces)} traces sampled before ({traces_path})")
+        else:
+            traces, stats = _sample(cfg, teacher_dir, tok)
+            atomic_write(
+                traces_path,
+                json.dumps(
+                    {
+                        "settings": settings,
+                        "stats": stats,
+                        "traces": [{"prompt": p, "completion": c} for p, c in traces],
+                    }
+                ),
+            )
+        student = build_student(cfg.student, tok, cfg.seed)
+        examples = [completion_example(p, c, tok.stop_token_ids) for p, c in traces]
+        return train_on_examples(
+            student,
+            tok,
+            examples,
+            run,
+            "distill",
+            cfg.sft,
+            {"distill": {"teacher": str(teacher_dir), "student": cfg.student, "tasks": cfg.tasks, **stats}},
+            started,
+            start_record={"teacher": str(teacher_dir), **stats},
         )
-    student = build_student(cfg.student, tok, cfg.seed)
-    examples = [completion_example(p, c, tok.stop_token_ids) for p, c in traces]
-    return train_on_examples(
-        student,
-        tok,
-        examples,
-        run,
-        "distill",
-        cfg.sft,
-        {"distill": {"teacher": str(teacher_dir), "student": cfg.student, "tasks": cfg.tasks, **stats}},
-        started,
-        start_record={"teacher": str(teacher_dir), **stats},
-    )
 
 
 def _sample(

@@ -564,9 +564,10 @@ def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> 
     """Run GRPO from `cfg.init`; returns the checkpoint directory RUN/grpo/. `on_step(done, total)` is
     called after every step (the speedrun paces the control run beside it by it)."""
     from nanoseek.perf import torch_threads
+    from nanoseek.train.loop import hold_stage
 
     cfg.validate()
-    with torch_threads(cfg.threads):
+    with torch_threads(cfg.threads), hold_stage(cfg.out, "grpo"):
         return _grpo(cfg, on_step)
 
 
@@ -656,6 +657,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     metrics_log = MetricsLog(run, "grpo")
     if extra is None:  # a new run: the report reads it apart from any before it in RUN
+        trainer.note_replacing()
         metrics_log.log(step=0, event="start")
     sampler = PromptSampler(pools, cfg.task_sampling, history.get("task_signal"))
     left_out: list[str] = []

@@ -302,6 +302,23 @@ def _floating(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.element_size() > 1
 
 
+def hold_stage(run_dir: str | os.PathLike, stage: str) -> contextlib.AbstractContextManager:
+    """Hold RUN/<stage>/ while a stage trains into it (rank 0 holds it for all ranks): a second run of
+    the stage into the same --out (another terminal) interleaved its steps with this one's in
+    metrics.jsonl, and at their saves each deleted the other's scratch checkpoint (a crash, or a
+    checkpoint with files of both). The speedrun holds its whole RUN the same way."""
+    from nanoseek.atomic import exclusive
+
+    if int(os.environ.get("RANK", "0")):
+        return contextlib.nullcontext()
+    ckpt = Path(run_dir) / stage
+    return exclusive(
+        ckpt.with_name(f".{stage}.lock"),
+        f"{ckpt} is in use by a running {stage} ({{holder}}): wait for it to finish (or stop it and "
+        "rerun with --resume), or choose another --out",
+    )
+
+
 class Trainer:
     """The optimizer step of a stage: AdamW and its schedule, precision, the aux-loss-free bias, the
     NaN/spike guard and checkpoints. What the stage optimizes (and how its micro-batch losses are
@@ -787,6 +804,8 @@ class Trainer:
                 meta = {
                     "stage": self.stage,
                     "step": self.global_step,
+                    # by the clock of metrics.jsonl's times (`_check_latest_run`)
+                    "saved_at": round(time.time(), 3),
                     "total_steps": self.total_steps,
                     "precision": self.precision,
                     "world_size": self.dist.world_size,
@@ -863,6 +882,43 @@ class Trainer:
                 "settings it was trained with (a longer --steps is fine), or train a new run in another --out"
             )
 
+    def note_replacing(self) -> None:
+        """At a run's fresh start, say that it replaces the checkpoint an earlier run left in RUN/<stage>/
+        (at its first save): a rerun without --resume after a crash lost that run without a word."""
+        ckpt = self.checkpoint_dir
+        if not self.dist.is_main or not (ckpt / "config.json").exists():
+            return
+        try:
+            step = f" (step {int(self._saved_meta(ckpt)['step'])})"
+        except (ValueError, KeyError, TypeError):  # no train state, or one unreadable: no step to name
+            step = ""
+        print(
+            f"warning: {ckpt} holds an earlier run's checkpoint{step}; this {self.stage} trains from the start "
+            "and replaces it at its first save (stop it now and rerun with --resume to continue that one)"
+        )
+
+    def _check_latest_run(self, ckpt: Path, step: int) -> None:
+        """Refuse a checkpoint saved before the stage's latest start in metrics.jsonl: a run trained
+        afresh into RUN stopped (killed) before its first save, so the checkpoint is an earlier run's.
+        Resumed, it went on as that earlier run under the later one's records (a curve of both)."""
+        from nanoseek.metrics import read_metrics
+
+        saved_at = self._saved_meta(ckpt).get("saved_at")  # (checkpoints of an older nanoseek: not told)
+        if not isinstance(saved_at, (int, float)):
+            return
+        starts = [
+            r["time"]
+            for r in read_metrics(self.run_dir, self.stage)
+            if r.get("event") == "start" and isinstance(r.get("time"), (int, float))
+        ]
+        if starts and max(starts) > saved_at:
+            raise ValueError(
+                f"cannot resume {ckpt}: it holds an earlier run's checkpoint (step {step}); the {self.stage} "
+                f"started in {self.run_dir} since then stopped before its first save, so there is none of "
+                "it to resume. Run without --resume to train from the start (replacing it), or choose "
+                "another --out"
+            )
+
     def _tokenizer_change(self, ckpt: Path) -> list[str]:
         """How this run's tokenizer differs from the one saved with the checkpoint (nothing where either
         is not a nanoseek Tokenizer): the weights learned its ids, and another vocabulary of the same
@@ -908,6 +964,7 @@ class Trainer:
                 )
         if saved is None:
             return None
+        self._check_latest_run(ckpt, int(saved[1]["step"]))
         self._check_settings(ckpt)
         optim_state, state = saved
         tensors = from_hf_state_dict(read_safetensors(ckpt), self.config, torch.float32)

@@ -268,9 +268,10 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     """Train `cfg.preset` on `cfg.data`; returns the checkpoint directory RUN/pretrain/. `on_step(step)`
     runs in the training thread after every step (e.g. to take back CPU threads another job freed)."""
     from nanoseek.perf import torch_threads
+    from nanoseek.train.loop import hold_stage
 
     cfg.validate()
-    with torch_threads(cfg.threads):
+    with torch_threads(cfg.threads), hold_stage(cfg.out, "pretrain"):
         return _pretrain(cfg, on_step)
 
 
@@ -376,6 +377,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
             print(f"pretrain: nothing to train (--steps {cfg.steps}); checkpoint {trainer.checkpoint_dir}")
         return trainer.checkpoint_dir
     if trainer.global_step == 0 and dist.is_main:
+        trainer.note_replacing()
         n_total = model.num_parameters(include_mtp=True)
         log.log(
             0,

@@ -646,6 +646,7 @@ def train_on_examples(
 
     first_step = trainer.global_step  # where this process starts: its summary's steps are its own
     if trainer.global_step == 0:  # a new run: the report reads it apart from any before it in RUN
+        trainer.note_replacing()
         log.log(0, event="start", **(start_record or {}))
     elif start_record:
         log.log(None, **start_record)
@@ -707,6 +708,7 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
     from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.perf import default_device
     from nanoseek.tokenizer import checkpoint_tokenizer
+    from nanoseek.train.loop import hold_stage
 
     started = time.perf_counter()  # a time budget covers data building too, as the control pays it
 
@@ -735,15 +737,16 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
             examples.extend(tokenize_conversation(tok, conv, tools))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-    return train_on_examples(
-        model,
-        tok,
-        examples,
-        cfg.out,
-        "sft",
-        cfg,
-        {"sft": vars(cfg)},
-        started,
-        deadline_fn=deadline_fn,
-        data_files=files,
-    )
+    with hold_stage(cfg.out, "sft"):
+        return train_on_examples(
+            model,
+            tok,
+            examples,
+            cfg.out,
+            "sft",
+            cfg,
+            {"sft": vars(cfg)},
+            started,
+            deadline_fn=deadline_fn,
+            data_files=files,
+        )
