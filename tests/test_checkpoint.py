@@ -364,6 +364,24 @@ def test_an_atomic_write_on_a_read_only_filesystem_names_the_users_path(tmp_path
     assert e.value.filename == str(tmp_path / "report.json")
 
 
+def test_a_directory_write_on_a_read_only_filesystem_names_the_users_path(tmp_path, monkeypatch):
+    """A checkpoint saved into a run directory gone read-only failed at its scratch directory, and the
+    error named that hidden `.pretrain.tmp-new`, not the checkpoint the user knows."""
+    import errno
+
+    made = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.name.endswith(".tmp-new"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return made(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(OSError, match="Read-only") as e, atomic_directory(tmp_path / "pretrain"):
+        pass
+    assert e.value.filename == str(tmp_path / "pretrain")
+
+
 def test_atomic_writes_work_where_directories_cannot_be_opened(tmp_path, monkeypatch):
     """Windows: os.open refuses a directory (EACCES), so the fsync of the directory after the rename
     failed every atomic write there (a tokenizer, a config, each checkpoint) with a PermissionError; and

@@ -279,6 +279,33 @@ def test_a_place_the_report_cannot_be_written_is_refused_before_sampling(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the check wrote nothing
 
 
+def test_a_checkpoint_on_a_read_only_disk_names_both_places_to_give_at_once(tmp_path, monkeypatch) -> None:
+    """On a read-only disk the report's default (in the checkpoint) and metrics.jsonl's (beside it) are
+    both refused: the error named --out alone, and once given, a second run named --run-dir."""
+    import errno
+    import os
+    import tempfile
+
+    ck = tmp_path / "ro" / "ck"
+    ck.mkdir(parents=True)
+    unnamed = tempfile.TemporaryFile
+
+    def read_only(*args, **kwargs):  # what a read-only mount answers (root, too)
+        if str(kwargs.get("dir")).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return unnamed(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    cfg = EvalConfig(model=str(ck), task="arithmetic", k=1, n=2, progress=False)
+    with pytest.raises(ValueError) as e:
+        evaluate(cfg, sampler=lambda ps: pytest.fail("sampled"))
+    assert str(e.value) == (
+        f"cannot write the report {ck / 'eval_arithmetic.json'} in {ck}: Read-only file system (name "
+        f"another place with --out FILE), nor metrics.jsonl in {ck.parent}: Read-only file system (name "
+        "another place with --run-dir DIR)"
+    )
+
+
 def test_pass_at_1_per_language(tmp_path) -> None:
     """Problems in several languages: pass@1 is also reported per language (the report's table)."""
     probs = get_task("comparison").problems("test", 30, seed=0)

@@ -1192,3 +1192,18 @@ def test_a_sigint_saves_the_grpo_step_and_the_resume_ends_as_one_run(micro_check
     resumed = grpo(_cfg(micro_checkpoint, tmp_path / "b", steps=3, mu=2, resume=True))
     wa, wb = _weights(straight), _weights(resumed)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_an_out_it_cannot_write_is_refused_before_the_model_loads(tmp_path, monkeypatch) -> None:
+    """`grpo --out` on a read-only disk (or under a file) was found at the first metrics record, once the
+    policy (and its reference) had loaded."""
+    import nanoseek.checkpoint
+    from nanoseek.train.grpo import GRPOConfig, grpo
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(nanoseek.checkpoint, "resolve_checkpoint", lambda *a, **k: pytest.fail("read --init"))
+    cfg = GRPOConfig(init="ck", tasks=["arithmetic"], out=str(tmp_path / "file" / "run"), reward_workers=1)
+    with pytest.raises(
+        ValueError, match=r"cannot write --out .*run \(.*file: Not a directory\); choose another"
+    ):
+        grpo(cfg)

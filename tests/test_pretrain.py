@@ -956,3 +956,21 @@ def test_ranks_stop_together_when_one_is_signalled(workdir, tmp_path) -> None:
     ranks = run_ranks(_rank_signalled_alone, 2, f"{workdir}|{run}", str(tmp_path / "result"), check=False)
     assert ranks == [{"step": 3, "code": 143}, {"step": 3, "code": 143}]
     assert json.loads((run / "pretrain" / "train_state" / "trainer.json").read_text())["step"] == 3
+
+
+def test_an_out_it_cannot_write_is_refused_before_a_tokenizer_is_trained(tmp_path, monkeypatch) -> None:
+    """`pretrain --out` on a read-only disk (or under a file) was found once a tokenizer had been
+    trained on the data (--tokenizer-docs documents) and could not be saved there."""
+    import nanoseek.train.pretrain
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(nanoseek.train.pretrain, "_tokenizer", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(
+        ValueError, match=r"cannot write --out .*run \(.*file: Not a directory\); choose another"
+    ):
+        pretrain(PretrainConfig(out=str(tmp_path / "file" / "run"), progress=False))
+    # a run to resume is not resumed by another --out: it starts afresh there
+    with pytest.raises(
+        ValueError, match=r"--resume writes there too: copy .*run to a disk that takes writes"
+    ):
+        pretrain(PretrainConfig(out=str(tmp_path / "file" / "run"), resume=True, progress=False))

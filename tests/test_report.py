@@ -91,6 +91,35 @@ def test_a_full_disk_leaves_the_last_plots_whole(tmp_path, monkeypatch):
     assert not [p for p in (tmp_path / "plots").iterdir() if p.name.startswith(".")]
 
 
+def test_a_run_on_a_read_only_disk_has_its_report_written_elsewhere(tmp_path, monkeypatch, capsys):
+    """A finished run on a read-only mount (a shared or `:ro` volume) could not be reported at all: the
+    report and its plots go only into RUN, and the error named RUN/plots with no way around it."""
+    import errno
+    import tempfile
+
+    run, out = tmp_path / "run", tmp_path / "elsewhere"
+    _fake_run(run)
+    before = sorted(p.name for p in run.iterdir())
+    unnamed = tempfile.TemporaryFile
+
+    def read_only_run(*args, **kwargs):  # what a read-only mount answers (root, too)
+        if str(kwargs.get("dir")).startswith(str(run)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return unnamed(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only_run)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"cannot write the report in {run}: Read-only file system; name another place with --out DIR" in err
+    )
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "# nanoseek report: run" in text and "](plots/loss.png)" in text
+    assert (out / "plots" / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 def test_report_command_and_missing_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err

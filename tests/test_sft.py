@@ -1307,3 +1307,18 @@ def test_a_sigterm_saves_the_step_and_the_resume_ends_as_one_run(tmp_path, monke
     )
     records = _train_with_budget(tmp_path / "run", SFTConfig(**kw, resume=True), time.perf_counter())
     assert [r["loss"] for r in records[-3:]] == whole[1:]
+
+
+def test_an_out_it_cannot_write_is_refused_before_the_model_loads(tmp_path, monkeypatch) -> None:
+    """`sft --out` on a read-only disk (or under a file) was found at the first metrics record, once the
+    model had loaded and every conversation was tokenized (minutes, for a large --data)."""
+    import nanoseek.checkpoint
+    from nanoseek.train.sft import SFTConfig, sft
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(nanoseek.checkpoint, "resolve_checkpoint", lambda *a, **k: pytest.fail("read --init"))
+    cfg = SFTConfig(init="ck", task="arithmetic", out=str(tmp_path / "file" / "run"), progress=False)
+    with pytest.raises(
+        ValueError, match=r"cannot write --out .*run \(.*file: Not a directory\); choose another"
+    ):
+        sft(cfg)

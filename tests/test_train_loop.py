@@ -686,6 +686,79 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path) -> None:
     assert fresh.resume() == {"pos": 2} and fresh.global_step == 2
 
 
+def test_a_checkpoint_the_run_directory_refuses_is_written_elsewhere_and_resumes(
+    tmp_path, monkeypatch
+) -> None:
+    """A run directory gone read-only (or full) by the end of a run lost every step trained: the save
+    failed and the process ended with the weights. The checkpoint goes to the temporary directory
+    instead, named in the error, and resumes from there."""
+    import errno
+    import os
+    import re
+    import tempfile
+
+    import nanoseek.atomic
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    model = micro_model()
+    stream = Stream()
+    tr = make_trainer(model, tmp_path / "run", steps=6)
+    for _ in range(2):
+        tr.step(lambda: language_model_loss(model, *stream()))
+
+    def read_only(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    with monkeypatch.context() as m:
+        m.setattr(nanoseek.atomic, "atomic_directory", read_only)
+        with pytest.raises(
+            OSError, match="Read-only file system; the checkpoint of step 2 was written to"
+        ) as e:
+            tr.save(stream.state_dict())
+    assert e.value.filename == str(tmp_path / "run" / "pretrain")
+    rescue = re.search(r"written to (\S+) instead", str(e.value)).group(1)
+    shutil.copytree(rescue, tmp_path / "elsewhere" / "pretrain")
+    fresh = make_trainer(micro_model(seed=5), tmp_path / "elsewhere", steps=6)
+    assert fresh.resume() == {"pos": 2} and fresh.global_step == 2
+    assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), model.parameters(), strict=True))
+
+
+def test_a_metrics_write_refused_mid_run_keeps_the_weights_trained(tmp_path, monkeypatch) -> None:
+    """metrics.jsonl refused mid-run (the disk went read-only or full) ended the run at that step's record,
+    with no checkpoint of the steps trained since the last save: their weights go to the temporary
+    directory, named in the error."""
+    import errno
+    import os
+    import re
+    import tempfile
+
+    import nanoseek.metrics
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    model = micro_model()
+    stream = Stream()
+    tr = make_trainer(model, tmp_path / "run", steps=6)
+    log = StepLog.for_trainer(tr, progress=False)
+    appended = nanoseek.metrics.append_records
+
+    def full_from_step_3(path, records):
+        if any(r.get("step") == 3 for r in records):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        appended(path, records)
+
+    monkeypatch.setattr(nanoseek.metrics, "append_records", full_from_step_3)
+    expected = "No space left on device; the weights of step 3 were written to"
+    with pytest.raises(OSError, match=expected) as e, tr.stop_on_signals():
+        while not tr.done:
+            log.step(tr.step(lambda: language_model_loss(model, *stream())))
+    assert e.value.filename == str(tmp_path / "run" / "metrics.jsonl")
+    rescue = re.search(r"written to (\S+) instead", str(e.value)).group(1)
+    saved = load_model(rescue)
+    assert all(torch.equal(a, b) for a, b in zip(saved.parameters(), model.parameters(), strict=True))
+
+
 def test_weights_an_update_made_non_finite_are_not_saved_over_the_last_checkpoint(tmp_path) -> None:
     """A learning rate too large for fp32 passes the guard (the step's loss and gradient are finite) and
     writes inf/NaN into the weights: the checkpoints that followed were saved with them, silently, over

@@ -194,6 +194,22 @@ def check_writable(directory: str | os.PathLike) -> None:
         raise OSError(e.errno, e.strerror, str(d)) from None
 
 
+def check_out(directory: str | os.PathLike, resume: bool = False) -> None:
+    """`check_writable` for a training stage's --out, as the ValueError (the CLI's one line) that names
+    it: said before the stage reads its data and model (or trains a tokenizer), not at its first write
+    after them. `resume`: the run resumes from what it holds, which another --out does not (it would
+    start afresh there), so the way on is a copy."""
+    try:
+        check_writable(directory)
+    except OSError as e:
+        way = (
+            f"--resume writes there too: copy {directory} to a disk that takes writes and resume the copy"
+            if resume
+            else "choose another --out"
+        )
+        raise ValueError(f"cannot write --out {directory} ({e.filename}: {e.strerror}); {way}") from None
+
+
 def scratch_dir(path: str | os.PathLike) -> Path:
     """Where `atomic_directory(path)` writes before the swap (ranks of one save all write there)."""
     final = _target(path)
@@ -231,8 +247,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     restore_directory(final)
     tmp = scratch_dir(final)
     shutil.rmtree(tmp, ignore_errors=True)  # a crashed write's leftovers
-    tmp.mkdir()
     try:
+        tmp.mkdir()  # (inside: a read-only disk's refusal names `path`, not this hidden name)
         yield tmp
         for f in tmp.rglob("*"):
             _fsync(f)

@@ -562,8 +562,10 @@ def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
             f"{Path(cfg.out) / f'eval_{slug(cfg.task)}.json'}"
         )
     # said now too: a checkpoint on a read-only disk (a shared model directory) got no report, and no
-    # scores printed, after every sample had been drawn
+    # scores printed, after every sample had been drawn. Both places at once: on such a disk the
+    # default of each is refused, and naming the one left the other for a second try to find.
     _, run_dir, out = _outputs(cfg)
+    refused = []
     for directory, what, flag in (
         (out.parent, f"the report {out}", "--out FILE"),
         (run_dir, "metrics.jsonl", "--run-dir DIR"),
@@ -572,9 +574,9 @@ def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
             if directory is not None:
                 check_writable(directory)
         except OSError as e:
-            raise ValueError(
-                f"cannot write {what} in {e.filename}: {e.strerror}; name another place with {flag}"
-            ) from None
+            refused.append(f"{what} in {e.filename}: {e.strerror} (name another place with {flag})")
+    if refused:
+        raise ValueError(f"cannot write {', nor '.join(refused)}")
     task = get_task(cfg.task)
     return task, task.problems(cfg.split, cfg.n, seed=cfg.seed, language=cfg.language)
 

@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from nanoseek.atomic import atomic_file, atomic_write
+from nanoseek.atomic import atomic_file, atomic_write, check_writable
 from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_turn, is_unseen_wordings
 from nanoseek.evaluate import Z_95, standard_error
 from nanoseek.metrics import read_metrics
@@ -318,8 +318,11 @@ class RunMetrics:
         return {}
 
 
-def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path:
-    """Write RUN/report.md and RUN/plots/*.png; returns the report path."""
+def build_report(
+    run_dir: str | os.PathLike, usd_per_hour: float = 0.10, out: str | os.PathLike | None = None
+) -> Path:
+    """Write RUN/report.md and RUN/plots/*.png (or into `out`: a run on a read-only disk, a shared or
+    mounted one, has its report written elsewhere); returns the report path."""
     if not 0 <= usd_per_hour < math.inf:  # NaN fails too; a negative price wrote a negative cost
         raise ValueError(f"--usd-per-hour must be a price >= 0, got {usd_per_hour}")
     m = RunMetrics(run_dir)
@@ -327,7 +330,14 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
         raise FileNotFoundError(
             f"no metrics.jsonl records in {run_dir}: run a stage (or `nanoseek speedrun`) first"
         )
-    plots = _plots(m)
+    out_dir = m.run_dir if out is None else Path(out)
+    try:
+        check_writable(out_dir)
+    except OSError as e:
+        raise ValueError(
+            f"cannot write the report in {e.filename}: {e.strerror}; name another place with --out DIR"
+        ) from None
+    plots = _plots(m, out_dir)
     lines: list[str] = [f"# nanoseek report: {m.run_dir.name}", ""]
     info = m.model_info()
     lines += ["## Model", ""]
@@ -440,7 +450,7 @@ def build_report(run_dir: str | os.PathLike, usd_per_hour: float = 0.10) -> Path
         lines += ["## Plots", ""]
         for title, rel in plots:
             lines += [f"### {title}", "", f"![{title}]({rel})", ""]
-    return atomic_write(m.run_dir / "report.md", "\n".join(lines) + "\n")
+    return atomic_write(out_dir / "report.md", "\n".join(lines) + "\n")
 
 
 def _mean_gain(
@@ -648,7 +658,7 @@ def _plot_with_trend(ax: Any, xs: list[float], ys: list[float], label: str | Non
     )
 
 
-def _plots(m: RunMetrics) -> list[tuple[str, str]]:
+def _plots(m: RunMetrics, report_dir: Path) -> list[tuple[str, str]]:
     # Figures of their own, not pyplot's: `matplotlib.use("Agg")` switched a notebook's backend for
     # the rest of its session (its own plots stopped showing), and a figure here needs no backend.
     import matplotlib
@@ -658,7 +668,7 @@ def _plots(m: RunMetrics) -> list[tuple[str, str]]:
         fig = Figure(figsize=figsize)
         return fig, fig.subplots(*args, **kwargs)
 
-    out_dir = m.run_dir / "plots"
+    out_dir = report_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     made: list[tuple[str, str]] = []
 

@@ -13,12 +13,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--usd-per-hour", type=float, default=0.10, help="machine price for the cost column (default 0.10)"
     )
+    p.add_argument(
+        "--out",
+        type=path,
+        metavar="DIR",
+        help="directory for report.md and plots/ (default: RUN; another for a run on a read-only disk)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from nanoseek.report import build_report
 
-    path = build_report(args.run, usd_per_hour=args.usd_per_hour)
+    path = build_report(args.run, usd_per_hour=args.usd_per_hour, out=args.out)
     print(f"report written to {path}")
     return 0

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from nanoseek.atomic import atomic_write, check_writable
+from nanoseek.atomic import atomic_write, check_out
 from nanoseek.data.tasks import split_task_list
 from nanoseek.engine.sampling import refuse_identical_samples
 from nanoseek.options import option, path, shell_quoted
@@ -234,12 +234,8 @@ def distill(cfg: DistillConfig) -> Path:
     refuse_identical_samples(cfg.temperature, cfg.k, "-k", "a prompt")
     cfg.sft.validate()  # before the teacher's sampling, not after it
     run = Path(cfg.out)
-    try:  # nor an --out it cannot write (a file, a read-only disk): the traces are its first write
-        check_writable(run)
-    except OSError as e:
-        raise ValueError(
-            f"cannot write --out {run} ({e.filename}: {e.strerror}); choose another --out"
-        ) from None
+    # nor an --out it cannot write (a file, a read-only disk): the traces are its first write
+    check_out(run, resume=cfg.sft.resume)
     teacher_dir = resolve_checkpoint(cfg.teacher, flag="--teacher")
     tok = load_tokenizer(teacher_dir)
     _check_student(cfg.student, tok)  # a typo in --student must not cost the whole sampling first

@@ -563,10 +563,12 @@ class PromptSampler:
 def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> Path:
     """Run GRPO from `cfg.init`; returns the checkpoint directory RUN/grpo/. `on_step(done, total)` is
     called after every step (the speedrun paces the control run beside it by it)."""
+    from nanoseek.atomic import check_out
     from nanoseek.perf import torch_threads
     from nanoseek.train.loop import hold_stage
 
     cfg.validate()
+    check_out(cfg.out, resume=cfg.resume)  # said now, not once the policy and its reference have loaded
     with torch_threads(cfg.threads), hold_stage(cfg.out, "grpo"):
         return _grpo(cfg, on_step)
 

@@ -641,12 +641,14 @@ class Trainer:
         write leaves nothing half written). The previous handlers come back on leaving (the Python
         API runs in notebooks); a signal ignored before (a background job's SIGINT, the speedrun's
         stage processes' SIGINT) stays ignored. Off the main thread, where handlers cannot be set, nothing changes.
-        `then`: what the stage does on stopping, as the first signal's message says it."""
+        `then`: what the stage does on stopping, as the first signal's message says it. A write the run
+        directory refuses inside keeps the steps trained elsewhere (`keep_steps`), on any thread."""
         import signal
         import threading
 
         if threading.current_thread() is not threading.main_thread():
-            yield
+            with self.keep_steps():
+                yield
             return
         previous: dict[int, Any] = {}
 
@@ -684,7 +686,8 @@ class Trainer:
             previous[sig] = before
             signal.signal(sig, handler)
         try:
-            yield
+            with self.keep_steps():
+                yield
         finally:
             restore()
             _STOP_PENDING.clear()
@@ -767,7 +770,7 @@ class Trainer:
         Every rank must call (the full state dict is gathered); only rank 0 writes.
         """
         from nanoseek.atomic import atomic_directory
-        from nanoseek.checkpoint import build_model, save_model, save_train_state
+        from nanoseek.checkpoint import build_model
 
         model_state = full_model_state_dict(self.model, self.dist)
         # The guard checks a step's loss and gradient, not the weights its update wrote: an update too
@@ -796,26 +799,93 @@ class Trainer:
                 plain.load_state_dict(model_state, strict=False)
             else:
                 plain = self.base_model
-            with atomic_directory(self.checkpoint_dir) as tmp:
-                save_model(plain, tmp)
-                if self.tokenizer is not None:
-                    self.tokenizer.save(tmp)
-                self._write_generation_config(tmp)
-                meta = {
-                    "stage": self.stage,
-                    "step": self.global_step,
-                    # by the clock of metrics.jsonl's times (`_check_latest_run`)
-                    "saved_at": round(time.time(), 3),
-                    "total_steps": self.total_steps,
-                    "precision": self.precision,
-                    "world_size": self.dist.world_size,
-                    "optim": asdict(self.optim_config),
-                    "resume_settings": self._settings(),
-                    **self.config_extra,
-                }
-                save_train_state(tmp, optim_state, self._train_state(extra_state), meta)
+            try:
+                with atomic_directory(self.checkpoint_dir) as tmp:
+                    self._write_checkpoint(tmp, plain, (optim_state, extra_state))
+            except OSError as e:
+                raise self._rescued(e, plain, (optim_state, extra_state)) from e
         barrier(self.dist)
         return self.checkpoint_dir
+
+    def _write_checkpoint(
+        self, directory: Path, plain: nn.Module, state: tuple[dict[str, Any], dict[str, Any] | None] | None
+    ) -> None:
+        """RUN/<stage>/'s files in `directory`: weights and config, tokenizer, generation config and, with
+        `state` (the optimizer's state dict and `save`'s extra state), train_state/."""
+        from nanoseek.checkpoint import save_model, save_train_state
+
+        save_model(plain, directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory)
+        self._write_generation_config(directory)
+        if state is None:
+            return
+        meta = {
+            "stage": self.stage,
+            "step": self.global_step,
+            # by the clock of metrics.jsonl's times (`_check_latest_run`)
+            "saved_at": round(time.time(), 3),
+            "total_steps": self.total_steps,
+            "precision": self.precision,
+            "world_size": self.dist.world_size,
+            "optim": asdict(self.optim_config),
+            "resume_settings": self._settings(),
+            **self.config_extra,
+        }
+        save_train_state(directory, state[0], self._train_state(state[1]), meta)
+
+    def _rescued(
+        self,
+        error: OSError,
+        plain: nn.Module,
+        state: tuple[dict[str, Any], dict[str, Any] | None] | None = None,
+    ) -> OSError:
+        """The error to raise where RUN/ refused a write of this run (a disk gone read-only or full, a
+        permission taken away): the steps trained so far live only in this process, so they are written
+        to a new directory in the temporary directory first, and the error says where."""
+        import shutil
+        import tempfile
+
+        rescue: Path | None = None
+        try:
+            rescue = Path(tempfile.mkdtemp(prefix=f"nanoseek-{self.stage}-step{self.global_step}-"))
+            self._write_checkpoint(rescue, plain, state)
+        except Exception as again:  # (any: the error it would replace says what was lost, and why)
+            if rescue is not None:
+                shutil.rmtree(rescue, ignore_errors=True)
+            filename = getattr(again, "filename", None)
+            failed = f"{filename}: " if filename else ""
+            failed += str(getattr(again, "strerror", None) or again)
+            note = f"; writing step {self.global_step}'s weights elsewhere failed too ({failed})"
+        else:
+            if state is None:
+                note = f"; the weights of step {self.global_step} were written to {rescue} instead"
+            else:
+                note = (
+                    f"; the checkpoint of step {self.global_step} was written to {rescue} instead: move it "
+                    f"to OUT/{self.stage} on a disk that takes writes and --resume with --out OUT"
+                )
+        if error.errno is None:  # (a writer's bare OSError("...") has only its message)
+            rescued = OSError(f"{error}{note}")
+        else:
+            rescued = OSError(error.errno, f"{error.strerror}{note}", error.filename)
+        rescued.rescued = True  # type: ignore[attr-defined]  # (once: `keep_steps` must not write it again)
+        return rescued
+
+    @contextlib.contextmanager
+    def keep_steps(self) -> Iterator[None]:
+        """Inside, a write to the run directory that fails mid-run (metrics.jsonl on a disk gone read-only
+        or full) ends the run with the weights trained so far written elsewhere (`_rescued`), not lost
+        with the process. One process only: with several, gathering the weights needs every rank."""
+        try:
+            yield
+        except OSError as e:
+            refused = e.filename is not None and Path(str(e.filename)).absolute().is_relative_to(
+                self.run_dir.absolute()
+            )
+            if getattr(e, "rescued", False) or not refused or self.global_step == 0 or self.dist.enabled:
+                raise
+            raise self._rescued(e, self.base_model) from e
 
     def _write_generation_config(self, directory: Path) -> None:
         cfg = self.config

@@ -267,10 +267,12 @@ def _tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int, is_main: bool, d
 def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
     """Train `cfg.preset` on `cfg.data`; returns the checkpoint directory RUN/pretrain/. `on_step(step)`
     runs in the training thread after every step (e.g. to take back CPU threads another job freed)."""
+    from nanoseek.atomic import check_out
     from nanoseek.perf import torch_threads
     from nanoseek.train.loop import hold_stage
 
     cfg.validate()
+    check_out(cfg.out, resume=cfg.resume)  # said now, not once a tokenizer is trained or the data read
     with torch_threads(cfg.threads), hold_stage(cfg.out, "pretrain"):
         return _pretrain(cfg, on_step)
 

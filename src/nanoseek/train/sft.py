@@ -705,6 +705,7 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
     (`deadline_fn`: see `train_on_examples`)."""
     import time
 
+    from nanoseek.atomic import check_out
     from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.perf import default_device
     from nanoseek.tokenizer import checkpoint_tokenizer
@@ -719,6 +720,8 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
         raise ValueError(f"{flag} shapes the chats built from --task; a --data file is trained on as it is")
     if not cfg.data and not cfg.task:  # before a Hub --init's resolve: its whole download
         raise ValueError("give --data chat.jsonl and/or --task NAME")
+    # an --out it cannot write (a read-only disk, a file): said now, not once the model and data are read
+    check_out(cfg.out, resume=cfg.resume)
     init = resolve_checkpoint(cfg.init, flag="--init")
     torch.manual_seed(cfg.seed)
     tok = checkpoint_tokenizer(init)  # one from another model: said before the weights load
