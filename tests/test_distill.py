@@ -256,6 +256,15 @@ def test_greedy_sampling_of_several_traces_is_refused_before_sampling(
         temperature=-0.5,
         out=str(tmp_path),
     )
+    _refused_before_sampling(  # inf passed: the teacher's samples uniform draws over the vocabulary
+        monkeypatch,
+        "temperature must be >= 0 and finite",
+        teacher=micro_checkpoint,
+        student="tiny",
+        k=1,
+        temperature=float("inf"),
+        out=str(tmp_path),
+    )
 
 
 def test_a_max_batch_size_below_one_is_refused_before_sampling(micro_checkpoint, tmp_path, monkeypatch):

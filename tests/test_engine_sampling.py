@@ -244,6 +244,15 @@ def test_presence_and_frequency_penalties_outside_openais_range_are_refused(name
     SamplingParams(**{name: 2.0}).validate()
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
+def test_a_temperature_that_is_not_a_finite_number_is_refused(value):
+    # `generate --temperature inf` passed the >= 0 check: logits / inf are all 0, and every token was
+    # drawn from the whole vocabulary alike, without a word
+    with pytest.raises(ValueError, match="temperature must be >= 0 and finite"):
+        SamplingParams(temperature=value).validate()
+    SamplingParams(temperature=1e30).validate()
+
+
 @pytest.mark.parametrize("value", [1e-50, 1e40, float("inf"), float("nan"), 0.0])
 def test_a_repetition_penalty_fp32_cannot_hold_is_refused(value):
     # 1e-50 passed the > 0 check, rounded to 0 in the fp32 logits' division: inf logits, NaN

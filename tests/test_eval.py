@@ -642,6 +642,9 @@ def test_a_temperature_the_engine_decodes_greedily_asks_for_one_sample_too() -> 
         evaluate(cfg, sampler=lambda ps: [])
     with pytest.raises(ValueError, match="--temperature must be >= 0"):
         evaluate(dataclasses.replace(cfg, k=1, temperature=-0.5), sampler=lambda ps: [])
+    # inf passed, and every sample was a uniform draw over the vocabulary
+    with pytest.raises(ValueError, match="--temperature must be >= 0 and finite, got inf"):
+        evaluate(dataclasses.replace(cfg, k=1, temperature=float("inf")), sampler=lambda ps: [])
 
 
 def test_an_endpoints_reasoning_is_kept_when_its_content_holds_a_think_end_too() -> None:

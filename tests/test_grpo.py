@@ -1054,6 +1054,26 @@ def test_a_max_batch_size_below_one_is_refused_before_loading():
     GRPOConfig(init="x", tasks=["arithmetic"], max_batch_size=1).validate()
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"beta": float("nan")}, "--beta must be >= 0 and finite"),  # trained with no KL, without a word
+        ({"beta": float("inf")}, "--beta must be >= 0 and finite"),  # a NaN loss
+        ({"bias_update_speed": float("nan")}, "--bias-update-speed must be >= 0 and finite"),
+        ({"sft_mix": float("nan")}, "--sft-mix must be >= 0 and finite"),
+        ({"checkpoint_every": -1}, "--checkpoint-every must be >= 0"),  # saved at every step
+        ({"collapse_patience": 0}, "--collapse-patience must be >= 1"),  # stopped at step 1, no collapse
+        ({"train_pool": -3}, "--train-pool must be >= 1"),  # "n must be >= 0" once the model had loaded
+        ({"temperature": float("inf")}, "--temperature must be >= 1e-05 and finite"),  # after loading
+    ],
+)
+def test_settings_out_of_range_are_refused_by_flag(setting, message):
+    from nanoseek.train.grpo import GRPOConfig
+
+    with pytest.raises(ValueError, match=message):
+        GRPOConfig(init="x", tasks=["arithmetic"], **setting).validate()
+
+
 @pytest.mark.parametrize("threads", [0, -1])
 def test_threads_below_one_are_refused(threads):
     """`--threads 0` was ignored (torch's default) and `-1` ended in torch's traceback, where

@@ -80,6 +80,53 @@ def test_flags_reach_their_fields() -> None:
     assert (e.model, e.endpoint_model, e.k) == ("http://x", "m", 2)
 
 
+@pytest.mark.parametrize(
+    ("argv", "field", "value"),
+    [
+        (("pretrain", "--data", "a.txt", "--data", "b.txt", "c.txt"), "data", ["a.txt", "b.txt", "c.txt"]),
+        (("pretrain",), "data", ["embedded"]),
+        (("sft", "--init", "ck", "--data", "a.jsonl", "--data", "b.jsonl"), "data", ["a.jsonl", "b.jsonl"]),
+        (("sft", "--init", "ck"), "data", None),
+        (("sft", "--init", "ck", "--task", "addition", "--task", "sorting"), "task", "addition,sorting"),
+        (("tokenizer", "train", "--out", "t", "--data", "a", "--data", "b"), "data", ["a", "b"]),
+        (("tokenizer", "train", "--out", "t"), "data", ["embedded"]),
+        (("eval", "ck", "--task", "addition", "--task", "sorting"), "task", "addition,sorting"),
+        (("grpo", "--init", "ck", "--task", "addition", "--task", "sorting"), "tasks", ["addition", "sorting"]),
+        (("grpo", "--init", "ck", "--task", "a", "--reward", "accuracy:1", "--reward", "format:1"), "reward",
+         "accuracy:1,format:1"),
+        (("grpo", "--init", "ck", "--task", "a"), "reward", "accuracy:1,format:0.2"),
+        (("distill", "--teacher", "t", "--student", "s", "--task", "a", "--task", "b"), "tasks", ["a", "b"]),
+        (("speedrun", "--tasks", "addition", "--tasks", "sorting"), "tasks", "addition,sorting"),
+    ],
+)  # fmt: skip
+def test_a_list_flag_given_twice_keeps_both(argv, field, value) -> None:
+    """`sft --data a.jsonl --data b.jsonl` trained on b's examples alone, `eval --task a --task b`
+    scored b alone (argparse keeps the last of a repeated flag), the first dropped without a word; the
+    default gives way to the first, not kept beside."""
+    assert getattr(parse(*argv), field) == value
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("ablate", "moe", "--seed", "1"),  # was --seeds 1: one seed per variant, not seed 1
+        ("sft", "--init", "ck", "--min-lr", "1e-5"),  # was --min-lr-ratio 1e-5: a floor of lr x 1e-5
+        ("tokenizer", "train", "--out", "t", "--vocab", "300"),
+    ],
+)
+def test_a_flag_is_taken_only_as_spelt_out(argv, capsys) -> None:
+    """argparse took any unambiguous prefix of a flag, and a flag of one command was another's there."""
+    with pytest.raises(SystemExit):
+        parse(*argv)
+    assert f"unrecognized arguments: {argv[-2]}" in capsys.readouterr().err
+
+
+def test_the_spellings_other_commands_use_are_kept() -> None:
+    """`eval --no-think` (chat's) and `speedrun --task` (the stages') were taken as prefixes."""
+    assert parse("eval", "ck", "--task", "addition", "--no-think").thinking is False
+    assert parse("speedrun", "--task", "addition").tasks == "addition"
+
+
 def test_distill_shares_run_flags_with_the_students_fine_tuning() -> None:
     args = parse(
         "distill", "--teacher", "t", "--student", "tiny-dense", "--task", "addition",

@@ -320,7 +320,7 @@ def test_val_fraction_0_on_a_file_corpus_trains_without_validation(workdir, tmp_
     pretrain(config(workdir, run, data=[str(text)], val_fraction=0.0, steps=2, val_every=1))
     assert "no validation (--val-fraction 0" in capsys.readouterr().out
     assert not [r for r in read_metrics(run, stage="pretrain") if r.get("val_loss") is not None]
-    with pytest.raises(ValueError, match="val_fraction"):  # before a tokenizer is trained
+    with pytest.raises(ValueError, match="--val-fraction"):  # before a tokenizer is trained
         pretrain(config(workdir, tmp_path / "bad", data=[str(text)], tokenizer=None, val_fraction=1.0))
     assert not (tmp_path / "bad" / "tokenizer").exists()
 
@@ -395,13 +395,18 @@ def test_cli_says_in_one_line_which_path_the_file_system_refused(workdir, tmp_pa
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ({"balance_alpha": -0.5}, "balance_alpha must be >= 0"),  # was trained toward imbalance
-        ({"probe_problems": -1}, "probe_problems must be >= 0"),  # was "n must be >= 0" after the model
-        ({"multi_turn": 1.5}, "multi_turn must be in"),
+        ({"balance_alpha": -0.5}, "--balance-alpha must be >= 0"),  # was trained toward imbalance
+        ({"probe_problems": -1}, "--probe-problems must be >= 0"),  # was "n must be >= 0" after the model
+        ({"multi_turn": 1.5}, "--multi-turn must be in"),
         ({"lr": 0.0}, "lr must be"),  # these three after a tokenizer was trained
         ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
         ({"grad_clip": float("nan")}, "grad_clip"),
-        ({"threads": 0}, "threads must be >= 1"),  # 0 was ignored, -1 torch's traceback after the tokenizer
+        ({"threads": 0}, "--threads must be >= 1"),  # 0 was ignored, -1 torch's traceback after the tokenizer
+        # an infinite λ or α: every step's loss was inf and skipped, and the run ended as if trained
+        ({"mtp_weight": float("inf")}, "--mtp-weight must be >= 0 and finite"),
+        ({"balance_alpha": float("inf")}, "--balance-alpha must be >= 0 and finite"),
+        ({"log_every": 0}, "--log-every must be >= 1"),  # taken as 1 without a word
+        ({"expert_load_every": -1}, "--expert-load-every must be >= 0"),  # taken as every step
     ],
 )
 def test_bad_settings_are_refused_before_anything_is_written(workdir, tmp_path, setting, message) -> None:
@@ -409,6 +414,14 @@ def test_bad_settings_are_refused_before_anything_is_written(workdir, tmp_path, 
         pretrain(
             config(workdir, tmp_path / "run", tokenizer=None, vocab_size=300, tokenizer_docs=50, **setting)
         )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_vocab_size_of_zero_is_refused(workdir, tmp_path) -> None:
+    """`--vocab-size 0` trained a tokenizer of the preset's vocabulary without a word (0 read as unset),
+    where -5 was refused."""
+    with pytest.raises(ValueError, match="--vocab-size must be >= 1"):
+        pretrain(config(workdir, tmp_path / "run", tokenizer=None, vocab_size=0, tokenizer_docs=50))
     assert not (tmp_path / "run").exists()
 
 
@@ -645,9 +658,50 @@ def test_tensorboard_without_its_package_is_refused_before_the_run_starts(monkey
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
     )
-    with pytest.raises(ValueError, match="pip install tensorboard"):
+    with pytest.raises(ValueError, match=r"pip install 'nanoseek\[tensorboard\]'"):  # the extra, named
         PretrainConfig(tensorboard=True).validate()
     PretrainConfig().validate()
+
+
+def _tensorboard_events(run: Path):
+    """RUN/tensorboard/pretrain/ as TensorBoard's event reader reads it."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(run / "tensorboard" / "pretrain"))
+    events.Reload()
+    return events
+
+
+def test_tensorboard_after_a_resume_draws_each_step_once(workdir, tmp_path) -> None:
+    """Killed at step 5 with its checkpoint at 3, the resumed run logs steps 4 and 5 again: without a
+    purge the curve ran back from 5 to 4 (both runs' values drawn, a zig-zag)."""
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+
+    def kill_at_5(step: int) -> None:
+        if step == 5:
+            raise RuntimeError("killed")
+
+    kw = dict(checkpoint_every=3, val_every=0, tensorboard=True)
+    with pytest.raises(RuntimeError, match="killed"):
+        pretrain(config(workdir, run, **kw), on_step=kill_at_5)
+    assert [e.step for e in _tensorboard_events(run).Scalars("pretrain/loss")] == [1, 2, 3, 4, 5]
+    pretrain(config(workdir, run, resume=True, **kw))
+    drawn = _tensorboard_events(run).Scalars("pretrain/loss")
+    assert [e.step for e in drawn] == [1, 2, 3, 4, 5, 6]
+    logged = [r["loss"] for r in read_metrics(run, "pretrain") if "loss" in r]
+    assert [e.value for e in drawn][-3:] == pytest.approx(logged[-3:])  # steps 4-6 as resumed
+
+
+def test_tensorboard_of_a_fresh_run_is_not_drawn_over_an_earlier_one(workdir, tmp_path) -> None:
+    """A run trained afresh into the same --out replaces the earlier one (its checkpoint, its report):
+    its TensorBoard curves were drawn from both runs' event files, steps 1-4 then 1-2 again."""
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    pretrain(config(workdir, run, steps=4, val_every=3, tensorboard=True))
+    pretrain(config(workdir, run, steps=2, val_every=0, tensorboard=True))
+    events = _tensorboard_events(run)
+    assert [e.step for e in events.Scalars("pretrain/loss")] == [1, 2]
+    assert "pretrain/val_loss" not in events.Tags()["scalars"]  # the earlier run's alone
 
 
 def test_validation_loss_is_the_mean_over_every_target_of_the_set(workdir, tmp_path, monkeypatch) -> None:

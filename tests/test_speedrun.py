@@ -279,6 +279,15 @@ def test_an_out_that_holds_something_else_is_refused_before_anything_is_written(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "notes.txt"]  # nothing added
 
 
+@pytest.mark.parametrize("share", ["2", "nan"])
+def test_a_multi_turn_share_out_of_range_is_refused_by_its_flag(tmp_path, capsys, share):
+    """`--multi-turn 2` was refused as "pretrain_multi_turn must be in [0, 1]": a name the user never
+    typed, a preset's field."""
+    assert main(["speedrun", "--preset", "smoke", "--out", str(tmp_path / "r"), "--multi-turn", share]) == 2
+    assert f"--multi-turn must be in [0, 1], got {float(share)}" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_an_out_it_cannot_write_is_one_clear_error(tmp_path, monkeypatch, capsys):
     """An --out under a file, or on a full or read-only filesystem, is one line naming the cause,
     not a traceback."""

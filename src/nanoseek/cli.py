@@ -50,7 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f"nanoseek.commands.{info.name}")
         module.register(sub)
+    _no_abbreviations(sub)
     return parser
+
+
+def _no_abbreviations(sub: argparse._SubParsersAction) -> None:
+    """A command's flags only as spelt out: argparse took any unambiguous prefix, and a flag of one
+    command was another's there (`ablate --seed 1` ran one seed per variant as `--seeds 1`; `sft --min-lr
+    1e-5` set --min-lr-ratio) without a word. Now such a flag is refused as unrecognized."""
+    for command in sub.choices.values():
+        command.allow_abbrev = False
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):  # `tokenizer train|encode|decode`
+                _no_abbreviations(action)
 
 
 def main(argv: list[str] | None = None) -> int:

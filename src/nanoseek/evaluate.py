@@ -63,7 +63,7 @@ class EvalConfig:
         parse=path,
         positional=True,
     )
-    task: str = option(help="task name(s), comma-separated: each is scored separately")
+    task: str = option(help="task name(s), comma-separated: each is scored separately", listed=True)
     k: int = option(4, "samples per problem", flag="-k")
     n: int = option(64, "problems")
     temperature: float = option(0.6)
@@ -74,6 +74,7 @@ class EvalConfig:
         True,
         "prompt with the think block opened (R1); --no-thinking: DeepSeek-V3.1's non-thinking mode, the answer "
         "is scored without a think block (format_rate then counts think blocks the model wrote anyway)",
+        short="--no-think",  # chat's spelling, taken as a prefix before abbreviations were refused
     )
     split: str = option("test", choices=("test", "train"))
     seed: int = option(0)
@@ -532,8 +533,8 @@ def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
 
     if cfg.k < 1 or cfg.n < 1:
         raise ValueError(f"k and n must be >= 1 (got k={cfg.k}, n={cfg.n})")
-    if not cfg.temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0, got {cfg.temperature}")
+    if not 0 <= cfg.temperature < math.inf:  # (NaN too) said now, not once the model has loaded
+        raise ValueError(f"--temperature must be >= 0 and finite, got {cfg.temperature}")
     refuse_identical_samples(cfg.temperature, cfg.k, "-k", "a problem")
     if cfg.split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {cfg.split!r}")

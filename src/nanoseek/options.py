@@ -37,6 +37,22 @@ def shell_quoted(value: str | os.PathLike) -> str:
     return subprocess.list2cmdline([str(value)]) if sys.platform == "win32" else shlex.quote(str(value))
 
 
+class Extend(argparse.Action):
+    """The action of a flag that takes a list (several values, `nargs="+"`, or a comma-separated list):
+    the flag given again adds to what it gave before, and the default gives way to the first. argparse's
+    "store" kept only the last: `--data a.jsonl --data b.jsonl` trained on b's data alone and `--task a
+    --task b` ran b alone, the first dropped without a word."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        given = getattr(namespace, self.dest, None)
+        if given is None or given is self.default:
+            setattr(namespace, self.dest, values)
+        elif isinstance(given, str):  # a comma-separated list, as one flag would have given it
+            setattr(namespace, self.dest, f"{given},{values}")
+        else:
+            setattr(namespace, self.dest, [*given, *values])
+
+
 def option(
     default: Any = dataclasses.MISSING,
     help: str = "",
@@ -50,12 +66,15 @@ def option(
     positional: bool = False,
     factory: Callable[[], Any] | None = None,
     cli: bool = True,
+    listed: bool = False,
 ) -> Any:
     """A dataclass field that knows its flag.
 
     flag: the long flag when it differs from the field name (bool fields default to `--name` when
     False, `--no-name` when True; the flag always flips the default). parse: converts the flag's
     string (e.g. a comma-separated task list). cli=False keeps the field out of the command line.
+    listed: a text field that is a comma-separated list (a list-typed field is one already): the flag
+    given again adds to it (`Extend`).
     """
     meta = {
         "help": help,
@@ -67,6 +86,7 @@ def option(
         "group": group,
         "positional": positional,
         "cli": cli,
+        "listed": listed,
     }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
@@ -81,6 +101,13 @@ def _scalar_type(annotation: Any) -> Any:
     if typing.get_origin(annotation) in (list, tuple):
         return typing.get_args(annotation)[0]
     return annotation
+
+
+def _takes_list(annotation: Any) -> bool:
+    """list[str], str | list[str] | None: a field several values may be given for."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_takes_list(a) for a in typing.get_args(annotation))
+    return typing.get_origin(annotation) is list
 
 
 def _long_flag(name: str, meta: Any, kind: Any, default: Any) -> str:
@@ -155,6 +182,8 @@ def add_options(
                 kwargs["nargs"] = meta["nargs"]
                 if isinstance(default, str):  # a list flag's default is a list, as its parsed values are
                     kwargs["default"] = [default]
+            if (meta.get("listed") or _takes_list(hints[f.name])) and not meta.get("positional"):
+                kwargs["action"] = Extend
         if meta.get("positional"):
             target.add_argument(f.name, **{k: v for k, v in kwargs.items() if k != "default"})
             continue

@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from nanoseek.options import path
+    from nanoseek.options import Extend, path
 
     p = sub.add_parser(
         "speedrun",
@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/speedrun", type=path, help="run directory (default runs/speedrun)")
     p.add_argument(
         "--tasks",
+        "--task",  # the other commands' spelling, taken as a prefix before abbreviations were refused
+        dest="tasks",
+        action=Extend,  # `--tasks a --tasks b`: both
         default=None,
         metavar="NAMES",
         help="comma-separated built-in families to run instead of the preset's, e.g. addition,sorting: "
@@ -59,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {"seed": args.seed, "precision": args.precision}
     if args.multi_turn is not None:
+        if not 0 <= args.multi_turn <= 1:  # (NaN too) else refused as the preset's `pretrain_multi_turn`
+            raise ValueError(f"--multi-turn must be in [0, 1], got {args.multi_turn}")
         overrides["pretrain_multi_turn"] = args.multi_turn
     if args.grpo_second_turn is not None:
         overrides["grpo_second_turn"] = args.grpo_second_turn

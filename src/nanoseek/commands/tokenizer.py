@@ -12,7 +12,7 @@ SAMPLE_CHARS = 1_000_000
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from nanoseek.options import path
+    from nanoseek.options import Extend, path
 
     p = subparsers.add_parser(
         "tokenizer",
@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--data",
         nargs="+",
+        action=Extend,  # `--data a.txt --data b.txt`: both
         type=path,
         default=["embedded"],
         help="'embedded' (default), 'embedded:TASKS', or .txt/.jsonl/.parquet files, globs or directories",

@@ -66,7 +66,10 @@ class SamplingParams:
                 raise ValueError(f"invalid SamplingParams: {msg}")
 
         need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        need(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        # finite too: logits / inf are all 0, a uniform draw over the whole vocabulary, not a sampling
+        need(
+            0.0 <= self.temperature < math.inf, f"temperature must be >= 0 and finite, got {self.temperature}"
+        )
         need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
         need(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
         need(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")

@@ -15,6 +15,7 @@ What is notable here:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,8 +230,9 @@ def distill(cfg: DistillConfig) -> Path:
         raise ValueError("-k, --prompts and --keep-per-prompt must be >= 1")
     if cfg.max_batch_size < 1:  # said now, as serve says it, not by the engine once the teacher has loaded
         raise ValueError(f"--max-batch-size must be >= 1, got {cfg.max_batch_size}")
-    if not cfg.temperature >= 0:  # (NaN too) said now, not by the engine once the teacher has loaded
-        raise ValueError(f"--temperature must be >= 0, got {cfg.temperature}")
+    # (NaN too) said now, not by the engine once the teacher has loaded
+    if not 0 <= cfg.temperature < math.inf:
+        raise ValueError(f"--temperature must be >= 0 and finite, got {cfg.temperature}")
     refuse_identical_samples(cfg.temperature, cfg.k, "-k", "a prompt")
     cfg.sft.validate()  # before the teacher's sampling, not after it
     run = Path(cfg.out)

@@ -317,6 +317,7 @@ class GRPOConfig:
         "accuracy:1,format:0.2",
         "weighted reward parts, NAME:WEIGHT,...: accuracy, format, language, code, or your own function as "
         "MODULE:FUNCTION or FILE.py:FUNCTION (mypkg.rewards:brevity:0.1; docs/r1.md)",
+        listed=True,
     )
     out: str = option("runs/grpo", "run directory: writes RUN/grpo/ and RUN/metrics.jsonl", parse=path)
     group_size: int = option(8, "G: samples per prompt", short="-G")
@@ -411,20 +412,27 @@ class GRPOConfig:
             "probe_prompts",
             "sft_mix_rows",
             "max_batch_size",  # said now, as serve says it, not by the engine after the weights load
+            "train_pool",  # was "n must be >= 0" (negative) or "only 0 training problems" (0)
+            "collapse_patience",  # 0: --stop-on-collapse stopped at the first step, collapsed or not
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.solved_above <= 1:
             raise ValueError(f"--solved-above is a pass rate in [0, 1], got {self.solved_above}")
-        if self.bias_update_speed < 0:
-            raise ValueError(f"--bias-update-speed must be >= 0, got {self.bias_update_speed}")
-        if self.beta < 0:
-            raise ValueError(f"--beta must be >= 0, got {self.beta}")
+        # written so that NaN fails too: a NaN --beta trained with no KL term and no reference model (its
+        # `beta > 0` is false) without a word, an infinite one made the loss NaN (inf x a KL of 0)
+        for name in ("bias_update_speed", "beta", "sft_mix"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 0 and finite, got {getattr(self, name)}"
+                )
+        if self.checkpoint_every < 0:  # -1 saved at every step
+            raise ValueError(
+                f"--checkpoint-every must be >= 0 (0 = only at the end), got {self.checkpoint_every}"
+            )
         for name in ("reward_workers", "threads"):  # --threads 0 was ignored, -1 torch's traceback
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.sft_mix < 0:
-            raise ValueError(f"--sft-mix must be >= 0, got {self.sft_mix}")
         repeated = sorted({t for t in self.tasks or () if list(self.tasks).count(t) > 1})
         if repeated:  # its pool would be there twice: one problem drawn twice in a step
             raise ValueError(f"--task names {', '.join(repeated)} more than once")
@@ -434,10 +442,10 @@ class GRPOConfig:
                 raise ValueError(f"{flag} names tasks not in --task: {', '.join(sorted(unknown))}")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
-        if not self.temperature >= GREEDY_BELOW:  # below it the engine decodes greedily
+        if not GREEDY_BELOW <= self.temperature < math.inf:  # below it the engine decodes greedily
             raise ValueError(
-                f"--temperature must be >= {GREEDY_BELOW:g} (got {self.temperature:g}): GRPO needs diverse "
-                "samples within a group, and the engine decodes greedily below it"
+                f"--temperature must be >= {GREEDY_BELOW:g} and finite (got {self.temperature:g}): GRPO needs "
+                "diverse samples within a group, and the engine decodes greedily below it"
             )
         if not self.tasks:
             raise ValueError("--task needs at least one task name")

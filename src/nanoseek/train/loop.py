@@ -327,8 +327,8 @@ class Trainer:
     Typical use::
 
         trainer = Trainer(model, run, "pretrain", OptimConfig(lr=3e-3), total_steps=500)
-        log = StepLog.for_trainer(trainer, seq_len=512)
         trainer.resume()
+        log = StepLog.for_trainer(trainer, seq_len=512)
         while not trainer.done:
             log.step(trainer.step(lambda: language_model_loss(model, *next(batches)), accumulation=2))
         trainer.save(); log.close()
@@ -1092,13 +1092,14 @@ def require_tensorboard() -> None:
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None:
-        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
+        raise ValueError("--tensorboard needs the tensorboard package: pip install 'nanoseek[tensorboard]'")
 
 
 class StepLog:
     """What a stage shows and records per step: RUN/metrics.jsonl (rank 0), optional TensorBoard, and a
     progress bar with loss, tokens/s and MFU (model FLOPs against the measured matmul peak of the
     precision in use). Per-expert loads are kept every `expert_load_every` steps, the imbalance always.
+    `resumed_from`: the step a resumed run goes on from (0: a fresh start).
     """
 
     def __init__(
@@ -1116,6 +1117,7 @@ class StepLog:
         expert_load_every: int = 50,
         tensorboard: bool = False,
         progress: bool = True,
+        resumed_from: int = 0,
     ) -> None:
         self.stage = stage
         self.total_steps = total_steps
@@ -1134,14 +1136,23 @@ class StepLog:
             require_tensorboard()
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / stage))
+            folder = Path(run_dir) / "tensorboard" / stage
+            if not resumed_from:
+                # a fresh start replaces the stage's earlier run (as its checkpoint): TensorBoard read
+                # that run's event files with this one's, two curves drawn over each other as one
+                for old in folder.glob("events.out.tfevents.*"):
+                    old.unlink()
+            # resumed: the steps the stopped run logged after its checkpoint are logged again; purged
+            # from the view, not drawn twice (a zig-zag back to the checkpoint's step)
+            self._tb = SummaryWriter(str(folder), purge_step=resumed_from + 1 if resumed_from else None)
 
     @classmethod
     def for_trainer(
         cls, trainer: Trainer, *, seq_len: int | None = None, include_mtp: bool = True, **kwargs: Any
     ) -> StepLog:
-        """A log for `trainer`'s stage; with `seq_len` it reports MFU. `include_mtp`: whether the stage's
-        loss runs the MTP modules (their FLOPs count only then)."""
+        """A log for `trainer`'s stage, made after `trainer.resume()` (it goes on from the step resumed);
+        with `seq_len` it reports MFU. `include_mtp`: whether the stage's loss runs the MTP modules
+        (their FLOPs count only then)."""
         flops = training_flops_per_token(trainer.base_model, seq_len, include_mtp) if seq_len else None
         return cls(
             trainer.run_dir,
@@ -1152,6 +1163,7 @@ class StepLog:
             device="cuda" if trainer.dist.device.type == "cuda" else "cpu",
             world_size=trainer.dist.world_size,
             is_main=trainer.dist.is_main,
+            resumed_from=trainer.global_step,
             **kwargs,
         )
 

@@ -17,6 +17,7 @@ What is notable:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -163,9 +164,10 @@ class PretrainConfig:
     )
 
     def validate(self) -> None:
+        """Clear errors, by flag, for settings out of range (configs built in Python skip argparse)."""
         for name in ("steps", "batch_size", "seq_len", "accumulation", "tokenizer_docs"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         check_choices(self)
         # (written so that NaN fails too) a negative α or γ would push the routers toward imbalance
         for name in (
@@ -176,21 +178,32 @@ class PretrainConfig:
             "val_batches",
             "checkpoint_every",
         ):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.balance_alpha is not None and not self.balance_alpha >= 0:
-            raise ValueError(f"balance_alpha must be >= 0, got {self.balance_alpha}")
+            if not 0 <= getattr(self, name) < math.inf:  # an infinite λ or α: every step's loss inf, skipped
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 0 and finite, got {getattr(self, name)}"
+                )
+        if self.balance_alpha is not None and not 0 <= self.balance_alpha < math.inf:
+            raise ValueError(f"--balance-alpha must be >= 0 and finite, got {self.balance_alpha}")
+        # 0 or less was taken as 1 (log_every) or as every step (expert_load_every -1) without a word
+        if self.log_every < 1:
+            raise ValueError(f"--log-every must be >= 1, got {self.log_every}")
+        if self.expert_load_every < 0:
+            raise ValueError(f"--expert-load-every must be >= 0 (0 = off), got {self.expert_load_every}")
+        if self.vocab_size is not None and self.vocab_size < 1:  # 0 was taken as the preset's
+            raise ValueError(
+                f"--vocab-size must be >= 1 (or left out for the preset's), got {self.vocab_size}"
+            )
         if self.tokenizer and self.vocab_size is not None:  # the model's vocabulary is the tokenizer's
             raise ValueError(
                 "vocab_size sizes a tokenizer trained here: --tokenizer brings its own vocabulary"
             )
         if not 0 <= self.multi_turn <= 1:
-            raise ValueError(f"multi_turn must be in [0, 1], got {self.multi_turn}")
+            raise ValueError(f"--multi-turn must be in [0, 1], got {self.multi_turn}")
         if self.threads is not None and self.threads < 1:  # 0 was ignored, -1 torch's traceback
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
         self.optim_config()  # lr, schedule and clipping refused now, not after training a tokenizer
         if not 0 <= self.val_fraction < 1:  # (found now, not after training a tokenizer)
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.expert_parallel and self.precision == "fp8":
             raise ValueError("expert parallelism with precision fp8 is not supported yet (docs/multinode.md)")
         if self.tensorboard:
@@ -345,15 +358,6 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
         resume_settings={name: getattr(cfg, name) for name in RESUME_SETTINGS},
         flags_from=type(cfg),
     )
-    log = StepLog.for_trainer(
-        trainer,
-        seq_len=cfg.seq_len,
-        include_mtp=cfg.mtp_weight > 0,  # language_model_loss runs the MTP modules only then
-        log_every=cfg.log_every,
-        expert_load_every=cfg.expert_load_every,
-        tensorboard=cfg.tensorboard,
-        progress=cfg.progress,
-    )
     per_rank = cfg.batch_size // dist.world_size
     data_kw: dict[str, Any] = dict(
         whole_documents=cfg.whole_documents,
@@ -369,6 +373,16 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
     extra = trainer.resume() if cfg.resume else None
     if extra:
         train_data.load_state_dict(extra["data"])
+    # after the resume: its TensorBoard events go on from the step resumed
+    log = StepLog.for_trainer(
+        trainer,
+        seq_len=cfg.seq_len,
+        include_mtp=cfg.mtp_weight > 0,  # language_model_loss runs the MTP modules only then
+        log_every=cfg.log_every,
+        expert_load_every=cfg.expert_load_every,
+        tensorboard=cfg.tensorboard,
+        progress=cfg.progress,
+    )
     if cfg.resume and trainer.global_step >= cfg.steps:
         # a finished run: its checkpoint stays as written, not validated and saved again (the report
         # adds this process's end record, no time, to the stage's)

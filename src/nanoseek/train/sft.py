@@ -383,7 +383,9 @@ class SFTConfig:
         nargs="+",
         parse=path,
     )
-    task: str | None = option(None, "build cold-start data from task(s)' worked solutions (comma-separated)")
+    task: str | None = option(
+        None, "build cold-start data from task(s)' worked solutions (comma-separated)", listed=True
+    )
     task_examples: int = option(
         2000, "examples drawn from --task, at most (a task with fewer training problems gives all it has)"
     )
@@ -626,11 +628,11 @@ def train_on_examples(
         },
         flags_from=type(cfg),
     )
-    # sft_loss is the main head's alone: the MTP modules do not run, so their FLOPs are not the step's
-    log = StepLog.for_trainer(trainer, seq_len=cfg.seq_len, include_mtp=False, progress=cfg.progress)
     # Seconds of the budget spent: a --resume goes on with what its checkpoint had left of it (its
     # refitted step count with it), as one run that was never stopped, not with a fresh budget.
     spent = float((trainer.resume() or {}).get("seconds_spent", 0.0)) if cfg.resume else 0.0
+    # sft_loss is the main head's alone: the MTP modules do not run, so their FLOPs are not the step's
+    log = StepLog.for_trainer(trainer, seq_len=cfg.seq_len, include_mtp=False, progress=cfg.progress)
     # finished (every step ran, or its budget is spent: the deadline stopped it): its checkpoint stays as written
     out_of_time = bool(cfg.max_seconds) and spent >= cfg.max_seconds
     if cfg.resume and (trainer.global_step >= trainer.total_steps or out_of_time):
