@@ -334,6 +334,21 @@ def test_resume_skips_finished_runs_and_drops_an_interrupted_one(tmp_path, monke
     assert calls == []
 
 
+def test_a_resumed_studys_bar_counts_every_run_from_the_finished_ones(tmp_path, monkeypatch, capsys) -> None:
+    """The bar went over the runs left alone: "0/1" under "8 runs (...); 7 already finished"."""
+    calls: list = []
+    _fake_training(monkeypatch, calls)
+    run_study(AblateConfig(study="mla", seeds=2, out=str(tmp_path), progress=False), "mla")
+    directory = tmp_path / "ablate" / "mla"
+    lines = (directory / "metrics.jsonl").read_text().splitlines()
+    (directory / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # the last run's done row
+    capsys.readouterr()
+    run_study(AblateConfig(study="mla", seeds=2, out=str(tmp_path)), "mla")
+    out, err = capsys.readouterr()
+    assert "8 runs" in out and "7 already finished" in out
+    assert "7/8" in err and "8/8" in err and "0/1" not in err, err
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch) -> None:
     _fake_training(monkeypatch, [])
     run_study(AblateConfig(study="balance", seeds=1, out=str(tmp_path), progress=False), "balance")

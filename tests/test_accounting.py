@@ -184,6 +184,18 @@ def test_human_rounds_before_it_picks_the_suffix(n: float, text: str) -> None:
     assert human(n) == text
 
 
+def test_described_counts_read_in_the_units_inspect_gives_them() -> None:
+    """The count `serve`, `chat` and `pretrain` print: DeepSeek-V3's read "671026.4M params" (millions
+    at any size), a model of 40K parameters "0.0M params"."""
+    v3 = analytic_parameters(get_preset("deepseek-v3")).described
+    assert v3 == "671B params + 11.61B in the MTP module"
+    small = get_preset("tiny").replace(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1
+    )
+    counts = analytic_parameters(small)
+    assert counts.described.startswith(f"{human(counts.total)} params") and "0.0M" not in counts.described
+
+
 @pytest.mark.parametrize(
     "n,text", [(8.35e10, "83.5 GFLOP"), (999.7e9, "1 TFLOP"), (999.6, "1 kFLOP"), (1.0, "1 FLOP")]
 )

@@ -26,7 +26,7 @@ class ScriptedEngine:
     def __init__(self, tok, problems) -> None:
         self.tok, self.problems = tok, problems
 
-    def generate_detailed(self, prompts, params):
+    def generate_detailed(self, prompts, params, on_finish=None):
         k = len(prompts) // len(self.problems)
         out = []
         for j in range(len(prompts)):
@@ -37,6 +37,8 @@ class ScriptedEngine:
             if kind != "cut":
                 ids.append(self.tok.eos_token_id)
             out.append(Completion(ids, None, "length" if kind == "cut" else "stop", None))
+            if on_finish is not None:
+                on_finish(j)
         return out
 
 
@@ -59,6 +61,24 @@ def test_rejection_sampling_keeps_correct_distinct_finished(teacher_dir) -> None
         assert tok.decode(prompt_ids).endswith("<think>\n")
 
 
+def test_the_teachers_sampling_shows_its_progress(teacher_dir, capsys) -> None:
+    """Minutes of sampling at the defaults (256 prompts x k = 4 per task) showed nothing at all: a bar
+    counts the samples on stderr, and --no-progress hides it."""
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(teacher_dir)
+    task = get_task("arithmetic")
+    probs = task.problems("train", 3, seed=0)
+    cfg = DistillConfig(teacher=teacher_dir, student="tiny", tasks=["arithmetic"], k=4)
+    sample_correct_traces(ScriptedEngine(tok, probs), tok, [task] * 3, probs, cfg)
+    out, err = capsys.readouterr()
+    assert "teacher samples" in err and "/12" in err and out == "", err
+    cfg.sft.progress = False
+    sample_correct_traces(ScriptedEngine(tok, probs), tok, [task] * 3, probs, cfg)
+    assert "teacher samples" not in capsys.readouterr().err
+
+
 def test_keep_per_prompt_keeps_the_first_distinct_correct_traces_that_reason(teacher_dir) -> None:
     """--keep-per-prompt N keeps the first N distinct correct traces (not one, not N + 1); a right answer
     without a think block is no R1 trace: neither kept nor counted as the teacher's success."""
@@ -71,7 +91,7 @@ def test_keep_per_prompt_keeps_the_first_distinct_correct_traces_that_reason(tea
     texts = ["a\n</think>\n{}", "a\n</think>\n{}", "b\n</think>\n{}", "c\n</think>\n{}", "{}"]
 
     class Teacher:
-        def generate_detailed(self, prompts, params):
+        def generate_detailed(self, prompts, params, on_finish=None):
             k = len(texts)
             return [
                 Completion(
@@ -195,9 +215,9 @@ def test_the_time_budget_covers_the_teachers_sampling(teacher_dir, tmp_path, mon
     monkeypatch.setattr(time, "perf_counter", lambda: clock() + skew[0])
 
     class SlowTeacher(ScriptedEngine):
-        def generate_detailed(self, prompts, params):
+        def generate_detailed(self, prompts, params, on_finish=None):
             skew[0] += 1000.0  # the sampling took 1000 s
-            return super().generate_detailed(prompts, params)
+            return super().generate_detailed(prompts, params, on_finish)
 
     monkeypatch.setattr(nanoseek.engine, "Engine", lambda model, **kw: SlowTeacher(tok, probs))
     sft = SFTConfig(init="", steps=2, batch_size=2, seq_len=64, progress=False, max_seconds=500.0)
@@ -397,7 +417,7 @@ def test_distill_data_renders_as_the_student_was_trained(
     opening = "" if template == "r1" else "<think>\n"  # what the completion writes itself
 
     class Teacher:
-        def generate_detailed(self, prompts, params):
+        def generate_detailed(self, prompts, params, on_finish=None):
             k = len(prompts) // len(probs)
             answers = [p.answer if teacher_solves else str(int(p.answer) + 1) for p in probs]
             return [
@@ -477,7 +497,7 @@ def _teacher_solving_nothing(monkeypatch, checkpoint) -> list:
     asked = []
 
     class Teacher:
-        def generate_detailed(self, prompts, params):
+        def generate_detailed(self, prompts, params, on_finish=None):
             asked.extend(prompts)
             wrong = tok.encode("add\n</think>\nnot a number") + [tok.eos_token_id]
             return [Completion(wrong, None, "stop", None) for _ in prompts]

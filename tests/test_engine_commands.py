@@ -356,7 +356,9 @@ def test_chat_banner_counts_the_checkpoints_weights_whatever_their_storage(check
     args = cli_args("chat", str(checkpoint), "--quantize", "int8", "--max-new-tokens", "2", "--threads", "1")
     out = io.StringIO()
     assert chat.run(args, stdin=io.StringIO("/exit\n"), stdout=out) == 0
-    shown = f"({(full - mtp) / 1e6:.1f}M params + {mtp / 1e6:.1f}M in the MTP module, float32)"
+    from nanoseek.accounting import human
+
+    shown = f"({human(full - mtp)} params + {human(mtp)} in the MTP module, float32)"
     assert shown in out.getvalue(), out.getvalue()[:200]
 
 
@@ -385,7 +387,7 @@ def test_generate_and_chat_load_a_bf16_checkpoint_in_bf16_only_where_the_cpu_run
     out = io.StringIO()
     args = cli_args("chat", str(bf16), "--max-new-tokens", "2", "--threads", "1")
     assert chat.run(args, stdin=io.StringIO("/exit\n"), stdout=out) == 0
-    assert f"M in the MTP module, {str(want).removeprefix('torch.')})" in out.getvalue()
+    assert f" in the MTP module, {str(want).removeprefix('torch.')})" in out.getvalue()
 
 
 def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(checkpoint, monkeypatch):

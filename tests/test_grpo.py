@@ -849,6 +849,33 @@ def test_probe_pass_rates_scores_each_task_on_its_training_problems(micro_checkp
     assert seen.count("comparison") == seen.count("arithmetic") == 4 * 3
 
 
+def test_the_probe_before_the_first_step_shows_its_progress(micro_checkpoint, capsys) -> None:
+    """The probe samples probe_prompts x G of every task (the cpu preset's: 4 x 8 of eight, four steps'
+    rollouts) before GRPO's bar appears: it showed nothing, and a --no-progress run still shows nothing."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.grpo import probe_pass_rates
+
+    tok = load_tokenizer(micro_checkpoint)
+    task = get_task("comparison")
+    pools = {"comparison": [(task, p) for p in task.problems("train", 10, seed=0, language="en")]}
+
+    class Engine:
+        def generate_detailed(self, prompts, params, on_finish=None):
+            for i in range(len(prompts) if on_finish else 0):
+                on_finish(i)
+            return [SimpleNamespace(token_ids=[tok.eos_token_id], finish_reason="stop") for _ in prompts]
+
+    cfg = _cfg(micro_checkpoint, "unused", group_size=3, probe_prompts=4, reward="accuracy:1", progress=True)
+    probe_pass_rates(cfg, Engine(), tok, pools, stop=[tok.eos_token_id])
+    assert "grpo probe" in capsys.readouterr().err
+    probe_pass_rates(dataclasses.replace(cfg, progress=False), Engine(), tok, pools, stop=[tok.eos_token_id])
+    assert "grpo probe" not in capsys.readouterr().err
+
+
 def _record_draws(monkeypatch) -> list[str]:
     """The task of every prompt GRPO draws, in order."""
     import nanoseek.train.grpo as grpo_mod

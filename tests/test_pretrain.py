@@ -253,6 +253,26 @@ def test_pretrain_trains_its_own_tokenizer(workdir, tmp_path) -> None:
     assert any(r.get("stage") == "tokenizer" for r in read_metrics(run))
 
 
+def test_the_tokenizer_bar_ends_at_100_percent_on_a_corpus_of_fewer_documents(
+    workdir, tmp_path, capsys
+) -> None:
+    """--tokenizer-docs is at most: a corpus of 40 documents left the bar at 40/20000 (0%)."""
+    from nanoseek.train.distributed import DistInfo
+    from nanoseek.train.pretrain import _tokenizer
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"story {i}: the cat sat on the mat."}) + "\n" for i in range(40))
+    )
+    cfg = config(
+        workdir, tmp_path / "run", tokenizer=None, data=[str(data)], tokenizer_docs=20000, progress=True
+    )
+    _tokenizer(cfg, tmp_path / "run", 300, True, DistInfo())
+    out, err = capsys.readouterr()
+    assert "from 40 documents" in out
+    assert "100%" in err and "40/40" in err and "40/20000" not in err, err
+
+
 def test_a_fresh_run_trains_its_own_tokenizer_over_an_earlier_runs(workdir, tmp_path) -> None:
     """RUN/tokenizer/ is reused when resuming; a fresh run into the same --out (another --vocab-size,
     other data) trained the model on the earlier run's tokenizer, its own settings silently ignored."""

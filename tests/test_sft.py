@@ -372,6 +372,50 @@ def test_time_budget_stops_early_and_still_saves(tmp_path, budget_spent) -> None
     assert steps == ([] if budget_spent else [1, 2, 3, 4])
 
 
+def test_a_time_budgeted_run_says_its_step_count_is_a_first_plan(tmp_path, capsys) -> None:
+    """With a budget the steps are an estimate the deadline refits: the header and the bar say so, not
+    a total the run never meant (a 15 s budget read "50 steps of 2 rows", its bar an ETA of minutes)."""
+    import time
+
+    from nanoseek.train.sft import SFTConfig
+
+    cfg = SFTConfig(init="", steps=4, batch_size=2, seq_len=32, max_seconds=60.0)
+    _train_with_budget(tmp_path, cfg, time.perf_counter())
+    out, err = capsys.readouterr()
+    assert "; a 60s budget: 4 steps of 2 rows at first, refitted to the pace measured\n" in out, out
+    assert "control (60s budget):" in err, err
+    plain = SFTConfig(init="", steps=4, batch_size=2, seq_len=32)
+    _train_with_budget(tmp_path / "plain", plain, time.perf_counter())
+    out, err = capsys.readouterr()
+    assert "; 4 steps of 2 rows\n" in out and "control: 100%" in err, out + err
+
+
+def test_the_budget_spent_line_starts_a_line_of_its_own_under_the_bar(tmp_path, monkeypatch) -> None:
+    """Printed while the bar was still open, "time budget of 12s spent at step 3/50" ran on from the end
+    of the bar's line ("...imb=3.50]sft: time budget ...")."""
+    import io
+    import re
+    import sys
+    import time
+
+    from nanoseek.train.sft import SFTConfig
+
+    terminal = io.StringIO()  # stdout and stderr on one terminal, as a user sees them
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    asked = []
+
+    def deadline() -> float | None:  # unknown for two steps, then long past
+        asked.append(1)
+        return None if len(asked) < 3 else time.perf_counter() - 1.0
+
+    cfg = SFTConfig(init="", steps=1000, batch_size=2, seq_len=32, warmup_steps=0)
+    _train_with_budget(tmp_path, cfg, time.perf_counter(), deadline_fn=deadline)
+    text = terminal.getvalue()
+    assert "control: time budget spent at step 2/1000" in text, text
+    assert not re.search(r"[^\r\n]control: time budget", text), text
+
+
 def test_sft_steps_with_the_optimizer_it_is_given(tmp_path, monkeypatch) -> None:
     """--optimizer muon reaches the trainer: a Muon-pretrained model is fine-tuned in its own geometry."""
     import time

@@ -1,5 +1,6 @@
 """The speedrun's pretraining corpus: its families, and those drawn more often (`pretrain_weights`)."""
 
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -439,6 +440,33 @@ def test_ctrl_c_ends_a_stage_beside_another_without_its_traceback(tmp_path, capf
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_a_stage_beside_another_prints_nothing_over_the_runs_progress_bar(tmp_path, monkeypatch, capfd):
+    """The student's and the control's lines (their headers, validation losses, summaries) landed on the
+    end of the teacher's or GRPO's bar line, named as the stage they run as ("pretrain:", "sft:")."""
+    import types
+
+    import torch
+
+    import nanoseek.speedrun as speedrun_mod
+
+    def chatty(self, **_: object) -> dict:
+        print("pretrain: 10 steps, 10.24K tokens in 7s; checkpoint run/.student/pretrain")
+        return {}
+
+    monkeypatch.setattr(Speedrun, "student", chatty)
+    monkeypatch.setattr(Speedrun, "control", chatty)
+    threads = torch.get_num_threads()
+    try:
+        speedrun_mod._run_stage(str(tmp_path), PRESETS["smoke"], "student", "pretrain", 1)
+        speedrun_mod._control_beside_grpo(
+            str(tmp_path), PRESETS["smoke"], types.SimpleNamespace(value=0.0), 1
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert capfd.readouterr().out == ""
+    assert (tmp_path / "student" / DONE).exists() and (tmp_path / "control" / DONE).exists()
+
+
 def _evaluation_interrupted(out: str, preset, stage: str, tasks: list[str], progress: bool) -> list:
     """An evaluation worker's job: the first one is hit by a Ctrl-C, the others take a while."""
     if (stage, tasks) == ("pretrain", [preset.tasks[0]]):
@@ -503,13 +531,13 @@ def test_a_sigterm_between_a_speedruns_training_steps_unwinds_as_ctrl_c_does(tmp
     import textwrap
 
     script = textwrap.dedent(f"""
-        import os, signal, sys, time, types
+        import contextlib, os, signal, sys, time, types
         from nanoseek.cli import main
         from nanoseek.speedrun import Speedrun
         from nanoseek.train.loop import Trainer, stop_pending
 
         def run_all(self):
-            trainer = types.SimpleNamespace(_signal=0, _signal_at=0.0, dist=types.SimpleNamespace(is_main=False))
+            trainer = types.SimpleNamespace(_signal=0, _signal_at=0.0, dist=types.SimpleNamespace(is_main=False), keep_steps=contextlib.nullcontext)
             with Trainer.stop_on_signals(trainer):  # a training stage's loop: the stop is only asked
                 os.kill(os.getpid(), signal.SIGTERM)
                 assert stop_pending()
@@ -533,7 +561,7 @@ def test_a_third_sigterm_ends_a_speedrun_whose_stage_was_stopped_now(tmp_path):
     import textwrap
 
     script = textwrap.dedent(f"""
-        import os, signal, sys, time, types
+        import contextlib, os, signal, sys, time, types
         import nanoseek.train.loop
         from nanoseek.cli import main
         from nanoseek.speedrun import Speedrun
@@ -542,7 +570,7 @@ def test_a_third_sigterm_ends_a_speedrun_whose_stage_was_stopped_now(tmp_path):
         nanoseek.train.loop.REPEAT_WINDOW_S = 0.0  # the second is a second request, however soon
 
         def run_all(self):
-            trainer = types.SimpleNamespace(_signal=0, _signal_at=0.0, dist=types.SimpleNamespace(is_main=False))
+            trainer = types.SimpleNamespace(_signal=0, _signal_at=0.0, dist=types.SimpleNamespace(is_main=False), keep_steps=contextlib.nullcontext)
             try:
                 with Trainer.stop_on_signals(trainer):
                     os.kill(os.getpid(), signal.SIGTERM)  # the stage is asked to stop
@@ -1001,7 +1029,12 @@ def test_a_signal_while_the_teacher_waits_for_its_student_is_not_held_up(tmp_pat
     from nanoseek.train.loop import Trainer, stop_pending
 
     monkeypatch.setattr(speedrun_mod, "_run_stage", _student_sleeping)
-    trainer = types.SimpleNamespace(_signal=0, _signal_at=0.0, dist=types.SimpleNamespace(is_main=False))
+    trainer = types.SimpleNamespace(
+        _signal=0,
+        _signal_at=0.0,
+        dist=types.SimpleNamespace(is_main=False),
+        keep_steps=contextlib.nullcontext,
+    )
     waited = []
 
     def pretrain(self, student=False, on_step=None):
@@ -1043,7 +1076,12 @@ def test_a_stop_at_the_take_back_step_still_takes_the_threads_back(tmp_path, mon
     import nanoseek.speedrun as speedrun_mod
     from nanoseek.train.loop import Trainer, stop_pending
 
-    trainer = types.SimpleNamespace(_signal=0, _signal_at=0.0, dist=types.SimpleNamespace(is_main=False))
+    trainer = types.SimpleNamespace(
+        _signal=0,
+        _signal_at=0.0,
+        dist=types.SimpleNamespace(is_main=False),
+        keep_steps=contextlib.nullcontext,
+    )
     threads_after = []
 
     def pretrain(self, student=False, on_step=None):

@@ -736,6 +736,20 @@ def test_cli_train_refuses_an_out_it_cannot_write_before_training(
     assert f"{tmp_path / 'file'}: Not a directory" in capsys.readouterr().err
 
 
+def test_cli_train_bar_ends_at_100_percent_on_a_corpus_shorter_than_max_docs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--max-docs is at most: a corpus of 30 documents left the bar at 30/1000 (3%)."""
+    from nanoseek.cli import main
+
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in _corpus(30)))
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--data", str(data), "--max-docs", "1000", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "100%" in err and "30/30" in err and "30/1000" not in err, err
+
+
 def test_cli_encode_text_after_double_dash_and_a_short_vocabulary_note_that_helps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -908,6 +908,25 @@ def test_peak_is_measured_again_when_a_step_beats_it(tmp_path, monkeypatch) -> N
     assert log._peak_flops(achieved=100.0) == 400.0  # below the peak: no new measurement
 
 
+def test_peak_is_measured_again_at_another_thread_count(tmp_path, monkeypatch) -> None:
+    """The speedrun's teacher pretrains on half the CPU threads, then takes back the student's: its MFU
+    went on against the half's peak, up to twice the true figure."""
+    from nanoseek import perf
+
+    readings, threads = iter([50.0, 100.0, 60.0]), [1]
+    fake = lambda *a, **k: next(readings)  # noqa: E731
+    fake.cache_clear = lambda: None
+    monkeypatch.setattr(perf, "matmul_peak_flops", fake)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads[0])
+    log = StepLog.for_trainer(make_trainer(micro_model(), tmp_path), seq_len=16, progress=False)
+    assert log._peak_flops() == 50.0
+    assert log._peak_flops() == 50.0  # same threads: no new measurement
+    threads[0] = 2
+    assert log._peak_flops() == 100.0
+    threads[0] = 1
+    assert log._peak_flops() == 60.0  # the fewer threads' own peak, not the higher one kept
+
+
 def test_mfu_is_the_steps_flops_over_the_peak_of_all_ranks_and_stays_a_fraction(
     tmp_path, monkeypatch
 ) -> None:

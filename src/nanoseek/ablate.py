@@ -969,7 +969,16 @@ def run_study(cfg: AblateConfig, study: str) -> Path:
             tok = _tokenizer(Path(cfg.out), cfg.tokenizer_docs)
             val_set = validation_batches(tok, cfg.val_batches)
             log = MetricsLog(directory, "ablate")
-            bar = progress_bar(todo, desc=f"ablate {study}", unit="run", disable=not cfg.progress)
+            # out of every run, from the finished ones: a resumed study's bar read 0/1 under "8 runs, 7
+            # already finished"
+            bar = progress_bar(
+                todo,
+                desc=f"ablate {study}",
+                unit="run",
+                total=len(runs),
+                initial=len(runs) - len(todo),
+                disable=not cfg.progress,
+            )
             try:
                 for r in bar:
                     bar.set_postfix_str(f"{r.variant} seed {r.seed}")

@@ -73,9 +73,10 @@ class ParamCounts:
     @property
     def described(self) -> str:
         """What `serve` and `chat` print: the model's count as `inspect` and the report give it, and
-        the MTP module's weights (used by speculative decoding) apart."""
-        mtp = f" + {self.mtp / 1e6:.1f}M in the MTP module" if self.mtp else ""
-        return f"{self.total / 1e6:.1f}M params{mtp}"
+        the MTP module's weights (used by speculative decoding) apart. In `human`'s units, as those
+        give it: in millions, DeepSeek-V3 read "671026.4M params" and a test model "0.0M params"."""
+        mtp = f" + {human(self.mtp)} in the MTP module" if self.mtp else ""
+        return f"{human(self.total)} params{mtp}"
 
     @property
     def active(self) -> int:

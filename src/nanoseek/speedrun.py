@@ -1171,12 +1171,22 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+@contextlib.contextmanager
+def _quiet_beside() -> Iterator[None]:
+    """A stage beside another prints nothing on stdout, as it draws no bar: its lines landed on the end
+    of the run's progress bar ("...imb=1.81]step 10: val_loss 2.0079"), under the name of the stage it
+    runs as (the student's as "pretrain:", the control's as "sft: time budget spent at step 2/100") with
+    a scratch directory for its checkpoint. Its records are in metrics.jsonl; errors still go to stderr."""
+    with open(os.devnull, "w", encoding="utf-8") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
 def _run_stage(out: str, preset: SpeedrunPreset, stage: str, beside: str, threads: int) -> None:
     """A stage in its own process (spawned), marked done as the main process would mark it."""
     _set_threads(threads)
     run = Speedrun(out, preset, progress=False)
     t0 = time.perf_counter()
-    with _exit_when_interrupted():
+    with _exit_when_interrupted(), _quiet_beside():
         fields = getattr(run, stage)() or {}
     run._mark_done(stage, time.perf_counter() - t0, beside=beside, threads=threads, **fields)
 
@@ -1197,7 +1207,7 @@ def _control_beside_grpo(out: str, preset: SpeedrunPreset, end: Any, threads: in
             return None
         return time.perf_counter() + (end.value - time.time())
 
-    with _exit_when_interrupted():
+    with _exit_when_interrupted(), _quiet_beside():
         fields = run.control(deadline_fn=deadline) or {}
     run._mark_done("control", time.perf_counter() - t0, beside="grpo", threads=threads, **fields)
 

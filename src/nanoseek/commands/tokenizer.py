@@ -88,15 +88,17 @@ def run_train(args: argparse.Namespace) -> int:
 
     def counted():
         nonlocal chars, read, sampled
-        for doc in progress_bar(
-            itertools.islice(docs, max_docs), total=max_docs, desc="tokenizer", unit="doc"
-        ):
-            chars += len(doc)
-            read += 1
-            if len(held_out) < 200 and sampled < SAMPLE_CHARS:
-                held_out.append(doc[: SAMPLE_CHARS - sampled])
-                sampled += len(held_out[-1])
-            yield doc
+        with progress_bar(total=max_docs, desc="tokenizer", unit="doc") as bar:
+            for doc in itertools.islice(docs, max_docs):
+                chars += len(doc)
+                read += 1
+                if len(held_out) < 200 and sampled < SAMPLE_CHARS:
+                    held_out.append(doc[: SAMPLE_CHARS - sampled])
+                    sampled += len(held_out[-1])
+                bar.update(1)
+                yield doc
+            if max_docs is not None:
+                bar.total = read  # a corpus of fewer documents than --max-docs ends at 100%, not at 50%
 
     start = time.perf_counter()
     tok = train_tokenizer(counted(), vocab_size=args.vocab_size, min_frequency=args.min_frequency)

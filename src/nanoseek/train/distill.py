@@ -143,6 +143,8 @@ def sample_correct_traces(
         top_p=cfg.top_p,
         stop_token_ids=stop,
         seed=cfg.seed,
+        # minutes of sampling at the defaults (256 prompts x k = 4 per task) showed nothing at all
+        progress="teacher samples" if cfg.sft.progress else False,
     )
     kept: list[tuple[Any, list[int], list[int]]] = []
     correct = 0

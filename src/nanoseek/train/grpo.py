@@ -877,9 +877,16 @@ def rollout_seeds(seed: int, step: int, n: int) -> list[int]:
     return [rng.getrandbits(63) for _ in range(n)]
 
 
-def _sample(cfg: GRPOConfig, engine, prompts: list[list[int]], stop: list[int], seeds: list[int]) -> list:
+def _sample(
+    cfg: GRPOConfig,
+    engine,
+    prompts: list[list[int]],
+    stop: list[int],
+    seeds: list[int],
+    progress: bool | str = False,
+) -> list:
     """Completions of every prompt (already repeated G times) at the rollout settings, prompt i
-    sampled with `seeds[i]`."""
+    sampled with `seeds[i]` (`progress`: a bar's label, as `engine_generate` takes it)."""
     from nanoseek.evaluate import engine_generate
 
     return engine_generate(
@@ -890,6 +897,7 @@ def _sample(cfg: GRPOConfig, engine, prompts: list[list[int]], stop: list[int], 
         top_p=cfg.top_p,
         stop_token_ids=stop,
         seeds=seeds,
+        progress=progress,
     )
 
 
@@ -912,7 +920,9 @@ def probe_pass_rates(
         for item in rng.sample(problems, min(cfg.probe_prompts, len(problems)))
     ]
     prompts = [chat_prompt_ids(tok, p.messages) for _, p in batch for _ in range(cfg.group_size)]
-    outs = _sample(cfg, engine, prompts, stop, rollout_seeds(cfg.seed, -1, len(prompts)))
+    # probe_prompts x G of every task before the first step's bar: several steps' rollouts, shown
+    label = "grpo probe" if cfg.progress else False
+    outs = _sample(cfg, engine, prompts, stop, rollout_seeds(cfg.seed, -1, len(prompts)), label)
     texts = [tok.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True) for o in outs]
     task_of = {id(prob): task for task, prob in batch}
     problems = [prob for _, prob in batch for _ in range(cfg.group_size)]

@@ -1118,8 +1118,10 @@ class StepLog:
         tensorboard: bool = False,
         progress: bool = True,
         resumed_from: int = 0,
+        desc: str | None = None,
     ) -> None:
         self.stage = stage
+        self.desc = desc or stage  # the bar's label
         self.total_steps = total_steps
         self.precision = precision
         self.flops_per_token = flops_per_token
@@ -1131,6 +1133,7 @@ class StepLog:
         self._progress = progress and is_main
         self._bar = None
         self._peak: float | None = None
+        self._peak_threads = 0  # torch's CPU threads when `_peak` was measured
         self._tb = None
         if tensorboard and is_main:
             require_tensorboard()
@@ -1192,15 +1195,19 @@ class StepLog:
 
     def _peak_flops(self, achieved: float = 0.0) -> float:
         """The machine's measured matmul peak; measured again if a step beat it (the first measurement
-        ran while other work shared the machine), keeping the highest, so MFU stays a fraction."""
-        if self._peak is None or achieved > self._peak:
+        ran while other work shared the machine), keeping the highest, so MFU stays a fraction. Measured
+        anew at another thread count: a CPU's peak is its threads' (the speedrun's teacher pretrains on
+        half of them, then takes back the student's: MFU went on against the half's peak)."""
+        threads = torch.get_num_threads()
+        if self._peak is None or achieved > self._peak or threads != self._peak_threads:
             from nanoseek.perf import matmul_peak_flops
 
             dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
             if self._peak is not None:
                 matmul_peak_flops.cache_clear()
             measured = matmul_peak_flops(dtype, self.device) * self.world_size
-            self._peak = max(self._peak or 0.0, measured, achieved)
+            kept = self._peak if threads == self._peak_threads else None
+            self._peak, self._peak_threads = max(kept or 0.0, measured, achieved), threads
         return self._peak
 
     def _update_bar(self, step: int, metrics: dict[str, Any]) -> None:
@@ -1208,7 +1215,7 @@ class StepLog:
             return
         if self._bar is None:
             self._bar = progress_bar(
-                total=self.total_steps, initial=step - 1, desc=self.stage, dynamic_ncols=True
+                total=self.total_steps, initial=step - 1, desc=self.desc, dynamic_ncols=True
             )
         self._bar.total = self.total_steps
         post = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tok_per_s']:.0f}"}

@@ -258,11 +258,14 @@ def _tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int, is_main: bool, d
         def counted() -> Iterator[str]:
             # streamed, not listed: --tokenizer-docs documents of a user's corpus may not fit in memory
             nonlocal read
-            for doc in progress_bar(
-                docs, total=cfg.tokenizer_docs, desc="tokenizer", unit="doc", disable=not cfg.progress
-            ):
-                read += 1
-                yield doc
+            with progress_bar(
+                total=cfg.tokenizer_docs, desc="tokenizer", unit="doc", disable=not cfg.progress
+            ) as bar:
+                for doc in docs:
+                    read += 1
+                    bar.update(1)
+                    yield doc
+                bar.total = read  # a corpus of fewer documents ends at 100%, not at 5000/20000 (25%)
 
         tok = train_tokenizer(counted(), vocab_size=vocab_size)
         if not read:

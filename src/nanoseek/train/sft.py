@@ -591,9 +591,16 @@ def train_on_examples(
             f"; {dropped} example{'s' * (dropped != 1)} dropped: "
             f"{'their prompts' if dropped != 1 else 'its prompt'} alone fill{'s' * (dropped == 1)} --seq-len"
         )
+    plan, desc = f"{total} steps of {cfg.batch_size} rows", stage
+    if cfg.max_seconds or deadline_fn is not None:
+        # the step count is a first estimate the deadline refits (`Trainer`): given as the run's length,
+        # a 15 s budget read "50 steps" and its bar an ETA of minutes, to end at 6 steps
+        budget = f"{cfg.max_seconds:.0f}s budget" if cfg.max_seconds else "deadline"
+        plan = f"a {budget}: {plan} at first, refitted to the pace measured"
+        desc = f"{stage} ({budget})"
     print(
         f"{stage}: {len(examples)} examples ({n_target} assistant tokens{cut}) packed into {len(rows)} rows "
-        f"of {cfg.seq_len}; {total} steps of {cfg.batch_size} rows"
+        f"of {cfg.seq_len}; {plan}"
     )
     if hasattr(model, "set_balance_alpha"):  # the sequence-wise balance loss α (V3 §4.2) kept through
         model.set_balance_alpha(model.config.aux_loss_alpha)  # fine-tuning: the one its config records
@@ -632,7 +639,9 @@ def train_on_examples(
     # refitted step count with it), as one run that was never stopped, not with a fresh budget.
     spent = float((trainer.resume() or {}).get("seconds_spent", 0.0)) if cfg.resume else 0.0
     # sft_loss is the main head's alone: the MTP modules do not run, so their FLOPs are not the step's
-    log = StepLog.for_trainer(trainer, seq_len=cfg.seq_len, include_mtp=False, progress=cfg.progress)
+    log = StepLog.for_trainer(
+        trainer, seq_len=cfg.seq_len, include_mtp=False, progress=cfg.progress, desc=desc
+    )
     # finished (every step ran, or its budget is spent: the deadline stopped it): its checkpoint stays as written
     out_of_time = bool(cfg.max_seconds) and spent >= cfg.max_seconds
     if cfg.resume and (trainer.global_step >= trainer.total_steps or out_of_time):
@@ -679,7 +688,8 @@ def train_on_examples(
                     trainer.save(budget_state())
             if trainer.global_step < trainer.total_steps and not trainer.stop_signal:
                 budget = f"of {cfg.max_seconds:.0f}s " if cfg.max_seconds else ""
-                print(
+                # through the bar (still open): printed, it ran on from the end of the bar's line
+                log.write(
                     f"{stage}: time budget {budget}spent at step {trainer.global_step}/{trainer.total_steps}"
                 )
             path = trainer.save(budget_state())
