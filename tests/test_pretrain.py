@@ -332,6 +332,26 @@ def test_a_resume_after_a_fresh_run_killed_before_its_first_save_is_refused(work
         pretrain(config(workdir, run, steps=4, val_every=0, resume=True))
 
 
+def test_a_fresh_run_stopped_before_its_first_step_leaves_the_earlier_run_to_resume(
+    workdir, tmp_path
+) -> None:
+    """The warning of a fresh run over an earlier checkpoint says: stop now and rerun with --resume.
+    Its start record was already written, so that resume was refused as a later run's, and the report
+    began the run at that start, dropping the earlier one's steps from its curve."""
+    import time
+
+    from nanoseek.metrics import MetricsLog
+    from nanoseek.report import current_records, latest_run
+
+    run = tmp_path / "run"
+    pretrain(config(workdir, run, steps=2, val_every=0))
+    time.sleep(0.01)
+    MetricsLog(run, "pretrain").log(0, event="start")  # a fresh run, stopped (Ctrl-C twice) before a step
+    pretrain(config(workdir, run, steps=3, val_every=0, resume=True))
+    records = current_records(latest_run(list(read_metrics(run, stage="pretrain"))))
+    assert [r["step"] for r in records if r.get("event") is None and "loss" in r] == [1, 2, 3]
+
+
 def test_val_fraction_0_on_a_file_corpus_trains_without_validation(workdir, tmp_path, capsys) -> None:
     # the hint of an empty train split ("or pass --val-fraction 0") must not lead to a crash
     text = tmp_path / "book.txt"

@@ -78,10 +78,14 @@ def latest_run(records: list[dict[str, Any]]) -> list[tuple[float | None, list[d
     again, begins the next process's part."""
     parts: list[tuple[float | None, list[dict[str, Any]]]] = [(None, [])]
     last: float | None = None  # the latest step logged
+    before = None  # the parts a start record set aside, while its run has logged no step
     for r in records:
         if r.get("event") == "start":
+            before = (parts, last)
             parts, last = [(None, [])], None
         elif r.get("event") == "resume" and _number(r.get("from_step")):
+            if before is not None:  # the start trained nothing (stopped at once): the earlier run goes on
+                parts, last = before
             parts.append((r["from_step"], []))
             last = r["from_step"]
         elif _training_step(r) and last is not None and r["step"] <= last:
@@ -89,8 +93,22 @@ def latest_run(records: list[dict[str, Any]]) -> list[tuple[float | None, list[d
             parts = [(None, [])] if r["step"] <= 1 else [*parts, (r["step"] - 1, [])]
         parts[-1][1].append(r)
         if _training_step(r):
-            last = r["step"]
+            last, before = r["step"], None
     return [p for p in parts if p[1]]
+
+
+def trained_starts(records: list[dict[str, Any]]) -> list[float]:
+    """The times of one stage's start records whose run logged a training step: a start stopped before
+    its first step (told it would replace an earlier checkpoint) leaves that run to be resumed."""
+    starts: list[float] = []
+    pending: float | None = None
+    for r in records:
+        if r.get("event") == "start" and _number(r.get("time")):
+            pending = r["time"]
+        elif _training_step(r) and pending is not None:
+            starts.append(pending)
+            pending = None
+    return starts
 
 
 def current_records(parts: list[tuple[float | None, list[dict[str, Any]]]]) -> list[dict[str, Any]]:

@@ -964,7 +964,8 @@ class Trainer:
             step = ""
         print(
             f"warning: {ckpt} holds an earlier run's checkpoint{step}; this {self.stage} trains from the start "
-            "and replaces it at its first save (stop it now and rerun with --resume to continue that one)"
+            "and replaces it at its first save. To continue that one instead, stop this one now with Ctrl-C "
+            "twice (once saves this run over it) and rerun with --resume"
         )
 
     def _check_latest_run(self, ckpt: Path, step: int) -> None:
@@ -972,15 +973,12 @@ class Trainer:
         afresh into RUN stopped (killed) before its first save, so the checkpoint is an earlier run's.
         Resumed, it went on as that earlier run under the later one's records (a curve of both)."""
         from nanoseek.metrics import read_metrics
+        from nanoseek.report import trained_starts
 
         saved_at = self._saved_meta(ckpt).get("saved_at")  # (checkpoints of an older nanoseek: not told)
         if not isinstance(saved_at, (int, float)):
             return
-        starts = [
-            r["time"]
-            for r in read_metrics(self.run_dir, self.stage)
-            if r.get("event") == "start" and isinstance(r.get("time"), (int, float))
-        ]
+        starts = trained_starts(list(read_metrics(self.run_dir, self.stage)))
         if starts and max(starts) > saved_at:
             raise ValueError(
                 f"cannot resume {ckpt}: it holds an earlier run's checkpoint (step {step}); the {self.stage} "
