@@ -2247,24 +2247,24 @@ def test_cli_serve_refuses_a_key_no_client_can_send(tmp_path, monkeypatch, capsy
 def test_serve_sampling_defaults_from_generation_config():
     """generation_config.json's sampling fields become the defaults (vLLM's `--generation-config auto`
     reads the same five); do_sample false is greedy; booleans and other fields are not sampling values."""
-    from nanoseek.commands.serve import _generation_defaults
+    from nanoseek.engine.sampling import generation_defaults
 
     cfg = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.05}
     cfg |= {"repetition_penalty": 1.1, "max_new_tokens": 100, "bos_token_id": 0}
-    assert _generation_defaults(cfg) == {
+    assert generation_defaults(cfg) == {
         "temperature": 0.6,
         "top_p": 0.95,
         "top_k": 20,
         "min_p": 0.05,
         "repetition_penalty": 1.1,
     }
-    assert _generation_defaults({"temperature": 0.7}) == {"temperature": 0.7}  # no do_sample: sampling
-    assert _generation_defaults({"do_sample": False, "temperature": 0.7}) == {"temperature": 0.0}
-    assert _generation_defaults({"temperature": True, "top_p": "0.9"}) == {}
+    assert generation_defaults({"temperature": 0.7}) == {"temperature": 0.7}  # no do_sample: sampling
+    assert generation_defaults({"do_sample": False, "temperature": 0.7}) == {"temperature": 0.0}
+    assert generation_defaults({"temperature": True, "top_p": "0.9"}) == {}
     # out of range: refused at start, naming the file, not as every request's 400 that left it out
     for bad in ({"temperature": -1}, {"top_p": 5}, {"top_k": -3}, {"min_p": float("nan")}):
         with pytest.raises(ValueError, match=r"ckpt/generation_config\.json: invalid SamplingParams"):
-            _generation_defaults(bad, "ckpt/generation_config.json")
+            generation_defaults(bad, "ckpt/generation_config.json")
 
 
 def test_serve_never_takes_a_port_another_server_listens_on_windows(monkeypatch):

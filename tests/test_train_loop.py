@@ -535,7 +535,7 @@ def test_checkpoint_samples_as_the_one_it_started_from(tmp_path) -> None:
     """A generation_config.json that names a temperature without do_sample is read as sampling with it
     (serve, generate, chat): the trained checkpoint's file added do_sample false, and it was served
     greedily. One that names no sampling setting is written greedy."""
-    from nanoseek.commands.serve import _generation_defaults
+    from nanoseek.engine.sampling import generation_defaults
     from nanoseek.tokenizer import load_tokenizer
     from serve_fakes import tiny_tokenizer
 
@@ -545,7 +545,7 @@ def test_checkpoint_samples_as_the_one_it_started_from(tmp_path) -> None:
         tok = load_tokenizer(tmp_path / "init")
         make_trainer(micro_model(), tmp_path, steps=1, tokenizer=tok).save()
         saved = load_tokenizer(tmp_path / "pretrain").generation_config
-        assert _generation_defaults(saved) == (_generation_defaults(shipped) or {"temperature": 0.0})
+        assert generation_defaults(saved) == (generation_defaults(shipped) or {"temperature": 0.0})
 
 
 def _saved_at_step_2(tmp_path, **kw) -> dict[str, bytes]:

@@ -305,8 +305,8 @@ class CheckpointSampler:
 
     def __init__(self, cfg: EvalConfig, samples: int | None = None) -> None:
         from nanoseek.checkpoint import load_model, resolve_checkpoint
-        from nanoseek.commands.serve import _generation_defaults
         from nanoseek.engine import Engine
+        from nanoseek.engine.sampling import generation_defaults
         from nanoseek.perf import default_device
         from nanoseek.tokenizer import checkpoint_tokenizer
 
@@ -317,7 +317,7 @@ class CheckpointSampler:
         # top_k 20, repetition_penalty 1.05): `nanoseek serve` (and vLLM) sample with them, so the same
         # model scored through its server and here drew differently (temperature and top_p are eval's own)
         given = {k: v for k, v in self.tok.generation_config.items() if k not in ("temperature", "top_p")}
-        self.sampling = _generation_defaults(given, self.path / "generation_config.json")
+        self.sampling = generation_defaults(given, self.path / "generation_config.json")
         self.sampling.pop("temperature", None)  # do_sample false: greedy, where eval's --temperature rules
         model = load_model(self.path, dtype=cfg.dtype, device=default_device()).eval()
         self.dtype = str(model.dtype).removeprefix("torch.")  # what "auto" picked, for the report

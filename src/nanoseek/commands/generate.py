@@ -16,7 +16,7 @@ from typing import Any
 def add_generation_flags(
     p: argparse.ArgumentParser, max_new_tokens: int = 256, temperature: float = 0.0
 ) -> None:
-    from nanoseek.commands.serve import GENERATION_SAMPLING_FIELDS
+    from nanoseek.engine.sampling import GENERATION_SAMPLING_FIELDS
     from nanoseek.options import add_options, defer
     from nanoseek.perf import AUTO_DTYPE_HELP, DTYPE_CHOICES
 
@@ -92,7 +92,7 @@ def file_sampling_defaults(
     """The sampling values the checkpoint's `generation_config` (read from `source`) gives the flags left
     out, read as `serve` reads them for a request; a bad value in the file is refused only where its flag
     is left out (a flag given is the user's fix for it)."""
-    from nanoseek.commands.serve import GENERATION_SAMPLING_FIELDS, _generation_defaults
+    from nanoseek.engine.sampling import GENERATION_SAMPLING_FIELDS, generation_defaults
 
     left_out = {k for k in getattr(args, "sampling_fallbacks", {}) if getattr(args, k) is None}
     cfg = {
@@ -100,7 +100,7 @@ def file_sampling_defaults(
         for k, v in (generation_config or {}).items()
         if k in left_out or k not in GENERATION_SAMPLING_FIELDS
     }
-    return {k: v for k, v in _generation_defaults(cfg, source).items() if k in left_out}
+    return {k: v for k, v in generation_defaults(cfg, source).items() if k in left_out}
 
 
 def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tuple[Any, Any, Any]:

@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.checkpoint import resolve_checkpoint
     from nanoseek.commands.generate import colors_refused
     from nanoseek.engine import Engine
+    from nanoseek.engine.sampling import generation_defaults
     from nanoseek.perf import default_device
     from nanoseek.serve import ServeConfig, create_app
     from nanoseek.tokenizer import checkpoint_tokenizer
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         ready_s = time.perf_counter() - t0
         # A Hub name names the model better than its snapshot directory (a commit hash) would.
         name = args.model_name or (directory.resolve().name if Path(args.model).exists() else args.model)
-        defaults = _generation_defaults(tokenizer.generation_config, directory / "generation_config.json")
+        defaults = generation_defaults(tokenizer.generation_config, directory / "generation_config.json")
         app = create_app(
             engine,
             tokenizer,
@@ -259,27 +260,3 @@ def _server(config: Any) -> Any:
                 )
 
     return Server(config)
-
-
-# the sampling fields of a checkpoint's generation_config.json that nanoseek reads (`_generation_defaults`)
-GENERATION_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-def _generation_defaults(cfg: dict, source: Any = "generation_config.json") -> dict[str, float]:
-    """Sampling fields of the checkpoint's generation_config.json (`source`, read with its tokenizer)
-    that requests may leave out; one out of range (a hand edit: top_p 5, temperature -1) is refused
-    here, where it failed every request that left the field out as that request's own error."""
-    from nanoseek.engine import SamplingParams
-
-    if not cfg.get("do_sample", True):
-        return {"temperature": 0.0}
-    defaults = {
-        k: cfg[k]
-        for k in GENERATION_SAMPLING_FIELDS
-        if isinstance(cfg.get(k), int | float) and not isinstance(cfg.get(k), bool)
-    }
-    try:
-        SamplingParams(**defaults).validate()
-    except ValueError as e:
-        raise ValueError(f"{source}: {e} (a sampling default for requests that leave it out)") from None
-    return defaults

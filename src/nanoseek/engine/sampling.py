@@ -285,3 +285,25 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]) -
         )
         out.append(TokenLogprob(token_id=t, logprob=chosen[i], top=alts))
     return out
+
+
+# the sampling fields of a checkpoint's generation_config.json that nanoseek reads (`generation_defaults`)
+GENERATION_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(cfg: dict, source: object = "generation_config.json") -> dict[str, float]:
+    """Sampling fields of the checkpoint's generation_config.json (`source`, read with its tokenizer)
+    that requests may leave out; one out of range (a hand edit: top_p 5, temperature -1) is refused
+    here, where it failed every request that left the field out as that request's own error."""
+    if not cfg.get("do_sample", True):
+        return {"temperature": 0.0}
+    defaults = {
+        k: cfg[k]
+        for k in GENERATION_SAMPLING_FIELDS
+        if isinstance(cfg.get(k), int | float) and not isinstance(cfg.get(k), bool)
+    }
+    try:
+        SamplingParams(**defaults).validate()
+    except ValueError as e:
+        raise ValueError(f"{source}: {e} (a sampling default for requests that leave it out)") from None
+    return defaults

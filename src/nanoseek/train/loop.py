@@ -889,7 +889,7 @@ class Trainer:
 
     def _write_generation_config(self, directory: Path) -> None:
         cfg = self.config
-        from nanoseek.commands.serve import GENERATION_SAMPLING_FIELDS
+        from nanoseek.engine.sampling import GENERATION_SAMPLING_FIELDS
 
         # what the starting checkpoint shipped (Qwen2.5's temperature 0.7, top_p 0.8, ...) stays, as
         # transformers' Trainer keeps a model's generation_config; greedy where it said nothing. Not
