@@ -1118,6 +1118,35 @@ def test_reasoning_gym_split_ignores_the_difficulty_it_was_drawn_at():
     assert len(keys) == 1
 
 
+def test_reasoning_gym_puzzle_with_several_solutions_is_on_one_side():
+    """puzzle24's gold answer is one solution drawn at random: in the split key, the same four numbers
+    drawn twice were two problems, and 25 of 64 held-out puzzles were in a 2,048-problem training pool."""
+    from nanoseek.data.tasks.adapters import _rg_canonical
+
+    entry = {
+        "question": "Make 24 using 1, 2, 3, 4.",
+        "metadata": {"source_dataset": "puzzle24", "numbers": [1, 2, 3, 4]},
+    }
+    keys = {_rg_canonical({**entry, "answer": a}) for a in ("1*2*3*4", "(1+2+3)*4")}
+    assert len(keys) == 1
+
+
+def test_reasoning_gym_puzzle_drawn_again_is_on_one_side():
+    """kakurasu numbers its draws "source_idx" (not "source_index"): one puzzle drawn twice was two
+    problems, each on its own side of the split."""
+    import reasoning_gym
+
+    from nanoseek.data.tasks.adapters import _rg_canonical
+
+    # reasoning-gym draws item i of seed s from Random(s + i): the same puzzle, another index
+    a, b = (
+        reasoning_gym.create_dataset("kakurasu", seed=1, size=2)[1],
+        reasoning_gym.create_dataset("kakurasu", seed=2, size=1)[0],
+    )
+    assert a["question"] == b["question"] and a["metadata"]["source_idx"] != b["metadata"]["source_idx"]
+    assert _rg_canonical(a) == _rg_canonical(b)
+
+
 def test_reasoning_gym_problems_come_from_the_split_asked_for():
     from nanoseek.data.tasks.adapters import _rg_canonical
 
@@ -1141,6 +1170,43 @@ def test_reasoning_gym_seed_draws_other_problems():
     task = get_task("rg:basic_arithmetic")
     ids = [{p.id for p in task.problems("train", 8, seed=s)} for s in (0, 0, 1)]
     assert ids[0] == ids[1] and ids[0] != ids[2]
+
+
+def test_reasoning_gym_right_answer_in_a_box_or_with_a_full_stop_scores():
+    """Most reasoning-gym scorers compare the text exactly: a right `\\boxed{42}` or `42.` scored 0 where
+    the built-in tasks read through that markup."""
+    for name in ("basic_arithmetic", "letter_counting", "word_sorting"):
+        task = get_task(f"rg:{name}")
+        p = task.problems("test", 1, seed=0)[0]
+        for written in (f"\\boxed{{{p.answer}}}", f"{p.answer}.", f"${p.answer}$", f" {p.answer} "):
+            assert task.score(p, f"t</think>{written}") == 1.0, (name, written)
+        assert task.score(p, "t</think>\\boxed{not it}") == 0.0
+
+
+def test_reasoning_gym_dataset_without_a_gold_answer_is_scored_by_its_own_scorer():
+    """graph_color checks a coloring against the graph (no single gold answer): every problem was
+    skipped as "unparseable gold", so eval refused the task and GRPO learned nothing."""
+    task = get_task("rg:graph_color")
+    p = task.problems("train", 1, seed=0)[0]
+    coloring = {str(k): v for k, v in p.meta["entry"]["metadata"]["possible_answer"].items()}
+    assert task.verify(p, f"t</think>{json.dumps(coloring)}") == 1.0
+    assert task.verify(p, "t</think>{}") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ("rg:basic_arithmetc", "did you mean rg:basic_arithmetic"),
+        ("rg:chain_sum?bogus=1", "no option 'bogus' (it takes: partial, min_terms,"),
+        ("rg:letter_counting?size=5", "size is not a task option"),
+        ("rg:letter_counting?seed=3", "seed is not a task option"),
+    ],
+)
+def test_reasoning_gym_bad_dataset_or_option_is_named(spec, says):
+    """A misspelled dataset was "not registered" without the names near it, a bad option reasoning-gym's
+    "__init__() got an unexpected keyword", `size`/`seed` "got multiple values for keyword 'size'"."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        get_task(spec)
 
 
 def test_jsonl_problems_of_one_language_count_only_that_language(tmp_path):

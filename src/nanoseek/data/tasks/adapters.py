@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import difflib
 import gzip
 import hashlib
 import json
@@ -22,6 +23,7 @@ from nanoseek.data.tasks.answers import (
     check_numeric,
     extract_answer,
     parse_number,
+    unwrap_answer,
 )
 from nanoseek.data.tasks.base import (
     HELDOUT_EVERY,
@@ -43,15 +45,29 @@ from nanoseek.tokenizer import THINK_END, THINK_START
 # ----------------------------------------------------------------------------------------------------
 
 
+# Datasets whose gold answer is one solution of several, drawn at random (the scorer takes any): the answer,
+# and the metadata fields that repeat it, are left out of the split key (puzzle24's same four numbers drawn
+# twice were two problems, on either side: 25 of 64 held-out puzzles were in a 2,048-problem training pool).
+_RG_SAMPLED_SOLUTION: dict[str, tuple[str, ...]] = {
+    "puzzle24": (),
+    "countdown": ("expression",),
+    "n_queens": (),
+}
+
+
 def _rg_canonical(entry: dict) -> str:
     """What identifies a reasoning-gym problem for the split: its metadata (the generator's parameters:
     ``{'animals': {'dog': 2, 'giraffe': 1}}``, key order ignored) without the per-draw bookkeeping, so one
     problem worded or ordered another way ("1 giraffe, 2 dogs" / "2 dogs, 1 giraffe") lands on the same
     side; the question text when the dataset gives no metadata."""
+    # (kakurasu and survo number their draws "source_idx": in the key, each draw of one puzzle was another
+    # problem, and a 4x4 puzzle drawn again landed on either side)
+    metadata = entry.get("metadata") or {}
+    sampled = _RG_SAMPLED_SOLUTION.get(metadata.get("source_dataset", ""))
     meta = {
         k: v
-        for k, v in (entry.get("metadata") or {}).items()
-        if k not in ("source_index", "source_dataset", "difficulty")
+        for k, v in metadata.items()
+        if k not in ("source_index", "source_idx", "source_dataset", "difficulty", *(sampled or ()))
     }
     if not meta:
         return entry["question"]
@@ -63,7 +79,8 @@ def _rg_canonical(entry: dict) -> str:
             return [canon(v) for v in x]
         return x
 
-    return json.dumps(canon(meta), sort_keys=True, default=str) + "|" + str(entry.get("answer"))
+    key = json.dumps(canon(meta), sort_keys=True, default=str)
+    return key if sampled is not None else key + "|" + str(entry.get("answer"))
 
 
 def _rg_options(dataset: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -73,9 +90,24 @@ def _rg_options(dataset: str, config: dict[str, Any]) -> dict[str, Any]:
 
     from reasoning_gym.factory import DATASETS
 
-    if dataset not in DATASETS:
-        return config
+    if dataset not in DATASETS:  # (reasoning-gym said only "not registered", for a typo too)
+        close = difflib.get_close_matches(dataset, list(DATASETS), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(f'rg:{c}' for c in close)}?" if close else ""
+        raise ValueError(f"unknown reasoning-gym dataset {dataset!r}{hint} (reasoning_gym.factory.DATASETS)")
     fields = {f.name: f for f in dataclasses.fields(DATASETS[dataset][1])}
+    # the dataset's seed and size are the adapter's: it draws fresh problems, as many as asked (--n,
+    # --train-pool), from --seed (given here, reasoning-gym said "got multiple values for keyword 'size'")
+    takes = ["partial", *(name for name in fields if name not in ("seed", "size"))]
+    for k in config:
+        if k in ("seed", "size"):
+            raise ValueError(
+                f"rg:{dataset}: {k} is not a task option: nanoseek draws as many problems as asked "
+                "(eval --n, grpo --train-pool) from the run's --seed"
+            )
+        if k not in takes:  # (reasoning-gym's error named its config class's __init__)
+            raise ValueError(
+                f"bad options for task 'rg:{dataset}': no option {k!r} (it takes: {', '.join(takes)})"
+            )
     out = dict(config)
     for k, v in config.items():
         f = fields.get(k)
@@ -103,9 +135,9 @@ def _rg_options(dataset: str, config: dict[str, Any]) -> dict[str, Any]:
 class ReasoningGymTask(Task):
     """Any reasoning-gym dataset (``rg:<name>``), scored by the dataset's own ``score_answer``.
 
-    reasoning-gym's scorers give partial credit (its default gives 0.01-0.05 for a wrong but present
-    answer, countdown scores near misses); this adapter returns 1.0 only when the scorer says 1.0,
-    unless ``partial=True``. Prompts are English only.
+    reasoning-gym's scorers give partial credit (its default pays an answer that contains the oracle,
+    countdown scores near misses); this adapter returns 1.0 only when the scorer says 1.0, unless
+    ``partial=True``. Prompts are English only.
     """
 
     languages = ("en",)
@@ -154,16 +186,29 @@ class ReasoningGymTask(Task):
             chunk += 1
 
     def verify(self, problem: Problem, completion: str, require_think: bool = False) -> float | None:
+        from reasoning_gym.dataset import ProceduralDataset
+
         entry = problem.meta.get("entry")
-        if entry is None or entry.get("answer") is None:
+        if entry is None:
+            return None
+        # no gold: the default scorer compares with none; a dataset's own (graph_color, propositional_logic,
+        # rush_hour) checks the answer against the problem itself (skipped, its every problem was
+        # "unparseable gold")
+        if entry.get("answer") is None and type(self._scorer).score_answer is ProceduralDataset.score_answer:
             return None
         answer = extract_answer(completion, require_think)
         if answer is None:
             return 0.0
-        try:
-            s = float(self._scorer.score_answer(answer, entry))
-        except Exception:
-            return 0.0
+        # the answer as written, or without the markup the built-in verifiers read through (\boxed{},
+        # $...$, a closing full stop), whichever scores higher: most scorers compare the text exactly, so
+        # a right `\boxed{42}` or `42.` scored 0 (a gold answer that ends in a full stop still matches)
+        scores = []
+        for candidate in dict.fromkeys((answer, unwrap_answer(answer))):
+            try:
+                scores.append(float(self._scorer.score_answer(candidate, entry)))
+            except Exception:
+                scores.append(0.0)
+        s = max(scores)
         if self.partial:
             return min(max(s, 0.0), 1.0)
         return 1.0 if s >= 1.0 - 1e-9 else 0.0
