@@ -16,14 +16,15 @@ from typing import Any
 def add_generation_flags(
     p: argparse.ArgumentParser, max_new_tokens: int = 256, temperature: float = 0.0
 ) -> None:
-    from nanoseek.engine.sampling import GENERATION_SAMPLING_FIELDS
     from nanoseek.options import add_options, defer
     from nanoseek.perf import AUTO_DTYPE_HELP, DTYPE_CHOICES
 
     g = p.add_argument_group("generation")
 
     def sampling_flags(_: argparse.ArgumentParser) -> None:
+        # imported here, when the command is parsed: nanoseek.engine loads torch (`options.defer`)
         from nanoseek.engine import SamplingParams
+        from nanoseek.engine.sampling import GENERATION_SAMPLING_FIELDS
 
         defaults = {"max_new_tokens": max_new_tokens, "temperature": temperature}
         add_options(g, SamplingParams, defaults=defaults)
