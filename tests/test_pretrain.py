@@ -358,7 +358,9 @@ def test_val_fraction_0_on_a_file_corpus_trains_without_validation(workdir, tmp_
     text.write_text("\n<|endoftext|>\n".join(f"story {i}: the cat sat on the mat." for i in range(40)))
     run = tmp_path / "run"
     pretrain(config(workdir, run, data=[str(text)], val_fraction=0.0, steps=2, val_every=1))
-    assert "no validation (--val-fraction 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no validation (--val-fraction 0" in out
+    assert f") on {text}, 2 steps" in out  # --data named as given, not as a Python list
     assert not [r for r in read_metrics(run, stage="pretrain") if r.get("val_loss") is not None]
     with pytest.raises(ValueError, match="--val-fraction"):  # before a tokenizer is trained
         pretrain(config(workdir, tmp_path / "bad", data=[str(text)], tokenizer=None, val_fraction=1.0))

@@ -425,7 +425,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
         on_cpu = f" x {threads} CPU thread{'s' if threads > 1 else ''}" if dist.device.type == "cpu" else ""
         print(
             f"pretrain: {cfg.preset} ({count_parameters(config).described}, vocab {config.vocab_size}) on "
-            f"{cfg.data or 'embedded'}, {cfg.steps} steps x {cfg.batch_size}x{cfg.seq_len} tokens"
+            f"{', '.join([cfg.data] if isinstance(cfg.data, str) else cfg.data or ['embedded'])}, {cfg.steps} steps x {cfg.batch_size}x{cfg.seq_len} tokens"
             f"{f' x {cfg.accumulation} micro' if cfg.accumulation > 1 else ''}, {precision}, "
             f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}{on_cpu}"
         )
