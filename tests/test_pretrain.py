@@ -305,6 +305,20 @@ def test_a_second_run_into_an_out_in_training_is_refused(workdir, tmp_path) -> N
     assert (run / "pretrain" / "model.safetensors").exists()
 
 
+def test_an_out_on_a_file_system_without_locks_trains(workdir, tmp_path, monkeypatch) -> None:
+    """A file system that does not lock (ENOLCK: some NFS and FUSE mounts) was read as a lock held: every
+    run was refused as "in use by a running pretrain (another process)", with none running."""
+    import errno
+    import fcntl
+
+    def no_locks(*args) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    pretrain(config(workdir, tmp_path / "run", steps=1, val_every=0))
+    assert (tmp_path / "run" / "pretrain" / "model.safetensors").exists()
+
+
 def test_a_fresh_run_over_an_earlier_ones_checkpoint_says_it_replaces_it(workdir, tmp_path, capsys) -> None:
     """A rerun without --resume (after a crash, by mistake) replaced the earlier run's checkpoint at its
     first save without a word: it says so at its start, while there is time to stop it."""
@@ -350,6 +364,31 @@ def test_a_fresh_run_stopped_before_its_first_step_leaves_the_earlier_run_to_res
     pretrain(config(workdir, run, steps=3, val_every=0, resume=True))
     records = current_records(latest_run(list(read_metrics(run, stage="pretrain"))))
     assert [r["step"] for r in records if r.get("event") is None and "loss" in r] == [1, 2, 3]
+
+
+def test_the_run_resumed_after_fresh_starts_that_trained_nothing_resumes_again(workdir, tmp_path) -> None:
+    """Two fresh runs stopped before their first step, then the earlier run resumed and killed before
+    its next save: its next --resume was refused as a later run's (the resumed run's steps were counted
+    as the void start's), and the report lost the earlier run's curve (the second void start set aside
+    the first one's empty run)."""
+    import time
+
+    from nanoseek.metrics import MetricsLog
+    from nanoseek.report import current_records, latest_run
+
+    def killed(step: int) -> None:
+        raise KeyboardInterrupt  # a kill: no save on the way out
+
+    run = tmp_path / "run"
+    pretrain(config(workdir, run, steps=2, val_every=0))
+    time.sleep(0.01)
+    for _ in range(2):  # fresh runs, stopped (Ctrl-C twice) before a step
+        MetricsLog(run, "pretrain").log(0, event="start")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config(workdir, run, steps=4, val_every=0, resume=True), on_step=killed)
+    pretrain(config(workdir, run, steps=4, val_every=0, resume=True))
+    records = current_records(latest_run(list(read_metrics(run, stage="pretrain"))))
+    assert [r["step"] for r in records if r.get("event") is None and "loss" in r] == [1, 2, 3, 4]
 
 
 def test_val_fraction_0_on_a_file_corpus_trains_without_validation(workdir, tmp_path, capsys) -> None:
@@ -744,6 +783,21 @@ def test_tensorboard_of_a_fresh_run_is_not_drawn_over_an_earlier_one(workdir, tm
     events = _tensorboard_events(run)
     assert [e.step for e in events.Scalars("pretrain/loss")] == [1, 2]
     assert "pretrain/val_loss" not in events.Tags()["scalars"]  # the earlier run's alone
+
+
+def test_tensorboard_of_a_fresh_run_stopped_before_its_first_step_keeps_the_earlier_run(
+    workdir, tmp_path
+) -> None:
+    """A fresh run's warning says: stop it now and rerun with --resume to continue the earlier run. Its
+    TensorBoard log had deleted that run's event files already: the resumed run drew its new steps only."""
+    pytest.importorskip("tensorboard")
+    from nanoseek.train.loop import StepLog
+
+    run = tmp_path / "run"
+    pretrain(config(workdir, run, steps=3, val_every=0, tensorboard=True))
+    StepLog(run, "pretrain", 5, tensorboard=True, progress=False).close()  # stopped before a step
+    pretrain(config(workdir, run, steps=4, val_every=0, tensorboard=True, resume=True))
+    assert [e.step for e in _tensorboard_events(run).Scalars("pretrain/loss")] == [1, 2, 3, 4]
 
 
 def test_validation_loss_is_the_mean_over_every_target_of_the_set(workdir, tmp_path, monkeypatch) -> None:

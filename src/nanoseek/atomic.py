@@ -162,9 +162,13 @@ def exclusive(lock: str | os.PathLike, refusal: str) -> Iterator[None]:
     with open(lock, "a+", encoding="utf-8") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held
             f.seek(0)
             raise ValueError(refusal.format(holder=f.read().strip() or "another process")) from None
+        except OSError:
+            # a file system without locks (ENOLCK, EOPNOTSUPP: some NFS and FUSE mounts): unlocked, as
+            # without fcntl; read as held, every run there was refused with none running
+            pass
         f.truncate(0)
         f.write(f"pid {os.getpid()}")
         f.flush()

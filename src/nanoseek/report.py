@@ -81,7 +81,8 @@ def latest_run(records: list[dict[str, Any]]) -> list[tuple[float | None, list[d
     before = None  # the parts a start record set aside, while its run has logged no step
     for r in records:
         if r.get("event") == "start":
-            before = (parts, last)
+            if before is None:  # (a second start that trained nothing keeps the run the first set aside)
+                before = (parts, last)
             parts, last = [(None, [])], None
         elif r.get("event") == "resume" and _number(r.get("from_step")):
             if before is not None:  # the start trained nothing (stopped at once): the earlier run goes on
@@ -105,6 +106,8 @@ def trained_starts(records: list[dict[str, Any]]) -> list[float]:
     for r in records:
         if r.get("event") == "start" and _number(r.get("time")):
             pending = r["time"]
+        elif r.get("event") == "resume":
+            pending = None  # the steps after it are the resumed run's, not the start's (it trained nothing)
         elif _training_step(r) and pending is not None:
             starts.append(pending)
             pending = None

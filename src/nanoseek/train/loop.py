@@ -1133,6 +1133,7 @@ class StepLog:
         self._peak: float | None = None
         self._peak_threads = 0  # torch's CPU threads when `_peak` was measured
         self._tb = None
+        self._replaced: list[Path] = []  # an earlier run's TensorBoard events, deleted at the first step
         if tensorboard and is_main:
             require_tensorboard()
             from torch.utils.tensorboard import SummaryWriter
@@ -1140,9 +1141,10 @@ class StepLog:
             folder = Path(run_dir) / "tensorboard" / stage
             if not resumed_from:
                 # a fresh start replaces the stage's earlier run (as its checkpoint): TensorBoard read
-                # that run's event files with this one's, two curves drawn over each other as one
-                for old in folder.glob("events.out.tfevents.*"):
-                    old.unlink()
+                # that run's event files with this one's, two curves drawn over each other as one. They
+                # go at its first step, as the checkpoint at its first save: one stopped before it (as
+                # `note_replacing` advises, to --resume the earlier run) left that run without its curves
+                self._replaced = list(folder.glob("events.out.tfevents.*"))
             # resumed: the steps the stopped run logged after its checkpoint are logged again; purged
             # from the view, not drawn twice (a zig-zag back to the checkpoint's step)
             self._tb = SummaryWriter(str(folder), purge_step=resumed_from + 1 if resumed_from else None)
@@ -1172,6 +1174,9 @@ class StepLog:
         """Record one `Trainer.step`'s metrics (throughput and MFU added); `total_steps` refits the bar."""
         metrics = dict(metrics)
         step = metrics.pop("step")
+        for old in self._replaced:
+            old.unlink(missing_ok=True)
+        self._replaced = []
         if total_steps is not None:
             self.total_steps = total_steps
         loads = metrics.pop("expert_load", None)
