@@ -863,7 +863,8 @@ class Trainer:
             else:
                 note = (
                     f"; the checkpoint of step {self.global_step} was written to {rescue} instead: move it "
-                    f"to OUT/{self.stage} on a disk that takes writes and --resume with --out OUT"
+                    f"to {self.checkpoint_dir.name}/ in a copy of {self.run_dir} on a disk that takes writes and "
+                    "resume there (--resume --out COPY; a speedrun resumes its stages by itself)"
                 )
         if error.errno is None:  # (a writer's bare OSError("...") has only its message)
             rescued = OSError(f"{error}{note}")
