@@ -94,8 +94,6 @@ def test_reasoning_given_twice_is_one_think_block_and_an_unclosed_one_is_refused
     """A message with reasoning_content whose content also holds it (an export that wrote it back) was
     trained as two think blocks in a row, by R1's template and by one that renders reasoning_content;
     a reply cut off inside its reasoning was trained to end its turn with the block still open."""
-    from model_configs import chatml_tokenizer
-    from nanoseek.tokenizer import load_tokenizer
 
     tok = CharTokenizer()
     q = {"role": "user", "content": "q"}
@@ -111,15 +109,7 @@ def test_reasoning_given_twice_is_one_think_block_and_an_unclosed_one_is_refused
         tokenize_conversation(tok, [q, cut])
     # as history (weight 0) it is the client's text, not a target
     assert tokenize_conversation(tok, [q, {**cut, "weight": 0}, q, {"role": "assistant", "content": "4"}])
-    chatml_tokenizer(tmp_path)  # with a template that renders reasoning_content itself (Qwen3's)
-    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    config["chat_template"] = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.get('reasoning_content') %}"
-        "<think>\n{{ m['reasoning_content'] }}\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    qwen = load_tokenizer(tmp_path)
+    qwen = _reasoning_rendering_tokenizer(tmp_path)  # a template that renders reasoning_content (Qwen3's)
     twice = {"role": "assistant", "content": "<think>\n2+2\n</think>\n\n4", "reasoning_content": "2+2"}
     ((_, labels),) = tokenize_conversation(qwen, [q, twice])
     assert qwen.decode([t for t in labels if t != IGNORE]) == "<think>\n2+2\n</think>\n\n4<|im_end|>"
@@ -828,12 +818,9 @@ def test_another_familys_template_is_trained_as_it_renders(tmp_path) -> None:
     assert trained2 == "<think>\n3+3=6\n</think>\n6<|im_end|>"
 
 
-def test_history_reasoning_is_left_out_of_the_prompt_as_serve_does(tmp_path) -> None:
-    # serve drops reasoning_content from the messages it renders; a template that renders it (Qwen3's)
-    # was given it in SFT's prompts: trained on a history the server never shows
+def _reasoning_rendering_tokenizer(tmp_path):
+    """A ChatML tokenizer whose template renders an assistant's reasoning_content itself (Qwen3's)."""
     from model_configs import chatml_tokenizer
-    from nanoseek.serve.app import Server
-    from nanoseek.serve.protocol import ChatCompletionRequest
     from nanoseek.tokenizer import load_tokenizer
 
     chatml_tokenizer(tmp_path)
@@ -844,7 +831,16 @@ def test_history_reasoning_is_left_out_of_the_prompt_as_serve_does(tmp_path) -> 
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    tok = load_tokenizer(tmp_path)
+    return load_tokenizer(tmp_path)
+
+
+def test_history_reasoning_is_left_out_of_the_prompt_as_serve_does(tmp_path) -> None:
+    # serve drops reasoning_content from the messages it renders; a template that renders it (Qwen3's)
+    # was given it in SFT's prompts: trained on a history the server never shows
+    from nanoseek.serve.app import Server
+    from nanoseek.serve.protocol import ChatCompletionRequest
+
+    tok = _reasoning_rendering_tokenizer(tmp_path)
     msgs = [
         {"role": "user", "content": "2+2?"},
         {"role": "assistant", "content": "4", "reasoning_content": "2+2=4"},
