@@ -473,3 +473,16 @@ def test_result_fields_stdout_with_tests_and_undecodable_output():
     assert r.timed_out and r.returncode is None and r.signal is None
     r = run_python("while True:\n    pass", timeout=10, cpu_seconds=1)
     assert r.timed_out and not r.ok and r.signal == "SIGXCPU" and r.duration < 8
+
+
+def test_preloaded_module_is_imported_before_the_hook():
+    """reasoning-gym's scorers need sympy, which loads ctypes: refused under the hook, so the scorer
+    child imports it first; what the untrusted code then does with ctypes is still refused."""
+    r = run_python("import ctypes\nprint('loaded')", config=FAST)
+    assert not r.ok and "ctypes.dlopen is not allowed" in r.stderr
+    r = run_python(
+        "import ctypes\nprint('loaded')\nctypes.pythonapi.Py_IsInitialized()",
+        config=FAST,
+        preload=("ctypes",),
+    )
+    assert r.stdout == "loaded\n" and "sandbox: ctypes.dlsym is not allowed" in _last_err(r)

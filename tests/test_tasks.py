@@ -1106,6 +1106,36 @@ def test_reasoning_gym_verdicts_for_no_answer_a_near_miss_and_a_scorer_error(mon
     assert task.verify(p, f"t</think>{p.answer}") == 0.0
 
 
+def test_reasoning_gym_answer_is_scored_in_the_sandbox_not_run_in_the_trainer(tmp_path):
+    """binary_matrix's scorer eval()s the answer: `__import__('os').system(...)` ran a shell command in
+    the trainer and `exit()` raised SystemExit out of verify. Now one sandboxed child scores the batch."""
+    from nanoseek.data.rewards import score_pairs
+
+    task = get_task("rg:binary_matrix")
+    p, q = task.problems("train", 2, seed=0)
+    marker = tmp_path / "ran"
+    answers = [p.answer, f"__import__('os').system('touch {marker}')", "exit()", q.answer, "[[0]]"]
+    problems = [p, p, p, q, q]
+    got = score_pairs(
+        lambda prob, text: task.verify(prob, text), problems, [f"t</think>{a}" for a in answers]
+    )
+    assert got == [1.0, 0.0, 0.0, 1.0, 0.0] and not marker.exists()
+    assert task.verify(q, f"t</think>{q.answer}") == 1.0  # a single answer, outside any batch
+    # string comparisons stay in this process: reasoning-gym's default scorer and the allow-listed ones
+    assert get_task("rg:leg_counting")._in_process() and get_task("rg:chain_sum")._in_process()
+    assert not task._in_process()
+
+
+def test_reasoning_gym_answer_that_hangs_its_scorer_scores_zero_and_the_rest_are_scored():
+    """countdown's scorer hands the answer to sympy, which computes `9**9**9**9`: GRPO hung on it."""
+    from nanoseek.data.rewards import score_pairs
+
+    task = get_task("rg:countdown")
+    p = task.problems("train", 1, seed=0)[0]
+    texts = [f"t</think>{a}" for a in ("9**9**9**9", p.answer)]  # one child: the hang, then a right one
+    assert score_pairs(lambda prob, text: task.verify(prob, text), [p, p], texts) == [0.0, 1.0]
+
+
 def test_reasoning_gym_split_ignores_the_difficulty_it_was_drawn_at():
     """The same problem drawn under another config (difficulty, draw index) is on the same side."""
     from nanoseek.data.tasks.adapters import _rg_canonical

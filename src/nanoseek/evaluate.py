@@ -128,8 +128,14 @@ def score_samples(
     """
     if len(problems) != len(samples):
         raise ValueError(f"{len(problems)} problems but {len(samples)} sample lists")
-    from nanoseek.data.tasks import extract_answer
+    from nanoseek.data.tasks import extract_answer, prescore
     from nanoseek.data.tasks.answers import answer_key
+
+    # reasoning-gym answers: all scored in one sandboxed child, not one per reward call below
+    prescore(
+        [p for p, outs in zip(problems, samples, strict=True) for _ in outs],
+        [s.text for outs in samples for s in outs],
+    )
 
     extract = getattr(task, "extract_answer", None) or (
         lambda t: extract_answer(t, require_think=require_think)

@@ -131,7 +131,7 @@ def greedy_accuracy(
     """Share of `n_per_task` held-out problems per task that greedy decoding answers correctly.
 
     `engine`: decode with this one (e.g. a speculative engine whose stats the caller reads after)."""
-    from nanoseek.data.tasks import get_task
+    from nanoseek.data.tasks import get_task, prescore
     from nanoseek.engine import Engine
     from nanoseek.evaluate import chat_prompt_ids, engine_generate, strip_stop
 
@@ -149,8 +149,9 @@ def greedy_accuracy(
             stop_token_ids=stop,
         )
         correct = 0.0
-        for p, r in zip(problems, results, strict=True):
-            text = tokenizer.decode(strip_stop(r.token_ids, stop), skip_special_tokens=True)
+        texts = [tokenizer.decode(strip_stop(r.token_ids, stop), skip_special_tokens=True) for r in results]
+        prescore(problems, texts)  # reasoning-gym answers: one sandboxed child for them all
+        for p, text in zip(problems, texts, strict=True):
             # the prompt opened the think block: an answer counts only after </think>, as in `eval`
             correct += task.score(p, text, require_think=True)
         out[name] = correct / max(1, len(problems))

@@ -47,6 +47,7 @@ from nanoseek.data.tasks import (
     check_code,
     extract_answer,
     get_task,
+    prescore,
     script_counts,
 )
 from nanoseek.tokenizer import ASSISTANT, BOS, USER
@@ -326,6 +327,7 @@ def score_pairs(
         first.setdefault((id(p), c), i) for i, (p, c) in enumerate(zip(problems, completions, strict=True))
     ]
     todo = [i for i, o in enumerate(owner) if o == i]
+    prescore([problems[i] for i in todo], [completions[i] for i in todo])  # reasoning-gym: one child
     done: dict[int, T] = {}
     if workers <= 1:
         done = {i: score(problems[i], completions[i]) for i in todo}

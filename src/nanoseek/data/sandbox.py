@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ from typing import Any
 NOBODY = 65534
 
 # The trusted prologue, run with `python -I -c`.
-# argv: code path, memory bytes (0: none), cpu s, fsize bytes, drop to nobody (0/1), tests path ("" = none).
+# argv: code path, memory bytes (0: none), cpu s, fsize bytes, drop to nobody (0/1), tests path ("" = none),
+# modules to import before the limits and the hook (comma-separated, "" = none).
 # With tests, stdin's first line is a nonce printed only after the tests ran to the end.
 _RUNNER = r"""
 import builtins, os, posixpath, resource, stat, sys, types
@@ -174,6 +176,8 @@ def _main():
         with open(tests_path, encoding="utf-8") as f:
             tests = f.read()
         os.remove(tests_path)  # a child that is not dropped to nobody could read the asserts back
+    for name in filter(None, sys.argv[7].split(",")):
+        __import__(name)
     src = _install(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")
     sys.argv = ["solution.py"]
     sys.orig_argv = []
@@ -270,9 +274,14 @@ def run_python(
     stdin: str = "",
     config: SandboxConfig | None = None,
     tests: str | None = None,
+    preload: Sequence[str] = (),
     **overrides: Any,
 ) -> SandboxResult:
     """Run ``code`` as a script in the sandbox; ``overrides`` replace fields of ``config``.
+
+    ``preload``: trusted modules imported before the limits and the audit hook, for code that runs
+    untrusted input through a library the hook would stop loading (reasoning-gym's scorers: sympy loads
+    ctypes).
 
     With ``tests`` (Python source, e.g. asserts), they run after the code in its namespace, and
     ``tests_passed`` is True only if they ran to the end: exiting early (``sys.exit(0)``,
@@ -315,7 +324,7 @@ def run_python(
         cmd = [
             *prefix, sys.executable, "-I", "-c", _RUNNER, str(code_path),
             str(mem), str(cpu), str(cfg.max_output_bytes), "1" if drop else "0",
-            str(base / "tests.py") if tests is not None else "",
+            str(base / "tests.py") if tests is not None else "", ",".join(preload),
         ]  # fmt: skip
         t0 = time.perf_counter()
         with (

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from nanoseek.atomic import atomic_write, check_out
-from nanoseek.data.tasks import split_task_list
+from nanoseek.data.tasks import prescore, split_task_list
 from nanoseek.engine.sampling import refuse_identical_samples
 from nanoseek.options import option, path, shell_quoted
 from nanoseek.train.sft import SFTConfig, completion_example, train_on_examples
@@ -149,13 +149,18 @@ def sample_correct_traces(
     kept: list[tuple[Any, list[int], list[int]]] = []
     correct = 0
     prompts_with_any = 0
+    texts = [tokenizer.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True) for o in outs]
+    # reasoning-gym answers: all scored in one sandboxed child, not one per trace below
+    finished = [j for j, o in enumerate(outs) if o.finish_reason == "stop"]
+    prescore([problems[j // cfg.k] for j in finished], [texts[j] for j in finished])
     for i, (task, prob) in enumerate(zip(tasks, problems, strict=True)):
         seen: set[tuple[int, ...]] = set()
         n_kept = 0
-        for o in outs[i * cfg.k : (i + 1) * cfg.k]:
+        for o, text in zip(
+            outs[i * cfg.k : (i + 1) * cfg.k], texts[i * cfg.k : (i + 1) * cfg.k], strict=True
+        ):
             if o.finish_reason != "stop":
                 continue  # a truncated trace is not a finished demonstration, whatever it contains
-            text = tokenizer.decode(strip_stop(o.token_ids, stop), skip_special_tokens=True)
             if task.score(prob, text, require_think=True) < 1.0:
                 continue
             correct += 1

@@ -63,6 +63,7 @@ from nanoseek.data.tasks.registry import (
     TASK_ALIASES,
     TASKS,
     get_task,
+    prescore,
     register_task,
     split_task_list,
 )
@@ -95,6 +96,7 @@ __all__ = [
     "check_numeric",
     "extract_answer",
     "get_task",
+    "prescore",
     "in_unseen_wordings",
     "as_second_turn",
     "is_later_turn",

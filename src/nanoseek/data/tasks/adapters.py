@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ast
+import collections
 import difflib
 import gzip
 import hashlib
 import json
+import math
 import random
 import re
+import threading
 import unicodedata
 import warnings
 import zlib
@@ -185,6 +188,45 @@ class ReasoningGymTask(Task):
                 )
             chunk += 1
 
+    def _in_process(self) -> bool:
+        """Whether the scorer may read the model's answer in this process: reasoning-gym's default (a
+        string comparison) or an allow-listed one. Others ``eval`` it (binary_matrix, n_queens) or hand
+        it to sympy's ``parse_expr`` (countdown, puzzle24): ``__import__('os').system(...)`` ran in the
+        trainer, ``exit()`` raised out of verify and ``9**9**9**9`` hung it."""
+        from reasoning_gym.dataset import ProceduralDataset
+
+        scorer = type(self._scorer).score_answer
+        return scorer is ProceduralDataset.score_answer or self.dataset in _RG_STRING_SCORERS
+
+    def _candidates(self, completion: str, require_think: bool) -> list[str]:
+        # the answer as written, or without the markup the built-in verifiers read through (\boxed{},
+        # $...$, a closing full stop), whichever scores higher: most scorers compare the text exactly, so
+        # a right `\boxed{42}` or `42.` scored 0 (a gold answer that ends in a full stop still matches)
+        answer = extract_answer(completion, require_think)
+        return [] if answer is None else list(dict.fromkeys((answer, unwrap_answer(answer))))
+
+    def _cache_key(self, problem: Problem, candidate: str) -> tuple:
+        return (self.dataset, repr(sorted(self.config.items())), problem.id, candidate)
+
+    def prescore(self, problems: Sequence[Problem], completions: Sequence[str]) -> None:
+        """Score these answers in one sandboxed child (see ``_rg_score_sandboxed``), for the ``verify``
+        calls that follow: a child per answer would import reasoning-gym once per answer."""
+        if self._in_process():
+            return
+        jobs: dict[tuple, tuple[str, dict]] = {}
+        for problem, completion in zip(problems, completions, strict=True):
+            entry = problem.meta.get("entry")
+            if entry is None:
+                continue
+            for think in (True, False):  # the caller's require_think is not known here
+                for c in self._candidates(completion, think):
+                    key = self._cache_key(problem, c)
+                    if key not in _RG_SCORES:
+                        jobs[key] = (c, entry)
+        if jobs:
+            scores = _rg_score_sandboxed(self.dataset, self.config, list(jobs.values()))
+            _remember(dict(zip(jobs, scores, strict=True)))
+
     def verify(self, problem: Problem, completion: str, require_think: bool = False) -> float | None:
         from reasoning_gym.dataset import ProceduralDataset
 
@@ -196,22 +238,118 @@ class ReasoningGymTask(Task):
         # "unparseable gold")
         if entry.get("answer") is None and type(self._scorer).score_answer is ProceduralDataset.score_answer:
             return None
-        answer = extract_answer(completion, require_think)
-        if answer is None:
+        candidates = self._candidates(completion, require_think)
+        if not candidates:
             return 0.0
-        # the answer as written, or without the markup the built-in verifiers read through (\boxed{},
-        # $...$, a closing full stop), whichever scores higher: most scorers compare the text exactly, so
-        # a right `\boxed{42}` or `42.` scored 0 (a gold answer that ends in a full stop still matches)
-        scores = []
-        for candidate in dict.fromkeys((answer, unwrap_answer(answer))):
-            try:
-                scores.append(float(self._scorer.score_answer(candidate, entry)))
-            except Exception:
-                scores.append(0.0)
+        if self._in_process():
+            scores = []
+            for candidate in candidates:
+                try:
+                    scores.append(float(self._scorer.score_answer(candidate, entry)))
+                except Exception:
+                    scores.append(0.0)
+        else:
+            keys = [self._cache_key(problem, c) for c in candidates]
+            cached = [_RG_SCORES.get(k) for k in keys]
+            missing = [i for i, s in enumerate(cached) if s is None]
+            if missing:  # not prescored (a caller that scores one answer at a time): a child for these
+                found = _rg_score_sandboxed(
+                    self.dataset, self.config, [(candidates[i], entry) for i in missing]
+                )
+                _remember({keys[i]: s for i, s in zip(missing, found, strict=True)})
+                for i, s in zip(missing, found, strict=True):
+                    cached[i] = s
+            scores = [float(s) for s in cached]
         s = max(scores)
         if self.partial:
             return min(max(s, 0.0), 1.0)
         return 1.0 if s >= 1.0 - 1e-9 else 0.0
+
+
+# Datasets whose own score_answer (and what it calls) was read and found to compare text or Decimal/float
+# values without running the answer: scored in-process. Any other scorer is sandboxed.
+_RG_STRING_SCORERS: frozenset[str] = frozenset(
+    {"chain_sum", "products", "spell_backward", "word_sorting", "family_relationships", "circuit_logic",
+     "number_format"}
+)  # fmt: skip
+
+# (dataset, config, problem id, answer) -> score, from prescore's batch for the verify calls after it
+_RG_SCORES: collections.OrderedDict[tuple, float] = collections.OrderedDict()
+_RG_SCORES_MAX = 1 << 14
+_RG_SCORES_LOCK = threading.Lock()
+
+
+def _remember(scores: dict[tuple, float]) -> None:
+    with _RG_SCORES_LOCK:
+        _RG_SCORES.update(scores)
+        while len(_RG_SCORES) > _RG_SCORES_MAX:
+            _RG_SCORES.popitem(last=False)
+
+
+# The child: one scorer, the answers in order, a line "<index> <score>" flushed after each, so that when an
+# answer hangs or kills the child the ones before it keep their scores and the rest go to a fresh child.
+_RG_CHILD = """
+import base64, io, pickle, sys
+import reasoning_gym
+dataset, config, jobs, start = pickle.loads(base64.b64decode({data!r}))
+scorer = reasoning_gym.create_dataset(dataset, seed=0, size=1, **config)
+write, flush = sys.__stdout__.write, sys.__stdout__.flush
+write("ready\\n")
+flush()
+sys.stdout = sys.stderr = io.StringIO()  # what an answer prints is not a score line
+for i in range(start, len(jobs)):
+    try:
+        s = float(scorer.score_answer(*jobs[i]))
+    except BaseException:  # exit() as an answer is a wrong answer
+        s = 0.0
+    write("%d %r\\n" % (i, s))
+    flush()
+"""
+_RG_CHILD_TIMEOUT = 3.0  # seconds: reasoning-gym's import (then 4x on a retry), then the answers
+_RG_PER_ANSWER = 0.1
+
+
+def _rg_score_sandboxed(dataset: str, config: dict[str, Any], jobs: list[tuple[str, dict]]) -> list[float]:
+    """``score_answer(answer, entry)`` for each job, in ``sandbox.run_python`` (limits, an audit hook that
+    refuses processes, sockets and writes, a timeout), reasoning-gym imported before its hook. An answer
+    that hangs, crashes or exits the child scores 0; the others are still scored."""
+    import base64
+    import pickle
+
+    from nanoseek.data.sandbox import run_python
+
+    scores = [0.0] * len(jobs)
+    start, retried = 0, False
+    while start < len(jobs):
+        data = base64.b64encode(pickle.dumps((dataset, dict(config), jobs, start))).decode()
+        r = run_python(
+            _RG_CHILD.format(data=data),
+            preload=("reasoning_gym",),
+            timeout=_RG_CHILD_TIMEOUT * (1 + 3 * retried) + _RG_PER_ANSWER * (len(jobs) - start),
+            memory_mb=1024,
+        )
+        lines = r.stdout.splitlines()
+        if lines[:1] != ["ready"]:  # not the answers' doing: the child did not get as far as the first
+            if not r.timed_out or retried:
+                raise RuntimeError(
+                    f"reasoning-gym's {dataset} scorer failed in the sandbox: {r.stderr[-2000:]}"
+                )
+            retried = True  # a loaded machine: reasoning-gym's import took the time
+            continue
+        nxt = start
+        for line in lines[1:]:  # in order only: an answer that prints cannot pass as later ones
+            i, _, s = line.partition(" ")
+            if i != str(nxt):
+                break
+            try:
+                scores[nxt] = min(max(float(s), 0.0), 1.0) if math.isfinite(float(s)) else 0.0
+            except ValueError:
+                break
+            nxt += 1
+        if nxt >= len(jobs):
+            break
+        start = nxt + 1  # the answer the child was on when it died or hung scores 0
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from nanoseek.data.tasks.adapters import JsonlTask, ReasoningGymTask
-from nanoseek.data.tasks.base import ChatTurnTask, Task, parse_task_spec, spec_without, typed_options
+from nanoseek.data.tasks.base import ChatTurnTask, Problem, Task, parse_task_spec, spec_without, typed_options
 from nanoseek.data.tasks.families import (
     ArithmeticTask,
     ComparisonTask,
@@ -86,6 +86,23 @@ def _cached_task(name: str) -> Task:
         return factory(spec=name, **typed)
     except TypeError as e:
         raise ValueError(f"bad options for task {base!r}: {e}") from e
+
+
+def prescore(problems: Sequence[Problem], completions: Sequence[str]) -> None:
+    """Score the reasoning-gym answers among these ahead of the ``verify`` calls that read them one by
+    one: one sandboxed child per task for them all (``ReasoningGymTask.prescore``), not one per answer."""
+    by_task: dict[str, tuple[list[Problem], list[str]]] = {}
+    for p, c in zip(problems, completions, strict=True):
+        name = getattr(p, "task", None)
+        if isinstance(name, str) and name.startswith("rg:") and p.meta.get("entry") is not None:
+            ps, cs = by_task.setdefault(name, ([], []))
+            ps.append(p)
+            cs.append(c)
+    for name, (ps, cs) in by_task.items():
+        task = get_task(name, reread=False)
+        task = getattr(task, "inner", task)  # rg:...?turn=N scores as its dataset does
+        if isinstance(task, ReasoningGymTask):
+            task.prescore(ps, cs)
 
 
 get_task.cache_clear = _cached_task.cache_clear  # type: ignore[attr-defined]  # (register_task, tests)
