@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import re
 import time
@@ -523,10 +524,18 @@ def endpoint_sampler(
             ) as bar,
         ):
             out = []
-            for samples in pool.imap(lambda args: one(*args), enumerate(problems)):
+            answers = pool.imap(lambda args: one(*args), enumerate(problems))
+            while True:
+                try:
+                    # a bounded wait: the kernel may deliver Ctrl-C's SIGINT to a request's thread, and
+                    # then nothing interrupts an unbounded one before the next answer (a whole generation)
+                    samples = answers.next(timeout=0.2)
+                except multiprocessing.TimeoutError:
+                    continue
+                except StopIteration:
+                    return out
                 out.append(samples)
                 bar.update(len(samples))
-            return out
 
     return sample, f"{base} ({model_name})"
 
