@@ -12,10 +12,11 @@ from nanoseek.data.rewards import (
     format_reward,
     language_consistency,
     parse_reward_spec,
+    score_pairs,
     script_counts,
     split_completion,
 )
-from nanoseek.data.tasks import check_math, check_numeric, get_task
+from nanoseek.data.tasks import Problem, check_math, check_numeric, get_task
 from nanoseek.data.tasks.answers import extract_code
 
 EOS = "<｜end▁of▁sentence｜>"
@@ -454,6 +455,34 @@ def test_batch_scores_math_verify_on_the_calling_thread(tmp_path, monkeypatch):
     completions = ["t</think>\\boxed{0.75}", "t</think>7", "t</think>\\boxed{0.5}"]
     assert [r.total for r in reward.batch(problems, completions, workers=2)] == [1.0, 1.0, 0.0]
     assert seen == [threading.main_thread()] * 2
+
+
+def test_ctrl_c_while_pairs_are_scored_on_workers_stops_at_once():
+    """Ctrl-C while worker threads score (a sandbox run each) stops the scoring at once, even where the
+    kernel delivers its SIGINT to a worker: the pairs not started are dropped, not scored first."""
+    import signal
+
+    submitted, release, finished = threading.Event(), threading.Event(), []
+
+    def score(problem, completion):
+        if problem.meta:  # math-verify's, on this thread once the others are submitted
+            submitted.set()
+            return completion
+        if completion == "1":
+            submitted.wait(20)
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # the user's Ctrl-C, on this thread
+        release.wait(20)  # a long sandbox run (released at the end: the wait costs nothing)
+        finished.append(completion)
+        return completion
+
+    math = Problem(id="m", prompt="p", answer="a", language="en", task="t", meta={"verifier": "math"})
+    code = Problem(id="c", prompt="p", answer="a", language="en", task="t")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            score_pairs(score, [math, code, code, code], ["0", "1", "2", "3"], workers=2)
+        assert not finished
+    finally:
+        release.set()
 
 
 def test_a_typeset_minus_is_a_minus():

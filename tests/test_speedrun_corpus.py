@@ -521,6 +521,34 @@ def test_a_stopped_evaluation_does_not_wait_for_the_ones_running(tmp_path, monke
     assert not list(tmp_path.glob("evaluated_*")), "the stop waited for the evaluations running"
 
 
+def _evaluation_started_and_long(out: str, preset, stage: str, tasks: list[str], progress: bool) -> list:
+    """An evaluation worker's job: it says it started, then takes a while."""
+    (Path(out) / f"started_{stage}_{tasks[0]}").write_text("")
+    time.sleep(8)
+    (Path(out) / f"evaluated_{stage}_{tasks[0]}").write_text("")
+    return [{"pass@1": 0.5, "pass@1_stderr": 0.0, "format_rate": 1.0} for _ in tasks]
+
+
+def test_a_ctrl_c_on_another_thread_stops_the_evaluation_at_once(tmp_path, monkeypatch):
+    """The kernel may deliver a Ctrl-C (or SIGTERM) to any thread of the run's (the worker pool's own,
+    here the test's): the run waited for the next evaluation to end (a family's whole) before it saw it."""
+    import signal
+    import threading
+
+    def ctrl_c() -> None:
+        for _ in range(1200):  # until an evaluation runs
+            if list(tmp_path.glob("started_*")):
+                break
+            time.sleep(0.05)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # delivered to this thread
+
+    run = _run_evaluating_with(_evaluation_started_and_long, tmp_path, monkeypatch)
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run.evaluate()
+    assert not list(tmp_path.glob("evaluated_*")), "the stop waited for an evaluation to end"
+
+
 def test_a_sigterm_between_a_speedruns_training_steps_unwinds_as_ctrl_c_does(tmp_path):
     """`nanoseek speedrun` left SIGTERM as it was outside its training loops: one in its evaluation,
     distillation's sampling or a stage's loading ended the process where it stood, without a word (a

@@ -896,7 +896,7 @@ class Speedrun:
                 done(stage, tasks, _evaluate_checkpoint(str(self.run), self.p, stage, tasks, self.progress))
         else:
             import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
             import torch
 
@@ -907,16 +907,21 @@ class Speedrun:
                 initializer=_set_threads,
                 initargs=(threads,),
             ) as pool:
-                futures = {
-                    pool.submit(_evaluate_checkpoint, str(self.run), self.p, stage, tasks, False): (
-                        stage,
-                        tasks,
-                    )
-                    for stage, tasks in jobs
-                }
                 try:
-                    for future in as_completed(futures):
-                        done(*futures[future], future.result())
+                    futures = {
+                        pool.submit(_evaluate_checkpoint, str(self.run), self.p, stage, tasks, False): (
+                            stage,
+                            tasks,
+                        )
+                        for stage, tasks in jobs
+                    }
+                    pending = set(futures)
+                    while pending:
+                        # a bounded wait: the kernel may deliver a Ctrl-C or SIGTERM to the pool's own
+                        # thread, and then nothing interrupts an unbounded one before an evaluation ends
+                        finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                        for future in (f for f in futures if f in finished):
+                            done(*futures[future], future.result())
                 except BaseException:
                     # Ctrl-C or a failed evaluation: the queued ones are not run before it is reported,
                     # nor the running ones waited for: a SIGTERM to this process alone (`kill`, Kubernetes)

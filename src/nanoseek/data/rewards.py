@@ -32,7 +32,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -333,10 +333,21 @@ def score_pairs(
         done = {i: score(problems[i], completions[i]) for i in todo}
     else:
         here = {i for i in todo if problems[i].meta.get("verifier") == "math"}
-        with ThreadPoolExecutor(workers) as pool:
+        pool = ThreadPoolExecutor(workers)
+        try:
             futures = {i: pool.submit(score, problems[i], completions[i]) for i in todo if i not in here}
             done = {i: score(problems[i], completions[i]) for i in sorted(here)}
-            done.update((i, f.result()) for i, f in futures.items())
+            # a bounded wait: the kernel may deliver Ctrl-C's SIGINT to a worker thread, and then
+            # nothing interrupts an unbounded one before every pair is scored (a sandbox timeout each)
+            while wait(futures.values(), timeout=0.2).not_done:
+                pass
+        except BaseException:
+            # Ctrl-C or an error stops here: the pairs not started are dropped, not scored first, and
+            # those running are not waited for (each ends within its sandbox timeout, its child killed)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        done.update((i, f.result()) for i, f in futures.items())
     return [done[o] for o in owner]
 
 
