@@ -1126,6 +1126,57 @@ def test_reasoning_gym_answer_is_scored_in_the_sandbox_not_run_in_the_trainer(tm
     assert not task._in_process()
 
 
+def test_reasoning_gym_prescored_batch_is_kept_until_verify_reads_it(monkeypatch):
+    """A batch larger than the score cache (a big eval's samples), or a score cached earlier and then
+    evicted by the batch's new ones, was scored again by verify: a sandboxed child per answer."""
+    import collections
+
+    from nanoseek.data.tasks import adapters, prescore
+
+    children = []
+
+    def fake(dataset, config, jobs):
+        children.append(len(jobs))
+        return [1.0 if a == e["answer"] else 0.0 for a, e in jobs]
+
+    monkeypatch.setattr(adapters, "_rg_score_sandboxed", fake)
+    monkeypatch.setattr(adapters, "_RG_SCORES", collections.OrderedDict())
+    monkeypatch.setattr(adapters, "_RG_SCORES_MAX", 2)
+    task = get_task("rg:binary_matrix")
+    ps = task.problems("train", 4, seed=0)
+    texts = [f"t</think>{p.answer}" for p in ps]
+    prescore(ps[:3], texts[:3])  # three answers, a cache of two
+    assert [task.verify(ps[i], texts[i]) for i in range(3)] == [1.0] * 3 and children == [3]
+    batch = [0, 3]  # the oldest cached score and a new one
+    prescore([ps[i] for i in batch], [texts[i] for i in batch])
+    assert [task.verify(ps[i], texts[i]) for i in batch] == [1.0] * 2 and children == [3, 1]
+
+
+def test_reasoning_gym_answer_that_hangs_waits_out_a_chunk_not_the_whole_batch(monkeypatch):
+    """The child's timeout grew with the batch (0.1 s an answer): one answer that hangs sympy in an
+    eval's thousands of samples held the eval for many minutes. A child scores a bounded chunk."""
+    import base64
+    import pickle
+
+    from nanoseek.data import sandbox
+    from nanoseek.data.tasks.adapters import _rg_score_sandboxed
+
+    timeouts = []
+
+    def fake(code, preload=(), timeout=0.0, **kw):  # the child's protocol: "ready", then "<i> <score>"
+        timeouts.append(timeout)
+        data = re.search(r"b64decode\('([^']*)'\)", code).group(1)
+        _, _, jobs, start = pickle.loads(base64.b64decode(data))
+        lines = [f"{i} {float(a == e['answer'])!r}" for i, (a, e) in enumerate(jobs) if i >= start]
+        return sandbox.SandboxResult(0, "\n".join(["ready", *lines]) + "\n", "", False, 0.1)
+
+    monkeypatch.setattr(sandbox, "run_python", fake)
+    entry = {"answer": "7"}
+    jobs = [("7" if i % 3 else "8", entry) for i in range(3000)]
+    assert _rg_score_sandboxed("countdown", {}, jobs) == [float(i % 3 != 0) for i in range(3000)]
+    assert len(timeouts) > 1 and max(timeouts) < 60
+
+
 def test_reasoning_gym_answer_that_hangs_its_scorer_scores_zero_and_the_rest_are_scored():
     """countdown's scorer hands the answer to sympy, which computes `9**9**9**9`: GRPO hung on it."""
     from nanoseek.data.rewards import score_pairs

@@ -214,6 +214,7 @@ class ReasoningGymTask(Task):
         if self._in_process():
             return
         jobs: dict[tuple, tuple[str, dict]] = {}
+        hits: list[tuple] = []
         for problem, completion in zip(problems, completions, strict=True):
             entry = problem.meta.get("entry")
             if entry is None:
@@ -221,11 +222,14 @@ class ReasoningGymTask(Task):
             for think in (True, False):  # the caller's require_think is not known here
                 for c in self._candidates(completion, think):
                     key = self._cache_key(problem, c)
-                    if key not in _RG_SCORES:
+                    if key in _RG_SCORES:
+                        hits.append(key)
+                    else:
                         jobs[key] = (c, entry)
-        if jobs:
-            scores = _rg_score_sandboxed(self.dataset, self.config, list(jobs.values()))
-            _remember(dict(zip(jobs, scores, strict=True)))
+        scores = _rg_score_sandboxed(self.dataset, self.config, list(jobs.values())) if jobs else []
+        # the whole batch is kept until its verify calls read it: a score found here and evicted by the
+        # new ones, or a batch larger than the cache, was scored again in a child per answer
+        _remember(dict(zip(jobs, scores, strict=True)), keep=hits)
 
     def verify(self, problem: Problem, completion: str, require_think: bool = False) -> float | None:
         from reasoning_gym.dataset import ProceduralDataset
@@ -279,10 +283,15 @@ _RG_SCORES_MAX = 1 << 14
 _RG_SCORES_LOCK = threading.Lock()
 
 
-def _remember(scores: dict[tuple, float]) -> None:
+def _remember(scores: dict[tuple, float], keep: Sequence[tuple] = ()) -> None:
+    """Add ``scores`` and mark ``keep`` (cached keys) recent; the oldest others go past the cap, never
+    these (a batch's verify calls come after)."""
     with _RG_SCORES_LOCK:
+        for key in keep:
+            if key in _RG_SCORES:
+                _RG_SCORES.move_to_end(key)
         _RG_SCORES.update(scores)
-        while len(_RG_SCORES) > _RG_SCORES_MAX:
+        while len(_RG_SCORES) > max(_RG_SCORES_MAX, len(scores) + len(keep)):
             _RG_SCORES.popitem(last=False)
 
 
@@ -307,6 +316,9 @@ for i in range(start, len(jobs)):
 """
 _RG_CHILD_TIMEOUT = 3.0  # seconds: reasoning-gym's import (then 4x on a retry), then the answers
 _RG_PER_ANSWER = 0.1
+# answers per child: the timeout covers them all, so an answer that hangs waited out the whole batch's
+# (an eval's thousands of samples: many minutes); a fresh child per chunk bounds that wait
+_RG_CHUNK = 256
 
 
 def _rg_score_sandboxed(dataset: str, config: dict[str, Any], jobs: list[tuple[str, dict]]) -> list[float]:
@@ -318,6 +330,12 @@ def _rg_score_sandboxed(dataset: str, config: dict[str, Any], jobs: list[tuple[s
 
     from nanoseek.data.sandbox import run_python
 
+    if len(jobs) > _RG_CHUNK:
+        return [
+            s
+            for at in range(0, len(jobs), _RG_CHUNK)
+            for s in _rg_score_sandboxed(dataset, config, jobs[at : at + _RG_CHUNK])
+        ]
     scores = [0.0] * len(jobs)
     start, retried = 0, False
     while start < len(jobs):
