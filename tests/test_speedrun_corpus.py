@@ -1041,6 +1041,18 @@ def _student_sleeping(run: str, preset, stage: str, during: str, threads: int) -
     time.sleep(60)
 
 
+def _signal_trainer():
+    """What `Trainer.stop_on_signals` reads of a Trainer, on a rank that prints nothing."""
+    import types
+
+    return types.SimpleNamespace(
+        _signal=0,
+        _signal_at=0.0,
+        dist=types.SimpleNamespace(is_main=False),
+        keep_steps=contextlib.nullcontext,
+    )
+
+
 def test_a_signal_while_the_teacher_waits_for_its_student_is_not_held_up(tmp_path, monkeypatch):
     """The teacher takes its threads back at a fixed step, waiting there for the student. A Ctrl-C
     then (the student ignores SIGINT) or a SIGTERM to this process alone waited for the student's whole
@@ -1048,7 +1060,6 @@ def test_a_signal_while_the_teacher_waits_for_its_student_is_not_held_up(tmp_pat
     import math
     import os
     import signal
-    import types
 
     import torch
 
@@ -1057,12 +1068,7 @@ def test_a_signal_while_the_teacher_waits_for_its_student_is_not_held_up(tmp_pat
     from nanoseek.train.loop import Trainer, stop_pending
 
     monkeypatch.setattr(speedrun_mod, "_run_stage", _student_sleeping)
-    trainer = types.SimpleNamespace(
-        _signal=0,
-        _signal_at=0.0,
-        dist=types.SimpleNamespace(is_main=False),
-        keep_steps=contextlib.nullcontext,
-    )
+    trainer = _signal_trainer()
     waited = []
 
     def pretrain(self, student=False, on_step=None):
@@ -1097,19 +1103,13 @@ def test_a_stop_at_the_take_back_step_still_takes_the_threads_back(tmp_path, mon
     import math
     import os
     import signal
-    import types
 
     import torch
 
     import nanoseek.speedrun as speedrun_mod
     from nanoseek.train.loop import Trainer, stop_pending
 
-    trainer = types.SimpleNamespace(
-        _signal=0,
-        _signal_at=0.0,
-        dist=types.SimpleNamespace(is_main=False),
-        keep_steps=contextlib.nullcontext,
-    )
+    trainer = _signal_trainer()
     threads_after = []
 
     def pretrain(self, student=False, on_step=None):
