@@ -85,6 +85,38 @@ def test_rope_scaling_without_original_context_defaults_to_max_position_embeddin
     assert cfg == explicit  # and saved with it, as transformers writes rope_parameters
 
 
+@pytest.mark.parametrize(
+    "scaling, message",
+    [
+        ({"type": "linear", "factor": 4.0}, "unsupported rope scaling type 'linear'"),  # a KeyError at build
+        # built as YaRN without a word, and saved as "dynamic": a config.json nanoseek refused to load
+        ({"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 64}, "'dynamic'"),
+        ({"type": "longrope", "factor": 4.0, "original_max_position_embeddings": 64}, "'longrope'"),
+        # built as YaRN and saved as "yarn" (in a config.json, untyped is plain RoPE, as transformers reads it)
+        ({"factor": 4.0, "original_max_position_embeddings": 64}, "names no type"),
+    ],
+)
+def test_rope_scaling_nanoseek_does_not_implement_is_refused(tmp_path, scaling, message):
+    tiny = get_preset("tiny")
+    with pytest.raises(ValueError, match=message):
+        tiny.replace(rope_scaling=scaling)
+    if "type" in scaling or "rope_type" in scaling:  # and from a config.json, naming it
+        (tmp_path / "config.json").write_text(json.dumps({**tiny.to_dict(), "rope_scaling": scaling}))
+        with pytest.raises(ValueError, match=f"config.json: .*{message}"):
+            resolve_config(tmp_path)
+
+
+def test_empty_rope_scaling_is_plain_rope_and_saved_as_such():
+    """As transformers reads {} (and "default"); saved, {} was a YaRN without a factor, which
+    transformers refused to load."""
+    d = {**get_preset("tiny").to_dict(), "rope_scaling": {}}
+    d.pop("rope_parameters")
+    for cfg in (ModelConfig.from_dict(d), get_preset("tiny").replace(rope_scaling={})):
+        assert cfg.rope_scaling is None
+        assert cfg.to_dict()["rope_parameters"]["rope_type"] == "default"
+    assert get_preset("tiny").replace(rope_scaling={"type": "default"}).rope_scaling is None
+
+
 def test_dtype_as_transformers_5_writes_it_is_read():
     """transformers 5 saves `dtype` where 4 saved `torch_dtype`."""
     d = {k: v for k, v in get_preset("tiny").to_dict().items() if k != "torch_dtype"}
@@ -143,6 +175,18 @@ def test_v3_groups_of_one_expert_are_refused():
         ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),  # loaded as tied: "false" is truthy
         ({"rope_scaling": "yarn"}, "rope_scaling"),  # an unnamed error from dict()
         ({"rope_scaling": {"type": "yarn", "factor": "4"}}, "factor"),  # crashed building the model
+        # unnamed TypeErrors (a ValueError "math domain error" for the 0) building the model
+        ({"rope_scaling": {"type": "yarn", "factor": 4.0, "beta_fast": "32"}}, "beta_fast"),
+        ({"rope_scaling": {"type": "yarn", "factor": 4.0, "mscale_all_dim": "1.0"}}, "mscale_all_dim"),
+        (
+            {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0}},
+            "original_max",
+        ),
+        (
+            {"rope_scaling": {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": None}},
+            "original",
+        ),
+        ({"rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": "1"}}, "low_freq_factor"),
         ({"moe_layer_freq": 0}, "moe_layer_freq"),  # built with every layer MoE, as if it were 1
         ({"moe_layer_freq": 1.5}, "moe_layer_freq"),  # taken as 1
     ],

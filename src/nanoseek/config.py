@@ -165,6 +165,9 @@ class ModelConfig:
             self.rope_interleave = False
         rs = self.rope_scaling
         rtype = rs.get("type", rs.get("rope_type")) if isinstance(rs, dict) else None
+        if rs == {} or rtype == "default":
+            # plain RoPE (saved, {} became a YaRN without a factor that transformers refused to load)
+            rs = self.rope_scaling = None
         if rs and rtype in ("yarn", "llama3"):
             # transformers' default where a file leaves it out: the context the model was trained at
             rs = self.rope_scaling = {"original_max_position_embeddings": self.max_position_embeddings, **rs}
@@ -276,12 +279,32 @@ class ModelConfig:
         need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
         rs = self.rope_scaling
         need(rs is None or isinstance(rs, dict), f"rope_scaling must be an object or null, got {rs!r}")
-        if rs and rs.get("type", rs.get("rope_type")) in ("yarn", "llama3"):
-            factor = rs.get("factor")
-            need(
-                _is_number(factor) and factor > 0,
-                f"rope_scaling's factor must be a number > 0, got {factor!r}",
-            )
+        rtype = rs.get("type", rs.get("rope_type")) if rs else None
+        # Checked here, not only in from_dict: a replace(rope_scaling=...) of another type (or none)
+        # built a YaRN model without a word, and saved a config.json that nanoseek refused to load.
+        need(
+            not rs or rtype in ("yarn", "llama3"),
+            f"unsupported rope scaling type {rtype!r} (nanoseek supports yarn and llama3)"
+            if rtype
+            else f"rope_scaling names no type (type or rope_type: yarn or llama3), got {rs!r}",
+        )
+        if rs:
+            # numbers, as the frequencies need them (a "32" or a null was an unnamed TypeError at build)
+            for key in ("factor", "original_max_position_embeddings"):
+                value = rs.get(key)
+                need(
+                    _is_number(value) and value > 0,
+                    f"rope_scaling's {key} must be a number > 0, got {value!r}",
+                )
+            for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+                value = rs.get(key)  # (null: the default)
+                need(
+                    value is None or _is_number(value),
+                    f"rope_scaling's {key} must be a number, got {value!r}",
+                )
+            for key in ("low_freq_factor", "high_freq_factor"):
+                value = rs.get(key, 1.0)
+                need(_is_number(value), f"rope_scaling's {key} must be a number, got {value!r}")
         need(
             self.scoring_func in ("sigmoid", "softmax"),
             f"scoring_func {self.scoring_func!r} not in sigmoid/softmax",
@@ -390,13 +413,9 @@ class ModelConfig:
         if isinstance(rs, dict) and rs:  # (anything else is refused by `validate`, naming it)
             rs = dict(rs)
             rtype = rs.get("type", rs.get("rope_type"))
-            if rtype in (None, "default"):
+            if rtype is None:  # transformers reads an untyped one as plain RoPE ("default")
                 d["rope_scaling"] = None
-            else:
-                if rtype not in ("yarn", "llama3"):
-                    raise ValueError(
-                        f"unsupported rope scaling type {rtype!r} (nanoseek supports yarn and llama3)"
-                    )
+            elif rtype != "default":  # (`__post_init__` makes that one None)
                 rs["type"] = rtype
                 rs.pop("rope_type", None)
                 d["rope_scaling"] = rs
