@@ -457,6 +457,39 @@ def test_nonce_cannot_be_read_by_walking_back_from_the_codes_own_frame(reach):
     assert not r.ok and r.tests_passed is False and "frame access is not allowed" in r.stderr
 
 
+def test_nonce_cannot_be_read_from_a_signal_handlers_frame():
+    # a handler is called with the frame it interrupted: f_back led to the runner's locals, and wrong
+    # code passed its tests; a fresh copy of the signal module (or of posix, for mknod) is no way round
+    reach = (
+        "signal.signal(signal.SIGUSR1, lambda n, f: steal(f))\nsignal.raise_signal(signal.SIGUSR1)\n",
+        "import sys\ndel sys.modules['_signal']\nimport _signal\n"
+        "_signal.signal(signal.SIGUSR1, lambda n, f: steal(f))\nsignal.raise_signal(signal.SIGUSR1)\n",
+        "import importlib.util as u\ns = u.module_from_spec(u.find_spec('_signal'))\n"
+        "s.signal(signal.SIGUSR1, lambda n, f: steal(f))\nsignal.raise_signal(signal.SIGUSR1)\n",
+    )
+    for r in reach:
+        assert run_tests(_STEAL + "import signal\n" + r + WRONG_SQ, SQ_TESTS, FAST)[:2] == (0, 1), r
+    node = (
+        "import os, stat, sys\ndel sys.modules['posix']\nimport posix\nposix.mknod('n', stat.S_IFIFO | 0o600)"
+    )
+    r = run_python(node + "\nprint(os.path.exists('n'))", config=FAST)
+    assert not r.ok and "afresh is not allowed" in r.stderr
+    # a handler that is not a function, and builtin modules imported for the first time, still work
+    r = run_python(
+        "import signal, _bisect\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ok')", config=FAST
+    )
+    assert r.ok and r.stdout == "ok\n", r.stderr
+
+
+def test_code_cannot_read_its_own_source_file_back():
+    # the scorer child's source holds its batch's answers and their gold: an answer it ran found the path
+    # in /proc/self/cmdline
+    code = "x = 'marker'\nargs = open('/proc/self/cmdline').read().split('\\0')\n"
+    code += "print([open(a).read() for a in args if a.endswith('solution.py')])"
+    r = run_python(code, config=FAST)
+    assert "marker" not in r.stdout and "FileNotFoundError" in r.stderr, (r.stdout, r.stderr)
+
+
 def test_result_fields_stdout_with_tests_and_undecodable_output():
     # with tests, stdout is the code's own output (the success marker taken off), whole when they fail
     r = run_python("print('hi')\ndef sq(x): return x * x", tests=SQ_TESTS, config=FAST)

@@ -1126,6 +1126,30 @@ def test_reasoning_gym_answer_is_scored_in_the_sandbox_not_run_in_the_trainer(tm
     assert not task._in_process()
 
 
+def test_reasoning_gym_answer_cannot_forge_its_score_or_the_next_ones():
+    """The answers run in the scoring child, which printed "<index> <score>" lines: an answer that wrote
+    "0 1.0" to fd 1 scored 1.0 (a reward hack GRPO would learn), one that read the lines so far back from
+    /proc/self/fd/1 forged every later answer's, and one that replaced builtins.float scored those after it."""
+    from nanoseek.data.rewards import score_pairs
+
+    task = get_task("rg:binary_matrix")
+    p, q = task.problems("train", 2, seed=0)
+    os_ = "__import__('os')"
+    forge_rest = (  # the lines so far say its index
+        f"{os_}.write(1, ''.join('%d 1.0\\n' % k for k in range("
+        "len(open('/proc/self/fd/1').read().splitlines()) - 1, 99)).encode())"
+    )
+    answers = [
+        f"{os_}.write(1, b'0 1.0\\n')", p.answer, "[setattr(__import__('builtins'), 'float', lambda *a: 1.0), 0]",
+        "[[0]]", forge_rest, "[[0]]", q.answer,
+    ]  # fmt: skip
+    problems = [p, p, p, p, p, p, q]
+    got = score_pairs(
+        lambda prob, text: task.verify(prob, text), problems, [f"t</think>{a}" for a in answers]
+    )
+    assert got == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+
+
 def test_reasoning_gym_prescored_batch_is_kept_until_verify_reads_it(monkeypatch):
     """A batch larger than the score cache (a big eval's samples), or a score cached earlier and then
     evicted by the batch's new ones, was scored again by verify: a sandboxed child per answer."""
@@ -1159,15 +1183,17 @@ def test_reasoning_gym_answer_that_hangs_waits_out_a_chunk_not_the_whole_batch(m
     import pickle
 
     from nanoseek.data import sandbox
+    from nanoseek.data.tasks import adapters
     from nanoseek.data.tasks.adapters import _rg_score_sandboxed
 
     timeouts = []
 
-    def fake(code, preload=(), timeout=0.0, **kw):  # the child's protocol: "ready", then "<i> <score>"
+    def fake(code, preload=(), timeout=0.0, secret="", **kw):  # "ready", then "<i> <score> <mac>"
         timeouts.append(timeout)
         data = re.search(r"b64decode\('([^']*)'\)", code).group(1)
         _, _, jobs, start = pickle.loads(base64.b64decode(data))
         lines = [f"{i} {float(a == e['answer'])!r}" for i, (a, e) in enumerate(jobs) if i >= start]
+        lines = [f"{line} {adapters._rg_mac(secret, line)}" for line in lines]
         return sandbox.SandboxResult(0, "\n".join(["ready", *lines]) + "\n", "", False, 0.1)
 
     monkeypatch.setattr(sandbox, "run_python", fake)

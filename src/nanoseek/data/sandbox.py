@@ -52,6 +52,7 @@ def _sealed(fn, env):
 def _install(code_path, mem, cpu, fsize, drop):
     with open(code_path, encoding="utf-8") as f:
         src = f.read()
+    os.remove(code_path)  # else readable: a scorer child's source holds its batch's gold answers
     if mem:
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
     for lim, val in ((resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, 0)):
@@ -88,6 +89,7 @@ def _install(code_path, mem, cpu, fsize, drop):
                    "os.symlink", "os.truncate", "os.mkdir", "os.utime", "shutil.move", "shutil.copyfile",
                    "os.setxattr", "os.removexattr"}
     readlink = os.readlink
+    fresh = frozenset({"_thread", "posix", "_signal", "_imp"})  # the modules patched below
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     fspath, sep = os.fspath, os.sep
 
@@ -106,6 +108,8 @@ def _install(code_path, mem, cpu, fsize, drop):
         return p.startswith("/proc/") and p.rpartition("/")[2] in ("mem", "environ", "kcore")
 
     def hook(event, args):
+        if event == "import" and args[0] in fresh:  # not in sys.modules: a copy without the patches below
+            raise ImportError("sandbox: importing " + args[0] + " afresh is not allowed")
         if event in blocked:
             error = FrameRefused if event == "sys._getframe" else PermissionError
             raise error("sandbox: " + event + " is not allowed")
@@ -155,6 +159,26 @@ def _install(code_path, mem, cpu, fsize, drop):
 
     for mod in (os, sys.modules["posix"]):
         mod.mknod = mod.mkfifo = no_nodes
+
+    # Nor signal handlers: one is called with the frame it interrupted, whose f_back reaches the runner's
+    # locals (the nonce) and a scorer child's (its key)
+    import _imp, _signal
+    real_signal, real_create = _signal.signal, _imp.create_builtin
+
+    def no_handlers(signalnum, handler):
+        if callable(handler):
+            raise PermissionError("sandbox: signal handlers are not allowed")
+        return real_signal(signalnum, handler)
+
+    # a fresh copy of a patched module (importlib builds one through _imp.create_builtin) has the originals
+    def create_builtin(spec):
+        name = spec.name
+        if type(name) is not str or name in fresh:
+            raise ImportError("sandbox: importing " + repr(name) + " afresh is not allowed")
+        return real_create(types.SimpleNamespace(name=name))
+
+    _signal.signal = _sealed(no_handlers, private)
+    _imp.create_builtin = _sealed(create_builtin, {**private, "types": types})
     return src
 
 def _main():
@@ -275,6 +299,7 @@ def run_python(
     config: SandboxConfig | None = None,
     tests: str | None = None,
     preload: Sequence[str] = (),
+    secret: str | None = None,
     **overrides: Any,
 ) -> SandboxResult:
     """Run ``code`` as a script in the sandbox; ``overrides`` replace fields of ``config``.
@@ -286,10 +311,16 @@ def run_python(
     With ``tests`` (Python source, e.g. asserts), they run after the code in its namespace, and
     ``tests_passed`` is True only if they ran to the end: exiting early (``sys.exit(0)``,
     ``os._exit(0)``) fails them. The code gets no stdin in that mode.
+
+    ``secret``: a line the code reads first from its stdin, which then has nothing more: a key for the
+    results of trusted code that runs untrusted input (the reasoning-gym scorer child signs its score lines
+    with it). It goes through a pipe, as the tests' nonce does: a file holding it could be read back.
     """
     cfg = replace(config or SandboxConfig(), **overrides)
     if sys.platform == "win32":  # no resource limits, process groups or audit-hooked fork to build on
         raise ValueError("the code sandbox runs on Linux and macOS only: score code tasks there")
+    if secret is not None and (tests is not None or stdin or "\n" in secret or len(secret) > 1024):
+        raise ValueError("a sandbox secret is one short line, and the code's only stdin")
     if cfg.timeout <= 0 or cfg.memory_mb <= 0:
         raise ValueError(
             f"sandbox timeout and memory must be positive, got {cfg.timeout}s / {cfg.memory_mb} MB"
@@ -308,6 +339,7 @@ def run_python(
         code_path = base / "solution.py"
         code_path.write_text(code, encoding="utf-8")
         nonce = secrets.token_hex(16)
+        piped = secret if secret is not None else nonce if tests is not None else None
         if tests is not None:
             (base / "tests.py").write_text(tests, encoding="utf-8")
             stdin = ""  # the code gets no stdin; the nonce goes through a pipe (below), never a file
@@ -336,16 +368,16 @@ def run_python(
                 cmd,
                 cwd=work,
                 env=env,
-                stdin=subprocess.PIPE if tests is not None else fin,
+                stdin=subprocess.PIPE if piped is not None else fin,
                 stdout=fout,
                 stderr=ferr,
                 start_new_session=True,
                 close_fds=True,
             )
             timed_out = False
-            if proc.stdin is not None:  # 33 bytes: fits the pipe, never blocks
+            if proc.stdin is not None:  # one short line: fits the pipe, never blocks
                 with contextlib.suppress(BrokenPipeError):
-                    proc.stdin.write((nonce + "\n").encode())
+                    proc.stdin.write((piped + "\n").encode())
                     proc.stdin.close()
             try:
                 proc.wait(timeout=cfg.timeout)

@@ -7,10 +7,12 @@ import collections
 import difflib
 import gzip
 import hashlib
+import hmac
 import json
 import math
 import random
 import re
+import secrets
 import threading
 import unicodedata
 import warnings
@@ -295,25 +297,39 @@ def _remember(scores: dict[tuple, float], keep: Sequence[tuple] = ()) -> None:
             _RG_SCORES.popitem(last=False)
 
 
-# The child: one scorer, the answers in order, a line "<index> <score>" flushed after each, so that when an
-# answer hangs or kills the child the ones before it keep their scores and the rest go to a fresh child.
+# The child: one scorer, the answers in order, a line "<index> <score> <mac>" flushed after each, so that when
+# an answer hangs or kills the child the ones before it keep their scores and the rest go to a fresh child.
+# An answer runs in this process: it can write to fd 1 and read back the lines before it (/proc/self/fd/1),
+# so a line counts only with the mac of a key the child read from its stdin before any answer ran, which
+# then holds nothing (printing "3 1.0" scored an answer 1.0). The scoring loop keeps what it calls in
+# locals: an answer can replace builtins (float) and module attributes, not these.
 _RG_CHILD = """
-import base64, io, pickle, sys
+import base64, hashlib, io, os, pickle, sys
 import reasoning_gym
-dataset, config, jobs, start = pickle.loads(base64.b64decode({data!r}))
-scorer = reasoning_gym.create_dataset(dataset, seed=0, size=1, **config)
-write, flush = sys.__stdout__.write, sys.__stdout__.flush
-write("ready\\n")
-flush()
-sys.stdout = sys.stderr = io.StringIO()  # what an answer prints is not a score line
-for i in range(start, len(jobs)):
-    try:
-        s = float(scorer.score_answer(*jobs[i]))
-    except BaseException:  # exit() as an answer is a wrong answer
-        s = 0.0
-    write("%d %r\\n" % (i, s))
-    flush()
+
+def main(key, write=os.write, mac=hashlib.blake2b, float=float, range=range, len=len,
+         BaseException=BaseException):
+    dataset, config, jobs, start = pickle.loads(base64.b64decode({data!r}))
+    score = reasoning_gym.create_dataset(dataset, seed=0, size=1, **config).score_answer
+    write(1, b"ready\\n")
+    sys.stdout = sys.stderr = io.StringIO()  # what an answer prints does not fill the child's stdout
+    for i in range(start, len(jobs)):
+        try:
+            s = float(score(*jobs[i]))
+        except BaseException:  # exit() as an answer is a wrong answer
+            s = 0.0
+        line = ("%d %r" % (i, s)).encode()
+        write(1, line + b" " + mac(line, key=key, digest_size=16).hexdigest().encode() + b"\\n")
+
+main(bytes.fromhex(os.read(0, 256).decode()))  # unbuffered, and not a global: the answers cannot name it
 """
+
+
+def _rg_mac(key: str, line: str) -> str:
+    """The child's mac of a score line (see ``_RG_CHILD``)."""
+    return hashlib.blake2b(line.encode(), key=bytes.fromhex(key), digest_size=16).hexdigest()
+
+
 _RG_CHILD_TIMEOUT = 3.0  # seconds: reasoning-gym's import (then 4x on a retry), then the answers
 _RG_PER_ANSWER = 0.1
 # answers per child: the timeout covers them all, so an answer that hangs waited out the whole batch's
@@ -340,9 +356,11 @@ def _rg_score_sandboxed(dataset: str, config: dict[str, Any], jobs: list[tuple[s
     start, retried = 0, False
     while start < len(jobs):
         data = base64.b64encode(pickle.dumps((dataset, dict(config), jobs, start))).decode()
+        key = secrets.token_hex(32)  # a fresh one per child: a line from an earlier child's stdout is no good
         r = run_python(
             _RG_CHILD.format(data=data),
             preload=("reasoning_gym",),
+            secret=key,
             timeout=_RG_CHILD_TIMEOUT * (1 + 3 * retried) + _RG_PER_ANSWER * (len(jobs) - start),
             memory_mb=1024,
         )
@@ -355,10 +373,12 @@ def _rg_score_sandboxed(dataset: str, config: dict[str, Any], jobs: list[tuple[s
             retried = True  # a loaded machine: reasoning-gym's import took the time
             continue
         nxt = start
-        for line in lines[1:]:  # in order only: an answer that prints cannot pass as later ones
-            i, _, s = line.partition(" ")
-            if i != str(nxt):
-                break
+        for line in lines[1:]:  # in order: an answer's own line comes after what it wrote
+            head, _, mac = line.rpartition(" ")
+            i, _, s = head.partition(" ")
+            # what an answer wrote has no mac of the key (bytes: its text need not be ASCII): skipped
+            if i != str(nxt) or not hmac.compare_digest(mac.encode(), _rg_mac(key, head).encode()):
+                continue
             try:
                 scores[nxt] = min(max(float(s), 0.0), 1.0) if math.isfinite(float(s)) else 0.0
             except ValueError:
