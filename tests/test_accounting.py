@@ -271,6 +271,25 @@ def test_inspect_table_and_errors(capsys) -> None:
     assert "neither a directory" in capsys.readouterr().err
 
 
+def test_inspect_and_cost_name_a_gguf_or_weights_file_given_for_the_directory(tmp_path, capsys) -> None:
+    """`nanoseek export`'s .gguf (or a .safetensors) given where the checkpoint directory goes said
+    "is not valid JSON: 'utf-8' codec can't decode byte 0x80"."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(range(256)))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\xb0\x00\x00\x00\x00\x00\x00\x00" + bytes(range(256)))
+    for command in (["inspect", str(gguf)], ["cost", str(gguf), "--tokens", "1B"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "is a GGUF file: give the checkpoint directory" in err and "JSON" not in err
+    assert main(["inspect", str(weights)]) == 2
+    assert "is not a config.json: give the checkpoint directory" in capsys.readouterr().err
+    named = tmp_path / "v3-config"  # a config.json under another name is read as before
+    named.write_text(json.dumps(get_preset("deepseek-v3").to_dict()))
+    assert main(["inspect", str(named), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] == account("deepseek-v3").total_params
+
+
 def test_cost_cli(capsys) -> None:
     assert main(["cost", "deepseek-v3", "--tokens", "14.8T", "--gpu-hours", "2.788M", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -478,6 +497,10 @@ def test_inspect_table_figures(capsys, tmp_path) -> None:
     one_head.save(directory)
     assert main(["inspect", str(directory)]) == 0
     assert "x as much)" in capsys.readouterr().out
+    # a Llama without grouping (Llama 2 7B's 32 KV heads of 32) is MHA: it caches as much, not "more"
+    get_preset("tiny-qwen2").replace(model_type="llama", num_key_value_heads=6).save(tmp_path / "mha")
+    assert main(["inspect", str(tmp_path / "mha")]) == 0
+    assert "2,304 B  (1.0x as much)" in capsys.readouterr().out
     assert main(["inspect", "deepseek-v3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["active_fraction"] == pytest.approx(36.63 / 671.03, rel=1e-3)
 

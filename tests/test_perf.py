@@ -69,7 +69,33 @@ def test_matmul_peak_is_2n3_flops_over_the_fastest_repeat(monkeypatch):
     # the clock: the deadline, five timed repeats of 3, 1, 2, 2 and 2 s, then past the deadline
     ticks = iter([0.0, 10.0, 13.0, 20.0, 21.0, 30.0, 32.0, 40.0, 42.0, 50.0, 52.0, 100.0])
     monkeypatch.setattr(perf, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
-    assert perf.matmul_peak_flops.__wrapped__(None, "cpu", n=8, seconds=0.0) == 2 * 8**3 / 1.0
+    assert perf._measured_peak_flops.__wrapped__(None, "cpu", 8, 0.0, 1) == 2 * 8**3 / 1.0
+
+
+def test_matmul_peak_is_cached_per_cpu_thread_count(monkeypatch):
+    """A CPU's peak is its threads': a stage on one thread after one on two in the same process (a
+    notebook's, the speedrun's teacher beside its student) read the two threads' cached peak."""
+    import time
+    import types
+
+    import torch
+
+    import nanoseek.perf as perf
+
+    clock = []  # one entry per clock reading: a measurement reads it, a cached peak does not
+    monkeypatch.setattr(
+        perf, "time", types.SimpleNamespace(perf_counter=lambda: clock.append(1) or time.perf_counter())
+    )
+    perf.matmul_peak_flops.cache_clear()
+    with perf.torch_threads(1):
+        perf.matmul_peak_flops(torch.float64, "cpu", n=8, seconds=0.0)
+        once = len(clock)
+        perf.matmul_peak_flops(torch.float64, "cpu", n=8, seconds=0.0)
+        assert once > 0 and len(clock) == once  # same threads: the cached peak
+    with perf.torch_threads(2):
+        perf.matmul_peak_flops(torch.float64, "cpu", n=8, seconds=0.0)
+    assert len(clock) > once  # measured again on two threads
+    perf.matmul_peak_flops.cache_clear()
 
 
 TIMING_BENCHMARKS = (

@@ -131,6 +131,26 @@ def test_a_standalone_pretrain_gives_the_report_its_model_table(workdir, tmp_pat
     assert f"| KV-cache bytes per token (MLA, BF16) | {acc.kv_cache_bytes_per_token:,} (" in text
 
 
+def test_the_report_names_a_gqa_models_cache_as_gqa(workdir, tmp_path) -> None:
+    """A Qwen2-shaped model pretrained by hand caches K and V heads: its report said "(MLA, BF16)"."""
+    from nanoseek.accounting import account
+    from nanoseek.config import get_preset
+    from nanoseek.report import build_report
+
+    vocab = json.loads((workdir / "micro" / "config.json").read_text())["vocab_size"]
+    get_preset("tiny-qwen2").replace(
+        vocab_size=vocab,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        max_position_embeddings=64,
+    ).save(tmp_path / "qwen2")
+    run = tmp_path / "run"
+    pretrain(config(workdir, run, preset=str(tmp_path / "qwen2"), steps=1, val_every=0))
+    kv = account(run / "pretrain").kv_cache_bytes_per_token
+    assert f"| KV-cache bytes per token (GQA, BF16) | {kv:,} (" in build_report(run).read_text()
+
+
 def test_pretrain_resume_matches_uninterrupted(workdir, tmp_path) -> None:
     kw = dict(schedule="constant", warmup_steps=0, val_every=0)
     pretrain(config(workdir, tmp_path / "a", steps=6, **kw))

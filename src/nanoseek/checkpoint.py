@@ -739,6 +739,17 @@ def accounting_config(name_or_path: str | os.PathLike) -> ModelConfig:
     local = directory_to_read(Path(name_or_path).expanduser())
     if local.is_dir():
         return checkpoint_config(local)
+    if local.is_file() and local.suffix.lower() != ".json":
+        # a GGUF export or a weights file, read as a config.json, said "not valid JSON: 'utf-8' codec
+        # can't decode byte ..."; a config.json under another name (it starts with "{") is read
+        with local.open("rb") as f:
+            head = f.read(64)
+        if not head.lstrip().startswith(b"{"):
+            kind = "a GGUF file" if head.startswith(b"GGUF") else "not a config.json"
+            raise ValueError(
+                f"{name_or_path} is {kind}: give the checkpoint directory it came from (the one with "
+                "config.json), a config.json, a preset or a Hub name"
+            )
     if is_hub_name(name_or_path):
         return ModelConfig.load(_download(str(name_or_path), str(name_or_path), ("config.json",)))
     return resolve_config(name_or_path)

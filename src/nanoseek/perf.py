@@ -198,13 +198,26 @@ AUTO_DTYPE_HELP = (
 )
 
 
-@functools.cache
 def matmul_peak_flops(
     dtype: torch.dtype | None = None, device: str = "cpu", n: int | None = None, seconds: float = 0.5
 ) -> float:
     """Best FLOP/s of an n x n matmul in `dtype` (default fp32) on `device` over ~`seconds` (cached per
     process). n defaults to 1024 on a CPU and 8192 on a GPU: a 1024-wide product is over in microseconds
-    there, mostly launch, and an H200's MFU read ~50% against it where a few percent was true."""
+    there, mostly launch, and an H200's MFU read ~50% against it where a few percent was true.
+    On a CPU it is cached per torch thread count too: the peak is its threads', and a stage on one
+    thread after one on two in the same process (a notebook; a speedrun stage beside another) read the
+    two threads' peak, its MFU half the true one."""
+    import torch
+
+    threads = torch.get_num_threads() if str(device) == "cpu" else 0
+    return _measured_peak_flops(dtype, str(device), n, seconds, threads)
+
+
+@functools.cache
+def _measured_peak_flops(
+    dtype: torch.dtype | None, device: str, n: int | None, seconds: float, threads: int
+) -> float:
+    """`matmul_peak_flops`, measured; `threads` is only the cache's key."""
     import torch
 
     n = n or (1024 if str(device) == "cpu" else 8192)
@@ -230,6 +243,8 @@ def matmul_peak_flops(
         reps += 1
     return 2 * n**3 / best
 
+
+matmul_peak_flops.cache_clear = _measured_peak_flops.cache_clear  # type: ignore[attr-defined]
 
 _MALLOC_TUNED = False
 

@@ -12,8 +12,8 @@ Records it understands (all optional; missing figures show as "–"):
 - eval: `evaluated` (which checkpoint / stage), `pass@1`, `cons@k`, `format_rate`, `language_consistency`,
   `mean_length`, `k`, `task`
 - speedrun: `{"event": "model", "total_params", "active_params", "kv_cache_bytes_per_token",
-  "mha_kv_cache_bytes_per_token", "decode_tokens_per_s"}`; pretrain logs the same without the decode
-  speed, which a run built by hand shows when no speedrun measured it
+  "mha_kv_cache_bytes_per_token", "attention_variant", "decode_tokens_per_s"}`; pretrain logs the same
+  without the decode speed, which a run built by hand shows when no speedrun measured it
 """
 
 from __future__ import annotations
@@ -367,7 +367,10 @@ def build_report(
     lines.append(f"| parameters, active per token | {_human(info.get('active_params'))} |")
     kv, mha = info.get("kv_cache_bytes_per_token"), info.get("mha_kv_cache_bytes_per_token")
     ratio = f" ({mha / kv:.1f}x smaller than MHA's {_fmt(mha)} B)" if kv and mha else ""
-    lines.append(f"| KV-cache bytes per token (MLA, BF16) | {_fmt(kv)}{ratio} |")
+    # a Qwen2/Llama-shaped run caches K and V heads (GQA), not MLA's latent; a log older than the
+    # field is MLA's, all a run could train then
+    variant = str(info.get("attention_variant") or "mla").upper()
+    lines.append(f"| KV-cache bytes per token ({variant}, BF16) | {_fmt(kv)}{ratio} |")
     lines.append(f"| decode tokens/s (batch 1) | {_fmt(info.get('decode_tokens_per_s'))} |")
     lines.append("")
 

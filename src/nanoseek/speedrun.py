@@ -994,6 +994,7 @@ class Speedrun:
             active_params=acc["active_params"],
             kv_cache_bytes_per_token=acc["kv_cache_bytes_per_token"],
             mha_kv_cache_bytes_per_token=acc["mha_kv_cache_bytes_per_token"],
+            attention_variant=acc["attention_variant"],
             decode_tokens_per_s=tok_s,
         )
 

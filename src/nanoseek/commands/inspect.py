@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         )
     console.print(table)
     ratio = acc.kv_cache_ratio
+    # a Llama without grouping (num_key_value_heads = heads) caches what MHA does: not "1.0x more"
+    more = "more" if ratio > 1 else "as much"
     lines = [
         f"active fraction        {acc.active_params / acc.total_params:.2%}  "
         f"(active leaves out the input embedding lookup)",
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         lines += [
             f"KV cache / token       {kv:,} B (GQA, BF16: {config.num_hidden_layers} x 2 x "
             f"{config.num_key_value_heads} KV heads x {config.head_dim})",
-            f"MHA would need         {acc.mha_kv_cache_bytes_per_token:,} B  ({ratio:.1f}x {'more' if ratio >= 1 else 'as much'})",
+            f"MHA would need         {acc.mha_kv_cache_bytes_per_token:,} B  ({ratio:.1f}x {more})",
             f"MLA would need         {acc.mla_kv_cache_bytes_per_token:,} B  "
             f"(GQA caches {kv / acc.mla_kv_cache_bytes_per_token:.2f}x that; V2's d_c = 4 x head_dim, "
             "rope = head_dim / 2)",
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         lines += [
             f"KV cache / token       {acc.kv_cache_bytes_per_token:,} B (MLA, BF16: {config.num_hidden_layers}"
             f" x ({config.kv_lora_rank}+{config.qk_rope_head_dim}) elements)",
-            f"MHA would need         {acc.mha_kv_cache_bytes_per_token:,} B  ({ratio:.1f}x {'more' if ratio >= 1 else 'as much'})",
+            f"MHA would need         {acc.mha_kv_cache_bytes_per_token:,} B  ({ratio:.1f}x {more})",
         ]
     print("\n".join(lines))
     return 0

@@ -419,6 +419,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
             active_params=acc.active_params,
             kv_cache_bytes_per_token=acc.kv_cache_bytes_per_token,
             mha_kv_cache_bytes_per_token=acc.mha_kv_cache_bytes_per_token,
+            attention_variant=acc.attention_variant,
         )
         # the thread count a CPU run's speed depends on (--threads, OMP_NUM_THREADS, the CPUs it may use)
         threads = torch.get_num_threads()
