@@ -66,11 +66,6 @@ class ParamCounts:
         return sum(self.by_component.values())
 
     @property
-    def with_mtp(self) -> int:
-        """Every weight the checkpoint holds."""
-        return self.total + self.mtp
-
-    @property
     def described(self) -> str:
         """What `serve` and `chat` print: the model's count as `inspect` and the report give it, and
         the MTP module's weights (used by speculative decoding) apart. In `human`'s units, as those
@@ -329,12 +324,10 @@ class ModelAccount:
         return d
 
 
-def account(
-    config_or_path: ModelConfig | str | os.PathLike, seq_len: int = DEFAULT_SEQ_LEN, exact: bool = True
-) -> ModelAccount:
-    """Everything `nanoseek inspect` reports. `exact` counts on the meta model, else by formula."""
+def account(config_or_path: ModelConfig | str | os.PathLike, seq_len: int = DEFAULT_SEQ_LEN) -> ModelAccount:
+    """Everything `nanoseek inspect` reports, parameters counted on the meta model."""
     c = config_or_path if isinstance(config_or_path, ModelConfig) else resolve_config(config_or_path)
-    counts = count_parameters(c) if exact else analytic_parameters(c)
+    counts = count_parameters(c)
     emb = c.vocab_size * c.hidden_size
     shared_copies = c.num_nextn_predict_layers * 2 * emb  # embedding + head copy per MTP layer on disk
     return ModelAccount(

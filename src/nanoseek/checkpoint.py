@@ -153,23 +153,17 @@ def from_hf_state_dict(
     tensors: Mapping[str, torch.Tensor],
     config: ModelConfig,
     dtype: torch.dtype,
-    fp8_modules: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
     """DeepSeek/HF checkpoint keys -> nanoseek parameter names, in `dtype`, all in memory at once
-    (for tensors already there; `load_model` streams files instead).
-
-    FP8 weights are dequantized, except those of `fp8_modules` (nanoseek names of `FP8Linear`
-    layers), which keep the file's bytes and scales; a higher-precision weight of one is quantized.
-    """
+    (for tensors already there; `load_model` streams files instead). FP8 weights are dequantized."""
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    pow2 = ue8m0_scales(config.extra.get("quantization_config"))
     for key, value in tensors.items():
         name = _model_name(key, config, value.shape)
         if name is None:
             continue
         scale = tensors.get(key + "_scale_inv")
-        for k, v in _convert(key, name, value, scale, dtype, fp8_modules, pow2).items():
+        for k, v in _convert(key, name, value, scale, dtype, ()).items():
             if em := _EXPERT_KEY.match(k):
                 experts.setdefault(em.group(1), {}).setdefault(int(em.group(2)), {})[em.group(3)] = v
             else:

@@ -228,10 +228,8 @@ def _cut_text(text: str, limit: int) -> Iterator[str]:
 def _read_embedded(
     offset: int, seed: int, split: str, tasks: list[str] | None = None, multi_turn: float = 0.0
 ) -> Iterator[tuple[str, int]]:
-    try:
-        from nanoseek.data.synthetic import iter_documents as synthetic_documents
-    except ImportError as e:
-        raise ValueError(f"the embedded corpus is unavailable (nanoseek.data.synthetic: {e})") from e
+    from nanoseek.data.synthetic import iter_documents as synthetic_documents
+
     docs = synthetic_documents(seed=seed, split=split, tasks=tasks, multi_turn=multi_turn)
     for i, doc in enumerate(itertools.islice(docs, offset, None), start=offset + 1):
         yield doc, i

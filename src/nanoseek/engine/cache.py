@@ -49,8 +49,6 @@ class BlockInfo:
 class PagedLatentCache:
     """Latent cache storage plus the block allocator. `num_layers` includes MTP layers when drafting."""
 
-    SCRATCH_BLOCK = 0
-
     def __init__(
         self,
         num_layers: int,

@@ -133,8 +133,6 @@ def _block_scale_rows(scale: torch.Tensor, rows: int) -> torch.Tensor:
 @functools.cache
 def _scaled_mm_works(device_type: str) -> bool:
     """Whether row-wise `torch._scaled_mm` runs on this device type (probed once)."""
-    if not hasattr(torch, "_scaled_mm"):
-        return False
     try:
         a = torch.ones(16, TILE, device=device_type).to(FP8_DTYPE)
         b = torch.ones(16, TILE, device=device_type).to(FP8_DTYPE)

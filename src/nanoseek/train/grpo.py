@@ -110,10 +110,7 @@ def token_logprobs(
         hidden = model.hidden_states(input_ids, token_mask=token_mask)
         sel = model.lm_head(hidden[batch_idx, rows]).float()
     else:
-        logits = model(input_ids)
-        if isinstance(logits, tuple):
-            logits = logits[0]
-        sel = logits[batch_idx, rows].float()
+        sel = model(input_ids)[batch_idx, rows].float()
     if temperature != 1.0:
         sel = sel / temperature
     logp, logp_all = target_logprobs(sel, input_ids.gather(1, rows + 1))

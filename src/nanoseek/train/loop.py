@@ -263,26 +263,10 @@ def language_model_loss(
 
 # ---------------------------------------------------------------- accounting
 def training_flops_per_token(model: nn.Module, seq_len: int, include_mtp: bool = True) -> float:
-    """Model FLOPs per trained token: nanoseek.accounting if it offers them, else 6·N_active plus
-    causal attention (3 passes × L × heads × S × (d_qk + d_v), the score and value matmuls)."""
-    cfg = model.config
-    try:
-        from nanoseek.accounting import flops_per_token
-    except ImportError:
-        flops_per_token = None
-    if flops_per_token is not None:
-        return float(flops_per_token(cfg, seq_len=seq_len, training=True, include_mtp=include_mtp))
-    active = 0
-    for name, p in model.named_parameters():
-        if "embed_tokens" in name or (not include_mtp and "mtp_layers" in name):
-            continue
-        n = p.numel()
-        if ".experts." in name and cfg.n_routed_experts:
-            n = n * cfg.num_experts_per_tok / cfg.n_routed_experts
-        active += n
-    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if include_mtp else 0)
-    attention = 3 * layers * cfg.num_attention_heads * seq_len * (cfg.qk_head_dim + cfg.v_head_dim)
-    return 6.0 * active + attention
+    """Model FLOPs per trained token, as nanoseek.accounting counts them."""
+    from nanoseek.accounting import flops_per_token
+
+    return float(flops_per_token(model.config, seq_len=seq_len, training=True, include_mtp=include_mtp))
 
 
 def _routers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -403,12 +387,8 @@ class Trainer:
         self.config = model.config
 
         if precision == "fp8":
-            try:
-                from nanoseek.model.fp8 import convert_to_fp8_training
-            except ImportError as e:
-                raise ValueError(
-                    f"--precision fp8 needs nanoseek.model.fp8.convert_to_fp8_training ({e})"
-                ) from e
+            from nanoseek.model.fp8 import convert_to_fp8_training
+
             convert_to_fp8_training(model)  # in place: same parameters, FP8 GEMMs
         self.model = shard_model(model, self.dist)
         from nanoseek.perf import tune_malloc
@@ -610,14 +590,12 @@ class Trainer:
 
     def _take_loads(self) -> dict[str, torch.Tensor]:
         """Per-router token counts since the last call, summed over ranks; resets the counters."""
-        routers = list(_routers(self.model))
-        if not routers:
+        loads = self.model.take_expert_load()  # type: ignore[operator]
+        if not loads:
             return {}
-        flat = torch.stack([r.expert_load.float() for _, r in routers])
-        for _, r in routers:
-            r.expert_load.zero_()
+        flat = torch.stack([load.float() for load in loads.values()])
         all_reduce_(flat, self.dist, "sum")
-        return {name: flat[i].cpu() for i, (name, _) in enumerate(routers)}
+        return {name: flat[i].cpu() for i, name in enumerate(loads)}
 
     @torch.no_grad()
     def _update_bias(self, loads: dict[str, torch.Tensor]) -> None:
