@@ -198,6 +198,69 @@ def test_distill_resume_trains_on_the_traces_sampled_before(teacher_dir, tmp_pat
         distill(dataclasses.replace(cfg(3), teacher=str(other)))
 
 
+def test_the_teacher_samples_with_its_generation_config_where_a_flag_is_left_out(
+    teacher_dir, tmp_path, monkeypatch
+) -> None:
+    """The teacher's sampling settings come from its generation_config.json (a Qwen2.5 teacher's top_k
+    20 and repetition penalty, R1-Distill's temperature 0.6) where a flag leaves them out, as `generate`,
+    `chat` and `serve` read them, and a flag given wins; they were dropped, the teacher sampled at
+    distill's own 0.7 / 0.95 with nothing else. Its `do_sample: false` is not taken (k samples are
+    needed); the traces record what they were sampled with."""
+    import nanoseek.engine
+    import nanoseek.train.distill as d
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.sft import SFTConfig
+
+    tok = load_tokenizer(teacher_dir)
+    probs = get_task("arithmetic").problems("train", 2, seed=0)
+    asked = []
+
+    class Recording(ScriptedEngine):
+        def generate_detailed(self, prompts, params, on_finish=None):
+            asked.append(params)
+            return super().generate_detailed(prompts, params, on_finish)
+
+    monkeypatch.setattr(nanoseek.engine, "Engine", lambda model, **kw: Recording(tok, probs))
+    monkeypatch.setattr(d, "train_on_examples", lambda *a, **k: tmp_path)  # the sampling is what is tested
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    gen = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05}
+
+    def run(out: str, **flags) -> dict:
+        common = dict(teacher=str(teacher), student="tiny", tasks=["arithmetic"], k=4, prompts=2)
+        d.distill(DistillConfig(**common, out=str(tmp_path / out), sft=SFTConfig(init=""), **flags))
+        p = asked[-1]
+        return {k: getattr(p, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+
+    (teacher / "generation_config.json").write_text(json.dumps(gen))
+    assert run("a") == {
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "top_k": 20,
+        "min_p": 0.0,
+        "repetition_penalty": 1.05,
+    }
+    settings = json.loads((tmp_path / "a" / "distill_traces.json").read_text())["settings"]
+    assert (settings["temperature"], settings["top_k"], settings["repetition_penalty"]) == (0.6, 20, 1.05)
+    given = run("b", temperature=1.0, top_k=0, repetition_penalty=1.0)
+    assert given == {"temperature": 1.0, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+    # a bad value in the file is refused naming it, unless the flag that replaces it is given
+    (teacher / "generation_config.json").write_text(json.dumps({**gen, "top_p": 5}))
+    with pytest.raises(ValueError, match=r"generation_config\.json: invalid SamplingParams: top_p"):
+        run("c")
+    assert run("c", top_p=0.5)["top_p"] == 0.5
+    # nanoseek's own checkpoints say do_sample false: distill's own sampling, not greedy k times
+    (teacher / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    assert run("d") == {
+        "temperature": 0.7,
+        "top_p": 0.95,
+        "top_k": 0,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+    }
+
+
 def test_the_time_budget_covers_the_teachers_sampling(teacher_dir, tmp_path, monkeypatch) -> None:
     """--max-seconds is the whole run's, "data building included" (its help): a teacher that samples past
     it leaves no time to train, not a fresh budget after it."""
@@ -558,6 +621,19 @@ def test_distill_resume_names_a_damaged_traces_file(tmp_path, text, message) -> 
     (tmp_path / "distill_traces.json").write_text(text)
     with pytest.raises(ValueError, match=rf"distill_traces\.json.*{message}"):
         _traces_to_reuse(tmp_path / "distill_traces.json", {"k": 4})
+
+
+def test_traces_saved_before_distill_read_top_k_resume_and_a_change_of_it_is_refused(tmp_path) -> None:
+    """A run's traces saved before distill read the teacher's top_k, min_p and repetition_penalty were
+    sampled with them off: they resume with those off, and are refused with a teacher's top_k 20."""
+    from nanoseek.train.distill import _traces_to_reuse
+
+    old = {"k": 4, "temperature": 0.7, "top_p": 0.95}
+    (tmp_path / "distill_traces.json").write_text(json.dumps({"settings": old, "stats": {}, "traces": []}))
+    now = {**old, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+    assert _traces_to_reuse(tmp_path / "distill_traces.json", now) is not None
+    with pytest.raises(ValueError, match="top_k: 0 -> 20"):
+        _traces_to_reuse(tmp_path / "distill_traces.json", {**now, "top_k": 20})
 
 
 def test_a_student_whose_config_json_is_no_object_is_named(teacher_dir, tmp_path) -> None:

@@ -568,8 +568,10 @@ def test_generate_refuses_a_sample_count_before_loading(tmp_path, flags, match):
 def test_generate_and_chat_defaults_are_those_help_documents():
     from nanoseek.commands.generate import sampling_params
 
-    assert "(default: 256)" in _help("generate") and "(default: 1024)" in _help("chat")
-    assert "(default: the checkpoint's generation_config.json, else 0.6)" in " ".join(_help("chat").split())
+    said = "(default: the checkpoint's generation_config.json, else"
+    assert f"{said} 256)" in " ".join(_help("generate").split())
+    assert f"{said} 1024)" in " ".join(_help("chat").split())
+    assert f"{said} 0.6)" in " ".join(_help("chat").split())
     generate, chat = sampling_params(cli_args("generate", "ck", "x")), sampling_params(cli_args("chat", "ck"))
     assert (generate.max_new_tokens, generate.temperature, generate.top_p) == (256, 0.0, 1.0)
     assert (chat.max_new_tokens, chat.temperature, chat.top_p) == (1024, 0.6, 1.0)
@@ -591,7 +593,8 @@ def test_generate_and_chat_sample_with_the_checkpoints_generation_config_where_a
 ):
     """A flag left out takes the checkpoint's generation_config.json value, as `serve` does for a request
     that leaves the field out, and a flag given wins: chat sampled at 0.6 a model whose file says
-    `do_sample: false` (its server decodes it greedily) and dropped a Qwen model's top_k and penalty."""
+    `do_sample: false` (its server decodes it greedily) and dropped a Qwen model's top_k and penalty,
+    and both ignored the file's max_new_tokens (transformers' generate and vLLM's server stop there)."""
     from types import SimpleNamespace
 
     from nanoseek.commands import chat
@@ -599,17 +602,30 @@ def test_generate_and_chat_sample_with_the_checkpoints_generation_config_where_a
     from nanoseek.tokenizer import load_tokenizer
 
     qwen = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
-    tok = load_tokenizer(_with_generation_config(checkpoint, tmp_path, qwen))
+    tok = load_tokenizer(_with_generation_config(checkpoint, tmp_path, {**qwen, "max_new_tokens": 7}))
     seen = _generate_replies(monkeypatch, tok, tok.encode(" fox", add_bos=False))
-    for flags in ([], ["--top-k", "5", "--temperature", "0"]):
+    for flags in ([], ["--top-k", "5", "--temperature", "0", "--max-new-tokens", "300"]):
         args = cli_args("generate", "ck", "the quick", *flags)
         assert args.func(args) == 0
     p = seen[0]
-    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.7, 0.8, 20, 1.05)
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_new_tokens) == (
+        0.7,
+        0.8,
+        20,
+        1.05,
+        7,
+    )
     p = seen[1]
-    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.0, 0.8, 5, 1.05)
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_new_tokens) == (
+        0.0,
+        0.8,
+        5,
+        1.05,
+        300,
+    )
 
-    greedy = load_tokenizer(_with_generation_config(checkpoint, tmp_path / "g", {"do_sample": False}))
+    gen = {"do_sample": False, "max_new_tokens": 11}
+    greedy = load_tokenizer(_with_generation_config(checkpoint, tmp_path / "g", gen))
     asked = []
 
     class Scripted:
@@ -621,9 +637,9 @@ def test_generate_and_chat_sample_with_the_checkpoints_generation_config_where_a
 
     model = SimpleNamespace(config=get_preset("tiny"), dtype=torch.float32)
     monkeypatch.setattr(chat, "load_for_generation", lambda args: (Scripted(), greedy, model))
-    for flags in ([], ["--temperature", "0.9"]):
+    for flags in ([], ["--temperature", "0.9", "--max-new-tokens", "2000"]):
         assert chat.run(cli_args("chat", "ck", *flags), stdin=io.StringIO("q\n"), stdout=io.StringIO()) == 0
-    assert [p.temperature for p in asked] == [0.0, 0.9]
+    assert [(p.temperature, p.max_new_tokens) for p in asked] == [(0.0, 11), (0.9, 2000)]
 
 
 def test_generate_refuses_several_samples_of_a_checkpoint_that_decodes_greedily_before_its_weights_load(

@@ -241,6 +241,7 @@ def test_bad_arguments() -> None:
     [
         ("http://stub:8000", {"dtype": "bfloat16"}, "--dtype applies only to a checkpoint"),
         ("http://stub:8000", {"max_batch_size": 8}, "--max-batch-size applies only to a checkpoint"),
+        ("http://stub:8000", {"threads": 2}, "--threads applies only to a checkpoint"),  # the engine's
         ("ck", {"endpoint_model": "m"}, "--model-name applies only to an http"),
         ("ck", {"api_key": "k", "endpoint_model": "m"}, "--model-name and --api-key apply only"),
     ],
@@ -515,7 +516,8 @@ def test_a_checkpoint_samples_with_its_generation_configs_settings_as_its_server
     """The sampling settings of generation_config.json that eval has no flag for (a Qwen fine-tune's
     top_k, repetition_penalty) are the ones `nanoseek serve` samples with for requests that leave them
     out, as `nanoseek eval URL` does: ignored here, the same model scored differently through its
-    server. --temperature and --top-p stay eval's own; the report says what else was used."""
+    server. --temperature, --top-p and --max-new-tokens stay eval's own; the report says what else was
+    used."""
     import shutil
 
     from nanoseek.evaluate import CheckpointSampler, evaluate_many
@@ -523,7 +525,7 @@ def test_a_checkpoint_samples_with_its_generation_configs_settings_as_its_server
     ck = tmp_path / "ck"
     shutil.copytree(micro_checkpoint, ck)
     (ck / "generation_config.json").write_text(
-        json.dumps({"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 1})
+        json.dumps({"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 1, "max_new_tokens": 2})
     )
     common = dict(model=str(ck), task="arithmetic", n=2, max_new_tokens=8, progress=False, seed=3)
     problems = _problems(2)

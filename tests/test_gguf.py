@@ -343,6 +343,37 @@ def test_export_reads_a_checkpoint_a_crash_left_aside(checkpoint, tmp_path) -> N
     assert _fields(gguf.GGUFReader(str(tmp_path / "x.gguf")))["general.name"] == "final"
 
 
+def test_the_checkpoints_sampling_defaults_go_in_as_llama_cpps_keys(
+    checkpoint, tmp_path, monkeypatch
+) -> None:
+    """generation_config.json's temperature, top_p, top_k and min_p are general.sampling.* (llama.cpp
+    samples with them where its flags leave them out; its own converter writes them from that file):
+    they were dropped, and llama.cpp sampled a checkpoint `chat` and `serve` decode greedily at its own
+    0.8. `do_sample: false` is temperature 0 (greedy); a value out of range is refused before loading."""
+    ckpt, _, _ = checkpoint
+    d = tmp_path / "ck"
+    shutil.copytree(ckpt, d)
+    gen = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.05}
+    (d / "generation_config.json").write_text(json.dumps({**gen, "repetition_penalty": 1.1}))
+    export_gguf(d, tmp_path / "a.gguf", type="f32")
+    kv = _fields(gguf.GGUFReader(str(tmp_path / "a.gguf")))
+    got = {k: kv.get(f"general.sampling.{k}") for k in ("temp", "top_p", "top_k", "min_p", "penalty_repeat")}
+    assert got == {
+        "temp": pytest.approx(0.6),
+        "top_p": pytest.approx(0.95),
+        "top_k": 20,
+        "min_p": pytest.approx(0.05),
+        "penalty_repeat": None,  # llama.cpp's counts the last 64 tokens, not HF's whole sequence
+    }
+    (d / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    export_gguf(d, tmp_path / "b.gguf", type="f32")
+    assert _fields(gguf.GGUFReader(str(tmp_path / "b.gguf")))["general.sampling.temp"] == 0.0
+    (d / "generation_config.json").write_text(json.dumps({"top_p": 5}))
+    monkeypatch.setattr("nanoseek.checkpoint.load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ValueError, match=r"generation_config\.json: invalid SamplingParams: top_p"):
+        export_gguf(d, tmp_path / "c.gguf", type="f32")
+
+
 def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
     ckpt, _, tok = checkpoint
     # Not a checkpoint directory.

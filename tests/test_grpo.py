@@ -490,6 +490,25 @@ def test_threads_asked_of_grpo_are_given_back_after_it(micro_checkpoint, tmp_pat
         torch.set_num_threads(before)
 
 
+def test_grpo_writes_tensorboard_and_a_fresh_run_replaces_the_earlier_ones(
+    micro_checkpoint, tmp_path
+) -> None:
+    """--tensorboard was pretrain's alone; GRPO logs through `StepLog` as the other stages, its events
+    in RUN/tensorboard/grpo/, an earlier run's gone at a fresh run's first step (not drawn under it)."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from nanoseek.train.grpo import grpo
+
+    def steps() -> list[int]:
+        events = accumulator.EventAccumulator(str(tmp_path / "tensorboard" / "grpo"))
+        events.Reload()
+        return [e.step for e in events.Scalars("grpo/reward")]
+
+    grpo(_cfg(micro_checkpoint, tmp_path, steps=2, tensorboard=True))
+    assert steps() == [1, 2]
+    grpo(_cfg(micro_checkpoint, tmp_path, steps=1, tensorboard=True))
+    assert steps() == [1]
+
+
 def test_every_rollout_request_samples_its_own_stream(micro_checkpoint, tmp_path, monkeypatch) -> None:
     """No two requests of a run, the probe's included, share a random stream: with the engine's seed + i
     rule and a seed per step, request i at step s+1 replayed request i+1 at step s (the same completion
@@ -1092,6 +1111,10 @@ def test_a_max_batch_size_below_one_is_refused_before_loading():
         ({"collapse_patience": 0}, "--collapse-patience must be >= 1"),  # stopped at step 1, no collapse
         ({"train_pool": -3}, "--train-pool must be >= 1"),  # "n must be >= 0" once the model had loaded
         ({"temperature": float("inf")}, "--temperature must be >= 1e-05 and finite"),  # after loading
+        # the optimizer's: refused once the model had loaded (a Hub download, for --init Qwen/...)
+        ({"lr": 0.0}, "lr must be a positive number"),
+        ({"weight_decay": -0.1}, "weight_decay and grad_clip must be >= 0"),
+        ({"grad_clip": float("nan")}, "weight_decay and grad_clip must be >= 0"),
     ],
 )
 def test_settings_out_of_range_are_refused_by_flag(setting, message):
@@ -1099,6 +1122,19 @@ def test_settings_out_of_range_are_refused_by_flag(setting, message):
 
     with pytest.raises(ValueError, match=message):
         GRPOConfig(init="x", tasks=["arithmetic"], **setting).validate()
+
+
+def test_the_warmup_is_cut_to_half_of_a_short_run():
+    """As pretrain and SFT cut theirs: 20 warmup updates of a 4-step run trained every update at 5-20%
+    of --lr. The warmup counts optimizer updates, μ per step."""
+    from nanoseek.train.grpo import GRPOConfig
+
+    def warmup(**kw):
+        return GRPOConfig(init="x", tasks=["arithmetic"], warmup_steps=20, **kw).optim_config().warmup_steps
+
+    assert warmup(steps=4) == 2
+    assert warmup(steps=4, mu=3) == 6
+    assert warmup(steps=100) == 20
 
 
 @pytest.mark.parametrize("threads", [0, -1])

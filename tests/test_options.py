@@ -138,6 +138,60 @@ def test_distill_shares_run_flags_with_the_students_fine_tuning() -> None:
     assert (sft.init, sft.out, sft.seed, sft.lr, sft.steps) == ("tiny-dense", "runs/d", 3, 1e-4, 5)
 
 
+TRAINING_COMMANDS = [
+    ("pretrain",),
+    ("sft", "--init", "ck"),
+    ("grpo", "--init", "ck", "--task", "a"),
+    ("distill", "--teacher", "t", "--student", "s", "--task", "a"),
+    ("speedrun",),
+]
+
+
+@pytest.mark.parametrize("argv", TRAINING_COMMANDS)
+@pytest.mark.parametrize("seed", [str(2**64), str(-(2**63) - 1)])
+def test_a_seed_torch_cannot_take_is_refused_as_the_flags_are_read(argv, seed, capsys) -> None:
+    """torch.manual_seed refused it, as "Overflow when unpacking long long", only once a tokenizer was
+    trained (pretrain, speedrun) or the checkpoint resolved (a Hub --init's download)."""
+    with pytest.raises(SystemExit):
+        parse(*argv, "--seed", seed)
+    assert f"argument --seed: must be an integer in [-2**63, 2**64) (torch's 64-bit seeds), got {seed}" in (
+        capsys.readouterr().err
+    )
+    assert parse(*argv, "--seed", str(2**64 - 1)).seed == 2**64 - 1  # the range's ends are taken
+    assert parse(*argv, "--seed", str(-(2**63))).seed == -(2**63)
+
+
+@pytest.mark.parametrize(
+    ("argv", "flags"),
+    [
+        *(((*argv, "--threads", "2", "--tensorboard"), ("threads", "tensorboard")) for argv in TRAINING_COMMANDS[:4]),
+        (("eval", "ck", "--task", "a", "--threads", "2"), ("threads",)),
+        (("serve", "ck", "--threads", "2"), ("threads",)),
+    ],
+)  # fmt: skip
+def test_the_stages_that_train_or_decode_take_pretrains_threads_and_tensorboard(argv, flags) -> None:
+    """--threads and --tensorboard were pretrain's alone (--threads grpo's too): `sft --threads 2` was
+    refused as unrecognized, and sft, grpo and distill wrote no TensorBoard events."""
+    args = parse(*argv)
+    assert [getattr(args, f) for f in flags] == [{"threads": 2, "tensorboard": True}[f] for f in flags]
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        # was "auto: bf16 where the CPU multiplies bf16 natively": on a GPU too, and fine-tuning follows it
+        ("speedrun", "auto: bf16 where the hardware (GPU or CPU) multiplies bf16 natively, else fp32 (default "
+         "auto; on a GPU, fp32 keeps SFT, GRPO and distillation in fp32 too, else bf16)"),
+        # was "every sample of a task, n x k": several --task are decoded as one queue (`evaluate_many`)
+        ("eval", "(default: every sample drawn, n x k of each --task, at most 256"),
+    ],
+)  # fmt: skip
+def test_the_help_says_the_defaults_as_they_are(command, said, capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse(command, "--help")
+    assert said in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize("argv", [("grpo", "--init", "ck"), ("sft",), ("eval",)])
 def test_required_fields_are_required_flags(argv, capsys) -> None:
     with pytest.raises(SystemExit):

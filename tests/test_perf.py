@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_cpu_info_names_the_cpu_and_its_matmul_flags(tmp_path, monkeypatch):
     """What every benchmark prints beside its figures (nanoseek.perf.cpu_info)."""
@@ -336,3 +338,16 @@ def test_threads_above_the_usable_cpus_are_said(monkeypatch, capsys):
     with perf.torch_threads(2):
         pass
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("threads", [0, -1])
+def test_threads_below_one_are_refused_not_ignored(threads):
+    """eval's and serve's --threads go through `torch_threads` alone: 0 left torch's count as it was
+    without a word, -1 was torch's traceback."""
+    import nanoseek.perf as perf
+
+    with (
+        pytest.raises(ValueError, match=f"--threads must be >= 1, got {threads}"),
+        perf.torch_threads(threads),
+    ):
+        pass

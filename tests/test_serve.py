@@ -936,6 +936,26 @@ def test_api_key(tok):
         assert engine.added[-1][1].temperature == 0.0
 
 
+def test_a_request_without_max_tokens_generates_the_checkpoints_max_new_tokens(tok):
+    """generation_config.json's max_new_tokens is max_tokens for a request that leaves it out, as vLLM's
+    server reads it (it was ignored: every such request could run to the end of the context), within the
+    room the context leaves; a request's own max_tokens wins, above it too."""
+    engine = ScriptedEngine(tok, max_seq_len=64)
+    defaults = {"temperature": 0.0, "max_new_tokens": 5}  # as nanoseek serve reads them from the file
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL, sampling_defaults=defaults))
+    with LiveServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model=MODEL, messages=USER)
+        assert engine.added[-1][1].max_new_tokens == 5 and r.usage.completion_tokens == 5
+        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=9)
+        assert engine.added[-1][1].max_new_tokens == 9
+        # /v1/completions: its max_tokens null (left out it is OpenAI's 16, as in vLLM)
+        client.completions.create(model=MODEL, prompt=[5] * 10, max_tokens=None)
+        assert engine.added[-1][1].max_new_tokens == 5
+        client.completions.create(model=MODEL, prompt=[5] * 61, max_tokens=None)  # 3 tokens of room left
+        assert engine.added[-1][1].max_new_tokens == 3
+
+
 def test_queue_full_429_and_disconnect_aborts(tok):
     # 10 s of tokens per request unless aborted: the test's clients hang up long before that.
     engine = ScriptedEngine(tok, lambda prompt, params: [100 + i % 50 for i in range(200)], step_delay=0.05)
@@ -2245,24 +2265,36 @@ def test_cli_serve_refuses_a_key_no_client_can_send(tmp_path, monkeypatch, capsy
 
 
 def test_serve_sampling_defaults_from_generation_config():
-    """generation_config.json's sampling fields become the defaults (vLLM's `--generation-config auto`
-    reads the same five); do_sample false is greedy; booleans and other fields are not sampling values."""
+    """generation_config.json's sampling fields and max_new_tokens become the defaults (vLLM's
+    `--generation-config auto` reads the same six); do_sample false is greedy (its max_new_tokens still
+    holds); booleans and other fields (HF's max_length) are not sampling values."""
     from nanoseek.engine.sampling import generation_defaults
 
     cfg = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.05}
-    cfg |= {"repetition_penalty": 1.1, "max_new_tokens": 100, "bos_token_id": 0}
+    cfg |= {"repetition_penalty": 1.1, "max_new_tokens": 100, "max_length": 50, "bos_token_id": 0}
     assert generation_defaults(cfg) == {
         "temperature": 0.6,
         "top_p": 0.95,
         "top_k": 20,
         "min_p": 0.05,
         "repetition_penalty": 1.1,
+        "max_new_tokens": 100,
     }
     assert generation_defaults({"temperature": 0.7}) == {"temperature": 0.7}  # no do_sample: sampling
     assert generation_defaults({"do_sample": False, "temperature": 0.7}) == {"temperature": 0.0}
-    assert generation_defaults({"temperature": True, "top_p": "0.9"}) == {}
+    assert generation_defaults({"do_sample": False, "max_new_tokens": 9}) == {
+        "temperature": 0.0,
+        "max_new_tokens": 9,
+    }
+    assert generation_defaults({"temperature": True, "top_p": "0.9", "max_new_tokens": 1.5}) == {}
     # out of range: refused at start, naming the file, not as every request's 400 that left it out
-    for bad in ({"temperature": -1}, {"top_p": 5}, {"top_k": -3}, {"min_p": float("nan")}):
+    for bad in (
+        {"temperature": -1},
+        {"top_p": 5},
+        {"top_k": -3},
+        {"min_p": float("nan")},
+        {"max_new_tokens": 0},
+    ):
         with pytest.raises(ValueError, match=r"ckpt/generation_config\.json: invalid SamplingParams"):
             generation_defaults(bad, "ckpt/generation_config.json")
 

@@ -635,6 +635,50 @@ def test_a_resumed_time_budget_goes_on_with_what_was_left_of_it(tmp_path, monkey
     assert resumed[-1]["lr"] <= 1e-3 * (cfg.min_lr_ratio + 0.05)
 
 
+def test_a_resumed_run_with_a_deadline_known_only_as_it_goes_keeps_its_refitted_steps(
+    tmp_path, monkeypatch
+) -> None:
+    """The control beside GRPO, stopped and rerun: its deadline is unknown when it resumes, and the step
+    count it goes on with was the first plan (10), which the refitted run (~30) had outgrown: the rerun
+    said "nothing to train" and the control stopped with half its time left."""
+    import time
+
+    from nanoseek import perf
+    from nanoseek.train import loop
+    from nanoseek.train.sft import SFTConfig
+
+    fake = lambda *a, **k: 1e30  # noqa: E731  (no peak to measure on a clock that stands still)
+    fake.cache_clear = lambda: None
+    monkeypatch.setattr(perf, "matmul_peak_flops", fake)
+    now, kill_at = [0.0], [12]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    step = loop.Trainer.step
+
+    def timed_step(self, *args, **kwargs):  # 0.1 s a step, nothing else takes time
+        now[0] += 0.1
+        metrics = step(self, *args, **kwargs)
+        if self.global_step == kill_at[0]:
+            raise RuntimeError("killed")
+        return metrics
+
+    monkeypatch.setattr(loop.Trainer, "step", timed_step)
+
+    def deadline_fn():  # unknown at each process's first step, then 3 s on the clock
+        asked.append(1)
+        return None if len(asked) == 1 else 3.0
+
+    kw = dict(init="", steps=10, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=0, progress=False)
+    asked = []
+    with pytest.raises(RuntimeError, match="killed"):
+        _train_with_budget(tmp_path, SFTConfig(**kw, checkpoint_every=5), 0.0, deadline_fn=deadline_fn)
+    kill_at[0], asked = None, []
+    records = _train_with_budget(tmp_path, SFTConfig(**kw, resume=True), 0.0, deadline_fn=deadline_fn)
+    resumed = records[11:]  # the killed process logged steps 1-11; its checkpoint is step 10's
+    assert resumed and resumed[0]["step"] == 11
+    assert resumed[0]["lr"] > 0.5e-3  # mid-decay of ~30 steps, not past the end of 10
+    assert resumed[-1]["step"] >= 25  # trained until the deadline
+
+
 def test_a_resume_of_a_run_that_spent_its_budget_writes_nothing(tmp_path, monkeypatch, capsys) -> None:
     """A run the deadline stopped (step 3 of 4) has no time left: resumed with its budget, it is finished,
     as one that ran all its steps is. It saved its checkpoint again, and its end record added this
@@ -900,6 +944,7 @@ def test_cold_start_chats_ask_several_problems_in_a_row_each_once() -> None:
         (dict(warmup_steps=-1), "--warmup-steps"),
         (dict(min_lr_ratio=2.0), "--min-lr-ratio"),
         (dict(optimizer="sgd"), "--optimizer"),
+        (dict(threads=0), "--threads"),  # as pretrain's and grpo's: 0 ignored, -1 torch's traceback
     ],
 )
 def test_sft_config_names_the_flag_out_of_range(changes, flag) -> None:
@@ -1362,3 +1407,31 @@ def test_an_out_it_cannot_write_is_refused_before_the_model_loads(tmp_path, monk
         ValueError, match=r"cannot write --out .*run \(.*file: Not a directory\); choose another"
     ):
         sft(cfg)
+
+
+def test_sft_runs_on_its_threads_gives_them_back_and_writes_tensorboard(
+    micro_checkpoint, tmp_path, monkeypatch
+):
+    """--threads and --tensorboard were pretrain's alone: sft (and distill's student, which trains
+    through the same loop) ran on torch's count and wrote no TensorBoard events."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    import nanoseek.train.sft as sft_module
+    from nanoseek.train.sft import SFTConfig, sft
+
+    seen = []
+    loss = sft_module.sft_loss
+    monkeypatch.setattr(sft_module, "sft_loss", lambda *a: seen.append(torch.get_num_threads()) or loss(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = SFTConfig(
+            init=micro_checkpoint, task="arithmetic", task_examples=4, steps=2, seq_len=128,
+            out=str(tmp_path), progress=False, threads=1, tensorboard=True,
+        )  # fmt: skip
+        sft(cfg)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    events = accumulator.EventAccumulator(str(tmp_path / "tensorboard" / "sft"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("sft/loss")] == [1, 2]

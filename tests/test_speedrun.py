@@ -288,6 +288,25 @@ def test_a_multi_turn_share_out_of_range_is_refused_by_its_flag(tmp_path, capsys
     assert not (tmp_path / "r").exists()
 
 
+def test_the_speedrun_runs_on_the_threads_asked_and_gives_them_back(tmp_path, monkeypatch):
+    """--threads was pretrain's: a speedrun's count was OMP_NUM_THREADS or torch's alone. Its stages
+    share out the count they find set (`Speedrun._beside`), so the flag sets it around the whole run."""
+    import nanoseek.speedrun
+
+    seen = []
+    monkeypatch.setattr(
+        nanoseek.speedrun, "run_speedrun", lambda *a, **k: seen.append(torch.get_num_threads())
+    )
+    before = torch.get_num_threads()
+    assert (
+        main(["speedrun", "--preset", "smoke", "--out", str(tmp_path / "r"), "--threads", str(before + 1)])
+        == 0
+    )
+    assert seen == [before + 1] and torch.get_num_threads() == before
+    assert main(["speedrun", "--out", str(tmp_path / "r"), "--threads", "0"]) == 2
+    assert seen == [before + 1]
+
+
 def test_an_out_it_cannot_write_is_one_clear_error(tmp_path, monkeypatch, capsys):
     """An --out under a file, or on a full or read-only filesystem, is one line naming the cause,
     not a traceback."""

@@ -808,6 +808,11 @@ def test_bad_arguments(tmp_path) -> None:
         make_trainer(micro_model(), tmp_path, precision="fp16")
     with pytest.raises(ValueError, match="total_steps"):
         make_trainer(micro_model(), tmp_path, steps=0)
+    # a NaN γ (Python callers skip the flags' checks) made every router's selection bias NaN at the first
+    # step, and training went on with the routing broken
+    for gamma in (-0.001, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="bias_update_speed"):
+            make_trainer(micro_model(), tmp_path, bias_update_speed=gamma)
 
 
 def test_a_stage_without_a_process_group_refuses_torchrun(tmp_path, monkeypatch) -> None:

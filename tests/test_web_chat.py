@@ -505,6 +505,23 @@ def test_settings_and_the_api_key_reach_the_request(browser):
 
 
 @pytest.mark.slow
+def test_the_temperature_left_empty_is_the_servers_default(browser):
+    """The page sent temperature 0.6 of its own with every message, over the server's default from the
+    checkpoint's generation_config.json (greedy for nanoseek's own checkpoints, as `chat` and the API
+    decode them): its box now starts empty, and empty sends none."""
+    tok = tiny_tokenizer()
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
+    config = ServeConfig(model_name="web-test", sampling_defaults={"temperature": 0.0, "top_p": 0.95})
+    with LiveServer(create_app(engine, tok, config)) as srv:
+        _open_page(browser, srv)
+        _record_fetches(browser)
+        _send_and_wait(browser, "hello")
+        assert _last(browser, ".error") is None
+        assert "temperature" not in _chat_bodies(browser)[-1]
+        assert (engine.added[-1][1].temperature, engine.added[-1][1].top_p) == (0.0, 0.95)
+
+
+@pytest.mark.slow
 def test_the_reply_is_fitted_into_the_context(browser):
     """max tokens above the room left is cut to exactly the room (the server would refuse it: 400), and a
     message too long for the context on its own is refused on the page with the sizes before anything is

@@ -101,10 +101,12 @@ class EvalConfig:
     )
     max_batch_size: int | None = option(
         None,
-        "engine: sequences decoded together (default: every sample of a task, n x k, at most "
+        # (with several --task, every task's samples are one queue: `evaluate_many`)
+        "engine: sequences decoded together (default: every sample drawn, n x k of each --task, at most "
         f"{DEFAULT_MAX_BATCH}: a second, part-empty wave of the longest answers costs more than a wider batch)",
     )
     dtype: str = option("auto", AUTO_DTYPE_HELP, choices=DTYPE_CHOICES)
+    threads: int | None = option(None, "engine: torch CPU threads (default: torch's choice)")
     progress: bool = option(True)
     extra: dict[str, Any] = option(factory=dict, cli=False)
 
@@ -322,8 +324,10 @@ class CheckpointSampler:
         self.tok = checkpoint_tokenizer(self.path)  # one from another model: said before the weights load
         # the checkpoint's generation_config.json settings that eval has no flag for (a Qwen fine-tune's
         # top_k 20, repetition_penalty 1.05): `nanoseek serve` (and vLLM) sample with them, so the same
-        # model scored through its server and here drew differently (temperature and top_p are eval's own)
-        given = {k: v for k, v in self.tok.generation_config.items() if k not in ("temperature", "top_p")}
+        # model scored through its server and here drew differently (temperature, top_p and the answer's
+        # length are eval's own: the benchmark's settings, as lm-evaluation-harness keeps its max_gen_toks)
+        own = ("temperature", "top_p", "max_new_tokens")
+        given = {k: v for k, v in self.tok.generation_config.items() if k not in own}
         self.sampling = generation_defaults(given, self.path / "generation_config.json")
         self.sampling.pop("temperature", None)  # do_sample false: greedy, where eval's --temperature rules
         model = load_model(self.path, dtype=cfg.dtype, device=default_device()).eval()
@@ -559,7 +563,11 @@ def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
         raise ValueError(f"--concurrency must be >= 1 (or left out), got {cfg.concurrency}")
     # a flag of the other kind of model would do nothing: refused, not ignored
     if cfg.model.startswith(("http://", "https://")):
-        unused = {"--dtype": cfg.dtype != "auto", "--max-batch-size": cfg.max_batch_size is not None}
+        unused = {
+            "--dtype": cfg.dtype != "auto",
+            "--max-batch-size": cfg.max_batch_size is not None,
+            "--threads": cfg.threads is not None,
+        }
         applies = "a checkpoint (the server decides for a URL)"
     else:
         unused = {

@@ -12,6 +12,9 @@ What is notable here:
 - The tokenizer goes in whole (tokens, types, merges, BOS/EOS/PAD, the chat template) with
   `tokenizer.ggml.pre` naming the split regex; llama.cpp applies its own copy of the regex for that
   name, so only a tokenizer with exactly that regex is exported (`nanoseek.tokenizer.LLAMA_CPP_PRE`).
+- The checkpoint's sampling defaults (generation_config.json's temperature, top_p, top_k, min_p;
+  `do_sample: false` as temperature 0, greedy) go in as `general.sampling.*`, which llama.cpp takes where
+  its flags leave them out, as llama.cpp's own converter writes them from that file.
 - Weights in f32, f16, bf16 or q8_0 (blocks of 32 with one fp16 scale); norms, the router and biases
   stay f32, as llama.cpp's own converter keeps them. f16 is an fp16 checkpoint's own precision (bf16
   would round off 3 bits of each weight), as llama.cpp's converter writes one.
@@ -182,6 +185,7 @@ def export_gguf(
             "files (tokenizer.json, tokenizer_config.json) into the checkpoint directory"
         )
     from nanoseek.checkpoint import load_model
+    from nanoseek.engine.sampling import generation_defaults
     from nanoseek.tokenizer import checkpoint_tokenizer
 
     tok = checkpoint_tokenizer(src, config)
@@ -193,6 +197,8 @@ def export_gguf(
             f"switched to Qwen2's split regex (llama.cpp's {LLAMA_CPP_PRE!r}) must be retrained "
             "(nanoseek tokenizer train) and the model trained on it, to export to GGUF"
         )
+    # a value out of range in the file refused now, as `serve` refuses it, not after the weights load
+    sampling = generation_defaults(tok.generation_config, src / "generation_config.json")
     say(f"loading {src}")
     model = load_model(src, dtype=torch.float32)
     config = model.config  # load_model may drop MTP layers the files do not hold
@@ -217,6 +223,7 @@ def export_gguf(
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             _write_hparams(writer, gguf, config)
             _write_tokenizer(writer, gguf, tok, config.vocab_size, pre)
+            _write_sampling(writer, sampling)
             n_tensors = 0
             for name, array, keep_f32 in _gguf_tensors(model, gguf):
                 data, raw = _encode(gguf, array, None if keep_f32 else qtype)
@@ -311,6 +318,20 @@ def _write_tokenizer(w: Any, gguf: Any, tok: Tokenizer, vocab_size: int, pre: st
     w.add_add_eos_token(False)
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
+
+
+def _write_sampling(w: Any, sampling: dict[str, float]) -> None:
+    """`generation_defaults` as llama.cpp's general.sampling.* keys: the fields llama.cpp's converter takes
+    from generation_config.json (its repetition penalty counts only the last 64 tokens: not written)."""
+    keys = {
+        "temperature": w.add_sampling_temp,
+        "top_p": w.add_sampling_top_p,
+        "top_k": w.add_sampling_top_k,
+        "min_p": w.add_sampling_min_p,
+    }
+    for name, value in sampling.items():
+        if name in keys:
+            keys[name](value)
 
 
 # ------------------------------------------------------------------ tensors

@@ -31,6 +31,22 @@ def path(text: str) -> str:
     return os.path.expanduser(text)
 
 
+def torch_seed(text: str) -> int:
+    """The `type` (argparse) or `parse` (`option`) of a training command's --seed: an integer torch's
+    generators take (one 64-bit word; a negative one as its two's complement, as torch reads it). A seed
+    outside it was refused only by `torch.manual_seed`, as "Overflow when unpacking long long", once a
+    tokenizer was trained or a checkpoint downloaded."""
+    try:
+        value = int(text)
+    except ValueError:  # as argparse says it for `type=int` (not "invalid torch_seed value")
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer in [-2**63, 2**64) (torch's 64-bit seeds), got {text}"
+        )
+    return value
+
+
 def shell_quoted(value: str | os.PathLike) -> str:
     """`value` as one argument of a command printed for the user to paste: a path with spaces or quotes
     quoted for their shell (POSIX sh; cmd.exe's rules on Windows), a plain one as it is."""

@@ -36,9 +36,11 @@ def cpu_has_bf16() -> bool:
 def torch_threads(threads: int | None) -> Iterator[None]:
     """torch's CPU threads at `threads` (None: left as they are) inside, the caller's count back after:
     the setting is the process's, and a notebook's session goes on after a stage that set it."""
-    if not threads:
+    if threads is None:
         yield
         return
+    if threads < 1:  # 0 was ignored, -1 torch's traceback
+        raise ValueError(f"--threads must be >= 1, got {threads}")
     import torch
 
     say_if_oversubscribed(threads)

@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.data.tasks import split_task_list
     from nanoseek.evaluate import EvalConfig, evaluate_many, slug
     from nanoseek.options import from_options
+    from nanoseek.perf import torch_threads
 
     tasks = split_task_list(args.task)
     cfgs = []
@@ -37,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
             out = str(Path(out).with_name(f"{Path(out).stem}_{slug(task)}{Path(out).suffix or '.json'}"))
         cfgs.append(from_options(EvalConfig, args, task=task, out=out))
     # one model load, and every task's samples in one engine queue (each the samples it alone would draw)
-    for task, m in zip(tasks, evaluate_many(cfgs), strict=True):
+    with torch_threads(args.threads):
+        results = evaluate_many(cfgs)
+    for task, m in zip(tasks, results, strict=True):
         k = m["k"]
         print(
             f"eval {task} ({m['evaluated']}): pass@1 {m['pass@1']:.3f} ± {m['pass@1_stderr']:.3f}, "

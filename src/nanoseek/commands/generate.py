@@ -24,17 +24,17 @@ def add_generation_flags(
     def sampling_flags(_: argparse.ArgumentParser) -> None:
         # imported here, when the command is parsed: nanoseek.engine loads torch (`options.defer`)
         from nanoseek.engine import SamplingParams
-        from nanoseek.engine.sampling import GENERATION_SAMPLING_FIELDS
+        from nanoseek.engine.sampling import GENERATION_DEFAULT_FIELDS
 
         defaults = {"max_new_tokens": max_new_tokens, "temperature": temperature}
         add_options(g, SamplingParams, defaults=defaults)
         # A flag left out takes the checkpoint's generation_config.json value (Qwen2.5's top_k 20,
-        # `do_sample: false`), as `serve` does for a request that leaves the field out: chat sampled a
-        # model its server decodes greedily. None marks a flag left out; the command's own value is the
-        # fallback where the file says nothing.
+        # `do_sample: false`, a max_new_tokens), as `serve` does for a request that leaves the field out:
+        # chat sampled a model its server decodes greedily. None marks a flag left out; the command's own
+        # value is the fallback where the file says nothing.
         fallbacks = {}
         for action in g._group_actions:
-            if action.dest in GENERATION_SAMPLING_FIELDS:
+            if action.dest in GENERATION_DEFAULT_FIELDS:
                 fallbacks[action.dest] = action.default
                 action.help = action.help.replace(
                     "(default: %(default)s)",
@@ -93,13 +93,13 @@ def file_sampling_defaults(
     """The sampling values the checkpoint's `generation_config` (read from `source`) gives the flags left
     out, read as `serve` reads them for a request; a bad value in the file is refused only where its flag
     is left out (a flag given is the user's fix for it)."""
-    from nanoseek.engine.sampling import GENERATION_SAMPLING_FIELDS, generation_defaults
+    from nanoseek.engine.sampling import GENERATION_DEFAULT_FIELDS, generation_defaults
 
     left_out = {k for k in getattr(args, "sampling_fallbacks", {}) if getattr(args, k) is None}
     cfg = {
         k: v
         for k, v in (generation_config or {}).items()
-        if k in left_out or k not in GENERATION_SAMPLING_FIELDS
+        if k in left_out or k not in GENERATION_DEFAULT_FIELDS
     }
     return {k: v for k, v in generation_defaults(cfg, source).items() if k in left_out}
 

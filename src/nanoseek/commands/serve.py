@@ -77,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=AUTO_DTYPE_HELP,
     )
     p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument(
         "--quantize",
@@ -107,6 +108,13 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nanoseek.perf import torch_threads
+
+    with torch_threads(args.threads):  # (said first, with the other flags, before the weights load)
+        return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 

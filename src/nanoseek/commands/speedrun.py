@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from nanoseek.options import Extend, path
+    from nanoseek.options import Extend, path, torch_seed
 
     p = sub.add_parser(
         "speedrun",
@@ -31,12 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "learned from its verifier alone). Default: the preset's (smoke: addition, comparison and "
         "largest; cpu and gpu: seven with worked solutions and largest)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=torch_seed, default=0)
     p.add_argument(
         "--precision",
         choices=("auto", "bf16", "fp32"),
         default="auto",
-        help="pretraining precision; auto: bf16 where the CPU multiplies bf16 natively, else fp32",
+        # on a GPU it was "auto" bf16 too, and fp32 keeps SFT, GRPO and distillation in fp32 there
+        # (`Speedrun._tuning_precision`): the help said a CPU's rule alone, for pretraining alone
+        help="pretraining precision; auto: bf16 where the hardware (GPU or CPU) multiplies bf16 natively, else fp32 "
+        "(default auto; on a GPU, fp32 keeps SFT, GRPO and distillation in fp32 too, else bf16)",
     )
     p.add_argument(
         "--multi-turn",
@@ -53,11 +56,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="GRPO draws each family asked second in a chat too: a chat's later questions answered "
         "better, the first a little worse (default: the preset's; off in cpu and gpu)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads, shared out among the stages it runs side by side (default: torch's choice)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from nanoseek.perf import torch_threads
     from nanoseek.speedrun import run_speedrun
 
     overrides = {"seed": args.seed, "precision": args.precision}
@@ -69,5 +79,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["grpo_second_turn"] = args.grpo_second_turn
     if args.tasks is not None:  # `--tasks ""` is refused as naming no family, not taken as the preset's
         overrides["families"] = args.tasks
-    run_speedrun(args.out, args.preset, progress=not args.no_progress, **overrides)
+    # the stages beside one another (and the evaluation workers) split the count they find set
+    with torch_threads(args.threads):
+        run_speedrun(args.out, args.preset, progress=not args.no_progress, **overrides)
     return 0

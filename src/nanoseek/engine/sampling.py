@@ -289,19 +289,27 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]) -
 
 # the sampling fields of a checkpoint's generation_config.json that nanoseek reads (`generation_defaults`)
 GENERATION_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# ... and its max_new_tokens, the length of a generation that does not ask for one: vLLM's server reads it
+# so (a request's max_tokens), as transformers' generate does. HF's max_length (prompt included) is not
+# read, as vLLM does not read it.
+GENERATION_DEFAULT_FIELDS = (*GENERATION_SAMPLING_FIELDS, "max_new_tokens")
 
 
 def generation_defaults(cfg: dict, source: object = "generation_config.json") -> dict[str, float]:
-    """Sampling fields of the checkpoint's generation_config.json (`source`, read with its tokenizer)
-    that requests may leave out; one out of range (a hand edit: top_p 5, temperature -1) is refused
-    here, where it failed every request that left the field out as that request's own error."""
+    """Sampling fields and max_new_tokens of the checkpoint's generation_config.json (`source`, read with
+    its tokenizer) that requests may leave out; one out of range (a hand edit: top_p 5, temperature -1)
+    is refused here, where it failed every request that left the field out as that request's own error."""
+    # `do_sample: false` is greedy whatever else the file names, but still as long as it says
+    length = {"max_new_tokens": cfg["max_new_tokens"]} if _is_token_id(cfg.get("max_new_tokens")) else {}
     if not cfg.get("do_sample", True):
-        return {"temperature": 0.0}
-    defaults = {
-        k: cfg[k]
-        for k in GENERATION_SAMPLING_FIELDS
-        if isinstance(cfg.get(k), int | float) and not isinstance(cfg.get(k), bool)
-    }
+        defaults: dict[str, float] = {"temperature": 0.0, **length}
+    else:
+        defaults = {
+            k: cfg[k]
+            for k in GENERATION_SAMPLING_FIELDS
+            if isinstance(cfg.get(k), int | float) and not isinstance(cfg.get(k), bool)
+        }
+        defaults.update(length)
     try:
         SamplingParams(**defaults).validate()
     except ValueError as e:

@@ -116,6 +116,7 @@ class ServeConfig:
     retry_after: int = 1  # seconds, sent with 429
     # Sampling defaults for fields a request leaves out (from the checkpoint's generation_config.json,
     # e.g. R1's temperature 0.6 / top_p 0.95); otherwise OpenAI's defaults (temperature 1, top_p 1).
+    # Its max_new_tokens is max_tokens where a request leaves that out (otherwise the context's room).
     sampling_defaults: dict[str, float] = field(default_factory=dict)
     # Largest request body read (413 above it): the body is parsed and tokenized whole, so without a bound one
     # request holds gigabytes and minutes of CPU.
@@ -341,7 +342,11 @@ class Server:
                 param=param if prompt_len < ctx else prompt_param,
                 code="context_length_exceeded",
             )
-        return max_tokens if max_tokens is not None else ctx - prompt_len
+        if max_tokens is not None:
+            return max_tokens
+        # left out: the checkpoint's generation_config.json max_new_tokens where it names one, as vLLM's
+        # server reads it, within the room the context leaves
+        return min(self.config.sampling_defaults.get("max_new_tokens", ctx), ctx - prompt_len)
 
     def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
         out = {}

@@ -6,7 +6,8 @@ FastAPI's 422. Unknown fields are accepted and ignored (clients such as lm-evalu
 extras), as vLLM does, except fields that would change the output and are not implemented (`UNSUPPORTED`:
 vLLM's extensions, OpenAI's audio output and web search): those are refused, naming the field. `null`
 stands for the default of a field that cannot hold it, as OpenAI's spec has it (`"n": null` is n=1);
-`max_tokens: null` is no limit but the context's, as in vLLM.
+`max_tokens: null` is the checkpoint's generation_config.json max_new_tokens where it names one, else no
+limit but the context's, as in vLLM.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ What is notable here:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ import torch
 
 from nanoseek.atomic import atomic_write, check_out
 from nanoseek.data.tasks import prescore, split_task_list
-from nanoseek.engine.sampling import refuse_identical_samples
-from nanoseek.options import option, path, shell_quoted
+from nanoseek.engine.sampling import SamplingParams, refuse_identical_samples
+from nanoseek.options import option, path, shell_quoted, torch_seed
 from nanoseek.train.sft import SFTConfig, completion_example, train_on_examples
 
 
@@ -48,13 +49,42 @@ class DistillConfig:
         False, "train on the tasks' reference solutions when the teacher solves nothing"
     )
     max_new_tokens: int = option(256)
-    temperature: float = option(0.7)
-    top_p: float = option(0.95)
+    # the teacher's sampling: a flag left out (None) takes the teacher's generation_config.json value,
+    # else TEACHER_SAMPLING's (`teacher_sampling`)
+    temperature: float | None = option(
+        None, "the teacher's sampling temperature (default: its generation_config.json's, else 0.7)"
+    )
+    top_p: float | None = option(None, "(default: the teacher's generation_config.json, else 0.95)")
+    top_k: int | None = option(None, "(default: the teacher's generation_config.json, else 0: off)")
+    min_p: float | None = option(None, "(default: the teacher's generation_config.json, else 0: off)")
+    repetition_penalty: float | None = option(
+        None, "(default: the teacher's generation_config.json, else 1: off)"
+    )
     out: str = option("runs/distill", "run directory", parse=path)
-    seed: int = option(0)
+    seed: int = option(0, parse=torch_seed)
     language: str | None = option(None, "only prompts in this language (en, ja, zh)")
     max_batch_size: int = option(64, "engine: sequences decoded together")
     sft: SFTConfig = option(factory=lambda: SFTConfig(init=""), cli=False)
+
+
+# the teacher's sampling where neither a flag nor its generation_config.json names a value
+TEACHER_SAMPLING = {"temperature": 0.7, "top_p": 0.95, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def teacher_sampling(cfg: DistillConfig, generation_config: dict, source: object) -> DistillConfig:
+    """`cfg` with the teacher's sampling settled: a flag given, else the teacher's generation_config.json
+    value (the setting its authors sample it with: R1-Distill's 0.6 / 0.95, Qwen2.5's top_k 20, as
+    `generate` and `serve` read it), else TEACHER_SAMPLING's. Its `do_sample: false` is not taken:
+    rejection sampling draws k different samples, and every checkpoint nanoseek trains says it."""
+    from nanoseek.engine.sampling import generation_defaults
+
+    left_out = [k for k in TEACHER_SAMPLING if getattr(cfg, k) is None]
+    # only the values used: a bad one the flag replaces is the user's fix for it
+    file = generation_defaults({k: v for k, v in generation_config.items() if k in left_out}, source)
+    if file:
+        shown = ", ".join(f"{k}={v}" for k, v in file.items())
+        print(f"distill: the teacher samples with its generation_config.json's {shown}")
+    return dataclasses.replace(cfg, **{k: file.get(k, TEACHER_SAMPLING[k]) for k in left_out})
 
 
 def build_student(student: str, tokenizer: Any, seed: int = 0) -> torch.nn.Module:
@@ -132,6 +162,11 @@ def sample_correct_traces(
     """(problem, prompt_ids, completion_ids) for the correct samples, and acceptance statistics."""
     from nanoseek.evaluate import chat_prompt_ids, engine_generate, strip_stop
 
+    # settled by `distill` already; a caller's cfg with flags left out (None) as `distill` settles them
+    cfg = teacher_sampling(
+        cfg, getattr(tokenizer, "generation_config", {}), "the teacher's generation_config.json"
+    )
+
     stop = list(tokenizer.stop_token_ids)
     prompts = [chat_prompt_ids(tokenizer, p.messages) for p in problems]
     flat = [ids for ids in prompts for _ in range(cfg.k)]
@@ -143,6 +178,7 @@ def sample_correct_traces(
         top_p=cfg.top_p,
         stop_token_ids=stop,
         seed=cfg.seed,
+        sampling={"top_k": cfg.top_k, "min_p": cfg.min_p, "repetition_penalty": cfg.repetition_penalty},
         # minutes of sampling at the defaults (256 prompts x k = 4 per task) showed nothing at all
         progress="teacher samples" if cfg.sft.progress else False,
     )
@@ -184,8 +220,10 @@ def sample_correct_traces(
 # are unchanged (the SFT settings are the Trainer's to check).
 SAMPLING_SETTINGS = (
     "tasks", "k", "prompts", "keep_per_prompt", "fallback_reference", "max_new_tokens", "temperature",
-    "top_p", "seed", "language",
+    "top_p", "top_k", "min_p", "repetition_penalty", "seed", "language",
 )  # fmt: skip
+# settings distill did not record before it read them: traces saved without them were sampled with them off
+UNRECORDED = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 def _sampling_settings(cfg: DistillConfig, teacher_dir: Path) -> dict[str, Any]:
@@ -206,9 +244,10 @@ def _traces_to_reuse(path: Path, settings: dict[str, Any]) -> dict[str, Any] | N
             "again, or choose another --out"
         )
     # through JSON, as saved: a tuple and a list compare equal
-    changed = [k for k, v in json.loads(json.dumps(settings)).items() if saved["settings"].get(k) != v]
+    before = {**UNRECORDED, **saved["settings"]}
+    changed = [k for k, v in json.loads(json.dumps(settings)).items() if before.get(k) != v]
     if changed:
-        shown = ", ".join(f"{k}: {saved['settings'].get(k)!r} -> {settings[k]!r}" for k in changed)
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {settings[k]!r}" for k in changed)
         raise ValueError(
             f"--resume: {path} was sampled with other settings ({shown}); run without --resume to sample "
             "again, or choose another --out"
@@ -228,6 +267,7 @@ def distill(cfg: DistillConfig) -> Path:
     import time
 
     from nanoseek.checkpoint import resolve_checkpoint
+    from nanoseek.perf import torch_threads
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.loop import hold_stage
 
@@ -238,19 +278,24 @@ def distill(cfg: DistillConfig) -> Path:
     if cfg.max_batch_size < 1:  # said now, as serve says it, not by the engine once the teacher has loaded
         raise ValueError(f"--max-batch-size must be >= 1, got {cfg.max_batch_size}")
     # (NaN too) said now, not by the engine once the teacher has loaded
-    if not 0 <= cfg.temperature < math.inf:
+    if cfg.temperature is not None and not 0 <= cfg.temperature < math.inf:
         raise ValueError(f"--temperature must be >= 0 and finite, got {cfg.temperature}")
-    refuse_identical_samples(cfg.temperature, cfg.k, "-k", "a prompt")
+    given = {k: getattr(cfg, k) for k in TEACHER_SAMPLING if getattr(cfg, k) is not None}
+    SamplingParams(**given).validate()  # --top-p 5 too
+    if cfg.temperature is not None:  # else the teacher's generation_config.json may set one
+        refuse_identical_samples(cfg.temperature, cfg.k, "-k", "a prompt")
     cfg.sft.validate()  # before the teacher's sampling, not after it
     run = Path(cfg.out)
     # nor an --out it cannot write (a file, a read-only disk): the traces are its first write
     check_out(run, resume=cfg.sft.resume)
     teacher_dir = resolve_checkpoint(cfg.teacher, flag="--teacher")
     tok = load_tokenizer(teacher_dir)
+    cfg = teacher_sampling(cfg, tok.generation_config, teacher_dir / "generation_config.json")
+    refuse_identical_samples(cfg.temperature, cfg.k, "-k", "a prompt")
     _check_student(cfg.student, tok)  # a typo in --student must not cost the whole sampling first
     torch.manual_seed(cfg.seed)
     # held from the teacher's sampling on: a second distill into --out would sample beside it for nothing
-    with hold_stage(run, "distill"):
+    with torch_threads(cfg.sft.threads), hold_stage(run, "distill"):  # the teacher's sampling too
         traces_path = run / "distill_traces.json"
         settings = _sampling_settings(cfg, teacher_dir)
         saved = _traces_to_reuse(traces_path, settings) if cfg.sft.resume else None

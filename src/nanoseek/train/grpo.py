@@ -21,21 +21,25 @@ What is notable here:
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from nanoseek.data.tasks import split_task_list
 from nanoseek.engine.sampling import GREEDY_BELOW
 from nanoseek.model.loss import target_logprobs
-from nanoseek.options import check_choices, option, path
+from nanoseek.options import check_choices, option, path, torch_seed
 from nanoseek.perf import usable_cpus
 from nanoseek.train.sft import PackedBatch, packed_batch_at, sft_loss
+
+if TYPE_CHECKING:
+    from nanoseek.train.loop import OptimConfig
 
 LOSS_TYPES: tuple[str, ...] = ("grpo", "dr_grpo", "dapo")
 TASK_SAMPLING: tuple[str, ...] = ("uniform", "signal", "unsolved")
@@ -330,7 +334,7 @@ class GRPOConfig:
     top_p: float = option(1.0)
     lr: float = option(1e-5, "learning rate")
     weight_decay: float = option(0.0)
-    warmup_steps: int = option(0)
+    warmup_steps: int = option(0, "optimizer updates of linear warmup (μ per step), at most half of them")
     grad_clip: float = option(1.0)
     bias_update_speed: float = option(
         0.0,
@@ -375,7 +379,7 @@ class GRPOConfig:
         "that has them); leave out a family GRPO must learn from its verifier alone",
         parse=split_task_list,
     )
-    seed: int = option(0)
+    seed: int = option(0, parse=torch_seed)
     checkpoint_every: int = option(0, "GRPO steps between checkpoints (0 = only at the end)")
     resume: bool = option(False, "continue from RUN/grpo/ if it holds a checkpoint")
     precision: str = option("fp32", choices=("fp32", "bf16"))
@@ -387,6 +391,7 @@ class GRPOConfig:
         "mean entropy of the last 5 steps below this and below 20%% of the first 5 steps' warns of collapse",
     )
     progress: bool = option(True)
+    tensorboard: bool = option(False, "also write TensorBoard events to RUN/tensorboard/")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
     reward_workers: int | None = option(
         None,
@@ -450,6 +455,26 @@ class GRPOConfig:
 
         # said now, not after the model loads (a Hub download): an unknown part, a custom one's import
         parse_reward_spec(self.reward)
+        if self.tensorboard:  # its package said now, not once the policy has loaded
+            from nanoseek.train.loop import require_tensorboard
+
+            require_tensorboard()
+        self.optim_config()  # --lr, --weight-decay, --grad-clip, --warmup-steps too
+
+    def optim_config(self) -> OptimConfig:
+        """The Trainer's optimizer settings (its checks refuse a bad --lr, --grad-clip, ...), over the
+        run's optimizer updates (μ per step); the warmup at most half of them, as the other stages cut
+        theirs: one longer than the run trained every update below --lr."""
+        from nanoseek.train.loop import OptimConfig
+
+        return OptimConfig(
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            betas=(0.9, 0.99),
+            warmup_steps=min(self.warmup_steps, self.steps * self.mu // 2),
+            schedule="constant",
+            grad_clip=self.grad_clip,
+        )
 
 
 @dataclass
@@ -586,10 +611,10 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
     from nanoseek.data.tasks import get_task
     from nanoseek.engine import Engine
     from nanoseek.evaluate import chat_prompt_ids, prompt_opens_think
-    from nanoseek.metrics import MetricsLog, progress_bar
+    from nanoseek.metrics import progress_bar
     from nanoseek.perf import default_device
     from nanoseek.tokenizer import checkpoint_tokenizer
-    from nanoseek.train.loop import OptimConfig, Trainer
+    from nanoseek.train.loop import StepLog, Trainer
 
     init = resolve_checkpoint(cfg.init, flag="--init")
     if cfg.beta > 0 and Path(init).resolve() == (Path(cfg.out) / "grpo").resolve():
@@ -621,14 +646,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
         model,
         run,
         "grpo",
-        OptimConfig(
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            betas=(0.9, 0.99),
-            warmup_steps=cfg.warmup_steps,
-            schedule="constant",
-            grad_clip=cfg.grad_clip,
-        ),
+        cfg.optim_config(),
         total_steps=total_updates,
         precision=cfg.precision,
         tokenizer=tok,
@@ -662,10 +680,13 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
     engine = Engine(model, max_batch_size=cfg.max_batch_size)
     stop = list(tok.stop_token_ids)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    metrics_log = MetricsLog(run, "grpo")
+    # RUN/metrics.jsonl, and TensorBoard as pretrain and sft write it (the bar is the loop's own)
+    metrics_log = StepLog(
+        run, "grpo", cfg.steps, tensorboard=cfg.tensorboard, progress=False, resumed_from=start
+    )
     if extra is None:  # a new run: the report reads it apart from any before it in RUN
         trainer.note_replacing()
-        metrics_log.log(step=0, event="start")
+        metrics_log.log(0, event="start")
     sampler = PromptSampler(pools, cfg.task_sampling, history.get("task_signal"))
     left_out: list[str] = []
     if cfg.task_sampling == "unsolved":
@@ -678,6 +699,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
         left_out = sampler.leave_out(solved, keep_at_least=cfg.batch_prompts)
         if fresh:
             metrics_log.log(
+                None,
                 event="probe",
                 pass_rates=history["pass_rates"],
                 left_out=left_out,
@@ -710,7 +732,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
     # the bar closed however the loop ends: one an interrupted notebook cell left open (its traceback
     # keeps it) pushed every later bar of the session down a line, which a notebook draws as a new line
     # per redraw
-    with trainer.stop_on_signals(), bar:
+    with trainer.stop_on_signals(), bar, contextlib.closing(metrics_log):
         for step in range(start, cfg.steps):
             # ------------------------------------------------------------------ rollouts
             rng = random.Random(cfg.seed * 1_000_003 + step)
@@ -798,7 +820,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
                 bad_steps += 1
             else:
                 bad_steps = 0
-            metrics_log.log(step=step + 1, **rec)
+            metrics_log.log(step + 1, **rec)
             last = rec
             bar.set_postfix(
                 {
@@ -846,7 +868,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
     if trainer.stop_signal:  # no end record: the run goes on at its --resume, as after a kill
         done = step + 1 if last else start  # in GRPO's steps, not the optimizer's (μ per step)
         raise trainer.interrupted(trainer.checkpoint_dir, done, cfg.steps)
-    metrics_log.log(event="end", wall_time_s=time.perf_counter() - t_run)
+    metrics_log.log(None, event="end", wall_time_s=time.perf_counter() - t_run)
     if last:  # the steps this process ran: fewer than planned where --stop-on-collapse ended it
         print(
             f"grpo: {step + 1 - start} steps in {time.perf_counter() - t_run:.0f}s; last reward "

@@ -320,6 +320,8 @@ class Trainer:
     `model` is the unwrapped module; the trainer applies fp8 conversion and FSDP2 itself (`trainer.model`).
     With a `deadline` (a time.perf_counter() value) the schedule's length is refit to the pace measured,
     so a time-budgeted run still anneals by the deadline instead of being cut off mid-decay.
+    `deadline_later`: the stage sets `deadline` as it goes (`train_on_examples`' deadline_fn), so
+    `total_steps` is a first estimate there too.
     """
 
     def __init__(
@@ -341,6 +343,7 @@ class Trainer:
         spike_min_delta: float = 0.5,
         max_consecutive_skips: int = 10,
         deadline: float | None = None,
+        deadline_later: bool = False,
         dist: DistInfo | None = None,
         config_extra: dict[str, Any] | None = None,
         resume_settings: dict[str, Any] | None = None,
@@ -350,8 +353,8 @@ class Trainer:
             raise ValueError(f"precision {precision!r} not in {', '.join(PRECISIONS)}")
         if total_steps <= 0:
             raise ValueError(f"total_steps must be > 0, got {total_steps}")
-        if bias_update_speed < 0:
-            raise ValueError("bias_update_speed (γ) must be >= 0")
+        if not 0 <= bias_update_speed < math.inf:  # NaN fails too: it made every router's bias NaN
+            raise ValueError(f"bias_update_speed (γ) must be >= 0 and finite, got {bias_update_speed}")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if dist is None and world > 1:
             # each of torchrun's processes would train the whole batch on its own and write the same
@@ -379,6 +382,7 @@ class Trainer:
         self.spike_min_delta = spike_min_delta
         self.max_consecutive_skips = max_consecutive_skips
         self.deadline = deadline
+        self.deadline_later = deadline_later
         self.config_extra = config_extra or {}
         # the stage's own settings (by field name) that `resume` must find unchanged, beside the trainer's
         self.resume_settings = resume_settings or {}
@@ -1021,9 +1025,10 @@ class Trainer:
         if not optim_state.get("state"):  # saved before any update: the loader's zero-gradient init step
             self.optimizer.state.clear()  # (see `save`) must not count either
         self.global_step = int(state["step"])
-        if self.deadline is not None:
+        if self.deadline is not None or self.deadline_later:
             # a time-budgeted run goes on with the step count last refitted to its deadline, not the
             # first estimate: one the run had outgrown ended it at once, a longer one restarted its decay
+            # (a deadline still unknown at the resume too: the speedrun's control beside GRPO)
             self._refit(int(self._saved_meta(ckpt).get("total_steps", self.total_steps)))
         self.tokens_seen = int(state["tokens_seen"])
         self.skipped_steps = int(state["skipped_steps"])
@@ -1153,9 +1158,7 @@ class StepLog:
         """Record one `Trainer.step`'s metrics (throughput and MFU added); `total_steps` refits the bar."""
         metrics = dict(metrics)
         step = metrics.pop("step")
-        for old in self._replaced:
-            old.unlink(missing_ok=True)
-        self._replaced = []
+        self._drop_replaced()
         if total_steps is not None:
             self.total_steps = total_steps
         loads = metrics.pop("expert_load", None)
@@ -1214,8 +1217,15 @@ class StepLog:
             return
         (self._bar.write if self._bar is not None else print)(message)
 
+    def _drop_replaced(self) -> None:
+        for old in self._replaced:
+            old.unlink(missing_ok=True)
+        self._replaced = []
+
     def log(self, step: int | None, **metrics: Any) -> dict[str, Any]:
         """Append to RUN/metrics.jsonl (rank 0) and TensorBoard if enabled."""
+        if step:  # a step's record (GRPO logs its steps here, not through `step`): as in `step`
+            self._drop_replaced()
         record = self.metrics.log(step=step, **metrics)
         if self._tb is not None and step is not None:
             for k, v in metrics.items():

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nanoseek.accounting import human
-from nanoseek.options import check_choices, option, path
+from nanoseek.options import check_choices, option, path, torch_seed
 from nanoseek.perf import cpu_has_bf16
 
 if TYPE_CHECKING:  # torch loads inside the functions, so `nanoseek --help` stays fast
@@ -151,7 +151,7 @@ class PretrainConfig:
     checkpoint_every: int = option(200, "0 = only at the end", group=RUN)
     expert_load_every: int = option(50, "log per-expert loads every K steps", group=RUN)
     log_every: int = option(1, group=RUN)
-    seed: int = option(0, group=RUN)
+    seed: int = option(0, parse=torch_seed, group=RUN)
     resume: bool = option(False, "continue from RUN/pretrain/ if it exists", group=RUN)
     tensorboard: bool = option(False, "also write TensorBoard events to RUN/tensorboard/", group=RUN)
     progress: bool = option(True, "no progress bars (log lines only)", group=RUN)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.model.attention import document_causal_mask
-from nanoseek.options import check_choices, option, path
+from nanoseek.options import check_choices, option, path, torch_seed
 from nanoseek.tokenizer import THINK_END, THINK_START, content_text, openai_message, render_tool_calls
 
 IGNORE = -100
@@ -407,13 +407,16 @@ class SFTConfig:
     checkpoint_every: int = option(0, "steps between checkpoints (0 = only at the end)")
     # shared with `nanoseek distill`, whose student trains as the stage `distill`
     resume: bool = option(False, "continue from RUN/sft/ (distill: RUN/distill/) if it holds a checkpoint")
-    seed: int = option(0)
+    seed: int = option(0, parse=torch_seed)
     language: str | None = option(None, "only --task problems in this language (en, ja, zh)")
     multi_turn: float = option(
         0.0,
         "share of --task chats that ask 2-3 problems in a row (history: earlier answers, as clients send)",
     )
     progress: bool = option(True)
+    # as pretrain's (`StepLog`): each stage's curves in RUN/tensorboard/<stage>/ (distill: "distill")
+    tensorboard: bool = option(False, "also write TensorBoard events to RUN/tensorboard/")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
     # a time-matched control run: stop and save once this budget from the start of sft() is spent
     max_seconds: float | None = option(
         None,
@@ -444,6 +447,12 @@ class SFTConfig:
             raise ValueError(
                 f"--max-seconds must be a finite number > 0 (or left out for no budget), got {self.max_seconds}"
             )
+        if self.threads is not None and self.threads < 1:  # as pretrain's: 0 ignored, -1 torch's traceback
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.tensorboard:  # its package said now, not once the model and data are read
+            from nanoseek.train.loop import require_tensorboard
+
+            require_tensorboard()
 
 
 def task_conversations(
@@ -622,6 +631,7 @@ def train_on_examples(
         checkpoint_every=cfg.checkpoint_every,
         tokenizer=tokenizer,
         deadline=(started or t0) + cfg.max_seconds if cfg.max_seconds else None,
+        deadline_later=deadline_fn is not None,
         config_extra=config_extra or {},
         resume_settings={
             **{name: getattr(cfg, name) for name in RESUME_SETTINGS},
@@ -640,7 +650,12 @@ def train_on_examples(
     spent = float((trainer.resume() or {}).get("seconds_spent", 0.0)) if cfg.resume else 0.0
     # sft_loss is the main head's alone: the MTP modules do not run, so their FLOPs are not the step's
     log = StepLog.for_trainer(
-        trainer, seq_len=cfg.seq_len, include_mtp=False, progress=cfg.progress, desc=desc
+        trainer,
+        seq_len=cfg.seq_len,
+        include_mtp=False,
+        progress=cfg.progress,
+        desc=desc,
+        tensorboard=cfg.tensorboard,
     )
     # finished (every step ran, or its budget is spent: the deadline stopped it): its checkpoint stays as written
     out_of_time = bool(cfg.max_seconds) and spent >= cfg.max_seconds
@@ -719,7 +734,7 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
 
     from nanoseek.atomic import check_out
     from nanoseek.checkpoint import load_model, resolve_checkpoint
-    from nanoseek.perf import default_device
+    from nanoseek.perf import default_device, torch_threads
     from nanoseek.tokenizer import checkpoint_tokenizer
     from nanoseek.train.loop import hold_stage
 
@@ -752,7 +767,7 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
             examples.extend(tokenize_conversation(tok, conv, tools))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-    with hold_stage(cfg.out, "sft"):
+    with torch_threads(cfg.threads), hold_stage(cfg.out, "sft"):
         return train_on_examples(
             model,
             tok,

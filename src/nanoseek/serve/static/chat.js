@@ -252,10 +252,13 @@
           messages: wire().slice(start),
           stream: true,
           stream_options: { include_usage: true },
-          temperature: parseFloat($("temperature").value),
           max_tokens: maxTokens,
           chat_template_kwargs: templateKwargs(),
         };
+        // an empty box sends none: the server's default, the checkpoint's generation_config.json (greedy
+        // for nanoseek's own checkpoints, R1's 0.6), as chat, generate and the API sample it
+        const temperature = parseFloat($("temperature").value);
+        if (!isNaN(temperature)) body.temperature = temperature;
         if (model) body.model = model;
         r = await fetch("/v1/chat/completions", {
           method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
