@@ -688,6 +688,21 @@ def test_the_current_directory_loads_as_a_checkpoint(tmp_path, monkeypatch):
     assert torch.equal(load_model(".").model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
+def test_a_dcp_checkpoint_is_named_as_one_with_the_way_to_load_it(tmp_path):
+    """`nanoseek generate RUN/dcp` on `save_dcp`'s directory (shards and config.json) said it had no
+    tokenizer.json, or no safetensors weights where the tokenizer was copied beside them."""
+    from nanoseek.checkpoint import load_model, resolve_checkpoint
+    from nanoseek.train.dcp import save_dcp
+
+    save_dcp(build_model(config()).init_weights(0), tmp_path / "dcp")
+    (tmp_path / "dcp" / "tokenizer.json").write_text("{}")  # copied beside it, as export_hf takes it
+    for kw in ({"tokenizer": True}, {}):
+        with pytest.raises(FileNotFoundError, match=r"dcp is a torch.distributed.checkpoint .*export_hf\("):
+            resolve_checkpoint(tmp_path / "dcp", **kw)
+    with pytest.raises(FileNotFoundError, match="is a torch.distributed.checkpoint"):
+        load_model(tmp_path / "dcp")
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
 def test_a_full_disk_at_a_save_says_so_and_keeps_the_last_train_state(tmp_path):
     """A checkpoint save that runs out of space names the cause (torch's own writer says "unexpected

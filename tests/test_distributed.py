@@ -128,3 +128,17 @@ def test_all_reduce_ops(monkeypatch) -> None:
         assert all_reduce_(t, info, op) is t and t.tolist() == expected, op
     one = torch.tensor([1.0, 4.0])
     assert all_reduce_(one, DistInfo(), "sum").tolist() == [1.0, 4.0]  # one process: as it was
+
+
+def test_more_processes_than_gpus_is_refused_by_name(monkeypatch) -> None:
+    """`torchrun --nproc-per-node 8` on a machine with 4 GPUs: ranks 4-7 ended in CUDA's "invalid device
+    ordinal" traceback."""
+    from nanoseek.train.distributed import init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set"))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(ValueError, match=r"local rank 5 has no GPU .* has 4; .*--nproc-per-node 4\)"):
+        init_distributed()

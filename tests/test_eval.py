@@ -833,6 +833,22 @@ def test_the_cli_warns_of_truncated_samples_on_stderr(monkeypatch, capsys) -> No
     assert "50% of the samples stopped at --max-new-tokens 320" in err
 
 
+def test_the_cli_refuses_to_evaluate_in_each_of_torchruns_processes(monkeypatch, capsys) -> None:
+    """`torchrun --nproc-per-node 2 -m nanoseek eval` ran the whole evaluation in each process, and
+    metrics.jsonl got its line twice (the report then listed the evaluation twice)."""
+    import nanoseek.evaluate as ev
+    from nanoseek.cli import main as cli
+
+    evaluated = []
+    monkeypatch.setattr(ev, "evaluate_many", lambda cfgs: evaluated.append(cfgs) or [])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli(["eval", "ck", "--task", "arithmetic"]) == 2
+    assert not evaluated
+    assert "nanoseek eval: error: eval runs in one process, but torchrun started 2" in (
+        capsys.readouterr().err
+    )
+
+
 def test_the_cli_evaluates_several_tasks_of_a_checkpoint_with_one_engine(
     micro_checkpoint, tmp_path, engine_widths, capsys
 ) -> None:

@@ -426,6 +426,44 @@ def test_val_fraction_0_on_a_file_corpus_trains_without_validation(workdir, tmp_
     assert not (tmp_path / "bad" / "tokenizer").exists()
 
 
+def test_no_validation_is_said_once_under_torchrun_not_by_every_rank(workdir, tmp_path, capsys) -> None:
+    """Every rank finds the same held-out set: `torchrun --nproc-per-node 2 ... --val-fraction 0` said
+    "no validation" twice."""
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.pretrain import _validation_batches
+
+    cfg = config(workdir, tmp_path / "run", data=[str(tmp_path / "book.txt")], val_fraction=0.0)
+    tok = load_tokenizer(workdir / "tok")
+    said = []
+    for rank in range(2):
+        assert _validation_batches(cfg, tok, dict(rank=rank, world_size=2), per_rank=2) == []
+        said.append(capsys.readouterr().out)
+    assert said == ["pretrain: no validation (--val-fraction 0 holds no document out)\n", ""]
+
+
+def test_a_parallelism_the_run_cannot_take_is_refused_before_a_tokenizer_is_trained(
+    tmp_path, monkeypatch
+) -> None:
+    """`--ep` with experts that do not divide by the ranks (16 over 3), or with a dense preset, and
+    Muon on several ranks were refused once rank 0 had trained a tokenizer on the data; in one process
+    a dense model's --ep was ignored without a word."""
+    import nanoseek.train.distributed
+    import nanoseek.train.pretrain
+    from nanoseek.train.distributed import DistInfo
+
+    monkeypatch.setattr(nanoseek.train.pretrain, "_tokenizer", lambda *a, **k: pytest.fail("trained"))
+    ep = dict(expert_parallel=True, progress=False, batch_size=3)
+    with pytest.raises(ValueError, match="the model has none"):
+        pretrain(PretrainConfig(out=str(tmp_path / "dense"), preset="tiny-dense", **ep))
+    # three ranks (the settings check is theirs to agree on; here there is one process)
+    monkeypatch.setattr(nanoseek.train.distributed, "init_distributed", lambda: DistInfo(world_size=3))
+    monkeypatch.setattr(nanoseek.train.pretrain, "_check_same_settings", lambda cfg, dist: None)
+    with pytest.raises(ValueError, match=r"n_routed_experts \(16\) must be divisible .* \(3\)"):
+        pretrain(PretrainConfig(out=str(tmp_path / "three"), preset="tiny", **ep))
+    with pytest.raises(ValueError, match="optimizer 'muon' runs in one process only"):
+        pretrain(PretrainConfig(out=str(tmp_path / "muon"), optimizer="muon", progress=False, batch_size=3))
+
+
 def test_the_tokenizer_is_trained_on_streamed_documents_with_a_progress_bar(
     workdir, tmp_path, capsys, monkeypatch
 ) -> None:
@@ -652,6 +690,35 @@ def test_a_failing_rank_exits_at_once(workdir, tmp_path) -> None:
     assert ranks[1]["teardown_s"] < 30  # not the 60 s timeout
     # the other rank ends too: its collective fails when the peer is gone (or gloo aborts the process)
     assert ranks[0] is None or ranks[0]["error"]
+
+
+def _rank_without_data(dirs: str, world: int, rank: int, port: int) -> dict:
+    workdir, out = dirs.split("|")
+    torch.set_num_threads(1)
+    from nanoseek.train.distributed import init_distributed
+
+    init_distributed(device="cpu", timeout_s=30)
+    missing = str(Path(out).parent / "missing.txt")
+    try:
+        pretrain(config(Path(workdir), Path(out), data=[missing], tokenizer=None, val_every=0))
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"error": None}
+
+
+@pytest.mark.slow
+def test_the_other_ranks_leave_with_a_clear_error_when_rank_0_cannot_train_the_tokenizer(
+    workdir, tmp_path
+) -> None:
+    """Rank 0 trains the tokenizer while the others wait: its error (a --data not found) left them in a
+    barrier that ended in gloo's "Connection closed by peer" traceback, printed under rank 0's line."""
+    from gloo import run_ranks
+
+    ranks = run_ranks(
+        _rank_without_data, 2, f"{workdir}|{tmp_path / 'run'}", str(tmp_path / "result"), check=False
+    )
+    assert ranks[0] == {"error": f"FileNotFoundError: data source not found: {tmp_path / 'missing.txt'}"}
+    assert ranks[1] == {"error": "ValueError: rank 0 could not train the tokenizer (its error says why)"}
 
 
 def _rank_with_other_steps(dirs: str, world: int, rank: int, port: int) -> dict:

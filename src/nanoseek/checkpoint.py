@@ -491,6 +491,13 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, tokenizer: bool = False,
             f"{label} is not a checkpoint directory (no config.json)"
             + ("; a local directory is read before the Hub model of that name" if shadows else "")
         )
+    if (p / ".metadata").is_file() and not any(p.glob("*.safetensors")):
+        # `nanoseek.train.dcp.save_dcp`'s shards (and its config.json): said as such, not as a
+        # checkpoint without its tokenizer or weights
+        raise FileNotFoundError(
+            f"{label} is a torch.distributed.checkpoint (DCP) directory: write its HF-layout copy with "
+            f"nanoseek.train.dcp.export_hf({str(p)!r}, OUT) and use OUT (docs/multinode.md)"
+        )
     if tokenizer and not (p / "tokenizer.json").exists():
         raise FileNotFoundError(
             f"{label} has no tokenizer.json: this command needs the checkpoint's tokenizer"

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 
 import nanoseek.commands as _commands
-from nanoseek.train import TrainingDiverged, TrainingInterrupted
+from nanoseek.train import DATA_PARALLEL, TrainingDiverged, TrainingInterrupted, one_process
 
 # Commands that stop on SIGTERM their own way: `pretrain` saves at the next step and exits 143
 # (`Trainer.stop_on_signals`; a rank under torchrun is not to unwind mid-collective), and `serve` (uvicorn)
@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         # the empty input /dev/null gives; the open takes fd 0, so no file opened later lands there.
         sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 (the process's stdin, left open)
     try:
+        if args.command not in DATA_PARALLEL:
+            # `torchrun -m nanoseek eval` ran the whole evaluation in every process, each appending
+            # its line to metrics.jsonl and writing the same report
+            one_process(f"{args.command} runs")
         with _sigterm_unwinds(args.command):
             result = args.func(args)
     except Terminated:

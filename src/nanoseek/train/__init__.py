@@ -3,6 +3,23 @@
 Torch-free here: the CLI catches `TrainingDiverged` without importing torch.
 """
 
+import os
+
+# The commands `torchrun` may start: the others run whole in every process it starts.
+DATA_PARALLEL = frozenset({"pretrain"})
+
+
+def one_process(what: str, instead: str = "") -> None:
+    """Refuse to run `what` in each of torchrun's processes (WORLD_SIZE > 1): every one would do all
+    of the work and write the same files (a checkpoint, metrics.jsonl's line, a report). `instead`:
+    another way on, said after the usual one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ValueError(
+            f"{what} in one process, but torchrun started {world} (WORLD_SIZE={world}): run it without "
+            f"torchrun (only `nanoseek pretrain` is data-parallel, docs/multinode.md){instead}"
+        )
+
 
 class TrainingDiverged(RuntimeError):
     """Training cannot go on: steps kept failing the guard, or an update left non-finite weights."""

@@ -46,6 +46,12 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> Dis
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda:
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:  # (torch's own error: "CUDA error: invalid device ordinal", a traceback)
+            raise ValueError(
+                f"local rank {local_rank} has no GPU of its own: this machine has {gpus}; start at most "
+                f"{gpus} processes on it (torchrun --nproc-per-node {gpus})"
+            )
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:

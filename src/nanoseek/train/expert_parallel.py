@@ -115,11 +115,7 @@ class ExpertParallelExperts(nn.Module):
         self.ep_rank = mesh.get_local_rank()
         self.n_experts = experts.n_experts
         self.intermediate_size = experts.intermediate_size
-        if self.n_experts % self.ep_size:
-            raise ValueError(
-                f"n_routed_experts ({self.n_experts}) must be divisible by the expert-parallel size "
-                f"({self.ep_size})"
-            )
+        check_expert_parallel(self.n_experts, self.ep_size)
         self.n_local = self.n_experts // self.ep_size
         lo = self.ep_rank * self.n_local
         rows = slice(lo, lo + self.n_local)
@@ -172,6 +168,16 @@ class ExpertParallelExperts(nn.Module):
 
 
 # ------------------------------------------------------------- public API
+def check_expert_parallel(n_experts: int | None, ep_size: int) -> None:
+    """Refuse a model whose routed experts cannot be split evenly over `ep_size` ranks (or has none)."""
+    if not n_experts:
+        raise ValueError("expert parallelism shards routed experts: the model has none (a dense model)")
+    if n_experts % ep_size:
+        raise ValueError(
+            f"n_routed_experts ({n_experts}) must be divisible by the expert-parallel size ({ep_size})"
+        )
+
+
 def expert_mesh(ep_size: int | None = None, device_type: str | None = None) -> DeviceMesh:
     """A 1-D mesh over all ranks for expert parallelism (ep_size must equal the world size)."""
     if not dist.is_initialized():

@@ -42,7 +42,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from nanoseek.metrics import MetricsLog, progress_bar
-from nanoseek.train import TrainingDiverged, TrainingInterrupted
+from nanoseek.train import TrainingDiverged, TrainingInterrupted, one_process
 from nanoseek.train.distributed import (
     DistInfo,
     all_reduce_,
@@ -108,6 +108,11 @@ class OptimConfig:
             raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+
+    def check_world_size(self, world_size: int) -> None:
+        if self.optimizer == "muon" and world_size > 1:
+            # each rank holds a shard of a matrix; its orthogonalization needs the whole matrix
+            raise ValueError("optimizer 'muon' runs in one process only; use 'adamw' with several ranks")
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -355,20 +360,13 @@ class Trainer:
             raise ValueError(f"total_steps must be > 0, got {total_steps}")
         if not 0 <= bias_update_speed < math.inf:  # NaN fails too: it made every router's bias NaN
             raise ValueError(f"bias_update_speed (γ) must be >= 0 and finite, got {bias_update_speed}")
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if dist is None and world > 1:
+        if dist is None:
             # each of torchrun's processes would train the whole batch on its own and write the same
             # checkpoint and metrics as the others
-            raise ValueError(
-                f"{stage} trains in one process, but torchrun started {world} (WORLD_SIZE={world}): run it "
-                "without torchrun (only `nanoseek pretrain` is data-parallel, docs/multinode.md), or pass "
-                "Trainer(dist=init_distributed())"
-            )
+            one_process(f"{stage} trains", ", or pass Trainer(dist=init_distributed())")
         # one process: where the model is (a stage that loaded it on a GPU trains there)
         self.dist = dist or DistInfo(device=next(model.parameters()).device)
-        if optim.optimizer == "muon" and self.dist.world_size > 1:
-            # each rank holds a shard of a matrix; its orthogonalization needs the whole matrix
-            raise ValueError("optimizer 'muon' runs in one process only; use 'adamw' with several ranks")
+        optim.check_world_size(self.dist.world_size)
         self.run_dir = Path(run_dir)
         self.stage = stage
         self.optim_config = optim

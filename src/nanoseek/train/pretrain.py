@@ -241,43 +241,68 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def _tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int, is_main: bool, dist: Any) -> Any:
     """The given tokenizer, or one trained on the data (reused from RUN/tokenizer/ when resuming; a
     fresh run trains its own, not one an earlier run left there on other data or another --vocab-size)."""
-    from nanoseek.tokenizer import load_tokenizer, train_tokenizer
-    from nanoseek.train.distributed import barrier
+    from nanoseek.tokenizer import load_tokenizer
 
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
     tok_dir = run / "tokenizer"
     if not (cfg.resume and (tok_dir / "tokenizer.json").exists()) and is_main:
-        from nanoseek.data.corpus import tokenizer_documents
-        from nanoseek.metrics import MetricsLog, progress_bar
-
-        t0 = time.perf_counter()
-        docs = islice(tokenizer_documents(cfg.data, cfg.text_field, seed=cfg.seed), cfg.tokenizer_docs)
-        read = 0
-
-        def counted() -> Iterator[str]:
-            # streamed, not listed: --tokenizer-docs documents of a user's corpus may not fit in memory
-            nonlocal read
-            with progress_bar(
-                total=cfg.tokenizer_docs, desc="tokenizer", unit="doc", disable=not cfg.progress
-            ) as bar:
-                for doc in docs:
-                    read += 1
-                    bar.update(1)
-                    yield doc
-                bar.total = read  # a corpus of fewer documents ends at 100%, not at 5000/20000 (25%)
-
-        tok = train_tokenizer(counted(), vocab_size=vocab_size)
-        if not read:
-            raise ValueError(f"no documents in {cfg.data!r} to train a tokenizer on")
-        tok.save(tok_dir)
-        MetricsLog(run, "tokenizer").log(step=None, vocab_size=tok.vocab_size, documents=read)
-        print(
-            f"tokenizer: {tok.vocab_size} tokens from {read} documents in "
-            f"{time.perf_counter() - t0:.1f}s -> {tok_dir}"
-        )
-    barrier(dist)
+        try:
+            _train_tokenizer(cfg, run, vocab_size)
+        except Exception:
+            _tokenizer_ready(dist, failed=True)
+            raise
+    _tokenizer_ready(dist)
     return load_tokenizer(tok_dir)
+
+
+def _tokenizer_ready(dist: Any, failed: bool = False) -> None:
+    """Where rank 0 trained the tokenizer the others wait for: told that it failed, they leave with it
+    (they waited in a barrier that ended in gloo's "Connection closed by peer" traceback, under the
+    line of rank 0's error). One all-reduce on every rank."""
+    import torch
+
+    from nanoseek.train.distributed import all_reduce_, destroy_distributed
+
+    if not dist.enabled:
+        return
+    if all_reduce_(torch.tensor([float(failed)]), dist, "max").item():
+        destroy_distributed()  # every rank here: leave together
+        if not failed:
+            raise ValueError("rank 0 could not train the tokenizer (its error says why)")
+
+
+def _train_tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int) -> None:
+    """Train a tokenizer on --tokenizer-docs documents of the data into RUN/tokenizer/."""
+    from nanoseek.data.corpus import tokenizer_documents
+    from nanoseek.metrics import MetricsLog, progress_bar
+    from nanoseek.tokenizer import train_tokenizer
+
+    t0 = time.perf_counter()
+    docs = islice(tokenizer_documents(cfg.data, cfg.text_field, seed=cfg.seed), cfg.tokenizer_docs)
+    read = 0
+
+    def counted() -> Iterator[str]:
+        # streamed, not listed: --tokenizer-docs documents of a user's corpus may not fit in memory
+        nonlocal read
+        with progress_bar(
+            total=cfg.tokenizer_docs, desc="tokenizer", unit="doc", disable=not cfg.progress
+        ) as bar:
+            for doc in docs:
+                read += 1
+                bar.update(1)
+                yield doc
+            bar.total = read  # a corpus of fewer documents ends at 100%, not at 5000/20000 (25%)
+
+    tok = train_tokenizer(counted(), vocab_size=vocab_size)
+    if not read:
+        raise ValueError(f"no documents in {cfg.data!r} to train a tokenizer on")
+    tok.save(run / "tokenizer")
+    MetricsLog(run, "tokenizer").log(step=None, vocab_size=tok.vocab_size, documents=read)
+    print(
+        f"tokenizer: {tok.vocab_size} tokens from {read} documents in "
+        f"{time.perf_counter() - t0:.1f}s -> {run / 'tokenizer'}"
+    )
 
 
 def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
@@ -328,6 +353,13 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
         )
     if cfg.batch_size % dist.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {dist.world_size} ranks")
+    # refused now, not once rank 0 has trained a tokenizer (and --ep in one process too, where a dense
+    # model's was ignored without a word)
+    cfg.optim_config().check_world_size(dist.world_size)
+    if cfg.expert_parallel:
+        from nanoseek.train.expert_parallel import check_expert_parallel
+
+        check_expert_parallel(config.n_routed_experts, dist.world_size)
     tok = _tokenizer(cfg, run, cfg.vocab_size or config.vocab_size, dist.is_main, dist)
     config = config.replace(
         vocab_size=tok.vocab_size,
@@ -591,16 +623,20 @@ def _validation_batches(cfg: PretrainConfig, tok: Any, data_kw: dict[str, Any], 
     them, and so reported another validation loss for the same weights)."""
     from nanoseek.data.corpus import PackedDataset, is_embedded
 
+    def say(message: str) -> None:
+        if data_kw["rank"] == 0:  # every rank finds the same: said once under torchrun, not by each
+            print(message)
+
     if cfg.val_fraction == 0 and not is_embedded(cfg.data):  # (the embedded corpus has its own split)
-        print("pretrain: no validation (--val-fraction 0 holds no document out)")
+        say("pretrain: no validation (--val-fraction 0 holds no document out)")
         return []
     val = PackedDataset(cfg.data, tok, cfg.seq_len, per_rank, split="val", repeat=False, **data_kw)
     try:
         out = list(islice(iter(val), cfg.val_batches * cfg.accumulation))
     except ValueError as e:  # a corpus so small its validation split is empty
-        print(f"pretrain: no validation ({e})")
+        say(f"pretrain: no validation ({e})")
         return []
     out = out[: len(out) - len(out) % cfg.accumulation]  # whole batches, as an unsplit run's set holds
     if not out:
-        print("pretrain: validation split smaller than one batch; no validation loss")
+        say("pretrain: validation split smaller than one batch; no validation loss")
     return out
