@@ -244,6 +244,19 @@ def test_preempted_requests_generate_what_they_would_alone(model, speculative, m
     assert got[2].finish_reason == "stop" and got[0].finish_reason == "length"
 
 
+def test_a_preempted_requests_own_blocks_are_not_counted_as_prefix_reuse(model):
+    """Re-admitted after a preemption, a request matches the blocks it had computed itself (its output
+    too): counted as prefix hits, prompts sharing nothing showed a hit rate, and more prompt tokens
+    reused than they held, whenever the cache ran short."""
+    prompts = [[1 + 40 * i + j for j in range(10)] for i in range(8)]  # no two share a block
+    engine = Engine(model, max_batch_size=8, block_size=4, num_blocks=16, max_seq_len=40)
+    engine.generate(prompts, max_new_tokens=25)
+    stats = engine.stats()
+    assert stats["preemptions"] > 0
+    assert stats["prefix_cache_hit_blocks"] == 0 and stats["prefix_cache_hit_rate"] == 0.0
+    assert stats["prefix_cache_queries"] == 8 * 2  # each prompt's two full blocks, looked up once
+
+
 def test_a_growing_block_table_maps_only_its_new_block(model, monkeypatch):
     """Blocks are given by need, so in a steady decode batch some row's table grows on most steps (each
     every block_size tokens). Remapping every row's table then (as when the batch changes) took a

@@ -912,6 +912,24 @@ def test_a_request_the_cache_can_never_hold_is_refused_and_not_counted(tok, mode
     assert f"nanoseek:generation_tokens_total {float(r.usage.completion_tokens)}" in metrics
 
 
+def test_the_context_advertised_is_what_the_engines_cache_holds(tok, model):
+    # an Engine built with 7 blocks of 16 holds 112 tokens of one request, less than its max_seq_len of 256:
+    # the server says so, refuses a longer request with a 400 before a stream's 200, and gives a request
+    # without max_tokens the room the cache has (it was refused, whatever its length)
+    engine = Engine(model, num_blocks=8)
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL), model=model)
+    with LiveServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        assert client.models.list().data[0].max_model_len == 112
+        r = httpx.post(
+            srv.url + "/v1/completions",
+            json={"model": MODEL, "prompt": [5] * 100, "max_tokens": 50, "stream": True},
+        )
+        assert _err(r, 400)["code"] == "context_length_exceeded" and "112 tokens" in r.text
+        r = client.chat.completions.create(model=MODEL, messages=USER, temperature=0)
+        assert 0 < r.usage.total_tokens <= 112
+
+
 def test_api_key(tok):
     engine = ScriptedEngine(tok)
     defaults = {"temperature": 0.6, "top_p": 0.95}  # as nanoseek serve reads them from generation_config.json

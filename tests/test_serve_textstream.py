@@ -123,6 +123,7 @@ def test_prometheus_gauges_read_their_own_engine_stats_and_zero_without_them():
         "prefix_cache_hit_blocks": 5,
         "prefix_cache_hit_rate": 0.125,
         "spec_acceptance_rate": 0.75,
+        "preemptions": 4,
     }
     m = ServerMetrics(lambda: stats)
     lines = set(m.render().splitlines())
@@ -133,11 +134,17 @@ def test_prometheus_gauges_read_their_own_engine_stats_and_zero_without_them():
         "nanoseek:prefix_cache_hit_blocks 5.0",
         "nanoseek:prefix_cache_hit_rate 0.125",
         "nanoseek:spec_decode_acceptance_rate 0.75",
+        "nanoseek:num_preemptions 4.0",
     ):
         assert line in lines, line
     for empty in ({}, {"cache_blocks_used": 0, "cache_blocks_total": 0, "spec_acceptance_rate": None}):
         lines = set(ServerMetrics(lambda e=empty: e).render().splitlines())
-        for name in ("num_requests_waiting", "kv_cache_usage_perc", "spec_decode_acceptance_rate"):
+        for name in (
+            "num_requests_waiting",
+            "kv_cache_usage_perc",
+            "spec_decode_acceptance_rate",
+            "num_preemptions",
+        ):
             assert f"nanoseek:{name} 0.0" in lines, (empty, name)
 
 

@@ -84,7 +84,7 @@ class PagedLatentCache:
         # Free blocks in the order they were freed; cached ones keep their hash until reused.
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
         self.cached: dict[int, int] = {}  # hash -> block id
-        self.prefix_hits = 0  # blocks reused
+        self.prefix_hits = 0  # blocks reused (by prompts, not by recomputes after a preemption)
         self.prefix_queries = 0  # full prompt blocks looked up
 
     # ------------------------------------------------------------- accounting

@@ -169,8 +169,12 @@ class Scheduler:
                 self.cache.release(shared)
                 break  # FCFS: wait for blocks rather than let later requests overtake
             self.waiting.popleft()
-            self.cache.prefix_queries += len(todo) // self.cache.block_size
-            self.cache.prefix_hits += len(shared)
+            if not seq.preemptions:
+                # a prompt's first admission only: a preempted request re-admitted matches its own blocks
+                # (output tokens too), which counted as prompt reuse had traffic sharing no prefix show a
+                # hit rate under cache pressure (vLLM counts a preempted request's hits apart)
+                self.cache.prefix_queries += len(todo) // self.cache.block_size
+                self.cache.prefix_hits += len(shared)
             seq.block_table = shared + [self.cache.allocate() for _ in range(fresh)]
             seq.block_hashes = hashes
             seq.num_computed = len(shared) * self.cache.block_size

@@ -309,6 +309,12 @@ class Server:
             or getattr(mcfg, "max_position_embeddings", None)
             or 4096
         )
+        cache = getattr(engine, "cache", None)
+        if cache is not None:
+            # an Engine built with num_blocks may hold less than its max_seq_len for one request: its
+            # refusal came after a stream's 200, and a request leaving out max_tokens (the context's
+            # room) was refused whatever its length
+            self.max_context = min(self.max_context, cache.usable_blocks * cache.block_size)
         self.created = int(time.time())
         self.vocab_size = int(getattr(tokenizer, "vocab_size", 0) or 0)
         self.add_bos = bool(getattr(tokenizer, "add_bos_token", True))  # a Qwen vocabulary has no BOS

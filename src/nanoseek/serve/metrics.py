@@ -67,6 +67,13 @@ class ServerMetrics:
             ("num_requests_running", "Requests in the running batch.", stat("num_running")),
             ("num_requests_waiting", "Requests waiting for a batch slot.", stat("num_waiting")),
             ("kv_cache_usage_perc", "Fraction of latent KV-cache blocks in use (0..1).", cache_usage),
+            # vLLM's num_preemptions: a cache too small for the load shows here (usage alone sits near 1
+            # either way), as requests sent back to wait whose tokens are computed again
+            (
+                "num_preemptions",
+                "Running requests preempted since start for want of KV-cache blocks (their tokens recomputed).",
+                stat("preemptions"),
+            ),
             (
                 "prefix_cache_hit_blocks",
                 "Cache blocks reused from the prefix cache since start (prompt prefixes computed once).",
