@@ -539,6 +539,18 @@ def test_auto_dtype_is_the_checkpoints_where_the_machine_runs_it_fast(
     assert resolve_dtype(torch.float16, config(torch_dtype=stored), device) == torch.float16
 
 
+@pytest.mark.parametrize("stored", ["bfloat16", "float32"])
+def test_the_dtype_help_says_what_auto_picks_on_an_apple_gpu(monkeypatch, stored):
+    """`--dtype auto` on `--device mps` loads float32 (`resolve_dtype`): the help of serve, generate,
+    chat and eval said "bfloat16 on a GPU"."""
+    from nanoseek.checkpoint import resolve_dtype
+    from nanoseek.perf import AUTO_DTYPE_HELP
+
+    monkeypatch.setattr("nanoseek.perf.cpu_has_bf16", lambda: True)
+    assert resolve_dtype("auto", config(torch_dtype=stored), "mps") == torch.float32
+    assert "float32 on mps" in AUTO_DTYPE_HELP and "bfloat16 on a CUDA GPU" in AUTO_DTYPE_HELP
+
+
 def test_load_model_auto_dtype_and_bad_dtype(tmp_path, monkeypatch):
     model = build_model(config()).init_weights(0)
     save_model(model, tmp_path, dtype=torch.bfloat16)

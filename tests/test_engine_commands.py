@@ -666,16 +666,34 @@ def _help(command: str) -> str:
     return complete(build_parser()._subparsers._group_actions[0].choices[command]).format_help()
 
 
-def test_generate_flags_reach_the_load_and_the_prompt(checkpoint, monkeypatch, capsys):
-    """--threads sets torch's threads, --device is the device asked for (not the default), the BOS the
-    tokenizer asks for is in the prompt (the stderr summary counts it), and '-' reads the prompt from
-    stdin; several samples are numbered 1/N..N/N."""
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_threads_hold_for_the_command_and_the_callers_count_comes_back(checkpoint, monkeypatch, command):
+    """--threads through `perf.torch_threads`, as every other command sets it: generate and chat set
+    torch's count with code of their own, which left it changed in the caller's process (a notebook's)
+    after the command had returned."""
+    import nanoseek.checkpoint
     from nanoseek.cli import main
-    from nanoseek.commands.generate import load_for_generation
+
+    seen, real = [], nanoseek.checkpoint.load_model
+    monkeypatch.setattr(
+        nanoseek.checkpoint,
+        "load_model",
+        lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k),
+    )
+    monkeypatch.setattr("sys.stdin", io.StringIO("/exit\n"))
+    torch.set_num_threads(2)
+    argv = [str(checkpoint), *(["x"] if command == "generate" else []), "--max-new-tokens", "1"]
+    assert main([command, *argv, "--threads", "1"]) == 0
+    assert seen == [1] and torch.get_num_threads() == 2
+
+
+def test_generate_flags_reach_the_load_and_the_prompt(checkpoint, monkeypatch, capsys):
+    """--device is the device asked for (not the default), the BOS the tokenizer asks for is in the
+    prompt (the stderr summary counts it), and '-' reads the prompt from stdin; several samples are
+    numbered 1/N..N/N."""
+    from nanoseek.cli import main
     from nanoseek.tokenizer import load_tokenizer
 
-    load_for_generation(cli_args("generate", str(checkpoint), "x", "--threads", "2"))
-    assert torch.get_num_threads() == 2
     assert main(["generate", str(checkpoint), "x", "--device", "nonesuch"]) == 2
     assert "device 'nonesuch'" in capsys.readouterr().err
     tok = load_tokenizer(checkpoint)

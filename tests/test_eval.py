@@ -242,6 +242,8 @@ def test_bad_arguments() -> None:
         ("http://stub:8000", {"dtype": "bfloat16"}, "--dtype applies only to a checkpoint"),
         ("http://stub:8000", {"max_batch_size": 8}, "--max-batch-size applies only to a checkpoint"),
         ("http://stub:8000", {"threads": 2}, "--threads applies only to a checkpoint"),  # the engine's
+        ("http://stub:8000", {"device": "cpu"}, "--device applies only to a checkpoint"),
+        ("http://stub:8000", {"quantize": "int8"}, "--quantize applies only to a checkpoint"),
         ("ck", {"endpoint_model": "m"}, "--model-name applies only to an http"),
         ("ck", {"api_key": "k", "endpoint_model": "m"}, "--model-name and --api-key apply only"),
     ],
@@ -863,6 +865,33 @@ def test_the_cli_evaluates_several_tasks_of_a_checkpoint_with_one_engine(
     printed = capsys.readouterr().out
     assert "eval arithmetic (" in printed and "eval comparison (" in printed
     assert (tmp_path / "r_arithmetic.json").exists() and (tmp_path / "r_comparison.json").exists()
+
+
+def test_the_cli_scores_a_checkpoint_on_the_device_and_weights_serve_would_load(
+    micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    """`eval DIR --device cpu --quantize int8`, as `serve`, `generate` and `chat` take them: eval had
+    neither flag, so a model served in int8 could only be scored in full precision."""
+    import nanoseek.engine as engine_module
+    from nanoseek.cli import main as cli
+    from nanoseek.engine.quantize import QuantLinear
+
+    loaded = []
+    real = engine_module.Engine
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __init__(self, model, *args, **kwargs) -> None:
+            loaded.append((model.device, any(isinstance(m, QuantLinear) for m in model.modules())))
+            super().__init__(model, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "Engine", Recording)
+    out = tmp_path / "r.json"
+    args = ["eval", str(micro_checkpoint), "--task", "arithmetic", "--n", "2", "-k", "1", "--no-progress"]
+    assert (
+        cli([*args, "--max-new-tokens", "2", "--device", "cpu", "--quantize", "int8", "--out", str(out)]) == 0
+    )
+    assert [(d.type, q) for d, q in loaded] == [("cpu", True)]
+    assert json.loads(out.read_text())["metrics"]["quantize"] == "int8"  # the report says what was scored
 
 
 def test_a_problem_whose_gold_answer_is_unparseable_is_left_out_of_every_figure(tmp_path) -> None:

@@ -462,6 +462,41 @@ def test_grpo_resume_is_exact(micro_checkpoint, tmp_path, capsys) -> None:
         assert key in ra[1]
 
 
+def test_a_time_budget_fills_its_seconds_and_a_resume_goes_on_with_what_was_left(
+    micro_checkpoint, tmp_path, monkeypatch, capsys
+) -> None:
+    """`grpo --max-seconds`, as sft and distill take it (the Trainer's deadline): --steps is the first
+    plan, refitted to the pace measured, and the run stops and saves once the budget is spent; a
+    --resume of a run that spent it trains nothing more. GRPO had no wall-time budget at all."""
+    import time
+
+    from nanoseek.checkpoint import load_train_state
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train import loop
+    from nanoseek.train.grpo import grpo
+
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    step = loop.Trainer.step
+
+    def timed_step(self, *args, **kwargs):  # 0.1 s an update, nothing else takes time
+        now[0] += 0.1
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop.Trainer, "step", timed_step)
+    ckpt = grpo(_cfg(micro_checkpoint, tmp_path, steps=5, max_seconds=1.0))
+    rewards = [r for r in read_metrics(tmp_path, "grpo") if "reward" in r]
+    assert 9 <= len(rewards) <= 11, len(rewards)  # 1 s at 0.1 s a step, not the 5 steps first planned
+    assert "grpo: time budget of 1s spent at step" in capsys.readouterr().out
+    saved = load_train_state(ckpt)[1]
+    assert saved["extra"]["grpo_step"] == len(rewards) and saved["extra"]["seconds_spent"] >= 1.0
+    grpo(_cfg(micro_checkpoint, tmp_path, steps=5, max_seconds=1.0, resume=True))
+    assert len([r for r in read_metrics(tmp_path, "grpo") if "reward" in r]) == len(rewards)
+    assert "grpo: --max-seconds 1 spent; nothing to train" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--max-seconds must be a finite number > 0"):
+        _cfg(micro_checkpoint, tmp_path, max_seconds=float("nan")).validate()
+
+
 def test_an_interrupted_run_leaves_no_progress_bar_open(micro_checkpoint, tmp_path) -> None:
     """A notebook keeps an interrupted cell's traceback, and with it the bar: left open, it pushed every
     later bar of the session down a line, which a notebook draws as a new line per redraw."""

@@ -417,3 +417,50 @@ def test_a_stage_adopted_after_a_torn_metrics_line_keeps_its_first_record(tmp_pa
     Speedrun(tmp_path, PRESETS["smoke"], progress=False)._adopt(side, side / "final", "control", "sft")
     assert [(r["stage"], r["step"]) for r in read_metrics(tmp_path)] == [("control", 1), ("control", 2)]
     assert (tmp_path / "control").is_dir() and not side.exists()
+
+
+def test_tensorboard_reaches_every_training_stage_and_a_side_runs_events_take_its_stages_name(
+    tmp_path, monkeypatch
+):
+    """`speedrun --tensorboard`, as pretrain, sft, grpo and distill take it: the speedrun had no such
+    flag, and its stages build their configs in Python. The student's and the control's events, written
+    in a side run under the name they train as, land under their own stage's name."""
+    import nanoseek.speedrun
+    import nanoseek.train.distill
+    import nanoseek.train.grpo
+    import nanoseek.train.pretrain
+    import nanoseek.train.sft
+    from nanoseek.speedrun import Speedrun
+
+    given = {}
+    monkeypatch.setattr(nanoseek.speedrun, "run_speedrun", lambda *a, **k: given.update(k))
+    assert main(["speedrun", "--preset", "smoke", "--out", str(tmp_path / "r"), "--tensorboard"]) == 0
+    assert given["tensorboard"] is True
+
+    class Stop(Exception):
+        pass
+
+    configs = []
+
+    def capture(cfg, *args, **kwargs):
+        configs.append(cfg)
+        raise Stop
+
+    for module, name in (
+        (nanoseek.train.pretrain, "pretrain"),
+        (nanoseek.train.sft, "sft"),
+        (nanoseek.train.grpo, "grpo"),
+        (nanoseek.train.distill, "distill"),
+    ):
+        monkeypatch.setattr(module, name, capture)
+    run = Speedrun(tmp_path, PRESETS["smoke"], progress=False, tensorboard=True)
+    for stage in (run.pretrain, run.student, run.sft, run.control, run.grpo, run.distill):
+        with pytest.raises(Stop):
+            stage()
+    assert [c.tensorboard for c in configs[:5]] == [True] * 5 and configs[5].sft.tensorboard
+    side = tmp_path / ".control"
+    (side / "final").mkdir(parents=True)
+    (side / "tensorboard" / "sft").mkdir(parents=True)
+    (side / "tensorboard" / "sft" / "events.out.tfevents.1").write_text("x")
+    run._adopt(side, side / "final", "control", "sft")
+    assert (tmp_path / "tensorboard" / "control" / "events.out.tfevents.1").exists() and not side.exists()

@@ -457,9 +457,9 @@ def test_a_stage_beside_another_prints_nothing_over_the_runs_progress_bar(tmp_pa
     monkeypatch.setattr(Speedrun, "control", chatty)
     threads = torch.get_num_threads()
     try:
-        speedrun_mod._run_stage(str(tmp_path), PRESETS["smoke"], "student", "pretrain", 1)
+        speedrun_mod._run_stage(str(tmp_path), PRESETS["smoke"], "student", "pretrain", False, 1)
         speedrun_mod._control_beside_grpo(
-            str(tmp_path), PRESETS["smoke"], types.SimpleNamespace(value=0.0), 1
+            str(tmp_path), PRESETS["smoke"], False, types.SimpleNamespace(value=0.0), 1
         )
     finally:
         torch.set_num_threads(threads)
@@ -1036,7 +1036,7 @@ def test_an_interrupted_speedrun_says_its_stage_saved_and_that_a_rerun_resumes(t
     assert err.strip().endswith("resume with: nanoseek " + " ".join(args))  # a rerun resumes: no --resume
 
 
-def _student_sleeping(run: str, preset, stage: str, during: str, threads: int) -> None:
+def _student_sleeping(run: str, preset, stage: str, during: str, tensorboard: bool, threads: int) -> None:
     """The student's stage beside the teacher's pretraining (as `_run_stage` is started), still running."""
     time.sleep(60)
 

@@ -549,8 +549,9 @@ def resolve_dtype(dtype: torch.dtype | str, config: ModelConfig, device: str | t
     """`dtype`, a torch dtype or its name; "auto" is the checkpoint's own (config.json's torch_dtype),
     as transformers' torch_dtype="auto" reads it, where it runs fast: a 16-bit checkpoint runs in bf16
     on a CPU that multiplies bf16 natively and in fp32 on one that does not (AVX2: PyTorch's bf16
-    matmuls ~20x slower than fp32), an fp32 one in fp32; on a GPU, bf16 (the grouped expert GEMM's fast
-    kernel is bf16), or fp16 on one without bf16 units (T4, V100: emulated bf16), as vLLM falls back."""
+    matmuls ~20x slower than fp32), an fp32 one in fp32; on a CUDA GPU, bf16 (the grouped expert GEMM's
+    fast kernel is bf16), or fp16 on one without bf16 units (T4, V100: emulated bf16), as vLLM falls
+    back; on an Apple GPU (mps), fp32."""
     if dtype == "auto":
         kind = torch.device(device).type
         if kind == "cuda":

@@ -35,7 +35,7 @@ from typing import Any
 
 from nanoseek.atomic import atomic_write, check_writable, directory_to_read
 from nanoseek.options import option, path
-from nanoseek.perf import AUTO_DTYPE_HELP, DTYPE_CHOICES
+from nanoseek.perf import AUTO_DTYPE_HELP, DEVICE_HELP, DTYPE_CHOICES, QUANTIZE_FORMATS, QUANTIZE_HELP
 from nanoseek.tokenizer import THINK_END, THINK_START
 
 EVAL_PARTS = "accuracy:1,format:1,language:1"
@@ -106,6 +106,9 @@ class EvalConfig:
         f"{DEFAULT_MAX_BATCH}: a second, part-empty wave of the longest answers costs more than a wider batch)",
     )
     dtype: str = option("auto", AUTO_DTYPE_HELP, choices=DTYPE_CHOICES)
+    # as serve, generate and chat take them: a model scored on the device and weights it is served with
+    device: str | None = option(None, DEVICE_HELP)
+    quantize: str | None = option(None, QUANTIZE_HELP, choices=QUANTIZE_FORMATS)
     threads: int | None = option(None, "engine: torch CPU threads (default: torch's choice)")
     progress: bool = option(True)
     extra: dict[str, Any] = option(factory=dict, cli=False)
@@ -330,7 +333,9 @@ class CheckpointSampler:
         given = {k: v for k, v in self.tok.generation_config.items() if k not in own}
         self.sampling = generation_defaults(given, self.path / "generation_config.json")
         self.sampling.pop("temperature", None)  # do_sample false: greedy, where eval's --temperature rules
-        model = load_model(self.path, dtype=cfg.dtype, device=default_device()).eval()
+        model = load_model(
+            self.path, dtype=cfg.dtype, device=cfg.device or default_device(), quantize=cfg.quantize
+        ).eval()
         self.dtype = str(model.dtype).removeprefix("torch.")  # what "auto" picked, for the report
         batch = cfg.max_batch_size or min(DEFAULT_MAX_BATCH, samples or cfg.n * cfg.k)
         self.engine = Engine(model, max_batch_size=batch, pack_weights=True)
@@ -565,6 +570,8 @@ def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
     if cfg.model.startswith(("http://", "https://")):
         unused = {
             "--dtype": cfg.dtype != "auto",
+            "--device": cfg.device is not None,
+            "--quantize": cfg.quantize is not None,
             "--max-batch-size": cfg.max_batch_size is not None,
             "--threads": cfg.threads is not None,
         }
@@ -627,7 +634,10 @@ def _outputs(cfg: EvalConfig) -> tuple[str, str | None, Path]:
 
 
 # what evaluations of one checkpoint must share to draw their samples in one engine queue
-SHARED_SAMPLING = ("model", "k", "temperature", "top_p", "max_new_tokens", "thinking", "seed", "dtype")
+SHARED_SAMPLING = (
+    *("model", "k", "temperature", "top_p", "max_new_tokens", "thinking", "seed"),
+    *("dtype", "device", "quantize"),  # the one model load's
+)
 
 
 def evaluate_many(cfgs: Sequence[EvalConfig]) -> list[dict]:
@@ -710,6 +720,8 @@ def evaluate(
     )
     if hasattr(sampler, "dtype"):  # a checkpoint's: the precision that ran ("auto" picks by the machine)
         metrics["dtype"] = sampler.dtype
+    if cfg.quantize:  # the weights scored: an int8 model's pass@1 is not its bf16 one's
+        metrics["quantize"] = cfg.quantize
     if getattr(sampler, "sampling", None):  # a checkpoint's generation_config.json settings it sampled with
         metrics["sampling_defaults"] = sampler.sampling
     metrics.update(shared or {})

@@ -192,11 +192,18 @@ _ONEDNN_ISAS_WITHOUT_BF16 = {
 
 
 # The choices and help of every `--dtype` whose default is "auto" (`nanoseek.checkpoint.resolve_dtype`
-# decides): serve, generate, chat and eval take the same ones.
+# decides), `--device` and `--quantize`: serve, generate, chat and eval take the same ones.
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 AUTO_DTYPE_HELP = (
     "weights dtype; auto (default): a bf16/fp16 checkpoint in bf16 where the CPU multiplies bf16 "
-    "natively, else float32; an fp32 checkpoint in float32; bfloat16 on a GPU (float16 without bf16 units)"
+    "natively, else float32; an fp32 checkpoint in float32; bfloat16 on a CUDA GPU (float16 without bf16 "
+    "units); float32 on mps"  # (`resolve_dtype`: the help said "bfloat16 on a GPU", and mps took float32)
+)
+DEVICE_HELP = "cpu, cuda, mps (default: cuda where there is one, else cpu)"
+# the formats `nanoseek.engine.quantize` stores weights in (here: the CLI lists them without loading torch)
+QUANTIZE_FORMATS = ("int8", "fp8", "w8a8")
+QUANTIZE_HELP = (
+    "int8 or fp8 weights (w8a8: int8 weights and activations, CPU), applied as the checkpoint streams in"
 )
 
 

@@ -398,10 +398,15 @@ TAKE_BACK_AT = 0.25
 
 
 class Speedrun:
-    def __init__(self, out: str | Path, preset: SpeedrunPreset, progress: bool = True) -> None:
+    def __init__(
+        self, out: str | Path, preset: SpeedrunPreset, progress: bool = True, tensorboard: bool = False
+    ) -> None:
         self.run = Path(out)
         self.p = preset
         self.progress = progress
+        # TensorBoard events of every training stage in RUN/tensorboard/<stage>/, as the stages' own
+        # --tensorboard writes them; not a setting of the run (a rerun may add or drop it)
+        self.tensorboard = tensorboard
         try:
             self.run.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # under a file, on a read-only or full filesystem, not permitted
@@ -539,6 +544,7 @@ class Speedrun:
             seed=self.p.seed,
             resume=True,
             progress=self.progress,
+            tensorboard=self.tensorboard,
         )
         path = pretrain(cfg, on_step=on_step)
         if student:
@@ -619,7 +625,10 @@ class Speedrun:
         if self._saved_step("pretrain") >= at:  # resumed past the step where it took back every thread
             return self.pretrain()
         with self._beside(
-            "student", "pretrain", _run_stage, (str(self.run), self.p, "student", "pretrain")
+            "student",
+            "pretrain",
+            _run_stage,
+            (str(self.run), self.p, "student", "pretrain", self.tensorboard),
         ) as child:
 
             def take_back(step: int) -> None:
@@ -688,6 +697,7 @@ class Speedrun:
                 seed=self.p.seed,
                 resume=True,
                 progress=self.progress,
+                tensorboard=self.tensorboard,
                 max_seconds=max_seconds,
             ),
             deadline_fn=deadline_fn,
@@ -727,6 +737,7 @@ class Speedrun:
                 seed=self.p.seed,
                 resume=True,
                 progress=self.progress,
+                tensorboard=self.tensorboard,
                 **self._engine_batch(),
             ),
             on_step=on_step,
@@ -752,7 +763,8 @@ class Speedrun:
             now = time.time()
             end.value = now + (now - t0) / (done - first_step[0]) * (total - done)
 
-        with self._beside("control", "grpo", _control_beside_grpo, (str(self.run), self.p, end)):
+        args = (str(self.run), self.p, self.tensorboard, end)
+        with self._beside("control", "grpo", _control_beside_grpo, args):
             stopped = False
             try:
                 return self.grpo(on_step=pace)
@@ -843,6 +855,7 @@ class Speedrun:
                     seed=self.p.seed,
                     resume=True,  # a rerun trains on the traces already sampled
                     progress=self.progress,
+                    tensorboard=self.tensorboard,
                 ),
             )
         )
@@ -949,6 +962,11 @@ class Speedrun:
             if r.get("stage") == renamed:
                 r["stage"] = stage
         append_records(self.run / "metrics.jsonl", records)
+        events = sub_run / "tensorboard" / renamed  # (--tensorboard) under the stage's name too
+        if events.is_dir():
+            shutil.rmtree(self.run / "tensorboard" / stage, ignore_errors=True)
+            (self.run / "tensorboard").mkdir(exist_ok=True)
+            shutil.move(str(events), self.run / "tensorboard" / stage)
         shutil.rmtree(sub_run, ignore_errors=True)
 
     def _one_queue_per_checkpoint(self) -> bool:
@@ -1187,21 +1205,23 @@ def _quiet_beside() -> Iterator[None]:
         yield
 
 
-def _run_stage(out: str, preset: SpeedrunPreset, stage: str, beside: str, threads: int) -> None:
+def _run_stage(
+    out: str, preset: SpeedrunPreset, stage: str, beside: str, tensorboard: bool, threads: int
+) -> None:
     """A stage in its own process (spawned), marked done as the main process would mark it."""
     _set_threads(threads)
-    run = Speedrun(out, preset, progress=False)
+    run = Speedrun(out, preset, progress=False, tensorboard=tensorboard)
     t0 = time.perf_counter()
     with _exit_when_interrupted(), _quiet_beside():
         fields = getattr(run, stage)() or {}
     run._mark_done(stage, time.perf_counter() - t0, beside=beside, threads=threads, **fields)
 
 
-def _control_beside_grpo(out: str, preset: SpeedrunPreset, end: Any, threads: int) -> None:
+def _control_beside_grpo(out: str, preset: SpeedrunPreset, tensorboard: bool, end: Any, threads: int) -> None:
     """The control stage in its own process (spawned) until GRPO's end, which the main process keeps
     in `end` (a shared time.time(); 0 while not yet known)."""
     _set_threads(threads)
-    run = Speedrun(out, preset, progress=False)
+    run = Speedrun(out, preset, progress=False, tensorboard=tensorboard)
     t0 = time.perf_counter()
 
     asked = [0]
@@ -1259,13 +1279,19 @@ def run_speedrun(
     preset: str = "cpu",
     progress: bool = True,
     families: str | Sequence[str] | None = None,
+    tensorboard: bool = False,
     **overrides: Any,
 ) -> Path:
     """Run (or resume, or re-read) the speedrun in `out`. `families` is `--tasks`: the preset on those
-    families (`SpeedrunPreset.with_tasks`); `overrides` replace the preset's fields as they are."""
+    families (`SpeedrunPreset.with_tasks`); `overrides` replace the preset's fields as they are.
+    `tensorboard`: every training stage also writes TensorBoard events to RUN/tensorboard/<stage>/."""
     if preset not in PRESETS:
         raise ValueError(f"unknown speedrun preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    if tensorboard:  # its package said now, not at pretraining, once the tokenizer is trained
+        from nanoseek.train.loop import require_tensorboard
+
+        require_tensorboard()
     p = dataclasses.replace(PRESETS[preset], **overrides)
     if families is not None:
         p = p.with_tasks(split_tasks(families) if isinstance(families, str) else families)
-    return Speedrun(out, p, progress=progress)()
+    return Speedrun(out, p, progress=progress, tensorboard=tensorboard)()

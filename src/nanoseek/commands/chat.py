@@ -247,6 +247,13 @@ def _read_message(stdin: TextIO, out: TextIO, terminal: bool) -> tuple[str, bool
 
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    from nanoseek.perf import torch_threads
+
+    with torch_threads(args.threads):  # as `generate` (and every other command) sets --threads
+        return _chat(args, stdin, stdout)
+
+
+def _chat(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO | None) -> int:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
     if isinstance(stdin, io.TextIOWrapper):

@@ -17,7 +17,7 @@ def add_generation_flags(
     p: argparse.ArgumentParser, max_new_tokens: int = 256, temperature: float = 0.0
 ) -> None:
     from nanoseek.options import add_options, defer
-    from nanoseek.perf import AUTO_DTYPE_HELP, DTYPE_CHOICES
+    from nanoseek.perf import AUTO_DTYPE_HELP, DEVICE_HELP, DTYPE_CHOICES, QUANTIZE_FORMATS, QUANTIZE_HELP
 
     g = p.add_argument_group("generation")
 
@@ -44,12 +44,7 @@ def add_generation_flags(
         p.set_defaults(sampling_fallbacks=fallbacks)
 
     defer(p, sampling_flags)
-    g.add_argument(
-        "--quantize",
-        choices=["int8", "fp8", "w8a8"],
-        default=None,
-        help="int8 or fp8 weights; w8a8: int8 weights and activations (CPU)",
-    )
+    g.add_argument("--quantize", choices=QUANTIZE_FORMATS, default=None, help=QUANTIZE_HELP)
     g.add_argument("--speculative", action="store_true", help="draft tokens with the model's MTP module")
     g.add_argument(
         "--dtype",
@@ -59,9 +54,6 @@ def add_generation_flags(
     )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--device", default=None, help=DEVICE_HELP)
-
-
-DEVICE_HELP = "cpu, cuda, mps (default: cuda where there is one, else cpu)"
 
 
 def colors_refused() -> bool:
@@ -106,19 +98,12 @@ def file_sampling_defaults(
 
 def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tuple[Any, Any, Any]:
     """(engine, tokenizer, model) from a checkpoint directory, with a clear error if parts are missing."""
-    import torch
-
     from nanoseek.checkpoint import load_model, resolve_checkpoint
     from nanoseek.engine import Engine
     from nanoseek.engine.sampling import refuse_identical_samples
-    from nanoseek.perf import default_device, say_if_oversubscribed
+    from nanoseek.perf import default_device
     from nanoseek.tokenizer import checkpoint_tokenizer
 
-    if args.threads is not None:  # before a Hub name's resolve, its whole download
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        say_if_oversubscribed(args.threads)
-        torch.set_num_threads(args.threads)
     directory = resolve_checkpoint(args.dir, tokenizer=True)
     tokenizer = checkpoint_tokenizer(directory)  # one from another model: said before the weights load
     # the sampling the flags and the checkpoint's generation_config.json make, refused before the weights
@@ -166,6 +151,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nanoseek.perf import torch_threads
+
+    # checked and set before a Hub name's resolve (its whole download), the caller's count back after
+    # (a notebook's session goes on), as every other command sets --threads
+    with torch_threads(args.threads):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from nanoseek.engine.sampling import refuse_identical_samples
     from nanoseek.tokenizer import IncrementalDecoder
 

@@ -16,9 +16,8 @@ from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from nanoseek.commands.generate import DEVICE_HELP
     from nanoseek.options import path
-    from nanoseek.perf import AUTO_DTYPE_HELP, DTYPE_CHOICES
+    from nanoseek.perf import AUTO_DTYPE_HELP, DEVICE_HELP, DTYPE_CHOICES, QUANTIZE_FORMATS, QUANTIZE_HELP
 
     p = sub.add_parser(
         "serve",
@@ -79,12 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
-    p.add_argument(
-        "--quantize",
-        choices=["int8", "fp8", "w8a8"],
-        default=None,
-        help="int8 or fp8 weights (w8a8: int8 weights and activations, CPU), applied as the checkpoint streams in",
-    )
+    p.add_argument("--quantize", choices=QUANTIZE_FORMATS, default=None, help=QUANTIZE_HELP)
     p.set_defaults(func=run)
 
 

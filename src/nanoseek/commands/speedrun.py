@@ -62,6 +62,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="torch CPU threads, shared out among the stages it runs side by side (default: torch's choice)",
     )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard events of every training stage to RUN/tensorboard/<stage>/, as "
+        "pretrain, sft, grpo and distill do",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.set_defaults(func=run)
 
@@ -81,5 +87,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["families"] = args.tasks
     # the stages beside one another (and the evaluation workers) split the count they find set
     with torch_threads(args.threads):
-        run_speedrun(args.out, args.preset, progress=not args.no_progress, **overrides)
+        run_speedrun(
+            args.out, args.preset, progress=not args.no_progress, tensorboard=args.tensorboard, **overrides
+        )
     return 0

@@ -40,8 +40,9 @@ from torch import nn
 from nanoseek.engine.packed import PackedLinear, PackedRoutedExperts
 from nanoseek.model.fp8 import FP8Linear
 from nanoseek.model.moe import RoutedExperts, each_expert, shape_only
+from nanoseek.perf import QUANTIZE_FORMATS
 
-FORMATS = ("int8", "fp8", "w8a8")
+FORMATS = QUANTIZE_FORMATS  # (listed in nanoseek.perf for the CLI, which lists them before torch loads)
 _QMAX = {"int8": 127.0, "fp8": 448.0, "w8a8": 127.0}
 
 

@@ -398,6 +398,13 @@ class GRPOConfig:
         "threads scoring a step's completions, so their sandboxed code runs overlap (default: the CPUs "
         "this process may use; 1: one after another). The rewards are the same whatever the number",
     )
+    # as sft's and distill's: the Trainer's deadline, its step count refitted to the pace measured
+    max_seconds: float | None = option(
+        None,
+        "wall-clock budget, loading included: a run planned for 5 steps or more is refitted to fill it at "
+        "the measured pace (more or fewer steps than --steps); stops and saves after the step that spends "
+        "it. --resume goes on with what its checkpoint had left of it",
+    )
 
     def validate(self) -> None:
         check_choices(self)
@@ -431,6 +438,10 @@ class GRPOConfig:
         if self.checkpoint_every < 0:  # -1 saved at every step
             raise ValueError(
                 f"--checkpoint-every must be >= 0 (0 = only at the end), got {self.checkpoint_every}"
+            )
+        if self.max_seconds is not None and not 0 < self.max_seconds < math.inf:  # NaN fails too
+            raise ValueError(
+                f"--max-seconds must be a finite number > 0 (or left out for no budget), got {self.max_seconds}"
             )
         for name in ("reward_workers", "threads"):  # --threads 0 was ignored, -1 torch's traceback
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -593,17 +604,20 @@ class PromptSampler:
 def grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None = None) -> Path:
     """Run GRPO from `cfg.init`; returns the checkpoint directory RUN/grpo/. `on_step(done, total)` is
     called after every step (the speedrun paces the control run beside it by it)."""
+    import time
+
     from nanoseek.atomic import check_out
     from nanoseek.perf import torch_threads
     from nanoseek.train.loop import hold_stage
 
+    started = time.perf_counter()  # --max-seconds covers loading too, as sft's covers its data building
     cfg.validate()
     check_out(cfg.out, resume=cfg.resume)  # said now, not once the policy and its reference have loaded
     with torch_threads(cfg.threads), hold_stage(cfg.out, "grpo"):
-        return _grpo(cfg, on_step)
+        return _grpo(cfg, on_step, started)
 
 
-def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
+def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: float) -> Path:
     import time
 
     from nanoseek.checkpoint import load_model, resolve_checkpoint
@@ -652,6 +666,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
         tokenizer=tok,
         spike_factor=0.0,  # a policy-gradient loss is ~0 and changes sign: a loss-spike guard is meaningless
         bias_update_speed=cfg.bias_update_speed,
+        deadline=started + cfg.max_seconds if cfg.max_seconds else None,
         config_extra={"grpo": {k: v for k, v in vars(cfg).items()}},
         resume_settings={
             **{name: getattr(cfg, name) for name in RESUME_SETTINGS},
@@ -667,11 +682,29 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
     start = 0
     history: dict = {}
     extra = None
+    spent = 0.0  # seconds of --max-seconds spent before this process (`sft`'s `budget_state`)
     if cfg.resume:
         extra = trainer.resume(logged_step="grpo_step")  # records count GRPO steps, not updates
         if extra is not None:
             start = int(extra.get("grpo_step", trainer.global_step // cfg.mu))
             history = extra.get("history", {})
+            spent = float(extra.get("seconds_spent", 0.0))
+    if trainer.deadline is not None:
+        trainer.deadline -= spent
+    # a resumed run whose budget was spent (it stopped there): finished, its checkpoint stays as written
+    budget_spent = bool(cfg.max_seconds) and spent >= cfg.max_seconds
+
+    def out_of_time() -> bool:
+        return trainer.deadline is not None and time.perf_counter() >= trainer.deadline
+
+    def planned(done: int) -> int:
+        """The GRPO steps of the run, `done` of them done: --steps, or under --max-seconds the
+        Trainer's step count refitted to its deadline (in optimizer updates: μ a step, none in a step
+        whose groups carried no signal)."""
+        if trainer.deadline is None:
+            return cfg.steps
+        return done + max(0, math.ceil((trainer.total_steps - trainer.global_step) / cfg.mu))
+
     ref_model = None
     if cfg.beta > 0:
         # the reference is the starting policy, frozen (re-read from --init, so resuming gets the same one)
@@ -724,16 +757,22 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
     entropy_trend = EntropyTrend(history.get("entropy_trend"))
     init_length = history.get("init_length")
     bad_steps = int(history.get("bad_steps", 0))  # consecutive collapsed steps, across a resume too
+    budget = f" ({cfg.max_seconds:.0f}s budget)" if cfg.max_seconds else ""
     bar = progress_bar(
-        total=cfg.steps, initial=start, desc="grpo", dynamic_ncols=True, disable=not cfg.progress
+        total=planned(start),
+        initial=start,
+        desc=f"grpo{budget}",
+        dynamic_ncols=True,
+        disable=not cfg.progress,
     )
     t_run = time.perf_counter()
     last: dict = {}
     # the bar closed however the loop ends: one an interrupted notebook cell left open (its traceback
     # keeps it) pushed every later bar of the session down a line, which a notebook draws as a new line
     # per redraw
+    step = start
     with trainer.stop_on_signals(), bar, contextlib.closing(metrics_log):
-        for step in range(start, cfg.steps):
+        while step < planned(step) and not budget_spent:
             # ------------------------------------------------------------------ rollouts
             rng = random.Random(cfg.seed * 1_000_003 + step)
             batch = sampler.draw(rng, cfg.batch_prompts)
@@ -832,8 +871,12 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
                 },
                 refresh=False,
             )
+            finished = step + 1 >= planned(step + 1) or out_of_time()
+            total = step + 1 if finished else planned(step + 1)  # a budget's plan, refitted as it goes
+            bar.total = total
             bar.update(1)
             extra = {
+                "seconds_spent": spent + time.perf_counter() - started,
                 "grpo_step": step + 1,
                 "history": {
                     "entropy_trend": entropy_trend.state(),
@@ -847,13 +890,13 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
             signalled = trainer.stop_requested()  # a signal: save this step and stop
             if (
                 (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
-                or step + 1 == cfg.steps
+                or finished
                 or stop_now
                 or signalled
             ):
                 trainer.save(extra)
             if on_step is not None:
-                on_step(step + 1, cfg.steps)
+                on_step(step + 1, total)
             if signalled:
                 break
             if stop_now:
@@ -861,9 +904,18 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None) -> Path:
                     f"grpo: stopping at step {step + 1}: collapse for {bad_steps} steps ({rec['collapse_warning']})"
                 )
                 break
-        else:
+            if finished:
+                if out_of_time():
+                    bar.write(f"grpo: time budget of {cfg.max_seconds:.0f}s spent at step {step + 1}")
+                break
+            step += 1
+        else:  # no step to run: every one ran before (or the budget was spent)
             if start >= cfg.steps and not (trainer.checkpoint_dir / "config.json").exists():
                 trainer.save({"grpo_step": start, "history": {}})
+            if budget_spent:  # as sft says it
+                print(
+                    f"grpo: --max-seconds {cfg.max_seconds:g} spent; nothing to train; checkpoint {trainer.checkpoint_dir}"
+                )
         trainer.stop_requested()  # one that came during the last step's save: stop all the same
     if trainer.stop_signal:  # no end record: the run goes on at its --resume, as after a kill
         done = step + 1 if last else start  # in GRPO's steps, not the optimizer's (μ per step)
