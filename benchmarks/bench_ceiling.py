@@ -37,8 +37,9 @@ from tqdm import tqdm
 
 from bench_engine import bench_config as engine_config
 from bench_engine import best_of, decode_speed
-from bench_model import Runner, load_transformers, training_flops_per_token
+from bench_model import Runner, load_transformers, require_transformers
 from bench_model import bench_config as model_config
+from nanoseek.accounting import flops_per_token
 from nanoseek.checkpoint import build_model, save_model
 from nanoseek.config import ModelConfig
 from nanoseek.engine import Engine
@@ -153,21 +154,30 @@ def other_work_ms(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.T
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"}
 
 
+def floor_and_peak(gemms, rounds: int, repeats: int) -> tuple[float, float, list[dict], float]:
+    """(floor seconds, its GEMM FLOPs, its rows, fp32 matmul peak FLOP/s), each the best of `rounds`.
+
+    This machine's matmul speed drifts by tens of percent within minutes: measure the floor and the
+    peak in alternating rounds and keep the best of each (the least disturbed), which is the most
+    favourable ceiling, not a pessimistic one."""
+    floor_s, gemm_flops, peak, rows = float("inf"), 0.0, 0.0, []
+    for _ in tqdm(range(rounds), desc="GEMM floor rounds", file=sys.stderr, leave=False):
+        # a new measurement each round: `matmul_peak_flops` is cached, and every round read the first
+        matmul_peak_flops.cache_clear()
+        peak = max(peak, matmul_peak_flops(torch.float32))
+        s, gemm_flops, r = gemm_floor(gemms, repeats)
+        if s < floor_s:
+            floor_s, rows = s, r
+    return floor_s, gemm_flops, rows, peak
+
+
 def training_ceiling(args: argparse.Namespace) -> dict:
     torch.set_num_threads(2)
     cfg = model_config()
     tokens = args.batch * args.seq
     gemms = training_gemms(cfg, tokens, args.seq)
-    # This machine's matmul speed drifts by tens of percent within minutes: measure the floor and
-    # the peak in alternating rounds and keep the best of each (the least disturbed), which is the
-    # most favourable ceiling, not a pessimistic one.
-    floor_s, peak, rows = float("inf"), 0.0, []
-    for _ in tqdm(range(args.rounds), desc="GEMM floor rounds", file=sys.stderr, leave=False):
-        peak = max(peak, matmul_peak_flops(torch.float32))
-        s, gemm_flops, r = gemm_floor(gemms, args.repeats)
-        if s < floor_s:
-            floor_s, rows = s, r
-    model_flops = training_flops_per_token(cfg, args.seq) * tokens
+    floor_s, gemm_flops, rows, peak = floor_and_peak(gemms, args.rounds, args.repeats)
+    model_flops = flops_per_token(cfg, args.seq, training=True) * tokens
 
     ours = build_model(cfg).init_weights(0)
     with tempfile.TemporaryDirectory() as d:
@@ -326,6 +336,8 @@ def main() -> None:
         p.error(
             "--steps, --repeats, --rounds and --new-tokens must be >= 1 (each figure is the best of them)"
         )
+    if not args.shapes_only:
+        require_transformers("bench_ceiling")
     tune_malloc()
     results: dict = {"cpu": cpu_description()}
     print(f"cpu: {results['cpu']}")

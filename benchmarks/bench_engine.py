@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from bench_model import require_transformers
 from nanoseek.checkpoint import save_model
 from nanoseek.config import get_preset
 from nanoseek.engine import Engine, SamplingParams
@@ -233,6 +234,7 @@ def main() -> None:
     args = ap.parse_args()
     if min(args.repeats, args.new_tokens, args.prompt_len) < 1:
         ap.error("--repeats, --new-tokens and --prompt-len must be >= 1")
+    require_transformers("bench_engine")
     # nanoseek's commands run with freed memory kept for reuse (nanoseek.perf.tune_malloc); it is a
     # process-wide setting, so both sides of the comparison run with it.
     tune_malloc()
@@ -256,7 +258,8 @@ def main() -> None:
     print(
         f"== decode speed vs transformers {transformers.__version__} (threads={args.threads}, fp32, greedy)"
     )
-    for batch, new in ((1, args.new_tokens), (16, args.new_tokens // 2)):
+    # batch 16 decodes half as many tokens, at least one: `--new-tokens 1` asked it for none, a traceback
+    for batch, new in ((1, args.new_tokens), (16, max(1, args.new_tokens // 2))):
         r = decode_speed(model, hf, batch, args.prompt_len, new, args.repeats)
         results[f"batch{batch}"] = r
         print(

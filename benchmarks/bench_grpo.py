@@ -14,6 +14,7 @@ counted. If TRL is not installed (or fails on this model), the TRL row says why.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -65,8 +66,12 @@ def bench_nanoseek(init: str, args: argparse.Namespace, run: Path) -> dict:
     grpo(cfg)
     total = time.perf_counter() - t0
     recs = [r for r in read_metrics(run, "grpo") if "rollout_time_s" in r]
+    # A step is the time from one step's record to the next: TRL's timer below holds its whole step, and
+    # rollout_time_s + update_time_s leave out scoring the rollouts (decoding, rewards, advantages) and
+    # batching them, which made nanoseek's steps look shorter than they were
+    walls = [r["wall_time_s"] for r in recs]
+    step = [b - a for a, b in itertools.pairwise(walls)] or walls
     recs = recs[1:] or recs  # the first step is warm-up, unless it is the only one (as TRL's below)
-    step = [r["rollout_time_s"] + r["update_time_s"] for r in recs]
     return {
         "step_s": statistics.median(step),
         "rollout_s": statistics.median(r["rollout_time_s"] for r in recs),

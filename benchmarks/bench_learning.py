@@ -433,11 +433,13 @@ def summarize(result: dict[str, Any], threshold: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nanoseek.options import torch_seed
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", nargs="*", default=["baseline", "recipe"])
     ap.add_argument("--list", action="store_true", help="list the variants and exit")
     ap.add_argument("--steps", type=int, default=None, help="override every variant's step count")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--seeds", type=torch_seed, nargs="+", default=[0])
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--probe-n", type=int, default=24, help="held-out documents per task for the loss probe")
     ap.add_argument("--acc-n", type=int, default=24, help="held-out prompts per task for greedy accuracy")

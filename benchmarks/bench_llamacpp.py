@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanoseek.options import torch_seed
+
 SIZES = ("tiny", "lite")
 GGUF_TYPE = {"bf16": "bf16", "int8": "q8_0", "w8a8": "q8_0", "f32": "f32"}
 FIGURES = ("pp", "b1", "b16")
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs of each engine, alternating; median")
     ap.add_argument("--lite-layers", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=torch_seed, default=0)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/nanoseek-bench-llamacpp"))
     ap.add_argument("--json", type=Path, default=None, help="save the figures and every run here")
     ap.add_argument(

@@ -12,7 +12,8 @@ model FLOP/s / the machine's measured matmul peak for that dtype (`nanoseek.perf
 
 Model FLOPs per token for training = 6 x active matmul parameters (attention projections, the dense MLP,
 router, shared expert, the top-k routed experts, lm_head; not the embedding lookup) + 3 x the attention
-score/value FLOPs of a causal forward (2 x heads x (qk_head_dim + v_head_dim) x (S+1)/2 per layer).
+score/value FLOPs of a causal forward (2 x heads x (qk_head_dim + v_head_dim) x (S+1)/2 per layer), as
+`nanoseek.accounting.flops_per_token` counts them for every training command.
 
 The default shape is DeepSeek's fine-grained MoE at small scale: hidden 256, 4 layers (first dense),
 4 heads, q_lora 128, kv_lora 64, nope 32, rope 16, v 32, 64 routed experts top-6 (8 groups, 4 kept),
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import statistics
 import sys
@@ -37,8 +39,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nanoseek.accounting import flops_per_token
 from nanoseek.checkpoint import build_model, save_model
 from nanoseek.config import ModelConfig
+from nanoseek.options import torch_seed
 from nanoseek.perf import cpu_description, matmul_peak_flops, tune_malloc
 
 
@@ -68,30 +72,6 @@ def bench_config(**changes) -> ModelConfig:
     )
     base.update(changes)
     return ModelConfig(**base)
-
-
-def training_flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    """6 x active matmul params + attention scores (causal), per token, for one training step."""
-    h, nh = cfg.hidden_size, cfg.num_attention_heads
-    qk, v = cfg.qk_head_dim, cfg.v_head_dim
-    if cfg.q_lora_rank is None:
-        attn = h * nh * qk
-    else:
-        attn = h * cfg.q_lora_rank + cfg.q_lora_rank * nh * qk
-    attn += h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-    attn += cfg.kv_lora_rank * nh * (cfg.qk_nope_head_dim + v) + nh * v * h
-    params = 0
-    for i in range(cfg.num_hidden_layers):
-        params += attn
-        if cfg.is_moe_layer(i):
-            inter = cfg.moe_intermediate_size
-            params += h * (cfg.n_routed_experts or 0)  # router
-            params += 3 * h * inter * ((cfg.num_experts_per_tok or 0) + (cfg.n_shared_experts or 0))
-        else:
-            params += 3 * h * cfg.intermediate_size
-    params += h * cfg.vocab_size  # lm_head
-    attn_scores = cfg.num_hidden_layers * 2 * nh * (qk + v) * (seq + 1) / 2
-    return 6 * params + 3 * attn_scores
 
 
 def loss_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -129,6 +109,16 @@ class Runner:
             self.losses.append(loss.item())
 
 
+def require_transformers(script: str) -> None:
+    """Exits with what to install where transformers, the reference these benchmarks measure against
+    and an optional dependency, is missing: before any work (a traceback came after minutes of it)."""
+    if importlib.util.find_spec("transformers") is None:
+        raise SystemExit(
+            f"{script}: transformers is not installed (the reference it measures against): "
+            "pip install 'transformers>=5.14' (or pip install 'nanoseek[test]')"
+        )
+
+
 def load_transformers(directory: str, experts_impl: str | None):
     import transformers
 
@@ -158,7 +148,7 @@ def compare(args: argparse.Namespace, precision: str) -> dict:
         for r in runners:
             r.step(inputs, targets)
     tokens = args.batch * args.seq
-    flops_tok = training_flops_per_token(cfg, args.seq)
+    flops_tok = flops_per_token(cfg, args.seq, training=True)
     peak = matmul_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32)
     result = {
         "precision": precision,
@@ -217,7 +207,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=torch_seed, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--hf-experts", default=None, help="transformers experts_implementation (default: its own default)"
@@ -227,6 +217,7 @@ def main() -> None:
     args = p.parse_args()
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0 (the figures are medians over the timed steps)")
+    require_transformers("bench_model")
     # nanoseek's commands run with freed memory kept for reuse (nanoseek.perf.tune_malloc); it is a
     # process-wide setting, so both sides of the comparison run with it.
     tune_malloc()

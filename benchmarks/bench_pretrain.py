@@ -97,6 +97,8 @@ def run_one(args: argparse.Namespace, gamma: float, tok_dir: Path, out: Path) ->
 
 
 def main() -> None:
+    from nanoseek.options import torch_seed
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=parse_tokens, default=parse_tokens("400k"), help="token budget per run")
     p.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.001], help="bias update speeds γ")
@@ -108,7 +110,7 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--tokenizer-docs", type=int, default=20000)
     p.add_argument("--val-batches", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=torch_seed, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
@@ -148,7 +150,9 @@ def main() -> None:
         )
     if args.json:
         print(json.dumps(results, indent=2))
-    print(f"bench_pretrain: {len(results)} runs in {sum(r['wall_s'] for r in results):.0f}s; runs in {root}")
+    # a temporary directory goes at exit: naming it sent the user to look for runs no longer there
+    kept = f"runs in {root}" if args.out else "the runs are deleted at exit (--out DIR keeps them)"
+    print(f"bench_pretrain: {len(results)} runs in {sum(r['wall_s'] for r in results):.0f}s; {kept}")
 
 
 if __name__ == "__main__":

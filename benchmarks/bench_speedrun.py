@@ -27,13 +27,13 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from nanoseek.evaluate import problems_digest, slug
+from nanoseek.options import torch_seed
 from nanoseek.report import STAGES, RunMetrics, paired_margin
 from nanoseek.speedrun import PRESETS, SETTINGS, SpeedrunPreset, run_speedrun
 
@@ -181,9 +181,11 @@ def pretraining_arithmetic(run: Path) -> dict | None:
     out["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
     device = perf.default_device().type  # where the stages trained
     out["device"] = device
-    # the machine's peak, every core: what the run had, whatever this process's thread setting
+    # the machine's peak, every core: what the run had, whatever this process's thread setting. The
+    # cores this process may use (`usable_cpus`), not the host's: a thread per host core on a container's
+    # or a taskset's few took turns on them, a lower peak and the run put nearer to it than it was
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or threads)
+    torch.set_num_threads(perf.usable_cpus())
     out["threads"] = torch.get_num_threads()
     out["peak_flops"] = perf.matmul_peak_flops(dtype, device, seconds=2.0)
     torch.set_num_threads(threads)
@@ -288,7 +290,7 @@ def main() -> None:
         choices=("auto", "bf16", "fp32"),
         help="default: the run's own, else auto",
     )
-    ap.add_argument("--seed", type=int, default=None, help="default: the run's own, else the preset's")
+    ap.add_argument("--seed", type=torch_seed, default=None, help="default: the run's own, else the preset's")
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument(

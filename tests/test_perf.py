@@ -193,6 +193,183 @@ def test_timing_benchmarks_refuse_zero_steps_or_repeats_before_running(monkeypat
         assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err, name
 
 
+def test_bench_ceiling_measures_the_peak_again_each_round(monkeypatch):
+    """The floor and the matmul peak are measured in alternating rounds, the best of each kept; the
+    peak is `matmul_peak_flops`, cached: every round read the first round's, however disturbed."""
+    import types
+
+    import nanoseek.perf as perf
+
+    bench = _bench_ceiling(monkeypatch)
+    clock = types.SimpleNamespace(now=0.0, tick=2.0)  # each timed matmul takes `tick` seconds
+
+    def perf_counter():
+        clock.now += clock.tick
+        return clock.now
+
+    ticks = iter([1.0, 4.0, 4.0])  # the matmul's time in the rounds after this one
+
+    def floor(gemms, repeats):
+        clock.tick = next(ticks)
+        return 1.0, 1.0, []
+
+    monkeypatch.setattr(perf, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(bench, "gemm_floor", floor)
+    perf.matmul_peak_flops.cache_clear()
+    try:
+        peak = bench.floor_and_peak([], rounds=3, repeats=1)[3]
+    finally:
+        perf.matmul_peak_flops.cache_clear()  # no made-up peak for the tests after this one
+    assert peak == 2 * 1024**3 / 1.0  # round two's, the fastest
+
+
+def test_benchmarks_say_transformers_is_missing_before_any_work(monkeypatch):
+    """bench_model, bench_engine and bench_ceiling measure against transformers, an optional
+    dependency: without it they ended in a ModuleNotFoundError traceback, bench_ceiling's after minutes
+    of GEMM timings. One line naming what to install, before any work."""
+    import sys
+
+    import pytest
+    from tests.benchmark_scripts import BENCHMARKS, load_benchmark
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` fails as if absent
+    for name in ("bench_model", "bench_engine", "bench_ceiling"):
+        bench = load_benchmark(name)
+        monkeypatch.setattr(bench, "tune_malloc", lambda: pytest.fail("ran past its arguments"))
+        monkeypatch.setattr(sys, "argv", [f"{name}.py"])
+        with pytest.raises(SystemExit) as e:
+            bench.main()
+        assert "transformers is not installed" in str(e.value.code) and "pip install" in str(e.value.code)
+
+
+def test_bench_engine_one_new_token_decodes_one_at_batch_16_too(monkeypatch):
+    """Batch 16 decodes half of --new-tokens: `--new-tokens 1`, which the argument check lets through,
+    asked it for none, an invalid SamplingParams traceback after the batch-1 figures."""
+    import sys
+
+    import pytest
+    import torch
+    import transformers
+    from tests.benchmark_scripts import BENCHMARKS, load_benchmark
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports bench_model
+    bench = load_benchmark("bench_engine")
+
+    class Loaded:
+        def eval(self):
+            return self
+
+    class Stop(Exception):
+        pass
+
+    asked = []
+
+    def speed(model, hf, batch, prompt_len, new, repeats):
+        asked.append((batch, new))
+        if batch == 16:
+            raise Stop
+        figures = ("nanoseek_tok_s", "transformers_tok_s", "speedup_wall", "speedup")
+        per_cpu = {"nanoseek_tok_per_cpu_s": 1.0, "transformers_tok_per_cpu_s": 1.0}
+        return {**dict.fromkeys(figures, 1.0), **per_cpu, "identical_sequences": "1/1"}
+
+    monkeypatch.setattr(bench, "tune_malloc", lambda: None)
+    monkeypatch.setattr(bench, "save_model", lambda model, d: None)
+    monkeypatch.setattr(bench, "decode_speed", speed)
+    auto = type("Auto", (), {"from_pretrained": staticmethod(lambda d, dtype: Loaded())})
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", auto)
+    monkeypatch.setattr(sys, "argv", ["bench_engine.py", "--new-tokens", "1"])
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(Stop):
+            bench.main()
+    finally:
+        torch.set_num_threads(threads)  # it sets --threads for the process, as it measures
+    assert asked == [(1, 1), (16, 1)]
+
+
+def test_bench_grpo_times_nanoseeks_whole_step_as_trls(tmp_path, monkeypatch):
+    """TRL's figure is its whole step; nanoseek's was rollout_time_s + update_time_s, which leave out
+    scoring the rollouts and batching them: a step is the time between two steps' records."""
+    import argparse
+
+    from tests.benchmark_scripts import load_benchmark
+
+    import nanoseek.train.grpo as grpo
+    from nanoseek.metrics import MetricsLog
+
+    bench = load_benchmark("bench_grpo")
+
+    def run(cfg):  # 4 steps of 3 s each: 1 s sampling, 1 s scoring, 1 s updating
+        log = MetricsLog(cfg.out, "grpo")
+        for step in range(1, 5):
+            log.log(step, rollout_time_s=1.0, update_time_s=1.0, response_length=8, wall_time_s=3.0 * step)
+
+    monkeypatch.setattr(grpo, "grpo", run)
+    args = argparse.Namespace(group=2, prompts=2, steps=4, max_new_tokens=8)
+    r = bench.bench_nanoseek("init", args, tmp_path / "run")
+    assert r["step_s"] == 3.0 and r["rollout_s"] == 1.0 and r["update_s"] == 1.0
+
+
+def test_bench_pretrain_names_no_directory_it_deletes(tmp_path, monkeypatch, capsys):
+    """Without --out the runs go to a temporary directory deleted at exit: the summary named it as where
+    the runs were."""
+    import sys
+
+    from tests.benchmark_scripts import load_benchmark
+
+    import nanoseek.data.corpus as corpus
+    import nanoseek.tokenizer as tokenizer
+
+    bench = load_benchmark("bench_pretrain")
+    deleted = []
+    monkeypatch.setattr(bench.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "temporary"))
+    monkeypatch.setattr(bench.atexit, "register", lambda fn, path, **kw: deleted.append(path))
+    monkeypatch.setattr(corpus, "iter_documents", lambda source, seed: iter(["a document"]))
+
+    class Trained:
+        def save(self, directory):
+            directory.mkdir(parents=True)
+            (directory / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(tokenizer, "train_tokenizer", lambda docs, vocab_size: Trained())
+    figures = dict(tokens=1, steps=1, wall_s=1.0, tok_per_s=1.0, mfu=0.1, train_loss=1.0, val_loss=None)
+    imbalance = dict(imbalance_worst_layer=1.0, imbalance_mean_layer=1.0, imbalance_by_layer={"1": 1.0})
+    monkeypatch.setattr(bench, "run_one", lambda args, g, tok, out: {"gamma": g, **figures, **imbalance})
+    for argv, kept in (([], False), (["--out", str(tmp_path / "kept")], True)):
+        monkeypatch.setattr(sys, "argv", ["bench_pretrain.py", "--gammas", "0", *argv])
+        bench.main()
+        last = capsys.readouterr().out.strip().splitlines()[-1]
+        assert (str(tmp_path) in last) == kept, last
+    assert deleted == [tmp_path / "temporary"]
+
+
+def test_benchmark_seeds_are_torch_seeds(monkeypatch, capsys):
+    """A seed torch's generators cannot take ended in "Overflow when unpacking long long" once a model
+    was built; the benchmarks' --seed takes what the training commands' does (`options.torch_seed`)."""
+    import os
+    import sys
+
+    import pytest
+    from tests.benchmark_scripts import BENCHMARKS, load_benchmark
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # bench_fp8 sets it
+    for name, flag in (
+        ("bench_model", "--seed"),
+        ("bench_fp8", "--seed"),
+        ("bench_pretrain", "--seed"),
+        ("bench_llamacpp", "--seed"),
+        ("bench_speedrun", "--seed"),
+        ("bench_learning", "--seeds"),
+    ):
+        bench = load_benchmark(name)
+        monkeypatch.setattr(sys, "argv", [f"{name}.py", flag, str(2**64)])
+        with pytest.raises(SystemExit) as e:
+            bench.main()
+        assert e.value.code == 2 and "2**64" in capsys.readouterr().err, name
+
+
 def test_bench_learning_whole_documents_leave_the_padding_out_of_the_balancing(tmp_path, monkeypatch):
     """As in `nanoseek pretrain` and `nanoseek ablate`: a variant trained on whole documents (padded
     windows) passes the routers the mask of its documents' tokens, so padding moves no expert bias."""

@@ -175,6 +175,34 @@ def test_bench_speedrun_counts_pretrainings_arithmetic(smoke_run):
     assert a["floor_s"] == pytest.approx((a["model_flops"] + a["muon_flops"]) / a["peak_flops"])
 
 
+def test_bench_speedrun_measures_the_cpu_peak_on_the_cpus_it_may_use(tmp_path, monkeypatch):
+    """The CPU peak beside the run's time is measured on every CPU the run could use: on a container's
+    or a taskset's few CPUs, one thread per host core (`os.cpu_count`) took turns on them, a lower peak."""
+    import dataclasses
+    import os
+
+    import nanoseek.perf
+    from model_configs import small_config
+
+    bench = load_benchmark("bench_speedrun")
+    (tmp_path / "speedrun.json").write_text(json.dumps(dataclasses.asdict(PRESETS["smoke"])))
+    for stage in ("pretrain", "student"):
+        small_config().save(tmp_path / stage)
+    timed = []
+
+    def peak(dtype=None, device="cpu", n=None, seconds=0.5):
+        timed.append(torch.get_num_threads())
+        return 1e11
+
+    monkeypatch.setattr(nanoseek.perf, "default_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(nanoseek.perf, "matmul_peak_flops", peak)
+    monkeypatch.setattr(nanoseek.perf, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)  # the host's, of which this process may use one
+    threads = torch.get_num_threads()
+    a = bench.pretraining_arithmetic(tmp_path)
+    assert timed == [1] and a["threads"] == 1 and torch.get_num_threads() == threads
+
+
 def test_bench_speedrun_times_pretrainings_floor_on_the_device_it_ran_on(tmp_path, monkeypatch):
     """On a GPU (gpu_check.sh) pretraining ran on the GPU: its compute floor is over the GPU's matmul
     peak, not the CPU's, which put the run at thousands of percent of "this CPU's peak"."""
