@@ -458,6 +458,32 @@ def test_a_seeded_sample_is_the_same_with_speculative_decoding_on_or_off(model):
     assert 0 < spec.stats()["spec_accepted"] < spec.stats()["spec_drafted"]
 
 
+def test_one_bf16_sequence_speculates_on_plain_decodings_kernels(models, monkeypatch):
+    """Plain decoding of one bf16 sequence on a CPU runs PyTorch's GEMV (`_gemv_kernels`); its verify
+    steps ran oneDNN's GEMM, which rounds otherwise: `generate --speculative` gave other tokens than
+    `generate` (greedy and seeded alike) where a near tie fell the other way. The verify step of one
+    sequence now runs on the same kernels, so its tokens and log-probs are plain decoding's."""
+    model = models[torch.bfloat16]
+    seen = []
+    hidden_states = model.hidden_states
+
+    def spy(*a, **kw):
+        seen.append((a[0].shape[1], torch.backends.mkldnn.enabled))
+        return hidden_states(*a, **kw)
+
+    monkeypatch.setattr(model, "hidden_states", spy)
+    prompts = [list(range(i, i + 9)) for i in range(100, 400, 74)]
+    for temperature in (0.0, 0.8):
+        params = SamplingParams(max_new_tokens=30, temperature=temperature, seed=1, logprobs=0)
+        for prompt in prompts:
+            plain = Engine(model).generate_detailed([prompt], params)[0]
+            spec = Engine(model, speculative=True).generate_detailed([prompt], params)[0]
+            assert spec.token_ids == plain.token_ids, (temperature, prompt)
+            assert [lp.logprob for lp in spec.logprobs] == [lp.logprob for lp in plain.logprobs]
+    assert all(not on for width, on in seen if width == 2)  # every verify step: [last token, draft]
+    assert torch.backends.mkldnn.enabled
+
+
 def test_cache_bytes_per_token(model):
     cfg = model.config
     engine = Engine(model, num_blocks=10, block_size=16)

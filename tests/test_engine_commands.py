@@ -92,6 +92,28 @@ def test_generate_takes_the_prompt_positionally_or_as_a_flag_but_once(checkpoint
             args.func(args)
 
 
+def test_generate_and_chat_refuse_w8a8_where_it_cannot_run_before_a_hub_download(monkeypatch, capsys):
+    """`--quantize w8a8` on a GPU (the default device where there is one), or with a PyTorch without
+    its quantized CPU backend, downloaded a Hub model's weights, all of them, before it was refused."""
+    import huggingface_hub
+
+    from nanoseek.cli import main
+    from nanoseek.engine import quantize
+
+    def fetch(repo_id, **kw):
+        raise AssertionError(f"fetched {repo_id} before checking the flags")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for argv in (["generate", "someone/model", "x"], ["chat", "someone/model"]):
+        assert main([*argv, "--quantize", "w8a8", "--device", "cuda"]) == 2
+        assert "quantize='w8a8' runs on CPUs" in capsys.readouterr().err
+    monkeypatch.setattr(quantize, "w8a8_available", lambda: False)  # PyTorch dropped quantized tensors
+    assert main(["generate", "someone/model", "x", "--quantize", "w8a8", "--device", "cpu"]) == 2
+    assert "quantize='w8a8' needs a PyTorch built with a quantized CPU backend" in capsys.readouterr().err
+
+
 def test_generate_refuses_a_prompt_over_the_context_before_echoing_it(checkpoint, capsys):
     from nanoseek.cli import main
 

@@ -417,6 +417,16 @@ def test_a_model_already_in_another_8bit_storage_is_not_quantized_again(model):
         Engine(fp8, quantize="int8")
 
 
+@pytest.mark.parametrize("fmt", ["int8", "w8a8"])
+def test_an_engine_names_the_storage_its_model_loaded_in(model, fmt):
+    """`serve` quantizes as the checkpoint loads (`load_model(quantize=...)`) and builds its Engine
+    without quantize=: the engine said quantize=None, as for full-precision weights."""
+    q = quantize_model(copy.deepcopy(model), fmt)
+    engine = Engine(q)
+    assert engine.quantize == fmt and f"quantize='{fmt}'" in repr(engine)
+    assert Engine(copy.deepcopy(model)).quantize is None
+
+
 def test_a_packed_model_is_refused_by_quantize_not_half_quantized(model, monkeypatch):
     """Engine(quantize=...) over a model an earlier Engine packed (pack_weights=True): packed routed
     experts failed with an AttributeError (no gate_up_proj), packed linears were left in full precision

@@ -2189,6 +2189,29 @@ def test_cli_serve_checks_its_flags_before_a_hub_download(monkeypatch, capsys):
         assert flag in capsys.readouterr().err
 
 
+def test_cli_serve_refuses_w8a8_where_it_cannot_run_before_a_hub_download(monkeypatch, capsys):
+    """`serve --quantize w8a8` on a GPU (the default device where there is one), or with a PyTorch
+    without its quantized CPU backend, downloaded a Hub model's weights, all of them, before it was
+    refused."""
+    import huggingface_hub
+
+    from nanoseek.cli import main
+
+    def fetch(repo_id, **kw):
+        raise AssertionError(f"fetched {repo_id} before checking the flags")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["serve", "someone/model", "--port", "0", "--quantize", "w8a8", "--device", "cuda"]) == 2
+    assert "quantize='w8a8' runs on CPUs" in capsys.readouterr().err
+    from nanoseek.engine import quantize
+
+    monkeypatch.setattr(quantize, "w8a8_available", lambda: False)  # PyTorch dropped quantized tensors
+    assert main(["serve", "someone/model", "--port", "0", "--quantize", "w8a8", "--device", "cpu"]) == 2
+    assert "quantize='w8a8' needs a PyTorch built with a quantized CPU backend" in capsys.readouterr().err
+
+
 def test_cli_serve_defaults_and_flags_reach_the_server(tmp_path, tok, model, monkeypatch, capsys):
     """The defaults --help states, the key from $NANOSEEK_API_KEY, --model-name, --max-queue and
     --max-body-mb reach the server, and the banner names the port the system picked for --port 0."""
@@ -2230,6 +2253,32 @@ def test_cli_serve_defaults_and_flags_reach_the_server(tmp_path, tok, model, mon
     assert served["app"].state.server.config.api_key is None
     out = capsys.readouterr().out
     assert "model 'ck'" in out and "auth off" in out and "warning" not in out
+
+
+def test_cli_serve_speculative_on_a_checkpoint_without_mtp_serves_it_plainly(
+    tmp_path, tok, model, monkeypatch, capsys
+):
+    """`serve --speculative` on a checkpoint without an MTP module (a GQA family's; one transformers saved,
+    which loads with a warning that speculative decoding is off for it) exited with an error once the
+    weights had loaded, where generate and chat decode it plainly. The server now does as they do, and
+    says so."""
+    import uvicorn
+
+    from nanoseek.checkpoint import save_model
+    from nanoseek.cli import main
+
+    served = {}
+    monkeypatch.setattr(
+        uvicorn.Server, "run", lambda self, sockets: served.update(app=self.config.app, sock=sockets[0])
+    )
+    for mtp, ckpt in ((0, tmp_path / "plain"), (1, tmp_path / "mtp")):
+        save_model(DeepSeekV3(model.config.replace(num_nextn_predict_layers=mtp)).init_weights(0), ckpt)
+        tok.save(ckpt)
+        assert main(["serve", str(ckpt), "--port", "0", "--speculative"]) == 0
+        served["sock"].close()
+        assert served["app"].state.server.engine.engine.speculative is bool(mtp)
+        said = "has no MTP module; decoding without speculation" in capsys.readouterr().err
+        assert said is not bool(mtp)
 
 
 @pytest.mark.parametrize("env", [{"NO_COLOR": "1"}, {"TERM": "dumb"}])

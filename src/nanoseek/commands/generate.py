@@ -96,14 +96,27 @@ def file_sampling_defaults(
     return {k: v for k, v in generation_defaults(cfg, source).items() if k in left_out}
 
 
+def speculation(model: Any, asked: bool) -> bool:
+    """Whether `--speculative` (generate, chat, serve) drafts with the model's MTP module: a model without
+    one (a GQA family's, a checkpoint transformers saved) is said so on stderr and decoded plainly."""
+    if asked and not model.config.num_nextn_predict_layers:
+        print("nanoseek: this checkpoint has no MTP module; decoding without speculation", file=sys.stderr)
+        return False
+    return asked
+
+
 def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tuple[Any, Any, Any]:
     """(engine, tokenizer, model) from a checkpoint directory, with a clear error if parts are missing."""
-    from nanoseek.checkpoint import load_model, resolve_checkpoint
+    from nanoseek.checkpoint import load_model, resolve_checkpoint, resolve_device
     from nanoseek.engine import Engine
+    from nanoseek.engine.quantize import check_quantize_device
     from nanoseek.engine.sampling import refuse_identical_samples
     from nanoseek.perf import default_device
     from nanoseek.tokenizer import checkpoint_tokenizer
 
+    device = args.device or default_device()
+    if args.quantize:  # w8a8 off a CPU: said before a Hub name's download, not after it
+        check_quantize_device(args.quantize, resolve_device(device))
     directory = resolve_checkpoint(args.dir, tokenizer=True)
     tokenizer = checkpoint_tokenizer(directory)  # one from another model: said before the weights load
     # the sampling the flags and the checkpoint's generation_config.json make, refused before the weights
@@ -117,16 +130,12 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
         params.temperature, getattr(args, "num_samples", 1), "--num-samples", "the prompt"
     )
     # Quantized as the weights stream in: memory never holds the whole model in args.dtype.
-    device = args.device or default_device()
     model = load_model(directory, dtype=args.dtype, device=device, quantize=args.quantize).eval()
-    speculative = args.speculative and model.config.num_nextn_predict_layers > 0
-    if args.speculative and not speculative:
-        print("nanoseek: this checkpoint has no MTP module; decoding without speculation", file=sys.stderr)
     engine = Engine(
         model,
         max_batch_size=max_batch_size,
         quantize=args.quantize,
-        speculative=speculative,
+        speculative=speculation(model, args.speculative),
         pack_weights=True,  # bf16/fp32 on a CPU: oneDNN's layout (engine/packed.py); else a no-op
     )
     return engine, tokenizer, model

@@ -116,9 +116,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     from nanoseek import load_model
     from nanoseek.accounting import count_parameters
-    from nanoseek.checkpoint import resolve_checkpoint
-    from nanoseek.commands.generate import colors_refused
+    from nanoseek.checkpoint import resolve_checkpoint, resolve_device
+    from nanoseek.commands.generate import colors_refused, speculation
     from nanoseek.engine import Engine
+    from nanoseek.engine.quantize import check_quantize_device
     from nanoseek.engine.sampling import generation_defaults
     from nanoseek.perf import default_device
     from nanoseek.serve import ServeConfig, create_app
@@ -148,9 +149,11 @@ def _serve(args: argparse.Namespace) -> int:
             "--api-key (or $NANOSEEK_API_KEY) must be printable ASCII with no space or control character "
             "at either end: HTTP clients send it in a header"
         )
+    device = args.device or default_device()
+    if args.quantize:  # w8a8 off a CPU (a GPU is the default device where there is one): said now
+        check_quantize_device(args.quantize, resolve_device(device))
     sock = _listen(args.host, args.port)  # a busy port is said now, not after loading the weights
     port = sock.getsockname()[1]  # --port 0: the one the system picked
-    device = args.device or default_device()
     try:
         directory = resolve_checkpoint(args.model, tokenizer=True)
         t0 = time.perf_counter()
@@ -162,7 +165,9 @@ def _serve(args: argparse.Namespace) -> int:
             model,
             max_batch_size=args.max_batch_size,
             max_seq_len=args.max_seq_len,
-            speculative=args.speculative,
+            # as generate and chat: a checkpoint without MTP weights (which load_model just warned
+            # "speculative decoding is off for") is served plainly, not refused after its load
+            speculative=speculation(model, args.speculative),
             cache_bytes=int(args.kv_cache_mib * 2**20),
             pack_weights=True,  # bf16/fp32 on a CPU: oneDNN's layout (engine/packed.py); else a no-op
         )

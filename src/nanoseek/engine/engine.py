@@ -141,12 +141,14 @@ class Engine:
             want = max_batch_size * math.ceil((self.max_seq_len + 1) / block_size) + 1
             num_blocks = min(want, budget)
         # The model is changed in place only now, past every check above: a refused Engine leaves it as given.
-        from nanoseek.engine.quantize import pack_w8a8, quantize_model
+        from nanoseek.engine.quantize import FORMATS, held_storage, pack_w8a8, quantize_model
 
         if quantize is not None:
             quantize_model(model, quantize)
         pack_w8a8(model)  # now, not in the first request (a no-op without w8a8 weights)
-        self.quantize = quantize
+        # what the weights are stored in, quantized here or as they loaded (`load_model(quantize=...)`,
+        # what `serve` does): quantize=None said a model that `serve` loaded in int8 was in full precision
+        self.quantize = quantize or next((f for f in FORMATS if f in held_storage(model)), None)
         if pack_weights:
             from nanoseek.engine.packed import pack_model
 
@@ -404,8 +406,11 @@ class Engine:
         view, positions = self._view(rows, starts, [2] * len(rows), 2)
         drafts = torch.tensor([r.draft for r in rows], dtype=torch.long, device=self.device)
         ids = torch.stack((torch.tensor([r.tokens[-1] for r in rows], device=self.device), drafts), dim=1)
-        hidden = self._hidden(ids, positions, view)
-        logits = self.model.lm_head(hidden)  # [B,2,V]
+        # one sequence: the kernels plain decoding runs it with (`_decode`), so a bf16 model's logits,
+        # and with them its tokens, are plain decoding's (oneDNN's GEMM rounds otherwise than the GEMV)
+        with self._gemv_kernels(len(rows) == 1):
+            hidden = self._hidden(ids, positions, view)
+            logits = self.model.lm_head(hidden)  # [B,2,V]
         states = [r.sampler for r in rows]
         accepted, first = verify(logits[:, 0], drafts, states)
         lps_first = self._logprobs(rows, logits[:, 0], first)
@@ -520,11 +525,11 @@ class Engine:
 
     @contextlib.contextmanager
     def _gemv_kernels(self, one_row: bool) -> Iterator[None]:
-        """bf16 matmuls of one row on a CPU (batch-1 decode) run PyTorch's own GEMV instead of oneDNN's
-        GEMM, which streams the weights ~1.7x slower there and wins from a few rows on (figures in
-        benchmarks/README.md, bench_llamacpp.py). A process-wide switch, restored after the forward.
-        Packed weights (`pack_weights`) run oneDNN's GEMM on its own layout either way; the switch
-        serves the matmuls left plain (MLA's)."""
+        """bf16 matmuls of one sequence on a CPU (batch-1 decode, and its speculative verify step) run
+        PyTorch's own GEMV instead of oneDNN's GEMM, which streams the weights ~1.7x slower there and
+        wins from a few rows on (figures in benchmarks/README.md, bench_llamacpp.py). A process-wide
+        switch, restored after the forward. Packed weights (`pack_weights`) run oneDNN's GEMM on its own
+        layout either way; the switch serves the matmuls left plain (MLA's)."""
         if not (one_row and self.device.type == "cpu" and self.dtype == torch.bfloat16):
             yield
             return

@@ -308,12 +308,17 @@ def pack_w8a8(model: nn.Module) -> None:
 
 
 def check_quantize_device(fmt: str, device: str | torch.device) -> None:
-    """Refuse w8a8 off a CPU before any weight is quantized (`pack_w8a8` would refuse it only after
-    every linear was replaced, or after a whole checkpoint streamed onto the GPU)."""
+    """Refuse w8a8 off a CPU, or where this PyTorch lacks its backend, before any weight is quantized
+    (`pack_w8a8` would refuse it only after every linear was replaced, or after a whole checkpoint
+    streamed onto the GPU) and before a Hub name's download (the commands check their flags with it)."""
     if fmt == "w8a8" and torch.device(device).type != "cpu":
         raise ValueError(
             f"quantize='w8a8' runs on CPUs (PyTorch's quantized CPU backend), not on {device}: "
             "use quantize='int8' or 'fp8' there"
+        )
+    if fmt == "w8a8" and not w8a8_available():
+        raise ValueError(
+            "quantize='w8a8' needs a PyTorch built with a quantized CPU backend (fbgemm or qnnpack)"
         )
 
 
@@ -325,11 +330,7 @@ def quantize_model(model: nn.Module, fmt: str, device: str | torch.device | None
         raise ValueError(f"unknown quantization {fmt!r}; choose one of {FORMATS}")
     # Layers already in 8 bits are not linears any more: quantizing would leave them as they are, and
     # the rest in `fmt`, a mix that `load_model(fp8=True, quantize=...)` refuses.
-    held = {
-        getattr(m, "fmt", "fp8=True")  # FP8Linear: DeepSeek's 128x128-block FP8
-        for m in model.modules()
-        if isinstance(m, (QuantLinear, QuantRoutedExperts, FP8Linear))
-    }
+    held = held_storage(model)
     if held - {fmt}:
         raise ValueError(
             f"quantize={fmt!r}: the model's weights are already stored in {', '.join(sorted(held))}; "
@@ -339,10 +340,6 @@ def quantize_model(model: nn.Module, fmt: str, device: str | torch.device | None
         first = next(model.parameters(), None)
         device = "cpu" if first is None else first.device
     check_quantize_device(fmt, device)
-    if fmt == "w8a8" and not w8a8_available():
-        raise ValueError(
-            "quantize='w8a8' needs a PyTorch built with a quantized CPU backend (fbgemm or qnnpack)"
-        )
     config = getattr(model, "config", None)
     quantize_head = fmt != "fp8" and not getattr(config, "tie_word_embeddings", False)
     targets: list[tuple[nn.Module, str, nn.Module]] = []
@@ -365,6 +362,16 @@ def quantize_model(model: nn.Module, fmt: str, device: str | torch.device | None
     for parent, child_name, new in targets:
         setattr(parent, child_name, new)
     return model
+
+
+def held_storage(model: nn.Module) -> set[str]:
+    """The 8-bit weight storages the model's layers are in: the engine's formats (`FORMATS`), and
+    "fp8=True" for DeepSeek's 128x128-block FP8 (`FP8Linear`); empty for a model in full precision."""
+    return {
+        getattr(m, "fmt", "fp8=True")  # FP8Linear: DeepSeek's 128x128-block FP8
+        for m in model.modules()
+        if isinstance(m, (QuantLinear, QuantRoutedExperts, FP8Linear))
+    }
 
 
 def is_quantized(model: nn.Module) -> bool:
