@@ -519,3 +519,34 @@ def test_preloaded_module_is_imported_before_the_hook():
         preload=("ctypes",),
     )
     assert r.stdout == "loaded\n" and "sandbox: ctypes.dlsym is not allowed" in _last_err(r)
+
+
+def test_runs_are_fresh_forks_with_their_own_limits():
+    """``runs``: the code once per run, each in a fresh fork of the process that imported the preload (the
+    reasoning-gym scorer child: an answer that patched a module scored every later one in its child).
+    A run's change to a module is not the next run's, a run that hangs or floods its stdout costs only
+    itself, each run still has the hook and the limits, and its stdin is the secret line."""
+    code = """import json, os, sys, time
+i = int(sys.argv[1])
+print(i, json.dumps.__name__, sys.stdin.readline().strip(), flush=i in (1, 2))  # 0, 3, 4: at exit
+json.dumps = lambda *a: "patched"
+if i == 1:
+    time.sleep(60)
+if i == 2:
+    os.write(1, b"x" * 100_000)
+if i == 3:
+    os.fork()
+if i == 4:  # its stdout is a pipe: reading it back would take what the runner reads
+    os.open("/proc/self/fd/1", os.O_RDONLY)
+"""
+    r = run_python(
+        code, config=FAST, preload=("json",), secret="k3y", runs=5, timeout=0.5, max_output_bytes=4096
+    )
+    lines = [line for line in r.stdout.splitlines() if not line.startswith("x")]
+    assert r.returncode == 0 and not r.timed_out and r.duration < 5
+    assert lines == [f"{i} dumps k3y" for i in range(5)]
+    assert "sandbox: run 1 timed out" in r.stderr and "os.fork is not allowed" in r.stderr
+    assert "environment or pipes is not allowed" in r.stderr
+    assert len(r.stdout) <= 4096  # the flood is cut to its share of the output: the runs after it are read
+    with pytest.raises(ValueError, match="runs"):
+        run_python("pass", tests="assert True", runs=2)

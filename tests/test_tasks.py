@@ -1150,6 +1150,24 @@ def test_reasoning_gym_answer_cannot_forge_its_score_or_the_next_ones():
     assert got == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
 
 
+def test_reasoning_gym_answer_that_patches_the_scorer_does_not_score_the_next_ones():
+    """One child scored a batch in one interpreter: an answer that replaced the scorer's code (it is
+    eval'd there) made every later answer in the batch score 1.0, wrong ones included (a reward hack).
+    Each answer now runs in a fresh fork of the process that imported reasoning-gym."""
+    from nanoseek.data.rewards import score_pairs
+
+    task = get_task("rg:binary_matrix")
+    p, q = task.problems("train", 2, seed=0)
+    cls = "__import__('reasoning_gym').algorithmic.binary_matrix.BinaryMatrixDataset"
+    poison = f"[setattr({cls}.score_answer, '__code__', (lambda self, answer, entry: 1.0).__code__), 0]"
+    answers = [poison, "[[0]]", "[[1]]", p.answer, "[[0]]", q.answer]
+    problems = [p, p, p, p, q, q]
+    got = score_pairs(
+        lambda prob, text: task.verify(prob, text), problems, [f"t</think>{a}" for a in answers]
+    )
+    assert got == [0.0, 0.0, 0.0, 1.0, 0.0, 1.0]
+
+
 def test_reasoning_gym_prescored_batch_is_kept_until_verify_reads_it(monkeypatch):
     """A batch larger than the score cache (a big eval's samples), or a score cached earlier and then
     evicted by the batch's new ones, was scored again by verify: a sandboxed child per answer."""

@@ -38,7 +38,8 @@ NOBODY = 65534
 
 # The trusted prologue, run with `python -I -c`.
 # argv: code path, memory bytes (0: none), cpu s, fsize bytes, drop to nobody (0/1), tests path ("" = none),
-# modules to import before the limits and the hook (comma-separated, "" = none).
+# modules to import before the limits and the hook (comma-separated, "" = none), runs (0: the code once, in
+# this process; n: n forks, see _zygote), a run's wall clock in seconds (with runs).
 # With tests, stdin's first line is a nonce printed only after the tests ran to the end.
 _RUNNER = r"""
 import builtins, os, posixpath, resource, stat, sys, types
@@ -49,10 +50,7 @@ def _sealed(fn, env):
     new.__kwdefaults__ = fn.__kwdefaults__
     return new
 
-def _install(code_path, mem, cpu, fsize, drop):
-    with open(code_path, encoding="utf-8") as f:
-        src = f.read()
-    os.remove(code_path)  # else readable: a scorer child's source holds its batch's gold answers
+def _install(mem, cpu, fsize, drop):
     if mem:
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
     for lim, val in ((resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, 0)):
@@ -101,11 +99,14 @@ def _install(code_path, mem, cpu, fsize, drop):
             p = p.decode(errors="replace")
         return p == root or p.startswith(root + sep)
 
-    def secret(p):  # /proc/self/mem holds the nonce, /proc/<parent>/environ the trainer's keys
+    # /proc/self/mem holds the nonce, /proc/<parent>/environ the trainer's keys; a pipe opened through
+    # /proc/<pid>/fd (a run's own stdout, with runs) gives up what the runner was to read from it
+    def secret(p):
         p = realpath(fspath(p))
         if isinstance(p, bytes):
             p = p.decode(errors="replace")
-        return p.startswith("/proc/") and p.rpartition("/")[2] in ("mem", "environ", "kcore")
+        name = p.rpartition("/")[2]
+        return p.startswith("/proc/") and (name in ("mem", "environ", "kcore") or name.startswith("pipe:"))
 
     def hook(event, args):
         if event == "import" and args[0] in fresh:  # not in sys.modules: a copy without the patches below
@@ -126,7 +127,7 @@ def _install(code_path, mem, cpu, fsize, drop):
             if path is not None and not isinstance(path, int) and not inside(path) and isdir(path):
                 raise PermissionError("sandbox: opening a directory outside the working directory")
             if path is not None and not isinstance(path, int) and secret(path):
-                raise PermissionError("sandbox: reading a process's memory or environment is not allowed")
+                raise PermissionError("sandbox: reading a process's memory, environment or pipes is not allowed")
         elif event in path_events:
             if isinstance(args[0], int):  # fchmod, fchown, futimes, ftruncate, fsetxattr: the fd's file
                 args = (readlink("/proc/self/fd/" + str(args[0])), *args[1:])
@@ -179,14 +180,16 @@ def _install(code_path, mem, cpu, fsize, drop):
 
     _signal.signal = _sealed(no_handlers, private)
     _imp.create_builtin = _sealed(create_builtin, {**private, "types": types})
-    return src
 
 def _main():
     # Locals, not module globals: the exec'd code gets its own namespace and cannot read the nonce there.
-    tests_path = sys.argv[6]
+    tests_path, forks = sys.argv[6], int(sys.argv[8])
     # what the code could replace before the tests run (builtins, os, sys are shared with it)
     _exec, _compile, _exit, _write, _flush = exec, compile, os._exit, sys.stdout.write, sys.stdout.flush
     _report = sys.__excepthook__
+    with open(sys.argv[1], encoding="utf-8") as f:
+        src = f.read()
+    os.remove(sys.argv[1])  # else readable: a scorer child's source holds its batch's gold answers
     nonce = ""
     tests = None
     if tests_path:
@@ -202,7 +205,12 @@ def _main():
         os.remove(tests_path)  # a child that is not dropped to nobody could read the asserts back
     for name in filter(None, sys.argv[7].split(",")):
         __import__(name)
-    src = _install(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")
+    limits = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+    if forks:
+        _zygote(src, limits, forks, float(sys.argv[9]), _exec, _compile, _exit, _report,
+                (_flush, sys.stderr.flush))
+        return
+    _install(*limits)
     sys.argv = ["solution.py"]
     sys.orig_argv = []
     g = {"__name__": "__main__", "__builtins__": __builtins__, "__file__": "solution.py"}
@@ -228,6 +236,102 @@ def _main():
         _write("\n" + nonce + "\n")
         _flush()
 
+def _zygote(src, limits, forks, timeout, _exec, _compile, _exit, _report, _flushes):
+    # Runs no untrusted code: forks a fresh child per run before the limits and the hook (which refuse
+    # forks) go on in that child, so what one run changes in its interpreter (a scorer's code, a module)
+    # no later run sees; the expensive preload was imported once, above. A few runs at a time (a fork of
+    # a process that imported much, and its exit, are most of a run's cost); their stdout in order.
+    import gc, select, signal, time
+    gc.freeze()  # else a run's collection writes to every object the preload made: copies all their pages
+    line = os.read(0, 4096)  # the secret's line (or nothing): each run gets a copy on a fresh stdin
+    # of a run's stdout, its first and last bytes, its share of the output cap (the trainer reads no more
+    # than that): one that floods it crowds out no other
+    keep = max(64, (limits[2] // forks - 1) // 2)
+    width = max(1, min(forks, 8, os.cpu_count() or 1))
+    running, outputs, started, written = [], {}, 0, 0
+
+    def start(i):
+        stdin_r, stdin_w = os.pipe()
+        os.write(stdin_w, line)  # one short line: fits the pipe
+        os.close(stdin_w)
+        out_r, out_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:  # never back into the loop: the child ends here whatever the code does
+                for fd in [r.out for r in running] + [out_r]:
+                    os.close(fd)
+                os.dup2(stdin_r, 0)
+                os.dup2(out_w, 1)
+                os.close(stdin_r)
+                os.close(out_w)
+                _install(*limits)
+                sys.argv = ["solution.py", str(i)]
+                sys.orig_argv = []
+                g = {"__name__": "__main__", "__builtins__": __builtins__, "__file__": "solution.py"}
+                _exec(_compile(src, "solution.py", "exec"), g)
+                status = 0
+            except SystemExit as e:
+                status = 0 if e.code is None else e.code if type(e.code) is int else 1
+            except BaseException as e:
+                _report(type(e), e, e.__traceback__)
+            finally:
+                for flush in _flushes:  # os._exit drops what the code printed and has not flushed yet
+                    try:
+                        flush()
+                    except BaseException:
+                        pass
+                _exit(status & 0xFF)
+        os.close(stdin_r)
+        os.close(out_w)
+        return types.SimpleNamespace(i=i, pid=pid, out=out_r, deadline=time.monotonic() + timeout, head=b"",
+                                     tail=b"", eof=False)
+
+    def read(run):
+        chunk = os.read(run.out, 1 << 16)
+        run.eof = not chunk
+        if len(run.head) < keep:
+            run.head, chunk = run.head + chunk[: keep - len(run.head)], chunk[keep - len(run.head) :]
+        run.tail = (run.tail + chunk)[-keep:]
+
+    while written < forks:
+        while started < forks and len(running) < width:
+            running.append(start(started))
+            started += 1
+        now = time.monotonic()
+        for run in list(running):
+            if not run.eof and now < run.deadline:
+                continue
+            # done when it exited (it may close its stdout and go on), else killed at its deadline
+            if os.waitpid(run.pid, os.WNOHANG)[0] == 0:
+                if now < run.deadline:
+                    continue
+                os.kill(run.pid, signal.SIGKILL)
+                os.waitpid(run.pid, 0)
+                os.write(2, b"sandbox: run %d timed out\n" % run.i)
+            while not run.eof:  # what it wrote before it died: no writer is left, so this ends
+                read(run)
+            os.close(run.out)
+            running.remove(run)
+            out = run.head + run.tail
+            outputs[run.i] = out if out.endswith(b"\n") or not out else out + b"\n"
+        while written in outputs:
+            os.write(1, outputs.pop(written))
+            written += 1
+        if not running:
+            continue
+        wait = max(0.0, min(r.deadline for r in running) - now)
+        if any(r.eof for r in running):
+            wait = min(wait, 0.0005)  # it is exiting
+        readable = [r.out for r in running if not r.eof]
+        if not readable:
+            time.sleep(wait)
+            continue
+        for fd in select.select(readable, [], [], wait)[0]:
+            read(next(r for r in running if r.out == fd))
+
 _main()
 """.replace("NOBODY_UID", str(NOBODY))
 
@@ -242,7 +346,8 @@ class SandboxConfig:
         True  # use a network namespace when available (the audit hook blocks sockets anyway)
     )
     # run_tests: wall clock for all of a program's stdin/stdout cases together (default 10 x timeout);
-    # the cases left when it is spent fail without running, as after a timeout
+    # the cases left when it is spent fail without running, as after a timeout. run_python with ``runs``:
+    # for the whole process, preload and every run (default 2 x timeout + runs x timeout)
     total_timeout: float | None = None
 
 
@@ -300,6 +405,7 @@ def run_python(
     tests: str | None = None,
     preload: Sequence[str] = (),
     secret: str | None = None,
+    runs: int = 0,
     **overrides: Any,
 ) -> SandboxResult:
     """Run ``code`` as a script in the sandbox; ``overrides`` replace fields of ``config``.
@@ -315,12 +421,23 @@ def run_python(
     ``secret``: a line the code reads first from its stdin, which then has nothing more: a key for the
     results of trusted code that runs untrusted input (the reasoning-gym scorer child signs its score lines
     with it). It goes through a pipe, as the tests' nonce does: a file holding it could be read back.
+
+    ``runs``: run the code that many times, each in a fresh fork (``sys.argv[1]``: its index) of one process
+    that imported ``preload`` (once: the expensive part) and is forked before the limits and the hook go
+    on in the child, so that nothing one run changes in its interpreter reaches the next (reasoning-gym's
+    scorer child: one answer per run). The limits and ``timeout`` (wall clock) are each run's; a run that
+    overruns is killed and the next one starts; ``total_timeout`` bounds the whole. Each run gets the
+    ``secret`` line on its stdin; the stdout is the runs' in order, each cut to its first and last bytes
+    (its share of ``max_output_bytes``) and ending a line, the stderr theirs together; ``returncode`` is
+    the whole process's, not a run's.
     """
     cfg = replace(config or SandboxConfig(), **overrides)
     if sys.platform == "win32":  # no resource limits, process groups or audit-hooked fork to build on
         raise ValueError("the code sandbox runs on Linux and macOS only: score code tasks there")
     if secret is not None and (tests is not None or stdin or "\n" in secret or len(secret) > 1024):
         raise ValueError("a sandbox secret is one short line, and the code's only stdin")
+    if runs < 0 or (runs and (tests is not None or stdin)):
+        raise ValueError(f"sandbox runs take no tests and no stdin (a secret only), got runs={runs}")
     if cfg.timeout <= 0 or cfg.memory_mb <= 0:
         raise ValueError(
             f"sandbox timeout and memory must be positive, got {cfg.timeout}s / {cfg.memory_mb} MB"
@@ -357,6 +474,7 @@ def run_python(
             *prefix, sys.executable, "-I", "-c", _RUNNER, str(code_path),
             str(mem), str(cpu), str(cfg.max_output_bytes), "1" if drop else "0",
             str(base / "tests.py") if tests is not None else "", ",".join(preload),
+            str(runs), str(cfg.timeout),
         ]  # fmt: skip
         t0 = time.perf_counter()
         with (
@@ -379,8 +497,11 @@ def run_python(
                 with contextlib.suppress(BrokenPipeError):
                     proc.stdin.write((piped + "\n").encode())
                     proc.stdin.close()
+            wall = cfg.timeout
+            if runs:
+                wall = cfg.total_timeout if cfg.total_timeout is not None else (2 + runs) * cfg.timeout
             try:
-                proc.wait(timeout=cfg.timeout)
+                proc.wait(timeout=wall)
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:

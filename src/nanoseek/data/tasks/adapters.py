@@ -297,29 +297,31 @@ def _remember(scores: dict[tuple, float], keep: Sequence[tuple] = ()) -> None:
             _RG_SCORES.popitem(last=False)
 
 
-# The child: one scorer, the answers in order, a line "<index> <score> <mac>" flushed after each, so that when
-# an answer hangs or kills the child the ones before it keep their scores and the rest go to a fresh child.
-# An answer runs in this process: it can write to fd 1 and read back the lines before it (/proc/self/fd/1),
-# so a line counts only with the mac of a key the child read from its stdin before any answer ran, which
-# then holds nothing (printing "3 1.0" scored an answer 1.0). The scoring loop keeps what it calls in
-# locals: an answer can replace builtins (float) and module attributes, not these.
+# The child: one answer per run of ``run_python(runs=)``, each a fresh fork of a process that imported
+# reasoning-gym, so an answer that patches the scorer (its code, a module it calls) changes nothing for the
+# others (it scored every later answer in its child 1.0). A run writes "ready" (the first one), then its
+# line "<index> <score> <mac>". The answer runs in this process: it can write to fd 1 and read back what
+# its run wrote so far, so a line counts only with the mac of a key the child read from its stdin before
+# the answer ran, which then holds nothing (printing "3 1.0" scored an answer 1.0). The scoring keeps what
+# it calls in locals: an answer can replace builtins (float) and module attributes, not these.
 _RG_CHILD = """
 import base64, hashlib, io, os, pickle, sys
 import reasoning_gym
 
-def main(key, write=os.write, mac=hashlib.blake2b, float=float, range=range, len=len,
-         BaseException=BaseException):
+def main(key, write=os.write, mac=hashlib.blake2b, float=float, BaseException=BaseException):
     dataset, config, jobs, start = pickle.loads(base64.b64decode({data!r}))
+    i = start + int(sys.argv[1])
     score = reasoning_gym.create_dataset(dataset, seed=0, size=1, **config).score_answer
-    write(1, b"ready\\n")
+    if i == start:
+        write(1, b"ready\\n")
     sys.stdout = sys.stderr = io.StringIO()  # what an answer prints does not fill the child's stdout
-    for i in range(start, len(jobs)):
-        try:
-            s = float(score(*jobs[i]))
-        except BaseException:  # exit() as an answer is a wrong answer
-            s = 0.0
-        line = ("%d %r" % (i, s)).encode()
-        write(1, line + b" " + mac(line, key=key, digest_size=16).hexdigest().encode() + b"\\n")
+    try:
+        s = float(score(*jobs[i]))
+    except BaseException:  # exit() as an answer is a wrong answer
+        s = 0.0
+    line = ("%d %r" % (i, s)).encode()
+    # on a line of its own: after what the answer wrote to fd 1 without a newline
+    write(1, b"\\n" + line + b" " + mac(line, key=key, digest_size=16).hexdigest().encode() + b"\\n")
 
 main(bytes.fromhex(os.read(0, 256).decode()))  # unbuffered, and not a global: the answers cannot name it
 """
@@ -330,17 +332,17 @@ def _rg_mac(key: str, line: str) -> str:
     return hashlib.blake2b(line.encode(), key=bytes.fromhex(key), digest_size=16).hexdigest()
 
 
-_RG_CHILD_TIMEOUT = 3.0  # seconds: reasoning-gym's import (then 4x on a retry), then the answers
-_RG_PER_ANSWER = 0.1
-# answers per child: the timeout covers them all, so an answer that hangs waited out the whole batch's
-# (an eval's thousands of samples: many minutes); a fresh child per chunk bounds that wait
+_RG_CHILD_TIMEOUT = 3.0  # seconds: reasoning-gym's import (then 4x on a retry)
+_RG_PER_ANSWER = 2.0  # an answer's own wall clock (and CPU seconds): one that hangs costs this, no more
+# answers per child: a bounded process (its stdout, its total timeout) for an eval's thousands of samples
 _RG_CHUNK = 256
 
 
 def _rg_score_sandboxed(dataset: str, config: dict[str, Any], jobs: list[tuple[str, dict]]) -> list[float]:
     """``score_answer(answer, entry)`` for each job, in ``sandbox.run_python`` (limits, an audit hook that
-    refuses processes, sockets and writes, a timeout), reasoning-gym imported before its hook. An answer
-    that hangs, crashes or exits the child scores 0; the others are still scored."""
+    refuses processes, sockets and writes, a timeout), reasoning-gym imported before its hook, each answer in
+    a fork of its own (``runs``). An answer that hangs, crashes or exits its fork scores 0; the others are
+    still scored."""
     import base64
     import pickle
 
@@ -361,7 +363,9 @@ def _rg_score_sandboxed(dataset: str, config: dict[str, Any], jobs: list[tuple[s
             _RG_CHILD.format(data=data),
             preload=("reasoning_gym",),
             secret=key,
-            timeout=_RG_CHILD_TIMEOUT * (1 + 3 * retried) + _RG_PER_ANSWER * (len(jobs) - start),
+            runs=len(jobs) - start,
+            timeout=_RG_PER_ANSWER,
+            total_timeout=_RG_CHILD_TIMEOUT * (1 + 3 * retried) + _RG_PER_ANSWER * (len(jobs) - start),
             memory_mb=1024,
         )
         lines = r.stdout.splitlines()
@@ -376,17 +380,20 @@ def _rg_score_sandboxed(dataset: str, config: dict[str, Any], jobs: list[tuple[s
         for line in lines[1:]:  # in order: an answer's own line comes after what it wrote
             head, _, mac = line.rpartition(" ")
             i, _, s = head.partition(" ")
-            # what an answer wrote has no mac of the key (bytes: its text need not be ASCII): skipped
-            if i != str(nxt) or not hmac.compare_digest(mac.encode(), _rg_mac(key, head).encode()):
+            # what an answer wrote has no mac of the key (bytes: its text need not be ASCII), and a line
+            # it read back is an earlier answer's: skipped
+            if not (i.isascii() and i.isdigit()) or not nxt <= int(i) < len(jobs):
+                continue
+            if not hmac.compare_digest(mac.encode(), _rg_mac(key, head).encode()):
                 continue
             try:
-                scores[nxt] = min(max(float(s), 0.0), 1.0) if math.isfinite(float(s)) else 0.0
+                scores[int(i)] = min(max(float(s), 0.0), 1.0) if math.isfinite(float(s)) else 0.0
             except ValueError:
                 break
-            nxt += 1
-        if nxt >= len(jobs):
-            break
-        start = nxt + 1  # the answer the child was on when it died or hung scores 0
+            nxt = int(i) + 1  # the answers it skipped hung or crashed their runs: 0
+        if nxt >= len(jobs) or (r.returncode == 0 and not r.timed_out):
+            break  # every answer had its run
+        start = nxt + 1  # the answer the child was on when it died or timed out scores 0
     return scores
 
 
