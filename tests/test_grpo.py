@@ -431,6 +431,9 @@ def test_grpo_resume_is_exact(micro_checkpoint, tmp_path, capsys) -> None:
     # what the report reads as one run of 2 steps, its wall time the two processes' together
     events = [(r["event"], r["step"]) for r in read_metrics(tmp_path / "b", "grpo") if r.get("event")]
     assert events == [("start", 0), ("end", None), ("resume", None), ("end", None)]
+    # the checkpoint it started from, which the report reads GRPO's gain from
+    start = next(r for r in read_metrics(tmp_path / "b", "grpo") if r.get("event") == "start")
+    assert start["init"] == micro_checkpoint
     # the resume point in GRPO's steps (its records' count), not the optimizer's updates (μ = 2 per step)
     resume = next(r for r in read_metrics(tmp_path / "b", "grpo") if r.get("event") == "resume")
     assert resume["from_step"] == 1

@@ -789,3 +789,104 @@ def test_grpos_surrogate_loss_is_not_shown_as_its_final_loss(tmp_path):
     text = build_report(tmp_path).read_text()
     assert "| pretrain | 10 s | – | $0.0003 | 2.19 | – |" in text, text
     assert "| grpo | 20 s | – | $0.0006 | – | – |" in text, text
+
+
+@pytest.mark.parametrize(
+    ("kv", "mha", "shown"),
+    [
+        (640, 7168, "640 (11.2x smaller than MHA's 7,168 B)"),
+        (2304, 2304, "2,304 (as much as MHA)"),  # a Llama-shaped model without grouping
+        (1152, 640, "1,152 (1.8x more than MHA's 640 B)"),  # an MLA of one head
+    ],
+)
+def test_the_kv_cache_line_says_smaller_only_where_it_is(tmp_path, kv, mha, shown):
+    """A cache as large as MHA's read "1.0x smaller than MHA's", and a larger one "0.6x smaller"."""
+    pre = MetricsLog(tmp_path, "pretrain")
+    pre.log(
+        event="model",
+        total_params=1000,
+        active_params=1000,
+        kv_cache_bytes_per_token=kv,
+        mha_kv_cache_bytes_per_token=mha,
+    )
+    pre.log(step=1, loss=2.0)
+    assert f"BF16) | {shown} |" in build_report(tmp_path).read_text()
+
+
+def test_scores_with_no_spread_over_the_problems_show_no_interval(tmp_path):
+    """Every one of 6 problems failed before and after GRPO: the standard errors are 0, and the report
+    showed "0.0% ± 0.0" and a gain of "+0.0 ± 0.0 points", which read as certainty from 6 problems."""
+    ev = MetricsLog(tmp_path, "eval")
+    for stage in ("sft", "grpo"):
+        ev.log(
+            evaluated=stage,
+            task="arithmetic",
+            k=2,
+            problems=6,
+            **{"pass@1": 0.0, "pass@1_stderr": 0.0, "pass@1_per_problem": [0.0] * 6},
+            problems_digest="same",
+        )
+    text = build_report(tmp_path).read_text()
+    assert "± 0.0" not in text, text
+    assert "| grpo | arithmetic | 2 | 0.0% |" in text
+    assert "GRPO changed held-out pass@1 by **+0.0 points** (0.0% → 0.0%)" in text
+    assert "carry ± the half-width" not in text and "(± 95%)" not in text  # no interval to explain
+
+
+def test_a_last_step_skipped_for_a_nan_loss_shows_the_last_finite_loss_and_the_skipped_steps(tmp_path):
+    """The trainer skips a step whose loss is NaN (no update) and logs it as "nan": the final-loss
+    column showed "nan" for healthy weights (those of the step before), and no skipped step anywhere."""
+    pre = MetricsLog(tmp_path, "pretrain")
+    pre.log(step=0, event="start")
+    pre.log(step=1, loss=5.0, lm_loss=4.5, tokens=128)
+    pre.log(step=2, loss=float("nan"), lm_loss=float("nan"), tokens=256, skipped="non-finite loss")
+    pre.log(step=3, loss=4.0, lm_loss=3.5, tokens=384)
+    pre.log(step=4, loss=float("nan"), lm_loss=float("nan"), tokens=512, skipped="non-finite loss")
+    pre.log(step=4, event="end", wall_time_s=4.0, skipped=2)
+    text = build_report(tmp_path).read_text()
+    assert "| pretrain | 4 s | 512 | $0.0001 | 3.5 (2 steps skipped) | – |" in text, text
+
+
+def test_a_fresh_start_that_logged_no_step_leaves_the_earlier_run_reported(tmp_path):
+    """SFT trained and evaluated, then started afresh into the same RUN and killed before its first step
+    (or failed there): nothing was saved, RUN/sft is the earlier run's, yet the report showed an empty
+    stopped stage and dropped the evaluation of the checkpoint still there."""
+    sft, ev = MetricsLog(tmp_path, "sft"), MetricsLog(tmp_path, "eval")
+    sft.log(0, event="start", time=1000.0)
+    sft.log(1, loss=3.0, tokens=64, time=1001.0)
+    sft.log(2, loss=2.5, tokens=128, time=1002.0)
+    sft.log(None, event="end", wall_time_s=5.0, time=1003.0)
+    ev.log(evaluated="sft", task="arithmetic", k=2, **{"pass@1": 0.61}, problems=8, time=1100.0)
+    sft.log(0, event="start", time=2000.0)  # killed here
+    text = build_report(tmp_path).read_text()
+    assert "| sft | 5 s | 128 | $0.0001 | 2.5 | – |" in text, text
+    assert "| sft | arithmetic | 2 | 61.0%" in text
+
+
+@pytest.mark.parametrize(
+    ("init", "gain"),
+    [
+        ("RUN/sft", None),  # SFT trained but not scored: no gain to give (SFT's counted as GRPO's)
+        ("RUN/pretrain", "+30.0 points"),  # R1-Zero: GRPO from pretraining, SFT scored beside it
+    ],
+)
+def test_grpos_gain_is_read_from_the_checkpoint_it_started_from(tmp_path, init, gain):
+    """GRPO's gain was read from SFT where SFT was scored, else from pretraining, whatever GRPO started
+    from: "GRPO's gain over its starting checkpoint (pretrain)" for a GRPO that trained from SFT."""
+    for stage in ("pretrain", "sft", "grpo"):
+        log = MetricsLog(tmp_path, stage)
+        log.log(0, event="start", **({"init": init} if stage == "grpo" else {}))
+        log.log(1, loss=1.0, reward=0.5)
+        log.log(None, event="end", wall_time_s=5.0)
+    ev = MetricsLog(tmp_path, "eval")
+    ev.log(evaluated="pretrain", task="arithmetic", k=4, problems=8, **{"pass@1": 0.30})
+    if init == "RUN/pretrain":
+        ev.log(evaluated="sft", task="arithmetic", k=4, problems=8, **{"pass@1": 0.50})
+    ev.log(evaluated="grpo", task="arithmetic", k=4, problems=8, **{"pass@1": 0.60})
+    text = build_report(tmp_path).read_text()
+    if gain is None:
+        assert "GRPO's gain" not in text and "GRPO changed" not in text, text
+    else:
+        assert "GRPO's gain over its starting checkpoint (pretrain) on the families" in text, text
+        assert f"**{gain}** on average" in text
+        assert f"- arithmetic: GRPO changed held-out pass@1 by **{gain}** (30.0% → 60.0%)" in text

@@ -95,6 +95,11 @@ def latest_run(records: list[dict[str, Any]]) -> list[tuple[float | None, list[d
         parts[-1][1].append(r)
         if _training_step(r):
             last, before = r["step"], None
+    if before is not None and any(records for _, records in before[0]):
+        # the latest start logged no step (killed or failed before its first, or still starting): it
+        # saved nothing, so RUN holds the earlier run's checkpoint, which the report describes (it showed
+        # an empty stage and dropped that checkpoint's evaluations)
+        parts = before[0]
     return [p for p in parts if p[1]]
 
 
@@ -286,7 +291,7 @@ class RunMetrics:
             vs = [value.get((s, t)) for t in tasks]
             means[s] = sum(vs) / len(vs) if vs and all(v is not None for v in vs) else None
         zero = [t for t in self.last_event("speedrun", "plan").get("verifier_only_tasks", []) if t in tasks]
-        start = "sft" if "sft" in stages else "pretrain"
+        start = self.grpo_start() or ("sft" if "sft" in stages else "pretrain")
         gains: dict[str, float] = {}
         margins: dict[str, float] = {}
         for t in tasks:
@@ -331,6 +336,14 @@ class RunMetrics:
             **_mean_gain("second_turn_mid", second_mid, second_gains, second_margins),
         }
 
+    def grpo_start(self) -> str | None:
+        """The checkpoint GRPO trained from, as its start record names it (`--init`: RUN/sft, or
+        RUN/pretrain for an R1-Zero run), by the name its evaluations have; None in logs from before
+        it. Guessed from what was evaluated (SFT where scored, else pretraining), GRPO's gain counted
+        SFT's as its own where SFT was trained but not scored, and an R1-Zero run's was read from SFT."""
+        init = self.last_event("grpo", "start").get("init")
+        return Path(init).name if isinstance(init, str) and init else None
+
     def model_info(self) -> dict[str, Any]:
         for stage in ("speedrun", "pretrain"):
             info = self.last_event(stage, "model")
@@ -366,7 +379,14 @@ def build_report(
     lines.append(f"| parameters, total | {_human(info.get('total_params'))} |")
     lines.append(f"| parameters, active per token | {_human(info.get('active_params'))} |")
     kv, mha = info.get("kv_cache_bytes_per_token"), info.get("mha_kv_cache_bytes_per_token")
-    ratio = f" ({mha / kv:.1f}x smaller than MHA's {_fmt(mha)} B)" if kv and mha else ""
+    ratio = ""
+    if kv and mha:
+        # a Llama without grouping caches what MHA does, and an MLA of few heads more: "1.0x smaller"
+        # and "0.6x smaller" said otherwise (as `nanoseek inspect` words it)
+        if kv < mha:
+            ratio = f" ({mha / kv:.1f}x smaller than MHA's {_fmt(mha)} B)"
+        else:
+            ratio = f" ({kv / mha:.1f}x more than MHA's {_fmt(mha)} B)" if kv > mha else " (as much as MHA)"
     # a Qwen2/Llama-shaped run caches K and V heads (GQA), not MLA's latent; a log older than the
     # field is MLA's, all a run could train then
     variant = str(info.get("attention_variant") or "mla").upper()
@@ -395,9 +415,16 @@ def build_report(
         # GRPO's `loss` is its clipped surrogate, near 0 at every step by construction (advantages are
         # normalized within each group): a final "-3.35e-08" beside the cross-entropies read as a model
         # fit perfectly. Its reward and accuracy are plotted below.
-        loss = None if stage == "grpo" else m.last_value(stage, m.train_loss_key(stage))
+        # The last finite one, as the loss plot draws them: a last step skipped for a NaN loss (no update
+        # taken) showed "nan" for weights that are the step before's. The skipped steps are counted
+        # beside it, which the report said nothing of.
+        losses = [] if stage == "grpo" else m.steps(stage, m.train_loss_key(stage))[1]
+        loss = _fmt(losses[-1] if losses else None)
+        skipped = sum(1 for r in m.by_stage[stage] if _training_step(r) and r.get("skipped"))
+        if skipped:
+            loss += f" ({skipped} step{'s' if skipped > 1 else ''} skipped)"  # as the trainer says it
         lines.append(
-            f"| {stage} | {shown} | {_human(tokens)} | {cost} | {_fmt(loss)} | {_fmt(m.last_value(stage, 'val_loss'))} |"
+            f"| {stage} | {shown} | {_human(tokens)} | {cost} | {loss} | {_fmt(m.last_value(stage, 'val_loss'))} |"
         )
     total_s = m.run_wall_time()
     lines.append(f"| **total** | {total_s:.1f} s | | ${total_s / 3600 * usd_per_hour:.4f} | | |")
@@ -423,7 +450,9 @@ def build_report(
     if evals:
         lines += _pass_at_1_tables(m, evals)
         lines += ["## Held-out evaluation, every figure", ""]
-        interval = " (± 95%)" if any("pass@1_stderr" in r for r in evals.values()) else ""
+        interval = (
+            " (± 95%)" if any(r.get("pass@1_stderr") for r in evals.values()) else ""
+        )  # 0: none (`_pm`)
         lines += [
             f"| checkpoint | task | k | pass@1{interval} | cons@k | format rate | language consistency | mean length |",
             "|---|---|---|---|---|---|---|---|",
@@ -438,8 +467,13 @@ def build_report(
                 f"{_fmt(r.get('length'))} |"
             )
         lines.append("")
+        start = m.grpo_start()
         for task in sorted({t for _, t in evals}):
-            before = evals.get(("sft", task)) or evals.get(("pretrain", task))
+            before = (
+                evals.get((start, task))
+                if start
+                else evals.get(("sft", task)) or evals.get(("pretrain", task))
+            )
             after = evals.get(("grpo", task))
             if before and after and before.get("pass@1") is not None and after.get("pass@1") is not None:
                 b, a = before["pass@1"], after["pass@1"]
@@ -514,8 +548,10 @@ def paired_margin(before: dict[str, Any], after: dict[str, Any]) -> float | None
 
 
 def _pm(margin: float | None) -> str:
-    """' ± 6.1' (points) for a 95% interval's half-width, or nothing when there is none."""
-    return "" if margin is None else f" ± {100 * margin:.1f}"
+    """' ± 6.1' (points) for a 95% interval's half-width, or nothing when there is none. A half-width
+    of 0 is none: scores with no spread (every problem solved, or none; one problem) have none to
+    measure, and "0.0% ± 0.0" over 48 problems read as certainty."""
+    return "" if not margin else f" ± {100 * margin:.1f}"
 
 
 def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
@@ -589,7 +625,7 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
             )
     out.append("")
     start, gains, margins = sm["start"], sm["gains"], sm["gain_margins"]
-    if margins:
+    if any(margins.values()):  # (a zero half-width is shown as none: `_pm`)
         n = len(evals[("grpo", next(iter(margins)))]["pass@1_per_problem"])
         out.append(
             f"- GRPO's gains below carry ± the half-width of their 95% interval, paired over the {n} "
