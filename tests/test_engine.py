@@ -509,6 +509,40 @@ def test_prefix_reuse_shares_blocks_and_keeps_outputs(model):
     assert engine.stats()["prompt_tokens_reused"] == 32
 
 
+def test_a_block_whose_python_hash_collides_is_not_shared(model, monkeypatch):
+    """Blocks were named by Python's hash((parent, tokens)): 64 bits, computable offline for tuples of
+    ints, so a client could craft a prompt whose blocks collide with another user's cached prefix and
+    be served their KV rows (vLLM's CVE-2025-25183). Here every block collides with the one at its
+    place in any other prompt: the attacker's prompt must still get its own rows."""
+    import builtins
+
+    from nanoseek.engine import cache
+
+    real_hash = builtins.hash
+    monkeypatch.setattr(cache, "hash", lambda key: real_hash((key[0], len(key[1]))), raising=False)
+    secret, attack = list(range(100, 140)), list(range(300, 340))  # two full blocks of 16 each
+    alone = Engine(model, block_size=16).generate([attack], max_new_tokens=6)[0]
+    engine = Engine(model, block_size=16)
+    engine.generate([secret], max_new_tokens=6)
+    assert engine.generate([attack], max_new_tokens=6)[0] == alone
+    assert engine.stats()["prefix_cache_hit_blocks"] == 0
+
+
+def test_cache_salt_isolates_prefix_reuse(model):
+    """vLLM's `cache_salt`: cached blocks are shared only between requests of the same salt, so one
+    tenant cannot learn (from a faster first token) what another's prompts start with."""
+    prompt = list(range(100, 140))  # two full blocks of 16 to share
+    engine = Engine(model, block_size=16)
+    outs = [
+        engine.generate([prompt], max_new_tokens=4, cache_salt=salt)[0]
+        for salt in ("tenant-a", "tenant-b", None, "tenant-a")
+    ]
+    assert outs == [outs[0]] * 4
+    assert engine.stats()["prefix_cache_hit_blocks"] == 2  # only the last, tenant a's again
+    with pytest.raises(ValueError, match="cache_salt must be None or a non-empty string"):
+        engine.add_request(prompt, SamplingParams(cache_salt=""))
+
+
 def test_a_whole_cached_prompt_still_computes_its_last_block(model):
     # at least the last prompt position is computed (its logits give the first token): a prompt of two
     # full cached blocks shares one, as vLLM caps a hit at the prompt's length - 1

@@ -1149,6 +1149,16 @@ def test_sampling_fields_reach_the_engine(scripted):
         assert all({f: getattr(p, f) for f in fields} == {f: body[f] for f in fields} for p in params)
 
 
+def test_cache_salt_reaches_the_engine_and_an_empty_one_is_refused(scripted):
+    """vLLM's `cache_salt` (prefix-cache isolation between tenants) was taken as an unknown field and
+    ignored: a tenant relying on it shared its cached prefixes with everyone."""
+    for route, extra in (("chat/completions", {"messages": USER}), ("completions", {"prompt": "a"})):
+        url = f"{scripted.url}/v1/{route}"
+        assert httpx.post(url, json={"max_tokens": 2, "cache_salt": "tenant-a", **extra}).status_code == 200
+        assert scripted.engine.added[-1][1].cache_salt == "tenant-a", route
+        assert _err(httpx.post(url, json={"cache_salt": "", **extra}), 400)["param"] == "cache_salt"
+
+
 def test_nothing_generated_finishes_by_length_streamed_too(scripted):
     # max_tokens 0 (lm-eval's prompt scoring): the choice ends by "length" whether streamed or not
     url = scripted.url + "/v1/completions"

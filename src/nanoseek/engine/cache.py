@@ -8,8 +8,9 @@ What is notable here:
   block ids), so sequences grow and leave without moving anyone else's data (vLLM's PagedAttention idea).
 - Block 0 is a scratch block: padding tokens write there and padded reads come from there, so batches
   of ragged sequences need no special cases in the model.
-- Prefix reuse: a full block is named by a hash chained over all tokens up to its end; a new request
-  whose prompt starts with cached full blocks shares them (reference counted) and skips their prefill.
+- Prefix reuse: a full block is named by a SHA-256 chained over all tokens up to its end (and the
+  request's `cache_salt`); a new request whose prompt starts with cached full blocks shares them
+  (reference counted) and skips their prefill.
   Freed blocks keep their contents and hash until reallocated (least recently freed first; a
   sequence's blocks are freed tail first, so its prefix outlives its tail).
 - Grouped-query attention (the Qwen2 / Llama families) caches K and V of every KV head instead:
@@ -23,7 +24,10 @@ What is notable here:
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,14 +40,23 @@ class EngineCapacityError(RuntimeError):
     """A request can never fit in the engine's cache (or batch), whatever else finishes first."""
 
 
-def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((parent, tokens))
+def block_hash(parent: bytes | None, tokens: Sequence[int], cache_salt: str | None = None) -> bytes:
+    """The name of a full block: SHA-256 of its parent block's name and its token ids.
+
+    Not Python's hash(): 64 bits, and for tuples of ints computable offline, so a client of a shared
+    server could craft a prompt whose block collides with another user's cached prefix and be served
+    their KV rows (vLLM's CVE-2025-25183). The first block's parent is the digest of the request's
+    `cache_salt` (vLLM's multi-tenant isolation): requests with different salts share no block."""
+    if parent is None:
+        salt = b"" if cache_salt is None else b"\x01" + cache_salt.encode("utf-8", "surrogatepass")
+        parent = hashlib.sha256(b"nanoseek prefix root" + salt).digest()
+    return hashlib.sha256(parent + struct.pack(f"<{len(tokens)}q", *tokens)).digest()
 
 
 @dataclass
 class BlockInfo:
     ref_count: int = 0
-    hash: int | None = None
+    hash: bytes | None = None
 
 
 class PagedLatentCache:
@@ -83,7 +96,7 @@ class PagedLatentCache:
         self.blocks = [BlockInfo() for _ in range(num_blocks)]
         # Free blocks in the order they were freed; cached ones keep their hash until reused.
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.cached: dict[bytes, int] = {}  # hash -> block id
         self.prefix_hits = 0  # blocks reused (by prompts, not by recomputes after a preemption)
         self.prefix_queries = 0  # full prompt blocks looked up
 
@@ -124,24 +137,27 @@ class PagedLatentCache:
             if info.ref_count == 0:
                 self.free[block] = None
 
-    def register_full_block(self, block: int, h: int) -> None:
+    def register_full_block(self, block: int, h: bytes) -> None:
         """A block just became full with the tokens hashed to h: later prompts may share it."""
         info = self.blocks[block]
         if info.hash is None and h not in self.cached:
             info.hash = h
             self.cached[h] = block
 
-    def match_prefix(self, tokens: list[int], max_blocks: int) -> tuple[list[int], list[int]]:
-        """Longest run of cached full blocks at the start of `tokens` (at most max_blocks).
+    def match_prefix(
+        self, tokens: list[int], max_blocks: int, cache_salt: str | None = None
+    ) -> tuple[list[int], list[bytes]]:
+        """Longest run of cached full blocks at the start of `tokens` (at most max_blocks) that were
+        registered under the same `cache_salt`.
 
         Returns (block ids, their chained hashes); the blocks are taken (ref counted) for the caller.
         """
         bs = self.block_size
         found: list[int] = []
-        hashes: list[int] = []
-        parent: int | None = None
+        hashes: list[bytes] = []
+        parent: bytes | None = None
         for i in range(min(max_blocks, len(tokens) // bs)):
-            h = block_hash(parent, tuple(tokens[i * bs : (i + 1) * bs]))
+            h = block_hash(parent, tokens[i * bs : (i + 1) * bs], cache_salt)
             block = self.cached.get(h)
             if block is None:
                 break

@@ -59,6 +59,10 @@ class SamplingParams:
     prompt_logprobs: bool = option(False, cli=False)  # log p of each prompt token given its prefix
     ignore_eos: bool = option(False, cli=False)  # keep going past the model's EOS token (benchmarks)
     logit_bias: dict[int, float] = option(factory=dict, cli=False)  # token id -> added to its logit
+    # Not sampling, but per request like the rest: prefix-cache isolation (vLLM's `cache_salt`). Cached
+    # blocks are shared only between requests of the same salt, so a tenant's prompts cannot be probed
+    # by another's (a prefix hit shows in the time to first token).
+    cache_salt: str | None = option(None, cli=False)
 
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -98,6 +102,11 @@ class SamplingParams:
         need(not keys, f"logit_bias keys must be int token ids, got {keys[:1]}")
         bad = [v for v in self.logit_bias.values() if not -100.0 <= v <= 100.0]
         need(not bad, f"logit_bias values must be in [-100, 100], got {bad[:1]}")
+        salt = self.cache_salt
+        need(
+            salt is None or (isinstance(salt, str) and salt != ""),
+            f"cache_salt must be None or a non-empty string, got {salt!r:.60}",
+        )
 
     @property
     def greedy(self) -> bool:

@@ -37,7 +37,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # prompt + output so far
     num_computed: int = 0  # positions 0..num_computed-1 are in the cache
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # chained hashes of registered full blocks
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of registered full blocks
     shareable: bool = True  # its blocks may be published for prefix reuse (not once the weights changed)
     draft: int | None = None  # MTP's guess for the token after tokens[-1]
     preemptions: int = 0  # times its blocks were taken back (it recomputed them when re-admitted)
@@ -155,7 +155,7 @@ class Scheduler:
                 if seq.params.prompt_logprobs and seq.first_pass
                 else (len(todo) - 1) // self.cache.block_size
             )
-            shared, hashes = self.cache.match_prefix(todo, max_shared)
+            shared, hashes = self.cache.match_prefix(todo, max_shared, seq.params.cache_salt)
             if self.speculative and shared:
                 # Speculating, the MTP layer's row at a block's last position was computed with the token
                 # after the block, which its hash does not cover: recompute the last hit block (its
@@ -223,7 +223,7 @@ class Scheduler:
         while len(seq.block_hashes) < full:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else None
-            h = block_hash(parent, tuple(seq.tokens[i * bs : (i + 1) * bs]))
+            h = block_hash(parent, seq.tokens[i * bs : (i + 1) * bs], seq.params.cache_salt)
             self.cache.register_full_block(seq.block_table[i], h)
             seq.block_hashes.append(h)
 

@@ -405,6 +405,7 @@ class Server:
             logprobs=logprobs,
             ignore_eos=req.ignore_eos,
             logit_bias=logit_bias,
+            cache_salt=req.cache_salt,
         )
         try:
             params.validate()

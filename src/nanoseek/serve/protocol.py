@@ -201,6 +201,9 @@ class _Sampling(_Request):
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (load benchmarks)
     logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's JSON keys) -> bias
     stop_token_ids: list[int] | None = None  # vLLM's extension: ids that end the reply besides EOS
+    # vLLM's extension: prefix-cache isolation, only requests of the same salt share cached blocks (was
+    # taken as an unknown field and ignored, a tenant relying on it isolated from nobody)
+    cache_salt: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _unsupported(self) -> _Sampling:
