@@ -1235,6 +1235,16 @@ def test_expert_imbalance_max_is_the_worst_layers(tmp_path) -> None:
     assert m["expert_imbalance_max"] == max(m["expert_imbalance"].values())
 
 
+def test_a_router_that_routed_nothing_reports_no_imbalance(tmp_path) -> None:
+    """Without the MTP loss (--mtp-weight 0, SFT, GRPO) the MTP router routes no token: it has no
+    imbalance to report, not 0 / 0 read as 0 (below the perfect 1)."""
+    model = micro_model()
+    tr = make_trainer(model, tmp_path)
+    m = tr.step(lambda: language_model_loss(model, *batch_at(0), mtp_weight=0.0))
+    assert set(m["expert_imbalance"]) == {"1"} and set(m["expert_load"]) == {"1"}
+    assert m["expert_imbalance"]["1"] >= 1.0
+
+
 def test_loads_counted_outside_training_do_not_move_the_bias(tmp_path) -> None:
     """Tokens a router counted before the step (a generation in train mode, GRPO's rollouts) are not the
     step's load: each router's load is the step's own top-k picks."""

@@ -563,6 +563,10 @@ class Trainer:
             "step_time_s": time.perf_counter() - started,  # the step's own: tok/s leaves out validations
         }
         metrics.update({k: v / accumulation for k, v in sums.items()})
+        # only the routers that routed this step's tokens: an MTP router when the loss leaves MTP out
+        # (--mtp-weight 0, SFT, GRPO) counted none, and its 0 / 0 read as an imbalance of 0, below the
+        # perfect 1 (the report drew it as a "layer mtp0" line at 0)
+        loads = {layer: ld for layer, ld in loads.items() if ld.sum() > 0}
         if loads:
             imb = {layer: (ld.max() / ld.mean().clamp_min(1e-9)).item() for layer, ld in loads.items()}
             metrics["expert_imbalance"] = imb
