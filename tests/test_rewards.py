@@ -348,6 +348,25 @@ def test_math_verify_works_off_the_main_thread():
     assert not errors and results == {0: [1.0, 1.0, 0.0], 1: [1.0, 1.0, 0.0]}
 
 
+def test_math_verify_scores_answers_without_sigalrm(monkeypatch):
+    """Where there is no SIGALRM (Windows), math-verify's timeouts run each parse in a spawned process,
+    which cannot pickle the function it sends: every gold answer read as unparseable, every answer None."""
+    import multiprocessing
+    import os
+
+    # Windows' start method, as `multiprocessing.set_start_method("spawn", force=True)` sets it
+    monkeypatch.setattr(
+        multiprocessing.context._default_context, "_actual_context", multiprocessing.get_context("spawn")
+    )
+    with monkeypatch.context() as m:  # (only around the calls: pytest's own paths read os.name too)
+        m.setattr(os, "name", "nt")
+        scores = [
+            check_math("\\frac{3}{4}", "\\boxed{0.75}"),
+            check_math("\\frac{3}{4}", "\\boxed{\\frac{2}{3}}"),
+        ]
+    assert scores == [1.0, 0.0]
+
+
 @pytest.fixture
 def code_task(tmp_path):
     rows = [

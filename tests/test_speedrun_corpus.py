@@ -549,6 +549,57 @@ def test_a_ctrl_c_on_another_thread_stops_the_evaluation_at_once(tmp_path, monke
     assert not list(tmp_path.glob("evaluated_*")), "the stop waited for an evaluation to end"
 
 
+def _evaluation_of_the_runs_tasks(out: str, preset, stage: str, tasks: list[str], progress: bool) -> list:
+    """An evaluation worker's job: it builds its families, as `evaluate_many` does."""
+    from nanoseek.data.tasks import get_task
+
+    for task in tasks:
+        get_task(task)
+    return [{"pass@1": 0.5, "pass@1_stderr": 0.0, "format_rate": 1.0} for _ in tasks]
+
+
+def _stage_of_a_registered_task(done: str, threads: int) -> None:
+    """A stage beside another that builds the family the run's process registered."""
+    from nanoseek.data.tasks import get_task
+
+    Path(done).write_text(type(get_task("mine")).__name__)
+
+
+def test_a_family_registered_in_the_runs_process_reaches_its_spawned_processes(tmp_path, monkeypatch):
+    """A family added with `register_task` (in a notebook, or under a script's `__main__` guard) was
+    unknown to the evaluation workers and the stages beside another: spawned processes start from the
+    built-in families, and every evaluation failed with "unknown task 'mine'"."""
+    from nanoseek.data.tasks import TASKS, SortingTask, get_task, register_task
+
+    monkeypatch.setitem(TASKS, "mine", SortingTask)  # (taken out again after the test)
+    register_task("mine", SortingTask)
+    try:
+        run = _run_evaluating_with(_evaluation_of_the_runs_tasks, tmp_path, monkeypatch)
+        run.p = PRESETS["smoke"].with_tasks(["mine"])
+        assert run.evaluate()["workers"] == 2
+        done = tmp_path / "stage_done"
+        with run._beside("control", "grpo", _stage_of_a_registered_task, (str(done),)) as child:
+            pass
+        assert child.exitcode == 0 and done.read_text() == "SortingTask"
+    finally:
+        get_task.cache_clear()
+
+
+def test_a_family_registered_unimportably_keeps_every_stage_in_the_runs_process(tmp_path, monkeypatch):
+    """A family a spawned process cannot import (a lambda's, a local function's) cannot reach one: the
+    run's stages and evaluations then run in its own process, where the family is known."""
+    from nanoseek.data.tasks import TASKS, SortingTask, get_task, register_task
+
+    monkeypatch.setitem(TASKS, "mine", SortingTask)
+    register_task("mine", lambda spec, **options: SortingTask(spec=spec, **options))
+    try:
+        monkeypatch.setattr("torch.get_num_threads", lambda: 2)
+        monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+        assert not Speedrun(tmp_path, PRESETS["smoke"], progress=False).overlaps()
+    finally:
+        get_task.cache_clear()
+
+
 def test_a_sigterm_between_a_speedruns_training_steps_unwinds_as_ctrl_c_does(tmp_path):
     """`nanoseek speedrun` left SIGTERM as it was outside its training loops: one in its evaluation,
     distillation's sampling or a stage's loading ended the process where it stood, without a word (a

@@ -570,7 +570,7 @@ class Speedrun:
         child = None
         if not self._done(stage):
             child = multiprocessing.get_context("spawn").Process(
-                target=target, args=(*args, threads // 2), name=stage
+                target=_with_tasks, args=(_carried_tasks() or {}, target, (*args, threads // 2)), name=stage
             )
             with _sigint_ignored():  # Ctrl-C: this process stops it (below), without its traceback
                 child.start()
@@ -654,10 +654,11 @@ class Speedrun:
         return int(read_json_object(meta)["step"]) if meta.exists() else 0
 
     def overlaps(self) -> bool:
-        """Whether CPU stages run side by side (two processes): on a CPU with at least 2 threads."""
+        """Whether CPU stages run side by side (two processes): on a CPU with at least 2 threads, where
+        the families registered in this process can reach a spawned one (`_carried_tasks`)."""
         import torch
 
-        return not torch.cuda.is_available() and torch.get_num_threads() >= 2
+        return not torch.cuda.is_available() and torch.get_num_threads() >= 2 and _carried_tasks() is not None
 
     def pretrain_data(self) -> str:
         """The pretraining corpus: the embedded documents of the run's task families by default (a tiny
@@ -917,8 +918,8 @@ class Speedrun:
             with ProcessPoolExecutor(
                 workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_set_threads,
-                initargs=(threads,),
+                initializer=_with_tasks,
+                initargs=(_carried_tasks() or {}, _set_threads, (threads,)),
             ) as pool:
                 try:
                     futures = {
@@ -1143,6 +1144,36 @@ def _set_threads(threads: int) -> None:
 
     _exit_with_parent()
     torch.set_num_threads(threads)
+
+
+def _carried_tasks() -> dict[str, Any] | None:
+    """The families registered in this process (`register_task`), which a spawned process does not
+    have: it starts from the built-in ones (a notebook's registrations, or a script's under its
+    `__main__` guard, are not run there). None where one cannot be sent: a lambda or a local function
+    does not pickle, and a notebook's class (a `__main__` without a file) is not found there."""
+    import pickle
+
+    from nanoseek.data.tasks import registered_tasks
+
+    tasks = registered_tasks()
+    for factory in tasks.values():
+        module = sys.modules.get(getattr(factory, "__module__", None) or "")
+        if module is not None and module.__name__ == "__main__" and not getattr(module, "__file__", None):
+            return None
+        try:
+            pickle.dumps(factory)
+        except (pickle.PicklingError, AttributeError, TypeError):
+            return None
+    return tasks
+
+
+def _with_tasks(tasks: dict[str, Any], target: Callable[..., None], args: tuple) -> None:
+    """A spawned process's start: the run's registered families (`_carried_tasks`), then `target(*args)`."""
+    from nanoseek.data.tasks import register_task
+
+    for name, factory in tasks.items():
+        register_task(name, factory)
+    target(*args)
 
 
 @contextlib.contextmanager

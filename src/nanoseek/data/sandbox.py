@@ -433,7 +433,11 @@ def run_python(
     """
     cfg = replace(config or SandboxConfig(), **overrides)
     if sys.platform == "win32":  # no resource limits, process groups or audit-hooked fork to build on
-        raise ValueError("the code sandbox runs on Linux and macOS only: score code tasks there")
+        # (said so for reasoning-gym's scorers too, which run here: "code tasks" misled their users)
+        raise ValueError(
+            "the code sandbox (code tasks' tests, reasoning-gym's scorers) runs on Linux and macOS only: "
+            "score these tasks there"
+        )
     if secret is not None and (tests is not None or stdin or "\n" in secret or len(secret) > 1024):
         raise ValueError("a sandbox secret is one short line, and the code's only stdin")
     if runs < 0 or (runs and (tests is not None or stdin)):

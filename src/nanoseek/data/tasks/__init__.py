@@ -65,6 +65,7 @@ from nanoseek.data.tasks.registry import (
     get_task,
     prescore,
     register_task,
+    registered_tasks,
     split_task_list,
 )
 from nanoseek.tokenizer import EOS as EOS_TEXT  # noqa: F401  (data.rewards imports the chat strings from here)
@@ -105,6 +106,7 @@ __all__ = [
     "parse_number",
     "parse_task_spec",
     "register_task",
+    "registered_tasks",
     "split_task_list",
     "split_of",
 ]

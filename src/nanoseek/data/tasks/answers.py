@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import textwrap
 import threading
@@ -146,12 +147,14 @@ def check_math(gold: str, answer: str | None) -> float | None:
 
     math-verify times its parsing with SIGALRM, which only works in the main thread; elsewhere (reward
     worker threads, a server) we run it with its timeouts disabled and bound the input size instead.
+    Without SIGALRM (Windows) its timeouts run each call in a spawned process, which cannot pickle the
+    local function it sends: every call failed, every answer unscored; disabled there too.
     """
     from math_verify import parse, verify
 
     main = threading.current_thread() is threading.main_thread()
-    timeout = 5 if main else None
-    if not main:
+    timeout = 5 if main and os.name == "posix" else None  # (math-verify's own test for SIGALRM)
+    if not main or timeout is None:
         _quiet_math_verify_timeout_warning()
     try:
         g = parse(_in_math_mode(gold), parsing_timeout=timeout)

@@ -32,6 +32,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "word_problem": WordProblemTask,
 }
 BUILTIN_TASKS: tuple[str, ...] = tuple(TASKS)
+_BUILTIN_FACTORIES = dict(TASKS)
 # Named settings of a family, for reports and presets: "addition" is arithmetic restricted to +.
 TASK_ALIASES: dict[str, str] = {
     "addition": "arithmetic?ops=add",
@@ -46,6 +47,12 @@ def register_task(name: str, factory: Callable[..., Task]) -> None:
         raise ValueError(f"task names are lowercase identifiers, got {name!r}")
     TASKS[name] = factory
     get_task.cache_clear()
+
+
+def registered_tasks() -> dict[str, Callable[..., Task]]:
+    """The families `register_task` added (or put in a built-in's place) in this process: a spawned one
+    (the speedrun's) starts from the built-in ones and registers these again."""
+    return {name: f for name, f in TASKS.items() if _BUILTIN_FACTORIES.get(name) is not f}
 
 
 def get_task(name: str, reread: bool = True) -> Task:
