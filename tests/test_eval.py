@@ -835,6 +835,22 @@ def test_the_cli_warns_of_truncated_samples_on_stderr(monkeypatch, capsys) -> No
     assert "50% of the samples stopped at --max-new-tokens 320" in err
 
 
+@pytest.mark.parametrize(
+    ("stderr", "shown"), [(0.0, "pass@1 0.000, cons@1"), (0.05, "pass@1 0.000 ± 0.050, cons@1")]
+)
+def test_the_cli_prints_no_interval_where_the_scores_do_not_vary(monkeypatch, capsys, stderr, shown) -> None:
+    """Every problem scored alike (or one problem): a standard error of 0 printed "± 0.000", which reads
+    as certainty; the report shows none there (`report._pm`), and neither does the line now."""
+    import nanoseek.evaluate as ev
+    from nanoseek.cli import main as cli
+
+    m = {"k": 1, "cons@1": 0.0, "pass@1": 0.0, "pass@1_stderr": stderr, "format_rate": 0.0}
+    m |= {"language_consistency": 1.0, "mean_response_tokens": 4.0, "problems": 2}
+    monkeypatch.setattr(ev, "evaluate_many", lambda cfgs: [{**m, "evaluated": "ck", "json": "r.json"}])
+    assert cli(["eval", "ck", "--task", "arithmetic"]) == 0
+    assert shown in capsys.readouterr().out
+
+
 def test_the_cli_refuses_to_evaluate_in_each_of_torchruns_processes(monkeypatch, capsys) -> None:
     """`torchrun --nproc-per-node 2 -m nanoseek eval` ran the whole evaluation in each process, and
     metrics.jsonl got its line twice (the report then listed the evaluation twice)."""

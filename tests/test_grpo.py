@@ -452,6 +452,10 @@ def test_grpo_resume_is_exact(micro_checkpoint, tmp_path, capsys) -> None:
 
     m = RunMetrics(tmp_path / "b")
     assert m.steps("grpo", "reward")[0] == [1, 2] and m.wall_time("grpo") > 0
+    # the rollouts' prompt and completion tokens, a running total across the resume too: the report's
+    # GRPO row showed "–" tokens
+    assert [r["tokens"] for r in rb] == [r["tokens"] for r in ra] and 0 < ra[0]["tokens"] < ra[1]["tokens"]
+    assert m.total("grpo", "tokens") == ra[1]["tokens"]
     for key in ("reward", "response_length", "accuracy", "format_rate"):
         assert ra[1][key] == rb[1][key]
     # the collapse guard's baseline (the first step's length) goes on from the first process

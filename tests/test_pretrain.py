@@ -271,6 +271,12 @@ def test_pretrain_trains_its_own_tokenizer(workdir, tmp_path) -> None:
     assert tok["model"]["type"] == "BPE"
     assert json.loads((run / "pretrain" / "config.json").read_text())["vocab_size"] <= 300
     assert any(r.get("stage") == "tokenizer" for r in read_metrics(run))
+    # its time, which the report's tokenizer row showed as "–" in every column of a run built by hand
+    (end,) = read_metrics(run, "tokenizer")
+    assert end["event"] == "end" and end["wall_time_s"] > 0
+    from nanoseek.report import build_report
+
+    assert "| tokenizer | – |" not in build_report(run).read_text()
 
 
 def test_the_tokenizer_bar_ends_at_100_percent_on_a_corpus_of_fewer_documents(

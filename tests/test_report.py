@@ -435,7 +435,7 @@ def test_a_resumed_stage_reads_as_one_run(tmp_path, resume_record):
     assert m.total("pretrain", "tokens") == 128 * 120
     assert m.wall_time("pretrain") == pytest.approx(70.0 + 75.0)  # killed: its records' span
     text = build_report(tmp_path).read_text()
-    assert "| pretrain | 145 s | 15.36K |" in text and "| **total** | 145.0 s |" in text
+    assert "| pretrain | 145 s | 15.36K |" in text and "| **total** | 145 s |" in text
 
 
 def test_a_fresh_run_into_the_same_directory_replaces_the_earlier_in_the_report(tmp_path):
@@ -467,7 +467,7 @@ def test_every_stage_run_alone_reports_its_wall_time(tmp_path):
         grpo.log(step=s, loss=0.0, reward=0.5, wall_time_s=10.0 * s)
     text = build_report(tmp_path).read_text()
     assert "| pretrain | 12 s |" in text and "| sft | 3 s |" in text and "| grpo | 20 s |" in text
-    assert "| **total** | 35.0 s |" in text
+    assert "| **total** | 35 s |" in text
 
 
 def test_figures_of_four_digits_are_not_written_as_exponents(tmp_path):
@@ -544,7 +544,7 @@ def test_a_stage_stopped_before_its_end_says_so_and_counts_its_time_so_far(tmp_p
     _pretrain_steps(sft, range(1, 5), 1020.0, loss=2.0)  # killed after step 4: no end record
     text = build_report(tmp_path).read_text()
     assert "| sft | 4 s (no end record: stopped, or still running) | 512 |" in text, text
-    assert "| **total** | 16.0 s |" in text
+    assert "| **total** | 16 s |" in text
     sft.log(event="resume", from_step=2, time=1100.0)  # resumed from step 2, and killed again at step 3
     sft.log(step=3, loss=1.5, tokens=384, time=1105.0)
     assert (
@@ -622,7 +622,7 @@ def test_a_speedruns_stage_time_is_its_last_end_record_and_a_stage_beside_anothe
     text = build_report(tmp_path).read_text()
     assert "| pretrain | 12 s |" in text
     assert "| control | 90 s (beside grpo) | – | in grpo's |" in text
-    assert "| **total** | 112.0 s |" in text
+    assert "| **total** | 112 s |" in text
 
 
 def test_tokens_logged_per_step_are_summed_and_a_running_total_is_read_at_its_last(tmp_path):
@@ -890,3 +890,52 @@ def test_grpos_gain_is_read_from_the_checkpoint_it_started_from(tmp_path, init, 
         assert "GRPO's gain over its starting checkpoint (pretrain) on the families" in text, text
         assert f"**{gain}** on average" in text
         assert f"- arithmetic: GRPO changed held-out pass@1 by **{gain}** (30.0% → 60.0%)" in text
+
+
+def test_the_total_row_writes_seconds_as_the_stage_rows_do(tmp_path):
+    """The stage rows wrote "3,600 s" and the total "7200.0 s"."""
+    for stage in ("pretrain", "sft"):
+        log = MetricsLog(tmp_path, stage)
+        log.log(step=1, loss=2.0, tokens=64)
+        log.log(event="end", wall_time_s=3600.0)
+    text = build_report(tmp_path).read_text()
+    assert "| pretrain | 3,600 s |" in text and "| **total** | 7,200 s |" in text, text
+
+
+def test_throughput_and_mfu_are_the_median_of_the_steps_after_each_processs_warmup(tmp_path):
+    """Pretraining and SFT log `tok_per_s` and `mfu` every step, and the report showed neither. Each
+    process's first steps (compilation, caches) are left out, and a stage of no more steps keeps all."""
+    pre, sft, grpo = (MetricsLog(tmp_path, s) for s in ("pretrain", "sft", "grpo"))
+    pre.log(step=0, event="start")
+    speeds = [5, 50, 60, 70, 80, 100, 300, 200, 500, 400]  # the first 5 warming up
+    for s, v in enumerate(speeds, 1):
+        pre.log(step=s, loss=2.0, tokens=64 * s, tok_per_s=float(v), mfu=v / 1000)
+    pre.log(event="resume", from_step=10)
+    for s, v in zip(range(11, 18), [1, 1, 1, 1, 1, 1000, 1000], strict=True):
+        pre.log(step=s, loss=2.0, tokens=64 * s, tok_per_s=float(v), mfu=v / 1000)
+    pre.log(event="end", wall_time_s=10.0)
+    for s, v, mfu in ((1, 10.0, 0.1), (2, 2000.0, 0.2), (3, 3000.0, float("nan"))):
+        sft.log(step=s, loss=1.0, tokens=64 * s, tok_per_s=v, mfu=mfu)
+    grpo.log(step=1, loss=0.0, reward=0.5, wall_time_s=2.0)  # logs neither
+    text = build_report(tmp_path).read_text()
+    # steps 6-10 and 16-17: 100, 300, 200, 500, 400, 1000, 1000
+    assert "| pretrain | 10 s | 1.09K | $0.0003 | 2 | – | 400 | 40% |" in text, text
+    assert "| sft | – | 192 | – | 1 | – | 2.00K | 15% |" in text, text  # all 3 steps (the NaN left out)
+    assert "| grpo | 2 s | – | $0.0001 | – | – | – | – |" in text, text
+    assert "median over a stage's training steps after each process's first 5" in text
+
+
+def test_an_evaluation_whose_pass_at_1_is_no_number_is_left_out_with_a_note(tmp_path):
+    """A hand-written eval record with "pass@1": "nan" (as a MetricsLog writes a NaN) or null stopped
+    the report with a TypeError in its summary of GRPO's gains."""
+    ev = MetricsLog(tmp_path, "eval")
+    ev.log(evaluated="sft", task="arithmetic", k=4, **{"pass@1": 0.2})
+    ev.log(evaluated="sft", task="sorting", k=4, **{"pass@1": 0.5})
+    ev.log(evaluated="grpo", task="arithmetic", k=4, **{"pass@1": float("nan"), "pass@1_stderr": "nan"})
+    ev.log(evaluated="grpo", task="sorting", k=4, **{"pass@1": None})
+    text = build_report(tmp_path).read_text()
+    assert "| sft | arithmetic | 4 | 20.0% |" in text and "| grpo |" not in text, text
+    assert 'grpo on arithmetic (pass@1 "nan"); grpo on sorting (pass@1 null)' in text, text
+    ev.log(evaluated="grpo", task="sorting", k=4, **{"pass@1": 0.75})  # scored again: no longer left out
+    text = build_report(tmp_path).read_text()
+    assert "| grpo | sorting | 4 | 75.0% |" in text and "grpo on sorting" not in text, text

@@ -49,7 +49,7 @@ def test_every_stage_writes_its_checkpoint_and_metrics(smoke_run):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="side by side on CPU threads only")
 def test_cpu_stages_run_side_by_side_and_count_once(smoke_run):
-    from nanoseek.report import RunMetrics
+    from nanoseek.report import RunMetrics, _seconds
 
     m = RunMetrics(smoke_run)
     student = m.last_event("student", "end")
@@ -66,7 +66,7 @@ def test_cpu_stages_run_side_by_side_and_count_once(smoke_run):
         for s in ("tokenizer", "pretrain", "sft", "grpo", "distill", "eval")
         if (e := m.last_event(s, "end"))
     ]
-    assert f"| **total** | {sum(counted):.1f} s |" in stages  # the student's time is inside pretrain's
+    assert f"| **total** | {_seconds(sum(counted))} |" in stages  # the student's time is inside pretrain's
     # evaluation ran in two processes; its records are in job order, its side logs gone
     assert m.last_event("eval", "end")["workers"] == 2
     order = [(r["evaluated_stage"], r["task"]) for r in read_metrics(smoke_run, "eval") if "task" in r]
@@ -147,11 +147,11 @@ def test_rerun_skips_finished_stages(smoke_run, capsys):
     assert new == [], json.dumps(new)[:500]
     assert sum(r.get("event") == "model" for r in read_metrics(smoke_run, "speedrun")) == 1
     # its last line gives the run's time, as the report's total, not this process's few seconds
-    from nanoseek.report import RunMetrics
+    from nanoseek.report import RunMetrics, _seconds
 
     total = RunMetrics(smoke_run).run_wall_time()
     assert total > 6 and f"finished in {total / 60:.1f} min" in out
-    assert f"| **total** | {total:.1f} s |" in (smoke_run / "report.md").read_text()
+    assert f"| **total** | {_seconds(total)} |" in (smoke_run / "report.md").read_text()
 
 
 def test_bench_speedrun_counts_pretrainings_arithmetic(smoke_run):

@@ -232,6 +232,36 @@ def test_grpos_start_is_asked_second_too_where_grpo_drew_those_prompts(tmp_path,
     assert not [job for job in asked if "?" in job[1]] and len(asked) == 2 * len(run.all_tasks)
 
 
+def test_an_evaluation_whose_scores_do_not_vary_prints_no_interval(tmp_path, monkeypatch, capsys):
+    """Every problem failed (a standard error of 0): the run's line said "0.0% ± 0.0 (95%)", which reads
+    as certainty; the report shows no interval there, and neither does the line now."""
+    import nanoseek.speedrun as speedrun_mod
+
+    def fake_evaluate(out, preset, stage, tasks, progress):
+        for task in tasks:
+            log = Path(out) / "eval" / ".logs" / speedrun_mod._job_name(stage, task)
+            log.mkdir(parents=True)
+            (log / "metrics.jsonl").write_text("")
+        return [
+            {"pass@1": 0.5 if stage == "grpo" else 0.0, "pass@1_stderr": 0.05 if stage == "grpo" else 0.0}
+            | {"format_rate": 1.0}
+            for _ in tasks
+        ]
+
+    monkeypatch.setattr(speedrun_mod, "_evaluate_checkpoint", fake_evaluate)
+    monkeypatch.setattr(Speedrun, "overlaps", lambda self: False)  # one process: the fake is seen
+    preset = dataclasses.replace(PRESETS["smoke"], eval_unseen_n=0, eval_second_turn_n=0)
+    run = Speedrun(tmp_path, preset, progress=False)
+    for stage in ("sft", "grpo"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "config.json").write_text("{}")
+    run.evaluate()
+    out = capsys.readouterr().out
+    assert f"  eval sft      {run.all_tasks[0]}: pass@1 0.0%, format 100.0%" in out, out
+    assert f"  eval grpo     {run.all_tasks[0]}: pass@1 50.0% ± 9.8 (95%), format 100.0%" in out, out
+    assert "± 0.0" not in out
+
+
 def test_chats_of_several_questions_reach_the_teachers_pretraining(tmp_path, monkeypatch):
     """`pretrain_multi_turn` is the share of several-question chats in the teacher's corpus; the dense
     student pretrains on one-question chats (it learns from the teacher's one-question traces)."""

@@ -7,8 +7,10 @@ Records it understands (all optional; missing figures show as "–"):
 - any stage: `{"event": "end", "wall_time_s", "tokens", ...}` written when the stage finishes
   (`wall_s` in pretraining's before), `{"event": "start"}` when a training stage starts afresh,
   `{"event": "resume", "from_step"}` when one continues from a checkpoint
-- pretrain / sft / distill steps: `loss`, `val_loss`, `expert_load` ({layer: [tokens per expert]})
-- grpo steps: `reward`, `accuracy`, `format`, `response_length`, `kl`, `entropy`
+- pretrain / sft / distill steps: `loss`, `val_loss`, `expert_load` ({layer: [tokens per expert]}),
+  `tok_per_s`, `mfu`
+- grpo steps: `reward`, `accuracy`, `format`, `response_length`, `kl`, `entropy`, `tokens` (the running
+  total of the rollouts' prompt and completion tokens)
 - eval: `evaluated` (which checkpoint / stage), `pass@1`, `cons@k`, `format_rate`, `language_consistency`,
   `mean_length`, `k`, `task`
 - speedrun: `{"event": "model", "total_params", "active_params", "kv_cache_bytes_per_token",
@@ -18,8 +20,10 @@ Records it understands (all optional; missing figures show as "–"):
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,9 @@ from nanoseek.metrics import read_metrics
 STAGES = ("tokenizer", "pretrain", "student", "sft", "grpo", "control", "distill", "eval")
 # the checkpoints evaluated; "student" is the dense student before distillation, beside what it became
 EVAL_STAGES = ("pretrain", "sft", "grpo", "control", "student", "distill")
+# a process's first steps, left out of the stage table's throughput and MFU: they compile and warm the
+# caches and the allocator (nanochat leaves its first 10 out of its timing)
+WARMUP_STEPS = 5
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -59,7 +66,17 @@ def _human(n: float | None) -> str:
 
 
 def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f}%"
+    # a figure that is no number ("nan" as a MetricsLog writes a NaN, a hand-written string): no figure
+    return f"{100 * v:.1f}%" if _number(v) else "–"
+
+
+def _seconds(v: float | None) -> str:
+    """'3,600 s', '4.1 s': every row of the stage table, its total too (which wrote "7200.0 s")."""
+    return "–" if v is None else f"{_fmt(round(v, 1))} s"
+
+
+def _finite(v: Any) -> bool:
+    return _number(v) and math.isfinite(v)
 
 
 def _number(v: Any) -> bool:
@@ -196,6 +213,8 @@ class RunMetrics:
         self.by_stage: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for stage, parts in self.runs.items():
             self.by_stage[stage] = current_records(parts)
+        # the latest evaluations `evals` left out for want of a score, which the report names
+        self.unscored: dict[tuple[str, str], str] = {}
 
     def wall_time(self, stage: str) -> float | None:
         return wall_time(self.runs.get(stage, []))
@@ -233,6 +252,18 @@ class RunMetrics:
             return values[-1]
         return sum(values)
 
+    def steady_median(self, stage: str, key: str) -> float | None:
+        """The median of a per-step figure (`tok_per_s`, `mfu`) over the steps after each process's first
+        `WARMUP_STEPS`, or over all of them where no process ran more; None where none logged it."""
+        steady, every = [], []
+        for resumed_from, records in self.runs.get(stage, []):
+            for r in records:
+                if _training_step(r) and _finite(r.get(key)):
+                    every.append(r[key])
+                    if r["step"] > (resumed_from or 0) + WARMUP_STEPS:
+                        steady.append(r[key])
+        return statistics.median(steady or every) if every else None
+
     def train_loss_key(self, stage: str) -> str:
         """The key of `stage`'s training loss to set beside its `val_loss`: the language-model term where
         the stage logs it apart (pretraining's `loss` adds λ x the MTP loss and the balance loss, which
@@ -251,16 +282,28 @@ class RunMetrics:
         began = {id(parts[0][1][0]): stage for stage, parts in self.runs.items() if parts}
         seen: set[str] = set()
         out: dict[tuple[str, str], dict[str, Any]] = {}
+        self.unscored = {}
         for r in self.records:
             if id(r) in began and began[id(r)] in seen:  # the latest run, after an earlier one
                 out = {key: v for key, v in out.items() if key[0] != began[id(r)]}
+                self.unscored = {key: v for key, v in self.unscored.items() if key[0] != began[id(r)]}
             seen.add(str(r.get("stage")))
             if str(r.get("stage")) != "eval":
                 continue
             name = r.get("evaluated") or r.get("checkpoint")
             if name and ("pass@1" in r or "accuracy" in r):
+                key = (str(name), str(r.get("task")))
+                score = r.get("pass@1", r.get("accuracy"))
+                if not _finite(score):
+                    # "nan" (a MetricsLog's NaN), null or a string in a hand-written record: its gains
+                    # and means stopped the report with a TypeError; left out (an earlier score of the
+                    # same checkpoint too: it is not the latest), and said so
+                    out.pop(key, None)
+                    self.unscored[key] = f"{name} on {key[1]} (pass@1 {json.dumps(score)})"
+                    continue
+                self.unscored.pop(key, None)
                 cons = next((v for k, v in r.items() if k.startswith("cons@")), None)
-                out[(str(name), str(r.get("task")))] = {
+                out[key] = {
                     **r,
                     "cons": cons,
                     "length": r.get("mean_length", r.get("mean_response_tokens", r.get("mean_tokens"))),
@@ -396,8 +439,8 @@ def build_report(
 
     lines += ["## Stages", ""]
     lines += [
-        "| stage | wall time | tokens | est. cost | final loss | val loss |",
-        "|---|---|---|---|---|---|",
+        "| stage | wall time | tokens | est. cost | final loss | val loss | tokens/s | MFU |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for stage in STAGES:
         end = m.last_event(stage, "end")
@@ -406,7 +449,7 @@ def build_report(
         wall = m.wall_time(stage)
         tokens = end.get("tokens") or m.total(stage, "tokens") or None
         cost = f"${(wall or 0) / 3600 * usd_per_hour:.4f}" if wall is not None else "–"
-        shown = "–" if wall is None else f"{_fmt(round(wall, 1))} s"
+        shown = _seconds(wall)
         if stopped(m.runs[stage][-1][1]):  # its latest process
             shown += " (no end record: stopped, or still running)"
         if end.get("beside"):  # ran in a second process during another stage: inside that one's time
@@ -423,12 +466,21 @@ def build_report(
         skipped = sum(1 for r in m.by_stage[stage] if _training_step(r) and r.get("skipped"))
         if skipped:
             loss += f" ({skipped} step{'s' if skipped > 1 else ''} skipped)"  # as the trainer says it
+        mfu = m.steady_median(stage, "mfu")
         lines.append(
-            f"| {stage} | {shown} | {_human(tokens)} | {cost} | {loss} | {_fmt(m.last_value(stage, 'val_loss'))} |"
+            f"| {stage} | {shown} | {_human(tokens)} | {cost} | {loss} | {_fmt(m.last_value(stage, 'val_loss'))} "
+            f"| {_human(m.steady_median(stage, 'tok_per_s'))} | {'–' if mfu is None else _fmt(100 * mfu) + '%'} |"
         )
     total_s = m.run_wall_time()
-    lines.append(f"| **total** | {total_s:.1f} s | | ${total_s / 3600 * usd_per_hour:.4f} | | |")
-    lines += ["", f"Cost is estimated at ${usd_per_hour:.2f} per machine-hour.", ""]
+    lines.append(f"| **total** | {_seconds(total_s)} | | ${total_s / 3600 * usd_per_hour:.4f} | | | | |")
+    lines += ["", f"Cost is estimated at ${usd_per_hour:.2f} per machine-hour."]
+    if any(m.steady_median(s, "tok_per_s") is not None for s in STAGES):
+        lines.append(
+            "Tokens/s and MFU (the model's FLOPs over the machine's measured matmul peak) are the median over "
+            f"a stage's training steps after each process's first {WARMUP_STEPS} (compilation, warming caches), "
+            "over all of them where none is left."
+        )
+    lines.append("")
 
     probe = {k: m.last_value("pretrain", f"probe_{k}_loss") for k in ("copy", "digit", "text", "answer")}
     if any(v is not None for v in probe.values()):
@@ -451,7 +503,9 @@ def build_report(
         lines += _pass_at_1_tables(m, evals)
         lines += ["## Held-out evaluation, every figure", ""]
         interval = (
-            " (± 95%)" if any(r.get("pass@1_stderr") for r in evals.values()) else ""
+            " (± 95%)"
+            if any(_finite(r.get("pass@1_stderr")) and r["pass@1_stderr"] for r in evals.values())
+            else ""
         )  # 0: none (`_pm`)
         lines += [
             f"| checkpoint | task | k | pass@1{interval} | cons@k | format rate | language consistency | mean length |",
@@ -460,6 +514,7 @@ def build_report(
         for (name, task), r in evals.items():
             # one problem has no spread to measure: its 0.0 would read as certainty (lm-eval prints N/A)
             se = r.get("pass@1_stderr") if (r.get("problems") or 2) >= 2 else None
+            se = se if _finite(se) else None  # ("nan", as a MetricsLog writes a NaN)
             lines.append(
                 f"| {name} | {task} | {_fmt(r.get('k'))} | {_pct(r.get('pass@1', r.get('accuracy')))}"
                 f"{_pm(None if se is None else Z_95 * se)} | "
@@ -503,6 +558,8 @@ def build_report(
             if student:
                 lines.append(f"- {task}, distilled dense student: pass@1 {_pct(student.get('pass@1'))}.")
         lines.append("")
+    if m.unscored:  # (`evals` left them out)
+        lines += [f"Left out, with no pass@1 to show: {'; '.join(m.unscored.values())}.", ""]
 
     if plots:
         lines += ["## Plots", ""]
@@ -547,11 +604,14 @@ def paired_margin(before: dict[str, Any], after: dict[str, Any]) -> float | None
     return Z_95 * standard_error([x - y for x, y in zip(a, b, strict=True)])
 
 
-def _pm(margin: float | None) -> str:
+def _pm(margin: float | None, points: bool = True) -> str:
     """' ± 6.1' (points) for a 95% interval's half-width, or nothing when there is none. A half-width
     of 0 is none: scores with no spread (every problem solved, or none; one problem) have none to
-    measure, and "0.0% ± 0.0" over 48 problems read as certainty."""
-    return "" if not margin else f" ± {100 * margin:.1f}"
+    measure, and "0.0% ± 0.0" over 48 problems read as certainty. With `points` False, ' ± 0.031': a
+    figure beside a fraction (`nanoseek eval`'s standard error), by the same rule."""
+    if not margin:
+        return ""
+    return f" ± {100 * margin:.1f}" if points else f" ± {margin:.3f}"
 
 
 def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]]) -> list[str]:

@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.evaluate import EvalConfig, evaluate_many, slug
     from nanoseek.options import from_options
     from nanoseek.perf import torch_threads
+    from nanoseek.report import _pm
 
     tasks = split_task_list(args.task)
     cfgs = []
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     for task, m in zip(tasks, results, strict=True):
         k = m["k"]
         print(
-            f"eval {task} ({m['evaluated']}): pass@1 {m['pass@1']:.3f} ± {m['pass@1_stderr']:.3f}, "
+            # no "± 0.000" where the scores do not vary over the problems, as the report shows them
+            f"eval {task} ({m['evaluated']}): pass@1 {m['pass@1']:.3f}{_pm(m['pass@1_stderr'], points=False)}, "
             f"cons@{k} {m[f'cons@{k}']:.3f}, "
             f"format {m['format_rate']:.3f}, language {m['language_consistency']:.3f}, "
             f"length {m['mean_response_tokens']:.1f} tokens over {m['problems']} problems; {m['json']}"

@@ -757,6 +757,9 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
     entropy_trend = EntropyTrend(history.get("entropy_trend"))
     init_length = history.get("init_length")
     bad_steps = int(history.get("bad_steps", 0))  # consecutive collapsed steps, across a resume too
+    # the rollouts' prompt and completion tokens so far, logged as the trainers log theirs (a running
+    # total, across a resume too): the report's GRPO row showed no tokens
+    tokens = int(history.get("tokens", 0))
     budget = f" ({cfg.max_seconds:.0f}s budget)" if cfg.max_seconds else ""
     bar = progress_bar(
         total=planned(start),
@@ -790,6 +793,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
             sampler.observe([t.name for t, _ in batch], ro.advantages, cfg.group_size)
             ro.metrics["rollout_tok_s"] = sum(len(o.token_ids) for o in outs) / max(rollout_time, 1e-9)
             ro.metrics["rollout_time_s"] = rollout_time
+            tokens += sum(len(p) for p in flat_prompts) + sum(len(o.token_ids) for o in outs)
 
             # ------------------------------------------------------------------- update
             n_seq, n_tok = loss_denominators(ro, cfg.loss)
@@ -838,7 +842,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
             upd["update_time_s"] = update_time
 
             # ----------------------------------------------------------------- logging
-            rec = {**ro.metrics, **upd, "wall_time_s": time.perf_counter() - t_run}
+            rec = {**ro.metrics, **upd, "tokens": tokens, "wall_time_s": time.perf_counter() - t_run}
             ent = rec.get("entropy", float("nan"))
             if init_length is None and math.isfinite(ent):
                 init_length = rec["response_length"]
@@ -882,6 +886,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
                     "entropy_trend": entropy_trend.state(),
                     "init_length": init_length,
                     "bad_steps": bad_steps,
+                    "tokens": tokens,
                     "task_signal": dict(sampler.signal),
                     **({"pass_rates": history["pass_rates"]} if "pass_rates" in history else {}),
                 },
