@@ -118,7 +118,7 @@ def test_all_reduce_ops(monkeypatch) -> None:
 
     other = torch.tensor([3.0, 2.0])
 
-    def fake_all_reduce(t, op):  # what gloo would return with the other rank's tensor
+    def fake_all_reduce(t, op, group=None):  # what gloo would return with the other rank's tensor
         t.copy_(t + other if op == dist.ReduceOp.SUM else torch.maximum(t, other))
 
     monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)

@@ -865,6 +865,14 @@ def test_the_cli_refuses_to_evaluate_in_each_of_torchruns_processes(monkeypatch,
     assert "nanoseek eval: error: eval runs in one process, but torchrun started 2" in (
         capsys.readouterr().err
     )
+    # said by rank 0 only: the other ranks exit with the same code quietly, once rank 0 had time to say it
+    import nanoseek.cli
+
+    waited = []
+    monkeypatch.setattr(nanoseek.cli.time, "sleep", waited.append)
+    monkeypatch.setenv("RANK", "1")
+    assert cli(["eval", "ck", "--task", "arithmetic"]) == 2
+    assert capsys.readouterr().err == "" and waited == [nanoseek.cli.RANK_0_SAYS_S]
 
 
 def test_the_cli_evaluates_several_tasks_of_a_checkpoint_with_one_engine(

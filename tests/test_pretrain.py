@@ -270,10 +270,9 @@ def test_pretrain_trains_its_own_tokenizer(workdir, tmp_path) -> None:
     tok = json.loads((run / "tokenizer" / "tokenizer.json").read_text())
     assert tok["model"]["type"] == "BPE"
     assert json.loads((run / "pretrain" / "config.json").read_text())["vocab_size"] <= 300
-    assert any(r.get("stage") == "tokenizer" for r in read_metrics(run))
-    # its time, which the report's tokenizer row showed as "–" in every column of a run built by hand
-    (end,) = read_metrics(run, "tokenizer")
-    assert end["event"] == "end" and end["wall_time_s"] > 0
+    # with its time: the report's tokenizer row was blank, and the run's time and cost left it out
+    (record,) = read_metrics(run, "tokenizer")
+    assert record["event"] == "end" and record["wall_time_s"] > 0 and record["documents"] == 300
     from nanoseek.report import build_report
 
     assert "| tokenizer | – |" not in build_report(run).read_text()
@@ -725,6 +724,77 @@ def test_the_other_ranks_leave_with_a_clear_error_when_rank_0_cannot_train_the_t
     )
     assert ranks[0] == {"error": f"FileNotFoundError: data source not found: {tmp_path / 'missing.txt'}"}
     assert ranks[1] == {"error": "ValueError: rank 0 could not train the tokenizer (its error says why)"}
+
+
+def _rank_waiting_for_a_slow_tokenizer(dirs: str, world: int, rank: int, port: int) -> dict:
+    import datetime
+    import time
+
+    import torch.distributed.distributed_c10d as c10d
+
+    import nanoseek.train.pretrain as pretrain_module
+
+    workdir, out = dirs.split("|")
+    torch.set_num_threads(1)
+    from nanoseek.train.distributed import all_reduce_, destroy_distributed, init_distributed
+
+    dist = init_distributed(device="cpu", timeout_s=30)
+    c10d._set_pg_timeout(datetime.timedelta(seconds=2), None)  # the process group's 10 minutes, shrunk
+    real = pretrain_module._train_tokenizer
+
+    def slow(*args):  # a tokenizer that takes rank 0 longer than that
+        time.sleep(5)
+        real(*args)
+
+    pretrain_module._train_tokenizer = slow
+    cfg = config(Path(workdir), Path(out), tokenizer=None, tokenizer_docs=50)
+    try:
+        tok = pretrain_module._tokenizer(cfg, Path(out), 300, dist.is_main, dist)
+        ranks = all_reduce_(torch.ones(1), dist).item()  # the process group still works
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    destroy_distributed()
+    return {"vocab": tok.vocab_size, "ranks": ranks}
+
+
+@pytest.mark.slow
+def test_the_other_ranks_wait_past_the_process_groups_timeout_for_the_tokenizer(workdir, tmp_path) -> None:
+    """Rank 0 trains the tokenizer alone: the others waited in a collective under the process group's
+    timeout (10 minutes), so a tokenizer trained for longer (a large --tokenizer-docs) ended them in
+    gloo's timeout error."""
+    from gloo import run_ranks
+
+    ranks = run_ranks(
+        _rank_waiting_for_a_slow_tokenizer,
+        2,
+        f"{workdir}|{tmp_path / 'run'}",
+        str(tmp_path / "result"),
+        check=False,
+    )
+    assert ranks[0] is not None and ranks[0] == ranks[1]
+    assert ranks[0]["ranks"] == 2 and ranks[0]["vocab"] > 256
+
+
+def test_a_batch_that_the_ranks_cannot_share_is_refused_by_its_flag_and_said_once(
+    workdir, tmp_path, monkeypatch
+) -> None:
+    """`torchrun --nproc-per-node 2 ... --batch-size 3`: every rank printed "batch_size 3 is not
+    divisible by 2 ranks", a name no flag has."""
+    import nanoseek.train.distributed as distributed
+    import nanoseek.train.pretrain as pretrain_module
+
+    monkeypatch.setattr(distributed, "init_distributed", lambda: distributed.DistInfo(rank=1, world_size=2))
+    monkeypatch.setattr(pretrain_module, "_check_same_settings", lambda cfg, dist: None)
+    refusals = {
+        "batch_size": "^--batch-size 3 is not divisible by the 2 ranks$",
+        "seq_len": "^--seq-len 99 exceeds the model's max_position_embeddings",
+        "steps": "^--steps must be >= 1",
+    }
+    for flag, message in refusals.items():
+        kw = {"batch_size": 3, "seq_len": 99, "steps": 0}
+        with pytest.raises(ValueError, match=message) as e:
+            pretrain(config(workdir, tmp_path / "run", **{flag: kw[flag]}))
+        assert e.value.every_rank  # the CLI says it on rank 0 only (`alike_on_every_rank`)
 
 
 def _rank_with_other_steps(dirs: str, world: int, rank: int, port: int) -> dict:

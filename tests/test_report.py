@@ -470,6 +470,29 @@ def test_every_stage_run_alone_reports_its_wall_time(tmp_path):
     assert "| **total** | 35 s |" in text
 
 
+def test_the_cost_of_a_pretraining_over_several_machines_counts_each_machine(tmp_path):
+    """A pretraining under torchrun on 2 nodes (8 processes) for an hour, then resumed on 4 for half an
+    hour, then SFT on one machine for an hour: the cost counted one machine's time, as if one had run it
+    all. The price is per machine-hour: the processes of one machine share it."""
+    tok, pre, sft = (MetricsLog(tmp_path, s) for s in ("tokenizer", "pretrain", "sft"))
+    tok.log(event="end", wall_time_s=360.0, vocab_size=320, documents=100, nodes=2)  # rank 0's, both waiting
+    pre.log(step=0, event="start", world_size=8, nodes=2, time=0.0)
+    _pretrain_steps(pre, range(1, 11), 1.0, loss=5.0)
+    pre.log(step=10, event="end", wall_time_s=3600.0)
+    pre.log(event="resume", from_step=10, world_size=16, nodes=4)
+    _pretrain_steps(pre, range(11, 21), 4000.0, loss=4.0)
+    pre.log(step=20, event="end", wall_time_s=1800.0)
+    sft.log(step=0, event="start")  # one process
+    sft.log(step=1, loss=2.0, tokens=64)
+    sft.log(event="end", wall_time_s=3600.0)
+    text = build_report(tmp_path, usd_per_hour=1.0).read_text()
+    assert "| pretrain | 5,400 s | 2.56K | $4.0000 (2-4 machines) |" in text  # 2 x 1 h + 4 x 0.5 h
+    assert "| sft | 3,600 s | 64 | $1.0000 |" in text
+    assert "| tokenizer | 360 s | – | $0.2000 (2 machines) |" in text
+    assert "| **total** | 9,360 s | | $5.2000 | | | | |" in text
+    assert "$1.00 per machine-hour: each stage's wall time x the machines it ran on" in text
+
+
 def test_figures_of_four_digits_are_not_written_as_exponents(tmp_path):
     pre = MetricsLog(tmp_path, "pretrain")
     pre.log(step=1, loss=2.0)

@@ -15,6 +15,7 @@ import os
 import pkgutil
 import signal
 import sys
+import time
 from collections.abc import Iterator
 
 import nanoseek.commands as _commands
@@ -28,6 +29,10 @@ from nanoseek.train import DATA_PARALLEL, TrainingDiverged, TrainingInterrupted,
 # signal ended them where they stood, without a word, and a speedrun's stage beside the stopped one was
 # killed unsaved.
 OWN_SIGTERM = frozenset({"pretrain", "serve"})
+
+# How long the other ranks under torchrun wait for rank 0 to say a refusal they all made (torchrun
+# stops them as soon as rank 0 has exited).
+RANK_0_SAYS_S = 10.0
 
 
 class Terminated(BaseException):
@@ -132,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # as a shell reports a command killed by SIGPIPE
     except (ValueError, FileNotFoundError, KeyError) as e:
+        if getattr(e, "every_rank", False) and os.environ.get("RANK", "0") != "0":
+            # rank 0 says it (`alike_on_every_rank`); the others leave quietly, but not at once:
+            # torchrun stops every rank when one exits, and a rank 0 a moment behind was stopped
+            # before it said anything
+            time.sleep(RANK_0_SAYS_S)
+            return 2
         # Bad input: one clear line, no traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"nanoseek {args.command}: error: {msg}", file=sys.stderr)

@@ -155,10 +155,23 @@ def stopped(records: list[dict[str, Any]]) -> bool:
     return began and not any(r.get("event") == "end" for r in records)
 
 
-def wall_time(parts: list[tuple[float | None, list[dict[str, Any]]]]) -> float | None:
+def machines(records: list[dict[str, Any]]) -> int:
+    """The machines a stage's process ran on: the `nodes` its records carry (a pretraining under
+    torchrun over several nodes, and its tokenizer); 1 otherwise, however many processes ran on the
+    one machine."""
+    for r in records:
+        if _number(r.get("nodes")) and r["nodes"] >= 1:
+            return int(r["nodes"])
+    return 1
+
+
+def wall_time(
+    parts: list[tuple[float | None, list[dict[str, Any]]]], per_machine: bool = False
+) -> float | None:
     """Seconds of `latest_run`, summed over its processes: each one's last end record, else the
     running time its steps logged (GRPO's), else for a process killed and resumed after, or one
-    `stopped`, the span of its records; None when no part tells."""
+    `stopped`, the span of its records; None when no part tells. `per_machine`: machine-seconds, each
+    part's time by the `machines` it ran on."""
     total: float | None = None
     for i, (_, records) in enumerate(parts):
         ends = [e.get("wall_time_s", e.get("wall_s")) for e in records if e.get("event") == "end"]
@@ -175,7 +188,7 @@ def wall_time(parts: list[tuple[float | None, list[dict[str, Any]]]]) -> float |
             wall = max(times) - min(times)
         else:
             continue
-        total = (total or 0.0) + wall
+        total = (total or 0.0) + wall * (machines(records) if per_machine else 1)
     return total
 
 
@@ -216,13 +229,17 @@ class RunMetrics:
         # the latest evaluations `evals` left out for want of a score, which the report names
         self.unscored: dict[tuple[str, str], str] = {}
 
-    def wall_time(self, stage: str) -> float | None:
-        return wall_time(self.runs.get(stage, []))
+    def wall_time(self, stage: str, per_machine: bool = False) -> float | None:
+        return wall_time(self.runs.get(stage, []), per_machine)
 
-    def run_wall_time(self) -> float:
+    def run_wall_time(self, per_machine: bool = False) -> float:
         """The run's seconds over every process that ran it: each stage's, but those trained beside
-        another (inside that one's time)."""
-        return sum(self.wall_time(s) or 0.0 for s in STAGES if not self.last_event(s, "end").get("beside"))
+        another (inside that one's time). `per_machine`: machine-seconds (`machines`)."""
+        return sum(
+            self.wall_time(s, per_machine) or 0.0
+            for s in STAGES
+            if not self.last_event(s, "end").get("beside")
+        )
 
     def events(self, stage: str, event: str) -> list[dict[str, Any]]:
         return [r for r in self.by_stage.get(stage, []) if r.get("event") == event]
@@ -448,7 +465,12 @@ def build_report(
             continue
         wall = m.wall_time(stage)
         tokens = end.get("tokens") or m.total(stage, "tokens") or None
-        cost = f"${(wall or 0) / 3600 * usd_per_hour:.4f}" if wall is not None else "–"
+        # a price per machine-hour: a pretraining over N nodes costs N machines' time (not one's, nor
+        # one per process: the processes of one machine share its price)
+        cost = f"${(m.wall_time(stage, True) or 0) / 3600 * usd_per_hour:.4f}" if wall is not None else "–"
+        nodes = sorted({machines(records) for _, records in m.runs.get(stage, [])} or {1})
+        if nodes[-1] > 1:  # (a run resumed on another number of nodes: the fewest and the most)
+            cost += f" ({'-'.join(map(str, dict.fromkeys([nodes[0], nodes[-1]])))} machines)"
         shown = _seconds(wall)
         if stopped(m.runs[stage][-1][1]):  # its latest process
             shown += " (no end record: stopped, or still running)"
@@ -472,8 +494,13 @@ def build_report(
             f"| {_human(m.steady_median(stage, 'tok_per_s'))} | {'–' if mfu is None else _fmt(100 * mfu) + '%'} |"
         )
     total_s = m.run_wall_time()
-    lines.append(f"| **total** | {_seconds(total_s)} | | ${total_s / 3600 * usd_per_hour:.4f} | | | | |")
-    lines += ["", f"Cost is estimated at ${usd_per_hour:.2f} per machine-hour."]
+    total_cost = m.run_wall_time(per_machine=True) / 3600 * usd_per_hour
+    lines.append(f"| **total** | {_seconds(total_s)} | | ${total_cost:.4f} | | | | |")
+    lines += [
+        "",
+        f"Cost is estimated at ${usd_per_hour:.2f} per machine-hour: each stage's wall time x the machines "
+        "it ran on.",
+    ]
     if any(m.steady_median(s, "tok_per_s") is not None for s in STAGES):
         lines.append(
             "Tokens/s and MFU (the model's FLOPs over the machine's measured matmul peak) are the median over "

@@ -11,7 +11,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="build RUN/report.md and plots from RUN/metrics.jsonl")
     p.add_argument("run", type=path, help="run directory holding metrics.jsonl")
     p.add_argument(
-        "--usd-per-hour", type=float, default=0.10, help="machine price for the cost column (default 0.10)"
+        "--usd-per-hour",
+        type=float,
+        default=0.10,
+        help="price of one machine for an hour, for the cost column (a pretraining over several nodes: "
+        "each; default 0.10)",
     )
     p.add_argument(
         "--out",

@@ -15,10 +15,20 @@ def one_process(what: str, instead: str = "") -> None:
     another way on, said after the usual one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        raise ValueError(
-            f"{what} in one process, but torchrun started {world} (WORLD_SIZE={world}): run it without "
-            f"torchrun (only `nanoseek pretrain` is data-parallel, docs/multinode.md){instead}"
+        raise alike_on_every_rank(
+            ValueError(
+                f"{what} in one process, but torchrun started {world} (WORLD_SIZE={world}): run it without "
+                f"torchrun (only `nanoseek pretrain` is data-parallel, docs/multinode.md){instead}"
+            )
         )
+
+
+def alike_on_every_rank(error: ValueError) -> ValueError:
+    """Mark a refusal that every rank under torchrun makes alike (the same settings, the same world
+    size): the CLI says it on rank 0 only, and the others exit with the same code quietly (each of
+    them printed the same line)."""
+    error.every_rank = True  # type: ignore[attr-defined]
+    return error
 
 
 class TrainingDiverged(RuntimeError):

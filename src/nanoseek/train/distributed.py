@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    nodes: int = 1  # the machines torchrun's agents run on (the report's cost counts them)
 
     @property
     def is_main(self) -> bool:
@@ -64,7 +66,8 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> Dis
         )
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1")) if world > 1 else 1  # torchrun's agents
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, nodes=nodes)
 
 
 def destroy_distributed(failed: bool = False) -> None:
@@ -110,18 +113,34 @@ def shard_batch(batch: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return batch[info.rank * per : (info.rank + 1) * per]
 
 
-def all_reduce_(tensor: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce ("sum" | "mean" | "max"); a no-op in one process."""
+def all_reduce_(tensor: torch.Tensor, info: DistInfo, op: str = "sum", group: Any = None) -> torch.Tensor:
+    """In-place all-reduce ("sum" | "mean" | "max"); a no-op in one process. `group`: one of
+    `patient_group`'s (gloo: the tensor stays on the CPU)."""
     if not info.enabled:
         return tensor
     reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
-    moved = tensor.to(info.device)
-    dist.all_reduce(moved, op=reduce_op)
+    moved = tensor if group is not None else tensor.to(info.device)
+    dist.all_reduce(moved, op=reduce_op, group=group)
     if op == "mean":
         moved /= info.world_size
     if moved is not tensor:
         tensor.copy_(moved)
     return tensor
+
+
+# How long `patient_group`'s collectives wait: the process group's timeout (10 minutes) is for
+# collectives every rank enters together, not for the others waiting while rank 0 works alone (trains a
+# tokenizer on a large --tokenizer-docs). A rank 0 that fails says so through the collective, and one
+# that dies closes its connections (and torchrun stops the job), so the long wait is only ever for work.
+PATIENT_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def patient_group(info: DistInfo) -> Any:
+    """A gloo group over every rank whose collectives wait `PATIENT_TIMEOUT_S` (None in one process):
+    every rank creates it, before rank 0 starts the work the others will wait for."""
+    if not info.enabled:
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=PATIENT_TIMEOUT_S))
 
 
 def barrier(info: DistInfo) -> None:

@@ -1049,7 +1049,7 @@ class Trainer:
         # The steps after it were logged once already: the report reads the ones this run logs instead.
         from_step = state["extra"].get(logged_step, self.global_step) if logged_step else self.global_step
         MetricsLog(self.run_dir, self.stage, enabled=self.dist.is_main).log(
-            event="resume", from_step=from_step
+            event="resume", from_step=from_step, world_size=self.dist.world_size, nodes=self.dist.nodes
         )
         return state["extra"]
 

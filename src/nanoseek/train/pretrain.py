@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from nanoseek.accounting import human
 from nanoseek.options import check_choices, option, path, torch_seed
 from nanoseek.perf import cpu_has_bf16
+from nanoseek.train import alike_on_every_rank
 
 if TYPE_CHECKING:  # torch loads inside the functions, so `nanoseek --help` stays fast
     import torch
@@ -245,35 +246,44 @@ def _tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int, is_main: bool, d
 
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
+    from nanoseek.train.distributed import patient_group
+
     tok_dir = run / "tokenizer"
+    # the others wait on a group of their own: in the process group's, a tokenizer that took rank 0
+    # longer than its timeout (10 minutes) ended them in gloo's timeout
+    group = patient_group(dist)
     if not (cfg.resume and (tok_dir / "tokenizer.json").exists()) and is_main:
         try:
-            _train_tokenizer(cfg, run, vocab_size)
+            _train_tokenizer(cfg, run, vocab_size, dist.nodes)
         except Exception:
-            _tokenizer_ready(dist, failed=True)
+            _tokenizer_ready(dist, group, failed=True)
             raise
-    _tokenizer_ready(dist)
+    _tokenizer_ready(dist, group)
     return load_tokenizer(tok_dir)
 
 
-def _tokenizer_ready(dist: Any, failed: bool = False) -> None:
+def _tokenizer_ready(dist: Any, group: Any, failed: bool = False) -> None:
     """Where rank 0 trained the tokenizer the others wait for: told that it failed, they leave with it
     (they waited in a barrier that ended in gloo's "Connection closed by peer" traceback, under the
-    line of rank 0's error). One all-reduce on every rank."""
+    line of rank 0's error). One all-reduce on every rank, in `group` (`patient_group`'s)."""
     import torch
+    import torch.distributed
 
     from nanoseek.train.distributed import all_reduce_, destroy_distributed
 
     if not dist.enabled:
         return
-    if all_reduce_(torch.tensor([float(failed)]), dist, "max").item():
+    failed_any = all_reduce_(torch.tensor([float(failed)]), dist, "max", group=group).item()
+    torch.distributed.destroy_process_group(group)
+    if failed_any:
         destroy_distributed()  # every rank here: leave together
         if not failed:
             raise ValueError("rank 0 could not train the tokenizer (its error says why)")
 
 
-def _train_tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int) -> None:
-    """Train a tokenizer on --tokenizer-docs documents of the data into RUN/tokenizer/."""
+def _train_tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int, nodes: int = 1) -> None:
+    """Train a tokenizer on --tokenizer-docs documents of the data into RUN/tokenizer/. `nodes`: the
+    machines waiting for it (the report's cost counts them)."""
     from nanoseek.data.corpus import tokenizer_documents
     from nanoseek.metrics import MetricsLog, progress_bar
     from nanoseek.tokenizer import train_tokenizer
@@ -299,9 +309,10 @@ def _train_tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int) -> None:
         raise ValueError(f"no documents in {cfg.data!r} to train a tokenizer on")
     tok.save(run / "tokenizer")
     wall = time.perf_counter() - t0
-    # its time, as the speedrun's tokenizer stage logs it: the report's tokenizer row was all "–"
+    # its time, as the speedrun's tokenizer stage logs it: the report's tokenizer row was all "–", and the
+    # run's time and cost left it out
     MetricsLog(run, "tokenizer").log(
-        step=None, event="end", wall_time_s=wall, vocab_size=tok.vocab_size, documents=read
+        step=None, event="end", wall_time_s=wall, vocab_size=tok.vocab_size, documents=read, nodes=nodes
     )
     print(f"tokenizer: {tok.vocab_size} tokens from {read} documents in {wall:.1f}s -> {run / 'tokenizer'}")
 
@@ -313,7 +324,11 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     from nanoseek.perf import torch_threads
     from nanoseek.train.loop import hold_stage
 
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ValueError as e:
+        alike_on_every_rank(e)  # (under torchrun, before its process group is joined)
+        raise
     check_out(cfg.out, resume=cfg.resume)  # said now, not once a tokenizer is trained or the data read
     with torch_threads(cfg.threads), hold_stage(cfg.out, "pretrain"):
         return _pretrain(cfg, on_step)
@@ -339,28 +354,22 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
     dist = init_distributed()
     try:
         _check_same_settings(cfg, dist)
-    except ValueError:
+    except ValueError as e:
         # every rank saw the same settings, so every rank is here: leave together (a process exiting
         # with its gloo group alive while the other tears down aborted it now and then)
         destroy_distributed()
+        alike_on_every_rank(e)
         raise
     run = Path(cfg.out)
     config = resolve_config(cfg.preset)
     if cfg.balance_alpha is None:  # the preset's own α (V2's: 0.001, 0.003), as --vocab-size's default
         cfg = replace(cfg, balance_alpha=config.aux_loss_alpha)
-    if cfg.seq_len > config.max_position_embeddings:
-        raise ValueError(
-            f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
-        )
-    if cfg.batch_size % dist.world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {dist.world_size} ranks")
-    # refused now, not once rank 0 has trained a tokenizer (and --ep in one process too, where a dense
-    # model's was ignored without a word)
-    cfg.optim_config().check_world_size(dist.world_size)
-    if cfg.expert_parallel:
-        from nanoseek.train.expert_parallel import check_expert_parallel
-
-        check_expert_parallel(config.n_routed_experts, dist.world_size)
+    try:  # the same settings and world size on every rank: refused alike by all, who leave together
+        _check_world(cfg, config, dist.world_size)
+    except ValueError as e:
+        destroy_distributed()
+        alike_on_every_rank(e)
+        raise
     tok = _tokenizer(cfg, run, cfg.vocab_size or config.vocab_size, dist.is_main, dist)
     config = config.replace(
         vocab_size=tok.vocab_size,
@@ -438,6 +447,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
             preset=str(cfg.preset),
             precision=precision,
             world_size=dist.world_size,
+            nodes=dist.nodes,
             tokens_per_step=cfg.batch_size * cfg.seq_len * cfg.accumulation,
         )
         from nanoseek.accounting import account, count_parameters
@@ -583,6 +593,22 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
         )
     destroy_distributed()
     return path
+
+
+def _check_world(cfg: PretrainConfig, config: Any, world_size: int) -> None:
+    """The settings this model and this many ranks refuse: now, not once rank 0 has trained a tokenizer
+    (and --ep in one process too, where a dense model's was ignored without a word)."""
+    if cfg.seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
+        )
+    if cfg.batch_size % world_size:  # global: every rank takes an equal share
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world_size} ranks")
+    cfg.optim_config().check_world_size(world_size)
+    if cfg.expert_parallel:
+        from nanoseek.train.expert_parallel import check_expert_parallel
+
+        check_expert_parallel(config.n_routed_experts, world_size)
 
 
 def _check_same_settings(cfg: PretrainConfig, dist: Any) -> None:
