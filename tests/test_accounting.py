@@ -373,6 +373,23 @@ def test_output_piped_into_a_reader_that_stops_is_no_traceback(monkeypatch) -> N
         assert main(["cost", "deepseek-v3", "--tokens", "14.8T", "--gpu-hours", "2.788M"]) == 141
 
 
+@pytest.mark.parametrize("argv", [["inspect", "tiny", "--json"], ["inspect", "tiny"], ["--version"]])
+def test_buffered_output_into_a_closed_pipe_is_no_traceback(monkeypatch, argv) -> None:
+    # a pipe's stdout is block-buffered (no PYTHONUNBUFFERED): what print left there was written at the
+    # interpreter's exit, "Exception ignored ... BrokenPipeError" and exit 120; rich's table exited 1
+    import os
+    import sys
+
+    from nanoseek.cli import main
+
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "w") as stream:
+        monkeypatch.setattr(sys, "stdout", stream)
+        assert main(argv) == 141
+        stream.flush()  # all of it written by main: nothing left for the exit to fail on
+
+
 def test_tiny_mtp_flops_and_norms_by_hand() -> None:
     """The tiny preset's figures worked out by hand (h 256, vocab 4096, 4 heads of qk 48 / v 32,
     q_lora 128, kv_lora 64 + rope 16, 16 experts of 128 with top-4 and 1 shared; its MTP depth is a

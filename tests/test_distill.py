@@ -461,7 +461,7 @@ def test_a_student_by_hub_name_resolves_as_the_teacher_does(micro_checkpoint, tm
     "task, teacher_solves", [("arithmetic", True), ("arithmetic", False), ("arithmetic?turn=2", True)]
 )
 def test_distill_data_renders_as_the_student_was_trained(
-    template, task, teacher_solves, micro_checkpoint, tmp_path, monkeypatch
+    template, task, teacher_solves, micro_checkpoint, tmp_path, monkeypatch, capsys
 ) -> None:
     """RUN/distill_data.jsonl, read back by `nanoseek sft --data`, is the traces the student trained on,
     token for token and nothing else, for a teacher whose template opens the think block (R1's) and one
@@ -505,6 +505,8 @@ def test_distill_data_renders_as_the_student_was_trained(
         sft=SFTConfig(init="", steps=1, batch_size=1, seq_len=128, progress=False),
     )
     distill(cfg)
+    # the fallback's warning on stderr, seen where stdout goes to a log file
+    assert ("teacher solved nothing" in capsys.readouterr().err) == (not teacher_solves)
     saved = json.loads((tmp_path / "run" / "distill_traces.json").read_text())
     traces = saved["traces"]
     assert saved["stats"]["kept_traces"] == len(traces)  # the reference solutions, when they stand in

@@ -330,6 +330,22 @@ def test_export_defaults_to_bf16_and_prints_a_command_to_paste(checkpoint, tmp_p
     assert types["token_embd.weight"] == gguf.GGMLQuantizationType.BF16
 
 
+def test_export_into_a_reader_that_stops_writes_the_file(checkpoint, tmp_path, monkeypatch) -> None:
+    """`nanoseek export ... | head -1`: the progress lines went to stdout, the reader closed it after the
+    first, and the next write ended the export before the .gguf was written. Progress is on stderr now."""
+    import os
+    import sys
+
+    ckpt, _, _ = checkpoint
+    out = tmp_path / "m.gguf"
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "w") as stream:
+        monkeypatch.setattr(sys, "stdout", stream)
+        assert main(["export", str(ckpt), "--gguf", str(out)]) == 141  # at the summary, the file written
+    assert gguf.GGUFReader(str(out)).tensors
+
+
 def test_export_reads_a_checkpoint_a_crash_left_aside(checkpoint, tmp_path) -> None:
     """A crash between a save's two renames leaves the last checkpoint aside until the next save; chat,
     serve, eval and load_model read it where it lies, and export said "not a checkpoint directory"."""
@@ -387,7 +403,7 @@ def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
     (tmp_path / "file").write_text("")
     assert main(["export", str(ckpt), "--gguf", str(tmp_path / "file" / "m.gguf")]) == 2
     captured = capsys.readouterr()
-    assert f"{tmp_path / 'file'}: Not a directory" in captured.err and "loading" not in captured.out
+    assert f"{tmp_path / 'file'}: Not a directory" in captured.err and "loading" not in captured.err
     # A tokenizer from before the switch to Qwen2's regex: retrain it.
     old = tmp_path / "old"
     shutil.copytree(ckpt, old)
@@ -436,7 +452,7 @@ def test_a_context_length_past_gguf_s_uint32_is_refused_before_loading(checkpoin
     assert main(["export", str(big), "--gguf", str(tmp_path / "x.gguf")]) == 2
     captured = capsys.readouterr()
     assert (
-        "max_position_embeddings=100000000000 does not fit" in captured.err and "loading" not in captured.out
+        "max_position_embeddings=100000000000 does not fit" in captured.err and "loading" not in captured.err
     )
     assert not (tmp_path / "x.gguf").exists()
     yarn = {"type": "yarn", "factor": 1.0, "original_max_position_embeddings": 2**32}
@@ -480,9 +496,11 @@ def test_export_defaults_warnings_and_tokenizer_refusals(checkpoint, tmp_path, c
         assert main(["export", str(yarn), "--gguf", str(out)]) == 0
     reader = gguf.GGUFReader(str(out))
     assert _fields(reader)["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_BF16)
-    said = capsys.readouterr().out
-    assert f"writing {len(reader.tensors)} tensors (bf16)" in said  # progress, then the summary
-    assert f"{len(reader.tensors)} tensors, bf16, vocab {config['vocab_size']}, pre-tokenizer qwen2" in said
+    said = capsys.readouterr()
+    assert f"writing {len(reader.tensors)} tensors (bf16)" in said.err  # progress, then the summary
+    assert (
+        f"{len(reader.tensors)} tensors, bf16, vocab {config['vocab_size']}, pre-tokenizer qwen2" in said.out
+    )
     with pytest.raises(ValueError, match="--type must be one of f32, f16, bf16, q8_0"):
         export_gguf(ckpt, tmp_path / "x.gguf", type="q4_0")
     # The model's vocabulary exactly the tokenizer's: nothing padded, nothing refused.

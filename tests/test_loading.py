@@ -292,6 +292,75 @@ def test_a_hub_model_in_the_cache_loads_offline(saved, micro_checkpoint, monkeyp
         resolve_checkpoint("someone/micro")
 
 
+def test_a_hub_that_never_answers_is_given_up_on(micro_checkpoint, monkeypatch, tmp_path):
+    """A proxy or firewall that takes the connection and never answers hung a load for good (snapshot_download
+    asks the Hub with no time limit), a cached model's too: after HF_HUB_ETAG_TIMEOUT the cache is read,
+    and a model it lacks is one clear error."""
+    import socket
+    from pathlib import Path
+
+    real_download = huggingface_hub.snapshot_download
+
+    def snapshot_download(repo_id, **kwargs):
+        if not kwargs.get("local_files_only"):
+            pytest.fail("asked the Hub with no time limit: this hangs")
+        return real_download(repo_id, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    hub_cache(monkeypatch, tmp_path / "hub", "someone/micro", sorted(Path(micro_checkpoint).iterdir()))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # connections queue, none is ever answered
+        monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        assert (resolve_checkpoint("someone/micro", tokenizer=True) / "model.safetensors").is_file()
+        with pytest.raises(
+            FileNotFoundError, match=r"offline \(the Hub unreachable: .*not in the Hub's cache"
+        ):
+            resolve_checkpoint("someone/absent")
+
+
+def test_gated_and_private_models_name_the_token(monkeypatch, tmp_path):
+    """A gated model was 'not a model on the Hugging Face Hub (or it is private: log in with `hf auth
+    login`)': it is named gated, with where to accept its terms, and HF_TOKEN, as for a private one."""
+    import http.server
+    import threading
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # the Hub's answers to a request without a token that has access
+            self.send_response(401 if "gated" in self.path else 404)
+            self.send_header("X-Error-Code", "GatedRepo" if "gated" in self.path else "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        with pytest.raises(
+            FileNotFoundError, match=r"someone/gated is a gated model .*someone/gated.*HF_TOKEN"
+        ):
+            resolve_checkpoint("someone/gated")
+        with pytest.raises(
+            FileNotFoundError, match=r"nor a model on the Hugging Face Hub .*private.*HF_TOKEN"
+        ):
+            resolve_checkpoint("someone/private")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_missing_directory_no_hub_name_can_be_is_said_so(capsys):
+    """`ckpt/run--2`, a local directory that is not there, has a Hub name's shape: the error was the Hub's
+    'Cannot have -- or .. in repo_id', without saying there is no such directory."""
+    assert cli(["inspect", "ckpt/run--2"]) == 2
+    assert "ckpt/run--2 is not a local directory, nor a Hub name (" in capsys.readouterr().err
+
+
 def test_an_incomplete_cached_snapshot_is_named_as_such(monkeypatch, tmp_path):
     """Offline, huggingface_hub refuses a snapshot its cached listing shows incomplete: the error says
     so (not that the model is absent from the cache) and where it is."""
@@ -320,7 +389,8 @@ def test_hub_errors_are_caught_where_huggingface_hub_0_24_has_them(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     utils = types.ModuleType("huggingface_hub.utils")  # 0.24's layout, whatever is installed
-    for name in ("HfHubHTTPError", "LocalEntryNotFoundError", "RepositoryNotFoundError"):
+    names = ("GatedRepoError", "HfHubHTTPError", "HFValidationError", "LocalEntryNotFoundError")
+    for name in (*names, "RepositoryNotFoundError"):
         setattr(utils, name, getattr(sys.modules["huggingface_hub.utils"], name))
     monkeypatch.setitem(sys.modules, "huggingface_hub.utils", utils)
     monkeypatch.setitem(sys.modules, "huggingface_hub.errors", types.ModuleType("huggingface_hub.errors"))

@@ -314,6 +314,19 @@ def test_a_path_printed_for_pasting_is_one_argument_of_the_users_shell(monkeypat
     assert shell_quoted(r"C:\my run\final") == r'"C:\my run\final"'
 
 
+def test_a_ctrl_c_while_the_flags_are_parsed_is_no_traceback(monkeypatch, capsys) -> None:
+    """Ctrl-C in the first seconds, while the parsing imports torch (generate's sampling flags): a
+    traceback of the import before; now as one while the command runs, "interrupted" and 130."""
+    from nanoseek.cli import main
+
+    def importing(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("nanoseek.cli.build_parser", importing)
+    assert main(["generate", "ck", "hi"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
 def test_the_cli_exit_status_and_stream_of_each_outcome(monkeypatch, capsys) -> None:
     """What scripts rely on: a KeyError's message on stderr as said (not its repr in quotes), exit 2;
     Ctrl-C exits 130 as a shell reports SIGINT; no command prints the help, exit 0; an unknown flag where

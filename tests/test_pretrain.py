@@ -349,10 +349,11 @@ def test_a_fresh_run_over_an_earlier_ones_checkpoint_says_it_replaces_it(workdir
     first save without a word: it says so at its start, while there is time to stop it."""
     run = tmp_path / "run"
     pretrain(config(workdir, run, steps=2, val_every=0))
-    assert "warning" not in capsys.readouterr().out
+    assert "warning" not in capsys.readouterr().err
     pretrain(config(workdir, run, steps=1, val_every=0))
+    # on stderr, beside the progress bar: seen where stdout goes to a log file
     assert (
-        f"warning: {run / 'pretrain'} holds an earlier run's checkpoint (step 2)" in capsys.readouterr().out
+        f"warning: {run / 'pretrain'} holds an earlier run's checkpoint (step 2)" in capsys.readouterr().err
     )
 
 

@@ -2109,6 +2109,9 @@ def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, caps
     # the banner says what was loaded and how long loading, quantizing and packing took
     banner = [line for line in capsys.readouterr().out.splitlines() if "MTP module, context" in line]
     assert len(banner) == 2 and "float32, int8; ready in " in banner[0] and "float32; ready in " in banner[1]
+    # open to the network without a key: warned on stderr, where stdout (the banner) may go to a log
+    assert main(["serve", str(ckpt), "--port", "0", "--host", "0.0.0.0"]) == 0
+    assert "warning: reachable beyond this machine and no --api-key set" in capsys.readouterr().err
     # a port another server holds is said before the weights load, in one line
     import socket
 

@@ -80,7 +80,7 @@ def test_resuming_a_run_whose_data_another_nanoseek_wrote_is_refused(tmp_path, m
     del settings["data_formats"]
     (tmp_path / "speedrun.json").write_text(json.dumps(settings))
     Speedrun(tmp_path, preset, progress=False)._claim_directory()
-    assert "did not record how it writes its data" in capsys.readouterr().out
+    assert "did not record how it writes its data" in capsys.readouterr().err  # a warning: on stderr
 
 
 @pytest.mark.parametrize(

@@ -760,7 +760,7 @@ def test_cli_encode_text_after_double_dash_and_a_short_vocabulary_note_that_help
     out = tmp_path / "tok"
     assert main(["tokenizer", "train", "--data", str(data), "--vocab-size", "5000", "--out", str(out)]) == 0
     # every document was read (no --max-docs): raising --max-docs cannot help, as the note said it would
-    note = capsys.readouterr().out
+    note = capsys.readouterr().err  # a warning: on stderr, the summary alone on stdout
     assert "note: the corpus supports only" in note and "--max-docs" not in note
     assert (
         main(
@@ -769,7 +769,7 @@ def test_cli_encode_text_after_double_dash_and_a_short_vocabulary_note_that_help
         )
         == 0
     )
-    assert "use more documents (--max-docs)" in capsys.readouterr().out
+    assert "use more documents (--max-docs)" in capsys.readouterr().err
     # "--" lets the text start with a dash after the flags too (was "unrecognized arguments: -- -5")
     assert main(["tokenizer", "encode", str(out), "--bos", "--", "-5"]) == 0
     assert [int(i) for i in capsys.readouterr().out.split()] == load_tokenizer(out).encode("-5", add_bos=True)

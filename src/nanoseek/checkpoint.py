@@ -509,7 +509,13 @@ def _download(repo_id: str, label: str, patterns: tuple[str, ...] = HUB_FILES) -
     # the error classes from huggingface_hub.utils: 0.24 (the declared minimum) has no huggingface_hub.errors
     # versions of them, and later releases still export them there
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     from nanoseek.options import shell_quoted
 
@@ -517,9 +523,13 @@ def _download(repo_id: str, label: str, patterns: tuple[str, ...] = HUB_FILES) -
     include = "" if patterns == HUB_FILES else "".join(f" --include {shell_quoted(p)}" for p in patterns)
     local = "pass a local checkpoint directory instead (on a machine with a network: `hf download "
     local += f"{repo_id}{include} --local-dir DIR`, then copy DIR here)"
-    offline = "offline (no network, the Hub unreachable, or HF_HUB_OFFLINE set)"
+    unreachable = _hub_unreachable(repo_id)
+    offline = unreachable or "offline (no network, the Hub unreachable, or HF_HUB_OFFLINE set)"
+    token = "a token with access to it in HF_TOKEN (or `hf auth login`)"
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
+        # the Hub unreachable: the cache alone, as snapshot_download reads it offline
+        cached = {"local_files_only": True} if unreachable else {}
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns), **cached))
     except LocalEntryNotFoundError as e:
         # Raised offline (HF_HUB_OFFLINE, no network, the Hub unreachable) when the cache lacks it, or
         # (a recent huggingface_hub's IncompleteSnapshotError, with its path) holds only part of it.
@@ -533,15 +543,43 @@ def _download(repo_id: str, label: str, patterns: tuple[str, ...] = HUB_FILES) -
             f"{label} is not a local directory and cannot be downloaded from the Hugging Face Hub: "
             f"{offline} and {where}; {local}"
         ) from None
+    except GatedRepoError:  # a RepositoryNotFoundError too, but the model is there: its access is not
+        raise FileNotFoundError(
+            f"{label} is a gated model on the Hugging Face Hub: accept its terms on "
+            f"{constants.ENDPOINT}/{repo_id} and give {token}"
+        ) from None
     except RepositoryNotFoundError:
         raise FileNotFoundError(
             f"{label} is not a local directory, nor a model on the Hugging Face Hub (or it is private: "
-            "log in with `hf auth login`)"
+            f"give {token})"
         ) from None
     except HfHubHTTPError as e:
         raise FileNotFoundError(
             f"{label}: downloading from the Hugging Face Hub failed ({e}); {local}"
         ) from None
+    except HFValidationError as e:
+        # `ckpt/run--2` (a local directory not there) has a Hub name's shape, but is no name the Hub takes
+        raise FileNotFoundError(f"{label} is not a local directory, nor a Hub name ({e})") from None
+
+
+def _hub_unreachable(repo_id: str) -> str:
+    """Why the Hub did not answer a question about `repo_id` within huggingface_hub's metadata timeout
+    (HF_HUB_ETAG_TIMEOUT), or "" where it answered (an HTTP error is an answer) or HF_HUB_OFFLINE is set.
+    snapshot_download asks it with no time limit: a proxy or firewall that takes the connection and
+    never answers would hang a load, a cached model's too, where a refused one fails at once."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.utils import HfHubHTTPError, HFValidationError
+
+    if constants.HF_HUB_OFFLINE:
+        return ""
+    try:
+        HfApi().repo_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except (HfHubHTTPError, HFValidationError):
+        return ""  # snapshot_download asks again and says what the Hub answered
+    except Exception as e:  # the transport's own errors (requests' or httpx's, by version)
+        reason = str(e).splitlines()[0] if str(e) else ""
+        return f"offline (the Hub unreachable: {type(e).__name__}{': ' + reason if reason else ''})"
+    return ""
 
 
 # --------------------------------------------------------------- loading

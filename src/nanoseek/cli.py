@@ -71,6 +71,26 @@ def _no_abbreviations(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # A pipe's stdout is block-buffered: what `print` left in the buffer was written only at the
+            # interpreter's exit, where a reader gone (`nanoseek inspect tiny --json | head -1`, `--help |
+            # head`) printed "Exception ignored ... BrokenPipeError" and exited 120. Written here instead.
+            if sys.stdout is not None:  # (fd 1 closed: `>&-`)
+                sys.stdout.flush()
+    except BrokenPipeError:  # `nanoseek cost ... | head`: the reader has all it wanted
+        # Python's recipe: point stdout at devnull so the interpreter's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command killed by SIGPIPE
+    except KeyboardInterrupt:  # here, not around the command alone: a Ctrl-C while the parsing loads
+        # torch (`generate`'s sampling flags) printed a traceback of the import
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from nanoseek.perf import threads_within_quota
 
     # before the parsing, which loads torch for some commands' flags (generate's sampling ones), and
@@ -129,13 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"nanoseek {args.command}: {e}; resume with: {_resume_command(argv, args)}", file=sys.stderr
             )
         return e.exit_code  # 130 or 143, as a shell reports the signal: job runners read it
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `nanoseek cost ... | head`: the reader has all it wanted
-        # Python's recipe: point stdout at devnull so the interpreter's final flush cannot fail again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # as a shell reports a command killed by SIGPIPE
+    except BrokenPipeError:
+        raise  # to `main`, not to the OSError below
     except (ValueError, FileNotFoundError, KeyError) as e:
         if getattr(e, "every_rank", False) and os.environ.get("RANK", "0") != "0":
             # rank 0 says it (`alike_on_every_rank`); the others leave quietly, but not at once:

@@ -444,7 +444,8 @@ class Speedrun:
             print(
                 f"warning: {self.run} was started by a nanoseek that did not record how it writes its data; "
                 "if the documents or worked solutions changed since, its later stages train on a format "
-                "its earlier ones never saw"
+                "its earlier ones never saw",
+                file=sys.stderr,  # a warning, with the progress bars: stdout is the run's log of stages
             )
         elif recorded != formats:
             raise ValueError(

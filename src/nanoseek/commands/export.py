@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.export import export_gguf
     from nanoseek.options import shell_quoted
 
-    s = export_gguf(args.checkpoint, args.gguf, type=args.type, progress=print)
+    # progress on stderr, the summary alone on stdout: `nanoseek export ... | head -1` read "loading ...",
+    # and the closed pipe ended the export (BrokenPipeError at the next write) before the file was written
+    s = export_gguf(args.checkpoint, args.gguf, type=args.type, progress=lambda m: print(m, file=sys.stderr))
     print(
         f"wrote {s.path} ({s.bytes / 2**20:.1f} MiB, {s.tensors} tensors, {s.type}, vocab {s.vocab_size}, "
         f"pre-tokenizer {s.pre_tokenizer}); run it with llama.cpp: llama-cli -m {shell_quoted(s.path)}"

@@ -7,6 +7,7 @@ DeepSeek-V3's 671B shape takes a fraction of a second and no memory.
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,7 +71,11 @@ def run(args: argparse.Namespace) -> int:
             human(acc.mtp_params),
             "",
         )
-    console.print(table)
+    # rendered, then printed as every other line: rich's own write ends the process with exit code 1 at a
+    # closed pipe (`nanoseek inspect tiny | head -2`), where every other command exits 141 (`cli.main`)
+    with console.capture() as captured:
+        console.print(table)
+    sys.stdout.write(captured.get())
     ratio = acc.kv_cache_ratio
     # a Llama without grouping (num_key_value_heads = heads) caches what MHA does: not "1.0x more"
     more = "more" if ratio > 1 else "as much"

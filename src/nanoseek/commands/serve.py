@@ -210,7 +210,8 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print("nanoseek serve: warning: reachable beyond this machine and no --api-key set", flush=True)
+        # on stderr, as every warning: seen where stdout (the banner) goes to a log file
+        print("nanoseek serve: warning: reachable beyond this machine and no --api-key set", file=sys.stderr)
     # uvicorn colours its log lines on any terminal: not where the environment refuses colour, as chat
     http = _server(uvicorn.Config(app, log_level="warning", use_colors=False if colors_refused() else None))
     server.engine.on_death = lambda e: setattr(http, "should_exit", True)

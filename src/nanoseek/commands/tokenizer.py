@@ -116,7 +116,8 @@ def run_train(args: argparse.Namespace) -> int:
         )
         print(
             f"note: the corpus supports only {tok.vocab_size} tokens at --min-frequency {args.min_frequency}; "
-            f"use {more} to reach {args.vocab_size}"
+            f"use {more} to reach {args.vocab_size}",
+            file=sys.stderr,  # a warning, as the others: stdout holds the summary line alone
         )
     print(
         f"trained on {chars:,} chars in {elapsed:.1f}s: {tokenizer_summary(tok, held_out)}; "

@@ -1,7 +1,8 @@
 """Prometheus metrics for the server, through `prometheus_client` (one registry per server).
 
 Counters and histograms are updated from the event loop and the engine thread (the client library is
-thread-safe); gauges (running / waiting requests, cache usage) read the engine's snapshot at scrape time.
+thread-safe); gauges (running / waiting requests, cache usage, preemptions, prefix-cache hits, speculative
+acceptance) read the engine's snapshot at scrape time.
 Names follow vLLM's where one exists (`nanoseek:time_to_first_token_seconds`, ...), so existing
 dashboards need only a prefix change.
 """

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -375,7 +376,8 @@ def _sample(
         stats["fallback"] = "reference worked solutions (teacher solved nothing)"
         stats["kept_traces"] = float(len(kept))  # what the student trains on
         print(
-            f"distill: WARNING the teacher solved nothing; training the student on {len(kept)} reference solutions"
+            f"distill: WARNING the teacher solved nothing; training the student on {len(kept)} reference solutions",
+            file=sys.stderr,  # a warning: seen where stdout goes to a log file
         )
     if not kept:
         raise ValueError(

@@ -21,7 +21,7 @@ What is notable here:
   it refuses a resume whose training settings changed, which would continue as another run.
 - `StepLog`, composed beside the Trainer by the stages that want it: progress bar with loss, tokens/s
   and MFU (model FLOPs against the measured matmul peak of the precision in use); metrics.jsonl via
-  `MetricsLog`; optional TensorBoard. GRPO keeps its own per-step record instead.
+  `MetricsLog`; optional TensorBoard. GRPO writes its records through it too, with a bar of its own.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -950,7 +951,8 @@ class Trainer:
         print(
             f"warning: {ckpt} holds an earlier run's checkpoint{step}; this {self.stage} trains from the start "
             "and replaces it at its first save. To continue that one instead, stop this one now with Ctrl-C "
-            "twice (once saves this run over it) and rerun with --resume"
+            "twice (once saves this run over it) and rerun with --resume",
+            file=sys.stderr,  # beside the progress bar: stdout sent to a log file (`> train.log`) hid it
         )
 
     def _check_latest_run(self, ckpt: Path, step: int) -> None:
@@ -1057,8 +1059,6 @@ class Trainer:
 def _say(message: str) -> None:
     """A line on stderr from a signal handler: straight to the file descriptor, since the handler may
     have interrupted a write to the same stream (a progress bar's), which `print` would re-enter."""
-    import sys
-
     # A notebook's stderr (ipykernel's stream, as `progress_bar` tells it) is printed to: its fileno is a
     # copy of the terminal the kernel was started from, not the cell, which never showed the line
     if not type(sys.stderr).__module__.startswith("ipykernel."):
