@@ -402,7 +402,12 @@ class RunMetrics:
         it. Guessed from what was evaluated (SFT where scored, else pretraining), GRPO's gain counted
         SFT's as its own where SFT was trained but not scored, and an R1-Zero run's was read from SFT."""
         init = self.last_event("grpo", "start").get("init")
-        return Path(init).name if isinstance(init, str) and init else None
+        if not isinstance(init, str) or not init:
+            return None
+        # named as `nanoseek eval` names what it scored (`evaluate._outputs`): a directory by its own
+        # name ("RUN/sft": "sft"), a Hub model by its whole one (its last part alone matched no score)
+        scored = {r.get("evaluated") for r in self.records if r.get("stage") == "eval"}
+        return init if init in scored else Path(init).name or None
 
     def model_info(self) -> dict[str, Any]:
         for stage in ("speedrun", "pretrain"):

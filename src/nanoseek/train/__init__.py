@@ -18,7 +18,8 @@ def one_process(what: str, instead: str = "") -> None:
         raise alike_on_every_rank(
             ValueError(
                 f"{what} in one process, but torchrun started {world} (WORLD_SIZE={world}): run it without "
-                f"torchrun (only `nanoseek pretrain` is data-parallel, docs/multinode.md){instead}"
+                f"torchrun (only `nanoseek pretrain` is data-parallel, docs/multinode.md){instead}; in a "
+                "shell that kept a job's WORLD_SIZE (a Kubernetes pod's), `unset WORLD_SIZE` first"
             )
         )
 
