@@ -114,6 +114,25 @@ def test_generate_and_chat_refuse_w8a8_where_it_cannot_run_before_a_hub_download
     assert "quantize='w8a8' needs a PyTorch built with a quantized CPU backend" in capsys.readouterr().err
 
 
+def test_generate_and_chat_refuse_a_device_this_machine_lacks_before_a_hub_download(monkeypatch, capsys):
+    """`--device cuda` on a machine without a GPU (or a typo, `--device cdua`) was said only by the
+    weights' load, after a Hub model's whole download."""
+    import huggingface_hub
+
+    from nanoseek.cli import main
+
+    def fetch(repo_id, **kw):
+        raise AssertionError(f"fetched {repo_id} before checking the flags")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in (["generate", "someone/model", "x"], ["chat", "someone/model"]):
+        assert main([*argv, "--device", "cuda"]) == 2
+        assert "device 'cuda' is not available" in capsys.readouterr().err
+        assert main([*argv, "--device", "cdua"]) == 2
+        assert "device 'cdua'" in capsys.readouterr().err
+
+
 def test_generate_refuses_a_prompt_over_the_context_before_echoing_it(checkpoint, capsys):
     from nanoseek.cli import main
 

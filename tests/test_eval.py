@@ -918,6 +918,28 @@ def test_the_cli_scores_a_checkpoint_on_the_device_and_weights_serve_would_load(
     assert json.loads(out.read_text())["metrics"]["quantize"] == "int8"  # the report says what was scored
 
 
+def test_eval_refuses_a_device_or_w8a8_it_cannot_run_before_a_hub_download(monkeypatch, capsys) -> None:
+    """`eval --quantize w8a8` on a GPU, or a `--device` this machine lacks, downloaded a Hub model's
+    weights, all of them, before either was refused, as generate, chat and serve refuse them first."""
+    import huggingface_hub
+    import torch
+
+    from nanoseek.cli import main as cli
+
+    def fetch(repo_id, **kw):
+        raise AssertionError(f"fetched {repo_id} before checking the flags")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    args = ["eval", "someone/model", "--task", "arithmetic", "--n", "2", "-k", "1", "--no-progress"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli([*args, "--device", "cuda"]) == 2
+    assert "device 'cuda' is not available" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli([*args, "--quantize", "w8a8", "--device", "cuda"]) == 2
+    assert "quantize='w8a8' runs on CPUs" in capsys.readouterr().err
+
+
 def test_a_problem_whose_gold_answer_is_unparseable_is_left_out_of_every_figure(tmp_path) -> None:
     """Of 3 problems, one has a gold answer that is no number: it is counted as skipped and left out of
     pass@1, cons@k and the per-problem scores the report pairs (and of which problems they are)."""

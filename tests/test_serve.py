@@ -2225,6 +2225,22 @@ def test_cli_serve_refuses_w8a8_where_it_cannot_run_before_a_hub_download(monkey
     assert "quantize='w8a8' needs a PyTorch built with a quantized CPU backend" in capsys.readouterr().err
 
 
+def test_cli_serve_refuses_a_device_this_machine_lacks_before_a_hub_download(monkeypatch, capsys):
+    """`serve --device cuda` on a machine without a GPU was said only by the weights' load, after a Hub
+    model's whole download."""
+    import huggingface_hub
+
+    from nanoseek.cli import main
+
+    def fetch(repo_id, **kw):
+        raise AssertionError(f"fetched {repo_id} before checking the flags")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["serve", "someone/model", "--port", "0", "--device", "cuda"]) == 2
+    assert "device 'cuda' is not available" in capsys.readouterr().err
+
+
 def test_cli_serve_defaults_and_flags_reach_the_server(tmp_path, tok, model, monkeypatch, capsys):
     """The defaults --help states, the key from $NANOSEEK_API_KEY, --model-name, --max-queue and
     --max-body-mb reach the server, and the banner names the port the system picked for --port 0."""

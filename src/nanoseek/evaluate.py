@@ -587,6 +587,16 @@ def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
         given = [flag for flag, set_ in unused.items() if set_]
         verb = "applies" if len(given) == 1 else "apply"
         raise ValueError(f"{' and '.join(given)} {verb} only to {applies}, not to {cfg.model}")
+    if not cfg.model.startswith(("http://", "https://")) and (cfg.device or cfg.quantize):
+        # a device this machine lacks, or w8a8 off a CPU: said now, as generate and serve say them, not
+        # after a Hub name's whole download
+        from nanoseek.checkpoint import resolve_device
+        from nanoseek.engine.quantize import check_quantize_device
+        from nanoseek.perf import default_device
+
+        device = resolve_device(cfg.device or default_device())
+        if cfg.quantize:
+            check_quantize_device(cfg.quantize, device)
     if cfg.out and Path(cfg.out).is_dir():  # said now, not once every sample is drawn
         raise ValueError(
             f"--out {cfg.out} is a directory: it takes the report's file, such as "

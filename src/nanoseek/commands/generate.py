@@ -114,9 +114,10 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
     from nanoseek.perf import default_device
     from nanoseek.tokenizer import checkpoint_tokenizer
 
-    device = args.device or default_device()
-    if args.quantize:  # w8a8 off a CPU: said before a Hub name's download, not after it
-        check_quantize_device(args.quantize, resolve_device(device))
+    # a device this machine lacks, w8a8 off a CPU: said before a Hub name's download, not after it
+    device = resolve_device(args.device or default_device())
+    if args.quantize:
+        check_quantize_device(args.quantize, device)
     directory = resolve_checkpoint(args.dir, tokenizer=True)
     tokenizer = checkpoint_tokenizer(directory)  # one from another model: said before the weights load
     # the sampling the flags and the checkpoint's generation_config.json make, refused before the weights

@@ -149,9 +149,11 @@ def _serve(args: argparse.Namespace) -> int:
             "--api-key (or $NANOSEEK_API_KEY) must be printable ASCII with no space or control character "
             "at either end: HTTP clients send it in a header"
         )
-    device = args.device or default_device()
-    if args.quantize:  # w8a8 off a CPU (a GPU is the default device where there is one): said now
-        check_quantize_device(args.quantize, resolve_device(device))
+    # a device this machine lacks, w8a8 off a CPU (a GPU is the default device where there is one):
+    # said now, not after a Hub name's download
+    device = resolve_device(args.device or default_device())
+    if args.quantize:
+        check_quantize_device(args.quantize, device)
     sock = _listen(args.host, args.port)  # a busy port is said now, not after loading the weights
     port = sock.getsockname()[1]  # --port 0: the one the system picked
     try:

@@ -350,8 +350,8 @@ class Server:
             )
         if max_tokens is not None:
             return max_tokens
-        # left out: the checkpoint's generation_config.json max_new_tokens where it names one, as vLLM's
-        # server reads it, within the room the context leaves
+        # left out: the checkpoint's generation_config.json max_new_tokens where it names one, within the
+        # room the context leaves (vLLM also caps a given max_tokens by it: a value asked for wins here)
         return min(self.config.sampling_defaults.get("max_new_tokens", ctx), ctx - prompt_len)
 
     def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
