@@ -521,6 +521,25 @@ def test_preloaded_module_is_imported_before_the_hook():
     assert r.stdout == "loaded\n" and "sandbox: ctypes.dlsym is not allowed" in _last_err(r)
 
 
+def test_runs_at_a_time_are_no_more_than_the_usable_cpus(monkeypatch):
+    """The runs at a time were counted from os.cpu_count(), a container's host's CPUs: 8 at once on its 2
+    each took 4x their time, and right answers ran out their wall clocks (scored 0)."""
+    import nanoseek.perf
+
+    monkeypatch.setattr(nanoseek.perf, "usable_cpus", lambda: 1)
+    code = """import os, sys, time
+i = sys.argv[1]
+open("run" + i, "w").close()
+waited = time.monotonic() + 0.5  # for a run beside it to start
+while time.monotonic() < waited and len(os.listdir(".")) < 2:
+    time.sleep(0.01)
+print(i, len(os.listdir(".")))
+os.remove("run" + i)
+"""
+    r = run_python(code, config=FAST, secret="k", runs=2)
+    assert r.stdout.splitlines() == ["0 1", "1 1"]
+
+
 def test_runs_are_fresh_forks_with_their_own_limits():
     """``runs``: the code once per run, each in a fresh fork of the process that imported the preload (the
     reasoning-gym scorer child: an answer that patched a module scored every later one in its child).

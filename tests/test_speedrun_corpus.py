@@ -630,6 +630,38 @@ def test_a_family_registered_unimportably_keeps_every_stage_in_the_runs_process(
         get_task.cache_clear()
 
 
+def test_a_family_defined_under_a_scripts_main_guard_keeps_every_stage_in_the_runs_process(
+    tmp_path, monkeypatch
+):
+    """A spawned process runs the script again without its `__main__` guard: a task class defined under
+    it pickled by name here and was not found there, and the evaluation's pool broke ("terminated
+    abruptly") after the whole run's training. One defined at the script's top level still goes."""
+    import sys
+    import types
+
+    from nanoseek.data.tasks import TASKS, SortingTask, get_task, register_task
+
+    monkeypatch.setattr("torch.get_num_threads", lambda: 2)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setitem(TASKS, "mine", SortingTask)
+    script = tmp_path / "train.py"
+    script.write_text(
+        "from nanoseek.data.tasks import SortingTask\n\n"
+        "class Top(SortingTask):\n    pass\n\n"
+        'if __name__ == "__main__":\n\n    class Guarded(SortingTask):\n        pass\n'
+    )
+    main = types.ModuleType("__main__")
+    main.__file__ = str(script)
+    exec(compile(script.read_text(), str(script), "exec"), main.__dict__)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    try:
+        for factory, overlaps in ((main.Guarded, False), (main.Top, True)):
+            register_task("mine", factory)
+            assert Speedrun(tmp_path / "run", PRESETS["smoke"], progress=False).overlaps() is overlaps
+    finally:
+        get_task.cache_clear()
+
+
 def test_a_sigterm_between_a_speedruns_training_steps_unwinds_as_ctrl_c_does(tmp_path):
     """`nanoseek speedrun` left SIGTERM as it was outside its training loops: one in its evaluation,
     distillation's sampling or a stage's loading ended the process where it stood, without a word (a

@@ -1231,6 +1231,40 @@ def test_reasoning_gym_answer_that_hangs_its_scorer_scores_zero_and_the_rest_are
     assert score_pairs(lambda prob, text: task.verify(prob, text), [p, p], texts) == [0.0, 1.0]
 
 
+def test_reasoning_gym_right_answer_whose_run_ran_out_of_its_clock_is_scored_again(monkeypatch):
+    """Each answer's run has a wall clock (2 s), which on a loaded machine runs out while a right answer
+    waits for a CPU: it scored 0, and where the first run's ran out before it wrote "ready", the batch's
+    scoring raised (a training step failed). Such runs are tried once more, with longer clocks."""
+    from nanoseek.data import sandbox
+    from nanoseek.data.tasks import adapters
+
+    task = get_task("rg:binary_matrix")
+    p, q = task.problems("train", 2, seed=0)
+    jobs = [(p.answer, p.meta["entry"]), (q.answer, q.meta["entry"]), ("[[0]]", p.meta["entry"])]
+    real, calls = sandbox.run_python, []
+
+    def starved(killed):  # the first child: the runs in `killed` ran out of their clocks, the others scored
+        def fake(code, secret="", **kw):
+            calls.append(kw)
+            if len(calls) > 1:
+                return real(code, secret=secret, **kw)
+            lines = ["ready"] if 0 not in killed else []
+            for i, (answer, entry) in enumerate(jobs):
+                if i not in killed:
+                    line = f"{i} {float(answer == entry['answer'])!r}"
+                    lines.append(f"{line} {adapters._rg_mac(secret, line)}")
+            stderr = "".join(f"sandbox: run {i} timed out\n" for i in killed)
+            return sandbox.SandboxResult(0, "".join(f"{line}\n" for line in lines), stderr, False, 1.0)
+
+        return fake
+
+    for killed in ({1}, {0, 2}):
+        calls.clear()
+        monkeypatch.setattr(sandbox, "run_python", starved(killed))
+        assert adapters._rg_score_sandboxed(task.dataset, task.config, jobs) == [1.0, 1.0, 0.0]
+        assert calls[1]["timeout"] > calls[0]["timeout"]
+
+
 def test_reasoning_gym_split_ignores_the_difficulty_it_was_drawn_at():
     """The same problem drawn under another config (difficulty, draw index) is on the same side."""
     from nanoseek.data.tasks.adapters import _rg_canonical

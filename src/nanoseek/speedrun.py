@@ -1153,7 +1153,10 @@ def _carried_tasks() -> dict[str, Any] | None:
     """The families registered in this process (`register_task`), which a spawned process does not
     have: it starts from the built-in ones (a notebook's registrations, or a script's under its
     `__main__` guard, are not run there). None where one cannot be sent: a lambda or a local function
-    does not pickle, and a notebook's class (a `__main__` without a file) is not found there."""
+    does not pickle, and a notebook's class (a `__main__` without a file) is not found there, nor a
+    script's defined under its `__main__` guard (or any block: indented), which a spawned process leaves
+    out when it runs the script again."""
+    import inspect
     import pickle
 
     from nanoseek.data.tasks import registered_tasks
@@ -1161,8 +1164,15 @@ def _carried_tasks() -> dict[str, Any] | None:
     tasks = registered_tasks()
     for factory in tasks.values():
         module = sys.modules.get(getattr(factory, "__module__", None) or "")
-        if module is not None and module.__name__ == "__main__" and not getattr(module, "__file__", None):
-            return None
+        if module is not None and module.__name__ == "__main__":
+            if not getattr(module, "__file__", None):
+                return None
+            # pickled by name, it broke the evaluation's pool (and a stage's process) at its first task
+            try:
+                if inspect.getsourcelines(factory)[0][0][:1].isspace():
+                    return None
+            except (OSError, TypeError):
+                return None
         try:
             pickle.dumps(factory)
         except (pickle.PicklingError, AttributeError, TypeError):

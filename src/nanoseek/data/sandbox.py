@@ -39,7 +39,7 @@ NOBODY = 65534
 # The trusted prologue, run with `python -I -c`.
 # argv: code path, memory bytes (0: none), cpu s, fsize bytes, drop to nobody (0/1), tests path ("" = none),
 # modules to import before the limits and the hook (comma-separated, "" = none), runs (0: the code once, in
-# this process; n: n forks, see _zygote), a run's wall clock in seconds (with runs).
+# this process; n: n forks, see _zygote), a run's wall clock in seconds and how many run at a time (with runs).
 # With tests, stdin's first line is a nonce printed only after the tests ran to the end.
 _RUNNER = r"""
 import builtins, os, posixpath, resource, stat, sys, types
@@ -207,7 +207,7 @@ def _main():
         __import__(name)
     limits = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
     if forks:
-        _zygote(src, limits, forks, float(sys.argv[9]), _exec, _compile, _exit, _report,
+        _zygote(src, limits, forks, float(sys.argv[9]), int(sys.argv[10]), _exec, _compile, _exit, _report,
                 (_flush, sys.stderr.flush))
         return
     _install(*limits)
@@ -236,7 +236,7 @@ def _main():
         _write("\n" + nonce + "\n")
         _flush()
 
-def _zygote(src, limits, forks, timeout, _exec, _compile, _exit, _report, _flushes):
+def _zygote(src, limits, forks, timeout, width, _exec, _compile, _exit, _report, _flushes):
     # Runs no untrusted code: forks a fresh child per run before the limits and the hook (which refuse
     # forks) go on in that child, so what one run changes in its interpreter (a scorer's code, a module)
     # no later run sees; the expensive preload was imported once, above. A few runs at a time (a fork of
@@ -247,7 +247,6 @@ def _zygote(src, limits, forks, timeout, _exec, _compile, _exit, _report, _flush
     # of a run's stdout, its first and last bytes, its share of the output cap (the trainer reads no more
     # than that): one that floods it crowds out no other
     keep = max(64, (limits[2] // forks - 1) // 2)
-    width = max(1, min(forks, 8, os.cpu_count() or 1))
     running, outputs, started, written = [], {}, 0, 0
 
     def start(i):
@@ -431,6 +430,8 @@ def run_python(
     (its share of ``max_output_bytes``) and ending a line, the stderr theirs together; ``returncode`` is
     the whole process's, not a run's.
     """
+    from nanoseek.perf import usable_cpus
+
     cfg = replace(config or SandboxConfig(), **overrides)
     if sys.platform == "win32":  # no resource limits, process groups or audit-hooked fork to build on
         # (said so for reasoning-gym's scorers too, which run here: "code tasks" misled their users)
@@ -453,6 +454,9 @@ def run_python(
     # macOS refuses any address-space cap (setrlimit: EINVAL, a ValueError in every run: all code failed
     # its tests) and would not enforce one
     mem = 0 if sys.platform == "darwin" else cfg.memory_mb << 20
+    # runs at a time: no more than the CPUs this process may use (os.cpu_count() counts a container's
+    # host: 8 runs at once on its 2 CPUs had a quarter of one each, and right answers ran out their clocks)
+    width = max(1, min(runs, 8, usable_cpus())) if runs else 0
     with tempfile.TemporaryDirectory(prefix="nanoseek-sandbox-", ignore_cleanup_errors=True) as tmp:
         base = Path(tmp)
         work = base / "work"
@@ -478,7 +482,7 @@ def run_python(
             *prefix, sys.executable, "-I", "-c", _RUNNER, str(code_path),
             str(mem), str(cpu), str(cfg.max_output_bytes), "1" if drop else "0",
             str(base / "tests.py") if tests is not None else "", ",".join(preload),
-            str(runs), str(cfg.timeout),
+            str(runs), str(cfg.timeout), str(width),
         ]  # fmt: skip
         t0 = time.perf_counter()
         with (

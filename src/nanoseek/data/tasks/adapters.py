@@ -338,11 +338,13 @@ _RG_PER_ANSWER = 2.0  # an answer's own wall clock (and CPU seconds): one that h
 _RG_CHUNK = 256
 
 
-def _rg_score_sandboxed(dataset: str, config: dict[str, Any], jobs: list[tuple[str, dict]]) -> list[float]:
+def _rg_score_sandboxed(
+    dataset: str, config: dict[str, Any], jobs: list[tuple[str, dict]], retried: bool = False
+) -> list[float]:
     """``score_answer(answer, entry)`` for each job, in ``sandbox.run_python`` (limits, an audit hook that
     refuses processes, sockets and writes, a timeout), reasoning-gym imported before its hook, each answer in
     a fork of its own (``runs``). An answer that hangs, crashes or exits its fork scores 0; the others are
-    still scored."""
+    still scored. ``retried``: the second try of answers whose runs wrote no score, with 4x the clocks."""
     import base64
     import pickle
 
@@ -352,10 +354,11 @@ def _rg_score_sandboxed(dataset: str, config: dict[str, Any], jobs: list[tuple[s
         return [
             s
             for at in range(0, len(jobs), _RG_CHUNK)
-            for s in _rg_score_sandboxed(dataset, config, jobs[at : at + _RG_CHUNK])
+            for s in _rg_score_sandboxed(dataset, config, jobs[at : at + _RG_CHUNK], retried)
         ]
     scores = [0.0] * len(jobs)
-    start, retried = 0, False
+    scored: set[int] = set()
+    start = 0
     while start < len(jobs):
         data = base64.b64encode(pickle.dumps((dataset, dict(config), jobs, start))).decode()
         key = secrets.token_hex(32)  # a fresh one per child: a line from an earlier child's stdout is no good
@@ -364,17 +367,22 @@ def _rg_score_sandboxed(dataset: str, config: dict[str, Any], jobs: list[tuple[s
             preload=("reasoning_gym",),
             secret=key,
             runs=len(jobs) - start,
-            timeout=_RG_PER_ANSWER,
-            total_timeout=_RG_CHILD_TIMEOUT * (1 + 3 * retried) + _RG_PER_ANSWER * (len(jobs) - start),
+            timeout=_RG_PER_ANSWER * (1 + 3 * retried),
+            # the CPU time an answer may take stays: on a loaded machine its wall clock is what runs out
+            cpu_seconds=math.ceil(_RG_PER_ANSWER),
+            total_timeout=(_RG_CHILD_TIMEOUT + _RG_PER_ANSWER * (len(jobs) - start)) * (1 + 3 * retried),
             memory_mb=1024,
         )
         lines = r.stdout.splitlines()
         if lines[:1] != ["ready"]:  # not the answers' doing: the child did not get as far as the first
-            if not r.timed_out or retried:
+            # a loaded machine: reasoning-gym's import took the time, or the first run's clock ran out before
+            # it wrote "ready" (the others' scores came back; a training step failed on them)
+            slow = r.timed_out or "sandbox: run 0 timed out" in r.stderr
+            if not slow or retried:
                 raise RuntimeError(
                     f"reasoning-gym's {dataset} scorer failed in the sandbox: {r.stderr[-2000:]}"
                 )
-            retried = True  # a loaded machine: reasoning-gym's import took the time
+            retried = True
             continue
         nxt = start
         for line in lines[1:]:  # in order: an answer's own line comes after what it wrote
@@ -390,10 +398,19 @@ def _rg_score_sandboxed(dataset: str, config: dict[str, Any], jobs: list[tuple[s
                 scores[int(i)] = min(max(float(s), 0.0), 1.0) if math.isfinite(float(s)) else 0.0
             except ValueError:
                 break
+            scored.add(int(i))
             nxt = int(i) + 1  # the answers it skipped hung or crashed their runs: 0
         if nxt >= len(jobs) or (r.returncode == 0 and not r.timed_out):
             break  # every answer had its run
         start = nxt + 1  # the answer the child was on when it died or timed out scores 0
+    # A run that wrote no score was killed: by its CPU limit (a hang), or by its wall clock, which on a
+    # loaded machine runs out while a right answer waits for a CPU (it scored 0): those once more, in a
+    # child with 4x the clocks. The CPU limit stays, so a hang costs its CPU time twice, no more.
+    missed = [i for i in range(len(jobs)) if i not in scored]
+    if missed and not retried:  # (not already tried with those: a slow import's retry)
+        found = _rg_score_sandboxed(dataset, config, [jobs[i] for i in missed], retried=True)
+        for i, s in zip(missed, found, strict=True):
+            scores[i] = s
     return scores
 
 
