@@ -113,7 +113,7 @@ def test_save_world_1_load_world_2_save_load_world_1_export(tmp_path) -> None:
 
 def test_dcp_errors_name_the_problem(tmp_path) -> None:
     from nanoseek.model.transformer import DeepSeekV3
-    from nanoseek.train.dcp import export_hf, load_dcp, save_dcp
+    from nanoseek.train.dcp import export_hf, is_dcp_checkpoint, load_dcp, save_dcp
 
     with pytest.raises(FileNotFoundError, match="not a torch.distributed.checkpoint"):
         export_hf(tmp_path, tmp_path / "out")
@@ -131,6 +131,10 @@ def test_dcp_errors_name_the_problem(tmp_path) -> None:
         ValueError, match=r"could not load .* RuntimeError: Missing key .*optim\.param_groups"
     ):
         load_dcp(same, tmp_path / "ckpt", torch.optim.AdamW(same.parameters()))  # saved without one
+    # out_dir naming the DCP checkpoint itself: refused, the shards (and a run's optimizer state) kept
+    with pytest.raises(ValueError, match="is the DCP checkpoint being exported"):
+        export_hf(tmp_path / "ckpt", tmp_path / "ckpt")
+    assert is_dcp_checkpoint(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "config.json").unlink()  # a DCP checkpoint another tool wrote
     narrower = DeepSeekV3.build(micro_model().config.replace(moe_intermediate_size=8))
     with pytest.raises(

@@ -359,6 +359,24 @@ def test_export_reads_a_checkpoint_a_crash_left_aside(checkpoint, tmp_path) -> N
     assert _fields(gguf.GGUFReader(str(tmp_path / "x.gguf")))["general.name"] == "final"
 
 
+def test_export_fetches_a_hub_name_as_every_command_does(checkpoint, tmp_path, monkeypatch) -> None:
+    """`nanoseek export owner/name --gguf x.gguf` said "not a checkpoint directory": export read local
+    paths only, where chat, serve, generate and load_model fetch a Hub name through huggingface_hub."""
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append(repo_id)
+        return str(checkpoint[0])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "someone/tiny-r1", "--gguf", "x.gguf", "--type", "f32"]) == 0
+    assert calls == ["someone/tiny-r1"]
+    assert _fields(gguf.GGUFReader("x.gguf"))["general.name"] == "tiny-r1"
+
+
 def test_the_checkpoints_sampling_defaults_go_in_as_llama_cpps_keys(
     checkpoint, tmp_path, monkeypatch
 ) -> None:
@@ -399,6 +417,11 @@ def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
     (tmp_path / "outdir").mkdir()
     assert main(["export", str(ckpt), "--gguf", str(tmp_path / "outdir")]) == 2
     assert "is a directory" in capsys.readouterr().err and not list(tmp_path.glob(".*tmp*"))
+    # --gguf naming one of the checkpoint's own files: refused before it is replaced (the weights were lost)
+    for own in ("model.safetensors", "config.json"):
+        before = (ckpt / own).read_bytes()
+        assert main(["export", str(ckpt), "--gguf", str(ckpt / own)]) == 2
+        assert "a file of the checkpoint" in capsys.readouterr().err and (ckpt / own).read_bytes() == before
     # --gguf under a file (or on a read-only disk): said before the model is loaded and converted
     (tmp_path / "file").write_text("")
     assert main(["export", str(ckpt), "--gguf", str(tmp_path / "file" / "m.gguf")]) == 2

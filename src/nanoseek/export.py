@@ -163,7 +163,13 @@ def export_gguf(
     say = progress or (lambda _msg: None)
     if type not in GGUF_TYPES:
         raise ValueError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {type!r}")
-    src = directory_to_read(Path(checkpoint).expanduser())  # as load_model reads it: `~`, a copy left aside
+    from nanoseek.checkpoint import is_hub_name, resolve_checkpoint
+
+    # a Hub name fetched as every other command fetches it (it was "not a checkpoint directory")
+    if is_hub_name(checkpoint):
+        src = resolve_checkpoint(checkpoint)
+    else:  # as load_model reads it: `~`, a copy left aside
+        src = directory_to_read(Path(checkpoint).expanduser())
     if not src.is_dir() or not (src / "config.json").exists():
         raise ValueError(
             f"{src} is not a checkpoint directory (expected config.json, model.safetensors and "
@@ -173,6 +179,13 @@ def export_gguf(
     if path.is_dir():
         raise ValueError(
             f"{path} is a directory: --gguf takes the file to write, such as {path / 'model.gguf'}"
+        )
+    # --gguf naming one of the checkpoint's own files (model.safetensors, config.json, a shard): the
+    # export read the weights, then replaced that file with the GGUF, and the checkpoint was lost
+    if path.exists() and path.suffix != ".gguf" and path.resolve().parent == src.resolve():
+        raise ValueError(
+            f"--gguf {path} is a file of the checkpoint being exported, which the export would replace: "
+            f"name a new file, such as {path.parent / 'model.gguf'}"
         )
     check_writable(path.parent)  # a read-only disk: said now, not once every tensor is converted
     # The model first: a family llama.cpp's deepseek2 cannot run is refused as such, whatever its tokenizer.

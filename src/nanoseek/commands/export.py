@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "nanoseek trains today (llama.cpp's 'qwen2'); older runs retrain their tokenizer."
         ),
     )
-    p.add_argument("checkpoint", type=path, help="checkpoint directory, e.g. RUN/final")
+    p.add_argument(
+        "checkpoint", type=path, help="checkpoint directory (e.g. RUN/final) or Hugging Face Hub name"
+    )
     p.add_argument("--gguf", required=True, type=path, metavar="OUT", help="the .gguf file to write")
     p.add_argument(
         "--type",

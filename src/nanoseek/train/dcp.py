@@ -196,6 +196,13 @@ def export_hf(
         raise FileNotFoundError(f"{src} is not a torch.distributed.checkpoint directory (no {METADATA})")
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"{src} has no config.json: it was not written by nanoseek's save_dcp")
+    # out_dir == dcp_dir replaced the DCP checkpoint, and the optimizer state a --resume reads, with
+    # the HF copy
+    if Path(out_dir).resolve() in (src.resolve(), Path(dcp_dir).resolve()):
+        raise ValueError(
+            f"export_hf: out_dir {out_dir} is the DCP checkpoint being exported, which the export would "
+            "replace (its optimizer state with it): name another directory"
+        )
     config = ModelConfig.load(src)
     model = DeepSeekV3.build(config)
     state = model.state_dict()
