@@ -1297,3 +1297,120 @@ def test_a_config_whose_bos_token_is_null_puts_nothing_before_a_prompt(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert tok.add_bos_token is False
     assert tok.encode("hi there", add_bos=tok.add_bos_token) == hf("hi there").input_ids
+
+
+def test_enable_thinking_is_taken_as_transformers_takes_it(tok: Tokenizer, tmp_path: Path) -> None:
+    """`enable_thinking=False` (vLLM's and Qwen3's name, what transformers passes to any template) was a
+    TypeError here; it is the same switch as `thinking`, which wins where both are given, as in the
+    template."""
+    from transformers import AutoTokenizer
+
+    tok.save(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    msgs = CONVERSATIONS[0]
+    for kw in (
+        {"enable_thinking": False},
+        {"enable_thinking": True},
+        {"thinking": True, "enable_thinking": False},
+    ):
+        theirs = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, **kw)
+        theirs = list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs)
+        assert tok.apply_chat_template(msgs, tokenize=True, **kw) == theirs, kw
+    assert tok.apply_chat_template(msgs, enable_thinking=False) == tok.apply_chat_template(
+        msgs, thinking=False
+    )
+    # another family's template (Qwen3's switch) reads it too
+    qwen3 = Tokenizer(
+        tok.backend,
+        chat_template="{% if enable_thinking is defined and enable_thinking is false %}no-think{% endif %}",
+    )
+    assert qwen3.apply_chat_template(msgs, enable_thinking=False) == "no-think"
+    assert qwen3.apply_chat_template(msgs) == ""
+
+
+# Llama-3.1-Instruct's tokenizer_config.json chat template, its message loop (tool calls, tool results)
+LLAMA31_TURNS = (
+    "{{- bos_token }}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}\n"
+    "        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n"
+    "    {%- elif 'tool_calls' in message %}\n"
+    "        {%- if not message.tool_calls|length == 1 %}\n"
+    '            {{- raise_exception("This model only supports single tool-calls at once!") }}\n'
+    "        {%- endif %}\n"
+    "        {%- set tool_call = message.tool_calls[0].function %}\n"
+    "        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
+    "        {{- '{\"name\": \"' + tool_call.name + '\", ' }}\n"
+    "        {{- '\"parameters\": ' }}\n"
+    "        {{- tool_call.arguments | tojson }}\n"
+    '        {{- "}" }}\n'
+    '        {{- "<|eot_id|>" }}\n'
+    '    {%- elif message.role == "tool" or message.role == "ipython" %}\n'
+    '        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}\n'
+    "        {{- message.content | tojson }}\n"
+    '        {{- "<|eot_id|>" }}\n'
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+
+def test_null_message_fields_render_as_in_transformers(tmp_path: Path) -> None:
+    """A message's null fields are left out, as transformers leaves them out: chats saved with the OpenAI
+    SDK's model_dump carry `"tool_calls": null` on every answer, and Llama 3.1's template (which asks
+    `'tool_calls' in message`) failed on them with "object of type 'NoneType' has no len()"."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    words = ["user", "assistant", "ipython", "hi", "hello", "[UNK]"]
+    backend = Backend(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(specials)
+    backend.save(str(tmp_path / "tokenizer.json"))
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA31_TURNS}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+    msgs = [
+        {"role": "user", "content": "hi", "name": None},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "hello"},
+        {"role": "assistant", "content": "hello", "tool_calls": None, "refusal": None},
+        {"role": "user", "content": "hi"},
+    ]
+    theirs = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=False
+    )
+    assert load_tokenizer(tmp_path).apply_chat_template(msgs) == theirs
+    assert "hello<|eot_id|><|start_header_id|>user" in theirs
+
+
+def test_a_null_bos_token_gives_a_chat_template_none_and_is_saved_null(tmp_path: Path) -> None:
+    """Qwen2.5's `"bos_token": null`: transformers gives a template no `bos_token`, so `{{ bos_token }}`
+    renders nothing; nanoseek gave it the <|endoftext|> it falls back on (a token in front of every
+    prompt), and saved that fallback as the BOS, so the checkpoint it wrote rendered it in transformers too."""
+    from transformers import AutoTokenizer
+
+    from model_configs import CHATML, chatml_tokenizer
+
+    chatml_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ bos_token }}" + CHATML
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    msgs = [{"role": "user", "content": "hi"}]
+    theirs = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=False
+    )
+    tok = load_tokenizer(tmp_path)
+    assert (
+        tok.apply_chat_template(msgs) == theirs == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    out = tmp_path / "saved"
+    out.mkdir()
+    tok.save(out)
+    assert json.loads((out / "tokenizer_config.json").read_text())["bos_token"] is None
+    assert load_tokenizer(out).apply_chat_template(msgs) == theirs
+    assert AutoTokenizer.from_pretrained(out).apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == theirs  # fmt: skip

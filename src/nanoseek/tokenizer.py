@@ -399,6 +399,11 @@ class Tokenizer:
             bos_token = eos_token
         if bos_token == eos_token or (not named and bos_token == "<|endoftext|>"):
             self.add_bos_token = False
+        # the BOS the config names, None where it says `"bos_token": null` (Qwen2.5's): transformers gives a
+        # chat template none (`{{ bos_token }}` rendered the end-of-text token here), and a save keeps the null
+        self.named_bos_token: str | None = (
+            None if "bos_token" in self.config and self.config["bos_token"] is None else bos_token
+        )
         pad_token = pad_token if pad_token in vocab else (PAD if PAD in vocab else eos_token)
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.bos_token_id: int = vocab[bos_token]
@@ -504,7 +509,8 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tokenize: Literal[False] = False,
         *,
-        thinking: bool = True,
+        thinking: bool | None = None,
+        enable_thinking: bool | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
     ) -> str: ...
 
@@ -515,7 +521,8 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tokenize: Literal[True] = ...,
         *,
-        thinking: bool = True,
+        thinking: bool | None = None,
+        enable_thinking: bool | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
     ) -> list[int]: ...
 
@@ -526,7 +533,8 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tokenize: bool = ...,
         *,
-        thinking: bool = True,
+        thinking: bool | None = None,
+        enable_thinking: bool | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
     ) -> str | list[int]: ...
 
@@ -536,15 +544,19 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tokenize: bool = False,
         *,
-        thinking: bool = True,
+        thinking: bool | None = None,
+        enable_thinking: bool | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
     ) -> str | list[int]:
         """Render a conversation as the model's prompt (the template already holds BOS).
 
-        `thinking=False` is V3.1's non-thinking mode; `tools` are OpenAI function tools. Tool use (tools,
-        assistant `tool_calls`, `tool` messages) in R1's template needs the tool-call tokens in the
-        vocabulary; another family's template renders them its own way.
+        `thinking=False` is V3.1's non-thinking mode (`enable_thinking`, vLLM's and Qwen3's name, is the same
+        switch; `thinking` wins where both are given, as in the template); on by default. `tools` are OpenAI
+        function tools. Tool use (tools, assistant `tool_calls`, `tool` messages) in R1's template needs the
+        tool-call tokens in the vocabulary; another family's template renders them its own way.
         """
+        # transformers passes any keyword to the template: `enable_thinking=False` was a TypeError here
+        thinking = thinking if thinking is not None else enable_thinking is not False
         # DeepSeek's tool markup is R1's template's; another family's template writes its own (Qwen2.5's
         # <tool_call> text), which needs no such tokens
         if self.chat_template == R1_CHAT_TEMPLATE and (
@@ -557,11 +569,19 @@ class Tokenizer:
                 messages, self.bos_token, add_generation_prompt, thinking=thinking, tools=tools
             )
         else:  # a template shipped with someone else's tokenizer: run it the way transformers does
+            # transformers drops a message's null fields (the OpenAI SDK's model_dump writes "tool_calls":
+            # null): Llama 3.1's template reads `'tool_calls' in message` and failed on them. A null content
+            # stays, which R1-Distill's template tests (`content is none`) for a turn of tool calls alone.
+            messages = [
+                {k: v for k, v in m.items() if v is not None or k == "content"} if isinstance(m, dict) else m
+                for m in messages
+            ]
+            bos = {} if self.named_bos_token is None else {"bos_token": self.named_bos_token}
             text = _render_jinja(
                 self.chat_template,
-                messages=list(messages),
+                messages=messages,
                 add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
+                **bos,
                 eos_token=self.eos_token,
                 pad_token=self.pad_token,
                 tools=list(tools) if tools else None,
@@ -596,7 +616,7 @@ class Tokenizer:
         config.update(
             {
                 "tokenizer_class": config.get("tokenizer_class", "PreTrainedTokenizerFast"),
-                "bos_token": self.bos_token,
+                "bos_token": self.named_bos_token,
                 "eos_token": self.eos_token,
                 "pad_token": self.pad_token,
                 "add_bos_token": self.add_bos_token,
