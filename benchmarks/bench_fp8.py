@@ -105,7 +105,13 @@ def main() -> None:
         p.error("--steps must be >= 10 (the final loss is a mean over the last 10 steps)")
     torch.set_num_threads(args.threads)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from nanoseek.checkpoint import resolve_device
+    from nanoseek.perf import default_device
+
+    try:  # `--device cuda` without a GPU: a usage error, not torch's AssertionError after the build
+        device = resolve_device(args.device or default_device())
+    except ValueError as e:
+        p.error(str(e))
     cfg = get_preset(args.preset).replace(num_nextn_predict_layers=0)
     base = DeepSeekV3.build(cfg, device=device).init_weights(args.seed)
     batches = list(markov_stream(cfg.vocab_size, args.batch, args.seq, args.steps, args.seed + 1))

@@ -528,3 +528,25 @@ def test_threads_below_one_are_refused_not_ignored(threads):
         perf.torch_threads(threads),
     ):
         pass
+
+
+def test_bench_fp8_refuses_a_device_the_machine_lacks(monkeypatch, capsys):
+    """`bench_fp8.py --device cuda` on a machine without CUDA ended in torch's traceback ("Torch not
+    compiled with CUDA enabled") once the model was being built; now a usage error says so first."""
+    import os
+    import sys
+
+    import pytest
+    import torch
+    from tests.benchmark_scripts import BENCHMARKS, load_benchmark
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # bench_fp8 sets it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    bench = load_benchmark("bench_fp8")
+    monkeypatch.setattr(bench.DeepSeekV3, "build", lambda *a, **k: pytest.fail("built the model"))
+    monkeypatch.setattr(sys, "argv", ["bench_fp8.py", "--device", "cuda", "--steps", "10"])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2
+    assert "device 'cuda' is not available (this machine has 0 CUDA devices)" in capsys.readouterr().err

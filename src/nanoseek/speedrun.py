@@ -1331,6 +1331,16 @@ def run_speedrun(
     `tensorboard`: every training stage also writes TensorBoard events to RUN/tensorboard/<stage>/."""
     if preset not in PRESETS:
         raise ValueError(f"unknown speedrun preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    if preset == "gpu" and not (Path(out) / "report.md").exists():
+        import torch
+
+        # the `small` model on 400 x 64 x 320 tokens would take the CPU many hours: said before the
+        # tokenizer, not found deep into pretraining. A finished run is still re-read (bench_speedrun)
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "the gpu preset is sized for one CUDA GPU and torch sees none here "
+                f"(torch {torch.__version__}); run --preset cpu on a CPU"
+            )
     if tensorboard:  # its package said now, not at pretraining, once the tokenizer is trained
         from nanoseek.train.loop import require_tensorboard
 
