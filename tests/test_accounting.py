@@ -271,6 +271,22 @@ def test_inspect_table_and_errors(capsys) -> None:
     assert "neither a directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("env", [{"NO_COLOR": "1"}, {"TERM": "dumb"}])
+def test_inspect_on_a_terminal_writes_no_ansi_where_refused(env, monkeypatch, capsys) -> None:
+    """Under NO_COLOR rich dropped the colors but still wrote bold and italic escapes (`colors_refused`
+    says no ANSI styling at all); on a terminal otherwise the table is styled."""
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich's terminal, whatever pytest's stdout is
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert main(["inspect", "tiny"]) == 0
+    assert "\x1b[" in capsys.readouterr().out
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["inspect", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "main model" in out
+
+
 def test_inspect_and_cost_name_a_gguf_or_weights_file_given_for_the_directory(tmp_path, capsys) -> None:
     """`nanoseek export`'s .gguf (or a .safetensors) given where the checkpoint directory goes said
     "is not valid JSON: 'utf-8' codec can't decode byte 0x80"."""
@@ -281,7 +297,11 @@ def test_inspect_and_cost_name_a_gguf_or_weights_file_given_for_the_directory(tm
     for command in (["inspect", str(gguf)], ["cost", str(gguf), "--tokens", "1B"]):
         assert main(command) == 2
         err = capsys.readouterr().err
-        assert "is a GGUF file: give the checkpoint directory" in err and "JSON" not in err
+        assert (
+            "is a GGUF file, for llama.cpp" in err
+            and "give the checkpoint directory" in err
+            and "JSON" not in err
+        )
     assert main(["inspect", str(weights)]) == 2
     assert "is not a config.json: give the checkpoint directory" in capsys.readouterr().err
     named = tmp_path / "v3-config"  # a config.json under another name is read as before

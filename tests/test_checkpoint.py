@@ -871,6 +871,25 @@ def test_a_single_file_checkpoint_reads_model_safetensors_only(tmp_path):
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
+def test_a_gguf_file_given_for_the_checkpoint_says_it_is_one(tmp_path, capsys):
+    """`nanoseek generate final.gguf` (chat, serve, eval, `--init`) said "not a checkpoint directory ...:
+    it is a file", while inspect and cost named the GGUF: both say it, and that nanoseek loads HF-layout
+    directories."""
+    from nanoseek.checkpoint import resolve_checkpoint
+    from nanoseek.cli import main
+
+    gguf = tmp_path / "final.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    with pytest.raises(FileNotFoundError, match=r"final.gguf is a GGUF file, for llama.cpp .*HF-layout"):
+        resolve_checkpoint(gguf, tokenizer=True)
+    assert main(["generate", str(gguf), "hi"]) == 2
+    assert "is a GGUF file, for llama.cpp" in capsys.readouterr().err
+    other = tmp_path / "notes.txt"  # any other file keeps its message
+    other.write_text("x")
+    with pytest.raises(FileNotFoundError, match="it is a file"):
+        resolve_checkpoint(other)
+
+
 def test_a_checkpoint_path_that_is_a_link_loop_is_one_line(tmp_path, capsys):
     """`ln -s run run` (or two links naming each other): Path.resolve's RuntimeError "Symlink loop"
     came out of every command as a traceback; it is the OSError a read of the path gives (ELOOP)."""

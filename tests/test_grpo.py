@@ -411,6 +411,28 @@ def _weights(ckpt) -> dict[str, torch.Tensor]:
     return read_safetensors(ckpt)
 
 
+def test_a_bias_update_speed_v2_routers_never_read_is_said(micro_checkpoint, tmp_path) -> None:
+    """--bias-update-speed on a V2-style model (deepseek-v2-lite: greedy routers, which never add the
+    bias) did nothing without a word; the default (0) stays quiet."""
+    import warnings
+
+    from nanoseek.config import get_preset
+    from nanoseek.train.loop import warn_unused_bias_speed
+
+    v2 = get_preset("deepseek-v2-lite")
+    with pytest.warns(
+        UserWarning,
+        match=r"--bias-update-speed 0.01 does nothing for this model: .*topk_method (group_limited_)?greedy",
+    ):
+        warn_unused_bias_speed(v2, _cfg(micro_checkpoint, tmp_path, bias_update_speed=0.01))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_unused_bias_speed(v2, _cfg(micro_checkpoint, tmp_path))
+        warn_unused_bias_speed(
+            get_preset("deepseek-v3"), _cfg(micro_checkpoint, tmp_path, bias_update_speed=0.01)
+        )
+
+
 def test_grpo_resume_is_exact(micro_checkpoint, tmp_path, capsys) -> None:
     from nanoseek.metrics import read_metrics
     from nanoseek.train.grpo import grpo
@@ -423,6 +445,9 @@ def test_grpo_resume_is_exact(micro_checkpoint, tmp_path, capsys) -> None:
     wa, wb = _weights(straight), _weights(resumed)
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # finished: said in GRPO's steps, not the optimizer's "already at step 4 of 4" (μ = 2 a step)
+    grpo(_cfg(micro_checkpoint, tmp_path / "a", steps=2, mu=2, resume=True))
+    assert "grpo: checkpoint already at step 2 of 2; nothing to train" in capsys.readouterr().out
     init = _weights(micro_checkpoint)
     assert any(not torch.equal(init[k], wa[k]) for k in wa)  # training did move the weights
     ra = [r for r in read_metrics(tmp_path / "a", "grpo") if "reward" in r]
@@ -499,7 +524,10 @@ def test_a_time_budget_fills_its_seconds_and_a_resume_goes_on_with_what_was_left
     assert saved["extra"]["grpo_step"] == len(rewards) and saved["extra"]["seconds_spent"] >= 1.0
     grpo(_cfg(micro_checkpoint, tmp_path, steps=5, max_seconds=1.0, resume=True))
     assert len([r for r in read_metrics(tmp_path, "grpo") if "reward" in r]) == len(rewards)
-    assert "grpo: --max-seconds 1 spent; nothing to train" in capsys.readouterr().out
+    # in GRPO's steps: the Trainer's "checkpoint already at step 268 of 267" counted optimizer updates
+    out = capsys.readouterr().out
+    assert f"grpo: --max-seconds 1 spent at step {len(rewards)}; nothing to train" in out
+    assert "already at step" not in out
     with pytest.raises(ValueError, match="--max-seconds must be a finite number > 0"):
         _cfg(micro_checkpoint, tmp_path, max_seconds=float("nan")).validate()
 

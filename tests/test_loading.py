@@ -292,6 +292,25 @@ def test_a_hub_model_in_the_cache_loads_offline(saved, micro_checkpoint, monkeyp
         resolve_checkpoint("someone/micro")
 
 
+def test_a_cached_snapshot_without_weights_names_the_hub_model_to_download(
+    micro_checkpoint, monkeypatch, tmp_path, capsys
+):
+    """A snapshot with config.json and the tokenizer but no weights (a download cut short, or `inspect`'s
+    config.json), offline, ended with "no safetensors weights in <snapshot path>": it says the snapshot is
+    incomplete and names the Hub model and `hf download owner/name`."""
+    from pathlib import Path
+
+    files = [f for f in sorted(Path(micro_checkpoint).iterdir()) if f.suffix != ".safetensors"]
+    hub_cache(monkeypatch, tmp_path / "hub", "someone/bare", files)
+    said = (
+        r"no safetensors weights in .*: the Hugging Face Hub's cached snapshot of someone/bare is incomplete"
+    )
+    with pytest.raises(FileNotFoundError, match=said + r".*`hf download someone/bare`"):
+        nanoseek.load_model("someone/bare")
+    assert cli(["generate", "someone/bare", "--prompt", "1+1"]) == 2
+    assert "hf download someone/bare" in capsys.readouterr().err
+
+
 def test_a_hub_that_never_answers_is_given_up_on(micro_checkpoint, monkeypatch, tmp_path):
     """A proxy or firewall that takes the connection and never answers hung a load for good (snapshot_download
     asks the Hub with no time limit), a cached model's too: after HF_HUB_ETAG_TIMEOUT the cache is read,

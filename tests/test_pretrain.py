@@ -591,6 +591,20 @@ def test_the_balance_alpha_is_the_presets_unless_given(workdir, tmp_path) -> Non
     assert json.loads((given / "config.json").read_text())["aux_loss_alpha"] == 0.002
 
 
+def test_a_bias_update_speed_the_routers_never_read_is_said(workdir, tmp_path, recwarn) -> None:
+    """--bias-update-speed for V2-style routers (greedy, group_limited_greedy: deepseek-v2-lite) did nothing
+    without a word: only V3's noaux_tc adds the bias. Given, it is said once; the default stays quiet."""
+    from nanoseek.config import ModelConfig
+
+    ModelConfig.load(workdir / "micro").replace(topk_method="greedy").save(tmp_path / "v2")
+    kw = dict(preset=str(tmp_path / "v2"), steps=1, val_every=0)
+    pretrain(config(workdir, tmp_path / "default", **kw))
+    assert not [w for w in recwarn if "bias-update-speed" in str(w.message)]
+    pretrain(config(workdir, tmp_path / "given", bias_update_speed=0.01, **kw))
+    said = [str(w.message) for w in recwarn if "bias-update-speed" in str(w.message)]
+    assert len(said) == 1 and "topk_method greedy" in said[0] and "does nothing" in said[0]
+
+
 def test_auto_precision_is_fp32_on_cpus_without_bf16(monkeypatch) -> None:
     import nanoseek.train.pretrain as pt
 

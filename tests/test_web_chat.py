@@ -522,6 +522,23 @@ def test_the_temperature_left_empty_is_the_servers_default(browser):
 
 
 @pytest.mark.slow
+def test_max_tokens_left_empty_is_the_servers_default(browser):
+    """The page sent max_tokens 512 of its own with every message, so a checkpoint's generation_config.json
+    max_new_tokens (the server's default) never applied there: its box now starts empty, and empty sends
+    none."""
+    tok = tiny_tokenizer()
+    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
+    config = ServeConfig(model_name="web-test", sampling_defaults={"max_new_tokens": 9})
+    with LiveServer(create_app(engine, tok, config)) as srv:
+        _open_page(browser, srv)
+        _record_fetches(browser)
+        _send_and_wait(browser, "hello")
+        assert _last(browser, ".error") is None
+        assert "max_tokens" not in _chat_bodies(browser)[-1]
+        assert engine.added[-1][1].max_new_tokens == 9
+
+
+@pytest.mark.slow
 def test_the_reply_is_fitted_into_the_context(browser):
     """max tokens above the room left is cut to exactly the room (the server would refuse it: 400), and a
     message too long for the context on its own is refused on the page with the sizes before anything is

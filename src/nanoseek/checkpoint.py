@@ -351,6 +351,15 @@ def _weight_files(d: Path) -> dict[str, Path]:
         if not files:
             pickles = [p.name for p in d.glob("*.bin")] + [p.name for p in d.glob("*.pt")]
             hint = f" (found {', '.join(pickles)}: pickle files are never loaded)" if pickles else ""
+            # the Hub's cache (HUB_CACHE/models--owner--name/snapshots/REV) offline: a download cut short,
+            # or `inspect`'s config.json alone; a repo id never holds "--", so the name reads back whole
+            cached = d.resolve().parent
+            if cached.name == "snapshots" and cached.parent.name.startswith("models--"):
+                repo = "/".join(cached.parent.name.split("--")[1:])
+                hint += (
+                    f": the Hugging Face Hub's cached snapshot of {repo} is incomplete (a download that did "
+                    f"not finish, or config.json alone); on a machine with a network, `hf download {repo}`"
+                )
             raise FileNotFoundError(f"no safetensors weights in {d}{hint}")
     where: dict[str, Path] = {}  # file by file, each in its own (sorted) order: the same on every rank
     for name in files:
@@ -468,6 +477,20 @@ def is_hub_name(name_or_path: str | os.PathLike) -> bool:
     return not local.exists() and bool(_HUB_NAME.fullmatch(str(name_or_path)))
 
 
+# `nanoseek export`'s output given where a checkpoint goes (generate, chat, serve, eval, --init, inspect, cost)
+GGUF_FILE = (
+    "a GGUF file, for llama.cpp and ollama: nanoseek loads HF-layout checkpoint directories (config.json)"
+)
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"  # the format's magic
+    except OSError:  # a directory, missing, unreadable: not a GGUF file that can be named as one
+        return False
+
+
 def resolve_checkpoint(name_or_path: str | os.PathLike, tokenizer: bool = False, flag: str = "") -> Path:
     """A checkpoint directory: `name_or_path` itself when it is a local path, else a Hugging Face Hub
     name (`deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B`) fetched with `huggingface_hub.snapshot_download`
@@ -481,6 +504,10 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, tokenizer: bool = False,
     else:
         p = directory_to_read(p)  # a crash mid-save left the last checkpoint aside
     if not p.is_dir():
+        if _is_gguf(p):
+            raise FileNotFoundError(
+                f"{label} is {GGUF_FILE}: give the checkpoint directory it was exported from"
+            )
         raise FileNotFoundError(
             f"{label} is not a checkpoint directory (no config.json): "
             + ("it is a file" if p.exists() else "no such directory, nor a Hub name (owner/name)")
@@ -785,7 +812,7 @@ def accounting_config(name_or_path: str | os.PathLike) -> ModelConfig:
         with local.open("rb") as f:
             head = f.read(64)
         if not head.lstrip().startswith(b"{"):
-            kind = "a GGUF file" if head.startswith(b"GGUF") else "not a config.json"
+            kind = GGUF_FILE if _is_gguf(local) else "not a config.json"
             raise ValueError(
                 f"{name_or_path} is {kind}: give the checkpoint directory it came from (the one with "
                 "config.json), a config.json, a preset or a Hub name"

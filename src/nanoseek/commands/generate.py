@@ -58,7 +58,7 @@ def add_generation_flags(
 
 def colors_refused() -> bool:
     """Whether the environment asks for no ANSI styling, even on a terminal: NO_COLOR set (no-color.org),
-    or TERM=dumb, whose terminal prints the escapes as text. As rich (`nanoseek inspect`'s table) reads it."""
+    or TERM=dumb, whose terminal prints the escapes as text. `nanoseek inspect`'s table reads it too."""
     return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
 
 

@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from nanoseek.commands.generate import colors_refused
+
+    # rich drops colors under NO_COLOR but still wrote bold and italic: no color system is no ANSI at all
+    console = Console(color_system=None if colors_refused() else "auto")
     table = Table(title=f"{args.model}  ({config.model_type})", show_header=True, header_style="bold")
     table.add_column("component")
     table.add_column("total", justify="right")

@@ -628,7 +628,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
     from nanoseek.metrics import progress_bar
     from nanoseek.perf import default_device
     from nanoseek.tokenizer import checkpoint_tokenizer
-    from nanoseek.train.loop import StepLog, Trainer
+    from nanoseek.train.loop import StepLog, Trainer, warn_unused_bias_speed
 
     init = resolve_checkpoint(cfg.init, flag="--init")
     if cfg.beta > 0 and Path(init).resolve() == (Path(cfg.out) / "grpo").resolve():
@@ -641,6 +641,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
     torch.manual_seed(cfg.seed)
     tok = checkpoint_tokenizer(init)  # one from another model: said before the weights load
     model = load_model(init, device=default_device())
+    warn_unused_bias_speed(model.config, cfg)
     # R1's template opens the think block; another family's (ChatML, Llama 3) leaves it to the model
     opened = prompt_opens_think(tok)
     reward_fn = build_reward(cfg.reward, prompt_opened_think=opened)
@@ -917,10 +918,13 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
         else:  # no step to run: every one ran before (or the budget was spent)
             if start >= cfg.steps and not (trainer.checkpoint_dir / "config.json").exists():
                 trainer.save({"grpo_step": start, "history": {}})
-            if budget_spent:  # as sft says it
+            if budget_spent:  # as sft says it, in GRPO's steps (the optimizer's are μ a step)
                 print(
-                    f"grpo: --max-seconds {cfg.max_seconds:g} spent; nothing to train; checkpoint {trainer.checkpoint_dir}"
+                    f"grpo: --max-seconds {cfg.max_seconds:g} spent at step {start}; nothing to train; "
+                    f"checkpoint {trainer.checkpoint_dir}"
                 )
+            else:
+                print(f"grpo: checkpoint already at step {start} of {planned(start)}; nothing to train")
         trainer.stop_requested()  # one that came during the last step's save: stop all the same
     if trainer.stop_signal:  # no end record: the run goes on at its --resume, as after a kill
         done = step + 1 if last else start  # in GRPO's steps, not the optimizer's (μ per step)

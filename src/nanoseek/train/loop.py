@@ -275,6 +275,26 @@ def training_flops_per_token(model: nn.Module, seq_len: int, include_mtp: bool =
     return float(flops_per_token(model.config, seq_len=seq_len, training=True, include_mtp=include_mtp))
 
 
+def warn_unused_bias_speed(config: Any, stage: Any) -> None:
+    """A stage's --bias-update-speed given (not its default) for a model whose routers never read the bias:
+    V2's greedy and group_limited_greedy pick experts by their softmax scores alone (only V3's noaux_tc
+    adds the bias, §2.1.2), and a dense model has no router. Said once, not trained without a word."""
+    speed = stage.bias_update_speed
+    if speed == type(stage).bias_update_speed or speed <= 0:  # the default stays quiet
+        return
+    if config.n_routed_experts and config.topk_method == "noaux_tc":
+        return
+    import warnings
+
+    why = (
+        f"its routers (topk_method {config.topk_method}) never read the balancing bias, which only V3's "
+        "noaux_tc routing adds to its scores"
+        if config.n_routed_experts
+        else "it is dense: no router reads a balancing bias"
+    )
+    warnings.warn(f"--bias-update-speed {speed:g} does nothing for this model: {why}", stacklevel=2)
+
+
 def _routers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every MoE router with a readable layer name ('3', or 'mtp0' for MTP depth 0)."""
     return model.routers()  # type: ignore[operator]
@@ -1046,7 +1066,9 @@ class Trainer:
             if isinstance(saved_cuda, (list, tuple)):  # older checkpoints: one state per GPU rank 0 saw
                 saved_cuda = saved_cuda[min(self.dist.local_rank, len(saved_cuda) - 1)]
             torch.cuda.set_rng_state(saved_cuda, self.dist.device)
-        if self.global_step >= self.total_steps and self.dist.is_main:
+        # a stage that counts other steps (`logged_step`: GRPO's) says it in its own: "step 268 of 267" in
+        # optimizer updates named no step a user gave
+        if self.global_step >= self.total_steps and self.dist.is_main and logged_step is None:
             print(f"{self.stage}: checkpoint already at step {self.global_step} of {self.total_steps}")
         # The steps after it were logged once already: the report reads the ones this run logs instead.
         from_step = state["extra"].get(logged_step, self.global_step) if logged_step else self.global_step

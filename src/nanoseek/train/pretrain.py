@@ -101,7 +101,9 @@ class PretrainConfig:
         choices=("auto", "bf16", "fp32", "fp8"),
         group=OPTIM,
     )
-    bias_update_speed: float = option(0.001, "γ of aux-loss-free balancing (V3 §2.1.2)", group=V3)
+    bias_update_speed: float = option(
+        0.001, "γ of aux-loss-free balancing (V3 §2.1.2; only V3's noaux_tc routers read the bias)", group=V3
+    )
     balance_alpha: float | None = option(
         None,
         "α of the balance loss (V3 §4.2; default: the preset's aux_loss_alpha, V3's 0.0001)",
@@ -349,6 +351,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
         language_model_loss,
         packed_documents,
         target_counts,
+        warn_unused_bias_speed,
     )
 
     dist = init_distributed()
@@ -370,6 +373,8 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
         destroy_distributed()
         alike_on_every_rank(e)
         raise
+    if dist.is_main:
+        warn_unused_bias_speed(config, cfg)
     tok = _tokenizer(cfg, run, cfg.vocab_size or config.vocab_size, dist.is_main, dist)
     config = config.replace(
         vocab_size=tok.vocab_size,

@@ -226,6 +226,8 @@
     controller = new AbortController();
     sendBtn.disabled = true; stopBtn.disabled = false;
     try {
+      // an empty box sends none: the server's default, the checkpoint's generation_config.json
+      // max_new_tokens within the room the context leaves (NaN here)
       let maxTokens = parseInt($("max-tokens").value, 10);
       let start = skip;  // the first message sent
       const before = skip;
@@ -233,7 +235,8 @@
         // Fit the prompt and the reply into the context (the server refuses, 400, a request that cannot):
         // as `nanoseek chat` does (fit_context), the oldest whole exchanges leave the model's view, never
         // the new message, while the prompt and room for the reply (at most half the context) do not fit.
-        const reserve = Math.min(maxTokens, Math.floor(maxModelLen / 2));
+        const half = Math.floor(maxModelLen / 2);
+        const reserve = isNaN(maxTokens) ? half : Math.min(maxTokens, half);
         let count = await promptTokens(start);
         while (count !== null && count + reserve > maxModelLen && start + 2 < history.length) {
           start += 2;  // an exchange: a user message and the reply to it
@@ -243,7 +246,7 @@
           if (count >= maxModelLen) {  // a message too long on its own is not helped by dropping turns
             throw new Error("the message is " + count + " tokens; the model's context holds " + maxModelLen + ": shorten it");
           }
-          maxTokens = Math.min(maxTokens, maxModelLen - count);
+          if (!isNaN(maxTokens)) maxTokens = Math.min(maxTokens, maxModelLen - count);
         }
       }
       let r;
@@ -252,9 +255,9 @@
           messages: wire().slice(start),
           stream: true,
           stream_options: { include_usage: true },
-          max_tokens: maxTokens,
           chat_template_kwargs: templateKwargs(),
         };
+        if (!isNaN(maxTokens)) body.max_tokens = maxTokens;
         // an empty box sends none: the server's default, the checkpoint's generation_config.json (greedy
         // for nanoseek's own checkpoints, R1's 0.6), as chat, generate and the API sample it
         const temperature = parseFloat($("temperature").value);
