@@ -1155,3 +1155,25 @@ def test_pack_weights_serves_the_same_model_faster_layout(models, dtype, monkeyp
     assert pack_model(half) == 0 and not is_packed(half)
     monkeypatch.setattr(packed, "PACK_MIN_ELEMENTS", 1 << 20)
     assert pack_model(copy.deepcopy(plain)) == 0  # every matrix of this model is below the size
+
+
+def test_a_cpu_cache_takes_memory_as_it_fills_not_at_startup():
+    """The KV cache (512 MiB by default) was zeroed whole when the engine was built: all of it resident
+    before the first request, as much again as a 0.5 GB model. Zero pages until written now: a fresh
+    process's RSS grows by the blocks written, not by the cache's size; unwritten rows still read 0."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from nanoseek.engine.cache import PagedLatentCache
+rss = lambda: next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmRSS"))
+before = rss()
+cache = PagedLatentCache(2, 448, 64, 1024, 128, torch.bfloat16, "cpu")  # 256 MiB
+cache.kv[:, :128] = 1.0  # one block written
+assert cache.kv[:, 128:].abs().amax() == 0 and cache.kv.shape == (2, 1024 * 128, 512)
+print(cache.kv.nbytes, rss() - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    size, grown = map(int, out.stdout.split())
+    assert grown < size / 4, (size, grown)

@@ -297,12 +297,17 @@ def test_an_fp16_checkpoint_exports_exactly_in_f16(checkpoint, tmp_path) -> None
 
 def test_q8_0_rows_not_in_blocks_of_32_are_written_f16() -> None:
     """As llama.cpp's converter: q8_0 needs whole blocks of 32 per row, another width falls back to f16."""
-    from nanoseek.export import _encode
+    import torch
 
-    data, raw = _encode(gguf, np.ones((4, 48), np.float32), gguf.GGMLQuantizationType.Q8_0)
-    assert raw == {"raw_dtype": gguf.GGMLQuantizationType.F16} and data.dtype == np.float16
-    _, raw = _encode(gguf, np.ones((4, 64), np.float32), gguf.GGMLQuantizationType.Q8_0)
-    assert raw == {"raw_dtype": gguf.GGMLQuantizationType.Q8_0}
+    from nanoseek.export import _encode, _qtype
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    narrow = torch.ones(4, 48)
+    assert _qtype(gguf, narrow, q8, False) == gguf.GGMLQuantizationType.F16
+    assert _qtype(gguf, torch.ones(4, 64), q8, False) == q8
+    assert _qtype(gguf, torch.ones(4, 64), q8, True) == gguf.GGMLQuantizationType.F32
+    data = _encode(gguf, narrow, gguf.GGMLQuantizationType.F16)
+    np.testing.assert_array_equal(data.view(np.float16), np.ones((4, 48), np.float16))
 
 
 def test_a_tied_head_is_not_written_twice() -> None:
@@ -670,3 +675,44 @@ def test_bench_llamacpp_refuses_unknown_names_and_exits_nonzero_on_a_failed_run(
     )
     args = ["--sizes", "tiny", "--precisions", "bf16", "--figures", "pp", "--repeats", "1"]
     assert bench.main([*args, "--workdir", str(tmp_path), "--no-extra-bufts"]) == 1
+
+
+def test_export_holds_the_model_once_in_its_own_dtype(checkpoint, tmp_path) -> None:
+    """A bf16 checkpoint exported: the model was loaded in fp32 (twice its bytes) and every encoded
+    tensor kept until the last was encoded (a third copy), ~1.4x the checkpoint's bytes more than
+    loading it took; now the model is held once, in bf16, and each tensor encoded as it is written.
+    Peak RSS above the imports, each in a fresh process, on a model whose embedding and head (~33 MB
+    each in bf16) dwarf the rest."""
+    import subprocess
+
+    import torch
+
+    from nanoseek.checkpoint import build_model, save_model
+
+    ckpt, model, _ = checkpoint
+    wide = tmp_path / "wide"
+    config = model.config.replace(vocab_size=32000, hidden_size=512, num_nextn_predict_layers=0)
+    save_model(build_model(config).init_weights(0), wide, dtype=torch.bfloat16)
+    for f in ckpt.glob("tokenizer*"):
+        shutil.copy(f, wide / f.name)
+    weights = sum(f.stat().st_size for f in wide.glob("*.safetensors"))
+    code = """
+import sys
+import gguf, numpy, torch, nanoseek.checkpoint, nanoseek.export, nanoseek.tokenizer, tqdm
+def peak():  # VmHWM, not ru_maxrss: that one starts from the parent's RSS at fork
+    return next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM"))
+base = peak()
+if sys.argv[3] == "load":
+    nanoseek.checkpoint.load_model(sys.argv[1], dtype=torch.bfloat16)
+else:
+    nanoseek.export.export_gguf(sys.argv[1], sys.argv[2], type="bf16")
+print(peak() - base)
+"""
+
+    def grown(what: str) -> int:
+        argv = [sys.executable, "-c", code, str(wide), str(tmp_path / "wide.gguf"), what]
+        return int(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()[-1])
+
+    # above loading the checkpoint itself: the tensor being encoded (here the 33 MB embedding)
+    load, export = grown("load"), grown("export")
+    assert export < load + 0.7 * weights

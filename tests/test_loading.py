@@ -855,3 +855,22 @@ def test_a_damaged_index_is_named(saved, text, message):
     (d / "model.safetensors.index.json").write_bytes(text)
     with pytest.raises(ValueError, match=rf"model\.safetensors\.index\.json.*{message}"):
         nanoseek.load_model(d)
+
+
+def test_exact_dtype_is_the_files_own_16_bit_one_where_every_weight_is_in_it(saved, tmp_path):
+    """What `nanoseek export` loads in: a bf16 or fp16 checkpoint's own dtype (the balancing bias, fp32
+    in any load, aside), fp32 for fp32 weights or a mix (fp32 weights rounded would not export exactly)."""
+    from safetensors.torch import load_file, save_file
+
+    from nanoseek.checkpoint import exact_dtype
+
+    d, model = saved
+    assert exact_dtype(d) == torch.float32
+    for dtype in (torch.bfloat16, torch.float16):
+        assert exact_dtype(save_model(model, tmp_path / str(dtype), dtype=dtype)) == dtype
+    mixed = save_model(model, tmp_path / "mixed", dtype=torch.bfloat16)
+    shard = mixed / "model.safetensors"
+    tensors = load_file(shard)
+    key = next(k for k in tensors if "e_score_correction_bias" not in k)
+    save_file({**tensors, key: tensors[key].float()}, str(shard), metadata={"format": "pt"})
+    assert exact_dtype(mixed) == torch.float32

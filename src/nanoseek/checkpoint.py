@@ -748,6 +748,20 @@ def _stored_dtype(where: Mapping[str, Path], reader: _ShardReader) -> str:
     return _STORED.get(reader.stored_dtype(key), "bfloat16")
 
 
+def exact_dtype(directory: str | os.PathLike) -> torch.dtype:
+    """The narrowest dtype that holds every weight of checkpoint `directory` exactly, from the files'
+    headers: the 16-bit dtype they are all stored in (the balancing bias aside: it loads in fp32 in any
+    dtype), else fp32 (mixed dtypes, fp32 weights, or FP8 ones with their scales)."""
+    where = _weight_files(Path(directory))
+    reader = _ShardReader(where)
+    try:
+        codes = {reader.stored_dtype(k) for k in where if "e_score_correction_bias" not in k}
+    finally:
+        reader.close()
+    name = _STORED.get(codes.pop()) if len(codes) == 1 else None
+    return getattr(torch, name) if name in ("bfloat16", "float16") else torch.float32
+
+
 def _files_identity(d: Path) -> tuple[Any, ...] | None:
     """What changes when checkpoint directory `d` or one of the files a load reads is replaced (None
     while `d` is absent: between `atomic_directory`'s two renames)."""

@@ -18,6 +18,8 @@ What is notable here:
 - Weights in f32, f16, bf16 or q8_0 (blocks of 32 with one fp16 scale); norms, the router and biases
   stay f32, as llama.cpp's own converter keeps them. f16 is an fp16 checkpoint's own precision (bf16
   would round off 3 bits of each weight), as llama.cpp's converter writes one.
+- Memory: the model is loaded once, in the files' own 16-bit dtype where that is exact
+  (`checkpoint.exact_dtype`), and each tensor encoded as it is written: the peak is the load's.
 The reference for key and tensor names is llama.cpp's loader (`src/models/deepseek2.cpp`), which
 decides what a file must hold.
 """
@@ -25,6 +27,7 @@ decides what a file must hold.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -155,7 +158,8 @@ def export_gguf(
 ) -> ExportSummary:
     """Write the checkpoint directory `checkpoint` (config.json, safetensors, tokenizer.json) to the
     GGUF file `out` with weights in `type` (f32, f16, bf16 or q8_0)."""
-    import torch
+    import numpy as np
+    from tqdm import tqdm
 
     from nanoseek.tokenizer import LLAMA_CPP_PRE, llama_cpp_pre_tokenizer
 
@@ -197,7 +201,7 @@ def export_gguf(
             f"{src} has no tokenizer.json: a GGUF file carries its tokenizer, copy the run's tokenizer "
             "files (tokenizer.json, tokenizer_config.json) into the checkpoint directory"
         )
-    from nanoseek.checkpoint import load_model
+    from nanoseek.checkpoint import exact_dtype, load_model
     from nanoseek.engine.sampling import generation_defaults
     from nanoseek.tokenizer import checkpoint_tokenizer
 
@@ -213,7 +217,10 @@ def export_gguf(
     # a value out of range in the file refused now, as `serve` refuses it, not after the weights load
     sampling = generation_defaults(tok.generation_config, src / "generation_config.json")
     say(f"loading {src}")
-    model = load_model(src, dtype=torch.float32)
+    # In the files' own dtype where that holds them exactly (a bf16 checkpoint in bf16): fp32 doubled
+    # the memory of the model held while it is written, for the same values (each tensor goes through
+    # fp32 as it is encoded).
+    model = load_model(src, dtype=exact_dtype(src))
     config = model.config  # load_model may drop MTP layers the files do not hold
     qtype = {
         "f32": gguf.GGMLQuantizationType.F32,
@@ -237,15 +244,27 @@ def export_gguf(
             _write_hparams(writer, gguf, config)
             _write_tokenizer(writer, gguf, tok, config.vocab_size, pre)
             _write_sampling(writer, sampling)
-            n_tensors = 0
-            for name, array, keep_f32 in _gguf_tensors(model, gguf):
-                data, raw = _encode(gguf, array, None if keep_f32 else qtype)
-                writer.add_tensor(name, data, **raw)
-                n_tensors += 1
+            # Tensor by tensor: the header first (shapes and types, from the model's tensors), then
+            # each tensor encoded as it is written. add_tensor kept every encoded tensor in memory
+            # until write_tensors_to_file: a second copy of the model beside the one loaded.
+            total = 0
+            for name, tensor, keep_f32 in _gguf_tensors(model, gguf):
+                kind = _qtype(gguf, tensor, qtype, keep_f32)
+                shape = gguf.quants.quant_shape_to_byte_shape(tensor.shape, kind)
+                writer.add_tensor_info(name, shape, np.dtype(np.uint8), math.prod(shape), raw_dtype=kind)
+                total += math.prod(shape)
+            n_tensors = len(writer.tensors[0])
             say(f"writing {n_tensors} tensors ({type}) to {path}")
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
-            writer.write_tensors_to_file(progress=progress is not None)  # a tqdm bar
+            writer.write_ti_data_to_file()
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc="Writing", disable=progress is None
+            ) as bar:
+                for _, tensor, keep_f32 in _gguf_tensors(model, gguf):
+                    data = _encode(gguf, tensor, _qtype(gguf, tensor, qtype, keep_f32))
+                    writer.write_tensor_data(data)
+                    bar.update(data.nbytes)
         finally:
             writer.close()
     return ExportSummary(path, type, n_tensors, path.stat().st_size, config.vocab_size, pre)
@@ -349,7 +368,7 @@ def _write_sampling(w: Any, sampling: dict[str, float]) -> None:
 
 # ------------------------------------------------------------------ tensors
 def _gguf_tensors(model: torch.nn.Module, gguf: Any) -> Any:
-    """(GGUF name, fp32 numpy array, False | True) for every tensor llama.cpp reads, MTP left out.
+    """(GGUF name, tensor, kept in f32) for every tensor llama.cpp reads, MTP left out.
 
     Arrays keep PyTorch's [out, in] layout: GGUF lists dimensions innermost first, so llama.cpp sees
     {in, out} as it expects."""
@@ -361,8 +380,8 @@ def _gguf_tensors(model: torch.nn.Module, gguf: Any) -> Any:
     def name(t: Any, bid: int | None = None, suffix: str = "weight") -> str:
         return f"{names[t].format(bid=bid)}.{suffix}"
 
-    def arr(t: torch.Tensor) -> Any:
-        return t.detach().float().contiguous().numpy()
+    def arr(t: torch.Tensor) -> torch.Tensor:
+        return t.detach()  # converted to fp32 as it is encoded (`_encode`), a few rows at a time
 
     backbone = model.model  # type: ignore[attr-defined]
     yield name(T.TOKEN_EMBD), arr(backbone.embed_tokens.weight), False
@@ -419,14 +438,28 @@ def _gguf_tensors(model: torch.nn.Module, gguf: Any) -> Any:
         yield name(T.FFN_DOWN_SHEXP, i), arr(shared.down_proj.weight), False
 
 
-def _encode(gguf: Any, array: Any, qtype: Any) -> tuple[Any, dict[str, Any]]:
-    """(data, add_tensor kwargs): f32 when qtype is None, else `qtype`; q8_0 needs rows in blocks of 32, and a
-    matrix whose rows are not falls back to f16, as in llama.cpp's converter."""
-    if qtype is None or qtype == gguf.GGMLQuantizationType.F32:
-        return array, {}
-    try:
-        data = gguf.quants.quantize(array, qtype)
-    except gguf.QuantError:
-        qtype = gguf.GGMLQuantizationType.F16
-        data = gguf.quants.quantize(array, qtype)
-    return data, {"raw_dtype": qtype}
+def _qtype(gguf: Any, tensor: torch.Tensor, qtype: Any, keep_f32: bool) -> Any:
+    """The GGUF type `tensor` is written in: f32 where it is kept so, else `qtype`; q8_0 needs rows in
+    blocks of 32, and a matrix whose rows are not falls back to f16, as in llama.cpp's converter."""
+    if keep_f32:
+        return gguf.GGMLQuantizationType.F32
+    if tensor.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return gguf.GGMLQuantizationType.F16
+    return qtype
+
+
+def _encode(gguf: Any, tensor: torch.Tensor, qtype: Any) -> Any:
+    """`tensor` as GGUF type `qtype`'s bytes (a uint8 array, one row of bytes per row), converted and
+    encoded a few rows at a time: a whole 102400 x 2048 embedding in fp32, and q8_0's temporaries of
+    it, took several times its bytes at once."""
+    import numpy as np
+
+    from nanoseek.engine.quantize import QUANT_CHUNK
+
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    out = np.empty(gguf.quants.quant_shape_to_byte_shape(rows.shape, qtype), np.uint8)
+    step = max(1, QUANT_CHUNK // max(1, rows.shape[1]))
+    for i in range(0, rows.shape[0], step):
+        block = rows[i : i + step].float().contiguous().numpy()
+        out[i : i + step] = gguf.quants.quantize(block, qtype).view(np.uint8)
+    return out.reshape(gguf.quants.quant_shape_to_byte_shape(tensor.shape, qtype))

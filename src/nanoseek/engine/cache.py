@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from nanoseek.config import ModelConfig
@@ -92,7 +93,15 @@ class PagedLatentCache:
         self.width = width
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.kv = torch.zeros(num_layers, num_blocks * block_size, self.width, dtype=dtype, device=device)
+        shape = (num_layers, num_blocks * block_size, self.width)
+        if torch.device(device).type == "cpu":
+            # calloc'd (numpy's zeros): the kernel's zero pages until a block is first written, so the
+            # cache takes memory as it fills. torch.zeros wrote every byte at startup: the whole cache
+            # (512 MiB by default) resident before the first request, whatever the requests' lengths.
+            nbytes = num_layers * num_blocks * block_size * self.width * dtype.itemsize
+            self.kv = torch.from_numpy(np.zeros(nbytes, np.uint8)).view(dtype).view(shape)
+        else:
+            self.kv = torch.zeros(shape, dtype=dtype, device=device)
         self.blocks = [BlockInfo() for _ in range(num_blocks)]
         # Free blocks in the order they were freed; cached ones keep their hash until reused.
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
