@@ -605,6 +605,17 @@ def test_a_bias_update_speed_the_routers_never_read_is_said(workdir, tmp_path, r
     assert len(said) == 1 and "topk_method greedy" in said[0] and "does nothing" in said[0]
 
 
+def test_a_bias_update_speed_given_to_a_dense_model_is_quiet(recwarn) -> None:
+    """No router to mislead: the speedrun gives its dense student the MoE model's γ, and said it on every
+    run."""
+    from nanoseek.config import get_preset
+    from nanoseek.train.loop import warn_unused_bias_speed
+    from nanoseek.train.pretrain import PretrainConfig
+
+    warn_unused_bias_speed(get_preset("tiny-dense"), PretrainConfig(bias_update_speed=0.01))
+    assert not [w for w in recwarn if "bias-update-speed" in str(w.message)]
+
+
 def test_auto_precision_is_fp32_on_cpus_without_bf16(monkeypatch) -> None:
     import nanoseek.train.pretrain as pt
 

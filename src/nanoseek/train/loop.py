@@ -278,19 +278,18 @@ def training_flops_per_token(model: nn.Module, seq_len: int, include_mtp: bool =
 def warn_unused_bias_speed(config: Any, stage: Any) -> None:
     """A stage's --bias-update-speed given (not its default) for a model whose routers never read the bias:
     V2's greedy and group_limited_greedy pick experts by their softmax scores alone (only V3's noaux_tc
-    adds the bias, §2.1.2), and a dense model has no router. Said once, not trained without a word."""
+    adds the bias, §2.1.2). Said once, not trained without a word. A dense model has no router to
+    mislead: quiet (the speedrun gives its dense student the MoE model's setting)."""
     speed = stage.bias_update_speed
     if speed == type(stage).bias_update_speed or speed <= 0:  # the default stays quiet
         return
-    if config.n_routed_experts and config.topk_method == "noaux_tc":
+    if not config.n_routed_experts or config.topk_method == "noaux_tc":
         return
     import warnings
 
     why = (
         f"its routers (topk_method {config.topk_method}) never read the balancing bias, which only V3's "
         "noaux_tc routing adds to its scores"
-        if config.n_routed_experts
-        else "it is dense: no router reads a balancing bias"
     )
     warnings.warn(f"--bias-update-speed {speed:g} does nothing for this model: {why}", stacklevel=2)
 
