@@ -60,6 +60,32 @@ class CharTokenizer:
         """Checkpoints made with this tokenizer carry no tokenizer files."""
 
 
+def _stepped_clock(monkeypatch, kill_at: int | None = None) -> tuple[list[float], list[int | None]]:
+    """time.perf_counter stands still but for 0.1 s a training step; the step numbered `kill_at[0]`
+    raises "killed" after it ran (a process killed there). Returns (now, kill_at), both mutable."""
+    import time
+
+    from nanoseek import perf
+    from nanoseek.train import loop
+
+    fake = lambda *a, **k: 1e30  # noqa: E731  (no peak to measure on a clock that stands still)
+    fake.cache_clear = lambda: None
+    monkeypatch.setattr(perf, "matmul_peak_flops", fake)
+    now, kill = [0.0], [kill_at]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    step = loop.Trainer.step
+
+    def timed_step(self, *args, **kwargs):
+        now[0] += 0.1
+        metrics = step(self, *args, **kwargs)
+        if self.global_step == kill[0]:
+            raise RuntimeError("killed")
+        return metrics
+
+    monkeypatch.setattr(loop.Trainer, "step", timed_step)
+    return now, kill
+
+
 def _train_with_budget(tmp_path, cfg, started: float, deadline_fn=None) -> list[dict]:
     """train_on_examples on a small model and 8 copies of one example; the step records it logged."""
     from model_configs import small_config
@@ -598,25 +624,9 @@ def test_a_resumed_time_budget_goes_on_with_what_was_left_of_it(tmp_path, monkey
     budget (41 steps where 30 fit)."""
     import time
 
-    from nanoseek import perf
-    from nanoseek.train import loop
     from nanoseek.train.sft import SFTConfig
 
-    fake = lambda *a, **k: 1e30  # noqa: E731  (no peak to measure on a clock that stands still)
-    fake.cache_clear = lambda: None
-    monkeypatch.setattr(perf, "matmul_peak_flops", fake)
-    now, kill_at = [0.0], [None]
-    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
-    step = loop.Trainer.step
-
-    def timed_step(self, *args, **kwargs):  # 0.1 s a step, nothing else takes time
-        now[0] += 0.1
-        metrics = step(self, *args, **kwargs)
-        if self.global_step == kill_at[0]:
-            raise RuntimeError("killed")
-        return metrics
-
-    monkeypatch.setattr(loop.Trainer, "step", timed_step)
+    now, kill_at = _stepped_clock(monkeypatch)
     kw = dict(init="", steps=planned, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=0, progress=False)
     cfg = SFTConfig(**kw, max_seconds=3.0, checkpoint_every=5)
     whole = _train_with_budget(tmp_path / "whole", cfg, time.perf_counter())
@@ -641,27 +651,10 @@ def test_a_resumed_run_with_a_deadline_known_only_as_it_goes_keeps_its_refitted_
     """The control beside GRPO, stopped and rerun: its deadline is unknown when it resumes, and the step
     count it goes on with was the first plan (10), which the refitted run (~30) had outgrown: the rerun
     said "nothing to train" and the control stopped with half its time left."""
-    import time
 
-    from nanoseek import perf
-    from nanoseek.train import loop
     from nanoseek.train.sft import SFTConfig
 
-    fake = lambda *a, **k: 1e30  # noqa: E731  (no peak to measure on a clock that stands still)
-    fake.cache_clear = lambda: None
-    monkeypatch.setattr(perf, "matmul_peak_flops", fake)
-    now, kill_at = [0.0], [12]
-    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
-    step = loop.Trainer.step
-
-    def timed_step(self, *args, **kwargs):  # 0.1 s a step, nothing else takes time
-        now[0] += 0.1
-        metrics = step(self, *args, **kwargs)
-        if self.global_step == kill_at[0]:
-            raise RuntimeError("killed")
-        return metrics
-
-    monkeypatch.setattr(loop.Trainer, "step", timed_step)
+    now, kill_at = _stepped_clock(monkeypatch, kill_at=12)
 
     def deadline_fn():  # unknown at each process's first step, then 3 s on the clock
         asked.append(1)
@@ -685,23 +678,10 @@ def test_a_resume_of_a_run_that_spent_its_budget_writes_nothing(tmp_path, monkey
     process's time to the stage's."""
     import time
 
-    from nanoseek import perf
     from nanoseek.report import RunMetrics, stopped
-    from nanoseek.train import loop
     from nanoseek.train.sft import SFTConfig
 
-    fake = lambda *a, **k: 1e30  # noqa: E731  (no peak to measure on a clock that stands still)
-    fake.cache_clear = lambda: None
-    monkeypatch.setattr(perf, "matmul_peak_flops", fake)
-    now = [0.0]
-    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
-    step = loop.Trainer.step
-
-    def timed_step(self, *args, **kwargs):  # 0.1 s a step, nothing else takes time
-        now[0] += 0.1
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(loop.Trainer, "step", timed_step)
+    now, _ = _stepped_clock(monkeypatch)
     kw = dict(init="", steps=4, batch_size=2, seq_len=32, warmup_steps=0, progress=False, max_seconds=0.25)
     assert len(_train_with_budget(tmp_path, SFTConfig(**kw), time.perf_counter())) == 3
     weights = tmp_path / "control" / "model.safetensors"

@@ -175,19 +175,27 @@ def test_bench_speedrun_counts_pretrainings_arithmetic(smoke_run):
     assert a["floor_s"] == pytest.approx((a["model_flops"] + a["muon_flops"]) / a["peak_flops"])
 
 
+def _smoke_run_with_models(run) -> None:
+    """A smoke run's settings and small pretrain/student models in `run`: what bench_speedrun's
+    arithmetic reads."""
+    import dataclasses
+
+    from model_configs import small_config
+
+    (run / "speedrun.json").write_text(json.dumps(dataclasses.asdict(PRESETS["smoke"])))
+    for stage in ("pretrain", "student"):
+        small_config().save(run / stage)
+
+
 def test_bench_speedrun_measures_the_cpu_peak_on_the_cpus_it_may_use(tmp_path, monkeypatch):
     """The CPU peak beside the run's time is measured on every CPU the run could use: on a container's
     or a taskset's few CPUs, one thread per host core (`os.cpu_count`) took turns on them, a lower peak."""
-    import dataclasses
     import os
 
     import nanoseek.perf
-    from model_configs import small_config
 
     bench = load_benchmark("bench_speedrun")
-    (tmp_path / "speedrun.json").write_text(json.dumps(dataclasses.asdict(PRESETS["smoke"])))
-    for stage in ("pretrain", "student"):
-        small_config().save(tmp_path / stage)
+    _smoke_run_with_models(tmp_path)
     timed = []
 
     def peak(dtype=None, device="cpu", n=None, seconds=0.5):
@@ -206,15 +214,11 @@ def test_bench_speedrun_measures_the_cpu_peak_on_the_cpus_it_may_use(tmp_path, m
 def test_bench_speedrun_times_pretrainings_floor_on_the_device_it_ran_on(tmp_path, monkeypatch):
     """On a GPU (gpu_check.sh) pretraining ran on the GPU: its compute floor is over the GPU's matmul
     peak, not the CPU's, which put the run at thousands of percent of "this CPU's peak"."""
-    import dataclasses
 
     import nanoseek.perf
-    from model_configs import small_config
 
     bench = load_benchmark("bench_speedrun")
-    (tmp_path / "speedrun.json").write_text(json.dumps(dataclasses.asdict(PRESETS["smoke"])))
-    for stage in ("pretrain", "student"):
-        small_config().save(tmp_path / stage)
+    _smoke_run_with_models(tmp_path)
     timed = []
 
     def peak(dtype=None, device="cpu", n=None, seconds=0.5):
