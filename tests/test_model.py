@@ -325,6 +325,45 @@ def test_bf16_grouped_gemm_hands_the_cpu_matmul_recurring_row_counts(monkeypatch
     torch.testing.assert_close(moe._grouped_mm(a, w, offs)[: sizes[1]], a[: sizes[1]] @ w[1])
 
 
+def _no_grouped_mm_kernel(*args, **kwargs):
+    raise NotImplementedError("no CPU kernel")  # what torch 2.8's `torch._grouped_mm` says on a CPU
+
+
+@pytest.mark.parametrize("missing", ["absent", "no_cpu_kernel"])  # torch 2.6/2.7, and torch 2.8
+def test_grouped_experts_without_torch_grouped_mm_take_the_loop(monkeypatch, missing):
+    """pyproject says any torch >= 2.6: where `torch._grouped_mm` is missing or has no kernel for the
+    device, aligned expert GEMMs (forward and backward) take the loop and give the kernel's result."""
+    from nanoseek.model import moe
+
+    torch.manual_seed(0)
+    experts = RoutedExperts(4, 32, 16)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.3)
+        experts.down_proj.normal_(0, 0.3)
+    x = torch.randn(24, 32, requires_grad=True)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(24)])
+    w = torch.rand(24, 2)
+    params = (x, experts.gate_up_proj, experts.down_proj)
+    ref = experts(x, idx, w)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params)
+    probe = getattr(moe, "_grouped_mm_works", None)  # probed once per process: again here and after
+    if probe is not None:
+        probe.cache_clear()
+    if missing == "absent":
+        monkeypatch.delattr(torch, "_grouped_mm")
+    else:
+        monkeypatch.setattr(torch, "_grouped_mm", _no_grouped_mm_kernel)
+    try:
+        got = experts(x, idx, w)
+        grads = torch.autograd.grad(got.square().sum(), params)
+    finally:
+        if probe is not None:
+            probe.cache_clear()
+    torch.testing.assert_close(got, ref)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("tokens", [2, 24])  # the gathered decode path, and the grouped GEMM
 def test_inference_expert_stack_in_gemm_layout_gives_the_training_forward(tokens):
     """Under inference mode MoE runs routed + shared experts from one stacked copy, stored as the GEMMs

@@ -23,6 +23,7 @@ What is notable here:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -174,6 +175,23 @@ class Router(nn.Module):
 ROW_BUCKET = 32
 
 
+@functools.cache
+def _grouped_mm_works(device: torch.device, dtype: torch.dtype, b_dim: int) -> bool:
+    """Whether `torch._grouped_mm` takes this device, dtype and form (probed once, on aligned shapes).
+    torch 2.6/2.7 have no `torch._grouped_mm`; 2.8 runs it on CUDA sm90 in bf16 only (no CPU kernel)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        with torch.no_grad():
+            a = torch.ones(16, 16, dtype=dtype, device=device)
+            b = torch.ones(2, 16, 16, dtype=dtype, device=device) if b_dim == 3 else a
+            out = torch._grouped_mm(a, b, offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
+            # rows x each group's weight sum 16 ones; the weight-gradient form sums a group's 8 rows
+            return bool(torch.all(out.float() == (16 if b_dim == 3 else 8)))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+
+
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Per-group matmul over row groups ending at `offs` (cumulative, int32).
 
@@ -183,7 +201,8 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     do CPU calls with fewer rows than groups (decode): the loop skips the empty groups, where the
     CPU kernel runs a select, a slice and an empty mm for each of them. And CPU bf16/fp16, whose
     per-group shapes the loop keeps few (`ROW_BUCKET`); the CPU kernel is itself a loop of matmuls.
-    And float64 (a gradcheck's dtype), which `torch._grouped_mm` does not take.
+    And float64 (a gradcheck's dtype), which `torch._grouped_mm` does not take. And any call where
+    this torch has no `torch._grouped_mm`, or no kernel for the device and dtype (`_grouped_mm_works`).
     """
     cpu = a.device.type == "cpu"
     few_rows = cpu and b.dim() == 3 and a.shape[0] < b.shape[0]
@@ -194,6 +213,7 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
         and not bucketed
         and all(t.data_ptr() % 16 == 0 and (t.stride(-1) == 1 or t.stride(-2) == 1) for t in (a, b))
         and all((st * t.element_size()) % 16 == 0 for t in (a, b) for st in t.stride() if st != 1)
+        and _grouped_mm_works(a.device, a.dtype, b.dim())  # older torch, or a device it has no kernel for
     ):
         return torch._grouped_mm(a, b, offs=offs)
     ends = offs.tolist()
