@@ -302,6 +302,7 @@ def test_tasks_runs_the_families_named_with_the_presets_lists_cut_to_them(tmp_pa
 
     ran = []
     monkeypatch.setattr(Speedrun, "__call__", lambda self: ran.append(self.p) or tmp_path)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the gpu preset runs on one only
     for preset in PRESETS:
         for flag, tasks, zero in (
             ("addition", ("addition",), ()),
@@ -364,6 +365,7 @@ def test_a_runs_recorded_settings_give_its_preset_back(tmp_path, monkeypatch):
 
     ran = []
     monkeypatch.setattr(Speedrun, "__call__", lambda self: ran.append(self.p) or tmp_path)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the gpu preset runs on one only
     for name, preset in PRESETS.items():
         recorded = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset) if f.name != "name"}
         run_speedrun(tmp_path, name, **recorded)
