@@ -134,6 +134,9 @@ def test_dcp_errors_name_the_problem(tmp_path) -> None:
     # out_dir naming the DCP checkpoint itself: refused, the shards (and a run's optimizer state) kept
     with pytest.raises(ValueError, match="is the DCP checkpoint being exported"):
         export_hf(tmp_path / "ckpt", tmp_path / "ckpt")
+    # ...or the directory holding it (the run's): replaced whole, the DCP checkpoint went with it
+    with pytest.raises(ValueError, match="is a directory holding the DCP checkpoint being exported"):
+        export_hf(tmp_path / "ckpt", tmp_path)
     assert is_dcp_checkpoint(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "config.json").unlink()  # a DCP checkpoint another tool wrote
     narrower = DeepSeekV3.build(micro_model().config.replace(moe_intermediate_size=8))

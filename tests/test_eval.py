@@ -309,6 +309,15 @@ def test_a_checkpoint_on_a_read_only_disk_names_both_places_to_give_at_once(tmp_
     )
 
 
+def test_a_gguf_file_for_the_model_is_named_as_one(tmp_path) -> None:
+    """`nanoseek eval model.gguf`: the GGUF file named as every command names it, not a report that cannot
+    be written "in model.gguf: Not a directory" (its default place, beside the checkpoint)."""
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(FileNotFoundError, match="is a GGUF file"):
+        eval_problems(EvalConfig(model=str(gguf_file), task="arithmetic", k=1, n=2, progress=False))
+
+
 def test_pass_at_1_per_language(tmp_path) -> None:
     """Problems in several languages: pass@1 is also reported per language (the report's table)."""
     probs = get_task("comparison").problems("test", 30, seed=0)

@@ -418,6 +418,10 @@ def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
     # Not a checkpoint directory.
     assert main(["export", str(tmp_path), "--gguf", str(tmp_path / "x.gguf")]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
+    # A GGUF file, an export's own output: named as one, as every command names it.
+    (tmp_path / "done.gguf").write_bytes(b"GGUF" + bytes(60))
+    assert main(["export", str(tmp_path / "done.gguf"), "--gguf", str(tmp_path / "x.gguf")]) == 2
+    assert "is a GGUF file" in capsys.readouterr().err
     # --gguf naming a directory: said before anything is written, nothing left behind
     (tmp_path / "outdir").mkdir()
     assert main(["export", str(ckpt), "--gguf", str(tmp_path / "outdir")]) == 2
@@ -427,6 +431,16 @@ def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
         before = (ckpt / own).read_bytes()
         assert main(["export", str(ckpt), "--gguf", str(ckpt / own)]) == 2
         assert "a file of the checkpoint" in capsys.readouterr().err and (ckpt / own).read_bytes() == before
+    # ...a file of it that is a link (a Hub snapshot's into blobs/): the write went through to the weights
+    linked, blobs = tmp_path / "snapshot", tmp_path / "blobs"
+    shutil.copytree(ckpt, blobs)
+    linked.mkdir()
+    for f in blobs.iterdir():
+        (linked / f.name).symlink_to(f)
+    before = (blobs / "model.safetensors").read_bytes()
+    assert main(["export", str(linked), "--gguf", str(linked / "model.safetensors")]) == 2
+    assert "a file of the checkpoint" in capsys.readouterr().err
+    assert (blobs / "model.safetensors").read_bytes() == before
     # --gguf under a file (or on a read-only disk): said before the model is loaded and converted
     (tmp_path / "file").write_text("")
     assert main(["export", str(ckpt), "--gguf", str(tmp_path / "file" / "m.gguf")]) == 2

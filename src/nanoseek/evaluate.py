@@ -602,6 +602,12 @@ def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
             f"--out {cfg.out} is a directory: it takes the report's file, such as "
             f"{Path(cfg.out) / f'eval_{slug(cfg.task)}.json'}"
         )
+    if not cfg.model.startswith(("http://", "https://")) and Path(cfg.model).expanduser().is_file():
+        # a file for the checkpoint (a GGUF export) said as every command says it: the report's default
+        # place beside it read "cannot write the report model.gguf/eval_arithmetic.json: Not a directory"
+        from nanoseek.checkpoint import resolve_checkpoint
+
+        resolve_checkpoint(cfg.model)
     # said now too: a checkpoint on a read-only disk (a shared model directory) got no report, and no
     # scores printed, after every sample had been drawn. Both places at once: on such a disk the
     # default of each is refused, and naming the one left the other for a second try to find.

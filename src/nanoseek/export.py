@@ -175,6 +175,10 @@ def export_gguf(
     else:  # as load_model reads it: `~`, a copy left aside
         src = directory_to_read(Path(checkpoint).expanduser())
     if not src.is_dir() or not (src / "config.json").exists():
+        from nanoseek.checkpoint import GGUF_FILE, _is_gguf
+
+        if _is_gguf(src):  # an export given back to export: named as every other command names it
+            raise ValueError(f"{src} is {GGUF_FILE}: give the checkpoint directory it was exported from")
         raise ValueError(
             f"{src} is not a checkpoint directory (expected config.json, model.safetensors and "
             "tokenizer.json, as every nanoseek stage writes)"
@@ -185,8 +189,15 @@ def export_gguf(
             f"{path} is a directory: --gguf takes the file to write, such as {path / 'model.gguf'}"
         )
     # --gguf naming one of the checkpoint's own files (model.safetensors, config.json, a shard): the
-    # export read the weights, then replaced that file with the GGUF, and the checkpoint was lost
-    if path.exists() and path.suffix != ".gguf" and path.resolve().parent == src.resolve():
+    # export read the weights, then replaced that file with the GGUF, and the checkpoint was lost. By
+    # its path in the directory as well as by its target: a file there may be a link (a Hub snapshot's
+    # into blobs/, `hf download --local-dir`'s older copies), which the write goes through to.
+    own = {f.resolve() for f in src.iterdir()}
+    if (
+        path.exists()
+        and path.suffix != ".gguf"
+        and (path.parent.resolve() == src.resolve() or path.resolve() in own)
+    ):
         raise ValueError(
             f"--gguf {path} is a file of the checkpoint being exported, which the export would replace: "
             f"name a new file, such as {path.parent / 'model.gguf'}"

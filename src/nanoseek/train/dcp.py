@@ -197,11 +197,14 @@ def export_hf(
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"{src} has no config.json: it was not written by nanoseek's save_dcp")
     # out_dir == dcp_dir replaced the DCP checkpoint, and the optimizer state a --resume reads, with
-    # the HF copy
-    if Path(out_dir).resolve() in (src.resolve(), Path(dcp_dir).resolve()):
+    # the HF copy; a directory holding it (the run's own, `export_hf("runs/x/dcp", "runs/x")`) was
+    # replaced whole, the DCP checkpoint and the rest of the run with it
+    target, sources = Path(out_dir).resolve(), (src.resolve(), Path(dcp_dir).resolve())
+    if any(d.is_relative_to(target) for d in sources):
+        what = "the" if target in sources else "a directory holding the"
         raise ValueError(
-            f"export_hf: out_dir {out_dir} is the DCP checkpoint being exported, which the export would "
-            "replace (its optimizer state with it): name another directory"
+            f"export_hf: out_dir {out_dir} is {what} DCP checkpoint being exported, which the export "
+            "would replace (its optimizer state with it): name another directory"
         )
     config = ModelConfig.load(src)
     model = DeepSeekV3.build(config)
