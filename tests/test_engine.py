@@ -1172,6 +1172,7 @@ before = rss()
 cache = PagedLatentCache(2, 448, 64, 1024, 128, torch.bfloat16, "cpu")  # 256 MiB
 cache.kv[:, :128] = 1.0  # one block written
 assert cache.kv[:, 128:].abs().amax() == 0 and cache.kv.shape == (2, 1024 * 128, 512)
+assert cache.kv.data_ptr() % 64 == 0  # aligned as torch's own allocator aligns (vector loads)
 print(cache.kv.nbytes, rss() - before)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
