@@ -146,9 +146,11 @@ class LiveServer:
 
         import uvicorn
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        # the socket stays bound and is handed to uvicorn: a port only looked up (bound, closed, bound
+        # again by uvicorn) could be taken in between by a test running beside this one
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
@@ -157,7 +159,7 @@ class LiveServer:
     def __enter__(self) -> LiveServer:
         import threading
 
-        self._thread = threading.Thread(target=self.server.run, daemon=True)
+        self._thread = threading.Thread(target=self.server.run, args=([self._sock],), daemon=True)
         self._thread.start()
         deadline = time.time() + 20
         while not self.server.started:
@@ -169,3 +171,4 @@ class LiveServer:
     def __exit__(self, *exc) -> None:  # noqa: ANN002
         self.server.should_exit = True
         self._thread.join(10)
+        self._sock.close()
