@@ -849,7 +849,7 @@ def test_the_cli_warns_of_truncated_samples_on_stderr(monkeypatch, capsys) -> No
 )
 def test_the_cli_prints_no_interval_where_the_scores_do_not_vary(monkeypatch, capsys, stderr, shown) -> None:
     """Every problem scored alike (or one problem): a standard error of 0 printed "± 0.000", which reads
-    as certainty; the report shows none there (`report._pm`), and neither does the line now."""
+    as certainty; the report shows none there (`report.plus_minus`), and neither does the line now."""
     import nanoseek.evaluate as ev
     from nanoseek.cli import main as cli
 

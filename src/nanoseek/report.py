@@ -538,7 +538,7 @@ def build_report(
             " (± 95%)"
             if any(_finite(r.get("pass@1_stderr")) and r["pass@1_stderr"] for r in evals.values())
             else ""
-        )  # 0: none (`_pm`)
+        )  # 0: none (`plus_minus`)
         lines += [
             f"| checkpoint | task | k | pass@1{interval} | cons@k | format rate | language consistency | mean length |",
             "|---|---|---|---|---|---|---|---|",
@@ -549,7 +549,7 @@ def build_report(
             se = se if _finite(se) else None  # ("nan", as a MetricsLog writes a NaN)
             lines.append(
                 f"| {name} | {task} | {_fmt(r.get('k'))} | {_pct(r.get('pass@1', r.get('accuracy')))}"
-                f"{_pm(None if se is None else Z_95 * se)} | "
+                f"{plus_minus(None if se is None else Z_95 * se)} | "
                 f"{_pct(r.get('cons'))} | {_pct(r.get('format_rate'))} | {_pct(r.get('language_consistency'))} | "
                 f"{_fmt(r.get('length'))} |"
             )
@@ -575,7 +575,7 @@ def build_report(
                 )
                 lines.append(
                     f"- {task}: GRPO changed held-out pass@1 by "
-                    f"**{100 * (a - b):+.1f}{_pm(paired_margin(before, after))} points** "
+                    f"**{100 * (a - b):+.1f}{plus_minus(paired_margin(before, after))} points** "
                     f"({_pct(b)} → {_pct(a)}){other}; format rate {_pct(before.get('format_rate'))} → "
                     f"{_pct(after.get('format_rate'))}."
                 )
@@ -636,7 +636,7 @@ def paired_margin(before: dict[str, Any], after: dict[str, Any]) -> float | None
     return Z_95 * standard_error([x - y for x, y in zip(a, b, strict=True)])
 
 
-def _pm(margin: float | None, points: bool = True) -> str:
+def plus_minus(margin: float | None, points: bool = True) -> str:
     """' ± 6.1' (points) for a 95% interval's half-width, or nothing when there is none. A half-width
     of 0 is none: scores with no spread (every problem solved, or none; one problem) have none to
     measure, and "0.0% ± 0.0" over 48 problems read as certainty. With `points` False, ' ± 0.031': a
@@ -717,7 +717,7 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
             )
     out.append("")
     start, gains, margins = sm["start"], sm["gains"], sm["gain_margins"]
-    if any(margins.values()):  # (a zero half-width is shown as none: `_pm`)
+    if any(margins.values()):  # (a zero half-width is shown as none: `plus_minus`)
         n = len(evals[("grpo", next(iter(margins)))]["pass@1_per_problem"])
         out.append(
             f"- GRPO's gains below carry ± the half-width of their 95% interval, paired over the {n} "
@@ -727,7 +727,7 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
     undrawn = set(probe.get("left_out") or [])
     if sm["mid"]:
         each = "; ".join(
-            f"{t} {100 * gains[t]:+.1f}{_pm(margins.get(t))}"
+            f"{t} {100 * gains[t]:+.1f}{plus_minus(margins.get(t))}"
             + (
                 ", left out of GRPO's draw by its probe and held by the worked-solution mix only"
                 if t in undrawn
@@ -738,18 +738,18 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
         apart = f" ({', '.join(sm['verifier_only'])}: below)" if sm["verifier_only"] else ""
         out.append(
             f"- GRPO's gain over its starting checkpoint ({start}) on the families with worked solutions that "
-            f"start between 20% and 80%{apart}: **{100 * sm['mid_gain']:+.1f}{_pm(sm['mid_margin'])} points** "
+            f"start between 20% and 80%{apart}: **{100 * sm['mid_gain']:+.1f}{plus_minus(sm['mid_margin'])} points** "
             f"on average ({each})."
         )
     if sm["second_turn_mid"]:
         each = ", ".join(
-            f"{t} {100 * sm['second_turn_gains'][t]:+.1f}{_pm(sm['second_turn_margins'].get(t))}"
+            f"{t} {100 * sm['second_turn_gains'][t]:+.1f}{plus_minus(sm['second_turn_margins'].get(t))}"
             for t in sm["second_turn_mid"]
         )
         out.append(
             f"- Asked second in a chat (GRPO drew those prompts too): its gain over {start} on the families "
             f"that start there between 20% and 80%: **{100 * sm['second_turn_mid_gain']:+.1f}"
-            f"{_pm(sm['second_turn_mid_margin'])} points** on average ({each})."
+            f"{plus_minus(sm['second_turn_mid_margin'])} points** on average ({each})."
         )
     if probe.get("pass_rates"):
         rates = ", ".join(f"{t} {_pct(r)}" for t, r in probe["pass_rates"].items())
@@ -765,7 +765,7 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
             out.append(
                 f"- Learned from its verifier alone (no worked solution of {t} in pretraining or SFT): "
                 f"{t} {_pct(value[(start, t)])} → {_pct(value[('grpo', t)])}, "
-                f"**{100 * gains[t]:+.1f}{_pm(margins.get(t))} points**."
+                f"**{100 * gains[t]:+.1f}{plus_minus(margins.get(t))} points**."
             )
     if means.get("distill") is not None and means.get("grpo"):
         out.append(

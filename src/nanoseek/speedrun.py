@@ -36,7 +36,7 @@ from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_tur
 from nanoseek.evaluate import Z_95, slug
 from nanoseek.metrics import MetricsLog, append_records, read_metrics
 from nanoseek.options import shell_quoted
-from nanoseek.report import EVAL_STAGES, STAGES, RunMetrics, _pm
+from nanoseek.report import EVAL_STAGES, STAGES, RunMetrics, plus_minus
 from nanoseek.train import TrainingInterrupted
 
 DONE = ".done"
@@ -901,7 +901,7 @@ class Speedrun:
             for task, m in zip(tasks, ms, strict=True):
                 results[f"{stage}/{task}"] = m["pass@1"]
                 # as the report shows it: no "± 0.0" where the scores do not vary over the problems
-                interval = _pm(Z_95 * m["pass@1_stderr"])
+                interval = plus_minus(Z_95 * m["pass@1_stderr"])
                 print(
                     f"  eval {stage:8s} {task}: pass@1 {m['pass@1']:.1%}{interval}{' (95%)' if interval else ''}, "
                     f"format {m['format_rate']:.1%}",

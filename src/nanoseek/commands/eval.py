@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.evaluate import EvalConfig, evaluate_many, slug
     from nanoseek.options import from_options
     from nanoseek.perf import torch_threads
-    from nanoseek.report import _pm
+    from nanoseek.report import plus_minus
 
     tasks = split_task_list(args.task)
     cfgs = []
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         k = m["k"]
         print(
             # no "± 0.000" where the scores do not vary over the problems, as the report shows them
-            f"eval {task} ({m['evaluated']}): pass@1 {m['pass@1']:.3f}{_pm(m['pass@1_stderr'], points=False)}, "
+            f"eval {task} ({m['evaluated']}): pass@1 {m['pass@1']:.3f}{plus_minus(m['pass@1_stderr'], points=False)}, "
             f"cons@{k} {m[f'cons@{k}']:.3f}, "
             f"format {m['format_rate']:.3f}, language {m['language_consistency']:.3f}, "
             f"length {m['mean_response_tokens']:.1f} tokens over {m['problems']} problems; {m['json']}"
