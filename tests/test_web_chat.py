@@ -505,37 +505,24 @@ def test_settings_and_the_api_key_reach_the_request(browser):
 
 
 @pytest.mark.slow
-def test_the_temperature_left_empty_is_the_servers_default(browser):
-    """The page sent temperature 0.6 of its own with every message, over the server's default from the
-    checkpoint's generation_config.json (greedy for nanoseek's own checkpoints, as `chat` and the API
-    decode them): its box now starts empty, and empty sends none."""
-    tok = tiny_tokenizer()
-    engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
-    config = ServeConfig(model_name="web-test", sampling_defaults={"temperature": 0.0, "top_p": 0.95})
-    with LiveServer(create_app(engine, tok, config)) as srv:
-        _open_page(browser, srv)
-        _record_fetches(browser)
-        _send_and_wait(browser, "hello")
-        assert _last(browser, ".error") is None
-        assert "temperature" not in _chat_bodies(browser)[-1]
-        assert (engine.added[-1][1].temperature, engine.added[-1][1].top_p) == (0.0, 0.95)
-
-
-@pytest.mark.slow
-def test_max_tokens_left_empty_is_the_servers_default(browser):
-    """The page sent max_tokens 512 of its own with every message, so a checkpoint's generation_config.json
-    max_new_tokens (the server's default) never applied there: its box now starts empty, and empty sends
+def test_the_temperature_and_max_tokens_left_empty_are_the_servers_defaults(browser):
+    """The page sent temperature 0.6 and max_tokens 512 of its own with every message, over the server's
+    defaults from the checkpoint's generation_config.json (greedy for nanoseek's own checkpoints, as
+    `chat` and the API decode them; its max_new_tokens): both boxes now start empty, and empty sends
     none."""
     tok = tiny_tokenizer()
     engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
-    config = ServeConfig(model_name="web-test", sampling_defaults={"max_new_tokens": 9})
+    defaults = {"temperature": 0.0, "top_p": 0.95, "max_new_tokens": 9}
+    config = ServeConfig(model_name="web-test", sampling_defaults=defaults)
     with LiveServer(create_app(engine, tok, config)) as srv:
         _open_page(browser, srv)
         _record_fetches(browser)
         _send_and_wait(browser, "hello")
         assert _last(browser, ".error") is None
-        assert "max_tokens" not in _chat_bodies(browser)[-1]
-        assert engine.added[-1][1].max_new_tokens == 9
+        body = _chat_bodies(browser)[-1]
+        assert "temperature" not in body and "max_tokens" not in body
+        params = engine.added[-1][1]
+        assert (params.temperature, params.top_p, params.max_new_tokens) == (0.0, 0.95, 9)
 
 
 @pytest.mark.slow
