@@ -30,6 +30,7 @@ from nanoseek.config import get_preset
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.quantize import quantize_model, weight_bytes
 from nanoseek.model.transformer import DeepSeekV3
+from nanoseek.options import thread_count
 from nanoseek.perf import cpu_description, tune_malloc
 
 
@@ -225,7 +226,7 @@ def quantization_report(model: DeepSeekV3, held_out: torch.Tensor) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for both engines")
+    ap.add_argument("--threads", type=thread_count, default=1, help="torch threads for both engines")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)

@@ -36,7 +36,7 @@ from tqdm import tqdm  # noqa: E402
 from nanoseek.config import get_preset  # noqa: E402
 from nanoseek.model.fp8 import FP8Recipe, convert_to_fp8_training, resolve_backend  # noqa: E402
 from nanoseek.model.transformer import DeepSeekV3, cross_entropy  # noqa: E402
-from nanoseek.options import torch_seed  # noqa: E402
+from nanoseek.options import thread_count, torch_seed  # noqa: E402
 
 
 def markov_stream(vocab: int, batch: int, seq: int, steps: int, seed: int, branching: int = 4):
@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=torch_seed, default=0)
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--threads", type=thread_count, default=min(2, os.cpu_count() or 1))
     p.add_argument("--backend", default="auto", choices=["auto", "scaled_mm", "emulate"])
     p.add_argument("--pow2", action="store_true", help="power-of-two (UE8M0) scales")
     p.add_argument(

@@ -145,13 +145,15 @@ def bench_trl(init: str, args: argparse.Namespace, run: Path) -> dict:
 
 
 def main() -> None:
+    from nanoseek.options import thread_count
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--init", default=None, help="checkpoint directory (default: a random tiny model)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=thread_count, default=1)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

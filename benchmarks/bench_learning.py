@@ -433,7 +433,7 @@ def summarize(result: dict[str, Any], threshold: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nanoseek.options import torch_seed
+    from nanoseek.options import thread_count, torch_seed
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", nargs="*", default=["baseline", "recipe"])
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--copy-threshold", type=float, default=0.1)
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "nanoseek-bench-learning"))
     ap.add_argument("--json", default=None, help="write every curve and the summary here")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=thread_count, default=None)
     args = ap.parse_args(argv)
     if args.list:
         for v in VARIANTS.values():

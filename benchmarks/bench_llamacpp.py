@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoseek.options import torch_seed
+from nanoseek.options import thread_count, torch_seed
 
 SIZES = ("tiny", "lite")
 GGUF_TYPE = {"bf16": "bf16", "int8": "q8_0", "w8a8": "q8_0", "f32": "f32"}
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="tiny,lite")
     ap.add_argument("--precisions", default="bf16,int8", help="bf16, int8 and w8a8 (vs Q8_0), f32")
     ap.add_argument("--figures", default="pp,b1,b16", help="pp, b1, b16")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=thread_count, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each engine, alternating; median")
     ap.add_argument("--lite-layers", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)

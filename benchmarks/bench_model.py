@@ -42,7 +42,7 @@ from tqdm import tqdm
 from nanoseek.accounting import flops_per_token
 from nanoseek.checkpoint import build_model, save_model
 from nanoseek.config import ModelConfig
-from nanoseek.options import torch_seed
+from nanoseek.options import thread_count, torch_seed
 from nanoseek.perf import cpu_description, matmul_peak_flops, tune_malloc
 
 
@@ -208,7 +208,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--seed", type=torch_seed, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=thread_count, default=2)
     p.add_argument(
         "--hf-experts", default=None, help="transformers experts_implementation (default: its own default)"
     )

@@ -97,7 +97,7 @@ def run_one(args: argparse.Namespace, gamma: float, tok_dir: Path, out: Path) ->
 
 
 def main() -> None:
-    from nanoseek.options import torch_seed
+    from nanoseek.options import thread_count, torch_seed
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=parse_tokens, default=parse_tokens("400k"), help="token budget per run")
@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--tokenizer-docs", type=int, default=20000)
     p.add_argument("--val-batches", type=int, default=8)
     p.add_argument("--seed", type=torch_seed, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=thread_count, default=None)
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
     p.add_argument("--no-progress", action="store_true")

@@ -128,6 +128,8 @@ async def run_level(
 
 
 def main() -> None:
+    from nanoseek.options import thread_count
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="checkpoint directory (default: a throwaway random `--preset` model)")
     ap.add_argument("--preset", default="tiny")
@@ -135,7 +137,9 @@ def main() -> None:
     ap.add_argument("--requests-per-level", type=int, default=64, help="at most this many requests per level")
     ap.add_argument("--seconds-per-level", type=float, default=60.0, help="stop starting requests after this")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in the server (OMP_NUM_THREADS)")
+    ap.add_argument(
+        "--threads", type=thread_count, default=2, help="torch threads in the server (OMP_NUM_THREADS)"
+    )
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = ap.parse_args()
 

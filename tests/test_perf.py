@@ -370,6 +370,26 @@ def test_benchmark_seeds_are_torch_seeds(monkeypatch, capsys):
         assert e.value.code == 2 and "2**64" in capsys.readouterr().err, name
 
 
+def test_benchmark_threads_are_refused_below_one(monkeypatch, capsys):
+    """`--threads 0` reached `torch.set_num_threads` once the benchmark had built its model, and ended in
+    torch's traceback; it is refused as the command line's error instead (`options.thread_count`)."""
+    import os
+    import sys
+
+    import pytest
+    from tests.benchmark_scripts import BENCHMARKS, load_benchmark
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # bench_fp8 sets it
+    names = ("bench_engine", "bench_fp8", "bench_grpo", "bench_learning", "bench_llamacpp", "bench_model")
+    for name in (*names, "bench_pretrain", "bench_serve"):
+        bench = load_benchmark(name)
+        monkeypatch.setattr(sys, "argv", [f"{name}.py", "--threads", "0"])
+        with pytest.raises(SystemExit) as e:
+            bench.main()
+        assert e.value.code == 2 and "at least 1, got 0" in capsys.readouterr().err, name
+
+
 def test_bench_learning_whole_documents_leave_the_padding_out_of_the_balancing(tmp_path, monkeypatch):
     """As in `nanoseek pretrain` and `nanoseek ablate`: a variant trained on whole documents (padded
     windows) passes the routers the mask of its documents' tokens, so padding moves no expert bias."""

@@ -47,6 +47,18 @@ def torch_seed(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int:
+    """The `type` (argparse) of a benchmark's --threads: torch refuses 0 and below only when the
+    benchmark sets them, with a traceback after its model is built."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def shell_quoted(value: str | os.PathLike) -> str:
     """`value` as one argument of a command printed for the user to paste: a path with spaces or quotes
     quoted for their shell (POSIX sh; cmd.exe's rules on Windows), a plain one as it is."""
