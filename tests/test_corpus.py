@@ -739,6 +739,58 @@ def test_a_corrupt_gzip_file_is_named(tmp_path: Path) -> None:
         list(iter_documents(path))
 
 
+def test_a_parquet_file_damaged_past_its_footer_is_named(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "shard.parquet"
+    pq.write_table(pa.table({"text": [f"document {i} " * 20 for i in range(2000)]}), path, row_group_size=500)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # a bad sector in a data page
+    path.write_bytes(bytes(data))
+    pq.ParquetFile(path)  # (its footer opens: the damage is met mid-read)
+    # was pyarrow's "OSError: Corrupt snappy compressed data.", naming none of a corpus's shards
+    with pytest.raises(ValueError, match=r"shard.parquet is not a readable parquet file .*damaged"):
+        list(iter_documents(path))
+
+
+def test_a_lone_surrogate_in_a_jsonl_text_names_its_line(tmp_path: Path) -> None:
+    # valid JSON (an emoji cut in half), but no text: the run stopped on "'utf-8' codec can't encode
+    # character '\ud83d'", naming no file, when the reader got there
+    path = tmp_path / "crawl.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "cut \\ud83d emoji"}\n{"text": "pair \\ud83d\\ude00"}\n')
+    with pytest.raises(ValueError, match=r"crawl.jsonl:2 \(byte 17\): .*lone surrogate U\+D83D"):
+        list(iter_documents(path))
+    path.write_text('{"text": "pair \\ud83d\\ude00"}\n')  # a whole pair is a character
+    assert list(iter_documents(path)) == ["pair \U0001f600"]
+
+
+def test_the_embedded_corpus_mixed_with_files_is_refused_as_such(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("my notes")
+    # it was "data source not found: embedded", of a source the help lists
+    with pytest.raises(ValueError, match="embedded corpus cannot be mixed with files"):
+        next(iter_documents(["embedded:arithmetic", tmp_path / "notes.txt"]))
+
+
+def test_a_glob_reads_the_folders_it_matches(tmp_path: Path) -> None:
+    """`--data 'shards/*'` reads shards/en/ and shards/fr/ as the shell's expansion of it does (the glob
+    dropped the folders: their files were silently missing); their other files are left out, said."""
+    for name in ("en/a.txt", "fr/b.jsonl", "top.txt", "empty/.keep", "fr/notes.csv"):
+        (tmp_path / "shards" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "shards" / name).write_text('{"text": "x"}')
+    with pytest.warns(UserWarning, match=r"1 file\(s\) of other types left out .*fr/notes.csv"):
+        got = resolve_files(str(tmp_path / "shards" / "*"))
+    assert [p.relative_to(tmp_path / "shards").as_posix() for p in got] == [
+        "en/a.txt",
+        "fr/b.jsonl",
+        "top.txt",
+    ]
+    (tmp_path / "shards" / "fr" / "notes.csv").unlink()  # (`**` matches it itself: refused, as before)
+    assert resolve_files(str(tmp_path / "shards" / "**")) == got  # each file once, in the same order
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        resolve_files(str(tmp_path / "shards" / "emp*"))
+
+
 # ------------------------------------------------------------------ gaps found by mutation testing
 def test_a_resume_inside_a_cut_record_reads_every_record_after_it(tmp_path: Path, tok: Tokenizer) -> None:
     """The piece cursor skips pieces of the record it points into only: the records after it, in its

@@ -164,6 +164,15 @@ def _read_jsonl(path: Path, offset: int, text_field: str) -> Iterator[tuple[str,
                 raise ValueError(
                     f"{_line_at(path, at)}: field {text_field!r} is {type(text).__name__}, not text"
                 )
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                # valid JSON (a web crawl's emoji cut in half), but no text the split's hash or the
+                # tokenizer can encode: it stopped the run naming no file, wherever the reader reached it
+                raise ValueError(
+                    f"{_line_at(path, at)}: field {text_field!r} holds a lone surrogate "
+                    f"U+{ord(text[e.start]):04X} (a \\uD800-\\uDFFF escape without its pair): fix or drop the line"
+                ) from None
             yield text, f.tell()
 
 
@@ -203,7 +212,16 @@ def _read_parquet(path: Path, offset: int, text_field: str) -> Iterator[tuple[st
     if first >= pf.metadata.num_row_groups:
         return
     groups = list(range(first, pf.metadata.num_row_groups))
-    for batch in pf.iter_batches(batch_size=1024, row_groups=groups, columns=[text_field]):
+    batches = pf.iter_batches(batch_size=1024, row_groups=groups, columns=[text_field])
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            # a damaged page past the footer ("Corrupt snappy compressed data"): pyarrow names no file,
+            # and a corpus of many shards stopped there without saying which
+            raise ValueError(f"{path} is not a readable parquet file ({e}): it is damaged") from None
+        if batch is None:
+            break
         for text in batch.column(0).to_pylist():
             row += 1
             if row <= offset or text is None:
@@ -309,6 +327,11 @@ class _DocumentStream:
         self.multi_turn = multi_turn
         self.embedded_tasks = embedded_tasks(source) if self.embedded else None
         self.embedded_split = embedded_split
+        if not self.embedded and not isinstance(source, str | os.PathLike) and any(map(is_embedded, source)):
+            # (`--data embedded --data notes.txt`: it was "data source not found: embedded")
+            raise ValueError(
+                "the embedded corpus cannot be mixed with files: give --data embedded alone, or only files"
+            )
         self.files = [] if self.embedded else resolve_files(source)
         self.text_field = text_field
         self.seed = seed

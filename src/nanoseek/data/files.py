@@ -46,24 +46,27 @@ def resolve_files(
     gz = [s + ".gz" for k in kinds if k != "parquet" for s in _KIND_SUFFIXES[k]]  # parquet compresses inside
     use = "use " + (", ".join(suffixes) + ", or .gz" if len(gz) > 1 else " or ".join(suffixes + gz))
     files: list[Path] = []
+
+    def left_out(where: str, others: list[str]) -> None:
+        # said, not skipped in silence: a folder of .csv or .html files trained on what was left
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        warnings.warn(
+            f"{where}: {len(others)} file(s) of other types left out of the data ({shown}); {use}",
+            stacklevel=3,
+        )
+
     for item in items:
         text = str(item)
         # a path that exists is itself, a glob only otherwise: `wiki [en].txt` is that file, where its
         # glob would match `wiki e.txt` (or nothing)
         if Path(text).is_dir():
-            present = [p for p in _walk(text) if p.is_file()]
-            found = sorted(p for p in present if file_kind(p) in kinds)
-            # said, not skipped in silence: a folder of .csv or .html files trained on what was left
-            others = sorted(str(p.relative_to(text)) for p in present if file_kind(p) not in kinds)
-            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            found, others = _folder_files(text, kinds)
             if not found:
+                shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
                 also = f" (only {shown})" if others else ""
                 raise FileNotFoundError(f"no {'/'.join(suffixes)} files under {text}{also}")
             if others:
-                warnings.warn(
-                    f"{text}: {len(others)} file(s) of other types left out of the data ({shown}); {use}",
-                    stacklevel=2,
-                )
+                left_out(text, others)
             files.extend(found)
         elif Path(text).is_file() or (len(kinds) == 1 and Path(text).exists()):
             kind = file_kind(Path(text))
@@ -82,12 +85,22 @@ def resolve_files(
                 "at a byte offset); save it to a file first (a .gz is read as it is)"
             )
         elif any(c in text for c in "*?["):
-            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True)) if Path(m).is_file()]
-            if not matches:
-                raise FileNotFoundError(f"no files match {text}")
-            bad = [m for m in matches if file_kind(m) not in kinds]
+            matched = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+            bad = [m for m in matched if m.is_file() and file_kind(m) not in kinds]
             if bad:
                 raise ValueError(f"unsupported file type: {bad[0]} ({use})")
+            # a folder the glob matches is read as one named outright (`--data 'shards/*'` over
+            # shards/en/ and shards/fr/): it was dropped, its files silently missing from the data, where
+            # the shell's expansion of the same glob read them
+            matches, others = [], []
+            for m in matched:
+                found, left = _folder_files(str(m), kinds) if m.is_dir() else ([m] if m.is_file() else [], [])
+                matches += found
+                others += [str(m / p) for p in left]
+            if not matches:
+                raise FileNotFoundError(f"no files match {text}")
+            if others:
+                left_out(text, list(dict.fromkeys(others)))  # (`**` matches a folder and those inside it)
             files.extend(matches)
         else:
             raise FileNotFoundError(f"data source not found: {text}")
@@ -102,6 +115,13 @@ def resolve_files(
         except OSError as e:
             raise ValueError(f"cannot read {f}: {e.strerror}") from e
     return files
+
+
+def _folder_files(root: str, kinds: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """The files under `root` of the readers' `kinds`, sorted, and those of others (relative to it)."""
+    present = [p for p in _walk(root) if p.is_file()]
+    found = sorted(p for p in present if file_kind(p) in kinds)
+    return found, sorted(str(p.relative_to(root)) for p in present if file_kind(p) not in kinds)
 
 
 def _walk(root: str) -> Iterator[Path]:
