@@ -1169,6 +1169,33 @@ def test_a_signal_saves_the_next_step_and_the_resume_ends_as_an_uninterrupted_ru
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_signal_at_a_validation_step_validates_it_at_the_resume(workdir, tmp_path) -> None:
+    """A signal stops at the next step without validating it: a step due a validation (--val-every,
+    the last step) had none, before or after the --resume, so the curve missed its points and the
+    report's final val loss was an earlier step's."""
+    import signal
+
+    from nanoseek.train import TrainingInterrupted
+
+    kw = dict(steps=4, schedule="constant", warmup_steps=0, val_every=2, val_batches=1, probe_problems=2)
+    pretrain(config(workdir, tmp_path / "a", **kw))
+    for at in (1, 3):  # stopped at step 2 (a validation's), then at step 4 (the last)
+        with pytest.raises(TrainingInterrupted):
+            pretrain(
+                config(workdir, tmp_path / "b", resume=True, **kw), on_step=_signal_at(at, signal.SIGTERM)
+            )
+    pretrain(config(workdir, tmp_path / "b", resume=True, **kw))
+
+    def validations(run: Path) -> list[tuple[int, float]]:
+        records = read_metrics(run, stage="pretrain")
+        return [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and "event" not in r]
+
+    assert validations(tmp_path / "b") == validations(tmp_path / "a") != []
+    assert [s for s, _ in validations(tmp_path / "a")] == [2, 4]
+    ends = [r for r in read_metrics(tmp_path / "b", stage="pretrain") if r.get("event") == "end"]
+    assert ends[-1]["val_loss"] == validations(tmp_path / "a")[-1][1]
+
+
 def test_a_signal_after_the_last_step_still_stops_what_runs_the_stage(workdir, tmp_path) -> None:
     """A SIGTERM that came as the last step was saved was taken and forgotten: the stage returned, and
     a speedrun went on to its next stage as if nobody had asked it to stop."""

@@ -423,6 +423,9 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
     extra = trainer.resume() if cfg.resume else None
     if extra:
         train_data.load_state_dict(extra["data"])
+    # a signal at a validation step saved it unvalidated (stopping promptly): validated at the resume,
+    # or the run never had that point of its curve (at its last step: the report's final val loss)
+    owed = bool(extra and extra.get("validation_due") and cfg.val_every and cfg.val_batches)
     # after the resume: its TensorBoard events go on from the step resumed
     log = StepLog.for_trainer(
         trainer,
@@ -433,7 +436,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
         tensorboard=cfg.tensorboard,
         progress=cfg.progress,
     )
-    if cfg.resume and trainer.global_step >= cfg.steps:
+    if cfg.resume and trainer.global_step >= cfg.steps and not owed:
         # a finished run: its checkpoint stays as written, not validated and saved again (the report
         # adds this process's end record, no time, to the stage's)
         log.log(trainer.global_step, event="end", wall_time_s=0.0, skipped=trainer.skipped_steps)
@@ -543,12 +546,21 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
             log.log(trainer.global_step, **{f"probe_{k}_loss": losses[k] for k in KINDS if k in losses})
         return loss
 
+    validated_at = -1  # the step validated last in this process
+
+    def train_state() -> dict[str, Any]:
+        step = trainer.global_step
+        due = bool(val_set) and (step % cfg.val_every == 0 or step == cfg.steps)
+        return {"data": train_data.state_dict(), "validation_due": due and validated_at != step}
+
     t0 = time.perf_counter()
     start_step, start_tokens = trainer.global_step, trainer.tokens_seen
     last: dict[str, Any] = {}
     val_loss = None
     try:
         with trainer.stop_on_signals():
+            if owed:
+                val_loss, validated_at = validate(), trainer.global_step
             while trainer.global_step < cfg.steps:
                 last = trainer.step(loss_fn, cfg.accumulation)
                 log.step(last)
@@ -558,12 +570,12 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
                 if on_step is not None:
                     on_step(step)
                 if val_set and (step % cfg.val_every == 0 or step == cfg.steps):
-                    val_loss = validate()
+                    val_loss, validated_at = validate(), step
                 if trainer.checkpoint_due():
-                    trainer.save({"data": train_data.state_dict()})
+                    trainer.save(train_state())
             if val_set and val_loss is None and not trainer.stop_signal:
-                val_loss = validate()
-            path = trainer.save({"data": train_data.state_dict()})
+                val_loss, validated_at = validate(), trainer.global_step
+            path = trainer.save(train_state())
             trainer.stop_requested()  # one that came during the last step's save: stop all the same
     except BaseException:
         log.close()
