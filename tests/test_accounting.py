@@ -310,6 +310,29 @@ def test_inspect_and_cost_name_a_gguf_or_weights_file_given_for_the_directory(tm
     assert json.loads(capsys.readouterr().out)["total_params"] == account("deepseek-v3").total_params
 
 
+def test_inspect_and_cost_refuse_a_json_file_that_is_no_models_config(tmp_path, capsys) -> None:
+    """generation_config.json (beside config.json, one tab away), tokenizer_config.json or `{}` were read
+    as DeepSeek-V3's defaults: inspect and cost counted 671B for them without a word."""
+    gen = tmp_path / "generation_config.json"
+    gen.write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1, "do_sample": True}))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    for command in (["inspect", str(gen)], ["cost", str(gen), "--tokens", "1B"], ["inspect", str(empty)]):
+        assert main(command) == 2
+        assert "is not a model's config.json" in capsys.readouterr().err
+
+
+def test_inspect_title_shows_the_name_as_given(tmp_path, monkeypatch, capsys) -> None:
+    """The name went into the table's title as rich markup: `run[lr=3e-4]` lost its bracket and
+    `x[/b]` ended in a MarkupError traceback; and a path wider than the table was cut over two lines."""
+    monkeypatch.chdir(tmp_path)  # names that fit the 80 columns of a pipe
+    for name in ("run[lr=3e-4]", "x[/b]", "models/DeepSeek-R1-Distill-Qwen-1.5B"):
+        get_preset("tiny-qwen2").save(name)
+        assert main(["inspect", name]) == 0
+        assert f"{name}  (qwen2)" in capsys.readouterr().out
+
+
 def test_cost_cli(capsys) -> None:
     assert main(["cost", "deepseek-v3", "--tokens", "14.8T", "--gpu-hours", "2.788M", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -367,6 +390,20 @@ def test_cost_cli_passes_each_flag_and_its_documented_default_on(capsys) -> None
     # a day exactly is said in days (24 GPU-hours on one GPU), not as 24.0 hours
     assert main(["cost", "tiny", "--tokens", "1B", "--gpu-hours", "24", "--gpus", "1"]) == 0
     assert "wall clock        1.0 days on 1 GPUs" in capsys.readouterr().out
+
+
+def test_cost_json_says_what_its_flops_assume(capsys) -> None:
+    """The text says "incl. MTP, seq 4096"; --json gave the FLOPs alone, the same keys with --no-mtp or
+    another --seq-len, and a model without MTP modules read the same as one whose MTP was left out."""
+    for argv, seq, mtp in (
+        ([], 4096, True),
+        (["--no-mtp", "--seq-len", "1024"], 1024, False),
+    ):
+        assert main(["cost", "deepseek-v3", "--tokens", "1T", "--json", *argv]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert (got["seq_len"], got["includes_mtp"]) == (seq, mtp)
+    assert main(["cost", "tiny-qwen2", "--tokens", "1T", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["includes_mtp"] is False
 
 
 def test_inspect_context_reaches_the_attention_flops_and_is_refused_under_one(capsys) -> None:

@@ -147,6 +147,29 @@ def test_dense_config_fields_and_errors():
         ModelConfig.from_dict({**get_preset("tiny").to_dict(), "attention_bias": True})
 
 
+def test_config_without_model_type_is_the_family_its_architectures_names(tmp_path):
+    """A hand-written config.json with no model_type: read as the class `architectures` names (it was
+    DeepSeek-V3's MLA, and the Llama weights then refused as "written for another config.json")."""
+    ref = hf_model("llama_bias_llama3_gqa4")
+    ref.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["model_type"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours = nanoseek.load_model(tmp_path).eval()
+    assert ours.config.model_type == "llama"
+    ids = ids_for(40)
+    with torch.no_grad():
+        assert_close(ours(ids), ref(ids).logits)
+    qwen = {**transformers.Qwen2Config(**hf_kwargs()).to_dict(), "architectures": ["Qwen2ForCausalLM"]}
+    del qwen["model_type"]
+    assert ModelConfig.from_dict(qwen).model_type == "qwen2"
+    # a class nanoseek does not read is named, not built as another family
+    with pytest.raises(ValueError, match="no model_type, and architectures names 'MistralForCausalLM'"):
+        ModelConfig.from_dict({**qwen, "architectures": ["MistralForCausalLM"]})
+    # no architectures either: DeepSeek-V3's defaults, as before (nanoseek's own presets)
+    assert ModelConfig.from_dict({"vocab_size": 128}).model_type == "deepseek_v3"
+
+
 def test_tiny_qwen2_preset_is_a_qwen2_checkpoint(tmp_path):
     """The distillation student preset: transformers loads what nanoseek saves as Qwen2ForCausalLM."""
     cfg = get_preset("tiny-qwen2")

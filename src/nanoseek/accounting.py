@@ -388,6 +388,9 @@ class TrainingCost:
     usd_per_gpu_hour: float
     usd: float
     mfu_implied: bool  # True when the GPU-hours were given and the MFU derived from them
+    # what the FLOPs assume (the text says "incl. MTP, seq 4096"; without them `--json` could not tell)
+    seq_len: int
+    includes_mtp: bool
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -459,6 +462,8 @@ def training_cost(
         usd_per_gpu_hour=usd_per_gpu_hour,
         usd=gpu_hours * usd_per_gpu_hour,
         mfu_implied=implied,
+        seq_len=seq_len,
+        includes_mtp=include_mtp and bool(config.num_nextn_predict_layers),
     )
 
 

@@ -42,6 +42,12 @@ _PASSTHROUGH_DEFAULTS: dict[str, Any] = {
 }
 # Dense families (grouped-query attention, dense SwiGLU MLP) and their transformers classes.
 DENSE_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+# The model_type of each transformers class nanoseek reads (for a config.json that names no model_type).
+_ARCHITECTURE_TYPES = {
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    **{arch: model_type for model_type, arch in DENSE_ARCHITECTURES.items()},
+}
 # What the dense families' config.json carries besides the computation's fields, with defaults.
 _DENSE_PASSTHROUGH = {
     "hidden_act": "silu",
@@ -419,7 +425,18 @@ class ModelConfig:
                 rs["type"] = rtype
                 rs.pop("rope_type", None)
                 d["rope_scaling"] = rs
-        mt = d.get("model_type", "deepseek_v3")
+        mt = d.get("model_type")
+        if mt is None:
+            # No model_type (a config.json written by hand): the class `architectures` names is the family.
+            # DeepSeek-V3's default alone built an MLA model for a Llama or Qwen2 file, whose weights were
+            # then refused as "written for another config.json".
+            archs = d.get("architectures") if isinstance(d.get("architectures"), list) else []
+            if archs and archs[0] not in _ARCHITECTURE_TYPES:
+                raise ValueError(
+                    f"no model_type, and architectures names {archs[0]!r}: nanoseek reads "
+                    f"{', '.join(_ARCHITECTURE_TYPES)}"
+                )
+            mt = d["model_type"] = _ARCHITECTURE_TYPES[archs[0]] if archs else "deepseek_v3"
         if mt not in ("deepseek_v3", "deepseek_v2", *DENSE_ARCHITECTURES):
             raise ValueError(
                 f"unsupported model_type {mt!r}: nanoseek reads deepseek_v3, deepseek_v2, qwen2 and llama"
@@ -474,6 +491,13 @@ class ModelConfig:
         if not p.exists():
             raise FileNotFoundError(f"no config.json at {p}")
         d = read_json_object(p)
+        if not d.keys() & {"model_type", "vocab_size", "hidden_size", "num_hidden_layers"}:
+            # a generation_config.json, a tokenizer_config.json or `{}` read as DeepSeek-V3's defaults:
+            # `inspect` and `cost` counted 671B for it without a word
+            raise ValueError(
+                f"{p} is not a model's config.json: it names none of model_type, vocab_size, hidden_size "
+                "or num_hidden_layers"
+            )
         try:
             return cls.from_dict(d)
         except (ValueError, TypeError) as e:  # an unknown model_type, rope scaling, or field: name the file

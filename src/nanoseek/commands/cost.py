@@ -88,11 +88,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": str(args.model), **cost.to_dict()}, indent=2))
         return 0
-    mtp = " incl. MTP" if config.num_nextn_predict_layers and not args.no_mtp else ""
+    mtp = " incl. MTP" if cost.includes_mtp else ""
     print(f"model             {args.model}")
     print(f"tokens            {human(cost.tokens)}")
     print(
-        f"FLOPs / token     {si(cost.flops_per_token, 'FLOP')} (training = 3 x forward{mtp}, seq {args.seq_len})"
+        f"FLOPs / token     {si(cost.flops_per_token, 'FLOP')} (training = 3 x forward{mtp}, seq {cost.seq_len})"
     )
     print(f"total FLOPs       {cost.total_flops:.3e}")
     print(f"peak / GPU        {args.peak_tflops:g} TFLOP/s")

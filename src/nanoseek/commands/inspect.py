@@ -51,12 +51,16 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from nanoseek.commands.generate import colors_refused
 
     # rich drops colors under NO_COLOR but still wrote bold and italic: no color system is no ANSI at all
     console = Console(color_system=None if colors_refused() else "auto")
-    table = Table(title=f"{args.model}  ({config.model_type})", show_header=True, header_style="bold")
+    # the name as given: read as markup, `run[lr=3e-4]` lost its tag and `x[/b]` was a MarkupError; and
+    # the table as wide as it: wrapped at the table's width, a path was cut mid-word over two lines
+    title = Text(f"{args.model}  ({config.model_type})", style="table.title")
+    table = Table(title=title, show_header=True, header_style="bold", min_width=title.cell_len)
     table.add_column("component")
     table.add_column("total", justify="right")
     table.add_column("active / token", justify="right")
