@@ -102,6 +102,45 @@ def test_top_k_keeps_the_tokens_tied_with_the_kth_as_transformers_does():
     assert processed_probs(tied, [SamplingParams(temperature=1.0, top_k=1)]).tolist() == [[0, 0.5, 0.5, 0]]
 
 
+def test_a_top_p_cut_through_tied_tokens_keeps_the_first_alone_or_batched_as_greedy_does():
+    """Which of tied tokens a top-p cut kept went by topk's order of ties, which the ranked head's topk and
+    the vocabulary's give otherwise: a seeded request drew another token once a batch mate's top-k sent the
+    batch to the full sort, and a top-p near 0 drew another token than greedy's first maximum."""
+    from nanoseek.engine.sampling import SORT_HEAD
+
+    v = 4 * SORT_HEAD
+    # a top-k past the ranked head: the whole batch sorts the vocabulary
+    mate = SamplingParams(temperature=1.0, top_k=SORT_HEAD + 1)
+    for first, second in ((3, 70), (72, 96)):
+        logits = -torch.arange(v, dtype=torch.float32) / v
+        logits[[first, second]] = 5.0  # the best two, tied, 0.4 each: a top-p of 0.1 keeps one of them
+        logits = logits.repeat(2, 1)
+        greedy = sample(logits[:1], [SamplerState(SamplingParams(), [0], v)]).item()
+        for params in (
+            SamplingParams(temperature=1.0, top_p=0.1),
+            SamplingParams(temperature=1.0, top_k=5, top_p=0.1),
+        ):
+            alone = sample(logits[:1], [SamplerState(params, [0], v)]).item()
+            batched = sample(logits, [SamplerState(p, [0], v) for p in (params, mate)])[0].item()
+            assert alone == batched == greedy == first, (first, params)
+    # a tie that runs past the ranked head: the cut keeps its lowest ids, as a full sort by id does
+    logits = torch.cat([torch.full((1, 2 * SORT_HEAD), -1.0), torch.zeros(1, 2 * SORT_HEAD)], dim=1)
+    got = processed_probs(logits, [SamplingParams(temperature=1.0, top_p=0.1)])
+    kept = got[0].nonzero().flatten().tolist()  # 9 of the 64 tied tokens make up 0.1
+    assert kept == list(range(2 * SORT_HEAD, 2 * SORT_HEAD + 9))
+
+
+def test_a_batch_mates_min_p_leaves_a_rows_probabilities_as_they_are_alone():
+    # every row was renormalised once any asked for min_p: a rounding's move in the probabilities a seeded
+    # request draws from, with its batch mates
+    torch.manual_seed(0)
+    logits = torch.randn(9, 1000)
+    mine = [SamplingParams(temperature=t, top_p=p) for t in (0.7, 1.0) for p in (1.0, 0.9)] * 2
+    batched = processed_probs(logits, [*mine, SamplingParams(temperature=1.0, min_p=0.05)])
+    for i, params in enumerate(mine):
+        assert torch.equal(batched[i], processed_probs(logits[i : i + 1], [params])[0]), params
+
+
 def test_the_tie_check_reads_the_vocabulary_only_where_the_head_ends_in_a_tie():
     """A tie with the k-th logit can reach past the ranked head only where the head's last logit ties it.
     Counting the ties over the whole vocabulary at every decode step, for every row (top-p-only rows
@@ -224,6 +263,8 @@ def test_logit_bias():
         ("stop_token_ids", 5),  # one id, not a list: `token in 5` failed the request mid-step
         ("stop_token_ids", "5"),
         ("logit_bias", {"5": 1.0}),  # OpenAI's JSON keys are strings: a TypeError from the sampler
+        ("top_k", 20.0),  # a float: every sampled step failed with gather()'s dtype error
+        ("top_k", 2.5),
     ],
 )
 def test_token_ids_of_the_wrong_type_are_refused_up_front(model, field, value):

@@ -2380,11 +2380,13 @@ def test_serve_sampling_defaults_from_generation_config():
         "max_new_tokens": 9,
     }
     assert generation_defaults({"temperature": True, "top_p": "0.9", "max_new_tokens": 1.5}) == {}
+    assert generation_defaults({"top_k": 20.0}) == {"top_k": 20}  # JSON's float spelling, as vLLM reads it
     # out of range: refused at start, naming the file, not as every request's 400 that left it out
     for bad in (
         {"temperature": -1},
         {"top_p": 5},
         {"top_k": -3},
+        {"top_k": 2.5},
         {"min_p": float("nan")},
         {"max_new_tokens": 0},
     ):

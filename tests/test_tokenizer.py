@@ -222,6 +222,7 @@ def test_training_runs_off_the_main_thread_so_ctrl_c_lands(monkeypatch: pytest.M
 
         def train_from_iterator(self, texts, trainer):
             threads.append(threading.current_thread())
+            texts = list(texts)  # (handed on as an iterator)
             if texts == ["fail"]:
                 raise RuntimeError("trainer failed")
             return self.backend.train_from_iterator(texts, trainer=trainer)
@@ -235,6 +236,38 @@ def test_training_runs_off_the_main_thread_so_ctrl_c_lands(monkeypatch: pytest.M
     assert threads and threads[0] is not threading.main_thread()
     with pytest.raises(RuntimeError, match="trainer failed"):
         train_tokenizer(["fail"], vocab_size=300)
+
+
+def test_training_cuts_a_long_run_without_spaces_so_it_cannot_hang(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BPE training time grows faster than linearly in a split piece's length: a file of 2M letters with
+    no space or digit (a genome, base64) stalled training. The trainer sees such a run cut into
+    pieces of `_TRAIN_PIECE_CHARS`; ordinary text reaches it unchanged."""
+    from tokenizers import Regex, pre_tokenizers
+
+    import nanoseek.tokenizer as tokenizer_module
+
+    build, seen = tokenizer_module._build_backend, []
+
+    class Recording:
+        def __init__(self) -> None:
+            self.backend = build()
+
+        def train_from_iterator(self, texts, trainer):
+            seen.extend(texts)
+            return self.backend.train_from_iterator(seen, trainer=trainer)
+
+        def __getattr__(self, name: str):
+            return getattr(self.backend, name)
+
+    monkeypatch.setattr(tokenizer_module, "_build_backend", Recording)
+    limit = tokenizer_module._TRAIN_PIECE_CHARS
+    ordinary = "the cat sat on the mat, 12 times"
+    genome = "read: " + "GATTACA" * (limit // 2) + "\n" + " " * (2 * limit) + "+-" * limit + " end"
+    tok = train_tokenizer([ordinary, genome], vocab_size=300, min_frequency=1)
+    assert seen[0] == ordinary and "".join(seen[1:]) == genome  # nothing lost, nothing added
+    split = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
+    assert max(len(piece) for text in seen for piece, _ in split.pre_tokenize_str(text)) <= limit
+    assert tok.decode(tok.encode(genome)) == genome
 
 
 def test_train_rejects_tiny_vocab() -> None:
@@ -572,6 +605,19 @@ def test_incremental_decoder_fallback_keeps_the_space_a_sentencepiece_decoder_st
     assert t.decode(answer) == "Paris" and t.decode(prompt + answer) == "The capital is Paris"
     dec = t.incremental_decoder(context=prompt)
     assert "".join(dec.push(i) for i in answer) + dec.flush() == " Paris"
+
+
+def test_incremental_decoder_fallback_streams_a_long_run_of_byte_tokens_whole(tmp_path: Path) -> None:
+    """Emoji outside a byte-fallback vocabulary are runs of <0xNN> tokens, which the decoder reads as one
+    U+FFFD per byte when the run does not start on a character: the re-decoded window must not start
+    inside one. A ZWJ family (11 bytes) and two emoji in a row streamed as U+FFFDs."""
+    from model_configs import sentencepiece_tokenizer
+
+    t = sentencepiece_tokenizer(tmp_path)
+    for text in ["The 👩\u200d👧 is 😀😀😀.", "😀😀", "Paris 日本語👍🏽"]:
+        ids = t.encode(text)
+        dec = t.incremental_decoder()
+        assert "".join(dec.push(i) for i in ids) + dec.flush() == t.decode(ids) == text
 
 
 # ------------------------------------------------------------------ CLI

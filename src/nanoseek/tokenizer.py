@@ -721,7 +721,16 @@ class IncrementalDecoder:
             return ""
         delta = full[len(seen) :]
         self._read = len(self._ids)
-        self._prefix = max(self._prefix, self._read - self._CONTEXT)
+        # The next window starts _CONTEXT ids back, but not inside a character spelled in byte tokens
+        # (SentencePiece's byte fallback): a run of bytes cut mid-character decodes to one U+FFFD per
+        # byte, and the next delta was those instead of the character (a ZWJ emoji came out as "����").
+        # A window is whole when its text ends the text decoded now.
+        start = max(self._prefix, self._read - self._CONTEXT)
+        while start > self._prefix and not full.endswith(
+            decode(self._ids[start : self._read], skip_special_tokens=skip)
+        ):
+            start -= 1
+        self._prefix = start
         return delta
 
 
@@ -847,6 +856,37 @@ def _interruptible(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return outcome.get("value")
 
 
+# The longest run the trainer sees whole: a piece of the split regex (a run of letters, symbols or spaces)
+# longer than this is cut into pieces of this length for training. BPE training time grows faster than
+# linearly in a piece's length: one long run of letters without a space or digit (DNA, base64, minified
+# code) stalled training on a corpus of a few MB. No token is anywhere near as long, so the cuts cost
+# only the pairs across them.
+_TRAIN_PIECE_CHARS = 1000
+
+
+def _cut_long_pieces(texts: Iterable[str]) -> Iterable[str]:
+    """`texts`, each piece of the split regex longer than `_TRAIN_PIECE_CHARS` cut into separate texts of
+    that length; a text without such a run (all of an ordinary corpus) is passed on as it is."""
+    import re
+
+    # a quick test first, tried at the start of each run of blanks or non-blanks only (linear time)
+    run = re.compile(rf"(?<!\S)\S{{{_TRAIN_PIECE_CHARS}}}|(?<!\s)\s{{{_TRAIN_PIECE_CHARS}}}")
+    split = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
+    for text in texts:
+        if not run.search(text):
+            yield text
+            continue
+        start = 0  # the text is cut inside each long piece; what lies between goes on unchanged
+        for _, (begin, end) in split.pre_tokenize_str(text):
+            if end - begin > _TRAIN_PIECE_CHARS:
+                yield text[start:begin]
+                yield from (
+                    text[i : min(i + _TRAIN_PIECE_CHARS, end)] for i in range(begin, end, _TRAIN_PIECE_CHARS)
+                )
+                start = end
+        yield text[start:]
+
+
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int,
@@ -871,7 +911,7 @@ def train_tokenizer(
         max_token_length=max_token_length,
         show_progress=show_progress,
     )
-    _interruptible(backend.train_from_iterator, texts, trainer=trainer)
+    _interruptible(backend.train_from_iterator, _cut_long_pieces(texts), trainer=trainer)
     # The trainer marks every reserved token special; DeepSeek keeps the chat tokens in decoded text.
     spec = json.loads(backend.to_str())
     for entry in spec["added_tokens"]:

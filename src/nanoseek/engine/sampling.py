@@ -75,7 +75,12 @@ class SamplingParams:
             0.0 <= self.temperature < math.inf, f"temperature must be >= 0 and finite, got {self.temperature}"
         )
         need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
-        need(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        # an int: a float one (generation_config.json's 20.0, the Python API's) failed every sampled step
+        # with "gather(): Expected dtype int32/int64 for index"
+        need(
+            _is_token_id(self.top_k) and self.top_k >= 0,
+            f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}",
+        )
         need(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
         # the logits are fp32: a penalty that rounds to 0 or inf there divides them into inf, then NaN
         rep = torch.tensor(self.repetition_penalty, dtype=torch.float32)
@@ -204,7 +209,7 @@ def _top_k_top_p(
         return _top_k_top_p(logits, top_k, top_p, head=v)
     if head == v:
         within = torch.ones_like(within)
-    ranked, order = logits.topk(head, dim=-1)  # descending, the first `head` entries of a sort
+    ranked, order = _ranked(logits, head)
     rank = torch.arange(head, device=logits.device).unsqueeze(0)
     # Tokens tied with the k-th stay, as transformers' TopKLogitsWarper and vLLM keep them (they drop
     # logits `< kth`): bf16 logits tie often, and topk alone would keep one by its index
@@ -226,8 +231,29 @@ def _top_k_top_p(
     # (top_p = 1 keeps every token: the tail's mass can round up to 1 before the vocabulary ends)
     remove |= ((mass - probs) >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
     remove[:, 0] = False
+    # A top-p cut through tokens tied with the head's last logit keeps the lowest ids of the vocabulary's
+    # ties, which the head may not hold: counted over the vocabulary for those rows alone
+    last = ranked.gather(1, (~remove).sum(dim=-1, keepdim=True) - 1)
+    split = (top_p < 1.0) & (last == ranked[:, -1:]).squeeze(1)
+    if head < v and bool(split.any()) and bool((split & ((logits >= last).sum(dim=-1) > head)).any()):
+        return _top_k_top_p(logits, top_k, top_p, head=v)
     kept = torch.full_like(logits, float("-inf")).scatter(1, order, ranked.masked_fill(remove, float("-inf")))
     return torch.where(untouched.unsqueeze(1), logits, kept)
+
+
+def _ranked(logits: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `head` largest logits of each row and their token ids, descending, tied ones lowest id first.
+
+    A top-p cut through tied tokens keeps the first of them: topk orders ties as its algorithm goes (the
+    head's topk and the vocabulary's disagree), so which tied token a seeded request drew changed with a
+    batch mate that sent its rows to the full sort, and a top-p near 0 drew another token than greedy's
+    first maximum."""
+    if head == logits.shape[-1]:
+        return logits.sort(dim=-1, descending=True, stable=True)
+    ranked, order = logits.topk(head, dim=-1)
+    order, by_id = order.sort(dim=-1)
+    ranked, by_value = ranked.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+    return ranked, order.gather(1, by_value)
 
 
 def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -246,10 +272,13 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     if need_sort:
         logits = _top_k_top_p(logits, top_k, top_p)
     probs = logits.softmax(dim=-1)
-    if bool((min_p > 0).any()):
+    asks = min_p > 0
+    if bool(asks.any()):
         keep = probs >= min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
-        probs = probs * keep
-        probs = probs / probs.sum(dim=-1, keepdim=True)
+        kept = probs * keep
+        # renormalised in the rows that ask only: the others' probabilities moved by a rounding with a batch
+        # mate's min_p, and a seeded draw with them
+        probs = torch.where(asks.unsqueeze(1), kept / kept.sum(dim=-1, keepdim=True), probs)
     return probs
 
 
@@ -318,6 +347,8 @@ def generation_defaults(cfg: dict, source: object = "generation_config.json") ->
             for k in GENERATION_SAMPLING_FIELDS
             if isinstance(cfg.get(k), int | float) and not isinstance(cfg.get(k), bool)
         }
+        if isinstance(defaults.get("top_k"), float) and defaults["top_k"].is_integer():
+            defaults["top_k"] = int(defaults["top_k"])  # JSON's 20.0 is top_k 20, as vLLM reads it
         defaults.update(length)
     try:
         SamplingParams(**defaults).validate()
