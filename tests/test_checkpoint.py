@@ -289,7 +289,32 @@ def test_a_full_disk_under_safetensors_is_an_os_error_naming_the_file(tmp_path, 
     with pytest.raises(OSError, match="No space left on device") as e:
         save_model(build_model(config()).init_weights(0), tmp_path)
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "model.safetensors")
-    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_save_cut_short_by_a_full_disk_keeps_the_checkpoint_saved_there_before(tmp_path, monkeypatch):
+    """`save_model` deleted the weights a directory held before it wrote the new ones, and replaced their
+    config first: a full disk mid-write left config.json alone, the model saved there before lost."""
+    from safetensors import SafetensorError
+
+    import nanoseek.checkpoint as ck
+
+    before = build_model(config()).init_weights(0)
+    save_model(before, tmp_path)
+    saved = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ck, "save_file", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_model(build_model(config(num_hidden_layers=3)).init_weights(1), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved
+    monkeypatch.undo()
+    loaded = nanoseek.load_model(tmp_path)
+    want = before.state_dict()
+    assert loaded.state_dict().keys() == want.keys()
+    assert all(torch.equal(t, want[k]) for k, t in loaded.state_dict().items())
 
 
 @pytest.mark.skipif(
@@ -317,6 +342,22 @@ def test_a_short_write_without_errno_says_the_disk_is_full(tmp_path, monkeypatch
     e = write(full=False)  # some other short write: its own words, and the file
     assert e.filename == str(target) and "requested and 0 written" in str(e) and "None" not in str(e)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/dev/full") or not stat.S_ISCHR(os.stat("/dev/full").st_mode),
+    reason="needs /dev/full (a device that is always full)",
+)
+def test_an_out_on_a_full_disk_is_refused_before_the_run_starts(tmp_path, monkeypatch):
+    """A full disk still makes an empty file: `check_out` passed it, and the stage trained its tokenizer and
+    read its data before its first write said "No space left on device", naming no file."""
+    import tempfile
+
+    from nanoseek.atomic import check_out
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **kw: open("/dev/full", "wb"))  # noqa: SIM115
+    with pytest.raises(ValueError, match=f"cannot write --out {tmp_path} .*No space left on device"):
+        check_out(tmp_path)
 
 
 def test_a_failed_directory_save_names_the_users_path(tmp_path):

@@ -385,6 +385,31 @@ def test_a_full_disk_while_copying_the_final_checkpoint_is_one_clear_error(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".final")) == []
 
 
+def test_a_rerun_after_a_full_disk_does_not_copy_the_final_checkpoint_again(tmp_path, monkeypatch):
+    """A run whose report a full disk refused says "make room and rerun": the rerun copied RUN/grpo to
+    RUN/final again, which needs room for a second copy of the model beside the first, and failed there."""
+    import errno
+    import shutil
+
+    from nanoseek.speedrun import Speedrun
+
+    (tmp_path / "grpo" / "train_state").mkdir(parents=True)
+    (tmp_path / "grpo" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "grpo" / "train_state" / "optimizer.pt").write_bytes(b"moments")
+    run = Speedrun(tmp_path, PRESETS["smoke"], progress=False)
+    run.finalize()
+
+    def full(src, dst, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", src, dst)
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    assert run.finalize() == tmp_path / "final"
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == b"weights"
+    (tmp_path / "grpo" / "model.safetensors").write_bytes(b"other weights")  # another model: copied again
+    with pytest.raises(OSError, match="No space left on device"):
+        run.finalize()
+
+
 def _gpu_check(tmp_path: Path, fp8_exit: int = 0):
     """benchmarks/gpu_check.sh run with a torch that sees a GPU, a bench_speedrun.py that leaves a finished
     run that missed its budget (exit 1), and a bench_fp8.py that prints its step times."""

@@ -1082,6 +1082,22 @@ def _stage_saving_on_sigterm(ready: str, threads: int) -> None:
         time.sleep(60)
 
 
+def test_a_stage_beside_another_stopped_by_a_full_disk_says_so_in_one_line(tmp_path, capsys):
+    """A stage's spawned process that met a full disk ended under multiprocessing's traceback, the file
+    and where its steps went at its foot: one line, as the run's own process says it."""
+    import errno
+
+    import nanoseek.speedrun as speedrun_mod
+
+    full = OSError(errno.ENOSPC, "No space left on device; the weights of step 3 were written to X instead")
+    full.filename = str(tmp_path / "metrics.jsonl")
+    with pytest.raises(SystemExit) as e, speedrun_mod._exit_when_interrupted():
+        raise full
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"MainProcess: error: {full.filename}: {full.strerror}\n"
+
+
 def test_a_stage_beside_another_saves_and_ends_with_the_signals_code_on_a_ctrl_c(tmp_path, capfd):
     """Ctrl-C saved the run's stage, which then stops the one beside it (that ignores SIGINT): it saves
     too and ends with SIGTERM's exit code, without multiprocessing's traceback of the exception."""

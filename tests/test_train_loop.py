@@ -759,6 +759,50 @@ def test_a_metrics_write_refused_mid_run_keeps_the_weights_trained(tmp_path, mon
     assert all(torch.equal(a, b) for a, b in zip(saved.parameters(), model.parameters(), strict=True))
 
 
+def test_a_tensorboard_write_refused_mid_run_names_its_directory_and_keeps_the_weights(
+    tmp_path, monkeypatch
+) -> None:
+    """TensorBoard's writer thread met the full disk and its next call raised that ENOSPC, which named no
+    file: the run ended with "No space left on device" alone, the steps trained since the last save lost
+    with the process; and the stage's closing of its log raised it again over any error that said more."""
+    import errno
+    import os
+    import re
+    import tempfile
+    import threading
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    model = micro_model()
+    stream = Stream()
+    tr = make_trainer(model, tmp_path / "run", steps=6)
+    printed: list = []  # what threading printed: the thread's traceback, above the stage's error
+    monkeypatch.setattr(threading, "excepthook", printed.append)
+    log = StepLog.for_trainer(tr, progress=False, tensorboard=True)
+
+    def full(self, filename, file_content, binary_mode=False):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as io.open's write reports it: no file
+
+    monkeypatch.setattr(gfile.LocalFileSystem, "append", full)
+    monkeypatch.setattr(gfile.LocalFileSystem, "write", full)
+    with pytest.raises(OSError, match="No space left on device; the weights of step") as e:
+        try:  # as the stages run their steps and close their log
+            with tr.stop_on_signals():
+                while not tr.done:
+                    log.step(tr.step(lambda: language_model_loss(model, *stream())))
+                log.close()  # (the thread's error may come only here, after the last step)
+        except BaseException:
+            log.close()
+            raise
+    assert e.value.filename == str(tmp_path / "run" / "tensorboard" / "pretrain") and printed == []
+    rescue = re.search(r"written to (\S+) instead", str(e.value)).group(1)
+    saved = load_model(rescue)
+    assert all(torch.equal(a, b) for a, b in zip(saved.parameters(), model.parameters(), strict=True))
+
+
 def test_weights_an_update_made_non_finite_are_not_saved_over_the_last_checkpoint(tmp_path) -> None:
     """A learning rate too large for fp32 passes the guard (the step's loss and gradient are finite) and
     writes inf/NaN into the weights: the checkpoints that followed were saved with them, silently, over

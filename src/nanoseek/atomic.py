@@ -184,7 +184,7 @@ def exclusive(lock: str | os.PathLike, refusal: str) -> Iterator[None]:
 
 def check_writable(directory: str | os.PathLike) -> None:
     """Raise the OSError that writing into `directory` (or creating it, where it is missing) would meet:
-    a read-only disk, no permission, a file where a directory is wanted. For a long job (sampling a
+    a read-only or full disk, no permission, a file where a directory is wanted. For a long job (sampling a
     model) that writes only at its end, so that a refusal costs nothing; it leaves nothing behind."""
     d = Path(directory).absolute()
     while not d.exists() and d != d.parent:
@@ -192,8 +192,10 @@ def check_writable(directory: str | os.PathLike) -> None:
     if not d.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(d))
     try:
-        with tempfile.TemporaryFile(dir=d):  # an unnamed file (O_TMPFILE), gone when closed
-            pass
+        with tempfile.TemporaryFile(dir=d) as f:  # an unnamed file (O_TMPFILE), gone when closed
+            # a byte: a full disk makes an empty file, and refuses its first block (a run on it trained
+            # its tokenizer and read its data first, then ended with "No space left on device" alone)
+            os.write(f.fileno(), b"\0")
     except OSError as e:  # (or a random name, where O_TMPFILE is not had: none of the user's)
         raise OSError(e.errno, e.strerror, str(d)) from None
 

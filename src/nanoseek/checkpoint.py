@@ -302,7 +302,6 @@ def save_model(
     if fp8:
         extra["quantization_config"] = quantization
     config = config.replace(extra=extra)
-    config.save(out)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in state.items():
@@ -312,19 +311,26 @@ def save_model(
             size = 0
         shards[-1][k] = v
         size += nbytes
-    for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
-        old.unlink(missing_ok=True)
     names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     if len(shards) == 1:
         names = ["model.safetensors"]
     for name, shard in zip(names, shards, strict=True):
         with atomic_file(out / name) as tmp:
             save_file(shard, str(tmp), metadata={"format": "pt"})
+    index_file = out / "model.safetensors.index.json"
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards, strict=True) for k in shard}
         total = sum(v.numel() * v.element_size() for v in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write(out / "model.safetensors.index.json", json.dumps(index, indent=2))
+        atomic_write(index_file, json.dumps(index, indent=2))
+    # A checkpoint saved here before goes only now, and its config with it: its weights were deleted
+    # first and its config replaced, so a write cut short (a full disk) left neither model loadable.
+    # (The old index before its shards: a reader meanwhile reads the old checkpoint or the new one.)
+    stale = [*([index_file] if len(shards) == 1 else []), *out.glob("model*.safetensors")]
+    for old in stale:
+        if old.name not in names:
+            old.unlink(missing_ok=True)
+    config.save(out)
     return out
 
 

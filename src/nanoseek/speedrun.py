@@ -1035,8 +1035,25 @@ class Speedrun:
 
     def finalize(self) -> Path:
         """RUN/final: the GRPO checkpoint (model + tokenizer), without training state."""
-        ignore = shutil.ignore_patterns("train_state", DONE, "eval_*.json")
+        from fnmatch import fnmatch
+
+        skipped = ("train_state", DONE, "eval_*.json")
+        ignore = shutil.ignore_patterns(*skipped)
         failed: list[OSError] = []
+
+        def held(d: Path) -> dict[Path, tuple[int, int]]:
+            """The files a copy holds, by size and time (copy2 keeps the time)."""
+            files = (p for p in d.rglob("*") if p.is_file())
+            kept = (
+                p for p in files if not any(fnmatch(n, k) for n in p.relative_to(d).parts for k in skipped)
+            )
+            return {p.relative_to(d): (p.stat().st_size, p.stat().st_mtime_ns) for p in kept}
+
+        # A rerun (its report refused by a full disk: "make room and rerun") copied the model again,
+        # needing room for two copies of it beside the one already there (the swap keeps the old one)
+        restore_directory(self.run / "final")
+        if (self.run / "final").is_dir() and held(self.run / "final") == held(self.run / "grpo"):
+            return self.run / "final"
 
         def copy(src: str | os.PathLike, dst: str) -> None:
             try:
@@ -1212,11 +1229,20 @@ def _sigint_ignored() -> Iterator[None]:
 def _exit_when_interrupted() -> Iterator[None]:
     """A stage's spawned process stopped by a signal (its checkpoint saved) ends with the signal's exit
     code, unmarked, and without the traceback multiprocessing prints: the run's process says how the
-    run resumes."""
+    run resumes. One that a full or read-only disk stopped says so in one line (the file, and where its
+    steps went), not under that traceback: the run's process runs the stage again alone next."""
+    import multiprocessing
+
     try:
         yield
     except TrainingInterrupted as e:
         sys.exit(e.exit_code)
+    except OSError as e:
+        if e.errno not in STORAGE_ERRORS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{multiprocessing.current_process().name}: error: {where}{e.strerror}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _exit_with_parent() -> None:
@@ -1256,9 +1282,10 @@ def _run_stage(
     _set_threads(threads)
     run = Speedrun(out, preset, progress=False, tensorboard=tensorboard)
     t0 = time.perf_counter()
-    with _exit_when_interrupted(), _quiet_beside():
-        fields = getattr(run, stage)() or {}
-    run._mark_done(stage, time.perf_counter() - t0, beside=beside, threads=threads, **fields)
+    with _exit_when_interrupted():
+        with _quiet_beside():
+            fields = getattr(run, stage)() or {}
+        run._mark_done(stage, time.perf_counter() - t0, beside=beside, threads=threads, **fields)
 
 
 def _control_beside_grpo(out: str, preset: SpeedrunPreset, tensorboard: bool, end: Any, threads: int) -> None:
@@ -1277,9 +1304,10 @@ def _control_beside_grpo(out: str, preset: SpeedrunPreset, tensorboard: bool, en
             return None
         return time.perf_counter() + (end.value - time.time())
 
-    with _exit_when_interrupted(), _quiet_beside():
-        fields = run.control(deadline_fn=deadline) or {}
-    run._mark_done("control", time.perf_counter() - t0, beside="grpo", threads=threads, **fields)
+    with _exit_when_interrupted():
+        with _quiet_beside():
+            fields = run.control(deadline_fn=deadline) or {}
+        run._mark_done("control", time.perf_counter() - t0, beside="grpo", threads=threads, **fields)
 
 
 def _job_name(stage: str, task: str) -> str:

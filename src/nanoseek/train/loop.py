@@ -32,6 +32,7 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -648,7 +649,6 @@ class Trainer:
         `then`: what the stage does on stopping, as the first signal's message says it. A write the run
         directory refuses inside keeps the steps trained elsewhere (`keep_steps`), on any thread."""
         import signal
-        import threading
 
         if threading.current_thread() is not threading.main_thread():
             with self.keep_steps():
@@ -1100,6 +1100,18 @@ def require_tensorboard() -> None:
         raise ValueError("--tensorboard needs the tensorboard package: pip install 'nanoseek[tensorboard]'")
 
 
+def _quiet_tensorboard_thread(args: Any) -> None:
+    """threading's excepthook while a TensorBoard log is open: the write error of TensorBoard's writer
+    thread (a full disk) is raised again in the stage at the writer's next call, naming the events'
+    directory (`StepLog`); printed here too, its traceback came first, as if it were a bug."""
+    if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+        return
+    _THREAD_HOOK[0](args)
+
+
+_THREAD_HOOK: list[Callable[[Any], None]] = []  # the excepthook `_quiet_tensorboard_thread` passes on to
+
+
 class StepLog:
     """What a stage shows and records per step: RUN/metrics.jsonl (rank 0), optional TensorBoard, and a
     progress bar with loss, tokens/s and MFU (model FLOPs against the measured matmul peak of the
@@ -1155,6 +1167,10 @@ class StepLog:
             # resumed: the steps the stopped run logged after its checkpoint are logged again; purged
             # from the view, not drawn twice (a zig-zag back to the checkpoint's step)
             self._tb = SummaryWriter(str(folder), purge_step=resumed_from + 1 if resumed_from else None)
+            self._tb_dir = folder
+            if threading.excepthook is not _quiet_tensorboard_thread:
+                _THREAD_HOOK[:] = [threading.excepthook]
+                threading.excepthook = _quiet_tensorboard_thread
 
     @classmethod
     def for_trainer(
@@ -1251,19 +1267,41 @@ class StepLog:
             self._drop_replaced()
         record = self.metrics.log(step=step, **metrics)
         if self._tb is not None and step is not None:
-            for k, v in metrics.items():
-                v = _scalar(v)
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"{self.stage}/{k}", v, step)
-                elif isinstance(v, dict) and k == "expert_imbalance":
-                    for layer, x in v.items():
-                        self._tb.add_scalar(f"{self.stage}/expert_imbalance/{layer}", x, step)
+            with self._tensorboard_writes():
+                for k, v in metrics.items():
+                    v = _scalar(v)
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self._tb.add_scalar(f"{self.stage}/{k}", v, step)
+                    elif isinstance(v, dict) and k == "expert_imbalance":
+                        for layer, x in v.items():
+                            self._tb.add_scalar(f"{self.stage}/expert_imbalance/{layer}", x, step)
         return record
+
+    @contextlib.contextmanager
+    def _tensorboard_writes(self) -> Iterator[None]:
+        """Inside, TensorBoard's write error (its writer thread's, raised at the next call) names the
+        events' directory: a full disk's ENOSPC named no file, so the run ended with "No space left on
+        device" alone, and with the steps trained since the last save (`keep_steps` keeps those only
+        for a write into the run directory it can name)."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None:
+                e.filename = str(self._tb_dir)
+            raise
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            unwinding = sys.exc_info()[1] is not None  # called while another error ends the run
+            try:
+                with self._tensorboard_writes():
+                    tb.close()  # (its flush raises a write its thread failed)
+            except OSError:
+                # the error that ends the run says what was lost and where the weights went (`keep_steps`):
+                # the events' own, raised again here, replaced it
+                if not unwinding:
+                    raise
