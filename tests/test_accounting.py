@@ -239,6 +239,16 @@ def test_inspect_json_on_config_only_dir(tmp_path, capsys) -> None:
     assert out["mtp_params"] > 0  # config.json alone: its MTP layer is counted
 
 
+def test_inspect_and_cost_read_a_preset_beside_a_run_directory_of_its_name(tmp_path, monkeypatch, capsys):
+    """`nanoseek inspect tiny` where ./tiny is a run (`pretrain --out tiny`): "no config.json at
+    tiny/config.json", the preset shadowed by a directory that is no model."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny" / "pretrain").mkdir(parents=True)
+    assert main(["inspect", "tiny", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] == account("tiny").total_params
+    assert main(["cost", "tiny", "--tokens", "1e6"]) == 0
+
+
 def test_inspect_counts_no_mtp_module_the_weights_lack(tmp_path, capsys) -> None:
     """transformers' DeepseekV3Config asks for one MTP layer and its save_pretrained writes none:
     inspect counts the model as load_model builds it."""

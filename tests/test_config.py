@@ -132,6 +132,18 @@ def test_bad_values_are_named():
         resolve_config("no-such-preset")
 
 
+def test_a_directory_of_a_presets_name_without_config_json_is_the_preset(tmp_path, monkeypatch):
+    """A run directory named after its preset (`pretrain --out tiny`) is no model directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    assert resolve_config("tiny") == get_preset("tiny")
+    get_preset("small").save(tmp_path / "tiny")  # one with a config.json is read
+    assert resolve_config("tiny") == get_preset("small")
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_config("mine")
+
+
 def test_v3_groups_of_one_expert_are_refused():
     """noaux_tc ranks a group by its top-2 scores (DeepSeek's Gate, transformers' router): a group of
     one expert has none, and the router failed at the first forward; V2's group max takes it."""

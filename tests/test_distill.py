@@ -122,6 +122,22 @@ def test_preset_student_takes_teacher_vocab(teacher_dir) -> None:
         build_student("no-such-preset", tok)
 
 
+def test_a_preset_student_is_built_beside_a_directory_of_its_name(teacher_dir, tmp_path, monkeypatch) -> None:
+    """`--student tiny-dense --out tiny-dense`: the run directory, made once the student was checked,
+    was taken for the student, refused as "a path without config.json" after the teacher's sampling."""
+    import nanoseek.train.distill as d
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(teacher_dir)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-dense" / "distill").mkdir(parents=True)
+    d._check_student("tiny-dense", tok)
+    assert build_student("tiny-dense", tok).config.vocab_size == tok.vocab_size
+    (tmp_path / "elsewhere").mkdir()  # a directory of no preset's name is still named as one
+    with pytest.raises(FileNotFoundError, match="elsewhere is a path without config.json"):
+        d._check_student("elsewhere", tok)
+
+
 def test_distill_end_to_end(teacher_dir, tmp_path, monkeypatch) -> None:
     import nanoseek.engine
     from nanoseek.checkpoint import load_model

@@ -73,6 +73,19 @@ def test_metrics_from_stub_sampler(tmp_path) -> None:
     assert rec["problems_digest"] == problems_digest([p.id for p in probs])
 
 
+@pytest.mark.parametrize(
+    ("n", "t"),
+    [(1, 0.0), (2, 12.7062), (3, 4.3027), (5, 2.7764), (10, 2.2622), (48, 2.0117), (10_001, 1.9602)],
+)
+def test_a_95_percent_interval_takes_students_t_for_the_values_it_has(n, t) -> None:
+    """The standard errors each side of a 95% interval on a mean of n values (97.5th percentile of
+    Student's t, n - 1 degrees of freedom, as printed in any table): 1.96 for every n made the report's
+    "± 95%" an 88% interval over 5 problems. One value has no interval (0, as its standard error)."""
+    from nanoseek.evaluate import t_95
+
+    assert t_95(n) == pytest.approx(t, abs=1e-4)
+
+
 def test_endpoint_rebuilds_reasoning_and_scores_it(tmp_path) -> None:
     probs = {p.prompt: p for p in _problems(2)}
     seen = []
@@ -460,6 +473,21 @@ def test_a_checkpoint_left_aside_mid_save_gets_its_report_where_it_lies(
     assert (run / "pretrain" / "eval_sorting.json").exists() and not (run / "~").exists()
 
 
+def test_a_checkpoint_named_as_dot_is_named_and_logged_as_its_directory(tmp_path, monkeypatch) -> None:
+    """`nanoseek eval .` in RUN/pretrain was named "" (the report's row and the summary's "eval
+    arithmetic ()") and wrote metrics.jsonl into the checkpoint, where the report of RUN never read it."""
+    import nanoseek.evaluate as ev
+
+    ck = tmp_path / "run" / "pretrain"
+    (ck / "train_state").mkdir(parents=True)
+    monkeypatch.chdir(ck)
+    evaluated, run_dir, out = ev._outputs(EvalConfig(model=".", task="arithmetic"))
+    assert (evaluated, run_dir) == ("pretrain", str(tmp_path / "run"))
+    assert out.resolve() == ck / "eval_arithmetic.json"
+    monkeypatch.chdir(ck / "train_state")
+    assert ev._outputs(EvalConfig(model="..", task="arithmetic"))[:2] == ("pretrain", str(tmp_path / "run"))
+
+
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_a_16_bit_checkpoint_is_evaluated_in_bf16_only_where_the_cpu_runs_it(
     micro_checkpoint, tmp_path, monkeypatch, native_bf16
@@ -813,6 +841,23 @@ def test_one_task_writes_its_report_where_named_and_several_add_json_to_a_bare_n
         str(tmp_path / "r_arithmetic.json"),
         str(tmp_path / "r_comparison.json"),
     ]
+
+
+def test_a_task_by_a_long_path_gets_a_report_name_the_file_system_takes(tmp_path) -> None:
+    """`--task jsonl:<a path of 300 bytes>`: its report's default name passed the 255 bytes a name may
+    have, and the evaluation ended "File name too long" once every sample was drawn."""
+    import nanoseek.evaluate as ev
+
+    deep = "/".join(["数据集" * 8 + f"_{i}" for i in range(5)])
+    outs = [
+        ev._outputs(EvalConfig(model=str(tmp_path / "ck"), task=f"jsonl:{tmp_path}/{deep}/{name}"))[2]
+        for name in ("a.jsonl", "b.jsonl")
+    ]
+    assert all(len(out.name.encode()) <= 255 for out in outs) and outs[0] != outs[1]
+    for out in outs:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("{}")  # the file system takes it
+    assert ev.slug("arithmetic?ops=add") == "arithmetic_ops_add"  # a short one as it was
 
 
 def test_tasks_named_in_japanese_or_chinese_get_reports_of_their_own(tmp_path, monkeypatch) -> None:

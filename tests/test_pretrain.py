@@ -173,6 +173,14 @@ def test_a_python_caller_may_give_paths(workdir, tmp_path) -> None:
     assert [r["step"] for r in read_metrics(tmp_path, stage="pretrain") if "loss" in r] == [1, 2, 3]
 
 
+def test_a_run_named_after_its_preset_trains(workdir, tmp_path, monkeypatch) -> None:
+    """`nanoseek pretrain --out tiny` (the default --preset tiny): the run directory, made before the
+    preset is read, was taken for a model directory and refused, "no config.json at tiny/config.json"."""
+    monkeypatch.chdir(tmp_path)
+    cfg = config(workdir, "tiny", preset="tiny", steps=1, batch_size=1, seq_len=16, val_every=0)
+    assert pretrain(cfg) == Path("tiny") / "pretrain"
+
+
 def test_resuming_a_finished_run_trains_validates_and_writes_nothing(workdir, tmp_path, capsys) -> None:
     """`--resume` of a run already at --steps validated and saved it again (the time of a validation and
     a checkpoint, added to the stage's wall time in the report)."""

@@ -120,6 +120,15 @@ def test_a_run_on_a_read_only_disk_has_its_report_written_elsewhere(tmp_path, mo
     assert sorted(p.name for p in run.iterdir()) == before
 
 
+def test_a_report_of_the_working_directory_is_titled_by_its_name(tmp_path, monkeypatch):
+    """`nanoseek report .` in the run directory titled the report "nanoseek report: " alone."""
+    run = tmp_path / "run"
+    _fake_run(run)
+    monkeypatch.chdir(run)
+    assert main(["report", "."]) == 0
+    assert (run / "report.md").read_text().startswith("# nanoseek report: run\n")
+
+
 def test_report_command_and_missing_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
@@ -302,8 +311,9 @@ def test_pass_at_1_by_family_and_language(tmp_path):
 
 def test_grpo_gains_carry_a_paired_interval_over_the_problems(tmp_path):
     """With per-problem scores of the same problems before and after GRPO, each gain is reported with
-    the half-width of its 95% interval: 1.96 standard errors of the per-problem differences. Pairing
-    matters: the same problems solved before and after do not widen it."""
+    the half-width of its 95% interval: t(7) = 2.36 standard errors of the per-problem differences (8
+    problems; 1.96 is many problems' figure). Pairing matters: the same problems solved before and
+    after do not widen it."""
     from nanoseek.report import RunMetrics
 
     MetricsLog(tmp_path, "speedrun").log(event="plan", verifier_only_tasks=["largest"])
@@ -325,18 +335,17 @@ def test_grpo_gains_carry_a_paired_interval_over_the_problems(tmp_path):
     mean = sum(diffs) / 8
     se = (sum((d - mean) ** 2 for d in diffs) / 7 / 8) ** 0.5
     assert sm["mid"] == ["sorting"] and sm["gains"]["sorting"] == pytest.approx(0.125)
-    assert sm["gain_margins"]["sorting"] == pytest.approx(1.96 * se)  # 0.093; unpaired: 0.35
-    assert sm["mid_margin"] == pytest.approx(1.96 * se)
+    t7 = 2.364624  # Student's t, 97.5th percentile, 7 degrees of freedom
+    assert sm["gain_margins"]["sorting"] == pytest.approx(t7 * se)  # 0.112; unpaired: 0.42
+    assert sm["mid_margin"] == pytest.approx(t7 * se)
     assert "largest" not in sm["gain_margins"]  # other problems after than before: no pairing
     text = build_report(tmp_path).read_text()
     assert "paired over the 8 held-out problems per family" in text
-    assert (
-        f"**+12.5 ± {100 * 1.96 * se:.1f} points** on average (sorting +12.5 ± {100 * 1.96 * se:.1f})" in text
-    )
+    assert f"**+12.5 ± {100 * t7 * se:.1f} points** on average (sorting +12.5 ± {100 * t7 * se:.1f})" in text
     assert "largest 0.0% → 25.0%, **+25.0 points**." in text
-    assert "| grpo | sorting | 4 | 62.5% ± 9.8 |" in text  # each checkpoint's own 95%: 1.96 x its s.e.
+    assert "| grpo | sorting | 4 | 62.5% ± 9.8 |" in text  # no problem count logged: 1.96 x its s.e.
     assert "| checkpoint | task | k | pass@1 (± 95%) |" in text
-    assert f"- sorting: GRPO changed held-out pass@1 by **+12.5 ± {100 * 1.96 * se:.1f} points**" in text
+    assert f"- sorting: GRPO changed held-out pass@1 by **+12.5 ± {100 * t7 * se:.1f} points**" in text
 
 
 def test_an_evaluation_of_one_problem_shows_no_interval(tmp_path):
@@ -348,7 +357,26 @@ def test_an_evaluation_of_one_problem_shows_no_interval(tmp_path):
     ev.log(evaluated="grpo", task="addition", k=4, problems=8, **{"pass@1": 0.5, "pass@1_stderr": 0.05})
     text = build_report(tmp_path).read_text()
     assert "| grpo | sorting | 4 | 50.0% |" in text
-    assert "| grpo | addition | 4 | 50.0% ± 9.8 |" in text
+    assert "| grpo | addition | 4 | 50.0% ± 11.8 |" in text  # t(7) = 2.36 standard errors of 8 problems
+
+
+def test_a_95_percent_interval_over_few_problems_is_students_t_not_the_normal_one(tmp_path):
+    """`nanoseek eval -n 3` then the report: "pass@1 (± 95%)" was 1.96 standard errors, an interval
+    that covers 81% over 3 problems; Student's t with 2 degrees of freedom is 4.30. The paired gain too."""
+    ev = MetricsLog(tmp_path, "eval")
+    for stage, per in (("sft", [0.0, 0.5, 1.0]), ("grpo", [0.5, 0.5, 1.0])):
+        ev.log(
+            evaluated=stage,
+            task="sorting",
+            k=2,
+            problems=3,
+            **{"pass@1": sum(per) / 3, "pass@1_stderr": 0.1, "pass@1_per_problem": per},
+            problems_digest="same",
+        )
+    text = build_report(tmp_path).read_text()
+    assert "| grpo | sorting | 2 | 66.7% ± 43.0 |" in text, text  # 4.303 x 0.1; 1.96 x: ± 19.6
+    se = (0.5**2 * 2 / 3 / 2 / 3) ** 0.5  # differences (0.5, 0, 0): sample sd / sqrt(3)
+    assert f"by **+16.7 ± {100 * 4.302653 * se:.1f} points**" in text  # ± 71.7; 1.96 x: ± 32.7
 
 
 def test_unseen_wordings_are_reported_beside_the_final_figures_not_in_the_goals(tmp_path):
@@ -615,18 +643,18 @@ def test_grpos_goal_is_judged_from_sft_on_the_families_from_20_to_80_percent_inc
     assert sm["mid"] == ["addition", "sorting"]
     assert sm["mid_gain"] == pytest.approx(0.2)
     # each family's differences: one problem gained a sample's worth, four unchanged
-    margin = 1.96 * statistics.stdev([1, 0, 0, 0, 0]) / 5**0.5
+    margin = 2.776445 * statistics.stdev([1, 0, 0, 0, 0]) / 5**0.5  # Student's t with 4 degrees of freedom
     assert sm["gain_margins"]["addition"] == pytest.approx(margin)
     assert sm["gain_margins"]["sorting"] == pytest.approx(margin)
-    assert sm["mid_margin"] == pytest.approx((2 * margin**2) ** 0.5 / 2)  # 27.7 points, not 39.2
+    assert sm["mid_margin"] == pytest.approx((2 * margin**2) ** 0.5 / 2)  # 39.3 points, not 55.5
     assert "comparison" not in sm["gain_margins"]
     assert sm["means"]["distill"] is None and sm["means"]["sft"] == pytest.approx(
         (0.2 + 0.8 + 0.85 + 0.5) / 4
     )
     assert sm["second_turn_mid"] == ["addition"]
     text = build_report(tmp_path).read_text()
-    assert "**+20.0 ± 27.7 points** on average (addition +20.0 ± 39.2; sorting +20.0 ± 39.2)" in text
-    assert "- addition: GRPO changed held-out pass@1 by **+20.0 ± 39.2 points** (20.0% → 40.0%)" in text
+    assert "**+20.0 ± 39.3 points** on average (addition +20.0 ± 55.5; sorting +20.0 ± 55.5)" in text
+    assert "- addition: GRPO changed held-out pass@1 by **+20.0 ± 55.5 points** (20.0% → 40.0%)" in text
 
 
 def test_a_speedruns_stage_time_is_its_last_end_record_and_a_stage_beside_another_adds_none(tmp_path):

@@ -99,11 +99,51 @@ def test_models_health_metrics(real):
         "nanoseek:time_to_first_token_seconds_bucket",
         "nanoseek:time_per_output_token_seconds_count",
         "nanoseek:kv_cache_usage_perc",
-        "nanoseek:prefix_cache_hit_blocks",
+        "nanoseek:prefix_cache_hits_total",
     ):
         assert name in text, name
     gen = next(line for line in text.splitlines() if line.startswith("nanoseek:generation_tokens_total"))
     assert float(gen.split()[-1]) >= 2
+
+
+def test_the_engines_counts_are_counters_under_vllms_names_and_count_tokens(tok, model):
+    """Preemptions and prefix-cache hits only go up: they were gauges (`nanoseek:num_preemptions`,
+    `nanoseek:prefix_cache_hit_blocks`), not vLLM's `num_preemptions_total`, and the cache was counted in
+    blocks where vLLM's `prefix_cache_queries_total` / `prefix_cache_hits_total` count prompt tokens."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    engine = Engine(model, max_batch_size=4, max_seq_len=128, block_size=16, num_blocks=6)
+    with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL), model=model)) as srv:
+        prompt = "The answer is 4. Let me think about this problem step by step." * 2  # 2 whole blocks
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            assert c.post("/v1/completions", json=body).status_code == 200
+            # the same prompt again, 4 at once: its blocks are reused, and 5 blocks cannot hold 4 replies
+            jobs = [
+                threading.Thread(target=c.post, args=("/v1/completions",), kwargs={"json": body})
+                for _ in range(4)
+            ]
+            for t in jobs:
+                t.start()
+            for t in jobs:
+                t.join()
+            stats, deadline = engine.stats(), time.time() + 5
+            while True:  # /metrics reads the engine's snapshot, refreshed just after its last step
+                text = c.get("/metrics").text
+                families = {f.name: f for f in text_string_to_metric_families(text)}
+                counted = {}
+                for name in ("num_preemptions", "prefix_cache_queries", "prefix_cache_hits"):
+                    family = families["nanoseek:" + name]
+                    assert family.type == "counter", name
+                    assert family.samples[0].name == f"nanoseek:{name}_total"
+                    counted[name] = family.samples[0].value
+                if counted["num_preemptions"] == stats["preemptions"] or time.time() > deadline:
+                    break
+                time.sleep(0.05)
+    assert counted["num_preemptions"] == stats["preemptions"] > 0
+    assert counted["prefix_cache_queries"] == 16 * stats["prefix_cache_queries"]
+    assert counted["prefix_cache_hits"] == 16 * stats["prefix_cache_hit_blocks"] > 0
+    assert "nanoseek:num_preemptions " not in text and "prefix_cache_hit_blocks" not in text
 
 
 def test_chat_greedy_stream_equals_non_stream(real):
@@ -1122,6 +1162,31 @@ def test_usage_total_is_prompt_plus_completion(scripted):
     )
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(scripted):
+    """vLLM's `stream_options.continuous_usage_stats` was ignored: every chunk's usage was null."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for route, extra in (("/v1/chat/completions", {"messages": USER}), ("/v1/completions", {"prompt": "Hi"})):
+        body = {"model": MODEL, "max_tokens": 6, "n": 2, "stream": True, "stream_options": options, **extra}
+        chunks = _sse_chunks(scripted.url + route, body)
+        final = chunks[-1]["usage"]
+        assert final["completion_tokens"] == 12 and not chunks[-1]["choices"]
+        so_far = [c["usage"] for c in chunks[:-1]]
+        assert all(u["prompt_tokens"] == final["prompt_tokens"] for u in so_far), route
+        assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in so_far), route
+        counts = [u["completion_tokens"] for u in so_far]
+        assert counts == sorted(counts) and counts[-1] == 12, (route, counts)
+    # without it, the chunks before the last carry null, as OpenAI's
+    body = {
+        "model": MODEL,
+        "prompt": "Hi",
+        "max_tokens": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chunks = _sse_chunks(scripted.url + "/v1/completions", body)
+    assert [c["usage"] is None for c in chunks] == [True] * (len(chunks) - 1) + [False]
+
+
 def test_sampling_fields_reach_the_engine(scripted):
     """Each sampling field a request sets is its engine request's; n choices with a seed are seeded seed,
     seed + 1, ... (vLLM seeds its n children so): distinct samples, reproducible, not n copies of one."""
@@ -1379,6 +1444,22 @@ def test_metrics_latency_histograms_count_each_request_and_token_once(tok):
         lines = set(httpx.get(srv.url + "/metrics").text.splitlines())
     for name, count in (("time_to_first_token", 2), ("time_per_output_token", 8), ("e2e_request_latency", 2)):
         assert f"nanoseek:{name}_seconds_count {float(count)}" in lines, name
+
+
+def test_latency_histograms_reach_the_latencies_of_long_replies_on_a_cpu():
+    """A 20-minute R1 reply, a first token after minutes in the queue, 4 s a token: past the last bucket
+    (300 s, 60 s, 2.5 s), where `histogram_quantile` reads the last bound whatever the latency."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from nanoseek.serve.metrics import ServerMetrics
+
+    metrics = ServerMetrics(dict)
+    for histogram, seconds in ((metrics.e2e, 1200.0), (metrics.ttft, 240.0), (metrics.tpot, 4.0)):
+        histogram.observe(seconds)
+    for family in text_string_to_metric_families(metrics.render()):
+        if family.type == "histogram":
+            bounds = [float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket") and s.value]
+            assert min(bounds) < float("inf"), family.name
 
 
 def test_metrics_count_stop_string_replies_as_their_clients_got_them(tok):
@@ -2139,6 +2220,29 @@ def test_cli_serve_quantizes_as_it_loads(tmp_path, tok, model, monkeypatch, caps
         served.clear()
         assert main(["serve", str(ckpt), "--port", "0", flag, value]) == 2 and not served
         assert f"{flag} must be a positive finite number" in capsys.readouterr().err
+
+
+def test_cli_serve_names_the_model_by_the_directory_given(tmp_path, tok, model, monkeypatch):
+    """DIR's name, as the README's requests spell it. A save cut short between its renames leaves
+    RUN/.grpo.tmp-old, which serve loads for RUN/grpo: the model was served as the whole path typed
+    ("/.../run/grpo"), and a client's "grpo" was a 404."""
+    import uvicorn
+
+    from nanoseek.checkpoint import save_model
+    from nanoseek.cli import main
+
+    save_model(model, tmp_path / "run" / ".grpo.tmp-old")
+    tok.save(tmp_path / "run" / ".grpo.tmp-old")
+    served = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.update(app=self.config.app))
+    assert main(["serve", str(tmp_path / "run" / "grpo"), "--port", "0"]) == 0
+    assert served["app"].state.server.config.model_name == "grpo"
+    # a link by its own name: `current`, re-pointed at each release, was served as its target's
+    (tmp_path / "run" / ".grpo.tmp-old").rename(tmp_path / "run" / "grpo-v2")
+    (tmp_path / "current").symlink_to(tmp_path / "run" / "grpo-v2")
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "current/", "--port", "0"]) == 0
+    assert served["app"].state.server.config.model_name == "current"
 
 
 def test_cli_serve_closes_its_socket_when_loading_fails(tmp_path, tok, model, monkeypatch, capsys):

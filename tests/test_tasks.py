@@ -485,6 +485,16 @@ def test_small_problem_space_runs_dry_with_a_clear_error():
     assert 5 < len(pool) < 30 and len({p.id for p in pool}) == len(pool)
 
 
+def test_a_split_left_empty_by_the_options_is_an_error_not_a_hang():
+    """`sorting?count=3&max_value=3` has one problem (0, 1, 2), on the training side: its test split
+    drew forever (eval, or a pool with strict=False, hung) instead of saying it is empty."""
+    task = get_task("sorting?count=3&max_value=3")
+    assert [p.answer for p in task.problems("train", 5, strict=False)] == ["0, 1, 2"]
+    for strict in (True, False):
+        with pytest.raises(ValueError, match="has no test problems at this size"):
+            task.problems("test", 5, strict=strict)
+
+
 def test_reasoning_gym_adapter_is_binary_by_default():
     task = get_task("rg:basic_arithmetic")
     train, test = task.problems("train", 30, seed=0), task.problems("test", 10, seed=0)
@@ -653,6 +663,18 @@ def test_huge_exponent_is_refused_quickly():
     assert parse_number("1e3") == 1000 and parse_number("2.5e-3") == parse_number("0.0025")
 
 
+def test_long_operands_have_golds_the_verifier_reads():
+    """`arithmetic?digits=33&ops=mul` asks for 65-digit products: their golds were unparseable (over 64
+    characters), so every such problem was skipped and its right answer never scored."""
+    for spec in ("arithmetic?digits=33&ops=mul", "arithmetic?digits=64&ops=add", "comparison?digits=70"):
+        task = get_task(spec)
+        problems = task.problems("test", 6, seed=0)
+        assert max(len(p.answer) for p in problems) > 64
+        for p in problems:
+            assert task.verify(p, f"t</think>\n{p.answer}") == 1.0, spec
+            assert task.verify(p, f"t</think>\n{p.answer[:-1]}") == 0.0, spec
+
+
 def test_non_integer_gold_never_overflows():
     # compared as floats: OverflowError crashed the reward
     assert check_numeric("3.5", "1e400") == 0.0
@@ -678,6 +700,23 @@ def test_countdown_accepts_trailing_full_stop():
     p = task.problems("test", 1, language="en")[0]
     assert task.verify(p, f"t</think>\n{p.answer}.", require_think=True) == 1.0
     assert task.verify(p, f"t</think>\n{p.answer}。", require_think=True) == 1.0
+
+
+def test_full_width_digits_and_signs_are_the_ascii_answer():
+    """A ja/zh answer typed with a CJK input method: "１７" scored, but not "－１７", "ｘ＝－４" or a
+    countdown "（３＋６）＊６"; a wrong one still scores 0."""
+    full = str.maketrans("0123456789-+*/()=", "０１２３４５６７８９－＋＊／（）＝")
+    for spec in ("linear_equation?difficulty=2", "arithmetic?ops=sub&allow_negative=true", "countdown"):
+        task = get_task(spec)
+        for p in task.problems("test", 40, seed=0, language="ja"):
+            typed = p.answer.translate(full)
+            assert task.score(p, f"t</think>\n{typed}") == 1.0, (p.prompt, typed)
+            if spec.startswith("linear"):
+                assert task.score(p, f"t</think>\nｘ＝{typed}") == 1.0
+            if spec != "countdown":
+                assert task.score(p, f"t</think>\n{typed}１") == 0.0
+    assert parse_number("－３.５") == parse_number("−3.5") == parse_number("-3.5")
+    assert not check_countdown("（３＋６）＊６", [3, 6, 6], 55)
 
 
 def test_word_problem_commuted_twin_shares_the_split():
@@ -1026,6 +1065,14 @@ def test_jsonl_task_name_keeps_its_options(tmp_path):
     path.write_text(json.dumps({"prompt": "2+2?", "answer": 4, "split": "train"}) + "\n")
     spec = f"jsonl:{path}?partial=true"
     assert get_task(spec).name == spec and get_task(spec).problems("train", 1)[0].task == spec
+
+
+def test_a_jsonl_task_under_the_home_directory_is_read(tmp_path, monkeypatch):
+    """`--task 'jsonl:~/probs é.jsonl'`: no shell expands `~` after "jsonl:", and the task was "file not
+    found: ~/probs é.jsonl" where every flag that names a file reads it as the home directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "probs é.jsonl").write_text(json.dumps({"prompt": "2+2?", "answer": 4}) + "\n")
+    assert len(get_task("jsonl:~/probs é.jsonl").items) == 1
 
 
 def test_jsonl_task_reads_shards_folders_globs_and_gzip(tmp_path):

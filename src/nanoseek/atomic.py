@@ -66,16 +66,20 @@ def _target(path: str | os.PathLike) -> Path:
         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
 
 
+def cut_name(name: str, room: int) -> str:
+    """`name`, or where it passes `room` bytes (a file system allows NAME_MAX in a name), its head and a
+    digest of it, `room` bytes at most: names made of longer ones stay legal and apart."""
+    if len(os.fsencode(name)) <= room:
+        return name
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    head = os.fsencode(name)[: room - len(digest) - 1].decode(errors="ignore")  # never half a UTF-8 character
+    return f"{head}.{digest}"
+
+
 def _beside(final: Path, suffix: str) -> Path:
     """The hidden scratch name beside `final`: `.NAME{suffix}`, or where that would pass the file
     system's 255-byte limit on a name (a long but legal NAME), NAME cut short and a digest of it."""
-    name = f".{final.name}{suffix}"
-    if len(os.fsencode(name)) > NAME_MAX:
-        digest = hashlib.sha256(os.fsencode(final.name)).hexdigest()[:16]
-        keep = NAME_MAX - len(os.fsencode(f"..{digest}{suffix}"))
-        head = os.fsencode(final.name)[:keep].decode(errors="ignore")  # never half a UTF-8 character
-        name = f".{head}.{digest}{suffix}"
-    return final.with_name(name)
+    return final.with_name(f".{cut_name(final.name, NAME_MAX - 1 - len(os.fsencode(suffix)))}{suffix}")
 
 
 def _remove(path: Path) -> None:

@@ -824,7 +824,7 @@ def accounting_config(name_or_path: str | os.PathLike) -> ModelConfig:
     module counted that the files lack), a Hub model's config.json alone (no weights fetched: DeepSeek-V3's
     are 700 GB), else a preset's or a config.json file's."""
     local = directory_to_read(Path(name_or_path).expanduser())
-    if local.is_dir():
+    if local.is_dir() and (local / "config.json").exists():  # (else a preset's name, as resolve_config)
         return checkpoint_config(local)
     if local.is_file() and local.suffix.lower() != ".json":
         # a GGUF export or a weights file, read as a config.json, said "not valid JSON: 'utf-8' codec

@@ -723,11 +723,16 @@ def get_preset(name: str) -> ModelConfig:
 def resolve_config(preset_or_dir: str | os.PathLike) -> ModelConfig:
     """A preset name or a directory / config.json path."""
     p = Path(preset_or_dir)
-    if p.exists():
+    # A directory without config.json is no config, and its name may be a preset's: `pretrain --out tiny`
+    # (the default --preset tiny) makes ./tiny before reading the preset, and read it as "no config.json
+    # at tiny/config.json"; a run named after its preset, or a working directory that has one, as well.
+    if p.is_file() or (p / "config.json").exists():
         return ModelConfig.load(p)
     try:
         return get_preset(str(preset_or_dir))
     except KeyError:
+        if p.exists():
+            return ModelConfig.load(p)  # (says that it has no config.json)
         raise ValueError(
             f"{str(preset_or_dir)!r} is neither a directory with config.json nor a preset "
             f"({', '.join(PRESETS)})"

@@ -30,7 +30,7 @@ from typing import Any
 
 from nanoseek.atomic import atomic_file, atomic_write, check_writable
 from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_turn, is_unseen_wordings
-from nanoseek.evaluate import Z_95, standard_error
+from nanoseek.evaluate import Z_95, standard_error, t_95
 from nanoseek.metrics import read_metrics
 
 # every stage a speedrun may run, in order (the control only in presets that have it)
@@ -437,7 +437,8 @@ def build_report(
             f"cannot write the report in {e.filename}: {e.strerror}; name another place with --out DIR"
         ) from None
     plots = _plots(m, out_dir)
-    lines: list[str] = [f"# nanoseek report: {m.run_dir.name}", ""]
+    # the absolute path's name: `nanoseek report .` (in the run) titled it "nanoseek report: " alone
+    lines: list[str] = [f"# nanoseek report: {Path(os.path.abspath(m.run_dir)).name}", ""]
     info = m.model_info()
     lines += ["## Model", ""]
     lines += ["| figure | value |", "|---|---|"]
@@ -544,12 +545,9 @@ def build_report(
             "|---|---|---|---|---|---|---|---|",
         ]
         for (name, task), r in evals.items():
-            # one problem has no spread to measure: its 0.0 would read as certainty (lm-eval prints N/A)
-            se = r.get("pass@1_stderr") if (r.get("problems") or 2) >= 2 else None
-            se = se if _finite(se) else None  # ("nan", as a MetricsLog writes a NaN)
             lines.append(
                 f"| {name} | {task} | {_fmt(r.get('k'))} | {_pct(r.get('pass@1', r.get('accuracy')))}"
-                f"{plus_minus(None if se is None else Z_95 * se)} | "
+                f"{plus_minus(pass_at_1_margin(r))} | "
                 f"{_pct(r.get('cons'))} | {_pct(r.get('format_rate'))} | {_pct(r.get('language_consistency'))} | "
                 f"{_fmt(r.get('length'))} |"
             )
@@ -623,7 +621,7 @@ def same_problems(before: dict[str, Any], after: dict[str, Any]) -> bool:
 
 def paired_margin(before: dict[str, Any], after: dict[str, Any]) -> float | None:
     """Half-width of the 95% interval on after - before, paired over the problems both evaluations
-    scored (`Z_95` standard errors of the per-problem differences). None unless both records carry
+    scored (`t_95` standard errors of the per-problem differences). None unless both records carry
     per-problem scores of the same problems (`problems_digest`).
 
     A family's held-out problems are few (the speedrun's 48), and a model gets most of them all right
@@ -633,7 +631,18 @@ def paired_margin(before: dict[str, Any], after: dict[str, Any]) -> float | None
     digest = after.get("problems_digest")
     if not a or not b or len(a) != len(b) or digest is None or digest != before.get("problems_digest"):
         return None
-    return Z_95 * standard_error([x - y for x, y in zip(a, b, strict=True)])
+    return t_95(len(a)) * standard_error([x - y for x, y in zip(a, b, strict=True)])
+
+
+def pass_at_1_margin(r: dict[str, Any]) -> float | None:
+    """Half-width of the 95% interval on an evaluation's pass@1, from its record (`problems`,
+    `pass@1_stderr`): `t_95` standard errors, the normal `Z_95` for a record that does not count its
+    problems. None where it has no finite standard error or one problem (no spread to measure: its 0.0
+    would read as certainty; lm-eval prints N/A)."""
+    se, n = r.get("pass@1_stderr"), r.get("problems")
+    if not _finite(se) or (_finite(n) and n < 2):  # ("nan", as a MetricsLog writes a NaN)
+        return None
+    return (t_95(int(n)) if _finite(n) else Z_95) * se
 
 
 def plus_minus(margin: float | None, points: bool = True) -> str:

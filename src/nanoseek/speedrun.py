@@ -33,10 +33,10 @@ from typing import Any
 from nanoseek.atomic import atomic_directory, atomic_write, exclusive, restore_directory
 from nanoseek.config import read_json_object
 from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_turn, is_unseen_wordings
-from nanoseek.evaluate import Z_95, slug
+from nanoseek.evaluate import slug
 from nanoseek.metrics import MetricsLog, append_records, read_metrics
 from nanoseek.options import shell_quoted
-from nanoseek.report import EVAL_STAGES, STAGES, RunMetrics, plus_minus
+from nanoseek.report import EVAL_STAGES, STAGES, RunMetrics, pass_at_1_margin, plus_minus
 from nanoseek.train import TrainingInterrupted
 
 DONE = ".done"
@@ -901,7 +901,7 @@ class Speedrun:
             for task, m in zip(tasks, ms, strict=True):
                 results[f"{stage}/{task}"] = m["pass@1"]
                 # as the report shows it: no "± 0.0" where the scores do not vary over the problems
-                interval = plus_minus(Z_95 * m["pass@1_stderr"])
+                interval = plus_minus(pass_at_1_margin(m))
                 print(
                     f"  eval {stage:8s} {task}: pass@1 {m['pass@1']:.1%}{interval}{' (95%)' if interval else ''}, "
                     f"format {m['format_rate']:.1%}",

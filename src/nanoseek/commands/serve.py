@@ -116,7 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from nanoseek import load_model
     from nanoseek.accounting import count_parameters
-    from nanoseek.checkpoint import resolve_checkpoint, resolve_device
+    from nanoseek.checkpoint import is_hub_name, resolve_checkpoint, resolve_device
     from nanoseek.commands.generate import colors_refused, speculation
     from nanoseek.engine import Engine
     from nanoseek.engine.quantize import check_quantize_device
@@ -175,8 +175,12 @@ def _serve(args: argparse.Namespace) -> int:
         )
         # loading, quantizing and packing weights (w8a8 packs them all here) before the first request
         ready_s = time.perf_counter() - t0
-        # A Hub name names the model better than its snapshot directory (a commit hash) would.
-        name = args.model_name or (directory.resolve().name if Path(args.model).exists() else args.model)
+        # A Hub name names the model better than its snapshot directory (a commit hash) would. A local one
+        # by DIR's name as given (`.` the working directory's): a link's own (`models/current`, re-pointed
+        # at each release, was served by its target's name, which changed under the clients), and where a
+        # save cut short left it aside (`.grpo.tmp-old`; served as the whole path typed: "grpo" was a 404).
+        local = Path(os.path.abspath(args.model)).name
+        name = args.model_name or (args.model if is_hub_name(args.model) else local)
         defaults = generation_defaults(tokenizer.generation_config, directory / "generation_config.json")
         app = create_app(
             engine,

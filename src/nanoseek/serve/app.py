@@ -702,6 +702,7 @@ class Server:
     ) -> AsyncIterator[dict]:
         created = int(time.time())
         k = (req.top_logprobs or 0) if req.logprobs else None
+        continuous = include_usage and req.stream_options.continuous_usage_stats
 
         def chunk(choice_list: list[dict], usage: dict | None = None) -> dict:
             out = {
@@ -713,7 +714,7 @@ class Server:
                 "choices": choice_list,
             }
             if include_usage:
-                out["usage"] = usage
+                out["usage"] = usage or (_usage(prompt_len, choices) if continuous else None)
             return out
 
         for i in range(len(choices)):
@@ -888,6 +889,7 @@ class Server:
     ) -> AsyncIterator[dict]:
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = include_usage and req.stream_options.continuous_usage_stats
         n = req.n
 
         def chunk(index: int, text: str, lp: dict | None, finish: str | None) -> dict:
@@ -900,7 +902,7 @@ class Server:
                 "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}],
             }
             if include_usage:
-                out["usage"] = None
+                out["usage"] = _usage(prompt_tokens, choices) if continuous else None
             return out
 
         if req.echo:

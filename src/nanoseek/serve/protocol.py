@@ -88,6 +88,8 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    # vLLM's: every chunk carries the usage so far (with include_usage); it was ignored, each chunk's null
+    continuous_usage_stats: bool = False
 
 
 class ContentPart(_Request):

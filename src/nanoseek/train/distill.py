@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from nanoseek.atomic import atomic_write, check_out
+from nanoseek.config import ModelConfig
 from nanoseek.data.tasks import prescore, split_task_list
 from nanoseek.engine.sampling import SamplingParams, refuse_identical_samples
 from nanoseek.options import option, path, shell_quoted, torch_seed
@@ -91,16 +92,13 @@ def teacher_sampling(cfg: DistillConfig, generation_config: dict, source: object
 def build_student(student: str, tokenizer: Any, seed: int = 0) -> torch.nn.Module:
     """A student from a checkpoint (must share the tokenizer's vocabulary) or a preset sized to it."""
     from nanoseek.checkpoint import build_model, load_model
-    from nanoseek.config import get_preset
     from nanoseek.perf import default_device
 
     p = _student_path(student)
     if (p / "config.json").exists():
         _check_student_tokens(p, tokenizer)
         return load_model(p, device=default_device())
-    if p.exists():
-        raise FileNotFoundError(f"student {p} is a path without config.json")
-    cfg = get_preset(student).replace(
+    cfg = _student_preset(student, p).replace(
         vocab_size=tokenizer.vocab_size,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -146,15 +144,25 @@ def _check_student_tokens(p: Path, tokenizer: Any) -> None:
 def _check_student(student: str, tokenizer: Any) -> None:
     """The errors `build_student` would raise for a missing directory, an unknown preset or a student
     with another tokenizer, up front."""
-    from nanoseek.config import get_preset
-
     p = _student_path(student)
     if (p / "config.json").exists():
         _check_student_tokens(p, tokenizer)
         return
-    if p.exists():
-        raise FileNotFoundError(f"student {p} is a path without config.json")
-    get_preset(student)
+    _student_preset(student, p)
+
+
+def _student_preset(student: str, p: Path) -> ModelConfig:
+    """--student as a preset, where `p` holds no config.json. A directory of a preset's name is no
+    student: `--student tiny-dense --out tiny-dense` made it (the run directory) after the check, and
+    the student was refused as "a path without config.json" once the teacher's sampling was done."""
+    from nanoseek.config import get_preset
+
+    try:
+        return get_preset(student)
+    except KeyError:
+        if p.exists():
+            raise FileNotFoundError(f"student {p} is a path without config.json") from None
+        raise
 
 
 def sample_correct_traces(

@@ -479,7 +479,10 @@ class JsonlTask(Task):
 
     def __init__(self, spec: str, path: str, partial: bool = False) -> None:
         from nanoseek.data.files import open_binary, resolve_files
+        from nanoseek.options import path as user_path
 
+        # `~` as every flag that names a file reads it: no shell expands it after "jsonl:"
+        path = user_path(path)
         self.name, self.path, self.partial = spec, Path(path), bool(partial)
         # ids: the path's stem as given (a folder's, a glob's) for each of its files, not which shard holds
         # a problem; a .jsonl.gz's as its .jsonl's

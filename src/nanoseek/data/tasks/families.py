@@ -11,6 +11,7 @@ from fractions import Fraction
 from typing import Any
 
 from nanoseek.data.tasks.answers import (
+    ascii_math,
     check_numeric,
     extract_answer,
     parse_number,
@@ -45,6 +46,11 @@ def _place(lang: str, i: int) -> str:
         if i < len(names)
         else {"en": f"digit {i + 1}", "ja": f"{i + 1}桁目", "zh": f"第{i + 1}位"}[lang]
     )
+
+
+# draws in a row with no problem of the split before it is called empty: a split that holds even 1 in
+# 1,000 of the draws (a few problems of a small space) is met long before
+_DRY_DRAWS = 100_000
 
 
 def _rand_digits(rng: random.Random, digits: int) -> int:
@@ -136,10 +142,20 @@ class BuiltinTask(Task):
             _check_language(lang, self.languages)
         rng = random.Random(f"{self._stream}|{split}|{seed}")
         wording_rng = random.Random(f"{self._stream}|{split}|{seed}|wording")  # apart: same problems
+        misses = 0  # draws in a row outside the split
         while True:
             d = self.generate(rng)
             if d is None or split_of(f"{self.family}|{self.key(d)}") != split:
+                misses += 1
+                # options that leave a split empty (`sorting?count=3&max_value=3`: one problem, in train)
+                # drew forever, `problems()` and eval hung; a split that holds a problem is met far sooner
+                if misses > _DRY_DRAWS:
+                    raise ValueError(
+                        f"task {self.name!r} has no {split} problems at this size "
+                        f"(none in {_DRY_DRAWS:,} draws; raise the difficulty / size)"
+                    )
                 continue
+            misses = 0
             lang = langs[0] if len(langs) == 1 else rng.choice(langs)
             yield self.make(self._worded(d, lang, wording_rng), lang)
 
@@ -429,7 +445,7 @@ def check_countdown(expression: str | None, numbers: Sequence[int], target: int)
     if expression is None:
         return False
     # markup and a trailing full stop, as numeric answers allow ("(3+6)*6.")
-    s = unwrap_answer(expression).replace("×", "*").replace("÷", "/").replace("−", "-")
+    s = ascii_math(unwrap_answer(expression)).replace("×", "*").replace("÷", "/")
     if "=" in s:  # accept "expr = target", nothing else after it
         s, _, rhs = s.partition("=")
         if parse_number(rhs) != target:
@@ -549,8 +565,8 @@ class LinearEquationTask(BuiltinTask):
         return "\n".join(lines)
 
     def check(self, problem: Problem, answer: str | None) -> float | None:
-        if answer is not None:  # "x = 5" is the same answer as "5", boxed or in $...$ too
-            answer = re.sub(r"^\s*x\s*=\s*", "", unwrap_answer(answer))
+        if answer is not None:  # "x = 5" is the same answer as "5", boxed or in $...$ too, "ｘ＝５" too
+            answer = re.sub(r"^\s*[xｘ]\s*=\s*", "", ascii_math(unwrap_answer(answer)))
         return check_numeric(problem.answer, answer)
 
 
