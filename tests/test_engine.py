@@ -631,6 +631,15 @@ def test_capacity_and_input_errors(model):
     assert [len(x) for x in out] == [5, 5]
 
 
+def test_the_ids_the_engine_gives_skip_those_its_caller_gave(model):
+    """A request its caller named "req-0" (the form of the engine's own ids) made the next request added
+    without an id, and generate(), which names none, fail: "request id 'req-0' is already in use"."""
+    engine = Engine(model)
+    named = engine.add_request([1, 2], SamplingParams(max_new_tokens=20), request_id="req-0")
+    assert engine.add_request([3, 4], SamplingParams(max_new_tokens=1)) != named
+    assert len(engine.generate([[5, 6]], max_new_tokens=2)[0]) == 2
+
+
 def test_a_refused_engine_leaves_the_model_as_given(model, monkeypatch):
     """quantize= and pack_weights= change the model in place: an Engine refused for its context or
     cache did so first, so the caller's model came back int8 (and packed) from a failed call."""
@@ -755,6 +764,25 @@ def test_abort_and_max_seq_len(model):
     for bad in (0, -5):
         with pytest.raises(ValueError, match=f"max_seq_len must be >= 2, got {bad}"):
             Engine(model, max_seq_len=bad)
+
+
+def test_aborting_the_last_requests_is_reported_before_the_engine_is_idle(model):
+    """has_unfinished() said False as soon as the last requests were aborted: a `while has_unfinished():
+    step()` loop ended without their "abort" events, and the next batch's first step handed them over,
+    events for requests that batch never made."""
+    engine = Engine(model, max_batch_size=1)
+    running = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=20))
+    waiting = engine.add_request([4, 5], SamplingParams(max_new_tokens=20))
+    engine.step()
+    engine.abort(running)
+    engine.abort(waiting)
+    events = []
+    while engine.has_unfinished():
+        events += engine.step()
+    assert [(e.request_id, e.finish_reason) for e in events] == [(running, "abort"), (waiting, "abort")]
+    assert engine.stats()["cache_blocks_used"] == 0
+    later = engine.add_request([6], SamplingParams(max_new_tokens=1))
+    assert [e.request_id for e in engine.step()] == [later]
 
 
 def test_engine_arguments_are_checked_at_their_limits(model):

@@ -212,7 +212,9 @@ class Engine:
                 f"logprobs={params.logprobs} asks for more alternatives than the vocabulary has "
                 f"({self.config.vocab_size})"
             )
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        rid = request_id
+        if rid is None:  # the next "req-N" not in flight: one the caller named so was taken as a duplicate
+            rid = next(r for r in (f"req-{i}" for i in self._ids) if r not in self._requests)
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
         seq = Sequence(
@@ -238,7 +240,9 @@ class Engine:
         self._aborted.append(self._event(seq))
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting)
+        # an abort's event is still to come from step(): a `while has_unfinished(): step()` loop that
+        # aborted its last request ended without it, and a later batch's first step handed it over
+        return bool(self.scheduler.running or self.scheduler.waiting or self._aborted)
 
     @property
     def num_running(self) -> int:
