@@ -661,3 +661,155 @@ def test_a_student_whose_config_json_is_no_object_is_named(teacher_dir, tmp_path
     (tmp_path / "config.json").write_text("[]")
     with pytest.raises(ValueError, match=r"config\.json is not a JSON object"):
         build_student(str(tmp_path), load_tokenizer(teacher_dir))
+
+
+def test_a_student_with_its_own_smaller_vocabulary_is_told_of_its_tokenizer(
+    micro_checkpoint, tmp_path
+) -> None:
+    """A student with its own tokenizer and fewer rows than the teacher's vocabulary (Llama 3's 128,256 under
+    R1's 129,280) was told only that its vocab_size is too small, not that it speaks other tokens and how to
+    train it on the traces' text instead."""
+    import nanoseek.train.distill as d
+    from model_configs import chatml_checkpoint
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(micro_checkpoint)
+    student = chatml_checkpoint(tmp_path / "llama-like")
+    assert load_tokenizer(student).vocab_size < tok.vocab_size
+    with pytest.raises(ValueError, match="another tokenizer.*nanoseek sft --init"):
+        d._check_student(str(student), tok)
+
+
+def test_the_refusal_of_another_tokenizer_says_where_the_traces_text_comes_from(micro_checkpoint, tmp_path):
+    """The refusal pointed at RUN/distill_data.jsonl, which a run refused before sampling never writes: it
+    names the run that does (a distill into a preset)."""
+    import nanoseek.train.distill as d
+    from model_configs import chatml_checkpoint
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(micro_checkpoint)
+    student = chatml_checkpoint(tmp_path / "qwen", vocab_size=tok.vocab_size + 64)
+    with pytest.raises(
+        ValueError, match=r"distil into a preset \(--student tiny-qwen2\), which also writes RUN/"
+    ):
+        d._check_student(str(student), tok)
+
+
+def test_a_student_with_only_a_slow_tokenizer_is_refused(micro_checkpoint, tmp_path) -> None:
+    """A student whose tokenizer is in a slow format only (Llama 2's tokenizer.model, GPT-2's vocab.json)
+    was taken as one without a tokenizer: trained on the teacher's ids, which mean other tokens to it."""
+    import nanoseek.train.distill as d
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(micro_checkpoint)
+    student = tmp_path / "llama2"
+    shutil.copytree(micro_checkpoint, student)
+    (student / "tokenizer.json").unlink()
+    (student / "tokenizer.model").write_bytes(b"\n\x0b\n\x05<unk>")  # sentencepiece's protobuf
+    with pytest.raises(ValueError, match=r"its own tokenizer \(tokenizer\.model\) but no tokenizer\.json"):
+        d._check_student(str(student), tok)
+    (student / "tokenizer.model").unlink()  # no tokenizer at all: it takes the teacher's
+    d._check_student(str(student), tok)
+
+
+def test_fallback_reference_without_reference_solutions_says_so(
+    micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    """--fallback-reference on a task without worked solutions (a JSONL file without "reasoning") printed
+    "training the student on 0 reference solutions", then told the user to pass --fallback-reference."""
+    from nanoseek.train.sft import SFTConfig
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"{i}+1?", "answer": i + 1, "split": "train"}) + "\n" for i in range(2))
+    )
+    _teacher_solving_nothing(monkeypatch, micro_checkpoint)
+    cfg = DistillConfig(
+        teacher=micro_checkpoint,
+        student=micro_checkpoint,
+        tasks=[f"jsonl:{path}"],
+        k=1,
+        fallback_reference=True,
+        out=str(tmp_path / "run"),
+        sft=SFTConfig(init="", steps=1, batch_size=1, seq_len=128, progress=False),
+    )
+    with pytest.raises(ValueError, match='no reference solutions.*add "reasoning"') as e:
+        distill(cfg)
+    assert "pass --fallback-reference" not in str(e.value)
+
+
+def test_max_new_tokens_below_one_is_refused_before_sampling(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    """--max-new-tokens 0 was refused by the engine only once the teacher had loaded (minutes for a real one)."""
+    _refused_before_sampling(
+        monkeypatch,
+        "max_new_tokens must be >= 1, got 0",
+        teacher=micro_checkpoint,
+        student="tiny",
+        max_new_tokens=0,
+        out=str(tmp_path),
+    )
+
+
+def test_a_task_named_twice_is_refused_before_sampling(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    """`--task arithmetic,arithmetic` sampled every problem twice and kept up to twice --keep-per-prompt
+    traces of it (the same trace twice among them); refused as grpo refuses it."""
+    import nanoseek.train.distill as d
+    from nanoseek.train.sft import SFTConfig
+
+    def boom(*a, **k):
+        raise AssertionError("sampled the teacher before checking --task")
+
+    monkeypatch.setattr(d, "sample_correct_traces", boom)
+    cfg = d.DistillConfig(
+        teacher=micro_checkpoint,
+        student="tiny",
+        tasks=d.split_task_list("arithmetic,countdown,arithmetic"),
+        out=str(tmp_path),
+        sft=SFTConfig(init=""),
+    )
+    with pytest.raises(ValueError, match="--task names arithmetic more than once"):
+        d.distill(cfg)
+
+
+@pytest.mark.parametrize("preset", [True, False])
+def test_a_seq_len_past_the_students_context_is_refused_before_sampling(
+    preset, micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    """--seq-len past the student's max_position_embeddings was refused by its fine-tuning, once the
+    teacher's whole sampling was done."""
+    import nanoseek.train.distill as d
+    from nanoseek.config import ModelConfig, get_preset
+    from nanoseek.train.sft import SFTConfig
+
+    def boom(*a, **k):
+        raise AssertionError("sampled the teacher before checking --seq-len")
+
+    monkeypatch.setattr(d, "sample_correct_traces", boom)
+    student = "tiny-qwen2" if preset else micro_checkpoint
+    context = (get_preset(student) if preset else ModelConfig.load(micro_checkpoint)).max_position_embeddings
+    cfg = d.DistillConfig(
+        teacher=micro_checkpoint,
+        student=student,
+        tasks=["arithmetic"],
+        out=str(tmp_path),
+        sft=SFTConfig(init="", seq_len=2 * context),
+    )
+    with pytest.raises(
+        ValueError, match=f"--seq-len {2 * context} exceeds the model's max_position_embeddings"
+    ):
+        d.distill(cfg)
+
+
+def test_a_student_path_is_read_as_the_teachers(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    """`--student=~/models/x` (left unexpanded by the shell) and a mistyped path were "unknown preset"
+    errors, where --teacher expands `~` and names a missing directory."""
+    import nanoseek.train.distill as d
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(micro_checkpoint)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(micro_checkpoint, tmp_path / "student")
+    d._check_student("~/student", tok)
+    assert d.build_student("~/student", tok).config.vocab_size == tok.vocab_size
+    with pytest.raises(FileNotFoundError, match="--student .*missing is not a checkpoint directory"):
+        d._check_student(str(tmp_path / "missing"), tok)

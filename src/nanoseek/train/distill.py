@@ -29,7 +29,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.data.tasks import prescore, split_task_list
 from nanoseek.engine.sampling import SamplingParams, refuse_identical_samples
 from nanoseek.options import option, path, shell_quoted, torch_seed
-from nanoseek.train.sft import SFTConfig, completion_example, train_on_examples
+from nanoseek.train.sft import SFTConfig, check_seq_len, completion_example, train_on_examples
 
 
 @dataclass
@@ -109,11 +109,20 @@ def build_student(student: str, tokenizer: Any, seed: int = 0) -> torch.nn.Modul
 
 
 def _student_path(student: str) -> Path:
-    """--student as a path: a Hub name (owner/name) resolves as --teacher's does; a preset name, which has
-    no slash, is no path."""
-    from nanoseek.checkpoint import is_hub_name, resolve_checkpoint
+    """--student as a path: a local path or Hub name (owner/name) resolves as --teacher's does; a preset
+    name, which has no slash, is no path."""
+    from nanoseek.checkpoint import resolve_checkpoint
 
-    return resolve_checkpoint(student, flag="--student") if is_hub_name(student) else Path(student)
+    # `~/models/qwen` (`--student=~/...`, which the shell leaves as it is) and a mistyped /path were read as
+    # an unknown preset's name; --teacher's errors name a missing directory. A bare name without config.json
+    # is a preset's (`_student_preset` refuses a directory of another name)
+    if "/" in student or student.startswith("~") or (Path(student) / "config.json").exists():
+        return resolve_checkpoint(student, flag="--student")
+    return Path(student)
+
+
+# a tokenizer's files in the formats transformers' slow tokenizers read (Llama 2's sentencepiece, GPT-2's BPE)
+SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
 
 
 def _check_student_tokens(p: Path, tokenizer: Any) -> None:
@@ -123,32 +132,48 @@ def _check_student_tokens(p: Path, tokenizer: Any) -> None:
     from nanoseek.config import read_json_object
     from nanoseek.tokenizer import load_tokenizer, tokens_moved
 
+    # its own tokenizer first: a Llama 3 student of an R1 teacher (128,256 < 129,280 rows) was told only
+    # that its vocab_size is too small, not that it speaks other tokens and what to do instead
+    if (p / "tokenizer.json").exists():
+        other = tokens_moved(tokenizer, load_tokenizer(p))
+        if other:
+            # a refused run samples nothing: the traces' text comes from a run into a preset
+            raise ValueError(
+                f"student {p} has another tokenizer than the teacher's ({len(other)} of its {tokenizer.vocab_size} "
+                f"tokens are not the student's at the same ids, e.g. {other[:3]}), and distillation trains on "
+                "the teacher's token ids: distil into a preset (--student tiny-qwen2), which also writes "
+                "RUN/distill_data.jsonl, and train this student with its own tokenizer on the traces' text: "
+                f"nanoseek sft --init {shell_quoted(p)} --data RUN/distill_data.jsonl"
+            )
+    else:
+        # a tokenizer only in the slow formats (sentencepiece, vocab.json) cannot be compared: it was taken
+        # as none, the student trained on ids that mean other tokens to it
+        own = sorted(x.name for x in p.iterdir() if x.name in SLOW_TOKENIZER_FILES)
+        if own:
+            raise ValueError(
+                f"student {p} has its own tokenizer ({', '.join(own)}) but no tokenizer.json to check it against "
+                "the teacher's: write it (transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)) "
+                "or distil into a preset (--student tiny-qwen2)"
+            )
     size = read_json_object(p / "config.json").get("vocab_size")
     if isinstance(size, int) and size < tokenizer.vocab_size:
         raise ValueError(
             f"student {p} has vocab_size {size} < the teacher tokenizer's "
             f"{tokenizer.vocab_size}: it cannot read the teacher's tokens"
         )
-    if not (p / "tokenizer.json").exists():
-        return
-    other = tokens_moved(tokenizer, load_tokenizer(p))
-    if other:
-        raise ValueError(
-            f"student {p} has another tokenizer than the teacher's ({len(other)} of its {tokenizer.vocab_size} tokens "
-            f"are not the student's at the same ids, e.g. {other[:3]}), and distillation trains on the "
-            "teacher's token ids: distil into a preset (--student tiny-qwen2), or train this student on the "
-            f"traces' text: nanoseek sft --init {shell_quoted(p)} --data RUN/distill_data.jsonl"
-        )
 
 
-def _check_student(student: str, tokenizer: Any) -> None:
+def _check_student(student: str, tokenizer: Any, seq_len: int | None = None) -> None:
     """The errors `build_student` would raise for a missing directory, an unknown preset or a student
-    with another tokenizer, up front."""
+    with another tokenizer, and the student's fine-tuning for a --seq-len past its context, up front."""
     p = _student_path(student)
     if (p / "config.json").exists():
         _check_student_tokens(p, tokenizer)
-        return
-    _student_preset(student, p)
+        config = ModelConfig.load(p)
+    else:
+        config = _student_preset(student, p)
+    if seq_len is not None:
+        check_seq_len(seq_len, config)
 
 
 def _student_preset(student: str, p: Path) -> ModelConfig:
@@ -284,13 +309,17 @@ def distill(cfg: DistillConfig) -> Path:
     # the flags first: a Hub teacher is its whole download before them (offline, the Hub's error for them)
     if cfg.k < 1 or cfg.prompts < 1 or cfg.keep_per_prompt < 1:
         raise ValueError("-k, --prompts and --keep-per-prompt must be >= 1")
+    repeated = sorted({t for t in cfg.tasks if cfg.tasks.count(t) > 1})
+    if repeated:  # as grpo says it: its problems were sampled twice, up to twice --keep-per-prompt kept
+        raise ValueError(f"--task names {', '.join(repeated)} more than once")
     if cfg.max_batch_size < 1:  # said now, as serve says it, not by the engine once the teacher has loaded
         raise ValueError(f"--max-batch-size must be >= 1, got {cfg.max_batch_size}")
     # (NaN too) said now, not by the engine once the teacher has loaded
     if cfg.temperature is not None and not 0 <= cfg.temperature < math.inf:
         raise ValueError(f"--temperature must be >= 0 and finite, got {cfg.temperature}")
     given = {k: getattr(cfg, k) for k in TEACHER_SAMPLING if getattr(cfg, k) is not None}
-    SamplingParams(**given).validate()  # --top-p 5 too
+    # --top-p 5 too, and --max-new-tokens 0, which the engine refused only once the teacher had loaded
+    SamplingParams(max_new_tokens=cfg.max_new_tokens, **given).validate()
     if cfg.temperature is not None:  # else the teacher's generation_config.json may set one
         refuse_identical_samples(cfg.temperature, cfg.k, "-k", "a prompt")
     cfg.sft.validate()  # before the teacher's sampling, not after it
@@ -301,7 +330,8 @@ def distill(cfg: DistillConfig) -> Path:
     tok = load_tokenizer(teacher_dir)
     cfg = teacher_sampling(cfg, tok.generation_config, teacher_dir / "generation_config.json")
     refuse_identical_samples(cfg.temperature, cfg.k, "-k", "a prompt")
-    _check_student(cfg.student, tok)  # a typo in --student must not cost the whole sampling first
+    # a typo in --student (or a --seq-len past its context) must not cost the whole sampling first
+    _check_student(cfg.student, tok, cfg.sft.seq_len)
     torch.manual_seed(cfg.seed)
     # held from the teacher's sampling on: a second distill into --out would sample beside it for nothing
     with torch_threads(cfg.sft.threads), hold_stage(run, "distill"):  # the teacher's sampling too
@@ -381,6 +411,12 @@ def _sample(
             for p, text in solutions
             if text is not None  # a task (or JSONL line) without worked solutions
         ]
+        if not kept:  # said as such: the error below told the user to pass the flag they had passed
+            raise ValueError(
+                "the teacher produced no correct trace, and --fallback-reference has no reference solutions to "
+                f'train on: no worked solutions in {", ".join(cfg.tasks)} (a JSONL task: add "reasoning" to '
+                "its lines); raise -k, the temperature or max tokens"
+            )
         stats["fallback"] = "reference worked solutions (teacher solved nothing)"
         stats["kept_traces"] = float(len(kept))  # what the student trains on
         print(

@@ -541,6 +541,16 @@ def _check_targets_fit(examples: list[tuple[list[int], list[int]]], seq_len: int
     return trained
 
 
+def check_seq_len(seq_len: int, config: Any) -> None:
+    """--seq-len within the model's context, as pretrain refuses it: positions past it are never served."""
+    context = config.max_position_embeddings
+    if seq_len > context:
+        raise ValueError(
+            f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({context}): "
+            f"use --seq-len {context} or less"
+        )
+
+
 def train_on_examples(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -577,12 +587,7 @@ def train_on_examples(
             f"the examples hold token id {top}, outside the model's vocabulary [0, {vocab}): its tokenizer "
             f"({getattr(tokenizer, 'vocab_size', '?')} tokens) is not the one its vocab_size was made for"
         )
-    context = model.config.max_position_embeddings
-    if cfg.seq_len > context:  # as pretrain refuses it: positions past the context are never served
-        raise ValueError(
-            f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({context}): "
-            f"use --seq-len {context} or less"
-        )
+    check_seq_len(cfg.seq_len, model.config)
     n_target = sum(sum(lab != IGNORE for lab in labels) for _, labels in examples)
     trained = _check_targets_fit(examples, cfg.seq_len)
     # An example whose prompt alone fills --seq-len has nothing left to train on: packed, it is a row of
