@@ -216,7 +216,7 @@ def main() -> None:
                 f"{r['concurrency']:>7} {r['requests']:>5} {r['errors']:>4} {r['requests_per_s']:>7.2f} "
                 f"{r['tokens_per_s']:>8.1f} {r['ttft_p50_ms']:>8.0f}ms {r['ttft_p99_ms']:>8.0f}ms"
             )
-    hits = [line for line in metrics.splitlines() if line.startswith("nanoseek:prefix_cache_hit_blocks ")]
+    hits = [line for line in metrics.splitlines() if line.startswith("nanoseek:prefix_cache_hits_total ")]
     best = max(rows, key=lambda r: r["tokens_per_s"])
     print(  # beside --json's object, stdout stays that one object
         f"bench_serve: best {best['tokens_per_s']:.1f} tok/s at {best['concurrency']} clients "

@@ -24,6 +24,22 @@ CORPUS = [
 ]
 
 
+# A chat template shaped like DeepSeek-R1's (R1-Distill's, DeepSeek-V3's): its generation prompt opens the think
+# block, it writes an assistant's calls as `function<｜tool▁sep｜>NAME`, then the arguments fenced as ```json, one
+# call a line, and, as theirs, only for a turn whose content is null (other turns are their text alone)
+V3_TOOL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' and m['content'] is none %}{{ '<｜Assistant｜><｜tool▁calls▁begin｜>' }}"
+    "{% for c in m['tool_calls'] %}{{ '\\n' if not loop.first }}"
+    "{{ '<｜tool▁call▁begin｜>' + c['type'] + '<｜tool▁sep｜>' + c['function']['name'] + '\\n```json\\n' + "
+    "c['function']['arguments'] + '\\n```<｜tool▁call▁end｜>' }}{% endfor %}"
+    "{{ '<｜tool▁calls▁end｜><｜end▁of▁sentence｜>' }}"
+    "{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + '<｜end▁of▁sentence｜>' }}"
+    "{% elif m['role'] == 'tool' %}{{ '<｜tool▁output▁begin｜>' + m['content'] + '<｜tool▁output▁end｜>' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+
+
 def tiny_tokenizer() -> Tokenizer:
     return train_tokenizer(CORPUS * 20, vocab_size=400)
 

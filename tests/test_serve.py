@@ -32,7 +32,7 @@ from nanoseek.tokenizer import (
     TOOL_OUTPUT_END,
     TOOL_SEP,
 )
-from serve_fakes import LiveServer, ScriptedEngine, tiny_tokenizer
+from serve_fakes import V3_TOOL_TEMPLATE, LiveServer, ScriptedEngine, tiny_tokenizer
 
 MODEL = "nanoseek-test"
 REASONING = "I add 2 and 2.\nThat makes 4."
@@ -2021,6 +2021,68 @@ def test_tool_choice(tooling, tok):
     with pytest.raises(openai.BadRequestError) as e:
         tooling.client.chat.completions.create(model=MODEL, messages=messages, tools=[{"type": "function"}])
     assert e.value.body["param"] == "tools.0.function"
+
+
+@pytest.fixture(scope="module")
+def v3_tooling(tok):
+    """A scripted model whose chat template writes calls as DeepSeek-V3's and R1's do (`V3_TOOL_TEMPLATE`):
+    it finishes a forced call begun in that markup, and answers after a tool result."""
+    import copy
+
+    v3 = copy.copy(tok)
+    v3.chat_template = V3_TOOL_TEMPLATE
+
+    def reply(prompt, params):
+        text = v3.decode(prompt)
+        if text.endswith(f"{TOOL_CALL_BEGIN}function{TOOL_SEP}get_weather\n```json\n"):
+            out = '{"city": "Lyon"}\n```'
+        elif text.endswith(f"{TOOL_CALL_BEGIN}function{TOOL_SEP}"):
+            out = 'get_weather\n```json\n{"city": "Nice"}\n```'
+        else:
+            return v3.encode("not a call")
+        return v3.encode(out + TOOL_CALL_END + TOOL_CALLS_END)
+
+    engine = ScriptedEngine(v3, reply, max_seq_len=4096)
+    with LiveServer(create_app(engine, v3, ServeConfig(model_name=MODEL))) as srv:
+        srv.engine, srv.tok = engine, v3
+        srv.client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        yield srv
+
+
+def test_forced_call_in_deepseek_v3s_markup(v3_tooling):
+    """A model whose template writes calls as DeepSeek-V3's and R1's do was handed V3.1's `NAME<sep>` for a
+    named `tool_choice` (and a bare call begin for "required"): markup it never saw, and what it wrote came
+    back as text. The forced call starts in the template's own markup, and parses back as a call."""
+    messages = [{"role": "user", "content": "Weather?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice, city in ((named, "Lyon"), ("required", "Nice")):
+        r = v3_tooling.client.chat.completions.create(
+            model=MODEL, messages=messages, tools=[WEATHER], tool_choice=choice
+        )
+        assert r.choices[0].finish_reason == "tool_calls", choice
+        call = r.choices[0].message.tool_calls[0].function
+        assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": city})
+
+
+def test_a_turn_of_calls_sent_back_with_null_content_keeps_its_calls(v3_tooling):
+    """OpenAI's assistant turn of calls alone has `content: null`, which DeepSeek's own templates (R1's,
+    R1-Distill's, V3's) test for to write the calls: sent to them as "", the calls left the prompt, and the
+    model read tool results that answered nothing. The prompt holds them as the template writes them."""
+    calls = [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lyon"}'}}
+    ]
+    for sent in ({"content": None}, {}):  # null, or left out as the openai client's model_dump leaves it
+        messages = [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "tool_calls": calls, **sent},
+            {"role": "tool", "tool_call_id": "c1", "content": "21"},
+        ]
+        v3_tooling.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
+        prompt = v3_tooling.tok.decode(v3_tooling.engine.added[-1][0])
+        assert f'{TOOL_CALL_BEGIN}function{TOOL_SEP}get_weather\n```json\n{{"city": "Lyon"}}\n```' in prompt
+        assert prompt == v3_tooling.tok.apply_chat_template(
+            [{**m, "content": m.get("content")} for m in messages]
+        )
 
 
 @pytest.mark.slow

@@ -113,14 +113,17 @@ def test_prometheus_exposition():
 
 
 def test_prometheus_gauges_read_their_own_engine_stats_and_zero_without_them():
-    """Each gauge shows its own engine statistic (vLLM's names), and 0 where the engine has none yet:
+    """Each gauge and engine counter shows its own engine statistic (vLLM's names), and 0 where the engine
+    has none yet:
     no cache blocks, no drafts (acceptance None), an engine that reports nothing."""
     stats = {
         "num_running": 2,
         "num_waiting": 7,
         "cache_blocks_used": 3,
         "cache_blocks_total": 12,
-        "prefix_cache_hit_blocks": 5,
+        "cache_block_size": 4,
+        "prefix_cache_queries": 40,
+        "prompt_tokens_reused": 20,
         "prefix_cache_hit_rate": 0.125,
         "spec_acceptance_rate": 0.75,
         "preemptions": 4,
@@ -131,10 +134,11 @@ def test_prometheus_gauges_read_their_own_engine_stats_and_zero_without_them():
         "nanoseek:num_requests_running 2.0",
         "nanoseek:num_requests_waiting 7.0",
         "nanoseek:kv_cache_usage_perc 0.25",
-        "nanoseek:prefix_cache_hit_blocks 5.0",
+        "nanoseek:prefix_cache_queries_total 160.0",
+        "nanoseek:prefix_cache_hits_total 20.0",
         "nanoseek:prefix_cache_hit_rate 0.125",
         "nanoseek:spec_decode_acceptance_rate 0.75",
-        "nanoseek:num_preemptions 4.0",
+        "nanoseek:num_preemptions_total 4.0",
     ):
         assert line in lines, line
     for empty in ({}, {"cache_blocks_used": 0, "cache_blocks_total": 0, "spec_acceptance_rate": None}):
@@ -143,7 +147,8 @@ def test_prometheus_gauges_read_their_own_engine_stats_and_zero_without_them():
             "num_requests_waiting",
             "kv_cache_usage_perc",
             "spec_decode_acceptance_rate",
-            "num_preemptions",
+            "num_preemptions_total",
+            "prefix_cache_hits_total",
         ):
             assert f"nanoseek:{name} 0.0" in lines, (empty, name)
 
@@ -183,6 +188,14 @@ def test_tool_call_split_any_chunking(text, content, n_calls):
         assert TOOL_CALLS_BEGIN[:2] not in "".join(chunked)
 
 
+def test_a_call_whose_arguments_hold_nan_is_text():
+    """Python's json reads NaN and Infinity, JSON has neither: such arguments came back as a call that a
+    client's JSON.parse (or any strict parser) then failed on; they are the model's text, as bad JSON is."""
+    for value in ("NaN", "Infinity", "-Infinity"):
+        text = "x" + TOOL_CALLS_BEGIN + CALL.replace('"Paris"', value) + TOOL_CALLS_END
+        assert _tool_split(text, [text])[:2] == (text, None), value
+
+
 def test_a_prefilled_call_that_does_not_parse_is_the_model_text_alone():
     # the forced call's opening is the prompt's text, not the answer's: never handed back as content
     prefix = TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "get_weather" + TOOL_SEP
@@ -197,6 +210,29 @@ def test_tool_call_split_with_prefilled_call():
     assert calls == [
         {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lyon"}'}}
     ]
+
+
+def test_deepseek_v3_and_r1_calls_split_any_chunking():
+    """DeepSeek-V3's and R1's templates (R1-Distill's too) write a call as `function<sep>NAME` and its
+    arguments fenced as ```json, one call a line: read as V3.1's markup, every call such a checkpoint made
+    came back as text, finish_reason "stop"."""
+
+    def v3(city: str) -> str:
+        return f'{TOOL_CALL_BEGIN}function{TOOL_SEP}get_weather\n```json\n{{"city": "{city}"}}\n```{TOOL_CALL_END}'
+
+    text = "Sure." + TOOL_CALLS_BEGIN + v3("Paris") + "\n" + v3("東京") + TOOL_CALLS_END
+    rng = random.Random(0)
+    for chunks in [[text]] + [_chunked(text, rng) for _ in range(10)]:
+        content, calls, _ = _tool_split(text, chunks)
+        assert content == "Sure."
+        assert calls == [
+            {"type": "function", "function": {"name": "get_weather", "arguments": f'{{"city": "{city}"}}'}}
+            for city in ("Paris", "東京")
+        ]
+    # its bad JSON or an unknown name is still the model's text
+    for bad in (v3("Paris").replace('"Paris"', "Paris"), v3("Paris").replace("get_weather", "rm_rf")):
+        bad = "x" + TOOL_CALLS_BEGIN + bad + TOOL_CALLS_END
+        assert _tool_split(bad, [bad])[:2] == (bad, None)
 
 
 def _calls_per_push(stop_len: int, pushes: int = 20) -> int:

@@ -818,6 +818,31 @@ def test_a_turn_of_tool_calls_alone_is_built_as_r1_trains_it_after_a_prompt_that
     assert trained == "\n</think>\n" + render_tool_calls(calls) + "<｜end▁of▁sentence｜>"
 
 
+def test_tool_calls_are_trained_in_the_markup_the_template_writes() -> None:
+    """A template that writes calls as DeepSeek-V3's and R1's do (R1-Distill's: `function<sep>NAME` and
+    ```json-fenced arguments) shows them so in history, but its turns were trained on V3.1's markup:
+    one model taught two. The target's calls are the template's own."""
+    import copy
+
+    from nanoseek.tokenizer import render_tool_calls
+    from serve_fakes import V3_TOOL_TEMPLATE, tiny_tokenizer
+
+    tok = copy.copy(tiny_tokenizer())
+    tok.chat_template = V3_TOOL_TEMPLATE
+    calls = [
+        {"id": f"c{i}", "type": "function", "function": {"name": "add", "arguments": f'{{"a": {i}}}'}}
+        for i in range(2)
+    ]
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": None, "tool_calls": calls}]
+    ((ids, labels),) = tokenize_conversation(tok, msgs)
+    trained = tok.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE])
+    rendered = render_tool_calls(calls, fenced=True)
+    assert trained == "\n</think>\n" + rendered + "<｜end▁of▁sentence｜>"
+    assert tok.apply_chat_template(msgs, add_generation_prompt=False).endswith(
+        rendered + "<｜end▁of▁sentence｜>"
+    )
+
+
 def test_another_familys_template_is_trained_as_it_renders(tmp_path) -> None:
     """A checkpoint with its own chat template (a Qwen2 one: ChatML, EOS <|im_end|>) is trained on exactly
     the ids that template renders for each assistant turn, through its end token: no R1 think block."""

@@ -947,6 +947,10 @@ def test_tool_call_parse_and_round_trip() -> None:
     assert parse_tool_calls(text) == ("Let me check.", calls)
     assert parse_tool_calls(text + "\n", names=["get_weather", "add"]) == ("Let me check.", calls)
     assert parse_tool_calls(render_tool_calls(calls[:1])) == ("", calls[:1])
+    assert parse_tool_calls("Let me check." + render_tool_calls(calls, fenced=True)) == (
+        "Let me check.",
+        calls,
+    )
     # calls one per line, as DeepSeek-V3's template writes them (vLLM's DeepSeek parsers accept it too)
     spaced = render_tool_calls(calls).replace(TOOL_CALL_BEGIN, "\n" + TOOL_CALL_BEGIN)
     spaced = spaced.replace(TOOL_CALLS_END, "\n" + TOOL_CALLS_END)

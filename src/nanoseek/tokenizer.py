@@ -278,8 +278,18 @@ def openai_message(message: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def render_tool_calls(calls: Sequence[dict[str, Any]], message_index: int = 0) -> str:
-    """An assistant's OpenAI `tool_calls` in DeepSeek's format (arguments as the JSON text given)."""
+def writes_fenced_tool_calls(chat_template: str | None) -> bool:
+    """Whether `chat_template` writes an assistant's calls as DeepSeek-V3's and R1's templates do (R1-Distill's
+    too): `function<｜tool▁sep｜>NAME`, then the arguments fenced as ```json, one call a line. nanoseek's own
+    template writes V3.1's `NAME<｜tool▁sep｜>ARGS`."""
+    return "```json" in (chat_template or "")
+
+
+def render_tool_calls(
+    calls: Sequence[dict[str, Any]], message_index: int = 0, *, fenced: bool = False
+) -> str:
+    """An assistant's OpenAI `tool_calls` in DeepSeek's format (arguments as the JSON text given): V3.1's,
+    or with `fenced` V3's and R1's (`writes_fenced_tool_calls`)."""
     if not isinstance(calls, list | tuple):  # (a dict was read as its keys, an int was a TypeError)
         raise ValueError(
             f"chat message {message_index}: tool_calls must be a list, got {type(calls).__name__}"
@@ -292,18 +302,27 @@ def render_tool_calls(calls: Sequence[dict[str, Any]], message_index: int = 0) -
         args = f.get("arguments")
         args = "{}" if args is None else args  # OpenAI's clients may leave a call's arguments out (or null)
         args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-        out.append(f"{TOOL_CALL_BEGIN}{f['name']}{TOOL_SEP}{args}{TOOL_CALL_END}")
+        if fenced:
+            call = f"function{TOOL_SEP}{f['name']}\n```json\n{args}\n```"
+            out.append(("\n" if j else "") + TOOL_CALL_BEGIN + call + TOOL_CALL_END)
+        else:
+            out.append(f"{TOOL_CALL_BEGIN}{f['name']}{TOOL_SEP}{args}{TOOL_CALL_END}")
     out.append(TOOL_CALLS_END)
     return "".join(out)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def parse_tool_calls(text: str, names: Iterable[str] | None = None) -> tuple[str, list[dict]] | None:
     """Generated text -> (content before the calls, [{"type": "function", "function": {name, arguments}}]).
 
-    The inverse of `render_tool_calls`; whitespace between and around the calls is allowed. None when the
-    text holds no tool-call block or a malformed one (unclosed, arguments that are not one JSON object, a
-    name not in `names`, other text between the calls or after the block): the caller then treats the
-    whole text as a plain answer.
+    The inverse of `render_tool_calls` (V3.1's calls) and of DeepSeek-V3's and R1's templates (a call
+    `function<｜tool▁sep｜>NAME` then its arguments fenced as ```json); whitespace between and around the
+    calls is allowed. None when the text holds no tool-call block or a malformed one (unclosed, arguments
+    that are not one JSON object, a name not in `names`, other text between the calls or after the block):
+    the caller then treats the whole text as a plain answer.
     """
     start = text.find(TOOL_CALLS_BEGIN)
     if start < 0:
@@ -323,12 +342,20 @@ def parse_tool_calls(text: str, names: Iterable[str] | None = None) -> tuple[str
             return None
         name, sep, args = piece[len(TOOL_CALL_BEGIN) :].partition(TOOL_SEP)
         name, args = name.strip(), args.strip()
+        if name == "function" and args.endswith("```"):
+            # DeepSeek-V3's and R1's format (their templates, R1-Distill's too): the call's type before the
+            # separator, the name on the line after it, then the arguments fenced as ```json. Read as
+            # V3.1's, such a checkpoint's every call came back as text
+            name, _, fenced = args.partition("\n")
+            fenced = fenced.strip().removeprefix("```json").removeprefix("```")
+            name, args = name.strip(), fenced.removesuffix("```").strip()
         if not sep or not name or (allowed is not None and name not in allowed):
             return None
         try:
-            if not isinstance(json.loads(args), dict):
+            # NaN and Infinity are Python's, not JSON: a client's JSON.parse failed on such `arguments`
+            if not isinstance(json.loads(args, parse_constant=_not_json), dict):
                 return None
-        except json.JSONDecodeError:
+        except ValueError:
             return None
         calls.append({"type": "function", "function": {"name": name, "arguments": args}})
     return (text[:start], calls) if calls else None

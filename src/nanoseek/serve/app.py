@@ -7,7 +7,8 @@ Notable:
   `chat_template_kwargs: {"thinking": false}` (or vLLM's `enable_thinking`) is DeepSeek-V3.1's
   non-thinking mode: the prompt closes the think block and everything generated is `content`; so is
   OpenAI's `reasoning_effort: "none"`.
-- Function calling: `tools` go into the prompt in DeepSeek-V3.1's format; generated calls come back as
+- Function calling: `tools` go into the prompt in DeepSeek-V3.1's format; generated calls (V3.1's, or V3's
+  and R1's `function<｜tool▁sep｜>NAME` with ```json-fenced arguments) come back as
   OpenAI `tool_calls` (streamed as `delta.tool_calls`), finish_reason "tool_calls". A call block that
   does not parse is returned as plain content with finish_reason "stop". `tool_choice` "required" or a
   named function is enforced by writing the start of the call into the prompt (prefill).
@@ -67,6 +68,7 @@ from nanoseek.tokenizer import (
     TOOL_CALLS_BEGIN,
     TOOL_SEP,
     openai_message,
+    writes_fenced_tool_calls,
 )
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -537,7 +539,10 @@ class Server:
                     param=f"messages.{i}.tool_call_id",
                     code="missing_required_parameter",
                 )
-            d = openai_message({"role": m.role, "content": m.text(i)})
+            # a turn of calls alone keeps its null content: DeepSeek's own templates (R1's, R1-Distill's, V3's)
+            # write an assistant's calls only where content `is none`, and "" left them out of the prompt
+            calls_alone = m.role == "assistant" and m.tool_calls and m.content is None
+            d = openai_message({"role": m.role, "content": None if calls_alone else m.text(i)})
             if m.tool_calls:
                 d["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
             if m.tool_call_id is not None:
@@ -568,12 +573,13 @@ class Server:
                 return kwargs[key]
         return req.reasoning_effort != "none"
 
-    @staticmethod
-    def tool_setup(req: ChatCompletionRequest | TokenizeRequest) -> tuple[list[dict] | None, str]:
+    def tool_setup(self, req: ChatCompletionRequest | TokenizeRequest) -> tuple[list[dict] | None, str]:
         """(the tools to render and parse, or None; text that forces a call, written after the prompt).
 
         Generation cannot be constrained to a schema here, but a forced call can be started: the prompt
-        ends with `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>` ("required") plus `NAME<｜tool▁sep｜>` (a named one).
+        ends with `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>` ("required") plus `NAME<｜tool▁sep｜>` (a named one),
+        or, where the chat template writes calls as DeepSeek-V3's and R1's do, `function<｜tool▁sep｜>`
+        plus `NAME` and the opening of its ```json fence.
         """
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         choice = req.tool_choice
@@ -582,15 +588,19 @@ class Server:
         if choice == "none":
             return None, ""
         names = [t["function"]["name"] for t in tools or []]
+        # a model whose template writes `function<sep>NAME` and fenced arguments (DeepSeek-V3's, R1's) was
+        # handed V3.1's `NAME<sep>` for a named call: markup it never saw, its arguments came back as text
+        fenced = writes_fenced_tool_calls(getattr(self.tokenizer, "chat_template", None))
         if choice == "required" or isinstance(choice, dict):
             if not tools:
                 raise APIError("tool_choice requires 'tools' to be given.", param="tool_choice")
             if choice == "required":
-                return tools, TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN
+                return tools, TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + ("function" + TOOL_SEP if fenced else "")
             f = choice.get("function") if choice.get("type") == "function" else None
             name = f.get("name") if isinstance(f, dict) else None
             if name in names:
-                return tools, TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + name + TOOL_SEP
+                call = f"function{TOOL_SEP}{name}\n```json\n" if fenced else name + TOOL_SEP
+                return tools, TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + call
             if name is not None:
                 raise APIError(
                     f"tool_choice names '{name}', which is not one of the tools.", param="tool_choice"

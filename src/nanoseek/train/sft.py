@@ -13,7 +13,8 @@ What is notable here:
   prompt) is reasoning up to "</think>"; a `reasoning_content` field (or `reasoning`, as vLLM and
   OpenRouter name it) is put back inside the think block (once where the content repeats it). A reply
   that opens "<think>" and never closes it (cut off at its token limit) is refused.
-- Tool use (DeepSeek-V3.1's format, the same template the server renders): a line may carry OpenAI
+- Tool use (DeepSeek-V3.1's format, the same template the server renders; V3's and R1's fenced calls where
+  the checkpoint's own template writes those): a line may carry OpenAI
   `tools`, assistant messages `tool_calls` (trained on, after the message's text) and `role: "tool"`
   results (prompt only). The turn after a tool result continues the assistant's answer, so it gets no
   think block of its own unless the data gives one.
@@ -41,7 +42,14 @@ import torch.nn.functional as F
 
 from nanoseek.model.attention import document_causal_mask
 from nanoseek.options import check_choices, option, path, torch_seed
-from nanoseek.tokenizer import THINK_END, THINK_START, content_text, openai_message, render_tool_calls
+from nanoseek.tokenizer import (
+    THINK_END,
+    THINK_START,
+    content_text,
+    openai_message,
+    render_tool_calls,
+    writes_fenced_tool_calls,
+)
 
 IGNORE = -100
 
@@ -54,9 +62,11 @@ def assistant_target_text(
     think_end: str = THINK_END,
     after_tool: bool = False,
     message_index: int = 0,
+    fenced_calls: bool = False,
 ) -> str:
     """The text the model must produce for one assistant message (the conversation's `message_index`,
-    for errors), after the generation prompt (or after a tool result, `after_tool`), tool calls included."""
+    for errors), after the generation prompt (or after a tool result, `after_tool`), tool calls included
+    (in DeepSeek-V3's and R1's markup with `fenced_calls`, as their templates write history)."""
     message = _reasoning_once(message, think_start, think_end, message_index)
     content = content_text(message.get("content"))
     if not content.strip() and not message.get("tool_calls") and not message.get("reasoning_content"):
@@ -90,7 +100,7 @@ def assistant_target_text(
         body = body[len(think_start) :].lstrip(" ")
         body = body[1:] if body.startswith("\n") else body
     if message.get("tool_calls"):
-        body += render_tool_calls(message["tool_calls"], message_index)
+        body += render_tool_calls(message["tool_calls"], message_index, fenced=fenced_calls)
     return body
 
 
@@ -141,6 +151,9 @@ def tokenize_conversation(
     history = [
         {k: v for k, v in msg.items() if k not in ("reasoning_content", "reasoning")} for msg in messages
     ]
+    # calls in the markup the template shows in history (and the server parses and forces): a template that
+    # writes DeepSeek-V3's (R1-Distill's) was trained on V3.1's here, one model taught two markups
+    fenced = writes_fenced_tool_calls(getattr(tokenizer, "chat_template", None))
     out = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or not m.get("weight", 1):  # OpenAI's weight 0: history only
@@ -154,7 +167,7 @@ def tokenize_conversation(
         opened = prompt_text.rstrip(" \n").endswith(think_start)
         after_tool = i > 0 and messages[i - 1]["role"] == "tool"
         m = _reasoning_once(m, think_start, think_end, i)  # for the template's rendering too
-        r1_text = assistant_target_text(m, opened, think_start, think_end, after_tool, i)
+        r1_text = assistant_target_text(m, opened, think_start, think_end, after_tool, i, fenced)
         turn = _template_turn(tokenizer, [*history[:i], m], prompt_text, kw)
         if turn is None:
             target = tokenizer.encode(r1_text) + [tokenizer.eos_token_id]
