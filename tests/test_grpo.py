@@ -762,6 +762,24 @@ def test_a_step_without_signal_makes_no_update_and_draws_its_task_less(micro_che
     assert "no_signal" not in rec and rec["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_step_whose_every_completion_was_cut_says_so_not_no_signal(micro_checkpoint, tmp_path, capsys):
+    """--mask-truncated with a --max-new-tokens no completion ends within: the groups carry signal, but
+    every sample is left out of the loss. The step makes no update and says why; it was logged as
+    no_signal (the bar's "no signal") beside a groups_with_signal of 1, though the cap was the cause."""
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train.grpo import grpo
+
+    for beta in (0.0, 0.1):  # with β > 0 the KL term alone would have trained every sample
+        run = tmp_path / f"b{beta}"
+        ckpt = grpo(_cfg(micro_checkpoint, run, steps=1, mask_truncated=True, beta=beta))
+        (rec,) = [r for r in read_metrics(run, "grpo") if "reward" in r]
+        assert rec["truncated_rate"] == 1.0 and rec["groups_with_signal"] > 0
+        assert rec["all_truncated"] and "no_signal" not in rec and "entropy" not in rec
+        assert "--mask-truncated leaves those out of the loss" in capsys.readouterr().out
+        init, after = _weights(micro_checkpoint), _weights(ckpt)
+        assert all(torch.equal(init[k], after[k]) for k in init)
+
+
 def test_checkpoint_cadence_and_stop_on_collapse_after_consecutive_bad_steps(
     micro_checkpoint, tmp_path, monkeypatch, capsys
 ) -> None:

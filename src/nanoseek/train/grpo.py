@@ -249,7 +249,7 @@ def collapse_warnings(
 
 class EntropyTrend:
     """The collapse check's view of entropy: the mean of the last `window` steps (a step's entropy is
-    over its mixed groups only and swings ~10x with the families they came from) and, once known, the
+    over its mixed groups only where β = 0, every kept completion's otherwise, and swings ~10x with the families they came from) and, once known, the
     mean of the first `window` as the baseline. `state()` / `EntropyTrend(state)` carry it across a
     resume."""
 
@@ -834,6 +834,14 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
                 upd["entropy"] = sum(entropies) / len(entropies)
                 if mix_losses:
                     upd["sft_mix_loss"] = sum(mix_losses) / len(mix_losses)
+            elif cfg.mask_truncated and _masked_out_by_truncation(ro, cfg.beta):
+                # every completion that would have trained was cut at --max-new-tokens and left out of
+                # the loss: said so, not logged as "no signal" beside a groups_with_signal of 1
+                upd.update(loss=0.0, all_truncated=True)
+                bar.write(
+                    f"grpo step {step + 1}: no update: every completion that would train was cut at "
+                    f"--max-new-tokens {cfg.max_new_tokens}, and --mask-truncated leaves those out of the loss"
+                )
             else:
                 # no group carried signal (all rewards equal): nothing to learn from this batch, no update
                 upd.update(loss=0.0, no_signal=True)  # and no entropy: no update computed one
@@ -872,7 +880,9 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
                     "acc": f"{rec['accuracy']:.3f}",
                     "len": f"{rec['response_length']:.0f}",
                     # a step whose groups all got equal rewards made no update, so measured no entropy
-                    "ent": f"{ent:.2f}" if math.isfinite(ent) else "no signal",
+                    "ent": f"{ent:.2f}"
+                    if math.isfinite(ent)
+                    else ("all truncated" if "all_truncated" in rec else "no signal"),
                 },
                 refresh=False,
             )
@@ -946,6 +956,15 @@ def loss_denominators(ro: Rollout, loss_type: str) -> tuple[int, int]:
     keep = ro.loss_mask_keep.tolist()
     n_tok = sum(len(c) for c, k in zip(ro.completion_ids, keep, strict=True) if k)
     return (len(keep) if loss_type == "dr_grpo" else sum(keep)), n_tok
+
+
+def _masked_out_by_truncation(ro: Rollout, beta: float) -> bool:
+    """Whether a batch that trained nothing would have trained but for --mask-truncated: a sample it
+    left out carried an advantage (a skipped one has none), or with β > 0 (the KL term trains every
+    sample) any sample was scored at all."""
+    if beta > 0:
+        return ro.metrics["skipped_samples"] < len(ro.prompt_ids)
+    return bool((~ro.loss_mask_keep & (ro.advantages != 0)).any())
 
 
 def rollout_seeds(seed: int, step: int, n: int) -> list[int]:
