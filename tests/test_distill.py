@@ -122,6 +122,17 @@ def test_preset_student_takes_teacher_vocab(teacher_dir) -> None:
         build_student("no-such-preset", tok)
 
 
+def test_a_preset_student_has_no_untrained_mtp_module(teacher_dir) -> None:
+    """Distillation trains the main head alone: `--student tiny` kept tiny's MTP module at its random
+    init, saved it, and `--speculative` drafted with it as a trained one."""
+    from nanoseek.config import get_preset
+    from nanoseek.tokenizer import load_tokenizer
+
+    assert get_preset("tiny").num_nextn_predict_layers == 1
+    student = build_student("tiny", load_tokenizer(teacher_dir))
+    assert student.config.num_nextn_predict_layers == 0 and len(student.model.mtp_layers) == 0
+
+
 def test_a_preset_student_is_built_beside_a_directory_of_its_name(teacher_dir, tmp_path, monkeypatch) -> None:
     """`--student tiny-dense --out tiny-dense`: the run directory, made once the student was checked,
     was taken for the student, refused as "a path without config.json" after the teacher's sampling."""

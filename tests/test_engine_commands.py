@@ -333,6 +333,49 @@ def test_chat_history_of_a_template_without_think_blocks(tmp_path):
     assert out.getvalue() == "Hello there\n" and reply == "Hello there"
 
 
+def test_chat_refuses_a_model_whose_tokenizer_has_no_chat_template(checkpoint, tmp_path, capsys, monkeypatch):
+    """A base model of another family (no chat template) was sent R1's markup spelled out byte by byte,
+    its whole reply shown as reasoning (it never writes </think>); it is refused with what to use."""
+    import json
+    import shutil
+
+    from model_configs import chatml_tokenizer
+    from nanoseek.cli import main
+
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(checkpoint / name, tmp_path / name)
+    chatml_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    assert main(["chat", str(tmp_path), "--threads", "1", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "has no chat template" in err and "nanoseek generate" in err
+
+
+def test_chat_no_think_refuses_a_template_without_a_non_thinking_mode(checkpoint, tmp_path):
+    """R1-Distill's template opens the think block whatever `thinking` says: `--no-think` ("the reply is
+    only the answer") showed the model's reasoning and its </think> as the answer; it is refused."""
+    import json
+    import shutil
+
+    from nanoseek.commands import chat
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(checkpoint / name, tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = (  # R1-Distill's generation prompt, as it ships
+        "{{ bos_token }}{% for m in messages %}<｜User｜>{{ m['content'] }}{% endfor %}<｜Assistant｜><think>\n"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    args = cli_args("chat", str(tmp_path), "--no-think", "--max-new-tokens", "2", "--threads", "1")
+    with pytest.raises(ValueError, match="no non-thinking mode"):
+        chat.run(args, stdin=io.StringIO("hi\n"), stdout=io.StringIO())
+    args = cli_args("chat", str(tmp_path), "--max-new-tokens", "2", "--threads", "1")  # thinking: as before
+    assert chat.run(args, stdin=io.StringIO("hi\n"), stdout=io.StringIO()) == 0
+
+
 def test_chat_no_think(checkpoint):
     """`--no-think`: the prompt closes the think block (DeepSeek-V3.1's non-thinking mode) and the whole
     reply is the answer, stray tags included; history keeps it as it is."""
@@ -581,6 +624,24 @@ def test_chat_no_color_flag_is_plain_text_on_a_terminal(checkpoint):
     out = Terminal()
     assert chat.run(args, stdin=io.StringIO("hello\n"), stdout=out) == 0
     assert "\x1b[" not in out.getvalue() and "<think>" in out.getvalue()
+
+
+def test_chat_with_stdout_redirected_writes_the_replies_alone_there(checkpoint, capsys):
+    """`nanoseek chat CK < questions > answers` wrote the banner, a "> " before each reply (the question
+    itself is not echoed, so the reply read as the user's line) and the summary into the answers; as
+    `ollama run` and `generate` do, stdout now gets the replies and stderr the rest."""
+    from nanoseek.commands import chat
+
+    args = cli_args(
+        "chat", str(checkpoint), "--no-think", "--max-new-tokens", "4", "--temperature", "0", "--threads", "1"
+    )
+    assert chat.run(args, stdin=io.StringIO("hello\n/help\n/bogus\nagain\n")) == 0
+    captured = capsys.readouterr()
+    assert "nanoseek chat:" not in captured.out and "> " not in captured.out
+    assert "commands:" not in captured.out and "unknown command" not in captured.out
+    assert captured.out.strip()  # the replies
+    assert captured.err.startswith("nanoseek chat:") and "2 turns" in captured.err
+    assert "unknown command '/bogus'" in captured.err and "\n> " in captured.err
 
 
 def test_chat_with_a_system_prompt_says_a_first_message_too_long_needs_shortening(checkpoint):
@@ -930,6 +991,20 @@ def test_chat_system_command_is_the_word_not_a_prefix(checkpoint, monkeypatch):
     assert out.getvalue().count("commands: /reset") == 3 and "unknown" not in out.getvalue()  # banner too
     assert "be brief<｜User｜>first<｜Assistant｜>ok" in prompts[1] and "d starts" not in prompts[1]
     assert "new rules<｜User｜>third<｜Assistant｜>" in prompts[2] and "first" not in prompts[2]
+
+
+def test_chat_commands_are_read_by_their_word_as_ollama_reads_them(checkpoint, monkeypatch):
+    """ "/reset now", "/help me" or "/exit please" said "unknown command '/reset'" (the whole line was
+    matched), a command the help itself lists; the word is the command, as ollama reads "/bye ..."."""
+    from nanoseek.commands import chat
+
+    prompts = _scripted_chat(monkeypatch, checkpoint)
+    stdin = io.StringIO("first\n/reset all of it\nsecond\n/help me\n/exit please\nnever sent\n")
+    out = io.StringIO()
+    assert chat.run(cli_args("chat", str(checkpoint)), stdin=stdin, stdout=out) == 0
+    assert "unknown" not in out.getvalue() and "(history cleared)" in out.getvalue()
+    assert len(prompts) == 2 and "first" not in prompts[1]  # reset, then the session ended at /exit
+    assert out.getvalue().count("commands: /reset") == 2  # the banner and /help
 
 
 def test_chat_takes_a_message_of_several_lines_between_triple_quotes(checkpoint, monkeypatch):

@@ -1048,6 +1048,26 @@ def test_mfu_counts_the_mtp_flops_only_when_the_loss_runs_it(
     assert record["mfu"] * peak / record["tok_per_s"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_mtp_weight_0_saves_no_untrained_mtp_module(workdir, tmp_path, capsys) -> None:
+    """--mtp-weight 0 never trains the preset's MTP module: the checkpoint held its random init, which
+    `--speculative` then drafted with as a trained one. Built without it, the run says so, and
+    speculation on the checkpoint is refused with "no MTP module"."""
+    from safetensors.torch import load_file
+
+    from nanoseek.checkpoint import load_model
+    from nanoseek.commands.generate import speculation
+
+    assert json.loads((workdir / "micro" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    path = pretrain(config(workdir, tmp_path / "run", steps=1, val_every=0, mtp_weight=0.0))
+    assert "without the preset's 1 MTP module(s): --mtp-weight 0" in capsys.readouterr().out
+    saved = json.loads((path / "config.json").read_text())
+    assert saved["num_nextn_predict_layers"] == 0
+    n = saved["num_hidden_layers"]
+    assert not [k for k in load_file(str(path / "model.safetensors")) if k.startswith(f"model.layers.{n}.")]
+    assert not speculation(load_model(path), asked=True)
+    assert "no MTP module" in capsys.readouterr().err
+
+
 def test_the_copy_probe_scores_a_weighted_family_once(workdir):
     """`embedded:sorting,sorting,...` draws sorting twice as often; its probe problems count once."""
     from nanoseek.tokenizer import load_tokenizer

@@ -191,6 +191,28 @@ def test_mtp_targets_stay_inside_packed_documents() -> None:
     assert target_counts(y, 2).tolist() == [12, 11, 10]  # one unpacked sequence
 
 
+def test_each_mtp_depths_loss_is_logged_in_metrics_jsonl(tmp_path) -> None:
+    """With two MTP depths, metrics.jsonl holds each depth's loss beside their mean: the mean alone
+    could not tell a depth that lags (depth 1 predicts two tokens further on) from one that learns."""
+    model = micro_model(mtp=2)
+    x, y = batch_at(0)
+    _, m = language_model_loss(model, x, y, mtp_weight=0.3)
+    with torch.no_grad():
+        _, hidden = model(x, return_hidden=True)
+        d0, d1 = model.mtp_logits(hidden, x)
+    torch.testing.assert_close(m["mtp0_loss"], cross_entropy(d0, y[:, 1:]))
+    torch.testing.assert_close(m["mtp1_loss"], cross_entropy(d1, y[:, 2:]))
+    torch.testing.assert_close(m["mtp_loss"], (m["mtp0_loss"] + m["mtp1_loss"]) / 2)
+    tr = make_trainer(model, tmp_path, steps=1)
+    log = StepLog.for_trainer(tr, progress=False)
+    log.step(tr.step(lambda: language_model_loss(model, x, y, mtp_weight=0.3)))
+    log.close()
+    (record,) = read_metrics(tmp_path, stage="pretrain")
+    assert record["mtp_loss"] == pytest.approx((record["mtp0_loss"] + record["mtp1_loss"]) / 2)
+    # one depth: its loss is mtp_loss itself, not logged twice
+    assert "mtp0_loss" not in language_model_loss(micro_model(), x, y, mtp_weight=0.3)[1]
+
+
 def test_an_mtp_depth_without_targets_leaves_the_others_their_loss() -> None:
     """Without `step` (ablate, the learning benchmark), a batch where one MTP depth has no target and
     another has one dropped the whole MTP term (the empty depth's mean is NaN): it must add 0 and keep

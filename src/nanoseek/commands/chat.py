@@ -16,6 +16,9 @@
   history, no cap at the terminal's 4095 characters); bytes that are not UTF-8 are read as U+FFFD.
 - Ctrl-C while a reply streams stops that reply after the current token and keeps the session (the partial
   reply stays in history); a second Ctrl-C, or one at the prompt, ends the program as before.
+- With stdout redirected (`nanoseek chat CK < questions > answers`) it gets the replies alone; the banner,
+  prompts, notes and summary go to stderr (as `generate` and `ollama run` keep stdout for the text).
+- A tokenizer without a chat template (another family's base model) is refused: `generate` continues text.
 """
 
 from __future__ import annotations
@@ -122,10 +125,12 @@ def chat_turn(
     color: bool,
     thinking: bool = True,
     stop: Callable[[], bool] | None = None,
+    notes: TextIO | None = None,
 ) -> tuple[str, int]:
     """Stream one assistant reply to `out`; returns (the reply as stored in history, tokens generated).
-    `messages` loses its oldest exchanges where the context needs the room (`fit_context`, said on `out`).
-    `stop()` is asked after each step: true ends the reply there (the engine request is aborted)."""
+    `messages` loses its oldest exchanges where the context needs the room (`fit_context`, said on `notes`,
+    by default `out`). `stop()` is asked after each step: true ends the reply there (the engine request is
+    aborted)."""
     from nanoseek.serve.textstream import ReasoningSplitter
     from nanoseek.tokenizer import IncrementalDecoder
 
@@ -134,7 +139,7 @@ def chat_turn(
         tok, messages, engine.max_seq_len, params.max_new_tokens, thinking
     )
     if dropped:
-        out.write(
+        (notes or out).write(
             f"{dim}(context full: {dropped} earlier turn{'s' * (dropped != 1)} dropped from the "
             f"model's view){reset}\n"
         )
@@ -187,6 +192,7 @@ def chat_turn(
     if think and not answer:
         out.write(closing)  # the reply ended in its reasoning (length, Ctrl-C): still close the block
     out.write("\n")
+    out.flush()  # before the notes and the next prompt, which may go to another stream (stderr)
     reply = "".join(answer).strip()
     if think or opened:  # a template without think blocks (ChatML) must not get an empty one in history
         reply = f"{tok.think_start}\n{''.join(think).strip()}\n{tok.think_end}\n\n{reply}"
@@ -271,6 +277,21 @@ def _chat(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO | None)
 
     sampling_params(args)  # bad flags fail before the model loads
     engine, tok, model = load_for_generation(args)
+    if tok.chat_template is None:
+        # another family's vocabulary without a template (a base model's): R1's markup reached it spelled
+        # out byte by byte and its whole reply was shown as reasoning; transformers and vLLM refuse it too
+        raise ValueError(
+            f"{args.dir} has no chat template (a base model?): continue a text with "
+            f"`nanoseek generate {args.dir} PROMPT`"
+        )
+    probe = [{"role": "user", "content": "?"}]
+    if not args.think and tok.apply_chat_template(probe, thinking=False).rstrip().endswith(tok.think_start):
+        # R1-Distill's template knows no non-thinking mode: its prompt opens the think block whatever the
+        # flag, so the model reasons anyway, and that reasoning was shown (and kept) as the answer
+        raise ValueError(
+            f"--no-think: {args.dir}'s chat template has no non-thinking mode (its prompt opens "
+            f"{tok.think_start} either way); chat without the flag to see the reasoning apart"
+        )
     params = sampling_params(args, tok.generation_config)  # with the checkpoint's sampling defaults
     stops = list(tok.stop_token_ids)
     user_id = tok.token_to_id(USER)
@@ -278,6 +299,10 @@ def _chat(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO | None)
         stops.append(user_id)  # a model that starts the next user turn has finished its own
     params = dataclasses.replace(params, stop_token_ids=stops)
     color = not args.no_color and out.isatty() and not colors_refused()
+    # stdout redirected (`nanoseek chat CK < questions > answers`): it gets the replies alone, as `ollama run`
+    # and `generate` write them, and the banner, prompts, notes and summary go to stderr. A caller that
+    # passes its own `stdout` gets the whole transcript there.
+    ui = out if stdout is not None or out.isatty() else sys.stderr
     system = args.system
     messages: list[dict] = []
 
@@ -287,14 +312,14 @@ def _chat(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO | None)
             messages.append({"role": "system", "content": system})
 
     reset()
-    out.write(
+    ui.write(
         f"nanoseek chat: {args.dir} ({count_parameters(model.config).described}, "
         f"{str(model.dtype).removeprefix('torch.')}). {HELP}\n"
     )
     turns = tokens = 0
     seconds = 0.0
     while True:
-        read = _read_message(stdin, out, terminal)
+        read = _read_message(stdin, ui, terminal)
         if read is None:
             break
         line, quoted = read
@@ -304,41 +329,42 @@ def _chat(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO | None)
         # pasted code between triple quotes may open with "//" or a path: a message, not a command
         if line.startswith("/") and not quoted:
             command, *rest = line.split(maxsplit=1)
-            if line in ("/exit", "/quit"):
+            # the word, as ollama reads it: "/exit now" said "unknown command '/exit'"
+            if command in ("/exit", "/quit"):
                 break
-            if line == "/reset":
+            if command == "/reset":
                 reset()
-                out.write("(history cleared)\n")
+                ui.write("(history cleared)\n")
                 continue
             if command == "/system":  # the word itself: "/systemd ..." is not a new system prompt
                 system = rest[0] if rest else None
                 reset()
-                out.write(f"(system prompt {'set' if system else 'cleared'}; history cleared)\n")
+                ui.write(f"(system prompt {'set' if system else 'cleared'}; history cleared)\n")
                 continue
-            if line in ("/help", "/?"):  # ollama's two
-                out.write(f"{HELP}\n")
+            if command in ("/help", "/?"):  # ollama's two
+                ui.write(f"{HELP}\n")
                 continue
-            out.write(f"unknown command {command!r}; {HELP}\n")
+            ui.write(f"unknown command {command!r}; {HELP}\n")
             continue
         messages.append({"role": "user", "content": line})
         t0 = time.perf_counter()
         with _ctrl_c_stops_reply() as stopped:
             try:
                 reply, n = chat_turn(
-                    engine, tok, messages, params, out, color, thinking=args.think, stop=stopped
+                    engine, tok, messages, params, out, color, thinking=args.think, stop=stopped, notes=ui
                 )
             except ContextFull as e:  # the message is not kept (the history is): the session goes on
                 messages.pop()
                 # without the history it still does not fit: /reset would not help
-                out.write(f"({e}: try a shorter message)\n")
+                ui.write(f"({e}: try a shorter message)\n")
                 continue
         if stopped():
-            out.write("(stopped)\n")
+            ui.write("(stopped)\n")
         seconds += time.perf_counter() - t0
         tokens += n
         turns += 1
         messages.append({"role": "assistant", "content": reply})
-    out.write(
+    ui.write(
         f"\nnanoseek chat: {turns} turn{'s' * (turns != 1)}, {tokens} token{'s' * (tokens != 1)}, "
         f"{tokens / max(seconds, 1e-9):.1f} tok/s\n"
     )

@@ -104,6 +104,9 @@ def build_student(student: str, tokenizer: Any, seed: int = 0) -> torch.nn.Modul
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",
+        # distillation (SFT on traces) trains the main head alone: a preset's MTP module (tiny's) was
+        # saved at its random init, and `--speculative` drafted with it as if trained
+        num_nextn_predict_layers=0,
     )
     return build_model(cfg, device=default_device()).init_weights(seed)
 

@@ -258,9 +258,12 @@ def language_model_loss(
             hidden, input_ids, targets, ignore_index, positions, mask, doc_ids, token_mask
         )
         if per_depth:
-            mtp_loss = torch.stack([weighted(x, k + 1) for k, x in enumerate(per_depth)]).mean()
+            terms = [weighted(x, k + 1) for k, x in enumerate(per_depth)]
+            mtp_loss = torch.stack(terms).mean()
             loss = loss + mtp_weight * mtp_loss
             metrics["mtp_loss"] = (mtp_loss * share).detach()
+            if len(terms) > 1:  # each depth's own, named as its router ('mtp0'): the mean hid a lagging one
+                metrics.update({f"mtp{k}_loss": (x * share).detach() for k, x in enumerate(terms)})
     balance = model.balance_loss()
     if balance is not None:
         loss = loss + (balance if step is None else balance / step.micro_batches)

@@ -109,7 +109,9 @@ class PretrainConfig:
         "α of the balance loss (V3 §4.2; default: the preset's aux_loss_alpha, V3's 0.0001)",
         group=V3,
     )
-    mtp_weight: float = option(0.3, "λ of the MTP loss (V3 §4.2; 0 = off)", group=V3)
+    mtp_weight: float = option(
+        0.3, "λ of the MTP loss (V3 §4.2; 0 = off: the model is built without MTP modules)", group=V3
+    )
     # Each packed document attends only to itself (Llama 3 §3.2 masks the same way), positions counted
     # from its BOS; without it short look-alike documents drown the prompt a copy must look back at.
     document_mask: bool = option(
@@ -383,6 +385,10 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
         pad_token_id=tok.pad_token_id,
         aux_loss_alpha=cfg.balance_alpha,
     )
+    # λ = 0 never trains the MTP modules: kept, the checkpoint held their random init as if trained, and
+    # `--speculative` drafted with it without a word. Built without them, the checkpoint says it has none.
+    dropped_mtp = config.num_nextn_predict_layers if not cfg.mtp_weight else 0
+    config = config.replace(num_nextn_predict_layers=config.num_nextn_predict_layers - dropped_mtp)
     precision = resolve_precision(cfg.precision, dist.device)
 
     torch.manual_seed(cfg.seed)
@@ -480,6 +486,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
             f"{', '.join([cfg.data] if isinstance(cfg.data, str) else cfg.data or ['embedded'])}, {cfg.steps} steps x {cfg.batch_size}x{cfg.seq_len} tokens"
             f"{f' x {cfg.accumulation} micro' if cfg.accumulation > 1 else ''}, {precision}, "
             f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}{on_cpu}"
+            + (f"; without the preset's {dropped_mtp} MTP module(s): --mtp-weight 0" if dropped_mtp else "")
         )
 
     val_set = _validation_batches(cfg, tok, data_kw, per_rank) if cfg.val_every and cfg.val_batches else []
