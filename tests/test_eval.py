@@ -1274,3 +1274,159 @@ def test_ctrl_c_during_an_endpoint_evaluation_leaves_the_requests_in_flight(tmp_
         assert not answered and daemon and all(daemon)
     finally:
         release.set()
+
+
+def test_an_answer_cut_inside_the_think_block_a_server_without_reasoning_parser_sent_is_no_answer(
+    tmp_path,
+) -> None:
+    """vLLM without --reasoning-parser sends `reasoning_content: null` beside the whole completion, which
+    for R1's template begins inside the think block the prompt opened: one cut by max_tokens before its
+    </think> was read as an answer, its numbers cons@k votes that outvoted the one right answer."""
+    (p,) = _problems(1)
+    wrong = f"{p.answer}7"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        done = {"content": f"add\n</think>\n{p.answer}", "finish_reason": "stop"}
+        cut = {"content": f"ones: so {wrong}\n\n{wrong}", "finish_reason": "length"}
+        choices = [
+            {
+                "index": i,
+                "finish_reason": c["finish_reason"],
+                "message": {"role": "assistant", "content": c["content"], "reasoning_content": None},
+            }
+            for i, c in enumerate((done, cut, cut))
+        ]
+        usage = {"prompt_tokens": 5, "completion_tokens": 27, "total_tokens": 0}
+        chat = {"id": "x", "object": "chat.completion", "created": 0, "model": "stub"}
+        return httpx.Response(200, json={**chat, "choices": choices, "usage": usage})
+
+    cfg = EvalConfig(model="http://stub:8000", task="arithmetic", k=3, n=1, language="en")
+    cfg.endpoint_model, cfg.progress, cfg.out = "stub", False, str(tmp_path / "e.json")
+    sampler, _ = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    m = evaluate(cfg, sampler=sampler)
+    assert m["pass@1"] == pytest.approx(1 / 3) and m["truncated_rate"] == pytest.approx(2 / 3)
+    assert m["cons@3"] == 1.0  # the cut-off thinking does not vote, as a checkpoint's does not
+
+
+def test_an_endpoints_choices_are_taken_in_index_order(tmp_path) -> None:
+    """Choice j is the sample drawn with seed + j: a server that lists its choices out of order had its
+    samples taken in the order listed, and cons@k's tie went to another sample than a checkpoint's."""
+    (p,) = _problems(1)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        texts = {0: f"\n{p.answer}", 1: f"\n{p.answer}7"}
+        choices = [
+            {
+                "index": i,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": texts[i], "reasoning_content": "work"},
+            }
+            for i in (1, 0)
+        ]
+        chat = {"id": "x", "object": "chat.completion", "created": 0, "model": "stub"}
+        return httpx.Response(200, json={**chat, "choices": choices})
+
+    cfg = EvalConfig(model="http://stub:8000", task="arithmetic", k=2, n=1, language="en")
+    cfg.endpoint_model, cfg.progress, cfg.out = "stub", False, str(tmp_path / "e.json")
+    sampler, _ = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    m = evaluate(cfg, sampler=sampler)
+    assert m["pass@1"] == 0.5 and m["cons@2"] == 1.0  # the tie goes to choice 0, the right answer
+
+
+def test_an_endpoint_that_sends_no_usage_has_its_length_unknown_not_zero(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """Some servers and proxies leave `usage` out: their answers were reported as 0 tokens long."""
+    import nanoseek.evaluate as ev
+    from nanoseek.cli import main as cli
+
+    stub = _stub_endpoint(2, lambda n: 3)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        data = stub.send(request).json()
+        del data["usage"]
+        return httpx.Response(200, json=data)
+
+    cfg = EvalConfig(model="http://stub:8000", task="arithmetic", k=2, n=2, language="en")
+    cfg.endpoint_model, cfg.progress, cfg.out = "stub", False, str(tmp_path / "e.json")
+    sampler, _ = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    m = evaluate(cfg, sampler=sampler)
+    assert m["pass@1"] == 1.0 and m["mean_response_tokens"] is None
+    assert json.loads((tmp_path / "e.json").read_text())["problems"][0]["mean_tokens"] is None
+    monkeypatch.setattr(ev, "evaluate_many", lambda cfgs: [m])
+    assert cli(["eval", "http://stub:8000", "--task", "arithmetic"]) == 0
+    assert "length unknown (no usage sent) over 2 problems" in capsys.readouterr().out
+
+
+def test_an_endpoint_that_answers_no_json_or_an_error_or_not_in_time_is_one_clear_error(monkeypatch) -> None:
+    """A web page where the API was looked for (a chat UI's port) ended the evaluation with the client's
+    AttributeError; an error sent with status 200 was "no choices" without its message; a server that
+    timed out was asked whether it was running, after it had listed its models."""
+    import openai
+
+    page = "<!doctype html><title>Chat</title>"
+    models = {"object": "list", "data": [{"id": "m:latest", "object": "model"}]}
+
+    def serve(chat: Callable[[], httpx.Response], listing: httpx.Response | None = None) -> httpx.Client:
+        def handler(request: httpx.Request) -> httpx.Response:
+            if request.url.path.endswith("/models"):
+                return listing or httpx.Response(200, json=models)
+            return chat()
+
+        return httpx.Client(transport=httpx.MockTransport(handler))
+
+    def timeout() -> httpx.Response:
+        raise httpx.ReadTimeout("timed out")
+
+    monkeypatch.setattr(openai.OpenAI, "_calculate_retry_timeout", lambda *a, **k: 0.0)
+    html = httpx.Response(200, text=page, headers={"content-type": "text/html"})
+    cfg = EvalConfig(model="http://stub:8000", task="arithmetic", k=1, n=1, language="en", progress=False)
+    with pytest.raises(ValueError, match="http://stub:8000/v1 answered with a body that is not JSON"):
+        endpoint_sampler(cfg, http_client=serve(lambda: html, listing=html))
+    for chat, said in (
+        (lambda: html, "answered with a body that is not JSON .*<!doctype"),
+        (
+            lambda: httpx.Response(200, json={"error": {"message": "model overloaded"}}),
+            "no choices: model overloaded",
+        ),
+        (timeout, "did not answer in time, 9 times"),
+        (lambda: httpx.Response(503, json={"error": {"message": "busy"}}), "answered 503, 9 times: .*busy"),
+    ):
+        sampler, source = endpoint_sampler(cfg, http_client=serve(chat))
+        assert source == "http://stub:8000/v1 (m:latest)"  # ollama's tagged name, as listed
+        with pytest.raises(ValueError, match=said):
+            sampler(_problems(1))
+
+
+@pytest.mark.parametrize("status", [400, 500])
+def test_an_endpoint_that_refuses_n_above_1_is_asked_for_each_sample_alone(
+    tmp_path, monkeypatch, status
+) -> None:
+    """llama.cpp's llama-server refuses n > 1 ("Only one completion choice is allowed", a 400 or a 500
+    by version): every evaluation at k > 1 ended there. Each sample is asked for alone, with its seed."""
+    import openai
+
+    monkeypatch.setattr(openai.OpenAI, "_calculate_retry_timeout", lambda *a, **k: 0.0)
+    seeds, refused = [], []
+    answered = _stub_endpoint(2, lambda n: 4 * n)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if body["n"] != 1:
+            refused.append(body["n"])
+            error = {
+                "code": status,
+                "message": "Only one completion choice is allowed",
+                "type": "server_error",
+            }
+            return httpx.Response(status, json={"error": error})
+        seeds.append(body["seed"])
+        return answered.send(request)
+
+    cfg = EvalConfig(model="http://stub:8000", task="arithmetic", k=3, n=2, language="en", concurrency=1)
+    cfg.endpoint_model, cfg.progress, cfg.out = "stub", False, str(tmp_path / "e.json")
+    sampler, _ = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    m = evaluate(cfg, sampler=sampler)
+    assert m["k"] == 3 and m["pass@1"] == 1.0 and m["mean_response_tokens"] == 4
+    assert seeds == list(range(6))
+    assert refused[-1] == 3 and len(set(refused)) == 1  # found out once, then n = 1 only

@@ -25,6 +25,7 @@ import math
 import multiprocessing
 import os
 import re
+import threading
 import time
 import warnings
 from collections import Counter
@@ -47,7 +48,9 @@ class Sample:
     """One sampled answer: the text scored (reasoning included) and its length in tokens."""
 
     text: str
-    num_tokens: float  # an endpoint's: its response's mean over the n choices (usage counts them together)
+    # an endpoint's: its response's mean over the n choices (usage counts them together); None where it
+    # sent no usage (some servers and proxies), so the report says unknown rather than 0 tokens
+    num_tokens: float | None
     finish_reason: str | None = None
 
 
@@ -149,7 +152,7 @@ def score_samples(
     )
     per_problem = []
     tot: Counter[str] = Counter()
-    n_samples = n = skipped = 0
+    n_samples = n = skipped = uncounted = 0
     for prob, outs in zip(problems, samples, strict=True):
         if not outs:
             raise ValueError(f"problem {prob.id} has no samples")
@@ -176,6 +179,7 @@ def score_samples(
         else:
             top, cons = None, False
         k = len(outs)
+        lengths = [s.num_tokens for s in outs]
         rec = {
             "id": prob.id,
             "language": getattr(prob, "language", None),
@@ -185,13 +189,14 @@ def score_samples(
             "majority_answer": top,
             "format": sum(fmt) / k,
             "language_consistency": sum(lang) / k,
-            "mean_tokens": sum(s.num_tokens for s in outs) / k,
+            "mean_tokens": None if None in lengths else sum(lengths) / k,
             "truncated": sum(s.finish_reason == "length" for s in outs) / k,
             "sample": outs[0].text[:500],
         }
         per_problem.append(rec)
         for key in ("pass@1", "format", "language_consistency", "mean_tokens", "truncated"):
-            tot[key] += rec[key]
+            tot[key] += rec[key] or 0
+        uncounted += rec["mean_tokens"] is None
         tot["cons"] += float(cons)
         n_samples += k
         n += 1
@@ -205,7 +210,7 @@ def score_samples(
         f"cons@{k_used}": tot["cons"] / n,
         "format_rate": tot["format"] / n,
         "language_consistency": tot["language_consistency"] / n,
-        "mean_response_tokens": tot["mean_tokens"] / n,
+        "mean_response_tokens": None if uncounted else tot["mean_tokens"] / n,
         "truncated_rate": tot["truncated"] / n,
         "problems": n,
         "skipped_problems": skipped,
@@ -432,22 +437,41 @@ def checkpoint_sampler(cfg: EvalConfig) -> tuple[Callable[[Sequence[Any]], list[
     return sampler, str(sampler.path)
 
 
+def _not_json(base: str, body: str) -> ValueError:
+    # a web page where the API was looked for (a chat UI's port, a path short of /v1 on a proxy)
+    return ValueError(
+        f"{base} answered with a body that is not JSON ({body.strip()[:80]!r}): is {base} the API's base "
+        "URL (most end in /v1)?"
+    )
+
+
 @contextlib.contextmanager
-def _endpoint_errors(base: str) -> Iterator[None]:
-    """The endpoint's failures as one clear line (the CLI's ValueError), not the client's traceback."""
+def _endpoint_errors(base: str, retries: int = 0) -> Iterator[None]:
+    """The endpoint's failures as one clear line (the CLI's ValueError), not the client's traceback.
+    `retries`: the client's, said with the failures it retries (timeouts, 408, 409, 429, 5xx)."""
     import openai
 
+    tries = f", {retries + 1} times" if retries else ""
     try:
         yield
+    except json.JSONDecodeError as e:
+        raise _not_json(base, e.doc) from None
+    except openai.APITimeoutError:
+        # a subclass of the connection error, whose "is the server running?" misled: it was, and slow
+        raise ValueError(
+            f"{base} did not answer in time{tries}: a server slower than the client's timeout (a long "
+            "queue) is asked for fewer samples at once with a lower --concurrency"
+        ) from None
     except openai.APIConnectionError as e:
         raise ValueError(f"cannot reach {base} ({e}): is the server running, and is the URL right?") from None
     except openai.AuthenticationError:
         raise ValueError(f"{base} refused the API key (401): pass --api-key or set OPENAI_API_KEY") from None
     except openai.APIStatusError as e:
-        raise ValueError(f"{base} answered {e.status_code}: {e.message}") from None
+        retried = e.status_code in (408, 409, 429) or e.status_code >= 500
+        raise ValueError(f"{base} answered {e.status_code}{tries * retried}: {e.message}") from None
 
 
-def completion_text(message: Any, thinking: bool = True) -> str:
+def completion_text(message: Any, thinking: bool = True, finish_reason: str | None = None) -> str:
     """A chat message's text as the model wrote it, to be scored as a checkpoint's completion is.
 
     A server that splits the reasoning off sends `reasoning_content` (DeepSeek's API, nanoseek serve,
@@ -462,8 +486,11 @@ def completion_text(message: Any, thinking: bool = True) -> str:
     if thinking and fields:
         # a server that left the reasoning in the content: closed, or opened by the model and never
         # closed (vLLM's qwen3 parser, a truncated answer): a </think> put before that was the think
-        # text read as the answer, its language 0 and its numbers a cons@k vote
-        if not reasoning and (THINK_END in content or content.lstrip().startswith(THINK_START)):
+        # text read as the answer, its language 0 and its numbers a cons@k vote. Cut by max_tokens with
+        # no reasoning given, it is the think block the prompt opened (vLLM without a reasoning parser
+        # still sends `reasoning_content: null`; with one, the cut thinking is the reasoning)
+        cut = finish_reason == "length"
+        if not reasoning and (THINK_END in content or content.lstrip().startswith(THINK_START) or cut):
             return content
         return f"{reasoning or ''}{THINK_END}{content}"
     return f"{THINK_START}{reasoning}{THINK_END}{content}" if reasoning else content
@@ -497,7 +524,11 @@ def endpoint_sampler(
     if model_name is None:
         with _endpoint_errors(base):
             try:
-                listed = [m.id for m in client.models.list().data]
+                # the body read as JSON first: a web page's text made the client's page parsing raise
+                # an AttributeError, a traceback that named no URL
+                raw = client.models.with_raw_response.list()
+                json.loads(raw.text)
+                listed = [m.id for m in raw.parse().data]
             except openai.NotFoundError:
                 raise ValueError(
                     f"{base}/models answered 404: is {base} the API's base URL (most end in /v1)? "
@@ -511,19 +542,21 @@ def endpoint_sampler(
     # (about 2 s, or twice its Retry-After) ended the whole evaluation, every sample drawn lost;
     # lm-evaluation-harness and simple-evals retry more (the latter a rate limit until it passes)
     sampling = client.with_options(max_retries=SAMPLE_RETRIES)
+    one_choice = threading.Event()  # set: the server takes n = 1 only (shared by the requests in flight)
 
     def one(index: int, problem: Any) -> list[Sample]:
         out: list[Sample] = []
         max_tokens: Any = cfg.max_new_tokens
-        # a server that ignores n (llama.cpp's llama-server) answers with fewer choices: the rest are
-        # asked for again, numbered on from those it gave (simple-evals asks for each sample alone)
+        # a server that ignores n (Ollama's) answers with fewer choices: the rest are asked for again,
+        # numbered on from those it gave (simple-evals asks for each sample alone)
         while len(out) < cfg.k:
-            with _endpoint_errors(base):
+            n = 1 if one_choice.is_set() else cfg.k - len(out)
+            with _endpoint_errors(base, SAMPLE_RETRIES):
                 try:
                     resp = sampling.chat.completions.create(
                         model=model_name,
                         messages=problem.messages,
-                        n=cfg.k - len(out),
+                        n=n,
                         temperature=cfg.temperature,
                         top_p=cfg.top_p,
                         max_tokens=max_tokens,
@@ -538,15 +571,35 @@ def endpoint_sampler(
                     # serve's) refuses the request, which ended the whole evaluation, where a checkpoint's
                     # answer stops at the context. Without max_tokens those servers answer up to the
                     # context, that is fewer tokens than asked; a prompt over it is refused again.
-                    if e.code != "context_length_exceeded" or max_tokens is openai.NOT_GIVEN:
+                    if e.code == "context_length_exceeded" and max_tokens is not openai.NOT_GIVEN:
+                        max_tokens = openai.NOT_GIVEN
+                        continue
+                    if n == 1:
                         raise
-                    max_tokens = openai.NOT_GIVEN
+                    one_choice.set()  # llama-server's refusal of n > 1 is a 400 in some versions
                     continue
+                except openai.InternalServerError as e:
+                    # llama.cpp's llama-server refuses n > 1 ("Only one completion choice is allowed",
+                    # a 500 in others), which ended every evaluation at k > 1: each sample is asked for
+                    # alone from then on, as from a server that ignores n; a refusal of n = 1 is raised
+                    if n == 1 or e.status_code != 500:
+                        raise
+                    one_choice.set()
+                    continue
+            if isinstance(resp, str):  # the client's answer to a body that is not JSON: its text
+                raise _not_json(base, resp)
             if not resp.choices:
-                raise ValueError(f"{base} answered a chat completion with no choices")
-            per = (resp.usage.completion_tokens / len(resp.choices)) if resp.usage else 0
-            for ch in resp.choices[: cfg.k - len(out)]:
-                text = completion_text(ch.message, cfg.thinking)
+                # an error some proxies send with status 200: said, as any other status's message is
+                error = (resp.model_extra or {}).get("error")
+                said = error.get("message", error) if isinstance(error, dict) else error
+                raise ValueError(
+                    f"{base} answered a chat completion with no choices{f': {said}' if said else ''}"
+                )
+            tokens = getattr(resp.usage, "completion_tokens", None)
+            per = None if tokens is None else tokens / len(resp.choices)
+            # in index order, which is seed order (seed + choice): cons@k's tie goes to the earliest sample
+            for ch in sorted(resp.choices, key=lambda c: getattr(c, "index", None) or 0)[: cfg.k - len(out)]:
+                text = completion_text(ch.message, cfg.thinking, ch.finish_reason)
                 out.append(Sample(text=text, num_tokens=per, finish_reason=ch.finish_reason))
         return out
 

@@ -42,13 +42,14 @@ def run(args: argparse.Namespace) -> int:
     with torch_threads(args.threads):
         results = evaluate_many(cfgs)
     for task, m in zip(tasks, results, strict=True):
-        k = m["k"]
+        k, length = m["k"], m["mean_response_tokens"]
         print(
             # no "± 0.000" where the scores do not vary over the problems, as the report shows them
             f"eval {task} ({m['evaluated']}): pass@1 {m['pass@1']:.3f}{plus_minus(m['pass@1_stderr'], points=False)}, "
             f"cons@{k} {m[f'cons@{k}']:.3f}, "
             f"format {m['format_rate']:.3f}, language {m['language_consistency']:.3f}, "
-            f"length {m['mean_response_tokens']:.1f} tokens over {m['problems']} problems; {m['json']}"
+            f"length {'unknown (no usage sent)' if length is None else f'{length:.1f} tokens'} over "
+            f"{m['problems']} problems; {m['json']}"
         )
         if m.get("truncated_rate"):  # scored wrong for want of room, not of skill
             print(
