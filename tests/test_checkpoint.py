@@ -211,6 +211,31 @@ def test_an_engine_quantized_model_is_not_saved_as_a_checkpoint(tmp_path, fmt):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_engine_packed_model_is_not_saved_as_a_checkpoint(tmp_path, monkeypatch):
+    """Engine(pack_weights=True) moves the large weights out of the state_dict: save_model wrote a
+    directory without them, which no load took ("missing ['lm_head.weight', ...]")."""
+    from nanoseek.engine import Engine, packed
+
+    monkeypatch.setattr(packed, "PACK_MIN_ELEMENTS", 0)  # this model's matrices are all small
+    model = build_model(config()).init_weights(0)
+    if not packed.packable(model):
+        pytest.skip("this PyTorch's oneDNN does not pack these weights")
+    Engine(model, pack_weights=True)
+    with pytest.raises(ValueError, match="packed this model's large weights.*save it before"):
+        save_model(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_directory_given_as_a_checkpoint_names_the_checkpoints_inside(tmp_path):
+    """load_model("runs/x") said only "not a checkpoint directory (no config.json)" of a run whose
+    checkpoints are its stages' folders (RUN/pretrain, RUN/final)."""
+    save_model(build_model(config()).init_weights(0), tmp_path / "run" / "pretrain")
+    with pytest.raises(
+        FileNotFoundError, match=r"no config.json\); the checkpoints inside it: .*run/pretrain$"
+    ):
+        nanoseek.load_model(tmp_path / "run")
+
+
 def test_atomic_directory_keeps_old_checkpoint_on_failure(tmp_path):
     target = tmp_path / "run" / "pretrain"
     model = build_model(config()).init_weights(0)

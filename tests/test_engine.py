@@ -631,6 +631,22 @@ def test_capacity_and_input_errors(model):
     assert [len(x) for x in out] == [5, 5]
 
 
+def test_an_engine_given_a_path_or_a_meta_model_says_what_to_pass(model, tmp_path):
+    """Engine("runs/x/final") failed with "'str' object has no attribute 'config'", and an Engine over a
+    model built on the meta device (no weights) with "Tensor.item() cannot be called on meta tensors"
+    from inside its first forward."""
+    for given in ("runs/x/final", tmp_path):
+        with pytest.raises(TypeError, match=r"got (str|\w*Path) \(load it first: nanoseek.load_model"):
+            Engine(given)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got Linear"):
+        Engine(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Engine: the model has weights on the meta device"):
+        Engine(DeepSeekV3.build(model.config, device="meta"))
+    with pytest.raises(ValueError, match="save_model: the model has weights on the meta device"):
+        save_model(DeepSeekV3.build(model.config, device="meta"), tmp_path / "meta")
+    assert not (tmp_path / "meta").exists()  # refused before the directory was made
+
+
 def test_the_ids_the_engine_gives_skip_those_its_caller_gave(model):
     """A request its caller named "req-0" (the form of the engine's own ids) made the next request added
     without an id, and generate(), which names none, fail: "request id 'req-0' is already in use"."""
@@ -656,12 +672,14 @@ def test_a_refused_engine_leaves_the_model_as_given(model, monkeypatch):
     assert not is_quantized(m) and not is_packed(m)
 
 
-def test_w8a8_off_a_cpu_is_refused_before_any_weight_is_quantized(model):
+def test_w8a8_off_a_cpu_is_refused_before_any_weight_is_quantized(model, monkeypatch):
     """w8a8 runs on PyTorch's quantized CPU backend: on a GPU it was refused by `pack_w8a8`, after
     `quantize_model` had replaced every linear (the caller's model came back quantized). A model on
-    another device (meta here, as CUDA would be) is refused first."""
+    another device (meta here, as CUDA would be: the Engine's refusal of a meta model set aside) is
+    refused first."""
     from nanoseek.engine.quantize import is_quantized
 
+    monkeypatch.setattr("nanoseek.engine.engine.check_model", lambda model, user: None)
     m = copy.deepcopy(model).to("meta")
     with pytest.raises(ValueError, match="w8a8' runs on CPUs.*not on meta"):
         Engine(m, quantize="w8a8")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from tests.test_engine import PROMPTS, small_config
@@ -273,6 +274,26 @@ def test_token_ids_of_the_wrong_type_are_refused_up_front(model, field, value):
     with pytest.raises(ValueError, match=field):
         Engine(model).generate([PROMPTS[0]], max_new_tokens=2, **{field: value})
     SamplingParams(logprobs=2, stop_token_ids=(torch.tensor(5), 6), logit_bias={5: 1.0}).validate()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("max_new_tokens", 2.5, "an int"),  # generated 3 tokens without a word
+        ("max_new_tokens", "8", "an int"),
+        ("temperature", "0.7", "a number"),  # a bare TypeError from a comparison in validate
+        ("top_p", None, "a number"),
+        ("repetition_penalty", "1.1", "a number"),
+        ("seed", "1", "None or an int"),  # a TypeError from inside the sampler, mid-step
+        ("seed", 1.5, "None or an int"),
+    ],
+)
+def test_sampling_numbers_of_the_wrong_type_are_refused_naming_the_field(field, value, says):
+    with pytest.raises(ValueError, match=f"invalid SamplingParams: {field} must be {says}"):
+        SamplingParams(**{field: value}).validate()
+    SamplingParams(
+        max_new_tokens=torch.tensor(3), temperature=1, top_p=np.float32(0.9), seed=np.int64(1)
+    ).validate()
 
 
 @pytest.mark.parametrize("value", [2.5, -3.0, float("inf"), float("nan")])

@@ -208,6 +208,31 @@ def test_choices_are_checked_for_configs_built_in_python() -> None:
         PretrainConfig(precision="fp16").validate()
 
 
+@pytest.mark.parametrize(
+    ("config", "said"),
+    [
+        # a bare TypeError from validate's `<` comparison
+        (lambda: PretrainConfig(steps="2"), r"--steps must be of type int, got '2' \(str\)"),
+        (lambda: PretrainConfig(steps=2.5), "--steps must be of type int"),  # trained on, without a word
+        (lambda: SFTConfig(init="ck", lr="3e-4"), "--lr must be of type float"),
+        # a string read as a list of one-letter task names ("unknown task 'a'")
+        (lambda: GRPOConfig(init="ck", tasks="arithmetic"), r"--task must be of type list\[str\]"),
+    ],
+)
+def test_field_types_are_checked_for_configs_built_in_python(config, said) -> None:
+    with pytest.raises(ValueError, match=said):
+        config().validate()
+
+
+def test_the_types_a_flag_would_give_are_taken_for_configs_built_in_python(tmp_path) -> None:
+    import numpy as np
+
+    PretrainConfig(
+        out=tmp_path, data=[tmp_path / "a.txt", "b.txt"], steps=np.int64(3), lr=1, threads=None
+    ).validate()
+    GRPOConfig(init=tmp_path, tasks=("arithmetic",)).validate()
+
+
 def test_every_field_has_a_flag_or_says_why_not() -> None:
     """A new config field gets a flag unless it opts out (cli=False): no third copy to forget."""
     parser_dests = {

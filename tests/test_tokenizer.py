@@ -512,6 +512,13 @@ def test_load_errors(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read tokenizer"):
         load_tokenizer(tmp_path)
+    # a run directory: its tokenizer/ folder was named as a slow tokenizer's file ("found tokenizer; only
+    # the fast-tokenizer format is supported"), not as the directory to pass
+    run = tmp_path / "run"
+    (run / "tokenizer").mkdir(parents=True)
+    (run / "tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"a directory inside has one: .*run/tokenizer\)$"):
+        load_tokenizer(run)
 
 
 def test_load_reads_a_tilde_path_and_a_checkpoint_left_aside_as_load_model_does(

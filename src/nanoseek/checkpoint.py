@@ -49,7 +49,7 @@ from nanoseek.model.fp8 import (
     quantize_state_dict_fp8,
     ue8m0_scales,
 )
-from nanoseek.model.transformer import DeepSeekV3
+from nanoseek.model.transformer import DeepSeekV3, check_model
 
 build_model = DeepSeekV3.build  # construction lives with the model; the name stays for its callers
 TRAIN_STATE = "train_state"
@@ -262,13 +262,21 @@ def save_model(
     Each file is replaced atomically, so readers never see a half file; to replace a whole
     checkpoint atomically, write into `nanoseek.atomic.atomic_directory(...)`.
     """
+    from nanoseek.engine.packed import is_packed
     from nanoseek.engine.quantize import is_quantized
 
+    check_model(model, "save_model")  # before the directory is made: a refused save leaves no empty one
     if is_quantized(model):  # its qweight/scale tensors are no checkpoint's keys: nothing could load them
         raise ValueError(
             "save_model: the model holds the engine's quantized storage (quantize='int8'/'fp8'/'w8a8'), "
             "which no checkpoint reader loads; save it loaded without quantize= (or with fp8=True, "
             "DeepSeek's FP8 format) and quantize when loading it"
+        )
+    # packed weights are no state_dict entries: the files lacked them, and no load took them
+    if is_packed(model):
+        raise ValueError(
+            "save_model: an Engine packed this model's large weights into oneDNN's layout (pack_weights=True), "
+            "which a checkpoint cannot hold; save it before building that Engine, or save a model loaded again"
         )
     if ignored := transformers_differences(model.config):
         warnings.warn(
@@ -520,8 +528,14 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, tokenizer: bool = False,
         )
     if not (p / "config.json").exists():
         shadows = _HUB_NAME.fullmatch(str(name_or_path)) and not is_hub_name(name_or_path)
+        # a run directory: name the stages' checkpoints inside it (RUN/pretrain, RUN/final), the ones to pass
+        try:
+            inside = sorted(str(x) for x in p.iterdir() if (x / "config.json").is_file())
+        except OSError:  # a directory it may not list: the error below stands alone
+            inside = []
         raise FileNotFoundError(
             f"{label} is not a checkpoint directory (no config.json)"
+            + (f"; the checkpoints inside it: {', '.join(inside)}" if inside else "")
             + ("; a local directory is read before the Hub model of that name" if shadows else "")
         )
     if (p / ".metadata").is_file() and not any(p.glob("*.safetensors")):

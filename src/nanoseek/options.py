@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import numbers
 import os
 import shlex
 import subprocess
@@ -231,8 +232,39 @@ def from_options(cls: type[T], args: argparse.Namespace, **given: Any) -> T:
     return cls(**values, **given)
 
 
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether `value` is of the field type `annotation` as a flag would have parsed it: an int for
+    int (numpy's too), a number for float, a str or a path for str, a list or tuple for list[...]."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_fits(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if typing.get_origin(annotation) in (list, tuple):
+        (kind, *_) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, list | tuple) and all(_fits(v, kind) for v in value)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return hasattr(value, "__index__") and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str | os.PathLike)
+    return True  # dicts, nested configs, Any: the stage's own checks
+
+
 def check_choices(config: Any) -> None:
-    """Raise a clear error for a field set outside its choices (configs built in Python skip argparse)."""
+    """Raise a clear error for a field of the wrong type or set outside its choices (configs built in
+    Python skip argparse: steps="2" failed a comparison with a bare TypeError, steps=2.5 or a tasks
+    string read as a list of one-letter names ran on)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.init and not _fits(value, hints[f.name]):
+            flag = _long_flag(f.name, f.metadata, None, None)
+            kind = getattr(hints[f.name], "__name__", None) if isinstance(hints[f.name], type) else None
+            kind = kind or str(hints[f.name]).replace("typing.", "")
+            raise ValueError(f"{flag} must be of type {kind}, got {value!r:.80} ({type(value).__name__})")
     for f in dataclasses.fields(config):
         allowed = f.metadata.get("choices")
         value = getattr(config, f.name)

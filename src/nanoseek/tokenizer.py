@@ -979,9 +979,18 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if p.is_dir():
         file, directory = p / "tokenizer.json", p
         if not file.exists():
-            others = sorted(x.name for x in p.iterdir() if "token" in x.name or x.suffix == ".model")
+            # a run directory (RUN/tokenizer/, RUN/pretrain/ hold one): the folder was named as a slow
+            # tokenizer's file, "only the fast-tokenizer format is supported", which it is in
+            inside = sorted(str(x) for x in p.iterdir() if (x / "tokenizer.json").is_file())
+            others = sorted(
+                x.name for x in p.iterdir() if ("token" in x.name or x.suffix == ".model") and not x.is_dir()
+            )
             hint = (
-                f" (found {', '.join(others)}; only the fast-tokenizer format is supported)" if others else ""
+                f" (a directory inside has one: {', '.join(inside)})"
+                if inside
+                else f" (found {', '.join(others)}; only the fast-tokenizer format is supported)"
+                if others
+                else ""
             )
             raise FileNotFoundError(f"no tokenizer.json in {p}{hint}")
     else:

@@ -36,7 +36,7 @@ from nanoseek.engine.sampling import SamplerState, SamplingParams, TokenLogprob,
 from nanoseek.engine.scheduler import Scheduler, Sequence
 from nanoseek.engine.speculative import verify
 from nanoseek.model.derived import weights_epoch
-from nanoseek.model.transformer import DeepSeekV3
+from nanoseek.model.transformer import DeepSeekV3, check_model
 
 DEFAULT_CACHE_BYTES = 512 * 1024**2
 
@@ -89,6 +89,7 @@ class Engine:
         prefill_chunk: int = 512,
         cache_bytes: int | None = None,
     ) -> None:
+        check_model(model, "Engine")
         cfg = model.config
         if speculative and cfg.num_nextn_predict_layers < 1:
             family = (

@@ -18,6 +18,7 @@ What is notable here:
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -69,7 +70,23 @@ class SamplingParams:
             if not cond:
                 raise ValueError(f"invalid SamplingParams: {msg}")
 
+        # the types first: a string from a form or a config file failed in a comparison below with a bare
+        # TypeError, and a float max_new_tokens (2.5) generated its ceiling without a word
+        need(
+            _is_token_id(self.max_new_tokens),
+            f"max_new_tokens must be an int, got {self.max_new_tokens!r:.60}",
+        )
         need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in NUMBERS:
+            value = getattr(self, name)
+            need(
+                isinstance(value, numbers.Real) and not isinstance(value, bool),
+                f"{name} must be a number, got {value!r:.60}",
+            )
+        need(
+            self.seed is None or _is_token_id(self.seed),
+            f"seed must be None or an int, got {self.seed!r:.60}",
+        )
         # finite too: logits / inf are all 0, a uniform draw over the whole vocabulary, not a sampling
         need(
             0.0 <= self.temperature < math.inf, f"temperature must be >= 0 and finite, got {self.temperature}"
@@ -127,6 +144,9 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or bool(self.logit_bias)
         )
+
+
+NUMBERS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 def _is_token_id(value: object) -> bool:

@@ -17,6 +17,7 @@ What is notable here:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from os import PathLike
 
 import torch
 import torch.nn.functional as F
@@ -412,3 +413,21 @@ def mtp_targets(
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean token cross-entropy in fp32 over non-ignored targets."""
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
+
+
+def check_model(model: object, user: str) -> None:
+    """Refuse, with an error that says what to pass, what `user` (the Engine, save_model) cannot use
+    as a model: a path or a preset name (an AttributeError on `.config` said nothing of loading it),
+    or a model still on the meta device (no weights to run or save: failed deep inside a forward)."""
+    if not isinstance(getattr(model, "config", None), ModelConfig):  # DeepSeekV3, or a wrapper of one
+        hint = (
+            " (load it first: nanoseek.load_model(path_or_preset))"
+            if isinstance(model, str | PathLike)
+            else ""
+        )
+        raise TypeError(f"{user} takes a model (nanoseek.DeepSeekV3), got {type(model).__name__}{hint}")
+    if any(p.is_meta for p in model.parameters()):  # type: ignore[attr-defined]
+        raise ValueError(
+            f"{user}: the model has weights on the meta device (built with device='meta', no values yet): "
+            "materialize and fill them first (nanoseek.load_model(path) loads a checkpoint's)"
+        )

@@ -170,10 +170,10 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """Clear errors, by flag, for settings out of range (configs built in Python skip argparse)."""
+        check_choices(self)  # the types first: the comparisons below fail on a str
         for name in ("steps", "batch_size", "seq_len", "accumulation", "tokenizer_docs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        check_choices(self)
         # (written so that NaN fails too) a negative α or γ would push the routers toward imbalance
         for name in (
             "mtp_weight",
