@@ -388,6 +388,82 @@ def test_the_cli_exit_status_and_stream_of_each_outcome(monkeypatch, capsys) -> 
     assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["pretrain", "--bogus"], "nanoseek pretrain: error: unrecognized arguments: --bogus\n"),
+        (["tokenizer", "encode", "t", "hi", "--bogus"], "nanoseek tokenizer encode: error: unrecognized"),
+    ],
+)
+def test_an_unknown_flag_is_said_by_its_command_with_its_usage(argv, said, capsys) -> None:
+    """Said by the top parser, an unknown flag came under `usage: nanoseek [-h] [--version] <command>
+    ...` as "nanoseek: error:", where every other usage error of the command shows the command's own."""
+    from nanoseek.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    prog = said.partition(":")[0]
+    assert e.value.code == 2 and err.startswith(f"usage: {prog} [-h]") and said in err
+
+
+def test_a_failing_subcommand_is_named_as_argparse_names_it(monkeypatch, capsys) -> None:
+    """`tokenizer encode`'s bad input was "nanoseek tokenizer: error:", its usage errors "nanoseek
+    tokenizer encode: error:"."""
+    from nanoseek.cli import main
+
+    def run(args):
+        raise ValueError("tokenizer not found: t")
+
+    monkeypatch.setattr("nanoseek.commands.tokenizer.run_encode", run)
+    assert main(["tokenizer", "encode", "t", "hi"]) == 2
+    assert capsys.readouterr().err == "nanoseek tokenizer encode: error: tokenizer not found: t\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "meant"),
+    [
+        (["pretrian"], "did you mean 'pretrain'?"),
+        (["tokenizer", "encod", "t"], "did you mean 'encode'?"),
+        (["speedrun", "--preset", "GPU"], "did you mean 'gpu'?"),
+        (["pretrain", "--schedule", "cosin"], "did you mean 'cosine'?"),
+        # abbreviations are refused (`_no_abbreviations`): the flag they stood for is named
+        (["generate", "ck", "hi", "--temp", "0.5"], "did you mean --temperature?"),
+        (["ablate", "moe", "--seed", "1"], "did you mean --seeds?"),
+        (["--vers"], "did you mean --version?"),  # refused as the commands' are, not the version printed
+        (["xyzzy"], None),
+        (["pretrain", "--bogus"], None),
+    ],
+)
+def test_a_misspelt_command_choice_or_flag_names_the_one_meant(argv, meant, capsys) -> None:
+    """`nanoseek pretrian` listed the fifteen commands and left the user to find the one meant; a flag
+    once taken as an abbreviation (`--temp`), now refused, said nothing of the flag it stood for."""
+    from nanoseek.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ""
+    if meant is None:
+        assert "did you mean" not in err
+    else:
+        assert err.rstrip().endswith(meant)
+
+
+@pytest.mark.parametrize("text", ["-", "-5", "-0.5"])
+def test_a_prompt_after_the_flags_may_be_stdins_dash_or_a_negative_number(text, monkeypatch) -> None:
+    """`generate DIR --chat -` (the help's "'-' reads stdin") and a prompt or text `-5` after the flags
+    were refused as "unrecognized arguments", where argparse takes them before the flags."""
+    from nanoseek.cli import main
+
+    seen = []
+    monkeypatch.setattr("nanoseek.commands.generate.run", lambda args: seen.append(args.text))
+    monkeypatch.setattr("nanoseek.commands.tokenizer.run_encode", lambda args: seen.append(args.text))
+    assert main(["generate", "ck", "--chat", text]) == 0
+    assert main(["tokenizer", "encode", "t", "--bos", text]) == 0
+    assert seen == [text, text]
+
+
 def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path) -> None:
     """SIGTERM (`kill`, `timeout`, a container's stop) mid-write ended Python where it stood: no `finally`
     ran, so the atomic writer's scratch file (`.NAME.tmp`, a whole GGUF for `export`) stayed beside

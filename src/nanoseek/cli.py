@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import difflib
 import errno
 import importlib
 import io
@@ -16,7 +17,8 @@ import pkgutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import nanoseek.commands as _commands
 from nanoseek.train import DATA_PARALLEL, TrainingDiverged, TrainingInterrupted, one_process
@@ -41,12 +43,37 @@ class Terminated(BaseException):
     as "stop this reply" and goes on."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, which names the close choice of a misspelt one (`nanoseek pretrian`, `--schedule
+    cosin`), as git does and argparse's own `suggest_on_error` (Python 3.14) does. The commands' parsers
+    are of this class too (argparse makes them of their parent's)."""
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            close = _close_one(str(value), map(str, action.choices or ()))
+            if close is None:
+                raise
+            raise argparse.ArgumentError(action, f"{e.message}; did you mean {close!r}?") from None
+
+
+def _close_one(word: str, known: Iterable[str]) -> str | None:
+    """The one of `known` the misspelt `word` stands for (`GPU` is `gpu`; the one it begins, as a flag's
+    abbreviation, `temp` of `temperature`; else the closest), or None where none is close."""
+    by_case = {k.lower(): k for k in known}
+    begun = [k for k in by_case if k.startswith(word.lower())]
+    close = begun if len(begun) == 1 else difflib.get_close_matches(word.lower(), by_case, n=1)
+    return by_case[close[0]] if close else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nanoseek import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nanoseek",
         description="DeepSeek's recipe end to end: V3 model, pretraining, R1 reasoning RL, serving.",
+        allow_abbrev=False,  # as every command's (`_no_abbreviations`): `--vers` is no `--version`
     )
     parser.add_argument("--version", action="version", version=f"nanoseek {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
@@ -90,6 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command `args` ran: `tokenizer encode`'s, not `tokenizer`'s."""
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or getattr(args, sub.dest, None) not in sub.choices:
+            return parser
+        parser = sub.choices[getattr(args, sub.dest)]
+
+
 def _main(argv: list[str] | None) -> int:
     from nanoseek.perf import threads_within_quota
 
@@ -98,6 +134,7 @@ def _main(argv: list[str] | None) -> int:
     threads_within_quota()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    command = _command_parser(parser, args)
     # argparse settles an optional positional at the first run of positionals, so a command's PROMPT
     # after its flags (`generate DIR --chat "2 + 2 = ?"`) is left over: commands name such fields
     for name in getattr(args, "late_positionals", ()):
@@ -107,11 +144,19 @@ def _main(argv: list[str] | None) -> int:
             extra.pop(0)
             if not extra:  # a bare "--" only ends the options: no text (stdin is read, as `cat --` does)
                 continue
-        elif extra[0].startswith("-"):
+        elif command._parse_optional(extra[0]) is not None:
+            # a flag (refused below), as argparse tells one: not `-` (`generate DIR --chat -` reads stdin)
+            # nor a negative number, which it takes as the PROMPT before the flags and refused after them
             continue
         setattr(args, name, extra.pop(0))
     if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        # Said by the command's own parser, as its other usage errors are (the top one's usage showed
+        # none of its flags), with the flag meant where one is misspelt or abbreviated (`--temp`, refused)
+        flags = {s.lstrip("-"): s for a in command._actions for s in a.option_strings if s.startswith("--")}
+        words = [w.lstrip("-").partition("=")[0] for w in extra if w.startswith("--")]
+        meant = [flags[m] for m in (_close_one(w, flags) for w in words if w) if m]
+        hint = f"; did you mean {', '.join(meant)}?" if meant else ""
+        command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -128,6 +173,8 @@ def _main(argv: list[str] | None) -> int:
         or (out.errors == "surrogateescape" and codecs.lookup(out.encoding).name != "utf-8")
     ):
         out.reconfigure(errors="backslashreplace")
+    # errors named as argparse names its own: `nanoseek tokenizer encode: error:`, not `nanoseek tokenizer:`
+    prog = command.prog
     if sys.stdin is None:
         # fd 0 closed (`nanoseek chat DIR <&-`, some job runners): Python leaves sys.stdin None, and
         # `chat`, `generate DIR -` and `tokenizer encode` failed on it with an AttributeError. Read it as
@@ -160,10 +207,10 @@ def _main(argv: list[str] | None) -> int:
             return 2
         # Bad input: one clear line, no traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"nanoseek {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:  # a run's outcome, not a bug: the message says what to do
-        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
         # What the file system refused (a read-only or full disk, a file where a directory is wanted,
@@ -171,7 +218,7 @@ def _main(argv: list[str] | None) -> int:
         if e.filename is None and e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = "" if e.filename is None else f"{e.filename}: "
-        print(f"nanoseek {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return int(result or 0)
 
