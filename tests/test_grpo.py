@@ -266,6 +266,40 @@ def test_token_logprobs_align_with_per_sequence_reference() -> None:
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_a_non_finite_log_prob_outside_the_mask_changes_nothing(loss_type) -> None:
+    """Positions past a completion's end are garbage the mask leaves out: a -inf there (a token the
+    model rules out) made the batch's loss NaN through 0 · NaN, and the step was skipped."""
+    torch.manual_seed(0)
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
+    logp, old, ref = (torch.rand(2, 4).log() for _ in range(3))
+    adv = torch.tensor([1.0, -0.5])
+
+    def run(garbage: float):
+        lp = torch.where(mask > 0, logp, garbage).requires_grad_()
+        o, r = (torch.where(mask > 0, t, garbage) for t in (old, ref))
+        out = grpo_loss(lp, o, adv, mask, beta=0.04, ref_logp=r, loss_type=loss_type, max_completion_len=4)
+        out.loss.backward()
+        return out.loss.item(), lp.grad, out.stats
+
+    loss, grad, stats = run(-math.inf)
+    assert (loss, stats) == run(-1.0)[::2] and torch.equal(grad, run(-1.0)[1])
+
+
+def test_a_token_of_probability_zero_leaves_the_entropy_finite() -> None:
+    """A logit of -inf (a token the model rules out) made every position's entropy NaN (0 · -inf): the
+    step's logged entropy, and the collapse check on it, read every step as one without an update."""
+    torch.manual_seed(0)
+    model = _Toy()
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        model.head.bias[0] = -math.inf
+        others = model(ids)[0, 1:4, 1:].log_softmax(-1)  # the other ten tokens' distributions
+    logp, ent = token_logprobs(model, ids, 2, 3, with_entropy=True)
+    assert logp.isfinite().all()
+    assert torch.allclose(ent[0], -(others.exp() * others).sum(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
 def test_micro_batches_give_the_batch_gradient_and_token_mean_metrics(loss_type) -> None:
     # 2 groups of 3 with ragged completions; --micro-batch is a memory knob: the summed loss, the
     # gradient and the logged per-token means (KL, clip fraction, entropy) must not depend on it

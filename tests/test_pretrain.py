@@ -116,6 +116,28 @@ def test_pretrain_writes_checkpoint_metrics_and_summary(workdir, tmp_path, capsy
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, cfg["vocab_size"])
 
 
+def test_the_summary_gives_the_loss_of_the_last_step_kept(workdir, tmp_path, capsys, monkeypatch) -> None:
+    """A last step skipped for a NaN loss made the summary say "train loss nan" of weights it left as
+    the step before's (the report gives that step's loss), and "1 steps skipped"."""
+    import math
+
+    from nanoseek.train import loop
+
+    lm_loss, calls = loop.language_model_loss, []
+
+    def nan_at_the_last_step(*args, **kwargs):
+        loss, m = lm_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * math.nan, m) if len(calls) == 6 else (loss, m)
+
+    monkeypatch.setattr(loop, "language_model_loss", nan_at_the_last_step)
+    pretrain(config(workdir, tmp_path / "run", val_every=0, val_batches=0))
+    out = capsys.readouterr().out
+    kept = [r for r in read_metrics(tmp_path / "run", stage="pretrain") if "loss" in r and "skipped" not in r]
+    assert len(kept) == 5
+    assert f"train loss {kept[-1]['lm_loss']:.3f}" in out and ", 1 step skipped;" in out, out
+
+
 def test_a_standalone_pretrain_gives_the_report_its_model_table(workdir, tmp_path) -> None:
     """`nanoseek pretrain --out RUN` then `nanoseek report RUN`: the parameters and KV-cache bytes of
     `nanoseek inspect`, not "–" (only a speedrun logged them)."""

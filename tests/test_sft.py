@@ -406,6 +406,31 @@ def test_a_time_budgeted_run_says_its_step_count_is_a_first_plan(tmp_path, capsy
     assert "; 4 steps of 2 rows\n" in out and "control: 100%" in err, out + err
 
 
+def test_the_summary_gives_the_loss_of_the_last_step_kept_and_the_steps_skipped(tmp_path, capsys) -> None:
+    """A last step skipped for a NaN loss ended SFT with "final loss nan" (its weights are the step
+    before's), and the steps skipped went unsaid, as pretrain's summary and the report say them."""
+    from nanoseek.train import loop
+    from nanoseek.train.sft import SFTConfig
+
+    step, losses = loop.Trainer.step, []
+
+    def nan_at_the_last_step(self, loss_fn, accumulation=1):
+        def fn():
+            loss, m = loss_fn()
+            return (loss * math.nan, m) if self.global_step == 3 else (loss, m)
+
+        m = step(self, fn, accumulation)
+        losses.append(m["loss"])
+        return m
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop.Trainer, "step", nan_at_the_last_step)
+        _train_with_budget(tmp_path, SFTConfig(init="", steps=4, batch_size=2, seq_len=32), 0.0)
+    out = capsys.readouterr().out
+    assert math.isnan(losses[-1])
+    assert f"final loss {losses[-2]:.4f}, 1 step skipped; checkpoint" in out, out
+
+
 def test_the_budget_spent_line_starts_a_line_of_its_own_under_the_bar(tmp_path, monkeypatch) -> None:
     """Printed while the bar was still open, "time budget of 12s spent at step 3/50" ran on from the end
     of the bar's line ("...imb=3.50]sft: time budget ...")."""

@@ -459,6 +459,48 @@ def test_too_many_skips_raise(tmp_path) -> None:
         tr.step(bad)
 
 
+def test_a_diverged_run_names_its_steps_and_the_checkpoint_kept(tmp_path) -> None:
+    """The error named no step, and told the user to resume from the last checkpoint: a resume keeps the
+    run's learning rate (a lower one is refused) and, exact, diverges again at the same step; before a
+    first save there was no checkpoint of the run at all."""
+    model = micro_model()
+    bad = lambda: (torch.tensor(float("inf"), requires_grad=True), {})  # noqa: E731
+    tr = make_trainer(model, tmp_path / "a", steps=10, max_consecutive_skips=2)
+    tr.step(lambda: language_model_loss(model, *batch_at(0)))
+    tr.step(bad)
+    with pytest.raises(RuntimeError) as e:
+        tr.step(bad)
+    assert "(optimizer steps 2-3, last: non-finite loss); training diverged. Lower" in str(e.value)
+    assert "resume from" not in str(e.value) and "checkpoint" not in str(e.value)  # nothing saved yet
+    tr = make_trainer(micro_model(), tmp_path / "b", steps=10, max_consecutive_skips=2)
+    tr.save()
+    tr.step(bad)
+    with pytest.raises(RuntimeError, match=r"diverged; the last checkpoint, in .*b[/\\]pretrain, is kept\."):
+        tr.step(bad)
+
+
+def test_weights_holding_nan_are_refused_before_training(tmp_path) -> None:
+    """A model (--init) or a checkpoint (--resume) holding a NaN weight made every step's loss NaN: ten
+    steps skipped, then "training diverged; lower the learning rate", of a run that never could train."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    model = micro_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.e_score_correction_bias[0] = float("inf")
+    with pytest.raises(ValueError, match="model pretrain starts from holds NaN or inf in 1 weight tensor"):
+        make_trainer(model, tmp_path / "a")
+    tr = make_trainer(micro_model(), tmp_path / "b")
+    weights = tr.save() / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("q_a_proj.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"checkpoint .* holds NaN or inf .*{re.escape(name)}"):
+        make_trainer(micro_model(), tmp_path / "b").resume()
+
+
 def test_balancing_bias_moves_load_toward_uniform(tmp_path) -> None:
     """Start with a bias that sends most tokens to experts 0-1; γ>0 pulls the load back, γ=0 does not."""
 

@@ -121,7 +121,8 @@ def token_logprobs(
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            # a token of probability 0 (a logit of -inf) adds 0, not 0 · -inf = NaN to every position
+            entropy = -(logp_all.exp() * logp_all.clamp_min(torch.finfo(logp_all.dtype).min)).sum(-1)
     return logp, entropy
 
 
@@ -163,6 +164,12 @@ def grpo_loss(
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (log-probs under the frozen reference model)")
+    # Positions outside the mask (past a completion's end) hold garbage: a -inf there (a token the model
+    # rules out) reached the masked sums as 0 · NaN, and made the whole batch's loss NaN (a skipped step)
+    keep = mask > 0
+    logp = torch.where(keep, logp, 0.0)
+    old_logp = None if old_logp is None else torch.where(keep, old_logp, 0.0)
+    ref_logp = None if ref_logp is None else torch.where(keep, ref_logp, 0.0)
     mask = mask.to(logp.dtype)
     if old_logp is None:
         old_logp = logp.detach()

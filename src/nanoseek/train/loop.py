@@ -15,7 +15,8 @@ What is notable here:
   overloaded experts get chosen less. γ = 0.001 as in V3.
 - NaN / loss-spike guard: a step whose loss or gradient norm is not finite, or whose loss exceeds
   `spike_factor` × the running mean by at least `spike_min_delta` nats, is skipped (no update, no bias
-  move) and logged as such.
+  move; it still counts as a step of the schedule) and logged as such; `max_consecutive_skips` in a row
+  end the run (`TrainingDiverged`), as do weights an update made non-finite at a save.
 - Checkpoints are HF-layout directories written atomically (`RUN/<stage>/`, with tokenizer files and
   `train_state/`: optimizer, step, RNG, guard and data position), so `resume()` continues bit-exactly;
   it refuses a resume whose training settings changed, which would continue as another run.
@@ -44,7 +45,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from nanoseek.metrics import MetricsLog, progress_bar
-from nanoseek.train import TrainingDiverged, TrainingInterrupted, one_process
+from nanoseek.train import TrainingDiverged, TrainingInterrupted, alike_on_every_rank, one_process
 from nanoseek.train.distributed import (
     DistInfo,
     all_reduce_,
@@ -315,6 +316,34 @@ def _floating(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.element_size() > 1
 
 
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of `state`'s floating tensors that hold NaN or inf. Tensors on the meta device (no
+    values yet) and sharded ones (DTensor: each rank holds a part) are left out."""
+    named = [
+        (k, t) for k, t in state.items() if _floating(t) and not t.is_meta and not hasattr(t, "full_tensor")
+    ]
+    if not named:
+        return []
+    device = named[0][1].device
+    ok = torch.stack([t.isfinite().all().to(device) for _, t in named]).tolist()  # one sync for them all
+    return [k for (k, _), good in zip(named, ok, strict=True) if not good]
+
+
+def _refuse_non_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Weights a stage would start from that hold NaN or inf: every step's loss is NaN, so every step
+    was skipped and the run ended as "diverged" (lower the learning rate) after ten of them."""
+    broken = non_finite(state)
+    if broken:
+        # every rank reads the same weights: rank 0 says it, under torchrun
+        raise alike_on_every_rank(
+            ValueError(
+                f"{source} holds NaN or inf in {len(broken)} weight tensor{'s' * (len(broken) > 1)} "
+                f"(e.g. {', '.join(broken[:2])}): nothing trains from it (every step's loss would be NaN); "
+                "start from a checkpoint saved before its run diverged"
+            )
+        )
+
+
 def hold_stage(run_dir: str | os.PathLike, stage: str) -> contextlib.AbstractContextManager:
     """Hold RUN/<stage>/ while a stage trains into it (rank 0 holds it for all ranks): a second run of
     the stage into the same --out (another terminal) interleaved its steps with this one's in
@@ -412,6 +441,7 @@ class Trainer:
         self.base_model = model
         self.config = model.config
 
+        _refuse_non_finite(model.state_dict(), f"the model {stage} starts from")
         if precision == "fp8":
             from nanoseek.model.fp8 import convert_to_fp8_training
 
@@ -425,6 +455,7 @@ class Trainer:
         self.tokens_seen = 0
         self.skipped_steps = 0
         self._consecutive_skips = 0
+        self._saved = False  # whether RUN/<stage>/ holds a checkpoint of this run (saved or resumed)
         self._loss_mean: float | None = None  # running mean of accepted losses (spike guard)
         self._good_steps = 0
         self._paced_from: tuple[int, float] | None = None  # (step, time) the deadline's pace counts from
@@ -599,9 +630,14 @@ class Trainer:
         if reason is not None:
             metrics["skipped"] = reason
         if reason is not None and self._consecutive_skips >= self.max_consecutive_skips:
+            first = self.global_step - self._consecutive_skips + 1
+            # Not "resume from the last checkpoint": a resume keeps the run's settings (a lower lr is
+            # refused) and, being exact, retraces the same steps into the same divergence
+            kept = f"; the last checkpoint, in {self.checkpoint_dir}, is kept" if self._saved else ""
             raise TrainingDiverged(
-                f"{self._consecutive_skips} consecutive steps skipped (last: {reason}); training diverged. "
-                f"Lower the learning rate or resume from the last checkpoint in {self.checkpoint_dir}."
+                f"{self._consecutive_skips} consecutive steps skipped (optimizer steps {first}-{self.global_step}, "
+                f"last: {reason}); training diverged{kept}. Lower the learning rate and train anew (a --resume "
+                "goes on with this run's settings into the same steps)."
             )
         self._fit_to_deadline()
         if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
@@ -782,8 +818,8 @@ class Trainer:
         model_state = full_model_state_dict(self.model, self.dist)
         # The guard checks a step's loss and gradient, not the weights its update wrote: an update too
         # large for fp32 (a huge lr) passes it and leaves inf/NaN weights, which must not replace the
-        # last good checkpoint (the one the divergence error tells the user to resume from)
-        broken = [k for k, t in model_state.items() if _floating(t) and not bool(t.isfinite().all())]
+        # last good checkpoint (the one the divergence error says is kept)
+        broken = non_finite(model_state)
         flag = torch.tensor([float(len(broken))])
         all_reduce_(flag, self.dist, "max")  # rank 0 holds the gathered state: every rank stops with it
         if flag.item():
@@ -812,6 +848,7 @@ class Trainer:
             except OSError as e:
                 raise self._rescued(e, plain, (optim_state, extra_state)) from e
         barrier(self.dist)
+        self._saved = True
         return self.checkpoint_dir
 
     def _write_checkpoint(
@@ -1046,11 +1083,13 @@ class Trainer:
         optim_state, state = saved
         tensors = from_hf_state_dict(read_safetensors(ckpt), self.config, torch.float32)
         check_keys(self.model, tensors, f"checkpoint {ckpt}")
+        _refuse_non_finite(tensors, f"checkpoint {ckpt}")
         load_full_model_state_dict(self.model, tensors, self.dist)
         load_full_optimizer_state_dict(self.model, self.optimizer, optim_state, self.dist)
         if not optim_state.get("state"):  # saved before any update: the loader's zero-gradient init step
             self.optimizer.state.clear()  # (see `save`) must not count either
         self.global_step = int(state["step"])
+        self._saved = True
         if self.deadline is not None or self.deadline_later:
             # a time-budgeted run goes on with the step count last refitted to its deadline, not the
             # first estimate: one the run had outgrown ended it at once, a longer one restarted its decay

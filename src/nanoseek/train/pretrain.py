@@ -569,8 +569,10 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
             if owed:
                 val_loss, validated_at = validate(), trainer.global_step
             while trainer.global_step < cfg.steps:
-                last = trainer.step(loss_fn, cfg.accumulation)
-                log.step(last)
+                metrics = trainer.step(loss_fn, cfg.accumulation)
+                log.step(metrics)
+                if "skipped" not in metrics:  # the summary's loss, as the report's: a skipped step's (NaN,
+                    last = metrics  # a spike) is no loss of the weights saved, which it left unchanged
                 step = trainer.global_step
                 if trainer.stop_requested():  # a signal: save this step and stop (every rank here)
                     break
@@ -606,7 +608,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
         if val_loss is not None:
             parts.append(f"val loss {val_loss:.3f}")
         if trainer.skipped_steps:
-            parts.append(f"{trainer.skipped_steps} steps skipped")
+            parts.append(f"{trainer.skipped_steps} step{'s' * (trainer.skipped_steps > 1)} skipped")
         print(", ".join(parts) + f"; checkpoint {path}")
         log.log(
             trainer.global_step,

@@ -696,6 +696,7 @@ def train_on_examples(
         log.log(None, **start_record)
 
     last: dict[str, Any] = {}
+    kept_loss: float | None = None  # the last step's that was not skipped: a skipped one's is NaN or a spike
     try:
         with trainer.stop_on_signals():
             while True:
@@ -715,6 +716,8 @@ def train_on_examples(
 
                 last = trainer.step(loss_fn)
                 log.step(last, total_steps=trainer.total_steps)
+                if "skipped" not in last:
+                    kept_loss = last["loss"]
                 if trainer.stop_requested():  # a signal: save this step and stop
                     break
                 if trainer.checkpoint_due():
@@ -738,8 +741,12 @@ def train_on_examples(
     log.log(None, event="end", wall_time_s=time.perf_counter() - t0, skipped=trainer.skipped_steps)
     log.close()
     if last:
+        # the skipped steps said, as pretrain's summary and the report say them
+        n = trainer.skipped_steps
+        skipped = f", {n} step{'s' * (n > 1)} skipped" if n else ""
+        final = "no step kept" if kept_loss is None else f"final loss {kept_loss:.4f}"
         print(
-            f"{stage}: {trainer.global_step - first_step} steps in {time.perf_counter() - t0:.0f}s, final loss {last['loss']:.4f}; "
+            f"{stage}: {trainer.global_step - first_step} steps in {time.perf_counter() - t0:.0f}s, {final}{skipped}; "
             f"checkpoint {path}"
         )
     return path
