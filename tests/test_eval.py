@@ -874,6 +874,17 @@ def test_tasks_named_in_japanese_or_chinese_get_reports_of_their_own(tmp_path, m
     assert len(set(written)) == 3
 
 
+def test_an_evaluation_of_training_problems_keeps_the_held_out_report_beside_it(tmp_path) -> None:
+    """`eval CK --split train` wrote its report under the held-out one's default name, replacing it."""
+    import nanoseek.evaluate as ev
+
+    ck = str(tmp_path / "ck")
+    held_out = ev._outputs(EvalConfig(model=ck, task="addition"))[2]
+    train = ev._outputs(EvalConfig(model=ck, task="addition", split="train"))[2]
+    assert held_out.name == "eval_addition.json" and train.name == "eval_addition_train.json"
+    assert ev._outputs(EvalConfig(model="http://h/v1", task="addition", split="train"))[2].name == train.name
+
+
 def test_the_cli_warns_of_truncated_samples_on_stderr(monkeypatch, capsys) -> None:
     """The scores are stdout's one line per task; the warning that samples ran out of --max-new-tokens
     is a message, on stderr with the others (it was a second line on stdout)."""

@@ -995,3 +995,14 @@ def test_an_evaluation_whose_pass_at_1_is_no_number_is_left_out_with_a_note(tmp_
     ev.log(evaluated="grpo", task="sorting", k=4, **{"pass@1": 0.75})  # scored again: no longer left out
     text = build_report(tmp_path).read_text()
     assert "| grpo | sorting | 4 | 75.0% |" in text and "grpo on sorting" not in text, text
+
+
+def test_an_evaluation_of_training_problems_is_not_reported_as_held_out(tmp_path):
+    """`nanoseek eval RUN/grpo --split train` appends its record to RUN/metrics.jsonl as any evaluation
+    does: the report showed its pass@1 on training problems in the held-out table, as GRPO's gain."""
+    ev = MetricsLog(tmp_path, "eval")
+    ev.log(evaluated="sft", task="arithmetic", k=4, split="test", **{"pass@1": 0.25})
+    ev.log(evaluated="grpo", task="arithmetic", k=4, split="test", **{"pass@1": 0.5})
+    ev.log(evaluated="grpo", task="arithmetic", k=4, split="train", **{"pass@1": 0.875})
+    text = build_report(tmp_path).read_text()
+    assert "| grpo | arithmetic | 4 | 50.0% |" in text and "87.5%" not in text, text

@@ -77,14 +77,14 @@ def test_never_a_heldout_problem(monkeypatch):
 
     def spy(self, d, lang):
         p = original(self, d, lang)
-        seen.append((self.family, self.key(d)))
+        seen.append((self.family, self.split_key(d)))
         return p
 
     monkeypatch.setattr(BuiltinTask, "make", spy)
     docs = _docs(4000, seed=5)
     monkeypatch.setattr(BuiltinTask, "make", original)
     assert len({f for f, _ in seen}) == len(BUILTIN_TASKS)
-    assert all(split_of(f"{family}|{key}") == "train" for family, key in seen)
+    assert all(split_of(key) == "train" for _, key in seen)
 
     # 2) independently of the generator: read the problems back out of the text, asked in the
     # families' first wordings (the same problems as in any other wording)
@@ -269,13 +269,13 @@ def test_harder_problems_come_from_the_split_asked_for(monkeypatch, split):
     original = BuiltinTask.make
 
     def spy(self, d, lang):
-        seen.append((self.family, self.difficulty, self.key(d)))
+        seen.append((self.family, self.difficulty, self.split_key(d)))
         return original(self, d, lang)
 
     monkeypatch.setattr(BuiltinTask, "make", spy)
     _docs(600, seed=2, split=split, harder_fraction=0.5)
     assert {level for _, level, _ in seen} == {1, 2}
-    assert all(split_of(f"{family}|{key}") == split for family, _, key in seen)
+    assert all(split_of(key) == split for _, _, key in seen)
 
 
 def test_a_long_chat_drops_its_oldest_question_first(monkeypatch):

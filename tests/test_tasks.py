@@ -29,7 +29,7 @@ from nanoseek.tasks import check_numeric
 
 
 def _canonical(task, p: Problem) -> str:
-    return f"{task.family}|{task.key(p.meta)}"
+    return task.split_key(p.meta)
 
 
 @pytest.mark.parametrize("name", BUILTIN_TASKS)
@@ -136,6 +136,33 @@ def test_wordings_change_the_prompt_not_the_problem(name):
         get_task(f"{name}?wording=paraphrased")
     with pytest.raises(ValueError, match="no held-out wordings"):
         get_task("modular?wording=unseen")
+
+
+def test_no_training_stage_takes_the_held_out_wordings():
+    """`?wording=unseen` asks in the phrasings held out from training: the corpus, the cold start, GRPO
+    and distillation took them as any task, and `speedrun --tasks "addition?wording=unseen"` reported the
+    final model "in phrasings no stage trains on" in the very ones every stage trained on."""
+    from nanoseek.data.synthetic import iter_documents
+    from nanoseek.speedrun import PRESETS
+    from nanoseek.train.distill import DistillConfig, distill
+    from nanoseek.train.grpo import GRPOConfig
+    from nanoseek.train.sft import task_conversations
+
+    unseen = "addition?digits=2&wording=unseen"
+    with pytest.raises(ValueError, match="wording=unseen is held out from training"):
+        next(iter_documents(tasks=["comparison", unseen]))
+    with pytest.raises(ValueError, match="wording=unseen is held out from training"):
+        task_conversations(f"comparison,{unseen}", 4)
+    with pytest.raises(ValueError, match="wording=unseen is held out from training"):
+        GRPOConfig(init="ck", tasks=[unseen, "comparison?turn=2&wording=unseen"]).validate()
+    with pytest.raises(ValueError, match="wording=unseen is held out from training"):
+        distill(DistillConfig(teacher="nowhere", student="tiny", tasks=[unseen]))
+    with pytest.raises(ValueError, match="wording=unseen is held out from training"):
+        PRESETS["smoke"].with_tasks([unseen, "comparison"])
+    # held-out problems in them are what they are for, and a held-out loss in them
+    assert get_task(unseen).problems("test", 3, seed=0)
+    assert next(itertools.islice(iter_documents(split="test", tasks=[unseen]), 1))
+    assert task_conversations("addition?wording=first", 2)  # the other wordings train
 
 
 @pytest.mark.parametrize("name", BUILTIN_TASKS)
@@ -725,7 +752,18 @@ def test_word_problem_commuted_twin_shares_the_split():
     for p in task.problems("test", 100, language="en", strict=False):
         k, a, b = p.meta["kind"], p.meta["a"], p.meta["b"]
         if k in ("add", "mul"):
-            assert split_of(f"word_problem|{task.key({**p.meta, 'a': b, 'b': a})}") == "test"
+            assert split_of(task.split_key({**p.meta, "a": b, "b": a})) == "test"
+
+
+def test_a_word_problem_is_on_the_side_of_the_arithmetic_problem_it_asks():
+    """A story that asks 12 + 15 ("Tom has 12 apples and gets 15 more") is arithmetic's 12 + 15: split
+    apart, a held-out sum or difference was worked, with its answer, in the other family's training
+    problems in every run that trains both."""
+    story, arith = get_task("word_problem"), get_task("arithmetic?digits=1")
+    for split in ("train", "test"):
+        for p in story.problems(split, 120, seed=3, language="en"):
+            twin = arith.make({"op": p.meta["kind"], "a": p.meta["a"], "b": p.meta["b"]}, "en")
+            assert twin.meta["split"] == split, (p.prompt, twin.prompt)
 
 
 def test_reasoning_gym_split_keeps_a_reordered_problem_on_one_side():

@@ -716,9 +716,11 @@ def _outputs(cfg: EvalConfig) -> tuple[str, str | None, Path]:
     (None: none), and the report's file."""
     from nanoseek.checkpoint import is_hub_name
 
+    # a score on training problems by a name of its own: under the held-out report's it replaced it
+    name = f"eval_{slug(cfg.task)}{'' if cfg.split == 'test' else f'_{cfg.split}'}.json"
     if cfg.model.startswith(("http://", "https://")) or is_hub_name(cfg.model):
         # no directory of the user's to write beside
-        evaluated, run_dir, default_out = cfg.model, cfg.run_dir, Path(f"eval_{slug(cfg.task)}.json")
+        evaluated, run_dir, default_out = cfg.model, cfg.run_dir, Path(name)
     else:
         # the directory the weights are read from (`~`, a copy a crash mid-save left aside): a report
         # written at the checkpoint's own path there made a directory of it alone, which hid the copy
@@ -730,7 +732,7 @@ def _outputs(cfg: EvalConfig) -> tuple[str, str | None, Path]:
         evaluated, run_dir, default_out = (
             full.name,
             cfg.run_dir or str(full.parent),
-            directory_to_read(ck) / f"eval_{slug(cfg.task)}.json",
+            directory_to_read(ck) / name,
         )
     return evaluated, run_dir, Path(cfg.out) if cfg.out else default_out
 

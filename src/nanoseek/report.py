@@ -307,6 +307,9 @@ class RunMetrics:
             seen.add(str(r.get("stage")))
             if str(r.get("stage")) != "eval":
                 continue
+            # `eval --split train` scored training problems: not held out, nor a gain on them
+            if r.get("split", "test") != "test":
+                continue
             name = r.get("evaluated") or r.get("checkpoint")
             if name and ("pass@1" in r or "accuracy" in r):
                 key = (str(name), str(r.get("task")))

@@ -287,7 +287,7 @@ class SpeedrunPreset:
 def check_task_names(names: Sequence[str]) -> None:
     """Refuse, by name, every family the speedrun cannot run: its corpus and worked solutions are
     written from the built-in families (options after `?`: `addition?digits=3`)."""
-    from nanoseek.data.tasks import TASK_ALIASES, TASKS
+    from nanoseek.data.tasks import TASK_ALIASES, TASKS, refuse_unseen_wordings
 
     unknown = [n for n in names if n.partition("?")[0].strip() not in {*TASKS, *TASK_ALIASES}]
     if unknown:
@@ -296,6 +296,8 @@ def check_task_names(names: Sequence[str]) -> None:
             f"unknown {which} {', '.join(map(repr, unknown))}; the speedrun runs the built-in families: "
             f"{', '.join([*TASKS, *TASK_ALIASES])}"
         )
+    # every stage trains on them, and the report asks the final model in them as in phrasings none did
+    refuse_unseen_wordings(names, "--tasks")
 
 
 def split_tasks(text: str) -> tuple[str, ...]:

@@ -19,7 +19,14 @@ import itertools
 import random
 from collections.abc import Iterator, Mapping, Sequence
 
-from nanoseek.data.tasks import BUILTIN_TASKS, LANGUAGES, BuiltinTask, Problem, get_task
+from nanoseek.data.tasks import (
+    BUILTIN_TASKS,
+    LANGUAGES,
+    BuiltinTask,
+    Problem,
+    get_task,
+    refuse_unseen_wordings,
+)
 from nanoseek.data.tasks.base import with_option
 from nanoseek.tokenizer import ASSISTANT, EOS, THINK_END, USER, render_chat
 
@@ -193,6 +200,8 @@ def iter_documents(
     names = tuple(tasks) if tasks is not None else BUILTIN_TASKS
     if not names:
         raise ValueError("tasks must name at least one built-in task family")
+    if split == "train":
+        refuse_unseen_wordings(names, "the corpus's tasks")
     families: list[tuple[BuiltinTask, Iterator[Problem], BuiltinTask, Iterator[Problem]]] = []
     for i, name in enumerate(names):
         base = get_task(name)

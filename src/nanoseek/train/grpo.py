@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nanoseek.data.tasks import split_task_list
+from nanoseek.data.tasks import refuse_unseen_wordings, split_task_list
 from nanoseek.engine.sampling import GREEDY_BELOW
 from nanoseek.model.loss import target_logprobs
 from nanoseek.options import check_choices, option, path, torch_seed
@@ -469,6 +469,7 @@ class GRPOConfig:
             )
         if not self.tasks:
             raise ValueError("--task needs at least one task name")
+        refuse_unseen_wordings(self.tasks)
         from nanoseek.data.rewards import parse_reward_spec
 
         # said now, not after the model loads (a Hub download): an unknown part, a custom one's import

@@ -478,7 +478,7 @@ def task_conversations(
     question of a chat, not the last (asked second in a chat, run W0's final model fell from 94.7% to
     8.3%). Each problem is still one assistant turn, trained once; the template drops the reasoning of
     earlier turns, so the history holds their answers."""
-    from nanoseek.data.tasks import get_task, split_task_list
+    from nanoseek.data.tasks import get_task, refuse_unseen_wordings, split_task_list
     from nanoseek.data.tasks.base import worked_solution_of
 
     if not 0.0 <= multi_turn <= 1.0:
@@ -486,6 +486,7 @@ def task_conversations(
     turns: list[tuple[str, list[dict]]] = []
     # options hold commas ("arithmetic?ops=add,sub"): split as eval/grpo/distill do
     names = split_task_list(task_names)
+    refuse_unseen_wordings(names)
     for j, name in enumerate(names):
         task = get_task(name)
         made = 0

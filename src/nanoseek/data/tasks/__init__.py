@@ -43,6 +43,7 @@ from nanoseek.data.tasks.base import (
     is_later_turn,
     is_unseen_wordings,
     parse_task_spec,
+    refuse_unseen_wordings,
     split_of,
 )
 from nanoseek.data.tasks.families import (
@@ -105,6 +106,7 @@ __all__ = [
     "is_unseen_wordings",
     "parse_number",
     "parse_task_spec",
+    "refuse_unseen_wordings",
     "register_task",
     "registered_tasks",
     "split_task_list",

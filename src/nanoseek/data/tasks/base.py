@@ -113,6 +113,19 @@ def is_unseen_wordings(spec: str) -> bool:
     return parse_task_spec(spec)[1].get("wording") == "unseen"
 
 
+def refuse_unseen_wordings(names: Sequence[str], what: str = "--task") -> None:
+    """Refuse to train on tasks asked in their held-out wordings (`?wording=unseen`): evaluated in them,
+    a model that reads the problem keeps its score and one that memorized the sentence does not, which
+    tells nothing once a stage trained on them (the speedrun's report gave that figure as the phrasings
+    no stage trains on)."""
+    trained = [name for name in names if is_unseen_wordings(name)]
+    if trained:
+        raise ValueError(
+            f"{what} {', '.join(map(repr, trained))}: wording=unseen is held out from training, for "
+            "evaluation only; train in the default (varied) or first wording"
+        )
+
+
 def as_second_turn(spec: str) -> str:
     """The spec of the same held-out problems, each asked second in a chat (`ChatTurnTask`)."""
     return with_option(spec, "turn", 2)
