@@ -766,6 +766,33 @@ def test_a_word_problem_is_on_the_side_of_the_arithmetic_problem_it_asks():
             assert twin.meta["split"] == split, (p.prompt, twin.prompt)
 
 
+def test_no_training_linear_equation_works_a_held_out_arithmetic_problem():
+    """A linear equation's worked solution subtracts its constant column by column and walks the times
+    table up to x: 149 of 1,308 training equations (the speedrun's corpus and cold start) worked a
+    held-out 2-digit subtraction, with its answer. Such equations are in neither split; the held-out
+    equations are the same as before."""
+    import re
+
+    lin, arith = get_task("linear_equation"), get_task("arithmetic")
+    held = {p.meta["split"] for p in arith.problems("test", 5, seed=0)}
+    assert held == {"test"}
+    worked = 0
+    for p in lin.problems("train", 400, seed=1, language="en"):
+        text = lin.steps(p.meta, "en")
+        for left, right in re.findall(r"= (\d+) - (\d+)$", text, flags=re.M):
+            if len(left) == len(right):
+                worked += 1
+                twin = arith.make({"op": "sub", "a": int(left), "b": int(right)}, "en")
+                assert twin.meta["split"] == "train", (p.prompt, twin.prompt)
+        for a, k in re.findall(r"^(\d) × (1[0-2]) = ", text, flags=re.M):
+            assert arith.make({"op": "mul", "a": int(k), "b": int(a)}, "en").meta["split"] == "train", (
+                p.prompt
+            )
+    assert worked > 50  # the check ran on equations that do work a subtraction
+    test = lin.problems("test", 200, seed=0)
+    assert all(split_of(lin.split_key(p.meta)) == "test" for p in test)
+
+
 def test_reasoning_gym_split_keeps_a_reordered_problem_on_one_side():
     # "1 giraffe, 2 dogs" and "2 dogs, 1 giraffe" are one problem: the split must not hold it on both sides
     task = get_task("rg:leg_counting?min_animals=2&max_animals=2&max_instances=2")
