@@ -63,6 +63,40 @@ def test_sft_on_qwen2(qwen2_dir, tmp_path):
     assert not torch.equal(before.lm_head.weight, after.lm_head.weight)  # the tied matrix trained
 
 
+def test_the_report_of_a_run_fine_tuned_by_hand_has_its_model_table(qwen2_dir, tmp_path):
+    """`sft --init` a Qwen2 and `nanoseek report RUN`: only pretrain logged the model's figures, so the
+    table read "–" throughout, under "KV-cache bytes per token (MLA, BF16)" for a GQA model."""
+    from nanoseek.accounting import account
+    from nanoseek.report import _human, build_report
+
+    run = tmp_path / "run"
+    argv = ["sft", "--init", qwen2_dir, "--task", "arithmetic", "--task-examples", "8", "--steps", "1"]
+    assert main([*argv, "--batch-size", "2", "--seq-len", "64", "--out", str(run), "--no-progress"]) == 0
+    acc = account(run / "sft")
+    text = build_report(run).read_text()
+    assert f"| parameters, total | {_human(acc.total_params)} |" in text
+    assert f"| KV-cache bytes per token (GQA, BF16) | {acc.kv_cache_bytes_per_token:,} (" in text
+
+
+def test_moe_and_mtp_flags_given_to_a_dense_pretraining_are_said(qwen2_dir, tmp_path, recwarn):
+    """`pretrain --preset tiny-qwen2 --balance-alpha 0.01 --expert-load-every 5 --mtp-weight 0.5` trained
+    a model without routers or MTP modules and said nothing of the flags; given, each is said once."""
+    from nanoseek.train.pretrain import PretrainConfig, pretrain
+
+    kw = dict(preset=qwen2_dir, tokenizer=qwen2_dir, steps=1, batch_size=2, seq_len=16, val_every=0)
+    kw |= dict(precision="fp32", progress=False)
+    pretrain(PretrainConfig(out=str(tmp_path / "quiet"), **kw))
+    assert not [w for w in recwarn if "does nothing" in str(w.message)]
+    given = dict(balance_alpha=0.01, expert_load_every=5, mtp_weight=0.5)
+    pretrain(PretrainConfig(out=str(tmp_path / "given"), **given, **kw))
+    said = [str(w.message) for w in recwarn if "does nothing" in str(w.message)]
+    assert [s.split(" does")[0] for s in said] == [
+        "--balance-alpha 0.01",
+        "--expert-load-every 5",
+        "--mtp-weight 0.5",
+    ]
+
+
 def test_grpo_on_qwen2(qwen2_dir, tmp_path):
     run = tmp_path / "run"
     argv = ["grpo", "--init", qwen2_dir, "--task", "arithmetic", "-G", "4", "-P", "2", "--steps", "1"]

@@ -489,7 +489,7 @@ def test_grpo_resume_is_exact(micro_checkpoint, tmp_path, capsys) -> None:
     assert [r["step"] for r in rb] == [1, 2]
     # what the report reads as one run of 2 steps, its wall time the two processes' together
     events = [(r["event"], r["step"]) for r in read_metrics(tmp_path / "b", "grpo") if r.get("event")]
-    assert events == [("start", 0), ("end", None), ("resume", None), ("end", None)]
+    assert events == [("start", 0), ("model", 0), ("end", None), ("resume", None), ("end", None)]
     # the checkpoint it started from, which the report reads GRPO's gain from
     start = next(r for r in read_metrics(tmp_path / "b", "grpo") if r.get("event") == "start")
     assert start["init"] == micro_checkpoint

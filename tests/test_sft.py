@@ -1049,7 +1049,7 @@ def test_sft_logs_its_run_and_resumes_only_the_same_run(tmp_path, capsys) -> Non
     cfg = SFTConfig(init="", steps=2, batch_size=2, seq_len=32, progress=False)
     _train_with_budget(tmp_path, cfg, time.perf_counter())
     events = [r for r in read_metrics(tmp_path, "control") if r.get("event")]
-    assert [r["event"] for r in events] == ["start", "end"] and events[1]["wall_time_s"] > 0
+    assert [r["event"] for r in events] == ["start", "model", "end"] and events[2]["wall_time_s"] > 0
     with pytest.raises(ValueError, match="--seed: 0 -> 1"):
         _train_with_budget(
             tmp_path,

@@ -14,8 +14,9 @@ Records it understands (all optional; missing figures show as "–"):
 - eval: `evaluated` (which checkpoint / stage), `pass@1`, `cons@k`, `format_rate`, `language_consistency`,
   `mean_length`, `k`, `task`
 - speedrun: `{"event": "model", "total_params", "active_params", "kv_cache_bytes_per_token",
-  "mha_kv_cache_bytes_per_token", "attention_variant", "decode_tokens_per_s"}`; pretrain logs the same
-  without the decode speed, which a run built by hand shows when no speedrun measured it
+  "mha_kv_cache_bytes_per_token", "attention_variant", "decode_tokens_per_s"}`; each training stage logs
+  the same at a new run's start without the decode speed, which a run built by hand shows when no
+  speedrun measured it
 """
 
 from __future__ import annotations
@@ -413,7 +414,9 @@ class RunMetrics:
         return init if init in scored else Path(init).name or None
 
     def model_info(self) -> dict[str, Any]:
-        for stage in ("speedrun", "pretrain"):
+        # a speedrun's (with its decode speed), else the first stage's: a run fine-tuned by hand has
+        # only sft's, distill's or grpo's
+        for stage in ("speedrun", "pretrain", "sft", "distill", "grpo"):
             info = self.last_event(stage, "model")
             if info:
                 return info

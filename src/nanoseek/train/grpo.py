@@ -729,6 +729,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
     if extra is None:  # a new run: the report reads it apart from any before it in RUN
         trainer.note_replacing()
         metrics_log.log(0, event="start", init=str(cfg.init))  # what the report reads GRPO's gain from
+        metrics_log.log_model(model.config)
     sampler = PromptSampler(pools, cfg.task_sampling, history.get("task_signal"))
     left_out: list[str] = []
     if cfg.task_sampling == "unsolved":

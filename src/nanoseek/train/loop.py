@@ -299,6 +299,27 @@ def warn_unused_bias_speed(config: Any, stage: Any) -> None:
     warnings.warn(f"--bias-update-speed {speed:g} does nothing for this model: {why}", stacklevel=2)
 
 
+def warn_unused_model_flags(config: Any, stage: Any) -> None:
+    """Pretraining's --balance-alpha and --expert-load-every for a model without routed experts
+    (tiny-dense, Qwen2, Llama) and --mtp-weight for one without MTP modules: given, they did nothing and
+    left no word of it; said once each. Left out (the preset's α, the defaults, which the speedrun and
+    the ablations give every model), quiet. Called before the preset's α fills a left-out --balance-alpha."""
+    import warnings
+
+    no_experts = "it has no routed experts"
+    unused = []
+    if getattr(stage, "balance_alpha", None) and not config.n_routed_experts:
+        unused.append(("--balance-alpha", stage.balance_alpha, no_experts))
+    every = getattr(stage, "expert_load_every", 0)
+    if every and every != type(stage).expert_load_every and not config.n_routed_experts:
+        unused.append(("--expert-load-every", every, no_experts))
+    weight = getattr(stage, "mtp_weight", 0.0)
+    if weight and weight != type(stage).mtp_weight and not config.num_nextn_predict_layers:
+        unused.append(("--mtp-weight", weight, "it has no MTP modules (num_nextn_predict_layers 0)"))
+    for flag, value, why in unused:
+        warnings.warn(f"{flag} {value:g} does nothing for this model: {why}", stacklevel=2)
+
+
 def _routers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every MoE router with a readable layer name ('3', or 'mtp0' for MTP depth 0)."""
     return model.routers()  # type: ignore[operator]
@@ -1318,6 +1339,22 @@ class StepLog:
                         for layer, x in v.items():
                             self._tb.add_scalar(f"{self.stage}/expert_imbalance/{layer}", x, step)
         return record
+
+    def log_model(self, config: Any) -> None:
+        """The report's model table (`nanoseek inspect`'s figures) at a new run's start: every stage logs
+        it, so a run fine-tuned by hand (`sft --init` a Llama) is not shown as "–" under MLA's name."""
+        from nanoseek.accounting import account
+
+        acc = account(config)
+        self.log(
+            0,
+            event="model",
+            total_params=acc.total_params,
+            active_params=acc.active_params,
+            kv_cache_bytes_per_token=acc.kv_cache_bytes_per_token,
+            mha_kv_cache_bytes_per_token=acc.mha_kv_cache_bytes_per_token,
+            attention_variant=acc.attention_variant,
+        )
 
     @contextlib.contextmanager
     def _tensorboard_writes(self) -> Iterator[None]:

@@ -354,6 +354,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
         packed_documents,
         target_counts,
         warn_unused_bias_speed,
+        warn_unused_model_flags,
     )
 
     dist = init_distributed()
@@ -367,8 +368,6 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
         raise
     run = Path(cfg.out)
     config = resolve_config(cfg.preset)
-    if cfg.balance_alpha is None:  # the preset's own α (V2's: 0.001, 0.003), as --vocab-size's default
-        cfg = replace(cfg, balance_alpha=config.aux_loss_alpha)
     try:  # the same settings and world size on every rank: refused alike by all, who leave together
         _check_world(cfg, config, dist.world_size)
     except ValueError as e:
@@ -377,6 +376,9 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
         raise
     if dist.is_main:
         warn_unused_bias_speed(config, cfg)
+        warn_unused_model_flags(config, cfg)  # while a left-out --balance-alpha is still None
+    if cfg.balance_alpha is None:  # the preset's own α (V2's: 0.001, 0.003), as --vocab-size's default
+        cfg = replace(cfg, balance_alpha=config.aux_loss_alpha)
     tok = _tokenizer(cfg, run, cfg.vocab_size or config.vocab_size, dist.is_main, dist)
     config = config.replace(
         vocab_size=tok.vocab_size,
@@ -464,20 +466,11 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
             nodes=dist.nodes,
             tokens_per_step=cfg.batch_size * cfg.seq_len * cfg.accumulation,
         )
-        from nanoseek.accounting import account, count_parameters
+        from nanoseek.accounting import count_parameters
 
         # the report's model table, for a run pretrained by hand (a speedrun logs its own, with the
         # decode speed it measures at the end)
-        acc = account(config)
-        log.log(
-            0,
-            event="model",
-            total_params=acc.total_params,
-            active_params=acc.active_params,
-            kv_cache_bytes_per_token=acc.kv_cache_bytes_per_token,
-            mha_kv_cache_bytes_per_token=acc.mha_kv_cache_bytes_per_token,
-            attention_variant=acc.attention_variant,
-        )
+        log.log_model(config)
         # the thread count a CPU run's speed depends on (--threads, OMP_NUM_THREADS, the CPUs it may use)
         threads = torch.get_num_threads()
         on_cpu = f" x {threads} CPU thread{'s' if threads > 1 else ''}" if dist.device.type == "cpu" else ""

@@ -693,6 +693,7 @@ def train_on_examples(
     if trainer.global_step == 0:  # a new run: the report reads it apart from any before it in RUN
         trainer.note_replacing()
         log.log(0, event="start", **(start_record or {}))
+        log.log_model(model.config)
     elif start_record:
         log.log(None, **start_record)
 
