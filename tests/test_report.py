@@ -1,6 +1,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -360,19 +361,24 @@ def test_an_evaluation_of_one_problem_shows_no_interval(tmp_path):
     assert "| grpo | addition | 4 | 50.0% ± 11.8 |" in text  # t(7) = 2.36 standard errors of 8 problems
 
 
+def _paired_evals(run: Path, task: str, per_problem: dict[str, list[float]], stderr: float) -> None:
+    """An eval record of `task` per stage (k = 2) over the same problems, with these per-problem scores."""
+    ev = MetricsLog(run, "eval")
+    for stage, per in per_problem.items():
+        ev.log(
+            evaluated=stage,
+            task=task,
+            k=2,
+            problems=len(per),
+            **{"pass@1": sum(per) / len(per), "pass@1_stderr": stderr, "pass@1_per_problem": per},
+            problems_digest="same",
+        )
+
+
 def test_a_95_percent_interval_over_few_problems_is_students_t_not_the_normal_one(tmp_path):
     """`nanoseek eval -n 3` then the report: "pass@1 (± 95%)" was 1.96 standard errors, an interval
     that covers 81% over 3 problems; Student's t with 2 degrees of freedom is 4.30. The paired gain too."""
-    ev = MetricsLog(tmp_path, "eval")
-    for stage, per in (("sft", [0.0, 0.5, 1.0]), ("grpo", [0.5, 0.5, 1.0])):
-        ev.log(
-            evaluated=stage,
-            task="sorting",
-            k=2,
-            problems=3,
-            **{"pass@1": sum(per) / 3, "pass@1_stderr": 0.1, "pass@1_per_problem": per},
-            problems_digest="same",
-        )
+    _paired_evals(tmp_path, "sorting", {"sft": [0.0, 0.5, 1.0], "grpo": [0.5, 0.5, 1.0]}, stderr=0.1)
     text = build_report(tmp_path).read_text()
     assert "| grpo | sorting | 2 | 66.7% ± 43.0 |" in text, text  # 4.303 x 0.1; 1.96 x: ± 19.6
     se = (0.5**2 * 2 / 3 / 2 / 3) ** 0.5  # differences (0.5, 0, 0): sample sd / sqrt(3)
@@ -867,16 +873,7 @@ def test_the_kv_cache_line_says_smaller_only_where_it_is(tmp_path, kv, mha, show
 def test_scores_with_no_spread_over_the_problems_show_no_interval(tmp_path):
     """Every one of 6 problems failed before and after GRPO: the standard errors are 0, and the report
     showed "0.0% ± 0.0" and a gain of "+0.0 ± 0.0 points", which read as certainty from 6 problems."""
-    ev = MetricsLog(tmp_path, "eval")
-    for stage in ("sft", "grpo"):
-        ev.log(
-            evaluated=stage,
-            task="arithmetic",
-            k=2,
-            problems=6,
-            **{"pass@1": 0.0, "pass@1_stderr": 0.0, "pass@1_per_problem": [0.0] * 6},
-            problems_digest="same",
-        )
+    _paired_evals(tmp_path, "arithmetic", {"sft": [0.0] * 6, "grpo": [0.0] * 6}, stderr=0.0)
     text = build_report(tmp_path).read_text()
     assert "± 0.0" not in text, text
     assert "| grpo | arithmetic | 2 | 0.0% |" in text
