@@ -342,6 +342,32 @@ def test_a_save_cut_short_by_a_full_disk_keeps_the_checkpoint_saved_there_before
     assert all(torch.equal(t, want[k]) for k, t in loaded.state_dict().items())
 
 
+def test_a_sharded_save_cut_short_never_mixes_two_checkpoints(tmp_path, monkeypatch):
+    """Saved over a sharded checkpoint of as many shards (the same names), a full disk at the second
+    shard left the new first shard beside the old index and second shard: one model of two checkpoints,
+    loaded without a word. Every shard is written before any replaces its namesake."""
+    from safetensors import SafetensorError
+
+    import nanoseek.checkpoint as ck
+
+    before = build_model(config()).init_weights(0)
+    save_model(before, tmp_path, max_shard_bytes=20_000)
+    saved = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert len([n for n in saved if n.endswith(".safetensors")]) > 1
+    real, calls = ck.save_file, []
+
+    def full_at_the_second(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ck, "save_file", full_at_the_second)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_model(build_model(config()).init_weights(1), tmp_path, max_shard_bytes=20_000)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved
+
+
 @pytest.mark.skipif(
     not os.path.exists("/dev/full") or not stat.S_ISCHR(os.stat("/dev/full").st_mode),
     reason="needs /dev/full (a device that is always full)",

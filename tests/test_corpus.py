@@ -772,6 +772,13 @@ def test_the_embedded_corpus_mixed_with_files_is_refused_as_such(tmp_path: Path)
         next(iter_documents(["embedded:arithmetic", tmp_path / "notes.txt"]))
 
 
+def test_two_embedded_sources_are_told_to_name_their_families_once() -> None:
+    """`--data embedded:arithmetic --data embedded:countdown` (no file) was refused as "cannot be mixed
+    with files"; the one source that names both families is said instead."""
+    with pytest.raises(ValueError, match="give the embedded corpus once: .*embedded:TASK,TASK"):
+        next(iter_documents(["embedded:arithmetic", "embedded:countdown"]))
+
+
 def test_a_glob_reads_the_folders_it_matches(tmp_path: Path) -> None:
     """`--data 'shards/*'` reads shards/en/ and shards/fr/ as the shell's expansion of it does (the glob
     dropped the folders: their files were silently missing); their other files are left out, said."""
@@ -789,6 +796,20 @@ def test_a_glob_reads_the_folders_it_matches(tmp_path: Path) -> None:
     assert resolve_files(str(tmp_path / "shards" / "**")) == got  # each file once, in the same order
     with pytest.raises(FileNotFoundError, match="no files match"):
         resolve_files(str(tmp_path / "shards" / "emp*"))
+
+
+def test_a_recursive_glob_keeps_the_order_of_the_files_it_matches(tmp_path: Path) -> None:
+    """`d/**` matches d/ itself first: its files in a folder's order (d/a/b.txt before d/a.txt) changed
+    the file list that a run's data position records, and a run started with the glob could not resume."""
+    import glob
+
+    for name in ("a.txt", "a-c.txt", "a/b.txt"):
+        (tmp_path / "d" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "d" / name).write_text("x")
+    pattern = str(tmp_path / "d" / "**")
+    matched = [Path(m) for m in sorted(glob.glob(pattern, recursive=True)) if Path(m).is_file()]
+    assert [p.name for p in matched] == ["a-c.txt", "a.txt", "b.txt"]
+    assert resolve_files(pattern) == matched
 
 
 # ------------------------------------------------------------------ gaps found by mutation testing

@@ -824,3 +824,21 @@ def test_a_student_path_is_read_as_the_teachers(micro_checkpoint, tmp_path, monk
     assert d.build_student("~/student", tok).config.vocab_size == tok.vocab_size
     with pytest.raises(FileNotFoundError, match="--student .*missing is not a checkpoint directory"):
         d._check_student(str(tmp_path / "missing"), tok)
+
+
+def test_a_tasks_string_from_python_is_refused_by_its_type(micro_checkpoint, tmp_path) -> None:
+    """`DistillConfig(tasks="arithmetic")` (a str, not the list `--task` parses) was refused as
+    "--task names i, t more than once": its letters read as task names. Said by its type, as the other
+    stages' configs say it."""
+    import nanoseek.train.distill as d
+    from nanoseek.train.sft import SFTConfig
+
+    cfg = d.DistillConfig(
+        teacher=micro_checkpoint,
+        student="tiny",
+        tasks="arithmetic",
+        out=str(tmp_path),
+        sft=SFTConfig(init=""),
+    )
+    with pytest.raises(ValueError, match=r"--task must be of type list\[str\], got 'arithmetic' \(str\)"):
+        d.distill(cfg)

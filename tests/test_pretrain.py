@@ -1070,6 +1070,13 @@ def test_mfu_counts_the_mtp_flops_only_when_the_loss_runs_it(
     assert record["mfu"] * peak / record["tok_per_s"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_list_of_one_embedded_source_trains_as_the_command_line_gives_it(workdir, tmp_path) -> None:
+    """`PretrainConfig(data=["embedded"])` (the field takes a list, and `--data` parses one) was refused
+    as "the embedded corpus cannot be mixed with files", with no file given."""
+    path = pretrain(config(workdir, tmp_path / "run", steps=1, val_every=0, data=["embedded"]))
+    assert (path / "config.json").exists()
+
+
 def test_mtp_weight_0_saves_no_untrained_mtp_module(workdir, tmp_path, capsys) -> None:
     """--mtp-weight 0 never trains the preset's MTP module: the checkpoint held its random init, which
     `--speculative` then drafted with as a trained one. Built without it, the run says so, and

@@ -746,6 +746,13 @@ def test_full_width_digits_and_signs_are_the_ascii_answer():
     assert not check_countdown("（３＋６）＊６", [3, 6, 6], 55)
 
 
+def test_a_full_width_decimal_point_and_separator_are_the_ascii_ones():
+    """A CJK input method's decimal point and separator: "３．５" and "１，０００" were no number, so a
+    decimal answer typed in full width scored 0 where its digits alone were read."""
+    assert parse_number("－３．５") == parse_number("-3.5") and parse_number("１，０００") == 1000
+    assert check_numeric("2.5", "２．５") == 1.0 and check_numeric("2.5", "２．６") == 0.0
+
+
 def test_word_problem_commuted_twin_shares_the_split():
     # 12 + 11 and 11 + 12 were split apart: held-out problems had their twin in training
     task = get_task("word_problem")

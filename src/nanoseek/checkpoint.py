@@ -21,6 +21,7 @@ from training, train_state/ (optimizer, step, RNG, data position). What is notab
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -322,8 +323,12 @@ def save_model(
     names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     if len(shards) == 1:
         names = ["model.safetensors"]
-    for name, shard in zip(names, shards, strict=True):
-        with atomic_file(out / name) as tmp:
+    # every shard written before any replaces its namesake: a sharded checkpoint saved here before with as
+    # many shards has the same names, and a full disk at shard 2 left the new shard 1 beside the old
+    # index and shard 2, one model of two checkpoints that loaded without a word
+    with contextlib.ExitStack() as written:
+        for name, shard in zip(names, shards, strict=True):
+            tmp = written.enter_context(atomic_file(out / name))
             save_file(shard, str(tmp), metadata={"format": "pt"})
     index_file = out / "model.safetensors.index.json"
     if len(shards) > 1:

@@ -329,6 +329,10 @@ class _DocumentStream:
         self.embedded_split = embedded_split
         if not self.embedded and not isinstance(source, str | os.PathLike) and any(map(is_embedded, source)):
             # (`--data embedded --data notes.txt`: it was "data source not found: embedded")
+            if all(map(is_embedded, source)):  # no file among them: one source names several families
+                raise ValueError(
+                    "give the embedded corpus once: --data embedded, or embedded:TASK,TASK for some families"
+                )
             raise ValueError(
                 "the embedded corpus cannot be mixed with files: give --data embedded alone, or only files"
             )

@@ -101,7 +101,10 @@ def resolve_files(
                 raise FileNotFoundError(f"no files match {text}")
             if others:
                 left_out(text, list(dict.fromkeys(others)))  # (`**` matches a folder and those inside it)
-            files.extend(matches)
+            # in the glob's order, as before its folders were read: `d/**` matches d/ first, whose files
+            # in a folder's order (d/a/b.txt before d/a.txt) changed the file list a run's data position
+            # records, and a run started with it could not resume
+            files.extend(sorted(dict.fromkeys(matches), key=str))
         else:
             raise FileNotFoundError(f"data source not found: {text}")
     seen: set[Path] = set()

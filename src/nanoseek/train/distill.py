@@ -28,7 +28,7 @@ from nanoseek.atomic import atomic_write, check_out
 from nanoseek.config import ModelConfig
 from nanoseek.data.tasks import prescore, refuse_unseen_wordings, split_task_list
 from nanoseek.engine.sampling import SamplingParams, refuse_identical_samples
-from nanoseek.options import option, path, shell_quoted, torch_seed
+from nanoseek.options import check_choices, option, path, shell_quoted, torch_seed
 from nanoseek.train.sft import SFTConfig, check_seq_len, completion_example, train_on_examples
 
 
@@ -310,6 +310,9 @@ def distill(cfg: DistillConfig) -> Path:
 
     started = time.perf_counter()  # --max-seconds covers the data building: the teacher's sampling
     # the flags first: a Hub teacher is its whole download before them (offline, the Hub's error for them)
+    # their types first, as the other stages check them: `tasks="arithmetic"` from Python was refused as
+    # "--task names i, t more than once", and a str -k failed its comparison with a bare TypeError
+    check_choices(cfg)
     if cfg.k < 1 or cfg.prompts < 1 or cfg.keep_per_prompt < 1:
         raise ValueError("-k, --prompts and --keep-per-prompt must be >= 1")
     repeated = sorted({t for t in cfg.tasks if cfg.tasks.count(t) > 1})

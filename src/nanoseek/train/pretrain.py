@@ -333,6 +333,10 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     except ValueError as e:
         alike_on_every_rank(e)  # (under torchrun, before its process group is joined)
         raise
+    if isinstance(cfg.data, list | tuple) and len(cfg.data) == 1:
+        # one source, as the command line passes it: `data=["embedded"]` from Python was refused as "the
+        # embedded corpus cannot be mixed with files" (the list read as files)
+        cfg = replace(cfg, data=cfg.data[0])
     check_out(cfg.out, resume=cfg.resume)  # said now, not once a tokenizer is trained or the data read
     with torch_threads(cfg.threads), hold_stage(cfg.out, "pretrain"):
         return _pretrain(cfg, on_step)

@@ -63,12 +63,13 @@ def unwrap_answer(text: str) -> str:
 
 # Digits and signs as a CJK input method types them (full-width forms) and the typeset minus (U+2212):
 # the same answer as in ASCII. The full-width digits alone were read (`\d` is Unicode), so "１７" scored
-# and "－１７" or a countdown "（３＋６）＊６" did not.
-_ASCII_MATH = str.maketrans("０１２３４５６７８９－\u2212＋＊／（）＝", "0123456789--+*/()=")
+# and "－１７" or a countdown "（３＋６）＊６" did not; nor "３．５" or "１，０００" (its point and separator).
+_ASCII_MATH = str.maketrans("０１２３４５６７８９－\u2212＋＊／（）＝．，", "0123456789--+*/()=.,")
 
 
 def ascii_math(text: str) -> str:
-    """`text` with full-width digits, signs, parentheses and ``=``, and the typeset minus, in ASCII."""
+    """`text` with full-width digits, signs, parentheses, ``=``, decimal point and comma, and the typeset
+    minus, in ASCII."""
     return text.translate(_ASCII_MATH)
 
 
