@@ -172,6 +172,33 @@ def test_the_tie_check_reads_the_vocabulary_only_where_the_head_ends_in_a_tie():
     assert torch.equal(got.isfinite(), want.isfinite())
 
 
+def test_the_top_p_tie_check_reads_the_device_with_the_head_check():
+    """The check for a top-p cut through ties at the head's end read the device on its own: one host sync
+    more at every sampled step (R1's top-p 0.95 rows), where a GPU waits for each. It is read with the
+    check that a kept set reaches past the head: three reads in all, as before it."""
+    from torch.overrides import TorchFunctionMode
+
+    from nanoseek.engine.sampling import SORT_HEAD, _top_k_top_p
+
+    class HostReads(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            HostReads.n += getattr(func, "__name__", "") in ("__bool__", "item", "tolist")
+            return func(*args, **(kwargs or {}))
+
+    v = 4 * SORT_HEAD
+    torch.manual_seed(0)
+    logits = torch.randn(3, v)
+    logits[:, :4] += 10  # peaked, as a trained model's: the kept sets lie in the head
+    top_k, top_p = torch.tensor([v, 5, v]), torch.tensor([0.95, 0.9, 0.5])
+    with HostReads():
+        got = _top_k_top_p(logits, top_k, top_p)
+    assert HostReads.n == 3
+    want = _reference_filter(logits, top_k, top_p)
+    assert torch.equal(got.isfinite(), want.isfinite())
+
+
 def test_penalties():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     st = SamplerState(SamplingParams(repetition_penalty=2.0), prompt_ids=[0], vocab_size=4)

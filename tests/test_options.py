@@ -233,6 +233,20 @@ def test_the_types_a_flag_would_give_are_taken_for_configs_built_in_python(tmp_p
     GRPOConfig(init=tmp_path, tasks=("arithmetic",)).validate()
 
 
+def test_numpys_numbers_taken_for_a_config_are_pythons(tmp_path) -> None:
+    """numpy's numbers passed the type check, and the run trained its steps, then failed saving them: the
+    settings' JSON took no np.int64 (a sweep's np.arange), the optimizer's state no np.float32."""
+    import json
+    import os
+
+    import numpy as np
+
+    cfg = PretrainConfig(out=tmp_path, steps=np.int64(3), lr=np.float32(1e-3), min_lr_ratio=np.float64(0.1))
+    cfg.validate()
+    assert (type(cfg.steps), type(cfg.lr), type(cfg.min_lr_ratio)) == (int, float, float)
+    assert json.loads(json.dumps(dataclasses.asdict(cfg), default=os.fspath))["steps"] == 3
+
+
 def test_every_field_has_a_flag_or_says_why_not() -> None:
     """A new config field gets a flag unless it opts out (cli=False): no third copy to forget."""
     parser_dests = {
@@ -431,6 +445,9 @@ def test_a_failing_subcommand_is_named_as_argparse_names_it(monkeypatch, capsys)
         (["generate", "ck", "hi", "--temp", "0.5"], "did you mean --temperature?"),
         (["ablate", "moe", "--seed", "1"], "did you mean --seeds?"),
         (["--vers"], "did you mean --version?"),  # refused as the commands' are, not the version printed
+        # nanoseek's own flag after a command: said before it, not the command's closest ("--precision")
+        (["speedrun", "--version"], "did you mean nanoseek --version?"),
+        (["sft", "--init", "x", "--version"], "did you mean nanoseek --version?"),
         (["xyzzy"], None),
         (["pretrain", "--bogus"], None),
     ],

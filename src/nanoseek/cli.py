@@ -154,7 +154,15 @@ def _main(argv: list[str] | None) -> int:
         # none of its flags), with the flag meant where one is misspelt or abbreviated (`--temp`, refused)
         flags = {s.lstrip("-"): s for a in command._actions for s in a.option_strings if s.startswith("--")}
         words = [w.lstrip("-").partition("=")[0] for w in extra if w.startswith("--")]
-        meant = [flags[m] for m in (_close_one(w, flags) for w in words if w) if m]
+        # nanoseek's own flag after a command (`speedrun --version`) is said before it: the command's
+        # closest flag was another one ("did you mean --precision?")
+        own = {s.lstrip("-") for a in parser._actions for s in a.option_strings if s.startswith("--")}
+        meant = []
+        for w in filter(None, words):
+            if w in own and w not in flags:
+                meant.append(f"{parser.prog} --{w}")
+            elif close := _close_one(w, flags):
+                meant.append(flags[close])
         hint = f"; did you mean {', '.join(meant)}?" if meant else ""
         command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if not getattr(args, "func", None):

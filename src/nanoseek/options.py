@@ -265,6 +265,11 @@ def check_choices(config: Any) -> None:
             kind = getattr(hints[f.name], "__name__", None) if isinstance(hints[f.name], type) else None
             kind = kind or str(hints[f.name]).replace("typing.", "")
             raise ValueError(f"{flag} must be of type {kind}, got {value!r:.80} ({type(value).__name__})")
+        number = hasattr(value, "__index__") or isinstance(value, numbers.Real)
+        if f.init and number and type(value) not in (bool, int, float):
+            # numpy's numbers (a sweep's np.arange, np.float32) as Python's: let through as they were, the run
+            # trained its steps and failed saving them (its settings' JSON, the optimizer's state take no other)
+            setattr(config, f.name, int(value) if hasattr(value, "__index__") else float(value))
     for f in dataclasses.fields(config):
         allowed = f.metadata.get("choices")
         value = getattr(config, f.name)

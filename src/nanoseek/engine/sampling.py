@@ -246,8 +246,6 @@ def _top_k_top_p(
     # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it already does.
     mass = probs.cumsum(dim=-1)
     untouched = (top_k >= v) & (top_p >= 1.0)  # rows batched with others that filter: keep them whole
-    if head < v and not bool((within | (mass[:, -1] >= top_p) | untouched).all()):
-        return _top_k_top_p(logits, top_k, top_p, head=v)  # a row's kept set may reach past the head
     # (top_p = 1 keeps every token: the tail's mass can round up to 1 before the vocabulary ends)
     remove |= ((mass - probs) >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
     remove[:, 0] = False
@@ -255,8 +253,12 @@ def _top_k_top_p(
     # ties, which the head may not hold: counted over the vocabulary for those rows alone
     last = ranked.gather(1, (~remove).sum(dim=-1, keepdim=True) - 1)
     split = (top_p < 1.0) & (last == ranked[:, -1:]).squeeze(1)
-    if head < v and bool(split.any()) and bool((split & ((logits >= last).sum(dim=-1) > head)).any()):
-        return _top_k_top_p(logits, top_k, top_p, head=v)
+    if head < v:
+        # one read of the device for both checks (a read each was one host sync more per sampled step)
+        past = ~(within | (mass[:, -1] >= top_p) | untouched)  # a row's kept set may reach past the head
+        reaches, cut = torch.stack([past.any(), split.any()]).tolist()
+        if reaches or (cut and bool((split & ((logits >= last).sum(dim=-1) > head)).any())):
+            return _top_k_top_p(logits, top_k, top_p, head=v)
     kept = torch.full_like(logits, float("-inf")).scatter(1, order, ranked.masked_fill(remove, float("-inf")))
     return torch.where(untouched.unsqueeze(1), logits, kept)
 
