@@ -59,8 +59,9 @@ def test_metrics_from_stub_sampler(tmp_path) -> None:
     assert m["format_rate"] == pytest.approx((1.0 + 0.75 + 0.0) / 3)
     assert m["mean_response_tokens"] == pytest.approx(20.0)
     assert m["problems"] == 3 and m["k"] == 4
-    # English reasoning: 3 of 4 at problem 0 (one in Chinese) and 2 ("x" holds no word), all at 1
-    assert m["language_consistency"] == pytest.approx((0.75 + 1.0 + 0.75) / 3)
+    # English reasoning: 3 of 4 at problem 0 (one in Chinese), 2 of 4 at 2 ("x" holds no word, nor do the
+    # tags of "</think></think>1"), all at 1
+    assert m["language_consistency"] == pytest.approx((0.75 + 1.0 + 0.5) / 3)
     assert m["truncated_rate"] == pytest.approx((0 + 0 + 0.5) / 3)
     # the standard error of the mean over problems: sample sd of (.75, .25, 0) / sqrt(3)
     assert m["pass@1_stderr"] == pytest.approx(statistics.stdev([0.75, 0.25, 0.0]) / 3**0.5)

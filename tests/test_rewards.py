@@ -47,6 +47,7 @@ def test_spec_parsing():
         ("", "empty"),
         ("accuracy:nan", "bad weight"),  # every total NaN: GRPO's advantages and loss with them
         ("accuracy:1,format:inf", "bad weight"),
+        ("accuracy:1,format:", "bad weight"),  # its number lost: not the weight 1 of a bare name
     ]:
         with pytest.raises(ValueError, match=msg):
             parse_reward_spec(bad)
@@ -160,6 +161,34 @@ def test_language_counts_each_letter_once_and_only_letters():
     assert script_counts("葛\U000e0100飾区") == script_counts("葛飾区")
     for text in ("がぎぐでGPUを使う", "한국어로 생각하자 一の位を足す"):
         assert script_counts(unicodedata.normalize("NFD", text)) == script_counts(text)
+
+
+def test_kana_block_punctuation_is_not_a_letter():
+    # the middle dot ・ sits in the katakana block, but Chinese writes it too, and a row of it is no
+    # Japanese: it lifted an English chain of thought's ja share
+    assert script_counts("列奥纳多・达・芬奇") == {"latin": 0, "kana": 0, "han": 7, "other": 0}
+    assert language_consistency("列奥纳多・达・芬奇", "zh") == 1.0
+    assert language_consistency("Add the ones ・・・・・・・・・・・・ ゠゛゜", "ja") == 0.0
+    assert script_counts("データ・ベース")["kana"] == 6  # ー is a letter of the word
+
+
+def test_latex_commands_are_symbols_not_english_words():
+    # a Chinese or Japanese chain of thought that writes its math in LaTeX is not drifting into English
+    assert language_consistency(r"先算 \frac{1}{2} \times 4 = 2，所以 \alpha 是 2", "zh") == 1.0
+    assert language_consistency(r"両辺に \sqrt{2} を掛ける", "ja") == 1.0
+    assert language_consistency(r"\text{then} \cdot", "en") == 1.0  # the words in \text{} still count
+
+
+def test_language_leaves_the_tags_out():
+    # a repeated </think> (format 0 already) or a stray tag is markup: its letters are not English words
+    zh = get_task("arithmetic").make({"op": "add", "a": 40, "b": 2}, "zh")
+    reward = build_reward("language:1")
+    for completion in (
+        "先加个位</think>再加十位</think>42",
+        "先加个位<think>再加十位</think>42",
+        "先加个位，再加十位<｜User｜>还有",  # truncated into a new turn, never closed
+    ):
+        assert reward(zh, completion).parts["language"] == 1.0, completion
 
 
 def test_hack_wrong_language_after_an_early_think_end(add_ja):

@@ -10,8 +10,8 @@ Notable:
   Binary: a loose regex that accepts repeated closing tags gets hacked (open-r1).
 - language (R1 §2.3.2): the share of the chain of thought's letters written in the prompt's script:
   Latin for en, kana + kanji for ja, Han for zh; any other script's letters count against it. The chain
-  of thought is all before the last ``</think>`` (the answer accuracy reads is after it). Digits and
-  symbols do not count; a CoT with no letters at all scores 0.
+  of thought is all before the last ``</think>`` (the answer accuracy reads is after it), its tags left
+  out. Digits and symbols do not count; a CoT with no letters at all scores 0.
 - code: the share of tests the answer's code passes in the sandbox (partial credit; accuracy on a code
   problem is the binary all-pass version).
 - your own: a part named by its import reference, ``MODULE:FUNCTION`` or ``FILE.py:FUNCTION`` as uvicorn
@@ -137,6 +137,10 @@ def _format(problem: Problem, completion: str, ctx: RewardContext) -> float | No
 
 def _language(problem: Problem, completion: str, ctx: RewardContext) -> float | None:
     thinking, _ = split_completion(completion, ctx.prompt_opened_think)
+    # the tags' letters (an early </think>, a stray <think>, a new turn's <｜User｜>) are markup, not
+    # English words: a Chinese chain of thought that repeated </think> scored 0.6
+    for tag in (THINK_START, THINK_END, EOS_TEXT, *_CHAT_TAGS):
+        thinking = thinking.replace(tag, " ")
     return language_consistency(thinking, problem.language)
 
 
@@ -364,7 +368,8 @@ def parse_reward_spec(spec: str) -> dict[str, float]:
         if name in weights:
             raise ValueError(f"reward {name!r} appears twice in {spec!r}")
         try:
-            weight = float(w) if w.strip() else 1.0
+            # a bare name weighs 1; "format:" lost its number, which is not the same
+            weight = float(w) if w.strip() else math.nan if part.endswith(":") else 1.0
         except ValueError:
             weight = math.nan
         if not math.isfinite(weight):  # NaN or inf would make every total (and GRPO's advantages) NaN

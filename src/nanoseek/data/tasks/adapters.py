@@ -419,20 +419,27 @@ def _rg_score_sandboxed(
 # ----------------------------------------------------------------------------------------------------
 
 
+# a LaTeX command (\frac, \times, \alpha) is a math symbol, not an English word in a Chinese chain of thought
+_LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
+
+
 def script_counts(text: str) -> dict[str, int]:
     """Letters per script: latin (incl. accented), kana (hiragana, katakana), han (CJK ideographs), and
     other (any other script's: Cyrillic, Hangul, Greek, ...; a chain of thought drifting into them is not
     in the prompt's language either).
 
     A lone Latin (or other) letter is a symbol, not a word (the ``x`` of ``3x = 15``, the letters a
-    counting trace spells out, the ``θ`` of an angle), so those count only in runs of two or more.
+    counting trace spells out, the ``θ`` of an angle), so those count only in runs of two or more; a
+    LaTeX command (``\\frac``, ``\\times``) is a symbol too.
     """
     counts = {"latin": 0, "kana": 0, "han": 0, "other": 0}
     run, run_script = 0, ""
     # NFC: a letter and its combining marks are one character (NFD's か + U+3099 is one が)
-    for ch in unicodedata.normalize("NFC", text) + " ":
+    for ch in unicodedata.normalize("NFC", _LATEX_COMMAND_RE.sub(" ", text)) + " ":
         o = ord(ch)
-        if 0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF or 0xFF66 <= o <= 0xFF9F:
+        # the kana blocks also hold punctuation (the middle dot ・, which Chinese writes too, and ゠ ゛ ゜):
+        # symbols, not letters, or a row of ・ would lift any chain of thought's Japanese share
+        if (0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF or 0xFF66 <= o <= 0xFF9F) and ch.isalpha():
             script = "kana"
         elif (
             0x4E00 <= o <= 0x9FFF
