@@ -389,6 +389,60 @@ def test_a_rejected_draft_is_redrawn_on_the_logits_device(device):
     assert torch.allclose(freq, p, atol=0.05) and bool((tokens[~accepted] != 0).all())
 
 
+class _FakeMPS(torch.overrides.TorchFunctionMode):
+    """CPU tensors that say they are on an Apple GPU (mps), which refuses float64 and float8 as MPS does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on: list[torch.Tensor] = []  # the tensors "on mps"
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        mps = [a for a in args if isinstance(a, torch.Tensor) and any(a is t for t in self.on)]
+        if getattr(func, "__self__", None) is torch.Tensor.device and mps:
+            return torch.device("mps")
+        asked = kwargs.get("device", next((a for a in args[1:] if isinstance(a, (str, torch.device))), None))
+        to_mps = asked is not None and torch.device(asked).type == "mps"
+        if to_mps:  # made on the CPU, marked as on mps
+            args = tuple("cpu" if a is asked else a for a in args)
+            kwargs.update({"device": "cpu"} if "device" in kwargs else {})
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.cpu and mps:
+            return out.clone()  # (a CPU tensor's .cpu() is itself)
+        if isinstance(out, torch.Tensor) and (to_mps or (mps and asked is None)):
+            if out.dtype in (torch.float64, torch.float8_e4m3fn):  # (float8: before PyTorch gave MPS one)
+                raise TypeError(f"Trying to convert {out.dtype} to the MPS backend: it has no such dtype")
+            out = out.clone() if any(out is a for a in args) else out
+            self.on.append(out)
+        return out
+
+
+def test_a_sampled_token_on_an_apple_gpu_is_drawn_as_on_the_cpu():
+    """The draw's CDF is float64, which MPS does not have: `--device mps` raised a TypeError at the first
+    sampled token of every generate, chat, serve and eval. (MPS emulated on the CPU: `_FakeMPS`.)"""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+
+    def states():
+        return [SamplerState(SamplingParams(temperature=0.8, top_p=0.9, seed=s), [1], 50) for s in range(3)]
+
+    want = sample(logits, states())
+    with _FakeMPS():
+        got = sample(logits.to("mps"), states())
+        assert got.device.type == "mps"
+    assert torch.equal(got, want)
+
+
+def test_fp8_weights_on_an_apple_gpu_without_float8_are_refused_before_loading():
+    """`--quantize fp8 --device mps` ended in a TypeError traceback at the first weight quantized
+    (after the checkpoint began streaming in): refused up front, naming int8, which runs there."""
+    from nanoseek.engine.quantize import check_quantize_device
+
+    with _FakeMPS():
+        with pytest.raises(ValueError, match="no float8 on mps.*quantize='int8'"):
+            check_quantize_device("fp8", "mps")
+        check_quantize_device("int8", "mps")
+
+
 def test_a_sampled_draft_that_is_the_argmax_is_still_rejected_with_probability_1_minus_p():
     """The engine advances its cache past the draft only for accepted rows: a rejected draft must be
     reported rejected even when it is the greedy choice (accept with p(d) = 0.5 here, not always)."""

@@ -239,7 +239,10 @@ def test_routing_and_rope_keys_follow_the_config(tmp_path) -> None:
     assert kv["expert_weights_norm"] is False and kv["expert_weights_scale"] == pytest.approx(3.0)
     # A dense model: every layer a leading dense one, whatever first_k_dense_replace says.
     dense = get_preset("tiny-dense").replace(first_k_dense_replace=0)
-    assert _keys(dense, tmp_path)["leading_dense_block_count"] == dense.num_hidden_layers
+    kv = _keys(dense, tmp_path)
+    assert kv["leading_dense_block_count"] == dense.num_hidden_layers
+    # older llama.cpp builds' deepseek2 loader requires expert_weights_scale, routed experts or not
+    assert kv["expert_weights_scale"] == 1.0 and "expert_count" not in kv
     # YaRN as DeepSeek ships it; beta_fast and beta_slow default to DeepSeek's 32 and 1.
     yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
     kv = _keys(tiny.replace(rope_scaling={**yarn, "mscale": 0.707, "mscale_all_dim": 0.707}), tmp_path)
@@ -482,6 +485,30 @@ def test_export_refuses_clearly(checkpoint, tmp_path, capsys) -> None:
     kv = _keys(all_dense, tmp_path)
     assert kv["leading_dense_block_count"] == 4 and kv["expert_shared_count"] == 0
     assert "expert_count" not in kv and kv["expert_feed_forward_length"] == all_dense.intermediate_size
+
+
+def test_a_pretrained_model_s_tokenizer_is_sent_to_llama_cpp_s_converter(
+    checkpoint, tmp_path, capsys
+) -> None:
+    """A DeepSeek checkpoint keeps DeepSeek's own tokenizer (digits in threes, a CJK split, its word
+    regex): it was told its regex is unknown to llama.cpp (which knows it as "deepseek-v3") and to
+    retrain the tokenizer and the model; it is pointed at llama.cpp's converter, which exports it."""
+    ckpt, _, _ = checkpoint
+    ds = tmp_path / "deepseek"
+    shutil.copytree(ckpt, ds)
+    spec = json.loads((ds / "tokenizer.json").read_text())
+    splits = [r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+", r"\s+(?!\S)|\s+|\S+"]
+    split = {"type": "Split", "behavior": "Isolated", "invert": False}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    steps = [{**split, "pattern": {"Regex": r}} for r in splits] + [byte_level]
+    (ds / "tokenizer.json").write_text(
+        json.dumps({**spec, "pre_tokenizer": {"type": "Sequence", "pretokenizers": steps}})
+    )
+    assert main(["export", str(ds), "--gguf", str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "not a tokenizer nanoseek trained" in err and "convert_hf_to_gguf.py" in err, err
+    assert "must be retrained" not in err
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_a_context_length_past_gguf_s_uint32_is_refused_before_loading(checkpoint, tmp_path, capsys) -> None:

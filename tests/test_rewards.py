@@ -268,6 +268,18 @@ def custom_rewards(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_a_custom_part_by_a_windows_path_keeps_its_drive(custom_rewards, add_en):
+    """`--reward D:/rewards/custom.py:brevity:0.5` (a path with a drive, as Windows writes it) was read as
+    a reward named "D", weighted "/rewards/custom.py:brevity:0.5". A folder named `D:` stands in for the
+    drive here."""
+    (custom_rewards / "D:").mkdir()
+    (custom_rewards / "D:" / "custom.py").write_text(CUSTOM)
+    assert parse_reward_spec("accuracy,D:/custom.py:brevity:0.5") == {
+        "accuracy": 1.0,
+        "D:/custom.py:brevity": 0.5,
+    }
+
+
 def test_a_custom_part_named_by_module_or_file(custom_rewards, add_en, add_ja):
     spec = "accuracy:1,nanoseek_test_custom:brevity:0.5,./custom.py:only_ja, custom.py:brevity : 2"
     assert parse_reward_spec(spec) == {

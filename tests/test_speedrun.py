@@ -1,6 +1,7 @@
 """End to end: `nanoseek speedrun --preset smoke` produces every artifact, and a rerun resumes."""
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -560,3 +561,27 @@ def test_gpu_preset_without_cuda_is_refused_before_any_work(tmp_path, monkeypatc
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "report.md").write_text("# the report\n")
     assert main(["speedrun", "--preset", "gpu", "--out", str(tmp_path / "done"), "--no-progress"]) == 0
+
+
+def test_a_worker_on_windows_ends_once_the_runs_process_is_gone(monkeypatch):
+    """A stage's process watched `os.getppid()` change to know the run's process was gone (killed from
+    the Task Manager, out of memory): Windows gives an orphan no new parent, so it trained on, writing
+    into RUN beside the rerun. There the parent's process handle says it (`join` returns at its end)."""
+    import multiprocessing
+    import threading
+
+    from nanoseek import speedrun
+
+    gone = threading.Event()
+
+    class EndedParent:  # multiprocessing's handle on a parent that has exited: join returns at once
+        pid = os.getppid()
+
+        def join(self, timeout=None):
+            return None
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(multiprocessing, "parent_process", EndedParent)
+    monkeypatch.setattr(speedrun.os, "_exit", lambda code: gone.set())
+    speedrun._exit_with_parent()
+    assert gone.wait(5)

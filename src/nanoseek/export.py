@@ -161,7 +161,7 @@ def export_gguf(
     import numpy as np
     from tqdm import tqdm
 
-    from nanoseek.tokenizer import LLAMA_CPP_PRE, llama_cpp_pre_tokenizer
+    from nanoseek.tokenizer import LLAMA_CPP_PRE, SPLIT_PATTERN, llama_cpp_pre_tokenizer
 
     gguf = _gguf()
     say = progress or (lambda _msg: None)
@@ -219,6 +219,19 @@ def export_gguf(
     tok = checkpoint_tokenizer(src, config)
     pre = llama_cpp_pre_tokenizer(tok)
     if pre is None or not tok.is_byte_level:
+        # A split regex of nanoseek's (today's, or a former one: they all named \p{Han}) is a run of
+        # ours; any other tokenizer is a pretrained model's (DeepSeek's own: llama.cpp knows its regex by
+        # another name), which was told to retrain its tokenizer and the model on it: llama.cpp's own
+        # converter takes such a directory.
+        spec = json.loads(tok.backend.to_str()).get("pre_tokenizer") or {}
+        regexes = [str((s.get("pattern") or {}).get("Regex")) for s in spec.get("pretokenizers") or [spec]]
+        if not any(r == SPLIT_PATTERN or r"\p{Han}" in r for r in regexes):
+            raise ValueError(
+                f"{src}/tokenizer.json is not a tokenizer nanoseek trained (its pre-tokenizer is another "
+                f"model's), and --gguf writes nanoseek's own only (llama.cpp's {LLAMA_CPP_PRE!r} split "
+                "regex): llama.cpp's own convert_hf_to_gguf.py, which knows pretrained models' tokenizers, "
+                "reads this directory"
+            )
         raise ValueError(
             f"{src}/tokenizer.json splits text with a regex llama.cpp does not know, so llama.cpp would "
             "tokenize prompts differently from the trained model. Tokenizers trained before nanoseek "
@@ -306,6 +319,10 @@ def _write_hparams(w: Any, gguf: Any, c: ModelConfig) -> None:
     w.add_leading_dense_block_count(c.first_k_dense_replace if moe else n)
     w.add_expert_feed_forward_length(c.moe_intermediate_size if moe else c.intermediate_size)
     w.add_expert_shared_count((c.n_shared_experts or 0) if moe else 0)
+    if not moe:
+        # Older llama.cpp builds read this key whatever the layers: without it a dense file did not load
+        # there ("key not found: deepseek2.expert_weights_scale"); newer ones never use it without experts.
+        w.add_expert_weights_scale(1.0)
     if moe:
         k = c.num_experts_per_tok or 0
         w.add_expert_count(c.n_routed_experts)

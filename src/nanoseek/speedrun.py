@@ -1260,8 +1260,13 @@ def _exit_with_parent() -> None:
     pid = parent.pid
 
     def watch() -> None:
-        while os.getppid() == pid:
-            time.sleep(0.5)
+        if sys.platform == "win32":
+            # Windows gives an orphan no new parent: os.getppid() named the dead one on and on, and the
+            # worker trained on; the parent's process handle (what join waits on) is signalled at its end
+            parent.join()
+        else:
+            while os.getppid() == pid:
+                time.sleep(0.5)
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -172,7 +172,10 @@ def _split_part(part: str) -> tuple[str, str]:
     """A spec part's (name, weight text). A built-in name comes first; else ``X:NAME`` with NAME a
     (dotted) Python name is a reference: a weight is a number, never a name, so ``speed:2`` stays an
     unknown reward weighted 2 and ``mod:fn:2`` is ``mod:fn`` weighted 2."""
-    head, _, rest = part.partition(":")
+    # a Windows path's drive (`C:\rewards\mine.py:fn`, `D:/r.py:fn`) is the file's, not a reward named C
+    drive = part[:2] if len(part) > 2 and part[0].isalpha() and part[1] == ":" and part[2] in "\\/" else ""
+    head, _, rest = part[len(drive) :].partition(":")
+    head = drive + head
     function, _, weight = rest.partition(":")
     if head.strip() not in REWARDS and all(s.isidentifier() for s in function.strip().split(".")):
         return f"{head.strip()}:{function.strip()}", weight

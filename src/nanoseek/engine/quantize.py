@@ -320,6 +320,18 @@ def check_quantize_device(fmt: str, device: str | torch.device) -> None:
         raise ValueError(
             "quantize='w8a8' needs a PyTorch built with a quantized CPU backend (fbgemm or qnnpack)"
         )
+    if fmt == "fp8" and torch.device(device).type == "mps" and not _holds_fp8(device):
+        # (a TypeError at the first weight quantized, "Trying to convert Float8_e4m3fn to the MPS backend")
+        raise ValueError(f"quantize='fp8': this PyTorch has no float8 on {device}: use quantize='int8' there")
+
+
+def _holds_fp8(device: str | torch.device) -> bool:
+    """Whether `device` takes float8 tensors (not every PyTorch has them on Apple's GPUs)."""
+    try:
+        torch.ones(1, device=device).to(torch.float8_e4m3fn).float()
+    except (TypeError, RuntimeError):
+        return False
+    return True
 
 
 def quantize_model(model: nn.Module, fmt: str, device: str | torch.device | None = None) -> nn.Module:

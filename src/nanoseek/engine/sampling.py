@@ -306,6 +306,10 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
 
 def draw(probs: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
     """One token per row by inverse CDF with the row's own uniform draw: batch-independent."""
+    if probs.device.type == "mps":
+        # Apple's GPUs have no float64 (a TypeError at the first sampled token of every `--device mps`
+        # generate, chat, serve or eval): those rows are drawn on the CPU, as the same seed draws there
+        return draw(probs.cpu(), states).to(probs.device)
     u = torch.tensor([s.rng.random() for s in states], dtype=torch.float64, device=probs.device)
     cdf = probs.double().cumsum(dim=-1)
     u = u * cdf[:, -1]
