@@ -693,6 +693,34 @@ def test_markdown_escapes_entities_and_attributes_and_drops_unsafe_links(browser
         assert render("## Title\n> quoted") == "<h2>Title</h2>\n<blockquote>quoted</blockquote>"
 
 
+@pytest.mark.slow
+def test_markup_that_reached_the_page_could_run_no_script_and_load_nothing_from_elsewhere(browser):
+    """The renderer escapes model output first; the page's Content-Security-Policy is the wall behind it. The
+    page had none: markup that reached it any way (an inline handler, an image of another site that carries
+    the API key in its URL) ran and loaded. Now both are refused, and the page's own work (a streamed answer
+    with an aligned table and a code block) trips nothing."""
+    blocked = "window.__blocked"
+    with _answering("| a | b |\n|:-:|--:|\n| 1 | 2 |\n\n```py\nx = 1\n```") as srv:
+        _open_page(browser, srv)
+        browser.js(
+            "window.__blocked = []; document.addEventListener('securitypolicyviolation',"
+            " e => window.__blocked.push(e.effectiveDirective)); true"
+        )
+        _send_and_wait(browser, "a table")
+        assert browser.js("getComputedStyle(document.querySelector('.answer th')).textAlign") == "center"
+        assert browser.js("document.querySelectorAll('.answer .code pre').length") == 1
+        assert browser.js(blocked) == []
+        browser.js(
+            "document.querySelector('.answer').insertAdjacentHTML('beforeend', '<img src=\"/missing.png\""
+            ' onerror="window.pwned = 1"><img src="http://127.0.0.2:9/k.png">\'); true'
+        )
+        _wait(lambda: browser.js("window.pwned") or len(browser.js(blocked)) >= 2, "the markup did nothing")
+        assert browser.js("window.pwned") is None
+        assert sorted(browser.js(blocked)) == ["img-src", "script-src-attr"]
+        policy = httpx.get(srv.url + "/").headers["content-security-policy"]
+        assert httpx.get(srv.url + "/static/index.html").headers["content-security-policy"] == policy
+
+
 def _answering(answer: str, **engine_kw) -> LiveServer:
     """A live server whose every reply is `answer`, after an empty think block."""
     tok = tiny_tokenizer()

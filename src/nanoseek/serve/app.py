@@ -76,7 +76,13 @@ OPEN_PATHS = ("/health", "/", "/favicon.ico")  # the page's static files hold no
 # The page and its scripts are revalidated on each load (the scripts: an ETag, a 304): without Cache-Control a
 # browser caches them by a guess from Last-Modified (RFC 9111 4.2.2), so an upgraded or edited page ran
 # stale, or as a new index.html over an old chat.js.
-PAGE_HEADERS = {"Cache-Control": "no-cache"}
+# The page's Content-Security-Policy (sent with its scripts too, so /static/index.html has it): it runs only its
+# own scripts and talks to this server alone, so markup that ever got past the markdown renderer (which escapes
+# model output first) could still neither run script (an inline handler, <script>) nor send what the page
+# holds (the API key, the conversation) elsewhere by an image or a fetch. Inline styles stay: the page's
+# <style> and the renderer's table alignment are inline.
+PAGE_CSP = "default-src 'self'; style-src 'self' 'unsafe-inline'; object-src 'none'; base-uri 'none'; form-action 'self'"
+PAGE_HEADERS = {"Cache-Control": "no-cache", "Content-Security-Policy": PAGE_CSP}
 # A GET route answers HEAD too, as HTTP requires of it (RFC 9110 9.1) and the page's static files already do:
 # uptime monitors, load balancers and `curl -I` probe /health with HEAD, and FastAPI's GET route alone
 # answered them 405.
