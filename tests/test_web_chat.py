@@ -322,7 +322,8 @@ def test_enter_while_composing_with_an_ime_does_not_send(browser):
 @pytest.mark.slow
 def test_markdown_emphasis_never_rewrites_a_links_href_or_attributes(browser):
     """`*`/`_` emphasis ran over the whole line after links became tags, so it rewrote the generated
-    <a>: href "https://x.com/a*b*c" became ".../a<em>b</em>c" and target="_blank" "<em>blank"."""
+    <a>: href "https://x.com/a*b*c" became ".../a<em>b</em>c" and target="_blank" "<em>blank". Code
+    spans likewise."""
     tok = tiny_tokenizer()
     engine = ScriptedEngine(tok, lambda prompt, params: tok.encode("ok"))
     with LiveServer(create_app(engine, tok, ServeConfig(model_name="web-test"))) as srv:
@@ -344,6 +345,8 @@ def test_markdown_emphasis_never_rewrites_a_links_href_or_attributes(browser):
             ["https://x.com", "_blank", "a"],
             ["https://y.com/_", "_blank", "b"],
         ]
+        # backticks in a URL are its characters: the code span held first put "<code>" into the href
+        assert links("[a](https://x.com/`y`) and `z`") == [["https://x.com/`y`", "_blank", "a"]]
         html = browser.js(
             "window.renderMarkdown('**[a](https://x.com/__init__.py)** and *[`c`](https://y.com)*')"
         )

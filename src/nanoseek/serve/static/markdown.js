@@ -22,11 +22,13 @@
   // Inline spans on already-escaped text. Code spans and links are cut out into NUL-delimited
   // placeholders first, so emphasis never reaches into a code span or a link's href/attributes.
   function inline(text) {
-    const held = [];
-    function hold(html) { held.push(html); return "\u0000" + (held.length - 1) + "\u0000"; }
-    text = text.replace(/`([^`\n]+)`/g, function (_, c) { return hold("<code>" + c + "</code>"); });
+    const held = [], typed = [];
+    function hold(html, as) { held.push(html); typed.push(as); return "\u0000" + (held.length - 1) + "\u0000"; }
+    text = text.replace(/`([^`\n]+)`/g, function (m, c) { return hold("<code>" + c + "</code>", m); });
     // a URL may hold balanced parentheses, as Wikipedia's do: https://en.wikipedia.org/wiki/Set_(mathematics)
     text = text.replace(/\[([^\]\n]+)\]\(((?:[^()\s]|\([^()\s]*\))+)\)/g, function (m, label, url) {
+      // backticks in a URL are its characters, not a code span: the link pointed at "<code>..." before
+      url = url.replace(/\u0000(\d+)\u0000/g, function (_, i) { return typed[+i]; });
       const raw = url.replace(/&amp;/g, "&");
       if (!/^(https?:\/\/|mailto:)/i.test(raw)) return m;
       return hold('<a href="' + url + '" target="_blank" rel="noopener noreferrer">' + emphasis(label) + "</a>");
