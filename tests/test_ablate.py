@@ -225,12 +225,24 @@ def test_studies_refuse_a_preset_without_the_technique(tmp_path) -> None:
         plan("mtp", preset="tiny-qwen2")
     with pytest.raises(ValueError, match="routed experts"):
         plan("balance", preset="tiny-dense")
+    # V2's greedy routers never read the bias: loss-free and none were the same model, "compared"
+    with pytest.raises(ValueError, match="noaux_tc.*never reads the balancing bias"):
+        plan("balance", preset="deepseek-v2-lite")
     # no-shared would equal moe: the shared-expert contrast needs one
     from nanoseek.config import resolve_config
 
     resolve_config("tiny").replace(n_shared_experts=0).save(tmp_path)
     with pytest.raises(ValueError, match="has none"):
         plan("moe", preset=str(tmp_path))
+
+
+def test_mla_study_refuses_a_preset_too_narrow_for_gqa(tmp_path) -> None:
+    """Two query heads: the gqa variant was the mqa model again, trained and "compared" twice."""
+    from nanoseek.config import resolve_config
+
+    resolve_config("tiny").replace(num_attention_heads=2).save(tmp_path)
+    with pytest.raises(ValueError, match="at least 4 attention heads"):
+        plan("mla", preset=str(tmp_path))
 
 
 # ------------------------------------------------------------- resume (no training)
@@ -356,6 +368,33 @@ def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch) -> None:
         run_study(AblateConfig(study="balance", seeds=1, budget="60s", out=str(tmp_path)), "balance")
     # more seeds is the same plan, extended
     run_study(AblateConfig(study="balance", seeds=2, out=str(tmp_path), progress=False), "balance")
+
+
+def test_all_refuses_a_later_studys_other_settings_before_training_any(tmp_path, monkeypatch) -> None:
+    """`ablate all` refused fp8's earlier run with another budget only after four studies had trained."""
+    from nanoseek.ablate import ablate
+
+    calls: list = []
+    _fake_training(monkeypatch, calls)
+    run_study(AblateConfig(study="fp8", seeds=1, budget="60s", out=str(tmp_path), progress=False), "fp8")
+    calls.clear()
+    with pytest.raises(ValueError, match="other settings"):
+        ablate(AblateConfig(study="all", seeds=1, out=str(tmp_path), progress=False))
+    assert calls == []
+    assert sorted(p.name for p in (tmp_path / "ablate").iterdir()) == ["fp8"]
+
+
+def test_a_study_rerun_after_all_updates_the_index(tmp_path, monkeypatch) -> None:
+    """RUN/ablate/report.md kept the one-seed verdicts of a study since extended to two seeds."""
+    from nanoseek.ablate import ablate
+
+    _fake_training(monkeypatch, [])
+    ablate(AblateConfig(study="all", seeds=1, out=str(tmp_path), progress=False))
+    (report,) = ablate(AblateConfig(study="balance", seeds=2, out=str(tmp_path), progress=False))
+    index = (tmp_path / "ablate" / "report.md").read_text()
+    balance = index.split("## balance", 1)[1].split("\n## ", 1)[0]
+    assert _summary_rows(report.read_text())[0] in balance
+    assert "(1 seed)" not in balance and "## mla" in index
 
 
 def test_resume_where_auto_precision_resolves_otherwise_is_refused(tmp_path, monkeypatch) -> None:

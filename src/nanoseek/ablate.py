@@ -361,7 +361,13 @@ def _mla_study(c: ModelConfig, preset: str) -> Study:
     width = _active_width(c) if c.is_moe else c.intermediate_size
     base_model = {**NO_MTP, **_dense(width)}  # GQA models are dense: so is every variant here
     base = c.replace(**base_model)
-    gqa_kv = max(2, heads // 4) if heads >= 4 else 1
+    # GQA needs a K/V head count strictly between MQA's one and MHA's all: under 4 query heads the gqa
+    # variant trained the mqa (or mha) model again and its claim compared a model with itself
+    if heads < 4:
+        raise ValueError(
+            f"the mla study compares MHA, GQA and MQA: it needs at least 4 attention heads; {preset!r} has {heads}"
+        )
+    gqa_kv = max(2, heads // 4)
 
     def gqa(kv: int) -> dict[str, Any]:
         return {"model_type": "llama", "num_key_value_heads": kv, "head_dim": _gqa_head_dim(base, kv)}
@@ -421,6 +427,13 @@ def _mla_study(c: ModelConfig, preset: str) -> Study:
 
 def _balance_study(c: ModelConfig, preset: str) -> Study:
     _need_moe(c, "balance", preset)
+    # V2's routers (greedy, group_limited_greedy) never read the bias: loss-free and none would train
+    # the same model and the study would report on a technique it never ran
+    if c.topk_method != "noaux_tc":
+        raise ValueError(
+            f"the balance study needs V3's aux-loss-free routing (topk_method noaux_tc); {preset!r} routes "
+            f"with {c.topk_method}, which never reads the balancing bias"
+        )
     alpha = 0.001
     variants = (
         Variant("loss-free", "aux-loss-free: per-expert bias moved by γ = 0.01 after each step, α = 0"),
@@ -921,12 +934,10 @@ def _accuracy(model: Any, tok: Any, trainer: Any, n: int, max_new_tokens: int) -
     return out
 
 
-def run_study(cfg: AblateConfig, study: str) -> Path:
-    """Run (or resume) one study into RUN/ablate/<study>/ and write its report; returns the report."""
-    from nanoseek.ablate_report import build_study_report
-    from nanoseek.atomic import atomic_write
-    from nanoseek.metrics import MetricsLog, progress_bar
-    from nanoseek.perf import default_device, torch_threads
+def _prepare(cfg: AblateConfig, study: str) -> tuple[Study, list[Run], Path, dict[str, Any]]:
+    """One study's plan and the record plan.json holds, checked against the runs already in its directory
+    (a resume with other settings is refused here, before any training)."""
+    from nanoseek.perf import default_device
     from nanoseek.train.pretrain import resolve_precision
 
     s = get_study(study, cfg.preset)
@@ -939,7 +950,6 @@ def run_study(cfg: AblateConfig, study: str) -> Path:
             skipped_note = (
                 f"FP8 training is GPU only here ({why}): ran BF16 vs FP32; the FP8 rows say 'not run'"
             )
-            print(f"ablate fp8: {skipped_note}", flush=True)
             runs = [r for r in runs if r.train.precision != "fp8"]
     record = plan_record(s, runs, cfg.preset)
     # what every run is evaluated on: a resume with other held-out batches would mix two measures
@@ -953,8 +963,21 @@ def run_study(cfg: AblateConfig, study: str) -> Path:
     record["precision"] = {r.variant: resolve_precision(r.train.precision, device) for r in runs}
     if skipped_note:
         record["note"] = skipped_note
-    directory.mkdir(parents=True, exist_ok=True)
     _check_plan(directory, record)
+    return s, runs, directory, record
+
+
+def run_study(cfg: AblateConfig, study: str) -> Path:
+    """Run (or resume) one study into RUN/ablate/<study>/ and write its report; returns the report."""
+    from nanoseek.ablate_report import build_study_report
+    from nanoseek.atomic import atomic_write
+    from nanoseek.metrics import MetricsLog, progress_bar
+    from nanoseek.perf import torch_threads
+
+    s, runs, directory, record = _prepare(cfg, study)
+    if record.get("note"):
+        print(f"ablate {study}: {record['note']}", flush=True)
+    directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / PLAN, json.dumps(record, indent=1) + "\n")
     dropped = drop_unfinished(directory)
     done = finished_runs(directory)
@@ -1035,11 +1058,19 @@ def ablate(cfg: AblateConfig) -> list[Path]:
     """`nanoseek ablate STUDY|all`: the reports written."""
     cfg.validate()
     studies = STUDIES if cfg.study == "all" else (cfg.study,)
+    # every study's plan before the first trains: `all` refused a later study's preset, or a resume with
+    # other settings, only after every study before it had trained
+    for study in studies:
+        _prepare(cfg, study)
     t0 = time.perf_counter()
     reports = [run_study(cfg, s) for s in studies]
-    if len(studies) > 1:
-        from nanoseek.ablate_report import build_index
+    from nanoseek.ablate_report import build_index
 
-        reports.append(build_index(Path(cfg.out) / "ablate", studies))
+    root = Path(cfg.out) / "ablate"
+    if len(studies) > 1:
+        reports.append(build_index(root, studies))
+    elif (root / "report.md").exists():
+        # one study rerun after `all` (more seeds): the index went on showing that study's old verdicts
+        build_index(root, STUDIES)
     print(f"ablate: {', '.join(studies)} in {time.perf_counter() - t0:.0f}s -> {reports[-1]}", flush=True)
     return reports
