@@ -292,6 +292,22 @@ def test_a_failed_forward_is_logged_once_for_all_its_requests(tok, model, monkey
 
     monkeypatch.setattr(engine, "_hidden", tripping)
     app = create_app(engine, tok, ServeConfig(model_name=MODEL), model=model)
+
+    # a slow queue between the server and its engine thread: the four choices were put one by one, and the
+    # thread could take the first alone (prefilled alone, at random under load: 3 requests logged)
+    class SlowQueue:
+        def __init__(self, q):
+            self.q = q
+
+        def put(self, item):
+            self.q.put(item)
+            time.sleep(0.05)
+
+        def __getattr__(self, name):
+            return getattr(self.q, name)
+
+    server = app.state.server
+    monkeypatch.setattr(server.engine, "_commands", SlowQueue(server.engine._commands))
     body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 4, "n": 4, "temperature": 0}
     with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         assert "out of memory" in _err(c.post("/v1/completions", json=body), 500)["message"]

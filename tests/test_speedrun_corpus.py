@@ -141,7 +141,7 @@ def test_the_student_pretrains_at_its_own_lr_and_the_teacher_at_pretrain_lr(
 def test_the_control_plan_finds_enough_distinct_worked_solutions(tmp_path, name):
     """The control beside GRPO builds fresh worked solutions for its whole first plan; a plan larger than
     a family's distinct training problems would stop it at its start (400 steps asked linear equations
-    for 1,714 where they have 1,539)."""
+    for 1,714 where they had 1,539; 350 steps, 1,500 where they have 1,212)."""
     from nanoseek.train.sft import task_conversations
 
     preset = PRESETS[name]
@@ -346,10 +346,10 @@ def test_tasks_that_the_speedrun_cannot_run_are_named_one_by_one(tmp_path, capsy
 
 
 def test_a_family_run_alone_gives_the_worked_solutions_it_holds(tmp_path):
-    """A family alone gives all of a stage's worked solutions: linear equations hold 1,539 distinct
+    """A family alone gives all of a stage's worked solutions: linear equations hold 1,212 distinct
     training problems, fewer than the cpu preset's cold start asks of them (3,000)."""
     alone = Speedrun(tmp_path, PRESETS["cpu"].with_tasks(["linear_equation"]), progress=False)
-    assert alone._examples_held(3000) == 1539
+    assert alone._examples_held(3000) == 1212
     cpu = Speedrun(tmp_path, PRESETS["cpu"], progress=False)
     n = cpu._control_examples(PRESETS["cpu"].control_plan_steps)
     assert cpu._examples_held(n) == n - n % 7  # the preset's own families fill their equal shares

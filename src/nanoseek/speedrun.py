@@ -189,8 +189,9 @@ class SpeedrunPreset:
     control: bool = True
     # beside GRPO, the control's first plan in steps (refitted to GRPO's pace), with fresh worked solutions
     # at the cold start's rate per step: ~350 steps fit GRPO's time, a larger plan only builds data, and
-    # 400 would ask linear equations for more distinct training problems than they have (1,539)
-    control_plan_steps: int = 350
+    # more than 280 ask linear equations for more distinct training problems than they have (1,212 since
+    # equations that work a held-out subtraction are in neither split; 1,539 before, and 350 steps)
+    control_plan_steps: int = 280
     # distillation: ~180 kept traces, ~60 packed rows. 120 steps (~16 passes) against 40: mean +2.7 /
     # +1.7 points at seeds 0 / 1 (83.3 -> 86.0%, 80.9 -> 82.6%), mostly `largest`, which the student
     # learns from the teacher's right answers alone (46.9 -> 64.6%, 31.8 -> 47.4%)
@@ -815,7 +816,7 @@ class Speedrun:
     def _examples_held(self, n: int) -> int:
         """`n` worked solutions in equal shares per family (rounded down to them), or fewer where a family
         holds fewer distinct training problems than its share: a family run alone (`--tasks
-        linear_equation`, 1,539 of them) gives all of a control's ~10k, and SFT draws every family's share
+        linear_equation`, 1,212 of them) gives all of a control's ~8k, and SFT draws every family's share
         up to what it holds, so each family keeps an equal share."""
         from nanoseek.data.tasks import get_task
 

@@ -159,8 +159,9 @@ class AsyncEngine:
         the thread as it stops (`_fail_queued`), never left waiting for an engine that is gone."""
         with self._dying:
             self._check_alive()
-            for cmd in commands:
-                self._commands.put(cmd)
+            # one queue item: the thread takes a request's choices (n > 1) in the same step, never the
+            # first alone while the rest are still being put (they were prefilled apart, at random)
+            self._commands.put(("group", commands))
 
     def abort(self, group: RequestGroup) -> None:
         """Free every unfinished request of the group (a client went away)."""
@@ -223,16 +224,20 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if cmd[0] == "add":
-                entry = cmd[4]
-                self._post(entry.group, (entry.index, error), release=1)
-            elif cmd[0] == "score":
-                fut = cmd[3]
-                fut.get_loop().call_soon_threadsafe(_resolve, fut, error)
+            for one in cmd[1] if cmd[0] == "group" else [cmd]:
+                if one[0] == "add":
+                    entry = one[4]
+                    self._post(entry.group, (entry.index, error), release=1)
+                elif one[0] == "score":
+                    fut = one[3]
+                    fut.get_loop().call_soon_threadsafe(_resolve, fut, error)
 
     def _handle(self, cmd: tuple) -> None:
         kind = cmd[0]
-        if kind == "add":
+        if kind == "group":
+            for one in cmd[1]:
+                self._handle(one)
+        elif kind == "add":
             _, rid, prompt_ids, params, entry = cmd
             try:
                 self.engine.add_request(prompt_ids, params, request_id=rid)
