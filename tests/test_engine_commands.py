@@ -333,7 +333,9 @@ def test_chat_history_of_a_template_without_think_blocks(tmp_path):
     assert out.getvalue() == "Hello there\n" and reply == "Hello there"
 
 
-def test_chat_refuses_a_model_whose_tokenizer_has_no_chat_template(checkpoint, tmp_path, capsys, monkeypatch):
+def test_chat_and_generate_chat_refuse_a_model_whose_tokenizer_has_no_chat_template(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
     """A base model of another family (no chat template) was sent R1's markup spelled out byte by byte,
     its whole reply shown as reasoning (it never writes </think>); it is refused with what to use."""
     import json
@@ -352,6 +354,16 @@ def test_chat_refuses_a_model_whose_tokenizer_has_no_chat_template(checkpoint, t
     assert main(["chat", str(tmp_path), "--threads", "1", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert "has no chat template" in err and "nanoseek generate" in err
+    # `generate --chat` rendered R1's markup for it and went on: refused too, before the weights load
+    import nanoseek.checkpoint
+
+    real_load = nanoseek.checkpoint.load_model
+    monkeypatch.setattr(nanoseek.checkpoint, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    assert main(["generate", str(tmp_path), "hi", "--chat", "--threads", "1", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "has no chat template" in err and "without --chat" in err
+    monkeypatch.setattr(nanoseek.checkpoint, "load_model", real_load)
+    assert main(["generate", str(tmp_path), "hi", "--threads", "1", "--max-new-tokens", "2"]) == 0
 
 
 def test_chat_no_think_refuses_a_template_without_a_non_thinking_mode(checkpoint, tmp_path):
@@ -529,9 +541,9 @@ def test_chat_says_when_a_message_does_not_fit_and_goes_on(checkpoint):
     assert "the context holds" in text and "try a shorter message" in text and "1 turn," in text
 
 
-def _generate_replies(monkeypatch, tok, reply: list[int]) -> list:
-    """`nanoseek generate` answers `reply` to every prompt, without a model; returns the sampling
-    params each call was given."""
+def _generate_replies(monkeypatch, tok, reply: list[int], finish_reason: str = "stop") -> list:
+    """`nanoseek generate` answers `reply` to every prompt, without a model, ended for `finish_reason`;
+    returns the sampling params each call was given."""
     import types
 
     from nanoseek.commands import generate
@@ -540,14 +552,15 @@ def _generate_replies(monkeypatch, tok, reply: list[int]) -> list:
 
     class Scripted:
         dtype = "torch.float32"
+        max_seq_len = 256
 
         def stream(self, prompts, params, should_stop=None):
             seen.append(params)
-            yield types.SimpleNamespace(new_token_ids=reply, finished=True)
+            yield types.SimpleNamespace(new_token_ids=reply, finished=True, finish_reason=finish_reason)
 
-        def generate(self, prompts, params):
+        def generate_detailed(self, prompts, params):
             seen.append(params)
-            return [reply for _ in prompts]
+            return [types.SimpleNamespace(token_ids=reply, finish_reason=finish_reason) for _ in prompts]
 
         def stats(self):
             return {"spec_acceptance_rate": None}
@@ -570,6 +583,48 @@ def test_generate_keeps_the_first_words_space_with_a_sentencepiece_vocabulary(tm
         assert args.func(args) == 0
         out = capsys.readouterr().out
         assert "The capital is Paris." in out and "isParis" not in out
+
+
+def test_generate_reads_a_prompt_file_on_stdin_without_its_bom_crlf_or_last_line_end(
+    checkpoint, monkeypatch, capsys
+):
+    """`generate DIR - < prompt.txt`: a Windows editor's byte-order mark and CRLF line ends went into the
+    prompt as tokens, and so did the file's (or `echo`'s) last newline: the model continued the text on
+    a new line."""
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    _generate_replies(monkeypatch, tok, tok.encode(" fox", add_bos=False))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\ufeffthe\r\nquick\r\n"))
+    args = cli_args("generate", "ck", "-")
+    assert args.func(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "the\nquick fox\n"
+    n = len(tok.encode("the\nquick", add_bos=tok.add_bos_token))
+    assert f"from a {n}-token prompt" in captured.err
+
+
+def test_generate_says_when_the_context_ended_a_completion_before_max_new_tokens(
+    checkpoint, monkeypatch, capsys
+):
+    """A prompt near the context's end with --max-new-tokens past it: the completion stopped at the
+    context without a word, and read as the model's own end (a server refuses such a request)."""
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    reply = tok.encode(" fox", add_bos=False)
+    for reason, said in (("length", True), ("stop", False)):
+        _generate_replies(monkeypatch, tok, reply, finish_reason=reason)
+        for samples in ("1", "2"):
+            args = cli_args("generate", "ck", "the quick", "--max-new-tokens", "50", "--num-samples", samples, "--temperature", "1")  # fmt: skip
+            assert args.func(args) == 0
+            err = capsys.readouterr().err
+            assert ("stopped at the context's end (256 tokens" in err) == said
+            assert ("2 of 2 completions" in err) == (said and samples == "2")
+    _generate_replies(monkeypatch, tok, reply, finish_reason="length")  # --max-new-tokens itself ended it
+    args = cli_args("generate", "ck", "the quick", "--max-new-tokens", str(len(reply)))
+    assert args.func(args) == 0
+    assert "context" not in capsys.readouterr().err
 
 
 def test_chat_session_sends_the_history_and_flags_the_user_relies_on(checkpoint, monkeypatch):

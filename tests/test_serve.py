@@ -459,6 +459,34 @@ def test_a_streamed_non_finite_logprob_is_an_in_band_error_not_invalid_json(tok,
             assert "not JSON compliant" in parsed[-1]["error"]["message"]
 
 
+def test_a_failure_of_the_servers_own_mid_stream_is_an_in_band_error_not_a_cut_connection(tok, monkeypatch):
+    """Any exception after a stream's 200, not only an APIError, is sent as vLLM sends it: a server_error event
+    then [DONE]. Raised out of the body it cut the connection (the openai client: "incomplete chunked read"),
+    and the request's engine work is freed all the same."""
+    engine = ScriptedEngine(tok, lambda prompt, params: [100 + i % 50 for i in range(200)])
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL))
+    server = app.state.server
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server, "chat_logprobs", boom)
+    monkeypatch.setattr(server, "legacy_logprobs", boom)
+    chat = {"model": MODEL, "messages": USER, "max_tokens": 200, "logprobs": True, "stream": True}
+    completion = {"model": MODEL, "prompt": "hello", "max_tokens": 200, "logprobs": 2, "stream": True}
+    with LiveServer(app) as srv:
+        for path, body in [("/v1/chat/completions", chat), ("/v1/completions", completion)]:
+            r = httpx.post(srv.url + path, json=body, timeout=30)
+            events = [line[len("data: ") :] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            error = json.loads(events[-2])["error"]
+            assert error["type"] == "server_error" and "RuntimeError: a bug" in error["message"]
+        deadline = time.time() + 5
+        while (server.engine.pending or engine.has_unfinished()) and time.time() < deadline:
+            time.sleep(0.02)
+        assert server.engine.pending == 0 and not engine.has_unfinished()
+
+
 def test_completions_lm_eval_loglikelihood(real, tok, model):
     """Exactly the body lm-evaluation-harness local-completions sends for loglikelihood."""
     ctx = tok.encode("First, 2 + 2", add_bos=True)

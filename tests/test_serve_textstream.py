@@ -196,6 +196,13 @@ def test_a_call_whose_arguments_hold_nan_is_text():
         assert _tool_split(text, [text])[:2] == (text, None), value
 
 
+def test_a_call_whose_arguments_nest_past_the_json_decoders_depth_is_text():
+    """A model looping on "[" inside a call's arguments nests deeper than Python's JSON decoder goes: its
+    RecursionError was a 500 for the whole reply (and a stream cut off mid-way), not the model's text."""
+    text = "x" + TOOL_CALLS_BEGIN + CALL.replace('"Paris"', "[" * 5000 + "]" * 5000) + TOOL_CALLS_END
+    assert _tool_split(text, [text])[:2] == (text, None)
+
+
 def test_a_prefilled_call_that_does_not_parse_is_the_model_text_alone():
     # the forced call's opening is the prompt's text, not the answer's: never handed back as content
     prefix = TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "get_weather" + TOOL_SEP

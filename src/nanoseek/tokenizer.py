@@ -355,7 +355,9 @@ def parse_tool_calls(text: str, names: Iterable[str] | None = None) -> tuple[str
             # NaN and Infinity are Python's, not JSON: a client's JSON.parse failed on such `arguments`
             if not isinstance(json.loads(args, parse_constant=_not_json), dict):
                 return None
-        except ValueError:
+        # RecursionError: arguments nested deeper than the JSON decoder goes (a model looping on "[") are no
+        # call either; raised, the whole reply was a 500, or a stream cut off
+        except (ValueError, RecursionError):
             return None
         calls.append({"type": "function", "function": {"name": name, "arguments": args}})
     return (text[:start], calls) if calls else None

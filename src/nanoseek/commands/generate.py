@@ -120,6 +120,12 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
         check_quantize_device(args.quantize, device)
     directory = resolve_checkpoint(args.dir, tokenizer=True)
     tokenizer = checkpoint_tokenizer(directory)  # one from another model: said before the weights load
+    if getattr(args, "chat", False) and tokenizer.chat_template is None:
+        # `generate --chat` on a base model of another family: R1's markup reached it spelled out byte by
+        # byte, as `chat` refuses it (which says so once the weights are in)
+        raise ValueError(
+            f"--chat: {args.dir} has no chat template (a base model?): continue the text without --chat"
+        )
     # the sampling the flags and the checkpoint's generation_config.json make, refused before the weights
     # load: a value out of range in the file, several samples where it decodes greedily
     params = sampling_params(args, tokenizer.generation_config, directory / "generation_config.json")
@@ -185,7 +191,12 @@ def _run(args: argparse.Namespace) -> int:
         refuse_identical_samples(params.temperature, args.num_samples, "--num-samples", "the prompt")
     engine, tok, _ = load_for_generation(args, max_batch_size=args.num_samples)
     params = sampling_params(args, tok.generation_config)
-    text = sys.stdin.read() if prompt == "-" else prompt
+    text = prompt
+    if prompt == "-":
+        # a file piped in (`generate DIR - < prompt.txt`, `echo TEXT |`): a Windows editor's byte-order
+        # mark and CRLF line ends are the file's, not the prompt's, and so is its last line end, which
+        # had the model continue "TEXT" on a new line (llama.cpp's `-f` drops it too)
+        text = sys.stdin.read().removeprefix("\ufeff").replace("\r\n", "\n").removesuffix("\n")
     if args.chat:
         ids = tok.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
@@ -195,6 +206,7 @@ def _run(args: argparse.Namespace) -> int:
     params = dataclasses.replace(params, stop_token_ids=list(tok.stop_token_ids))
     t0 = time.perf_counter()
     n_tokens = 0
+    cut = 0  # completions the context ended short of max_new_tokens
     if args.num_samples == 1:
         # primed with the prompt: a SentencePiece decoder strips a text's leading space ("isParis")
         decoder = IncrementalDecoder(tok, skip_special_tokens=True, context=ids)
@@ -205,12 +217,15 @@ def _run(args: argparse.Namespace) -> int:
             n_tokens += len(ev.new_token_ids)
             sys.stdout.write(decoder.push(ev.new_token_ids))
             sys.stdout.flush()
+            cut += ev.finish_reason == "length" and n_tokens < params.max_new_tokens
         # a completion cut inside a character ends before it (as the server's), not with U+FFFD
         sys.stdout.write(decoder.flush(drop_partial=True) + "\n")
     else:
-        outs = engine.generate([ids] * args.num_samples, params)
-        for i, out in enumerate(outs):
+        outs = engine.generate_detailed([ids] * args.num_samples, params)
+        for i, done in enumerate(outs):
+            out = done.token_ids
             n_tokens += len(out)
+            cut += done.finish_reason == "length" and len(out) < params.max_new_tokens
             print(f"--- sample {i + 1}/{len(outs)}")
             decoder = IncrementalDecoder(tok, skip_special_tokens=True, context=ids)
             print(("" if args.chat else text) + decoder.push(out) + decoder.flush(drop_partial=True))
@@ -224,4 +239,13 @@ def _run(args: argparse.Namespace) -> int:
         f"({n_tokens / max(dt, 1e-9):.1f} tok/s, {str(engine.dtype).removeprefix('torch.')}{spec})",
         file=sys.stderr,
     )
+    if cut:
+        # the engine ends a completion at its context (max_seq_len; a server refuses such a request): said,
+        # or the shorter text read as the model's own end
+        which = "the completion" if args.num_samples == 1 else f"{cut} of {args.num_samples} completions"
+        print(
+            f"nanoseek generate: {which} stopped at the context's end ({engine.max_seq_len} "
+            f"tokens, the prompt's included), short of max_new_tokens {params.max_new_tokens}",
+            file=sys.stderr,
+        )
     return 0

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -91,6 +92,7 @@ GET = ["GET", "HEAD"]
 # client is still there: a hang-up frees its engine work within this long.
 HANGUP_POLL_S = 0.5
 THINKING_KWARGS = ("thinking", "enable_thinking")  # the chat template's options (Server.thinking)
+log = logging.getLogger("nanoseek.serve")
 
 
 class _PageFiles(StaticFiles):
@@ -1117,6 +1119,11 @@ def _sse(
                 yield f"data: {data}\n\n"
         except APIError as e:  # after the 200 status line: report in-band, as OpenAI does
             yield f"data: {json.dumps(e.body())}\n\n"
+        # any other failure too (a bug of ours), as vLLM sends it: raised out of the body after the 200, it cut
+        # the connection, and a client saw a broken chunked read instead of the error and the [DONE]
+        except Exception as e:
+            log.exception("a stream failed after its response began")
+            yield f"data: {json.dumps(_server_error(e).body())}\n\n"
         finally:
             server.release(group, choices, prompt_tokens)
         yield "data: [DONE]\n\n"
