@@ -609,6 +609,21 @@ def test_completions_text_offset_indexes_the_choice_text(real, tok):
     assert streamed == offsets
 
 
+def test_a_text_prompt_that_starts_with_the_bos_gets_no_second_one(real, tok):
+    """A prompt rendered with its BOS (a chat template's text, lm-eval's `add_bos_token=True` requests sent
+    as text) is scored as its own tokens: the server added another BOS before it, and every log-prob
+    changed."""
+    ids = tok.encode("First, 2 + 2 = 4", add_bos=True)
+    text = tok.decode(ids)
+    assert text.startswith(tok.bos_token)
+    body = {"model": MODEL, "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1}
+    lp = httpx.post(real.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    by_ids = httpx.post(real.url + "/v1/completions", json={**body, "prompt": [ids]}, timeout=60).json()
+    assert lp == by_ids["choices"][0]["logprobs"]  # tokens, log-probs and text offsets alike
+    counted = httpx.post(real.url + "/tokenize", json={"model": MODEL, "prompt": text}, timeout=60).json()
+    assert counted["tokens"] == ids
+
+
 def test_completions_prompt_forms_echo_and_max_tokens(real, tok):
     c = real.client
     one = c.completions.create(model=MODEL, prompt="Hello world", max_tokens=1, temperature=0)

@@ -805,7 +805,7 @@ class Server:
             if isinstance(p, str):
                 if not p:
                     raise APIError("prompt must not be empty.", param="prompt")
-                out.append((self.tokenizer.encode(p, add_bos=self.add_bos), p))
+                out.append((self.tokenizer.encode(p, add_bos=self.adds_bos(p)), p))
             else:
                 bad = [t for t in p if not 0 <= t < self.vocab_size] if self.vocab_size else []
                 if bad:
@@ -869,7 +869,7 @@ class Server:
                         scores[i // n],
                         c.logprobs,
                         req.logprobs,
-                        hidden=self.hidden_prefix(req.prompt),
+                        hidden=self.hidden_prefix(req.prompt, text),
                         offsets=[(len(text) if req.echo else 0) + o for o in c.starts],
                     )
                 out.append(
@@ -929,7 +929,7 @@ class Server:
                 lp = None
                 if req.logprobs is not None:
                     lp = self.legacy_logprobs(
-                        ids, scores[i // n], [], req.logprobs, hidden=self.hidden_prefix(req.prompt)
+                        ids, scores[i // n], [], req.logprobs, hidden=self.hidden_prefix(req.prompt, text)
                     )
                 yield chunk(i, text, lp, None)
         sent_lp = [0] * len(choices)
@@ -960,11 +960,18 @@ class Server:
             final["choices"], final["usage"] = [], _usage(prompt_tokens, choices)
             yield final
 
-    def hidden_prefix(self, prompt: Any) -> int:
-        """Tokens at the start of each prompt that its echoed text does not hold: the BOS the server adds to
+    def adds_bos(self, text: str) -> bool:
+        """Whether a text prompt gets the BOS: not one that starts with it (a chat template's rendering,
+        lm-eval's `add_bos_token=True` prompts sent as text), which a second BOS would put out of the
+        distribution the model was trained on (lm-eval's hf backend keeps one too)."""
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return self.add_bos and not (bos and text.startswith(bos))
+
+    def hidden_prefix(self, prompt: Any, text: str) -> int:
+        """Tokens at the start of a prompt that its echoed `text` does not hold: the BOS the server adds to
         a text prompt (a token-id prompt is echoed as its decoded ids, BOS included)."""
         texts = isinstance(prompt, str) or isinstance(prompt[0], str)
-        return int(texts and self.add_bos)
+        return int(texts and self.adds_bos(text))
 
     def legacy_logprobs(
         self,
@@ -1027,7 +1034,7 @@ class Server:
             ids = await asyncio.to_thread(self.tokenizer.encode, text)
         else:
             # special tokens as a text prompt gets them: no BOS for a vocabulary without one (Qwen's)
-            bos = req.add_special_tokens and self.add_bos
+            bos = req.add_special_tokens and self.adds_bos(req.prompt)
             ids = await asyncio.to_thread(self.tokenizer.encode, req.prompt, add_bos=bos)
         return JSONResponse({"count": len(ids), "max_model_len": self.max_context, "tokens": ids})
 
