@@ -447,16 +447,23 @@ def test_a_streamed_non_finite_logprob_is_an_in_band_error_not_invalid_json(tok,
     with torch.no_grad():
         broken.lm_head.weight[5].fill_(float("nan"))
     app = create_app(Engine(broken, max_batch_size=4, max_seq_len=256), tok, ServeConfig(model_name=MODEL))
-    chat = {"model": MODEL, "messages": USER, "max_tokens": 2, "logprobs": True, "stream": True}
-    completion = {"model": MODEL, "prompt": "hello", "max_tokens": 2, "logprobs": 2, "stream": True}
     with LiveServer(app) as srv:
-        for path, body in [("/v1/chat/completions", chat), ("/v1/completions", completion)]:
-            r = httpx.post(srv.url + path, json=body, timeout=60)
-            events = [line[len("data: ") :] for line in r.text.splitlines() if line.startswith("data: ")]
-            assert events[-1] == "[DONE]"
-            parsed = [json.loads(e, parse_constant=pytest.fail) for e in events[:-1]]
-            assert parsed[-1]["error"]["type"] == "server_error"
-            assert "not JSON compliant" in parsed[-1]["error"]["message"]
+        for error in _streamed_errors(srv.url, max_tokens=2):
+            assert error["type"] == "server_error" and "not JSON compliant" in error["message"]
+
+
+def _streamed_errors(url: str, max_tokens: int) -> list[dict]:
+    """The last event's error of a streamed chat and a streamed completion asking for logprobs, after
+    checking the stream ends with [DONE] and every event is JSON (no bare NaN)."""
+    chat = {"model": MODEL, "messages": USER, "max_tokens": max_tokens, "logprobs": True, "stream": True}
+    completion = {"model": MODEL, "prompt": "hello", "max_tokens": max_tokens, "logprobs": 2, "stream": True}
+    errors = []
+    for path, body in [("/v1/chat/completions", chat), ("/v1/completions", completion)]:
+        r = httpx.post(url + path, json=body, timeout=60)
+        events = [line[len("data: ") :] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        errors.append([json.loads(e, parse_constant=pytest.fail) for e in events[:-1]][-1]["error"])
+    return errors
 
 
 def test_a_failure_of_the_servers_own_mid_stream_is_an_in_band_error_not_a_cut_connection(tok, monkeypatch):
@@ -472,14 +479,8 @@ def test_a_failure_of_the_servers_own_mid_stream_is_an_in_band_error_not_a_cut_c
 
     monkeypatch.setattr(server, "chat_logprobs", boom)
     monkeypatch.setattr(server, "legacy_logprobs", boom)
-    chat = {"model": MODEL, "messages": USER, "max_tokens": 200, "logprobs": True, "stream": True}
-    completion = {"model": MODEL, "prompt": "hello", "max_tokens": 200, "logprobs": 2, "stream": True}
     with LiveServer(app) as srv:
-        for path, body in [("/v1/chat/completions", chat), ("/v1/completions", completion)]:
-            r = httpx.post(srv.url + path, json=body, timeout=30)
-            events = [line[len("data: ") :] for line in r.text.splitlines() if line.startswith("data: ")]
-            assert events[-1] == "[DONE]"
-            error = json.loads(events[-2])["error"]
+        for error in _streamed_errors(srv.url, max_tokens=200):
             assert error["type"] == "server_error" and "RuntimeError: a bug" in error["message"]
         deadline = time.time() + 5
         while (server.engine.pending or engine.has_unfinished()) and time.time() < deadline:
