@@ -251,17 +251,26 @@ def dense_reference(experts: RoutedExperts, x, idx, w) -> torch.Tensor:
     return out
 
 
+def random_experts(
+    n: int, hidden: int, inter: int, tokens: int, k: int, std: float = 0.3, grad: bool = False
+):
+    """RoutedExperts with N(0, std) weights and `tokens` random inputs (`grad`: requiring gradients), each
+    routed to k distinct experts with random weights: (experts, x, idx, w)."""
+    experts = RoutedExperts(n, hidden, inter)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, std)
+        experts.down_proj.normal_(0, std)
+    x = torch.randn(tokens, hidden, requires_grad=grad)
+    idx = torch.stack([torch.randperm(n)[:k] for _ in range(tokens)])
+    return experts, x, idx, torch.rand(tokens, k)
+
+
 @pytest.mark.parametrize("hidden,inter", [(16, 12), (10, 5)])  # grouped GEMM, and the aligned-less loop
 def test_grouped_experts_equal_dense_per_token_reference(hidden, inter):
     torch.manual_seed(0)
-    experts = RoutedExperts(8, hidden, inter)
-    with torch.no_grad():
-        experts.gate_up_proj.normal_(0, 0.3)
-        experts.down_proj.normal_(0, 0.3)
-    x = torch.randn(20, hidden, requires_grad=True)
-    idx = torch.stack([torch.randperm(8)[:3] for _ in range(20)])
+    experts, x, idx, w = random_experts(8, hidden, inter, tokens=20, k=3, grad=True)
     idx[:, 0] = 7  # a crowded expert; some experts may get no token at all
-    w = torch.rand(20, 3, requires_grad=True)
+    w.requires_grad_()
     got = experts(x, idx, w)
     ref = dense_reference(experts, x, idx, w)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
@@ -273,13 +282,7 @@ def test_grouped_experts_equal_dense_per_token_reference(hidden, inter):
 
 
 def test_grouped_experts_follow_autocast():
-    experts = RoutedExperts(8, 64, 32)
-    with torch.no_grad():
-        experts.gate_up_proj.normal_(0, 0.2)
-        experts.down_proj.normal_(0, 0.2)
-    x = torch.randn(40, 64, requires_grad=True)
-    idx = torch.stack([torch.randperm(8)[:2] for _ in range(40)])
-    w = torch.rand(40, 2)
+    experts, x, idx, w = random_experts(8, 64, 32, tokens=40, k=2, std=0.2, grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = experts(x, idx, w)
     assert got.dtype == torch.bfloat16
@@ -336,13 +339,7 @@ def test_grouped_experts_without_torch_grouped_mm_take_the_loop(monkeypatch, mis
     from nanoseek.model import moe
 
     torch.manual_seed(0)
-    experts = RoutedExperts(4, 32, 16)
-    with torch.no_grad():
-        experts.gate_up_proj.normal_(0, 0.3)
-        experts.down_proj.normal_(0, 0.3)
-    x = torch.randn(24, 32, requires_grad=True)
-    idx = torch.stack([torch.randperm(4)[:2] for _ in range(24)])
-    w = torch.rand(24, 2)
+    experts, x, idx, w = random_experts(4, 32, 16, tokens=24, k=2, grad=True)
     params = (x, experts.gate_up_proj, experts.down_proj)
     ref = experts(x, idx, w)
     ref_grads = torch.autograd.grad(ref.square().sum(), params)
@@ -669,13 +666,7 @@ def test_decode_gathered_and_in_place_equal_reference(tokens, monkeypatch):
     from nanoseek.model import moe
 
     torch.manual_seed(0)
-    experts = RoutedExperts(8, 16, 12)
-    with torch.no_grad():
-        experts.gate_up_proj.normal_(0, 0.3)
-        experts.down_proj.normal_(0, 0.3)
-    x = torch.randn(tokens, 16)
-    idx = torch.stack([torch.randperm(8)[:3] for _ in range(tokens)])
-    w = torch.rand(tokens, 3)
+    experts, x, idx, w = random_experts(8, 16, 12, tokens=tokens, k=3)
     ref = dense_reference(experts, x, idx, w)
     with torch.inference_mode():
         assert experts.decodes(idx)
