@@ -350,15 +350,15 @@ def test_chat_and_generate_chat_refuse_a_model_whose_tokenizer_has_no_chat_templ
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     del config["chat_template"]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    import nanoseek.checkpoint
+
+    # refused before the weights load, by `chat` and by `generate --chat` (which rendered R1's markup too)
+    real_load = nanoseek.checkpoint.load_model
+    monkeypatch.setattr(nanoseek.checkpoint, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
     assert main(["chat", str(tmp_path), "--threads", "1", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert "has no chat template" in err and "nanoseek generate" in err
-    # `generate --chat` rendered R1's markup for it and went on: refused too, before the weights load
-    import nanoseek.checkpoint
-
-    real_load = nanoseek.checkpoint.load_model
-    monkeypatch.setattr(nanoseek.checkpoint, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     assert main(["generate", str(tmp_path), "hi", "--chat", "--threads", "1", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert "has no chat template" in err and "without --chat" in err
@@ -497,8 +497,8 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(checkpoint, monkeypat
     real_load = chat.load_for_generation
     seen = {}
 
-    def load(args):
-        engine, tok, model = real_load(args)
+    def load(args, chat=False):
+        engine, tok, model = real_load(args, chat=chat)
 
         class Interrupting:  # the real engine; SIGINT arrives while the first reply streams
             max_seq_len = engine.max_seq_len
@@ -650,7 +650,7 @@ def test_chat_session_sends_the_history_and_flags_the_user_relies_on(checkpoint,
             return [SimpleNamespace(new_token_ids=reply)]
 
     model = SimpleNamespace(config=get_preset("tiny"), dtype=torch.float32)
-    monkeypatch.setattr(chat, "load_for_generation", lambda args: (Scripted(), tok, model))
+    monkeypatch.setattr(chat, "load_for_generation", lambda args, chat=False: (Scripted(), tok, model))
     stdin = io.StringIO("first\n/system   new rules\nsecond\nthird\n/quit\nnever sent\n")
     out = io.StringIO()
     assert chat.run(cli_args("chat", str(checkpoint), "--system", "be brief"), stdin=stdin, stdout=out) == 0
@@ -796,7 +796,7 @@ def test_generate_and_chat_sample_with_the_checkpoints_generation_config_where_a
             return [SimpleNamespace(new_token_ids=greedy.encode("ok", add_bos=False))]
 
     model = SimpleNamespace(config=get_preset("tiny"), dtype=torch.float32)
-    monkeypatch.setattr(chat, "load_for_generation", lambda args: (Scripted(), greedy, model))
+    monkeypatch.setattr(chat, "load_for_generation", lambda args, chat=False: (Scripted(), greedy, model))
     for flags in ([], ["--temperature", "0.9", "--max-new-tokens", "2000"]):
         assert chat.run(cli_args("chat", "ck", *flags), stdin=io.StringIO("q\n"), stdout=io.StringIO()) == 0
     assert [(p.temperature, p.max_new_tokens) for p in asked] == [(0.0, 11), (0.9, 2000)]
@@ -956,7 +956,7 @@ def _scripted_chat(monkeypatch, checkpoint, max_seq_len: int = 4096) -> list[str
 
     Scripted.max_seq_len = max_seq_len
     model = SimpleNamespace(config=get_preset("tiny"), dtype=torch.float32)
-    monkeypatch.setattr(chat, "load_for_generation", lambda args: (Scripted(), tok, model))
+    monkeypatch.setattr(chat, "load_for_generation", lambda args, chat=False: (Scripted(), tok, model))
     return prompts
 
 

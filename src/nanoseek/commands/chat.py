@@ -276,22 +276,7 @@ def _chat(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO | None)
     from nanoseek.tokenizer import USER
 
     sampling_params(args)  # bad flags fail before the model loads
-    engine, tok, model = load_for_generation(args)
-    if tok.chat_template is None:
-        # another family's vocabulary without a template (a base model's): R1's markup reached it spelled
-        # out byte by byte and its whole reply was shown as reasoning; transformers and vLLM refuse it too
-        raise ValueError(
-            f"{args.dir} has no chat template (a base model?): continue a text with "
-            f"`nanoseek generate {args.dir} PROMPT`"
-        )
-    probe = [{"role": "user", "content": "?"}]
-    if not args.think and tok.apply_chat_template(probe, thinking=False).rstrip().endswith(tok.think_start):
-        # R1-Distill's template knows no non-thinking mode: its prompt opens the think block whatever the
-        # flag, so the model reasons anyway, and that reasoning was shown (and kept) as the answer
-        raise ValueError(
-            f"--no-think: {args.dir}'s chat template has no non-thinking mode (its prompt opens "
-            f"{tok.think_start} either way); chat without the flag to see the reasoning apart"
-        )
+    engine, tok, model = load_for_generation(args, chat=True)  # (a template it can chat in, or refused)
     params = sampling_params(args, tok.generation_config)  # with the checkpoint's sampling defaults
     stops = list(tok.stop_token_ids)
     user_id = tok.token_to_id(USER)

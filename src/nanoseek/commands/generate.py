@@ -105,8 +105,12 @@ def speculation(model: Any, asked: bool) -> bool:
     return asked
 
 
-def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tuple[Any, Any, Any]:
-    """(engine, tokenizer, model) from a checkpoint directory, with a clear error if parts are missing."""
+def load_for_generation(
+    args: argparse.Namespace, max_batch_size: int = 1, chat: bool = False
+) -> tuple[Any, Any, Any]:
+    """(engine, tokenizer, model) from a checkpoint directory, with a clear error if parts are missing.
+    `chat` (`nanoseek chat`; `generate --chat` too): the tokenizer must have a chat template, and one
+    with a non-thinking mode where `--no-think` asks for it, said before the weights load."""
     from nanoseek.checkpoint import load_model, resolve_checkpoint, resolve_device
     from nanoseek.engine import Engine
     from nanoseek.engine.quantize import check_quantize_device
@@ -120,11 +124,26 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1) -> tu
         check_quantize_device(args.quantize, device)
     directory = resolve_checkpoint(args.dir, tokenizer=True)
     tokenizer = checkpoint_tokenizer(directory)  # one from another model: said before the weights load
-    if getattr(args, "chat", False) and tokenizer.chat_template is None:
-        # `generate --chat` on a base model of another family: R1's markup reached it spelled out byte by
-        # byte, as `chat` refuses it (which says so once the weights are in)
+    if (chat or getattr(args, "chat", False)) and tokenizer.chat_template is None:
+        # a base model of another family: R1's markup reached it spelled out byte by byte and its whole
+        # reply was shown as reasoning; transformers and vLLM refuse it too
+        how = (
+            "continue the text without --chat"
+            if not chat
+            else f"continue a text with `nanoseek generate {args.dir} PROMPT`"
+        )
+        raise ValueError(f"{args.dir} has no chat template (a base model?): {how}")
+    probe = [{"role": "user", "content": "?"}]
+    if (
+        chat
+        and not args.think
+        and tokenizer.apply_chat_template(probe, thinking=False).rstrip().endswith(tokenizer.think_start)
+    ):
+        # R1-Distill's template knows no non-thinking mode: its prompt opens the think block whatever the
+        # flag, so the model reasons anyway, and that reasoning was shown (and kept) as the answer
         raise ValueError(
-            f"--chat: {args.dir} has no chat template (a base model?): continue the text without --chat"
+            f"--no-think: {args.dir}'s chat template has no non-thinking mode (its prompt opens "
+            f"{tokenizer.think_start} either way); chat without the flag to see the reasoning apart"
         )
     # the sampling the flags and the checkpoint's generation_config.json make, refused before the weights
     # load: a value out of range in the file, several samples where it decodes greedily
