@@ -26,7 +26,7 @@ import torch
 
 from nanoseek.atomic import atomic_write, check_out
 from nanoseek.config import ModelConfig
-from nanoseek.data.tasks import prescore, refuse_unseen_wordings, split_task_list
+from nanoseek.data.tasks import check_training_tasks, prescore, split_task_list
 from nanoseek.engine.sampling import SamplingParams, refuse_identical_samples
 from nanoseek.options import check_choices, option, path, shell_quoted, torch_seed
 from nanoseek.train.sft import SFTConfig, check_seq_len, completion_example, train_on_examples
@@ -315,10 +315,7 @@ def distill(cfg: DistillConfig) -> Path:
     check_choices(cfg)
     if cfg.k < 1 or cfg.prompts < 1 or cfg.keep_per_prompt < 1:
         raise ValueError("-k, --prompts and --keep-per-prompt must be >= 1")
-    repeated = sorted({t for t in cfg.tasks if cfg.tasks.count(t) > 1})
-    if repeated:  # as grpo says it: its problems were sampled twice, up to twice --keep-per-prompt kept
-        raise ValueError(f"--task names {', '.join(repeated)} more than once")
-    refuse_unseen_wordings(cfg.tasks)
+    check_training_tasks(cfg.tasks)
     if cfg.max_batch_size < 1:  # said now, as serve says it, not by the engine once the teacher has loaded
         raise ValueError(f"--max-batch-size must be >= 1, got {cfg.max_batch_size}")
     # (NaN too) said now, not by the engine once the teacher has loaded

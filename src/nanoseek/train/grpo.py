@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nanoseek.data.tasks import refuse_unseen_wordings, split_task_list
+from nanoseek.data.tasks import check_training_tasks, split_task_list
 from nanoseek.engine.sampling import GREEDY_BELOW
 from nanoseek.model.loss import target_logprobs
 from nanoseek.options import check_choices, option, path, torch_seed
@@ -453,9 +453,6 @@ class GRPOConfig:
         for name in ("reward_workers", "threads"):  # --threads 0 was ignored, -1 torch's traceback
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        repeated = sorted({t for t in self.tasks or () if list(self.tasks).count(t) > 1})
-        if repeated:  # its pool would be there twice: one problem drawn twice in a step
-            raise ValueError(f"--task names {', '.join(repeated)} more than once")
         for flag, named in (("--sft-mix-tasks", self.sft_mix_tasks), ("--keep-tasks", self.keep_tasks)):
             unknown = set(named or ()) - set(self.tasks or ())
             if unknown:
@@ -469,7 +466,7 @@ class GRPOConfig:
             )
         if not self.tasks:
             raise ValueError("--task needs at least one task name")
-        refuse_unseen_wordings(self.tasks)
+        check_training_tasks(self.tasks)
         from nanoseek.data.rewards import parse_reward_spec
 
         # said now, not after the model loads (a Hub download): an unknown part, a custom one's import

@@ -126,6 +126,15 @@ def refuse_unseen_wordings(names: Sequence[str], what: str = "--task") -> None:
         )
 
 
+def check_training_tasks(names: Sequence[str], what: str = "--task") -> None:
+    """A training stage's task list: none named twice (its problems were drawn twice, grpo's pool there
+    twice and distill's traces kept up to twice per prompt), none in the held-out wordings."""
+    repeated = sorted({t for t in names if list(names).count(t) > 1})
+    if repeated:
+        raise ValueError(f"{what} names {', '.join(repeated)} more than once")
+    refuse_unseen_wordings(names, what)
+
+
 def as_second_turn(spec: str) -> str:
     """The spec of the same held-out problems, each asked second in a chat (`ChatTurnTask`)."""
     return with_option(spec, "turn", 2)
