@@ -668,6 +668,36 @@ def test_chat_session_sends_the_history_and_flags_the_user_relies_on(checkpoint,
     assert seen[0][0].endswith("<｜User｜>q<｜Assistant｜></think>")
 
 
+def test_chat_reads_messages_piped_in_without_their_byte_order_mark(checkpoint, monkeypatch):
+    """`Get-Content questions.txt | nanoseek chat CK` (PowerShell), or a file a Windows editor saved: the
+    byte-order mark opened the first message, as text the model was sent, and hid a command there
+    ("\ufeff/system" was a message). `generate -` drops it already, by the same function."""
+    from types import SimpleNamespace
+
+    from nanoseek.commands import chat
+    from nanoseek.config import get_preset
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    seen = []
+
+    class Scripted:
+        max_seq_len = 4096
+
+        def stream(self, prompts, params, should_stop=None):
+            seen.append(tok.decode(prompts[0]))
+            return [SimpleNamespace(new_token_ids=tok.encode("ok", add_bos=False))]
+
+    model = SimpleNamespace(config=get_preset("tiny"), dtype=torch.float32)
+    monkeypatch.setattr(chat, "load_for_generation", lambda args, chat=False: (Scripted(), tok, model))
+    stdin = io.StringIO("\ufeff/system be brief\nfirst\n\ufeffsecond\n")  # two files, a mark each
+    assert chat.run(cli_args("chat", str(checkpoint)), stdin=stdin, stdout=io.StringIO()) == 0
+    assert len(seen) == 2 and "\ufeff" not in "".join(seen)
+    assert (
+        "be brief<｜User｜>first<｜Assistant｜>" in seen[0] and "<｜User｜>second<｜Assistant｜>" in seen[1]
+    )
+
+
 def test_chat_no_color_flag_is_plain_text_on_a_terminal(checkpoint):
     from nanoseek.commands import chat
 

@@ -260,6 +260,7 @@ def test_bad_arguments() -> None:
         ("http://stub:8000", {"quantize": "int8"}, "--quantize applies only to a checkpoint"),
         ("ck", {"endpoint_model": "m"}, "--model-name applies only to an http"),
         ("ck", {"api_key": "k", "endpoint_model": "m"}, "--model-name and --api-key apply only"),
+        ("ck", {"timeout": 60.0, "retries": 1}, "--timeout and --retries apply only to an http"),
     ],
 )
 def test_a_flag_for_the_other_kind_of_model_is_refused_not_ignored(model, flags, said) -> None:
@@ -1401,13 +1402,43 @@ def test_an_endpoint_that_answers_no_json_or_an_error_or_not_in_time_is_one_clea
             lambda: httpx.Response(200, json={"error": {"message": "model overloaded"}}),
             "no choices: model overloaded",
         ),
-        (timeout, "did not answer in time, 9 times"),
+        (timeout, "did not answer within 300 s, 9 times"),
         (lambda: httpx.Response(503, json={"error": {"message": "busy"}}), "answered 503, 9 times: .*busy"),
     ):
         sampler, source = endpoint_sampler(cfg, http_client=serve(chat))
         assert source == "http://stub:8000/v1 (m:latest)"  # ollama's tagged name, as listed
         with pytest.raises(ValueError, match=said):
             sampler(_problems(1))
+
+
+def test_an_endpoint_that_never_answers_is_given_up_on_in_bounded_time(monkeypatch) -> None:
+    """A server that takes the connection and never answers (hung, or still loading its model) held an
+    evaluation for the OpenAI client's 600 s a try: half an hour at the model list, an hour and a half a
+    sample with --model-name. The list, which a live server answers at once, is given seconds; a sample
+    --timeout a try, --retries times again; each failure names the URL."""
+    import socket
+    import time
+
+    import openai
+
+    import nanoseek.evaluate as ev
+
+    monkeypatch.setattr(openai.OpenAI, "_calculate_retry_timeout", lambda *a, **k: 0.0)
+    monkeypatch.setattr(ev, "LISTING_TIMEOUT", 0.5)  # (of 10 s) whatever --timeout gives the samples
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # connections queue, none is ever answered
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        cfg = EvalConfig(model=url, task="arithmetic", k=1, n=1, language="en", progress=False)
+        started = time.monotonic()
+        with pytest.raises(ValueError, match=f"{url}/v1/models did not answer within 0.5 s, 3 times: .*hung"):
+            endpoint_sampler(cfg)
+        cfg.endpoint_model, cfg.timeout, cfg.retries = "m", 0.5, 1
+        sampler, _ = endpoint_sampler(cfg)
+        with pytest.raises(ValueError, match=f"{url}/v1 did not answer within 0.5 s, 2 times: .*--timeout"):
+            sampler(_problems(1))
+        assert time.monotonic() - started < 20  # 5 tries of 0.5 s
+    for flags, said in (({"timeout": 0}, "--timeout must be"), ({"retries": -1}, "--retries must be")):
+        with pytest.raises(ValueError, match=said):
+            evaluate(dataclasses.replace(cfg, **flags), sampler=lambda ps: [])
 
 
 @pytest.mark.parametrize("status", [400, 500])

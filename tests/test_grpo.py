@@ -655,6 +655,34 @@ def test_grpo_keeps_the_routing_bias_unless_asked(micro_checkpoint, tmp_path) ->
     assert any(not torch.equal(init[k], moved[k]) for k in init)
 
 
+def test_the_step_that_ends_a_diverged_grpo_run_is_in_metrics_jsonl(
+    micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    """As pretrain's and SFT's: the GRPO step whose update the divergence error names is logged, skipped,
+    with its rollouts' figures; metrics.jsonl ended at the step before."""
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train import TrainingDiverged, loop
+    from nanoseek.train.grpo import grpo
+
+    step = loop.Trainer.step
+
+    def nan_loss(self, loss_fn, accumulation=1):
+        self.max_consecutive_skips = 2
+
+        def fn():
+            loss, m = loss_fn()
+            return loss * math.nan, m
+
+        return step(self, fn, accumulation)
+
+    monkeypatch.setattr(loop.Trainer, "step", nan_loss)
+    with pytest.raises(TrainingDiverged, match="optimizer steps 1-2"):
+        grpo(_cfg(micro_checkpoint, tmp_path, steps=4))
+    recs = [r for r in read_metrics(tmp_path, "grpo") if "reward" in r]
+    assert [(r["step"], r["skipped"]) for r in recs] == [(1, True), (2, True)]
+    assert recs[-1]["loss"] == "nan" and "reward" in recs[-1]  # (JSON has no NaN)
+
+
 def test_a_bad_reward_spec_is_refused_before_the_model_loads() -> None:
     """Said by the config's check, not after a Hub download (offline: hidden by the download's error)."""
     from nanoseek.train.grpo import GRPOConfig, grpo

@@ -138,6 +138,27 @@ def test_the_summary_gives_the_loss_of_the_last_step_kept(workdir, tmp_path, cap
     assert f"train loss {kept[-1]['lm_loss']:.3f}" in out and ", 1 step skipped;" in out, out
 
 
+def test_the_step_that_ends_a_diverged_run_is_in_metrics_jsonl(workdir, tmp_path, monkeypatch) -> None:
+    """The divergence error names the steps skipped up to the last one, but metrics.jsonl held those
+    before it: a plot of the run's metrics ended a step short of its blow-up."""
+    import math
+
+    from nanoseek.train import TrainingDiverged, loop
+
+    lm_loss = loop.language_model_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, m = lm_loss(*args, **kwargs)
+        return loss * math.nan, m
+
+    monkeypatch.setattr(loop, "language_model_loss", nan_loss)
+    with pytest.raises(TrainingDiverged, match=r"optimizer steps 1-10, last: non-finite loss"):
+        pretrain(config(workdir, tmp_path / "run", steps=12, val_every=0, val_batches=0))
+    steps = [r for r in read_metrics(tmp_path / "run", stage="pretrain") if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 11))
+    assert all(r["skipped"] == "non-finite loss" for r in steps)
+
+
 def test_a_standalone_pretrain_gives_the_report_its_model_table(workdir, tmp_path) -> None:
     """`nanoseek pretrain --out RUN` then `nanoseek report RUN`: the parameters and KV-cache bytes of
     `nanoseek inspect`, not "–" (only a speedrun logged them)."""

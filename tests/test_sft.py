@@ -431,6 +431,31 @@ def test_the_summary_gives_the_loss_of_the_last_step_kept_and_the_steps_skipped(
     assert f"final loss {losses[-2]:.4f}, 1 step skipped; checkpoint" in out, out
 
 
+def test_the_step_that_ends_a_diverged_run_is_in_metrics_jsonl(tmp_path, monkeypatch) -> None:
+    """As pretrain's: the step the divergence error names was left out of metrics.jsonl, the skipped
+    steps before it were in."""
+    from nanoseek.metrics import read_metrics
+    from nanoseek.train import TrainingDiverged, loop
+    from nanoseek.train.sft import SFTConfig
+
+    step = loop.Trainer.step
+
+    def nan_loss(self, loss_fn, accumulation=1):
+        self.max_consecutive_skips = 2
+
+        def fn():
+            loss, m = loss_fn()
+            return loss * math.nan, m
+
+        return step(self, fn, accumulation)
+
+    monkeypatch.setattr(loop.Trainer, "step", nan_loss)
+    with pytest.raises(TrainingDiverged, match="optimizer steps 1-2"):
+        _train_with_budget(tmp_path, SFTConfig(init="", steps=4, batch_size=2, seq_len=32), 0.0)
+    recs = [r for r in read_metrics(tmp_path, "control") if "loss" in r]
+    assert [(r["step"], r["skipped"]) for r in recs] == [(1, "non-finite loss"), (2, "non-finite loss")]
+
+
 def test_the_budget_spent_line_starts_a_line_of_its_own_under_the_bar(tmp_path, monkeypatch) -> None:
     """Printed while the bar was still open, "time budget of 12s spent at step 3/50" ran on from the end
     of the bar's line ("...imb=3.50]sft: time budget ...")."""
@@ -1009,6 +1034,20 @@ def test_sft_without_data_or_task_is_refused_before_the_init_resolves(capsys) ->
 
     assert main(["sft", "--init", "no/such-checkpoint"]) == 2
     assert "give --data chat.jsonl and/or --task NAME" in capsys.readouterr().err
+
+
+def test_a_task_list_from_python_is_taken_as_the_flags_comma_separated_names() -> None:
+    """`SFTConfig(task=["addition", "comparison"])`, as grpo's and distill's configs and
+    `task_conversations` take tasks, was refused: "--task must be of type str | None"."""
+    from nanoseek.data.tasks import split_task_list
+    from nanoseek.train.sft import SFTConfig
+
+    cfg = SFTConfig(init="ck", task=["addition", "arithmetic?ops=add,sub"])
+    cfg.validate()
+    assert cfg.task == "addition,arithmetic?ops=add,sub"
+    assert split_task_list(cfg.task) == ["addition", "arithmetic?ops=add,sub"]
+    with pytest.raises(ValueError, match=r"--task must be of type str \| list\[str\] \| None"):
+        SFTConfig(init="ck", task=[1]).validate()
 
 
 def test_a_seq_len_that_cuts_off_every_answer_is_an_error(tmp_path) -> None:

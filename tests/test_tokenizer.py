@@ -667,6 +667,25 @@ def test_cli_train_encode_decode(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["tokenizer", "encode", str(tmp_path / "nope"), "x"]) == 2
 
 
+def test_cli_encode_reads_stdin_without_its_byte_order_mark(
+    tok: Tokenizer, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`Get-Content text.txt | nanoseek tokenizer encode TOK` (PowerShell), or a file a Windows editor
+    saved: the byte-order mark was encoded as the text's first tokens; `generate -` drops it already."""
+    import io
+    import sys
+
+    from nanoseek.cli import main
+
+    tok.save(tmp_path / "tok")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\ufeff東京 42"))
+    assert main(["tokenizer", "encode", str(tmp_path / "tok")]) == 0
+    assert [int(i) for i in capsys.readouterr().out.split()] == tok.encode("東京 42")
+    # given as an argument, the text is the user's own, mark and all
+    assert main(["tokenizer", "encode", str(tmp_path / "tok"), "\ufeff東京"]) == 0
+    assert [int(i) for i in capsys.readouterr().out.split()] == tok.encode("\ufeff東京") != tok.encode("東京")
+
+
 def test_cli_prints_what_an_ascii_stdout_cannot_encode_escaped(tok: Tokenizer, tmp_path: Path) -> None:
     """Under PYTHONIOENCODING=ascii (or a legacy console code page) a decoded CJK token raised
     UnicodeEncodeError and the command exited 2 as if it were misused; the text comes out escaped."""

@@ -59,6 +59,13 @@ class Sample:
 DEFAULT_MAX_BATCH = 256
 # requests an endpoint evaluation keeps in flight (`--concurrency`)
 DEFAULT_CONCURRENCY = 8
+# seconds one request to an endpoint may go unanswered (`--timeout`): lm-evaluation-harness's, half the
+# OpenAI client's 600, which with its retries let a hung server hold an evaluation for an hour and a half
+DEFAULT_TIMEOUT = 300.0
+# retries of one sampling request (429, 5xx, timeouts, a dropped connection) before the evaluation
+# ends (`--retries`): the client's backoff doubles up to 8 s (about 40 s in all), or waits what
+# Retry-After says
+SAMPLE_RETRIES = 8
 
 
 @dataclass
@@ -102,6 +109,17 @@ class EvalConfig:
         None,
         f"endpoint: requests in flight at once (default {DEFAULT_CONCURRENCY}; lm-evaluation-harness's "
         "num_concurrent): fewer for a rate-limited API, more for a server that batches",
+    )
+    timeout: float | None = option(
+        None,
+        f"endpoint: seconds a request may wait for its answer before it is tried again (default "
+        f"{DEFAULT_TIMEOUT:g}, lm-evaluation-harness's): more for answers longer to generate; a server that "
+        "stops answering ends the evaluation after --timeout x (--retries + 1)",
+    )
+    retries: int | None = option(
+        None,
+        "endpoint: times a request is tried again after a failure (no answer within --timeout, a dropped "
+        f"connection, 429 or 5xx) before the evaluation ends (default {SAMPLE_RETRIES})",
     )
     max_batch_size: int | None = option(
         None,
@@ -446,9 +464,10 @@ def _not_json(base: str, body: str) -> ValueError:
 
 
 @contextlib.contextmanager
-def _endpoint_errors(base: str, retries: int = 0) -> Iterator[None]:
+def _endpoint_errors(base: str, retries: int = 0, timeout: float = DEFAULT_TIMEOUT) -> Iterator[None]:
     """The endpoint's failures as one clear line (the CLI's ValueError), not the client's traceback.
-    `retries`: the client's, said with the failures it retries (timeouts, 408, 409, 429, 5xx)."""
+    `retries`: the client's, said with the failures it retries (timeouts, 408, 409, 429, 5xx);
+    `timeout`: its seconds per try."""
     import openai
 
     tries = f", {retries + 1} times" if retries else ""
@@ -459,8 +478,9 @@ def _endpoint_errors(base: str, retries: int = 0) -> Iterator[None]:
     except openai.APITimeoutError:
         # a subclass of the connection error, whose "is the server running?" misled: it was, and slow
         raise ValueError(
-            f"{base} did not answer in time{tries}: a server slower than the client's timeout (a long "
-            "queue) is asked for fewer samples at once with a lower --concurrency"
+            f"{base} did not answer within {timeout:g} s{tries}: a server slower than that (long answers, "
+            "a long queue) is given more with --timeout, or asked for fewer samples at once with a lower "
+            "--concurrency"
         ) from None
     except openai.APIConnectionError as e:
         raise ValueError(f"cannot reach {base} ({e}): is the server running, and is the URL right?") from None
@@ -496,9 +516,11 @@ def completion_text(message: Any, thinking: bool = True, finish_reason: str | No
     return f"{THINK_START}{reasoning}{THINK_END}{content}" if reasoning else content
 
 
-# retries of one sampling request (429, 5xx, timeouts, a dropped connection) before the evaluation
-# ends: the client's backoff doubles up to 8 s (about 40 s in all), or waits what Retry-After says
-SAMPLE_RETRIES = 8
+# The model list: a route every live server answers at once, its generation queue full or not (vLLM's
+# API process, nanoseek serve's event loop): a server that leaves it unanswered this long is hung (or
+# still loading), said in seconds, not after --timeout x its retries
+LISTING_TIMEOUT = 10.0
+LISTING_RETRIES = 2
 
 
 def endpoint_sampler(
@@ -514,25 +536,38 @@ def endpoint_sampler(
     # SDK takes it: with /v1 added, Gemini's .../v1beta/openai could not be evaluated at all
     if not urlsplit(base).path:
         base += "/v1"
+    timeout = DEFAULT_TIMEOUT if cfg.timeout is None else cfg.timeout
+    retries = SAMPLE_RETRIES if cfg.retries is None else cfg.retries
+    # connecting keeps the OpenAI client's 5 s: a host that drops the connection is not waited for as an
+    # answer is
+    connect = min(timeout, 5.0)
     client = openai.OpenAI(
         base_url=base,
         api_key=cfg.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
         http_client=http_client,
-        max_retries=2,
+        max_retries=LISTING_RETRIES,
+        timeout=openai.Timeout(timeout, connect=connect),
     )
     model_name = cfg.endpoint_model
     if model_name is None:
+        listing_timeout = min(timeout, LISTING_TIMEOUT)
+        listing = client.with_options(timeout=openai.Timeout(listing_timeout, connect=connect))
         with _endpoint_errors(base):
             try:
                 # the body read as JSON first: a web page's text made the client's page parsing raise
                 # an AttributeError, a traceback that named no URL
-                raw = client.models.with_raw_response.list()
+                raw = listing.models.with_raw_response.list()
                 json.loads(raw.text)
                 listed = [m.id for m in raw.parse().data]
             except openai.NotFoundError:
                 raise ValueError(
                     f"{base}/models answered 404: is {base} the API's base URL (most end in /v1)? "
                     "A server without that route is given the model's name with --model-name"
+                ) from None
+            except openai.APITimeoutError:
+                raise ValueError(
+                    f"{base}/models did not answer within {listing_timeout:g} s, {LISTING_RETRIES + 1} times: "
+                    f"is the server at {base} hung, or still loading its model?"
                 ) from None
         if not listed:
             raise ValueError(f"{base}/models lists no model: name the one to evaluate with --model-name")
@@ -541,7 +576,7 @@ def endpoint_sampler(
     # a 429 says "later" (a rate limit, a server's full queue), not "failed": the client's 2 retries
     # (about 2 s, or twice its Retry-After) ended the whole evaluation, every sample drawn lost;
     # lm-evaluation-harness and simple-evals retry more (the latter a rate limit until it passes)
-    sampling = client.with_options(max_retries=SAMPLE_RETRIES)
+    sampling = client.with_options(max_retries=retries)
     one_choice = threading.Event()  # set: the server takes n = 1 only (shared by the requests in flight)
 
     def one(index: int, problem: Any) -> list[Sample]:
@@ -551,7 +586,7 @@ def endpoint_sampler(
         # numbered on from those it gave (simple-evals asks for each sample alone)
         while len(out) < cfg.k:
             n = 1 if one_choice.is_set() else cfg.k - len(out)
-            with _endpoint_errors(base, SAMPLE_RETRIES):
+            with _endpoint_errors(base, retries, timeout):
                 try:
                     resp = sampling.chat.completions.create(
                         model=model_name,
@@ -649,6 +684,10 @@ def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
         raise ValueError(f"--max-batch-size must be >= 1 (or left out), got {cfg.max_batch_size}")
     if cfg.concurrency is not None and cfg.concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1 (or left out), got {cfg.concurrency}")
+    if cfg.timeout is not None and not 0 < cfg.timeout < math.inf:  # NaN fails too
+        raise ValueError(f"--timeout must be a number of seconds > 0 (or left out), got {cfg.timeout}")
+    if cfg.retries is not None and cfg.retries < 0:
+        raise ValueError(f"--retries must be >= 0 (or left out), got {cfg.retries}")
     # a flag of the other kind of model would do nothing: refused, not ignored
     if cfg.model.startswith(("http://", "https://")):
         unused = {
@@ -664,6 +703,8 @@ def eval_problems(cfg: EvalConfig) -> tuple[Any, list[Any]]:
             "--model-name": cfg.endpoint_model is not None,
             "--api-key": cfg.api_key is not None,
             "--concurrency": cfg.concurrency is not None,
+            "--timeout": cfg.timeout is not None,
+            "--retries": cfg.retries is not None,
         }
         applies = "an http(s) URL"
     if any(unused.values()):

@@ -39,6 +39,7 @@ from nanoseek.commands.generate import (
     colors_refused,
     load_for_generation,
     sampling_params,
+    without_bom,
 )
 
 if TYPE_CHECKING:
@@ -233,7 +234,8 @@ def _read_line(stdin: TextIO, out: TextIO, terminal: bool, prompt: str = "\n> ")
     out.write(prompt)
     out.flush()
     line = stdin.readline()
-    return line.removesuffix("\n") if line else None
+    # each line's: files piped in one after another (`cat a.txt b.txt |`) carry a mark each
+    return without_bom(line).removesuffix("\n") if line else None
 
 
 def _read_message(stdin: TextIO, out: TextIO, terminal: bool) -> tuple[str, bool] | None:

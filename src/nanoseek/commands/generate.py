@@ -13,6 +13,12 @@ import time
 from typing import Any
 
 
+def without_bom(text: str) -> str:
+    """Text read from stdin without the byte-order mark a Windows editor or a PowerShell pipe puts before
+    it: the file's, not the text's (and no whitespace to `str.strip`, so it stayed in the prompt)."""
+    return text.removeprefix("\ufeff")
+
+
 def add_generation_flags(
     p: argparse.ArgumentParser, max_new_tokens: int = 256, temperature: float = 0.0
 ) -> None:
@@ -215,7 +221,7 @@ def _run(args: argparse.Namespace) -> int:
         # a file piped in (`generate DIR - < prompt.txt`, `echo TEXT |`): a Windows editor's byte-order
         # mark and CRLF line ends are the file's, not the prompt's, and so is its last line end, which
         # had the model continue "TEXT" on a new line (llama.cpp's `-f` drops it too)
-        text = sys.stdin.read().removeprefix("\ufeff").replace("\r\n", "\n").removesuffix("\n")
+        text = without_bom(sys.stdin.read()).replace("\r\n", "\n").removesuffix("\n")
     if args.chat:
         ids = tok.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True

@@ -127,10 +127,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_encode(args: argparse.Namespace) -> int:
+    from nanoseek.commands.generate import without_bom
     from nanoseek.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
-    text = sys.stdin.read() if args.text is None else args.text
+    text = without_bom(sys.stdin.read()) if args.text is None else args.text
     ids = tok.encode(text, add_bos=args.bos)
     if args.tokens:
         for i in ids:

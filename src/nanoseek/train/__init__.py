@@ -33,7 +33,12 @@ def alike_on_every_rank(error: ValueError) -> ValueError:
 
 
 class TrainingDiverged(RuntimeError):
-    """Training cannot go on: steps kept failing the guard, or an update left non-finite weights."""
+    """Training cannot go on: steps kept failing the guard, or an update left non-finite weights.
+    `metrics`: those of the step that ended the run (`Trainer.step`'s), for the stage's log to record."""
+
+    def __init__(self, message: str, metrics: dict | None = None) -> None:
+        super().__init__(message)
+        self.metrics = metrics
 
 
 class TrainingInterrupted(KeyboardInterrupt):

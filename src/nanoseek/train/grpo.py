@@ -36,6 +36,7 @@ from nanoseek.engine.sampling import GREEDY_BELOW
 from nanoseek.model.loss import target_logprobs
 from nanoseek.options import check_choices, option, path, torch_seed
 from nanoseek.perf import usable_cpus
+from nanoseek.train import TrainingDiverged
 from nanoseek.train.sft import PackedBatch, packed_batch_at, sft_loss
 
 if TYPE_CHECKING:
@@ -829,7 +830,15 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
                     loss_fn = _loss_fn(
                         cfg, policy, micro, n_seq, n_tok, entropies if u == 0 else None, mix, mix_losses
                     )
-                    m = trainer.step(loss_fn, accumulation=len(micro))
+                    try:
+                        m = trainer.step(loss_fn, accumulation=len(micro))
+                    except TrainingDiverged as e:
+                        # the step the error names, in the log as the skipped ones before it are
+                        failed = {k: e.metrics[k] for k in ("loss", "grad_norm", "lr")} if e.metrics else {}
+                        metrics_log.log(
+                            step + 1, **{**ro.metrics, **failed, "skipped": True, "tokens": tokens}
+                        )
+                        raise
                     upd.update(grad_norm=float(m["grad_norm"]), lr=float(m["lr"]))  # the last update's
                     # the rest are means over the μ updates (as TRL logs them, and sft_mix_loss below): the
                     # first update's ratio is 1, so the last one's clipping alone would overstate it

@@ -396,6 +396,8 @@ class Trainer:
             log.step(trainer.step(lambda: language_model_loss(model, *next(batches)), accumulation=2))
         trainer.save(); log.close()
 
+    A step that ends the run as diverged raises `TrainingDiverged` instead of returning its metrics:
+    `log.ended_by(error)` records them.
     `model` is the unwrapped module; the trainer applies fp8 conversion and FSDP2 itself (`trainer.model`).
     With a `deadline` (a time.perf_counter() value) the schedule's length is refit to the pace measured,
     so a time-budgeted run still anneals by the deadline instead of being cut off mid-decay.
@@ -658,7 +660,8 @@ class Trainer:
             raise TrainingDiverged(
                 f"{self._consecutive_skips} consecutive steps skipped (optimizer steps {first}-{self.global_step}, "
                 f"last: {reason}); training diverged{kept}. Lower the learning rate and train anew (a --resume "
-                "goes on with this run's settings into the same steps)."
+                "goes on with this run's settings into the same steps).",
+                metrics,
             )
         self._fit_to_deadline()
         if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
@@ -1272,6 +1275,12 @@ class StepLog:
         if "skipped" in metrics or step % self.log_every == 0 or step == self.total_steps:
             self.log(step, **metrics)
         self._update_bar(step, metrics)
+
+    def ended_by(self, error: BaseException) -> None:
+        """Record the step that ended the run as diverged (its metrics ride on the error), as a skipped
+        step: metrics.jsonl held the skipped steps before it, not the one the error names."""
+        if isinstance(error, TrainingDiverged) and error.metrics is not None:
+            self.step(error.metrics)
 
     def _throughput(self, metrics: dict[str, Any]) -> None:
         tok_s = metrics.pop("step_tokens") / max(metrics.pop("step_time_s"), 1e-9)

@@ -583,7 +583,8 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
                 val_loss, validated_at = validate(), trainer.global_step
             path = trainer.save(train_state())
             trainer.stop_requested()  # one that came during the last step's save: stop all the same
-    except BaseException:
+    except BaseException as e:
+        log.ended_by(e)
         log.close()
         destroy_distributed(failed=True)
         raise

@@ -396,7 +396,8 @@ class SFTConfig:
         nargs="+",
         parse=path,
     )
-    task: str | None = option(
+    # a list from Python, as `task_conversations` and grpo's and distill's --task take it
+    task: str | list[str] | None = option(
         None, "build cold-start data from task(s)' worked solutions (comma-separated)", listed=True
     )
     task_examples: int = option(
@@ -441,6 +442,8 @@ class SFTConfig:
     def validate(self) -> None:
         """Clear errors, by flag, for settings out of range (configs built in Python skip argparse)."""
         check_choices(self)
+        if isinstance(self.task, list):  # the flag's spelling: the run's settings and the resume check's
+            self.task = ",".join(self.task)
         for name in ("epochs", "batch_size", "task_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -732,7 +735,8 @@ def train_on_examples(
                 )
             path = trainer.save(budget_state())
             trainer.stop_requested()  # one that came during the last step's save: stop all the same
-    except BaseException:
+    except BaseException as e:
+        log.ended_by(e)
         # as pretrain: a bar left open by a notebook's interrupted cell (its traceback keeps it alive)
         # pushed every later bar down a line, which a notebook draws as a new line per redraw
         log.close()
