@@ -3,15 +3,18 @@ check costs no imports. Function-level imports count too (a cycle hidden behind 
 ties two modules' changes together); `if TYPE_CHECKING:` blocks do not, as they never run. The same
 walk checks that every third-party module the package imports is a dependency pyproject.toml declares,
 so a wheel installed with only those runs; and setuptools reads pyproject.toml without a deprecation
-(each one becomes an error in a later release, breaking `pip install .`) and ships every data file."""
+(each one becomes an error in a later release, breaking `pip install .`), ships every data file in the
+wheel and, in the sdist, everything the tests read."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import fnmatch
 import graphlib
 import importlib
 import importlib.metadata
+import io
 import re
 import sys
 import tomllib
@@ -135,6 +138,30 @@ def test_setuptools_reads_pyproject_without_deprecations_and_ships_every_data_fi
         rel = path.relative_to(SRC / "nanoseek").as_posix()
         if path.is_file() and path.suffix not in (".py", ".pyc"):
             assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not in the wheel (package-data)"
+
+
+def test_the_sdist_carries_what_its_tests_read(tmp_path, monkeypatch):
+    """Distributions build and test from the sdist, so its tests/ must run there: setuptools alone
+    ships tests/test_*.py without conftest.py, the helpers, the golden files, and the benchmarks and
+    docs that tests read."""
+    pytest.importorskip("setuptools")
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    root = SRC.parent
+    monkeypatch.chdir(root)  # MANIFEST.in is read from the working directory
+    dist = apply_configuration(Distribution({"script_name": "pyproject.toml"}), root / "pyproject.toml")
+    dist.get_command_obj("egg_info").egg_base = str(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        dist.run_command("egg_info")
+    shipped = set((tmp_path / "nanoseek.egg-info" / "SOURCES.txt").read_text().splitlines())
+    read = {
+        path.relative_to(root).as_posix()
+        for folder in ("tests", "benchmarks", "docs")
+        for path in (root / folder).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert not read - shipped, f"not in the sdist (MANIFEST.in): {sorted(read - shipped)}"
 
 
 def test_the_top_level_api_is_listed_and_documented():
