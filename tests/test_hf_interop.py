@@ -338,6 +338,33 @@ def test_saving_what_transformers_computes_otherwise_warns_naming_it(tmp_path, f
     torch.testing.assert_close(nanoseek.load_model(tmp_path / "ck").eval()(ids), ours(ids))
 
 
+def test_saving_a_v2_router_transformers_cannot_run_warns_naming_it(tmp_path):
+    """V3's noaux_tc routing in a deepseek_v2 file (model_type changed on a V3 config, whose routing
+    stays): transformers' DeepseekV2 (as DeepSeek's V2 code) routes greedy or group_limited_greedy only,
+    and failed at its first forward on a file saved without a word."""
+    ours = build_model(v2_config(n_group=1, topk_group=1)).init_weights(seed=2).eval()
+    assert ours.config.topk_method == "noaux_tc"
+    with pytest.warns(UserWarning, match="topk_method='noaux_tc'"):
+        save_model(ours, tmp_path / "ck")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
+    with pytest.raises(UnboundLocalError), torch.no_grad():  # the warning is true: no weights routed
+        ref(ids_for())
+    torch.testing.assert_close(nanoseek.load_model(tmp_path / "ck").eval()(ids_for()), ours(ids_for()))
+
+
+def test_a_transformers_v2_checkpoint_with_mlp_bias_is_refused_naming_it(tmp_path):
+    """transformers' DeepseekV2 gives the dense MLPs and shared experts biases with `mlp_bias`; nanoseek's
+    MLPs have none, and such a checkpoint was refused as "written for another config.json"."""
+    hc = transformers.DeepseekV2Config(
+        **{**v2_config(topk_method="greedy", n_group=1, topk_group=1).to_dict(), "mlp_bias": True}
+    )
+    transformers.DeepseekV2ForCausalLM(hc).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="mlp_bias"):
+        nanoseek.load_model(tmp_path)
+    with pytest.raises(ValueError, match="mlp_bias"):  # nor built, then saved as a file with biases
+        small_config(extra={"mlp_bias": True})
+
+
 def test_saving_what_transformers_computes_alike_does_not_warn(tmp_path):
     import warnings
 

@@ -831,6 +831,36 @@ def test_a_weight_whose_header_says_integers_is_named_not_loaded(saved, capsys, 
     assert "not a floating-point dtype" in one_line_error(capsys, d)
 
 
+def test_a_checkpoint_in_another_quantization_is_named_not_called_damaged(tmp_path, capsys, micro_checkpoint):
+    """A GPTQ (or AWQ, bitsandbytes) release of a DeepSeek model: config.json's quantization_config names
+    its method and the files hold packed integers (qweight, qzeros, g_idx). The load said the header was
+    "damaged or edited: fetch the checkpoint again", a download that changes nothing."""
+    from safetensors.torch import save_file
+
+    d = save_model(build_model(config(num_nextn_predict_layers=0)).init_weights(0), tmp_path / "gptq")
+    layout = json.loads((d / "config.json").read_text())
+    layout["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    (d / "config.json").write_text(json.dumps(layout))
+    tensors = read_safetensors(d)
+    for key in [k for k in tensors if k.endswith("o_proj.weight")]:
+        out, inner = tensors.pop(key).shape
+        prefix = key.removesuffix(".weight")
+        tensors[f"{prefix}.qweight"] = torch.zeros(inner // 8, out, dtype=torch.int32)
+        tensors[f"{prefix}.qzeros"] = torch.zeros(inner // 32, out // 8, dtype=torch.int32)
+        tensors[f"{prefix}.scales"] = torch.ones(inner // 32, out, dtype=torch.float16)
+        tensors[f"{prefix}.g_idx"] = torch.zeros(inner, dtype=torch.int32)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="quant_method 'gptq'"):
+        nanoseek.load_model(d)
+    with_tokenizer(d, micro_checkpoint)
+    assert "quant_method 'gptq'" in one_line_error(capsys, d)  # not "damaged: fetch it again"
+    # DeepSeek's own FP8 layout is read, as is a higher-precision copy whose config.json still names it
+    layout["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    save_model(build_model(config(num_nextn_predict_layers=0)).init_weights(0), d)
+    (d / "config.json").write_text(json.dumps(layout))
+    nanoseek.load_model(d)
+
+
 def test_a_directory_in_place_of_model_safetensors(saved, tmp_path, capsys, micro_checkpoint):
     """safetensors' own error for it was an OSError naming no file ("No such device"), a traceback."""
     _, model = saved

@@ -243,6 +243,10 @@ def transformers_differences(config: ModelConfig) -> list[str]:
         out.append(f"scoring_func={config.scoring_func!r} (its {mt} routes by {scoring} scores)")
     if config.is_moe and mt == "deepseek_v3" and config.topk_method != "noaux_tc":
         out.append(f"topk_method={config.topk_method!r} (its deepseek_v3 routes as noaux_tc)")
+    if config.is_moe and mt == "deepseek_v2" and config.topk_method == "noaux_tc":
+        out.append(
+            "topk_method='noaux_tc' (its deepseek_v2 has only greedy and group_limited_greedy: it fails)"
+        )
     if config.is_moe and mt == "deepseek_v2" and config.norm_topk_prob and config.num_experts_per_tok > 1:
         out.append("norm_topk_prob=True (its deepseek_v2 scales the weights instead, as DeepSeek does not)")
     if mt == "deepseek_v2" and not config.rope_interleave:
@@ -892,7 +896,17 @@ def _stream(
         for name, buf in list(module.named_buffers(recurse=False)):
             module._buffers[name] = torch.empty_like(buf, device=device)
     model.reset_buffers()
-    pow2 = ue8m0_scales(config.extra.get("quantization_config"))
+    quantization = config.extra.get("quantization_config")
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if quantization and method != "fp8":
+        # GPTQ, AWQ, bitsandbytes: packed integer tensors (qweight, qzeros), which the dtype check below
+        # called a damaged header to fetch again
+        raise ValueError(
+            f"{p / 'config.json'}: quantization_config's quant_method {method!r} is not read here: nanoseek "
+            "loads DeepSeek's FP8 checkpoints (quant_method fp8) and 16/32-bit ones; load such a one and "
+            "quantize it as it loads (load_model(..., quantize='int8'), --quantize)"
+        )
+    pow2 = ue8m0_scales(quantization)
     if fp8:  # FP8Linear placeholders on the meta device; the stream fills them (inputs quantized with
         # the kind of scale the checkpoint's weights have, as DeepSeek's inference code does)
         quantize_linears_fp8(model, act_quant=act_quant, pow2=pow2)

@@ -346,6 +346,9 @@ class ModelConfig:
         )
         if self.attention_variant == "mla":  # DeepSeek's attention has no biases (Llama's flag is GQA's)
             need(not _get(self, "attention_bias", False), "attention_bias is not supported by MLA")
+        # Llama's and transformers' DeepseekV2 flag (biases in the dense MLPs and shared experts): a V2 file
+        # with it was refused only by its weights, as "written for another config.json"
+        need(not _get(self, "mlp_bias", False), "mlp_bias is not supported: every MLP here has no biases")
         if self.attention_variant == "gqa":
             kv = int(self.num_key_value_heads or 0)
             need(
@@ -355,7 +358,6 @@ class ModelConfig:
             )
             head_dim = int(self.head_dim or 0)
             need(head_dim > 0 and head_dim % 2 == 0, f"head_dim must be even and > 0, got {self.head_dim}")
-            need(not _get(self, "mlp_bias", False), "mlp_bias (Llama) is not supported")
             need(
                 not _get(self, "use_sliding_window", False),
                 "use_sliding_window (Qwen2) is not supported: every layer attends to the full context",
