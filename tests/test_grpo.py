@@ -493,6 +493,7 @@ def test_grpo_resume_is_exact(micro_checkpoint, tmp_path, capsys) -> None:
     # the checkpoint it started from, which the report reads GRPO's gain from
     start = next(r for r in read_metrics(tmp_path / "b", "grpo") if r.get("event") == "start")
     assert start["init"] == micro_checkpoint
+    assert start["precision"] == "fp32"  # the report's stage table names it, as pretraining's
     # the resume point in GRPO's steps (its records' count), not the optimizer's updates (μ = 2 per step)
     resume = next(r for r in read_metrics(tmp_path / "b", "grpo") if r.get("event") == "resume")
     assert resume["from_step"] == 1

@@ -37,6 +37,7 @@ def test_cpu_has_bf16_needs_the_flag_and_kernels_not_held_to_avx2(tmp_path, monk
     fake = tmp_path / "cpuinfo"
     monkeypatch.setattr(perf, "Path", lambda _: fake)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     capability = {"value": "AVX512"}
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability["value"])
     for flags, expected in (("avx2 avx512f", False), ("avx2 avx512_bf16", True), ("avx2 amx_bf16", True)):
@@ -48,6 +49,29 @@ def test_cpu_has_bf16_needs_the_flag_and_kernels_not_held_to_avx2(tmp_path, monk
     for isa, expected in (("avx512_core", False), ("AVX2", False), ("AVX512_CORE_BF16", True)):
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
         assert perf.cpu_has_bf16() is expected, isa
+
+
+def test_cpu_has_bf16_reads_onednns_older_name_for_its_isa_cap_too(tmp_path, monkeypatch):
+    """oneDNN takes its ISA cap from DNNL_MAX_CPU_ISA where ONEDNN_MAX_CPU_ISA is unset (or empty): a
+    process held to AVX2 by the older name counted as bf16-native, and `auto` trained in bf16 there."""
+    import torch
+
+    import nanoseek.perf as perf
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    monkeypatch.setattr(perf, "Path", lambda _: fake)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "avx2")
+    assert not perf.cpu_has_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")
+    assert not perf.cpu_has_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")  # the newer name wins, as in oneDNN
+    assert perf.cpu_has_bf16()
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    assert not perf.cpu_has_bf16()
 
 
 def test_compute_dtype_follows_autocast_and_cast_converts_only_when_needed():

@@ -687,6 +687,7 @@ def test_native_bf16_needs_the_flag_and_kernels_that_use_it(monkeypatch) -> None
     monkeypatch.setattr(perf.Path, "read_text", lambda self, **kw: cpuinfo["text"])
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     assert perf.cpu_has_bf16()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
     assert not perf.cpu_has_bf16()

@@ -590,6 +590,23 @@ def test_pretrainings_training_loss_is_set_beside_its_held_out_loss_without_the_
     assert plotted["sft loss"] == [0.9]
 
 
+def test_the_stage_table_names_the_precision_each_stage_trained_in(tmp_path):
+    """Speed and MFU are measured in the stage's precision (bf16's peak on a bf16 run), and `auto`
+    picks it by the machine: the table said neither, so a bf16 run and an fp32 one read alike."""
+    pre, sft = MetricsLog(tmp_path, "pretrain"), MetricsLog(tmp_path, "sft")
+    pre.log(step=0, event="start", precision="bf16")
+    pre.log(step=1, loss=2.0, tok_per_s=100.0, mfu=0.25)
+    pre.log(event="end", wall_time_s=10.0)
+    sft.log(step=0, event="start", precision="fp32")
+    sft.log(step=1, loss=1.0)
+    sft.log(event="end", wall_time_s=5.0)
+    MetricsLog(tmp_path, "grpo").log(event="end", wall_time_s=2.0)  # a log older than the record
+    text = build_report(tmp_path).read_text()
+    assert "| tokens/s | MFU | precision |" in text, text
+    assert "| 100 | 25% | bf16 |" in text and "| sft | 5 s |" in text and "| – | fp32 |" in text, text
+    assert "| grpo | 2 s |" in text and "| – | – | – |" in text, text
+
+
 def test_a_stage_stopped_before_its_end_says_so_and_counts_its_time_so_far(tmp_path):
     """A run killed during SFT: SFT's row says it has no end yet, with the time its records span so
     far, and the total counts it (it read pretraining's alone, and "- s" for SFT)."""

@@ -1089,6 +1089,7 @@ def test_sft_logs_its_run_and_resumes_only_the_same_run(tmp_path, capsys) -> Non
     _train_with_budget(tmp_path, cfg, time.perf_counter())
     events = [r for r in read_metrics(tmp_path, "control") if r.get("event")]
     assert [r["event"] for r in events] == ["start", "model", "end"] and events[2]["wall_time_s"] > 0
+    assert events[0]["precision"] == "fp32"  # the report's stage table names it, as pretraining's
     with pytest.raises(ValueError, match="--seed: 0 -> 1"):
         _train_with_budget(
             tmp_path,

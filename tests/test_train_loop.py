@@ -911,6 +911,31 @@ def test_bf16_autocast_trains(tmp_path) -> None:
     assert model.lm_head.weight.dtype == torch.float32  # master weights stay fp32
 
 
+def test_a_model_in_16_bits_is_refused_its_master_weights_would_be(tmp_path) -> None:
+    """A model loaded in bf16 (`load_model(dtype="auto")` on a CPU with native bf16) trained with bf16
+    weights and AdamW moments whatever `precision` said: at lr 1e-5 most of a layer's weights never
+    moved, their updates rounded away, and the checkpoint was saved in bf16."""
+    for dtype in (torch.bfloat16, torch.float16):
+        with pytest.raises(ValueError, match=rf"weights in {dtype}: .* float32"):
+            make_trainer(micro_model().to(dtype), tmp_path, precision="bf16")
+    assert not (tmp_path / "pretrain").exists()
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_said(tmp_path, monkeypatch, capsys) -> None:
+    """`--precision bf16` on an AVX2 CPU trained ~20x slower than fp32 without a word of why."""
+    import nanoseek.perf
+
+    native = {"value": False}
+    monkeypatch.setattr(nanoseek.perf, "cpu_has_bf16", lambda: native["value"])
+    make_trainer(micro_model(), tmp_path, precision="bf16")
+    err = capsys.readouterr().err
+    assert "pretrain trains in bf16 on a CPU without native bf16" in err and "fp32 is the fast path" in err
+    make_trainer(micro_model(), tmp_path, precision="fp32")
+    native["value"] = True
+    make_trainer(micro_model(), tmp_path, precision="bf16")
+    assert "native bf16" not in capsys.readouterr().err
+
+
 def test_bad_arguments(tmp_path) -> None:
     with pytest.raises(ValueError, match="precision"):
         make_trainer(micro_model(), tmp_path, precision="fp16")

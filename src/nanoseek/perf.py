@@ -19,7 +19,8 @@ def cpu_has_bf16() -> bool:
     """True if this CPU multiplies bf16 natively (AVX512-BF16 or AMX) and PyTorch's kernels use it;
     elsewhere (AVX2) PyTorch's bf16 matmuls take a reference path ~20x slower than fp32
     (benchmarks/README.md). A process whose kernels are held to AVX2 (`ATEN_CPU_CAPABILITY=avx2`,
-    `ONEDNN_MAX_CPU_ISA=AVX2`: how an AVX2-only CPU is reproduced on a newer one) counts as AVX2."""
+    `ONEDNN_MAX_CPU_ISA=AVX2` or `DNNL_MAX_CPU_ISA=AVX2`: how an AVX2-only CPU is reproduced on a newer
+    one) counts as AVX2."""
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
@@ -28,7 +29,9 @@ def cpu_has_bf16() -> bool:
         return False
     import torch
 
-    held_below_bf16 = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_ISAS_WITHOUT_BF16
+    # oneDNN reads its cap from ONEDNN_MAX_CPU_ISA, else (unset or empty) from its older name
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA", "")
+    held_below_bf16 = isa.upper() in _ONEDNN_ISAS_WITHOUT_BF16
     return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2") and not held_below_bf16
 
 
@@ -140,6 +143,21 @@ def say_if_oversubscribed(threads: int) -> None:
         print(
             f"nanoseek: warning: --threads {threads} is more than the {cpus} CPU{'s' if cpus > 1 else ''} "
             f"this process may use; the threads will take turns on them (--threads {cpus} is usually faster)",
+            file=sys.stderr,
+        )
+
+
+def say_if_bf16_is_emulated(stage: str) -> None:
+    """A warning on stderr where `stage` trains in bf16 on a CPU without native bf16 (`cpu_has_bf16`):
+    its bf16 matmuls take PyTorch's reference path there, ~20x slower than fp32, and the stage's
+    output said nothing of why it crawled (`auto` picks fp32 there; a forced bf16 did not)."""
+    import sys
+
+    if not cpu_has_bf16():
+        print(
+            f"nanoseek: warning: {stage} trains in bf16 on a CPU without native bf16 (AVX512-BF16 or AMX, "
+            "with PyTorch's kernels not held to AVX2): bf16 matmuls are ~20x slower than fp32 here "
+            "(precision fp32 is the fast path)",
             file=sys.stderr,
         )
 

@@ -5,7 +5,7 @@ so a report can be rebuilt at any time with `nanoseek report RUN`.
 
 Records it understands (all optional; missing figures show as "–"):
 - any stage: `{"event": "end", "wall_time_s", "tokens", ...}` written when the stage finishes
-  (`wall_s` in pretraining's before), `{"event": "start"}` when a training stage starts afresh,
+  (`wall_s` in pretraining's before), `{"event": "start", "precision"}` when a training stage starts afresh,
   `{"event": "resume", "from_step"}` when one continues from a checkpoint
 - pretrain / sft / distill steps: `loss`, `val_loss`, `expert_load` ({layer: [tokens per expert]}),
   `tok_per_s`, `mfu`
@@ -468,8 +468,8 @@ def build_report(
 
     lines += ["## Stages", ""]
     lines += [
-        "| stage | wall time | tokens | est. cost | final loss | val loss | tokens/s | MFU |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stage | wall time | tokens | est. cost | final loss | val loss | tokens/s | MFU | precision |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for stage in STAGES:
         end = m.last_event(stage, "end")
@@ -501,13 +501,17 @@ def build_report(
         if skipped:
             loss += f" ({skipped} step{'s' if skipped > 1 else ''} skipped)"  # as the trainer says it
         mfu = m.steady_median(stage, "mfu")
+        # what the speed and MFU were measured in: bf16 and fp32 differ several-fold on one CPU, and
+        # "auto" picks by the machine
+        precision = m.last_event(stage, "start").get("precision")
         lines.append(
             f"| {stage} | {shown} | {_human(tokens)} | {cost} | {loss} | {_fmt(m.last_value(stage, 'val_loss'))} "
-            f"| {_human(m.steady_median(stage, 'tok_per_s'))} | {'–' if mfu is None else _fmt(100 * mfu) + '%'} |"
+            f"| {_human(m.steady_median(stage, 'tok_per_s'))} | {'–' if mfu is None else _fmt(100 * mfu) + '%'} "
+            f"| {_fmt(precision)} |"
         )
     total_s = m.run_wall_time()
     total_cost = m.run_wall_time(per_machine=True) / 3600 * usd_per_hour
-    lines.append(f"| **total** | {_seconds(total_s)} | | ${total_cost:.4f} | | | | |")
+    lines.append(f"| **total** | {_seconds(total_s)} | | ${total_cost:.4f} | | | | | |")
     lines += [
         "",
         f"Cost is estimated at ${usd_per_hour:.2f} per machine-hour: each stage's wall time x the machines "
@@ -515,7 +519,8 @@ def build_report(
     ]
     if any(m.steady_median(s, "tok_per_s") is not None for s in STAGES):
         lines.append(
-            "Tokens/s and MFU (the model's FLOPs over the machine's measured matmul peak) are the median over "
+            "Tokens/s and MFU (the model's FLOPs over the machine's measured matmul peak in the stage's "
+            "precision) are the median over "
             f"a stage's training steps after each process's first {WARMUP_STEPS} (compilation, warming caches), "
             "over all of them where none is left."
         )

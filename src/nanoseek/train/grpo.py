@@ -726,7 +726,8 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
     )
     if extra is None:  # a new run: the report reads it apart from any before it in RUN
         trainer.note_replacing()
-        metrics_log.log(0, event="start", init=str(cfg.init))  # what the report reads GRPO's gain from
+        # the checkpoint the report reads GRPO's gain from, and the precision it trained in
+        metrics_log.log(0, event="start", init=str(cfg.init), precision=cfg.precision)
         metrics_log.log_model(model.config)
     sampler = PromptSampler(pools, cfg.task_sampling, history.get("task_signal"))
     left_out: list[str] = []

@@ -434,6 +434,15 @@ class Trainer:
             raise ValueError(f"precision {precision!r} not in {', '.join(PRECISIONS)}")
         if total_steps <= 0:
             raise ValueError(f"total_steps must be > 0, got {total_steps}")
+        low = next((p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)), None)
+        if low is not None:
+            # AdamW would keep its moments and the weights in 16 bits, whatever `precision` says: small
+            # updates round away (most of a layer's at lr 1e-5), and the checkpoint is saved in 16 bits
+            raise ValueError(
+                f"the model {stage} starts from holds weights in {low}: {stage} keeps fp32 master weights and "
+                f"optimizer state (precision {precision!r} sets only its matmuls' autocast dtype); load it in "
+                "float32 (load_model's default dtype) or call model.float() first"
+            )
         if not 0 <= bias_update_speed < math.inf:  # NaN fails too: it made every router's bias NaN
             raise ValueError(f"bias_update_speed (γ) must be >= 0 and finite, got {bias_update_speed}")
         if dist is None:
@@ -470,8 +479,10 @@ class Trainer:
 
             convert_to_fp8_training(model)  # in place: same parameters, FP8 GEMMs
         self.model = shard_model(model, self.dist)
-        from nanoseek.perf import tune_malloc
+        from nanoseek.perf import say_if_bf16_is_emulated, tune_malloc
 
+        if precision == "bf16" and self.dist.device.type == "cpu" and self.dist.is_main:
+            say_if_bf16_is_emulated(stage)
         tune_malloc()  # reuse freed activation memory instead of page-faulting it in every step
         self.optimizer = self._optimizer(optim)
         self.global_step = 0

@@ -695,7 +695,8 @@ def train_on_examples(
     first_step = trainer.global_step  # where this process starts: its summary's steps are its own
     if trainer.global_step == 0:  # a new run: the report reads it apart from any before it in RUN
         trainer.note_replacing()
-        log.log(0, event="start", **(start_record or {}))
+        # the precision, as pretraining's records it: the report sets it beside the stage's speed and MFU
+        log.log(0, event="start", precision=trainer.precision, **(start_record or {}))
         log.log_model(model.config)
     elif start_record:
         log.log(None, **start_record)
