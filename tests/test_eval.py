@@ -74,6 +74,29 @@ def test_metrics_from_stub_sampler(tmp_path) -> None:
     assert rec["problems_digest"] == problems_digest([p.id for p in probs])
 
 
+def test_cons_counts_every_sample_scored_at_least_half_right_as_one_vote() -> None:
+    """A partial-credit task (`?partial=true`) scores a sample between 0 and 1: those scored at least
+    half right vote together for the right answer, whatever their texts, as the all-right ones do.
+    Two programs passing 3 of 4 tests, written differently, outvote one wrong answer; by their own
+    texts the three would tie and the earliest, not a right one, would win."""
+    from types import SimpleNamespace
+
+    from nanoseek.evaluate import score_samples
+
+    (p,) = _problems(1)
+    scores = {"t</think>A": 0.75, "t</think>B": 0.75, "t</think>C": 0.0}
+    samples = [
+        [
+            Sample(text=t, num_tokens=3, finish_reason="stop")
+            for t in ("t</think>A", "t</think>B", "t</think>C")
+        ]
+    ]
+    reward = lambda prob, text: (scores[text], {"accuracy": scores[text]})  # noqa: E731
+    metrics, (rec,) = score_samples(SimpleNamespace(), reward, [p], samples)
+    assert metrics["cons@3"] == 1.0 and rec["cons"] is True
+    assert metrics["pass@1"] == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize(
     ("n", "t"),
     [(1, 0.0), (2, 12.7062), (3, 4.3027), (5, 2.7764), (10, 2.2622), (48, 2.0117), (10_001, 1.9602)],

@@ -189,6 +189,35 @@ def test_clipped_loss_hand_worked_all_normalizations() -> None:
         grpo_loss(logp, old, adv, mask, loss_type="ppo")
 
 
+def test_shared_denominators_replace_the_batchs_own_counts() -> None:
+    """A micro-batch's loss is its share of the step's: each normalization divides by the counts the
+    caller passes (the step's tokens, sequences), not this micro-batch's. The per-token terms are
+    _example's: seq0 -1.3, -0.9 (sum -2.2 over 2 tokens), seq1 1.1, 0.8, 1.0 (sum 2.9 over 3)."""
+    kw = dict(eps_low=0.2, eps_high=0.3, num_sequences=4, num_tokens=10)
+    logp, old, mask, adv = _example()
+    assert grpo_loss(logp, old, adv, mask, loss_type="dapo", **kw).loss.item() == pytest.approx(0.7 / 10)
+    grpo = grpo_loss(logp, old, adv, mask, loss_type="grpo", **kw).loss.item()
+    assert grpo == pytest.approx((-2.2 / 2 + 2.9 / 3) / 4)
+    dr = grpo_loss(logp, old, adv, mask, loss_type="dr_grpo", max_completion_len=3, **kw).loss.item()
+    assert dr == pytest.approx(0.7 / (4 * 3))
+
+
+def test_grpo_averages_over_the_sequences_that_have_tokens() -> None:
+    """Without a shared count, GRPO's mean over sequences counts those with a token in the loss: a row
+    whose mask is empty (a completion left out) leaves the mean of the other two as it was."""
+    logp, old, mask, adv = _example()
+    pad = lambda t, v: torch.cat([t, torch.full_like(t[:1], v)])  # noqa: E731
+    out = grpo_loss(
+        pad(logp.detach(), -1.0),
+        pad(old, -1.0),
+        torch.tensor([1.0, -1.0, 1.0]),
+        pad(mask, 0),
+        eps_low=0.2,
+        eps_high=0.3,
+    )
+    assert out.loss.item() == pytest.approx((-2.2 / 2 + 2.9 / 3) / 2)
+
+
 def test_clip_fractions_count_each_side_against_its_own_epsilon() -> None:
     # clip-higher (ε_low 0.2, ε_high 0.3): ratio 1.25 with A > 0 and ratio 0.75 with A < 0 lie between
     # the two bounds; only the second is clipped (its gradient zeroed), and it counts on the low side
@@ -222,6 +251,8 @@ def test_kl_k3_hand_worked_and_beta() -> None:
     assert kl[0, 0].item() == pytest.approx(0.5 - math.log(0.5) - 1)
     assert kl[0, 1].item() == 0.0
     assert torch.isfinite(kl_k3(torch.tensor([0.0]), torch.tensor([-1e4]))).all()  # no overflow
+    # π_ref far above π_θ: exp(log π_ref - log π_θ) = exp(1e4) overflowed to inf; clamped at 20
+    assert kl_k3(torch.tensor([-1e4]), torch.tensor([0.0])).item() == pytest.approx(math.exp(20) - 20 - 1)
     # β adds β·KL per token: here mean over the 2 tokens of the single sequence
     out0 = grpo_loss(logp, None, torch.zeros(1), torch.ones(1, 2), beta=0.0)
     out1 = grpo_loss(logp, None, torch.zeros(1), torch.ones(1, 2), beta=0.1, ref_logp=ref)
@@ -947,6 +978,51 @@ def test_prompt_sampler_draws_tasks_without_signal_less_and_keeps_its_state() ->
     assert 0.02 < share_hard < 0.2  # ≈ floor / (floor + 1 + floor), never zero
     resumed = PromptSampler(pools, "signal", dict(sampler.signal))
     assert resumed.draw(random.Random(2), 8) == sampler.draw(random.Random(2), 8)
+
+
+def test_a_group_with_signal_counts_though_a_member_sits_at_its_mean() -> None:
+    """A group of rewards 1.2, 0, 0.6, 0.6 (accuracy + format) has mean 0.6: two members get advantage 0,
+    the group still carries signal. The running share moves by (1 - DECAY) toward 1 for it, toward 0
+    for a group of equal rewards: 0.8 · 0.5 + 0.2 = 0.6, then 0.8 · 0.6 = 0.48."""
+    from nanoseek.train.grpo import PromptSampler
+
+    sampler = PromptSampler({"t": [("t", 0)]}, "signal", {"t": 0.5})
+    sampler.observe(["t"], group_advantages(torch.tensor([1.2, 0.0, 0.6, 0.6]), 4), group_size=4)
+    assert sampler.signal["t"] == pytest.approx(0.6)
+    sampler.observe(["t"], group_advantages(torch.tensor([0.6, 0.6, 0.6, 0.6]), 4), group_size=4)
+    assert sampler.signal["t"] == pytest.approx(0.48)
+
+
+def test_prompt_sampler_draws_a_task_without_signal_at_the_floors_share() -> None:
+    """Each prompt's task is drawn with weight FLOOR + signal: a task at signal 0 beside one at 1 gets
+    0.1 / (0.1 + 1.1) = 1/12 of the prompts, not none."""
+    import random
+
+    from nanoseek.train.grpo import PromptSampler
+
+    pools = {"none": [("none", i) for i in range(10)], "all": [("all", i) for i in range(10)]}
+    sampler = PromptSampler(pools, "signal", {"none": 0.0, "all": 1.0})
+    rng = random.Random(0)
+    drawn = [sampler.draw(rng, 1)[0][0] for _ in range(3000)]
+    assert drawn.count("none") / len(drawn) == pytest.approx(1 / 12, abs=0.02)
+
+
+def test_masked_truncation_is_blamed_only_for_samples_that_carried_signal() -> None:
+    """A step that trained nothing says "all truncated" only if --mask-truncated left out a sample with
+    an advantage (β = 0); a left-out sample of a group of equal rewards would have trained nothing
+    either, so that step had no signal."""
+    from nanoseek.train.grpo import Rollout, _masked_out_by_truncation
+
+    keep = torch.tensor([False, True, True, True])
+
+    def rollout(adv: list[float]) -> Rollout:
+        return Rollout(
+            [[1]] * 4, [[2]] * 4, torch.zeros(4), torch.tensor(adv), keep, {"skipped_samples": 0.0}
+        )
+
+    assert _masked_out_by_truncation(rollout([0.5, -0.5, 0.5, -0.5]), beta=0.0)
+    assert not _masked_out_by_truncation(rollout([0.0, 0.0, 0.0, 0.0]), beta=0.0)
+    assert _masked_out_by_truncation(rollout([0.0, 0.0, 0.0, 0.0]), beta=0.04)  # the KL term trains it
 
 
 def test_prompt_sampler_signal_always_draws_batch_prompts() -> None:

@@ -229,6 +229,26 @@ def test_exact_answers_in_nfd_and_nfc_are_the_same_answer():
     assert check_exact("がっこう", "かっこう") == 0.0
 
 
+def test_exact_answers_keep_their_case_and_their_words_not_their_spacing():
+    """The exact verifier is strict in what an answer says (a sorting task's "Apple" is not "apple"),
+    loose only in its markup and spacing."""
+    assert check_exact("Apple banana", "apple banana") == 0.0
+    assert check_exact("Apple banana", "  Apple \n banana. ") == 1.0
+
+
+def test_a_math_answer_over_2000_characters_is_not_parsed(monkeypatch):
+    """Off the main thread math-verify runs with no timeout: an answer longer than the cap scores 0
+    without being parsed, so no answer can hold a reward worker for minutes."""
+    import math_verify
+
+    parsed = []
+    real = math_verify.parse
+    monkeypatch.setattr(math_verify, "parse", lambda text, **kw: parsed.append(text) or real(text, **kw))
+    assert check_math("42", "\\boxed{42}" + " " * 1991) == 0.0  # 2,001 characters
+    assert parsed == ["$42$"]  # the gold's only
+    assert check_math("42", "\\boxed{42}" + " " * 1990) == 1.0  # 2,000 characters: read
+
+
 def test_a_long_run_of_dots_is_scored_quickly():
     # the closing-"$."-regex retried from every dot of a degenerate answer: ~5 s for these 24K characters
     dots = ". " * 12_000 + "42"
@@ -823,6 +843,34 @@ def test_math_verifier_reads_latex_display_and_inline_math():
     assert check_math("\\frac{3}{4}", "So \\[ \\frac{3}{4} \\]") == 1.0  # math after words
     assert check_math("\\[ \\frac{3}{4} \\]", "0.75") == 1.0
     assert check_math("\\frac{3}{4}", "\\[ \\frac{2}{3} \\]") == 0.0
+
+
+def test_a_non_integer_gold_is_matched_as_math_isclose_matches_it():
+    """rel_tol 1e-6 and abs_tol 1e-9, as math.isclose: a small gold (0.0001) is matched within the
+    absolute tolerance, which its relative one alone (1e-10) is far below."""
+    import math
+
+    for gold, pred in [
+        ("0.0001", "0.0001000005"),  # within abs_tol only
+        ("0.0001", "0.000100002"),  # outside both
+        ("3.5", "3.5000034"),  # within rel_tol
+        ("3.5", "3.50001"),  # outside both
+    ]:
+        want = math.isclose(float(gold), float(pred), rel_tol=1e-6, abs_tol=1e-9)
+        assert check_numeric(gold, pred) == float(want), (gold, pred)
+
+
+def test_a_fraction_reads_its_sign_before_the_numerator():
+    """`-7/2` is a negative fraction, as `-\\frac{7}{2}` is, and `\\frac{-7}{2}` the same number (LaTeX
+    typesets the sign inside, math-verify reads it so): the latter scored a right answer 0."""
+    from fractions import Fraction
+
+    assert parse_number("-7/2") == Fraction(-7, 2) and parse_number("+7/2") == Fraction(7, 2)
+    assert check_numeric("-3.5", "-7/2") == 1.0 and check_numeric("3.5", "-7/2") == 0.0
+    assert parse_number("\\frac{-7}{2}") == Fraction(-7, 2)
+    assert parse_number("-\\dfrac{-7}{2}") == Fraction(7, 2)
+    assert check_numeric("-0.5", "\\boxed{\\frac{-1}{2}}") == 1.0
+    assert check_numeric("0.5", "\\frac{-1}{2}") == 0.0
 
 
 def test_answers_in_latex_math_mode_and_latex_fractions_are_read():

@@ -75,7 +75,8 @@ def ascii_math(text: str) -> str:
 
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _FRACTION_RE = re.compile(r"([+-]?\d+)\s*/\s*(\d+)")
-_LATEX_FRACTION_RE = re.compile(r"([+-]?)\s*\\[dt]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+# the numerator may carry the sign: LaTeX typesets \frac{-7}{2} as -7/2, and math-verify reads it so
+_LATEX_FRACTION_RE = re.compile(r"([+-]?)\s*\\[dt]?frac\s*\{\s*([+-]?\d+)\s*\}\s*\{\s*(\d+)\s*\}")
 _MAX_EXPONENT = 400  # past any answer a verifier compares, and cheap to build exactly
 # the longest number read: 64 characters left the golds of `arithmetic?digits=33&ops=mul` (65 digits)
 # unparseable, every such problem skipped; this many digits are still cheap to read exactly
@@ -103,9 +104,9 @@ def parse_number(text: str | None) -> Fraction | None:
     m = _FRACTION_RE.fullmatch(s)
     if m and int(m.group(2)) != 0:
         return Fraction(int(m.group(1)), int(m.group(2)))
-    m = _LATEX_FRACTION_RE.fullmatch(s)  # \frac{7}{2}, -\dfrac{1}{2}
+    m = _LATEX_FRACTION_RE.fullmatch(s)  # \frac{7}{2}, -\dfrac{1}{2}, \frac{-1}{2}
     if m and int(m.group(3)) != 0:
-        return Fraction(int(m.group(1) + m.group(2)), int(m.group(3)))
+        return (-1 if m.group(1) == "-" else 1) * Fraction(int(m.group(2)), int(m.group(3)))
     return None
 
 
