@@ -193,6 +193,27 @@ def test_admission_by_need_runs_long_requests_together(model):
     assert engine.stats()["cache_blocks_used"] == 0 and engine.stats()["preemptions"] == 0
 
 
+def test_a_request_decoding_alone_again_after_a_preemption_reads_its_new_blocks(model):
+    """The decode step keeps its batch's slot maps while the batch is the same; a sequence preempted and
+    re-admitted comes back in other blocks (its old ones freed, here retaken by a one-token request), so
+    the same lone sequence decoding again must read the new ones: its output is plain greedy decoding's."""
+    prompt = list(range(1, 9))
+    want = greedy_reference(model, prompt, 8)[0]
+    engine = Engine(model, block_size=4, num_blocks=7)  # 6 blocks
+    engine.add_request(prompt, SamplingParams(max_new_tokens=8))
+    for _ in range(4):
+        engine.step()
+    (seq,) = engine.scheduler.running
+    old = list(seq.block_table)
+    engine.scheduler.preempt_newest()
+    engine.add_request(list(range(300, 311)), SamplingParams(max_new_tokens=1))  # retakes its old last block
+    engine.step()  # both prefill; the one-token request finishes
+    assert seq.block_table != old and len(seq.block_table) == len(old)
+    while engine.has_unfinished():
+        engine.step()
+    assert seq.tokens[len(prompt) :] == want
+
+
 @pytest.mark.parametrize("speculative", [False, True])
 def test_preempted_requests_generate_what_they_would_alone(model, speculative, monkeypatch):
     """A cache that runs short preempts the newest requests (vLLM's recompute preemption): re-admitted,
@@ -543,6 +564,18 @@ def test_cache_salt_isolates_prefix_reuse(model):
         engine.add_request(prompt, SamplingParams(cache_salt=""))
 
 
+def test_a_salted_request_shares_its_own_tenants_blocks_and_not_the_unsalted_ones(model):
+    """A salted request looks its prefix up under its own salt: an unsalted request's cached blocks are
+    another tenant's (no hit), and its own tenant's are shared (both hits)."""
+    prompt = list(range(100, 140))  # two full blocks of 16 to share
+    engine = Engine(model, block_size=16)
+    hits = []
+    for salt in (None, "tenant-a", "tenant-a"):
+        engine.generate([prompt], max_new_tokens=4, cache_salt=salt)
+        hits.append(engine.stats()["prefix_cache_hit_blocks"])
+    assert hits == [0, 0, 2]
+
+
 def test_a_whole_cached_prompt_still_computes_its_last_block(model):
     # at least the last prompt position is computed (its logits give the first token): a prompt of two
     # full cached blocks shares one, as vLLM caps a hit at the prompt's length - 1
@@ -654,6 +687,34 @@ def test_the_ids_the_engine_gives_skip_those_its_caller_gave(model):
     named = engine.add_request([1, 2], SamplingParams(max_new_tokens=20), request_id="req-0")
     assert engine.add_request([3, 4], SamplingParams(max_new_tokens=1)) != named
     assert len(engine.generate([[5, 6]], max_new_tokens=2)[0]) == 2
+
+
+def test_a_request_that_fills_the_cache_exactly_runs_and_one_position_more_is_refused(model):
+    """A request needs its max_len positions in whole blocks: one that fills the cache exactly runs
+    (under speculation too: its only output token needs no slot for a draft after it), and one position
+    more is refused up front, not admitted to wait for blocks that can never free up."""
+    for speculative in (False, True):
+        engine = Engine(model, num_blocks=3, block_size=4, speculative=speculative)  # 2 blocks: 8 positions
+        assert len(engine.generate([list(range(1, 8))], max_new_tokens=1)[0]) == 1
+        with pytest.raises(EngineCapacityError, match="needs 3 cache blocks"):
+            engine.add_request(list(range(1, 9)), SamplingParams(max_new_tokens=1))
+
+
+def test_a_request_waiting_for_blocks_keeps_its_place_ahead_of_later_ones(model):
+    """First come, first served: a request the cache cannot hold yet stays at the head of the line, and
+    a smaller one that came after it is not admitted first (it could be again and again: starvation)."""
+    engine = Engine(model, num_blocks=7, block_size=4)  # 6 blocks
+    a = engine.add_request(list(range(1, 9)), SamplingParams(max_new_tokens=8))  # admitted with 3
+    b = engine.add_request(list(range(20, 32)), SamplingParams(max_new_tokens=4))  # needs 4: waits for a
+    c = engine.add_request(list(range(40, 44)), SamplingParams(max_new_tokens=2))  # 2 would fit beside a
+    admitted: dict[str, int] = {}
+    step = 0
+    while engine.has_unfinished():
+        engine.step()
+        for seq in engine.scheduler.running:
+            admitted.setdefault(seq.request_id, step)
+        step += 1
+    assert admitted[a] < admitted[b] <= admitted[c]
 
 
 def test_a_refused_engine_leaves_the_model_as_given(model, monkeypatch):

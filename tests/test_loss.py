@@ -30,6 +30,22 @@ def test_value_and_gradients_match_plain_cross_entropy(monkeypatch, chunk_elemen
     assert torch.allclose(w.grad, w2.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("trained", ["head", "hidden"])
+def test_gradients_when_only_one_side_is_trained(trained):
+    """A frozen trunk under a trained head (a probe), or a frozen head: the side that takes a gradient
+    gets the plain path's, the other none."""
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(2, 5, 16, generator=g), torch.randn(30, 16, generator=g)
+    t = torch.randint(0, 30, (2, 5), generator=g)
+    x = w if trained == "head" else h
+    x.requires_grad_()
+    linear_cross_entropy(h, w, t).backward()
+    x2 = x.detach().clone().requires_grad_()
+    (_reference(h, x2, t) if trained == "head" else _reference(x2, w, t)).backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+    assert (w if trained == "hidden" else h).grad is None
+
+
 def test_no_grad_and_all_ignored():
     h, w = torch.randn(4, 8), torch.randn(10, 8)
     t = torch.tensor([1, 2, 3, 4])

@@ -383,6 +383,38 @@ def test_inference_expert_stack_in_gemm_layout_gives_the_training_forward(tokens
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_inference_copies_of_a_layers_weights_follow_each_of_them():
+    """The absorbed MLA's folded weights and the MoE's inference stack (shared expert appended) are
+    copies of the layer's own weights, rebuilt when one changes in place (an optimizer step, a
+    load_state_dict into a model an Engine serves): each weight changed alone moves the inference-mode
+    forward as it moves the plain one (naive MLA, the shared expert run apart)."""
+    model = model_for(config(n_group=1, topk_group=1))
+    layer = model.model.layers[-1]
+    assert isinstance(layer.mlp, MoE)
+    x = ids(seq=6)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            fast = model(x, absorb=True)
+        with torch.no_grad():
+            plain = model(x, absorb=False)
+        return fast, plain
+
+    fast, before = both()  # builds the copies
+    torch.testing.assert_close(fast, before, rtol=0, atol=1e-4)
+    names = []
+    gen = torch.Generator().manual_seed(7)
+    for name, p in layer.named_parameters():
+        with torch.no_grad():  # noise, not a scale: a norm right after a projection undoes a scale
+            p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=gen))
+        fast, plain = both()
+        assert (plain - before).abs().max() > 1e-3, f"{name} changed nothing: the check would be blind"
+        torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        before = plain
+        names.append(name)
+    assert {"self_attn.o_proj.weight", "mlp.shared_experts.down_proj.weight"} <= set(names)
+
+
 def test_routed_experts_gradcheck_in_float64():
     """Float64 (a gradcheck's dtype, which `torch._grouped_mm` refuses) runs the grouped path as a loop;
     its backward, the custom one, is the numerical derivative, an expert without tokens included."""
@@ -472,6 +504,39 @@ def test_mtp_shapes_and_shifted_tokens():
         changed = model.mtp_logits(hidden, y)[0]
         assert (changed[:, :8] - mtp[0][:, :8]).abs().max() < 1e-6
         assert (changed[:, 8] - mtp[0][:, 8]).abs().max() > 1e-4
+
+
+def test_the_mtp_loss_reaches_the_main_models_hidden_states():
+    """V3 §2.2: the MTP modules take the main model's output h_i as it is, so their loss trains the main
+    model too (the denser signal the paper is after), not only the MTP modules. The gradient it sends
+    into the hidden states is the one of the same losses written out by hand from the layers."""
+    model = model_for(config(num_nextn_predict_layers=2))
+    x = ids(seq=10)
+    labels = torch.cat((x[:, 1:], torch.full((2, 1), -100)), dim=1)
+    with torch.no_grad():
+        hidden = model(x, return_hidden=True)[1]
+    h = hidden.clone().requires_grad_()
+    sum(model.mtp_losses(h, x, labels)).backward()
+    ref_h = hidden.clone().requires_grad_()
+    emb, (l0, l1) = model.model.embed_tokens, model.model.mtp_layers
+    cos, sin = model.model.rotary_emb(model.positions_for(x))
+
+    def depth(layer, prev, n, shift):  # V3 eq. 21-22, the embedding's half first
+        w = layer.eh_proj.weight
+        combined = F.linear(layer.enorm(emb(x[:, shift : shift + n])), w[:, :64]) + F.linear(
+            layer.hnorm(prev[:, :n]), w[:, 64:]
+        )
+        return layer(combined, cos[:, :n], sin[:, :n])
+
+    h0 = depth(l0, ref_h, 9, 1)
+    h1 = depth(l1, h0, 8, 2)
+    want = 0
+    for k, (layer, hk) in enumerate(((l0, h0), (l1, h1))):
+        logits = model.lm_head(layer.shared_head.norm(hk))
+        want = want + F.cross_entropy(logits.flatten(0, 1), labels[:, k + 1 :][:, : 9 - k].flatten())
+    want.backward()
+    assert h.grad is not None and h.grad.abs().max() > 0
+    torch.testing.assert_close(h.grad, ref_h.grad)
 
 
 # ------------------------------------------------------------------ balancing
