@@ -75,3 +75,25 @@ def narrow_checkpoint(micro_checkpoint, tmp_path) -> str:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(f"{micro_checkpoint}/{name}", d / name)
     return str(d)
+
+
+@pytest.fixture
+def nan_losses(monkeypatch) -> None:
+    """Every training step's loss NaN, and two skipped steps in a row end the run (`TrainingDiverged`
+    naming optimizer steps 1-2), whatever the stage's own limit."""
+    import math
+
+    from nanoseek.train import loop
+
+    step = loop.Trainer.step
+
+    def nan_step(self, loss_fn, accumulation=1):
+        self.max_consecutive_skips = 2
+
+        def fn():
+            loss, m = loss_fn()
+            return loss * math.nan, m
+
+        return step(self, fn, accumulation)
+
+    monkeypatch.setattr(loop.Trainer, "step", nan_step)

@@ -688,26 +688,14 @@ def test_grpo_keeps_the_routing_bias_unless_asked(micro_checkpoint, tmp_path) ->
 
 
 def test_the_step_that_ends_a_diverged_grpo_run_is_in_metrics_jsonl(
-    micro_checkpoint, tmp_path, monkeypatch
+    micro_checkpoint, tmp_path, nan_losses
 ) -> None:
     """As pretrain's and SFT's: the GRPO step whose update the divergence error names is logged, skipped,
     with its rollouts' figures; metrics.jsonl ended at the step before."""
     from nanoseek.metrics import read_metrics
-    from nanoseek.train import TrainingDiverged, loop
+    from nanoseek.train import TrainingDiverged
     from nanoseek.train.grpo import grpo
 
-    step = loop.Trainer.step
-
-    def nan_loss(self, loss_fn, accumulation=1):
-        self.max_consecutive_skips = 2
-
-        def fn():
-            loss, m = loss_fn()
-            return loss * math.nan, m
-
-        return step(self, fn, accumulation)
-
-    monkeypatch.setattr(loop.Trainer, "step", nan_loss)
     with pytest.raises(TrainingDiverged, match="optimizer steps 1-2"):
         grpo(_cfg(micro_checkpoint, tmp_path, steps=4))
     recs = [r for r in read_metrics(tmp_path, "grpo") if "reward" in r]
