@@ -342,6 +342,49 @@ def test_a_save_cut_short_by_a_full_disk_keeps_the_checkpoint_saved_there_before
     assert all(torch.equal(t, want[k]) for k, t in loaded.state_dict().items())
 
 
+def test_a_sharded_save_writes_transformers_index(tmp_path):
+    """The index is what transformers and the Hub read for a sharded checkpoint: every tensor mapped to
+    the shard that holds it, and metadata.total_size the bytes of all tensors (the Hub shows it as
+    the model's size)."""
+    save_model(build_model(config()).init_weights(0), tmp_path, max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = {p.name: load_file(str(p)) for p in tmp_path.glob("model-*.safetensors")}
+    assert len(shards) > 1 and not (tmp_path / "model.safetensors").exists()
+    n = len(shards)  # numbered from 1, as transformers' and the Hub's shards are
+    assert sorted(shards) == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    held = {k: name for name, tensors in shards.items() for k in tensors}
+    assert index["weight_map"] == held
+    nbytes = sum(t.numel() * t.element_size() for tensors in shards.values() for t in tensors.values())
+    assert index["metadata"]["total_size"] == nbytes
+
+
+def test_a_checkpoint_of_exactly_max_shard_bytes_is_one_file(tmp_path):
+    """max_shard_bytes is the most a shard holds (as huggingface_hub's split_torch_state_dict_into_shards):
+    weights of exactly that many bytes are one model.safetensors, one byte fewer allowed is two shards."""
+    model = build_model(config()).init_weights(0)
+    save_model(model, tmp_path / "whole")
+    nbytes = sum(
+        t.numel() * t.element_size() for t in load_file(str(tmp_path / "whole/model.safetensors")).values()
+    )
+    save_model(model, tmp_path / "exact", max_shard_bytes=nbytes)
+    assert sorted(p.name for p in (tmp_path / "exact").glob("model*")) == ["model.safetensors"]
+    save_model(model, tmp_path / "less", max_shard_bytes=nbytes - 1)
+    assert len(list((tmp_path / "less").glob("model-*-of-00002.safetensors"))) == 2
+
+
+def test_a_save_over_a_sharded_checkpoint_leaves_none_of_its_files(tmp_path):
+    """Saved as one file where a sharded checkpoint was, the old index and shards must go: a reader
+    takes the index first, and would load the old model's weights under the new config."""
+    save_model(build_model(config()).init_weights(0), tmp_path, max_shard_bytes=20_000)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    new = build_model(config()).init_weights(1)
+    save_model(new, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = nanoseek.load_model(tmp_path)
+    for k, v in new.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
 def test_a_sharded_save_cut_short_never_mixes_two_checkpoints(tmp_path, monkeypatch):
     """Saved over a sharded checkpoint of as many shards (the same names), a full disk at the second
     shard left the new first shard beside the old index and second shard: one model of two checkpoints,
@@ -472,6 +515,38 @@ def test_a_directory_write_on_a_read_only_filesystem_names_the_users_path(tmp_pa
     with pytest.raises(OSError, match="Read-only") as e, atomic_directory(tmp_path / "pretrain"):
         pass
     assert e.value.filename == str(tmp_path / "pretrain")
+
+
+def test_atomic_writes_reach_the_disk_before_they_are_renamed_into_place(tmp_path, monkeypatch):
+    """A rename can reach the disk before the data it names: without an fsync of the new file first, a
+    power cut left the final name over an empty file (the old checkpoint gone), and without one of the
+    directory after, the rename itself could be lost."""
+    from nanoseek import atomic
+
+    events: list[tuple[str, int]] = []
+
+    class RecordingOs:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def fsync(self, fd):
+            events.append(("fsync", os.fstat(fd).st_ino))
+            os.fsync(fd)
+
+        def replace(self, src, dst):
+            events.append(("replace", os.stat(src).st_ino))
+            os.replace(src, dst)
+
+    monkeypatch.setattr(atomic, "os", RecordingOs())
+    atomic_write(tmp_path / "config.json", "{}")
+    file, parent = (tmp_path / "config.json").stat().st_ino, tmp_path.stat().st_ino
+    assert events == [("fsync", file), ("replace", file), ("fsync", parent)]
+
+    events.clear()
+    with atomic_directory(tmp_path / "ckpt") as d:
+        (d / "model.safetensors").write_bytes(b"weights")
+    inner, folder = (tmp_path / "ckpt/model.safetensors").stat().st_ino, (tmp_path / "ckpt").stat().st_ino
+    assert events == [("fsync", inner), ("fsync", folder), ("replace", folder), ("fsync", parent)]
 
 
 def test_atomic_writes_work_where_directories_cannot_be_opened(tmp_path, monkeypatch):

@@ -842,6 +842,16 @@ def test_a_resume_inside_a_cut_record_reads_every_record_after_it(tmp_path: Path
     )
 
 
+def test_a_long_record_is_cut_after_its_last_blank_in_the_second_half() -> None:
+    from nanoseek.data.corpus import _cut_text
+
+    # limit 8: "aaaa bbb" has its blank at 4, after the half (the piece ends with it); a blank at or
+    # before the half would leave a short piece, so the cut falls at the limit, inside the word
+    assert list(_cut_text("aaaa bbbbbb", 8)) == ["aaaa ", "bbbbbb"]
+    assert list(_cut_text("aaa bbbbbbb", 8)) == ["aaa bbbb", "bbb"]
+    assert list(_cut_text("a b\tc\nddddddd", 8)) == ["a b\tc\n", "ddddddd"]
+
+
 def test_a_record_without_blanks_is_cut_at_the_limit(tmp_path: Path) -> None:
     from nanoseek.data.corpus import _cut_text
 
@@ -928,6 +938,18 @@ def test_a_resume_mid_epoch_reads_the_next_epoch_whole(tmp_path: Path, tok: Toke
     resumed.load_state_dict(ds.state_dict())
     for (x, y), (rx, ry) in zip(reference[k:], itertools.islice(resumed, 150 - k), strict=True):
         assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_window_tokens_leaves_out_only_the_trailing_padding() -> None:
+    # the pad token inside a document (EOS, where it pads: the end of every assistant turn) is a
+    # document's token that routing balances; only the run of it that ends the window is padding
+    pad = 0
+    x = torch.tensor([[5, pad, 7, pad, pad], [pad, 3, 4, 6, 8], [pad, pad, pad, pad, pad]])
+    assert window_tokens(x, pad).tolist() == [
+        [True, True, True, False, False],
+        [True, True, True, True, True],
+        [False, False, False, False, False],
+    ]
 
 
 def test_whole_document_packing_fills_a_window_exactly(tmp_path: Path, tok: Tokenizer) -> None:

@@ -640,6 +640,19 @@ def test_quant_linear_equals_its_dequantized_weight(rows, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_an_fp16_quant_linear_does_not_overflow_on_its_unscaled_sums(fmt):
+    """fp16 tops out at 65504: a row of 1024 weights of 0.01 stores q = 127 (int8) or 448 (e4m3) for
+    each, so x·q before the scale is 130048 (458752) for x of ones, inf in fp16, though x·w is 10.24."""
+    lin = torch.nn.Linear(1024, 2, bias=False)
+    torch.nn.init.constant_(lin.weight, 0.01)
+    q = QuantLinear(lin.to(torch.float16), fmt)
+    with torch.inference_mode():
+        got = q(torch.ones(3, 1024, dtype=torch.float16))
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), torch.full((3, 2), 10.24), rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_quantized_weights_are_the_nearest_steps_of_a_per_row_scale(fmt):
     """w ≈ q·s with one scale per output row, s = max|w_row| / 127 (int8) or / 448 (e4m3): each row
     reaches the top of the range; int8 rounds to the nearest step (half a step off at most), e4m3 keeps

@@ -904,3 +904,6 @@ def test_exact_dtype_is_the_files_own_16_bit_one_where_every_weight_is_in_it(sav
     key = next(k for k in tensors if "e_score_correction_bias" not in k)
     save_file({**tensors, key: tensors[key].float()}, str(shard), metadata={"format": "pt"})
     assert exact_dtype(mixed) == torch.float32
+    # two 16-bit dtypes: neither holds the other's values (whichever of them a set yields first)
+    save_file({**tensors, key: tensors[key].half()}, str(shard), metadata={"format": "pt"})
+    assert exact_dtype(mixed) == torch.float32

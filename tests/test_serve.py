@@ -1220,6 +1220,20 @@ def test_usage_total_is_prompt_plus_completion(scripted):
     assert (
         c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens == c.usage.prompt_tokens + 3
     )
+    # a batch of prompts: every prompt's tokens count (OpenAI's and vLLM's usage), not the first's alone
+    batch = scripted.client.completions.create(model=MODEL, prompt=[[5, 6, 7], [5, 6, 7, 8, 9]], max_tokens=3)
+    assert (batch.usage.prompt_tokens, batch.usage.completion_tokens) == (3 + 5, 2 * 3)
+
+
+def test_a_stream_ends_with_a_whole_done_event(scripted):
+    """Each server-sent event ends with a blank line; an event the stream ends inside of is never dispatched
+    (the SSE spec; a browser's EventSource), so the last bytes are exactly OpenAI's terminator."""
+    for route, body in [
+        ("/v1/chat/completions", {"messages": USER, "max_tokens": 3}),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 3}),
+    ]:
+        r = httpx.post(scripted.url + route, json={**body, "stream": True}, timeout=60)
+        assert r.text.endswith("}\n\ndata: [DONE]\n\n"), route
 
 
 def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(scripted):

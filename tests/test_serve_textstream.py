@@ -77,13 +77,15 @@ STOP_CASES = [
     # a held prefix of one stop is not cut short by a shorter prefix of another ("wor" of both)
     ("Say: Hello world!", ["Hello world", "world"], "Say: ", "Hello world"),
     ("an empty stop string stops nothing", ["", "zzz"], "an empty stop string stops nothing", None),
+    # a mismatch after "aabaaa" falls back to the border "aa", not to nothing: "aab" is held, then completes
+    ("aabaaabaaaa", ["aabaaaa"], "aaba", "aabaaaa"),
 ]
 
 
 @pytest.mark.parametrize(("text", "stops", "expected", "matched"), STOP_CASES)
 def test_stop_strings_any_chunking(text, stops, expected, matched):
     rng = random.Random(1)
-    for chunks in [[text]] + [_chunked(text, rng) for _ in range(30)]:
+    for chunks in [[text], list(text)] + [_chunked(text, rng) for _ in range(30)]:
         m = StopStringMatcher(stops)
         out = [m.push(c) for c in chunks]
         out.append(m.flush())

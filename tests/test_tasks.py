@@ -1610,5 +1610,22 @@ def test_jsonl_file_with_a_byte_order_mark_loads(tmp_path):
 def test_split_task_list_keeps_option_commas() -> None:
     assert split_task_list("arithmetic?ops=add,sub,countdown") == ["arithmetic?ops=add,sub", "countdown"]
     assert split_task_list("rg:leg_counting,jsonl:/x.jsonl") == ["rg:leg_counting", "jsonl:/x.jsonl"]
+    # a piece with options of its own is a task, named or not: a misspelled family is said to be unknown,
+    # not read as one more value of the option before it
+    assert split_task_list("arithmetic?ops=add,sub,arithmatic?digits=2") == [
+        "arithmetic?ops=add,sub",
+        "arithmatic?digits=2",
+    ]
     with pytest.raises(ValueError):
         split_task_list(" , ")
+
+
+def test_n_digit_operands_have_exactly_n_digits() -> None:
+    import random
+
+    from nanoseek.data.tasks.families import _rand_digits
+
+    rng = random.Random(0)
+    # every 1-digit number (0 included) and every 2-digit one is drawn, and nothing else
+    assert {_rand_digits(rng, 1) for _ in range(2000)} == set(range(10))
+    assert {_rand_digits(rng, 2) for _ in range(5000)} == set(range(10, 100))
