@@ -28,6 +28,9 @@ STEPS = 320
 VAL_EVERY = 80
 # Losses may differ by CPU (BLAS kernels, vector width) by a little; learning slower by more fails.
 LOSS_SLACK = 0.05  # relative, on the training loss (mean of 10 steps) at each recorded step
+# nats: the two CPUs' runs agree to the digit for ~100 steps, then drift apart both ways, by up to ~0.005
+# nats (7%) where the loss is near 0.07 (an AMD AVX2 host against the Intel AVX-512 one that recorded it)
+LOSS_FLOOR = 0.01
 PROBE_SLACK = 0.15  # absolute nats, on the held-out copy probe
 
 
@@ -106,9 +109,10 @@ def slower_than(curve: dict[str, list[float]], golden: dict[str, list[float]]) -
     """What in `curve` learned slower than `golden` beyond the slack (empty: as fast or faster)."""
     problems = []
     for step, got, want in zip(golden["step"], curve["loss"], golden["loss"], strict=True):
-        if got > want * (1 + LOSS_SLACK):
+        if got > max(want * (1 + LOSS_SLACK), want + LOSS_FLOOR):
             problems.append(
-                f"training loss at step {step}: {got:.4f} > golden {want:.4f} (+{LOSS_SLACK:.0%})"
+                f"training loss at step {step}: {got:.4f} > golden {want:.4f} (+{LOSS_SLACK:.0%}, "
+                f"at least +{LOSS_FLOOR})"
             )
     for step, got, want in zip(golden["probe_step"], curve["probe_copy"], golden["probe_copy"], strict=True):
         if got > want + PROBE_SLACK:
@@ -122,8 +126,14 @@ def test_slower_learning_is_caught() -> None:
     """The comparison itself: the golden curve passes, a curve that learns later does not."""
     golden = json.loads(GOLDEN.read_text())
     assert slower_than(golden, golden) == []
-    late = {**golden, "loss": [v * 1.1 for v in golden["loss"]]}
-    assert len(slower_than(late, golden)) == len(golden["loss"])
+    # 10% more loss: caught at every step where that is more than the floor (the first ~200 steps)
+    higher = {**golden, "loss": [v * 1.1 for v in golden["loss"]]}
+    above_floor = [v for v in golden["loss"] if v * 0.1 > LOSS_FLOOR]
+    assert len(above_floor) >= 20 and len(slower_than(higher, golden)) >= len(above_floor)
+    # learning 20 steps later: caught along the curve, the late steps included
+    later = {**golden, "loss": golden["loss"][:2] + golden["loss"][:-2]}
+    problems = slower_than(later, golden)
+    assert len(problems) >= 20 and any("step 300:" in p or "step 310:" in p for p in problems), problems
     stuck = {**golden, "probe_copy": [2.3] * len(golden["probe_copy"])}
     assert slower_than(stuck, golden)
     # what the golden run shows: copying learned, well below a guess among ten digits
