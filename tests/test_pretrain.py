@@ -677,6 +677,21 @@ def test_auto_precision_is_fp32_on_cpus_without_bf16(monkeypatch) -> None:
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
+def test_post_training_auto_precision_is_bf16_on_a_gpu_only(monkeypatch) -> None:
+    """SFT, GRPO and distillation were tuned in fp32 on CPUs (bf16 there moved their outcomes with the
+    CPU): their auto takes bf16 on a GPU that multiplies it natively, fp32 on any CPU."""
+    import nanoseek.train.pretrain as pt
+
+    monkeypatch.setattr(pt, "cpu_has_bf16", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu"), bf16_on_cpu=False) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu"), bf16_on_cpu=False) == "bf16"  # as named
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_precision("auto", torch.device("cuda"), bf16_on_cpu=False) == "bf16"
+    # a T4 or V100 emulates bf16: fp32 there
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision("auto", torch.device("cuda"), bf16_on_cpu=False) == "fp32"
+
+
 def test_native_bf16_needs_the_flag_and_kernels_that_use_it(monkeypatch) -> None:
     """A CPU counts as bf16-native when /proc/cpuinfo has avx512_bf16 (or AMX) *and* PyTorch's
     kernels are not held to AVX2: a process run with ATEN_CPU_CAPABILITY=avx2 or

@@ -1090,7 +1090,10 @@ def test_sft_logs_its_run_and_resumes_only_the_same_run(tmp_path, capsys) -> Non
             SFTConfig(init="", steps=3, batch_size=2, seq_len=24, resume=True, progress=False),
             time.perf_counter(),
         )
-    more = SFTConfig(init="", steps=3, batch_size=2, seq_len=32, resume=True, progress=False)
+    # the first run's precision was auto, resolved to fp32 on a CPU: naming fp32 is the same run
+    more = SFTConfig(
+        init="", steps=3, batch_size=2, seq_len=32, resume=True, progress=False, precision="fp32"
+    )
     capsys.readouterr()
     assert [r["step"] for r in _train_with_budget(tmp_path, more, time.perf_counter())] == [1, 2, 3]
     assert "control: 1 steps in " in capsys.readouterr().out

@@ -986,9 +986,10 @@ class Speedrun:
         GEMM has a fast kernel for bf16 only (fp32 takes a loop with a host sync per call); fp32 on a
         CPU, where the recipe was tuned, and wherever `precision` is forced to fp32."""
         from nanoseek.perf import default_device
+        from nanoseek.train.pretrain import resolve_precision
 
-        gpu = default_device().type == "cuda"
-        return "bf16" if gpu and self.p.precision != "fp32" else "fp32"
+        wanted = "fp32" if self.p.precision == "fp32" else "auto"
+        return resolve_precision(wanted, default_device(), bf16_on_cpu=False)
 
     def _engine_batch(self) -> dict[str, int]:
         return {"max_batch_size": self.p.engine_batch} if self.p.engine_batch else {}

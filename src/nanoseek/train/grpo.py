@@ -390,7 +390,11 @@ class GRPOConfig:
     seed: int = option(0, parse=torch_seed)
     checkpoint_every: int = option(0, "GRPO steps between checkpoints (0 = only at the end)")
     resume: bool = option(False, "continue from RUN/grpo/ if it holds a checkpoint")
-    precision: str = option("fp32", choices=("fp32", "bf16"))
+    precision: str = option(
+        "auto",
+        "auto: bf16 on a GPU that multiplies it natively, fp32 on a CPU (where the recipe was tuned)",
+        choices=("auto", "fp32", "bf16"),
+    )
     max_batch_size: int = option(64, "engine: sequences decoded together")
     stop_on_collapse: bool = option(False, "stop when entropy/length collapse persists")
     collapse_patience: int = option(3, "consecutive collapsed steps before --stop-on-collapse stops")
@@ -635,6 +639,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
     from nanoseek.perf import default_device
     from nanoseek.tokenizer import checkpoint_tokenizer
     from nanoseek.train.loop import StepLog, Trainer, warn_unused_bias_speed
+    from nanoseek.train.pretrain import resolve_precision
 
     init = resolve_checkpoint(cfg.init, flag="--init")
     if cfg.beta > 0 and Path(init).resolve() == (Path(cfg.out) / "grpo").resolve():
@@ -663,13 +668,14 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
 
     run = Path(cfg.out)
     total_updates = cfg.steps * cfg.mu
+    precision = resolve_precision(cfg.precision, default_device(), bf16_on_cpu=False)
     trainer = Trainer(
         model,
         run,
         "grpo",
         cfg.optim_config(),
         total_steps=total_updates,
-        precision=cfg.precision,
+        precision=precision,
         tokenizer=tok,
         spike_factor=0.0,  # a policy-gradient loss is ~0 and changes sign: a loss-spike guard is meaningless
         bias_update_speed=cfg.bias_update_speed,
@@ -677,6 +683,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
         config_extra={"grpo": {k: v for k, v in vars(cfg).items()}},
         resume_settings={
             **{name: getattr(cfg, name) for name in RESUME_SETTINGS},
+            "precision": precision,  # as resolved: an auto run resumes one that named it, and the other way round
             # β > 0: the KL reference, re-read from --init on a resume; another --init (a later
             # checkpoint, to go on from the latest weights) would silently make π_ref a later policy
             "--init, the KL reference": str(Path(init).resolve()) if cfg.beta > 0 else None,
@@ -727,7 +734,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
     if extra is None:  # a new run: the report reads it apart from any before it in RUN
         trainer.note_replacing()
         # the checkpoint the report reads GRPO's gain from, and the precision it trained in
-        metrics_log.log(0, event="start", init=str(cfg.init), precision=cfg.precision)
+        metrics_log.log(0, event="start", init=str(cfg.init), precision=trainer.precision)
         metrics_log.log_model(model.config)
     sampler = PromptSampler(pools, cfg.task_sampling, history.get("task_signal"))
     left_out: list[str] = []

@@ -232,7 +232,10 @@ class PretrainConfig:
         )
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, *, bf16_on_cpu: bool = True) -> str:
+    """`auto`: bf16 where the hardware multiplies bf16 natively, else fp32. SFT, GRPO and distillation
+    pass `bf16_on_cpu=False`: their recipes were tuned in fp32 on CPUs, and bf16 there moved their
+    outcomes with the CPU (#15 item 6), so they take bf16 only on a GPU."""
     import torch
 
     if precision != "auto":
@@ -240,7 +243,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         # including_emulation=False: pre-Ampere GPUs (T4, V100) "support" bf16 only by emulation
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
+    return "bf16" if bf16_on_cpu and cpu_has_bf16() else "fp32"
 
 
 def _tokenizer(cfg: PretrainConfig, run: Path, vocab_size: int, is_main: bool, dist: Any) -> Any:

@@ -417,7 +417,11 @@ class SFTConfig:
     weight_decay: float = option(0.0)
     warmup_steps: int = option(10)
     min_lr_ratio: float = option(0.1)
-    precision: str = option("fp32", choices=("fp32", "bf16"))
+    precision: str = option(
+        "auto",
+        "auto: bf16 on a GPU that multiplies it natively, fp32 on a CPU (where the recipe was tuned)",
+        choices=("auto", "fp32", "bf16"),
+    )
     checkpoint_every: int = option(0, "steps between checkpoints (0 = only at the end)")
     # shared with `nanoseek distill`, whose student trains as the stage `distill`
     resume: bool = option(False, "continue from RUN/sft/ (distill: RUN/distill/) if it holds a checkpoint")
@@ -635,6 +639,9 @@ def train_on_examples(
     )
     if hasattr(model, "set_balance_alpha"):  # the sequence-wise balance loss α (V3 §4.2) kept through
         model.set_balance_alpha(model.config.aux_loss_alpha)  # fine-tuning: the one its config records
+    from nanoseek.train.pretrain import resolve_precision
+
+    precision = resolve_precision(cfg.precision, next(model.parameters()).device, bf16_on_cpu=False)
     t0 = time.perf_counter()
     trainer = Trainer(
         model,
@@ -649,7 +656,7 @@ def train_on_examples(
             optimizer=cfg.optimizer,
         ),
         total_steps=total,
-        precision=cfg.precision,
+        precision=precision,
         checkpoint_every=cfg.checkpoint_every,
         tokenizer=tokenizer,
         deadline=(started or t0) + cfg.max_seconds if cfg.max_seconds else None,
@@ -657,6 +664,7 @@ def train_on_examples(
         config_extra=config_extra or {},
         resume_settings={
             **{name: getattr(cfg, name) for name in RESUME_SETTINGS},
+            "precision": precision,  # as resolved: an auto run resumes one that named it, and the other way round
             # the files a glob or folder found, not only its text, and their sizes: a shard added since, or
             # lines added to a file, is another data set (other rows, another order of batches)
             **(
