@@ -303,6 +303,7 @@ def test_tasks_runs_the_families_named_with_the_presets_lists_cut_to_them(tmp_pa
     ran = []
     monkeypatch.setattr(Speedrun, "__call__", lambda self: ran.append(self.p) or tmp_path)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the gpu preset runs on one only
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda including_emulation=True: True)
     for preset in PRESETS:
         for flag, tasks, zero in (
             ("addition", ("addition",), ()),
