@@ -1,4 +1,4 @@
-"""Shared test setup: deterministic, one intra-op thread.
+"""Shared test setup: deterministic, one intra-op thread per pytest-xdist worker (a worker per CPU).
 
 Test models are tiny: a second thread buys little, and with several processes (the 2-rank distributed
 tests, the server in its own process) spinning OpenMP threads on 2 cores it costs 10-50x.
@@ -15,6 +15,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): a worker per CPU this process may use (its cgroup's quota counted,
+    as `nanoseek` counts it for torch's threads; xdist counts the host's), each on the one thread set
+    above, at most 8: every worker holds torch and its session's fixtures."""
+    from nanoseek.perf import usable_cpus
+
+    return min(usable_cpus(), 8)
 
 
 @pytest.fixture(autouse=True)
