@@ -26,6 +26,16 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return min(usable_cpus(), 8)
 
 
+# The longest files first: a worker runs a whole file (`--dist loadfile`), and one of these handed out
+# last, in name order, kept a worker busy alone at the end of the run.
+LONGEST_FIRST = ("test_speedrun.py", "test_learning_curve.py", "test_ablate.py", "test_pretrain.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
