@@ -483,6 +483,38 @@ def test_atomic_writes_take_the_longest_legal_names(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_cut_name_keeps_a_name_that_fits_and_cuts_one_byte_longer_to_head_and_digest():
+    """A name of exactly `room` bytes stays as it is (a task's report keeps its readable name); one
+    byte more becomes its head, a dot and the first 16 hex digits of its SHA-256: `room` bytes."""
+    import hashlib
+
+    from nanoseek.atomic import cut_name
+
+    fits = "a" * 200
+    assert cut_name(fits, 200) == fits
+    longer = "é" * 100 + "b"  # 201 bytes
+    digest = hashlib.sha256(longer.encode()).hexdigest()[:16]
+    # 200 - 17 = 183 bytes of head: 91 two-byte characters, the 92nd would be cut in half
+    assert cut_name(longer, 200) == "é" * 91 + "." + digest
+
+
+def test_a_lock_in_a_directory_holding_more_stays_and_one_made_for_it_alone_goes(tmp_path):
+    """`exclusive` removes only what it made for the lock alone: its lock file stays in a directory that
+    holds anything else (the run it guarded wrote there), and a directory it made that holds only the
+    lock goes with it, its parents made with it too."""
+    from nanoseek.atomic import exclusive
+
+    lock = tmp_path / "run" / "pretrain" / ".lock"
+    with exclusive(lock, "held by {holder}"):
+        assert lock.read_text() == f"pid {os.getpid()}"
+        (lock.parent / "metrics.jsonl").write_text("{}\n")
+    assert lock.exists() and (lock.parent / "metrics.jsonl").exists()
+    fresh = tmp_path / "fresh" / "sub" / ".lock"
+    with exclusive(fresh, "held by {holder}"):
+        pass
+    assert not (tmp_path / "fresh").exists()
+
+
 def test_an_atomic_write_on_a_read_only_filesystem_names_the_users_path(tmp_path, monkeypatch):
     """A read-only mount refuses even to unlink a file that is not there (EROFS, not ENOENT): the
     clean-up of the temporary file must not replace the error, which then named `.report.json.tmp`."""

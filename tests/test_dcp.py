@@ -265,3 +265,41 @@ def test_optimizer_state_round_trips_as_it_was_before_any_update_and_without_mtp
     ):
         for k, v in expected.items():
             assert torch.equal(state[k], v), k
+
+
+def test_export_hf_copies_the_generation_config_and_special_tokens_map_saved_beside(tmp_path) -> None:
+    """The files a tokenizer saves beside a DCP checkpoint go into the HF directory as they are:
+    generation_config.json (the ids that end a generation, the sampling defaults) and
+    special_tokens_map.json, not only tokenizer.json and tokenizer_config.json."""
+    import json
+
+    from nanoseek.train.dcp import export_hf, save_dcp
+
+    ckpt = tmp_path / "ckpt"
+    save_dcp(micro_model(), ckpt)
+    written = {
+        "generation_config.json": json.dumps({"eos_token_id": [1, 5], "temperature": 0.6, "top_p": 0.95}),
+        "special_tokens_map.json": json.dumps({"bos_token": "<s>", "eos_token": "</s>"}),
+    }
+    for name, text in written.items():
+        (ckpt / name).write_text(text)
+    export_hf(ckpt, tmp_path / "hf")
+    for name, text in written.items():
+        assert (tmp_path / "hf" / name).read_text() == text, name
+
+
+@pytest.mark.parametrize(
+    ("field", "change"), [("vocab_size", 8), ("num_hidden_layers", 1), ("hidden_size", 16)]
+)
+def test_a_model_of_another_size_is_refused_by_the_field_that_differs(tmp_path, field, change) -> None:
+    """Before DCP reads a tensor: the config saved beside the shards and the model's differ in a field
+    that sets tensor shapes, and the error names that field with both values (saved, model)."""
+    from nanoseek.model.transformer import DeepSeekV3
+    from nanoseek.train.dcp import load_dcp, save_dcp
+
+    saved = micro_model()
+    save_dcp(saved, tmp_path / "ckpt")
+    value = getattr(saved.config, field)
+    other = DeepSeekV3.build(saved.config.replace(**{field: value + change}))
+    with pytest.raises(ValueError, match=rf"another model shape.*'{field}': \({value}, {value + change}\)"):
+        load_dcp(other, tmp_path / "ckpt")

@@ -130,15 +130,43 @@ def test_all_reduce_ops(monkeypatch) -> None:
     assert all_reduce_(one, DistInfo(), "sum").tolist() == [1.0, 4.0]  # one process: as it was
 
 
-def test_more_processes_than_gpus_is_refused_by_name(monkeypatch) -> None:
+@pytest.mark.parametrize("local_rank", [4, 5])
+def test_more_processes_than_gpus_is_refused_by_name(monkeypatch, local_rank) -> None:
     """`torchrun --nproc-per-node 8` on a machine with 4 GPUs: ranks 4-7 ended in CUDA's "invalid device
-    ordinal" traceback."""
+    ordinal" traceback. GPUs are numbered 0-3: local rank 4, the first without one, is refused too."""
     from nanoseek.train.distributed import init_distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set"))
     monkeypatch.setenv("WORLD_SIZE", "8")
-    monkeypatch.setenv("LOCAL_RANK", "5")
-    with pytest.raises(ValueError, match=r"local rank 5 has no GPU .* has 4; .*--nproc-per-node 4\)"):
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    with pytest.raises(
+        ValueError, match=rf"local rank {local_rank} has no GPU .* has 4; .*--nproc-per-node 4\)"
+    ):
         init_distributed()
+
+
+def test_the_nodes_are_torchruns_agents_and_one_process_is_one_node(monkeypatch) -> None:
+    """torchrun sets GROUP_WORLD_SIZE to the number of its agents (machines); the report prices a run
+    by them. Rank 3 of 4 processes over 2 nodes reads nodes=2; one process is one node whatever the
+    environment says."""
+    import torch.distributed as dist
+
+    from nanoseek.train.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # the group torchrun's ranks joined
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 3)
+    info = init_distributed(device="cpu")
+    assert (info.rank, info.world_size, info.local_rank, info.nodes) == (3, 4, 1, 2)
+    assert not info.is_main and info.enabled
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # a plain `python` process, GROUP_WORLD_SIZE left over
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    info = init_distributed(device="cpu")
+    assert (info.rank, info.world_size, info.nodes) == (0, 1, 1)

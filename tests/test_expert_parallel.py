@@ -208,3 +208,26 @@ def test_each_rank_keeps_its_slice_of_a_real_models_experts(monkeypatch, rank: i
     assert torch.equal(sharded.gate_up_proj, experts.gate_up_proj[4 * rank : 4 * rank + 4])
     assert torch.equal(sharded.down_proj, experts.down_proj[4 * rank : 4 * rank + 4])
     assert sharded.grad_scale == 0.5
+
+
+def test_parallelizing_a_parallelized_model_again_changes_nothing(monkeypatch) -> None:
+    """A second `parallelize_experts` (a caller that cannot tell whether the model it got is sharded
+    already) finds only ExpertParallelExperts: it leaves them as they are instead of refusing the model
+    as one without MoE layers. One process: a stand-in 2-rank mesh, the DTensor its local tensor."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from nanoseek.train import expert_parallel as ep
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(ep.DTensor, "from_local", lambda local, *args, **kwargs: local)
+    mesh = SimpleNamespace(ndim=1, size=lambda: 2, get_group=lambda: None, get_local_rank=lambda: 0)
+    model = micro_model()
+    assert ep.parallelize_experts(model, mesh) is model
+    sharded = [m for m in model.modules() if isinstance(m, ep.ExpertParallelExperts)]
+    assert len(sharded) == 2  # decoder layer 1 and the MTP layer
+    assert ep.parallelize_experts(model, mesh) is model
+    assert [m for m in model.modules() if isinstance(m, ep.ExpertParallelExperts)] == sharded
+    assert all(m.gate_up_proj.shape[0] == 4 for m in sharded)  # 8 experts over 2 ranks, sliced once

@@ -454,6 +454,21 @@ def test_e4m3_range_is_used_whole() -> None:
     assert s.item() == 7.0 / 448 and q.float()[5, 7].item() == 448.0
 
 
+@pytest.mark.parametrize("magnitude", [1e-4, 1e-8])
+def test_a_tile_of_tiny_values_still_spans_e4m3(magnitude: float) -> None:
+    """Gradients of 1e-8 are ordinary: their tile's scale is its own amax / 448 however small (a floor
+    on the scale near them would put them in E4M3's subnormals, a few bits or zero); the floor
+    (`_MIN_SCALE`, amax 1e-12) is for all-zero tiles."""
+    x = torch.tensor([[0.5, -3.5, 1.75] + [0.0] * 125]) * magnitude
+    q, s = quantize_tiles(x)
+    assert s.item() == (torch.tensor(3.5 * magnitude) / 448).item()
+    assert q.float()[0, :3].tolist() == [64.0, -448.0, 224.0]  # 0.5/3.5·448, -448, 1.75/3.5·448
+    w = torch.zeros(128, 128)
+    w[5, 7] = 7.0 * magnitude
+    qw, sw = quantize_blocks(w)
+    assert sw.item() == (torch.tensor(7.0 * magnitude) / 448).item() and qw.float()[5, 7].item() == 448.0
+
+
 def test_block_dequantization_by_hand() -> None:
     """dequantize_blocks is DeepSeek's weight_dequant: scale[i, j] multiplies rows i*128.., cols j*128..
     (a square grid of blocks, where a transposed scale would go unnoticed on rectangular ones)."""
@@ -624,3 +639,46 @@ def test_fp8_state_dict_keeps_deepseek_high_precision_tensors() -> None:
     for key, value in tensors.items():
         if value.dtype == FP8_DTYPE:
             assert tensors[key + "_scale_inv"].shape == tuple(-(-d // TILE) for d in value.shape), key
+
+
+def test_fp8_weights_with_their_own_scales_are_kept_as_they_are() -> None:
+    """An FP8 weight already in DeepSeek's layout (here scales with headroom: each block's largest value
+    224, not 448, as another quantizer may leave it) passes through `quantize_state_dict_fp8` byte for
+    byte, its scales too: quantized again, its values were doubled and rounded once more."""
+    gen = torch.Generator().manual_seed(0)
+    values = (torch.rand(256, 200, generator=gen) * 2 - 1) * 224.0
+    values[0, 0], values[128, 199] = 224.0, -224.0  # every block's amax 224 (of 448)
+    q = values.to(FP8_DTYPE)
+    scale = torch.tensor([[0.5, 0.25], [2.0, 1.0]])
+    tensors = {
+        "model.layers.0.mlp.down_proj.weight": q,
+        "model.layers.0.mlp.down_proj.weight_scale_inv": scale,
+    }
+    for pow2 in (False, True):
+        out = quantize_state_dict_fp8(dict(tensors), pow2=pow2)
+        assert set(out) == set(tensors)
+        assert torch.equal(out["model.layers.0.mlp.down_proj.weight"].view(torch.uint8), q.view(torch.uint8))
+        assert torch.equal(out["model.layers.0.mlp.down_proj.weight_scale_inv"], scale)
+
+
+def test_a_scaled_mm_that_runs_but_computes_wrong_is_not_used(monkeypatch) -> None:
+    """`_scaled_mm_works` checks the probe's result (ones · ones over 128 = 128 each), not only that
+    the call returns: a kernel that returns garbage (zeros, or half the sum: a scale applied twice)
+    leaves `auto` on the emulated GEMM; one that raises too."""
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("no kernel for Float8_e4m3fn on this device")
+
+    try:
+        for wrong in (
+            lambda *a, **kw: torch.zeros(16, 16),
+            lambda *a, **kw: torch.full((16, 16), 64.0),
+            refuses,
+        ):
+            with monkeypatch.context() as m:
+                m.setattr(torch, "_scaled_mm", wrong)
+                fp8._scaled_mm_works.cache_clear()
+                assert not fp8._scaled_mm_works("cpu")
+                assert resolve_backend(FP8Recipe(), torch.device("cpu")) == "emulate"
+    finally:
+        fp8._scaled_mm_works.cache_clear()  # the real kernel probed again by the next caller

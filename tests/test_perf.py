@@ -51,6 +51,43 @@ def test_cpu_has_bf16_needs_the_flag_and_kernels_not_held_to_avx2(tmp_path, monk
         assert perf.cpu_has_bf16() is expected, isa
 
 
+# oneDNN's ISA cap values in its own order (dnnl_cpu_isa_t, oneDNN 3.x docs): bf16 dot products
+# (vdpbf16ps) first come with AVX512_CORE_BF16; every cap before it holds the kernels below them.
+ONEDNN_ISAS_IN_ORDER = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX10_1_512",
+    "AVX512_CORE_FP16",
+    "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+)
+
+
+@pytest.mark.parametrize("isa", ONEDNN_ISAS_IN_ORDER)
+def test_every_onednn_isa_cap_below_avx512_core_bf16_counts_as_without_bf16(tmp_path, monkeypatch, isa):
+    """A cap of AVX512_CORE_VNNI (a Cascade Lake reproduced on a newer CPU) holds oneDNN below bf16
+    dot products as AVX2 does; each cap from AVX512_CORE_BF16 on leaves them."""
+    import torch
+
+    import nanoseek.perf as perf
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n")
+    monkeypatch.setattr(perf, "Path", lambda _: fake)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa.lower())
+    native = ONEDNN_ISAS_IN_ORDER.index(isa) >= ONEDNN_ISAS_IN_ORDER.index("AVX512_CORE_BF16")
+    assert perf.cpu_has_bf16() is native
+
+
 def test_cpu_has_bf16_reads_onednns_older_name_for_its_isa_cap_too(tmp_path, monkeypatch):
     """oneDNN takes its ISA cap from DNNL_MAX_CPU_ISA where ONEDNN_MAX_CPU_ISA is unset (or empty): a
     process held to AVX2 by the older name counted as bf16-native, and `auto` trained in bf16 there."""

@@ -124,3 +124,54 @@ def test_exactly_one_cadence_is_given(clock) -> None:
         train_evaluating(trainer, lambda: None, lambda s, f: None, every=2, seconds=3.0)
     with pytest.raises(ValueError, match="every must be >= 1"):
         train_evaluating(trainer, lambda: None, lambda s, f: None, every=0)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "evaluations", "at"),
+    [(8.0, 2, [4, 8]), (8.0, 1, [8]), (8.0, 8, [1, 2, 3, 4, 5, 6, 7, 8]), (10.0, 4, [3, 5, 8, 10])],
+)
+def test_a_seconds_budget_evaluates_after_each_equal_share_of_it(clock, seconds, evaluations, at) -> None:
+    """1 s steps: an evaluation at the first step past each k·seconds/evaluations of training (k = 1,
+    2, ...), the last one the final evaluation at the deadline. 10 s in 4: 2.5, 5, 7.5 -> steps 3, 5, 8
+    (the shares do not drift by the step that overshot one), then 10."""
+    trainer = FakeTrainer(clock, total_steps=10**6)
+    calls = []
+    train_evaluating(
+        trainer,
+        lambda: None,
+        lambda s, final: calls.append((trainer.global_step, final)),
+        seconds=seconds,
+        evaluations=evaluations,
+    )
+    assert calls == [(step, step == seconds) for step in at]
+
+
+def test_a_stop_signal_ends_the_run_at_the_step_without_the_final_evaluation(clock) -> None:
+    """The trainer's stop_on_signals saw a signal during step 3 (every=2): the loop returns after it
+    with the 3 s trained, having evaluated at step 2 only; the caller finds trainer.stop_signal set."""
+
+    class StoppedTrainer(FakeTrainer):
+        def stop_requested(self) -> bool:
+            return self.global_step >= 3
+
+    trainer = StoppedTrainer(clock, total_steps=10)
+    calls = []
+    train_s = train_evaluating(
+        trainer, lambda: None, lambda s, final: calls.append((trainer.global_step, final)), every=2
+    )
+    assert train_s == 3.0 and trainer.global_step == 3
+    assert calls == [(2, False)]
+
+
+def test_sized_to_takes_the_tokenizers_vocabulary_and_special_ids() -> None:
+    """A model config fitted to a tokenizer: its vocabulary size and its BOS, EOS and pad ids (the pad
+    id is what config.json tells transformers' generate and batched padding)."""
+    from types import SimpleNamespace
+
+    from nanoseek.config import get_preset
+    from nanoseek.train.study import sized_to
+
+    tok = SimpleNamespace(vocab_size=321, bos_token_id=7, eos_token_id=8, pad_token_id=9)
+    cfg = sized_to(get_preset("tiny"), tok)
+    assert (cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (321, 7, 8, 9)
+    assert cfg.hidden_size == get_preset("tiny").hidden_size  # the rest as it was
