@@ -10,6 +10,7 @@ import itertools
 import json
 import random
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -1268,3 +1269,18 @@ def test_a_pipe_given_to_the_corpus_is_named_as_one(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match=r"corpus.txt is a pipe or device, not a file: .*save it to a file"):
         resolve_files(str(fifo))
+
+
+def test_file_kinds_are_read_from_names_in_any_case(tmp_path) -> None:
+    """`A.JSONL`, `B.JSONL.GZ` (a Windows tool's names) are JSON lines, the second gzipped: a folder of
+    them was left out of the data as files of other types, or read as bytes that are not UTF-8."""
+    from nanoseek.data.tasks.adapters import JsonlTask
+
+    (tmp_path / "A.JSONL").write_text(json.dumps({"prompt": "1+1?", "answer": 2}) + "\n")
+    with gzip.open(tmp_path / "B.JSONL.GZ", "wt") as f:
+        f.write(json.dumps({"prompt": "2+2?", "answer": 4}) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no file left out
+        assert [p.name for p in resolve_files(tmp_path, kinds=("jsonl",))] == ["A.JSONL", "B.JSONL.GZ"]
+        task = JsonlTask(f"jsonl:{tmp_path}", str(tmp_path))
+    assert sorted(p.answer for p in task.items) == ["2", "4"]

@@ -547,3 +547,10 @@ def test_ctrl_c_while_pairs_are_scored_on_workers_stops_at_once():
 
 def test_a_typeset_minus_is_a_minus():
     assert check_numeric("-5", "−5") == 1.0
+
+
+def test_the_iteration_mark_is_han():
+    """々 (U+3005) repeats the ideograph before it (人々, 時々): a Han character of the word, in Chinese
+    and Japanese text alike, not a letter of another script."""
+    assert script_counts("人々") == {"latin": 0, "kana": 0, "han": 2, "other": 0}
+    assert script_counts("時々です") == {"latin": 0, "kana": 2, "han": 2, "other": 0}

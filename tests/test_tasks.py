@@ -6,6 +6,7 @@ import json
 import re
 import time
 import warnings
+from fractions import Fraction
 
 import pytest
 
@@ -1629,3 +1630,355 @@ def test_n_digit_operands_have_exactly_n_digits() -> None:
     # every 1-digit number (0 included) and every 2-digit one is drawn, and nothing else
     assert {_rand_digits(rng, 1) for _ in range(2000)} == set(range(10))
     assert {_rand_digits(rng, 2) for _ in range(5000)} == set(range(10, 100))
+
+
+def test_an_answer_is_read_without_the_space_around_it():
+    """With or without a think tag, the answer is the text without the blank lines and spaces around it:
+    a scorer that compares text exactly (reasoning-gym's) or runs it as code reads what was written."""
+    assert extract_answer("  42 \n\n") == "42"
+    assert extract_answer("\n\tprint(1)\n") == "print(1)"
+    assert extract_answer("t</think>\n\n 42 \n") == "42"
+
+
+def test_a_number_may_start_at_its_decimal_point():
+    """`.5` is 0.5, as Python and most people read it (`-.25`, `.5e1` alike)."""
+    assert parse_number(".5") == Fraction(1, 2) and parse_number("-.25") == Fraction(-1, 4)
+    assert parse_number(".5e1") == 5
+    assert check_numeric("0.5", ".5") == 1.0 and check_numeric("0.5", "\\boxed{.5}") == 1.0
+
+
+def test_a_non_integer_gold_uses_the_larger_magnitude_and_its_bound_as_math_isclose_does():
+    """math.isclose scales rel_tol by the larger of the two magnitudes and accepts a difference equal to
+    the tolerance: 0.5 vs 0.5000005000001 differs by more than 1e-6 of the gold but less than 1e-6 of
+    the answer; the bounds with tolerances exact in binary (0.5, 0.25)."""
+    import math
+
+    from nanoseek.data.tasks.answers import numbers_equal
+
+    gold, pred = "0.5", "0.5000005000001"
+    assert math.isclose(float(gold), float(pred), rel_tol=1e-6, abs_tol=1e-9)
+    assert abs(float(pred) - float(gold)) > 1e-6 * float(gold)  # outside of the gold's scale alone
+    assert check_numeric(gold, pred) == 1.0
+    for g, p, rel, abs_ in [(0.5, 1.0, 0.5, 0.0), (0.5, 0.75, 0.0, 0.25), (0.5, 1.0, 0.25, 0.0)]:
+        want = math.isclose(g, p, rel_tol=rel, abs_tol=abs_)
+        assert numbers_equal(Fraction(g), Fraction(p), rel_tol=rel, abs_tol=abs_) is want, (g, p, rel, abs_)
+
+
+def test_an_answer_of_markup_alone_is_no_answer_for_the_vote():
+    """`\\boxed{}`, `$ $.`: no answer, not an answer "" that could outvote the right one in cons@k."""
+    from nanoseek.data.tasks.answers import answer_key
+
+    for empty in ("\\boxed{}", "$ $.", "。", "\\( \\)"):
+        assert answer_key(empty) is None, empty
+    assert answer_key("\\boxed{ Paris }.") == "Paris" and answer_key("$42$") == 42
+
+
+def test_a_full_stop_inside_inline_math_closes_the_answer():
+    """`\\(Paris.\\)` and `\\[ 42。 \\]`: the sentence's full stop typed inside the math, as `$42.$` is."""
+    assert check_exact("Paris", "\\(Paris.\\)") == 1.0 and check_exact("Paris", "\\[ Paris。 \\]") == 1.0
+    assert check_numeric("42", "\\[ 42。 \\]") == 1.0 and check_numeric("42", "\\(42..\\)") == 1.0
+
+
+def test_latex_text_style_fractions_are_read():
+    """\\tfrac (text-style) is \\frac as \\dfrac is."""
+    assert parse_number("\\tfrac{7}{2}") == Fraction(7, 2) and check_numeric("-3.5", "-\\tfrac{7}{2}") == 1.0
+
+
+def test_code_blocks_that_are_not_the_programs_are_skipped_and_indented_ones_dedented():
+    """Without a ```python block the last untagged one is the program, not a later ```text block of its
+    output; a block indented under a list item is dedented (else its every line is an IndentationError)."""
+    from nanoseek.data.tasks.answers import extract_code
+
+    code = "for i in range(2):\n    print(i)\n"
+    assert extract_code(f"```\n{code}```\nIt prints:\n```text\n0\n1\n```") == code
+    assert (
+        extract_code("Install it:\n```bash\npip install x\n```") == "Install it:\n```bash\npip install x\n```"
+    )
+    indented = "".join("   " + line + "\n" for line in code.splitlines())
+    assert extract_code(f"1. The code:\n   ```python\n{indented}   ```") == code
+
+
+def test_a_blank_code_answer_scores_zero_without_running(monkeypatch):
+    """A blank answer is no program: 0, and no sandbox started for it (even where the expected output is
+    empty, which an empty program would print)."""
+    import nanoseek.data.tasks.answers as answers
+
+    def run(code, tests):
+        raise AssertionError("ran the sandbox for a blank answer")
+
+    monkeypatch.setattr(answers, "run_code_tests", run)
+    answers._cached_code_run.cache_clear()
+    assert answers.check_code([{"input": "", "output": ""}], " \n\t") == 0.0
+    answers._cached_code_run.cache_clear()
+
+
+def test_a_registered_family_that_takes_any_option_gets_them_as_parsed():
+    """A factory with ``**options`` takes any option, each read as written: a whole number (negative
+    ones too), true/false, else the text."""
+    from nanoseek.data.tasks import TASKS, ArithmeticTask, register_task
+
+    got = {}
+
+    def factory(spec, **options):
+        got.update(options)
+        return ArithmeticTask(spec=spec)
+
+    try:
+        register_task("anyopts", factory)
+        get_task("anyopts?offset=-3&count=12&strict=true&label=-x")
+        assert got == {"offset": -3, "count": 12, "strict": True, "label": "-x"}
+    finally:
+        TASKS.pop("anyopts", None)
+        get_task.cache_clear()
+
+
+def test_an_option_without_a_name_is_refused_as_written():
+    from nanoseek.data.tasks.base import parse_task_spec
+
+    for spec in ("sorting?=3", "sorting?count=5&=3"):
+        with pytest.raises(ValueError, match="expected key=value"):
+            parse_task_spec(spec)
+
+
+def test_specs_rewritten_for_other_wordings_drop_empty_options():
+    """A stray ``&`` (`sorting?count=5&`) is no option: the spec of its held-out wordings is the one the
+    report pairs it with, `sorting?count=5&wording=unseen`."""
+    from nanoseek.data.tasks import in_unseen_wordings
+    from nanoseek.data.tasks.base import spec_without
+
+    assert in_unseen_wordings("sorting?count=5&") == "sorting?count=5&wording=unseen"
+    assert spec_without("sorting?&count=5&&wording=unseen", "wording") == "sorting?count=5"
+
+
+def test_a_turn_of_true_is_refused():
+    with pytest.raises(ValueError, match="turn must be a whole number"):
+        get_task("comparison?turn=true")
+
+
+def test_zero_problems_are_none():
+    """`problems(split, 0)`: none, in every language and each one (it drew one, or with the languages
+    balanced, ran dry with "only 0 distinct test problems ... asked for 0")."""
+    for name in ("arithmetic", "comparison?turn=2"):
+        task = get_task(name)
+        assert task.problems("test", 0) == [] and task.problems("train", 0, language="ja") == []
+
+
+def _problem(i: int, language: str) -> Problem:
+    return Problem(id=f"p{i}", prompt=f"q{i}", answer=str(i), language=language, task="two")
+
+
+def test_a_task_of_two_languages_gives_each_half():
+    """balance_languages holds for any number of languages past one: a task of two (a user's) gives n/2
+    in each, though its stream opens with a run of one language."""
+    from nanoseek.data.tasks import Task
+
+    class TwoLanguages(Task):
+        name, languages, balance_languages = "two", ("en", "ja"), True
+
+        def iter_problems(self, split, seed=0, language=None):
+            for i in range(1000):
+                yield _problem(i, "en" if i < 10 or i % 2 else "ja")
+
+    problems = TwoLanguages().problems("test", 6)
+    assert sorted(p.language for p in problems) == ["en"] * 3 + ["ja"] * 3
+
+
+def test_a_long_run_of_repeats_after_many_problems_is_not_the_split_running_dry():
+    """A draw gives up after 1000 repeats in a row, plus 20 for each problem found so far: a large split's
+    last problems come after long runs of ones already drawn (here 1,500 after 30 found, under 1,600)."""
+    from nanoseek.data.tasks import Task
+
+    class Repeats(Task):
+        name = "repeats"
+
+        def __init__(self, run: int) -> None:
+            self.run = run
+
+        def iter_problems(self, split, seed=0, language=None):
+            yield from (_problem(i, "en") for i in range(30))
+            yield from (_problem(0, "en") for _ in range(self.run))
+            while True:
+                yield _problem(30, "en")
+
+    assert [p.id for p in Repeats(1500).problems("test", 31)][-1] == "p30"
+    with pytest.raises(ValueError, match="only 30 distinct"):  # past 1,600: it has run dry
+        Repeats(1700).problems("test", 31)
+
+
+def test_score_is_zero_where_the_gold_cannot_be_read():
+    task = get_task("arithmetic")
+    p = dataclasses.replace(task.problems("test", 1)[0], answer="not a number")
+    assert task.verify(p, "42") is None and task.score(p, "42") == 0.0
+
+
+def test_a_task_name_starts_with_a_letter():
+    from nanoseek.data.tasks import register_task
+
+    for bad in ("", "2digits", "_private"):
+        with pytest.raises(ValueError, match="lowercase identifiers"):
+            register_task(bad, lambda spec: get_task("sorting"))
+
+
+def test_a_task_looked_up_to_score_its_own_problems_is_not_read_again(tmp_path):
+    """`get_task(spec, reread=False)` (GRPO's rewards): the task as built, though its file changed since;
+    without it, the file is read again."""
+    import json
+
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1?", "answer": 2, "split": "test"}) + "\n")
+    first = get_task(f"jsonl:{path}")
+    path.write_text(json.dumps({"prompt": "2+2?", "answer": 4, "split": "test"}) + "\n\n")
+    assert get_task(f"jsonl:{path}", reread=False) is first
+    assert [p.answer for p in get_task(f"jsonl:{path}").problems("test", 1)] == ["4"]
+
+
+def test_a_family_registered_in_a_built_ins_place_is_a_registered_one():
+    """`registered_tasks()` holds a built-in name whose factory was replaced (a spawned process registers
+    it again), and no built-in left as it was."""
+    from nanoseek.data.tasks import TASKS, register_task, registered_tasks
+
+    builtin = TASKS["sorting"]
+    mine = lambda spec: get_task("comparison")  # noqa: E731
+    try:
+        register_task("sorting", mine)
+        assert registered_tasks()["sorting"] is mine
+    finally:
+        register_task("sorting", builtin)
+    assert "sorting" not in registered_tasks()
+
+
+def test_a_task_list_starts_a_new_task_at_an_alias():
+    from nanoseek.data.tasks import split_task_list
+
+    assert split_task_list("arithmetic?ops=add,sub,addition") == ["arithmetic?ops=add,sub", "addition"]
+    assert split_task_list("comparison,subtraction") == ["comparison", "subtraction"]
+
+
+def test_a_factory_that_refuses_its_options_is_named_with_them():
+    """A registered factory whose parameters cannot be read (a callable object) gets the options as parsed;
+    one it does not take is a ValueError naming the task, not a TypeError out of its call."""
+    from nanoseek.data.tasks import TASKS, register_task
+
+    class Factory:
+        def __call__(self, spec):
+            return get_task("sorting")
+
+    try:
+        register_task("callable", Factory())
+        assert get_task("callable").name == "sorting"
+        with pytest.raises(ValueError, match="bad options for task 'callable'"):
+            get_task("callable?colour=red")
+    finally:
+        TASKS.pop("callable", None)
+        get_task.cache_clear()
+
+
+def test_reasoning_gym_answers_asked_later_in_a_chat_are_prescored(monkeypatch):
+    """`rg:<name>?turn=N` scores as its dataset does: its answers are prescored in one batch too (else a
+    sandboxed child per answer)."""
+    from nanoseek.data.tasks import prescore
+    from nanoseek.data.tasks.adapters import ReasoningGymTask
+
+    batches = []
+    monkeypatch.setattr(ReasoningGymTask, "prescore", lambda self, ps, cs: batches.append((self.dataset, cs)))
+    problems = get_task("rg:chain_sum?turn=2").problems("test", 2, seed=0)
+    prescore(problems, ["7", "8"])
+    assert batches == [("chain_sum", ["7", "8"])]
+
+
+def test_one_han_character_without_kana_is_chinese():
+    """As detect_language says: Han without kana is 'zh', one character too (a one-word prompt)."""
+    from nanoseek.data.tasks.adapters import detect_language
+
+    assert (
+        detect_language("猫？") == "zh"
+        and detect_language("ねこ？") == "ja"
+        and detect_language("cat?") == "en"
+    )
+
+
+def test_reasoning_gym_split_key_reads_metadata_keyed_by_tuples_and_numbers():
+    """Metadata keyed by cells (`{(0, 1): 2}`) or by numbers and names together: JSON takes neither as they
+    are (a TypeError out of the split), so each key is its text, in any order."""
+    import json
+
+    from nanoseek.data.tasks.adapters import _rg_canonical
+
+    entry = {"question": "q", "answer": "a", "metadata": {"grid": {(0, 1): 2, 3: "x", "n": [{(1, 1): 0}]}}}
+    want = json.dumps({"grid": {"(0, 1)": 2, "3": "x", "n": [{"(1, 1)": 0}]}}, sort_keys=True) + "|a"
+    assert _rg_canonical(entry) == want
+    reordered = {
+        "question": "q2",
+        "answer": "a",
+        "metadata": {"grid": {"n": [{(1, 1): 0}], 3: "x", (0, 1): 2}},
+    }
+    assert _rg_canonical(reordered) == want
+
+
+def test_a_gzipped_jsonl_files_problems_have_the_ids_of_the_same_file_unzipped(tmp_path):
+    """A file compressed to save space is the same problems: `mine.jsonl.gz`'s ids are `mine.jsonl`'s (the
+    held-out ids a run recorded still name them)."""
+    import gzip
+    import json
+
+    from nanoseek.data.tasks.adapters import JsonlTask
+
+    text = "".join(json.dumps({"prompt": f"{i}+1?", "answer": i + 1}) + "\n" for i in range(5))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "zipped").mkdir()
+    (tmp_path / "plain" / "mine.jsonl").write_text(text)
+    with gzip.open(tmp_path / "zipped" / "mine.jsonl.gz", "wt") as f:
+        f.write(text)
+    plain = JsonlTask("a", str(tmp_path / "plain" / "mine.jsonl"))
+    zipped = JsonlTask("b", str(tmp_path / "zipped" / "mine.jsonl.gz"))
+    assert [p.id for p in zipped.items] == [p.id for p in plain.items]
+    assert all(p.id.startswith("mine/") for p in plain.items)
+
+
+def test_a_jsonl_line_with_empty_reasoning_has_no_worked_solution(tmp_path):
+    """`"reasoning": ""` is no reasoning to imitate: no worked solution (an empty think block to train on)."""
+    import json
+
+    from nanoseek.data.tasks import get_task
+    from nanoseek.data.tasks.base import worked_solution_of
+
+    path = tmp_path / "r.jsonl"
+    rows = [
+        {"prompt": "1+1?", "answer": 2, "reasoning": ""},
+        {"prompt": "2+2?", "answer": 4, "reasoning": "2+2=4"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = get_task(f"jsonl:{path}")
+    empty, given = sorted(task.items, key=lambda p: p.answer)
+    assert worked_solution_of(task, empty) is None
+    assert worked_solution_of(task, given) == "<think>\n2+2=4\n</think>\n4"
+
+
+def test_a_jsonl_file_edited_to_the_same_size_is_read_again(tmp_path):
+    """An edit that keeps the file's size (one digit for another) is an edit: read again, by its time."""
+    import json
+    import os
+
+    from nanoseek.data.tasks import get_task
+
+    path = tmp_path / "same.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1?", "answer": 2, "split": "test"}) + "\n")
+    first = get_task(f"jsonl:{path}")
+    with open(path, "r+") as f:  # in place: the same file, the same size
+        f.write(json.dumps({"prompt": "1+1?", "answer": 3, "split": "test"}) + "\n")
+    later = os.stat(path).st_mtime_ns + 10**9  # (a file system's clock may not tick between the writes)
+    os.utime(path, ns=(later, later))
+    assert [p.answer for p in get_task(f"jsonl:{path}").problems("test", 1)] == ["3"] and first.items[
+        0
+    ].answer == "2"
+
+
+def test_reasoning_gym_partial_credit_stays_in_0_to_1(monkeypatch):
+    """A scorer that pays past 1 or below 0 is read as 1 or 0, with partial credit as without."""
+    from nanoseek.data.tasks import get_task
+
+    task = get_task("rg:leg_counting?partial=true")
+    p = task.problems("train", 1, seed=0)[0]
+    for paid, want in [(2.5, 1.0), (-1.0, 0.0), (0.25, 0.25)]:
+        monkeypatch.setattr(task._scorer, "score_answer", lambda *a, paid=paid: paid)
+        assert task.verify(p, f"t</think>{p.answer}") == want, paid

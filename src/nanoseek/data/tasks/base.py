@@ -234,6 +234,8 @@ class Task:
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         out: list[Problem] = []
+        if n == 0:  # (the draw below counts after it takes one: it gave one, or with quotas of 0, ran dry)
+            return out
         seen: set[str] = set()
         quota = None
         if language is None and self.balance_languages and len(self.languages) > 1:
