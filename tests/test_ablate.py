@@ -178,6 +178,9 @@ def test_parse_budget() -> None:
         with pytest.raises(ValueError, match=r"K/M/B/T.*384k.*1M tokens.*90s.*5min.*1h"):
             parse_budget(bad)
     assert parse_budget("2 hours") == parse_budget("120 minutes") == Budget("seconds", 7200)
+    # as the study's first line says it: 384,000 tokens are 150 steps of 8 x 320 tokens
+    assert str(parse_budget("384k")) == "384k tokens per run (150 steps of 2560)"
+    assert str(parse_budget("5min")) == "300s per run"
 
 
 def test_budget_in_steps_is_told_the_forms_it_can_use() -> None:
@@ -210,6 +213,10 @@ def test_bad_options_are_refused_before_any_training() -> None:
         ({"threads": -1}, "--threads"),
         ({"max_new_tokens": 0}, "--max-new-tokens"),
         ({"acc_n": -1}, "--acc-n"),
+        ({"threads": 0}, "--threads"),  # torch refuses 0 too
+        ({"seeds": 0}, "--seeds"),
+        ({"val_batches": 0}, "--val-batches"),
+        ({"tokenizer_docs": 0}, "--tokenizer-docs"),
     ):
         with pytest.raises(ValueError, match=match):
             AblateConfig(study="mtp", **bad).validate()

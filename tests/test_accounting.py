@@ -369,6 +369,13 @@ def test_cost_cli_rejects_non_finite_numbers(flag: str, value: str, capsys) -> N
         training_cost(get_preset("tiny"), 1e9, mfu=0.4, gpu_hours=None, peak_flops=float(value))
 
 
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_cost_cli_refuses_a_peak_that_is_not_positive_by_its_flag(value: str, capsys) -> None:
+    """Said in the flag's words (`--peak-tflops`), not as the accounting's `peak_flops=0.0`."""
+    assert main(["cost", "tiny", "--tokens", "1B", "--peak-tflops", value]) == 2
+    assert f"--peak-tflops must be a positive finite number, got {float(value)}" in capsys.readouterr().err
+
+
 def test_cost_cli_units(capsys) -> None:
     # seconds under a minute (not "0.0 minutes"); sustained FLOP/s with an SI prefix, not "1.8e+03 TFLOP/s"
     assert main(["cost", "tiny", "--tokens", "1B", "--peak-tflops", "4500", "--gpus", "1"]) == 0

@@ -927,6 +927,25 @@ def test_speculative_on_a_checkpoint_without_mtp_says_so_and_decodes_plainly(che
     assert "has no MTP module; decoding without speculation" in capsys.readouterr().err
     engine, _, _ = load_for_generation(cli_args("generate", str(checkpoint), "x", "--speculative"))
     assert engine.speculative is True
+    # not asked, nothing is said of a module no one wanted
+    engine, _, _ = load_for_generation(cli_args("generate", str(tmp_path), "x"))
+    assert engine.speculative is False and "MTP" not in capsys.readouterr().err
+
+
+def test_the_checkpoints_sampling_defaults_are_those_of_the_flags_left_out() -> None:
+    """A file's `do_sample: false` stands for temperature 0; with --temperature given, the notice of the
+    defaults taken from the file ("sampling defaults from generation_config.json: ...") named
+    temperature=0.0 all the same, a value the run did not use. Only max_new_tokens, left out, is taken."""
+    from nanoseek.commands.generate import file_sampling_defaults
+
+    gen = {"do_sample": False, "max_new_tokens": 11}
+    assert file_sampling_defaults(cli_args("generate", "ck", "x", "--temperature", "0.5"), gen) == {
+        "max_new_tokens": 11
+    }
+    assert file_sampling_defaults(cli_args("generate", "ck", "x"), gen) == {
+        "temperature": 0.0,
+        "max_new_tokens": 11,
+    }
 
 
 def test_chat_turn_refuses_a_conversation_that_fills_the_context(checkpoint):

@@ -573,3 +573,73 @@ def test_a_second_sigterm_ends_a_command_whose_unwinding_waits() -> None:
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGTERM, proc.stderr  # ended by the signal, not unwound again
+
+
+def test_a_bool_is_no_number_for_a_config_built_in_python() -> None:
+    """True is an int and a float to Python: `steps=True` trained one step and `lr=True` at 1.0, where
+    every other value of the wrong type is refused by its flag's name."""
+    with pytest.raises(ValueError, match=r"--steps must be of type int, got True \(bool\)"):
+        PretrainConfig(steps=True).validate()
+    with pytest.raises(ValueError, match=r"--lr must be of type float, got True \(bool\)"):
+        SFTConfig(init="ck", lr=True).validate()
+
+
+def test_a_flag_whose_default_is_unset_shows_no_default_in_its_help() -> None:
+    """`--threads` (None: torch's choice) said "(default: None)", a value no one can type; a flag with a
+    value for its default says it."""
+    help_text = " ".join(complete(parse_command("pretrain")).format_help().split())
+    assert "(default: None)" not in help_text
+    assert "--threads THREADS torch CPU threads" in help_text and "--steps STEPS (default: 300)" in help_text
+
+
+def parse_command(name: str):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return sub.choices[name]
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])
+def test_a_full_disk_that_names_no_file_is_one_line(code, monkeypatch, capsys) -> None:
+    """A full disk or quota is the user's to fix even where the write named no file (a flush, a
+    buffered write): one line, exit 2, not a traceback as a bug's OSError is."""
+    import errno
+    import os
+
+    from nanoseek.cli import main
+
+    number = getattr(errno, code)
+
+    def run(args):
+        raise OSError(number, os.strerror(number))
+
+    monkeypatch.setattr("nanoseek.commands.report.run", run)
+    assert main(["report", "somewhere"]) == 2
+    assert capsys.readouterr().err == f"nanoseek report: error: {os.strerror(number)}\n"
+
+
+def test_a_misspelt_word_is_matched_whatever_its_case_and_an_ambiguous_prefix_by_closeness() -> None:
+    """`--TEMP` begins --temperature as `--temp` does; a prefix of two flags is an abbreviation of
+    neither, and the closer spelling is named (difflib: "temp" is 8/9 of "tempo", 8/15 of
+    "temperature", under the 0.6 cutoff)."""
+    from nanoseek.cli import _close_one
+
+    assert _close_one("TEMP", ["temperature", "top-k"]) == "temperature"
+    assert _close_one("temp", ["temperature", "tempo"]) == "tempo"
+    assert _close_one("xyzzy", ["temperature", "tempo"]) is None
+
+
+def test_the_resume_line_of_a_torchrun_rank_names_torchrun(monkeypatch) -> None:
+    """Under torchrun (which sets TORCHELASTIC_RUN_ID) the command was `torchrun ... -m nanoseek ...`:
+    a plain `nanoseek` line would resume the run in one process. A rank sees no torchrun option."""
+    import argparse
+
+    from nanoseek.cli import _resume_command
+
+    args = argparse.Namespace(resume=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert _resume_command(["pretrain", "--out", "r"], args) == "nanoseek pretrain --out r --resume"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "1")
+    assert (
+        _resume_command(["pretrain", "--out", "r"], args)
+        == "torchrun <its options> -m nanoseek pretrain --out r --resume"
+    )

@@ -232,29 +232,6 @@ def test_bench_speedrun_times_pretrainings_floor_on_the_device_it_ran_on(tmp_pat
     assert timed == ["cuda"] and a["device"] == "cuda" and a["peak_flops"] == 1e15
 
 
-@pytest.mark.parametrize(
-    ("device", "bf16_native", "forced", "expected"),
-    [
-        ("cpu", True, "auto", "fp32"),  # the post-training recipe was tuned in fp32 on CPUs
-        ("cuda", True, "auto", "bf16"),
-        ("cuda", True, "fp32", "fp32"),
-        ("cuda", False, "auto", "fp32"),  # a T4 or V100 emulates bf16: it was chosen there, and crawled
-    ],
-)
-def test_post_training_precision_follows_the_device(
-    tmp_path, monkeypatch, device, bf16_native, forced, expected
-):
-    import dataclasses
-
-    import nanoseek.perf
-    from nanoseek.speedrun import Speedrun
-
-    monkeypatch.setattr(nanoseek.perf, "default_device", lambda: torch.device(device))
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16_native)
-    run = Speedrun(tmp_path, dataclasses.replace(PRESETS["smoke"], precision=forced), progress=False)
-    assert run._tuning_precision() == expected
-
-
 def test_bench_speedrun_rescores_grpos_gain_on_more_problems(smoke_run):
     """`--rescore N`: GRPO's start and end scored again on N problems, paired, written apart from the
     run's records, and the gain goals judged on them."""

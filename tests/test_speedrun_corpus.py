@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import itertools
+import re
 import time
 from pathlib import Path
 
@@ -1262,3 +1263,168 @@ def test_a_stop_at_the_take_back_step_still_takes_the_threads_back(tmp_path, mon
     finally:
         torch.set_num_threads(threads)
     assert threads_after == [2]
+
+
+def test_a_preset_refuses_no_families_shares_outside_0_1_and_a_mix_of_a_verifier_only_family():
+    """Each share of several-question chats is a share: 0 and 1 are taken, anything outside refused by
+    its field's name (the cold start's and the student's too, not the teacher's alone). A run needs a
+    family with worked solutions, and GRPO can mix worked solutions of those alone."""
+    smoke = PRESETS["smoke"]
+    with pytest.raises(ValueError, match="tasks must name at least one family with worked solutions"):
+        dataclasses.replace(smoke, tasks=())
+    for name in ("pretrain_multi_turn", "student_multi_turn", "sft_multi_turn"):
+        for share in (0.0, 1.0):
+            assert getattr(dataclasses.replace(smoke, **{name: share}), name) == share
+        for share in (-0.1, 1.5, float("nan")):
+            with pytest.raises(ValueError, match=rf"{name} must be in \[0, 1\]"):
+                dataclasses.replace(smoke, **{name: share})
+    with pytest.raises(
+        ValueError, match=r"grpo_sft_mix_tasks must be families with worked solutions.*'largest'"
+    ):
+        dataclasses.replace(smoke, grpo_sft_mix_tasks=("comparison", "largest"))
+
+
+def test_the_pretraining_corpus_is_every_family_or_the_one_named(tmp_path):
+    """`pretrain_corpus`: "tasks" (the run's families, weighted), "all" (every embedded family), or a
+    corpus of the user's own, passed to pretraining as it is."""
+    for corpus, data in (("all", "embedded"), ("/data/my.jsonl", "/data/my.jsonl")):
+        preset = dataclasses.replace(PRESETS["smoke"], pretrain_corpus=corpus)
+        assert Speedrun(tmp_path, preset, progress=False).pretrain_data() == data
+
+
+def test_the_cold_starts_step_time_is_the_median_gap_between_distinct_times(tmp_path):
+    """Two records of one step logged in the same millisecond are one step, not a step of 0 s: a median
+    over such gaps would be 0 s, and the control would plan as if SFT's steps cost nothing."""
+    import json
+
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(1, 4):  # each step at 100 + 2 * step s, twice; a grpo record between
+            for _ in range(2):
+                f.write(json.dumps({"stage": "sft", "step": step, "time": 100.0 + 2 * step}) + "\n")
+            f.write(json.dumps({"stage": "grpo", "step": step, "time": 100.5 + 2 * step}) + "\n")
+    # sft's times 102, 102, 104, 104, 106, 106: distinct gaps 2 and 2
+    assert Speedrun(tmp_path, PRESETS["smoke"], progress=False)._step_seconds("sft") == 2.0
+    assert Speedrun(tmp_path, PRESETS["smoke"], progress=False)._step_seconds("control") is None
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_the_evaluation_runs_one_job_per_family_on_a_cpu_and_per_checkpoint_on_a_gpu(
+    tmp_path, monkeypatch, gpu
+):
+    import nanoseek.speedrun as speedrun_mod
+
+    jobs = []
+
+    def fake_evaluate(out, preset, stage, tasks, progress):
+        jobs.append((stage, list(tasks)))
+        return [{"pass@1": 0.0, "format_rate": 1.0} for _ in tasks]
+
+    monkeypatch.setattr(speedrun_mod, "_evaluate_checkpoint", fake_evaluate)
+    monkeypatch.setattr(Speedrun, "overlaps", lambda self: False)
+    monkeypatch.setattr(Speedrun, "_one_queue_per_checkpoint", lambda self: gpu)
+    preset = dataclasses.replace(PRESETS["smoke"], eval_unseen_n=0, eval_second_turn_n=0)
+    run = Speedrun(tmp_path, preset, progress=False)
+    for stage in ("sft", "grpo"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "config.json").write_text("{}")
+    families = ["addition", "comparison", "largest"]  # smoke's two, and largest from its verifier
+    out = run.evaluate()
+    if gpu:
+        assert jobs == [("sft", families), ("grpo", families)]
+    else:
+        assert jobs == [(stage, [f]) for stage in ("sft", "grpo") for f in families]
+    assert list(out["pass@1"]) == [f"{stage}/{f}" for stage in ("sft", "grpo") for f in families]
+
+
+def test_an_evaluation_asks_each_kind_of_problem_its_own_count_in_the_engine_batch_set(tmp_path, monkeypatch):
+    """eval_n problems of a family as trained, eval_unseen_n in unseen wordings, eval_second_turn_n asked
+    second in a chat; `engine_batch` reaches the engine (0: the evaluation's own default, None)."""
+    import nanoseek.evaluate as evaluate_mod
+    from nanoseek.data.tasks import as_second_turn, in_unseen_wordings
+    from nanoseek.speedrun import _evaluate_checkpoint
+
+    seen = []
+    monkeypatch.setattr(evaluate_mod, "evaluate_many", lambda configs: seen.extend(configs) or [])
+    tasks = ["addition", in_unseen_wordings("addition"), as_second_turn("addition")]
+    for batch, engine in ((7, 7), (0, None)):
+        preset = dataclasses.replace(
+            PRESETS["smoke"], eval_n=6, eval_unseen_n=4, eval_second_turn_n=5, engine_batch=batch
+        )
+        seen.clear()
+        _evaluate_checkpoint(str(tmp_path), preset, "grpo", tasks, False)
+        assert [(c.task, c.n, c.max_batch_size) for c in seen] == [
+            (tasks[0], 6, engine),
+            (tasks[1], 4, engine),
+            (tasks[2], 5, engine),
+        ]
+        assert all(c.model == str(tmp_path / "grpo") and c.k == preset.eval_k for c in seen)
+
+
+@pytest.mark.parametrize(
+    ("device", "bf16_native", "forced", "expected"),
+    [
+        ("cpu", True, "auto", "fp32"),  # the post-training recipe was tuned in fp32 on CPUs
+        ("cpu", True, "bf16", "fp32"),  # bf16 names pretraining's precision; post-training stays fp32
+        ("cuda", True, "auto", "bf16"),
+        ("cuda", True, "fp32", "fp32"),
+        ("cuda", False, "auto", "fp32"),  # a T4 or V100 emulates bf16: it was chosen there, and crawled
+    ],
+)
+def test_post_training_precision_follows_the_device(
+    tmp_path, monkeypatch, device, bf16_native, forced, expected
+):
+    import torch
+
+    import nanoseek.perf
+
+    monkeypatch.setattr(nanoseek.perf, "default_device", lambda: torch.device(device))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16_native)
+    run = Speedrun(tmp_path, dataclasses.replace(PRESETS["smoke"], precision=forced), progress=False)
+    assert run._tuning_precision() == expected
+
+
+def test_an_out_holding_a_hidden_file_is_refused_and_its_files_named_up_to_three(tmp_path):
+    """A dotfile a speedrun never writes (a repository's .git) is someone else's too; the error names
+    three of the files, and "..." only where there are more."""
+    for names, shown in (
+        ([".git"], "(.git)"),
+        (["a", "b", "c"], "(a, b, c)"),
+        (["a", "b", "c", "d"], "(a, b, c, ...)"),
+    ):
+        out = tmp_path / "-".join(names)
+        out.mkdir()
+        for name in names:
+            (out / name).write_text("mine")
+        with pytest.raises(
+            ValueError, match=rf"holds no speedrun \(no speedrun.json\) but other files {re.escape(shown)}:"
+        ):
+            Speedrun(out, PRESETS["smoke"], progress=False)._refuse_foreign()
+
+
+def test_a_stage_trained_beside_another_says_so_on_a_rerun(tmp_path, capsys):
+    import json
+
+    run = Speedrun(tmp_path, PRESETS["smoke"], progress=False)
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / DONE).write_text(json.dumps({"wall_time_s": 12.4, "beside": "pretrain"}))
+    run._stage(3, 9, "student", lambda: pytest.fail("a finished stage ran again"))
+    assert capsys.readouterr().out == "[3/9] student: trained beside pretrain in 12s\n"
+
+
+def test_the_speedrun_command_passes_precision_progress_and_a_share_of_1(tmp_path, monkeypatch):
+    """--precision and --no-progress reach the run; --multi-turn 1 (every chat of several questions) is
+    a share like any other in [0, 1]."""
+    import nanoseek.speedrun
+    from nanoseek.cli import main
+
+    seen = {}
+    monkeypatch.setattr(
+        nanoseek.speedrun,
+        "run_speedrun",
+        lambda out, preset, progress, **kw: seen.update(kw, progress=progress),
+    )
+    argv = ["speedrun", "--out", str(tmp_path), "--precision", "fp32", "--no-progress", "--multi-turn", "1"]
+    assert main(argv) == 0
+    assert (seen["precision"], seen["progress"], seen["pretrain_multi_turn"]) == ("fp32", False, 1.0)
+    assert main(["speedrun", "--out", str(tmp_path)]) == 0
+    assert (seen["precision"], seen["progress"]) == ("auto", True)
