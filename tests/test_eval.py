@@ -269,6 +269,9 @@ def test_endpoint_samples_score_as_the_checkpoints_own() -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="k and n"):
         evaluate(EvalConfig(model="x", task="arithmetic", k=0), sampler=lambda ps: [])
+    # no problems is said before any is drawn, not as "all 0 problems have unparseable gold answers"
+    with pytest.raises(ValueError, match=r"k and n must be >= 1 \(got k=4, n=0\)"):
+        evaluate(EvalConfig(model="x", task="arithmetic", n=0), sampler=lambda ps: pytest.fail("sampled"))
     with pytest.raises(ValueError, match="unknown task"):
         evaluate(EvalConfig(model="x", task="nope"), sampler=lambda ps: [])
 
@@ -1496,3 +1499,113 @@ def test_an_endpoint_that_refuses_n_above_1_is_asked_for_each_sample_alone(
     assert m["k"] == 3 and m["pass@1"] == 1.0 and m["mean_response_tokens"] == 4
     assert seeds == list(range(6))
     assert refused[-1] == 3 and len(set(refused)) == 1  # found out once, then n = 1 only
+
+
+def test_a_sample_scored_exactly_half_right_votes_for_the_right_answer() -> None:
+    """ "At least half right" includes exactly half: two programs passing 2 of 4 tests each, written
+    differently, vote together for the right answer and outvote one wrong answer (each by its own text
+    the three would tie, and the earliest, not the right answer, would win)."""
+    from types import SimpleNamespace
+
+    from nanoseek.evaluate import score_samples
+
+    (p,) = _problems(1)
+    texts = ("t</think>A", "t</think>B", "t</think>C")
+    scores = dict(zip(texts, (0.5, 0.5, 0.0), strict=True))
+    samples = [[Sample(text=t, num_tokens=3, finish_reason="stop") for t in texts]]
+    reward = lambda prob, text: (scores[text], {"accuracy": scores[text]})  # noqa: E731
+    metrics, (rec,) = score_samples(SimpleNamespace(), reward, [p], samples)
+    assert metrics["cons@3"] == 1.0 and rec["cons"] is True
+    assert metrics["pass@1"] == pytest.approx(1 / 3)
+
+
+def test_pass_at_1_per_language_is_given_for_two_languages() -> None:
+    """Problems in two languages (English and Japanese, none in Chinese) are broken down by language
+    too: the breakdown is left out only where there is one language."""
+    from types import SimpleNamespace
+
+    from nanoseek.evaluate import score_samples
+
+    probs = [p for p in get_task("comparison").problems("test", 30, seed=0) if p.language in ("en", "ja")]
+    assert {p.language for p in probs} == {"en", "ja"}
+    samples = [[Sample(text=f"t</think>{p.language}", num_tokens=3, finish_reason="stop")] * 2 for p in probs]
+    # right in English only
+    reward = lambda prob, text: (1.0, {"accuracy": float(text.endswith("en"))})  # noqa: E731
+    metrics, _ = score_samples(SimpleNamespace(), reward, probs, samples)
+    assert metrics["pass@1_by_language"] == {"en": 1.0, "ja": 0.0}
+    share = sum(p.language == "en" for p in probs) / len(probs)
+    assert metrics["pass@1"] == pytest.approx(share)
+
+
+def test_a_mean_length_is_unknown_where_any_problems_samples_have_no_token_count() -> None:
+    """An endpoint that sent usage for one problem's request and none for another's (a proxy's
+    dropped field): the mean response length is unknown, not the known one averaged with a 0."""
+    from types import SimpleNamespace
+
+    from nanoseek.evaluate import score_samples
+
+    probs = _problems(2)
+    samples = [
+        [Sample(text="t</think>1", num_tokens=10, finish_reason="stop")] * 2,
+        [Sample(text="t</think>1", num_tokens=None, finish_reason="stop")] * 2,
+    ]
+    reward = lambda prob, text: (0.0, {"accuracy": 0.0})  # noqa: E731
+    metrics, recs = score_samples(SimpleNamespace(), reward, probs, samples)
+    assert [r["mean_tokens"] for r in recs] == [10.0, None]
+    assert metrics["mean_response_tokens"] is None
+    both = [[Sample(text="t</think>1", num_tokens=n, finish_reason="stop")] * 2 for n in (10, 30)]
+    assert score_samples(SimpleNamespace(), reward, probs, both)[0]["mean_response_tokens"] == 20.0
+
+
+def test_a_skipped_problem_is_left_out_of_the_format_and_language_rates() -> None:
+    """Of 3 problems one has an unparseable gold answer (the reward says `skipped`): format rate and
+    language consistency are means over the 2 scored, as pass@1 is, not over all 3."""
+    from types import SimpleNamespace
+
+    from nanoseek.data.rewards import RewardResult
+    from nanoseek.evaluate import score_samples
+
+    probs = _problems(3)
+    skipped_id = probs[1].id
+
+    def reward(prob, text):
+        if prob.id == skipped_id:
+            return RewardResult(0.0, {}, skipped=True)
+        return RewardResult(1.0, {"accuracy": 1.0, "format": 1.0, "language": 1.0})
+
+    samples = [[Sample(text="t</think>1", num_tokens=2, finish_reason="stop")] * 2 for _ in probs]
+    metrics, _ = score_samples(SimpleNamespace(), reward, probs, samples)
+    assert metrics["problems"] == 2 and metrics["skipped_problems"] == 1
+    assert metrics["pass@1"] == 1.0
+    assert metrics["format_rate"] == 1.0 and metrics["language_consistency"] == 1.0
+
+
+def test_strip_stop_drops_only_a_final_stop_id() -> None:
+    """The stop token a completion ended on is not part of its text (a stop id that is no special token,
+    which decoding would keep, named by a checkpoint's generation_config.json); one inside is kept."""
+    from nanoseek.evaluate import strip_stop
+
+    assert strip_stop([5, 9, 7], [7, 8]) == [5, 9]
+    assert strip_stop([5, 7, 9], [7, 8]) == [5, 7, 9]
+    assert strip_stop([], [7]) == []
+
+
+def test_an_endpoint_that_answers_more_choices_than_asked_is_scored_on_k(tmp_path) -> None:
+    """A server that sends more choices than n asks for (one that ignores n, with its own number): the
+    first k in index order are scored, and pass@1 and cons@k are over k samples, as the report says."""
+    answered = _stub_endpoint(2, lambda n: 4 * n)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        data = answered.send(request).json()
+        extra = [{**data["choices"][0], "index": body["n"] + i} for i in range(2)]
+        data["choices"] = data["choices"] + extra
+        return httpx.Response(200, json=data)
+
+    cfg = EvalConfig(model="http://stub:8000", task="arithmetic", k=3, n=2, language="en")
+    cfg.endpoint_model, cfg.progress, cfg.out = "stub", False, str(tmp_path / "e.json")
+    sampler, _ = endpoint_sampler(cfg, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    samples = sampler(_problems(2))
+    assert [len(s) for s in samples] == [3, 3]
+    m = evaluate(cfg, sampler=sampler)
+    assert m["k"] == 3 and "cons@3" in m and m["pass@1"] == 1.0

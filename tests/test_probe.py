@@ -133,3 +133,44 @@ def test_greedy_accuracy_counts_no_answer_left_in_the_think_block():
         "arithmetic": 1.0
     }
     assert greedy_accuracy(None, tok, ["arithmetic"], 4, engine=Answers("")) == {"arithmetic": 0.0}
+
+
+class _LineTok(_Tok):
+    """A tokenizer of whole lines (each with its newline): one token can hold a copied number and a
+    computed one ("47 + 38 = 85")."""
+
+    def encode(self, text: str, add_special_tokens: bool = False):
+        offsets, at = [], 0
+        for line in text.splitlines(keepends=True):
+            offsets.append((at, at + len(line)))
+            at += len(line)
+
+        class Enc:
+            ids = [1 + i for i in range(len(offsets))]
+
+        Enc.offsets = offsets
+        return Enc()
+
+
+def test_a_token_that_holds_a_copied_digit_is_a_copy_whatever_else_it_holds():
+    """A token spanning a copied number and computed digits is scored as a copy (the copy is what a
+    model that cannot look back gets wrong), a token with digits and text as computed, else text."""
+    from nanoseek.data.synthetic import chat_document
+    from nanoseek.data.tasks import get_task
+
+    task = get_task("arithmetic?ops=add")
+    (doc,) = probe_documents(_LineTok(), ["arithmetic?ops=add"], 1)
+    (p,) = task.problems("test", 1, seed=0)
+    text = chat_document(p, task.worked_solution(p))
+    start = text.index(p.prompt) + len(p.prompt)
+    chars = response_char_kinds(text, start)
+    offsets = _LineTok().encode(text).offsets
+    spans = [set(chars[a:b]) for a, b in offsets]
+    assert any({"copy", "digit"} <= s for s in spans)  # such a token is there to be scored
+    for (a, _), span, kind in zip(offsets, spans, doc.kinds[1:], strict=True):
+        if a < start:  # a token that begins in the prompt is not scored
+            assert kind is None
+        elif "copy" in span:
+            assert kind == "copy", span
+        else:
+            assert kind == ("digit" if "digit" in span else "text"), span

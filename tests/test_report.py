@@ -1020,3 +1020,126 @@ def test_an_evaluation_of_training_problems_is_not_reported_as_held_out(tmp_path
     ev.log(evaluated="grpo", task="arithmetic", k=4, split="train", **{"pass@1": 0.875})
     text = build_report(tmp_path).read_text()
     assert "| grpo | arithmetic | 4 | 50.0% |" in text and "87.5%" not in text, text
+
+
+def test_grpos_gain_in_a_log_that_names_no_init_is_read_from_pretraining_where_sft_was_not_scored(tmp_path):
+    """Logs from before GRPO's start record named its `--init`: the start is guessed from what was
+    scored, SFT where it was, else pretraining (an R1-Zero run's GRPO, from pretraining)."""
+    for stage in ("pretrain", "grpo"):
+        log = MetricsLog(tmp_path, stage)
+        log.log(0, event="start")
+        log.log(1, loss=1.0, reward=0.5)
+        log.log(None, event="end", wall_time_s=5.0)
+    ev = MetricsLog(tmp_path, "eval")
+    ev.log(evaluated="pretrain", task="arithmetic", k=4, problems=8, **{"pass@1": 0.30})
+    ev.log(evaluated="grpo", task="arithmetic", k=4, problems=8, **{"pass@1": 0.60})
+    text = build_report(tmp_path).read_text()
+    assert "GRPO's gain over its starting checkpoint (pretrain) on the families" in text, text
+    assert "**+30.0 points** on average (arithmetic +30.0)." in text
+
+
+def test_grpos_gain_against_an_evaluation_that_logged_no_digest_is_not_said_to_differ(tmp_path):
+    """An evaluation from before `problems_digest` was logged is taken to have scored the same problems
+    as a later one: no "on different problems" beside GRPO's gain for want of a digest."""
+    ev = MetricsLog(tmp_path, "eval")
+    ev.log(evaluated="sft", task="arithmetic", k=1, problems=8, **{"pass@1": 0.5})
+    ev.log(evaluated="grpo", task="arithmetic", k=1, problems=8, problems_digest="d8", **{"pass@1": 0.625})
+    text = build_report(tmp_path).read_text()
+    assert "**+12.5 points** (50.0% → 62.5%); format rate" in text and "different problems" not in text
+
+
+def test_a_stage_trained_again_from_step_1_in_a_log_without_start_records_replaces_the_earlier(tmp_path):
+    """Logs from before start records: a stage whose steps start again at 1 was trained afresh, not
+    resumed, so its wall time and tokens are the second run's alone (100 s and 300 tokens before, 50 s
+    and 200 tokens after)."""
+    from nanoseek.report import RunMetrics
+
+    log = MetricsLog(tmp_path, "sft")
+    for s in (1, 2, 3):
+        log.log(step=s, loss=2.0, tokens=100)
+    log.log(event="end", wall_time_s=100.0)
+    for s in (1, 2):
+        log.log(step=s, loss=1.0, tokens=100)
+    log.log(event="end", wall_time_s=50.0)
+    m = RunMetrics(tmp_path)
+    assert m.steps("sft", "loss") == ([1, 2], [1.0, 1.0])
+    assert m.wall_time("sft") == 50.0 and m.total("sft", "tokens") == 200
+    assert "| sft | 50 s | 200 |" in build_report(tmp_path).read_text()
+
+
+def test_a_resume_from_an_earlier_checkpoint_than_the_last_resume_drops_every_replayed_step(tmp_path):
+    """Killed at 30, resumed from 20 and killed at 40, then resumed from a checkpoint of step 10: the
+    steps past 10 that both earlier processes logged are replayed, so dropped, from the first process
+    as well as the second (its 11-20 were counted twice, and its running token total summed)."""
+    from nanoseek.report import RunMetrics
+
+    log = MetricsLog(tmp_path, "pretrain")
+    log.log(step=0, event="start", time=0.0)
+    _pretrain_steps(log, range(1, 31), 0.0, loss=5.0)
+    log.log(event="resume", from_step=20, time=100.0)
+    _pretrain_steps(log, range(21, 41), 100.0, loss=4.0)
+    log.log(event="resume", from_step=10, time=200.0)
+    _pretrain_steps(log, range(11, 51), 200.0, loss=3.0)
+    log.log(step=50, event="end", wall_time_s=40.0, time=250.0)
+    m = RunMetrics(tmp_path)
+    xs, ys = m.steps("pretrain", "loss")
+    assert xs == list(range(1, 51))
+    assert ys == [5.0] * 10 + [3.0] * 40
+    assert m.total("pretrain", "tokens") == 128 * 50
+
+
+def test_a_figure_of_exactly_a_thousand_is_not_written_as_an_exponent(tmp_path):
+    """1,000 s, not "1e+03 s": the first figure `g` writes with an exponent is 1000 itself."""
+    sft = MetricsLog(tmp_path, "sft")
+    sft.log(step=1, loss=2.0)
+    sft.log(event="end", wall_time_s=1000.0)
+    text = build_report(tmp_path).read_text()
+    assert "| sft | 1,000 s |" in text and "e+0" not in text
+
+
+def test_an_evaluation_scored_before_a_later_one_with_no_number_is_not_reported_as_the_latest(tmp_path):
+    """grpo scored 75% on sorting, then scored again with a pass@1 that is no number: the 75% is not the
+    figure of the checkpoint now (nor GRPO's gain from it); the evaluation is left out with a note."""
+    ev = MetricsLog(tmp_path, "eval")
+    ev.log(evaluated="sft", task="sorting", k=4, **{"pass@1": 0.5})
+    ev.log(evaluated="grpo", task="sorting", k=4, **{"pass@1": 0.75})
+    ev.log(evaluated="grpo", task="sorting", k=4, **{"pass@1": float("nan")})
+    text = build_report(tmp_path).read_text()
+    assert "| grpo |" not in text and "75.0%" not in text and "GRPO changed" not in text, text
+    assert 'grpo on sorting (pass@1 "nan")' in text
+
+
+def test_the_unseen_wordings_note_says_how_many_problems_were_asked_otherwise(tmp_path):
+    """The final model asked in unseen wordings on 8 problems per family: the note says so ("the first
+    8 of"), as the other wording's evaluation counts them."""
+    ev = MetricsLog(tmp_path, "eval")
+    ev.log(evaluated="sft", task="sorting", k=4, **{"pass@1": 0.5})
+    ev.log(evaluated="grpo", task="sorting", k=4, **{"pass@1": 0.75})
+    per_problem = [0.25] * 8
+    ev.log(
+        evaluated="grpo",
+        task="sorting?wording=unseen",
+        k=4,
+        **{"pass@1": 0.25, "pass@1_per_problem": per_problem},
+    )
+    text = build_report(tmp_path).read_text()
+    assert "The final model on the first 8 of the same held-out problems per family asked otherwise" in text
+
+
+def test_a_final_model_scored_only_in_unseen_wordings_shows_a_dash_for_its_own_figure(tmp_path):
+    """GRPO evaluated on `?wording=unseen` alone (not on the family as trained): its row in the unseen
+    wordings table shows "–" for the final figure, and the report is written."""
+    ev = MetricsLog(tmp_path, "eval")
+    ev.log(evaluated="sft", task="sorting", k=4, **{"pass@1": 0.5})
+    ev.log(evaluated="grpo", task="sorting?wording=unseen", k=4, **{"pass@1": 0.25})
+    text = build_report(tmp_path).read_text()
+    assert "| sorting | – | 25.0% |" in text
+
+
+def test_a_price_of_zero_is_a_free_machine_not_an_error(tmp_path):
+    """`--usd-per-hour 0` (one's own machine): every cost is $0, not a refusal; a negative price is."""
+    _fake_run(tmp_path)
+    text = build_report(tmp_path, usd_per_hour=0.0).read_text()
+    assert "| pretrain | 120 s | 1.00M | $0.0000 |" in text and "$0.00 per machine-hour" in text
+    with pytest.raises(ValueError, match="price >= 0"):
+        build_report(tmp_path, usd_per_hour=-1.0)
