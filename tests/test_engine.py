@@ -1264,6 +1264,98 @@ def test_pack_weights_serves_the_same_model_faster_layout(models, dtype, monkeyp
     assert pack_model(copy.deepcopy(plain)) == 0  # every matrix of this model is below the size
 
 
+def test_packing_starts_at_a_million_weights() -> None:
+    """`PACK_MIN_ELEMENTS` is 2**20 weights: a 1024x1024 matrix is packed, one row fewer stays plain; and
+    `pack_model` returns how many modules it packed."""
+    from nanoseek.engine.packed import PackedLinear, big_enough, is_packed, pack_model, packable
+
+    assert big_enough(torch.empty(1024, 1024)) and not big_enough(torch.empty(1023, 1024))
+    big, small = (1024, 1024), (1024, 1023)  # (in, out): 2**20 and 2**20 - 1024 weights
+    model = torch.nn.Sequential(*(torch.nn.Linear(*shape, bias=False) for shape in (big, small, big)))
+    if not packable(model):
+        pytest.skip("this PyTorch's oneDNN does not pack fp32 weights")
+    assert pack_model(model) == 2 and is_packed(model)
+    assert [type(m) for m in model] == [PackedLinear, torch.nn.Linear, PackedLinear]
+
+
+def test_packing_keeps_a_head_tied_to_the_embedding_plain() -> None:
+    """A head that shares the embedding's weight (tie_word_embeddings) is not packed: packing would
+    drop the shared storage the embedding still reads; an untied head of the same size is packed."""
+    from types import SimpleNamespace
+
+    from nanoseek.engine.packed import PackedLinear, pack_model, packable
+
+    for tied in (True, False):
+        model = torch.nn.Module()
+        model.config = SimpleNamespace(tie_word_embeddings=tied)
+        model.embed_tokens = torch.nn.Embedding(1024, 1024)
+        model.lm_head = torch.nn.Linear(1024, 1024, bias=False)
+        if tied:
+            model.lm_head.weight = model.embed_tokens.weight
+        if not packable(model):
+            pytest.skip("this PyTorch's oneDNN does not pack fp32 weights")
+        assert pack_model(model) == (0 if tied else 1)
+        assert isinstance(model.lm_head, PackedLinear) != tied
+
+
+def test_packing_is_refused_where_onednns_product_differs_from_the_plain_one(monkeypatch) -> None:
+    """`packable` checks oneDNN's packed product against F.linear on a small weight: a PyTorch whose
+    packed GEMM is off (here by 1e-3, a hundred times fp32's tolerance) leaves the model plain."""
+    from nanoseek.engine import packed
+
+    model = torch.nn.Linear(8, 8)
+    if not packed.packable(model):
+        pytest.skip("this PyTorch's oneDNN does not pack fp32 weights")
+    real = packed.packed_linear
+    monkeypatch.setattr(packed, "packed_linear", lambda x, w, b=None: real(x, w, b) + 1e-3)
+    assert not packed.packable(model)
+
+
+def test_packed_fp32_linear_keeps_its_bias_and_takes_inputs_of_another_dtype() -> None:
+    """An fp32 PackedLinear with a bias (Qwen2's q/k/v) gives F.linear's output, bias included; an input
+    in another dtype (bf16) is multiplied by the unpacked weight and bias in that dtype."""
+    from nanoseek.engine.packed import PackedLinear, packable
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 80, bias=True)
+    with torch.no_grad():
+        linear.bias.fill_(3.0)  # far above the products' error: a dropped bias cannot pass
+    if not packable(linear):
+        pytest.skip("this PyTorch's oneDNN does not pack fp32 weights")
+    packed = PackedLinear(linear)
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+        xb = x.to(torch.bfloat16)
+        got = packed(xb)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(
+            got, F.linear(xb, linear.weight.to(torch.bfloat16), linear.bias.to(torch.bfloat16))
+        )
+
+
+def test_packed_routed_experts_unpack_the_experts_asked_for() -> None:
+    """`PackedRoutedExperts.expert_weights(sel)` is the dense reference: the chosen experts' matrices, in
+    the order asked, exactly as they were before packing."""
+    from nanoseek.engine.packed import PackedRoutedExperts, packable
+    from nanoseek.model.moe import RoutedExperts
+
+    experts = RoutedExperts(4, 32, 16)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_()
+        experts.down_proj.normal_()
+    if not packable(experts):
+        pytest.skip("this PyTorch's oneDNN does not pack fp32 weights")
+    packed = PackedRoutedExperts(experts)
+    sel = torch.tensor([3, 1])
+    gate_up, down = packed.expert_weights(sel)
+    assert torch.equal(gate_up, experts.gate_up_proj.data[[3, 1]])
+    assert torch.equal(down, experts.down_proj.data[[3, 1]])
+    gate_up, down = packed.expert_weights()
+    assert torch.equal(gate_up, experts.gate_up_proj.data) and torch.equal(down, experts.down_proj.data)
+
+
 def test_a_cpu_cache_takes_memory_as_it_fills_not_at_startup():
     """The KV cache (512 MiB by default) was zeroed whole when the engine was built: all of it resident
     before the first request, as much again as a 0.5 GB model. Zero pages until written now: a fresh

@@ -1224,3 +1224,167 @@ def test_generate_and_chat_refuse_a_tokenizer_larger_than_the_models_vocabulary(
         load_for_generation(cli_args("chat", str(small)))
     shutil.rmtree(small)
     assert main(["generate", str(tmp_path / "padded"), "the", "--max-new-tokens", "2"]) == 0
+
+
+def test_chat_drops_nothing_when_the_prompt_and_the_answers_room_fill_the_context_exactly(checkpoint):
+    """The history is trimmed only where prompt + room for the answer exceeds the context: a prompt of
+    n tokens with room r in a context of exactly n + r tokens keeps every exchange."""
+    from nanoseek.commands.chat import fit_context
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    history = [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "second"},
+    ]
+    n = len(tok.encode(tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)))
+    messages = list(history)
+    _, ids, dropped = fit_context(tok, messages, n + 4, 4)  # room = min(4, (n + 4) // 2) = 4
+    assert (len(ids), dropped, messages) == (n, 0, history)
+    messages = list(history)
+    _, _, dropped = fit_context(tok, messages, n + 3, 4)  # one token short: the first exchange goes
+    assert dropped == 1 and messages == history[2:]
+
+
+def test_chat_turn_shows_the_end_of_a_reply_the_splitter_still_held(checkpoint):
+    """Reasoning ending in what could begin "</think>" ("hm <" is held back until the next text says
+    whether the tag follows) is shown and kept whole when the reply ends there (max tokens, Ctrl-C)."""
+    from types import SimpleNamespace
+
+    from nanoseek.commands.chat import chat_turn
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+
+    class Engine:
+        max_seq_len = 4096
+
+        def stream(self, prompts, params, should_stop=None):
+            return [SimpleNamespace(new_token_ids=tok.encode("hm <", add_bos=False))]
+
+    out = io.StringIO()
+    reply, _ = chat_turn(
+        Engine(), tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=False
+    )
+    assert out.getvalue() == "<think>\nhm <\n</think>\n"
+    assert reply == "<think>\nhm <\n</think>\n\n"
+
+
+def test_chat_turn_keeps_the_answer_without_its_surrounding_whitespace(checkpoint):
+    """Blank lines the model writes after its answer (before its end token) are shown but not kept in the
+    history the next turn is rendered from."""
+    from types import SimpleNamespace
+
+    from nanoseek.commands.chat import chat_turn
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+
+    class Engine:
+        max_seq_len = 4096
+
+        def stream(self, prompts, params, should_stop=None):
+            return [SimpleNamespace(new_token_ids=tok.encode("hm</think>ok  \n\n", add_bos=False))]
+
+    out = io.StringIO()
+    reply, _ = chat_turn(
+        Engine(), tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=False
+    )
+    assert reply == "<think>\nhm\n</think>\n\nok"
+
+
+def test_chat_turn_without_thinking_shows_a_stray_think_tag_as_answer(checkpoint):
+    """--no-think: the reply is all answer, so a "<think>" the model writes is printed as it is (as the
+    server does), not dimmed away as reasoning."""
+    from types import SimpleNamespace
+
+    from nanoseek.commands.chat import chat_turn
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+
+    class Engine:
+        max_seq_len = 4096
+
+        def stream(self, prompts, params, should_stop=None):
+            return [SimpleNamespace(new_token_ids=tok.encode("<think>a</think>b", add_bos=False))]
+
+    out = io.StringIO()
+    messages = [{"role": "user", "content": "q"}]
+    reply, _ = chat_turn(Engine(), tok, messages, SamplingParams(), out, color=False, thinking=False)
+    assert out.getvalue() == "<think>a</think>b\n"
+
+
+def test_chat_turn_in_colour_dims_the_reasoning_without_printing_its_tags(checkpoint):
+    """On a terminal the reasoning is marked by dimming alone: no "<think>" opening it, no "</think>"
+    closing it, the answer set apart by a blank line."""
+    from types import SimpleNamespace
+
+    from nanoseek.commands.chat import DIM, RESET, chat_turn
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+
+    class Engine:
+        max_seq_len = 4096
+
+        def stream(self, prompts, params, should_stop=None):
+            return [SimpleNamespace(new_token_ids=tok.encode("hm</think>ok", add_bos=False))]
+
+    out = io.StringIO()
+    chat_turn(Engine(), tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=True)
+    assert out.getvalue() == f"{DIM}hm{RESET}\n\nok\n"
+
+
+def test_chat_reads_a_triple_quoted_block_with_spaces_around_its_quotes():
+    """Pasted text often carries indentation: a block opened by '  \"\"\"' and closed by '\"\"\"  ' is one
+    message, not two lines sent one by one."""
+    from nanoseek.commands.chat import _read_message
+
+    stdin = io.StringIO('  """first\nsecond"""  \nafter\n')
+    out = io.StringIO()
+    assert _read_message(stdin, out, terminal=False) == ("first\nsecond", True)
+    assert _read_message(stdin, out, terminal=False) == ("after", False)
+
+
+def test_chat_session_skips_blank_lines_and_says_stopped_only_for_a_stopped_reply(checkpoint, monkeypatch):
+    """An empty line is not a message (no turn is generated for it), and "(stopped)" is said only
+    after a reply Ctrl-C stopped, never after one that ended by itself."""
+    from nanoseek.commands import chat
+
+    prompts = _scripted_chat(monkeypatch, checkpoint)
+    out = io.StringIO()
+    args = cli_args("chat", str(checkpoint), "--max-new-tokens", "4")
+    assert chat.run(args, stdin=io.StringIO("\n   \nhello\n"), stdout=out) == 0
+    assert len(prompts) == 1 and "(stopped)" not in out.getvalue()
+    assert "1 turn," in out.getvalue()
+
+
+def test_chat_system_command_without_text_clears_the_system_prompt(checkpoint, monkeypatch):
+    """ "/system" alone clears the system prompt (as it says): the next turn's prompt has none."""
+    from nanoseek.commands import chat
+
+    prompts = _scripted_chat(monkeypatch, checkpoint)
+    out = io.StringIO()
+    args = cli_args("chat", str(checkpoint), "--system", "be brief", "--max-new-tokens", "4")
+    assert chat.run(args, stdin=io.StringIO("one\n/system\ntwo\n"), stdout=out) == 0
+    assert "be brief" in prompts[0] and "be brief" not in prompts[1]
+    assert "(system prompt cleared; history cleared)" in out.getvalue()
+
+
+def test_a_second_ctrl_c_while_a_reply_streams_ends_the_chat():
+    """The first Ctrl-C only asks the reply to stop; a second one raises KeyboardInterrupt (the program
+    ends, as before); the handler is put back afterwards."""
+    import os
+    import signal
+
+    from nanoseek.commands.chat import _ctrl_c_stops_reply
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), _ctrl_c_stops_reply() as stopped:
+        assert not stopped()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stopped()
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

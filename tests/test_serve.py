@@ -2434,7 +2434,12 @@ def test_cli_serve_checks_its_flags_before_a_hub_download(monkeypatch, capsys):
         raise AssertionError(f"fetched {repo_id} before checking the flags")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
-    for flag, value in (("--port", "70000"), ("--max-queue", "0"), ("--kv-cache-mib", "inf")):
+    for flag, value in (
+        ("--port", "70000"),
+        ("--max-queue", "0"),
+        ("--kv-cache-mib", "inf"),
+        ("--max-body-mb", "0"),
+    ):
         assert main(["serve", "someone/model", flag, value]) == 2
         assert flag in capsys.readouterr().err
 
@@ -2497,8 +2502,13 @@ def test_cli_serve_defaults_and_flags_reach_the_server(tmp_path, tok, model, mon
     monkeypatch.setattr(
         uvicorn.Server, "run", lambda self, sockets: served.update(app=self.config.app, sock=sockets[0])
     )
+    import nanoseek.engine
+
+    built, real_engine = {}, nanoseek.engine.Engine
+    monkeypatch.setattr(nanoseek.engine, "Engine", lambda *a, **kw: built.update(kw) or real_engine(*a, **kw))
     flags = ["--port", "0", "--model-name", "mine", "--max-queue", "3", "--max-body-mb", "0.5"]
     assert main(["serve", str(ckpt), *flags]) == 0
+    assert built["cache_bytes"] == 512 * 1024 * 1024  # --kv-cache-mib's 512 MiB
     with served["sock"] as sock:
         port = sock.getsockname()[1]
     config = served["app"].state.server.config
@@ -2517,8 +2527,8 @@ def test_cli_serve_defaults_and_flags_reach_the_server(tmp_path, tok, model, mon
     assert main(["serve", str(ckpt), "--port", "0"]) == 0
     served["sock"].close()
     assert served["app"].state.server.config.api_key is None
-    out = capsys.readouterr().out
-    assert "model 'ck'" in out and "auth off" in out and "warning" not in out
+    out, err = capsys.readouterr()
+    assert "model 'ck'" in out and "auth off" in out and "warning" not in out + err
 
 
 def test_cli_serve_speculative_on_a_checkpoint_without_mtp_serves_it_plainly(
@@ -2679,8 +2689,34 @@ def test_cli_serve_takes_an_ipv6_host_in_brackets(tmp_path, tok, model, monkeypa
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: bound.append(sockets[0].getsockname()))
     assert main(["serve", str(ckpt), "--host", "[::1]", "--port", "0"]) == 0
     assert bound[0][0] == "::1"
-    out = capsys.readouterr().out
-    assert f"listening on http://[::1]:{bound[0][1]}" in out and "warning" not in out
+    out, err = capsys.readouterr()  # loopback: no warning that it is reachable beyond this machine
+    assert f"listening on http://[::1]:{bound[0][1]}" in out and "warning" not in out + err
+
+
+def test_cli_serve_reports_a_forced_stop_as_interrupted_and_a_graceful_one_as_130(
+    tmp_path, tok, model, monkeypatch, capsys
+):
+    """uvicorn raises Ctrl-C again once it stopped: after a graceful stop (the requests finished) serve
+    exits 130 quietly; after a second Ctrl-C forced it (requests dropped) the interrupt goes on up and the
+    CLI says "interrupted"."""
+    import uvicorn
+
+    from nanoseek.checkpoint import save_model
+    from nanoseek.cli import main
+
+    ckpt = tmp_path / "ck"
+    save_model(model, ckpt)
+    tok.save(ckpt)
+    for forced in (False, True):
+
+        def run(self, sockets, forced=forced):
+            sockets[0].close()
+            self.should_exit, self.force_exit = True, forced
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(uvicorn.Server, "run", run)
+        assert main(["serve", str(ckpt), "--port", "0"]) == 130
+        assert ("interrupted" in capsys.readouterr().err) == forced
 
 
 def test_cli_serve_exits_non_zero_when_the_engine_dies(tmp_path, tok, model, monkeypatch, capsys):
