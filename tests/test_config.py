@@ -57,6 +57,114 @@ def test_reads_deepseek_v2_file_with_defaults(tmp_path):
     assert cfg.first_k_dense_replace == 0 and all(cfg.is_moe_layer(i) for i in range(2))
 
 
+def test_deepseek_v2_file_without_group_fields_or_rope_layout_reads_v2_defaults():
+    """A V2 file that leaves out n_group / topk_group routes over one group (transformers' None), and
+    one that names no rope_interleave keeps V2's interleaved RoPE dims (its only layout)."""
+    d = {
+        "model_type": "deepseek_v2",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "q_lora_rank": None,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 4,
+        "v_head_dim": 8,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "vocab_size": 100,
+    }
+    cfg = ModelConfig.from_dict(d)
+    assert (cfg.n_group, cfg.topk_group) == (1, 1)
+    assert cfg.rope_interleave is True
+
+
+def test_rope_scaling_is_written_with_both_type_keys_and_rope_parameters():
+    """config.json names the scaling under `type` (DeepSeek's files) and `rope_type` (transformers'),
+    and transformers 5's `rope_parameters` carries the type and rope_theta: a llama3 scaling given by
+    `rope_type` alone was written as YaRN before it reached the file."""
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    cfg = ModelConfig(
+        model_type="llama",
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        rope_scaling=dict(llama3),
+    )
+    d = cfg.to_dict()
+    assert d["rope_scaling"]["type"] == d["rope_scaling"]["rope_type"] == "llama3"
+    assert d["rope_parameters"]["rope_type"] == "llama3"
+    assert d["rope_parameters"]["rope_theta"] == 500000.0
+    assert d["rope_parameters"]["factor"] == 8.0
+    v3 = get_preset("deepseek-v3").to_dict()["rope_scaling"]  # given by `type` alone
+    assert v3["type"] == v3["rope_type"] == "yarn"
+    plain = get_preset("tiny").replace(rope_theta=12345.0).to_dict()["rope_parameters"]
+    assert plain == {"rope_type": "default", "rope_theta": 12345.0}
+
+
+def test_rope_parameters_alone_give_rope_theta_and_a_scaling_without_it():
+    """A transformers 5 file that has only `rope_parameters`: its rope_theta is the field, not a key
+    of rope_scaling (which was then written back into rope_scaling)."""
+    d = {**get_preset("tiny").to_dict(), "max_position_embeddings": 4096}
+    del d["rope_scaling"], d["rope_theta"]
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    d["rope_parameters"] = {**yarn, "rope_theta": 50000.0}
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.rope_theta == 50000.0
+    assert cfg.rope_scaling == {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+
+
+def test_untyped_rope_scaling_in_a_file_is_plain_rope():
+    """transformers reads a rope_scaling that names no type as plain RoPE ("default"): so does
+    from_dict (a ModelConfig built with one is refused, naming it)."""
+    d = {**get_preset("tiny").to_dict(), "rope_scaling": {"factor": 2.0}}
+    del d["rope_parameters"]
+    assert ModelConfig.from_dict(d).rope_scaling is None
+    with pytest.raises(ValueError, match="names no type"):
+        get_preset("tiny").replace(rope_scaling={"factor": 2.0})
+
+
+def test_saved_config_json_carries_transformers_defaults_of_the_passthrough_fields():
+    """Fields nanoseek does not compute with but DeepSeek's config.json carries are written with
+    transformers' DeepseekV3Config defaults; a file's stale transformers_version is not written back."""
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.DeepseekV3Config()
+    d = ModelConfig().to_dict()
+    for key in ("hidden_act", "initializer_range", "attention_bias", "attention_dropout", "use_cache"):
+        assert d[key] == getattr(ref, key), key
+    assert d["ep_size"] == 1 and d["moe_layer_freq"] == 1  # DeepSeek's own config.json's values
+    read = ModelConfig.from_dict({**d, "transformers_version": "4.0.0"})
+    assert "transformers_version" not in read.to_dict()
+
+
+def test_full_attention_layer_types_are_not_kept():
+    """transformers 5 writes Qwen2's layer_types (all "full_attention"): derived, not kept, so a
+    replace() of the depth does not write a list of the old length."""
+    d = {**get_preset("tiny-qwen2").to_dict(), "layer_types": ["full_attention"] * 3}
+    cfg = ModelConfig.from_dict(d).replace(num_hidden_layers=2)
+    assert "layer_types" not in cfg.to_dict()
+
+
+def test_dense_file_without_token_ids_has_none():
+    """A Qwen2 / Llama config.json that names no bos/eos/pad id: None, not DeepSeek's 0 and 1."""
+    d = get_preset("tiny-qwen2").to_dict()
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        del d[k]
+    cfg = ModelConfig.from_dict(d)
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (None, None, None)
+
+
+def test_a_file_naming_only_its_model_type_loads_that_family_defaults(tmp_path):
+    """`{"model_type": "deepseek_v3"}` is a config.json (transformers reads it with its defaults), not
+    a generation or tokenizer config."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
+    assert ModelConfig.load(tmp_path) == ModelConfig()
+
+
 def test_rope_parameters_and_rope_scaling_are_both_read():
     base = get_preset("deepseek-v3").to_dict()
     assert base["rope_scaling"]["type"] == "yarn"
@@ -179,7 +287,13 @@ def test_v3_groups_of_one_expert_are_refused():
         ({"qk_nope_head_dim": 0, "qk_rope_head_dim": 0}, "qk_nope_head_dim \\+ qk_rope_head_dim"),
         ({"n_shared_experts": -1}, "n_shared_experts"),  # a negative dimension building the model
         ({"n_group": 3}, "divisible by n_group"),  # 16 experts in 3 groups
-        ({"topk_group": 0}, "topk_group"),  # no group, no expert
+        ({"topk_group": 0}, "topk_group \\(0\\) must be in 1..n_group"),  # no group, no expert
+        ({"topk_group": 5}, "topk_group \\(5\\) must be in 1..n_group"),  # more groups than the 4 there are
+        ({"num_experts_per_tok": 0}, "num_experts_per_tok"),  # routed experts, none a token
+        ({"qk_nope_head_dim": -1}, "qk_nope_head_dim"),  # -1 + 16 > 0: the sum alone does not catch it
+        ({"rms_norm_eps": None}, "rms_norm_eps"),  # a non-optional field left null
+        ({"rope_theta": True}, "rope_theta"),  # JSON's true is no number either
+        ({"tie_word_embeddings": 1}, "tie_word_embeddings"),  # 1 is no JSON boolean
         ({"num_nextn_predict_layers": -1}, "num_nextn_predict_layers"),
         ({"rope_theta": "10000"}, "rope_theta"),  # an unnamed TypeError
         ({"rms_norm_eps": "1e-6"}, "rms_norm_eps"),  # loaded, then crashed in the first forward
@@ -201,6 +315,7 @@ def test_v3_groups_of_one_expert_are_refused():
         ({"rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": "1"}}, "low_freq_factor"),
         ({"moe_layer_freq": 0}, "moe_layer_freq"),  # built with every layer MoE, as if it were 1
         ({"moe_layer_freq": 1.5}, "moe_layer_freq"),  # taken as 1
+        ({"rope_parameters": "yarn"}, "rope_parameters"),  # an AttributeError naming no file
     ],
 )
 def test_hand_edited_config_json_is_refused_at_load_naming_the_field(tmp_path, change, field):
@@ -242,3 +357,12 @@ def test_a_config_json_that_is_no_json_object_is_named(tmp_path, text, message):
     (tmp_path / "config.json").write_bytes(text)
     with pytest.raises(ValueError, match=rf"{tmp_path}/config\.json {message}"):
         resolve_config(tmp_path)
+
+
+def test_a_type_error_reading_a_config_json_names_the_file(tmp_path):
+    """A hand edit that fails with a TypeError deep in from_dict (a layer_types that is no list) is
+    reported as a ValueError naming the file, as the other hand edits are."""
+    d = {**get_preset("tiny-qwen2").to_dict(), "layer_types": 5}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="config.json: .*not iterable"):
+        ModelConfig.load(tmp_path)

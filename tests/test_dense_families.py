@@ -356,3 +356,16 @@ def test_chunked_prefill_through_a_cache_that_returns_no_mask():
         model(ids[:, :5], cache=cache)
         chunk = model(ids[:, 5:], positions=torch.arange(5, 9).unsqueeze(0), cache=cache)
         torch.testing.assert_close(chunk, model(ids)[:, 5:])
+
+
+def test_two_token_forward_is_causal():
+    """The shortest prompt SDPA's is_causal must cover: the first token's logits do not depend on the
+    second token (a prompt of two was attended both ways)."""
+    cfg = ModelConfig.from_dict(transformers.Qwen2Config(**hf_kwargs()).to_dict())
+    model = build_model(cfg).init_weights(seed=1).eval()
+    ids = ids_for(2, batch=1)
+    other = ids.clone()
+    other[0, 1] = (ids[0, 1] + 1) % VOCAB
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[:, 0], model(other)[:, 0])
+        torch.testing.assert_close(model(ids)[:, :1], model(ids[:, :1]))

@@ -856,3 +856,24 @@ def test_init_weights_draws_from_initializer_range_with_output_projections_scale
     assert layer.mlp.experts.gate_up_proj.std().item() == pytest.approx(0.05, rel=0.05)
     assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
     assert not layer.mlp.gate.e_score_correction_bias.any()
+
+
+def test_derived_weights_rebuild_for_a_replaced_source_and_build_without_autograd():
+    """DerivedWeights rebuilds when a source is replaced by another tensor at the same version (a
+    checkpoint assigned), builds outside autograd, and weights_epoch restores the enclosing epoch."""
+    from nanoseek.model import derived
+    from nanoseek.model.derived import DerivedWeights, weights_epoch
+
+    w = torch.nn.Parameter(torch.ones(2))
+    src = {"w": w}
+    dw: DerivedWeights[torch.Tensor] = DerivedWeights()
+    first = dw.get(lambda: [src["w"]], lambda: src["w"] * 2)
+    assert not first.requires_grad and first.tolist() == [2.0, 2.0]
+    src["w"] = torch.nn.Parameter(torch.full((2,), 3.0))  # a new tensor, version 0 as the old one
+    assert dw.get(lambda: [src["w"]], lambda: src["w"] * 2).tolist() == [6.0, 6.0]
+    outer, inner = object(), object()
+    with weights_epoch(outer):
+        with weights_epoch(inner):
+            assert derived._epoch is inner
+        assert derived._epoch is outer
+    assert derived._epoch is None

@@ -411,6 +411,8 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         # rope_parameters (transformers 5) -> rope_theta + rope_scaling
         rp = d.pop("rope_parameters", None)
+        if rp is not None and not isinstance(rp, dict):  # (a hand edit: an AttributeError on .get below)
+            raise ValueError(f"rope_parameters must be an object or null, got {rp!r}")
         if rp:
             if "rope_theta" in rp and "rope_theta" not in d:
                 d["rope_theta"] = rp["rope_theta"]
