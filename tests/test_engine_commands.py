@@ -206,23 +206,16 @@ def test_chat_command_history_and_commands(checkpoint):
 def test_chat_turn_splits_reasoning_across_split_tags(checkpoint):
     """`nanoseek chat` streams through the server's ReasoningSplitter: a tag cut across deltas still
     separates the reasoning from the answer, and history keeps both in R1's shape."""
-    from types import SimpleNamespace
-
     from nanoseek.commands.chat import chat_turn
     from nanoseek.tokenizer import load_tokenizer
 
     tok = load_tokenizer(checkpoint)
     chunks = ["let me ", "think</th", "ink>\n", "The answer", " is 4"]
-
-    class Engine:  # streams the chunks' token ids, one chunk per step
-        max_seq_len = 4096
-
-        def stream(self, prompts, params, should_stop=None):
-            return [SimpleNamespace(new_token_ids=tok.encode(c)) for c in chunks]
+    engine = _ScriptedEngine(*(tok.encode(c) for c in chunks))
 
     out = io.StringIO()
     messages = [{"role": "user", "content": "q"}]
-    reply, n = chat_turn(Engine(), tok, messages, SamplingParams(), out, color=False)
+    reply, n = chat_turn(engine, tok, messages, SamplingParams(), out, color=False)
     assert n == sum(len(tok.encode(c)) for c in chunks)
     # without colour (piped) the reasoning is marked by the template's own tags
     assert out.getvalue() == "<think>\nlet me think\n</think>\n\nThe answer is 4\n"
@@ -232,24 +225,16 @@ def test_chat_turn_splits_reasoning_across_split_tags(checkpoint):
 def test_chat_turn_neither_shows_nor_keeps_the_stop_token(checkpoint):
     """`<｜User｜>` ends a reply (the model starting the next turn) but is not special: it used to be
     printed and kept in history, so the next prompt held a stray user tag."""
-    from types import SimpleNamespace
-
     from nanoseek.commands.chat import chat_turn
     from nanoseek.tokenizer import USER, load_tokenizer
 
     tok = load_tokenizer(checkpoint)
     user = tok.token_to_id(USER)
 
-    class Engine:
-        max_seq_len = 4096
-
-        def stream(self, prompts, params, should_stop=None):
-            ids = tok.encode("hm</think>The answer is 4")
-            return [SimpleNamespace(new_token_ids=ids), SimpleNamespace(new_token_ids=[user])]
-
+    engine = _ScriptedEngine(tok.encode("hm</think>The answer is 4"), [user])
     out = io.StringIO()
     params = SamplingParams(stop_token_ids=[tok.eos_token_id, user])
-    reply, n = chat_turn(Engine(), tok, [{"role": "user", "content": "q"}], params, out, color=False)
+    reply, n = chat_turn(engine, tok, [{"role": "user", "content": "q"}], params, out, color=False)
     assert out.getvalue() == "<think>\nhm\n</think>\n\nThe answer is 4\n"
     assert (
         reply.endswith("</think>\n\nThe answer is 4")
@@ -259,21 +244,15 @@ def test_chat_turn_neither_shows_nor_keeps_the_stop_token(checkpoint):
 
 def test_chat_turn_closes_a_think_block_the_reply_ended_in(checkpoint):
     """A reply cut off in its reasoning (max tokens, Ctrl-C): piped, the block is still closed."""
-    from types import SimpleNamespace
-
     from nanoseek.commands.chat import chat_turn
     from nanoseek.tokenizer import load_tokenizer
 
     tok = load_tokenizer(checkpoint)
 
-    class Engine:
-        max_seq_len = 4096
-
-        def stream(self, prompts, params, should_stop=None):
-            return [SimpleNamespace(new_token_ids=tok.encode("let me think"))]
+    engine = _ScriptedEngine(tok.encode("let me think"))
 
     out = io.StringIO()
-    chat_turn(Engine(), tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=False)
+    chat_turn(engine, tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=False)
     assert out.getvalue() == "<think>\nlet me think\n</think>\n"
 
 
@@ -281,8 +260,6 @@ def test_a_reply_cut_inside_a_character_ends_before_it_in_chat_and_generate(chec
     """max_new_tokens (or Ctrl-C) ending a reply on the first byte of a character its tokenizer spells in
     bytes (a kanji): `chat` and `generate` printed U+FFFD and `chat` kept it in the history the next
     turn is rendered from; the server, vLLM and ollama end the text before the unfinished character."""
-    from types import SimpleNamespace
-
     from nanoseek.commands.chat import chat_turn
     from nanoseek.tokenizer import load_tokenizer
 
@@ -290,16 +267,10 @@ def test_a_reply_cut_inside_a_character_ends_before_it_in_chat_and_generate(chec
     cut = tok.encode("hm</think>答え", add_bos=False)[:-1]  # え's first byte only
     assert tok.decode(cut).endswith("\ufffd")
 
-    class Engine:
-        max_seq_len = 4096
-
-        def stream(self, prompts, params, should_stop=None):
-            return [SimpleNamespace(new_token_ids=cut)]
+    engine = _ScriptedEngine(cut)
 
     out = io.StringIO()
-    reply, _ = chat_turn(
-        Engine(), tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=False
-    )
+    reply, _ = chat_turn(engine, tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=False)
     assert out.getvalue() == "<think>\nhm\n</think>\n\n答\n" and reply.endswith("</think>\n\n答")
     _generate_replies(monkeypatch, tok, cut)
     for samples in ("1", "2"):
@@ -311,7 +282,6 @@ def test_a_reply_cut_inside_a_character_ends_before_it_in_chat_and_generate(chec
 def test_chat_history_of_a_template_without_think_blocks(tmp_path):
     """A ChatML model (Qwen2.5-Instruct) neither opens nor writes a think block: its reply is kept as it
     is, not wrapped in an empty `<think>\\n\\n</think>` that its template would replay every turn."""
-    from types import SimpleNamespace
 
     from model_configs import chatml_tokenizer
     from nanoseek.commands.chat import chat_turn
@@ -320,16 +290,10 @@ def test_chat_history_of_a_template_without_think_blocks(tmp_path):
     chatml_tokenizer(tmp_path)
     tok = load_tokenizer(tmp_path)
 
-    class Engine:
-        max_seq_len = 4096
-
-        def stream(self, prompts, params, should_stop=None):
-            return [SimpleNamespace(new_token_ids=tok.encode(c)) for c in ("Hello", " there")]
+    engine = _ScriptedEngine(*(tok.encode(c) for c in ("Hello", " there")))
 
     out = io.StringIO()
-    reply, _ = chat_turn(
-        Engine(), tok, [{"role": "user", "content": "hi"}], SamplingParams(), out, color=False
-    )
+    reply, _ = chat_turn(engine, tok, [{"role": "user", "content": "hi"}], SamplingParams(), out, color=False)
     assert out.getvalue() == "Hello there\n" and reply == "Hello there"
 
 
@@ -539,6 +503,20 @@ def test_chat_says_when_a_message_does_not_fit_and_goes_on(checkpoint):
     assert chat.run(args, stdin=stdin, stdout=out) == 0
     text = out.getvalue()
     assert "the context holds" in text and "try a shorter message" in text and "1 turn," in text
+
+
+class _ScriptedEngine:
+    """An engine whose stream gives these token-id chunks, one a step: `chat_turn` without a model."""
+
+    max_seq_len = 4096
+
+    def __init__(self, *chunks: list[int]) -> None:
+        self.chunks = chunks
+
+    def stream(self, prompts, params, should_stop=None):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(new_token_ids=list(c)) for c in self.chunks]
 
 
 def _generate_replies(monkeypatch, tok, reply: list[int], finish_reason: str = "stop") -> list:
@@ -1250,23 +1228,15 @@ def test_chat_drops_nothing_when_the_prompt_and_the_answers_room_fill_the_contex
 def test_chat_turn_shows_the_end_of_a_reply_the_splitter_still_held(checkpoint):
     """Reasoning ending in what could begin "</think>" ("hm <" is held back until the next text says
     whether the tag follows) is shown and kept whole when the reply ends there (max tokens, Ctrl-C)."""
-    from types import SimpleNamespace
-
     from nanoseek.commands.chat import chat_turn
     from nanoseek.tokenizer import load_tokenizer
 
     tok = load_tokenizer(checkpoint)
 
-    class Engine:
-        max_seq_len = 4096
-
-        def stream(self, prompts, params, should_stop=None):
-            return [SimpleNamespace(new_token_ids=tok.encode("hm <", add_bos=False))]
+    engine = _ScriptedEngine(tok.encode("hm <", add_bos=False))
 
     out = io.StringIO()
-    reply, _ = chat_turn(
-        Engine(), tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=False
-    )
+    reply, _ = chat_turn(engine, tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=False)
     assert out.getvalue() == "<think>\nhm <\n</think>\n"
     assert reply == "<think>\nhm <\n</think>\n\n"
 
@@ -1274,66 +1244,47 @@ def test_chat_turn_shows_the_end_of_a_reply_the_splitter_still_held(checkpoint):
 def test_chat_turn_keeps_the_answer_without_its_surrounding_whitespace(checkpoint):
     """Blank lines the model writes after its answer (before its end token) are shown but not kept in the
     history the next turn is rendered from."""
-    from types import SimpleNamespace
-
     from nanoseek.commands.chat import chat_turn
     from nanoseek.tokenizer import load_tokenizer
 
     tok = load_tokenizer(checkpoint)
 
-    class Engine:
-        max_seq_len = 4096
-
-        def stream(self, prompts, params, should_stop=None):
-            return [SimpleNamespace(new_token_ids=tok.encode("hm</think>ok  \n\n", add_bos=False))]
+    engine = _ScriptedEngine(tok.encode("hm</think>ok  \n\n", add_bos=False))
 
     out = io.StringIO()
-    reply, _ = chat_turn(
-        Engine(), tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=False
-    )
+    reply, _ = chat_turn(engine, tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=False)
     assert reply == "<think>\nhm\n</think>\n\nok"
 
 
 def test_chat_turn_without_thinking_shows_a_stray_think_tag_as_answer(checkpoint):
     """--no-think: the reply is all answer, so a "<think>" the model writes is printed as it is (as the
     server does), not dimmed away as reasoning."""
-    from types import SimpleNamespace
-
     from nanoseek.commands.chat import chat_turn
     from nanoseek.tokenizer import load_tokenizer
 
     tok = load_tokenizer(checkpoint)
 
-    class Engine:
-        max_seq_len = 4096
-
-        def stream(self, prompts, params, should_stop=None):
-            return [SimpleNamespace(new_token_ids=tok.encode("<think>a</think>b", add_bos=False))]
+    engine = _ScriptedEngine(tok.encode("<think>a</think>b", add_bos=False))
 
     out = io.StringIO()
     messages = [{"role": "user", "content": "q"}]
-    reply, _ = chat_turn(Engine(), tok, messages, SamplingParams(), out, color=False, thinking=False)
+    reply, _ = chat_turn(engine, tok, messages, SamplingParams(), out, color=False, thinking=False)
     assert out.getvalue() == "<think>a</think>b\n"
 
 
 def test_chat_turn_in_colour_dims_the_reasoning_without_printing_its_tags(checkpoint):
     """On a terminal the reasoning is marked by dimming alone: no "<think>" opening it, no "</think>"
     closing it, the answer set apart by a blank line."""
-    from types import SimpleNamespace
 
     from nanoseek.commands.chat import DIM, RESET, chat_turn
     from nanoseek.tokenizer import load_tokenizer
 
     tok = load_tokenizer(checkpoint)
 
-    class Engine:
-        max_seq_len = 4096
-
-        def stream(self, prompts, params, should_stop=None):
-            return [SimpleNamespace(new_token_ids=tok.encode("hm</think>ok", add_bos=False))]
+    engine = _ScriptedEngine(tok.encode("hm</think>ok", add_bos=False))
 
     out = io.StringIO()
-    chat_turn(Engine(), tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=True)
+    chat_turn(engine, tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=True)
     assert out.getvalue() == f"{DIM}hm{RESET}\n\nok\n"
 
 
