@@ -31,23 +31,25 @@ def test_preset_names_ignore_case_and_underscores_and_r1_is_v3():
         get_preset("tiny-moe")
 
 
+# a small hand-written DeepSeek-V2 config.json: no V3 keys, the routing-group fields left out
+V2_FILE = {
+    "model_type": "deepseek_v2",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "q_lora_rank": None,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 4,
+    "v_head_dim": 8,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "vocab_size": 100,
+}
+
+
 def test_reads_deepseek_v2_file_with_defaults(tmp_path):
-    d = {
-        "model_type": "deepseek_v2",
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "q_lora_rank": None,
-        "kv_lora_rank": 16,
-        "qk_nope_head_dim": 8,
-        "qk_rope_head_dim": 4,
-        "v_head_dim": 8,
-        "n_routed_experts": 8,
-        "num_experts_per_tok": 2,
-        "n_group": None,
-        "topk_group": None,
-        "vocab_size": 100,
-    }
+    d = {**V2_FILE, "n_group": None, "topk_group": None}
     (tmp_path / "config.json").write_text(json.dumps(d))
     cfg = resolve_config(tmp_path)
     assert cfg.scoring_func == "softmax" and cfg.topk_method == "greedy" and cfg.n_group == 1
@@ -60,20 +62,7 @@ def test_reads_deepseek_v2_file_with_defaults(tmp_path):
 def test_deepseek_v2_file_without_group_fields_or_rope_layout_reads_v2_defaults():
     """A V2 file that leaves out n_group / topk_group routes over one group (transformers' None), and
     one that names no rope_interleave keeps V2's interleaved RoPE dims (its only layout)."""
-    d = {
-        "model_type": "deepseek_v2",
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "q_lora_rank": None,
-        "kv_lora_rank": 16,
-        "qk_nope_head_dim": 8,
-        "qk_rope_head_dim": 4,
-        "v_head_dim": 8,
-        "n_routed_experts": 8,
-        "num_experts_per_tok": 2,
-        "vocab_size": 100,
-    }
+    d = dict(V2_FILE)
     cfg = ModelConfig.from_dict(d)
     assert (cfg.n_group, cfg.topk_group) == (1, 1)
     assert cfg.rope_interleave is True
