@@ -26,8 +26,8 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return min(usable_cpus(), 8)
 
 
-# The longest files first: a worker runs a whole file (`--dist loadfile`), and one of these handed out
-# last, in name order, kept a worker busy alone at the end of the run.
+# The longest files first: a worker runs a whole file (`--dist loadfile`), and one of these handed out in
+# name order would start late and keep a worker busy alone at the end of the run.
 LONGEST_FIRST = ("test_speedrun.py", "test_learning_curve.py", "test_ablate.py", "test_pretrain.py")
 
 

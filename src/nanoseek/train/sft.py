@@ -597,6 +597,7 @@ def train_on_examples(
     import time
 
     from nanoseek.train.loop import OptimConfig, StepLog, Trainer
+    from nanoseek.train.pretrain import resolve_precision
 
     cfg.validate()
     if not examples:
@@ -639,8 +640,6 @@ def train_on_examples(
     )
     if hasattr(model, "set_balance_alpha"):  # the sequence-wise balance loss α (V3 §4.2) kept through
         model.set_balance_alpha(model.config.aux_loss_alpha)  # fine-tuning: the one its config records
-    from nanoseek.train.pretrain import resolve_precision
-
     precision = resolve_precision(cfg.precision, next(model.parameters()).device, bf16_on_cpu=False)
     t0 = time.perf_counter()
     trainer = Trainer(
