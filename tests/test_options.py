@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import pytest
@@ -247,10 +248,16 @@ def test_numpys_numbers_taken_for_a_config_are_pythons(tmp_path) -> None:
     assert json.loads(json.dumps(dataclasses.asdict(cfg), default=os.fspath))["steps"] == 3
 
 
+def command_parser(command: str) -> argparse.ArgumentParser:
+    """`nanoseek COMMAND`'s parser with its flags added (they are added when the command is chosen)."""
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    return complete(sub)
+
+
 def test_every_field_has_a_flag_or_says_why_not() -> None:
     """A new config field gets a flag unless it opts out (cli=False): no third copy to forget."""
     parser_dests = {
-        cmd: {a.dest for a in complete(build_parser()._subparsers._group_actions[0].choices[cmd])._actions}
+        cmd: {a.dest for a in command_parser(cmd)._actions}
         for cmd in ("pretrain", "sft", "grpo", "distill", "eval")
     }
     for cmd, cls in (
@@ -313,8 +320,7 @@ def test_a_refused_resume_names_only_flags_its_command_has(command, config, stag
 
     from nanoseek.train.loop import OptimConfig
 
-    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
-    flags = {o for a in complete(sub)._actions for o in a.option_strings}
+    flags = {o for a in command_parser(command)._actions for o in a.option_strings}
     names = [f.name for f in dataclasses.fields(OptimConfig)] + ["bias_update_speed"]
     names += importlib.import_module(f"nanoseek.train.{stage}").RESUME_SETTINGS
     if command == "distill":  # the student's data comes from the teacher: these never change in distill
@@ -587,15 +593,9 @@ def test_a_bool_is_no_number_for_a_config_built_in_python() -> None:
 def test_a_flag_whose_default_is_unset_shows_no_default_in_its_help() -> None:
     """`--threads` (None: torch's choice) said "(default: None)", a value no one can type; a flag with a
     value for its default says it."""
-    help_text = " ".join(complete(parse_command("pretrain")).format_help().split())
+    help_text = " ".join(command_parser("pretrain").format_help().split())
     assert "(default: None)" not in help_text
     assert "--threads THREADS torch CPU threads" in help_text and "--steps STEPS (default: 300)" in help_text
-
-
-def parse_command(name: str):
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    return sub.choices[name]
 
 
 @pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])
