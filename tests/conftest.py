@@ -13,8 +13,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 torch.set_num_threads(1)
+
+# Property tests draw the same cases on every run and every machine (a failure found once is found again,
+# never by luck in one CI run), write no example database into the tree, and take no deadline: these
+# shared 2-core machines are too noisy for one. `HYPOTHESIS_PROFILE=explore` draws fresh cases, more.
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("explore", max_examples=2000, deadline=None, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
