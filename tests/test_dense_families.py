@@ -166,6 +166,10 @@ def test_config_without_model_type_is_the_family_its_architectures_names(tmp_pat
     # a class nanoseek does not read is named, not built as another family
     with pytest.raises(ValueError, match="no model_type, and architectures names 'MistralForCausalLM'"):
         ModelConfig.from_dict({**qwen, "architectures": ["MistralForCausalLM"]})
+    # one class written as a string, not a list: that class (it was read as DeepSeek-V3), and no class name
+    assert ModelConfig.from_dict({**qwen, "architectures": "Qwen2ForCausalLM"}).model_type == "qwen2"
+    with pytest.raises(ValueError, match=r"architectures must be a list of class names, got \{'a': 1\}"):
+        ModelConfig.from_dict({**qwen, "architectures": {"a": 1}})
     # no architectures either: DeepSeek-V3's defaults, as before (nanoseek's own presets)
     assert ModelConfig.from_dict({"vocab_size": 128}).model_type == "deepseek_v3"
 

@@ -434,7 +434,11 @@ class ModelConfig:
             # No model_type (a config.json written by hand): the class `architectures` names is the family.
             # DeepSeek-V3's default alone built an MLA model for a Llama or Qwen2 file, whose weights were
             # then refused as "written for another config.json".
-            archs = d.get("architectures") if isinstance(d.get("architectures"), list) else []
+            archs = d.get("architectures") or []
+            if isinstance(archs, str):  # one class written without its list (read as DeepSeek-V3 before)
+                archs = [archs]
+            if not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+                raise ValueError(f"architectures must be a list of class names, got {d['architectures']!r}")
             if archs and archs[0] not in _ARCHITECTURE_TYPES:
                 raise ValueError(
                     f"no model_type, and architectures names {archs[0]!r}: nanoseek reads "
