@@ -1,11 +1,14 @@
 """Rewards on hand-made completions, including reward-hacking attempts."""
 
 import json
+import re
 import sys
 import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nanoseek.data.rewards import (
     build_reward,
@@ -16,7 +19,7 @@ from nanoseek.data.rewards import (
     script_counts,
     split_completion,
 )
-from nanoseek.data.tasks import Problem, check_math, check_numeric, get_task
+from nanoseek.data.tasks import Problem, check_math, check_numeric, extract_answer, get_task
 from nanoseek.data.tasks.answers import extract_code
 
 EOS = "<｜end▁of▁sentence｜>"
@@ -554,3 +557,111 @@ def test_the_iteration_mark_is_han():
     and Japanese text alike, not a letter of another script."""
     assert script_counts("人々") == {"latin": 0, "kana": 0, "han": 2, "other": 0}
     assert script_counts("時々です") == {"latin": 0, "kana": 2, "han": 2, "other": 0}
+
+
+@pytest.mark.parametrize("reference", [".myrewards:brevity", "..pkg.mod:fn", ":brevity"])
+def test_a_custom_part_with_no_absolute_module_path_is_refused_by_name(reference):
+    """`.myrewards:brevity` (a relative import) raised import_module's TypeError out of the spec, and
+    `:brevity` a bare "Empty module name": both are a reward that cannot be imported, named."""
+    with pytest.raises(ValueError, match=f"reward {re.escape(repr(reference))}: cannot import"):
+        parse_reward_spec(f"accuracy:1,{reference}:0.1")
+
+
+# --- properties (hypothesis; the "ci" profile in conftest.py draws the same cases on every run) ---------
+
+USER, ASSISTANT, BOS = "<｜User｜>", "<｜Assistant｜>", "<｜begin▁of▁sentence｜>"
+# completions built of the tags and of the text around them, partial tags included
+_PIECES = [
+    "<think>",
+    "</think>",
+    EOS,
+    USER,
+    ASSISTANT,
+    BOS,
+    "<think",
+    "</think",
+    "think>",
+    "a",
+    "42",
+    " ",
+    "\n",
+]
+_COMPLETION = st.one_of(
+    st.lists(st.sampled_from([*_PIECES, "...", "思考", "考える", "x", "Zählen"]), max_size=12).map("".join),
+    st.text(max_size=30),
+)
+
+
+def _format_by_the_rules(completion: str, opened: bool) -> float:
+    """R1's template as the module docstring states it, written out again: one optional <think> at the
+    start (required unless the prompt opened it), exactly one </think>, thinking with a letter or digit,
+    a non-blank answer, and no other tag but one end of sentence at the very end."""
+    text = completion.rstrip()
+    text = text[: -len(EOS)] if text.endswith(EOS) else text
+    if any(tag in text for tag in (EOS, USER, ASSISTANT, BOS)):
+        return 0.0
+    text = text.lstrip()
+    if not text.startswith("<think>") and not opened:
+        return 0.0
+    text = text.removeprefix("<think>")
+    if "<think>" in text or text.count("</think>") != 1:
+        return 0.0
+    thinking, answer = text.split("</think>")
+    return float(any(c.isalnum() for c in thinking) and answer.strip() != "")
+
+
+@given(_COMPLETION, st.booleans())
+@settings(max_examples=300)
+def test_property_format_reward_is_the_think_tag_rules(completion, opened):
+    assert format_reward(completion, prompt_opened_think=opened) == _format_by_the_rules(completion, opened)
+    thinking, answer = split_completion(completion, prompt_opened_think=opened)
+    if format_reward(completion, prompt_opened_think=opened):  # what the format passes, accuracy reads
+        assert answer.strip() == extract_answer(completion, require_think=True) != ""
+
+
+@given(
+    st.sampled_from(["en", "ja", "zh"]),
+    st.integers(0, 99),
+    st.integers(0, 99),
+    _COMPLETION,
+    st.booleans(),
+    st.lists(st.floats(0.01, 10), min_size=3, max_size=3),
+)
+@settings(max_examples=150)
+def test_property_every_part_is_in_0_to_1_and_the_right_answer_earns_more(lang, a, b, thinking, opened, w):
+    """For any completion, each part lies in [0, 1] and the total is their weighted sum; the same
+    completion ending in the right answer earns more than ending in a wrong one."""
+    problem = get_task("arithmetic").make({"op": "add", "a": a, "b": b}, lang)
+    weights = {"accuracy": w[0], "format": w[1], "language": w[2]}
+    reward = build_reward(",".join(f"{k}:{v!r}" for k, v in weights.items()), prompt_opened_think=opened)
+    total, parts = reward(problem, thinking)
+    assert all(0.0 <= v <= 1.0 for v in parts.values()) and set(parts) == set(weights)
+    assert total == pytest.approx(sum(weights[k] * v for k, v in parts.items()))
+    right, wrong = (reward(problem, f"{thinking}</think>{n}") for n in (a + b, a + b + 1))
+    assert right.parts["accuracy"] == 1.0 and wrong.parts["accuracy"] == 0.0 and right.total > wrong.total
+
+
+@given(st.text(max_size=40), st.text(max_size=40), st.sampled_from(["en", "ja", "zh"]))
+@settings(max_examples=300)
+def test_property_script_counts_add_up_over_pieces_split_at_a_space(a, b, lang):
+    """Letters are counted the same whether a chain of thought is read whole or in two pieces split at a
+    space, and its language share lies in [0, 1]."""
+    whole, left, right = script_counts(f"{a} {b}"), script_counts(a), script_counts(b)
+    assert whole == {k: left[k] + right[k] for k in whole}
+    assert 0.0 <= language_consistency(f"{a} {b}", lang) <= 1.0
+
+
+@given(
+    st.permutations(["accuracy", "format", "language", "code"]).flatmap(
+        lambda names: st.lists(
+            st.floats(allow_nan=False, allow_infinity=False, width=64), min_size=1, max_size=4
+        ).map(lambda ws: dict(zip(names, ws, strict=False)))
+    )
+)
+@settings(max_examples=100)
+def test_property_a_reward_spec_reads_back_its_weights(weights):
+    spec = ",".join(f"{k}:{v!r}" for k, v in weights.items())
+    assert parse_reward_spec(spec) == weights
+    assert parse_reward_spec(repr(build_reward(spec))[len("RewardFn(") : -1]) == pytest.approx(
+        weights, rel=1e-5
+    )

@@ -9,6 +9,8 @@ import warnings
 from fractions import Fraction
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nanoseek.data.rewards import format_reward, language_consistency, script_counts, split_completion
 from nanoseek.data.tasks import (
@@ -23,9 +25,12 @@ from nanoseek.data.tasks import (
     get_task,
     in_unseen_wordings,
     parse_number,
+    parse_task_spec,
     split_of,
     split_task_list,
 )
+from nanoseek.data.tasks.answers import answer_key, unbox, unwrap_answer
+from nanoseek.data.tasks.families import parse_int_list
 from nanoseek.tasks import check_numeric
 
 
@@ -1982,3 +1987,305 @@ def test_reasoning_gym_partial_credit_stays_in_0_to_1(monkeypatch):
     for paid, want in [(2.5, 1.0), (-1.0, 0.0), (0.25, 0.25)]:
         monkeypatch.setattr(task._scorer, "score_answer", lambda *a, paid=paid: paid)
         assert task.verify(p, f"t</think>{p.answer}") == want, paid
+
+
+def test_a_size_whose_answers_its_verifier_cannot_read_is_refused():
+    """`arithmetic?digits=501&ops=mul` asked for 1,001-digit products, past the 1,000 characters
+    parse_number reads: every gold unparseable, every problem skipped and never scored; a sorting list
+    past 500 characters the same; a countdown expression past 200 scored its own solution 0. Refused
+    by name, and the largest sizes that are read score their golds."""
+    for spec in (
+        "arithmetic?digits=501&ops=mul",
+        "arithmetic?digits=1000&ops=add",
+        "comparison?digits=1001",
+        "largest?digits=1001",
+        "sorting?count=30&max_value=1000000000000000",
+        "countdown?count=80",
+    ):
+        with pytest.raises(ValueError, match=rf"{re.escape(repr(spec))}: its answers can run to .* past the"):
+            get_task(spec)
+    for spec in ("arithmetic?digits=500&ops=mul", "comparison?digits=1000", "sorting?difficulty=17"):
+        task = get_task(spec)
+        for p in task.problems("test", 2, seed=0):
+            assert task.verify(p, f"t</think>{p.answer}") == 1.0, spec
+    task = get_task("largest?difficulty=1000&digits=2")  # its two comparisons are of 2-digit numbers too
+    assert all(task.score(p, task.worked_solution(p)) == 1.0 for p in task.problems("test", 2, seed=0))
+    assert check_countdown("+".join(["10"] * 18), [10] * 18, 180)  # 53 characters, read
+
+
+def test_sorting_numbers_past_sys_maxsize_are_drawn():
+    """`sorting?difficulty=18` draws below 10**19: rng.sample(range(...)) raised OverflowError there
+    (a range past sys.maxsize has no len())."""
+    task = get_task("sorting?difficulty=18")
+    for p in task.problems("test", 3, seed=0):
+        numbers = p.meta["numbers"]
+        assert len(set(numbers)) == len(numbers) == 21 and all(0 <= x < 10**19 for x in numbers)
+        assert task.score(p, task.worked_solution(p)) == 1.0
+
+
+def test_a_comma_is_a_thousands_separator_only_in_groups_of_three():
+    """`0,500` (a European 0.5) was read as 500, `1000,000` as a million, `0.123,456` as 0.123456: a
+    comma anywhere before three digits was dropped. Grouped as thousands are written, or no number."""
+    for malformed in ("0,500", "-0,500", "1000,000", "0.123,456", "1,000.5,000", "12,3456", "1,000,00"):
+        assert parse_number(malformed) is None, malformed
+    assert check_numeric("500", "0,500") == 0.0 and check_numeric("1000000", "1000,000") == 0.0
+    for grouped, value in [("1,234", 1234), ("-1,234,567.5", Fraction(-2469135, 2)), ("１，０００", 1000)]:
+        assert parse_number(grouped) == value, grouped
+    assert parse_number("\\frac{1,000}{3}") == parse_number("1,000/3") == Fraction(1000, 3)
+
+
+# --- properties (hypothesis; the "ci" profile in conftest.py draws the same cases on every run) ---------
+
+_FULL_WIDTH = str.maketrans("0123456789-+*/()=.,", "０１２３４５６７８９－＋＊／（）＝．，")
+# text an answer may be: any unicode, and runs of the markup and numbers the parsers look for
+_MARKUP = ["\\boxed{", "{", "}", "$", "\\(", "\\)", "\\[", "\\]", "\\frac", "\\dfrac", "</think>", "<think>"]
+_ANSWER_BITS = [*_MARKUP, "42", "-", "−", "－", "１", ".", "。", "/", ",", "e", "e999999", "1e400", " ", "\n"]
+_ANY_ANSWER = st.one_of(
+    st.text(max_size=60),
+    st.lists(st.sampled_from([*_ANSWER_BITS, "nan", "NaN", "inf", "-inf", "∞", "9" * 1200]), max_size=20).map(
+        "".join
+    ),
+)
+
+
+@given(_ANY_ANSWER)
+@settings(max_examples=250)
+def test_property_answer_parsing_never_raises_and_returns_what_it_promises(text):
+    """Any completion is read without an error: a number or None, a score of 0 or 1 (None only for a
+    gold that cannot be read), never NaN or inf taken for a number."""
+    answer = extract_answer(text, require_think=True)
+    assert extract_answer(text) is not None and (answer is None or "</think>" not in answer)
+    for read in (unbox, unwrap_answer, parse_int_list, answer_key):
+        read(text)
+    number = parse_number(text)
+    assert number is None or isinstance(number, Fraction)
+    for gold in ("42", "-3.5", "7/2", "Paris"):
+        assert check_numeric(gold, text) in ((None,) if gold == "Paris" else (0.0, 1.0))
+        assert check_exact(gold, text) in (0.0, 1.0)
+    assert check_countdown(text, [3, 5, 6], 33) in (True, False)
+
+
+@given(st.integers(-(10**40), 10**40))
+@settings(max_examples=200)
+def test_property_a_whole_number_reads_back_in_every_form_numbers_take(n):
+    forms = [str(n), f"{n:,}", f"{n:,}".translate(_FULL_WIDTH), str(n).replace("-", "−"), f"{n}.", f"{n}。"]
+    forms += [f"\\boxed{{{n}}}", f"${n}$", f"$\\boxed{{{n}}}$.", f"\\({n}\\)", f"\\[ {n} \\]", f" {n} \n"]
+    forms += [f"{n}.000", f"{2 * n}/2", f"\\frac{{{2 * n}}}{{2}}", f"{n}e0"]
+    for form in forms:
+        assert parse_number(form) == n, form
+    assert check_numeric(str(n), str(n + 1)) == 0.0 and check_numeric(str(n), f"{n}.5") == 0.0
+    # a comma moved one place off its group of three, or after a leading 0, makes no number
+    grouped = f"{n:,}"
+    for i in (i for i, c in enumerate(grouped) if c == ","):
+        left = grouped[: i - 1] + "," + grouped[i - 1] + grouped[i + 1 :]
+        right = grouped[:i] + grouped[i + 1] + "," + grouped[i + 2 :]
+        assert parse_number(left) is None and parse_number(right) is None, (left, right)
+    assert parse_number(f"0,{abs(n) % 1000:03d}") is None
+
+
+@given(st.fractions(max_denominator=10**6).filter(lambda q: abs(q) < 10**12))
+@settings(max_examples=200)
+def test_property_a_fraction_reads_back_as_a_ratio_latex_and_decimal(q):
+    p, d = q.numerator, q.denominator
+    assert (
+        parse_number(f"{p}/{d}")
+        == parse_number(f"\\frac{{{p}}}{{{d}}}")
+        == parse_number(f"\\boxed{{{p}/{d}}}")
+        == q
+    )
+    assert parse_number(f"{'-' if q < 0 else ''}\\dfrac{{{abs(p)}}}{{{d}}}") == q
+    decimal = f"{float(q):.17g}"
+    assert check_numeric(f"{p}/{d}", decimal) == 1.0 and check_numeric(decimal, f"{p}/{d}") == 1.0
+    if 0 < abs(q) < 1 and "e" not in decimal:  # ".5", "-.25": a number may start at its decimal point
+        assert check_numeric(f"{p}/{d}", decimal.replace("0.", ".", 1)) == 1.0
+
+
+_PLAIN = st.text(
+    st.characters(blacklist_characters="{}$\\.。", blacklist_categories=("Cs", "Cc", "Z")),
+    min_size=1,
+    max_size=20,
+)
+_WRAPS = [
+    "\\boxed{%s}",
+    "$%s$",
+    "$$%s$$",
+    "\\(%s\\)",
+    "\\[ %s \\]",
+    "%s.",
+    "%s。",
+    "$%s.$",
+    "$\\boxed{%s}$.",
+    " %s \n",
+]
+
+
+@given(_PLAIN, st.sampled_from(_WRAPS))
+@settings(max_examples=200)
+def test_property_unwrap_answer_takes_off_the_markup_and_nothing_else(x, wrap):
+    assert unwrap_answer(wrap % x) == x and check_exact(x, wrap % x) == 1.0
+
+
+@given(
+    st.sampled_from(BUILTIN_TASKS),
+    st.sampled_from(["en", "ja", "zh"]),
+    st.integers(0, 10**6),
+    st.integers(1, 4),
+    st.sampled_from(["train", "test"]),
+    st.data(),
+)
+@settings(max_examples=60)
+def test_property_every_family_scores_its_own_answer_in_every_form_and_no_other(
+    name, lang, seed, level, split, data
+):
+    """For any family, language, level and seed: the worked solution and its bare answer, boxed, in
+    math mode, with a full stop, in full-width forms (and the forms its family reads: thousands
+    separators, `x = 5`, a list's brackets, `×`) all score 1; a different answer scores 0."""
+    task = get_task(name if level == 1 else f"{name}?difficulty={level}")
+    p = task.problems(split, 1, seed=seed, language=lang)[0]
+    assert p.meta["split"] == split and p.language == lang
+    assert task.score(p, task.worked_solution(p)) == 1.0
+    assert task.score(p, task.worked_solution(p)[len("<think>") :], require_think=True) == 1.0
+    a = p.answer
+    forms = [
+        a,
+        f"\\boxed{{{a}}}",
+        f"${a}$",
+        f"{a}.",
+        f"{a}。",
+        f"\\( {a} \\)",
+        f"$\\boxed{{{a}}}$.",
+        a.translate(_FULL_WIDTH),
+    ]
+    if name == "countdown":
+        forms += [a.replace("*", "×").replace("/", "÷"), f"{a} = {p.meta['target']}", f"({a})"]
+    elif name == "sorting":
+        forms += [f"[{a}]", a.replace(", ", " "), a.replace(", ", "、"), a.replace(", ", "，")]
+    else:
+        n = int(a)
+        forms += [f"{n:,}", str(n).replace("-", "−"), f"{n}.0", f"{2 * n}/2"]
+        forms += [f"x = {a}", f"$x = {a}$"] if name == "linear_equation" else []
+    for form in forms:
+        assert task.score(p, f"t</think>{form}") == 1.0, (p.prompt, form)
+    if name == "countdown":
+        wrong = [f"{a}+1", f"({a})*2", f"{a}+{p.meta['numbers'][0]}"]
+    elif name == "sorting":
+        nums = [int(x) for x in a.split(", ")]
+        wrong = [", ".join(map(str, nums[::-1])), ", ".join(map(str, nums[:-1])), f"{a}, {nums[-1] + 1}"]
+    else:
+        other = data.draw(st.integers(-(10**6), 10**6).filter(lambda x: x != int(a)))
+        wrong = [str(other), f"\\boxed{{{other}}}", f"{a}.5", f"{a}1", f"{a} or {other}"]
+    for form in wrong:
+        assert task.score(p, f"t</think>{form}") == 0.0, (p.prompt, form)
+
+
+_OPTIONS = {
+    "arithmetic": {
+        "digits": st.integers(1, 700),
+        "ops": st.sampled_from(["add", "sub", "mul", "add,mul"]),
+        "allow_negative": st.sampled_from(["true", "false"]),
+    },
+    "countdown": {
+        "count": st.integers(2, 60),
+        "max_number": st.integers(2, 10**4),
+        "max_target": st.integers(1, 10**4),
+    },
+    "sorting": {"count": st.integers(2, 40), "max_value": st.integers(40, 10**25)},
+    "comparison": {"digits": st.integers(1, 1200)},
+    "largest": {"digits": st.integers(1, 1200)},
+    "counting": {"length": st.integers(1, 40), "alphabet": st.sampled_from(["ab", "xyz", "abcdefgh"])},
+    **{name: {} for name in ("linear_equation", "modular", "word_problem")},
+}
+
+
+@st.composite
+def _family_specs(draw) -> str:
+    name = draw(st.sampled_from(sorted(_OPTIONS)))
+    options = {"difficulty": draw(st.integers(1, 5))} if draw(st.booleans()) else {}
+    options |= {k: draw(v) for k, v in _OPTIONS[name].items() if draw(st.booleans())}
+    return name + "".join(f"{'&' if i else '?'}{k}={v}" for i, (k, v) in enumerate(options.items()))
+
+
+@given(_family_specs(), st.integers(0, 10**6))
+@settings(max_examples=60)
+def test_property_every_size_a_family_takes_is_held_out_honestly_and_scores_its_answers(spec, seed):
+    """Options are refused by name, or give disjoint train and test problems (by id and by the
+    canonical problem), the same for a seed every time, whose golds their verifier reads."""
+    try:
+        task = get_task(spec)
+        train, test = (task.problems(split, 4, seed=seed) for split in ("train", "test"))
+    except ValueError as e:
+        assert spec.partition("?")[0] in str(e) or "must be" in str(e) or "needs" in str(e), str(e)
+        return
+    assert not {p.id for p in train} & {p.id for p in test}
+    assert not {task.split_key(p.meta) for p in train} & {task.split_key(p.meta) for p in test}
+    assert [(p.id, p.prompt) for p in test] == [(p.id, p.prompt) for p in task.problems("test", 4, seed=seed)]
+    for p in train + test:
+        assert task.verify(p, f"t</think>{p.answer}") == 1.0, (spec, p.answer)
+
+
+_SMALL_SPACES = [
+    "arithmetic?digits=1&ops=add",
+    "arithmetic?digits=1&ops=mul",
+    "sorting?count=3&max_value=6",
+    "counting?length=2&alphabet=ab",
+    "comparison?digits=1",
+    "countdown?count=2&max_number=3&max_target=5",
+]
+
+
+@given(
+    st.sampled_from(_SMALL_SPACES),
+    st.integers(0, 40),
+    st.sampled_from(["train", "test"]),
+    st.integers(0, 1000),
+    st.sampled_from([None, "en", "zh"]),
+)
+@settings(max_examples=30)
+def test_property_problems_are_n_distinct_ones_or_an_error_naming_the_shortfall(spec, n, split, seed, lang):
+    task = get_task(spec)
+    try:
+        problems = task.problems(split, n, seed=seed, language=lang)
+    except ValueError as e:
+        held = task.problems(split, n, seed=seed, language=lang, strict=False)
+        assert f"has only {len(held)} distinct {split} problems" in str(e) and f"asked for {n}" in str(e)
+        assert len(held) < n and len({p.id for p in held}) == len(held)
+        return
+    assert len(problems) == n == len({p.id for p in problems})
+    assert all(p.meta["split"] == split and p.language == (lang or p.language) for p in problems)
+
+
+_OPTION_KEY = st.from_regex(r"[a-z_]{1,8}", fullmatch=True)
+_OPTION_VALUE = st.lists(st.from_regex(r"[a-z0-9]{1,4}", fullmatch=True), min_size=1, max_size=3).map(
+    ",".join
+)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([*BUILTIN_TASKS, "addition"]),
+            st.dictionaries(_OPTION_KEY, _OPTION_VALUE, max_size=3),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    _OPTION_KEY,
+    _OPTION_VALUE,
+)
+@settings(max_examples=40)
+def test_property_task_specs_round_trip_through_their_options_and_lists(tasks, key, value):
+    """A list of specs joined by commas splits back into them (their option values' commas kept), and
+    setting or dropping an option changes that option only."""
+    from nanoseek.data.tasks.base import spec_without, with_option
+
+    specs = [
+        base + "".join(f"{'&' if i else '?'}{k}={v}" for i, (k, v) in enumerate(o.items()))
+        for base, o in tasks
+    ]
+    assert split_task_list(",".join(specs)) == specs
+    base, options = parse_task_spec(specs[0], raw=True)
+    assert parse_task_spec(with_option(specs[0], key, value), raw=True) == (base, {**options, key: value})
+    assert parse_task_spec(spec_without(specs[0], key), raw=True) == (
+        base,
+        {k: v for k, v in options.items() if k != key},
+    )

@@ -198,6 +198,8 @@ def _load_module(where: str) -> ModuleType:
                 raise
             _FILES[path] = module
         return _FILES[path]
+    if not where or where.startswith("."):  # import_module: a TypeError for ".mod" (no package to resolve it)
+        raise ImportError("a module's absolute import path is needed (MODULE:FUNCTION), or a FILE.py")
     # the working directory, as uvicorn's --app-dir: the `nanoseek` script's sys.path does not hold it
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())

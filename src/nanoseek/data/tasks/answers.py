@@ -77,6 +77,9 @@ _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _FRACTION_RE = re.compile(r"([+-]?\d+)\s*/\s*(\d+)")
 # the numerator may carry the sign: LaTeX typesets \frac{-7}{2} as -7/2, and math-verify reads it so
 _LATEX_FRACTION_RE = re.compile(r"([+-]?)\s*\\[dt]?frac\s*\{\s*([+-]?\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+# thousands separators: a first group of one to three digits (not a 0), then groups of three; a comma
+# read anywhere before three digits took "0,500" (a European 0.5) for 500, "0.123,456" for 0.123456
+_THOUSANDS_RE = re.compile(r"(?<![\w.,])(?!0)\d{1,3}(?:,\d{3})+(?![\w,])")
 _MAX_EXPONENT = 400  # past any answer a verifier compares, and cheap to build exactly
 # the longest number read: 64 characters left the golds of `arithmetic?digits=33&ops=mul` (65 digits)
 # unparseable, every such problem skipped; this many digits are still cheap to read exactly
@@ -89,7 +92,7 @@ def parse_number(text: str | None) -> Fraction | None:
     if text is None:
         return None
     s = ascii_math(unwrap_answer(text).rstrip("。.").strip())
-    s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)  # thousands separators
+    s = _THOUSANDS_RE.sub(lambda m: m.group().replace(",", ""), s)
     if len(s) > _MAX_NUMBER_CHARS:
         return None
     if _NUMBER_RE.fullmatch(s):

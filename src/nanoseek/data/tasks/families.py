@@ -5,12 +5,14 @@ from __future__ import annotations
 import ast
 import random
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from typing import Any
 
 from nanoseek.data.tasks.answers import (
+    _MAX_NUMBER_CHARS,
     ascii_math,
     check_numeric,
     extract_answer,
@@ -51,6 +53,22 @@ def _place(lang: str, i: int) -> str:
 # draws in a row with no problem of the split before it is called empty: a split that holds even 1 in
 # 1,000 of the draws (a few problems of a small space) is met long before
 _DRY_DRAWS = 100_000
+
+
+# the longest list and expression the sorting and countdown verifiers read (`parse_int_list`, `check_countdown`)
+_MAX_LIST_CHARS = 500
+_MAX_EXPRESSION_CHARS = 200
+
+
+def _refuse_unreadable_answers(spec: str, longest: int, reads: int) -> None:
+    """Options whose gold answers run past what the family's verifier reads are refused by name: such a
+    gold was unparseable (`arithmetic?digits=600&ops=mul`: every problem skipped, never scored) or its
+    own solution scored 0 (`countdown?count=80`)."""
+    if longest > reads:
+        raise ValueError(
+            f"task {spec!r}: its answers can run to {longest:,} characters, past the {reads:,} its verifier "
+            "reads; lower the size"
+        )
 
 
 def _rand_digits(rng: random.Random, digits: int) -> int:
@@ -231,6 +249,9 @@ class ArithmeticTask(BuiltinTask):
         if self.digits < 1:
             raise ValueError(f"digits must be >= 1, got {self.digits}")
         self.allow_negative = bool(allow_negative)
+        d = self.digits
+        longest = {"add": d + 1, "sub": d + self.allow_negative, "mul": d + max(1, d - 1)}
+        _refuse_unreadable_answers(spec, max(longest[op] for op in self.ops), _MAX_NUMBER_CHARS)
 
     def generate(self, rng: random.Random) -> dict[str, Any]:
         op = rng.choice(self.ops)
@@ -407,6 +428,11 @@ class CountdownTask(BuiltinTask):
         self.max_target = max_target if max_target is not None else 100 * difficulty
         if self.count < 2 or self.max_number < 2 or self.max_target < 1:
             raise ValueError("countdown needs count >= 2, max_number >= 2, max_target >= 1")
+        # every number at its widest, an operator between each two, and parentheses around every other
+        # step (a * or / right after a + or -)
+        ops = self.count - 1
+        longest = self.count * len(str(self.max_number)) + ops + 2 * (ops // 2)
+        _refuse_unreadable_answers(spec, longest, _MAX_EXPRESSION_CHARS)
 
     def generate(self, rng: random.Random) -> dict[str, Any] | None:
         nums = [rng.randint(1, self.max_number) for _ in range(self.count)]
@@ -467,7 +493,7 @@ def check_countdown(expression: str | None, numbers: Sequence[int], target: int)
         s, _, rhs = s.partition("=")
         if parse_number(rhs) != target:
             return False
-    if len(s) > 200 or not re.fullmatch(r"[\d\s+\-*/().]+", s):
+    if len(s) > _MAX_EXPRESSION_CHARS or not re.fullmatch(r"[\d\s+\-*/().]+", s):
         return False
     try:
         tree = ast.parse(s, mode="eval")
@@ -642,8 +668,18 @@ class SortingTask(BuiltinTask):
             raise ValueError(
                 f"sorting needs 2 <= count <= max_value, got count={self.count} max_value={self.max_value}"
             )
+        longest = self.count * (len(str(self.max_value - 1)) + 2) - 2  # "n, n, ..., n", n at its widest
+        _refuse_unreadable_answers(spec, longest, _MAX_LIST_CHARS)
 
     def generate(self, rng: random.Random) -> dict[str, Any]:
+        # a range past sys.maxsize has no len(): rng.sample(range(...)) raised OverflowError
+        if self.max_value > sys.maxsize:
+            numbers: list[int] = []
+            while len(numbers) < self.count:  # distinct, in the order drawn, as rng.sample gives them
+                x = rng.randrange(self.max_value)
+                if x not in numbers:
+                    numbers.append(x)
+            return {"numbers": numbers}
         return {"numbers": rng.sample(range(self.max_value), self.count)}
 
     def key(self, d: dict[str, Any]) -> str:
@@ -692,7 +728,7 @@ def parse_int_list(text: str | None) -> list[int] | None:
     s = unwrap_answer(text)
     if s.startswith("[") and s.endswith("]"):
         s = s[1:-1]
-    if len(s) > 500 or not re.fullmatch(r"\s*-?\d+(?:\s*[,、，\s]\s*-?\d+)*\s*", s):
+    if len(s) > _MAX_LIST_CHARS or not re.fullmatch(r"\s*-?\d+(?:\s*[,、，\s]\s*-?\d+)*\s*", s):
         return None
     return [int(x) for x in re.findall(r"-?\d+", s)]
 
@@ -738,6 +774,7 @@ class ComparisonTask(BuiltinTask):
         self.digits = digits if digits is not None else difficulty + 1
         if self.digits < 1:
             raise ValueError(f"digits must be >= 1, got {self.digits}")
+        _refuse_unreadable_answers(spec, self.digits, _MAX_NUMBER_CHARS)
 
     def generate(self, rng: random.Random) -> dict[str, Any] | None:
         # mostly same-length numbers (the interesting case), sometimes one digit shorter
@@ -840,6 +877,7 @@ class LargestTask(BuiltinTask):
         self.digits = digits if digits is not None else difficulty + 1
         if self.digits < 1:
             raise ValueError(f"digits must be >= 1, got {self.digits}")
+        _refuse_unreadable_answers(spec, self.digits, _MAX_NUMBER_CHARS)
 
     def generate(self, rng: random.Random) -> dict[str, Any] | None:
         nums = [_rand_digits(rng, self.digits) for _ in range(3)]
@@ -857,7 +895,7 @@ class LargestTask(BuiltinTask):
 
     def steps(self, d: dict[str, Any], lang: str) -> str:
         a, b, c = d["numbers"]
-        pair = ComparisonTask(difficulty=self.difficulty)
+        pair = ComparisonTask(difficulty=self.difficulty, digits=self.digits)  # these numbers' size
         # every line of each comparison but its "So ... is larger": cut at two lines, a comparison that
         # decides at the third place (693 vs 695) lost the line that decides it
         first = pair.steps({"a": a, "b": b, "which": "larger"}, lang).split("\n")[:-1]
