@@ -9,6 +9,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tests.test_engine import small_config
 
 from nanoseek.checkpoint import save_model
@@ -254,6 +256,49 @@ def test_chat_turn_closes_a_think_block_the_reply_ended_in(checkpoint):
     out = io.StringIO()
     chat_turn(engine, tok, [{"role": "user", "content": "q"}], SamplingParams(), out, color=False)
     assert out.getvalue() == "<think>\nlet me think\n</think>\n"
+
+
+@given(
+    text=st.lists(
+        st.sampled_from(["let me", " think", "\n", "\n\n", "<think>", "</think>", "</th", "<", "答え", "é"]),
+        max_size=10,
+    ).map("".join),
+    cuts=st.lists(st.integers(0, 40), max_size=6),
+    thinking=st.booleans(),
+)
+@settings(max_examples=40)
+def test_chat_turn_prints_and_keeps_the_same_reply_however_the_engine_steps_it(
+    checkpoint, text, cuts, thinking
+):
+    """Any reply, its tokens given one step or in any cut (empty steps, a tag or a character split between
+    steps), with the stop token at the end: the same text printed and kept in history, the reasoning
+    and answer of the whole text split at once."""
+    from nanoseek.commands.chat import chat_turn
+    from nanoseek.serve.textstream import ReasoningSplitter
+    from nanoseek.tokenizer import USER, load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    ids = [*tok.encode(text, add_bos=False), tok.token_to_id(USER)]
+    params = SamplingParams(stop_token_ids=[tok.eos_token_id, tok.token_to_id(USER)])
+    bounds = [0, *sorted(min(c, len(ids)) for c in cuts), len(ids)]
+
+    def turn(steps: list[list[int]]) -> tuple[str, str, int]:
+        out = io.StringIO()
+        messages = [{"role": "user", "content": "q"}]
+        reply, n = chat_turn(
+            _ScriptedEngine(*steps), tok, messages, params, out, color=False, thinking=thinking
+        )
+        return out.getvalue(), reply, n
+
+    printed, reply, n = turn([ids[a:b] for a, b in zip(bounds, bounds[1:], strict=False)])
+    assert (printed, reply, n) == turn([ids])
+    assert n == len(ids)
+    if thinking:  # R1's template opened <think>
+        splitter = ReasoningSplitter(started_in_think=True)
+        (r1, c1), (r2, c2) = splitter.push(text), splitter.flush()
+        assert reply == f"<think>\n{(r1 + r2).strip()}\n</think>\n\n{(c1 + c2).strip()}"
+    else:
+        assert (printed, reply) == (text + "\n", text.strip())
 
 
 def test_a_reply_cut_inside_a_character_ends_before_it_in_chat_and_generate(checkpoint, monkeypatch, capsys):

@@ -19,11 +19,14 @@ import httpx
 import openai
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nanoseek.config import get_preset
 from nanoseek.engine import Engine
 from nanoseek.model.transformer import DeepSeekV3
 from nanoseek.serve import ServeConfig, create_app
+from nanoseek.serve.textstream import ReasoningSplitter, StopStringMatcher
 from nanoseek.tokenizer import (
     TOOL_CALL_BEGIN,
     TOOL_CALL_END,
@@ -31,8 +34,9 @@ from nanoseek.tokenizer import (
     TOOL_CALLS_END,
     TOOL_OUTPUT_END,
     TOOL_SEP,
+    parse_tool_calls,
 )
-from serve_fakes import V3_TOOL_TEMPLATE, LiveServer, ScriptedEngine, tiny_tokenizer
+from serve_fakes import V3_TOOL_TEMPLATE, LiveServer, ScriptedEngine, _Event, tiny_tokenizer
 
 MODEL = "nanoseek-test"
 REASONING = "I add 2 and 2.\nThat makes 4."
@@ -2751,6 +2755,160 @@ def test_cli_serve_exits_non_zero_when_the_engine_dies(tmp_path, tok, model, mon
     monkeypatch.setattr(uvicorn.Server, "run", run_with_watchdog)
     assert main(["serve", str(ckpt), "--port", "0"]) == 1 and not timed_out
     assert "the engine failed: RuntimeError('device lost')" in capsys.readouterr().err
+
+
+class _ChunkedEngine(ScriptedEngine):
+    """ScriptedEngine whose steps give `script`'s tokens, then EOS, several at a time as the test drew (an
+    accepted speculative draft is several tokens in one event); EOS or max_tokens ends a request there."""
+
+    script: tuple[list[int], list[int]] = (
+        [],
+        [1],
+    )  # (token ids, sizes: a step after n tokens gives sizes[n % len])
+
+    def step(self) -> list:
+        ids, sizes = self.script
+        events = []
+        for r in list(self._reqs.values()):
+            k = min(sizes[len(r.out) % len(sizes)], r.params.max_new_tokens - len(r.out))
+            new = [*ids, self.tokenizer.eos_token_id][len(r.out) : len(r.out) + k]
+            eos = [i for i, t in enumerate(new) if t in r.params.stop_token_ids]
+            new = new[: eos[0] + 1] if eos else new
+            r.out += new
+            reason = "stop" if eos else "length" if len(r.out) >= r.params.max_new_tokens else None
+            events.append(_Event(r.rid, new, None, reason is not None, reason, None))
+            if reason is not None:
+                del self._reqs[r.rid]
+        return events
+
+
+@pytest.fixture(scope="module")
+def chunked(tok):
+    engine = _ChunkedEngine(tok, max_seq_len=4096)
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL))
+    # one connection for all requests: a new one each costs 3 times the request
+    with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as srv.http:
+        srv.engine = engine
+        yield srv
+
+
+_PIECES = [
+    "I add 2 and 2.",
+    " ok",
+    "\n",
+    "\n\n",
+    "<think>",
+    "</think>",
+    "</th",
+    "答え",
+    "é",
+    "END",
+    "Hello world",
+]
+_PIECES += [
+    TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
+    _call("get_weather", '{"city": "Paris"}'),
+    _call("get_weather", "{x}"),
+]
+_REPLIES = st.one_of(
+    st.lists(st.sampled_from(_PIECES), max_size=10).map("".join),
+    # calls that parse, after some reasoning and an answer
+    st.tuples(st.sampled_from(["", "hmm</think>\n\n", "hmm\n</think>Sure."]), st.integers(1, 2)).map(
+        lambda t: t[0] + TOOL_CALLS_BEGIN + _call("get_weather", '{"city": "東京"}') * t[1] + TOOL_CALLS_END
+    ),
+)
+
+
+@given(
+    text=_REPLIES,
+    sizes=st.lists(st.integers(1, 4), min_size=1, max_size=5),
+    max_tokens=st.integers(1, 40),
+    stop=st.none()
+    | st.lists(st.sampled_from(["END", "world", "Hello world", "o", "答", "\n", "</thi"]), max_size=3),
+    tools=st.booleans(),
+    thinking=st.booleans(),
+)
+@settings(max_examples=20)
+def test_a_chat_stream_in_any_chunking_joins_to_the_non_streamed_message(
+    chunked, tok, text, sizes, max_tokens, stop, tools, thinking
+):
+    """Whatever tokens each engine step gives (one, or a draft of several), the joined stream is the non-streamed
+    message, and both are the reply's text (to max_tokens) cut at its first stop string, split at `</think>`
+    and parsed for calls as a whole."""
+    ids = tok.encode(text, add_bos=False)
+    chunked.engine.script = (ids, sizes)
+    body = {
+        "messages": USER,
+        "max_tokens": max_tokens,
+        "stop": stop,
+        "tools": [WEATHER] if tools else None,
+        "chat_template_kwargs": {"thinking": thinking},
+    }
+    full = chunked.http.post("/v1/chat/completions", json=body).json()["choices"][0]
+    with chunked.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(x[6:])["choices"][0] for x in r.iter_lines() if x.startswith("data: {")]
+    msg = full["message"]
+    joined = {
+        key: "".join(c["delta"].get(key) or "" for c in chunks) for key in ("reasoning_content", "content")
+    }
+    assert joined == {
+        "reasoning_content": msg.get("reasoning_content") or "",
+        "content": msg["content"] or "",
+    }
+    streamed_calls = [tc["function"] for c in chunks for tc in c["delta"].get("tool_calls") or []]
+    assert streamed_calls == [tc["function"] for tc in msg.get("tool_calls") or []]
+    assert [c["finish_reason"] for c in chunks if c["finish_reason"]] == [full["finish_reason"]]
+
+    # the whole text at once: to max_tokens (not inside a character), cut at its first stop string, split at
+    # </think> (R1's template opened <think>), its calls parsed
+    cut = ids[:max_tokens]
+    while tok.decode(cut).endswith("\ufffd"):
+        cut = cut[:-1]
+    stops = StopStringMatcher(stop or [])
+    rest = stops.push(tok.decode(cut)) + stops.flush()
+    reasoning, content = "", rest
+    if thinking:
+        splitter = ReasoningSplitter(started_in_think=True)
+        (r1, c1), (r2, c2) = splitter.push(rest), splitter.flush()
+        reasoning, content = r1 + r2, c1 + c2
+    parsed = parse_tool_calls(content, ["get_weather"]) if tools else None
+    content, calls = parsed if parsed else (content, [])
+    assert (joined["reasoning_content"], joined["content"]) == (reasoning, content)
+    assert streamed_calls == [c["function"] for c in calls]
+    ended = stops.stopped or len(ids) < max_tokens  # a stop string, or EOS within max_tokens
+    assert full["finish_reason"] == ("tool_calls" if calls else "stop" if ended else "length")
+
+
+@given(
+    text=st.lists(
+        st.sampled_from(["I add", " 2", "\n", "答え", "é", "END", "EN", "Hello world"]), max_size=10
+    ).map("".join),
+    sizes=st.lists(st.integers(1, 4), min_size=1, max_size=5),
+    max_tokens=st.integers(1, 30),
+    stop=st.none() | st.lists(st.sampled_from(["END", "world", "Hello world", "o", "答", "\n"]), max_size=3),
+)
+@settings(max_examples=15)
+def test_a_completion_stream_in_any_chunking_joins_to_the_non_streamed_text(
+    chunked, tok, text, sizes, max_tokens, stop
+):
+    """/v1/completions as the chat route: the joined stream is the non-streamed text, the reply's text (to
+    max_tokens, not inside a character) cut at its first stop string."""
+    ids = tok.encode(text, add_bos=False)
+    chunked.engine.script = (ids, sizes)
+    body = {"prompt": "q", "max_tokens": max_tokens, "stop": stop}
+    full = chunked.http.post("/v1/completions", json=body).json()["choices"][0]
+    with chunked.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(x[6:])["choices"][0] for x in r.iter_lines() if x.startswith("data: {")]
+    cut = ids[:max_tokens]
+    while tok.decode(cut).endswith("\ufffd"):
+        cut = cut[:-1]
+    stops = StopStringMatcher(stop or [])
+    expected = stops.push(tok.decode(cut)) + stops.flush()
+    assert "".join(c["text"] for c in chunks) == full["text"] == expected
+    ended = stops.stopped or len(ids) < max_tokens
+    assert [c["finish_reason"] for c in chunks if c["finish_reason"]] == [full["finish_reason"]]
+    assert full["finish_reason"] == ("stop" if ended else "length")
 
 
 # ------------------------------------------------------------ hostile clients

@@ -4,14 +4,25 @@ a partial stop string."""
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nanoseek.serve.metrics import ServerMetrics
 from nanoseek.serve.textstream import ReasoningSplitter, StopStringMatcher, ToolCallSplitter
-from nanoseek.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
+from nanoseek.tokenizer import (
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
+    TOOL_SEP,
+    parse_tool_calls,
+    render_tool_calls,
+)
 
 
 def _chunked(text: str, rng: random.Random) -> list[str]:
@@ -79,6 +90,9 @@ STOP_CASES = [
     ("an empty stop string stops nothing", ["", "zzz"], "an empty stop string stops nothing", None),
     # a mismatch after "aabaaa" falls back to the border "aa", not to nothing: "aab" is held, then completes
     ("aabaaabaaaa", ["aabaaaa"], "aaba", "aabaaaa"),
+    # the stop that completes first ends the text, in one delta too: "b" (ends at 3), not "abb" (starts at 1),
+    # which a token "aab" never lets complete
+    ("aabb", ["b", "abb"], "aa", "b"),
 ]
 
 
@@ -272,3 +286,213 @@ def test_stop_strings_cost_per_token_does_not_grow_with_their_length():
     every token: work that grows with their length, milliseconds a token for each choice, on the event loop
     every request shares. Counted, not timed: the calls per token are the same for stops 10 times longer."""
     assert _calls_per_push(1000) <= 2 * _calls_per_push(100)
+
+
+# ------------------------------------------------------------------ properties: any text, any chunking
+@st.composite
+def _cut(draw, text_strategy):
+    """(text, its chunks): cut anywhere, empty chunks included."""
+    text = draw(text_strategy)
+    cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=10)))
+    bounds = [0, *cuts, len(text)]
+    return text, [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def _words(*pieces: str, max_size: int = 16) -> st.SearchStrategy[str]:
+    return st.lists(st.sampled_from(pieces), max_size=max_size).map("".join)
+
+
+def _first_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
+    """Brute force: the text ends where a stop first completes (the longest of those ending there)."""
+    hits = [(text.find(s) + len(s), text.find(s), s) for s in stops if s and s in text]
+    if not hits:
+        return text, None
+    _, start, stop = min(hits)
+    return text[:start], stop
+
+
+def _slice(text: str) -> st.SearchStrategy[str]:
+    return st.tuples(st.integers(0, len(text)), st.integers(1, 5)).map(lambda ik: text[ik[0] : ik[0] + ik[1]])
+
+
+@given(st.data())
+@settings(max_examples=60)
+def test_stop_matcher_cuts_any_chunking_where_a_stop_first_completes(data):
+    """Stops that are prefixes, suffixes or inner parts of one another (and empty ones), multi-byte text: the
+    joined output is the text up to where the first stop completes, and before that each push emits all
+    but the longest tail that could still begin a stop; after it, nothing."""
+    # a stop in the text (most stops would never occur), a piece of it, others
+    stop = data.draw(_words("a", "b", "é", max_size=5))
+    stops = [
+        stop,
+        data.draw(_slice(stop)),
+        *data.draw(st.lists(_words("a", "b", "東", max_size=4), max_size=2)),
+    ]
+    text, chunks = data.draw(_cut(st.tuples(_words("a", "b", "東"), _words("a", "b", "é")).map(stop.join)))
+    expected, matched = _first_stop(text, stops)
+    m, out, seen = StopStringMatcher(stops), "", ""
+    for chunk in chunks:
+        out += m.push(chunk)
+        seen += chunk
+        assert expected.startswith(out)
+        if not m.stopped:
+            held = max((k for s in stops for k in range(len(s)) if seen.endswith(s[:k])), default=0)
+            assert out == seen[: len(seen) - held]
+    out += m.flush()
+    assert (out, m.matched, m.stopped) == (expected, matched, matched is not None)
+    if m.stopped:
+        assert m.push(text) == "" and m.flush() == ""  # nothing after a stop
+
+
+def _reasoning_reference(text: str, started: bool) -> tuple[str, str]:
+    """The whole text's (reasoning, content): a leading `<think>` (after whitespace) opens the block, or the
+    prompt did; the first `</think>` closes it; the newlines right after either tag are layout."""
+    head = text.lstrip()
+    if head.startswith("<think>"):
+        body = head[len("<think>") :]
+    elif started:
+        body = text
+    else:
+        return "", text
+    reasoning, end, content = body.partition("</think>")
+    return reasoning.lstrip("\n"), content.lstrip("\n") if end else ""
+
+
+@given(
+    _cut(_words("a", " ", "\n", "\n\n", "<", "/", "東", "<think>", "</think>", "<thi", "</th")), st.booleans()
+)
+@settings(max_examples=200)
+def test_reasoning_split_of_any_chunking_is_the_whole_texts(cut, started):
+    text, chunks = cut
+    s = ReasoningSplitter(started)
+    deltas = [s.push(c) for c in chunks] + [s.flush()]
+    joined = ("".join(r for r, _ in deltas), "".join(c for _, c in deltas))
+    assert joined == _reasoning_reference(text, started)
+    assert s.flush() == ("", "")  # nothing held back past the end
+
+
+_NAMES = ["get_weather", "other"]
+
+
+def _call(name: str, args: str, fenced: bool = False) -> str:
+    if fenced:  # DeepSeek-V3's and R1's layout
+        return f"{TOOL_CALL_BEGIN}function{TOOL_SEP}{name}\n```json\n{args}\n```{TOOL_CALL_END}"
+    return f"{TOOL_CALL_BEGIN}{name}{TOOL_SEP}{args}{TOOL_CALL_END}"
+
+
+_MARKUP = [TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP]
+_TOOL_TEXT = st.one_of(
+    # markup, halves of it, names, good and bad arguments, in any order
+    _words(
+        *_MARKUP,
+        *(m[:k] for m in _MARKUP for k in (1, 5)),
+        *_NAMES,
+        "function",
+        "```json\n",
+        "\n```",
+        '{"city": "Paris"}',
+        '{"a": NaN}',
+        # the rest of a forced call
+        '{"city": "Paris"}' + TOOL_CALL_END + TOOL_CALLS_END,
+        'get_weather\n```json\n{"city": "Paris"}\n```' + TOOL_CALL_END + TOOL_CALLS_END,
+        "[1]",
+        "{",
+        "\n",
+        "x",
+        "東",
+        max_size=14,
+    ),
+    # a block of calls, well-formed or not, after some answer text
+    st.builds(
+        lambda head, calls, sep, tail: (
+            head + TOOL_CALLS_BEGIN + sep.join(_call(*c) for c in calls) + TOOL_CALLS_END + tail
+        ),
+        st.text(max_size=4),
+        st.lists(
+            st.tuples(
+                st.sampled_from([*_NAMES, *_NAMES, "rm_rf"]),
+                st.one_of(
+                    st.just('{"city": "東京"}'),
+                    st.dictionaries(st.text(max_size=3), st.integers() | st.floats(), max_size=2).map(
+                        json.dumps
+                    ),
+                    st.text(max_size=6),
+                ),
+                st.booleans(),
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        st.sampled_from(["", "\n"]),
+        st.sampled_from(["", "", "\n", "x"]),
+    ),
+)
+# a forced call's opening (`tool_choice`) written after the prompt: "required" or named, in V3.1's and V3's layouts
+_PREFILLS = [
+    "",
+    TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN,
+    TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "get_weather" + TOOL_SEP,
+    TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "function" + TOOL_SEP,
+    TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "function" + TOOL_SEP + "get_weather\n```json\n",
+]
+
+
+@given(_cut(_TOOL_TEXT), st.just("") | st.sampled_from(_PREFILLS))
+@settings(max_examples=80)
+def test_tool_call_split_of_any_chunking_is_parse_tool_calls_of_the_whole(cut, prefix):
+    """Streamed, the calls are what `parse_tool_calls` reads in the whole text (after a forced call's prefill),
+    the content is the text before the block; a block that does not parse (bad JSON, NaN, an unknown name,
+    text after it) is the model's text as written, never an error."""
+    text, chunks = cut
+    s = ToolCallSplitter(_NAMES, prefix)
+    deltas = [s.push(c) for c in chunks]
+    rest, calls = s.flush()
+    parsed = parse_tool_calls(prefix + text, _NAMES)
+    if parsed is None:
+        assert ("".join(deltas) + rest, calls) == (text, None)
+    else:
+        assert ("".join(deltas) + rest, calls) == (parsed[0].removeprefix(prefix), parsed[1])
+        assert all(c["function"]["name"] in _NAMES for c in calls)
+        for c in calls:  # strict JSON objects: what a client's JSON.parse reads
+            assert isinstance(json.loads(c["function"]["arguments"], parse_constant=_refuse), dict)
+
+
+def _refuse(constant: str) -> None:
+    raise AssertionError(f"{constant} in a call's arguments")
+
+
+# DeepSeek's call markup has no escape: arguments that spell a marker (only with ensure_ascii=False) cannot be
+# told from the markup, in DeepSeek's own parsers too; a model writes those markers as their own tokens
+_ARG_TEXT = st.text(st.characters(blacklist_characters="｜"), max_size=5)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | _ARG_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_ARG_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    st.text(max_size=8).filter(lambda t: TOOL_CALLS_BEGIN not in t),
+    st.lists(
+        st.tuples(st.sampled_from(_NAMES), st.dictionaries(_ARG_TEXT, _JSON, max_size=3)),
+        min_size=1,
+        max_size=3,
+    ),
+    st.booleans(),
+    st.booleans(),
+    st.data(),
+)
+@settings(max_examples=60)
+def test_rendered_calls_stream_back_as_the_same_calls(content, calls, fenced, ascii_only, data):
+    """What `render_tool_calls` writes for an assistant's calls (V3.1's or V3's fenced layout), streamed in any
+    chunking through the splitter, gives back the content and each call's name and arguments as written."""
+    openai_calls = [
+        {"type": "function", "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=ascii_only)}}
+        for n, a in calls
+    ]
+    text = content + render_tool_calls(openai_calls, fenced=fenced)
+    _, chunks = data.draw(_cut(st.just(text)))
+    s = ToolCallSplitter(_NAMES)
+    deltas = [s.push(c) for c in chunks]
+    rest, got = s.flush()
+    assert ("".join(deltas) + rest, got) == (content, openai_calls)

@@ -81,10 +81,12 @@ class StopStringMatcher:
         if not self.stops:
             return delta
         self._pending += delta
-        hits = [(self._pending.find(s), s) for s in self.stops]
-        hits = [(i, s) for i, s in hits if i >= 0]
+        # The stop that completes first ends the text (the longest, where several end together): it is where
+        # generation stops, however the text was cut into deltas. The earliest start instead stopped "aabb"
+        # (stops "b", "abb") at "aa" when "aab" came first and at "a" when "aabb" did.
+        hits = [(i + len(s), i, s) for s in self.stops if (i := self._pending.find(s)) >= 0]
         if hits:
-            i, s = min(hits)
+            _, i, s = min(hits)
             self.stopped, self.matched = True, s
             out, self._pending = self._pending[:i], ""
             return out
