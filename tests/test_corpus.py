@@ -12,9 +12,12 @@ import random
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nanoseek.data.corpus import (
     PackedDataset,
@@ -1284,3 +1287,551 @@ def test_file_kinds_are_read_from_names_in_any_case(tmp_path) -> None:
         assert [p.name for p in resolve_files(tmp_path, kinds=("jsonl",))] == ["A.JSONL", "B.JSONL.GZ"]
         task = JsonlTask(f"jsonl:{tmp_path}", str(tmp_path))
     assert sorted(p.answer for p in task.items) == ["2", "4"]
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+_TXT_CHARS = st.sampled_from(list("ab z\t猫😀é") + ["<|endoftext|>"])
+# a text file's lines: words of a few alphabets (one and several UTF-8 bytes), blanks, and separator lines
+_TXT_LINES = st.lists(
+    st.one_of(
+        st.lists(_TXT_CHARS, max_size=12).map("".join),
+        st.sampled_from(["<|endoftext|>", "<|endoftext|>  ", "", "   "]),
+    ),
+    max_size=12,
+)
+
+
+def _txt_documents(path: Path, max_doc_chars: int = 1_000_000) -> list[str]:
+    """Every document of a text file as read, blank ones too (which iter_documents leaves out)."""
+    from nanoseek.data.corpus import _Cursor, _DocumentStream
+
+    stream = _DocumentStream(path, "text", seed=0, max_doc_chars=max_doc_chars, shuffle_files=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no byte of these files is read as U+FFFD)
+        return [d for d, _ in stream.iter_from(_Cursor(), repeat=False) if d]  # (not the file's end)
+
+
+def _separated(text: str) -> list[str]:
+    """The documents of a text file by the rule: a line that is a separator ends one."""
+    docs, doc = [], ""
+    for line in re.split(r"(?<=\n)", text):
+        if line.strip() == "<|endoftext|>":
+            docs, doc = [*docs, doc], ""
+        else:
+            doc += line
+    return [d for d in [*docs, doc] if d]
+
+
+@settings(max_examples=80)
+@given(lines=_TXT_LINES, end=st.sampled_from(["", "\n"]), limit=st.integers(1, 40))
+def test_a_text_file_reads_the_same_with_crlf_a_bom_and_gzip(lines: list[str], end: str, limit: int) -> None:
+    """CRLF line ends, a byte-order mark and gzip change the bytes of a text file, not its documents, at
+    any max_doc_chars; the documents are the text between separator lines, cut (at any limit that holds
+    a separator line) into pieces that put each back together."""
+    import tempfile
+
+    text = "\n".join(lines) + end
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp, "plain.txt")
+        plain.write_bytes(text.encode())
+        Path(tmp, "crlf.txt").write_bytes(text.replace("\n", "\r\n").encode())
+        Path(tmp, "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+        Path(tmp, "all.txt.gz").write_bytes(
+            gzip.compress(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+        )
+        docs = _txt_documents(plain)
+        assert docs == _separated(text)
+        cut = _txt_documents(plain, max_doc_chars=limit)
+        if limit >= len("<|endoftext|>  \r\n"):  # pieces of the same documents, which end where theirs do
+            assert "".join(cut) == "".join(docs)
+            assert set(itertools.accumulate(map(len, docs))) <= set(itertools.accumulate(map(len, cut)))
+        for name in ("crlf.txt", "bom.txt", "all.txt.gz"):
+            assert _txt_documents(Path(tmp, name)) == docs, name
+            assert _txt_documents(Path(tmp, name), max_doc_chars=limit) == cut, name
+
+
+@settings(max_examples=60)
+@given(
+    lines=_TXT_LINES,
+    crlf=st.booleans(),
+    bom=st.booleans(),
+    kind=st.sampled_from(["txt", "jsonl", "parquet"]),
+    limit=st.integers(1, 40),
+)
+def test_a_file_resumes_from_every_cursor_at_any_limit(
+    lines: list[str], crlf: bool, bom: bool, kind: str, limit: int
+) -> None:
+    """Each document's cursor restarts a text, JSONL or parquet file's stream at the document after it,
+    wherever the limit cut the file (inside a line, between a CRLF's two bytes, before a separator's
+    text) or a record (between its pieces)."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nanoseek.data.corpus import _Cursor, _DocumentStream
+
+    text = "\n".join(json.dumps({"text": line}) for line in lines) if kind == "jsonl" else "\n".join(lines)
+    data = (text.replace("\n", "\r\n") if crlf else text).encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, f"a.{kind}")
+        if kind == "parquet":
+            pq.write_table(pa.table({"text": [line or None for line in lines]}), path, row_group_size=3)
+        else:
+            path.write_bytes(b"\xef\xbb\xbf" + data if bom else data)
+        stream = _DocumentStream(path, "text", seed=0, max_doc_chars=limit, shuffle_files=False)
+        read = list(stream.iter_from(_Cursor(), repeat=False))
+        for i, (_, cursor) in enumerate(read):
+            assert list(stream.iter_from(cursor, repeat=False)) == read[i + 1 :], (i, cursor)
+
+
+_RECORD_TEXT = st.text(st.characters(codec="utf-8"), max_size=12)
+# a JSONL file's lines: records (other fields beside the text, escaped or not, blanks around them), null
+# texts, and blank lines
+_JSONL_LINES = st.lists(
+    st.one_of(
+        st.tuples(_RECORD_TEXT, st.booleans(), st.sampled_from(["", " ", "\t "])).map(
+            lambda r: (r[0], json.dumps({"id": 1, "text": r[0]}, ensure_ascii=r[1]) + r[2])
+        ),
+        st.sampled_from([(None, '{"text": null}'), (None, ""), (None, "  "), (None, "\t")]),
+    ),
+    max_size=8,
+)
+
+
+def _jsonl_bytes(lines: list[str], crlf: bool, bom: bool) -> bytes:
+    data = "".join(line + ("\r\n" if crlf else "\n") for line in lines).encode()
+    return b"\xef\xbb\xbf" + data if bom else data
+
+
+@settings(max_examples=80)
+@given(
+    records=_JSONL_LINES,
+    crlf=st.booleans(),
+    bom=st.booleans(),
+    gz=st.booleans(),
+    bad=st.none()
+    | st.tuples(st.integers(0, 8), st.sampled_from(["{oops", '{"body": "b"}', "[1]", '{"text": 5}'])),
+)
+def test_a_jsonl_file_reads_its_texts_and_names_the_line_of_a_bad_record(
+    records: list[tuple[str | None, str]], crlf: bool, bom: bool, gz: bool, bad: tuple[int, str] | None
+) -> None:
+    """Any mix of records, null texts and blank lines, with CRLF line ends, a byte-order mark, gzipped or
+    not, reads as its texts (a blank text is no document); a malformed line is an error naming the file
+    and its line, and the byte where that line starts."""
+    import tempfile
+
+    lines = [line for _, line in records]
+    if bad is not None:
+        at = min(bad[0], len(lines))
+        lines.insert(at, bad[1])
+    data = _jsonl_bytes(lines, crlf, bom)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "data.jsonl.gz" if gz else "data.jsonl")
+        path.write_bytes(gzip.compress(data) if gz else data)
+        if bad is None:
+            assert list(iter_documents(path)) == [t for t, _ in records if t is not None and t.strip()]
+            return
+        start = len(_jsonl_bytes(lines[:at], crlf, bom)) if at else 3 * bom  # (after the mark)
+        with pytest.raises(ValueError, match=rf"{re.escape(path.name)}:{at + 1} \(byte {start}\): "):
+            list(iter_documents(path))
+
+
+class _LetterTokenizer:
+    """A token per letter (a: 3 ... z: 28), "^" the BOS a document may open with (id 1), a newline 2,
+    pad 0: a packed window reads back as the documents' letters."""
+
+    bos_token_id, pad_token_id, vocab_size = 1, 0, 29
+
+    def token_to_id(self, token: str) -> None:
+        return None  # no chat tokens: nothing for mask_prompts to find
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [[{"^": 1, "\n": 2}.get(c) or ord(c) - 94 for c in t] for t in texts]
+
+
+_LETTERS = _LetterTokenizer()
+# documents of 1-20 letters, a few opening with their own BOS (as a chat rendered by a template does)
+_PACKED_DOCS = st.lists(
+    st.tuples(st.booleans(), st.text("abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=20)).map(
+        lambda d: ("^" if d[0] else "") + d[1]
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+def _packed(
+    docs: list[str], seq_len: int, batch_size: int, **kw: Any
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of a PackedDataset over `docs` (a JSONL file; unshuffled, one pass, every document
+    trained unless told otherwise), tokenized one letter a token."""
+    import tempfile
+
+    kw = {"val_fraction": 0.0, "shuffle": False, "repeat": False, **kw}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "docs.jsonl")
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        return list(PackedDataset(path, _LETTERS, seq_len, batch_size, **kw))
+
+
+def _rows(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[int]]:
+    """Each window of seq_len+1 tokens again: inputs, then the last target (-1 where padding)."""
+    rows = []
+    for x, y in batches:
+        w = torch.cat([x, y[:, -1:]], dim=1)
+        w[:, 1:] = torch.where(y == -100, -1, w[:, 1:])  # (only padding has no target here)
+        rows += w.tolist()
+    return rows
+
+
+def _stream(docs: list[str]) -> list[int]:
+    """The corpus as one token stream: each document behind a BOS, unless it opens with its own."""
+    return [t for d in docs for t in ([] if d.startswith("^") else [1]) + _LETTERS.encode_batch([d])[0]]
+
+
+@settings(max_examples=60)
+@given(
+    docs=_PACKED_DOCS,
+    seq_len=st.integers(1, 12),
+    batch_size=st.integers(1, 3),
+    tokenize_batch=st.integers(1, 6),
+)
+def test_packing_tiles_the_token_stream(
+    docs: list[str], seq_len: int, batch_size: int, tokenize_batch: int
+) -> None:
+    """Windows of seq_len+1 tokens cut the BOS-separated stream of documents in order, each token once;
+    the targets are the inputs shifted by one, and only the tail that fills no whole batch is dropped."""
+    batches = _packed(docs, seq_len, batch_size, tokenize_batch=tokenize_batch)
+    stream, flat = _stream(docs), [t for row in _rows(batches) for t in row]
+    assert flat == stream[: len(flat)]
+    assert len(stream) - len(flat) < batch_size * (seq_len + 1)
+    for x, y in batches:
+        assert x.shape == y.shape == (batch_size, seq_len) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+@settings(max_examples=60)
+@given(
+    docs=_PACKED_DOCS,
+    seq_len=st.integers(1, 12),
+    lookahead=st.integers(1, 4),
+    tokenize_batch=st.integers(1, 6),
+)
+def test_whole_document_packing_keeps_every_document_whole_or_cut_in_order(
+    docs: list[str], seq_len: int, lookahead: int, tokenize_batch: int
+) -> None:
+    """With whole_documents, a window holds whole documents (BOS first) after the rest of the one cut
+    before it, padded with nothing to predict; every document is in one window, but one longer than a
+    window, which is cut into full windows and its rest; nothing is dropped or repeated, each document
+    is placed no further than `lookahead` places ahead of its turn, and the windows are the same however
+    many documents are tokenized at once."""
+    width = seq_len + 1
+    kw = {"whole_documents": True, "lookahead": lookahead}
+    batches = _packed(docs, seq_len, 1, tokenize_batch=tokenize_batch, **kw)
+    assert _rows(batches) == _rows(_packed(docs, seq_len, 1, **kw))  # (tokenize_batch 128)
+    for x, _ in batches:
+        n = int((x != _LETTERS.pad_token_id).sum())
+        assert (x[0, n:] == _LETTERS.pad_token_id).all()  # padding only at the end
+    encoded = [([] if d.startswith("^") else [1]) + _LETTERS.encode_batch([d])[0] for d in docs]
+    placed: dict[int, list[int]] = {}  # each document's tokens, put back together from the windows
+    unplaced = list(range(len(docs)))  # in the corpus's order
+    cut = None  # the document whose rest opens the next window
+    for row in _rows(batches):
+        real = row[: row.index(-1)] if -1 in row else row
+        starts = [i for i, t in enumerate(real) if t == 1]
+        assert (starts[:1] == [0]) == (cut is None)  # a window opens with a document or a cut one's rest
+        if cut is not None:
+            placed[cut] += real[: (starts or [len(real)])[0]]
+            cut = None if placed[cut] == encoded[cut] else cut
+        # the head is the first document not placed yet; the others come from the `lookahead` after it
+        allowed = unplaced[: lookahead + (starts[:1] == [0])]
+        for j, (a, b) in enumerate(itertools.pairwise([*starts, len(real)])):
+            piece = real[a:b]
+            if j == 0 and a == 0:  # only the head is cut, where it is longer than a window
+                k = unplaced[0]
+                assert piece == encoded[k] or (len(piece) == width and encoded[k][:width] == piece)
+            else:
+                k = next(k for k in allowed if encoded[k] == piece)  # (of equal documents, the first)
+            placed[k], cut = piece, (k if piece != encoded[k] else cut)
+            unplaced.remove(k)
+            allowed.remove(k)
+    assert cut is None and unplaced == [] and placed == dict(enumerate(encoded))
+
+
+@settings(max_examples=40)
+@given(
+    docs=_PACKED_DOCS,
+    files=st.integers(1, 3),
+    seq_len=st.integers(1, 10),
+    batch_size=st.integers(1, 3),
+    whole=st.booleans(),
+    shuffle_buffer=st.integers(0, 5),
+    val_fraction=st.sampled_from([0.0, 0.3]),
+    skip=st.integers(0, 8),
+)
+def test_a_data_position_resumes_exactly_anywhere(
+    docs: list[str],
+    files: int,
+    seq_len: int,
+    batch_size: int,
+    whole: bool,
+    shuffle_buffer: int,
+    val_fraction: float,
+    skip: int,
+) -> None:
+    """A dataset loaded from the state of one that gave `skip` batches gives the batches the first gives
+    next, wherever that is: inside a document, a file (JSONL, text, gzipped), a shuffle buffer, an epoch
+    or several, each reading the files in its own order."""
+    import tempfile
+
+    kw = {"seed": 3, "shuffle_buffer": shuffle_buffer, "val_fraction": val_fraction, "tokenize_batch": 2}
+    if whole:
+        kw.update(whole_documents=True, lookahead=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [Path(tmp, name) for name in ("a.jsonl", "b.txt", "c.jsonl.gz")[:files]]
+        for k, path in enumerate(paths):
+            part = docs[k::files]
+            if path.suffix == ".txt":
+                path.write_text("\n<|endoftext|>\n".join(part))
+            else:
+                data = "".join(json.dumps({"text": d}) + "\n" for d in part).encode()
+                path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+        def make() -> PackedDataset:
+            return PackedDataset(paths, _LETTERS, seq_len, batch_size, **kw)
+
+        if all(in_validation_split(d, val_fraction) for d in iter_documents(paths)):
+            with pytest.raises(ValueError, match="no documents in the train split"):
+                next(iter(make()))
+            return
+        reference = list(itertools.islice(make(), skip + 4))
+        ds = make()
+        list(itertools.islice(ds, skip))
+        resumed = make()
+        resumed.load_state_dict(ds.state_dict())
+        assert _rows(list(itertools.islice(resumed, 4))) == _rows(reference[skip:])
+
+
+@settings(max_examples=40)
+@given(
+    docs=st.lists(
+        st.text("abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=20), min_size=1, max_size=25, unique=True
+    ),
+    val_fraction=st.sampled_from([0.2, 0.5, 0.8]),
+)
+def test_each_document_is_in_exactly_the_split_its_hash_says(docs: list[str], val_fraction: float) -> None:
+    """Training and validation read every document once between them, each on the side its text's hash
+    puts it: a held-out document is never trained on."""
+    sides = {}
+    for split in ("train", "val"):
+        want = [d for d in docs if in_validation_split(d, val_fraction) == (split == "val")]
+        if not want:
+            with pytest.raises(ValueError, match=f"no documents in the {split} split"):
+                _packed(docs, 21, 1, split=split, val_fraction=val_fraction, whole_documents=True)
+            continue
+        rows = _rows(_packed(docs, 21, 1, split=split, val_fraction=val_fraction, whole_documents=True))
+        got = [t for row in rows for t in row if t != -1]
+        sides[split] = sorted("".join(chr(t + 94) for t in d) for d in _split_at_bos(got))
+        assert sides[split] == sorted(want)
+
+
+def _split_at_bos(tokens: list[int]) -> list[list[int]]:
+    starts = [i for i, t in enumerate(tokens) if t == 1]
+    return [tokens[a + 1 : b] for a, b in itertools.pairwise([*starts, len(tokens)])]
+
+
+@settings(max_examples=40)
+@given(
+    docs=_PACKED_DOCS,
+    seq_len=st.integers(1, 8),
+    batch_size=st.integers(1, 3),
+    world_size=st.integers(1, 3),
+    whole=st.booleans(),
+    shuffle_buffer=st.integers(0, 6),
+)
+def test_ranks_and_the_shuffle_buffer_deal_out_the_same_windows(
+    docs: list[str], seq_len: int, batch_size: int, world_size: int, whole: bool, shuffle_buffer: int
+) -> None:
+    """N ranks' batches, side by side, are the batches of one process with an N times larger batch; and
+    the shuffle buffer reorders the windows of one pass, dropping none and repeating none (but the tail
+    that fills no whole batch)."""
+    kw = {
+        "whole_documents": whole,
+        "lookahead": 2,
+        "seed": 5,
+        "shuffle": True,
+        "shuffle_buffer": shuffle_buffer,
+    }
+    one = _packed(docs, seq_len, batch_size * world_size, **kw)
+    ranks = [
+        _packed(docs, seq_len, batch_size, rank=r, world_size=world_size, **kw) for r in range(world_size)
+    ]
+    assert all(len(r) == len(one) for r in ranks)
+    for i, (x, y) in enumerate(one):
+        assert torch.equal(x, torch.cat([r[i][0] for r in ranks])) and torch.equal(
+            y, torch.cat([r[i][1] for r in ranks])
+        )
+    plain = _rows(_packed(docs, seq_len, 1, **{**kw, "shuffle": False}))
+    shuffled = _rows(_packed(docs, seq_len, 1, **kw))
+    assert sorted(shuffled) == sorted(plain)
+
+
+@settings(max_examples=60)
+@given(
+    text=st.text(st.sampled_from("ab \t\n猫"), max_size=60), limit=st.integers(1, 12), parquet=st.booleans()
+)
+def test_a_long_record_is_cut_into_pieces_that_hold_its_text(text: str, limit: int, parquet: bool) -> None:
+    """A JSONL or parquet text longer than max_doc_chars is read as pieces of at most that many
+    characters that put it back together, in order."""
+    import tempfile
+
+    from nanoseek.data.corpus import _Cursor, _DocumentStream
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if parquet:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            path = Path(tmp, "t.parquet")
+            pq.write_table(pa.table({"text": ["x", text, "y"]}), path)
+        else:
+            path = Path(tmp, "t.jsonl")
+            path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("x", text, "y")))
+        stream = _DocumentStream(path, "text", seed=0, max_doc_chars=limit, shuffle_files=False)
+        pieces = [d for d, c in stream.iter_from(_Cursor(), repeat=False)][:-1]  # (the file's end: "")
+    assert pieces[0] == "x" and pieces[-1] == "y" and "".join(pieces[1:-1]) == text
+    assert all(len(p) <= limit for p in pieces)
+
+
+@settings(max_examples=60)
+@given(
+    text=st.text(st.sampled_from("ab \n猫😀"), max_size=40),
+    bad=st.sampled_from([b"\xff", b"\xe9", b"\xe7\x8c", b"\xf0\x9f\x98"]),
+    at=st.integers(0, 200),
+    limit=st.integers(1, 30),
+)
+def test_bytes_that_are_not_utf8_in_a_text_file_are_read_as_u_fffd_and_named_once(
+    text: str, bad: bytes, at: int, limit: int
+) -> None:
+    """A text file with bytes that are not UTF-8 (Latin-1, a character cut short) reads as Python decodes
+    it with errors="replace", at any max_doc_chars, with one warning that names the first bad byte."""
+    import tempfile
+
+    data = text.encode()
+    while at > 0 and at < len(data) and data[at] & 0xC0 == 0x80:
+        at -= 1  # (between characters: a bad byte inside one is another bad sequence)
+    at = min(at, len(data))
+    data = data[:at] + bad + data[at:]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "latin.txt")
+        path.write_bytes(data)
+        from nanoseek.data.corpus import _Cursor, _DocumentStream
+
+        stream = _DocumentStream(path, "text", seed=0, max_doc_chars=limit, shuffle_files=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            docs = [d for d, _ in stream.iter_from(_Cursor(), repeat=False)]
+    assert "".join(docs) == data.decode("utf-8", errors="replace")
+    assert [str(w.message).split(":")[1] for w in caught] == [f" not UTF-8 at byte {at}"]
+
+
+# ------------------------------------------------------------------ what the properties found
+def test_a_crlf_that_a_documents_limit_splits_is_still_one_line_end(tmp_path: Path) -> None:
+    """A line whose "\\r" filled the read limit kept it: "😀\\r\\n" at max_doc_chars 5 (4 + 1 bytes) was
+    the document "😀\\r\\n", not the "😀\\n" of the same text saved with Unix line ends."""
+    (tmp_path / "w.txt").write_bytes("😀\r\nab\r\n".encode())
+    (tmp_path / "u.txt").write_bytes("😀\nab\n".encode())
+    assert list(iter_documents(tmp_path / "w.txt", max_doc_chars=5)) == ["😀\nab\n"]
+    assert list(iter_documents(tmp_path / "u.txt", max_doc_chars=5)) == ["😀\nab\n"]
+
+
+def test_separator_text_inside_a_long_line_is_text(tmp_path: Path) -> None:
+    """A separator is a line that is exactly <|endoftext|>: the rest of a long line cut just before it
+    was taken for one, the text dropped and the document ended there."""
+    (tmp_path / "a.txt").write_text("abcdefgh <|endoftext|>\nmore\n")
+    assert "".join(iter_documents(tmp_path / "a.txt", max_doc_chars=16)) == "abcdefgh <|endoftext|>\nmore\n"
+
+
+def test_a_limit_below_a_characters_bytes_does_not_cut_it(tmp_path: Path) -> None:
+    """max_doc_chars 1 read one byte of "猫" (3 bytes) at a time: U+FFFD three times, and a warning that
+    the file is not UTF-8."""
+    (tmp_path / "a.txt").write_text("猫😀")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "".join(iter_documents(tmp_path / "a.txt", max_doc_chars=1)) == "猫😀"
+
+
+def test_a_byte_order_mark_before_no_record_is_not_invalid_json(tmp_path: Path) -> None:
+    """A JSONL file that opens with a byte-order mark and a blank line (or holds nothing but the mark) was
+    "invalid JSON" at line 1: json.loads skips the mark only in front of a record."""
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf\r\n{"text": "a"}\r\n')
+    assert list(iter_documents(tmp_path / "a.jsonl")) == ["a"]
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf")
+    assert list(iter_documents(tmp_path / "b.jsonl")) == []
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_a_document_limit_below_one_is_refused_not_an_endless_loop(tmp_path: Path, limit: int) -> None:
+    """max_doc_chars 0 cut a JSONL text into empty pieces forever."""
+    (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n')
+    with pytest.raises(ValueError, match=f"max_doc_chars must be positive, got {limit}"):
+        list(iter_documents(tmp_path / "a.jsonl", max_doc_chars=limit))
+
+
+def _chat_segment() -> st.SearchStrategy[str]:
+    from nanoseek.tokenizer import (
+        ASSISTANT,
+        EOS,
+        THINK_END,
+        THINK_START,
+        TOOL_OUTPUT_BEGIN,
+        TOOL_OUTPUT_END,
+        USER,
+    )
+
+    words = st.lists(st.sampled_from(WORDS), min_size=1, max_size=5).map(" ".join)
+    return st.one_of(
+        words.map(lambda w: f"{USER}{w}"),
+        words.map(lambda w: f"{ASSISTANT}{w}{EOS}"),
+        st.tuples(words, words).map(lambda w: f"{ASSISTANT}{THINK_START}\n{w[0]}\n{THINK_END}\n{w[1]}{EOS}"),
+        words.map(lambda w: f"{TOOL_OUTPUT_BEGIN}{w}{TOOL_OUTPUT_END}"),
+        words,
+    )
+
+
+@settings(max_examples=30)
+@given(
+    chats=st.lists(st.lists(_chat_segment(), min_size=1, max_size=6).map("".join), min_size=1, max_size=6),
+    seq_len=st.integers(2, 24),
+    tokenize_batch=st.integers(1, 3),
+)
+def test_the_prompt_mask_of_a_window_is_its_documents_whatever_the_cuts(
+    tok: Tokenizer, chats: list[str], seq_len: int, tokenize_batch: int
+) -> None:
+    """mask_prompts: each window's targets (a token, or none in a prompt, a tool's result, an earlier
+    answer of a reasoning chat) are those of the same positions in one window over the whole corpus,
+    however the windows and the tokenize batches cut the chats."""
+    import tempfile
+
+    kw = {"val_fraction": 0.0, "shuffle": False, "repeat": False, "mask_prompts": True}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "chats.jsonl")
+        path.write_text("".join(json.dumps({"text": c}) + "\n" for c in chats))
+        n = sum(1 + len(ids) for ids in tok.encode_batch(chats))
+        whole = next(iter(PackedDataset(path, tok, n - 1, 1, **kw)))[1][0].tolist()
+        cut = list(PackedDataset(path, tok, seq_len, 1, tokenize_batch=tokenize_batch, **kw))
+    for k, (_, y) in enumerate(cut):
+        at = k * (seq_len + 1)  # (a window's first token is no target: it is the one before its first)
+        assert y[0].tolist() == whole[at : at + seq_len], k
+
+
+def test_a_parquet_shard_whose_every_text_is_null_is_no_documents(tmp_path: Path) -> None:
+    """pyarrow and pandas type a column of None as null: such a shard stopped the corpus with "column
+    'text' holds null, not text", where the same missing texts in a string column are no documents."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [None, None]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": ["b"]}), tmp_path / "b.parquet")
+    assert pa.types.is_null(pq.read_schema(tmp_path / "a.parquet").field("text").type)
+    assert list(iter_documents(tmp_path)) == ["b"]

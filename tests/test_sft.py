@@ -1217,6 +1217,16 @@ def test_gzipped_chat_data_is_read_as_the_corpus_reads_it(tmp_path) -> None:
         list(read_chat_jsonl(tmp_path))
 
 
+def test_a_byte_order_mark_before_a_blank_first_line_is_not_invalid_json(tmp_path) -> None:
+    """A chat file a Windows editor saved (a byte-order mark, then a blank line) was "chat.jsonl:1: not valid
+    JSON"; json.loads skips the mark only in front of a record."""
+    from nanoseek.train.sft import read_chat_jsonl
+
+    data = tmp_path / "chat.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf\r\n" + _chat_line("q").encode() + b"\r\n")
+    assert [m[0]["content"] for m, _ in read_chat_jsonl(data)] == ["q"]
+
+
 def _chat_line(q: str) -> str:
     return json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "a"}]})
 

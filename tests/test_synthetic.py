@@ -5,6 +5,8 @@ import re
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nanoseek.data import synthetic
 from nanoseek.data.rewards import script_counts
@@ -307,3 +309,44 @@ def test_a_worksheet_is_in_one_language():
             assert counts["kana"] == counts["han"] == 0, doc
         elif doc.startswith("练习题。"):
             assert counts["kana"] == 0, doc
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+@settings(max_examples=30)
+@given(
+    seed=st.integers(0, 10**6),
+    split=st.sampled_from(["train", "test"]),
+    tasks=st.none()
+    | st.lists(st.sampled_from(BUILTIN_TASKS), min_size=1, max_size=3),  # (a repeat: drawn more)
+    shapes=st.none()
+    | st.dictionaries(st.sampled_from(synthetic.SHAPE_NAMES), st.floats(0.1, 1.0), min_size=1),
+    multi_turn=st.sampled_from([0.0, 0.5, 1.0]),
+    harder_fraction=st.sampled_from([0.0, 0.3]),
+)
+def test_every_stream_is_its_seeds_and_holds_only_problems_of_its_split(
+    seed, split, tasks, shapes, multi_turn, harder_fraction
+) -> None:
+    """Whatever the families, shapes, share of several-question chats and of harder problems: the same
+    seed gives the same documents, and every problem in them is of the split asked for (training never
+    reads a held-out one)."""
+    from unittest import mock
+
+    kw = dict(
+        seed=seed,
+        split=split,
+        tasks=tasks,
+        shapes=shapes,
+        multi_turn=multi_turn,
+        harder_fraction=harder_fraction,
+    )
+    keys = []
+    original = BuiltinTask.make
+
+    def spy(self, d, lang):
+        keys.append(self.split_key(d))
+        return original(self, d, lang)
+
+    with mock.patch.object(BuiltinTask, "make", spy):
+        docs = _docs(40, **kw)
+    assert docs == _docs(40, **kw)
+    assert keys and all(split_of(key) == split for key in keys)

@@ -3,6 +3,7 @@ atomic checkpoints. Micro models (a few thousand parameters) keep each test arou
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -11,6 +12,8 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nanoseek.checkpoint import build_model, load_model
 from nanoseek.config import get_preset
@@ -1478,3 +1481,77 @@ def test_the_objective_adds_the_sequence_wise_balance_loss_and_lambda_times_mtp(
     loss, m = language_model_loss(model, *batch_at(0), mtp_weight=0.3)
     assert m["balance_loss"] > 0
     torch.testing.assert_close(loss.detach(), m["lm_loss"] + 0.3 * m["mtp_loss"] + m["balance_loss"])
+
+
+# -------------------------------------------------------------- objective (hypothesis)
+_MODEL = functools.cache(lambda: micro_model(mtp=2))
+
+
+@settings(max_examples=25)
+@given(
+    shape=st.tuples(st.integers(1, 4), st.integers(2, 12)),
+    seed=st.integers(0, 2**16),
+    document_mask=st.booleans(),
+    mtp_weight=st.sampled_from([0.0, 0.3]),
+    micro_batches=st.integers(1, 2),
+)
+def test_the_loss_is_the_per_token_cross_entropy_of_every_head_over_the_whole_step(
+    shape, seed, document_mask, mtp_weight, micro_batches
+) -> None:
+    """Packed rows (BOS 0 anywhere) with masked targets: lm_loss is the mean over the step's targets of
+    each one's -log p, mtp_loss the mean over depths of each depth's (its targets those of
+    `mtp_targets`, a depth with none adding 0), computed by the model alone on each document with the
+    mask; cut into micro-batches whose shares of the step (`StepTargets`) add up to the same."""
+    from nanoseek.model.attention import document_causal_mask, documents_from_bos
+    from nanoseek.model.transformer import mtp_targets
+
+    model = _MODEL()
+    g = torch.Generator().manual_seed(seed)
+    row = torch.randint(1, VOCAB, (shape[0], shape[1] + 1), generator=g)
+    row = row.masked_fill(torch.rand(row.shape, generator=g) < 0.25, 0)
+    x, y = row[:, :-1], row[:, 1:].masked_fill(torch.rand(shape, generator=g) < 0.2, -100)
+    positions = mask = doc_ids = None
+    if document_mask:
+        doc_ids, positions = documents_from_bos(x, 0)
+        mask = document_causal_mask(doc_ids)
+    with torch.no_grad():
+        logits, hidden = model(x, positions, mask=mask, return_hidden=True)
+        per_depth = model.mtp_logits(hidden, x, positions, mask)
+
+    def mean_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+        nll = [
+            -torch.log_softmax(logits[b, i].double(), -1)[t].item()
+            for b in range(targets.shape[0])
+            for i, t in enumerate(targets[b].tolist())
+            if t != -100
+        ]
+        return sum(nll) / len(nll) if nll else math.nan
+
+    lm = mean_nll(logits, y)
+    mtp = [mean_nll(d, mtp_targets(y, k, doc_ids)) for k, d in enumerate(per_depth)]
+    mtp = sum(0.0 if math.isnan(v) else v for v in mtp) / len(mtp)
+    rows = (
+        [list(range(shape[0]))]
+        if micro_batches == 1
+        else [list(range(0, shape[0], 2)), list(range(1, shape[0], 2))]
+    )
+    rows = [r for r in rows if r]
+    counts = sum(target_counts(y[r], 2, doc_ids=None if doc_ids is None else doc_ids[r]) for r in rows)
+    step = StepTargets(counts, micro_batches=len(rows)) if micro_batches > 1 else None
+    got_lm = got_mtp = 0.0
+    for r in rows:
+        with torch.no_grad():
+            loss, m = language_model_loss(
+                model, x[r], y[r], mtp_weight, document_mask=document_mask, step=step
+            )
+        got_lm += m["lm_loss"].item() / len(rows)  # (the Trainer's mean over micro-batches)
+        got_mtp += m.get("mtp_loss", torch.tensor(0.0)).item() / len(rows)
+        # the loss is its terms' shares and the balance loss's (metrics are shares times micro-batches)
+        terms = m["lm_loss"] + mtp_weight * m.get("mtp_loss", 0.0) + m.get("balance_loss", 0.0)
+        torch.testing.assert_close(loss, terms / len(rows), atol=1e-5, rtol=1e-5, equal_nan=True)
+    if math.isnan(lm):
+        assert counts[0] == 0
+        return
+    assert got_lm == pytest.approx(lm, abs=1e-5)
+    if mtp_weight:
+        assert got_mtp == pytest.approx(mtp, abs=1e-5)

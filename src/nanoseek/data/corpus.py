@@ -74,7 +74,9 @@ def embedded_tasks(source: Any) -> list[str] | None:
 # Each reader yields (document, offset just after it); restarting at that offset resumes the file.
 def _read_txt(path: Path, offset: int, max_doc_chars: int) -> Iterator[tuple[str, int]]:
     with open_binary(path) as f:
-        f.seek(offset)
+        f.seek(max(0, offset - 1))
+        # what is read next continues a line cut before (a resume inside one too): it is no separator
+        midline = offset > 0 and f.read(1) != b"\n"
         lines: list[str] = []
         size = 0
         carry = b""  # the rest of a line longer than a document, read but not yet used
@@ -82,11 +84,16 @@ def _read_txt(path: Path, offset: int, max_doc_chars: int) -> Iterator[tuple[str
         if offset == 0 and f.read(3) != b"\xef\xbb\xbf":  # a UTF-8 byte-order mark is not text
             f.seek(0)
         while True:
-            limit = max(1, max_doc_chars - len(carry))
+            # (at least a character's 4 bytes: a cut never falls inside the only character read)
+            limit = max(1, max(4, max_doc_chars) - len(carry))
             raw = carry + f.readline(limit)
             carry = b""
             if not raw:
                 break
+            if raw.endswith(b"\r") and f.peek(1)[:1] == b"\n":
+                # a CRLF the limit split: read as one line end (below), not a "\r" left in the text
+                raw += f.read(1)
+            starts_line = not midline
             if not raw.endswith(b"\n") and len(raw) >= max_doc_chars:
                 # a line longer than a document (a text8-style file is one line): cut it at its last
                 # blank, else at a character boundary, so one line never holds the whole file in memory
@@ -97,6 +104,8 @@ def _read_txt(path: Path, offset: int, max_doc_chars: int) -> Iterator[tuple[str
                         k -= 1
                     cut = k if k > 0 and raw[k] >= 0xC0 else len(raw)
                 raw, carry = raw[:cut], raw[cut:]
+            midline = not raw.endswith(b"\n")
+            whole = starts_line and not carry and (not midline or not f.peek(1))  # (or the file's last)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:  # (a JSONL line is refused; a text file is read on, once said)
@@ -113,7 +122,8 @@ def _read_txt(path: Path, offset: int, max_doc_chars: int) -> Iterator[tuple[str
                 # Windows line ends read as Python's text mode (and HF datasets' text loader) reads them:
                 # the same text saved on Windows is the same documents, with no "\r" tokens to learn
                 line = line[:-2] + "\n"
-            if line.strip() in DOC_SEPARATORS:
+            # a separator is a whole line: the rest of a long line cut before "<|endoftext|>" is text
+            if whole and line.strip() in DOC_SEPARATORS:
                 if lines:
                     yield "".join(lines), f.tell() - len(carry)
                 lines, size = [], 0
@@ -141,6 +151,10 @@ def _line_at(path: Path, at: int) -> str:
 def _read_jsonl(path: Path, offset: int, text_field: str) -> Iterator[tuple[str, int]]:
     with open_binary(path) as f:
         f.seek(offset)
+        # a UTF-8 byte-order mark is not JSON: before a blank first line, or alone in a file with no
+        # record, it was "invalid JSON" (json.loads skips it only in front of a record)
+        if offset == 0 and f.read(3) != b"\xef\xbb\xbf":
+            f.seek(0)
         while True:
             at = f.tell()
             raw = f.readline()
@@ -192,11 +206,12 @@ def _read_parquet(path: Path, offset: int, text_field: str) -> Iterator[tuple[st
 
     def is_text(t: pa.DataType) -> bool:
         # string_view: what polars 1.38+ writes for its strings (pyarrow >= 16 reads it); dictionary: a
-        # pandas `category` column
+        # pandas `category` column; null: a shard whose every text is missing (pyarrow and pandas type a
+        # column of None so), no document as a null text of a string column or a JSONL line is none
         if pa.types.is_dictionary(t):
             return is_text(t.value_type)
         view = getattr(pa.types, "is_string_view", lambda _: False)(t)
-        return pa.types.is_string(t) or pa.types.is_large_string(t) or view
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or view or pa.types.is_null(t)
 
     kind = pf.schema_arrow.field(text_field).type
     if not is_text(kind):
@@ -323,6 +338,8 @@ class _DocumentStream:
         embedded_split: str = "train",
         multi_turn: float = 0.0,
     ) -> None:
+        if max_doc_chars < 1:  # (a JSONL text was cut into empty pieces forever)
+            raise ValueError(f"max_doc_chars must be positive, got {max_doc_chars}")
         self.embedded = is_embedded(source)
         self.multi_turn = multi_turn
         self.embedded_tasks = embedded_tasks(source) if self.embedded else None

@@ -241,6 +241,8 @@ def _numbered_chat_lines(
         try:
             with open_binary(p) as f:
                 for n, line in enumerate(f, 1):
+                    if n == 1:  # a byte-order mark (Windows editors write one) before a blank line is no JSON
+                        line = line.removeprefix(b"\xef\xbb\xbf")
                     if not line.strip():
                         continue
                     try:
