@@ -7,23 +7,30 @@ import importlib.util
 import io
 import json
 import random
+import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from nanoseek.tokenizer import (
     _UNICODE_TO_BYTE,
     ASSISTANT,
     BOS,
+    CHAT_TOKENS,
     EOS,
     PAD,
     R1_CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
     SPLIT_PATTERN,
     THINK_END,
     THINK_START,
     TOOL_CALL_END,
     TOOL_SEP,
+    TOOL_TOKENS,
     USER,
     IncrementalDecoder,
     Tokenizer,
@@ -55,6 +62,24 @@ def _corpus(n: int = 400, seed: int = 0) -> list[str]:
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return train_tokenizer(_corpus(), vocab_size=600)
+
+
+@pytest.fixture(scope="module")
+def hf(tok: Tokenizer, tmp_path_factory: pytest.TempPathFactory):
+    """`tok` saved and loaded by transformers (`AutoTokenizer`), its chat template and all."""
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("hf")
+    tok.save(directory)
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+# Property tests' text: any characters (no lone surrogates: not text), mixed with what tends to break
+# tokenizers: the markup's own strings, CRLF, NUL, a lone combining mark, ZWJ emoji, unseen characters.
+MARKUP = (*SPECIAL_TOKENS, *CHAT_TOKENS, *TOOL_TOKENS)
+_chars = st.characters(blacklist_categories=("Cs",))
+_tricky = ["\r\n", "\x00", "\u0301", "👩\u200d👩\u200d👧", "日本語", "🦀", " ", "\n\n", "<｜", "｜>", "12345"]
+_texts = st.lists(st.text(_chars, max_size=8) | st.sampled_from([*MARKUP, *_tricky]), max_size=8).map("".join)
 
 
 def _random_text(rng: random.Random, n: int) -> str:
@@ -95,6 +120,32 @@ def test_round_trip_random_code_points_and_bytes(tok: Tokenizer) -> None:
         assert tok.decode(tok.encode(text)) == text
     for text in ["", " ", "\n", "\x00\x01\x7f", "\ufeffBOM", "a\u0301 e\u0301", "ﬁ ligature", "Ⅻ"]:
         assert tok.decode(tok.encode(text)) == text  # no normalizer: NFC/NFKC forms are left alone
+
+
+@settings(max_examples=150)
+@given(text=_texts, markup=st.sampled_from(MARKUP))
+def test_any_text_round_trips_and_encodes_as_transformers_encodes_it(
+    tok: Tokenizer, hf, text: str, markup: str
+) -> None:
+    """decode(encode(text)) == text for any text (CRLF, NUL, a lone combining mark, ZWJ emoji, characters
+    the corpus never had), spelled in exactly its UTF-8 bytes; transformers reading the saved files
+    encodes and decodes it the same."""
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text == hf.decode(ids)
+    assert b"".join(tok.token_bytes()[i] for i in ids) == text.encode("utf-8")
+    assert hf(text)["input_ids"] == tok.encode(text, add_bos=True)
+    assert tok.encode_batch([text, text + "x"]) == [ids, tok.encode(text + "x")]
+    # Text that spells a markup token is that token, as in DeepSeek's tokenizer and transformers: the
+    # template's own markup is text too (render_chat returns a string). Only BOS, EOS and PAD are
+    # special: skip_special_tokens drops them from user text as well.
+    spelled = tok.encode(text + markup + text)
+    assert tok.token_to_id(markup) in spelled
+    dropped = re.sub("|".join(map(re.escape, SPECIAL_TOKENS)), "", text + markup + text)
+    assert (
+        tok.decode(spelled, skip_special_tokens=True)
+        == dropped
+        == hf.decode(spelled, skip_special_tokens=True)
+    )
 
 
 def test_digits_are_single_tokens(tok: Tokenizer) -> None:
@@ -268,6 +319,76 @@ def test_training_cuts_a_long_run_without_spaces_so_it_cannot_hang(monkeypatch: 
     split = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
     assert max(len(piece) for text in seen for piece, _ in split.pre_tokenize_str(text)) <= limit
     assert tok.decode(tok.encode(genome)) == genome
+
+
+def _longest_piece(texts: list[str]) -> int:
+    from tokenizers import Regex, pre_tokenizers
+
+    split = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
+    return max((end - start for text in texts for _, (start, end) in split.pre_tokenize_str(text)), default=0)
+
+
+_runs = st.sampled_from(["a", " ", "!", "\n", "日", "1", "\r\n", " a", "+-"])
+_long_texts = st.lists(
+    st.text(_chars, max_size=5) | st.tuples(_runs, st.integers(0, 2200)).map(lambda r: r[0] * r[1]),
+    max_size=5,
+).map("".join)
+
+
+@settings(max_examples=60)
+@given(text=_long_texts)
+def test_training_sees_any_text_whole_in_pieces_no_longer_than_the_limit(text: str) -> None:
+    from nanoseek.tokenizer import _TRAIN_PIECE_CHARS, _cut_long_pieces
+
+    seen = list(_cut_long_pieces([text]))
+    assert "".join(seen) == text
+    assert _longest_piece(seen) <= _TRAIN_PIECE_CHARS
+
+
+def test_training_cuts_a_long_piece_of_symbols_then_newlines() -> None:
+    """The shrunk case of the property above: one piece of 5 symbols and 499 CRLFs (1003 characters) went
+    to the trainer whole, the quick test looking for a run of blanks or of non-blanks as long as the limit."""
+    from nanoseek.tokenizer import _TRAIN_PIECE_CHARS, _cut_long_pieces
+
+    text = "!!!!!" + "\r\n" * 499
+    assert _longest_piece([text]) == 1003
+    assert _longest_piece(list(_cut_long_pieces([text]))) <= _TRAIN_PIECE_CHARS
+
+
+@settings(max_examples=40)
+@given(
+    corpus=st.lists(_texts, max_size=6),
+    vocab_size=st.integers(277, 400),
+    min_frequency=st.integers(0, 3),
+    probes=st.lists(_texts, max_size=3),
+)
+def test_a_tokenizer_trained_on_any_texts_loads_back_encoding_the_same(
+    tmp_path_factory: pytest.TempPathFactory,
+    corpus: list[str],
+    vocab_size: int,
+    min_frequency: int,
+    probes: list[str],
+) -> None:
+    """train_tokenizer on any texts (markup spelled in them, CRLF, emoji, none at all): at most vocab_size
+    ids, the markup single ids, and what it saves loads back, saves again the same, and encodes and
+    decodes every text as the trained one does."""
+    trained = train_tokenizer(corpus, vocab_size=vocab_size, min_frequency=min_frequency)
+    assert trained.vocab_size <= vocab_size
+    assert all(len(trained.encode(t)) == 1 for t in MARKUP)
+    saved = trained.save(tmp_path_factory.mktemp("trained"))
+    again = load_tokenizer(saved)
+    resaved = again.save(tmp_path_factory.mktemp("resaved"))  # what it loaded, saved again: the same files
+    assert all(
+        (saved / f).read_bytes() == (resaved / f).read_bytes()
+        for f in ("tokenizer.json", "tokenizer_config.json")
+    )
+    assert again.vocab_size == trained.vocab_size and llama_cpp_pre_tokenizer(again) == "qwen2"
+    assert again.special_token_ids == trained.special_token_ids
+    ends = (again.bos_token_id, again.eos_token_id, again.pad_token_id, again.chat_template)
+    assert ends == (trained.bos_token_id, trained.eos_token_id, trained.pad_token_id, R1_CHAT_TEMPLATE)
+    for text in [*corpus, *probes]:
+        ids = trained.encode(text)
+        assert again.encode(text) == ids and trained.decode(ids) == text == again.decode(ids)
 
 
 def test_train_rejects_tiny_vocab() -> None:
@@ -627,6 +748,76 @@ def test_incremental_decoder_fallback_streams_a_long_run_of_byte_tokens_whole(tm
         assert "".join(dec.push(i) for i in ids) + dec.flush() == t.decode(ids) == text
 
 
+def _chunks(ids: list[int], cuts: list[int]) -> list[list[int]]:
+    """`ids` cut where `cuts` say (positions, any order): the pushes a stream of several ids a step makes."""
+    edges = sorted({0, len(ids), *(c % (len(ids) + 1) for c in cuts)})
+    return [ids[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+
+
+@pytest.fixture(scope="module")
+def sp(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    from model_configs import sentencepiece_tokenizer
+
+    return sentencepiece_tokenizer(tmp_path_factory.mktemp("sp"))
+
+
+_BYTE_IDS = st.sampled_from(sorted(_UNICODE_TO_BYTE))  # the 256 single-byte tokens, by their character
+
+
+@settings(max_examples=150)
+@given(data=st.data(), skip=st.booleans(), cuts=st.lists(st.integers(0, 40), max_size=6), drop=st.booleans())
+def test_streamed_text_is_always_a_prefix_of_decode_and_ends_equal_to_it(
+    tok: Tokenizer, data, skip: bool, cuts: list[int], drop: bool
+) -> None:
+    """Any ids (single bytes that split a character or make invalid UTF-8, markup, ids past the
+    vocabulary), pushed in any chunks: what has come out is always a prefix of decode(all ids), so no
+    U+FFFD is emitted for a character the next id completes, and flush() ends it equal (or, dropping
+    the unfinished character, short of the one U+FFFD decode() ends with for it)."""
+    byte_ids = _BYTE_IDS.map(tok.token_to_id)
+    ids = data.draw(st.lists(st.integers(0, tok.vocab_size + 1) | byte_ids, max_size=30))
+    whole = tok.decode(ids, skip_special_tokens=skip)
+    dec = tok.incremental_decoder(skip_special_tokens=skip)
+    out = ""
+    for chunk in _chunks(ids, cuts):
+        out += dec.push(chunk)
+        assert whole.startswith(out)
+    out += dec.flush(drop_partial=drop)
+    assert out == dec.text and dec.chars == len(out)
+    assert out == whole or (drop and out + "\ufffd" == whole)
+
+
+def test_drop_partial_leaves_out_only_the_start_of_a_character(tok: Tokenizer) -> None:
+    """The shrunk case of the property above: bytes ED A1 (a surrogate's start, invalid UTF-8 whatever
+    follows) are held by CPython's incremental decoder as if a character were coming, and flush(drop_partial)
+    left out the two U+FFFDs decode() gives them."""
+    byte_id = {b: tok.token_to_id(c) for c, b in _UNICODE_TO_BYTE.items()}
+    ids = [byte_id[0xED], byte_id[0xA1]]
+    assert tok.decode(ids) == "\ufffd\ufffd"
+    dec = tok.incremental_decoder()
+    assert dec.push(ids) + dec.flush(drop_partial=True) == "\ufffd\ufffd" == dec.text
+    dec = tok.incremental_decoder()  # a character's start is still left out
+    assert dec.push(tok.encode("a🦀")[:-1]) == "a" and dec.flush(drop_partial=True) == ""
+
+
+@settings(max_examples=100)
+@given(prompt=_texts, answer=_texts, skip=st.booleans(), cuts=st.lists(st.integers(0, 40), max_size=6))
+def test_fallback_streams_any_text_as_decode_reads_it(
+    sp: Tokenizer, prompt: str, answer: str, skip: bool, cuts: list[int]
+) -> None:
+    """The re-decoding path (SentencePiece-style byte fallback, a decoder that strips the leading
+    space), primed with a prompt: the answer's deltas are what decode(prompt + answer) adds to the prompt's
+    text, never a U+FFFD the text does not hold. (Valid text only: a run of byte tokens that is not UTF-8
+    decodes to one U+FFFD per byte of the whole run, so a later id rewrites what decode() gave before.)"""
+    p, a = sp.encode(prompt), sp.encode(answer)
+    head, whole = sp.decode(p, skip_special_tokens=skip), sp.decode(p + a, skip_special_tokens=skip)
+    dec = sp.incremental_decoder(skip_special_tokens=skip, context=p)
+    out = ""
+    for chunk in _chunks(a, cuts):
+        out += dec.push(chunk)
+        assert (head + out) == whole[: len(head + out)]
+    assert head + out + dec.flush() == whole
+
+
 # ------------------------------------------------------------------ CLI
 def test_cli_train_encode_decode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from nanoseek.cli import main
@@ -909,6 +1100,64 @@ TOOL_CONVERSATION = [
 ]
 
 
+# Property tests' chats: OpenAI's function names, JSON arguments (finite numbers: NaN is not JSON), calls
+# whose arguments are an object, its JSON text, null or missing, and tools whose description and
+# parameters are there, null or missing.
+_names = st.from_regex(r"[A-Za-z0-9_\-]{1,12}", fullmatch=True)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | _texts,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(_chars, max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_json_objects = st.dictionaries(st.text(_chars, max_size=5), _json, max_size=4)
+
+
+def _call(name: str, arguments: Any) -> dict[str, Any]:
+    absent = arguments is ...
+    return {"type": "function", "function": {"name": name, **({} if absent else {"arguments": arguments})}}
+
+
+_calls = st.lists(
+    st.builds(_call, _names, st.just(...) | st.none() | _json_objects | _json_objects.map(json.dumps)),
+    min_size=1,
+    max_size=3,
+)
+
+
+def _message(
+    role: str, content: str | None, tool_calls: list | None, reasoning: str | None
+) -> dict[str, Any]:
+    if role != "assistant":
+        return {"role": role, "content": content or ""}
+    extra = {"tool_calls": tool_calls} if tool_calls else {}
+    return {
+        "role": role,
+        "content": content,
+        **extra,
+        **({"reasoning_content": reasoning} if reasoning else {}),
+    }
+
+
+_roles = st.sampled_from(["system", "developer", "user", "assistant", "tool"])
+_conversations = st.lists(
+    st.builds(_message, _roles, st.none() | _texts, st.none() | _calls, st.none() | _texts),
+    min_size=1,
+    max_size=7,
+)
+_optional = {"description": st.none() | _texts, "parameters": st.none() | _json_objects}
+_tools = st.lists(
+    st.builds(
+        lambda name, extra: {"type": "function", "function": {"name": name, **extra}},
+        _names,
+        st.fixed_dictionaries({}, optional=_optional),
+    ),
+    min_size=1,
+    max_size=2,
+)
+
+
 def test_thinking_on_off_and_system_prompt_first(tok: Tokenizer) -> None:
     msgs = [{"role": "user", "content": "q"}, {"role": "system", "content": "Be brief."}]
     on = tok.apply_chat_template(msgs)
@@ -952,6 +1201,70 @@ def test_tools_and_tool_calls_render(tok: Tokenizer) -> None:
             tok.apply_chat_template(
                 [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": calls}]
             )
+
+
+# Whatever a chat file's JSON holds where a string or an object belongs (`nanoseek sft` reads such files
+# without a schema, the server after one)
+_any = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | _texts,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["type", "text", "name"]), inner)
+    ),
+    max_leaves=6,
+)
+_parts = st.lists(
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "refusal", "image_url"])}, optional={"text": _any, "refusal": _any}
+    ),
+    max_size=3,
+)
+_fields = {"name": _any | _names, "arguments": _any, "description": _any, "parameters": _any}
+_functions = st.fixed_dictionaries(
+    {"type": st.just("function")}, optional={"function": st.fixed_dictionaries({}, optional=_fields)}
+)
+_files_messages = st.fixed_dictionaries(
+    {"role": _roles},
+    optional={"content": _any | _parts, "tool_calls": st.lists(_functions, max_size=2), "reasoning": _any},
+)
+
+
+@settings(max_examples=50)
+@given(
+    messages=st.lists(_files_messages, min_size=1, max_size=3),
+    tools=st.none() | st.lists(_functions, max_size=2),
+)
+def test_any_chat_json_renders_as_transformers_would_or_is_a_value_error(
+    tok: Tokenizer, hf, messages: list[dict], tools: list | None
+) -> None:
+    """A message of any JSON shape (content parts whose text is a number, a tool named by a list...)
+    renders as transformers renders the saved template, or is refused with a ValueError naming what is
+    wrong (`nanoseek sft` names the file's line for a ValueError; another exception was a bare traceback,
+    and a number written as a name or a description trained a prompt transformers never renders)."""
+    from nanoseek.tokenizer import openai_message
+
+    try:
+        readable = [openai_message(m) for m in messages]
+        assert [openai_message(m) for m in readable] == readable  # read once is read for good
+        ours = render_chat(readable, tools=tools)
+    except ValueError:
+        return
+    assert ours == hf.apply_chat_template(readable, tools=tools, add_generation_prompt=True, tokenize=False)
+
+
+def test_wrong_types_in_a_chat_file_are_value_errors_naming_them() -> None:
+    """The shrunk cases of the property above: a text part whose text is not a string was a TypeError from
+    the join; a tool or a call named by a number, or a tool described by one, rendered its digits (the saved
+    template fails on it in transformers, and the server's parser reads back only string names)."""
+    from nanoseek.tokenizer import content_text, render_tool_calls, render_tools
+
+    with pytest.raises(ValueError, match="content part 'text' must be a string, got list"):
+        content_text([{"type": "text", "text": [None]}])
+    with pytest.raises(ValueError, match="tools\\[0\\]"):
+        render_tools([{"type": "function", "function": {"name": True}}])
+    with pytest.raises(ValueError, match="tools\\[1\\]: description must be a string, got int"):
+        render_tools([WEATHER, {"type": "function", "function": {"name": "f", "description": 5}}])
+    with pytest.raises(ValueError, match="tool_calls\\[0\\] needs function.name"):
+        render_tool_calls([{"type": "function", "function": {"name": 5}}])
 
 
 def test_tool_call_parse_and_round_trip() -> None:
@@ -1006,6 +1319,29 @@ def test_tool_call_parse_and_round_trip() -> None:
     assert parse_tool_calls(render_tool_calls(bare)) == ("", [{"type": "function", "function": {"name": "f", "arguments": "{}"}}])  # fmt: skip
 
 
+@settings(max_examples=120)
+@given(content=_texts, calls=_calls, fenced=st.booleans(), layout=st.sampled_from(["", "\n", " \n "]))
+def test_rendered_tool_calls_parse_back_to_the_same_calls(
+    content: str, calls: list[dict], fenced: bool, layout: str
+) -> None:
+    """parse_tool_calls(text + render_tool_calls(calls)) gives the text and the calls back: the same
+    names, arguments that read as the same JSON (an absent or null one as {}), in V3.1's format and in
+    V3's fenced one, whitespace after the block allowed. (The format has no escape: text, or a string in
+    the arguments, that spells the block's own markup reads otherwise, as in vLLM's DeepSeek parsers.)"""
+    from nanoseek.tokenizer import TOOL_CALLS_BEGIN, TOOL_CALLS_END, parse_tool_calls, render_tool_calls
+
+    block = render_tool_calls(calls, fenced=fenced)
+    ends = block.count(TOOL_CALL_END), block.count(TOOL_CALLS_END)
+    assume(TOOL_CALLS_BEGIN not in content and ends == (len(calls), 1))
+    parsed = parse_tool_calls(content + block + layout, names=[c["function"]["name"] for c in calls])
+    assert parsed is not None and parsed[0] == content
+    assert [c["function"]["name"] for c in parsed[1]] == [c["function"]["name"] for c in calls]
+    for got, call in zip(parsed[1], calls, strict=True):
+        given_args = call["function"].get("arguments")
+        expected = json.loads(given_args) if isinstance(given_args, str) else given_args or {}
+        assert json.loads(got["function"]["arguments"]) == expected
+
+
 def test_tool_templates_agree_with_transformers(tok: Tokenizer, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -1039,6 +1375,25 @@ def test_tool_templates_agree_with_transformers(tok: Tokenizer, tmp_path: Path) 
         CONVERSATIONS[0], add_generation_prompt=True, tokenize=False, enable_thinking=False
     )
     assert vllm_style == tok.apply_chat_template(CONVERSATIONS[0], thinking=False)
+
+
+@settings(max_examples=40)
+@given(messages=_conversations, tools=st.none() | _tools, generation=st.booleans(), thinking=st.booleans())
+def test_any_chat_renders_as_transformers_renders_the_saved_template(
+    tok: Tokenizer, hf, messages: list, tools: list | None, generation: bool, thinking: bool
+) -> None:
+    """render_chat (what nanoseek runs) == the Jinja template it saves, run by transformers and by
+    `_render_jinja` (what nanoseek runs for a template that is not its own): system and developer text,
+    tool descriptions, calls with any arguments, tool results, reasoning and </think> in history, markup
+    spelled in the text, thinking on and off, with and without a generation prompt."""
+    from nanoseek.tokenizer import _render_jinja
+
+    ours = tok.apply_chat_template(messages, add_generation_prompt=generation, thinking=thinking, tools=tools)
+    assert ours == hf.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=generation, tokenize=False, thinking=thinking
+    )
+    flags = {"add_generation_prompt": generation, "thinking": thinking}
+    assert ours == _render_jinja(R1_CHAT_TEMPLATE, messages=messages, tools=tools, bos_token=BOS, **flags)
 
 
 def test_a_tool_call_without_arguments_renders_as_an_empty_object_here_and_in_transformers(

@@ -233,14 +233,29 @@ def render_tools(tools: Sequence[dict[str, Any]]) -> str:
     parts = [TOOLS_HEADER]
     for i, tool in enumerate(tools):
         f = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(f, dict) or tool.get("type", "function") != "function" or not f.get("name"):
+        if (
+            not isinstance(f, dict)
+            or tool.get("type", "function") != "function"
+            or not _is_name(f.get("name"))
+        ):
             raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
+        # (a number was written as its digits, where the saved template fails in transformers)
+        if not isinstance(f.get("description") or "", str):
+            raise ValueError(
+                f"tools[{i}]: description must be a string, got {type(f['description']).__name__}"
+            )
         params = json.dumps(f.get("parameters") or {}, ensure_ascii=False)
         parts.append(
             f"\n### {f['name']}\nDescription: {f.get('description') or ''}\n\nParameters: {params}\n"
         )
     parts.append(TOOLS_FOOTER)
     return "".join(parts)
+
+
+def _is_name(name: Any) -> bool:
+    """A tool's or call's name: a non-empty string (a number was written as its digits, where the saved
+    template fails in transformers)."""
+    return isinstance(name, str) and name != ""
 
 
 def content_text(content: Any) -> str:
@@ -260,6 +275,8 @@ def content_text(content: Any) -> str:
         text = part.get(key) if isinstance(part, dict) else getattr(part, key, None)
         if kind not in ("text", "refusal"):
             raise ValueError(f"content part type {kind!r} is not supported (text only)")
+        if text is not None and not isinstance(text, str):  # (a number was a TypeError from the join)
+            raise ValueError(f"content part {key!r} must be a string, got {type(text).__name__}")
         texts.append(text or "")
     return "\n".join(texts)
 
@@ -297,8 +314,8 @@ def render_tool_calls(
     out = [TOOL_CALLS_BEGIN]
     for j, call in enumerate(calls):
         f = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(f, dict) or not f.get("name"):
-            raise ValueError(f"chat message {message_index}: tool_calls[{j}] needs function.name")
+        if not isinstance(f, dict) or not _is_name(f.get("name")):
+            raise ValueError(f"chat message {message_index}: tool_calls[{j}] needs function.name (a string)")
         args = f.get("arguments")
         args = "{}" if args is None else args  # OpenAI's clients may leave a call's arguments out (or null)
         args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
@@ -722,7 +739,10 @@ class IncrementalDecoder:
         if self._table is None:
             delta = self._fallback(final=True)
             return self._add(delta.rstrip("\ufffd") if drop_partial else delta)
-        if drop_partial:  # the held bytes are the start of a character, nothing more
+        held, _ = self._utf8.getstate()
+        # the held bytes are the start of a character, nothing more; but CPython's decoder also holds
+        # ED A0..BF, a surrogate's first two bytes that no byte completes: decode() shows them as two U+FFFDs
+        if drop_partial and not (held[:1] == b"\xed" and held[1:2] >= b"\xa0"):
             self._utf8.reset()
             return ""
         return self._add(self._utf8.decode(b"", final=True))
@@ -898,8 +918,11 @@ def _cut_long_pieces(texts: Iterable[str]) -> Iterable[str]:
     that length; a text without such a run (all of an ordinary corpus) is passed on as it is."""
     import re
 
-    # a quick test first, tried at the start of each run of blanks or non-blanks only (linear time)
-    run = re.compile(rf"(?<!\S)\S{{{_TRAIN_PIECE_CHARS}}}|(?<!\s)\s{{{_TRAIN_PIECE_CHARS}}}")
+    # a quick test first, tried at the start of each run of blanks or non-blanks only (linear time). Half
+    # the limit: a piece of symbols then newlines ("!!!\r\n\r\n...") is one piece of two such runs, and
+    # went to the trainer whole at up to twice the limit when neither run reached it
+    half = _TRAIN_PIECE_CHARS // 2
+    run = re.compile(rf"(?<!\S)\S{{{half}}}|(?<!\s)\s{{{half}}}")
     split = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
     for text in texts:
         if not run.search(text):
