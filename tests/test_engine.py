@@ -6,15 +6,20 @@ import copy
 import dataclasses
 import gc
 import math
+import os
 import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from nanoseek.checkpoint import save_model
 from nanoseek.config import get_preset
 from nanoseek.engine import Engine, EngineCapacityError, SamplingParams
+from nanoseek.engine.cache import PagedLatentCache, block_hash
 from nanoseek.model.registered import is_plain_linear
 from nanoseek.model.transformer import DeepSeekV3
 
@@ -668,9 +673,9 @@ def test_an_engine_given_a_path_or_a_meta_model_says_what_to_pass(model, tmp_pat
     """Engine("runs/x/final") failed with "'str' object has no attribute 'config'", and an Engine over a
     model built on the meta device (no weights) with "Tensor.item() cannot be called on meta tensors"
     from inside its first forward."""
-    for given in ("runs/x/final", tmp_path):
+    for path in ("runs/x/final", tmp_path):
         with pytest.raises(TypeError, match=r"got (str|\w*Path) \(load it first: nanoseek.load_model"):
-            Engine(given)  # type: ignore[arg-type]
+            Engine(path)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="got Linear"):
         Engine(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Engine: the model has weights on the meta device"):
@@ -1377,3 +1382,315 @@ print(cache.kv.nbytes, rss() - before)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     size, grown = map(int, out.stdout.split())
     assert grown < size / 4, (size, grown)
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+# Each runs a handful of cases in the ci profile (conftest.py); `HYPOTHESIS_PROFILE=explore` draws the
+# profile's own number (2000) instead, fresh ones.
+EXPLORING = os.environ.get("HYPOTHESIS_PROFILE", "ci") != "ci"
+
+
+def examples(n: int) -> settings:
+    return settings() if EXPLORING else settings(max_examples=n)
+
+
+_SOLO: dict[tuple[int, tuple[int, ...], int], list[int]] = {}
+
+
+def solo_greedy(model: DeepSeekV3, prompt: list[int], n: int) -> list[int]:
+    """The prompt's greedy tokens decoded alone: a fresh engine, a batch of one, no shared prefix."""
+    key = (id(model), tuple(prompt), n)
+    if key not in _SOLO:
+        _SOLO[key] = Engine(model, max_batch_size=1, max_seq_len=64).generate([prompt], max_new_tokens=n)[0]
+    return _SOLO[key]
+
+
+def assert_cache_idle(engine: Engine) -> None:
+    """Nothing in flight holds a block: every block free, no reference left, the prefix index sound."""
+    cache = engine.cache
+    assert not engine.scheduler.running and not engine.scheduler.waiting and not engine._requests
+    assert cache.num_free == cache.usable_blocks and sorted(cache.free) == list(range(1, cache.num_blocks))
+    assert all(info.ref_count == 0 for info in cache.blocks)
+    assert all(cache.blocks[b].hash == h for h, b in cache.cached.items())
+
+
+@st.composite
+def workloads(draw):
+    """Prompts sharing prefixes (so the prefix cache hits), each with its own length cap, stop id, cache
+    salt, the step it arrives at and maybe the step it is cancelled at."""
+    stem = draw(st.lists(st.integers(1, 40), min_size=4, max_size=12))
+    reqs = []
+    for _ in range(draw(st.integers(1, 5))):
+        own = draw(st.lists(st.integers(1, 40), min_size=1, max_size=6))
+        reqs.append(
+            dict(
+                prompt=stem[: draw(st.integers(0, len(stem)))] + own,
+                max_new=draw(st.integers(1, 16)),
+                stop_at=draw(st.none() | st.integers(0, 15)),  # stop at the solo output's token there
+                salt=draw(st.sampled_from([None, None, "a"])),
+                arrive=draw(st.integers(0, 3)),
+                cancel=draw(st.none() | st.none() | st.integers(0, 12)),
+            )
+        )
+    return reqs
+
+
+def _request(prompt, max_new=16, stop_at=None, salt=None, arrive=0, cancel=None):
+    return dict(prompt=prompt, max_new=max_new, stop_at=stop_at, salt=salt, arrive=arrive, cancel=cancel)
+
+
+@examples(10)
+@given(
+    reqs=workloads(),
+    block_size=st.integers(2, 5),
+    max_batch_size=st.integers(1, 4),
+    prefill_chunk=st.integers(1, 12),
+    spare_blocks=st.sampled_from([0, 0, 1, 2, 3, 12]),  # a cache short enough to preempt
+    max_seq_len=st.sampled_from([20, 64]),
+    speculative=st.booleans(),
+)
+@example(  # the small cache preempts; two prompts share a prefix block, one is cancelled mid-decode
+    reqs=[
+        _request(list(range(1, 13)), max_new=13),
+        _request([1, 2, 3, 4, 9]),
+        _request(list(range(1, 9)) + [30] * 6, max_new=11, stop_at=8, arrive=1),
+        _request([5, 6, 7], max_new=12, salt="a", arrive=2, cancel=7),
+    ],
+    block_size=2,
+    max_batch_size=4,
+    prefill_chunk=5,
+    spare_blocks=0,
+    max_seq_len=64,
+    speculative=True,
+).via("a preempting workload")
+def test_any_schedule_of_greedy_requests_gives_each_its_solo_output_and_frees_the_cache(
+    model, reqs, block_size, max_batch_size, prefill_chunk, spare_blocks, max_seq_len, speculative
+):
+    """Requests arriving at any step, sharing prefixes, preempted by a small cache, cancelled at any
+    step: each greedy output is the prompt's alone (cut at its stop id, max_new_tokens or max_seq_len),
+    speculating or not; no step runs more rows than max_batch_size nor prefills more than
+    prefill_chunk positions (padding included); once all are done every block is free."""
+    solo = [solo_greedy(model, r["prompt"], 16) for r in reqs]
+    need = max(math.ceil(min(len(r["prompt"]) + r["max_new"], max_seq_len) / block_size) for r in reqs)
+    engine = Engine(
+        model,
+        max_batch_size=max_batch_size,
+        block_size=block_size,
+        num_blocks=need + 1 + spare_blocks,
+        max_seq_len=max_seq_len,
+        prefill_chunk=prefill_chunk,
+        speculative=speculative,
+    )
+    sched, plan = engine.scheduler, engine.scheduler.plan
+
+    def checked_plan():
+        p = plan()
+        assert len(sched.running) <= max_batch_size
+        assert len(p.prefill) * max((n for _, n in p.prefill), default=0) <= prefill_chunk
+        return p
+
+    sched.plan = checked_plan
+    ids: dict[str, int] = {}
+    got: list[list[int]] = [[] for _ in reqs]
+    reasons: list[str | None] = [None] * len(reqs)
+    step = 0
+    while step <= 3 or engine.has_unfinished():
+        for i, r in enumerate(reqs):
+            if r["arrive"] == step:
+                stops = [] if r["stop_at"] is None else [solo[i][r["stop_at"]]]
+                params = SamplingParams(
+                    max_new_tokens=r["max_new"], stop_token_ids=stops, cache_salt=r["salt"]
+                )
+                ids[engine.add_request(r["prompt"], params)] = i
+            if r["cancel"] == step and r["arrive"] <= step:
+                engine.abort(next(rid for rid, j in ids.items() if j == i))
+        for ev in engine.step():
+            i = ids[ev.request_id]
+            assert reasons[i] is None, "an event after the request finished"
+            got[i] += ev.new_token_ids
+            if ev.finished:
+                reasons[i] = ev.finish_reason
+        step += 1
+    for i, r in enumerate(reqs):
+        want = solo[i][: min(r["max_new"], max_seq_len - len(r["prompt"]))]
+        stop = None if r["stop_at"] is None else solo[i][r["stop_at"]]
+        if stop in want:
+            want = want[: want.index(stop) + 1]
+        if reasons[i] == "abort":
+            assert got[i] == want[: len(got[i])]
+        else:
+            assert got[i] == want and reasons[i] == ("stop" if want[-1] == stop else "length")
+    assert_cache_idle(engine)
+
+
+class PagedCacheMachine(RuleBasedStateMachine):
+    """The allocator and prefix index under any sequence of admissions (match the prompt's cached
+    blocks, allocate and publish the rest) and finishes, against a model kept here by content: a block
+    holds the (salt, token prefix) it was published with until it is allocated again."""
+
+    BS = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache = PagedLatentCache(1, 2, 2, 7, self.BS, torch.float32)
+        self.refs = {b: 0 for b in range(1, 7)}
+        self.free_order = list(range(1, 7))  # least recently freed first
+        self.content: dict[tuple, int] = {}  # (salt, token prefix) -> the block holding its last block
+        self.held: list[list[int]] = []
+
+    def _take(self, block: int) -> None:
+        if self.refs[block] == 0:
+            self.free_order.remove(block)
+        self.refs[block] += 1
+
+    @rule(
+        tokens=st.lists(st.integers(0, 2), max_size=9),
+        salt=st.sampled_from([None, "a", "b"]),
+        max_blocks=st.integers(0, 5),
+    )
+    def admit(self, tokens, salt, max_blocks):
+        bs = self.BS
+        found, hashes = self.cache.match_prefix(tokens, max_blocks, salt)
+        want = []
+        for i in range(min(max_blocks, len(tokens) // bs)):
+            block = self.content.get((salt, tuple(tokens[: (i + 1) * bs])))
+            if block is None:
+                break
+            want.append(block)
+        assert found == want and len(hashes) == len(found)
+        for block in found:
+            self._take(block)
+        table = list(found)
+        parent = hashes[-1] if hashes else None
+        for i in range(len(found), len(tokens) // bs):  # compute and publish the rest, while blocks last
+            if not self.free_order:
+                with pytest.raises(EngineCapacityError):
+                    self.cache.allocate()
+                break
+            block = self.cache.allocate()
+            assert block == self.free_order.pop(0)  # the least recently freed
+            self.content = {k: b for k, b in self.content.items() if b != block}  # its old rows are gone
+            self.refs[block] = 1
+            table.append(block)
+            key = (salt, tuple(tokens[: (i + 1) * bs]))
+            parent = block_hash(parent, tokens[i * bs : (i + 1) * bs], salt)
+            self.cache.register_full_block(block, parent)
+            self.content.setdefault(key, block)
+        self.held.append(table)
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def finish(self, data):
+        table = self.held.pop(data.draw(st.integers(0, len(self.held) - 1)))
+        self.cache.release(table)
+        for block in reversed(table):  # tail first
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                self.free_order.append(block)
+
+    @rule()
+    def reset_prefix_cache(self):
+        self.cache.reset_prefix_cache()
+        self.content.clear()
+
+    @invariant()
+    def blocks_add_up(self):
+        cache = self.cache
+        assert list(cache.free) == self.free_order
+        assert [info.ref_count for info in cache.blocks[1:]] == [self.refs[b] for b in range(1, 7)]
+        assert cache.num_used == sum(r > 0 for r in self.refs.values())
+        assert all(0 not in table for table in self.held)
+
+
+TestPagedCacheAllocator = PagedCacheMachine.TestCase
+TestPagedCacheAllocator.settings = (
+    settings(max_examples=50, stateful_step_count=30) if not EXPLORING else settings(stateful_step_count=50)
+)
+
+
+@examples(8)
+@given(
+    reqs=st.lists(
+        st.fixed_dictionaries(
+            dict(
+                prompt=st.lists(st.integers(1, 40), min_size=1, max_size=8),
+                temperature=st.sampled_from([0.0, 0.6, 1.0, 1.7]),
+                top_k=st.sampled_from([0, 1, 3, 40]),
+                top_p=st.sampled_from([1.0, 0.9, 0.3]),
+                min_p=st.sampled_from([0.0, 0.1]),
+                repetition_penalty=st.sampled_from([1.0, 1.3]),
+                presence_penalty=st.sampled_from([0.0, 0.5]),
+                seed=st.integers(0, 2**16),
+                arrive=st.integers(0, 4),
+            )
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    speculative=st.booleans(),
+    block_size=st.integers(2, 5),
+)
+def test_a_seeded_request_samples_the_same_tokens_whatever_its_batch_mates(
+    model, reqs, speculative, block_size
+):
+    """fp32 (sampling.py): a seeded request's tokens are those it samples alone, plainly decoded, whatever
+    the requests beside it, the step it joins at, the block size and speculation."""
+    params = [
+        SamplingParams(max_new_tokens=8, **{k: v for k, v in r.items() if k not in ("prompt", "arrive")})
+        for r in reqs
+    ]
+    alone = [
+        Engine(model, max_batch_size=1, max_seq_len=64).generate([r["prompt"]], p)[0]
+        for r, p in zip(reqs, params, strict=True)
+    ]
+    engine = Engine(model, max_batch_size=4, block_size=block_size, max_seq_len=64, speculative=speculative)
+    ids: dict[str, int] = {}
+    got: list[list[int]] = [[] for _ in reqs]
+    step = 0
+    while step <= 4 or engine.has_unfinished():
+        for i, r in enumerate(reqs):
+            if r["arrive"] == step:
+                ids[engine.add_request(r["prompt"], params[i])] = i
+        for ev in engine.step():
+            got[ids[ev.request_id]] += ev.new_token_ids
+        step += 1
+    assert got == alone
+    assert_cache_idle(engine)
+
+
+@examples(8)
+@given(
+    block_size=st.integers(2, 4),
+    usable=st.integers(2, 6),
+    prompts=st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=12), min_size=1, max_size=4),
+    refuse_at=st.integers(0, 4),
+    speculative=st.booleans(),
+)
+def test_a_request_too_large_for_the_cache_is_refused_and_leaves_the_engine_usable(
+    model, block_size, usable, prompts, refuse_at, speculative
+):
+    """A request that can never fit is refused up front (EngineCapacityError, naming the blocks), alone or
+    within a generate() batch, at any step: it leaves no request queued, no block taken and no event
+    behind, and the requests beside it decode as they would alone."""
+    engine = Engine(
+        model, block_size=block_size, num_blocks=usable + 1, max_seq_len=64, speculative=speculative
+    )
+    fits = [p[: usable * block_size - 3] for p in prompts]  # each with its 3 tokens fits
+    too_long = list(range(1, usable * block_size + 1))  # with one token more than the cache holds
+    ids = {engine.add_request(p, SamplingParams(max_new_tokens=1 + i % 3)): i for i, p in enumerate(fits)}
+    got: dict[str, list[int]] = {rid: [] for rid in ids}
+    for _ in range(refuse_at):
+        for ev in engine.step():
+            got[ev.request_id] += ev.new_token_ids
+    before = (engine.num_waiting, engine.num_running, engine.cache.num_free)
+    with pytest.raises(EngineCapacityError, match=f"needs {usable + 1} cache blocks .* has only {usable}"):
+        engine.add_request(too_long, SamplingParams(max_new_tokens=1))
+    with pytest.raises(EngineCapacityError):
+        engine.generate([fits[0], too_long[:-1]], max_new_tokens=2)  # the second: one position too many
+    assert (engine.num_waiting, engine.num_running, engine.cache.num_free) == before
+    while engine.has_unfinished():
+        for ev in engine.step():
+            got[ev.request_id] += ev.new_token_ids
+    assert [got[rid] for rid in ids] == [solo_greedy(model, fits[i], 16)[: 1 + i % 3] for i in ids.values()]
+    assert_cache_idle(engine)
+    assert engine.generate([fits[0]], max_new_tokens=1) == [solo_greedy(model, fits[0], 16)[:1]]

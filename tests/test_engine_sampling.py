@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import copy
 import math
+from decimal import Decimal
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
-from tests.test_engine import PROMPTS, small_config
+from hypothesis import given
+from hypothesis import strategies as st
+from tests.test_engine import PROMPTS, examples, small_config
 
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.quantize import QuantLinear, is_quantized, quantize_model, weight_bytes
-from nanoseek.engine.sampling import SamplerState, apply_penalties, processed_probs, sample, token_logprobs
+from nanoseek.engine.sampling import (
+    SORT_HEAD,
+    SamplerState,
+    apply_penalties,
+    processed_probs,
+    sample,
+    token_logprobs,
+)
 from nanoseek.model.transformer import DeepSeekV3
 
 
@@ -321,6 +332,66 @@ def test_sampling_numbers_of_the_wrong_type_are_refused_naming_the_field(field, 
     SamplingParams(
         max_new_tokens=torch.tensor(3), temperature=1, top_p=np.float32(0.9), seed=np.int64(1)
     ).validate()
+
+
+def test_a_seed_of_any_integer_type_that_validate_accepts_seeds_as_its_int():
+    """`validate` accepts numpy's and 0-d tensors' integers as seeds, but random.Random refused them: a
+    TypeError from add_request (numpy's int64(-2): an OverflowError) instead of the int's stream."""
+    logits = torch.zeros(1, 1000)
+
+    def tokens(seed) -> list[int]:
+        st = SamplerState(SamplingParams(temperature=1.0, seed=seed), [0], 1000)
+        return [int(sample(logits, [st])) for _ in range(4)]
+
+    for seed in (np.int64(3), np.int32(3), torch.tensor(3), np.int64(-2)):
+        assert tokens(seed) == tokens(int(seed)), seed
+
+
+def test_a_numpy_or_fraction_number_validate_accepts_is_sampled_as_its_float_and_fails_no_batch_mate():
+    """Every real `validate` accepts is a sampling number: a numpy float64 penalty (a sweep's
+    np.linspace) made the penalized logits float64 ("Index put requires the source and destination
+    dtypes match"), a Fraction failed torch.tensor, both in the middle of a step, failing every request
+    sampled in that step."""
+    logits = torch.randn(2, 50)
+    mate = SamplingParams(temperature=1.0, seed=1)
+    for field, value in [
+        ("temperature", Fraction(1, 2)),
+        ("top_p", Fraction(1, 2)),
+        ("min_p", Fraction(1, 10)),
+        ("repetition_penalty", Fraction(3, 2)),
+        ("presence_penalty", Fraction(1, 2)),
+        ("frequency_penalty", Fraction(-1, 2)),
+        ("repetition_penalty", np.float64(1.5)),
+        ("presence_penalty", np.float64(0.5)),
+        ("frequency_penalty", np.float64(0.5)),
+        ("temperature", np.float64(0.7)),
+    ]:
+        for temperature in (0.0, 1.0):  # greedy rows take the penalties too
+            fields = {"temperature": temperature, "seed": 2}
+            params = [SamplingParams(**{**fields, field: v}) for v in (value, float(value))]
+            for p in params:
+                p.validate()
+            exact, rounded = (
+                sample(logits, [SamplerState(p, [0], 50), SamplerState(mate, [0], 50)]) for p in params
+            )
+            assert exact.tolist() == rounded.tolist(), (field, value)
+    # nor moves a batch mate: a numpy float64 temperature turned the whole batch's logits float64, so a
+    # seeded row drew from other probabilities than alone
+    mine = SamplingParams(temperature=0.7, top_p=0.9)
+    batched = processed_probs(logits, [mine, SamplingParams(temperature=np.float64(0.7))])[0]
+    assert torch.equal(batched, processed_probs(logits[:1], [mine])[0])
+
+
+def test_logit_bias_values_of_any_real_type_are_biases_and_others_are_refused_naming_the_field():
+    # a string value failed validate's range check with a bare TypeError; a numpy float failed add_request
+    # ("can't assign a numpy.float32 to a torch.FloatTensor")
+    for value in ("2", None, [1.0]):
+        with pytest.raises(ValueError, match="invalid SamplingParams: logit_bias values"):
+            SamplingParams(logit_bias={1: value}).validate()
+    for value in (np.float32(2.5), np.float64(2.5), Fraction(5, 2)):
+        SamplingParams(logit_bias={1: value}).validate()
+        st = SamplerState(SamplingParams(logit_bias={1: value}), [0], 4)
+        assert apply_penalties(torch.zeros(1, 4), [st]).tolist() == [[0.0, 2.5, 0.0, 0.0]]
 
 
 @pytest.mark.parametrize("value", [2.5, -3.0, float("inf"), float("nan")])
@@ -862,3 +933,129 @@ def test_int8_kernel_runs_only_in_bf16_on_x86():
         with torch.inference_mode():
             q(torch.randn(1, 64).to(dtype))
         assert q._kernel is kernel, dtype
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+def brute_force_kept(row: list[float], params: SamplingParams) -> tuple[set[int], bool]:
+    """The tokens a sampled row may draw, by the definitions, in float64 over the whole vocabulary: top-k
+    (ties with the k-th kept), then the smallest run by logit (lowest id first among ties) whose mass
+    reaches top_p, then min_p of the top probability. Also whether a cut lies within a rounding of a
+    boundary (float32 may then fall either way)."""
+    v = len(row)
+    x = [t / params.temperature for t in row]
+    order = sorted(range(v), key=lambda i: (-x[i], i))
+    k = params.top_k if 0 < params.top_k < v else v
+    kept = [i for i in order if x[i] >= x[order[k - 1]]]
+    top = x[order[0]]
+    p = {i: math.exp(x[i] - top) for i in kept}
+    z = sum(p.values())
+    p = {i: q / z for i, q in p.items()}
+    close = False
+    if params.top_p < 1.0:
+        out, mass = [], 0.0
+        for i in kept:
+            close |= abs(mass - params.top_p) < 1e-4
+            if out and mass >= params.top_p:
+                break
+            out.append(i)
+            mass += p[i]
+        kept = out
+    z = sum(p[i] for i in kept)
+    pmax = max(p[i] for i in kept) / z
+    if params.min_p > 0:
+        close |= any(abs(p[i] / z - params.min_p * pmax) < 1e-4 for i in kept)
+        kept = [i for i in kept if p[i] / z >= params.min_p * pmax]
+    return set(kept), close
+
+
+def sampled_params(v: int):
+    return st.builds(
+        SamplingParams,
+        temperature=st.sampled_from([0.25, 0.7, 1.0, 1.5]),
+        top_k=st.sampled_from([0, 1, 2, 5, SORT_HEAD - 1, SORT_HEAD, SORT_HEAD + 1, v - 1, v, v + 3]),
+        top_p=st.sampled_from([1.0, 0.999, 0.95, 0.5, 0.1, 1e-3]) | st.floats(0.01, 1.0),
+        min_p=st.sampled_from([0.0, 0.0, 0.05, 0.5, 1.0]),
+        seed=st.integers(0, 2**32),
+    )
+
+
+@st.composite
+def logit_rows(draw):
+    """A batch of logits rows (ties common: bf16 logits tie often) with each row's sampling params."""
+    v = draw(st.sampled_from([3, 7, SORT_HEAD, SORT_HEAD + 1, 2 * SORT_HEAD + 5, 4 * SORT_HEAD]))
+    b = draw(st.integers(1, 4))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32)))
+    logits = torch.randn(b, v, generator=gen) * draw(st.sampled_from([0.5, 2.0, 4.0]))
+    step = draw(st.sampled_from([0.0, 0.25, 1.0]))  # rounded to a step: ties
+    if step:
+        logits = (logits / step).round() * step
+    logits[:, : min(4, v)] += draw(st.sampled_from([0.0, 0.0, 6.0]))  # peaked: kept sets in the head
+    return logits, [draw(sampled_params(v)) for _ in range(b)]
+
+
+@examples(100)
+@given(batch=logit_rows())
+def test_filters_keep_exactly_the_tokens_a_brute_force_reference_keeps_alone_or_batched(batch):
+    """top-k, top-p and min-p keep the tokens the definitions do (a float64 loop over the vocabulary), in
+    any batch: a row's probabilities and its seeded draw are the same bits as alone."""
+    logits, params = batch
+    probs = processed_probs(logits, params)
+    states = [SamplerState(p, [0], logits.shape[1]) for p in params]
+    drawn = sample(logits, states)
+    for i, p in enumerate(params):
+        alone = processed_probs(logits[i : i + 1], [p])[0]
+        assert torch.equal(probs[i], alone), p
+        assert int(drawn[i]) == int(sample(logits[i : i + 1], [SamplerState(p, [0], logits.shape[1])])[0])
+        kept, close = brute_force_kept(logits[i].tolist(), p)
+        nonzero = set(probs[i].nonzero().flatten().tolist())
+        if not close:
+            assert nonzero == kept, p
+        assert int(drawn[i]) in nonzero and math.isclose(float(probs[i].sum()), 1.0, rel_tol=1e-5)
+
+
+# values a Python caller may pass for a number: Python's, numpy's, torch's 0-d tensors, exact fractions,
+# and ones of no number type at all
+_REALS = st.sampled_from(
+    [0, 1, 2, 0.5, 1e-6, 1e6, -1.0, math.nan, math.inf, np.float32(0.7), np.float64(1.5), np.int64(1)]
+    + [torch.tensor(0.7), Fraction(1, 2), Fraction(3, 2), Decimal("0.5"), True, "0.7", None]
+)
+_INTS = st.sampled_from(
+    [0, 1, 3, -1, 2**70, np.int64(3), np.int64(-2), np.int32(2), torch.tensor(3), True, 2.0, 2.5, "3", None]
+)
+_FIELDS = dict(
+    max_new_tokens=_INTS,
+    temperature=_REALS,
+    top_p=_REALS,
+    top_k=_INTS,
+    min_p=_REALS,
+    repetition_penalty=_REALS,
+    presence_penalty=_REALS,
+    frequency_penalty=_REALS,
+    seed=_INTS,
+    logprobs=_INTS,
+    stop_token_ids=st.sampled_from([[], [3], (3, 4), np.array([3]), torch.tensor([3]), 3, "3", [3.5]]),
+    logit_bias=st.dictionaries(_INTS, _REALS, max_size=2),
+)
+
+
+@examples(60)
+@given(fields=st.fixed_dictionaries({}, optional=_FIELDS))
+def test_sampling_params_are_refused_naming_the_field_or_served_without_harm_to_batch_mates(model, fields):
+    """Whatever a Python caller passes: add_request refuses it with a ValueError naming the field, or the
+    request runs to the end (its batch mate's seeded tokens the same as without it). A type `validate`
+    let through used to fail the request with a bare TypeError, or a whole step, batch mates included."""
+    mate = SamplingParams(max_new_tokens=3, temperature=1.0, seed=5)
+    want = Engine(model, max_seq_len=64).generate([PROMPTS[1]], mate)[0]
+    engine = Engine(model, max_seq_len=64)
+    engine.add_request(PROMPTS[1], mate, request_id="mate")
+    try:
+        engine.add_request(PROMPTS[0], SamplingParams(**fields), request_id="it")
+    except ValueError as e:
+        assert any(name in str(e) for name in fields), (fields, e)
+        return
+    got: dict[str, list[int]] = {"mate": [], "it": []}
+    while engine.has_unfinished():
+        for ev in engine.step():
+            assert ev.error is None, (fields, ev.error)
+            got[ev.request_id] += ev.new_token_ids
+    assert got["mate"] == want and all(0 <= t < model.config.vocab_size for t in got["it"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -79,10 +80,7 @@ class SamplingParams:
         need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         for name in NUMBERS:
             value = getattr(self, name)
-            need(
-                isinstance(value, numbers.Real) and not isinstance(value, bool),
-                f"{name} must be a number, got {value!r:.60}",
-            )
+            need(_is_real(value), f"{name} must be a number, got {value!r:.60}")
         need(
             self.seed is None or _is_token_id(self.seed),
             f"seed must be None or an int, got {self.seed!r:.60}",
@@ -122,7 +120,8 @@ class SamplingParams:
         )
         keys = [k for k in self.logit_bias if not _is_token_id(k)]
         need(not keys, f"logit_bias keys must be int token ids, got {keys[:1]}")
-        bad = [v for v in self.logit_bias.values() if not -100.0 <= v <= 100.0]
+        # numbers first: a string value failed the comparison below with a bare TypeError
+        bad = [v for v in self.logit_bias.values() if not _is_real(v) or not -100.0 <= v <= 100.0]
         need(not bad, f"logit_bias values must be in [-100, 100], got {bad[:1]}")
         salt = self.cache_salt
         need(
@@ -149,6 +148,11 @@ class SamplingParams:
 NUMBERS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
+def _is_real(value: object) -> bool:
+    """A real number of any kind (Python's, numpy's, a Fraction), not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _is_token_id(value: object) -> bool:
     """An integer of any kind (Python's, numpy's, a 0-d tensor's), not a bool, float or string."""
     return hasattr(value, "__index__") and not isinstance(value, bool)
@@ -166,7 +170,8 @@ class SamplerState:
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int) -> None:
         self.params = params
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        # operator.index: a numpy or 0-d tensor seed (which `validate` accepts) is no seed random.Random takes
+        seed = operator.index(params.seed) if params.seed is not None else random.getrandbits(63)
         # Random seeds with |seed|, so -s replayed s's stream (seed -1 with n = 3: choices 0 and 2 alike);
         # a negative seed takes its unsigned 64-bit two's complement, as torch.Generator.manual_seed does
         # within vLLM's int64 seed range, so each int64 seed is its own stream
@@ -184,7 +189,7 @@ class SamplerState:
                     raise ValueError(
                         f"logit_bias names token {token_id}, outside the vocabulary [0, {vocab_size})"
                     )
-                self.bias[token_id] = value
+                self.bias[token_id] = float(value)  # a numpy float: "can't assign a numpy.float32"
 
     def observe(self, token_id: int) -> None:
         if self.output_counts is not None:
@@ -200,9 +205,12 @@ def apply_penalties(logits: torch.Tensor, states: list[SamplerState]) -> torch.T
     idx = torch.tensor(rows, dtype=torch.long)
     counts = torch.stack([states[i].output_counts for i in rows]).to(logits.device)  # type: ignore[misc]
     seen = torch.stack([states[i].prompt_mask for i in rows]).to(logits.device) | (counts > 0)  # type: ignore[misc]
-    rep = torch.tensor([states[i].params.repetition_penalty for i in rows], device=logits.device).unsqueeze(1)
-    pres = torch.tensor([states[i].params.presence_penalty for i in rows], device=logits.device).unsqueeze(1)
-    freq = torch.tensor([states[i].params.frequency_penalty for i in rows], device=logits.device).unsqueeze(1)
+    # float(): of any real `validate` accepts, a numpy float64 made these float64 (logits[idx] = sub then
+    # refused the dtype) and a Fraction no tensor at all: the step failed, every row sampled in it
+    rep = torch.tensor([float(states[i].params.repetition_penalty) for i in rows], device=logits.device)
+    pres = torch.tensor([float(states[i].params.presence_penalty) for i in rows], device=logits.device)
+    freq = torch.tensor([float(states[i].params.frequency_penalty) for i in rows], device=logits.device)
+    rep, pres, freq = rep.unsqueeze(1), pres.unsqueeze(1), freq.unsqueeze(1)
     sub = logits[idx]
     penalized = torch.where(sub > 0, sub / rep, sub * rep)
     sub = torch.where(seen, penalized, sub)
@@ -281,15 +289,16 @@ def _ranked(logits: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor
 def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p for sampled rows (temperature > 0). logits [B,V] -> probs [B,V]."""
     device = logits.device
-    temp = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+    # float(): a Fraction, which `validate` accepts, failed torch.tensor and the step of every batch mate
+    temp = torch.tensor([float(p.temperature) for p in params], device=device).unsqueeze(1)
     # a near-0 repetition penalty (a float32 subnormal passes `validate`) or a small temperature over large
     # logits overflows to +inf, whose softmax is NaN (the last token id drawn at every step): the largest
     # float keeps those tokens the only likely ones, tied
     logits = (logits / temp).clamp(max=torch.finfo(logits.dtype).max)
     v = logits.shape[-1]
     top_k = torch.tensor([p.top_k if 0 < p.top_k < v else v for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    min_p = torch.tensor([p.min_p for p in params], device=device)
+    top_p = torch.tensor([float(p.top_p) for p in params], device=device)
+    min_p = torch.tensor([float(p.min_p) for p in params], device=device)
     need_sort = bool((top_k < v).any()) or bool((top_p < 1.0).any())
     if need_sort:
         logits = _top_k_top_p(logits, top_k, top_p)
