@@ -14,6 +14,7 @@ import contextlib
 import json
 import threading
 import time
+from typing import Any
 
 import httpx
 import openai
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 from nanoseek.config import get_preset
 from nanoseek.engine import Engine
 from nanoseek.model.transformer import DeepSeekV3
-from nanoseek.serve import ServeConfig, create_app
+from nanoseek.serve import ServeConfig, create_app, protocol
 from nanoseek.serve.textstream import ReasoningSplitter, StopStringMatcher
 from nanoseek.tokenizer import (
     TOOL_CALL_BEGIN,
@@ -2230,7 +2231,7 @@ def test_serve_ctrl_c_says_what_it_waits_for_and_a_second_one_stops_quietly(tmp_
             sys.path.insert(0, {str(Path(__file__).parent)!r})
             from serve_fakes import ScriptedEngine, tiny_tokenizer
             from nanoseek.commands.serve import _server
-            from nanoseek.serve import ServeConfig, create_app
+            from nanoseek.serve import ServeConfig, create_app, protocol
             tok = tiny_tokenizer()
             engine = ScriptedEngine(tok, lambda p, params: tok.encode(" and so on") * 50, step_delay=0.05)
             app = create_app(engine, tok, ServeConfig(model_name="m"))
@@ -3033,3 +3034,486 @@ def test_a_client_that_hangs_up_mid_upload_is_a_499_not_a_500(tok):
         assert counted and all('status="499"' in line for line in counted), counted
         r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
         assert r.status_code == 200
+
+
+# ------------------------------------------------------------------- properties
+# In process (FastAPI's TestClient over a ScriptedEngine whose reply each example sets): hundreds of requests a
+# second, so the properties can state what holds for any body, any reply, any sequence of requests.
+@pytest.fixture(scope="module")
+def inproc(tok):
+    from fastapi.testclient import TestClient
+
+    reply = {"ids": tok.encode(f"{REASONING}\n</think>\n\n{ANSWER}")}
+    engine = ScriptedEngine(tok, lambda prompt, params: list(reply["ids"]), max_seq_len=4096)
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL))
+    with TestClient(app, raise_server_exceptions=False) as client:  # a 500 is an answer to look at
+        client.reply, client.engine, client.server = reply, engine, app.state.server
+        yield client
+
+
+def _sse_events(text: str) -> list[dict]:
+    """A stream's JSON events; it ends with [DONE] and carries no error."""
+    events = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
+    assert events[-1] == "[DONE]", text[-300:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not [c for c in chunks if "error" in c], text[-1000:]
+    return chunks
+
+
+def _of(chunks: list[dict], index: int) -> list[dict]:
+    """The stream's choice deltas of choice `index`."""
+    return [c for chunk in chunks for c in chunk["choices"] if c["index"] == index]
+
+
+_SCHEMAS = {
+    "/v1/chat/completions": protocol.ChatCompletionRequest,
+    "/v1/completions": protocol.CompletionRequest,
+    "/tokenize": protocol.TokenizeRequest,
+    "/detokenize": protocol.DetokenizeRequest,
+}
+_VALID = {
+    "/v1/chat/completions": {"model": MODEL, "messages": USER, "max_tokens": 3},
+    "/v1/completions": {"model": MODEL, "prompt": "Hi", "max_tokens": 3},
+    "/tokenize": {"model": MODEL, "prompt": "Hi"},
+    "/detokenize": {"model": MODEL, "tokens": [5, 6]},
+}
+
+
+def _well_formed(route: str, body: Any, r: httpx.Response) -> None:
+    """200 with an OpenAI body, or a 4xx with OpenAI's error object naming the problem: never a 500."""
+    assert r.status_code < 500 and "Traceback" not in r.text, r.text[:2000]
+    if r.status_code >= 400:
+        err = _err(r, r.status_code)
+        assert isinstance(err["message"], str) and err["message"] and "'None'" not in err["message"], err
+        if err["param"] is not None:  # a field the request sent, or one of its schema's (a missing one)
+            sent = body if isinstance(body, dict) else {}
+            assert err["param"].split(".")[0] in {*sent, *_SCHEMAS[route].model_fields}, err
+        return
+    if r.headers["content-type"].startswith("text/event-stream"):
+        _sse_events(r.text)
+        return
+    d = r.json()
+    if route == "/tokenize":
+        assert d["count"] == len(d["tokens"])
+    elif route == "/detokenize":
+        assert isinstance(d["prompt"], str)
+    else:
+        assert d["object"] in ("chat.completion", "text_completion") and d["choices"], d
+        usage = d["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert all(c["finish_reason"] in ("stop", "length", "tool_calls") for c in d["choices"])
+
+
+# Any JSON value, NaN and ±Infinity included (Python's JSON writes and reads them), ints past int64, a long string
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=6)
+    | st.sampled_from(["", "auto", "none", "required", "function", "text", "user", "tool", "5", "x" * 5000]),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["type", "function", "name", "text", "role", "content", "parameters", "5"])
+            | st.text(max_size=3),
+            inner,
+            max_size=3,
+        )
+    ),
+    max_leaves=8,
+)
+# What a mutation replaces: each request field (the four routes' together), unknown ones, nested ones
+_PATHS = [
+    *sorted({name for schema in _SCHEMAS.values() for name in schema.model_fields}),
+    *["response_format", "functions", "function_call", "modalities", "guided_json", "unknown_field"],
+    *["messages.0", "messages.0.role", "messages.0.content", "messages.0.content.0", "messages.1"],
+    *["messages.0.tool_calls", "messages.0.tool_call_id", "tools.0", "tools.0.function"],
+    *["tools.0.function.name", "tools.0.function.parameters", "chat_template_kwargs.thinking"],
+    *["stream_options.include_usage", "stream_options.continuous_usage_stats", "logit_bias.5"],
+    *["prompt.0", "tokens.0"],
+]
+_DELETE = object()
+
+
+def _mutate(body: dict, path: str, value: Any) -> None:
+    """Set `path` (dotted, list items by index) in `body` to `value` (`_DELETE`: remove it), building the
+    objects missing on the way."""
+    *parents, last = path.split(".")
+    node: Any = body
+    for key in parents:
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                return
+            key = int(key)
+        if not isinstance(node.get(key) if isinstance(node, dict) else node[key], dict | list):
+            node[key] = {}
+        node = node[key]
+    if isinstance(node, list):
+        if last.isdigit() and value is not _DELETE:
+            node[int(last) :] = [value]
+    elif value is _DELETE:
+        node.pop(last, None)
+    else:
+        node[last] = value
+
+
+@settings(max_examples=70)
+@given(
+    route=st.sampled_from(sorted(_VALID)),
+    stream=st.booleans(),
+    mutations=st.lists(st.tuples(st.sampled_from(_PATHS), st.just(_DELETE) | _JSON), min_size=1, max_size=3),
+)
+def test_any_mutation_of_a_request_is_an_answer_or_an_openai_error_never_a_500(
+    inproc, route, stream, mutations
+):
+    """A valid request with up to three fields replaced by any JSON (wrong types, NaN, huge ints, null where an
+    object goes, unknown fields, tools of any schema, logit_bias of any key) or removed is a 200 with OpenAI's
+    body, a stream ending in [DONE], or a 4xx whose OpenAI error object names a field of the request."""
+    inproc.reply["ids"] = inproc.server.tokenizer.encode(ANSWER)
+    body = json.loads(json.dumps(_VALID[route]))
+    if stream and route.startswith("/v1/"):
+        body["stream"] = True
+    for path, value in mutations:
+        _mutate(body, path, value)
+    r = inproc.post(route, content=json.dumps(body), headers={"content-type": "application/json"})
+    _well_formed(route, body, r)
+
+
+@settings(max_examples=60)
+@given(route=st.sampled_from(sorted(_VALID)), body=_JSON)
+def test_any_json_body_is_an_answer_or_an_openai_error_never_a_500(inproc, route, body):
+    _well_formed(route, body, inproc.post(route, content=json.dumps(body)))
+
+
+# Replies as a model writes them (R1's think block, DeepSeek's tool-call markup whole or broken, stop strings'
+# text, multi-byte characters), or any token ids (a character cut between tokens, a lone byte)
+_PIECES = [" The", " answer", " is", " 4", ".", "\n", "\n\n", "<think>", "</think>", "é", "数学", "🙂"]
+_PIECES += [TOOL_CALLS_BEGIN, TOOL_CALL_BEGIN, "get_weather", "other", TOOL_SEP, '{"city": "Paris"}', "{"]
+_PIECES += [TOOL_CALL_END, TOOL_CALLS_END, "<｜User｜>", "<｜end▁of▁sentence｜>"]
+_REPLIES = st.lists(st.sampled_from(_PIECES), max_size=14).map("".join) | st.lists(
+    st.integers(0, 399), max_size=10
+)
+_STOPS = ["4", "is", " answer", "</think>", "\n", "🙂", "数", "Paris", "e", "answer is 4", ".\n"]
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def _script(client: Any, tok: Any, reply: str | list[int]) -> list[int]:
+    """Make `reply` (text, or ids taken modulo the vocabulary) the scripted engine's next replies; its ids (an EOS
+    among them left out)."""
+    ids = tok.encode(reply) if isinstance(reply, str) else [i % tok.vocab_size for i in reply]
+    client.reply["ids"] = [i for i in ids if i != tok.eos_token_id]
+    return client.reply["ids"]
+
+
+@settings(max_examples=80)
+@given(
+    reply=_REPLIES,
+    stop=st.none() | st.lists(st.sampled_from(_STOPS), min_size=1, max_size=3),
+    max_tokens=st.none() | st.integers(1, 20),
+    tool_choice=st.sampled_from(
+        [
+            None,
+            "no tools",
+            "auto",
+            "none",
+            "required",
+            {"type": "function", "function": {"name": "get_weather"}},
+        ]
+    ),
+    thinking=st.sampled_from([None, {"thinking": False}, {"enable_thinking": True}]),
+    n=st.integers(1, 2),
+    parallel=st.none() | st.booleans(),
+)
+def test_a_streamed_chat_answer_is_the_whole_answer_and_its_usage_counts_the_tokens(
+    inproc, tok, reply, stop, max_tokens, tool_choice, thinking, n, parallel
+):
+    """For any reply, stop strings, tools and tool_choice, thinking on or off, n: the stream's deltas join into
+    the non-streamed message (content, reasoning_content, tool calls, finish_reason, each token's logprobs), the
+    usage is the same, prompt_tokens is /tokenize's count of the same messages, and completion_tokens is one
+    logprob entry per token."""
+    _script(inproc, tok, reply)
+    body = {
+        "messages": USER,
+        "max_tokens": max_tokens,
+        "stop": stop,
+        "n": n,
+        "chat_template_kwargs": thinking,
+    }
+    if tool_choice != "no tools":
+        body.update(tools=[WEATHER_TOOL], tool_choice=tool_choice, parallel_tool_calls=parallel)
+    body.update(logprobs=True, top_logprobs=2)
+    r = inproc.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    whole = r.json()
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    chunks = _sse_events(inproc.post("/v1/chat/completions", json=stream).text)
+    assert chunks[-1]["usage"] == whole["usage"]
+    for choice in whole["choices"]:
+        mine, message = _of(chunks, choice["index"]), choice["message"]
+        assert "".join(c["delta"].get("content") or "" for c in mine) == (message["content"] or "")
+        reasoning = "".join(c["delta"].get("reasoning_content") or "" for c in mine)
+        assert reasoning == (message.get("reasoning_content") or "")
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [choice["finish_reason"]]
+        calls = [t["function"] for c in mine for t in c["delta"].get("tool_calls") or []]
+        assert calls == [t["function"] for t in message.get("tool_calls") or []]
+        assert (choice["finish_reason"] == "tool_calls") == bool(calls)
+        assert all(isinstance(json.loads(call["arguments"]), dict) for call in calls)
+        assert [e for c in mine if c["logprobs"] for e in c["logprobs"]["content"]] == choice["logprobs"][
+            "content"
+        ]
+    usage = whole["usage"]
+    assert sum(len(c["logprobs"]["content"]) for c in whole["choices"]) == usage["completion_tokens"]
+    counted = {k: body[k] for k in ("messages", "tools", "tool_choice", "chat_template_kwargs") if k in body}
+    assert inproc.post("/tokenize", json=counted).json()["count"] == usage["prompt_tokens"]
+
+
+def _brute_force_completion(tok: Any, ids: list[int], stops: list[str], max_tokens: int | None) -> tuple:
+    """(text, finish_reason, completion_tokens) by a loop over the reply's tokens and EOS: the text is the bytes
+    so far, special tokens left out and an unfinished character held; the first token whose text holds a stop
+    string ends it there."""
+    import codecs
+
+    table, out, text = tok.token_bytes(), [], ""
+    for token in [*ids, tok.eos_token_id][: max_tokens or None]:
+        out.append(token)
+        ended = token in tok.stop_token_ids
+        data = b"".join(table[t] for t in out[: len(out) - ended] if t not in tok.special_token_ids)
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(data)
+        hits = [text.find(s) for s in stops if s in text]
+        if hits or ended:
+            return text[: min(hits, default=len(text))], "stop", len(out)
+    return text, "length", len(out)
+
+
+@settings(max_examples=100)
+@given(
+    reply=_REPLIES,
+    stop=st.lists(st.sampled_from(_STOPS), max_size=3),
+    max_tokens=st.none() | st.integers(1, 20),
+    echo=st.booleans(),
+    logprobs=st.none() | st.integers(0, 3),
+)
+def test_a_completion_is_what_a_token_loop_gives_streamed_or_not(
+    inproc, tok, reply, stop, max_tokens, echo, logprobs
+):
+    """For any reply and stop strings: the text, finish_reason and completion_tokens are a brute-force loop's
+    over the reply's tokens; the stream's text, logprobs and usage join into the non-streamed answer's, and
+    text_offset indexes the text in order."""
+    ids = _script(inproc, tok, reply)
+    echo = echo and logprobs is None  # an echoed prompt's logprobs need the model (prompt scoring)
+    body = {
+        "prompt": "Hi",
+        "max_tokens": max_tokens,
+        "stop": stop or None,
+        "echo": echo,
+        "logprobs": logprobs,
+    }
+    whole = inproc.post("/v1/completions", json=body).json()
+    choice = whole["choices"][0]
+    text, finish, count = _brute_force_completion(tok, ids, stop, max_tokens)
+    assert choice["text"] == ("Hi" if echo else "") + text
+    assert (choice["finish_reason"], whole["usage"]["completion_tokens"]) == (finish, count)
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    chunks = _sse_events(inproc.post("/v1/completions", json=stream).text)
+    assert "".join(c["text"] for c in _of(chunks, 0)) == choice["text"]
+    assert chunks[-1]["usage"] == whole["usage"]
+    if logprobs is not None:
+        lp = choice["logprobs"]
+        parts = [c["logprobs"] for c in _of(chunks, 0) if c["logprobs"]]
+        assert {k: [v for p in parts for v in p[k]] for k in lp} == lp
+        assert len(lp["tokens"]) == count
+        # in order, within the text and the stop string it was cut at (whose tokens are counted, as vLLM's)
+        assert lp["text_offset"] == sorted(lp["text_offset"])
+        cut = max(map(len, stop), default=0) if finish == "stop" else 0
+        assert all(0 <= o <= len(choice["text"]) + cut for o in lp["text_offset"])
+
+
+def _scrape(client: Any) -> dict:
+    """/metrics' samples: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for s in family.samples
+    }
+
+
+def _completion(route: str, body: dict, stream: bool) -> tuple:
+    return (
+        "POST",
+        route,
+        {**body, "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})},
+    )
+
+
+_REQUESTS = st.one_of(
+    st.builds(
+        lambda mt, n, stream, stop: _completion(
+            "/v1/chat/completions", {"messages": USER, "max_tokens": mt, "n": n, "stop": stop}, stream
+        ),
+        st.integers(-1, 30),
+        st.integers(0, 3),
+        st.booleans(),
+        st.sampled_from([None, "4", "is", ""]),
+    ),
+    st.builds(
+        lambda mt, n, stream, prompt, echo: _completion(
+            "/v1/completions", {"prompt": prompt, "max_tokens": mt, "n": n, "echo": echo}, stream
+        ),
+        st.integers(-1, 30),
+        st.integers(1, 3),
+        st.booleans(),
+        st.sampled_from(["Hi", ["a", "b"], [[5, 6]], [], [[]]]),
+        st.booleans(),
+    ),
+    st.sampled_from(
+        [
+            ("POST", "/tokenize", {"prompt": "x"}),
+            ("POST", "/detokenize", {"tokens": [-1]}),
+            ("POST", "/v1/chat/completions", "{not json"),
+            ("GET", "/v1/models", None),
+            ("GET", "/v1/models/gpt-9", None),
+            ("HEAD", "/health", None),
+            ("DELETE", "/v1/models", None),
+            ("GET", "/nowhere", None),
+        ]
+    ),
+)
+
+
+@settings(max_examples=50)
+@given(batch=st.lists(_REQUESTS, min_size=1, max_size=4))
+def test_metrics_counters_only_go_up_and_count_the_requests_made(inproc, tok, batch):
+    """After any sequence of requests (served, refused, streamed, unknown routes, wrong methods): no counter went
+    down, requests_total went up by one per request under its route and status, and the token and
+    finish_reason counters by what the clients' answers hold (usage, finish_reason)."""
+    from collections import Counter
+
+    from nanoseek.serve.app import _route
+
+    _script(inproc, tok, f"{REASONING}\n</think>\n\n{ANSWER}")
+    before = _scrape(inproc)
+    requests, finished, tokens = Counter(), Counter(), Counter()
+    for method, path, body in batch:
+        content = body if isinstance(body, str | None) else json.dumps(body)
+        r = inproc.request(method, path, content=content, follow_redirects=False)
+        requests[(_route(path), str(r.status_code))] += 1
+        if r.status_code != 200 or "completions" not in path:
+            continue
+        if r.headers["content-type"].startswith("text/event-stream"):
+            chunks = _sse_events(r.text)
+            usage, choices = chunks[-1]["usage"], [c for chunk in chunks for c in chunk["choices"]]
+        else:
+            usage, choices = r.json()["usage"], r.json()["choices"]
+        tokens.update(prompt_tokens=usage["prompt_tokens"], generation_tokens=usage["completion_tokens"])
+        finished.update((c["finish_reason"],) for c in choices if c["finish_reason"])
+    after = _scrape(inproc)
+    assert all(v >= before.get(k, 0) for k, v in after.items() if not k[0].startswith("nanoseek:num_"))
+
+    def grown(name: str) -> Counter:
+        """How much each of the counter's label sets went up."""
+        return +Counter(
+            {
+                tuple(v for _, v in labels): after[(n, labels)] - before.get((n, labels), 0)
+                for n, labels in after
+                if n == name
+            }
+        )
+
+    assert grown("nanoseek:requests_total") == requests  # labels (route, status)
+    assert grown("nanoseek:request_success_total") == finished
+    for name in ("prompt_tokens", "generation_tokens"):
+        assert grown(f"nanoseek:{name}_total")[()] == tokens[name], name
+
+
+def test_the_work_of_a_request_is_bounded_whatever_its_n(tok, monkeypatch):
+    """For any prompts, n, max_tokens, stop strings and stop ids: no more choices are built than the server holds
+    (or one per prompt: a scoring pass), each stop string's tables are built once per request, and the engine
+    gets each stop id once: n multiplied each of these, without bound, on the event loop (and the ids at every
+    token on the engine thread)."""
+    from fastapi.testclient import TestClient
+
+    from nanoseek.serve import textstream
+
+    engine = ScriptedEngine(tok)
+    app = create_app(engine, tok, ServeConfig(model_name=MODEL, max_pending=6))
+    server, built, tables = app.state.server, [], []
+    new_choice, failure = server.new_choice, textstream._failure
+    monkeypatch.setattr(server, "new_choice", lambda *a, **k: built.append(1) or new_choice(*a, **k))
+    monkeypatch.setattr(textstream, "_failure", lambda s: tables.append(s) or failure(s))
+
+    @settings(max_examples=60)
+    @given(
+        prompts=st.integers(1, 9),
+        n=st.integers(1, 8),
+        max_tokens=st.sampled_from([0, 1, 2]),
+        stop=st.lists(st.sampled_from(["4", "is", "answer", "。"]), max_size=4),
+        stop_ids=st.lists(st.integers(0, 20), max_size=40),
+        chat=st.booleans(),
+    )
+    def check(prompts, n, max_tokens, stop, stop_ids, chat):
+        built.clear(), tables.clear(), engine.added.clear()
+        body = {"n": n, "stop": stop or None, "stop_token_ids": stop_ids}
+        if chat:
+            body.update(messages=USER, max_tokens=max_tokens or 1)
+        else:
+            body.update(prompt=[[5, 6]] * prompts, max_tokens=max_tokens)
+        r = client.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
+        # a chat's n (at most 64) may be built before it is refused; a list of prompts x n never is
+        assert len(built) <= max(server.engine.max_pending, n if chat else prompts)
+        if r.status_code != 200:
+            assert _err(r, 400)["param"] == "n" and (chat or not built)
+            return
+        assert sorted(tables) == sorted(stop)
+        for _, params in engine.added:
+            assert params.stop_token_ids == [*tok.stop_token_ids, *dict.fromkeys(stop_ids)]
+
+    with TestClient(app) as client:
+        check()
+
+
+def test_n_copies_of_prompts_that_generate_nothing_are_bounded_as_generations_are(inproc, monkeypatch):
+    """max_tokens 0 skipped the prompts x n check: 3,000 token-id prompts x 64 (15 kB) built 192,000 choices,
+    held the event loop 9 s and answered 13 MB, and the body limit allowed a thousand times that. n copies are
+    refused as a generating request's are; one scoring pass of many prompts is served as before."""
+    built = []
+    new_choice = inproc.server.new_choice
+    monkeypatch.setattr(inproc.server, "new_choice", lambda *a, **k: built.append(1) or new_choice(*a, **k))
+    held = inproc.server.engine.max_pending
+    many = {"prompt": [[5]] * (held // 2 + 1), "max_tokens": 0, "n": 2}  # 2 choices more than it holds
+    for stream in (False, True):
+        assert _err(inproc.post("/v1/completions", json={**many, "stream": stream}), 400)["param"] == "n"
+    assert not built
+    scored = {"prompt": [[5]] * (held + 1), "max_tokens": 0, "echo": True}
+    once = inproc.post("/v1/completions", json=scored).json()
+    assert [c["finish_reason"] for c in once["choices"]] == ["length"] * (held + 1)
+
+
+def test_a_stop_id_sent_again_and_again_reaches_the_engine_once(inproc, tok):
+    """Each repeat of a stop id was range-checked and copied for every choice on the event loop, and looked up
+    by the engine at every token: a million (a 3 MB body) at n = 64 held the event loop 45 s."""
+    inproc.reply["ids"] = tok.encode(ANSWER)
+    body = {"messages": USER, "max_tokens": 2, "n": 2, "stop_token_ids": [7] * 1000 + [9, 7]}
+    assert inproc.post("/v1/chat/completions", json=body).status_code == 200
+    for _, params in inproc.engine.added[-2:]:
+        assert params.stop_token_ids == [*tok.stop_token_ids, 7, 9]
+
+
+def test_stop_strings_are_prepared_once_per_request_not_once_per_choice(inproc, tok, monkeypatch):
+    """Each of n choices built its own KMP tables of every stop string: 16 stops of 100k characters (1.6 MB)
+    at n = 64 held the event loop 56 s. Built once, each choice still stops on its own."""
+    from nanoseek.serve import textstream
+
+    tables, failure = [], textstream._failure
+    monkeypatch.setattr(textstream, "_failure", lambda s: tables.append(s) or failure(s))
+    inproc.reply["ids"] = tok.encode(ANSWER)
+    body = {"prompt": "Hi", "max_tokens": 20, "n": 8, "stop": ["**", "answer is"]}
+    r = inproc.post("/v1/completions", json=body).json()
+    assert sorted(tables) == ["**", "answer is"]
+    assert [(c["text"], c["finish_reason"]) for c in r["choices"]] == [("The ", "stop")] * 8
+    tables.clear()
+    chunks = _sse_events(inproc.post("/v1/completions", json={**body, "stream": True}).text)
+    assert sorted(tables) == ["**", "answer is"]
+    assert ["".join(c["text"] for c in _of(chunks, i)) for i in range(8)] == ["The "] * 8

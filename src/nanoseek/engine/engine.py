@@ -377,7 +377,7 @@ class Engine:
             seq.logprobs.append(lp)
         n_out = len(seq.tokens) - seq.prompt_len
         self._stats["generated_tokens"] += 1
-        if token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.eos_ids):
+        if token in seq.sampler.stop_ids or (not seq.params.ignore_eos and token in self.eos_ids):
             seq.finish_reason = "stop"
         elif n_out >= seq.params.max_new_tokens or len(seq.tokens) >= seq.max_len:
             seq.finish_reason = "length"

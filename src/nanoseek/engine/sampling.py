@@ -170,6 +170,8 @@ class SamplerState:
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int) -> None:
         self.params = params
+        # a set: the engine looks each generated token up (a request may name every id of the vocabulary)
+        self.stop_ids = frozenset(operator.index(t) for t in params.stop_token_ids)
         # operator.index: a numpy or 0-d tensor seed (which `validate` accepts) is no seed random.Random takes
         seed = operator.index(params.seed) if params.seed is not None else random.getrandbits(63)
         # Random seeds with |seed|, so -s replayed s's stream (seed -1 with n = 3: choices 0 and 2 alike);

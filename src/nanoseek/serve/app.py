@@ -430,12 +430,13 @@ class Server:
     def new_choice(
         self,
         prompt_ids: list[int],
-        stops: list[str] | None,
+        stops: StopStringMatcher,
         started_in_think: bool | None,
         tools: list[dict] | None = None,
         prefill: str = "",
         parallel_calls: bool = True,
     ) -> _Choice:
+        """`stops`: the request's stop strings, of which each choice gets a matcher of its own (`fresh`)."""
         splitter = (
             None
             if started_in_think is None
@@ -444,7 +445,7 @@ class Server:
         names = [t["function"]["name"] for t in tools or []]
         return _Choice(
             self.tokenizer.incremental_decoder(skip_special_tokens=True, context=prompt_ids),
-            StopStringMatcher(stops or []),
+            stops.fresh(),
             splitter,
             ToolCallSplitter(names, prefill) if tools else None,
             parallel_calls=parallel_calls,
@@ -662,8 +663,9 @@ class Server:
         bias = self.logit_bias(req.logit_bias)
         jobs = [(prompt_ids, self.sampling_params(req, max_new, k, j, bias)) for j in range(req.n)]
         parallel = req.parallel_tool_calls is not False
+        stops = StopStringMatcher(req.stop or [])  # its tables once per request, not once per choice
         choices = [
-            self.new_choice(prompt_ids, req.stop, started_in_think, tools, prefill, parallel)
+            self.new_choice(prompt_ids, stops, started_in_think, tools, prefill, parallel)
             for _ in range(req.n)
         ]
         group = self.submit(jobs)
@@ -826,14 +828,18 @@ class Server:
         prompts = await asyncio.to_thread(self.prompts, req.prompt)  # tokenizing: off the event loop
         n = req.n
         generate = req.max_tokens is None or req.max_tokens > 0
-        if generate:  # before a choice per prompt x n is built: a 25 kB list of prompts asks for millions
+        # before a choice per prompt x n is built: a 25 kB list of prompts asks for millions. Nothing generated
+        # (max_tokens 0) builds them all the same: n copies of 3,000 scored prompts (15 kB) held the event loop
+        # 9 s for a 13 MB answer, and the body limit allowed a thousand times that
+        if generate or n > 1:
             self.check_fits(len(prompts) * n)
         budgets = [self.budget(len(ids), req.max_tokens, "max_tokens", "prompt") for ids, _ in prompts]
         scores: list[Any] = [None] * len(prompts)
         if req.echo and req.logprobs is not None:
             scoring = self.engine.score_prompts([ids for ids, _ in prompts], req.logprobs)
             scores = await self.until_disconnected(scoring, request)
-        choices = [self.new_choice(prompts[i // n][0], req.stop, None) for i in range(len(prompts) * n)]
+        stops = StopStringMatcher(req.stop or [])
+        choices = [self.new_choice(prompts[i // n][0], stops, None) for i in range(len(prompts) * n)]
         group = None
         if generate:
             bias = self.logit_bias(req.logit_bias)

@@ -16,6 +16,7 @@ responses share one code path and a test can drive them without a model.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 from nanoseek.tokenizer import THINK_END, THINK_START, TOOL_CALLS_BEGIN, parse_tool_calls
@@ -59,6 +60,13 @@ class StopStringMatcher:
         self._pending = ""
         self.stopped = False
         self.matched: str | None = None
+
+    def fresh(self) -> StopStringMatcher:
+        """A matcher of the same stops that has seen no text, sharing the failure tables: built for each of a
+        request's n choices, 16 stops of 100k characters held the event loop a minute at n = 64."""
+        new = copy.copy(self)
+        new._state, new._pending, new.stopped, new.matched = [0] * len(self.stops), "", False, None
+        return new
 
     def _advance(self, delta: str) -> int:
         """Feed `delta` to each stop's state; the longest suffix of all text so far that is a proper prefix of
