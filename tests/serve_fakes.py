@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from nanoseek.engine.sampling import SamplingParams, TokenLogprob
@@ -75,6 +75,9 @@ class ScriptedEngine:
         self.aborted: list[str] = []
         self.added: list[tuple[list[int], SamplingParams]] = []
         self.tokens_generated = 0
+        # tokens a step gives a request after n of its tokens: step_sizes[n % len] (an accepted speculative
+        # draft is several tokens in one event); a stop or max_new_tokens ends the event there
+        self.step_sizes: Sequence[int] = (1,)
 
     def _default_reply(self, prompt: list[int], params: SamplingParams) -> list[int]:
         # Deterministic "gibberish" from the prompt (greedy) or the seed (sampling), like a random model.
@@ -119,26 +122,29 @@ class ScriptedEngine:
         }
 
     def step(self) -> list:
-        from nanoseek.engine.sampling import TokenLogprob  # noqa: F401 - same types as the real engine
-
         if self.step_delay:
             time.sleep(self.step_delay)
         events = []
         for r in list(self._reqs.values())[: self.max_batch_size]:
-            i = len(r.out)
-            tok = r.script[i] if i < len(r.script) else self.tokenizer.eos_token_id
-            r.out.append(tok)
-            self.tokens_generated += 1
-            finished, reason = False, None
-            if tok in r.params.stop_token_ids:
-                finished, reason = True, "stop"
-            elif len(r.out) >= r.params.max_new_tokens:
-                finished, reason = True, "length"
-            lps = None
-            if r.params.logprobs is not None:
-                top = [(tok, -0.25), *((t, -2.0 - j) for j, t in enumerate((tok + 1, tok + 2, tok + 3)))]
-                lps = [TokenLogprob(tok, -0.25, top[: r.params.logprobs])]
-            events.append(_Event(r.rid, [tok], lps, finished, reason, None))
+            new, lps, finished, reason = [], [], False, None
+            for _ in range(self.step_sizes[len(r.out) % len(self.step_sizes)]):
+                i = len(r.out)
+                tok = r.script[i] if i < len(r.script) else self.tokenizer.eos_token_id
+                r.out.append(tok)
+                new.append(tok)
+                self.tokens_generated += 1
+                if r.params.logprobs is not None:
+                    top = [(tok, -0.25), *((t, -2.0 - j) for j, t in enumerate((tok + 1, tok + 2, tok + 3)))]
+                    lps.append(TokenLogprob(tok, -0.25, top[: r.params.logprobs]))
+                if tok in r.params.stop_token_ids:
+                    finished, reason = True, "stop"
+                elif len(r.out) >= r.params.max_new_tokens:
+                    finished, reason = True, "length"
+                if finished:
+                    break
+            events.append(
+                _Event(r.rid, new, lps if r.params.logprobs is not None else None, finished, reason, None)
+            )
             if finished:
                 del self._reqs[r.rid]
         return events

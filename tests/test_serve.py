@@ -27,7 +27,7 @@ from nanoseek.config import get_preset
 from nanoseek.engine import Engine
 from nanoseek.model.transformer import DeepSeekV3
 from nanoseek.serve import ServeConfig, create_app, protocol
-from nanoseek.serve.textstream import ReasoningSplitter, StopStringMatcher
+from nanoseek.serve.textstream import ReasoningSplitter
 from nanoseek.tokenizer import (
     TOOL_CALL_BEGIN,
     TOOL_CALL_END,
@@ -37,7 +37,7 @@ from nanoseek.tokenizer import (
     TOOL_SEP,
     parse_tool_calls,
 )
-from serve_fakes import V3_TOOL_TEMPLATE, LiveServer, ScriptedEngine, _Event, tiny_tokenizer
+from serve_fakes import V3_TOOL_TEMPLATE, LiveServer, ScriptedEngine, tiny_tokenizer
 
 MODEL = "nanoseek-test"
 REASONING = "I add 2 and 2.\nThat makes 4."
@@ -2758,160 +2758,6 @@ def test_cli_serve_exits_non_zero_when_the_engine_dies(tmp_path, tok, model, mon
     assert "the engine failed: RuntimeError('device lost')" in capsys.readouterr().err
 
 
-class _ChunkedEngine(ScriptedEngine):
-    """ScriptedEngine whose steps give `script`'s tokens, then EOS, several at a time as the test drew (an
-    accepted speculative draft is several tokens in one event); EOS or max_tokens ends a request there."""
-
-    script: tuple[list[int], list[int]] = (
-        [],
-        [1],
-    )  # (token ids, sizes: a step after n tokens gives sizes[n % len])
-
-    def step(self) -> list:
-        ids, sizes = self.script
-        events = []
-        for r in list(self._reqs.values()):
-            k = min(sizes[len(r.out) % len(sizes)], r.params.max_new_tokens - len(r.out))
-            new = [*ids, self.tokenizer.eos_token_id][len(r.out) : len(r.out) + k]
-            eos = [i for i, t in enumerate(new) if t in r.params.stop_token_ids]
-            new = new[: eos[0] + 1] if eos else new
-            r.out += new
-            reason = "stop" if eos else "length" if len(r.out) >= r.params.max_new_tokens else None
-            events.append(_Event(r.rid, new, None, reason is not None, reason, None))
-            if reason is not None:
-                del self._reqs[r.rid]
-        return events
-
-
-@pytest.fixture(scope="module")
-def chunked(tok):
-    engine = _ChunkedEngine(tok, max_seq_len=4096)
-    app = create_app(engine, tok, ServeConfig(model_name=MODEL))
-    # one connection for all requests: a new one each costs 3 times the request
-    with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as srv.http:
-        srv.engine = engine
-        yield srv
-
-
-_PIECES = [
-    "I add 2 and 2.",
-    " ok",
-    "\n",
-    "\n\n",
-    "<think>",
-    "</think>",
-    "</th",
-    "答え",
-    "é",
-    "END",
-    "Hello world",
-]
-_PIECES += [
-    TOOL_CALLS_BEGIN,
-    TOOL_CALLS_END,
-    _call("get_weather", '{"city": "Paris"}'),
-    _call("get_weather", "{x}"),
-]
-_REPLIES = st.one_of(
-    st.lists(st.sampled_from(_PIECES), max_size=10).map("".join),
-    # calls that parse, after some reasoning and an answer
-    st.tuples(st.sampled_from(["", "hmm</think>\n\n", "hmm\n</think>Sure."]), st.integers(1, 2)).map(
-        lambda t: t[0] + TOOL_CALLS_BEGIN + _call("get_weather", '{"city": "東京"}') * t[1] + TOOL_CALLS_END
-    ),
-)
-
-
-@given(
-    text=_REPLIES,
-    sizes=st.lists(st.integers(1, 4), min_size=1, max_size=5),
-    max_tokens=st.integers(1, 40),
-    stop=st.none()
-    | st.lists(st.sampled_from(["END", "world", "Hello world", "o", "答", "\n", "</thi"]), max_size=3),
-    tools=st.booleans(),
-    thinking=st.booleans(),
-)
-@settings(max_examples=20)
-def test_a_chat_stream_in_any_chunking_joins_to_the_non_streamed_message(
-    chunked, tok, text, sizes, max_tokens, stop, tools, thinking
-):
-    """Whatever tokens each engine step gives (one, or a draft of several), the joined stream is the non-streamed
-    message, and both are the reply's text (to max_tokens) cut at its first stop string, split at `</think>`
-    and parsed for calls as a whole."""
-    ids = tok.encode(text, add_bos=False)
-    chunked.engine.script = (ids, sizes)
-    body = {
-        "messages": USER,
-        "max_tokens": max_tokens,
-        "stop": stop,
-        "tools": [WEATHER] if tools else None,
-        "chat_template_kwargs": {"thinking": thinking},
-    }
-    full = chunked.http.post("/v1/chat/completions", json=body).json()["choices"][0]
-    with chunked.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
-        chunks = [json.loads(x[6:])["choices"][0] for x in r.iter_lines() if x.startswith("data: {")]
-    msg = full["message"]
-    joined = {
-        key: "".join(c["delta"].get(key) or "" for c in chunks) for key in ("reasoning_content", "content")
-    }
-    assert joined == {
-        "reasoning_content": msg.get("reasoning_content") or "",
-        "content": msg["content"] or "",
-    }
-    streamed_calls = [tc["function"] for c in chunks for tc in c["delta"].get("tool_calls") or []]
-    assert streamed_calls == [tc["function"] for tc in msg.get("tool_calls") or []]
-    assert [c["finish_reason"] for c in chunks if c["finish_reason"]] == [full["finish_reason"]]
-
-    # the whole text at once: to max_tokens (not inside a character), cut at its first stop string, split at
-    # </think> (R1's template opened <think>), its calls parsed
-    cut = ids[:max_tokens]
-    while tok.decode(cut).endswith("\ufffd"):
-        cut = cut[:-1]
-    stops = StopStringMatcher(stop or [])
-    rest = stops.push(tok.decode(cut)) + stops.flush()
-    reasoning, content = "", rest
-    if thinking:
-        splitter = ReasoningSplitter(started_in_think=True)
-        (r1, c1), (r2, c2) = splitter.push(rest), splitter.flush()
-        reasoning, content = r1 + r2, c1 + c2
-    parsed = parse_tool_calls(content, ["get_weather"]) if tools else None
-    content, calls = parsed if parsed else (content, [])
-    assert (joined["reasoning_content"], joined["content"]) == (reasoning, content)
-    assert streamed_calls == [c["function"] for c in calls]
-    ended = stops.stopped or len(ids) < max_tokens  # a stop string, or EOS within max_tokens
-    assert full["finish_reason"] == ("tool_calls" if calls else "stop" if ended else "length")
-
-
-@given(
-    text=st.lists(
-        st.sampled_from(["I add", " 2", "\n", "答え", "é", "END", "EN", "Hello world"]), max_size=10
-    ).map("".join),
-    sizes=st.lists(st.integers(1, 4), min_size=1, max_size=5),
-    max_tokens=st.integers(1, 30),
-    stop=st.none() | st.lists(st.sampled_from(["END", "world", "Hello world", "o", "答", "\n"]), max_size=3),
-)
-@settings(max_examples=15)
-def test_a_completion_stream_in_any_chunking_joins_to_the_non_streamed_text(
-    chunked, tok, text, sizes, max_tokens, stop
-):
-    """/v1/completions as the chat route: the joined stream is the non-streamed text, the reply's text (to
-    max_tokens, not inside a character) cut at its first stop string."""
-    ids = tok.encode(text, add_bos=False)
-    chunked.engine.script = (ids, sizes)
-    body = {"prompt": "q", "max_tokens": max_tokens, "stop": stop}
-    full = chunked.http.post("/v1/completions", json=body).json()["choices"][0]
-    with chunked.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
-        chunks = [json.loads(x[6:])["choices"][0] for x in r.iter_lines() if x.startswith("data: {")]
-    cut = ids[:max_tokens]
-    while tok.decode(cut).endswith("\ufffd"):
-        cut = cut[:-1]
-    stops = StopStringMatcher(stop or [])
-    expected = stops.push(tok.decode(cut)) + stops.flush()
-    assert "".join(c["text"] for c in chunks) == full["text"] == expected
-    ended = stops.stopped or len(ids) < max_tokens
-    assert [c["finish_reason"] for c in chunks if c["finish_reason"]] == [full["finish_reason"]]
-    assert full["finish_reason"] == ("stop" if ended else "length")
-
-
 # ------------------------------------------------------------ hostile clients
 def test_oversized_and_deeply_nested_bodies_are_400s(tok):
     """A body over the limit is a 413 before it is read whole; nesting past Python's recursion limit is a 400,
@@ -3190,19 +3036,50 @@ def test_any_json_body_is_an_answer_or_an_openai_error_never_a_500(inproc, route
 # text, multi-byte characters), or any token ids (a character cut between tokens, a lone byte)
 _PIECES = [" The", " answer", " is", " 4", ".", "\n", "\n\n", "<think>", "</think>", "é", "数学", "🙂"]
 _PIECES += [TOOL_CALLS_BEGIN, TOOL_CALL_BEGIN, "get_weather", "other", TOOL_SEP, '{"city": "Paris"}', "{"]
-_PIECES += [TOOL_CALL_END, TOOL_CALLS_END, "<｜User｜>", "<｜end▁of▁sentence｜>"]
-_REPLIES = st.lists(st.sampled_from(_PIECES), max_size=14).map("".join) | st.lists(
-    st.integers(0, 399), max_size=10
+_PIECES += [
+    TOOL_CALL_END,
+    TOOL_CALLS_END,
+    "<｜User｜>",
+    "<｜end▁of▁sentence｜>",
+    "</th",
+    "Hello world",
+    "END",
+]
+_PIECES += [_call("get_weather", '{"city": "Paris"}'), _call("get_weather", "{x}")]
+_REPLIES = st.one_of(
+    st.lists(st.sampled_from(_PIECES), max_size=14).map("".join),
+    st.lists(st.integers(0, 399), max_size=10),
+    # calls that parse, after some reasoning and an answer
+    st.tuples(st.sampled_from(["", "hmm</think>\n\n", "hmm\n</think>Sure."]), st.integers(1, 2)).map(
+        lambda t: t[0] + TOOL_CALLS_BEGIN + _call("get_weather", '{"city": "東京"}') * t[1] + TOOL_CALLS_END
+    ),
 )
-_STOPS = ["4", "is", " answer", "</think>", "\n", "🙂", "数", "Paris", "e", "answer is 4", ".\n"]
+_STOPS = [
+    "4",
+    "is",
+    " answer",
+    "</think>",
+    "\n",
+    "🙂",
+    "数",
+    "Paris",
+    "e",
+    "answer is 4",
+    ".\n",
+    "Hello world",
+]
+_STOPS += ["world", "END", "</thi"]
+# tokens an engine step gives (one, or an accepted speculative draft of several): ScriptedEngine.step_sizes
+_STEP_SIZES = st.lists(st.integers(1, 4), min_size=1, max_size=5)
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
 
-def _script(client: Any, tok: Any, reply: str | list[int]) -> list[int]:
-    """Make `reply` (text, or ids taken modulo the vocabulary) the scripted engine's next replies; its ids (an EOS
-    among them left out)."""
+def _script(client: Any, tok: Any, reply: str | list[int], sizes: list[int] | None = None) -> list[int]:
+    """Make `reply` (text, or ids taken modulo the vocabulary) the scripted engine's next replies, given `sizes`
+    tokens a step; its ids (an EOS among them left out)."""
     ids = tok.encode(reply) if isinstance(reply, str) else [i % tok.vocab_size for i in reply]
     client.reply["ids"] = [i for i in ids if i != tok.eos_token_id]
+    client.engine.step_sizes = sizes or (1,)
     return client.reply["ids"]
 
 
@@ -3224,15 +3101,17 @@ def _script(client: Any, tok: Any, reply: str | list[int]) -> list[int]:
     thinking=st.sampled_from([None, {"thinking": False}, {"enable_thinking": True}]),
     n=st.integers(1, 2),
     parallel=st.none() | st.booleans(),
+    sizes=_STEP_SIZES,
 )
 def test_a_streamed_chat_answer_is_the_whole_answer_and_its_usage_counts_the_tokens(
-    inproc, tok, reply, stop, max_tokens, tool_choice, thinking, n, parallel
+    inproc, tok, reply, stop, max_tokens, tool_choice, thinking, n, parallel, sizes
 ):
-    """For any reply, stop strings, tools and tool_choice, thinking on or off, n: the stream's deltas join into
-    the non-streamed message (content, reasoning_content, tool calls, finish_reason, each token's logprobs), the
-    usage is the same, prompt_tokens is /tokenize's count of the same messages, and completion_tokens is one
-    logprob entry per token."""
-    _script(inproc, tok, reply)
+    """For any reply, stop strings, tools and tool_choice, thinking on or off, n, and tokens given one or
+    several a step: the stream's deltas join into the non-streamed message (content, reasoning_content, tool
+    calls, finish_reason, each token's logprobs), which is the reply's text as a token loop reads it (below)
+    split at `</think>` and parsed for calls as a whole; the usage is the same, prompt_tokens is /tokenize's
+    count of the same messages, and completion_tokens is one logprob entry per token."""
+    ids = _script(inproc, tok, reply, sizes)
     body = {
         "messages": USER,
         "max_tokens": max_tokens,
@@ -3262,6 +3141,20 @@ def test_a_streamed_chat_answer_is_the_whole_answer_and_its_usage_counts_the_tok
         assert [e for c in mine if c["logprobs"] for e in c["logprobs"]["content"]] == choice["logprobs"][
             "content"
         ]
+        if tool_choice in ("no tools", "auto", None) and parallel is not False:
+            # the whole text at once: cut at its first stop string, split at </think> (R1's template opened
+            # <think> unless thinking is off), its calls parsed
+            text, finish, _ = _brute_force_completion(tok, ids, stop or [], max_tokens)
+            reasoning, content = "", text
+            if thinking != {"thinking": False}:
+                splitter = ReasoningSplitter(started_in_think=True)
+                (r1, c1), (r2, c2) = splitter.push(text), splitter.flush()
+                reasoning, content = r1 + r2, c1 + c2
+            parsed = parse_tool_calls(content, ["get_weather"]) if tool_choice != "no tools" else None
+            content, whole_calls = parsed if parsed else (content, [])
+            assert (message.get("reasoning_content") or "", message["content"] or "") == (reasoning, content)
+            assert calls == [c["function"] for c in whole_calls]
+            assert choice["finish_reason"] == ("tool_calls" if whole_calls else finish)
     usage = whole["usage"]
     assert sum(len(c["logprobs"]["content"]) for c in whole["choices"]) == usage["completion_tokens"]
     counted = {k: body[k] for k in ("messages", "tools", "tool_choice", "chat_template_kwargs") if k in body}
@@ -3280,9 +3173,10 @@ def _brute_force_completion(tok: Any, ids: list[int], stops: list[str], max_toke
         ended = token in tok.stop_token_ids
         data = b"".join(table[t] for t in out[: len(out) - ended] if t not in tok.special_token_ids)
         text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(data)
-        hits = [text.find(s) for s in stops if s in text]
+        # the stop string that completes first (the longest of those ending together) cuts the text at its start
+        hits = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
         if hits or ended:
-            return text[: min(hits, default=len(text))], "stop", len(out)
+            return text[: min(hits, default=(0, len(text)))[1]], "stop", len(out)
     return text, "length", len(out)
 
 
@@ -3293,14 +3187,15 @@ def _brute_force_completion(tok: Any, ids: list[int], stops: list[str], max_toke
     max_tokens=st.none() | st.integers(1, 20),
     echo=st.booleans(),
     logprobs=st.none() | st.integers(0, 3),
+    sizes=_STEP_SIZES,
 )
 def test_a_completion_is_what_a_token_loop_gives_streamed_or_not(
-    inproc, tok, reply, stop, max_tokens, echo, logprobs
+    inproc, tok, reply, stop, max_tokens, echo, logprobs, sizes
 ):
-    """For any reply and stop strings: the text, finish_reason and completion_tokens are a brute-force loop's
-    over the reply's tokens; the stream's text, logprobs and usage join into the non-streamed answer's, and
-    text_offset indexes the text in order."""
-    ids = _script(inproc, tok, reply)
+    """For any reply and stop strings, and tokens given one or several a step: the text, finish_reason and
+    completion_tokens are a brute-force loop's over the reply's tokens; the stream's text, logprobs and usage
+    join into the non-streamed answer's, and text_offset indexes the text in order."""
+    ids = _script(inproc, tok, reply, sizes)
     echo = echo and logprobs is None  # an echoed prompt's logprobs need the model (prompt scoring)
     body = {
         "prompt": "Hi",
