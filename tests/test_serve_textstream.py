@@ -380,6 +380,16 @@ def _call(name: str, args: str, fenced: bool = False) -> str:
     return f"{TOOL_CALL_BEGIN}{name}{TOOL_SEP}{args}{TOOL_CALL_END}"
 
 
+# DeepSeek's call markup has no escape: arguments that spell a marker (only with ensure_ascii=False) cannot be
+# told from the markup, in DeepSeek's own parsers too; a model writes those markers as their own tokens
+_ARG_TEXT = st.text(st.characters(blacklist_characters="｜"), max_size=5)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | _ARG_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_ARG_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+
+
 _MARKUP = [TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP]
 _TOOL_TEXT = st.one_of(
     # markup, halves of it, names, good and bad arguments, in any order
@@ -426,6 +436,26 @@ _TOOL_TEXT = st.one_of(
         st.sampled_from(["", "\n"]),
         st.sampled_from(["", "", "\n", "x"]),
     ),
+    # what `render_tool_calls` writes for an assistant's calls, in V3.1's or V3's fenced layout, any JSON in
+    # their arguments (that render_tool_calls and parse_tool_calls read each other is tests/test_tokenizer.py's)
+    st.builds(
+        lambda head, calls, fenced: head + render_tool_calls(calls, fenced=fenced),
+        st.text(max_size=4).filter(lambda t: TOOL_CALLS_BEGIN not in t),
+        st.lists(
+            st.builds(
+                lambda name, args, ascii_only: {
+                    "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=ascii_only)},
+                },
+                st.sampled_from(_NAMES),
+                st.dictionaries(_ARG_TEXT, _JSON, max_size=3),
+                st.booleans(),
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        st.booleans(),
+    ),
 )
 # a forced call's opening (`tool_choice`) written after the prompt: "required" or named, in V3.1's and V3's layouts
 _PREFILLS = [
@@ -459,40 +489,3 @@ def test_tool_call_split_of_any_chunking_is_parse_tool_calls_of_the_whole(cut, p
 
 def _refuse(constant: str) -> None:
     raise AssertionError(f"{constant} in a call's arguments")
-
-
-# DeepSeek's call markup has no escape: arguments that spell a marker (only with ensure_ascii=False) cannot be
-# told from the markup, in DeepSeek's own parsers too; a model writes those markers as their own tokens
-_ARG_TEXT = st.text(st.characters(blacklist_characters="｜"), max_size=5)
-_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | _ARG_TEXT,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_ARG_TEXT, inner, max_size=3),
-    max_leaves=8,
-)
-
-
-@given(
-    st.text(max_size=8).filter(lambda t: TOOL_CALLS_BEGIN not in t),
-    st.lists(
-        st.tuples(st.sampled_from(_NAMES), st.dictionaries(_ARG_TEXT, _JSON, max_size=3)),
-        min_size=1,
-        max_size=3,
-    ),
-    st.booleans(),
-    st.booleans(),
-    st.data(),
-)
-@settings(max_examples=60)
-def test_rendered_calls_stream_back_as_the_same_calls(content, calls, fenced, ascii_only, data):
-    """What `render_tool_calls` writes for an assistant's calls (V3.1's or V3's fenced layout), streamed in any
-    chunking through the splitter, gives back the content and each call's name and arguments as written."""
-    openai_calls = [
-        {"type": "function", "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=ascii_only)}}
-        for n, a in calls
-    ]
-    text = content + render_tool_calls(openai_calls, fenced=fenced)
-    _, chunks = data.draw(_cut(st.just(text)))
-    s = ToolCallSplitter(_NAMES)
-    deltas = [s.push(c) for c in chunks]
-    rest, got = s.flush()
-    assert ("".join(deltas) + rest, got) == (content, openai_calls)
