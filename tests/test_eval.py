@@ -220,6 +220,22 @@ def test_cons_votes_by_what_an_answer_says_not_how_it_is_written(tmp_path) -> No
         assert m[f"cons@{len(answers)}"] == float(first_right), answers
 
 
+def test_wrong_answers_vote_by_the_value_the_family_reads_not_its_spelling(tmp_path) -> None:
+    """A linear equation's wrong answer given as `x = 7` and as `7`, or a sorting list with and without its
+    brackets, is one answer given twice: it outvotes a right one given once (they were two votes, and the
+    tie went to the right answer given first)."""
+    for task, make in (
+        ("linear_equation", lambda right: [f"x = {right + 1}", f"{right + 1}", f"{right + 2}"]),
+        ("sorting", lambda right: [f"[{right[1]}, {right[0]}]", f"{right[1]}, {right[0]}", "1"]),
+    ):
+        (p,) = get_task(task).problems("test", 1, seed=0, language="en")
+        gold = int(p.answer) if task == "linear_equation" else [int(x) for x in p.answer.split(",")]
+        answers = [p.answer, *make(gold)]
+        samples = [[Sample(f"work\n</think>\n{a}", 3, "stop") for a in answers]]
+        cfg = EvalConfig(model=str(tmp_path / "ck"), task=task, k=4, n=1, language="en")
+        assert evaluate(cfg, sampler=lambda problems, s=samples: s)["cons@4"] == 0.0, task
+
+
 def test_endpoint_samples_score_as_the_checkpoints_own() -> None:
     """What nanoseek serve sends for a completion is scored as the completion itself: a think block
     closed with nothing in it (reasoning_content null) still has its answer, a <think> the model

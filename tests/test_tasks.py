@@ -29,8 +29,7 @@ from nanoseek.data.tasks import (
     split_of,
     split_task_list,
 )
-from nanoseek.data.tasks.answers import answer_key, unbox, unwrap_answer
-from nanoseek.data.tasks.families import parse_int_list
+from nanoseek.data.tasks.answers import answer_key, parse_int_list, unbox, unwrap_answer
 from nanoseek.tasks import check_numeric
 
 

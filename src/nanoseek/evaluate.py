@@ -137,7 +137,7 @@ class EvalConfig:
 
 
 # ------------------------------------------------------------------------------------ scoring
-# the vote of every sample the verifier scores as right (cons@k); no answer's key is a tuple
+# the vote of every sample the verifier scores as right (cons@k); no answer's key equals it (a list is ints)
 CORRECT = ("correct",)
 
 

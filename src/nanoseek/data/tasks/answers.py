@@ -136,14 +136,42 @@ def _normalize_exact(s: str) -> str:
     return unicodedata.normalize("NFC", " ".join(unwrap_answer(s).split())).rstrip("。.").strip()
 
 
-def answer_key(answer: str | None) -> Fraction | str | None:
-    r"""What an answer says, as the numeric and exact verifiers compare it (for majority votes): a
-    number by its value (``42``, ``42.``, ``$\boxed{42}$`` alike), else its unboxed, space-normalized
-    text; None for no answer."""
+def answer_key(answer: str | None) -> Fraction | tuple[int, ...] | str | None:
+    r"""What an answer says, as the verifiers compare it (for majority votes): a number by its value
+    (``42``, ``42.``, ``$\boxed{42}$``, ``x = 42`` alike: linear equations' answers), a list of
+    numbers by its numbers (``1, 2`` and ``[1, 2]``: sorting's), else its unboxed, space-normalized
+    text; None for no answer. Wrong answers written two ways were two votes, and a right one given
+    once could win against them."""
     if answer is None:
         return None
     number = parse_number(answer)
-    return number if number is not None else (_normalize_exact(answer) or None)
+    if number is None and (named := _NAMED_VALUE_RE.fullmatch(ascii_math(unwrap_answer(answer)))):
+        number = parse_number(named.group(1))
+    if number is not None:
+        return number
+    numbers = parse_int_list(answer)
+    if numbers is not None and len(numbers) > 1:
+        return tuple(numbers)
+    return _normalize_exact(answer) or None
+
+
+# "x = 5" (a variable named, then its value), as linear equations are answered
+_NAMED_VALUE_RE = re.compile(r"\s*[a-zA-Z]\s*=\s*(.+)", re.DOTALL)
+# the longest list `parse_int_list` reads
+_MAX_LIST_CHARS = 500
+
+
+def parse_int_list(text: str | None) -> list[int] | None:
+    """``1, 2, 3`` / ``[1, 2, 3]`` / ``1 2 3`` / ``1、2、3`` -> [1, 2, 3]; anything else -> None."""
+    if text is None:
+        return None
+    s = unwrap_answer(text)
+    if s.startswith("[") and s.endswith("]"):
+        s = s[1:-1]
+    if len(s) > _MAX_LIST_CHARS or not re.fullmatch(r"\s*-?\d+(?:\s*[,、，\s]\s*-?\d+)*\s*", s):
+        return None
+    return [int(x) for x in re.findall(r"-?\d+", s)]
+
 
 
 def check_exact(gold: str, answer: str | None) -> float | None:

@@ -12,10 +12,12 @@ from fractions import Fraction
 from typing import Any
 
 from nanoseek.data.tasks.answers import (
+    _MAX_LIST_CHARS,
     _MAX_NUMBER_CHARS,
     ascii_math,
     check_numeric,
     extract_answer,
+    parse_int_list,
     parse_number,
     unwrap_answer,
 )
@@ -55,8 +57,7 @@ def _place(lang: str, i: int) -> str:
 _DRY_DRAWS = 100_000
 
 
-# the longest list and expression the sorting and countdown verifiers read (`parse_int_list`, `check_countdown`)
-_MAX_LIST_CHARS = 500
+# the longest expression countdown's verifier reads (`check_countdown`)
 _MAX_EXPRESSION_CHARS = 200
 
 
@@ -721,16 +722,6 @@ class SortingTask(BuiltinTask):
         return float(parse_int_list(answer) == gold)
 
 
-def parse_int_list(text: str | None) -> list[int] | None:
-    """``1, 2, 3`` / ``[1, 2, 3]`` / ``1 2 3`` / ``1、2、3`` -> [1, 2, 3]; anything else -> None."""
-    if text is None:
-        return None
-    s = unwrap_answer(text)
-    if s.startswith("[") and s.endswith("]"):
-        s = s[1:-1]
-    if len(s) > _MAX_LIST_CHARS or not re.fullmatch(r"\s*-?\d+(?:\s*[,、，\s]\s*-?\d+)*\s*", s):
-        return None
-    return [int(x) for x in re.findall(r"-?\d+", s)]
 
 
 class ComparisonTask(BuiltinTask):
