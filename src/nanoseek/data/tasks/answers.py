@@ -173,7 +173,6 @@ def parse_int_list(text: str | None) -> list[int] | None:
     return [int(x) for x in re.findall(r"-?\d+", s)]
 
 
-
 def check_exact(gold: str, answer: str | None) -> float | None:
     if not gold.strip():
         return None

@@ -722,8 +722,6 @@ class SortingTask(BuiltinTask):
         return float(parse_int_list(answer) == gold)
 
 
-
-
 class ComparisonTask(BuiltinTask):
     """Which of two numbers is larger (or smaller); ``digits`` default difficulty + 1."""
 
