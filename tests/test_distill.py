@@ -10,6 +10,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nanoseek.engine import Completion
 from nanoseek.train.distill import DistillConfig, build_student, distill, sample_correct_traces
@@ -842,3 +844,120 @@ def test_a_tasks_string_from_python_is_refused_by_its_type(micro_checkpoint, tmp
     )
     with pytest.raises(ValueError, match=r"--task must be of type list\[str\], got 'arithmetic' \(str\)"):
         d.distill(cfg)
+
+
+_SAMPLE = st.tuples(st.sampled_from(["right", "wrong", "cut", "no think"]), st.sampled_from(["a", "b", "c"]))
+
+
+@settings(max_examples=60)
+@given(
+    k=st.integers(1, 5),
+    keep_per_prompt=st.integers(1, 3),
+    data=st.data(),
+)
+def test_rejection_sampling_keeps_the_first_distinct_correct_finished_traces_token_for_token(
+    micro_checkpoint, k, keep_per_prompt, data
+) -> None:
+    """Whatever the teacher writes (right, wrong, cut at its token limit, right without reasoning, the
+    same trace twice), each prompt keeps its first `keep_per_prompt` distinct right and finished traces,
+    in order, as the very token ids the teacher sampled after that prompt's ids; the student's example is
+    those ids with labels on the completion alone; the statistics count what was kept and solved."""
+    from nanoseek.data.tasks import get_task
+    from nanoseek.evaluate import chat_prompt_ids
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.sft import IGNORE, completion_example
+
+    teacher_dir = micro_checkpoint  # (the session's: a property test's fixtures outlive its examples)
+    tok = load_tokenizer(teacher_dir)
+    task = get_task("arithmetic")
+    probs = task.problems("train", data.draw(st.integers(1, 3)), seed=0)
+    plan = data.draw(st.lists(_SAMPLE, min_size=len(probs) * k, max_size=len(probs) * k))
+
+    def completion(j: int) -> Completion:
+        kind, why = plan[j]
+        p = probs[j // k]
+        answer = p.answer if kind != "wrong" else str(int(p.answer) + 1)
+        text = answer if kind == "no think" else f"{why}\n</think>\n{answer}"
+        ids = tok.encode(text) + ([] if kind == "cut" else [tok.eos_token_id])
+        return Completion(ids, None, "length" if kind == "cut" else "stop", None)
+
+    class Teacher:
+        def generate_detailed(self, prompts, params, on_finish=None):
+            assert prompts == [chat_prompt_ids(tok, p.messages) for p in probs for _ in range(k)]
+            return [completion(j) for j in range(len(prompts))]
+
+    cfg = DistillConfig(
+        teacher=teacher_dir, student="tiny", tasks=["arithmetic"], k=k, keep_per_prompt=keep_per_prompt
+    )
+    cfg.sft.progress = False
+    kept, stats = sample_correct_traces(Teacher(), tok, [task] * len(probs), probs, cfg)
+    want, solved = [], 0
+    for i, p in enumerate(probs):
+        mine: list[list[int]] = []
+        for j in range(i * k, (i + 1) * k):
+            if plan[j][0] != "right":
+                continue
+            solved += 1
+            ids = completion(j).token_ids
+            if ids not in mine and len(mine) < keep_per_prompt:
+                mine.append(ids)
+        want += [(p, chat_prompt_ids(tok, p.messages), ids) for ids in mine]
+    assert kept == want
+    assert stats["teacher_accuracy"] == pytest.approx(solved / (len(probs) * k))
+    assert stats["prompts_with_correct"] == pytest.approx(len({id(p) for p, *_ in want}) / len(probs))
+    assert stats["kept_traces"] == len(want)
+    for _, prompt_ids, comp in kept:
+        ids, labels = completion_example(prompt_ids, comp, tok.stop_token_ids)
+        assert ids == prompt_ids + comp and labels == [IGNORE] * len(prompt_ids) + comp
+
+
+@settings(max_examples=100)
+@given(
+    prompt=st.lists(st.integers(0, 20), max_size=5),
+    completion=st.lists(st.integers(0, 20), max_size=5),
+    stops=st.lists(st.integers(0, 20), min_size=1, max_size=3, unique=True),
+)
+def test_a_trace_is_trained_on_its_own_ids_then_one_stop(prompt, completion, stops) -> None:
+    """A completion (a kept trace, a reference solution) is trained on exactly its ids, then the first
+    stop id where it ended without one; the prompt is never trained."""
+    from nanoseek.train.sft import IGNORE, completion_example
+
+    ids, labels = completion_example(prompt, completion, stops)
+    ended = bool(completion) and completion[-1] in stops
+    target = completion if ended else [*completion, stops[0]]
+    assert ids == prompt + target and labels == [IGNORE] * len(prompt) + target
+
+
+_FIELDS = {
+    "temperature": st.sampled_from([0.3, 0.6, 1.0]),
+    "top_p": st.sampled_from([0.5, 0.95, 1.0]),
+    "top_k": st.sampled_from([0, 20, 50]),
+    "min_p": st.sampled_from([0.0, 0.05]),
+    "repetition_penalty": st.sampled_from([1.0, 1.1]),
+}
+
+
+@settings(max_examples=100)
+@given(
+    flags=st.fixed_dictionaries({}, optional=_FIELDS),
+    file=st.fixed_dictionaries(
+        {}, optional={**_FIELDS, "do_sample": st.booleans(), "max_new_tokens": st.just(7)}
+    ),
+)
+def test_each_sampling_setting_of_the_teacher_is_its_flag_else_its_files_else_the_default(
+    flags, file
+) -> None:
+    """Every sampling setting, independently: the flag where given, else the teacher's
+    generation_config.json value, else TEACHER_SAMPLING's; the file's do_sample (greedy) is never taken,
+    since rejection sampling draws k samples."""
+    import contextlib
+    import io
+
+    from nanoseek.train.distill import TEACHER_SAMPLING, teacher_sampling
+
+    cfg = DistillConfig(teacher="t", student="tiny", tasks=["arithmetic"], **flags)
+    with contextlib.redirect_stdout(io.StringIO()):
+        got = teacher_sampling(cfg, dict(file), "generation_config.json")
+    for k, default in TEACHER_SAMPLING.items():
+        assert getattr(got, k) == flags.get(k, file.get(k, default)), k
+    assert got.max_new_tokens == cfg.max_new_tokens

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import statistics
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nanoseek.train.grpo import (
     EntropyTrend,
@@ -1505,3 +1509,430 @@ def test_an_out_it_cannot_write_is_refused_before_the_model_loads(tmp_path, monk
         ValueError, match=r"cannot write --out .*run \(.*file: Not a directory\); choose another"
     ):
         grpo(cfg)
+
+
+# ------------------------------------------------------------------------------- property tests
+# Each states what docs/r1.md says of the math and holds it against a brute-force loop written here.
+_REWARD = st.one_of(
+    st.integers(-8, 8).map(lambda k: k / 4),  # the usual rewards: accuracy, format, their sums
+    st.floats(-100, 100, width=32),
+)
+
+
+def _reference_advantages(group: list[float], scale_by_std: bool, eps: float) -> list[float]:
+    """DeepSeekMath §4.1.2: A_i = (r_i - mean(r)) / (std(r) + eps), the sample std; Dr. GRPO: the
+    centering alone; a group of equal rewards (or holding a NaN or inf) carries no signal."""
+    if len(set(group)) == 1 or not all(map(math.isfinite, group)):
+        return [0.0] * len(group)
+    mean, std = statistics.fmean(group), statistics.stdev(group)
+    return [(r - mean) / (std + eps) if scale_by_std else r - mean for r in group]
+
+
+@settings(max_examples=150)
+@given(
+    g=st.integers(2, 9),
+    data=st.data(),
+    scale_by_std=st.booleans(),
+    eps=st.sampled_from([1e-4, 0.0]),
+)
+def test_group_advantages_are_the_formula_group_by_group(g, data, scale_by_std, eps) -> None:
+    """Any rewards, any group size: each group's advantages are the formula's over that group alone,
+    laid out prompt-major, [P * G] or [P, G] alike."""
+    groups = data.draw(
+        st.lists(st.lists(_REWARD | st.just(math.nan), min_size=g, max_size=g), min_size=1, max_size=4)
+    )
+    flat = torch.tensor([r for group in groups for r in group])
+    adv = group_advantages(flat, g, scale_by_std=scale_by_std, eps=eps)
+    assert adv.shape == flat.shape and adv.isfinite().all()
+    assert torch.equal(group_advantages(flat.view(-1, g), g, scale_by_std, eps).flatten(), adv)
+    for group, got in zip(groups, adv.view(-1, g).tolist(), strict=True):
+        g32 = torch.tensor(group).tolist()  # as float32 holds them
+        want = _reference_advantages(g32, scale_by_std, eps)
+        finite = [r for r in g32 if math.isfinite(r)]
+        # float32 rounding of the mean and std: a few ulps of the rewards' size, over the divisor
+        spread = (
+            statistics.stdev(g32) + eps if scale_by_std and len(set(g32)) > 1 and len(finite) == g else 1.0
+        )
+        tol = 1e-5 + 8 * 1.2e-7 * max(map(abs, finite), default=0.0) / spread
+        assert got == pytest.approx(want, abs=tol)
+
+
+@settings(max_examples=150)
+@given(
+    group=st.lists(st.integers(-8, 8).map(lambda k: k / 4), min_size=2, max_size=8),
+    shift=st.integers(-40, 40).map(lambda k: k / 4),
+    scale=st.sampled_from([0.25, 0.5, 2.0, 4.0, -1.0, -2.0]),
+)
+def test_advantages_ignore_a_shift_of_the_group_and_scale_as_documented(group, shift, scale) -> None:
+    """Adding a constant to every reward of a group changes no advantage; multiplying them by k
+    multiplies Dr. GRPO's by k and leaves GRPO's (eps = 0) as they are but for the sign of k."""
+    g = len(group)
+    r = torch.tensor(group)
+    for scale_by_std in (True, False):
+        base = group_advantages(r, g, scale_by_std=scale_by_std, eps=0.0)
+        shifted = group_advantages(r + shift, g, scale_by_std=scale_by_std, eps=0.0)
+        assert torch.allclose(shifted, base, atol=1e-5)
+        scaled = group_advantages(r * scale, g, scale_by_std=scale_by_std, eps=0.0)
+        expect = base * (math.copysign(1.0, scale) if scale_by_std else scale)
+        assert torch.allclose(scaled, expect, atol=1e-5)
+        # centered: every group's advantages sum to zero
+        assert abs(base.sum().item()) < 1e-4
+
+
+_LOSS_CASE = st.fixed_dictionaries(
+    {
+        "b": st.integers(1, 5),
+        "length": st.integers(1, 6),
+        "loss_type": st.sampled_from(["grpo", "dapo", "dr_grpo"]),
+        "eps_low": st.sampled_from([0.0, 0.1, 0.2]),
+        "eps_high": st.sampled_from([0.0, 0.2, 0.28, 1.0]),
+        "beta": st.sampled_from([0.0, 0.04, 1.0]),
+        "mu1": st.booleans(),  # old_logp None: the policy that sampled is the current one
+        "shared": st.booleans(),  # the step's denominators passed in, as micro-batches pass them
+        "seed": st.integers(0, 2**31 - 1),
+    }
+)
+
+
+def _reference_grpo_loss(logp, old, ref, adv, mask, c, max_len, n_seq, n_tok):
+    """The documented objective token by token in float64: (loss, d loss / d logp, clip counts)."""
+    terms, grads, lens = {}, {}, []
+    low = high = 0
+    for i in range(len(logp)):
+        lens.append(sum(mask[i]))
+        for t in range(len(logp[i])):
+            if not mask[i][t]:
+                continue
+            rho = math.exp(logp[i][t] - old[i][t])
+            a = adv[i]
+            clipped = min(max(rho, 1 - c["eps_low"]), 1 + c["eps_high"])
+            value = -min(rho * a, clipped * a)
+            is_low, is_high = rho < 1 - c["eps_low"] and a < 0, rho > 1 + c["eps_high"] and a > 0
+            low, high = low + is_low, high + is_high
+            grad = 0.0 if is_low or is_high else -rho * a
+            if c["beta"]:
+                x = max(-20.0, min(20.0, ref[i][t] - logp[i][t]))
+                value += c["beta"] * (math.exp(x) - x - 1)
+                grad += c["beta"] * (1 - math.exp(x))
+            terms[i, t], grads[i, t] = value, grad
+    with_tokens = sum(n > 0 for n in lens)
+    if c["loss_type"] == "grpo":
+        denom = {i: (n_seq or max(with_tokens, 1)) * lens[i] for i in range(len(lens))}
+        scale = {k: 1 / denom[k[0]] for k in terms}
+    elif c["loss_type"] == "dapo":
+        scale = dict.fromkeys(terms, 1 / max(n_tok or sum(lens), 1))
+    else:
+        scale = dict.fromkeys(terms, 1 / ((n_seq or len(lens)) * max_len))
+    loss = sum(v * scale[k] for k, v in terms.items())
+    grad = [
+        [grads.get((i, t), 0.0) * scale.get((i, t), 0.0) for t in range(len(logp[i]))]
+        for i in range(len(logp))
+    ]
+    return loss, grad, low, high
+
+
+@settings(max_examples=250)
+@given(c=_LOSS_CASE)
+def test_the_loss_and_its_gradient_are_the_documented_formula(c) -> None:
+    """For any log-probs, advantages and masks (rows with no token, all tokens masked), every
+    normalization's loss and gradient are docs/r1.md's per-token formula, summed by its denominator;
+    the clip fractions count the tokens whose gradient the clip zeroed, and the KL is the k3 mean."""
+    gen = torch.Generator().manual_seed(c["seed"])
+    b, length = c["b"], c["length"]
+    logp = -torch.rand(b, length, generator=gen) * 4 - 0.01
+    old = logp + (torch.rand(b, length, generator=gen) - 0.5) if not c["mu1"] else logp
+    ref = -torch.rand(b, length, generator=gen) * 4 - 0.01
+    adv = torch.randn(b, generator=gen) * (torch.rand(b, generator=gen) < 0.8)
+    mask = (torch.rand(b, length, generator=gen) < 0.7).float()
+    max_len = length + int(torch.randint(0, 3, (1,), generator=gen))
+    n_seq = n_tok = None
+    if c["shared"]:  # a micro-batch of a larger step
+        n_seq, n_tok = b + 2, int(mask.sum()) + 5
+    lp = logp.clone().requires_grad_(True)
+    out = grpo_loss(
+        lp,
+        None if c["mu1"] else old,
+        adv,
+        mask,
+        eps_low=c["eps_low"],
+        eps_high=c["eps_high"],
+        beta=c["beta"],
+        ref_logp=ref if c["beta"] else None,
+        loss_type=c["loss_type"],
+        max_completion_len=max_len,
+        num_sequences=n_seq,
+        num_tokens=n_tok,
+    )
+    out.loss.backward()
+    t = lambda x: x.double().tolist()  # noqa: E731
+    mask_l = [[bool(v) for v in row] for row in mask.tolist()]
+    want, want_grad, low, high = _reference_grpo_loss(
+        t(logp), t(old), t(ref), t(adv), mask_l, c, max_len, n_seq, n_tok
+    )
+    assert out.loss.item() == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert torch.allclose(
+        lp.grad.double(), torch.tensor(want_grad, dtype=torch.float64), rtol=1e-4, atol=1e-6
+    )
+    n = max(int(mask.sum()), 1)
+    assert out.stats["clip_frac_low"] == pytest.approx(low / n)
+    assert out.stats["clip_frac_high"] == pytest.approx(high / n)
+    assert out.stats["clip_frac"] == pytest.approx((low + high) / n)
+    if c["mu1"]:  # the ratio is exactly 1: nothing is clipped
+        assert out.stats["ratio_mean"] == pytest.approx(float(mask.sum() > 0)) and low + high == 0
+    if c["beta"]:
+        assert out.stats["kl"] >= 0
+
+
+@settings(max_examples=300)
+@given(
+    logp=st.floats(-30, 0, width=32),
+    delta=st.one_of(st.floats(-1 / 1024, 1 / 1024, width=32), st.floats(-40, 40, width=32)),
+)
+def test_the_k3_kl_is_never_negative_and_zero_where_the_policies_agree(logp, delta) -> None:
+    """k3 = π_ref/π_θ - log(π_ref/π_θ) - 1 >= 0 for any pair of log-probs, 0 where they are equal, and
+    within rounding of the formula (in float64) elsewhere."""
+    lp = torch.tensor([logp, logp])
+    ref = torch.tensor([logp + delta, logp])
+    kl = kl_k3(lp, ref)
+    assert (kl >= 0).all(), kl
+    assert kl[1] == 0
+    x = max(-20.0, min(20.0, ref[0].item() - lp[0].item()))
+    # (a float32 k3 is the difference of two numbers of x's size: within a few of x's ulps of the formula)
+    assert kl[0].item() == pytest.approx(math.expm1(x) - x, rel=1e-5, abs=3e-7 * abs(x))
+
+
+def test_the_kl_of_policies_that_barely_differ_is_not_negative() -> None:
+    """Found by the property above: exp(x) - x - 1 in float32 rounds exp(1e-6) to 1 + ulp, a KL of
+    -6e-8 for a log-ratio of 1e-6 (the `kl` logged for a policy that barely moved from its reference)."""
+    kl = kl_k3(torch.zeros(3), torch.tensor([1e-6, -1e-6, 1e-4]))
+    assert (kl >= 0).all() and kl.tolist() == pytest.approx([5e-13, 5e-13, 5e-9], rel=0.05)
+
+
+@settings(max_examples=100)
+@given(
+    g=st.integers(2, 6),
+    rewards=st.lists(st.integers(0, 3).map(float), min_size=1, max_size=4),
+    lengths=st.lists(st.integers(0, 5), min_size=24, max_size=24),
+    loss_type=st.sampled_from(["grpo", "dapo", "dr_grpo"]),
+    seed=st.integers(0, 1000),
+)
+def test_groups_of_equal_rewards_give_no_policy_gradient(g, rewards, lengths, loss_type, seed) -> None:
+    """Groups whose members all got the same reward (whatever it is): zero advantage, and at β = 0 no
+    gradient at all and a loss of exactly 0, whatever the ratios."""
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.tensor([v for v in rewards for _ in range(g)])
+    adv = group_advantages(r, g)
+    assert torch.equal(adv, torch.zeros_like(adv))
+    b = len(r)
+    mask = torch.tensor([[float(t < n) for t in range(5)] for n in lengths[:b]])
+    logp = (-torch.rand(b, 5, generator=gen) * 3).requires_grad_(True)
+    old = logp.detach() + torch.randn(b, 5, generator=gen)
+    out = grpo_loss(logp, old, adv, mask, loss_type=loss_type, max_completion_len=5)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros_like(logp))
+
+
+@settings(max_examples=40)
+@given(
+    groups=st.integers(1, 3),
+    g=st.integers(2, 4),
+    data=st.data(),
+    loss_type=st.sampled_from(["grpo", "dapo", "dr_grpo"]),
+    beta=st.sampled_from([0.0, 0.1]),
+    mu1=st.booleans(),
+    micro=st.integers(1, 12),
+)
+def test_the_micro_batched_update_is_the_batch_formula_sequence_by_sequence(
+    groups, g, data, loss_type, beta, mu1, micro
+) -> None:
+    """Whatever the rollout (ragged prompts and completions, samples left out of the loss, groups
+    without signal) and --micro-batch, the micro-batch losses the Trainer sums, and their gradient, are
+    docs/r1.md's batch loss computed sequence by sequence, each on its own unpadded tokens: grpo over
+    the kept sequences, dapo over their tokens, dr_grpo over G · L_max of every sequence sampled."""
+    import types
+
+    from nanoseek.train.grpo import Rollout, _loss_fn, _micro_batches, loss_denominators
+
+    b = groups * g
+    ids = st.integers(2, 10)
+    prompts = data.draw(st.lists(st.lists(ids, min_size=1, max_size=3), min_size=b, max_size=b))
+    comps = data.draw(st.lists(st.lists(ids, min_size=1, max_size=5), min_size=b, max_size=b))
+    rewards = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 0.2, 1.0]), min_size=b, max_size=b)))
+    keep = torch.tensor(data.draw(st.lists(st.booleans(), min_size=b, max_size=b)))
+    adv = group_advantages(rewards, g, scale_by_std=loss_type != "dr_grpo")
+    ro = Rollout(prompts, comps, rewards, adv, keep, {})
+    max_new = 5
+    cfg = types.SimpleNamespace(
+        temperature=0.7,
+        eps_low=0.2,
+        eps_high=0.28,
+        beta=beta,
+        loss=loss_type,
+        max_new_tokens=max_new,
+        sft_mix=0,
+    )
+    torch.manual_seed(0)
+    policy, ref_model = _Toy(), _Toy()
+    shift = lambda n: 0.3 * torch.cos(1.7 * torch.arange(n))  # noqa: E731  π_old: the policy, moved a little
+
+    n_seq, n_tok = loss_denominators(ro, loss_type)
+    batches = _micro_batches(ro, micro, 0, skip_zero_adv=beta == 0)
+    for mb in batches:
+        args = (mb["ids"], mb["starts"], mb["mask"].shape[1], 0.7)
+        with torch.no_grad():
+            if not mu1:
+                mb["old"] = token_logprobs(policy, *args)[0] + shift(mb["mask"].shape[1])
+            if beta:
+                mb["ref"] = token_logprobs(ref_model, *args)[0]
+    loss_fn = _loss_fn(cfg, policy, batches, n_seq, n_tok, None)
+    got, stats = 0.0, []
+    for _ in batches:
+        part, m = loss_fn()
+        part.backward()
+        got += part.item()
+        stats.append(m)
+    grad = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in policy.parameters()]
+
+    policy.zero_grad()
+    terms, total = [], torch.zeros(())
+    ratios, kls = [], []  # the per-token statistics of the tokens forwarded
+    for i in range(b):
+        if not keep[i]:
+            continue
+        p, c = prompts[i], comps[i]
+        full = torch.tensor([p + c])
+        logp = (policy(full)[0, len(p) - 1 : -1].float() / 0.7).log_softmax(-1)[torch.arange(len(c)), c]
+        old = logp.detach() if mu1 else logp.detach() + shift(len(c))
+        rho = torch.exp(logp - old)
+        a = float(adv[i])
+        per_token = -torch.minimum(rho * a, rho.clamp(0.8, 1.28) * a)
+        if beta:
+            with torch.no_grad():
+                ref = (ref_model(full)[0, len(p) - 1 : -1] / 0.7).log_softmax(-1)[torch.arange(len(c)), c]
+            per_token = per_token + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+            kls += (torch.exp(ref - logp) - (ref - logp) - 1).tolist()
+        terms.append((per_token.sum(), len(c)))
+        if beta or adv[i] != 0:
+            ratios += rho.tolist()
+    kept = terms
+    if loss_type == "grpo":
+        total = sum((s / n for s, n in kept), torch.zeros(())) / max(len(kept), 1)
+    elif loss_type == "dapo":
+        total = sum((s for s, _ in kept), torch.zeros(())) / max(sum(n for _, n in kept), 1)
+    else:
+        total = sum((s for s, _ in kept), torch.zeros(())) / (b * max_new)
+    if total.requires_grad:
+        total.backward()
+    want = [p.grad if p.grad is not None else torch.zeros_like(p) for p in policy.parameters()]
+    assert got == pytest.approx(total.item(), abs=1e-5)
+    for a_, b_ in zip(grad, want, strict=True):
+        assert torch.allclose(a_, b_, atol=1e-5)
+    if batches:  # as the Trainer logs them (a mean over the micro-batches): means over the tokens
+        mean = lambda k: sum(m[k] for m in stats) / len(stats)  # noqa: E731
+        assert mean("ratio_mean") == pytest.approx(sum(ratios) / len(ratios), rel=1e-5)
+        if beta:
+            assert mean("kl") == pytest.approx(sum(kls) / len(kls), rel=1e-4, abs=1e-7)
+
+
+@settings(max_examples=30)
+@given(
+    seqs=st.lists(
+        st.tuples(
+            st.lists(st.integers(3, 399), min_size=1, max_size=6),
+            st.lists(st.integers(3, 399), min_size=1, max_size=6),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    temperature=st.sampled_from([1.0, 0.7]),
+)
+def test_a_completions_log_probs_are_its_own_whatever_its_micro_batch(
+    micro_checkpoint, seqs, temperature
+) -> None:
+    """--micro-batch is a memory knob: under the DeepSeek-V3 model (MLA, MoE routing) a completion's
+    log-probs, right-padded beside any other sequences, are those of it run alone."""
+    model = _micro_model(micro_checkpoint)
+    s, length = max(len(p) + len(c) for p, c in seqs), max(len(c) for _, c in seqs)
+    ids = torch.zeros(len(seqs), s, dtype=torch.long)
+    real = torch.zeros(len(seqs), s, dtype=torch.bool)
+    for i, (p, c) in enumerate(seqs):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        real[i, : len(p) + len(c)] = True
+    starts = torch.tensor([len(p) for p, _ in seqs])
+    with torch.no_grad():
+        together, _ = token_logprobs(model, ids, starts, length, temperature, token_mask=real)
+        for i, (p, c) in enumerate(seqs):
+            alone, _ = token_logprobs(model, torch.tensor([p + c]), len(p), len(c), temperature)
+            assert torch.allclose(together[i, : len(c)], alone[0], atol=1e-5)
+
+
+@functools.cache
+def _micro_model(path: str) -> torch.nn.Module:
+    """The checkpoint's model, loaded once for every example of a property (its weights never change)."""
+    from nanoseek.checkpoint import load_model
+
+    return load_model(path).eval()
+
+
+_POOLS = st.dictionaries(
+    st.sampled_from(["addition", "sorting", "largest", "counting"]), st.integers(0, 6), min_size=1
+).map(lambda sizes: {name: [(name, i) for i in range(n)] for name, n in sizes.items()})
+
+
+@settings(max_examples=200)
+@given(
+    pools=_POOLS,
+    mode=st.sampled_from(["uniform", "signal", "unsolved"]),
+    signal=st.dictionaries(
+        st.sampled_from(["addition", "sorting", "largest", "counting"]), st.floats(0, 1), max_size=4
+    ),
+    left=st.sets(st.sampled_from(["addition", "sorting", "largest", "counting", "other"])),
+    data=st.data(),
+)
+def test_each_draw_is_distinct_problems_of_the_drawn_families_and_a_pure_function_of_its_seed(
+    pools, mode, signal, left, data
+) -> None:
+    """Every way of drawing a step's prompts gives n distinct problems, each of a family still in the
+    draw (not one the probe left out), and the same ones again for the same seed and state."""
+    import random
+
+    from nanoseek.train.grpo import PromptSampler
+
+    sampler = PromptSampler(pools, mode, dict(signal))
+    total = sum(map(len, pools.values()))
+    keep_at_least = data.draw(st.integers(1, max(total, 1)))
+    left_out = sampler.leave_out(left, keep_at_least) if mode == "unsolved" else []
+    drawn_from = {name for name, problems in pools.items() if problems} - set(left_out)
+    assert set(left_out) <= left & set(pools)
+    if left_out:  # never all, never below what a step draws
+        assert sum(len(pools[name]) for name in drawn_from) >= keep_at_least and drawn_from
+    available = sum(len(pools[name]) for name in drawn_from)
+    if not available:
+        return
+    n = data.draw(st.integers(1, available))
+    seed = data.draw(st.integers(0, 2**32))
+    batch = sampler.draw(random.Random(seed), n)
+    assert len(batch) == n and len(set(batch)) == n
+    assert {name for name, _ in batch} <= drawn_from
+    again = PromptSampler(pools, mode, dict(signal))
+    if mode == "unsolved":
+        again.leave_out(left, keep_at_least)
+    assert again.draw(random.Random(seed), n) == batch
+
+
+@settings(max_examples=100)
+@given(
+    entropies=st.lists(st.floats(0, 3) | st.just(math.nan), max_size=12),
+    cut=st.integers(0, 12),
+)
+def test_the_entropy_trend_resumes_from_its_state_as_if_never_stopped(entropies, cut) -> None:
+    """A run stopped after any step and resumed from the saved state sees the same trend, baseline and
+    all, as one that ran through."""
+    straight = EntropyTrend()
+    means = [straight.add(e) for e in entropies]
+    first = EntropyTrend()
+    resumed_means = [first.add(e) for e in entropies[:cut]]
+    second = EntropyTrend(first.state())
+    resumed_means += [second.add(e) for e in entropies[cut:]]
+    assert resumed_means == pytest.approx(means, nan_ok=True)
+    assert (second if cut < len(entropies) else first).initial == straight.initial

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nanoseek.train.sft import (
     IGNORE,
@@ -1506,3 +1509,274 @@ def test_sft_runs_on_its_threads_gives_them_back_and_writes_tensorboard(
     events = accumulator.EventAccumulator(str(tmp_path / "tensorboard" / "sft"))
     events.Reload()
     assert [e.step for e in events.Scalars("sft/loss")] == [1, 2]
+
+
+# ------------------------------------------------------------------------------- property tests
+_TEXT = st.text(st.sampled_from("ab1 2+=\n.?é中"), max_size=12)
+_WORDS = _TEXT.filter(lambda t: t.strip() != "")
+_CALL = st.fixed_dictionaries(
+    {
+        "type": st.just("function"),
+        "function": st.fixed_dictionaries(
+            {"name": st.sampled_from(["add", "look_up"]), "arguments": st.sampled_from(['{"x": 1}', "{}"])}
+        ),
+    }
+)
+
+
+@st.composite
+def _assistant(draw, tools: bool) -> dict:
+    """An assistant message in any of the shapes SFT data comes in: reasoning as its own field (DeepSeek's
+    name or vLLM's), inline after the prompt's opened think block, in a think block of its own, in both
+    a field and the content, or none; tool calls or not."""
+    reasoning, answer = draw(_TEXT), draw(_TEXT)
+    calls = draw(st.lists(_CALL, max_size=2 if tools else 0))
+    if not (answer.strip() or calls or reasoning.strip()):
+        answer = "ok"
+    shape = draw(st.sampled_from(["field", "inline", "block", "both", "none"]))
+    if shape == "field" and reasoning.strip():
+        m = {"role": "assistant", "content": answer, "reasoning_content": reasoning}
+    elif shape == "both" and reasoning.strip():  # an export that wrote the reasoning back into the content
+        m = {
+            "role": "assistant",
+            "content": f"<think>\n{reasoning}\n</think>\n{answer}",
+            "reasoning": reasoning,
+        }
+    elif shape == "inline":
+        m = {"role": "assistant", "content": f"{reasoning}</think>{answer}"}
+    elif shape == "block":
+        m = {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n{answer}"}
+    else:
+        reasoning = ""
+        if not (answer.strip() or calls):
+            answer = "ok"
+        m = {"role": "assistant", "content": answer}
+    if calls:
+        m["tool_calls"] = calls
+    if draw(st.integers(0, 4)) == 0:
+        m["weight"] = 0
+    return {**m, "_reasoning": reasoning, "_answer": answer}
+
+
+@st.composite
+def _conversation(draw, tools: bool = True) -> list[dict]:
+    messages: list[dict] = []
+    if draw(st.booleans()):
+        messages.append({"role": draw(st.sampled_from(["system", "developer"])), "content": draw(_WORDS)})
+    for _ in range(draw(st.integers(1, 3))):
+        messages.append({"role": "user", "content": draw(_WORDS)})
+        reply = draw(_assistant(tools))
+        messages.append(reply)
+        while reply.get("tool_calls") and draw(st.booleans()):
+            messages += [{"role": "tool", "content": draw(_WORDS)} for _ in range(draw(st.integers(1, 2)))]
+            reply = draw(_assistant(tools))
+            messages.append(reply)
+    return messages
+
+
+_TOOLS = [{"type": "function", "function": {"name": n, "parameters": {}}} for n in ("add", "look_up")]
+
+
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory) -> str:
+    from model_configs import chatml_tokenizer
+
+    d = tmp_path_factory.mktemp("chatml")
+    chatml_tokenizer(d)
+    return str(d)
+
+
+@settings(max_examples=60)
+@given(conv=_conversation(), with_tools=st.booleans())
+def test_the_loss_mask_covers_exactly_each_assistant_turn_of_any_chat(
+    micro_checkpoint, conv, with_tools
+) -> None:
+    """Any chat (system prompt, several turns, reasoning in each of its shapes, tool calls and results,
+    weight 0 history): one example per trained assistant message, whose untrained tokens are exactly
+    the template's prompt up to it and whose trained tokens, read as the server reads a completion,
+    are that message's reasoning, answer and tool calls, then one stop token."""
+    _check_assistant_turns(micro_checkpoint, conv, _TOOLS if with_tools else None)
+
+
+@settings(max_examples=40)
+@given(conv=_conversation(tools=False))
+def test_another_familys_template_trains_each_assistant_turn_of_any_chat(chatml_dir, conv) -> None:
+    """The same of a checkpoint with its own template (ChatML, which opens no think block and renders no
+    reasoning_content): the template's prompt untrained, the turn's reasoning and answer trained."""
+    _check_assistant_turns(chatml_dir, conv, None)
+
+
+def _check_assistant_turns(directory: str, conv: list[dict], tools: list[dict] | None) -> None:
+    from nanoseek.tokenizer import THINK_END, THINK_START, load_tokenizer, openai_message, parse_tool_calls
+
+    tok = load_tokenizer(directory)
+    messages = [{k: v for k, v in m.items() if not k.startswith("_")} for m in conv]
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1)]
+    if not trained:  # every answer history only: refused, by what it lacks
+        with pytest.raises(ValueError, match="no assistant message to train on"):
+            tokenize_conversation(tok, messages, tools)
+        return
+    examples = tokenize_conversation(tok, messages, tools)
+    assert len(examples) == len(trained)
+    kw = {"tools": tools} if tools else {}
+    for (ids, labels), i in zip(examples, trained, strict=True):
+        prompt = tok.apply_chat_template(
+            [
+                {k: v for k, v in m.items() if k not in ("reasoning_content", "reasoning")}
+                for m in map(openai_message, messages[:i])
+            ],
+            add_generation_prompt=True,
+            tokenize=True,
+            **kw,
+        )
+        n = len(prompt)
+        assert ids[:n] == prompt and labels[:n] == [IGNORE] * n
+        target = ids[n:]
+        assert labels[n:] == target and target and target[-1] == tok.eos_token_id
+        assert not set(tok.stop_token_ids) & set(target[:-1])
+        text = tok.decode(target[:-1])
+        prompt_text = tok.decode(prompt)
+        if not prompt_text.endswith(THINK_START + "\n"):  # after a tool's result: a block of its own, if any
+            text = text.removeprefix(THINK_START + "\n") if THINK_END in text else THINK_END + text
+        reasoning, _, answer = text.partition(THINK_END)
+        m = conv[i]
+        assert reasoning.strip() == m["_reasoning"].strip()
+        parsed = parse_tool_calls(answer)
+        if m.get("tool_calls"):
+            assert parsed is not None and parsed[1] == m["tool_calls"]
+            answer = parsed[0]
+        else:
+            assert parsed is None
+        assert answer.strip() == m["_answer"].strip()
+
+
+def test_reasoning_whose_text_the_answer_holds_is_still_trained(micro_checkpoint, tmp_path) -> None:
+    """Found by the property above: the turn a template renders was taken for the target when the
+    reasoning's text appeared in it anywhere (reasoning "4" in the answer "It is 4.", "1" in a call's
+    arguments {"x": 1}): the reasoning was silently left out of the example. After a tool's result with
+    R1's template, and with a template that never renders reasoning (ChatML), it is trained in R1's
+    think block."""
+    from model_configs import chatml_tokenizer
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(micro_checkpoint)
+    call = [{"type": "function", "function": {"name": "add", "arguments": '{"x": 1}'}}]
+    msgs = [
+        {"role": "user", "content": "1"},
+        {"role": "assistant", "content": "", "tool_calls": call},
+        {"role": "tool", "content": "4"},
+        {"role": "assistant", "content": "It is 4.", "reasoning_content": "4"},
+    ]
+    trained = tok.decode([t for t in tokenize_conversation(tok, msgs)[1][1] if t != IGNORE])
+    assert trained == "<think>\n4\n</think>\nIt is 4.<｜end▁of▁sentence｜>"
+    chatml_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    msgs = [
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "It is 6.", "reasoning_content": "6"},
+    ]
+    ((_, labels),) = tokenize_conversation(tok, msgs)
+    assert tok.decode([t for t in labels if t != IGNORE]) == "<think>\n6\n</think>\nIt is 6.<|im_end|>"
+
+
+_EXAMPLE = st.lists(st.integers(2, 50), min_size=0, max_size=14).flatmap(
+    lambda ids: st.tuples(st.just(ids), st.lists(st.booleans(), min_size=len(ids), max_size=len(ids))).map(
+        lambda t: (t[0], [tok if keep else IGNORE for tok, keep in zip(*t, strict=True)])
+    )
+)
+
+
+@settings(max_examples=150)
+@given(examples=st.lists(_EXAMPLE, max_size=12), seq_len=st.integers(2, 16), pad=st.integers(0, 1))
+def test_packing_keeps_every_example_whole_in_one_row_and_trains_its_tokens_once(
+    examples, seq_len, pad
+) -> None:
+    """Any examples, any --seq-len: each (cut to seq_len; one of fewer than 2 tokens has nothing to
+    predict) lies whole in one row, its positions from 0, a doc id of its own, its labels but the first
+    (never predicted from another example's last token); the rest of a row is padding that trains
+    nothing; rows are filled first-fit, longest first; every epoch serves each row once."""
+    import random
+
+    rows = pack_examples(examples, seq_len, pad)
+    kept = [(ids[:seq_len], labels[:seq_len]) for ids, labels in examples if len(ids) >= 2]
+    found = []
+    for ids, labels, pos, docs in rows:
+        assert len(ids) == len(labels) == len(pos) == len(docs) == seq_len
+        n_docs = max(docs) + 1
+        assert docs == sorted(docs, key=lambda d: d if d >= 0 else n_docs) and docs[0] == 0
+        for d in range(n_docs):
+            at = [k for k, x in enumerate(docs) if x == d]
+            assert at == list(range(at[0], at[0] + len(at)))
+            assert pos[at[0] : at[-1] + 1] == list(range(len(at)))
+            found.append((ids[at[0] : at[-1] + 1], labels[at[0] : at[-1] + 1]))
+        for k, d in enumerate(docs):
+            if d < 0:
+                assert ids[k] == pad and labels[k] == IGNORE
+    want = sorted((ids, [IGNORE, *labels[1:]]) for ids, labels in kept)
+    assert sorted(found) == want
+    # first fit, longest first, by a scan of every row per example
+    room: list[int] = []
+    for n in sorted((len(ids) for ids, _ in kept), reverse=True):
+        r = next((r for r, left in enumerate(room) if n <= left), len(room))
+        room += [seq_len] * (r == len(room))
+        room[r] -= n
+    assert [docs.count(-1) for *_, docs in rows] == room
+    if rows:
+        batch_size, seed = random.Random(seq_len).randint(1, 4), len(examples)
+        per_epoch = -(-len(rows) // batch_size)
+        for epoch in range(2):
+            served = [
+                tuple(r)
+                for step in range(epoch * per_epoch, (epoch + 1) * per_epoch)
+                for r in packed_batch_at(rows, batch_size, seed, step).input_ids.tolist()
+            ]
+            assert sorted(served) == sorted(tuple(ids) for ids, *_ in rows)
+        every = packed_batch_at(rows, len(rows), seed, 0)
+        assert every.num_target_tokens == sum(sum(lab != IGNORE for lab in labels[1:]) for _, labels in kept)
+
+
+@settings(max_examples=15)
+@given(
+    examples=st.lists(_EXAMPLE, min_size=1, max_size=6),
+    seq_len=st.integers(4, 12),
+    batch_size=st.integers(1, 3),
+)
+def test_the_packed_loss_is_each_examples_own_cross_entropy_over_its_targets(
+    examples, seq_len, batch_size
+) -> None:
+    """However examples are packed and batched, the summed loss of every batch of an epoch is the sum
+    over the examples, each run alone and cut to --seq-len, of the cross-entropy of each target token
+    given the tokens before it in its own example."""
+    import torch.nn.functional as F
+
+    model = _small_model()
+    kept = [(ids[:seq_len], labels[:seq_len]) for ids, labels in examples if len(ids) >= 2]
+    rows = pack_examples(examples, seq_len)
+    with torch.no_grad():
+        want, count = 0.0, 0
+        for ids, labels in kept:
+            logits = model(torch.tensor([ids]))[0].float()
+            for t in range(1, len(ids)):
+                if labels[t] != IGNORE:
+                    want += F.cross_entropy(logits[t - 1 : t], torch.tensor([labels[t]])).item()
+                    count += 1
+        got = 0.0
+        for step in range(-(-len(rows) // batch_size) if rows else 0):
+            batch = packed_batch_at(rows, batch_size, 0, step)
+            n = batch.num_target_tokens
+            if n:
+                got += sft_loss(model, batch).item() * n
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-4) and count == sum(
+        sum(lab != IGNORE for lab in labels[1:]) for _, labels in kept
+    )
+
+
+@functools.cache
+def _small_model() -> torch.nn.Module:
+    """One small model for every example of a property (built once: its weights never change)."""
+    from model_configs import small_config
+    from nanoseek.checkpoint import build_model
+
+    model = build_model(small_config()).init_weights(0).eval()
+    model.set_balance_alpha(0.0)
+    return model

@@ -83,7 +83,9 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     overflow exp() into inf and poison the whole loss.
     """
     log_ratio = (ref_logp - logp).clamp(-20.0, 20.0)
-    return torch.exp(log_ratio) - log_ratio - 1.0
+    # expm1(x) - x, not exp(x) - x - 1: for the small log-ratios of policies that barely moved, exp(x)
+    # rounded to 1 ± ulp left a float32 KL of -6e-8 (a negative `kl` logged); expm1(x) rounds to >= x
+    return torch.expm1(log_ratio) - log_ratio
 
 
 def token_logprobs(

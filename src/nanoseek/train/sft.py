@@ -190,7 +190,18 @@ def _template_turn(
     turn = full[len(prompt_text) :]
     m = messages[-1]
     kept = (str(m.get(key) or "").strip() for key in ("content", "reasoning_content"))
-    return turn if all(text in turn for text in kept) else None
+    if not all(text in turn for text in kept):
+        return None
+    if str(m.get("reasoning_content") or "").strip():
+        # rendered means the turn changes with it: reasoning found in the turn by its text alone ("4"
+        # in the answer "It is 4.", in a call's arguments) was taken as rendered, and never trained
+        bare = {k: v for k, v in m.items() if k != "reasoning_content"}
+        rest = tokenizer.apply_chat_template(
+            [*messages[:-1], bare], add_generation_prompt=False, tokenize=False, **kw
+        )
+        if rest == full:
+            return None
+    return turn
 
 
 def _through_first_stop(tokenizer: Any, ids: list[int]) -> list[int]:
