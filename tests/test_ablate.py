@@ -1,9 +1,14 @@
 """`nanoseek ablate`: each study's run plan checked without training, budgets, resume, the report."""
 
 import json
+import math
+import re
+import statistics
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nanoseek.ablate import (
     STUDIES,
@@ -960,3 +965,77 @@ def test_a_study_whose_every_run_diverged_links_no_empty_plots(tmp_path, monkeyp
     assert "![" not in text
     assert "No validation curve to plot: no run of this study finished without diverging." in text
     assert not list((report.parent / "plots").glob("*.png"))
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+_LOSS = st.integers(0, 4000).map(lambda i: i / 1000)
+# a run's curve: evaluated at 0 and at increasing FLOP counts after (as `nanoseek ablate` evaluates)
+_CURVE = st.lists(st.tuples(st.integers(1, 50), _LOSS), min_size=1, max_size=5).flatmap(
+    lambda steps: _LOSS.map(
+        lambda first: (
+            [(0, first)] + [(sum(s for s, _ in steps[: i + 1]), y) for i, (_, y) in enumerate(steps)]
+        )
+    )
+)
+
+
+def _interpolated(x: float, points: list) -> float:
+    """A curve's value at x by straight lines between its points (x within them)."""
+    (x0, y0), (x1, y1) = next((p, q) for p, q in zip(points, points[1:], strict=False) if q[0] >= x)
+    return y1 if x == x1 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    a=st.dictionaries(st.integers(0, 3), _CURVE, min_size=1, max_size=3),
+    b=st.dictionaries(st.integers(0, 3), _CURVE, min_size=1, max_size=3),
+    kind=st.sampled_from(["lower", "higher"]),
+)
+def test_a_curve_claim_is_the_seeds_paired_difference_at_the_point_every_run_reached(
+    tmp_path_factory, a, b, kind
+) -> None:
+    """Whatever the curves: the point is the least last FLOP count of every run, each run's value there
+    is its curve's straight line (its own measurement where it was evaluated there), the means, the
+    mean difference and its sample sd are over the seeds both variants ran, and the verdict is yes where
+    every seed agrees with the claim, no where every one contradicts it."""
+    from nanoseek.ablate_report import StudyMetrics, judge
+
+    curves = {**{("a", s): c for s, c in a.items()}, **{("b", s): c for s, c in b.items()}}
+    m = StudyMetrics(_study(tmp_path_factory.mktemp("study"), curves))
+    x = min(c[-1][0] for c in curves.values())
+    at = {key: _interpolated(x, c) for key, c in curves.items()}
+    for (variant, seed), c in curves.items():
+        if x in dict(c):
+            assert m.at(variant, "flops", x)[seed] == dict(c)[x]
+    measured, verdict = judge(
+        m, {"a": "a", "b": "b", "metric": "val_loss", "kind": kind, "at": "curve"}, "flops"
+    )
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        assert (measured, verdict) == ("–", "not run")
+        return
+    diffs = [at[("a", s)] - at[("b", s)] for s in seeds]
+    said = re.fullmatch(r"a (\S+) vs b (\S+): Δ (\S+)(?: ± (\S+))? at (\S+) FLOPs", measured)
+    assert said and float(said[5]) == float(f"{x:.3g}"), measured
+    assert (said[4] is None) == (len(seeds) == 1)
+    means = [statistics.fmean(at[(v, s)] for s in seeds) for v in "ab"] + [statistics.fmean(diffs)]
+    for shown, value in zip(
+        said.groups(), means + ([statistics.stdev(diffs)] if len(seeds) > 1 else []), strict=False
+    ):
+        assert math.isclose(float(shown), value, abs_tol=6e-5), (measured, value)
+    if any(0 < abs(d) < 1e-9 for d in diffs):
+        return  # two interpolations all but tied: rounding decides it either way
+    agree = [0 if d == 0 else (1 if (d < 0) == (kind == "lower") else -1) for d in diffs]
+    assert verdict.split(" (")[0] == ("yes" if min(agree) > 0 else "no" if max(agree) < 0 else "inconclusive")
+
+
+def test_a_run_evaluated_at_the_common_point_is_judged_on_its_own_measurement(tmp_path) -> None:
+    """The common point is the shortest run's last evaluation: its value there was interpolated as
+    0.009 + 1 x (0.001 - 0.009) = 0.0010000000000000009, so two variants that measured the same 0.001
+    there were judged "no" (a worse) instead of a tie."""
+    from nanoseek.ablate_report import StudyMetrics, judge
+
+    m = StudyMetrics(_study(tmp_path, {("a", 0): [(0, 0.0), (1, 0.001)], ("b", 0): [(0, 0.009), (1, 0.001)]}))
+    assert m.at("b", "flops", 1) == {0: 0.001}
+    claim = {"a": "a", "b": "b", "metric": "val_loss", "kind": "lower", "at": "curve"}
+    assert judge(m, claim, "flops")[1] == "inconclusive (tie)"

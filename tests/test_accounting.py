@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from nanoseek.accounting import (
     account,
@@ -20,7 +22,7 @@ from nanoseek.accounting import (
     training_cost,
 )
 from nanoseek.cli import main
-from nanoseek.config import PRESETS, get_preset
+from nanoseek.config import PRESETS, ModelConfig, get_preset
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -618,3 +620,93 @@ def test_cost_cli_prints_total_flops_and_prices_at_the_given_rate(capsys) -> Non
 def test_cost_cli_wall_clock_rounds_before_it_picks_the_unit(gpu_hours: str, said: str, capsys) -> None:
     assert main(["cost", "tiny", "--tokens", "1B", "--gpu-hours", gpu_hours, "--gpus", "1"]) == 0
     assert f"wall clock        {said} on 1 GPUs" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+@st.composite
+def _model_configs(draw) -> ModelConfig:
+    """A small model of any family and shape: MLA with or without a query LoRA, or GQA (Qwen2, Llama with
+    biases or not); dense, or MoE with any experts, shared ones, dense first layers and layer frequency;
+    MTP depths; tied embeddings."""
+    family = draw(st.sampled_from(["deepseek_v3", "qwen2", "llama"]))
+    heads = draw(st.integers(1, 4))
+    kw = dict(
+        model_type=family,
+        vocab_size=draw(st.integers(8, 64)),
+        hidden_size=8 * draw(st.integers(1, 6)),
+        intermediate_size=draw(st.integers(1, 40)),
+        moe_intermediate_size=draw(st.integers(1, 20)),
+        num_hidden_layers=draw(st.integers(1, 4)),
+        num_attention_heads=heads,
+        q_lora_rank=draw(st.none() | st.integers(1, 16)),
+        kv_lora_rank=draw(st.integers(1, 16)),
+        qk_nope_head_dim=draw(st.integers(1, 8)),
+        qk_rope_head_dim=2 * draw(st.integers(1, 4)),
+        v_head_dim=draw(st.integers(1, 8)),
+        first_k_dense_replace=draw(st.integers(0, 3)),
+        num_nextn_predict_layers=draw(st.integers(0, 2)),
+        tie_word_embeddings=draw(st.booleans()),
+        torch_dtype="float32",
+        extra={"moe_layer_freq": draw(st.integers(1, 3)), "attention_bias": draw(st.booleans())},
+    )
+    if family != "deepseek_v3":
+        kw["num_key_value_heads"] = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
+        kw["head_dim"] = 2 * draw(st.integers(1, 4))
+    if draw(st.booleans()):
+        experts = draw(st.integers(1, 8))
+        groups = draw(st.sampled_from([g for g in range(1, experts + 1) if experts % g == 0]))
+        kw.update(
+            n_routed_experts=experts,
+            num_experts_per_tok=draw(st.integers(1, experts)),
+            n_group=groups,
+            topk_group=draw(st.integers(1, groups)),
+            n_shared_experts=draw(st.none() | st.integers(0, 2)),
+        )
+    else:
+        kw.update(n_routed_experts=None, num_experts_per_tok=None, n_shared_experts=None)
+    try:
+        return ModelConfig(**kw)
+    except ValueError:  # a shape the model refuses (validate): not one to count
+        assume(False)
+
+
+@settings(max_examples=30)
+@given(config=_model_configs())
+def test_the_counts_of_any_model_are_its_formulas_and_its_parameters_one_by_one(config: ModelConfig) -> None:
+    """The count from the built model equals the closed forms, and its total (with the MTP modules
+    apart) is what summing the model's own parameters, a tied matrix once, gives."""
+    from nanoseek.checkpoint import build_model
+
+    counts = count_parameters(config)
+    assert counts == analytic_parameters(config)
+    model = build_model(config, device="meta")
+    every = {id(p): p.numel() for p in model.parameters()}
+    mtp = {id(p): p.numel() for name, p in model.named_parameters() if name.startswith("model.mtp_layers.")}
+    assert (counts.total, counts.mtp) == (sum(every.values()) - sum(mtp.values()), sum(mtp.values()))
+    assert counts.active <= counts.total and counts.matmul_active <= counts.active
+
+
+@settings(max_examples=20)
+@given(config=_model_configs(), seq_len=st.integers(1, 9))
+def test_the_matmul_flops_of_a_forward_are_two_per_active_parameter(
+    config: ModelConfig, seq_len: int
+) -> None:
+    """torch's FLOP counter over a real forward of any dense model: its matmuls cost 2 FLOPs per active
+    weight per token, `flops_per_token`'s 2 x `matmul_active`. Attention's QK^T and AV are counted
+    apart (the CPU kernel pads MLA's V to the query's width, work no model FLOP counts), and so are
+    GQA's biases, an addition each, which the count takes as weights. Not MoE: its kernels' work
+    (rows padded to buckets, the top-k outputs summed by a bmm) is more than the model's FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nanoseek.model.transformer import DeepSeekV3
+
+    # (an MLA whose V is wider than its query runs SDPA's unfused path: its bmm's are attention's)
+    assume(config.attention_variant == "gqa" or config.v_head_dim <= config.qk_head_dim)
+    config = config.replace(num_nextn_predict_layers=0, n_routed_experts=None, num_experts_per_tok=None)
+    model = DeepSeekV3(config).init_weights(0)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randint(0, config.vocab_size, (1, seq_len)))
+    flops = counter.get_flop_counts()["Global"]
+    matmuls = sum(v for op, v in flops.items() if "scaled_dot_product" not in str(op))
+    biases = sum(p.numel() for name, p in model.named_parameters() if name.endswith(".bias"))
+    assert matmuls == seq_len * 2 * (count_parameters(config).matmul_active - biases)

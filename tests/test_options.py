@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import re
+import typing
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from nanoseek.cli import build_parser
 from nanoseek.evaluate import EvalConfig
@@ -643,3 +648,169 @@ def test_the_resume_line_of_a_torchrun_rank_names_torchrun(monkeypatch) -> None:
         _resume_command(["pretrain", "--out", "r"], args)
         == "torchrun <its options> -m nanoseek pretrain --out r --resume"
     )
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+@functools.cache
+def _parser(command: str) -> argparse.ArgumentParser:
+    """`command_parser`, built once: a parser parses any number of command lines."""
+    return command_parser(command)
+
+
+# the configs each command's flags build, and the fields a command sets itself (distill's student's data)
+_COMMANDS = {
+    "pretrain": ((PretrainConfig, ()),),
+    "sft": ((SFTConfig, ()),),
+    "grpo": ((GRPOConfig, ()),),
+    "eval": ((EvalConfig, ()),),
+    "distill": ((DistillConfig, ()), (SFTConfig, ("init", "data", "task", "task_examples", "multi_turn"))),
+}
+# a word of any script, as a path, a name or a list's item: no comma (a list's separator), no leading
+# "~" (the home directory, `path`) or "-" (a flag, where a value is its own word)
+_WORD = st.text(st.characters(codec="utf-8", exclude_characters="\x00,~-"), min_size=1, max_size=8)
+
+
+def _flag_values(cls: type, field: dataclasses.Field) -> st.SearchStrategy:
+    """(the words given after a flag, once per time it is given; the field's value they make)."""
+    from nanoseek.data.tasks.registry import TASKS
+    from nanoseek.options import _scalar_type, torch_seed
+
+    meta, kind = field.metadata, _scalar_type(typing.get_type_hints(cls)[field.name])
+    if meta["choices"]:
+        return st.sampled_from(meta["choices"]).map(lambda v: ([[v]], v))
+    if getattr(meta["parse"], "__name__", None) == "split_task_list":  # `--task a,b --task c`
+        tasks = st.lists(
+            st.lists(st.sampled_from(sorted(TASKS)), min_size=1, max_size=3), min_size=1, max_size=3
+        )
+        return tasks.map(lambda given: ([[",".join(g)] for g in given], [t for g in given for t in g]))
+    if meta["nargs"] == "+":  # `--data a b --data c`
+        words = st.lists(st.lists(_WORD, min_size=1, max_size=3), min_size=1, max_size=3)
+        return words.map(lambda given: (given, [w for g in given for w in g]))
+    if meta["listed"]:  # `--task a --task b`: "a,b"
+        return st.lists(_WORD, min_size=1, max_size=3).map(
+            lambda given: ([[w] for w in given], ",".join(given))
+        )
+    if kind is int:
+        ints = (
+            st.integers(-(2**63), 2**64 - 1)
+            if meta["parse"] is torch_seed
+            else st.integers(-(10**20), 10**20)
+        )
+        return ints.map(lambda v: ([[str(v)]], v))
+    if kind is float:
+        return st.floats(allow_nan=False).map(lambda v: ([[repr(v)]], v))
+    return _WORD.map(lambda v: ([[v]], v))
+
+
+@st.composite
+def _command_lines(draw, command: str) -> tuple[list[str], dict]:
+    """A command line of `command` setting a random subset of its fields (every required one) to random
+    values, and the values it sets: `--x=v` (a negative number is a flag to argparse as a word of its
+    own), a list flag's words after it, a bool's flag given or not, a positional first."""
+    from nanoseek.options import _long_flag, _scalar_type
+
+    argv, positional, expected = [], [], {}
+    for cls, skip in _COMMANDS[command]:
+        for f in dataclasses.fields(cls):
+            if f.name in skip or f.name in expected or not f.metadata.get("cli", True):
+                continue
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if not (required or draw(st.booleans())):
+                continue
+            kind = _scalar_type(typing.get_type_hints(cls)[f.name])
+            flag = _long_flag(f.name, f.metadata, kind, f.default)
+            if kind is bool:
+                argv.append(flag)
+                expected[f.name] = not f.default
+                continue
+            given, expected[f.name] = draw(_flag_values(cls, f))
+            if f.metadata["positional"]:
+                positional += given[0]
+            elif f.metadata["nargs"] == "+":
+                argv += [word for words in given for word in (flag, *words)]
+            else:
+                argv += [f"{flag}={words[0]}" for words in given]
+    return positional + argv, expected
+
+
+@pytest.mark.parametrize("command", sorted(_COMMANDS))
+@settings(max_examples=30)
+@given(data=st.data())
+def test_any_command_line_builds_the_config_it_says(command, data) -> None:
+    """Every field given its flag (ints to 2**64, floats in repr, any script, bools as `--x`/`--no-x`,
+    choices, list flags given several times) reads back as given; every field left out is the
+    dataclass's default, whichever the command."""
+    argv, expected = data.draw(_command_lines(command))
+    args = _parser(command).parse_args(argv)
+    (cls, _), *student = _COMMANDS[command]
+    config = from_options(cls, args)
+    if student:  # distill: the student's fine-tuning, as `nanoseek distill` builds it
+        config = from_options(
+            DistillConfig, args, sft=from_options(SFTConfig, args, init="s", data=None, task=None)
+        )
+    own = {f.name: f for f in dataclasses.fields(cls)}
+    for c in [config, *([config.sft] if student else [])]:
+        for f in dataclasses.fields(c):
+            if not f.metadata.get("cli", True) or (c is not config and f.name in _COMMANDS[command][1][1]):
+                continue
+            if f.name in expected:
+                assert getattr(c, f.name) == expected[f.name], (f.name, argv)
+            else:
+                f = own.get(f.name, f)  # a flag the student shares with distill (--out, --seed) is distill's
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                default = [default] if f.metadata["nargs"] and isinstance(default, str) else default
+                assert getattr(c, f.name) == default, (f.name, argv)
+
+
+_REQUIRED = {
+    "pretrain": [],
+    "sft": ["--init", "ck"],
+    "grpo": ["--init", "ck", "--task", "addition"],
+    "eval": ["ck", "--task", "addition"],
+    "distill": ["--teacher", "t", "--student", "s", "--task", "addition"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(_REQUIRED))
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), text=st.text(max_size=10))
+def test_a_value_a_flag_cannot_take_is_refused_naming_the_flag(command, data, text, capsys) -> None:
+    """Any text a number or choice flag cannot take: a usage error (2) that names the flag, and the
+    choice it names where it says "did you mean" is one of the flag's."""
+    from nanoseek.cli import main
+
+    typed = [
+        a for a in _parser(command)._actions if a.option_strings and (a.choices or a.type in (int, float))
+    ]
+    action = data.draw(st.sampled_from(typed))
+    if action.choices:
+        assume(text not in action.choices)
+    else:
+        try:
+            action.type(text)
+        except ValueError:
+            pass
+        else:
+            assume(False)  # (a number after all)
+    with pytest.raises(SystemExit) as e:
+        main([command, *_REQUIRED[command], f"{action.option_strings[0]}={text}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {action.option_strings[0]}" in err, err
+    meant = re.search(r"did you mean '(.*)'\?", err)
+    assert meant is None or meant[1] in map(str, action.choices)
+
+
+@pytest.mark.parametrize("command", sorted(_REQUIRED))
+@settings(max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(word=st.text(st.characters(codec="ascii", categories=["L", "N"]), min_size=1, max_size=12))
+def test_an_unknown_flag_is_refused_and_the_flag_named_for_it_is_the_commands(command, word, capsys) -> None:
+    from nanoseek.cli import main
+
+    flags = {s for a in _parser(command)._actions for s in a.option_strings}
+    assume(f"--{word}" not in flags | {"--version"})
+    with pytest.raises(SystemExit) as e:
+        main([command, *_REQUIRED[command], f"--{word}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"unrecognized arguments: --{word}" in err, err
+    meant = re.search(r"did you mean (.*)\?", err)
+    assert meant is None or meant[1] in flags, err

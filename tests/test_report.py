@@ -1,9 +1,13 @@
 import json
+import math
 import os
 import stat
+import statistics
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nanoseek.cli import main
 from nanoseek.metrics import MetricsLog, read_metrics
@@ -1143,3 +1147,206 @@ def test_a_price_of_zero_is_a_free_machine_not_an_error(tmp_path):
     assert "| pretrain | 120 s | 1.00M | $0.0000 |" in text and "$0.00 per machine-hour" in text
     with pytest.raises(ValueError, match="price >= 0"):
         build_report(tmp_path, usd_per_hour=-1.0)
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+# any character a str may hold, the lone surrogates Python decodes a non-UTF-8 byte of a path into too
+# (`surrogateescape`); not the high surrogates, which JSON's escapes pair with a low one into one character
+_CHAR = st.characters() | st.integers(0xDC80, 0xDCFF).map(chr)
+_KEY = st.lists(_CHAR, max_size=6).map("".join)
+_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.lists(_CHAR, max_size=12).map("".join),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEY, inner, max_size=3),
+    max_leaves=8,
+)
+_FIELDS = st.dictionaries(_KEY.filter(lambda k: k not in ("stage", "step", "time")), _VALUE, max_size=4)
+
+
+def _as_logged(value):
+    """A value as the log writes it: JSON has no NaN or infinity (their names instead), keys are text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _as_logged(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_logged(v) for v in value]
+    return value
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    before=st.lists(st.tuples(st.integers(0, 3), _FIELDS), max_size=4),
+    torn=st.none() | st.tuples(_FIELDS, st.integers(1, 10**6)),
+    after=st.lists(st.tuples(st.integers(0, 3), _FIELDS), max_size=4),
+)
+def test_the_metrics_log_reads_back_every_record_written_whatever_it_holds(
+    tmp_path_factory, before, torn, after
+):
+    """Any record of any fields (NaN and infinities, any text, nested lists and dicts, a step logged
+    again as a resume does), with a line torn anywhere between them (a kill mid-write, maybe inside a
+    character), reads back as written: the torn line alone is lost."""
+    run = tmp_path_factory.mktemp("run")
+    log = MetricsLog(run, "s")
+    written = [log.log(step, **fields) for step, fields in before]
+    if torn is not None:
+        fields, cut = torn
+        line = json.dumps({"stage": "s", **_as_logged(fields)}, ensure_ascii=False).encode(
+            "utf-8", "surrogatepass"
+        )
+        with open(run / "metrics.jsonl", "ab") as f:
+            f.write(line[: cut % len(line)])
+    written += [log.log(step, **fields) for step, fields in after]
+    for r, (step, fields) in zip(written, before + after, strict=True):
+        assert r == {"stage": "s", "step": step, "time": r["time"], **_as_logged(fields)}
+    assert list(read_metrics(run)) == written
+
+
+def test_a_path_that_is_no_utf_8_is_logged_and_read_back(tmp_path):
+    """`nanoseek grpo --init` a directory whose name holds a Latin-1 byte (`caf\xe9`): Python gives the
+    path the surrogate `\udce9`, and the start record failed with "'utf-8' codec can't encode character
+    '\udce9'" once the model was loaded."""
+    MetricsLog(tmp_path, "grpo").log(0, event="start", init="/runs/caf\udce9")
+    assert [r["init"] for r in read_metrics(tmp_path)] == ["/runs/caf\udce9"]
+
+
+# Student's t at 97.5%, df = 1..5 (any table): the 95% interval of a mean over 2..6 problems
+_T_95 = {2: 12.7062, 3: 4.30265, 4: 3.18245, 5: 2.77645, 6: 2.57058}
+_SCORE = st.integers(0, 8).map(lambda i: i / 8)
+
+
+@st.composite
+def _evaluations(draw):
+    """`nanoseek eval` records of stages and families drawn at random, some with per-problem scores (of
+    the same problems) and per-language figures, some a family scored again."""
+    n = draw(st.integers(2, 6))
+    records = []
+    for _ in range(draw(st.integers(1, 10))):
+        r = {"evaluated": draw(st.sampled_from(["pretrain", "sft", "grpo", "distill"])), "k": 4}
+        r.update(
+            task=draw(st.sampled_from(["addition", "sorting", "comparison"])), **{"pass@1": draw(_SCORE)}
+        )
+        if draw(st.booleans()):
+            r.update(
+                problems=n,
+                problems_digest=f"d{n}",
+                **{"pass@1_per_problem": draw(st.lists(_SCORE, min_size=n, max_size=n))},
+            )
+        if draw(st.booleans()):
+            langs = draw(st.sets(st.sampled_from(["en", "ja", "zh"]), min_size=1))
+            r["pass@1_by_language"] = {lang: draw(_SCORE) for lang in sorted(langs)}
+        records.append(r)
+    return records
+
+
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(records=_evaluations())
+def test_the_pass_at_1_figures_are_the_latest_scores_means_and_paired_intervals(tmp_path_factory, records):
+    """Whatever was scored, in any order: each (checkpoint, family) shows its latest score, a stage's
+    mean is over the families when it scored them all, GRPO's gain on a family is its score less its
+    start's (SFT where scored, else pretraining) with the paired t interval of the per-problem
+    differences, and the goal's mean gain is over the families that start in [20%, 80%]."""
+    from nanoseek.report import RunMetrics, _pct
+
+    run = tmp_path_factory.mktemp("run")
+    log = MetricsLog(run, "eval")
+    for r in records:
+        log.log(**r)
+    latest = {(r["evaluated"], r["task"]): r for r in records}
+    score = {key: r["pass@1"] for key, r in latest.items()}
+    stages = [s for s in ("pretrain", "sft", "grpo", "distill") if any(k[0] == s for k in latest)]
+    tasks = {t for _, t in latest}
+    sm = RunMetrics(run).pass_at_1_summary()
+    assert (sm["stages"], set(sm["tasks"]), sm["pass@1"]) == (stages, tasks, score)
+    for s in stages:
+        scores = [score.get((s, t)) for t in tasks]
+        mean = None if None in scores else sm["means"][s]
+        assert sm["means"][s] == mean and (mean is None or math.isclose(mean, statistics.fmean(scores)))
+    start = "sft" if "sft" in stages else "pretrain"
+    gains = {
+        t: score[("grpo", t)] - score[(start, t)]
+        for t in tasks
+        if ("grpo", t) in score and (start, t) in score
+    }
+    assert sm["gains"].keys() == gains.keys()
+    for t, gain in gains.items():
+        assert math.isclose(sm["gains"][t], gain, abs_tol=1e-12)
+        after, before = (
+            latest[("grpo", t)].get("pass@1_per_problem"),
+            latest[(start, t)].get("pass@1_per_problem"),
+        )
+        if after and before:
+            diffs = [a - b for a, b in zip(after, before, strict=True)]
+            margin = _T_95[len(diffs)] * statistics.stdev(diffs) / math.sqrt(len(diffs))
+            assert math.isclose(sm["gain_margins"][t], margin, rel_tol=1e-4, abs_tol=1e-12)
+        else:
+            assert t not in sm["gain_margins"]
+    mid = [t for t in gains if 0.2 <= score[(start, t)] <= 0.8]
+    assert set(sm["mid"]) == set(mid)
+    assert (
+        sm["mid_gain"] is None
+        if not mid
+        else math.isclose(sm["mid_gain"], statistics.fmean(gains[t] for t in mid))
+    )
+    text = build_report(run).read_text()
+    assert "| **mean** | " + " | ".join(f"**{_pct(sm['means'][s])}**" for s in stages) + " |" in text
+    for (name, task), r in latest.items():
+        assert f"| {name} | {task} | 4 | {_pct(r['pass@1'])}" in text
+
+
+@st.composite
+def _processes(draw):
+    """The processes of one pretraining: the first from scratch, each later one resumed from a
+    checkpoint at or before the last step the one before it logged: (resumed from, last step)."""
+    replayed_only = draw(st.booleans())  # a log from before resume records: each process logs a step
+    last = draw(st.integers(1, 20))
+    out = [(None, last)]
+    for _ in range(draw(st.integers(0, 4))):
+        resumed = draw(st.integers(1, out[-1][1]))
+        out.append((resumed, draw(st.integers(resumed + replayed_only, resumed + 20))))
+    return replayed_only, out
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(run=_processes(), ended=st.booleans())
+def test_a_run_resumed_any_number_of_times_reads_as_the_steps_its_weights_went_through(
+    tmp_path_factory, run, ended
+):
+    """Each step shows the loss of the last process that trained it and whose work its weights keep:
+    a step some later process resumed from a checkpoint before is dropped (replayed or not). Tokens
+    logged per step sum over those steps; the wall time adds each process's span (the last's end record)."""
+    from nanoseek.metrics import append_records
+    from nanoseek.report import RunMetrics
+
+    replayed_only, procs = run
+    directory = tmp_path_factory.mktemp("run")
+    records, now, wall = [], 1000.0, 0.0
+    for k, (resumed, last) in enumerate(procs):
+        began = now
+        if not replayed_only:
+            event = {"event": "start"} if resumed is None else {"event": "resume", "from_step": resumed}
+            records.append({"stage": "pretrain", "step": 0, "time": now, **event})
+        for step in range((resumed or 0) + 1, last + 1):
+            now += 1.0
+            records.append(
+                {"stage": "pretrain", "step": step, "time": now, "loss": 10.0 * k + step / 100, "tokens": 7}
+            )
+        if k == len(procs) - 1 and ended:
+            records.append(
+                {"stage": "pretrain", "step": last, "time": now, "event": "end", "wall_time_s": 5.5}
+            )
+            wall += 5.5
+        else:
+            wall += now - began
+        now += 100.0
+    append_records(directory / "metrics.jsonl", records)
+    m = RunMetrics(directory)
+    kept = []
+    for k, (resumed, last) in enumerate(procs):
+        limit = min([r for r, _ in procs[k + 1 :]], default=math.inf)
+        kept += [
+            (step, 10.0 * k + step / 100) for step in range((resumed or 0) + 1, last + 1) if step <= limit
+        ]
+    xs, ys = m.steps("pretrain", "loss")
+    assert (list(zip(xs, ys, strict=True)), m.total("pretrain", "tokens")) == (kept, 7 * len(kept))
+    if not replayed_only:  # (where a process replays no step, such a log cannot tell it from the one before)
+        assert m.wall_time("pretrain") == wall

@@ -87,7 +87,10 @@ def _interp(x: float, xs: list[float], ys: list[float]) -> float:
         if xs[i] >= x:
             span = xs[i] - xs[i - 1]
             w = (x - xs[i - 1]) / span if span > 0 else 1.0
-            return ys[i - 1] + w * (ys[i] - ys[i - 1])
+            # weighted, not `y0 + w (y1 - y0)`: at a point the run was evaluated at (the common point is
+            # the shortest run's last) that rounded its own measurement off, and two variants that
+            # measured the same loss there were judged apart instead of tied
+            return ys[i - 1] * (1 - w) + ys[i] * w
     return ys[-1]
 
 

@@ -72,7 +72,10 @@ def append_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
     if not lines:
         return
     try:
-        with open(path, "a", encoding="utf-8") as f:
+        # a lone surrogate (a path from the command line or a file name holding bytes that are no UTF-8,
+        # which Python decodes with surrogateescape: grpo's `init`, eval's `checkpoint`) failed the write
+        # with a UnicodeEncodeError; written as its JSON escape (`\udce9`, inside a string), it reads back as it was
+        with open(path, "a", encoding="utf-8", errors="backslashreplace") as f:
             # after a torn last line (a write cut short by a full disk or a power cut), on a line of its
             # own: appended to the fragment, the first record would be skipped with it
             f.write("\n" + lines if _torn(path) else lines)
