@@ -31,6 +31,68 @@ def small_config(**changes) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def mla_configs(model_types=("deepseek_v3", "deepseek_v2"), hidden_sizes=(8, 12, 16, 24)):
+    """A hypothesis strategy: any small valid DeepSeek (MLA) config. Heads 1, 2 or 4 (transformers wants
+    hidden_size divisible by them), low-rank query or none, odd head sizes, experts or none in groups of
+    1-3 with every valid k / topk_group, both scoring functions and every topk_method, normalized or
+    not, a dense prefix, every other layer MoE, YaRN or plain RoPE, tied embeddings, an MTP layer."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def draw_config(draw) -> ModelConfig:
+        n_group, per_group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+        experts = n_group * per_group if draw(st.booleans()) else 0
+        k = draw(st.integers(1, experts)) if experts else 0
+        layers = draw(st.integers(1, 3))
+        method = draw(st.sampled_from(["noaux_tc", "greedy", "group_limited_greedy"]))
+        if method == "noaux_tc" and n_group > 1 and per_group < 2:  # (refused: a group's top-2 sum)
+            method = "greedy"
+        rope_scaling = None
+        if draw(st.booleans()):
+            rope_scaling = {
+                "type": "yarn",
+                "factor": draw(st.sampled_from([2.0, 4.0])),
+                "original_max_position_embeddings": draw(st.sampled_from([8, 16])),
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": draw(st.sampled_from([1.0, 0.707])),
+                "mscale_all_dim": draw(st.sampled_from([0.0, 1.0, 0.707])),
+            }
+        return ModelConfig(
+            model_type=draw(st.sampled_from(model_types)),
+            vocab_size=draw(st.integers(8, 40)),
+            hidden_size=draw(st.sampled_from(hidden_sizes)),
+            intermediate_size=draw(st.integers(1, 24)),
+            moe_intermediate_size=draw(st.integers(1, 12)),
+            num_hidden_layers=layers,
+            num_attention_heads=draw(st.sampled_from([1, 2, 4])),
+            q_lora_rank=draw(st.none() | st.integers(1, 16)),
+            kv_lora_rank=draw(st.integers(1, 16)),
+            qk_nope_head_dim=draw(st.integers(0, 8)),
+            qk_rope_head_dim=draw(st.sampled_from([2, 4, 6])),
+            v_head_dim=draw(st.integers(1, 8)),
+            n_routed_experts=experts,
+            n_shared_experts=draw(st.integers(0, 2)),
+            num_experts_per_tok=k,
+            n_group=n_group if experts else 1,
+            topk_group=draw(st.integers(-(-k // per_group), n_group)) if experts else 1,
+            routed_scaling_factor=draw(st.sampled_from([1.0, 2.5, 0.5])),
+            scoring_func=draw(st.sampled_from(["sigmoid", "softmax"])),
+            topk_method=method,
+            norm_topk_prob=draw(st.booleans()),
+            first_k_dense_replace=draw(st.integers(0, layers)),
+            num_nextn_predict_layers=draw(st.integers(0, 1)),
+            rope_interleave=draw(st.booleans()),
+            tie_word_embeddings=draw(st.booleans()),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=64,
+            torch_dtype="float32",
+            extra={"moe_layer_freq": draw(st.integers(1, 2))} if draw(st.booleans()) else {},
+        )
+
+    return draw_config()
+
+
 def bf16_copy(checkpoint, out):
     """A copy of a checkpoint directory stored in bf16 (a DeepSeek or R1-distill release's storage),
     tokenizer files included; returns its path."""

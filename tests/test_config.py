@@ -1,7 +1,12 @@
 import json
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from model_configs import mla_configs
+from nanoseek.checkpoint import build_model
 from nanoseek.config import PRESETS, ModelConfig, get_preset, resolve_config
 
 
@@ -355,3 +360,96 @@ def test_a_type_error_reading_a_config_json_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match="config.json: .*not iterable"):
         ModelConfig.load(tmp_path)
+
+
+@settings(max_examples=60)
+@given(mla_configs())
+def test_any_config_round_trips_through_config_json_and_transformers_config_classes(cfg):
+    """Read back, a saved config.json is the config it was saved from; so is the file transformers'
+    DeepseekV3Config / DeepseekV2Config writes from it (which adds its own keys, kept in `extra`, and
+    head_dim, its copy of qk_rope_head_dim, which MLA does not read). A config without routed experts
+    is saved with every layer dense (`to_dict`), the same model: compared as its file says."""
+    transformers = pytest.importorskip("transformers")
+    back = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back.to_dict() == cfg.to_dict()
+    assert ModelConfig.from_dict(back.to_dict()) == back
+    if cfg.is_moe:
+        assert back.replace(extra=cfg.extra) == cfg
+    cls = transformers.DeepseekV3Config if cfg.model_type == "deepseek_v3" else transformers.DeepseekV2Config
+    theirs = ModelConfig.from_dict(json.loads(cls(**cfg.to_dict()).to_json_string()))
+    assert cfg.to_dict().items() <= theirs.to_dict().items()
+
+
+@st.composite
+def config_dicts(draw) -> dict:
+    """A small valid config.json with some fields changed to any value near their range (zero,
+    negative, null, more experts per token than there are, more groups than experts, ...)."""
+    d = {
+        "model_type": draw(st.sampled_from(["deepseek_v3", "deepseek_v2"])),
+        "vocab_size": 16,
+        "hidden_size": 8,
+        "intermediate_size": 4,
+        "moe_intermediate_size": 4,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "q_lora_rank": 4,
+        "kv_lora_rank": 4,
+        "qk_nope_head_dim": 2,
+        "qk_rope_head_dim": 2,
+        "v_head_dim": 2,
+        "n_routed_experts": 4,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+        "first_k_dense_replace": 0,
+        "num_nextn_predict_layers": 0,
+        "max_position_embeddings": 16,
+        "torch_dtype": "float32",
+    }
+    small, maybe = st.integers(-1, 6), st.none() | st.integers(-1, 6)
+    values = {
+        "vocab_size": small,
+        "hidden_size": small,
+        "intermediate_size": small,
+        "moe_intermediate_size": small,
+        "num_hidden_layers": st.integers(-1, 3),
+        "num_attention_heads": st.integers(-1, 3),
+        "q_lora_rank": maybe,
+        "kv_lora_rank": small,
+        "qk_nope_head_dim": small,
+        "qk_rope_head_dim": small,
+        "v_head_dim": small,
+        "n_routed_experts": maybe,
+        "n_shared_experts": maybe,
+        "num_experts_per_tok": maybe,
+        "n_group": maybe,
+        "topk_group": maybe,
+        "first_k_dense_replace": st.integers(-1, 3),
+        "num_nextn_predict_layers": st.integers(-1, 2),
+        "moe_layer_freq": st.integers(-1, 2),
+        "scoring_func": st.sampled_from(["sigmoid", "softmax"]),
+        "topk_method": st.sampled_from(["noaux_tc", "greedy", "group_limited_greedy"]),
+        "max_position_embeddings": st.integers(-1, 8),
+    }
+    for key in draw(st.sets(st.sampled_from(sorted(values)), max_size=4)):
+        d[key] = draw(values[key])
+    return d
+
+
+@settings(max_examples=200)
+@given(config_dicts())
+def test_a_config_json_is_refused_naming_the_problem_or_its_model_runs(d):
+    """No config.json is read that the model then fails on (an IndexError in the router, a shape error
+    in attention): a ValueError at load, or a model whose forwards run (naive, absorbed, MTP)."""
+    try:
+        cfg = ModelConfig.from_dict(d)
+    except ValueError:
+        return
+    model = build_model(cfg).init_weights(seed=0).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 5))
+    with torch.no_grad():
+        h = model(ids, return_hidden=True)[1]
+        model(ids, absorb=True)
+        if cfg.num_nextn_predict_layers:
+            model.mtp_logits(h, ids)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from model_configs import small_config
+from model_configs import mla_configs, small_config
 from nanoseek.checkpoint import build_model
 from nanoseek.config import ModelConfig
-from nanoseek.model.moe import MoE, RoutedExperts, Router
+from nanoseek.model.moe import MoE, RoutedExperts, Router, _grouped_mm
 
 
 def config(**changes) -> ModelConfig:
@@ -461,6 +465,100 @@ def test_experts_with_no_tokens_and_empty_batch():
     assert empty.shape == (0, 8)
 
 
+def test_experts_one_unit_wide_run_grouped():
+    """moe_intermediate_size 1: the activation rows [N,1] have strides (1, 1), which the alignment
+    check let through to torch._grouped_mm as if it were aligned; it raised "strides should be
+    multiple of 16 bytes" at the first forward of a config `validate` accepts."""
+    torch.manual_seed(0)
+    experts, x, idx, w = random_experts(4, 8, 1, tokens=8, k=2)
+    torch.testing.assert_close(experts(x, idx, w), dense_reference(experts, x, idx, w))
+
+
+@settings(max_examples=60)
+@given(
+    st.integers(1, 17),
+    st.integers(1, 17),
+    st.lists(st.integers(0, 5), min_size=1, max_size=4),
+    st.booleans(),
+    st.booleans(),
+)
+def test_grouped_mm_equals_a_loop_of_matmuls(k, m, rows, a_col_major, b_col_major):
+    """Any widths, group sizes (empty ones too) and operand layouts, both forms of `_grouped_mm`
+    (rows x each group's weight; the weight-gradient form over each group's rows) = a loop of mm."""
+    gen = torch.Generator().manual_seed(k * 100 + m)
+    n = sum(rows)
+    offs = torch.tensor(rows, dtype=torch.int32).cumsum(0).to(torch.int32)
+    spans = list(itertools.pairwise([0, *offs.tolist()]))
+
+    def layout(t: torch.Tensor, col_major: bool) -> torch.Tensor:
+        return t.transpose(-2, -1).contiguous().transpose(-2, -1) if col_major else t
+
+    a = layout(torch.randn(n, k, generator=gen), a_col_major)
+    b = layout(torch.randn(len(rows), k, m, generator=gen), b_col_major)
+    want = torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(spans)])
+    torch.testing.assert_close(_grouped_mm(a, b, offs), want)
+    a2 = layout(torch.randn(k, n, generator=gen), a_col_major)
+    b2 = layout(torch.randn(n, m, generator=gen), b_col_major)
+    want2 = torch.stack([a2[:, s:e] @ b2[s:e] for s, e in spans])
+    torch.testing.assert_close(_grouped_mm(a2, b2, offs), want2)
+
+
+def moe_reference(cfg: ModelConfig, moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """DeepSeekMoE for tokens x [T,H], one token and one expert at a time, from the papers and DeepSeek's
+    gates: scores, the bias only to choose, the best topk_group groups (V3: by the sum of a group's top
+    two, V2: by its max), top-k, then V3 normalizes and scales, V2 normalizes *or* scales."""
+    e, size, out = cfg.n_routed_experts, cfg.n_routed_experts // cfg.n_group, torch.zeros_like(x)
+    v3 = cfg.topk_method == "noaux_tc"
+    for t in range(x.shape[0]):
+        logits = moe.gate.weight @ x[t]
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
+        choice = (scores + moe.gate.e_score_correction_bias if v3 else scores).tolist()
+        allowed = list(range(e))
+        if cfg.n_group > 1 and cfg.topk_method != "greedy":
+            rank = {}
+            for g in range(cfg.n_group):
+                best = sorted(choice[g * size : (g + 1) * size], reverse=True)
+                rank[g] = best[0] + best[1] if v3 else best[0]
+            keep = sorted(rank, key=lambda g: -rank[g])[: cfg.topk_group]
+            allowed = [i for i in allowed if i // size in keep]
+        chosen = sorted(allowed, key=lambda i: -choice[i])[: cfg.num_experts_per_tok]
+        w = scores[chosen]
+        if cfg.norm_topk_prob and (v3 or len(chosen) > 1):
+            w = w / w.sum()
+            w = w * cfg.routed_scaling_factor if v3 else w
+        else:
+            w = w * cfg.routed_scaling_factor
+        for weight, i in zip(w, chosen, strict=True):
+            gate, up = (moe.experts.gate_up_proj[i] @ x[t]).chunk(2)
+            out[t] += weight * (moe.experts.down_proj[i] @ (F.silu(gate) * up))
+        if moe.shared_experts is not None:
+            out[t] += moe.shared_experts(x[t])
+    return out
+
+
+@settings(max_examples=40)
+@given(mla_configs(), st.integers(0, 3), st.integers(1, 7))
+def test_moe_equals_a_per_token_loop_for_any_routing(cfg, seed, tokens):
+    """Training (grouped GEMMs under autograd), validation (no_grad) and serving (inference mode: the
+    gathered-weights decode and the shared expert stacked as one more) all equal `moe_reference`."""
+    if not cfg.is_moe:
+        cfg = cfg.replace(n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
+    moe = MoE(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        moe.gate.weight.mul_(3)  # scores spread over (0, 1): the choice is no coin toss
+        moe.gate.e_score_correction_bias.copy_(torch.rand(cfg.n_routed_experts, generator=gen) * 0.2)
+    x = torch.randn(1, tokens, cfg.hidden_size, generator=gen)
+    with torch.no_grad():
+        want = moe_reference(cfg, moe, x[0])
+        torch.testing.assert_close(moe(x)[0], want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(moe(x)[0].detach(), want, rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(moe(x)[0], want, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------ MTP
 def test_mtp_shapes_and_shifted_tokens():
     cfg = config(num_nextn_predict_layers=2)
@@ -877,3 +975,48 @@ def test_derived_weights_rebuild_for_a_replaced_source_and_build_without_autogra
             assert derived._epoch is inner
         assert derived._epoch is outer
     assert derived._epoch is None
+
+
+# -------------------------------------------------------------- any config
+@settings(max_examples=15)
+@given(mla_configs(), st.integers(0, 3), st.booleans())
+def test_absorbed_equals_naive_for_any_config(cfg, seed, fold):
+    """Folded (W_UK into the query, W_UV into the output) or applied per head (`FOLD_LIMIT`)."""
+    from nanoseek.model import attention
+
+    model = model_for(cfg, seed)
+    x = ids(seq=10, vocab=cfg.vocab_size, seed=seed)
+    limit = attention.FOLD_LIMIT
+    try:
+        attention.FOLD_LIMIT = limit if fold else 0
+        with torch.no_grad():
+            naive = model(x, absorb=False)
+            torch.testing.assert_close(model(x, absorb=True), naive, rtol=0, atol=1e-4)
+    finally:
+        attention.FOLD_LIMIT = limit
+
+
+@settings(max_examples=15)
+@given(
+    mla_configs(),
+    st.integers(0, 3),
+    st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=9), min_size=1, max_size=3),
+    st.integers(1, 6),
+    st.booleans(),
+)
+def test_engine_greedy_is_the_full_forwards_argmax_for_any_config(cfg, seed, prompts, chunk, speculative):
+    """Batched, in prefill chunks, over paged blocks, speculating with the MTP layer where there is one:
+    each generated token is the argmax of the full forward over the prompt and the tokens before it."""
+    from nanoseek.engine import Engine
+
+    model = model_for(cfg.replace(eos_token_id=None), seed)
+    speculative = speculative and cfg.num_nextn_predict_layers > 0
+    engine = Engine(model, max_batch_size=2, block_size=4, prefill_chunk=chunk, speculative=speculative)
+    for prompt, got in zip(prompts, engine.generate(prompts, max_new_tokens=5, ignore_eos=True), strict=True):
+        assert len(got) == 5
+        seq = list(prompt)
+        with torch.no_grad():
+            for token in got:
+                logits = model(torch.tensor([seq]))[0, -1]
+                assert logits[token] >= logits.max() - 1e-4, (seq, token, logits)
+                seq.append(token)

@@ -192,6 +192,23 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype, b_dim: int) -> b
         return False
 
 
+def _grouped_mm_layout_ok(t: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` takes this operand's layout: 16-byte aligned, one of its last two
+    dims contiguous (the one torch's own check picks) and every other stride a multiple of 16 bytes.
+    A stride of 1 counts too unless it is the contiguous dim's: a width-1 matrix ([N,1], as rows of
+    moe_intermediate_size 1 are) has strides (1, 1), which torch refused ("strides should be multiple
+    of 16 bytes") where skipping every stride of 1 had passed it to the kernel."""
+    (rows, cols), (s_rows, s_cols) = t.shape[-2:], t.stride()[-2:]
+    if s_rows == 1 and s_cols >= max(1, rows):  # column-major: torch checks this order first
+        lead = -1
+    elif s_cols == 1 and s_rows >= max(1, cols):
+        lead = -2
+    else:
+        return False
+    strides = [t.stride(lead), *t.stride()[:-2]]
+    return t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0 for st in strides)
+
+
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Per-group matmul over row groups ending at `offs` (cumulative, int32).
 
@@ -211,8 +228,7 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
         a.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and not few_rows
         and not bucketed
-        and all(t.data_ptr() % 16 == 0 and (t.stride(-1) == 1 or t.stride(-2) == 1) for t in (a, b))
-        and all((st * t.element_size()) % 16 == 0 for t in (a, b) for st in t.stride() if st != 1)
+        and all(_grouped_mm_layout_ok(t) for t in (a, b))
         and _grouped_mm_works(a.device, a.dtype, b.dim())  # older torch, or a device it has no kernel for
     ):
         return torch._grouped_mm(a, b, offs=offs)
