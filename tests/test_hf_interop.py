@@ -356,6 +356,18 @@ def test_saving_a_v2_router_transformers_cannot_run_warns_naming_it(tmp_path):
     torch.testing.assert_close(nanoseek.load_model(tmp_path / "ck").eval()(ids_for()), ours(ids_for()))
 
 
+def test_saving_a_v2_width_transformers_refuses_warns_naming_it(tmp_path):
+    """MLA's heads need not divide hidden_size (nanoseek and transformers' DeepseekV3 run such a model);
+    transformers' DeepseekV2Config refuses the file, which the save said nothing of."""
+    ours = build_model(v2_config(topk_method="greedy", n_group=1, topk_group=1, hidden_size=66))
+    with pytest.warns(UserWarning, match="hidden_size=66 not a multiple of num_attention_heads=4"):
+        save_model(ours, tmp_path / "ck")
+    with pytest.raises(
+        Exception, match="not a multiple of the number of attention heads"
+    ):  # the warning is true
+        transformers.AutoConfig.from_pretrained(tmp_path / "ck")
+
+
 def test_a_transformers_v2_checkpoint_with_mlp_bias_is_refused_naming_it(tmp_path):
     """transformers' DeepseekV2 gives the dense MLPs and shared experts biases with `mlp_bias`; nanoseek's
     MLPs have none, and such a checkpoint was refused as "written for another config.json"."""

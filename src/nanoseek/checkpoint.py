@@ -253,6 +253,11 @@ def transformers_differences(config: ModelConfig) -> list[str]:
         out.append("rope_interleave=False (its deepseek_v2 reads RoPE dims interleaved)")
     if config.is_moe and freq != 1:
         out.append(f"moe_layer_freq={freq} (it makes every layer past first_k_dense_replace an MoE layer)")
+    if mt == "deepseek_v2" and config.hidden_size % config.num_attention_heads:  # (MLA needs no such fit)
+        out.append(
+            f"hidden_size={config.hidden_size} not a multiple of num_attention_heads="
+            f"{config.num_attention_heads} (its DeepseekV2Config refuses the file)"
+        )
     return out
 
 
