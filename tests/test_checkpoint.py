@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from tests.model_configs import small_config
 
 import nanoseek
 from nanoseek.atomic import FILE_MODE, atomic_directory, atomic_file, atomic_write
@@ -1104,3 +1107,186 @@ def test_a_checkpoint_path_that_is_a_link_loop_is_one_line(tmp_path, capsys):
     assert main(["inspect", str(loop)]) == 2
     err = capsys.readouterr().err
     assert err == f"nanoseek inspect: error: {loop}: Too many levels of symbolic links\n"
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+@st.composite
+def _configs(draw) -> ModelConfig:
+    """The small shape with its parts on or off: dense and MoE layers, shared experts or none, groups,
+    a low-rank or full query, a tied head, MTP layers, and the dtype config.json names."""
+    layers, experts = draw(st.integers(1, 3)), draw(st.sampled_from([4, 8]))
+    groups = draw(st.sampled_from([g for g in (1, 2, 4) if experts // g >= 2]))
+    return small_config(
+        num_hidden_layers=layers,
+        first_k_dense_replace=draw(st.integers(0, layers)),
+        n_routed_experts=experts,
+        n_group=groups,
+        topk_group=draw(st.integers(1, groups)),
+        n_shared_experts=draw(st.integers(0, 2)),
+        q_lora_rank=draw(st.sampled_from([None, 48])),
+        tie_word_embeddings=draw(st.booleans()),
+        num_nextn_predict_layers=draw(st.integers(0, 2)),
+    )
+
+
+_DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
+
+
+@pytest.mark.filterwarnings("ignore:transformers loads this checkpoint", "ignore:.*MTP layer")
+@settings(max_examples=10)
+@given(
+    cfg=_configs(),
+    dtype=_DTYPES,
+    save_dtype=st.none() | _DTYPES,
+    max_shard_bytes=st.integers(1, 200_000),
+    seed=st.integers(0, 3),
+)
+def test_any_small_model_saved_loads_back_bit_identical(
+    tmp_path_factory, cfg, dtype, save_dtype, max_shard_bytes, seed
+):
+    """save_model then load_model, in the dtype it was saved in: every tensor bit-identical (the balancing
+    bias in fp32, as it always is) and the same config, whatever the shape, dtypes and shard size."""
+    import dataclasses
+
+    model = build_model(cfg).init_weights(seed).to(dtype)
+    with torch.no_grad():  # a nonzero balancing bias, so that streaming it over the reset one shows
+        for _, router in model.routers():
+            router.e_score_correction_bias.uniform_(-1, 1)
+    d = tmp_path_factory.mktemp("ckpt")
+    save_model(model, d, dtype=save_dtype, max_shard_bytes=max_shard_bytes)
+    stored = save_dtype or dtype
+    loaded = nanoseek.load_model(d, dtype=stored)
+    got = loaded.state_dict()
+    assert got.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        want = v if "e_score_correction_bias" in k else v.to(stored)
+        assert got[k].dtype == want.dtype and torch.equal(got[k], want), k
+    assert loaded.config.torch_dtype == str(stored).removeprefix("torch.")
+    assert dataclasses.replace(loaded.config, torch_dtype=None) == dataclasses.replace(cfg, torch_dtype=None)
+
+
+def _failing_write(monkeypatch, at: int, swap: bool) -> list[str]:
+    """Make the `at`-th write of a save fail as a full disk does: a shard's, a data fsync, the index's or
+    config.json's text (`swap`: also the renames and the directory fsyncs `atomic_directory` makes).
+    Returns the list of what was written, the last the one that failed."""
+    import errno
+
+    import nanoseek.atomic as atomic
+    import nanoseek.checkpoint as ck
+
+    done: list[str] = []
+
+    def counted(real, what, arg=0):
+        def write(*args, **kwargs):
+            path = Path(args[arg])  # (save_file's is its second)
+            if what != "text" or path.name.endswith(".tmp"):
+                done.append(f"{what} {path.name}")
+                if len(done) == at:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return real(*args, **kwargs)
+
+        return write
+
+    monkeypatch.setattr(ck, "save_file", counted(ck.save_file, "save", 1))
+    monkeypatch.setattr(ck, "fsync", counted(ck.fsync, "fsync"))
+    monkeypatch.setattr(Path, "write_text", counted(Path.write_text, "text"))
+    if swap:
+        monkeypatch.setattr(atomic, "fsync", counted(atomic.fsync, "fsync"))
+        monkeypatch.setattr(atomic.os, "replace", counted(os.replace, "replace"))
+    return done
+
+
+def _holds(model, state) -> bool:
+    got = model.state_dict()
+    return got.keys() == state.keys() and all(torch.equal(got[k], v) for k, v in state.items())
+
+
+@pytest.mark.filterwarnings("ignore:transformers loads this checkpoint")  # (the small config's V3 routing)
+@settings(max_examples=12)
+@given(
+    old_shard=st.integers(10_000, 100_000),
+    new_shard=st.none() | st.integers(10_000, 100_000),
+    other_model=st.booleans(),
+    at=st.integers(1, 80),
+    swap=st.booleans(),
+)
+def test_a_save_cut_short_at_any_write_leaves_the_checkpoint_saved_there_before(
+    tmp_path_factory, old_shard, new_shard, other_model, at, swap
+):
+    """A save that fails at any write (a full disk) leaves the checkpoint saved there before, loadable
+    and whole: saved over with save_model (the next save of the same run, or another model), or in
+    `atomic_directory` with its train state, where a failure even at a rename is said (a save that
+    failed after its swap leaves the new checkpoint, whole), and its scratch copy goes."""
+    import errno
+
+    from nanoseek.checkpoint import load_train_state, save_train_state
+
+    old = build_model(small_config(num_hidden_layers=2)).init_weights(0)
+    new = build_model(small_config(num_hidden_layers=3 if other_model else 2)).init_weights(1)
+    d = tmp_path_factory.mktemp("run") / "ckpt"
+    with atomic_directory(d) as tmp:
+        save_model(old, tmp, max_shard_bytes=old_shard)
+        save_train_state(tmp, {"state": {}}, {"step": 1}, {"step": 1})
+    files = sorted(p.name for p in d.rglob("*"))
+    monkeypatch = pytest.MonkeyPatch()
+    done = _failing_write(monkeypatch, at, swap)
+    try:
+        if swap:
+            with atomic_directory(d) as tmp:
+                save_model(new, tmp, max_shard_bytes=new_shard or old_shard)
+                save_train_state(tmp, {"state": {}}, {"step": 2}, {"step": 2})
+        else:
+            save_model(new, d, max_shard_bytes=new_shard or old_shard)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC and len(done) == at, done
+    finally:
+        monkeypatch.undo()
+    if len(done) < at:  # it did not fail: the new one
+        assert _holds(nanoseek.load_model(d), new.state_dict())
+        return
+    loaded = nanoseek.load_model(d)
+    if swap and f"replace .{d.name}.tmp-new" in done[:-1]:  # failed after its swap
+        assert _holds(loaded, new.state_dict()) and load_train_state(d)[1] == {"step": 2}, done
+        return
+    assert _holds(loaded, old.state_dict()), done
+    if swap:
+        assert load_train_state(d)[1] == {"step": 1}
+        assert sorted(p.name for p in d.rglob("*")) == files
+        assert [p.name for p in d.parent.iterdir()] == [d.name]
+
+
+def test_a_shard_whose_fsync_fails_replaces_no_old_shard(tmp_path, monkeypatch):
+    """A file system may report a full disk (or a failed write) only at fsync: the shards were fsynced
+    one by one as they replaced their namesakes (the last first), so shard 2's failing there left the
+    new later shards beside the old others and the old index, one model of two checkpoints loaded
+    without a word. Every file is on disk before any replaces another; config.json too (a full disk
+    there left another model's weights read under the old one's config, its extra layer dropped)."""
+    import errno
+
+    import nanoseek.atomic as atomic
+    import nanoseek.checkpoint as ck
+
+    before = build_model(config()).init_weights(0)
+    save_model(before, tmp_path, max_shard_bytes=20_000)
+    real = atomic.fsync
+
+    def full_at_shard_2(path):
+        if Path(path).name.startswith(".model-00002-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path)
+
+    monkeypatch.setattr(atomic, "fsync", full_at_shard_2)
+    monkeypatch.setattr(ck, "fsync", full_at_shard_2, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(build_model(config()).init_weights(1), tmp_path, max_shard_bytes=20_000)
+    monkeypatch.undo()
+    assert _holds(nanoseek.load_model(tmp_path), before.state_dict())
+
+    def full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "config.json")
+
+    monkeypatch.setattr(ModelConfig, "to_json", full)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(build_model(config(num_hidden_layers=3)).init_weights(1), tmp_path, max_shard_bytes=20_000)
+    monkeypatch.undo()
+    assert _holds(nanoseek.load_model(tmp_path), before.state_dict())

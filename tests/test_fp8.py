@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from nanoseek.config import get_preset
@@ -682,3 +684,68 @@ def test_a_scaled_mm_that_runs_but_computes_wrong_is_not_used(monkeypatch) -> No
                 assert resolve_backend(FP8Recipe(), torch.device("cpu")) == "emulate"
     finally:
         fp8._scaled_mm_works.cache_clear()  # the real kernel probed again by the next caller
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+@st.composite
+def _weights(draw, max_side: int = 300) -> torch.Tensor:
+    """A weight of any shape (partial blocks on either edge): Gaussian at a magnitude from zero to 1e30,
+    with a few values put anywhere (zeros, fp32 subnormals, E4M3's edge, huge ones)."""
+    rows, cols = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    w = torch.randn(rows, cols, generator=g) * draw(
+        st.sampled_from([0.0, 1e-30, 1e-12, 1e-6, 1.0, 1e6, 1e30])
+    )
+    special = st.sampled_from([0.0, -0.0, 1e-45, -1e-40, 1e-12, 1.0, -448.0, 65504.0, -1e38])
+    for _ in range(draw(st.integers(0, 4))):
+        w[draw(st.integers(0, rows - 1)), draw(st.integers(0, cols - 1))] = draw(
+            special | st.floats(-(2.0**126), 2.0**126, width=32)
+        )
+    return w
+
+
+@settings(max_examples=150)
+@given(w=_weights(), pow2=st.booleans())
+def test_block_quantization_of_any_weight_is_within_e4m3s_bound_and_dequantizes_block_by_block(
+    w: torch.Tensor, pow2: bool
+) -> None:
+    """Any finite weight (|w| <= 1e38: nearer fp32's largest, E4M3's rounding up can pass it) quantizes
+    to finite positive block scales and FP8 values within E4M3's bound of it; `dequantize_blocks` is a
+    loop over the 128x128 blocks (DeepSeek's weight_dequant), and quantizing Wᵀ transposes both."""
+    q, s = quantize_blocks(w, pow2=pow2)
+    assert q.dtype == FP8_DTYPE and q.shape == w.shape
+    assert s.shape == (-(-w.shape[0] // TILE), -(-w.shape[1] // TILE))
+    assert torch.isfinite(s).all() and (s > 0).all()
+    y = dequantize_blocks(q, s)
+    by_block = torch.empty(w.shape)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            block = (slice(i * TILE, (i + 1) * TILE), slice(j * TILE, (j + 1) * TILE))
+            by_block[block] = q[block].float() * s[i, j]
+    assert torch.equal(y, by_block)
+    s_el = s.repeat_interleave(TILE, 0)[: w.shape[0]].repeat_interleave(TILE, 1)[:, : w.shape[1]]
+    assert torch.isfinite(y).all() and ((y - w).abs() <= _element_bound(w, s_el)).all()
+    qt, st_ = quantize_blocks(w.t(), pow2=pow2)
+    assert torch.equal(qt.float(), q.float().t()) and torch.equal(st_, s.t())
+
+
+@settings(max_examples=150)
+@given(w=_weights(), fmt=st.sampled_from(["int8", "fp8", "w8a8"]))
+def test_the_engines_per_channel_quantization_of_any_weight_is_within_its_bound(
+    w: torch.Tensor, fmt: str
+) -> None:
+    """`quantize_tensor` (the engine's int8/fp8/w8a8 storage): finite positive scales, one per row, and
+    w = q · s to half an int8 step (|q| <= 127, symmetric) or within E4M3's bound, for any finite weight."""
+    from nanoseek.engine.quantize import quantize_tensor
+
+    q, s = quantize_tensor(w, fmt)
+    assert q.shape == w.shape and s.shape == w.shape[:-1]
+    assert torch.isfinite(s).all() and (s > 0).all()
+    y = q.float() * s.unsqueeze(-1)
+    assert torch.isfinite(y).all()
+    if fmt == "fp8":
+        bound = _element_bound(w, s.unsqueeze(-1).expand_as(w))
+    else:
+        assert q.abs().max() <= 127
+        bound = s.unsqueeze(-1) * 0.5 * 1.0001 + 1e-30
+    assert ((y - w).abs() <= bound).all()

@@ -10,6 +10,8 @@ import huggingface_hub
 import pytest
 import torch
 from huggingface_hub import constants as hub_constants
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from tests.model_configs import small_config
 
 import nanoseek
@@ -907,3 +909,86 @@ def test_exact_dtype_is_the_files_own_16_bit_one_where_every_weight_is_in_it(sav
     # two 16-bit dtypes: neither holds the other's values (whichever of them a set yields first)
     save_file({**tensors, key: tensors[key].half()}, str(shard), metadata={"format": "pt"})
     assert exact_dtype(mixed) == torch.float32
+
+
+def test_in_memory_conversion_names_an_expert_missing_a_projection(saved):
+    """`from_hf_state_dict` (a resume's reader) refuses an expert without one of its projections, or one
+    of another shape, by name, as the streamed load does: a KeyError ('gate_proj') and torch.stack's
+    "stack expects each tensor to be equal size" said neither which tensor nor which checkpoint."""
+    from nanoseek.checkpoint import to_hf_state_dict
+
+    _, model = saved
+    tensors = to_hf_state_dict(model)
+    del tensors["model.layers.1.mlp.experts.3.gate_proj.weight"]
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.3: its gate/up/down projections"):
+        from_hf_state_dict(tensors, model.config, torch.float32)
+    tensors = to_hf_state_dict(model)
+    key = "model.layers.1.mlp.experts.2.down_proj.weight"
+    tensors[key] = tensors[key][:, :-1]
+    with pytest.raises(ValueError, match=r"experts\.2: its gate/up/down projections .* differ in shape"):
+        from_hf_state_dict(tensors, model.config, torch.float32)
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+@settings(max_examples=12)
+@given(
+    layers=st.integers(1, 3),
+    dense=st.integers(0, 3),
+    mtp=st.integers(0, 1),
+    tied=st.booleans(),
+    max_shard_bytes=st.integers(2_000, 400_000),
+    fault=st.sampled_from(["missing", "unexpected", "shape", "integers"]),
+    pick=st.integers(0, 10_000),
+    streamed=st.booleans(),
+)
+def test_a_checkpoint_missing_adding_or_mis_shaping_any_tensor_is_refused_naming_it(
+    tmp_path_factory, layers, dense, mtp, tied, max_shard_bytes, fault, pick, streamed
+):
+    """Any one tensor of a saved checkpoint removed, one added, one of another shape or stored as
+    integers: load_model and a resume's reader (`from_hf_state_dict` + `check_keys`) refuse it with a
+    ValueError naming it (by nanoseek's name; a routed expert's by its stacked weight)."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    from nanoseek.checkpoint import _model_name
+
+    cfg = config(
+        num_hidden_layers=layers, first_k_dense_replace=min(dense, layers), num_nextn_predict_layers=mtp
+    )
+    cfg = cfg.replace(tie_word_embeddings=tied)
+    model = build_model(cfg).init_weights(0)
+    d = save_model(model, tmp_path_factory.mktemp("ckpt"), max_shard_bytes=max_shard_bytes)
+    index = d / "model.safetensors.index.json"
+    files = sorted(d.glob("*.safetensors"))
+    shard = files[pick % len(files)]
+    tensors = load_file(str(shard))
+    key = sorted(tensors)[pick % len(tensors)]
+    # DeepSeek's MTP copies of the embedding and head are not read (the main ones are the model's)
+    assume(_model_name(key, cfg, (1,)) is not None)
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    if fault == "missing":
+        del tensors[key]
+        if weight_map:
+            del weight_map[key]
+    elif fault == "unexpected":
+        key = f"model.layers.{pick % layers}.self_attn.extra_proj.weight"
+        tensors[key] = torch.zeros(3, 3)
+        if weight_map:
+            weight_map[key] = shard.name
+    elif fault == "shape":
+        tensors[key] = torch.zeros(*tensors[key].shape[:-1], tensors[key].shape[-1] + 1)
+    else:
+        tensors[key] = tensors[key].to(torch.int32)
+    save_file(tensors, str(shard))
+    if weight_map:
+        index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError) as refused:
+        if streamed:
+            nanoseek.load_model(d)
+        else:
+            read = from_hf_state_dict(read_safetensors(d), cfg, torch.float32)
+            check_keys(build_model(cfg, device="meta"), read, f"checkpoint {d}")
+    name, message = _model_name(key, cfg, (1,)), str(refused.value)
+    expert = re.match(r"(.*\.mlp\.experts)\.\d+\.", name)
+    assert key in message or (expert[1] if expert else name) in message, message

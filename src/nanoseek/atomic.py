@@ -43,7 +43,8 @@ FILE_MODE = 0o666 & ~_umask()
 NAME_MAX = 255
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Put `path`'s data (a directory's: its entries, a rename) on the disk."""
     flags = os.O_RDONLY  # directories too: a rename is durable once its directory is
     if sys.platform == "win32":
         if path.is_dir():
@@ -122,9 +123,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if tmp.stat().st_mode & 0o777 != FILE_MODE:
             os.chmod(tmp, FILE_MODE)
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, final)
-        _fsync(final.parent)
+        fsync(final.parent)
     except OSError as e:
         if e.errno is None:
             raise _write_error(str(e), path, final.parent) from e
@@ -261,13 +262,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         tmp.mkdir()  # (inside: a read-only disk's refusal names `path`, not this hidden name)
         yield tmp
         for f in tmp.rglob("*"):
-            _fsync(f)
-        _fsync(tmp)
+            fsync(f)
+        fsync(tmp)
         aside = _beside(final, ".tmp-old")
         if final.exists():
             os.replace(final, aside)
         os.replace(tmp, final)
-        _fsync(final.parent)
+        fsync(final.parent)
         shutil.rmtree(aside, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

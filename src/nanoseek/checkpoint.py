@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from nanoseek.atomic import atomic_file, atomic_write, directory_to_read, restore_directory
+from nanoseek.atomic import atomic_file, atomic_write, directory_to_read, fsync, restore_directory
 from nanoseek.config import ModelConfig, read_json_object, resolve_config
 from nanoseek.model.fp8 import (
     FP8_DTYPE,
@@ -170,16 +170,32 @@ def from_hf_state_dict(
             else:
                 out[k] = v
     for prefix, per_expert in experts.items():
-        count = len(per_expert)
-        if sorted(per_expert) != list(range(count)):
-            raise ValueError(f"{prefix}: expert indices are not 0..{count - 1}")
-        e = [per_expert[j] for j in range(count)]
+        # an expert without one of its projections was a KeyError ('gate_proj'), one of another shape
+        # torch.stack's "expects each tensor to be equal size": a resume's reader names them as a load does
+        shapes = {j: {part: tuple(v.shape) for part, v in x.items()} for j, x in per_expert.items()}
+        _check_experts(prefix, shapes, "")
+        e = [per_expert[j] for j in range(len(per_expert))]
         gate_up = [torch.cat((x["gate_proj"], x["up_proj"])) for x in e]
         out[f"{prefix}.gate_up_proj"] = torch.stack(gate_up).to(dtype)
         out[f"{prefix}.down_proj"] = torch.stack([x["down_proj"] for x in e]).to(dtype)
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
+
+
+def _check_experts(prefix: str, per_expert: Mapping[int, Mapping[str, tuple[int, ...]]], where: str) -> None:
+    """The routed experts `prefix`.0.. (their projections' shapes) make one stacked weight: indices
+    0..E-1, each with gate, up and down projections of expert 0's shapes (gate's that of up)."""
+    count = len(per_expert)
+    if sorted(per_expert) != list(range(count)):
+        raise ValueError(f"{prefix}: expert indices{where} are not 0..{count - 1}")
+    for j in range(count):
+        parts = per_expert[j]
+        if len(parts) < 3 or parts != per_expert[0] or parts["gate_proj"] != parts["up_proj"]:
+            raise ValueError(
+                f"{prefix}.{j}: its gate/up/down projections{where} are incomplete or differ in "
+                f"shape from expert 0's: {dict(parts)} vs {dict(per_expert[0])}"
+            )
 
 
 def _cast(key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -332,27 +348,33 @@ def save_model(
     names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     if len(shards) == 1:
         names = ["model.safetensors"]
-    # every shard written before any replaces its namesake: a sharded checkpoint saved here before with as
-    # many shards has the same names, and a full disk at shard 2 left the new shard 1 beside the old
-    # index and shard 2, one model of two checkpoints that loaded without a word
+    # Every file written and on disk (fsynced: a file system may report a full disk or a failed write only
+    # there) before any replaces its namesake: a sharded checkpoint saved here before with as many shards
+    # has the same names, and an error at shard 2 (its write or its fsync), at the index or at config.json
+    # left new files beside old ones: one model of two checkpoints that loaded without a word, or
+    # neither model loadable. The stack then replaces them in turn: the shards, the index, config.json.
+    index_file = out / "model.safetensors.index.json"
     with contextlib.ExitStack() as written:
+        config_tmp = written.enter_context(atomic_file(out / "config.json"))
+        index_tmp = written.enter_context(atomic_file(index_file)) if len(shards) > 1 else None
         for name, shard in zip(names, shards, strict=True):
             tmp = written.enter_context(atomic_file(out / name))
             save_file(shard, str(tmp), metadata={"format": "pt"})
-    index_file = out / "model.safetensors.index.json"
-    if len(shards) > 1:
-        weight_map = {k: name for name, shard in zip(names, shards, strict=True) for k in shard}
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write(index_file, json.dumps(index, indent=2))
-    # A checkpoint saved here before goes only now, and its config with it: its weights were deleted
-    # first and its config replaced, so a write cut short (a full disk) left neither model loadable.
-    # (The old index before its shards: a reader meanwhile reads the old checkpoint or the new one.)
+            fsync(tmp)
+        if index_tmp is not None:
+            weight_map = {k: name for name, shard in zip(names, shards, strict=True) for k in shard}
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            index_tmp.write_text(json.dumps(index, indent=2), encoding="utf-8")
+            fsync(index_tmp)
+        config_tmp.write_text(config.to_json(), encoding="utf-8")
+        fsync(config_tmp)
+    # A checkpoint saved here before goes only now (the old index before its shards: a reader meanwhile
+    # reads the old checkpoint or the new one).
     stale = [*([index_file] if len(shards) == 1 else []), *out.glob("model*.safetensors")]
     for old in stale:
         if old.name not in names:
             old.unlink(missing_ok=True)
-    config.save(out)
     return out
 
 
@@ -940,16 +962,8 @@ def _stream(
         else:
             shapes[name], files[name] = shape, path
     for prefix, per_expert in experts.items():
+        _check_experts(prefix, per_expert, f" in {p}")
         count = len(per_expert)
-        if sorted(per_expert) != list(range(count)):
-            raise ValueError(f"{prefix}: expert indices in {p} are not 0..{count - 1}")
-        for j in range(count):
-            parts = per_expert[j]
-            if len(parts) < 3 or parts != per_expert[0] or parts["gate_proj"] != parts["up_proj"]:
-                raise ValueError(
-                    f"{prefix}.{j}: its gate/up/down projections in {p} are incomplete or differ in "
-                    f"shape from expert 0's: {parts} vs {per_expert[0]}"
-                )
         rows, cols = per_expert[0]["gate_proj"]
         shapes[f"{prefix}.gate_up_proj"] = (count, 2 * rows, cols)
         shapes[f"{prefix}.down_proj"] = (count, *per_expert[0]["down_proj"])

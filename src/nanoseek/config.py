@@ -489,7 +489,11 @@ class ModelConfig:
         return cls(**kwargs, extra=extra)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        return atomic_write(Path(directory) / "config.json", json.dumps(self.to_dict(), indent=2) + "\n")
+        return atomic_write(Path(directory) / "config.json", self.to_json())
+
+    def to_json(self) -> str:
+        """config.json's text."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelConfig:
