@@ -830,7 +830,7 @@ class Server:
         generate = req.max_tokens is None or req.max_tokens > 0
         # before a choice per prompt x n is built: a 25 kB list of prompts asks for millions. Nothing generated
         # (max_tokens 0) builds them all the same: n copies of 3,000 scored prompts (15 kB) held the event loop
-        # 9 s for a 13 MB answer, and the body limit allowed a thousand times that
+        # for a 13 MB answer, and the body limit allowed a thousand times that
         if generate or n > 1:
             self.check_fits(len(prompts) * n)
         budgets = [self.budget(len(ids), req.max_tokens, "max_tokens", "prompt") for ids, _ in prompts]

@@ -232,7 +232,7 @@ class _Sampling(_Request):
     @classmethod
     def _stop_token_ids(cls, v: list[int] | None) -> list[int] | None:
         """A set of ids, kept in order: each repeat was checked again for every choice and looked up by the engine
-        at every token (a million from a 3 MB body held the event loop 45 s at n = 64, then every step)."""
+        at every token (a million from a 3 MB body held the event loop at n = 64, then slowed every step)."""
         return None if v is None else list(dict.fromkeys(v))
 
     @field_validator("stop")

@@ -63,7 +63,7 @@ class StopStringMatcher:
 
     def fresh(self) -> StopStringMatcher:
         """A matcher of the same stops that has seen no text, sharing the failure tables: built for each of a
-        request's n choices, 16 stops of 100k characters held the event loop a minute at n = 64."""
+        request's n choices, 16 stops of 100k characters held the event loop 64 times as long at n = 64."""
         new = copy.copy(self)
         new._state, new._pending, new.stopped, new.matched = [0] * len(self.stops), "", False, None
         return new
