@@ -376,9 +376,10 @@ def test_a_numpy_or_fraction_number_validate_accepts_is_sampled_as_its_float_and
             )
             assert exact.tolist() == rounded.tolist(), (field, value)
     # nor moves a batch mate: a numpy float64 temperature turned the whole batch's logits float64, so a
-    # seeded row drew from other probabilities than alone
-    mine = SamplingParams(temperature=0.7, top_p=0.9)
-    batched = processed_probs(logits, [mine, SamplingParams(temperature=np.float64(0.7))])[0]
+    # seeded row drew from other probabilities than alone (processed_probs reads the sampler states' params)
+    mine = SamplerState(SamplingParams(temperature=0.7, top_p=0.9), [0], 50).params
+    mate = SamplerState(SamplingParams(temperature=np.float64(0.7)), [0], 50).params
+    batched = processed_probs(logits, [mine, mate])[0]
     assert torch.equal(batched, processed_probs(logits[:1], [mine])[0])
 
 

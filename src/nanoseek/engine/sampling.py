@@ -17,6 +17,7 @@ What is notable here:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import operator
@@ -169,11 +170,19 @@ class SamplerState:
     """What the sampler keeps per request: its RNG and, when penalties are on, token statistics."""
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int) -> None:
+        # Python's own numbers, once: of the reals and integers `validate` accepts, a numpy or 0-d tensor
+        # seed is none random.Random takes, a numpy float64 penalty made a step's tensors float64 (refused
+        # as it wrote them back) and a Fraction made none: the step failed, every row sampled in it
+        params = dataclasses.replace(
+            params,
+            **{name: float(getattr(params, name)) for name in NUMBERS},
+            seed=None if params.seed is None else operator.index(params.seed),
+            logit_bias={operator.index(k): float(v) for k, v in params.logit_bias.items()},
+        )
         self.params = params
         # a set: the engine looks each generated token up (a request may name every id of the vocabulary)
         self.stop_ids = frozenset(operator.index(t) for t in params.stop_token_ids)
-        # operator.index: a numpy or 0-d tensor seed (which `validate` accepts) is no seed random.Random takes
-        seed = operator.index(params.seed) if params.seed is not None else random.getrandbits(63)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
         # Random seeds with |seed|, so -s replayed s's stream (seed -1 with n = 3: choices 0 and 2 alike);
         # a negative seed takes its unsigned 64-bit two's complement, as torch.Generator.manual_seed does
         # within vLLM's int64 seed range, so each int64 seed is its own stream
@@ -191,7 +200,7 @@ class SamplerState:
                     raise ValueError(
                         f"logit_bias names token {token_id}, outside the vocabulary [0, {vocab_size})"
                     )
-                self.bias[token_id] = float(value)  # a numpy float: "can't assign a numpy.float32"
+                self.bias[token_id] = value
 
     def observe(self, token_id: int) -> None:
         if self.output_counts is not None:
@@ -207,12 +216,9 @@ def apply_penalties(logits: torch.Tensor, states: list[SamplerState]) -> torch.T
     idx = torch.tensor(rows, dtype=torch.long)
     counts = torch.stack([states[i].output_counts for i in rows]).to(logits.device)  # type: ignore[misc]
     seen = torch.stack([states[i].prompt_mask for i in rows]).to(logits.device) | (counts > 0)  # type: ignore[misc]
-    # float(): of any real `validate` accepts, a numpy float64 made these float64 (logits[idx] = sub then
-    # refused the dtype) and a Fraction no tensor at all: the step failed, every row sampled in it
-    rep = torch.tensor([float(states[i].params.repetition_penalty) for i in rows], device=logits.device)
-    pres = torch.tensor([float(states[i].params.presence_penalty) for i in rows], device=logits.device)
-    freq = torch.tensor([float(states[i].params.frequency_penalty) for i in rows], device=logits.device)
-    rep, pres, freq = rep.unsqueeze(1), pres.unsqueeze(1), freq.unsqueeze(1)
+    rep = torch.tensor([states[i].params.repetition_penalty for i in rows], device=logits.device).unsqueeze(1)
+    pres = torch.tensor([states[i].params.presence_penalty for i in rows], device=logits.device).unsqueeze(1)
+    freq = torch.tensor([states[i].params.frequency_penalty for i in rows], device=logits.device).unsqueeze(1)
     sub = logits[idx]
     penalized = torch.where(sub > 0, sub / rep, sub * rep)
     sub = torch.where(seen, penalized, sub)
@@ -289,18 +295,18 @@ def _ranked(logits: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p for sampled rows (temperature > 0). logits [B,V] -> probs [B,V]."""
+    """Temperature, top-k, top-p, min-p for sampled rows (temperature > 0). logits [B,V] -> probs [B,V].
+    `params`: the rows' `SamplerState.params` (Python's own numbers)."""
     device = logits.device
-    # float(): a Fraction, which `validate` accepts, failed torch.tensor and the step of every batch mate
-    temp = torch.tensor([float(p.temperature) for p in params], device=device).unsqueeze(1)
+    temp = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
     # a near-0 repetition penalty (a float32 subnormal passes `validate`) or a small temperature over large
     # logits overflows to +inf, whose softmax is NaN (the last token id drawn at every step): the largest
     # float keeps those tokens the only likely ones, tied
     logits = (logits / temp).clamp(max=torch.finfo(logits.dtype).max)
     v = logits.shape[-1]
     top_k = torch.tensor([p.top_k if 0 < p.top_k < v else v for p in params], device=device)
-    top_p = torch.tensor([float(p.top_p) for p in params], device=device)
-    min_p = torch.tensor([float(p.min_p) for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    min_p = torch.tensor([p.min_p for p in params], device=device)
     need_sort = bool((top_k < v).any()) or bool((top_p < 1.0).any())
     if need_sort:
         logits = _top_k_top_p(logits, top_k, top_p)
