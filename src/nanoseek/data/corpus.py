@@ -41,7 +41,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nanoseek.data.files import file_kind, open_binary, resolve_files
+from nanoseek.data.files import file_kind, open_binary, resolve_files, skip_byte_order_mark
 from nanoseek.tokenizer import ASSISTANT, EOS, THINK_START, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, USER
 
 if TYPE_CHECKING:
@@ -81,8 +81,8 @@ def _read_txt(path: Path, offset: int, max_doc_chars: int) -> Iterator[tuple[str
         size = 0
         carry = b""  # the rest of a line longer than a document, read but not yet used
         warned = False
-        if offset == 0 and f.read(3) != b"\xef\xbb\xbf":  # a UTF-8 byte-order mark is not text
-            f.seek(0)
+        if offset == 0:
+            skip_byte_order_mark(f)
         while True:
             # (at least a character's 4 bytes: a cut never falls inside the only character read)
             limit = max(1, max(4, max_doc_chars) - len(carry))
@@ -151,10 +151,8 @@ def _line_at(path: Path, at: int) -> str:
 def _read_jsonl(path: Path, offset: int, text_field: str) -> Iterator[tuple[str, int]]:
     with open_binary(path) as f:
         f.seek(offset)
-        # a UTF-8 byte-order mark is not JSON: before a blank first line, or alone in a file with no
-        # record, it was "invalid JSON" (json.loads skips it only in front of a record)
-        if offset == 0 and f.read(3) != b"\xef\xbb\xbf":
-            f.seek(0)
+        if offset == 0:  # (before a blank first line, or alone in a file, it was "invalid JSON")
+            skip_byte_order_mark(f)
         while True:
             at = f.tell()
             raw = f.readline()

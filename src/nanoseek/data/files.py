@@ -143,3 +143,10 @@ def _walk(root: str) -> Iterator[Path]:
 def open_binary(path: Path) -> io.BufferedIOBase:
     """`path` opened for reading bytes, decompressed on the fly where it ends in .gz (SFT's chat data too)."""
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")  # noqa: SIM115
+
+
+def skip_byte_order_mark(f: io.BufferedIOBase) -> None:
+    """Past a UTF-8 byte-order mark at the start of `f` (Windows editors write one): it is neither text
+    nor JSON (json.loads skips it only in front of a record, not before a blank line)."""
+    if f.read(3) != b"\xef\xbb\xbf":
+        f.seek(0)

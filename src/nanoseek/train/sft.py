@@ -245,15 +245,14 @@ def _numbered_chat_lines(
     source: str | os.PathLike | Sequence[str | os.PathLike],
 ) -> Iterator[tuple[str, list[dict[str, Any]], list[dict] | None]]:
     """("file:line", messages, tools) of each chat in `source` (see `read_chat_jsonl`)."""
-    from nanoseek.data.files import open_binary
+    from nanoseek.data.files import open_binary, skip_byte_order_mark
 
     for p in chat_files(source):
         # bytes: a line that is not UTF-8 is named like any other bad line; a .gz is read as the corpus is
         try:
             with open_binary(p) as f:
+                skip_byte_order_mark(f)
                 for n, line in enumerate(f, 1):
-                    if n == 1:  # a byte-order mark (Windows editors write one) before a blank line is no JSON
-                        line = line.removeprefix(b"\xef\xbb\xbf")
                     if not line.strip():
                         continue
                     try:

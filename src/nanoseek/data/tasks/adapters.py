@@ -485,7 +485,7 @@ class JsonlTask(Task):
     """
 
     def __init__(self, spec: str, path: str, partial: bool = False) -> None:
-        from nanoseek.data.files import open_binary, resolve_files
+        from nanoseek.data.files import open_binary, resolve_files, skip_byte_order_mark
         from nanoseek.options import path as user_path
 
         # `~` as every flag that names a file reads it: no shell expands it after "jsonl:"
@@ -504,10 +504,11 @@ class JsonlTask(Task):
             try:
                 # bytes, decoded line by line: a line that is not UTF-8 is named like any other bad line
                 with open_binary(file) as f:
+                    skip_byte_order_mark(f)
                     for lineno, raw in enumerate(f, 1):
                         where = f"{file}:{lineno}"
-                        try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the JSON
-                            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                        try:
+                            line = raw.decode("utf-8")
                         except UnicodeDecodeError as e:
                             raise ValueError(
                                 f"{where}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)"
