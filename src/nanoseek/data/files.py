@@ -140,13 +140,13 @@ def _walk(root: str) -> Iterator[Path]:
         yield from (Path(folder, n) for n in names if not n.startswith("."))
 
 
-def open_binary(path: Path) -> io.BufferedIOBase:
+def open_binary(path: Path) -> io.BufferedReader | gzip.GzipFile:
     """`path` opened for reading bytes, decompressed on the fly where it ends in .gz (SFT's chat data too)."""
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")  # noqa: SIM115
 
 
-def skip_byte_order_mark(f: io.BufferedIOBase) -> None:
+def skip_byte_order_mark(f: io.BufferedReader | gzip.GzipFile) -> None:
     """Past a UTF-8 byte-order mark at the start of `f` (Windows editors write one): it is neither text
     nor JSON (json.loads skips it only in front of a record, not before a blank line)."""
-    if f.read(3) != b"\xef\xbb\xbf":
-        f.seek(0)
+    if f.peek(3)[:3] == b"\xef\xbb\xbf":  # (peeked: a named pipe cannot seek back)
+        f.read(3)
