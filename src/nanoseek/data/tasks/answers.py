@@ -145,8 +145,8 @@ def answer_key(answer: str | None) -> Fraction | tuple[int, ...] | str | None:
     if answer is None:
         return None
     number = parse_number(answer)
-    if number is None and (named := _NAMED_VALUE_RE.fullmatch(ascii_math(unwrap_answer(answer)))):
-        number = parse_number(named.group(1))
+    if number is None:
+        number = parse_number(without_variable(answer))
     if number is not None:
         return number
     numbers = parse_int_list(answer)
@@ -155,8 +155,12 @@ def answer_key(answer: str | None) -> Fraction | tuple[int, ...] | str | None:
     return _normalize_exact(answer) or None
 
 
-# "x = 5" (a variable named, then its value), as linear equations are answered
-_NAMED_VALUE_RE = re.compile(r"\s*[a-zA-Z]\s*=\s*(.+)", re.DOTALL)
+def without_variable(answer: str) -> str:
+    """``x = 5`` (``ｘ＝５`` too) as ``5``: a linear equation's answer, the variable named."""
+    return _VARIABLE_RE.sub("", ascii_math(unwrap_answer(answer)))
+
+
+_VARIABLE_RE = re.compile(r"^\s*[xｘ]\s*=\s*")
 # the longest list `parse_int_list` reads
 _MAX_LIST_CHARS = 500
 

@@ -20,6 +20,7 @@ from nanoseek.data.tasks.answers import (
     parse_int_list,
     parse_number,
     unwrap_answer,
+    without_variable,
 )
 from nanoseek.data.tasks.base import (
     Problem,
@@ -624,8 +625,8 @@ class LinearEquationTask(BuiltinTask):
         return "\n".join(lines)
 
     def check(self, problem: Problem, answer: str | None) -> float | None:
-        if answer is not None:  # "x = 5" is the same answer as "5", boxed or in $...$ too, "ｘ＝５" too
-            answer = re.sub(r"^\s*[xｘ]\s*=\s*", "", ascii_math(unwrap_answer(answer)))
+        if answer is not None:  # "x = 5" is the same answer as "5", boxed or in $...$ too
+            answer = without_variable(answer)
         return check_numeric(problem.answer, answer)
 
 
