@@ -1625,6 +1625,17 @@ def test_split_task_list_keeps_option_commas() -> None:
         split_task_list(" , ")
 
 
+def test_split_task_list_gives_each_flag_and_each_bare_name_a_task_of_its_own() -> None:
+    """`--task sorting --task nosuchtask` was merged into one task, 'sorting,nosuchtask', and refused by
+    that name; so was `--task sorting,nosuchtask`: a task without options has no option a comma continues."""
+    assert split_task_list(["sorting", "nosuchtask"]) == ["sorting", "nosuchtask"]
+    assert split_task_list("sorting,nosuchtask") == ["sorting", "nosuchtask"]
+    assert split_task_list(["arithmetic?ops=add", "mul"]) == ["arithmetic?ops=add", "mul"]
+    assert split_task_list("jsonl:/data/a,b.jsonl,sorting") == ["jsonl:/data/a,b.jsonl", "sorting"]
+    with pytest.raises(ValueError, match="unknown task 'nosuchtask'"):
+        get_task(split_task_list("sorting,nosuchtask")[1])
+
+
 def test_n_digit_operands_have_exactly_n_digits() -> None:
     import random
 

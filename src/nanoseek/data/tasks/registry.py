@@ -118,22 +118,28 @@ get_task.cache_clear = _cached_task.cache_clear  # type: ignore[attr-defined]  #
 def split_task_list(spec: str | Sequence[str]) -> list[str]:
     """ "arithmetic?ops=add,sub,countdown" -> ["arithmetic?ops=add,sub", "countdown"].
 
-    Task options may hold commas, so a comma starts a new task only when what follows names a task
-    (a built-in family, rg:..., jsonl:...).
+    Task options may hold commas, so a comma inside a task's options starts a new task only when what
+    follows names a task (a built-in family, rg:..., jsonl:...). Each of `spec`'s items (a repeated
+    --task) starts a task of its own, and a task without options (but a JSONL path) takes no comma's
+    piece: an unknown name stays its own, and is refused by that name.
     """
     items = [spec] if isinstance(spec, str) else list(spec)
     out: list[str] = []
     for item in items:
+        first = True
         for piece in item.split(","):
             piece = piece.strip()
             if not piece:
                 continue
             base = piece.partition("?")[0]
             named = base in TASKS or base in TASK_ALIASES
-            if not out or named or base.startswith(("rg:", "jsonl:")) or "?" in piece:
+            # a JSONL path may hold a comma; a family's name may not
+            bare = "?" not in out[-1] and not out[-1].startswith("jsonl:") if out else True
+            if first or named or base.startswith(("rg:", "jsonl:")) or "?" in piece or bare:
                 out.append(piece)
             else:
                 out[-1] += "," + piece
+            first = False
     out = [t for t in out if t]
     if not out:
         raise ValueError("no task given")
