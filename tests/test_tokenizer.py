@@ -692,6 +692,11 @@ def test_incremental_decoder_never_splits_characters(tok: Tokenizer) -> None:
         == ""
         == tok.decode([tok.vocab_size])
     )
+    # a negative id (a -100 label) is refused by value in both, not an OverflowError from Rust in one and
+    # dropped without a word in the other
+    for decode in (tok.decode, IncrementalDecoder(tok).push):
+        with pytest.raises(ValueError, match="token ids must be >= 0, got -100"):
+            decode([ids[0], -100])
 
 
 def test_incremental_decoder_fallback_for_non_byte_level(tmp_path: Path) -> None:

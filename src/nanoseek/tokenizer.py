@@ -797,10 +797,14 @@ def _check_text(text: Any) -> None:
 
 
 def _as_ids(ids: Any) -> list[int]:
-    """Token ids from an int, a list, a numpy array or a torch tensor."""
+    """Token ids from an int, a list, a numpy array or a torch tensor. A negative id (a -100 label left
+    in) is refused by value: the Rust decoder said only "number too small to fit in target type"."""
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
-    return [ids] if isinstance(ids, int) else [int(i) for i in ids]
+    out = [ids] if isinstance(ids, int) else [int(i) for i in ids]
+    if out and min(out) < 0:
+        raise ValueError(f"token ids must be >= 0, got {min(out)}")
+    return out
 
 
 def _render_jinja(template: str, **context: Any) -> str:
