@@ -298,6 +298,10 @@ def test_token_logprobs_align_with_per_sequence_reference() -> None:
             assert logp[i, t].item() == pytest.approx(ref[len(p) - 1 + t, tok].item(), abs=1e-5)
             probs = ref[len(p) - 1 + t].exp()
             assert ent[i, t].item() == pytest.approx(-(probs * ref[len(p) - 1 + t]).sum().item(), abs=1e-5)
+    # a completion at position 0 has no position to be predicted from: refused, not read from row -1
+    # (the last position's logits, another sequence's end)
+    with pytest.raises(ValueError, match="completion_start must be >= 1"):
+        token_logprobs(model, ids, torch.tensor([0, 2]), 4)
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
@@ -404,6 +408,17 @@ def test_dr_grpo_divides_by_every_sequence_sampled_whatever_is_masked() -> None:
     assert loss_denominators(ro, "dr_grpo") == (4, 5)
     assert loss_denominators(ro, "grpo") == (2, 5)
     assert loss_denominators(ro, "dapo") == (2, 5)
+    # an empty completion: no tokens to average, so no sequence in the mean per sequence (grpo_loss's own
+    # count leaves it out too: the driver's denominators must not dilute the others' by it)
+    ro = Rollout(
+        [[9]] * 3, [[1, 2], [], [3]], torch.zeros(3), torch.zeros(3), torch.ones(3, dtype=torch.bool), {}
+    )
+    assert loss_denominators(ro, "grpo") == (2, 3) and loss_denominators(ro, "dr_grpo") == (3, 3)
+    logp = torch.zeros(3, 2, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
+    own = grpo_loss(logp, None, torch.tensor([1.0, 1.0, 2.0]), mask).loss
+    shared = grpo_loss(logp, None, torch.tensor([1.0, 1.0, 2.0]), mask, num_sequences=2, num_tokens=3).loss
+    assert torch.equal(own, shared) and own.item() == -1.5
 
 
 def test_collapse_warnings() -> None:

@@ -108,6 +108,10 @@ def token_logprobs(
     """
     b, s = input_ids.shape
     starts = torch.as_tensor(completion_start, device=input_ids.device).expand(b)
+    if b and int(starts.min()) < 1:  # a completion's first token needs a position before it to predict it
+        raise ValueError(
+            f"completion_start must be >= 1 (a prompt of one token at least), got {int(starts.min())}"
+        )
     # position p predicts token p+1, so the logit rows for completion token t are start-1+t
     offs = torch.arange(completion_len, device=input_ids.device)
     rows = (starts.unsqueeze(1) - 1 + offs).clamp(max=s - 2)  # [B, L]
@@ -977,10 +981,13 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
 def loss_denominators(ro: Rollout, loss_type: str) -> tuple[int, int]:
     """The step's (sequences, tokens) its micro-batches' losses share: the sequences and tokens kept in
     the loss, except Dr. GRPO's G · L_max, which counts every sequence sampled (a constant, as in its
-    paper and TRL: truncated completions left out by --mask-truncated must not rescale the rest)."""
+    paper and TRL: truncated completions left out by --mask-truncated must not rescale the rest). An
+    empty completion has no token to average over: the mean per sequence leaves it out, as `grpo_loss`
+    does when it counts for itself."""
     keep = ro.loss_mask_keep.tolist()
     n_tok = sum(len(c) for c, k in zip(ro.completion_ids, keep, strict=True) if k)
-    return (len(keep) if loss_type == "dr_grpo" else sum(keep)), n_tok
+    n_seq = sum(1 for c, k in zip(ro.completion_ids, keep, strict=True) if k and c)
+    return (len(keep) if loss_type == "dr_grpo" else n_seq), n_tok
 
 
 def _masked_out_by_truncation(ro: Rollout, beta: float) -> bool:
