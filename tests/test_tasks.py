@@ -2023,6 +2023,15 @@ def test_a_size_whose_answers_its_verifier_cannot_read_is_refused():
     assert check_countdown("+".join(["10"] * 18), [10] * 18, 180)  # 53 characters, read
 
 
+def test_a_modular_difficulty_whose_numbers_python_cannot_write_is_refused():
+    """`modular?difficulty=5000` asks for 5,001-digit dividends: the first problem raised "Exceeds the
+    limit (4300 digits) for integer string conversion", naming no task. Refused by name up front."""
+    with pytest.raises(ValueError, match=r"'modular\?difficulty=5000': its numbers run to 5,001 digits"):
+        get_task("modular?difficulty=5000")
+    task = get_task("modular?difficulty=100")
+    assert all(task.score(p, task.worked_solution(p)) == 1.0 for p in task.problems("test", 2, seed=0))
+
+
 def test_sorting_numbers_past_sys_maxsize_are_drawn():
     """`sorting?difficulty=18` draws below 10**19: rng.sample(range(...)) raised OverflowError there
     (a range past sys.maxsize has no len())."""

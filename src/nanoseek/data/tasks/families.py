@@ -979,6 +979,16 @@ class ModularTask(BuiltinTask):
 
     family = "modular"
 
+    def __init__(self, spec: str = "modular", difficulty: int = 1, wording: str = DEFAULT_WORDING) -> None:
+        super().__init__(spec, difficulty, wording)
+        # the dividend has difficulty + 1 digits: past Python's limit on int -> str, no prompt can be written
+        limit = sys.get_int_max_str_digits()
+        if limit and difficulty + 1 > limit:
+            raise ValueError(
+                f"task {spec!r}: its numbers run to {difficulty + 1:,} digits, past the {limit:,} Python "
+                "writes as text; lower the difficulty"
+            )
+
     def generate(self, rng: random.Random) -> dict[str, Any]:
         k = self.difficulty
         # difficulty 1: a <= 150, m <= 12 (about 1,500 problems, 300 held out)
