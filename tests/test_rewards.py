@@ -333,6 +333,13 @@ def test_a_custom_part_that_cannot_load_is_refused_by_the_spec(custom_rewards, p
     assert f"reward spec 'accuracy:1,{part}'" in str(e.value)
 
 
+def test_a_custom_part_in_a_file_not_named_py_is_refused_by_the_spec(custom_rewards):
+    """`./custom:brevity` (the file has no .py) was an AttributeError on None, not the spec's error."""
+    (custom_rewards / "custom").write_text(CUSTOM)
+    with pytest.raises(ValueError, match="cannot import './custom': .* is not a Python file"):
+        parse_reward_spec("accuracy:1,./custom:brevity")
+
+
 @pytest.mark.parametrize("name", ["text", "nan", "inf", "many"])
 def test_a_custom_part_that_returns_no_finite_number_is_an_error(custom_rewards, add_en, name):
     """Never a NaN total (its group's signal gone) nor a string taken for a number: the part is named."""

@@ -829,12 +829,12 @@ def train_run(
 
         def evaluate(train_s: float, final: bool = False) -> None:
             it = iter(val_set)
-            val = trainer.validate(
-                lambda: language_model_loss(
-                    trainer.model, *(b.to(device) for b in next(it)), document_mask=True
-                ),
-                len(val_set),
-            )
+
+            def val_loss() -> Any:
+                x, y = (b.to(device) for b in next(it))
+                return language_model_loss(trainer.model, x, y, document_mask=True)
+
+            val = trainer.validate(val_loss, len(val_set))
             row: dict[str, Any] = {
                 **ident,
                 "tokens": trainer.tokens_seen,

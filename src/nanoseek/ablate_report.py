@@ -45,9 +45,9 @@ class StudyMetrics:
             (r["variant"], r["seed"]) for r in rows if r.get("event") == "done" and r.get("diverged")
         }
         for r in rows:
-            key = (r.get("variant"), r.get("seed"))
-            if key not in finished:
+            if (r.get("variant"), r.get("seed")) not in finished:
                 continue
+            key = (r["variant"], r["seed"])  # a finished run's row names both
             if r.get("event") == "done":
                 self.done.setdefault(key[0], {})[key[1]] = r
             elif key not in self.diverged:
@@ -140,13 +140,13 @@ def _judge(m: StudyMetrics, claim: dict[str, Any], axis: str | None) -> tuple[st
         return "–", "not run"
     where = ""
     if claim["at"] == "curve" and axis is not None:
-        if axis == "flops":
-            axis = claim.get("flops_axis", "flops")
-        x = m.common_point([a, b], axis)
+        x_axis: str = claim.get("flops_axis", "flops") if axis == "flops" else axis
+        x = m.common_point([a, b] if b is not None else [a], x_axis)
         if x is None:
             return "–", "not run"
-        va, vb = m.at(a, axis, x, metric), m.at(b, axis, x, metric)
-        unit = {"flops": "FLOPs", "main_flops": "main-model FLOPs", "train_s": "s"}[axis]
+        va = m.at(a, x_axis, x, metric)
+        vb = m.at(b, x_axis, x, metric) if b is not None else {}
+        unit = {"flops": "FLOPs", "main_flops": "main-model FLOPs", "train_s": "s"}[x_axis]
         where = f" at {x:.3g} {unit}"
     else:
         va = m.final(a, metric)
@@ -354,10 +354,10 @@ def plots(m: StudyMetrics) -> list[tuple[str, str]]:
 
 def _precision_note(m: StudyMetrics) -> str:
     """What each variant trained in, from its runs' done rows (one figure where every run agrees)."""
-    per = {
+    each = {
         v: sorted({d["precision"] for d in runs.values() if "precision" in d}) for v, runs in m.done.items()
     }
-    per = {v: "/".join(p) for v, p in per.items() if p}
+    per = {v: "/".join(p) for v, p in each.items() if p}
     if not per:
         return ""
     values = set(per.values())

@@ -20,9 +20,12 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")  # a config dataclass, whose fields are the flags
 
 
 def path(text: str) -> str:
@@ -163,13 +166,14 @@ def describe_change(cls: type | None, name: str, old: Any, new: Any) -> str:
 
 
 def add_options(
-    parser: argparse.ArgumentParser,
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     cls: type,
     *,
     skip: Iterable[str] = (),
     defaults: dict[str, Any] | None = None,
 ) -> None:
-    """One flag per field of the dataclass `cls` (those with cli=True and not in `skip`).
+    """One flag per field of the dataclass `cls` (those with cli=True and not in `skip`), on `parser` or
+    one of its argument groups.
 
     A field whose name already has a flag on `parser` (added for an earlier config) shares it.
     `defaults` overrides a field's default for this command only.

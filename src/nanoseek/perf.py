@@ -30,7 +30,7 @@ def cpu_has_bf16() -> bool:
     import torch
 
     # oneDNN reads its cap from ONEDNN_MAX_CPU_ISA, else (unset or empty) from its older name
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA", "")
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
     held_below_bf16 = isa.upper() in _ONEDNN_ISAS_WITHOUT_BF16
     return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2") and not held_below_bf16
 

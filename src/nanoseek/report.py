@@ -27,7 +27,7 @@ import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from nanoseek.atomic import atomic_file, atomic_write, check_writable
 from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_turn, is_unseen_wordings
@@ -76,11 +76,11 @@ def _seconds(v: float | None) -> str:
     return "–" if v is None else f"{_fmt(round(v, 1))} s"
 
 
-def _finite(v: Any) -> bool:
+def _finite(v: Any) -> TypeGuard[float]:
     return _number(v) and math.isfinite(v)
 
 
-def _number(v: Any) -> bool:
+def _number(v: Any) -> TypeGuard[float]:  # (an int too, not a bool)
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -352,8 +352,8 @@ class RunMetrics:
         }
         means = {}
         for s in stages:
-            vs = [value.get((s, t)) for t in tasks]
-            means[s] = sum(vs) / len(vs) if vs and all(v is not None for v in vs) else None
+            vs = [v for t in tasks if (v := value.get((s, t))) is not None]
+            means[s] = sum(vs) / len(vs) if vs and len(vs) == len(tasks) else None  # (every task scored)
         zero = [t for t in self.last_event("speedrun", "plan").get("verifier_only_tasks", []) if t in tasks]
         start = self.grpo_start() or ("sft" if "sft" in stages else "pretrain")
         gains: dict[str, float] = {}
@@ -651,9 +651,9 @@ def pass_at_1_margin(r: dict[str, Any]) -> float | None:
     problems. None where it has no finite standard error or one problem (no spread to measure: its 0.0
     would read as certainty; lm-eval prints N/A)."""
     se, n = r.get("pass@1_stderr"), r.get("problems")
-    if not _finite(se) or (_finite(n) and n < 2):  # ("nan", as a MetricsLog writes a NaN)
-        return None
-    return (t_95(int(n)) if _finite(n) else Z_95) * se
+    if _finite(se) and not (_finite(n) and n < 2):  # ("nan", as a MetricsLog writes a NaN)
+        return (t_95(int(n)) if _finite(n) else Z_95) * se
+    return None
 
 
 def plus_minus(margin: float | None, points: bool = True) -> str:
@@ -727,13 +727,13 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
                 + " | ".join(_pct(c.get(t)) for _, c in columns)
                 + " |"
             )
-        cells = [
+        by_column = [
             [value.get(("grpo", t)) for t in families],
             *([c.get(t) for t in families] for _, c in columns),
         ]
-        if all(v is not None for col in cells for v in col):
+        if all(v is not None for col in by_column for v in col):
             out.append(
-                "| **mean** | " + " | ".join(f"**{_pct(sum(col) / len(col))}**" for col in cells) + " |"
+                "| **mean** | " + " | ".join(f"**{_pct(sum(col) / len(col))}**" for col in by_column) + " |"
             )
     out.append("")
     start, gains, margins = sm["start"], sm["gains"], sm["gain_margins"]
@@ -884,10 +884,10 @@ def _plots(m: RunMetrics, report_dir: Path) -> list[tuple[str, str]]:
         ("text", "template"),
         ("answer", "answer"),
     ]
-    curves = [(label, m.steps("pretrain", f"probe_{k}_loss")) for k, label in kinds]
-    if any(xs for _, (xs, _) in curves):
+    probes = [(label, m.steps("pretrain", f"probe_{k}_loss")) for k, label in kinds]
+    if any(xs for _, (xs, _) in probes):
         fig, ax = subplots(figsize=(7, 4))
-        for label, (xs, ys) in curves:
+        for label, (xs, ys) in probes:
             if xs:
                 ax.plot(xs, ys, marker="o", label=label)
         ax.axhline(2.303, color="gray", lw=0.8, ls=":", label="uniform guess of a digit")

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from nanoseek.atomic import atomic_directory, atomic_write, exclusive, restore_directory
 from nanoseek.config import read_json_object
@@ -400,6 +400,12 @@ PRESETS: dict[str, SpeedrunPreset] = {
 TAKE_BACK_AT = 0.25
 
 
+class _EngineBatch(TypedDict, total=False):
+    """The engine's batch a tuning stage's config is given (`Speedrun._engine_batch`): none, its own."""
+
+    max_batch_size: int
+
+
 class Speedrun:
     def __init__(
         self, out: str | Path, preset: SpeedrunPreset, progress: bool = True, tensorboard: bool = False
@@ -432,7 +438,7 @@ class Speedrun:
         # a setting added since the run started counts as unchanged where it keeps its default: the value
         # the run's own preset gives it (a gpu or smoke run's differ from the cpu preset's)
         defaults = json.loads(
-            json.dumps(dataclasses.asdict(PRESETS.get(stored.get("name"), SpeedrunPreset())))
+            json.dumps(dataclasses.asdict(PRESETS.get(stored.get("name", ""), SpeedrunPreset())))
         )
         changed = [
             k for k in sorted(set(stored) | set(mine)) if stored.get(k, defaults.get(k)) != mine.get(k)
@@ -760,7 +766,8 @@ class Speedrun:
         import multiprocessing
 
         end = multiprocessing.get_context("spawn").Value("d", 0.0)  # GRPO's end (time.time()); 0: not known
-        t0, first_step = time.time(), []
+        t0 = time.time()
+        first_step: list[int] = []
 
         def pace(done: int, total: int) -> None:
             if not first_step:  # a resumed GRPO starts past step 0
@@ -947,9 +954,9 @@ class Speedrun:
                     # nor the running ones waited for: a SIGTERM to this process alone (`kill`, Kubernetes)
                     # reached no worker, and the stop waited for their whole evaluations (the pool keeps
                     # its workers private: Python 3.14's `terminate_workers` does this)
-                    workers = list((getattr(pool, "_processes", None) or {}).values())
+                    processes = list((getattr(pool, "_processes", None) or {}).values())
                     pool.shutdown(wait=False, cancel_futures=True)
-                    for worker in workers:
+                    for worker in processes:
                         worker.terminate()
                     raise
         for stage, task in order:
@@ -991,7 +998,7 @@ class Speedrun:
         wanted = "fp32" if self.p.precision == "fp32" else "auto"
         return resolve_precision(wanted, default_device(), bf16_on_cpu=False)
 
-    def _engine_batch(self) -> dict[str, int]:
+    def _engine_batch(self) -> _EngineBatch:
         return {"max_batch_size": self.p.engine_batch} if self.p.engine_batch else {}
 
     def _wall_time(self, stage: str) -> float | None:

@@ -42,6 +42,8 @@ def add_generation_flags(
         for action in g._group_actions:
             if action.dest in GENERATION_DEFAULT_FIELDS:
                 fallbacks[action.dest] = action.default
+                # add_options wrote each of these fields' default into its help: every one has a default
+                assert action.help is not None
                 action.help = action.help.replace(
                     "(default: %(default)s)",
                     f"(default: the checkpoint's generation_config.json, else {action.default})",

@@ -493,6 +493,12 @@ class PackedDataset:
     `load_state_dict()` restores it (then iterate again). `reset()` goes back to the start.
     """
 
+    # set by each iteration (`_windows`) for `_refill`: the epoch it reads, that epoch's documents of this
+    # split so far, whether any document read had text
+    _epoch: int
+    _epoch_docs: int
+    _any_text: bool
+
     def __init__(
         self,
         source: str | os.PathLike | Sequence[str | os.PathLike] | None,
@@ -547,8 +553,7 @@ class PackedDataset:
         self.mask_prompts = mask_prompts and user is not None and assistant is not None
         outputs = (tokenizer.token_to_id(TOOL_OUTPUT_BEGIN), tokenizer.token_to_id(TOOL_OUTPUT_END))
         self._chat_ids = (user, assistant, tokenizer.bos_token_id, *outputs)
-        think = tokenizer.token_to_id(THINK_START)
-        self._history_ids = None if think is None else (user, assistant, think, tokenizer.bos_token_id)
+        self._think_id = tokenizer.token_to_id(THINK_START)  # None: no reasoning chat, no answer to mask
         # The embedded corpus has its own held-out split (problems never trained on): validation reads
         # that stream directly instead of filtering 1 document in 100 out of the training stream.
         self.stream = _DocumentStream(
@@ -633,7 +638,8 @@ class PackedDataset:
     def _segments(self, limit: int) -> list[tuple[int, int]]:
         """(start, end) in _pending of the next `limit` pieces: the head (maybe a document's rest,
         without BOS), then whole BOS-opened documents."""
-        bos, out, i = self.tokenizer.bos_token_id, [], self._start
+        bos, i = self.tokenizer.bos_token_id, self._start
+        out: list[tuple[int, int]] = []
         n = len(self._pending)
         while i < n and len(out) < limit:
             try:  # (list.index: a C loop; the documents of a corpus may be long)
@@ -722,9 +728,11 @@ class PackedDataset:
         import torch
 
         x = torch.tensor([tokens])
-        untrained = in_chat_prompt(x, *self._chat_ids)
-        if self._history_ids:
-            untrained |= in_history_answer(x, *self._history_ids)
+        user, assistant, bos, *outputs = self._chat_ids
+        assert user is not None and assistant is not None  # (mask_prompts: the tokenizer has both)
+        untrained = in_chat_prompt(x, user, assistant, bos, *outputs)
+        if self._think_id is not None:
+            untrained |= in_history_answer(x, user, assistant, self._think_id, bos)
         # position i masks the token it predicts, i + 1
         flag = torch.nn.functional.pad(untrained[0, :-1], (1, 0), value=False)
         return torch.where(flag, -2 - x[0], x[0]).tolist()

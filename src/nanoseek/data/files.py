@@ -107,8 +107,10 @@ def resolve_files(
             files.extend(sorted(dict.fromkeys(matches), key=str))
         else:
             raise FileNotFoundError(f"data source not found: {text}")
-    seen: set[Path] = set()
-    files = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+    first: dict[Path, Path] = {}  # each file once, where it was first named
+    for f in files:
+        first.setdefault(f.resolve(), f)
+    files = list(first.values())
     # found now, not as a traceback when the reader gets there (hours into a run). Not a pipe, which
     # is read once: opened and closed here, a named one (`mkfifo`) lost its writer's data to this check
     # and the read then waited forever

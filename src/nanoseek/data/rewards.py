@@ -189,6 +189,10 @@ def _load_module(where: str) -> ModuleType:
             if not path.is_file():
                 raise ImportError(f"no file {path}")
             spec = importlib.util.spec_from_file_location(f"_nanoseek_reward_{len(_FILES)}_{path.stem}", path)
+            # no loader for a file not named .py (`./rewards/mine:fn`): an AttributeError on None was all
+            # that said so
+            if spec is None or spec.loader is None:
+                raise ImportError(f"{path} is not a Python file (FILE.py)")
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module  # a dataclass in the file looks its module up there
             try:

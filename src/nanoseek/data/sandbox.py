@@ -369,7 +369,7 @@ class SandboxResult:
 def _network_prefix() -> tuple[tuple[str, ...], bool]:
     """(command prefix for a fresh network namespace, whether the child can drop to nobody)."""
     root = os.geteuid() == 0
-    candidates = [("unshare", "--net", "--")] if root else []
+    candidates: list[tuple[str, ...]] = [("unshare", "--net", "--")] if root else []
     candidates.append(("unshare", "--net", "--map-root-user", "--"))
     for prefix in candidates:
         try:
@@ -501,7 +501,7 @@ def run_python(
                 close_fds=True,
             )
             timed_out = False
-            if proc.stdin is not None:  # one short line: fits the pipe, never blocks
+            if proc.stdin is not None and piped is not None:  # one short line: fits the pipe, never blocks
                 with contextlib.suppress(BrokenPipeError):
                     proc.stdin.write((piped + "\n").encode())
                     proc.stdin.close()
@@ -572,7 +572,8 @@ def run_tests(
     budget = cfg.total_timeout if cfg.total_timeout is not None else 10 * cfg.timeout
     if budget <= 0:
         raise ValueError(f"sandbox total_timeout must be positive, got {budget}s")
-    passed, results = 0, []
+    passed = 0
+    results: list[SandboxResult] = []
     for case in tests:
         left = budget - sum(r.duration for r in results)
         if left <= 0:

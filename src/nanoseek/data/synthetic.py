@@ -210,6 +210,7 @@ def iter_documents(
         # one level above the spec's own difficulty; built only when asked for (a level up may not
         # exist for options that fit the spec's own level)
         hard = get_task(with_option(name, "difficulty", base.difficulty + 1)) if harder_fraction else base
+        assert isinstance(hard, BuiltinTask)  # base's family, built a level up
         families.append(
             (
                 base,

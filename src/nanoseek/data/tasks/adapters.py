@@ -19,7 +19,7 @@ import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from nanoseek.data.tasks.answers import (
     check_code,
@@ -265,7 +265,7 @@ class ReasoningGymTask(Task):
                 _remember({keys[i]: s for i, s in zip(missing, found, strict=True)})
                 for i, s in zip(missing, found, strict=True):
                     cached[i] = s
-            scores = [float(s) for s in cached]
+            scores = [float(cast(float, s)) for s in cached]  # none is None now: the missing ones filled
         s = max(scores)
         if self.partial:
             return min(max(s, 0.0), 1.0)
@@ -409,8 +409,8 @@ def _rg_score_sandboxed(
     missed = [i for i in range(len(jobs)) if i not in scored]
     if missed and not retried:  # (not already tried with those: a slow import's retry)
         found = _rg_score_sandboxed(dataset, config, [jobs[i] for i in missed], retried=True)
-        for i, s in zip(missed, found, strict=True):
-            scores[i] = s
+        for j, score in zip(missed, found, strict=True):
+            scores[j] = score
     return scores
 
 

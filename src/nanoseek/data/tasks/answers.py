@@ -50,7 +50,9 @@ _CLOSING_RE = re.compile(r"[\s$。.]*")
 
 
 def _strip_closing(s: str) -> str:
-    return s[: len(s) - _CLOSING_RE.match(s[::-1]).end()]
+    closing = _CLOSING_RE.match(s[::-1])
+    assert closing is not None  # `[...]*` matches at the start of every string, if only the empty one
+    return s[: len(s) - closing.end()]
 
 
 def unwrap_answer(text: str) -> str:

@@ -79,7 +79,8 @@ def typed_options(
     comparison. `given` are the parameters the registry fills itself."""
     try:
         params = inspect.signature(factory).parameters
-        hints = typing.get_type_hints(factory.__init__ if isinstance(factory, type) else factory)
+        # the class's own __init__ (mypy refuses __init__ read off any object, a class included)
+        hints = typing.get_type_hints(factory.__init__ if isinstance(factory, type) else factory)  # type: ignore[misc]
     except Exception:  # a registered factory we cannot introspect: its options as they were parsed
         return {k: _parse_value(v) for k, v in raw.items()}
     keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)

@@ -46,7 +46,7 @@ def register_task(name: str, factory: Callable[..., Task]) -> None:
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"task names are lowercase identifiers, got {name!r}")
     TASKS[name] = factory
-    get_task.cache_clear()
+    _cached_task.cache_clear()
 
 
 def registered_tasks() -> dict[str, Callable[..., Task]]:
