@@ -194,6 +194,16 @@ def test_mtp_targets_stay_inside_packed_documents() -> None:
     assert target_counts(y, 2).tolist() == [12, 11, 10]  # one unpacked sequence
 
 
+def test_document_mask_needs_a_bos() -> None:
+    """A model whose config has no BOS cannot split packed rows into documents: said so, not an
+    AttributeError from inside the split."""
+    model = micro_model()
+    model.config = model.config.replace(bos_token_id=None)
+    x = torch.tensor([[0, 11, 12, 0, 21, 22]])
+    with pytest.raises(ValueError, match="no BOS"):
+        language_model_loss(model, x[:, :-1], x[:, 1:], document_mask=True)
+
+
 def test_each_mtp_depths_loss_is_logged_in_metrics_jsonl(tmp_path) -> None:
     """With two MTP depths, metrics.jsonl holds each depth's loss beside their mean: the mean alone
     could not tell a depth that lags (depth 1 predicts two tokens further on) from one that learns."""

@@ -63,6 +63,8 @@ class RotaryEmbedding(nn.Module):
     """cos/sin tables for the RoPE dims (MLA's decoupled key part, or a GQA head), with YaRN or
     Llama 3 frequency scaling when configured."""
 
+    inv_freq: torch.Tensor  # a buffer
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.dim = config.rope_head_dim
@@ -458,10 +460,18 @@ class MultiHeadLatentAttention(nn.Module):
 def _storage(linear: nn.Module) -> torch.Tensor:
     """The tensor that holds a linear layer's weight (int8 layers of engine/quantize.py: `qweight`)."""
     q = linear._buffers.get("qweight")  # dict lookups: this runs per layer per decode step
-    return linear._parameters["weight"] if q is None else q
+    if q is not None:
+        return q
+    weight = linear._parameters["weight"]
+    assert weight is not None  # a linear layer's weight (torch types the slot as Optional)
+    return weight
 
 
 def _dense(linear: nn.Module) -> torch.Tensor:
     """A linear layer's weight as a dense tensor, whatever its storage (fp8 blocks, int8 rows)."""
     dequantize = getattr(linear, "dequantize", None)
-    return dequantize() if dequantize is not None else linear.weight
+    if dequantize is not None:
+        return dequantize()
+    weight = linear.weight
+    assert isinstance(weight, torch.Tensor)  # a dense layer's: nn.Linear's parameter
+    return weight

@@ -231,7 +231,9 @@ class _FP8LinearFunction(torch.autograd.Function):
         return y.to(compute_dtype(x)).view(*shape[:-1], n)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(  # type: ignore[override]  # torch's stub: (ctx, *grad_outputs); one output here
+        ctx: Any, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         xq, xs, wq, ws = ctx.saved_tensors
         shape, x_dtype, w_dtype, backend, pow2, n, k = ctx.meta
         dy = grad_out.reshape(-1, n)
@@ -366,12 +368,14 @@ def convert_from_fp8_training(model: nn.Module) -> int:
 
     restored = 0
     for module in model.modules():
+        original: type[nn.Module]
         if isinstance(module, FP8TrainingLinear):
-            module.__class__ = Linear
+            original = Linear
         elif _FP8_EXPERTS is not None and isinstance(module, _FP8_EXPERTS):
-            module.__class__ = RoutedExperts
+            original = RoutedExperts
         else:
             continue
+        module.__class__ = original
         del module.fp8_recipe
         restored += 1
     return restored
@@ -459,7 +463,7 @@ def quantize_linears_fp8(
 
     On a model built on the meta device this only allocates the FP8 tensors, ready for `load_fp8`.
     """
-    targets = []
+    targets: list[str] = []
     for name, module in model.named_modules():
         if any(name == s or name.endswith("." + s) for s in skip):
             continue

@@ -45,6 +45,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, safe_t).squeeze(1)
             total += torch.where(ok, lse - picked, 0.0).sum()
             if want_grads:
+                assert grad_h is not None and grad_w is not None  # allocated above when want_grads
                 # d loss / d logits = (softmax - onehot) / count on counted rows, 0 elsewhere (also
                 # where nothing is counted, as F.cross_entropy: not 0 * inf, a NaN in every gradient)
                 g = logits.sub_(lse.unsqueeze(1)).exp_()

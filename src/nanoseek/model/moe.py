@@ -59,6 +59,7 @@ class Router(nn.Module):
 
     weight = Registered()  # read per call: see nanoseek.model.registered
     e_score_correction_bias = Registered()
+    expert_load: torch.Tensor  # a buffer
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -41,12 +41,12 @@ class DecoderBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.self_attn: nn.Module = (
+        self.self_attn = (
             GroupedQueryAttention(config, layer_idx)
             if config.attention_variant == "gqa"
             else MultiHeadLatentAttention(config, layer_idx)
         )
-        self.mlp: nn.Module = (
+        self.mlp = (
             MoE(config)
             if config.is_moe_layer(layer_idx)
             else MLP(config.hidden_size, config.intermediate_size)

@@ -81,7 +81,7 @@ def is_dcp_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def save_dcp(
-    model: nn.Module,
+    model: DeepSeekV3,
     directory: str | os.PathLike,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
@@ -99,7 +99,7 @@ def save_dcp(
             dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
         _barrier()  # every rank's shard files and rank 0's metadata are on disk
         if _rank() == 0:
-            model.config.save(tmp)  # type: ignore[operator]
+            model.config.save(tmp)
     _barrier()
     return final
 
@@ -151,7 +151,9 @@ def _optimizer_state(
 ) -> dict[str, Any]:
     """The optimizer's sharded state dict, holding the state of the parameters named in `stateful` only."""
     optim = get_optimizer_state_dict(model, optimizer)
-    optim["state"] = {name: v for name, v in optim["state"].items() if name in stateful}
+    state = optim["state"]
+    assert isinstance(state, dict)  # parameter name -> its state (the list is "param_groups")
+    optim["state"] = {name: v for name, v in state.items() if name in stateful}
     _drop_state(model, optimizer, stateful)
     return optim
 

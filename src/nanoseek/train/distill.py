@@ -20,7 +20,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +30,9 @@ from nanoseek.data.tasks import check_training_tasks, prescore, split_task_list
 from nanoseek.engine.sampling import SamplingParams, refuse_identical_samples
 from nanoseek.options import check_choices, option, path, shell_quoted, torch_seed
 from nanoseek.train.sft import SFTConfig, check_seq_len, completion_example, train_on_examples
+
+if TYPE_CHECKING:
+    from nanoseek.model.transformer import DeepSeekV3
 
 
 @dataclass
@@ -86,10 +89,11 @@ def teacher_sampling(cfg: DistillConfig, generation_config: dict, source: object
     if file:
         shown = ", ".join(f"{k}={v}" for k, v in file.items())
         print(f"distill: the teacher samples with its generation_config.json's {shown}")
-    return dataclasses.replace(cfg, **{k: file.get(k, TEACHER_SAMPLING[k]) for k in left_out})
+    settled: dict[str, Any] = {k: file.get(k, TEACHER_SAMPLING[k]) for k in left_out}
+    return dataclasses.replace(cfg, **settled)
 
 
-def build_student(student: str, tokenizer: Any, seed: int = 0) -> torch.nn.Module:
+def build_student(student: str, tokenizer: Any, seed: int = 0) -> DeepSeekV3:
     """A student from a checkpoint (must share the tokenizer's vocabulary) or a preset sized to it."""
     from nanoseek.checkpoint import build_model, load_model
     from nanoseek.perf import default_device
@@ -204,6 +208,8 @@ def sample_correct_traces(
         cfg, getattr(tokenizer, "generation_config", {}), "the teacher's generation_config.json"
     )
 
+    assert cfg.temperature is not None and cfg.top_p is not None and cfg.top_k is not None  # settled
+    assert cfg.min_p is not None and cfg.repetition_penalty is not None
     stop = list(tokenizer.stop_token_ids)
     prompts = [chat_prompt_ids(tokenizer, p.messages) for p in problems]
     flat = [ids for ids in prompts for _ in range(cfg.k)]
@@ -333,6 +339,7 @@ def distill(cfg: DistillConfig) -> Path:
     teacher_dir = resolve_checkpoint(cfg.teacher, flag="--teacher")
     tok = load_tokenizer(teacher_dir)
     cfg = teacher_sampling(cfg, tok.generation_config, teacher_dir / "generation_config.json")
+    assert cfg.temperature is not None  # settled
     refuse_identical_samples(cfg.temperature, cfg.k, "-k", "a prompt")
     # a typo in --student (or a --seq-len past its context) must not cost the whole sampling first
     _check_student(cfg.student, tok, cfg.sft.seq_len)
@@ -399,7 +406,8 @@ def _sample(
             problems.append(p)
     t0 = time.perf_counter()
     engine = Engine(teacher, max_batch_size=cfg.max_batch_size)
-    kept, stats = sample_correct_traces(engine, tok, tasks, problems, cfg)
+    kept, sampled = sample_correct_traces(engine, tok, tasks, problems, cfg)
+    stats: dict[str, Any] = sampled  # and what stood in for the teacher's traces, if anything (a str)
     stats["sampling_time_s"] = time.perf_counter() - t0
     print(
         f"distill: teacher solved {stats['teacher_accuracy']:.1%} of {len(problems) * cfg.k} samples; "

@@ -17,11 +17,13 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass
@@ -62,7 +64,7 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> Dis
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
-            **({"device_id": dev} if use_cuda else {}),
+            device_id=dev if use_cuda else None,
         )
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -82,7 +84,7 @@ def destroy_distributed(failed: bool = False) -> None:
         dist.destroy_process_group()
 
 
-def shard_model(model: nn.Module, info: DistInfo) -> nn.Module:
+def shard_model(model: M, info: DistInfo) -> M:
     """FSDP2 over the data-parallel ranks: one unit per decoder block, the rest in the root unit."""
     if not info.enabled:
         return model
@@ -154,7 +156,11 @@ def full_model_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.T
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # full_state_dict: plain tensors only (torch's type also allows DTensor, ShardedTensor, nesting)
+    return cast(
+        dict[str, torch.Tensor],
+        get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)),
+    )
 
 
 def load_full_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor], info: DistInfo) -> None:
@@ -165,7 +171,11 @@ def load_full_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor],
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_model_state_dict(
+        model,
+        state,  # type: ignore[arg-type]  # torch asks for dict[str, ValueType]: invariant, so not ours
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
 
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> dict:

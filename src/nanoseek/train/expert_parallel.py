@@ -158,8 +158,10 @@ class ExpertParallelExperts(nn.Module):
         return combine_rows(x, ys, token_of)
 
     def _compute(self, xs: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
-        gate_up = _ScaleGrad.apply(self.gate_up_proj.to_local(), self.grad_scale)
-        down = _ScaleGrad.apply(self.down_proj.to_local(), self.grad_scale)
+        gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
+        assert isinstance(gate_up_proj, DTensor) and isinstance(down_proj, DTensor)  # Parameters of DTensors
+        gate_up = _ScaleGrad.apply(gate_up_proj.to_local(), self.grad_scale)
+        down = _ScaleGrad.apply(down_proj.to_local(), self.grad_scale)
         # The same grouped kernel as the single-process RoutedExperts: one call per layer, so every rank
         # takes the same path through the collectives, and experts that received no rows still get a
         # (zero) gradient.
@@ -241,4 +243,8 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     model.reset_buffers()  # type: ignore[operator]
     check_keys(model, state, "state dict")
     # strict=False: a tied head is the embedding, absent from `state`.
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_model_state_dict(
+        model,
+        state,  # type: ignore[arg-type]  # torch asks for dict[str, ValueType]: invariant, so not ours
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )

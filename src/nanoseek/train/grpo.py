@@ -117,9 +117,11 @@ def token_logprobs(
     rows = (starts.unsqueeze(1) - 1 + offs).clamp(max=s - 2)  # [B, L]
     batch_idx = torch.arange(b, device=input_ids.device).unsqueeze(1)
     if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
-        # project only the completion positions: the prompt's logits are never needed
-        hidden = model.hidden_states(input_ids, token_mask=token_mask)
-        sel = model.lm_head(hidden[batch_idx, rows]).float()
+        # project only the completion positions: the prompt's logits are never needed. Duck-typed: a
+        # DeepSeekV3, or a wrapper that forwards its methods (torch.compile's OptimizedModule)
+        duck: Any = model
+        hidden = duck.hidden_states(input_ids, token_mask=token_mask)
+        sel = duck.lm_head(hidden[batch_idx, rows]).float()
     else:
         sel = model(input_ids)[batch_idx, rows].float()
     if temperature != 1.0:
@@ -603,7 +605,7 @@ class PromptSampler:
             # (one choice at a time draws what one rng.choices(k=n) would while none runs out)
             open_ = [name for name in names if counts[name] < len(self.pools[name])]
             counts[rng.choices(open_, weights=[self.FLOOR + self.signal[name] for name in open_])[0]] += 1
-        batch = []
+        batch: list = []
         for name, k in counts.items():
             problems = self.pools[name]
             batch.extend(problems[i] for i in rng.sample(range(len(problems)), k))
@@ -663,7 +665,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
     opened = prompt_opens_think(tok)
     reward_fn = build_reward(cfg.reward, prompt_opened_think=opened)
     tasks = [get_task(name) for name in cfg.tasks]
-    pools = {}
+    pools: dict[str, list] = {}
     for t in tasks:
         # up to train_pool each: a family with fewer distinct problems contributes all it has
         problems = t.problems("train", cfg.train_pool, seed=cfg.seed, language=cfg.language, strict=False)
@@ -712,7 +714,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
     if trainer.deadline is not None:
         trainer.deadline -= spent
     # a resumed run whose budget was spent (it stopped there): finished, its checkpoint stays as written
-    budget_spent = bool(cfg.max_seconds) and spent >= cfg.max_seconds
+    budget_spent = cfg.max_seconds is not None and spent >= cfg.max_seconds  # (validated: > 0)
 
     def out_of_time() -> bool:
         return trainer.deadline is not None and time.perf_counter() >= trainer.deadline
@@ -880,7 +882,12 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
             upd["update_time_s"] = update_time
 
             # ----------------------------------------------------------------- logging
-            rec = {**ro.metrics, **upd, "tokens": tokens, "wall_time_s": time.perf_counter() - t_run}
+            rec: dict[str, Any] = {
+                **ro.metrics,
+                **upd,
+                "tokens": tokens,
+                "wall_time_s": time.perf_counter() - t_run,
+            }
             ent = rec.get("entropy", float("nan"))
             if init_length is None and math.isfinite(ent):
                 init_length = rec["response_length"]
@@ -1113,9 +1120,9 @@ def _loss_fn(
     def loss_fn() -> tuple[torch.Tensor, dict]:
         mb = next(batches)
         share = len(micro) * float(mb["mask"].sum()) / total_tokens
-        mix_loss = None
+        mix_loss, mix_tokens = None, 0
         if mix is not None and first[0]:
-            mix_loss = sft_loss(policy, mix)
+            mix_loss, mix_tokens = sft_loss(policy, mix), mix.input_ids.numel()
             if mix_losses is not None:
                 mix_losses.append(float(mix_loss.detach()))
         first[0] = False
@@ -1146,7 +1153,7 @@ def _loss_fn(
             entropies.append(share * float((ent * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)))
         # the micro-batch losses share the batch's denominators, so they sum to the batch loss
         loss = out.loss if mix_loss is None else out.loss + cfg.sft_mix * mix_loss
-        tokens = mb["tokens"] + (0 if mix_loss is None else mix.input_ids.numel())
+        tokens = mb["tokens"] + mix_tokens
         return loss, {**{k: share * v for k, v in out.stats.items()}, "tokens": tokens}
 
     return loss_fn
@@ -1172,7 +1179,8 @@ def _score_rollout(
     from nanoseek.evaluate import strip_stop
 
     g = cfg.group_size
-    rewards, parts_sum, acc, fmt, lengths, truncated, skipped = [], {}, [], [], [], [], []
+    rewards, acc, fmt, lengths, truncated, skipped = [], [], [], [], [], []
+    parts_sum: dict[str, float] = {}
     parts_n: dict[str, int] = {}  # a part is averaged over the samples that have it (code: those with tests)
     completions = []
     per_task: dict[str, list[float]] = {}  # a mixture's accuracy, task by task

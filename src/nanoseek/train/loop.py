@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -56,6 +56,10 @@ from nanoseek.train.distributed import (
     load_full_optimizer_state_dict,
     shard_model,
 )
+
+if TYPE_CHECKING:
+    from nanoseek.model.moe import Router
+    from nanoseek.model.transformer import DeepSeekV3
 
 LossFn = Callable[[], tuple[torch.Tensor, dict[str, Any]]]
 PRECISIONS = ("bf16", "fp32", "fp8")
@@ -152,7 +156,9 @@ def _fused_adamw_ok(model: nn.Module) -> bool:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Matrices decay; norms, biases, embeddings do not (see the module docstring)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -176,11 +182,14 @@ def target_counts(
     return torch.tensor([(t != ignore_index).sum().item() for t in terms], dtype=torch.float64)
 
 
-def packed_documents(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_documents(model: DeepSeekV3, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(doc_ids, positions) [B,S] of packed rows whose documents each open with the model's BOS."""
     from nanoseek.model.attention import documents_from_bos
 
-    return documents_from_bos(input_ids, model.config.bos_token_id)
+    bos = model.config.bos_token_id
+    if bos is None:  # (`input_ids == None` is a plain False: "'bool' object has no attribute 'long'")
+        raise ValueError("document masking splits packed rows at BOS tokens: this model's config has no BOS")
+    return documents_from_bos(input_ids, bos)
 
 
 @dataclass
@@ -195,7 +204,7 @@ class StepTargets:
 
 
 def language_model_loss(
-    model: nn.Module,
+    model: DeepSeekV3,
     input_ids: torch.Tensor,
     targets: torch.Tensor,
     mtp_weight: float = 0.0,
@@ -247,6 +256,7 @@ def language_model_loss(
             return term.nan_to_num(0.0) * 0.0
         if step is None:
             return term
+        assert counts is not None  # counted whenever there is a `step`
         return term * (counts[k] * step.world_size / step.counts[k]).item()
 
     loss = weighted(lm, 0)
@@ -273,7 +283,7 @@ def language_model_loss(
 
 
 # ---------------------------------------------------------------- accounting
-def training_flops_per_token(model: nn.Module, seq_len: int, include_mtp: bool = True) -> float:
+def training_flops_per_token(model: DeepSeekV3, seq_len: int, include_mtp: bool = True) -> float:
     """Model FLOPs per trained token, as nanoseek.accounting counts them."""
     from nanoseek.accounting import flops_per_token
 
@@ -320,7 +330,7 @@ def warn_unused_model_flags(config: Any, stage: Any) -> None:
         warnings.warn(f"{flag} {value:g} does nothing for this model: {why}", stacklevel=2)
 
 
-def _routers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def _routers(model: nn.Module) -> Iterator[tuple[str, Router]]:
     """Every MoE router with a readable layer name ('3', or 'mtp0' for MTP depth 0)."""
     return model.routers()  # type: ignore[operator]
 
@@ -407,7 +417,7 @@ class Trainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: DeepSeekV3,
         run_dir: str | os.PathLike,
         stage: str,
         optim: OptimConfig,
@@ -510,7 +520,7 @@ class Trainer:
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
 
     def _optimizer(self, optim: OptimConfig) -> torch.optim.Optimizer:
-        adamw = dict(
+        adamw: dict[str, Any] = dict(
             lr=optim.lr,
             betas=optim.betas,
             eps=optim.eps,
@@ -586,9 +596,12 @@ class Trainer:
         sums: dict[str, float] = {}
         tokens = 0
         for micro in range(accumulation):
-            if self.dist.enabled and hasattr(model, "set_requires_gradient_sync"):
-                # Reduce-scatter gradients once per step, on the last micro-batch.
-                model.set_requires_gradient_sync(micro == accumulation - 1)
+            if self.dist.enabled:
+                from torch.distributed.fsdp import FSDPModule
+
+                if isinstance(model, FSDPModule):  # FSDP2's (`shard_model`)
+                    # Reduce-scatter gradients once per step, on the last micro-batch.
+                    model.set_requires_gradient_sync(micro == accumulation - 1)
             with self.autocast():
                 loss, m = loss_fn()
             loss.backward()
@@ -887,7 +900,7 @@ class Trainer:
         return self.checkpoint_dir
 
     def _write_checkpoint(
-        self, directory: Path, plain: nn.Module, state: tuple[dict[str, Any], dict[str, Any] | None] | None
+        self, directory: Path, plain: DeepSeekV3, state: tuple[dict[str, Any], dict[str, Any] | None] | None
     ) -> None:
         """RUN/<stage>/'s files in `directory`: weights and config, tokenizer, generation config and, with
         `state` (the optimizer's state dict and `save`'s extra state), train_state/."""
@@ -916,7 +929,7 @@ class Trainer:
     def _rescued(
         self,
         error: OSError,
-        plain: nn.Module,
+        plain: DeepSeekV3,
         state: tuple[dict[str, Any], dict[str, Any] | None] | None = None,
     ) -> OSError:
         """The error to raise where RUN/ refused a write of this run (a disk gone read-only or full, a
@@ -1225,7 +1238,7 @@ class StepLog:
         self.expert_load_every = expert_load_every
         self.metrics = MetricsLog(run_dir, stage, enabled=is_main)
         self._progress = progress and is_main
-        self._bar = None
+        self._bar: Any = None  # `progress_bar`'s, drawn at the first step
         self._peak: float | None = None
         self._peak_threads = 0  # torch's CPU threads when `_peak` was measured
         self._tb = None
@@ -1311,7 +1324,7 @@ class StepLog:
 
             dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
             if self._peak is not None:
-                matmul_peak_flops.cache_clear()
+                matmul_peak_flops.cache_clear()  # type: ignore[attr-defined]  # set on it in nanoseek.perf
             measured = matmul_peak_flops(dtype, self.device) * self.world_size
             kept = self._peak if threads == self._peak_threads else None
             self._peak, self._peak_threads = max(kept or 0.0, measured, achieved), threads

@@ -48,7 +48,8 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
         # [m, n] matrix only at the ends (~15% fewer FLOPs at n = 2m; figures in benchmarks/README.md).
         # In bf16 G's rounding compounds over the steps (singular values far above 1 where the form
         # below keeps 0.7-1.2), so bf16 iterates on x itself.
-        gram, q = x @ x.mT, None
+        gram = x @ x.mT
+        q: torch.Tensor | None = None
         for i in range(steps):
             p = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
             p.diagonal(dim1=-2, dim2=-1).add_(a)

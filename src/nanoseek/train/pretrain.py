@@ -402,7 +402,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
 
     torch.manual_seed(cfg.seed)
     model = build_model(config, device=dist.device).init_weights(cfg.seed)
-    model.set_balance_alpha(cfg.balance_alpha)  # the sequence-wise balance loss α (V3 eq. 17-20)
+    model.set_balance_alpha(config.aux_loss_alpha)  # the sequence-wise balance loss α (V3 eq. 17-20)
     if cfg.expert_parallel:
         from nanoseek.train.expert_parallel import parallelize_experts
 
@@ -503,7 +503,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
     def loss_fn() -> tuple[torch.Tensor, dict[str, Any]]:
         if not drawn:  # a step's first micro-batch: draw them all, and count the step's targets on every rank
             drawn.extend(next(batches) for _ in range(cfg.accumulation))
-            counts = sum(batch_counts(x, y) for x, y in drawn)
+            counts = torch.stack([batch_counts(x, y) for x, y in drawn]).sum(0)
             all_reduce_(counts, dist, "sum")
             step_targets.counts = counts
         x, y = drawn.pop(0)
@@ -529,7 +529,8 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
 
     def validate() -> float:
         if not val_targets.counts.any():  # the set is fixed: counted once (a collective, on every rank)
-            val_targets.counts = all_reduce_(sum(batch_counts(x, y) for x, y in val_set), dist, "sum")
+            counts = torch.stack([batch_counts(x, y) for x, y in val_set]).sum(0)  # (never empty here)
+            val_targets.counts = all_reduce_(counts, dist, "sum")
         it = iter(val_set)
 
         def val_loss() -> tuple[torch.Tensor, dict[str, Any]]:
@@ -646,7 +647,7 @@ def _check_same_settings(cfg: PretrainConfig, dist: Any) -> None:
     import torch.distributed
 
     mine = {k: v for k, v in asdict(cfg).items() if k != "threads"}  # CPU threads may differ per node
-    every = [None] * dist.world_size
+    every: list[Any] = [None] * dist.world_size  # each rank's `mine`, once gathered
     torch.distributed.all_gather_object(every, mine)
     differ = sorted(k for k in mine if any(other[k] != mine[k] for other in every))
     if differ:

@@ -35,7 +35,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,9 @@ from nanoseek.tokenizer import (
     render_tool_calls,
     writes_fenced_tool_calls,
 )
+
+if TYPE_CHECKING:
+    from nanoseek.model.transformer import DeepSeekV3
 
 IGNORE = -100
 
@@ -585,7 +588,7 @@ def check_seq_len(seq_len: int, config: Any) -> None:
 
 
 def train_on_examples(
-    model: torch.nn.Module,
+    model: DeepSeekV3,
     tokenizer: Any,
     examples: list[tuple[list[int], list[int]]],
     run_dir: str | os.PathLike,
@@ -699,7 +702,7 @@ def train_on_examples(
         tensorboard=cfg.tensorboard,
     )
     # finished (every step ran, or its budget is spent: the deadline stopped it): its checkpoint stays as written
-    out_of_time = bool(cfg.max_seconds) and spent >= cfg.max_seconds
+    out_of_time = cfg.max_seconds is not None and spent >= cfg.max_seconds  # (validated: > 0)
     if cfg.resume and (trainer.global_step >= trainer.total_steps or out_of_time):
         log.log(None, event="end", wall_time_s=0.0, skipped=trainer.skipped_steps)
         log.close()
