@@ -248,7 +248,8 @@ def transformers_differences(config: ModelConfig) -> list[str]:
     checkpoint and compute other logits than nanoseek does, without a word (V3 always routes by sigmoid
     scores plus the balancing bias, V2 always by softmax over interleaved RoPE dims, and both make every
     layer past first_k_dense_replace an MoE layer)."""
-    mt, out = config.model_type, []
+    mt = config.model_type
+    out: list[str] = []
     if mt not in ("deepseek_v2", "deepseek_v3") or config.attention_variant != "mla":
         return out
     scoring, freq = (
@@ -263,7 +264,12 @@ def transformers_differences(config: ModelConfig) -> list[str]:
         out.append(
             "topk_method='noaux_tc' (its deepseek_v2 has only greedy and group_limited_greedy: it fails)"
         )
-    if config.is_moe and mt == "deepseek_v2" and config.norm_topk_prob and config.num_experts_per_tok > 1:
+    if (
+        config.is_moe
+        and mt == "deepseek_v2"
+        and config.norm_topk_prob
+        and (config.num_experts_per_tok or 0) > 1
+    ):
         out.append("norm_topk_prob=True (its deepseek_v2 scales the weights instead, as DeepSeek does not)")
     if mt == "deepseek_v2" and not config.rope_interleave:
         out.append("rope_interleave=False (its deepseek_v2 reads RoPE dims interleaved)")
@@ -612,7 +618,8 @@ def _download(repo_id: str, label: str, patterns: tuple[str, ...] = HUB_FILES) -
     try:
         # the Hub unreachable: the cache alone, as snapshot_download reads it offline
         cached = {"local_files_only": True} if unreachable else {}
-        return Path(snapshot_download(repo_id, allow_patterns=list(patterns), **cached))
+        # (mypy checks an unpacked dict's values against every parameter: a bool might be dry_run's)
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns), **cached))  # type: ignore[call-overload]
     except LocalEntryNotFoundError as e:
         # Raised offline (HF_HUB_OFFLINE, no network, the Hub unreachable) when the cache lacks it, or
         # (a recent huggingface_hub's IncompleteSnapshotError, with its path) holds only part of it.
@@ -919,9 +926,9 @@ def _stream(
     model = build_model(config, device="meta").to(dtype)
     # Buffers are small and none but the balancing bias is in the files: make them real now, so that
     # reset_buffers computes RoPE tables and zeroes router state, before the bias is streamed over.
-    for module in model.modules():
-        for name, buf in list(module.named_buffers(recurse=False)):
-            module._buffers[name] = torch.empty_like(buf, device=device)
+    for owner in model.modules():
+        for buf_name, buf in list(owner.named_buffers(recurse=False)):
+            owner._buffers[buf_name] = torch.empty_like(buf, device=device)
     model.reset_buffers()
     quantization = config.extra.get("quantization_config")
     method = quantization.get("quant_method") if isinstance(quantization, dict) else None

@@ -28,7 +28,7 @@ import re
 import threading
 import time
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.pool import ThreadPool
@@ -169,7 +169,7 @@ def score_samples(
         lambda t: extract_answer(t, require_think=require_think)
     )
     per_problem = []
-    tot: Counter[str] = Counter()
+    tot: defaultdict[str, float] = defaultdict(float)  # sums over the problems
     n_samples = n = skipped = uncounted = 0
     for prob, outs in zip(problems, samples, strict=True):
         if not outs:
@@ -197,7 +197,7 @@ def score_samples(
         else:
             top, cons = None, False
         k = len(outs)
-        lengths = [s.num_tokens for s in outs]
+        lengths = [s.num_tokens for s in outs if s.num_tokens is not None]
         rec = {
             "id": prob.id,
             "language": getattr(prob, "language", None),
@@ -207,7 +207,7 @@ def score_samples(
             "majority_answer": top,
             "format": sum(fmt) / k,
             "language_consistency": sum(lang) / k,
-            "mean_tokens": None if None in lengths else sum(lengths) / k,
+            "mean_tokens": sum(lengths) / k if len(lengths) == k else None,
             "truncated": sum(s.finish_reason == "length" for s in outs) / k,
             "sample": outs[0].text[:500],
         }
@@ -222,7 +222,7 @@ def score_samples(
         raise ValueError(f"all {len(problems)} problems have unparseable gold answers: nothing to score")
     k_used = n_samples // n
     scored = [rec["pass@1"] for rec in per_problem if "pass@1" in rec]
-    metrics = {
+    metrics: dict[str, Any] = {
         "pass@1": tot["pass@1"] / n,
         "pass@1_stderr": standard_error(scored),
         f"cons@{k_used}": tot["cons"] / n,
@@ -346,7 +346,7 @@ def engine_generate(
         top_p=top_p,
         stop_token_ids=list(stop_token_ids),
         seed=seed,
-        **(sampling or {}),
+        **(sampling or {}),  # type: ignore[arg-type]  # (as in engine.sampling.SamplerState)
     )
     if seeds is not None:
         params = [dataclasses.replace(params, seed=s) for s in seeds]
@@ -650,7 +650,7 @@ def endpoint_sampler(
                 total=len(problems) * cfg.k, desc="eval samples", leave=False, disable=not cfg.progress
             ) as bar,
         ):
-            out = []
+            out: list[list[Sample]] = []
             answers = pool.imap(lambda args: one(*args), enumerate(problems))
             while True:
                 try:
@@ -867,8 +867,9 @@ def evaluate(
         metrics["dtype"] = sampler.dtype
     if cfg.quantize:  # the weights scored: an int8 model's pass@1 is not its bf16 one's
         metrics["quantize"] = cfg.quantize
-    if getattr(sampler, "sampling", None):  # a checkpoint's generation_config.json settings it sampled with
-        metrics["sampling_defaults"] = sampler.sampling
+    # a checkpoint's generation_config.json settings it sampled with
+    if sampling := getattr(sampler, "sampling", None):
+        metrics["sampling_defaults"] = sampling
     metrics.update(shared or {})
     evaluated, run_dir, out = _outputs(cfg)
     metrics["evaluated"] = evaluated

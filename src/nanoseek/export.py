@@ -41,6 +41,7 @@ from nanoseek.config import ModelConfig
 if TYPE_CHECKING:  # torch and tokenizers load on use: `nanoseek --help` imports this module
     import torch
 
+    from nanoseek.model import DeepSeekV3
     from nanoseek.tokenizer import Tokenizer
 
 ARCH = "deepseek2"
@@ -395,14 +396,14 @@ def _write_sampling(w: Any, sampling: dict[str, float]) -> None:
 
 
 # ------------------------------------------------------------------ tensors
-def _gguf_tensors(model: torch.nn.Module, gguf: Any) -> Any:
+def _gguf_tensors(model: DeepSeekV3, gguf: Any) -> Any:
     """(GGUF name, tensor, kept in f32) for every tensor llama.cpp reads, MTP left out.
 
     Arrays keep PyTorch's [out, in] layout: GGUF lists dimensions innermost first, so llama.cpp sees
     {in, out} as it expects."""
     import torch
 
-    c: ModelConfig = model.config  # type: ignore[assignment]
+    c: ModelConfig = model.config
     T, names = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
 
     def name(t: Any, bid: int | None = None, suffix: str = "weight") -> str:
@@ -411,11 +412,11 @@ def _gguf_tensors(model: torch.nn.Module, gguf: Any) -> Any:
     def arr(t: torch.Tensor) -> torch.Tensor:
         return t.detach()  # converted to fp32 as it is encoded (`_encode`), a few rows at a time
 
-    backbone = model.model  # type: ignore[attr-defined]
+    backbone = model.model
     yield name(T.TOKEN_EMBD), arr(backbone.embed_tokens.weight), False
     yield name(T.OUTPUT_NORM), arr(backbone.norm.weight), True
     if not c.tie_word_embeddings:  # tied: llama.cpp reuses token_embd as the head
-        yield name(T.OUTPUT), arr(model.lm_head.weight), False  # type: ignore[attr-defined]
+        yield name(T.OUTPUT), arr(model.lm_head.weight), False
     h, nope, rope, v = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
     # llama.cpp rotates adjacent pairs (2i, 2i+1), DeepSeek's layout (`rope_interleave`); a checkpoint
     # in the half-split layout has its RoPE rows reordered into pairs, for queries and keys alike, which

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from nanoseek.model import DeepSeekV3
 from nanoseek.model.loss import target_logprobs
 from nanoseek.tokenizer import THINK_END
 
@@ -87,9 +88,7 @@ def probe_documents(
 
 
 @torch.no_grad()
-def probe_losses(
-    model: torch.nn.Module, docs: Sequence[ProbeDocument], batch_size: int = 16
-) -> dict[str, float]:
+def probe_losses(model: DeepSeekV3, docs: Sequence[ProbeDocument], batch_size: int = 16) -> dict[str, float]:
     """Mean next-token loss (nats) over the probe's response tokens of each kind, and per task."""
     was_training = model.training
     model.eval()
@@ -119,7 +118,7 @@ def probe_losses(
 
 @torch.no_grad()
 def greedy_accuracy(
-    model: torch.nn.Module,
+    model: DeepSeekV3,
     tokenizer: Any,
     tasks: Sequence[str],
     n_per_task: int,

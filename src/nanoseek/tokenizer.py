@@ -623,6 +623,7 @@ class Tokenizer:
                 for m in messages
             ]
             bos = {} if self.named_bos_token is None else {"bos_token": self.named_bos_token}
+            assert self.chat_template is not None  # (no template renders as ours, above)
             text = _render_jinja(
                 self.chat_template,
                 messages=messages,
@@ -715,7 +716,7 @@ class IncrementalDecoder:
         self.chars = 0
         self._ids: list[int] = []
         if tokenizer.is_byte_level:
-            self._table = tokenizer.token_bytes()
+            self._table: list[bytes] | None = tokenizer.token_bytes()
             self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         else:
             self._table = None

@@ -539,7 +539,7 @@ class Engine:
             yield
             return
         was = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = False
+        torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # (a ContextProp in torch's stubs)
         try:
             yield
         finally:
@@ -689,7 +689,7 @@ class Engine:
         self._track_weights()
 
     def stats(self) -> dict:
-        s = dict(self._stats)
+        s: dict[str, float | None] = dict(self._stats)
         s["cache_blocks_used"] = self.cache.num_used
         s["cache_blocks_total"] = self.cache.usable_blocks
         s["cache_block_size"] = self.cache.block_size
@@ -699,7 +699,8 @@ class Engine:
         s["prefix_cache_hit_rate"] = (
             self.cache.prefix_hits / self.cache.prefix_queries if self.cache.prefix_queries else 0.0
         )
-        s["spec_acceptance_rate"] = s["spec_accepted"] / s["spec_drafted"] if s["spec_drafted"] else None
+        drafted, accepted = self._stats["spec_drafted"], self._stats["spec_accepted"]
+        s["spec_acceptance_rate"] = accepted / drafted if drafted else None
         s["preemptions"] = self.scheduler.preemptions  # running requests sent back to wait (recompute)
         s["prompt_tokens_reused"] = self.cache.prefix_hits * self.cache.block_size
         s["running"] = self.num_running

@@ -150,6 +150,7 @@ def pack_model(model: nn.Module) -> int:
         for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
             if is_plain_linear(child):
+                assert isinstance(child, nn.Linear)  # torch's or the model's subclass of it
                 small = not big_enough(child.weight)
                 if small or id(module) in keep or (full == "lm_head" and tied):
                     continue
@@ -157,13 +158,13 @@ def pack_model(model: nn.Module) -> int:
             elif type(child) is RoutedExperts and not child.gathers() and big_enough(child.down_proj[0]):
                 targets.append((module, child_name))
     for parent, child_name in targets:
-        child = getattr(parent, child_name)
+        plain: nn.Linear | RoutedExperts = getattr(parent, child_name)
         setattr(
             parent,
             child_name,
-            PackedLinear(child) if is_plain_linear(child) else PackedRoutedExperts(child),
+            PackedRoutedExperts(plain) if isinstance(plain, RoutedExperts) else PackedLinear(plain),
         )
-        del child
+        del plain
     return len(targets)
 
 

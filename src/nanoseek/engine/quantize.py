@@ -171,6 +171,9 @@ def _int8_kernel_ok(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bo
 class QuantLinear(nn.Module):
     """An nn.Linear with quantized weight storage; a bias (Qwen2's q/k/v) stays in the model's dtype."""
 
+    qweight: torch.Tensor  # buffers, registered in __init__
+    scale: torch.Tensor
+
     def __init__(self, linear: nn.Linear, fmt: str) -> None:
         super().__init__()
         self.bias = linear.bias  # None for all of DeepSeek's linears
@@ -222,6 +225,10 @@ class QuantRoutedExperts(RoutedExperts):
     GEMM running each used expert on that expert's stored rows (`_quant_linear`)."""
 
     trainable = False
+    q_gate_up: torch.Tensor  # buffers, registered in __init__
+    s_gate_up: torch.Tensor
+    q_down: torch.Tensor
+    s_down: torch.Tensor
 
     def __init__(self, experts: RoutedExperts, fmt: str) -> None:
         nn.Module.__init__(self)

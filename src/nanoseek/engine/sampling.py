@@ -175,7 +175,8 @@ class SamplerState:
         # as it wrote them back) and a Fraction made none: the step failed, every row sampled in it
         params = dataclasses.replace(
             params,
-            **{name: float(getattr(params, name)) for name in NUMBERS},
+            # (mypy checks an unpacked dict's values against every field, not only the ones it names)
+            **{name: float(getattr(params, name)) for name in NUMBERS},  # type: ignore[arg-type]
             seed=None if params.seed is None else operator.index(params.seed),
             logit_bias={operator.index(k): float(v) for k, v in params.logit_bias.items()},
         )
@@ -394,7 +395,7 @@ def generation_defaults(cfg: dict, source: object = "generation_config.json") ->
             defaults["top_k"] = int(defaults["top_k"])  # JSON's 20.0 is top_k 20, as vLLM reads it
         defaults.update(length)
     try:
-        SamplingParams(**defaults).validate()
+        SamplingParams(**defaults).validate()  # type: ignore[arg-type]  # (as in SamplerState)
     except ValueError as e:
         raise ValueError(f"{source}: {e} (a sampling default for requests that leave it out)") from None
     return defaults

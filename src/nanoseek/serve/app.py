@@ -41,7 +41,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -362,7 +362,9 @@ class Server:
             return max_tokens
         # left out: the checkpoint's generation_config.json max_new_tokens where it names one, within the
         # room the context leaves (vLLM also caps a given max_tokens by it: a value asked for wins here)
-        return min(self.config.sampling_defaults.get("max_new_tokens", ctx), ctx - prompt_len)
+        # (an int: `generation_defaults` keeps a max_new_tokens only where it is one)
+        default = cast(int, self.config.sampling_defaults.get("max_new_tokens", ctx))
+        return min(default, ctx - prompt_len)
 
     def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
         out = {}
@@ -603,11 +605,11 @@ class Server:
         if choice == "required" or isinstance(choice, dict):
             if not tools:
                 raise APIError("tool_choice requires 'tools' to be given.", param="tool_choice")
-            if choice == "required":
+            if isinstance(choice, str):  # "required"
                 return tools, TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + ("function" + TOOL_SEP if fenced else "")
             f = choice.get("function") if choice.get("type") == "function" else None
             name = f.get("name") if isinstance(f, dict) else None
-            if name in names:
+            if isinstance(name, str) and name in names:
                 call = f"function{TOOL_SEP}{name}\n```json\n" if fenced else name + TOOL_SEP
                 return tools, TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + call
             if name is not None:
@@ -630,6 +632,7 @@ class Server:
             except ValueError as e:
                 raise APIError(str(e), param="tools") from None
         split = self.thinking(req) and not prefill  # a forced call skips the reasoning, as V3.1 calls tools
+        assert req.messages is not None  # (a TokenizeRequest's: `tokenize` asks only where it has them)
         try:
             prompt_text = self.tokenizer.apply_chat_template(
                 self.chat_messages(req.messages),
@@ -722,7 +725,9 @@ class Server:
     ) -> AsyncIterator[dict]:
         created = int(time.time())
         k = (req.top_logprobs or 0) if req.logprobs else None
-        continuous = include_usage and req.stream_options.continuous_usage_stats
+        continuous = (
+            include_usage and req.stream_options is not None and req.stream_options.continuous_usage_stats
+        )
 
         def chunk(choice_list: list[dict], usage: dict | None = None) -> dict:
             out = {
@@ -913,7 +918,9 @@ class Server:
     ) -> AsyncIterator[dict]:
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        continuous = include_usage and req.stream_options.continuous_usage_stats
+        continuous = (
+            include_usage and req.stream_options is not None and req.stream_options.continuous_usage_stats
+        )
         n = req.n
 
         def chunk(index: int, text: str, lp: dict | None, finish: str | None) -> dict:
@@ -1040,6 +1047,7 @@ class Server:
             ids = await asyncio.to_thread(self.tokenizer.encode, text)
         else:
             # special tokens as a text prompt gets them: no BOS for a vocabulary without one (Qwen's)
+            assert req.prompt is not None  # exactly one of the two, checked above
             bos = req.add_special_tokens and self.adds_bos(req.prompt)
             ids = await asyncio.to_thread(self.tokenizer.encode, req.prompt, add_bos=bos)
         return JSONResponse({"count": len(ids), "max_model_len": self.max_context, "tokens": ids})
@@ -1088,7 +1096,7 @@ def _usage(prompt_tokens: int, choices: list[_Choice], chat: bool = False) -> di
     """As OpenAI counts: each prompt once (however many choices `n` makes), completion tokens summed;
     a chat's think-block tokens apart, as DeepSeek's API reports them."""
     completion = sum(len(c.token_ids) for c in choices)
-    usage = {
+    usage: dict[str, int | dict[str, int]] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": prompt_tokens + completion,
@@ -1275,7 +1283,7 @@ def create_app(engine: Any, tokenizer: Any, config: ServeConfig, model: Any = No
         return JSONResponse(server.models())
 
     @app.api_route("/v1/models/{model_id:path}", methods=GET)
-    async def model(model_id: str) -> JSONResponse:
+    async def model_by_id(model_id: str) -> JSONResponse:  # (`model` is create_app's argument)
         server.check_model(model_id)
         return JSONResponse(server.models()["data"][0])
 

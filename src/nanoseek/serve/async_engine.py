@@ -94,7 +94,8 @@ class AsyncEngine:
         # there and exits non-zero, as vLLM's server does, so a service manager restarts it)
         self.on_death: Callable[[BaseException], None] | None = None
         self._dying = threading.Lock()  # held to record the thread's failure and to queue commands
-        self._scoring: list[tuple[Generator, asyncio.Future]] = []  # prompt scoring under way, oldest first
+        # prompt scoring under way, oldest first
+        self._scoring: list[tuple[Generator[None, None, list[PromptScore]], asyncio.Future]] = []
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:

@@ -127,7 +127,8 @@ class ReasoningSplitter:
 
     def push(self, delta: str) -> tuple[str, str]:
         self._pending += delta
-        reasoning, content = [], []
+        reasoning: list[str] = []
+        content: list[str] = []
         while self._pending:
             if self.state == "answer":
                 content.append(self._take_all())
