@@ -1093,4 +1093,4 @@ def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, Any], dict
             raise ValueError(
                 f"cannot resume {directory}: {f} is truncated or damaged: {why}; {again}"
             ) from None
-    return tuple(loaded)  # type: ignore[return-value]
+    return tuple(loaded)

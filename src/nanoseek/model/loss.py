@@ -23,7 +23,7 @@ CHUNK_ELEMENTS = 1 << 20
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index: int, want_grads: bool, dtype):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, ignore_index: int, want_grads: bool, dtype):
         n, v = hidden.shape[0], weight.shape[0]
         w = weight.to(dtype)
         h_all = hidden.to(dtype)
@@ -60,7 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total * inv
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         dh = (grad_h * grad_out.to(grad_h.dtype)).to(h_dtype)

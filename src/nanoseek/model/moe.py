@@ -359,7 +359,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, offs, dtype: torch.dtype, mm: GroupedMM):  # type: ignore[override]
+    def forward(ctx, x, gate_up, down, offs, dtype: torch.dtype, mm: GroupedMM):
         x_c, gu_c, d_c = x.to(dtype), gate_up.to(dtype), down.to(dtype)
         y, h = _swiglu_rows(x_c, gu_c, d_c, offs, None, mm)
         ctx.save_for_backward(x_c, h, gu_c, d_c, offs)
@@ -368,7 +368,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
+    def backward(ctx, dy):
         x_c, h, gu_c, d_c, offs = ctx.saved_tensors
         x_dtype, gu_dtype, d_dtype = ctx.dtypes
         dx, d_gu, d_down, _ = _swiglu_rows_backward(
@@ -445,7 +445,7 @@ class _RoutedExpertsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weights, gate_up, down, order, offs, dtype: torch.dtype, mm: GroupedMM):  # type: ignore[override]
+    def forward(ctx, x, weights, gate_up, down, order, offs, dtype: torch.dtype, mm: GroupedMM):
         x_c, gu_c, d_c = x.to(dtype), gate_up.to(dtype), down.to(dtype)
         y, h, row_w = _routed_rows(x_c, weights, gu_c, d_c, order, offs, mm)
         ctx.save_for_backward(x_c, h, gu_c, d_c, offs, order, row_w)
@@ -455,7 +455,7 @@ class _RoutedExpertsFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
+    def backward(ctx, dy):
         x_c, h, gu_c, d_c, offs, order, row_w = ctx.saved_tensors
         k, x_dtype, w_dtype, gu_dtype, d_dtype = ctx.meta
         token_of = order // k

@@ -47,7 +47,7 @@ class _AllToAll(torch.autograd.Function):
     """all_to_all_single with variable splits; backward sends gradients back the way rows came."""
 
     @staticmethod
-    def forward(ctx, x, output_splits: list[int], input_splits: list[int], group):  # type: ignore[override]
+    def forward(ctx, x, output_splits: list[int], input_splits: list[int], group):
         ctx.splits = (output_splits, input_splits)
         ctx.group = group
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
@@ -55,7 +55,7 @@ class _AllToAll(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         output_splits, input_splits = ctx.splits
         out = grad.new_empty((sum(input_splits), *grad.shape[1:]))
         dist.all_to_all_single(out, grad.contiguous(), input_splits, output_splits, group=ctx.group)
@@ -66,12 +66,12 @@ class _ScaleGrad(torch.autograd.Function):
     """Identity forward; multiplies the gradient by `scale` (1 / data-parallel size for experts)."""
 
     @staticmethod
-    def forward(ctx, x, scale: float):  # type: ignore[override]
+    def forward(ctx, x, scale: float):
         ctx.scale = scale
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         return grad * ctx.scale, None
 
 

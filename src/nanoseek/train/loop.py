@@ -704,7 +704,7 @@ class Trainer:
 
     def _take_loads(self) -> dict[str, torch.Tensor]:
         """Per-router token counts since the last call, summed over ranks; resets the counters."""
-        loads = self.model.take_expert_load()  # type: ignore[operator]
+        loads = self.model.take_expert_load()
         if not loads:
             return {}
         flat = torch.stack([load.float() for load in loads.values()])

@@ -132,7 +132,7 @@ class Muon(torch.optim.AdamW):
         self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         loss = None
         if closure is not None:  # first, as every torch optimizer: its gradients are the step's
             with torch.enable_grad():
