@@ -31,6 +31,20 @@ def small_config(**changes) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def assert_greedy(model, prompts, outputs) -> None:
+    """Each generated token is the model's argmax after the prompt and the tokens before it (ties within
+    1e-4 allowed): the engine decoded what a full forward pass would have chosen."""
+    import torch
+
+    for prompt, got in zip(prompts, outputs, strict=True):
+        seq = list(prompt)
+        with torch.no_grad():
+            for token in got:
+                logits = model(torch.tensor([seq]))[0, -1]
+                assert logits[token] >= logits.max() - 1e-4, (seq, token, logits)
+                seq.append(token)
+
+
 def mla_configs(model_types=("deepseek_v3", "deepseek_v2"), hidden_sizes=(8, 12, 16, 24)):
     """A hypothesis strategy: any small valid DeepSeek (MLA) config. Heads 1, 2 or 4 (transformers wants
     hidden_size divisible by them), low-rank query or none, odd head sizes, experts or none in groups of
