@@ -1691,7 +1691,9 @@ def test_metrics_count_each_prompt_once_and_scored_prompts(tok, model):
     engine = Engine(model, max_seq_len=256)
     with LiveServer(create_app(engine, tok, ServeConfig(model_name=MODEL), model=model)) as srv:
         url = srv.url + "/v1/completions"
-        a = httpx.post(url, json={"prompt": "Hello world", "max_tokens": 2, "n": 3}).json()["usage"]
+        # ignore_eos: the random model samples at T = 1, and a sampled EOS finishes a choice by "stop"
+        a = httpx.post(url, json={"prompt": "Hello world", "max_tokens": 2, "n": 3, "ignore_eos": True})
+        a = a.json()["usage"]
         b = httpx.post(url, json={"prompt": "x y", "max_tokens": 0, "echo": True, "logprobs": 0}).json()
         streamed = _sse_chunks(url, {"prompt": "z", "max_tokens": 0, "echo": True, "logprobs": 0})
         metrics = httpx.get(srv.url + "/metrics").text
