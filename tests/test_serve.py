@@ -2651,6 +2651,20 @@ def test_serve_sampling_defaults_from_generation_config():
             generation_defaults(bad, "ckpt/generation_config.json")
 
 
+def test_a_hand_built_serve_config_with_a_bad_sampling_default_is_refused_when_built():
+    # a float max_new_tokens (the CLI writes only ints there) made every request that left max_tokens out a 400
+    for bad, says in (
+        ({"max_new_tokens": 64.0}, "max_new_tokens must be an int"),
+        ({"top_p": 5}, "top_p must be in"),
+        ({"temperture": 0.6}, "unknown field"),
+    ):
+        with pytest.raises(ValueError, match=f"sampling_defaults: .*{says}"):
+            ServeConfig(model_name=MODEL, sampling_defaults=bad)
+    assert ServeConfig(
+        model_name=MODEL, sampling_defaults={"max_new_tokens": 64, "top_k": 20}
+    ).sampling_defaults
+
+
 def test_serve_never_takes_a_port_another_server_listens_on_windows(monkeypatch):
     """On Windows SO_REUSEADDR lets a bind take a port another socket listens on: a second
     `nanoseek serve` on a busy port started (sharing it) where the one-line refusal was promised."""

@@ -132,6 +132,21 @@ class ServeConfig:
     # request holds gigabytes and minutes of CPU.
     max_body_bytes: int = 16 * 2**20
 
+    def __post_init__(self) -> None:
+        # checked once here, as `generation_defaults` checks the file's: a bad default (a hand-built float
+        # max_new_tokens) failed every request that left the field out, as that request's own 400
+        from nanoseek.engine.sampling import GENERATION_DEFAULT_FIELDS, SamplingParams
+
+        unknown = sorted(set(self.sampling_defaults) - set(GENERATION_DEFAULT_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"sampling_defaults: unknown field(s) {unknown}; known: {GENERATION_DEFAULT_FIELDS}"
+            )
+        try:
+            SamplingParams(**self.sampling_defaults).validate()  # type: ignore[arg-type]  # (as in SamplerState)
+        except ValueError as e:
+            raise ValueError(f"sampling_defaults: {e}") from None
+
 
 # ------------------------------------------------------------------ helpers
 async def _read_body(request: Request, limit: int) -> bytes:
