@@ -699,11 +699,12 @@ def test_quantized_experts_run_on_their_storage(fmt, tokens, monkeypatch):
 
 @pytest.mark.parametrize("fmt", ["int8", "w8a8"])
 @pytest.mark.parametrize("rows", [1, 16])  # the int8 kernel, and the weight widened once
-def test_quant_linear_equals_its_dequantized_weight(rows, fmt):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # fp32 rows: the kernel in bf16 on x86
+def test_quant_linear_equals_its_dequantized_weight(rows, fmt, dtype):
     torch.manual_seed(0)
-    lin = torch.nn.Linear(64, 96, bias=False).to(torch.bfloat16)
+    lin = torch.nn.Linear(64, 96, bias=False).to(dtype)
     q = QuantLinear(lin, fmt)
-    x = torch.randn(2, rows, 64).to(torch.bfloat16)
+    x = torch.randn(2, rows, 64).to(dtype)
     with torch.inference_mode():
         got = q(x).float()
         want = torch.nn.functional.linear(x, q.dequantize()).float()
@@ -923,17 +924,47 @@ def test_quantize_tensor_a_few_rows_at_a_time_equals_it_whole(fmt, monkeypatch):
 @pytest.mark.skipif(
     __import__("platform").machine().lower() not in ("x86_64", "amd64"), reason="x86's kernel choice"
 )
-def test_int8_kernel_runs_only_in_bf16_on_x86():
-    """x86 builds vectorize the weight-only int8 kernel for bf16 only: in fp32 (nanoseek's own
-    checkpoints load so) and fp16 its scalar loop was 2-3x slower than widening the weight, so int8
-    decode in fp32 ran slower than it had to. bf16 keeps it (a few rows, a width it can load)."""
-    from nanoseek.engine.quantize import QuantLinear
+def test_int8_kernel_runs_in_bf16_on_x86_for_fp32_rows_too():
+    """x86 builds vectorize the weight-only int8 kernel for bf16 only. fp32 rows (nanoseek's own
+    checkpoints load so, and `--dtype auto` on a CPU without native bf16) widened the weight instead:
+    V2-Lite's int8 head, 0.8 GB of fp32 allocated each step, made batch-1 decode 1.3 tok/s where the
+    kernel on the rows rounded to bf16 makes it ~16. fp16 keeps widening (its scalar loop is slower)."""
+    import platform
 
-    for dtype, kernel in ((torch.float32, False), (torch.float16, False), (torch.bfloat16, True)):
+    from nanoseek.engine.quantize import X86, QuantLinear
+
+    x86 = platform.machine().lower() in X86
+    for dtype, kernel in ((torch.float32, True), (torch.float16, not x86), (torch.bfloat16, True)):
         q = QuantLinear(torch.nn.Linear(64, 32, bias=False).to(dtype), "int8")
         with torch.inference_mode():
-            q(torch.randn(1, 64).to(dtype))
+            got = q(torch.randn(1, 64).to(dtype))
         assert q._kernel is kernel, dtype
+        assert got.dtype == dtype
+
+
+def test_a_large_int8_weight_is_widened_a_few_rows_at_a_time(monkeypatch):
+    """Past the kernel's few rows a weight is widened for the GEMM: in blocks of output rows, not whole
+    (a 102400 x 2048 head was 0.8 GB of fp32 per call). The blocks give the whole product."""
+    from nanoseek.engine import quantize
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 100, bias=False)
+    q = quantize.QuantLinear(lin, "int8")
+    x = torch.randn(20, 64, generator=g)
+    with torch.inference_mode():
+        whole = q(x)
+        monkeypatch.setattr(quantize, "QUANT_CHUNK", 64 * 7)  # 7 rows a block
+        calls, quant_linear = [], quantize._quant_linear
+        monkeypatch.setattr(
+            quantize,
+            "_quant_linear",
+            lambda x, w, *a, **k: calls.append(w.shape[0]) or quant_linear(x, w, *a, **k),
+        )
+        blocks = q(x)
+    torch.testing.assert_close(
+        blocks, whole, rtol=1e-6, atol=1e-6
+    )  # (GEMMs of other widths sum in other orders)
+    assert calls == [100] + [7] * 14 + [2]
 
 
 # ------------------------------------------------------------------ properties (hypothesis)

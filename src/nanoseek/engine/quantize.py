@@ -80,17 +80,34 @@ INT8PACK_K = 16
 X86 = ("x86_64", "amd64", "i686", "x86")
 
 
+def _int8pack_dtype(x: torch.Tensor) -> torch.dtype:
+    """The activation dtype `_weight_int8pack_mm` runs in for x: x86 builds vectorize it for bf16 only
+    (fp32 and fp16 run a scalar loop), so fp32 rows go in rounded to bf16, one rounding of the order
+    of the int8 weight's own (llama.cpp's Q8_0 rounds them to 8 bits); elsewhere x's own dtype."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and platform.machine().lower() in X86:
+        return torch.bfloat16
+    return x.dtype
+
+
 def _quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: bool) -> torch.Tensor:
     """x [N,in] @ (q·scale)ᵀ [in,out] for one stored weight: the int8 kernel for a few rows, else the
-    weight widened to x's dtype once (exactly: int8 and e4m3 values are bf16 values), x's own GEMM,
-    and the per-channel scale applied to the output columns (N·out multiplies, not out·in); fp16
-    could overflow on the unscaled sums, so it scales the weight."""
-    scale = scale.to(x.dtype)
+    weight widened to x's dtype (exactly: int8 and e4m3 values are bf16 values), x's own GEMM, and
+    the per-channel scale applied to the output columns (N·out multiplies, not out·in); fp16 could
+    overflow on the unscaled sums, so it scales the weight."""
     if kernel and x.shape[0] <= INT8PACK_ROWS and q.shape[1] % INT8PACK_K == 0:
-        x = x.contiguous()
-        if x.data_ptr() % 64:  # a view off the allocator's alignment: these few rows copied are on it
-            x = x.clone()
-        return torch.ops.aten._weight_int8pack_mm(x, q, scale)
+        kx = x.to(_int8pack_dtype(x)).contiguous()
+        if kx.data_ptr() % 64:  # a view off the allocator's alignment: these few rows copied are on it
+            kx = kx.clone()
+        return torch.ops.aten._weight_int8pack_mm(kx, q, scale.to(kx.dtype)).to(x.dtype)
+    if q.numel() > QUANT_CHUNK:
+        # A few output rows at a time: a 102400 x 2048 head widened whole is 0.8 GB of fp32 allocated
+        # and faulted in on every call, far slower than the GEMM that reads it
+        step = max(1, QUANT_CHUNK // q.shape[1])
+        parts = [
+            _quant_linear(x, q[i : i + step], scale[i : i + step], False) for i in range(0, q.shape[0], step)
+        ]
+        return torch.cat(parts, dim=-1)
+    scale = scale.to(x.dtype)
     if x.dtype == torch.float16:
         return F.linear(x, q.to(x.dtype) * scale.unsqueeze(-1))
     return F.linear(x, q.to(x.dtype)) * scale
@@ -155,9 +172,9 @@ def w8a8_available() -> bool:
 def _int8_kernel_ok(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
     """Does PyTorch's weight-only int8 kernel take this dtype and agree with dequantizing (where
     `_quant_linear` runs it: the widths it can load), and does it pay here?"""
-    if x.device.type == "cpu" and x.dtype != torch.bfloat16 and platform.machine().lower() in X86:
-        # x86 builds vectorize it for bf16 only: fp32 and fp16 run a scalar loop, slower than
-        # widening the weight for the model dtype's GEMM (figures: benchmarks/README.md)
+    if x.device.type == "cpu" and x.dtype == torch.float16 and platform.machine().lower() in X86:
+        # x86 builds vectorize it for bf16 only (fp32 rows go in as bf16, `_int8pack_dtype`): fp16's
+        # scalar loop is slower than widening the weight for fp16's GEMM (figures: benchmarks/README.md)
         return False
     row = x.reshape(-1, x.shape[-1])[:1]
     try:
