@@ -233,14 +233,19 @@ def decode_weight_ops(engine: Engine, batch: int):
 
     def step() -> None:
         for attn, w, o_in, mlp in plans:
-            down = F.linear(x, w.wa)
-            q_in = x if attn.q_lora_rank is None else down[..., : attn.q_lora_rank]
+            if w.wa is None:  # quantized projections: each module with its own kernel
+                attn.kv_a_proj_with_mqa(x)
+                q_in = x if attn.q_lora_rank is None else attn.q_a_proj(x)
+            else:
+                down = F.linear(x, w.wa)
+                q_in = x if attn.q_lora_rank is None else down[..., : attn.q_lora_rank]
             if w.wq is not None:
                 F.linear(q_in, w.wq)
             else:  # the query's factors, W_UK per head
                 (attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj)(q_in)
             out = o_in if w.w_uv is None else torch.einsum("bshc,hvc->bshv", o_in, w.w_uv)
-            F.linear(out.reshape(batch, 1, -1), w.wo)
+            out = out.reshape(batch, 1, -1)
+            attn.o_proj(out) if w.wo is None else F.linear(out, w.wo)
             mlp(x)  # routing + the routed and shared experts as decoding runs them, or the dense MLP
         F.linear(x[:, 0], head)
 

@@ -99,7 +99,9 @@ def run_nanoseek(ckpt: Path, precision: str, figures: list[str], new: int, seed:
     from nanoseek.checkpoint import load_model
     from nanoseek.engine import Engine, SamplingParams
 
-    dtype = torch.float32 if precision == "f32" else torch.bfloat16
+    # bf16 and f32 are the GGUF file's own bits; int8/w8a8 compute the rest of the model in what a user gets
+    # without --dtype ("auto": bf16 where the CPU multiplies it natively, fp32 on an AVX2-only one)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}.get(precision, "auto")
     model = load_model(
         ckpt, dtype=dtype, quantize=precision if precision in ("int8", "w8a8") else None
     ).eval()
@@ -306,10 +308,14 @@ def main(argv: list[str] | None = None) -> int:
             "llama_cpp is not installed: pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36 (the version measured)"
         )
         return 1
-    from nanoseek.perf import cpu_info
+    from nanoseek.perf import cpu_has_bf16, cpu_info
 
     info = cpu_info()
     print(f"CPU: {info['cpu']}; flags: {info['flags']}; threads {args.threads}; torch {torch.__version__}")
+    rest = "bf16" if cpu_has_bf16() else "fp32 (no native bf16)"
+    print(
+        f"nanoseek's int8 and w8a8 compute the unquantized rest of the model in {rest}, as --dtype auto does"
+    )
     figures = args.figures.split(",")
     rows: list[dict] = []
     runs: list[dict] = []

@@ -99,6 +99,38 @@ def test_absorbed_equals_naive_prefill(q_lora_rank, fold, monkeypatch):
     torch.testing.assert_close(absorbed, naive, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("q_lora_rank", [48, None])
+@pytest.mark.parametrize("fmt", [None, "int8", "fp8", "w8a8"])
+def test_absorbed_path_keeps_no_copy_of_a_projection_it_uses_unchanged(q_lora_rank, fmt, monkeypatch):
+    """Unfolded (V2-Lite's widths and larger), o_proj and kv_a are used as they are: the absorbed weights
+    held a dequantized copy of each (2-4x a quantized layer's bytes, read every decode step in place of
+    its kernel) and, in bf16, a second bf16 copy of o_proj. Now they hold the weight itself or nothing
+    (the module is called), and absorbed attention matches the naive path, which calls the modules (with
+    weight-only storage; w8a8 rounds each layer's input too, and the two paths round different inputs)."""
+    from nanoseek.engine.quantize import quantize_model
+    from nanoseek.model import attention
+
+    monkeypatch.setattr(attention, "FOLD_LIMIT", 0)
+    model = model_for(config(q_lora_rank=q_lora_rank)).to(torch.bfloat16 if fmt is None else torch.float32)
+    if fmt is not None:
+        quantize_model(model, fmt)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        w = attn.absorbed_weights()
+    if fmt is None:
+        assert w.wo is attn.o_proj.weight
+        assert (w.wa is attn.kv_a_proj_with_mqa.weight) == (q_lora_rank is None)
+    else:
+        assert w.wo is None and w.wa is None
+    if fmt in ("int8", "fp8"):
+        x = ids()
+        with torch.no_grad():
+            naive, absorbed = model(x, absorb=False), model(x, absorb=True)
+        assert naive.abs().max() > 0.3
+        # (int8: a routed expert's few rows take the kernel in bf16, so fp32 ulps of its input can round apart)
+        torch.testing.assert_close(absorbed, naive, rtol=0, atol=2e-4 if fmt == "fp8" else 5e-3)
+
+
 @pytest.mark.parametrize("absorb", [True, False])
 def test_prefill_with_cache_in_chunks_equals_full_forward(absorb):
     model = model_for(config())

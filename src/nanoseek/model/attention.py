@@ -27,7 +27,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_get_mscale
 from nanoseek.model.derived import DerivedWeights
-from nanoseek.model.registered import Linear, Registered, apply_keeping_fp32
+from nanoseek.model.registered import Linear, Registered, apply_keeping_fp32, is_plain_linear
 from nanoseek.perf import cast
 
 
@@ -225,12 +225,16 @@ class AbsorbedWeights:
     factors (then w_uk, stored [H, C, nope] so both W_UK and W_UV reduce over their contiguous last
     dim, as one-row GEMV kernels want, is applied per head). wo: W_UV folded into o_proj, or o_proj
     alone (w_uv apart).
+    A projection used unchanged (kv_a alone, o_proj alone) is its own weight, not a copy; where it is
+    stored quantized (int8, w8a8, FP8), wa or wo is None and decode calls the module itself, so the
+    quantized storage stays the only copy and its kernel runs (a dequantized copy was 2-4x its bytes,
+    read every step).
     """
 
-    wa: torch.Tensor
+    wa: torch.Tensor | None
     wq: torch.Tensor | None
     w_uk: torch.Tensor
-    wo: torch.Tensor
+    wo: torch.Tensor | None
     w_uv: torch.Tensor | None
 
 
@@ -385,18 +389,23 @@ class MultiHeadLatentAttention(nn.Module):
         if h * (c + rope) * q_in <= FOLD_LIMIT:
             q_lat = torch.einsum("hdc,hdi->hci", w_uk, q_w[:, :nope])  # [H,C,in]
             wq = (torch.cat((q_lat, q_w[:, nope:]), dim=1) * self.softmax_scale).reshape(-1, q_in).to(dtype)
-        wo = _dense(self.o_proj).float()  # [hidden, H*v]
-        hidden = wo.shape[0]
-        w_uv_apart: torch.Tensor | None = w_uv.to(dtype)
+        hidden = self.o_proj.out_features
+        wo: torch.Tensor | None
+        w_uv_apart: torch.Tensor | None
         if hidden * h * c <= FOLD_LIMIT:
-            wo = torch.einsum("ohv,hvc->ohc", wo.view(hidden, h, v), w_uv).reshape(hidden, h * c)
+            wo_v = _dense(self.o_proj).float().view(hidden, h, v)
+            wo = torch.einsum("ohv,hvc->ohc", wo_v, w_uv).reshape(hidden, h * c).to(dtype)
             w_uv_apart = None
-        down = [_dense(self.kv_a_proj_with_mqa)]
-        if self.q_lora_rank is not None:
-            down.insert(0, _dense(self.q_a_proj))
-        wa = torch.cat(down, dim=0) if len(down) > 1 else down[0]
+        else:
+            wo, w_uv_apart = _as_is(self.o_proj, dtype), w_uv.to(dtype)
+        if self.q_lora_rank is None:
+            wa = _as_is(self.kv_a_proj_with_mqa, dtype)
+        else:
+            both = (self.q_a_proj, self.kv_a_proj_with_mqa)
+            plain = all(_as_is(m, dtype) is not None for m in both)
+            wa = torch.cat([_dense(m) for m in both], dim=0).to(dtype) if plain else None
         w_uk_t = w_uk.transpose(1, 2).to(dtype).contiguous()  # [H,C,nope]
-        return AbsorbedWeights(wa.to(dtype), wq, w_uk_t, wo.to(dtype), w_uv_apart)
+        return AbsorbedWeights(wa, wq, w_uk_t, wo, w_uv_apart)
 
     def _forward_absorbed(
         self,
@@ -413,10 +422,13 @@ class MultiHeadLatentAttention(nn.Module):
         b, s, _ = x.shape
         h, c = self.num_heads, self.kv_lora_rank
         w = self.absorbed_weights()
-        down = F.linear(x, w.wa)
-        if self.q_lora_rank is None:
-            q_in, kv = x, down
+        if w.wa is None:  # quantized projections: each module with its own kernel
+            kv = self.kv_a_proj_with_mqa(x)
+            q_in = x if self.q_lora_rank is None else self.q_a_layernorm.forward(self.q_a_proj(x))
+        elif self.q_lora_rank is None:
+            q_in, kv = x, F.linear(x, w.wa)
         else:
+            down = F.linear(x, w.wa)
             q_in, kv = (
                 self.q_a_layernorm.forward(down[..., : self.q_lora_rank]),
                 down[..., self.q_lora_rank :],
@@ -435,7 +447,8 @@ class MultiHeadLatentAttention(nn.Module):
         out = self.attend_latent(torch.cat((q_lat, pe[:, :, :h]), dim=-1), rows, mask)
         if w.w_uv is not None:
             out = torch.einsum("bshc,hvc->bshv", out, w.w_uv)
-        return F.linear(out.reshape(b, s, -1), w.wo)
+        out = out.reshape(b, s, -1)
+        return self.o_proj(out) if w.wo is None else F.linear(out, w.wo)
 
     def forward(
         self,
@@ -465,6 +478,13 @@ def _storage(linear: nn.Module) -> torch.Tensor:
     weight = linear._parameters["weight"]
     assert weight is not None  # a linear layer's weight (torch types the slot as Optional)
     return weight
+
+
+def _as_is(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
+    """A projection the absorbed path uses unchanged: its own weight where it is a plain linear layer
+    in the model's dtype (no copy), else None (quantized storage: call the module)."""
+    weight = linear.weight if is_plain_linear(linear) else None
+    return weight if isinstance(weight, torch.Tensor) and weight.dtype == dtype else None
 
 
 def _dense(linear: nn.Module) -> torch.Tensor:
