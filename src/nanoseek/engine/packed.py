@@ -12,8 +12,8 @@ weight-only quantization (engine/quantize.py), and never keeps the plain copy. N
 still being trained (GRPO's rollouts): the packed copy would not follow its updates.
 
 Kept plain: matrices under a million weights (`PACK_MIN_ELEMENTS`), MLA's projections
-(`MultiHeadLatentAttention.absorbed_weights` reads them as weights to fold; decode multiplies by the
-folded products), a head tied to the embedding, norms, routers, and quantized or expert-parallel
+(`MultiHeadLatentAttention.absorbed_weights` reads them as weights to fold, and decode multiplies by the
+folded products or by the plain weight itself; packing them measured no faster in bf16), a head tied to the embedding, norms, routers, and quantized or expert-parallel
 layers. Routed experts small enough that decode gathers them per step (`RoutedExperts.gathers`, the
 speedrun's) keep that path, and their shared expert with them.
 """
