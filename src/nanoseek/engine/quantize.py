@@ -78,13 +78,14 @@ INT8PACK_ROWS = 8  # rows up to which `_weight_int8pack_mm` beats widening the w
 # `try` catches), so it runs only where K is a multiple of 16, on rows where it can load them.
 INT8PACK_K = 16
 X86 = ("x86_64", "amd64", "i686", "x86")
+ON_X86 = platform.machine().lower() in X86  # once: `_int8pack_dtype` runs for every int8 kernel call
 
 
 def _int8pack_dtype(x: torch.Tensor) -> torch.dtype:
     """The activation dtype `_weight_int8pack_mm` runs in for x: x86 builds vectorize it for bf16 only
     (fp32 and fp16 run a scalar loop), so fp32 rows go in rounded to bf16, one rounding of the order
     of the int8 weight's own (llama.cpp's Q8_0 rounds them to 8 bits); elsewhere x's own dtype."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and platform.machine().lower() in X86:
+    if ON_X86 and x.dtype == torch.float32 and x.device.type == "cpu":
         return torch.bfloat16
     return x.dtype
 
@@ -172,7 +173,7 @@ def w8a8_available() -> bool:
 def _int8_kernel_ok(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
     """Does PyTorch's weight-only int8 kernel take this dtype and agree with dequantizing (where
     `_quant_linear` runs it: the widths it can load), and does it pay here?"""
-    if x.device.type == "cpu" and x.dtype == torch.float16 and platform.machine().lower() in X86:
+    if ON_X86 and x.dtype == torch.float16 and x.device.type == "cpu":
         # x86 builds vectorize it for bf16 only (fp32 rows go in as bf16, `_int8pack_dtype`): fp16's
         # scalar loop is slower than widening the weight for fp16's GEMM (figures: benchmarks/README.md)
         return False
