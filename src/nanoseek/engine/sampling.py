@@ -394,8 +394,17 @@ def generation_defaults(cfg: dict, source: object = "generation_config.json") ->
         if isinstance(defaults.get("top_k"), float) and defaults["top_k"].is_integer():
             defaults["top_k"] = int(defaults["top_k"])  # JSON's 20.0 is top_k 20, as vLLM reads it
         defaults.update(length)
+    check_sampling_defaults(defaults, source)
+    return defaults
+
+
+def check_sampling_defaults(defaults: dict[str, float], source: object) -> None:
+    """Refuse, naming `source`, defaults with a field no request has or a value out of range: checked once
+    where they are read or built, not as the 400 of every request that left the field out."""
+    unknown = sorted(set(defaults) - set(GENERATION_DEFAULT_FIELDS))
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {unknown}; known: {GENERATION_DEFAULT_FIELDS}")
     try:
         SamplingParams(**defaults).validate()  # type: ignore[arg-type]  # (as in SamplerState)
     except ValueError as e:
         raise ValueError(f"{source}: {e} (a sampling default for requests that leave it out)") from None
-    return defaults

@@ -133,19 +133,10 @@ class ServeConfig:
     max_body_bytes: int = 16 * 2**20
 
     def __post_init__(self) -> None:
-        # checked once here, as `generation_defaults` checks the file's: a bad default (a hand-built float
-        # max_new_tokens) failed every request that left the field out, as that request's own 400
-        from nanoseek.engine.sampling import GENERATION_DEFAULT_FIELDS, SamplingParams
+        # a hand-built bad default (a float max_new_tokens) failed every request that left the field out
+        from nanoseek.engine.sampling import check_sampling_defaults
 
-        unknown = sorted(set(self.sampling_defaults) - set(GENERATION_DEFAULT_FIELDS))
-        if unknown:
-            raise ValueError(
-                f"sampling_defaults: unknown field(s) {unknown}; known: {GENERATION_DEFAULT_FIELDS}"
-            )
-        try:
-            SamplingParams(**self.sampling_defaults).validate()  # type: ignore[arg-type]  # (as in SamplerState)
-        except ValueError as e:
-            raise ValueError(f"sampling_defaults: {e}") from None
+        check_sampling_defaults(self.sampling_defaults, "ServeConfig.sampling_defaults")
 
 
 # ------------------------------------------------------------------ helpers
