@@ -704,6 +704,30 @@ def test_missing_tensors_give_a_clear_error(tmp_path):
         nanoseek.load_model(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("key", "bad", "dtype", "quantize"),
+    [
+        ("model.layers.1.self_attn.o_proj.weight", float("nan"), torch.bfloat16, None),
+        ("model.layers.1.mlp.experts.2.down_proj.weight", float("-inf"), torch.float32, "int8"),
+        ("model.layers.0.mlp.gate_proj.weight_scale_inv", float("nan"), torch.float32, None),
+    ],
+)
+def test_weights_holding_nan_or_inf_are_refused_naming_the_tensor(tmp_path, key, bad, dtype, quantize):
+    """A diverged run's checkpoint generated garbage (argmax of NaN logits) without a word."""
+    if key.endswith("_scale_inv"):
+        _fp8_checkpoint(tmp_path)
+    else:
+        save_model(build_model(config()).init_weights(0), tmp_path, dtype=dtype)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors[key][0, -1] = bad
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"model\.safetensors: {re.escape(key)} holds NaN or inf"):
+        nanoseek.load_model(tmp_path, quantize=quantize)
+    tensors[key][0, -1] = 0.5  # the same files with a finite value load
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    nanoseek.load_model(tmp_path, quantize=quantize)
+
+
 def test_save_load_round_trip_is_exact_and_bf16_save(tmp_path):
     model = build_model(config(num_nextn_predict_layers=1)).init_weights(0)
     save_model(model, tmp_path / "fp32")

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import increment_version
 
+from nanoseek.checkpoint import non_finite
 from nanoseek.metrics import MetricsLog, progress_bar
 from nanoseek.train import TrainingDiverged, TrainingInterrupted, alike_on_every_rank, one_process
 from nanoseek.train.distributed import (
@@ -342,24 +343,6 @@ def _scalar(v: Any) -> Any:
 
 
 # ------------------------------------------------------------------- trainer
-def _floating(t: torch.Tensor) -> bool:
-    # FP8 values (one byte) have no isfinite kernel; FP8 checkpoints are written by `save_model`, not here
-    return t.is_floating_point() and t.element_size() > 1
-
-
-def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
-    """The names of `state`'s floating tensors that hold NaN or inf. Tensors on the meta device (no
-    values yet) and sharded ones (DTensor: each rank holds a part) are left out."""
-    named = [
-        (k, t) for k, t in state.items() if _floating(t) and not t.is_meta and not hasattr(t, "full_tensor")
-    ]
-    if not named:
-        return []
-    device = named[0][1].device
-    ok = torch.stack([t.isfinite().all().to(device) for _, t in named]).tolist()  # one sync for them all
-    return [k for (k, _), good in zip(named, ok, strict=True) if not good]
-
-
 def _refuse_non_finite(state: dict[str, torch.Tensor], source: str) -> None:
     """Weights a stage would start from that hold NaN or inf: every step's loss is NaN, so every step
     was skipped and the run ended as "diverged" (lower the learning rate) after ten of them."""
