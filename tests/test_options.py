@@ -455,6 +455,7 @@ def test_a_failing_subcommand_is_named_as_argparse_names_it(monkeypatch, capsys)
         # abbreviations are refused (`_no_abbreviations`): the flag they stood for is named
         (["generate", "ck", "hi", "--temp", "0.5"], "did you mean --temperature?"),
         (["ablate", "moe", "--seed", "1"], "did you mean --seeds?"),
+        (["pretrain", "--lr-warmup", "10"], "did you mean --warmup-steps?"),  # a word of it, in another order
         (["--vers"], "did you mean --version?"),  # refused as the commands' are, not the version printed
         # nanoseek's own flag after a command: said before it, not the command's closest ("--precision")
         (["speedrun", "--version"], "did you mean nanoseek --version?"),
@@ -631,6 +632,10 @@ def test_a_misspelt_word_is_matched_whatever_its_case_and_an_ambiguous_prefix_by
     assert _close_one("TEMP", ["temperature", "top-k"]) == "temperature"
     assert _close_one("temp", ["temperature", "tempo"]) == "tempo"
     assert _close_one("xyzzy", ["temperature", "tempo"]) is None
+    # no close spelling: the one sharing the longest word, where one does and it is not a short one
+    assert _close_one("lr-warmup", ["lr", "warmup-steps", "min-lr-ratio"]) == "warmup-steps"
+    assert _close_one("lr-max", ["lr", "min-lr-ratio"]) is None
+    assert _close_one("steps-total", ["warmup-steps", "grpo-steps"]) is None
 
 
 def test_the_resume_line_of_a_torchrun_rank_names_torchrun(monkeypatch) -> None:
