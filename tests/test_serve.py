@@ -1948,6 +1948,31 @@ def test_reasoning_effort_none_is_thinking_off(scripted, tok):
         assert r.choices[0].message.reasoning_content == REASONING + "\n"
 
 
+def test_thinking_off_is_refused_where_the_chat_template_has_no_non_thinking_mode(v3_tooling):
+    """R1-Distill's template (R1's, V3's) opens the think block whatever `thinking` says: the model reasoned
+    anyway, and its reasoning came back as the answer (`content` "...</think>\\n\\nIt is 4."), with no
+    reasoning_content. A 400 naming the field that asked for it, as `nanoseek chat --no-think` refuses it;
+    thinking on is answered as ever."""
+    url = v3_tooling.url + "/v1/chat/completions"
+    for extra, param in (
+        ({"chat_template_kwargs": {"thinking": False}}, "chat_template_kwargs.thinking"),
+        ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs.enable_thinking"),
+        ({"reasoning_effort": "none"}, "reasoning_effort"),
+    ):
+        for route in ("/v1/chat/completions", "/tokenize"):
+            r = httpx.post(v3_tooling.url + route, json={"messages": USER, **extra})
+            assert _err(r, 400)["param"] == param, (route, extra)
+    r = httpx.post(
+        url, json={"messages": USER, "reasoning_effort": "none", "chat_template_kwargs": {"thinking": True}}
+    )
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["reasoning_content"] == "not a call"
+    named = {"type": "function", "function": {"name": "get_weather"}}  # the call, not reasoning, comes first
+    r = httpx.post(
+        url, json={"messages": USER, "tools": [WEATHER], "tool_choice": named, "reasoning_effort": "none"}
+    )
+    assert r.json()["choices"][0]["finish_reason"] == "tool_calls"
+
+
 def test_tool_call_then_result_then_answer(tooling, tok):
     messages = [
         {"role": "system", "content": "Be brief."},

@@ -637,7 +637,8 @@ class Server:
                 self.tokenizer.require_tool_tokens()
             except ValueError as e:
                 raise APIError(str(e), param="tools") from None
-        split = self.thinking(req) and not prefill  # a forced call skips the reasoning, as V3.1 calls tools
+        thinking = self.thinking(req)
+        split = thinking and not prefill  # a forced call skips the reasoning, as V3.1 calls tools
         assert req.messages is not None  # (a TokenizeRequest's: `tokenize` asks only where it has them)
         try:
             prompt_text = self.tokenizer.apply_chat_template(
@@ -649,6 +650,21 @@ class Server:
             )
         except ValueError as e:  # a malformed message, or tool use with a tokenizer that has no tool tokens
             raise APIError(str(e), param="tools" if tools else "messages") from None
+        opened = add_generation_prompt and prompt_text.rstrip().endswith(self.think_start)
+        if not thinking and not prefill and opened:
+            # R1-Distill's template (R1's, V3's) has no non-thinking mode: its prompt opens the think block
+            # whatever the flag, the model reasoned anyway, and its reasoning came back as the answer. Refused
+            # as `nanoseek chat --no-think` refuses it, naming the field that asked (`thinking`'s order). (A
+            # forced call is written after the block's opening: no reasoning, as asked.)
+            kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if v is not None}
+            param = next(
+                (f"chat_template_kwargs.{k}" for k in THINKING_KWARGS if k in kwargs), "reasoning_effort"
+            )
+            raise APIError(
+                f"This model's chat template has no non-thinking mode (its prompt opens {self.think_start} "
+                "either way): leave thinking on to get the reasoning apart, as reasoning_content.",
+                param=param,
+            )
         return prompt_text + (prefill if add_generation_prompt else ""), tools, prefill, split
 
     async def chat(self, request: Request) -> Response:
