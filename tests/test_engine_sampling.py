@@ -698,7 +698,9 @@ def test_quantized_experts_run_on_their_storage(fmt, tokens, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "w8a8"])
-@pytest.mark.parametrize("rows", [1, 16])  # the int8 kernel, and the weight widened once
+@pytest.mark.parametrize(
+    "rows", [1, 16, 40]
+)  # the int8 kernel (bf16 to 8 rows, fp32 to 32), the weight widened once
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # fp32 rows: the kernel in bf16 on x86
 def test_quant_linear_equals_its_dequantized_weight(rows, fmt, dtype):
     torch.manual_seed(0)
@@ -939,6 +941,34 @@ def test_int8_kernel_runs_in_bf16_on_x86_for_fp32_rows_too():
         assert got.dtype == dtype
 
 
+@pytest.mark.parametrize(
+    ("dtype", "rows", "kernel"),
+    [
+        (torch.bfloat16, 8, True),
+        (torch.bfloat16, 9, False),
+        (torch.float32, 32, True),  # rounded to bf16 on x86: widened, the weight runs fp32's slower GEMM
+        (torch.float32, 33, False),
+    ],
+)
+def test_the_int8_kernel_takes_fp32_rows_further_than_bf16_ones_on_x86(monkeypatch, dtype, rows, kernel):
+    """16 concurrent decodes widened every int8 weight for fp32's GEMM at 16 rows on an AVX2 CPU: the
+    V2-Lite-width head 1.9x slower than the kernel, which is 2-3x per matrix at batch 16."""
+    from nanoseek.engine import quantize
+
+    monkeypatch.setattr(quantize, "ON_X86", True)
+    calls = []
+    kernel_op = torch.ops.aten._weight_int8pack_mm
+    monkeypatch.setattr(
+        torch.ops.aten, "_weight_int8pack_mm", lambda x, *a: calls.append(x.dtype) or kernel_op(x, *a)
+    )
+    q, s = quantize.quantize_tensor(torch.randn(48, 64), "int8")
+    x = torch.randn(rows, 64).to(dtype)
+    got = quantize._quant_linear(x, q, s, kernel=True)
+    assert calls == ([torch.bfloat16] if kernel else [])
+    want = torch.nn.functional.linear(x.float(), q.float() * s.unsqueeze(-1))
+    assert (got.float() - want).norm() < 0.01 * want.norm()
+
+
 def test_a_large_int8_weight_is_widened_a_few_rows_at_a_time(monkeypatch):
     """Past the kernel's few rows a weight is widened for the GEMM: in blocks of output rows, not whole
     (a 102400 x 2048 head was 0.8 GB of fp32 per call). The blocks give the whole product."""
@@ -947,7 +977,7 @@ def test_a_large_int8_weight_is_widened_a_few_rows_at_a_time(monkeypatch):
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(64, 100, bias=False)
     q = quantize.QuantLinear(lin, "int8")
-    x = torch.randn(20, 64, generator=g)
+    x = torch.randn(40, 64, generator=g)  # past the kernel's rows in any dtype
     with torch.inference_mode():
         whole = q(x)
         monkeypatch.setattr(quantize, "QUANT_CHUNK", 64 * 7)  # 7 rows a block

@@ -5,8 +5,8 @@ What is notable here:
   Activations stay in the model's dtype; only weights shrink (4x vs fp32, 2x vs bf16).
 - int8 matmuls of a few rows (decode) use PyTorch's CPU weight-only kernel (`_weight_int8pack_mm`)
   when it accepts the shapes and is vectorized for the dtype (on x86: bf16 only); its cost grows with the rows (it widens the weight again for each), so
-  past `INT8PACK_ROWS` rows (prefill, wide batches) the weight is widened once and the model dtype's
-  GEMM runs. FP8 is storage only: weights are widened per call.
+  past `INT8PACK_ROWS` rows (`INT8PACK_ROWS_FP32` for fp32 rows; prefill, wide batches) the weight is
+  widened once and the model dtype's GEMM runs. FP8 is storage only: weights are widened per call.
 - w8a8 stores the same int8 weights and also quantizes the activations, to 8 bits per row, for
   PyTorch's quantized CPU GEMM (fbgemm on x86: int8 dot products, `torch.ops.quantized.linear_dynamic`),
   the scheme of llama.cpp's Q8_0 dot products (theirs scale every 32 activations, this one each
@@ -73,6 +73,10 @@ def quantize_tensor(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tens
 
 
 INT8PACK_ROWS = 8  # rows up to which `_weight_int8pack_mm` beats widening the weight once
+# fp32 rows (rounded to bf16 for the kernel on x86, `_int8pack_dtype`): the widened weight then runs
+# fp32's GEMM, which at a few dozen rows is far from its peak; the kernel beat it up to ~48 rows on an
+# AVX2 CPU (16 concurrent decodes: 1.5-2.9x per matrix; benchmarks/README.md, "An AVX2-only host")
+INT8PACK_ROWS_FP32 = 32
 # Its x86 bf16 (and ARM) loops step through K 16 (8) values at a time with aligned loads and no tail:
 # another width reads past each row, and a row off a 32-byte boundary faults (a segfault, which no
 # `try` catches), so it runs only where K is a multiple of 16, on rows where it can load them.
@@ -95,8 +99,10 @@ def _quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel:
     weight widened to x's dtype (exactly: int8 and e4m3 values are bf16 values), x's own GEMM, and
     the per-channel scale applied to the output columns (N·out multiplies, not out·in); fp16 could
     overflow on the unscaled sums, so it scales the weight."""
-    if kernel and x.shape[0] <= INT8PACK_ROWS and q.shape[1] % INT8PACK_K == 0:
-        kx = x.to(_int8pack_dtype(x)).contiguous()
+    kdtype = _int8pack_dtype(x)
+    rows = INT8PACK_ROWS if kdtype == x.dtype else INT8PACK_ROWS_FP32
+    if kernel and x.shape[0] <= rows and q.shape[1] % INT8PACK_K == 0:
+        kx = x.to(kdtype).contiguous()
         if kx.data_ptr() % 64:  # a view off the allocator's alignment: these few rows copied are on it
             kx = kx.clone()
         return torch.ops.aten._weight_int8pack_mm(kx, q, scale.to(kx.dtype)).to(x.dtype)
