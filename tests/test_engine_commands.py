@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import io
 import sys
@@ -395,6 +396,13 @@ def test_chat_no_think_refuses_a_template_without_a_non_thinking_mode(checkpoint
         chat.run(args, stdin=io.StringIO("hi\n"), stdout=io.StringIO())
     args = cli_args("chat", str(tmp_path), "--max-new-tokens", "2", "--threads", "1")  # thinking: as before
     assert chat.run(args, stdin=io.StringIO("hi\n"), stdout=io.StringIO()) == 0
+    # `eval --no-think` scored the reasoning and its </think> as the answer: refused before the weights load
+    from nanoseek.evaluate import CheckpointSampler, EvalConfig
+
+    cfg = EvalConfig(model=str(tmp_path), task="arithmetic", thinking=False, progress=False)
+    with pytest.raises(ValueError, match="--no-think: .* no non-thinking mode"):
+        CheckpointSampler(cfg)
+    assert CheckpointSampler(dataclasses.replace(cfg, thinking=True)).opens_think
 
 
 def test_chat_no_think(checkpoint):

@@ -307,11 +307,11 @@ def chat_prompt_ids(
 def prompt_opens_think(tokenizer: Any, thinking: bool = True) -> bool:
     """Whether the chat template's generation prompt opens the think block, so that a completion begins
     inside it (R1's, R1-Distill's). Another family's (Qwen2.5's ChatML, Llama 3's) does not: a completion
-    is then an answer unless the model opens a think block itself, as `chat` and `serve` read it."""
-    if not thinking:
-        return False
+    is then an answer unless the model opens a think block itself, as `chat` and `serve` read it. With
+    thinking=False, whether it opens the block all the same (R1-Distill's has no non-thinking mode)."""
+    kw = {} if thinking else {"thinking": False}  # as `chat_prompt_ids` renders the prompts
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "?"}], add_generation_prompt=True, tokenize=False
+        [{"role": "user", "content": "?"}], add_generation_prompt=True, tokenize=False, **kw
     )
     return text.rstrip().endswith(getattr(tokenizer, "think_start", THINK_START))
 
@@ -378,6 +378,14 @@ class CheckpointSampler:
         self.cfg = cfg
         self.path = resolve_checkpoint(cfg.model)
         self.tok = checkpoint_tokenizer(self.path)  # one from another model: said before the weights load
+        self.opens_think = prompt_opens_think(self.tok, cfg.thinking)
+        if not cfg.thinking and self.opens_think:
+            # R1-Distill's template opens the think block whatever the flag: the model reasoned anyway and its
+            # reasoning was scored as the answer. Refused, as `chat --no-think` and the server refuse it.
+            raise ValueError(
+                f"--no-think: {cfg.model}'s chat template has no non-thinking mode (its prompt opens "
+                f"{getattr(self.tok, 'think_start', THINK_START)} either way); evaluate it without the flag"
+            )
         # the checkpoint's generation_config.json settings that eval has no flag for (a Qwen fine-tune's
         # top_k 20, repetition_penalty 1.05): `nanoseek serve` (and vLLM) sample with them, so the same
         # model scored through its server and here drew differently (temperature, top_p and the answer's
@@ -393,7 +401,6 @@ class CheckpointSampler:
         batch = cfg.max_batch_size or min(DEFAULT_MAX_BATCH, samples or cfg.n * cfg.k)
         self.engine = Engine(model, max_batch_size=batch, pack_weights=True)
         self.stop = list(self.tok.stop_token_ids)
-        self.opens_think = prompt_opens_think(self.tok, cfg.thinking)
 
     def __call__(self, problems: Sequence[Any]) -> list[list[Sample]]:
         return self.many([problems])[0]
