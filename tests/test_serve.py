@@ -1441,6 +1441,23 @@ def test_a_tool_result_without_its_call_id_is_refused(scripted):
         assert httpx.post(scripted.url + route, json=ok).status_code == 200, route
 
 
+def test_a_message_without_content_is_refused_but_an_assistants_turn_of_calls(scripted):
+    """A user message with `content` missing or null (a client's bug: `text` for `content`) was answered as an
+    empty message; OpenAI requires content of every role but the assistant's."""
+    for route in ("/v1/chat/completions", "/tokenize"):
+        for role in ("user", "system", "developer"):
+            for message in ({"role": role}, {"role": role, "content": None}, {"role": role, "text": "hi"}):
+                body = {"messages": [*USER, message], "max_tokens": 1}
+                err = _err(httpx.post(scripted.url + route, json=body), 400)
+                assert err["param"] == "messages.1.content", (route, message)
+        call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        ok = {
+            "messages": [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}],
+            "max_tokens": 1,
+        }
+        assert httpx.post(scripted.url + route, json=ok).status_code == 200, route
+
+
 def test_an_assistant_refusal_part_sent_back_is_its_text(scripted, tok):
     """OpenAI's assistant content may hold `refusal` parts; a history replayed with one was a 400 ("content
     part type 'refusal' is not supported"): it is the turn's text, as vLLM reads it. A part a text-only

@@ -556,6 +556,14 @@ class Server:
                     param=f"messages.{i}.tool_call_id",
                     code="missing_required_parameter",
                 )
+            if m.role != "assistant" and m.content is None:
+                # OpenAI requires it of every role but the assistant's (whose turn may be calls alone); read
+                # as "", a client's bug (a field misnamed, `text` for `content`) was answered as an empty message
+                raise APIError(
+                    f"Missing required parameter: 'messages.{i}.content'.",
+                    param=f"messages.{i}.content",
+                    code="missing_required_parameter",
+                )
             # a turn of calls alone keeps its null content: DeepSeek's own templates (R1's, R1-Distill's, V3's)
             # write an assistant's calls only where content `is none`, and "" left them out of the prompt
             calls_alone = m.role == "assistant" and m.tool_calls and m.content is None
