@@ -642,6 +642,31 @@ def test_a_small_jsonl_task_under_the_default_prompts_is_no_warning(micro_checkp
     assert not [w for w in caught if "asked for" in str(w.message)] and len(asked) == 3
 
 
+def test_a_problem_the_teachers_context_cannot_hold_is_named_before_sampling(
+    micro_checkpoint, tmp_path, monkeypatch
+):
+    """A JSONL problem longer than the teacher's context ended the sampling with the engine's "prompt has
+    N tokens", naming no problem (`eval` and `grpo` name it)."""
+    from nanoseek.train.sft import SFTConfig
+
+    path = tmp_path / "qa.jsonl"
+    rows = [{"prompt": "1+1?", "answer": 2}, {"prompt": "long question: " + "1+1 " * 800, "answer": 2}]
+    path.write_text("".join(json.dumps({**r, "split": "train"}) + "\n" for r in rows))
+    asked = _teacher_solving_nothing(monkeypatch, micro_checkpoint)
+    cfg = DistillConfig(
+        teacher=micro_checkpoint,
+        student=micro_checkpoint,
+        tasks=[f"jsonl:{path}"],
+        k=1,
+        out=str(tmp_path / "run"),
+        sft=SFTConfig(init="", steps=1, batch_size=1, seq_len=128, progress=False),
+    )
+    with pytest.raises(ValueError, match=r"1 problem leaves no room to answer in the model's context of 1024 "
+                       r"tokens: \S+ 'long question: 1\+1 1\+1 1\+1 1\+1'"):  # fmt: skip
+        distill(cfg)
+    assert not asked
+
+
 @pytest.mark.parametrize(
     ("text", "message"), [('{"settings": {"k"', "not valid JSON"), ("{}", "no sampling")]
 )

@@ -942,6 +942,23 @@ def test_config_errors(micro_checkpoint, tmp_path) -> None:
         grpo(_cfg(micro_checkpoint, tmp_path / "small", train_pool=1))
 
 
+def test_a_problem_the_context_cannot_hold_is_named_before_the_first_step(micro_checkpoint, tmp_path) -> None:
+    """A JSONL problem longer than the model's context ended the run at the step that drew it (hours in,
+    nothing saved since the last checkpoint) with the engine's "prompt has N tokens", naming no problem."""
+    import json
+
+    from nanoseek.train.grpo import grpo
+
+    path = tmp_path / "qa.jsonl"
+    rows = [{"prompt": f"{i}+1?", "answer": i + 1} for i in range(4)]
+    rows.append({"prompt": "long question: " + "1+1 " * 800, "answer": 2})
+    path.write_text("".join(json.dumps({**r, "split": "train"}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"1 problem leaves no room to answer in the model's context of 1024 "
+                       r"tokens: \S+ 'long question: 1\+1 1\+1 1\+1 1\+1' \(\d{4} tokens\)"):  # fmt: skip
+        grpo(_cfg(micro_checkpoint, tmp_path / "out", tasks=[f"jsonl:{path}"], language=None, steps=50))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # said before the run's first record
+
+
 def test_grpo_refuses_a_tokenizer_larger_than_the_models_vocabulary(narrow_checkpoint, tmp_path) -> None:
     """Rollouts from a model that has no rows for some of its tokenizer's ids: refused at the start."""
     from nanoseek.train.grpo import grpo

@@ -29,7 +29,7 @@ import threading
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -304,6 +304,19 @@ def chat_prompt_ids(
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw))
 
 
+def check_prompts_fit(prompts: Iterable[tuple[Any, Sequence[int]]], context: int) -> None:
+    """Refuse the problems of (problem, prompt ids) `prompts` that leave no room to answer in `context`
+    tokens, naming them: one ended the whole evaluation (a GRPO run at the step that drew it, unsaved)
+    with the engine's error, which named no problem. Said before any sample is drawn, with the sizes."""
+    over = [f"{p.id} {p.prompt[:30]!r} ({len(ids)} tokens)" for p, ids in prompts if len(ids) >= context]
+    if over:
+        raise ValueError(
+            f"{len(over)} problem{'s leave' if len(over) != 1 else ' leaves'} no room to answer in the "
+            f"model's context of {context} tokens: {', '.join(over[:5])}{', ...' * (len(over) > 5)}; "
+            "shorten them or leave them out of the task"
+        )
+
+
 def prompt_opens_think(tokenizer: Any, thinking: bool = True) -> bool:
     """Whether the chat template's generation prompt opens the think block, so that a completion begins
     inside it (R1's, R1-Distill's). Another family's (Qwen2.5's ChatML, Llama 3's) does not: a completion
@@ -411,16 +424,8 @@ class CheckpointSampler:
         answer of all on a GPU (a decode step there costs about the same for one sequence or hundreds)."""
         cfg, tok, k = self.cfg, self.tok, self.cfg.k
         each = [(p, chat_prompt_ids(tok, p.messages, cfg.thinking)) for s in problem_sets for p in s]
-        # a problem the context cannot hold ended the whole evaluation with the engine's error, which
-        # named no problem: said now, before any sample is drawn, with the sizes
         ctx = self.engine.max_seq_len
-        over = [f"{p.id} {p.prompt[:30]!r} ({len(ids)} tokens)" for p, ids in each if len(ids) >= ctx]
-        if over:
-            raise ValueError(
-                f"{len(over)} problem{'s leave' if len(over) != 1 else ' leaves'} no room to answer in the "
-                f"model's context of {ctx} tokens: {', '.join(over[:5])}{', ...' * (len(over) > 5)}; "
-                "shorten them or leave them out of the task"
-            )
+        check_prompts_fit(each, ctx)
         short = sum(len(ids) + cfg.max_new_tokens > ctx for _, ids in each)
         if short:  # else only the truncation warning speaks, and it blames --max-new-tokens
             warnings.warn(

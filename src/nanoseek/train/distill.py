@@ -391,7 +391,7 @@ def _sample(
     from nanoseek.data.tasks import get_task
     from nanoseek.data.tasks.base import worked_solution_of
     from nanoseek.engine import Engine
-    from nanoseek.evaluate import chat_prompt_ids, prompt_opens_think
+    from nanoseek.evaluate import chat_prompt_ids, check_prompts_fit, prompt_opens_think
     from nanoseek.perf import default_device
 
     # as `generate` and `eval` load it: bf16 on a GPU (the grouped expert GEMM's fast kernel is bf16
@@ -404,6 +404,10 @@ def _sample(
         for p in task.problems("train", cfg.prompts, seed=cfg.seed, language=cfg.language, strict=False):
             tasks.append(task)
             problems.append(p)
+    # a problem the teacher's context cannot hold ended the sampling with the engine's error, naming none
+    check_prompts_fit(
+        ((p, chat_prompt_ids(tok, p.messages)) for p in problems), teacher.config.max_position_embeddings
+    )
     t0 = time.perf_counter()
     engine = Engine(teacher, max_batch_size=cfg.max_batch_size)
     kept, sampled = sample_correct_traces(engine, tok, tasks, problems, cfg)

@@ -642,7 +642,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
     from nanoseek.data.rewards import build_reward
     from nanoseek.data.tasks import get_task
     from nanoseek.engine import Engine
-    from nanoseek.evaluate import chat_prompt_ids, prompt_opens_think
+    from nanoseek.evaluate import chat_prompt_ids, check_prompts_fit, prompt_opens_think
     from nanoseek.metrics import progress_bar
     from nanoseek.perf import default_device
     from nanoseek.tokenizer import checkpoint_tokenizer
@@ -733,6 +733,12 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
         ref_model = load_model(init, device=model.device).eval().requires_grad_(False)
     # The engine shares the policy's nn.Module: every rollout samples from the current weights.
     engine = Engine(model, max_batch_size=cfg.max_batch_size)
+    # a problem the context cannot hold ended the run at the step that drew it, hours in and unsaved, with
+    # the engine's error naming no problem: every one in the pools is checked before the first step
+    check_prompts_fit(
+        ((p, chat_prompt_ids(tok, p.messages)) for pool in pools.values() for _, p in pool),
+        engine.max_seq_len,
+    )
     stop = list(tok.stop_token_ids)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     # RUN/metrics.jsonl, and TensorBoard as pretrain and sft write it (the bar is the loop's own)
