@@ -1483,6 +1483,28 @@ def test_an_out_it_cannot_write_is_refused_before_the_model_loads(tmp_path, monk
         sft(cfg)
 
 
+def test_a_bad_data_line_is_named_before_the_model_loads(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    """A bad line of --data (not JSON, no assistant turn) was found only once the model had loaded:
+    minutes for a large --init, spent again for every typo fixed."""
+    import nanoseek.checkpoint
+    from nanoseek.train.sft import SFTConfig, sft
+
+    data = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    monkeypatch.setattr(nanoseek.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for bad, message in [
+        ("{not json", r"chats.jsonl:2: not valid JSON"),
+        (
+            json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+            r"chats.jsonl:2: .*no assistant message",
+        ),
+    ]:
+        data.write_text(json.dumps(good) + "\n" + bad + "\n")
+        cfg = SFTConfig(init=micro_checkpoint, data=str(data), out=str(tmp_path / "run"), progress=False)
+        with pytest.raises(ValueError, match=message):
+            sft(cfg)
+
+
 def test_sft_runs_on_its_threads_gives_them_back_and_writes_tensorboard(
     micro_checkpoint, tmp_path, monkeypatch
 ):

@@ -806,8 +806,8 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
     init = resolve_checkpoint(cfg.init, flag="--init")
     torch.manual_seed(cfg.seed)
     tok = checkpoint_tokenizer(init)  # one from another model: said before the weights load
-    model = load_model(init, device=default_device())
-    # (where, messages, tools): errors name the data file's line, or the task conversation
+    # (where, messages, tools): errors name the data file's line, or the task conversation. Read and
+    # tokenized before the weights load: a bad line was found only once a large model had loaded (minutes)
     convs: list[tuple[str, list[dict[str, Any]], list[dict] | None]] = []
     files = chat_files(cfg.data) if cfg.data else None
     if files:
@@ -821,6 +821,7 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
             examples.extend(tokenize_conversation(tok, conv, tools))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+    model = load_model(init, device=default_device())
     with torch_threads(cfg.threads), hold_stage(cfg.out, "sft"):
         return train_on_examples(
             model,
