@@ -1505,6 +1505,19 @@ def test_a_bad_data_line_is_named_before_the_model_loads(micro_checkpoint, tmp_p
             sft(cfg)
 
 
+@pytest.mark.parametrize("text", ["", "\n\n", "\ufeff"])
+def test_an_empty_data_file_is_named(micro_checkpoint, tmp_path, text) -> None:
+    """An empty --data file (or one of blank lines, or a byte-order mark alone) ended the run with "no
+    training examples", naming no file."""
+    from nanoseek.train.sft import SFTConfig, sft
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text(text, encoding="utf-8")
+    cfg = SFTConfig(init=micro_checkpoint, data=str(data), out=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ValueError, match=r"no chats in \S+chats.jsonl: expected one \{'messages'"):
+        sft(cfg)
+
+
 def test_sft_runs_on_its_threads_gives_them_back_and_writes_tensorboard(
     micro_checkpoint, tmp_path, monkeypatch
 ):

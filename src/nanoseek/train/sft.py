@@ -812,6 +812,9 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
     files = chat_files(cfg.data) if cfg.data else None
     if files:
         convs.extend(_numbered_chat_lines(files))
+        if not convs:  # an empty file (or blank lines): "no training examples" named no file
+            named = ", ".join(map(str, files[:3])) + (", ..." if len(files) > 3 else "")
+            raise ValueError(f"no chats in {named}: expected one {{'messages': [...]}} per line")
     if cfg.task:
         made = task_conversations(cfg.task, cfg.task_examples, cfg.seed, cfg.language, cfg.multi_turn)
         convs.extend((f"{cfg.task} conversation {k}", c, None) for k, c in enumerate(made, 1))
