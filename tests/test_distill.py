@@ -642,6 +642,29 @@ def test_a_small_jsonl_task_under_the_default_prompts_is_no_warning(micro_checkp
     assert not [w for w in caught if "asked for" in str(w.message)] and len(asked) == 3
 
 
+def test_a_bad_line_of_a_jsonl_task_is_named_before_the_teacher_loads(
+    micro_checkpoint, tmp_path, monkeypatch
+):
+    """A jsonl: task's bad line was found once the teacher had loaded (minutes for a large one)."""
+    import nanoseek.checkpoint
+    from nanoseek.train.sft import SFTConfig
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "1+1?", "answer": 2}) + "\n" + json.dumps({"question": "2+2?"}) + "\n"
+    )
+    monkeypatch.setattr(nanoseek.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the teacher"))
+    cfg = DistillConfig(
+        teacher=micro_checkpoint,
+        student="tiny",
+        tasks=[f"jsonl:{path}"],
+        out=str(tmp_path / "run"),
+        sft=SFTConfig(init="", steps=1, batch_size=1, seq_len=128, progress=False),
+    )
+    with pytest.raises(ValueError, match=r"qa.jsonl:2: each line needs a non-empty string \"prompt\""):
+        distill(cfg)
+
+
 def test_a_problem_the_teachers_context_cannot_hold_is_named_before_sampling(
     micro_checkpoint, tmp_path, monkeypatch
 ):

@@ -959,6 +959,24 @@ def test_a_problem_the_context_cannot_hold_is_named_before_the_first_step(micro_
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # said before the run's first record
 
 
+def test_a_bad_line_of_a_jsonl_task_is_named_before_the_model_loads(micro_checkpoint, tmp_path, monkeypatch):
+    """A jsonl: task's bad line was found once the policy had loaded (minutes for a large --init, and a
+    Hub name's whole download first)."""
+    import json
+
+    import nanoseek.checkpoint
+    from nanoseek.train.grpo import grpo
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "1+1?", "answer": 2}) + "\n" + json.dumps({"question": "2+2?"}) + "\n"
+    )
+    monkeypatch.setattr(nanoseek.checkpoint, "resolve_checkpoint", lambda *a, **k: pytest.fail("read --init"))
+    monkeypatch.setattr(nanoseek.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match=r"qa.jsonl:2: each line needs a non-empty string \"prompt\""):
+        grpo(_cfg(micro_checkpoint, tmp_path / "out", tasks=[f"jsonl:{path}"], language=None))
+
+
 def test_grpo_refuses_a_tokenizer_larger_than_the_models_vocabulary(narrow_checkpoint, tmp_path) -> None:
     """Rollouts from a model that has no rows for some of its tokenizer's ids: refused at the start."""
     from nanoseek.train.grpo import grpo

@@ -394,9 +394,7 @@ def _sample(
     from nanoseek.evaluate import chat_prompt_ids, check_prompts_fit, prompt_opens_think
     from nanoseek.perf import default_device
 
-    # as `generate` and `eval` load it: bf16 on a GPU (the grouped expert GEMM's fast kernel is bf16
-    # only), a trained (fp32) checkpoint in fp32 on a CPU
-    teacher = load_model(teacher_dir, dtype="auto", device=default_device()).eval()
+    # the problems before the teacher: a bad line of a jsonl: task was named only once it had loaded
     tasks, problems = [], []
     for name in cfg.tasks:
         task = get_task(name)
@@ -404,6 +402,9 @@ def _sample(
         for p in task.problems("train", cfg.prompts, seed=cfg.seed, language=cfg.language, strict=False):
             tasks.append(task)
             problems.append(p)
+    # as `generate` and `eval` load it: bf16 on a GPU (the grouped expert GEMM's fast kernel is bf16
+    # only), a trained (fp32) checkpoint in fp32 on a CPU
+    teacher = load_model(teacher_dir, dtype="auto", device=default_device()).eval()
     # a problem the teacher's context cannot hold ended the sampling with the engine's error, naming none
     check_prompts_fit(
         ((p, chat_prompt_ids(tok, p.messages)) for p in problems), teacher.config.max_position_embeddings

@@ -649,6 +649,17 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
     from nanoseek.train.loop import StepLog, Trainer, warn_unused_bias_speed
     from nanoseek.train.pretrain import resolve_precision
 
+    # the problems before the checkpoint: a bad line of a jsonl: task was named only once the model (and
+    # a Hub --init's download) had loaded
+    tasks = [get_task(name) for name in cfg.tasks]
+    pools: dict[str, list] = {}
+    for t in tasks:
+        # up to train_pool each: a family with fewer distinct problems contributes all it has
+        problems = t.problems("train", cfg.train_pool, seed=cfg.seed, language=cfg.language, strict=False)
+        pools.setdefault(t.name, []).extend((t, p) for p in problems)
+    n_problems = sum(len(v) for v in pools.values())
+    if n_problems < cfg.batch_prompts:
+        raise ValueError(f"only {n_problems} training problems for --batch-prompts {cfg.batch_prompts}")
     init = resolve_checkpoint(cfg.init, flag="--init")
     if cfg.beta > 0 and Path(init).resolve() == (Path(cfg.out) / "grpo").resolve():
         # the run's saves overwrite it, and a --resume re-reads π_ref from it: a later policy, not the start
@@ -664,15 +675,6 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
     # R1's template opens the think block; another family's (ChatML, Llama 3) leaves it to the model
     opened = prompt_opens_think(tok)
     reward_fn = build_reward(cfg.reward, prompt_opened_think=opened)
-    tasks = [get_task(name) for name in cfg.tasks]
-    pools: dict[str, list] = {}
-    for t in tasks:
-        # up to train_pool each: a family with fewer distinct problems contributes all it has
-        problems = t.problems("train", cfg.train_pool, seed=cfg.seed, language=cfg.language, strict=False)
-        pools.setdefault(t.name, []).extend((t, p) for p in problems)
-    n_problems = sum(len(v) for v in pools.values())
-    if n_problems < cfg.batch_prompts:
-        raise ValueError(f"only {n_problems} training problems for --batch-prompts {cfg.batch_prompts}")
 
     run = Path(cfg.out)
     total_updates = cfg.steps * cfg.mu
