@@ -579,6 +579,27 @@ def test_grpo_resume_is_exact(micro_checkpoint, tmp_path, capsys) -> None:
         assert key in ra[1]
 
 
+def test_a_resume_refuses_a_jsonl_task_whose_file_changed(micro_checkpoint, tmp_path) -> None:
+    """Problems added to (or edited in) a jsonl: task's file since the run started made other pools, and
+    a --resume drew other prompts than the run it continued, without a word (sft --data refuses it)."""
+    import dataclasses
+    import json
+
+    from nanoseek.train.grpo import grpo
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i}+1?", "answer": i + 1}) + "\n" for i in range(8)))
+    cfg = _cfg(micro_checkpoint, tmp_path / "out", tasks=[f"jsonl:{path}"], language=None, steps=1)
+    grpo(cfg)
+    grpo(dataclasses.replace(cfg, steps=2, resume=True))  # the same file: goes on
+    with path.open("a") as f:
+        f.write(json.dumps({"prompt": "9+1?", "answer": 10}) + "\n")
+    with pytest.raises(
+        ValueError, match=r"the training settings changed \(data_files: .*qa.jsonl \(\d+ bytes\)'\] -> "
+    ):
+        grpo(dataclasses.replace(cfg, steps=3, resume=True))
+
+
 def test_a_time_budget_fills_its_seconds_and_a_resume_goes_on_with_what_was_left(
     micro_checkpoint, tmp_path, monkeypatch, capsys
 ) -> None:

@@ -660,6 +660,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
     n_problems = sum(len(v) for v in pools.values())
     if n_problems < cfg.batch_prompts:
         raise ValueError(f"only {n_problems} training problems for --batch-prompts {cfg.batch_prompts}")
+    files = [f for t in tasks for f in getattr(t, "files", ())]  # (jsonl: tasks')
     init = resolve_checkpoint(cfg.init, flag="--init")
     if cfg.beta > 0 and Path(init).resolve() == (Path(cfg.out) / "grpo").resolve():
         # the run's saves overwrite it, and a --resume re-reads π_ref from it: a later policy, not the start
@@ -697,6 +698,9 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
             # β > 0: the KL reference, re-read from --init on a resume; another --init (a later
             # checkpoint, to go on from the latest weights) would silently make π_ref a later policy
             "--init, the KL reference": str(Path(init).resolve()) if cfg.beta > 0 else None,
+            # a jsonl: task's files and their sizes, as sft's --data: problems added or edited since made
+            # other pools, and the resumed run drew other prompts than the run it went on, without a word
+            **({"data_files": [f"{f} ({f.stat().st_size} bytes)" for f in files]} if files else {}),
         },
         flags_from=type(cfg),
     )
