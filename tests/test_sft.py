@@ -1518,6 +1518,21 @@ def test_an_empty_data_file_is_named(micro_checkpoint, tmp_path, text) -> None:
         sft(cfg)
 
 
+@pytest.mark.parametrize("indent", [2, None])
+def test_chats_saved_as_one_json_array_say_so(tmp_path, indent) -> None:
+    """Chats saved as one JSON array (`json.dump(rows)`, a .json export) were "not valid JSON" at its `[`
+    (a file json.load reads) or "expected an object", not what --data takes instead: one per line."""
+    from nanoseek.train.sft import read_chat_jsonl
+
+    data = tmp_path / "chats.json"
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data.write_text(json.dumps([chat, chat], indent=indent))
+    with pytest.raises(
+        ValueError, match=r"chats\.json:1: .*; this line opens a JSON array: JSON lines hold one"
+    ):
+        list(read_chat_jsonl(str(data)))
+
+
 def test_sft_runs_on_its_threads_gives_them_back_and_writes_tensorboard(
     micro_checkpoint, tmp_path, monkeypatch
 ):

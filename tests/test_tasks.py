@@ -925,6 +925,20 @@ def test_jsonl_lines_that_are_not_utf8_or_reasoning_that_is_not_text_are_named(t
         get_task(f"jsonl:{path}")
 
 
+@pytest.mark.parametrize("indent", [2, None])
+def test_a_jsonl_task_saved_as_one_json_array_says_so(tmp_path, indent):
+    """Problems saved as one JSON array (`json.dump(rows)`) were "invalid JSON" at its `[` (or a line
+    without "prompt"), not what the reader takes instead: one object per line."""
+    path = tmp_path / "qa.json"
+    path.write_text(
+        json.dumps([{"prompt": "2+2?", "answer": 4}, {"prompt": "3+3?", "answer": 6}], indent=indent)
+    )
+    with pytest.raises(
+        ValueError, match=r"qa\.json:1: .*; this line opens a JSON array: JSON lines hold one object"
+    ):
+        get_task(f"jsonl:{path}")
+
+
 def test_jsonl_split_with_no_problems_is_an_error_that_says_why(tmp_path):
     """A file whose lines are all "split": "train" drew no test problems, silently: eval then said "all
     0 problems have unparseable gold answers", SFT (a file all in test) 'no worked solutions ... add

@@ -147,6 +147,18 @@ def open_binary(path: Path) -> io.BufferedReader | gzip.GzipFile:
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")  # noqa: SIM115
 
 
+def json_array_note(line: str | bytes) -> str:
+    """What to add to the error for a JSON lines file's `line` where it opens a JSON array: a data set
+    saved as one array (`json.dump(rows)`, an Alpaca-style .json) was "not valid JSON" at its `[`, or a
+    line that is no object, which did not say what the reader takes instead."""
+    opens = line.lstrip()[:1] in ("[", b"[")
+    return (
+        "; this line opens a JSON array: JSON lines hold one object per line, not one array of them"
+        if opens
+        else ""
+    )
+
+
 def skip_byte_order_mark(f: io.BufferedReader | gzip.GzipFile) -> None:
     """Past a UTF-8 byte-order mark at the start of `f` (Windows editors write one): it is neither text
     nor JSON (json.loads skips it only in front of a record, not before a blank line)."""

@@ -248,7 +248,7 @@ def _numbered_chat_lines(
     source: str | os.PathLike | Sequence[str | os.PathLike],
 ) -> Iterator[tuple[str, list[dict[str, Any]], list[dict] | None]]:
     """("file:line", messages, tools) of each chat in `source` (see `read_chat_jsonl`)."""
-    from nanoseek.data.files import open_binary, skip_byte_order_mark
+    from nanoseek.data.files import json_array_note, open_binary, skip_byte_order_mark
 
     for p in chat_files(source):
         # bytes: a line that is not UTF-8 is named like any other bad line; a .gz is read as the corpus is
@@ -263,10 +263,14 @@ def _numbered_chat_lines(
                     except UnicodeDecodeError as e:
                         raise ValueError(f"{p}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+                        raise ValueError(
+                            f"{p}:{n}: not valid JSON ({e.msg}){json_array_note(line)}"
+                        ) from None
                     msgs = rec.get("messages") if isinstance(rec, dict) else None
                     if not isinstance(msgs, list):
-                        raise ValueError(f"{p}:{n}: expected an object with a 'messages' list")
+                        raise ValueError(
+                            f"{p}:{n}: expected an object with a 'messages' list{json_array_note(line)}"
+                        )
                     tools = rec.get("tools")
                     if tools is not None and not isinstance(tools, list):
                         raise ValueError(f"{p}:{n}: 'tools' must be a list of OpenAI function tools")

@@ -544,13 +544,15 @@ class JsonlTask(Task):
         return self._files_stamp() != self._stamp
 
     def _parse(self, line: str, lineno: int, file: Path) -> Problem:
+        from nanoseek.data.files import json_array_note
+
         where = f"{file}:{lineno}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON ({e})") from e
+            raise ValueError(f"{where}: invalid JSON ({e}){json_array_note(line)}") from e
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise ValueError(f'{where}: each line needs a non-empty string "prompt"')
+            raise ValueError(f'{where}: each line needs a non-empty string "prompt"{json_array_note(line)}')
         verifier = row.get("verifier")
         tests = row.get("tests")
         gold = row.get("answer")
