@@ -1352,6 +1352,25 @@ def test_a_second_sft_into_an_out_in_training_is_refused(micro_checkpoint, tmp_p
     assert sorted(p.name for p in run.iterdir()) == [".sft.lock"]
 
 
+def test_a_resume_refuses_a_jsonl_task_whose_file_changed(micro_checkpoint, tmp_path) -> None:
+    """`--task jsonl:FILE`'s worked solutions: lines added or edited since the run started made other
+    examples, and a --resume went on training on them as the same run (--data's files are compared)."""
+    from nanoseek.train.sft import SFTConfig, sft
+
+    path = tmp_path / "qa.jsonl"
+    row = {"prompt": "1+1?", "answer": 2, "reasoning": "1+1=2", "split": "train"}
+    path.write_text(json.dumps(row) + "\n")
+    kw = dict(init=micro_checkpoint, task=f"jsonl:{path}", out=str(tmp_path / "run"), progress=False)
+    sft(SFTConfig(**kw, steps=1))
+    sft(SFTConfig(**kw, steps=2, resume=True))  # the same file: goes on
+    with path.open("a") as f:
+        f.write(json.dumps({**row, "prompt": "2+2?", "answer": 4, "reasoning": "2+2=4"}) + "\n")
+    with pytest.raises(
+        ValueError, match=r"the training settings changed \(data_files: .*qa.jsonl \(\d+ bytes\)'\] -> "
+    ):
+        sft(SFTConfig(**kw, steps=3, resume=True))
+
+
 def test_sft_trains_on_every_shard_and_a_resume_refuses_a_shard_added_since(
     micro_checkpoint, tmp_path, capsys, monkeypatch
 ) -> None:

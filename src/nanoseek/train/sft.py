@@ -820,8 +820,16 @@ def sft(cfg: SFTConfig, deadline_fn: Callable[[], float | None] | None = None) -
             named = ", ".join(map(str, files[:3])) + (", ..." if len(files) > 3 else "")
             raise ValueError(f"no chats in {named}: expected one {{'messages': [...]}} per line")
     if cfg.task:
+        from nanoseek.data.tasks import get_task, split_task_list
+
         made = task_conversations(cfg.task, cfg.task_examples, cfg.seed, cfg.language, cfg.multi_turn)
         convs.extend((f"{cfg.task} conversation {k}", c, None) for k, c in enumerate(made, 1))
+        # a jsonl: task's files too, as --data's: lines added or edited since made other examples, which
+        # a --resume trained on without a word
+        files = [
+            *(files or []),
+            *(f for name in split_task_list(cfg.task) for f in getattr(get_task(name), "files", ())),
+        ]
     examples = []
     for where, conv, tools in convs:
         try:
