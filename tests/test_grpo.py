@@ -579,6 +579,30 @@ def test_grpo_resume_is_exact(micro_checkpoint, tmp_path, capsys) -> None:
         assert key in ra[1]
 
 
+def test_a_jsonl_task_larger_than_the_train_pool_says_how_much_is_drawn(micro_checkpoint, tmp_path, capsys):
+    """A user's file of more training problems than --train-pool (2048) was cut to a fixed draw of them,
+    the rest never trained on, and nothing said so; a file within the pool says nothing."""
+    import json
+
+    from nanoseek.train.grpo import grpo
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"{i}+1?", "answer": i + 1, "split": "train"}) + "\n" for i in range(6))
+    )
+    grpo(
+        _cfg(micro_checkpoint, tmp_path / "a", tasks=[f"jsonl:{path}"], language=None, steps=1, train_pool=4)
+    )
+    assert (
+        f"grpo: jsonl:{path}: drawing from 4 of its 6 training problems (--train-pool)"
+        in capsys.readouterr().out
+    )
+    grpo(
+        _cfg(micro_checkpoint, tmp_path / "b", tasks=[f"jsonl:{path}"], language=None, steps=1, train_pool=6)
+    )
+    assert "--train-pool" not in capsys.readouterr().out
+
+
 def test_a_resume_refuses_a_jsonl_task_whose_file_changed(micro_checkpoint, tmp_path) -> None:
     """Problems added to (or edited in) a jsonl: task's file since the run started made other pools, and
     a --resume drew other prompts than the run it continued, without a word (sft --data refuses it)."""

@@ -24,6 +24,7 @@ import collections
 import contextlib
 import math
 import random
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -657,6 +658,13 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
         # up to train_pool each: a family with fewer distinct problems contributes all it has
         problems = t.problems("train", cfg.train_pool, seed=cfg.seed, language=cfg.language, strict=False)
         pools.setdefault(t.name, []).extend((t, p) for p in problems)
+        if hasattr(t, "files") and len(problems) == cfg.train_pool:
+            # a user's file of more problems than the pool: the rest were never drawn, without a word
+            held = len(t.problems("train", sys.maxsize, seed=cfg.seed, language=cfg.language, strict=False))
+            if held > cfg.train_pool:
+                print(
+                    f"grpo: {t.name}: drawing from {cfg.train_pool} of its {held} training problems (--train-pool)"
+                )
     n_problems = sum(len(v) for v in pools.values())
     if n_problems < cfg.batch_prompts:
         raise ValueError(f"only {n_problems} training problems for --batch-prompts {cfg.batch_prompts}")
