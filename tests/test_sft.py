@@ -1552,6 +1552,27 @@ def test_chats_saved_as_one_json_array_say_so(tmp_path, indent) -> None:
         list(read_chat_jsonl(str(data)))
 
 
+@pytest.mark.parametrize("arguments", ["{city: Paris", '["Paris"]', '{"t": NaN}', 3])
+def test_a_tool_call_whose_arguments_are_no_json_object_is_refused(tmp_path, arguments) -> None:
+    """A call's arguments that are not one JSON object were trained on as written: the model learned
+    calls the server returns as plain text (`parse_tool_calls`), never as `tool_calls`."""
+    from nanoseek.tokenizer import train_tokenizer
+
+    tk = train_tokenizer(["weather in Paris"], vocab_size=300)
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    msgs = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+    ]
+    with pytest.raises(
+        ValueError, match=r"chat message 1: tool_calls\[0\]\.function\.arguments is not one JSON"
+    ):
+        tokenize_conversation(tk, msgs)
+    for fine in ('{"city": "Paris"}', {"city": "Paris"}, None):  # an object, as text or not, or none
+        call["function"]["arguments"] = fine
+        assert tokenize_conversation(tk, msgs)
+
+
 def test_sft_runs_on_its_threads_gives_them_back_and_writes_tensorboard(
     micro_checkpoint, tmp_path, monkeypatch
 ):

@@ -103,8 +103,33 @@ def assistant_target_text(
         body = body[len(think_start) :].lstrip(" ")
         body = body[1:] if body.startswith("\n") else body
     if message.get("tool_calls"):
+        _check_call_arguments(message["tool_calls"], message_index)
         body += render_tool_calls(message["tool_calls"], message_index, fenced=fenced_calls)
     return body
+
+
+def _check_call_arguments(calls: Any, message_index: int) -> None:
+    """Refuse a tool call whose arguments text is not one JSON object (`"{city: Paris"`): trained on,
+    the model learns to write calls that the server (`parse_tool_calls`) and OpenAI's clients read as
+    plain text, never as a call."""
+
+    def no_constant(name: str) -> Any:  # NaN, Infinity: Python's, not JSON (a client's JSON.parse fails)
+        raise ValueError(name)
+
+    for j, call in enumerate(calls if isinstance(calls, list | tuple) else ()):
+        f = call.get("function") if isinstance(call, dict) else None
+        args = f.get("arguments") if isinstance(f, dict) else None
+        if args is None or isinstance(args, dict):  # (none: "{}"; an object: written as its JSON)
+            continue
+        try:
+            ok = isinstance(args, str) and isinstance(json.loads(args, parse_constant=no_constant), dict)
+        except (ValueError, RecursionError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"chat message {message_index}: tool_calls[{j}].function.arguments is not one JSON object "
+                f"({str(args)[:40]!r}): the server reads such a call as plain text"
+            )
 
 
 def _reasoning_once(
