@@ -1198,7 +1198,10 @@ def test_a_bad_conversation_is_named_by_its_line(micro_checkpoint, tmp_path) -> 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps(good) + "\n\n\n" + json.dumps(bad) + "\n")
     cfg = SFTConfig(init=micro_checkpoint, data=str(data), out=str(tmp_path / "out"), steps=1, progress=False)
-    with pytest.raises(ValueError, match=rf"{data}:4: content must be a string or a list of text parts"):
+    # and by its message: a chat of dozens of messages was named by its line alone
+    with pytest.raises(
+        ValueError, match=rf"{data}:4: chat message 1 \(assistant\): content must be a string or a list"
+    ):
         sft(cfg)
 
 

@@ -161,14 +161,22 @@ def tokenize_conversation(
     assistant message with `"weight": 0` (OpenAI's fine-tuning format) is history only, no example."""
     if not messages:
         raise ValueError("conversation has no messages")
-    for m in messages:
+    read = []
+    # each error names its message: a chat of dozens of messages was named by its line alone
+    for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
-            raise ValueError(f"each message needs a 'role' (and 'content'), got {m!r}")
+            raise ValueError(f"chat message {i}: each message needs a 'role' (and 'content'), got {m!r}")
         if m["role"] not in ("system", "developer", "user", "assistant", "tool"):
-            raise ValueError(f"unknown role {m['role']!r}")
+            raise ValueError(f"chat message {i}: unknown role {m['role']!r}")
         if m.get("weight", 1) not in (0, 1) or isinstance(m.get("weight"), bool):
-            raise ValueError(f"an assistant message's 'weight' must be 0 or 1, got {m['weight']!r}")
-    messages = [openai_message(m) for m in messages]  # as serve reads a request's
+            raise ValueError(
+                f"chat message {i}: an assistant message's 'weight' must be 0 or 1, got {m['weight']!r}"
+            )
+        try:
+            read.append(openai_message(m))  # as serve reads a request's
+        except ValueError as e:
+            raise ValueError(f"chat message {i} ({m['role']}): {e}") from None
+    messages = read
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
         raise ValueError("conversation has no assistant message to train on")
     think_start = getattr(tokenizer, "think_start", THINK_START)
