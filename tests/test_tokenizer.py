@@ -877,6 +877,11 @@ def test_cli_encode_reads_stdin_without_its_byte_order_mark(
     monkeypatch.setattr(sys, "stdin", io.StringIO("\ufeff東京 42"))
     assert main(["tokenizer", "encode", str(tmp_path / "tok")]) == 0
     assert [int(i) for i in capsys.readouterr().out.split()] == tok.encode("東京 42")
+    # `encode TOK | decode TOK` round-trips: decode reads the ids from stdin where none are given
+    ids = " ".join(map(str, tok.encode("東京 42"))) + "\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(ids))
+    assert main(["tokenizer", "decode", str(tmp_path / "tok")]) == 0
+    assert capsys.readouterr().out == "東京 42\n"
     # given as an argument, the text is the user's own, mark and all
     assert main(["tokenizer", "encode", str(tmp_path / "tok"), "\ufeff東京"]) == 0
     assert [int(i) for i in capsys.readouterr().out.split()] == tok.encode("\ufeff東京") != tok.encode("東京")

@@ -148,7 +148,11 @@ def _main(argv: list[str] | None) -> int:
     # argparse settles an optional positional at the first run of positionals, so a command's PROMPT
     # after its flags (`generate DIR --chat "2 + 2 = ?"`) is left over: commands name such fields
     for name in getattr(args, "late_positionals", ()):
-        if not extra or getattr(args, name) is not None:
+        if not extra or getattr(args, name) not in (None, []):
+            continue
+        if getattr(args, name) == []:  # a list's (`decode DIR --skip-special-tokens 5 6`): what is left
+            while extra and extra[0] != "--" and command._parse_optional(extra[0]) is None:
+                getattr(args, name).append(extra.pop(0))
             continue
         if extra[0] == "--":  # `encode DIR --bos -- -5`: after "--", text whatever it is
             extra.pop(0)

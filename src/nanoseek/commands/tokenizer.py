@@ -52,9 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("decode", help="print the text of token ids")
     d.add_argument("tokenizer", type=path, help="tokenizer directory or tokenizer.json")
-    d.add_argument("ids", nargs="+", help="token ids")
+    # stdin as encode reads it: `encode DIR TEXT | decode DIR` round-trips
+    d.add_argument("ids", nargs="*", help="token ids, space- or comma-separated (default: read stdin)")
     d.add_argument("--skip-special-tokens", action="store_true", help="drop BOS/EOS/PAD")
-    d.set_defaults(func=run_decode)
+    d.set_defaults(func=run_decode, late_positionals=("ids",))  # `decode DIR --skip-special-tokens 5 6`
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -146,7 +147,7 @@ def run_decode(args: argparse.Namespace) -> int:
 
     tok = load_tokenizer(args.tokenizer)
     ids = []
-    for raw in args.ids:
+    for raw in args.ids or [sys.stdin.read()]:
         for piece in raw.replace(",", " ").split():
             if not (piece.lstrip("-").isascii() and piece.lstrip("-").isdigit()):  # not "²", not "٣"
                 raise ValueError(f"not a token id: {piece!r}")
