@@ -288,8 +288,12 @@ def test_bad_arguments() -> None:
     # no problems is said before any is drawn, not as "all 0 problems have unparseable gold answers"
     with pytest.raises(ValueError, match=r"k and n must be >= 1 \(got k=4, n=0\)"):
         evaluate(EvalConfig(model="x", task="arithmetic", n=0), sampler=lambda ps: pytest.fail("sampled"))
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(ValueError, match="unknown task 'nope'; built-in"):
         evaluate(EvalConfig(model="x", task="nope"), sampler=lambda ps: [])
+    with pytest.raises(
+        ValueError, match=r"unknown task 'arithmatic' \(did you mean 'arithmetic'\?\); built-in"
+    ):
+        evaluate(EvalConfig(model="x", task="arithmatic"), sampler=lambda ps: [])
 
 
 @pytest.mark.parametrize(

@@ -627,15 +627,15 @@ def test_a_misspelt_word_is_matched_whatever_its_case_and_an_ambiguous_prefix_by
     """`--TEMP` begins --temperature as `--temp` does; a prefix of two flags is an abbreviation of
     neither, and the closer spelling is named (difflib: "temp" is 8/9 of "tempo", 8/15 of
     "temperature", under the 0.6 cutoff)."""
-    from nanoseek.cli import _close_one
+    from nanoseek.options import close_one
 
-    assert _close_one("TEMP", ["temperature", "top-k"]) == "temperature"
-    assert _close_one("temp", ["temperature", "tempo"]) == "tempo"
-    assert _close_one("xyzzy", ["temperature", "tempo"]) is None
+    assert close_one("TEMP", ["temperature", "top-k"]) == "temperature"
+    assert close_one("temp", ["temperature", "tempo"]) == "tempo"
+    assert close_one("xyzzy", ["temperature", "tempo"]) is None
     # no close spelling: the one sharing the longest word, where one does and it is not a short one
-    assert _close_one("lr-warmup", ["lr", "warmup-steps", "min-lr-ratio"]) == "warmup-steps"
-    assert _close_one("lr-max", ["lr", "min-lr-ratio"]) is None
-    assert _close_one("steps-total", ["warmup-steps", "grpo-steps"]) is None
+    assert close_one("lr-warmup", ["lr", "warmup-steps", "min-lr-ratio"]) == "warmup-steps"
+    assert close_one("lr-max", ["lr", "min-lr-ratio"]) is None
+    assert close_one("steps-total", ["warmup-steps", "grpo-steps"]) is None
 
 
 def test_the_resume_line_of_a_torchrun_rank_names_torchrun(monkeypatch) -> None:

@@ -8,20 +8,19 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
-import difflib
 import errno
 import importlib
 import io
 import os
 import pkgutil
-import re
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import nanoseek.commands as _commands
+from nanoseek.options import close_one
 from nanoseek.train import DATA_PARALLEL, TrainingDiverged, TrainingInterrupted, one_process
 
 # Commands that stop on SIGTERM their own way: `pretrain` saves at the next step and exits 143
@@ -53,28 +52,10 @@ class _Parser(argparse.ArgumentParser):
         try:
             super()._check_value(action, value)
         except argparse.ArgumentError as e:
-            close = _close_one(str(value), map(str, action.choices or ()))
+            close = close_one(str(value), map(str, action.choices or ()))
             if close is None:
                 raise
             raise argparse.ArgumentError(action, f"{e.message}; did you mean {close!r}?") from None
-
-
-def _close_one(word: str, known: Iterable[str]) -> str | None:
-    """The one of `known` the misspelt `word` stands for (`GPU` is `gpu`; the one it begins, as a flag's
-    abbreviation, `temp` of `temperature`; else the closest; else the one sharing its longest word of four
-    letters or more, `lr-warmup` of `warmup-steps`, where one does), or None where none is close."""
-    by_case = {k.lower(): k for k in known}
-    begun = [k for k in by_case if k.startswith(word.lower())]
-    close = begun if len(begun) == 1 else difflib.get_close_matches(word.lower(), by_case, n=1)
-    if close:
-        return by_case[close[0]]
-    # words in another order or with another neighbour are far apart by spelling (`--lr-warmup` is 0.57 of
-    # `--warmup-steps`, under difflib's cutoff)
-    words = set(re.split(r"[-_]", word.lower()))
-    shared = {k: max((len(w) for w in words & set(re.split(r"[-_]", k))), default=0) for k in by_case}
-    best = max(shared.values(), default=0)
-    winners = [k for k, n in shared.items() if n == best]
-    return by_case[winners[0]] if best >= 4 and len(winners) == 1 else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +156,7 @@ def _main(argv: list[str] | None) -> int:
         for w in filter(None, words):
             if w in own and w not in flags:
                 meant.append(f"{parser.prog} --{w}")
-            elif close := _close_one(w, flags):
+            elif close := close_one(w, flags):
                 meant.append(flags[close])
         hint = f"; did you mean {', '.join(meant)}?" if meant else ""
         command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib
 import numbers
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -26,6 +28,24 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 T = TypeVar("T", bound="DataclassInstance")  # a config dataclass, whose fields are the flags
+
+
+def close_one(word: str, known: Iterable[str]) -> str | None:
+    """The one of `known` the misspelt `word` stands for (`GPU` is `gpu`; the one it begins, as a flag's
+    abbreviation, `temp` of `temperature`; else the closest; else the one sharing its longest word of four
+    letters or more, `lr-warmup` of `warmup-steps`, where one does), or None where none is close."""
+    by_case = {k.lower(): k for k in known}
+    begun = [k for k in by_case if k.startswith(word.lower())]
+    close = begun if len(begun) == 1 else difflib.get_close_matches(word.lower(), by_case, n=1)
+    if close:
+        return by_case[close[0]]
+    # words in another order or with another neighbour are far apart by spelling (`--lr-warmup` is 0.57 of
+    # `--warmup-steps`, under difflib's cutoff)
+    words = set(re.split(r"[-_]", word.lower()))
+    shared = {k: max((len(w) for w in words & set(re.split(r"[-_]", k))), default=0) for k in by_case}
+    best = max(shared.values(), default=0)
+    winners = [k for k, n in shared.items() if n == best]
+    return by_case[winners[0]] if best >= 4 and len(winners) == 1 else None
 
 
 def path(text: str) -> str:

@@ -84,8 +84,12 @@ def _cached_task(name: str) -> Task:
         base, defaults = parse_task_spec(TASK_ALIASES[base], raw=True)
         options = {**defaults, **options}
     if base not in TASKS:
+        from nanoseek.options import close_one
+
+        meant = close_one(base, [*TASKS, *TASK_ALIASES])
         raise ValueError(
-            f"unknown task {base!r}; built-in: {', '.join([*TASKS, *TASK_ALIASES])}; or rg:<name>, jsonl:<path>"
+            f"unknown task {base!r}{f' (did you mean {meant!r}?)' if meant else ''}; built-in: "
+            f"{', '.join([*TASKS, *TASK_ALIASES])}; or rg:<name>, jsonl:<path>"
         )
     factory = TASKS[base]
     typed = typed_options(factory, base, options)
