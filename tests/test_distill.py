@@ -618,24 +618,30 @@ def test_a_teacher_that_solves_nothing_names_the_fallback(micro_checkpoint, tmp_
         distill(cfg)
 
 
+def _jsonl_distill(checkpoint, path, tmp_path) -> DistillConfig:
+    """Distillation of `checkpoint` into itself on the jsonl: task at `path`, one sample a problem."""
+    from nanoseek.train.sft import SFTConfig
+
+    return DistillConfig(
+        teacher=checkpoint,
+        student=checkpoint,
+        tasks=[f"jsonl:{path}"],
+        k=1,
+        out=str(tmp_path / "run"),
+        sft=SFTConfig(init="", steps=1, batch_size=1, seq_len=128, progress=False),
+    )
+
+
 def test_a_small_jsonl_task_under_the_default_prompts_is_no_warning(micro_checkpoint, tmp_path, monkeypatch):
     """`distill --task jsonl:FILE` under the default --prompts (256) samples every training line of a
     smaller file, without a warning about 256 problems the user never asked for."""
-    from nanoseek.train.sft import SFTConfig
 
     path = tmp_path / "qa.jsonl"
     path.write_text(
         "".join(json.dumps({"prompt": f"{i}+1?", "answer": i + 1, "split": "train"}) + "\n" for i in range(3))
     )
     asked = _teacher_solving_nothing(monkeypatch, micro_checkpoint)
-    cfg = DistillConfig(
-        teacher=micro_checkpoint,
-        student=micro_checkpoint,
-        tasks=[f"jsonl:{path}"],
-        k=1,
-        out=str(tmp_path / "run"),
-        sft=SFTConfig(init="", steps=1, batch_size=1, seq_len=128, progress=False),
-    )
+    cfg = _jsonl_distill(micro_checkpoint, path, tmp_path)
     with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError, match="no correct trace"):
         warnings.simplefilter("always")
         distill(cfg)
@@ -670,20 +676,12 @@ def test_a_problem_the_teachers_context_cannot_hold_is_named_before_sampling(
 ):
     """A JSONL problem longer than the teacher's context ended the sampling with the engine's "prompt has
     N tokens", naming no problem (`eval` and `grpo` name it)."""
-    from nanoseek.train.sft import SFTConfig
 
     path = tmp_path / "qa.jsonl"
     rows = [{"prompt": "1+1?", "answer": 2}, {"prompt": "long question: " + "1+1 " * 800, "answer": 2}]
     path.write_text("".join(json.dumps({**r, "split": "train"}) + "\n" for r in rows))
     asked = _teacher_solving_nothing(monkeypatch, micro_checkpoint)
-    cfg = DistillConfig(
-        teacher=micro_checkpoint,
-        student=micro_checkpoint,
-        tasks=[f"jsonl:{path}"],
-        k=1,
-        out=str(tmp_path / "run"),
-        sft=SFTConfig(init="", steps=1, batch_size=1, seq_len=128, progress=False),
-    )
+    cfg = _jsonl_distill(micro_checkpoint, path, tmp_path)
     with pytest.raises(ValueError, match=r"1 problem leaves no room to answer in the model's context of 1024 "
                        r"tokens: \S+ 'long question: 1\+1 1\+1 1\+1 1\+1'"):  # fmt: skip
         distill(cfg)
