@@ -123,7 +123,9 @@ def test_absorbed_path_keeps_no_copy_of_a_projection_it_uses_unchanged(q_lora_ra
     else:
         assert w.wo is None and w.wa is None
     if fmt in ("int8", "fp8"):
-        x = ids()
+        # 40 rows: past the int8 kernel's (fp32 rows go in as bf16 up to 32), so the projections of the two paths
+        # run in fp32 and their ulps do not round apart into other experts chosen
+        x = ids(seq=20)
         with torch.no_grad():
             naive, absorbed = model(x, absorb=False), model(x, absorb=True)
         assert naive.abs().max() > 0.3
