@@ -332,6 +332,16 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
+def call_arguments_ok(args: str) -> bool:
+    """Whether a tool call's arguments text is one JSON object, as OpenAI's clients read it: NaN and Infinity
+    are Python's, not JSON (a client's JSON.parse failed on them), and arguments nested deeper than the JSON
+    decoder goes (a model looping on "[") are no object either (raised, a whole reply was a 500)."""
+    try:
+        return isinstance(json.loads(args, parse_constant=_not_json), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
 def parse_tool_calls(text: str, names: Iterable[str] | None = None) -> tuple[str, list[dict]] | None:
     """Generated text -> (content before the calls, [{"type": "function", "function": {name, arguments}}]).
 
@@ -368,13 +378,7 @@ def parse_tool_calls(text: str, names: Iterable[str] | None = None) -> tuple[str
             name, args = name.strip(), fenced.removesuffix("```").strip()
         if not sep or not name or (allowed is not None and name not in allowed):
             return None
-        try:
-            # NaN and Infinity are Python's, not JSON: a client's JSON.parse failed on such `arguments`
-            if not isinstance(json.loads(args, parse_constant=_not_json), dict):
-                return None
-        # RecursionError: arguments nested deeper than the JSON decoder goes (a model looping on "[") are no
-        # call either; raised, the whole reply was a 500, or a stream cut off
-        except (ValueError, RecursionError):
+        if not call_arguments_ok(args):
             return None
         calls.append({"type": "function", "function": {"name": name, "arguments": args}})
     return (text[:start], calls) if calls else None

@@ -45,6 +45,7 @@ from nanoseek.options import check_choices, option, path, torch_seed
 from nanoseek.tokenizer import (
     THINK_END,
     THINK_START,
+    call_arguments_ok,
     content_text,
     openai_message,
     render_tool_calls,
@@ -113,19 +114,12 @@ def _check_call_arguments(calls: Any, message_index: int) -> None:
     the model learns to write calls that the server (`parse_tool_calls`) and OpenAI's clients read as
     plain text, never as a call."""
 
-    def no_constant(name: str) -> Any:  # NaN, Infinity: Python's, not JSON (a client's JSON.parse fails)
-        raise ValueError(name)
-
     for j, call in enumerate(calls if isinstance(calls, list | tuple) else ()):
         f = call.get("function") if isinstance(call, dict) else None
         args = f.get("arguments") if isinstance(f, dict) else None
         if args is None or isinstance(args, dict):  # (none: "{}"; an object: written as its JSON)
             continue
-        try:
-            ok = isinstance(args, str) and isinstance(json.loads(args, parse_constant=no_constant), dict)
-        except (ValueError, RecursionError):
-            ok = False
-        if not ok:
+        if not (isinstance(args, str) and call_arguments_ok(args)):
             raise ValueError(
                 f"chat message {message_index}: tool_calls[{j}].function.arguments is not one JSON object "
                 f"({str(args)[:40]!r}): the server reads such a call as plain text"
