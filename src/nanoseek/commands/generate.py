@@ -123,6 +123,7 @@ def load_for_generation(
     from nanoseek.engine import Engine
     from nanoseek.engine.quantize import check_quantize_device
     from nanoseek.engine.sampling import refuse_identical_samples
+    from nanoseek.evaluate import prompt_opens_think
     from nanoseek.perf import default_device
     from nanoseek.tokenizer import checkpoint_tokenizer
 
@@ -141,12 +142,7 @@ def load_for_generation(
             else f"continue a text with `nanoseek generate {args.dir} PROMPT`"
         )
         raise ValueError(f"{args.dir} has no chat template (a base model?): {how}")
-    probe = [{"role": "user", "content": "?"}]
-    if (
-        chat
-        and not args.think
-        and tokenizer.apply_chat_template(probe, thinking=False).rstrip().endswith(tokenizer.think_start)
-    ):
+    if chat and not args.think and prompt_opens_think(tokenizer, thinking=False):
         # R1-Distill's template knows no non-thinking mode: its prompt opens the think block whatever the
         # flag, so the model reasons anyway, and that reasoning was shown (and kept) as the answer
         raise ValueError(
