@@ -1987,7 +1987,8 @@ def test_thinking_off_is_refused_where_the_chat_template_has_no_non_thinking_mod
     r = httpx.post(
         url, json={"messages": USER, "tools": [WEATHER], "tool_choice": named, "reasoning_effort": "none"}
     )
-    assert r.json()["choices"][0]["finish_reason"] == "tool_calls"
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["message"]["tool_calls"]  # named: OpenAI's "stop"
 
 
 def test_tool_call_then_result_then_answer(tooling, tok):
@@ -2113,15 +2114,27 @@ def test_tool_choice(tooling, tok):
     )  # the call is started in the prompt, after a closed think block
     assert r.choices[0].message.content is None  # only a call: null content, as OpenAI's and vLLM's
     call = r.choices[0].message.tool_calls[0].function
+    # a call the request named ends with "stop", as OpenAI's (vLLM's since its PR 25054); a required one
+    # with "tool_calls"
     assert (call.name, json.loads(call.arguments), r.choices[0].finish_reason) == (
         "get_weather",
         {"city": "Lyon"},
-        "tool_calls",
+        "stop",
     )
+    chunks = list(
+        tooling.client.chat.completions.create(
+            model=MODEL, messages=messages, tools=[WEATHER], tool_choice=named, stream=True
+        )
+    )
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "stop"
+    ]
+    assert any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
     r = tooling.client.chat.completions.create(
         model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required"
     )
     assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Nice"}
+    assert r.choices[0].finish_reason == "tool_calls"
     # "none": the tools are not shown to the model and its output is not parsed
     r = tooling.client.chat.completions.create(
         model=MODEL, messages=messages, tools=[WEATHER], tool_choice="none"
@@ -2182,7 +2195,8 @@ def test_forced_call_in_deepseek_v3s_markup(v3_tooling):
         r = v3_tooling.client.chat.completions.create(
             model=MODEL, messages=messages, tools=[WEATHER], tool_choice=choice
         )
-        assert r.choices[0].finish_reason == "tool_calls", choice
+        # OpenAI ends a call the request named with "stop", one it merely required with "tool_calls"
+        assert r.choices[0].finish_reason == ("stop" if choice is named else "tool_calls"), choice
         call = r.choices[0].message.tool_calls[0].function
         assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": city})
 
@@ -3194,7 +3208,10 @@ def test_a_streamed_chat_answer_is_the_whole_answer_and_its_usage_counts_the_tok
         assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [choice["finish_reason"]]
         calls = [t["function"] for c in mine for t in c["delta"].get("tool_calls") or []]
         assert calls == [t["function"] for t in message.get("tool_calls") or []]
-        assert (choice["finish_reason"] == "tool_calls") == bool(calls)
+        if calls:  # a call the request named ends with "stop", as OpenAI's
+            assert choice["finish_reason"] == ("stop" if isinstance(tool_choice, dict) else "tool_calls")
+        else:
+            assert choice["finish_reason"] != "tool_calls"
         assert all(isinstance(json.loads(call["arguments"]), dict) for call in calls)
         assert [e for c in mine if c["logprobs"] for e in c["logprobs"]["content"]] == choice["logprobs"][
             "content"

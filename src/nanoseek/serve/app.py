@@ -9,7 +9,8 @@ Notable:
   OpenAI's `reasoning_effort: "none"`.
 - Function calling: `tools` go into the prompt in DeepSeek-V3.1's format; generated calls (V3.1's, or V3's
   and R1's `function<｜tool▁sep｜>NAME` with ```json-fenced arguments) come back as
-  OpenAI `tool_calls` (streamed as `delta.tool_calls`), finish_reason "tool_calls". A call block that
+  OpenAI `tool_calls` (streamed as `delta.tool_calls`), finish_reason "tool_calls" ("stop" for a call the
+  request named in `tool_choice`, as OpenAI's). A call block that
   does not parse is returned as plain content with finish_reason "stop". `tool_choice` "required" or a
   named function is enforced by writing the start of the call into the prompt (prefill).
   `parallel_tool_calls: false` returns only the first call the model wrote, as vLLM does.
@@ -225,6 +226,9 @@ class _Choice:
     tools: ToolCallSplitter | None = None
     tool_calls: list[dict] | None = None  # OpenAI's shape, with ids, once parsed
     parallel_calls: bool = True  # False (`parallel_tool_calls: false`): only the first call is returned
+    # OpenAI ends a call the request named (`tool_choice: {"type": "function", ...}`) with "stop", one the
+    # model chose ("auto", "required") with "tool_calls"; clients that check it expect that split
+    call_finish: str = "tool_calls"
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
     # where each token starts in the decoded text (text_offset of its logprobs, the think block's end)
@@ -299,7 +303,7 @@ class _Choice:
                 if calls:
                     calls = calls if self.parallel_calls else calls[:1]
                     self.tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", **call} for call in calls]
-                    self.finish_reason = "tool_calls"
+                    self.finish_reason = self.call_finish
         self.reasoning += r
         self.content += c
         return text, r, c
@@ -443,6 +447,7 @@ class Server:
         tools: list[dict] | None = None,
         prefill: str = "",
         parallel_calls: bool = True,
+        named_call: bool = False,
     ) -> _Choice:
         """`stops`: the request's stop strings, of which each choice gets a matcher of its own (`fresh`)."""
         splitter = (
@@ -457,6 +462,7 @@ class Server:
             splitter,
             ToolCallSplitter(names, prefill) if tools else None,
             parallel_calls=parallel_calls,
+            call_finish="stop" if named_call else "tool_calls",
         )
 
     def check_fits(self, count: int) -> None:
@@ -698,7 +704,15 @@ class Server:
         parallel = req.parallel_tool_calls is not False
         stops = StopStringMatcher(req.stop or [])  # its tables once per request, not once per choice
         choices = [
-            self.new_choice(prompt_ids, stops, started_in_think, tools, prefill, parallel)
+            self.new_choice(
+                prompt_ids,
+                stops,
+                started_in_think,
+                tools,
+                prefill,
+                parallel,
+                isinstance(req.tool_choice, dict),
+            )
             for _ in range(req.n)
         ]
         group = self.submit(jobs)
