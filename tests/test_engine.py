@@ -161,6 +161,17 @@ def test_an_engines_repr_says_what_it_is(model):
     assert text.endswith("running=0, waiting=1)")
 
 
+def test_a_library_users_engine_keeps_freed_step_memory_as_the_cli_does(model, monkeypatch):
+    """`tune_malloc` was called by the CLI and the Trainer only: an `Engine` built in a script or notebook
+    page-faulted its multi-MB step buffers in again at every step (int8 weights widened per batch)."""
+    import nanoseek.engine.engine as engine_module
+
+    calls = []
+    monkeypatch.setattr(engine_module, "tune_malloc", lambda: calls.append(1) or True)
+    Engine(model, max_batch_size=2, block_size=8, num_blocks=8)
+    assert calls == [1]
+
+
 def test_continuous_batching_matches_one_at_a_time(model):
     solo = [Engine(model).generate([p], max_new_tokens=9)[0] for p in PROMPTS]
     # Small batch, tiny prefill chunks and small blocks: requests queue, prefill over several steps,

@@ -37,6 +37,7 @@ from nanoseek.engine.scheduler import Scheduler, Sequence
 from nanoseek.engine.speculative import verify
 from nanoseek.model.derived import weights_epoch
 from nanoseek.model.transformer import DeepSeekV3, check_model
+from nanoseek.perf import tune_malloc
 
 DEFAULT_CACHE_BYTES = 512 * 1024**2
 
@@ -116,6 +117,10 @@ class Engine:
         self.config = cfg
         self.dtype = model.dtype
         self.device = model.device
+        if self.device.type == "cpu":
+            # as the CLI and the Trainer do: a library user's engine otherwise page-faults its multi-MB
+            # step buffers (int8 weights widened for a batch's GEMM) in again at every step
+            tune_malloc()
         self.speculative = speculative
         if max_seq_len is not None and max_seq_len > cfg.max_position_embeddings:
             # as vLLM refuses it: past its context the model's outputs degrade without any error
