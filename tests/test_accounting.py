@@ -13,6 +13,7 @@ from nanoseek.accounting import (
     account,
     analytic_parameters,
     count_parameters,
+    counted,
     flops_per_token,
     human,
     kv_cache_bytes_per_token,
@@ -184,6 +185,11 @@ def test_parse_count_rejects(bad: str) -> None:
 )
 def test_human_rounds_before_it_picks_the_suffix(n: float, text: str) -> None:
     assert human(n) == text
+
+
+def test_counted_says_one_step_not_one_steps() -> None:
+    """A run of one step ended "grpo: 1 steps in 3s"."""
+    assert [counted(n, "step") for n in (0, 1, 2, 1500)] == ["0 steps", "1 step", "2 steps", "1,500 steps"]
 
 
 def test_described_counts_read_in_the_units_inspect_gives_them() -> None:

@@ -1099,7 +1099,7 @@ def test_sft_logs_its_run_and_resumes_only_the_same_run(tmp_path, capsys) -> Non
     )
     capsys.readouterr()
     assert [r["step"] for r in _train_with_budget(tmp_path, more, time.perf_counter())] == [1, 2, 3]
-    assert "control: 1 steps in " in capsys.readouterr().out
+    assert "control: 1 step in " in capsys.readouterr().out
     # a resume of the finished run writes nothing: the checkpoint stays, its time counts once
     weights = tmp_path / "control" / "model.safetensors"
     written = weights.stat().st_mtime_ns

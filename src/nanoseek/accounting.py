@@ -476,6 +476,11 @@ def human(n: float) -> str:
     return f"{n:.4g}"
 
 
+def counted(n: int, noun: str) -> str:
+    """1, 'step' -> '1 step'; 3, 'step' -> '3 steps' (a run of one step said "1 steps")."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def si(n: float, unit: str) -> str:
     """8.35e10, 'FLOP' -> '83.5 GFLOP' (SI prefixes)."""
     n = float(f"{n:.3g}")  # rounded first: 999.7e9 is '1 TFLOP', not '1e+03 GFLOP'

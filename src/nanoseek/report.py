@@ -29,6 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from nanoseek.accounting import counted
 from nanoseek.atomic import atomic_file, atomic_write, check_writable
 from nanoseek.data.tasks import as_second_turn, in_unseen_wordings, is_later_turn, is_unseen_wordings
 from nanoseek.evaluate import Z_95, standard_error, t_95
@@ -499,7 +500,7 @@ def build_report(
         loss = _fmt(losses[-1] if losses else None)
         skipped = sum(1 for r in m.by_stage[stage] if _training_step(r) and r.get("skipped"))
         if skipped:
-            loss += f" ({skipped} step{'s' if skipped > 1 else ''} skipped)"  # as the trainer says it
+            loss += f" ({counted(skipped, 'step')} skipped)"  # as the trainer says it
         mfu = m.steady_median(stage, "mfu")
         # what the speed and MFU were measured in: bf16 and fp32 differ several-fold on one CPU, and
         # "auto" picks by the machine

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from nanoseek.accounting import counted
 from nanoseek.data.tasks import check_training_tasks, split_task_list
 from nanoseek.engine.sampling import GREEDY_BELOW
 from nanoseek.model.loss import target_logprobs
@@ -973,7 +974,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
                 break
             if stop_now:
                 bar.write(
-                    f"grpo: stopping at step {step + 1}: collapse for {bad_steps} steps ({rec['collapse_warning']})"
+                    f"grpo: stopping at step {step + 1}: collapse for {counted(bad_steps, 'step')} ({rec['collapse_warning']})"
                 )
                 break
             if finished:
@@ -998,7 +999,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
     metrics_log.log(None, event="end", wall_time_s=time.perf_counter() - t_run)
     if last:  # the steps this process ran: fewer than planned where --stop-on-collapse ended it
         print(
-            f"grpo: {step + 1 - start} steps in {time.perf_counter() - t_run:.0f}s; last reward "
+            f"grpo: {counted(step + 1 - start, 'step')} in {time.perf_counter() - t_run:.0f}s; last reward "
             f"{last['reward']:.3f}, accuracy {last['accuracy']:.3f}, length {last['response_length']:.0f}; "
             f"checkpoint {trainer.checkpoint_dir}"
         )

@@ -25,7 +25,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nanoseek.accounting import human
+from nanoseek.accounting import counted, human
 from nanoseek.options import check_choices, option, path, torch_seed
 from nanoseek.perf import cpu_has_bf16
 from nanoseek.train import alike_on_every_rank
@@ -483,7 +483,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
         on_cpu = f" x {threads} CPU thread{'s' if threads > 1 else ''}" if dist.device.type == "cpu" else ""
         print(
             f"pretrain: {cfg.preset} ({count_parameters(config).described}, vocab {config.vocab_size}) on "
-            f"{', '.join([cfg.data] if isinstance(cfg.data, str) else cfg.data or ['embedded'])}, {cfg.steps} steps x {cfg.batch_size}x{cfg.seq_len} tokens"
+            f"{', '.join([cfg.data] if isinstance(cfg.data, str) else cfg.data or ['embedded'])}, {counted(cfg.steps, 'step')} x {cfg.batch_size}x{cfg.seq_len} tokens"
             f"{f' x {cfg.accumulation} micro' if cfg.accumulation > 1 else ''}, {precision}, "
             f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}{on_cpu}"
             + (f"; without the preset's {dropped_mtp} MTP module(s): --mtp-weight 0" if dropped_mtp else "")
@@ -601,7 +601,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
     tokens = trainer.tokens_seen - start_tokens
     if dist.is_main:
         parts = [
-            f"pretrain: {done} steps, {human(tokens)} tokens in {wall:.0f}s ({tokens / max(wall, 1e-9):.0f} tok/s)"
+            f"pretrain: {counted(done, 'step')}, {human(tokens)} tokens in {wall:.0f}s ({tokens / max(wall, 1e-9):.0f} tok/s)"
         ]
         if last:
             parts.append(f"train loss {last.get('lm_loss', last['loss']):.3f}")
@@ -610,7 +610,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
         if val_loss is not None:
             parts.append(f"val loss {val_loss:.3f}")
         if trainer.skipped_steps:
-            parts.append(f"{trainer.skipped_steps} step{'s' * (trainer.skipped_steps > 1)} skipped")
+            parts.append(f"{counted(trainer.skipped_steps, 'step')} skipped")
         print(", ".join(parts) + f"; checkpoint {path}")
         log.log(
             trainer.global_step,

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from nanoseek.accounting import counted
 from nanoseek.model.attention import document_causal_mask
 from nanoseek.options import check_choices, option, path, torch_seed
 from nanoseek.tokenizer import (
@@ -673,7 +674,7 @@ def train_on_examples(
             f"; {dropped} example{'s' * (dropped != 1)} dropped: "
             f"{'their prompts' if dropped != 1 else 'its prompt'} alone fill{'s' * (dropped == 1)} --seq-len"
         )
-    plan, desc = f"{total} steps of {cfg.batch_size} rows", stage
+    plan, desc = f"{counted(total, 'step')} of {counted(cfg.batch_size, 'row')}", stage
     if cfg.max_seconds or deadline_fn is not None:
         # the step count is a first estimate the deadline refits (`Trainer`): given as the run's length,
         # a 15 s budget read "50 steps" and its bar an ETA of minutes, to end at 6 steps
@@ -803,10 +804,10 @@ def train_on_examples(
     if last:
         # the skipped steps said, as pretrain's summary and the report say them
         n = trainer.skipped_steps
-        skipped = f", {n} step{'s' * (n > 1)} skipped" if n else ""
+        skipped = f", {counted(n, 'step')} skipped" if n else ""
         final = "no step kept" if kept_loss is None else f"final loss {kept_loss:.4f}"
         print(
-            f"{stage}: {trainer.global_step - first_step} steps in {time.perf_counter() - t0:.0f}s, {final}{skipped}; "
+            f"{stage}: {counted(trainer.global_step - first_step, 'step')} in {time.perf_counter() - t0:.0f}s, {final}{skipped}; "
             f"checkpoint {path}"
         )
     return path
