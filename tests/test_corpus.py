@@ -1242,6 +1242,24 @@ def test_a_data_position_saved_with_another_tokenizer_is_refused(
         PackedDataset(root, other, 16, 2).load_state_dict(ds.state_dict())
 
 
+def test_a_dataset_folders_card_is_not_read_as_a_document(tmp_path) -> None:
+    """`pretrain --data` on a Hugging Face dataset's folder read its README.md (the card: a YAML header,
+    tables) and LICENSE as corpus documents beside the records; a folder of notes keeps its README."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train-0.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# card\n")
+    (tmp_path / "LICENSE.txt").write_text("MIT\n")
+    (tmp_path / "notes.md").write_text("# a note\n")
+    with pytest.warns(UserWarning, match=r"LICENSE.txt, README.md left out of the data: a data set's card"):
+        assert [p.name for p in resolve_files(tmp_path)] == ["train-0.jsonl", "notes.md"]
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("# read me\n")
+    (notes / "b.txt").write_text("b\n")
+    assert [p.name for p in resolve_files(notes)] == ["README.md", "b.txt"]
+    assert resolve_files(tmp_path / "README.md") == [tmp_path / "README.md"]  # named outright: read
+
+
 def test_resolve_files_for_a_reader_of_one_kind(tmp_path) -> None:
     """Chat and problem data are JSONL only: a folder's other files (a dataset card) are left out of
     them with a warning, a glob or a file of another kind is refused, saying what is read."""

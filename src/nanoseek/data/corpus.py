@@ -3,7 +3,8 @@
 What is notable:
 - Sources: `.txt`/`.md`, `.jsonl` (one JSON object per line, text in `text_field`), `.parquet` (read by
   record batches, never whole), any of them gzipped (`.txt.gz`, `.jsonl.gz`), globs, directories
-  (recursive, sorted) and lists of these; "embedded" (or None) is the built-in synthetic corpus, and
+  (recursive, sorted; beside `.jsonl`/`.parquet` records a folder's README/LICENSE is the data set's card,
+  left out with a warning) and lists of these; "embedded" (or None) is the built-in synthetic corpus, and
   "embedded:arithmetic,comparison" the same corpus restricted to those task families.
 - A `.txt` file is one document, unless it holds separator lines: a line that is exactly
   `<|endoftext|>` or `<｜end▁of▁sentence｜>` ends a document (the TinyStories convention). A document

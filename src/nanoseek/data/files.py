@@ -10,6 +10,7 @@ import glob
 import gzip
 import io
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -126,7 +127,21 @@ def _folder_files(root: str, kinds: Sequence[str]) -> tuple[list[Path], list[str
     """The files under `root` of the readers' `kinds`, sorted, and those of others (relative to it)."""
     present = [p for p in _walk(root) if p.is_file()]
     found = sorted(p for p in present if file_kind(p) in kinds)
+    if any(file_kind(p) in ("jsonl", "parquet") for p in found):
+        # a Hugging Face dataset's folder keeps its card (README.md) and license beside the records: read
+        # as a document, the card's YAML header and tables went into the corpus
+        cards = [p for p in found if file_kind(p) == "txt" and _DATASET_NOTES.match(p.name)]
+        if cards:
+            warnings.warn(
+                f"{root}: {', '.join(str(p.relative_to(root)) for p in cards)} left out of the data: a data "
+                "set's card or license beside its records, not its text (name the file in --data to train on it)",
+                stacklevel=4,
+            )
+            found = [p for p in found if p not in cards]
     return found, sorted(str(p.relative_to(root)) for p in present if file_kind(p) not in kinds)
+
+
+_DATASET_NOTES = re.compile(r"(readme|license|licence|changelog|citation)([._-].*)?$", re.IGNORECASE)
 
 
 def _walk(root: str) -> Iterator[Path]:
