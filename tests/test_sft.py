@@ -14,8 +14,11 @@ from hypothesis import strategies as st
 
 from nanoseek.train.sft import (
     IGNORE,
+    LARGE_MODEL_LR,
+    SMALL_MODEL_LR,
     PackedBatch,
     assistant_target_text,
+    default_lr,
     pack_examples,
     packed_batch_at,
     sft_loss,
@@ -1873,3 +1876,11 @@ def _small_model() -> torch.nn.Module:
     model = build_model(small_config()).init_weights(0).eval()
     model.set_balance_alpha(0.0)
     return model
+
+
+def test_a_large_base_fine_tunes_at_a_rate_it_survives():
+    """`nanoseek sft --init` a 1.5B base at the speedrun's 3e-4 (the one default) wrecked what it knew in a
+    few steps; from 100M parameters the default is open-r1's distillation rate."""
+    assert default_lr(torch.nn.Linear(100, 100)) == SMALL_MODEL_LR == 3e-4
+    big = torch.nn.Linear(10_000, 10_000, bias=False, device="meta")  # 100M parameters, no memory
+    assert default_lr(big) == LARGE_MODEL_LR == 5e-5

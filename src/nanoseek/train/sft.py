@@ -431,6 +431,17 @@ def sft_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- driver
+
+# Fine-tuning's peak lr by model size. A few million parameters fine-tune at pretraining's end-of-schedule
+# rate (the speedrun's 3e-4); a pretrained 1.5B+ base at that rate loses what it knew within steps, and
+# open-r1's distillation recipes (Qwen2.5 1.5B-7B) run at 4e-5-5e-5
+SMALL_MODEL_LR, LARGE_MODEL_LR = 3e-4, 5e-5
+
+
+def default_lr(model: torch.nn.Module) -> float:
+    return SMALL_MODEL_LR if sum(p.numel() for p in model.parameters()) < 100_000_000 else LARGE_MODEL_LR
+
+
 @dataclass
 class SFTConfig:
     init: str = option(
@@ -455,7 +466,11 @@ class SFTConfig:
     epochs: int = option(2)
     batch_size: int = option(8, "packed rows per step")
     seq_len: int = option(512, "packed row length")
-    lr: float = option(3e-4)
+    lr: float | None = option(
+        None,
+        f"peak learning rate (default: {SMALL_MODEL_LR:g} for a model under 100M parameters, as the speedrun's, "
+        f"{LARGE_MODEL_LR:g} from there: open-r1's rate for distilling into 1.5B-7B bases)",
+    )
     optimizer: str = option(
         "adamw",
         "adamw, or muon (train/muon.py): a model pretrained with Muon keeps its update geometry",
@@ -502,7 +517,7 @@ class SFTConfig:
             raise ValueError(f"--steps must be >= 1 (or left out for --epochs passes), got {self.steps}")
         if self.seq_len < 2:
             raise ValueError(f"--seq-len must be >= 2 (a token and the next one), got {self.seq_len}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         for name in ("weight_decay", "warmup_steps", "checkpoint_every"):
             if not 0 <= getattr(self, name) < math.inf:  # NaN fails too
@@ -687,6 +702,11 @@ def train_on_examples(
     )
     if hasattr(model, "set_balance_alpha"):  # the sequence-wise balance loss α (V3 §4.2) kept through
         model.set_balance_alpha(model.config.aux_loss_alpha)  # fine-tuning: the one its config records
+    lr = cfg.lr if cfg.lr is not None else default_lr(model)
+    if cfg.lr is None and lr != SMALL_MODEL_LR:  # said: a model this size would diverge at the small one's
+        print(
+            f"{stage}: lr {lr:g}, the default for a model of {counted(sum(p.numel() for p in model.parameters()), 'parameter')} (--lr to set it)"
+        )
     precision = resolve_precision(cfg.precision, next(model.parameters()).device, bf16_on_cpu=False)
     t0 = time.perf_counter()
     trainer = Trainer(
@@ -694,7 +714,7 @@ def train_on_examples(
         run_dir,
         stage,
         OptimConfig(
-            lr=cfg.lr,
+            lr=lr,
             weight_decay=cfg.weight_decay,
             warmup_steps=min(cfg.warmup_steps, total // 2),
             schedule="cosine",
