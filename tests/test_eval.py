@@ -6,6 +6,7 @@ import dataclasses
 import json
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -590,7 +591,7 @@ def test_tasks_of_one_checkpoint_sampled_in_one_queue_draw_what_each_draws_alone
         assert m["dtype"] == a["dtype"] == "float32"
 
         def texts(path: str) -> list:
-            return json.loads(open(path).read())["problems"]  # a sample, scores and tokens per problem
+            return json.loads(Path(path).read_text())["problems"]  # a sample, scores and tokens per problem
 
         assert texts(m["json"]) == texts(a["json"])
     with pytest.raises(ValueError, match="differs from arithmetic in k"):

@@ -2268,6 +2268,7 @@ def test_cli_serve(tmp_path, tok, model):
     finally:
         proc.terminate()
         proc.wait(20)
+        proc.stdout.close()
 
 
 @pytest.mark.slow
@@ -2322,6 +2323,8 @@ def test_serve_ctrl_c_says_what_it_waits_for_and_a_second_one_stops_quietly(tmp_
         rest = proc.stdout.read()
     finally:
         proc.kill()
+        proc.wait(20)
+        proc.stdout.close()
     assert said == "nanoseek serve: stopping once 1 request(s) in flight finish (Ctrl-C again to stop now)\n"
     assert rest == "interrupted\n"
 
@@ -2563,7 +2566,9 @@ def test_cli_serve_defaults_and_flags_reach_the_server(tmp_path, tok, model, mon
     tok.save(ckpt)
     served = {}
     monkeypatch.setattr(
-        uvicorn.Server, "run", lambda self, sockets: served.update(app=self.config.app, sock=sockets[0])
+        uvicorn.Server,
+        "run",
+        lambda self, sockets: served.update(app=self.config.app, port=sockets[0].getsockname()[1]),
     )
     import nanoseek.engine
 
@@ -2572,8 +2577,7 @@ def test_cli_serve_defaults_and_flags_reach_the_server(tmp_path, tok, model, mon
     flags = ["--port", "0", "--model-name", "mine", "--max-queue", "3", "--max-body-mb", "0.5"]
     assert main(["serve", str(ckpt), *flags]) == 0
     assert built["cache_bytes"] == 512 * 1024 * 1024  # --kv-cache-mib's 512 MiB
-    with served["sock"] as sock:
-        port = sock.getsockname()[1]
+    port = served["port"]  # (the socket is closed once serving ended)
     config = served["app"].state.server.config
     assert (config.model_name, config.api_key, config.max_pending, config.max_body_bytes) == (
         "mine",
@@ -2588,7 +2592,6 @@ def test_cli_serve_defaults_and_flags_reach_the_server(tmp_path, tok, model, mon
         assert f"--port {port} is not a TCP port" in capsys.readouterr().err
     monkeypatch.setenv("NANOSEEK_API_KEY", "")  # set but empty: no key
     assert main(["serve", str(ckpt), "--port", "0"]) == 0
-    served["sock"].close()
     assert served["app"].state.server.config.api_key is None
     out, err = capsys.readouterr()
     assert "model 'ck'" in out and "auth off" in out and "warning" not in out + err
@@ -2607,14 +2610,11 @@ def test_cli_serve_speculative_on_a_checkpoint_without_mtp_serves_it_plainly(
     from nanoseek.cli import main
 
     served = {}
-    monkeypatch.setattr(
-        uvicorn.Server, "run", lambda self, sockets: served.update(app=self.config.app, sock=sockets[0])
-    )
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.update(app=self.config.app))
     for mtp, ckpt in ((0, tmp_path / "plain"), (1, tmp_path / "mtp")):
         save_model(DeepSeekV3(model.config.replace(num_nextn_predict_layers=mtp)).init_weights(0), ckpt)
         tok.save(ckpt)
         assert main(["serve", str(ckpt), "--port", "0", "--speculative"]) == 0
-        served["sock"].close()
         assert served["app"].state.server.engine.engine.speculative is bool(mtp)
         said = "has no MTP module; decoding without speculation" in capsys.readouterr().err
         assert said is not bool(mtp)
@@ -2641,12 +2641,11 @@ def test_cli_serve_logs_without_colour_where_the_environment_refuses_it(
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.setenv("TERM", "xterm-256color")
     assert main(["serve", str(ckpt), "--port", "0"]) == 0
-    served["sock"].close()
+    assert served["sock"].fileno() == -1  # closed once serving ended, not left to the collector
     assert served["config"].use_colors is None  # uvicorn's own choice: colours on a terminal
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert main(["serve", str(ckpt), "--port", "0"]) == 0
-    served["sock"].close()
     assert served["config"].use_colors is False
 
 

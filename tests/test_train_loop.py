@@ -1013,6 +1013,7 @@ tr.save(stream.state_dict())
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
+        proc.stdout.close()
     assert [p.name.startswith(".pretrain.tmp-") for p in tmp_path.iterdir()].count(True) == 1
     meta = json.loads((tmp_path / "pretrain" / "train_state" / "trainer.json").read_text())
     assert meta["step"] == 1

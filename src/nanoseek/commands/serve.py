@@ -227,6 +227,8 @@ def _serve(args: argparse.Namespace) -> int:
         if http.force_exit:  # a second one dropped the requests in flight: `interrupted`
             raise
         return 130  # the requests finished, and `stopped` said so
+    finally:  # uvicorn closes it once it served; not where its startup failed before (a no-op twice)
+        sock.close()
     if server.engine.error is not None:
         print(f"nanoseek serve: stopped: the engine failed: {server.engine.error!r}", file=sys.stderr)
         return 1
