@@ -747,7 +747,8 @@ def test_grpo_keeps_the_routing_bias_unless_asked(micro_checkpoint, tmp_path) ->
     assert init
     frozen = biases(grpo(_cfg(micro_checkpoint, tmp_path / "frozen", steps=2)))
     assert all(torch.equal(init[k], frozen[k]) for k in init)
-    moved = biases(grpo(_cfg(micro_checkpoint, tmp_path / "moved", steps=2, bias_update_speed=0.01)))
+    # one step: over two, a sign update can land back where it started (loads above the mean, then below)
+    moved = biases(grpo(_cfg(micro_checkpoint, tmp_path / "moved", steps=1, bias_update_speed=0.01)))
     assert any(not torch.equal(init[k], moved[k]) for k in init)
 
 
