@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from nanoseek.accounting import counted
+from nanoseek.accounting import counted, human
 from nanoseek.model.attention import document_causal_mask
 from nanoseek.options import check_choices, option, path, torch_seed
 from nanoseek.tokenizer import (
@@ -438,8 +438,8 @@ def sft_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
 SMALL_MODEL_LR, LARGE_MODEL_LR = 3e-4, 5e-5
 
 
-def default_lr(model: torch.nn.Module) -> float:
-    return SMALL_MODEL_LR if sum(p.numel() for p in model.parameters()) < 100_000_000 else LARGE_MODEL_LR
+def default_lr(parameters: int) -> float:
+    return SMALL_MODEL_LR if parameters < 100_000_000 else LARGE_MODEL_LR
 
 
 @dataclass
@@ -702,11 +702,10 @@ def train_on_examples(
     )
     if hasattr(model, "set_balance_alpha"):  # the sequence-wise balance loss α (V3 §4.2) kept through
         model.set_balance_alpha(model.config.aux_loss_alpha)  # fine-tuning: the one its config records
-    lr = cfg.lr if cfg.lr is not None else default_lr(model)
+    size = sum(p.numel() for p in model.parameters())
+    lr = cfg.lr if cfg.lr is not None else default_lr(size)
     if cfg.lr is None and lr != SMALL_MODEL_LR:  # said: a model this size would diverge at the small one's
-        print(
-            f"{stage}: lr {lr:g}, the default for a model of {counted(sum(p.numel() for p in model.parameters()), 'parameter')} (--lr to set it)"
-        )
+        print(f"{stage}: lr {lr:g}, the default for a model of {human(size)} parameters (--lr to set it)")
     precision = resolve_precision(cfg.precision, next(model.parameters()).device, bf16_on_cpu=False)
     t0 = time.perf_counter()
     trainer = Trainer(
