@@ -124,14 +124,10 @@ def test_wordings_change_the_prompt_not_the_problem(name):
         task = modes["varied"]
         seen_forms, unseen_forms = task.WORDINGS[lang], task.UNSEEN_WORDINGS[lang]
         for first, varied, unseen in zip(ps["first"], ps["varied"], ps["unseen"], strict=True):
-            # (each problem's own fields: a varied or unseen wording may also type `*` for `×`)
-            seen = [f.format(**task.fields(first.meta, lang)) for f in seen_forms]
-            assert first.prompt == seen[0] and varied.prompt in [
-                f.format(**task.fields(varied.meta, lang)) for f in seen_forms
-            ]
-            fields = task.fields(unseen.meta, lang)
-            assert unseen.prompt in [f.format(**fields) for f in unseen_forms]
-            assert unseen.prompt not in [f.format(**fields) for f in seen_forms]
+            fields = task.fields(first.meta, lang)
+            seen = [f.format(**fields) for f in seen_forms]
+            assert first.prompt == seen[0] and varied.prompt in seen
+            assert unseen.prompt in [f.format(**fields) for f in unseen_forms] and unseen.prompt not in seen
             assert task.score(unseen, task.worked_solution(unseen)) == 1.0
             counts = script_counts(unseen.prompt)
             assert counts["kana"] > 0 if lang == "ja" else counts["kana"] == 0
@@ -2326,19 +2322,3 @@ def test_property_task_specs_round_trip_through_their_options_and_lists(tasks, k
         base,
         {k: v for k, v in options.items() if k != key},
     )
-
-
-def test_multiplication_is_asked_with_the_keyboards_star_too():
-    """ "What is 123 * 45?" was answered as a comparison: the corpus wrote × only, and a user types `*`.
-    Varied and unseen wordings type either; the first wording, the answer and the worked solution keep ×."""
-    varied = get_task("arithmetic?ops=mul&digits=3").problems("train", 200, seed=0)
-    assert {p.meta["symbol"] for p in varied} == {"×", "*"}
-    star = next(p for p in varied if p.meta["symbol"] == "*")
-    assert f"{star.meta['a']} * {star.meta['b']}" in star.prompt
-    task = get_task("arithmetic?ops=mul&digits=3")
-    assert f"{star.meta['a']} × {star.meta['b']} = {star.answer}" in task.worked_solution(star)
-    first = get_task("arithmetic?ops=mul&digits=3&wording=first").problems("train", 200, seed=0)
-    assert all("×" in p.prompt and "*" not in p.prompt for p in first)
-    assert [p.id for p in first] == [p.id for p in varied]  # the same problems
-    adds = get_task("arithmetic?ops=add").problems("train", 20, seed=0)
-    assert all("symbol" not in p.meta for p in adds)  # + and - are typed as written

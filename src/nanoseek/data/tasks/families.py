@@ -269,19 +269,8 @@ class ArithmeticTask(BuiltinTask):
             a, b = sorted((a, b))
         return f"{d['op']}|{a}|{b}"
 
-    # what a user types for ×: the model learns the keyboard's `*` too, or "What is 123 * 45?" was
-    # answered as another family's problem (each varied or unseen wording draws one of these)
-    TYPED_SYMBOLS = {"mul": ("×", "*")}
-
-    def _worded(self, d: dict[str, Any], lang: str, rng: random.Random) -> dict[str, Any]:
-        d = super()._worded(d, lang, rng)
-        typed = self.TYPED_SYMBOLS.get(d["op"])
-        if typed and self.wording != "first":
-            d = {**d, "symbol": rng.choice(typed)}
-        return d
-
     def fields(self, d: dict[str, Any], lang: str) -> dict[str, Any]:
-        return {"expr": f"{d['a']} {d.get('symbol', self.SYMBOL[d['op']])} {d['b']}"}
+        return {"expr": f"{d['a']} {self.SYMBOL[d['op']]} {d['b']}"}
 
     def answer(self, d: dict[str, Any]) -> str:
         a, b = d["a"], d["b"]
