@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from nanoseek.accounting import counted
 from nanoseek.atomic import atomic_file, atomic_write
 from nanoseek.metrics import read_metrics
 
@@ -330,9 +331,7 @@ def plots(m: StudyMetrics) -> list[tuple[str, str]]:
             ys = np.array(
                 [[_interp(x, [r[axis] for r in c], [r["val_loss"] for r in c]) for x in grid] for c in curves]
             )
-            (line,) = ax.plot(
-                grid, ys.mean(axis=0), label=f"{v} ({len(curves)} seed{'s' if len(curves) > 1 else ''})"
-            )
+            (line,) = ax.plot(grid, ys.mean(axis=0), label=f"{v} ({counted(len(curves), 'seed')})")
             if len(curves) > 1:
                 ax.fill_between(grid, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2)
         if not drawn:  # every run diverged (no curve kept): an empty frame linked as a plot said nothing

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
+from nanoseek.accounting import counted
 from nanoseek.commands.generate import (
     add_generation_flags,
     colors_refused,
@@ -141,8 +142,7 @@ def chat_turn(
     )
     if dropped:
         (notes or out).write(
-            f"{dim}(context full: {dropped} earlier turn{'s' * (dropped != 1)} dropped from the "
-            f"model's view){reset}\n"
+            f"{dim}(context full: {counted(dropped, 'earlier turn')} dropped from the model's view){reset}\n"
         )
     opened = thinking and prompt_text.rstrip().endswith(tok.think_start)
     # Non-thinking: no split at all, so a stray "<think>" is shown as the answer it is (as the server does).
@@ -352,7 +352,7 @@ def _chat(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO | None)
         turns += 1
         messages.append({"role": "assistant", "content": reply})
     ui.write(
-        f"\nnanoseek chat: {turns} turn{'s' * (turns != 1)}, {tokens} token{'s' * (tokens != 1)}, "
+        f"\nnanoseek chat: {counted(turns, 'turn')}, {counted(tokens, 'token')}, "
         f"{tokens / max(seconds, 1e-9):.1f} tok/s\n"
     )
     return 0

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import increment_version
 
+from nanoseek.accounting import counted
 from nanoseek.checkpoint import non_finite
 from nanoseek.metrics import MetricsLog, progress_bar
 from nanoseek.train import TrainingDiverged, TrainingInterrupted, alike_on_every_rank, one_process
@@ -351,7 +352,7 @@ def _refuse_non_finite(state: dict[str, torch.Tensor], source: str) -> None:
         # every rank reads the same weights: rank 0 says it, under torchrun
         raise alike_on_every_rank(
             ValueError(
-                f"{source} holds NaN or inf in {len(broken)} weight tensor{'s' * (len(broken) > 1)} "
+                f"{source} holds NaN or inf in {counted(len(broken), 'weight tensor')} "
                 f"(e.g. {', '.join(broken[:2])}): nothing trains from it (every step's loss would be NaN); "
                 "start from a checkpoint saved before its run diverged"
             )

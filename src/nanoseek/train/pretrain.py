@@ -480,7 +480,7 @@ def _pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None) -> Pat
         log.log_model(config)
         # the thread count a CPU run's speed depends on (--threads, OMP_NUM_THREADS, the CPUs it may use)
         threads = torch.get_num_threads()
-        on_cpu = f" x {threads} CPU thread{'s' if threads > 1 else ''}" if dist.device.type == "cpu" else ""
+        on_cpu = f" x {counted(threads, 'CPU thread')}" if dist.device.type == "cpu" else ""
         print(
             f"pretrain: {cfg.preset} ({count_parameters(config).described}, vocab {config.vocab_size}) on "
             f"{', '.join([cfg.data] if isinstance(cfg.data, str) else cfg.data or ['embedded'])}, {counted(cfg.steps, 'step')} x {cfg.batch_size}x{cfg.seq_len} tokens"

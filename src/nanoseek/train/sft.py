@@ -686,7 +686,7 @@ def train_on_examples(
     cut = f", {n_target - trained} cut off by --seq-len" if trained < n_target else ""
     if dropped:
         cut += (
-            f"; {dropped} example{'s' * (dropped != 1)} dropped: "
+            f"; {counted(dropped, 'example')} dropped: "
             f"{'their prompts' if dropped != 1 else 'its prompt'} alone fill{'s' * (dropped == 1)} --seq-len"
         )
     plan, desc = f"{counted(total, 'step')} of {counted(cfg.batch_size, 'row')}", stage
