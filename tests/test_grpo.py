@@ -1368,11 +1368,11 @@ def test_grpo_on_another_familys_checkpoint_rewards_its_answers(tmp_path, monkey
     from nanoseek.data.tasks import get_task
     from nanoseek.metrics import read_metrics
     from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.grpo import grpo
+    from nanoseek.train.grpo import grpo, pool_seed
 
     ck = chatml_checkpoint(tmp_path / "qwen")
     tok = load_tokenizer(ck)
-    problems = get_task("arithmetic").problems("train", 64, seed=0, language="en", strict=False)
+    problems = get_task("arithmetic").problems("train", 64, seed=pool_seed(0), language="en", strict=False)
     answers = {tuple(ev.chat_prompt_ids(tok, p.messages)): p.answer for p in problems}
     completion = dataclasses.make_dataclass("C", ["token_ids", "finish_reason"])
 
@@ -2032,3 +2032,18 @@ def test_the_entropy_trend_resumes_from_its_state_as_if_never_stopped(entropies,
     resumed_means += [second.add(e) for e in entropies[cut:]]
     assert resumed_means == pytest.approx(means, nan_ok=True)
     assert (second if cut < len(entropies) else first).initial == straight.initial
+
+
+def test_the_training_pool_is_apart_from_the_cold_starts_problems():
+    # R1's RL prompts are not its cold-start data (§2.3): at one seed, SFT's worked solutions and GRPO's
+    # pool came from one problem stream, so the pool began with every problem SFT had just taught
+    from nanoseek.data.tasks import get_task
+    from nanoseek.train.grpo import GRPOConfig, draw_pools
+    from nanoseek.train.sft import task_conversations
+
+    for seed in (0, 1):
+        cfg = GRPOConfig(init="unused", tasks=["sorting"], train_pool=512, seed=seed)
+        pool = {p.prompt for _, p in draw_pools(cfg, [get_task("sorting")])["sorting"]}
+        taught = {conv[0]["content"] for conv in task_conversations(["sorting"], 512, seed=seed)}
+        assert len(pool) == 512 and len(taught) == 512
+        assert not pool & taught  # sorting's problem space is large: apart, not merely mostly apart

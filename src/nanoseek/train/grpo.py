@@ -25,6 +25,7 @@ import contextlib
 import math
 import random
 import sys
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -654,18 +655,7 @@ def _grpo(cfg: GRPOConfig, on_step: Callable[[int, int], None] | None, started: 
     # the problems before the checkpoint: a bad line of a jsonl: task was named only once the model (and
     # a Hub --init's download) had loaded
     tasks = [get_task(name) for name in cfg.tasks]
-    pools: dict[str, list] = {}
-    for t in tasks:
-        # up to train_pool each: a family with fewer distinct problems contributes all it has
-        problems = t.problems("train", cfg.train_pool, seed=cfg.seed, language=cfg.language, strict=False)
-        pools.setdefault(t.name, []).extend((t, p) for p in problems)
-        if hasattr(t, "files") and len(problems) == cfg.train_pool:
-            # a user's file of more problems than the pool: the rest were never drawn, without a word
-            held = len(t.problems("train", sys.maxsize, seed=cfg.seed, language=cfg.language, strict=False))
-            if held > cfg.train_pool:
-                print(
-                    f"grpo: {t.name}: drawing from {cfg.train_pool} of its {held} training problems (--train-pool)"
-                )
+    pools = draw_pools(cfg, tasks)
     n_problems = sum(len(v) for v in pools.values())
     if n_problems < cfg.batch_prompts:
         raise ValueError(f"only {n_problems} training problems for --batch-prompts {cfg.batch_prompts}")
@@ -1058,6 +1048,32 @@ def _sample(
         seeds=seeds,
         progress=progress,
     )
+
+
+def pool_seed(seed: int) -> int:
+    """The stream GRPO's training problems come from at run seed `seed`: apart from the one SFT's and
+    distillation's worked solutions take at that seed (`problems("train", n, seed)`), as R1's RL prompts
+    are apart from its cold-start data (§2.3). On one stream a pool of 2,048 held the ~375 problems a
+    family that SFT had just taught, and the probe and the rollouts met them again."""
+    return zlib.crc32(f"grpo pool {seed}".encode())
+
+
+def draw_pools(cfg: GRPOConfig, tasks: list) -> dict[str, list]:
+    """Each task's training problems for the run, (task, problem) pairs by task name: up to
+    `cfg.train_pool` each (a family with fewer distinct problems contributes all it has)."""
+    pools: dict[str, list] = {}
+    seed = pool_seed(cfg.seed)
+    for t in tasks:
+        problems = t.problems("train", cfg.train_pool, seed=seed, language=cfg.language, strict=False)
+        pools.setdefault(t.name, []).extend((t, p) for p in problems)
+        if hasattr(t, "files") and len(problems) == cfg.train_pool:
+            # a user's file of more problems than the pool: the rest were never drawn, without a word
+            held = len(t.problems("train", sys.maxsize, seed=seed, language=cfg.language, strict=False))
+            if held > cfg.train_pool:
+                print(
+                    f"grpo: {t.name}: drawing from {cfg.train_pool} of its {held} training problems (--train-pool)"
+                )
+    return pools
 
 
 def probe_pass_rates(
