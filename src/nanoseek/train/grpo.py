@@ -365,7 +365,7 @@ class GRPOConfig:
         False, "leave truncated completions out of the loss (DAPO overlong filtering)"
     )
     language: str | None = option(None, "only prompts in this language (en, ja, zh)")
-    train_pool: int = option(2048, "training problems drawn per task")
+    train_pool: int = option(2048, "training problems drawn per task (apart from SFT's at the same --seed)")
     task_sampling: str = option(
         "uniform",
         "how each step's prompts are drawn: uniformly from all tasks' problems, or per task in proportion "
