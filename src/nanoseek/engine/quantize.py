@@ -149,7 +149,7 @@ def _w8a8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # against zero weight columns) pin that range to [-1, 1] for every call.
     n = x.shape[0]
     with torch.no_grad():  # the quantized backend has no gradient (weights to train are not int8)
-        # few ops: at batch 1 each op costs more to dispatch than its arithmetic does
+        # one op per step of it: at batch 1 a call's arithmetic is a few microseconds, its ops are not
         amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
         amax.clamp_(min=1e-12)
         xn = torch.cat((x / amax, _RANGE_PINS.expand(n, 2)), dim=1)
