@@ -137,9 +137,6 @@ def _w8a8_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.ops.quantized.linear_prepack(qw, None)
 
 
-_RANGE_PINS = torch.tensor([1.0, -1.0])  # the two columns `_w8a8_rows` appends
-
-
 def _w8a8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N,in] -> (rows scaled to max|x| = 1 with two range-pinning columns appended [N,in+2] fp32,
     the rows' scales [N,1]), what `_w8a8_linear` feeds the backend."""
@@ -147,12 +144,13 @@ def _w8a8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # of the call (batch-mates, a prefill's other tokens, a speculative draft). The backend takes one
     # [min, max] range per call, so each row is scaled to max|x| = 1 and two appended columns (+1, -1,
     # against zero weight columns) pin that range to [-1, 1] for every call.
-    n = x.shape[0]
+    n, k = x.shape
     with torch.no_grad():  # the quantized backend has no gradient (weights to train are not int8)
-        # one op per step of it: at batch 1 a call's arithmetic is a few microseconds, its ops are not
-        amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
-        amax.clamp_(min=1e-12)
-        xn = torch.cat((x / amax, _RANGE_PINS.expand(n, 2)), dim=1)
+        amax = x.abs().amax(dim=-1, keepdim=True).float().clamp_(min=1e-12)
+        xn = torch.empty(n, k + 2)
+        torch.div(x, amax, out=xn[:, :k])
+        xn[:, k] = 1.0
+        xn[:, k + 1] = -1.0
     return xn, amax
 
 
