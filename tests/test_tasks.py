@@ -126,9 +126,7 @@ def test_wordings_change_the_prompt_not_the_problem(name):
         for first, varied, unseen in zip(ps["first"], ps["varied"], ps["unseen"], strict=True):
             fields = task.fields(first.meta, lang)
             seen = [f.format(**fields) for f in seen_forms]
-            assert first.prompt == seen[0] and varied.prompt in [
-                f.format(**task.fields(varied.meta, lang)) for f in seen_forms
-            ]
+            assert first.prompt == seen[0] and varied.prompt in seen
             assert unseen.prompt in [f.format(**fields) for f in unseen_forms] and unseen.prompt not in seen
             assert task.score(unseen, task.worked_solution(unseen)) == 1.0
             counts = script_counts(unseen.prompt)
@@ -143,32 +141,6 @@ def test_wordings_change_the_prompt_not_the_problem(name):
         get_task(f"{name}?wording=paraphrased")
     with pytest.raises(ValueError, match="no held-out wordings"):
         get_task("modular?wording=unseen")
-
-
-@pytest.mark.parametrize("name", ["addition", "subtraction", "multiplication"])
-def test_arithmetic_asks_with_the_operators_users_type(name):
-    """Varied wordings write the operator as users do (`23 * 45`, `23 x 45`, "23 times 45"; "plus",
-    "minus"; the words in ja and zh): a model taught only × read "What is 23 * 45?" as 23 + 45. The
-    problems, answers and worked solutions (which write the symbol) are the same in every wording, and
-    `first` and `unseen` keep the symbol."""
-    varied, first, unseen = (get_task(f"{name}?wording={m}") for m in ("varied", "first", "unseen"))
-    op = {"addition": "add", "subtraction": "sub", "multiplication": "mul"}[name]
-    symbol = ArithmeticTask.SYMBOL[op]
-    for lang in ("en", "ja", "zh"):
-        ps = varied.problems("train", 120, seed=1, language=lang)
-        written = {}
-        for p in ps:
-            form = ArithmeticTask.OPERATOR_FORMS[op][lang][p.meta.get("operator", 0)]
-            assert f"{p.meta['a']} {form} {p.meta['b']}" in p.prompt
-            written[form] = written.get(form, 0) + 1
-            assert f"{p.meta['a']} {symbol} {p.meta['b']} = {p.answer}" in varied.worked_solution(p)
-        # every form is drawn, the symbol most often
-        assert set(written) == set(ArithmeticTask.OPERATOR_FORMS[op][lang])
-        assert max(written, key=written.get) == symbol
-        for other in (first, unseen):
-            got = other.problems("train", 120, seed=1, language=lang)
-            assert [p.id for p in got] == [p.id for p in ps]
-            assert all(f"{p.meta['a']} {symbol} {p.meta['b']}" in p.prompt for p in got)
 
 
 def test_no_training_stage_takes_the_held_out_wordings():

@@ -232,20 +232,6 @@ class ArithmeticTask(BuiltinTask):
         "ja": ("{expr} の答えを教えてください。", "{expr} を求めよ。"),
         "zh": ("请算出 {expr}。", "{expr} 的结果是什么？"),
     }
-    # How users write the operator, in varied wordings: besides the symbol the worked solutions write
-    # (first), `23 * 45` and `23 x 45` are how a keyboard types ×, and the words how a sentence says it.
-    # A model taught only × answered "What is 23 * 45?" with 23 + 45. The symbol stays the likelier
-    # draw (OPERATOR_SYMBOL_SHARE); "first" and "unseen" keep it (the unseen wordings vary the sentence).
-    OPERATOR_FORMS = {
-        "add": {"en": ("+", "plus"), "ja": ("+", "たす"), "zh": ("+", "加")},
-        "sub": {"en": ("-", "minus"), "ja": ("-", "ひく"), "zh": ("-", "减")},
-        "mul": {
-            "en": ("×", "*", "x", "times"),
-            "ja": ("×", "*", "x", "かける"),
-            "zh": ("×", "*", "x", "乘以"),
-        },
-    }
-    OPERATOR_SYMBOL_SHARE = 2 / 3
 
     def __init__(
         self,
@@ -283,14 +269,8 @@ class ArithmeticTask(BuiltinTask):
             a, b = sorted((a, b))
         return f"{d['op']}|{a}|{b}"
 
-    def _worded(self, d: dict[str, Any], lang: str, rng: random.Random) -> dict[str, Any]:
-        d = super()._worded(d, lang, rng)
-        if self.wording != "varied" or rng.random() < self.OPERATOR_SYMBOL_SHARE:
-            return d
-        return {**d, "operator": rng.randrange(1, len(self.OPERATOR_FORMS[d["op"]][lang]))}
-
     def fields(self, d: dict[str, Any], lang: str) -> dict[str, Any]:
-        return {"expr": f"{d['a']} {self.OPERATOR_FORMS[d['op']][lang][d.get('operator', 0)]} {d['b']}"}
+        return {"expr": f"{d['a']} {self.SYMBOL[d['op']]} {d['b']}"}
 
     def answer(self, d: dict[str, Any]) -> str:
         a, b = d["a"], d["b"]
