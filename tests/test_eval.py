@@ -98,6 +98,38 @@ def test_cons_counts_every_sample_scored_at_least_half_right_as_one_vote() -> No
     assert metrics["pass@1"] == pytest.approx(0.5)
 
 
+def test_the_passes_whose_reasoning_concludes_their_answer_are_counted_apart() -> None:
+    """`pass@1_concluded`: where the task reads a trace's conclusion, only the passes whose last line of
+    reasoning concludes the answer given. A right answer after "So 85 is smaller." is a pass the
+    verifier (the answer after </think> alone) cannot tell from reasoning."""
+    from nanoseek.data.rewards import build_reward
+    from nanoseek.data.tasks import get_task
+    from nanoseek.evaluate import score_samples
+
+    task = get_task("largest")
+    p = task.problems("test", 1, seed=0, language="en")[0]
+    a, b, c = sorted(p.meta["numbers"])
+    texts = (
+        f"Compare {b} and {c}.\nSo {c} is the largest.\n</think>\n{c}",  # right, concluded
+        f"Compare the tens\nSo {c} is smaller.\n</think>\n{c}",  # right, concluded otherwise
+        f"So {c} is larger.\n</think>\n{c}",  # right, concluded (a direction word of comparison's)
+        f"So {a} is larger.\n</think>\n{a}",  # wrong: concludes its answer, but no pass
+    )
+    samples = [[Sample(text=t, num_tokens=5, finish_reason="stop") for t in texts]]
+    metrics, (rec,) = score_samples(task, build_reward("accuracy:1"), [p], samples)
+    assert metrics["pass@1"] == 0.75 and metrics["pass@1_concluded"] == rec["pass@1_concluded"] == 0.5
+    # a task that reads no conclusions has no such figure
+    add = get_task("addition")
+    q = add.problems("test", 1, seed=0)[0]
+    metrics, (rec,) = score_samples(
+        add,
+        build_reward("accuracy:1"),
+        [q],
+        [[Sample(text=f"x</think>\n{q.answer}", num_tokens=3, finish_reason="stop")]],
+    )
+    assert "pass@1_concluded" not in metrics and "pass@1_concluded" not in rec
+
+
 @pytest.mark.parametrize(
     ("n", "t"),
     [(1, 0.0), (2, 12.7062), (3, 4.3027), (5, 2.7764), (10, 2.2622), (48, 2.0117), (10_001, 1.9602)],

@@ -353,6 +353,25 @@ def test_grpo_gains_carry_a_paired_interval_over_the_problems(tmp_path):
     assert f"- sorting: GRPO changed held-out pass@1 by **+12.5 ± {100 * t7 * se:.1f} points**" in text
 
 
+def test_a_gain_of_answers_after_reasoning_that_concluded_otherwise_is_shown_beside_it(tmp_path):
+    """The verifier reads the answer alone: SR19's `largest` rose 12.5 -> 68.2% while 36 of its 48
+    stored traces concluded "So 85 is smaller." and answered 85 as the largest. Where the evaluation
+    counted the passes whose reasoning concludes their answer, the report shows that figure beside the
+    gain, for the verifier-only family and in each family's line."""
+    MetricsLog(tmp_path, "speedrun").log(event="plan", verifier_only_tasks=["largest"])
+    ev = MetricsLog(tmp_path, "eval")
+    for stage, v, concluded in (("sft", 0.125, 0.03), ("grpo", 0.682, 0.146)):
+        ev.log(evaluated=stage, task="largest", k=4, **{"pass@1": v, "pass@1_concluded": concluded})
+        ev.log(evaluated=stage, task="addition", k=4, **{"pass@1": v})  # no conclusions read: no figure
+    text = build_report(tmp_path).read_text()
+    assert (
+        "largest 12.5% → 68.2%, **+55.7 points**; counting only the passes whose reasoning concludes their "
+        "answer 3.0% → 14.6%." in text
+    )
+    assert "- largest: GRPO changed held-out pass@1 by **+55.7 points** (12.5% → 68.2%)" in text
+    assert text.count("counting only the passes whose reasoning concludes") == 2  # addition's lines: none
+
+
 def test_an_evaluation_of_one_problem_shows_no_interval(tmp_path):
     """`nanoseek eval -n 1` logs a standard error of 0.0 (no spread to measure): the report shows no
     "± 0.0", which would read as certainty."""

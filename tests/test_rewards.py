@@ -143,6 +143,23 @@ def test_hack_thinking_in_wrong_language(add_ja):
     assert japanese > english
 
 
+def test_hack_right_answer_after_a_conclusion_that_says_otherwise(add_en):
+    """`conclusion`: accuracy reads the answer alone, so "So 85 is smaller." before 85 as the largest
+    (what SR19's GRPO taught `largest`) is as right as reasoning that concludes 85 is the largest. The
+    conclusion part tells them apart, and applies only where the task reads a conclusion."""
+    task = get_task("largest")
+    p = task.problems("test", 1, seed=0, language="en")[0]
+    reward = build_reward("accuracy:1,format:0.2,conclusion:0.5")
+    said_otherwise, parts = reward(p, f"Compare the tens.\nSo {p.answer} is smaller.\n</think>\n{p.answer}")
+    assert parts["accuracy"] == 1.0 and parts["conclusion"] == 0.0
+    concluded, parts = reward(p, f"Compare the tens.\nSo {p.answer} is the largest.\n</think>\n{p.answer}")
+    assert parts["conclusion"] == 1.0 and concluded == pytest.approx(said_otherwise + 0.5)
+    assert reward(p, task.worked_solution(p)[len("<think>") :])[1]["conclusion"] == 1.0
+    # addition reads no conclusion: the part does not apply, the total is accuracy and format alone
+    total, parts = reward(add_en, "Add the ones and the tens.\n</think>\n42")
+    assert "conclusion" not in parts and total == pytest.approx(1.2)
+
+
 def test_hack_other_scripts_count_against_the_language():
     # letters of a script the reward knows no language of are not in the prompt's language either
     assert language_consistency("Сначала сложим единицы, затем add", "en") < 0.5

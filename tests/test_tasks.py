@@ -143,6 +143,38 @@ def test_wordings_change_the_prompt_not_the_problem(name):
         get_task("modular?wording=unseen")
 
 
+@pytest.mark.parametrize("name", ["comparison", "largest"])
+def test_a_comparisons_conclusion_is_read_against_its_answer(name):
+    """`conclusion_agrees`: the reasoning's last line names the answer, in the question's direction if it
+    says one. Every worked solution agrees, in every language; "So 85 is smaller." before 85 as the
+    largest (what SR19's GRPO taught) does not, nor a conclusion naming another number, nor a think
+    block that never closed. Families that cannot read a conclusion say None."""
+    task = get_task(name)
+    for lang in ("en", "ja", "zh"):
+        for p in task.problems("test", 12, seed=2, language=lang):
+            worked = task.worked_solution(p)
+            assert task.conclusion_agrees(p, worked) is True
+            assert task.conclusion_agrees(p, worked[len("<think>") :]) is True  # the prompt opened it
+            assert task.conclusion_agrees(p, worked.split("</think>")[0]) is False  # never closed
+            assert get_task(f"{name}?turn=2").conclusion_agrees(p, worked) is True
+    p = task.problems("test", 1, seed=0, language="en")[0]
+    larger = name == "largest" or p.meta["which"] == "larger"
+    other = ("smaller", "小さい", "小") if larger else ("larger", "大きい", "大")
+    wrong = next(n for n in range(10, 100) if str(n) != p.answer)
+    for text in (
+        f"So {p.answer} is {other[0]}.\n</think>\n{p.answer}",
+        f"よって {p.answer} の方が{other[1]}。\n</think>\n{p.answer}",
+        f"所以 {p.answer} 更{other[2]}。\n</think>\n{p.answer}",
+        f"So {wrong} is {'larger' if larger else 'smaller'}.\n</think>\n{p.answer}",
+        f"Compare them.\n</think>\n{p.answer}",
+        f"</think>\n{p.answer}",
+    ):
+        assert task.conclusion_agrees(p, text) is False, text
+    assert task.conclusion_agrees(p, f"Compare.\n{p.answer}\n</think>\n{p.answer}") is True  # no word said
+    q = get_task("addition").problems("test", 1, seed=0)[0]
+    assert get_task("addition").conclusion_agrees(q, get_task("addition").worked_solution(q)) is None
+
+
 def test_no_training_stage_takes_the_held_out_wordings():
     """`?wording=unseen` asks in the phrasings held out from training: the corpus, the cold start, GRPO
     and distillation took them as any task, and `speedrun --tasks "addition?wording=unseen"` reported the

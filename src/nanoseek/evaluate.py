@@ -152,7 +152,10 @@ def score_samples(
 
     Correctness is the reward's "accuracy" part (the task's strict verifier on the text after
     </think>). A problem whose gold answer cannot be parsed (the reward says `skipped`) is reported
-    and left out of every mean rather than counted as wrong or right.
+    and left out of every mean rather than counted as wrong or right. Where the task reads a trace's
+    conclusion (`conclusion_agrees`: comparison, largest), `pass@1_concluded` counts only the passes
+    whose reasoning concludes the answer they give: right answers after a trace that says otherwise
+    are a pass@1 the reasoning did not earn.
     """
     if len(problems) != len(samples):
         raise ValueError(f"{len(problems)} problems but {len(samples)} sample lists")
@@ -168,6 +171,8 @@ def score_samples(
     extract = getattr(task, "extract_answer", None) or (
         lambda t: extract_answer(t, require_think=require_think)
     )
+    # where the task reads a trace's conclusion: the passes whose reasoning also concludes their answer
+    concludes = getattr(task, "conclusion_agrees", None)
     per_problem = []
     tot: defaultdict[str, float] = defaultdict(float)  # sums over the problems
     n_samples = n = skipped = uncounted = 0
@@ -211,6 +216,11 @@ def score_samples(
             "truncated": sum(s.finish_reason == "length" for s in outs) / k,
             "sample": outs[0].text[:500],
         }
+        agrees = [concludes(prob, s.text) for s in outs] if concludes else []
+        if agrees and None not in agrees:
+            rec["pass@1_concluded"] = (
+                sum(sc >= 0.5 and bool(a) for sc, a in zip(scores, agrees, strict=True)) / k
+            )
         per_problem.append(rec)
         for key in ("pass@1", "format", "language_consistency", "mean_tokens", "truncated"):
             tot[key] += rec[key] or 0
@@ -234,6 +244,9 @@ def score_samples(
         "skipped_problems": skipped,
         "k": k_used,
     }
+    concluded = [rec["pass@1_concluded"] for rec in per_problem if "pass@1_concluded" in rec]
+    if concluded and len(concluded) == n:
+        metrics["pass@1_concluded"] = sum(concluded) / n
     by_language: dict[str, list[float]] = {}
     for rec in per_problem:
         if "pass@1" in rec and rec.get("language"):

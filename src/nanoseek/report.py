@@ -67,6 +67,19 @@ def _human(n: float | None) -> str:
     return f"{n:.0f}"
 
 
+def _concluded(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """ "; counting only ...": the passes whose reasoning concludes their answer, before and after, where
+    the task reads conclusions. The verifier reads the answer alone: a gain of right answers after
+    reasoning that concluded otherwise ("So 85 is smaller." and 85 as the largest) is not reasoning
+    learned, and the report must not let the pass@1 say it is."""
+    if "pass@1_concluded" not in before or "pass@1_concluded" not in after:
+        return ""
+    return (
+        "; counting only the passes whose reasoning concludes their answer "
+        f"{_pct(before['pass@1_concluded'])} → {_pct(after['pass@1_concluded'])}"
+    )
+
+
 def _pct(v: float | None) -> str:
     # a figure that is no number ("nan" as a MetricsLog writes a NaN, a hand-written string): no figure
     return f"{100 * v:.1f}%" if _number(v) else "–"
@@ -587,7 +600,7 @@ def build_report(
                     f"- {task}: GRPO changed held-out pass@1 by "
                     f"**{100 * (a - b):+.1f}{plus_minus(paired_margin(before, after))} points** "
                     f"({_pct(b)} → {_pct(a)}){other}; format rate {_pct(before.get('format_rate'))} → "
-                    f"{_pct(after.get('format_rate'))}."
+                    f"{_pct(after.get('format_rate'))}{_concluded(before, after)}."
                 )
             control = evals.get(("control", task))
             if control and after:
@@ -786,7 +799,9 @@ def _pass_at_1_tables(m: RunMetrics, evals: dict[tuple[str, str], dict[str, Any]
             out.append(
                 f"- Learned from its verifier alone (no worked solution of {t} in pretraining or SFT): "
                 f"{t} {_pct(value[(start, t)])} → {_pct(value[('grpo', t)])}, "
-                f"**{100 * gains[t]:+.1f}{plus_minus(margins.get(t))} points**."
+                f"**{100 * gains[t]:+.1f}{plus_minus(margins.get(t))} points**"
+                + _concluded(evals.get((start, t), {}), evals.get(("grpo", t), {}))
+                + "."
             )
     if means.get("distill") is not None and means.get("grpo"):
         out.append(

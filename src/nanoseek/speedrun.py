@@ -914,7 +914,9 @@ class Speedrun:
                 interval = plus_minus(pass_at_1_margin(m))
                 print(
                     f"  eval {stage:8s} {task}: pass@1 {m['pass@1']:.1%}{interval}{' (95%)' if interval else ''}, "
-                    f"format {m['format_rate']:.1%}",
+                    f"format {m['format_rate']:.1%}"
+                    # a pass whose reasoning concluded otherwise ("So 85 is smaller." and 85 as the largest)
+                    + (f", concluded {m['pass@1_concluded']:.1%}" if "pass@1_concluded" in m else ""),
                     flush=True,
                 )
 

@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
             f"eval {task} ({m['evaluated']}): pass@1 {m['pass@1']:.3f}{plus_minus(m['pass@1_stderr'], points=False)}, "
             f"cons@{k} {m[f'cons@{k}']:.3f}, "
             f"format {m['format_rate']:.3f}, language {m['language_consistency']:.3f}, "
-            f"length {'unknown (no usage sent)' if length is None else f'{length:.1f} tokens'} over "
+            # the passes whose reasoning concludes their answer, where the task reads conclusions
+            + (f"concluded {m['pass@1_concluded']:.3f}, " if "pass@1_concluded" in m else "")
+            + f"length {'unknown (no usage sent)' if length is None else f'{length:.1f} tokens'} over "
             f"{m['problems']} problems; {m['json']}"
         )
         if m.get("truncated_rate"):  # scored wrong for want of room, not of skill

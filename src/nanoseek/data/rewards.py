@@ -14,6 +14,10 @@ Notable:
   out. Digits and symbols do not count; a CoT with no letters at all scores 0.
 - code: the share of tests the answer's code passes in the sandbox (partial credit; accuracy on a code
   problem is the binary all-pass version).
+- conclusion: 1 where the reasoning's last line concludes the answer given (`Task.conclusion_agrees`:
+  comparison and largest read "So 84 is larger."), 0 where it concludes otherwise ("So 85 is smaller."
+  before 85 as the largest, which accuracy rewards), and not applicable where the task reads no
+  conclusion. Like R1's language reward (§2.3.2), it rewards a readable chain of thought, not the answer.
 - your own: a part named by its import reference, ``MODULE:FUNCTION`` or ``FILE.py:FUNCTION`` as uvicorn
   names apps (``"accuracy:1,mypkg.rewards:brevity:0.1"``): a function's name is never a number, so the
   colon before a weight is told from the reference's own. ``fn(completion, answer, problem)`` returns a
@@ -151,12 +155,19 @@ def _code(problem: Problem, completion: str, ctx: RewardContext) -> float | None
     return check_code(tests, extract_answer(completion, ctx.prompt_opened_think), partial=True)
 
 
+def _conclusion(problem: Problem, completion: str, ctx: RewardContext) -> float | None:
+    reads = getattr(ctx.task_for(problem), "conclusion_agrees", None)  # a duck-typed task may lack it
+    agrees = reads(problem, completion) if reads else None
+    return None if agrees is None else float(agrees)
+
+
 RewardComponent = Callable[[Problem, str, RewardContext], "float | None"]
 REWARDS: dict[str, RewardComponent] = {
     "accuracy": _accuracy,
     "format": _format,
     "language": _language,
     "code": _code,
+    "conclusion": _conclusion,
 }
 CUSTOM_HELP = "or your own function as MODULE:FUNCTION or FILE.py:FUNCTION"
 

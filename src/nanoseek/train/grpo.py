@@ -335,7 +335,7 @@ class GRPOConfig:
     )
     reward: str = option(
         "accuracy:1,format:0.2",
-        "weighted reward parts, NAME:WEIGHT,...: accuracy, format, language, code, or your own function as "
+        "weighted reward parts, NAME:WEIGHT,...: accuracy, format, language, code, conclusion, or your own function as "
         "MODULE:FUNCTION or FILE.py:FUNCTION (mypkg.rewards:brevity:0.1; docs/r1.md)",
         listed=True,
     )

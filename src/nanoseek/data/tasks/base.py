@@ -273,6 +273,12 @@ class Task:
         s = self.verify(problem, completion, require_think)
         return 0.0 if s is None else s
 
+    def conclusion_agrees(self, problem: Problem, completion: str) -> bool | None:
+        """Whether the reasoning's last line concludes what the answer says, where the task can read
+        it (None: it cannot). The verifier reads only the answer after </think>: a trace that
+        concludes "So 85 is smaller." and answers 85 as the largest passes it."""
+        return None
+
     # worked_solution(problem) -> str exists only on tasks that can write one (built-ins, JSONL lines
     # with "reasoning"), so `hasattr(task, "worked_solution")` tells callers whether SFT data can be built.
 
@@ -323,3 +329,6 @@ class ChatTurnTask(Task):
 
     def verify(self, problem: Problem, completion: str, require_think: bool = False) -> float | None:
         return self.inner.verify(problem, completion, require_think)
+
+    def conclusion_agrees(self, problem: Problem, completion: str) -> bool | None:
+        return self.inner.conclusion_agrees(problem, completion)

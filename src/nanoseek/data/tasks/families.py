@@ -723,6 +723,25 @@ class SortingTask(BuiltinTask):
         return float(parse_int_list(answer) == gold)
 
 
+# The words of a conclusion's direction, per language: the comparison family's own ("So 84 is larger.",
+# `よって 29 の方が小さい。`, `所以 29 更小。`) and the superlatives a three-number trace may write
+_LARGER = re.compile(r"larger|greater|bigger|largest|greatest|biggest|大")
+_SMALLER = re.compile(r"smaller|\bless\b|smallest|least|小")
+
+
+def _concludes(completion: str, answer: str, direction: str) -> bool:
+    """Whether the reasoning's last line names `answer` as its last number and, if it says a direction,
+    says `direction` ("larger" or "smaller"): the conclusion a comparison's answer rests on."""
+    thinking, closed, _ = completion.rpartition(THINK_END)  # the answer follows the last </think>
+    lines = [line for line in thinking.replace(THINK_START, "").splitlines() if line.strip()]
+    if not closed or not lines:  # a think block that never closed, or an empty one, concludes nothing
+        return False
+    last = lines[-1]
+    numbers = re.findall(r"\d+", last)
+    said = {d for d, words in (("larger", _LARGER), ("smaller", _SMALLER)) if words.search(last)}
+    return bool(numbers) and numbers[-1] == answer and said <= {direction}
+
+
 class ComparisonTask(BuiltinTask):
     """Which of two numbers is larger (or smaller); ``digits`` default difficulty + 1."""
 
@@ -783,6 +802,9 @@ class ComparisonTask(BuiltinTask):
 
     def answer(self, d: dict[str, Any]) -> str:
         return str(max(d["a"], d["b"]) if d["which"] == "larger" else min(d["a"], d["b"]))
+
+    def conclusion_agrees(self, problem: Problem, completion: str) -> bool | None:
+        return _concludes(completion, problem.answer, problem.meta["which"])
 
     def steps(self, d: dict[str, Any], lang: str) -> str:
         a, b, ans = d["a"], d["b"], self.answer(d)
@@ -882,6 +904,9 @@ class LargestTask(BuiltinTask):
 
     def answer(self, d: dict[str, Any]) -> str:
         return str(max(d["numbers"]))
+
+    def conclusion_agrees(self, problem: Problem, completion: str) -> bool | None:
+        return _concludes(completion, problem.answer, "larger")
 
     def steps(self, d: dict[str, Any], lang: str) -> str:
         a, b, c = d["numbers"]
