@@ -76,6 +76,16 @@ def figures(run: Path, preset: str, wall: float) -> dict:
     if sm["mid_margin"] is not None:
         out["grpo_gain_mid_margin"] = 100 * sm["mid_margin"]
     out["verifier_only"] = {t: out["grpo_gain_points"].get(t) for t in sm["verifier_only"]}
+    # the passes whose reasoning concludes their answer, before and after GRPO (where the family reads
+    # conclusions): a verifier-only gain under traces that say otherwise is not reasoning learned
+    evals = m.evals()
+    out["verifier_only_concluded"] = {
+        t: [evals.get((stage, t), {}).get("pass@1_concluded") for stage in (sm["start"], "grpo")]
+        for t in sm["verifier_only"]
+        if all(
+            evals.get((stage, t), {}).get("pass@1_concluded") is not None for stage in (sm["start"], "grpo")
+        )
+    }
     # asked second in a chat, where GRPO drew those prompts too: its start and its gain there (no goal)
     out["second_turn_start"] = sm["second_turn_start"]
     out["grpo_gain_second_turn_mid_families"] = sm["second_turn_mid"]
@@ -240,10 +250,16 @@ def verdicts(f: dict) -> list[tuple[str, str, bool | None]]:
         margin, where = f.get("grpo_gain_margin_points", {}).get(task), ""
         if task in again:
             g, margin, where = again[task]["gain"], again[task]["margin"], f" ({on(task)})"
+        concluded = f.get("verifier_only_concluded", {}).get(task)
         rows.append(
             (
                 f"{task} (verifier only) gain{where} "
-                + ("–" if g is None else f"{g:+.1f}{pm(margin)} points"),
+                + ("–" if g is None else f"{g:+.1f}{pm(margin)} points")
+                + (
+                    ""
+                    if not concluded
+                    else f" (passes concluding their answer {pct(concluded[0])} -> {pct(concluded[1])})"
+                ),
                 f">= +{ZERO_GAIN_GOAL:.0f}",
                 None if g is None else g >= ZERO_GAIN_GOAL,
             )
