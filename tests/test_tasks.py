@@ -171,6 +171,8 @@ def test_a_comparisons_conclusion_is_read_against_its_answer(name):
     ):
         assert task.conclusion_agrees(p, text) is False, text
     assert task.conclusion_agrees(p, f"Compare.\n{p.answer}\n</think>\n{p.answer}") is True  # no word said
+    unsaid = dataclasses.replace(p, meta={k: v for k, v in p.meta.items() if k != "which"})
+    assert name == "largest" or task.conclusion_agrees(unsaid, task.worked_solution(p)) is None
     q = get_task("addition").problems("test", 1, seed=0)[0]
     assert get_task("addition").conclusion_agrees(q, get_task("addition").worked_solution(q)) is None
 

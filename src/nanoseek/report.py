@@ -68,8 +68,8 @@ def _human(n: float | None) -> str:
 
 
 def _concluded(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """ "; counting only ...": the passes whose reasoning concludes their answer, before and after, where
-    the task reads conclusions. The verifier reads the answer alone: a gain of right answers after
+    """The clause on the passes whose reasoning concludes their answer, before and after, where the task
+    reads conclusions ("" elsewhere). The verifier reads the answer alone: a gain of right answers after
     reasoning that concluded otherwise ("So 85 is smaller." and 85 as the largest) is not reasoning
     learned, and the report must not let the pass@1 say it is."""
     if "pass@1_concluded" not in before or "pass@1_concluded" not in after:

@@ -804,7 +804,8 @@ class ComparisonTask(BuiltinTask):
         return str(max(d["a"], d["b"]) if d["which"] == "larger" else min(d["a"], d["b"]))
 
     def conclusion_agrees(self, problem: Problem, completion: str) -> bool | None:
-        return _concludes(completion, problem.answer, problem.meta["which"])
+        which = problem.meta.get("which")  # a problem built elsewhere may not say which was asked
+        return None if which not in ("larger", "smaller") else _concludes(completion, problem.answer, which)
 
     def steps(self, d: dict[str, Any], lang: str) -> str:
         a, b, ans = d["a"], d["b"], self.answer(d)
