@@ -62,7 +62,8 @@ def figures(run: Path, preset: str, wall: float) -> dict:
             pass1.setdefault(task, {})[stage] = v
     out["unseen_wordings"] = sm["unseen_wordings"]  # the final model, phrasings no stage trained on
     out["second_turn"] = sm["second_turn"]  # the final model, each problem asked second in a chat
-    for (stage, task), r in m.evals().items():
+    evals = m.evals()
+    for (stage, task), r in evals.items():
         if r.get("pass@1_by_language"):
             out.setdefault("pass@1_by_language", {}).setdefault(task, {})[stage] = r["pass@1_by_language"]
     out["pass@1"] = pass1
@@ -78,7 +79,6 @@ def figures(run: Path, preset: str, wall: float) -> dict:
     out["verifier_only"] = {t: out["grpo_gain_points"].get(t) for t in sm["verifier_only"]}
     # the passes whose reasoning concludes their answer, before and after GRPO (where the family reads
     # conclusions): a verifier-only gain under traces that say otherwise is not reasoning learned
-    evals = m.evals()
     out["verifier_only_concluded"] = {
         t: [evals.get((stage, t), {}).get("pass@1_concluded") for stage in (sm["start"], "grpo")]
         for t in sm["verifier_only"]

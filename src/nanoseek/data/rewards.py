@@ -54,6 +54,7 @@ from nanoseek.data.tasks import (
     prescore,
     script_counts,
 )
+from nanoseek.data.tasks.answers import split_completion, strip_eos
 from nanoseek.tokenizer import ASSISTANT, BOS, USER
 
 _CHAT_TAGS = (USER, ASSISTANT, BOS)
@@ -61,32 +62,13 @@ T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pieces of a completion
+# Pieces of a completion (`split_completion`, shared with the tasks, lives with the answer extraction)
 # ----------------------------------------------------------------------------------------------------
-
-
-def _strip_eos(completion: str) -> str:
-    text = completion.rstrip()
-    return text[: -len(EOS_TEXT)] if text.endswith(EOS_TEXT) else text
-
-
-def split_completion(completion: str, prompt_opened_think: bool = True) -> tuple[str, str | None]:
-    """(thinking, answer): answer is None when the think block never closed. The answer is what follows
-    the last ``</think>``, as accuracy reads it: reasoning after an earlier ``</think>`` is thinking."""
-    text = _strip_eos(completion).lstrip()
-    if text.startswith(THINK_START):
-        text = text[len(THINK_START) :]
-    elif not prompt_opened_think and THINK_END not in text:
-        return "", text  # a plain answer, no thinking
-    if THINK_END not in text:
-        return text, None
-    thinking, _, answer = text.rpartition(THINK_END)
-    return thinking, answer
 
 
 def format_reward(completion: str, prompt_opened_think: bool = True) -> float:
     """1.0 iff ``[<think>] thinking </think> answer`` with exactly one of each tag and both parts non-empty."""
-    text = _strip_eos(completion)
+    text = strip_eos(completion)
     if EOS_TEXT in text or any(tag in text for tag in _CHAT_TAGS):
         return 0.0
     body = text.lstrip()

@@ -14,7 +14,27 @@ from fractions import Fraction
 from typing import Any
 
 from nanoseek.tokenizer import EOS as EOS_TEXT
-from nanoseek.tokenizer import THINK_END
+from nanoseek.tokenizer import THINK_END, THINK_START
+
+
+def strip_eos(completion: str) -> str:
+    """The completion without trailing whitespace and the end-of-sentence token a sampler may keep."""
+    text = completion.rstrip()
+    return text[: -len(EOS_TEXT)] if text.endswith(EOS_TEXT) else text
+
+
+def split_completion(completion: str, prompt_opened_think: bool = True) -> tuple[str, str | None]:
+    """(thinking, answer): answer is None when the think block never closed. The answer is what follows
+    the last ``</think>``, as accuracy reads it: reasoning after an earlier ``</think>`` is thinking."""
+    text = strip_eos(completion).lstrip()
+    if text.startswith(THINK_START):
+        text = text[len(THINK_START) :]
+    elif not prompt_opened_think and THINK_END not in text:
+        return "", text  # a plain answer, no thinking
+    if THINK_END not in text:
+        return text, None
+    thinking, _, answer = text.rpartition(THINK_END)
+    return thinking, answer
 
 
 def extract_answer(completion: str, require_think: bool = False) -> str | None:

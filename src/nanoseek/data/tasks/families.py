@@ -19,6 +19,7 @@ from nanoseek.data.tasks.answers import (
     extract_answer,
     parse_int_list,
     parse_number,
+    split_completion,
     unwrap_answer,
     without_variable,
 )
@@ -732,9 +733,9 @@ _SMALLER = re.compile(r"smaller|\bless\b|smallest|least|小")
 def _concludes(completion: str, answer: str, direction: str) -> bool:
     """Whether the reasoning's last line names `answer` as its last number and, if it says a direction,
     says `direction` ("larger" or "smaller"): the conclusion a comparison's answer rests on."""
-    thinking, closed, _ = completion.rpartition(THINK_END)  # the answer follows the last </think>
-    lines = [line for line in thinking.replace(THINK_START, "").splitlines() if line.strip()]
-    if not closed or not lines:  # a think block that never closed, or an empty one, concludes nothing
+    thinking, after = split_completion(completion)
+    lines = [line for line in thinking.splitlines() if line.strip()]
+    if after is None or not lines:  # a think block that never closed, or an empty one, concludes nothing
         return False
     last = lines[-1]
     numbers = re.findall(r"\d+", last)
