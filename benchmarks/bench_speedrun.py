@@ -102,11 +102,13 @@ def figures(run: Path, preset: str, wall: float) -> dict:
     return out
 
 
-def rescore(run: Path, preset: SpeedrunPreset, tasks: list[str], n: int) -> dict[str, dict[str, float]]:
+def rescore(run: Path, preset: SpeedrunPreset, tasks: list[str], n: int) -> dict[str, dict[str, Any]]:
     """GRPO's gain on `tasks` again, with its starting checkpoint (SFT) and the final one each scored on
     `n` held-out problems per family, sampled as the run's evaluation samples (k, temperature, length,
-    seed). Per task: pass@1 before and after, the gain and its paired 95% half-width, in points. The
-    files and records go to RUN/rescore/: the run's own figures and report stay as they were."""
+    seed). Per task: pass@1 before and after, the gain and its paired 95% half-width, in points, and
+    where the family's reasoning has a conclusion to read, the passes that conclude their answer
+    before and after (fractions). The files and records go to RUN/rescore/: the run's own figures and
+    report stay as they were."""
     from nanoseek.evaluate import EvalConfig, evaluate_many
 
     scored: dict[str, list[dict[str, Any]]] = {}
@@ -138,6 +140,9 @@ def rescore(run: Path, preset: SpeedrunPreset, tasks: list[str], n: int) -> dict
             "gain": 100 * (after["pass@1"] - before["pass@1"]),
             "margin": None if margin is None else 100 * margin,
         }
+        if "pass@1_concluded" in before and "pass@1_concluded" in after:
+            # the concluded figure said beside a rescored gain is the rescore's, not the run's 48
+            out[task]["concluded"] = [before["pass@1_concluded"], after["pass@1_concluded"]]
     return out
 
 
@@ -251,6 +256,8 @@ def verdicts(f: dict) -> list[tuple[str, str, bool | None]]:
         if task in again:
             g, margin, where = again[task]["gain"], again[task]["margin"], f" ({on(task)})"
         concluded = f.get("verifier_only_concluded", {}).get(task)
+        if task in again:
+            concluded = again[task].get("concluded")
         rows.append(
             (
                 f"{task} (verifier only) gain{where} "

@@ -254,6 +254,13 @@ def test_bench_speedrun_rescores_grpos_gain_on_more_problems(smoke_run):
     figure, _, met = next(r for r in rows if "(verifier only)" in r[0])
     assert figure.startswith("addition") and "on 5 problems" in figure
     assert met == (again["addition"]["gain"] >= bench.ZERO_GAIN_GOAL)
+    # comparison's reasoning concludes: the concluded figure beside a rescored gain is the rescore's
+    assert "concluded" not in again["addition"]
+    assert all(0 <= c <= 1 for c in again["comparison"]["concluded"])
+    f["verifier_only"], f["verifier_only_concluded"] = {"comparison": None}, {"comparison": [0.5, 0.5]}
+    figure = next(r[0] for r in bench.verdicts(f) if "(verifier only)" in r[0])
+    before, after = again["comparison"]["concluded"]
+    assert f"(passes concluding their answer {before:.1%} -> {after:.1%})" in figure
 
 
 def test_bench_speedrun_prints_the_machine_and_says_a_refusal_in_one_line(tmp_path, monkeypatch, capsys):
