@@ -253,10 +253,9 @@ def verdicts(f: dict) -> list[tuple[str, str, bool | None]]:
     )
     for task, g in f["verifier_only"].items():
         margin, where = f.get("grpo_gain_margin_points", {}).get(task), ""
-        if task in again:
-            g, margin, where = again[task]["gain"], again[task]["margin"], f" ({on(task)})"
         concluded = f.get("verifier_only_concluded", {}).get(task)
-        if task in again:
+        if task in again:  # the gain, and the concluded figure said beside it, from the rescore
+            g, margin, where = again[task]["gain"], again[task]["margin"], f" ({on(task)})"
             concluded = again[task].get("concluded")
         rows.append(
             (

@@ -257,7 +257,7 @@ def test_bench_speedrun_rescores_grpos_gain_on_more_problems(smoke_run):
     # comparison's reasoning concludes: the concluded figure beside a rescored gain is the rescore's
     assert "concluded" not in again["addition"]
     assert all(0 <= c <= 1 for c in again["comparison"]["concluded"])
-    f["verifier_only"], f["verifier_only_concluded"] = {"comparison": None}, {"comparison": [0.5, 0.5]}
+    f["verifier_only"], f["verifier_only_concluded"] = {"comparison": None}, {"comparison": [0.123, 0.456]}
     figure = next(r[0] for r in bench.verdicts(f) if "(verifier only)" in r[0])
     before, after = again["comparison"]["concluded"]
     assert f"(passes concluding their answer {before:.1%} -> {after:.1%})" in figure
