@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from nanoseek.accounting import counted
+from nanoseek.data.rewards import CUSTOM_HELP, REWARDS
 from nanoseek.data.tasks import check_training_tasks, split_task_list
 from nanoseek.engine.sampling import GREEDY_BELOW
 from nanoseek.model.loss import target_logprobs
@@ -335,8 +336,8 @@ class GRPOConfig:
     )
     reward: str = option(
         "accuracy:1,format:0.2",
-        "weighted reward parts, NAME:WEIGHT,...: accuracy, format, language, code, conclusion, or your own function as "
-        "MODULE:FUNCTION or FILE.py:FUNCTION (mypkg.rewards:brevity:0.1; docs/r1.md)",
+        f"weighted reward parts, NAME:WEIGHT,...: {', '.join(REWARDS)}, {CUSTOM_HELP} "
+        "(mypkg.rewards:brevity:0.1; docs/r1.md)",
         listed=True,
     )
     out: str = option("runs/grpo", "run directory: writes RUN/grpo/ and RUN/metrics.jsonl", parse=path)
