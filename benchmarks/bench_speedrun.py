@@ -13,8 +13,10 @@ several points with the draw of problems, so a goal met or missed inside that ma
 `--rescore N` settles it: GRPO's starting checkpoint and its final one are scored again on N held-out
 problems of each family the two gain goals are about (in RUN/rescore/, apart from the run's own
 records), and those goals are judged on them (480 problems: about a third of the margin of 48).
+`--against RUN2` holds the run beside another finished one (the same seed in the other precision) and
+judges the issue's agreement: every stage's mean pass@1 within 5 points of the other's.
 
-    python benchmarks/bench_speedrun.py [--preset cpu|smoke|gpu] [--precision auto|bf16|fp32] [--seed N] [--out RUN] [--json F] [--rescore N]
+    python benchmarks/bench_speedrun.py [--preset cpu|smoke|gpu] [--precision auto|bf16|fp32] [--seed N] [--out RUN] [--json F] [--rescore N] [--against RUN2]
 
 Without --out the run goes to a temporary directory; with it, a finished run is only re-read (the
 speedrun skips finished stages), so the figures of an earlier run can be printed again. The preset
@@ -44,6 +46,7 @@ GRPO_GAIN_GOAL = 10.0  # points, mean over families starting in [20%, 80%]
 ZERO_GAIN_GOAL = 20.0  # points, the verifier-only family
 COPY_GOAL = 0.1  # nats
 STUDENT_GOAL = 0.70  # of the teacher's mean pass@1
+AGREEMENT_GOAL = 5.0  # points between two runs' stage means (--against: the other precision)
 
 
 def figures(run: Path, preset: str, wall: float) -> dict:
@@ -100,6 +103,19 @@ def figures(run: Path, preset: str, wall: float) -> dict:
         out["student_ratio"] = out["student_mean"] / out["final_mean"]
         out["student_before_distillation_mean"] = sm["means"].get("student")
     return out
+
+
+def stage_means(run: Path) -> tuple[dict[str, float], str | None]:
+    """A finished run's mean pass@1 over its families at every stage it scored, and the precision its
+    pretraining ran in (what sets two runs of one seed apart on one CPU)."""
+    m = RunMetrics(run)
+    means = {s: v for s, v in m.pass_at_1_summary()["means"].items() if v is not None}
+    return means, m.last_event("pretrain", "start").get("precision")
+
+
+def agreement(mine: dict[str, float], other: dict[str, float]) -> list[tuple[str, float, float, float]]:
+    """(stage, this run's mean, the other's, points apart) for the stages both runs scored, in order."""
+    return [(s, mine[s], other[s], 100 * abs(mine[s] - other[s])) for s in STAGES if s in mine and s in other]
 
 
 def rescore(run: Path, preset: SpeedrunPreset, tasks: list[str], n: int) -> dict[str, dict[str, Any]]:
@@ -323,9 +339,22 @@ def main() -> None:
         help="score GRPO's start and end again on N held-out problems of each family the gain goals are "
         "about, and judge those goals on them (0: the run's own problems)",
     )
+    ap.add_argument(
+        "--against",
+        default=None,
+        metavar="RUN2",
+        help="a finished run to hold this one against (the same seed in the other precision): each stage's "
+        f"mean pass@1 beside this run's, judged within {AGREEMENT_GOAL:g} points",
+    )
     args = ap.parse_args()
     if args.rescore < 0:  # said now, not when the run it would rescore has finished
         ap.error(f"--rescore must be >= 0 (problems per family; 0: the run's own), got {args.rescore}")
+    if args.against:  # said now, not after a run of 15 minutes or more
+        other, other_precision = stage_means(Path(args.against))
+        if not other:
+            ap.error(
+                f"--against {args.against}: no finished speedrun there (no stage scored in its metrics.jsonl)"
+            )
     # A run re-read keeps every setting it was started with (the speedrun refuses to resume with others);
     # --precision and --seed given here still win, and a mismatch is then the speedrun's clear error.
     path = Path(args.out) / SETTINGS if args.out else None
@@ -414,12 +443,35 @@ def main() -> None:
                 f"  (also) GRPO gain asked second in a chat, on those starting in 20-80% ({fams}): "
                 f"{f['grpo_gain_second_turn_mid']:+.1f}{'' if margin is None else f' ± {margin:.1f} (95%)'} points"
             )
+    apart = None
+    if args.against:
+        mine, my_precision = stage_means(run)
+        rows = agreement(mine, other)
+        print()
+        print(f"  stage mean pass@1: this run ({my_precision}) against {args.against} ({other_precision})")
+        for stage, a, b, d in rows:
+            print(f"    {stage:10s} {100 * a:5.1f}%  {100 * b:5.1f}%  {d:4.1f} apart")
+        if rows:
+            worst = max(rows, key=lambda r: r[3])
+            apart = worst[3]
+            f["against"] = {
+                "run": args.against,
+                "precision": other_precision,
+                "apart": {r[0]: r[3] for r in rows},
+            }
+            mark = "meets" if apart <= AGREEMENT_GOAL else "BELOW"
+            print(
+                f"  {mark:5s} every stage's mean within {AGREEMENT_GOAL:g} points of the other run's: widest "
+                f"{worst[0]}, {apart:.1f} apart (goal <= {AGREEMENT_GOAL:g})"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(f, indent=2))
     # a script or CI job that runs this benchmark learns from its status whether the goals hold
     missed = [] if not budget or f.get("within_budget") else ["the time budget"]
     if args.preset == "cpu":
         missed += [figure for figure, _, met in verdicts(f) if met is False]
+    if apart is not None and apart > AGREEMENT_GOAL:
+        missed.append(f"stage means {apart:.1f} points from {args.against}'s")
     if missed:
         raise SystemExit(f"bench_speedrun: {len(missed)} goal(s) missed: {'; '.join(missed)}")
 

@@ -307,6 +307,54 @@ def test_bench_speedrun_exits_1_when_a_goal_is_missed(smoke_run, monkeypatch, ca
     assert "OVER budget" in capsys.readouterr().out
 
 
+def test_bench_speedrun_holds_a_run_against_another_stage_by_stage(smoke_run, tmp_path, monkeypatch, capsys):
+    """`--against RUN2` (the same seed in the other precision): each stage's mean pass@1 beside the other
+    run's, and the issue's agreement judged, widest stage named, a miss in the exit status: a run
+    against itself agrees; against a copy whose final model scores 50 points or more away, GRPO's stage
+    does not, and only it is named. A directory with no finished run is a usage error before anything runs."""
+    import shutil
+
+    bench = load_benchmark("bench_speedrun")
+    monkeypatch.setitem(bench.BUDGET_S, "smoke", 10_000.0)
+    monkeypatch.setattr(
+        sys, "argv", ["bench_speedrun.py", "--out", str(smoke_run), "--against", str(smoke_run)]
+    )
+    bench.main()
+    out = capsys.readouterr().out
+    assert "every stage's mean within 5 points of the other run's" in out and "meets" in out, out
+    assert re.search(r"^    grpo +[\d.]+% +[\d.]+% +0\.0 apart$", out, re.M), out
+
+    other = tmp_path / "other"
+    shutil.copytree(smoke_run, other)
+    mean = bench.stage_means(smoke_run)[0]["grpo"]
+    moved = 1.0 if mean < 0.5 else 0.0  # every family's final figure, at least 50 points from the mean
+    lines = []
+    for line in (other / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("stage") == "eval" and r.get("evaluated_stage") == "grpo" and "pass@1" in r:
+            r["pass@1"] = moved
+        lines.append(json.dumps(r))
+    (other / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(sys, "argv", ["bench_speedrun.py", "--out", str(smoke_run), "--against", str(other)])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    out = capsys.readouterr().out
+    apart = f"{100 * abs(mean - moved):.1f}"
+    assert (
+        f"BELOW every stage's mean within 5 points of the other run's: widest grpo, {apart} apart" in out
+    ), out
+    assert re.search(r"^    sft +([\d.]+)% +\1% +0\.0 apart$", out, re.M), out
+    assert e.value.code == f"bench_speedrun: 1 goal(s) missed: stage means {apart} points from {other}'s"
+
+    monkeypatch.setattr(bench, "run_speedrun", lambda *a, **k: pytest.fail("ran the speedrun"))
+    monkeypatch.setattr(
+        sys, "argv", ["bench_speedrun.py", "--preset", "smoke", "--against", str(tmp_path / "none")]
+    )
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2 and "no finished speedrun there" in capsys.readouterr().err
+
+
 def test_an_out_that_holds_something_else_is_refused_before_anything_is_written(tmp_path, capsys):
     """`--out` at a directory that is no speedrun (a project, a folder of notes) is refused: the run
     would write among its files, replace its `final/` and `report.md` and append to its `metrics.jsonl`."""
