@@ -224,6 +224,11 @@ def pretraining_arithmetic(run: Path) -> dict | None:
     return out
 
 
+def print_verdict(figure: str, goal: str, met: bool | None) -> None:
+    mark = "–" if met is None else "meets" if met else "BELOW"
+    print(f"  {mark:5s} {figure} (goal {goal})")
+
+
 def verdicts(f: dict) -> list[tuple[str, str, bool | None]]:
     """(figure, goal, met) for the cpu preset's goals; met is None when the run has no such figure."""
     rows: list[tuple[str, str, bool | None]] = []
@@ -434,8 +439,7 @@ def main() -> None:
     if args.preset == "cpu":  # smoke's few steps only prove the stages run
         print()
         for figure, goal, met in verdicts(f):
-            mark = "–" if met is None else "meets" if met else "BELOW"
-            print(f"  {mark:5s} {figure} (goal {goal})")
+            print_verdict(figure, goal, met)
         if f.get("grpo_gain_second_turn_mid") is not None:  # no goal: what GRPO adds where it has room
             fams = ", ".join(f["grpo_gain_second_turn_mid_families"])
             margin = f.get("grpo_gain_second_turn_mid_margin")
@@ -459,10 +463,11 @@ def main() -> None:
                 "precision": other_precision,
                 "apart": {r[0]: r[3] for r in rows},
             }
-            mark = "meets" if apart <= AGREEMENT_GOAL else "BELOW"
-            print(
-                f"  {mark:5s} every stage's mean within {AGREEMENT_GOAL:g} points of the other run's: widest "
-                f"{worst[0]}, {apart:.1f} apart (goal <= {AGREEMENT_GOAL:g})"
+            print_verdict(
+                f"every stage's mean within {AGREEMENT_GOAL:g} points of the other run's: widest "
+                f"{worst[0]}, {apart:.1f} apart",
+                f"<= {AGREEMENT_GOAL:g}",
+                apart <= AGREEMENT_GOAL,
             )
     if args.json:
         Path(args.json).write_text(json.dumps(f, indent=2))
